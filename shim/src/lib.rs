@@ -1,1 +1,30 @@
+//! libgpuslice.so: preloaded into unmodified CUDA programs, it interposes the driver API and
+//! holds each process to its device memory quota.
+//!
+//! Start at `entry` (how calls arrive), then `memory` (what is counted) and `budget` (how the
+//! limit is enforced). LD_PRELOAD.md explains the mechanism for users.
+#![allow(non_snake_case)]
+#![allow(clippy::missing_safety_doc)]
 
+mod alloc_table;
+mod budget;
+mod context;
+mod dl;
+mod driver;
+mod entry;
+mod ffi;
+mod guard;
+mod info;
+mod memory;
+mod nvml;
+mod registry;
+mod runtime;
+mod trampoline;
+
+/// The shim's version as a C string, so that a program (or a test) can tell that gpuslice is
+/// loaded and which one: `dlsym(RTLD_DEFAULT, "gpuslice_version")`. Declared in gpuslice.h.
+#[no_mangle]
+pub extern "C" fn gpuslice_version() -> *const std::ffi::c_char {
+    static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    VERSION.as_ptr().cast()
+}

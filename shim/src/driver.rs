@@ -1,0 +1,122 @@
+//! The real CUDA driver: `libcuda.so.1`, opened lazily and once, with every function the shim
+//! forwards to resolved in one go.
+//!
+//! The shim calls these pointers directly, never through its own exports, so a hook never
+//! re-enters a hook.
+
+use crate::dl::Library;
+use crate::ffi::*;
+use once_cell::sync::OnceCell;
+use std::ffi::{c_char, c_int, c_uint, c_void};
+
+macro_rules! real_functions {
+    ($( $name:ident ( $($arg:ty),* ) ; )*) => {
+        /// Pointers into the real driver; `None` where this driver lacks the function.
+        #[allow(non_snake_case)]
+        pub struct Driver {
+            lib: Library,
+            $( pub $name: Option<unsafe extern "C" fn($($arg),*) -> CuResult>, )*
+        }
+
+        impl Driver {
+            fn resolve(lib: Library) -> Driver {
+                Driver {
+                    $( $name: {
+                        let p = lib.symbol(&cstr(concat!(stringify!($name), "\0")));
+                        // SAFETY: the symbol of this name has this C signature in the driver API.
+                        (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) -> CuResult>(p) })
+                    }, )*
+                    lib,
+                }
+            }
+        }
+    };
+}
+
+fn cstr(s: &'static str) -> &'static std::ffi::CStr {
+    std::ffi::CStr::from_bytes_with_nul(s.as_bytes()).expect("literal with one trailing NUL")
+}
+
+real_functions! {
+    cuInit(c_uint);
+    cuGetProcAddress(*const c_char, *mut *mut c_void, c_int, u64);
+    cuGetProcAddress_v2(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int);
+    cuDeviceGet(*mut CUdevice, c_int);
+    cuDeviceGetCount(*mut c_int);
+    cuDeviceGetUuid_v2(*mut CUuuid, CUdevice);
+    cuDeviceTotalMem_v2(*mut usize, CUdevice);
+    cuCtxGetDevice(*mut CUdevice);
+    cuDevicePrimaryCtxRetain(*mut CUcontext, CUdevice);
+    cuDevicePrimaryCtxRelease_v2(CUdevice);
+    cuDevicePrimaryCtxReset_v2(CUdevice);
+    cuDevicePrimaryCtxGetState(CUdevice, *mut c_uint, *mut c_int);
+    cuCtxCreate_v2(*mut CUcontext, c_uint, CUdevice);
+    cuCtxCreate_v3(*mut CUcontext, *mut c_void, c_int, c_uint, CUdevice);
+    cuCtxCreate_v4(*mut CUcontext, *mut c_void, c_uint, CUdevice);
+    cuCtxDestroy_v2(CUcontext);
+    cuMemGetInfo_v2(*mut usize, *mut usize);
+    cuMemAlloc_v2(*mut CUdeviceptr, usize);
+    cuMemAllocPitch_v2(*mut CUdeviceptr, *mut usize, usize, usize, c_uint);
+    cuMemAllocManaged(*mut CUdeviceptr, usize, c_uint);
+    cuMemAllocAsync(*mut CUdeviceptr, usize, CUstream);
+    cuMemAllocAsync_ptsa(*mut CUdeviceptr, usize, CUstream);
+    cuMemAllocFromPoolAsync(*mut CUdeviceptr, usize, CUmemoryPool, CUstream);
+    cuMemAllocFromPoolAsync_ptsa(*mut CUdeviceptr, usize, CUmemoryPool, CUstream);
+    cuMemFree_v2(CUdeviceptr);
+    cuMemFreeAsync(CUdeviceptr, CUstream);
+    cuMemFreeAsync_ptsa(CUdeviceptr, CUstream);
+    cuMemCreate(*mut CUmemGenericAllocationHandle, usize, *const MemAllocationPropHead, u64);
+    cuMemRelease(CUmemGenericAllocationHandle);
+    cuArrayCreate_v2(*mut CUarray, *const ArrayDescriptor);
+    cuArray3DCreate_v2(*mut CUarray, *const Array3dDescriptor);
+    cuMipmappedArrayCreate(*mut CUmipmappedArray, *const Array3dDescriptor, c_uint);
+    cuArrayDestroy(CUarray);
+    cuMipmappedArrayDestroy(CUmipmappedArray);
+}
+
+static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();
+
+/// The real driver, or `None` if `libcuda.so.1` cannot be loaded in this process.
+#[inline]
+pub fn driver() -> Option<&'static Driver> {
+    DRIVER
+        .get_or_init(|| {
+            let lib = Library::open(c"libcuda.so.1");
+            if lib.is_none() {
+                tracing::warn!("libcuda.so.1 could not be loaded; CUDA calls through gpuslice will fail");
+            }
+            lib.map(Driver::resolve)
+        })
+        .as_ref()
+}
+
+impl Driver {
+    /// The real address of a driver symbol by exact name, or null.
+    pub fn symbol(&self, name: &std::ffi::CStr) -> *mut c_void {
+        self.lib.symbol(name)
+    }
+
+    /// The device of the calling thread's current context, if there is one.
+    pub fn current_device(&self) -> Option<CUdevice> {
+        let get = self.cuCtxGetDevice?;
+        let mut device: CUdevice = -1;
+        // SAFETY: out-pointer to a local.
+        (unsafe { get(&mut device) } == CUDA_SUCCESS).then_some(device)
+    }
+}
+
+/// Calls a real driver function, or returns `CUDA_ERROR_NOT_FOUND` when this driver lacks it
+/// (or `CUDA_ERROR_NOT_INITIALIZED` when there is no driver at all).
+macro_rules! call_real {
+    ($name:ident ( $($arg:expr),* )) => {
+        match $crate::driver::driver() {
+            None => $crate::ffi::CUDA_ERROR_NOT_INITIALIZED,
+            Some(d) => match d.$name {
+                None => $crate::ffi::CUDA_ERROR_NOT_FOUND,
+                // SAFETY: forwarding the host program's own arguments to the real function.
+                Some(f) => unsafe { f($($arg),*) },
+            },
+        }
+    };
+}
+pub(crate) use call_real;

@@ -1,0 +1,102 @@
+//! The driver ABI as the shim sees it: result codes, handle types, and mirrors of the few
+//! structs the shim reads.
+//!
+//! Handle types come from `cudarc::driver::sys`. Result codes are plain `u32` and the descriptor
+//! structs are mirrored here with their enum fields as integers, because cudarc models C enums as
+//! Rust enums and a value the host program or a newer driver passes that the enum lacks would be
+//! undefined behaviour the moment the shim read it.
+
+pub use cudarc::driver::sys::{
+    CUarray, CUcontext, CUdevice, CUdeviceptr, CUmemGenericAllocationHandle, CUmemoryPool,
+    CUmipmappedArray, CUstream, CUuuid,
+};
+use std::ffi::c_void;
+
+/// `CUresult`, kept as its integer.
+pub type CuResult = u32;
+
+pub const CUDA_SUCCESS: CuResult = 0;
+pub const CUDA_ERROR_INVALID_VALUE: CuResult = 1;
+pub const CUDA_ERROR_OUT_OF_MEMORY: CuResult = 2;
+pub const CUDA_ERROR_NOT_INITIALIZED: CuResult = 3;
+pub const CUDA_ERROR_NOT_FOUND: CuResult = 500;
+pub const CUDA_ERROR_UNKNOWN: CuResult = 999;
+
+/// `nvmlReturn_t`, kept as its integer.
+pub type NvmlReturn = u32;
+pub const NVML_SUCCESS: NvmlReturn = 0;
+pub const NVML_ERROR_UNKNOWN: NvmlReturn = 999;
+
+/// `CUDA_ARRAY_DESCRIPTOR` (the `_v2` layout).
+#[repr(C)]
+pub struct ArrayDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub format: u32,
+    pub num_channels: u32,
+}
+
+/// `CUDA_ARRAY3D_DESCRIPTOR` (the `_v2` layout).
+#[repr(C)]
+pub struct Array3dDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub depth: usize,
+    pub format: u32,
+    pub num_channels: u32,
+    pub flags: u32,
+}
+
+/// The leading part of `CUmemAllocationProp`: its type, the requested handle types and the
+/// location. The shim reads only these and never writes the struct.
+#[repr(C)]
+pub struct MemAllocationPropHead {
+    pub alloc_type: u32,
+    pub requested_handle_types: u32,
+    pub location_type: u32,
+    pub location_id: i32,
+}
+
+/// `CU_MEM_LOCATION_TYPE_DEVICE`.
+pub const MEM_LOCATION_TYPE_DEVICE: u32 = 1;
+
+/// Bytes per channel element of a `CUarray_format`; `None` for packed or block formats whose
+/// size the shim does not model (they are then charged at four bytes per channel).
+pub fn array_format_bytes(format: u32) -> Option<u64> {
+    match format {
+        0x01 | 0x08 => Some(1),        // UNSIGNED_INT8, SIGNED_INT8
+        0x02 | 0x09 | 0x10 => Some(2), // UNSIGNED_INT16, SIGNED_INT16, HALF
+        0x03 | 0x0a | 0x20 => Some(4), // UNSIGNED_INT32, SIGNED_INT32, FLOAT
+        _ => None,
+    }
+}
+
+/// `nvmlMemory_t`.
+#[repr(C)]
+pub struct NvmlMemory {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// `nvmlMemory_v2_t`.
+#[repr(C)]
+pub struct NvmlMemoryV2 {
+    pub version: u32,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// `nvmlProcessInfo_t` as `nvmlDeviceGetComputeRunningProcesses_v3` fills it.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct NvmlProcessInfo {
+    pub pid: u32,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+}
+
+pub type NvmlDevice = *mut c_void;

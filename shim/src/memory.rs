@@ -1,0 +1,355 @@
+//! Every device allocation path, counted on success and uncounted on free.
+//!
+//! Each hook charges the budget of the device first (compare-and-swap, refused over the limit),
+//! then calls the real driver, then records what it got; a failed driver call gives the charge
+//! back. A free removes the record first and calls the driver second, so that an address the
+//! driver hands out again in another thread can never be confused with the one being freed.
+
+use crate::alloc_table::{AllocTable, Entry};
+use crate::budget::{self, DeviceBudget, Refusal};
+use crate::driver::{call_real, driver};
+use crate::ffi::*;
+use crate::{context, guard, runtime};
+use gpuslice_common::size::format_size;
+use once_cell::sync::Lazy;
+use std::ffi::c_uint;
+
+/// Linear allocations (cuMemAlloc, pitch, managed, async, pools), by device pointer.
+static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+/// Virtual memory management handles (cuMemCreate), by handle.
+static HANDLES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+/// CUDA arrays and mipmapped arrays, by handle.
+static ARRAYS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+
+/// Bytes tracked on `device` across all allocation kinds.
+pub fn tracked_bytes(device: i32) -> u64 {
+    POINTERS.bytes_on(device) + HANDLES.bytes_on(device) + ARRAYS.bytes_on(device)
+}
+
+/// Forgets every allocation on `device` (its primary context was reset, which frees them all).
+pub fn forget_device(device: i32) -> u64 {
+    POINTERS.drain_device(device) + HANDLES.drain_device(device) + ARRAYS.drain_device(device)
+}
+
+/// Charges `bytes` on `device`, runs `allocate`, and records the key it returns.
+///
+/// `allocate` returns the driver's code and the key of what it made (read only on success).
+#[inline]
+fn charged(
+    table: &AllocTable,
+    device: Option<CUdevice>,
+    bytes: u64,
+    what: &'static str,
+    allocate: impl FnOnce() -> (CuResult, u64),
+) -> CuResult {
+    if runtime::refused() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else {
+        return allocate().0;
+    };
+    if budget.near_limit(bytes) {
+        context::true_up(device);
+    }
+    if let Err(refusal) = budget.try_charge(bytes) {
+        report_refusal(what, device, bytes, refusal);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    let (code, key) = allocate();
+    if code == CUDA_SUCCESS {
+        table.insert(key, Entry { device, bytes });
+    } else {
+        budget.uncharge(bytes);
+    }
+    code
+}
+
+/// Removes the record of `key`, runs `free`, and gives the bytes back if the driver freed it.
+#[inline]
+fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuResult) -> CuResult {
+    let entry = table.remove(key);
+    let code = free();
+    if let Some(entry) = entry {
+        if code == CUDA_SUCCESS {
+            if let Some(budget) = budget::of(entry.device) {
+                budget.uncharge(entry.bytes);
+            }
+        } else {
+            // Still allocated as far as the driver is concerned.
+            table.insert(key, entry);
+        }
+    }
+    code
+}
+
+#[cold]
+fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
+    tracing::warn!(
+        "pid {}: {what} refused on device {device}: request {} ({bytes} B), used {} ({} B), limit {} ({} B): CUDA_ERROR_OUT_OF_MEMORY",
+        std::process::id(),
+        format_size(bytes),
+        format_size(refusal.used),
+        refusal.used,
+        format_size(refusal.limit),
+        refusal.limit,
+    );
+}
+
+fn current_device() -> Option<CUdevice> {
+    driver()?.current_device()
+}
+
+/// Charges a correction after the driver reported the real size (pitch, arrays); on refusal the
+/// allocation is undone by `undo` and the whole request refused.
+fn charge_extra(budget: &'static DeviceBudget, device: CUdevice, what: &'static str, requested: u64, extra: u64, undo: impl FnOnce()) -> bool {
+    match budget.try_charge(extra) {
+        Ok(()) => true,
+        Err(refusal) => {
+            undo();
+            budget.uncharge(requested);
+            report_refusal(what, device, requested + extra, refusal);
+            false
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CuResult {
+    guard::cuda("cuMemAlloc_v2", || {
+        guard::test_panic_point("cuMemAlloc_v2");
+        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAlloc", || {
+            let code = call_real!(cuMemAlloc_v2(dptr, bytesize));
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint) -> CuResult {
+    guard::cuda("cuMemAllocManaged", || {
+        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocManaged", || {
+            let code = call_real!(cuMemAllocManaged(dptr, bytesize, flags));
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut CUdeviceptr,
+    pitch: *mut usize,
+    width_bytes: usize,
+    height: usize,
+    element_size: c_uint,
+) -> CuResult {
+    guard::cuda("cuMemAllocPitch_v2", || {
+        // Charge the unpadded size first; the padding is known only once the driver answers.
+        let requested = (width_bytes as u64).saturating_mul(height as u64);
+        let device = current_device();
+        let code = charged(&POINTERS, device, requested, "cuMemAllocPitch", || {
+            let code = call_real!(cuMemAllocPitch_v2(dptr, pitch, width_bytes, height, element_size));
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        });
+        if code != CUDA_SUCCESS || pitch.is_null() {
+            return code;
+        }
+        let (Some(device), key) = (device, unsafe { *dptr }) else { return code };
+        let Some(budget) = budget::of(device) else { return code };
+        let actual = (unsafe { *pitch } as u64).saturating_mul(height as u64);
+        if actual <= requested {
+            return code;
+        }
+        let extra = actual - requested;
+        if charge_extra(budget, device, "cuMemAllocPitch", requested, extra, || {
+            POINTERS.remove(key);
+            call_real!(cuMemFree_v2(key));
+        }) {
+            POINTERS.insert(key, Entry { device, bytes: actual });
+            CUDA_SUCCESS
+        } else {
+            CUDA_ERROR_OUT_OF_MEMORY
+        }
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CuResult {
+    guard::cuda("cuMemAllocAsync", || {
+        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocAsync", || {
+            let code = call_real!(cuMemAllocAsync(dptr, bytesize, stream));
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync_ptsa(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CuResult {
+    guard::cuda("cuMemAllocAsync_ptsa", || {
+        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocAsync", || {
+            let code = call_real!(cuMemAllocAsync_ptsa(dptr, bytesize, stream));
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    pool: CUmemoryPool,
+    stream: CUstream,
+) -> CuResult {
+    guard::cuda("cuMemAllocFromPoolAsync", || {
+        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocFromPoolAsync", || {
+            let code = call_real!(cuMemAllocFromPoolAsync(dptr, bytesize, pool, stream));
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsa(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    pool: CUmemoryPool,
+    stream: CUstream,
+) -> CuResult {
+    guard::cuda("cuMemAllocFromPoolAsync_ptsa", || {
+        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocFromPoolAsync", || {
+            let code = call_real!(cuMemAllocFromPoolAsync_ptsa(dptr, bytesize, pool, stream));
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CuResult {
+    guard::cuda("cuMemFree_v2", || released(&POINTERS, dptr, || call_real!(cuMemFree_v2(dptr))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, stream: CUstream) -> CuResult {
+    guard::cuda("cuMemFreeAsync", || released(&POINTERS, dptr, || call_real!(cuMemFreeAsync(dptr, stream))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeAsync_ptsa(dptr: CUdeviceptr, stream: CUstream) -> CuResult {
+    guard::cuda("cuMemFreeAsync_ptsa", || released(&POINTERS, dptr, || call_real!(cuMemFreeAsync_ptsa(dptr, stream))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut CUmemGenericAllocationHandle,
+    size: usize,
+    prop: *const MemAllocationPropHead,
+    flags: u64,
+) -> CuResult {
+    guard::cuda("cuMemCreate", || {
+        // Only memory placed on a device counts; host-located VMM memory is not device memory.
+        let device = if prop.is_null() {
+            None
+        } else {
+            let head = unsafe { &*prop };
+            (head.location_type == MEM_LOCATION_TYPE_DEVICE).then_some(head.location_id)
+        };
+        charged(&HANDLES, device, size as u64, "cuMemCreate", || {
+            let code = call_real!(cuMemCreate(handle, size, prop, flags));
+            (code, if code == CUDA_SUCCESS { unsafe { *handle } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> CuResult {
+    guard::cuda("cuMemRelease", || released(&HANDLES, handle, || call_real!(cuMemRelease(handle))))
+}
+
+fn array_bytes(width: usize, height: usize, depth: usize, format: u32, channels: u32) -> u64 {
+    let element = fmt_bytes(format) * u64::from(channels.max(1));
+    (width.max(1) as u64).saturating_mul(height.max(1) as u64).saturating_mul(depth.max(1) as u64).saturating_mul(element)
+}
+
+fn fmt_bytes(format: u32) -> u64 {
+    array_format_bytes(format).unwrap_or(4)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayCreate_v2(array: *mut CUarray, desc: *const ArrayDescriptor) -> CuResult {
+    guard::cuda("cuArrayCreate_v2", || {
+        let bytes = if desc.is_null() {
+            0
+        } else {
+            let d = unsafe { &*desc };
+            array_bytes(d.width, d.height, 1, d.format, d.num_channels)
+        };
+        charged(&ARRAYS, current_device(), bytes, "cuArrayCreate", || {
+            let code = call_real!(cuArrayCreate_v2(array, desc));
+            (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DCreate_v2(array: *mut CUarray, desc: *const Array3dDescriptor) -> CuResult {
+    guard::cuda("cuArray3DCreate_v2", || {
+        let bytes = if desc.is_null() {
+            0
+        } else {
+            let d = unsafe { &*desc };
+            array_bytes(d.width, d.height, d.depth, d.format, d.num_channels)
+        };
+        charged(&ARRAYS, current_device(), bytes, "cuArray3DCreate", || {
+            let code = call_real!(cuArray3DCreate_v2(array, desc));
+            (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    array: *mut CUmipmappedArray,
+    desc: *const Array3dDescriptor,
+    levels: c_uint,
+) -> CuResult {
+    guard::cuda("cuMipmappedArrayCreate", || {
+        let bytes = if desc.is_null() {
+            0
+        } else {
+            let d = unsafe { &*desc };
+            (0..levels.max(1).min(64))
+                .map(|l| {
+                    let shrink = |extent: usize| if extent == 0 { 0 } else { (extent >> l).max(1) };
+                    array_bytes(shrink(d.width), shrink(d.height), shrink(d.depth), d.format, d.num_channels)
+                })
+                .fold(0u64, u64::saturating_add)
+        };
+        charged(&ARRAYS, current_device(), bytes, "cuMipmappedArrayCreate", || {
+            let code = call_real!(cuMipmappedArrayCreate(array, desc, levels));
+            (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
+        })
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayDestroy(array: CUarray) -> CuResult {
+    guard::cuda("cuArrayDestroy", || released(&ARRAYS, array as u64, || call_real!(cuArrayDestroy(array))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMipmappedArrayDestroy(array: CUmipmappedArray) -> CuResult {
+    guard::cuda("cuMipmappedArrayDestroy", || {
+        released(&ARRAYS, array as u64, || call_real!(cuMipmappedArrayDestroy(array)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_sizes() {
+        assert_eq!(array_bytes(1024, 768, 0, 0x20, 4), 1024 * 768 * 16);
+        assert_eq!(array_bytes(100, 0, 0, 0x01, 1), 100);
+        assert_eq!(array_bytes(8, 8, 8, 0x10, 2), 8 * 8 * 8 * 4);
+    }
+}

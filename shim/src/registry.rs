@@ -1,0 +1,95 @@
+//! The one table of what the shim interposes: each exported name and its wrapper.
+//!
+//! The `dlsym` hook looks names up here; the `cuGetProcAddress` hooks look up the *address* the
+//! real driver handed out, which works because the driver returns the very addresses of its
+//! exported versioned symbols (checked on the H100/H200, see docs/NOTES.md). So whatever version
+//! the driver picks for a caller's `cudaVersion` and flags, the wrapper of exactly that ABI
+//! replaces it, and a version the shim has no wrapper for is passed through untouched.
+
+use crate::driver::driver;
+use crate::{context, entry, info, memory, nvml};
+use once_cell::sync::OnceCell;
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+
+/// An exported name (with its NUL) and the wrapper behind it.
+pub struct Hook {
+    pub name: &'static CStr,
+    pub wrapper: *const (),
+}
+
+// SAFETY: code addresses, immutable for the life of the process.
+unsafe impl Sync for Hook {}
+
+macro_rules! hooks {
+    ($( $module:ident :: $name:ident ),* $(,)?) => {
+        pub static HOOKS: &[Hook] = &[
+            $( Hook {
+                // SAFETY: a literal with exactly one trailing NUL.
+                name: unsafe { CStr::from_bytes_with_nul_unchecked(concat!(stringify!($name), "\0").as_bytes()) },
+                wrapper: $module::$name as *const (),
+            }, )*
+        ];
+    };
+}
+
+hooks! {
+    entry::cuInit,
+    entry::cuGetProcAddress,
+    entry::cuGetProcAddress_v2,
+    memory::cuMemAlloc_v2,
+    memory::cuMemAllocPitch_v2,
+    memory::cuMemAllocManaged,
+    memory::cuMemAllocAsync,
+    memory::cuMemAllocAsync_ptsa,
+    memory::cuMemAllocFromPoolAsync,
+    memory::cuMemAllocFromPoolAsync_ptsa,
+    memory::cuMemFree_v2,
+    memory::cuMemFreeAsync,
+    memory::cuMemFreeAsync_ptsa,
+    memory::cuMemCreate,
+    memory::cuMemRelease,
+    memory::cuArrayCreate_v2,
+    memory::cuArray3DCreate_v2,
+    memory::cuMipmappedArrayCreate,
+    memory::cuArrayDestroy,
+    memory::cuMipmappedArrayDestroy,
+    info::cuMemGetInfo_v2,
+    info::cuDeviceTotalMem_v2,
+    context::cuDevicePrimaryCtxRetain,
+    context::cuDevicePrimaryCtxRelease_v2,
+    context::cuDevicePrimaryCtxReset_v2,
+    context::cuCtxCreate_v2,
+    context::cuCtxCreate_v3,
+    context::cuCtxCreate_v4,
+    context::cuCtxDestroy_v2,
+    nvml::nvmlDeviceGetMemoryInfo,
+    nvml::nvmlDeviceGetMemoryInfo_v2,
+}
+
+/// The wrapper exported under `name`, if the shim interposes it.
+#[inline]
+pub fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
+    // Nearly every dlsym in a process is for something else: reject those on two bytes.
+    if !(name.starts_with(b"cu") || name.starts_with(b"nvml")) {
+        return None;
+    }
+    HOOKS.iter().find(|h| h.name.to_bytes() == name).map(|h| h.wrapper as *mut c_void)
+}
+
+static BY_REAL_ADDRESS: OnceCell<HashMap<usize, usize>> = OnceCell::new();
+
+/// The wrapper for a real driver address handed out by `cuGetProcAddress`, if it is one.
+pub fn wrapper_for_real(address: *mut c_void) -> Option<*mut c_void> {
+    let map = BY_REAL_ADDRESS.get_or_init(|| {
+        let Some(d) = driver() else { return HashMap::new() };
+        HOOKS
+            .iter()
+            .filter_map(|h| {
+                let real = d.symbol(h.name);
+                (!real.is_null()).then_some((real as usize, h.wrapper as usize))
+            })
+            .collect()
+    });
+    map.get(&(address as usize)).map(|&w| w as *mut c_void)
+}

@@ -1,0 +1,85 @@
+//! What the shim decides once, at the first CUDA call: logging, and the settings it runs under.
+//!
+//! A setting that does not parse is reported on stderr (whatever the log settings say) and
+//! leaves the process unable to start CUDA work: `cuInit` and every managed call return
+//! `CUDA_ERROR_INVALID_VALUE`, because a typo in a quota must never silently mean "no limit".
+
+use crate::budget;
+use gpuslice_common::settings::{Settings, SettingsError};
+use once_cell::sync::OnceCell;
+use std::io::Write;
+
+pub const ENV_LOG: &str = "GPUSLICE_LOG";
+pub const ENV_LOG_FILE: &str = "GPUSLICE_LOG_FILE";
+pub const ENV_TEST_PANIC: &str = "GPUSLICE_TEST_PANIC_IN";
+
+pub struct Runtime {
+    pub settings: Result<Settings, SettingsError>,
+    test_panic: Option<String>,
+}
+
+static RUNTIME: OnceCell<Runtime> = OnceCell::new();
+
+/// The process's runtime state, set up on first use.
+#[inline]
+pub fn runtime() -> &'static Runtime {
+    RUNTIME.get_or_init(init)
+}
+
+/// True when the settings were bad and CUDA work must not start.
+#[inline]
+pub fn refused() -> bool {
+    runtime().settings.is_err()
+}
+
+/// The hook name that must panic, for tests of the FFI boundary; `None` in real use.
+#[inline]
+pub fn test_panic_hook() -> Option<&'static str> {
+    RUNTIME.get().and_then(|r| r.test_panic.as_deref())
+}
+
+fn init() -> Runtime {
+    init_logging();
+    let settings = Settings::from_env(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))));
+    let pid = std::process::id();
+    match &settings {
+        Ok(s) => {
+            budget::apply_settings(s);
+            tracing::info!("gpuslice {} active in pid {pid}: {}", gpuslice_common::VERSION, s.describe());
+        }
+        Err(e) => {
+            let line = format!(
+                "gpuslice: error: pid {pid}: {e}\ngpuslice: refusing to start CUDA work in this process (cuInit returns CUDA_ERROR_INVALID_VALUE); fix or unset the setting\n"
+            );
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            tracing::error!("pid {pid}: bad setting {e}; CUDA work refused");
+        }
+    }
+    Runtime { settings, test_panic: std::env::var(ENV_TEST_PANIC).ok().filter(|v| !v.is_empty()) }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let directives = std::env::var(ENV_LOG).unwrap_or_default();
+    let filter = if directives.trim().is_empty() {
+        EnvFilter::new("warn")
+    } else {
+        EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+            let _ = writeln!(std::io::stderr(), "gpuslice: warning: {ENV_LOG}={directives:?} is not a log filter ({e}); using \"warn\"");
+            EnvFilter::new("warn")
+        })
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(true);
+    // Never stdout: it belongs to the host program.
+    let result = match std::env::var(ENV_LOG_FILE).ok().filter(|p| !p.is_empty()) {
+        Some(path) => match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "gpuslice: warning: cannot open {ENV_LOG_FILE}={path:?} ({e}); logging to stderr");
+                builder.with_writer(std::io::stderr).try_init()
+            }
+        },
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+    drop(result); // Already initialised (a second init after fork, say) is fine.
+}
