@@ -1,1 +1,2216 @@
+//! `libcuda.so.1` test double: a simulated CUDA driver for CI machines without a GPU.
+//!
+//! Device memory is accounted in a shared-memory file (see `state.rs`) so that several processes
+//! see one device; kernels are simulated on a shared device timeline (`busy_until_ns`).
+//! See tests/README.md for the environment variables and semantics.
+//!
+//! Every exported function is `extern "C"`, returns a `CUresult` as `u32` and is thread-safe
+//! (process-local bookkeeping sits behind one mutex that is never held while sleeping).
+//! The library is linked with `-Bsymbolic`, so its own references to its exported functions
+//! (e.g. the addresses handed out by `cuGetProcAddress`) are never interposed by a preload.
 
+#![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
+
+mod state;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use state::{now_ns, sleep_until_ns, DeviceState};
+
+// ---------------------------------------------------------------------------------------------
+// CUresult values used here (cuda.h).
+type CUresult = u32;
+const SUCCESS: CUresult = 0;
+const INVALID_VALUE: CUresult = 1;
+const OUT_OF_MEMORY: CUresult = 2;
+const NOT_INITIALIZED: CUresult = 3;
+const NO_DEVICE: CUresult = 100;
+const INVALID_DEVICE: CUresult = 101;
+const INVALID_CONTEXT: CUresult = 201;
+const FILE_NOT_FOUND: CUresult = 301;
+const INVALID_HANDLE: CUresult = 400;
+const ILLEGAL_STATE: CUresult = 401;
+const NOT_FOUND: CUresult = 500;
+const NOT_READY: CUresult = 600;
+const STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
+
+type CUdevice = c_int;
+type Handle = *mut c_void; // CUcontext, CUstream, CUevent, CUmodule, ... (opaque pointers)
+type CUdeviceptr = u64;
+
+pub const DRIVER_VERSION: c_int = 13000;
+const GRANULARITY: u64 = 2 << 20;
+/// A launch blocks while its stream has more than this much work queued (bounded push buffer).
+const MAX_QUEUE_NS: u64 = 200_000_000;
+
+const CU_STREAM_LEGACY: u64 = 0x1;
+const CU_STREAM_PER_THREAD: u64 = 0x2;
+const CU_EVENT_DISABLE_TIMING: c_uint = 0x2;
+
+// Device attributes (CUdevice_attribute).
+const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
+const ATTR_CC_MAJOR: c_int = 75;
+const ATTR_CC_MINOR: c_int = 76;
+
+// ---------------------------------------------------------------------------------------------
+// Structures from cuda.h (CUDA 13.0 layout).
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct CudaArrayDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub format: c_uint,
+    pub num_channels: c_uint,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct CudaArray3DDescriptor {
+    pub width: usize,
+    pub height: usize,
+    pub depth: usize,
+    pub format: c_uint,
+    pub num_channels: c_uint,
+    pub flags: c_uint,
+}
+
+#[repr(C)]
+pub struct CUmemLocation {
+    pub type_: c_uint,
+    pub id: c_int,
+}
+
+#[repr(C)]
+pub struct CUmemAllocationProp {
+    pub type_: c_uint,
+    pub requested_handle_types: c_uint,
+    pub location: CUmemLocation,
+    pub win32_handle_meta_data: *mut c_void,
+    pub alloc_flags: [u8; 8],
+}
+
+#[repr(C)]
+pub struct CUlaunchConfig {
+    pub grid_dim_x: c_uint,
+    pub grid_dim_y: c_uint,
+    pub grid_dim_z: c_uint,
+    pub block_dim_x: c_uint,
+    pub block_dim_y: c_uint,
+    pub block_dim_z: c_uint,
+    pub shared_mem_bytes: c_uint,
+    pub h_stream: Handle,
+    pub attrs: *mut c_void,
+    pub num_attrs: c_uint,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process-local bookkeeping.
+
+struct Ctx {
+    dev: CUdevice,
+    primary: bool,
+    active: bool,
+    reserve: u64,
+    /// End of the last piece of work queued in this context.
+    last_end: u64,
+}
+
+struct Alloc {
+    size: u64,
+    dev: CUdevice,
+    ctx: u64,
+}
+
+struct Array {
+    bytes: u64,
+    dev: CUdevice,
+    ctx: u64,
+    desc: CudaArray3DDescriptor,
+    mipmapped: bool,
+}
+
+struct Vmm {
+    dev: CUdevice,
+    size: u64,
+    released: bool,
+    maps: u32,
+}
+
+struct Module {
+    ctx: u64,
+    dev: CUdevice,
+    charged: u64,
+    funcs: BTreeMap<String, u64>,
+}
+
+struct Library {
+    dev: Option<CUdevice>,
+    charged: u64,
+    kernels: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum SKey {
+    Explicit(u64),
+    Legacy(u64),
+    PerThread(u64, u64),
+}
+
+struct Stream {
+    ctx: u64,
+    tail: u64,
+    capture: Option<Vec<u64>>,
+}
+
+struct Event {
+    ctx: u64,
+    flags: c_uint,
+    time: Option<u64>,
+}
+
+#[derive(Default)]
+struct Primary {
+    refcount: u32,
+    handle: u64,
+}
+
+struct Drv {
+    primaries: BTreeMap<CUdevice, Primary>,
+    ctxs: BTreeMap<u64, Ctx>,
+    allocs: BTreeMap<u64, Alloc>,
+    arrays: BTreeMap<u64, Array>,
+    vmm: BTreeMap<u64, Vmm>,
+    reservations: BTreeMap<u64, u64>,
+    mappings: BTreeMap<u64, (u64, u64)>,
+    modules: BTreeMap<u64, Module>,
+    /// function handle -> owning module (0 for functions obtained from a library kernel)
+    functions: BTreeMap<u64, u64>,
+    libraries: BTreeMap<u64, Library>,
+    /// kernel handle -> (library, function handle once asked for)
+    kernels: BTreeMap<u64, (u64, u64)>,
+    streams: BTreeMap<SKey, Stream>,
+    events: BTreeMap<u64, Event>,
+    graphs: BTreeMap<u64, Vec<u64>>,
+    execs: BTreeMap<u64, Vec<u64>>,
+}
+
+static DRV: Mutex<Drv> = Mutex::new(Drv {
+    primaries: BTreeMap::new(),
+    ctxs: BTreeMap::new(),
+    allocs: BTreeMap::new(),
+    arrays: BTreeMap::new(),
+    vmm: BTreeMap::new(),
+    reservations: BTreeMap::new(),
+    mappings: BTreeMap::new(),
+    modules: BTreeMap::new(),
+    functions: BTreeMap::new(),
+    libraries: BTreeMap::new(),
+    kernels: BTreeMap::new(),
+    streams: BTreeMap::new(),
+    events: BTreeMap::new(),
+    graphs: BTreeMap::new(),
+    execs: BTreeMap::new(),
+});
+
+static INITIALIZED: AtomicBool = AtomicBool::new(false);
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(0x5a5a_0000_1000);
+static NEXT_VA: AtomicU64 = AtomicU64::new(0x7f00_0000_0000);
+const POOL_BASE: u64 = 0x5a5b_0000_0000;
+
+thread_local! {
+    static CTX_STACK: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+fn lock() -> MutexGuard<'static, Drv> {
+    DRV.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn new_handle() -> u64 {
+    NEXT_HANDLE.fetch_add(0x40, Ordering::Relaxed)
+}
+
+fn new_va(size: u64, align: u64) -> u64 {
+    let align = align.max(256);
+    let span = size.max(1).div_ceil(align) * align + align; // gap between ranges
+    loop {
+        let cur = NEXT_VA.load(Ordering::Relaxed);
+        let start = cur.div_ceil(align) * align;
+        if NEXT_VA
+            .compare_exchange_weak(cur, start + span, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            return start;
+        }
+    }
+}
+
+fn tid() -> u64 {
+    unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+}
+
+fn ctx_reserve() -> u64 {
+    static V: OnceLock<u64> = OnceLock::new();
+    *V.get_or_init(|| state::env_bytes("SIMCUDA_CTX_RESERVE", 300 << 20))
+}
+
+fn module_bytes() -> u64 {
+    static V: OnceLock<u64> = OnceLock::new();
+    *V.get_or_init(|| state::env_bytes("SIMCUDA_MODULE_BYTES", 0))
+}
+
+fn shared() -> &'static state::Shared {
+    // Only called after cuInit succeeded, which mapped the state.
+    state::opened().expect("simcuda: shared state not mapped")
+}
+
+fn devstate(d: CUdevice) -> &'static DeviceState {
+    shared().dev(d as usize)
+}
+
+fn ndev() -> c_int {
+    state::opened().map(|s| s.ndev() as c_int).unwrap_or(0)
+}
+
+fn valid_dev(d: CUdevice) -> bool {
+    d >= 0 && d < ndev()
+}
+
+macro_rules! check_init {
+    () => {
+        if !INITIALIZED.load(Ordering::Acquire) {
+            return NOT_INITIALIZED;
+        }
+    };
+}
+
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(code) => return code,
+        }
+    };
+}
+
+unsafe fn put<T>(p: *mut T, v: T) -> Result<(), CUresult> {
+    if p.is_null() {
+        return Err(INVALID_VALUE);
+    }
+    p.write(v);
+    Ok(())
+}
+
+fn current_ctx_handle() -> Option<u64> {
+    CTX_STACK.with(|s| s.borrow().last().copied())
+}
+
+/// The current context of this thread, if any and alive.
+fn cur_ctx(d: &Drv) -> Result<u64, CUresult> {
+    let h = current_ctx_handle().ok_or(INVALID_CONTEXT)?;
+    match d.ctxs.get(&h) {
+        Some(c) if c.active => Ok(h),
+        _ => Err(INVALID_CONTEXT),
+    }
+}
+
+fn cur_dev(d: &Drv) -> Result<(u64, CUdevice), CUresult> {
+    let c = cur_ctx(d)?;
+    Ok((c, d.ctxs[&c].dev))
+}
+
+/// Free everything a context owns (its allocations, arrays, modules, streams, events).
+fn teardown_ctx(d: &mut Drv, ctx: u64) {
+    let Some(dev) = d.ctxs.get(&ctx).map(|c| c.dev) else { return };
+    let ds = devstate(dev);
+    let mut bytes = 0u64;
+    d.allocs.retain(|_, a| {
+        if a.ctx == ctx {
+            bytes += a.size;
+            false
+        } else {
+            true
+        }
+    });
+    d.arrays.retain(|_, a| {
+        if a.ctx == ctx {
+            bytes += a.bytes;
+            false
+        } else {
+            true
+        }
+    });
+    let dead_mods: Vec<u64> = d.modules.iter().filter(|(_, m)| m.ctx == ctx).map(|(h, _)| *h).collect();
+    for m in dead_mods {
+        if let Some(m) = d.modules.remove(&m) {
+            bytes += m.charged;
+            for f in m.funcs.values() {
+                d.functions.remove(f);
+            }
+        }
+    }
+    d.streams.retain(|_, s| s.ctx != ctx);
+    d.events.retain(|_, e| e.ctx != ctx);
+    if let Some(c) = d.ctxs.get_mut(&ctx) {
+        bytes += c.reserve;
+        c.reserve = 0;
+        c.active = false;
+    }
+    ds.uncharge(dev as usize, bytes);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initialization, devices.
+
+#[no_mangle]
+pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
+    if flags != 0 {
+        return INVALID_VALUE;
+    }
+    match state::shared() {
+        Ok(_) => {
+            INITIALIZED.store(true, Ordering::Release);
+            SUCCESS
+        }
+        Err(msg) => {
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            ONCE.call_once(|| eprintln!("{msg}"));
+            NO_DEVICE
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
+    tri!(put(v, DRIVER_VERSION));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
+    check_init!();
+    tri!(put(count, ndev()));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> CUresult {
+    check_init!();
+    if device.is_null() {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(ordinal) {
+        return INVALID_DEVICE;
+    }
+    *device = ordinal;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice) -> CUresult {
+    check_init!();
+    if name.is_null() || len <= 0 {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    let s = state::DEVICE_NAME.as_bytes();
+    let n = s.len().min(len as usize - 1);
+    std::ptr::copy_nonoverlapping(s.as_ptr(), name as *mut u8, n);
+    *name.add(n) = 0;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
+    check_init!();
+    if uuid.is_null() {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    *uuid = state::device_uuid(dev as u32);
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
+    cuDeviceGetUuid(uuid, dev)
+}
+
+fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
+    Some(match attr {
+        1 => 1024,                        // MAX_THREADS_PER_BLOCK
+        2 | 3 => 1024,                    // MAX_BLOCK_DIM_X/Y
+        4 => 64,                          // MAX_BLOCK_DIM_Z
+        5 => i32::MAX,                    // MAX_GRID_DIM_X
+        6 | 7 => 65535,                   // MAX_GRID_DIM_Y/Z
+        8 => 49152,                       // MAX_SHARED_MEMORY_PER_BLOCK
+        9 => 65536,                       // TOTAL_CONSTANT_MEMORY
+        10 => 32,                         // WARP_SIZE
+        11 => i32::MAX,                   // MAX_PITCH
+        12 => 65536,                      // MAX_REGISTERS_PER_BLOCK
+        13 => 1_980_000,                  // CLOCK_RATE (kHz)
+        14 => 512,                        // TEXTURE_ALIGNMENT
+        15 => 1,                          // GPU_OVERLAP
+        ATTR_MULTIPROCESSOR_COUNT => 132, // MULTIPROCESSOR_COUNT
+        17 | 18 => 0,                     // KERNEL_EXEC_TIMEOUT, INTEGRATED
+        19 => 1,                          // CAN_MAP_HOST_MEMORY
+        20 => 0,                          // COMPUTE_MODE default
+        31 | 32 => 1,                     // CONCURRENT_KERNELS, ECC_ENABLED
+        33 => 0x18 + dev,                 // PCI_BUS_ID
+        34 | 35 => 0,                     // PCI_DEVICE_ID, TCC_DRIVER
+        36 => 2_619_000,                  // MEMORY_CLOCK_RATE
+        37 => 5120,                       // GLOBAL_MEMORY_BUS_WIDTH
+        38 => 50 << 20,                   // L2_CACHE_SIZE
+        39 => 2048,                       // MAX_THREADS_PER_MULTIPROCESSOR
+        40 => 3,                          // ASYNC_ENGINE_COUNT
+        41 => 1,                          // UNIFIED_ADDRESSING
+        50 => 0,                          // PCI_DOMAIN_ID
+        ATTR_CC_MAJOR => 9,
+        ATTR_CC_MINOR => 0,
+        78 | 79 | 80 => 1,    // STREAM_PRIORITIES, GLOBAL/LOCAL L1 cache
+        81 => 233_472,        // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+        82 => 65536,          // MAX_REGISTERS_PER_MULTIPROCESSOR
+        83 => 1,              // MANAGED_MEMORY
+        84 => 0,              // MULTI_GPU_BOARD
+        89 | 95 | 96 => 1,    // CONCURRENT_MANAGED_ACCESS, COOPERATIVE_LAUNCH(_MULTI_DEVICE)
+        97 => 232_448,        // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        102 => 1,             // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
+        106 => 32,            // MAX_BLOCKS_PER_MULTIPROCESSOR
+        115 | 120 => 1,       // MEMORY_POOLS_SUPPORTED, CLUSTER_LAUNCH
+        a if (1..150).contains(&a) => 0,
+        _ => return None,
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev: CUdevice) -> CUresult {
+    check_init!();
+    if pi.is_null() {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    match attribute(attrib, dev) {
+        Some(v) => {
+            *pi = v;
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
+    check_init!();
+    if bytes.is_null() {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    *bytes = devstate(dev).total.load(Ordering::Relaxed) as usize;
+    SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contexts.
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut Handle, dev: CUdevice) -> CUresult {
+    check_init!();
+    if pctx.is_null() {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    let mut d = lock();
+    let p = d.primaries.entry(dev).or_default();
+    if p.handle == 0 {
+        p.handle = new_handle();
+    }
+    let h = p.handle;
+    if p.refcount == 0 {
+        let r = ctx_reserve();
+        if !devstate(dev).charge(dev as usize, r) {
+            return OUT_OF_MEMORY;
+        }
+        d.ctxs.insert(h, Ctx { dev, primary: true, active: true, reserve: r, last_end: 0 });
+    }
+    d.primaries.get_mut(&dev).unwrap().refcount += 1;
+    *pctx = h as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
+    check_init!();
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    let mut d = lock();
+    let Some(p) = d.primaries.get_mut(&dev) else { return INVALID_CONTEXT };
+    if p.refcount == 0 {
+        return INVALID_CONTEXT;
+    }
+    p.refcount -= 1;
+    if p.refcount == 0 {
+        let h = p.handle;
+        teardown_ctx(&mut d, h);
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
+    check_init!();
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    let mut d = lock();
+    let Some(p) = d.primaries.get(&dev) else { return SUCCESS };
+    let (h, rc) = (p.handle, p.refcount);
+    if rc == 0 {
+        return SUCCESS;
+    }
+    // Destroy all its resources; it stays retained, so re-create it (reserve charged again).
+    teardown_ctx(&mut d, h);
+    let r = ctx_reserve();
+    if devstate(dev).charge(dev as usize, r) {
+        let c = d.ctxs.get_mut(&h).unwrap();
+        c.active = true;
+        c.reserve = r;
+    }
+    SUCCESS
+}
+
+unsafe fn ctx_create(pctx: *mut Handle, dev: CUdevice) -> CUresult {
+    check_init!();
+    if pctx.is_null() {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    let mut d = lock();
+    let r = ctx_reserve();
+    if !devstate(dev).charge(dev as usize, r) {
+        return OUT_OF_MEMORY;
+    }
+    let h = new_handle();
+    d.ctxs.insert(h, Ctx { dev, primary: false, active: true, reserve: r, last_end: 0 });
+    CTX_STACK.with(|s| s.borrow_mut().push(h));
+    *pctx = h as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut Handle, _flags: c_uint, dev: CUdevice) -> CUresult {
+    ctx_create(pctx, dev)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate_v3(
+    pctx: *mut Handle,
+    _params: *mut c_void,
+    _num_params: c_int,
+    _flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    ctx_create(pctx, dev)
+}
+
+/// CUDA 13 `cuCtxCreate`: (CUcontext*, CUctxCreateParams*, unsigned flags, CUdevice).
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate_v4(
+    pctx: *mut Handle,
+    _params: *mut c_void,
+    _flags: c_uint,
+    dev: CUdevice,
+) -> CUresult {
+    ctx_create(pctx, dev)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Handle) -> CUresult {
+    check_init!();
+    let h = ctx as u64;
+    let mut d = lock();
+    match d.ctxs.get(&h) {
+        Some(c) if !c.primary => {}
+        _ => return INVALID_CONTEXT,
+    }
+    teardown_ctx(&mut d, h);
+    d.ctxs.remove(&h);
+    CTX_STACK.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.last() == Some(&h) {
+            s.pop();
+        }
+    });
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
+    check_init!();
+    let h = ctx as u64;
+    if h != 0 && !lock().ctxs.contains_key(&h) {
+        return INVALID_CONTEXT;
+    }
+    CTX_STACK.with(|s| {
+        let mut s = s.borrow_mut();
+        if h == 0 {
+            s.pop();
+        } else if let Some(top) = s.last_mut() {
+            *top = h;
+        } else {
+            s.push(h);
+        }
+    });
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut Handle) -> CUresult {
+    check_init!();
+    tri!(put(pctx, current_ctx_handle().unwrap_or(0) as Handle));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
+    check_init!();
+    let d = lock();
+    let (_, dev) = tri!(cur_dev(&d));
+    tri!(put(device, dev));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxPushCurrent_v2(ctx: Handle) -> CUresult {
+    check_init!();
+    let h = ctx as u64;
+    if !lock().ctxs.contains_key(&h) {
+        return INVALID_CONTEXT;
+    }
+    CTX_STACK.with(|s| s.borrow_mut().push(h));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxPopCurrent_v2(pctx: *mut Handle) -> CUresult {
+    check_init!();
+    let Some(h) = CTX_STACK.with(|s| s.borrow_mut().pop()) else { return INVALID_CONTEXT };
+    if !pctx.is_null() {
+        *pctx = h as Handle;
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
+    check_init!();
+    let t = {
+        let d = lock();
+        let c = tri!(cur_ctx(&d));
+        d.ctxs[&c].last_end
+    };
+    sleep_until_ns(t);
+    SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear memory.
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    check_init!();
+    let dev = {
+        let d = lock();
+        tri!(cur_dev(&d)).1
+    };
+    if free.is_null() || total.is_null() {
+        return INVALID_VALUE;
+    }
+    let ds = devstate(dev);
+    *total = ds.total.load(Ordering::Relaxed) as usize;
+    *free = ds.free_now() as usize;
+    SUCCESS
+}
+
+/// Charge and record a linear allocation of `size` bytes in context `ctx` on `dev`.
+fn alloc_linear(d: &mut Drv, ctx: u64, dev: CUdevice, size: u64) -> Result<u64, CUresult> {
+    if size == 0 {
+        return Err(INVALID_VALUE);
+    }
+    if !devstate(dev).charge(dev as usize, size) {
+        return Err(OUT_OF_MEMORY);
+    }
+    let p = new_va(size, 256);
+    d.allocs.insert(p, Alloc { size, dev, ctx });
+    Ok(p)
+}
+
+fn free_linear(d: &mut Drv, p: u64) -> CUresult {
+    if p == 0 {
+        return SUCCESS;
+    }
+    match d.allocs.remove(&p) {
+        Some(a) => {
+            devstate(a.dev).uncharge(a.dev as usize, a.size);
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let (ctx, dev) = tri!(cur_dev(&d));
+    if dptr.is_null() {
+        return INVALID_VALUE;
+    }
+    *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytesize as u64));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    dptr: *mut CUdeviceptr,
+    p_pitch: *mut usize,
+    width_in_bytes: usize,
+    height: usize,
+    element_size_bytes: c_uint,
+) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let (ctx, dev) = tri!(cur_dev(&d));
+    if dptr.is_null() || p_pitch.is_null() || width_in_bytes == 0 || height == 0 {
+        return INVALID_VALUE;
+    }
+    if !matches!(element_size_bytes, 4 | 8 | 16) {
+        return INVALID_VALUE;
+    }
+    let pitch = (width_in_bytes as u64).div_ceil(512) * 512;
+    let Some(bytes) = pitch.checked_mul(height as u64) else { return OUT_OF_MEMORY };
+    *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytes));
+    *p_pitch = pitch as usize;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let (ctx, dev) = tri!(cur_dev(&d));
+    if dptr.is_null() || !matches!(flags, 1 | 2) {
+        return INVALID_VALUE;
+    }
+    *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytesize as u64));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
+    check_init!();
+    free_linear(&mut lock(), dptr)
+}
+
+/// Resolve a stream handle to its key, creating default streams on first use.
+fn stream_key(d: &mut Drv, h: Handle, ptsz: bool) -> Result<SKey, CUresult> {
+    let h = h as u64;
+    let key = match h {
+        0 | CU_STREAM_LEGACY | CU_STREAM_PER_THREAD => {
+            let c = cur_ctx(d)?;
+            if h == CU_STREAM_PER_THREAD || (h == 0 && ptsz) {
+                SKey::PerThread(c, tid())
+            } else {
+                SKey::Legacy(c)
+            }
+        }
+        _ => {
+            let k = SKey::Explicit(h);
+            return if d.streams.contains_key(&k) { Ok(k) } else { Err(INVALID_HANDLE) };
+        }
+    };
+    if let SKey::Legacy(c) | SKey::PerThread(c, _) = key {
+        d.streams.entry(key).or_insert(Stream { ctx: c, tail: 0, capture: None });
+    }
+    Ok(key)
+}
+
+fn stream_dev(d: &Drv, k: SKey) -> (u64, CUdevice) {
+    let c = d.streams[&k].ctx;
+    (c, d.ctxs[&c].dev)
+}
+
+unsafe fn mem_alloc_async(dptr: *mut CUdeviceptr, size: usize, pool: Option<Handle>, stream: Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    tri!(cur_ctx(&d));
+    let k = tri!(stream_key(&mut d, stream, ptsz));
+    let (ctx, mut dev) = stream_dev(&d, k);
+    if let Some(pool) = pool {
+        let p = pool as u64;
+        if p < POOL_BASE || (p - POOL_BASE) % 0x100 != 0 || !valid_dev(((p - POOL_BASE) / 0x100) as c_int) {
+            return INVALID_VALUE;
+        }
+        dev = ((p - POOL_BASE) / 0x100) as c_int;
+    }
+    if dptr.is_null() {
+        return INVALID_VALUE;
+    }
+    *dptr = tri!(alloc_linear(&mut d, ctx, dev, size as u64));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut CUdeviceptr, bytesize: usize, h_stream: Handle) -> CUresult {
+    mem_alloc_async(dptr, bytesize, None, h_stream, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: usize, h_stream: Handle) -> CUresult {
+    mem_alloc_async(dptr, bytesize, None, h_stream, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    pool: Handle,
+    h_stream: Handle,
+) -> CUresult {
+    mem_alloc_async(dptr, bytesize, Some(pool), h_stream, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    dptr: *mut CUdeviceptr,
+    bytesize: usize,
+    pool: Handle,
+    h_stream: Handle,
+) -> CUresult {
+    mem_alloc_async(dptr, bytesize, Some(pool), h_stream, true)
+}
+
+unsafe fn mem_free_async(dptr: CUdeviceptr, stream: Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    tri!(stream_key(&mut d, stream, ptsz));
+    free_linear(&mut d, dptr)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, h_stream: Handle) -> CUresult {
+    mem_free_async(dptr, h_stream, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, h_stream: Handle) -> CUresult {
+    mem_free_async(dptr, h_stream, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool_out: *mut Handle, dev: CUdevice) -> CUresult {
+    check_init!();
+    if pool_out.is_null() {
+        return INVALID_VALUE;
+    }
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    *pool_out = (POOL_BASE + dev as u64 * 0x100) as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut Handle, dev: CUdevice) -> CUresult {
+    cuDeviceGetDefaultMemPool(pool, dev)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Virtual memory management.
+
+unsafe fn prop_device(prop: *const CUmemAllocationProp) -> Result<CUdevice, CUresult> {
+    if prop.is_null() {
+        return Err(INVALID_VALUE);
+    }
+    let p = &*prop;
+    if p.location.type_ != 1 {
+        return Err(INVALID_VALUE); // only CU_MEM_LOCATION_TYPE_DEVICE
+    }
+    if !valid_dev(p.location.id) {
+        return Err(INVALID_DEVICE);
+    }
+    Ok(p.location.id)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(
+    granularity: *mut usize,
+    prop: *const CUmemAllocationProp,
+    option: c_uint,
+) -> CUresult {
+    check_init!();
+    tri!(prop_device(prop));
+    if option > 1 {
+        return INVALID_VALUE;
+    }
+    tri!(put(granularity, GRANULARITY as usize));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    size: usize,
+    prop: *const CUmemAllocationProp,
+    _flags: u64,
+) -> CUresult {
+    check_init!();
+    let dev = tri!(prop_device(prop));
+    if handle.is_null() || size == 0 || size as u64 % GRANULARITY != 0 || !matches!((*prop).type_, 1 | 2) {
+        return INVALID_VALUE;
+    }
+    let mut d = lock();
+    if !devstate(dev).charge(dev as usize, size as u64) {
+        return OUT_OF_MEMORY;
+    }
+    let h = new_handle();
+    d.vmm.insert(h, Vmm { dev, size: size as u64, released: false, maps: 0 });
+    *handle = h;
+    SUCCESS
+}
+
+fn vmm_maybe_free(d: &mut Drv, h: u64) {
+    if let Some(v) = d.vmm.get(&h) {
+        if v.released && v.maps == 0 {
+            let v = d.vmm.remove(&h).unwrap();
+            devstate(v.dev).uncharge(v.dev as usize, v.size);
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    match d.vmm.get_mut(&handle) {
+        Some(v) if !v.released => v.released = true,
+        _ => return INVALID_VALUE,
+    }
+    // The memory goes away once it is released and no longer mapped anywhere.
+    vmm_maybe_free(&mut d, handle);
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressReserve(
+    ptr: *mut CUdeviceptr,
+    size: usize,
+    alignment: usize,
+    _addr: CUdeviceptr,
+    _flags: u64,
+) -> CUresult {
+    check_init!();
+    if ptr.is_null() || size == 0 || size as u64 % GRANULARITY != 0 {
+        return INVALID_VALUE;
+    }
+    if alignment != 0 && !alignment.is_power_of_two() {
+        return INVALID_VALUE;
+    }
+    let va = new_va(size as u64, (alignment as u64).max(GRANULARITY));
+    lock().reservations.insert(va, size as u64);
+    *ptr = va;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    match d.reservations.get(&ptr) {
+        Some(&s) if s == size as u64 => {
+            d.reservations.remove(&ptr);
+            SUCCESS
+        }
+        _ => INVALID_VALUE,
+    }
+}
+
+fn in_reservation(d: &Drv, ptr: u64, size: u64) -> bool {
+    d.reservations
+        .range(..=ptr)
+        .next_back()
+        .is_some_and(|(&start, &len)| ptr + size <= start + len)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, handle: u64, _flags: u64) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let size = size as u64;
+    if size == 0 || size % GRANULARITY != 0 || !in_reservation(&d, ptr, size) {
+        return INVALID_VALUE;
+    }
+    if d.mappings.range(ptr..ptr + size).next().is_some()
+        || d.mappings.range(..ptr).next_back().is_some_and(|(&s, &(l, _))| s + l > ptr)
+    {
+        return INVALID_VALUE; // already mapped
+    }
+    match d.vmm.get_mut(&handle) {
+        Some(v) if !v.released && offset as u64 + size <= v.size => v.maps += 1,
+        _ => return INVALID_VALUE,
+    }
+    d.mappings.insert(ptr, (size, handle));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let keys: Vec<u64> = d.mappings.range(ptr..ptr.saturating_add(size as u64)).map(|(k, _)| *k).collect();
+    if keys.is_empty() {
+        return INVALID_VALUE;
+    }
+    for k in keys {
+        let (_, h) = d.mappings.remove(&k).unwrap();
+        if let Some(v) = d.vmm.get_mut(&h) {
+            v.maps -= 1;
+        }
+        vmm_maybe_free(&mut d, h);
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemSetAccess(ptr: CUdeviceptr, size: usize, desc: *const c_void, count: usize) -> CUresult {
+    check_init!();
+    if desc.is_null() || count == 0 {
+        return INVALID_VALUE;
+    }
+    let d = lock();
+    if d.mappings.range(ptr..ptr.saturating_add(size as u64)).next().is_none() {
+        return INVALID_VALUE;
+    }
+    SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arrays.
+
+fn format_size(format: c_uint) -> Option<u64> {
+    Some(match format {
+        1 | 8 => 1,        // (UN)SIGNED_INT8
+        2 | 9 | 16 => 2,   // (UN)SIGNED_INT16, HALF
+        3 | 10 | 32 => 4,  // (UN)SIGNED_INT32, FLOAT
+        176 => 1,          // NV12 (approximation)
+        192 | 198 => 1,    // UNORM/SNORM_INT8X1
+        193 | 199 => 2,    // ..X2
+        194 | 200 => 4,    // ..X4
+        195 | 201 => 2,    // UNORM/SNORM_INT16X1
+        196 | 202 => 4,    // ..X2
+        197 | 203 => 8,    // ..X4
+        145..=158 => 1,    // block-compressed formats (approximation)
+        _ => return None,
+    })
+}
+
+fn array_bytes(desc: &CudaArray3DDescriptor) -> Result<u64, CUresult> {
+    if desc.width == 0 || !matches!(desc.num_channels, 1 | 2 | 4) {
+        return Err(INVALID_VALUE);
+    }
+    let es = format_size(desc.format).ok_or(INVALID_VALUE)?;
+    (desc.width as u64)
+        .checked_mul(desc.height.max(1) as u64)
+        .and_then(|v| v.checked_mul(desc.depth.max(1) as u64))
+        .and_then(|v| v.checked_mul(desc.num_channels as u64 * es))
+        .ok_or(OUT_OF_MEMORY)
+}
+
+unsafe fn array_create(handle: *mut Handle, desc: CudaArray3DDescriptor, levels: Option<c_uint>) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let (ctx, dev) = tri!(cur_dev(&d));
+    if handle.is_null() {
+        return INVALID_VALUE;
+    }
+    let bytes = match levels {
+        None => tri!(array_bytes(&desc)),
+        Some(0) => return INVALID_VALUE,
+        Some(n) => {
+            let mut total = 0u64;
+            for l in 0..n.min(64) {
+                let lvl = CudaArray3DDescriptor {
+                    width: (desc.width >> l).max(1),
+                    height: if desc.height == 0 { 0 } else { (desc.height >> l).max(1) },
+                    depth: if desc.depth == 0 { 0 } else { (desc.depth >> l).max(1) },
+                    ..desc
+                };
+                if desc.width == 0 {
+                    return INVALID_VALUE;
+                }
+                total = total.saturating_add(tri!(array_bytes(&lvl)));
+            }
+            total
+        }
+    };
+    if !devstate(dev).charge(dev as usize, bytes) {
+        return OUT_OF_MEMORY;
+    }
+    let h = new_handle();
+    d.arrays.insert(h, Array { bytes, dev, ctx, desc, mipmapped: levels.is_some() });
+    *handle = h as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut Handle, desc: *const CudaArrayDescriptor) -> CUresult {
+    if desc.is_null() {
+        return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
+    }
+    let d = &*desc;
+    let d3 = CudaArray3DDescriptor {
+        width: d.width,
+        height: d.height,
+        depth: 0,
+        format: d.format,
+        num_channels: d.num_channels,
+        flags: 0,
+    };
+    array_create(handle, d3, None)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DCreate_v2(handle: *mut Handle, desc: *const CudaArray3DDescriptor) -> CUresult {
+    if desc.is_null() {
+        return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
+    }
+    array_create(handle, *desc, None)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMipmappedArrayCreate(
+    handle: *mut Handle,
+    desc: *const CudaArray3DDescriptor,
+    num_levels: c_uint,
+) -> CUresult {
+    if desc.is_null() {
+        return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
+    }
+    array_create(handle, *desc, Some(num_levels))
+}
+
+unsafe fn array_destroy(h: Handle, mipmapped: bool) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let h = h as u64;
+    match d.arrays.get(&h) {
+        Some(a) if a.mipmapped == mipmapped => {
+            let a = d.arrays.remove(&h).unwrap();
+            devstate(a.dev).uncharge(a.dev as usize, a.bytes);
+            SUCCESS
+        }
+        _ => INVALID_HANDLE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayDestroy(h: Handle) -> CUresult {
+    array_destroy(h, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMipmappedArrayDestroy(h: Handle) -> CUresult {
+    array_destroy(h, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayGetDescriptor_v2(out: *mut CudaArrayDescriptor, h: Handle) -> CUresult {
+    check_init!();
+    let d = lock();
+    match d.arrays.get(&(h as u64)) {
+        Some(a) if !a.mipmapped => {
+            let s = a.desc;
+            tri!(put(out, CudaArrayDescriptor { width: s.width, height: s.height, format: s.format, num_channels: s.num_channels }));
+            SUCCESS
+        }
+        _ => INVALID_HANDLE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DGetDescriptor_v2(out: *mut CudaArray3DDescriptor, h: Handle) -> CUresult {
+    check_init!();
+    let d = lock();
+    match d.arrays.get(&(h as u64)) {
+        Some(a) if !a.mipmapped => {
+            tri!(put(out, a.desc));
+            SUCCESS
+        }
+        _ => INVALID_HANDLE,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modules, libraries, functions.
+
+unsafe fn module_load(module: *mut Handle) -> CUresult {
+    let mut d = lock();
+    let (ctx, dev) = tri!(cur_dev(&d));
+    if module.is_null() {
+        return INVALID_VALUE;
+    }
+    let b = module_bytes();
+    if !devstate(dev).charge(dev as usize, b) {
+        return OUT_OF_MEMORY;
+    }
+    let h = new_handle();
+    d.modules.insert(h, Module { ctx, dev, charged: b, funcs: BTreeMap::new() });
+    *module = h as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_void) -> CUresult {
+    check_init!();
+    if image.is_null() {
+        return INVALID_VALUE;
+    }
+    module_load(module)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadDataEx(
+    module: *mut Handle,
+    image: *const c_void,
+    _num_options: c_uint,
+    _options: *mut c_void,
+    _option_values: *mut *mut c_void,
+) -> CUresult {
+    cuModuleLoadData(module, image)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut Handle, fat_cubin: *const c_void) -> CUresult {
+    cuModuleLoadData(module, fat_cubin)
+}
+
+unsafe fn file_readable(fname: *const c_char) -> Result<(), CUresult> {
+    if fname.is_null() {
+        return Err(INVALID_VALUE);
+    }
+    if libc::access(fname, libc::R_OK) != 0 {
+        return Err(FILE_NOT_FOUND);
+    }
+    Ok(())
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoad(module: *mut Handle, fname: *const c_char) -> CUresult {
+    check_init!();
+    tri!(file_readable(fname));
+    module_load(module)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleUnload(hmod: Handle) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let Some(m) = d.modules.remove(&(hmod as u64)) else { return INVALID_HANDLE };
+    for f in m.funcs.values() {
+        d.functions.remove(f);
+    }
+    devstate(m.dev).uncharge(m.dev as usize, m.charged);
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleGetFunction(hfunc: *mut Handle, hmod: Handle, name: *const c_char) -> CUresult {
+    check_init!();
+    if hfunc.is_null() || name.is_null() {
+        return INVALID_VALUE;
+    }
+    let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+    let mut d = lock();
+    let m = hmod as u64;
+    let Some(module) = d.modules.get_mut(&m) else { return INVALID_HANDLE };
+    let f = *module.funcs.entry(name).or_insert_with(new_handle);
+    d.functions.insert(f, m);
+    *hfunc = f as Handle;
+    SUCCESS
+}
+
+unsafe fn library_load(library: *mut Handle) -> CUresult {
+    let mut d = lock();
+    if library.is_null() {
+        return INVALID_VALUE;
+    }
+    // Libraries are context-independent; their bytes go to the current context's device, if any.
+    let dev = cur_dev(&d).ok().map(|(_, dev)| dev);
+    let mut charged = 0;
+    if let Some(dev) = dev {
+        charged = module_bytes();
+        if !devstate(dev).charge(dev as usize, charged) {
+            return OUT_OF_MEMORY;
+        }
+    }
+    let h = new_handle();
+    d.libraries.insert(h, Library { dev, charged, kernels: BTreeMap::new() });
+    *library = h as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLibraryLoadData(
+    library: *mut Handle,
+    code: *const c_void,
+    _jit_options: *mut c_void,
+    _jit_options_values: *mut *mut c_void,
+    _num_jit_options: c_uint,
+    _library_options: *mut c_void,
+    _library_option_values: *mut *mut c_void,
+    _num_library_options: c_uint,
+) -> CUresult {
+    check_init!();
+    if code.is_null() {
+        return INVALID_VALUE;
+    }
+    library_load(library)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLibraryLoadFromFile(
+    library: *mut Handle,
+    file_name: *const c_char,
+    _jit_options: *mut c_void,
+    _jit_options_values: *mut *mut c_void,
+    _num_jit_options: c_uint,
+    _library_options: *mut c_void,
+    _library_option_values: *mut *mut c_void,
+    _num_library_options: c_uint,
+) -> CUresult {
+    check_init!();
+    tri!(file_readable(file_name));
+    library_load(library)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLibraryUnload(library: Handle) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let Some(l) = d.libraries.remove(&(library as u64)) else { return INVALID_HANDLE };
+    for k in l.kernels.values() {
+        if let Some((_, f)) = d.kernels.remove(k) {
+            d.functions.remove(&f);
+        }
+    }
+    if let Some(dev) = l.dev {
+        devstate(dev).uncharge(dev as usize, l.charged);
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLibraryGetKernel(kernel: *mut Handle, library: Handle, name: *const c_char) -> CUresult {
+    check_init!();
+    if kernel.is_null() || name.is_null() {
+        return INVALID_VALUE;
+    }
+    let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+    let mut d = lock();
+    let lh = library as u64;
+    let Some(l) = d.libraries.get_mut(&lh) else { return INVALID_HANDLE };
+    let k = *l.kernels.entry(name).or_insert_with(new_handle);
+    d.kernels.entry(k).or_insert((lh, 0));
+    *kernel = k as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuKernelGetFunction(func: *mut Handle, kernel: Handle) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    tri!(cur_ctx(&d));
+    if func.is_null() {
+        return INVALID_VALUE;
+    }
+    let Some(k) = d.kernels.get_mut(&(kernel as u64)) else { return INVALID_HANDLE };
+    if k.1 == 0 {
+        k.1 = new_handle();
+    }
+    let f = k.1;
+    d.functions.insert(f, 0);
+    *func = f as Handle;
+    SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches and the device timeline.
+
+/// Queue `durs` (ns, back to back) on stream `stream`; blocks while the stream is too far ahead.
+/// Launches into a capturing stream are recorded instead.
+unsafe fn submit(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), CUresult>, durs: &[u64]) -> CUresult {
+    check_init!();
+    loop {
+        let mut g = lock();
+        let d: &mut Drv = &mut g;
+        tri!(cur_ctx(d));
+        tri!(check(d));
+        let k = tri!(stream_key(d, stream, ptsz));
+        let (ctx, dev) = stream_dev(d, k);
+        let s = d.streams.get_mut(&k).unwrap();
+        if let Some(cap) = s.capture.as_mut() {
+            cap.extend_from_slice(durs);
+            return SUCCESS;
+        }
+        let now = now_ns();
+        if s.tail > now + MAX_QUEUE_NS {
+            let wait = s.tail - MAX_QUEUE_NS;
+            drop(g);
+            sleep_until_ns(wait);
+            continue;
+        }
+        let total: u64 = durs.iter().sum();
+        let (_, end) = devstate(dev).reserve_time(now.max(s.tail), total);
+        s.tail = end;
+        let c = d.ctxs.get_mut(&ctx).unwrap();
+        c.last_end = c.last_end.max(end);
+        return SUCCESS;
+    }
+}
+
+unsafe fn kernel_duration(params: *mut *mut c_void) -> u64 {
+    if params.is_null() || (*params).is_null() {
+        return 0;
+    }
+    ((*params) as *const u64).read_unaligned()
+}
+
+fn check_function(f: u64, grid: [c_uint; 3], block: [c_uint; 3]) -> impl Fn(&Drv) -> Result<(), CUresult> {
+    move |d: &Drv| {
+        if !d.functions.contains_key(&f) && !d.kernels.contains_key(&f) {
+            return Err(INVALID_HANDLE);
+        }
+        if grid.contains(&0) || block.contains(&0) || block.iter().map(|&b| b as u64).product::<u64>() > 1024 {
+            return Err(INVALID_VALUE);
+        }
+        Ok(())
+    }
+}
+
+unsafe fn launch(
+    f: Handle,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    stream: Handle,
+    params: *mut *mut c_void,
+    ptsz: bool,
+) -> CUresult {
+    check_init!();
+    let dur = kernel_duration(params);
+    submit(stream, ptsz, check_function(f as u64, grid, block), &[dur])
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernel(
+    f: Handle,
+    grid_dim_x: c_uint,
+    grid_dim_y: c_uint,
+    grid_dim_z: c_uint,
+    block_dim_x: c_uint,
+    block_dim_y: c_uint,
+    block_dim_z: c_uint,
+    _shared_mem_bytes: c_uint,
+    h_stream: Handle,
+    kernel_params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernel_ptsz(
+    f: Handle,
+    grid_dim_x: c_uint,
+    grid_dim_y: c_uint,
+    grid_dim_z: c_uint,
+    block_dim_x: c_uint,
+    block_dim_y: c_uint,
+    block_dim_z: c_uint,
+    _shared_mem_bytes: c_uint,
+    h_stream: Handle,
+    kernel_params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel(
+    f: Handle,
+    grid_dim_x: c_uint,
+    grid_dim_y: c_uint,
+    grid_dim_z: c_uint,
+    block_dim_x: c_uint,
+    block_dim_y: c_uint,
+    block_dim_z: c_uint,
+    _shared_mem_bytes: c_uint,
+    h_stream: Handle,
+    kernel_params: *mut *mut c_void,
+) -> CUresult {
+    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
+    f: Handle,
+    grid_dim_x: c_uint,
+    grid_dim_y: c_uint,
+    grid_dim_z: c_uint,
+    block_dim_x: c_uint,
+    block_dim_y: c_uint,
+    block_dim_z: c_uint,
+    _shared_mem_bytes: c_uint,
+    h_stream: Handle,
+    kernel_params: *mut *mut c_void,
+) -> CUresult {
+    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true)
+}
+
+unsafe fn launch_ex(config: *const CUlaunchConfig, f: Handle, params: *mut *mut c_void, ptsz: bool) -> CUresult {
+    check_init!();
+    if config.is_null() {
+        return INVALID_VALUE;
+    }
+    let c = &*config;
+    launch(
+        f,
+        [c.grid_dim_x, c.grid_dim_y, c.grid_dim_z],
+        [c.block_dim_x, c.block_dim_y, c.block_dim_z],
+        c.h_stream,
+        params,
+        ptsz,
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernelEx(
+    config: *const CUlaunchConfig,
+    f: Handle,
+    kernel_params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch_ex(config, f, kernel_params, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
+    config: *const CUlaunchConfig,
+    f: Handle,
+    kernel_params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch_ex(config, f, kernel_params, true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams.
+
+unsafe fn stream_create(ph: *mut Handle, flags: c_uint) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let ctx = tri!(cur_ctx(&d));
+    if ph.is_null() || flags > 1 {
+        return INVALID_VALUE;
+    }
+    let h = new_handle();
+    d.streams.insert(SKey::Explicit(h), Stream { ctx, tail: 0, capture: None });
+    *ph = h as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreate(ph: *mut Handle, flags: c_uint) -> CUresult {
+    stream_create(ph, flags)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamCreateWithPriority(ph: *mut Handle, flags: c_uint, _priority: c_int) -> CUresult {
+    stream_create(ph, flags)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamDestroy_v2(h: Handle) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    match d.streams.remove(&SKey::Explicit(h as u64)) {
+        Some(_) => SUCCESS,
+        None => INVALID_HANDLE,
+    }
+}
+
+unsafe fn stream_sync(h: Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    let t = {
+        let mut d = lock();
+        let k = tri!(stream_key(&mut d, h, ptsz));
+        let s = &d.streams[&k];
+        if s.capture.is_some() {
+            return STREAM_CAPTURE_UNSUPPORTED;
+        }
+        s.tail
+    };
+    sleep_until_ns(t);
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamSynchronize(h: Handle) -> CUresult {
+    stream_sync(h, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamSynchronize_ptsz(h: Handle) -> CUresult {
+    stream_sync(h, true)
+}
+
+unsafe fn stream_query(h: Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let k = tri!(stream_key(&mut d, h, ptsz));
+    let s = &d.streams[&k];
+    if s.capture.is_some() {
+        return STREAM_CAPTURE_UNSUPPORTED;
+    }
+    if s.tail > now_ns() {
+        NOT_READY
+    } else {
+        SUCCESS
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamQuery(h: Handle) -> CUresult {
+    stream_query(h, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamQuery_ptsz(h: Handle) -> CUresult {
+    stream_query(h, true)
+}
+
+unsafe fn stream_wait_event(h: Handle, ev: Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let k = tri!(stream_key(&mut d, h, ptsz));
+    let Some(e) = d.events.get(&(ev as u64)) else { return INVALID_HANDLE };
+    let t = e.time.unwrap_or(0);
+    let s = d.streams.get_mut(&k).unwrap();
+    if s.capture.is_none() {
+        s.tail = s.tail.max(t);
+    }
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWaitEvent(h: Handle, ev: Handle, _flags: c_uint) -> CUresult {
+    stream_wait_event(h, ev, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamWaitEvent_ptsz(h: Handle, ev: Handle, _flags: c_uint) -> CUresult {
+    stream_wait_event(h, ev, true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events.
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventCreate(ph: *mut Handle, flags: c_uint) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let ctx = tri!(cur_ctx(&d));
+    if ph.is_null() || flags & !0xf != 0 {
+        return INVALID_VALUE;
+    }
+    let h = new_handle();
+    d.events.insert(h, Event { ctx, flags, time: None });
+    *ph = h as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventDestroy_v2(ev: Handle) -> CUresult {
+    check_init!();
+    match lock().events.remove(&(ev as u64)) {
+        Some(_) => SUCCESS,
+        None => INVALID_HANDLE,
+    }
+}
+
+unsafe fn event_record(ev: Handle, h: Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let k = tri!(stream_key(&mut d, h, ptsz));
+    if !d.events.contains_key(&(ev as u64)) {
+        return INVALID_HANDLE;
+    }
+    let s = &d.streams[&k];
+    if s.capture.is_some() {
+        return SUCCESS; // an event node in the graph; nothing to time
+    }
+    let t = s.tail.max(now_ns());
+    d.events.get_mut(&(ev as u64)).unwrap().time = Some(t);
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecord(ev: Handle, h: Handle) -> CUresult {
+    event_record(ev, h, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecord_ptsz(ev: Handle, h: Handle) -> CUresult {
+    event_record(ev, h, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecordWithFlags(ev: Handle, h: Handle, _flags: c_uint) -> CUresult {
+    event_record(ev, h, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventRecordWithFlags_ptsz(ev: Handle, h: Handle, _flags: c_uint) -> CUresult {
+    event_record(ev, h, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventQuery(ev: Handle) -> CUresult {
+    check_init!();
+    match lock().events.get(&(ev as u64)) {
+        None => INVALID_HANDLE,
+        Some(Event { time: Some(t), .. }) if *t > now_ns() => NOT_READY,
+        Some(_) => SUCCESS,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventSynchronize(ev: Handle) -> CUresult {
+    check_init!();
+    let t = match lock().events.get(&(ev as u64)) {
+        None => return INVALID_HANDLE,
+        Some(e) => e.time.unwrap_or(0),
+    };
+    sleep_until_ns(t);
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
+    check_init!();
+    if ms.is_null() {
+        return INVALID_VALUE;
+    }
+    let d = lock();
+    let (Some(s), Some(e)) = (d.events.get(&(start as u64)), d.events.get(&(end as u64))) else {
+        return INVALID_HANDLE;
+    };
+    if (s.flags | e.flags) & CU_EVENT_DISABLE_TIMING != 0 {
+        return INVALID_HANDLE;
+    }
+    let (Some(ts), Some(te)) = (s.time, e.time) else { return INVALID_HANDLE };
+    if ts.max(te) > now_ns() {
+        return NOT_READY;
+    }
+    *ms = ((te as i64 - ts as i64) as f64 / 1e6) as f32;
+    SUCCESS
+}
+
+/// CUDA 13's `cuEventElapsedTime`.
+#[no_mangle]
+pub unsafe extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
+    cuEventElapsedTime(ms, start, end)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream capture and graphs.
+
+unsafe fn begin_capture(h: Handle, mode: c_uint, ptsz: bool) -> CUresult {
+    check_init!();
+    if mode > 2 {
+        return INVALID_VALUE;
+    }
+    let mut d = lock();
+    let k = tri!(stream_key(&mut d, h, ptsz));
+    if let SKey::Legacy(_) = k {
+        return STREAM_CAPTURE_UNSUPPORTED;
+    }
+    let s = d.streams.get_mut(&k).unwrap();
+    if s.capture.is_some() {
+        return ILLEGAL_STATE;
+    }
+    s.capture = Some(Vec::new());
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBeginCapture_v2(h: Handle, mode: c_uint) -> CUresult {
+    begin_capture(h, mode, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBeginCapture_v2_ptsz(h: Handle, mode: c_uint) -> CUresult {
+    begin_capture(h, mode, true)
+}
+
+/// The pre-10.1 form without a mode (global mode).
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBeginCapture(h: Handle) -> CUresult {
+    begin_capture(h, 0, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamBeginCapture_ptsz(h: Handle) -> CUresult {
+    begin_capture(h, 0, true)
+}
+
+unsafe fn end_capture(h: Handle, graph: *mut Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    if graph.is_null() {
+        return INVALID_VALUE;
+    }
+    let mut d = lock();
+    let k = tri!(stream_key(&mut d, h, ptsz));
+    let Some(durs) = d.streams.get_mut(&k).unwrap().capture.take() else { return ILLEGAL_STATE };
+    let g = new_handle();
+    d.graphs.insert(g, durs);
+    *graph = g as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamEndCapture(h: Handle, graph: *mut Handle) -> CUresult {
+    end_capture(h, graph, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamEndCapture_ptsz(h: Handle, graph: *mut Handle) -> CUresult {
+    end_capture(h, graph, true)
+}
+
+unsafe fn is_capturing(h: Handle, status: *mut c_uint, ptsz: bool) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let k = tri!(stream_key(&mut d, h, ptsz));
+    let c = d.streams[&k].capture.is_some() as c_uint;
+    tri!(put(status, c));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamIsCapturing(h: Handle, status: *mut c_uint) -> CUresult {
+    is_capturing(h, status, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuStreamIsCapturing_ptsz(h: Handle, status: *mut c_uint) -> CUresult {
+    is_capturing(h, status, true)
+}
+
+unsafe fn instantiate(exec: *mut Handle, graph: Handle) -> CUresult {
+    check_init!();
+    if exec.is_null() {
+        return INVALID_VALUE;
+    }
+    let mut d = lock();
+    let Some(g) = d.graphs.get(&(graph as u64)).cloned() else { return INVALID_VALUE };
+    let e = new_handle();
+    d.execs.insert(e, g);
+    *exec = e as Handle;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiateWithFlags(exec: *mut Handle, graph: Handle, _flags: u64) -> CUresult {
+    instantiate(exec, graph)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphInstantiate_v2(
+    exec: *mut Handle,
+    graph: Handle,
+    error_node: *mut Handle,
+    log_buffer: *mut c_char,
+    buffer_size: usize,
+) -> CUresult {
+    if !error_node.is_null() {
+        *error_node = std::ptr::null_mut();
+    }
+    if !log_buffer.is_null() && buffer_size > 0 {
+        *log_buffer = 0;
+    }
+    instantiate(exec, graph)
+}
+
+unsafe fn graph_launch(exec: Handle, h: Handle, ptsz: bool) -> CUresult {
+    check_init!();
+    let durs = match lock().execs.get(&(exec as u64)) {
+        Some(v) => v.clone(),
+        None => return INVALID_VALUE,
+    };
+    submit(h, ptsz, |_| Ok(()), &durs)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphLaunch(exec: Handle, h: Handle) -> CUresult {
+    graph_launch(exec, h, false)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphLaunch_ptsz(exec: Handle, h: Handle) -> CUresult {
+    graph_launch(exec, h, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphExecDestroy(exec: Handle) -> CUresult {
+    check_init!();
+    match lock().execs.remove(&(exec as u64)) {
+        Some(_) => SUCCESS,
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGraphDestroy(graph: Handle) -> CUresult {
+    check_init!();
+    match lock().graphs.remove(&(graph as u64)) {
+        Some(_) => SUCCESS,
+        None => INVALID_VALUE,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cuGetProcAddress.
+
+/// Address of an exported function by its exported (versioned) name.
+macro_rules! export_table {
+    ($($f:ident),* $(,)?) => {
+        fn export_addr(name: &str) -> Option<*mut c_void> {
+            match name {
+                $(stringify!($f) => Some($f as *mut c_void),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+export_table!(
+    cuInit, cuDriverGetVersion, cuDeviceGetCount, cuDeviceGet, cuDeviceGetName, cuDeviceGetUuid,
+    cuDeviceGetUuid_v2, cuDeviceGetAttribute, cuDeviceTotalMem_v2, cuDevicePrimaryCtxRetain,
+    cuDevicePrimaryCtxRelease_v2, cuDevicePrimaryCtxReset_v2, cuCtxCreate_v2, cuCtxCreate_v3,
+    cuCtxCreate_v4, cuCtxDestroy_v2, cuCtxSetCurrent, cuCtxGetCurrent, cuCtxGetDevice,
+    cuCtxPushCurrent_v2, cuCtxPopCurrent_v2, cuCtxSynchronize, cuMemGetInfo_v2, cuMemAlloc_v2,
+    cuMemAllocPitch_v2, cuMemAllocManaged, cuMemFree_v2, cuMemAllocAsync, cuMemAllocAsync_ptsz,
+    cuMemAllocFromPoolAsync, cuMemAllocFromPoolAsync_ptsz, cuMemFreeAsync, cuMemFreeAsync_ptsz,
+    cuDeviceGetDefaultMemPool, cuDeviceGetMemPool, cuMemGetAllocationGranularity, cuMemCreate,
+    cuMemRelease, cuMemAddressReserve, cuMemAddressFree, cuMemMap, cuMemUnmap, cuMemSetAccess,
+    cuArrayCreate_v2, cuArray3DCreate_v2, cuMipmappedArrayCreate, cuArrayDestroy,
+    cuMipmappedArrayDestroy, cuArrayGetDescriptor_v2, cuArray3DGetDescriptor_v2, cuModuleLoadData,
+    cuModuleLoadDataEx, cuModuleLoadFatBinary, cuModuleLoad, cuModuleUnload, cuModuleGetFunction,
+    cuLibraryLoadData, cuLibraryLoadFromFile, cuLibraryUnload, cuLibraryGetKernel,
+    cuKernelGetFunction, cuLaunchKernel, cuLaunchKernel_ptsz, cuLaunchCooperativeKernel,
+    cuLaunchCooperativeKernel_ptsz, cuLaunchKernelEx, cuLaunchKernelEx_ptsz, cuStreamCreate,
+    cuStreamCreateWithPriority, cuStreamDestroy_v2, cuStreamSynchronize, cuStreamSynchronize_ptsz,
+    cuStreamQuery, cuStreamQuery_ptsz, cuStreamWaitEvent, cuStreamWaitEvent_ptsz, cuEventCreate,
+    cuEventDestroy_v2, cuEventRecord, cuEventRecord_ptsz, cuEventRecordWithFlags,
+    cuEventRecordWithFlags_ptsz, cuEventQuery, cuEventSynchronize, cuEventElapsedTime,
+    cuEventElapsedTime_v2, cuStreamBeginCapture, cuStreamBeginCapture_ptsz, cuStreamBeginCapture_v2,
+    cuStreamBeginCapture_v2_ptsz, cuStreamEndCapture, cuStreamEndCapture_ptsz, cuStreamIsCapturing,
+    cuStreamIsCapturing_ptsz, cuGraphInstantiateWithFlags, cuGraphInstantiate_v2, cuGraphLaunch,
+    cuGraphLaunch_ptsz, cuGraphExecDestroy, cuGraphDestroy, cuGetProcAddress, cuGetProcAddress_v2,
+);
+
+/// (base name, lowest cudaVersion, exported name, exported per-thread-default-stream name or "").
+/// Rows of one base name are ordered newest first; the first row whose version is reached wins.
+const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
+    ("cuInit", 2000, "cuInit", ""),
+    ("cuDriverGetVersion", 2020, "cuDriverGetVersion", ""),
+    ("cuDeviceGetCount", 2000, "cuDeviceGetCount", ""),
+    ("cuDeviceGet", 2000, "cuDeviceGet", ""),
+    ("cuDeviceGetName", 2000, "cuDeviceGetName", ""),
+    ("cuDeviceGetUuid", 11040, "cuDeviceGetUuid_v2", ""),
+    ("cuDeviceGetUuid", 9020, "cuDeviceGetUuid", ""),
+    ("cuDeviceGetAttribute", 2000, "cuDeviceGetAttribute", ""),
+    ("cuDeviceTotalMem", 3020, "cuDeviceTotalMem_v2", ""),
+    ("cuDevicePrimaryCtxRetain", 7000, "cuDevicePrimaryCtxRetain", ""),
+    ("cuDevicePrimaryCtxRelease", 11000, "cuDevicePrimaryCtxRelease_v2", ""),
+    ("cuDevicePrimaryCtxReset", 11000, "cuDevicePrimaryCtxReset_v2", ""),
+    // CUDA 12.5-12.9 headers declare cuCtxCreate (= _v2) and cuCtxCreate_v4 side by side;
+    // only CUDA 13.0 made "cuCtxCreate" the 4-argument _v4.
+    ("cuCtxCreate", 13000, "cuCtxCreate_v4", ""),
+    ("cuCtxCreate", 3020, "cuCtxCreate_v2", ""),
+    ("cuCtxCreate_v3", 11040, "cuCtxCreate_v3", ""),
+    ("cuCtxCreate_v4", 12050, "cuCtxCreate_v4", ""),
+    ("cuCtxDestroy", 4000, "cuCtxDestroy_v2", ""),
+    ("cuCtxSetCurrent", 4000, "cuCtxSetCurrent", ""),
+    ("cuCtxGetCurrent", 4000, "cuCtxGetCurrent", ""),
+    ("cuCtxGetDevice", 2000, "cuCtxGetDevice", ""),
+    ("cuCtxPushCurrent", 4000, "cuCtxPushCurrent_v2", ""),
+    ("cuCtxPopCurrent", 4000, "cuCtxPopCurrent_v2", ""),
+    ("cuCtxSynchronize", 2000, "cuCtxSynchronize", ""),
+    ("cuMemGetInfo", 3020, "cuMemGetInfo_v2", ""),
+    ("cuMemAlloc", 3020, "cuMemAlloc_v2", ""),
+    ("cuMemAllocPitch", 3020, "cuMemAllocPitch_v2", ""),
+    ("cuMemAllocManaged", 6000, "cuMemAllocManaged", ""),
+    ("cuMemFree", 3020, "cuMemFree_v2", ""),
+    ("cuMemAllocAsync", 11020, "cuMemAllocAsync", "cuMemAllocAsync_ptsz"),
+    ("cuMemAllocFromPoolAsync", 11020, "cuMemAllocFromPoolAsync", "cuMemAllocFromPoolAsync_ptsz"),
+    ("cuMemFreeAsync", 11020, "cuMemFreeAsync", "cuMemFreeAsync_ptsz"),
+    ("cuDeviceGetDefaultMemPool", 11020, "cuDeviceGetDefaultMemPool", ""),
+    ("cuDeviceGetMemPool", 11020, "cuDeviceGetMemPool", ""),
+    ("cuMemGetAllocationGranularity", 10020, "cuMemGetAllocationGranularity", ""),
+    ("cuMemCreate", 10020, "cuMemCreate", ""),
+    ("cuMemRelease", 10020, "cuMemRelease", ""),
+    ("cuMemAddressReserve", 10020, "cuMemAddressReserve", ""),
+    ("cuMemAddressFree", 10020, "cuMemAddressFree", ""),
+    ("cuMemMap", 10020, "cuMemMap", ""),
+    ("cuMemUnmap", 10020, "cuMemUnmap", ""),
+    ("cuMemSetAccess", 10020, "cuMemSetAccess", ""),
+    ("cuArrayCreate", 3020, "cuArrayCreate_v2", ""),
+    ("cuArray3DCreate", 3020, "cuArray3DCreate_v2", ""),
+    ("cuMipmappedArrayCreate", 5000, "cuMipmappedArrayCreate", ""),
+    ("cuArrayDestroy", 2000, "cuArrayDestroy", ""),
+    ("cuMipmappedArrayDestroy", 5000, "cuMipmappedArrayDestroy", ""),
+    ("cuArrayGetDescriptor", 3020, "cuArrayGetDescriptor_v2", ""),
+    ("cuArray3DGetDescriptor", 3020, "cuArray3DGetDescriptor_v2", ""),
+    ("cuModuleLoadData", 2000, "cuModuleLoadData", ""),
+    ("cuModuleLoadDataEx", 2010, "cuModuleLoadDataEx", ""),
+    ("cuModuleLoadFatBinary", 2000, "cuModuleLoadFatBinary", ""),
+    ("cuModuleLoad", 2000, "cuModuleLoad", ""),
+    ("cuModuleUnload", 2000, "cuModuleUnload", ""),
+    ("cuModuleGetFunction", 2000, "cuModuleGetFunction", ""),
+    ("cuLibraryLoadData", 12000, "cuLibraryLoadData", ""),
+    ("cuLibraryLoadFromFile", 12000, "cuLibraryLoadFromFile", ""),
+    ("cuLibraryUnload", 12000, "cuLibraryUnload", ""),
+    ("cuLibraryGetKernel", 12000, "cuLibraryGetKernel", ""),
+    ("cuKernelGetFunction", 12000, "cuKernelGetFunction", ""),
+    ("cuLaunchKernel", 4000, "cuLaunchKernel", "cuLaunchKernel_ptsz"),
+    ("cuLaunchKernelEx", 11060, "cuLaunchKernelEx", "cuLaunchKernelEx_ptsz"),
+    ("cuLaunchCooperativeKernel", 9000, "cuLaunchCooperativeKernel", "cuLaunchCooperativeKernel_ptsz"),
+    ("cuStreamCreate", 2000, "cuStreamCreate", ""),
+    ("cuStreamCreateWithPriority", 5050, "cuStreamCreateWithPriority", ""),
+    ("cuStreamDestroy", 4000, "cuStreamDestroy_v2", ""),
+    ("cuStreamSynchronize", 2000, "cuStreamSynchronize", "cuStreamSynchronize_ptsz"),
+    ("cuStreamQuery", 2000, "cuStreamQuery", "cuStreamQuery_ptsz"),
+    ("cuStreamWaitEvent", 3020, "cuStreamWaitEvent", "cuStreamWaitEvent_ptsz"),
+    ("cuEventCreate", 2000, "cuEventCreate", ""),
+    ("cuEventDestroy", 4000, "cuEventDestroy_v2", ""),
+    ("cuEventRecord", 2000, "cuEventRecord", "cuEventRecord_ptsz"),
+    ("cuEventRecordWithFlags", 11010, "cuEventRecordWithFlags", "cuEventRecordWithFlags_ptsz"),
+    ("cuEventQuery", 2000, "cuEventQuery", ""),
+    ("cuEventSynchronize", 2000, "cuEventSynchronize", ""),
+    ("cuEventElapsedTime", 13000, "cuEventElapsedTime_v2", ""),
+    ("cuEventElapsedTime", 2000, "cuEventElapsedTime", ""),
+    ("cuStreamBeginCapture", 10010, "cuStreamBeginCapture_v2", "cuStreamBeginCapture_v2_ptsz"),
+    ("cuStreamBeginCapture", 10000, "cuStreamBeginCapture", "cuStreamBeginCapture_ptsz"),
+    ("cuStreamEndCapture", 10000, "cuStreamEndCapture", "cuStreamEndCapture_ptsz"),
+    ("cuStreamIsCapturing", 10000, "cuStreamIsCapturing", "cuStreamIsCapturing_ptsz"),
+    ("cuGraphInstantiate", 12000, "cuGraphInstantiateWithFlags", ""),
+    ("cuGraphInstantiate", 11000, "cuGraphInstantiate_v2", ""),
+    ("cuGraphInstantiateWithFlags", 11040, "cuGraphInstantiateWithFlags", ""),
+    ("cuGraphLaunch", 10000, "cuGraphLaunch", "cuGraphLaunch_ptsz"),
+    ("cuGraphExecDestroy", 10000, "cuGraphExecDestroy", ""),
+    ("cuGraphDestroy", 10000, "cuGraphDestroy", ""),
+    ("cuGetProcAddress", 12000, "cuGetProcAddress_v2", ""),
+    ("cuGetProcAddress", 11030, "cuGetProcAddress", ""),
+];
+
+const PROC_FOUND: c_int = 0;
+const PROC_SYMBOL_NOT_FOUND: c_int = 1;
+const PROC_VERSION_NOT_SUFFICIENT: c_int = 2;
+const CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM: u64 = 2;
+
+/// Resolve a base name as the real driver does: version rows, then the per-thread variant.
+pub fn proc_lookup(name: &str, version: c_int, flags: u64) -> Result<*mut c_void, c_int> {
+    let mut known = false;
+    for &(base, min, exp, ptsz) in PROC_TABLE {
+        if base != name {
+            continue;
+        }
+        known = true;
+        if version < min {
+            continue;
+        }
+        let sym = if flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM != 0 && !ptsz.is_empty() { ptsz } else { exp };
+        return export_addr(sym).ok_or(PROC_SYMBOL_NOT_FOUND);
+    }
+    Err(if known { PROC_VERSION_NOT_SUFFICIENT } else { PROC_SYMBOL_NOT_FOUND })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+    symbol_status: *mut c_int,
+) -> CUresult {
+    if symbol.is_null() || pfn.is_null() || flags > 2 {
+        return INVALID_VALUE;
+    }
+    let name = CStr::from_ptr(symbol).to_string_lossy();
+    let (r, st) = match proc_lookup(&name, cuda_version, flags) {
+        Ok(p) => {
+            *pfn = p;
+            (SUCCESS, PROC_FOUND)
+        }
+        Err(st) => {
+            *pfn = std::ptr::null_mut();
+            (NOT_FOUND, st)
+        }
+    };
+    if !symbol_status.is_null() {
+        *symbol_status = st;
+    }
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+) -> CUresult {
+    cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, std::ptr::null_mut())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process exit: the real driver returns a process's memory when it exits.
+
+extern "C" fn simcuda_fini() {
+    if let Some(sh) = state::opened() {
+        for d in 0..sh.ndev() as usize {
+            sh.dev(d).release_self();
+        }
+    }
+}
+
+#[used]
+#[link_section = ".fini_array"]
+static SIMCUDA_FINI: extern "C" fn() = simcuda_fini;

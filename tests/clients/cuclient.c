@@ -1,0 +1,851 @@
+/*
+ * cuclient: a scriptable CUDA driver API client for the gpuslice tests.
+ *
+ * One source, several builds that reach the driver the ways real programs do:
+ *   -DROUTE_LINK      linked with -lcuda, calls the versioned exports directly (cuMemAlloc_v2, ...)
+ *   -DROUTE_DLSYM     dlopen("libcuda.so.1") + dlsym by versioned name (like PyTorch)
+ *   -DROUTE_PROCADDR  dlsym of cuGetProcAddress_v2 only, asks it for "cuGetProcAddress" (12000), then
+ *                     resolves everything by base name with cudaVersion 13000 (like cudart);
+ *                     add -DPTSZ for flags = CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM.
+ * NVML is always dlopen("libnvidia-ml.so.1") + dlsym.
+ *
+ * Usage: cuclient CMD [ARGS] CMD ...   (see tests/README.md). One output line per command:
+ *   ok <cmd> key=value ...   or   err <cmd> code=<CUresult> ...
+ * Exit status 0 unless the command line is bad (2) or the driver library cannot be loaded (3).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#if !defined(ROUTE_LINK) && !defined(ROUTE_DLSYM) && !defined(ROUTE_PROCADDR)
+#error "define one of ROUTE_LINK, ROUTE_DLSYM, ROUTE_PROCADDR"
+#endif
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef unsigned long long CUmemGenericAllocationHandle;
+typedef void *CUcontext, *CUstream, *CUevent, *CUmodule, *CUfunction, *CUarray, *CUmipmappedArray,
+    *CUmemoryPool, *CUgraph, *CUgraphExec;
+
+typedef struct {
+    size_t Width, Height;
+    unsigned Format, NumChannels;
+} CUDA_ARRAY_DESCRIPTOR;
+typedef struct {
+    size_t Width, Height, Depth;
+    unsigned Format, NumChannels, Flags;
+} CUDA_ARRAY3D_DESCRIPTOR;
+typedef struct {
+    int type;
+    int id;
+} CUmemLocation;
+typedef struct {
+    int type;
+    int requestedHandleTypes;
+    CUmemLocation location;
+    void *win32HandleMetaData;
+    struct {
+        unsigned char compressionType, gpuDirectRDMACapable;
+        unsigned short usage;
+        unsigned char reserved[4];
+    } allocFlags;
+} CUmemAllocationProp;
+typedef struct {
+    CUmemLocation location;
+    int flags;
+} CUmemAccessDesc;
+typedef struct {
+    unsigned gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes;
+    CUstream hStream;
+    void *attrs;
+    unsigned numAttrs;
+} CUlaunchConfig;
+
+#define CU_AD_FORMAT_UNSIGNED_INT8 1
+#define CU_MEM_ATTACH_GLOBAL 1
+#define CU_MEM_ALLOCATION_TYPE_PINNED 1
+#define CU_MEM_LOCATION_TYPE_DEVICE 1
+#define CU_MEM_ACCESS_FLAGS_PROT_READWRITE 3
+
+/* X(base name, versioned export, return type, parameter list) */
+#define CU_FUNCS(X)                                                                               \
+    X(cuInit, cuInit, CUresult, (unsigned))                                                       \
+    X(cuDriverGetVersion, cuDriverGetVersion, CUresult, (int *))                                  \
+    X(cuDeviceGetCount, cuDeviceGetCount, CUresult, (int *))                                      \
+    X(cuDeviceGet, cuDeviceGet, CUresult, (CUdevice *, int))                                      \
+    X(cuDeviceGetUuid, cuDeviceGetUuid_v2, CUresult, (unsigned char *, CUdevice))                 \
+    X(cuDeviceTotalMem, cuDeviceTotalMem_v2, CUresult, (size_t *, CUdevice))                      \
+    X(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain, CUresult, (CUcontext *, CUdevice))      \
+    X(cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxRelease_v2, CUresult, (CUdevice))              \
+    X(cuCtxCreate, cuCtxCreate_v4, CUresult, (CUcontext *, void *, unsigned, CUdevice))           \
+    X(cuCtxDestroy, cuCtxDestroy_v2, CUresult, (CUcontext))                                       \
+    X(cuCtxSetCurrent, cuCtxSetCurrent, CUresult, (CUcontext))                                    \
+    X(cuCtxGetCurrent, cuCtxGetCurrent, CUresult, (CUcontext *))                                  \
+    X(cuCtxGetDevice, cuCtxGetDevice, CUresult, (CUdevice *))                                     \
+    X(cuCtxSynchronize, cuCtxSynchronize, CUresult, (void))                                       \
+    X(cuMemGetInfo, cuMemGetInfo_v2, CUresult, (size_t *, size_t *))                              \
+    X(cuMemAlloc, cuMemAlloc_v2, CUresult, (CUdeviceptr *, size_t))                               \
+    X(cuMemAllocPitch, cuMemAllocPitch_v2, CUresult,                                              \
+      (CUdeviceptr *, size_t *, size_t, size_t, unsigned))                                        \
+    X(cuMemAllocManaged, cuMemAllocManaged, CUresult, (CUdeviceptr *, size_t, unsigned))          \
+    X(cuMemAllocAsync, cuMemAllocAsync, CUresult, (CUdeviceptr *, size_t, CUstream))              \
+    X(cuMemAllocFromPoolAsync, cuMemAllocFromPoolAsync, CUresult,                                 \
+      (CUdeviceptr *, size_t, CUmemoryPool, CUstream))                                            \
+    X(cuDeviceGetDefaultMemPool, cuDeviceGetDefaultMemPool, CUresult, (CUmemoryPool *, CUdevice)) \
+    X(cuMemFree, cuMemFree_v2, CUresult, (CUdeviceptr))                                           \
+    X(cuMemFreeAsync, cuMemFreeAsync, CUresult, (CUdeviceptr, CUstream))                          \
+    X(cuMemGetAllocationGranularity, cuMemGetAllocationGranularity, CUresult,                     \
+      (size_t *, const CUmemAllocationProp *, int))                                               \
+    X(cuMemCreate, cuMemCreate, CUresult,                                                         \
+      (CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *, unsigned long long))  \
+    X(cuMemRelease, cuMemRelease, CUresult, (CUmemGenericAllocationHandle))                       \
+    X(cuMemAddressReserve, cuMemAddressReserve, CUresult,                                         \
+      (CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long))                           \
+    X(cuMemAddressFree, cuMemAddressFree, CUresult, (CUdeviceptr, size_t))                        \
+    X(cuMemMap, cuMemMap, CUresult,                                                               \
+      (CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long))            \
+    X(cuMemUnmap, cuMemUnmap, CUresult, (CUdeviceptr, size_t))                                    \
+    X(cuMemSetAccess, cuMemSetAccess, CUresult,                                                   \
+      (CUdeviceptr, size_t, const CUmemAccessDesc *, size_t))                                     \
+    X(cuArrayCreate, cuArrayCreate_v2, CUresult, (CUarray *, const CUDA_ARRAY_DESCRIPTOR *))      \
+    X(cuArray3DCreate, cuArray3DCreate_v2, CUresult,                                              \
+      (CUarray *, const CUDA_ARRAY3D_DESCRIPTOR *))                                               \
+    X(cuMipmappedArrayCreate, cuMipmappedArrayCreate, CUresult,                                   \
+      (CUmipmappedArray *, const CUDA_ARRAY3D_DESCRIPTOR *, unsigned))                            \
+    X(cuArrayDestroy, cuArrayDestroy, CUresult, (CUarray))                                        \
+    X(cuMipmappedArrayDestroy, cuMipmappedArrayDestroy, CUresult, (CUmipmappedArray))             \
+    X(cuModuleLoadData, cuModuleLoadData, CUresult, (CUmodule *, const void *))                   \
+    X(cuModuleGetFunction, cuModuleGetFunction, CUresult, (CUfunction *, CUmodule, const char *)) \
+    X(cuLaunchKernel, cuLaunchKernel, CUresult,                                                   \
+      (CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,          \
+       CUstream, void **, void **))                                                               \
+    X(cuLaunchKernelEx, cuLaunchKernelEx, CUresult,                                               \
+      (const CUlaunchConfig *, CUfunction, void **, void **))                                     \
+    X(cuStreamCreate, cuStreamCreate, CUresult, (CUstream *, unsigned))                           \
+    X(cuStreamSynchronize, cuStreamSynchronize, CUresult, (CUstream))                             \
+    X(cuStreamDestroy, cuStreamDestroy_v2, CUresult, (CUstream))                                  \
+    X(cuEventCreate, cuEventCreate, CUresult, (CUevent *, unsigned))                              \
+    X(cuEventRecord, cuEventRecord, CUresult, (CUevent, CUstream))                                \
+    X(cuEventSynchronize, cuEventSynchronize, CUresult, (CUevent))                                \
+    X(cuEventElapsedTime, cuEventElapsedTime_v2, CUresult, (float *, CUevent, CUevent))           \
+    X(cuEventDestroy, cuEventDestroy_v2, CUresult, (CUevent))                                     \
+    X(cuStreamBeginCapture, cuStreamBeginCapture_v2, CUresult, (CUstream, int))                   \
+    X(cuStreamEndCapture, cuStreamEndCapture, CUresult, (CUstream, CUgraph *))                    \
+    X(cuGraphInstantiate, cuGraphInstantiateWithFlags, CUresult,                                  \
+      (CUgraphExec *, CUgraph, unsigned long long))                                               \
+    X(cuGraphLaunch, cuGraphLaunch, CUresult, (CUgraphExec, CUstream))                            \
+    X(cuGraphExecDestroy, cuGraphExecDestroy, CUresult, (CUgraphExec))                            \
+    X(cuGraphDestroy, cuGraphDestroy, CUresult, (CUgraph))
+
+typedef CUresult (*pfn_getproc_v2)(const char *, void **, int, unsigned long long, int *);
+
+#define DECLARE_PTR(base, ver, ret, params) \
+    typedef ret(*pfn_##base) params;        \
+    static pfn_##base p_##base;
+CU_FUNCS(DECLARE_PTR)
+static pfn_getproc_v2 p_cuGetProcAddress; /* v2 ABI in every route */
+
+#ifdef ROUTE_LINK
+#define DECLARE_EXTERN(base, ver, ret, params) extern ret ver params;
+CU_FUNCS(DECLARE_EXTERN)
+extern CUresult cuGetProcAddress_v2(const char *, void **, int, unsigned long long, int *);
+static const char *ROUTE = "link";
+#elif defined(ROUTE_DLSYM)
+static const char *ROUTE = "dlsym";
+#else
+#ifdef PTSZ
+static const char *ROUTE = "procaddr-ptsz";
+static const unsigned long long GPA_FLAGS = 2; /* CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM */
+#else
+static const char *ROUTE = "procaddr";
+static const unsigned long long GPA_FLAGS = 0;
+#endif
+#endif
+
+static void *libcuda;
+
+static void resolve_driver(void) {
+#ifdef ROUTE_LINK
+#define ASSIGN_LINK(base, ver, ret, params) p_##base = ver;
+    CU_FUNCS(ASSIGN_LINK)
+    p_cuGetProcAddress = cuGetProcAddress_v2;
+    libcuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+#else
+    libcuda = dlopen("libcuda.so.1", RTLD_NOW);
+    if (!libcuda) {
+        fprintf(stderr, "cuclient: dlopen libcuda.so.1: %s\n", dlerror());
+        exit(3);
+    }
+#ifdef ROUTE_DLSYM
+#define ASSIGN_DLSYM(base, ver, ret, params) p_##base = (pfn_##base)dlsym(libcuda, #ver);
+    CU_FUNCS(ASSIGN_DLSYM)
+    p_cuGetProcAddress = (pfn_getproc_v2)dlsym(libcuda, "cuGetProcAddress_v2");
+#else
+    pfn_getproc_v2 first = (pfn_getproc_v2)dlsym(libcuda, "cuGetProcAddress_v2");
+    if (!first) {
+        fprintf(stderr, "cuclient: no cuGetProcAddress_v2 in libcuda.so.1\n");
+        exit(3);
+    }
+    int st = -1;
+    void *p = NULL;
+    CUresult r = first("cuGetProcAddress", &p, 12000, 0, &st);
+    if (r != 0 || !p) {
+        fprintf(stderr, "cuclient: cuGetProcAddress(\"cuGetProcAddress\") failed: %d status %d\n", r, st);
+        exit(3);
+    }
+    p_cuGetProcAddress = (pfn_getproc_v2)p;
+#define ASSIGN_PROC(base, ver, ret, params)                                                      \
+    {                                                                                            \
+        void *fp = NULL;                                                                         \
+        int s = -1;                                                                              \
+        if (p_cuGetProcAddress(#base, &fp, 13000, GPA_FLAGS, &s) == 0) p_##base = (pfn_##base)fp; \
+    }
+    CU_FUNCS(ASSIGN_PROC)
+#endif
+#endif
+}
+
+/* ---------------------------------------------------------------- NVML */
+typedef struct {
+    unsigned long long total, free, used;
+} nvmlMemory_t;
+typedef struct {
+    unsigned version;
+    unsigned long long total, reserved, free, used;
+} nvmlMemory_v2_t;
+typedef struct {
+    unsigned pid;
+    unsigned long long usedGpuMemory;
+    unsigned gpuInstanceId, computeInstanceId;
+} nvmlProcessInfo_t;
+static int (*n_init)(void);
+static int (*n_handle)(unsigned, void **);
+static int (*n_meminfo)(void *, nvmlMemory_t *);
+static int (*n_meminfo2)(void *, nvmlMemory_v2_t *);
+static int (*n_uuid)(void *, char *, unsigned);
+static int (*n_procs)(void *, unsigned *, nvmlProcessInfo_t *);
+
+static int nvml_ready(void) {
+    static int state = 0; /* 0 untried, 1 ok, <0 failed (negated code) */
+    if (state) return state;
+    void *h = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+    if (!h) {
+        fprintf(stderr, "cuclient: dlopen libnvidia-ml.so.1: %s\n", dlerror());
+        return state = -9;
+    }
+    n_init = (int (*)(void))dlsym(h, "nvmlInit_v2");
+    n_handle = (int (*)(unsigned, void **))dlsym(h, "nvmlDeviceGetHandleByIndex_v2");
+    n_meminfo = (int (*)(void *, nvmlMemory_t *))dlsym(h, "nvmlDeviceGetMemoryInfo");
+    n_meminfo2 = (int (*)(void *, nvmlMemory_v2_t *))dlsym(h, "nvmlDeviceGetMemoryInfo_v2");
+    n_uuid = (int (*)(void *, char *, unsigned))dlsym(h, "nvmlDeviceGetUUID");
+    n_procs = (int (*)(void *, unsigned *, nvmlProcessInfo_t *))dlsym(h, "nvmlDeviceGetComputeRunningProcesses_v3");
+    if (!n_init || !n_handle || !n_meminfo || !n_meminfo2 || !n_uuid || !n_procs) return state = -999;
+    int r = n_init();
+    if (r != 0) return state = -r;
+    return state = 1;
+}
+
+/* ---------------------------------------------------------------- bookkeeping */
+enum kind { K_ALLOC, K_PITCH, K_MANAGED, K_ASYNC, K_POOL, K_VMM, K_VMMMAP, K_ARRAY, K_ARRAY3D, K_MIPMAP };
+struct obj {
+    enum kind kind;
+    CUdeviceptr ptr; /* device pointer, VA of a vmmmap */
+    void *handle;    /* array / mipmap */
+    CUmemGenericAllocationHandle vmm;
+    size_t size;
+    int freed;
+};
+static struct obj *objs;
+static int nobjs, capobjs;
+static pthread_mutex_t objs_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int add_obj(struct obj o) {
+    pthread_mutex_lock(&objs_lock);
+    if (nobjs == capobjs) {
+        capobjs = capobjs ? capobjs * 2 : 64;
+        objs = realloc(objs, sizeof(struct obj) * capobjs);
+        if (!objs) abort();
+    }
+    objs[nobjs] = o;
+    int id = ++nobjs; /* ids start at 1 */
+    pthread_mutex_unlock(&objs_lock);
+    return id;
+}
+
+static CUcontext g_ctx;
+static CUmodule g_module;
+static CUfunction g_func;
+static struct timespec g_mark;
+
+static double now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+/* ---------------------------------------------------------------- argument parsing */
+static int parse_size(const char *s, unsigned long long *out) {
+    char *end;
+    if (!*s || *s == '-') return -1;
+    unsigned long long v = strtoull(s, &end, 0);
+    if (end == s) return -1;
+    unsigned long long mul = 1;
+    switch (*end) {
+    case 0: break;
+    case 'k': case 'K': mul = 1ULL << 10; end++; break;
+    case 'm': case 'M': mul = 1ULL << 20; end++; break;
+    case 'g': case 'G': mul = 1ULL << 30; end++; break;
+    case 't': case 'T': mul = 1ULL << 40; end++; break;
+    default: return -1;
+    }
+    if (mul > 1 && (*end == 'i' || *end == 'I')) end++;
+    if (mul > 1 && (*end == 'b' || *end == 'B')) end++;
+    if (*end) return -1;
+    *out = v * mul;
+    return 0;
+}
+
+/* command name, number of arguments, argument kinds: n = size, x = address, s = string */
+struct cmdspec {
+    const char *name;
+    const char *args;
+};
+static const struct cmdspec CMDS[] = {
+    {"init", ""},         {"version", ""},       {"count", ""},          {"ctx", "n"},
+    {"ctxcreate", "n"},   {"ctxdestroy", ""},    {"ctxrelease", "n"},    {"alloc", "n"},
+    {"pitch", "nnn"},     {"managed", "n"},      {"async", "n"},         {"pool", "n"},
+    {"vmm", "n"},         {"vmmmap", "n"},       {"array", "nn"},        {"array3d", "nnn"},
+    {"mipmap", "nnn"},    {"free", "n"},         {"freeraw", "x"},       {"freeall", ""},
+    {"fill", "n"},        {"info", ""},          {"totalmem", "n"},      {"nvml", "n"},
+    {"nvmlprocs", "n"},   {"uuid", "n"},         {"threads", "nnn"},     {"launch", "nn"},
+    {"launchex", "nn"},   {"events", "nn"},      {"graph", "nnn"},       {"sync", ""},
+    {"sleep", "n"},       {"mark", ""},          {"elapsed", ""},        {"procaddr", "snn"},
+    {"dlsym", "s"},       {"pid", ""},
+};
+
+static const struct cmdspec *find_cmd(const char *name) {
+    for (size_t i = 0; i < sizeof(CMDS) / sizeof(CMDS[0]); i++)
+        if (!strcmp(CMDS[i].name, name)) return &CMDS[i];
+    return NULL;
+}
+
+static int validate(int argc, char **argv) {
+    int i = 1;
+    while (i < argc) {
+        const struct cmdspec *c = find_cmd(argv[i]);
+        if (!c) {
+            fprintf(stderr, "cuclient: unknown command '%s'\n", argv[i]);
+            return -1;
+        }
+        i++;
+        for (const char *k = c->args; *k; k++, i++) {
+            if (i >= argc) {
+                fprintf(stderr, "cuclient: '%s' needs %zu argument(s)\n", c->name, strlen(c->args));
+                return -1;
+            }
+            unsigned long long v;
+            if ((*k == 'n' || *k == 'x') && parse_size(argv[i], &v)) {
+                fprintf(stderr, "cuclient: bad number '%s' for '%s'\n", argv[i], c->name);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static unsigned long long num(const char *s) {
+    unsigned long long v = 0;
+    parse_size(s, &v);
+    return v;
+}
+
+/* ---------------------------------------------------------------- commands */
+#define NEED(fn)                                                          \
+    if (!p_##fn) {                                                        \
+        printf("err %s code=-1 missing=%s\n", cmd, #fn);                  \
+        return;                                                           \
+    }
+#define CHECK(call)                                  \
+    do {                                             \
+        CUresult r_ = (call);                        \
+        if (r_ != 0) {                               \
+            printf("err %s code=%d\n", cmd, r_);     \
+            return;                                  \
+        }                                            \
+    } while (0)
+
+static void print_alloc(const char *cmd, struct obj o) {
+    int id = add_obj(o);
+    printf("ok %s id=%d ptr=0x%llx\n", cmd, id, (unsigned long long)(o.ptr ? o.ptr : (CUdeviceptr)(uintptr_t)o.handle));
+}
+
+static int current_device(CUdevice *dev) {
+    if (!p_cuCtxGetDevice) return -1;
+    return p_cuCtxGetDevice(dev);
+}
+
+static void ensure_function(const char *cmd, int *ok) {
+    *ok = 0;
+    NEED(cuModuleLoadData);
+    NEED(cuModuleGetFunction);
+    if (!g_func) {
+        static const char image[] = "simulated module image";
+        CHECK(p_cuModuleLoadData(&g_module, image));
+        CHECK(p_cuModuleGetFunction(&g_func, g_module, "busy"));
+    }
+    *ok = 1;
+}
+
+static CUresult do_free(struct obj *o) {
+    CUresult r = 0;
+    switch (o->kind) {
+    case K_ALLOC: case K_PITCH: case K_MANAGED:
+        if (!p_cuMemFree) return -1;
+        r = p_cuMemFree(o->ptr);
+        break;
+    case K_ASYNC: case K_POOL:
+        if (!p_cuMemFreeAsync || !p_cuStreamSynchronize) return -1;
+        r = p_cuMemFreeAsync(o->ptr, 0);
+        if (r == 0) r = p_cuStreamSynchronize(0);
+        break;
+    case K_VMM:
+        if (!p_cuMemRelease) return -1;
+        r = p_cuMemRelease(o->vmm);
+        break;
+    case K_VMMMAP:
+        if (!p_cuMemUnmap || !p_cuMemAddressFree || !p_cuMemRelease) return -1;
+        r = p_cuMemUnmap(o->ptr, o->size);
+        if (r == 0) r = p_cuMemRelease(o->vmm);
+        if (r == 0) r = p_cuMemAddressFree(o->ptr, o->size);
+        break;
+    case K_ARRAY: case K_ARRAY3D:
+        if (!p_cuArrayDestroy) return -1;
+        r = p_cuArrayDestroy(o->handle);
+        break;
+    case K_MIPMAP:
+        if (!p_cuMipmappedArrayDestroy) return -1;
+        r = p_cuMipmappedArrayDestroy(o->handle);
+        break;
+    }
+    return r;
+}
+
+struct thread_arg {
+    unsigned long long iters, size;
+    int failures;
+};
+
+static void *thread_main(void *p) {
+    struct thread_arg *a = p;
+    if (p_cuCtxSetCurrent(g_ctx) != 0) {
+        a->failures++;
+        return NULL;
+    }
+    for (unsigned long long i = 0; i < a->iters; i++) {
+        CUdeviceptr d = 0;
+        if (p_cuMemAlloc(&d, a->size) != 0) {
+            a->failures++;
+            continue;
+        }
+        if (p_cuMemFree(d) != 0) a->failures++;
+    }
+    CUdeviceptr d = 0;
+    if (p_cuMemAlloc(&d, a->size) != 0) {
+        a->failures++;
+    } else {
+        struct obj o = {K_ALLOC, d, NULL, 0, a->size, 0};
+        add_obj(o);
+    }
+    return NULL;
+}
+
+static void launch_n(const char *cmd, unsigned long long n, unsigned long long ns, CUstream s, int ex) {
+    int ok;
+    ensure_function(cmd, &ok);
+    if (!ok) return;
+    if (ex) {
+        NEED(cuLaunchKernelEx);
+    } else {
+        NEED(cuLaunchKernel);
+    }
+    unsigned long long dur = ns;
+    void *params[] = {&dur};
+    for (unsigned long long i = 0; i < n; i++) {
+        if (ex) {
+            CUlaunchConfig c = {1, 1, 1, 32, 1, 1, 0, s, NULL, 0};
+            CHECK(p_cuLaunchKernelEx(&c, g_func, params, NULL));
+        } else {
+            CHECK(p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL));
+        }
+    }
+    printf("ok %s n=%llu\n", cmd, n);
+}
+
+static void run(const char *cmd, char **a) {
+    if (!strcmp(cmd, "init")) {
+        NEED(cuInit);
+        CHECK(p_cuInit(0));
+        printf("ok init route=%s\n", ROUTE);
+    } else if (!strcmp(cmd, "version")) {
+        NEED(cuDriverGetVersion);
+        int v = 0;
+        CHECK(p_cuDriverGetVersion(&v));
+        printf("ok version version=%d\n", v);
+    } else if (!strcmp(cmd, "count")) {
+        NEED(cuDeviceGetCount);
+        int n = 0;
+        CHECK(p_cuDeviceGetCount(&n));
+        printf("ok count count=%d\n", n);
+    } else if (!strcmp(cmd, "ctx")) {
+        NEED(cuDeviceGet);
+        NEED(cuDevicePrimaryCtxRetain);
+        NEED(cuCtxSetCurrent);
+        CUdevice dev;
+        CHECK(p_cuDeviceGet(&dev, (int)num(a[0])));
+        CHECK(p_cuDevicePrimaryCtxRetain(&g_ctx, dev));
+        CHECK(p_cuCtxSetCurrent(g_ctx));
+        printf("ok ctx dev=%d\n", dev);
+    } else if (!strcmp(cmd, "ctxcreate")) {
+        NEED(cuDeviceGet);
+        NEED(cuCtxCreate);
+        CUdevice dev;
+        CHECK(p_cuDeviceGet(&dev, (int)num(a[0])));
+        CHECK(p_cuCtxCreate(&g_ctx, NULL, 0, dev));
+        printf("ok ctxcreate dev=%d\n", dev);
+    } else if (!strcmp(cmd, "ctxdestroy")) {
+        NEED(cuCtxDestroy);
+        CHECK(p_cuCtxDestroy(g_ctx));
+        g_ctx = NULL;
+        g_func = NULL;
+        printf("ok ctxdestroy\n");
+    } else if (!strcmp(cmd, "ctxrelease")) {
+        NEED(cuDevicePrimaryCtxRelease);
+        CHECK(p_cuDevicePrimaryCtxRelease((int)num(a[0])));
+        printf("ok ctxrelease\n");
+    } else if (!strcmp(cmd, "alloc")) {
+        NEED(cuMemAlloc);
+        struct obj o = {K_ALLOC, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuMemAlloc(&o.ptr, o.size));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "pitch")) {
+        NEED(cuMemAllocPitch);
+        size_t pitch = 0;
+        struct obj o = {K_PITCH, 0, NULL, 0, 0, 0};
+        CHECK(p_cuMemAllocPitch(&o.ptr, &pitch, num(a[0]), num(a[1]), (unsigned)num(a[2])));
+        o.size = pitch * num(a[1]);
+        int id = add_obj(o);
+        printf("ok pitch id=%d ptr=0x%llx pitch=%zu\n", id, o.ptr, pitch);
+    } else if (!strcmp(cmd, "managed")) {
+        NEED(cuMemAllocManaged);
+        struct obj o = {K_MANAGED, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuMemAllocManaged(&o.ptr, o.size, CU_MEM_ATTACH_GLOBAL));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "async")) {
+        NEED(cuMemAllocAsync);
+        NEED(cuStreamSynchronize);
+        struct obj o = {K_ASYNC, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuMemAllocAsync(&o.ptr, o.size, 0));
+        CHECK(p_cuStreamSynchronize(0));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "pool")) {
+        NEED(cuMemAllocFromPoolAsync);
+        NEED(cuDeviceGetDefaultMemPool);
+        NEED(cuStreamSynchronize);
+        CUdevice dev = 0;
+        CHECK(current_device(&dev));
+        CUmemoryPool pool;
+        CHECK(p_cuDeviceGetDefaultMemPool(&pool, dev));
+        struct obj o = {K_POOL, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuMemAllocFromPoolAsync(&o.ptr, o.size, pool, 0));
+        CHECK(p_cuStreamSynchronize(0));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "vmm") || !strcmp(cmd, "vmmmap")) {
+        NEED(cuMemCreate);
+        NEED(cuMemGetAllocationGranularity);
+        CUdevice dev = 0;
+        CHECK(current_device(&dev));
+        CUmemAllocationProp prop;
+        memset(&prop, 0, sizeof prop);
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = dev;
+        size_t gran = 0;
+        CHECK(p_cuMemGetAllocationGranularity(&gran, &prop, 0));
+        struct obj o = {K_VMM, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuMemCreate(&o.vmm, o.size, &prop, 0));
+        if (!strcmp(cmd, "vmmmap")) {
+            NEED(cuMemAddressReserve);
+            NEED(cuMemMap);
+            NEED(cuMemSetAccess);
+            o.kind = K_VMMMAP;
+            CHECK(p_cuMemAddressReserve(&o.ptr, o.size, 0, 0, 0));
+            CHECK(p_cuMemMap(o.ptr, o.size, 0, o.vmm, 0));
+            CUmemAccessDesc acc = {{CU_MEM_LOCATION_TYPE_DEVICE, dev}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+            CHECK(p_cuMemSetAccess(o.ptr, o.size, &acc, 1));
+        }
+        int id = add_obj(o);
+        printf("ok %s id=%d handle=0x%llx gran=%zu\n", cmd, id, o.vmm, gran);
+    } else if (!strcmp(cmd, "array")) {
+        NEED(cuArrayCreate);
+        CUDA_ARRAY_DESCRIPTOR d = {num(a[0]), num(a[1]), CU_AD_FORMAT_UNSIGNED_INT8, 1};
+        struct obj o = {K_ARRAY, 0, NULL, 0, d.Width * (d.Height ? d.Height : 1), 0};
+        CHECK(p_cuArrayCreate(&o.handle, &d));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "array3d")) {
+        NEED(cuArray3DCreate);
+        CUDA_ARRAY3D_DESCRIPTOR d = {num(a[0]), num(a[1]), num(a[2]), CU_AD_FORMAT_UNSIGNED_INT8, 1, 0};
+        struct obj o = {K_ARRAY3D, 0, NULL, 0, 0, 0};
+        CHECK(p_cuArray3DCreate(&o.handle, &d));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "mipmap")) {
+        NEED(cuMipmappedArrayCreate);
+        CUDA_ARRAY3D_DESCRIPTOR d = {num(a[0]), num(a[1]), 0, CU_AD_FORMAT_UNSIGNED_INT8, 1, 0};
+        struct obj o = {K_MIPMAP, 0, NULL, 0, 0, 0};
+        CHECK(p_cuMipmappedArrayCreate(&o.handle, &d, (unsigned)num(a[2])));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "free")) {
+        unsigned long long id = num(a[0]);
+        if (id < 1 || id > (unsigned long long)nobjs) {
+            printf("err free code=-1 unknown_id=%llu\n", id);
+            return;
+        }
+        struct obj *o = &objs[id - 1];
+        CUresult r = do_free(o); /* freed again on purpose if asked twice: the driver must refuse */
+        if (r != 0) {
+            printf("err free code=%d id=%llu\n", r, id);
+            return;
+        }
+        o->freed = 1;
+        printf("ok free id=%llu\n", id);
+    } else if (!strcmp(cmd, "freeraw")) {
+        NEED(cuMemFree);
+        CHECK(p_cuMemFree((CUdeviceptr)num(a[0])));
+        printf("ok freeraw\n");
+    } else if (!strcmp(cmd, "freeall")) {
+        int count = 0, failures = 0;
+        for (int i = 0; i < nobjs; i++) {
+            if (objs[i].freed) continue;
+            if (do_free(&objs[i]) == 0) {
+                objs[i].freed = 1;
+                count++;
+            } else {
+                failures++;
+            }
+        }
+        printf("ok freeall count=%d failures=%d\n", count, failures);
+    } else if (!strcmp(cmd, "fill")) {
+        NEED(cuMemAlloc);
+        unsigned long long chunk = num(a[0]), count = 0;
+        CUresult r;
+        for (;;) {
+            struct obj o = {K_ALLOC, 0, NULL, 0, chunk, 0};
+            r = p_cuMemAlloc(&o.ptr, chunk);
+            if (r != 0) break;
+            add_obj(o);
+            count++;
+        }
+        printf("ok fill count=%llu bytes=%llu err=%d\n", count, count * chunk, r);
+    } else if (!strcmp(cmd, "info")) {
+        NEED(cuMemGetInfo);
+        size_t f = 0, t = 0;
+        CHECK(p_cuMemGetInfo(&f, &t));
+        printf("ok info free=%zu total=%zu\n", f, t);
+    } else if (!strcmp(cmd, "totalmem")) {
+        NEED(cuDeviceTotalMem);
+        size_t t = 0;
+        CHECK(p_cuDeviceTotalMem(&t, (int)num(a[0])));
+        printf("ok totalmem total=%zu\n", t);
+    } else if (!strcmp(cmd, "nvml") || !strcmp(cmd, "nvmlprocs") || !strcmp(cmd, "uuid")) {
+        int st = nvml_ready();
+        if (st < 0) {
+            printf("err %s code=%d nvml=1\n", cmd, -st);
+            return;
+        }
+        void *h = NULL;
+        int r = n_handle((unsigned)num(a[0]), &h);
+        if (r) {
+            printf("err %s code=%d nvml=1\n", cmd, r);
+            return;
+        }
+        if (!strcmp(cmd, "nvml")) {
+            nvmlMemory_t m;
+            nvmlMemory_v2_t m2;
+            memset(&m2, 0, sizeof m2);
+            m2.version = (unsigned)sizeof(nvmlMemory_v2_t) | (2u << 24);
+            if ((r = n_meminfo(h, &m)) || (r = n_meminfo2(h, &m2))) {
+                printf("err %s code=%d nvml=1\n", cmd, r);
+                return;
+            }
+            printf("ok nvml total=%llu free=%llu used=%llu v2total=%llu v2free=%llu v2used=%llu\n", m.total,
+                   m.free, m.used, m2.total, m2.free, m2.used);
+        } else if (!strcmp(cmd, "nvmlprocs")) {
+            unsigned n = 0;
+            r = n_procs(h, &n, NULL);
+            if (r != 0 && r != 7) {
+                printf("err %s code=%d nvml=1\n", cmd, r);
+                return;
+            }
+            nvmlProcessInfo_t *infos = calloc(n + 1, sizeof *infos);
+            if (n && (r = n_procs(h, &n, infos))) {
+                printf("err %s code=%d nvml=1\n", cmd, r);
+                free(infos);
+                return;
+            }
+            long long self = -1;
+            for (unsigned i = 0; i < n; i++)
+                if (infos[i].pid == (unsigned)getpid()) self = (long long)infos[i].usedGpuMemory;
+            printf("ok nvmlprocs count=%u self=%lld\n", n, self);
+            free(infos);
+        } else {
+            NEED(cuDeviceGetUuid);
+            unsigned char u[16];
+            char nv[96];
+            CHECK(p_cuDeviceGetUuid(u, (int)num(a[0])));
+            if ((r = n_uuid(h, nv, sizeof nv))) {
+                printf("err %s code=%d nvml=1\n", cmd, r);
+                return;
+            }
+            printf("ok uuid cu=GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x nvml=%s\n",
+                   u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
+                   u[14], u[15], nv);
+        }
+    } else if (!strcmp(cmd, "threads")) {
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        NEED(cuCtxSetCurrent);
+        unsigned long long t = num(a[0]);
+        pthread_t *th = calloc(t, sizeof *th);
+        struct thread_arg *args = calloc(t, sizeof *args);
+        for (unsigned long long i = 0; i < t; i++) {
+            args[i].iters = num(a[1]);
+            args[i].size = num(a[2]);
+            pthread_create(&th[i], NULL, thread_main, &args[i]);
+        }
+        int failures = 0;
+        for (unsigned long long i = 0; i < t; i++) {
+            pthread_join(th[i], NULL);
+            failures += args[i].failures;
+        }
+        free(th);
+        free(args);
+        printf("ok threads failures=%d\n", failures);
+    } else if (!strcmp(cmd, "launch") || !strcmp(cmd, "launchex")) {
+        launch_n(cmd, num(a[0]), num(a[1]), 0, !strcmp(cmd, "launchex"));
+    } else if (!strcmp(cmd, "events")) {
+        NEED(cuEventCreate);
+        NEED(cuEventRecord);
+        NEED(cuEventSynchronize);
+        NEED(cuEventElapsedTime);
+        NEED(cuEventDestroy);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        NEED(cuLaunchKernel);
+        CUevent e0, e1;
+        CHECK(p_cuEventCreate(&e0, 0));
+        CHECK(p_cuEventCreate(&e1, 0));
+        CHECK(p_cuEventRecord(e0, 0));
+        unsigned long long dur = num(a[1]);
+        void *params[] = {&dur};
+        for (unsigned long long i = 0; i < num(a[0]); i++)
+            CHECK(p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL));
+        CHECK(p_cuEventRecord(e1, 0));
+        CHECK(p_cuEventSynchronize(e1));
+        float ms = 0;
+        CHECK(p_cuEventElapsedTime(&ms, e0, e1));
+        p_cuEventDestroy(e0);
+        p_cuEventDestroy(e1);
+        printf("ok events ms=%.3f\n", ms);
+    } else if (!strcmp(cmd, "graph")) {
+        NEED(cuStreamCreate);
+        NEED(cuStreamBeginCapture);
+        NEED(cuStreamEndCapture);
+        NEED(cuGraphInstantiate);
+        NEED(cuGraphLaunch);
+        NEED(cuStreamSynchronize);
+        NEED(cuGraphExecDestroy);
+        NEED(cuGraphDestroy);
+        NEED(cuStreamDestroy);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        NEED(cuLaunchKernel);
+        CUstream s;
+        CUgraph g;
+        CUgraphExec ge;
+        CHECK(p_cuStreamCreate(&s, 0));
+        CHECK(p_cuStreamBeginCapture(s, 0));
+        unsigned long long dur = num(a[1]);
+        void *params[] = {&dur};
+        for (unsigned long long i = 0; i < num(a[0]); i++)
+            CHECK(p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL));
+        CHECK(p_cuStreamEndCapture(s, &g));
+        CHECK(p_cuGraphInstantiate(&ge, g, 0));
+        double t0 = now_ms();
+        for (unsigned long long i = 0; i < num(a[2]); i++) CHECK(p_cuGraphLaunch(ge, s));
+        CHECK(p_cuStreamSynchronize(s));
+        double t1 = now_ms();
+        p_cuGraphExecDestroy(ge);
+        p_cuGraphDestroy(g);
+        p_cuStreamDestroy(s);
+        printf("ok graph ms=%.3f\n", t1 - t0);
+    } else if (!strcmp(cmd, "sync")) {
+        NEED(cuCtxSynchronize);
+        double t0 = now_ms();
+        CHECK(p_cuCtxSynchronize());
+        printf("ok sync ms=%.3f\n", now_ms() - t0);
+    } else if (!strcmp(cmd, "sleep")) {
+        usleep((useconds_t)(num(a[0]) * 1000));
+        printf("ok sleep\n");
+    } else if (!strcmp(cmd, "mark")) {
+        clock_gettime(CLOCK_MONOTONIC, &g_mark);
+        printf("ok mark\n");
+    } else if (!strcmp(cmd, "elapsed")) {
+        double m = g_mark.tv_sec * 1e3 + g_mark.tv_nsec / 1e6;
+        printf("ok elapsed ms=%.3f\n", now_ms() - m);
+    } else if (!strcmp(cmd, "procaddr")) {
+        NEED(cuGetProcAddress);
+        void *p = NULL;
+        int st = -1;
+        CUresult r = p_cuGetProcAddress(a[0], &p, (int)num(a[1]), num(a[2]), &st);
+        if (r != 0) {
+            printf("err procaddr code=%d status=%d ptr=%p\n", r, st, p);
+            return;
+        }
+        printf("ok procaddr name=%s ptr=%p status=%d\n", a[0], p, st);
+    } else if (!strcmp(cmd, "dlsym")) {
+        void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
+        void *p = h ? dlsym(h, a[0]) : NULL;
+        if (!p) {
+            printf("err dlsym code=-1 name=%s\n", a[0]);
+            return;
+        }
+        printf("ok dlsym name=%s ptr=%p\n", a[0], p);
+    } else if (!strcmp(cmd, "pid")) {
+        printf("ok pid pid=%d\n", (int)getpid());
+    }
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 2 || validate(argc, argv)) {
+        fprintf(stderr, "usage: %s CMD [ARGS] CMD ...  (see tests/README.md)\n", argv[0]);
+        return 2;
+    }
+    resolve_driver();
+    clock_gettime(CLOCK_MONOTONIC, &g_mark);
+    int i = 1;
+    while (i < argc) {
+        const struct cmdspec *c = find_cmd(argv[i]);
+        run(c->name, &argv[i + 1]);
+        i += 1 + (int)strlen(c->args);
+    }
+    return 0;
+}

@@ -1,0 +1,444 @@
+//! Shared state of the simulated device(s): a small file mapped `MAP_SHARED` by every process
+//! (and by both `libcuda.so.1` and `libnvidia-ml.so.1` doubles), so that several processes see
+//! one device. Fixed `#[repr(C)]` layout, atomics only.
+//!
+//! Used by tests/simcuda (as `mod state`) and by tests/simnvml (through `#[path]`).
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub const MAGIC: u64 = 0x3154_5344_4d49_5353; // "SSIMDST1" little endian, arbitrary
+pub const LAYOUT_VERSION: u32 = 1;
+pub const MAX_DEVICES: usize = 16;
+pub const MAX_PROCS: usize = 128;
+
+pub const DEFAULT_DEVICES: u32 = 2;
+pub const DEFAULT_MEM: u64 = 16 << 30;
+
+/// pid value marking a slot that is being reclaimed.
+const RECLAIMING: u32 = u32::MAX;
+
+#[repr(C)]
+pub struct ProcSlot {
+    /// 0 = free, RECLAIMING = being reclaimed, else the owner's pid.
+    pub pid: AtomicU32,
+    _pad: u32,
+    /// Bytes charged to this process on this device.
+    pub used: AtomicU64,
+}
+
+#[repr(C)]
+pub struct DeviceState {
+    pub total: AtomicU64,
+    /// Sum of all slots' `used` (kept separately so that charging is one CAS).
+    pub used: AtomicU64,
+    /// End of the last kernel queued on the device, CLOCK_MONOTONIC ns.
+    pub busy_until_ns: AtomicU64,
+    _pad: [u64; 5],
+    pub procs: [ProcSlot; MAX_PROCS],
+}
+
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub version: AtomicU32,
+    pub ndev: AtomicU32,
+    pub size: AtomicU64,
+    _pad: [u64; 5],
+}
+
+#[repr(C)]
+pub struct Shared {
+    pub header: Header,
+    pub devices: [DeviceState; MAX_DEVICES],
+}
+
+pub const SHARED_SIZE: usize = std::mem::size_of::<Shared>();
+
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sleep until CLOCK_MONOTONIC reaches `t` (ns).
+pub fn sleep_until_ns(t: u64) {
+    loop {
+        let now = now_ns();
+        if now >= t {
+            return;
+        }
+        std::thread::sleep(Duration::from_nanos(t - now));
+    }
+}
+
+pub fn state_path() -> String {
+    if let Ok(p) = std::env::var("SIMCUDA_STATE") {
+        if !p.is_empty() {
+            return p;
+        }
+    }
+    let uid = unsafe { libc::getuid() };
+    if std::path::Path::new("/dev/shm").is_dir() {
+        format!("/dev/shm/simcuda-{uid}")
+    } else {
+        format!("{}/simcuda-{uid}", std::env::temp_dir().display())
+    }
+}
+
+/// Parse a byte count: plain number or with a binary K/M/G/T suffix.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suf) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match suf.to_ascii_lowercase().trim_end_matches('b').trim_end_matches('i') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+pub fn env_bytes(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => match parse_bytes(&v) {
+            Some(n) => n,
+            None => {
+                eprintln!("simcuda: ignoring bad {name}={v:?}, using {default}");
+                default
+            }
+        },
+        Err(_) => default,
+    }
+}
+
+static SHARED: OnceLock<Result<&'static Shared, String>> = OnceLock::new();
+
+/// The shared state if this process has already mapped it.
+pub fn opened() -> Option<&'static Shared> {
+    match SHARED.get() {
+        Some(Ok(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// The mapped shared state (created and initialised on first use).
+pub fn shared() -> Result<&'static Shared, String> {
+    SHARED.get_or_init(open_shared).clone()
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn cstr(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).unwrap_or_default()
+}
+
+fn open_shared() -> Result<&'static Shared, String> {
+    let path = state_path();
+    let cpath = cstr(&path);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // Try to be the creator.
+        let fd = unsafe {
+            libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600)
+        };
+        if fd >= 0 {
+            let r = unsafe { libc::ftruncate(fd, SHARED_SIZE as libc::off_t) };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                unsafe { libc::close(fd) };
+                return Err(format!("simcuda: ftruncate {path}: {e}"));
+            }
+            let sh = map(fd, &path)?;
+            let ndev = (env_bytes("SIMCUDA_DEVICES", DEFAULT_DEVICES as u64) as u32).clamp(1, MAX_DEVICES as u32);
+            let mem = env_bytes("SIMCUDA_MEM", DEFAULT_MEM);
+            for d in 0..MAX_DEVICES {
+                sh.devices[d].total.store(if (d as u32) < ndev { mem } else { 0 }, Ordering::Relaxed);
+            }
+            sh.header.ndev.store(ndev, Ordering::Relaxed);
+            sh.header.size.store(SHARED_SIZE as u64, Ordering::Relaxed);
+            sh.header.version.store(LAYOUT_VERSION, Ordering::Relaxed);
+            sh.header.magic.store(MAGIC, Ordering::Release);
+            return Ok(sh);
+        }
+        if errno() != libc::EEXIST {
+            return Err(format!("simcuda: create {path}: {}", std::io::Error::last_os_error()));
+        }
+        // Someone else created it: open and wait for the magic.
+        let fd = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        if fd < 0 {
+            if errno() == libc::ENOENT && Instant::now() < deadline {
+                continue; // removed in between; try to create again
+            }
+            return Err(format!("simcuda: open {path}: {}", std::io::Error::last_os_error()));
+        }
+        loop {
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            if unsafe { libc::fstat(fd, &mut st) } != 0 {
+                let e = std::io::Error::last_os_error();
+                unsafe { libc::close(fd) };
+                return Err(format!("simcuda: fstat {path}: {e}"));
+            }
+            if st.st_size as usize >= SHARED_SIZE {
+                break;
+            }
+            if Instant::now() > deadline {
+                unsafe { libc::close(fd) };
+                return Err(format!(
+                    "simcuda: state file {path} has size {} < {SHARED_SIZE} (stale? delete it)",
+                    st.st_size
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let sh = map(fd, &path)?;
+        while sh.header.magic.load(Ordering::Acquire) != MAGIC {
+            if Instant::now() > deadline {
+                return Err(format!("simcuda: state file {path} never initialised (stale? delete it)"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let v = sh.header.version.load(Ordering::Relaxed);
+        if v != LAYOUT_VERSION {
+            return Err(format!(
+                "simcuda: state file {path} has layout version {v}, expected {LAYOUT_VERSION} (delete it)"
+            ));
+        }
+        return Ok(sh);
+    }
+}
+
+fn map(fd: i32, path: &str) -> Result<&'static Shared, String> {
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            SHARED_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    unsafe { libc::close(fd) };
+    if p == libc::MAP_FAILED {
+        return Err(format!("simcuda: mmap {path}: {e}"));
+    }
+    Ok(unsafe { &*(p as *const Shared) })
+}
+
+impl Shared {
+    pub fn ndev(&self) -> u32 {
+        self.header.ndev.load(Ordering::Relaxed)
+    }
+
+    pub fn dev(&self, d: usize) -> &DeviceState {
+        &self.devices[d]
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    if pid == 0 || pid == RECLAIMING {
+        return true;
+    }
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || errno() != libc::ESRCH
+}
+
+fn my_pid() -> u32 {
+    unsafe { libc::getpid() as u32 }
+}
+
+/// Per-device cache of this process's slot: (pid << 32) | (index + 1).
+static SLOT_CACHE: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
+static CLAIM_LOCK: Mutex<()> = Mutex::new(());
+
+impl DeviceState {
+    /// Return the bytes of slots whose process no longer exists.
+    pub fn reclaim_dead(&self) {
+        let me = my_pid();
+        for s in self.procs.iter() {
+            let p = s.pid.load(Ordering::Acquire);
+            if p == 0 || p == RECLAIMING || p == me || pid_alive(p) {
+                continue;
+            }
+            if s.pid.compare_exchange(p, RECLAIMING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                let u = s.used.swap(0, Ordering::AcqRel);
+                self.used.fetch_sub(u, Ordering::AcqRel);
+                s.pid.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    fn find_slot(&self, pid: u32) -> Option<usize> {
+        self.procs.iter().position(|s| s.pid.load(Ordering::Acquire) == pid)
+    }
+
+    /// This process's slot on this device (claimed if needed).
+    pub fn my_slot(&self, dev: usize) -> Option<&ProcSlot> {
+        let me = my_pid();
+        let c = SLOT_CACHE[dev].load(Ordering::Relaxed);
+        if c >> 32 == me as u64 && c & 0xffff_ffff != 0 {
+            let s = &self.procs[(c & 0xffff_ffff) as usize - 1];
+            if s.pid.load(Ordering::Relaxed) == me {
+                return Some(s);
+            }
+        }
+        let _g = CLAIM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let idx = match self.find_slot(me) {
+            Some(i) => i,
+            None => {
+                self.reclaim_dead();
+                let mut found = None;
+                for (i, s) in self.procs.iter().enumerate() {
+                    if s.pid.compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                        s.used.store(0, Ordering::Release);
+                        found = Some(i);
+                        break;
+                    }
+                }
+                found?
+            }
+        };
+        SLOT_CACHE[dev].store(((me as u64) << 32) | (idx as u64 + 1), Ordering::Relaxed);
+        Some(&self.procs[idx])
+    }
+
+    /// Bytes used by all processes (after reclaiming dead ones).
+    pub fn used_now(&self) -> u64 {
+        self.reclaim_dead();
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub fn free_now(&self) -> u64 {
+        let t = self.total.load(Ordering::Relaxed);
+        t.saturating_sub(self.used_now())
+    }
+
+    /// Charge `bytes` to this process; false if the device does not have them free.
+    pub fn charge(&self, dev: usize, bytes: u64) -> bool {
+        if bytes == 0 {
+            return true;
+        }
+        let Some(slot) = self.my_slot(dev) else {
+            eprintln!("simcuda: process table of device {dev} is full ({MAX_PROCS} processes)");
+            return false;
+        };
+        let total = self.total.load(Ordering::Relaxed);
+        let mut reclaimed = false;
+        loop {
+            let cur = self.used.load(Ordering::Acquire);
+            let new = cur.saturating_add(bytes);
+            if new > total {
+                if !reclaimed {
+                    reclaimed = true;
+                    self.reclaim_dead();
+                    continue;
+                }
+                return false;
+            }
+            if self.used.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                break;
+            }
+        }
+        slot.used.fetch_add(bytes, Ordering::AcqRel);
+        true
+    }
+
+    pub fn uncharge(&self, dev: usize, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        if let Some(slot) = self.my_slot(dev) {
+            // Never go below zero, whatever the caller does.
+            let mut cur = slot.used.load(Ordering::Acquire);
+            loop {
+                let take = cur.min(bytes);
+                match slot.used.compare_exchange_weak(cur, cur - take, Ordering::AcqRel, Ordering::Relaxed) {
+                    Ok(_) => {
+                        self.used.fetch_sub(take, Ordering::AcqRel);
+                        return;
+                    }
+                    Err(v) => cur = v,
+                }
+            }
+        }
+    }
+
+    /// Release this process's slot (at exit).
+    pub fn release_self(&self) {
+        let me = my_pid();
+        for s in self.procs.iter() {
+            if s.pid.load(Ordering::Acquire) == me {
+                let u = s.used.swap(0, Ordering::AcqRel);
+                self.used.fetch_sub(u, Ordering::AcqRel);
+                s.pid.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// (pid, used) of live processes holding a slot on this device.
+    pub fn processes(&self) -> Vec<(u32, u64)> {
+        self.reclaim_dead();
+        let mut v = Vec::new();
+        for s in self.procs.iter() {
+            let p = s.pid.load(Ordering::Acquire);
+            if p != 0 && p != RECLAIMING {
+                v.push((p, s.used.load(Ordering::Acquire)));
+            }
+        }
+        v
+    }
+
+    /// Reserve `[start, start + dur)` on the device timeline, starting no earlier than
+    /// `earliest`; returns (start, end). Kernels of all processes serialise.
+    pub fn reserve_time(&self, earliest: u64, dur: u64) -> (u64, u64) {
+        let mut b = self.busy_until_ns.load(Ordering::Acquire);
+        loop {
+            let start = earliest.max(b);
+            let end = start + dur;
+            if end <= b {
+                return (start, end);
+            }
+            match self.busy_until_ns.compare_exchange_weak(b, end, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return (start, end),
+                Err(v) => b = v,
+            }
+        }
+    }
+}
+
+/// Deterministic 16-byte UUID of simulated device `d` (shared by the CUDA and NVML doubles).
+pub fn device_uuid(d: u32) -> [u8; 16] {
+    let mut u = [
+        0x5e, 0x1c, 0xc0, 0xda, 0x9a, 0x3b, 0x4c, 0x11, 0x8e, 0x2f, 0x60, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ];
+    u[11] = 0xa0;
+    u[15] = d as u8;
+    u[14] = (d >> 8) as u8;
+    u
+}
+
+/// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" form of a 16-byte UUID, as NVML prints it.
+pub fn uuid_string(u: &[u8; 16]) -> String {
+    let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        h[0..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..16].concat()
+    )
+}
+
+pub const DEVICE_NAME: &str = "gpuslice simulated GPU (sm_90, 132 SMs)";

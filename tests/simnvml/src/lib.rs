@@ -1,0 +1,271 @@
+//! `libnvidia-ml.so.1` test double: NVML views of the simulated device(s) of gpuslice-simcuda,
+//! read from the same shared-memory state file.
+
+#![allow(non_snake_case, clippy::missing_safety_doc)]
+
+#[path = "../../simcuda/src/state.rs"]
+mod state;
+
+use std::ffi::{c_char, c_uint, c_void};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+type NvmlReturn = c_uint;
+const SUCCESS: NvmlReturn = 0;
+const ERROR_UNINITIALIZED: NvmlReturn = 1;
+const ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
+const ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
+const ERROR_DRIVER_NOT_LOADED: NvmlReturn = 9;
+const ERROR_ARGUMENT_VERSION_MISMATCH: NvmlReturn = 25;
+
+/// NVML_VALUE_NOT_AVAILABLE: instance ids of a process on a non-MIG device.
+const VALUE_NOT_AVAILABLE: c_uint = 0xffff_ffff;
+
+#[repr(C)]
+pub struct NvmlMemory {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+#[repr(C)]
+pub struct NvmlMemoryV2 {
+    pub version: c_uint,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// nvmlMemory_v2 = NVML_STRUCT_VERSION(Memory, 2) = sizeof(nvmlMemory_v2_t) | (2 << 24).
+pub const NVML_MEMORY_V2: c_uint = std::mem::size_of::<NvmlMemoryV2>() as c_uint | (2 << 24);
+
+/// nvmlProcessInfo_t (= nvmlProcessInfo_v2_t), used by the _v2 and _v3 process queries.
+#[repr(C)]
+pub struct NvmlProcessInfo {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+}
+
+static INIT_COUNT: AtomicU32 = AtomicU32::new(0);
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Device handles are addresses of this array's elements.
+static HANDLES: [u64; state::MAX_DEVICES] = [0; state::MAX_DEVICES];
+
+fn inited() -> Option<&'static state::Shared> {
+    if INIT_COUNT.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    state::opened()
+}
+
+fn handle_index(h: *mut c_void) -> Option<usize> {
+    let base = HANDLES.as_ptr() as usize;
+    let a = h as usize;
+    if a < base || (a - base) % 8 != 0 {
+        return None;
+    }
+    let i = (a - base) / 8;
+    let sh = state::opened()?;
+    (i < sh.ndev() as usize).then_some(i)
+}
+
+macro_rules! dev_or_return {
+    ($h:expr) => {{
+        let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
+        let Some(i) = handle_index($h) else { return ERROR_INVALID_ARGUMENT };
+        (sh, i)
+    }};
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> NvmlReturn {
+    let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    match state::shared() {
+        Ok(_) => {
+            INIT_COUNT.fetch_add(1, Ordering::AcqRel);
+            SUCCESS
+        }
+        Err(msg) => {
+            eprintln!("{msg}");
+            ERROR_DRIVER_NOT_LOADED
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlInit_v2() -> NvmlReturn {
+    nvmlInitWithFlags(0)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlInit() -> NvmlReturn {
+    nvmlInitWithFlags(0)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlShutdown() -> NvmlReturn {
+    let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if INIT_COUNT.load(Ordering::Acquire) == 0 {
+        return ERROR_UNINITIALIZED;
+    }
+    INIT_COUNT.fetch_sub(1, Ordering::AcqRel);
+    SUCCESS
+}
+
+#[no_mangle]
+pub extern "C" fn nvmlErrorString(result: NvmlReturn) -> *const c_char {
+    let s: &'static [u8] = match result {
+        0 => b"Success\0",
+        1 => b"Uninitialized\0",
+        2 => b"Invalid Argument\0",
+        3 => b"Not Supported\0",
+        4 => b"Insufficient Permissions\0",
+        6 => b"Not Found\0",
+        7 => b"Insufficient Size\0",
+        9 => b"Driver Not Loaded\0",
+        25 => b"Argument version mismatch\0",
+        _ => b"Unknown Error\0",
+    };
+    s.as_ptr() as *const c_char
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn {
+    let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
+    if count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    *count = sh.ndev();
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut *mut c_void) -> NvmlReturn {
+    let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
+    if device.is_null() || index >= sh.ndev() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    *device = &HANDLES[index as usize] as *const u64 as *mut c_void;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetIndex(device: *mut c_void, index: *mut c_uint) -> NvmlReturn {
+    let (_, i) = dev_or_return!(device);
+    if index.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    *index = i as c_uint;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetUUID(device: *mut c_void, uuid: *mut c_char, length: c_uint) -> NvmlReturn {
+    let (_, i) = dev_or_return!(device);
+    if uuid.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let s = state::uuid_string(&state::device_uuid(i as u32));
+    if (length as usize) < s.len() + 1 {
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    std::ptr::copy_nonoverlapping(s.as_ptr(), uuid as *mut u8, s.len());
+    *uuid.add(s.len()) = 0;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetName(device: *mut c_void, name: *mut c_char, length: c_uint) -> NvmlReturn {
+    let (_, _) = dev_or_return!(device);
+    let s = state::DEVICE_NAME;
+    if name.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    if (length as usize) < s.len() + 1 {
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    std::ptr::copy_nonoverlapping(s.as_ptr(), name as *mut u8, s.len());
+    *name.add(s.len()) = 0;
+    SUCCESS
+}
+
+fn mem_numbers(sh: &state::Shared, i: usize) -> (u64, u64, u64) {
+    let ds = sh.dev(i);
+    let total = ds.total.load(Ordering::Relaxed);
+    let used = ds.used_now().min(total);
+    (total, total - used, used)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut NvmlMemory) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if memory.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let (total, free, used) = mem_numbers(sh, i);
+    *memory = NvmlMemory { total, free, used };
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory: *mut NvmlMemoryV2) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if memory.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    if (*memory).version != NVML_MEMORY_V2 {
+        return ERROR_ARGUMENT_VERSION_MISMATCH;
+    }
+    let (total, free, used) = mem_numbers(sh, i);
+    let m = &mut *memory;
+    m.total = total;
+    m.reserved = 0;
+    m.free = free;
+    m.used = used;
+    SUCCESS
+}
+
+unsafe fn running_processes(device: *mut c_void, count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let procs = sh.dev(i).processes();
+    let n = procs.len() as c_uint;
+    if *count < n || (n > 0 && infos.is_null()) {
+        *count = n;
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    for (k, (pid, used)) in procs.iter().enumerate() {
+        *infos.add(k) = NvmlProcessInfo {
+            pid: *pid,
+            used_gpu_memory: *used,
+            gpu_instance_id: VALUE_NOT_AVAILABLE,
+            compute_instance_id: VALUE_NOT_AVAILABLE,
+        };
+    }
+    *count = n;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    running_processes(device, info_count, infos)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    running_processes(device, info_count, infos)
+}
