@@ -59,12 +59,12 @@ real_functions! {
     cuMemAllocPitch_v2(*mut CUdeviceptr, *mut usize, usize, usize, c_uint);
     cuMemAllocManaged(*mut CUdeviceptr, usize, c_uint);
     cuMemAllocAsync(*mut CUdeviceptr, usize, CUstream);
-    cuMemAllocAsync_ptsa(*mut CUdeviceptr, usize, CUstream);
+    cuMemAllocAsync_ptsz(*mut CUdeviceptr, usize, CUstream);
     cuMemAllocFromPoolAsync(*mut CUdeviceptr, usize, CUmemoryPool, CUstream);
-    cuMemAllocFromPoolAsync_ptsa(*mut CUdeviceptr, usize, CUmemoryPool, CUstream);
+    cuMemAllocFromPoolAsync_ptsz(*mut CUdeviceptr, usize, CUmemoryPool, CUstream);
     cuMemFree_v2(CUdeviceptr);
     cuMemFreeAsync(CUdeviceptr, CUstream);
-    cuMemFreeAsync_ptsa(CUdeviceptr, CUstream);
+    cuMemFreeAsync_ptsz(CUdeviceptr, CUstream);
     cuMemCreate(*mut CUmemGenericAllocationHandle, usize, *const MemAllocationPropHead, u64);
     cuMemRelease(CUmemGenericAllocationHandle);
     cuArrayCreate_v2(*mut CUarray, *const ArrayDescriptor);

@@ -183,10 +183,10 @@ pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut CUdeviceptr, bytesize: usize
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync_ptsa(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CuResult {
-    guard::cuda("cuMemAllocAsync_ptsa", || {
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CuResult {
+    guard::cuda("cuMemAllocAsync_ptsz", || {
         charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocAsync", || {
-            let code = call_real!(cuMemAllocAsync_ptsa(dptr, bytesize, stream));
+            let code = call_real!(cuMemAllocAsync_ptsz(dptr, bytesize, stream));
             (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
         })
     })
@@ -208,15 +208,15 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsa(
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
     dptr: *mut CUdeviceptr,
     bytesize: usize,
     pool: CUmemoryPool,
     stream: CUstream,
 ) -> CuResult {
-    guard::cuda("cuMemAllocFromPoolAsync_ptsa", || {
+    guard::cuda("cuMemAllocFromPoolAsync_ptsz", || {
         charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocFromPoolAsync", || {
-            let code = call_real!(cuMemAllocFromPoolAsync_ptsa(dptr, bytesize, pool, stream));
+            let code = call_real!(cuMemAllocFromPoolAsync_ptsz(dptr, bytesize, pool, stream));
             (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
         })
     })
@@ -233,8 +233,8 @@ pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, stream: CUstream) -> 
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemFreeAsync_ptsa(dptr: CUdeviceptr, stream: CUstream) -> CuResult {
-    guard::cuda("cuMemFreeAsync_ptsa", || released(&POINTERS, dptr, || call_real!(cuMemFreeAsync_ptsa(dptr, stream))))
+pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream) -> CuResult {
+    guard::cuda("cuMemFreeAsync_ptsz", || released(&POINTERS, dptr, || call_real!(cuMemFreeAsync_ptsz(dptr, stream))))
 }
 
 #[no_mangle]

@@ -1,1 +1,46 @@
-fn main(){}
+//! quota-fill: fills device memory in chunks until the driver refuses, then frees and allocates
+//! again. Run it under gpuslice to watch a quota hold:
+//!
+//! ```sh
+//! gpuslice run --memory 4GiB -- target/release/quota-fill 256
+//! ```
+//!
+//! It uses cudarc, which loads the driver with `dlopen` + `dlsym` and allocates with
+//! `cuMemAllocAsync`, so it also exercises the shim's `dlsym` route and the stream-ordered path.
+
+use cudarc::driver::CudaContext;
+use std::error::Error;
+
+const MIB: usize = 1 << 20;
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let chunk_mib: usize = match std::env::args().nth(1) {
+        Some(arg) => arg.parse().map_err(|_| format!("usage: quota-fill [CHUNK_MIB] [MAX_CHUNKS]; {arg:?} is not a number"))?,
+        None => 256,
+    };
+    let max_chunks: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(usize::MAX);
+    let ctx = CudaContext::new(0)?;
+    let (free, total) = ctx.mem_get_info()?;
+    println!("device 0 as this process sees it: total {} MiB, free {} MiB", total / MIB, free / MIB);
+    let stream = ctx.default_stream();
+    let mut held = Vec::new();
+    while held.len() < max_chunks {
+        // SAFETY: the memory is never read.
+        match unsafe { stream.alloc::<u8>(chunk_mib * MIB) } {
+            Ok(slice) => held.push(slice),
+            Err(e) => {
+                println!("chunk {} of {chunk_mib} MiB refused: {e}", held.len() + 1);
+                break;
+            }
+        }
+    }
+    println!("held {} chunks = {} MiB", held.len(), held.len() * chunk_mib);
+    let (free, _) = ctx.mem_get_info()?;
+    println!("free while holding them: {} MiB", free / MIB);
+    drop(held);
+    stream.synchronize()?;
+    // SAFETY: as above.
+    let again = unsafe { stream.alloc::<u8>(chunk_mib * MIB) };
+    println!("after freeing everything, a new chunk: {}", if again.is_ok() { "allocated" } else { "refused" });
+    Ok(())
+}
