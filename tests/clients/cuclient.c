@@ -231,6 +231,8 @@ static int (*n_meminfo)(void *, nvmlMemory_t *);
 static int (*n_meminfo2)(void *, nvmlMemory_v2_t *);
 static int (*n_uuid)(void *, char *, unsigned);
 static int (*n_procs)(void *, unsigned *, nvmlProcessInfo_t *);
+static int (*n_by_uuid)(const char *, void **);
+static int (*n_index)(void *, unsigned *);
 
 static int nvml_ready(void) {
     static int state = 0; /* 0 untried, 1 ok, <0 failed (negated code) */
@@ -246,7 +248,10 @@ static int nvml_ready(void) {
     n_meminfo2 = (int (*)(void *, nvmlMemory_v2_t *))dlsym(h, "nvmlDeviceGetMemoryInfo_v2");
     n_uuid = (int (*)(void *, char *, unsigned))dlsym(h, "nvmlDeviceGetUUID");
     n_procs = (int (*)(void *, unsigned *, nvmlProcessInfo_t *))dlsym(h, "nvmlDeviceGetComputeRunningProcesses_v3");
-    if (!n_init || !n_handle || !n_meminfo || !n_meminfo2 || !n_uuid || !n_procs) return state = -999;
+    n_by_uuid = (int (*)(const char *, void **))dlsym(h, "nvmlDeviceGetHandleByUUID");
+    n_index = (int (*)(void *, unsigned *))dlsym(h, "nvmlDeviceGetIndex");
+    if (!n_init || !n_handle || !n_meminfo || !n_meminfo2 || !n_uuid || !n_procs || !n_by_uuid || !n_index)
+        return state = -999;
     int r = n_init();
     if (r != 0) return state = -r;
     return state = 1;
@@ -712,9 +717,17 @@ static void run(const char *cmd, char **a) {
                 printf("err %s code=%d nvml=1\n", cmd, r);
                 return;
             }
-            printf("ok uuid cu=GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x nvml=%s\n",
-                   u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
-                   u[14], u[15], nv);
+            char cu[64];
+            snprintf(cu, sizeof cu, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+                     u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
+                     u[14], u[15]);
+            void *byu = NULL;
+            unsigned idx = 0;
+            if ((r = n_by_uuid(cu, &byu)) || (r = n_index(byu, &idx))) {
+                printf("err %s code=%d nvml=1\n", cmd, r);
+                return;
+            }
+            printf("ok uuid cu=%s nvml=%s index=%u\n", cu, nv, idx);
         }
     } else if (!strcmp(cmd, "threads")) {
         NEED(cuMemAlloc);

@@ -475,7 +475,7 @@ fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
         50 => 0,                          // PCI_DOMAIN_ID
         ATTR_CC_MAJOR => 9,
         ATTR_CC_MINOR => 0,
-        78 | 79 | 80 => 1,    // STREAM_PRIORITIES, GLOBAL/LOCAL L1 cache
+        78..=80 => 1,         // STREAM_PRIORITIES, GLOBAL/LOCAL L1 cache
         81 => 233_472,        // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
         82 => 65536,          // MAX_REGISTERS_PER_MULTIPROCESSOR
         83 => 1,              // MANAGED_MEMORY

@@ -14,6 +14,7 @@ type NvmlReturn = c_uint;
 const SUCCESS: NvmlReturn = 0;
 const ERROR_UNINITIALIZED: NvmlReturn = 1;
 const ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
+const ERROR_NOT_FOUND: NvmlReturn = 6;
 const ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
 const ERROR_DRIVER_NOT_LOADED: NvmlReturn = 9;
 const ERROR_ARGUMENT_VERSION_MISMATCH: NvmlReturn = 25;
@@ -151,6 +152,23 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *m
     }
     *device = &HANDLES[index as usize] as *const u64 as *mut c_void;
     SUCCESS
+}
+
+/// Handle of the device whose UUID string ("GPU-...") is `uuid`; NVML_ERROR_NOT_FOUND if none.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut *mut c_void) -> NvmlReturn {
+    let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
+    if uuid.is_null() || device.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let want = std::ffi::CStr::from_ptr(uuid).to_string_lossy();
+    for i in 0..sh.ndev() {
+        if state::uuid_string(&state::device_uuid(i)).eq_ignore_ascii_case(&want) {
+            *device = &HANDLES[i as usize] as *const u64 as *mut c_void;
+            return SUCCESS;
+        }
+    }
+    ERROR_NOT_FOUND
 }
 
 #[no_mangle]
