@@ -2214,3 +2214,133 @@ extern "C" fn simcuda_fini() {
 #[used]
 #[link_section = ".fini_array"]
 static SIMCUDA_FINI: extern "C" fn() = simcuda_fini;
+
+// ---------------------------------------------------------------------------------------------
+// Unit tests of semantics the C client does not reach (stream/event queries, waits, capture).
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ptr::null_mut;
+
+    fn setup() -> Handle {
+        static STATE: OnceLock<String> = OnceLock::new();
+        STATE.get_or_init(|| {
+            let p = format!("{}/simcuda-unit-{}", std::env::temp_dir().display(), std::process::id());
+            let _ = std::fs::remove_file(&p);
+            std::env::set_var("SIMCUDA_STATE", &p);
+            std::env::set_var("SIMCUDA_CTX_RESERVE", "0");
+            assert_eq!(unsafe { cuInit(0) }, SUCCESS);
+            let _ = std::fs::remove_file(&p); // the mapping outlives the name
+            p
+        });
+        unsafe {
+            assert_eq!(cuInit(0), SUCCESS);
+            let mut ctx = null_mut();
+            assert_eq!(cuDevicePrimaryCtxRetain(&mut ctx, 0), SUCCESS);
+            assert_eq!(cuCtxSetCurrent(ctx), SUCCESS);
+            ctx
+        }
+    }
+
+    unsafe fn function() -> Handle {
+        let (mut m, mut f) = (null_mut(), null_mut());
+        assert_eq!(cuModuleLoadData(&mut m, c"x".as_ptr() as *const c_void), SUCCESS);
+        assert_eq!(cuModuleGetFunction(&mut f, m, c"k".as_ptr()), SUCCESS);
+        f
+    }
+
+    unsafe fn launch_ns(f: Handle, s: Handle, ns: u64) -> CUresult {
+        let mut d = ns;
+        let mut params = [&mut d as *mut u64 as *mut c_void];
+        cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, s, params.as_mut_ptr(), null_mut())
+    }
+
+    #[test]
+    fn streams_events_and_waits() {
+        setup();
+        unsafe {
+            let f = function();
+            let (mut s1, mut s2, mut ev) = (null_mut(), null_mut(), null_mut());
+            assert_eq!(cuStreamCreate(&mut s1, 0), SUCCESS);
+            assert_eq!(cuStreamCreate(&mut s2, 1), SUCCESS);
+            assert_eq!(cuEventCreate(&mut ev, 0), SUCCESS);
+            assert_eq!(cuEventQuery(ev), SUCCESS, "never recorded");
+            assert_eq!(launch_ns(f, s1, 30_000_000), SUCCESS);
+            assert_eq!(cuStreamQuery(s1), NOT_READY);
+            assert_eq!(cuEventRecord(ev, s1), SUCCESS);
+            assert_eq!(cuEventQuery(ev), NOT_READY);
+            assert_eq!(cuStreamWaitEvent(s2, ev, 0), SUCCESS);
+            assert_eq!(launch_ns(f, s2, 0), SUCCESS);
+            assert_eq!(cuStreamQuery(s2), NOT_READY, "s2 waits for s1's event");
+            assert_eq!(cuStreamSynchronize(s2), SUCCESS);
+            assert_eq!(cuEventQuery(ev), SUCCESS);
+            assert_eq!(cuStreamQuery(s1), SUCCESS);
+            assert_eq!(cuEventDestroy_v2(ev), SUCCESS);
+            assert_eq!(cuEventDestroy_v2(ev), INVALID_HANDLE);
+            assert_eq!(cuStreamDestroy_v2(s1), SUCCESS);
+            assert_eq!(cuStreamDestroy_v2(s1), INVALID_HANDLE);
+            assert_eq!(launch_ns(f, s1, 0), INVALID_HANDLE);
+            assert_eq!(launch_ns(null_mut(), null_mut(), 0), INVALID_HANDLE);
+        }
+    }
+
+    #[test]
+    fn capture_rules() {
+        setup();
+        unsafe {
+            let f = function();
+            let mut st = 9;
+            assert_eq!(cuStreamBeginCapture_v2(null_mut(), 0), STREAM_CAPTURE_UNSUPPORTED, "legacy stream");
+            assert_eq!(cuStreamBeginCapture_v2_ptsz(null_mut(), 0), SUCCESS, "per-thread stream");
+            assert_eq!(cuStreamIsCapturing_ptsz(null_mut(), &mut st), SUCCESS);
+            assert_eq!(st, 1);
+            assert_eq!(launch_ns(f, CU_STREAM_PER_THREAD as Handle, 1000), SUCCESS);
+            assert_eq!(cuStreamSynchronize_ptsz(null_mut()), STREAM_CAPTURE_UNSUPPORTED);
+            let (mut g, mut e) = (null_mut(), null_mut());
+            assert_eq!(cuStreamEndCapture_ptsz(null_mut(), &mut g), SUCCESS);
+            assert_eq!(cuStreamEndCapture_ptsz(null_mut(), &mut g), ILLEGAL_STATE);
+            assert_eq!(cuGraphInstantiateWithFlags(&mut e, g, 0), SUCCESS);
+            assert_eq!(cuGraphLaunch_ptsz(e, null_mut()), SUCCESS);
+            assert_eq!(cuStreamSynchronize_ptsz(null_mut()), SUCCESS);
+            assert_eq!(cuGraphExecDestroy(e), SUCCESS);
+            assert_eq!(cuGraphDestroy(g), SUCCESS);
+        }
+    }
+
+    #[test]
+    fn vmm_memory_lives_until_released_and_unmapped() {
+        setup();
+        unsafe {
+            let prop = CUmemAllocationProp {
+                type_: 1,
+                requested_handle_types: 0,
+                location: CUmemLocation { type_: 1, id: 1 },
+                win32_handle_meta_data: null_mut(),
+                alloc_flags: [0; 8],
+            };
+            let used = || devstate(1).my_slot(1).unwrap().used.load(Ordering::Relaxed);
+            let before = used();
+            let (mut h, mut va) = (0u64, 0u64);
+            assert_eq!(cuMemCreate(&mut h, 4 << 20, &prop, 0), SUCCESS);
+            assert_eq!(used() - before, 4 << 20);
+            assert_eq!(cuMemAddressReserve(&mut va, 4 << 20, 0, 0, 0), SUCCESS);
+            assert_eq!(cuMemMap(va, 4 << 20, 0, h, 0), SUCCESS);
+            assert_eq!(cuMemMap(va, 4 << 20, 0, h, 0), INVALID_VALUE, "already mapped");
+            assert_eq!(cuMemRelease(h), SUCCESS);
+            assert_eq!(used() - before, 4 << 20, "still mapped");
+            assert_eq!(cuMemUnmap(va, 4 << 20), SUCCESS);
+            assert_eq!(used(), before);
+            assert_eq!(cuMemAddressFree(va, 4 << 20), SUCCESS);
+            assert_eq!(cuMemRelease(h), INVALID_VALUE);
+        }
+    }
+
+    #[test]
+    fn proc_table_names_are_all_exported() {
+        for (base, _, exp, ptsz) in PROC_TABLE {
+            assert!(export_addr(exp).is_some(), "{base} -> {exp} is not exported");
+            assert!(ptsz.is_empty() || export_addr(ptsz).is_some(), "{base} -> {ptsz} is not exported");
+        }
+    }
+}
