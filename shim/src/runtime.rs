@@ -49,10 +49,13 @@ fn init() -> Runtime {
         }
         Err(e) => {
             let line = format!(
-                "gpuslice: error: pid {pid}: {e}\ngpuslice: refusing to start CUDA work in this process (cuInit returns CUDA_ERROR_INVALID_VALUE); fix or unset the setting\n"
+                "gpuslice: error: pid {pid}: {e}; CUDA work is refused in this process (cuInit returns CUDA_ERROR_INVALID_VALUE) until the setting is fixed or unset\n"
             );
             let _ = std::io::stderr().write_all(line.as_bytes());
-            tracing::error!("pid {pid}: bad setting {e}; CUDA work refused");
+            // The same line in the log file too, when there is one; on stderr once is enough.
+            if std::env::var_os(ENV_LOG_FILE).is_some_and(|p| !p.is_empty()) {
+                tracing::error!("pid {pid}: {e}; CUDA work refused");
+            }
         }
     }
     Runtime { settings, test_panic: std::env::var(ENV_TEST_PANIC).ok().filter(|v| !v.is_empty()) }
