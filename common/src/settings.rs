@@ -1,11 +1,12 @@
 //! Limits a process runs under, resolved from its environment and an optional TOML file.
 //!
-//! Precedence for device `n`, first found wins:
+//! Each setting is per device. Precedence for device `n`, first found wins, shown for memory:
 //! `GPUSLICE_MEMORY_LIMIT_n` > `CUDA_DEVICE_MEMORY_LIMIT_n` > `GPUSLICE_MEMORY_LIMIT` >
 //! `CUDA_DEVICE_MEMORY_LIMIT` > the file's `[defaults.devices.n]` > the file's `[defaults]`.
-//! The `CUDA_DEVICE_*` spellings are HAMi-core's, accepted so that a HAMi user switches by
-//! changing one library path. An empty variable counts as unset; anything else that does not
-//! parse is an error, never a silent "no limit".
+//! The SM share reads `GPUSLICE_SM_SHARE` and HAMi's `CUDA_DEVICE_SM_LIMIT` the same way. The
+//! `CUDA_DEVICE_*` spellings are HAMi-core's, accepted so that a HAMi user switches by changing one
+//! library path. An empty variable counts as unset; anything else that does not parse is an
+//! error, never a silent "no limit".
 
 use crate::size::{format_size, parse_size};
 use serde::Deserialize;
@@ -14,6 +15,8 @@ use std::fmt;
 
 pub const ENV_MEMORY_LIMIT: &str = "GPUSLICE_MEMORY_LIMIT";
 pub const HAMI_MEMORY_LIMIT: &str = "CUDA_DEVICE_MEMORY_LIMIT";
+pub const ENV_SM_SHARE: &str = "GPUSLICE_SM_SHARE";
+pub const HAMI_SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
 pub const ENV_CONFIG: &str = "GPUSLICE_CONFIG";
 
 /// A setting that could not be used: where it came from, what it said, and why not.
@@ -41,33 +44,118 @@ pub struct Sourced<T> {
     pub origin: String,
 }
 
+/// One setting for every device, with per-device overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerDevice<T> {
+    all: Option<Sourced<T>>,
+    device: BTreeMap<u32, Sourced<T>>,
+}
+
+impl<T> Default for PerDevice<T> {
+    fn default() -> Self {
+        PerDevice { all: None, device: BTreeMap::new() }
+    }
+}
+
+impl<T> PerDevice<T> {
+    /// The value for CUDA device ordinal `device`, if any.
+    pub fn get(&self, device: u32) -> Option<&Sourced<T>> {
+        self.device.get(&device).or(self.all.as_ref())
+    }
+
+    pub fn is_unset(&self) -> bool {
+        self.all.is_none() && self.device.is_empty()
+    }
+
+    fn describe(&self, what: &str, show: impl Fn(&T) -> String) -> Vec<String> {
+        let mut parts = Vec::new();
+        if let Some(all) = &self.all {
+            parts.push(format!("{what} {} on every device (from {})", show(&all.value), all.origin));
+        }
+        for (dev, v) in &self.device {
+            parts.push(format!("{what} {} on device {dev} (from {})", show(&v.value), v.origin));
+        }
+        parts
+    }
+
+    /// Applies the environment on top of what the file said: our spelling over HAMi's, a
+    /// device's own variable over the global one, any environment value over the file's.
+    fn resolve_env(
+        &mut self,
+        vars: &[(String, String)],
+        ours: &str,
+        hami: &str,
+        parse: impl Fn(&str, &str) -> Result<Option<Sourced<T>>, SettingsError>,
+    ) -> Result<(), SettingsError> {
+        for name in [hami, ours] {
+            if let Some(value) = lookup(vars, name) {
+                if let Some(v) = parse(name, value)? {
+                    self.all = Some(v);
+                    // The environment wins over the file, including the file's per-device entries.
+                    self.device.clear();
+                }
+            }
+        }
+        for (prefix, strict) in [(hami, false), (ours, true)] {
+            for (name, value) in vars {
+                let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('_')) else { continue };
+                if value.trim().is_empty() {
+                    continue;
+                }
+                let device = match rest.parse::<u32>() {
+                    Ok(d) => d,
+                    // HAMi may grow variables of its own under this prefix; ours are exact.
+                    Err(_) if !strict => continue,
+                    Err(_) => {
+                        return Err(SettingsError {
+                            origin: name.clone(),
+                            value: value.clone(),
+                            reason: format!("the suffix {rest:?} is not a device number; write {prefix}_0, {prefix}_1, ..."),
+                        })
+                    }
+                };
+                match parse(name, value)? {
+                    Some(v) => {
+                        self.device.insert(device, v);
+                    }
+                    None => {
+                        self.device.remove(&device);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Everything the shim needs to know before the first CUDA call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
-    memory_all: Option<Sourced<u64>>,
-    memory_device: BTreeMap<u32, Sourced<u64>>,
+    pub memory_limit: PerDevice<u64>,
+    /// Percent of the device's time, 1..=100; unset and 100 both mean "not throttled".
+    pub sm_share: PerDevice<u32>,
 }
 
 impl Settings {
     /// The memory limit for CUDA device ordinal `device`, if any.
     pub fn memory_limit(&self, device: u32) -> Option<&Sourced<u64>> {
-        self.memory_device.get(&device).or(self.memory_all.as_ref())
+        self.memory_limit.get(device)
+    }
+
+    /// The SM share for device `device`, in percent; `None` when not throttled.
+    pub fn sm_share(&self, device: u32) -> Option<u32> {
+        self.sm_share.get(device).map(|s| s.value).filter(|&p| p < 100)
     }
 
     /// True when no memory limit is set for any device.
     pub fn is_unlimited(&self) -> bool {
-        self.memory_all.is_none() && self.memory_device.is_empty()
+        self.memory_limit.is_unset()
     }
 
     /// One line for the log: what applies and where it came from.
     pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if let Some(all) = &self.memory_all {
-            parts.push(format!("memory {} per device (from {})", format_size(all.value), all.origin));
-        }
-        for (dev, lim) in &self.memory_device {
-            parts.push(format!("device {dev}: memory {} (from {})", format_size(lim.value), lim.origin));
-        }
+        let mut parts = self.memory_limit.describe("memory", |b| format_size(*b));
+        parts.extend(self.sm_share.describe("SM share", |p| format!("{p}%")));
         if parts.is_empty() {
             "no limits".to_string()
         } else {
@@ -90,40 +178,9 @@ impl Settings {
 
     /// Resolves settings from environment pairs and an already-read file.
     pub fn resolve(vars: &[(String, String)], file: Option<FileSettings>) -> Result<Settings, SettingsError> {
-        let mut settings = Settings::default();
-        if let Some(file) = file {
-            settings.memory_all = file.memory_all;
-            settings.memory_device = file.memory_device;
-        }
-        // Lower precedence first, so that later assignments win.
-        for name in [HAMI_MEMORY_LIMIT, ENV_MEMORY_LIMIT] {
-            if let Some(value) = lookup(vars, name) {
-                settings.memory_all = Some(parse_env_size(name, value)?);
-                // The environment wins over the file, including the file's per-device entries.
-                settings.memory_device.clear();
-            }
-        }
-        for (prefix, strict) in [(HAMI_MEMORY_LIMIT, false), (ENV_MEMORY_LIMIT, true)] {
-            for (name, value) in vars {
-                let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('_')) else { continue };
-                if value.trim().is_empty() {
-                    continue;
-                }
-                let device = match rest.parse::<u32>() {
-                    Ok(d) => d,
-                    // HAMi may grow variables of its own under this prefix; ours are exact.
-                    Err(_) if !strict => continue,
-                    Err(_) => {
-                        return Err(SettingsError {
-                            origin: name.clone(),
-                            value: value.clone(),
-                            reason: format!("the suffix {rest:?} is not a device number; write {prefix}_0, {prefix}_1, ..."),
-                        })
-                    }
-                };
-                settings.memory_device.insert(device, parse_env_size(name, value)?);
-            }
-        }
+        let mut settings = file.map(|f| f.settings).unwrap_or_default();
+        settings.memory_limit.resolve_env(vars, ENV_MEMORY_LIMIT, HAMI_MEMORY_LIMIT, |name, value| parse_env_size(name, value).map(Some))?;
+        settings.sm_share.resolve_env(vars, ENV_SM_SHARE, HAMI_SM_LIMIT, parse_env_share)?;
         Ok(settings)
     }
 }
@@ -142,11 +199,31 @@ fn parse_env_size(name: &str, value: &str) -> Result<Sourced<u64>, SettingsError
         .map_err(|e| SettingsError { origin: name.to_string(), value: value.to_string(), reason: e.to_string() })
 }
 
+/// Parses a share in percent: `30` or `30%`, 1..=100.
+pub fn parse_share(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let digits = t.strip_suffix('%').unwrap_or(t).trim();
+    match digits.parse::<u32>() {
+        Ok(p) if (1..=100).contains(&p) => Ok(p),
+        Ok(_) => Err("a share is a percentage of the device's time from 1 to 100".to_string()),
+        Err(_) => Err("expected a whole percentage such as 30 or 30%".to_string()),
+    }
+}
+
+fn parse_env_share(name: &str, value: &str) -> Result<Option<Sourced<u32>>, SettingsError> {
+    // HAMi writes 0 for "no limit"; our own variable has no such meaning for 0.
+    if name.starts_with(HAMI_SM_LIMIT) && value.trim() == "0" {
+        return Ok(None);
+    }
+    parse_share(value)
+        .map(|p| Some(Sourced { value: p, origin: name.to_string() }))
+        .map_err(|reason| SettingsError { origin: name.to_string(), value: value.to_string(), reason })
+}
+
 /// The part of a TOML config file that applies to one process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileSettings {
-    memory_all: Option<Sourced<u64>>,
-    memory_device: BTreeMap<u32, Sourced<u64>>,
+    settings: Settings,
 }
 
 #[derive(Deserialize)]
@@ -160,6 +237,7 @@ struct FileDoc {
 #[serde(deny_unknown_fields)]
 struct DefaultsDoc {
     memory_limit: Option<SizeDoc>,
+    sm_share: Option<u32>,
     #[serde(default)]
     devices: BTreeMap<String, DeviceDoc>,
 }
@@ -168,6 +246,7 @@ struct DefaultsDoc {
 #[serde(deny_unknown_fields)]
 struct DeviceDoc {
     memory_limit: Option<SizeDoc>,
+    sm_share: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -195,10 +274,13 @@ impl FileSettings {
             value: path.to_string(),
             reason: format!("invalid config file: {}", e.to_string().trim_end()),
         })?;
-        let mut out = FileSettings::default();
-        let Some(defaults) = doc.defaults else { return Ok(out) };
+        let mut out = Settings::default();
+        let Some(defaults) = doc.defaults else { return Ok(FileSettings { settings: out }) };
         if let Some(size) = defaults.memory_limit {
-            out.memory_all = Some(file_size(path, "defaults.memory_limit", size)?);
+            out.memory_limit.all = Some(file_size(path, "defaults.memory_limit", size)?);
+        }
+        if let Some(share) = defaults.sm_share {
+            out.sm_share.all = Some(file_share(path, "defaults.sm_share", share)?);
         }
         for (key, device) in defaults.devices {
             let origin = format!("defaults.devices.{key}");
@@ -208,10 +290,13 @@ impl FileSettings {
                 reason: "device keys are CUDA device numbers: [defaults.devices.0]".to_string(),
             })?;
             if let Some(size) = device.memory_limit {
-                out.memory_device.insert(number, file_size(path, &format!("{origin}.memory_limit"), size)?);
+                out.memory_limit.device.insert(number, file_size(path, &format!("{origin}.memory_limit"), size)?);
+            }
+            if let Some(share) = device.sm_share {
+                out.sm_share.device.insert(number, file_share(path, &format!("{origin}.sm_share"), share)?);
             }
         }
-        Ok(out)
+        Ok(FileSettings { settings: out })
     }
 }
 
@@ -225,6 +310,13 @@ fn file_size(path: &str, key: &str, size: SizeDoc) -> Result<Sourced<u64>, Setti
     parse_size(&text)
         .map(|value| Sourced { value, origin: origin.clone() })
         .map_err(|e| SettingsError { origin, value: text, reason: e.to_string() })
+}
+
+fn file_share(path: &str, key: &str, share: u32) -> Result<Sourced<u32>, SettingsError> {
+    let origin = format!("{path}: {key}");
+    parse_share(&share.to_string())
+        .map(|value| Sourced { value, origin: origin.clone() })
+        .map_err(|reason| SettingsError { origin, value: share.to_string(), reason })
 }
 
 #[cfg(test)]
@@ -301,6 +393,29 @@ mod tests {
         let s = Settings::resolve(&env(&[("GPUSLICE_MEMORY_LIMIT_0", "3g")]), Some(file)).unwrap();
         assert_eq!(limit(&s, 0), Some(3 << 30));
         assert_eq!(limit(&s, 1), Some(2 << 30));
+    }
+
+    #[test]
+    fn shares_from_env_hami_and_file() {
+        let s = Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", "30")]), None).unwrap();
+        assert_eq!(s.sm_share(0), Some(30));
+        let s = Settings::resolve(&env(&[("CUDA_DEVICE_SM_LIMIT", "45%")]), None).unwrap();
+        assert_eq!(s.sm_share(3), Some(45));
+        let s = Settings::resolve(&env(&[("CUDA_DEVICE_SM_LIMIT", "0")]), None).unwrap();
+        assert_eq!(s.sm_share(0), None, "HAMi's 0 means no limit");
+        let s = Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", "100")]), None).unwrap();
+        assert_eq!(s.sm_share(0), None, "100 means not throttled");
+        let s = Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", "50"), ("GPUSLICE_SM_SHARE_1", "20")]), None).unwrap();
+        assert_eq!((s.sm_share(0), s.sm_share(1)), (Some(50), Some(20)));
+        for bad in ["0", "101", "-5", "half", "30.5"] {
+            let e = Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", bad)]), None).unwrap_err();
+            assert_eq!(e.origin, "GPUSLICE_SM_SHARE", "{bad}");
+        }
+        let file = FileSettings::parse("f.toml", "[defaults]\nsm_share = 40\n[defaults.devices.2]\nsm_share = 10\n").unwrap();
+        let s = Settings::resolve(&[], Some(file)).unwrap();
+        assert_eq!((s.sm_share(0), s.sm_share(2)), (Some(40), Some(10)));
+        assert!(FileSettings::parse("f.toml", "[defaults]\nsm_share = 0\n").is_err());
+        assert!(s.describe().contains("SM share 40%"), "{}", s.describe());
     }
 
     #[test]

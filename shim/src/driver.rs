@@ -72,6 +72,20 @@ real_functions! {
     cuMipmappedArrayCreate(*mut CUmipmappedArray, *const Array3dDescriptor, c_uint);
     cuArrayDestroy(CUarray);
     cuMipmappedArrayDestroy(CUmipmappedArray);
+    cuCtxGetCurrent(*mut CUcontext);
+    cuEventCreate(*mut *mut c_void, c_uint);
+    cuEventRecord(*mut c_void, CUstream);
+    cuEventQuery(*mut c_void);
+    cuEventElapsedTime(*mut f32, *mut c_void, *mut c_void);
+    cuStreamIsCapturing(CUstream, *mut c_uint);
+    cuLaunchKernel(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void, *mut *mut c_void);
+    cuLaunchKernel_ptsz(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void, *mut *mut c_void);
+    cuLaunchKernelEx(*const LaunchConfig, *mut c_void, *mut *mut c_void, *mut *mut c_void);
+    cuLaunchKernelEx_ptsz(*const LaunchConfig, *mut c_void, *mut *mut c_void, *mut *mut c_void);
+    cuLaunchCooperativeKernel(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void);
+    cuLaunchCooperativeKernel_ptsz(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void);
+    cuGraphLaunch(*mut c_void, CUstream);
+    cuGraphLaunch_ptsz(*mut c_void, CUstream);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();

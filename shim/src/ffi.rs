@@ -71,6 +71,20 @@ pub fn array_format_bytes(format: u32) -> Option<u64> {
     }
 }
 
+/// `CUlaunchConfig`, as `cuLaunchKernelEx` takes it.
+#[repr(C)]
+pub struct LaunchConfig {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_mem_bytes: u32,
+    pub stream: CUstream,
+    pub attrs: *mut c_void,
+    pub num_attrs: u32,
+}
+
+/// `CU_STREAM_PER_THREAD`: what stream 0 means to a `_ptsz` entry point.
+pub const STREAM_PER_THREAD: usize = 0x2;
+
 /// `nvmlMemory_t`.
 #[repr(C)]
 pub struct NvmlMemory {

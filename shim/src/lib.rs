@@ -1,5 +1,5 @@
 //! libgpuslice.so: preloaded into unmodified CUDA programs, it interposes the driver API and
-//! holds each process to its device memory quota.
+//! holds each process to its device memory quota and its share of the device's time.
 //!
 //! Start at `entry` (how calls arrive), then `memory` (what is counted) and `budget` (how the
 //! limit is enforced). LD_PRELOAD.md explains the mechanism for users.
@@ -9,16 +9,19 @@
 mod alloc_table;
 mod budget;
 mod context;
+mod cost;
 mod dl;
 mod driver;
 mod entry;
 mod ffi;
 mod guard;
 mod info;
+mod launch;
 mod memory;
 mod nvml;
 mod registry;
 mod runtime;
+mod throttle;
 mod trampoline;
 
 /// The shim's version as a C string, so that a program (or a test) can tell that gpuslice is

@@ -7,7 +7,7 @@
 //! replaces it, and a version the shim has no wrapper for is passed through untouched.
 
 use crate::driver::driver;
-use crate::{context, entry, info, memory, nvml};
+use crate::{context, entry, info, launch, memory, nvml};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -63,6 +63,14 @@ hooks! {
     context::cuCtxCreate_v3,
     context::cuCtxCreate_v4,
     context::cuCtxDestroy_v2,
+    launch::cuLaunchKernel,
+    launch::cuLaunchKernel_ptsz,
+    launch::cuLaunchKernelEx,
+    launch::cuLaunchKernelEx_ptsz,
+    launch::cuLaunchCooperativeKernel,
+    launch::cuLaunchCooperativeKernel_ptsz,
+    launch::cuGraphLaunch,
+    launch::cuGraphLaunch_ptsz,
     nvml::nvmlDeviceGetMemoryInfo,
     nvml::nvmlDeviceGetMemoryInfo_v2,
 }

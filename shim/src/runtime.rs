@@ -4,7 +4,7 @@
 //! leaves the process unable to start CUDA work: `cuInit` and every managed call return
 //! `CUDA_ERROR_INVALID_VALUE`, because a typo in a quota must never silently mean "no limit".
 
-use crate::budget;
+use crate::{budget, throttle};
 use gpuslice_common::settings::{Settings, SettingsError};
 use once_cell::sync::OnceCell;
 use std::io::Write;
@@ -45,6 +45,7 @@ fn init() -> Runtime {
     match &settings {
         Ok(s) => {
             budget::apply_settings(s);
+            throttle::apply_settings(s);
             tracing::info!("gpuslice {} active in pid {pid}: {}", gpuslice_common::VERSION, s.describe());
         }
         Err(e) => {

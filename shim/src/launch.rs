@@ -1,0 +1,156 @@
+//! Every launch entry point: kernels (plain, `Ex`, cooperative, each with its `_ptsz` variant)
+//! and CUDA graphs. Unthrottled, a launch costs one relaxed load on top of the driver's own work.
+//! Throttled, it waits for its device's bucket, goes out, and is charged its estimated device
+//! time (see `throttle` and `cost`).
+
+use crate::driver::{call_real, driver};
+use crate::ffi::*;
+use crate::{cost, guard, throttle};
+use std::ffi::{c_uint, c_void};
+
+/// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
+/// point is the per-thread default stream.
+fn effective_stream(stream: CUstream, per_thread: bool) -> CUstream {
+    if per_thread && stream.is_null() {
+        STREAM_PER_THREAD as CUstream
+    } else {
+        stream
+    }
+}
+
+/// True when work on `stream` is being captured into a graph rather than run; captured work is
+/// charged when the graph is launched.
+fn capturing(stream: CUstream) -> bool {
+    let Some(is_capturing) = driver().and_then(|d| d.cuStreamIsCapturing) else { return false };
+    let mut status: c_uint = 0;
+    // SAFETY: out-pointer to a local. An error (an illegal query during global capture) is
+    // treated as capturing: leave the launch alone.
+    let code = unsafe { is_capturing(stream, &mut status) };
+    code != CUDA_SUCCESS || status != 0
+}
+
+/// Runs `launch` under the throttle of the current device.
+#[inline(never)]
+fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
+    let Some(bucket) = driver().and_then(|d| d.current_device()).and_then(throttle::bucket) else {
+        return launch();
+    };
+    let stream = effective_stream(stream, per_thread);
+    if capturing(stream) {
+        return launch();
+    }
+    cost::harvest();
+    bucket.wait_turn(cost::harvest);
+    let plan = cost::plan(key);
+    let started = if plan.sample { cost::begin(stream, bucket.busy()) } else { None };
+    let code = launch();
+    if code == CUDA_SUCCESS {
+        bucket.charge(plan.charge_ns);
+    }
+    if let Some(started) = started {
+        cost::finish(started, stream, &plan, bucket, code == CUDA_SUCCESS);
+    }
+    code
+}
+
+macro_rules! kernel_hook {
+    ($name:ident, per_thread = $pt:expr) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            f: *mut c_void,
+            gx: c_uint,
+            gy: c_uint,
+            gz: c_uint,
+            bx: c_uint,
+            by: c_uint,
+            bz: c_uint,
+            shared_mem: c_uint,
+            stream: CUstream,
+            params: *mut *mut c_void,
+            extra: *mut *mut c_void,
+        ) -> CuResult {
+            guard::cuda(stringify!($name), || {
+                let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params, extra));
+                if !throttle::active() {
+                    return launch();
+                }
+                throttled(stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
+            })
+        }
+    };
+}
+
+kernel_hook!(cuLaunchKernel, per_thread = false);
+kernel_hook!(cuLaunchKernel_ptsz, per_thread = true);
+
+macro_rules! cooperative_hook {
+    ($name:ident, per_thread = $pt:expr) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            f: *mut c_void,
+            gx: c_uint,
+            gy: c_uint,
+            gz: c_uint,
+            bx: c_uint,
+            by: c_uint,
+            bz: c_uint,
+            shared_mem: c_uint,
+            stream: CUstream,
+            params: *mut *mut c_void,
+        ) -> CuResult {
+            guard::cuda(stringify!($name), || {
+                let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params));
+                if !throttle::active() {
+                    return launch();
+                }
+                throttled(stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
+            })
+        }
+    };
+}
+
+cooperative_hook!(cuLaunchCooperativeKernel, per_thread = false);
+cooperative_hook!(cuLaunchCooperativeKernel_ptsz, per_thread = true);
+
+macro_rules! ex_hook {
+    ($name:ident, per_thread = $pt:expr) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            config: *const LaunchConfig,
+            f: *mut c_void,
+            params: *mut *mut c_void,
+            extra: *mut *mut c_void,
+        ) -> CuResult {
+            guard::cuda(stringify!($name), || {
+                let launch = || call_real!($name(config, f, params, extra));
+                if !throttle::active() || config.is_null() {
+                    return launch();
+                }
+                // SAFETY: the program's launch configuration, valid for this call.
+                let c = unsafe { &*config };
+                throttled(c.stream, $pt, cost::kernel_key(f, c.grid, c.block, c.shared_mem_bytes), launch)
+            })
+        }
+    };
+}
+
+ex_hook!(cuLaunchKernelEx, per_thread = false);
+ex_hook!(cuLaunchKernelEx_ptsz, per_thread = true);
+
+macro_rules! graph_hook {
+    ($name:ident, per_thread = $pt:expr) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(exec: *mut c_void, stream: CUstream) -> CuResult {
+            guard::cuda(stringify!($name), || {
+                let launch = || call_real!($name(exec, stream));
+                if !throttle::active() {
+                    return launch();
+                }
+                throttled(stream, $pt, cost::graph_key(exec), launch)
+            })
+        }
+    };
+}
+
+graph_hook!(cuGraphLaunch, per_thread = false);
+graph_hook!(cuGraphLaunch_ptsz, per_thread = true);

@@ -1,0 +1,190 @@
+//! Token buckets of device time, one per device: a process at share `s` may keep the device busy
+//! for `s`% of wall time. Lock-free: each bucket is one atomic "debt" timestamp (the generic cell
+//! rate algorithm), so it can later live in shared memory for a group of processes.
+//!
+//! `debt_until` is the wall time at which the tokens would be back to zero if nothing else were
+//! charged. A launch may go when `now >= debt_until` (tokens ≥ 0); it then moves `debt_until`
+//! forward by `cost / share`. Tokens never exceed `CAPACITY` (the clamp `debt_until >= now −
+//! CAPACITY/share`). When tokens are negative the launching thread sleeps until they are back to
+//! `+QUANTUM`, so launches go out in bursts of about a millisecond of device work: fewer wake-ups,
+//! sleep overshoot absorbed by the clamp, and back-to-back kernels whose device time events can
+//! measure exactly (see `cost`).
+
+use crate::budget::MAX_DEVICES;
+use gpuslice_common::settings::Settings;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+
+/// Device time a sleeping launcher waits to have in hand before it goes again.
+pub const QUANTUM_NS: u64 = 1_000_000;
+/// Most device time a process can save up: bounds the overshoot in any window to 2 ms.
+pub const CAPACITY_NS: u64 = 2_000_000;
+/// Longest single sleep; a share edited while asleep takes effect within this.
+const MAX_SLEEP_NS: u64 = 10_000_000;
+
+pub struct Bucket {
+    /// Share in percent, 1..=99; 0 means not throttled.
+    share: AtomicU32,
+    debt_until: AtomicU64,
+    /// Host model of when the device finishes the work charged so far (device ns on the wall
+    /// clock); tells a sample taken behind queued work from one taken on an idle device.
+    queued_until: AtomicU64,
+    /// Device time charged, after settlement (ns).
+    charged_ns: AtomicU64,
+    /// Wall time launchers spent waiting here (ns).
+    waited_ns: AtomicU64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const IDLE: Bucket = Bucket {
+    share: AtomicU32::new(0),
+    debt_until: AtomicU64::new(0),
+    queued_until: AtomicU64::new(0),
+    charged_ns: AtomicU64::new(0),
+    waited_ns: AtomicU64::new(0),
+};
+
+static BUCKETS: [Bucket; MAX_DEVICES] = [IDLE; MAX_DEVICES];
+/// True when any device is throttled: the one load an unthrottled launch pays.
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
+#[inline]
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: out-pointer to a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn apply_settings(settings: &Settings) {
+    let mut any = false;
+    for (device, bucket) in BUCKETS.iter().enumerate() {
+        let share = settings.sm_share(device as u32).unwrap_or(0);
+        bucket.share.store(share, Relaxed);
+        any |= share != 0;
+    }
+    ACTIVE.store(any, Release);
+}
+
+/// True when some device is throttled.
+#[inline(always)]
+pub fn active() -> bool {
+    ACTIVE.load(Relaxed)
+}
+
+/// The bucket of `device`, if that device is throttled.
+#[inline]
+pub fn bucket(device: i32) -> Option<&'static Bucket> {
+    let b = BUCKETS.get(usize::try_from(device).ok()?)?;
+    (b.share.load(Relaxed) != 0).then_some(b)
+}
+
+impl Bucket {
+    /// Wall time that `device_ns` of device time costs at this share.
+    #[inline]
+    fn wall(&self, device_ns: u64) -> u64 {
+        let share = u64::from(self.share.load(Relaxed).max(1));
+        device_ns.saturating_mul(100) / share
+    }
+
+    /// Waits until this process may launch again. `while_waiting` runs before each sleep (the
+    /// caller harvests measurements, which may give time back).
+    pub fn wait_turn(&self, mut while_waiting: impl FnMut()) {
+        let mut slept = 0u64;
+        loop {
+            let now = now_ns();
+            let debt = self.debt_until.load(Acquire);
+            if now >= debt {
+                break;
+            }
+            while_waiting();
+            let debt = self.debt_until.load(Acquire);
+            if now >= debt {
+                break;
+            }
+            let wake = debt.saturating_add(self.wall(QUANTUM_NS));
+            let nap = (wake - now).min(MAX_SLEEP_NS);
+            std::thread::sleep(std::time::Duration::from_nanos(nap));
+            slept += now_ns() - now;
+        }
+        if slept != 0 {
+            self.waited_ns.fetch_add(slept, Relaxed);
+        }
+    }
+
+    /// Charges `device_ns` for a launch that has gone out.
+    pub fn charge(&self, device_ns: u64) {
+        let now = now_ns();
+        let cost = self.wall(device_ns);
+        let floor = now.saturating_sub(self.wall(CAPACITY_NS));
+        let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
+        let _ = self.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
+        self.charged_ns.fetch_add(device_ns, Relaxed);
+    }
+
+    /// True when the host model says the device still has this process's work queued.
+    pub fn busy(&self) -> bool {
+        self.queued_until.load(Relaxed) > now_ns()
+    }
+
+    /// Corrects an earlier charge by `delta_ns` of device time (negative gives time back).
+    pub fn settle(&self, delta_ns: i64) {
+        let wall = self.wall(delta_ns.unsigned_abs());
+        if delta_ns >= 0 {
+            self.debt_until.fetch_add(wall, AcqRel);
+            self.charged_ns.fetch_add(delta_ns as u64, Relaxed);
+        } else {
+            let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |d| Some(d.saturating_sub(wall)));
+            let _ = self.charged_ns.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_sub(delta_ns.unsigned_abs())));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bucket(share: u32) -> Bucket {
+        let b = IDLE;
+        b.share.store(share, Relaxed);
+        b
+    }
+
+    #[test]
+    fn a_quarter_share_runs_a_quarter_of_the_time() {
+        let b = bucket(25);
+        let start = now_ns();
+        let mut device = 0u64;
+        while now_ns() - start < 200_000_000 {
+            b.wait_turn(|| {});
+            b.charge(100_000);
+            device += 100_000;
+        }
+        let wall = (now_ns() - start) as f64;
+        let share = device as f64 / wall;
+        // The first CAPACITY is free, and sleeps overshoot a little: 25% ± 2 points.
+        assert!((0.23..0.27).contains(&share), "achieved {share}");
+    }
+
+    #[test]
+    fn settlement_gives_time_back() {
+        let b = bucket(50);
+        b.charge(10_000_000);
+        let debt = b.debt_until.load(Relaxed);
+        b.settle(-5_000_000);
+        assert_eq!(debt - b.debt_until.load(Relaxed), 10_000_000);
+        b.settle(1_000_000);
+        assert_eq!(debt - b.debt_until.load(Relaxed), 8_000_000);
+    }
+
+    #[test]
+    fn savings_are_capped() {
+        let b = bucket(10);
+        b.charge(1);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        // 50 ms idle at 10% would be 5 ms of tokens; only CAPACITY (2 ms) may be kept.
+        b.charge(0);
+        let tokens_wall = now_ns().saturating_sub(b.debt_until.load(Relaxed));
+        assert!(tokens_wall <= b.wall(CAPACITY_NS) + 1_000_000, "{tokens_wall}");
+    }
+}
