@@ -225,6 +225,59 @@ pub fn client_path(route: Route) -> PathBuf {
     clients_dir().join(route.binary_name())
 }
 
+/// The C compiler: `$CC`, else `cc`.
+pub fn c_compiler() -> String {
+    std::env::var("CC").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "cc".into())
+}
+
+/// The C++ compiler: `$CXX`, else `c++`.
+pub fn cxx_compiler() -> String {
+    std::env::var("CXX").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "c++".into())
+}
+
+/// Build `<target>/clients/<output>` with `compiler` from `sources` (paths relative to the
+/// workspace root) and `flags` (given after the sources, so `-l` options work), unless it exists
+/// and is newer than every source and every file in `deps` (headers, libraries it links).
+/// The result is installed atomically, so tests building the same artefact in parallel are fine.
+/// `Err` carries the command and the compiler's output.
+pub fn compile(compiler: &str, output: &str, sources: &[&str], flags: &[&str], deps: &[PathBuf]) -> Result<PathBuf, String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let root = workspace_root();
+    let dir = target_dir().join("clients");
+    std::fs::create_dir_all(&dir).expect("create target/clients");
+    let out = dir.join(output);
+    let srcs: Vec<PathBuf> = sources.iter().map(|s| root.join(s)).collect();
+    if out.exists() && !srcs.iter().chain(deps).any(|d| newer(d, &out)) {
+        return Ok(out);
+    }
+    let tmp = dir.join(format!("{output}.tmp{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let mut cmd = Command::new(compiler);
+    cmd.arg("-o").arg(&tmp).args(&srcs).args(flags);
+    let shown = format!("{cmd:?}");
+    let res = cmd.output().map_err(|e| format!("cannot run the compiler `{compiler}`: {e}"))?;
+    if !res.status.success() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "{shown} failed:\n{}{}",
+            String::from_utf8_lossy(&res.stdout),
+            String::from_utf8_lossy(&res.stderr)
+        ));
+    }
+    std::fs::rename(&tmp, &out).map_err(|e| format!("install {}: {e}", out.display()))?;
+    Ok(out)
+}
+
+/// `<target>/<profile>/gpuslice`, the command-line tool (panics if it has not been built).
+pub fn cli_path() -> PathBuf {
+    require(&profile_dir().join("gpuslice"), "the gpuslice command-line tool")
+}
+
+/// `<target>/<profile>/<name>`: a binary of the workspace, e.g. the `quota-fill` example.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    require(&profile_dir().join(name), name)
+}
+
 // ---------------------------------------------------------------------------------------------
 // A simulated machine.
 
@@ -274,7 +327,21 @@ impl Sim {
     }
 
     pub fn client(&self, route: Route) -> Client<'_> {
-        Client { sim: self, route, env: Vec::new(), shim: false, args: Vec::new() }
+        Client { sim: self, route, program: None, env: Vec::new(), shim: false, args: Vec::new() }
+    }
+
+    /// Any other program, started like a client: the host's GPUSLICE_*/SIMCUDA_*/LD_* variables
+    /// scrubbed, `LD_LIBRARY_PATH` at the simulated driver, this machine's `SIMCUDA_STATE` and
+    /// environment. Its stdout lines are in [`Output::lines`] whatever their format.
+    pub fn program(&self, path: impl AsRef<Path>) -> Client<'_> {
+        Client {
+            sim: self,
+            route: Route::Link,
+            program: Some(path.as_ref().to_path_buf()),
+            env: Vec::new(),
+            shim: false,
+            args: Vec::new(),
+        }
     }
 }
 
@@ -282,6 +349,8 @@ impl Sim {
 pub struct Client<'a> {
     sim: &'a Sim,
     route: Route,
+    /// Set by [`Sim::program`]: run this instead of the route's client.
+    program: Option<PathBuf>,
     env: Vec<(String, String)>,
     shim: bool,
     args: Vec<String>,
@@ -330,7 +399,10 @@ impl<'a> Client<'a> {
     }
 
     fn command(&self) -> (Command, String) {
-        let bin = client_path(self.route);
+        let bin = match &self.program {
+            Some(p) => p.clone(),
+            None => client_path(self.route),
+        };
         let mut cmd = Command::new(&bin);
         for (k, _) in std::env::vars_os() {
             if scrubbed(&k) {

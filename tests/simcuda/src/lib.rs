@@ -390,6 +390,52 @@ pub unsafe extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
     SUCCESS
 }
 
+/// (code, name, description) for `cuGetErrorName` / `cuGetErrorString`: the codes this driver
+/// returns, plus the ones a shim may hand back (999).
+const ERROR_TEXT: &[(CUresult, &CStr, &CStr)] = &[
+    (SUCCESS, c"CUDA_SUCCESS", c"no error"),
+    (INVALID_VALUE, c"CUDA_ERROR_INVALID_VALUE", c"invalid argument"),
+    (OUT_OF_MEMORY, c"CUDA_ERROR_OUT_OF_MEMORY", c"out of memory"),
+    (NOT_INITIALIZED, c"CUDA_ERROR_NOT_INITIALIZED", c"initialization error"),
+    (NO_DEVICE, c"CUDA_ERROR_NO_DEVICE", c"no CUDA-capable device is detected"),
+    (INVALID_DEVICE, c"CUDA_ERROR_INVALID_DEVICE", c"invalid device ordinal"),
+    (INVALID_CONTEXT, c"CUDA_ERROR_INVALID_CONTEXT", c"invalid device context"),
+    (FILE_NOT_FOUND, c"CUDA_ERROR_FILE_NOT_FOUND", c"file not found"),
+    (INVALID_HANDLE, c"CUDA_ERROR_INVALID_HANDLE", c"invalid resource handle"),
+    (ILLEGAL_STATE, c"CUDA_ERROR_ILLEGAL_STATE", c"the operation cannot be performed in the present state"),
+    (NOT_FOUND, c"CUDA_ERROR_NOT_FOUND", c"named symbol not found"),
+    (NOT_READY, c"CUDA_ERROR_NOT_READY", c"device not ready"),
+    (STREAM_CAPTURE_UNSUPPORTED, c"CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", c"operation not permitted when stream is capturing"),
+    (999, c"CUDA_ERROR_UNKNOWN", c"unknown error"),
+];
+
+/// Like the real driver: no `cuInit` needed; an unknown code gives `INVALID_VALUE` and NULL.
+unsafe fn error_text(error: CUresult, out: *mut *const c_char, name: bool) -> CUresult {
+    if out.is_null() {
+        return INVALID_VALUE;
+    }
+    match ERROR_TEXT.iter().find(|(code, _, _)| *code == error) {
+        Some((_, n, d)) => {
+            *out = if name { n.as_ptr() } else { d.as_ptr() };
+            SUCCESS
+        }
+        None => {
+            *out = std::ptr::null();
+            INVALID_VALUE
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorName(error: CUresult, out: *mut *const c_char) -> CUresult {
+    error_text(error, out, true)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetErrorString(error: CUresult, out: *mut *const c_char) -> CUresult {
+    error_text(error, out, false)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
     check_init!();
@@ -2020,7 +2066,7 @@ macro_rules! export_table {
 }
 
 export_table!(
-    cuInit, cuDriverGetVersion, cuDeviceGetCount, cuDeviceGet, cuDeviceGetName, cuDeviceGetUuid,
+    cuInit, cuDriverGetVersion, cuGetErrorName, cuGetErrorString, cuDeviceGetCount, cuDeviceGet, cuDeviceGetName, cuDeviceGetUuid,
     cuDeviceGetUuid_v2, cuDeviceGetAttribute, cuDeviceTotalMem_v2, cuDevicePrimaryCtxRetain,
     cuDevicePrimaryCtxRelease_v2, cuDevicePrimaryCtxReset_v2, cuCtxCreate_v2, cuCtxCreate_v3,
     cuCtxCreate_v4, cuCtxDestroy_v2, cuCtxSetCurrent, cuCtxGetCurrent, cuCtxGetDevice,
@@ -2050,6 +2096,8 @@ export_table!(
 const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuInit", 2000, "cuInit", ""),
     ("cuDriverGetVersion", 2020, "cuDriverGetVersion", ""),
+    ("cuGetErrorName", 6000, "cuGetErrorName", ""),
+    ("cuGetErrorString", 6000, "cuGetErrorString", ""),
     ("cuDeviceGetCount", 2000, "cuDeviceGetCount", ""),
     ("cuDeviceGet", 2000, "cuDeviceGet", ""),
     ("cuDeviceGetName", 2000, "cuDeviceGetName", ""),
@@ -2333,6 +2381,20 @@ mod tests {
             assert_eq!(used(), before);
             assert_eq!(cuMemAddressFree(va, 4 << 20), SUCCESS);
             assert_eq!(cuMemRelease(h), INVALID_VALUE);
+        }
+    }
+
+    #[test]
+    fn error_names_and_strings() {
+        unsafe {
+            let mut s: *const c_char = std::ptr::null();
+            assert_eq!(cuGetErrorName(OUT_OF_MEMORY, &mut s), SUCCESS);
+            assert_eq!(CStr::from_ptr(s), c"CUDA_ERROR_OUT_OF_MEMORY");
+            assert_eq!(cuGetErrorString(OUT_OF_MEMORY, &mut s), SUCCESS);
+            assert_eq!(CStr::from_ptr(s), c"out of memory");
+            assert_eq!(cuGetErrorString(12345, &mut s), INVALID_VALUE);
+            assert!(s.is_null());
+            assert_eq!(cuGetErrorName(SUCCESS, std::ptr::null_mut()), INVALID_VALUE);
         }
     }
 
