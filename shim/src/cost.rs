@@ -3,16 +3,19 @@
 //! measured truth.
 //!
 //! A sampled launch is bracketed by two events from a per-context pool. When the host model says
-//! earlier work was still queued (`Bucket::busy`), the first event completes exactly when that
-//! work ends and the kernel starts right after it, so the pair measures the kernel's effective
-//! back-to-back time ("busy" sample). On an idle device the pair also includes the launch latency
+//! earlier work was still queued (`Bucket::busy`), the first event goes on the stream of the
+//! process's previous launch and completes exactly when that launch ends; this kernel runs right
+//! after it, so the pair measures the kernel's effective back-to-back time even when the process
+//! spreads its work over many streams ("busy" sample). On an idle device the pair also includes the launch latency
 //! ("idle" sample); it is used only until a busy sample exists. Every 8th launch of a shape is
 //! sampled, and every launch of a shape not yet measured; such launches are charged
 //! `UNKNOWN_NS` until their sample arrives, which errs towards under-use, never over-use.
 //!
-//! When a sample arrives its measurement (clipped at twice the current estimate, so a kernel
-//! stretched by another process's time slice cannot inflate it) replaces what that launch was
-//! charged, in the bucket (`settle`), and moves the shape's estimate: errors do not accumulate.
+//! A shape's estimate is the floor of its last 8 samples of a kind (a sample can only be
+//! stretched, by another process's time slice or by a race between threads for the opening
+//! event, never shortened). When a sample arrives, the launch it measured is settled in the
+//! bucket from what it was charged to the estimate its measurement produced: errors do not
+//! accumulate.
 
 use crate::driver::driver;
 use crate::ffi::*;
@@ -28,10 +31,37 @@ const SAMPLE_EVERY: u64 = 8;
 /// Outstanding samples per context beyond which no new ones are taken.
 const MAX_PENDING: usize = 256;
 
+/// Samples an estimate is the floor of: a kernel of one shape cannot run faster than it does,
+/// but a sample can be stretched (another process's time slice, a race between threads on the
+/// opening event), so the floor of the last few is the robust figure.
+const WINDOW: usize = 8;
+
+#[derive(Default, Clone, Copy)]
+struct Window {
+    samples: [u64; WINDOW],
+    next: usize,
+    filled: usize,
+}
+
+impl Window {
+    fn push(&mut self, v: u64) -> u64 {
+        self.samples[self.next] = v;
+        self.next = (self.next + 1) % WINDOW;
+        self.filled = (self.filled + 1).min(WINDOW);
+        self.floor()
+    }
+
+    fn floor(&self) -> u64 {
+        self.samples[..self.filled].iter().copied().min().unwrap_or(0)
+    }
+}
+
 #[derive(Default, Clone, Copy)]
 struct Estimate {
     busy_ns: u64,
     idle_ns: u64,
+    busy: Window,
+    idle: Window,
     launches: u64,
 }
 
@@ -134,7 +164,8 @@ fn take_event(events: &mut ContextEvents) -> Option<usize> {
     (unsafe { create(&mut ev, 0) } == CUDA_SUCCESS).then_some(ev as usize)
 }
 
-/// Records the opening event of a sample on `stream`, before the launch.
+/// Records the opening event of a sample on `stream` (the launch's own, or the previous
+/// launch's), before the launch.
 pub fn begin(stream: CUstream, busy: bool) -> Option<Started> {
     let d = driver()?;
     let record = d.cuEventRecord?;
@@ -221,27 +252,22 @@ pub fn harvest() {
 }
 
 fn learn(p: &Pending, measured_ns: u64) {
+    let measured_ns = measured_ns.max(1);
     let mut guard = shard(p.key).lock();
     let e = guard.get_or_insert_with(HashMap::new).entry(p.key).or_default();
     let had_busy = e.busy_ns != 0;
-    let current = if p.busy { e.busy_ns } else { e.idle_ns };
-    let truth = if current == 0 { measured_ns } else { measured_ns.min(current.saturating_mul(2)) };
-    let updated = if current == 0 {
-        truth
-    } else if truth < current {
-        current - (current - truth) / 4
+    let estimate = if p.busy {
+        e.busy_ns = e.busy.push(measured_ns);
+        e.busy_ns
     } else {
-        current + (truth - current) / 8
+        e.idle_ns = e.idle.push(measured_ns);
+        e.idle_ns
     };
-    if p.busy {
-        e.busy_ns = updated.max(1);
-    } else {
-        e.idle_ns = updated.max(1);
-    }
     drop(guard);
-    // Settle with the measurement of the kind the launch was charged from: busy samples always;
-    // idle samples only while no busy measurement existed.
+    tracing::trace!(key = p.key, busy = p.busy, measured_ns, estimate, charged = p.charged_ns, "device-time sample");
+    // Settle the sampled launch at the estimate its measurement produced, from the kind of
+    // sample the launch was charged from: busy samples always, idle ones while no busy exists.
     if p.busy || !had_busy {
-        p.bucket.settle(truth as i64 - p.charged_ns as i64);
+        p.bucket.settle(estimate as i64 - p.charged_ns as i64);
     }
 }

@@ -42,7 +42,18 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
     cost::harvest();
     bucket.wait_turn(cost::harvest);
     let plan = cost::plan(key);
-    let started = if plan.sample { cost::begin(stream, bucket.busy()) } else { None };
+    let previous = bucket.swap_last_stream(stream);
+    let started = if plan.sample {
+        // Behind queued work, the sample opens on the stream of this process's previous launch:
+        // it completes when that launch ends, whichever stream this one is on, so the pair
+        // measures this launch's share of a busy device even with many streams. On an idle
+        // device it opens on this launch's own stream.
+        let busy = bucket.busy();
+        let opening = if busy { previous.unwrap_or(stream) } else { stream };
+        cost::begin(opening, busy)
+    } else {
+        None
+    };
     let code = launch();
     if code == CUDA_SUCCESS {
         bucket.charge(plan.charge_ns);

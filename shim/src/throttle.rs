@@ -11,6 +11,7 @@
 //! measure exactly (see `cost`).
 
 use crate::budget::MAX_DEVICES;
+use crate::ffi::{CUstream, STREAM_PER_THREAD};
 use gpuslice_common::settings::Settings;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
@@ -32,6 +33,8 @@ pub struct Bucket {
     charged_ns: AtomicU64,
     /// Wall time launchers spent waiting here (ns).
     waited_ns: AtomicU64,
+    /// The stream of the latest launch charged here (0: none, or one only its thread can name).
+    last_stream: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -41,6 +44,7 @@ const IDLE: Bucket = Bucket {
     queued_until: AtomicU64::new(0),
     charged_ns: AtomicU64::new(0),
     waited_ns: AtomicU64::new(0),
+    last_stream: AtomicU64::new(0),
 };
 
 static BUCKETS: [Bucket; MAX_DEVICES] = [IDLE; MAX_DEVICES];
@@ -120,6 +124,14 @@ impl Bucket {
         let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
         let _ = self.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
         self.charged_ns.fetch_add(device_ns, Relaxed);
+    }
+
+    /// Notes `stream` as the latest launch's and returns the previous one, if it can be named
+    /// from any thread (the per-thread default stream cannot).
+    pub fn swap_last_stream(&self, stream: CUstream) -> Option<CUstream> {
+        let id = if stream as usize == STREAM_PER_THREAD { 0 } else { stream as u64 | (1 << 63) };
+        let previous = self.last_stream.swap(id, AcqRel);
+        (previous != 0).then(|| (previous & !(1 << 63)) as usize as CUstream)
     }
 
     /// True when the host model says the device still has this process's work queued.

@@ -329,7 +329,7 @@ static const struct cmdspec CMDS[] = {
     {"vmm", "n"},         {"vmmmap", "n"},       {"array", "nn"},        {"array3d", "nnn"},
     {"mipmap", "nnn"},    {"free", "n"},         {"freeraw", "x"},       {"freeall", ""},
     {"fill", "n"},        {"info", ""},          {"totalmem", "n"},      {"nvml", "n"},
-    {"nvmlprocs", "n"},   {"uuid", "n"},         {"threads", "nnn"},     {"launch", "nn"},
+    {"nvmlprocs", "n"},   {"uuid", "n"},         {"threads", "nnn"},     {"launch", "nn"},       {"plaunch", "nnn"},
     {"launchex", "nn"},   {"events", "nn"},      {"graph", "nnn"},       {"sync", ""},
     {"sleep", "n"},       {"mark", ""},          {"elapsed", ""},        {"procaddr", "snn"},
     {"dlsym", "s"},       {"pid", ""},
@@ -491,6 +491,28 @@ static void launch_n(const char *cmd, unsigned long long n, unsigned long long n
         }
     }
     printf("ok %s n=%llu\n", cmd, n);
+}
+
+struct launch_arg {
+    unsigned long long n, ns;
+    int failures;
+};
+
+/* One thread of `plaunch`: its own stream, n kernels of ns each, then a stream sync. */
+static void *launch_thread(void *p) {
+    struct launch_arg *a = p;
+    CUstream s;
+    if (p_cuCtxSetCurrent(g_ctx) != 0 || p_cuStreamCreate(&s, 0) != 0) {
+        a->failures++;
+        return NULL;
+    }
+    unsigned long long dur = a->ns;
+    void *params[] = {&dur};
+    for (unsigned long long i = 0; i < a->n; i++)
+        if (p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL) != 0) a->failures++;
+    if (p_cuStreamSynchronize(s) != 0) a->failures++;
+    p_cuStreamDestroy(s);
+    return NULL;
 }
 
 static void run(const char *cmd, char **a) {
@@ -749,6 +771,31 @@ static void run(const char *cmd, char **a) {
         free(th);
         free(args);
         printf("ok threads failures=%d\n", failures);
+    } else if (!strcmp(cmd, "plaunch")) {
+        /* plaunch T N NS: T threads, each on its own stream, N kernels of NS ns each. */
+        NEED(cuStreamCreate);
+        NEED(cuStreamSynchronize);
+        NEED(cuStreamDestroy);
+        NEED(cuLaunchKernel);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        unsigned long long t = num(a[0]);
+        pthread_t *th = calloc(t, sizeof *th);
+        struct launch_arg *args = calloc(t, sizeof *args);
+        for (unsigned long long i = 0; i < t; i++) {
+            args[i].n = num(a[1]);
+            args[i].ns = num(a[2]);
+            pthread_create(&th[i], NULL, launch_thread, &args[i]);
+        }
+        int failures = 0;
+        for (unsigned long long i = 0; i < t; i++) {
+            pthread_join(th[i], NULL);
+            failures += args[i].failures;
+        }
+        free(th);
+        free(args);
+        printf("ok plaunch failures=%d\n", failures);
     } else if (!strcmp(cmd, "launch") || !strcmp(cmd, "launchex")) {
         launch_n(cmd, num(a[0]), num(a[1]), 0, !strcmp(cmd, "launchex"));
     } else if (!strcmp(cmd, "events")) {

@@ -1,0 +1,136 @@
+//! SM-share throttling on the simulated device timeline: kernels of every size, graphs, many
+//! streams and threads, per-thread default streams, two processes at once, and that an
+//! unthrottled process is left alone. The simulated device runs one kernel at a time (like
+//! throughput-bound kernels that fill every SM), so "device time used / wall time" is exactly
+//! the share a process got.
+
+use gpuslice_integration::*;
+
+/// Device work per measured run: long enough that one burst (2 ms) is a small part of it.
+const WORK_NS: u64 = 100_000_000;
+
+/// Achieved share in percent for `script` (which must end with `... elapsed`), given the device
+/// time it ran after its `mark`.
+fn achieved(sim: &Sim, route: Route, share: Option<u32>, script: &str, device_ns: u64) -> f64 {
+    let mut client = sim.client(route).shim();
+    if let Some(s) = share {
+        client = client.env("GPUSLICE_SM_SHARE", s);
+    }
+    let out = client.args(script).run();
+    out.assert_all_ok();
+    let wall_ms: f64 = out.get("elapsed", "ms").expect("elapsed line").parse().unwrap();
+    device_ns as f64 / 1e6 / wall_ms * 100.0
+}
+
+/// A measured run of `n` kernels of `ns` each, after a warm-up that teaches the shim the kernel
+/// and spends the bucket's saved-up burst.
+fn kernels(n: u64, ns: u64) -> String {
+    let warm = 4_000_000 / ns + 2;
+    format!("init ctx 0 launch {warm} {ns} sync mark launch {n} {ns} sync elapsed")
+}
+
+fn assert_within(got: f64, want: f64, points: f64, what: &str) {
+    assert!((got - want).abs() <= points, "{what}: achieved {got:.1}% for a {want}% share (allowed ±{points})");
+}
+
+#[test]
+fn shares_hold_for_short_medium_and_long_kernels() {
+    let sim = Sim::new();
+    for ns in [20_000u64, 200_000, 2_000_000] {
+        for share in [10u32, 30, 60, 100] {
+            let got = achieved(&sim, Route::Procaddr, Some(share), &kernels(WORK_NS / ns, ns), WORK_NS);
+            assert_within(got, share as f64, 2.0, &format!("{} µs kernels", ns / 1000));
+        }
+    }
+}
+
+#[test]
+fn every_route_and_launch_entry_point_is_throttled() {
+    let sim = Sim::new();
+    let ns = 200_000;
+    let n = WORK_NS / ns;
+    for route in [Route::Link, Route::Dlsym, Route::Procaddr, Route::ProcaddrPtsz] {
+        let got = achieved(&sim, route, Some(30), &kernels(n, ns), WORK_NS);
+        assert_within(got, 30.0, 2.0, &format!("cuLaunchKernel via {route:?}"));
+    }
+    let script = format!("init ctx 0 launchex 22 {ns} sync mark launchex {n} {ns} sync elapsed");
+    let got = achieved(&sim, Route::Procaddr, Some(30), &script, WORK_NS);
+    assert_within(got, 30.0, 2.0, "cuLaunchKernelEx");
+}
+
+#[test]
+fn graphs_are_charged_their_whole_duration() {
+    let sim = Sim::new();
+    // 10 kernels of 200 µs per graph = 2 ms per launch; 50 launches = 100 ms of device time.
+    for share in [10u32, 30, 60] {
+        let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", share).args("init ctx 0 graph 10 200000 50").run();
+        out.assert_all_ok();
+        let wall_ms: f64 = out.get("graph", "ms").unwrap().parse().unwrap();
+        // The first launch is measured before it is charged in full, and the bucket starts
+        // with its burst: allow a little more here than for plain kernels.
+        assert_within(100.0 / wall_ms * 100.0, share as f64, 3.0, "graph launches");
+    }
+}
+
+#[test]
+fn many_streams_and_threads_share_one_bucket() {
+    let sim = Sim::new();
+    // 4 threads × 125 kernels × 200 µs = 100 ms of device time, on four streams.
+    for share in [10u32, 30, 60] {
+        let script = "init ctx 0 launch 22 200000 sync mark plaunch 4 125 200000 elapsed";
+        let got = achieved(&sim, Route::Procaddr, Some(share), script, WORK_NS);
+        assert_within(got, share as f64, 2.0, "4 threads on 4 streams");
+    }
+}
+
+#[test]
+fn two_processes_get_their_own_shares() {
+    let sim = Sim::new();
+    let ns = 200_000u64;
+    // Each runs about 600 ms of wall time at its share, so they overlap for all of it.
+    let run = |share: u32| {
+        let n = (600_000_000 * share as u64 / 100) / ns;
+        (n, sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", share).args(&kernels(n, ns)).spawn())
+    };
+    let (n30, a) = run(30);
+    let (n60, b) = run(60);
+    for (share, n, out) in [(30.0, n30, a.wait()), (60.0, n60, b.wait())] {
+        out.assert_all_ok();
+        let wall_ms: f64 = out.get("elapsed", "ms").unwrap().parse().unwrap();
+        assert_within((n * ns) as f64 / 1e6 / wall_ms * 100.0, share, 3.0, "two processes at once");
+    }
+}
+
+#[test]
+fn captured_launches_are_not_charged_until_the_graph_runs() {
+    let sim = Sim::new();
+    // Capturing 200 kernels of 2 ms at 10% would take 4 s if capture were throttled; the graph
+    // itself (400 ms of device work, launched once) finishes after about 0.4 s.
+    let started = std::time::Instant::now();
+    let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 10).args("init ctx 0 graph 200 2000000 1").run();
+    out.assert_all_ok();
+    assert!(started.elapsed().as_secs_f64() < 2.5, "capture was throttled: {:?}", started.elapsed());
+}
+
+#[test]
+fn unthrottled_processes_run_at_full_speed() {
+    let sim = Sim::new();
+    let ns = 20_000u64;
+    let script = kernels(WORK_NS / ns, ns);
+    let plain = achieved(&sim, Route::Procaddr, None, &script, WORK_NS);
+    let hundred = achieved(&sim, Route::Procaddr, Some(100), &script, WORK_NS);
+    assert!(plain > 97.0 && hundred > 97.0, "unset {plain:.1}%, 100: {hundred:.1}%");
+    let hami = sim.client(Route::Procaddr).shim().env("CUDA_DEVICE_SM_LIMIT", 30).args(&kernels(WORK_NS / ns, ns)).run();
+    let wall_ms: f64 = hami.get("elapsed", "ms").unwrap().parse().unwrap();
+    assert_within(WORK_NS as f64 / 1e6 / wall_ms * 100.0, 30.0, 2.0, "HAMi's CUDA_DEVICE_SM_LIMIT");
+}
+
+#[test]
+fn a_bad_share_refuses_cuda_work() {
+    let sim = Sim::new();
+    for bad in ["0", "101", "half"] {
+        let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", bad).args("init").run();
+        assert_eq!(out.code(0), 1, "GPUSLICE_SM_SHARE={bad} must make cuInit fail");
+        assert_eq!(out.stderr_lines_with(&["gpuslice", "GPUSLICE_SM_SHARE"]).len(), 1, "{bad}: {}", out.stderr);
+    }
+}
