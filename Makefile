@@ -5,7 +5,7 @@ RELEASE := target/release
 LIB := $(RELEASE)/libgpuslice.so
 CLI := $(RELEASE)/gpuslice
 
-.PHONY: all build demo test gpu-bundle gpu-test clean
+.PHONY: all build demo test gpu-bundle gpu-test gpu-bench clean
 
 all: build
 
@@ -33,6 +33,11 @@ gpu-bundle:
 # uses .gpu/libgpuslice.so, or $GPUSLICE_LIB.
 gpu-test:
 	bash tests/gpu/acceptance.sh
+
+# SM-share accuracy on the real GPU (shares 10-70%, graphs, two processes, PyTorch); needs the
+# same .gpu/ bundle.
+gpu-bench:
+	bash tests/gpu/bench.sh
 
 clean:
 	$(CARGO) clean

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "gpuslice", version, about = "Share one NVIDIA GPU between unmodified programs: memory quotas per process.")]
+#[command(name = "gpuslice", version, about = "Share one NVIDIA GPU between unmodified programs: memory quotas and SM shares per process.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -9,6 +9,9 @@ pub struct RunArgs {
     /// Device memory limit per device, e.g. 4GiB, 512MiB, 4096M.
     #[arg(long)]
     memory: Option<String>,
+    /// Share of the device's time in percent, 1-100.
+    #[arg(long)]
+    sm: Option<String>,
     /// The program and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -37,6 +40,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     if let Some(memory) = &args.memory {
         parse_size(memory).map_err(|e| format!("--memory: {e}"))?;
         command.env("GPUSLICE_MEMORY_LIMIT", memory);
+    }
+    if let Some(sm) = &args.sm {
+        gpuslice_common::settings::parse_share(sm).map_err(|e| format!("--sm {sm:?}: {e}"))?;
+        command.env("GPUSLICE_SM_SHARE", sm);
     }
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(existing) if !existing.is_empty() => format!("{}:{existing}", library.display()),
