@@ -1,0 +1,852 @@
+#!/usr/bin/env python3
+"""gpuslice SM-share benchmark checks. Started by tests/gpu/bench.sh after it built sharebench;
+see the section "SM shares (make gpu-bench)" in tests/gpu/README.md for what each check means.
+
+    shares.py --lib ABS_PATH_TO_libgpuslice.so --build BUILD_DIR --out OUT_DIR [--t0 EPOCH]
+              [--seconds 2.5] [--budget-s 450] [--shim-log info]
+
+Standard library only (torch_matmul_rate.py, which it starts, needs torch). Writes
+OUT_DIR/bench.log (appends) and OUT_DIR/bench.tsv; prints the results table last.
+Exit status: 0 when every program behaved (whatever the verdicts), 1 when a program crashed
+(signal, timeout, unexpected exit status), 2 when something needed was missing.
+"""
+import argparse
+import datetime
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable or "python3"
+
+SHARES = [10, 30, 50, 70]
+SHARE_TOL = 3.0           # percentage points, checks 1, 2, 3 (and the extras)
+OVERHEAD_TOL = 1.0        # percent, check 4
+KERNEL_US = [20, 200]
+GRAPH_K = 20
+PAIR = (30, 70)
+TORCH_SHARE = 50
+TORCH_N = 4096
+REPORT_MS = 50
+WINDOW_S = 0.1            # the "any ~100 ms window" of the design, for the informational peak
+PAIR_TRIM_S = 0.25        # left out at both ends of the two processes' common window
+SMI_FIELDS = "clocks.sm,temperature.gpu,power.draw"
+
+# Inherited variables that would change what a run does; removed from every run's environment.
+SCRUB_PREFIXES = ("GPUSLICE_", "CUDA_DEVICE_MEMORY_LIMIT", "CUDA_MPS_")
+SCRUB_NAMES = ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_SM_LIMIT",
+               "CUDA_LAUNCH_BLOCKING")
+
+
+class Ctx:
+    lib = ""
+    build = ""
+    out = ""
+    runs_dir = ""
+    deadline = 0.0
+    seconds = 2.5
+    shim_log = "info"
+    log = None
+    base_env = {}
+    crashes = []
+    missing = []
+    results = []   # (id, name, verdict, figures, note)
+    cells = []     # bench.tsv rows: (id, check, verdict, target_pct, achieved_pct, figures, note)
+    mono_to_epoch = 0.0
+    t0 = 0.0
+    smi = None     # Monitor
+
+
+C = Ctx()
+
+
+# ----------------------------------------------------------------------------- logging
+
+def log(text=""):
+    C.log.write(text + "\n")
+    C.log.flush()
+
+
+def clip_lines(text, head, tail):
+    lines = text.splitlines()
+    if len(lines) <= head + tail:
+        return text.rstrip("\n")
+    return "\n".join(lines[:head] + [f"... [{len(lines) - head - tail} lines left out] ..."]
+                     + lines[-tail:])
+
+
+def read_clipped(path, edge=2 << 20):
+    """A file's text; only its first and last `edge` bytes when it is larger."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= 2 * edge:
+            data = f.read()
+        else:
+            head = f.read(edge)
+            f.seek(size - edge)
+            data = head + f"\n... [{size - 2 * edge} bytes left out] ...\n".encode() + f.read()
+    return data.decode("utf-8", errors="replace")
+
+
+def remaining():
+    return C.deadline - time.time()
+
+
+def pct(x, nd=1):
+    return "?" if x is None else f"{x:.{nd}f}"
+
+
+# ----------------------------------------------------------------------------- nvidia-smi
+
+def smi_snapshot(label):
+    try:
+        p = subprocess.run(["nvidia-smi", f"--query-gpu={SMI_FIELDS}", "--format=csv"],
+                           capture_output=True, text=True, timeout=20, env=C.base_env)
+        text = (p.stdout + p.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        text = f"nvidia-smi failed: {e}"
+    log(f"\n--- nvidia-smi {label} ({time.strftime('%H:%M:%S')}):\n{text}")
+    lines = [l for l in text.splitlines() if l.strip()]
+    return lines[-1].strip() if len(lines) >= 2 else text.replace("\n", " ")[:80]
+
+
+class Monitor:
+    """SM clock, power and temperature every ~200 ms in the background (this process is not
+    under the shim), so that each run's timed window gets its mean clock: a throttle error can
+    then be told from a clock change. NVML through pynvml when it imports, else nvidia-smi's
+    loop mode (line-buffered through stdbuf when there is one; rows carry their own timestamp)."""
+
+    PERIOD_S = 0.2
+
+    def __init__(self):
+        self.samples = []  # (epoch, clock_mhz, power_w, temp_c)
+        self.proc = None
+        self.error = ""
+        self.how = "none"
+        self.stop_flag = threading.Event()
+        self.thread = None
+        try:
+            import pynvml  # nvidia-ml-py
+            pynvml.nvmlInit()
+            self.nv = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self.how = "pynvml, device index 0"
+            self.thread = threading.Thread(target=self._poll_nvml, daemon=True)
+            self.thread.start()
+            return
+        except Exception as e:  # no pynvml, or NVML refuses: fall back to nvidia-smi
+            self.error = f"pynvml: {type(e).__name__}: {e}"
+        argv = ["nvidia-smi", f"--query-gpu=timestamp,{SMI_FIELDS}",
+                "--format=csv,noheader,nounits", "-lms", str(int(self.PERIOD_S * 1000))]
+        for d in os.environ.get("PATH", "").split(os.pathsep):
+            if os.access(os.path.join(d, "stdbuf"), os.X_OK):
+                argv = ["stdbuf", "-oL"] + argv
+                break
+        try:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True, env=C.base_env)
+            self.how = " ".join(argv[:3])
+        except OSError as e:
+            self.error += f"; nvidia-smi: {e}"
+            return
+        self.thread = threading.Thread(target=self._read_smi, daemon=True)
+        self.thread.start()
+
+    def _poll_nvml(self):
+        nv, h = self.nv, self.handle
+        while not self.stop_flag.is_set():
+            try:
+                clk = nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)
+                power = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
+                temp = nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)
+                self.samples.append((time.time(), float(clk), power, float(temp)))
+            except Exception as e:
+                self.error = f"pynvml poll: {type(e).__name__}: {e}"
+            self.stop_flag.wait(self.PERIOD_S)
+
+    def _read_smi(self):
+        for line in self.proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) < 4:
+                continue
+            try:
+                ts = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                clk, temp, power = float(parts[1]), float(parts[2]), float(parts[3])
+            except ValueError:
+                continue
+            self.samples.append((ts, clk, power, temp))
+
+    def window(self, e0, e1):
+        """Mean (clock MHz, power W, temp C, samples) over samples in [e0, e1], or None."""
+        sel = [s for s in list(self.samples) if e0 <= s[0] <= e1]
+        if not sel:
+            return None
+        return tuple(statistics.mean(s[i] for s in sel) for i in (1, 2, 3)) + (len(sel),)
+
+    def stop(self):
+        self.stop_flag.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.thread is not None:
+            self.thread.join(timeout=2)
+        if self.how.startswith("pynvml"):
+            try:
+                self.nv.nvmlShutdown()
+            except Exception:
+                pass
+        if self.samples:
+            clks = [s[1] for s in self.samples]
+            pw = [s[2] for s in self.samples]
+            log(f"\n--- monitor ({self.how}): {len(self.samples)} samples, SM clock "
+                f"{min(clks):.0f}-{max(clks):.0f} MHz, power {min(pw):.0f}-{max(pw):.0f} W")
+        else:
+            log(f"\n--- monitor ({self.how}): no samples {self.error}")
+
+
+# ----------------------------------------------------------------------------- running
+
+class Run:
+    def __init__(self, name):
+        self.name = name
+        self.rc = None
+        self.kv = {}
+        self.reports = []  # (t, kernels, mono) from sharebench --report-ms
+        self.stdout = ""
+        self.stderr = ""
+        self.secs = 0.0
+        self.timed_out = False
+        self.cut = False
+        self.skipped = False
+        self.crashed = False
+        self.preload_failed = False
+        self.clock = None  # (MHz, W, C, samples) during the timed window
+
+    def get(self, key, default=None):
+        return self.kv.get(key, default)
+
+    def num(self, key, default=None):
+        try:
+            return float(self.kv[key])
+        except (KeyError, ValueError):
+            return default
+
+    def status(self):
+        if self.skipped:
+            return "skipped (time budget)"
+        if self.cut:
+            return f"cut short by the time budget after {self.secs:.0f}s"
+        if self.timed_out:
+            return f"TIMEOUT after {self.secs:.0f}s"
+        if self.rc is not None and self.rc < 0:
+            try:
+                return f"killed by {signal.Signals(-self.rc).name}"
+            except ValueError:
+                return f"killed by signal {-self.rc}"
+        return f"rc={self.rc}"
+
+    def rate(self):
+        return self.num("rate")
+
+
+def parse_output(r):
+    kv = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("t="):  # report line: t=<s> kernels=<n> mono=<s>
+            try:
+                d = dict(tok.split("=", 1) for tok in line.split())
+                r.reports.append((float(d["t"]), int(d["kernels"]), float(d["mono"])))
+            except (KeyError, ValueError):
+                pass
+            continue
+        if "=" not in line or line.startswith("calib_point "):
+            continue
+        k, v = line.split("=", 1)
+        k = k.strip()
+        if re.fullmatch(r"[A-Za-z0-9_]+", k):
+            kv[k] = v.strip()
+    # "iters=N kernel_us=X" share one line in sharebench calibrate's answer
+    m = re.search(r"^iters=(\d+) kernel_us=([0-9.]+)\s*$", r.stdout, re.M)
+    if m:
+        kv["iters"], kv["kernel_us"] = m.group(1), m.group(2)
+    r.kv = kv
+
+
+def env_for(shim, extra=None):
+    env = dict(C.base_env)
+    if shim:
+        env["LD_PRELOAD"] = C.lib
+        env["GPUSLICE_LOG"] = C.shim_log
+    if extra:
+        env.update(extra)
+    return env
+
+
+def env_delta(env):
+    keys = sorted(k for k in env if env.get(k) != C.base_env.get(k))
+    return " ".join(f"{k}={env[k]!r}" for k in keys) or "(base environment)"
+
+
+def finish(r, p_rc, out_path, err_path, env, capped, expect_rc=(0,)):
+    r.rc = p_rc
+    r.stdout = read_clipped(out_path)
+    r.stderr = read_clipped(err_path)
+    parse_output(r)
+    if env.get("LD_PRELOAD") and ("cannot be preloaded" in r.stderr or "ERROR: ld.so" in r.stderr):
+        r.preload_failed = True
+    if r.timed_out and capped:
+        r.cut = True
+    unexpected = not r.cut and (r.timed_out or r.rc < 0 or
+                                (expect_rc is not None and r.rc not in expect_rc))
+    if unexpected:
+        r.crashed = True
+        C.crashes.append(f"{r.name}: {r.status()}")
+    ms, me = r.num("mono_start"), r.num("mono_end")
+    if C.smi is not None and ms is not None and me is not None:
+        r.clock = C.smi.window(ms + C.mono_to_epoch, me + C.mono_to_epoch)
+    clk = (f", SM {r.clock[0]:.0f} MHz {r.clock[1]:.0f} W {r.clock[2]:.0f} C "
+           f"({r.clock[3]} samples)" if r.clock else "")
+    log(f"  result [{r.name}]: {r.status()} in {r.secs:.1f}s{clk}"
+        + ("  ** UNEXPECTED **" if unexpected else ""))
+    # Report lines are many and only feed the window computations: keep a few in the log.
+    log("  --- stdout")
+    log(clip_lines("\n".join(l for l in r.stdout.splitlines() if not l.startswith("t=")), 60, 60))
+    if r.reports:
+        log(f"  ({len(r.reports)} report lines; first {r.reports[0][:2]}, last {r.reports[-1][:2]})")
+    log("  --- stderr")
+    log(clip_lines(r.stderr, 40, 80))
+
+
+def start(name, argv, env):
+    out_path = os.path.join(C.runs_dir, name + ".out")
+    err_path = os.path.join(C.runs_dir, name + ".err")
+    log(f"\n=== {name}")
+    log(f"  cmd: {' '.join(argv)}")
+    log(f"  env: {env_delta(env)}")
+    fo, fe = open(out_path, "w"), open(err_path, "w")
+    try:
+        p = subprocess.Popen(argv, env=env, stdout=fo, stderr=fe, cwd=C.build)
+    except OSError as e:
+        fe.write(f"shares: cannot start: {e}\n")
+        p = None
+    fo.close()
+    fe.close()
+    return p, out_path, err_path
+
+
+def wait_proc(p, r, timeout):
+    if p is None:
+        return 127
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        r.timed_out = True
+        p.kill()
+        return p.wait()
+
+
+def run(name, argv, env, timeout, min_needed):
+    """Run one program; stdout/stderr go to files, a summary to the log."""
+    r = Run(name)
+    left = remaining()
+    if left < min_needed:
+        r.skipped = True
+        log(f"\n=== {name}: SKIPPED, {left:.0f}s of the time budget left")
+        return r
+    capped = left < timeout
+    timeout = max(1.0, min(timeout, left))
+    t0 = time.time()
+    p, out_path, err_path = start(name, argv, env)
+    rc = wait_proc(p, r, timeout)
+    r.secs = time.time() - t0
+    finish(r, rc, out_path, err_path, env, capped)
+    return r
+
+
+def run_problem(r, shim=None, share=None, need_rate=True):
+    """Why a run cannot be judged, or ''."""
+    if r.skipped:
+        return "skipped: time budget spent"
+    if r.cut:
+        return "cut short by the time budget"
+    if r.crashed:
+        return f"{r.name}: {r.status()}" + (f" {r.get('cuda_error')}" if r.get("cuda_error") else "")
+    if r.preload_failed:
+        return f"{r.name}: LD_PRELOAD of the shim failed"
+    if r.get("done") != "1":
+        return f"{r.name}: no result (no done=1)"
+    if need_rate and not r.rate():
+        return f"{r.name}: no rate"
+    if shim is not None and r.get("preloaded_gpuslice") != ("1" if shim else "0"):
+        return f"{r.name}: preloaded_gpuslice={r.get('preloaded_gpuslice')}"
+    if share is not None and r.get("env_GPUSLICE_SM_SHARE") not in (str(share), None):
+        return f"{r.name}: saw GPUSLICE_SM_SHARE={r.get('env_GPUSLICE_SM_SHARE')}"
+    return ""
+
+
+def join_notes(items):
+    """Non-empty notes joined once each, in order."""
+    seen = []
+    for x in items:
+        if x and x not in seen:
+            seen.append(x)
+    return "; ".join(seen)
+
+
+def record(cid, name, ok, figures, note=""):
+    note = join_notes(note.split("; ")) if note else ""
+    verdict = ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
+    C.results.append((cid, name, verdict, figures, note))
+    log(f"--> [{cid}] {name}: {verdict}  {figures}" + (f"  ({note})" if note else ""))
+    return verdict
+
+
+def cell(cid, name, verdict, target, achieved, figures, note=""):
+    C.cells.append((cid, name, verdict, "" if target is None else f"{target:g}",
+                    "" if achieved is None else f"{achieved:.2f}", figures, note))
+
+
+def have(prog):
+    path = os.path.join(C.build, prog)
+    if os.access(path, os.X_OK):
+        return path
+    if prog not in C.missing:
+        C.missing.append(prog)
+    return None
+
+
+# ----------------------------------------------------------------------------- figures
+
+def peak_window(r, r0, win=WINDOW_S):
+    """Largest share (percent of r0) over windows of at least `win` seconds, from the report
+    lines (completed kernels); None without enough reports. Informational: the count only
+    moves in steps of 16 kernels (or one graph), so short windows over-read by up to a step."""
+    pts = [(t, k) for t, k, _ in r.reports]
+    if len(pts) < 3 or not r0:
+        return None
+    best, j = 0.0, 0
+    for i in range(len(pts)):
+        while j < len(pts) and pts[j][0] - pts[i][0] < win:
+            j += 1
+        if j >= len(pts):
+            break
+        dt = pts[j][0] - pts[i][0]
+        best = max(best, (pts[j][1] - pts[i][1]) / dt / r0 * 100.0)
+    return best
+
+
+def count_at(pts, T):
+    """Completed kernels at CLOCK_MONOTONIC time T, linearly interpolated."""
+    if T <= pts[0][0]:
+        return float(pts[0][1])
+    for (t0, k0), (t1, k1) in zip(pts, pts[1:]):
+        if t0 <= T <= t1:
+            return k0 + (k1 - k0) * ((T - t0) / (t1 - t0) if t1 > t0 else 1.0)
+    return float(pts[-1][1])
+
+
+def mono_points(r):
+    pts = [(r.num("mono_start"), 0)] + [(m, k) for _, k, m in r.reports]
+    return sorted(pts)
+
+
+def clock_of(r):
+    return f"{r.clock[0]:.0f}" if r and r.clock else "?"
+
+
+# ----------------------------------------------------------------------------- checks
+
+def calibrate(prog):
+    """{us: iters} for the kernel sizes that calibrated."""
+    iters, whys = {}, []
+    for us in KERNEL_US:
+        r = run(f"calibrate_{us}us", [prog, "calibrate", str(us)], env_for(False), 60, 10)
+        prob = run_problem(r, shim=False, need_rate=False)
+        n, got = r.num("iters"), r.num("kernel_us")
+        if not prob and n and got and abs(got - us) <= 0.05 * us:
+            iters[us] = int(n)
+            cell(f"0.{us}", f"calibrate {us}us", "INFO", us, None, f"iters={int(n)} kernel_us={got:.2f}")
+        else:
+            why = prob or f"kernel_us={got} not within 5% of {us}"
+            if r.get("init_error"):
+                why += f" init_error={r.get('init_error')}"
+            whys.append(f"{us}us: {why}")
+            log(f"  calibration of {us}us failed: {why}")
+            cell(f"0.{us}", f"calibrate {us}us", "FAIL", us, None, f"iters={n} kernel_us={got}", why)
+    figs = "  ".join(f"{us}us: iters={iters[us]}" for us in iters) or "-"
+    bad = [us for us in KERNEL_US if us not in iters]
+    record("0", "calibration (no shim)", "INFO" if not bad else "FAIL", figs, "; ".join(whys))
+    return iters
+
+
+def sb_argv(prog, iters, seconds, graph=0, streams=1, report=True, go_file=None):
+    argv = [prog, "run", "--iters", str(iters), "--seconds", f"{seconds:g}"]
+    if graph:
+        argv += ["--graph", str(graph)]
+    if streams != 1:
+        argv += ["--streams", str(streams)]
+    if report:
+        argv += ["--report-ms", str(REPORT_MS)]
+    if go_file:
+        argv += ["--go-file", go_file]
+    return argv
+
+
+def share_env(share):
+    return env_for(True, {"GPUSLICE_SM_SHARE": str(share)})
+
+
+def baseline_pair(tag, runs):
+    """(mean rate, drift end/start - 1) of no-shim runs that are usable."""
+    good = [r for r in runs if not run_problem(r, shim=False)]
+    if not good:
+        return None, None, "; ".join(run_problem(r, shim=False) for r in runs)
+    rates = [r.rate() for r in good]
+    drift = (rates[-1] / rates[0] - 1.0) if len(rates) >= 2 else None
+    return statistics.mean(rates), drift, ("" if len(good) == len(runs) else
+                                           f"{tag}: only {len(good)}/{len(runs)} baselines usable")
+
+
+CELLS = [("1a", 20, 0), ("1b", 20, GRAPH_K), ("1c", 200, 0), ("1d", 200, GRAPH_K)]
+
+
+def check_shares(prog, iters):
+    """Check 1. Returns {(us, graph): (R0, [baseline runs])} for the later checks."""
+    bases = {}
+    for idx, (cid, us, graph) in enumerate(CELLS):
+        mode = f"graph x{graph}" if graph else "plain"
+        name = f"{us}us {mode}: achieved % at {'/'.join(map(str, SHARES))}"
+        if us not in iters:
+            record(cid, name, False, "-", f"no calibration for {us}us")
+            continue
+        per_run = C.seconds + 30
+        need = per_run  # at least the first baseline must fit
+        tag = f"{us}us_{'graph' if graph else 'plain'}"
+        base_a = run(f"base_{tag}_a", sb_argv(prog, iters[us], C.seconds, graph), env_for(False),
+                     per_run, need)
+        order = SHARES if idx % 2 == 0 else SHARES[::-1]
+        shares = {}
+        for s in order:
+            shares[s] = run(f"share{s}_{tag}", sb_argv(prog, iters[us], C.seconds, graph),
+                            share_env(s), per_run, need)
+        base_b = run(f"base_{tag}_b", sb_argv(prog, iters[us], C.seconds, graph), env_for(False),
+                     per_run, need)
+        r0, drift, bnote = baseline_pair(tag, [base_a, base_b])
+        bases[(us, graph)] = (r0, [base_a, base_b])
+        parts, bad = [], []
+        for s in SHARES:
+            r = shares[s]
+            prob = run_problem(r, shim=True, share=s)
+            if prob or r0 is None:
+                why = prob or "no baseline"
+                parts.append(f"{s}:?")
+                bad.append(why)
+                cell(f"{cid}.{s}", f"{us}us {mode} share {s}", "FAIL", s, None, "-", why)
+                continue
+            ach = r.rate() / r0 * 100.0
+            ok = abs(ach - s) <= SHARE_TOL
+            peak = peak_window(r, r0)
+            parts.append(f"{s}:{ach:.1f}")
+            if not ok:
+                bad.append(f"{s}% -> {ach:.1f}%")
+            cell(f"{cid}.{s}", f"{us}us {mode} share {s}", "PASS" if ok else "FAIL", s, ach,
+                 f"rate={r.rate():.1f}/s R0={r0:.1f}/s peak{int(WINDOW_S * 1000)}ms={pct(peak)}% "
+                 f"clk={clock_of(r)}MHz (base {clock_of(base_a)}/{clock_of(base_b)})")
+        figs = (f"R0={r0:.0f}/s drift={drift * 100:+.2f}% " if r0 and drift is not None else
+                f"R0={r0:.0f}/s " if r0 else "R0=? ") + " ".join(parts)
+        if drift is not None and abs(drift) > 0.02:
+            bnote = (bnote + "; " if bnote else "") + f"no-shim baseline drifted {drift * 100:+.1f}%"
+        note = "; ".join(x for x in [bnote] + bad if x)
+        record(cid, name, not bad and r0 is not None, figs, note)
+        if r0:
+            cell(f"{cid}.0", f"{us}us {mode} no-shim baseline", "INFO", 100, 100.0,
+                 f"R0={r0:.1f}/s start={base_a.rate()} end={base_b.rate()} kernel_us="
+                 f"{base_a.get('kernel_us')}/{base_b.get('kernel_us')} clk={clock_of(base_a)}/"
+                 f"{clock_of(base_b)}MHz")
+    return bases
+
+
+def check_overhead(prog, iters):
+    """Check 4: with the shim, share 100 or no share at all: rate within 1% of no shim."""
+    names = {"4a": "shim, SM share unset: rate vs no shim", "4b": "shim, share 100: rate vs no shim"}
+    if 20 not in iters:
+        for cid, n in names.items():
+            record(cid, n, False, "-", "no calibration for 20us")
+        return
+    per_run = C.seconds + 30
+    configs = [("noshim", env_for(False), False), ("unset", env_for(True), True),
+               ("share100", share_env(100), True)]
+    runs = {c[0]: [] for c in configs}
+    problems = []
+    for rnd in range(2):  # ABC then CBA
+        for tag, env, shim in (configs if rnd % 2 == 0 else configs[::-1]):
+            r = run(f"overhead_{tag}_{rnd}", sb_argv(prog, iters[20], C.seconds), env, per_run,
+                    per_run)
+            prob = run_problem(r, shim=shim, share=100 if tag == "share100" else None)
+            if prob:
+                problems.append(prob)
+            else:
+                runs[tag].append(r)
+    base = statistics.mean(r.rate() for r in runs["noshim"]) if runs["noshim"] else None
+    bdrift = (runs["noshim"][-1].rate() / runs["noshim"][0].rate() - 1.0
+              if len(runs["noshim"]) >= 2 else None)
+    for cid, tag in (("4a", "unset"), ("4b", "share100")):
+        if not base or not runs[tag]:
+            record(cid, names[cid], False, "-", "; ".join(problems[:2]) or "no usable runs")
+            continue
+        rates = [r.rate() for r in runs[tag]]
+        d = (statistics.mean(rates) / base - 1.0) * 100.0
+        ok = abs(d) <= OVERHEAD_TOL
+        figs = (f"{d:+.2f}% (no shim {base:.0f}/s, drift {pct(bdrift * 100 if bdrift is not None else None, 2)}%; "
+                f"shim {'/'.join(f'{x:.0f}' for x in rates)}) runs={len(rates)}")
+        record(cid, names[cid], ok, figs, "; ".join(problems[:2]))
+        cell(cid, names[cid], "PASS" if ok else "FAIL", 100, 100.0 + d, figs)
+
+
+def check_pair(prog, iters, bases):
+    """Check 2: two processes at 30% and 70% at once, 200us kernels, plain launches."""
+    name = f"two processes at {PAIR[0]}% + {PAIR[1]}%, 200us"
+    if 200 not in iters:
+        record("2", name, False, "-", "no calibration for 200us")
+        return
+    secs = max(2 * C.seconds, 4.0)
+    need = secs + 40
+    if remaining() < need:
+        record("2", name, False, "-", "skipped: time budget spent")
+        return
+    go = os.path.join(C.runs_dir, "pair.go")
+    if os.path.exists(go):
+        os.unlink(go)
+    procs, rs = [], []
+    t0 = time.time()
+    for s in PAIR:
+        r = Run(f"pair_share{s}")
+        p, op, ep = start(r.name, sb_argv(prog, iters[200], secs, go_file=go), share_env(s))
+        procs.append((p, op, ep, share_env(s)))
+        rs.append(r)
+    # Both contexts exist: let them go together.
+    ready_by = time.time() + 60
+    while time.time() < ready_by:
+        states = []
+        for p, op, _, _ in procs:
+            with open(op) as f:
+                txt = f.read()
+            states.append("ready=1" in txt or p is None or p.poll() is not None)
+        if all(states):
+            break
+        time.sleep(0.01)
+    with open(go, "w") as f:
+        f.write("go\n")
+    log(f"  pair: go file written {time.time() - t0:.2f}s after the start")
+    for (p, op, ep, env), r in zip(procs, rs):
+        rc = wait_proc(p, r, secs + 60)
+        r.secs = time.time() - t0
+        finish(r, rc, op, ep, env, False)
+    # The single-process unthrottled rate: the 200us plain baselines of check 1, plus one now.
+    after = run("pair_base_after", sb_argv(prog, iters[200], C.seconds), env_for(False),
+                C.seconds + 30, C.seconds + 15)
+    base_runs = list(bases.get((200, 0), (None, []))[1]) + [after]
+    r0, drift, bnote = baseline_pair("200us plain", base_runs)
+    probs = [run_problem(r, shim=True, share=s) for r, s in zip(rs, PAIR)]
+    probs = [p for p in probs if p]
+    if probs or r0 is None:
+        record("2", name, False, "-", "; ".join(probs) or bnote or "no baseline")
+        return
+    starts = [r.num("mono_start") for r in rs]
+    ends = [r.num("mono_end") for r in rs]
+    w0, w1 = max(starts) + PAIR_TRIM_S, min(ends) - PAIR_TRIM_S
+    if w1 - w0 < 1.0:
+        record("2", name, False, f"overlap={w1 - w0 + 2 * PAIR_TRIM_S:.2f}s",
+               "the two runs overlapped for less than 1.5 s")
+        return
+    parts, bad, achs = [], [], []
+    for r, s in zip(rs, PAIR):
+        pts = mono_points(r)
+        rate = (count_at(pts, w1) - count_at(pts, w0)) / (w1 - w0)
+        ach = rate / r0 * 100.0
+        whole = r.rate() / r0 * 100.0
+        achs.append(ach)
+        ok = abs(ach - s) <= SHARE_TOL
+        if not ok:
+            bad.append(f"{s}% -> {ach:.1f}%")
+        parts.append(f"{s}:{ach:.1f}")
+        cell(f"2.{s}", f"pair, process at {s}%", "PASS" if ok else "FAIL", s, ach,
+             f"window_rate={rate:.1f}/s whole_run={whole:.1f}% R0={r0:.1f}/s "
+             f"clk={clock_of(r)}MHz")
+    skew = abs(starts[0] - starts[1])
+    figs = (f"{' '.join(parts)} sum={sum(achs):.1f} window={w1 - w0:.2f}s start_skew="
+            f"{skew * 1000:.0f}ms R0={r0:.0f}/s")
+    record("2", name, not bad, figs, "; ".join(x for x in bad + [bnote] if x))
+
+
+def check_torch():
+    name = f"PyTorch {TORCH_N}^2 fp16 matmul at {TORCH_SHARE}%"
+    script = os.path.join(HERE, "torch_matmul_rate.py")
+    secs = C.seconds
+    argv = [PY, script, "--seconds", f"{secs:g}", "--n", str(TORCH_N)]
+    per_run = secs + 120
+    need = 3 * (secs + 15)
+    if remaining() < need:
+        record("3", name, False, "-", "skipped: time budget spent")
+        return
+    a = run("torch_noshim_a", argv, env_for(False), per_run, secs + 15)
+    s = run(f"torch_share{TORCH_SHARE}", argv, share_env(TORCH_SHARE), per_run, secs + 15)
+    b = run("torch_noshim_b", argv, env_for(False), per_run, secs + 15)
+    r0, drift, bnote = baseline_pair("torch", [a, b])
+    prob = run_problem(s, shim=True, share=TORCH_SHARE)
+    if prob or r0 is None:
+        record("3", name, False, "-", prob or bnote or "no baseline")
+        return
+    ach = s.rate() / r0 * 100.0
+    ok = abs(ach - TORCH_SHARE) <= SHARE_TOL
+    figs = (f"{ach:.1f}% (rate {s.rate():.1f}/s vs {r0:.1f}/s, drift "
+            f"{pct(drift * 100 if drift is not None else None, 2)}%, {a.get('tflops')} TFLOP/s unthrottled)")
+    record("3", name, ok, figs, bnote)
+    cell("3", name, "PASS" if ok else "FAIL", TORCH_SHARE, ach, figs)
+
+
+def check_extras(prog, iters, bases):
+    """Not in the issue's list: the HAMi variable, and a share spread over 4 streams."""
+    if 200 not in iters:
+        return
+    per_run = C.seconds + 30
+    r0 = bases.get((200, 0), (None, []))[0]
+    name5 = "CUDA_DEVICE_SM_LIMIT=30 (HAMi name), 200us (extra)"
+    if r0 and remaining() > per_run:
+        r = run("hami_limit30", sb_argv(prog, iters[200], C.seconds),
+                env_for(True, {"CUDA_DEVICE_SM_LIMIT": "30"}), per_run, per_run)
+        prob = run_problem(r, shim=True)
+        if prob:
+            record("5", name5, False, "-", prob)
+        else:
+            ach = r.rate() / r0 * 100.0
+            ok = abs(ach - 30) <= SHARE_TOL
+            record("5", name5, ok, f"{ach:.1f}% (vs 1c R0={r0:.0f}/s)")
+            cell("5", name5, "PASS" if ok else "FAIL", 30, ach, f"rate={r.rate():.1f}/s")
+    name6 = "share 30 over 4 streams, 200us (extra)"
+    if remaining() > 2 * per_run:
+        b = run("streams4_base", sb_argv(prog, iters[200], C.seconds, streams=4), env_for(False),
+                per_run, 2 * per_run)
+        r = run("streams4_share30", sb_argv(prog, iters[200], C.seconds, streams=4),
+                share_env(30), per_run, per_run)
+        prob = run_problem(b, shim=False) or run_problem(r, shim=True, share=30)
+        if prob:
+            record("6", name6, False, "-", prob)
+        else:
+            ach = r.rate() / b.rate() * 100.0
+            ok = abs(ach - 30) <= SHARE_TOL
+            record("6", name6, ok, f"{ach:.1f}% (4-stream R0={b.rate():.0f}/s)")
+            cell("6", name6, "PASS" if ok else "FAIL", 30, ach, f"rate={r.rate():.1f}/s")
+
+
+# ----------------------------------------------------------------------------- report
+
+def write_results_and_table(smi_start, smi_end):
+    order = {cid: i for i, cid in enumerate(["0", "1a", "1b", "1c", "1d", "2", "3", "4a", "4b",
+                                             "5", "6"])}
+    rows = sorted(C.results, key=lambda r: order.get(r[0], 99))
+    clean = lambda s: str(s).replace("\t", " ").replace("\n", " ")
+    with open(os.path.join(C.out, "bench.tsv"), "w") as f:
+        f.write("id\tcheck\tverdict\ttarget_pct\tachieved_pct\tfigures\tnote\n")
+        for row in C.cells:
+            f.write("\t".join(clean(x) for x in row) + "\n")
+        for cid, name, verdict, figs, note in rows:
+            f.write("\t".join(clean(x) for x in (f"summary:{cid}", name, verdict, "", "", figs,
+                                                 note)) + "\n")
+    w = max(len(r[1]) for r in rows) if rows else 10
+    lines = ["", "gpuslice SM shares " + time.strftime("%Y-%m-%d %H:%M:%S")
+             + f"  (achieved % = rate / no-shim rate; +-{SHARE_TOL:g} points; {C.seconds:g}s runs)",
+             f"{'id':3s} {'check':{w}s} {'verdict':7s} figures"]
+    for cid, name, verdict, figs, note in rows:
+        lines.append(f"{cid:3s} {name:{w}s} {verdict:7s} {figs}")
+        if note and verdict not in ("PASS", "INFO"):
+            lines.append(f"{'':3s} {'':{w}s} {'':7s} -> {note}")
+    lines.append(f"GPU ({SMI_FIELDS}) start: {smi_start}; end: {smi_end}")
+    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
+    npass = sum(1 for r in judged if r[2] == "PASS")
+    crashes = ", ".join(C.crashes[:4]) + (f" and {len(C.crashes) - 4} more" if len(C.crashes) > 4 else "")
+    lines.append(f"{npass}/{len(judged)} PASS; crashes: {crashes or 'none'}"
+                 + (f"; missing: {', '.join(C.missing)}" if C.missing else "")
+                 + f"; {time.time() - C.t0:.0f}s since the start")
+    text = "\n".join(lines)
+    log(text)
+    C.log.close()
+    print(text, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--t0", type=float, default=None, help="epoch seconds the whole run began")
+    ap.add_argument("--budget-s", type=float, default=450.0)
+    ap.add_argument("--seconds", type=float, default=2.5, help="timed seconds per run")
+    ap.add_argument("--shim-log", default="info", help="GPUSLICE_LOG for runs under the shim")
+    args = ap.parse_args()
+
+    C.lib = os.path.abspath(args.lib)
+    C.build = os.path.abspath(args.build)
+    C.out = os.path.abspath(args.out)
+    C.runs_dir = os.path.join(C.build, "bench_runs")
+    C.seconds = args.seconds
+    C.shim_log = args.shim_log
+    os.makedirs(C.runs_dir, exist_ok=True)
+    os.makedirs(C.out, exist_ok=True)
+    C.t0 = args.t0 if args.t0 else time.time()
+    C.deadline = C.t0 + args.budget_s
+    C.log = open(os.path.join(C.out, "bench.log"), "a")
+    C.mono_to_epoch = time.time() - time.monotonic()
+
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith(SCRUB_PREFIXES) or k in SCRUB_NAMES:
+            del env[k]
+    env["PYTHONUNBUFFERED"] = "1"
+    C.base_env = env
+
+    log(f"\n##### shares: lib={C.lib} build={C.build} out={C.out} python={PY} "
+        f"seconds={C.seconds} time left={remaining():.0f}s")
+    smi_start = smi_snapshot("at the start")
+    smi_end = "?"
+    C.smi = Monitor()
+    log(f"  monitor: {C.smi.how}" + (f" ({C.smi.error})" if C.smi.error else ""))
+    prog, iters, bases = None, {}, {}
+    try:
+        prog = have("sharebench")
+        if not prog:
+            record("0", "calibration (no shim)", False, "-", "sharebench not built")
+        else:
+            iters = calibrate(prog)
+            bases = check_shares(prog, iters)
+            check_overhead(prog, iters)
+            check_pair(prog, iters, bases)
+        check_torch()
+        if prog:
+            check_extras(prog, iters, bases)
+    except Exception as e:  # a harness bug must still leave a table behind
+        import traceback
+        log("HARNESS ERROR:\n" + traceback.format_exc())
+        C.crashes.append(f"shares: {type(e).__name__}: {e}")
+    finally:
+        C.smi.stop()
+        smi_end = smi_snapshot("at the end")
+    write_results_and_table(smi_start, smi_end)
+    if C.crashes:
+        return 1
+    if C.missing:
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
