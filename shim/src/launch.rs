@@ -40,26 +40,28 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
         return launch();
     }
     cost::harvest();
-    bucket.wait_turn(cost::harvest);
+    bucket.wait_turn(|| {
+        // A burst ends here: measure it before sleeping.
+        cost::close_span();
+        cost::harvest();
+    });
     let plan = cost::plan(key);
     let previous = bucket.swap_last_stream(stream);
-    let started = if plan.sample {
-        // Behind queued work, the sample opens on the stream of this process's previous launch:
-        // it completes when that launch ends, whichever stream this one is on, so the pair
-        // measures this launch's share of a busy device even with many streams. On an idle
-        // device it opens on this launch's own stream.
-        let busy = bucket.busy();
-        let opening = if busy { previous.unwrap_or(stream) } else { stream };
-        cost::begin(opening, busy)
-    } else {
-        None
-    };
+    let continues = cost::continues_span(key, stream);
+    if !continues {
+        cost::close_span();
+        if plan.sample {
+            // Behind queued work, open on the stream of this process's previous launch (see
+            // `cost`); on an idle device, on this launch's own stream.
+            let busy = bucket.busy();
+            let opening = if busy { previous.unwrap_or(stream) } else { stream };
+            cost::open_span(opening, stream, busy, key, bucket);
+        }
+    }
     let code = launch();
     if code == CUDA_SUCCESS {
         bucket.charge(plan.charge_ns);
-    }
-    if let Some(started) = started {
-        cost::finish(started, stream, &plan, bucket, code == CUDA_SUCCESS);
+        cost::extend_span(plan.charge_ns);
     }
     code
 }
