@@ -5,7 +5,7 @@
 
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
-use crate::{cost, guard, throttle};
+use crate::{board, cost, guard, throttle};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
@@ -32,9 +32,8 @@ fn capturing(stream: CUstream) -> bool {
 /// Runs `launch` under the throttle of the current device.
 #[inline(never)]
 fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
-    let Some(bucket) = driver().and_then(|d| d.current_device()).and_then(throttle::bucket) else {
-        return launch();
-    };
+    let Some(device) = driver().and_then(|d| d.current_device()) else { return launch() };
+    let Some(bucket) = throttle::bucket(device) else { return launch() };
     let stream = effective_stream(stream, per_thread);
     if capturing(stream) {
         return launch();
@@ -45,6 +44,10 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
         cost::close_span();
         cost::harvest();
     });
+    if !bucket.busy() {
+        // A new burst: let another throttled process's queued work finish first.
+        bucket.add_waited(board::wait_turn(device));
+    }
     let plan = cost::plan(key);
     let previous = bucket.swap_last_stream(stream);
     let continues = cost::continues_span(key, stream);
@@ -62,6 +65,7 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
     if code == CUDA_SUCCESS {
         bucket.charge(plan.charge_ns);
         cost::extend_span(plan.charge_ns);
+        board::claim(device, bucket.queued_until());
     }
     code
 }

@@ -134,6 +134,18 @@ impl Bucket {
         (previous != 0).then(|| (previous & !(1 << 63)) as usize as CUstream)
     }
 
+    /// When the host model expects this process's queued work to be done.
+    pub fn queued_until(&self) -> u64 {
+        self.queued_until.load(Relaxed)
+    }
+
+    /// Counts time spent waiting outside the bucket (for another process's turn).
+    pub fn add_waited(&self, ns: u64) {
+        if ns != 0 {
+            self.waited_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
     /// True when the host model says the device still has this process's work queued.
     pub fn busy(&self) -> bool {
         self.queued_until.load(Relaxed) > now_ns()

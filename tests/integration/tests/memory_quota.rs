@@ -315,8 +315,11 @@ const EVERYTHING: &str = "init version count ctx 0 info alloc 1M pitch 1000 10 4
 #[test]
 fn without_a_limit_the_shim_changes_nothing() {
     for route in Route::ALL {
-        let bare = Sim::new().client(route).args(EVERYTHING).run();
-        let shim = Sim::new().client(route).shim().args(EVERYTHING).run();
+        // One simulated machine for both runs, so that device identities (UUIDs) match; each
+        // process's memory goes back to the device when it exits.
+        let sim = Sim::new();
+        let bare = sim.client(route).args(EVERYTHING).run();
+        let shim = sim.client(route).shim().args(EVERYTHING).run();
         bare.assert_success();
         shim.assert_success();
         assert_eq!(bare.normalized(), shim.normalized(), "{route}: with and without the shim:\n{bare}\n{shim}");

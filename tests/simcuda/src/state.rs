@@ -418,11 +418,14 @@ impl DeviceState {
 }
 
 /// Deterministic 16-byte UUID of simulated device `d` (shared by the CUDA and NVML doubles).
+/// Bytes 8..14 come from the state file's path, so that each simulated machine (each test) has
+/// devices of its own identity, as real GPUs do: per-device files keyed by UUID never collide.
 pub fn device_uuid(d: u32) -> [u8; 16] {
     let mut u = [
         0x5e, 0x1c, 0xc0, 0xda, 0x9a, 0x3b, 0x4c, 0x11, 0x8e, 0x2f, 0x60, 0x00, 0x00, 0x00, 0x00, 0x00,
     ];
-    u[11] = 0xa0;
+    let machine = state_path().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    u[8..14].copy_from_slice(&machine.to_le_bytes()[..6]);
     u[15] = d as u8;
     u[14] = (d >> 8) as u8;
     u
