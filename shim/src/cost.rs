@@ -4,8 +4,9 @@
 //!
 //! **Spans.** Every 16th launch of a shape (and every launch of a shape not measured yet) opens
 //! a span: an event is recorded before it, and the span grows over the thread's following
-//! launches of the same shape on the same stream, up to 8, then closes with an event after the
-//! last. The span's time divided by its launches is one sample. Measuring several back-to-back
+//! launches of the same shape on the same stream, up to 8, as long as no other thread launches
+//! on the device in between (then the span would time their kernels too), then closes with an
+//! event after the last. The span's time divided by its launches is one sample. Measuring several back-to-back
 //! kernels between two events matters for short kernels: an event between two kernels exposes
 //! the second one's launch latency (about 1.5 µs on an H200, which made 20 µs kernels look 7%
 //! longer when each sample was one kernel).
@@ -81,6 +82,8 @@ struct Estimate {
     busy: Window,
     idle: Window,
     launches: u64,
+    /// Launches charged `UNKNOWN_NS` outside any span, settled when the first sample arrives.
+    unsettled: u64,
 }
 
 impl Estimate {
@@ -169,6 +172,8 @@ struct Span {
     launches: u32,
     charged_ns: u64,
     bucket: &'static Bucket,
+    /// The device-wide number of the span's latest launch.
+    last_sequence: u64,
 }
 
 thread_local! {
@@ -204,15 +209,19 @@ fn record(event: usize, stream: CUstream) -> bool {
     unsafe { record(event as *mut c_void, stream) == CUDA_SUCCESS }
 }
 
-/// True when a launch of `key` on `stream` by this thread continues its open span.
-pub fn continues_span(key: u64, stream: CUstream) -> bool {
+/// True when a launch of `key` on `stream` by this thread, numbered `sequence` on its device,
+/// continues its open span: same shape, same stream, and no other launch in between.
+pub fn continues_span(key: u64, stream: CUstream, sequence: u64) -> bool {
     // try_with: a thread being torn down has no span (and must not panic).
-    OPEN.try_with(|open| open.borrow().as_ref().is_some_and(|s| s.key == key && s.stream == stream as usize)).unwrap_or(false)
+    OPEN.try_with(|open| {
+        open.borrow().as_ref().is_some_and(|s| s.key == key && s.stream == stream as usize && s.last_sequence + 1 == sequence)
+    })
+    .unwrap_or(false)
 }
 
 /// Opens a span before a launch: records its opening event on `opening` (this launch's stream,
 /// or the previous launch's when the device is busy).
-pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, bucket: &'static Bucket) {
+pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, bucket: &'static Bucket, sequence: u64) {
     let Some(ctx) = current_context() else { return };
     let (before, after) = {
         let mut contexts = CONTEXTS.lock();
@@ -231,24 +240,47 @@ pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, buck
         give_back(ctx, &[before, after]);
         return;
     }
-    let span = Span { ctx, before, after, busy, key, stream: stream as usize, launches: 0, charged_ns: 0, bucket };
+    let span = Span {
+        ctx,
+        before,
+        after,
+        busy,
+        key,
+        stream: stream as usize,
+        launches: 0,
+        charged_ns: 0,
+        bucket,
+        last_sequence: sequence,
+    };
     if OPEN.try_with(|open| *open.borrow_mut() = Some(span)).is_err() {
         give_back(ctx, &[before, after]);
     }
 }
 
-/// Counts a launch that went out inside this thread's open span; closes the span when full.
-pub fn extend_span(charged_ns: u64) {
+/// Notes a launch of `key` charged `UNKNOWN_NS` that no span measures: it is settled when the
+/// shape's first sample arrives.
+pub fn note_unsettled(key: u64) {
+    let mut guard = shard(key).lock();
+    guard.get_or_insert_with(HashMap::new).entry(key).or_default().unsettled += 1;
+}
+
+/// Counts a launch (numbered `sequence`) that went out inside this thread's open span; closes
+/// the span when full. Returns whether there was a span to count it in.
+pub fn extend_span(charged_ns: u64, sequence: u64) -> bool {
+    let mut counted = false;
     let full = OPEN.try_with(|open| {
         let mut open = open.borrow_mut();
         let Some(span) = open.as_mut() else { return false };
+        counted = true;
         span.launches += 1;
         span.charged_ns += charged_ns;
+        span.last_sequence = sequence;
         span.launches >= SPAN_MAX
     });
     if full == Ok(true) {
         close_span();
     }
+    counted
 }
 
 /// Closes this thread's open span, if any: its closing event goes on its stream now, before
@@ -310,6 +342,7 @@ fn learn(p: &Pending, measured_ns: u64) {
     let mut guard = shard(p.key).lock();
     let e = guard.get_or_insert_with(HashMap::new).entry(p.key).or_default();
     let had_busy = e.busy_ns != 0;
+    let unsettled = std::mem::take(&mut e.unsettled);
     let estimate = if p.busy {
         e.busy_ns = e.busy.push(per_launch);
         e.busy_ns
@@ -324,6 +357,9 @@ fn learn(p: &Pending, measured_ns: u64) {
     if p.busy || !had_busy {
         let truth = estimate.saturating_mul(u64::from(p.launches));
         p.bucket.settle(truth as i64 - p.charged_ns as i64);
+    }
+    if unsettled != 0 {
+        p.bucket.settle((estimate as i64 - UNKNOWN_NS as i64).saturating_mul(unsettled as i64));
     }
 }
 

@@ -5,7 +5,7 @@
 
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
-use crate::{board, cost, guard, throttle};
+use crate::{cost, guard, throttle};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
@@ -44,28 +44,32 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
         cost::close_span();
         cost::harvest();
     });
-    if !bucket.busy() {
-        // A new burst: let another throttled process's queued work finish first.
-        bucket.add_waited(board::wait_turn(device));
-    }
     let plan = cost::plan(key);
-    let previous = bucket.swap_last_stream(stream);
-    let continues = cost::continues_span(key, stream);
+    let me = throttle::thread_token();
+    let mut last = bucket.last_launch.lock();
+    let sequence = last.sequence + 1;
+    // This thread's previous launch, if it was also the device's previous one.
+    let previous = (last.thread == me && last.sequence != 0).then_some(last.stream as CUstream);
+    let continues = cost::continues_span(key, stream, sequence);
     if !continues {
         cost::close_span();
-        if plan.sample {
-            // Behind queued work, open on the stream of this process's previous launch (see
-            // `cost`); on an idle device, on this launch's own stream.
-            let busy = bucket.busy();
-            let opening = if busy { previous.unwrap_or(stream) } else { stream };
-            cost::open_span(opening, stream, busy, key, bucket);
+        // Behind queued work, open on the stream of this thread's previous launch if it was the
+        // device's previous one (see `cost`); on an idle device, on this launch's own stream.
+        // Behind another thread's work, no sample this time.
+        let busy = bucket.busy();
+        let opening = if busy { previous } else { Some(stream) };
+        if let (true, Some(opening)) = (plan.sample, opening) {
+            cost::open_span(opening, stream, busy, key, bucket, sequence);
         }
     }
     let code = launch();
     if code == CUDA_SUCCESS {
+        *last = throttle::LastLaunch { thread: me, stream: stream as usize, sequence };
+        drop(last);
         bucket.charge(plan.charge_ns);
-        cost::extend_span(plan.charge_ns);
-        board::claim(device, bucket.queued_until());
+        if !cost::extend_span(plan.charge_ns, sequence) && plan.charge_ns == cost::UNKNOWN_NS {
+            cost::note_unsettled(key);
+        }
     }
     code
 }

@@ -7,7 +7,6 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod alloc_table;
-mod board;
 mod budget;
 mod context;
 mod cost;

@@ -11,7 +11,7 @@
 //! measure exactly (see `cost`).
 
 use crate::budget::MAX_DEVICES;
-use crate::ffi::{CUstream, STREAM_PER_THREAD};
+use parking_lot::Mutex;
 use gpuslice_common::settings::Settings;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 pub const QUANTUM_NS: u64 = 1_000_000;
 /// Most device time a process can save up: bounds the overshoot in any window to 2 ms.
 pub const CAPACITY_NS: u64 = 2_000_000;
+
 /// Longest single sleep; a share edited while asleep takes effect within this.
 const MAX_SLEEP_NS: u64 = 10_000_000;
 
@@ -33,8 +34,18 @@ pub struct Bucket {
     charged_ns: AtomicU64,
     /// Wall time launchers spent waiting here (ns).
     waited_ns: AtomicU64,
-    /// The stream of the latest launch charged here (0: none, or one only its thread can name).
-    last_stream: AtomicU64,
+    /// The latest launch here. Throttled launches on a device go out one at a time under this
+    /// lock, so that the order numbers say is the order the driver got them: a measurement
+    /// then knows whether another thread's kernel ran inside it.
+    pub last_launch: Mutex<LastLaunch>,
+}
+
+/// Which thread made the latest launch on a device, on which stream, with which number.
+#[derive(Clone, Copy)]
+pub struct LastLaunch {
+    pub thread: u64,
+    pub stream: usize,
+    pub sequence: u64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -44,12 +55,20 @@ const IDLE: Bucket = Bucket {
     queued_until: AtomicU64::new(0),
     charged_ns: AtomicU64::new(0),
     waited_ns: AtomicU64::new(0),
-    last_stream: AtomicU64::new(0),
+    last_launch: Mutex::new(LastLaunch { thread: 0, stream: 0, sequence: 0 }),
 };
 
 static BUCKETS: [Bucket; MAX_DEVICES] = [IDLE; MAX_DEVICES];
 /// True when any device is throttled: the one load an unthrottled launch pays.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// A number unique to the calling thread while it lives (the address of a thread-local).
+pub fn thread_token() -> u64 {
+    thread_local! {
+        static TOKEN: u8 = const { 0 };
+    }
+    TOKEN.try_with(|t| t as *const u8 as u64).unwrap_or(1)
+}
 
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
 #[inline]
@@ -124,26 +143,6 @@ impl Bucket {
         let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
         let _ = self.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
         self.charged_ns.fetch_add(device_ns, Relaxed);
-    }
-
-    /// Notes `stream` as the latest launch's and returns the previous one, if it can be named
-    /// from any thread (the per-thread default stream cannot).
-    pub fn swap_last_stream(&self, stream: CUstream) -> Option<CUstream> {
-        let id = if stream as usize == STREAM_PER_THREAD { 0 } else { stream as u64 | (1 << 63) };
-        let previous = self.last_stream.swap(id, AcqRel);
-        (previous != 0).then(|| (previous & !(1 << 63)) as usize as CUstream)
-    }
-
-    /// When the host model expects this process's queued work to be done.
-    pub fn queued_until(&self) -> u64 {
-        self.queued_until.load(Relaxed)
-    }
-
-    /// Counts time spent waiting outside the bucket (for another process's turn).
-    pub fn add_waited(&self, ns: u64) {
-        if ns != 0 {
-            self.waited_ns.fetch_add(ns, Relaxed);
-        }
     }
 
     /// True when the host model says the device still has this process's work queued.
