@@ -38,6 +38,8 @@ pub struct Bucket {
     /// lock, so that the order numbers say is the order the driver got them: a measurement
     /// then knows whether another thread's kernel ran inside it.
     pub last_launch: Mutex<LastLaunch>,
+    /// (wall ns, charged ns, waited ns) at the last debug report.
+    reported: Mutex<(u64, u64, u64)>,
 }
 
 /// Which thread made the latest launch on a device, on which stream, with which number.
@@ -56,6 +58,7 @@ const IDLE: Bucket = Bucket {
     charged_ns: AtomicU64::new(0),
     waited_ns: AtomicU64::new(0),
     last_launch: Mutex::new(LastLaunch { thread: 0, stream: 0, sequence: 0 }),
+    reported: Mutex::new((0, 0, 0)),
 };
 
 static BUCKETS: [Bucket; MAX_DEVICES] = [IDLE; MAX_DEVICES];
@@ -143,6 +146,31 @@ impl Bucket {
         let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
         let _ = self.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
         self.charged_ns.fetch_add(device_ns, Relaxed);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            self.report(now);
+        }
+    }
+
+    /// Once a second, at debug level: the share actually charged and the time spent waiting.
+    #[cold]
+    fn report(&self, now: u64) {
+        let Some(mut last) = self.reported.try_lock() else { return };
+        let (wall0, charged0, waited0) = *last;
+        if now.saturating_sub(wall0) < 1_000_000_000 {
+            return;
+        }
+        let charged = self.charged_ns.load(Relaxed);
+        let waited = self.waited_ns.load(Relaxed);
+        *last = (now, charged, waited);
+        if wall0 != 0 {
+            let wall = (now - wall0) as f64;
+            tracing::debug!(
+                share = self.share.load(Relaxed),
+                charged_pct = format!("{:.1}", (charged - charged0) as f64 / wall * 100.0),
+                waited_pct = format!("{:.1}", (waited - waited0) as f64 / wall * 100.0),
+                "throttle over the last second"
+            );
+        }
     }
 
     /// True when the host model says the device still has this process's work queued.
