@@ -306,6 +306,25 @@ pub fn close_span() {
     }
 }
 
+/// Waits until the work queued on `stream` so far is done (an event, not a context sync: that
+/// would break another thread's stream capture).
+pub fn wait_for(stream: CUstream) {
+    let Some(d) = driver() else { return };
+    let Some(sync) = d.cuEventSynchronize else { return };
+    let Some(ctx) = current_context() else { return };
+    let event = {
+        let mut contexts = CONTEXTS.lock();
+        let events = contexts.get_or_insert_with(HashMap::new).entry(ctx).or_default();
+        take_event(events)
+    };
+    let Some(event) = event else { return };
+    if record(event, stream) {
+        // SAFETY: our own event, just recorded.
+        unsafe { sync(event as *mut c_void) };
+    }
+    give_back(ctx, &[event]);
+}
+
 /// Folds completed spans into the estimates and settles their charges. Never blocks: if
 /// another thread is harvesting, this one goes on.
 pub fn harvest() {

@@ -76,6 +76,7 @@ real_functions! {
     cuEventCreate(*mut *mut c_void, c_uint);
     cuEventRecord(*mut c_void, CUstream);
     cuEventQuery(*mut c_void);
+    cuEventSynchronize(*mut c_void);
     cuEventElapsedTime(*mut f32, *mut c_void, *mut c_void);
     cuStreamIsCapturing(CUstream, *mut c_uint);
     cuLaunchKernel(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void, *mut *mut c_void);

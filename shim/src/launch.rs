@@ -5,7 +5,7 @@
 
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
-use crate::{cost, guard, throttle};
+use crate::{board, cost, guard, throttle};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
@@ -40,10 +40,19 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
     }
     cost::harvest();
     bucket.wait_turn(|| {
-        // A burst ends here: measure it before sleeping.
+        // A burst ends here: measure it, and hand the device over before sleeping.
         cost::close_span();
+        end_burst(device, bucket);
         cost::harvest();
     });
+    if !board::holding(device) {
+        // A new burst: take the turn (waiting, boundedly, for another process's burst).
+        let taken = board::take(device, bucket.queued_until().max(throttle::now_ns()));
+        bucket.add_waited(taken.waited_ns);
+        if taken.neighbour {
+            bucket.saw_neighbour();
+        }
+    }
     let plan = cost::plan(key);
     let me = throttle::thread_token();
     let mut last = bucket.last_launch.lock();
@@ -67,11 +76,28 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
         *last = throttle::LastLaunch { thread: me, stream: stream as usize, sequence };
         drop(last);
         bucket.charge(plan.charge_ns);
+        board::extend(device, bucket.queued_until());
         if !cost::extend_span(plan.charge_ns, sequence) && plan.charge_ns == cost::UNKNOWN_NS {
             cost::note_unsettled(key);
         }
     }
     code
+}
+
+/// Hands the turn on `device` over at the end of a burst. While another process shares the
+/// device, first waits for this burst to finish, so that the next process's burst starts on an
+/// idle device instead of time-slicing with this one.
+fn end_burst(device: i32, bucket: &throttle::Bucket) {
+    if !board::holding(device) {
+        return;
+    }
+    if bucket.shared(throttle::now_ns()) {
+        let last = *bucket.last_launch.lock();
+        if last.thread == throttle::thread_token() && last.sequence != 0 {
+            cost::wait_for(last.stream as CUstream);
+        }
+    }
+    board::release(device);
 }
 
 macro_rules! kernel_hook {

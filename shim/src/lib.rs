@@ -7,6 +7,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 mod alloc_table;
+mod board;
 mod budget;
 mod context;
 mod cost;

@@ -19,6 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 pub const QUANTUM_NS: u64 = 1_000_000;
 /// Most device time a process can save up: bounds the overshoot in any window to 2 ms.
 pub const CAPACITY_NS: u64 = 2_000_000;
+/// The same while another throttled process shares the device: each hand-over of the device
+/// between processes costs an idle gap, so bursts are longer (see `board`).
+pub const SHARED_QUANTUM_NS: u64 = 4_000_000;
+pub const SHARED_CAPACITY_NS: u64 = 5_000_000;
+/// How long after last seeing another process on the device the longer bursts stay.
+const SHARED_HOLD_NS: u64 = 200_000_000;
 
 /// Longest single sleep; a share edited while asleep takes effect within this.
 const MAX_SLEEP_NS: u64 = 10_000_000;
@@ -40,6 +46,8 @@ pub struct Bucket {
     pub last_launch: Mutex<LastLaunch>,
     /// (wall ns, charged ns, waited ns) at the last debug report.
     reported: Mutex<(u64, u64, u64)>,
+    /// Until when another throttled process counts as sharing the device.
+    shared_until: AtomicU64,
 }
 
 /// Which thread made the latest launch on a device, on which stream, with which number.
@@ -59,6 +67,7 @@ const IDLE: Bucket = Bucket {
     waited_ns: AtomicU64::new(0),
     last_launch: Mutex::new(LastLaunch { thread: 0, stream: 0, sequence: 0 }),
     reported: Mutex::new((0, 0, 0)),
+    shared_until: AtomicU64::new(0),
 };
 
 static BUCKETS: [Bucket; MAX_DEVICES] = [IDLE; MAX_DEVICES];
@@ -124,11 +133,13 @@ impl Bucket {
                 break;
             }
             while_waiting();
+            // `while_waiting` may have blocked (a hand-over waits for the burst to finish).
+            let now = now_ns();
             let debt = self.debt_until.load(Acquire);
             if now >= debt {
                 break;
             }
-            let wake = debt.saturating_add(self.wall(QUANTUM_NS));
+            let wake = debt.saturating_add(self.wall(self.quantum(now).0));
             let nap = (wake - now).min(MAX_SLEEP_NS);
             std::thread::sleep(std::time::Duration::from_nanos(nap));
             slept += now_ns() - now;
@@ -138,11 +149,42 @@ impl Bucket {
         }
     }
 
+    /// (quantum, capacity) in device ns: longer while the device is shared.
+    fn quantum(&self, now: u64) -> (u64, u64) {
+        if self.shared(now) {
+            (SHARED_QUANTUM_NS, SHARED_CAPACITY_NS)
+        } else {
+            (QUANTUM_NS, CAPACITY_NS)
+        }
+    }
+
+    /// True while another throttled process shares the device.
+    pub fn shared(&self, now: u64) -> bool {
+        now < self.shared_until.load(Relaxed)
+    }
+
+    /// Notes that another throttled process uses this device.
+    pub fn saw_neighbour(&self) {
+        self.shared_until.store(now_ns() + SHARED_HOLD_NS, Relaxed);
+    }
+
+    /// When the host model expects this process's queued work to be done.
+    pub fn queued_until(&self) -> u64 {
+        self.queued_until.load(Relaxed)
+    }
+
+    /// Counts time spent waiting for another process's turn.
+    pub fn add_waited(&self, ns: u64) {
+        if ns != 0 {
+            self.waited_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
     /// Charges `device_ns` for a launch that has gone out.
     pub fn charge(&self, device_ns: u64) {
         let now = now_ns();
         let cost = self.wall(device_ns);
-        let floor = now.saturating_sub(self.wall(CAPACITY_NS));
+        let floor = now.saturating_sub(self.wall(self.quantum(now).1));
         let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
         let _ = self.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
         self.charged_ns.fetch_add(device_ns, Relaxed);
