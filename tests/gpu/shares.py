@@ -840,7 +840,7 @@ def main():
             check_pair(prog, iters, bases)
             check_pair(prog, iters, bases, pair=(0, 0), cid="2b")
         check_torch()
-        check_torch("fp16", "3b", " (extra)")
+        check_torch("fp16", "3b", " (extra; power-capped unthrottled, see NOTES)")
         if prog:
             check_extras(prog, iters, bases)
     except Exception as e:  # a harness bug must still leave a table behind
