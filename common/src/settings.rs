@@ -257,20 +257,31 @@ enum SizeDoc {
 }
 
 impl FileSettings {
-    /// Reads and checks a config file; errors name the file, and TOML errors carry line and column.
+    /// Reads and checks a config file named by `GPUSLICE_CONFIG`; errors name the file, and
+    /// TOML errors carry line and column.
     pub fn read(path: &str) -> Result<FileSettings, SettingsError> {
+        Self::read_as(ENV_CONFIG, path)
+    }
+
+    /// The same for a file named some other way (`origin`: "config file", a flag), so that the
+    /// message names what the user actually wrote.
+    pub fn read_as(origin: &str, path: &str) -> Result<FileSettings, SettingsError> {
         let text = std::fs::read_to_string(path).map_err(|e| SettingsError {
-            origin: ENV_CONFIG.to_string(),
+            origin: origin.to_string(),
             value: path.to_string(),
             reason: format!("cannot read the config file: {e}"),
         })?;
-        Self::parse(path, &text)
+        Self::parse_as(origin, path, &text)
     }
 
     /// Parses config text; `path` is only used in messages.
     pub fn parse(path: &str, text: &str) -> Result<FileSettings, SettingsError> {
+        Self::parse_as(ENV_CONFIG, path, text)
+    }
+
+    fn parse_as(origin: &str, path: &str, text: &str) -> Result<FileSettings, SettingsError> {
         let doc: FileDoc = toml::from_str(text).map_err(|e| SettingsError {
-            origin: ENV_CONFIG.to_string(),
+            origin: origin.to_string(),
             value: path.to_string(),
             reason: format!("invalid config file: {}", e.to_string().trim_end()),
         })?;

@@ -62,9 +62,12 @@ fn devices() -> Result<(), String> {
 
 fn check_config(file: Option<String>) -> Result<(), String> {
     use gpuslice_common::settings::{FileSettings, Settings, ENV_CONFIG};
-    let file = file.or_else(|| std::env::var(ENV_CONFIG).ok()).filter(|f| !f.is_empty());
+    let (origin, file) = match file {
+        Some(f) => ("config file", Some(f)),
+        None => (ENV_CONFIG, std::env::var(ENV_CONFIG).ok().filter(|f| !f.is_empty())),
+    };
     let parsed = match &file {
-        Some(path) => Some(FileSettings::read(path).map_err(|e| e.to_string())?),
+        Some(path) => Some(FileSettings::read_as(origin, path).map_err(|e| e.to_string())?),
         None => None,
     };
     let vars: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k != ENV_CONFIG).collect();
