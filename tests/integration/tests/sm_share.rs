@@ -6,6 +6,15 @@
 
 use gpuslice_integration::*;
 
+/// These tests measure wall time on a 2-core CI machine: one at a time, so that they do not
+/// starve each other's launching threads of CPU (a thread that wakes late past the bucket's
+/// capacity loses device time for good, and the test would measure the machine, not the shim).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Device work per measured run: long enough that one burst (2 ms) is a small part of it.
 const WORK_NS: u64 = 100_000_000;
 
@@ -35,6 +44,7 @@ fn assert_within(got: f64, want: f64, points: f64, what: &str) {
 
 #[test]
 fn shares_hold_for_short_medium_and_long_kernels() {
+    let _serial = serial();
     let sim = Sim::new();
     for ns in [20_000u64, 200_000, 2_000_000] {
         for share in [10u32, 30, 60, 100] {
@@ -46,6 +56,7 @@ fn shares_hold_for_short_medium_and_long_kernels() {
 
 #[test]
 fn every_route_and_launch_entry_point_is_throttled() {
+    let _serial = serial();
     let sim = Sim::new();
     let ns = 200_000;
     let n = WORK_NS / ns;
@@ -60,6 +71,7 @@ fn every_route_and_launch_entry_point_is_throttled() {
 
 #[test]
 fn graphs_are_charged_their_whole_duration() {
+    let _serial = serial();
     let sim = Sim::new();
     // 10 kernels of 200 µs per graph = 2 ms per launch; 50 launches = 100 ms of device time.
     for share in [10u32, 30, 60] {
@@ -74,6 +86,7 @@ fn graphs_are_charged_their_whole_duration() {
 
 #[test]
 fn many_streams_and_threads_share_one_bucket() {
+    let _serial = serial();
     let sim = Sim::new();
     // 4 threads × 125 kernels × 200 µs = 100 ms of device time, on four streams.
     for share in [10u32, 30, 60] {
@@ -85,6 +98,7 @@ fn many_streams_and_threads_share_one_bucket() {
 
 #[test]
 fn two_processes_get_their_own_shares() {
+    let _serial = serial();
     let sim = Sim::new();
     let ns = 200_000u64;
     // Each runs about 600 ms of wall time at its share, so they overlap for all of it.
@@ -103,6 +117,7 @@ fn two_processes_get_their_own_shares() {
 
 #[test]
 fn captured_launches_are_not_charged_until_the_graph_runs() {
+    let _serial = serial();
     let sim = Sim::new();
     // Capturing 200 kernels of 2 ms at 10% would take 4 s if capture were throttled; the graph
     // itself (400 ms of device work, launched once) finishes after about 0.4 s.
@@ -114,6 +129,7 @@ fn captured_launches_are_not_charged_until_the_graph_runs() {
 
 #[test]
 fn unthrottled_processes_run_at_full_speed() {
+    let _serial = serial();
     let sim = Sim::new();
     let ns = 20_000u64;
     let script = kernels(WORK_NS / ns, ns);
@@ -127,6 +143,7 @@ fn unthrottled_processes_run_at_full_speed() {
 
 #[test]
 fn a_bad_share_refuses_cuda_work() {
+    let _serial = serial();
     let sim = Sim::new();
     for bad in ["0", "101", "half"] {
         let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", bad).args("init").run();
