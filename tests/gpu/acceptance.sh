@@ -12,68 +12,21 @@
 # (signal, timeout, unexpected exit status), 2 = setup problem (no shim, no compiler, build failed).
 set -u
 set -o pipefail
-T0=$(date +%s)
-CALLER_PWD=$(pwd)
-cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
-ROOT=$(pwd)
-HERE=tests/gpu
-
-abspath() { # path relative to the caller's directory -> absolute
-  case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$CALLER_PWD/$1" ;; esac
-}
-
-if [ -n "${GPUSLICE_LIB:-}" ]; then LIB=$(abspath "$GPUSLICE_LIB"); else LIB=$ROOT/.gpu/libgpuslice.so; fi
-if [ -n "${OUT:-}" ]; then OUTDIR=$(abspath "$OUT"); else OUTDIR=$ROOT/.gpu/out; fi
-BUILD=$ROOT/.gpu/build
-PY=${PYTHON:-python3}
-mkdir -p "$OUTDIR" "$BUILD" || { echo "acceptance: cannot create $OUTDIR or $BUILD" >&2; exit 2; }
-LOG=$OUTDIR/acceptance.log
-: >"$LOG"
-note() { printf '%s\n' "$*" | tee -a "$LOG"; }
-
-note "gpuslice GPU acceptance: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
-note "repo: $ROOT ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
-
-if [ ! -f "$LIB" ]; then
-  note "acceptance: shim not found at $LIB: put the prebuilt library at .gpu/libgpuslice.so or set GPUSLICE_LIB"
-  exit 2
-fi
-LIB=$(cd "$(dirname "$LIB")" && pwd)/$(basename "$LIB")
-note "shim: $LIB ($(stat -c %s "$LIB" 2>/dev/null) bytes, sha256 $(sha256sum "$LIB" 2>/dev/null | cut -c1-16))"
-
-if ! command -v "$PY" >/dev/null 2>&1; then
-  note "acceptance: python not found ($PY); set PYTHON"
-  exit 2
-fi
-
-NVCC=${NVCC:-}
-if [ -z "$NVCC" ]; then
-  if command -v nvcc >/dev/null 2>&1; then NVCC=nvcc
-  elif [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc
-  fi
-fi
-if [ -z "$NVCC" ]; then
-  note "acceptance: nvcc not found (PATH or /usr/local/cuda/bin); set NVCC"
-  exit 2
-fi
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
+gpu_setup acceptance acceptance.log "gpuslice GPU acceptance"
 HOSTCC=
 for c in gcc cc; do command -v "$c" >/dev/null 2>&1 && { HOSTCC=$c; break; }; done
 
-{
-  echo "--- machine"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv,noheader 2>&1
-  echo "compute processes before the run (pid, used):"
-  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>&1
-  "$NVCC" --version 2>&1 | tail -n 2
-  echo "python: $("$PY" --version 2>&1); host cc: ${HOSTCC:-none}"
-} >>"$LOG" 2>&1
+gpu_machine name,driver_version,memory.total,memory.used \
+  "python: $("$PY" --version 2>&1); host cc: ${HOSTCC:-none}"
 
-# ---- build (in parallel; skipped when the binary is newer than its source and this script)
+# ---- build (in parallel; skipped when the binary is newer than its source, the shared header
+# and this script)
 build_one() { # name source libs compiler-command...   (libs go after the source)
   local name=$1 src=$2 libs=$3
   shift 3
   local bin=$BUILD/$name
-  if [ -x "$bin" ] && [ "$bin" -nt "$HERE/$src" ] && [ "$bin" -nt "$HERE/acceptance.sh" ]; then
+  if up_to_date "$bin" "$HERE/$src" "$HERE/gpucommon.cuh" "$HERE/acceptance.sh"; then
     echo "up to date"
     return 0
   fi

@@ -23,32 +23,11 @@
 #include <cstring>
 #include <vector>
 
+#include "gpucommon.cuh"
+
 __global__ void empty_kernel() {}
 
 typedef std::chrono::steady_clock Clock;
-
-static double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  if (n == 0) return 0.0;
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-static int find_gpuslice(struct dl_phdr_info* info, size_t, void* data) {
-  if (info->dlpi_name && strstr(info->dlpi_name, "gpuslice")) *static_cast<int*>(data) = 1;
-  return 0;
-}
-
-#define CHECK(call)                                                                   \
-  do {                                                                                \
-    cudaError_t e_ = (call);                                                          \
-    if (e_ != cudaSuccess) {                                                          \
-      printf("cuda_error=%s\ncuda_error_at=%s:%d\n", cudaGetErrorName(e_), __FILE__, \
-             __LINE__);                                                               \
-      fflush(stdout);                                                                 \
-      return 4;                                                                       \
-    }                                                                                 \
-  } while (0)
 
 int main(int argc, char** argv) {
   int runs = argc > 1 ? atoi(argv[1]) : 5;

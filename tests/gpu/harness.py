@@ -9,7 +9,6 @@ OUT_DIR/acceptance.log (appends) and OUT_DIR/results.tsv; prints the results tab
 Exit status: 0 when every program behaved (whatever the verdicts), 1 when a program crashed
 (signal, timeout, unexpected exit status), 2 when something needed was missing.
 """
-import argparse
 import os
 import re
 import signal
@@ -18,8 +17,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PY = sys.executable or "python3"
+import gpucommon
+from gpucommon import (C, HERE, PY, budget, clip_lines, have, log, log_cmd, record, remaining,
+                       settle, spawn, wait_proc)
 
 LIMIT = "4GiB"
 LIMIT_MIB = 4096
@@ -47,127 +47,29 @@ def is_error_line(line):
     return bool(GPUSLICE_WORD.search(line) and ERROR_WORD.search(line))
 
 
-class Ctx:
-    lib = ""
-    build = ""
-    out = ""
-    runs_dir = ""
-    deadline = 0.0
-    log = None
-    base_env = {}
-    crashes = []
-    missing = []
-    results = []  # (id, name, verdict, figures, note)
-
-
-C = Ctx()
-
-
-# ----------------------------------------------------------------------------- logging
-
-def log(text=""):
-    C.log.write(text + "\n")
-    C.log.flush()
-
-
-def clip_lines(text, head, tail):
-    lines = text.splitlines()
-    if len(lines) <= head + tail:
-        return text.rstrip("\n")
-    return "\n".join(lines[:head] + [f"... [{len(lines) - head - tail} lines left out] ..."]
-                     + lines[-tail:])
-
-
-def read_clipped(path, edge=2 << 20):
-    """A file's text; only its first and last `edge` bytes when it is larger (chatty logs)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size <= 2 * edge:
-            data = f.read()
-        else:
-            head = f.read(edge)
-            f.seek(size - edge)
-            data = head + f"\n... [{size - 2 * edge} bytes left out] ...\n".encode() + f.read()
-    return data.decode("utf-8", errors="replace")
-
-
-def remaining():
-    return C.deadline - time.time()
-
 
 # ----------------------------------------------------------------------------- running
 
-class Run:
+class Run(gpucommon.Run):
     def __init__(self, name):
-        self.name = name
-        self.rc = None
-        self.kv = {}
+        super().__init__(name)
         self.multi = {}
-        self.stdout = ""
-        self.stderr = ""
-        self.secs = 0.0
-        self.timed_out = False
-        self.cut = False  # stopped by the overall time budget, not by its own timeout
-        self.skipped = False
-        self.crashed = False
         self.why = ""
         self.watch = None  # dict from nvml_watch, or None
         self.watch_error = ""
-        self.preload_failed = False
-
-    def get(self, key, default=None):
-        return self.kv.get(key, default)
-
-    def num(self, key, default=None):
-        try:
-            return float(self.kv[key])
-        except (KeyError, ValueError):
-            return default
-
-    def status(self):
-        if self.skipped:
-            return "skipped (time budget)"
-        if self.cut:
-            return f"cut short by the time budget after {self.secs:.0f}s"
-        if self.timed_out:
-            return f"TIMEOUT after {self.secs:.0f}s"
-        if self.rc is not None and self.rc < 0:
-            try:
-                return f"killed by {signal.Signals(-self.rc).name}"
-            except ValueError:
-                return f"killed by signal {-self.rc}"
-        return f"rc={self.rc}"
 
 
 def parse_kv(text):
-    kv, multi = {}, {}
-    for line in text.splitlines():
-        if "=" not in line or line.startswith(("PROBE ", "SUMMARY ")):
-            continue
-        k, v = line.split("=", 1)
-        k = k.strip()
-        if not re.fullmatch(r"[A-Za-z0-9_]+", k):
-            continue
-        kv[k] = v.strip()
-        multi.setdefault(k, []).append(v.strip())
-    return kv, multi
+    return gpucommon.parse_kv(text, skip=("PROBE ", "SUMMARY "))
 
 
 def env_for(shim, limit=None, extra=None):
-    env = dict(C.base_env)
-    if shim:
-        env["LD_PRELOAD"] = C.lib
-        env["GPUSLICE_LOG"] = "info"
+    env = gpucommon.env_for(shim)
     if limit is not None:
         env["GPUSLICE_MEMORY_LIMIT"] = limit
     if extra:
         env.update(extra)
     return env
-
-
-def env_delta(env):
-    keys = sorted(k for k in env if env.get(k) != C.base_env.get(k))
-    return " ".join(f"{k}={env[k]!r}" for k in keys) or "(base environment)"
 
 
 def start_watcher(name):
@@ -223,19 +125,12 @@ def stop_watcher(proc, outfile, errfile):
 def run(name, argv, env, timeout, expect_rc=(0,), watch=False, min_needed=5.0):
     """Run one program; stdout/stderr go to files, a summary to the log."""
     r = Run(name)
-    left = remaining()
-    if left < min_needed:
-        r.skipped = True
+    b = budget(r, timeout, min_needed)
+    if b is None:
         r.why = "time budget spent"
-        log(f"\n=== {name}: SKIPPED, {left:.0f}s of the time budget left")
         return r
-    capped = left < timeout
-    timeout = max(1.0, min(timeout, left))
-    out_path = os.path.join(C.runs_dir, name + ".out")
-    err_path = os.path.join(C.runs_dir, name + ".err")
-    log(f"\n=== {name}")
-    log(f"  cmd: {' '.join(argv)}")
-    log(f"  env: {env_delta(env)}")
+    timeout, capped = b
+    log_cmd(name, argv, env)
     w = None
     if watch:
         w = start_watcher(name)
@@ -244,53 +139,24 @@ def run(name, argv, env, timeout, expect_rc=(0,), watch=False, min_needed=5.0):
             log("  " + w)
             w = None
     t0 = time.time()
-    with open(out_path, "w") as fo, open(err_path, "w") as fe:
-        try:
-            p = subprocess.Popen(argv, env=env, stdout=fo, stderr=fe, cwd=C.build)
-        except OSError as e:
-            fe.write(f"harness: cannot start: {e}\n")
-            p = None
-        if p is not None:
-            if w is not None:
-                tmp = w[1] + ".tmp"
-                with open(tmp, "w") as f:
-                    f.write(f"{p.pid}\n")
-                os.replace(tmp, w[1])
-            try:
-                r.rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                r.timed_out = True
-                p.kill()
-                r.rc = p.wait()
-        else:
-            r.rc = 127
+    p, out_path, err_path = spawn(name, argv, env)
+    if p is not None and w is not None:
+        tmp = w[1] + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{p.pid}\n")
+        os.replace(tmp, w[1])
+    rc = wait_proc(p, r, timeout)
     r.secs = time.time() - t0
     if w is not None:
         r.watch, r.watch_error = stop_watcher(w[0], w[2], w[3])
-    r.stdout = read_clipped(out_path)
-    r.stderr = read_clipped(err_path)
+    unexpected = settle(r, rc, out_path, err_path, env, capped, expect_rc)
     r.kv, r.multi = parse_kv(r.stdout)
-    if env.get("LD_PRELOAD") and ("cannot be preloaded" in r.stderr or "ERROR: ld.so" in r.stderr):
-        r.preload_failed = True
-    if r.timed_out and capped:
-        r.cut = True
-    unexpected = not r.cut and (r.timed_out or r.rc < 0 or
-                                (expect_rc is not None and r.rc not in expect_rc))
-    if unexpected:
-        r.crashed = True
-        C.crashes.append(f"{name}: {r.status()}")
     log(f"  result: {r.status()} in {r.secs:.1f}s" + ("  ** UNEXPECTED **" if unexpected else ""))
     log("  --- stdout")
     log(clip_lines(r.stdout, 200, 200))
     log("  --- stderr")
     log(clip_lines(r.stderr, 60, 120))
     return r
-
-
-def record(cid, name, ok, figures, note=""):
-    verdict = ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
-    C.results.append((cid, name, verdict, figures, note))
-    log(f"--> [{cid}] {name}: {verdict}  {figures}" + (f"  ({note})" if note else ""))
 
 
 def run_problem(r):
@@ -304,15 +170,6 @@ def run_problem(r):
     if r.preload_failed:
         return "LD_PRELOAD of the shim failed"
     return ""
-
-
-def have(prog):
-    path = os.path.join(C.build, prog)
-    if os.access(path, os.X_OK):
-        return path
-    if prog not in C.missing:
-        C.missing.append(prog)
-    return None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -695,56 +552,28 @@ def check_bench():
 
 # ----------------------------------------------------------------------------- report
 
+# Inherited variables that would change what a run does; removed from every run's environment.
+SCRUB_PREFIXES = ("GPUSLICE_",)
+SCRUB_NAMES = ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 def write_results_and_table():
-    order = {cid: i for i, cid in enumerate(
-        ["1", "2a", "2b", "2c", "3a", "3b", "3c", "3d", "4a", "4b", "4c", "5a", "5b", "6"])}
-    rows = sorted(C.results, key=lambda r: order.get(r[0], 99))
-    clean = lambda s: str(s).replace("\t", " ").replace("\n", " ")
+    rows = gpucommon.sorted_results(
+        ["1", "2a", "2b", "2c", "3a", "3b", "3c", "3d", "4a", "4b", "4c", "5a", "5b", "6"])
     with open(os.path.join(C.out, "results.tsv"), "w") as f:
         f.write("id\tcheck\tverdict\tfigures\tnote\n")
         for row in rows:
-            f.write("\t".join(clean(x) for x in row) + "\n")
-    w = max(len(r[1]) for r in rows) if rows else 10
-    lines = ["", "gpuslice GPU acceptance " + time.strftime("%Y-%m-%d %H:%M:%S"),
-             f"{'id':3s} {'check':{w}s} {'verdict':7s} figures"]
-    for cid, name, verdict, figs, note in rows:
-        lines.append(f"{cid:3s} {name:{w}s} {verdict:7s} {figs}")
-        if note and verdict != "PASS":
-            lines.append(f"{'':3s} {'':{w}s} {'':7s} -> {note}")
+            f.write("\t".join(gpucommon.clean(x) for x in row) + "\n")
+    lines = gpucommon.table_lines(rows, "gpuslice GPU acceptance " + time.strftime("%Y-%m-%d %H:%M:%S"))
     npass = sum(1 for r in rows if r[2] == "PASS")
-    crashes = ", ".join(C.crashes[:4]) + (f" and {len(C.crashes) - 4} more" if len(C.crashes) > 4 else "")
-    lines.append(f"{npass}/{len(rows)} PASS; crashes: {crashes or 'none'}"
-                 + (f"; missing: {', '.join(C.missing)}" if C.missing else ""))
-    text = "\n".join(lines)
-    log(text)
-    C.log.close()
-    print(text, flush=True)
+    lines.append(f"{npass}/{len(rows)} PASS; {gpucommon.crashes_and_missing()}")
+    gpucommon.emit(lines)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lib", required=True)
-    ap.add_argument("--build", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--t0", type=float, default=None, help="epoch seconds the whole run began")
-    ap.add_argument("--budget-s", type=float, default=465.0)
-    args = ap.parse_args()
-
-    C.lib = os.path.abspath(args.lib)
-    C.build = os.path.abspath(args.build)
-    C.out = os.path.abspath(args.out)
-    C.runs_dir = os.path.join(C.build, "runs")
-    os.makedirs(C.runs_dir, exist_ok=True)
-    os.makedirs(C.out, exist_ok=True)
-    C.deadline = (args.t0 if args.t0 else time.time()) + args.budget_s
-    C.log = open(os.path.join(C.out, "acceptance.log"), "a")
-
-    env = dict(os.environ)
-    for k in list(env):
-        if k.startswith("GPUSLICE_") or k in ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF"):
-            del env[k]
-    env["PYTHONUNBUFFERED"] = "1"
-    C.base_env = env
+    args = gpucommon.arg_parser(465.0).parse_args()
+    gpucommon.setup("harness", args, "runs", "acceptance.log")
+    C.base_env = gpucommon.scrubbed_env(SCRUB_PREFIXES, SCRUB_NAMES)
 
     log(f"\n##### harness: lib={C.lib} build={C.build} out={C.out} python={PY} "
         f"time left={remaining():.0f}s")
@@ -757,15 +586,9 @@ def main():
         check_models()
         check_bench()
     except Exception as e:  # a harness bug must still leave a table behind
-        import traceback
-        log("HARNESS ERROR:\n" + traceback.format_exc())
-        C.crashes.append(f"harness: {type(e).__name__}: {e}")
+        gpucommon.harness_error(e)
     write_results_and_table()
-    if C.crashes:
-        return 1
-    if C.missing:
-        return 2
-    return 0
+    return gpucommon.exit_status()
 
 
 if __name__ == "__main__":

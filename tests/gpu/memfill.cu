@@ -19,13 +19,10 @@
 #include <thread>
 #include <vector>
 
+#include "gpucommon.cuh"
+
 static const size_t kMiB = 1024ull * 1024ull;
 static const size_t kChunk = 256ull * kMiB;
-
-static int find_gpuslice(struct dl_phdr_info* info, size_t, void* data) {
-  if (info->dlpi_name && strstr(info->dlpi_name, "gpuslice")) *static_cast<int*>(data) = 1;
-  return 0;
-}
 
 static void sleep_ms(long ms) {
   if (ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));

@@ -41,6 +41,8 @@
 #include <string>
 #include <vector>
 
+#include "gpucommon.cuh"
+
 #ifdef __CUDACC__
 __global__ void fma_kernel(float* out, int iters, float b, float c) {
   unsigned tid = blockIdx.x * blockDim.x + threadIdx.x;
@@ -64,33 +66,10 @@ __global__ void fma_kernel(float* out, int iters, float b, float c) {
 static void fma_kernel(float*, int, float, float) {}
 #endif
 
-#define CHECK(call)                                                                   \
-  do {                                                                                \
-    cudaError_t e_ = (call);                                                          \
-    if (e_ != cudaSuccess) {                                                          \
-      printf("cuda_error=%s\ncuda_error_at=%s:%d\n", cudaGetErrorName(e_), __FILE__, \
-             __LINE__);                                                               \
-      fflush(stdout);                                                                 \
-      exit(4);                                                                        \
-    }                                                                                 \
-  } while (0)
-
 static double mono_s() {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int find_gpuslice(struct dl_phdr_info* info, size_t, void* data) {
-  if (info->dlpi_name && strstr(info->dlpi_name, "gpuslice")) *static_cast<int*>(data) = 1;
-  return 0;
-}
-
-static double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  if (n == 0) return 0.0;
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 static void usage() {

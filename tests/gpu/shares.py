@@ -10,19 +10,18 @@ OUT_DIR/bench.log (appends) and OUT_DIR/bench.tsv; prints the results table last
 Exit status: 0 when every program behaved (whatever the verdicts), 1 when a program crashed
 (signal, timeout, unexpected exit status), 2 when something needed was missing.
 """
-import argparse
 import datetime
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PY = sys.executable or "python3"
+import gpucommon
+from gpucommon import (C, HERE, PY, budget, clip_lines, env_for, have, log, log_cmd, parse_kv,
+                       remaining, settle, spawn, wait_proc)
 
 SHARES = [10, 30, 50, 70]
 SHARE_TOL = 3.0           # percentage points, checks 1, 2, 3 (and the extras)
@@ -43,58 +42,11 @@ SCRUB_NAMES = ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_SM_LIMIT",
                "CUDA_LAUNCH_BLOCKING")
 
 
-class Ctx:
-    lib = ""
-    build = ""
-    out = ""
-    runs_dir = ""
-    deadline = 0.0
-    seconds = 2.5
-    shim_log = "info"
-    log = None
-    base_env = {}
-    crashes = []
-    missing = []
-    results = []   # (id, name, verdict, figures, note)
-    cells = []     # bench.tsv rows: (id, check, verdict, target_pct, achieved_pct, figures, note)
-    mono_to_epoch = 0.0
-    t0 = 0.0
-    smi = None     # Monitor
-
-
-C = Ctx()
-
-
-# ----------------------------------------------------------------------------- logging
-
-def log(text=""):
-    C.log.write(text + "\n")
-    C.log.flush()
-
-
-def clip_lines(text, head, tail):
-    lines = text.splitlines()
-    if len(lines) <= head + tail:
-        return text.rstrip("\n")
-    return "\n".join(lines[:head] + [f"... [{len(lines) - head - tail} lines left out] ..."]
-                     + lines[-tail:])
-
-
-def read_clipped(path, edge=2 << 20):
-    """A file's text; only its first and last `edge` bytes when it is larger."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size <= 2 * edge:
-            data = f.read()
-        else:
-            head = f.read(edge)
-            f.seek(size - edge)
-            data = head + f"\n... [{size - 2 * edge} bytes left out] ...\n".encode() + f.read()
-    return data.decode("utf-8", errors="replace")
-
-
-def remaining():
-    return C.deadline - time.time()
+# This script's fields of the shared context (gpucommon.C).
+C.seconds = 2.5
+C.cells = []          # bench.tsv rows: (id, check, verdict, target_pct, achieved_pct, figures, note)
+C.mono_to_epoch = 0.0
+C.smi = None          # Monitor
 
 
 def pct(x, nd=1):
@@ -215,51 +167,17 @@ class Monitor:
 
 # ----------------------------------------------------------------------------- running
 
-class Run:
+class Run(gpucommon.Run):
     def __init__(self, name):
-        self.name = name
-        self.rc = None
-        self.kv = {}
+        super().__init__(name)
         self.reports = []  # (t, kernels, mono) from sharebench --report-ms
-        self.stdout = ""
-        self.stderr = ""
-        self.secs = 0.0
-        self.timed_out = False
-        self.cut = False
-        self.skipped = False
-        self.crashed = False
-        self.preload_failed = False
         self.clock = None  # (MHz, W, C, samples) during the timed window
-
-    def get(self, key, default=None):
-        return self.kv.get(key, default)
-
-    def num(self, key, default=None):
-        try:
-            return float(self.kv[key])
-        except (KeyError, ValueError):
-            return default
-
-    def status(self):
-        if self.skipped:
-            return "skipped (time budget)"
-        if self.cut:
-            return f"cut short by the time budget after {self.secs:.0f}s"
-        if self.timed_out:
-            return f"TIMEOUT after {self.secs:.0f}s"
-        if self.rc is not None and self.rc < 0:
-            try:
-                return f"killed by {signal.Signals(-self.rc).name}"
-            except ValueError:
-                return f"killed by signal {-self.rc}"
-        return f"rc={self.rc}"
 
     def rate(self):
         return self.num("rate")
 
 
 def parse_output(r):
-    kv = {}
     for line in r.stdout.splitlines():
         if line.startswith("t="):  # report line: t=<s> kernels=<n> mono=<s>
             try:
@@ -267,13 +185,7 @@ def parse_output(r):
                 r.reports.append((float(d["t"]), int(d["kernels"]), float(d["mono"])))
             except (KeyError, ValueError):
                 pass
-            continue
-        if "=" not in line or line.startswith("calib_point "):
-            continue
-        k, v = line.split("=", 1)
-        k = k.strip()
-        if re.fullmatch(r"[A-Za-z0-9_]+", k):
-            kv[k] = v.strip()
+    kv, _ = parse_kv(r.stdout, skip=("t=", "calib_point "))
     # "iters=N kernel_us=X" share one line in sharebench calibrate's answer
     m = re.search(r"^iters=(\d+) kernel_us=([0-9.]+)\s*$", r.stdout, re.M)
     if m:
@@ -281,35 +193,9 @@ def parse_output(r):
     r.kv = kv
 
 
-def env_for(shim, extra=None):
-    env = dict(C.base_env)
-    if shim:
-        env["LD_PRELOAD"] = C.lib
-        env["GPUSLICE_LOG"] = C.shim_log
-    if extra:
-        env.update(extra)
-    return env
-
-
-def env_delta(env):
-    keys = sorted(k for k in env if env.get(k) != C.base_env.get(k))
-    return " ".join(f"{k}={env[k]!r}" for k in keys) or "(base environment)"
-
-
 def finish(r, p_rc, out_path, err_path, env, capped, expect_rc=(0,)):
-    r.rc = p_rc
-    r.stdout = read_clipped(out_path)
-    r.stderr = read_clipped(err_path)
+    unexpected = settle(r, p_rc, out_path, err_path, env, capped, expect_rc)
     parse_output(r)
-    if env.get("LD_PRELOAD") and ("cannot be preloaded" in r.stderr or "ERROR: ld.so" in r.stderr):
-        r.preload_failed = True
-    if r.timed_out and capped:
-        r.cut = True
-    unexpected = not r.cut and (r.timed_out or r.rc < 0 or
-                                (expect_rc is not None and r.rc not in expect_rc))
-    if unexpected:
-        r.crashed = True
-        C.crashes.append(f"{r.name}: {r.status()}")
     ms, me = r.num("mono_start"), r.num("mono_end")
     if C.smi is not None and ms is not None and me is not None:
         r.clock = C.smi.window(ms + C.mono_to_epoch, me + C.mono_to_epoch)
@@ -327,43 +213,17 @@ def finish(r, p_rc, out_path, err_path, env, capped, expect_rc=(0,)):
 
 
 def start(name, argv, env):
-    out_path = os.path.join(C.runs_dir, name + ".out")
-    err_path = os.path.join(C.runs_dir, name + ".err")
-    log(f"\n=== {name}")
-    log(f"  cmd: {' '.join(argv)}")
-    log(f"  env: {env_delta(env)}")
-    fo, fe = open(out_path, "w"), open(err_path, "w")
-    try:
-        p = subprocess.Popen(argv, env=env, stdout=fo, stderr=fe, cwd=C.build)
-    except OSError as e:
-        fe.write(f"shares: cannot start: {e}\n")
-        p = None
-    fo.close()
-    fe.close()
-    return p, out_path, err_path
-
-
-def wait_proc(p, r, timeout):
-    if p is None:
-        return 127
-    try:
-        return p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        r.timed_out = True
-        p.kill()
-        return p.wait()
+    log_cmd(name, argv, env)
+    return spawn(name, argv, env)
 
 
 def run(name, argv, env, timeout, min_needed):
     """Run one program; stdout/stderr go to files, a summary to the log."""
     r = Run(name)
-    left = remaining()
-    if left < min_needed:
-        r.skipped = True
-        log(f"\n=== {name}: SKIPPED, {left:.0f}s of the time budget left")
+    b = budget(r, timeout, min_needed)
+    if b is None:
         return r
-    capped = left < timeout
-    timeout = max(1.0, min(timeout, left))
+    timeout, capped = b
     t0 = time.time()
     p, out_path, err_path = start(name, argv, env)
     rc = wait_proc(p, r, timeout)
@@ -403,25 +263,12 @@ def join_notes(items):
 
 
 def record(cid, name, ok, figures, note=""):
-    note = join_notes(note.split("; ")) if note else ""
-    verdict = ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
-    C.results.append((cid, name, verdict, figures, note))
-    log(f"--> [{cid}] {name}: {verdict}  {figures}" + (f"  ({note})" if note else ""))
-    return verdict
+    return gpucommon.record(cid, name, ok, figures, join_notes(note.split("; ")) if note else "")
 
 
 def cell(cid, name, verdict, target, achieved, figures, note=""):
     C.cells.append((cid, name, verdict, "" if target is None else f"{target:g}",
                     "" if achieved is None else f"{achieved:.2f}", figures, note))
-
-
-def have(prog):
-    path = os.path.join(C.build, prog)
-    if os.access(path, os.X_OK):
-        return path
-    if prog not in C.missing:
-        C.missing.append(prog)
-    return None
 
 
 # ----------------------------------------------------------------------------- figures
@@ -759,10 +606,9 @@ def check_extras(prog, iters, bases):
 # ----------------------------------------------------------------------------- report
 
 def write_results_and_table(smi_start, smi_end):
-    order = {cid: i for i, cid in enumerate(["0", "1a", "1b", "1c", "1d", "2", "2b", "3", "3b", "4a", "4b",
-                                             "5", "6"])}
-    rows = sorted(C.results, key=lambda r: order.get(r[0], 99))
-    clean = lambda s: str(s).replace("\t", " ").replace("\n", " ")
+    rows = gpucommon.sorted_results(["0", "1a", "1b", "1c", "1d", "2", "2b", "3", "3b", "4a", "4b",
+                                     "5", "6"])
+    clean = gpucommon.clean
     with open(os.path.join(C.out, "bench.tsv"), "w") as f:
         f.write("id\tcheck\tverdict\ttarget_pct\tachieved_pct\tfigures\tnote\n")
         for row in C.cells:
@@ -770,57 +616,29 @@ def write_results_and_table(smi_start, smi_end):
         for cid, name, verdict, figs, note in rows:
             f.write("\t".join(clean(x) for x in (f"summary:{cid}", name, verdict, "", "", figs,
                                                  note)) + "\n")
-    w = max(len(r[1]) for r in rows) if rows else 10
-    lines = ["", "gpuslice SM shares " + time.strftime("%Y-%m-%d %H:%M:%S")
-             + f"  (achieved % = rate / no-shim rate; +-{SHARE_TOL:g} points; {C.seconds:g}s runs)",
-             f"{'id':3s} {'check':{w}s} {'verdict':7s} figures"]
-    for cid, name, verdict, figs, note in rows:
-        lines.append(f"{cid:3s} {name:{w}s} {verdict:7s} {figs}")
-        if note and verdict not in ("PASS", "INFO"):
-            lines.append(f"{'':3s} {'':{w}s} {'':7s} -> {note}")
+    lines = gpucommon.table_lines(
+        rows, "gpuslice SM shares " + time.strftime("%Y-%m-%d %H:%M:%S")
+        + f"  (achieved % = rate / no-shim rate; +-{SHARE_TOL:g} points; {C.seconds:g}s runs)")
     lines.append(f"GPU ({SMI_FIELDS}) start: {smi_start}; end: {smi_end}")
     judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
     npass = sum(1 for r in judged if r[2] == "PASS")
-    crashes = ", ".join(C.crashes[:4]) + (f" and {len(C.crashes) - 4} more" if len(C.crashes) > 4 else "")
-    lines.append(f"{npass}/{len(judged)} PASS; crashes: {crashes or 'none'}"
-                 + (f"; missing: {', '.join(C.missing)}" if C.missing else "")
+    lines.append(f"{npass}/{len(judged)} PASS; {gpucommon.crashes_and_missing()}"
                  + f"; {time.time() - C.t0:.0f}s since the start")
-    text = "\n".join(lines)
-    log(text)
-    C.log.close()
-    print(text, flush=True)
+    gpucommon.emit(lines)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lib", required=True)
-    ap.add_argument("--build", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--t0", type=float, default=None, help="epoch seconds the whole run began")
-    ap.add_argument("--budget-s", type=float, default=450.0)
+    ap = gpucommon.arg_parser(450.0)
     ap.add_argument("--seconds", type=float, default=2.5, help="timed seconds per run")
     ap.add_argument("--shim-log", default="info", help="GPUSLICE_LOG for runs under the shim")
     args = ap.parse_args()
 
-    C.lib = os.path.abspath(args.lib)
-    C.build = os.path.abspath(args.build)
-    C.out = os.path.abspath(args.out)
-    C.runs_dir = os.path.join(C.build, "bench_runs")
+    gpucommon.setup("shares", args, "bench_runs", "bench.log")
     C.seconds = args.seconds
     C.shim_log = args.shim_log
-    os.makedirs(C.runs_dir, exist_ok=True)
-    os.makedirs(C.out, exist_ok=True)
-    C.t0 = args.t0 if args.t0 else time.time()
-    C.deadline = C.t0 + args.budget_s
-    C.log = open(os.path.join(C.out, "bench.log"), "a")
     C.mono_to_epoch = time.time() - time.monotonic()
 
-    env = dict(os.environ)
-    for k in list(env):
-        if k.startswith(SCRUB_PREFIXES) or k in SCRUB_NAMES:
-            del env[k]
-    env["PYTHONUNBUFFERED"] = "1"
-    C.base_env = env
+    C.base_env = gpucommon.scrubbed_env(SCRUB_PREFIXES, SCRUB_NAMES)
 
     log(f"\n##### shares: lib={C.lib} build={C.build} out={C.out} python={PY} "
         f"seconds={C.seconds} time left={remaining():.0f}s")
@@ -844,18 +662,12 @@ def main():
         if prog:
             check_extras(prog, iters, bases)
     except Exception as e:  # a harness bug must still leave a table behind
-        import traceback
-        log("HARNESS ERROR:\n" + traceback.format_exc())
-        C.crashes.append(f"shares: {type(e).__name__}: {e}")
+        gpucommon.harness_error(e)
     finally:
         C.smi.stop()
         smi_end = smi_snapshot("at the end")
     write_results_and_table(smi_start, smi_end)
-    if C.crashes:
-        return 1
-    if C.missing:
-        return 2
-    return 0
+    return gpucommon.exit_status()
 
 
 if __name__ == "__main__":

@@ -16,17 +16,7 @@ import os
 import sys
 import time
 
-
-def out(key, value):
-    print(f"{key}={value}", flush=True)
-
-
-def preloaded_gpuslice():
-    try:
-        with open("/proc/self/maps") as f:
-            return int("gpuslice" in f.read())
-    except OSError:
-        return -1
+from procout import out, preloaded_gpuslice
 
 
 def main():

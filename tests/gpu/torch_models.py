@@ -11,11 +11,9 @@ raised. compare prints same_matmul=, same_logits=, max_abs_diff_* and exits 0.
 import sys
 import time
 
+from procout import out, preloaded_gpuslice
+
 MIB = 1024 * 1024
-
-
-def out(key, value):
-    print(f"{key}={value}", flush=True)
 
 
 def strict_fp32(torch):
@@ -32,14 +30,6 @@ def strict_fp32(torch):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     return "allow_tf32=False"
-
-
-def preloaded_gpuslice():
-    try:
-        with open("/proc/self/maps") as f:
-            return int("gpuslice" in f.read())
-    except OSError:
-        return -1
 
 
 def run(outfile):

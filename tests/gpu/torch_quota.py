@@ -14,20 +14,10 @@ import os
 import sys
 import time
 
+from procout import out, preloaded_gpuslice
+
 CHUNK_ELEMS = 64 * 1024 * 1024  # float32: 256 MiB
 MIB = 1024 * 1024
-
-
-def out(key, value):
-    print(f"{key}={value}", flush=True)
-
-
-def preloaded_gpuslice():
-    try:
-        with open("/proc/self/maps") as f:
-            return int("gpuslice" in f.read())
-    except OSError:
-        return -1
 
 
 def main():

@@ -1,0 +1,75 @@
+# shellcheck shell=bash disable=SC2034  # the variables set here are used by the scripts that source it
+# Sourced by tests/gpu/acceptance.sh and tests/gpu/bench.sh (bash), before anything else:
+#   . "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2
+# Takes the start time, moves to the repo root, and sets:
+#   T0 CALLER_PWD ROOT HERE LIB OUTDIR BUILD PY
+# then gpu_setup NAME LOGFILE TITLE makes the folders, starts the log and checks the shim,
+# python and nvcc (exit 2 on a setup problem; NAME prefixes its messages), and gpu_machine
+# QUERY EXTRA appends the machine's description to the log.
+T0=$(date +%s)
+CALLER_PWD=$(pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
+ROOT=$(pwd)
+HERE=tests/gpu
+
+abspath() { # path relative to the caller's directory -> absolute
+  case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$CALLER_PWD/$1" ;; esac
+}
+
+if [ -n "${GPUSLICE_LIB:-}" ]; then LIB=$(abspath "$GPUSLICE_LIB"); else LIB=$ROOT/.gpu/libgpuslice.so; fi
+if [ -n "${OUT:-}" ]; then OUTDIR=$(abspath "$OUT"); else OUTDIR=$ROOT/.gpu/out; fi
+BUILD=$ROOT/.gpu/build
+PY=${PYTHON:-python3}
+
+note() { printf '%s\n' "$*" | tee -a "$LOG"; }
+
+gpu_setup() { # NAME LOGFILE TITLE: sets LOG and NVCC
+  local name=$1
+  mkdir -p "$OUTDIR" "$BUILD" || { echo "$name: cannot create $OUTDIR or $BUILD" >&2; exit 2; }
+  LOG=$OUTDIR/$2
+  : >"$LOG"
+
+  note "$3: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
+  note "repo: $ROOT ($(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+
+  if [ ! -f "$LIB" ]; then
+    note "$name: shim not found at $LIB: put the prebuilt library at .gpu/libgpuslice.so or set GPUSLICE_LIB"
+    exit 2
+  fi
+  LIB=$(cd "$(dirname "$LIB")" && pwd)/$(basename "$LIB")
+  note "shim: $LIB ($(stat -c %s "$LIB" 2>/dev/null) bytes, sha256 $(sha256sum "$LIB" 2>/dev/null | cut -c1-16))"
+
+  if ! command -v "$PY" >/dev/null 2>&1; then
+    note "$name: python not found ($PY); set PYTHON"
+    exit 2
+  fi
+
+  NVCC=${NVCC:-}
+  if [ -z "$NVCC" ]; then
+    if command -v nvcc >/dev/null 2>&1; then NVCC=nvcc
+    elif [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc
+    fi
+  fi
+  if [ -z "$NVCC" ]; then
+    note "$name: nvcc not found (PATH or /usr/local/cuda/bin); set NVCC"
+    exit 2
+  fi
+}
+
+gpu_machine() { # QUERY-GPU-FIELDS LAST-LINE: the machine, into the log
+  {
+    echo "--- machine"
+    nvidia-smi --query-gpu="$1" --format=csv,noheader 2>&1
+    echo "compute processes before the run (pid, used):"
+    nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader 2>&1
+    "$NVCC" --version 2>&1 | tail -n 2
+    echo "$2"
+  } >>"$LOG" 2>&1
+}
+
+up_to_date() { # BIN SOURCE...: BIN is executable and newer than every SOURCE
+  local bin=$1 src
+  shift
+  [ -x "$bin" ] || return 1
+  for src in "$@"; do [ "$bin" -nt "$src" ] || return 1; done
+}

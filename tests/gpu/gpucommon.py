@@ -1,0 +1,311 @@
+"""What harness.py (memory quotas, `make gpu-test`) and shares.py (SM shares, `make gpu-bench`)
+share: the run context, the log, the scrubbed base environment, starting a program with its
+output in files and settling its result, recording verdicts, and the table's frame.
+
+Standard library only. Both scripts run with tests/gpu/ first on sys.path (python3 puts a
+script's own directory there), so `import gpucommon` finds this file.
+"""
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))  # tests/gpu
+PY = sys.executable or "python3"
+
+
+class Ctx:
+    name = ""        # "harness" or "shares": the prefix of its own error lines
+    lib = ""
+    build = ""
+    out = ""
+    runs_dir = ""
+    t0 = 0.0
+    deadline = 0.0
+    shim_log = "info"  # GPUSLICE_LOG for runs under the shim
+    log = None
+    base_env = {}
+    crashes = []
+    missing = []
+    results = []  # (id, name, verdict, figures, note)
+
+
+# The one context of this process; each script adds its own fields to it.
+C = Ctx()
+
+
+# ----------------------------------------------------------------------------- logging
+
+def log(text=""):
+    C.log.write(text + "\n")
+    C.log.flush()
+
+
+def clip_lines(text, head, tail):
+    lines = text.splitlines()
+    if len(lines) <= head + tail:
+        return text.rstrip("\n")
+    return "\n".join(lines[:head] + [f"... [{len(lines) - head - tail} lines left out] ..."]
+                     + lines[-tail:])
+
+
+def read_clipped(path, edge=2 << 20):
+    """A file's text; only its first and last `edge` bytes when it is larger (chatty logs)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= 2 * edge:
+            data = f.read()
+        else:
+            head = f.read(edge)
+            f.seek(size - edge)
+            data = head + f"\n... [{size - 2 * edge} bytes left out] ...\n".encode() + f.read()
+    return data.decode("utf-8", errors="replace")
+
+
+def remaining():
+    return C.deadline - time.time()
+
+
+# ----------------------------------------------------------------------------- setup
+
+def arg_parser(budget_s):
+    """The options both scripts take; each adds its own."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", required=True)
+    ap.add_argument("--build", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--t0", type=float, default=None, help="epoch seconds the whole run began")
+    ap.add_argument("--budget-s", type=float, default=budget_s)
+    return ap
+
+
+def setup(name, args, runs_subdir, log_name):
+    """Fill C from the parsed options; runs go to BUILD/runs_subdir, the log to OUT/log_name
+    (appended: the shell entry point has written its part already)."""
+    C.name = name
+    C.lib = os.path.abspath(args.lib)
+    C.build = os.path.abspath(args.build)
+    C.out = os.path.abspath(args.out)
+    C.runs_dir = os.path.join(C.build, runs_subdir)
+    os.makedirs(C.runs_dir, exist_ok=True)
+    os.makedirs(C.out, exist_ok=True)
+    C.t0 = args.t0 if args.t0 else time.time()
+    C.deadline = C.t0 + args.budget_s
+    C.log = open(os.path.join(C.out, log_name), "a")
+
+
+def scrubbed_env(prefixes, names):
+    """os.environ without the inherited variables that would change what a run does."""
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith(prefixes) or k in names:
+            del env[k]
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def env_for(shim, extra=None):
+    env = dict(C.base_env)
+    if shim:
+        env["LD_PRELOAD"] = C.lib
+        env["GPUSLICE_LOG"] = C.shim_log
+    if extra:
+        env.update(extra)
+    return env
+
+
+def env_delta(env):
+    keys = sorted(k for k in env if env.get(k) != C.base_env.get(k))
+    return " ".join(f"{k}={env[k]!r}" for k in keys) or "(base environment)"
+
+
+def have(prog):
+    path = os.path.join(C.build, prog)
+    if os.access(path, os.X_OK):
+        return path
+    if prog not in C.missing:
+        C.missing.append(prog)
+    return None
+
+
+# ----------------------------------------------------------------------------- running
+
+class Run:
+    """One program's run; the scripts add what they read from it."""
+
+    def __init__(self, name):
+        self.name = name
+        self.rc = None
+        self.kv = {}
+        self.stdout = ""
+        self.stderr = ""
+        self.secs = 0.0
+        self.timed_out = False
+        self.cut = False  # stopped by the overall time budget, not by its own timeout
+        self.skipped = False
+        self.crashed = False
+        self.preload_failed = False
+
+    def get(self, key, default=None):
+        return self.kv.get(key, default)
+
+    def num(self, key, default=None):
+        try:
+            return float(self.kv[key])
+        except (KeyError, ValueError):
+            return default
+
+    def status(self):
+        if self.skipped:
+            return "skipped (time budget)"
+        if self.cut:
+            return f"cut short by the time budget after {self.secs:.0f}s"
+        if self.timed_out:
+            return f"TIMEOUT after {self.secs:.0f}s"
+        if self.rc is not None and self.rc < 0:
+            try:
+                return f"killed by {signal.Signals(-self.rc).name}"
+            except ValueError:
+                return f"killed by signal {-self.rc}"
+        return f"rc={self.rc}"
+
+
+def parse_kv(text, skip=()):
+    """key=value lines (keys of [A-Za-z0-9_]) -> ({key: last value}, {key: [values]});
+    lines that start with one of `skip` are passed over."""
+    kv, multi = {}, {}
+    for line in text.splitlines():
+        if "=" not in line or line.startswith(skip):
+            continue
+        k, v = line.split("=", 1)
+        k = k.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_]+", k):
+            continue
+        kv[k] = v.strip()
+        multi.setdefault(k, []).append(v.strip())
+    return kv, multi
+
+
+def budget(r, timeout, min_needed):
+    """(timeout, capped) for a run that may start; None, with r marked skipped, when less than
+    min_needed seconds of the time budget are left."""
+    left = remaining()
+    if left < min_needed:
+        r.skipped = True
+        log(f"\n=== {r.name}: SKIPPED, {left:.0f}s of the time budget left")
+        return None
+    return max(1.0, min(timeout, left)), left < timeout
+
+
+def log_cmd(name, argv, env):
+    log(f"\n=== {name}")
+    log(f"  cmd: {' '.join(argv)}")
+    log(f"  env: {env_delta(env)}")
+
+
+def spawn(name, argv, env):
+    """Start argv in the build folder, stdout/stderr to runs_dir/name.out/.err.
+    Returns (Popen or None when it could not start, out_path, err_path)."""
+    out_path = os.path.join(C.runs_dir, name + ".out")
+    err_path = os.path.join(C.runs_dir, name + ".err")
+    fo, fe = open(out_path, "w"), open(err_path, "w")
+    try:
+        p = subprocess.Popen(argv, env=env, stdout=fo, stderr=fe, cwd=C.build)
+    except OSError as e:
+        fe.write(f"{C.name}: cannot start: {e}\n")
+        p = None
+    fo.close()
+    fe.close()
+    return p, out_path, err_path
+
+
+def wait_proc(p, r, timeout):
+    if p is None:
+        return 127
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        r.timed_out = True
+        p.kill()
+        return p.wait()
+
+
+def settle(r, rc, out_path, err_path, env, capped, expect_rc=(0,)):
+    """Read a finished run's output into r and judge how it ended; counts an unexpected end
+    as a crash. Returns whether the end was unexpected."""
+    r.rc = rc
+    r.stdout = read_clipped(out_path)
+    r.stderr = read_clipped(err_path)
+    if env.get("LD_PRELOAD") and ("cannot be preloaded" in r.stderr or "ERROR: ld.so" in r.stderr):
+        r.preload_failed = True
+    if r.timed_out and capped:
+        r.cut = True
+    unexpected = not r.cut and (r.timed_out or r.rc < 0 or
+                                (expect_rc is not None and r.rc not in expect_rc))
+    if unexpected:
+        r.crashed = True
+        C.crashes.append(f"{r.name}: {r.status()}")
+    return unexpected
+
+
+# ----------------------------------------------------------------------------- report
+
+def record(cid, name, ok, figures, note=""):
+    verdict = ok if isinstance(ok, str) else ("PASS" if ok else "FAIL")
+    C.results.append((cid, name, verdict, figures, note))
+    log(f"--> [{cid}] {name}: {verdict}  {figures}" + (f"  ({note})" if note else ""))
+    return verdict
+
+
+def harness_error(e):
+    """A bug in the script itself: into the log and the crashes, so a table still follows."""
+    import traceback
+    log("HARNESS ERROR:\n" + traceback.format_exc())
+    C.crashes.append(f"{C.name}: {type(e).__name__}: {e}")
+
+
+def clean(s):
+    return str(s).replace("\t", " ").replace("\n", " ")
+
+
+def sorted_results(ids):
+    order = {cid: i for i, cid in enumerate(ids)}
+    return sorted(C.results, key=lambda r: order.get(r[0], 99))
+
+
+def table_lines(rows, title):
+    """The table: a blank line, the title, the header, a row a check (and its note under it
+    when the verdict is neither PASS nor INFO)."""
+    w = max(len(r[1]) for r in rows) if rows else 10
+    lines = ["", title, f"{'id':3s} {'check':{w}s} {'verdict':7s} figures"]
+    for cid, name, verdict, figs, note in rows:
+        lines.append(f"{cid:3s} {name:{w}s} {verdict:7s} {figs}")
+        if note and verdict not in ("PASS", "INFO"):
+            lines.append(f"{'':3s} {'':{w}s} {'':7s} -> {note}")
+    return lines
+
+
+def crashes_and_missing():
+    crashes = ", ".join(C.crashes[:4]) + (f" and {len(C.crashes) - 4} more" if len(C.crashes) > 4 else "")
+    return (f"crashes: {crashes or 'none'}"
+            + (f"; missing: {', '.join(C.missing)}" if C.missing else ""))
+
+
+def emit(lines):
+    """The table last into the log (which it closes) and onto stdout."""
+    text = "\n".join(lines)
+    log(text)
+    C.log.close()
+    print(text, flush=True)
+
+
+def exit_status():
+    """1 when a program crashed, 2 when something needed was missing, else 0."""
+    if C.crashes:
+        return 1
+    if C.missing:
+        return 2
+    return 0
