@@ -461,7 +461,7 @@ def check_bench():
                ("shim4g", env_for(True, LIMIT))]
     runs = {name: [] for name, _ in configs}
     bad = []
-    rounds_wanted, rounds_min = 8, 2
+    rounds_wanted, rounds_min = 16, 2
     rounds_done = 0
     per_round = None
     # One short unrecorded run first, so that clocks and caches are warm for the first real one.
@@ -528,13 +528,15 @@ def check_bench():
     record("5a", "empty launch: host ns growth <= 150", ok, figs, note_base)
 
     # 5b malloc. Each process lands in one of two modes for the whole run (seen on the H200:
-    # 84-91 us or 108-113 us per pair, with and without the shim alike), so a pooled median says
-    # more about which mode the few invocations drew than about the shim. The shim's cost is
-    # fixed per call, so compare each configuration's best invocation (min of per-invocation
-    # medians); the pooled medians stay in the log.
+    # 82-91 us or 107-146 us per pair, with and without the shim alike), so a pooled median says
+    # more about which mode the few invocations drew than about the shim, and a single best
+    # invocation still wanders by +-3% (the shim "cost" -9% in one run and +2.9% in the next).
+    # The shim's cost is fixed per call: compare the mean of each configuration's faster half
+    # of per-invocation medians, over 16 rounds; the pooled medians stay in the log.
     def best(name):
-        vals = [float(r.get("malloc_pair_us_median")) for r in runs[name] if r.get("malloc_pair_us_median")]
-        return min(vals) if vals else None
+        vals = sorted(float(r.get("malloc_pair_us_median")) for r in runs[name] if r.get("malloc_pair_us_median"))
+        fast = vals[:max(1, len(vals) // 2)]
+        return sum(fast) / len(fast) if fast else None
     base = best("noshim")
     parts, ok = [], enough and base is not None
     for name in ("shim", "shim4g"):
@@ -546,7 +548,7 @@ def check_bench():
         g = v / base - 1.0
         ok = ok and g <= MALLOC_MAX_GROWTH
         parts.append(f"{name}={g * 100:+.1f}%")
-    figs = (f"best base={base:.1f}us " if base is not None else "base=? ") + " ".join(parts)
+    figs = (f"fast-half base={base:.1f}us " if base is not None else "base=? ") + " ".join(parts)
     record("5b", "64MiB malloc+free: growth <= 2%", ok, figs, note_base)
 
 
