@@ -527,16 +527,24 @@ def check_bench():
         (f" burst_base={bb:.0f}ns" if bb is not None else "") + f" rounds={rounds_done}"
     record("5a", "empty launch: host ns growth <= 150", ok, figs, note_base)
 
-    # 5b malloc. Each process lands in one of two modes for the whole run (seen on the H200:
-    # 82-91 us or 107-146 us per pair, with and without the shim alike), so a pooled median says
-    # more about which mode the few invocations drew than about the shim, and a single best
-    # invocation still wanders by +-3% (the shim "cost" -9% in one run and +2.9% in the next).
-    # The shim's cost is fixed per call: compare the mean of each configuration's faster half
-    # of per-invocation medians, over 16 rounds; the pooled medians stay in the log.
+    # 5b malloc. Each process lands in one of a few timing modes for its whole run (seen on the
+    # H200: 82-91 us, ~105 us or 130-175 us per pair, with and without the shim alike), so a
+    # pooled median says more about which mode the invocations drew than about the shim. The
+    # shim's cost is fixed per call: judge on each configuration's fastest invocation over 16
+    # rounds (the minimum is the estimator for a fixed overhead under one-sided noise); the mean
+    # of the faster half and the pooled medians are shown in the log.
+    def per_invocation(name):
+        return sorted(float(r.get("malloc_pair_us_median")) for r in runs[name] if r.get("malloc_pair_us_median"))
+
     def best(name):
-        vals = sorted(float(r.get("malloc_pair_us_median")) for r in runs[name] if r.get("malloc_pair_us_median"))
-        fast = vals[:max(1, len(vals) // 2)]
-        return sum(fast) / len(fast) if fast else None
+        vals = per_invocation(name)
+        return vals[0] if vals else None
+
+    for name, _ in configs:
+        vals = per_invocation(name)
+        if vals:
+            fast = vals[:max(1, len(vals) // 2)]
+            log(f"    {name}: malloc fastest {vals[0]:.2f} us, faster-half mean {sum(fast) / len(fast):.2f} us")
     base = best("noshim")
     parts, ok = [], enough and base is not None
     for name in ("shim", "shim4g"):
@@ -548,7 +556,7 @@ def check_bench():
         g = v / base - 1.0
         ok = ok and g <= MALLOC_MAX_GROWTH
         parts.append(f"{name}={g * 100:+.1f}%")
-    figs = (f"fast-half base={base:.1f}us " if base is not None else "base=? ") + " ".join(parts)
+    figs = (f"fastest base={base:.1f}us " if base is not None else "base=? ") + " ".join(parts)
     record("5b", "64MiB malloc+free: growth <= 2%", ok, figs, note_base)
 
 
