@@ -100,8 +100,10 @@ fn end_burst(device: i32, bucket: &throttle::Bucket) {
     board::release(device);
 }
 
+/// A kernel launch entry point with the classic argument list; `cuLaunchKernel` takes an
+/// `extra` array after the parameters, `cuLaunchCooperativeKernel` does not.
 macro_rules! kernel_hook {
-    ($name:ident, per_thread = $pt:expr) => {
+    ($name:ident, per_thread = $pt:expr $(, $extra:ident)?) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name(
             f: *mut c_void,
@@ -114,10 +116,10 @@ macro_rules! kernel_hook {
             shared_mem: c_uint,
             stream: CUstream,
             params: *mut *mut c_void,
-            extra: *mut *mut c_void,
+            $($extra: *mut *mut c_void,)?
         ) -> CuResult {
             guard::cuda(stringify!($name), || {
-                let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params, extra));
+                let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params $(, $extra)?));
                 if !throttle::active() {
                     return launch();
                 }
@@ -127,37 +129,10 @@ macro_rules! kernel_hook {
     };
 }
 
-kernel_hook!(cuLaunchKernel, per_thread = false);
-kernel_hook!(cuLaunchKernel_ptsz, per_thread = true);
-
-macro_rules! cooperative_hook {
-    ($name:ident, per_thread = $pt:expr) => {
-        #[no_mangle]
-        pub unsafe extern "C" fn $name(
-            f: *mut c_void,
-            gx: c_uint,
-            gy: c_uint,
-            gz: c_uint,
-            bx: c_uint,
-            by: c_uint,
-            bz: c_uint,
-            shared_mem: c_uint,
-            stream: CUstream,
-            params: *mut *mut c_void,
-        ) -> CuResult {
-            guard::cuda(stringify!($name), || {
-                let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params));
-                if !throttle::active() {
-                    return launch();
-                }
-                throttled(stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
-            })
-        }
-    };
-}
-
-cooperative_hook!(cuLaunchCooperativeKernel, per_thread = false);
-cooperative_hook!(cuLaunchCooperativeKernel_ptsz, per_thread = true);
+kernel_hook!(cuLaunchKernel, per_thread = false, extra);
+kernel_hook!(cuLaunchKernel_ptsz, per_thread = true, extra);
+kernel_hook!(cuLaunchCooperativeKernel, per_thread = false);
+kernel_hook!(cuLaunchCooperativeKernel_ptsz, per_thread = true);
 
 macro_rules! ex_hook {
     ($name:ident, per_thread = $pt:expr) => {

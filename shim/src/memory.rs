@@ -113,26 +113,29 @@ fn charge_extra(budget: &'static DeviceBudget, device: CUdevice, what: &'static 
     }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CuResult {
-    guard::cuda("cuMemAlloc_v2", || {
-        guard::test_panic_point("cuMemAlloc_v2");
-        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAlloc", || {
-            let code = call_real!(cuMemAlloc_v2(dptr, bytesize));
-            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
-        })
-    })
+/// A linear allocation entry point: `(dptr, bytesize, rest...)`, recorded by the pointer it
+/// returns. `what` names the API in the refusal log line.
+macro_rules! linear_hook {
+    ($name:ident, $what:literal $(, $arg:ident : $ty:ty)*) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(dptr: *mut CUdeviceptr, bytesize: usize $(, $arg: $ty)*) -> CuResult {
+            guard::cuda(stringify!($name), || {
+                guard::test_panic_point(stringify!($name));
+                charged(&POINTERS, current_device(), bytesize as u64, $what, || {
+                    let code = call_real!($name(dptr, bytesize $(, $arg)*));
+                    (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+                })
+            })
+        }
+    };
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint) -> CuResult {
-    guard::cuda("cuMemAllocManaged", || {
-        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocManaged", || {
-            let code = call_real!(cuMemAllocManaged(dptr, bytesize, flags));
-            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
-        })
-    })
-}
+linear_hook!(cuMemAlloc_v2, "cuMemAlloc");
+linear_hook!(cuMemAllocManaged, "cuMemAllocManaged", flags: c_uint);
+linear_hook!(cuMemAllocAsync, "cuMemAllocAsync", stream: CUstream);
+linear_hook!(cuMemAllocAsync_ptsz, "cuMemAllocAsync", stream: CUstream);
+linear_hook!(cuMemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", pool: CUmemoryPool, stream: CUstream);
+linear_hook!(cuMemAllocFromPoolAsync_ptsz, "cuMemAllocFromPoolAsync", pool: CUmemoryPool, stream: CUstream);
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocPitch_v2(
@@ -169,56 +172,6 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
         } else {
             CUDA_ERROR_OUT_OF_MEMORY
         }
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CuResult {
-    guard::cuda("cuMemAllocAsync", || {
-        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocAsync", || {
-            let code = call_real!(cuMemAllocAsync(dptr, bytesize, stream));
-            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
-        })
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: usize, stream: CUstream) -> CuResult {
-    guard::cuda("cuMemAllocAsync_ptsz", || {
-        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocAsync", || {
-            let code = call_real!(cuMemAllocAsync_ptsz(dptr, bytesize, stream));
-            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
-        })
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
-    dptr: *mut CUdeviceptr,
-    bytesize: usize,
-    pool: CUmemoryPool,
-    stream: CUstream,
-) -> CuResult {
-    guard::cuda("cuMemAllocFromPoolAsync", || {
-        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocFromPoolAsync", || {
-            let code = call_real!(cuMemAllocFromPoolAsync(dptr, bytesize, pool, stream));
-            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
-        })
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
-    dptr: *mut CUdeviceptr,
-    bytesize: usize,
-    pool: CUmemoryPool,
-    stream: CUstream,
-) -> CuResult {
-    guard::cuda("cuMemAllocFromPoolAsync_ptsz", || {
-        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAllocFromPoolAsync", || {
-            let code = call_real!(cuMemAllocFromPoolAsync_ptsz(dptr, bytesize, pool, stream));
-            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
-        })
     })
 }
 
