@@ -135,7 +135,7 @@ pub fn plan(key: u64) -> Plan {
     let mut guard = shard(key).lock();
     let e = guard.get_or_insert_with(HashMap::new).entry(key).or_default();
     let unknown = e.busy_ns == 0 && e.idle_ns == 0;
-    let sample = unknown || e.launches % SAMPLE_EVERY == 0;
+    let sample = unknown || e.launches.is_multiple_of(SAMPLE_EVERY);
     e.launches += 1;
     Plan { charge_ns: e.charge_ns(), sample }
 }

@@ -269,7 +269,7 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(
             0
         } else {
             let d = unsafe { &*desc };
-            (0..levels.max(1).min(64))
+            (0..levels.clamp(1, 64))
                 .map(|l| {
                     let shrink = |extent: usize| if extent == 0 { 0 } else { (extent >> l).max(1) };
                     array_bytes(shrink(d.width), shrink(d.height), shrink(d.depth), d.format, d.num_channels)
