@@ -179,3 +179,19 @@ fn a_bad_share_refuses_cuda_work() {
         assert_eq!(out.stderr_lines_with(&["gpuslice", "GPUSLICE_SM_SHARE"]).len(), 1, "{bad}: {}", out.stderr);
     }
 }
+
+#[test]
+fn a_killed_process_does_not_hold_the_device() {
+    let _serial = serial();
+    let sim = Sim::new();
+    // A throttled neighbour in the middle of its bursts, killed with SIGKILL: it can neither
+    // finish its burst nor hand its turn over. The next process must not wait on it.
+    let mut victim = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 50).args("init ctx 0 launch 1000 2000000 sync").spawn();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    victim.kill();
+    let _ = victim.wait();
+    let ns = 200_000u64;
+    assert_share(60.0, 2.0, "right after a throttled neighbour was killed", || {
+        achieved(&sim, Route::Procaddr, Some(60), &kernels(WORK_NS / ns, ns), WORK_NS)
+    });
+}
