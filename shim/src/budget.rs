@@ -67,6 +67,17 @@ impl DeviceBudget {
         self.overhead.load(Relaxed)
     }
 
+    /// What memory queries report inside the quota, given the device's real total and free:
+    /// `(total, free, used)` with total = min(limit, real total) and free = min(total − used,
+    /// real free). `None` without a limit (the real figures stand). The one definition behind
+    /// `cuMemGetInfo_v2`, `cuDeviceTotalMem_v2` and NVML's memory queries.
+    pub fn quota_view(&self, real_total: u64, real_free: u64) -> Option<(u64, u64, u64)> {
+        let limit = self.limit()?;
+        let used = self.used();
+        let total = limit.min(real_total);
+        Some((total, total.saturating_sub(used).min(real_free), used))
+    }
+
     /// Reserves `bytes` if that keeps use within the limit. Zero bytes always succeed, so that
     /// the driver, not the quota, answers a zero-size request.
     #[inline]
@@ -152,6 +163,19 @@ mod tests {
         b.uncharge(1000);
         assert!(b.try_charge(1001).is_err());
         assert_eq!(b.refusals.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn quota_view_is_bounded_by_limit_and_device() {
+        assert_eq!(budget(UNLIMITED).quota_view(100, 50), None);
+        let b = budget(1000);
+        b.try_charge(300).unwrap();
+        assert_eq!(b.quota_view(10_000, 5_000), Some((1000, 700, 300)));
+        assert_eq!(b.quota_view(10_000, 200), Some((1000, 200, 300)), "the device's real free caps it");
+        assert_eq!(b.quota_view(800, 5_000), Some((800, 500, 300)), "a limit above the card is the card");
+        b.try_charge(700).unwrap();
+        b.charge(50);
+        assert_eq!(b.quota_view(10_000, 5_000), Some((1000, 0, 1050)), "over the limit: nothing free");
     }
 
     #[test]

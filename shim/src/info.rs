@@ -18,14 +18,11 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
             return code;
         }
         let Some(b) = driver().and_then(|d| d.current_device()).and_then(budget::of) else { return code };
-        if let Some(limit) = b.limit() {
-            // SAFETY: the driver just wrote both.
+        // SAFETY: the driver just wrote both.
+        if let Some((t, f, _)) = b.quota_view(unsafe { *total } as u64, unsafe { *free } as u64) {
             unsafe {
-                let real_total = *total as u64;
-                let real_free = *free as u64;
-                let quota_total = limit.min(real_total);
-                *total = quota_total as usize;
-                *free = quota_total.saturating_sub(b.used()).min(real_free) as usize;
+                *total = t as usize;
+                *free = f as usize;
             }
         }
         code
@@ -40,9 +37,10 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CUdevice
         }
         let code = call_real!(cuDeviceTotalMem_v2(bytes, device));
         if code == CUDA_SUCCESS && !bytes.is_null() {
-            if let Some(limit) = budget::of(device).and_then(|b| b.limit()) {
-                // SAFETY: the driver just wrote it.
-                unsafe { *bytes = (*bytes as u64).min(limit) as usize };
+            // SAFETY: the driver just wrote it.
+            let real = unsafe { *bytes } as u64;
+            if let Some((t, _, _)) = budget::of(device).and_then(|b| b.quota_view(real, real)) {
+                unsafe { *bytes = t as usize };
             }
         }
         code

@@ -169,12 +169,7 @@ fn quota_view(nvml_device: NvmlDevice, real_total: u64, real_free: u64) -> Optio
     if settings.is_unlimited() {
         return None;
     }
-    let ordinal = cuda_ordinal_of(nvml_device)?;
-    let b = budget::of(ordinal)?;
-    let limit = b.limit()?;
-    let used = b.used();
-    let total = limit.min(real_total);
-    Some((total, total.saturating_sub(used).min(real_free), used))
+    budget::of(cuda_ordinal_of(nvml_device)?)?.quota_view(real_total, real_free)
 }
 
 #[no_mangle]
