@@ -8,6 +8,7 @@
 //! library path. An empty variable counts as unset; anything else that does not parse is an
 //! error, never a silent "no limit".
 
+use crate::ledger::Priority;
 use crate::size::{format_size, parse_size};
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -18,6 +19,23 @@ pub const HAMI_MEMORY_LIMIT: &str = "CUDA_DEVICE_MEMORY_LIMIT";
 pub const ENV_SM_SHARE: &str = "GPUSLICE_SM_SHARE";
 pub const HAMI_SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
 pub const ENV_CONFIG: &str = "GPUSLICE_CONFIG";
+pub use crate::protocol::{ENV_GROUP, ENV_PRIORITY};
+
+/// A group name: what `GPUSLICE_GROUP` and `[groups.NAME]` may say.
+pub fn check_group_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() < crate::ledger::NAME_BYTES
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+        && !name.starts_with("pid-");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "a group name is 1-{} characters of letters, digits and - _ . : / @, and does not start with \"pid-\" (kept for processes alone)",
+            crate::ledger::NAME_BYTES - 1
+        ))
+    }
+}
 
 /// A setting that could not be used: where it came from, what it said, and why not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +152,10 @@ pub struct Settings {
     pub memory_limit: PerDevice<u64>,
     /// Percent of the device's time, 1..=100; unset and 100 both mean "not throttled".
     pub sm_share: PerDevice<u32>,
+    /// `GPUSLICE_PRIORITY`, or the file's.
+    pub priority: Option<Sourced<Priority>>,
+    /// `GPUSLICE_GROUP`: the group the process joins when a controller runs.
+    pub group: Option<String>,
 }
 
 impl Settings {
@@ -156,6 +178,12 @@ impl Settings {
     pub fn describe(&self) -> String {
         let mut parts = self.memory_limit.describe("memory", |b| format_size(*b));
         parts.extend(self.sm_share.describe("SM share", |p| format!("{p}%")));
+        if let Some(p) = &self.priority {
+            parts.push(format!("priority {} (from {})", p.value, p.origin));
+        }
+        if let Some(g) = &self.group {
+            parts.push(format!("group {g:?}"));
+        }
         if parts.is_empty() {
             "no limits".to_string()
         } else {
@@ -177,11 +205,50 @@ impl Settings {
     }
 
     /// Resolves settings from environment pairs and an already-read file.
+    ///
+    /// With `GPUSLICE_GROUP` naming a group of the file, that group's settings stand over the
+    /// file's defaults (what a controller reading the same file would apply to the group).
     pub fn resolve(vars: &[(String, String)], file: Option<FileSettings>) -> Result<Settings, SettingsError> {
-        let mut settings = file.map(|f| f.settings).unwrap_or_default();
+        let group = lookup(vars, ENV_GROUP).map(|g| g.trim().to_string());
+        if let Some(g) = &group {
+            check_group_name(g).map_err(|reason| SettingsError { origin: ENV_GROUP.into(), value: g.clone(), reason })?;
+        }
+        let mut settings = match file {
+            Some(mut f) => {
+                let named = group.as_ref().and_then(|g| f.groups.remove(g));
+                match named {
+                    Some(g) => f.settings.overlaid_by(g),
+                    None => f.settings,
+                }
+            }
+            None => Settings::default(),
+        };
         settings.memory_limit.resolve_env(vars, ENV_MEMORY_LIMIT, HAMI_MEMORY_LIMIT, |name, value| parse_env_size(name, value).map(Some))?;
         settings.sm_share.resolve_env(vars, ENV_SM_SHARE, HAMI_SM_LIMIT, parse_env_share)?;
+        if let Some(value) = lookup(vars, ENV_PRIORITY) {
+            let p = value.parse::<Priority>().map_err(|reason| SettingsError { origin: ENV_PRIORITY.into(), value: value.into(), reason })?;
+            settings.priority = Some(Sourced { value: p, origin: ENV_PRIORITY.into() });
+        }
+        settings.group = group;
         Ok(settings)
+    }
+
+    /// These settings with `over`'s wherever `over` sets something.
+    pub fn overlaid_by(mut self, over: Settings) -> Settings {
+        if over.memory_limit.all.is_some() {
+            self.memory_limit.all = over.memory_limit.all;
+            self.memory_limit.device.clear();
+        }
+        self.memory_limit.device.extend(over.memory_limit.device);
+        if over.sm_share.all.is_some() {
+            self.sm_share.all = over.sm_share.all;
+            self.sm_share.device.clear();
+        }
+        self.sm_share.device.extend(over.sm_share.device);
+        if over.priority.is_some() {
+            self.priority = over.priority;
+        }
+        self
     }
 }
 
@@ -220,24 +287,54 @@ fn parse_env_share(name: &str, value: &str) -> Result<Option<Sourced<u32>>, Sett
         .map_err(|reason| SettingsError { origin: name.to_string(), value: value.to_string(), reason })
 }
 
-/// The part of a TOML config file that applies to one process.
+/// A TOML config file: defaults for every process, named groups, and the controller's paths.
+///
+/// ```toml
+/// [controller]
+/// socket = "/run/gpuslice/gpuslice.sock"
+/// ledger = "/dev/shm/gpuslice/ledger"
+///
+/// [defaults]
+/// memory_limit = "8GiB"
+///
+/// [groups.inference]
+/// memory_limit = "6GiB"
+/// sm_share = 50
+/// priority = "high"
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileSettings {
-    settings: Settings,
+    pub settings: Settings,
+    pub groups: BTreeMap<String, Settings>,
+    pub controller: ControllerFile,
+}
+
+/// The `[controller]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerFile {
+    pub socket: Option<String>,
+    pub ledger: Option<String>,
+    pub metrics: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
     #[serde(default)]
-    defaults: Option<DefaultsDoc>,
+    defaults: Option<LimitsDoc>,
+    #[serde(default)]
+    groups: BTreeMap<String, LimitsDoc>,
+    #[serde(default)]
+    controller: Option<ControllerFile>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DefaultsDoc {
+struct LimitsDoc {
     memory_limit: Option<SizeDoc>,
     sm_share: Option<u32>,
+    priority: Option<String>,
     #[serde(default)]
     devices: BTreeMap<String, DeviceDoc>,
 }
@@ -285,30 +382,49 @@ impl FileSettings {
             value: path.to_string(),
             reason: format!("invalid config file: {}", e.to_string().trim_end()),
         })?;
-        let mut out = Settings::default();
-        let Some(defaults) = doc.defaults else { return Ok(FileSettings { settings: out }) };
-        if let Some(size) = defaults.memory_limit {
-            out.memory_limit.all = Some(file_size(path, "defaults.memory_limit", size)?);
+        let settings = match doc.defaults {
+            Some(d) => limits(path, "defaults", d)?,
+            None => Settings::default(),
+        };
+        let mut groups = BTreeMap::new();
+        for (name, doc) in doc.groups {
+            let key = format!("groups.{name}");
+            check_group_name(&name).map_err(|reason| SettingsError { origin: format!("{path}: {key}"), value: name.clone(), reason })?;
+            groups.insert(name, limits(path, &key, doc)?);
         }
-        if let Some(share) = defaults.sm_share {
-            out.sm_share.all = Some(file_share(path, "defaults.sm_share", share)?);
-        }
-        for (key, device) in defaults.devices {
-            let origin = format!("defaults.devices.{key}");
-            let number: u32 = key.parse().map_err(|_| SettingsError {
-                origin: format!("{path}: {origin}"),
-                value: key.clone(),
-                reason: "device keys are CUDA device numbers: [defaults.devices.0]".to_string(),
-            })?;
-            if let Some(size) = device.memory_limit {
-                out.memory_limit.device.insert(number, file_size(path, &format!("{origin}.memory_limit"), size)?);
-            }
-            if let Some(share) = device.sm_share {
-                out.sm_share.device.insert(number, file_share(path, &format!("{origin}.sm_share"), share)?);
-            }
-        }
-        Ok(FileSettings { settings: out })
+        Ok(FileSettings { settings, groups, controller: doc.controller.unwrap_or_default() })
     }
+}
+
+/// The settings one `[defaults]` or `[groups.NAME]` table gives.
+fn limits(path: &str, table: &str, doc: LimitsDoc) -> Result<Settings, SettingsError> {
+    let mut out = Settings::default();
+    if let Some(size) = doc.memory_limit {
+        out.memory_limit.all = Some(file_size(path, &format!("{table}.memory_limit"), size)?);
+    }
+    if let Some(share) = doc.sm_share {
+        out.sm_share.all = Some(file_share(path, &format!("{table}.sm_share"), share)?);
+    }
+    if let Some(p) = doc.priority {
+        let origin = format!("{path}: {table}.priority");
+        let value = p.parse::<Priority>().map_err(|reason| SettingsError { origin: origin.clone(), value: p.clone(), reason })?;
+        out.priority = Some(Sourced { value, origin });
+    }
+    for (key, device) in doc.devices {
+        let origin = format!("{table}.devices.{key}");
+        let number: u32 = key.parse().map_err(|_| SettingsError {
+            origin: format!("{path}: {origin}"),
+            value: key.clone(),
+            reason: format!("device keys are CUDA device numbers: [{table}.devices.0]"),
+        })?;
+        if let Some(size) = device.memory_limit {
+            out.memory_limit.device.insert(number, file_size(path, &format!("{origin}.memory_limit"), size)?);
+        }
+        if let Some(share) = device.sm_share {
+            out.sm_share.device.insert(number, file_share(path, &format!("{origin}.sm_share"), share)?);
+        }
+    }
+    Ok(out)
 }
 
 fn file_size(path: &str, key: &str, size: SizeDoc) -> Result<Sourced<u64>, SettingsError> {
@@ -427,6 +543,30 @@ mod tests {
         assert_eq!((s.sm_share(0), s.sm_share(2)), (Some(40), Some(10)));
         assert!(FileSettings::parse("f.toml", "[defaults]\nsm_share = 0\n").is_err());
         assert!(s.describe().contains("SM share 40%"), "{}", s.describe());
+    }
+
+    #[test]
+    fn groups_priority_and_controller_sections() {
+        let text = "[controller]\nsocket = \"/tmp/s\"\n[defaults]\nmemory_limit = \"1GiB\"\npriority = \"low\"\n[groups.infer]\nmemory_limit = \"6GiB\"\nsm_share = 30\npriority = \"high\"\n";
+        let file = FileSettings::parse("c.toml", text).unwrap();
+        assert_eq!(file.controller.socket.as_deref(), Some("/tmp/s"));
+        assert_eq!(limit(&file.groups["infer"], 0), Some(6 << 30));
+        let s = Settings::resolve(&env(&[("GPUSLICE_GROUP", "infer")]), Some(file.clone())).unwrap();
+        assert_eq!((limit(&s, 0), s.sm_share(0), s.priority.as_ref().map(|p| p.value)), (Some(6 << 30), Some(30), Some(Priority::High)));
+        assert_eq!(s.group.as_deref(), Some("infer"));
+        let s = Settings::resolve(&env(&[("GPUSLICE_GROUP", "other"), ("GPUSLICE_PRIORITY", "normal")]), Some(file.clone())).unwrap();
+        assert_eq!((limit(&s, 0), s.priority.map(|p| p.value)), (Some(1 << 30), Some(Priority::Normal)));
+        let e = Settings::resolve(&env(&[("GPUSLICE_PRIORITY", "urgent")]), None).unwrap_err();
+        assert_eq!(e.origin, "GPUSLICE_PRIORITY");
+        for bad in ["pid-12", "a b", ""] {
+            if !bad.is_empty() {
+                assert!(Settings::resolve(&env(&[("GPUSLICE_GROUP", bad)]), None).is_err(), "{bad}");
+            }
+        }
+        let e = FileSettings::parse("c.toml", "[groups.x]\nmemory = 3\n").unwrap_err();
+        assert!(e.reason.contains("line 2") && e.reason.contains("column"), "{e}");
+        let e = FileSettings::parse("c.toml", "[groups.x]\npriority = \"urgent\"\n").unwrap_err();
+        assert!(e.origin.contains("groups.x.priority"), "{e}");
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! `gpuslice`: the command-line tool (and, later, the controller daemon).
+//! `gpuslice`: the controller daemon (`serve`) and the command-line tool around it.
 
+mod client;
 mod run;
+mod serve;
+mod state;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "gpuslice", version, about = "Share one NVIDIA GPU between unmodified programs: memory quotas and SM shares per process.")]
+#[command(name = "gpuslice", version, about = "Share one NVIDIA GPU between unmodified programs: memory quotas, SM shares and priorities per process or group.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -14,6 +17,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the controller: the shared ledger, the socket, group quotas, live edits.
+    Serve(serve::ServeArgs),
+    /// Change the limits of a running process or a group; they apply within 100 ms.
+    Set(client::SetArgs),
+    /// List registered processes and groups: memory, shares, throttling, refusals.
+    Ls(client::LsArgs),
+    /// The controller's own state.
+    Status(client::StatusArgs),
     /// Start a program with libgpuslice.so preloaded and the given limits.
     Run(run::RunArgs),
     /// List the GPUs NVML sees, with their memory.
@@ -28,6 +39,13 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(args) => {
+            init_logging();
+            serve::serve(args)
+        }
+        Command::Set(args) => client::set(args),
+        Command::Ls(args) => client::ls(args),
+        Command::Status(args) => client::status(args),
         Command::Run(args) => run::run(args),
         Command::Devices => devices(),
         Command::CheckConfig { file } => check_config(file),
@@ -39,6 +57,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The daemon logs with `tracing` to stderr; `GPUSLICE_LOG` is the filter (default info).
+fn init_logging() {
+    let filter = std::env::var("GPUSLICE_LOG").ok().filter(|f| !f.trim().is_empty()).unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+        eprintln!("gpuslice: warning: GPUSLICE_LOG={filter:?} is not a log filter ({e}); using \"info\"");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).init();
 }
 
 fn devices() -> Result<(), String> {

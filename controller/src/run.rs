@@ -12,6 +12,12 @@ pub struct RunArgs {
     /// Share of the device's time in percent, 1-100.
     #[arg(long)]
     sm: Option<String>,
+    /// high, normal or low.
+    #[arg(long)]
+    priority: Option<String>,
+    /// Join this group: its processes share one memory limit and one SM share.
+    #[arg(long)]
+    group: Option<String>,
     /// The program and its arguments.
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -44,6 +50,14 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     if let Some(sm) = &args.sm {
         gpuslice_common::settings::parse_share(sm).map_err(|e| format!("--sm {sm:?}: {e}"))?;
         command.env("GPUSLICE_SM_SHARE", sm);
+    }
+    if let Some(p) = &args.priority {
+        p.parse::<gpuslice_common::ledger::Priority>().map_err(|e| format!("--priority: {e}"))?;
+        command.env(gpuslice_common::protocol::ENV_PRIORITY, p);
+    }
+    if let Some(g) = &args.group {
+        gpuslice_common::settings::check_group_name(g).map_err(|e| format!("--group {g:?}: {e}"))?;
+        command.env(gpuslice_common::protocol::ENV_GROUP, g);
     }
     let preload = match std::env::var("LD_PRELOAD") {
         Ok(existing) if !existing.is_empty() => format!("{}:{existing}", library.display()),

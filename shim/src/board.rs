@@ -14,7 +14,7 @@
 //! and no wait here lasts longer than `MAX_WAIT_NS`. Processes of other users do not share a page
 //! (mode 0600). The page becomes part of the controller's ledger (issue 4).
 
-use crate::budget::MAX_DEVICES;
+use crate::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::ffi::CUdevice;
 use crate::nvml::cuda_uuid_string;
 use crate::throttle::now_ns;

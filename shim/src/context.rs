@@ -7,7 +7,7 @@
 //! driver takes outside any allocation call (modules loaded lazily, pool blocks kept after a
 //! free) still counts against the quota.
 
-use crate::budget;
+use crate::{budget, link};
 use crate::driver::call_real;
 use crate::ffi::*;
 use crate::nvml::nvml;
@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
 use std::time::Instant;
 
 /// Per device: has the primary context's reserve been charged? 0 no, 1 being measured, 2 yes.
-static PRIMARY: [AtomicU8; budget::MAX_DEVICES] = [const { AtomicU8::new(0) }; budget::MAX_DEVICES];
+static PRIMARY: [AtomicU8; link::MAX_ORDINALS] = [const { AtomicU8::new(0) }; link::MAX_ORDINALS];
 /// Reserve charged for the primary context of each device.
-static PRIMARY_RESERVE: [AtomicU64; budget::MAX_DEVICES] = [const { AtomicU64::new(0) }; budget::MAX_DEVICES];
+static PRIMARY_RESERVE: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
 /// Non-primary contexts: context → (device, reserve charged).
 static CREATED: Mutex<Option<HashMap<usize, (CUdevice, u64)>>> = Mutex::new(None);
 /// Per device: when the overhead was last re-measured (ns since START), to bound NVML calls.
-static LAST_TRUE_UP: [AtomicU64; budget::MAX_DEVICES] = [const { AtomicU64::new(0) }; budget::MAX_DEVICES];
+static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
 static START: once_cell::sync::Lazy<Instant> = once_cell::sync::Lazy::new(Instant::now);
 
 /// A reading taken before a context is created.
@@ -35,8 +35,10 @@ struct Before {
     device: Option<u64>,
 }
 
+/// Measured when a limit applies or a controller watches (a limit may be set later, and `ls`
+/// shows the reserve); a process alone without a limit skips the NVML calls.
 fn wants_measure(device: CUdevice) -> bool {
-    budget::of(device).is_some_and(|b| b.limit().is_some())
+    budget::of(device).is_some_and(|b| b.limit().is_some()) || link::get().is_some_and(|l| l.controlled)
 }
 
 fn measure_before(device: CUdevice) -> Option<Before> {

@@ -155,7 +155,7 @@ struct Pending {
     launches: u32,
     charged_ns: u64,
     busy: bool,
-    bucket: &'static Bucket,
+    bucket: Bucket,
 }
 
 static CONTEXTS: Mutex<Option<HashMap<usize, ContextEvents>>> = Mutex::new(None);
@@ -171,7 +171,7 @@ struct Span {
     stream: usize,
     launches: u32,
     charged_ns: u64,
-    bucket: &'static Bucket,
+    bucket: Bucket,
     /// The device-wide number of the span's latest launch.
     last_sequence: u64,
 }
@@ -221,7 +221,7 @@ pub fn continues_span(key: u64, stream: CUstream, sequence: u64) -> bool {
 
 /// Opens a span before a launch: records its opening event on `opening` (this launch's stream,
 /// or the previous launch's when the device is busy).
-pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, bucket: &'static Bucket, sequence: u64) {
+pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, bucket: Bucket, sequence: u64) {
     let Some(ctx) = current_context() else { return };
     let (before, after) = {
         let mut contexts = CONTEXTS.lock();

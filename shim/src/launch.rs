@@ -55,7 +55,7 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
     }
     let plan = cost::plan(key);
     let me = throttle::thread_token();
-    let mut last = bucket.last_launch.lock();
+    let mut last = bucket.last_launch().lock();
     let sequence = last.sequence + 1;
     // This thread's previous launch, if it was also the device's previous one.
     let previous = (last.thread == me && last.sequence != 0).then_some(last.stream as CUstream);
@@ -87,12 +87,12 @@ fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce()
 /// Hands the turn on `device` over at the end of a burst. While another process shares the
 /// device, first waits for this burst to finish, so that the next process's burst starts on an
 /// idle device instead of time-slicing with this one.
-fn end_burst(device: i32, bucket: &throttle::Bucket) {
+fn end_burst(device: i32, bucket: throttle::Bucket) {
     if !board::holding(device) {
         return;
     }
     if bucket.shared(throttle::now_ns()) {
-        let last = *bucket.last_launch.lock();
+        let last = *bucket.last_launch().lock();
         if last.thread == throttle::thread_token() && last.sequence != 0 {
             cost::wait_for(last.stream as CUstream);
         }

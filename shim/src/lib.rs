@@ -18,6 +18,7 @@ mod ffi;
 mod guard;
 mod info;
 mod launch;
+mod link;
 mod memory;
 mod nvml;
 mod registry;

@@ -6,7 +6,7 @@
 //! driver hands out again in another thread can never be confused with the one being freed.
 
 use crate::alloc_table::{AllocTable, Entry};
-use crate::budget::{self, DeviceBudget, Refusal};
+use crate::budget::{self, Budget, Refusal, Scope};
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::{context, guard, runtime};
@@ -84,15 +84,20 @@ fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuResult) -> Cu
 
 #[cold]
 fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
-    tracing::warn!(
-        "pid {}: {what} refused on device {device}: request {} ({bytes} B), used {} ({} B), limit {} ({} B): CUDA_ERROR_OUT_OF_MEMORY",
-        std::process::id(),
-        format_size(bytes),
-        format_size(refusal.used),
-        refusal.used,
-        format_size(refusal.limit),
-        refusal.limit,
-    );
+    let pid = std::process::id();
+    let whose = match (refusal.scope, crate::link::get()) {
+        (Scope::Process, _) => format!("this process's own cap: it holds {} ({} B) of {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
+        (Scope::Group, Some(l)) if l.controlled && !l.group_name.starts_with("pid-") => format!(
+            "group {:?} holds {} ({} B) of its limit {} ({} B)",
+            l.group_name,
+            format_size(refusal.used),
+            refusal.used,
+            format_size(refusal.limit),
+            refusal.limit
+        ),
+        (Scope::Group, _) => format!("used {} ({} B), limit {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
+    };
+    tracing::warn!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
 }
 
 fn current_device() -> Option<CUdevice> {
@@ -101,7 +106,7 @@ fn current_device() -> Option<CUdevice> {
 
 /// Charges a correction after the driver reported the real size (pitch, arrays); on refusal the
 /// allocation is undone by `undo` and the whole request refused.
-fn charge_extra(budget: &'static DeviceBudget, device: CUdevice, what: &'static str, requested: u64, extra: u64, undo: impl FnOnce()) -> bool {
+fn charge_extra(budget: Budget, device: CUdevice, what: &'static str, requested: u64, extra: u64, undo: impl FnOnce()) -> bool {
     match budget.try_charge(extra) {
         Ok(()) => true,
         Err(refusal) => {

@@ -169,7 +169,7 @@ fn quota_view(nvml_device: NvmlDevice, real_total: u64, real_free: u64) -> Optio
     if settings.is_unlimited() {
         return None;
     }
-    budget::of(cuda_ordinal_of(nvml_device)?)?.quota_view(real_total, real_free)
+    budget::of_attached(cuda_ordinal_of(nvml_device)?)?.quota_view(real_total, real_free)
 }
 
 #[no_mangle]

@@ -4,7 +4,6 @@
 //! leaves the process unable to start CUDA work: `cuInit` and every managed call return
 //! `CUDA_ERROR_INVALID_VALUE`, because a typo in a quota must never silently mean "no limit".
 
-use crate::{budget, throttle};
 use gpuslice_common::settings::{Settings, SettingsError};
 use once_cell::sync::OnceCell;
 use std::io::Write;
@@ -44,9 +43,8 @@ fn init() -> Runtime {
     let pid = std::process::id();
     match &settings {
         Ok(s) => {
-            budget::apply_settings(s);
-            throttle::apply_settings(s);
             tracing::info!("gpuslice {} active in pid {pid}: {}", gpuslice_common::VERSION, s.describe());
+            // Limits take effect when the process attaches to a ledger (`link`), at cuInit.
         }
         Err(e) => {
             let line = format!(

@@ -1,6 +1,7 @@
-//! Token buckets of device time, one per device: a process at share `s` may keep the device busy
-//! for `s`% of wall time. Lock-free: each bucket is one atomic "debt" timestamp (the generic cell
-//! rate algorithm), so it can later live in shared memory for a group of processes.
+//! Token buckets of device time, one per group and device: a group at share `s` may keep the
+//! device busy for `s`% of wall time. Lock-free: each bucket is one atomic "debt" timestamp in
+//! the ledger (the generic cell rate algorithm), so the processes of a group share it, and a
+//! share edited by the controller applies at the next launch.
 //!
 //! `debt_until` is the wall time at which the tokens would be back to zero if nothing else were
 //! charged. A launch may go when `now >= debt_until` (tokens ≥ 0); it then moves `debt_until`
@@ -10,10 +11,11 @@
 //! sleep overshoot absorbed by the clamp, and back-to-back kernels whose device time events can
 //! measure exactly (see `cost`).
 
-use crate::budget::MAX_DEVICES;
+use crate::ffi::CUdevice;
+use crate::link::{self, MAX_ORDINALS};
+use gpuslice_common::ledger::{GroupDevice, ProcessDevice};
 use parking_lot::Mutex;
-use gpuslice_common::settings::Settings;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicU64, Ordering::*};
 
 /// Device time a sleeping launcher waits to have in hand before it goes again.
 pub const QUANTUM_NS: u64 = 1_000_000;
@@ -29,17 +31,11 @@ const SHARED_HOLD_NS: u64 = 200_000_000;
 /// Longest single sleep; a share edited while asleep takes effect within this.
 const MAX_SLEEP_NS: u64 = 10_000_000;
 
-pub struct Bucket {
-    /// Share in percent, 1..=99; 0 means not throttled.
-    share: AtomicU32,
-    debt_until: AtomicU64,
+/// What this process alone knows about its launches on one device.
+pub struct Local {
     /// Host model of when the device finishes the work charged so far (device ns on the wall
     /// clock); tells a sample taken behind queued work from one taken on an idle device.
     queued_until: AtomicU64,
-    /// Device time charged, after settlement (ns).
-    charged_ns: AtomicU64,
-    /// Wall time launchers spent waiting here (ns).
-    waited_ns: AtomicU64,
     /// The latest launch here. Throttled launches on a device go out one at a time under this
     /// lock, so that the order numbers say is the order the driver got them: a measurement
     /// then knows whether another thread's kernel ran inside it.
@@ -59,20 +55,23 @@ pub struct LastLaunch {
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
-const IDLE: Bucket = Bucket {
-    share: AtomicU32::new(0),
-    debt_until: AtomicU64::new(0),
+const IDLE: Local = Local {
     queued_until: AtomicU64::new(0),
-    charged_ns: AtomicU64::new(0),
-    waited_ns: AtomicU64::new(0),
     last_launch: Mutex::new(LastLaunch { thread: 0, stream: 0, sequence: 0 }),
     reported: Mutex::new((0, 0, 0)),
     shared_until: AtomicU64::new(0),
 };
 
-static BUCKETS: [Bucket; MAX_DEVICES] = [IDLE; MAX_DEVICES];
-/// True when any device is throttled: the one load an unthrottled launch pays.
-static ACTIVE: AtomicBool = AtomicBool::new(false);
+static LOCAL: [Local; MAX_ORDINALS] = [IDLE; MAX_ORDINALS];
+
+/// A throttled device as this process sees it: the group's bucket in the ledger, this
+/// process's own counters there, and its local state.
+#[derive(Clone, Copy)]
+pub struct Bucket {
+    group: &'static GroupDevice,
+    process: &'static ProcessDevice,
+    local: &'static Local,
+}
 
 /// A number unique to the calling thread while it lives (the address of a thread-local).
 pub fn thread_token() -> u64 {
@@ -85,40 +84,33 @@ pub fn thread_token() -> u64 {
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
 #[inline]
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: out-pointer to a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    gpuslice_common::ledger::monotonic_ns()
 }
 
-pub fn apply_settings(settings: &Settings) {
-    let mut any = false;
-    for (device, bucket) in BUCKETS.iter().enumerate() {
-        let share = settings.sm_share(device as u32).unwrap_or(0);
-        bucket.share.store(share, Relaxed);
-        any |= share != 0;
-    }
-    ACTIVE.store(any, Release);
-}
-
-/// True when some device is throttled.
+/// True when some device of this process's group is throttled: the one check an unthrottled
+/// launch pays (a load from the ledger).
 #[inline(always)]
 pub fn active() -> bool {
-    ACTIVE.load(Relaxed)
+    link::get().is_some_and(|l| l.group.throttled.load(Relaxed) != 0)
 }
 
 /// The bucket of `device`, if that device is throttled.
 #[inline]
-pub fn bucket(device: i32) -> Option<&'static Bucket> {
-    let b = BUCKETS.get(usize::try_from(device).ok()?)?;
-    (b.share.load(Relaxed) != 0).then_some(b)
+pub fn bucket(device: CUdevice) -> Option<Bucket> {
+    let link = link::get()?;
+    let index = link.index(device)?;
+    let group = &link.group.devices[index];
+    if group.share.load(Relaxed) == 0 {
+        return None;
+    }
+    Some(Bucket { group, process: &link.process.devices[index], local: &LOCAL[device as usize] })
 }
 
 impl Bucket {
     /// Wall time that `device_ns` of device time costs at this share.
     #[inline]
     fn wall(&self, device_ns: u64) -> u64 {
-        let share = u64::from(self.share.load(Relaxed).max(1));
+        let share = u64::from(self.group.share.load(Relaxed).clamp(1, 100));
         device_ns.saturating_mul(100) / share
     }
 
@@ -128,14 +120,14 @@ impl Bucket {
         let mut slept = 0u64;
         loop {
             let now = now_ns();
-            let debt = self.debt_until.load(Acquire);
+            let debt = self.group.debt_until.load(Acquire);
             if now >= debt {
                 break;
             }
             while_waiting();
             // `while_waiting` may have blocked (a hand-over waits for the burst to finish).
             let now = now_ns();
-            let debt = self.debt_until.load(Acquire);
+            let debt = self.group.debt_until.load(Acquire);
             if now >= debt {
                 break;
             }
@@ -144,9 +136,7 @@ impl Bucket {
             std::thread::sleep(std::time::Duration::from_nanos(nap));
             slept += now_ns() - now;
         }
-        if slept != 0 {
-            self.waited_ns.fetch_add(slept, Relaxed);
-        }
+        self.add_waited(slept);
     }
 
     /// (quantum, capacity) in device ns: longer while the device is shared.
@@ -160,24 +150,30 @@ impl Bucket {
 
     /// True while another throttled process shares the device.
     pub fn shared(&self, now: u64) -> bool {
-        now < self.shared_until.load(Relaxed)
+        now < self.local.shared_until.load(Relaxed)
     }
 
     /// Notes that another throttled process uses this device.
     pub fn saw_neighbour(&self) {
-        self.shared_until.store(now_ns() + SHARED_HOLD_NS, Relaxed);
+        self.local.shared_until.store(now_ns() + SHARED_HOLD_NS, Relaxed);
     }
 
     /// When the host model expects this process's queued work to be done.
     pub fn queued_until(&self) -> u64 {
-        self.queued_until.load(Relaxed)
+        self.local.queued_until.load(Relaxed)
     }
 
     /// Counts time spent waiting for another process's turn.
     pub fn add_waited(&self, ns: u64) {
         if ns != 0 {
-            self.waited_ns.fetch_add(ns, Relaxed);
+            self.group.throttled_ns.fetch_add(ns, Relaxed);
+            self.process.throttled_ns.fetch_add(ns, Relaxed);
         }
+    }
+
+    /// The lock throttled launches on this device go out under.
+    pub fn last_launch(&self) -> &'static Mutex<LastLaunch> {
+        &self.local.last_launch
     }
 
     /// Charges `device_ns` for a launch that has gone out.
@@ -185,9 +181,10 @@ impl Bucket {
         let now = now_ns();
         let cost = self.wall(device_ns);
         let floor = now.saturating_sub(self.wall(self.quantum(now).1));
-        let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
-        let _ = self.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
-        self.charged_ns.fetch_add(device_ns, Relaxed);
+        let _ = self.group.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
+        let _ = self.local.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
+        self.group.charged_ns.fetch_add(device_ns, Relaxed);
+        self.process.charged_ns.fetch_add(device_ns, Relaxed);
         if tracing::enabled!(tracing::Level::DEBUG) {
             self.report(now);
         }
@@ -196,18 +193,18 @@ impl Bucket {
     /// Once a second, at debug level: the share actually charged and the time spent waiting.
     #[cold]
     fn report(&self, now: u64) {
-        let Some(mut last) = self.reported.try_lock() else { return };
+        let Some(mut last) = self.local.reported.try_lock() else { return };
         let (wall0, charged0, waited0) = *last;
         if now.saturating_sub(wall0) < 1_000_000_000 {
             return;
         }
-        let charged = self.charged_ns.load(Relaxed);
-        let waited = self.waited_ns.load(Relaxed);
+        let charged = self.process.charged_ns.load(Relaxed);
+        let waited = self.process.throttled_ns.load(Relaxed);
         *last = (now, charged, waited);
         if wall0 != 0 {
             let wall = (now - wall0) as f64;
             tracing::debug!(
-                share = self.share.load(Relaxed),
+                share = self.group.share.load(Relaxed),
                 charged_pct = format!("{:.1}", (charged - charged0) as f64 / wall * 100.0),
                 waited_pct = format!("{:.1}", (waited - waited0) as f64 / wall * 100.0),
                 "throttle over the last second"
@@ -217,18 +214,21 @@ impl Bucket {
 
     /// True when the host model says the device still has this process's work queued.
     pub fn busy(&self) -> bool {
-        self.queued_until.load(Relaxed) > now_ns()
+        self.local.queued_until.load(Relaxed) > now_ns()
     }
 
     /// Corrects an earlier charge by `delta_ns` of device time (negative gives time back).
     pub fn settle(&self, delta_ns: i64) {
         let wall = self.wall(delta_ns.unsigned_abs());
         if delta_ns >= 0 {
-            self.debt_until.fetch_add(wall, AcqRel);
-            self.charged_ns.fetch_add(delta_ns as u64, Relaxed);
+            self.group.debt_until.fetch_add(wall, AcqRel);
+            self.group.charged_ns.fetch_add(delta_ns as u64, Relaxed);
+            self.process.charged_ns.fetch_add(delta_ns as u64, Relaxed);
         } else {
-            let _ = self.debt_until.fetch_update(AcqRel, Relaxed, |d| Some(d.saturating_sub(wall)));
-            let _ = self.charged_ns.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_sub(delta_ns.unsigned_abs())));
+            let _ = self.group.debt_until.fetch_update(AcqRel, Relaxed, |d| Some(d.saturating_sub(wall)));
+            let back = delta_ns.unsigned_abs();
+            let _ = self.group.charged_ns.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_sub(back)));
+            let _ = self.process.charged_ns.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_sub(back)));
         }
     }
 }
@@ -236,11 +236,13 @@ impl Bucket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gpuslice_common::ledger::Ledger;
 
     fn bucket(share: u32) -> Bucket {
-        let b = IDLE;
-        b.share.store(share, Relaxed);
-        b
+        let ledger: &'static Ledger = Box::leak(Box::new(Ledger::anonymous().unwrap()));
+        ledger.group(0).set_share(0, share);
+        let local: &'static Local = Box::leak(Box::new(IDLE));
+        Bucket { group: &ledger.group(0).devices[0], process: &ledger.process(0).devices[0], local }
     }
 
     #[test]
@@ -257,17 +259,19 @@ mod tests {
         let share = device as f64 / wall;
         // The first CAPACITY is free, and sleeps overshoot a little: 25% ± 2 points.
         assert!((0.23..0.27).contains(&share), "achieved {share}");
+        assert_eq!(b.group.charged_ns.load(Relaxed), device);
+        assert_eq!(b.process.charged_ns.load(Relaxed), device);
     }
 
     #[test]
     fn settlement_gives_time_back() {
         let b = bucket(50);
         b.charge(10_000_000);
-        let debt = b.debt_until.load(Relaxed);
+        let debt = b.group.debt_until.load(Relaxed);
         b.settle(-5_000_000);
-        assert_eq!(debt - b.debt_until.load(Relaxed), 10_000_000);
+        assert_eq!(debt - b.group.debt_until.load(Relaxed), 10_000_000);
         b.settle(1_000_000);
-        assert_eq!(debt - b.debt_until.load(Relaxed), 8_000_000);
+        assert_eq!(debt - b.group.debt_until.load(Relaxed), 8_000_000);
     }
 
     #[test]
@@ -277,7 +281,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         // 50 ms idle at 10% would be 5 ms of tokens; only CAPACITY (2 ms) may be kept.
         b.charge(0);
-        let tokens_wall = now_ns().saturating_sub(b.debt_until.load(Relaxed));
+        let tokens_wall = now_ns().saturating_sub(b.group.debt_until.load(Relaxed));
         assert!(tokens_wall <= b.wall(CAPACITY_NS) + 1_000_000, "{tokens_wall}");
     }
 }

@@ -1,0 +1,388 @@
+//! The wire protocol between shims, the CLI and the controller, over a Unix stream socket.
+//!
+//! One request, one response, then the connection closes. A frame is a 4-byte little-endian
+//! length followed by that many bytes of JSON; frames over `MAX_FRAME` are refused before any
+//! allocation. The response to `Register` carries the ledger's file descriptor (`SCM_RIGHTS`),
+//! so that the ledger file itself can stay mode 0600: a process reaches it only through the
+//! controller, which knows who it is from `SO_PEERCRED`.
+
+use crate::ledger::Priority;
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Bumped when a message changes meaning; a controller refuses other versions by name.
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAX_FRAME: usize = 1 << 20;
+pub const DEFAULT_SOCKET: &str = "/run/gpuslice/gpuslice.sock";
+pub const DEFAULT_LEDGER: &str = "/dev/shm/gpuslice/ledger";
+pub const ENV_SOCKET: &str = "GPUSLICE_SOCKET";
+pub const ENV_GROUP: &str = "GPUSLICE_GROUP";
+pub const ENV_PRIORITY: &str = "GPUSLICE_PRIORITY";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// A shim at its first CUDA use.
+    Register(Registration),
+    /// Change limits of a process or a group (socket owner or root only).
+    Set(Edit),
+    /// Everything `gpuslice ls` shows.
+    List,
+    /// The controller's own state.
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    pub protocol: u32,
+    /// `GPUSLICE_GROUP`, if set.
+    pub group: Option<String>,
+    /// `GPUSLICE_PRIORITY`, if set.
+    pub priority: Option<Priority>,
+    /// The program's name (argv[0]'s file name), for listings.
+    pub name: String,
+    /// Its pid as it sees itself (it may live in another pid namespace).
+    pub own_pid: u32,
+    /// The devices it can see, with the limits its environment gives each.
+    pub devices: Vec<DeviceClaim>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceClaim {
+    /// The CUDA ordinal in the registering process.
+    pub ordinal: u32,
+    pub uuid: String,
+    pub total_memory: u64,
+    pub memory_limit: Option<u64>,
+    pub sm_share: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Target {
+    Pid(u32),
+    Group(String),
+}
+
+/// A memory limit in an edit: bytes, or none at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Limit {
+    Bytes(u64),
+    Unlimited,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Edit {
+    pub target: Target,
+    pub memory: Option<Limit>,
+    /// Percent; 100 removes the throttle.
+    pub sm: Option<u32>,
+    pub priority: Option<Priority>,
+    /// One device index of the ledger; every device when absent.
+    #[serde(default)]
+    pub device: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// Registration accepted; the ledger's descriptor comes with this frame.
+    Registered(Assignment),
+    /// An edit applied; says what changed.
+    Done { message: String },
+    Listing(Listing),
+    Status(Status),
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    pub group: u32,
+    pub group_name: String,
+    pub slot: u32,
+    /// (CUDA ordinal in the process, device index in the ledger), for each claimed device.
+    pub devices: Vec<(u32, u32)>,
+    /// What the controller wants the process to know (e.g. "your env limit was ignored").
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Listing {
+    pub groups: Vec<GroupRow>,
+    pub processes: Vec<ProcessRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRow {
+    pub name: String,
+    pub slot: u32,
+    pub members: Vec<u32>,
+    pub priority: Priority,
+    pub devices: Vec<GroupDeviceRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupDeviceRow {
+    pub device: u32,
+    pub uuid: String,
+    pub used: u64,
+    pub limit: Option<u64>,
+    pub peak: u64,
+    pub share: Option<u32>,
+    /// Percent of the device's time charged over the last second.
+    pub achieved_share: Option<f64>,
+    pub throttled_ns: u64,
+    pub refusals: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub own_pid: u32,
+    pub uid: u32,
+    pub group: String,
+    pub name: String,
+    pub priority: Priority,
+    pub devices: Vec<ProcessDeviceRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessDeviceRow {
+    pub device: u32,
+    pub uuid: String,
+    pub used: u64,
+    pub overhead: u64,
+    pub limit: Option<u64>,
+    pub peak: u64,
+    pub achieved_share: Option<f64>,
+    pub throttled_ns: u64,
+    pub refusals: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub socket: String,
+    pub ledger: String,
+    pub uptime_s: f64,
+    /// How many times a controller has started on this ledger.
+    pub starts: u64,
+    pub processes: u32,
+    pub groups: u32,
+    pub max_processes: u32,
+    pub max_groups: u32,
+    pub devices: Vec<String>,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Decodes a request's JSON. The one decoder the controller runs on untrusted bytes.
+pub fn decode_request(bytes: &[u8]) -> Result<Request, FrameError> {
+    serde_json::from_slice(bytes).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+pub fn decode_response(bytes: &[u8]) -> Result<Response, FrameError> {
+    serde_json::from_slice(bytes).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    serde_json::to_vec(message).expect("protocol messages always serialise")
+}
+
+/// Writes one frame, with `fd` attached when given.
+pub fn send_frame(socket: RawFd, body: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(body);
+    let mut sent = 0;
+    let mut attach = fd;
+    while sent < frame.len() {
+        let n = sendmsg(socket, &frame[sent..], attach.take())?;
+        sent += n;
+    }
+    Ok(())
+}
+
+fn sendmsg(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize> {
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; pointers below point at locals that outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer is CMSG_SPACE(one fd) bytes.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        }
+    }
+    loop {
+        // SAFETY: msg is fully initialised above.
+        let n = unsafe { libc::sendmsg(socket, &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reads one frame; returns its body and any descriptor that came with it.
+pub fn recv_frame(socket: RawFd) -> Result<(Vec<u8>, Option<OwnedFd>), FrameError> {
+    let mut fd = None;
+    let mut len = [0u8; 4];
+    recv_exact(socket, &mut len, &mut fd)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    recv_exact(socket, &mut body, &mut fd)?;
+    Ok((body, fd))
+}
+
+fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Option<OwnedFd>) -> Result<(), FrameError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let mut iov = libc::iovec { iov_base: buf[got..].as_mut_ptr().cast(), iov_len: buf.len() - got };
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE((4 * size_of::<RawFd>()) as u32) } as usize;
+        let mut control = vec![0u8; space];
+        // SAFETY: zeroed msghdr, then pointed at locals.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg is initialised; MSG_CMSG_CLOEXEC keeps received descriptors out of exec'd children.
+        let n = unsafe { libc::recvmsg(socket, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        // SAFETY: walking the control messages the kernel wrote into our buffer.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                    let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                    for i in 0..bytes / size_of::<RawFd>() {
+                        let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>().add(i));
+                        let owned = OwnedFd::from_raw_fd(raw);
+                        // Keep the first; any other is closed when `owned` drops.
+                        if fd.is_none() {
+                            *fd = Some(owned);
+                        }
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        if n == 0 {
+            return Err(FrameError::Closed);
+        }
+        got += n as usize;
+    }
+    Ok(())
+}
+
+/// Connects to the controller's socket, with send and receive timeouts.
+pub fn connect(path: &str, timeout: std::time::Duration) -> io::Result<std::os::unix::net::UnixStream> {
+    let stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// One request and its response (and the descriptor that came with it, if any).
+pub fn call(path: &str, request: &Request, timeout: std::time::Duration) -> Result<(Response, Option<OwnedFd>), FrameError> {
+    let stream = connect(path, timeout)?;
+    send_frame(stream.as_raw_fd(), &encode(request), None)?;
+    let (body, fd) = recv_frame(stream.as_raw_fd())?;
+    Ok((decode_response(&body)?, fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::Register(Registration {
+            protocol: PROTOCOL_VERSION,
+            group: Some("team-a".into()),
+            priority: Some(Priority::High),
+            name: "python3".into(),
+            own_pid: 7,
+            devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-1".into(), total_memory: 1 << 30, memory_limit: Some(1 << 20), sm_share: None }],
+        });
+        assert_eq!(decode_request(&encode(&r)).unwrap(), r);
+        let s = Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None });
+        assert_eq!(decode_request(&encode(&s)).unwrap(), s);
+        assert_eq!(decode_request(br#"{"type":"list"}"#).unwrap(), Request::List);
+    }
+
+    #[test]
+    fn frames_carry_a_descriptor() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        send_frame(a.as_raw_fd(), b"{\"type\":\"status\"}", Some(file.as_raw_fd())).unwrap();
+        let (body, fd) = recv_frame(b.as_raw_fd()).unwrap();
+        assert_eq!(body, b"{\"type\":\"status\"}");
+        assert!(fd.is_some());
+        drop(a);
+        assert!(matches!(recv_frame(b.as_raw_fd()), Err(FrameError::Closed)));
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_reading_them() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::io::Write;
+        (&a).write_all(&(u32::MAX).to_le_bytes()).unwrap();
+        assert!(matches!(recv_frame(b.as_raw_fd()), Err(FrameError::TooLarge(_))));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_decode_to_a_request_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+        }
+
+        #[test]
+        fn any_json_shaped_text_decodes_or_errs(text in r#"\{"type":"(register|set|list|status)"(,"[a-z_]{1,10}":[0-9a-z"\[\]{}:,]{0,30})?\}"#) {
+            let _ = decode_request(text.as_bytes());
+        }
+    }
+}

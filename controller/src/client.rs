@@ -1,0 +1,204 @@
+//! The CLI's side of the socket: `gpuslice set`, `ls` and `status`.
+
+use gpuslice_common::ledger::Priority;
+use gpuslice_common::protocol::*;
+use gpuslice_common::size::{format_size, parse_size};
+use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the controller listens: the flag, else $GPUSLICE_SOCKET, else the default.
+#[derive(clap::Args, Clone)]
+pub struct SocketArg {
+    /// The controller's socket (default $GPUSLICE_SOCKET, else /run/gpuslice/gpuslice.sock).
+    #[arg(long)]
+    socket: Option<String>,
+}
+
+impl SocketArg {
+    pub fn path(&self) -> String {
+        self.socket
+            .clone()
+            .or_else(|| std::env::var(ENV_SOCKET).ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| DEFAULT_SOCKET.to_string())
+    }
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["pid", "group"])))]
+pub struct SetArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// A registered process (its pid as the controller sees it; see `gpuslice ls`).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// A group (GPUSLICE_GROUP); created if it does not exist yet.
+    #[arg(long)]
+    group: Option<String>,
+    /// Memory limit per device, e.g. 4GiB; `unlimited` removes it.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Share of the device's time in percent, 1-100 (100 removes the throttle).
+    #[arg(long)]
+    sm: Option<String>,
+    /// high, normal or low.
+    #[arg(long)]
+    priority: Option<String>,
+    /// Only this device index of the ledger (see `gpuslice status`); all by default.
+    #[arg(long)]
+    device: Option<u32>,
+}
+
+fn ask(socket: &str, request: &Request) -> Result<Response, String> {
+    match call(socket, request, TIMEOUT) {
+        Ok((Response::Error { message }, _)) => Err(message),
+        Ok((r, _)) => Ok(r),
+        Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            Err(format!("no gpuslice controller at {socket} ({e}); start one with `gpuslice serve`, or point --socket / {ENV_SOCKET} at it"))
+        }
+        Err(e) => Err(format!("talking to the controller at {socket}: {e}")),
+    }
+}
+
+pub fn set(args: SetArgs) -> Result<(), String> {
+    let memory = match args.memory.as_deref() {
+        None => None,
+        Some(m) if m.eq_ignore_ascii_case("unlimited") || m.eq_ignore_ascii_case("none") => Some(Limit::Unlimited),
+        Some(m) => Some(Limit::Bytes(parse_size(m).map_err(|e| format!("--memory {m:?}: {e}"))?)),
+    };
+    let sm = match args.sm.as_deref() {
+        None => None,
+        Some(s) => Some(gpuslice_common::settings::parse_share(s).map_err(|e| format!("--sm {s:?}: {e}"))?),
+    };
+    let priority = match args.priority.as_deref() {
+        None => None,
+        Some(p) => Some(p.parse::<Priority>().map_err(|e| format!("--priority: {e}"))?),
+    };
+    if memory.is_none() && sm.is_none() && priority.is_none() {
+        return Err("nothing to change: give --memory, --sm or --priority".into());
+    }
+    let target = match (args.pid, args.group) {
+        (Some(pid), _) => Target::Pid(pid),
+        (None, Some(group)) => Target::Group(group),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let socket = args.socket.path();
+    match ask(&socket, &Request::Set(Edit { target, memory, sm, priority, device: args.device }))? {
+        Response::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        other => Err(format!("unexpected answer: {other:?}")),
+    }
+}
+
+#[derive(clap::Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn ls(args: LsArgs) -> Result<(), String> {
+    let listing = match ask(&args.socket.path(), &Request::List)? {
+        Response::Listing(l) => l,
+        other => return Err(format!("unexpected answer: {other:?}")),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&listing).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    print!("{}", render(&listing));
+    Ok(())
+}
+
+fn used_of(used: u64, limit: Option<u64>) -> String {
+    match limit {
+        Some(l) => format!("{} / {}", format_size(used), format_size(l)),
+        None => format!("{} / -", format_size(used)),
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}%"))
+}
+
+/// The human table of `gpuslice ls`.
+pub fn render(l: &Listing) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<20} {:>3} {:>25} {:>6} {:>9} {:>10} {:>5} {:<8} MEMBERS\n",
+        "GROUP", "DEV", "USED / LIMIT", "SHARE", "ACHIEVED", "THROTTLED", "OOM", "PRIORITY"
+    ));
+    for g in &l.groups {
+        let members = g.members.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        for d in &g.devices {
+            out.push_str(&format!(
+                "{:<20} {:>3} {:>25} {:>6} {:>9} {:>9.1}s {:>5} {:<8} {}\n",
+                g.name,
+                d.device,
+                used_of(d.used, d.limit),
+                d.share.map_or("-".into(), |s| format!("{s}%")),
+                pct(d.achieved_share),
+                d.throttled_ns as f64 / 1e9,
+                d.refusals,
+                g.priority,
+                members
+            ));
+        }
+        if g.devices.is_empty() {
+            out.push_str(&format!("{:<20} {:>3} {:>25} {:>6} {:>9} {:>10} {:>5} {:<8} {}\n", g.name, "-", "-", "-", "-", "-", "-", g.priority, members));
+        }
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>10} {:>5} PRIORITY\n",
+        "PID", "GROUP", "NAME", "DEV", "USED / OWN CAP", "ACHIEVED", "THROTTLED", "OOM"
+    ));
+    for p in &l.processes {
+        for d in &p.devices {
+            out.push_str(&format!(
+                "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>9.1}s {:>5} {}\n",
+                p.pid,
+                p.group,
+                p.name,
+                d.device,
+                used_of(d.used, d.limit),
+                pct(d.achieved_share),
+                d.throttled_ns as f64 / 1e9,
+                d.refusals,
+                p.priority
+            ));
+        }
+    }
+    out
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> Result<(), String> {
+    let s = match ask(&args.socket.path(), &Request::Status)? {
+        Response::Status(s) => s,
+        other => return Err(format!("unexpected answer: {other:?}")),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    println!("gpuslice controller {} (pid {}), up {:.0} s, start {} on this ledger", s.version, s.pid, s.uptime_s, s.starts);
+    println!("socket  {}", s.socket);
+    println!("ledger  {}", s.ledger);
+    println!("processes {} of {}, groups {} of {}", s.processes, s.max_processes, s.groups, s.max_groups);
+    for (i, d) in s.devices.iter().enumerate() {
+        println!("device {i}: {d}");
+    }
+    Ok(())
+}

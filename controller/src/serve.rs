@@ -1,0 +1,269 @@
+//! `gpuslice serve`: the controller daemon. One thread, one `poll(2)` loop over the socket,
+//! a signalfd for SIGTERM/SIGINT, and one pidfd per registered process; a tick every 100 ms
+//! writes the heartbeat and retries unfinished work.
+
+use crate::state::{raw, Peer, State};
+use gpuslice_common::ledger::{Geometry, Ledger};
+use gpuslice_common::protocol::*;
+use gpuslice_common::settings::FileSettings;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::Ordering::*;
+use std::time::{Duration, Instant};
+
+pub const DEFAULT_CONFIG: &str = "/etc/gpuslice/config.toml";
+const TICK: Duration = Duration::from_millis(100);
+/// A client gets this long to send its request and take the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_millis(1000);
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// TOML config: defaults, [groups.NAME], [controller] socket/ledger. Default
+    /// /etc/gpuslice/config.toml when it exists.
+    #[arg(long)]
+    config: Option<String>,
+    /// Unix socket to listen on (default /run/gpuslice/gpuslice.sock).
+    #[arg(long)]
+    socket: Option<String>,
+    /// The shared-memory ledger file (default /dev/shm/gpuslice/ledger).
+    #[arg(long)]
+    ledger: Option<String>,
+    /// Process slots of a new ledger.
+    #[arg(long, default_value_t = Geometry::default().max_procs, hide = true)]
+    max_processes: u32,
+    /// Group slots of a new ledger.
+    #[arg(long, default_value_t = Geometry::default().max_groups, hide = true)]
+    max_groups: u32,
+}
+
+pub fn serve(args: ServeArgs) -> Result<(), String> {
+    let config = match &args.config {
+        Some(path) => FileSettings::read_as("--config", path).map_err(|e| e.to_string())?,
+        None if Path::new(DEFAULT_CONFIG).exists() => FileSettings::read_as("config file", DEFAULT_CONFIG).map_err(|e| e.to_string())?,
+        None => FileSettings::default(),
+    };
+    let socket_path = args.socket.or(config.controller.socket.clone()).unwrap_or_else(|| DEFAULT_SOCKET.to_string());
+    let ledger_path = args.ledger.or(config.controller.ledger.clone()).unwrap_or_else(|| DEFAULT_LEDGER.to_string());
+
+    let signals = block_signals()?;
+    let listener = bind(&socket_path)?;
+    make_parent(&ledger_path, 0o700)?;
+    let geometry = Geometry { max_groups: args.max_groups.max(1), max_procs: args.max_processes.max(1) };
+    let (ledger, adopted) = Ledger::open_or_create(&ledger_path, geometry).map_err(|e| e.to_string())?;
+    let ledger_fd = open_for_clients(&ledger_path)?;
+    let header = ledger.header();
+    header.controller_pid.store(std::process::id(), Relaxed);
+    let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
+
+    let mut state = State::new(ledger, config);
+    if adopted {
+        state.adopt();
+    }
+    state.install_config_groups()?;
+    tracing::info!(
+        "gpuslice {} controller (pid {}) serving on {socket_path}, ledger {ledger_path} ({}; start {starts})",
+        gpuslice_common::VERSION,
+        std::process::id(),
+        if adopted { "adopted" } else { "new" }
+    );
+    let started = Instant::now();
+    let mut last_tick = Instant::now();
+    let mut last_sample = Instant::now();
+    state.sample_shares();
+    loop {
+        let slots: Vec<(usize, RawFd)> = state.watched.iter().filter_map(|(&s, w)| Some((s, raw(&w.pidfd)?))).collect();
+        let mut fds = vec![
+            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        fds.extend(slots.iter().map(|&(_, fd)| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }));
+        let wait = TICK.saturating_sub(last_tick.elapsed()).as_millis() as i32;
+        // SAFETY: fds is a valid array of pollfd for the call's duration.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("poll failed: {}", std::io::Error::last_os_error()));
+        }
+        if fds[1].revents != 0 {
+            let signal = read_signal(&signals);
+            tracing::info!("signal {signal} received: stopping; the ledger stays for running processes and the next controller");
+            break;
+        }
+        for (k, &(slot, _)) in slots.iter().enumerate() {
+            if fds[2 + k].revents != 0 {
+                state.release(slot, "exited");
+            }
+        }
+        if fds[0].revents != 0 {
+            accept_all(&listener, &mut state, &socket_path, &ledger_path, &ledger_fd, started);
+        }
+        if last_tick.elapsed() >= TICK {
+            last_tick = Instant::now();
+            state.ledger.header().controller_heartbeat_ns.store(gpuslice_common::ledger::monotonic_ns(), Relaxed);
+            state.retry_pending();
+            state.poll_without_pidfd();
+            if last_sample.elapsed() >= Duration::from_secs(1) {
+                last_sample = Instant::now();
+                state.sample_shares();
+            }
+        }
+    }
+    state.ledger.header().controller_pid.store(0, Relaxed);
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+fn accept_all(listener: &UnixListener, state: &mut State, socket: &str, ledger: &str, ledger_fd: &OwnedFd, started: Instant) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                return;
+            }
+        };
+        if let Err(e) = serve_one(&stream, state, socket, ledger, ledger_fd, started) {
+            tracing::debug!("client dropped: {e}");
+        }
+    }
+}
+
+fn serve_one(stream: &UnixStream, state: &mut State, socket: &str, ledger: &str, ledger_fd: &OwnedFd, started: Instant) -> Result<(), FrameError> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    let peer = peer_of(stream)?;
+    let fd = stream.as_raw_fd();
+    let request = match recv_frame(fd).and_then(|(body, _)| decode_request(&body)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("pid {} uid {}: refused a request: {e}", peer.pid, peer.uid);
+            let _ = send_frame(fd, &encode(&Response::Error { message: format!("bad request: {e}") }), None);
+            return Err(e);
+        }
+    };
+    let (response, attach) = match request {
+        Request::Register(r) => match state.register(peer, r) {
+            Ok(a) => (Response::Registered(a), Some(ledger_fd.as_raw_fd())),
+            Err(message) => {
+                tracing::warn!("pid {}: registration refused: {message}", peer.pid);
+                (Response::Error { message }, None)
+            }
+        },
+        Request::Set(e) => match state.edit(peer, e) {
+            Ok(message) => (Response::Done { message }, None),
+            Err(message) => {
+                tracing::warn!("pid {} uid {}: edit refused: {message}", peer.pid, peer.uid);
+                (Response::Error { message }, None)
+            }
+        },
+        Request::List => (Response::Listing(state.listing()), None),
+        Request::Status => {
+            let (processes, groups) = state.counts();
+            let g = state.ledger.geometry();
+            (
+                Response::Status(Status {
+                    version: gpuslice_common::VERSION.to_string(),
+                    pid: std::process::id(),
+                    socket: socket.to_string(),
+                    ledger: ledger.to_string(),
+                    uptime_s: started.elapsed().as_secs_f64(),
+                    starts: state.ledger.header().controller_starts.load(Relaxed),
+                    processes,
+                    groups,
+                    max_processes: g.max_procs,
+                    max_groups: g.max_groups,
+                    devices: state.devices(),
+                }),
+                None,
+            )
+        }
+    };
+    send_frame(fd, &encode(&response), attach)?;
+    Ok(())
+}
+
+fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt into a local of the right size.
+    let r = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Peer { pid: cred.pid as u32, uid: cred.uid })
+}
+
+/// Creates the socket's directory (0755) and binds, refusing to replace anything that is not a
+/// stale socket.
+fn bind(path: &str) -> Result<UnixListener, String> {
+    make_parent(path, 0o755)?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(format!("{path} exists and is not a socket; refusing to replace it (remove it, or choose another --socket)"));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("another gpuslice controller is already serving on {path}"));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket {path}: {e}"))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| format!("cannot listen on {path}: {e}"))?;
+    // Anyone may register and read; edits are checked per peer (SO_PEERCRED).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(|e| format!("cannot set the mode of {path}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(listener)
+}
+
+fn make_parent(path: &str, mode: u32) -> Result<(), String> {
+    let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(()) };
+    if parent.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(mode).create(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))
+}
+
+/// A read-write descriptor of the ledger to hand to registering shims.
+fn open_for_clients(path: &str) -> Result<OwnedFd, String> {
+    let c = std::ffi::CString::new(path).map_err(|_| "the ledger path contains a NUL byte".to_string())?;
+    // SAFETY: open(2); the result is ours.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW) };
+    if fd < 0 {
+        return Err(format!("cannot open the ledger {path}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Blocks SIGTERM and SIGINT and returns a signalfd that reports them.
+fn block_signals() -> Result<OwnedFd, String> {
+    // SAFETY: sigset manipulation on a local, then signalfd(2).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err("cannot block SIGTERM".into());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(format!("signalfd failed: {}", std::io::Error::last_os_error()));
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+fn read_signal(fd: &OwnedFd) -> u32 {
+    // SAFETY: reading one signalfd_siginfo into a local.
+    unsafe {
+        let mut info: libc::signalfd_siginfo = std::mem::zeroed();
+        let n = libc::read(fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size_of::<libc::signalfd_siginfo>());
+        if n > 0 {
+            info.ssi_signo
+        } else {
+            0
+        }
+    }
+}

@@ -1,0 +1,528 @@
+//! The controller's bookkeeping over the ledger: who is registered where, groups made and
+//! freed, edits applied, dead processes' bytes taken back, and a restarted controller's
+//! adoption of what the previous one left.
+//!
+//! Only the controller assigns or frees slots; shims only count inside theirs. Every change of
+//! a group's membership ends with a reconciliation (`GroupSlot::reconcile`), which is what keeps
+//! the group's figure exact whatever state a killed process left its slot in.
+
+use gpuslice_common::ledger::{self, GroupSlot, Ledger, Priority, ProcessSlot, FREE, LIVE, MAX_DEVICES, PRIORITY_INHERIT, UNLIMITED};
+use gpuslice_common::protocol::*;
+use gpuslice_common::settings::{FileSettings, Settings};
+use gpuslice_common::size::format_size;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering::*;
+
+/// How long a reconciliation waits for a live member's open operation.
+const RECONCILE_PATIENCE_NS: u64 = 50_000_000;
+
+/// Who is on the other end of a connection, as the kernel says (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub pid: u32,
+    pub uid: u32,
+}
+
+/// A registered process the controller watches.
+pub struct Watched {
+    pub pid: u32,
+    /// Readable when the process exits; `None` on kernels without pidfd_open (polled instead).
+    pub pidfd: Option<OwnedFd>,
+    pub start_time: Option<u64>,
+}
+
+/// Achieved-share bookkeeping: the charged device time at the previous sample.
+#[derive(Default)]
+struct ShareSample {
+    at_ns: u64,
+    charged: HashMap<(bool, usize, u64, usize), u64>,
+    achieved: HashMap<(bool, usize, u64, usize), f64>,
+}
+
+pub struct State {
+    pub ledger: Ledger,
+    pub config: FileSettings,
+    /// Process slot → what watches it.
+    pub watched: HashMap<usize, Watched>,
+    /// Groups whose reconciliation could not finish yet (a member held an operation open).
+    pending: Vec<usize>,
+    /// The uid allowed to edit besides root: the controller's own (the socket's owner).
+    pub owner_uid: u32,
+    samples: ShareSample,
+}
+
+impl State {
+    pub fn new(ledger: Ledger, config: FileSettings) -> State {
+        // SAFETY: geteuid has no preconditions.
+        let owner_uid = unsafe { libc::geteuid() };
+        State { ledger, config, watched: HashMap::new(), pending: Vec::new(), owner_uid, samples: ShareSample::default() }
+    }
+
+    /// Makes the config's groups exist (pinned: they stay when empty). Existing groups keep
+    /// their figures: a restarted controller must not undo live edits.
+    pub fn install_config_groups(&mut self) -> Result<(), String> {
+        let groups: Vec<(String, Settings)> = self.config.groups.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        for (name, settings) in groups {
+            if self.find_group(&name).is_some() {
+                continue;
+            }
+            let slot = self.new_group(&name).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
+            let g = self.ledger.group(slot);
+            apply_settings_all_devices(g, &settings);
+            g.pinned.store(1, Relaxed);
+            tracing::info!("group {name:?} from the config file: {}", describe_group(&self.ledger, g));
+        }
+        Ok(())
+    }
+
+    /// After a restart: keeps the processes still alive, takes back the bytes of those gone,
+    /// and reconciles every group.
+    pub fn adopt(&mut self) {
+        let mut kept = 0;
+        let mut gone = 0;
+        for i in 0..self.ledger.geometry().max_procs as usize {
+            let p = self.ledger.process(i);
+            if p.state.load(Acquire) != LIVE {
+                continue;
+            }
+            let pid = p.pid.load(Relaxed);
+            let recorded = p.start_time.load(Relaxed);
+            let now = ledger::process_start_time(pid);
+            if now.is_some() && (recorded == 0 || now == Some(recorded)) {
+                self.watched.insert(i, Watched { pid, pidfd: pidfd_open(pid), start_time: now });
+                kept += 1;
+            } else {
+                self.release(i, "exited while no controller ran");
+                gone += 1;
+            }
+        }
+        for (i, g) in self.ledger.groups() {
+            if g.state.load(Acquire) == LIVE && !self.reconcile(i) {
+                self.pending.push(i);
+            }
+        }
+        tracing::info!("adopted the existing ledger: {kept} processes still running, {gone} gone since (their memory returned)");
+    }
+
+    pub fn find_group(&self, name: &str) -> Option<usize> {
+        self.ledger.groups().find(|(_, g)| g.state.load(Acquire) == LIVE && g.name() == name).map(|(i, _)| i)
+    }
+
+    fn new_group(&self, name: &str) -> Option<usize> {
+        let (i, g) = self.ledger.groups().find(|(_, g)| g.state.load(Acquire) == FREE)?;
+        g.reset();
+        g.set_name(name);
+        g.state.store(LIVE, Release);
+        Some(i)
+    }
+
+    fn members(&self, group: usize) -> Vec<usize> {
+        self.ledger
+            .processes()
+            .filter(|(_, p)| p.state.load(Acquire) == LIVE && p.group.load(Relaxed) as usize == group)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Sets the group's used figures to the sum of its live members'.
+    fn reconcile(&self, group: usize) -> bool {
+        let members = self.members(group);
+        let live: Vec<&ProcessSlot> = members.iter().map(|&i| self.ledger.process(i)).collect();
+        self.ledger.group(group).reconcile(&live, RECONCILE_PATIENCE_NS)
+    }
+
+    /// Registers the process at `peer`.
+    pub fn register(&mut self, peer: Peer, r: Registration) -> Result<Assignment, String> {
+        if r.protocol != PROTOCOL_VERSION {
+            return Err(format!("protocol version {} is not this controller's ({PROTOCOL_VERSION}); shim and controller must come from the same release", r.protocol));
+        }
+        if let Some(name) = &r.group {
+            gpuslice_common::settings::check_group_name(name).map_err(|e| format!("GPUSLICE_GROUP={name:?}: {e}"))?;
+        }
+        // The same pid again: an exec'd program (the old image's memory is gone with it).
+        let stale: Vec<usize> = self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE && p.pid.load(Relaxed) == peer.pid).map(|(i, _)| i).collect();
+        for slot in stale {
+            self.release(slot, "registered again (exec)");
+        }
+        let (slot, process) = self
+            .ledger
+            .processes()
+            .find(|(_, p)| p.state.load(Acquire) == FREE)
+            .ok_or_else(|| format!("the ledger is full ({} processes); the process runs alone on its own limits", self.ledger.geometry().max_procs))?;
+
+        let mut devices = Vec::new();
+        for d in &r.devices {
+            match self.ledger.claim_device(&d.uuid, d.total_memory) {
+                Some(index) => devices.push((d.ordinal, index as u32)),
+                None => tracing::warn!("pid {}: device {} ({}) not tracked: the ledger knows {MAX_DEVICES} devices already", peer.pid, d.ordinal, d.uuid),
+            }
+        }
+        let mut notes = Vec::new();
+        let solo = r.group.is_none();
+        let group_name = r.group.clone().unwrap_or_else(|| format!("pid-{}", peer.pid));
+        let group = match self.find_group(&group_name) {
+            Some(g) => {
+                notes.extend(ignored_env_limits(&self.ledger, self.ledger.group(g), &r, &devices));
+                g
+            }
+            None => {
+                let g = self.new_group(&group_name).ok_or_else(|| format!("the ledger is full ({} groups); the process runs alone on its own limits", self.ledger.geometry().max_groups))?;
+                let slot = self.ledger.group(g);
+                // A new group takes its first member's environment, else the config's defaults.
+                for claim in &r.devices {
+                    let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
+                    let index = index as usize;
+                    let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value));
+                    slot.devices[index].limit.store(limit.unwrap_or(UNLIMITED), Relaxed);
+                    let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal));
+                    slot.set_share(index, share.unwrap_or(0));
+                }
+                let priority = (if solo { r.priority } else { None }).or(self.config.settings.priority.as_ref().map(|p| p.value));
+                slot.priority.store(priority.unwrap_or_default() as u32, Relaxed);
+                g
+            }
+        };
+        process.reset();
+        process.pid.store(peer.pid, Relaxed);
+        process.own_pid.store(r.own_pid, Relaxed);
+        process.uid.store(peer.uid, Relaxed);
+        process.group.store(group as u32, Relaxed);
+        let own_priority = if solo { PRIORITY_INHERIT } else { r.priority.map_or(PRIORITY_INHERIT, |p| p as u32) };
+        process.priority.store(own_priority, Relaxed);
+        let start_time = ledger::process_start_time(peer.pid);
+        process.start_time.store(start_time.unwrap_or(0), Relaxed);
+        process.heartbeat_ns.store(ledger::monotonic_ns(), Relaxed);
+        ledger::write_text(&process.name, &r.name);
+        self.ledger.group(group).members.fetch_add(1, AcqRel);
+        process.state.store(LIVE, Release);
+        self.ledger.header().registrations.fetch_add(1, Relaxed);
+        self.watched.insert(slot, Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time });
+        tracing::info!(
+            "registered pid {} ({}) uid {} in group {group_name:?}: {}",
+            peer.pid,
+            r.name,
+            peer.uid,
+            describe_group(&self.ledger, self.ledger.group(group))
+        );
+        Ok(Assignment { group: group as u32, group_name, slot: slot as u32, devices, notes })
+    }
+
+    /// Takes a process out: its bytes leave its group's figures, its slot is freed, and a
+    /// group it leaves empty is freed unless pinned.
+    pub fn release(&mut self, slot: usize, why: &str) {
+        self.watched.remove(&slot);
+        let p = self.ledger.process(slot);
+        if p.state.load(Acquire) != LIVE {
+            return;
+        }
+        let group = p.group.load(Relaxed) as usize;
+        let pid = p.pid.load(Relaxed);
+        let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).sum();
+        // Out of the member list first, so that the reconciliation leaves its bytes out.
+        p.state.store(FREE, Release);
+        if group < self.ledger.geometry().max_groups as usize {
+            let g = self.ledger.group(group);
+            if !self.reconcile(group) {
+                self.pending.push(group);
+            }
+            let left = g.members.fetch_sub(1, AcqRel).saturating_sub(1);
+            if left == 0 && g.pinned.load(Relaxed) == 0 && self.members(group).is_empty() {
+                g.state.store(FREE, Release);
+                g.reset();
+            }
+            tracing::info!("pid {pid} {why}: {} returned to group {:?}", format_size(held), g.name());
+        }
+        p.reset();
+    }
+
+    /// Retries reconciliations that could not finish earlier.
+    pub fn retry_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for group in pending {
+            if !self.reconcile(group) {
+                self.pending.push(group);
+            }
+        }
+    }
+
+    /// For kernels without pidfds: processes that are gone.
+    pub fn poll_without_pidfd(&mut self) {
+        let gone: Vec<usize> = self
+            .watched
+            .iter()
+            .filter(|(_, w)| w.pidfd.is_none() && ledger::process_start_time(w.pid) != w.start_time)
+            .map(|(&s, _)| s)
+            .collect();
+        for slot in gone {
+            self.release(slot, "exited");
+        }
+    }
+
+    /// Applies an edit from `peer`.
+    pub fn edit(&mut self, peer: Peer, e: Edit) -> Result<String, String> {
+        if peer.uid != 0 && peer.uid != self.owner_uid {
+            return Err(format!(
+                "permission denied: uid {} may read but not change limits; only uid {} (the controller's) or root may",
+                peer.uid, self.owner_uid
+            ));
+        }
+        if let Some(sm) = e.sm {
+            gpuslice_common::settings::parse_share(&sm.to_string()).map_err(|r| format!("--sm {sm}: {r}"))?;
+        }
+        if let Some(Limit::Bytes(0)) = e.memory {
+            return Err("--memory 0: a limit of zero bytes would refuse everything; give a size, or `unlimited`".into());
+        }
+        let devices: Vec<usize> = match e.device {
+            Some(d) if (d as usize) < MAX_DEVICES => vec![d as usize],
+            Some(d) => return Err(format!("device {d}: the ledger has devices 0-{}", MAX_DEVICES - 1)),
+            None => (0..MAX_DEVICES).collect(),
+        };
+        match &e.target {
+            Target::Group(name) => {
+                let (slot, made) = match self.find_group(name) {
+                    Some(g) => (g, false),
+                    None => {
+                        gpuslice_common::settings::check_group_name(name).map_err(|r| format!("group {name:?}: {r}"))?;
+                        (self.new_group(name).ok_or("the ledger has no free group slot")?, true)
+                    }
+                };
+                let g = self.ledger.group(slot);
+                apply_edit_to_group(g, &e, &devices);
+                if !name.starts_with("pid-") {
+                    g.pinned.store(1, Relaxed);
+                }
+                let what = if made { "created" } else { "now" };
+                let message = format!("group {name:?} {what}: {}", describe_group(&self.ledger, g));
+                tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
+                Ok(message)
+            }
+            Target::Pid(pid) => {
+                let (_, p) = self
+                    .ledger
+                    .processes()
+                    .find(|(_, p)| p.state.load(Acquire) == LIVE && p.pid.load(Relaxed) == *pid)
+                    .ok_or_else(|| format!("no registered process has pid {pid} (see `gpuslice ls`)"))?;
+                let g = self.ledger.group(p.group.load(Relaxed) as usize);
+                let name = g.name();
+                let message = if name.starts_with("pid-") {
+                    apply_edit_to_group(g, &e, &devices);
+                    format!("pid {pid} now: {}", describe_group(&self.ledger, g))
+                } else {
+                    if e.sm.is_some() {
+                        return Err(format!("pid {pid} is in group {name:?}, whose members share one SM share: use `gpuslice set --group {name} --sm ...`"));
+                    }
+                    if let Some(m) = e.memory {
+                        for &d in &devices {
+                            p.devices[d].limit.store(limit_bytes(m), Relaxed);
+                        }
+                    }
+                    if let Some(pr) = e.priority {
+                        p.priority.store(pr as u32, Relaxed);
+                    }
+                    let cap = e.memory.map(|m| match m {
+                        Limit::Bytes(b) => format!("own cap {}", format_size(b)),
+                        Limit::Unlimited => "no own cap".into(),
+                    });
+                    let pri = e.priority.map(|p| format!("priority {p}"));
+                    format!("pid {pid} in group {name:?} now: {}", [cap, pri].into_iter().flatten().collect::<Vec<_>>().join(", "))
+                };
+                tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
+                Ok(message)
+            }
+        }
+    }
+
+    /// Samples charged device time for the achieved shares `ls` reports; called about once a second.
+    pub fn sample_shares(&mut self) {
+        let now = ledger::monotonic_ns();
+        let elapsed = now.saturating_sub(self.samples.at_ns);
+        let mut charged = HashMap::new();
+        for (i, g) in self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE) {
+            let generation = g.generation.load(Relaxed);
+            for (d, gd) in g.devices.iter().enumerate() {
+                charged.insert((true, i, generation, d), gd.charged_ns.load(Relaxed));
+            }
+        }
+        for (i, p) in self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
+            let generation = p.generation.load(Relaxed);
+            for (d, pd) in p.devices.iter().enumerate() {
+                charged.insert((false, i, generation, d), pd.charged_ns.load(Relaxed));
+            }
+        }
+        let mut achieved = HashMap::new();
+        if self.samples.at_ns != 0 && elapsed > 0 {
+            for (key, &now_charged) in &charged {
+                if let Some(&before) = self.samples.charged.get(key) {
+                    if now_charged > 0 {
+                        achieved.insert(*key, now_charged.saturating_sub(before) as f64 / elapsed as f64 * 100.0);
+                    }
+                }
+            }
+        }
+        self.samples = ShareSample { at_ns: now, charged, achieved };
+    }
+
+    pub fn listing(&self) -> Listing {
+        let uuid = |d: usize| self.ledger.device(d).uuid();
+        let claimed: Vec<usize> = (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).collect();
+        let mut listing = Listing::default();
+        for (i, g) in self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE) {
+            let generation = g.generation.load(Relaxed);
+            let members = self.members(i).iter().map(|&p| self.ledger.process(p).pid.load(Relaxed)).collect();
+            let devices = claimed
+                .iter()
+                .map(|&d| {
+                    let gd = &g.devices[d];
+                    let share = gd.share.load(Relaxed);
+                    GroupDeviceRow {
+                        device: d as u32,
+                        uuid: uuid(d),
+                        used: gd.used.load(Relaxed),
+                        limit: some_limit(gd.limit.load(Relaxed)),
+                        peak: gd.peak_used.load(Relaxed),
+                        share: (share != 0).then_some(share),
+                        achieved_share: self.samples.achieved.get(&(true, i, generation, d)).copied(),
+                        throttled_ns: gd.throttled_ns.load(Relaxed),
+                        refusals: gd.refusals.load(Relaxed),
+                    }
+                })
+                .collect();
+            listing.groups.push(GroupRow { name: g.name(), slot: i as u32, members, priority: g.priority(), devices });
+        }
+        for (i, p) in self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
+            let generation = p.generation.load(Relaxed);
+            let g = self.ledger.group(p.group.load(Relaxed) as usize);
+            let devices = claimed
+                .iter()
+                .map(|&d| {
+                    let pd = &p.devices[d];
+                    ProcessDeviceRow {
+                        device: d as u32,
+                        uuid: uuid(d),
+                        used: pd.used.load(Relaxed),
+                        overhead: pd.overhead.load(Relaxed),
+                        limit: some_limit(pd.limit.load(Relaxed)),
+                        peak: pd.peak_used.load(Relaxed),
+                        achieved_share: self.samples.achieved.get(&(false, i, generation, d)).copied(),
+                        throttled_ns: pd.throttled_ns.load(Relaxed),
+                        refusals: pd.refusals.load(Relaxed),
+                    }
+                })
+                .collect();
+            listing.processes.push(ProcessRow {
+                pid: p.pid.load(Relaxed),
+                own_pid: p.own_pid.load(Relaxed),
+                uid: p.uid.load(Relaxed),
+                group: g.name(),
+                name: p.name(),
+                priority: p.priority_or(g),
+                devices,
+            });
+        }
+        listing
+    }
+
+    pub fn counts(&self) -> (u32, u32) {
+        let procs = self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).count();
+        let groups = self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE).count();
+        (procs as u32, groups as u32)
+    }
+
+    pub fn devices(&self) -> Vec<String> {
+        (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).map(|d| self.ledger.device(d).uuid()).collect()
+    }
+}
+
+fn some_limit(l: u64) -> Option<u64> {
+    (l != UNLIMITED).then_some(l)
+}
+
+fn limit_bytes(l: Limit) -> u64 {
+    match l {
+        Limit::Bytes(b) => b,
+        Limit::Unlimited => UNLIMITED,
+    }
+}
+
+fn apply_edit_to_group(g: &GroupSlot, e: &Edit, devices: &[usize]) {
+    for &d in devices {
+        if let Some(m) = e.memory {
+            g.devices[d].limit.store(limit_bytes(m), Relaxed);
+        }
+        if let Some(sm) = e.sm {
+            g.set_share(d, sm);
+        }
+    }
+    if let Some(p) = e.priority {
+        g.priority.store(p as u32, Relaxed);
+    }
+}
+
+/// Config settings for a group, on every device index (the config's per-device keys name CUDA
+/// ordinals of a process; a group spans processes, so only the all-device values apply).
+fn apply_settings_all_devices(g: &GroupSlot, s: &Settings) {
+    for d in 0..MAX_DEVICES {
+        if let Some(l) = s.memory_limit.get(u32::MAX) {
+            g.devices[d].limit.store(l.value, Relaxed);
+        }
+        if let Some(share) = s.sm_share.get(u32::MAX).map(|s| s.value) {
+            g.set_share(d, share);
+        }
+    }
+    g.priority.store(s.priority.as_ref().map_or(Priority::Normal, |p| p.value) as u32, Relaxed);
+}
+
+/// Notes for a member whose environment asked for other limits than its group has.
+fn ignored_env_limits(ledger: &Ledger, g: &GroupSlot, r: &Registration, devices: &[(u32, u32)]) -> Vec<String> {
+    let _ = ledger;
+    let mut notes = Vec::new();
+    for claim in &r.devices {
+        let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
+        let have = g.devices[index as usize].limit.load(Relaxed);
+        if let Some(want) = claim.memory_limit {
+            if want != have {
+                let have = some_limit(have).map_or("no limit".to_string(), format_size);
+                notes.push(format!(
+                    "the environment's memory limit {} for device {} is not used: group {:?} already has {have} (change it with `gpuslice set --group`)",
+                    format_size(want),
+                    claim.ordinal,
+                    g.name()
+                ));
+            }
+        }
+    }
+    notes
+}
+
+/// One line: a group's limits.
+pub fn describe_group(ledger: &Ledger, g: &GroupSlot) -> String {
+    let mut parts = Vec::new();
+    for d in (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE) {
+        let gd = &g.devices[d];
+        let limit = some_limit(gd.limit.load(Relaxed)).map_or("no memory limit".to_string(), |l| format!("memory {}", format_size(l)));
+        let share = gd.share.load(Relaxed);
+        let share = if share == 0 { String::new() } else { format!(", SM {share}%") };
+        parts.push(format!("device {d}: {limit}{share} (using {})", format_size(gd.used.load(Relaxed))));
+    }
+    let limit0 = some_limit(g.devices[0].limit.load(Relaxed));
+    if parts.is_empty() {
+        parts.push(limit0.map_or("no memory limit".to_string(), |l| format!("memory {}", format_size(l))));
+        let share = g.devices[0].share.load(Relaxed);
+        if share != 0 {
+            parts.push(format!("SM {share}%"));
+        }
+    }
+    format!("{}; priority {}", parts.join("; "), g.priority())
+}
+
+/// A descriptor that becomes readable when `pid` exits (Linux ≥ 5.3).
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) with flags 0; the result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+pub fn raw(fd: &Option<OwnedFd>) -> Option<RawFd> {
+    fd.as_ref().map(|f| f.as_raw_fd())
+}

@@ -1,0 +1,207 @@
+//! Where this process's accounting lives: the controller's ledger when a controller answers on
+//! the socket, else a private ledger of one group and one process holding the environment's
+//! limits. Both are the same layout, so every hook runs the same code either way.
+//!
+//! Attaching happens once, at the first CUDA call that needs it after the driver is initialised
+//! (the `cuInit` hook tries first): the shim lists its devices by UUID, registers over the
+//! socket, and maps the ledger descriptor the controller sends back. Afterwards the hot paths
+//! only read the mapping: no syscall, no lock.
+
+use crate::driver::call_real;
+use crate::ffi::*;
+use crate::nvml::cuda_uuid_string;
+use crate::runtime;
+use gpuslice_common::ledger::{self, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
+use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response, ENV_SOCKET};
+use gpuslice_common::settings::Settings;
+use once_cell::sync::OnceCell;
+use std::ffi::c_int;
+use std::sync::atomic::Ordering::*;
+use std::time::Duration;
+
+/// CUDA ordinals beyond this are passed through untracked.
+pub const MAX_ORDINALS: usize = 64;
+const NO_DEVICE: u8 = u8::MAX;
+/// How long registration may take before the shim runs alone.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Link {
+    pub group: &'static GroupSlot,
+    pub process: &'static ProcessSlot,
+    /// CUDA ordinal → device index in the ledger.
+    devices: [u8; MAX_ORDINALS],
+    /// The group's name, for log lines.
+    pub group_name: String,
+    /// True when a controller holds the ledger (false: a private one).
+    pub controlled: bool,
+}
+
+static LINK: OnceCell<Link> = OnceCell::new();
+
+/// The link, if this process has attached.
+#[inline(always)]
+pub fn get() -> Option<&'static Link> {
+    LINK.get()
+}
+
+/// The link, attaching now if the driver is ready. `None` before `cuInit` has succeeded or
+/// when the settings were refused.
+#[inline]
+pub fn attached() -> Option<&'static Link> {
+    match LINK.get() {
+        Some(l) => Some(l),
+        None => attach_slow(),
+    }
+}
+
+#[cold]
+fn attach_slow() -> Option<&'static Link> {
+    let settings = runtime::runtime().settings.as_ref().ok()?;
+    LINK.get_or_try_init(|| attach(settings)).ok()
+}
+
+impl Link {
+    /// The ledger's device index for CUDA device `device`.
+    #[inline(always)]
+    pub fn index(&self, device: CUdevice) -> Option<usize> {
+        let i = *self.devices.get(usize::try_from(device).ok()?)?;
+        (i != NO_DEVICE).then_some(i as usize)
+    }
+}
+
+/// One visible device as the driver describes it.
+struct Visible {
+    ordinal: u32,
+    uuid: String,
+    total: u64,
+}
+
+fn visible_devices() -> Result<Vec<Visible>, ()> {
+    let mut count: c_int = 0;
+    if call_real!(cuDeviceGetCount(&mut count)) != CUDA_SUCCESS {
+        return Err(()); // Not initialised yet: try again at a later call.
+    }
+    let mut out = Vec::new();
+    for ordinal in 0..count.clamp(0, MAX_ORDINALS as c_int) {
+        let mut device: CUdevice = 0;
+        if call_real!(cuDeviceGet(&mut device, ordinal)) != CUDA_SUCCESS {
+            continue;
+        }
+        let mut total: usize = 0;
+        let _ = call_real!(cuDeviceTotalMem_v2(&mut total, device));
+        let uuid = cuda_uuid_string(device).unwrap_or_else(|| format!("ordinal-{ordinal}"));
+        out.push(Visible { ordinal: ordinal as u32, uuid, total: total as u64 });
+    }
+    Ok(out)
+}
+
+fn attach(settings: &Settings) -> Result<Link, ()> {
+    let devices = visible_devices()?;
+    let socket = std::env::var(ENV_SOCKET).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.to_string());
+    let pid = std::process::id();
+    if std::fs::symlink_metadata(&socket).is_err() {
+        tracing::info!("pid {pid}: no gpuslice controller at {socket}; running alone on this process's own limits ({})", settings.describe());
+        return alone(settings, &devices);
+    }
+    match register(&socket, settings, &devices) {
+        Ok(link) => {
+            tracing::info!("pid {pid}: registered with the gpuslice controller at {socket}: group {:?}", link.group_name);
+            Ok(link)
+        }
+        Err(why) => {
+            tracing::warn!("pid {pid}: the gpuslice controller at {socket} did not take this process ({why}); running alone on its own limits ({})", settings.describe());
+            alone(settings, &devices)
+        }
+    }
+}
+
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
+}
+
+fn register(socket: &str, settings: &Settings, devices: &[Visible]) -> Result<Link, String> {
+    let request = Request::Register(Registration {
+        protocol: protocol::PROTOCOL_VERSION,
+        group: settings.group.clone(),
+        priority: settings.priority.as_ref().map(|p| p.value),
+        name: program_name(),
+        own_pid: std::process::id(),
+        devices: devices
+            .iter()
+            .map(|d| DeviceClaim {
+                ordinal: d.ordinal,
+                uuid: d.uuid.clone(),
+                total_memory: d.total,
+                memory_limit: settings.memory_limit(d.ordinal).map(|l| l.value),
+                sm_share: settings.sm_share(d.ordinal),
+            })
+            .collect(),
+    });
+    let (response, fd) = protocol::call(socket, &request, REGISTER_TIMEOUT).map_err(|e| e.to_string())?;
+    let assignment = match response {
+        Response::Registered(a) => a,
+        Response::Error { message } => return Err(message),
+        other => return Err(format!("unexpected answer {other:?}")),
+    };
+    let fd = fd.ok_or("the answer came without the ledger")?;
+    use std::os::fd::AsFd;
+    let ledger = Ledger::map_fd(fd.as_fd(), "(from the controller)").map_err(|e| e.to_string())?;
+    let geometry = ledger.geometry();
+    if assignment.group >= geometry.max_groups || assignment.slot >= geometry.max_procs {
+        return Err(format!("slot {}/{} outside the ledger", assignment.group, assignment.slot));
+    }
+    let ledger: &'static Ledger = Box::leak(Box::new(ledger));
+    let mut map = [NO_DEVICE; MAX_ORDINALS];
+    for (ordinal, index) in assignment.devices {
+        if (ordinal as usize) < MAX_ORDINALS && (index as usize) < ledger::MAX_DEVICES {
+            map[ordinal as usize] = index as u8;
+        }
+    }
+    for note in &assignment.notes {
+        tracing::warn!("pid {}: {note}", std::process::id());
+    }
+    Ok(Link {
+        group: ledger.group(assignment.group as usize),
+        process: ledger.process(assignment.slot as usize),
+        devices: map,
+        group_name: assignment.group_name,
+        controlled: true,
+    })
+}
+
+/// A private ledger holding this process's own settings.
+fn alone(settings: &Settings, devices: &[Visible]) -> Result<Link, ()> {
+    let ledger: &'static Ledger = match Ledger::anonymous() {
+        Ok(l) => Box::leak(Box::new(l)),
+        Err(e) => {
+            // The host program goes on untracked rather than stop over 20 KiB.
+            tracing::error!("gpuslice cannot allocate its private ledger ({e}); this process runs untracked");
+            return Err(());
+        }
+    };
+    let (group, process) = (ledger.group(0), ledger.process(0));
+    group.reset();
+    process.reset();
+    let mut map = [NO_DEVICE; MAX_ORDINALS];
+    for d in devices {
+        let Some(index) = ledger.claim_device(&d.uuid, d.total) else { continue };
+        map[d.ordinal as usize] = index as u8;
+        let limit = settings.memory_limit(d.ordinal).map_or(UNLIMITED, |l| l.value);
+        group.devices[index].limit.store(limit, Relaxed);
+        group.set_share(index, settings.sm_share(d.ordinal).unwrap_or(0));
+    }
+    if let Some(p) = &settings.priority {
+        group.priority.store(p.value as u32, Relaxed);
+    }
+    let pid = std::process::id();
+    group.set_name(&format!("pid-{pid}"));
+    group.members.store(1, Relaxed);
+    group.state.store(LIVE, Release);
+    process.pid.store(pid, Relaxed);
+    process.own_pid.store(pid, Relaxed);
+    process.state.store(LIVE, Release);
+    Ok(Link { group, process, devices: map, group_name: format!("pid-{pid}"), controlled: false })
+}
