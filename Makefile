@@ -5,7 +5,7 @@ RELEASE := target/release
 LIB := $(RELEASE)/libgpuslice.so
 CLI := $(RELEASE)/gpuslice
 
-.PHONY: all build demo test gpu-bundle gpu-test gpu-bench clean
+.PHONY: all build demo test gpu-bundle gpu-test gpu-bench gpu-ctl clean
 
 all: build
 
@@ -38,6 +38,11 @@ gpu-test:
 # same .gpu/ bundle.
 gpu-bench:
 	bash tests/gpu/bench.sh
+
+# The controller on the real GPU: a group quota shared by two PyTorch processes, a live edit,
+# kill -9, and SM shares set and changed through the controller; needs the same .gpu/ bundle.
+gpu-ctl:
+	bash tests/gpu/controller.sh
 
 clean:
 	$(CARGO) clean

@@ -1,7 +1,8 @@
 /* gpuslice.h: what C (and Python, through ctypes) programs may rely on from gpuslice.
  *
- * Today that is the version. The controller's shared-memory ledger layout will be described
- * here too; until then nothing else is a stable interface.
+ * That is: the version, the environment variables, and the layout of the controller's
+ * shared-memory ledger (read-only for C readers: monitoring tools, exporters). Nothing else is
+ * a stable interface.
  *
  * To tell whether gpuslice is loaded in the current process:
  *
@@ -12,6 +13,8 @@
  */
 #ifndef GPUSLICE_H
 #define GPUSLICE_H
+
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,6 +30,120 @@ extern "C" {
 #define GPUSLICE_ENV_CONFIG "GPUSLICE_CONFIG"
 #define GPUSLICE_ENV_LOG "GPUSLICE_LOG"
 #define GPUSLICE_ENV_LOG_FILE "GPUSLICE_LOG_FILE"
+#define GPUSLICE_ENV_SM_SHARE "GPUSLICE_SM_SHARE"       /* also _0, _1, ... per device */
+#define GPUSLICE_ENV_GROUP "GPUSLICE_GROUP"
+#define GPUSLICE_ENV_PRIORITY "GPUSLICE_PRIORITY"       /* high | normal | low */
+#define GPUSLICE_ENV_SOCKET "GPUSLICE_SOCKET"
+#define GPUSLICE_DEFAULT_SOCKET "/run/gpuslice/gpuslice.sock"
+#define GPUSLICE_DEFAULT_LEDGER "/dev/shm/gpuslice/ledger"
+
+/* ---------------------------------------------------------------------------------------------
+ * The ledger: a file mapped by the controller and every registered process (mode 0600; the
+ * controller hands processes a descriptor over its socket). Layout version 1:
+ *
+ *   offset 0                  struct gpuslice_ledger_header   (GPUSLICE_LEDGER_HEADER_SIZE bytes)
+ *   header.devices_offset     struct gpuslice_device_slot     [GPUSLICE_LEDGER_MAX_DEVICES]
+ *   header.groups_offset      struct gpuslice_group_slot      [header.max_groups]
+ *   header.procs_offset       struct gpuslice_process_slot    [header.max_procs]
+ *
+ * Check magic, layout_version and file_size before reading anything else. Every field is
+ * written with atomic operations by other processes: read each with __atomic_load_n(&f,
+ * __ATOMIC_RELAXED) (or std::atomic_ref in C++20). A slot is in use when its state is
+ * GPUSLICE_SLOT_LIVE. Limits equal to GPUSLICE_UNLIMITED are unset. Times are CLOCK_MONOTONIC
+ * nanoseconds. Writing to the ledger from outside gpuslice is not supported.
+ * ------------------------------------------------------------------------------------------- */
+#define GPUSLICE_LEDGER_MAGIC 0x5247444c53555047ULL /* "GPUSLDGR" little-endian */
+#define GPUSLICE_LEDGER_LAYOUT_VERSION 1
+#define GPUSLICE_LEDGER_HEADER_SIZE 4096
+#define GPUSLICE_LEDGER_MAX_DEVICES 16
+#define GPUSLICE_UNLIMITED UINT64_MAX
+#define GPUSLICE_SLOT_FREE 0
+#define GPUSLICE_SLOT_LIVE 1
+#define GPUSLICE_PRIORITY_INHERIT 0 /* process slots only: the group's priority applies */
+#define GPUSLICE_PRIORITY_LOW 1
+#define GPUSLICE_PRIORITY_NORMAL 2
+#define GPUSLICE_PRIORITY_HIGH 3
+
+struct gpuslice_ledger_header {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t header_size;
+    uint64_t file_size;
+    uint32_t max_devices;
+    uint32_t max_groups;
+    uint32_t max_procs;
+    uint32_t device_slot_size;
+    uint32_t group_slot_size;
+    uint32_t proc_slot_size;
+    uint64_t devices_offset;
+    uint64_t groups_offset;
+    uint64_t procs_offset;
+    uint32_t controller_pid;          /* 0 when no controller has the ledger open */
+    uint32_t _pad0;
+    uint64_t controller_heartbeat_ns; /* updated every 100 ms by a running controller */
+    uint64_t controller_starts;       /* controllers that have started on this ledger */
+    uint64_t created_ns;
+    uint64_t registrations;           /* processes registered since creation */
+};
+
+struct gpuslice_device_slot {
+    uint32_t state;
+    uint32_t _pad;
+    uint64_t total_memory;
+    char uuid[48];                    /* NUL-padded, "GPU-xxxxxxxx-xxxx-..." */
+};
+
+struct gpuslice_group_device {
+    uint64_t limit;                   /* bytes, or GPUSLICE_UNLIMITED */
+    uint64_t used;                    /* bytes held by all members */
+    uint32_t share;                   /* percent of device time; 0 = not throttled */
+    uint32_t _pad;
+    uint64_t debt_until;              /* the group's token bucket (GCRA) */
+    uint64_t charged_ns;              /* device time charged to throttled launches */
+    uint64_t throttled_ns;            /* wall time launches waited */
+    uint64_t refusals;                /* allocations refused over a limit */
+    uint64_t peak_used;
+};
+
+struct gpuslice_group_slot {
+    uint32_t state;
+    uint32_t priority;
+    uint32_t members;
+    uint32_t reconciling;
+    uint32_t throttled;               /* non-zero when any device has a share */
+    uint32_t pinned;                  /* kept when the last member leaves */
+    uint64_t generation;              /* bumped each time the slot is reused */
+    char name[64];                    /* NUL-padded; "pid-N" for a process alone */
+    uint64_t _reserved[4];
+    struct gpuslice_group_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
+};
+
+struct gpuslice_process_device {
+    uint64_t used;                    /* bytes this process holds, overhead included */
+    uint64_t overhead;                /* context reserve and other driver-held memory */
+    uint64_t limit;                   /* this process's own cap, or GPUSLICE_UNLIMITED */
+    uint64_t charged_ns;
+    uint64_t throttled_ns;
+    uint64_t refusals;
+    uint64_t peak_used;
+    uint64_t _reserved;
+};
+
+struct gpuslice_process_slot {
+    uint32_t state;
+    uint32_t pid;                     /* in the controller's pid namespace */
+    uint32_t group;                   /* index of its group slot */
+    uint32_t priority;
+    uint64_t ops;                     /* odd while an accounting operation is open */
+    uint64_t start_time;              /* /proc/PID/stat field 22, to detect pid reuse */
+    uint64_t heartbeat_ns;
+    uint32_t uid;
+    uint32_t own_pid;                 /* the pid inside the process's own namespace */
+    uint64_t generation;
+    char name[32];
+    uint64_t _reserved[5];
+    struct gpuslice_process_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
+};
 
 /* Returns the loaded shim's version, e.g. "0.1.0"; a static string, never NULL. */
 const char *gpuslice_version(void);

@@ -1,0 +1,74 @@
+//! The ledger's C view in include/gpuslice.h matches the Rust layout field for field: a C
+//! program built against the header prints every offset and size, compared here with Rust's.
+
+use gpuslice_common::ledger::*;
+use std::mem::{offset_of, size_of};
+use std::process::Command;
+
+/// (C struct, field, Rust offset) for every field of every ledger struct.
+macro_rules! fields {
+    ($($c:literal $rust:ty { $($f:ident),* $(,)? })*) => {
+        vec![$($((concat!("struct ", $c), stringify!($f), offset_of!($rust, $f)),)*)*]
+    };
+}
+
+fn rust_layout() -> (Vec<(&'static str, &'static str, usize)>, Vec<(&'static str, usize)>) {
+    let fields = fields! {
+        "gpuslice_ledger_header" Header { magic, layout_version, header_size, file_size, max_devices, max_groups, max_procs,
+            device_slot_size, group_slot_size, proc_slot_size, devices_offset, groups_offset, procs_offset, controller_pid,
+            controller_heartbeat_ns, controller_starts, created_ns, registrations }
+        "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid }
+        "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
+        "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }
+        "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used }
+        "gpuslice_process_slot" ProcessSlot { state, pid, group, priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, devices }
+    };
+    let sizes = vec![
+        ("struct gpuslice_ledger_header", size_of::<Header>()),
+        ("struct gpuslice_device_slot", size_of::<DeviceSlot>()),
+        ("struct gpuslice_group_device", size_of::<GroupDevice>()),
+        ("struct gpuslice_group_slot", size_of::<GroupSlot>()),
+        ("struct gpuslice_process_device", size_of::<ProcessDevice>()),
+        ("struct gpuslice_process_slot", size_of::<ProcessSlot>()),
+    ];
+    (fields, sizes)
+}
+
+#[test]
+fn c_header_matches_the_rust_ledger() {
+    let (fields, sizes) = rust_layout();
+    let mut c = String::from("#include <stdio.h>\n#include <stddef.h>\n#include \"gpuslice.h\"\nint main(void) {\n");
+    for (s, f, _) in &fields {
+        c.push_str(&format!("  printf(\"{s}.{f} %zu\\n\", offsetof({s}, {f}));\n"));
+    }
+    for (s, _) in &sizes {
+        c.push_str(&format!("  printf(\"sizeof {s} %zu\\n\", sizeof({s}));\n"));
+    }
+    c.push_str(&format!(
+        "  printf(\"magic %llu\\n\", (unsigned long long)GPUSLICE_LEDGER_MAGIC);\n  printf(\"version %d\\n\", GPUSLICE_LEDGER_LAYOUT_VERSION);\n  printf(\"devices %d\\n\", GPUSLICE_LEDGER_MAX_DEVICES);\n  printf(\"header %d\\n\", GPUSLICE_LEDGER_HEADER_SIZE);\n  return 0;\n}}\n"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("layout.c");
+    let exe = dir.path().join("layout");
+    std::fs::write(&src, c).unwrap();
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/../include");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = Command::new(&cc).args(["-std=c11", "-Wall", "-Werror", "-I", include, "-o"]).arg(&exe).arg(&src).output().expect("a C compiler (cc)");
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let out = Command::new(&exe).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let value = |key: &str| -> usize {
+        let line = text.lines().find(|l| l.rsplit_once(' ').map(|(k, _)| k) == Some(key)).unwrap_or_else(|| panic!("{key} missing:\n{text}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    for (s, f, rust) in &fields {
+        assert_eq!(value(&format!("{s}.{f}")), *rust, "{s}.{f}");
+    }
+    for (s, rust) in &sizes {
+        assert_eq!(value(&format!("sizeof {s}")), *rust, "sizeof {s}");
+    }
+    assert_eq!(value("magic") as u64, MAGIC);
+    assert_eq!(value("version") as u32, LAYOUT_VERSION);
+    assert_eq!(value("devices"), MAX_DEVICES);
+    assert_eq!(value("header"), HEADER_SIZE);
+}
