@@ -526,3 +526,116 @@ pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 pub fn raw(fd: &Option<OwnedFd>) -> Option<RawFd> {
     fd.as_ref().map(|f| f.as_raw_fd())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(dir: &tempfile::TempDir, config: &str) -> State {
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, _) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let config = FileSettings::parse("test.toml", config).unwrap();
+        let mut s = State::new(ledger, config);
+        s.install_config_groups().unwrap();
+        s
+    }
+
+    fn registration(group: Option<&str>, limit: Option<u64>) -> Registration {
+        Registration {
+            protocol: PROTOCOL_VERSION,
+            group: group.map(String::from),
+            priority: None,
+            name: "test".into(),
+            own_pid: 1,
+            devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-test".into(), total_memory: 1 << 40, memory_limit: limit, sm_share: Some(30) }],
+        }
+    }
+
+    fn me() -> Peer {
+        Peer { pid: std::process::id(), uid: unsafe { libc::geteuid() } }
+    }
+
+    #[test]
+    fn a_group_member_leaving_returns_exactly_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.pair]\nmemory_limit = \"1000\"\n");
+        // Two "processes": this test's pid and its parent's (both alive for the test's length).
+        let parent = std::os::unix::process::parent_id();
+        let a = s.register(me(), registration(Some("pair"), Some(5000))).unwrap();
+        let b = s.register(Peer { pid: parent, uid: me().uid }, registration(Some("pair"), None)).unwrap();
+        assert_eq!(a.group, b.group);
+        assert!(a.notes.iter().any(|n| n.contains("not used")), "{:?}", a.notes);
+        let g = s.ledger.group(a.group as usize);
+        let (pa, pb) = (s.ledger.process(a.slot as usize), s.ledger.process(b.slot as usize));
+        let d = a.devices[0].1 as usize;
+        pa.try_charge(g, d, 600).unwrap();
+        assert!(pb.try_charge(g, d, 401).is_err(), "the group limit binds across members");
+        pb.try_charge(g, d, 400).unwrap();
+        s.release(a.slot as usize, "killed");
+        let g = s.ledger.group(a.group as usize);
+        assert_eq!(g.devices[d].used.load(Relaxed), 400);
+        assert_eq!(g.members.load(Relaxed), 1);
+        s.release(b.slot as usize, "exited");
+        assert_eq!(s.find_group("pair"), Some(a.group as usize), "config groups stay when empty");
+        assert_eq!(s.ledger.group(a.group as usize).devices[d].used.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn a_process_alone_gets_its_environment_and_is_freed_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        let a = s.register(me(), registration(None, Some(4096))).unwrap();
+        assert_eq!(a.group_name, format!("pid-{}", std::process::id()));
+        let g = s.ledger.group(a.group as usize);
+        assert_eq!(g.devices[0].limit.load(Relaxed), 4096);
+        assert_eq!(g.devices[0].share.load(Relaxed), 30);
+        assert_eq!(g.throttled.load(Relaxed), 1);
+        s.release(a.slot as usize, "exited");
+        assert_eq!(s.find_group(&a.group_name), None);
+    }
+
+    #[test]
+    fn edits_need_the_owner_or_root_and_apply_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.g]\nmemory_limit = \"1GiB\"\n");
+        let stranger = Peer { pid: 1, uid: s.owner_uid.wrapping_add(4242).max(1) };
+        let edit = Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(2 << 30)), sm: Some(50), priority: Some(Priority::High), device: None };
+        let e = s.edit(stranger, edit.clone()).unwrap_err();
+        assert!(e.contains("permission denied"), "{e}");
+        let slot = s.find_group("g").unwrap();
+        assert_eq!(s.ledger.group(slot).devices[0].limit.load(Relaxed), 1 << 30, "unchanged");
+        s.edit(me(), edit).unwrap();
+        let g = s.ledger.group(slot);
+        assert_eq!(g.devices[3].limit.load(Relaxed), 2 << 30);
+        assert_eq!(g.devices[3].share.load(Relaxed), 50);
+        assert_eq!(g.priority(), Priority::High);
+        let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None }).unwrap_err();
+        assert!(e.contains("no registered process"), "{e}");
+        assert!(s.edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None }).is_err());
+    }
+
+    #[test]
+    fn a_restarted_controller_drops_the_dead_and_keeps_the_living() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dead_slot, live_slot, group) = {
+            let mut s = state(&dir, "");
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let dead_pid = child.id();
+            let dead = s.register(Peer { pid: dead_pid, uid: 0 }, registration(Some("team"), None)).unwrap();
+            let live = s.register(me(), registration(Some("team"), None)).unwrap();
+            let g = s.ledger.group(dead.group as usize);
+            s.ledger.process(dead.slot as usize).try_charge(g, 0, 700).unwrap();
+            s.ledger.process(live.slot as usize).try_charge(g, 0, 300).unwrap();
+            child.wait().unwrap();
+            // The controller "dies" here: no release for the child.
+            (dead.slot as usize, live.slot as usize, dead.group as usize)
+        };
+        let mut s = state(&dir, "");
+        assert_eq!(s.ledger.group(group).devices[0].used.load(Relaxed), 1000);
+        s.adopt();
+        assert_eq!(s.ledger.group(group).devices[0].used.load(Relaxed), 300);
+        assert_eq!(s.ledger.process(dead_slot).state.load(Relaxed), FREE);
+        assert_eq!(s.ledger.process(live_slot).state.load(Relaxed), LIVE);
+        assert!(s.watched.contains_key(&live_slot));
+    }
+}
