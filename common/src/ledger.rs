@@ -114,7 +114,9 @@ pub struct GroupSlot {
     /// `Priority` as u32.
     pub priority: AtomicU32,
     pub members: AtomicU32,
-    /// Non-zero while the controller recomputes `used` (see the module docs).
+    /// Non-zero while the controller recomputes `used` (see the module docs): the low 32 bits
+    /// of CLOCK_MONOTONIC in ms when it started, with the lowest bit set, so that a flag left
+    /// up by a controller killed mid-way is recognised as stale.
     pub reconciling: AtomicU32,
     /// Non-zero when any device of the group has a share: the one load an unthrottled launch pays.
     pub throttled: AtomicU32,
@@ -491,13 +493,11 @@ impl Ledger {
                 let slot = self.device(i);
                 match slot.state.load(Acquire) {
                     LIVE if slot.uuid() == uuid => return Some(i),
-                    FREE => {
-                        if slot.state.compare_exchange(FREE, CLAIMING, AcqRel, Relaxed).is_ok() {
-                            write_text(&slot.uuid, uuid);
-                            slot.total_memory.store(total_memory, Relaxed);
-                            slot.state.store(LIVE, Release);
-                            return Some(i);
-                        }
+                    FREE if slot.state.compare_exchange(FREE, CLAIMING, AcqRel, Relaxed).is_ok() => {
+                        write_text(&slot.uuid, uuid);
+                        slot.total_memory.store(total_memory, Relaxed);
+                        slot.state.store(LIVE, Release);
+                        return Some(i);
                     }
                     CLAIMING => {
                         std::thread::yield_now();
@@ -617,7 +617,7 @@ impl GroupSlot {
     /// operation half done (see the module docs). False when a member kept an operation open
     /// for longer than `patience_ns` (stopped by a debugger, say): nothing was changed; retry.
     pub fn reconcile(&self, live: &[&ProcessSlot], patience_ns: u64) -> bool {
-        self.reconciling.store(1, SeqCst);
+        self.reconciling.store(reconcile_stamp(), SeqCst);
         let start = monotonic_ns();
         for p in live {
             while p.ops.load(SeqCst) % 2 == 1 {
@@ -635,6 +635,17 @@ impl GroupSlot {
         self.reconciling.store(0, SeqCst);
         true
     }
+}
+
+/// The value a reconciliation raises its flag with: when it started, in ms, never zero.
+fn reconcile_stamp() -> u32 {
+    ((monotonic_ns() / 1_000_000) as u32) | 1
+}
+
+/// True when a reconciliation flag has been up longer than any live controller keeps it.
+fn stale(flag: u32) -> bool {
+    let age_ms = reconcile_stamp().wrapping_sub(flag) as u64;
+    age_ms * 1_000_000 > RECONCILE_PATIENCE_NS
 }
 
 /// Which limit refused an allocation.
@@ -691,13 +702,18 @@ impl ProcessSlot {
 
     #[cold]
     fn wait_reconciled(&self, group: &GroupSlot) {
-        let start = monotonic_ns();
         loop {
             self.ops.fetch_add(1, SeqCst); // Close: let the controller finish.
-            while group.reconciling.load(SeqCst) != 0 {
-                if monotonic_ns() - start > RECONCILE_PATIENCE_NS {
-                    self.ops.fetch_add(1, SeqCst);
-                    return; // A controller died mid-way; its successor reconciles again.
+            loop {
+                let flag = group.reconciling.load(SeqCst);
+                if flag == 0 {
+                    break;
+                }
+                if stale(flag) {
+                    // A controller died mid-way (a live one gives up well before): take the
+                    // flag down for everyone; its successor reconciles again.
+                    let _ = group.reconciling.compare_exchange(flag, 0, SeqCst, Relaxed);
+                    break;
                 }
                 std::thread::yield_now();
             }
@@ -967,6 +983,21 @@ mod tests {
         }
         let members: u64 = live.iter().map(|p| p.devices[0].used.load(Relaxed)).sum();
         assert_eq!(l.group(0).devices[0].used.load(Relaxed), members, "exact after reconciliation");
+    }
+
+    #[test]
+    fn a_flag_left_by_a_dead_controller_is_taken_down_once() {
+        let (l, _) = group_with_members(UNLIMITED, 1);
+        // Raised 10 s ago and never lowered.
+        l.group(0).reconciling.store(reconcile_stamp().wrapping_sub(10_000) | 1, SeqCst);
+        let start = monotonic_ns();
+        l.process(0).try_charge(l.group(0), 0, 10).unwrap();
+        assert_eq!(l.group(0).reconciling.load(Relaxed), 0);
+        for _ in 0..100 {
+            l.process(0).try_charge(l.group(0), 0, 10).unwrap();
+        }
+        assert!(monotonic_ns() - start < 50_000_000, "no operation waited");
+        assert_eq!(l.group(0).devices[0].used.load(Relaxed), 1010);
     }
 
     #[test]

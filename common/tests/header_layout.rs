@@ -12,7 +12,10 @@ macro_rules! fields {
     };
 }
 
-fn rust_layout() -> (Vec<(&'static str, &'static str, usize)>, Vec<(&'static str, usize)>) {
+type Fields = Vec<(&'static str, &'static str, usize)>;
+type Sizes = Vec<(&'static str, usize)>;
+
+fn rust_layout() -> (Fields, Sizes) {
     let fields = fields! {
         "gpuslice_ledger_header" Header { magic, layout_version, header_size, file_size, max_devices, max_groups, max_procs,
             device_slot_size, group_slot_size, proc_slot_size, devices_offset, groups_offset, procs_offset, controller_pid,
@@ -44,9 +47,9 @@ fn c_header_matches_the_rust_ledger() {
     for (s, _) in &sizes {
         c.push_str(&format!("  printf(\"sizeof {s} %zu\\n\", sizeof({s}));\n"));
     }
-    c.push_str(&format!(
-        "  printf(\"magic %llu\\n\", (unsigned long long)GPUSLICE_LEDGER_MAGIC);\n  printf(\"version %d\\n\", GPUSLICE_LEDGER_LAYOUT_VERSION);\n  printf(\"devices %d\\n\", GPUSLICE_LEDGER_MAX_DEVICES);\n  printf(\"header %d\\n\", GPUSLICE_LEDGER_HEADER_SIZE);\n  return 0;\n}}\n"
-    ));
+    c.push_str(
+        "  printf(\"magic %llu\\n\", (unsigned long long)GPUSLICE_LEDGER_MAGIC);\n  printf(\"version %d\\n\", GPUSLICE_LEDGER_LAYOUT_VERSION);\n  printf(\"devices %d\\n\", GPUSLICE_LEDGER_MAX_DEVICES);\n  printf(\"header %d\\n\", GPUSLICE_LEDGER_HEADER_SIZE);\n  return 0;\n}\n",
+    );
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("layout.c");
     let exe = dir.path().join("layout");

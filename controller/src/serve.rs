@@ -1,6 +1,8 @@
-//! `gpuslice serve`: the controller daemon. One thread, one `poll(2)` loop over the socket,
-//! a signalfd for SIGTERM/SIGINT, and one pidfd per registered process; a tick every 100 ms
-//! writes the heartbeat and retries unfinished work.
+//! `gpuslice serve`: the controller daemon. The main thread runs one `poll(2)` loop over the
+//! listening socket, a signalfd for SIGTERM/SIGINT and one pidfd per registered process; a tick
+//! every 100 ms writes the heartbeat and retries unfinished work. Each connection gets a thread
+//! of its own, so a client that connects and says nothing delays nobody else; the state is
+//! locked only while a request is applied, never while a socket is read or written.
 
 use crate::state::{raw, Peer, State};
 use gpuslice_common::ledger::{Geometry, Ledger};
@@ -10,13 +12,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_CONFIG: &str = "/etc/gpuslice/config.toml";
 const TICK: Duration = Duration::from_millis(100);
 /// A client gets this long to send its request and take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Connections served at once; more are closed at once (and logged).
+const MAX_CONNECTIONS: usize = 128;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -68,12 +73,12 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         std::process::id(),
         if adopted { "adopted" } else { "new" }
     );
-    let started = Instant::now();
+    state.sample_shares();
+    let shared = Arc::new(Shared { state: Mutex::new(state), socket: socket_path.clone(), ledger: ledger_path, ledger_fd, started: Instant::now(), connections: AtomicUsize::new(0) });
     let mut last_tick = Instant::now();
     let mut last_sample = Instant::now();
-    state.sample_shares();
     loop {
-        let slots: Vec<(usize, RawFd)> = state.watched.iter().filter_map(|(&s, w)| Some((s, raw(&w.pidfd)?))).collect();
+        let slots: Vec<(usize, RawFd)> = shared.lock().watched.iter().filter_map(|(&s, w)| Some((s, raw(&w.pidfd)?))).collect();
         let mut fds = vec![
             libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             libc::pollfd { fd: signals.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -90,16 +95,21 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             tracing::info!("signal {signal} received: stopping; the ledger stays for running processes and the next controller");
             break;
         }
-        for (k, &(slot, _)) in slots.iter().enumerate() {
+        for (k, &(slot, fd)) in slots.iter().enumerate() {
             if fds[2 + k].revents != 0 {
-                state.release(slot, "exited");
+                let mut state = shared.lock();
+                // The slot may have been released and given to someone else meanwhile.
+                if state.watched.get(&slot).and_then(|w| raw(&w.pidfd)) == Some(fd) {
+                    state.release(slot, "exited");
+                }
             }
         }
         if fds[0].revents != 0 {
-            accept_all(&listener, &mut state, &socket_path, &ledger_path, &ledger_fd, started);
+            accept_all(&listener, &shared);
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
+            let mut state = shared.lock();
             state.ledger.header().controller_heartbeat_ns.store(gpuslice_common::ledger::monotonic_ns(), Relaxed);
             state.retry_pending();
             state.poll_without_pidfd();
@@ -109,12 +119,29 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             }
         }
     }
-    state.ledger.header().controller_pid.store(0, Relaxed);
+    shared.lock().ledger.header().controller_pid.store(0, Relaxed);
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }
 
-fn accept_all(listener: &UnixListener, state: &mut State, socket: &str, ledger: &str, ledger_fd: &OwnedFd, started: Instant) {
+/// What connection threads share with the main loop.
+struct Shared {
+    state: Mutex<State>,
+    socket: String,
+    ledger: String,
+    ledger_fd: OwnedFd,
+    started: Instant,
+    connections: AtomicUsize,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while applying one request must not take the controller down with it.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn accept_all(listener: &UnixListener, shared: &Arc<Shared>) {
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
@@ -124,13 +151,25 @@ fn accept_all(listener: &UnixListener, state: &mut State, socket: &str, ledger: 
                 return;
             }
         };
-        if let Err(e) = serve_one(&stream, state, socket, ledger, ledger_fd, started) {
-            tracing::debug!("client dropped: {e}");
+        if shared.connections.fetch_add(1, AcqRel) >= MAX_CONNECTIONS {
+            shared.connections.fetch_sub(1, AcqRel);
+            tracing::warn!("{MAX_CONNECTIONS} connections already open; closing a new one");
+            continue;
+        }
+        let shared = shared.clone();
+        let spawned = std::thread::Builder::new().name("gpuslice-client".into()).spawn(move || {
+            if let Err(e) = serve_one(&stream, &shared) {
+                tracing::debug!("client dropped: {e}");
+            }
+            shared.connections.fetch_sub(1, AcqRel);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a thread for a connection: {e}");
         }
     }
 }
 
-fn serve_one(stream: &UnixStream, state: &mut State, socket: &str, ledger: &str, ledger_fd: &OwnedFd, started: Instant) -> Result<(), FrameError> {
+fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
@@ -144,44 +183,55 @@ fn serve_one(stream: &UnixStream, state: &mut State, socket: &str, ledger: &str,
             return Err(e);
         }
     };
-    let (response, attach) = match request {
-        Request::Register(r) => match state.register(peer, r) {
-            Ok(a) => (Response::Registered(a), Some(ledger_fd.as_raw_fd())),
-            Err(message) => {
-                tracing::warn!("pid {}: registration refused: {message}", peer.pid);
-                (Response::Error { message }, None)
-            }
-        },
-        Request::Set(e) => match state.edit(peer, e) {
-            Ok(message) => (Response::Done { message }, None),
-            Err(message) => {
-                tracing::warn!("pid {} uid {}: edit refused: {message}", peer.pid, peer.uid);
-                (Response::Error { message }, None)
-            }
-        },
-        Request::List => (Response::Listing(state.listing()), None),
-        Request::Status => {
-            let (processes, groups) = state.counts();
-            let g = state.ledger.geometry();
-            (
-                Response::Status(Status {
+    let mut registered = None;
+    let (response, attach) = {
+        let mut state = shared.lock();
+        match request {
+            Request::Register(r) => match state.register(peer, r) {
+                Ok(a) => {
+                    registered = Some(a.slot as usize);
+                    (Response::Registered(a), Some(shared.ledger_fd.as_raw_fd()))
+                }
+                Err(message) => {
+                    tracing::warn!("pid {}: registration refused: {message}", peer.pid);
+                    (Response::Error { message }, None)
+                }
+            },
+            Request::Set(e) => match state.edit(peer, e) {
+                Ok(message) => (Response::Done { message }, None),
+                Err(message) => {
+                    tracing::warn!("pid {} uid {}: edit refused: {message}", peer.pid, peer.uid);
+                    (Response::Error { message }, None)
+                }
+            },
+            Request::List => (Response::Listing(state.listing()), None),
+            Request::Status => {
+                let (processes, groups) = state.counts();
+                let g = state.ledger.geometry();
+                let status = Status {
                     version: gpuslice_common::VERSION.to_string(),
                     pid: std::process::id(),
-                    socket: socket.to_string(),
-                    ledger: ledger.to_string(),
-                    uptime_s: started.elapsed().as_secs_f64(),
+                    socket: shared.socket.clone(),
+                    ledger: shared.ledger.clone(),
+                    uptime_s: shared.started.elapsed().as_secs_f64(),
                     starts: state.ledger.header().controller_starts.load(Relaxed),
                     processes,
                     groups,
                     max_processes: g.max_procs,
                     max_groups: g.max_groups,
                     devices: state.devices(),
-                }),
-                None,
-            )
+                };
+                (Response::Status(status), None)
+            }
         }
     };
-    send_frame(fd, &encode(&response), attach)?;
+    if let Err(e) = send_frame(fd, &encode(&response), attach) {
+        if let Some(slot) = registered {
+            // It gave up waiting and runs alone: it must not stay listed as a member.
+            shared.lock().release(slot, "gave up registering");
+        }
+        return Err(e.into());
+    }
     Ok(())
 }
 

@@ -12,6 +12,19 @@
  * Usage: cuclient CMD [ARGS] CMD ...   (see tests/README.md). One output line per command:
  *   ok <cmd> key=value ...   or   err <cmd> code=<CUresult> ...
  * Exit status 0 unless the command line is bad (2) or the driver library cannot be loaded (3).
+ *
+ * Commands for multi-process tests (the controller's), besides those in tests/README.md:
+ *   waitfile PATH          block until PATH exists (polled every 1 ms; gives up after 60 s:
+ *                          `err waitfile code=-1 timeout=1`)                    -> ms=
+ *   touch PATH             create PATH (empty)                                   ->
+ *   churn SIZE STOPFILE    cuMemAlloc(SIZE) + cuMemFree in a loop until STOPFILE exists (checked
+ *                          every 16 rounds; 60 s at most)                        -> count= failures=
+ *   allocwait SIZE EVERY_MS TIMEOUT_MS
+ *                          cuMemAlloc(SIZE), retried every EVERY_MS while it answers
+ *                          CUDA_ERROR_OUT_OF_MEMORY, for at most TIMEOUT_MS (kept as an id)
+ *                          -> id= ptr= tries= at= (CLOCK_MONOTONIC ns right after the success);
+ *                             on failure `err allocwait code= tries=`
+ *   now                    CLOCK_MONOTONIC                                       -> ns=
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -295,6 +308,16 @@ static double now_ms(void) {
     return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
 }
 
+static unsigned long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
+}
+
+/* How long waitfile and churn wait for their file at most: a test that died must not leave
+ * clients behind for ever. */
+#define WAIT_CAP_MS 60000.0
+
 /* ---------------------------------------------------------------- argument parsing */
 static int parse_size(const char *s, unsigned long long *out) {
     char *end;
@@ -333,6 +356,8 @@ static const struct cmdspec CMDS[] = {
     {"launchex", "nn"},   {"events", "nn"},      {"graph", "nnn"},       {"sync", ""},
     {"sleep", "n"},       {"mark", ""},          {"elapsed", ""},        {"procaddr", "snn"},
     {"dlsym", "s"},       {"pid", ""},
+    {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
+    {"now", ""},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -890,6 +915,72 @@ static void run(const char *cmd, char **a) {
         printf("ok dlsym name=%s ptr=%p\n", a[0], p);
     } else if (!strcmp(cmd, "pid")) {
         printf("ok pid pid=%d\n", (int)getpid());
+    } else if (!strcmp(cmd, "waitfile")) {
+        double t0 = now_ms();
+        while (access(a[0], F_OK) != 0) {
+            if (now_ms() - t0 > WAIT_CAP_MS) {
+                printf("err waitfile code=-1 timeout=1\n");
+                return;
+            }
+            usleep(1000);
+        }
+        printf("ok waitfile ms=%.3f\n", now_ms() - t0);
+    } else if (!strcmp(cmd, "touch")) {
+        FILE *f = fopen(a[0], "a");
+        if (!f) {
+            printf("err touch code=-1\n");
+            return;
+        }
+        fclose(f);
+        printf("ok touch\n");
+    } else if (!strcmp(cmd, "churn")) {
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        unsigned long long size = num(a[0]), count = 0, failures = 0, rounds = 0;
+        double t0 = now_ms();
+        int timeout = 0;
+        for (;; rounds++) {
+            if (rounds % 16 == 0) {
+                if (access(a[1], F_OK) == 0) break;
+                if (now_ms() - t0 > WAIT_CAP_MS) {
+                    timeout = 1;
+                    break;
+                }
+            }
+            CUdeviceptr d = 0;
+            if (p_cuMemAlloc(&d, size) != 0) {
+                failures++;
+                continue;
+            }
+            if (p_cuMemFree(d) != 0) failures++;
+            count++;
+        }
+        if (timeout) {
+            printf("err churn code=-1 timeout=1 count=%llu failures=%llu\n", count, failures);
+            return;
+        }
+        printf("ok churn count=%llu failures=%llu\n", count, failures);
+    } else if (!strcmp(cmd, "allocwait")) {
+        NEED(cuMemAlloc);
+        unsigned long long every = num(a[1]), limit = num(a[2]), tries = 0;
+        struct obj o = {K_ALLOC, 0, NULL, 0, num(a[0]), 0};
+        double t0 = now_ms();
+        CUresult r;
+        for (;;) {
+            r = p_cuMemAlloc(&o.ptr, o.size);
+            tries++;
+            if (r != 2 || now_ms() - t0 > (double)limit) break;
+            usleep((useconds_t)(every * 1000));
+        }
+        unsigned long long at = now_ns();
+        if (r != 0) {
+            printf("err allocwait code=%d tries=%llu\n", r, tries);
+            return;
+        }
+        int id = add_obj(o);
+        printf("ok allocwait id=%d ptr=0x%llx tries=%llu at=%llu\n", id, o.ptr, tries, at);
+    } else if (!strcmp(cmd, "now")) {
+        printf("ok now ns=%llu\n", now_ns());
     }
 }
 

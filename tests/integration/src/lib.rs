@@ -13,10 +13,11 @@
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::io::Read;
+use std::io::{BufRead, Read};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
@@ -314,6 +315,11 @@ impl Sim {
         self.dir.path().join("simcuda-state")
     }
 
+    /// This machine's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// A path in this machine's temporary directory (for config files and the like).
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -326,8 +332,26 @@ impl Sim {
         p
     }
 
+    /// The `GPUSLICE_SOCKET` every client and program of this machine gets unless the test sets
+    /// one: a path in the temporary directory where nothing listens, so that tests never join
+    /// a controller of the host (`/run/gpuslice/gpuslice.sock`).
+    pub fn no_controller_socket(&self) -> PathBuf {
+        self.dir.path().join("no-controller.sock")
+    }
+
+    /// Starts `gpuslice serve` for this machine (see [`Controller`]).
+    pub fn controller(&self) -> Controller<'_> {
+        Controller::start(self, None)
+    }
+
+    /// Starts `gpuslice serve --config <file>` with `toml` written to `controller.toml`.
+    pub fn controller_with_config(&self, toml: &str) -> Controller<'_> {
+        let config = self.write_file("controller.toml", toml);
+        Controller::start(self, Some(config))
+    }
+
     pub fn client(&self, route: Route) -> Client<'_> {
-        Client { sim: self, route, program: None, env: Vec::new(), shim: false, args: Vec::new() }
+        Client { sim: self, route, program: None, env: Vec::new(), shim: false, args: Vec::new(), uid: None }
     }
 
     /// Any other program, started like a client: the host's GPUSLICE_*/SIMCUDA_*/LD_* variables
@@ -341,6 +365,35 @@ impl Sim {
             env: Vec::new(),
             shim: false,
             args: Vec::new(),
+            uid: None,
+        }
+    }
+}
+
+impl Sim {
+    /// The UUID the simulated driver gives device `d` of this machine (as `nvmlDeviceGetUUID`
+    /// prints it): tests/simcuda's `device_uuid`, derived from the state file's path.
+    pub fn device_uuid(&self, d: u32) -> String {
+        let path = self.state_path().display().to_string();
+        let machine = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let mut u: [u8; 16] = [0x5e, 0x1c, 0xc0, 0xda, 0x9a, 0x3b, 0x4c, 0x11, 0x8e, 0x2f, 0x60, 0, 0, 0, 0, 0];
+        u[8..14].copy_from_slice(&machine.to_le_bytes()[..6]);
+        u[15] = d as u8;
+        u[14] = (d >> 8) as u8;
+        let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
+        format!("GPU-{}-{}-{}-{}-{}", h[0..4].concat(), h[4..6].concat(), h[6..8].concat(), h[8..10].concat(), h[10..16].concat())
+    }
+}
+
+impl Drop for Sim {
+    /// The shim's per-device turn pages (`/dev/shm/gpuslice-board-<uid>-<uuid>`) outlive its
+    /// processes, and every simulated machine has devices of its own UUIDs: remove this
+    /// machine's, so that test runs do not fill /dev/shm.
+    fn drop(&mut self) {
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        for d in 0..16 {
+            let _ = std::fs::remove_file(format!("/dev/shm/gpuslice-board-{uid}-{}", self.device_uuid(d)));
         }
     }
 }
@@ -354,6 +407,8 @@ pub struct Client<'a> {
     env: Vec<(String, String)>,
     shim: bool,
     args: Vec<String>,
+    /// Run as this uid (and the same gid); only root can.
+    uid: Option<u32>,
 }
 
 /// Variables of the host environment that must not leak into a client.
@@ -398,6 +453,23 @@ impl<'a> Client<'a> {
         self
     }
 
+    /// Join `controller`: `GPUSLICE_SOCKET` at its socket.
+    pub fn controller(self, controller: &Controller<'_>) -> Self {
+        let socket = controller.socket().display().to_string();
+        self.env("GPUSLICE_SOCKET", socket)
+    }
+
+    /// `GPUSLICE_GROUP=name`.
+    pub fn group(self, name: &str) -> Self {
+        self.env("GPUSLICE_GROUP", name)
+    }
+
+    /// Run as `uid` (gid the same, no supplementary groups). Only root may.
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
+    }
+
     fn command(&self) -> (Command, String) {
         let bin = match &self.program {
             Some(p) => p.clone(),
@@ -411,7 +483,13 @@ impl<'a> Client<'a> {
         }
         cmd.env("LD_LIBRARY_PATH", sim_dir());
         cmd.env("SIMCUDA_STATE", self.sim.state_path());
+        // Hermetic: no controller unless the test names one (set below, after this default).
+        cmd.env("GPUSLICE_SOCKET", self.sim.no_controller_socket());
         let mut shown = Vec::new();
+        if let Some(uid) = self.uid {
+            cmd.uid(uid).gid(uid);
+            shown.push(format!("(uid {uid})"));
+        }
         if self.shim {
             let s = shim_path();
             shown.push(format!("LD_PRELOAD={}", s.display()));
@@ -428,23 +506,48 @@ impl<'a> Client<'a> {
         (cmd, shown.join(" "))
     }
 
-    /// Start the client without waiting (for multi-process tests).
+    /// Start the client without waiting (for multi-process tests). Its output lines can be
+    /// waited for while it runs ([`Running::wait_line`]); it is killed if dropped unwaited.
     pub fn spawn(self) -> Running {
         let (mut cmd, cmdline) = self.command();
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmdline}: {e}"));
-        let mut so = child.stdout.take().unwrap();
+        let so = child.stdout.take().unwrap();
         let mut se = child.stderr.take().unwrap();
-        let out_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = so.read_to_string(&mut s);
-            s
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = se.read_to_string(&mut s);
-            s
-        });
-        Running { child, cmdline, out_t, err_t, started: Instant::now() }
+        let stdout = Arc::new(Stream::default());
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out_t = {
+            let stdout = stdout.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(so);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match reader.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\n', '\r']).to_string();
+                            stdout.lines.lock().unwrap().push(line);
+                            stdout.changed.notify_all();
+                        }
+                    }
+                }
+                *stdout.closed.lock().unwrap() = true;
+                stdout.changed.notify_all();
+            })
+        };
+        let err_t = {
+            let stderr = stderr.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match se.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => stderr.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n])),
+                    }
+                }
+            })
+        };
+        Running { child, cmdline, stdout, stderr, threads: Some((out_t, err_t)), started: Instant::now(), reaped: false }
     }
 
     /// Run the client to completion.
@@ -453,13 +556,24 @@ impl<'a> Client<'a> {
     }
 }
 
+/// A client's stdout lines as they come.
+#[derive(Default)]
+struct Stream {
+    lines: Mutex<Vec<String>>,
+    /// True once stdout reached its end.
+    closed: Mutex<bool>,
+    changed: Condvar,
+}
+
 /// A client process started with [`Client::spawn`].
 pub struct Running {
     child: Child,
     cmdline: String,
-    out_t: std::thread::JoinHandle<String>,
-    err_t: std::thread::JoinHandle<String>,
+    stdout: Arc<Stream>,
+    stderr: Arc<Mutex<String>>,
+    threads: Option<(std::thread::JoinHandle<()>, std::thread::JoinHandle<()>)>,
     started: Instant,
+    reaped: bool,
 }
 
 impl Running {
@@ -472,6 +586,58 @@ impl Running {
         let _ = self.child.kill();
     }
 
+    /// Send `signal` to the client.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// The lines printed so far.
+    pub fn lines_now(&self) -> Vec<String> {
+        self.stdout.lines.lock().unwrap().clone()
+    }
+
+    /// What it wrote on stderr so far.
+    pub fn stderr_now(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the client has printed a line for which `pred` holds, and returns it.
+    /// Panics (showing everything printed) after `timeout`, or when its stdout closes first.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_pick(what, timeout, |lines| lines.iter().find(|l| pred(l)).cloned())
+    }
+
+    /// Waits for the `n`-th (0-based) line of command `cmd` (ok or err) and returns it.
+    pub fn wait_line(&self, cmd: &str, n: usize) -> String {
+        self.wait_pick(&format!("line #{n} of `{cmd}`"), CLIENT_TIMEOUT, |lines| {
+            lines.iter().filter(|l| line_cmd(l) == cmd).nth(n).cloned()
+        })
+    }
+
+    fn wait_pick(&self, what: &str, timeout: Duration, pick: impl Fn(&[String]) -> Option<String>) -> String {
+        let end = Instant::now() + timeout;
+        let mut lines = self.stdout.lines.lock().unwrap();
+        loop {
+            if let Some(l) = pick(&lines) {
+                return l;
+            }
+            let closed = *self.stdout.closed.lock().unwrap();
+            let now = Instant::now();
+            if closed || now >= end {
+                let so = lines.join("\n  ");
+                drop(lines);
+                panic!(
+                    "{} waiting for {what}: {}\nstdout so far:\n  {so}\nstderr so far:\n{}",
+                    if closed { "the client's output ended" } else { "timed out" },
+                    self.cmdline,
+                    self.stderr_now()
+                );
+            }
+            lines = self.stdout.changed.wait_timeout(lines, (end - now).min(Duration::from_millis(50))).unwrap().0;
+        }
+    }
+
     pub fn wait(mut self) -> Output {
         let status = loop {
             if let Some(s) = self.child.try_wait().expect("wait for client") {
@@ -480,20 +646,42 @@ impl Running {
             if self.started.elapsed() > CLIENT_TIMEOUT {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                let so = self.out_t.join().unwrap_or_default();
-                let se = self.err_t.join().unwrap_or_default();
-                panic!("client timed out after {CLIENT_TIMEOUT:?}: {}\nstdout:\n{so}\nstderr:\n{se}", self.cmdline);
+                self.reaped = true;
+                self.join_readers();
+                panic!(
+                    "client timed out after {CLIENT_TIMEOUT:?}: {}\nstdout:\n{}\nstderr:\n{}",
+                    self.cmdline,
+                    self.lines_now().join("\n"),
+                    self.stderr_now()
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        let stdout = self.out_t.join().unwrap_or_default();
-        let stderr = self.err_t.join().unwrap_or_default();
+        self.reaped = true;
+        self.join_readers();
         Output {
-            lines: stdout.lines().map(str::to_string).collect(),
-            stderr,
+            lines: self.lines_now(),
+            stderr: self.stderr_now(),
             status,
-            cmdline: self.cmdline,
+            cmdline: self.cmdline.clone(),
             elapsed: self.started.elapsed(),
+        }
+    }
+
+    fn join_readers(&mut self) {
+        if let Some((o, e)) = self.threads.take() {
+            let _ = o.join();
+            let _ = e.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    /// A client left running by a failed test is killed, not left blocked in `waitfile`.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }
@@ -710,5 +898,337 @@ pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the clients' `now` and `allocwait ... at=` read.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: out-pointer to a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Creates `path` (empty), e.g. the go-file that clients wait for with `waitfile`.
+pub fn touch(path: impl AsRef<Path>) {
+    std::fs::write(path.as_ref(), b"").unwrap_or_else(|e| panic!("create {}: {e}", path.as_ref().display()));
+}
+
+/// Whether this test process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller.
+
+/// How long a controller may take to answer `gpuslice status` after it starts.
+pub const CONTROLLER_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `gpuslice serve` of one simulated machine: socket `<dir>/sock`, ledger `<dir>/shm/ledger`,
+/// `GPUSLICE_LOG=debug`, its stderr (and stdout) appended to `<dir>/controller.log`. Started
+/// and waited for until `gpuslice status` answers; stopped with SIGTERM when dropped.
+///
+/// Clients join it with [`Client::controller`] (and [`Client::group`]).
+pub struct Controller<'a> {
+    sim: &'a Sim,
+    config: Option<PathBuf>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl<'a> Controller<'a> {
+    fn start(sim: &'a Sim, config: Option<PathBuf>) -> Controller<'a> {
+        let mut c = Controller { sim, config, child: None, starts: 0 };
+        c.launch();
+        c
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.sim.path("sock")
+    }
+
+    pub fn ledger(&self) -> PathBuf {
+        self.sim.path("shm").join("ledger")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.sim.path("controller.log")
+    }
+
+    /// Everything the controller(s) of this machine logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The running controller's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the controller is not running").id()
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("open the controller log");
+        let mut cmd = Command::new(cli_path());
+        for (k, _) in std::env::vars_os() {
+            if scrubbed(&k) {
+                cmd.env_remove(&k);
+            }
+        }
+        cmd.env("GPUSLICE_LOG", "debug")
+            .env("LD_LIBRARY_PATH", sim_dir())
+            .env("SIMCUDA_STATE", self.sim.state_path())
+            .arg("serve")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--ledger")
+            .arg(self.ledger());
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd));
+        self.child = Some(child);
+        self.starts += 1;
+        let end = Instant::now() + CONTROLLER_START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("wait for the controller") {
+                self.child = None;
+                panic!("the controller exited ({status}) before answering; its log:\n{}", self.log());
+            }
+            let out = self.cli("status").run();
+            if out.success() {
+                return;
+            }
+            if Instant::now() > end {
+                panic!("the controller did not answer `gpuslice status` within {CONTROLLER_START_TIMEOUT:?}:\n{out}\nits log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `gpuslice <subcommand> --socket <socket>`, ready for more arguments.
+    pub fn cli(&self, subcommand: &str) -> Client<'a> {
+        self.sim.program(cli_path()).args(subcommand).arg("--socket").arg(self.socket().display())
+    }
+
+    /// `gpuslice ls --json`, parsed (panics unless it succeeds).
+    pub fn ls(&self) -> Listing {
+        let out = self.cli("ls --json").run();
+        assert!(out.success(), "gpuslice ls --json failed:\n{out}\ncontroller log:\n{}", self.log());
+        Listing::parse(&out.lines.join("\n")).unwrap_or_else(|e| panic!("gpuslice ls --json printed something else than JSON ({e}):\n{out}"))
+    }
+
+    /// `gpuslice set <args>` (e.g. `--group g --memory 1GiB`), whatever its outcome.
+    pub fn set(&self, args: &str) -> Output {
+        self.cli("set").args(args).run()
+    }
+
+    /// `gpuslice set <args>`, which must succeed; returns what it printed.
+    pub fn set_ok(&self, args: &str) -> String {
+        let out = self.set(args);
+        assert!(out.success(), "gpuslice set {args} failed:\n{out}\ncontroller log:\n{}", self.log());
+        out.lines.join("\n")
+    }
+
+    /// Polls `ls` every 10 ms until `f` holds for a listing, and returns that listing and how
+    /// long it took; panics with the last listing after `timeout`.
+    pub fn ls_until(&self, what: &str, timeout: Duration, f: impl Fn(&Listing) -> bool) -> (Listing, Duration) {
+        let start = Instant::now();
+        loop {
+            let l = self.ls();
+            if f(&l) {
+                return (l, start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                panic!("`gpuslice ls` did not show {what} within {timeout:?}; last listing:\n{l}\ncontroller log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the controller with SIGKILL (and reaps it): no clean-up, the socket stays.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the controller with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("the controller is not running");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = c.try_wait().expect("wait for the controller") {
+                return s;
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("the controller did not stop within 10 s of SIGTERM; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Starts the controller again on the same socket, ledger and config (stopping it with
+    /// SIGTERM first if it still runs).
+    pub fn restart(&mut self) {
+        if self.running() {
+            self.stop();
+        }
+        self.child = None;
+        self.launch();
+    }
+
+    /// How many times this helper started a controller.
+    pub fn starts(&self) -> u32 {
+        self.starts
+    }
+}
+
+impl Drop for Controller<'_> {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What `gpuslice ls --json` printed (the controller's `Listing`: `groups` and `processes`,
+/// each with per-device rows keyed by the ledger's device index).
+pub struct Listing {
+    pub json: serde_json::Value,
+}
+
+impl fmt::Display for Listing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&serde_json::to_string_pretty(&self.json).unwrap_or_default())
+    }
+}
+
+impl fmt::Debug for Listing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+fn as_u64(v: &serde_json::Value, what: &str, listing: &Listing) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("{what} is not a number ({v}) in:\n{listing}"))
+}
+
+impl Listing {
+    pub fn parse(text: &str) -> Result<Listing, String> {
+        let json: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if !json["groups"].is_array() || !json["processes"].is_array() {
+            return Err("no `groups` and `processes` arrays".into());
+        }
+        Ok(Listing { json })
+    }
+
+    pub fn groups(&self) -> &[serde_json::Value] {
+        self.json["groups"].as_array().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    pub fn processes(&self) -> &[serde_json::Value] {
+        self.json["processes"].as_array().map(Vec::as_slice).unwrap_or_default()
+    }
+
+    pub fn group(&self, name: &str) -> Option<&serde_json::Value> {
+        self.groups().iter().find(|g| g["name"] == name)
+    }
+
+    /// Group `name`'s row for ledger device `device` (panics if absent).
+    pub fn group_device(&self, name: &str, device: u32) -> &serde_json::Value {
+        let g = self.group(name).unwrap_or_else(|| panic!("no group {name:?} in:\n{self}"));
+        g["devices"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["device"] == device))
+            .unwrap_or_else(|| panic!("group {name:?} has no device {device} in:\n{self}"))
+    }
+
+    pub fn group_used(&self, name: &str, device: u32) -> u64 {
+        as_u64(&self.group_device(name, device)["used"], "used", self)
+    }
+
+    pub fn group_peak(&self, name: &str, device: u32) -> u64 {
+        as_u64(&self.group_device(name, device)["peak"], "peak", self)
+    }
+
+    pub fn group_refusals(&self, name: &str, device: u32) -> u64 {
+        as_u64(&self.group_device(name, device)["refusals"], "refusals", self)
+    }
+
+    /// `None`: no limit (`null`).
+    pub fn group_limit(&self, name: &str, device: u32) -> Option<u64> {
+        self.group_device(name, device)["limit"].as_u64()
+    }
+
+    /// `None`: not throttled (`null`).
+    pub fn group_share(&self, name: &str, device: u32) -> Option<u64> {
+        self.group_device(name, device)["share"].as_u64()
+    }
+
+    /// The group's member pids, sorted.
+    pub fn members(&self, name: &str) -> Vec<u32> {
+        let g = self.group(name).unwrap_or_else(|| panic!("no group {name:?} in:\n{self}"));
+        let mut m: Vec<u32> = g["members"].as_array().into_iter().flatten().filter_map(|p| p.as_u64()).map(|p| p as u32).collect();
+        m.sort_unstable();
+        m
+    }
+
+    /// The registered pids, sorted.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut p: Vec<u32> = self.processes().iter().filter_map(|p| p["pid"].as_u64()).map(|p| p as u32).collect();
+        p.sort_unstable();
+        p
+    }
+
+    pub fn process(&self, pid: u32) -> Option<&serde_json::Value> {
+        self.processes().iter().find(|p| p["pid"] == pid)
+    }
+
+    /// Process `pid`'s row for ledger device `device` (panics if absent).
+    pub fn process_device(&self, pid: u32, device: u32) -> &serde_json::Value {
+        let p = self.process(pid).unwrap_or_else(|| panic!("no process {pid} in:\n{self}"));
+        p["devices"]
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["device"] == device))
+            .unwrap_or_else(|| panic!("process {pid} has no device {device} in:\n{self}"))
+    }
+
+    pub fn process_used(&self, pid: u32, device: u32) -> u64 {
+        as_u64(&self.process_device(pid, device)["used"], "used", self)
+    }
+
+    pub fn process_overhead(&self, pid: u32, device: u32) -> u64 {
+        as_u64(&self.process_device(pid, device)["overhead"], "overhead", self)
+    }
+
+    pub fn process_peak(&self, pid: u32, device: u32) -> u64 {
+        as_u64(&self.process_device(pid, device)["peak"], "peak", self)
+    }
+
+    /// The group process `pid` is in.
+    pub fn process_group(&self, pid: u32) -> String {
+        let p = self.process(pid).unwrap_or_else(|| panic!("no process {pid} in:\n{self}"));
+        p["group"].as_str().unwrap_or_default().to_string()
     }
 }

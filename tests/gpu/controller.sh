@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# gpuslice controller acceptance (issue 4, `make gpu-ctl`). Run from anywhere on a machine with
+# an NVIDIA GPU, nvcc, and Python with torch and nvidia-ml-py. Never builds Rust.
+#
+#   GPUSLICE_LIB   the prebuilt shim            (default: .gpu/libgpuslice.so in the repo root)
+#   GPUSLICE_BIN   the prebuilt gpuslice CLI    (default: .gpu/gpuslice in the repo root)
+#   OUT            where the log + results go   (default: .gpu/out)
+#   NVCC, PYTHON   tools                        (default: nvcc or /usr/local/cuda/bin/nvcc, python3)
+#   CTL_SHIM_LOG   GPUSLICE_LOG for shimmed runs          (default info)
+#   CTL_LOG        GPUSLICE_LOG for `gpuslice serve`      (default info)
+#
+# Builds sharebench into .gpu/build (as bench.sh does), then tests/gpu/controller.py starts
+# `gpuslice serve` on a socket in a temporary folder (ledger under /dev/shm), runs the checks,
+# stops the controller and prints the results table last. Writes $OUT/controller.log and
+# $OUT/controller.tsv only. Everything it starts is killed on the way out, also when it is
+# interrupted: each child carries GPUTEST_CTL_TOKEN, and the trap kills by pid whatever still
+# has it.
+# Exit: 0 = every program behaved (read the table for PASS/FAIL), 1 = a program crashed
+# (signal, timeout, unexpected exit status), 2 = setup problem (no shim/CLI/compiler/torch,
+# build failed).
+set -u
+set -o pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
+SHIM_LOG=${CTL_SHIM_LOG:-info}
+CTL_LOG=${CTL_LOG:-info}
+PY_LIMIT_S=250   # hard stop for controller.py (its own budget ends earlier, at 215 s from T0)
+
+if [ -n "${GPUSLICE_BIN:-}" ]; then BIN=$(abspath "$GPUSLICE_BIN"); else BIN=$ROOT/.gpu/gpuslice; fi
+
+TOKEN="ctl-$$-$(date +%s%N)"
+TMPD=
+PYPID=
+LEDGER_DIR=/dev/shm/gpuslice-gputest-$$
+kill_tokened() { # every process that still carries our token, by pid
+  local d pid
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [ "$pid" = "$$" ] && continue
+    if grep -qzx "GPUTEST_CTL_TOKEN=$TOKEN" "$d/environ" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null && echo "controller.sh: killed left-over pid $pid" >&2
+    fi
+  done
+}
+cleanup() {
+  kill_tokened
+  [ -n "$TMPD" ] && rm -rf "$TMPD"
+  rm -rf "$LEDGER_DIR"
+}
+on_signal() { # pass it on to controller.py (through timeout), let it clean up, then leave
+  trap '' INT TERM HUP
+  if [ -n "$PYPID" ]; then
+    kill -TERM "$PYPID" 2>/dev/null
+    wait "$PYPID" 2>/dev/null
+  fi
+  exit "$1"
+}
+trap cleanup EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM HUP
+
+gpu_setup controller controller.log "gpuslice controller acceptance"
+
+if [ ! -x "$BIN" ]; then
+  note "controller: gpuslice binary not found at $BIN: put the prebuilt CLI at .gpu/gpuslice or set GPUSLICE_BIN"
+  exit 2
+fi
+BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+note "cli: $BIN ($(stat -c %s "$BIN" 2>/dev/null) bytes, sha256 $(sha256sum "$BIN" 2>/dev/null | cut -c1-16)); $(timeout 10 "$BIN" --version 2>&1 | head -n 1)"
+if ! pyver=$("$PY" -c 'import torch, pynvml; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1); then
+  note "controller: $PY cannot import torch and pynvml (nvidia-ml-py): $(printf '%s' "$pyver" | tail -n 1)"
+  exit 2
+fi
+
+gpu_machine name,driver_version,memory.total,memory.used,clocks.max.sm \
+  "python: $("$PY" --version 2>&1), $pyver; shim log: $SHIM_LOG; controller log: $CTL_LOG"
+
+# ---- build (skipped when the binary is newer than its source, the shared header and this script)
+bin=$BUILD/sharebench
+if up_to_date "$bin" "$HERE/sharebench.cu" "$HERE/gpucommon.cuh"; then
+  echo "--- build sharebench: up to date" >>"$LOG"
+else
+  rm -f "$bin"
+  if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/sharebench.cu" >"$BUILD/sharebench.build.log" 2>&1; then
+    echo "--- build sharebench: ok" >>"$LOG"
+    cat "$BUILD/sharebench.build.log" >>"$LOG"
+  else
+    note "controller: build of sharebench FAILED (log follows in $LOG)"
+    cat "$BUILD/sharebench.build.log" >>"$LOG"
+    exit 2
+  fi
+fi
+note "build done in $(( $(date +%s) - T0 ))s"
+
+# ---- the socket's folder (short: a unix socket path has at most 107 bytes); the ledger's
+# folder is created by `gpuslice serve` and removed on the way out
+TMPD=$(mktemp -d /tmp/gpuslice-ctl.XXXXXX) || { note "controller: mktemp failed"; exit 2; }
+rm -rf "$LEDGER_DIR"
+
+# ---- the checks; controller.py prints the results table last
+# In the background so that a signal reaches the trap at once (bash runs traps only between
+# commands); `timeout --foreground` keeps it in this process group, so Ctrl-C reaches it too.
+args=(--lib "$LIB" --bin "$BIN" --build "$BUILD" --out "$OUTDIR" --t0 "$T0"
+      --socket "$TMPD/gpuslice.sock" --ledger "$LEDGER_DIR/ledger" --shim-log "$SHIM_LOG"
+      --ctl-log "$CTL_LOG")
+if command -v timeout >/dev/null 2>&1; then
+  GPUTEST_CTL_TOKEN=$TOKEN timeout --foreground -k 10 "$PY_LIMIT_S" \
+    "$PY" "$ROOT/$HERE/controller.py" "${args[@]}" &
+else
+  GPUTEST_CTL_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/controller.py" "${args[@]}" &
+fi
+PYPID=$!
+wait "$PYPID"
+rc=$?
+if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  note "controller: controller.py ran past ${PY_LIMIT_S}s, or was killed (rc=$rc)"
+  rc=1
+fi
+exit $rc
