@@ -39,7 +39,7 @@ extern "C" {
 
 /* ---------------------------------------------------------------------------------------------
  * The ledger: a file mapped by the controller and every registered process (mode 0600; the
- * controller hands processes a descriptor over its socket). Layout version 1:
+ * controller hands processes a descriptor over its socket). Layout version 2:
  *
  *   offset 0                  struct gpuslice_ledger_header   (GPUSLICE_LEDGER_HEADER_SIZE bytes)
  *   header.devices_offset     struct gpuslice_device_slot     [GPUSLICE_LEDGER_MAX_DEVICES]
@@ -53,7 +53,7 @@ extern "C" {
  * nanoseconds. Writing to the ledger from outside gpuslice is not supported.
  * ------------------------------------------------------------------------------------------- */
 #define GPUSLICE_LEDGER_MAGIC 0x5247444c53555047ULL /* "GPUSLDGR" little-endian */
-#define GPUSLICE_LEDGER_LAYOUT_VERSION 1
+#define GPUSLICE_LEDGER_LAYOUT_VERSION 2
 #define GPUSLICE_LEDGER_HEADER_SIZE 4096
 #define GPUSLICE_LEDGER_MAX_DEVICES 16
 #define GPUSLICE_UNLIMITED UINT64_MAX
@@ -86,11 +86,27 @@ struct gpuslice_ledger_header {
     uint64_t registrations;           /* processes registered since creation */
 };
 
+#define GPUSLICE_MAX_HIGH 8
+
+struct gpuslice_high_slot {           /* one high-priority process on a device */
+    uint32_t pid;                     /* its own pid; 0 = free */
+    uint32_t busy;                    /* non-zero while it has work queued or running */
+    uint64_t alive_until;             /* lease; a dead process's slot lapses */
+};
+
+struct gpuslice_device_sched {
+    uint64_t high_alive_until;        /* some high-priority process lives on the device until */
+    uint32_t wake;                    /* futex word, bumped when a high process's work is done */
+    uint32_t _pad;
+    struct gpuslice_high_slot highs[GPUSLICE_MAX_HIGH];
+};
+
 struct gpuslice_device_slot {
     uint32_t state;
     uint32_t _pad;
     uint64_t total_memory;
     char uuid[48];                    /* NUL-padded, "GPU-xxxxxxxx-xxxx-..." */
+    struct gpuslice_device_sched sched;
 };
 
 struct gpuslice_group_device {

@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 /// "GPUSLDGR" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUSLDGR");
 /// Bumped whenever any offset, size or meaning below changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Device indices per slot; devices beyond are passed through untracked.
 pub const MAX_DEVICES: usize = 16;
 pub const HEADER_SIZE: usize = 4096;
@@ -79,7 +79,7 @@ pub struct Header {
 }
 
 /// Which GPU a device index means: claimed by UUID, so that processes with different
-/// `CUDA_VISIBLE_DEVICES` agree on it.
+/// `CUDA_VISIBLE_DEVICES` agree on it; and the device's priority state.
 #[repr(C)]
 pub struct DeviceSlot {
     pub state: AtomicU32,
@@ -87,6 +87,70 @@ pub struct DeviceSlot {
     pub total_memory: AtomicU64,
     /// NUL-padded ASCII, "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx".
     pub uuid: [AtomicU64; UUID_BYTES / 8],
+    pub sched: DeviceSched,
+}
+
+/// High-priority processes a device tracks at once.
+pub const MAX_HIGH: usize = 8;
+
+/// Who has high-priority work on a device: what lower-priority launchers consult before they
+/// launch (see the shim's `sched`). All leases are CLOCK_MONOTONIC ns.
+#[repr(C)]
+pub struct DeviceSched {
+    /// Some high-priority process lives on this device until this time (renewed every 50 ms).
+    pub high_alive_until: AtomicU64,
+    /// Futex word: bumped each time a high-priority process's work on the device is done.
+    pub wake: AtomicU32,
+    pub _pad: AtomicU32,
+    pub highs: [HighSlot; MAX_HIGH],
+}
+
+/// One high-priority process on a device.
+#[repr(C)]
+pub struct HighSlot {
+    /// Its pid (its own view); 0 when free.
+    pub pid: AtomicU32,
+    /// Non-zero while it has work queued or running on the device.
+    pub busy: AtomicU32,
+    /// The slot is its until then; a dead process's slot lapses.
+    pub alive_until: AtomicU64,
+}
+
+impl DeviceSched {
+    /// True while some high-priority process lives on the device.
+    #[inline]
+    pub fn high_alive(&self, now: u64) -> bool {
+        self.high_alive_until.load(Relaxed) > now
+    }
+
+    /// True while some live high-priority process has work on the device.
+    pub fn high_busy(&self, now: u64) -> bool {
+        self.highs.iter().any(|h| h.busy.load(SeqCst) != 0 && h.pid.load(Relaxed) != 0 && h.alive_until.load(Relaxed) > now)
+    }
+
+    /// The slot of high-priority process `pid`, claiming a free or lapsed one.
+    pub fn claim_high(&self, pid: u32, now: u64, lease_ns: u64) -> Option<&HighSlot> {
+        if let Some(h) = self.highs.iter().find(|h| h.pid.load(Acquire) == pid) {
+            h.alive_until.store(now + lease_ns, Release);
+            return Some(h);
+        }
+        for h in &self.highs {
+            let held = h.pid.load(Acquire);
+            let lapsed = held != 0 && h.alive_until.load(Acquire) <= now;
+            if (held == 0 || lapsed) && h.pid.compare_exchange(held, pid, AcqRel, Relaxed).is_ok() {
+                h.busy.store(0, SeqCst);
+                h.alive_until.store(now + lease_ns, Release);
+                return Some(h);
+            }
+        }
+        None
+    }
+
+    /// Renews a high-priority process's lease on its slot and the device's.
+    pub fn renew(&self, slot: &HighSlot, now: u64, lease_ns: u64) {
+        slot.alive_until.store(now + lease_ns, Release);
+        self.high_alive_until.fetch_max(now + lease_ns, AcqRel);
+    }
 }
 
 /// A group's figures on one device.
@@ -831,7 +895,7 @@ mod tests {
 
     #[test]
     fn layout_sizes_are_what_the_header_says() {
-        assert_eq!(size_of::<DeviceSlot>(), 64);
+        assert_eq!(size_of::<DeviceSlot>(), 64 + size_of::<DeviceSched>());
         assert_eq!(size_of::<GroupDevice>(), 64);
         assert_eq!(size_of::<ProcessDevice>(), 64);
         assert_eq!(size_of::<GroupSlot>(), 128 + 64 * MAX_DEVICES);

@@ -20,7 +20,9 @@ fn rust_layout() -> (Fields, Sizes) {
         "gpuslice_ledger_header" Header { magic, layout_version, header_size, file_size, max_devices, max_groups, max_procs,
             device_slot_size, group_slot_size, proc_slot_size, devices_offset, groups_offset, procs_offset, controller_pid,
             controller_heartbeat_ns, controller_starts, created_ns, registrations }
-        "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid }
+        "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid, sched }
+        "gpuslice_device_sched" DeviceSched { high_alive_until, wake, highs }
+        "gpuslice_high_slot" HighSlot { pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }
         "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used }
@@ -29,6 +31,8 @@ fn rust_layout() -> (Fields, Sizes) {
     let sizes = vec![
         ("struct gpuslice_ledger_header", size_of::<Header>()),
         ("struct gpuslice_device_slot", size_of::<DeviceSlot>()),
+        ("struct gpuslice_device_sched", size_of::<DeviceSched>()),
+        ("struct gpuslice_high_slot", size_of::<HighSlot>()),
         ("struct gpuslice_group_device", size_of::<GroupDevice>()),
         ("struct gpuslice_group_slot", size_of::<GroupSlot>()),
         ("struct gpuslice_process_device", size_of::<ProcessDevice>()),

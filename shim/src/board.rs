@@ -1,5 +1,5 @@
 //! Turns on the device between throttled gpuslice processes, through one small shared page per
-//! device (`/dev/shm/gpuslice-board-<uid>-<device uuid>`).
+//! device (`/dev/shm/gpuslice-board4-<uid>-<device uuid>`; the number is the page layout's).
 //!
 //! Without MPS the GPU time-slices between processes that both have work queued, and on the H200
 //! that costs about a tenth of the device: two unthrottled processes got 45.1% + 45.1% of one
@@ -18,10 +18,11 @@ use crate::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::ffi::CUdevice;
 use crate::nvml::cuda_uuid_string;
 use crate::throttle::now_ns;
+use gpuslice_common::ledger::DeviceSched;
 use once_cell::sync::OnceCell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
-const MAGIC: u64 = 0x4750_5553_4c42_4433; // "GPUSLBD3"
+const MAGIC: u64 = 0x4750_5553_4c42_4434; // "GPUSLBD4"
 /// Longest a launch waits for another process's turn before going anyway.
 const MAX_WAIT_NS: u64 = 30_000_000;
 /// How often a waiting process looks again.
@@ -39,6 +40,9 @@ struct Page {
     last_holder: AtomicU32,
     lease_until: AtomicU64,
     last_handover: AtomicU64,
+    /// Priority state of the device among this user's processes running without a controller
+    /// (with one, the ledger's device slot holds it).
+    sched: DeviceSched,
 }
 
 static PAGES: [OnceCell<Option<&'static Page>>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
@@ -52,7 +56,7 @@ fn map(device: CUdevice) -> Option<&'static Page> {
     let uuid = cuda_uuid_string(device)?;
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let path = std::ffi::CString::new(format!("/dev/shm/gpuslice-board-{uid}-{uuid}")).ok()?;
+    let path = std::ffi::CString::new(format!("/dev/shm/gpuslice-board4-{uid}-{uuid}")).ok()?;
     // SAFETY: plain open/fstat/ftruncate/mmap of a small file; the mapping lives for the process.
     unsafe {
         let fd = libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW, 0o600);
@@ -75,6 +79,11 @@ fn map(device: CUdevice) -> Option<&'static Page> {
         let _ = page.magic.compare_exchange(0, MAGIC, AcqRel, Relaxed);
         (page.magic.load(Acquire) == MAGIC).then_some(page)
     }
+}
+
+/// The priority state of `device` on this user's page.
+pub fn sched(device: CUdevice) -> Option<&'static DeviceSched> {
+    page(device).map(|p| &p.sched)
 }
 
 /// True unless `pid` is known to be gone.

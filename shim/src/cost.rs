@@ -339,8 +339,8 @@ pub fn harvest() {
         while let Some(p) = events.pending.front() {
             // SAFETY: our own events.
             let state = unsafe { query(p.after as *mut c_void) };
-            if state == 600 {
-                break; // CUDA_ERROR_NOT_READY: later ones are behind it.
+            if state == CUDA_ERROR_NOT_READY {
+                break; // Later ones are behind it.
             }
             let p = events.pending.pop_front().expect("front exists");
             PENDING.fetch_sub(1, Relaxed);

@@ -73,6 +73,7 @@ real_functions! {
     cuArrayDestroy(CUarray);
     cuMipmappedArrayDestroy(CUmipmappedArray);
     cuCtxGetCurrent(*mut CUcontext);
+    cuCtxSetCurrent(CUcontext);
     cuEventCreate(*mut *mut c_void, c_uint);
     cuEventRecord(*mut c_void, CUstream);
     cuEventQuery(*mut c_void);

@@ -20,6 +20,7 @@ pub const CUDA_ERROR_INVALID_VALUE: CuResult = 1;
 pub const CUDA_ERROR_OUT_OF_MEMORY: CuResult = 2;
 pub const CUDA_ERROR_NOT_INITIALIZED: CuResult = 3;
 pub const CUDA_ERROR_NOT_FOUND: CuResult = 500;
+pub const CUDA_ERROR_NOT_READY: CuResult = 600;
 pub const CUDA_ERROR_UNKNOWN: CuResult = 999;
 
 /// `nvmlReturn_t`, kept as its integer.

@@ -1,11 +1,12 @@
 //! Every launch entry point: kernels (plain, `Ex`, cooperative, each with its `_ptsz` variant)
-//! and CUDA graphs. Unthrottled, a launch costs one relaxed load on top of the driver's own work.
-//! Throttled, it waits for its device's bucket, goes out, and is charged its estimated device
-//! time (see `throttle` and `cost`).
+//! and CUDA graphs. Unmanaged (no share, no priority at stake), a launch costs a few loads on top
+//! of the driver's own work. Throttled, it waits for its device's bucket, goes out, and is
+//! charged its estimated device time (see `throttle` and `cost`); with a high-priority process
+//! on the device, it follows `sched`'s rules first.
 
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
-use crate::{board, cost, guard, throttle};
+use crate::{board, cost, guard, sched, throttle};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
@@ -29,15 +30,30 @@ fn capturing(stream: CUstream) -> bool {
     code != CUDA_SUCCESS || status != 0
 }
 
-/// Runs `launch` under the throttle of the current device.
+/// True when a launch needs more than the driver: a share, or a priority at stake.
+#[inline(always)]
+fn managed() -> bool {
+    throttle::active() || sched::engaged()
+}
+
+/// Runs `launch` under the priority rules and the throttle of the current device.
 #[inline(never)]
-fn throttled(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
+fn launch_managed(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
     let Some(device) = driver().and_then(|d| d.current_device()) else { return launch() };
-    let Some(bucket) = throttle::bucket(device) else { return launch() };
     let stream = effective_stream(stream, per_thread);
     if capturing(stream) {
         return launch();
     }
+    if sched::engaged() {
+        sched::launch(device, stream, || throttled(device, stream, key, launch))
+    } else {
+        throttled(device, stream, key, launch)
+    }
+}
+
+/// Runs `launch` under the throttle of `device`, if it has one.
+fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
+    let Some(bucket) = throttle::bucket(device) else { return launch() };
     cost::harvest();
     bucket.wait_turn(|| {
         // A burst ends here: measure it, and hand the device over before sleeping.
@@ -120,10 +136,10 @@ macro_rules! kernel_hook {
         ) -> CuResult {
             guard::cuda(stringify!($name), || {
                 let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params $(, $extra)?));
-                if !throttle::active() {
+                if !managed() {
                     return launch();
                 }
-                throttled(stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
+                launch_managed(stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
             })
         }
     };
@@ -145,12 +161,12 @@ macro_rules! ex_hook {
         ) -> CuResult {
             guard::cuda(stringify!($name), || {
                 let launch = || call_real!($name(config, f, params, extra));
-                if !throttle::active() || config.is_null() {
+                if !managed() || config.is_null() {
                     return launch();
                 }
                 // SAFETY: the program's launch configuration, valid for this call.
                 let c = unsafe { &*config };
-                throttled(c.stream, $pt, cost::kernel_key(f, c.grid, c.block, c.shared_mem_bytes), launch)
+                launch_managed(c.stream, $pt, cost::kernel_key(f, c.grid, c.block, c.shared_mem_bytes), launch)
             })
         }
     };
@@ -165,10 +181,10 @@ macro_rules! graph_hook {
         pub unsafe extern "C" fn $name(exec: *mut c_void, stream: CUstream) -> CuResult {
             guard::cuda(stringify!($name), || {
                 let launch = || call_real!($name(exec, stream));
-                if !throttle::active() {
+                if !managed() {
                     return launch();
                 }
-                throttled(stream, $pt, cost::graph_key(exec), launch)
+                launch_managed(stream, $pt, cost::graph_key(exec), launch)
             })
         }
     };

@@ -23,6 +23,7 @@ mod memory;
 mod nvml;
 mod registry;
 mod runtime;
+mod sched;
 mod throttle;
 mod trampoline;
 

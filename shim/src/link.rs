@@ -11,7 +11,7 @@ use crate::driver::call_real;
 use crate::ffi::*;
 use crate::nvml::cuda_uuid_string;
 use crate::runtime;
-use gpuslice_common::ledger::{self, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
+use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response, ENV_SOCKET};
 use gpuslice_common::settings::Settings;
 use once_cell::sync::OnceCell;
@@ -30,6 +30,10 @@ pub struct Link {
     pub process: &'static ProcessSlot,
     /// CUDA ordinal → device index in the ledger.
     devices: [u8; MAX_ORDINALS],
+    /// CUDA ordinal → the device's priority state (see `sched`).
+    scheds: [Option<&'static DeviceSched>; MAX_ORDINALS],
+    /// The same, once each, for the launch path's quick look.
+    sched_list: Vec<&'static DeviceSched>,
     /// The group's name, for log lines.
     pub group_name: String,
     /// True when a controller holds the ledger (false: a private one).
@@ -61,6 +65,28 @@ fn attach_slow() -> Option<&'static Link> {
 }
 
 impl Link {
+    fn new(group: &'static GroupSlot, process: &'static ProcessSlot, devices: [u8; MAX_ORDINALS], group_name: String, controlled: bool, scheds: [Option<&'static DeviceSched>; MAX_ORDINALS]) -> Link {
+        let mut sched_list: Vec<&'static DeviceSched> = Vec::new();
+        for s in scheds.iter().flatten() {
+            if !sched_list.iter().any(|x| std::ptr::eq(*x, *s)) {
+                sched_list.push(s);
+            }
+        }
+        Link { group, process, devices, scheds, sched_list, group_name, controlled }
+    }
+
+    /// The priority state of CUDA device `device`.
+    #[inline]
+    pub fn sched(&self, device: CUdevice) -> Option<&'static DeviceSched> {
+        *self.scheds.get(usize::try_from(device).ok()?)?
+    }
+
+    /// Every device's priority state, once each.
+    #[inline(always)]
+    pub fn scheds(&self) -> &[&'static DeviceSched] {
+        &self.sched_list
+    }
+
     /// The ledger's device index for CUDA device `device`.
     #[inline(always)]
     pub fn index(&self, device: CUdevice) -> Option<usize> {
@@ -163,13 +189,13 @@ fn register(socket: &str, settings: &Settings, devices: &[Visible]) -> Result<Li
     for note in &assignment.notes {
         tracing::warn!("pid {}: {note}", std::process::id());
     }
-    Ok(Link {
-        group: ledger.group(assignment.group as usize),
-        process: ledger.process(assignment.slot as usize),
-        devices: map,
-        group_name: assignment.group_name,
-        controlled: true,
-    })
+    let mut scheds = [None; MAX_ORDINALS];
+    for (ordinal, index) in map.iter().enumerate() {
+        if *index != NO_DEVICE {
+            scheds[ordinal] = Some(&ledger.device(*index as usize).sched);
+        }
+    }
+    Ok(Link::new(ledger.group(assignment.group as usize), ledger.process(assignment.slot as usize), map, assignment.group_name, true, scheds))
 }
 
 /// A private ledger holding this process's own settings.
@@ -203,5 +229,10 @@ fn alone(settings: &Settings, devices: &[Visible]) -> Result<Link, ()> {
     process.pid.store(pid, Relaxed);
     process.own_pid.store(pid, Relaxed);
     process.state.store(LIVE, Release);
-    Ok(Link { group, process, devices: map, group_name: format!("pid-{pid}"), controlled: false })
+    // Without a controller, this user's processes share priority state through the board.
+    let mut scheds = [None; MAX_ORDINALS];
+    for d in devices {
+        scheds[d.ordinal as usize] = crate::board::sched(d.ordinal as CUdevice);
+    }
+    Ok(Link::new(group, process, map, format!("pid-{pid}"), false, scheds))
 }

@@ -1,0 +1,343 @@
+//! Priority classes on a device: while a high-priority process has work queued or running,
+//! lower-priority processes hold their launches back, and whenever a high-priority process
+//! lives on the device they keep only a few launches in flight, so that a high-priority
+//! request waits for about one neighbour kernel at most. When no high-priority process has
+//! work, everyone runs at full speed: nothing is partitioned.
+//!
+//! The state lives in shared memory (`DeviceSched`: the ledger's device slot with a
+//! controller, this user's board page without one):
+//! - a high-priority process marks its slot busy before each launch, records an event after it,
+//!   and a watcher thread of its own clears the mark (and wakes the waiters through a futex on
+//!   `wake`) once every recorded event has completed;
+//! - a lower-priority launcher sleeps on that futex while any high-priority process is busy,
+//!   then waits (blocking-sync events: the thread sleeps in the driver) until fewer than
+//!   `GPUSLICE_PRIORITY_QUEUE` of its own launches are still in flight.
+//!
+//! Leases bound what a dead process can cause: a high-priority process's slot lapses 300 ms
+//! after its watcher last renewed it, and no launch waits for a busy mark longer than
+//! `MAX_HOLD_NS`.
+
+use crate::driver::{call_real, driver};
+use crate::ffi::*;
+use crate::link::{self, MAX_ORDINALS};
+use crate::throttle::now_ns;
+use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
+use parking_lot::{Condvar, Mutex};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+
+/// How long a high-priority process's claim lasts without renewal.
+const LEASE_NS: u64 = 300_000_000;
+/// How often the watcher renews it.
+const RENEW_NS: u64 = 50_000_000;
+/// How often the watcher looks at outstanding events while high-priority work runs.
+const POLL_NS: u64 = 20_000;
+/// Longest a lower-priority launch waits for high-priority work before going anyway.
+const MAX_HOLD_NS: u64 = 1_000_000_000;
+/// Launches a lower-priority process keeps in flight while a high-priority one lives.
+const DEFAULT_QUEUE: usize = 2;
+pub const ENV_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
+
+const CU_EVENT_BLOCKING_SYNC: u32 = 0x1;
+const CU_EVENT_DISABLE_TIMING: u32 = 0x2;
+
+/// The priority this process launches with now (a controller may change it at any time).
+#[inline]
+pub fn priority() -> Priority {
+    link::get().map_or(Priority::Normal, |l| l.process.priority_or(l.group))
+}
+
+/// True when a launch needs this module: this process is high-priority, or some high-priority
+/// process lives on one of its devices.
+#[inline]
+pub fn engaged() -> bool {
+    let Some(l) = link::get() else { return false };
+    if l.process.priority_or(l.group) == Priority::High {
+        return true;
+    }
+    let scheds = l.scheds();
+    if scheds.is_empty() {
+        return false;
+    }
+    let now = coarse_now();
+    scheds.iter().any(|s| s.high_alive(now))
+}
+
+/// CLOCK_MONOTONIC_COARSE: a few ns, enough for leases of hundreds of ms.
+#[inline]
+fn coarse_now() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: out-pointer to a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn state(device: CUdevice) -> Option<&'static DeviceSched> {
+    link::get()?.sched(device)
+}
+
+/// Runs `launch` under the priority rules of the current device.
+pub fn launch(device: CUdevice, stream: CUstream, launch: impl FnOnce() -> CuResult) -> CuResult {
+    let Some(s) = state(device) else { return launch() };
+    match priority() {
+        Priority::High => high_launch(device, s, stream, launch),
+        _ => {
+            let now = now_ns();
+            if !s.high_alive(now) {
+                return launch();
+            }
+            yield_to_high(device, s, now);
+            let code = launch();
+            if code == CUDA_SUCCESS {
+                in_flight(device).push(stream);
+            }
+            code
+        }
+    }
+}
+
+// ------------------------------------------------------------------- lower-priority side
+
+/// Waits while a high-priority process has work on the device, then until this process has
+/// fewer than its allowance of launches in flight.
+fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64) {
+    let mut now = start;
+    while s.high_busy(now) && now - start < MAX_HOLD_NS {
+        let seen = s.wake.load(SeqCst);
+        if !s.high_busy(now) {
+            break;
+        }
+        futex_wait(&s.wake, seen, 2_000_000);
+        now = now_ns();
+    }
+    in_flight(device).wait_below(queue_allowance());
+    let waited = now_ns() - start;
+    if waited > 1_000 {
+        if let Some(l) = link::get() {
+            if let Some(i) = l.index(device) {
+                l.group.devices[i].throttled_ns.fetch_add(waited, Relaxed);
+                l.process.devices[i].throttled_ns.fetch_add(waited, Relaxed);
+            }
+        }
+    }
+}
+
+fn queue_allowance() -> usize {
+    static ALLOWANCE: once_cell::sync::Lazy<usize> = once_cell::sync::Lazy::new(|| {
+        std::env::var(ENV_QUEUE).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| (1..=64).contains(&n)).unwrap_or(DEFAULT_QUEUE)
+    });
+    *ALLOWANCE
+}
+
+/// This process's launches on one device that may still be running: one event each.
+struct InFlight {
+    events: Mutex<VecDeque<(usize, usize)>>,
+}
+
+static IN_FLIGHT: [InFlight; MAX_ORDINALS] = [const { InFlight { events: Mutex::new(VecDeque::new()) } }; MAX_ORDINALS];
+
+fn in_flight(device: CUdevice) -> &'static InFlight {
+    &IN_FLIGHT[(device.max(0) as usize).min(MAX_ORDINALS - 1)]
+}
+
+impl InFlight {
+    fn push(&self, stream: CUstream) {
+        let Some(ctx) = current_context() else { return };
+        let Some(event) = take_event(ctx) else { return };
+        if record(event, stream) {
+            self.events.lock().push_back((ctx, event));
+        } else {
+            give_event(ctx, event);
+        }
+    }
+
+    /// Drops finished launches; sleeps on the oldest while `limit` or more are in flight.
+    fn wait_below(&self, limit: usize) {
+        let mut events = self.events.lock();
+        while let Some(&(ctx, event)) = events.front() {
+            if events.len() >= limit {
+                synchronize(event);
+            } else if !done(event) {
+                break;
+            }
+            events.pop_front();
+            give_event(ctx, event);
+        }
+    }
+}
+
+// ------------------------------------------------------------------- high-priority side
+
+/// What the watcher looks after: per device, the events of launches not yet known finished.
+struct Watched {
+    devices: HashMap<CUdevice, Outstanding>,
+    started: bool,
+}
+
+struct Outstanding {
+    sched: &'static DeviceSched,
+    slot: &'static HighSlot,
+    events: Vec<(usize, usize)>,
+}
+
+static WATCHED: Mutex<Option<Watched>> = Mutex::new(None);
+static WORK: Condvar = Condvar::new();
+/// High-priority launches between marking busy and handing their event to the watcher.
+static LAUNCHING: AtomicU64 = AtomicU64::new(0);
+
+fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, launch: impl FnOnce() -> CuResult) -> CuResult {
+    let Some(slot) = high_slot(device, s) else { return launch() };
+    LAUNCHING.fetch_add(1, SeqCst);
+    slot.busy.store(1, SeqCst);
+    let code = launch();
+    let event = (code == CUDA_SUCCESS)
+        .then(current_context)
+        .flatten()
+        .and_then(|ctx| take_event(ctx).map(|e| (ctx, e)))
+        .filter(|&(ctx, e)| record(e, stream) || {
+            give_event(ctx, e);
+            false
+        });
+    {
+        let mut watched = WATCHED.lock();
+        if let (Some(w), Some(event)) = (watched.as_mut(), event) {
+            if let Some(o) = w.devices.get_mut(&device) {
+                o.events.push(event);
+            }
+        }
+        LAUNCHING.fetch_sub(1, SeqCst);
+    }
+    WORK.notify_one();
+    code
+}
+
+/// This process's high-priority slot on `device`, claimed at its first launch there (and the
+/// watcher started at the first of all).
+fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighSlot> {
+    let mut watched = WATCHED.lock();
+    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false });
+    if let Some(o) = w.devices.get(&device) {
+        return Some(o.slot);
+    }
+    let now = now_ns();
+    let Some(slot) = s.claim_high(std::process::id(), now, LEASE_NS) else {
+        tracing::warn!("device {device}: {} high-priority processes already; this one runs as normal", gpuslice_common::ledger::MAX_HIGH);
+        return None;
+    };
+    s.renew(slot, now, LEASE_NS);
+    w.devices.insert(device, Outstanding { sched: s, slot, events: Vec::new() });
+    if !w.started {
+        w.started = true;
+        let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(watch);
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the priority watcher ({e}); high priority is not enforced");
+            return None;
+        }
+        tracing::info!("pid {}: high priority on device {device}: lower-priority processes yield to this one", std::process::id());
+    }
+    Some(slot)
+}
+
+/// The watcher: renews the leases, and marks a device idle once its events have completed.
+fn watch() {
+    // SAFETY: prctl on this thread only: wake-ups within a few µs of the requested time.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+    let mut renewed = 0u64;
+    loop {
+        let now = now_ns();
+        let mut watched = WATCHED.lock();
+        let Some(w) = watched.as_mut() else { return };
+        if now - renewed >= RENEW_NS {
+            renewed = now;
+            for o in w.devices.values() {
+                o.sched.renew(o.slot, now, LEASE_NS);
+            }
+        }
+        let mut outstanding = false;
+        for o in w.devices.values_mut() {
+            o.events.retain(|&(ctx, e)| {
+                if done_in(ctx, e) {
+                    give_event(ctx, e);
+                    false
+                } else {
+                    true
+                }
+            });
+            if o.events.is_empty() {
+                if o.slot.busy.load(SeqCst) != 0 && LAUNCHING.load(SeqCst) == 0 {
+                    o.slot.busy.store(0, SeqCst);
+                    // A launch that began in between marks it again.
+                    if LAUNCHING.load(SeqCst) != 0 {
+                        o.slot.busy.store(1, SeqCst);
+                    } else {
+                        o.sched.wake.fetch_add(1, SeqCst);
+                        futex_wake_all(&o.sched.wake);
+                    }
+                }
+            } else {
+                outstanding = true;
+            }
+        }
+        if outstanding {
+            drop(watched);
+            std::thread::sleep(std::time::Duration::from_nanos(POLL_NS));
+        } else {
+            WORK.wait_for(&mut watched, std::time::Duration::from_nanos(RENEW_NS));
+        }
+    }
+}
+
+// ------------------------------------------------------------------- events and futexes
+
+static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
+
+fn current_context() -> Option<usize> {
+    let get = driver()?.cuCtxGetCurrent?;
+    let mut ctx: CUcontext = std::ptr::null_mut();
+    // SAFETY: out-pointer to a local.
+    (unsafe { get(&mut ctx) } == CUDA_SUCCESS && !ctx.is_null()).then_some(ctx as usize)
+}
+
+/// An event of context `ctx` (the current one) that sleeps when waited on.
+fn take_event(ctx: usize) -> Option<usize> {
+    if let Some(e) = POOLS.lock().as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop()) {
+        return Some(e);
+    }
+    let mut ev: *mut c_void = std::ptr::null_mut();
+    (call_real!(cuEventCreate(&mut ev, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING)) == CUDA_SUCCESS).then_some(ev as usize)
+}
+
+fn give_event(ctx: usize, event: usize) {
+    POOLS.lock().get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
+}
+
+fn record(event: usize, stream: CUstream) -> bool {
+    call_real!(cuEventRecord(event as *mut c_void, stream)) == CUDA_SUCCESS
+}
+
+/// True when the event has completed (or cannot be asked: never wait on a broken event).
+fn done(event: usize) -> bool {
+    call_real!(cuEventQuery(event as *mut c_void)) != CUDA_ERROR_NOT_READY
+}
+
+/// The same from the watcher thread, which has no context of its own.
+fn done_in(ctx: usize, event: usize) -> bool {
+    let _ = call_real!(cuCtxSetCurrent(ctx as CUcontext));
+    done(event)
+}
+
+fn synchronize(event: usize) {
+    let _ = call_real!(cuEventSynchronize(event as *mut c_void));
+}
+
+fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) {
+    let ts = libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as _, tv_nsec: (timeout_ns % 1_000_000_000) as _ };
+    // SAFETY: FUTEX_WAIT on a word in shared memory (not FUTEX_PRIVATE: other processes wake it).
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec, 0usize, 0u32) };
+}
+
+fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: FUTEX_WAKE on a word in shared memory.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32) };
+}
