@@ -77,6 +77,16 @@ fn state(device: CUdevice) -> Option<&'static DeviceSched> {
     link::get()?.sched(device)
 }
 
+/// A context was made on `device`: a high-priority process claims its place there now, so
+/// that lower-priority neighbours bound their queues before its first request arrives.
+pub fn context_created(device: CUdevice) {
+    if priority() == Priority::High {
+        if let Some(s) = state(device) {
+            let _ = high_slot(device, s);
+        }
+    }
+}
+
 /// Runs `launch` under the priority rules of the current device.
 pub fn launch(device: CUdevice, stream: CUstream, launch: impl FnOnce() -> CuResult) -> CuResult {
     let Some(s) = state(device) else { return launch() };
