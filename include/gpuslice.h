@@ -89,7 +89,8 @@ struct gpuslice_ledger_header {
 #define GPUSLICE_MAX_HIGH 8
 
 struct gpuslice_high_slot {           /* one high-priority process on a device */
-    uint32_t pid;                     /* its own pid; 0 = free */
+    uint64_t owner;                   /* drawn at random by the process; 0 = free */
+    uint32_t pid;                     /* its own pid (in its own namespace) */
     uint32_t busy;                    /* non-zero while it has work queued or running */
     uint64_t alive_until;             /* lease; a dead process's slot lapses */
 };

@@ -108,7 +108,9 @@ pub struct DeviceSched {
 /// One high-priority process on a device.
 #[repr(C)]
 pub struct HighSlot {
-    /// Its pid (its own view); 0 when free.
+    /// A number the process drew at random (pids repeat across pid namespaces); 0 when free.
+    pub owner: AtomicU64,
+    /// Its pid as it sees itself, for a liveness check by processes of its namespace.
     pub pid: AtomicU32,
     /// Non-zero while it has work queued or running on the device.
     pub busy: AtomicU32,
@@ -123,27 +125,47 @@ impl DeviceSched {
         self.high_alive_until.load(Relaxed) > now
     }
 
-    /// True while some live high-priority process has work on the device.
-    pub fn high_busy(&self, now: u64) -> bool {
-        self.highs.iter().any(|h| h.busy.load(SeqCst) != 0 && h.pid.load(Relaxed) != 0 && h.alive_until.load(Relaxed) > now)
+    /// The busy slot of a live high-priority process, if any.
+    pub fn busy_high(&self, now: u64) -> Option<&HighSlot> {
+        self.highs.iter().find(|h| h.busy.load(SeqCst) != 0 && h.owner.load(Relaxed) != 0 && h.alive_until.load(Relaxed) > now)
     }
 
-    /// The slot of high-priority process `pid`, claiming a free or lapsed one.
-    pub fn claim_high(&self, pid: u32, now: u64, lease_ns: u64) -> Option<&HighSlot> {
-        if let Some(h) = self.highs.iter().find(|h| h.pid.load(Acquire) == pid) {
+    /// The slot of the high-priority process `owner` (pid `pid`), claiming a free or lapsed one.
+    pub fn claim_high(&self, owner: u64, pid: u32, now: u64, lease_ns: u64) -> Option<&HighSlot> {
+        if let Some(h) = self.highs.iter().find(|h| h.owner.load(Acquire) == owner) {
             h.alive_until.store(now + lease_ns, Release);
             return Some(h);
         }
         for h in &self.highs {
-            let held = h.pid.load(Acquire);
+            let held = h.owner.load(Acquire);
             let lapsed = held != 0 && h.alive_until.load(Acquire) <= now;
-            if (held == 0 || lapsed) && h.pid.compare_exchange(held, pid, AcqRel, Relaxed).is_ok() {
+            if (held == 0 || lapsed) && h.owner.compare_exchange(held, owner, AcqRel, Relaxed).is_ok() {
+                h.pid.store(pid, Relaxed);
                 h.busy.store(0, SeqCst);
                 h.alive_until.store(now + lease_ns, Release);
                 return Some(h);
             }
         }
         None
+    }
+
+    /// Gives a slot up (its process left high priority, exited, or died): not busy, free, and
+    /// the waiters woken.
+    pub fn release_high(&self, slot: &HighSlot, owner: u64) {
+        if slot.owner.load(Acquire) != owner {
+            return;
+        }
+        slot.busy.store(0, SeqCst);
+        slot.alive_until.store(0, Release);
+        let _ = slot.owner.compare_exchange(owner, 0, AcqRel, Relaxed);
+        // The last high-priority process gone: the others stop bounding their queues now, not
+        // when the lease would have run out. (A neighbour renewing at this instant is seen again
+        // at its next renewal, 50 ms on.)
+        let now = monotonic_ns();
+        if !self.highs.iter().any(|h| h.owner.load(Acquire) != 0 && h.alive_until.load(Acquire) > now) {
+            self.high_alive_until.store(0, Release);
+        }
+        self.wake.fetch_add(1, SeqCst);
     }
 
     /// Renews a high-priority process's lease on its slot and the device's.

@@ -20,6 +20,7 @@ pub const ENV_SM_SHARE: &str = "GPUSLICE_SM_SHARE";
 pub const HAMI_SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
 pub const ENV_CONFIG: &str = "GPUSLICE_CONFIG";
 pub use crate::protocol::{ENV_GROUP, ENV_PRIORITY};
+pub const ENV_PRIORITY_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
 
 /// A group name: what `GPUSLICE_GROUP` and `[groups.NAME]` may say.
 pub fn check_group_name(name: &str) -> Result<(), String> {
@@ -156,6 +157,9 @@ pub struct Settings {
     pub priority: Option<Sourced<Priority>>,
     /// `GPUSLICE_GROUP`: the group the process joins when a controller runs.
     pub group: Option<String>,
+    /// `GPUSLICE_PRIORITY_QUEUE`: launches a lower-priority process keeps in flight while a
+    /// high-priority one lives on its device (1..=64).
+    pub priority_queue: Option<u32>,
 }
 
 impl Settings {
@@ -228,6 +232,14 @@ impl Settings {
         if let Some(value) = lookup(vars, ENV_PRIORITY) {
             let p = value.parse::<Priority>().map_err(|reason| SettingsError { origin: ENV_PRIORITY.into(), value: value.into(), reason })?;
             settings.priority = Some(Sourced { value: p, origin: ENV_PRIORITY.into() });
+        }
+        if let Some(value) = lookup(vars, ENV_PRIORITY_QUEUE) {
+            let n = value.trim().parse::<u32>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| SettingsError {
+                origin: ENV_PRIORITY_QUEUE.into(),
+                value: value.into(),
+                reason: "expected a number of launches from 1 to 64".into(),
+            })?;
+            settings.priority_queue = Some(n);
         }
         settings.group = group;
         Ok(settings)
@@ -558,6 +570,11 @@ mod tests {
         assert_eq!((limit(&s, 0), s.priority.map(|p| p.value)), (Some(1 << 30), Some(Priority::Normal)));
         let e = Settings::resolve(&env(&[("GPUSLICE_PRIORITY", "urgent")]), None).unwrap_err();
         assert_eq!(e.origin, "GPUSLICE_PRIORITY");
+        for bad in ["0", "65", "abc"] {
+            let e = Settings::resolve(&env(&[("GPUSLICE_PRIORITY_QUEUE", bad)]), None).unwrap_err();
+            assert_eq!(e.origin, "GPUSLICE_PRIORITY_QUEUE");
+        }
+        assert_eq!(Settings::resolve(&env(&[("GPUSLICE_PRIORITY_QUEUE", "4")]), None).unwrap().priority_queue, Some(4));
         for bad in ["pid-12", "a b", ""] {
             if !bad.is_empty() {
                 assert!(Settings::resolve(&env(&[("GPUSLICE_GROUP", bad)]), None).is_err(), "{bad}");

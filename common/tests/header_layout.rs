@@ -22,7 +22,7 @@ fn rust_layout() -> (Fields, Sizes) {
             controller_heartbeat_ns, controller_starts, created_ns, registrations }
         "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid, sched }
         "gpuslice_device_sched" DeviceSched { high_alive_until, wake, highs }
-        "gpuslice_high_slot" HighSlot { pid, busy, alive_until }
+        "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }
         "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used }

@@ -37,7 +37,12 @@ const POLL_NS: u64 = 20_000;
 const MAX_HOLD_NS: u64 = 1_000_000_000;
 /// Launches a lower-priority process keeps in flight while a high-priority one lives.
 const DEFAULT_QUEUE: usize = 2;
-pub const ENV_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
+/// A lower-priority launcher polls its oldest launch this long before sleeping on it (short
+/// kernels finish sooner than a sleeping thread wakes).
+const SPIN_NS: u64 = 50_000;
+/// After waiting this long on a busy mark, a launcher checks its holder is alive (no controller:
+/// same user, same pid namespace).
+const CHECK_HOLDER_NS: u64 = 10_000_000;
 
 const CU_EVENT_BLOCKING_SYNC: u32 = 0x1;
 const CU_EVENT_DISABLE_TIMING: u32 = 0x2;
@@ -113,9 +118,16 @@ pub fn launch(device: CUdevice, stream: CUstream, launch: impl FnOnce() -> CuRes
 /// fewer than its allowance of launches in flight.
 fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64) {
     let mut now = start;
-    while s.high_busy(now) && now - start < MAX_HOLD_NS {
+    while let Some(holder) = s.busy_high(now) {
+        if now - start >= MAX_HOLD_NS {
+            break;
+        }
+        if now - start >= CHECK_HOLDER_NS && holder_is_gone(holder) {
+            s.release_high(holder, holder.owner.load(Acquire));
+            continue;
+        }
         let seen = s.wake.load(SeqCst);
-        if !s.high_busy(now) {
+        if s.busy_high(now).is_none() {
             break;
         }
         futex_wait(&s.wake, seen, 2_000_000);
@@ -133,11 +145,19 @@ fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64) {
     }
 }
 
+/// True when the holder of a busy mark is known dead. Only asked without a controller, where
+/// the page is this user's and its processes share a pid namespace; with one, the lease decides.
+fn holder_is_gone(holder: &HighSlot) -> bool {
+    if link::get().is_none_or(|l| l.controlled) {
+        return false;
+    }
+    let pid = holder.pid.load(Relaxed);
+    // SAFETY: signal 0 only checks existence.
+    pid != 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
 fn queue_allowance() -> usize {
-    static ALLOWANCE: once_cell::sync::Lazy<usize> = once_cell::sync::Lazy::new(|| {
-        std::env::var(ENV_QUEUE).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| (1..=64).contains(&n)).unwrap_or(DEFAULT_QUEUE)
-    });
-    *ALLOWANCE
+    crate::runtime::runtime().settings.as_ref().ok().and_then(|s| s.priority_queue).map_or(DEFAULT_QUEUE, |n| n as usize)
 }
 
 /// This process's launches on one device that may still be running: one event each.
@@ -167,7 +187,14 @@ impl InFlight {
         let mut events = self.events.lock();
         while let Some(&(ctx, event)) = events.front() {
             if events.len() >= limit {
-                synchronize(event);
+                let spin_until = now_ns() + SPIN_NS;
+                while !done(event) {
+                    if now_ns() >= spin_until {
+                        synchronize(event);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
             } else if !done(event) {
                 break;
             }
@@ -231,7 +258,7 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         return Some(o.slot);
     }
     let now = now_ns();
-    let Some(slot) = s.claim_high(std::process::id(), now, LEASE_NS) else {
+    let Some(slot) = s.claim_high(owner(), std::process::id(), now, LEASE_NS) else {
         tracing::warn!("device {device}: {} high-priority processes already; this one runs as normal", gpuslice_common::ledger::MAX_HIGH);
         return None;
     };
@@ -239,6 +266,8 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
     w.devices.insert(device, Outstanding { sched: s, slot, events: Vec::new() });
     if !w.started {
         w.started = true;
+        // SAFETY: registering a plain extern "C" function.
+        unsafe { libc::atexit(release_at_exit) };
         let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(watch);
         if let Err(e) = spawned {
             tracing::warn!("cannot start the priority watcher ({e}); high priority is not enforced");
@@ -247,6 +276,39 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         tracing::info!("pid {}: high priority on device {device}: lower-priority processes yield to this one", std::process::id());
     }
     Some(slot)
+}
+
+/// A number for this process's high-priority slots, drawn once: pids repeat across pid
+/// namespaces, and a controller may serve several.
+fn owner() -> u64 {
+    static OWNER: once_cell::sync::Lazy<u64> = once_cell::sync::Lazy::new(|| {
+        let mut bytes = [0u8; 8];
+        // SAFETY: getrandom into a local buffer.
+        let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, libc::GRND_NONBLOCK) };
+        let random = if got == 8 { u64::from_ne_bytes(bytes) } else { now_ns() ^ (u64::from(std::process::id()) << 32) };
+        random.max(1)
+    });
+    *OWNER
+}
+
+/// Gives up every high-priority slot of this process (left high priority, or exiting).
+fn release_all(w: &mut Watched) {
+    for (_, o) in w.devices.drain() {
+        o.sched.release_high(o.slot, owner());
+        futex_wake_all(&o.sched.wake);
+        for (ctx, e) in o.events {
+            give_event(ctx, e);
+        }
+    }
+}
+
+extern "C" fn release_at_exit() {
+    // Never block an exiting process: skip if the watcher holds the lock.
+    if let Some(mut watched) = WATCHED.try_lock() {
+        if let Some(w) = watched.as_mut() {
+            release_all(w);
+        }
+    }
 }
 
 /// The watcher: renews the leases, and marks a device idle once its events have completed.
@@ -258,6 +320,10 @@ fn watch() {
         let now = now_ns();
         let mut watched = WATCHED.lock();
         let Some(w) = watched.as_mut() else { return };
+        if priority() != Priority::High && !w.devices.is_empty() {
+            // Set back to normal or low (by the controller): the neighbours go free at once.
+            release_all(w);
+        }
         if now - renewed >= RENEW_NS {
             renewed = now;
             for o in w.devices.values() {

@@ -25,6 +25,26 @@
  *                          -> id= ptr= tries= at= (CLOCK_MONOTONIC ns right after the success);
  *                             on failure `err allocwait code= tries=`
  *   now                    CLOCK_MONOTONIC                                       -> ns=
+ *
+ * Commands for latency and throughput figures (priority classes):
+ *   probe N NS GAP_US      N requests, each one kernel of NS ns on stream 0 then cuCtxSynchronize;
+ *                          the latency of a request is launch-to-synchronized wall time; its device
+ *                          latency, from an event recorded just before the launch to one recorded
+ *                          just after it (when the kernel ended on the device timeline: the wait
+ *                          for other work plus NS, whatever the CPU did meanwhile); between
+ *                          requests a pseudo-random pause of GAP_US/2 .. 3*GAP_US/2 (fixed seed)
+ *                          -> n= min_us= p50_us= p90_us= p99_us= max_us= mean_us= (p99: nearest
+ *                             rank) dev_p50_us= dev_p99_us= dev_max_us= t0= t1= (CLOCK_MONOTONIC
+ *                             ns of the first launch, last sync)
+ *   flood NS BUCKET_MS STOPFILE
+ *                          launches kernels of NS ns on stream 0 without waiting for them, until
+ *                          STOPFILE exists (checked before each launch; 60 s at most), recording an
+ *                          event after each launch to learn when each kernel ended on the device
+ *                          timeline; then synchronizes. Kernel i occupied [end_i - NS, end_i].
+ *                          -> n= (launched) done= (ended by the stop) t0= (CLOCK_MONOTONIC ns at the
+ *                             start) ms= (wall ms from the start to the stop) bucket_ms=
+ *                             busy=B0,B1,... (µs of this process's kernels on the device in each
+ *                             BUCKET_MS bucket from t0 up to the stop; the last may be partial)
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -147,6 +167,7 @@ typedef struct {
     X(cuEventCreate, cuEventCreate, CUresult, (CUevent *, unsigned))                              \
     X(cuEventRecord, cuEventRecord, CUresult, (CUevent, CUstream))                                \
     X(cuEventSynchronize, cuEventSynchronize, CUresult, (CUevent))                                \
+    X(cuEventQuery, cuEventQuery, CUresult, (CUevent))                                            \
     X(cuEventElapsedTime, cuEventElapsedTime_v2, CUresult, (float *, CUevent, CUevent))           \
     X(cuEventDestroy, cuEventDestroy_v2, CUresult, (CUevent))                                     \
     X(cuStreamBeginCapture, cuStreamBeginCapture_v2, CUresult, (CUstream, int))                   \
@@ -357,7 +378,7 @@ static const struct cmdspec CMDS[] = {
     {"sleep", "n"},       {"mark", ""},          {"elapsed", ""},        {"procaddr", "snn"},
     {"dlsym", "s"},       {"pid", ""},
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
-    {"now", ""},
+    {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -538,6 +559,33 @@ static void *launch_thread(void *p) {
     if (p_cuStreamSynchronize(s) != 0) a->failures++;
     p_cuStreamDestroy(s);
     return NULL;
+}
+
+static int cmp_ull(const void *x, const void *y) {
+    unsigned long long a = *(const unsigned long long *)x, b = *(const unsigned long long *)y;
+    return a < b ? -1 : a > b;
+}
+
+/* Nearest-rank percentile of n sorted values. */
+static unsigned long long pct(const unsigned long long *v, unsigned long long n, unsigned p) {
+    unsigned long long rank = (n * p + 99) / 100;
+    return v[rank ? rank - 1 : 0];
+}
+
+/* `flood`: adds the part of [start, end] inside [t0, stop] to the buckets (ns). */
+static void flood_account(unsigned long long *busy, unsigned long long nb, unsigned long long bucket_ns,
+                          unsigned long long t0, unsigned long long stop, unsigned long long start,
+                          unsigned long long end) {
+    if (start < t0) start = t0;
+    if (end > stop) end = stop;
+    while (start < end) {
+        unsigned long long b = (start - t0) / bucket_ns;
+        if (b >= nb) break;
+        unsigned long long edge = t0 + (b + 1) * bucket_ns;
+        unsigned long long upto = end < edge ? end : edge;
+        busy[b] += upto - start;
+        start = upto;
+    }
 }
 
 static void run(const char *cmd, char **a) {
@@ -981,6 +1029,150 @@ static void run(const char *cmd, char **a) {
         printf("ok allocwait id=%d ptr=0x%llx tries=%llu at=%llu\n", id, o.ptr, tries, at);
     } else if (!strcmp(cmd, "now")) {
         printf("ok now ns=%llu\n", now_ns());
+    } else if (!strcmp(cmd, "probe")) {
+        NEED(cuLaunchKernel);
+        NEED(cuCtxSynchronize);
+        NEED(cuEventCreate);
+        NEED(cuEventRecord);
+        NEED(cuEventElapsedTime);
+        NEED(cuEventDestroy);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        unsigned long long n = num(a[0]), gap = num(a[2]), sum = 0, seed = 0x9e3779b97f4a7c15ULL;
+        if (n == 0) {
+            printf("err probe code=-1 n=0\n");
+            return;
+        }
+        CUevent before, after;
+        CHECK(p_cuEventCreate(&before, 0));
+        CHECK(p_cuEventCreate(&after, 0));
+        unsigned long long *lat = calloc(n, sizeof *lat), *dev = calloc(n, sizeof *dev);
+        unsigned long long dur = num(a[1]), first = 0, last = 0;
+        void *params[] = {&dur};
+        for (unsigned long long i = 0; i < n; i++) {
+            if (i && gap) {
+                seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+                usleep((useconds_t)(gap / 2 + (seed >> 33) % (gap + 1)));
+            }
+            unsigned long long t0 = now_ns();
+            float ms = 0;
+            CUresult r = p_cuEventRecord(before, 0);
+            if (r == 0) r = p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL);
+            if (r == 0) r = p_cuEventRecord(after, 0);
+            if (r == 0) r = p_cuCtxSynchronize();
+            unsigned long long t1 = now_ns();
+            if (r == 0) r = p_cuEventElapsedTime(&ms, before, after);
+            if (r != 0) {
+                printf("err probe code=%d at=%llu\n", r, i);
+                free(lat);
+                free(dev);
+                return;
+            }
+            if (i == 0) first = t0;
+            last = t1;
+            lat[i] = t1 - t0;
+            dev[i] = (unsigned long long)((double)ms * 1e6);
+            sum += lat[i];
+        }
+        p_cuEventDestroy(before);
+        p_cuEventDestroy(after);
+        qsort(lat, n, sizeof *lat, cmp_ull);
+        qsort(dev, n, sizeof *dev, cmp_ull);
+        printf("ok probe n=%llu min_us=%llu p50_us=%llu p90_us=%llu p99_us=%llu max_us=%llu mean_us=%llu dev_p50_us=%llu "
+               "dev_p99_us=%llu dev_max_us=%llu t0=%llu t1=%llu\n",
+               n, lat[0] / 1000, pct(lat, n, 50) / 1000, pct(lat, n, 90) / 1000, pct(lat, n, 99) / 1000,
+               lat[n - 1] / 1000, sum / n / 1000, pct(dev, n, 50) / 1000, pct(dev, n, 99) / 1000, dev[n - 1] / 1000,
+               first, last);
+        free(lat);
+        free(dev);
+    } else if (!strcmp(cmd, "flood")) {
+        NEED(cuLaunchKernel);
+        NEED(cuCtxSynchronize);
+        NEED(cuEventCreate);
+        NEED(cuEventRecord);
+        NEED(cuEventQuery);
+        NEED(cuEventSynchronize);
+        NEED(cuEventElapsedTime);
+        NEED(cuEventDestroy);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        enum { RING = 1024 };
+        unsigned long long dur = num(a[0]), bucket_ns = num(a[1]) * 1000000ULL;
+        if (!bucket_ns) {
+            printf("err flood code=-1 bucket_ms=0\n");
+            return;
+        }
+        void *params[] = {&dur};
+        CUevent base, ring[RING];
+        CHECK(p_cuCtxSynchronize());
+        CHECK(p_cuEventCreate(&base, 0));
+        for (int i = 0; i < RING; i++) CHECK(p_cuEventCreate(&ring[i], 0));
+        unsigned long long t0 = now_ns();
+        CHECK(p_cuEventRecord(base, 0));
+        /* Kernel end times (ns after t0), grown as needed; accounted into buckets at the end. */
+        unsigned long long *ends = NULL, nends = 0, capends = 0, head = 0, tail = 0, launched = 0;
+        int timeout = 0;
+        CUresult r = 0;
+#define FLOOD_HARVEST(wait)                                                            \
+    do {                                                                               \
+        CUevent e_ = ring[head % RING];                                                \
+        if (wait) p_cuEventSynchronize(e_);                                            \
+        else if (p_cuEventQuery(e_) != 0) break;                                       \
+        float ms_ = 0;                                                                 \
+        if (p_cuEventElapsedTime(&ms_, base, e_) != 0) ms_ = -1;                       \
+        if (nends == capends) {                                                        \
+            capends = capends ? capends * 2 : 4096;                                    \
+            ends = realloc(ends, capends * sizeof *ends);                              \
+            if (!ends) abort();                                                        \
+        }                                                                              \
+        ends[nends++] = ms_ < 0 ? 0 : (unsigned long long)((double)ms_ * 1e6);         \
+        head++;                                                                        \
+    } while (0)
+        for (;;) {
+            if (access(a[2], F_OK) == 0) break;
+            if ((now_ns() - t0) / 1e6 > WAIT_CAP_MS) {
+                timeout = 1;
+                break;
+            }
+            if (tail - head == RING) FLOOD_HARVEST(1);
+            r = p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL);
+            if (r != 0) break;
+            launched++;
+            r = p_cuEventRecord(ring[tail % RING], 0);
+            if (r != 0) break;
+            tail++;
+            while (head < tail) {
+                unsigned long long before = head;
+                FLOOD_HARVEST(0);
+                if (head == before) break;
+            }
+        }
+        unsigned long long stop = now_ns();
+        if (r == 0) r = p_cuCtxSynchronize();
+        while (head < tail) FLOOD_HARVEST(1);
+#undef FLOOD_HARVEST
+        for (int i = 0; i < RING; i++) p_cuEventDestroy(ring[i]);
+        p_cuEventDestroy(base);
+        if (r != 0 || timeout) {
+            printf("err flood code=%d timeout=%d n=%llu\n", r ? r : -1, timeout, launched);
+            free(ends);
+            return;
+        }
+        unsigned long long nb = (stop - t0 + bucket_ns - 1) / bucket_ns, done = 0;
+        unsigned long long *busy = calloc(nb ? nb : 1, sizeof *busy);
+        for (unsigned long long i = 0; i < nends; i++) {
+            unsigned long long end = t0 + ends[i];
+            if (end <= stop) done++;
+            flood_account(busy, nb, bucket_ns, t0, stop, end > dur ? end - dur : 0, end);
+        }
+        printf("ok flood n=%llu done=%llu t0=%llu ms=%.3f bucket_ms=%llu busy=", launched, done, t0,
+               (stop - t0) / 1e6, bucket_ns / 1000000ULL);
+        for (unsigned long long b = 0; b < nb; b++) printf("%s%llu", b ? "," : "", busy[b] / 1000);
+        printf("\n");
+        free(busy);
+        free(ends);
     }
 }
 

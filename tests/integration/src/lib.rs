@@ -921,6 +921,143 @@ pub fn is_root() -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Latency and throughput figures (the client's `probe` and `flood`).
+
+fn field(line: &str, key: &str) -> u64 {
+    kv(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric {key}= in `{line}`"))
+}
+
+/// What `probe N NS GAP_US` printed: launch-to-synchronized latencies of N one-kernel requests.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub n: u64,
+    pub min_us: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    /// Nearest rank: with fewer than 100 requests, the largest.
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub mean_us: u64,
+    /// Device latency: from just before the launch to the kernel's end on the simulated
+    /// timeline (the wait behind other work plus the kernel), whatever the CPU did meanwhile.
+    pub dev_p50_us: u64,
+    pub dev_p99_us: u64,
+    pub dev_max_us: u64,
+    /// CLOCK_MONOTONIC ns of the first launch and of the last synchronize's return.
+    pub t0: u64,
+    pub t1: u64,
+}
+
+impl Probe {
+    /// Parses an `ok probe ...` line (panics on anything else).
+    pub fn parse(line: &str) -> Probe {
+        assert!(line_ok(line) && line_cmd(line) == "probe", "not an ok probe line: `{line}`");
+        Probe {
+            n: field(line, "n"),
+            min_us: field(line, "min_us"),
+            p50_us: field(line, "p50_us"),
+            p90_us: field(line, "p90_us"),
+            p99_us: field(line, "p99_us"),
+            max_us: field(line, "max_us"),
+            mean_us: field(line, "mean_us"),
+            dev_p50_us: field(line, "dev_p50_us"),
+            dev_p99_us: field(line, "dev_p99_us"),
+            dev_max_us: field(line, "dev_max_us"),
+            t0: field(line, "t0"),
+            t1: field(line, "t1"),
+        }
+    }
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} requests: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs (on the device: p50 {} µs, p99 {} µs)",
+            self.n, self.p50_us, self.p90_us, self.p99_us, self.max_us, self.dev_p50_us, self.dev_p99_us
+        )
+    }
+}
+
+/// What `flood NS BUCKET_MS STOPFILE` printed: how much device time this process's kernels got
+/// in each bucket of wall time, from the simulated timeline.
+#[derive(Clone, Debug)]
+pub struct Flood {
+    /// Kernels launched, and those that had ended when the stop file was seen.
+    pub n: u64,
+    pub done: u64,
+    /// CLOCK_MONOTONIC ns at the start.
+    pub t0: u64,
+    /// Wall time from the start to the stop.
+    pub ms: f64,
+    pub bucket_ms: u64,
+    /// µs of this process's kernels on the device in each bucket (the last may be partial).
+    pub busy: Vec<u64>,
+}
+
+impl Flood {
+    /// Parses an `ok flood ...` line (panics on anything else).
+    pub fn parse(line: &str) -> Flood {
+        assert!(line_ok(line) && line_cmd(line) == "flood", "not an ok flood line: `{line}`");
+        let busy = kv(line, "busy").unwrap_or_else(|| panic!("no busy= in `{line}`"));
+        Flood {
+            n: field(line, "n"),
+            done: field(line, "done"),
+            t0: field(line, "t0"),
+            ms: kv(line, "ms").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no ms= in `{line}`")),
+            bucket_ms: field(line, "bucket_ms"),
+            busy: busy.split(',').filter(|b| !b.is_empty()).map(|b| b.parse().expect("busy bucket")).collect(),
+        }
+    }
+
+    /// CLOCK_MONOTONIC ns when the stop file was seen.
+    pub fn stop(&self) -> u64 {
+        self.t0 + (self.ms * 1e6) as u64
+    }
+
+    /// Device time (µs) of this process in the buckets wholly inside `[from, to)` (CLOCK_MONOTONIC
+    /// ns), and the wall time (µs) those buckets cover.
+    pub fn busy_between(&self, from: u64, to: u64) -> (u64, u64) {
+        let width = self.bucket_ms * 1_000_000;
+        let (mut busy, mut wall) = (0, 0);
+        for (i, b) in self.busy.iter().enumerate() {
+            let start = self.t0 + i as u64 * width;
+            let end = (start + width).min(self.stop());
+            if start >= from && end <= to && end > start {
+                busy += b;
+                wall += (end - start) / 1000;
+            }
+        }
+        (busy, wall)
+    }
+
+    /// Fraction of the device this process had in the buckets wholly inside `[from, to)`.
+    pub fn share_between(&self, from: u64, to: u64) -> f64 {
+        let (busy, wall) = self.busy_between(from, to);
+        if wall == 0 {
+            return 0.0;
+        }
+        busy as f64 / wall as f64
+    }
+
+    /// The start (CLOCK_MONOTONIC ns) of the first bucket at or after `from` in which this process
+    /// had at least `fraction` of the device, if any.
+    pub fn first_bucket_with(&self, from: u64, fraction: f64) -> Option<u64> {
+        let width = self.bucket_ms * 1_000_000;
+        self.busy.iter().enumerate().find_map(|(i, &b)| {
+            let start = self.t0 + i as u64 * width;
+            let end = (start + width).min(self.stop());
+            (start >= from && end > start && b as f64 >= fraction * ((end - start) / 1000) as f64).then_some(start)
+        })
+    }
+
+    /// Device time of all buckets (µs).
+    pub fn total_busy_us(&self) -> u64 {
+        self.busy.iter().sum()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The controller.
 
 /// How long a controller may take to answer `gpuslice status` after it starts.

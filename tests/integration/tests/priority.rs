@@ -1,0 +1,455 @@
+//! Priority classes (`GPUSLICE_PRIORITY=high|normal|low`) on the simulated device timeline: a
+//! high-priority latency probe next to a low-priority neighbour that floods the device, the
+//! neighbour's throughput with and without a high-priority process, a high-priority process that
+//! exits or is killed while busy, the priority set live through the controller, and bad values.
+//!
+//! The simulated device runs one kernel at a time, first come first served, for all processes,
+//! and a stream may queue up to 200 ms of work. So without priorities a request of the probe waits
+//! behind the neighbour's whole queue (≈ 200 ms); with them, the neighbour keeps at most
+//! `GPUSLICE_PRIORITY_QUEUE` (default 2) kernels in flight and launches nothing while the probe's
+//! work is on the device, so a request waits for at most that many neighbour kernels.
+//!
+//! The figures come from the clients' `probe` (launch-to-synchronized latency of one-kernel
+//! requests) and `flood` (when each of the neighbour's kernels ran on the simulated timeline).
+
+use gpuslice_integration::*;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// These tests measure latencies of a few milliseconds and device time per 10 ms: one at a time,
+/// so that their launchers do not compete for the 2 CPU cores of a CI machine (see sm_share.rs).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One request of the probe: a single kernel of this long, then a synchronize.
+const PROBE_NS: u64 = 2_000_000;
+/// The neighbour's kernels.
+const NEIGHBOUR_NS: u64 = 1_000_000;
+/// Requests per measured probe, and the mean pause between them.
+const REQUESTS: u64 = 40;
+const GAP_US: u64 = 10_000;
+/// The neighbour keeps this many launches in flight while a high-priority process lives.
+const DEFAULT_QUEUE: u64 = 2;
+/// What a request may take beyond the probe alone and the neighbour's queue, in wall time: the
+/// neighbour waking from its futex and the probe from its synchronize on a busy 2-core machine.
+const SLACK_US: u64 = 3_000;
+/// The same on the device timeline, where only the mechanism counts: at most `queue` neighbour
+/// kernels are unfinished when the probe launches, so its kernel ends within
+/// `queue × NEIGHBOUR_NS + PROBE_NS` of the launch; this is for the few µs between the probe's
+/// `before` event and its launch reaching the device.
+const DEVICE_SLACK_US: u64 = 300;
+/// The flood's buckets.
+const BUCKET_MS: u64 = 10;
+
+/// The device-latency bound of a request with the neighbour keeping `queue` kernels in flight.
+fn device_bound(queue: u64) -> u64 {
+    (PROBE_NS + queue * NEIGHBOUR_NS) / 1000 + DEVICE_SLACK_US
+}
+
+/// Both bounds of a request's latency next to the neighbour (`Err` says which one missed).
+fn within(probe: &Probe, alone: &Probe, queue: u64) -> Result<(), String> {
+    let wall = alone.p99_us + queue * NEIGHBOUR_NS / 1000 + SLACK_US;
+    if probe.dev_p99_us > device_bound(queue) {
+        Err(format!("on the device, p99 {} µs over {} µs ({} + {queue} × {} + {DEVICE_SLACK_US})", probe.dev_p99_us, device_bound(queue), PROBE_NS / 1000, NEIGHBOUR_NS / 1000))
+    } else if probe.p99_us > wall {
+        Err(format!("p99 {} µs over {wall} µs (alone p99 {} + {queue} × {} + {SLACK_US})", probe.p99_us, alone.p99_us, NEIGHBOUR_NS / 1000))
+    } else {
+        Ok(())
+    }
+}
+
+/// A fresh file name in the machine's directory (go- and stop-files).
+fn fresh(sim: &Sim, what: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    sim.path(&format!("{what}-{}", N.fetch_add(1, Ordering::Relaxed))).display().to_string()
+}
+
+/// A client under the shim, with `GPUSLICE_PRIORITY` if given.
+fn client<'a>(sim: &'a Sim, priority: Option<&str>) -> Client<'a> {
+    let c = sim.client(Route::Procaddr).shim();
+    match priority {
+        Some(p) => c.env("GPUSLICE_PRIORITY", p),
+        None => c,
+    }
+}
+
+/// The neighbour: `low`, flooding the device with `NEIGHBOUR_NS` kernels from when `go` exists
+/// (None: at once) until `stop` exists.
+fn neighbour(c: Client<'_>, go: Option<&str>, stop: &str) -> Running {
+    let wait = go.map(|g| format!("waitfile {g}")).unwrap_or_default();
+    let n = c.env("GPUSLICE_PRIORITY", "low").args(&format!("init ctx 0 launch 1 1000 sync {wait} flood {NEIGHBOUR_NS} {BUCKET_MS} {stop}")).spawn();
+    assert!(line_ok(&n.wait_line("sync", 0)), "the neighbour did not start");
+    n
+}
+
+fn flood_of(out: &Output) -> Flood {
+    out.assert_success();
+    Flood::parse(out.last("flood"))
+}
+
+/// The probe alone on the device, at high priority.
+fn alone(sim: &Sim) -> Probe {
+    let out = client(sim, Some("high")).args(&format!("init ctx 0 launch 1 1000 sync probe {REQUESTS} {PROBE_NS} {GAP_US}")).run();
+    out.assert_all_ok();
+    Probe::parse(out.last("probe"))
+}
+
+/// The probe at `priority` making `requests` requests (after `settle_ms`) while a low neighbour
+/// (keeping `queue` launches in flight, if given) floods the device for exactly as long.
+fn contest(sim: &Sim, priority: Option<&str>, queue: Option<u64>, requests: u64, settle_ms: u64) -> (Probe, Flood) {
+    let (go, stop) = (fresh(sim, "go"), fresh(sim, "stop"));
+    let mut n = client(sim, None);
+    if let Some(q) = queue {
+        n = n.env("GPUSLICE_PRIORITY_QUEUE", q);
+    }
+    let n = neighbour(n, Some(&go), &stop);
+    let out = client(sim, priority)
+        .args(&format!("init ctx 0 launch 1 1000 sync touch {go} sleep {settle_ms} probe {requests} {PROBE_NS} {GAP_US} touch {stop}"))
+        .run();
+    out.assert_all_ok();
+    (Probe::parse(out.last("probe")), flood_of(&n.wait()))
+}
+
+/// The neighbour's device time while the probe ran, over the time the probe left it: in the
+/// buckets wholly inside the probe's run, their wall time less the probe's kernels (pro rata).
+fn progress(flood: &Flood, probe: &Probe) -> f64 {
+    let (busy_us, _) = flood.busy_between(probe.t0, probe.t1);
+    busy_us as f64 / 1000.0 / left_ms(flood, probe)
+}
+
+/// The time the probe left the neighbour (ms), as `progress` counts it.
+fn left_ms(flood: &Flood, probe: &Probe) -> f64 {
+    let (_, wall_us) = flood.busy_between(probe.t0, probe.t1);
+    let probe_us = (probe.n * PROBE_NS / 1000) as f64 * wall_us as f64 / ((probe.t1 - probe.t0) as f64 / 1000.0);
+    (wall_us as f64 - probe_us) / 1000.0
+}
+
+/// Runs `measure` and `check`s it; on a miss, once more (a CI machine can deschedule a
+/// launcher for milliseconds). Two misses fail with both figures.
+fn twice<T: std::fmt::Debug>(what: &str, mut measure: impl FnMut() -> T, check: impl Fn(&T) -> Result<(), String>) -> T {
+    let first = measure();
+    if check(&first).is_ok() {
+        return first;
+    }
+    eprintln!("{what}: first try missed ({:?}): {first:?}", check(&first).err());
+    let second = measure();
+    if let Err(e) = check(&second) {
+        panic!("{what}: {e}\nfirst try: {first:?}\nsecond try: {second:?}");
+    }
+    second
+}
+
+// ------------------------------------------------------------------ 1. latency next to a flood
+
+#[test]
+fn a_high_priority_probe_waits_for_at_most_the_neighbours_queue() {
+    let _serial = serial();
+    let sim = Sim::new();
+    let alone = alone(&sim);
+    eprintln!("probe alone: {alone}");
+    assert!(alone.p50_us >= PROBE_NS / 1000 && alone.dev_p99_us <= device_bound(0), "the probe alone: {alone}");
+
+    // Without a high-priority process the neighbour's queue fills (200 ms on the simulated
+    // device) and every request waits behind it: the shim leaves a `low` process alone then.
+    let (baseline, flood) = contest(&sim, None, None, 8, 300);
+    eprintln!("probe without priority next to the flood: {baseline}; neighbour {:.1}%", 100.0 * progress(&flood, &baseline));
+    assert!(baseline.p50_us >= 20 * alone.p50_us, "without priorities the probe should wait behind the neighbour's queue: {baseline} (alone {alone})");
+    assert!(baseline.dev_p50_us > 150_000, "without priorities a request waits behind the neighbour's queue on the device: {baseline}");
+
+    // High priority: a request waits for at most the neighbour's queue of kernels, and the
+    // neighbour keeps the device busy whenever the probe has nothing on it.
+    let mut medians = Vec::new();
+    for queue in [DEFAULT_QUEUE, 1] {
+        let bound = alone.p99_us + queue * NEIGHBOUR_NS / 1000 + SLACK_US;
+        let dev_bound = device_bound(queue);
+        let min_progress = if queue == 1 { 0.6 } else { 0.8 };
+        let env = (queue != DEFAULT_QUEUE).then_some(queue);
+        let (probe, flood) = twice(
+            &format!("GPUSLICE_PRIORITY_QUEUE={queue}"),
+            || contest(&sim, Some("high"), env, REQUESTS, 100),
+            |(probe, flood)| {
+                let p = progress(flood, probe);
+                if let Err(e) = within(probe, &alone, queue) {
+                    Err(e)
+                } else if p < min_progress {
+                    Err(format!("the neighbour got {:.1}% of the {:.0} ms the probe left it (at least {:.0}% expected)", 100.0 * p, left_ms(flood, probe), 100.0 * min_progress))
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        let (busy_us, wall_us) = flood.busy_between(probe.t0, probe.t1);
+        eprintln!(
+            "queue {queue}: probe at high {probe} (bounds {bound} µs, on the device {dev_bound} µs); while it ran, the neighbour ran {:.1} ms of kernels in {:.1} ms: {:.1}% of the {:.1} ms the probe left it",
+            busy_us as f64 / 1000.0,
+            wall_us as f64 / 1000.0,
+            100.0 * progress(&flood, &probe),
+            left_ms(&flood, &probe)
+        );
+        assert!(probe.p99_us * 10 < baseline.p50_us, "queue {queue}: {probe} is not many times better than without priority ({baseline})");
+        medians.push(probe.dev_p50_us);
+    }
+    // One neighbour kernel in flight instead of two: a request typically waits less.
+    assert!(medians[1] < medians[0], "on the device, the median request took {} µs with queue 1, {} µs with queue 2", medians[1], medians[0]);
+}
+
+// ------------------------------------------------------------------ 2. work-conserving
+
+/// Device time / wall time of `n` kernels of `ns` launched back to back, in percent.
+fn achieved(c: Client<'_>, n: u64, ns: u64) -> f64 {
+    let out = c.args(&format!("init ctx 0 launch 2 {ns} sync mark launch {n} {ns} sync elapsed")).run();
+    out.assert_all_ok();
+    let wall_ms: f64 = out.get("elapsed", "ms").unwrap().parse().unwrap();
+    (n * ns) as f64 / 1e6 / wall_ms * 100.0
+}
+
+#[test]
+fn without_a_high_priority_process_low_runs_as_fast_as_without_the_shim() {
+    let _serial = serial();
+    let sim = Sim::new();
+    for ns in [1_000_000u64, 20_000] {
+        let n = 200_000_000 / ns;
+        let plain = achieved(sim.client(Route::Procaddr), n, ns);
+        let low = twice(&format!("{} µs kernels at low", ns / 1000), || achieved(client(&sim, Some("low")), n, ns), |low| {
+            if *low >= plain * 0.97 {
+                Ok(())
+            } else {
+                Err(format!("{low:.1}% at low under the shim, {plain:.1}% without the shim"))
+            }
+        });
+        eprintln!("{} µs kernels: {plain:.1}% of the device without the shim, {low:.1}% at low under the shim", ns / 1000);
+        assert!(plain > 97.0, "the simulated device should be saturated: {plain:.1}%");
+    }
+
+    // Nothing bounds its queue either: it reaches the simulated driver's 200 ms.
+    let stop = fresh(&sim, "stop");
+    let n = neighbour(client(&sim, None), None, &stop);
+    std::thread::sleep(Duration::from_millis(400));
+    touch(&stop);
+    let flood = flood_of(&n.wait());
+    let queued_ms = (flood.n - flood.done) * NEIGHBOUR_NS / 1_000_000;
+    eprintln!("alone at low: {} kernels launched, {} done at the stop: {queued_ms} ms queued", flood.n, flood.done);
+    assert!(queued_ms >= 150, "a low process with no high-priority one around must queue freely: {flood:?}");
+    let share = flood.share_between(flood.t0, flood.stop());
+    assert!(share > 0.97, "alone at low: {:.1}% of the device", 100.0 * share);
+
+    // A high-priority process that lives but has no work: the neighbour's queue is bounded, but
+    // with kernels of 1 ms it still keeps the device busy.
+    let (go, stop) = (fresh(&sim, "go"), fresh(&sim, "stop"));
+    let high = client(&sim, Some("high")).args(&format!("init ctx 0 touch {go} waitfile {stop}")).spawn();
+    let n = neighbour(client(&sim, None), Some(&go), &stop);
+    std::thread::sleep(Duration::from_millis(400));
+    touch(&stop);
+    let flood = flood_of(&n.wait());
+    high.wait().assert_all_ok();
+    let queued = flood.n - flood.done;
+    let share = flood.share_between(flood.t0, flood.stop());
+    eprintln!("low next to an idle high-priority process: {:.1}% of the device, {queued} kernels in flight at the stop", 100.0 * share);
+    assert!(queued <= DEFAULT_QUEUE, "next to a high-priority process the queue is bounded: {flood:?}");
+    assert!(share > 0.95, "next to an idle high-priority process, 1 ms kernels at low: {:.1}% of the device", 100.0 * share);
+}
+
+// ------------------------------------------------------------------ 3. the high one goes away
+
+/// The low neighbour floods while a high-priority process runs 5 ms kernels back to back from
+/// `go`; `end` makes that process go away (and returns when it went, CLOCK_MONOTONIC ns); the
+/// neighbour floods on for `after_ms`. Returns the flood, when the high one's work began, and
+/// when it went.
+fn high_goes_away(sim: &Sim, script: &str, end: impl FnOnce(&mut Running) -> u64, after_ms: u64) -> (Flood, u64, u64) {
+    let (go, stop) = (fresh(sim, "go"), fresh(sim, "stop"));
+    let mut high = client(sim, Some("high")).args(&format!("init ctx 0 waitfile {go} {script}")).spawn();
+    assert!(line_ok(&high.wait_line("ctx", 0)));
+    let n = neighbour(client(sim, None), None, &stop);
+    std::thread::sleep(Duration::from_millis(100));
+    let began = monotonic_ns();
+    touch(&go);
+    let gone = end(&mut high);
+    let _ = high.wait();
+    std::thread::sleep(Duration::from_millis(after_ms));
+    touch(&stop);
+    (flood_of(&n.wait()), began, gone)
+}
+
+/// Checks the neighbour was held back while the high-priority process worked (`began + 50 ms`
+/// to `until`), and is back at full speed after `gone`; returns how long that took (ms).
+fn check_back(what: &str, flood: &Flood, began: u64, until: u64, gone: u64) -> f64 {
+    let held = flood.share_between(began + 50_000_000, until);
+    assert!(held < 0.1, "{what}: the neighbour should yield to the high-priority work, it had {:.1}% of the device", 100.0 * held);
+    let back = flood.first_bucket_with(gone, 0.5).unwrap_or_else(|| panic!("{what}: the neighbour never came back: {flood:?}"));
+    let after_ms = back.saturating_sub(gone) as f64 / 1e6;
+    let rest = flood.share_between(back + 50_000_000, flood.stop());
+    eprintln!("{what}: neighbour held to {:.1}% while the high one worked; back {after_ms:.0} ms after it went, then {:.1}% of the device", 100.0 * held, 100.0 * rest);
+    assert!(after_ms <= 1000.0, "{what}: the neighbour came back only {after_ms:.0} ms after the high-priority process went");
+    assert!(rest > 0.95, "{what}: the neighbour is back but not at full speed: {:.1}%", 100.0 * rest);
+    after_ms
+}
+
+#[test]
+fn when_the_high_priority_process_goes_its_neighbour_is_back_within_the_lease() {
+    let _serial = serial();
+    let sim = Sim::new();
+
+    // It finishes its work (60 kernels of 5 ms), synchronizes and exits: nothing to wait for.
+    let (flood, began, synced) = high_goes_away(
+        &sim,
+        "launch 60 5000000 sync now",
+        |high| kv(&high.wait_line("now", 0), "ns").unwrap().parse().unwrap(),
+        800,
+    );
+    check_back("exited", &flood, began, synced, synced);
+
+    // Killed with SIGKILL in the middle of 2 s of work: its busy mark stays behind, and its
+    // lease (300 ms without renewal) is what ends it.
+    let (flood, began, killed) = high_goes_away(
+        &sim,
+        "launch 400 5000000 sync",
+        |high| {
+            std::thread::sleep(Duration::from_millis(300));
+            let at = monotonic_ns();
+            high.kill();
+            at
+        },
+        1200,
+    );
+    let killed_ms = check_back("killed -9 while busy", &flood, began, killed, killed);
+    // It had 200 ms queued on the simulated device (the driver's cap), which runs after its death.
+    assert!(killed_ms >= 100.0, "the killed process's queue still had to run: back after {killed_ms:.0} ms means it was not busy when killed");
+}
+
+/// A high-priority process that exits with a kernel still on the device: once that kernel is
+/// done nothing holds the neighbour back (the process is gone), yet its busy mark stays set until
+/// its lease lapses, 300 ms after its watcher thread died with it. The same happens, at random,
+/// to a process that exits right after synchronizing, before its watcher's next look (seen in
+/// 2-4 of 10-12 exits on a loaded 2-core machine).
+#[test]
+fn a_high_priority_process_that_exits_leaves_no_busy_mark_behind() {
+    let _serial = serial();
+    let sim = Sim::new();
+    let (flood, _, exited) = high_goes_away(&sim, "launch 1 30000000 now", |high| kv(&high.wait_line("now", 0), "ns").unwrap().parse().unwrap(), 500);
+    let back = flood.first_bucket_with(exited, 0.5).unwrap_or_else(|| panic!("the neighbour never came back: {flood:?}"));
+    let after_ms = back.saturating_sub(exited) as f64 / 1e6;
+    eprintln!("exited with a 30 ms kernel on the device: the neighbour was back {after_ms:.0} ms later");
+    assert!(after_ms <= 100.0, "the neighbour waited {after_ms:.0} ms for a process that exited with 30 ms of work left");
+}
+
+// ------------------------------------------------------------------ 4. through the controller
+
+#[test]
+fn priority_set_live_through_the_controller() {
+    let _serial = serial();
+    let sim = Sim::new();
+    let alone = alone(&sim);
+    let ctl = sim.controller();
+    let stop = fresh(&sim, "stop");
+    let go = fresh(&sim, "go");
+    let n = neighbour(client(&sim, None).controller(&ctl), None, &stop);
+    let low_pid = n.pid();
+    // Started normal (no GPUSLICE_PRIORITY): it waits behind the neighbour's queue.
+    let probe = client(&sim, None)
+        .controller(&ctl)
+        .args(&format!(
+            "init ctx 0 pid sleep 300 probe 5 {PROBE_NS} {GAP_US} waitfile {go} launch 1 1000 sync sleep 100 probe {REQUESTS} {PROBE_NS} {GAP_US}"
+        ))
+        .spawn();
+    let pid = probe.pid();
+    let before = Probe::parse(&probe.wait_line("probe", 0));
+    let l = ctl.ls();
+    assert_eq!(l.process(pid).unwrap()["priority"], "normal", "{l}");
+    assert_eq!(l.process(low_pid).unwrap()["priority"], "low", "{l}");
+    assert_eq!(l.process_device(low_pid, 0)["throttled_ns"], 0, "the neighbour waited for nobody yet:\n{l}");
+
+    let said = ctl.set_ok(&format!("--pid {pid} --priority high"));
+    assert!(said.contains("priority high"), "{said}");
+    let (l, _) = ctl.ls_until("the probe at high", Duration::from_secs(5), |l| l.process(pid).is_some_and(|p| p["priority"] == "high"));
+    assert_eq!(l.process(low_pid).unwrap()["priority"], "low", "{l}");
+    touch(&go);
+    let after = Probe::parse(&probe.wait_line("probe", 1));
+    let l = ctl.ls();
+    let throttled = l.process_device(low_pid, 0)["throttled_ns"].as_u64().unwrap();
+    touch(&stop);
+    probe.wait().assert_all_ok();
+    let flood = flood_of(&n.wait());
+
+    eprintln!("controller: alone {alone}; started normal: {before}; set to high: {after}; the neighbour waited {:.1} ms", throttled as f64 / 1e6);
+    assert!(before.p50_us >= 20 * alone.p50_us, "started normal, the probe should wait behind the neighbour's queue: {before}");
+    if let Err(e) = within(&after, &alone, DEFAULT_QUEUE) {
+        panic!("set to high: {e}: {after}");
+    }
+    assert!(throttled > 0, "the neighbour's waits for the high-priority probe are counted:\n{l}");
+    assert!(flood.share_between(flood.t0, flood.stop()) > 0.5, "the neighbour starved: {flood:?}");
+
+    // `gpuslice run --priority high` starts a process at high from the beginning.
+    let stop = fresh(&sim, "stop");
+    let n = neighbour(client(&sim, None).controller(&ctl), None, &stop);
+    let run = sim
+        .program(cli_path())
+        .controller(&ctl)
+        .args("run --priority high --")
+        .arg(client_path(Route::Procaddr).display())
+        .args(&format!("init ctx 0 pid launch 1 1000 sync sleep 100 probe 20 {PROBE_NS} {GAP_US} touch {stop}"))
+        .spawn();
+    let pid = run.pid();
+    let _ = run.wait_line("pid", 0);
+    let l = ctl.ls();
+    assert_eq!(l.process(pid).unwrap()["priority"], "high", "{l}");
+    let out = run.wait();
+    out.assert_all_ok();
+    let run_probe = Probe::parse(out.last("probe"));
+    let _ = n.wait();
+    eprintln!("gpuslice run --priority high: {run_probe}");
+    if let Err(e) = within(&run_probe, &alone, DEFAULT_QUEUE) {
+        panic!("started by `gpuslice run --priority high`: {e}: {run_probe}");
+    }
+}
+
+/// A process set back from high to normal must stop holding its neighbours back: its lease
+/// should lapse, and a normal probe next to a low flood waits behind the flood again.
+#[test]
+fn priority_set_back_to_normal_releases_the_neighbours() {
+    let _serial = serial();
+    let sim = Sim::new();
+    let ctl = sim.controller();
+    let stop = fresh(&sim, "stop");
+    let go = fresh(&sim, "go");
+    let n = neighbour(client(&sim, None).controller(&ctl), None, &stop);
+    let probe = client(&sim, Some("high"))
+        .controller(&ctl)
+        .args(&format!("init ctx 0 pid launch 1 1000 sync sleep 100 probe 10 {PROBE_NS} {GAP_US} waitfile {go} sleep 600 probe 5 {PROBE_NS} {GAP_US} touch {stop}"))
+        .spawn();
+    let pid = probe.pid();
+    let high = Probe::parse(&probe.wait_line("probe", 0));
+    ctl.set_ok(&format!("--pid {pid} --priority normal"));
+    touch(&go);
+    let normal = Probe::parse(&probe.wait_line("probe", 1));
+    let _ = probe.wait();
+    let _ = n.wait();
+    eprintln!("at high: {high}; set back to normal (600 ms later, past the 300 ms lease): {normal}");
+    assert!(normal.p50_us >= 20 * high.p50_us, "set back to normal, the probe is still served first: {normal} (at high: {high})");
+}
+
+// ------------------------------------------------------------------ 5. a bad value
+
+#[test]
+fn a_bad_priority_refuses_cuda_work() {
+    let sim = Sim::new();
+    for bad in ["urgent", "HIGHEST", "3"] {
+        let out = client(&sim, Some(bad)).args("init ctx 0 alloc 1M launch 1 1000").run();
+        assert!(out.success(), "{out}");
+        assert_eq!(out.code(0), CUDA_ERROR_INVALID_VALUE, "GPUSLICE_PRIORITY={bad:?} must make cuInit fail:\n{out}");
+        for i in 1..4 {
+            assert_ne!(out.code(i), 0, "GPUSLICE_PRIORITY={bad:?}: CUDA work must be refused:\n{out}");
+        }
+        let said = out.stderr_lines_with(&["gpuslice", "GPUSLICE_PRIORITY"]);
+        assert_eq!(said.len(), 1, "GPUSLICE_PRIORITY={bad:?}: one line naming the variable:\n{out}");
+        assert!(said[0].contains("high, normal or low"), "the line says what is accepted: {}", said[0]);
+    }
+    // Any case is accepted, as the controller's `--priority`.
+    let out = client(&sim, Some("High")).args("init ctx 0 launch 1 1000 sync").run();
+    out.assert_all_ok();
+    // `gpuslice run` checks the value before starting anything.
+    let out = sim.program(cli_path()).args("run --priority urgent --").arg(client_path(Route::Procaddr).display()).args("init").run();
+    assert!(!out.success() && out.lines.is_empty() && out.stderr.contains("--priority"), "{out}");
+}
