@@ -7,39 +7,149 @@
 #   NVCC, PYTHON   tools                        (default: nvcc or /usr/local/cuda/bin/nvcc, python3)
 #   BENCH_SECONDS  timed seconds per run        (default 2.5)
 #   BENCH_SHIM_LOG GPUSLICE_LOG for shimmed runs (default info)
+#   BENCH_ONLY     shares | priority: run only that part (default: both, shares first)
+#   BENCH_PRIO_SECONDS  timed seconds of each latency-probe run (default 6)
+#   BENCH_PRIO_QUEUE    GPUSLICE_PRIORITY_QUEUE for the low-priority processes (default: unset)
+#   BENCH_PRIO_TORCH    graph | eager: how the ResNet-50 probe runs (default graph)
 #
-# Builds sharebench into .gpu/build, then tests/gpu/shares.py runs the checks and prints the
-# results table last. Writes $OUT/bench.log and $OUT/bench.tsv only.
-# Exit: 0 = every program behaved (read the table for PASS/FAIL), 1 = a program crashed
+# Builds sharebench and latprobe into .gpu/build, then tests/gpu/shares.py runs the SM-share
+# checks and tests/gpu/priority.py the priority checks (issue 5); each prints its results
+# table last. Writes $OUT/bench.log, $OUT/bench.tsv and $OUT/priority.tsv only. The priority
+# part starts MPS daemons of its own (pipes and logs in a temporary folder); they are told to
+# quit on every way out, also when this script is interrupted, and whatever carries this run's
+# GPUTEST_PRIO_TOKEN afterwards is killed by pid.
+# Exit: 0 = every program behaved (read the tables for PASS/FAIL), 1 = a program crashed
 # (signal, timeout, unexpected exit status), 2 = setup problem (no shim, no compiler, build failed).
 set -u
 set -o pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
 SECONDS_PER_RUN=${BENCH_SECONDS:-2.5}
 SHIM_LOG=${BENCH_SHIM_LOG:-info}
-gpu_setup bench bench.log "gpuslice SM-share bench"
+ONLY=${BENCH_ONLY:-}
+PRIO_SECONDS=${BENCH_PRIO_SECONDS:-6}
+PRIO_QUEUE=${BENCH_PRIO_QUEUE:-}
+PRIO_TORCH=${BENCH_PRIO_TORCH:-graph}
+PRIO_LIMIT_S=270   # hard stop for priority.py (its own budget ends earlier, 210 s after it starts)
+case "$ONLY" in
+  ""|shares|priority) ;;
+  *) echo "bench: BENCH_ONLY must be shares or priority (or unset), not '$ONLY'" >&2; exit 2 ;;
+esac
+case "$PRIO_TORCH" in
+  graph|eager) ;;
+  *) echo "bench: BENCH_PRIO_TORCH must be graph or eager, not '$PRIO_TORCH'" >&2; exit 2 ;;
+esac
+want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+gpu_setup bench bench.log "gpuslice SM-share bench${ONLY:+ (only $ONLY)}"
 
 gpu_machine name,driver_version,memory.total,memory.used,clocks.max.sm,power.limit \
-  "python: $("$PY" --version 2>&1); seconds per run: $SECONDS_PER_RUN; shim log: $SHIM_LOG"
+  "python: $("$PY" --version 2>&1); seconds per run: $SECONDS_PER_RUN; shim log: $SHIM_LOG; parts: ${ONLY:-shares priority}; probe seconds: $PRIO_SECONDS; priority queue: ${PRIO_QUEUE:-shim default}; torch probe: $PRIO_TORCH"
 
 # ---- build (skipped when the binary is newer than its source, the shared header and this script)
-bin=$BUILD/sharebench
-if up_to_date "$bin" "$HERE/sharebench.cu" "$HERE/gpucommon.cuh" "$HERE/bench.sh"; then
-  echo "--- build sharebench: up to date" >>"$LOG"
-else
-  rm -f "$bin"
-  if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/sharebench.cu" >"$BUILD/sharebench.build.log" 2>&1; then
-    echo "--- build sharebench: ok" >>"$LOG"
-    cat "$BUILD/sharebench.build.log" >>"$LOG"
-  else
-    note "bench: build of sharebench FAILED (log follows in $LOG)"
-    cat "$BUILD/sharebench.build.log" >>"$LOG"
-    exit 2
+build() { # NAME: .gpu/build/NAME from tests/gpu/NAME.cu; 0 when built or up to date
+  local bin=$BUILD/$1
+  if up_to_date "$bin" "$HERE/$1.cu" "$HERE/gpucommon.cuh" "$HERE/bench.sh"; then
+    echo "--- build $1: up to date" >>"$LOG"
+    return 0
   fi
+  rm -f "$bin"
+  if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/$1.cu" >"$BUILD/$1.build.log" 2>&1; then
+    echo "--- build $1: ok" >>"$LOG"
+    cat "$BUILD/$1.build.log" >>"$LOG"
+    return 0
+  fi
+  note "bench: build of $1 FAILED (log follows in $LOG)"
+  cat "$BUILD/$1.build.log" >>"$LOG"
+  return 1
+}
+build sharebench || exit 2
+if want priority; then
+  build latprobe || note "bench: the priority part runs without latprobe (its CUDA checks FAIL; exit 2)"
 fi
 note "build done in $(( $(date +%s) - T0 ))s"
 
-# ---- the checks; shares.py prints the results table last
-"$PY" "$ROOT/$HERE/shares.py" --lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" \
-  --seconds "$SECONDS_PER_RUN" --shim-log "$SHIM_LOG"
-exit $?
+# ---- the SM-share checks; shares.py prints the results table last
+rc_shares=0
+if want shares; then
+  "$PY" "$ROOT/$HERE/shares.py" --lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" \
+    --seconds "$SECONDS_PER_RUN" --shim-log "$SHIM_LOG"
+  rc_shares=$?
+fi
+if ! want priority; then
+  exit $rc_shares
+fi
+
+# ---- the priority checks; priority.py prints its tables last
+# Like controller.sh: in the background so that a signal reaches the trap at once, every child
+# carries the token, and on the way out the MPS daemons are told to quit and whatever still
+# carries the token is killed by pid.
+TOKEN="prio-$$-$(date +%s%N)"
+MPS_DIR=
+PYPID=
+kill_tokened() { # every process that still carries our token, by pid
+  local d pid
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [ "$pid" = "$$" ] && continue
+    if grep -qzx "GPUTEST_PRIO_TOKEN=$TOKEN" "$d/environ" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null && echo "bench.sh: killed left-over pid $pid" >&2
+    fi
+  done
+}
+tokened_left() { # is any process other than this shell still carrying the token?
+  local d
+  for d in /proc/[0-9]*; do
+    [ "${d#/proc/}" = "$$" ] && continue
+    grep -qzx "GPUTEST_PRIO_TOKEN=$TOKEN" "$d/environ" 2>/dev/null && return 0
+  done
+  return 1
+}
+prio_cleanup() {
+  local p
+  if [ -n "$MPS_DIR" ] && [ -d "$MPS_DIR" ]; then
+    # priority.py removes a session's folder after quitting it: what is left may still run
+    for p in "$MPS_DIR"/*/pipe; do
+      [ -d "$p" ] || continue
+      echo "bench.sh: telling the MPS daemon of $p to quit" >&2
+      echo quit | CUDA_MPS_PIPE_DIRECTORY=$p CUDA_MPS_LOG_DIRECTORY=${p%/pipe}/log \
+        timeout 15 nvidia-cuda-mps-control >/dev/null 2>&1
+    done
+    for _ in $(seq 1 50); do tokened_left || break; sleep 0.2; done
+  fi
+  kill_tokened
+  [ -n "$MPS_DIR" ] && rm -rf "$MPS_DIR"
+}
+on_signal() { # pass it on to priority.py (through timeout), let it clean up, then leave
+  trap '' INT TERM HUP
+  if [ -n "$PYPID" ]; then
+    kill -TERM "$PYPID" 2>/dev/null
+    wait "$PYPID" 2>/dev/null
+  fi
+  exit "$1"
+}
+trap prio_cleanup EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM HUP
+
+MPS_DIR=$(mktemp -d /tmp/gpuslice-mps.XXXXXX) || { note "bench: mktemp failed"; exit 2; }
+args=(--lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$(date +%s)" --seconds "$PRIO_SECONDS"
+      --base-seconds "$SECONDS_PER_RUN" --shim-log "$SHIM_LOG" --queue "$PRIO_QUEUE"
+      --mps-dir "$MPS_DIR" --torch-mode "$PRIO_TORCH")
+if command -v timeout >/dev/null 2>&1; then
+  GPUTEST_PRIO_TOKEN=$TOKEN timeout --foreground -k 10 "$PRIO_LIMIT_S" \
+    "$PY" "$ROOT/$HERE/priority.py" "${args[@]}" &
+else
+  GPUTEST_PRIO_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/priority.py" "${args[@]}" &
+fi
+PYPID=$!
+wait "$PYPID"
+rc_prio=$?
+if [ $rc_prio -eq 124 ] || [ $rc_prio -eq 137 ]; then
+  note "bench: priority.py ran past ${PRIO_LIMIT_S}s, or was killed (rc=$rc_prio)"
+  rc_prio=1
+fi
+
+# 1 (a crash) before 2 (something missing) before 0, as in each part
+if [ $rc_shares -eq 1 ] || [ $rc_prio -eq 1 ]; then exit 1; fi
+if [ $rc_shares -eq 2 ] || [ $rc_prio -eq 2 ]; then exit 2; fi
+if [ $rc_shares -ne 0 ] || [ $rc_prio -ne 0 ]; then exit 1; fi
+exit 0

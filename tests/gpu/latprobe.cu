@@ -8,10 +8,10 @@
 //       secant steps on iters to within 1%. Prints iters=, request_ms=, dev_ms= (the request's
 //       device time from events), kernel_us= (dev_ms * 1000 / K).
 //   latprobe run --iters N --seconds S [--kernels K] [--period-ms P] [--warmup-s W]
-//                [--go-file PATH] [--go-timeout-s T] [--dump PATH]
+//                [--go-file PATH] [--go-timeout-s T] [--dump PATH] [--spin-ms X]
 //       One request every P ms (default 10) for S seconds after a W-second warm-up of the same
 //       pattern (default 0.5; not recorded). Request i is due at t0 + i*P: the host sleeps until
-//       then (clock_nanosleep to 150 us before, then spins), launches, synchronizes. Its
+//       then (clock_nanosleep to X ms before, default 1, then spins), launches, synchronizes. Its
 //       latency is measured from the time it was DUE to its completion, so a request that
 //       waits behind a late predecessor, or behind a neighbour's work, shows the whole wait.
 //       Prints requests=, p50_ms=, p90_ms=, p99_ms=, max_ms=, mean_ms=, min_ms= (nearest-rank
@@ -76,10 +76,11 @@ static double mono_s() {
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-// Sleep until CLOCK_MONOTONIC time t: clock_nanosleep to 150 us before, then spin, so the
-// wake-up is late by microseconds, not by the scheduler's slack.
+// Sleep until CLOCK_MONOTONIC time t: clock_nanosleep to `spin` seconds before, then spin, so
+// the wake-up is late by microseconds, not by the scheduler's slack (which reached 0.3 ms).
+static double g_spin = 1e-3;
 static void sleep_until(double t) {
-  const double spin = 150e-6;
+  const double spin = g_spin;
   for (;;) {
     double left = t - mono_s();
     if (left <= 0) return;
@@ -97,7 +98,7 @@ static void usage() {
   fprintf(stderr,
           "usage: latprobe calibrate --request-us US [--kernels K] [--reps R]\n"
           "       latprobe run --iters N --seconds S [--kernels K] [--period-ms P] [--warmup-s W]\n"
-          "                    [--go-file PATH] [--go-timeout-s T] [--dump PATH]\n");
+          "                    [--go-file PATH] [--go-timeout-s T] [--dump PATH] [--spin-ms X]\n");
   exit(2);
 }
 
@@ -311,18 +312,19 @@ static int cmd_run(int argc, char** argv) {
     else if (a == "--go-file" && more) go_file = argv[++i];
     else if (a == "--go-timeout-s" && more) go_timeout = atof(argv[++i]);
     else if (a == "--dump" && more) dump = argv[++i];
+    else if (a == "--spin-ms" && more) g_spin = atof(argv[++i]) * 1e-3;
     else usage();
   }
   if (iters < 1 || iters > 2000000000L || !(seconds > 0) || kernels < 1 || kernels > 10000 ||
-      !(period_ms > 0) || warmup < 0) {
+      !(period_ms > 0) || warmup < 0 || g_spin < 0) {
     fprintf(stderr, "run: need --iters >= 1, --seconds > 0, --period-ms > 0, --kernels 1..10000\n");
     return 2;
   }
   setup_device();
   // Module load and first-launch costs, before anyone waits on us.
   for (int i = 0; i < 5; i++) request((int)iters, kernels);
-  printf("iters=%ld\nkernels=%d\nperiod_ms=%.3f\nseconds_target=%.3f\nwarmup_s=%.3f\n", iters,
-         kernels, period_ms, seconds, warmup);
+  printf("iters=%ld\nkernels=%d\nperiod_ms=%.3f\nseconds_target=%.3f\nwarmup_s=%.3f\n"
+         "spin_ms=%.3f\n", iters, kernels, period_ms, seconds, warmup, g_spin * 1e3);
   fflush(stdout);
 
   if (go_file) {

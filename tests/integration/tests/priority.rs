@@ -32,7 +32,7 @@ const NEIGHBOUR_NS: u64 = 1_000_000;
 const REQUESTS: u64 = 40;
 const GAP_US: u64 = 10_000;
 /// The neighbour keeps this many launches in flight while a high-priority process lives.
-const DEFAULT_QUEUE: u64 = 2;
+const DEFAULT_QUEUE: u64 = 1;
 /// What a request may take beyond the probe alone and the neighbour's queue, in wall time: the
 /// neighbour waking from its futex and the probe from its synchronize on a busy 2-core machine.
 const SLACK_US: u64 = 3_000;
@@ -162,7 +162,7 @@ fn a_high_priority_probe_waits_for_at_most_the_neighbours_queue() {
     // High priority: a request waits for at most the neighbour's queue of kernels, and the
     // neighbour keeps the device busy whenever the probe has nothing on it.
     let mut medians = Vec::new();
-    for queue in [DEFAULT_QUEUE, 1] {
+    for queue in [DEFAULT_QUEUE, 2] {
         let bound = alone.p99_us + queue * NEIGHBOUR_NS / 1000 + SLACK_US;
         let dev_bound = device_bound(queue);
         let min_progress = if queue == 1 { 0.6 } else { 0.8 };
@@ -193,7 +193,7 @@ fn a_high_priority_probe_waits_for_at_most_the_neighbours_queue() {
         medians.push(probe.dev_p50_us);
     }
     // One neighbour kernel in flight instead of two: a request typically waits less.
-    assert!(medians[1] < medians[0], "on the device, the median request took {} µs with queue 1, {} µs with queue 2", medians[1], medians[0]);
+    assert!(medians[0] < medians[1], "on the device, the median request took {} µs with queue 1, {} µs with queue 2", medians[0], medians[1]);
 }
 
 // ------------------------------------------------------------------ 2. work-conserving
@@ -249,7 +249,9 @@ fn without_a_high_priority_process_low_runs_as_fast_as_without_the_shim() {
     let share = flood.share_between(flood.t0, flood.stop());
     eprintln!("low next to an idle high-priority process: {:.1}% of the device, {queued} kernels in flight at the stop", 100.0 * share);
     assert!(queued <= DEFAULT_QUEUE, "next to a high-priority process the queue is bounded: {flood:?}");
-    assert!(share > 0.95, "next to an idle high-priority process, 1 ms kernels at low: {:.1}% of the device", 100.0 * share);
+    // With one launch in flight, each kernel's end is noticed (polled 0.5 ms, then a blocking
+    // wait that the simulator oversleeps by ~50 µs) before the next goes: a few % of the device.
+    assert!(share > 0.85, "next to an idle high-priority process, 1 ms kernels at low: {:.1}% of the device", 100.0 * share);
 }
 
 // ------------------------------------------------------------------ 3. the high one goes away
