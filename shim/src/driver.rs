@@ -74,6 +74,7 @@ real_functions! {
     cuMipmappedArrayDestroy(CUmipmappedArray);
     cuCtxGetCurrent(*mut CUcontext);
     cuCtxSetCurrent(CUcontext);
+    cuThreadExchangeStreamCaptureMode(*mut c_int);
     cuEventCreate(*mut *mut c_void, c_uint);
     cuEventRecord(*mut c_void, CUstream);
     cuEventQuery(*mut c_void);

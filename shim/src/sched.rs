@@ -49,6 +49,10 @@ const SPIN_NS: u64 = 500_000;
 const CHECK_HOLDER_NS: u64 = 10_000_000;
 
 const CU_EVENT_BLOCKING_SYNC: u32 = 0x1;
+/// `CU_STREAM_CAPTURE_MODE_RELAXED`: this thread's event queries do not break another
+/// thread's stream capture (a thread's default, GLOBAL, makes them invalidate it: PyTorch's
+/// CUDA-graph capture failed that way on the H200).
+const CAPTURE_MODE_RELAXED: i32 = 2;
 const CU_EVENT_DISABLE_TIMING: u32 = 0x2;
 
 /// The priority this process launches with now (a controller may change it at any time).
@@ -191,7 +195,7 @@ impl InFlight {
     fn push(&self, stream: CUstream) {
         let Some(ctx) = current_context() else { return };
         let Some(event) = take_event(ctx) else { return };
-        if record(event, stream) {
+        if relaxed(|| record(event, stream)) {
             self.events.lock().push_back((ctx, event));
         } else {
             give_event(ctx, event);
@@ -200,6 +204,10 @@ impl InFlight {
 
     /// Drops finished launches; sleeps on the oldest while `limit` or more are in flight.
     fn wait_below(&self, limit: usize) {
+        relaxed(|| self.wait_below_now(limit))
+    }
+
+    fn wait_below_now(&self, limit: usize) {
         let mut events = self.events.lock();
         while let Some(&(ctx, event)) = events.front() {
             if events.len() >= limit {
@@ -248,7 +256,7 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
         .then(current_context)
         .flatten()
         .and_then(|ctx| take_event(ctx).map(|e| (ctx, e)))
-        .filter(|&(ctx, e)| record(e, stream) || {
+        .filter(|&(ctx, e)| relaxed(|| record(e, stream)) || {
             give_event(ctx, e);
             false
         });
@@ -331,6 +339,9 @@ extern "C" fn release_at_exit() {
 fn watch() {
     // SAFETY: prctl on this thread only: wake-ups within a few µs of the requested time.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+    // For good: this thread's queries must never break the program's graph captures.
+    let mut mode = CAPTURE_MODE_RELAXED;
+    let _ = call_real!(cuThreadExchangeStreamCaptureMode(&mut mode));
     let mut renewed = 0u64;
     loop {
         let now = now_ns();
@@ -381,6 +392,18 @@ fn watch() {
 }
 
 // ------------------------------------------------------------------- events and futexes
+
+/// Runs `f` with the calling thread in relaxed capture mode (see `CAPTURE_MODE_RELAXED`),
+/// restoring the program's mode after.
+fn relaxed<T>(f: impl FnOnce() -> T) -> T {
+    let mut mode = CAPTURE_MODE_RELAXED;
+    let swapped = call_real!(cuThreadExchangeStreamCaptureMode(&mut mode)) == CUDA_SUCCESS;
+    let out = f();
+    if swapped {
+        let _ = call_real!(cuThreadExchangeStreamCaptureMode(&mut mode));
+    }
+    out
+}
 
 static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 
