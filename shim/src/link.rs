@@ -14,9 +14,8 @@ use crate::runtime;
 use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response, ENV_SOCKET};
 use gpuslice_common::settings::Settings;
-use once_cell::sync::OnceCell;
 use std::ffi::c_int;
-use std::sync::atomic::Ordering::*;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
 use std::time::Duration;
 
 /// CUDA ordinals beyond this are passed through untracked.
@@ -40,28 +39,69 @@ pub struct Link {
     pub controlled: bool,
 }
 
-static LINK: OnceCell<Link> = OnceCell::new();
+/// The process's link, once attached; never freed (hooks hold references to it). A forked
+/// child starts with none and attaches on its own (see `in_forked_child`).
+static LINK: AtomicPtr<Link> = AtomicPtr::new(std::ptr::null_mut());
+/// True while one thread attaches; the others wait for it.
+static ATTACHING: AtomicBool = AtomicBool::new(false);
+/// How many times this process's line has forked since it attached (0 in the original).
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// The link, if this process has attached.
 #[inline(always)]
 pub fn get() -> Option<&'static Link> {
-    LINK.get()
+    let p = LINK.load(Acquire);
+    // SAFETY: a non-null pointer came from Box::into_raw and is never freed.
+    (!p.is_null()).then(|| unsafe { &*p })
 }
 
 /// The link, attaching now if the driver is ready. `None` before `cuInit` has succeeded or
 /// when the settings were refused.
 #[inline]
 pub fn attached() -> Option<&'static Link> {
-    match LINK.get() {
+    match get() {
         Some(l) => Some(l),
         None => attach_slow(),
     }
 }
 
+/// Bumped in a forked child: state kept per process elsewhere (priority slots) compares it to
+/// know that it was inherited, not its own.
+pub fn fork_generation() -> u64 {
+    FORK_GENERATION.load(Acquire)
+}
+
 #[cold]
 fn attach_slow() -> Option<&'static Link> {
     let settings = runtime::runtime().settings.as_ref().ok()?;
-    LINK.get_or_try_init(|| attach(settings)).ok()
+    loop {
+        if let Some(l) = get() {
+            return Some(l);
+        }
+        if ATTACHING.compare_exchange(false, true, AcqRel, Acquire).is_ok() {
+            if let Ok(link) = attach(settings) {
+                LINK.store(Box::into_raw(Box::new(link)), Release);
+                static ATFORK: std::sync::Once = std::sync::Once::new();
+                // SAFETY: registering a plain extern "C" function.
+                ATFORK.call_once(|| unsafe {
+                    libc::pthread_atfork(None, None, Some(in_forked_child));
+                });
+            }
+            ATTACHING.store(false, Release);
+            return get(); // None when the driver was not ready: a later call tries again.
+        }
+        // Another thread is registering (at most REGISTER_TIMEOUT).
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+/// In a child after `fork`: the parent's slots are the parent's. The child attaches afresh
+/// (its own slot, through the controller) at its next CUDA call. Only atomic stores here: the
+/// child has one thread and possibly locks held by threads that no longer exist.
+extern "C" fn in_forked_child() {
+    LINK.store(std::ptr::null_mut(), Release);
+    ATTACHING.store(false, Release);
+    FORK_GENERATION.fetch_add(1, AcqRel);
 }
 
 impl Link {

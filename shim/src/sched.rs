@@ -180,23 +180,39 @@ fn queue_allowance() -> usize {
     crate::runtime::runtime().settings.as_ref().ok().and_then(|s| s.priority_queue).map_or(DEFAULT_QUEUE, |n| n as usize)
 }
 
-/// This process's launches on one device that may still be running: one event each.
+/// This process's launches on one device that may still be running: one event each, with
+/// the fork generation they belong to.
 struct InFlight {
-    events: Mutex<VecDeque<(usize, usize)>>,
+    events: Mutex<(u64, VecDeque<(usize, usize)>)>,
 }
 
-static IN_FLIGHT: [InFlight; MAX_ORDINALS] = [const { InFlight { events: Mutex::new(VecDeque::new()) } }; MAX_ORDINALS];
+static IN_FLIGHT: [InFlight; MAX_ORDINALS] = [const { InFlight { events: Mutex::new((0, VecDeque::new())) } }; MAX_ORDINALS];
 
 fn in_flight(device: CUdevice) -> &'static InFlight {
     &IN_FLIGHT[(device.max(0) as usize).min(MAX_ORDINALS - 1)]
 }
 
 impl InFlight {
+    /// The queue, if its lock comes within `LOCK_PATIENCE` (a forked child may find it held
+    /// for ever); a child's inherited events, which belong to its parent's contexts, are dropped.
+    fn queue(&self) -> Option<parking_lot::MappedMutexGuard<'_, VecDeque<(usize, usize)>>> {
+        let mut guard = self.events.try_lock_for(LOCK_PATIENCE)?;
+        let generation = link::fork_generation();
+        if guard.0 != generation {
+            std::mem::forget(std::mem::take(&mut guard.1));
+            guard.0 = generation;
+        }
+        Some(parking_lot::MutexGuard::map(guard, |g| &mut g.1))
+    }
+
     fn push(&self, stream: CUstream) {
         let Some(ctx) = current_context() else { return };
         let Some(event) = take_event(ctx) else { return };
         if relaxed(|| record(event, stream)) {
-            self.events.lock().push_back((ctx, event));
+            match self.queue() {
+                Some(mut q) => q.push_back((ctx, event)),
+                None => give_event(ctx, event),
+            }
         } else {
             give_event(ctx, event);
         }
@@ -208,7 +224,7 @@ impl InFlight {
     }
 
     fn wait_below_now(&self, limit: usize) {
-        let mut events = self.events.lock();
+        let Some(mut events) = self.queue() else { return };
         while let Some(&(ctx, event)) = events.front() {
             if events.len() >= limit {
                 let spin_until = now_ns() + SPIN_NS;
@@ -234,7 +250,14 @@ impl InFlight {
 struct Watched {
     devices: HashMap<CUdevice, Outstanding>,
     started: bool,
+    /// `link::fork_generation()` when this was set up: a forked child finds another and starts
+    /// over (the slots and the watcher thread are its parent's).
+    generation: u64,
 }
+
+/// How long an application thread waits for the watcher's lock before launching without the
+/// priority rules (a child forked while the watcher held it never gets it).
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 struct Outstanding {
     sched: &'static DeviceSched,
@@ -261,9 +284,9 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
             false
         });
     {
-        let mut watched = WATCHED.lock();
-        if let (Some(w), Some(event)) = (watched.as_mut(), event) {
-            if let Some(o) = w.devices.get_mut(&device) {
+        let watched = WATCHED.try_lock_for(LOCK_PATIENCE);
+        if let (Some(mut watched), Some(event)) = (watched, event) {
+            if let Some(o) = watched.as_mut().and_then(|w| w.devices.get_mut(&device)) {
                 o.events.push(event);
             }
         }
@@ -276,8 +299,14 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
 /// This process's high-priority slot on `device`, claimed at its first launch there (and the
 /// watcher started at the first of all).
 fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighSlot> {
-    let mut watched = WATCHED.lock();
-    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false });
+    let mut watched = WATCHED.try_lock_for(LOCK_PATIENCE)?;
+    let generation = link::fork_generation();
+    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false, generation });
+    if w.generation != generation {
+        // Forked: forget the parent's slots (still its own) and its watcher thread.
+        std::mem::forget(std::mem::take(&mut w.devices));
+        *w = Watched { devices: HashMap::new(), started: false, generation };
+    }
     if let Some(o) = w.devices.get(&device) {
         return Some(o.slot);
     }
@@ -305,14 +334,18 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
 /// A number for this process's high-priority slots, drawn once: pids repeat across pid
 /// namespaces, and a controller may serve several.
 fn owner() -> u64 {
-    static OWNER: once_cell::sync::Lazy<u64> = once_cell::sync::Lazy::new(|| {
+    // (generation, token): a forked child draws its own.
+    static OWNER: Mutex<(u64, u64)> = Mutex::new((u64::MAX, 0));
+    let generation = link::fork_generation();
+    let mut owner = OWNER.lock();
+    if owner.0 != generation {
         let mut bytes = [0u8; 8];
         // SAFETY: getrandom into a local buffer.
         let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, libc::GRND_NONBLOCK) };
         let random = if got == 8 { u64::from_ne_bytes(bytes) } else { now_ns() ^ (u64::from(std::process::id()) << 32) };
-        random.max(1)
-    });
-    *OWNER
+        *owner = (generation, random.max(1));
+    }
+    owner.1
 }
 
 /// Gives up every high-priority slot of this process (left high priority, or exiting).
@@ -327,9 +360,10 @@ fn release_all(w: &mut Watched) {
 }
 
 extern "C" fn release_at_exit() {
-    // Never block an exiting process: skip if the watcher holds the lock.
+    // Never block an exiting process: skip if the watcher holds the lock. A forked child's
+    // inherited slots are its parent's: not to be released here.
     if let Some(mut watched) = WATCHED.try_lock() {
-        if let Some(w) = watched.as_mut() {
+        if let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) {
             release_all(w);
         }
     }
@@ -416,7 +450,7 @@ fn current_context() -> Option<usize> {
 
 /// An event of context `ctx` (the current one) that sleeps when waited on.
 fn take_event(ctx: usize) -> Option<usize> {
-    if let Some(e) = POOLS.lock().as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop()) {
+    if let Some(e) = POOLS.try_lock_for(LOCK_PATIENCE).and_then(|mut p| p.as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop())) {
         return Some(e);
     }
     let mut ev: *mut c_void = std::ptr::null_mut();
@@ -424,7 +458,10 @@ fn take_event(ctx: usize) -> Option<usize> {
 }
 
 fn give_event(ctx: usize, event: usize) {
-    POOLS.lock().get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
+    // Pools are per context: a forked child's contexts are new, its parent's events never reused.
+    if let Some(mut pools) = POOLS.try_lock_for(LOCK_PATIENCE) {
+        pools.get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
+    }
 }
 
 fn record(event: usize, stream: CUstream) -> bool {

@@ -45,12 +45,17 @@
  *                             start) ms= (wall ms from the start to the stop) bucket_ms=
  *                             busy=B0,B1,... (µs of this process's kernels on the device in each
  *                             BUCKET_MS bucket from t0 up to the stop; the last may be partial)
+ *   fork ... endchild      fork(): the child prints "ok forked pid=" and runs the commands up to
+ *                          `endchild`, then exits 0; the parent waits for it, prints
+ *                          "ok fork child= status=" and goes on after `endchild`.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <errno.h>
+#include <sys/wait.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -379,6 +384,7 @@ static const struct cmdspec CMDS[] = {
     {"dlsym", "s"},       {"pid", ""},
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
+    {"fork", ""},         {"endchild", ""},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -1185,8 +1191,37 @@ int main(int argc, char **argv) {
     resolve_driver();
     clock_gettime(CLOCK_MONOTONIC, &g_mark);
     int i = 1;
+    int in_child = 0;
     while (i < argc) {
         const struct cmdspec *c = find_cmd(argv[i]);
+        if (!strcmp(c->name, "fork")) {
+            /* The child runs the commands up to `endchild` and exits; the parent waits for it,
+               then goes on after `endchild`. */
+            fflush(stdout);
+            pid_t child = fork();
+            if (child < 0) {
+                printf("err fork errno=%d\n", errno);
+                return 1;
+            }
+            if (child == 0) {
+                in_child = 1;
+                printf("ok forked pid=%d\n", (int)getpid());
+                i += 1;
+                continue;
+            }
+            int j = i + 1;
+            while (j < argc && strcmp(argv[j], "endchild")) j += 1 + (int)strlen(find_cmd(argv[j])->args);
+            int status = 0;
+            waitpid(child, &status, 0);
+            printf("ok fork child=%d status=%d\n", (int)child, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+            i = j + 1;
+            continue;
+        }
+        if (!strcmp(c->name, "endchild")) {
+            if (in_child) exit(0);
+            i += 1;
+            continue;
+        }
         run(c->name, &argv[i + 1]);
         i += 1 + (int)strlen(c->args);
     }

@@ -557,3 +557,36 @@ fn idle_connections_do_not_keep_processes_out_of_their_group() {
     expect_ok(out.line(2));
     expect_oom(out.line(3));
 }
+
+// ---------------------------------------------------------------------- fork
+
+/// A child forked after its parent registered gets a slot of its own at its first CUDA call:
+/// what it allocates is counted to it and returned when it exits, and the parent's figures
+/// stay the parent's.
+#[test]
+fn a_forked_child_counts_in_its_own_slot() {
+    let _t = shared();
+    let sim = sim();
+    let ctl = sim.controller();
+    ctl.set_ok("--group fam --memory 1GiB");
+    let done = path(&sim, "done");
+    let c = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("fam")
+        .args(&format!("init ctx 0 alloc 100M fork init ctx 0 alloc 200M pid endchild waitfile {done}"))
+        .spawn();
+    let forked = c.wait_line("fork", 0);
+    assert!(forked.contains("status=0"), "the child exits cleanly: `{forked}`");
+    expect_ok(&c.wait_line("alloc", 0));
+    expect_ok(&c.wait_line("alloc", 1));
+    let parent = c.pid();
+    let l = ctl.ls();
+    assert_eq!(l.members("fam"), vec![parent], "the child left with its slot:\n{l}");
+    assert_eq!(l.group_used("fam", 0), R + 100 * MIB, "the child's 200 MiB went with it, the parent's stay:\n{l}");
+    touch(&done);
+    c.wait().assert_success();
+    let log = ctl.log();
+    assert_eq!(log.matches("registered pid").count(), 2, "parent and child each registered:\n{log}");
+}

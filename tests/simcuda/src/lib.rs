@@ -910,7 +910,7 @@ unsafe fn mem_alloc_async(dptr: *mut CUdeviceptr, size: usize, pool: Option<Hand
     let (ctx, mut dev) = stream_dev(&d, k);
     if let Some(pool) = pool {
         let p = pool as u64;
-        if p < POOL_BASE || (p - POOL_BASE) % 0x100 != 0 || !valid_dev(((p - POOL_BASE) / 0x100) as c_int) {
+        if p < POOL_BASE || !(p - POOL_BASE).is_multiple_of(0x100) || !valid_dev(((p - POOL_BASE) / 0x100) as c_int) {
             return INVALID_VALUE;
         }
         dev = ((p - POOL_BASE) / 0x100) as c_int;
@@ -1028,7 +1028,7 @@ pub unsafe extern "C" fn cuMemCreate(
 ) -> CUresult {
     check_init!();
     let dev = tri!(prop_device(prop));
-    if handle.is_null() || size == 0 || size as u64 % GRANULARITY != 0 || !matches!((*prop).type_, 1 | 2) {
+    if handle.is_null() || size == 0 || !(size as u64).is_multiple_of(GRANULARITY) || !matches!((*prop).type_, 1 | 2) {
         return INVALID_VALUE;
     }
     let mut d = lock();
@@ -1072,7 +1072,7 @@ pub unsafe extern "C" fn cuMemAddressReserve(
     _flags: u64,
 ) -> CUresult {
     check_init!();
-    if ptr.is_null() || size == 0 || size as u64 % GRANULARITY != 0 {
+    if ptr.is_null() || size == 0 || !(size as u64).is_multiple_of(GRANULARITY) {
         return INVALID_VALUE;
     }
     if alignment != 0 && !alignment.is_power_of_two() {
@@ -1109,7 +1109,7 @@ pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, 
     check_init!();
     let mut d = lock();
     let size = size as u64;
-    if size == 0 || size % GRANULARITY != 0 || !in_reservation(&d, ptr, size) {
+    if size == 0 || !size.is_multiple_of(GRANULARITY) || !in_reservation(&d, ptr, size) {
         return INVALID_VALUE;
     }
     if d.mappings.range(ptr..ptr + size).next().is_some()

@@ -66,7 +66,7 @@ fn inited() -> Option<&'static state::Shared> {
 fn handle_index(h: *mut c_void) -> Option<usize> {
     let base = HANDLES.as_ptr() as usize;
     let a = h as usize;
-    if a < base || (a - base) % 8 != 0 {
+    if a < base || !(a - base).is_multiple_of(8) {
         return None;
     }
     let i = (a - base) / 8;
