@@ -28,7 +28,7 @@
 
 use std::ffi::CString;
 use std::fmt;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 /// "GPUSLDGR" read as a little-endian u64.
@@ -402,7 +402,7 @@ impl Ledger {
         if fd >= 0 {
             // SAFETY: we own the new descriptor.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            match Ledger::map_fd(fd.as_fd_ref(), path) {
+            match Ledger::map_fd(fd.as_fd(), path) {
                 Ok(l) => return Ok((l, true)),
                 Err(LedgerError::Invalid { reason, .. }) => {
                     // Not ours, or an older layout: start afresh rather than misread it.
@@ -602,17 +602,6 @@ impl Ledger {
     /// The device index already claimed for `uuid`.
     pub fn find_device(&self, uuid: &str) -> Option<usize> {
         (0..MAX_DEVICES).find(|&i| self.device(i).state.load(Acquire) == LIVE && self.device(i).uuid() == uuid)
-    }
-}
-
-trait AsFdRef {
-    fn as_fd_ref(&self) -> BorrowedFd<'_>;
-}
-
-impl AsFdRef for OwnedFd {
-    fn as_fd_ref(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.as_fd()
     }
 }
 

@@ -82,6 +82,11 @@ impl<T> PerDevice<T> {
         self.device.get(&device).or(self.all.as_ref())
     }
 
+    /// The value set for every device, if any (per-device overrides aside).
+    pub fn all(&self) -> Option<&Sourced<T>> {
+        self.all.as_ref()
+    }
+
     pub fn is_unset(&self) -> bool {
         self.all.is_none() && self.device.is_empty()
     }

@@ -163,7 +163,7 @@ impl State {
         let group_name = r.group.clone().unwrap_or_else(|| format!("pid-{}", peer.pid));
         let group = match self.find_group(&group_name) {
             Some(g) => {
-                notes.extend(ignored_env_limits(&self.ledger, self.ledger.group(g), &r, &devices));
+                notes.extend(ignored_env_limits(self.ledger.group(g), &r, &devices));
                 g
             }
             None => {
@@ -463,19 +463,18 @@ fn apply_edit_to_group(g: &GroupSlot, e: &Edit, devices: &[usize]) {
 /// ordinals of a process; a group spans processes, so only the all-device values apply).
 fn apply_settings_all_devices(g: &GroupSlot, s: &Settings) {
     for d in 0..MAX_DEVICES {
-        if let Some(l) = s.memory_limit.get(u32::MAX) {
+        if let Some(l) = s.memory_limit.all() {
             g.devices[d].limit.store(l.value, Relaxed);
         }
-        if let Some(share) = s.sm_share.get(u32::MAX).map(|s| s.value) {
-            g.set_share(d, share);
+        if let Some(share) = s.sm_share.all() {
+            g.set_share(d, share.value);
         }
     }
     g.priority.store(s.priority.as_ref().map_or(Priority::Normal, |p| p.value) as u32, Relaxed);
 }
 
 /// Notes for a member whose environment asked for other limits than its group has.
-fn ignored_env_limits(ledger: &Ledger, g: &GroupSlot, r: &Registration, devices: &[(u32, u32)]) -> Vec<String> {
-    let _ = ledger;
+fn ignored_env_limits(g: &GroupSlot, r: &Registration, devices: &[(u32, u32)]) -> Vec<String> {
     let mut notes = Vec::new();
     for claim in &r.devices {
         let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };

@@ -87,7 +87,7 @@ pub fn sched(device: CUdevice) -> Option<&'static DeviceSched> {
 }
 
 /// True unless `pid` is known to be gone.
-fn alive(pid: u32) -> bool {
+pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence. EPERM means it exists under another user.
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)

@@ -181,10 +181,7 @@ thread_local! {
 }
 
 fn current_context() -> Option<usize> {
-    let get = driver()?.cuCtxGetCurrent?;
-    let mut ctx: CUcontext = std::ptr::null_mut();
-    // SAFETY: out-pointer to a local.
-    (unsafe { get(&mut ctx) } == CUDA_SUCCESS && !ctx.is_null()).then_some(ctx as usize)
+    driver()?.current_context()
 }
 
 fn take_event(events: &mut ContextEvents) -> Option<usize> {
@@ -204,9 +201,7 @@ fn give_back(ctx: usize, events: &[usize]) {
 }
 
 fn record(event: usize, stream: CUstream) -> bool {
-    let Some(record) = driver().and_then(|d| d.cuEventRecord) else { return false };
-    // SAFETY: our own event, the program's stream.
-    unsafe { record(event as *mut c_void, stream) == CUDA_SUCCESS }
+    driver().is_some_and(|d| d.record_event(event, stream))
 }
 
 /// True when a launch of `key` on `stream` by this thread, numbered `sequence` on its device,

@@ -113,6 +113,21 @@ impl Driver {
         self.lib.symbol(name)
     }
 
+    /// The calling thread's current context, if there is one.
+    pub fn current_context(&self) -> Option<usize> {
+        let get = self.cuCtxGetCurrent?;
+        let mut ctx: CUcontext = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local.
+        (unsafe { get(&mut ctx) } == CUDA_SUCCESS && !ctx.is_null()).then_some(ctx as usize)
+    }
+
+    /// Records one of the shim's own events on the program's stream.
+    pub fn record_event(&self, event: usize, stream: CUstream) -> bool {
+        let Some(record) = self.cuEventRecord else { return false };
+        // SAFETY: our own event, the program's stream.
+        unsafe { record(event as *mut c_void, stream) == CUDA_SUCCESS }
+    }
+
     /// The device of the calling thread's current context, if there is one.
     pub fn current_device(&self) -> Option<CUdevice> {
         let get = self.cuCtxGetDevice?;

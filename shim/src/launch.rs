@@ -30,21 +30,24 @@ fn capturing(stream: CUstream) -> bool {
     code != CUDA_SUCCESS || status != 0
 }
 
-/// True when a launch needs more than the driver: a share, or a priority at stake.
+/// What a launch needs beyond the driver: `None` for nothing; `Some(priority)` when a share or
+/// a priority is at stake, `priority` telling whether `sched`'s rules apply (asked once here).
 #[inline(always)]
-fn managed() -> bool {
-    throttle::active() || sched::engaged()
+fn managed() -> Option<bool> {
+    let priority = sched::engaged();
+    (priority || throttle::active()).then_some(priority)
 }
 
-/// Runs `launch` under the priority rules and the throttle of the current device.
+/// Runs `launch` under the priority rules (when `priority`) and the throttle of the current
+/// device.
 #[inline(never)]
-fn launch_managed(stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
+fn launch_managed(priority: bool, stream: CUstream, per_thread: bool, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
     let Some(device) = driver().and_then(|d| d.current_device()) else { return launch() };
     let stream = effective_stream(stream, per_thread);
     if capturing(stream) {
         return launch();
     }
-    if sched::engaged() {
+    if priority {
         sched::launch(device, stream, || throttled(device, stream, key, launch))
     } else {
         throttled(device, stream, key, launch)
@@ -136,10 +139,8 @@ macro_rules! kernel_hook {
         ) -> CuResult {
             guard::cuda(stringify!($name), || {
                 let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params $(, $extra)?));
-                if !managed() {
-                    return launch();
-                }
-                launch_managed(stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
+                let Some(priority) = managed() else { return launch() };
+                launch_managed(priority, stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
             })
         }
     };
@@ -161,12 +162,10 @@ macro_rules! ex_hook {
         ) -> CuResult {
             guard::cuda(stringify!($name), || {
                 let launch = || call_real!($name(config, f, params, extra));
-                if !managed() || config.is_null() {
-                    return launch();
-                }
+                let Some(priority) = managed().filter(|_| !config.is_null()) else { return launch() };
                 // SAFETY: the program's launch configuration, valid for this call.
                 let c = unsafe { &*config };
-                launch_managed(c.stream, $pt, cost::kernel_key(f, c.grid, c.block, c.shared_mem_bytes), launch)
+                launch_managed(priority, c.stream, $pt, cost::kernel_key(f, c.grid, c.block, c.shared_mem_bytes), launch)
             })
         }
     };
@@ -181,10 +180,8 @@ macro_rules! graph_hook {
         pub unsafe extern "C" fn $name(exec: *mut c_void, stream: CUstream) -> CuResult {
             guard::cuda(stringify!($name), || {
                 let launch = || call_real!($name(exec, stream));
-                if !managed() {
-                    return launch();
-                }
-                launch_managed(stream, $pt, cost::graph_key(exec), launch)
+                let Some(priority) = managed() else { return launch() };
+                launch_managed(priority, stream, $pt, cost::graph_key(exec), launch)
             })
         }
     };

@@ -172,8 +172,7 @@ fn holder_is_gone(holder: &HighSlot) -> bool {
         return false;
     }
     let pid = holder.pid.load(Relaxed);
-    // SAFETY: signal 0 only checks existence.
-    pid != 0 && unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    pid != 0 && !crate::board::alive(pid)
 }
 
 fn queue_allowance() -> usize {
@@ -206,15 +205,10 @@ impl InFlight {
     }
 
     fn push(&self, stream: CUstream) {
-        let Some(ctx) = current_context() else { return };
-        let Some(event) = take_event(ctx) else { return };
-        if relaxed(|| record(event, stream)) {
-            match self.queue() {
-                Some(mut q) => q.push_back((ctx, event)),
-                None => give_event(ctx, event),
-            }
-        } else {
-            give_event(ctx, event);
+        let Some((ctx, event)) = recorded_event(stream) else { return };
+        match self.queue() {
+            Some(mut q) => q.push_back((ctx, event)),
+            None => give_event(ctx, event),
         }
     }
 
@@ -275,14 +269,7 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
     LAUNCHING.fetch_add(1, SeqCst);
     slot.busy.store(1, SeqCst);
     let code = launch();
-    let event = (code == CUDA_SUCCESS)
-        .then(current_context)
-        .flatten()
-        .and_then(|ctx| take_event(ctx).map(|e| (ctx, e)))
-        .filter(|&(ctx, e)| relaxed(|| record(e, stream)) || {
-            give_event(ctx, e);
-            false
-        });
+    let event = if code == CUDA_SUCCESS { recorded_event(stream) } else { None };
     {
         let watched = WATCHED.try_lock_for(LOCK_PATIENCE);
         if let (Some(mut watched), Some(event)) = (watched, event) {
@@ -294,6 +281,18 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
     }
     WORK.notify_one();
     code
+}
+
+/// A fresh event of the current context recorded on `stream`, as (context, event).
+fn recorded_event(stream: CUstream) -> Option<(usize, usize)> {
+    let ctx = current_context()?;
+    let event = take_event(ctx)?;
+    if relaxed(|| record(event, stream)) {
+        Some((ctx, event))
+    } else {
+        give_event(ctx, event);
+        None
+    }
 }
 
 /// This process's high-priority slot on `device`, claimed at its first launch there (and the
@@ -321,7 +320,12 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         w.started = true;
         // SAFETY: registering a plain extern "C" function.
         unsafe { libc::atexit(release_at_exit) };
-        let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(watch);
+        let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(|| {
+            if std::panic::catch_unwind(watch).is_err() {
+                // The slots lapse with their leases (300 ms); the program goes on.
+                tracing::error!("gpuslice's priority watcher stopped on an internal error; high priority lapses");
+            }
+        });
         if let Err(e) = spawned {
             tracing::warn!("cannot start the priority watcher ({e}); high priority is not enforced");
             return None;
@@ -361,12 +365,15 @@ fn release_all(w: &mut Watched) {
 
 extern "C" fn release_at_exit() {
     // Never block an exiting process: skip if the watcher holds the lock. A forked child's
-    // inherited slots are its parent's: not to be released here.
-    if let Some(mut watched) = WATCHED.try_lock() {
-        if let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) {
-            release_all(w);
+    // inherited slots are its parent's: not to be released here. Nothing may unwind out of an
+    // exit handler.
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(mut watched) = WATCHED.try_lock() {
+            if let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) {
+                release_all(w);
+            }
         }
-    }
+    });
 }
 
 /// The watcher: renews the leases, and marks a device idle once its events have completed.
@@ -442,10 +449,7 @@ fn relaxed<T>(f: impl FnOnce() -> T) -> T {
 static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 
 fn current_context() -> Option<usize> {
-    let get = driver()?.cuCtxGetCurrent?;
-    let mut ctx: CUcontext = std::ptr::null_mut();
-    // SAFETY: out-pointer to a local.
-    (unsafe { get(&mut ctx) } == CUDA_SUCCESS && !ctx.is_null()).then_some(ctx as usize)
+    driver()?.current_context()
 }
 
 /// An event of context `ctx` (the current one) that sleeps when waited on.
@@ -465,7 +469,7 @@ fn give_event(ctx: usize, event: usize) {
 }
 
 fn record(event: usize, stream: CUstream) -> bool {
-    call_real!(cuEventRecord(event as *mut c_void, stream)) == CUDA_SUCCESS
+    driver().is_some_and(|d| d.record_event(event, stream))
 }
 
 /// True when the event has completed (or cannot be asked: never wait on a broken event).
