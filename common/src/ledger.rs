@@ -831,8 +831,8 @@ impl ProcessSlot {
         }
         let mine = pd.used.fetch_add(bytes, SeqCst) + bytes;
         self.end();
-        pd.peak_used.fetch_max(mine, Relaxed);
-        gd.peak_used.fetch_max(used.saturating_add(bytes), Relaxed);
+        raise_peak(&pd.peak_used, mine);
+        raise_peak(&gd.peak_used, used.saturating_add(bytes));
         Ok(())
     }
 
@@ -850,8 +850,8 @@ impl ProcessSlot {
         let total = gd.used.fetch_add(bytes, SeqCst) + bytes;
         let mine = pd.used.fetch_add(bytes, SeqCst) + bytes;
         self.end();
-        pd.peak_used.fetch_max(mine, Relaxed);
-        gd.peak_used.fetch_max(total, Relaxed);
+        raise_peak(&pd.peak_used, mine);
+        raise_peak(&gd.peak_used, total);
     }
 
     /// Returns bytes; never below zero.
@@ -887,6 +887,15 @@ impl ProcessSlot {
     pub fn remove_overhead(&self, group: &GroupSlot, device: usize, bytes: u64) {
         let _ = self.devices[device].overhead.fetch_update(AcqRel, Relaxed, |o| Some(o.saturating_sub(bytes)));
         self.uncharge(group, device, bytes);
+    }
+}
+
+/// Raises a peak figure; a plain load when it is not a new peak, so that processes of a group
+/// allocating below their peak do not all write the group's cache line.
+#[inline]
+fn raise_peak(peak: &AtomicU64, value: u64) {
+    if value > peak.load(Relaxed) {
+        peak.fetch_max(value, Relaxed);
     }
 }
 
