@@ -21,6 +21,9 @@ pub const HAMI_SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
 pub const ENV_CONFIG: &str = "GPUSLICE_CONFIG";
 pub use crate::protocol::{ENV_GROUP, ENV_PRIORITY};
 pub const ENV_PRIORITY_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
+/// `auto` (default): under an MPS daemon, map the priority and the SM share onto MPS's client
+/// priority and active-thread percentage; `off`: leave MPS's settings alone.
+pub const ENV_MPS: &str = "GPUSLICE_MPS";
 
 /// A group name: what `GPUSLICE_GROUP` and `[groups.NAME]` may say.
 pub fn check_group_name(name: &str) -> Result<(), String> {
@@ -165,6 +168,30 @@ pub struct Settings {
     /// `GPUSLICE_PRIORITY_QUEUE`: launches a lower-priority process keeps in flight while a
     /// high-priority one lives on its device (1..=64).
     pub priority_queue: Option<u32>,
+    /// `GPUSLICE_MPS`: whether the shim maps its settings onto MPS's when MPS serves it.
+    pub mps: MpsMode,
+}
+
+/// What the shim does when an MPS daemon serves the process (see `GPUSLICE_MPS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MpsMode {
+    /// Map the priority onto MPS's client priority and the SM share onto its active-thread
+    /// percentage (the spatial mode), unless the environment already sets them.
+    #[default]
+    Auto,
+    /// Leave MPS's own settings alone; shares stay time-based.
+    Off,
+}
+
+impl std::str::FromStr for MpsMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<MpsMode, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "auto" | "on" | "1" => Ok(MpsMode::Auto),
+            "off" | "0" => Ok(MpsMode::Off),
+            _ => Err("expected auto or off".into()),
+        }
+    }
 }
 
 impl Settings {
@@ -245,6 +272,9 @@ impl Settings {
                 reason: "expected a number of launches from 1 to 64".into(),
             })?;
             settings.priority_queue = Some(n);
+        }
+        if let Some(value) = lookup(vars, ENV_MPS) {
+            settings.mps = value.parse().map_err(|reason| SettingsError { origin: ENV_MPS.into(), value: value.into(), reason })?;
         }
         settings.group = group;
         Ok(settings)
@@ -580,6 +610,10 @@ mod tests {
             assert_eq!(e.origin, "GPUSLICE_PRIORITY_QUEUE");
         }
         assert_eq!(Settings::resolve(&env(&[("GPUSLICE_PRIORITY_QUEUE", "4")]), None).unwrap().priority_queue, Some(4));
+        assert_eq!(Settings::resolve(&env(&[("GPUSLICE_MPS", "off")]), None).unwrap().mps, MpsMode::Off);
+        assert_eq!(Settings::resolve(&env(&[]), None).unwrap().mps, MpsMode::Auto);
+        let e = Settings::resolve(&env(&[("GPUSLICE_MPS", "sometimes")]), None).unwrap_err();
+        assert_eq!(e.origin, "GPUSLICE_MPS");
         for bad in ["pid-12", "a b", ""] {
             if !bad.is_empty() {
                 assert!(Settings::resolve(&env(&[("GPUSLICE_GROUP", bad)]), None).is_err(), "{bad}");

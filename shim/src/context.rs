@@ -99,6 +99,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: 
         }
         let slot = usize::try_from(device).ok().and_then(|d| PRIMARY.get(d));
         crate::sched::context_created(device);
+        crate::mps::context_created(device);
         let measuring = wants_measure(device) && slot.is_some_and(|s| s.compare_exchange(0, 1, AcqRel, Relaxed).is_ok());
         if !measuring {
             return call_real!(cuDevicePrimaryCtxRetain(pctx, device));
@@ -169,6 +170,7 @@ fn created(pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CuRe
         return CUDA_ERROR_INVALID_VALUE;
     }
     crate::sched::context_created(device);
+    crate::mps::context_created(device);
     if !wants_measure(device) {
         return create();
     }

@@ -45,6 +45,7 @@ real_functions! {
     cuDeviceGetCount(*mut c_int);
     cuDeviceGetUuid_v2(*mut CUuuid, CUdevice);
     cuDeviceTotalMem_v2(*mut usize, CUdevice);
+    cuDeviceGetAttribute(*mut c_int, c_int, CUdevice);
     cuCtxGetDevice(*mut CUdevice);
     cuDevicePrimaryCtxRetain(*mut CUcontext, CUdevice);
     cuDevicePrimaryCtxRelease_v2(CUdevice);

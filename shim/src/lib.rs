@@ -20,6 +20,7 @@ mod info;
 mod launch;
 mod link;
 mod memory;
+mod mps;
 mod nvml;
 mod registry;
 mod runtime;

@@ -100,7 +100,7 @@ pub fn bucket(device: CUdevice) -> Option<Bucket> {
     let link = link::get()?;
     let index = link.index(device)?;
     let group = &link.group.devices[index];
-    if group.share.load(Relaxed) == 0 {
+    if group.share.load(Relaxed) == 0 || crate::mps::spatial(device) {
         return None;
     }
     Some(Bucket { group, process: &link.process.devices[index], local: &LOCAL[device as usize] })

@@ -384,7 +384,7 @@ static const struct cmdspec CMDS[] = {
     {"dlsym", "s"},       {"pid", ""},
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
-    {"fork", ""},         {"endchild", ""},
+    {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -969,6 +969,9 @@ static void run(const char *cmd, char **a) {
         printf("ok dlsym name=%s ptr=%p\n", a[0], p);
     } else if (!strcmp(cmd, "pid")) {
         printf("ok pid pid=%d\n", (int)getpid());
+    } else if (!strcmp(cmd, "getenv")) {
+        const char *v = getenv(a[0]);
+        printf("ok getenv name=%s value=%s\n", a[0], v ? v : "(unset)");
     } else if (!strcmp(cmd, "waitfile")) {
         double t0 = now_ms();
         while (access(a[0], F_OK) != 0) {

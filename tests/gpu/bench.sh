@@ -29,7 +29,7 @@ ONLY=${BENCH_ONLY:-}
 PRIO_SECONDS=${BENCH_PRIO_SECONDS:-6}
 PRIO_QUEUE=${BENCH_PRIO_QUEUE:-}
 PRIO_TORCH=${BENCH_PRIO_TORCH:-graph}
-PRIO_LIMIT_S=270   # hard stop for priority.py (its own budget ends earlier, 210 s after it starts)
+PRIO_LIMIT_S=420   # hard stop for priority.py (its own budget ends earlier, 360 s after it starts)
 case "$ONLY" in
   ""|shares|priority) ;;
   *) echo "bench: BENCH_ONLY must be shares or priority (or unset), not '$ONLY'" >&2; exit 2 ;;

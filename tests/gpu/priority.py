@@ -56,7 +56,12 @@ SMI_FIELDS = shares.SMI_FIELDS
 
 SCRUB_PREFIXES = shares.SCRUB_PREFIXES
 SCRUB_NAMES = shares.SCRUB_NAMES
-IDS = ["0", "1a", "1b", "2", "3a", "3b"]
+IDS = ["0", "1a", "1b", "2", "1a-mps", "1b-mps", "2-mps", "3a", "3b"]
+# The pairs each scenario runs: plain time-slicing, gpuslice, MPS (neighbour at 30% of the
+# threads), gpuslice over MPS (the spatial mode: classes as MPS client priorities, no partition).
+CONFIGS = ("noshim", "gpuslice", "mps", "gpuslice_mps")
+# Verdicts: gpuslice alone (time-slicing) under the check's own id, over MPS under id-mps.
+JUDGED = (("gpuslice", ""), ("gpuslice_mps", "-mps"))
 TORCH = os.path.join(HERE, "torch_priority.py")
 
 # This script's fields of the shared context (gpucommon.C; shares.py's are there too).
@@ -387,15 +392,21 @@ def mps_stop():
     C.mps = None
 
 
-def mps_pair(tag, probe_argv, nb_argv, probe_timeout, nb_timeout):
+def mps_pair(tag, probe_argv, nb_argv, probe_timeout, nb_timeout, shim=False):
     """A pair under a fresh MPS daemon (quit right after); (probe Run, nb Run, '') or
-    (None, None, why MPS did not start)."""
+    (None, None, why MPS did not start). shim=False: MPS alone, the neighbour at
+    CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=30. shim=True: both under gpuslice (probe high, neighbour
+    low), no partition: the shim maps the classes onto MPS client priorities itself."""
     sess, why = mps_start(tag)
     if sess is None:
         return None, None, why
     try:
-        penv = env_for(False, sess.env)
-        nenv = env_for(False, dict(sess.env, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(MPS_NB_PCT)))
+        if shim:
+            penv = env_shim("high", extra=sess.env)
+            nenv = env_shim("low", True, extra=sess.env)
+        else:
+            penv = env_for(False, sess.env)
+            nenv = env_for(False, dict(sess.env, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=str(MPS_NB_PCT)))
         rp, rn = pair(tag, probe_argv, penv, nb_argv, nenv, probe_timeout, nb_timeout, mps=True)
     finally:
         mps_stop()
@@ -431,8 +442,8 @@ def add_row(scn, cfg, rp, nb_pct=None, note="", prob=""):
     return row
 
 
-def env_shim(prio, low=False):
-    extra = {"GPUSLICE_PRIORITY": prio}
+def env_shim(prio, low=False, extra=None):
+    extra = dict(extra or {}, GPUSLICE_PRIORITY=prio)
     if low and C.queue:
         extra["GPUSLICE_PRIORITY_QUEUE"] = C.queue
     return env_for(True, extra)
@@ -440,7 +451,7 @@ def env_shim(prio, low=False):
 
 def three_pairs(scn, tag, probe_argv, nb_argv, probe_timeout, nb_timeout, need, nb_r0,
                 nb_grid=None, phased=False):
-    """No shim, gpuslice high/low, MPS. Returns {config: (probe Run, nb Run, nb_pct, problem)}.
+    """No shim, gpuslice high/low, MPS, gpuslice high/low over MPS. Returns {config: (probe Run, nb Run, nb_pct, problem)}.
     nb_grid: the neighbour's grid alone (sharebench); a neighbour that launched a smaller grid
     (under MPS at 30% it sees 38 SMs, not 132) did that much less work per kernel, so its rate
     is scaled by its grid / nb_grid: the percentage is of work, not of kernels.
@@ -448,11 +459,13 @@ def three_pairs(scn, tag, probe_argv, nb_argv, probe_timeout, nb_timeout, need, 
     its p99/alone is then its shared phases' p99 / its solo phases' p99."""
     res = {}
     probe_argv0, nb_argv0 = probe_argv, nb_argv
-    for cfg in ("noshim", "gpuslice", "mps"):
+    for cfg in CONFIGS:
         label = {"noshim": "+ neighbour, no shim",
                  "gpuslice": "+ neighbour, gpuslice high/low"
                  + (f" (queue {C.queue})" if C.queue else ""),
-                 "mps": f"+ neighbour, MPS (neighbour {MPS_NB_PCT}%)"}[cfg]
+                 "mps": f"+ neighbour, MPS (neighbour {MPS_NB_PCT}%)",
+                 "gpuslice_mps": "+ neighbour, gpuslice high/low over MPS (no partition)"
+                 + (f" (queue {C.queue})" if C.queue else "")}[cfg]
         if remaining() < need:
             res[cfg] = (None, None, None, "skipped: time budget spent")
             add_row(scn, label, None, prob="skipped: time budget spent")
@@ -475,9 +488,12 @@ def three_pairs(scn, tag, probe_argv, nb_argv, probe_timeout, nb_timeout, need, 
                           probe_timeout, nb_timeout)
             prob = probe_problem(rp, shim=True, prio="high") or nb_problem(rn, shim=True)
         else:
-            rp, rn, why = mps_pair(name, probe_argv, nb_argv, probe_timeout, nb_timeout)
+            shim = cfg == "gpuslice_mps"
+            rp, rn, why = mps_pair(name, probe_argv, nb_argv, probe_timeout, nb_timeout, shim=shim)
             if why:
                 prob = f"MPS did not start: {why}"
+            elif shim:
+                prob = probe_problem(rp, shim=True, prio="high") or nb_problem(rn, shim=True)
             else:
                 prob = probe_problem(rp, shim=False) or nb_problem(rn, shim=False)
                 if prob and (getattr(rp, "mps_failed", False) or getattr(rn, "mps_failed", False)):
@@ -615,7 +631,12 @@ def check_cuda(cid, lat, sb, piters, us, niters, alone, high, busy, nb_r0, nb_gr
     nb_argv = shares.sb_argv(sb, niters, nb_secs)
     res = three_pairs(scn, f"prio_cuda{us}", probe_argv, nb_argv, C.seconds + 40, nb_secs + 40,
                       nb_secs + 15, nb_r0, nb_grid)
-    rp, rn, nb_pct, prob = res["gpuslice"]
+    for cfg, suffix in JUDGED:
+        judge_cuda(cid + suffix, name + ("" if not suffix else " (over MPS)"), scn, res, cfg, a99, busy)
+
+
+def judge_cuda(cid, name, scn, res, cfg, a99, busy):
+    rp, rn, nb_pct, prob = res[cfg]
     if rp is None or probe_problem(rp, shim=True, prio="high") or nb_pct is None:
         record(cid, name, False, "-", prob or "no neighbour rate")
         return
@@ -629,14 +650,14 @@ def check_cuda(cid, lat, sb, piters, us, niters, alone, high, busy, nb_r0, nb_gr
     if nb_pct < need:
         bad.append(f"neighbour {nb_pct:.1f}% < {need:.1f}%")
     others = []
-    for cfg, lab in (("noshim", "no shim"), ("mps", "MPS")):
-        q = res[cfg][0]
+    for ocfg, lab in (("noshim", "no shim"), ("mps", "MPS")):
+        q = res[ocfg][0]
         others.append(f"{lab} x{f3(ratio(scn, q.num('p99_ms')) if q is not None else None)}"
-                      f"/{f1(res[cfg][2])}%")
+                      f"/{f1(res[ocfg][2])}%")
     figs = (f"p99 {p99:.3f}/{a99:.3f}ms = x{x:.3f} (<= {P99_MAX_CUDA:g}); neighbour "
             f"{nb_pct:.1f}% of alone (>= {need:.1f} = {NB_KEEP:g} x (1 - busy {busy:.3f})); "
             f"max {rp.num('max_ms'):.3f}ms; p99/nb%: " + ", ".join(others))
-    record(cid, name, ok, figs, "; ".join(bad + ([res['gpuslice'][3]] if res['gpuslice'][3] else [])))
+    record(cid, name, ok, figs, "; ".join(bad + ([res[cfg][3]] if res[cfg][3] else [])))
 
 
 def check_torch():
@@ -681,7 +702,13 @@ def check_torch():
     nb_secs = pair_s + PROBE_WARMUP_S + NB_EXTRA_S
     res = three_pairs(scn, "prio_torch", probe_argv, nb_base + ["--seconds", f"{nb_secs:g}"],
                       pair_s + 150, nb_secs + 150, nb_secs + 25, nb_r0, phased=True)
-    rp, rn, nb_pct, prob = res["gpuslice"]
+    for cfg, suffix in JUDGED:
+        judge_torch(cid + suffix, name + ("" if not suffix else " (over MPS)"), res, cfg, a99,
+                    period, nprob)
+
+
+def judge_torch(cid, name, res, cfg, a99, period, nprob):
+    rp, rn, nb_pct, prob = res[cfg]
     if rp is None or probe_problem(rp, shim=True, prio="high") or not rp.num("solo_p99_ms"):
         record(cid, name, False, "-", prob or "no result (no solo_p99_ms)")
         return
@@ -689,11 +716,11 @@ def check_torch():
     x = p99 / ref
     ok = x <= P99_MAX_TORCH
     others = []
-    for cfg, lab in (("noshim", "no shim"), ("mps", "MPS")):
-        q = res[cfg][0]
+    for ocfg, lab in (("noshim", "no shim"), ("mps", "MPS")):
+        q = res[ocfg][0]
         qx = (q.num("p99_ms") / q.num("solo_p99_ms") if q is not None and q.num("p99_ms")
               and q.num("solo_p99_ms") else None)
-        others.append(f"{lab} x{f3(qx)}/{f1(res[cfg][2])}%")
+        others.append(f"{lab} x{f3(qx)}/{f1(res[ocfg][2])}%")
     figs = (f"p99 {p99:.3f}/{ref:.3f}ms (neighbour paused) = x{x:.3f} (<= {P99_MAX_TORCH:g}); "
             f"vs the no-shim alone run's p99 {a99:.3f}: x{p99 / a99:.3f} (info); neighbour "
             f"{f1(nb_pct)}% of alone (info); period {period:g}ms; p99 ratio/nb%: "
@@ -825,7 +852,7 @@ def run_checks():
 
 
 def main():
-    ap = gpucommon.arg_parser(210.0)
+    ap = gpucommon.arg_parser(360.0)
     ap.add_argument("--seconds", type=float, default=6.0, help="the probe's timed seconds")
     ap.add_argument("--base-seconds", type=float, default=2.5,
                     help="timed seconds of the neighbour-alone runs")

@@ -6,7 +6,7 @@
 //! The simulated device runs one kernel at a time, first come first served, for all processes,
 //! and a stream may queue up to 200 ms of work. So without priorities a request of the probe waits
 //! behind the neighbour's whole queue (≈ 200 ms); with them, the neighbour keeps at most
-//! `GPUSLICE_PRIORITY_QUEUE` (default 2) kernels in flight and launches nothing while the probe's
+//! `GPUSLICE_PRIORITY_QUEUE` (default 1) kernels in flight and launches nothing while the probe's
 //! work is on the device, so a request waits for at most that many neighbour kernels.
 //!
 //! The figures come from the clients' `probe` (launch-to-synchronized latency of one-kernel

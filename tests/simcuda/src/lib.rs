@@ -490,6 +490,12 @@ pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) 
     cuDeviceGetUuid(uuid, dev)
 }
 
+/// `SIMCUDA_MPS=1`: the device answers as one whose contexts MPS serves (attribute 133). The
+/// simulation itself does not change: MPS's settings are the shim's business to write.
+fn mps_enabled() -> c_int {
+    c_int::from(std::env::var("SIMCUDA_MPS").is_ok_and(|v| v == "1"))
+}
+
 fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
     Some(match attr {
         1 => 1024,                        // MAX_THREADS_PER_BLOCK
@@ -531,6 +537,7 @@ fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
         102 => 1,             // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
         106 => 32,            // MAX_BLOCKS_PER_MULTIPROCESSOR
         115 | 120 => 1,       // MEMORY_POOLS_SUPPORTED, CLUSTER_LAUNCH
+        133 => mps_enabled(), // MPS_ENABLED: SIMCUDA_MPS=1 plays a device served by MPS
         a if (1..150).contains(&a) => 0,
         _ => return None,
     })
