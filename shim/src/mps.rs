@@ -10,7 +10,7 @@
 //! context is made, so the shim writes them just before each (`before_init`,
 //! `context_created`), and only when the user has not set them. Once a context exists, MPS's
 //! settings are fixed for it: a share edited later by the controller does not move the
-//! active-thread percentage (the log says so once).
+//! active-thread percentage.
 
 use crate::driver::driver;
 use crate::ffi::*;
@@ -146,7 +146,7 @@ pub fn context_created(device: CUdevice) {
             shown(wrote_priority.map(str::to_string), USER_PRIORITY.load(Relaxed), CLIENT_PRIORITY),
             share.map_or("none".to_string(), |p| format!("{p}%")),
             shown(wrote_share.map(|p| p.to_string()), USER_ACTIVE_THREADS.load(Relaxed), ACTIVE_THREADS),
-            if spatial { " (spatial: the time throttle stands aside on this device; later share edits wait for a new context)" } else { "" }
+            if spatial { " (spatial: the time throttle stands aside on this device; a later share edit does not move MPS's percentage)" } else { "" }
         );
     }
 }
