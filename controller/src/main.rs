@@ -1,6 +1,8 @@
 //! `gpuslice`: the controller daemon (`serve`) and the command-line tool around it.
 
 mod client;
+mod http;
+mod metrics;
 mod run;
 mod serve;
 mod state;

@@ -38,6 +38,8 @@ struct ShareSample {
     at_ns: u64,
     charged: HashMap<(bool, usize, u64, usize), u64>,
     achieved: HashMap<(bool, usize, u64, usize), f64>,
+    /// Wall-clock time of the sample, for the metrics.
+    taken: Option<std::time::SystemTime>,
 }
 
 pub struct State {
@@ -360,7 +362,12 @@ impl State {
                 }
             }
         }
-        self.samples = ShareSample { at_ns: now, charged, achieved };
+        self.samples = ShareSample { at_ns: now, charged, achieved, taken: Some(std::time::SystemTime::now()) };
+    }
+
+    /// When `sample_shares` last ran.
+    pub fn last_sample(&self) -> Option<std::time::SystemTime> {
+        self.samples.taken
     }
 
     pub fn listing(&self) -> Listing {
@@ -383,6 +390,7 @@ impl State {
                         peak: gd.peak_used.load(Relaxed),
                         share: (share != 0).then_some(share),
                         achieved_share: self.samples.achieved.get(&(true, i, generation, d)).copied(),
+                        charged_ns: gd.charged_ns.load(Relaxed),
                         throttled_ns: gd.throttled_ns.load(Relaxed),
                         refusals: gd.refusals.load(Relaxed),
                     }
@@ -405,6 +413,7 @@ impl State {
                         limit: some_limit(pd.limit.load(Relaxed)),
                         peak: pd.peak_used.load(Relaxed),
                         achieved_share: self.samples.achieved.get(&(false, i, generation, d)).copied(),
+                        charged_ns: pd.charged_ns.load(Relaxed),
                         throttled_ns: pd.throttled_ns.load(Relaxed),
                         refusals: pd.refusals.load(Relaxed),
                     }
