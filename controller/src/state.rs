@@ -355,10 +355,12 @@ impl State {
         let mut achieved = HashMap::new();
         if self.samples.at_ns != 0 && elapsed > 0 {
             for (key, &now_charged) in &charged {
-                if let Some(&before) = self.samples.charged.get(key) {
-                    if now_charged > 0 {
-                        achieved.insert(*key, now_charged.saturating_sub(before) as f64 / elapsed as f64 * 100.0);
-                    }
+                // A key the previous sample lacks is a slot made (reset, new generation) since:
+                // it started from zero then. Waiting for a second sample would hide a short
+                // job's share entirely.
+                let before = self.samples.charged.get(key).copied().unwrap_or(0);
+                if now_charged > 0 {
+                    achieved.insert(*key, now_charged.saturating_sub(before) as f64 / elapsed as f64 * 100.0);
                 }
             }
         }
