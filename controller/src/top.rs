@@ -28,7 +28,7 @@ pub struct TopArgs {
     interval_ms: u64,
 }
 
-/// Set by SIGTERM/SIGHUP, so that the loop ends and the terminal is restored.
+/// Set by SIGTERM/SIGHUP/SIGINT, so that the loop ends and the terminal is restored.
 static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Width of a memory bar in cells.
@@ -75,9 +75,10 @@ extern "C" fn note_stop(_: libc::c_int) {
     STOP.store(true, Relaxed);
 }
 
-/// SIGTERM and SIGHUP end the loop like `q` (raw mode turns Ctrl-C into a key).
+/// SIGTERM, SIGHUP and SIGINT (from `kill`: raw mode turns Ctrl-C into a key) end the loop
+/// like `q`.
 fn on_stop_signals() {
-    for signal in [libc::SIGTERM, libc::SIGHUP] {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(signal, note_stop as *const () as libc::sighandler_t) };
     }
