@@ -414,7 +414,8 @@ fn tmux_present() -> bool {
 #[test]
 fn top_shows_processes_and_groups_and_quits_on_q() {
     if !tmux_present() {
-        eprintln!("SKIPPED top_shows_processes_and_groups_and_quits_on_q: tmux is not installed (apt-get install tmux; .ci/run does)");
+        // Written to the stream itself, not with eprintln!: the harness would swallow that.
+        let _ = writeln!(std::io::stderr(), "SKIPPED top_shows_processes_and_groups_and_quits_on_q: tmux is not installed (apt-get install tmux; .ci/run does)");
         return;
     }
     let sim = sim();
