@@ -137,6 +137,10 @@ pub struct GroupDeviceRow {
     pub share: Option<u32>,
     /// Percent of the device's time charged over the last second.
     pub achieved_share: Option<f64>,
+    /// Device time charged to the group's throttled launches since it was made (unthrottled
+    /// launches are not measured).
+    #[serde(default)]
+    pub charged_ns: u64,
     pub throttled_ns: u64,
     pub refusals: u64,
 }
@@ -161,6 +165,9 @@ pub struct ProcessDeviceRow {
     pub limit: Option<u64>,
     pub peak: u64,
     pub achieved_share: Option<f64>,
+    /// Device time charged to the process's throttled launches.
+    #[serde(default)]
+    pub charged_ns: u64,
     pub throttled_ns: u64,
     pub refusals: u64,
 }

@@ -340,6 +340,7 @@ fn parse_env_share(name: &str, value: &str) -> Result<Option<Sourced<u32>>, Sett
 /// [controller]
 /// socket = "/run/gpuslice/gpuslice.sock"
 /// ledger = "/dev/shm/gpuslice/ledger"
+/// metrics = "127.0.0.1:9400"   # serve --metrics; off when absent
 ///
 /// [defaults]
 /// memory_limit = "8GiB"

@@ -1,4 +1,4 @@
-//! The CLI's side of the socket: `gpuslice set`, `ls` and `status`.
+//! The CLI's side of the socket: `gpuslice set`, `ls` and `status` (and the requests `top` makes).
 
 use gpuslice_common::ledger::Priority;
 use gpuslice_common::protocol::*;
@@ -50,7 +50,12 @@ pub struct SetArgs {
 }
 
 fn ask(socket: &str, request: &Request) -> Result<Response, String> {
-    match call(socket, request, TIMEOUT) {
+    ask_within(socket, request, TIMEOUT)
+}
+
+/// One request; a refusal or a missing controller becomes a message that says what to do.
+pub fn ask_within(socket: &str, request: &Request, timeout: Duration) -> Result<Response, String> {
+    match call(socket, request, timeout) {
         Ok((Response::Error { message }, _)) => Err(message),
         Ok((r, _)) => Ok(r),
         Err(FrameError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {

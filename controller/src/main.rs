@@ -1,9 +1,12 @@
 //! `gpuslice`: the controller daemon (`serve`) and the command-line tool around it.
 
 mod client;
+mod http;
+mod metrics;
 mod run;
 mod serve;
 mod state;
+mod top;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -25,6 +28,8 @@ enum Command {
     Ls(client::LsArgs),
     /// The controller's own state.
     Status(client::StatusArgs),
+    /// A live view of processes and groups (memory, shares, throttling, priority); q quits.
+    Top(top::TopArgs),
     /// Start a program with libgpuslice.so preloaded and the given limits.
     Run(run::RunArgs),
     /// List the GPUs NVML sees, with their memory.
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
         Command::Set(args) => client::set(args),
         Command::Ls(args) => client::ls(args),
         Command::Status(args) => client::status(args),
+        Command::Top(args) => top::top(args),
         Command::Run(args) => run::run(args),
         Command::Devices => devices(),
         Command::CheckConfig { file } => check_config(file),

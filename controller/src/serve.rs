@@ -2,8 +2,11 @@
 //! listening socket, a signalfd for SIGTERM/SIGINT and one pidfd per registered process; a tick
 //! every 100 ms writes the heartbeat and retries unfinished work. Each connection gets a thread
 //! of its own, so a client that connects and says nothing delays nobody else; the state is
-//! locked only while a request is applied, never while a socket is read or written.
+//! locked only while a request is applied, never while a socket is read or written. With
+//! `--metrics ADDR` a thread serves the same figures to Prometheus (`metrics.rs`, `http.rs`).
 
+use crate::http;
+use crate::metrics;
 use crate::state::{raw, Peer, State};
 use gpuslice_common::ledger::{Geometry, Ledger};
 use gpuslice_common::protocol::*;
@@ -12,8 +15,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering::*};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 pub const DEFAULT_CONFIG: &str = "/etc/gpuslice/config.toml";
@@ -41,6 +44,11 @@ pub struct ServeArgs {
     /// Group slots of a new ledger.
     #[arg(long, default_value_t = Geometry::default().max_groups, hide = true)]
     max_groups: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9400 (overrides the
+    /// config's [controller] metrics; `off` disables it). They name processes and groups:
+    /// bind where only your monitoring can reach.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 pub fn serve(args: ServeArgs) -> Result<(), String> {
@@ -51,6 +59,9 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let socket_path = args.socket.or(config.controller.socket.clone()).unwrap_or_else(|| DEFAULT_SOCKET.to_string());
     let ledger_path = args.ledger.or(config.controller.ledger.clone()).unwrap_or_else(|| DEFAULT_LEDGER.to_string());
+    let metrics_addr = args.metrics.or(config.controller.metrics.clone()).filter(|a| !a.is_empty() && a != "off");
+    // Bound first: a taken port stops the controller before it touches the socket or ledger.
+    let metrics_server = metrics_addr.as_deref().map(http::Server::bind).transpose()?;
 
     let signals = block_signals()?;
     let listener = bind(&socket_path)?;
@@ -74,7 +85,26 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         if adopted { "adopted" } else { "new" }
     );
     state.sample_shares();
-    let shared = Arc::new(Shared { state: Mutex::new(state), socket: socket_path.clone(), ledger: ledger_path, ledger_fd, started: Instant::now(), connections: AtomicUsize::new(0) });
+    // An adopted ledger keeps its own geometry, whatever the flags asked for.
+    let geometry = state.ledger.geometry();
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        socket: socket_path.clone(),
+        ledger: ledger_path,
+        ledger_fd,
+        started: Instant::now(),
+        starts,
+        geometry,
+        connections: AtomicUsize::new(0),
+        traffic: Traffic::default(),
+        last_tick_ns: AtomicU64::new(gpuslice_common::ledger::monotonic_ns()),
+    });
+    if let Some(server) = metrics_server {
+        let addr = server.local_addr();
+        let for_scrapes = shared.clone();
+        server.spawn(move || http::Page { content_type: metrics::CONTENT_TYPE, body: metrics::render(for_scrapes.snapshot()) })?;
+        tracing::info!("metrics at http://{addr}/metrics");
+    }
     let mut last_tick = Instant::now();
     let mut last_sample = Instant::now();
     loop {
@@ -109,6 +139,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         }
         if last_tick.elapsed() >= TICK {
             last_tick = Instant::now();
+            shared.last_tick_ns.store(gpuslice_common::ledger::monotonic_ns(), Relaxed);
             let mut state = shared.lock();
             state.ledger.header().controller_heartbeat_ns.store(gpuslice_common::ledger::monotonic_ns(), Relaxed);
             state.retry_pending();
@@ -131,13 +162,85 @@ struct Shared {
     ledger: String,
     ledger_fd: OwnedFd,
     started: Instant,
+    /// Controllers started on this ledger, this one included.
+    starts: u64,
+    geometry: Geometry,
     connections: AtomicUsize,
+    traffic: Traffic,
+    /// CLOCK_MONOTONIC of the main loop's last tick.
+    last_tick_ns: AtomicU64,
 }
+
+/// What the socket has answered, for the metrics.
+#[derive(Default)]
+struct Traffic {
+    register: AtomicU64,
+    set: AtomicU64,
+    list: AtomicU64,
+    status: AtomicU64,
+    /// Unreadable or malformed requests.
+    bad_request: AtomicU64,
+    /// Requests answered with an error (registration or edit refused).
+    refused: AtomicU64,
+    /// Answers that could not be sent.
+    unanswered: AtomicU64,
+    /// Connections closed at once: too many open.
+    busy: AtomicU64,
+}
+
+/// A scrape waits this long for the state before it reports the controller down.
+const SCRAPE_PATIENCE: Duration = Duration::from_secs(1);
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while applying one request must not take the controller down with it.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The state, unless it stays locked past `patience` (a stuck controller must still answer
+    /// its scrapes, with `up` 0).
+    fn lock_within(&self, patience: Duration) -> Option<std::sync::MutexGuard<'_, State>> {
+        let end = Instant::now() + patience;
+        loop {
+            match self.state.try_lock() {
+                Ok(guard) => return Some(guard),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() < end => std::thread::sleep(Duration::from_millis(1)),
+                Err(TryLockError::WouldBlock) => return None,
+            }
+        }
+    }
+
+    /// What a metrics scrape reports: the same listing as `gpuslice ls`, and the health.
+    fn snapshot(&self) -> metrics::Snapshot {
+        let t = &self.traffic;
+        let heartbeat_age_s = gpuslice_common::ledger::monotonic_ns().saturating_sub(self.last_tick_ns.load(Relaxed)) as f64 / 1e9;
+        let mut health = metrics::Health {
+            up: false,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            heartbeat_age_s,
+            controller_starts: self.starts,
+            max_processes: self.geometry.max_procs,
+            max_groups: self.geometry.max_groups,
+            requests: vec![("register", t.register.load(Relaxed)), ("set", t.set.load(Relaxed)), ("list", t.list.load(Relaxed)), ("status", t.status.load(Relaxed))],
+            errors: vec![
+                ("bad_request", t.bad_request.load(Relaxed)),
+                ("refused", t.refused.load(Relaxed)),
+                ("unanswered", t.unanswered.load(Relaxed)),
+                ("busy", t.busy.load(Relaxed)),
+            ],
+            ..metrics::Health::default()
+        };
+        let Some(state) = self.lock_within(SCRAPE_PATIENCE) else {
+            tracing::warn!("metrics: the state stayed locked for {SCRAPE_PATIENCE:?}; reporting up 0");
+            return metrics::Snapshot { health, listing: None };
+        };
+        let listing = state.listing();
+        (health.processes, health.groups) = state.counts();
+        health.last_sample_unix_s = state.last_sample().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64());
+        drop(state);
+        health.up = heartbeat_age_s < 1.0;
+        metrics::Snapshot { health, listing: Some(listing) }
     }
 }
 
@@ -153,6 +256,7 @@ fn accept_all(listener: &UnixListener, shared: &Arc<Shared>) {
         };
         if shared.connections.fetch_add(1, AcqRel) >= MAX_CONNECTIONS {
             shared.connections.fetch_sub(1, AcqRel);
+            shared.traffic.busy.fetch_add(1, Relaxed);
             tracing::warn!("{MAX_CONNECTIONS} connections already open; closing a new one");
             continue;
         }
@@ -178,11 +282,20 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
     let request = match recv_frame(fd).and_then(|(body, _)| decode_request(&body)) {
         Ok(r) => r,
         Err(e) => {
+            shared.traffic.bad_request.fetch_add(1, Relaxed);
             tracing::warn!("pid {} uid {}: refused a request: {e}", peer.pid, peer.uid);
             let _ = send_frame(fd, &encode(&Response::Error { message: format!("bad request: {e}") }), None);
             return Err(e);
         }
     };
+    let t = &shared.traffic;
+    match &request {
+        Request::Register(_) => &t.register,
+        Request::Set(_) => &t.set,
+        Request::List => &t.list,
+        Request::Status => &t.status,
+    }
+    .fetch_add(1, Relaxed);
     let mut registered = None;
     let (response, attach) = {
         let mut state = shared.lock();
@@ -225,7 +338,11 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
             }
         }
     };
+    if matches!(response, Response::Error { .. }) {
+        t.refused.fetch_add(1, Relaxed);
+    }
     if let Err(e) = send_frame(fd, &encode(&response), attach) {
+        t.unanswered.fetch_add(1, Relaxed);
         if let Some(slot) = registered {
             // It gave up waiting and runs alone: it must not stay listed as a member.
             shared.lock().release(slot, "gave up registering");

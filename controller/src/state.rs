@@ -38,6 +38,8 @@ struct ShareSample {
     at_ns: u64,
     charged: HashMap<(bool, usize, u64, usize), u64>,
     achieved: HashMap<(bool, usize, u64, usize), f64>,
+    /// Wall-clock time of the sample, for the metrics.
+    taken: Option<std::time::SystemTime>,
 }
 
 pub struct State {
@@ -353,14 +355,21 @@ impl State {
         let mut achieved = HashMap::new();
         if self.samples.at_ns != 0 && elapsed > 0 {
             for (key, &now_charged) in &charged {
-                if let Some(&before) = self.samples.charged.get(key) {
-                    if now_charged > 0 {
-                        achieved.insert(*key, now_charged.saturating_sub(before) as f64 / elapsed as f64 * 100.0);
-                    }
+                // A key the previous sample lacks is a slot made (reset, new generation) since:
+                // it started from zero then. Waiting for a second sample would hide a short
+                // job's share entirely.
+                let before = self.samples.charged.get(key).copied().unwrap_or(0);
+                if now_charged > 0 {
+                    achieved.insert(*key, now_charged.saturating_sub(before) as f64 / elapsed as f64 * 100.0);
                 }
             }
         }
-        self.samples = ShareSample { at_ns: now, charged, achieved };
+        self.samples = ShareSample { at_ns: now, charged, achieved, taken: Some(std::time::SystemTime::now()) };
+    }
+
+    /// When `sample_shares` last ran.
+    pub fn last_sample(&self) -> Option<std::time::SystemTime> {
+        self.samples.taken
     }
 
     pub fn listing(&self) -> Listing {
@@ -383,6 +392,7 @@ impl State {
                         peak: gd.peak_used.load(Relaxed),
                         share: (share != 0).then_some(share),
                         achieved_share: self.samples.achieved.get(&(true, i, generation, d)).copied(),
+                        charged_ns: gd.charged_ns.load(Relaxed),
                         throttled_ns: gd.throttled_ns.load(Relaxed),
                         refusals: gd.refusals.load(Relaxed),
                     }
@@ -405,6 +415,7 @@ impl State {
                         limit: some_limit(pd.limit.load(Relaxed)),
                         peak: pd.peak_used.load(Relaxed),
                         achieved_share: self.samples.achieved.get(&(false, i, generation, d)).copied(),
+                        charged_ns: pd.charged_ns.load(Relaxed),
                         throttled_ns: pd.throttled_ns.load(Relaxed),
                         refusals: pd.refusals.load(Relaxed),
                     }

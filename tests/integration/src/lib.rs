@@ -350,6 +350,14 @@ impl Sim {
         Controller::start(self, Some(config))
     }
 
+    /// Starts `gpuslice serve` with more arguments (e.g. `--metrics 127.0.0.1:PORT`), kept
+    /// across [`Controller::restart`].
+    pub fn controller_with_args(&self, args: &[&str]) -> Controller<'_> {
+        let mut c = Controller { sim: self, config: None, extra: args.iter().map(|a| a.to_string()).collect(), child: None, starts: 0 };
+        c.launch();
+        c
+    }
+
     pub fn client(&self, route: Route) -> Client<'_> {
         Client { sim: self, route, program: None, env: Vec::new(), shim: false, args: Vec::new(), uid: None }
     }
@@ -1071,13 +1079,15 @@ pub const CONTROLLER_START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Controller<'a> {
     sim: &'a Sim,
     config: Option<PathBuf>,
+    /// More `serve` arguments.
+    extra: Vec<String>,
     child: Option<Child>,
     starts: u32,
 }
 
 impl<'a> Controller<'a> {
     fn start(sim: &'a Sim, config: Option<PathBuf>) -> Controller<'a> {
-        let mut c = Controller { sim, config, child: None, starts: 0 };
+        let mut c = Controller { sim, config, extra: Vec::new(), child: None, starts: 0 };
         c.launch();
         c
     }
@@ -1127,6 +1137,7 @@ impl<'a> Controller<'a> {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        cmd.args(&self.extra);
         cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd));
         self.child = Some(child);

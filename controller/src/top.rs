@@ -1,0 +1,394 @@
+//! `gpuslice top`: a live terminal view (ratatui + crossterm) of the controller's processes and
+//! groups: memory bars, share target vs achieved, throttled time, refusals and priority.
+//!
+//! It reads the same `Listing` as `gpuslice ls` over the socket every refresh. If the
+//! controller goes away it says so on screen, keeps the last figures it had and keeps asking.
+
+use crate::client::{ask_within, SocketArg};
+use gpuslice_common::ledger::Priority;
+use gpuslice_common::protocol::{Listing, Request, Response, Status};
+use gpuslice_common::size::format_size;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Modifier, Style, Stylize};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table};
+use ratatui::Frame;
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Milliseconds between refreshes.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    interval_ms: u64,
+}
+
+/// Set by SIGTERM/SIGHUP/SIGINT, so that the loop ends and the terminal is restored.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Width of a memory bar in cells.
+const BAR: usize = 12;
+
+pub fn top(args: TopArgs) -> Result<(), String> {
+    if !std::io::stdout().is_terminal() {
+        return Err("gpuslice top draws on a terminal and stdout is not one; use `gpuslice ls` (or `ls --json`) instead".into());
+    }
+    let socket = args.socket.path();
+    let interval = Duration::from_millis(args.interval_ms);
+    on_stop_signals();
+    let mut terminal = ratatui::try_init().map_err(|e| format!("cannot set up the terminal: {e}"))?;
+    let result = run(&mut terminal, &socket, interval);
+    drop(terminal);
+    ratatui::restore();
+    result
+}
+
+fn run(terminal: &mut ratatui::DefaultTerminal, socket: &str, interval: Duration) -> Result<(), String> {
+    let mut view = View::new(socket, interval);
+    let mut next = Instant::now();
+    while !STOP.load(Relaxed) {
+        if Instant::now() >= next {
+            view.refresh(Instant::now());
+            next = Instant::now() + interval;
+        }
+        terminal.draw(|f| draw(f, &view)).map_err(|e| format!("drawing failed: {e}"))?;
+        // Short polls, so that a stop signal is noticed even without keys or refreshes.
+        let wait = next.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
+        if event::poll(wait).map_err(|e| format!("reading the terminal failed: {e}"))? {
+            if let Event::Key(k) = event::read().map_err(|e| format!("reading the terminal failed: {e}"))? {
+                let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+                if k.kind == KeyEventKind::Press && (matches!(k.code, KeyCode::Char('q' | 'Q') | KeyCode::Esc) || ctrl_c) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+extern "C" fn note_stop(_: libc::c_int) {
+    STOP.store(true, Relaxed);
+}
+
+/// SIGTERM, SIGHUP and SIGINT (from `kill`: raw mode turns Ctrl-C into a key) end the loop
+/// like `q`.
+fn on_stop_signals() {
+    for signal in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(signal, note_stop as *const () as libc::sighandler_t) };
+    }
+}
+
+/// A row of either table, for the throttled-time rates.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+enum RowKey {
+    Group(String, u32),
+    Process(u32, u32),
+}
+
+/// What is on screen: the last listing and status seen, and whether the last refresh worked.
+struct View {
+    socket: String,
+    interval: Duration,
+    status: Option<Status>,
+    listing: Option<Listing>,
+    /// Why the last refresh failed; `None` when it worked.
+    error: Option<String>,
+    last_ok: Option<Instant>,
+    /// Throttled time per row at the previous refresh, to turn totals into a percentage.
+    previous: Option<(Instant, HashMap<RowKey, u64>)>,
+    throttled_pct: HashMap<RowKey, f64>,
+}
+
+impl View {
+    fn new(socket: &str, interval: Duration) -> View {
+        View { socket: socket.to_string(), interval, status: None, listing: None, error: None, last_ok: None, previous: None, throttled_pct: HashMap::new() }
+    }
+
+    fn refresh(&mut self, now: Instant) {
+        // Shorter than the CLI's timeout: the screen must keep answering keys.
+        let timeout = Duration::from_secs(1);
+        let got = ask_within(&self.socket, &Request::Status, timeout).and_then(|status| Ok((status, ask_within(&self.socket, &Request::List, timeout)?)));
+        match got {
+            Ok((Response::Status(status), Response::Listing(listing))) => {
+                self.status = Some(status);
+                self.take(listing, now);
+                self.error = None;
+                self.last_ok = Some(now);
+            }
+            Ok((a, b)) => self.error = Some(format!("unexpected answers from the controller: {a:?} / {b:?}")),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn take(&mut self, listing: Listing, now: Instant) {
+        let mut totals = HashMap::new();
+        for g in &listing.groups {
+            for d in &g.devices {
+                totals.insert(RowKey::Group(g.name.clone(), d.device), d.throttled_ns);
+            }
+        }
+        for p in &listing.processes {
+            for d in &p.devices {
+                totals.insert(RowKey::Process(p.pid, d.device), d.throttled_ns);
+            }
+        }
+        self.throttled_pct.clear();
+        if let Some((then, before)) = &self.previous {
+            let wall = now.duration_since(*then).as_nanos() as f64;
+            if wall > 0.0 {
+                for (key, &ns) in &totals {
+                    if let Some(&was) = before.get(key) {
+                        self.throttled_pct.insert(key.clone(), ns.saturating_sub(was) as f64 / wall * 100.0);
+                    }
+                }
+            }
+        }
+        self.previous = Some((now, totals));
+        self.listing = Some(listing);
+    }
+}
+
+fn draw(f: &mut Frame, v: &View) {
+    let groups = v.listing.as_ref().map_or(0, |l| l.groups.iter().map(|g| g.devices.len().max(1)).sum::<usize>());
+    let [title, notice, group_area, process_area] =
+        Layout::vertical([Constraint::Length(1), Constraint::Length(1), Constraint::Length(groups as u16 + 3), Constraint::Min(4)]).areas(f.area());
+    f.render_widget(Paragraph::new(title_line(v)), title);
+    f.render_widget(Paragraph::new(notice_line(v)), notice);
+    let Some(listing) = &v.listing else { return };
+    f.render_widget(group_table(listing, v), group_area);
+    f.render_widget(process_table(listing, v), process_area);
+}
+
+fn title_line(v: &View) -> Line<'static> {
+    let mut spans = vec!["gpuslice top".bold(), Span::raw(format!("  socket {}", v.socket))];
+    if let Some(s) = &v.status {
+        spans.push(Span::raw(format!(
+            "  controller pid {}  up {}  processes {}/{}  groups {}/{}",
+            s.pid,
+            duration(s.uptime_s),
+            s.processes,
+            s.max_processes,
+            s.groups,
+            s.max_groups
+        )));
+    }
+    spans.push(Span::raw(format!("  every {} ms  q quits", v.interval.as_millis())).dim());
+    Line::from(spans)
+}
+
+fn notice_line(v: &View) -> Line<'static> {
+    match (&v.error, v.last_ok) {
+        (None, _) => Line::from(""),
+        (Some(e), last) => {
+            let seen = last.map_or("figures below: none yet".to_string(), |t| format!("figures below are {} old", duration(t.elapsed().as_secs_f64())));
+            Line::from(format!("controller not reachable: {e}; retrying every {} ms ({seen})", v.interval.as_millis())).style(Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
+        }
+    }
+}
+
+fn duration(s: f64) -> String {
+    let s = s as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// `████░░░░ 1.25 GiB / 4.00 GiB`, coloured by how full it is; no bar without a limit.
+fn memory(used: u64, limit: Option<u64>) -> Line<'static> {
+    let Some(limit) = limit else {
+        return Line::from(vec![Span::raw(" ".repeat(BAR + 1)), Span::raw(format!("{} / -", format_size(used)))]);
+    };
+    let fraction = if limit == 0 { 1.0 } else { used as f64 / limit as f64 };
+    let filled = ((fraction * BAR as f64).round() as usize).min(BAR);
+    let colour = match fraction {
+        x if x >= 0.95 => Color::Red,
+        x if x >= 0.75 => Color::Yellow,
+        _ => Color::Green,
+    };
+    Line::from(vec![
+        Span::styled("█".repeat(filled), Style::new().fg(colour)),
+        Span::styled("░".repeat(BAR - filled), Style::new().fg(Color::DarkGray)),
+        Span::raw(format!(" {} / {}", format_size(used), format_size(limit))),
+    ])
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}%"))
+}
+
+fn priority(p: Priority) -> Cell<'static> {
+    let style = match p {
+        Priority::High => Style::new().fg(Color::Magenta).add_modifier(Modifier::BOLD),
+        Priority::Normal => Style::new(),
+        Priority::Low => Style::new().fg(Color::DarkGray),
+    };
+    Cell::from(p.as_str()).style(style)
+}
+
+/// Achieved share, red when it falls more than 5 points short of the target.
+fn achieved(target: Option<u32>, achieved: Option<f64>) -> Cell<'static> {
+    let short = matches!((target, achieved), (Some(t), Some(a)) if a + 5.0 < f64::from(t));
+    Cell::from(pct(achieved)).style(if short { Style::new().fg(Color::Red) } else { Style::new() })
+}
+
+fn header(names: &[&'static str]) -> Row<'static> {
+    Row::new(names.iter().map(|&n| Cell::from(n))).style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED))
+}
+
+fn group_table(l: &Listing, v: &View) -> Table<'static> {
+    let mut groups: Vec<_> = l.groups.iter().collect();
+    groups.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut rows = Vec::new();
+    for g in groups {
+        let members = g.members.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        for d in &g.devices {
+            rows.push(Row::new(vec![
+                Cell::from(g.name.clone()),
+                Cell::from(d.device.to_string()),
+                Cell::from(memory(d.used, d.limit)),
+                Cell::from(d.share.map_or("-".into(), |s| format!("{s}%"))),
+                achieved(d.share, d.achieved_share),
+                Cell::from(pct(v.throttled_pct.get(&RowKey::Group(g.name.clone(), d.device)).copied())),
+                Cell::from(d.refusals.to_string()),
+                priority(g.priority),
+                Cell::from(members.clone()),
+            ]));
+        }
+        if g.devices.is_empty() {
+            let dash = || Cell::from("-");
+            rows.push(Row::new(vec![Cell::from(g.name.clone()), dash(), dash(), dash(), dash(), dash(), dash(), priority(g.priority), Cell::from(members)]));
+        }
+    }
+    let widths = [
+        Constraint::Length(24),
+        Constraint::Length(3),
+        Constraint::Length(BAR as u16 + 24),
+        Constraint::Length(5),
+        Constraint::Length(8),
+        Constraint::Length(9),
+        Constraint::Length(5),
+        Constraint::Length(8),
+        Constraint::Fill(1),
+    ];
+    Table::new(rows, widths)
+        .header(header(&["GROUP", "DEV", "MEMORY USED / LIMIT", "SHARE", "ACHIEVED", "THROTTLED", "OOM", "PRIORITY", "MEMBERS"]))
+        .block(Block::bordered().title(" Groups "))
+}
+
+fn process_table(l: &Listing, v: &View) -> Table<'static> {
+    let mut processes: Vec<_> = l.processes.iter().collect();
+    processes.sort_by_key(|p| p.pid);
+    let group_row = |group: &str, device: u32| l.groups.iter().find(|g| g.name == group)?.devices.iter().find(|d| d.device == device);
+    let mut rows = Vec::new();
+    for p in processes {
+        for d in &p.devices {
+            let group = group_row(&p.group, d.device);
+            let share = group.and_then(|g| g.share);
+            // The limit that binds the process: its own cap inside the group if lower.
+            let limit = [d.limit, group.and_then(|g| g.limit)].into_iter().flatten().min();
+            rows.push(Row::new(vec![
+                Cell::from(p.pid.to_string()),
+                Cell::from(p.name.clone()),
+                Cell::from(p.group.clone()),
+                Cell::from(d.device.to_string()),
+                Cell::from(memory(d.used, limit)),
+                Cell::from(share.map_or("-".into(), |s| format!("{s}%"))),
+                achieved(share, d.achieved_share),
+                Cell::from(pct(v.throttled_pct.get(&RowKey::Process(p.pid, d.device)).copied())),
+                Cell::from(d.refusals.to_string()),
+                priority(p.priority),
+            ]));
+        }
+    }
+    let widths = [
+        Constraint::Length(8),
+        Constraint::Length(20),
+        Constraint::Length(24),
+        Constraint::Length(3),
+        Constraint::Length(BAR as u16 + 24),
+        Constraint::Length(5),
+        Constraint::Length(8),
+        Constraint::Length(9),
+        Constraint::Length(5),
+        Constraint::Fill(1),
+    ];
+    Table::new(rows, widths)
+        .header(header(&["PID", "NAME", "GROUP", "DEV", "MEMORY USED / LIMIT", "SHARE", "ACHIEVED", "THROTTLED", "OOM", "PRIORITY"]))
+        .block(Block::bordered().title(" Processes (limit: the group's, or the process's own cap if lower; share: the group's) "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuslice_common::protocol::{GroupDeviceRow, GroupRow, ProcessDeviceRow, ProcessRow};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+
+    fn listing(throttled_ns: u64) -> Listing {
+        let gd = GroupDeviceRow {
+            device: 0,
+            uuid: "GPU-x".into(),
+            used: 3 << 30,
+            limit: Some(4 << 30),
+            peak: 3 << 30,
+            share: Some(30),
+            achieved_share: Some(29.5),
+            charged_ns: 0,
+            throttled_ns,
+            refusals: 2,
+        };
+        let pd = ProcessDeviceRow { device: 0, uuid: "GPU-x".into(), used: 3 << 30, overhead: 0, limit: None, peak: 0, achieved_share: Some(29.5), charged_ns: 0, throttled_ns, refusals: 2 };
+        Listing {
+            groups: vec![GroupRow { name: "trainers".into(), slot: 0, members: vec![4242], priority: Priority::High, devices: vec![gd] }],
+            processes: vec![ProcessRow { pid: 4242, own_pid: 1, uid: 0, group: "trainers".into(), name: "python3".into(), priority: Priority::High, devices: vec![pd] }],
+        }
+    }
+
+    fn screen(v: &View) -> String {
+        let mut t = Terminal::new(TestBackend::new(140, 14)).unwrap();
+        t.draw(|f| draw(f, v)).unwrap();
+        let buffer = t.backend().buffer();
+        let mut text = String::new();
+        for y in 0..buffer.area.height {
+            for x in 0..buffer.area.width {
+                text.push_str(buffer[(x, y)].symbol());
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    #[test]
+    fn rows_show_bars_shares_throttling_and_priority() {
+        let mut v = View::new("/tmp/s", Duration::from_millis(500));
+        let t0 = Instant::now();
+        v.take(listing(0), t0);
+        v.take(listing(250_000_000), t0 + Duration::from_secs(1));
+        let s = screen(&v);
+        let bar = format!("{}{}", "█".repeat(9), "░".repeat(3));
+        let process_row = s.lines().find(|l| l.contains("python3")).unwrap();
+        assert!(process_row.contains(&format!("{bar} 3.00 GiB / 4.00 GiB")), "a process without its own cap is held to its group's limit: {process_row}");
+        for want in [&format!("{bar} 3.00 GiB / 4.00 GiB"), "trainers", "4242", "python3", "30%", "29.5%", "25.0%", "high"] {
+            assert!(s.contains(want), "no {want:?} on screen:\n{s}");
+        }
+    }
+
+    #[test]
+    fn a_lost_controller_is_said_and_the_last_figures_stay() {
+        let mut v = View::new("/nonexistent/gpuslice.sock", Duration::from_millis(500));
+        v.take(listing(0), Instant::now());
+        v.last_ok = Some(Instant::now());
+        v.refresh(Instant::now());
+        let s = screen(&v);
+        assert!(s.contains("controller not reachable: no gpuslice controller at /nonexistent/gpuslice.sock"), "{s}");
+        assert!(s.contains("python3"), "{s}");
+    }
+}
