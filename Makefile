@@ -11,7 +11,7 @@ PROFILE ?= release
 OUT := target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter debug,$(PROFILE)),,--profile $(PROFILE))
 
-.PHONY: all build demo test check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl clean
+.PHONY: all build demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl clean
 
 all: build
 
@@ -28,7 +28,20 @@ demo:
 test:
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
-	$(MAKE) check-packaging PROFILE=debug
+	$(MAKE) check-k8s check-packaging PROFILE=debug
+
+# The Kubernetes examples: schema-valid (strict) for the Kubernetes versions tests/kubernetes
+# names, and consistent with what gpuslice reads and with each other (tests/kubernetes/check.py).
+# The validator is a pinned PyPI package installed once into target/k8s-venv; offline afterwards.
+K8S_VENV := target/k8s-venv
+$(K8S_VENV)/.installed: tests/kubernetes/requirements.txt
+	rm -rf $(K8S_VENV)
+	python3 -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/kubernetes/requirements.txt
+	touch $@
+
+check-k8s: $(K8S_VENV)/.installed
+	$(K8S_VENV)/bin/python tests/kubernetes/check.py --gpuslice $(OUT)/gpuslice
 
 # `make install` into a temporary DESTDIR, `make uninstall` and the Debian package, checked file
 # by file (tests/packaging/check.sh).

@@ -70,4 +70,6 @@ chmod 0644 "$stage/DEBIAN/control" "$stage/DEBIAN/conffiles" "$stage/DEBIAN/md5s
 
 # DEB_COMPRESSION=gzip makes CI's package of the (large) debug build in 1 s instead of 10.
 dpkg-deb --root-owner-group -Z"${DEB_COMPRESSION:-xz}" --build "$stage" "$deb" >/dev/null
+# target/deb is the build context of examples/kubernetes/Dockerfile: leave only the package there.
+rm -rf "$stage"
 echo "$deb"
