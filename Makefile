@@ -41,7 +41,7 @@ $(K8S_VENV)/.installed: tests/kubernetes/requirements.txt
 	touch $@
 
 check-k8s: $(K8S_VENV)/.installed
-	$(K8S_VENV)/bin/python tests/kubernetes/check.py --gpuslice $(OUT)/gpuslice
+	$(K8S_VENV)/bin/python -B tests/kubernetes/check.py --gpuslice $(OUT)/gpuslice
 
 # `make install` into a temporary DESTDIR, `make uninstall` and the Debian package, checked file
 # by file (tests/packaging/check.sh).

@@ -1,7 +1,8 @@
 //! What a workload pod of examples/kubernetes sees, reproduced on the simulated driver: the
 //! controller's socket directory and nothing else of gpuslice's state, a non-root user, its limit
-//! in the environment (as the Downward API fills it in from the pod's annotations) and one group
-//! per pod (`GPUSLICE_GROUP=<namespace>/<pod>`).
+//! in the environment (as the Downward API fills it in from the pod's annotations), one group per
+//! pod (`GPUSLICE_GROUP=<namespace>/<pod>`) and a PID namespace of its own, while the controller
+//! runs in the node's (`hostPID: true`).
 
 use gpuslice_integration::*;
 use std::os::unix::fs::PermissionsExt;
@@ -80,4 +81,49 @@ fn as_pod(client: Client<'_>, uid: Option<u32>) -> Client<'_> {
         Some(u) => client.uid(u),
         None => client,
     }
+}
+
+/// The controller runs in the node's PID namespace (`hostPID: true`), each pod in a namespace of
+/// its own. The kernel translates the pod's pid for the controller (`SO_PEERCRED`), so the
+/// controller lists and watches the process by its node pid, though it calls itself pid 1, and
+/// takes its memory back when it is killed.
+#[test]
+fn a_process_in_its_own_pid_namespace_is_watched_by_its_node_pid() {
+    let probe = std::process::Command::new("unshare").args(["--pid", "--fork", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED a_process_in_its_own_pid_namespace_is_watched_by_its_node_pid: `unshare --pid` is not allowed here (it needs CAP_SYS_ADMIN)");
+        return;
+    }
+    let sim = Sim::new().env("SIMCUDA_CTX_RESERVE", R);
+    let ctl = sim.controller();
+    let pod = "default/inference-5d8f7c9b6d-x2x7q";
+    ctl.set_ok(&format!("--group {pod} --memory 1GiB"));
+    let done = sim.path("done");
+    let unshare = sim
+        .program("unshare")
+        .shim()
+        .controller(&ctl)
+        .group(pod)
+        .args("--pid --fork")
+        .arg(client_path(Route::Procaddr).display())
+        .args(&format!("init ctx 0 alloc 512M waitfile {}", done.display()))
+        .spawn();
+    let line = unshare.wait_line("alloc", 0);
+    assert!(line_ok(&line), "`{line}`");
+
+    let listing = ctl.ls();
+    let members = listing.members(pod);
+    assert_eq!(members.len(), 1, "{listing}");
+    let node_pid = members[0];
+    let process = listing.process(node_pid).expect("listed");
+    assert_eq!(process["own_pid"], 1, "the process calls itself pid 1 in its namespace:\n{listing}");
+    assert_ne!(node_pid, unshare.pid(), "the member is unshare's child, not unshare:\n{listing}");
+    assert_eq!(listing.group_used(pod, 0), R + 512 * MIB, "{listing}");
+
+    // SAFETY: kill(2) of the test's own grandchild, by the pid the controller reported.
+    assert_eq!(unsafe { libc::kill(node_pid as libc::pid_t, libc::SIGKILL) }, 0, "kill {node_pid}");
+    let (_, took) = ctl.ls_until("the killed process's memory back", std::time::Duration::from_secs(2), |l| l.group_used(pod, 0) == 0 && l.members(pod).is_empty());
+    assert!(took < std::time::Duration::from_secs(1), "taken back in {took:?}");
+    let out = unshare.wait();
+    assert!(!out.success(), "unshare reports its child's death:\n{out}");
 }
