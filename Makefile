@@ -96,7 +96,7 @@ uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/gpuslice $(DESTDIR)$(LIBDIR)/libgpuslice.so $(DESTDIR)$(INCLUDEDIR)/gpuslice.h
 	rm -f $(DESTDIR)$(UNITDIR)/gpuslice.service $(DESTDIR)$(DATADIR)/gpuslice/config.toml
 	rm -f $(DESTDIR)$(DOCDIR)/README.md $(DESTDIR)$(DOCDIR)/LD_PRELOAD.md
-	-rmdir $(DESTDIR)$(DATADIR)/gpuslice $(DESTDIR)$(DOCDIR) 2>/dev/null
+	rmdir $(DESTDIR)$(DATADIR)/gpuslice $(DESTDIR)$(DOCDIR) 2>/dev/null || true
 
 # A Debian package, target/deb/gpuslice_<version>_<arch>.deb, built with dpkg-deb from
 # `make install PREFIX=/usr` (packaging/make-deb.sh says what goes in).

@@ -19,6 +19,8 @@ import argparse
 import pathlib
 import sys
 
+import kubernetes_validate
+
 import mutations
 import rules
 from model import Manifests
@@ -29,8 +31,6 @@ SCHEMA_VERSIONS = ["1.29", "1.37"]
 
 
 def check_schemas(manifests: Manifests) -> list[str]:
-    import kubernetes_validate
-
     problems = []
     for doc in manifests.docs:
         for version in SCHEMA_VERSIONS:

@@ -105,7 +105,11 @@ def check_controller(manifests: Manifests, truth: Truth, gpuslice: pathlib.Path,
             p.append(f"{pod.where(c)}: image {image!r} is not tagged with this release's version {truth.version} (shim and controller must come from one release)")
 
     args = container.get("command", []) + container.get("args", [])
-    flag = lambda name: args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
+
+    def flag(name: str) -> str | None:
+        i = args.index(name) + 1 if name in args else len(args)
+        return args[i] if i < len(args) else None
+
     config = controller_config(pod, container, flag("--config"), manifests, gpuslice, report)
     socket = flag("--socket") or config.get("socket") or truth.default_socket
     ledger = flag("--ledger") or config.get("ledger") or truth.default_ledger
