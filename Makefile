@@ -5,12 +5,18 @@ RELEASE := target/release
 LIB := $(RELEASE)/libgpuslice.so
 CLI := $(RELEASE)/gpuslice
 
-.PHONY: all build demo test gpu-bundle gpu-test gpu-bench gpu-ctl clean
+# PROFILE=debug makes `build`, `install` and `deb` use target/debug (CI packages the debug build
+# it has already made, rather than spend minutes on a release build).
+PROFILE ?= release
+OUT := target/$(PROFILE)
+CARGO_PROFILE := $(if $(filter debug,$(PROFILE)),,--profile $(PROFILE))
+
+.PHONY: all build demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl clean
 
 all: build
 
 build:
-	$(CARGO) build --release -p gpuslice-shim -p gpuslice
+	$(CARGO) build $(CARGO_PROFILE) -p gpuslice-shim -p gpuslice
 
 # The main job: a program fills device memory under a 4 GiB quota. On the real GPU when
 # nvidia-smi sees one, otherwise on the simulated device that CI uses.
@@ -22,6 +28,25 @@ demo:
 test:
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
+	$(MAKE) check-k8s check-packaging PROFILE=debug
+
+# The Kubernetes examples: schema-valid (strict) for the Kubernetes versions tests/kubernetes
+# names, and consistent with what gpuslice reads and with each other (tests/kubernetes/check.py).
+# The validator is a pinned PyPI package installed once into target/k8s-venv; offline afterwards.
+K8S_VENV := target/k8s-venv
+$(K8S_VENV)/.installed: tests/kubernetes/requirements.txt
+	rm -rf $(K8S_VENV)
+	python3 -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/kubernetes/requirements.txt
+	touch $@
+
+check-k8s: $(K8S_VENV)/.installed
+	$(K8S_VENV)/bin/python -B tests/kubernetes/check.py --gpuslice $(OUT)/gpuslice
+
+# `make install` into a temporary DESTDIR, `make uninstall` and the Debian package, checked file
+# by file (tests/packaging/check.sh).
+check-packaging:
+	bash tests/packaging/check.sh $(PROFILE)
 
 # What the GPU machine needs, in .gpu/ (git-ignored; carried by the device tool).
 gpu-bundle:
@@ -43,6 +68,40 @@ gpu-bench:
 # kill -9, and SM shares set and changed through the controller; needs the same .gpu/ bundle.
 gpu-ctl:
 	bash tests/gpu/controller.sh
+
+# Installation, GNU style: `make install PREFIX=/usr/local DESTDIR=`. It builds only what is
+# missing (so `sudo make install` after `make` never runs cargo as root); run `make` after a change.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+DATADIR ?= $(PREFIX)/share
+DOCDIR ?= $(DATADIR)/doc/gpuslice
+UNITDIR ?= $(LIBDIR)/systemd/system
+
+$(OUT)/gpuslice $(OUT)/libgpuslice.so:
+	$(CARGO) build $(CARGO_PROFILE) -p gpuslice-shim -p gpuslice
+
+install: $(OUT)/gpuslice $(OUT)/libgpuslice.so
+	install -D -m 0755 $(OUT)/gpuslice $(DESTDIR)$(BINDIR)/gpuslice
+	install -D -m 0644 $(OUT)/libgpuslice.so $(DESTDIR)$(LIBDIR)/libgpuslice.so
+	install -D -m 0644 include/gpuslice.h $(DESTDIR)$(INCLUDEDIR)/gpuslice.h
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' packaging/gpuslice.service.in > $(DESTDIR)$(UNITDIR)/gpuslice.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/gpuslice.service
+	install -D -m 0644 packaging/config.toml $(DESTDIR)$(DATADIR)/gpuslice/config.toml
+	install -D -m 0644 -t $(DESTDIR)$(DOCDIR) README.md LD_PRELOAD.md
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/gpuslice $(DESTDIR)$(LIBDIR)/libgpuslice.so $(DESTDIR)$(INCLUDEDIR)/gpuslice.h
+	rm -f $(DESTDIR)$(UNITDIR)/gpuslice.service $(DESTDIR)$(DATADIR)/gpuslice/config.toml
+	rm -f $(DESTDIR)$(DOCDIR)/README.md $(DESTDIR)$(DOCDIR)/LD_PRELOAD.md
+	rmdir $(DESTDIR)$(DATADIR)/gpuslice $(DESTDIR)$(DOCDIR) 2>/dev/null || true
+
+# A Debian package, target/deb/gpuslice_<version>_<arch>.deb, built with dpkg-deb from
+# `make install PREFIX=/usr` (packaging/make-deb.sh says what goes in).
+deb: build
+	MAKE="$(MAKE)" bash packaging/make-deb.sh $(PROFILE)
 
 clean:
 	$(CARGO) clean
