@@ -142,6 +142,11 @@ impl State {
         if let Some(name) = &r.group {
             gpuslice_common::settings::check_group_name(name).map_err(|e| format!("GPUSLICE_GROUP={name:?}: {e}"))?;
         }
+        if peer.pid == 0 {
+            // SO_PEERCRED says 0 for a process whose pid namespace the controller cannot see:
+            // it could be neither told apart from others nor watched for its exit.
+            return Err("the controller cannot see this process's pid (another pid namespace): run the controller in the host's pid namespace (Kubernetes: hostPID: true); the process runs alone on its own limits".into());
+        }
         // The same pid again: an exec'd program (the old image's memory is gone with it).
         let stale: Vec<usize> = self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE && p.pid.load(Relaxed) == peer.pid).map(|(i, _)| i).collect();
         for slot in stale {
@@ -563,6 +568,15 @@ mod tests {
 
     fn me() -> Peer {
         Peer { pid: std::process::id(), uid: unsafe { libc::geteuid() } }
+    }
+
+    #[test]
+    fn a_process_whose_pid_the_controller_cannot_see_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        let e = s.register(Peer { pid: 0, uid: me().uid }, registration(None, None)).unwrap_err();
+        assert!(e.contains("pid namespace") && e.contains("hostPID"), "{e}");
+        assert_eq!(s.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).count(), 0);
     }
 
     #[test]
