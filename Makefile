@@ -5,7 +5,7 @@ RELEASE := target/release
 LIB := $(RELEASE)/libgpuslice.so
 CLI := $(RELEASE)/gpuslice
 
-.PHONY: all build demo test gpu-bundle gpu-test gpu-bench gpu-ctl clean
+.PHONY: all build demo test gpu-bundle gpu-test gpu-bench gpu-ctl gpu-soak clean
 
 all: build
 
@@ -43,6 +43,12 @@ gpu-bench:
 # kill -9, and SM shares set and changed through the controller; needs the same .gpu/ bundle.
 gpu-ctl:
 	bash tests/gpu/controller.sh
+
+# The soak on the real GPU: four workloads (CUDA C++ and PyTorch) under quotas, shares and
+# priorities for SOAK_SECONDS (default 540), one killed -9 and restarted every 30 s; needs the
+# same .gpu/ bundle. SOAK_DRY_RUN=1 runs it here on the simulated driver (needs `cargo build`).
+gpu-soak:
+	bash tests/gpu/soak.sh
 
 clean:
 	$(CARGO) clean
