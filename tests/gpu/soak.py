@@ -994,7 +994,8 @@ def verdicts():
             m = nv.max.get(w.key)
             return f"{m[0] / MIB:.0f}/{w.quota / MIB:.0f}MiB={m[1]:.3f}" if m else "never seen"
         nviol = sum(nv.n_violations.values())
-        unseen = [w.key for w in C.wls if w.key not in nv.max]
+        # A process NVML lists without a memory figure (None: not available) counts as unseen.
+        unseen = [w.key for w in C.wls if w.key not in nv.max or nv.max[w.key][0] == 0]
         notes = [f"t={v[0]:.1f}s {v[1]} {v[3] / MIB:.0f}MiB x{v[4]:.4f}" for v in nv.violations[:3]]
         if unseen:
             notes.append(f"NVML never listed {unseen}" + (
