@@ -11,7 +11,7 @@ PROFILE ?= release
 OUT := target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter debug,$(PROFILE)),,--profile $(PROFILE))
 
-.PHONY: all build demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl clean
+.PHONY: all build demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl gpu-soak clean
 
 all: build
 
@@ -102,6 +102,12 @@ uninstall:
 # `make install PREFIX=/usr` (packaging/make-deb.sh says what goes in).
 deb: build
 	MAKE="$(MAKE)" bash packaging/make-deb.sh $(PROFILE)
+
+# The soak on the real GPU: four workloads (CUDA C++ and PyTorch) under quotas, shares and
+# priorities for SOAK_SECONDS (default 540), one killed -9 and restarted every 30 s; needs the
+# same .gpu/ bundle. SOAK_DRY_RUN=1 runs it here on the simulated driver (needs `cargo build`).
+gpu-soak:
+	bash tests/gpu/soak.sh
 
 clean:
 	$(CARGO) clean

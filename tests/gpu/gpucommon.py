@@ -309,3 +309,45 @@ def exit_status():
     if C.missing:
         return 2
     return 0
+
+
+# ----------------------------------------------------------------------------- cleanup
+
+def ancestors():
+    """This process and its ancestors (the shell entry point and its `timeout` carry the run's
+    token too)."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            pid = int(stat[stat.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def sweep_token(var, token):
+    """Kill (by pid, SIGKILL) every process still alive whose environment has var=token, except
+    this process and its ancestors; the kills go into the log."""
+    if not token:
+        return
+    needle = f"{var}={token}".encode()
+    mine = ancestors()
+    killed = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in mine:
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+            os.kill(int(d), signal.SIGKILL)
+            killed.append(f"{d} ({cmd.strip()})")
+        except (OSError, ValueError):
+            continue
+    if killed:
+        log("  cleanup: killed left-over processes: " + "; ".join(killed))
