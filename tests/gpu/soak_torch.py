@@ -22,8 +22,9 @@ Lines on stdout (kind, then key=value fields):
   quiet seq= held= n= t= allocated=     (see soakload.cu: the pause file's protocol)
   bye held= ...                          after SIGTERM/SIGINT, exit 0
   error where= name= msg=                an unexpected exception: exit 1 (3 when CUDA never came up)
-held = torch.cuda.memory_reserved(): the bytes torch's caching allocator has from cudaMalloc,
-which is all this process allocates (its cuBLAS workspace comes from the caching allocator too).
+held = torch.cuda.memory_reserved(): the bytes torch's caching allocator has from cudaMalloc.
+Libraries also allocate outside it (on the H200 with torch 2.11: 64.1 MiB per process, the size
+of cuBLAS workspaces), which the soak judges as one constant (soak.py, rows 3 and 4).
 t = time.monotonic() (CLOCK_MONOTONIC).
 """
 import argparse
