@@ -11,10 +11,10 @@ use crate::{budget, link};
 use crate::driver::call_real;
 use crate::ffi::*;
 use crate::nvml::nvml;
-use crate::{guard, memory, runtime};
+use crate::{guard, locks, memory, runtime};
 use gpuslice_common::size::format_size;
-use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
 use std::time::Instant;
@@ -28,6 +28,20 @@ static CREATED: Mutex<Option<HashMap<usize, (CUdevice, u64)>>> = Mutex::new(None
 /// Per device: when the overhead was last re-measured (ns since START), to bound NVML calls.
 static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
 static START: once_cell::sync::Lazy<Instant> = once_cell::sync::Lazy::new(Instant::now);
+
+/// The created contexts' lock, for a fork: a child's contexts are its own (see `fork`).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    h.take(&CREATED, |m| *m = None);
+}
+
+/// In a forked child: no primary context's reserve is charged to it yet (the parent's was
+/// charged to the parent's slot); its own is measured when it makes one.
+pub fn forget_in_child() {
+    for (state, reserve) in PRIMARY.iter().zip(&PRIMARY_RESERVE) {
+        state.store(0, Release);
+        reserve.store(0, Release);
+    }
+}
 
 /// A reading taken before a context is created.
 struct Before {
@@ -179,7 +193,7 @@ fn created(pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CuRe
         charge_reserve(device, reserve, "a new context");
         // SAFETY: the driver wrote the new context.
         let ctx = unsafe { *pctx } as usize;
-        CREATED.lock().get_or_insert_with(HashMap::new).insert(ctx, (device, reserve));
+        locks::lock(&CREATED).get_or_insert_with(HashMap::new).insert(ctx, (device, reserve));
     }
     code
 }
@@ -212,7 +226,7 @@ pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CuResult {
     guard::cuda("cuCtxDestroy_v2", || {
         let code = call_real!(cuCtxDestroy_v2(ctx));
         if code == CUDA_SUCCESS {
-            let entry = CREATED.lock().as_mut().and_then(|m| m.remove(&(ctx as usize)));
+            let entry = locks::lock(&CREATED).as_mut().and_then(|m| m.remove(&(ctx as usize)));
             if let Some((device, reserve)) = entry {
                 if let Some(b) = budget::of(device) {
                     b.remove_overhead(reserve);

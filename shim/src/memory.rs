@@ -21,6 +21,13 @@ static HANDLES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 /// CUDA arrays and mipmapped arrays, by handle.
 static ARRAYS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 
+/// Every table's locks, for a fork (see `fork`).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    for table in [&*POINTERS, &*HANDLES, &*ARRAYS] {
+        table.hold_for_fork(h);
+    }
+}
+
 /// Bytes tracked on `device` across all allocation kinds.
 pub fn tracked_bytes(device: i32) -> u64 {
     POINTERS.bytes_on(device) + HANDLES.bytes_on(device) + ARRAYS.bytes_on(device)
