@@ -78,7 +78,8 @@ fn charge_reserve(device: CUdevice, reserve: u64, what: &str) {
 }
 
 /// Re-measures the memory the driver holds for this process outside tracked allocations, at
-/// most once a millisecond per device. Only called near the limit.
+/// most once a millisecond per device, when no other operation overlaps the measurement. Only
+/// called near the limit.
 pub fn true_up(device: CUdevice) {
     let Some(slot) = usize::try_from(device).ok().and_then(|d| LAST_TRUE_UP.get(d)) else { return };
     let now = START.elapsed().as_nanos() as u64 + 1;
@@ -90,9 +91,15 @@ pub fn true_up(device: CUdevice) {
         return; // Another thread is measuring.
     }
     let Some(nv) = nvml() else { return };
-    let Some(Some(process)) = nv.process_used(device) else { return };
     let Some(b) = budget::of(device) else { return };
+    // Only across a stretch with no allocation, free or context change under way (see
+    // `memory::Operation`); otherwise the figure stays as it was until a later call.
+    let Some(mark) = memory::quiet_mark() else { return };
+    let Some(Some(process)) = nv.process_used(device) else { return };
     let tracked = memory::tracked_bytes(device);
+    if memory::quiet_mark() != Some(mark) {
+        return;
+    }
     let overhead = process.saturating_sub(tracked);
     if overhead != b.overhead() {
         tracing::debug!(
@@ -113,6 +120,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: 
         }
         let slot = usize::try_from(device).ok().and_then(|d| PRIMARY.get(d));
         crate::sched::context_created(device);
+        let _op = memory::Operation::begin();
         let measuring = wants_measure(device) && slot.is_some_and(|s| s.compare_exchange(0, 1, AcqRel, Relaxed).is_ok());
         if !measuring {
             return call_real!(cuDevicePrimaryCtxRetain(pctx, device));
@@ -151,6 +159,7 @@ fn primary_gone(device: CUdevice) {
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CuResult {
     guard::cuda("cuDevicePrimaryCtxRelease_v2", || {
+        let _op = memory::Operation::begin();
         let code = call_real!(cuDevicePrimaryCtxRelease_v2(device));
         if code == CUDA_SUCCESS {
             primary_gone(device);
@@ -162,6 +171,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CuRes
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CUdevice) -> CuResult {
     guard::cuda("cuDevicePrimaryCtxReset_v2", || {
+        let _op = memory::Operation::begin();
         let code = call_real!(cuDevicePrimaryCtxReset_v2(device));
         if code == CUDA_SUCCESS {
             // A reset frees every allocation of the primary context. Programs that mix primary
@@ -183,6 +193,7 @@ fn created(pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CuRe
         return CUDA_ERROR_INVALID_VALUE;
     }
     crate::sched::context_created(device);
+    let _op = memory::Operation::begin();
     if !wants_measure(device) {
         return create();
     }
@@ -224,6 +235,7 @@ pub unsafe extern "C" fn cuCtxCreate_v4(pctx: *mut CUcontext, params: *mut c_voi
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CuResult {
     guard::cuda("cuCtxDestroy_v2", || {
+        let _op = memory::Operation::begin();
         let code = call_real!(cuCtxDestroy_v2(ctx));
         if code == CUDA_SUCCESS {
             let entry = locks::lock(&CREATED).as_mut().and_then(|m| m.remove(&(ctx as usize)));

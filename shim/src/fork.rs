@@ -115,6 +115,7 @@ extern "C" fn in_child() {
         }
         // Held or not: atomics only from here.
         crate::context::forget_in_child();
+        crate::memory::forget_in_child();
         crate::cost::forget_in_child();
         crate::throttle::forget_in_child();
         crate::link::forget_in_child();
