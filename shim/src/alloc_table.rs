@@ -2,10 +2,11 @@
 //! returns exactly what its allocation charged.
 //!
 //! Sharded by key so that threads allocating at once rarely meet on a lock; an uncontended
-//! parking_lot mutex is one atomic operation, no syscall.
+//! mutex is one atomic operation, no syscall.
 
-use parking_lot::Mutex;
+use crate::{fork, locks};
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 const SHARDS: usize = 64;
 
@@ -32,18 +33,18 @@ impl AllocTable {
     }
 
     pub fn insert(&self, key: u64, entry: Entry) {
-        self.shard(key).lock().insert(key, entry);
+        locks::lock(self.shard(key)).insert(key, entry);
     }
 
     pub fn remove(&self, key: u64) -> Option<Entry> {
-        self.shard(key).lock().remove(&key)
+        locks::lock(self.shard(key)).remove(&key)
     }
 
     /// Removes every entry of `device`, returning the bytes they held (a context reset).
     pub fn drain_device(&self, device: i32) -> u64 {
         let mut total = 0;
         for shard in &self.shards {
-            shard.lock().retain(|_, e| {
+            locks::lock(shard).retain(|_, e| {
                 if e.device == device {
                     total += e.bytes;
                     false
@@ -55,9 +56,17 @@ impl AllocTable {
         total
     }
 
+    /// Takes every shard for a fork; the child starts with the table empty (what its parent
+    /// allocated is not the child's).
+    pub fn hold_for_fork(&'static self, h: &mut fork::Holder) {
+        for shard in &self.shards {
+            h.take(shard, HashMap::clear);
+        }
+    }
+
     /// Sum of tracked bytes on `device`.
     pub fn bytes_on(&self, device: i32) -> u64 {
-        self.shards.iter().map(|s| s.lock().values().filter(|e| e.device == device).map(|e| e.bytes).sum::<u64>()).sum()
+        self.shards.iter().map(|s| locks::lock(s).values().filter(|e| e.device == device).map(|e| e.bytes).sum::<u64>()).sum()
     }
 }
 

@@ -11,10 +11,10 @@ use crate::{budget, link};
 use crate::driver::call_real;
 use crate::ffi::*;
 use crate::nvml::nvml;
-use crate::{guard, memory, runtime};
+use crate::{guard, locks, memory, runtime};
 use gpuslice_common::size::format_size;
-use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
 use std::time::Instant;
@@ -28,6 +28,20 @@ static CREATED: Mutex<Option<HashMap<usize, (CUdevice, u64)>>> = Mutex::new(None
 /// Per device: when the overhead was last re-measured (ns since START), to bound NVML calls.
 static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
 static START: once_cell::sync::Lazy<Instant> = once_cell::sync::Lazy::new(Instant::now);
+
+/// The created contexts' lock, for a fork: a child's contexts are its own (see `fork`).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    h.take(&CREATED, |m| *m = None);
+}
+
+/// In a forked child: no primary context's reserve is charged to it yet (the parent's was
+/// charged to the parent's slot); its own is measured when it makes one.
+pub fn forget_in_child() {
+    for (state, reserve) in PRIMARY.iter().zip(&PRIMARY_RESERVE) {
+        state.store(0, Release);
+        reserve.store(0, Release);
+    }
+}
 
 /// A reading taken before a context is created.
 struct Before {
@@ -64,7 +78,8 @@ fn charge_reserve(device: CUdevice, reserve: u64, what: &str) {
 }
 
 /// Re-measures the memory the driver holds for this process outside tracked allocations, at
-/// most once a millisecond per device. Only called near the limit.
+/// most once a millisecond per device, when no other operation overlaps the measurement. Only
+/// called near the limit.
 pub fn true_up(device: CUdevice) {
     let Some(slot) = usize::try_from(device).ok().and_then(|d| LAST_TRUE_UP.get(d)) else { return };
     let now = START.elapsed().as_nanos() as u64 + 1;
@@ -76,9 +91,15 @@ pub fn true_up(device: CUdevice) {
         return; // Another thread is measuring.
     }
     let Some(nv) = nvml() else { return };
-    let Some(Some(process)) = nv.process_used(device) else { return };
     let Some(b) = budget::of(device) else { return };
+    // Only across a stretch with no allocation, free or context change under way (see
+    // `memory::Operation`); otherwise the figure stays as it was until a later call.
+    let Some(mark) = memory::quiet_mark() else { return };
+    let Some(Some(process)) = nv.process_used(device) else { return };
     let tracked = memory::tracked_bytes(device);
+    if memory::quiet_mark() != Some(mark) {
+        return;
+    }
     let overhead = process.saturating_sub(tracked);
     if overhead != b.overhead() {
         tracing::debug!(
@@ -100,6 +121,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: 
         let slot = usize::try_from(device).ok().and_then(|d| PRIMARY.get(d));
         crate::sched::context_created(device);
         crate::mps::context_created(device);
+        let _op = memory::Operation::begin();
         let measuring = wants_measure(device) && slot.is_some_and(|s| s.compare_exchange(0, 1, AcqRel, Relaxed).is_ok());
         if !measuring {
             return call_real!(cuDevicePrimaryCtxRetain(pctx, device));
@@ -138,6 +160,7 @@ fn primary_gone(device: CUdevice) {
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CuResult {
     guard::cuda("cuDevicePrimaryCtxRelease_v2", || {
+        let _op = memory::Operation::begin();
         let code = call_real!(cuDevicePrimaryCtxRelease_v2(device));
         if code == CUDA_SUCCESS {
             primary_gone(device);
@@ -149,6 +172,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CuRes
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CUdevice) -> CuResult {
     guard::cuda("cuDevicePrimaryCtxReset_v2", || {
+        let _op = memory::Operation::begin();
         let code = call_real!(cuDevicePrimaryCtxReset_v2(device));
         if code == CUDA_SUCCESS {
             // A reset frees every allocation of the primary context. Programs that mix primary
@@ -171,6 +195,7 @@ fn created(pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CuRe
     }
     crate::sched::context_created(device);
     crate::mps::context_created(device);
+    let _op = memory::Operation::begin();
     if !wants_measure(device) {
         return create();
     }
@@ -181,7 +206,7 @@ fn created(pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CuRe
         charge_reserve(device, reserve, "a new context");
         // SAFETY: the driver wrote the new context.
         let ctx = unsafe { *pctx } as usize;
-        CREATED.lock().get_or_insert_with(HashMap::new).insert(ctx, (device, reserve));
+        locks::lock(&CREATED).get_or_insert_with(HashMap::new).insert(ctx, (device, reserve));
     }
     code
 }
@@ -212,9 +237,10 @@ pub unsafe extern "C" fn cuCtxCreate_v4(pctx: *mut CUcontext, params: *mut c_voi
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CuResult {
     guard::cuda("cuCtxDestroy_v2", || {
+        let _op = memory::Operation::begin();
         let code = call_real!(cuCtxDestroy_v2(ctx));
         if code == CUDA_SUCCESS {
-            let entry = CREATED.lock().as_mut().and_then(|m| m.remove(&(ctx as usize)));
+            let entry = locks::lock(&CREATED).as_mut().and_then(|m| m.remove(&(ctx as usize)));
             if let Some((device, reserve)) = entry {
                 if let Some(b) = budget::of(device) {
                     b.remove_overhead(reserve);

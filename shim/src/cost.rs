@@ -30,11 +30,12 @@
 use crate::driver::driver;
 use crate::ffi::*;
 use crate::throttle::Bucket;
-use parking_lot::Mutex;
+use crate::locks;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
+use std::sync::Mutex;
 
 /// Charged for a launch whose shape has no measurement yet.
 pub const UNKNOWN_NS: u64 = 1_000_000;
@@ -132,7 +133,7 @@ pub struct Plan {
 }
 
 pub fn plan(key: u64) -> Plan {
-    let mut guard = shard(key).lock();
+    let mut guard = locks::lock(shard(key));
     let e = guard.get_or_insert_with(HashMap::new).entry(key).or_default();
     let unknown = e.busy_ns == 0 && e.idle_ns == 0;
     let sample = unknown || e.launches.is_multiple_of(SAMPLE_EVERY);
@@ -160,6 +161,22 @@ struct Pending {
 
 static CONTEXTS: Mutex<Option<HashMap<usize, ContextEvents>>> = Mutex::new(None);
 static PENDING: AtomicUsize = AtomicUsize::new(0);
+
+/// The cost model's locks, for a fork (see `fork`): the child keeps what kernels cost, and
+/// forgets its parent's events and spans (of the parent's contexts).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    h.take(&CONTEXTS, |c| *c = None);
+    for shard in &ESTIMATES {
+        h.take(shard, crate::fork::keep);
+    }
+}
+
+/// In a forked child: no span in flight, and the forking thread's open span (the only thread
+/// there) was its parent's.
+pub fn forget_in_child() {
+    PENDING.store(0, Relaxed);
+    let _ = OPEN.try_with(|open| open.borrow_mut().take());
+}
 
 /// A span being measured: opened, and growing with this thread's launches.
 struct Span {
@@ -195,7 +212,7 @@ fn take_event(events: &mut ContextEvents) -> Option<usize> {
 }
 
 fn give_back(ctx: usize, events: &[usize]) {
-    if let Some(e) = CONTEXTS.lock().as_mut().and_then(|m| m.get_mut(&ctx)) {
+    if let Some(e) = locks::lock(&CONTEXTS).as_mut().and_then(|m| m.get_mut(&ctx)) {
         e.pool.extend_from_slice(events);
     }
 }
@@ -219,7 +236,7 @@ pub fn continues_span(key: u64, stream: CUstream, sequence: u64) -> bool {
 pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, bucket: Bucket, sequence: u64) {
     let Some(ctx) = current_context() else { return };
     let (before, after) = {
-        let mut contexts = CONTEXTS.lock();
+        let mut contexts = locks::lock(&CONTEXTS);
         let events = contexts.get_or_insert_with(HashMap::new).entry(ctx).or_default();
         if events.pending.len() >= MAX_PENDING {
             return;
@@ -255,7 +272,7 @@ pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, buck
 /// Notes a launch of `key` charged `UNKNOWN_NS` that no span measures: it is settled when the
 /// shape's first sample arrives.
 pub fn note_unsettled(key: u64) {
-    let mut guard = shard(key).lock();
+    let mut guard = locks::lock(shard(key));
     guard.get_or_insert_with(HashMap::new).entry(key).or_default().unsettled += 1;
 }
 
@@ -295,7 +312,7 @@ pub fn close_span() {
         busy: span.busy || span.launches >= SPAN_AMORTISED,
         bucket: span.bucket,
     };
-    if let Some(events) = CONTEXTS.lock().as_mut().and_then(|m| m.get_mut(&span.ctx)) {
+    if let Some(events) = locks::lock(&CONTEXTS).as_mut().and_then(|m| m.get_mut(&span.ctx)) {
         events.pending.push_back(pending);
         PENDING.fetch_add(1, Relaxed);
     }
@@ -308,7 +325,7 @@ pub fn wait_for(stream: CUstream) {
     let Some(sync) = d.cuEventSynchronize else { return };
     let Some(ctx) = current_context() else { return };
     let event = {
-        let mut contexts = CONTEXTS.lock();
+        let mut contexts = locks::lock(&CONTEXTS);
         let events = contexts.get_or_insert_with(HashMap::new).entry(ctx).or_default();
         take_event(events)
     };
@@ -328,7 +345,7 @@ pub fn harvest() {
     }
     let Some(d) = driver() else { return };
     let (Some(query), Some(elapsed)) = (d.cuEventQuery, d.cuEventElapsedTime) else { return };
-    let Some(mut contexts) = CONTEXTS.try_lock() else { return };
+    let Some(mut contexts) = locks::try_lock(&CONTEXTS) else { return };
     let Some(map) = contexts.as_mut() else { return };
     for events in map.values_mut() {
         while let Some(p) = events.pending.front() {
@@ -353,7 +370,7 @@ pub fn harvest() {
 
 fn learn(p: &Pending, measured_ns: u64) {
     let per_launch = (measured_ns / u64::from(p.launches.max(1))).max(1);
-    let mut guard = shard(p.key).lock();
+    let mut guard = locks::lock(shard(p.key));
     let e = guard.get_or_insert_with(HashMap::new).entry(p.key).or_default();
     let had_busy = e.busy_ns != 0;
     let unsettled = std::mem::take(&mut e.unsettled);

@@ -6,7 +6,7 @@
 
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
-use crate::{board, cost, guard, sched, throttle};
+use crate::{board, cost, guard, locks, sched, throttle};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
@@ -74,7 +74,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     }
     let plan = cost::plan(key);
     let me = throttle::thread_token();
-    let mut last = bucket.last_launch().lock();
+    let mut last = locks::lock(bucket.last_launch());
     let sequence = last.sequence + 1;
     // This thread's previous launch, if it was also the device's previous one.
     let previous = (last.thread == me && last.sequence != 0).then_some(last.stream as CUstream);
@@ -111,7 +111,7 @@ fn end_burst(device: i32, bucket: throttle::Bucket) {
         return;
     }
     if bucket.shared(throttle::now_ns()) {
-        let last = *bucket.last_launch().lock();
+        let last = *locks::lock(bucket.last_launch());
         if last.thread == throttle::thread_token() && last.sequence != 0 {
             cost::wait_for(last.stream as CUstream);
         }

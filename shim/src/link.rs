@@ -81,11 +81,7 @@ fn attach_slow() -> Option<&'static Link> {
         if ATTACHING.compare_exchange(false, true, AcqRel, Acquire).is_ok() {
             if let Ok(link) = attach(settings) {
                 LINK.store(Box::into_raw(Box::new(link)), Release);
-                static ATFORK: std::sync::Once = std::sync::Once::new();
-                // SAFETY: registering a plain extern "C" function.
-                ATFORK.call_once(|| unsafe {
-                    libc::pthread_atfork(None, None, Some(in_forked_child));
-                });
+                crate::fork::install();
             }
             ATTACHING.store(false, Release);
             return get(); // None when the driver was not ready: a later call tries again.
@@ -95,10 +91,10 @@ fn attach_slow() -> Option<&'static Link> {
     }
 }
 
-/// In a child after `fork`: the parent's slots are the parent's. The child attaches afresh
-/// (its own slot, through the controller) at its next CUDA call. Only atomic stores here: the
-/// child has one thread and possibly locks held by threads that no longer exist.
-extern "C" fn in_forked_child() {
+/// In a child after `fork` (called by `fork`'s child handler): the parent's slots are the
+/// parent's. The child attaches afresh (its own slot, through the controller) at its next CUDA
+/// call. Atomic stores only.
+pub fn forget_in_child() {
     LINK.store(std::ptr::null_mut(), Release);
     ATTACHING.store(false, Release);
     FORK_GENERATION.fetch_add(1, AcqRel);

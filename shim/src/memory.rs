@@ -13,6 +13,7 @@ use crate::{context, guard, runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
 use std::ffi::c_uint;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 /// Linear allocations (cuMemAlloc, pitch, managed, async, pools), by device pointer.
 static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
@@ -20,6 +21,52 @@ static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 static HANDLES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 /// CUDA arrays and mipmapped arrays, by handle.
 static ARRAYS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+
+/// Operations that change what the driver holds for this process, between their first step
+/// and their last (low 32 bits), and how many have ended (high 32 bits). `context::true_up`
+/// compares the driver's figure with the tables only across a stretch in which none was under
+/// way: mid-operation the two legitimately differ (an allocation the driver has made and the
+/// table not yet recorded, a free recorded and not yet made), and a measurement then would
+/// move the overhead by those bytes, refusing below the limit or granting over it.
+static OPERATIONS: AtomicU64 = AtomicU64::new(0);
+const ONE_ENDED: u64 = (1 << 32) - 1;
+
+/// One operation under way, for as long as it lives.
+pub struct Operation(());
+
+impl Operation {
+    #[inline]
+    pub fn begin() -> Operation {
+        OPERATIONS.fetch_add(1, SeqCst);
+        Operation(())
+    }
+}
+
+impl Drop for Operation {
+    #[inline]
+    fn drop(&mut self) {
+        OPERATIONS.fetch_add(ONE_ENDED, SeqCst);
+    }
+}
+
+/// A mark of the operations so far: `Some` when none is under way. Equal marks taken before
+/// and after a reading mean that nothing changed in between.
+pub fn quiet_mark() -> Option<u64> {
+    let v = OPERATIONS.load(SeqCst);
+    (v & 0xffff_ffff == 0).then_some(v)
+}
+
+/// In a forked child: the parent's operations under way are not the child's.
+pub fn forget_in_child() {
+    OPERATIONS.store(0, SeqCst);
+}
+
+/// Every table's locks, for a fork (see `fork`).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    for table in [&*POINTERS, &*HANDLES, &*ARRAYS] {
+        table.hold_for_fork(h);
+    }
+}
 
 /// Bytes tracked on `device` across all allocation kinds.
 pub fn tracked_bytes(device: i32) -> u64 {
@@ -51,6 +98,7 @@ fn charged(
     if budget.near_limit(bytes) {
         context::true_up(device);
     }
+    let _op = Operation::begin();
     if let Err(refusal) = budget.try_charge(bytes) {
         report_refusal(what, device, bytes, refusal);
         return CUDA_ERROR_OUT_OF_MEMORY;
@@ -67,6 +115,7 @@ fn charged(
 /// Removes the record of `key`, runs `free`, and gives the bytes back if the driver freed it.
 #[inline]
 fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuResult) -> CuResult {
+    let _op = Operation::begin();
     let entry = table.remove(key);
     let code = free();
     if let Some(entry) = entry {
@@ -151,6 +200,8 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
     element_size: c_uint,
 ) -> CuResult {
     guard::cuda("cuMemAllocPitch_v2", || {
+        // One operation from the first charge to the padding's (nested ones only count).
+        let _op = Operation::begin();
         // Charge the unpadded size first; the padding is known only once the driver answers.
         let requested = (width_bytes as u64).saturating_mul(height as u64);
         let device = current_device();

@@ -7,9 +7,9 @@
 use crate::dl::Library;
 use crate::driver::driver;
 use crate::ffi::*;
-use crate::{budget, guard, runtime};
+use crate::{budget, guard, locks, runtime};
 use once_cell::sync::OnceCell;
-use parking_lot::Mutex;
+use std::sync::Mutex;
 use std::ffi::{c_char, c_uint, c_void, CStr};
 
 type InitFn = unsafe extern "C" fn() -> NvmlReturn;
@@ -63,6 +63,13 @@ pub fn nvml() -> Option<&'static Nvml> {
     .as_ref()
 }
 
+/// The handle cache's lock, for a fork (see `fork`); NVML handles stay valid in the child.
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    if let Some(Some(nv)) = NVML.get() {
+        h.take(&nv.handles, crate::fork::keep);
+    }
+}
+
 /// The NVML-style UUID string ("GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx") of CUDA device `device`.
 pub fn cuda_uuid_string(device: CUdevice) -> Option<String> {
     let d = driver()?;
@@ -85,7 +92,7 @@ impl Nvml {
             return None;
         }
         let index = device as usize;
-        if let Some(Some(h)) = self.handles.lock().get(index) {
+        if let Some(Some(h)) = locks::lock(&self.handles).get(index) {
             return Some(*h as NvmlDevice);
         }
         let uuid = std::ffi::CString::new(cuda_uuid_string(device)?).ok()?;
@@ -94,7 +101,7 @@ impl Nvml {
         if unsafe { (self.handle_by_uuid?)(uuid.as_ptr(), &mut handle) } != NVML_SUCCESS {
             return None;
         }
-        let mut handles = self.handles.lock();
+        let mut handles = locks::lock(&self.handles);
         if handles.len() <= index {
             handles.resize(index + 1, None);
         }

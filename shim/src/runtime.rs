@@ -73,15 +73,42 @@ fn init_logging() {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(true);
     // Never stdout: it belongs to the host program.
-    let result = match std::env::var(ENV_LOG_FILE).ok().filter(|p| !p.is_empty()) {
+    let fd = match std::env::var(ENV_LOG_FILE).ok().filter(|p| !p.is_empty()) {
         Some(path) => match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-            Ok(file) => builder.with_writer(std::sync::Mutex::new(file)).try_init(),
+            Ok(file) => std::os::fd::IntoRawFd::into_raw_fd(file), // Kept open for the process's life.
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "gpuslice: warning: cannot open {ENV_LOG_FILE}={path:?} ({e}); logging to stderr");
-                builder.with_writer(std::io::stderr).try_init()
+                libc::STDERR_FILENO
             }
         },
-        None => builder.with_writer(std::io::stderr).try_init(),
+        None => libc::STDERR_FILENO,
     };
-    drop(result); // Already initialised (a second init after fork, say) is fine.
+    // Already initialised (a second init after fork, say) is fine.
+    drop(builder.with_writer(move || LineWriter(fd)).try_init());
+}
+
+/// Writes each log line with write(2) straight to a descriptor, taking no lock: a child forked
+/// while another thread was logging must not find a writer's lock (std's stderr lock, a mutex
+/// around the file) held for ever. The formatter hands over a whole line at once, so lines do
+/// not interleave (one write of a line to a pipe or an O_APPEND file is atomic).
+struct LineWriter(std::os::fd::RawFd);
+
+impl std::io::Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            // SAFETY: writing from a valid buffer to a descriptor this process owns.
+            let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

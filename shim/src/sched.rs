@@ -21,11 +21,12 @@ use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::link::{self, MAX_ORDINALS};
 use crate::throttle::now_ns;
+use crate::locks;
 use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
-use parking_lot::{Condvar, Mutex};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// How long a high-priority process's claim lasts without renewal.
 const LEASE_NS: u64 = 300_000_000;
@@ -192,24 +193,21 @@ fn in_flight(device: CUdevice) -> &'static InFlight {
 }
 
 impl InFlight {
-    /// The queue, if its lock comes within `LOCK_PATIENCE` (a forked child may find it held
-    /// for ever); a child's inherited events, which belong to its parent's contexts, are dropped.
-    fn queue(&self) -> Option<parking_lot::MappedMutexGuard<'_, VecDeque<(usize, usize)>>> {
-        let mut guard = self.events.try_lock_for(LOCK_PATIENCE)?;
+    /// The queue (`.1`); a forked child's inherited events, which belong to its parent's
+    /// contexts, are dropped.
+    fn queue(&self) -> MutexGuard<'_, (u64, VecDeque<(usize, usize)>)> {
+        let mut guard = locks::lock(&self.events);
         let generation = link::fork_generation();
         if guard.0 != generation {
             std::mem::forget(std::mem::take(&mut guard.1));
             guard.0 = generation;
         }
-        Some(parking_lot::MutexGuard::map(guard, |g| &mut g.1))
+        guard
     }
 
     fn push(&self, stream: CUstream) {
         let Some((ctx, event)) = recorded_event(stream) else { return };
-        match self.queue() {
-            Some(mut q) => q.push_back((ctx, event)),
-            None => give_event(ctx, event),
-        }
+        self.queue().1.push_back((ctx, event));
     }
 
     /// Drops finished launches; sleeps on the oldest while `limit` or more are in flight.
@@ -218,7 +216,8 @@ impl InFlight {
     }
 
     fn wait_below_now(&self, limit: usize) {
-        let Some(mut events) = self.queue() else { return };
+        let mut queue = self.queue();
+        let events = &mut queue.1;
         while let Some(&(ctx, event)) = events.front() {
             if events.len() >= limit {
                 let spin_until = now_ns() + SPIN_NS;
@@ -249,10 +248,6 @@ struct Watched {
     generation: u64,
 }
 
-/// How long an application thread waits for the watcher's lock before launching without the
-/// priority rules (a child forked while the watcher held it never gets it).
-const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(50);
-
 struct Outstanding {
     sched: &'static DeviceSched,
     slot: &'static HighSlot,
@@ -271,11 +266,9 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
     let code = launch();
     let event = if code == CUDA_SUCCESS { recorded_event(stream) } else { None };
     {
-        let watched = WATCHED.try_lock_for(LOCK_PATIENCE);
-        if let (Some(mut watched), Some(event)) = (watched, event) {
-            if let Some(o) = watched.as_mut().and_then(|w| w.devices.get_mut(&device)) {
-                o.events.push(event);
-            }
+        let mut watched = locks::lock(&WATCHED);
+        if let (Some(o), Some(event)) = (watched.as_mut().and_then(|w| w.devices.get_mut(&device)), event) {
+            o.events.push(event);
         }
         LAUNCHING.fetch_sub(1, SeqCst);
     }
@@ -298,7 +291,7 @@ fn recorded_event(stream: CUstream) -> Option<(usize, usize)> {
 /// This process's high-priority slot on `device`, claimed at its first launch there (and the
 /// watcher started at the first of all).
 fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighSlot> {
-    let mut watched = WATCHED.try_lock_for(LOCK_PATIENCE)?;
+    let mut watched = locks::lock(&WATCHED);
     let generation = link::fork_generation();
     let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false, generation });
     if w.generation != generation {
@@ -335,13 +328,14 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
     Some(slot)
 }
 
+/// (fork generation, token) of `owner`: a forked child draws its own.
+static OWNER: Mutex<(u64, u64)> = Mutex::new((u64::MAX, 0));
+
 /// A number for this process's high-priority slots, drawn once: pids repeat across pid
 /// namespaces, and a controller may serve several.
 fn owner() -> u64 {
-    // (generation, token): a forked child draws its own.
-    static OWNER: Mutex<(u64, u64)> = Mutex::new((u64::MAX, 0));
     let generation = link::fork_generation();
-    let mut owner = OWNER.lock();
+    let mut owner = locks::lock(&OWNER);
     if owner.0 != generation {
         let mut bytes = [0u8; 8];
         // SAFETY: getrandom into a local buffer.
@@ -368,7 +362,7 @@ extern "C" fn release_at_exit() {
     // inherited slots are its parent's: not to be released here. Nothing may unwind out of an
     // exit handler.
     let _ = std::panic::catch_unwind(|| {
-        if let Some(mut watched) = WATCHED.try_lock() {
+        if let Some(mut watched) = locks::try_lock(&WATCHED) {
             if let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) {
                 release_all(w);
             }
@@ -386,7 +380,7 @@ fn watch() {
     let mut renewed = 0u64;
     loop {
         let now = now_ns();
-        let mut watched = WATCHED.lock();
+        let mut watched = locks::lock(&WATCHED);
         let Some(w) = watched.as_mut() else { return };
         if priority() != Priority::High && !w.devices.is_empty() {
             // Set back to normal or low (by the controller): the neighbours go free at once.
@@ -427,7 +421,7 @@ fn watch() {
             drop(watched);
             std::thread::sleep(std::time::Duration::from_nanos(POLL_NS));
         } else {
-            WORK.wait_for(&mut watched, std::time::Duration::from_nanos(RENEW_NS));
+            drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(RENEW_NS)));
         }
     }
 }
@@ -448,13 +442,25 @@ fn relaxed<T>(f: impl FnOnce() -> T) -> T {
 
 static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 
+/// The priority machinery's locks, for a fork (see `fork`), in the order the code nests them:
+/// the watcher's state before the owner token and the event pools, a device's launches in
+/// flight before the pools. The child sorts its inherited state out itself (fork generations).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    h.take(&WATCHED, crate::fork::keep);
+    for device in &IN_FLIGHT {
+        h.take(&device.events, crate::fork::keep);
+    }
+    h.take(&OWNER, crate::fork::keep);
+    h.take(&POOLS, crate::fork::keep);
+}
+
 fn current_context() -> Option<usize> {
     driver()?.current_context()
 }
 
 /// An event of context `ctx` (the current one) that sleeps when waited on.
 fn take_event(ctx: usize) -> Option<usize> {
-    if let Some(e) = POOLS.try_lock_for(LOCK_PATIENCE).and_then(|mut p| p.as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop())) {
+    if let Some(e) = locks::lock(&POOLS).as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop()) {
         return Some(e);
     }
     let mut ev: *mut c_void = std::ptr::null_mut();
@@ -463,9 +469,7 @@ fn take_event(ctx: usize) -> Option<usize> {
 
 fn give_event(ctx: usize, event: usize) {
     // Pools are per context: a forked child's contexts are new, its parent's events never reused.
-    if let Some(mut pools) = POOLS.try_lock_for(LOCK_PATIENCE) {
-        pools.get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
-    }
+    locks::lock(&POOLS).get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
 }
 
 fn record(event: usize, stream: CUstream) -> bool {

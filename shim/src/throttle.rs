@@ -13,9 +13,10 @@
 
 use crate::ffi::CUdevice;
 use crate::link::{self, MAX_ORDINALS};
+use crate::locks;
 use gpuslice_common::ledger::{GroupDevice, ProcessDevice};
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::Mutex;
 
 /// Device time a sleeping launcher waits to have in hand before it goes again.
 pub const QUANTUM_NS: u64 = 1_000_000;
@@ -71,6 +72,23 @@ pub struct Bucket {
     group: &'static GroupDevice,
     process: &'static ProcessDevice,
     local: &'static Local,
+}
+
+/// The per-device launch locks, for a fork (see `fork`): the child's launches start a new
+/// order (its parent's latest launch was on the parent's queue).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    for local in &LOCAL {
+        h.take(&local.last_launch, |l| *l = LastLaunch { thread: 0, stream: 0, sequence: 0 });
+        h.take(&local.reported, |r| *r = (0, 0, 0));
+    }
+}
+
+/// In a forked child: nothing of its own is queued on any device yet.
+pub fn forget_in_child() {
+    for local in &LOCAL {
+        local.queued_until.store(0, Relaxed);
+        local.shared_until.store(0, Relaxed);
+    }
 }
 
 /// A number unique to the calling thread while it lives (the address of a thread-local).
@@ -193,7 +211,7 @@ impl Bucket {
     /// Once a second, at debug level: the share actually charged and the time spent waiting.
     #[cold]
     fn report(&self, now: u64) {
-        let Some(mut last) = self.local.reported.try_lock() else { return };
+        let Some(mut last) = locks::try_lock(&self.local.reported) else { return };
         let (wall0, charged0, waited0) = *last;
         if now.saturating_sub(wall0) < 1_000_000_000 {
             return;

@@ -48,6 +48,27 @@
  *   fork ... endchild      fork(): the child prints "ok forked pid=" and runs the commands up to
  *                          `endchild`, then exits 0; the parent waits for it, prints
  *                          "ok fork child= status=" and goes on after `endchild`.
+ *
+ * Commands for fault injection (tests/integration/tests/faults.rs):
+ *   storm T NS SEED STOPFILE
+ *                          T threads, each with a ring of 8 allocations: every round frees one it
+ *                          holds or makes one (cuMemAlloc, 1 in 8 cuMemCreate, 1 in 8 an array;
+ *                          256 KiB to 4 MiB) and launches a kernel of NS ns; until STOPFILE exists
+ *                          (60 s at most), then frees what it holds  -> rounds= allocs= refusals= failures=
+ *   hammer T ROUNDS CHUNK CHURN NS
+ *                          T threads, ROUNDS rounds of: all fill with CHUNK-byte cuMemAlloc (+ a
+ *                          launch each) until each is refused once; then each does CHURN steps of
+ *                          (free one of its own, or cuMemAlloc 4 KiB..CHUNK) + a launch; between
+ *                          rounds everything is freed; the last round's allocations are kept as ids
+ *                          -> threads= refusals= (all OOMs seen) failures= held= (bytes kept)
+ *                             granted=G1,G2,... (chunks granted in each round's fill)
+ *   forkstorm T FORKS TIMEOUT_MS NS
+ *                          T storm threads (as `storm`) while the main thread forks FORKS times;
+ *                          each child does cuMemAlloc(1 MiB), a launch, cuMemFree, cuCtxSynchronize
+ *                          and exits (10 + the failed step on error); a child not done within
+ *                          TIMEOUT_MS is killed and counted as hung
+ *                          -> forks= fine= hung= failed= codes= max_ms= rounds= failures=
+ *   exec PATH ARGS...      execv(PATH, [PATH, ARGS...]): the rest of the line is the new program's.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -55,6 +76,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <errno.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <stdlib.h>
 #include <string.h>
@@ -385,6 +407,8 @@ static const struct cmdspec CMDS[] = {
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
+    {"fork", ""},         {"endchild", ""},
+    {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -402,6 +426,7 @@ static int validate(int argc, char **argv) {
             return -1;
         }
         i++;
+        if (!strcmp(c->name, "exec")) return i < argc ? 0 : -1; /* the rest is the new program's */
         for (const char *k = c->args; *k; k++, i++) {
             if (i >= argc) {
                 fprintf(stderr, "cuclient: '%s' needs %zu argument(s)\n", c->name, strlen(c->args));
@@ -565,6 +590,209 @@ static void *launch_thread(void *p) {
     if (p_cuStreamSynchronize(s) != 0) a->failures++;
     p_cuStreamDestroy(s);
     return NULL;
+}
+
+/* ---------------------------------------------------------------- fault injection (faults.rs) */
+static unsigned long long xorshift(unsigned long long *s) {
+    unsigned long long x = *s;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *s = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+/* One allocation of `kind` (K_ALLOC, K_VMM or K_ARRAY) of about `size` bytes into *o; VMM sizes
+ * are rounded up to `gran`, arrays are size x 1 bytes. Returns the driver's code. */
+static CUresult fault_alloc(struct obj *o, enum kind kind, size_t size, size_t gran, CUdevice dev) {
+    memset(o, 0, sizeof *o);
+    o->kind = kind;
+    if (kind == K_VMM && p_cuMemCreate && gran) {
+        CUmemAllocationProp prop;
+        memset(&prop, 0, sizeof prop);
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = dev;
+        o->size = (size + gran - 1) / gran * gran;
+        return p_cuMemCreate(&o->vmm, o->size, &prop, 0);
+    }
+    if (kind == K_ARRAY && p_cuArrayCreate) {
+        CUDA_ARRAY_DESCRIPTOR d = {size, 1, CU_AD_FORMAT_UNSIGNED_INT8, 1};
+        o->size = size;
+        return p_cuArrayCreate(&o->handle, &d);
+    }
+    o->kind = K_ALLOC;
+    o->size = size;
+    return p_cuMemAlloc(&o->ptr, size);
+}
+
+#define STORM_RING 8
+struct storm_arg {
+    unsigned long long ns, seed;
+    const char *stopfile;      /* stop when it exists (checked every 16 rounds), or */
+    volatile int *stop;        /* when this becomes non-zero */
+    unsigned long long rounds, allocs, refusals, failures;
+};
+
+/* One thread of `storm` (and of `forkstorm`): a ring of STORM_RING allocations, each round frees
+ * one held entry or makes a new one (mostly cuMemAlloc, some cuMemCreate and arrays, 256 KiB to
+ * 4 MiB) and launches a kernel of `ns`; at the stop it frees what it holds. */
+static void *storm_thread(void *p) {
+    struct storm_arg *a = p;
+    if (p_cuCtxSetCurrent(g_ctx) != 0) {
+        a->failures++;
+        return NULL;
+    }
+    CUdevice dev = 0;
+    current_device(&dev);
+    size_t gran = 0;
+    if (p_cuMemGetAllocationGranularity) {
+        CUmemAllocationProp prop;
+        memset(&prop, 0, sizeof prop);
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = dev;
+        if (p_cuMemGetAllocationGranularity(&gran, &prop, 0) != 0) gran = 0;
+    }
+    struct obj ring[STORM_RING];
+    int held[STORM_RING] = {0};
+    unsigned long long s = a->seed | 1, dur = a->ns;
+    void *params[] = {&dur};
+    double t0 = now_ms();
+    for (;; a->rounds++) {
+        if (a->rounds % 16 == 0) {
+            if (a->stop ? *a->stop : access(a->stopfile, F_OK) == 0) break;
+            if (now_ms() - t0 > WAIT_CAP_MS) break;
+        }
+        unsigned long long x = xorshift(&s);
+        int i = (int)(x % STORM_RING);
+        if (held[i]) {
+            if (do_free(&ring[i]) != 0) a->failures++;
+            held[i] = 0;
+        } else {
+            unsigned k = (unsigned)((x >> 16) % 8);
+            enum kind kind = k == 0 ? K_VMM : k == 1 ? K_ARRAY : K_ALLOC;
+            size_t size = (size_t)((x >> 24) % 16 + 1) << 18;
+            CUresult r = fault_alloc(&ring[i], kind, size, gran, dev);
+            if (r == 0) {
+                held[i] = 1;
+                a->allocs++;
+            } else if (r == 2) {
+                a->refusals++;
+            } else {
+                a->failures++;
+            }
+        }
+        if (g_func && p_cuLaunchKernel(g_func, 1, 1, 1, 32, 1, 1, 0, 0, params, NULL) != 0) a->failures++;
+    }
+    for (int i = 0; i < STORM_RING; i++)
+        if (held[i] && do_free(&ring[i]) != 0) a->failures++;
+    return NULL;
+}
+
+static void storm_totals(struct storm_arg *args, unsigned long long t, unsigned long long *tot) {
+    tot[0] = tot[1] = tot[2] = tot[3] = 0;
+    for (unsigned long long i = 0; i < t; i++) {
+        tot[0] += args[i].rounds;
+        tot[1] += args[i].allocs;
+        tot[2] += args[i].refusals;
+        tot[3] += args[i].failures;
+    }
+}
+
+/* `hammer`: threads filling to the limit together, then churning, round after round. */
+struct hammer_shared {
+    pthread_barrier_t barrier;
+    unsigned long long rounds, chunk, churn, ns;
+};
+struct hammer_arg {
+    struct hammer_shared *sh;
+    unsigned long long seed;
+    unsigned long long *granted; /* per round, this thread's chunks in the fill */
+    unsigned long long refusals, failures, held;
+    struct obj *objs;
+    int nobjs, cap;
+};
+
+static void hammer_push(struct hammer_arg *a, struct obj o) {
+    if (a->nobjs == a->cap) {
+        a->cap = a->cap ? a->cap * 2 : 64;
+        a->objs = realloc(a->objs, sizeof(struct obj) * a->cap);
+        if (!a->objs) abort();
+    }
+    a->objs[a->nobjs++] = o;
+}
+
+static void *hammer_thread(void *p) {
+    struct hammer_arg *a = p;
+    struct hammer_shared *sh = a->sh;
+    int ok = p_cuCtxSetCurrent(g_ctx) == 0;
+    if (!ok) a->failures++;
+    unsigned long long s = a->seed | 1, dur = sh->ns;
+    void *params[] = {&dur};
+    for (unsigned long long r = 0; r < sh->rounds; r++) {
+        pthread_barrier_wait(&sh->barrier);
+        /* Fill: chunks until the first refusal. Nothing is freed meanwhile, so the group's use
+           only grows and every thread's first refusal means the limit is reached. */
+        while (ok) {
+            struct obj o = {K_ALLOC, 0, NULL, 0, sh->chunk, 0};
+            CUresult c = p_cuMemAlloc(&o.ptr, o.size);
+            if (c == 2) {
+                a->refusals++;
+                break;
+            }
+            if (c != 0) {
+                a->failures++;
+                break;
+            }
+            hammer_push(a, o);
+            a->granted[r]++;
+            if (p_cuLaunchKernel(g_func, 1, 1, 1, 32, 1, 1, 0, 0, params, NULL) != 0) a->failures++;
+        }
+        pthread_barrier_wait(&sh->barrier);
+        /* Churn: free one of ours or allocate 4 KiB .. chunk, and launch. */
+        for (unsigned long long k = 0; ok && k < sh->churn; k++) {
+            unsigned long long x = xorshift(&s);
+            if (a->nobjs && (x & 1)) {
+                int i = (int)((x >> 8) % (unsigned long long)a->nobjs);
+                if (p_cuMemFree(a->objs[i].ptr) != 0) a->failures++;
+                a->objs[i] = a->objs[--a->nobjs];
+            } else {
+                struct obj o = {K_ALLOC, 0, NULL, 0, ((x >> 8) % (sh->chunk >> 12) + 1) << 12, 0};
+                CUresult c = p_cuMemAlloc(&o.ptr, o.size);
+                if (c == 0) hammer_push(a, o);
+                else if (c == 2) a->refusals++;
+                else a->failures++;
+            }
+            if (p_cuLaunchKernel(g_func, 1, 1, 1, 32, 1, 1, 0, 0, params, NULL) != 0) a->failures++;
+        }
+        pthread_barrier_wait(&sh->barrier);
+        if (r + 1 < sh->rounds) {
+            for (int i = 0; i < a->nobjs; i++)
+                if (p_cuMemFree(a->objs[i].ptr) != 0) a->failures++;
+            a->nobjs = 0;
+        }
+    }
+    a->held = 0;
+    for (int i = 0; i < a->nobjs; i++) {
+        a->held += a->objs[i].size;
+        add_obj(a->objs[i]);
+    }
+    free(a->objs);
+    return NULL;
+}
+
+/* `forkstorm`: one child, run right after fork() while the storm threads go on in the parent.
+ * Exit codes: 0 fine, 10 + the step that failed. */
+static void forked_child(unsigned long long ns) {
+    CUdeviceptr d = 0;
+    unsigned long long dur = ns;
+    void *params[] = {&dur};
+    if (p_cuMemAlloc(&d, 1 << 20) != 0) exit(10);
+    if (p_cuLaunchKernel(g_func, 1, 1, 1, 32, 1, 1, 0, 0, params, NULL) != 0) exit(11);
+    if (p_cuMemFree(d) != 0) exit(12);
+    if (p_cuCtxSynchronize() != 0) exit(13);
+    exit(0);
 }
 
 static int cmp_ull(const void *x, const void *y) {
@@ -1036,6 +1264,130 @@ static void run(const char *cmd, char **a) {
         }
         int id = add_obj(o);
         printf("ok allocwait id=%d ptr=0x%llx tries=%llu at=%llu\n", id, o.ptr, tries, at);
+    } else if (!strcmp(cmd, "storm")) {
+        /* storm T NS SEED STOPFILE */
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        NEED(cuCtxSetCurrent);
+        NEED(cuLaunchKernel);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        unsigned long long t = num(a[0]), tot[4];
+        pthread_t *th = calloc(t, sizeof *th);
+        struct storm_arg *args = calloc(t, sizeof *args);
+        for (unsigned long long i = 0; i < t; i++) {
+            args[i].ns = num(a[1]);
+            args[i].seed = num(a[2]) * 0x9E3779B97F4A7C15ULL + (i + 1) * 0xBF58476D1CE4E5B9ULL + (unsigned long long)getpid();
+            args[i].stopfile = a[3];
+            pthread_create(&th[i], NULL, storm_thread, &args[i]);
+        }
+        for (unsigned long long i = 0; i < t; i++) pthread_join(th[i], NULL);
+        storm_totals(args, t, tot);
+        free(th);
+        free(args);
+        printf("ok storm rounds=%llu allocs=%llu refusals=%llu failures=%llu\n", tot[0], tot[1], tot[2], tot[3]);
+    } else if (!strcmp(cmd, "hammer")) {
+        /* hammer T ROUNDS CHUNK CHURN NS */
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        NEED(cuCtxSetCurrent);
+        NEED(cuLaunchKernel);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        unsigned long long t = num(a[0]);
+        struct hammer_shared sh = {.rounds = num(a[1]), .chunk = num(a[2]), .churn = num(a[3]), .ns = num(a[4])};
+        if (!t || !sh.rounds || sh.chunk < 4096) {
+            printf("err hammer code=-1 bad_arguments=1\n");
+            return;
+        }
+        pthread_barrier_init(&sh.barrier, NULL, (unsigned)t);
+        pthread_t *th = calloc(t, sizeof *th);
+        struct hammer_arg *args = calloc(t, sizeof *args);
+        for (unsigned long long i = 0; i < t; i++) {
+            args[i].sh = &sh;
+            args[i].seed = (i + 1) * 0x9E3779B97F4A7C15ULL;
+            args[i].granted = calloc(sh.rounds, sizeof(unsigned long long));
+            pthread_create(&th[i], NULL, hammer_thread, &args[i]);
+        }
+        unsigned long long refusals = 0, failures = 0, held = 0;
+        for (unsigned long long i = 0; i < t; i++) {
+            pthread_join(th[i], NULL);
+            refusals += args[i].refusals;
+            failures += args[i].failures;
+            held += args[i].held;
+        }
+        printf("ok hammer threads=%llu refusals=%llu failures=%llu held=%llu granted=", t, refusals, failures, held);
+        for (unsigned long long r = 0; r < sh.rounds; r++) {
+            unsigned long long g = 0;
+            for (unsigned long long i = 0; i < t; i++) g += args[i].granted[r];
+            printf("%s%llu", r ? "," : "", g);
+        }
+        printf("\n");
+        for (unsigned long long i = 0; i < t; i++) free(args[i].granted);
+        free(th);
+        free(args);
+        pthread_barrier_destroy(&sh.barrier);
+    } else if (!strcmp(cmd, "forkstorm")) {
+        /* forkstorm T FORKS TIMEOUT_MS NS */
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        NEED(cuCtxSetCurrent);
+        NEED(cuLaunchKernel);
+        NEED(cuCtxSynchronize);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        unsigned long long t = num(a[0]), forks = num(a[1]), timeout = num(a[2]), ns = num(a[3]), tot[4];
+        volatile int stop = 0;
+        pthread_t *th = calloc(t, sizeof *th);
+        struct storm_arg *args = calloc(t, sizeof *args);
+        for (unsigned long long i = 0; i < t; i++) {
+            args[i].ns = ns;
+            args[i].seed = (i + 1) * 0x9E3779B97F4A7C15ULL + (unsigned long long)getpid();
+            args[i].stop = &stop;
+            pthread_create(&th[i], NULL, storm_thread, &args[i]);
+        }
+        unsigned long long fine = 0, hung = 0, failed = 0, s = 0x5eed;
+        double max_ms = 0;
+        char codes[256] = "";
+        usleep(2000); /* let the threads get going */
+        for (unsigned long long f = 0; f < forks; f++) {
+            usleep((useconds_t)(xorshift(&s) % 2000));
+            fflush(stdout);
+            double t0 = now_ms();
+            pid_t child = fork();
+            if (child < 0) {
+                failed++;
+                continue;
+            }
+            if (child == 0) forked_child(ns);
+            int status = 0;
+            pid_t got = 0;
+            while ((got = waitpid(child, &status, WNOHANG)) == 0 && now_ms() - t0 < (double)timeout) usleep(500);
+            double ms = now_ms() - t0;
+            if (ms > max_ms) max_ms = ms;
+            if (got == 0) {
+                kill(child, SIGKILL);
+                waitpid(child, &status, 0);
+                hung++;
+            } else if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+                fine++;
+            } else {
+                failed++;
+                size_t n = strlen(codes);
+                if (n < sizeof codes - 8)
+                    snprintf(codes + n, sizeof codes - n, "%s%d", n ? "," : "", WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+            }
+        }
+        stop = 1;
+        for (unsigned long long i = 0; i < t; i++) pthread_join(th[i], NULL);
+        storm_totals(args, t, tot);
+        free(th);
+        free(args);
+        printf("ok forkstorm forks=%llu fine=%llu hung=%llu failed=%llu codes=%s max_ms=%.1f rounds=%llu failures=%llu\n", forks,
+               fine, hung, failed, codes[0] ? codes : "-", max_ms, tot[0], tot[3]);
     } else if (!strcmp(cmd, "now")) {
         printf("ok now ns=%llu\n", now_ns());
     } else if (!strcmp(cmd, "probe")) {
@@ -1219,6 +1571,13 @@ int main(int argc, char **argv) {
             printf("ok fork child=%d status=%d\n", (int)child, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
             i = j + 1;
             continue;
+        }
+        if (!strcmp(c->name, "exec")) {
+            /* The rest of the command line is the new program's (argv[0] = its path). */
+            fflush(stdout);
+            execv(argv[i + 1], &argv[i + 1]);
+            printf("err exec code=-1 errno=%d\n", errno);
+            return 1;
         }
         if (!strcmp(c->name, "endchild")) {
             if (in_child) exit(0);

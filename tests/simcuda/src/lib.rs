@@ -372,7 +372,12 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         return INVALID_VALUE;
     }
     match state::shared() {
-        Ok(_) => {
+        Ok(sh) => {
+            if !INITIALIZED.load(Ordering::Acquire) {
+                for d in 0..sh.ndev() as usize {
+                    sh.dev(d).forget_earlier_image();
+                }
+            }
             INITIALIZED.store(true, Ordering::Release);
             SUCCESS
         }
@@ -2269,6 +2274,34 @@ extern "C" fn simcuda_fini() {
 #[used]
 #[link_section = ".fini_array"]
 static SIMCUDA_FINI: extern "C" fn() = simcuda_fini;
+
+// ---------------------------------------------------------------------------------------------
+// fork(): a child forked while another thread is inside the driver must not find its locks
+// taken for ever. (A real CUDA child of a CUDA parent cannot use the driver at all; the tests
+// use this one in forked children to exercise the shim there.)
+
+thread_local! {
+    static FORK_HELD: RefCell<Option<(MutexGuard<'static, Drv>, MutexGuard<'static, ()>)>> = const { RefCell::new(None) };
+}
+
+extern "C" fn fork_prepare() {
+    // The same order as every call path: the process lock, then the slot-claim lock.
+    let held = (lock(), state::claim_lock());
+    FORK_HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+extern "C" fn fork_release() {
+    FORK_HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+extern "C" fn simcuda_init() {
+    // SAFETY: registering plain extern "C" functions.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
+}
+
+#[used]
+#[link_section = ".init_array"]
+static SIMCUDA_INIT: extern "C" fn() = simcuda_init;
 
 // ---------------------------------------------------------------------------------------------
 // Unit tests of semantics the C client does not reach (stream/event queries, waits, capture).

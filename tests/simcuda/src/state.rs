@@ -25,7 +25,9 @@ const RECLAIMING: u32 = u32::MAX;
 pub struct ProcSlot {
     /// 0 = free, RECLAIMING = being reclaimed, else the owner's pid.
     pub pid: AtomicU32,
-    _pad: u32,
+    /// The program image that charged it (see `image_token`): after an `exec` the pid is the
+    /// same, but the old image's memory died with it, as the real driver's does.
+    pub image: AtomicU32,
     /// Bytes charged to this process on this device.
     pub used: AtomicU64,
 }
@@ -262,6 +264,24 @@ fn my_pid() -> u32 {
 static SLOT_CACHE: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(0) }; MAX_DEVICES];
 static CLAIM_LOCK: Mutex<()> = Mutex::new(());
 
+/// Held across `fork()` (see simcuda's fork handlers), so that a child never starts with it
+/// taken by a thread that did not follow it.
+pub fn claim_lock() -> std::sync::MutexGuard<'static, ()> {
+    CLAIM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A number for this program image, drawn once per load of the library: a process that
+/// `exec`s keeps its pid but gets a new image, whose slot starts empty.
+fn image_token() -> u32 {
+    static TOKEN: OnceLock<u32> = OnceLock::new();
+    *TOKEN.get_or_init(|| {
+        let mut b = [0u8; 4];
+        let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+        let r = if got == 4 { u32::from_ne_bytes(b) } else { (now_ns() as u32) ^ (&TOKEN as *const _ as usize as u32) };
+        r.max(1)
+    })
+}
+
 impl DeviceState {
     /// Return the bytes of slots whose process no longer exists.
     pub fn reclaim_dead(&self) {
@@ -294,14 +314,19 @@ impl DeviceState {
             }
         }
         let _g = CLAIM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let image = image_token();
         let idx = match self.find_slot(me) {
-            Some(i) => i,
+            Some(i) => {
+                self.take_over(i, image);
+                i
+            }
             None => {
                 self.reclaim_dead();
                 let mut found = None;
                 for (i, s) in self.procs.iter().enumerate() {
                     if s.pid.compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                         s.used.store(0, Ordering::Release);
+                        s.image.store(image, Ordering::Release);
                         found = Some(i);
                         break;
                     }
@@ -311,6 +336,25 @@ impl DeviceState {
         };
         SLOT_CACHE[dev].store(((me as u64) << 32) | (idx as u64 + 1), Ordering::Relaxed);
         Some(&self.procs[idx])
+    }
+
+    /// Makes slot `i` (this pid's) this image's: what an earlier image charged there (before an
+    /// `exec`, or a process that had this pid before) is gone, as the real driver's memory is.
+    fn take_over(&self, i: usize, image: u32) {
+        let s = &self.procs[i];
+        if s.image.swap(image, Ordering::AcqRel) != image {
+            let u = s.used.swap(0, Ordering::AcqRel);
+            self.used.fetch_sub(u, Ordering::AcqRel);
+        }
+    }
+
+    /// At `cuInit`: memory this pid's earlier image held is released now, before anything is
+    /// measured (NVML's per-process figure would otherwise still show it).
+    pub fn forget_earlier_image(&self) {
+        let _g = CLAIM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = self.find_slot(my_pid()) {
+            self.take_over(i, image_token());
+        }
     }
 
     /// Bytes used by all processes (after reclaiming dead ones).
