@@ -407,7 +407,6 @@ static const struct cmdspec CMDS[] = {
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
-    {"fork", ""},         {"endchild", ""},
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
 };
 
