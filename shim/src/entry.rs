@@ -65,6 +65,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         if runtime::refused() {
             return CUDA_ERROR_INVALID_VALUE;
         }
+        guard::test_panic_point("cuInit");
         let code = call_real!(cuInit(flags));
         if code == CUDA_SUCCESS {
             // Register with the controller (or set up alone) now, before any allocation.
