@@ -220,7 +220,9 @@ impl Settings {
     pub fn resolve(vars: &[(String, String)], file: Option<FileSettings>) -> Result<Settings, SettingsError> {
         let group = lookup(vars, ENV_GROUP).map(|g| g.trim().to_string());
         if let Some(g) = &group {
-            check_group_name(g).map_err(|reason| SettingsError { origin: ENV_GROUP.into(), value: g.clone(), reason })?;
+            // The error shows the value as written (spaces included), not as trimmed.
+            let written = || lookup(vars, ENV_GROUP).unwrap_or_default().to_string();
+            check_group_name(g).map_err(|reason| SettingsError { origin: ENV_GROUP.into(), value: written(), reason })?;
         }
         let mut settings = match file {
             Some(mut f) => {
