@@ -683,7 +683,8 @@ fn the_controller_refuses_files_that_are_not_its_ledger_and_replaces_damaged_one
     let target = shm.join("target.txt");
     std::fs::write(&target, "precious").unwrap();
 
-    let refused: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Make = Box<dyn Fn(&Path)>;
+    let refused: Vec<(&str, Make, &str)> = vec![
         ("a text file", Box::new(|p: &Path| std::fs::write(p, "some other program's data\n".repeat(300)).unwrap()), "it is not a gpuslice ledger"),
         ("a zeroed file", Box::new(|p: &Path| std::fs::write(p, vec![0u8; 1 << 20]).unwrap()), "it is not a gpuslice ledger"),
         ("an empty file", Box::new(|p: &Path| std::fs::write(p, b"").unwrap()), "it is empty"),
