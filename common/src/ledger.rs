@@ -341,7 +341,11 @@ fn round_up(n: usize, to: usize) -> usize {
 #[derive(Debug)]
 pub enum LedgerError {
     Io { what: String, path: String, error: std::io::Error },
+    /// A gpuslice ledger that cannot be used as it is (another layout, damaged).
     Invalid { path: String, reason: String },
+    /// Not a gpuslice ledger at all (no magic, not a regular file, someone else's): never
+    /// replaced, because it may be another program's file.
+    Foreign { path: String, reason: String },
 }
 
 impl fmt::Display for LedgerError {
@@ -349,6 +353,7 @@ impl fmt::Display for LedgerError {
         match self {
             LedgerError::Io { what, path, error } => write!(f, "cannot {what} the ledger {path}: {error}"),
             LedgerError::Invalid { path, reason } => write!(f, "the ledger {path} is not usable: {reason}"),
+            LedgerError::Foreign { path, reason } => write!(f, "refusing the ledger {path}: {reason}"),
         }
     }
 }
@@ -395,45 +400,98 @@ impl Ledger {
     /// Opens the ledger at `path` if it is valid, else creates a fresh one there (mode 0600;
     /// the controller hands it to shims as a file descriptor over the socket). Returns the
     /// ledger and whether it was adopted (an existing, valid file).
+    ///
+    /// What is at `path` decides: nothing → a new ledger; a valid ledger of this layout → it
+    /// is adopted; a gpuslice ledger of another layout or a damaged one (it starts with the
+    /// magic) → replaced, with a warning; anything else (another program's file, an empty or
+    /// zeroed file, a FIFO, a file of another user, a symbolic link) → refused and left alone.
     pub fn open_or_create(path: &str, geometry: Geometry) -> Result<(Ledger, bool), LedgerError> {
         let c = cstring(path)?;
-        // SAFETY: plain open(2).
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW) };
-        if fd >= 0 {
-            // SAFETY: we own the new descriptor.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            match Ledger::map_fd(fd.as_fd(), path) {
-                Ok(l) => return Ok((l, true)),
-                Err(LedgerError::Invalid { reason, .. }) => {
-                    // Not ours, or an older layout: start afresh rather than misread it.
-                    tracing_free_warn(&format!("the ledger {path} is not usable ({reason}); creating a new one"));
-                    std::fs::remove_file(path).map_err(io("replace", path))?;
-                }
-                Err(e) => return Err(e),
-            }
+        // SAFETY: plain open(2). O_NONBLOCK: a FIFO at the path must not hang the controller.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok((Ledger::create(path, geometry)?, false)),
+                Some(libc::ELOOP) => Err(LedgerError::Foreign { path: path.into(), reason: "it is a symbolic link; refusing to follow it (the ledger must be a plain file)".into() }),
+                _ => Err(io("open", path)(e)),
+            };
         }
-        Ok((Ledger::create(path, geometry)?, false))
+        // SAFETY: we own the new descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        check_owner(fd.as_fd(), path)?;
+        match Ledger::map_fd(fd.as_fd(), path) {
+            Ok(l) => Ok((l, true)),
+            Err(LedgerError::Invalid { reason, .. }) => {
+                // Ours (it has the magic), but an older layout or damaged: start afresh rather
+                // than misread it. Processes still mapping the old file keep their mapping.
+                tracing_free_warn(&format!("the ledger {path} is not usable ({reason}); replacing it with a new one"));
+                std::fs::remove_file(path).map_err(io("replace", path))?;
+                Ok((Ledger::create(path, geometry)?, false))
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// Creates a fresh ledger file at `path` (replacing none: fails if it exists).
+    /// Creates a fresh ledger file at `path`, failing if anything is there. The file is built
+    /// under a temporary name and linked into place complete, so a file at `path` always
+    /// starts with the magic: a crash mid-creation leaves no half-made ledger to be mistaken
+    /// for someone else's file.
     pub fn create(path: &str, geometry: Geometry) -> Result<Ledger, LedgerError> {
         let c = cstring(path)?;
+        let temp = format!("{path}.new-{}-{}", std::process::id(), monotonic_ns());
+        let t = cstring(&temp)?;
         // SAFETY: plain open(2).
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW, 0o600) };
+        let fd = unsafe { libc::open(t.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW, 0o600) };
         if fd < 0 {
             return Err(io("create", path)(std::io::Error::last_os_error()));
         }
         // SAFETY: we own the new descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let size = geometry.file_size();
-        // SAFETY: ftruncate on our descriptor.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(io("size", path)(std::io::Error::last_os_error()));
+        let built = (|| {
+            let size = geometry.file_size();
+            // SAFETY: ftruncate on our descriptor.
+            if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+                return Err(io("size", path)(std::io::Error::last_os_error()));
+            }
+            let base = map(fd.as_raw_fd(), size).map_err(io("map", path))?;
+            let ledger = Ledger { base, len: size, geometry };
+            ledger.initialise(geometry);
+            // SAFETY: link(2) between two C strings; fails with EEXIST rather than replace.
+            if unsafe { libc::link(t.as_ptr(), c.as_ptr()) } != 0 {
+                return Err(io("create", path)(std::io::Error::last_os_error()));
+            }
+            Ok(ledger)
+        })();
+        // SAFETY: unlink(2) of the temporary name (the ledger, if made, keeps its own link).
+        unsafe { libc::unlink(t.as_ptr()) };
+        built
+    }
+
+    /// The pid of another controller that still serves this ledger: one whose pid is recorded,
+    /// exists, and whose heartbeat (every 100 ms) moves within `watch`. A controller that was
+    /// killed leaves its pid behind; a clean stop clears it.
+    pub fn live_controller(&self, watch: std::time::Duration) -> Option<u32> {
+        let h = self.header();
+        let pid = h.controller_pid.load(Acquire);
+        if pid == 0 || pid == std::process::id() {
+            return None;
         }
-        let base = map(fd.as_raw_fd(), size).map_err(io("map", path))?;
-        let ledger = Ledger { base, len: size, geometry };
-        ledger.initialise(geometry);
-        Ok(ledger)
+        // SAFETY: kill(2) with signal 0 only checks for existence.
+        if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return None;
+        }
+        // The pid exists (or belongs to someone else now): only a moving heartbeat says it is
+        // a controller at work.
+        let before = h.controller_heartbeat_ns.load(Acquire);
+        let end = std::time::Instant::now() + watch;
+        while std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            if h.controller_heartbeat_ns.load(Acquire) != before {
+                return Some(pid);
+            }
+        }
+        None
     }
 
     /// A private ledger for a process running without a controller: the same code paths, one
@@ -491,17 +549,31 @@ impl Ledger {
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
             return Err(io("inspect", path)(std::io::Error::last_os_error()));
         }
+        let foreign = |reason: String| LedgerError::Foreign { path: path.to_string(), reason };
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(foreign("it is not a regular file, so not a gpuslice ledger".into()));
+        }
         let actual = st.st_size as usize;
+        let mut first = [0u8; 8];
+        // SAFETY: pread(2) into a local buffer of its length.
+        let got = unsafe { libc::pread(fd.as_raw_fd(), first.as_mut_ptr().cast(), first.len(), 0) };
+        let magic = u64::from_le_bytes(first);
+        if got != first.len() as isize || magic != MAGIC {
+            let what = if actual == 0 {
+                "it is empty, not a gpuslice ledger".to_string()
+            } else if got == first.len() as isize {
+                format!("it is not a gpuslice ledger ({actual} bytes beginning with {magic:#018x}, not the magic {MAGIC:#018x})")
+            } else {
+                format!("it is not a gpuslice ledger ({actual} bytes, too short for the magic)")
+            };
+            return Err(foreign(what));
+        }
         if actual < HEADER_SIZE {
             return Err(invalid(format!("it is {actual} bytes, shorter than its {HEADER_SIZE}-byte header")));
         }
         let base = map(fd.as_raw_fd(), actual).map_err(io("map", path))?;
         let probe = Ledger { base, len: actual, geometry: Geometry { max_groups: 0, max_procs: 0 } };
         let h = probe.header();
-        let magic = h.magic.load(Acquire);
-        if magic != MAGIC {
-            return Err(invalid(format!("wrong magic {magic:#018x} (expected {MAGIC:#018x}): not a gpuslice ledger")));
-        }
         let version = h.layout_version.load(Relaxed);
         if version != LAYOUT_VERSION {
             return Err(invalid(format!("layout version {version}, this build reads version {LAYOUT_VERSION}")));
@@ -605,6 +677,32 @@ impl Ledger {
     }
 }
 
+/// Refuses a ledger file that belongs to another user: its owner could rewrite or truncate it
+/// under every process that maps it. A mode looser than 0600 is tightened, with a warning.
+fn check_owner(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
+    // SAFETY: fstat into a local.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io("inspect", path)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if st.st_uid != me {
+        return Err(LedgerError::Foreign {
+            path: path.into(),
+            reason: format!("it belongs to uid {}, not to this controller's uid {me}; refusing to use or replace it", st.st_uid),
+        });
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o077 != 0 {
+        tracing_free_warn(&format!("the ledger {path} had mode {:o}; setting it back to 600", st.st_mode & 0o777));
+        // SAFETY: fchmod(2) on our descriptor.
+        if unsafe { libc::fchmod(fd.as_raw_fd(), 0o600) } != 0 {
+            return Err(io("restrict the mode of", path)(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 /// The ledger lives in common, which has no logger of its own: this goes to stderr only for the
 /// controller (the only caller of `open_or_create`).
 fn tracing_free_warn(message: &str) {
@@ -645,6 +743,32 @@ pub fn read_text(words: &[AtomicU64]) -> String {
 impl DeviceSlot {
     pub fn uuid(&self) -> String {
         read_text(&self.uuid)
+    }
+
+    /// Frees the slot for another GPU (the controller, once no registered process uses it).
+    pub fn release(&self) {
+        self.state.store(CLAIMING, Release);
+        write_text(&self.uuid, "");
+        self.total_memory.store(0, Relaxed);
+        let s = &self.sched;
+        s.high_alive_until.store(0, Relaxed);
+        for h in &s.highs {
+            h.owner.store(0, Relaxed);
+            h.pid.store(0, Relaxed);
+            h.busy.store(0, Relaxed);
+            h.alive_until.store(0, Relaxed);
+        }
+        s.wake.fetch_add(1, SeqCst);
+        self.state.store(FREE, Release);
+    }
+}
+
+impl GroupDevice {
+    /// Zeroes the figures counted on a device (its limit and share stay: they are settings).
+    pub fn clear_counters(&self) {
+        for c in [&self.used, &self.debt_until, &self.charged_ns, &self.throttled_ns, &self.refusals, &self.peak_used] {
+            c.store(0, Relaxed);
+        }
     }
 }
 
@@ -944,16 +1068,25 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
 
-        for (what, bytes) in [
-            ("zeroed", vec![0u8; 8192]),
-            ("truncated", std::fs::read(&path).unwrap()[..100].to_vec()),
-            ("foreign", b"hello, this is some other program's file".repeat(200)),
+        let valid = std::fs::read(&path).unwrap();
+        for (what, bytes, ours) in [
+            ("zeroed", vec![0u8; 8192], false),
+            ("empty", vec![], false),
+            ("seven bytes", valid[..7].to_vec(), false),
+            ("truncated", valid[..100].to_vec(), true),
+            ("cut short", valid[..valid.len() - 4096].to_vec(), true),
+            ("foreign", b"hello, this is some other program's file".repeat(200), false),
         ] {
             std::fs::write(&path, &bytes).unwrap();
             let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
             use std::os::fd::AsFd;
             let e = Ledger::map_fd(f.as_fd(), &path).err().unwrap_or_else(|| panic!("{what} accepted"));
-            assert!(matches!(e, LedgerError::Invalid { .. }), "{what}: {e}");
+            if ours {
+                assert!(matches!(e, LedgerError::Invalid { .. }), "{what}: {e}");
+            } else {
+                assert!(matches!(e, LedgerError::Foreign { .. }), "{what}: {e}");
+                assert!(e.to_string().contains("not a gpuslice ledger"), "{what}: {e}");
+            }
         }
         let mut wrong_version = {
             let (_d, p) = temp_path("v");

@@ -325,7 +325,7 @@ fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Option<OwnedFd>) -> Result
 }
 
 /// Connects to the controller's socket, with send and receive timeouts.
-pub fn connect(path: &str, timeout: std::time::Duration) -> io::Result<std::os::unix::net::UnixStream> {
+pub fn connect(path: impl AsRef<std::path::Path>, timeout: std::time::Duration) -> io::Result<std::os::unix::net::UnixStream> {
     let stream = std::os::unix::net::UnixStream::connect(path)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
@@ -333,7 +333,7 @@ pub fn connect(path: &str, timeout: std::time::Duration) -> io::Result<std::os::
 }
 
 /// One request and its response (and the descriptor that came with it, if any).
-pub fn call(path: &str, request: &Request, timeout: std::time::Duration) -> Result<(Response, Option<OwnedFd>), FrameError> {
+pub fn call(path: impl AsRef<std::path::Path>, request: &Request, timeout: std::time::Duration) -> Result<(Response, Option<OwnedFd>), FrameError> {
     let stream = connect(path, timeout)?;
     send_frame(stream.as_raw_fd(), &encode(request), None)?;
     let (body, fd) = recv_frame(stream.as_raw_fd())?;

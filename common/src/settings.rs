@@ -247,7 +247,9 @@ impl Settings {
     pub fn resolve(vars: &[(String, String)], file: Option<FileSettings>) -> Result<Settings, SettingsError> {
         let group = lookup(vars, ENV_GROUP).map(|g| g.trim().to_string());
         if let Some(g) = &group {
-            check_group_name(g).map_err(|reason| SettingsError { origin: ENV_GROUP.into(), value: g.clone(), reason })?;
+            // The error shows the value as written (spaces included), not as trimmed.
+            let written = || lookup(vars, ENV_GROUP).unwrap_or_default().to_string();
+            check_group_name(g).map_err(|reason| SettingsError { origin: ENV_GROUP.into(), value: written(), reason })?;
         }
         let mut settings = match file {
             Some(mut f) => {
@@ -297,6 +299,36 @@ impl Settings {
         }
         self
     }
+}
+
+/// The environment as the settings read it, from `std::env::vars_os()`. A variable the
+/// settings read (limits, shares, priority, group, config file) whose name or value is not
+/// UTF-8 is an error naming it: skipping it would silently mean "no limit". Other variables
+/// that are not UTF-8 are none of ours and are left out.
+pub fn env_pairs<I>(vars: I) -> Result<Vec<(String, String)>, SettingsError>
+where
+    I: IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+{
+    use std::os::unix::ffi::OsStrExt;
+    let read_by_settings = |name: &[u8]| {
+        [ENV_MEMORY_LIMIT, HAMI_MEMORY_LIMIT, ENV_SM_SHARE, HAMI_SM_LIMIT].iter().any(|p| name.starts_with(p.as_bytes()))
+            || [ENV_CONFIG, ENV_GROUP, ENV_PRIORITY, ENV_PRIORITY_QUEUE].iter().any(|n| name == n.as_bytes())
+    };
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        match (name.to_str(), value.to_str()) {
+            (Some(n), Some(v)) => out.push((n.to_string(), v.to_string())),
+            _ if read_by_settings(name.as_bytes()) => {
+                return Err(SettingsError {
+                    origin: name.to_string_lossy().into_owned(),
+                    value: value.to_string_lossy().into_owned(),
+                    reason: "not valid UTF-8 (the bytes that are not are shown as \u{FFFD})".into(),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 fn lookup<'a>(vars: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -394,11 +426,32 @@ struct DeviceDoc {
     sm_share: Option<u32>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A size in the file: text such as "4GiB", or a whole number of bytes.
 enum SizeDoc {
     Bytes(u64),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for SizeDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SizeDoc, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SizeDoc;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"4GiB\" or a whole number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeDoc, E> {
+                Ok(SizeDoc::Bytes(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeDoc, E> {
+                u64::try_from(v).map(SizeDoc::Bytes).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeDoc, E> {
+                Ok(SizeDoc::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl FileSettings {
@@ -428,7 +481,7 @@ impl FileSettings {
         let doc: FileDoc = toml::from_str(text).map_err(|e| SettingsError {
             origin: origin.to_string(),
             value: path.to_string(),
-            reason: format!("invalid config file: {}", e.to_string().trim_end()),
+            reason: format!("invalid config file: {}", one_line(&e.to_string())),
         })?;
         let settings = match doc.defaults {
             Some(d) => limits(path, "defaults", d)?,
@@ -441,6 +494,16 @@ impl FileSettings {
             groups.insert(name, limits(path, &key, doc)?);
         }
         Ok(FileSettings { settings, groups, controller: doc.controller.unwrap_or_default() })
+    }
+}
+
+/// A TOML error on one line: its "at line L, column C" heading and its message, without the
+/// quoted source between them (a shim's error goes to the host program's stderr: one line).
+fn one_line(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().map(str::trim_end).filter(|l| !l.trim().is_empty()).collect();
+    match (lines.first(), lines.last()) {
+        (Some(first), Some(last)) if lines.len() > 1 => format!("{first}: {last}"),
+        _ => message.trim().to_string(),
     }
 }
 

@@ -104,7 +104,7 @@ fn check_config(file: Option<String>) -> Result<(), String> {
         Some(path) => Some(FileSettings::read_as(origin, path).map_err(|e| e.to_string())?),
         None => None,
     };
-    let vars: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k != ENV_CONFIG).collect();
+    let vars: Vec<(String, String)> = gpuslice_common::settings::env_pairs(std::env::vars_os()).map_err(|e| e.to_string())?.into_iter().filter(|(k, _)| k != ENV_CONFIG).collect();
     let settings = Settings::resolve(&vars, parsed).map_err(|e| e.to_string())?;
     println!("{}", settings.describe());
     Ok(())

@@ -8,7 +8,7 @@
 use crate::http;
 use crate::metrics;
 use crate::state::{raw, Peer, State};
-use gpuslice_common::ledger::{Geometry, Ledger};
+use gpuslice_common::ledger::{Geometry, Ledger, LedgerError};
 use gpuslice_common::protocol::*;
 use gpuslice_common::settings::FileSettings;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -65,9 +65,20 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
 
     let signals = block_signals()?;
     let listener = bind(&socket_path)?;
+    // From here on the socket is ours: removed on every way out, a failed start included, so
+    // that shims do not find a socket where nobody answers.
+    let _socket = SocketFile(socket_path.clone());
     make_parent(&ledger_path, 0o700)?;
     let geometry = Geometry { max_groups: args.max_groups.max(1), max_procs: args.max_processes.max(1) };
-    let (ledger, adopted) = Ledger::open_or_create(&ledger_path, geometry).map_err(|e| e.to_string())?;
+    let (ledger, adopted) = Ledger::open_or_create(&ledger_path, geometry).map_err(|e| match e {
+        LedgerError::Foreign { .. } => format!("{e}; it was left untouched (remove it, or choose another --ledger)"),
+        e => e.to_string(),
+    })?;
+    if adopted {
+        if let Some(pid) = ledger.live_controller(Duration::from_millis(300)) {
+            return Err(format!("the ledger {ledger_path} is in use by another gpuslice controller (pid {pid}); one ledger takes one controller"));
+        }
+    }
     let ledger_fd = open_for_clients(&ledger_path)?;
     let header = ledger.header();
     header.controller_pid.store(std::process::id(), Relaxed);
@@ -151,8 +162,16 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         }
     }
     shared.lock().ledger.header().controller_pid.store(0, Relaxed);
-    let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// The listening socket's path, removed when the controller stops (or fails to start).
+struct SocketFile(String);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// What connection threads share with the main loop.
@@ -283,7 +302,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         Ok(r) => r,
         Err(e) => {
             shared.traffic.bad_request.fetch_add(1, Relaxed);
-            tracing::warn!("pid {} uid {}: refused a request: {e}", peer.pid, peer.uid);
+            tracing::warn!("pid {} uid {}: refused a request: {}", peer.pid, peer.uid, for_log(&e.to_string()));
             let _ = send_frame(fd, &encode(&Response::Error { message: format!("bad request: {e}") }), None);
             return Err(e);
         }
@@ -306,14 +325,14 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                     (Response::Registered(a), Some(shared.ledger_fd.as_raw_fd()))
                 }
                 Err(message) => {
-                    tracing::warn!("pid {}: registration refused: {message}", peer.pid);
+                    tracing::warn!("pid {}: registration refused: {}", peer.pid, for_log(&message));
                     (Response::Error { message }, None)
                 }
             },
             Request::Set(e) => match state.edit(peer, e) {
                 Ok(message) => (Response::Done { message }, None),
                 Err(message) => {
-                    tracing::warn!("pid {} uid {}: edit refused: {message}", peer.pid, peer.uid);
+                    tracing::warn!("pid {} uid {}: edit refused: {}", peer.pid, peer.uid, for_log(&message));
                     (Response::Error { message }, None)
                 }
             },
@@ -350,6 +369,16 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         return Err(e.into());
     }
     Ok(())
+}
+
+/// Text that came from a client, made fit for one log line: control characters escaped (no
+/// forged lines), at most 300 characters.
+pub fn for_log(text: &str) -> String {
+    let mut out: String = text.chars().flat_map(char::escape_debug).take(301).collect();
+    if out.chars().count() > 300 {
+        out = out.chars().take(300).chain("...".chars()).collect();
+    }
+    out
 }
 
 fn peer_of(stream: &UnixStream) -> std::io::Result<Peer> {

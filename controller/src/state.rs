@@ -30,6 +30,8 @@ pub struct Watched {
     /// Readable when the process exits; `None` on kernels without pidfd_open (polled instead).
     pub pidfd: Option<OwnedFd>,
     pub start_time: Option<u64>,
+    /// The ledger's device indices it was given: a device slot no live process uses is freed.
+    pub devices: Vec<usize>,
 }
 
 /// Achieved-share bookkeeping: the charged device time at the previous sample.
@@ -92,7 +94,9 @@ impl State {
             let recorded = p.start_time.load(Relaxed);
             let now = ledger::process_start_time(pid);
             if now.is_some() && (recorded == 0 || now == Some(recorded)) {
-                self.watched.insert(i, Watched { pid, pidfd: pidfd_open(pid), start_time: now });
+                // Which devices it maps died with the previous controller: all of them, to be safe.
+                let devices = (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).collect();
+                self.watched.insert(i, Watched { pid, pidfd: pidfd_open(pid), start_time: now, devices });
                 kept += 1;
             } else {
                 self.release(i, "exited while no controller ran");
@@ -158,14 +162,8 @@ impl State {
             .find(|(_, p)| p.state.load(Acquire) == FREE)
             .ok_or_else(|| format!("the ledger is full ({} processes); the process runs alone on its own limits", self.ledger.geometry().max_procs))?;
 
-        let mut devices = Vec::new();
-        for d in &r.devices {
-            match self.ledger.claim_device(&d.uuid, d.total_memory) {
-                Some(index) => devices.push((d.ordinal, index as u32)),
-                None => tracing::warn!("pid {}: device {} ({}) not tracked: the ledger knows {MAX_DEVICES} devices already", peer.pid, d.ordinal, d.uuid),
-            }
-        }
         let mut notes = Vec::new();
+        let devices = self.claim_devices(peer, &r.devices, &mut notes);
         let solo = r.group.is_none();
         let group_name = r.group.clone().unwrap_or_else(|| format!("pid-{}", peer.pid));
         let group = match self.find_group(&group_name) {
@@ -200,15 +198,18 @@ impl State {
         let start_time = ledger::process_start_time(peer.pid);
         process.start_time.store(start_time.unwrap_or(0), Relaxed);
         process.heartbeat_ns.store(ledger::monotonic_ns(), Relaxed);
-        ledger::write_text(&process.name, &r.name);
+        // The name is the client's word: shown in logs and listings, so no control characters.
+        let name: String = r.name.chars().map(|c| if c.is_control() { '?' } else { c }).take(31).collect();
+        ledger::write_text(&process.name, &name);
         self.ledger.group(group).members.fetch_add(1, AcqRel);
         process.state.store(LIVE, Release);
         self.ledger.header().registrations.fetch_add(1, Relaxed);
-        self.watched.insert(slot, Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time });
+        let indices = devices.iter().map(|&(_, i)| i as usize).collect();
+        self.watched.insert(slot, Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time, devices: indices });
         tracing::info!(
             "registered pid {} ({}) uid {} in group {group_name:?}: {}",
             peer.pid,
-            r.name,
+            name,
             peer.uid,
             describe_group(&self.ledger, self.ledger.group(group))
         );
@@ -233,14 +234,67 @@ impl State {
             if !self.reconcile(group) {
                 self.pending.push(group);
             }
+            let name = g.name();
             let left = g.members.fetch_sub(1, AcqRel).saturating_sub(1);
             if left == 0 && g.pinned.load(Relaxed) == 0 && self.members(group).is_empty() {
                 g.state.store(FREE, Release);
                 g.reset();
             }
-            tracing::info!("pid {pid} {why}: {} returned to group {:?}", format_size(held), g.name());
+            tracing::info!("pid {pid} {why}: {} returned to group {name:?}", format_size(held));
         }
         p.reset();
+    }
+
+    /// Device indices for the devices a registration names. A claim that is not a GPU UUID,
+    /// or names an ordinal or UUID twice, is not tracked (and the process is told why), so
+    /// that a garbled registration cannot fill the device table with things that are not GPUs.
+    fn claim_devices(&self, peer: Peer, claims: &[DeviceClaim], notes: &mut Vec<String>) -> Vec<(u32, u32)> {
+        let mut devices: Vec<(u32, u32)> = Vec::new();
+        let mut full = Vec::new();
+        for d in claims {
+            if !is_gpu_uuid(&d.uuid) {
+                notes.push(format!("device {}: {:?} is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx); not tracked", d.ordinal, truncated(&d.uuid)));
+                continue;
+            }
+            if devices.iter().any(|&(o, _)| o == d.ordinal) {
+                notes.push(format!("device {} is named twice; the second claim is not tracked", d.ordinal));
+                continue;
+            }
+            let claimed = self.ledger.claim_device(&d.uuid, d.total_memory).or_else(|| {
+                let keep: Vec<usize> = devices.iter().map(|&(_, i)| i as usize).collect();
+                self.free_unused_device(&keep)?;
+                self.ledger.claim_device(&d.uuid, d.total_memory)
+            });
+            match claimed {
+                Some(index) if devices.iter().any(|&(_, i)| i as usize == index) => {
+                    notes.push(format!("device {} ({}) is the same GPU as another ordinal; not tracked twice", d.ordinal, d.uuid));
+                }
+                Some(index) => devices.push((d.ordinal, index as u32)),
+                None => full.push(d.ordinal),
+            }
+        }
+        if !full.is_empty() {
+            let message = format!("devices {full:?} not tracked: the ledger knows {MAX_DEVICES} devices already");
+            tracing::warn!("pid {}: {message}", peer.pid);
+            notes.push(message);
+        }
+        devices
+    }
+
+    /// With the device table full, frees one device slot that no registered process uses
+    /// (nor `keep`), with every group's counters there: so a garbled or hostile registration's
+    /// claims last only as long as its process. Slots stay claimed otherwise, so that `ls`
+    /// keeps showing a GPU after its last process left.
+    fn free_unused_device(&self, keep: &[usize]) -> Option<()> {
+        let used: std::collections::HashSet<usize> = self.watched.values().flat_map(|w| w.devices.iter().copied()).chain(keep.iter().copied()).collect();
+        let d = (0..MAX_DEVICES).find(|d| !used.contains(d) && self.ledger.device(*d).state.load(Acquire) == LIVE)?;
+        let slot = self.ledger.device(d);
+        tracing::info!("device {d} ({}) is used by no registered process: its slot goes to a new device", slot.uuid());
+        slot.release();
+        for (_, g) in self.ledger.groups() {
+            g.devices[d].clear_counters();
+        }
+        Some(())
     }
 
     /// Retries reconciliations that could not finish earlier.
@@ -450,6 +504,18 @@ impl State {
     }
 }
 
+/// "GPU-" or "MIG-" and a UUID in 8-4-4-4-12 hexadecimal digits, as the driver names devices.
+fn is_gpu_uuid(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix("GPU-").or_else(|| text.strip_prefix("MIG-")) else { return false };
+    let groups: Vec<&str> = rest.split('-').collect();
+    groups.len() == 5 && groups.iter().zip([8, 4, 4, 4, 12]).all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// At most 80 characters of client text, for a message.
+fn truncated(text: &str) -> String {
+    text.chars().take(80).collect()
+}
+
 fn some_limit(l: u64) -> Option<u64> {
     (l != UNLIMITED).then_some(l)
 }
@@ -562,7 +628,7 @@ mod tests {
             priority: None,
             name: "test".into(),
             own_pid: 1,
-            devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-test".into(), total_memory: 1 << 40, memory_limit: limit, sm_share: Some(30) }],
+            devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-00000000-0000-0000-0000-000000000001".into(), total_memory: 1 << 40, memory_limit: limit, sm_share: Some(30) }],
         }
     }
 
@@ -636,6 +702,37 @@ mod tests {
         let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None }).unwrap_err();
         assert!(e.contains("no registered process"), "{e}");
         assert!(s.edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None }).is_err());
+    }
+
+    #[test]
+    fn garbled_device_claims_are_not_tracked_and_slots_no_process_uses_are_freed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        let claim = |ordinal: u32, uuid: &str| DeviceClaim { ordinal, uuid: uuid.into(), total_memory: 1 << 30, memory_limit: None, sm_share: None };
+        let mut r = registration(None, None);
+        r.devices = vec![claim(0, "ordinal-0"), claim(1, "GPU-zz"), claim(2, &"x".repeat(5000)), claim(3, "GPU-00000000-0000-0000-0000-00000000000a"), claim(3, "GPU-00000000-0000-0000-0000-00000000000b")];
+        let a = s.register(me(), r).unwrap();
+        assert_eq!(a.devices.len(), 1, "only the one well-formed claim: {:?}", a.devices);
+        assert_eq!(a.notes.len(), 4, "{:?}", a.notes);
+        assert!(a.notes.iter().all(|n| n.len() < 200), "client text is cut short in notes: {:?}", a.notes);
+        // Sixteen made-up GPUs from one process fill the table while it lives...
+        let mut r = registration(None, None);
+        r.devices = (0..20).map(|i| claim(i, &format!("GPU-00000000-0000-0000-0000-{i:012x}"))).collect();
+        let parent = Peer { pid: std::os::unix::process::parent_id(), uid: me().uid };
+        let b = s.register(parent, r).unwrap();
+        assert_eq!(s.devices().len(), MAX_DEVICES);
+        assert!(b.notes.iter().any(|n| n.contains("not tracked: the ledger knows")), "{:?}", b.notes);
+        // ...and once it is gone a new device takes one of its slots, never one in use.
+        s.release(b.slot as usize, "exited");
+        assert_eq!(s.devices().len(), MAX_DEVICES, "slots stay claimed while nobody needs them");
+        let mut r = registration(None, None);
+        r.devices = vec![claim(0, "GPU-11111111-1111-1111-1111-111111111111")];
+        let c = s.register(parent, r).unwrap();
+        assert_eq!(c.devices.len(), 1, "a real device gets a slot again: {:?}", c.notes);
+        let devices = s.devices();
+        assert_eq!(devices.len(), MAX_DEVICES);
+        assert!(devices.contains(&"GPU-11111111-1111-1111-1111-111111111111".to_string()), "{devices:?}");
+        assert!(devices.contains(&"GPU-00000000-0000-0000-0000-00000000000a".to_string()), "the slot of a device in use stays: {devices:?}");
     }
 
     #[test]

@@ -65,6 +65,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         if runtime::refused() {
             return CUDA_ERROR_INVALID_VALUE;
         }
+        guard::test_panic_point("cuInit");
         if let Ok(settings) = &runtime::runtime().settings {
             crate::mps::before_init(settings);
         }

@@ -13,6 +13,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         if runtime::refused() {
             return CUDA_ERROR_INVALID_VALUE;
         }
+        guard::test_panic_point("cuMemGetInfo_v2");
         let code = call_real!(cuMemGetInfo_v2(free, total));
         if code != CUDA_SUCCESS || free.is_null() || total.is_null() {
             return code;

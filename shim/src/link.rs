@@ -159,13 +159,16 @@ fn visible_devices() -> Result<Vec<Visible>, ()> {
 
 fn attach(settings: &Settings) -> Result<Link, ()> {
     let devices = visible_devices()?;
-    let socket = std::env::var(ENV_SOCKET).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.to_string());
+    // A path, any bytes: one that is not UTF-8 must not send the process to the default socket.
+    let socket = std::path::PathBuf::from(std::env::var_os(ENV_SOCKET).filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.into()));
     let pid = std::process::id();
-    if std::fs::symlink_metadata(&socket).is_err() {
+    let socket_path = socket;
+    let socket = socket_path.display();
+    if std::fs::symlink_metadata(&socket_path).is_err() {
         tracing::info!("pid {pid}: no gpuslice controller at {socket}; running alone on this process's own limits ({})", settings.describe());
         return alone(settings, &devices);
     }
-    match register(&socket, settings, &devices) {
+    match register(&socket_path, settings, &devices) {
         Ok(link) => {
             tracing::info!("pid {pid}: registered with the gpuslice controller at {socket}: group {:?}", link.group_name);
             Ok(link)
@@ -184,7 +187,7 @@ fn program_name() -> String {
         .unwrap_or_default()
 }
 
-fn register(socket: &str, settings: &Settings, devices: &[Visible]) -> Result<Link, String> {
+fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) -> Result<Link, String> {
     let request = Request::Register(Registration {
         protocol: protocol::PROTOCOL_VERSION,
         group: settings.group.clone(),

@@ -103,13 +103,31 @@ fn charged(
         report_refusal(what, device, bytes, refusal);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
+    // A panic from here to the driver's answer must not keep the reservation: nothing would
+    // ever free it, and the quota would shrink for good (for the whole group, in the ledger).
+    let reservation = Reservation { budget, bytes };
+    guard::test_panic_stage(what, "reserved");
     let (code, key) = allocate();
+    std::mem::forget(reservation);
     if code == CUDA_SUCCESS {
         table.insert(key, Entry { device, bytes });
     } else {
         budget.uncharge(bytes);
     }
     code
+}
+
+/// Bytes reserved for an allocation the driver has not answered yet; given back if the hook
+/// unwinds before it does (the panic came from our code before the call, so nothing was made).
+struct Reservation {
+    budget: Budget,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.uncharge(self.bytes);
+    }
 }
 
 /// Removes the record of `key`, runs `free`, and gives the bytes back if the driver freed it.
@@ -233,7 +251,10 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CuResult {
-    guard::cuda("cuMemFree_v2", || released(&POINTERS, dptr, || call_real!(cuMemFree_v2(dptr))))
+    guard::cuda("cuMemFree_v2", || {
+        guard::test_panic_point("cuMemFree_v2");
+        released(&POINTERS, dptr, || call_real!(cuMemFree_v2(dptr)))
+    })
 }
 
 #[no_mangle]

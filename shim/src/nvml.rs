@@ -182,6 +182,7 @@ fn quota_view(nvml_device: NvmlDevice, real_total: u64, real_free: u64) -> Optio
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: NvmlDevice, memory: *mut NvmlMemory) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetMemoryInfo", NVML_ERROR_UNKNOWN, || {
+        guard::test_panic_point("nvmlDeviceGetMemoryInfo");
         let Some(real) = nvml().and_then(|n| n.memory) else { return NVML_ERROR_UNKNOWN };
         let code = unsafe { real(device, memory) };
         if code == NVML_SUCCESS && !memory.is_null() {

@@ -39,7 +39,8 @@ pub fn test_panic_hook() -> Option<&'static str> {
 
 fn init() -> Runtime {
     init_logging();
-    let settings = Settings::from_env(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))));
+    crate::guard::install_panic_hook();
+    let settings = gpuslice_common::settings::env_pairs(std::env::vars_os()).and_then(Settings::from_env);
     let pid = std::process::id();
     match &settings {
         Ok(s) => {
@@ -62,7 +63,7 @@ fn init() -> Runtime {
 
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let directives = std::env::var(ENV_LOG).unwrap_or_default();
+    let directives = std::env::var_os(ENV_LOG).unwrap_or_default().to_string_lossy().into_owned();
     let filter = if directives.trim().is_empty() {
         EnvFilter::new("warn")
     } else {
@@ -73,11 +74,12 @@ fn init_logging() {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_target(true);
     // Never stdout: it belongs to the host program.
-    let fd = match std::env::var(ENV_LOG_FILE).ok().filter(|p| !p.is_empty()) {
+    // A path, any bytes: read as one (a path that is not UTF-8 must not mean "no log file").
+    let fd = match std::env::var_os(ENV_LOG_FILE).filter(|p| !p.is_empty()) {
         Some(path) => match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
             Ok(file) => std::os::fd::IntoRawFd::into_raw_fd(file), // Kept open for the process's life.
             Err(e) => {
-                let _ = writeln!(std::io::stderr(), "gpuslice: warning: cannot open {ENV_LOG_FILE}={path:?} ({e}); logging to stderr");
+                let _ = writeln!(std::io::stderr(), "gpuslice: warning: cannot open {ENV_LOG_FILE}={path:?} ({e}); logging to stderr instead");
                 libc::STDERR_FILENO
             }
         },
