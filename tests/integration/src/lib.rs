@@ -321,6 +321,11 @@ impl Sim {
     }
 
     /// A path in this machine's temporary directory (for config files and the like).
+    /// `path(name)` as a string, for command lines.
+    pub fn path_str(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -740,6 +745,17 @@ pub fn line_cmd(line: &str) -> &str {
 
 pub fn line_ok(line: &str) -> bool {
     line.starts_with("ok ")
+}
+
+/// The value of `key=` in `line`, as a number (panics naming the line when there is none).
+pub fn num(line: &str, key: &str) -> u64 {
+    kv(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric {key}= in `{line}`"))
+}
+
+/// `line`, after checking that it is an `ok` line.
+pub fn expect_ok(line: &str) -> &str {
+    assert!(line_ok(line), "expected an ok line, got `{line}`");
+    line
 }
 
 /// The CUresult of an `err` line (`None` for `ok` lines).

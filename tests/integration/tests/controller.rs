@@ -30,17 +30,7 @@ fn exclusive() -> RwLockWriteGuard<'static, ()> {
 }
 
 fn path(sim: &Sim, name: &str) -> String {
-    sim.path(name).display().to_string()
-}
-
-/// The value of `key=` in `line`, as a number.
-fn num(line: &str, key: &str) -> u64 {
-    kv(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric {key}= in `{line}`"))
-}
-
-fn expect_ok(line: &str) -> &str {
-    assert!(line_ok(line), "expected an ok line, got `{line}`");
-    line
+    sim.path_str(name)
 }
 
 fn expect_oom(line: &str) {

@@ -22,11 +22,6 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn expect_ok(line: &str) -> &str {
-    assert!(line_ok(line), "expected an ok line, got `{line}`");
-    line
-}
-
 // ------------------------------------------------------------------------------- metrics
 
 /// One HTTP/1.1 GET; returns the status line, the headers (lower-cased names) and the body.
