@@ -39,7 +39,7 @@ extern "C" {
 
 /* ---------------------------------------------------------------------------------------------
  * The ledger: a file mapped by the controller and every registered process (mode 0600; the
- * controller hands processes a descriptor over its socket). Layout version 2:
+ * controller hands processes a descriptor over its socket). Layout version 3:
  *
  *   offset 0                  struct gpuslice_ledger_header   (GPUSLICE_LEDGER_HEADER_SIZE bytes)
  *   header.devices_offset     struct gpuslice_device_slot     [GPUSLICE_LEDGER_MAX_DEVICES]
@@ -53,7 +53,7 @@ extern "C" {
  * nanoseconds. Writing to the ledger from outside gpuslice is not supported.
  * ------------------------------------------------------------------------------------------- */
 #define GPUSLICE_LEDGER_MAGIC 0x5247444c53555047ULL /* "GPUSLDGR" little-endian */
-#define GPUSLICE_LEDGER_LAYOUT_VERSION 2
+#define GPUSLICE_LEDGER_LAYOUT_VERSION 3
 #define GPUSLICE_LEDGER_HEADER_SIZE 4096
 #define GPUSLICE_LEDGER_MAX_DEVICES 16
 #define GPUSLICE_UNLIMITED UINT64_MAX
@@ -95,11 +95,21 @@ struct gpuslice_high_slot {           /* one high-priority process on a device *
     uint64_t alive_until;             /* lease; a dead process's slot lapses */
 };
 
+struct gpuslice_turn {                /* whose burst is on the device, among throttled processes */
+    uint64_t holder;                  /* the holder's random token; 0 = nobody's */
+    uint64_t last_holder;             /* the latest holder's token */
+    uint64_t lease_until;             /* after this the turn may be taken */
+    uint64_t last_handover;           /* when the turn last passed between live processes */
+    uint32_t holder_pid;              /* holder's own pid (no controller only); 0 = unknown */
+    uint32_t last_holder_pid;
+};
+
 struct gpuslice_device_sched {
     uint64_t high_alive_until;        /* some high-priority process lives on the device until */
     uint32_t wake;                    /* futex word, bumped when a high process's work is done */
     uint32_t _pad;
     struct gpuslice_high_slot highs[GPUSLICE_MAX_HIGH];
+    struct gpuslice_turn turn;
 };
 
 struct gpuslice_device_slot {
@@ -158,7 +168,8 @@ struct gpuslice_process_slot {
     uint32_t own_pid;                 /* the pid inside the process's own namespace */
     uint64_t generation;
     char name[32];
-    uint64_t _reserved[5];
+    uint64_t token;                   /* the process's random token (struct gpuslice_turn) */
+    uint64_t _reserved[4];
     struct gpuslice_process_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
 };
 

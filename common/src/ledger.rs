@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 /// "GPUSLDGR" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUSLDGR");
 /// Bumped whenever any offset, size or meaning below changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Device indices per slot; devices beyond are passed through untracked.
 pub const MAX_DEVICES: usize = 16;
 pub const HEADER_SIZE: usize = 4096;
@@ -94,7 +94,8 @@ pub struct DeviceSlot {
 pub const MAX_HIGH: usize = 8;
 
 /// Who has high-priority work on a device: what lower-priority launchers consult before they
-/// launch (see the shim's `sched`). All leases are CLOCK_MONOTONIC ns.
+/// launch (see the shim's `sched`); and whose turn it is among throttled processes (see the
+/// shim's `board`). All leases are CLOCK_MONOTONIC ns.
 #[repr(C)]
 pub struct DeviceSched {
     /// Some high-priority process lives on this device until this time (renewed every 50 ms).
@@ -103,6 +104,27 @@ pub struct DeviceSched {
     pub wake: AtomicU32,
     pub _pad: AtomicU32,
     pub highs: [HighSlot; MAX_HIGH],
+    pub turn: Turn,
+}
+
+/// The turn on a device among throttled processes: one burst on the device at a time.
+/// Processes are named by a token each drew at random (pids repeat across pid namespaces).
+#[repr(C)]
+pub struct Turn {
+    /// The token of the process whose burst is on the device; 0 when nobody's.
+    pub holder: AtomicU64,
+    /// The latest process to hold the turn (to notice a hand-over between processes).
+    pub last_holder: AtomicU64,
+    /// The holder's own estimate of when its queued work is done, a little more; after it the
+    /// turn may be taken.
+    pub lease_until: AtomicU64,
+    /// When the turn last passed from one live process to another.
+    pub last_handover: AtomicU64,
+    /// The holder's pid as it sees itself, for a liveness check by processes of its namespace
+    /// (without a controller only); 0 when unknown: then only the lease counts.
+    pub holder_pid: AtomicU32,
+    /// The same for `last_holder`.
+    pub last_holder_pid: AtomicU32,
 }
 
 /// One high-priority process on a device.
@@ -251,8 +273,23 @@ pub struct ProcessSlot {
     pub own_pid: AtomicU32,
     pub generation: AtomicU64,
     pub name: [AtomicU64; 32 / 8],
-    pub _reserved: [AtomicU64; 5],
+    /// The token the process names itself by in device state (see `Turn`), written by the
+    /// process once registered: the controller clears a turn it still holds when it goes.
+    pub token: AtomicU64,
+    pub _reserved: [AtomicU64; 4],
     pub devices: [ProcessDevice; MAX_DEVICES],
+}
+
+impl Turn {
+    /// Frees the turn if the process named `token` holds it (that process is gone): the others
+    /// need not wait out its lease. True when it did.
+    pub fn clear_holder(&self, token: u64) -> bool {
+        if token == 0 || self.holder.load(Acquire) != token {
+            return false;
+        }
+        self.holder_pid.store(0, Release);
+        self.holder.compare_exchange(token, 0, AcqRel, Relaxed).is_ok()
+    }
 }
 
 /// Scheduling class of a process or group (issue 5 gives it teeth).
@@ -873,7 +910,7 @@ impl ProcessSlot {
     }
 
     pub fn reset(&self) {
-        for w in [&self.ops, &self.start_time, &self.heartbeat_ns] {
+        for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token] {
             w.store(0, Relaxed);
         }
         for w in [&self.pid, &self.group, &self.priority, &self.uid, &self.own_pid] {
@@ -1038,6 +1075,20 @@ mod tests {
     use std::sync::Arc;
 
     #[test]
+    fn a_gone_process_turn_is_cleared_only_by_its_own_token() {
+        let ledger = Ledger::anonymous().unwrap();
+        let turn = &ledger.device(0).sched.turn;
+        assert!(!turn.clear_holder(7), "nobody holds it");
+        turn.holder.store(7, Relaxed);
+        turn.holder_pid.store(1234, Relaxed);
+        assert!(!turn.clear_holder(8), "another process's turn is left alone");
+        assert!(!turn.clear_holder(0), "a process that never wrote its token clears nothing");
+        assert_eq!(turn.holder.load(Relaxed), 7);
+        assert!(turn.clear_holder(7));
+        assert_eq!((turn.holder.load(Relaxed), turn.holder_pid.load(Relaxed)), (0, 0));
+    }
+
+    #[test]
     fn layout_sizes_are_what_the_header_says() {
         assert_eq!(size_of::<DeviceSlot>(), 64 + size_of::<DeviceSched>());
         assert_eq!(size_of::<GroupDevice>(), 64);
@@ -1045,6 +1096,7 @@ mod tests {
         assert_eq!(size_of::<GroupSlot>(), 128 + 64 * MAX_DEVICES);
         assert_eq!(size_of::<ProcessSlot>(), 128 + 64 * MAX_DEVICES);
         assert!(size_of::<Header>() <= HEADER_SIZE);
+        assert_eq!(size_of::<Turn>(), 40);
     }
 
     fn temp_path(name: &str) -> (tempfile::TempDir, String) {

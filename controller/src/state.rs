@@ -227,6 +227,13 @@ impl State {
         let group = p.group.load(Relaxed) as usize;
         let pid = p.pid.load(Relaxed);
         let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).sum();
+        // A turn it held is free now, not when its lease runs out.
+        let token = p.token.load(Acquire);
+        for d in 0..ledger::MAX_DEVICES {
+            if self.ledger.device(d).sched.turn.clear_holder(token) {
+                tracing::debug!("pid {pid} {why}: its turn on device {d} is free");
+            }
+        }
         // Out of the member list first, so that the reconciliation leaves its bytes out.
         p.state.store(FREE, Release);
         if group < self.ledger.geometry().max_groups as usize {

@@ -1,5 +1,8 @@
-//! Turns on the device between throttled gpuslice processes, through one small shared page per
-//! device (`/dev/shm/gpuslice-board4-<uid>-<device uuid>`; the number is the page layout's).
+//! Turns on the device between throttled gpuslice processes, kept in the device's `Turn`
+//! (part of `DeviceSched`): the ledger's device slot when the process is attached to a
+//! controller, so that processes of every user and pod it serves take turns; without one, one
+//! small shared page per user and device (`/dev/shm/gpuslice-board5-<uid>-<device uuid>`; the
+//! number is the page layout's), which also holds the device's priority state.
 //!
 //! Without MPS the GPU time-slices between processes that both have work queued, and on the H200
 //! that costs about a tenth of the device: two unthrottled processes got 45.1% + 45.1% of one
@@ -10,19 +13,22 @@
 //! shared (`Bucket::saw_neighbour`) so there are few of them.
 //!
 //! Nothing is locked for long: the turn carries a lease (the holder's own estimate of when its
-//! queued work is done, a little more), an expired lease or a dead holder's turn may be taken,
-//! and no wait here lasts longer than `MAX_WAIT_NS`. Processes of other users do not share a page
-//! (mode 0600). The page becomes part of the controller's ledger (issue 4).
+//! queued work is done, a little more), an expired lease may be taken, and no wait here lasts
+//! longer than `MAX_WAIT_NS`. Processes are named by their random token (`link::token`), not
+//! their pid, since pids repeat across pid namespaces. Without a controller a dead holder's turn
+//! may also be taken at once (its pid is checked: same user, same namespace); with one, only its
+//! lease bounds it. Processes of other users do not share a page (mode 0600).
 
 use crate::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::ffi::CUdevice;
 use crate::nvml::cuda_uuid_string;
 use crate::throttle::now_ns;
-use gpuslice_common::ledger::DeviceSched;
+use crate::link;
+use gpuslice_common::ledger::{DeviceSched, Turn};
 use once_cell::sync::OnceCell;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicU64, Ordering::*};
 
-const MAGIC: u64 = 0x4750_5553_4c42_4434; // "GPUSLBD4"
+const MAGIC: u64 = 0x4750_5553_4c42_4435; // "GPUSLBD5"
 /// Longest a launch waits for another process's turn before going anyway.
 const MAX_WAIT_NS: u64 = 30_000_000;
 /// How often a waiting process looks again.
@@ -35,13 +41,8 @@ const NEIGHBOUR_NS: u64 = 200_000_000;
 #[repr(C)]
 struct Page {
     magic: AtomicU64,
-    holder: AtomicU32,
-    /// The latest process to hold the turn (to notice a hand-over between processes).
-    last_holder: AtomicU32,
-    lease_until: AtomicU64,
-    last_handover: AtomicU64,
-    /// Priority state of the device among this user's processes running without a controller
-    /// (with one, the ledger's device slot holds it).
+    /// This user's processes running without a controller share the device's priority state
+    /// and turn here (with one, the ledger's device slot holds them).
     sched: DeviceSched,
 }
 
@@ -56,7 +57,7 @@ fn map(device: CUdevice) -> Option<&'static Page> {
     let uuid = cuda_uuid_string(device)?;
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let path = std::ffi::CString::new(format!("/dev/shm/gpuslice-board4-{uid}-{uuid}")).ok()?;
+    let path = std::ffi::CString::new(format!("/dev/shm/gpuslice-board5-{uid}-{uuid}")).ok()?;
     // SAFETY: plain open/fstat/ftruncate/mmap of a small file; the mapping lives for the process.
     unsafe {
         let fd = libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW, 0o600);
@@ -81,7 +82,8 @@ fn map(device: CUdevice) -> Option<&'static Page> {
     }
 }
 
-/// The priority state of `device` on this user's page.
+/// The priority state and turn of `device` on this user's page (for a process without a
+/// controller; `link` hands it out as the device's `DeviceSched`).
 pub fn sched(device: CUdevice) -> Option<&'static DeviceSched> {
     page(device).map(|p| &p.sched)
 }
@@ -91,6 +93,19 @@ pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence. EPERM means it exists under another user.
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
     r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The turn on `device` as this process shares it (see the module's note), and whether its
+/// holder's pid may be checked.
+#[inline]
+fn turn(device: CUdevice) -> Option<(&'static Turn, bool)> {
+    let l = link::get()?;
+    Some((&l.sched(device)?.turn, !l.controlled))
+}
+
+/// True unless the process named `pid` (0: unknown) is known to be gone.
+fn holder_alive(pid: u32) -> bool {
+    pid == 0 || alive(pid)
 }
 
 /// What taking the turn found.
@@ -103,23 +118,32 @@ pub struct Taken {
 /// Takes the turn on `device` (or extends it when already held), waiting boundedly while
 /// another process holds it. `lease_until` is when this process expects its queued work done.
 pub fn take(device: CUdevice, lease_until: u64) -> Taken {
-    let Some(page) = page(device) else { return Taken { waited_ns: 0, neighbour: false } };
-    let me = std::process::id();
+    let Some((turn, check_pids)) = turn(device) else { return Taken { waited_ns: 0, neighbour: false } };
+    let me = link::token();
+    // Only without a controller: its processes share this namespace (the page is per user and
+    // /dev/shm), a controller's may not.
+    let my_pid = if check_pids { std::process::id() } else { 0 };
     let start = now_ns();
     let mut neighbour = false;
     loop {
         let now = now_ns();
-        let holder = page.holder.load(Acquire);
+        let holder = turn.holder.load(Acquire);
         if holder == me {
-            page.lease_until.store(lease_until.max(now) + LEASE_SLACK_NS, Release);
+            turn.lease_until.store(lease_until.max(now) + LEASE_SLACK_NS, Release);
             break;
         }
-        let free = holder == 0 || now >= page.lease_until.load(Acquire) || !alive(holder);
-        if free && page.holder.compare_exchange(holder, me, AcqRel, Relaxed).is_ok() {
-            page.lease_until.store(lease_until.max(now) + LEASE_SLACK_NS, Release);
-            let previous = page.last_holder.swap(me, AcqRel);
-            if previous != me && previous != 0 && alive(previous) {
-                page.last_handover.store(now, Release);
+        let pid = turn.holder_pid.load(Acquire);
+        let expired = holder == 0 || now >= turn.lease_until.load(Acquire);
+        // A dead holder's pid is cleared before its turn is taken, so that a process looking
+        // between the taking and the taker's pid never judges the taker by it.
+        let dead = !expired && check_pids && !holder_alive(pid) && turn.holder_pid.compare_exchange(pid, 0, AcqRel, Relaxed).is_ok();
+        if (expired || dead) && turn.holder.compare_exchange(holder, me, AcqRel, Relaxed).is_ok() {
+            turn.lease_until.store(lease_until.max(now) + LEASE_SLACK_NS, Release);
+            turn.holder_pid.store(my_pid, Release);
+            let previous = turn.last_holder.swap(me, AcqRel);
+            let previous_pid = turn.last_holder_pid.swap(my_pid, AcqRel);
+            if previous != me && previous != 0 && (!check_pids || holder_alive(previous_pid)) {
+                turn.last_handover.store(now, Release);
             }
             break;
         }
@@ -132,27 +156,32 @@ pub fn take(device: CUdevice, lease_until: u64) -> Taken {
         std::thread::sleep(std::time::Duration::from_nanos(NAP_NS));
     }
     let now = now_ns();
-    let recent = now.saturating_sub(page.last_handover.load(Acquire)) < NEIGHBOUR_NS;
+    let recent = now.saturating_sub(turn.last_handover.load(Acquire)) < NEIGHBOUR_NS;
     Taken { waited_ns: now - start, neighbour: neighbour || recent }
 }
 
 /// Extends this process's lease if it holds the turn.
 pub fn extend(device: CUdevice, lease_until: u64) {
-    if let Some(page) = page(device) {
-        if page.holder.load(Relaxed) == std::process::id() {
-            page.lease_until.store(lease_until + LEASE_SLACK_NS, Release);
+    if let Some((turn, _)) = turn(device) {
+        if turn.holder.load(Relaxed) == link::token() {
+            turn.lease_until.store(lease_until + LEASE_SLACK_NS, Release);
         }
     }
 }
 
 /// Lets go of the turn on `device`, if this process holds it.
 pub fn release(device: CUdevice) {
-    if let Some(page) = page(device) {
-        let _ = page.holder.compare_exchange(std::process::id(), 0, AcqRel, Relaxed);
+    if let Some((turn, _)) = turn(device) {
+        let me = link::token();
+        if turn.holder.load(Acquire) == me {
+            // Cleared first (see `take`): the next holder writes its own.
+            turn.holder_pid.store(0, Release);
+            let _ = turn.holder.compare_exchange(me, 0, AcqRel, Relaxed);
+        }
     }
 }
 
 /// True when this process holds the turn on `device`.
 pub fn holding(device: CUdevice) -> bool {
-    page(device).is_some_and(|p| p.holder.load(Relaxed) == std::process::id())
+    turn(device).is_some_and(|(t, _)| t.holder.load(Relaxed) == link::token())
 }

@@ -65,6 +65,34 @@ pub fn attached() -> Option<&'static Link> {
     }
 }
 
+/// This process's token: a number drawn at random once, that names it in shared state (its
+/// high-priority slots, the turn among throttled processes) where pids would not do, since
+/// they repeat across pid namespaces and a controller may serve several. A forked child draws
+/// its own. Lock-free: read on the throttled launch path.
+#[inline]
+pub fn token() -> u64 {
+    match TOKEN.load(Acquire) {
+        0 => draw_token(),
+        t => t,
+    }
+}
+
+/// 0 until drawn; cleared in a forked child.
+static TOKEN: AtomicU64 = AtomicU64::new(0);
+
+#[cold]
+fn draw_token() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom into a local buffer.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, libc::GRND_NONBLOCK) };
+    let random = if got == 8 { u64::from_ne_bytes(bytes) } else { crate::throttle::now_ns() ^ (u64::from(std::process::id()) << 32) };
+    // Two threads drawing at once agree on the first one stored.
+    match TOKEN.compare_exchange(0, random.max(1), AcqRel, Acquire) {
+        Ok(_) => random.max(1),
+        Err(t) => t,
+    }
+}
+
 /// Bumped in a forked child: state kept per process elsewhere (priority slots) compares it to
 /// know that it was inherited, not its own.
 pub fn fork_generation() -> u64 {
@@ -97,6 +125,7 @@ fn attach_slow() -> Option<&'static Link> {
 pub fn forget_in_child() {
     LINK.store(std::ptr::null_mut(), Release);
     ATTACHING.store(false, Release);
+    TOKEN.store(0, Release);
     FORK_GENERATION.fetch_add(1, AcqRel);
 }
 
@@ -234,7 +263,10 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
             scheds[ordinal] = Some(&ledger.device(*index as usize).sched);
         }
     }
-    Ok(Link::new(ledger.group(assignment.group as usize), ledger.process(assignment.slot as usize), map, assignment.group_name, true, scheds))
+    let process = ledger.process(assignment.slot as usize);
+    // So that the controller can free a turn this process still holds when it goes.
+    process.token.store(token(), Release);
+    Ok(Link::new(ledger.group(assignment.group as usize), process, map, assignment.group_name, true, scheds))
 }
 
 /// A private ledger holding this process's own settings.

@@ -328,22 +328,9 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
     Some(slot)
 }
 
-/// (fork generation, token) of `owner`: a forked child draws its own.
-static OWNER: Mutex<(u64, u64)> = Mutex::new((u64::MAX, 0));
-
-/// A number for this process's high-priority slots, drawn once: pids repeat across pid
-/// namespaces, and a controller may serve several.
+/// The token naming this process's high-priority slots (a forked child draws its own).
 fn owner() -> u64 {
-    let generation = link::fork_generation();
-    let mut owner = locks::lock(&OWNER);
-    if owner.0 != generation {
-        let mut bytes = [0u8; 8];
-        // SAFETY: getrandom into a local buffer.
-        let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, libc::GRND_NONBLOCK) };
-        let random = if got == 8 { u64::from_ne_bytes(bytes) } else { now_ns() ^ (u64::from(std::process::id()) << 32) };
-        *owner = (generation, random.max(1));
-    }
-    owner.1
+    link::token()
 }
 
 /// Gives up every high-priority slot of this process (left high priority, or exiting).
@@ -443,14 +430,13 @@ fn relaxed<T>(f: impl FnOnce() -> T) -> T {
 static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 
 /// The priority machinery's locks, for a fork (see `fork`), in the order the code nests them:
-/// the watcher's state before the owner token and the event pools, a device's launches in
+/// the watcher's state before the event pools, a device's launches in
 /// flight before the pools. The child sorts its inherited state out itself (fork generations).
 pub fn hold_for_fork(h: &mut crate::fork::Holder) {
     h.take(&WATCHED, crate::fork::keep);
     for device in &IN_FLIGHT {
         h.take(&device.events, crate::fork::keep);
     }
-    h.take(&OWNER, crate::fork::keep);
     h.take(&POOLS, crate::fork::keep);
 }
 

@@ -122,7 +122,7 @@ fn another_user_cannot_open_the_ledger_or_change_limits() {
     let out = c.wait();
     out.assert_success();
     let uuid = out.get("uuid", "cu").expect("the device's UUID");
-    let _ = std::fs::remove_file(format!("/dev/shm/gpuslice-board4-{NOBODY}-{uuid}"));
+    let _ = std::fs::remove_file(format!("/dev/shm/gpuslice-board5-{NOBODY}-{uuid}"));
 }
 
 /// A controller run by a user who may not write where it is pointed stops with the reason,
