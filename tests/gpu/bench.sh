@@ -85,16 +85,6 @@ fi
 TOKEN="prio-$$-$(date +%s%N)"
 MPS_DIR=
 PYPID=
-kill_tokened() { # every process that still carries our token, by pid
-  local d pid
-  for d in /proc/[0-9]*; do
-    pid=${d#/proc/}
-    [ "$pid" = "$$" ] && continue
-    if grep -qzx "GPUTEST_PRIO_TOKEN=$TOKEN" "$d/environ" 2>/dev/null; then
-      kill -KILL "$pid" 2>/dev/null && echo "bench.sh: killed left-over pid $pid" >&2
-    fi
-  done
-}
 tokened_left() { # is any process other than this shell still carrying the token?
   local d
   for d in /proc/[0-9]*; do
@@ -115,7 +105,7 @@ prio_cleanup() {
     done
     for _ in $(seq 1 50); do tokened_left || break; sleep 0.2; done
   fi
-  kill_tokened
+  kill_tokened GPUTEST_PRIO_TOKEN
   [ -n "$MPS_DIR" ] && rm -rf "$MPS_DIR"
 }
 on_signal() { # pass it on to priority.py (through timeout), let it clean up, then leave

@@ -23,6 +23,19 @@ PY=${PYTHON:-python3}
 
 note() { printf '%s\n' "$*" | tee -a "$LOG"; }
 
+# kill_tokened NAME: SIGKILL every process but this shell whose environment holds NAME=$TOKEN,
+# i.e. whatever the harness started and is still alive, however it was re-parented.
+kill_tokened() {
+  local name=$1 d pid
+  for d in /proc/[0-9]*; do
+    pid=${d#/proc/}
+    [ "$pid" = "$$" ] && continue
+    if grep -qzx "$name=$TOKEN" "$d/environ" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null && echo "$(basename "$0"): killed left-over pid $pid" >&2
+    fi
+  done
+}
+
 gpu_setup() { # NAME LOGFILE TITLE: sets LOG and NVCC
   local name=$1
   mkdir -p "$OUTDIR" "$BUILD" || { echo "$name: cannot create $OUTDIR or $BUILD" >&2; exit 2; }

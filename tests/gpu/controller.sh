@@ -31,18 +31,8 @@ TOKEN="ctl-$$-$(date +%s%N)"
 TMPD=
 PYPID=
 LEDGER_DIR=/dev/shm/gpuslice-gputest-$$
-kill_tokened() { # every process that still carries our token, by pid
-  local d pid
-  for d in /proc/[0-9]*; do
-    pid=${d#/proc/}
-    [ "$pid" = "$$" ] && continue
-    if grep -qzx "GPUTEST_CTL_TOKEN=$TOKEN" "$d/environ" 2>/dev/null; then
-      kill -KILL "$pid" 2>/dev/null && echo "controller.sh: killed left-over pid $pid" >&2
-    fi
-  done
-}
 cleanup() {
-  kill_tokened
+  kill_tokened GPUTEST_CTL_TOKEN
   [ -n "$TMPD" ] && rm -rf "$TMPD"
   rm -rf "$LEDGER_DIR"
 }

@@ -47,28 +47,6 @@
 
 #include "gpucommon.cuh"
 
-#ifdef __CUDACC__
-__global__ void fma_kernel(float* out, int iters, float b, float c) {
-  unsigned tid = blockIdx.x * blockDim.x + threadIdx.x;
-  float a0 = 1.0f + (float)(tid & 1023) * 1e-6f;
-  float a1 = a0 + 0.25f, a2 = a0 + 0.5f, a3 = a0 + 0.75f;
-#pragma unroll 4
-  for (int i = 0; i < iters; i++) {
-    a0 = fmaf(a0, b, c);
-    a1 = fmaf(a1, b, c);
-    a2 = fmaf(a2, b, c);
-    a3 = fmaf(a3, b, c);
-  }
-  float s = (a0 + a1) + (a2 + a3);
-  if (tid == 0)
-    out[0] = s;
-  else if (s == -1.0f)  // never: the chains converge to c / (1 - b) = 1
-    out[1 + (tid & 255)] = s;
-}
-#else
-// Host-only syntax check (g++ -x c++): a stand-in with the same signature.
-static void fma_kernel(float*, int, float, float) {}
-#endif
 
 static double mono_s() {
   struct timespec ts;
