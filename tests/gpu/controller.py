@@ -30,6 +30,7 @@ import time
 import gpucommon
 from gpucommon import (C, HERE, PY, clip_lines, have, log, log_cmd, parse_kv, record, remaining,
                        settle)
+from gpucommon import Stopped, on_signal
 
 import shares  # sharebench runs and their report-line arithmetic (count_at, mono_points, ...)
 
@@ -78,14 +79,6 @@ C.children = []       # Child objects not finished yet
 C.serve = None
 C.serve_paths = None
 C.token = ""
-
-
-class Stopped(BaseException):
-    """SIGTERM/SIGINT/SIGHUP while running: clean up, still print the table, exit 1."""
-
-
-def on_signal(signum, _frame):
-    raise Stopped(signal.Signals(signum).name)
 
 
 def gib(b):
@@ -944,42 +937,9 @@ def check_run():
 
 # ----------------------------------------------------------------------------- cleanup, report
 
-def ancestors():
-    """This process and its ancestors (controller.sh's `timeout` carries the token too)."""
-    out, pid = set(), os.getpid()
-    while pid > 1 and pid not in out:
-        out.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            pid = int(stat[stat.rfind(")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return out
-
-
 def sweep():
     """Kill (by pid) every process still alive that carries this run's token."""
-    if not C.token:
-        return
-    needle = f"{TOKEN_VAR}={C.token}".encode()
-    mine = ancestors()
-    killed = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) in mine:
-            continue
-        try:
-            with open(f"/proc/{d}/environ", "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
-            os.kill(int(d), signal.SIGKILL)
-            killed.append(f"{d} ({cmd.strip()})")
-        except (OSError, ValueError):
-            continue
-    if killed:
-        log("  cleanup: killed left-over processes: " + "; ".join(killed))
+    gpucommon.sweep_token(TOKEN_VAR, C.token)
 
 
 def cleanup(up_s):

@@ -313,6 +313,16 @@ def exit_status():
 
 # ----------------------------------------------------------------------------- cleanup
 
+class Stopped(BaseException):
+    """SIGTERM/SIGINT/SIGHUP while a script runs: it cleans up (children, daemons), still prints
+    its table, and exits 1."""
+
+
+def on_signal(signum, _frame):
+    """The scripts' handler for SIGTERM/SIGINT/SIGHUP: raises Stopped."""
+    raise Stopped(signal.Signals(signum).name)
+
+
 def ancestors():
     """This process and its ancestors (the shell entry point and its `timeout` carry the run's
     token too)."""

@@ -31,6 +31,7 @@ import time
 
 import gpucommon
 from gpucommon import C, HERE, PY, clip_lines, env_for, have, log, log_cmd, record, remaining
+from gpucommon import Stopped, on_signal
 
 import shares  # Run/finish/parse (report lines, SM clock per run), sb_argv, mono_points, count_at
 
@@ -78,14 +79,6 @@ C.children = []         # Popen objects started and maybe not finished
 C.rows = []             # the side-by-side table: dicts
 C.cells = []            # priority.tsv detail rows (a dict for a probe run: its ratio comes last)
 C.ref = {}              # scenario -> the probe's alone p99 that ratios are taken against
-
-
-class Stopped(BaseException):
-    """SIGTERM/SIGINT/SIGHUP: clean up (children, MPS), still print the table, exit 1."""
-
-
-def on_signal(signum, _frame):
-    raise Stopped(signal.Signals(signum).name)
 
 
 def f3(x):

@@ -36,6 +36,7 @@ import time
 
 import gpucommon
 from gpucommon import C, HERE, PY, clip_lines, log, log_cmd, record, remaining
+from gpucommon import Stopped, on_signal
 import soaknvml
 
 MIB = 1 << 20
@@ -61,16 +62,8 @@ RESPAWN_DELAY_S = 2.0      # after a crash, before starting the workload again
 GIVE_UP_CRASHES = 5        # crashes in a row without getting ready: stop restarting it
 
 
-class Stopped(BaseException):
-    """SIGTERM/SIGINT/SIGHUP while running: clean up, still print the table."""
-
-
 class ControllerDied(Exception):
     pass
-
-
-def on_signal(signum, _frame):
-    raise Stopped(signal.Signals(signum).name)
 
 
 def mib(b):
