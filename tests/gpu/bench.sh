@@ -108,17 +108,8 @@ prio_cleanup() {
   kill_tokened GPUTEST_PRIO_TOKEN
   [ -n "$MPS_DIR" ] && rm -rf "$MPS_DIR"
 }
-on_signal() { # pass it on to priority.py (through timeout), let it clean up, then leave
-  trap '' INT TERM HUP
-  if [ -n "$PYPID" ]; then
-    kill -TERM "$PYPID" 2>/dev/null
-    wait "$PYPID" 2>/dev/null
-  fi
-  exit "$1"
-}
 trap prio_cleanup EXIT
-trap 'on_signal 130' INT
-trap 'on_signal 143' TERM HUP
+trap_signals
 
 MPS_DIR=$(mktemp -d /tmp/gpuslice-mps.XXXXXX) || { note "bench: mktemp failed"; exit 2; }
 args=(--lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$(date +%s)" --seconds "$PRIO_SECONDS"

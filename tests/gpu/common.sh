@@ -23,6 +23,22 @@ PY=${PYTHON:-python3}
 
 note() { printf '%s\n' "$*" | tee -a "$LOG"; }
 
+# trap_signals: SIGINT/SIGTERM/SIGHUP are passed on to the Python harness ($PYPID, through its
+# `timeout`), which cleans up and still prints its table; then the script leaves with 130/143
+# (its EXIT trap runs as usual).
+pass_on_signal() {
+  trap '' INT TERM HUP
+  if [ -n "${PYPID:-}" ]; then
+    kill -TERM "$PYPID" 2>/dev/null
+    wait "$PYPID" 2>/dev/null
+  fi
+  exit "$1"
+}
+trap_signals() {
+  trap 'pass_on_signal 130' INT
+  trap 'pass_on_signal 143' TERM HUP
+}
+
 # kill_tokened NAME: SIGKILL every process but this shell whose environment holds NAME=$TOKEN,
 # i.e. whatever the harness started and is still alive, however it was re-parented.
 kill_tokened() {

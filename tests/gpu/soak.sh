@@ -67,17 +67,8 @@ cleanup() {
   [ -n "$TMPD" ] && rm -rf "$TMPD"
   rm -rf "$LEDGER_DIR"
 }
-on_signal() { # pass it on to soak.py (through timeout), let it clean up, then leave
-  trap '' INT TERM HUP
-  if [ -n "$PYPID" ]; then
-    kill -TERM "$PYPID" 2>/dev/null
-    wait "$PYPID" 2>/dev/null
-  fi
-  exit "$1"
-}
 trap cleanup EXIT
-trap 'on_signal 130' INT
-trap 'on_signal 143' TERM HUP
+trap_signals
 
 title="gpuslice soak"
 [ "$DRY" = 1 ] && title="gpuslice soak (DRY RUN: simulated driver, stub workloads)"
