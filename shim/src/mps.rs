@@ -104,11 +104,15 @@ fn share_for_all(settings: &Settings) -> Option<u32> {
 /// In the `cuInit` hook, before the real one: when an MPS daemon listens, write MPS's variables
 /// from this process's settings (the controller may refine them before a context is made).
 pub fn before_init(settings: &Settings) {
-    if settings.mps == MpsMode::Off || !daemon_listening() {
-        return;
-    }
-    let priority = settings.priority.as_ref().map_or(Priority::Normal, |p| p.value);
-    write_variables(priority, share_for_all(settings));
+    // Once: programs and libraries call cuInit again and again, and the values do not change.
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if settings.mps == MpsMode::Off || !daemon_listening() {
+            return;
+        }
+        let priority = settings.priority.as_ref().map_or(Priority::Normal, |p| p.value);
+        write_variables(priority, share_for_all(settings));
+    });
 }
 
 /// Before a context is made on `device`: learn whether MPS serves it and, if so, write MPS's
