@@ -287,3 +287,93 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
 ) -> NvmlReturn {
     running_processes(device, info_count, infos)
 }
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> NvmlReturn {
+    nvmlDeviceGetCount_v2(count)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut *mut c_void) -> NvmlReturn {
+    nvmlDeviceGetHandleByIndex_v2(index, device)
+}
+
+/// nvmlProcessInfo_v1_t: what the unversioned process queries fill.
+#[repr(C)]
+pub struct NvmlProcessInfoV1 {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfoV1,
+) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if info_count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let procs = sh.dev(i).processes();
+    let n = procs.len() as c_uint;
+    if *info_count < n || (n > 0 && infos.is_null()) {
+        *info_count = n;
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    for (k, (pid, used)) in procs.iter().enumerate() {
+        *infos.add(k) = NvmlProcessInfoV1 { pid: *pid, used_gpu_memory: *used };
+    }
+    *info_count = n;
+    SUCCESS
+}
+
+// The simulated device runs every context as both compute and graphics: the graphics lists are
+// the compute lists, so that a filter applied to them can be seen at work.
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfoV1,
+) -> NvmlReturn {
+    nvmlDeviceGetComputeRunningProcesses(device, info_count, infos)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    running_processes(device, info_count, infos)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    running_processes(device, info_count, infos)
+}
+
+/// nvmlUtilization_t.
+#[repr(C)]
+pub struct NvmlUtilization {
+    pub gpu: c_uint,
+    pub memory: c_uint,
+}
+
+/// 100 while the simulated device has work queued or running, else 0 (the simulator keeps no
+/// history to average over); the memory controller's figure is always 0.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: *mut c_void, utilization: *mut NvmlUtilization) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if utilization.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let busy = sh.dev(i).busy_until_ns.load(Ordering::Relaxed) > state::now_ns();
+    *utilization = NvmlUtilization { gpu: if busy { 100 } else { 0 }, memory: 0 };
+    SUCCESS
+}

@@ -1,0 +1,205 @@
+//! The tenant's own view (issue 15): an NVML-only program (tests/clients/nvmlclient.c, playing
+//! nvidia-smi: it never loads the CUDA driver) and CUDA programs under the shim see their slice
+//! through NVML — totals, used, the process list, the devices they may use — whether the limit
+//! comes from the environment or from the controller's group, live edits included; a process
+//! without limits sees exactly what it sees without the shim.
+
+use gpuslice_integration::*;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Context reserve of the simulated driver: what each process's context holds.
+const R: u64 = 64 * MIB;
+
+fn sim() -> Sim {
+    Sim::new().env("SIMCUDA_CTX_RESERVE", R)
+}
+
+fn nvmlclient() -> PathBuf {
+    compile(&c_compiler(), "nvmlclient", &["tests/clients/nvmlclient.c"], &["-std=gnu11", "-Wall", "-ldl"], &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A line's `key=value` as a number.
+fn field(line: &str, key: &str) -> u64 {
+    let prefix = format!("{key}=");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
+}
+
+/// The report's line `<what> <device> ...` (the `n`-th report's, for `--wait`).
+fn line<'a>(out: &'a Output, what: &str, device: u32, n: usize) -> &'a str {
+    let head = format!("{what} {device} ");
+    out.lines.iter().filter(|l| l.starts_with(&head)).nth(n).unwrap_or_else(|| panic!("no line #{n} `{head}...` in:\n{out}"))
+}
+
+/// The (pid, bytes) pairs of a process-list line, sorted by pid.
+fn procs(line: &str) -> Vec<(u32, u64)> {
+    let mut v: Vec<(u32, u64)> = line
+        .split_whitespace()
+        .filter_map(|w| w.split_once(':'))
+        .map(|(p, b)| (p.parse().unwrap_or_else(|_| panic!("pid in {line:?}")), b.parse().unwrap_or_else(|_| panic!("bytes in {line:?}"))))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Every process list of device `d` in report `n` (v1, v2, v3 compute and graphics) is `want`.
+fn assert_lists(out: &Output, d: u32, n: usize, want: &[(u32, u64)], graphics: &[(u32, u64)]) {
+    for what in ["compute1", "compute2", "compute3"] {
+        let l = line(out, what, d, n);
+        assert_eq!(procs(l), want, "{what} on device {d}: {l}\n{out}");
+        assert_eq!(field(l, "n"), want.len() as u64, "{l}");
+    }
+    assert_eq!(procs(line(out, "graphics3", d, n)), graphics, "graphics3 on device {d}\n{out}");
+}
+
+/// (total, free, used) of both memory queries, checked to agree.
+fn memory(out: &Output, d: u32, n: usize) -> (u64, u64, u64) {
+    let (m, m2) = (line(out, "mem", d, n), line(out, "mem2", d, n));
+    let v1 = (field(m, "total"), field(m, "free"), field(m, "used"));
+    assert_eq!(v1, (field(m2, "total"), field(m2, "free"), field(m2, "used")), "v1 and v2 agree:\n{out}");
+    v1
+}
+
+/// A process of the simulated machine that holds `bytes` on device `d` until `stop` exists.
+fn holder(sim: &Sim, d: u32, bytes: u64, stop: &str, setup: impl FnOnce(Client<'_>) -> Client<'_>) -> Running {
+    let c = setup(sim.client(Route::Link)).args(&format!("init ctx {d} alloc {bytes} waitfile {stop}")).spawn();
+    expect_ok(&c.wait_line("alloc", 0));
+    c
+}
+
+#[test]
+fn without_limits_nvml_is_byte_for_byte_what_it_is_without_the_shim() {
+    let sim = sim();
+    let stop = sim.path_str("stop");
+    let _a = holder(&sim, 0, 100 * MIB, &stop, |c| c);
+    let _b = holder(&sim, 1, 50 * MIB, &stop, |c| c.shim());
+    let uuids = ["--uuid", &sim.device_uuid(0), "--uuid", &sim.device_uuid(1)].join(" ");
+    let bare = sim.program(nvmlclient()).args(&uuids).run();
+    assert!(bare.success(), "{bare}");
+    assert!(bare.lines.iter().any(|l| l.starts_with("compute3 0 n=1 ")), "the holder is listed:\n{bare}");
+    let shimmed = sim.program(nvmlclient()).shim().args(&uuids).run();
+    assert_eq!(shimmed.lines, bare.lines, "no limits: identical output\n{shimmed}");
+    assert_eq!(shimmed.stderr, bare.stderr);
+
+    // With a controller up, and with a device restriction: still NVML's own answers.
+    let ctl = sim.controller();
+    let with_ctl = sim.program(nvmlclient()).shim().controller(&ctl).args(&uuids).run();
+    assert_eq!(with_ctl.lines, bare.lines, "{with_ctl}");
+    let bare1 = sim.program(nvmlclient()).env("CUDA_VISIBLE_DEVICES", "1").args(&uuids).run();
+    let shim1 = sim.program(nvmlclient()).shim().env("CUDA_VISIBLE_DEVICES", "1").args(&uuids).run();
+    assert_eq!(shim1.lines, bare1.lines, "{shim1}");
+    assert_eq!(field(&bare1.lines[0], "v2"), 2, "NVML itself ignores CUDA_VISIBLE_DEVICES:\n{bare1}");
+    touch(&stop);
+}
+
+#[test]
+fn an_environment_limit_is_the_total_in_an_nvml_only_process_and_in_a_cuda_one() {
+    let sim = sim();
+    let stop = sim.path_str("stop");
+    let other = holder(&sim, 0, GIB, &stop, |c| c);
+    let out = sim.program(nvmlclient()).shim().env("GPUSLICE_MEMORY_LIMIT", "4GiB").run();
+    assert!(out.success(), "{out}");
+    for d in [0, 1] {
+        // Alone, the process is its own group: it holds nothing and lists nobody.
+        assert_eq!(memory(&out, d, 0), (4 * GIB, 4 * GIB, 0), "device {d}:\n{out}");
+        assert_lists(&out, d, 0, &[], &[]);
+    }
+    // Without the shim the same program sees the card and the other process.
+    let bare = sim.program(nvmlclient()).run();
+    assert_eq!(memory(&bare, 0, 0).0, 16 * GIB);
+    assert_eq!(procs(line(&bare, "compute3", 0, 0)), vec![(other.pid(), GIB + R)]);
+
+    // A CUDA process under the same limit: NVML and the driver's queries agree on its slice.
+    let c = sim
+        .client(Route::Dlsym)
+        .shim()
+        .env("GPUSLICE_MEMORY_LIMIT", "4GiB")
+        .args("init ctx 0 alloc 256M info totalmem 0 nvml 0 nvmlprocs 0 pid")
+        .run();
+    assert!(c.success(), "{c}");
+    let used = 256 * MIB + R;
+    assert_eq!(c.u64("nvml", "total"), 4 * GIB);
+    assert_eq!(c.u64("nvml", "total"), c.u64("info", "total"));
+    assert_eq!(c.u64("nvml", "total"), c.u64("totalmem", "total"));
+    assert_eq!(c.u64("nvml", "free"), c.u64("info", "free"));
+    assert_eq!(c.u64("nvml", "used"), used);
+    assert_eq!(c.u64("nvml", "v2used"), used);
+    assert_eq!((c.u64("nvmlprocs", "count"), c.u64("nvmlprocs", "self")), (1, used), "only itself, with its memory:\n{c}");
+    touch(&stop);
+}
+
+#[test]
+fn a_group_limit_from_the_controller_and_its_live_edit_show_in_an_nvml_only_process() {
+    let sim = sim();
+    let ctl = sim.controller_with_config("[groups.a]\nmemory_limit = \"6GiB\"\n[groups.b]\nmemory_limit = \"2GiB\"\n");
+    let stop = sim.path_str("stop");
+    let a1 = holder(&sim, 0, 512 * MIB, &stop, |c| c.shim().controller(&ctl).group("a"));
+    let a2 = holder(&sim, 0, 256 * MIB, &stop, |c| c.shim().controller(&ctl).group("a"));
+    let b1 = holder(&sim, 0, 128 * MIB, &stop, |c| c.shim().controller(&ctl).group("b"));
+    let (l, _) = ctl.ls_until("both groups' memory counted", Duration::from_secs(5), |l| {
+        l.group_used("a", 0) == 768 * MIB + 2 * R && l.group_used("b", 0) == 128 * MIB + R
+    });
+    let want_a = {
+        let mut v = vec![(a1.pid(), l.process_used(a1.pid(), 0)), (a2.pid(), l.process_used(a2.pid(), 0))];
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(want_a.iter().map(|p| p.1).sum::<u64>(), l.group_used("a", 0));
+
+    // No limit in its environment: the group's, from the controller.
+    let edited = sim.path_str("edited");
+    let viewer = sim.program(nvmlclient()).shim().controller(&ctl).group("a").args(&format!("--wait {edited}")).spawn();
+    viewer.wait_for("the first report", Duration::from_secs(30), |l| l.starts_with("util 1 "));
+    let used = l.group_used("a", 0);
+    let graphics_a = vec![(a1.pid(), 512 * MIB + R), (a2.pid(), 256 * MIB + R)];
+    ctl.set_ok("--group a --memory 8GiB");
+    touch(&edited);
+    let out = viewer.wait();
+    assert!(out.success(), "{out}");
+    assert_eq!(memory(&out, 0, 0), (6 * GIB, 6 * GIB - used, used), "{out}");
+    assert_lists(&out, 0, 0, &want_a, &graphics_a);
+    assert!(!out.lines.iter().any(|l| l.contains(&format!(" {}:", b1.pid()))), "group b's process is not listed:\n{out}");
+    // On device 1 the group holds nothing.
+    assert_eq!(memory(&out, 1, 0), (6 * GIB, 6 * GIB, 0));
+    assert_lists(&out, 1, 0, &[], &[]);
+    // The same process after `gpuslice set`: the edit shows at once.
+    assert_eq!(memory(&out, 0, 1), (8 * GIB, 8 * GIB - used, used), "{out}");
+    assert_lists(&out, 0, 1, &want_a, &graphics_a);
+
+    // Group b's view: its own process only.
+    let out = sim.program(nvmlclient()).shim().controller(&ctl).group("b").run();
+    assert_eq!(memory(&out, 0, 0), (2 * GIB, 2 * GIB - 128 * MIB - R, 128 * MIB + R), "{out}");
+    assert_lists(&out, 0, 0, &[(b1.pid(), 128 * MIB + R)], &[(b1.pid(), 128 * MIB + R)]);
+
+    // A CUDA member of group a: cuMemGetInfo and NVML agree, and match the ledger.
+    let c = sim.client(Route::Dlsym).shim().controller(&ctl).group("a").args("init ctx 0 info nvml 0 pid").run();
+    assert!(c.success(), "{c}");
+    assert_eq!((c.u64("nvml", "total"), c.u64("info", "total")), (8 * GIB, 8 * GIB), "{c}");
+    assert_eq!(c.u64("nvml", "free"), c.u64("info", "free"));
+    assert_eq!(c.u64("nvml", "used"), used + R, "the group's holdings, its own context included");
+    touch(&stop);
+}
+
+#[test]
+fn cuda_visible_devices_restricts_the_devices_a_limited_process_sees() {
+    let sim = sim();
+    let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
+    let uuids = format!("--uuid {u0} --uuid {u1}");
+    for visible in ["1".to_string(), u1.clone(), "1,7,0".to_string()] {
+        let out = sim.program(nvmlclient()).shim().env("GPUSLICE_MEMORY_LIMIT", "4GiB").env("CUDA_VISIBLE_DEVICES", &visible).args(&uuids).run();
+        assert!(out.success(), "{out}");
+        assert_eq!(out.lines[0], "count v1=1 v2=1 codes=0,0", "CUDA_VISIBLE_DEVICES={visible}\n{out}");
+        assert_eq!(line(&out, "dev", 0, 0), format!("dev 0 index=0 uuid={u1} name=gpuslice simulated GPU (sm_90, 132 SMs)"));
+        assert_eq!(memory(&out, 0, 0).0, 4 * GIB);
+        assert!(out.lines.contains(&format!("byuuid {u0} code=6 index=99")), "the hidden device is not found:\n{out}");
+        assert!(out.lines.contains(&format!("byuuid {u1} code=0 index=0")), "{out}");
+    }
+    // Empty, or a UUID prefix both devices share: no device, as with the driver.
+    for visible in ["", &u1[..12]] {
+        let none = sim.program(nvmlclient()).shim().env("GPUSLICE_MEMORY_LIMIT", "4GiB").env("CUDA_VISIBLE_DEVICES", visible).run();
+        assert_eq!(none.lines[0], "count v1=0 v2=0 codes=0,0", "{none}");
+    }
+}
