@@ -203,3 +203,33 @@ fn cuda_visible_devices_restricts_the_devices_a_limited_process_sees() {
         assert_eq!(none.lines[0], "count v1=0 v2=0 codes=0,0", "{none}");
     }
 }
+
+#[test]
+fn a_throttled_groups_utilization_is_its_own_measured_share() {
+    let sim = sim();
+    let ctl = sim.controller_with_config("[groups.s]\nsm_share = 30\n");
+    let stop = sim.path_str("stop");
+    // 1 ms kernels launched without pause: the throttle holds the group to about 30 %.
+    let flood = sim.client(Route::Link).shim().controller(&ctl).group("s").args(&format!("init ctx 0 launch 1 1000 sync flood 1000000 100 {stop}")).spawn();
+    expect_ok(&flood.wait_line("launch", 0));
+    std::thread::sleep(Duration::from_millis(300));
+    let again = sim.path_str("again");
+    let viewer = sim.program(nvmlclient()).shim().controller(&ctl).group("s").args(&format!("--wait {again}")).spawn();
+    viewer.wait_for("the first report", Duration::from_secs(30), |l| l.starts_with("util 1 "));
+    std::thread::sleep(Duration::from_millis(500));
+    touch(&again);
+    let out = viewer.wait();
+    touch(&stop);
+    let flooded = flood.wait();
+    assert!(flooded.success(), "{flooded}");
+    // The first figure is measured over 200 ms, the second over the time since the first.
+    // Wall-clock figures on a shared machine: the bounds are loose on purpose; what they judge is
+    // that the group's own share is reported, not the device's (the simulator says 0 or 100).
+    eprintln!("utilization seen by the group: {:?}", out.lines.iter().filter(|l| l.starts_with("util 0")).collect::<Vec<_>>());
+    for n in [0, 1] {
+        let gpu = field(line(&out, "util", 0, n), "gpu");
+        assert!((5..=50).contains(&gpu), "report {n}: utilization {gpu} % for a group throttled to 30 %:\n{out}");
+    }
+    // The share applies on device 1 too, where the group launched nothing.
+    assert_eq!(field(line(&out, "util", 1, 0), "gpu"), 0, "{out}");
+}
