@@ -33,11 +33,16 @@ pub fn slicing_settings() -> Option<&'static Settings> {
     runtime::runtime().settings.as_ref().ok().filter(|s| asks_for_slice(s))
 }
 
-/// The slice NVML handle `device` shows, if the process is sliced on it.
+/// The slice NVML handle `device` shows, if the process is sliced on it: its settings ask for a
+/// slice, or (once CUDA attached it) a limit or a share applies to it there, however set.
 pub fn of(device: NvmlDevice) -> Option<Slice> {
-    slicing_settings()?;
+    let asks = runtime::runtime().settings.as_ref().ok().is_some_and(asks_for_slice);
+    let cuda_link = link::get();
+    if !asks && cuda_link.is_none() {
+        return None; // An NVML-only process asking for nothing: never attach.
+    }
     let uuid = uuid_of(device)?;
-    let (link, ordinal) = match link::get() {
+    let (link, ordinal) = match cuda_link {
         // CUDA is initialised (the link is made at cuInit): the ordinal is CUDA's own.
         Some(link) => (link, cuda_ordinal(&uuid)?),
         None => {
@@ -46,7 +51,8 @@ pub fn of(device: NvmlDevice) -> Option<Slice> {
         }
     };
     let index = link.index(ordinal)?;
-    Some(Slice { link, index, budget: budget::of_link(link, ordinal)? })
+    let slice = Slice { link, index, budget: budget::of_link(link, ordinal)? };
+    (asks || slice.budget.limit().is_some() || slice.share() != 0).then_some(slice)
 }
 
 /// The link of a process that has not initialised CUDA, made once from NVML's devices.

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 const MIN_PERIOD_NS: u64 = 100_000_000;
-const FIRST_PERIOD: Duration = Duration::from_millis(200);
+const FIRST_PERIOD: Duration = Duration::from_secs(1);
 /// A reading older than this is not a period's start any more: measure afresh.
 const STALE_NS: u64 = 10_000_000_000;
 

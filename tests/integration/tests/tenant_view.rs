@@ -222,7 +222,7 @@ fn a_throttled_groups_utilization_is_its_own_measured_share() {
     touch(&stop);
     let flooded = flood.wait();
     assert!(flooded.success(), "{flooded}");
-    // The first figure is measured over 200 ms, the second over the time since the first.
+    // The first figure is measured over 1 s, the second over the time since the first.
     // Wall-clock figures on a shared machine: the bounds are loose on purpose; what they judge is
     // that the group's own share is reported, not the device's (the simulator says 0 or 100).
     eprintln!("utilization seen by the group: {:?}", out.lines.iter().filter(|l| l.starts_with("util 0")).collect::<Vec<_>>());
@@ -232,4 +232,29 @@ fn a_throttled_groups_utilization_is_its_own_measured_share() {
     }
     // The share applies on device 1 too, where the group launched nothing.
     assert_eq!(field(line(&out, "util", 1, 0), "gpu"), 0, "{out}");
+}
+
+#[test]
+fn a_limit_set_live_on_a_process_without_settings_shows_in_its_nvml() {
+    let sim = sim();
+    let ctl = sim.controller();
+    let stop = sim.path_str("stop");
+    let _other = holder(&sim, 0, 128 * MIB, &stop, |c| c);
+    let go = sim.path_str("go");
+    let c = sim.client(Route::Dlsym).shim().controller(&ctl).args(&format!("init ctx 0 nvml 0 nvmlprocs 0 waitfile {go} alloc 64M nvml 0 info nvmlprocs 0")).spawn();
+    c.wait_line("nvmlprocs", 0);
+    // Alone in its own group `pid-N`, nothing set: the card, and every process on it.
+    ctl.set_ok(&format!("--pid {} --memory 1GiB", c.pid()));
+    touch(&go);
+    let out = c.wait();
+    assert!(out.success(), "{out}");
+    assert_eq!(out.nth_u64("nvml", 0, "total"), 16 * GIB, "{out}");
+    assert_eq!(out.nth_u64("nvmlprocs", 0, "count"), 2, "{out}");
+    // Limited live: its slice, consistent with cuMemGetInfo, and only itself listed.
+    assert_eq!(out.nth_u64("nvml", 1, "total"), GIB, "{out}");
+    assert_eq!(out.nth_u64("nvml", 1, "total"), out.u64("info", "total"));
+    assert_eq!(out.nth_u64("nvml", 1, "free"), out.u64("info", "free"));
+    assert_eq!(out.nth_u64("nvml", 1, "used"), R + 64 * MIB);
+    assert_eq!((out.nth_u64("nvmlprocs", 1, "count"), out.nth_u64("nvmlprocs", 1, "self")), (1, R + 64 * MIB), "{out}");
+    touch(&stop);
 }
