@@ -128,6 +128,27 @@ pub struct NvmlProcessInfoV1 {
     pub used_gpu_memory: u64,
 }
 
+/// `nvmlProcessDetail_v1_t`, the records of `nvmlDeviceGetRunningProcessDetailList`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct NvmlProcessDetail {
+    pub pid: u32,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    pub used_gpu_cc_protected_memory: u64,
+}
+
+/// `nvmlProcessDetailList_v1_t`.
+#[repr(C)]
+pub struct NvmlProcessDetailList {
+    pub version: u32,
+    /// 0 compute, 1 graphics, 2 MPS compute.
+    pub mode: u32,
+    pub num_proc_array_entries: u32,
+    pub proc_array: *mut NvmlProcessDetail,
+}
+
 /// `nvmlUtilization_t`.
 #[repr(C)]
 pub struct NvmlUtilization {

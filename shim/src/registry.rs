@@ -91,6 +91,7 @@ hooks! {
     nvml::nvmlDeviceGetMPSComputeRunningProcesses,
     nvml::nvmlDeviceGetMPSComputeRunningProcesses_v2,
     nvml::nvmlDeviceGetMPSComputeRunningProcesses_v3,
+    nvml::nvmlDeviceGetRunningProcessDetailList,
     nvml::nvmlDeviceGetUtilizationRates,
     nvml::nvmlDeviceGetProcessUtilization,
 }

@@ -9,6 +9,7 @@
  *   compute1 I n=N PID:BYTES ...      (nvmlDeviceGetComputeRunningProcesses, v1 records)
  *   compute2 I ... / compute3 I ...  (_v2 / _v3)
  *   graphics3 I ...                  (nvmlDeviceGetGraphicsRunningProcesses_v3)
+ *   detail0 I ... / detail1 I ...    (nvmlDeviceGetRunningProcessDetailList, compute / graphics)
  *   util I gpu= memory=
  *   byuuid UUID code=C index=K        (one per UUID given with --uuid)
  *
@@ -26,6 +27,8 @@ typedef struct { unsigned version; unsigned long long total, reserved, free, use
 typedef struct { unsigned pid; unsigned long long used; } proc1_t;
 typedef struct { unsigned pid; unsigned long long used; unsigned gi, ci; } proc2_t;
 typedef struct { unsigned gpu, memory; } util_t;
+typedef struct { unsigned pid; unsigned long long used; unsigned gi, ci; unsigned long long cc; } detail_t;
+typedef struct { unsigned version, mode, n; detail_t *procs; } detail_list_t;
 
 static void *lib;
 static void *need(const char *name) {
@@ -94,6 +97,24 @@ static void report(void) {
         LIST("nvmlDeviceGetComputeRunningProcesses_v2", proc2_t, "compute2", i, dev);
         LIST("nvmlDeviceGetComputeRunningProcesses_v3", proc2_t, "compute3", i, dev);
         LIST("nvmlDeviceGetGraphicsRunningProcesses_v3", proc2_t, "graphics3", i, dev);
+        for (unsigned mode = 0; mode < 2; mode++) {
+            int (*f)(void *, detail_list_t *) = (int (*)(void *, detail_list_t *))need("nvmlDeviceGetRunningProcessDetailList");
+            detail_list_t l = {(unsigned)sizeof(detail_list_t) | (1u << 24), mode, 0, NULL};
+            int rd = f(dev, &l);
+            if (rd == 7) {
+                l.n += 4;
+                l.procs = calloc(l.n, sizeof(detail_t));
+                rd = f(dev, &l);
+            }
+            if (rd != 0) {
+                printf("detail%u %u err=%d\n", mode, i, rd);
+            } else {
+                printf("detail%u %u n=%u", mode, i, l.n);
+                for (unsigned k = 0; k < l.n; k++) printf(" %u:%llu", l.procs[k].pid, l.procs[k].used);
+                printf("\n");
+            }
+            free(l.procs);
+        }
         util_t u;
         r = ((int (*)(void *, util_t *))need("nvmlDeviceGetUtilizationRates"))(dev, &u);
         if (r) printf("util %u err=%d\n", i, r);

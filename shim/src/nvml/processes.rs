@@ -45,6 +45,18 @@ impl Record for NvmlProcessInfo {
     }
 }
 
+impl Record for NvmlProcessDetail {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+    fn new(pid: u32, used: u64, (gpu_instance_id, compute_instance_id): (u32, u32)) -> Self {
+        NvmlProcessDetail { pid, used_gpu_memory: used, gpu_instance_id, compute_instance_id, used_gpu_cc_protected_memory: 0 }
+    }
+    fn with_pid(self, pid: u32) -> Self {
+        NvmlProcessDetail { pid, ..self }
+    }
+}
+
 /// The whole list a real query gives, however long.
 fn real_list<T: Record>(real: ListFn<T>, device: NvmlDevice) -> Option<Vec<T>> {
     let mut buf = vec![T::default(); 32];
@@ -146,4 +158,47 @@ process_hooks! {
     nvmlDeviceGetMPSComputeRunningProcesses: NvmlProcessInfoV1 => filtered;
     nvmlDeviceGetMPSComputeRunningProcesses_v2: NvmlProcessInfo => filtered;
     nvmlDeviceGetMPSComputeRunningProcesses_v3: NvmlProcessInfo => filtered;
+}
+
+type DetailFn = unsafe extern "C" fn(NvmlDevice, *mut NvmlProcessDetailList) -> NvmlReturn;
+
+/// `nvmlDeviceGetRunningProcessDetailList`'s whole answer for one mode, however long.
+fn real_details(real: DetailFn, device: NvmlDevice, version: u32, mode: u32) -> Option<Vec<NvmlProcessDetail>> {
+    let mut buf = vec![NvmlProcessDetail::default(); 32];
+    for _ in 0..6 {
+        let mut list = NvmlProcessDetailList { version, mode, num_proc_array_entries: buf.len() as u32, proc_array: buf.as_mut_ptr() };
+        // SAFETY: the array holds `num_proc_array_entries` records.
+        match unsafe { real(device, &mut list) } {
+            NVML_SUCCESS => {
+                buf.truncate(list.num_proc_array_entries as usize);
+                return Some(buf);
+            }
+            NVML_ERROR_INSUFFICIENT_SIZE => buf.resize(list.num_proc_array_entries as usize + 16, NvmlProcessDetail::default()),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The one-call form of the three lists (`mode` 0 compute, 1 graphics, 2 MPS), as the others.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRunningProcessDetailList(device: NvmlDevice, list: *mut NvmlProcessDetailList) -> NvmlReturn {
+    guard::with_fallback("nvmlDeviceGetRunningProcessDetailList", NVML_ERROR_UNKNOWN, || {
+        let real = real_or_return!(c"nvmlDeviceGetRunningProcessDetailList", DetailFn);
+        let Some(slice) = (!list.is_null()).then(|| tenant::of(device)).flatten() else { return unsafe { real(device, list) } };
+        let (version, mode) = unsafe { ((*list).version, (*list).mode) };
+        // A version or mode NVML refuses: its own answer.
+        let Some(all) = real_details(real, device, version, mode) else { return unsafe { real(device, list) } };
+        let shown = if mode == 0 {
+            compute_list::<NvmlProcessDetail>(&slice, device)
+        } else {
+            let members = slice.members();
+            all.into_iter().filter_map(|r| members.iter().find(|m| m.node_pid == r.pid).map(|m| r.with_pid(m.pid))).collect()
+        };
+        let l = unsafe { &mut *list };
+        let mut count = l.num_proc_array_entries;
+        let code = unsafe { answer(&shown, &mut count, l.proc_array) };
+        l.num_proc_array_entries = count;
+        code
+    })
 }

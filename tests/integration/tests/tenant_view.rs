@@ -45,7 +45,8 @@ fn procs(line: &str) -> Vec<(u32, u64)> {
     v
 }
 
-/// Every process list of device `d` in report `n` (v1, v2, v3 compute and graphics) is `want`.
+/// Every process list of device `d` in report `n` (v1, v2, v3 compute and the detail list's) is
+/// `want`; the graphics lists are `graphics`.
 fn assert_lists(out: &Output, d: u32, n: usize, want: &[(u32, u64)], graphics: &[(u32, u64)]) {
     for what in ["compute1", "compute2", "compute3"] {
         let l = line(out, what, d, n);
@@ -53,6 +54,8 @@ fn assert_lists(out: &Output, d: u32, n: usize, want: &[(u32, u64)], graphics: &
         assert_eq!(field(l, "n"), want.len() as u64, "{l}");
     }
     assert_eq!(procs(line(out, "graphics3", d, n)), graphics, "graphics3 on device {d}\n{out}");
+    assert_eq!(procs(line(out, "detail0", d, n)), want, "the detail list's compute processes on device {d}\n{out}");
+    assert_eq!(procs(line(out, "detail1", d, n)), graphics, "the detail list's graphics processes on device {d}\n{out}");
 }
 
 /// (total, free, used) of both memory queries, checked to agree.

@@ -377,3 +377,55 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: *mut c_void, util
     *utilization = NvmlUtilization { gpu: if busy { 100 } else { 0 }, memory: 0 };
     SUCCESS
 }
+
+/// nvmlProcessDetail_v1_t.
+#[repr(C)]
+pub struct NvmlProcessDetail {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+    pub used_gpu_cc_protected_memory: u64,
+}
+
+/// nvmlProcessDetailList_v1_t.
+#[repr(C)]
+pub struct NvmlProcessDetailList {
+    pub version: c_uint,
+    pub mode: c_uint,
+    pub num_proc_array_entries: c_uint,
+    pub proc_array: *mut NvmlProcessDetail,
+}
+
+/// nvmlProcessDetailList_v1 = NVML_STRUCT_VERSION(ProcessDetailList, 1).
+pub const NVML_PROCESS_DETAIL_LIST_V1: c_uint = std::mem::size_of::<NvmlProcessDetailList>() as c_uint | (1 << 24);
+
+/// Compute (mode 0) and graphics (1) list the process table; MPS (2) lists nobody.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRunningProcessDetailList(device: *mut c_void, list: *mut NvmlProcessDetailList) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if list.is_null() || (*list).mode > 2 {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    if (*list).version != NVML_PROCESS_DETAIL_LIST_V1 {
+        return ERROR_ARGUMENT_VERSION_MISMATCH;
+    }
+    let l = &mut *list;
+    let procs = if l.mode == 2 { Vec::new() } else { sh.dev(i).processes() };
+    let n = procs.len() as c_uint;
+    if l.num_proc_array_entries < n || (n > 0 && l.proc_array.is_null()) {
+        l.num_proc_array_entries = n;
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    for (k, (pid, used)) in procs.iter().enumerate() {
+        *l.proc_array.add(k) = NvmlProcessDetail {
+            pid: *pid,
+            used_gpu_memory: *used,
+            gpu_instance_id: VALUE_NOT_AVAILABLE,
+            compute_instance_id: VALUE_NOT_AVAILABLE,
+            used_gpu_cc_protected_memory: 0,
+        };
+    }
+    l.num_proc_array_entries = n;
+    SUCCESS
+}
