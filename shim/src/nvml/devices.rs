@@ -7,6 +7,12 @@
 //! (a unique prefix is enough) or `MIG-` UUIDs; at the first entry that names no device (or a
 //! device twice) the list ends. Indices count in NVML's order (PCI bus order), which is CUDA's
 //! with `CUDA_DEVICE_ORDER=PCI_BUS_ID` and, on a machine of identical GPUs, its default too.
+//!
+//! Only a list of UUIDs renumbers NVML. A list with an index in it is left to the program:
+//! PyTorch (`torch.cuda.device_count()` counts through NVML), vLLM and others apply such a list
+//! to NVML's own numbering themselves (index 1 means NVML's device 1), so renumbering under them
+//! would make them count no device or open the wrong one. A list of UUIDs they match against
+//! the devices NVML lists, which stays right when the hidden ones are gone.
 
 use super::{library, nvml, real, real_or_return, tenant, uuid_of};
 use crate::ffi::*;
@@ -111,11 +117,17 @@ pub fn visible() -> Option<&'static [Visible]> {
         .as_deref()
 }
 
-/// The visible devices when the process is sliced and `CUDA_VISIBLE_DEVICES` restricts it;
-/// `None` otherwise (NVML's own answers stand).
+/// True when a `CUDA_VISIBLE_DEVICES` value may renumber NVML: it names devices by UUID only
+/// (see the module's note on indices).
+pub fn renumbers(list: &str) -> bool {
+    !list.split(',').map(str::trim).any(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The visible devices when the process is sliced and a `CUDA_VISIBLE_DEVICES` of UUIDs
+/// restricts it; `None` otherwise (NVML's own answers stand).
 fn restricted() -> Option<&'static [Visible]> {
     tenant::slicing_settings()?;
-    std::env::var_os("CUDA_VISIBLE_DEVICES")?;
+    renumbers(&std::env::var("CUDA_VISIBLE_DEVICES").ok()?).then_some(())?;
     visible()
 }
 
@@ -260,6 +272,15 @@ mod tests {
         assert_eq!(shown("GPU-bbbb"), vec![30]);
         assert_eq!(shown("gpu-AAAA2222-0000,0"), vec![20, 10]);
         assert_eq!(shown("MIG-1234"), vec![20]);
+    }
+
+    #[test]
+    fn only_lists_of_uuids_renumber_nvml() {
+        assert!(renumbers("GPU-aaaa,MIG-1234"));
+        assert!(renumbers(""));
+        assert!(renumbers("-1"));
+        assert!(!renumbers("1"));
+        assert!(!renumbers("GPU-aaaa, 0"));
     }
 
     #[test]

@@ -187,12 +187,15 @@ fn a_group_limit_from_the_controller_and_its_live_edit_show_in_an_nvml_only_proc
 }
 
 #[test]
-fn cuda_visible_devices_restricts_the_devices_a_limited_process_sees() {
+fn cuda_visible_devices_of_uuids_hides_the_other_devices_from_a_limited_process() {
     let sim = sim();
     let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
     let uuids = format!("--uuid {u0} --uuid {u1}");
-    for visible in ["1".to_string(), u1.clone(), "1,7,0".to_string()] {
-        let out = sim.program(nvmlclient()).shim().env("GPUSLICE_MEMORY_LIMIT", "4GiB").env("CUDA_VISIBLE_DEVICES", &visible).args(&uuids).run();
+    let limited = |visible: &str| sim.program(nvmlclient()).shim().env("GPUSLICE_MEMORY_LIMIT", "4GiB").env("CUDA_VISIBLE_DEVICES", visible).args(&uuids).run();
+    // The UUID, and a list that ends at an entry naming no device (unique prefixes: unit tests;
+    // the simulated devices' UUIDs differ in their last digit only).
+    for visible in [u1.clone(), format!("{u1},GPU-ffff,{u0}")] {
+        let out = limited(&visible);
         assert!(out.success(), "{out}");
         assert_eq!(out.lines[0], "count v1=1 v2=1 codes=0,0", "CUDA_VISIBLE_DEVICES={visible}\n{out}");
         assert_eq!(line(&out, "dev", 0, 0), format!("dev 0 index=0 uuid={u1} name=gpuslice simulated GPU (sm_90, 132 SMs)"));
@@ -200,11 +203,22 @@ fn cuda_visible_devices_restricts_the_devices_a_limited_process_sees() {
         assert!(out.lines.contains(&format!("byuuid {u0} code=6 index=99")), "the hidden device is not found:\n{out}");
         assert!(out.lines.contains(&format!("byuuid {u1} code=0 index=0")), "{out}");
     }
+    // Both, in the order given: renumbered as the driver numbers them.
+    let out = limited(&format!("{u1},{u0}"));
+    assert_eq!(out.lines[0], "count v1=2 v2=2 codes=0,0", "{out}");
+    assert_eq!(line(&out, "dev", 0, 0), format!("dev 0 index=0 uuid={u1} name=gpuslice simulated GPU (sm_90, 132 SMs)"));
+    assert!(out.lines.contains(&format!("byuuid {u0} code=0 index=1")), "{out}");
     // Empty, or a UUID prefix both devices share: no device, as with the driver.
     for visible in ["", &u1[..12]] {
-        let none = sim.program(nvmlclient()).shim().env("GPUSLICE_MEMORY_LIMIT", "4GiB").env("CUDA_VISIBLE_DEVICES", visible).run();
-        assert_eq!(none.lines[0], "count v1=0 v2=0 codes=0,0", "{none}");
+        assert_eq!(limited(visible).lines[0], "count v1=0 v2=0 codes=0,0", "CUDA_VISIBLE_DEVICES={visible:?}");
     }
+    // A list of indices is left alone: PyTorch and vLLM apply it to NVML's own numbering
+    // themselves (torch.cuda.device_count() would find index 1 out of a renumbered range).
+    let bare = sim.program(nvmlclient()).env("CUDA_VISIBLE_DEVICES", "1").args(&uuids).run();
+    let out = limited("1");
+    assert_eq!(out.lines[0], "count v1=2 v2=2 codes=0,0", "{out}");
+    assert!(out.lines.contains(&format!("byuuid {u0} code=0 index=0")), "{out}");
+    assert_eq!(out.lines.iter().filter(|l| !l.starts_with("mem")).collect::<Vec<_>>(), bare.lines.iter().filter(|l| !l.starts_with("mem")).collect::<Vec<_>>());
 }
 
 #[test]
