@@ -275,3 +275,45 @@ fn a_limit_set_live_on_a_process_without_settings_shows_in_its_nvml() {
     assert_eq!((out.nth_u64("nvmlprocs", 1, "count"), out.nth_u64("nvmlprocs", 1, "self")), (1, R + 64 * MIB), "{out}");
     touch(&stop);
 }
+
+/// True when this user may make pid namespaces (`unshare -p`, as root).
+fn can_unshare() -> bool {
+    std::process::Command::new("unshare").args(["-p", "-f", "--mount-proc", "true"]).output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn pids_are_shown_as_the_caller_sees_them_across_pid_namespaces() {
+    if !can_unshare() {
+        eprintln!("SKIPPED pids_are_shown_as_the_caller_sees_them_across_pid_namespaces: `unshare -p` needs root");
+        return;
+    }
+    let sim = sim();
+    let ctl = sim.controller_with_config("[groups.a]\nmemory_limit = \"6GiB\"\n");
+    let stop = sim.path_str("stop");
+    let client = client_path(Route::Link).display().to_string();
+    // A member in a pid namespace of its own, where it is pid 1.
+    let inner = sim
+        .program("unshare")
+        .shim()
+        .controller(&ctl)
+        .group("a")
+        .args(&format!("-p -f --mount-proc {client} init ctx 0 alloc 256M pid waitfile {stop}"))
+        .spawn();
+    expect_ok(&inner.wait_line("alloc", 0));
+    assert_eq!(field(&inner.wait_line("pid", 0), "pid"), 1, "pid 1 in its namespace");
+    let (l, _) = ctl.ls_until("the member registered", Duration::from_secs(5), |l| l.group_used("a", 0) == 256 * MIB + R);
+    let node_pid = l.members("a")[0];
+    assert_ne!(node_pid, 1);
+
+    // From the node's namespace it is listed under the node's pid.
+    let out = sim.program(nvmlclient()).shim().controller(&ctl).group("a").run();
+    assert_eq!(procs(line(&out, "compute3", 0, 0)), vec![(node_pid, 256 * MIB + R)], "{out}");
+    assert_eq!(procs(line(&out, "detail0", 0, 0)), vec![(node_pid, 256 * MIB + R)], "{out}");
+    // From another namespace, where it cannot be seen, it is left out; the group's memory is not.
+    let nvml = nvmlclient().display().to_string();
+    let out = sim.program("unshare").shim().controller(&ctl).group("a").args(&format!("-p -f --mount-proc {nvml}")).run();
+    assert!(out.success(), "{out}");
+    assert_eq!(procs(line(&out, "compute3", 0, 0)), vec![], "{out}");
+    assert_eq!(memory(&out, 0, 0), (6 * GIB, 6 * GIB - 256 * MIB - R, 256 * MIB + R), "{out}");
+    touch(&stop);
+}
