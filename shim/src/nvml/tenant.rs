@@ -33,8 +33,10 @@ pub fn slicing_settings() -> Option<&'static Settings> {
     runtime::runtime().settings.as_ref().ok().filter(|s| asks_for_slice(s))
 }
 
-/// The slice NVML handle `device` shows, if the process is sliced on it: its settings ask for a
-/// slice, or (once CUDA attached it) a limit or a share applies to it there, however set.
+/// The slice NVML handle `device` shows, if the process is sliced on it: a memory limit or an SM
+/// share applies to it there, however set (environment, controller, live edit). A process whose
+/// settings ask for nothing attaches only through CUDA; one without a limit or share on the
+/// device (a group without limits included) sees NVML's own answers.
 pub fn of(device: NvmlDevice) -> Option<Slice> {
     let asks = runtime::runtime().settings.as_ref().ok().is_some_and(asks_for_slice);
     let cuda_link = link::get();
@@ -52,7 +54,7 @@ pub fn of(device: NvmlDevice) -> Option<Slice> {
     };
     let index = link.index(ordinal)?;
     let slice = Slice { link, index, budget: budget::of_link(link, ordinal)? };
-    (asks || slice.budget.limit().is_some() || slice.share() != 0).then_some(slice)
+    (slice.budget.limit().is_some() || slice.share() != 0).then_some(slice)
 }
 
 /// The link of a process that has not initialised CUDA, made once from NVML's devices.

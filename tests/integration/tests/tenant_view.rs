@@ -91,6 +91,11 @@ fn without_limits_nvml_is_byte_for_byte_what_it_is_without_the_shim() {
     let ctl = sim.controller();
     let with_ctl = sim.program(nvmlclient()).shim().controller(&ctl).args(&uuids).run();
     assert_eq!(with_ctl.lines, bare.lines, "{with_ctl}");
+    // A group without limits, with the controller or without one: no slice either.
+    let grouped = sim.program(nvmlclient()).shim().controller(&ctl).group("free").args(&uuids).run();
+    assert_eq!(grouped.lines, bare.lines, "{grouped}");
+    let alone = sim.program(nvmlclient()).shim().group("free").args(&uuids).run();
+    assert_eq!(alone.lines, bare.lines, "{alone}");
     let bare1 = sim.program(nvmlclient()).env("CUDA_VISIBLE_DEVICES", "1").args(&uuids).run();
     let shim1 = sim.program(nvmlclient()).shim().env("CUDA_VISIBLE_DEVICES", "1").args(&uuids).run();
     assert_eq!(shim1.lines, bare1.lines, "{shim1}");
