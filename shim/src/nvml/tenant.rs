@@ -40,8 +40,10 @@ pub fn slicing_settings() -> Option<&'static Settings> {
 pub fn of(device: NvmlDevice) -> Option<Slice> {
     let asks = runtime::runtime().settings.as_ref().ok().is_some_and(asks_for_slice);
     let cuda_link = link::get();
-    if !asks && cuda_link.is_none() {
-        return None; // An NVML-only process asking for nothing: never attach.
+    // Asking for nothing, a process can only be limited through a controller it registered
+    // with at cuInit (`gpuslice set --pid`); an NVML-only one never attaches.
+    if !asks && !cuda_link.is_some_and(|l| l.controlled) {
+        return None;
     }
     let uuid = uuid_of(device)?;
     let (link, ordinal) = match cuda_link {
