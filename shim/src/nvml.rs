@@ -2,9 +2,10 @@
 //! what the process holds; and, in the submodules, the hooks that show a tenant its slice
 //! instead of the card (memory, processes, utilization, which devices exist).
 //!
-//! A process whose settings ask for no slice (no limit, no share, no group) is left exactly as
-//! it was: every hook forwards to the same function of the real library and changes nothing,
-//! and the shim does not even initialise NVML for itself there.
+//! Every hook forwards to the function of the same name in the real library, and changes its
+//! answer only for a device where a memory limit or an SM share applies to the process
+//! (`tenant::of`). A process without any sees exactly what it sees without the shim; one whose
+//! settings ask for nothing, without a controller, does not even make the shim initialise NVML.
 
 mod devices;
 mod memory_view;
