@@ -11,6 +11,7 @@
  *   graphics3 I ...                  (nvmlDeviceGetGraphicsRunningProcesses_v3)
  *   detail0 I ... / detail1 I ...    (nvmlDeviceGetRunningProcessDetailList, compute / graphics)
  *   util I gpu= memory=
+ *   putil I n=N PID ...               (nvmlDeviceGetProcessUtilization: the pids sampled)
  *   byuuid UUID code=C index=K        (one per UUID given with --uuid)
  *
  * A query that fails prints `... err=CODE` instead of its figures.
@@ -29,6 +30,7 @@ typedef struct { unsigned pid; unsigned long long used; unsigned gi, ci; } proc2
 typedef struct { unsigned gpu, memory; } util_t;
 typedef struct { unsigned pid; unsigned long long used; unsigned gi, ci; unsigned long long cc; } detail_t;
 typedef struct { unsigned version, mode, n; detail_t *procs; } detail_list_t;
+typedef struct { unsigned pid; unsigned long long ts; unsigned sm, mem, enc, dec; } sample_t;
 
 static void *lib;
 static void *need(const char *name) {
@@ -119,6 +121,26 @@ static void report(void) {
         r = ((int (*)(void *, util_t *))need("nvmlDeviceGetUtilizationRates"))(dev, &u);
         if (r) printf("util %u err=%d\n", i, r);
         else printf("util %u gpu=%u memory=%u\n", i, u.gpu, u.memory);
+        {
+            int (*f)(void *, sample_t *, unsigned *, unsigned long long) =
+                (int (*)(void *, sample_t *, unsigned *, unsigned long long))need("nvmlDeviceGetProcessUtilization");
+            unsigned n = 0;
+            int rs = f(dev, NULL, &n, 0);
+            sample_t *buf = NULL;
+            if (rs == 7) {
+                buf = calloc(n + 4, sizeof(sample_t));
+                n += 4;
+                rs = f(dev, buf, &n, 0);
+            }
+            if (rs != 0) {
+                printf("putil %u err=%d\n", i, rs);
+            } else {
+                printf("putil %u n=%u", i, n);
+                for (unsigned k = 0; k < n; k++) printf(" %u", buf[k].pid);
+                printf("\n");
+            }
+            free(buf);
+        }
     }
 }
 

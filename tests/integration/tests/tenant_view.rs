@@ -46,7 +46,8 @@ fn procs(line: &str) -> Vec<(u32, u64)> {
 }
 
 /// Every process list of device `d` in report `n` (v1, v2, v3 compute and the detail list's) is
-/// `want`; the graphics lists are `graphics`.
+/// `want`; the graphics lists, and the processes of the utilization samples, are `graphics`
+/// (NVML's own entries, filtered).
 fn assert_lists(out: &Output, d: u32, n: usize, want: &[(u32, u64)], graphics: &[(u32, u64)]) {
     for what in ["compute1", "compute2", "compute3"] {
         let l = line(out, what, d, n);
@@ -56,6 +57,9 @@ fn assert_lists(out: &Output, d: u32, n: usize, want: &[(u32, u64)], graphics: &
     assert_eq!(procs(line(out, "graphics3", d, n)), graphics, "graphics3 on device {d}\n{out}");
     assert_eq!(procs(line(out, "detail0", d, n)), want, "the detail list's compute processes on device {d}\n{out}");
     assert_eq!(procs(line(out, "detail1", d, n)), graphics, "the detail list's graphics processes on device {d}\n{out}");
+    let mut sampled: Vec<u32> = line(out, "putil", d, n).split_whitespace().skip(3).map(|p| p.parse().unwrap()).collect();
+    sampled.sort_unstable();
+    assert_eq!(sampled, graphics.iter().map(|g| g.0).collect::<Vec<_>>(), "process utilization samples on device {d}\n{out}");
 }
 
 /// (total, free, used) of both memory queries, checked to agree.
