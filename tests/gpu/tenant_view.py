@@ -12,7 +12,8 @@ PASS when: totals are 4096 / 6144 MiB; used is within 1 % of the group's figure 
 holds by torch.cuda.mem_get_info); exactly the group's processes are listed (in (a) a process
 is its own slice, so nvidia-smi beside the worker lists nothing and shows 0 MiB used, and the
 worker's own NVML lists itself); utilization within 5 points of the group's measured share
-(ls's achieved_share) while it runs at 30 %; torch.cuda.mem_get_info() and NVML in the same
+while it runs at 30 % (the group's charged device time in `ls --json`, read every 0.2 s, over
+the same stretch of time as the NVML figures); torch.cuda.mem_get_info() and NVML in the same
 process agree within 1 %. Also prints what plain nvidia-smi shows without the shim, and a
 comparison table, then the results table last. Standard library only.
 """
@@ -231,6 +232,34 @@ def ls_group():
         return None, []
 
 
+def charged_reading():
+    """(CLOCK_MONOTONIC s, the group's charged device time in ns) from `ls --json`, quietly."""
+    t = time.monotonic()
+    p = subprocess.run([A.bin, "ls", "--json", "--socket", A.socket], env=base_env(), capture_output=True, text=True, timeout=15)
+    t = (t + time.monotonic()) / 2
+    try:
+        g = next(g for g in json.loads(p.stdout)["groups"] if g["name"] == "tenant")
+        return t, int(next(d for d in g["devices"] if d["device"] == 0)["charged_ns"])
+    except (ValueError, KeyError, StopIteration):
+        return None
+
+
+def charged_at(readings, t):
+    """The group's charged ns at time t, interpolated between the readings around it."""
+    before = [r for r in readings if r[0] <= t]
+    after = [r for r in readings if r[0] >= t]
+    if not before or not after:
+        return None
+    (t0, c0), (t1, c1) = before[-1], after[0]
+    return c0 if t1 == t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
+
+
+def share_between(readings, t0, t1):
+    """The group's measured share of the device's time between t0 and t1, percent."""
+    c0, c1 = charged_at(readings, t0), charged_at(readings, t1)
+    return None if c0 is None or c1 is None or t1 <= t0 else (c1 - c0) / ((t1 - t0) * 1e9) * 100
+
+
 def start_serve():
     cfg = os.path.join(A.tmp, "controller.toml")
     with open(cfg, "w") as f:
@@ -277,7 +306,9 @@ def group(serve):
     time.sleep(3)  # the throttled load settles; the controller samples achieved shares every second
     show_plain("under the shim, in group tenant (6 GiB, 30 %) with its two workers", env)
     d_before, _ = ls_group()
+    around_smi = [charged_reading()]
     q = query_gpu(env)
+    around_smi.append(charged_reading())
     apps = query_apps(env)
     d_after, members = ls_group()
     ledger_used = d_after["used"] if d_after else None
@@ -289,16 +320,26 @@ def group(serve):
     record("b3", "group: nvidia-smi lists exactly the group's two processes", sorted(apps) == pids,
            f"listed {sorted(apps)} ({', '.join(f'{v} MiB' for v in apps.values())}), group workers {pids}, ls members {members}")
 
-    # The pynvml script: 6 samples a second apart, against ls's achieved share meanwhile.
+    # The pynvml script: 6 samples a second apart; the group's charged device time from
+    # `ls --json` every 0.2 s meanwhile, so that both are judged over the same stretch of time.
     probe_argv = [sys.executable, os.path.join(HERE, "tenant_nvml.py"), "--json", "--samples", "6", "--interval-s", "1"]
     log(f"$ (pynvml, group) {' '.join(probe_argv)}")
     pr = subprocess.Popen(probe_argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    shares = []
+    readings, shares = [], []
+    last_ls = 0.0
     while pr.poll() is None:
-        d, _ = ls_group()
-        if d and d.get("achieved_share") is not None:
-            shares.append(float(d["achieved_share"]))
-        time.sleep(1.0)
+        r = charged_reading()
+        if r:
+            readings.append(r)
+        if time.monotonic() - last_ls >= 1.0:
+            last_ls = time.monotonic()
+            d, _ = ls_group()
+            if d and d.get("achieved_share") is not None:
+                shares.append(float(d["achieved_share"]))
+        time.sleep(0.2)
+    r = charged_reading()
+    if r:
+        readings.append(r)
     out, err = pr.communicate()
     log("  " + out.rstrip().replace("\n", "\n  ") + (f"\n  stderr: {err.strip()}" if err.strip() else ""))
     samples = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -309,16 +350,19 @@ def group(serve):
            and sorted(p for p, _ in s["processes"]) == pids,
            f"total {s['total'] // MIB if s else '?'} MiB, used {s['used'] // MIB if s else '?'} MiB vs ledger "
            f"{d_end['used'] // MIB if d_end else '?'} MiB, listed {sorted(p for p, _ in s['processes']) if s else '?'}")
+    # Sample k (k >= 1) covers the time since sample k-1: their mean covers the first to the last.
     utils = [x["util_gpu"] for x in samples[1:]]
     mean_util = sum(utils) / len(utils) if utils else None
-    mean_share = sum(shares[1:]) / len(shares[1:]) if len(shares) > 1 else None
+    measured = share_between(readings, samples[0]["mono"], samples[-1]["mono"]) if len(samples) > 1 else None
+    fmt = lambda v: "?" if v is None else f"{v:.1f}"  # noqa: E731
     record("b5", "group at 30 %: pynvml utilization within 5 points of the group's measured share",
-           mean_util is not None and mean_share is not None and abs(mean_util - mean_share) <= 5,
-           f"NVML {utils} mean {mean_util if mean_util is None else round(mean_util, 1)} %, "
-           f"ls achieved {[round(x, 1) for x in shares]} mean {mean_share if mean_share is None else round(mean_share, 1)} %")
+           mean_util is not None and measured is not None and abs(mean_util - measured) <= 5,
+           f"NVML {utils} mean {fmt(mean_util)} %; the group's charged time over the same {fmt(samples[-1]['mono'] - samples[0]['mono'] if samples else None)} s: "
+           f"{fmt(measured)} %; ls achieved_share meanwhile {[round(x, 1) for x in shares]}")
+    smi_share = share_between([x for x in around_smi if x], around_smi[0][0], around_smi[1][0]) if all(around_smi) else None
     record("b6", "group at 30 %: nvidia-smi utilization.gpu within 5 points of the group's measured share",
-           q is not None and mean_share is not None and abs(q[2] - mean_share) <= 5,
-           f"nvidia-smi {q[2] if q else '?'} % (one 1 s period), share {mean_share if mean_share is None else round(mean_share, 1)} %")
+           q is not None and smi_share is not None and abs(q[2] - smi_share) <= 5,
+           f"nvidia-smi {q[2] if q else '?'} % (its 1 s period), the group's charged time around the call {fmt(smi_share)} %")
     for i, r in enumerate(reports, 1):
         in_process(f"b{6 + i}", f"group worker {i}", r)
     # The same queries without the shim meanwhile: the card, as a tenant sees it without gpuslice.
