@@ -30,11 +30,10 @@ pub fn of(device: CUdevice) -> Option<Budget> {
     Some(Budget { group: link.group, process: link.process, index: link.index(device)? })
 }
 
-/// The same without attaching (for callers that may run before CUDA is initialised, such as
-/// NVML's hooks).
+/// The budget of CUDA device `device` in a given link (NVML's hooks in a process that has not
+/// attached through CUDA hold a link of their own).
 #[inline]
-pub fn of_attached(device: CUdevice) -> Option<Budget> {
-    let link = link::get()?;
+pub fn of_link(link: &'static link::Link, device: CUdevice) -> Option<Budget> {
     Some(Budget { group: link.group, process: link.process, index: link.index(device)? })
 }
 

@@ -26,7 +26,13 @@ pub const CUDA_ERROR_UNKNOWN: CuResult = 999;
 /// `nvmlReturn_t`, kept as its integer.
 pub type NvmlReturn = u32;
 pub const NVML_SUCCESS: NvmlReturn = 0;
+pub const NVML_ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
+pub const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
+pub const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
+pub const NVML_ERROR_FUNCTION_NOT_FOUND: NvmlReturn = 13;
 pub const NVML_ERROR_UNKNOWN: NvmlReturn = 999;
+/// `NVML_VALUE_NOT_AVAILABLE`: a process's GPU/compute instance on a device without MIG.
+pub const NVML_VALUE_NOT_AVAILABLE: u32 = 0xffff_ffff;
 
 /// `CUDA_ARRAY_DESCRIPTOR` (the `_v2` layout).
 #[repr(C)]
@@ -104,7 +110,7 @@ pub struct NvmlMemoryV2 {
     pub used: u64,
 }
 
-/// `nvmlProcessInfo_t` as `nvmlDeviceGetComputeRunningProcesses_v3` fills it.
+/// `nvmlProcessInfo_t` (= `nvmlProcessInfo_v2_t`) as the `_v2` and `_v3` process queries fill it.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct NvmlProcessInfo {
@@ -112,6 +118,54 @@ pub struct NvmlProcessInfo {
     pub used_gpu_memory: u64,
     pub gpu_instance_id: u32,
     pub compute_instance_id: u32,
+}
+
+/// `nvmlProcessInfo_v1_t`, as the unversioned process queries fill it.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct NvmlProcessInfoV1 {
+    pub pid: u32,
+    pub used_gpu_memory: u64,
+}
+
+/// `nvmlProcessDetail_v1_t`, the records of `nvmlDeviceGetRunningProcessDetailList`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct NvmlProcessDetail {
+    pub pid: u32,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    pub used_gpu_cc_protected_memory: u64,
+}
+
+/// `nvmlProcessDetailList_v1_t`.
+#[repr(C)]
+pub struct NvmlProcessDetailList {
+    pub version: u32,
+    /// 0 compute, 1 graphics, 2 MPS compute.
+    pub mode: u32,
+    pub num_proc_array_entries: u32,
+    pub proc_array: *mut NvmlProcessDetail,
+}
+
+/// `nvmlUtilization_t`.
+#[repr(C)]
+pub struct NvmlUtilization {
+    pub gpu: u32,
+    pub memory: u32,
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NvmlProcessUtilizationSample {
+    pub pid: u32,
+    pub time_stamp: u64,
+    pub sm_util: u32,
+    pub mem_util: u32,
+    pub enc_util: u32,
+    pub dec_util: u32,
 }
 
 pub type NvmlDevice = *mut c_void;

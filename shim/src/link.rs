@@ -25,6 +25,9 @@ const NO_DEVICE: u8 = u8::MAX;
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Link {
+    /// The mapped ledger (the controller's, or the private one), for readers of the group's
+    /// other members (NVML's process list, `nvml::tenant`).
+    pub ledger: &'static Ledger,
     pub group: &'static GroupSlot,
     pub process: &'static ProcessSlot,
     /// CUDA ordinal → device index in the ledger.
@@ -107,7 +110,7 @@ fn attach_slow() -> Option<&'static Link> {
             return Some(l);
         }
         if ATTACHING.compare_exchange(false, true, AcqRel, Acquire).is_ok() {
-            if let Ok(link) = attach(settings) {
+            if let Ok(link) = visible_devices().and_then(|devices| attach(settings, &devices, true)) {
                 LINK.store(Box::into_raw(Box::new(link)), Release);
                 crate::fork::install();
             }
@@ -129,15 +132,28 @@ pub fn forget_in_child() {
     FORK_GENERATION.fetch_add(1, AcqRel);
 }
 
+/// A link for NVML's hooks in a process that may never initialise CUDA (`nvidia-smi`): `devices`
+/// are the (UUID, total memory) of the devices the process may use, in ordinal order, as NVML
+/// names them. It registers (or sets up alone) exactly like the CUDA path, but it is not the
+/// process's link: the CUDA hooks still attach their own at `cuInit`, so a process that does
+/// both is registered twice (the second slot holds nothing). No turn state is mapped. `None`
+/// when the settings were refused or no ledger could be had.
+pub fn attach_view(devices: &[(String, u64)]) -> Option<&'static Link> {
+    let settings = runtime::runtime().settings.as_ref().ok()?;
+    let devices: Vec<Visible> =
+        devices.iter().take(MAX_ORDINALS).enumerate().map(|(i, (uuid, total))| Visible { ordinal: i as u32, uuid: uuid.clone(), total: *total }).collect();
+    attach(settings, &devices, false).ok().map(|link| &*Box::leak(Box::new(link)))
+}
+
 impl Link {
-    fn new(group: &'static GroupSlot, process: &'static ProcessSlot, devices: [u8; MAX_ORDINALS], group_name: String, controlled: bool, scheds: [Option<&'static DeviceSched>; MAX_ORDINALS]) -> Link {
+    fn new(ledger: &'static Ledger, group: &'static GroupSlot, process: &'static ProcessSlot, devices: [u8; MAX_ORDINALS], group_name: String, controlled: bool, scheds: [Option<&'static DeviceSched>; MAX_ORDINALS]) -> Link {
         let mut sched_list: Vec<&'static DeviceSched> = Vec::new();
         for s in scheds.iter().flatten() {
             if !sched_list.iter().any(|x| std::ptr::eq(*x, *s)) {
                 sched_list.push(s);
             }
         }
-        Link { group, process, devices, scheds, sched_list, group_name, controlled }
+        Link { ledger, group, process, devices, scheds, sched_list, group_name, controlled }
     }
 
     /// The priority state of CUDA device `device`.
@@ -186,8 +202,8 @@ fn visible_devices() -> Result<Vec<Visible>, ()> {
     Ok(out)
 }
 
-fn attach(settings: &Settings) -> Result<Link, ()> {
-    let devices = visible_devices()?;
+/// `turns`: map this user's turn pages when alone (not for `attach_view`).
+fn attach(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, ()> {
     // A path, any bytes: one that is not UTF-8 must not send the process to the default socket.
     let socket = std::path::PathBuf::from(std::env::var_os(ENV_SOCKET).filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.into()));
     let pid = std::process::id();
@@ -195,16 +211,16 @@ fn attach(settings: &Settings) -> Result<Link, ()> {
     let socket = socket_path.display();
     if std::fs::symlink_metadata(&socket_path).is_err() {
         tracing::info!("pid {pid}: no gpuslice controller at {socket}; running alone on this process's own limits ({})", settings.describe());
-        return alone(settings, &devices);
+        return alone(settings, devices, turns);
     }
-    match register(&socket_path, settings, &devices) {
+    match register(&socket_path, settings, devices) {
         Ok(link) => {
             tracing::info!("pid {pid}: registered with the gpuslice controller at {socket}: group {:?}", link.group_name);
             Ok(link)
         }
         Err(why) => {
             tracing::warn!("pid {pid}: the gpuslice controller at {socket} did not take this process ({why}); running alone on its own limits ({})", settings.describe());
-            alone(settings, &devices)
+            alone(settings, devices, turns)
         }
     }
 }
@@ -266,11 +282,11 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
     let process = ledger.process(assignment.slot as usize);
     // So that the controller can free a turn this process still holds when it goes.
     process.token.store(token(), Release);
-    Ok(Link::new(ledger.group(assignment.group as usize), process, map, assignment.group_name, true, scheds))
+    Ok(Link::new(ledger, ledger.group(assignment.group as usize), process, map, assignment.group_name, true, scheds))
 }
 
 /// A private ledger holding this process's own settings.
-fn alone(settings: &Settings, devices: &[Visible]) -> Result<Link, ()> {
+fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, ()> {
     let ledger: &'static Ledger = match Ledger::anonymous() {
         Ok(l) => Box::leak(Box::new(l)),
         Err(e) => {
@@ -302,8 +318,8 @@ fn alone(settings: &Settings, devices: &[Visible]) -> Result<Link, ()> {
     process.state.store(LIVE, Release);
     // Without a controller, this user's processes share priority state through the board.
     let mut scheds = [None; MAX_ORDINALS];
-    for d in devices {
+    for d in devices.iter().filter(|_| turns) {
         scheds[d.ordinal as usize] = crate::board::sched(d.ordinal as CUdevice);
     }
-    Ok(Link::new(group, process, map, format!("pid-{pid}"), false, scheds))
+    Ok(Link::new(ledger, group, process, map, format!("pid-{pid}"), false, scheds))
 }

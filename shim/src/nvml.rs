@@ -1,13 +1,32 @@
-//! NVML, the shim's second source of truth about device memory: the real library for measuring
-//! what the process holds, and the hooks that make NVML's memory queries report the quota.
+//! NVML, the shim's second source of truth about device memory: the real library, for measuring
+//! what the process holds; and, in the submodules, the hooks that show a tenant its slice
+//! instead of the card (memory, processes, utilization, which devices exist).
 //!
-//! The shim opens `libnvidia-ml.so.1` only when a memory limit is set or the host program itself
-//! asks NVML for memory information, so that a process without limits is left exactly as it was.
+//! Every hook forwards to the function of the same name in the real library, and changes its
+//! answer only for a device where a memory limit or an SM share applies to the process
+//! (`tenant::of`). A process without any sees exactly what it sees without the shim; one whose
+//! settings ask for nothing, without a controller, does not even make the shim initialise NVML.
+
+mod devices;
+mod memory_view;
+mod processes;
+pub mod tenant;
+mod utilization;
+
+pub use devices::{nvmlDeviceGetCount, nvmlDeviceGetCount_v2, nvmlDeviceGetHandleByIndex, nvmlDeviceGetHandleByIndex_v2,
+    nvmlDeviceGetHandleByPciBusId, nvmlDeviceGetHandleByPciBusId_v2, nvmlDeviceGetHandleBySerial, nvmlDeviceGetHandleByUUID,
+    nvmlDeviceGetIndex};
+pub use memory_view::{nvmlDeviceGetMemoryInfo, nvmlDeviceGetMemoryInfo_v2};
+pub use processes::{nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetComputeRunningProcesses_v2,
+    nvmlDeviceGetComputeRunningProcesses_v3, nvmlDeviceGetGraphicsRunningProcesses, nvmlDeviceGetGraphicsRunningProcesses_v2,
+    nvmlDeviceGetGraphicsRunningProcesses_v3, nvmlDeviceGetMPSComputeRunningProcesses, nvmlDeviceGetMPSComputeRunningProcesses_v2,
+    nvmlDeviceGetMPSComputeRunningProcesses_v3, nvmlDeviceGetRunningProcessDetailList};
+pub use utilization::{nvmlDeviceGetProcessUtilization, nvmlDeviceGetUtilizationRates};
 
 use crate::dl::Library;
 use crate::driver::driver;
 use crate::ffi::*;
-use crate::{budget, guard, locks, runtime};
+use crate::locks;
 use once_cell::sync::OnceCell;
 use std::sync::Mutex;
 use std::ffi::{c_char, c_uint, c_void, CStr};
@@ -16,22 +35,46 @@ type InitFn = unsafe extern "C" fn() -> NvmlReturn;
 type HandleByUuidFn = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> NvmlReturn;
 type UuidFn = unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> NvmlReturn;
 type MemoryFn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> NvmlReturn;
-type MemoryV2Fn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemoryV2) -> NvmlReturn;
 type ProcessesFn = unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut NvmlProcessInfo) -> NvmlReturn;
 
 /// The real NVML functions the shim uses.
 pub struct Nvml {
-    handle_by_uuid: Option<HandleByUuidFn>,
-    uuid: Option<UuidFn>,
+    pub(crate) handle_by_uuid: Option<HandleByUuidFn>,
+    pub(crate) uuid: Option<UuidFn>,
     memory: Option<MemoryFn>,
-    memory_v2: Option<MemoryV2Fn>,
-    processes: Option<ProcessesFn>,
-    initialised: bool,
+    pub(crate) processes: Option<ProcessesFn>,
+    pub(crate) initialised: bool,
     /// CUDA ordinal → NVML handle, filled on first use.
     handles: Mutex<Vec<Option<usize>>>,
 }
 
 static NVML: OnceCell<Option<Nvml>> = OnceCell::new();
+static LIBRARY: OnceCell<Option<Library>> = OnceCell::new();
+
+/// The real library, opened (or found already loaded) but not initialised by the shim: what
+/// the pass-through hooks forward to.
+pub fn library() -> Option<&'static Library> {
+    LIBRARY.get_or_init(|| Library::open(c"libnvidia-ml.so.1")).as_ref()
+}
+
+/// The real function `name` of the library, cached in `cell` (one per hook).
+pub(crate) fn real<T: Copy>(cell: &OnceCell<usize>, name: &CStr) -> Option<T> {
+    let p = *cell.get_or_init(|| library().map_or(0, |lib| lib.symbol(name) as usize));
+    // SAFETY: T is the function-pointer type of the NVML symbol of this name.
+    (p != 0).then(|| unsafe { std::mem::transmute_copy::<usize, T>(&p) })
+}
+
+/// The real function of the enclosing hook's own name and type, or `NVML_ERROR_FUNCTION_NOT_FOUND`.
+macro_rules! real_or_return {
+    ($name:expr, $ty:ty) => {{
+        static CELL: once_cell::sync::OnceCell<usize> = once_cell::sync::OnceCell::new();
+        match $crate::nvml::real::<$ty>(&CELL, $name) {
+            Some(f) => f,
+            None => return $crate::ffi::NVML_ERROR_FUNCTION_NOT_FOUND,
+        }
+    }};
+}
+pub(crate) use real_or_return;
 
 fn sym<T>(lib: &Library, name: &CStr) -> Option<T> {
     let p = lib.symbol(name);
@@ -42,8 +85,8 @@ fn sym<T>(lib: &Library, name: &CStr) -> Option<T> {
 /// The real NVML, initialised for the shim's own use; `None` without NVML.
 pub fn nvml() -> Option<&'static Nvml> {
     NVML.get_or_init(|| {
-        let lib = Library::open(c"libnvidia-ml.so.1")?;
-        let init: Option<InitFn> = sym(&lib, c"nvmlInit_v2");
+        let lib = library()?;
+        let init: Option<InitFn> = sym(lib, c"nvmlInit_v2");
         // SAFETY: nvmlInit_v2 takes no arguments; it is reference-counted, so the host
         // program's own init/shutdown pairs are unaffected.
         let initialised = init.is_some_and(|f| unsafe { f() } == NVML_SUCCESS);
@@ -51,11 +94,10 @@ pub fn nvml() -> Option<&'static Nvml> {
             tracing::info!("NVML present but nvmlInit_v2 failed; measuring without it");
         }
         Some(Nvml {
-            handle_by_uuid: sym(&lib, c"nvmlDeviceGetHandleByUUID"),
-            uuid: sym(&lib, c"nvmlDeviceGetUUID"),
-            memory: sym(&lib, c"nvmlDeviceGetMemoryInfo"),
-            memory_v2: sym(&lib, c"nvmlDeviceGetMemoryInfo_v2"),
-            processes: sym(&lib, c"nvmlDeviceGetComputeRunningProcesses_v3"),
+            handle_by_uuid: sym(lib, c"nvmlDeviceGetHandleByUUID"),
+            uuid: sym(lib, c"nvmlDeviceGetUUID"),
+            memory: sym(lib, c"nvmlDeviceGetMemoryInfo"),
+            processes: sym(lib, c"nvmlDeviceGetComputeRunningProcesses_v3"),
             initialised,
             handles: Mutex::new(Vec::new()),
         })
@@ -141,72 +183,27 @@ impl Nvml {
     }
 }
 
-/// The CUDA ordinal of an NVML device handle, by UUID; initialises the driver if needed.
-fn cuda_ordinal_of(nvml_device: NvmlDevice) -> Option<CUdevice> {
-    let nv = nvml()?;
+/// The UUID NVML gives `device`, as a string ("GPU-..." or "MIG-...").
+pub fn uuid_of(device: NvmlDevice) -> Option<String> {
+    let get = nvml()?.uuid?;
     let mut buf = [0 as c_char; 96];
     // SAFETY: buffer and its length.
-    if unsafe { (nv.uuid?)(nvml_device, buf.as_mut_ptr(), buf.len() as c_uint) } != NVML_SUCCESS {
+    if unsafe { get(device, buf.as_mut_ptr(), buf.len() as c_uint) } != NVML_SUCCESS {
         return None;
     }
     // SAFETY: NVML wrote a NUL-terminated string into the buffer.
-    let wanted = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().ok()?.to_string();
-    let d = driver()?;
-    // SAFETY: cuInit is idempotent; the shim only needs device enumeration.
-    if unsafe { (d.cuInit?)(0) } != CUDA_SUCCESS {
-        return None;
-    }
-    let mut count = 0;
-    // SAFETY: out-pointer.
-    if unsafe { (d.cuDeviceGetCount?)(&mut count) } != CUDA_SUCCESS {
-        return None;
-    }
-    let device_get = d.cuDeviceGet?;
-    (0..count).find_map(|ordinal| {
-        let mut dev = 0;
-        // SAFETY: out-pointer.
-        let ok = unsafe { device_get(&mut dev, ordinal) } == CUDA_SUCCESS;
-        (ok && cuda_uuid_string(dev).as_deref() == Some(wanted.as_str())).then_some(dev)
-    })
+    Some(unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
 }
 
-/// The quota view of one device: total, free and used as NVML should report them.
-fn quota_view(nvml_device: NvmlDevice, real_total: u64, real_free: u64) -> Option<(u64, u64, u64)> {
-    let settings = runtime::runtime().settings.as_ref().ok()?;
-    if settings.is_unlimited() {
-        return None;
-    }
-    budget::of_attached(cuda_ordinal_of(nvml_device)?)?.quota_view(real_total, real_free)
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: NvmlDevice, memory: *mut NvmlMemory) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetMemoryInfo", NVML_ERROR_UNKNOWN, || {
-        guard::test_panic_point("nvmlDeviceGetMemoryInfo");
-        let Some(real) = nvml().and_then(|n| n.memory) else { return NVML_ERROR_UNKNOWN };
-        let code = unsafe { real(device, memory) };
-        if code == NVML_SUCCESS && !memory.is_null() {
-            let m = unsafe { &mut *memory };
-            if let Some((total, free, used)) = quota_view(device, m.total, m.free) {
-                (m.total, m.free, m.used) = (total, free, used);
-            }
+/// True when two UUID strings name one device: CUDA's are spelt "GPU-" + hex whatever the
+/// device (`cuda_uuid_string`), NVML's "MIG-" + hex for a MIG instance.
+pub fn same_uuid(a: &str, b: &str) -> bool {
+    let bare = |s: &str| {
+        let t = s.trim().to_ascii_lowercase();
+        match t.strip_prefix("gpu-").or_else(|| t.strip_prefix("mig-")) {
+            Some(rest) => rest.to_string(),
+            None => t,
         }
-        code
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: NvmlDevice, memory: *mut NvmlMemoryV2) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetMemoryInfo_v2", NVML_ERROR_UNKNOWN, || {
-        let Some(real) = nvml().and_then(|n| n.memory_v2) else { return NVML_ERROR_UNKNOWN };
-        let code = unsafe { real(device, memory) };
-        if code == NVML_SUCCESS && !memory.is_null() {
-            let m = unsafe { &mut *memory };
-            if let Some((total, free, used)) = quota_view(device, m.total, m.free) {
-                // Inside a quota the driver's reserve is part of what the process may use.
-                (m.total, m.reserved, m.free, m.used) = (total, 0, free, used);
-            }
-        }
-        code
-    })
+    };
+    bare(a) == bare(b)
 }

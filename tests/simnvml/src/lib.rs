@@ -287,3 +287,184 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
 ) -> NvmlReturn {
     running_processes(device, info_count, infos)
 }
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> NvmlReturn {
+    nvmlDeviceGetCount_v2(count)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut *mut c_void) -> NvmlReturn {
+    nvmlDeviceGetHandleByIndex_v2(index, device)
+}
+
+/// nvmlProcessInfo_v1_t: what the unversioned process queries fill.
+#[repr(C)]
+pub struct NvmlProcessInfoV1 {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfoV1,
+) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if info_count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let procs = sh.dev(i).processes();
+    let n = procs.len() as c_uint;
+    if *info_count < n || (n > 0 && infos.is_null()) {
+        *info_count = n;
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    for (k, (pid, used)) in procs.iter().enumerate() {
+        *infos.add(k) = NvmlProcessInfoV1 { pid: *pid, used_gpu_memory: *used };
+    }
+    *info_count = n;
+    SUCCESS
+}
+
+// The simulated device runs every context as both compute and graphics: the graphics lists are
+// the compute lists, so that a filter applied to them can be seen at work.
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfoV1,
+) -> NvmlReturn {
+    nvmlDeviceGetComputeRunningProcesses(device, info_count, infos)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    running_processes(device, info_count, infos)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+    device: *mut c_void,
+    info_count: *mut c_uint,
+    infos: *mut NvmlProcessInfo,
+) -> NvmlReturn {
+    running_processes(device, info_count, infos)
+}
+
+/// nvmlUtilization_t.
+#[repr(C)]
+pub struct NvmlUtilization {
+    pub gpu: c_uint,
+    pub memory: c_uint,
+}
+
+/// 100 while the simulated device has work queued or running, else 0 (the simulator keeps no
+/// history to average over); the memory controller's figure is always 0.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: *mut c_void, utilization: *mut NvmlUtilization) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if utilization.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let busy = sh.dev(i).busy_until_ns.load(Ordering::Relaxed) > state::now_ns();
+    *utilization = NvmlUtilization { gpu: if busy { 100 } else { 0 }, memory: 0 };
+    SUCCESS
+}
+
+/// nvmlProcessDetail_v1_t.
+#[repr(C)]
+pub struct NvmlProcessDetail {
+    pub pid: c_uint,
+    pub used_gpu_memory: u64,
+    pub gpu_instance_id: c_uint,
+    pub compute_instance_id: c_uint,
+    pub used_gpu_cc_protected_memory: u64,
+}
+
+/// nvmlProcessDetailList_v1_t.
+#[repr(C)]
+pub struct NvmlProcessDetailList {
+    pub version: c_uint,
+    pub mode: c_uint,
+    pub num_proc_array_entries: c_uint,
+    pub proc_array: *mut NvmlProcessDetail,
+}
+
+/// nvmlProcessDetailList_v1 = NVML_STRUCT_VERSION(ProcessDetailList, 1).
+pub const NVML_PROCESS_DETAIL_LIST_V1: c_uint = std::mem::size_of::<NvmlProcessDetailList>() as c_uint | (1 << 24);
+
+/// Compute (mode 0) and graphics (1) list the process table; MPS (2) lists nobody.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetRunningProcessDetailList(device: *mut c_void, list: *mut NvmlProcessDetailList) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if list.is_null() || (*list).mode > 2 {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    if (*list).version != NVML_PROCESS_DETAIL_LIST_V1 {
+        return ERROR_ARGUMENT_VERSION_MISMATCH;
+    }
+    let l = &mut *list;
+    let procs = if l.mode == 2 { Vec::new() } else { sh.dev(i).processes() };
+    let n = procs.len() as c_uint;
+    if l.num_proc_array_entries < n || (n > 0 && l.proc_array.is_null()) {
+        l.num_proc_array_entries = n;
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    for (k, (pid, used)) in procs.iter().enumerate() {
+        *l.proc_array.add(k) = NvmlProcessDetail {
+            pid: *pid,
+            used_gpu_memory: *used,
+            gpu_instance_id: VALUE_NOT_AVAILABLE,
+            compute_instance_id: VALUE_NOT_AVAILABLE,
+            used_gpu_cc_protected_memory: 0,
+        };
+    }
+    l.num_proc_array_entries = n;
+    SUCCESS
+}
+
+/// nvmlProcessUtilizationSample_t.
+#[repr(C)]
+pub struct NvmlProcessUtilizationSample {
+    pub pid: c_uint,
+    pub time_stamp: u64,
+    pub sm_util: c_uint,
+    pub mem_util: c_uint,
+    pub enc_util: c_uint,
+    pub dec_util: c_uint,
+}
+
+/// One sample per process of the table, stamped now (µs); utilization figures 0 (the simulator
+/// keeps no per-process history). NULL samples or too small a count: the count needed, and
+/// NVML_ERROR_INSUFFICIENT_SIZE.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    device: *mut c_void,
+    samples: *mut NvmlProcessUtilizationSample,
+    count: *mut c_uint,
+    _last_seen: u64,
+) -> NvmlReturn {
+    let (sh, i) = dev_or_return!(device);
+    if count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    let procs = sh.dev(i).processes();
+    let n = procs.len() as c_uint;
+    if samples.is_null() || *count < n {
+        *count = n;
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    let now_us = state::now_ns() / 1000;
+    for (k, (pid, _)) in procs.iter().enumerate() {
+        *samples.add(k) = NvmlProcessUtilizationSample { pid: *pid, time_stamp: now_us, sm_util: 0, mem_util: 0, enc_util: 0, dec_util: 0 };
+    }
+    *count = n;
+    SUCCESS
+}
