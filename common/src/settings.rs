@@ -482,8 +482,7 @@ impl<'de> Deserialize<'de> for SizeDoc {
                 Ok(SizeDoc::Bytes(v))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeDoc, E> {
-                // A negative number goes through parse_size, which says why it is wrong.
-                Ok(u64::try_from(v).map_or_else(|_| SizeDoc::Text(v.to_string()), SizeDoc::Bytes))
+                u64::try_from(v).map(SizeDoc::Bytes).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeDoc, E> {
                 Ok(SizeDoc::Text(v.to_string()))
@@ -557,12 +556,12 @@ struct Place<'a> {
 }
 
 impl Place<'_> {
-    /// `path:line:column: key`, the way compilers name a place.
+    /// `path: line L, column C: key`, worded as TOML's own errors are.
     fn of(&self, span: std::ops::Range<usize>, key: &str) -> String {
         let before = &self.text[..span.start.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        format!("{}:{line}:{column}: {key}", self.path)
+        format!("{}: line {line}, column {column}: {key}", self.path)
     }
 }
 
@@ -872,12 +871,12 @@ mod tests {
     #[test]
     fn value_errors_name_line_and_column_and_say_what_is_expected() {
         let e = FileSettings::parse("c.toml", "[defaults]\nmemory_limit = \"lots\"\n").unwrap_err();
-        assert_eq!(e.origin, "c.toml:2:16: defaults.memory_limit", "{e}");
+        assert_eq!(e.origin, "c.toml: line 2, column 16: defaults.memory_limit", "{e}");
         let e = FileSettings::parse("c.toml", "# groups\n[groups.g]\nsm_share = 130\n").unwrap_err();
-        assert_eq!(e.origin, "c.toml:3:12: groups.g.sm_share", "{e}");
+        assert_eq!(e.origin, "c.toml: line 3, column 12: groups.g.sm_share", "{e}");
         assert!(e.reason.contains("from 1 to 100"), "{e}");
         let e = FileSettings::parse("c.toml", "[groups.g]\npriority = \"urgent\"\n").unwrap_err();
-        assert!(e.origin.starts_with("c.toml:2:12: "), "{e}");
+        assert!(e.origin.starts_with("c.toml: line 2, column 12: "), "{e}");
         // A value of the wrong type says what an SM share is, not "expected u32".
         let e = FileSettings::parse("c.toml", "[defaults]\nsm_share = true\n").unwrap_err();
         assert!(e.reason.contains("line 2") && e.reason.contains("an SM share: a whole percentage from 1 to 100"), "{e}");
@@ -885,14 +884,14 @@ mod tests {
         let e = FileSettings::parse("c.toml", "[defaults]\nmemory_limit = 1.5\n").unwrap_err();
         assert!(e.reason.contains("a size such as"), "{e}");
         let e = FileSettings::parse("c.toml", "[defaults]\nmemory_limit = -1\n").unwrap_err();
-        assert!(e.reason.contains("negative"), "{e}");
+        assert!(e.reason.contains("line 2, column 16") && e.reason.contains("expected a size"), "{e}");
         assert_eq!(FileSettings::parse("c.toml", "[defaults]\nsm_share = \"30%\"\n").unwrap().settings.sm_share(0), Some(30));
     }
 
     #[test]
     fn the_metrics_address_is_checked_in_the_file() {
         let e = FileSettings::parse("c.toml", "[controller]\nmetrics = \"bad\"\n").unwrap_err();
-        assert_eq!(e.origin, "c.toml:2:11: controller.metrics", "{e}");
+        assert_eq!(e.origin, "c.toml: line 2, column 11: controller.metrics", "{e}");
         assert!(e.reason.contains("host:port"), "{e}");
         for good in ["127.0.0.1:9400", "localhost:0", "[::1]:9400", "off", ""] {
             let f = FileSettings::parse("c.toml", &format!("[controller]\nmetrics = {good:?}\n")).unwrap();
