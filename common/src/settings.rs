@@ -381,7 +381,7 @@ pub fn parse_share(text: &str) -> Result<u32, String> {
     match digits.parse::<u32>() {
         Ok(p) if (1..=100).contains(&p) => Ok(p),
         Ok(_) => Err("a share is a percentage of the device's time from 1 to 100".to_string()),
-        Err(_) => Err("expected a whole percentage such as 30 or 30%".to_string()),
+        Err(_) => Err("expected a whole percentage from 1 to 100, such as 30 or 30%".to_string()),
     }
 }
 

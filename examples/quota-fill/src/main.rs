@@ -5,6 +5,9 @@
 //! gpuslice run --memory 4GiB -- target/release/quota-fill 256
 //! ```
 //!
+//! Arguments: chunk size in MiB (256), at most this many chunks (no cap), and seconds to hold
+//! them before freeing (0), so that `gpuslice ls` and `top` can watch it.
+//!
 //! It uses cudarc, which loads the driver with `dlopen` + `dlsym` and allocates with
 //! `cuMemAllocAsync`, so it also exercises the shim's `dlsym` route and the stream-ordered path.
 
@@ -29,6 +32,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         None => 256,
     };
     let max_chunks: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(usize::MAX);
+    // Seconds to hold the chunks before freeing them: long enough to watch it in `gpuslice ls`.
+    let hold_s: u64 = match std::env::args().nth(3) {
+        Some(arg) => arg.parse().map_err(|_| format!("usage: quota-fill [CHUNK_MIB] [MAX_CHUNKS] [HOLD_SECONDS]; {arg:?} is not a number"))?,
+        None => 0,
+    };
     let ctx = match open_device() {
         Some(ctx) => ctx?,
         None => {
@@ -57,6 +65,12 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("held {} chunks = {} MiB", held.len(), held.len() * chunk_mib);
     let (free, _) = ctx.mem_get_info()?;
     println!("free while holding them: {} MiB", free / MIB);
+    if hold_s > 0 {
+        use std::io::Write;
+        println!("holding them for {hold_s} s");
+        std::io::stdout().flush()?;
+        std::thread::sleep(std::time::Duration::from_secs(hold_s));
+    }
     drop(held);
     stream.synchronize()?;
     // SAFETY: as above.
