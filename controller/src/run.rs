@@ -111,12 +111,11 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         gpuslice_common::settings::check_group_name(g).map_err(|e| format!("--group {g:?}: {e}"))?;
         command.env(gpuslice_common::protocol::ENV_GROUP, g);
         let socket = crate::client::SocketArg::default().path();
-        if let Err(e) = std::os::unix::net::UnixStream::connect(&socket) {
+        // A status request, not a bare connect: the controller logs connections that say nothing.
+        let asked = crate::client::ask_within(&socket, &gpuslice_common::protocol::Request::Status, std::time::Duration::from_secs(2));
+        if let Err(e) = asked {
             // The shim decides what a group without a controller means; the user hears it here first.
-            eprintln!(
-                "gpuslice: warning: no gpuslice controller answers at {socket} ({e}): --group {g} cannot be joined; start `gpuslice serve`, or point {} at it",
-                gpuslice_common::protocol::ENV_SOCKET
-            );
+            eprintln!("gpuslice: warning: --group {g} cannot be joined: {e}");
         }
     }
     if args.simulate {

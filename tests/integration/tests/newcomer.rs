@@ -246,3 +246,43 @@ fn units_and_words_agree_across_commands() {
     let text = out.lines.join("\n");
     assert!(text.contains("WAITED") && !text.contains("THROTTLED"), "ls names the cumulative wait WAITED (top: WAIT%):\n{out}");
 }
+
+/// Acceptance: README.md's "Try it without a GPU" walk-through runs as written, on this build
+/// (examples/try-it.sh runs its shell blocks and checks what they print).
+#[test]
+fn the_readme_walk_through_works_as_written() {
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("examples/try-it.sh")).arg(profile_dir());
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if k.starts_with("GPUSLICE_") || k.starts_with("SIMCUDA_") || k.starts_with("LD_") || k.starts_with("CUDA_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "examples/try-it.sh failed:\n{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+}
+
+/// Defect 9: the documentation stands alone: nothing it points at lies outside the repository,
+/// and the sections it cites exist.
+#[test]
+fn the_docs_cite_only_what_the_repository_has() {
+    let root = workspace_root();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let readme = read("README.md");
+    assert!(!readme.contains("../"), "README.md points outside the repository");
+    for doc in ["docs/DESIGN.md", "docs/NOTES.md", "docs/RELIABILITY.md", "LD_PRELOAD.md", "tests/README.md", "tests/gpu/README.md"] {
+        assert!(root.join(doc).is_file(), "{doc} is cited and must exist");
+    }
+    for (file, cites) in [("README.md", "docs/DESIGN.md"), ("docs/NOTES.md", "tests/gpu/README.md \"Soak\"")] {
+        assert!(read(file).contains(cites), "{file} cites {cites}");
+    }
+    assert!(read("tests/gpu/README.md").contains("## Soak"), "the Soak section NOTES.md cites");
+    assert!(!read("docs/NOTES.md").contains("README \"Soak\""), "NOTES.md cites a README section that does not exist");
+    let design = read("docs/DESIGN.md");
+    for topic in ["## How programs reach the driver", "## Threat model", "## The ledger", "HAMi-core"] {
+        assert!(design.contains(topic), "docs/DESIGN.md covers {topic}");
+    }
+}
