@@ -888,7 +888,7 @@ fn every_variable_with_a_bad_value_is_named_in_one_line() {
         ("GPUSLICE_MEMORY_LIMIT", "0".into(), "zero bytes"),
         ("GPUSLICE_MEMORY_LIMIT", "99999999999T".into(), "too large"),
         ("GPUSLICE_MEMORY_LIMIT", "1e9".into(), "unknown unit"),
-        ("GPUSLICE_MEMORY_LIMIT_0", "-1".into(), "does not start with a number"),
+        ("GPUSLICE_MEMORY_LIMIT_0", "-1".into(), "cannot be negative"),
         ("GPUSLICE_MEMORY_LIMIT_gpu0", "1GiB".into(), "not a device number"),
         ("CUDA_DEVICE_MEMORY_LIMIT", "lots".into(), "is not a size"),
         ("CUDA_DEVICE_MEMORY_LIMIT_0", "1.5.2G".into(), "malformed number"),
