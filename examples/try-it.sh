@@ -58,6 +58,7 @@ fail=0
 check() { # what, extended regex[, file]
     if grep -Eq -- "$2" "${3:-$log}"; then echo "PASS  $1"; else echo "FAIL  $1 (no line matching /$2/)"; fail=1; fi
 }
+check "status answers with the socket of GPUSLICE_SOCKET" '^socket  /.*/gpuslice\.sock$'
 check "the controller answers and makes the group" 'group "demo" created: .*memory 2\.00 GiB'
 check "two programs in the group, one refused a chunk" 'chunk [0-9]+ of 256 MiB refused: .*OUT_OF_MEMORY'
 check "ls shows the group at 2 GiB with two members" '^demo +0 +[0-9.]+ [GM]iB / 2\.00 GiB .*[0-9]+,[0-9]+$'

@@ -219,10 +219,21 @@ pub struct StatusArgs {
     /// Machine-readable output: the controller's state as JSON.
     #[arg(long)]
     json: bool,
+    /// Wait up to this many seconds for a controller that is starting to answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    wait: f64,
 }
 
 pub fn status(args: StatusArgs) -> Result<(), String> {
-    let s = match ask(&args.socket.path(), &Request::Status)? {
+    let socket = args.socket.path();
+    let deadline = std::time::Instant::now() + Duration::try_from_secs_f64(args.wait).map_err(|_| format!("--wait {}: expected a number of seconds", args.wait))?;
+    let answer = loop {
+        match ask(&socket, &Request::Status) {
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            answer => break answer?,
+        }
+    };
+    let s = match answer {
         Response::Status(s) => s,
         other => return Err(format!("unexpected answer: {other:?}")),
     };

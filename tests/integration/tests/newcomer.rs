@@ -5,7 +5,7 @@ use gpuslice_integration::*;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn sim() -> Sim {
     Sim::new().env("SIMCUDA_CTX_RESERVE", 64 * MIB)
@@ -51,8 +51,7 @@ fn output_into_a_closed_pipe_ends_quietly() {
 #[test]
 fn set_on_a_device_that_does_not_exist_is_refused() {
     let sim = sim();
-    let ctl = sim.controller();
-    ctl.set_ok("--create --group g --memory 1GiB");
+    let ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
     let member = sim.client(Route::Link).shim().controller(&ctl).group("g").args("init ctx 0 alloc 1M sleep 5000").spawn();
     ctl.ls_until("the member", Duration::from_secs(10), |l| l.pids().contains(&member.pid()));
     let out = ctl.set("--group g --device 7 --memory 3GiB");
@@ -103,8 +102,8 @@ fn a_fraction_of_a_byte_is_refused() {
     }
     let out = sim.client(Route::Link).shim().env("GPUSLICE_MEMORY_LIMIT", "1.5GiB").args("init ctx 0 alloc 1G").run();
     out.assert_all_ok();
-    let ctl = sim.controller();
-    let out = ctl.set("--create --group g --memory 1.5");
+    let ctl = sim.controller_with_config("[groups.g]\n");
+    let out = ctl.set("--group g --memory 1.5");
     assert!(!out.success() && out.stderr.contains("fraction of a byte"), "{out}");
     let out = sim.program(cli_path()).args("run --memory 1.5 -- true").run();
     assert!(!out.success() && out.stderr.contains("fraction of a byte"), "{out}");
@@ -154,14 +153,7 @@ fn serve_honours_gpuslice_socket() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let out = sim.program(cli_path()).arg("status").env("GPUSLICE_SOCKET", socket.display()).run();
-        if out.success() || Instant::now() > end {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = sim.program(cli_path()).args("status --wait 20").env("GPUSLICE_SOCKET", socket.display()).run();
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(serve.id() as libc::pid_t, libc::SIGTERM) };
     serve.wait().unwrap();
@@ -202,8 +194,7 @@ fn groups_are_created_explicitly_and_removed() {
 #[test]
 fn negative_values_get_a_value_error() {
     let sim = sim();
-    let ctl = sim.controller();
-    ctl.set_ok("--create --group g --memory 1GiB");
+    let ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
     for (args, says) in [("--group g --memory -1", "negative"), ("--group g --sm -5", "percentage"), ("--pid -1 --sm 5", "--pid")] {
         let out = ctl.set(args);
         assert!(!out.success(), "{out}");
@@ -259,7 +250,10 @@ fn the_readme_walk_through_works_as_written() {
             cmd.env_remove(k);
         }
     }
-    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    // A simulated machine of the test's own: its state file, and its per-device files removed
+    // when `sim` drops.
+    let sim = Sim::new();
+    let out = cmd.env("SIMCUDA_STATE", sim.state_path()).stdin(Stdio::null()).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "examples/try-it.sh failed:\n{text}");
     assert!(!text.contains("FAIL"), "{text}");
