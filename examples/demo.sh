@@ -13,11 +13,12 @@ if nvidia-smi -L >/dev/null 2>&1; then
     cap=16
 else
     echo "== no GPU here: using the simulated device (16 GiB, 300 MiB context reserve)"
+    # The same links `gpuslice run --simulate` makes (and finds) next to the binary.
     sim=$rel/sim
     mkdir -p "$sim"
-    cp -f $rel/libsimcuda.so "$sim/libcuda.so.1"
-    ln -sf libcuda.so.1 "$sim/libcuda.so"
-    cp -f $rel/libsimnvml.so "$sim/libnvidia-ml.so.1"
+    ln -sfn ../libsimcuda.so "$sim/libcuda.so.1"
+    ln -sfn libcuda.so.1 "$sim/libcuda.so"
+    ln -sfn ../libsimnvml.so "$sim/libnvidia-ml.so.1"
     export LD_LIBRARY_PATH="$PWD/$sim${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export SIMCUDA_STATE="${TMPDIR:-/tmp}/gpuslice-demo-$$.state"
     trap 'rm -f "$SIMCUDA_STATE"' EXIT

@@ -31,6 +31,30 @@ pub enum Request {
     List,
     /// The controller's own state.
     Status,
+    /// Remove an empty group (socket owner or root only); refused while it has members.
+    /// On the wire `{"type":"remove_group","name":"..."}`: an internally tagged enum cannot
+    /// carry a bare string.
+    #[serde(with = "named")]
+    RemoveGroup(String),
+}
+
+/// A group name as the object `{"name": ...}`, for `Request::RemoveGroup`.
+mod named {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Named {
+        name: String,
+    }
+
+    pub fn serialize<S: Serializer>(name: &str, s: S) -> Result<S::Ok, S::Error> {
+        Named { name: name.to_string() }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Named::deserialize(d).map(|n| n.name)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +110,10 @@ pub struct Edit {
     /// One device index of the ledger; every device when absent.
     #[serde(default)]
     pub device: Option<u32>,
+    /// A group that does not exist is created only when this is true (`set --create`);
+    /// otherwise the edit is refused, naming existing groups with close names.
+    #[serde(default)]
+    pub create: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +214,9 @@ pub struct Status {
     pub max_processes: u32,
     pub max_groups: u32,
     pub devices: Vec<String>,
+    /// Where the metrics are served (`host:port`), if they are.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// Why a frame could not be read.
@@ -356,8 +387,14 @@ mod tests {
             devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-1".into(), total_memory: 1 << 30, memory_limit: Some(1 << 20), sm_share: None }],
         });
         assert_eq!(decode_request(&encode(&r)).unwrap(), r);
-        let s = Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None });
+        let s = Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None, create: true });
         assert_eq!(decode_request(&encode(&s)).unwrap(), s);
+        let rm = Request::RemoveGroup("team-a".into());
+        assert_eq!(encode(&rm), br#"{"type":"remove_group","name":"team-a"}"#);
+        assert_eq!(decode_request(&encode(&rm)).unwrap(), rm);
+        // An edit from an older CLI, without `create`, still decodes (as false).
+        let old = br#"{"type":"set","target":{"group":"g"},"memory":null,"sm":30,"priority":null}"#;
+        assert!(matches!(decode_request(old).unwrap(), Request::Set(Edit { create: false, .. })));
         assert_eq!(decode_request(br#"{"type":"list"}"#).unwrap(), Request::List);
     }
 
@@ -388,7 +425,7 @@ mod tests {
         }
 
         #[test]
-        fn any_json_shaped_text_decodes_or_errs(text in r#"\{"type":"(register|set|list|status)"(,"[a-z_]{1,10}":[0-9a-z"\[\]{}:,]{0,30})?\}"#) {
+        fn any_json_shaped_text_decodes_or_errs(text in r#"\{"type":"(register|set|list|status|remove_group)"(,"[a-z_]{1,10}":[0-9a-z"\[\]{}:,]{0,30})?\}"#) {
             let _ = decode_request(text.as_bytes());
         }
     }

@@ -11,6 +11,7 @@
 use crate::ledger::Priority;
 use crate::size::{format_size, parse_size};
 use serde::Deserialize;
+use toml::Spanned;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -88,6 +89,11 @@ impl<T> PerDevice<T> {
     /// The value set for every device, if any (per-device overrides aside).
     pub fn all(&self) -> Option<&Sourced<T>> {
         self.all.as_ref()
+    }
+
+    fn map<U>(&self, f: impl Fn(&T) -> U) -> PerDevice<U> {
+        let one = |s: &Sourced<T>| Sourced { value: f(&s.value), origin: s.origin.clone() };
+        PerDevice { all: self.all.as_ref().map(one), device: self.device.iter().map(|(d, s)| (*d, one(s))).collect() }
     }
 
     pub fn is_unset(&self) -> bool {
@@ -227,6 +233,29 @@ impl Settings {
         }
     }
 
+    /// The values alone, without where each came from (one section of a file).
+    pub fn describe_values(&self) -> String {
+        let mut parts = Vec::new();
+        let per_device = |what: &str, v: &PerDevice<String>, parts: &mut Vec<String>| {
+            if let Some(all) = &v.all {
+                parts.push(format!("{what} {}", all.value));
+            }
+            for (dev, x) in &v.device {
+                parts.push(format!("{what} {} on device {dev}", x.value));
+            }
+        };
+        per_device("memory", &self.memory_limit.map(|b| format_size(*b)), &mut parts);
+        per_device("SM share", &self.sm_share.map(|p| format!("{p}%")), &mut parts);
+        if let Some(p) = &self.priority {
+            parts.push(format!("priority {}", p.value));
+        }
+        if parts.is_empty() {
+            "no limits".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+
     /// Resolves settings from environment pairs, reading the `GPUSLICE_CONFIG` file if named.
     pub fn from_env<I>(vars: I) -> Result<Settings, SettingsError>
     where
@@ -352,7 +381,7 @@ pub fn parse_share(text: &str) -> Result<u32, String> {
     match digits.parse::<u32>() {
         Ok(p) if (1..=100).contains(&p) => Ok(p),
         Ok(_) => Err("a share is a percentage of the device's time from 1 to 100".to_string()),
-        Err(_) => Err("expected a whole percentage such as 30 or 30%".to_string()),
+        Err(_) => Err("expected a whole percentage from 1 to 100, such as 30 or 30%".to_string()),
     }
 }
 
@@ -390,14 +419,15 @@ pub struct FileSettings {
 }
 
 /// The `[controller]` table.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ControllerFile {
     pub socket: Option<String>,
     pub ledger: Option<String>,
     pub metrics: Option<String>,
 }
 
+/// The file as TOML gives it: values keep their place in the text (`Spanned`), so that a value
+/// error names the line and column as a syntax error does.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
@@ -406,15 +436,23 @@ struct FileDoc {
     #[serde(default)]
     groups: BTreeMap<String, LimitsDoc>,
     #[serde(default)]
-    controller: Option<ControllerFile>,
+    controller: Option<ControllerDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControllerDoc {
+    socket: Option<Spanned<TextDoc>>,
+    ledger: Option<Spanned<TextDoc>>,
+    metrics: Option<Spanned<TextDoc>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsDoc {
-    memory_limit: Option<SizeDoc>,
-    sm_share: Option<u32>,
-    priority: Option<String>,
+    memory_limit: Option<Spanned<SizeDoc>>,
+    sm_share: Option<Spanned<ShareDoc>>,
+    priority: Option<Spanned<TextDoc>>,
     #[serde(default)]
     devices: BTreeMap<String, DeviceDoc>,
 }
@@ -422,8 +460,8 @@ struct LimitsDoc {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeviceDoc {
-    memory_limit: Option<SizeDoc>,
-    sm_share: Option<u32>,
+    memory_limit: Option<Spanned<SizeDoc>>,
+    sm_share: Option<Spanned<ShareDoc>>,
 }
 
 /// A size in the file: text such as "4GiB", or a whole number of bytes.
@@ -451,6 +489,97 @@ impl<'de> Deserialize<'de> for SizeDoc {
             }
         }
         d.deserialize_any(Visitor)
+    }
+}
+
+/// An SM share in the file: `30` or `"30%"`; the range is checked afterwards, with the place.
+enum ShareDoc {
+    Number(i64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for ShareDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ShareDoc, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ShareDoc;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an SM share: a whole percentage from 1 to 100, such as 30")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ShareDoc, E> {
+                Ok(ShareDoc::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ShareDoc, E> {
+                Ok(ShareDoc::Number(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShareDoc, E> {
+                Ok(ShareDoc::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl ShareDoc {
+    fn text(&self) -> String {
+        match self {
+            ShareDoc::Number(n) => n.to_string(),
+            ShareDoc::Text(t) => t.clone(),
+        }
+    }
+}
+
+/// A text value (priority, paths, the metrics address); a number or a table there says what
+/// was expected in words.
+struct TextDoc(String);
+
+impl<'de> Deserialize<'de> for TextDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<TextDoc, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = TextDoc;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("text in quotes")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<TextDoc, E> {
+                Ok(TextDoc(v.to_string()))
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+/// Where a value sits in the file: its path, line and column (1-based), and its key.
+struct Place<'a> {
+    path: &'a str,
+    text: &'a str,
+}
+
+impl Place<'_> {
+    /// `path: line L, column C: key`, worded as TOML's own errors are.
+    fn of(&self, span: std::ops::Range<usize>, key: &str) -> String {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("{}: line {line}, column {column}: {key}", self.path)
+    }
+}
+
+/// A metrics address as the file may give it: `host:port`, or `off`. Checked without a name
+/// lookup (the controller resolves it when it binds).
+pub fn check_metrics_address(addr: &str) -> Result<(), String> {
+    if addr.is_empty() || addr == "off" {
+        return Ok(());
+    }
+    let port_ok = |host: &str, port: &str| !host.is_empty() && port.parse::<u16>().is_ok();
+    let ok = match addr.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:").is_some_and(|(host, port)| port_ok(host, port)),
+        None => addr.rsplit_once(':').is_some_and(|(host, port)| port_ok(host, port) && !host.contains(':')),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err("not a host:port address such as 127.0.0.1:9400 (or [::1]:9400), nor `off`".into())
     }
 }
 
@@ -483,17 +612,45 @@ impl FileSettings {
             value: path.to_string(),
             reason: format!("invalid config file: {}", one_line(&e.to_string())),
         })?;
+        let place = Place { path, text };
         let settings = match doc.defaults {
-            Some(d) => limits(path, "defaults", d)?,
+            Some(d) => limits(&place, "defaults", d)?,
             None => Settings::default(),
         };
         let mut groups = BTreeMap::new();
         for (name, doc) in doc.groups {
             let key = format!("groups.{name}");
-            check_group_name(&name).map_err(|reason| SettingsError { origin: format!("{path}: {key}"), value: name.clone(), reason })?;
-            groups.insert(name, limits(path, &key, doc)?);
+            check_group_name(&name).map_err(|reason| SettingsError { origin: format!("{path}: [{key}]"), value: name.clone(), reason })?;
+            groups.insert(name, limits(&place, &key, doc)?);
         }
-        Ok(FileSettings { settings, groups, controller: doc.controller.unwrap_or_default() })
+        let controller = match doc.controller {
+            Some(c) => controller(&place, c)?,
+            None => ControllerFile::default(),
+        };
+        Ok(FileSettings { settings, groups, controller })
+    }
+
+    /// Every section, one line each, for `gpuslice check-config`: what the controller and the
+    /// processes would take from this file.
+    pub fn describe(&self) -> Vec<String> {
+        let c = &self.controller;
+        let or_default = |v: &Option<String>, default: &str| v.clone().unwrap_or_else(|| format!("{default} (default)"));
+        let mut lines = vec![
+            format!(
+                "[controller] socket {}; ledger {}; metrics {}",
+                or_default(&c.socket, crate::protocol::DEFAULT_SOCKET),
+                or_default(&c.ledger, crate::protocol::DEFAULT_LEDGER),
+                c.metrics.clone().filter(|m| !m.is_empty() && m != "off").unwrap_or_else(|| "off".into())
+            ),
+            format!("[defaults] {}", self.settings.describe_values()),
+        ];
+        if self.groups.is_empty() {
+            lines.push("[groups] none".into());
+        }
+        for (name, g) in &self.groups {
+            lines.push(format!("[groups.{name}] {}", g.describe_values()));
+        }
+        lines
     }
 }
 
@@ -508,53 +665,63 @@ fn one_line(message: &str) -> String {
 }
 
 /// The settings one `[defaults]` or `[groups.NAME]` table gives.
-fn limits(path: &str, table: &str, doc: LimitsDoc) -> Result<Settings, SettingsError> {
+fn limits(place: &Place<'_>, table: &str, doc: LimitsDoc) -> Result<Settings, SettingsError> {
     let mut out = Settings::default();
     if let Some(size) = doc.memory_limit {
-        out.memory_limit.all = Some(file_size(path, &format!("{table}.memory_limit"), size)?);
+        out.memory_limit.all = Some(file_size(place, &format!("{table}.memory_limit"), size)?);
     }
     if let Some(share) = doc.sm_share {
-        out.sm_share.all = Some(file_share(path, &format!("{table}.sm_share"), share)?);
+        out.sm_share.all = Some(file_share(place, &format!("{table}.sm_share"), share)?);
     }
     if let Some(p) = doc.priority {
-        let origin = format!("{path}: {table}.priority");
-        let value = p.parse::<Priority>().map_err(|reason| SettingsError { origin: origin.clone(), value: p.clone(), reason })?;
-        out.priority = Some(Sourced { value, origin });
+        let key = format!("{table}.priority");
+        let span = p.span();
+        let text = p.into_inner().0;
+        let value = text.parse::<Priority>().map_err(|reason| SettingsError { origin: place.of(span, &key), value: text.clone(), reason })?;
+        out.priority = Some(Sourced { value, origin: format!("{}: {key}", place.path) });
     }
     for (key, device) in doc.devices {
         let origin = format!("{table}.devices.{key}");
         let number: u32 = key.parse().map_err(|_| SettingsError {
-            origin: format!("{path}: {origin}"),
+            origin: format!("{}: [{origin}]", place.path),
             value: key.clone(),
             reason: format!("device keys are CUDA device numbers: [{table}.devices.0]"),
         })?;
         if let Some(size) = device.memory_limit {
-            out.memory_limit.device.insert(number, file_size(path, &format!("{origin}.memory_limit"), size)?);
+            out.memory_limit.device.insert(number, file_size(place, &format!("{origin}.memory_limit"), size)?);
         }
         if let Some(share) = device.sm_share {
-            out.sm_share.device.insert(number, file_share(path, &format!("{origin}.sm_share"), share)?);
+            out.sm_share.device.insert(number, file_share(place, &format!("{origin}.sm_share"), share)?);
         }
     }
     Ok(out)
 }
 
-fn file_size(path: &str, key: &str, size: SizeDoc) -> Result<Sourced<u64>, SettingsError> {
-    let origin = format!("{path}: {key}");
-    let text = match size {
+/// The `[controller]` table, its metrics address checked here so that `check-config` refuses
+/// what `serve` would.
+fn controller(place: &Place<'_>, doc: ControllerDoc) -> Result<ControllerFile, SettingsError> {
+    let text = |v: Option<Spanned<TextDoc>>| v.map(|v| v.into_inner().0);
+    if let Some(m) = &doc.metrics {
+        check_metrics_address(&m.get_ref().0).map_err(|reason| SettingsError { origin: place.of(m.span(), "controller.metrics"), value: m.get_ref().0.clone(), reason })?;
+    }
+    Ok(ControllerFile { socket: text(doc.socket), ledger: text(doc.ledger), metrics: text(doc.metrics) })
+}
+
+fn file_size(place: &Place<'_>, key: &str, size: Spanned<SizeDoc>) -> Result<Sourced<u64>, SettingsError> {
+    let origin = format!("{}: {key}", place.path);
+    let span = size.span();
+    let text = match size.into_inner() {
         SizeDoc::Bytes(0) => "0".to_string(),
         SizeDoc::Bytes(b) => return Ok(Sourced { value: b, origin }),
         SizeDoc::Text(t) => t,
     };
-    parse_size(&text)
-        .map(|value| Sourced { value, origin: origin.clone() })
-        .map_err(|e| SettingsError { origin, value: text, reason: e.to_string() })
+    parse_size(&text).map(|value| Sourced { value, origin }).map_err(|e| SettingsError { origin: place.of(span, key), value: text, reason: e.to_string() })
 }
 
-fn file_share(path: &str, key: &str, share: u32) -> Result<Sourced<u32>, SettingsError> {
-    let origin = format!("{path}: {key}");
-    parse_share(&share.to_string())
-        .map(|value| Sourced { value, origin: origin.clone() })
-        .map_err(|reason| SettingsError { origin, value: share.to_string(), reason })
+fn file_share(place: &Place<'_>, key: &str, share: Spanned<ShareDoc>) -> Result<Sourced<u32>, SettingsError> {
+    let origin = format!("{}: {key}", place.path);
+    let text = share.get_ref().text();
+    parse_share(&text).map(|value| Sourced { value, origin }).map_err(|reason| SettingsError { origin: place.of(share.span(), key), value: text, reason })
 }
 
 #[cfg(test)]
@@ -699,5 +866,53 @@ mod tests {
         assert!(e.reason.contains("device"), "{e}");
         assert!(FileSettings::parse("c.toml", "[defaults]\nmemory_limit = 0\n").is_err());
         assert!(FileSettings::read("/nonexistent/gpuslice.toml").is_err());
+    }
+
+    #[test]
+    fn value_errors_name_line_and_column_and_say_what_is_expected() {
+        let e = FileSettings::parse("c.toml", "[defaults]\nmemory_limit = \"lots\"\n").unwrap_err();
+        assert_eq!(e.origin, "c.toml: line 2, column 16: defaults.memory_limit", "{e}");
+        let e = FileSettings::parse("c.toml", "# groups\n[groups.g]\nsm_share = 130\n").unwrap_err();
+        assert_eq!(e.origin, "c.toml: line 3, column 12: groups.g.sm_share", "{e}");
+        assert!(e.reason.contains("from 1 to 100"), "{e}");
+        let e = FileSettings::parse("c.toml", "[groups.g]\npriority = \"urgent\"\n").unwrap_err();
+        assert!(e.origin.starts_with("c.toml: line 2, column 12: "), "{e}");
+        // A value of the wrong type says what an SM share is, not "expected u32".
+        let e = FileSettings::parse("c.toml", "[defaults]\nsm_share = true\n").unwrap_err();
+        assert!(e.reason.contains("line 2") && e.reason.contains("an SM share: a whole percentage from 1 to 100"), "{e}");
+        assert!(!e.reason.contains("u32"), "{e}");
+        let e = FileSettings::parse("c.toml", "[defaults]\nmemory_limit = 1.5\n").unwrap_err();
+        assert!(e.reason.contains("a size such as"), "{e}");
+        let e = FileSettings::parse("c.toml", "[defaults]\nmemory_limit = -1\n").unwrap_err();
+        assert!(e.reason.contains("line 2, column 16") && e.reason.contains("expected a size"), "{e}");
+        assert_eq!(FileSettings::parse("c.toml", "[defaults]\nsm_share = \"30%\"\n").unwrap().settings.sm_share(0), Some(30));
+    }
+
+    #[test]
+    fn the_metrics_address_is_checked_in_the_file() {
+        let e = FileSettings::parse("c.toml", "[controller]\nmetrics = \"bad\"\n").unwrap_err();
+        assert_eq!(e.origin, "c.toml: line 2, column 11: controller.metrics", "{e}");
+        assert!(e.reason.contains("host:port"), "{e}");
+        for good in ["127.0.0.1:9400", "localhost:0", "[::1]:9400", "off", ""] {
+            let f = FileSettings::parse("c.toml", &format!("[controller]\nmetrics = {good:?}\n")).unwrap();
+            assert_eq!(f.controller.metrics.as_deref(), Some(good));
+        }
+        for bad in ["9400", ":9400", "host:port", "::1:9400", "[::1]", "h:70000"] {
+            assert!(check_metrics_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_file_is_described_section_by_section() {
+        let text = "[controller]\nmetrics = \"127.0.0.1:9400\"\n[defaults]\nmemory_limit = \"16GiB\"\n[groups.inference]\nmemory_limit = \"6GiB\"\nsm_share = 50\npriority = \"high\"\n";
+        let lines = FileSettings::parse("c.toml", text).unwrap().describe();
+        assert_eq!(
+            lines,
+            [
+                "[controller] socket /run/gpuslice/gpuslice.sock (default); ledger /dev/shm/gpuslice/ledger (default); metrics 127.0.0.1:9400",
+                "[defaults] memory 16.00 GiB",
+                "[groups.inference] memory 6.00 GiB; SM share 50%; priority high",
+            ]
+        );
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Every suffix is binary (K = 1024), with or without `i` and `B`, in any case: device memory
 //! comes in powers of two and HAMi-core's `4g` means 4 GiB, so a decimal reading would only ever
-//! surprise. A plain number is bytes.
+//! surprise: `4GB` is 4 GiB, and `--help` and the README say so. A plain number is bytes,
+//! whole ones: `1.5` (a byte and a half) is refused, where `1.5GiB` is fine.
 
 use std::fmt;
 
@@ -33,6 +34,9 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     if text.is_empty() {
         return Err(err("it is empty"));
     }
+    if text.starts_with('-') {
+        return Err(err("a size cannot be negative; for no limit, leave it unset (or `unlimited` where offered)"));
+    }
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -51,6 +55,9 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     let bytes = if let Some((whole, frac)) = number.split_once('.') {
         if frac.contains('.') || (whole.is_empty() && frac.is_empty()) {
             return Err(err("malformed number"));
+        }
+        if shift == 0 && frac.bytes().any(|b| b != b'0') {
+            return Err(err("a fraction of a byte; give a whole number of bytes, or a unit such as 1.5GiB"));
         }
         let whole: u128 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| err("number too large"))? };
         let frac_digits = frac.len().min(18) as u32;
@@ -110,9 +117,12 @@ mod tests {
 
     #[test]
     fn bad_values_are_errors_not_no_limit() {
-        for bad in ["", "4 GB x", "-1", "lots", "0", "0GiB", "1.2.3G", "4XB", "99999999999999999999", "16777216T", "."] {
+        for bad in ["", "4 GB x", "-1", "-1GiB", "1.5", "100.7", "0.5B", "lots", "0", "0GiB", "1.2.3G", "4XB", "99999999999999999999", "16777216T", "."] {
             assert!(parse_size(bad).is_err(), "{bad:?} should not parse");
         }
+        assert!(parse_size("1.5").unwrap_err().to_string().contains("fraction of a byte"));
+        assert!(parse_size("-1").unwrap_err().to_string().contains("negative"));
+        assert_eq!(parse_size("100.0").unwrap(), 100, "a whole number written with a point is still whole");
         let msg = parse_size("lots").unwrap_err().to_string();
         assert!(msg.contains("lots") && msg.contains("4GiB"), "{msg}");
     }

@@ -181,9 +181,9 @@ fn requests() -> impl Strategy<Value = Request> {
         .prop_map(|(protocol, group, priority, name, own_pid, devices)| Request::Register(Registration { protocol, group, priority, name, own_pid, devices }));
     let target = prop_oneof![any::<u32>().prop_map(Target::Pid), text().prop_map(Target::Group)];
     let limit = prop_oneof![any::<u64>().prop_map(Limit::Bytes), Just(Limit::Unlimited)];
-    let set = (target, proptest::option::of(limit), proptest::option::of(any::<u32>()), proptest::option::of(priorities()), proptest::option::of(any::<u32>()))
-        .prop_map(|(target, memory, sm, priority, device)| Request::Set(Edit { target, memory, sm, priority, device }));
-    prop_oneof![register, set, Just(Request::List), Just(Request::Status)]
+    let set = (target, proptest::option::of(limit), proptest::option::of(any::<u32>()), proptest::option::of(priorities()), proptest::option::of(any::<u32>()), any::<bool>())
+        .prop_map(|(target, memory, sm, priority, device, create)| Request::Set(Edit { target, memory, sm, priority, device, create }));
+    prop_oneof![register, set, Just(Request::List), Just(Request::Status), text().prop_map(Request::RemoveGroup)]
 }
 
 /// Any JSON value, with the protocol's own field names and variant names common among the keys

@@ -8,7 +8,7 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the controller listens: the flag, else $GPUSLICE_SOCKET, else the default.
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, Default)]
 pub struct SocketArg {
     /// The controller's socket (default $GPUSLICE_SOCKET, else /run/gpuslice/gpuslice.sock).
     #[arg(long)]
@@ -30,23 +30,36 @@ pub struct SetArgs {
     #[command(flatten)]
     socket: SocketArg,
     /// A registered process (its pid as the controller sees it; see `gpuslice ls`).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pid: Option<u32>,
-    /// A group (GPUSLICE_GROUP); created if it does not exist yet.
+    /// A group (GPUSLICE_GROUP). It must exist (a member registered, the config names it, or
+    /// an earlier `set --create`), unless --create is given.
     #[arg(long)]
     group: Option<String>,
-    /// Memory limit per device, e.g. 4GiB; `unlimited` removes it.
-    #[arg(long)]
+    /// Create the group if it does not exist yet (without it, a misspelt name is refused).
+    #[arg(long, requires = "group")]
+    create: bool,
+    /// Memory limit per device, e.g. 4GiB (binary units: 4GB means 4 GiB); `unlimited` removes it.
+    #[arg(long, allow_hyphen_values = true)]
     memory: Option<String>,
     /// Share of the device's time in percent, 1-100 (100 removes the throttle).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     sm: Option<String>,
     /// high, normal or low.
     #[arg(long)]
     priority: Option<String>,
     /// Only this device index of the ledger (see `gpuslice status`); all by default.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     device: Option<u32>,
+}
+
+#[derive(clap::Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The group to remove; refused while it has members.
+    #[arg(long, required = true)]
+    group: String,
 }
 
 fn ask(socket: &str, request: &Request) -> Result<Response, String> {
@@ -65,12 +78,16 @@ pub fn ask_within(socket: &str, request: &Request, timeout: Duration) -> Result<
     }
 }
 
+/// `--memory`: a size, or `unlimited` (also `none`).
+pub fn parse_memory(m: &str) -> Result<Limit, String> {
+    if m.trim().eq_ignore_ascii_case("unlimited") || m.trim().eq_ignore_ascii_case("none") {
+        return Ok(Limit::Unlimited);
+    }
+    parse_size(m).map(Limit::Bytes).map_err(|e| format!("--memory: {e}, or `unlimited`"))
+}
+
 pub fn set(args: SetArgs) -> Result<(), String> {
-    let memory = match args.memory.as_deref() {
-        None => None,
-        Some(m) if m.eq_ignore_ascii_case("unlimited") || m.eq_ignore_ascii_case("none") => Some(Limit::Unlimited),
-        Some(m) => Some(Limit::Bytes(parse_size(m).map_err(|e| format!("--memory {m:?}: {e}"))?)),
-    };
+    let memory = args.memory.as_deref().map(parse_memory).transpose()?;
     let sm = match args.sm.as_deref() {
         None => None,
         Some(s) => Some(gpuslice_common::settings::parse_share(s).map_err(|e| format!("--sm {s:?}: {e}"))?),
@@ -88,7 +105,17 @@ pub fn set(args: SetArgs) -> Result<(), String> {
         (None, None) => unreachable!("clap requires one"),
     };
     let socket = args.socket.path();
-    match ask(&socket, &Request::Set(Edit { target, memory, sm, priority, device: args.device }))? {
+    match ask(&socket, &Request::Set(Edit { target, memory, sm, priority, device: args.device, create: args.create }))? {
+        Response::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        other => Err(format!("unexpected answer: {other:?}")),
+    }
+}
+
+pub fn rm(args: RmArgs) -> Result<(), String> {
+    match ask(&args.socket.path(), &Request::RemoveGroup(args.group))? {
         Response::Done { message } => {
             println!("{message}");
             Ok(())
@@ -101,10 +128,13 @@ pub fn set(args: SetArgs) -> Result<(), String> {
 pub struct LsArgs {
     #[command(flatten)]
     socket: SocketArg,
-    /// Machine-readable output.
+    /// Machine-readable output: the listing as JSON.
     #[arg(long)]
     json: bool,
 }
+
+/// The note under `ls`'s tables: what the columns count.
+const LS_LEGEND: &str = "WAITED: time held back by the SM share since the process or group started (top shows it as WAIT%, a share of the last interval); OOM: allocations refused";
 
 pub fn ls(args: LsArgs) -> Result<(), String> {
     let listing = match ask(&args.socket.path(), &Request::List)? {
@@ -116,6 +146,7 @@ pub fn ls(args: LsArgs) -> Result<(), String> {
         return Ok(());
     }
     print!("{}", render(&listing));
+    println!("\n{LS_LEGEND}");
     Ok(())
 }
 
@@ -135,7 +166,7 @@ pub fn render(l: &Listing) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "{:<20} {:>3} {:>25} {:>6} {:>9} {:>10} {:>5} {:<8} MEMBERS\n",
-        "GROUP", "DEV", "USED / LIMIT", "SHARE", "ACHIEVED", "THROTTLED", "OOM", "PRIORITY"
+        "GROUP", "DEV", "USED / LIMIT", "SHARE", "ACHIEVED", "WAITED", "OOM", "PRIORITY"
     ));
     for g in &l.groups {
         let members = g.members.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
@@ -160,7 +191,7 @@ pub fn render(l: &Listing) -> String {
     out.push('\n');
     out.push_str(&format!(
         "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>10} {:>5} PRIORITY\n",
-        "PID", "GROUP", "NAME", "DEV", "USED / OWN CAP", "ACHIEVED", "THROTTLED", "OOM"
+        "PID", "GROUP", "NAME", "DEV", "USED / OWN CAP", "ACHIEVED", "WAITED", "OOM"
     ));
     for p in &l.processes {
         for d in &p.devices {
@@ -185,12 +216,24 @@ pub fn render(l: &Listing) -> String {
 pub struct StatusArgs {
     #[command(flatten)]
     socket: SocketArg,
+    /// Machine-readable output: the controller's state as JSON.
     #[arg(long)]
     json: bool,
+    /// Wait up to this many seconds for a controller that is starting to answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    wait: f64,
 }
 
 pub fn status(args: StatusArgs) -> Result<(), String> {
-    let s = match ask(&args.socket.path(), &Request::Status)? {
+    let socket = args.socket.path();
+    let deadline = std::time::Instant::now() + Duration::try_from_secs_f64(args.wait).map_err(|_| format!("--wait {}: expected a number of seconds", args.wait))?;
+    let answer = loop {
+        match ask(&socket, &Request::Status) {
+            Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            answer => break answer?,
+        }
+    };
+    let s = match answer {
         Response::Status(s) => s,
         other => return Err(format!("unexpected answer: {other:?}")),
     };
@@ -201,6 +244,10 @@ pub fn status(args: StatusArgs) -> Result<(), String> {
     println!("gpuslice controller {} (pid {}), up {:.0} s, start {} on this ledger", s.version, s.pid, s.uptime_s, s.starts);
     println!("socket  {}", s.socket);
     println!("ledger  {}", s.ledger);
+    match &s.metrics {
+        Some(addr) => println!("metrics http://{addr}/metrics"),
+        None => println!("metrics off (serve --metrics ADDR, or metrics under [controller])"),
+    }
     println!("processes {} of {}, groups {} of {}", s.processes, s.max_processes, s.groups, s.max_groups);
     for (i, d) in s.devices.iter().enumerate() {
         println!("device {i}: {d}");

@@ -30,7 +30,7 @@ pub struct Server {
 impl Server {
     /// Binds `addr` (`host:port`; port 0 picks a free one).
     pub fn bind(addr: &str) -> Result<Server, String> {
-        let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(|e| format!("--metrics {addr:?}: not a host:port address ({e})"))?.collect();
+        let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(|e| format!("metrics address {addr:?}: not a host:port address ({e})"))?.collect();
         let listener = TcpListener::bind(&addrs[..]).map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
         Ok(Server { listener })
     }

@@ -24,6 +24,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Change the limits of a running process or a group; they apply within 100 ms.
     Set(client::SetArgs),
+    /// Remove an empty group (refused while it has members).
+    Rm(client::RmArgs),
     /// List registered processes and groups: memory, shares, throttling, refusals.
     Ls(client::LsArgs),
     /// The controller's own state.
@@ -34,7 +36,8 @@ enum Command {
     Run(run::RunArgs),
     /// List the GPUs NVML sees, with their memory.
     Devices,
-    /// Check a config file (and the GPUSLICE_*/CUDA_DEVICE_* environment) the way the shim reads it.
+    /// Check a config file the way `serve` and the shim read it: every section, then what a
+    /// process in this environment (GPUSLICE_*/CUDA_DEVICE_*) would get.
     CheckConfig {
         /// The TOML file; defaults to $GPUSLICE_CONFIG.
         file: Option<String>,
@@ -43,12 +46,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        quiet_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::Serve(args) => {
             init_logging();
             serve::serve(args)
         }
         Command::Set(args) => client::set(args),
+        Command::Rm(args) => client::rm(args),
         Command::Ls(args) => client::ls(args),
         Command::Status(args) => client::status(args),
         Command::Top(args) => top::top(args),
@@ -63,6 +70,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command whose output goes to a pipe that closes early (`gpuslice ls | head -1`) ends
+/// there, silently, as Unix tools do, rather than panicking in `println!`: SIGPIPE gets its
+/// default action back (Rust ignores it). Not for `serve`, which must outlive a closed log pipe.
+fn quiet_on_closed_pipe() {
+    // SAFETY: restoring a signal's default disposition has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
 /// The daemon logs with `tracing` to stderr; `GPUSLICE_LOG` is the filter (default info).
@@ -104,8 +119,14 @@ fn check_config(file: Option<String>) -> Result<(), String> {
         Some(path) => Some(FileSettings::read_as(origin, path).map_err(|e| e.to_string())?),
         None => None,
     };
+    if let (Some(path), Some(parsed)) = (&file, &parsed) {
+        println!("{path}: OK");
+        for line in parsed.describe() {
+            println!("  {line}");
+        }
+    }
     let vars: Vec<(String, String)> = gpuslice_common::settings::env_pairs(std::env::vars_os()).map_err(|e| e.to_string())?.into_iter().filter(|(k, _)| k != ENV_CONFIG).collect();
     let settings = Settings::resolve(&vars, parsed).map_err(|e| e.to_string())?;
-    println!("{}", settings.describe());
+    println!("a process started here gets: {}", settings.describe());
     Ok(())
 }

@@ -57,11 +57,14 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         None if Path::new(DEFAULT_CONFIG).exists() => FileSettings::read_as("config file", DEFAULT_CONFIG).map_err(|e| e.to_string())?,
         None => FileSettings::default(),
     };
-    let socket_path = args.socket.or(config.controller.socket.clone()).unwrap_or_else(|| DEFAULT_SOCKET.to_string());
+    // The same order as the CLI and the shims: the flag, $GPUSLICE_SOCKET, then the file.
+    let env_socket = std::env::var(ENV_SOCKET).ok().filter(|s| !s.is_empty());
+    let socket_path = args.socket.or(env_socket).or(config.controller.socket.clone()).unwrap_or_else(|| DEFAULT_SOCKET.to_string());
     let ledger_path = args.ledger.or(config.controller.ledger.clone()).unwrap_or_else(|| DEFAULT_LEDGER.to_string());
     let metrics_addr = args.metrics.or(config.controller.metrics.clone()).filter(|a| !a.is_empty() && a != "off");
     // Bound first: a taken port stops the controller before it touches the socket or ledger.
     let metrics_server = metrics_addr.as_deref().map(http::Server::bind).transpose()?;
+    let metrics_bound = metrics_server.as_ref().map(|m| m.local_addr().to_string());
 
     let signals = block_signals()?;
     let listener = bind(&socket_path)?;
@@ -109,6 +112,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         connections: AtomicUsize::new(0),
         traffic: Traffic::default(),
         last_tick_ns: AtomicU64::new(gpuslice_common::ledger::monotonic_ns()),
+        metrics: metrics_bound,
     });
     if let Some(server) = metrics_server {
         let addr = server.local_addr();
@@ -188,6 +192,8 @@ struct Shared {
     traffic: Traffic,
     /// CLOCK_MONOTONIC of the main loop's last tick.
     last_tick_ns: AtomicU64,
+    /// The metrics endpoint's address, when served.
+    metrics: Option<String>,
 }
 
 /// What the socket has answered, for the metrics.
@@ -310,7 +316,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
     let t = &shared.traffic;
     match &request {
         Request::Register(_) => &t.register,
-        Request::Set(_) => &t.set,
+        Request::Set(_) | Request::RemoveGroup(_) => &t.set,
         Request::List => &t.list,
         Request::Status => &t.status,
     }
@@ -336,6 +342,13 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                     (Response::Error { message }, None)
                 }
             },
+            Request::RemoveGroup(name) => match state.remove_group(peer, &name) {
+                Ok(message) => (Response::Done { message }, None),
+                Err(message) => {
+                    tracing::warn!("pid {} uid {}: removal refused: {}", peer.pid, peer.uid, for_log(&message));
+                    (Response::Error { message }, None)
+                }
+            },
             Request::List => (Response::Listing(state.listing()), None),
             Request::Status => {
                 let (processes, groups) = state.counts();
@@ -352,6 +365,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                     max_processes: g.max_procs,
                     max_groups: g.max_groups,
                     devices: state.devices(),
+                    metrics: shared.metrics.clone(),
                 };
                 (Response::Status(status), None)
             }

@@ -329,12 +329,7 @@ impl State {
 
     /// Applies an edit from `peer`.
     pub fn edit(&mut self, peer: Peer, e: Edit) -> Result<String, String> {
-        if peer.uid != 0 && peer.uid != self.owner_uid {
-            return Err(format!(
-                "permission denied: uid {} may read but not change limits; only uid {} (the controller's) or root may",
-                peer.uid, self.owner_uid
-            ));
-        }
+        self.may_edit(peer)?;
         if let Some(sm) = e.sm {
             gpuslice_common::settings::parse_share(&sm.to_string()).map_err(|r| format!("--sm {sm}: {r}"))?;
         }
@@ -342,14 +337,15 @@ impl State {
             return Err("--memory 0: a limit of zero bytes would refuse everything; give a size, or `unlimited`".into());
         }
         let devices: Vec<usize> = match e.device {
-            Some(d) if (d as usize) < MAX_DEVICES => vec![d as usize],
-            Some(d) => return Err(format!("device {d}: the ledger has devices 0-{}", MAX_DEVICES - 1)),
+            Some(d) if (d as usize) < MAX_DEVICES && self.ledger.device(d as usize).state.load(Acquire) == LIVE => vec![d as usize],
+            Some(d) => return Err(self.no_such_device(d)),
             None => (0..MAX_DEVICES).collect(),
         };
         match &e.target {
             Target::Group(name) => {
                 let (slot, made) = match self.find_group(name) {
                     Some(g) => (g, false),
+                    None if !e.create => return Err(format!("{}; `gpuslice set --create --group {name} ...` makes it", self.no_such_group(name))),
                     None => {
                         gpuslice_common::settings::check_group_name(name).map_err(|r| format!("group {name:?}: {r}"))?;
                         (self.new_group(name).ok_or("the ledger has no free group slot")?, true)
@@ -398,6 +394,72 @@ impl State {
                 tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
                 Ok(message)
             }
+        }
+    }
+
+    /// Removes an empty group (`gpuslice rm --group`): refused while it has members, and for
+    /// a process's own group. Its slot is freed in the ledger, so it does not come back when
+    /// the controller restarts (unless the config file names it).
+    pub fn remove_group(&mut self, peer: Peer, name: &str) -> Result<String, String> {
+        self.may_edit(peer)?;
+        let slot = self.find_group(name).ok_or_else(|| self.no_such_group(name))?;
+        let members: Vec<u32> = self.members(slot).iter().map(|&p| self.ledger.process(p).pid.load(Relaxed)).collect();
+        if name.starts_with("pid-") {
+            return Err(format!("group {name:?} is the own group of a process alone; it goes when the process exits"));
+        }
+        if !members.is_empty() {
+            let pids = members.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+            return Err(format!("group {name:?} has {} member(s) (pid {pids}); remove it once they have exited", members.len()));
+        }
+        let g = self.ledger.group(slot);
+        g.state.store(FREE, Release);
+        g.reset();
+        self.pending.retain(|&p| p != slot);
+        let mut message = format!("group {name:?} removed");
+        if self.config.groups.contains_key(name) {
+            message.push_str("; the config file names it, so it comes back when the controller restarts (remove [groups.");
+            message.push_str(name);
+            message.push_str("] there too)");
+        }
+        tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
+        Ok(message)
+    }
+
+    fn may_edit(&self, peer: Peer) -> Result<(), String> {
+        if peer.uid != 0 && peer.uid != self.owner_uid {
+            return Err(format!(
+                "permission denied: uid {} may read but not change limits; only uid {} (the controller's) or root may",
+                peer.uid, self.owner_uid
+            ));
+        }
+        Ok(())
+    }
+
+    /// "no group "x"", with the existing groups whose names are close (a typo's likely target).
+    fn no_such_group(&self, name: &str) -> String {
+        let mut close: Vec<(f64, String)> = self
+            .ledger
+            .groups()
+            .filter(|(_, g)| g.state.load(Acquire) == LIVE)
+            .map(|(_, g)| g.name())
+            .filter(|n| !n.starts_with("pid-"))
+            .map(|n| (strsim::jaro_winkler(name, &n), n))
+            .filter(|(score, _)| *score >= 0.8)
+            .collect();
+        close.sort_by(|a, b| b.0.total_cmp(&a.0));
+        match close.len() {
+            0 => format!("no group {name:?}"),
+            _ => format!("no group {name:?} (did you mean {}?)", close.iter().take(3).map(|(_, n)| format!("{n:?}")).collect::<Vec<_>>().join(" or ")),
+        }
+    }
+
+    /// Why `--device d` names nothing: the devices the ledger knows.
+    fn no_such_device(&self, d: u32) -> String {
+        let known: Vec<String> = (0..MAX_DEVICES).filter(|&i| self.ledger.device(i).state.load(Acquire) == LIVE).map(|i| i.to_string()).collect();
+        if known.is_empty() {
+            format!("device {d}: the ledger knows no device yet (none has registered); leave out --device to set every device")
+        } else {
+            format!("device {d} is not in the ledger, which knows device(s) {} (see `gpuslice status`)", known.join(", "))
         }
     }
 
@@ -696,7 +758,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, "[groups.g]\nmemory_limit = \"1GiB\"\n");
         let stranger = Peer { pid: 1, uid: s.owner_uid.wrapping_add(4242).max(1) };
-        let edit = Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(2 << 30)), sm: Some(50), priority: Some(Priority::High), device: None };
+        let edit = Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(2 << 30)), sm: Some(50), priority: Some(Priority::High), device: None, create: false };
         let e = s.edit(stranger, edit.clone()).unwrap_err();
         assert!(e.contains("permission denied"), "{e}");
         let slot = s.find_group("g").unwrap();
@@ -706,9 +768,9 @@ mod tests {
         assert_eq!(g.devices[3].limit.load(Relaxed), 2 << 30);
         assert_eq!(g.devices[3].share.load(Relaxed), 50);
         assert_eq!(g.priority(), Priority::High);
-        let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None }).unwrap_err();
+        let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None, create: false }).unwrap_err();
         assert!(e.contains("no registered process"), "{e}");
-        assert!(s.edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None }).is_err());
+        assert!(s.edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None, create: false }).is_err());
     }
 
     #[test]
@@ -740,6 +802,62 @@ mod tests {
         assert_eq!(devices.len(), MAX_DEVICES);
         assert!(devices.contains(&"GPU-11111111-1111-1111-1111-111111111111".to_string()), "{devices:?}");
         assert!(devices.contains(&"GPU-00000000-0000-0000-0000-00000000000a".to_string()), "the slot of a device in use stays: {devices:?}");
+    }
+
+    fn group_edit(name: &str, create: bool) -> Edit {
+        Edit { target: Target::Group(name.into()), memory: Some(Limit::Bytes(1 << 30)), sm: None, priority: None, device: None, create }
+    }
+
+    #[test]
+    fn a_group_is_made_by_set_only_when_asked_and_a_typo_names_the_close_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.inference]\nmemory_limit = \"1GiB\"\n");
+        let e = s.edit(me(), group_edit("inferense", false)).unwrap_err();
+        assert!(e.contains("no group \"inferense\"") && e.contains("did you mean \"inference\"") && e.contains("--create"), "{e}");
+        assert_eq!(s.find_group("inferense"), None, "a refused edit makes nothing");
+        let made = s.edit(me(), group_edit("batch", true)).unwrap();
+        assert!(made.contains("\"batch\" created"), "{made}");
+        let again = s.edit(me(), group_edit("batch", false)).unwrap();
+        assert!(again.contains("\"batch\" now"), "{again}");
+    }
+
+    #[test]
+    fn an_edit_for_a_device_the_ledger_does_not_know_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.g]\n");
+        let mut edit = group_edit("g", false);
+        edit.device = Some(0);
+        let e = s.edit(me(), edit.clone()).unwrap_err();
+        assert!(e.contains("knows no device yet"), "{e}");
+        s.register(me(), registration(Some("g"), None)).unwrap();
+        s.edit(me(), edit.clone()).unwrap();
+        edit.device = Some(7);
+        let e = s.edit(me(), edit).unwrap_err();
+        assert!(e.contains("device 7 is not in the ledger") && e.contains("device(s) 0"), "{e}");
+        assert_eq!(s.ledger.group(s.find_group("g").unwrap()).devices[7].limit.load(Relaxed), UNLIMITED, "nothing changed on device 7");
+    }
+
+    #[test]
+    fn an_empty_group_is_removed_for_good_and_one_with_members_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = state(&dir, "");
+            s.edit(me(), group_edit("typo", true)).unwrap();
+            s.edit(me(), group_edit("busy", true)).unwrap();
+            s.register(me(), registration(Some("busy"), None)).unwrap();
+            let e = s.remove_group(me(), "busy").unwrap_err();
+            assert!(e.contains("1 member") && e.contains(&std::process::id().to_string()), "{e}");
+            let stranger = Peer { pid: 1, uid: s.owner_uid.wrapping_add(4242).max(1) };
+            assert!(s.remove_group(stranger, "typo").unwrap_err().contains("permission denied"));
+            assert!(s.remove_group(me(), "typ").unwrap_err().contains("did you mean \"typo\""));
+            s.remove_group(me(), "typo").unwrap();
+            assert_eq!(s.find_group("typo"), None);
+        }
+        // A restarted controller on the same ledger does not bring it back.
+        let mut s = state(&dir, "");
+        s.adopt();
+        assert_eq!(s.find_group("typo"), None);
+        assert!(s.find_group("busy").is_some());
     }
 
     #[test]

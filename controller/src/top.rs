@@ -1,5 +1,7 @@
 //! `gpuslice top`: a live terminal view (ratatui + crossterm) of the controller's processes and
-//! groups: memory bars, share target vs achieved, throttled time, refusals and priority.
+//! groups: memory bars, share target vs achieved, time held back (WAIT%), refusals and priority.
+//! Columns take the width their content needs; on a narrow terminal the bars go first, then
+//! long names are cut in the middle, then the least needed columns: the figures always stay.
 //!
 //! It reads the same `Listing` as `gpuslice ls` over the socket every refresh. If the
 //! controller goes away it says so on screen, keeps the last figures it had and keeps asking.
@@ -161,8 +163,10 @@ fn draw(f: &mut Frame, v: &View) {
     f.render_widget(Paragraph::new(title_line(v)), title);
     f.render_widget(Paragraph::new(notice_line(v)), notice);
     let Some(listing) = &v.listing else { return };
-    f.render_widget(group_table(listing, v), group_area);
-    f.render_widget(process_table(listing, v), process_area);
+    // Inside the borders.
+    let inner = f.area().width.saturating_sub(2);
+    f.render_widget(group_table(listing, v, inner), group_area);
+    f.render_widget(process_table(listing, v, inner), process_area);
 }
 
 fn title_line(v: &View) -> Line<'static> {
@@ -201,10 +205,20 @@ fn duration(s: f64) -> String {
     }
 }
 
-/// `████░░░░ 1.25 GiB / 4.00 GiB`, coloured by how full it is; no bar without a limit.
-fn memory(used: u64, limit: Option<u64>) -> Line<'static> {
+/// `1.25 GiB / 4.00 GiB`: the figures, which stay when the bar does not fit.
+fn memory_text(used: u64, limit: Option<u64>) -> String {
+    format!("{} / {}", format_size(used), limit.map_or("-".into(), format_size))
+}
+
+/// `████░░░░ 1.25 GiB / 4.00 GiB`, coloured by how full it is (blank without a limit); only
+/// the figures when `bar` is false.
+fn memory(used: u64, limit: Option<u64>, bar: bool) -> Line<'static> {
+    let text = memory_text(used, limit);
+    if !bar {
+        return Line::from(text);
+    }
     let Some(limit) = limit else {
-        return Line::from(vec![Span::raw(" ".repeat(BAR + 1)), Span::raw(format!("{} / -", format_size(used)))]);
+        return Line::from(vec![Span::raw(" ".repeat(BAR + 1)), Span::raw(text)]);
     };
     let fraction = if limit == 0 { 1.0 } else { used as f64 / limit as f64 };
     let filled = ((fraction * BAR as f64).round() as usize).min(BAR);
@@ -216,8 +230,80 @@ fn memory(used: u64, limit: Option<u64>) -> Line<'static> {
     Line::from(vec![
         Span::styled("█".repeat(filled), Style::new().fg(colour)),
         Span::styled("░".repeat(BAR - filled), Style::new().fg(Color::DarkGray)),
-        Span::raw(format!(" {} / {}", format_size(used), format_size(limit))),
+        Span::raw(format!(" {text}")),
     ])
+}
+
+/// A name cut to `width` characters in the middle, so that names sharing a long prefix
+/// (`default/inference-5d8f7c9b6d-x2x7q`, `...-k9m2p`) stay told apart by their ends.
+fn fit_name(name: &str, width: u16) -> String {
+    let chars: Vec<char> = name.chars().collect();
+    let width = usize::from(width);
+    if chars.len() <= width || width < 3 {
+        return name.to_string();
+    }
+    let head = (width - 1) / 2;
+    let tail = width - 1 - head;
+    chars[..head].iter().chain(std::iter::once(&'…')).chain(&chars[chars.len() - tail..]).collect()
+}
+
+/// One column of a table: the width its content wants and the least it can be squeezed to.
+/// `squeeze` and `drop` place its two ways of giving room in one order (lower first, 0 never):
+/// squeezed to `min`, or left out altogether.
+#[derive(Clone, Copy)]
+struct Column {
+    header: &'static str,
+    want: u16,
+    min: u16,
+    squeeze: u8,
+    drop: u8,
+}
+
+impl Column {
+    fn fixed(header: &'static str, want: usize) -> Column {
+        let want = want.max(header.chars().count()) as u16;
+        Column { header, want, min: want, squeeze: 0, drop: 0 }
+    }
+}
+
+/// Widths for `columns` in `available` cells (one cell between columns), giving way in the
+/// columns' order until they fit. `None` for a column left out.
+fn fit(columns: &[Column], available: u16) -> Vec<Option<u16>> {
+    let mut widths: Vec<Option<u16>> = columns.iter().map(|c| Some(c.want)).collect();
+    let total = |w: &[Option<u16>]| -> u16 {
+        let kept: Vec<u16> = w.iter().flatten().copied().collect();
+        kept.iter().sum::<u16>() + kept.len().saturating_sub(1) as u16
+    };
+    let mut steps: Vec<(u8, usize, bool)> = Vec::new();
+    for (i, c) in columns.iter().enumerate() {
+        if c.squeeze > 0 {
+            steps.push((c.squeeze, i, false));
+        }
+        if c.drop > 0 {
+            steps.push((c.drop, i, true));
+        }
+    }
+    steps.sort();
+    for (_, i, drop) in steps {
+        let over = total(&widths).saturating_sub(available);
+        if over == 0 {
+            break;
+        }
+        widths[i] = match (drop, widths[i]) {
+            (true, _) | (false, None) => None,
+            (false, Some(w)) => Some(w.saturating_sub(over).max(columns[i].min)),
+        };
+    }
+    widths
+}
+
+/// Keeps the cells (and headers) of the columns `fit` kept.
+fn kept<T>(items: Vec<T>, widths: &[Option<u16>]) -> Vec<T> {
+    items.into_iter().zip(widths).filter(|(_, w)| w.is_some()).map(|(item, _)| item).collect()
+}
+
+fn longest<'a>(texts: impl Iterator<Item = &'a str>) -> usize {
+    texts.map(|t| t.chars().count()).max().unwrap_or(0)
 }
 
 fn pct(v: Option<f64>) -> String {
@@ -243,85 +329,103 @@ fn header(names: &[&'static str]) -> Row<'static> {
     Row::new(names.iter().map(|&n| Cell::from(n))).style(Style::new().add_modifier(Modifier::BOLD | Modifier::UNDERLINED))
 }
 
-fn group_table(l: &Listing, v: &View) -> Table<'static> {
+/// The memory column: the figures it must show, and the bar when there is room.
+fn memory_column(texts: impl Iterator<Item = String>) -> Column {
+    let text = texts.map(|t| t.chars().count()).max().unwrap_or(0).max("USED / LIMIT".len()) as u16;
+    Column { header: "USED / LIMIT", want: text + BAR as u16 + 1, min: text, squeeze: 1, drop: 0 }
+}
+
+fn group_table(l: &Listing, v: &View, available: u16) -> Table<'static> {
     let mut groups: Vec<_> = l.groups.iter().collect();
     groups.sort_by(|a, b| a.name.cmp(&b.name));
+    let members_of = |g: &gpuslice_common::protocol::GroupRow| g.members.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let name_want = longest(groups.iter().map(|g| g.name.as_str())).max(5) as u16;
+    let columns = [
+        Column { header: "GROUP", want: name_want, min: name_want.min(16), squeeze: 3, drop: 0 },
+        Column::fixed("DEV", 3),
+        memory_column(groups.iter().flat_map(|g| g.devices.iter().map(|d| memory_text(d.used, d.limit)))),
+        Column::fixed("SHARE", 5),
+        Column::fixed("ACHIEVED", 8),
+        Column::fixed("WAIT%", 6),
+        Column::fixed("OOM", longest(groups.iter().flat_map(|g| g.devices.iter().map(|d| d.refusals.to_string())).collect::<Vec<_>>().iter().map(String::as_str))),
+        Column { drop: 4, ..Column::fixed("PRIORITY", 8) },
+        Column { header: "MEMBERS", want: longest(groups.iter().map(|g| members_of(g)).collect::<Vec<_>>().iter().map(String::as_str)).max(7) as u16, min: 7, squeeze: 0, drop: 2 },
+    ];
+    let widths = fit(&columns, available);
+    let name_width = widths[0].unwrap_or(name_want);
+    let bar = widths[2].is_some_and(|w| w > columns[2].min);
     let mut rows = Vec::new();
     for g in groups {
-        let members = g.members.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let members = members_of(g);
+        let name = fit_name(&g.name, name_width);
         for d in &g.devices {
-            rows.push(Row::new(vec![
-                Cell::from(g.name.clone()),
+            let cells = vec![
+                Cell::from(name.clone()),
                 Cell::from(d.device.to_string()),
-                Cell::from(memory(d.used, d.limit)),
+                Cell::from(memory(d.used, d.limit, bar)),
                 Cell::from(d.share.map_or("-".into(), |s| format!("{s}%"))),
                 achieved(d.share, d.achieved_share),
                 Cell::from(pct(v.throttled_pct.get(&RowKey::Group(g.name.clone(), d.device)).copied())),
                 Cell::from(d.refusals.to_string()),
                 priority(g.priority),
                 Cell::from(members.clone()),
-            ]));
+            ];
+            rows.push(Row::new(kept(cells, &widths)));
         }
         if g.devices.is_empty() {
             let dash = || Cell::from("-");
-            rows.push(Row::new(vec![Cell::from(g.name.clone()), dash(), dash(), dash(), dash(), dash(), dash(), priority(g.priority), Cell::from(members)]));
+            let cells = vec![Cell::from(name.clone()), dash(), dash(), dash(), dash(), dash(), dash(), priority(g.priority), Cell::from(members)];
+            rows.push(Row::new(kept(cells, &widths)));
         }
     }
-    let widths = [
-        Constraint::Length(24),
-        Constraint::Length(3),
-        Constraint::Length(BAR as u16 + 24),
-        Constraint::Length(5),
-        Constraint::Length(8),
-        Constraint::Length(9),
-        Constraint::Length(5),
-        Constraint::Length(8),
-        Constraint::Fill(1),
-    ];
-    Table::new(rows, widths)
-        .header(header(&["GROUP", "DEV", "MEMORY USED / LIMIT", "SHARE", "ACHIEVED", "THROTTLED", "OOM", "PRIORITY", "MEMBERS"]))
-        .block(Block::bordered().title(" Groups "))
+    Table::new(rows, widths.iter().flatten().map(|&w| Constraint::Length(w)))
+        .header(header(&kept(columns.iter().map(|c| c.header).collect(), &widths)))
+        .block(Block::bordered().title(" Groups (WAIT%: share of the last interval spent held back by the SM share) "))
 }
 
-fn process_table(l: &Listing, v: &View) -> Table<'static> {
+fn process_table(l: &Listing, v: &View, available: u16) -> Table<'static> {
     let mut processes: Vec<_> = l.processes.iter().collect();
     processes.sort_by_key(|p| p.pid);
     let group_row = |group: &str, device: u32| l.groups.iter().find(|g| g.name == group)?.devices.iter().find(|d| d.device == device);
+    // The limit that binds the process: its own cap inside the group if lower.
+    let binding = |p: &gpuslice_common::protocol::ProcessRow, d: &gpuslice_common::protocol::ProcessDeviceRow| [d.limit, group_row(&p.group, d.device).and_then(|g| g.limit)].into_iter().flatten().min();
+    let name_want = longest(processes.iter().map(|p| p.name.as_str())).max(4) as u16;
+    let group_want = longest(processes.iter().map(|p| p.group.as_str())).max(5) as u16;
+    let columns = [
+        Column::fixed("PID", longest(processes.iter().map(|p| p.pid.to_string()).collect::<Vec<_>>().iter().map(String::as_str))),
+        Column { header: "NAME", want: name_want, min: name_want.min(8), squeeze: 2, drop: 4 },
+        Column { header: "GROUP", want: group_want, min: group_want.min(16), squeeze: 5, drop: 0 },
+        Column::fixed("DEV", 3),
+        memory_column(processes.iter().flat_map(|p| p.devices.iter().map(|d| memory_text(d.used, binding(p, d))))),
+        Column::fixed("SHARE", 5),
+        Column::fixed("ACHIEVED", 8),
+        Column::fixed("WAIT%", 6),
+        Column::fixed("OOM", longest(processes.iter().flat_map(|p| p.devices.iter().map(|d| d.refusals.to_string())).collect::<Vec<_>>().iter().map(String::as_str))),
+        Column { drop: 3, ..Column::fixed("PRIORITY", 8) },
+    ];
+    let widths = fit(&columns, available);
+    let bar = widths[4].is_some_and(|w| w > columns[4].min);
     let mut rows = Vec::new();
     for p in processes {
         for d in &p.devices {
-            let group = group_row(&p.group, d.device);
-            let share = group.and_then(|g| g.share);
-            // The limit that binds the process: its own cap inside the group if lower.
-            let limit = [d.limit, group.and_then(|g| g.limit)].into_iter().flatten().min();
-            rows.push(Row::new(vec![
+            let share = group_row(&p.group, d.device).and_then(|g| g.share);
+            let cells = vec![
                 Cell::from(p.pid.to_string()),
-                Cell::from(p.name.clone()),
-                Cell::from(p.group.clone()),
+                Cell::from(fit_name(&p.name, widths[1].unwrap_or(name_want))),
+                Cell::from(fit_name(&p.group, widths[2].unwrap_or(group_want))),
                 Cell::from(d.device.to_string()),
-                Cell::from(memory(d.used, limit)),
+                Cell::from(memory(d.used, binding(p, d), bar)),
                 Cell::from(share.map_or("-".into(), |s| format!("{s}%"))),
                 achieved(share, d.achieved_share),
                 Cell::from(pct(v.throttled_pct.get(&RowKey::Process(p.pid, d.device)).copied())),
                 Cell::from(d.refusals.to_string()),
                 priority(p.priority),
-            ]));
+            ];
+            rows.push(Row::new(kept(cells, &widths)));
         }
     }
-    let widths = [
-        Constraint::Length(8),
-        Constraint::Length(20),
-        Constraint::Length(24),
-        Constraint::Length(3),
-        Constraint::Length(BAR as u16 + 24),
-        Constraint::Length(5),
-        Constraint::Length(8),
-        Constraint::Length(9),
-        Constraint::Length(5),
-        Constraint::Fill(1),
-    ];
-    Table::new(rows, widths)
-        .header(header(&["PID", "NAME", "GROUP", "DEV", "MEMORY USED / LIMIT", "SHARE", "ACHIEVED", "THROTTLED", "OOM", "PRIORITY"]))
+    Table::new(rows, widths.iter().flatten().map(|&w| Constraint::Length(w)))
+        .header(header(&kept(columns.iter().map(|c| c.header).collect(), &widths)))
         .block(Block::bordered().title(" Processes (limit: the group's, or the process's own cap if lower; share: the group's) "))
 }
 
@@ -353,7 +457,11 @@ mod tests {
     }
 
     fn screen(v: &View) -> String {
-        let mut t = Terminal::new(TestBackend::new(140, 14)).unwrap();
+        screen_of(v, 140)
+    }
+
+    fn screen_of(v: &View, width: u16) -> String {
+        let mut t = Terminal::new(TestBackend::new(width, 16)).unwrap();
         t.draw(|f| draw(f, v)).unwrap();
         let buffer = t.backend().buffer();
         let mut text = String::new();
@@ -390,5 +498,41 @@ mod tests {
         let s = screen(&v);
         assert!(s.contains("controller not reachable: no gpuslice controller at /nonexistent/gpuslice.sock"), "{s}");
         assert!(s.contains("python3"), "{s}");
+    }
+
+    /// Two pods whose names differ only at the end, as Kubernetes names them.
+    fn pods() -> Listing {
+        let mut l = listing(0);
+        let mut other = l.groups[0].clone();
+        l.groups[0].name = "default/inference-5d8f7c9b6d-x2x7q".into();
+        other.name = "default/inference-5d8f7c9b6d-k9m2p".into();
+        other.members = vec![4343];
+        l.groups.push(other);
+        let mut p = l.processes[0].clone();
+        l.processes[0].group = "default/inference-5d8f7c9b6d-x2x7q".into();
+        p.pid = 4343;
+        p.group = "default/inference-5d8f7c9b6d-k9m2p".into();
+        l.processes.push(p);
+        l
+    }
+
+    #[test]
+    fn long_group_names_stay_whole_when_they_fit_and_distinct_when_they_do_not() {
+        let mut v = View::new("/tmp/s", Duration::from_millis(500));
+        v.take(pods(), Instant::now());
+        let wide = screen_of(&v, 200);
+        for name in ["default/inference-5d8f7c9b6d-x2x7q", "default/inference-5d8f7c9b6d-k9m2p"] {
+            assert_eq!(wide.matches(name).count(), 2, "{name} whole in both tables at 200 columns:\n{wide}");
+        }
+        let narrow = screen_of(&v, 80);
+        for tail in ["x2x7q", "k9m2p"] {
+            assert_eq!(narrow.matches(tail).count(), 2, "the end of each name stays at 80 columns:\n{narrow}");
+        }
+        let rows: Vec<&str> = narrow.lines().filter(|l| l.contains("x2x7q") || l.contains("k9m2p")).collect();
+        assert_eq!(rows.len(), 4, "{narrow}");
+        for row in rows {
+            assert!(row.contains("3.00 GiB / 4.00 GiB"), "the memory figures stay at 80 columns: {row}\n{narrow}");
+            assert!(row.chars().count() <= 80, "{row}");
+        }
     }
 }

@@ -52,10 +52,10 @@ preload=$(env -u GPUSLICE_LIB -u LD_PRELOAD "$p/bin/gpuslice" run -- printenv LD
 check "install: gpuslice run preloads PREFIX/lib/libgpuslice.so ($preload)" [ "$(realpath "$preload")" = "$(realpath "$p/lib/libgpuslice.so")" ]
 # The example config parses as shipped (all commented: no limits) and with every example line
 # uncommented, so that what it suggests is valid.
-check "install: the example config parses as shipped" bash -c '[ "$(env -i "$1" check-config "$2")" = "no limits" ]' _ "$p/bin/gpuslice" "$p/share/gpuslice/config.toml"
+check "install: the example config parses as shipped" bash -c '[ "$(env -i "$1" check-config "$2" | tail -1)" = "a process started here gets: no limits" ]' _ "$p/bin/gpuslice" "$p/share/gpuslice/config.toml"
 sed -E 's/^# ?(\[|[a-z_]+ = )/\1/' "$p/share/gpuslice/config.toml" >"$tmp/uncommented.toml"
 described=$(env -i "$p/bin/gpuslice" check-config "$tmp/uncommented.toml" 2>&1 || true)
-check "install: the example config's commented lines parse ($described)" grep -q '^memory 16.00 GiB on every device' <<<"$described"
+check "install: the example config's commented lines parse ($described)" grep -q '^a process started here gets: memory 16.00 GiB on every device' <<<"$described"
 "$make" --no-print-directory uninstall DESTDIR="$root" PREFIX=/usr/local >/dev/null
 left=$(find "$root" -type f)
 check "uninstall: removes every installed file${left:+ (left: $left)}" [ -z "$left" ]

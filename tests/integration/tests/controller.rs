@@ -49,7 +49,7 @@ fn race(n: usize, limit: u64, chunk: u64, by_config: bool) {
         sim.controller_with_config(&format!("[groups.race]\nmemory_limit = \"{}MiB\"\n", limit / MIB))
     } else {
         let c = sim.controller();
-        c.set_ok(&format!("--group race --memory {limit}"));
+        c.set_ok(&format!("--create --group race --memory {limit}"));
         c
     };
     // The group exists before any member (no device rows yet: no device has been seen).
@@ -131,7 +131,7 @@ fn a_member_killed_mid_allocation_is_taken_out_within_a_second() {
     let _t = shared();
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok("--group kill --memory 8GiB");
+    ctl.set_ok("--create --group kill --memory 8GiB");
     let done = path(&sim, "done");
     let never = path(&sim, "never");
     let survivors: Vec<Running> = [(Route::Link, 100 * MIB), (Route::Procaddr, 200 * MIB)]
@@ -182,7 +182,7 @@ fn memory_limits_edited_live() {
     let _t = shared();
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok("--group edit --memory 1GiB");
+    ctl.set_ok("--create --group edit --memory 1GiB");
     let (f1, f2) = (path(&sim, "f1"), path(&sim, "f2"));
     let c = sim
         .client(Route::Link)
@@ -198,7 +198,7 @@ fn memory_limits_edited_live() {
     assert_eq!(l.group_used("edit", 0), R + 512 * MIB, "{l}");
 
     let before = monotonic_ns();
-    ctl.set_ok("--group edit --memory 2GiB");
+    ctl.set_ok("--create --group edit --memory 2GiB");
     let after = monotonic_ns();
     let line = c.wait_line("allocwait", 0);
     expect_ok(&line);
@@ -213,7 +213,7 @@ fn memory_limits_edited_live() {
     assert_eq!(l.group_used("edit", 0), R + GIB, "{l}");
 
     // Lower it under what the group holds: nothing is taken away, nothing is killed.
-    ctl.set_ok("--group edit --memory 768MiB");
+    ctl.set_ok("--create --group edit --memory 768MiB");
     let l = ctl.ls();
     assert_eq!(l.group_limit("edit", 0), Some(768 * MIB), "{l}");
     assert_eq!(l.group_used("edit", 0), R + GIB, "existing allocations stay:\n{l}");
@@ -290,7 +290,7 @@ fn controller_killed_and_restarted_under_load() {
     let _t = shared();
     let sim = sim();
     let mut ctl = sim.controller();
-    ctl.set_ok("--group ha --memory 2GiB");
+    ctl.set_ok("--create --group ha --memory 2GiB");
     let [stop, never, down, up, done] = ["stop", "never", "down", "up", "done"].map(|n| path(&sim, n));
     let join = |route: Route, script: String| sim.client(route).shim().controller(&ctl).group("ha").args(&script).spawn();
     let a = join(Route::Link, format!("init ctx 0 alloc 256M churn 4M {stop} waitfile {done}"));
@@ -415,7 +415,7 @@ fn other_users_may_read_but_not_edit() {
     // The socket's directory must be reachable for uid 65534 (a temporary directory is 0700).
     std::fs::set_permissions(sim.dir(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let ctl = sim.controller();
-    ctl.set_ok("--group team --memory 1GiB");
+    ctl.set_ok("--create --group team --memory 1GiB");
     let done = path(&sim, "done");
     let c = sim.client(Route::Link).shim().controller(&ctl).group("team").args(&format!("init ctx 0 waitfile {done}")).spawn();
     expect_ok(&c.wait_line("ctx", 0));
@@ -539,7 +539,7 @@ fn idle_connections_do_not_keep_processes_out_of_their_group() {
     let _t = shared();
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok("--group g --memory 1GiB");
+    ctl.set_ok("--create --group g --memory 1GiB");
     let idle: Vec<std::os::unix::net::UnixStream> = (0..3).map(|_| std::os::unix::net::UnixStream::connect(ctl.socket()).expect("connect")).collect();
     let out = sim.client(Route::Link).shim().controller(&ctl).group("g").args("init ctx 0 alloc 600M alloc 600M").run();
     drop(idle);
@@ -558,7 +558,7 @@ fn a_forked_child_counts_in_its_own_slot() {
     let _t = shared();
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok("--group fam --memory 1GiB");
+    ctl.set_ok("--create --group fam --memory 1GiB");
     let done = path(&sim, "done");
     let c = sim
         .client(Route::Link)

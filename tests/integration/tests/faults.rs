@@ -178,8 +178,8 @@ fn clients_killed_at_random_points_of_storms_leave_exact_books() {
     let mut rng = Rng::new("kill -9 storm");
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok("--group plain --memory 3GiB");
-    ctl.set_ok("--group paced --memory 3GiB --sm 80");
+    ctl.set_ok("--create --group plain --memory 3GiB");
+    ctl.set_ok("--create --group paced --memory 3GiB --sm 80");
     let done = path(&sim, "done");
     let never = path(&sim, "never");
     let survivors: Vec<(Running, &str, u64)> = [("plain", 100 * MIB), ("paced", 200 * MIB)]
@@ -293,7 +293,7 @@ fn controller_killed_at_random_points_adopts_exact_books() {
     let mut rng = Rng::new("controller kill -9");
     let sim = sim();
     let mut ctl = sim.controller();
-    ctl.set_ok("--group ha --memory 4GiB");
+    ctl.set_ok("--create --group ha --memory 4GiB");
     let done = path(&sim, "done");
     let mut members: Vec<Member> = Vec::new();
     let mut joined = 0;
@@ -420,7 +420,7 @@ fn controller_killed_at_random_points_adopts_exact_books() {
 fn an_exec_under_the_shim_registers_afresh_and_frees_the_old_image() {
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok("--group ex --memory 1GiB");
+    ctl.set_ok("--create --group ex --memory 1GiB");
     let done = path(&sim, "done");
     let next = client_path(Route::Procaddr).display().to_string();
     let c = sim
@@ -470,8 +470,8 @@ fn fork_while_threads_storm_the_shim() {
     const FORKS: u64 = 40;
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok("--group high --memory 2GiB --sm 80");
-    ctl.set_ok("--group normal --memory 2GiB");
+    ctl.set_ok("--create --group high --memory 2GiB --sm 80");
+    ctl.set_ok("--create --group normal --memory 2GiB");
     let done = path(&sim, "done");
     let parents: Vec<(Running, &str)> = [("high", "high"), ("normal", "normal")]
         .into_iter()
@@ -535,7 +535,7 @@ fn sixty_four_threads_allocate_free_and_launch_under_one_limit() {
     let chunk = 3 * MIB + 4096;
     let sim = sim();
     let ctl = sim.controller();
-    ctl.set_ok(&format!("--group many --memory {limit}"));
+    ctl.set_ok(&format!("--create --group many --memory {limit}"));
     let (held, done) = (path(&sim, "held"), path(&sim, "done"));
     let c = sim
         .client(Route::Procaddr)

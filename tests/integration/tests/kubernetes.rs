@@ -97,7 +97,7 @@ fn a_process_in_its_own_pid_namespace_is_watched_by_its_node_pid() {
     let sim = Sim::new().env("SIMCUDA_CTX_RESERVE", R);
     let ctl = sim.controller();
     let pod = "default/inference-5d8f7c9b6d-x2x7q";
-    ctl.set_ok(&format!("--group {pod} --memory 1GiB"));
+    ctl.set_ok(&format!("--create --group {pod} --memory 1GiB"));
     let done = sim.path("done");
     let unshare = sim
         .program("unshare")

@@ -220,7 +220,7 @@ fn metrics_agree_with_the_ledger() {
     let port = free_port();
     let ctl = sim.controller_with_args(&["--metrics", &format!("127.0.0.1:{port}")]);
     assert!(ctl.log().contains(&format!("metrics at http://127.0.0.1:{port}/metrics")), "{}", ctl.log());
-    ctl.set_ok("--group scraped --memory 512MiB --sm 50 --priority high");
+    ctl.set_ok("--create --group scraped --memory 512MiB --sm 50 --priority high");
     let done = sim.path("done").display().to_string();
     // 1200 kernels of 500 µs: 600 ms of device time, about 1.2 s at a 50% share.
     let worker = sim.client(Route::Link).shim().controller(&ctl).group("scraped").args(&format!("init ctx 0 alloc 200M launch 1200 500000 sync waitfile {done}")).spawn();
