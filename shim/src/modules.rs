@@ -1,0 +1,284 @@
+//! Module and library loads: the device memory the driver takes for a module's code and its
+//! `__device__` data, measured around the load and charged to the quota like an allocation.
+//!
+//! No argument of `cuModuleLoad*` / `cuLibraryLoad*` says how many bytes the driver will take
+//! (a 256 MiB `__device__` array is one line of the image), so the hook measures: the device's
+//! real free memory (`cuMemGetInfo_v2` of the real driver) before and after the load, less what
+//! this process's own allocations moved in between. A load that does not fit is unloaded again
+//! and refused with `CUDA_ERROR_OUT_OF_MEMORY`; an unload gives the bytes back.
+//!
+//! Loads of one process are measured one at a time (a lock: loads are rare and slow anyway), so
+//! two loads never count each other's bytes. Allocations and frees of other threads are not
+//! serialised (that would put a lock on the hot path): their bytes are taken out of the
+//! measurement through the tracking tables, exact once they are recorded. What another process
+//! allocates or frees during the few milliseconds of a load moves the measurement by that much
+//! (the residual race; the controller's NVML cross-check bounds it, see LD_PRELOAD.md).
+//!
+//! Lazy loading (`CUDA_MODULE_LOADING=LAZY`, the default since CUDA 12.2) defers loading a
+//! module's *kernels* to `cuModuleGetFunction`; its data segments (the `__device__` arrays) are
+//! placed by `cuModuleLoad*` itself (on the H200 the ten 256 MiB loads took their memory
+//! at load time under the default mode). Kernel code loaded later, and a *library* loaded with no
+//! current context or lazily into a context at its first launch, is not measured here: it is
+//! caught by the re-measurement near the limit (`context::true_up`, NVML's per-process figure)
+//! and by the controller's cross-check.
+
+use crate::alloc_table::{AllocTable, Entry};
+use crate::budget;
+use crate::driver::{call_real, driver};
+use crate::ffi::*;
+use crate::memory::{self, Operation};
+use crate::{guard, locks, runtime};
+use gpuslice_common::size::format_size;
+use once_cell::sync::Lazy;
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::Mutex;
+
+/// `CUmodule` and `CUlibrary`: opaque driver handles.
+type CUmodule = *mut c_void;
+type CUlibrary = *mut c_void;
+
+/// Loaded modules, by `CUmodule`.
+static MODULES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+/// Loaded libraries, by `CUlibrary`.
+static LIBRARIES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+/// One load measured at a time in this process.
+static LOADING: Mutex<()> = Mutex::new(());
+
+/// Bytes held by loaded modules and libraries on `device` (part of what the process holds
+/// through the shim, so that `true_up` does not count them again as overhead).
+pub fn tracked_bytes(device: i32) -> u64 {
+    MODULES.bytes_on(device) + LIBRARIES.bytes_on(device)
+}
+
+/// Forgets every module and library charged on `device` (its primary context was reset).
+pub fn forget_device(device: i32) -> u64 {
+    MODULES.drain_device(device) + LIBRARIES.drain_device(device)
+}
+
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    h.take(&LOADING, |_| {});
+    MODULES.hold_for_fork(h);
+    LIBRARIES.hold_for_fork(h);
+}
+
+/// The device's real free bytes and what this process's allocations hold on it.
+fn snapshot(device: CUdevice) -> Option<(u64, u64)> {
+    let (mut free, mut total) = (0usize, 0usize);
+    if call_real!(cuMemGetInfo_v2(&mut free, &mut total)) != CUDA_SUCCESS {
+        return None;
+    }
+    Some((free as u64, memory::tracked_bytes(device)))
+}
+
+/// What a load took, from the snapshots before and after: the drop in free memory less the
+/// growth of this process's own allocations in between (a free in between adds back).
+pub fn load_delta(before: (u64, u64), after: (u64, u64)) -> u64 {
+    let dropped = before.0 as i128 - after.0 as i128;
+    let allocated = after.1 as i128 - before.1 as i128;
+    (dropped - allocated).max(0) as u64
+}
+
+/// Runs `load`, measures it, and charges what it took; unloads and refuses when that does not
+/// fit. `load` returns the driver's code and the handle (read only on success).
+fn measured(
+    table: &AllocTable,
+    what: &'static str,
+    handle_out: *mut *mut c_void,
+    load: impl FnOnce() -> CuResult,
+    unload: impl FnOnce(*mut c_void) -> CuResult,
+) -> CuResult {
+    if runtime::refused() {
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    let device = driver().and_then(|d| d.current_device());
+    let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else { return load() };
+    let _serial = locks::lock(&LOADING);
+    let _op = Operation::begin();
+    let before = snapshot(device);
+    let code = load();
+    if code != CUDA_SUCCESS || handle_out.is_null() {
+        return code;
+    }
+    // SAFETY: the driver just wrote the handle.
+    let handle = unsafe { *handle_out };
+    let (Some(before), Some(after)) = (before, snapshot(device)) else { return code };
+    let bytes = load_delta(before, after);
+    guard::test_panic_stage(what, "loaded");
+    match budget.try_charge(bytes) {
+        Ok(()) => {
+            table.insert(handle as u64, Entry { device, bytes });
+            if bytes > 0 {
+                tracing::debug!("{what} on device {device} took {} ({bytes} B); counted against the quota", format_size(bytes));
+            }
+            code
+        }
+        Err(refusal) => {
+            let undone = unload(handle);
+            // SAFETY: the caller's out-pointer; the handle it held is no longer valid.
+            unsafe { *handle_out = std::ptr::null_mut() };
+            memory::report_refusal(what, device, bytes, refusal);
+            if undone != CUDA_SUCCESS {
+                tracing::warn!("{what}: unloading the refused load failed with CUresult {undone}; the driver may still hold its memory");
+            }
+            CUDA_ERROR_OUT_OF_MEMORY
+        }
+    }
+}
+
+/// Removes the record of `handle`, runs `unload`, and gives the bytes back if it worked.
+fn unloaded(table: &AllocTable, handle: *mut c_void, unload: impl FnOnce() -> CuResult) -> CuResult {
+    let _op = Operation::begin();
+    let entry = table.remove(handle as u64);
+    let code = unload();
+    if let Some(entry) = entry {
+        if code == CUDA_SUCCESS {
+            if let Some(b) = budget::of(entry.device) {
+                b.uncharge(entry.bytes);
+            }
+        } else {
+            table.insert(handle as u64, entry);
+        }
+    }
+    code
+}
+
+fn module_unload(m: *mut c_void) -> CuResult {
+    call_real!(cuModuleUnload(m))
+}
+
+fn library_unload(l: *mut c_void) -> CuResult {
+    call_real!(cuLibraryUnload(l))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoad(module: *mut CUmodule, fname: *const c_char) -> CuResult {
+    guard::cuda("cuModuleLoad", || {
+        measured(&MODULES, "cuModuleLoad", module, || call_real!(cuModuleLoad(module, fname)), module_unload)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadData(module: *mut CUmodule, image: *const c_void) -> CuResult {
+    guard::cuda("cuModuleLoadData", || {
+        measured(&MODULES, "cuModuleLoadData", module, || call_real!(cuModuleLoadData(module, image)), module_unload)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadDataEx(
+    module: *mut CUmodule,
+    image: *const c_void,
+    num_options: c_uint,
+    options: *mut c_int,
+    option_values: *mut *mut c_void,
+) -> CuResult {
+    guard::cuda("cuModuleLoadDataEx", || {
+        measured(
+            &MODULES,
+            "cuModuleLoadDataEx",
+            module,
+            || call_real!(cuModuleLoadDataEx(module, image, num_options, options, option_values)),
+            module_unload,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut CUmodule, fat_cubin: *const c_void) -> CuResult {
+    guard::cuda("cuModuleLoadFatBinary", || {
+        measured(&MODULES, "cuModuleLoadFatBinary", module, || call_real!(cuModuleLoadFatBinary(module, fat_cubin)), module_unload)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuModuleUnload(module: CUmodule) -> CuResult {
+    guard::cuda("cuModuleUnload", || unloaded(&MODULES, module, || call_real!(cuModuleUnload(module))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLibraryLoadData(
+    library: *mut CUlibrary,
+    code: *const c_void,
+    jit_options: *mut c_int,
+    jit_option_values: *mut *mut c_void,
+    num_jit_options: c_uint,
+    library_options: *mut c_int,
+    library_option_values: *mut *mut c_void,
+    num_library_options: c_uint,
+) -> CuResult {
+    guard::cuda("cuLibraryLoadData", || {
+        measured(
+            &LIBRARIES,
+            "cuLibraryLoadData",
+            library,
+            || {
+                call_real!(cuLibraryLoadData(
+                    library,
+                    code,
+                    jit_options,
+                    jit_option_values,
+                    num_jit_options,
+                    library_options,
+                    library_option_values,
+                    num_library_options
+                ))
+            },
+            library_unload,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLibraryLoadFromFile(
+    library: *mut CUlibrary,
+    file_name: *const c_char,
+    jit_options: *mut c_int,
+    jit_option_values: *mut *mut c_void,
+    num_jit_options: c_uint,
+    library_options: *mut c_int,
+    library_option_values: *mut *mut c_void,
+    num_library_options: c_uint,
+) -> CuResult {
+    guard::cuda("cuLibraryLoadFromFile", || {
+        measured(
+            &LIBRARIES,
+            "cuLibraryLoadFromFile",
+            library,
+            || {
+                call_real!(cuLibraryLoadFromFile(
+                    library,
+                    file_name,
+                    jit_options,
+                    jit_option_values,
+                    num_jit_options,
+                    library_options,
+                    library_option_values,
+                    num_library_options
+                ))
+            },
+            library_unload,
+        )
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuLibraryUnload(library: CUlibrary) -> CuResult {
+    guard::cuda("cuLibraryUnload", || unloaded(&LIBRARIES, library, || call_real!(cuLibraryUnload(library))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::load_delta;
+
+    #[test]
+    fn a_load_is_the_drop_in_free_memory_less_own_allocations() {
+        // 256 MiB module, nothing else moved.
+        assert_eq!(load_delta((10 << 30, 0), ((10 << 30) - (256 << 20), 0)), 256 << 20);
+        // Another thread allocated 64 MiB meanwhile: not the module's.
+        assert_eq!(load_delta((10 << 30, 1 << 20), ((10 << 30) - (320 << 20), (65 << 20))), 256 << 20);
+        // Another thread freed 64 MiB meanwhile: free memory dropped by less than the module.
+        assert_eq!(load_delta((10 << 30, 64 << 20), ((10 << 30) - (192 << 20), 0)), 256 << 20);
+        // Another process freed more than the module took: never negative.
+        assert_eq!(load_delta((1 << 30, 0), (2 << 30, 0)), 0);
+    }
+}
