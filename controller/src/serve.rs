@@ -118,6 +118,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let mut last_tick = Instant::now();
     let mut last_sample = Instant::now();
+    let mut crosscheck = crate::crosscheck::CrossCheck::new();
     loop {
         let slots: Vec<(usize, RawFd)> = shared.lock().watched.iter().filter_map(|(&s, w)| Some((s, raw(&w.pidfd)?))).collect();
         let mut fds = vec![
@@ -159,6 +160,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
                 last_sample = Instant::now();
                 state.sample_shares();
             }
+            crosscheck.tick(&state.ledger);
         }
     }
     shared.lock().ledger.header().controller_pid.store(0, Relaxed);

@@ -497,6 +497,7 @@ impl State {
                 devices,
             });
         }
+        listing.underreporting = crate::crosscheck::findings(&self.ledger);
         listing
     }
 

@@ -13,7 +13,7 @@ use crate::{context, guard, runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
 use std::ffi::c_uint;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::{Relaxed, SeqCst}};
 
 /// Linear allocations (cuMemAlloc, pitch, managed, async, pools), by device pointer.
 pub(crate) static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
@@ -117,10 +117,36 @@ pub(crate) fn charged(
     std::mem::forget(reservation);
     if code == CUDA_SUCCESS {
         table.insert(key, Entry { device, bytes });
+        hide_from_report(budget, bytes);
     } else {
         budget.uncharge(bytes);
     }
     code
+}
+
+/// Test knob `GPUSLICE_TEST_UNDERREPORT_BYTES=N`: the first N bytes this process allocates are
+/// left out of its own report (its ledger slot), as a tenant that writes its slot could do
+/// anyway. It gives the process nothing it could not take by itself; CI and the GPU acceptance
+/// use it to check that the controller's cross-check catches a process that under-reports.
+static UNDERREPORT_LEFT: Lazy<AtomicU64> = Lazy::new(|| {
+    let bytes = std::env::var("GPUSLICE_TEST_UNDERREPORT_BYTES").ok().and_then(|v| gpuslice_common::size::parse_size(&v).ok()).unwrap_or(0);
+    if bytes > 0 {
+        tracing::warn!("GPUSLICE_TEST_UNDERREPORT_BYTES: this process leaves {} of its allocations out of its report (a test of the controller's cross-check)", format_size(bytes));
+    }
+    AtomicU64::new(bytes)
+});
+
+#[inline]
+fn hide_from_report(budget: Budget, bytes: u64) {
+    if UNDERREPORT_LEFT.load(Relaxed) == 0 {
+        return;
+    }
+    let mut hidden = 0;
+    let _ = UNDERREPORT_LEFT.fetch_update(SeqCst, Relaxed, |left| {
+        hidden = left.min(bytes);
+        Some(left - hidden)
+    });
+    budget.uncharge(hidden);
 }
 
 /// Bytes reserved for an allocation the driver has not answered yet; given back if the hook
