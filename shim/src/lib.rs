@@ -24,6 +24,7 @@ mod link;
 mod locks;
 mod legacy;
 mod memory;
+mod module_image;
 mod modules;
 mod mps;
 mod nvml;

@@ -14,6 +14,11 @@
 //! allocates or frees during the few milliseconds of a load moves the measurement by that much
 //! (the residual race; the controller's NVML cross-check bounds it, see LD_PRELOAD.md).
 //!
+//! Before the load, the image's declared `__device__` data is read (`module_image`: a cubin's
+//! `.nv.global*` sections, PTX `.global` arrays) and reserved: a load that cannot fit is refused
+//! without touching the device, and the charge is the larger of the declared and the measured
+//! bytes, so data the driver places lazily is counted from the load on.
+//!
 //! Lazy loading (`CUDA_MODULE_LOADING=LAZY`, the default since CUDA 12.2) defers loading a
 //! module's *kernels* to `cuModuleGetFunction`; its data segments (the `__device__` arrays) are
 //! placed by `cuModuleLoad*` itself (on the H200 the ten 256 MiB loads took their memory
@@ -27,10 +32,10 @@ use crate::budget;
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::memory::{self, Operation};
-use crate::{guard, locks, runtime};
+use crate::{guard, locks, module_image, runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
-use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::Mutex;
 
 /// `CUmodule` and `CUlibrary`: opaque driver handles.
@@ -78,12 +83,14 @@ pub fn load_delta(before: (u64, u64), after: (u64, u64)) -> u64 {
     (dropped - allocated).max(0) as u64
 }
 
-/// Runs `load`, measures it, and charges what it took; unloads and refuses when that does not
-/// fit. `load` returns the driver's code and the handle (read only on success).
+/// Runs `load`, measures it, and charges what it took (at least what the image declares);
+/// refuses without loading when the declared bytes do not fit, and unloads and refuses when
+/// the measured ones do not. `load` returns the driver's code and writes the handle.
 fn measured(
     table: &AllocTable,
     what: &'static str,
     handle_out: *mut *mut c_void,
+    declared: impl FnOnce() -> u64,
     load: impl FnOnce() -> CuResult,
     unload: impl FnOnce(*mut c_void) -> CuResult,
 ) -> CuResult {
@@ -92,19 +99,29 @@ fn measured(
     }
     let device = driver().and_then(|d| d.current_device());
     let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else { return load() };
+    let declared = declared();
     let _serial = locks::lock(&LOADING);
     let _op = Operation::begin();
+    if let Err(refusal) = budget.try_charge(declared) {
+        memory::report_refusal(what, device, declared, refusal);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     let before = snapshot(device);
     let code = load();
     if code != CUDA_SUCCESS || handle_out.is_null() {
+        budget.uncharge(declared);
         return code;
     }
     // SAFETY: the driver just wrote the handle.
     let handle = unsafe { *handle_out };
-    let (Some(before), Some(after)) = (before, snapshot(device)) else { return code };
-    let bytes = load_delta(before, after);
+    let measured = match (before, snapshot(device)) {
+        (Some(before), Some(after)) => load_delta(before, after),
+        _ => 0,
+    };
+    // The declared bytes stay charged even when the driver has not placed them yet (lazy).
+    let bytes = measured.max(declared);
     guard::test_panic_stage(what, "loaded");
-    match budget.try_charge(bytes) {
+    match budget.try_charge(bytes - declared) {
         Ok(()) => {
             table.insert(handle as u64, Entry { device, bytes });
             if bytes > 0 {
@@ -113,6 +130,7 @@ fn measured(
             code
         }
         Err(refusal) => {
+            budget.uncharge(declared);
             let undone = unload(handle);
             // SAFETY: the caller's out-pointer; the handle it held is no longer valid.
             unsafe { *handle_out = std::ptr::null_mut() };
@@ -153,14 +171,16 @@ fn library_unload(l: *mut c_void) -> CuResult {
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoad(module: *mut CUmodule, fname: *const c_char) -> CuResult {
     guard::cuda("cuModuleLoad", || {
-        measured(&MODULES, "cuModuleLoad", module, || call_real!(cuModuleLoad(module, fname)), module_unload)
+        let declared = || if fname.is_null() { 0 } else { module_image::declared_in_file(unsafe { CStr::from_ptr(fname) }) };
+        measured(&MODULES, "cuModuleLoad", module, declared, || call_real!(cuModuleLoad(module, fname)), module_unload)
     })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadData(module: *mut CUmodule, image: *const c_void) -> CuResult {
     guard::cuda("cuModuleLoadData", || {
-        measured(&MODULES, "cuModuleLoadData", module, || call_real!(cuModuleLoadData(module, image)), module_unload)
+        let declared = || unsafe { module_image::declared_in_memory(image.cast()) };
+        measured(&MODULES, "cuModuleLoadData", module, declared, || call_real!(cuModuleLoadData(module, image)), module_unload)
     })
 }
 
@@ -177,6 +197,7 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
             &MODULES,
             "cuModuleLoadDataEx",
             module,
+            || unsafe { module_image::declared_in_memory(image.cast()) },
             || call_real!(cuModuleLoadDataEx(module, image, num_options, options, option_values)),
             module_unload,
         )
@@ -186,7 +207,7 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut CUmodule, fat_cubin: *const c_void) -> CuResult {
     guard::cuda("cuModuleLoadFatBinary", || {
-        measured(&MODULES, "cuModuleLoadFatBinary", module, || call_real!(cuModuleLoadFatBinary(module, fat_cubin)), module_unload)
+        measured(&MODULES, "cuModuleLoadFatBinary", module, || 0, || call_real!(cuModuleLoadFatBinary(module, fat_cubin)), module_unload)
     })
 }
 
@@ -211,6 +232,7 @@ pub unsafe extern "C" fn cuLibraryLoadData(
             &LIBRARIES,
             "cuLibraryLoadData",
             library,
+            || unsafe { module_image::declared_in_memory(code.cast()) },
             || {
                 call_real!(cuLibraryLoadData(
                     library,
@@ -244,6 +266,7 @@ pub unsafe extern "C" fn cuLibraryLoadFromFile(
             &LIBRARIES,
             "cuLibraryLoadFromFile",
             library,
+            || if file_name.is_null() { 0 } else { module_image::declared_in_file(unsafe { CStr::from_ptr(file_name) }) },
             || {
                 call_real!(cuLibraryLoadFromFile(
                     library,

@@ -453,7 +453,7 @@ static const struct cmdspec CMDS[] = {
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
-    {"modload", "sn"},    {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
+    {"modload", "sn"},    {"ptxload", "n"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
     {"image", "sn"},      {"v1alloc", "n"},      {"v1pitch", "nnn"},     {"v1free", "x"},
     {"v1info", ""},       {"v1total", "n"},      {"v1array", "nn"},      {"v1array3d", "nnn"},
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
@@ -1272,6 +1272,17 @@ static void run(const char *cmd, char **a) {
             printf("err modload code=-1 how=%s\n", a[0]);
             return;
         }
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "ptxload")) {
+        /* ptxload BYTES: cuModuleLoadData of PTX text declaring a BYTES-byte __device__ array
+         * (the simulated driver takes SIMCUDA_MODULE_BYTES for it, like a lazy driver) */
+        NEED(cuModuleLoadData);
+        char ptx[256];
+        snprintf(ptx, sizeof ptx,
+                 ".version 8.0\n.target sm_90\n.address_size 64\n\n.global .align 1 .b8 big[%llu];\n",
+                 num(a[0]));
+        struct obj o = {K_MODULE, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuModuleLoadData(&o.handle, ptx));
         print_alloc(cmd, o);
     } else if (!strcmp(cmd, "modfile")) {
         NEED(cuModuleLoad);

@@ -89,6 +89,27 @@ fn library_and_file_loads_are_counted_and_returned() {
 }
 
 #[test]
+fn declared_device_data_is_charged_before_the_driver_places_it() {
+    // PTX declaring a __device__ array: the simulated driver takes nothing at load time (as a
+    // driver placing data lazily would); the shim charges the declared bytes from the load on,
+    // and refuses a load whose declaration does not fit without loading it.
+    let sim = sim();
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .env("GPUSLICE_MEMORY_LIMIT", "1GiB")
+        .args("init ctx 0 ptxload 256M info nvmlprocs 0 ptxload 700M info nvmlprocs 0 free 1 info")
+        .run();
+    out.expect_ok(2);
+    assert_eq!(counted(&out, 0), R + 256 * MIB, "{out}");
+    assert_eq!(out.nth_u64("nvmlprocs", 0, "self"), R, "{out}");
+    out.expect_err(5, 2);
+    assert!(out.stderr.contains("cuModuleLoadData refused on device 0: request 700.0 MiB"), "{}", out.stderr);
+    assert_eq!(counted(&out, 1), R + 256 * MIB, "{out}");
+    assert_eq!(counted(&out, 2), R, "{out}");
+}
+
+#[test]
 fn legacy_entry_points_are_counted_like_v2() {
     for route in Route::ALL {
         let sim = sim();
