@@ -453,7 +453,7 @@ static const struct cmdspec CMDS[] = {
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
-    {"modload", "sn"},    {"ptxload", "n"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
+    {"modload", "sn"},    {"ptxload", "n"},      {"modimage", "s"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
     {"image", "sn"},      {"v1alloc", "n"},      {"v1pitch", "nnn"},     {"v1free", "x"},
     {"v1info", ""},       {"v1total", "n"},      {"v1array", "nn"},      {"v1array3d", "nnn"},
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
@@ -1283,6 +1283,33 @@ static void run(const char *cmd, char **a) {
                  num(a[0]));
         struct obj o = {K_MODULE, 0, NULL, 0, num(a[0]), 0};
         CHECK(p_cuModuleLoadData(&o.handle, ptx));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "modimage")) {
+        /* modimage PATH: read an image file (cubin, PTX, ...) and cuModuleLoadData it */
+        NEED(cuModuleLoadData);
+        FILE *f = fopen(a[0], "rb");
+        if (!f) {
+            printf("err modimage code=-1 path=%s\n", a[0]);
+            return;
+        }
+        fseek(f, 0, SEEK_END);
+        long n = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        char *image = calloc(1, (size_t)(n > 0 ? n : 0) + 1); /* NUL-terminated, for PTX */
+        size_t got = image ? fread(image, 1, (size_t)(n > 0 ? n : 0), f) : 0;
+        fclose(f);
+        if (!image || (long)got != n) {
+            free(image);
+            printf("err modimage code=-1 path=%s\n", a[0]);
+            return;
+        }
+        struct obj o = {K_MODULE, 0, NULL, 0, 0, 0};
+        CUresult r = p_cuModuleLoadData(&o.handle, image);
+        free(image); /* the driver has its own copy once the load returns */
+        if (r != 0) {
+            printf("err modimage code=%d\n", r);
+            return;
+        }
         print_alloc(cmd, o);
     } else if (!strcmp(cmd, "modfile")) {
         NEED(cuModuleLoad);
