@@ -225,6 +225,15 @@ def main():
         case_crosscheck(args, nvml)
     except Exception as e:  # a setup problem of (b) is a FAIL row, not a crash without a table
         record("b", "cross-check", "FAIL", f"{type(e).__name__}: {e}")
+    if args.dry_run:
+        # The shim's turn page of the simulated device (made by the runs without a controller):
+        # its UUID is new for every simulated machine, so nothing else would ever reuse it.
+        uuid = ctypes.create_string_buffer(96)
+        if nvml.lib.nvmlDeviceGetUUID(nvml.handle, uuid, 96) == 0:
+            try:
+                os.unlink(f"/dev/shm/gpuslice-board5-{os.getuid()}-{uuid.value.decode()}")
+            except OSError:
+                pass
     log(f"done in {time.monotonic() - t0:.0f} s")
     print(f"\n{'ID':<3} {'RESULT':<6} {"CHECK":<62} FIGURES")
     for case, name, verdict, figures in RESULTS:
