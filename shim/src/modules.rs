@@ -2,17 +2,19 @@
 //! `__device__` data, measured around the load and charged to the quota like an allocation.
 //!
 //! No argument of `cuModuleLoad*` / `cuLibraryLoad*` says how many bytes the driver will take
-//! (a 256 MiB `__device__` array is one line of the image), so the hook measures: the device's
-//! real free memory (`cuMemGetInfo_v2` of the real driver) before and after the load, less what
-//! this process's own allocations moved in between. A load that does not fit is unloaded again
+//! (a 256 MiB `__device__` array is one line of the image), so the hook measures before and
+//! after the load: NVML's figure for this process when NVML lists it (other processes cannot
+//! move it), else the device's real free memory (`cuMemGetInfo_v2` of the real driver), less
+//! what this process's own allocations moved in between. A load that does not fit is unloaded again
 //! and refused with `CUDA_ERROR_OUT_OF_MEMORY`; an unload gives the bytes back.
 //!
 //! Loads of one process are measured one at a time (a lock: loads are rare and slow anyway), so
 //! two loads never count each other's bytes. Allocations and frees of other threads are not
 //! serialised (that would put a lock on the hot path): their bytes are taken out of the
-//! measurement through the tracking tables, exact once they are recorded. What another process
-//! allocates or frees during the few milliseconds of a load moves the measurement by that much
-//! (the residual race; the controller's NVML cross-check bounds it, see LD_PRELOAD.md).
+//! measurement through the tracking tables, exact once they are recorded. Without NVML's
+//! per-process figure (another pid namespace), what another process allocates or frees during
+//! the few milliseconds of a load moves the measurement by that much (the residual race; the
+//! controller's NVML cross-check bounds it, see LD_PRELOAD.md).
 //!
 //! Before the load, the image's declared `__device__` data is read (`module_image`: a cubin's
 //! `.nv.global*` sections, PTX `.global` arrays) and reserved: a load that cannot fit is refused
@@ -32,6 +34,7 @@ use crate::budget;
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::memory::{self, Operation};
+use crate::nvml::nvml;
 use crate::{guard, locks, module_image, runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
@@ -66,21 +69,37 @@ pub fn hold_for_fork(h: &mut crate::fork::Holder) {
     LIBRARIES.hold_for_fork(h);
 }
 
-/// The device's real free bytes and what this process's allocations hold on it.
-fn snapshot(device: CUdevice) -> Option<(u64, u64)> {
-    let (mut free, mut total) = (0usize, 0usize);
-    if call_real!(cuMemGetInfo_v2(&mut free, &mut total)) != CUDA_SUCCESS {
-        return None;
-    }
-    Some((free as u64, memory::tracked_bytes(device)))
+/// One reading around a load: what NVML says this process holds on the device (exact, when
+/// NVML lists it), the device's real free bytes, and what the process's allocations hold.
+struct Snapshot {
+    process: Option<u64>,
+    free: Option<u64>,
+    tracked: u64,
 }
 
-/// What a load took, from the snapshots before and after: the drop in free memory less the
-/// growth of this process's own allocations in between (a free in between adds back).
-pub fn load_delta(before: (u64, u64), after: (u64, u64)) -> u64 {
-    let dropped = before.0 as i128 - after.0 as i128;
-    let allocated = after.1 as i128 - before.1 as i128;
-    (dropped - allocated).max(0) as u64
+fn snapshot(device: CUdevice) -> Snapshot {
+    let process = nvml().and_then(|nv| nv.process_used(device)).map(|p| p.unwrap_or(0));
+    let (mut free, mut total) = (0usize, 0usize);
+    let free = (call_real!(cuMemGetInfo_v2(&mut free, &mut total)) == CUDA_SUCCESS).then_some(free as u64);
+    Snapshot { process, free, tracked: memory::tracked_bytes(device) }
+}
+
+/// What a load took: the growth of NVML's figure for this process when it has one before and
+/// after (other processes cannot move it), else the drop in the device's free memory (which
+/// they can: the residual race); less the growth of this process's own allocations meanwhile.
+fn measure(before: &Snapshot, after: &Snapshot) -> u64 {
+    let allocated = after.tracked as i128 - before.tracked as i128;
+    match (before.process, after.process, before.free, after.free) {
+        (Some(b), Some(a), _, _) => load_delta(a as i128 - b as i128, allocated),
+        (_, _, Some(b), Some(a)) => load_delta(b as i128 - a as i128, allocated),
+        _ => 0,
+    }
+}
+
+/// The bytes a load took, from the growth of what was held (`grew`) less the growth of this
+/// process's own allocations in between (a free in between adds back); never negative.
+pub fn load_delta(grew: i128, allocated: i128) -> u64 {
+    (grew - allocated).clamp(0, u64::MAX as i128) as u64
 }
 
 /// Runs `load`, measures it, and charges what it took (at least what the image declares);
@@ -114,10 +133,7 @@ fn measured(
     }
     // SAFETY: the driver just wrote the handle.
     let handle = unsafe { *handle_out };
-    let measured = match (before, snapshot(device)) {
-        (Some(before), Some(after)) => load_delta(before, after),
-        _ => 0,
-    };
+    let measured = measure(&before, &snapshot(device));
     // The declared bytes stay charged even when the driver has not placed them yet (lazy).
     let bytes = measured.max(declared);
     match budget.try_charge(bytes - declared) {
@@ -290,17 +306,28 @@ pub unsafe extern "C" fn cuLibraryUnload(library: CUlibrary) -> CuResult {
 
 #[cfg(test)]
 mod tests {
-    use super::load_delta;
+    use super::{measure, Snapshot};
+
+    fn at(process: Option<u64>, free: Option<u64>, tracked: u64) -> Snapshot {
+        Snapshot { process, free, tracked }
+    }
 
     #[test]
-    fn a_load_is_the_drop_in_free_memory_less_own_allocations() {
-        // 256 MiB module, nothing else moved.
-        assert_eq!(load_delta((10 << 30, 0), ((10 << 30) - (256 << 20), 0)), 256 << 20);
+    fn a_load_is_what_was_taken_less_own_allocations() {
+        const G: u64 = 1 << 30;
+        const M: u64 = 1 << 20;
+        // A 256 MiB module, nothing else moved: NVML's figure, or the free memory.
+        assert_eq!(measure(&at(Some(G), Some(10 * G), 0), &at(Some(G + 256 * M), Some(10 * G - 256 * M), 0)), 256 * M);
+        assert_eq!(measure(&at(None, Some(10 * G), 0), &at(None, Some(10 * G - 256 * M), 0)), 256 * M);
+        // Another process allocated 3 MiB meanwhile: NVML's per-process figure does not see it.
+        assert_eq!(measure(&at(Some(G), Some(10 * G), 0), &at(Some(G + 256 * M), Some(10 * G - 259 * M), 0)), 256 * M);
         // Another thread allocated 64 MiB meanwhile: not the module's.
-        assert_eq!(load_delta((10 << 30, 1 << 20), ((10 << 30) - (320 << 20), (65 << 20))), 256 << 20);
+        assert_eq!(measure(&at(None, Some(10 * G), M), &at(None, Some(10 * G - 320 * M), 65 * M)), 256 * M);
         // Another thread freed 64 MiB meanwhile: free memory dropped by less than the module.
-        assert_eq!(load_delta((10 << 30, 64 << 20), ((10 << 30) - (192 << 20), 0)), 256 << 20);
+        assert_eq!(measure(&at(Some(G), None, 64 * M), &at(Some(G + 192 * M), None, 0)), 256 * M);
         // Another process freed more than the module took: never negative.
-        assert_eq!(load_delta((1 << 30, 0), (2 << 30, 0)), 0);
+        assert_eq!(measure(&at(None, Some(G), 0), &at(None, Some(2 * G), 0)), 0);
+        // Nothing to measure with.
+        assert_eq!(measure(&at(None, None, 0), &at(None, None, 0)), 0);
     }
 }
