@@ -50,10 +50,11 @@ impl CrossCheck {
         CrossCheck { nvml: None, tried: false, last: None, short: HashMap::new() }
     }
 
-    /// Runs a check if one is due.
-    pub fn tick(&mut self, ledger: &Ledger) {
+    /// First step of a check, under the state's lock: `None` unless one is due; else the
+    /// devices to ask NVML about and every live process's report now.
+    pub fn begin(&mut self, ledger: &Ledger) -> Option<Plan> {
         if self.last.is_some_and(|t| t.elapsed() < EVERY) {
-            return;
+            return None;
         }
         self.last = Some(Instant::now());
         if !self.tried {
@@ -63,14 +64,21 @@ impl CrossCheck {
                 Err(e) => tracing::warn!("NVML is not available ({e}): processes' reports are not cross-checked against the driver"),
             }
         }
-        let Some(nvml) = &self.nvml else { return };
-        let procs: Vec<usize> = ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).map(|(i, _)| i).collect();
-        let devices: Vec<usize> = (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE).collect();
-        let reported = |i: usize, d: usize| ledger.process(i).devices[d].used.load(SeqCst);
-        let before: HashMap<(usize, usize), u64> = procs.iter().flat_map(|&i| devices.iter().map(move |&d| ((i, d), reported(i, d)))).collect();
-        let mut held: HashMap<usize, HashMap<u32, u64>> = HashMap::new();
-        for &d in &devices {
-            let uuid = ledger.device(d).uuid();
+        self.nvml.as_ref()?;
+        let procs: Vec<(usize, u64)> =
+            ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).map(|(i, p)| (i, p.generation.load(Acquire))).collect();
+        let devices: Vec<(usize, String)> =
+            (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE).map(|d| (d, ledger.device(d).uuid())).collect();
+        let before = procs.iter().flat_map(|&(i, _)| devices.iter().map(move |&(d, _)| ((i, d), ledger.process(i).devices[d].used.load(SeqCst)))).collect();
+        Some(Plan { procs, devices, before })
+    }
+
+    /// Second step, without the lock (NVML can take milliseconds): what the driver says each
+    /// pid holds, per ledger device.
+    pub fn measure(&self, plan: &Plan) -> HashMap<usize, HashMap<u32, u64>> {
+        let mut held = HashMap::new();
+        let Some(nvml) = &self.nvml else { return held };
+        for (d, uuid) in &plan.devices {
             let Ok(device) = nvml.device_by_uuid(uuid.as_str()) else { continue };
             let Ok(list) = device.running_compute_processes() else { continue };
             let by_pid = list
@@ -80,18 +88,25 @@ impl CrossCheck {
                     UsedGpuMemory::Unavailable => None,
                 })
                 .collect();
-            held.insert(d, by_pid);
+            held.insert(*d, by_pid);
         }
+        held
+    }
+
+    /// Last step, under the lock again: charges or lifts each process's penalty.
+    pub fn finish(&mut self, ledger: &Ledger, plan: Plan, held: HashMap<usize, HashMap<u32, u64>>) {
         let mut seen = HashMap::new();
-        for &i in &procs {
+        for &(i, generation) in &plan.procs {
             let p = ledger.process(i);
-            let generation = p.generation.load(Acquire);
+            if p.state.load(Acquire) != LIVE || p.generation.load(Acquire) != generation {
+                continue; // Released (and perhaps reused) meanwhile.
+            }
             let Some(group) = group_of(ledger, p) else { continue };
             let pid = p.pid.load(Acquire);
-            for &d in &devices {
+            for &(d, _) in &plan.devices {
                 // A device NVML could not be asked about keeps its penalty as it was.
                 let Some(by_pid) = held.get(&d) else { continue };
-                let report = before[&(i, d)].max(reported(i, d));
+                let report = plan.before[&(i, d)].max(p.devices[d].used.load(SeqCst));
                 let measured = by_pid.get(&pid).copied().unwrap_or(0);
                 let key = (i, generation, d);
                 let penalty = &p.devices[d].penalty;
@@ -123,6 +138,15 @@ impl CrossCheck {
         }
         self.short = seen;
     }
+}
+
+/// What a check reads under the lock before asking NVML.
+pub struct Plan {
+    /// Live process slots and their generations.
+    procs: Vec<(usize, u64)>,
+    devices: Vec<(usize, String)>,
+    /// (process slot, device) → its report before NVML was asked.
+    before: HashMap<(usize, usize), u64>,
 }
 
 /// The process's group, if its slot names a valid one (the slot is shared memory: checked).

@@ -160,7 +160,12 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
                 last_sample = Instant::now();
                 state.sample_shares();
             }
-            crosscheck.tick(&state.ledger);
+            let plan = crosscheck.begin(&state.ledger);
+            drop(state);
+            if let Some(plan) = plan {
+                let held = crosscheck.measure(&plan);
+                crosscheck.finish(&shared.lock().ledger, plan, held);
+            }
         }
     }
     shared.lock().ledger.header().controller_pid.store(0, Relaxed);
