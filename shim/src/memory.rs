@@ -196,7 +196,16 @@ pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: 
         ),
         (Scope::Group, _) => format!("used {} ({} B), limit {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
     };
-    let line = format!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
+    // The controller's cross-check may have charged this process the driver's figure.
+    let penalty = crate::link::get()
+        .and_then(|l| Some(l.process.devices[l.index(device)?].penalty.load(std::sync::atomic::Ordering::Relaxed)))
+        .unwrap_or(0);
+    let charged = if penalty > 0 && refusal.scope == Scope::Group {
+        format!(" (of which {} the controller charged because the driver shows this process holding more than it reports)", format_size(penalty))
+    } else {
+        String::new()
+    };
+    let line = format!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}{charged}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
     match REFUSAL_LOG.admit(crate::refusal_log::now_ns()) {
         crate::refusal_log::Verdict::Log { unlogged: 0, .. } => tracing::warn!("{line}"),
         crate::refusal_log::Verdict::Log { unlogged, since_ns } => tracing::warn!(

@@ -15,14 +15,14 @@ fn an_underreporting_process_is_charged_nvmls_figure_and_refused_beyond_its_limi
     let ctl = sim.controller();
     ctl.set_ok(&format!("--group liars --memory {}", GIB));
     ctl.set_ok(&format!("--group honest --memory {}", GIB));
-    let go = sim.path_str("go");
+    let (go, agreed) = (sim.path_str("go"), sim.path_str("agreed"));
     let liar = sim
         .client(Route::Dlsym)
         .shim()
         .controller(&ctl)
         .group("liars")
         .env("GPUSLICE_TEST_UNDERREPORT_BYTES", "512MiB")
-        .args(&format!("init ctx 0 alloc 800M nvmlprocs 0 waitfile {go} alloc 300M alloc 100M"))
+        .args(&format!("init ctx 0 alloc 800M nvmlprocs 0 waitfile {go} alloc 300M alloc 100M freeall waitfile {agreed}"))
         .spawn();
     let honest = sim
         .client(Route::Procaddr)
@@ -58,12 +58,20 @@ fn an_underreporting_process_is_charged_nvmls_figure_and_refused_beyond_its_limi
     assert!(ctl.log().contains(&format!("pid {pid} (group \"liars\") reports")), "{}", ctl.log());
 
     touch(&go);
+    expect_ok(&liar.wait_line("freeall", 0));
+    // It freed everything: its report (clamped at zero) and the driver (its context) agree
+    // again within the tolerance, and the extra charge is lifted while it runs.
+    let (l, _) = ctl.ls_until("the charge is lifted", Duration::from_secs(20), |l| !flagged(l));
+    assert_eq!(l.group_used("liars", 0), l.process_used(pid, 0), "{l}");
+    assert!(ctl.log().contains(&format!("pid {pid}: its report on device 0 agrees with the driver again")), "{}", ctl.log());
+    touch(&agreed);
     let out = liar.wait();
     // 300 MiB more would pass on the report (352 + 300 MiB); on the driver's figure it is
     // 864 + 300 MiB > 1 GiB: refused, while 100 MiB still fits.
     let i = out.lines.iter().position(|l| l.starts_with("ok waitfile")).expect("waitfile") + 1;
     out.expect_err(i, 2);
     out.expect_ok(i + 1);
+    assert!(out.stderr.contains("of which 512.0 MiB the controller charged"), "the refusal says why:\n{}", out.stderr);
     let honest = honest.wait();
     honest.assert_all_ok();
     // Both gone: the extra charge goes with the process.
