@@ -56,6 +56,13 @@ pub fn quiet_mark() -> Option<u64> {
     (v & 0xffff_ffff == 0).then_some(v)
 }
 
+/// A mark of the operations so far when exactly `own` are under way (the caller's own): equal
+/// marks before and after a reading mean no other operation was under way or happened meanwhile.
+pub fn quiet_mark_but(own: u64) -> Option<u64> {
+    let v = OPERATIONS.load(SeqCst);
+    (v & 0xffff_ffff == own).then_some(v)
+}
+
 /// In a forked child: the parent's operations under way are not the child's.
 pub fn forget_in_child() {
     OPERATIONS.store(0, SeqCst);

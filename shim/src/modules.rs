@@ -10,8 +10,9 @@
 //!
 //! Loads of one process are measured one at a time (a lock: loads are rare and slow anyway), so
 //! two loads never count each other's bytes. Allocations and frees of other threads are not
-//! serialised (that would put a lock on the hot path): their bytes are taken out of the
-//! measurement through the tracking tables, exact once they are recorded. Without NVML's
+//! serialised (that would put a lock on the hot path): each reading is taken at a moment when
+//! none of them is half done (`memory::quiet_mark_but`, as `context::true_up` does), and what
+//! they completed between the readings is taken out through the tracking tables. Without NVML's
 //! per-process figure (another pid namespace), what another process allocates or frees during
 //! the few milliseconds of a load moves the measurement by that much (the residual race; the
 //! controller's NVML cross-check bounds it, see LD_PRELOAD.md).
@@ -77,11 +78,31 @@ struct Snapshot {
     tracked: u64,
 }
 
-fn snapshot(device: CUdevice) -> Snapshot {
+fn read(device: CUdevice) -> Snapshot {
     let process = nvml().and_then(|nv| nv.process_used(device)).map(|p| p.unwrap_or(0));
     let (mut free, mut total) = (0usize, 0usize);
     let free = (call_real!(cuMemGetInfo_v2(&mut free, &mut total)) == CUDA_SUCCESS).then_some(free as u64);
     Snapshot { process, free, tracked: memory::tracked_bytes(device) }
+}
+
+/// A reading taken while no other allocation or free of this process is half done (the load's
+/// own operation is the one under way): an allocation the driver has made and the tables not
+/// yet recorded would otherwise count as the module's. Retried for up to 50 ms; a process that
+/// never pauses gets the last reading.
+fn snapshot(device: CUdevice) -> Snapshot {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
+    loop {
+        if let Some(mark) = memory::quiet_mark_but(1) {
+            let s = read(device);
+            if memory::quiet_mark_but(1) == Some(mark) {
+                return s;
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return read(device);
+        }
+        std::thread::yield_now();
+    }
 }
 
 /// What a load took: the growth of NVML's figure for this process when it has one before and

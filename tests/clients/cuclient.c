@@ -453,7 +453,7 @@ static const struct cmdspec CMDS[] = {
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
-    {"modload", "sn"},    {"ptxload", "n"},      {"modimage", "s"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
+    {"modthreads", "nnn"}, {"modload", "sn"},    {"ptxload", "n"},      {"modimage", "s"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
     {"image", "sn"},      {"v1alloc", "n"},      {"v1pitch", "nnn"},     {"v1free", "x"},
     {"v1info", ""},       {"v1total", "n"},      {"v1array", "nn"},      {"v1array3d", "nnn"},
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
@@ -609,6 +609,47 @@ static void *thread_main(void *p) {
         a->failures++;
     } else {
         struct obj o = {K_ALLOC, d, NULL, 0, a->size, 0};
+        add_obj(o);
+    }
+    return NULL;
+}
+
+/* modthreads: even threads load N modules of BYTES each (kept), odd threads allocate and free
+ * N times (one allocation kept at the end), all at once. */
+struct modthread_arg {
+    unsigned long long rounds, bytes, index;
+    int failures;
+};
+
+static void *modthread_main(void *p) {
+    struct modthread_arg *a = p;
+    if (p_cuCtxSetCurrent(g_ctx) != 0) {
+        a->failures++;
+        return NULL;
+    }
+    char image[64];
+    snprintf(image, sizeof image, "SIMMODULE %llu", a->bytes);
+    CUdeviceptr kept = 0;
+    for (unsigned long long i = 0; i < a->rounds; i++) {
+        if (a->index % 2 == 0) {
+            struct obj o = {K_MODULE, 0, NULL, 0, a->bytes, 0};
+            if (p_cuModuleLoadData(&o.handle, image) != 0) {
+                a->failures++;
+                continue;
+            }
+            add_obj(o);
+        } else {
+            CUdeviceptr d = 0;
+            if (p_cuMemAlloc(&d, (a->index + 1) * 65536 + i * 4096) != 0) {
+                a->failures++;
+                continue;
+            }
+            if (kept && p_cuMemFree(kept) != 0) a->failures++;
+            kept = d;
+        }
+    }
+    if (kept) {
+        struct obj o = {K_ALLOC, kept, NULL, 0, 0, 0};
         add_obj(o);
     }
     return NULL;
@@ -1144,6 +1185,28 @@ static void run(const char *cmd, char **a) {
         free(th);
         free(args);
         printf("ok threads failures=%d\n", failures);
+    } else if (!strcmp(cmd, "modthreads")) {
+        NEED(cuModuleLoadData);
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        NEED(cuCtxSetCurrent);
+        unsigned long long t = num(a[0]);
+        pthread_t *th = calloc(t, sizeof *th);
+        struct modthread_arg *args = calloc(t, sizeof *args);
+        for (unsigned long long i = 0; i < t; i++) {
+            args[i].rounds = num(a[1]);
+            args[i].bytes = num(a[2]);
+            args[i].index = i;
+            pthread_create(&th[i], NULL, modthread_main, &args[i]);
+        }
+        int failures = 0;
+        for (unsigned long long i = 0; i < t; i++) {
+            pthread_join(th[i], NULL);
+            failures += args[i].failures;
+        }
+        free(th);
+        free(args);
+        printf("ok modthreads failures=%d\n", failures);
     } else if (!strcmp(cmd, "plaunch")) {
         /* plaunch T N NS: T threads, each on its own stream, N kernels of NS ns each. */
         NEED(cuStreamCreate);

@@ -65,6 +65,28 @@ fn module_heavy_process_stays_within_its_quota_on_every_route() {
 }
 
 #[test]
+fn loads_measured_while_other_threads_allocate_are_exact() {
+    // Four threads load 2 MiB modules while four others allocate and free: each load must be
+    // charged its own 2 MiB, never the neighbours' allocations.
+    for round in 0..3 {
+        let sim = sim();
+        let out = sim
+            .client(Route::Procaddr)
+            .shim()
+            .env("GPUSLICE_MEMORY_LIMIT", "2GiB")
+            .args("init ctx 0 modthreads 8 25 2M info nvmlprocs 0 freeall info nvmlprocs 0")
+            .run();
+        out.assert_all_ok();
+        assert_eq!(out.get("modthreads", "failures").as_deref(), Some("0"), "{out}");
+        let held = out.nth_u64("nvmlprocs", 0, "self");
+        assert_eq!(counted(&out, 0), held, "round {round}: the shim's count is the device's: {out}");
+        assert_eq!(held - R, 4 * 25 * 2 * MIB + (2..=8).step_by(2).map(|i| i * 65536 + 24 * 4096).sum::<u64>(), "{out}");
+        assert_eq!(counted(&out, 1), R, "round {round}: {out}");
+        assert_eq!(out.nth_u64("nvmlprocs", 1, "self"), R, "{out}");
+    }
+}
+
+#[test]
 fn library_and_file_loads_are_counted_and_returned() {
     let sim = sim();
     let image = sim.path_str("big.cubin");
