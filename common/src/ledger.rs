@@ -250,7 +250,10 @@ pub struct ProcessDevice {
     pub throttled_ns: AtomicU64,
     pub refusals: AtomicU64,
     pub peak_used: AtomicU64,
-    pub _reserved: AtomicU64,
+    /// Bytes the controller charges to the group on top of `used`, because the driver (NVML)
+    /// shows this process holding more than it reports (see the controller's `crosscheck`).
+    /// Written by the controller only; counted in the group's `used` and by `reconcile`.
+    pub penalty: AtomicU64,
 }
 
 #[repr(C)]
@@ -865,7 +868,10 @@ impl GroupSlot {
             }
         }
         for (d, gd) in self.devices.iter().enumerate() {
-            let sum: u64 = live.iter().map(|p| p.devices[d].used.load(SeqCst)).fold(0, u64::saturating_add);
+            let sum: u64 = live
+                .iter()
+                .map(|p| p.devices[d].used.load(SeqCst).saturating_add(p.devices[d].penalty.load(SeqCst)))
+                .fold(0, u64::saturating_add);
             gd.used.store(sum, SeqCst);
         }
         self.reconciling.store(0, SeqCst);
@@ -919,7 +925,7 @@ impl ProcessSlot {
         write_text(&self.name, "");
         for d in &self.devices {
             d.limit.store(UNLIMITED, Relaxed);
-            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used] {
+            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used, &d.penalty] {
                 c.store(0, Relaxed);
             }
         }
@@ -1043,6 +1049,19 @@ impl ProcessSlot {
     pub fn add_overhead(&self, group: &GroupSlot, device: usize, bytes: u64) {
         self.devices[device].overhead.fetch_add(bytes, AcqRel);
         self.charge(group, device, bytes);
+    }
+
+    /// Sets the controller's penalty on `device` (the cross-check), moving the group's `used`
+    /// by the difference. Only the controller calls this.
+    pub fn set_penalty(&self, group: &GroupSlot, device: usize, bytes: u64) {
+        let old = self.devices[device].penalty.swap(bytes, AcqRel);
+        let gd = &group.devices[device];
+        if bytes >= old {
+            let total = gd.used.fetch_add(bytes - old, SeqCst) + (bytes - old);
+            raise_peak(&gd.peak_used, total);
+        } else {
+            let _ = gd.used.fetch_update(SeqCst, Relaxed, |u| Some(u.saturating_sub(old - bytes)));
+        }
     }
 
     pub fn remove_overhead(&self, group: &GroupSlot, device: usize, bytes: u64) {

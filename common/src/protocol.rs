@@ -144,6 +144,26 @@ pub struct Assignment {
 pub struct Listing {
     pub groups: Vec<GroupRow>,
     pub processes: Vec<ProcessRow>,
+    /// Processes the controller caught holding more than they report (the NVML cross-check).
+    #[serde(default)]
+    pub underreporting: Vec<UnderReportRow>,
+}
+
+/// A process whose own report is below what the driver (NVML) says it holds, by more than the
+/// cross-check's tolerance: its group is charged the difference (`charged`), so that the
+/// group's `used` counts NVML's figure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnderReportRow {
+    pub pid: u32,
+    pub group: String,
+    pub device: u32,
+    pub uuid: String,
+    /// What the process reports (its slot's `used`).
+    pub reported: u64,
+    /// What NVML showed at the last check: `reported + charged`.
+    pub measured: u64,
+    /// Bytes charged to the group on top of the report.
+    pub charged: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -209,6 +209,21 @@ pub fn render(l: &Listing) -> String {
             ));
         }
     }
+    if !l.underreporting.is_empty() {
+        out.push_str("\nUNDER-REPORTING (the driver shows more than the process reports; its group is charged the driver's figure)\n");
+        out.push_str(&format!("{:>8} {:<20} {:>3} {:>12} {:>12} {:>12}\n", "PID", "GROUP", "DEV", "REPORTED", "NVML", "CHARGED"));
+        for u in &l.underreporting {
+            out.push_str(&format!(
+                "{:>8} {:<20} {:>3} {:>12} {:>12} {:>12}\n",
+                u.pid,
+                u.group,
+                u.device,
+                format_size(u.reported),
+                format_size(u.measured),
+                format!("+{}", format_size(u.charged))
+            ));
+        }
+    }
     out
 }
 

@@ -1,6 +1,7 @@
 //! `gpuslice`: the controller daemon (`serve`) and the command-line tool around it.
 
 mod client;
+mod crosscheck;
 mod http;
 mod metrics;
 mod run;

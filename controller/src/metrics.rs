@@ -168,14 +168,27 @@ fn processes(f: &mut Families, l: &Listing) -> std::fmt::Result {
     f.gauge("process_sm_share_achieved", "Share of the device's time charged to the process over the last second.", ratio(), rows().filter_map(|(k, _, d)| Some((k, d.achieved_share? / 100.0))))?;
     f.counter("process_throttle_wait", "Time the process's launchers waited: for their group's share, or behind a high-priority process.", Some(Unit::Seconds), rows().map(|(k, _, d)| (k, seconds(d.throttled_ns))))?;
     f.counter("process_oom_refusals", "The process's allocations refused at a limit.", None, rows().map(|(k, _, d)| (k, d.refusals)))?;
-    f.gauge("process_priority", "The process's priority (its own, else its group's): 1 low, 2 normal, 3 high.", None, l.processes.iter().map(|p| (process_labels(p), p.priority as u32)))
+    f.gauge("process_priority", "The process's priority (its own, else its group's): 1 low, 2 normal, 3 high.", None, l.processes.iter().map(|p| (process_labels(p), p.priority as u32)))?;
+    let underreporting = || {
+        l.underreporting.iter().map(|u| {
+            let name = l.processes.iter().find(|p| p.pid == u.pid).map(|p| p.name.clone()).unwrap_or_default();
+            let k = vec![("pid", u.pid.to_string()), ("name", name), ("group", u.group.clone()), ("device", u.device.to_string()), ("uuid", u.uuid.clone())];
+            (k, u)
+        })
+    };
+    f.gauge(
+        "process_memory_underreported",
+        "Bytes the driver (NVML) shows the process holding beyond its own report, charged to its group by the cross-check (absent: none).",
+        Some(Unit::Bytes),
+        underreporting().map(|(k, u)| (k, u.charged)),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use gpuslice_common::ledger::Priority;
-    use gpuslice_common::protocol::{GroupDeviceRow, GroupRow, ProcessDeviceRow};
+    use gpuslice_common::protocol::{GroupDeviceRow, GroupRow, ProcessDeviceRow, UnderReportRow};
 
     fn listing() -> Listing {
         Listing {
@@ -217,7 +230,23 @@ mod tests {
                     refusals: 2,
                 }],
             }],
+            underreporting: vec![UnderReportRow {
+                pid: 42,
+                group: "team \"a\"".into(),
+                device: 0,
+                uuid: "GPU-x".into(),
+                reported: 3 << 30,
+                measured: (3 << 30) + (1 << 28),
+                charged: 1 << 28,
+            }],
         }
+    }
+
+    #[test]
+    fn an_underreporting_process_is_a_sample() {
+        let text = render(Snapshot { health: Health::default(), listing: Some(listing()) });
+        let want = r#"gpuslice_process_memory_underreported_bytes{pid="42",name="python3",group="team \"a\"",device="0",uuid="GPU-x"} 268435456"#;
+        assert!(text.lines().any(|l| l == want), "{want}\nnot in\n{text}");
     }
 
     #[test]

@@ -122,6 +122,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let mut last_tick = Instant::now();
     let mut last_sample = Instant::now();
+    let mut crosscheck = crate::crosscheck::CrossCheck::new();
     loop {
         let slots: Vec<(usize, RawFd)> = shared.lock().watched.iter().filter_map(|(&s, w)| Some((s, raw(&w.pidfd)?))).collect();
         let mut fds = vec![
@@ -162,6 +163,12 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             if last_sample.elapsed() >= Duration::from_secs(1) {
                 last_sample = Instant::now();
                 state.sample_shares();
+            }
+            let plan = crosscheck.begin(&state.ledger);
+            drop(state);
+            if let Some(plan) = plan {
+                let held = crosscheck.measure(&plan);
+                crosscheck.finish(&shared.lock().ledger, plan, held);
             }
         }
     }

@@ -559,6 +559,7 @@ impl State {
                 devices,
             });
         }
+        listing.underreporting = crate::crosscheck::findings(&self.ledger);
         listing
     }
 

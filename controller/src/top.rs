@@ -453,6 +453,7 @@ mod tests {
         Listing {
             groups: vec![GroupRow { name: "trainers".into(), slot: 0, members: vec![4242], priority: Priority::High, devices: vec![gd] }],
             processes: vec![ProcessRow { pid: 4242, own_pid: 1, uid: 0, group: "trainers".into(), name: "python3".into(), priority: Priority::High, devices: vec![pd] }],
+            underreporting: vec![],
         }
     }
 

@@ -250,3 +250,55 @@ pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CuResult {
         code
     })
 }
+
+// The pre-`_v2` context entry points (same ABI; see `legacy`): counted like the `_v2` ones.
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate(pctx: *mut CUcontext, flags: c_uint, device: CUdevice) -> CuResult {
+    guard::cuda("cuCtxCreate", || created(pctx, device, || call_real!(cuCtxCreate(pctx, flags, device))))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxDestroy(ctx: CUcontext) -> CuResult {
+    guard::cuda("cuCtxDestroy", || {
+        let _op = memory::Operation::begin();
+        let code = call_real!(cuCtxDestroy(ctx));
+        if code == CUDA_SUCCESS {
+            let entry = locks::lock(&CREATED).as_mut().and_then(|m| m.remove(&(ctx as usize)));
+            if let Some((device, reserve)) = entry {
+                if let Some(b) = budget::of(device) {
+                    b.remove_overhead(reserve);
+                }
+            }
+        }
+        code
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease(device: CUdevice) -> CuResult {
+    guard::cuda("cuDevicePrimaryCtxRelease", || {
+        let _op = memory::Operation::begin();
+        let code = call_real!(cuDevicePrimaryCtxRelease(device));
+        if code == CUDA_SUCCESS {
+            primary_gone(device);
+        }
+        code
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxReset(device: CUdevice) -> CuResult {
+    guard::cuda("cuDevicePrimaryCtxReset", || {
+        let _op = memory::Operation::begin();
+        let code = call_real!(cuDevicePrimaryCtxReset(device));
+        if code == CUDA_SUCCESS {
+            let freed = memory::forget_device(device);
+            if let Some(b) = budget::of(device) {
+                b.uncharge(freed);
+            }
+            primary_gone(device);
+        }
+        code
+    })
+}

@@ -1,35 +1,43 @@
 //! The dynamic loader underneath the shim: the real `dlsym`, and opening the real libraries.
 //!
-//! The shim exports its own `dlsym`, so every `dlsym` the shim itself (or any crate it uses)
-//! makes lands in its own hook first. The hook forwards to the real one found here through
-//! `dlvsym`, which the shim does not interpose, so nothing recurses.
+//! The shim exports its own `dlsym` and `dlvsym`, so every `dlsym`/`dlvsym` the shim itself (or
+//! any crate it uses) makes lands in its own hooks first. The hooks forward to the real ones,
+//! found here in the C library's symbol table (`elf_symbols`) rather than through either call,
+//! so nothing recurses.
 
 use once_cell::sync::OnceCell;
 use std::ffi::{c_char, c_void, CStr};
 
 pub type DlsymFn = unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void;
+pub type DlvsymFn = unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char) -> *mut c_void;
 
 static REAL_DLSYM: OnceCell<DlsymFn> = OnceCell::new();
+static REAL_DLVSYM: OnceCell<DlvsymFn> = OnceCell::new();
 
-/// glibc's `dlsym`. Aborts with a message if it cannot be found, since without it no symbol
-/// lookup in the process could work at all (gpuslice needs glibc).
+/// The C library's function `name`. Aborts with a message if it cannot be found, since without
+/// it no symbol lookup in the process could work at all (gpuslice needs glibc).
+fn libc_function(name: &CStr) -> usize {
+    if let Some(address) = crate::elf_symbols::libc_symbol(name) {
+        return address;
+    }
+    let msg = b"gpuslice: fatal: cannot find glibc's dlsym/dlvsym in libc.so.6 or libdl.so.2; gpuslice needs glibc\n";
+    // SAFETY: writing a constant buffer to fd 2.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::abort();
+    }
+}
+
+/// glibc's `dlsym`.
 pub fn real_dlsym() -> DlsymFn {
-    *REAL_DLSYM.get_or_init(|| {
-        for version in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"] {
-            // SAFETY: dlvsym with constant C strings; RTLD_NEXT from this object finds libc's.
-            let p = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
-            if !p.is_null() {
-                // SAFETY: the symbol is glibc's dlsym, whose ABI is DlsymFn.
-                return unsafe { std::mem::transmute::<*mut c_void, DlsymFn>(p) };
-            }
-        }
-        let msg = b"gpuslice: fatal: cannot find glibc's dlsym through dlvsym; gpuslice needs glibc\n";
-        // SAFETY: writing a constant buffer to fd 2.
-        unsafe {
-            libc::write(2, msg.as_ptr().cast(), msg.len());
-            libc::abort();
-        }
-    })
+    // SAFETY: the symbol is glibc's dlsym, whose ABI is DlsymFn.
+    *REAL_DLSYM.get_or_init(|| unsafe { std::mem::transmute::<usize, DlsymFn>(libc_function(c"dlsym")) })
+}
+
+/// glibc's `dlvsym`.
+pub fn real_dlvsym() -> DlvsymFn {
+    // SAFETY: the symbol is glibc's dlvsym, whose ABI is DlvsymFn.
+    *REAL_DLVSYM.get_or_init(|| unsafe { std::mem::transmute::<usize, DlvsymFn>(libc_function(c"dlvsym")) })
 }
 
 /// An opened shared library whose symbols are looked up with the real `dlsym`.

@@ -73,6 +73,27 @@ real_functions! {
     cuMipmappedArrayCreate(*mut CUmipmappedArray, *const Array3dDescriptor, c_uint);
     cuArrayDestroy(CUarray);
     cuMipmappedArrayDestroy(CUmipmappedArray);
+    cuModuleLoad(*mut *mut c_void, *const c_char);
+    cuModuleLoadData(*mut *mut c_void, *const c_void);
+    cuModuleLoadDataEx(*mut *mut c_void, *const c_void, c_uint, *mut c_int, *mut *mut c_void);
+    cuModuleLoadFatBinary(*mut *mut c_void, *const c_void);
+    cuModuleUnload(*mut c_void);
+    cuLibraryLoadData(*mut *mut c_void, *const c_void, *mut c_int, *mut *mut c_void, c_uint, *mut c_int, *mut *mut c_void, c_uint);
+    cuLibraryLoadFromFile(*mut *mut c_void, *const c_char, *mut c_int, *mut *mut c_void, c_uint, *mut c_int, *mut *mut c_void, c_uint);
+    cuLibraryUnload(*mut c_void);
+    // The 32-bit-era entry points (before CUDA 3.2's `_v2`): device pointers and sizes are
+    // `unsigned int`.
+    cuMemAlloc(*mut c_uint, c_uint);
+    cuMemAllocPitch(*mut c_uint, *mut c_uint, c_uint, c_uint, c_uint);
+    cuMemFree(c_uint);
+    cuMemGetInfo(*mut c_uint, *mut c_uint);
+    cuDeviceTotalMem(*mut c_uint, CUdevice);
+    cuArrayCreate(*mut CUarray, *const crate::legacy::ArrayDescriptorV1);
+    cuArray3DCreate(*mut CUarray, *const crate::legacy::Array3dDescriptorV1);
+    cuCtxCreate(*mut CUcontext, c_uint, CUdevice);
+    cuCtxDestroy(CUcontext);
+    cuDevicePrimaryCtxRelease(CUdevice);
+    cuDevicePrimaryCtxReset(CUdevice);
     cuCtxGetCurrent(*mut CUcontext);
     cuCtxSetCurrent(CUcontext);
     cuThreadExchangeStreamCaptureMode(*mut c_int);

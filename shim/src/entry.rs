@@ -25,6 +25,23 @@ pub unsafe fn dlsym_hook(handle: *mut c_void, name: *const c_char) -> *mut c_voi
     })
 }
 
+/// The Rust half of the exported `dlvsym` (the trampoline has already handled `RTLD_NEXT`):
+/// a versioned lookup of a driver function gets the wrapper just as `dlsym` does (libcuda's
+/// symbols carry no version, so any version string finds them).
+pub unsafe fn dlvsym_hook(handle: *mut c_void, name: *const c_char, version: *const c_char) -> *mut c_void {
+    let real = dl::real_dlvsym();
+    // SAFETY: forwarding the caller's own arguments.
+    let found = unsafe { real(handle, name, version) };
+    if found.is_null() || name.is_null() {
+        return found;
+    }
+    guard::with_fallback("dlvsym", found, || {
+        // SAFETY: dlvsym's name is a C string, and the real dlvsym just accepted it.
+        let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
+        registry::wrapper_for_name(bytes).unwrap_or(found)
+    })
+}
+
 /// Replaces a real driver function in `*pfn` with its wrapper, when the shim has one.
 fn substitute(code: CuResult, pfn: *mut *mut c_void) -> CuResult {
     if code == CUDA_SUCCESS && !pfn.is_null() {

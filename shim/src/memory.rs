@@ -13,14 +13,14 @@ use crate::{context, guard, runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
 use std::ffi::c_uint;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, Ordering::{Relaxed, SeqCst}};
 
 /// Linear allocations (cuMemAlloc, pitch, managed, async, pools), by device pointer.
-static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+pub(crate) static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 /// Virtual memory management handles (cuMemCreate), by handle.
 static HANDLES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 /// CUDA arrays and mipmapped arrays, by handle.
-static ARRAYS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
+pub(crate) static ARRAYS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 
 /// Operations that change what the driver holds for this process, between their first step
 /// and their last (low 32 bits), and how many have ended (high 32 bits). `context::true_up`
@@ -56,6 +56,13 @@ pub fn quiet_mark() -> Option<u64> {
     (v & 0xffff_ffff == 0).then_some(v)
 }
 
+/// A mark of the operations so far when exactly `own` are under way (the caller's own): equal
+/// marks before and after a reading mean no other operation was under way or happened meanwhile.
+pub fn quiet_mark_but(own: u64) -> Option<u64> {
+    let v = OPERATIONS.load(SeqCst);
+    (v & 0xffff_ffff == own).then_some(v)
+}
+
 /// In a forked child: the parent's operations under way are not the child's.
 pub fn forget_in_child() {
     OPERATIONS.store(0, SeqCst);
@@ -66,23 +73,29 @@ pub fn hold_for_fork(h: &mut crate::fork::Holder) {
     for table in [&*POINTERS, &*HANDLES, &*ARRAYS] {
         table.hold_for_fork(h);
     }
+    crate::modules::hold_for_fork(h);
 }
 
-/// Bytes tracked on `device` across all allocation kinds.
-pub fn tracked_bytes(device: i32) -> u64 {
+/// Bytes tracked on `device` across all allocation kinds (without modules and libraries).
+pub fn allocated_bytes(device: i32) -> u64 {
     POINTERS.bytes_on(device) + HANDLES.bytes_on(device) + ARRAYS.bytes_on(device)
+}
+
+/// Bytes tracked on `device`: allocations, and modules and libraries loaded.
+pub fn tracked_bytes(device: i32) -> u64 {
+    allocated_bytes(device) + crate::modules::tracked_bytes(device)
 }
 
 /// Forgets every allocation on `device` (its primary context was reset, which frees them all).
 pub fn forget_device(device: i32) -> u64 {
-    POINTERS.drain_device(device) + HANDLES.drain_device(device) + ARRAYS.drain_device(device)
+    POINTERS.drain_device(device) + HANDLES.drain_device(device) + ARRAYS.drain_device(device) + crate::modules::forget_device(device)
 }
 
 /// Charges `bytes` on `device`, runs `allocate`, and records the key it returns.
 ///
 /// `allocate` returns the driver's code and the key of what it made (read only on success).
 #[inline]
-fn charged(
+pub(crate) fn charged(
     table: &AllocTable,
     device: Option<CUdevice>,
     bytes: u64,
@@ -111,10 +124,36 @@ fn charged(
     std::mem::forget(reservation);
     if code == CUDA_SUCCESS {
         table.insert(key, Entry { device, bytes });
+        hide_from_report(budget, bytes);
     } else {
         budget.uncharge(bytes);
     }
     code
+}
+
+/// Test knob `GPUSLICE_TEST_UNDERREPORT_BYTES=N`: the first N bytes this process allocates are
+/// left out of its own report (its ledger slot), as a tenant that writes its slot could do
+/// anyway. It gives the process nothing it could not take by itself; CI and the GPU acceptance
+/// use it to check that the controller's cross-check catches a process that under-reports.
+static UNDERREPORT_LEFT: Lazy<AtomicU64> = Lazy::new(|| {
+    let bytes = std::env::var("GPUSLICE_TEST_UNDERREPORT_BYTES").ok().and_then(|v| gpuslice_common::size::parse_size(&v).ok()).unwrap_or(0);
+    if bytes > 0 {
+        tracing::warn!("GPUSLICE_TEST_UNDERREPORT_BYTES: this process leaves {} of its allocations out of its report (a test of the controller's cross-check)", format_size(bytes));
+    }
+    AtomicU64::new(bytes)
+});
+
+#[inline]
+fn hide_from_report(budget: Budget, bytes: u64) {
+    if UNDERREPORT_LEFT.load(Relaxed) == 0 {
+        return;
+    }
+    let mut hidden = 0;
+    let _ = UNDERREPORT_LEFT.fetch_update(SeqCst, Relaxed, |left| {
+        hidden = left.min(bytes);
+        Some(left - hidden)
+    });
+    budget.uncharge(hidden);
 }
 
 /// Bytes reserved for an allocation the driver has not answered yet; given back if the hook
@@ -132,7 +171,7 @@ impl Drop for Reservation {
 
 /// Removes the record of `key`, runs `free`, and gives the bytes back if the driver freed it.
 #[inline]
-fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuResult) -> CuResult {
+pub(crate) fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuResult) -> CuResult {
     let _op = Operation::begin();
     let entry = table.remove(key);
     let code = free();
@@ -150,7 +189,7 @@ fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuResult) -> Cu
 }
 
 #[cold]
-fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
+pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
     let pid = std::process::id();
     let whose = match (refusal.scope, crate::link::get()) {
         (Scope::Process, _) => format!("this process's own cap: it holds {} ({} B) of {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
@@ -164,16 +203,36 @@ fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
         ),
         (Scope::Group, _) => format!("used {} ({} B), limit {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
     };
-    tracing::warn!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
+    // The controller's cross-check may have charged this process the driver's figure.
+    let penalty = crate::link::get()
+        .and_then(|l| Some(l.process.devices[l.index(device)?].penalty.load(std::sync::atomic::Ordering::Relaxed)))
+        .unwrap_or(0);
+    let charged = if penalty > 0 && refusal.scope == Scope::Group {
+        format!(" (of which {} the controller charged because the driver shows this process holding more than it reports)", format_size(penalty))
+    } else {
+        String::new()
+    };
+    let line = format!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}{charged}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
+    match REFUSAL_LOG.admit(crate::refusal_log::now_ns()) {
+        crate::refusal_log::Verdict::Log { unlogged: 0, .. } => tracing::warn!("{line}"),
+        crate::refusal_log::Verdict::Log { unlogged, since_ns } => tracing::warn!(
+            "{line} ({unlogged} more refusals in the last {:.1} s were not logged)",
+            since_ns as f64 / 1e9
+        ),
+        crate::refusal_log::Verdict::Quiet => tracing::debug!("{line}"),
+    }
 }
 
-fn current_device() -> Option<CUdevice> {
+/// Refusals of a program that retries are logged once, then once per interval with a count.
+static REFUSAL_LOG: Lazy<crate::refusal_log::RateLimit> = Lazy::new(crate::refusal_log::RateLimit::from_env);
+
+pub(crate) fn current_device() -> Option<CUdevice> {
     driver()?.current_device()
 }
 
 /// Charges a correction after the driver reported the real size (pitch, arrays); on refusal the
 /// allocation is undone by `undo` and the whole request refused.
-fn charge_extra(budget: Budget, device: CUdevice, what: &'static str, requested: u64, extra: u64, undo: impl FnOnce()) -> bool {
+pub(crate) fn charge_extra(budget: Budget, device: CUdevice, what: &'static str, requested: u64, extra: u64, undo: impl FnOnce()) -> bool {
     match budget.try_charge(extra) {
         Ok(()) => true,
         Err(refusal) => {
@@ -294,7 +353,7 @@ pub unsafe extern "C" fn cuMemRelease(handle: CUmemGenericAllocationHandle) -> C
     guard::cuda("cuMemRelease", || released(&HANDLES, handle, || call_real!(cuMemRelease(handle))))
 }
 
-fn array_bytes(width: usize, height: usize, depth: usize, format: u32, channels: u32) -> u64 {
+pub(crate) fn array_bytes(width: usize, height: usize, depth: usize, format: u32, channels: u32) -> u64 {
     let element = fmt_bytes(format) * u64::from(channels.max(1));
     (width.max(1) as u64).saturating_mul(height.max(1) as u64).saturating_mul(depth.max(1) as u64).saturating_mul(element)
 }

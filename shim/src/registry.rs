@@ -7,7 +7,7 @@
 //! replaces it, and a version the shim has no wrapper for is passed through untouched.
 
 use crate::driver::driver;
-use crate::{context, entry, info, launch, memory, nvml};
+use crate::{context, entry, info, launch, legacy, memory, modules, nvml};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -71,6 +71,25 @@ hooks! {
     launch::cuLaunchCooperativeKernel_ptsz,
     launch::cuGraphLaunch,
     launch::cuGraphLaunch_ptsz,
+    modules::cuModuleLoad,
+    modules::cuModuleLoadData,
+    modules::cuModuleLoadDataEx,
+    modules::cuModuleLoadFatBinary,
+    modules::cuModuleUnload,
+    modules::cuLibraryLoadData,
+    modules::cuLibraryLoadFromFile,
+    modules::cuLibraryUnload,
+    legacy::cuMemAlloc,
+    legacy::cuMemAllocPitch,
+    legacy::cuMemFree,
+    legacy::cuMemGetInfo,
+    legacy::cuDeviceTotalMem,
+    legacy::cuArrayCreate,
+    legacy::cuArray3DCreate,
+    context::cuCtxCreate,
+    context::cuCtxDestroy,
+    context::cuDevicePrimaryCtxRelease,
+    context::cuDevicePrimaryCtxReset,
     nvml::nvmlDeviceGetMemoryInfo,
     nvml::nvmlDeviceGetMemoryInfo_v2,
     nvml::nvmlDeviceGetCount,

@@ -1,4 +1,4 @@
-//! The exported `dlsym`, as a naked function.
+//! The exported `dlsym` and `dlvsym`, as naked functions.
 //!
 //! `dlsym(RTLD_NEXT, name)` means "the next object after the one that called me", and glibc
 //! finds the caller from its own return address. A wrapper that called the real `dlsym` normally
@@ -45,5 +45,42 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
         "jmp r11",
         hook = sym hook,
         real = sym real_dlsym_address,
+    )
+}
+
+extern "C" fn real_dlvsym_address() -> usize {
+    crate::dl::real_dlvsym() as usize
+}
+
+extern "C" fn vhook(handle: *mut c_void, name: *const c_char, version: *const c_char) -> *mut c_void {
+    // SAFETY: the caller's own dlvsym arguments.
+    unsafe { crate::entry::dlvsym_hook(handle, name, version) }
+}
+
+/// `dlvsym` the same way: `RTLD_NEXT` goes to the real one with the caller's return address,
+/// everything else to the Rust hook.
+///
+/// # Safety
+/// The C `dlvsym` contract.
+#[unsafe(naked)]
+#[no_mangle]
+pub unsafe extern "C" fn dlvsym(handle: *mut c_void, name: *const c_char, version: *const c_char) -> *mut c_void {
+    core::arch::naked_asm!(
+        "cmp rdi, -1",
+        "je 2f",
+        "jmp {hook}",
+        "2:",
+        // Three pushes keep the stack 16-byte aligned for the call.
+        "push rdi",
+        "push rsi",
+        "push rdx",
+        "call {real}",
+        "mov r11, rax",
+        "pop rdx",
+        "pop rsi",
+        "pop rdi",
+        "jmp r11",
+        hook = sym vhook,
+        real = sym real_dlvsym_address,
     )
 }

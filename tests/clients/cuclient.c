@@ -183,6 +183,16 @@ typedef struct {
     X(cuMipmappedArrayDestroy, cuMipmappedArrayDestroy, CUresult, (CUmipmappedArray))             \
     X(cuModuleLoadData, cuModuleLoadData, CUresult, (CUmodule *, const void *))                   \
     X(cuModuleGetFunction, cuModuleGetFunction, CUresult, (CUfunction *, CUmodule, const char *)) \
+    X(cuModuleLoad, cuModuleLoad, CUresult, (CUmodule *, const char *))                           \
+    X(cuModuleLoadDataEx, cuModuleLoadDataEx, CUresult,                                           \
+      (CUmodule *, const void *, unsigned, int *, void **))                                       \
+    X(cuModuleLoadFatBinary, cuModuleLoadFatBinary, CUresult, (CUmodule *, const void *))         \
+    X(cuModuleUnload, cuModuleUnload, CUresult, (CUmodule))                                       \
+    X(cuLibraryLoadData, cuLibraryLoadData, CUresult,                                             \
+      (void **, const void *, int *, void **, unsigned, int *, void **, unsigned))                \
+    X(cuLibraryLoadFromFile, cuLibraryLoadFromFile, CUresult,                                     \
+      (void **, const char *, int *, void **, unsigned, int *, void **, unsigned))                \
+    X(cuLibraryUnload, cuLibraryUnload, CUresult, (void *))                                       \
     X(cuLaunchKernel, cuLaunchKernel, CUresult,                                                   \
       (CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,          \
        CUstream, void **, void **))                                                               \
@@ -205,17 +215,42 @@ typedef struct {
     X(cuGraphExecDestroy, cuGraphExecDestroy, CUresult, (CUgraphExec))                            \
     X(cuGraphDestroy, cuGraphDestroy, CUresult, (CUgraph))
 
+/* The 32-bit-era entry points (no _v2): unsigned int device pointers and sizes. Resolved by
+ * their own names (cuGetProcAddress with cudaVersion 2000 in the procaddr routes). */
+typedef struct {
+    unsigned Width, Height, Format, NumChannels;
+} CUDA_ARRAY_DESCRIPTOR_v1;
+typedef struct {
+    unsigned Width, Height, Depth, Format, NumChannels, Flags;
+} CUDA_ARRAY3D_DESCRIPTOR_v1;
+#define LEGACY_FUNCS(X)                                                                           \
+    X(cuMemAlloc, CUresult, (unsigned *, unsigned))                                               \
+    X(cuMemAllocPitch, CUresult, (unsigned *, unsigned *, unsigned, unsigned, unsigned))          \
+    X(cuMemFree, CUresult, (unsigned))                                                            \
+    X(cuMemGetInfo, CUresult, (unsigned *, unsigned *))                                           \
+    X(cuDeviceTotalMem, CUresult, (unsigned *, CUdevice))                                         \
+    X(cuArrayCreate, CUresult, (CUarray *, const CUDA_ARRAY_DESCRIPTOR_v1 *))                     \
+    X(cuArray3DCreate, CUresult, (CUarray *, const CUDA_ARRAY3D_DESCRIPTOR_v1 *))                 \
+    X(cuCtxCreate, CUresult, (CUcontext *, unsigned, CUdevice))                                   \
+    X(cuCtxDestroy, CUresult, (CUcontext))
+
 typedef CUresult (*pfn_getproc_v2)(const char *, void **, int, unsigned long long, int *);
 
 #define DECLARE_PTR(base, ver, ret, params) \
     typedef ret(*pfn_##base) params;        \
     static pfn_##base p_##base;
 CU_FUNCS(DECLARE_PTR)
+#define DECLARE_LEGACY_PTR(name, ret, params) \
+    typedef ret(*pfn_v1_##name) params;       \
+    static pfn_v1_##name v1_##name;
+LEGACY_FUNCS(DECLARE_LEGACY_PTR)
 static pfn_getproc_v2 p_cuGetProcAddress; /* v2 ABI in every route */
 
 #ifdef ROUTE_LINK
 #define DECLARE_EXTERN(base, ver, ret, params) extern ret ver params;
 CU_FUNCS(DECLARE_EXTERN)
+#define DECLARE_LEGACY_EXTERN(name, ret, params) extern ret name params;
+LEGACY_FUNCS(DECLARE_LEGACY_EXTERN)
 extern CUresult cuGetProcAddress_v2(const char *, void **, int, unsigned long long, int *);
 static const char *ROUTE = "link";
 #elif defined(ROUTE_DLSYM)
@@ -236,6 +271,8 @@ static void resolve_driver(void) {
 #ifdef ROUTE_LINK
 #define ASSIGN_LINK(base, ver, ret, params) p_##base = ver;
     CU_FUNCS(ASSIGN_LINK)
+#define ASSIGN_LEGACY_LINK(name, ret, params) v1_##name = name;
+    LEGACY_FUNCS(ASSIGN_LEGACY_LINK)
     p_cuGetProcAddress = cuGetProcAddress_v2;
     libcuda = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
 #else
@@ -247,6 +284,8 @@ static void resolve_driver(void) {
 #ifdef ROUTE_DLSYM
 #define ASSIGN_DLSYM(base, ver, ret, params) p_##base = (pfn_##base)dlsym(libcuda, #ver);
     CU_FUNCS(ASSIGN_DLSYM)
+#define ASSIGN_LEGACY_DLSYM(name, ret, params) v1_##name = (pfn_v1_##name)dlsym(libcuda, #name);
+    LEGACY_FUNCS(ASSIGN_LEGACY_DLSYM)
     p_cuGetProcAddress = (pfn_getproc_v2)dlsym(libcuda, "cuGetProcAddress_v2");
 #else
     pfn_getproc_v2 first = (pfn_getproc_v2)dlsym(libcuda, "cuGetProcAddress_v2");
@@ -269,6 +308,13 @@ static void resolve_driver(void) {
         if (p_cuGetProcAddress(#base, &fp, 13000, GPA_FLAGS, &s) == 0) p_##base = (pfn_##base)fp; \
     }
     CU_FUNCS(ASSIGN_PROC)
+#define ASSIGN_LEGACY_PROC(name, ret, params)                                                     \
+    {                                                                                            \
+        void *fp = NULL;                                                                         \
+        int s = -1;                                                                              \
+        if (p_cuGetProcAddress(#name, &fp, 2000, GPA_FLAGS, &s) == 0) v1_##name = (pfn_v1_##name)fp; \
+    }
+    LEGACY_FUNCS(ASSIGN_LEGACY_PROC)
 #endif
 #endif
 }
@@ -319,7 +365,7 @@ static int nvml_ready(void) {
 }
 
 /* ---------------------------------------------------------------- bookkeeping */
-enum kind { K_ALLOC, K_PITCH, K_MANAGED, K_ASYNC, K_POOL, K_VMM, K_VMMMAP, K_ARRAY, K_ARRAY3D, K_MIPMAP };
+enum kind { K_ALLOC, K_PITCH, K_MANAGED, K_ASYNC, K_POOL, K_VMM, K_VMMMAP, K_ARRAY, K_ARRAY3D, K_MIPMAP, K_MODULE, K_LIBRARY, K_V1ALLOC };
 struct obj {
     enum kind kind;
     CUdeviceptr ptr; /* device pointer, VA of a vmmmap */
@@ -407,6 +453,10 @@ static const struct cmdspec CMDS[] = {
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
     {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
+    {"modthreads", "nnn"}, {"modload", "sn"},    {"ptxload", "n"},      {"modimage", "s"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
+    {"image", "sn"},      {"v1alloc", "n"},      {"v1pitch", "nnn"},     {"v1free", "x"},
+    {"v1info", ""},       {"v1total", "n"},      {"v1array", "nn"},      {"v1array3d", "nnn"},
+    {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
 };
 
@@ -450,6 +500,11 @@ static unsigned long long num(const char *s) {
 /* ---------------------------------------------------------------- commands */
 #define NEED(fn)                                                          \
     if (!p_##fn) {                                                        \
+        printf("err %s code=-1 missing=%s\n", cmd, #fn);                  \
+        return;                                                           \
+    }
+#define NEED_V1(fn)                                                       \
+    if (!v1_##fn) {                                                       \
         printf("err %s code=-1 missing=%s\n", cmd, #fn);                  \
         return;                                                           \
     }
@@ -514,6 +569,18 @@ static CUresult do_free(struct obj *o) {
         if (!p_cuMipmappedArrayDestroy) return -1;
         r = p_cuMipmappedArrayDestroy(o->handle);
         break;
+    case K_MODULE:
+        if (!p_cuModuleUnload) return -1;
+        r = p_cuModuleUnload(o->handle);
+        break;
+    case K_LIBRARY:
+        if (!p_cuLibraryUnload) return -1;
+        r = p_cuLibraryUnload(o->handle);
+        break;
+    case K_V1ALLOC:
+        if (!v1_cuMemFree) return -1;
+        r = v1_cuMemFree((unsigned)o->ptr);
+        break;
     }
     return r;
 }
@@ -542,6 +609,47 @@ static void *thread_main(void *p) {
         a->failures++;
     } else {
         struct obj o = {K_ALLOC, d, NULL, 0, a->size, 0};
+        add_obj(o);
+    }
+    return NULL;
+}
+
+/* modthreads: even threads load N modules of BYTES each (kept), odd threads allocate and free
+ * N times (one allocation kept at the end), all at once. */
+struct modthread_arg {
+    unsigned long long rounds, bytes, index;
+    int failures;
+};
+
+static void *modthread_main(void *p) {
+    struct modthread_arg *a = p;
+    if (p_cuCtxSetCurrent(g_ctx) != 0) {
+        a->failures++;
+        return NULL;
+    }
+    char image[64];
+    snprintf(image, sizeof image, "SIMMODULE %llu", a->bytes);
+    CUdeviceptr kept = 0;
+    for (unsigned long long i = 0; i < a->rounds; i++) {
+        if (a->index % 2 == 0) {
+            struct obj o = {K_MODULE, 0, NULL, 0, a->bytes, 0};
+            if (p_cuModuleLoadData(&o.handle, image) != 0) {
+                a->failures++;
+                continue;
+            }
+            add_obj(o);
+        } else {
+            CUdeviceptr d = 0;
+            if (p_cuMemAlloc(&d, (a->index + 1) * 65536 + i * 4096) != 0) {
+                a->failures++;
+                continue;
+            }
+            if (kept && p_cuMemFree(kept) != 0) a->failures++;
+            kept = d;
+        }
+    }
+    if (kept) {
+        struct obj o = {K_ALLOC, kept, NULL, 0, 0, 0};
         add_obj(o);
     }
     return NULL;
@@ -1077,6 +1185,28 @@ static void run(const char *cmd, char **a) {
         free(th);
         free(args);
         printf("ok threads failures=%d\n", failures);
+    } else if (!strcmp(cmd, "modthreads")) {
+        NEED(cuModuleLoadData);
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        NEED(cuCtxSetCurrent);
+        unsigned long long t = num(a[0]);
+        pthread_t *th = calloc(t, sizeof *th);
+        struct modthread_arg *args = calloc(t, sizeof *args);
+        for (unsigned long long i = 0; i < t; i++) {
+            args[i].rounds = num(a[1]);
+            args[i].bytes = num(a[2]);
+            args[i].index = i;
+            pthread_create(&th[i], NULL, modthread_main, &args[i]);
+        }
+        int failures = 0;
+        for (unsigned long long i = 0; i < t; i++) {
+            pthread_join(th[i], NULL);
+            failures += args[i].failures;
+        }
+        free(th);
+        free(args);
+        printf("ok modthreads failures=%d\n", failures);
     } else if (!strcmp(cmd, "plaunch")) {
         /* plaunch T N NS: T threads, each on its own stream, N kernels of NS ns each. */
         NEED(cuStreamCreate);
@@ -1186,6 +1316,156 @@ static void run(const char *cmd, char **a) {
             return;
         }
         printf("ok procaddr name=%s ptr=%p status=%d\n", a[0], p, st);
+    } else if (!strcmp(cmd, "modload")) {
+        /* modload HOW BYTES: a simulated image declaring BYTES of __device__ data, loaded with
+         * cuModuleLoadData (data), cuModuleLoadDataEx (ex) or cuModuleLoadFatBinary (fatbin). */
+        char image[64];
+        snprintf(image, sizeof image, "SIMMODULE %llu", num(a[1]));
+        struct obj o = {K_MODULE, 0, NULL, 0, num(a[1]), 0};
+        if (!strcmp(a[0], "data")) {
+            NEED(cuModuleLoadData);
+            CHECK(p_cuModuleLoadData(&o.handle, image));
+        } else if (!strcmp(a[0], "ex")) {
+            NEED(cuModuleLoadDataEx);
+            CHECK(p_cuModuleLoadDataEx(&o.handle, image, 0, NULL, NULL));
+        } else if (!strcmp(a[0], "fatbin")) {
+            NEED(cuModuleLoadFatBinary);
+            CHECK(p_cuModuleLoadFatBinary(&o.handle, image));
+        } else {
+            printf("err modload code=-1 how=%s\n", a[0]);
+            return;
+        }
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "ptxload")) {
+        /* ptxload BYTES: cuModuleLoadData of PTX text declaring a BYTES-byte __device__ array
+         * (the simulated driver takes SIMCUDA_MODULE_BYTES for it, like a lazy driver) */
+        NEED(cuModuleLoadData);
+        char ptx[256];
+        snprintf(ptx, sizeof ptx,
+                 ".version 8.0\n.target sm_90\n.address_size 64\n\n.global .align 1 .b8 big[%llu];\n",
+                 num(a[0]));
+        struct obj o = {K_MODULE, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuModuleLoadData(&o.handle, ptx));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "modimage")) {
+        /* modimage PATH: read an image file (cubin, PTX, ...) and cuModuleLoadData it */
+        NEED(cuModuleLoadData);
+        FILE *f = fopen(a[0], "rb");
+        if (!f) {
+            printf("err modimage code=-1 path=%s\n", a[0]);
+            return;
+        }
+        fseek(f, 0, SEEK_END);
+        long n = ftell(f);
+        fseek(f, 0, SEEK_SET);
+        char *image = calloc(1, (size_t)(n > 0 ? n : 0) + 1); /* NUL-terminated, for PTX */
+        size_t got = image ? fread(image, 1, (size_t)(n > 0 ? n : 0), f) : 0;
+        fclose(f);
+        if (!image || (long)got != n) {
+            free(image);
+            printf("err modimage code=-1 path=%s\n", a[0]);
+            return;
+        }
+        struct obj o = {K_MODULE, 0, NULL, 0, 0, 0};
+        CUresult r = p_cuModuleLoadData(&o.handle, image);
+        free(image); /* the driver has its own copy once the load returns */
+        if (r != 0) {
+            printf("err modimage code=%d\n", r);
+            return;
+        }
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "modfile")) {
+        NEED(cuModuleLoad);
+        struct obj o = {K_MODULE, 0, NULL, 0, 0, 0};
+        CHECK(p_cuModuleLoad(&o.handle, a[0]));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "libload")) {
+        NEED(cuLibraryLoadData);
+        char image[64];
+        snprintf(image, sizeof image, "SIMMODULE %llu", num(a[0]));
+        struct obj o = {K_LIBRARY, 0, NULL, 0, num(a[0]), 0};
+        CHECK(p_cuLibraryLoadData(&o.handle, image, NULL, NULL, 0, NULL, NULL, 0));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "libfile")) {
+        NEED(cuLibraryLoadFromFile);
+        struct obj o = {K_LIBRARY, 0, NULL, 0, 0, 0};
+        CHECK(p_cuLibraryLoadFromFile(&o.handle, a[0], NULL, NULL, 0, NULL, NULL, 0));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "image")) {
+        /* image PATH BYTES: write a simulated image file declaring BYTES */
+        FILE *f = fopen(a[0], "w");
+        if (!f || fprintf(f, "SIMMODULE %llu\n", num(a[1])) < 0 || fclose(f)) {
+            printf("err image code=-1 path=%s\n", a[0]);
+            return;
+        }
+        printf("ok image path=%s\n", a[0]);
+    } else if (!strcmp(cmd, "v1alloc")) {
+        NEED_V1(cuMemAlloc);
+        unsigned p = 0;
+        CHECK(v1_cuMemAlloc(&p, (unsigned)num(a[0])));
+        struct obj o = {K_V1ALLOC, p, NULL, 0, num(a[0]), 0};
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "v1pitch")) {
+        NEED_V1(cuMemAllocPitch);
+        unsigned p = 0, pitch = 0;
+        CHECK(v1_cuMemAllocPitch(&p, &pitch, (unsigned)num(a[0]), (unsigned)num(a[1]), (unsigned)num(a[2])));
+        struct obj o = {K_V1ALLOC, p, NULL, 0, (size_t)pitch * num(a[1]), 0};
+        int id = add_obj(o);
+        printf("ok v1pitch id=%d ptr=0x%x pitch=%u\n", id, p, pitch);
+    } else if (!strcmp(cmd, "v1free")) {
+        NEED_V1(cuMemFree);
+        CHECK(v1_cuMemFree((unsigned)num(a[0])));
+        printf("ok v1free\n");
+    } else if (!strcmp(cmd, "v1info")) {
+        NEED_V1(cuMemGetInfo);
+        unsigned f = 0, t = 0;
+        CHECK(v1_cuMemGetInfo(&f, &t));
+        printf("ok v1info free=%u total=%u\n", f, t);
+    } else if (!strcmp(cmd, "v1total")) {
+        NEED_V1(cuDeviceTotalMem);
+        unsigned t = 0;
+        CHECK(v1_cuDeviceTotalMem(&t, (int)num(a[0])));
+        printf("ok v1total total=%u\n", t);
+    } else if (!strcmp(cmd, "v1array")) {
+        NEED_V1(cuArrayCreate);
+        CUDA_ARRAY_DESCRIPTOR_v1 d = {(unsigned)num(a[0]), (unsigned)num(a[1]), CU_AD_FORMAT_UNSIGNED_INT8, 1};
+        struct obj o = {K_ARRAY, 0, NULL, 0, 0, 0};
+        CHECK(v1_cuArrayCreate(&o.handle, &d));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "v1array3d")) {
+        NEED_V1(cuArray3DCreate);
+        CUDA_ARRAY3D_DESCRIPTOR_v1 d = {(unsigned)num(a[0]), (unsigned)num(a[1]), (unsigned)num(a[2]),
+                                        CU_AD_FORMAT_UNSIGNED_INT8, 1, 0};
+        struct obj o = {K_ARRAY3D, 0, NULL, 0, 0, 0};
+        CHECK(v1_cuArray3DCreate(&o.handle, &d));
+        print_alloc(cmd, o);
+    } else if (!strcmp(cmd, "v1ctxcreate")) {
+        NEED_V1(cuCtxCreate);
+        NEED(cuDeviceGet);
+        CUdevice dev;
+        CHECK(p_cuDeviceGet(&dev, (int)num(a[0])));
+        CHECK(v1_cuCtxCreate(&g_ctx, 0, dev));
+        printf("ok v1ctxcreate dev=%d\n", dev);
+    } else if (!strcmp(cmd, "v1ctxdestroy")) {
+        NEED_V1(cuCtxDestroy);
+        CHECK(v1_cuCtxDestroy(g_ctx));
+        g_ctx = NULL;
+        g_func = NULL;
+        printf("ok v1ctxdestroy\n");
+    } else if (!strcmp(cmd, "dlvsym")) {
+        /* dlvsym NAME VERSION on the libcuda.so.1 handle (or $CUCLIENT_DLVSYM_LIBRARY's); same=1 when dlsym gives the same; lib=
+         * the file the address is in */
+        const char *other = getenv("CUCLIENT_DLVSYM_LIBRARY"); /* another library to look in */
+        void *h = other ? dlopen(other, RTLD_NOW) : libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
+        void *p = h ? dlvsym(h, a[0], a[1]) : NULL;
+        if (!p) {
+            printf("err dlvsym code=-1 name=%s\n", a[0]);
+            return;
+        }
+        Dl_info where;
+        const char *lib = dladdr(p, &where) && where.dli_fname ? strrchr(where.dli_fname, '/') : NULL;
+        printf("ok dlvsym name=%s ptr=%p same=%d lib=%s\n", a[0], p, p == dlsym(h, a[0]),
+               lib ? lib + 1 : "?");
     } else if (!strcmp(cmd, "dlsym")) {
         void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
         void *p = h ? dlsym(h, a[0]) : NULL;

@@ -249,6 +249,15 @@ fn new_va(size: u64, align: u64) -> u64 {
     }
 }
 
+/// Device addresses below 4 GiB for the 32-bit-era entry points (`CUdeviceptr_v1`).
+static NEXT_VA32: AtomicU64 = AtomicU64::new(0x1000_0000);
+
+fn new_va32(size: u64) -> Option<u64> {
+    let span = size.max(1).div_ceil(256) * 256 + 256;
+    let start = NEXT_VA32.fetch_add(span, Ordering::Relaxed);
+    (start + span <= u64::from(u32::MAX)).then_some(start)
+}
+
 fn tid() -> u64 {
     unsafe { libc::syscall(libc::SYS_gettid) as u64 }
 }
@@ -261,6 +270,41 @@ fn ctx_reserve() -> u64 {
 fn module_bytes() -> u64 {
     static V: OnceLock<u64> = OnceLock::new();
     *V.get_or_init(|| state::env_bytes("SIMCUDA_MODULE_BYTES", 0))
+}
+
+/// The device bytes an image declares: a simulated image is a text beginning
+/// `SIMMODULE <bytes>` (its `__device__` data); any other image takes `SIMCUDA_MODULE_BYTES`.
+fn declared_bytes(head: &[u8]) -> u64 {
+    let text = head.split(|&b| b == 0 || b == b'\n').next().unwrap_or(&[]);
+    let text = String::from_utf8_lossy(text);
+    match text.strip_prefix("SIMMODULE ") {
+        Some(n) => n.trim().parse().unwrap_or(0),
+        None => module_bytes(),
+    }
+}
+
+/// The declared bytes of an in-memory image (read up to its first NUL or newline, 64 bytes at most).
+unsafe fn image_bytes(image: *const c_void) -> u64 {
+    let p = image as *const u8;
+    let mut head = Vec::new();
+    for i in 0..64 {
+        let b = *p.add(i);
+        if b == 0 {
+            break;
+        }
+        head.push(b);
+    }
+    declared_bytes(&head)
+}
+
+/// The declared bytes of an image file.
+unsafe fn file_bytes(fname: *const c_char) -> u64 {
+    let path = CStr::from_ptr(fname).to_string_lossy().into_owned();
+    let head = std::fs::read(&path).map(|mut v| {
+        v.truncate(64);
+        v
+    });
+    declared_bytes(&head.unwrap_or_default())
 }
 
 fn shared() -> &'static state::Shared {
@@ -1325,15 +1369,165 @@ pub unsafe extern "C" fn cuArray3DGetDescriptor_v2(out: *mut CudaArray3DDescript
 }
 
 // ---------------------------------------------------------------------------------------------
+// The 32-bit-era entry points (no `_v2`): `unsigned int` device pointers and sizes. Device
+// pointers come from below 4 GiB; figures above 4 GiB are clamped to `UINT_MAX`.
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc(dptr: *mut c_uint, bytesize: c_uint) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let (ctx, dev) = tri!(cur_dev(&d));
+    if dptr.is_null() {
+        return INVALID_VALUE;
+    }
+    *dptr = tri!(alloc_legacy(&mut d, ctx, dev, u64::from(bytesize)));
+    SUCCESS
+}
+
+fn alloc_legacy(d: &mut Drv, ctx: u64, dev: CUdevice, size: u64) -> Result<c_uint, CUresult> {
+    if size == 0 {
+        return Err(INVALID_VALUE);
+    }
+    let p = new_va32(size).ok_or(OUT_OF_MEMORY)?;
+    if !devstate(dev).charge(dev as usize, size) {
+        return Err(OUT_OF_MEMORY);
+    }
+    d.allocs.insert(p, Alloc { size, dev, ctx });
+    Ok(p as c_uint)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAllocPitch(
+    dptr: *mut c_uint,
+    p_pitch: *mut c_uint,
+    width_in_bytes: c_uint,
+    height: c_uint,
+    element_size_bytes: c_uint,
+) -> CUresult {
+    check_init!();
+    let mut d = lock();
+    let (ctx, dev) = tri!(cur_dev(&d));
+    if dptr.is_null() || p_pitch.is_null() || width_in_bytes == 0 || height == 0 || !matches!(element_size_bytes, 4 | 8 | 16) {
+        return INVALID_VALUE;
+    }
+    let pitch = u64::from(width_in_bytes).div_ceil(512) * 512;
+    if pitch > u64::from(u32::MAX) {
+        return INVALID_VALUE;
+    }
+    *dptr = tri!(alloc_legacy(&mut d, ctx, dev, pitch * u64::from(height)));
+    *p_pitch = pitch as c_uint;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFree(dptr: c_uint) -> CUresult {
+    check_init!();
+    free_linear(&mut lock(), u64::from(dptr))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetInfo(free: *mut c_uint, total: *mut c_uint) -> CUresult {
+    let (mut f, mut t) = (0usize, 0usize);
+    let code = cuMemGetInfo_v2(&mut f, &mut t);
+    if code == SUCCESS {
+        if free.is_null() || total.is_null() {
+            return INVALID_VALUE;
+        }
+        *free = f.min(u32::MAX as usize) as c_uint;
+        *total = t.min(u32::MAX as usize) as c_uint;
+    }
+    code
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDeviceTotalMem(bytes: *mut c_uint, dev: CUdevice) -> CUresult {
+    let mut t = 0usize;
+    let code = cuDeviceTotalMem_v2(&mut t, dev);
+    if code == SUCCESS {
+        if bytes.is_null() {
+            return INVALID_VALUE;
+        }
+        *bytes = t.min(u32::MAX as usize) as c_uint;
+    }
+    code
+}
+
+/// `CUDA_ARRAY_DESCRIPTOR_v1`.
+#[repr(C)]
+pub struct CudaArrayDescriptorV1 {
+    width: c_uint,
+    height: c_uint,
+    format: c_uint,
+    num_channels: c_uint,
+}
+
+/// `CUDA_ARRAY3D_DESCRIPTOR_v1`.
+#[repr(C)]
+pub struct CudaArray3DDescriptorV1 {
+    width: c_uint,
+    height: c_uint,
+    depth: c_uint,
+    format: c_uint,
+    num_channels: c_uint,
+    flags: c_uint,
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArrayCreate(handle: *mut Handle, desc: *const CudaArrayDescriptorV1) -> CUresult {
+    if desc.is_null() {
+        return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
+    }
+    let d = &*desc;
+    let d2 = CudaArrayDescriptor { width: d.width as usize, height: d.height as usize, format: d.format, num_channels: d.num_channels };
+    cuArrayCreate_v2(handle, &d2)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuArray3DCreate(handle: *mut Handle, desc: *const CudaArray3DDescriptorV1) -> CUresult {
+    if desc.is_null() {
+        return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
+    }
+    let d = &*desc;
+    let d3 = CudaArray3DDescriptor {
+        width: d.width as usize,
+        height: d.height as usize,
+        depth: d.depth as usize,
+        format: d.format,
+        num_channels: d.num_channels,
+        flags: d.flags,
+    };
+    cuArray3DCreate_v2(handle, &d3)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxCreate(pctx: *mut Handle, _flags: c_uint, dev: CUdevice) -> CUresult {
+    ctx_create(pctx, dev)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuCtxDestroy(ctx: Handle) -> CUresult {
+    cuCtxDestroy_v2(ctx)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease(dev: CUdevice) -> CUresult {
+    cuDevicePrimaryCtxRelease_v2(dev)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuDevicePrimaryCtxReset(dev: CUdevice) -> CUresult {
+    cuDevicePrimaryCtxReset_v2(dev)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Modules, libraries, functions.
 
-unsafe fn module_load(module: *mut Handle) -> CUresult {
+unsafe fn module_load(module: *mut Handle, b: u64) -> CUresult {
     let mut d = lock();
     let (ctx, dev) = tri!(cur_dev(&d));
     if module.is_null() {
         return INVALID_VALUE;
     }
-    let b = module_bytes();
     if !devstate(dev).charge(dev as usize, b) {
         return OUT_OF_MEMORY;
     }
@@ -1349,7 +1543,7 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_v
     if image.is_null() {
         return INVALID_VALUE;
     }
-    module_load(module)
+    module_load(module, image_bytes(image))
 }
 
 #[no_mangle]
@@ -1382,7 +1576,7 @@ unsafe fn file_readable(fname: *const c_char) -> Result<(), CUresult> {
 pub unsafe extern "C" fn cuModuleLoad(module: *mut Handle, fname: *const c_char) -> CUresult {
     check_init!();
     tri!(file_readable(fname));
-    module_load(module)
+    module_load(module, file_bytes(fname))
 }
 
 #[no_mangle]
@@ -1413,7 +1607,7 @@ pub unsafe extern "C" fn cuModuleGetFunction(hfunc: *mut Handle, hmod: Handle, n
     SUCCESS
 }
 
-unsafe fn library_load(library: *mut Handle) -> CUresult {
+unsafe fn library_load(library: *mut Handle, bytes: u64) -> CUresult {
     let mut d = lock();
     if library.is_null() {
         return INVALID_VALUE;
@@ -1422,7 +1616,7 @@ unsafe fn library_load(library: *mut Handle) -> CUresult {
     let dev = cur_dev(&d).ok().map(|(_, dev)| dev);
     let mut charged = 0;
     if let Some(dev) = dev {
-        charged = module_bytes();
+        charged = bytes;
         if !devstate(dev).charge(dev as usize, charged) {
             return OUT_OF_MEMORY;
         }
@@ -1448,7 +1642,7 @@ pub unsafe extern "C" fn cuLibraryLoadData(
     if code.is_null() {
         return INVALID_VALUE;
     }
-    library_load(library)
+    library_load(library, image_bytes(code))
 }
 
 #[no_mangle]
@@ -1464,7 +1658,7 @@ pub unsafe extern "C" fn cuLibraryLoadFromFile(
 ) -> CUresult {
     check_init!();
     tri!(file_readable(file_name));
-    library_load(library)
+    library_load(library, file_bytes(file_name))
 }
 
 #[no_mangle]
@@ -2078,6 +2272,8 @@ macro_rules! export_table {
 }
 
 export_table!(
+    cuMemAlloc, cuMemAllocPitch, cuMemFree, cuMemGetInfo, cuDeviceTotalMem, cuArrayCreate, cuArray3DCreate,
+    cuCtxCreate, cuCtxDestroy, cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxReset,
     cuInit, cuDriverGetVersion, cuGetErrorName, cuGetErrorString, cuDeviceGetCount, cuDeviceGet, cuDeviceGetName, cuDeviceGetUuid,
     cuDeviceGetUuid_v2, cuDeviceGetAttribute, cuDeviceTotalMem_v2, cuDevicePrimaryCtxRetain,
     cuDevicePrimaryCtxRelease_v2, cuDevicePrimaryCtxReset_v2, cuCtxCreate_v2, cuCtxCreate_v3,
@@ -2117,16 +2313,21 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuDeviceGetUuid", 9020, "cuDeviceGetUuid", ""),
     ("cuDeviceGetAttribute", 2000, "cuDeviceGetAttribute", ""),
     ("cuDeviceTotalMem", 3020, "cuDeviceTotalMem_v2", ""),
+    ("cuDeviceTotalMem", 2000, "cuDeviceTotalMem", ""),
     ("cuDevicePrimaryCtxRetain", 7000, "cuDevicePrimaryCtxRetain", ""),
     ("cuDevicePrimaryCtxRelease", 11000, "cuDevicePrimaryCtxRelease_v2", ""),
+    ("cuDevicePrimaryCtxRelease", 7000, "cuDevicePrimaryCtxRelease", ""),
     ("cuDevicePrimaryCtxReset", 11000, "cuDevicePrimaryCtxReset_v2", ""),
+    ("cuDevicePrimaryCtxReset", 7000, "cuDevicePrimaryCtxReset", ""),
     // CUDA 12.5-12.9 headers declare cuCtxCreate (= _v2) and cuCtxCreate_v4 side by side;
     // only CUDA 13.0 made "cuCtxCreate" the 4-argument _v4.
     ("cuCtxCreate", 13000, "cuCtxCreate_v4", ""),
     ("cuCtxCreate", 3020, "cuCtxCreate_v2", ""),
+    ("cuCtxCreate", 2000, "cuCtxCreate", ""),
     ("cuCtxCreate_v3", 11040, "cuCtxCreate_v3", ""),
     ("cuCtxCreate_v4", 12050, "cuCtxCreate_v4", ""),
     ("cuCtxDestroy", 4000, "cuCtxDestroy_v2", ""),
+    ("cuCtxDestroy", 2000, "cuCtxDestroy", ""),
     ("cuCtxSetCurrent", 4000, "cuCtxSetCurrent", ""),
     ("cuCtxGetCurrent", 4000, "cuCtxGetCurrent", ""),
     ("cuCtxGetDevice", 2000, "cuCtxGetDevice", ""),
@@ -2134,10 +2335,14 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuCtxPopCurrent", 4000, "cuCtxPopCurrent_v2", ""),
     ("cuCtxSynchronize", 2000, "cuCtxSynchronize", ""),
     ("cuMemGetInfo", 3020, "cuMemGetInfo_v2", ""),
+    ("cuMemGetInfo", 2000, "cuMemGetInfo", ""),
     ("cuMemAlloc", 3020, "cuMemAlloc_v2", ""),
+    ("cuMemAlloc", 2000, "cuMemAlloc", ""),
     ("cuMemAllocPitch", 3020, "cuMemAllocPitch_v2", ""),
+    ("cuMemAllocPitch", 2000, "cuMemAllocPitch", ""),
     ("cuMemAllocManaged", 6000, "cuMemAllocManaged", ""),
     ("cuMemFree", 3020, "cuMemFree_v2", ""),
+    ("cuMemFree", 2000, "cuMemFree", ""),
     ("cuMemAllocAsync", 11020, "cuMemAllocAsync", "cuMemAllocAsync_ptsz"),
     ("cuMemAllocFromPoolAsync", 11020, "cuMemAllocFromPoolAsync", "cuMemAllocFromPoolAsync_ptsz"),
     ("cuMemFreeAsync", 11020, "cuMemFreeAsync", "cuMemFreeAsync_ptsz"),
@@ -2152,7 +2357,9 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuMemUnmap", 10020, "cuMemUnmap", ""),
     ("cuMemSetAccess", 10020, "cuMemSetAccess", ""),
     ("cuArrayCreate", 3020, "cuArrayCreate_v2", ""),
+    ("cuArrayCreate", 2000, "cuArrayCreate", ""),
     ("cuArray3DCreate", 3020, "cuArray3DCreate_v2", ""),
+    ("cuArray3DCreate", 2000, "cuArray3DCreate", ""),
     ("cuMipmappedArrayCreate", 5000, "cuMipmappedArrayCreate", ""),
     ("cuArrayDestroy", 2000, "cuArrayDestroy", ""),
     ("cuMipmappedArrayDestroy", 5000, "cuMipmappedArrayDestroy", ""),

@@ -1,0 +1,181 @@
+//! Trust the measurement, not the tenant: once a second the controller compares what each
+//! registered process reports (its ledger slot's `used`) with what the driver says it holds
+//! (NVML's per-process memory, `nvmlDeviceGetComputeRunningProcesses`). A process whose report
+//! is below NVML's figure by more than `TOLERANCE`, at two checks in a row, is charged the
+//! difference: the ledger's `penalty` of its slot, which the controller alone writes and which
+//! counts in its group's `used`, so the group is refused beyond its limit on NVML's figure. It
+//! is listed in `ls`, `ls --json` (`underreporting`) and the metrics, and logged. This also
+//! catches memory no hook sees (a path the shim does not interpose, a tenant writing its slot).
+//!
+//! The tolerance: the shim's report already includes the context's reserve and loaded modules
+//! (both measured), so an honest process differs from NVML only by what the driver takes lazily
+//! after those measurements (kernel code of lazily loaded modules, a few MiB; the driver's
+//! page rounding of many small allocations) and by reads not taken at one instant. 64 MiB covers
+//! that with room, and is small next to any quota worth setting. The report is read before and
+//! after the NVML query and the larger taken, so an allocation or free racing the check cannot
+//! make an honest process look short.
+
+use gpuslice_common::ledger::{GroupSlot, Ledger, ProcessSlot, LIVE, MAX_DEVICES};
+use gpuslice_common::protocol::UnderReportRow;
+use gpuslice_common::size::format_size;
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::Nvml;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::*;
+use std::time::{Duration, Instant};
+
+/// How far below NVML's figure a report may be.
+pub const TOLERANCE: u64 = 64 << 20;
+/// Consecutive checks a shortfall must be seen at before it is charged.
+const CONFIRMATIONS: u32 = 2;
+const EVERY: Duration = Duration::from_secs(1);
+
+/// The cross-check's state between ticks (lives in the controller's main loop).
+pub struct CrossCheck {
+    nvml: Option<Nvml>,
+    tried: bool,
+    last: Option<Instant>,
+    /// (process slot, generation, device) → checks in a row it has been short.
+    short: HashMap<(usize, u64, usize), u32>,
+}
+
+impl Default for CrossCheck {
+    fn default() -> Self {
+        CrossCheck::new()
+    }
+}
+
+impl CrossCheck {
+    pub fn new() -> CrossCheck {
+        CrossCheck { nvml: None, tried: false, last: None, short: HashMap::new() }
+    }
+
+    /// First step of a check, under the state's lock: `None` unless one is due; else the
+    /// devices to ask NVML about and every live process's report now.
+    pub fn begin(&mut self, ledger: &Ledger) -> Option<Plan> {
+        if self.last.is_some_and(|t| t.elapsed() < EVERY) {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        if !self.tried {
+            self.tried = true;
+            match Nvml::init() {
+                Ok(n) => self.nvml = Some(n),
+                Err(e) => tracing::warn!("NVML is not available ({e}): processes' reports are not cross-checked against the driver"),
+            }
+        }
+        self.nvml.as_ref()?;
+        let procs: Vec<(usize, u64)> =
+            ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).map(|(i, p)| (i, p.generation.load(Acquire))).collect();
+        let devices: Vec<(usize, String)> =
+            (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE).map(|d| (d, ledger.device(d).uuid())).collect();
+        let before = procs.iter().flat_map(|&(i, _)| devices.iter().map(move |&(d, _)| ((i, d), ledger.process(i).devices[d].used.load(SeqCst)))).collect();
+        Some(Plan { procs, devices, before })
+    }
+
+    /// Second step, without the lock (NVML can take milliseconds): what the driver says each
+    /// pid holds, per ledger device.
+    pub fn measure(&self, plan: &Plan) -> HashMap<usize, HashMap<u32, u64>> {
+        let mut held = HashMap::new();
+        let Some(nvml) = &self.nvml else { return held };
+        for (d, uuid) in &plan.devices {
+            let Ok(device) = nvml.device_by_uuid(uuid.as_str()) else { continue };
+            let Ok(list) = device.running_compute_processes() else { continue };
+            let by_pid = list
+                .into_iter()
+                .filter_map(|p| match p.used_gpu_memory {
+                    UsedGpuMemory::Used(bytes) => Some((p.pid, bytes)),
+                    UsedGpuMemory::Unavailable => None,
+                })
+                .collect();
+            held.insert(*d, by_pid);
+        }
+        held
+    }
+
+    /// Last step, under the lock again: charges or lifts each process's penalty.
+    pub fn finish(&mut self, ledger: &Ledger, plan: Plan, held: HashMap<usize, HashMap<u32, u64>>) {
+        let mut seen = HashMap::new();
+        for &(i, generation) in &plan.procs {
+            let p = ledger.process(i);
+            if p.state.load(Acquire) != LIVE || p.generation.load(Acquire) != generation {
+                continue; // Released (and perhaps reused) meanwhile.
+            }
+            let Some(group) = group_of(ledger, p) else { continue };
+            let pid = p.pid.load(Acquire);
+            for &(d, _) in &plan.devices {
+                // A device NVML could not be asked about keeps its penalty as it was.
+                let Some(by_pid) = held.get(&d) else { continue };
+                let report = plan.before[&(i, d)].max(p.devices[d].used.load(SeqCst));
+                let measured = by_pid.get(&pid).copied().unwrap_or(0);
+                let key = (i, generation, d);
+                let penalty = &p.devices[d].penalty;
+                if measured > report.saturating_add(TOLERANCE) {
+                    let n = self.short.get(&key).copied().unwrap_or(0) + 1;
+                    seen.insert(key, n);
+                    if n < CONFIRMATIONS {
+                        continue;
+                    }
+                    let charge = measured - report;
+                    let old = penalty.load(Acquire);
+                    if old == 0 {
+                        tracing::warn!(
+                            "pid {pid} (group {:?}) reports {} on device {d} but the driver shows it holding {}: charging its group the driver's figure (+{})",
+                            group.name(),
+                            format_size(report),
+                            format_size(measured),
+                            format_size(charge)
+                        );
+                    }
+                    if old != charge {
+                        p.set_penalty(group, d, charge);
+                    }
+                } else if penalty.load(Acquire) != 0 {
+                    tracing::info!("pid {pid}: its report on device {d} agrees with the driver again ({}); the extra charge is lifted", format_size(measured));
+                    p.set_penalty(group, d, 0);
+                }
+            }
+        }
+        self.short = seen;
+    }
+}
+
+/// What a check reads under the lock before asking NVML.
+pub struct Plan {
+    /// Live process slots and their generations.
+    procs: Vec<(usize, u64)>,
+    devices: Vec<(usize, String)>,
+    /// (process slot, device) → its report before NVML was asked.
+    before: HashMap<(usize, usize), u64>,
+}
+
+/// The process's group, if its slot names a valid one (the slot is shared memory: checked).
+fn group_of<'l>(ledger: &'l Ledger, p: &ProcessSlot) -> Option<&'l GroupSlot> {
+    let index = p.group.load(Acquire) as usize;
+    (index < ledger.geometry().max_groups as usize).then(|| ledger.group(index))
+}
+
+/// Processes charged by the cross-check now, for `ls` and the metrics.
+pub fn findings(ledger: &Ledger) -> Vec<UnderReportRow> {
+    let mut rows = Vec::new();
+    for (_, p) in ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
+        for d in (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE) {
+            let charged = p.devices[d].penalty.load(Acquire);
+            if charged == 0 {
+                continue;
+            }
+            let reported = p.devices[d].used.load(Acquire);
+            let group = group_of(ledger, p).map(|g| g.name()).unwrap_or_default();
+            rows.push(UnderReportRow {
+                pid: p.pid.load(Acquire),
+                group,
+                device: d as u32,
+                uuid: ledger.device(d).uuid(),
+                reported,
+                measured: reported.saturating_add(charged),
+                charged,
+            });
+        }
+    }
+    rows
+}
