@@ -153,7 +153,7 @@ def case_crosscheck(args, nvml):
                 record(case, "cross-check", "FAIL", "gpuslice serve did not come up (modules-serve.err)")
                 return
             time.sleep(0.2)
-        ctl(args, "set", "--group", "liars", "--memory", "2GiB")
+        ctl(args, "set", "--create", "--group", "liars", "--memory", "2GiB")
         go = os.path.join(args.tmp, "go")
         script = f"init ctx 0 alloc 1G info nvmlprocs 0 waitfile {go} alloc 768M alloc 64M nvmlprocs 0"
         env_extra = {"GPUSLICE_GROUP": "liars", "GPUSLICE_SOCKET": args.socket, "GPUSLICE_TEST_UNDERREPORT_BYTES": "768MiB"}

@@ -13,8 +13,8 @@ const R: u64 = 64 * MIB;
 fn an_underreporting_process_is_charged_nvmls_figure_and_refused_beyond_its_limit() {
     let sim = Sim::new().env("SIMCUDA_CTX_RESERVE", R);
     let ctl = sim.controller();
-    ctl.set_ok(&format!("--group liars --memory {}", GIB));
-    ctl.set_ok(&format!("--group honest --memory {}", GIB));
+    ctl.set_ok(&format!("--create --group liars --memory {}", GIB));
+    ctl.set_ok(&format!("--create --group honest --memory {}", GIB));
     let (go, agreed) = (sim.path_str("go"), sim.path_str("agreed"));
     let liar = sim
         .client(Route::Dlsym)
