@@ -24,7 +24,9 @@ pub struct Peer {
     pub uid: u32,
 }
 
-/// A registered process the controller watches.
+/// A registered process the controller watches. This, not the process's slot in shared
+/// memory, says which group it is in, its pid and uid: a tenant can write its own slot, so the
+/// controller never takes an index or an identity from there.
 pub struct Watched {
     pub pid: u32,
     /// Readable when the process exits; `None` on kernels without pidfd_open (polled instead).
@@ -32,6 +34,38 @@ pub struct Watched {
     pub start_time: Option<u64>,
     /// The ledger's device indices it was given: a device slot no live process uses is freed.
     pub devices: Vec<usize>,
+    /// Its group's slot index.
+    pub group: usize,
+    pub uid: u32,
+    /// Its own caps per device and priority, as the controller last set them (restored
+    /// when shared memory says otherwise).
+    pub caps: [u64; MAX_DEVICES],
+    pub priority: u32,
+    /// Why its slot was found corrupt, once (reported once, then kept for the listing).
+    pub misbehaving: Option<String>,
+}
+
+/// A group as the controller knows it: the authority for its name and settings. The copy in
+/// shared memory is what the shims read; the controller writes it and puts it back when it
+/// finds it changed.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    pub name: String,
+    /// Lives in the config file or was edited: kept when its last member leaves.
+    pub pinned: bool,
+    /// Made from the environment of a first member of this uid: only processes of that uid may
+    /// join it (nobody can squat a name and pin another tenant's limits).
+    pub env_uid: Option<u32>,
+    pub limits: [u64; MAX_DEVICES],
+    pub shares: [u32; MAX_DEVICES],
+    pub priority: u32,
+}
+
+/// How many table entries one uid may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct UidLimits {
+    pub processes: u32,
+    pub groups: u32,
 }
 
 /// Achieved-share bookkeeping: the charged device time at the previous sample.
@@ -54,13 +88,165 @@ pub struct State {
     /// The uid allowed to edit besides root: the controller's own (the socket's owner).
     pub owner_uid: u32,
     samples: ShareSample,
+    /// Group slot → the group (the authority; see `GroupInfo`).
+    pub groups: HashMap<usize, GroupInfo>,
+    /// Device slot → its UUID (the authority for the device table).
+    devices: [Option<String>; MAX_DEVICES],
+    pub uid_limits: UidLimits,
+    /// Device UUIDs this node has (NVML); `None`: every well-formed UUID is taken.
+    pub node_devices: Option<Vec<String>>,
 }
 
 impl State {
     pub fn new(ledger: Ledger, config: FileSettings) -> State {
         // SAFETY: geteuid has no preconditions.
         let owner_uid = unsafe { libc::geteuid() };
-        State { ledger, config, watched: HashMap::new(), pending: Vec::new(), owner_uid, samples: ShareSample::default() }
+        let g = ledger.geometry();
+        let uid_limits = UidLimits { processes: (g.max_procs / 2).max(1), groups: (g.max_groups / 2).max(1) };
+        State {
+            ledger,
+            config,
+            watched: HashMap::new(),
+            pending: Vec::new(),
+            owner_uid,
+            samples: ShareSample::default(),
+            groups: HashMap::new(),
+            devices: Default::default(),
+            uid_limits,
+            node_devices: None,
+        }
+    }
+
+    /// Records the group's settings as they are now in the ledger (after the controller wrote them).
+    fn remember_group(&mut self, slot: usize) {
+        let g = self.ledger.group(slot);
+        if let Some(info) = self.groups.get_mut(&slot) {
+            for d in 0..MAX_DEVICES {
+                info.limits[d] = g.devices[d].limit.load(Relaxed);
+                info.shares[d] = g.devices[d].share.load(Relaxed);
+            }
+            info.priority = g.priority.load(Relaxed);
+            g.pinned.store(info.pinned as u32, Relaxed);
+        }
+    }
+
+    fn remember_process(&mut self, slot: usize) {
+        let p = self.ledger.process(slot);
+        if let Some(w) = self.watched.get_mut(&slot) {
+            for d in 0..MAX_DEVICES {
+                w.caps[d] = p.devices[d].limit.load(Relaxed);
+            }
+            w.priority = p.priority.load(Relaxed);
+        }
+    }
+
+    /// Puts back every setting, name, membership count and device a tenant rewrote in shared
+    /// memory since the last tick, and reports who did it; checks every process slot's figures.
+    /// Called every tick.
+    pub fn enforce(&mut self) {
+        for (&slot, info) in &self.groups {
+            let g = self.ledger.group(slot);
+            let mut changed = Vec::new();
+            for d in 0..MAX_DEVICES {
+                if g.devices[d].limit.swap(info.limits[d], Relaxed) != info.limits[d] {
+                    changed.push(format!("device {d} limit"));
+                }
+                if g.devices[d].share.load(Relaxed) != info.shares[d] {
+                    g.set_share(d, info.shares[d]);
+                    changed.push(format!("device {d} share"));
+                }
+            }
+            if g.priority.swap(info.priority, Relaxed) != info.priority {
+                changed.push("priority".into());
+            }
+            if g.state.swap(LIVE, Relaxed) != LIVE || g.name() != info.name {
+                g.set_name(&info.name);
+                changed.push("name or state".into());
+            }
+            let throttled = info.shares.iter().any(|&s| s != 0) as u32;
+            if g.throttled.swap(throttled, Relaxed) != throttled {
+                changed.push("throttled flag".into());
+            }
+            if !changed.is_empty() {
+                tracing::warn!("group {:?}: shared memory was rewritten by a tenant ({}); the controller's settings are restored", info.name, changed.join(", "));
+            }
+        }
+        let slots: Vec<usize> = self.watched.keys().copied().collect();
+        for slot in slots {
+            let p = self.ledger.process(slot);
+            let w = &self.watched[&slot];
+            let mut changed = Vec::new();
+            for d in 0..MAX_DEVICES {
+                if p.devices[d].limit.swap(w.caps[d], Relaxed) != w.caps[d] {
+                    changed.push(format!("device {d} cap"));
+                }
+            }
+            if p.priority.swap(w.priority, Relaxed) != w.priority {
+                changed.push("priority".into());
+            }
+            if p.group.swap(w.group as u32, Relaxed) != w.group as u32 || p.pid.swap(w.pid, Relaxed) != w.pid || p.uid.swap(w.uid, Relaxed) != w.uid || p.state.swap(LIVE, Relaxed) != LIVE {
+                changed.push("identity (group, pid, uid or state)".into());
+            }
+            let corrupt = self.corrupt_figures(slot);
+            let (pid, group) = (w.pid, w.group);
+            if !changed.is_empty() || corrupt.is_some() {
+                let why = corrupt.unwrap_or_else(|| format!("it rewrote its slot's {}", changed.join(", ")));
+                let w = self.watched.get_mut(&slot).expect("listed above");
+                if w.misbehaving.is_none() {
+                    let name = self.groups.get(&group).map_or("?", |g| g.name.as_str());
+                    tracing::warn!("pid {pid} in group {name:?} is misbehaving: {why}; the controller's values are restored");
+                }
+                w.misbehaving = Some(why);
+            }
+        }
+        for (d, uuid) in self.devices.iter().enumerate() {
+            let slot = self.ledger.device(d);
+            match uuid {
+                Some(u) if slot.state.load(Acquire) != LIVE || slot.uuid() != *u => {
+                    tracing::warn!("device slot {d} was rewritten in shared memory by a tenant; restored ({u})");
+                    ledger::write_text(&slot.uuid, u);
+                    slot.state.store(LIVE, Release);
+                }
+                None if slot.state.load(Acquire) != FREE => {
+                    tracing::warn!("free device slot {d} was written in shared memory by a tenant; cleared");
+                    slot.release();
+                }
+                _ => {}
+            }
+        }
+        let counts = self.member_counts();
+        for (&slot, _) in &self.groups {
+            self.ledger.group(slot).members.store(counts.get(&slot).copied().unwrap_or(0), Relaxed);
+        }
+    }
+
+    /// Figures in a process's slot that no real process could have: more bytes on a device
+    /// than the device has, or bytes on a device it was not given.
+    fn corrupt_figures(&self, slot: usize) -> Option<String> {
+        let w = self.watched.get(&slot)?;
+        let p = self.ledger.process(slot);
+        for d in 0..MAX_DEVICES {
+            let used = p.devices[d].used.load(Relaxed);
+            if used == 0 {
+                continue;
+            }
+            if !w.devices.contains(&d) {
+                return Some(format!("its slot says it holds {used} bytes on device slot {d}, which it was not given"));
+            }
+            let total = self.ledger.device(d).total_memory.load(Relaxed);
+            if total != 0 && used > total {
+                return Some(format!("its slot says it holds {used} bytes on device slot {d}, more than the device's {total}"));
+            }
+        }
+        None
+    }
+
+    fn member_counts(&self) -> HashMap<usize, u32> {
+        let mut counts = HashMap::new();
+        for w in self.watched.values() {
+            *counts.entry(w.group).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// Makes the config's groups exist (pinned: they stay when empty). Existing groups keep
@@ -71,71 +257,129 @@ impl State {
             if self.find_group(&name).is_some() {
                 continue;
             }
-            let slot = self.new_group(&name).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
+            let slot = self.new_group(&name, true, None).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
             let g = self.ledger.group(slot);
             apply_settings_all_devices(g, &settings);
-            g.pinned.store(1, Relaxed);
+            self.remember_group(slot);
+            let g = self.ledger.group(slot);
             tracing::info!("group {name:?} from the config file: {}", describe_group(&self.ledger, g));
         }
         Ok(())
     }
 
-    /// After a restart: keeps the processes still alive, takes back the bytes of those gone,
-    /// and reconciles every group.
+    /// After a restart: takes the groups, devices and processes the previous controller left
+    /// in the ledger, checking every index and name (a tenant may have written anything
+    /// there); keeps the processes still alive, takes back the bytes of those gone, and
+    /// reconciles every group.
     pub fn adopt(&mut self) {
+        let geometry = self.ledger.geometry();
+        for d in 0..MAX_DEVICES {
+            let slot = self.ledger.device(d);
+            let uuid = slot.uuid();
+            if slot.state.load(Acquire) == LIVE && is_gpu_uuid(&uuid) && !self.devices.iter().flatten().any(|u| *u == uuid) {
+                self.devices[d] = Some(uuid);
+            } else if slot.state.load(Acquire) != FREE {
+                tracing::warn!("device slot {d} held {:?}, not a device; freed", truncated(&uuid));
+                slot.release();
+            }
+        }
+        for i in 0..geometry.max_groups as usize {
+            let g = self.ledger.group(i);
+            if g.state.load(Acquire) != LIVE {
+                continue;
+            }
+            let name = g.name();
+            let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || name.starts_with("pid-");
+            if !valid || self.find_group(&name).is_some() {
+                tracing::warn!("group slot {i} held {:?}, not a valid or distinct group name; freed", truncated(&name));
+                g.reset();
+                g.state.store(FREE, Release);
+                continue;
+            }
+            let pinned = g.pinned.load(Relaxed) != 0;
+            self.groups.insert(i, GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+            self.remember_group(i);
+        }
         let mut kept = 0;
         let mut gone = 0;
-        for i in 0..self.ledger.geometry().max_procs as usize {
+        for i in 0..geometry.max_procs as usize {
             let p = self.ledger.process(i);
             if p.state.load(Acquire) != LIVE {
                 continue;
             }
             let pid = p.pid.load(Relaxed);
+            let group = p.group.load(Relaxed) as usize;
             let recorded = p.start_time.load(Relaxed);
             let now = ledger::process_start_time(pid);
-            if now.is_some() && (recorded == 0 || now == Some(recorded)) {
+            let alive = pid != 0 && now.is_some() && (recorded == 0 || now == Some(recorded));
+            if alive && self.groups.contains_key(&group) {
                 // Which devices it maps died with the previous controller: all of them, to be safe.
-                let devices = (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).collect();
-                self.watched.insert(i, Watched { pid, pidfd: pidfd_open(pid), start_time: now, devices });
+                let devices = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
+                let uid = p.uid.load(Relaxed);
+                let w = Watched { pid, pidfd: pidfd_open(pid), start_time: now, devices, group, uid, caps: [UNLIMITED; MAX_DEVICES], priority: 0, misbehaving: None };
+                self.watched.insert(i, w);
+                self.remember_process(i);
                 kept += 1;
             } else {
-                self.release(i, "exited while no controller ran");
+                if alive {
+                    tracing::warn!("process slot {i} (pid {pid}) names group slot {group}, which holds no group; freed");
+                }
+                p.reset();
+                p.state.store(FREE, Release);
                 gone += 1;
             }
         }
-        for (i, g) in self.ledger.groups() {
-            if g.state.load(Acquire) == LIVE && !self.reconcile(i) {
+        let groups: Vec<usize> = self.groups.keys().copied().collect();
+        for i in groups {
+            if !self.reconcile(i) {
                 self.pending.push(i);
+            }
+            // A group left empty while no controller ran goes, unless pinned.
+            if !self.groups[&i].pinned && self.members(i).is_empty() {
+                self.free_group(i);
             }
         }
         tracing::info!("adopted the existing ledger: {kept} processes still running, {gone} gone since (their memory returned)");
     }
 
     pub fn find_group(&self, name: &str) -> Option<usize> {
-        self.ledger.groups().find(|(_, g)| g.state.load(Acquire) == LIVE && g.name() == name).map(|(i, _)| i)
+        self.groups.iter().find(|(_, g)| g.name == name).map(|(&i, _)| i)
     }
 
-    fn new_group(&self, name: &str) -> Option<usize> {
-        let (i, g) = self.ledger.groups().find(|(_, g)| g.state.load(Acquire) == FREE)?;
+    fn new_group(&mut self, name: &str, pinned: bool, env_uid: Option<u32>) -> Option<usize> {
+        let i = (0..self.ledger.geometry().max_groups as usize).find(|i| !self.groups.contains_key(i))?;
+        let g = self.ledger.group(i);
         g.reset();
         g.set_name(name);
         g.state.store(LIVE, Release);
+        self.groups.insert(i, GroupInfo { name: name.to_string(), pinned, env_uid, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+        self.remember_group(i);
         Some(i)
     }
 
+    fn free_group(&mut self, slot: usize) {
+        self.groups.remove(&slot);
+        let g = self.ledger.group(slot);
+        g.state.store(FREE, Release);
+        g.reset();
+        self.pending.retain(|&p| p != slot);
+    }
+
     fn members(&self, group: usize) -> Vec<usize> {
-        self.ledger
-            .processes()
-            .filter(|(_, p)| p.state.load(Acquire) == LIVE && p.group.load(Relaxed) as usize == group)
-            .map(|(i, _)| i)
-            .collect()
+        let mut m: Vec<usize> = self.watched.iter().filter(|(_, w)| w.group == group).map(|(&i, _)| i).collect();
+        m.sort_unstable();
+        m
     }
 
     /// Sets the group's used figures to the sum of its live members'.
     fn reconcile(&self, group: usize) -> bool {
+        self.reconcile_within(group, RECONCILE_PATIENCE_NS)
+    }
+
+    fn reconcile_within(&self, group: usize, patience_ns: u64) -> bool {
         let members = self.members(group);
         let live: Vec<&ProcessSlot> = members.iter().map(|&i| self.ledger.process(i)).collect();
-        self.ledger.group(group).reconcile(&live, RECONCILE_PATIENCE_NS)
+        self.ledger.group(group).reconcile(&live, patience_ns)
     }
 
     /// Registers the process at `peer`.
@@ -152,15 +396,20 @@ impl State {
             return Err("the controller cannot see this process's pid (another pid namespace): run the controller in the host's pid namespace (Kubernetes: hostPID: true); the process runs alone on its own limits".into());
         }
         // The same pid again: an exec'd program (the old image's memory is gone with it).
-        let stale: Vec<usize> = self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE && p.pid.load(Relaxed) == peer.pid).map(|(i, _)| i).collect();
+        let stale: Vec<usize> = self.watched.iter().filter(|(_, w)| w.pid == peer.pid).map(|(&i, _)| i).collect();
         for slot in stale {
             self.release(slot, "registered again (exec)");
         }
-        let (slot, process) = self
-            .ledger
-            .processes()
-            .find(|(_, p)| p.state.load(Acquire) == FREE)
-            .ok_or_else(|| format!("the ledger is full ({} processes); the process runs alone on its own limits", self.ledger.geometry().max_procs))?;
+        let held = self.watched.values().filter(|w| w.uid == peer.uid).count() as u32;
+        if held >= self.uid_limits.processes {
+            return Err(format!(
+                "uid {} already has {held} registered processes, the most one uid may hold (--max-processes-per-uid {})",
+                peer.uid, self.uid_limits.processes
+            ));
+        }
+        let slot = (0..self.ledger.geometry().max_procs as usize)
+            .find(|i| !self.watched.contains_key(i))
+            .ok_or_else(|| format!("the ledger is full ({} processes)", self.ledger.geometry().max_procs))?;
 
         let mut notes = Vec::new();
         let devices = self.claim_devices(peer, &r.devices, &mut notes);
@@ -168,26 +417,52 @@ impl State {
         let group_name = r.group.clone().unwrap_or_else(|| format!("pid-{}", peer.pid));
         let group = match self.find_group(&group_name) {
             Some(g) => {
+                let info = &self.groups[&g];
+                if let Some(owner) = info.env_uid.filter(|&o| o != peer.uid) {
+                    return Err(format!(
+                        "group {group_name:?} was made from the environment of a process of uid {owner}; only that uid's processes may join it (an administrator makes it open to all by configuring it: the config file or `gpuslice set --group {group_name}`)"
+                    ));
+                }
                 notes.extend(ignored_env_limits(self.ledger.group(g), &r, &devices));
                 g
             }
             None => {
-                let g = self.new_group(&group_name).ok_or_else(|| format!("the ledger is full ({} groups); the process runs alone on its own limits", self.ledger.geometry().max_groups))?;
+                let made = self.groups.values().filter(|g| g.env_uid == Some(peer.uid)).count() as u32;
+                if made >= self.uid_limits.groups {
+                    return Err(format!(
+                        "uid {} already has {made} groups made from its processes' environment, the most one uid may make (--max-groups-per-uid {}); use a configured group",
+                        peer.uid, self.uid_limits.groups
+                    ));
+                }
+                let g = self.new_group(&group_name, false, Some(peer.uid)).ok_or_else(|| format!("the ledger is full ({} groups)", self.ledger.geometry().max_groups))?;
                 let slot = self.ledger.group(g);
-                // A new group takes its first member's environment, else the config's defaults.
+                // A new group takes its first member's environment, else the config's defaults,
+                // on every device: the devices its first member did not see get the tightest
+                // limit and share its environment gave (the config's defaults when it gave none),
+                // so that a later member that sees them is not unlimited there.
+                let env_limit = r.devices.iter().filter_map(|c| c.memory_limit).min();
+                let env_share = r.devices.iter().filter_map(|c| c.sm_share).filter(|&s| s > 0 && s < 100).min();
+                let default_limit = env_limit.or_else(|| self.config.settings.memory_limit.all().map(|l| l.value));
+                let default_share = env_share.or_else(|| self.config.settings.sm_share.all().map(|s| s.value));
+                for d in 0..MAX_DEVICES {
+                    slot.devices[d].limit.store(default_limit.unwrap_or(UNLIMITED), Relaxed);
+                    slot.set_share(d, default_share.unwrap_or(0));
+                }
                 for claim in &r.devices {
                     let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
                     let index = index as usize;
-                    let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value));
+                    let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value)).or(default_limit);
                     slot.devices[index].limit.store(limit.unwrap_or(UNLIMITED), Relaxed);
-                    let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal));
+                    let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal)).or(default_share);
                     slot.set_share(index, share.unwrap_or(0));
                 }
                 let priority = (if solo { r.priority } else { None }).or(self.config.settings.priority.as_ref().map(|p| p.value));
                 slot.priority.store(priority.unwrap_or_default() as u32, Relaxed);
+                self.remember_group(g);
                 g
             }
         };
+        let process = self.ledger.process(slot);
         process.reset();
         process.pid.store(peer.pid, Relaxed);
         process.own_pid.store(r.own_pid, Relaxed);
@@ -201,11 +476,13 @@ impl State {
         // The name is the client's word: shown in logs and listings, so no control characters.
         let name: String = r.name.chars().map(|c| if c.is_control() { '?' } else { c }).take(31).collect();
         ledger::write_text(&process.name, &name);
-        self.ledger.group(group).members.fetch_add(1, AcqRel);
         process.state.store(LIVE, Release);
         self.ledger.header().registrations.fetch_add(1, Relaxed);
         let indices = devices.iter().map(|&(_, i)| i as usize).collect();
-        self.watched.insert(slot, Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time, devices: indices });
+        let w = Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time, devices: indices, group, uid: peer.uid, caps: [UNLIMITED; MAX_DEVICES], priority: own_priority, misbehaving: None };
+        self.watched.insert(slot, w);
+        let members = self.members(group).len() as u32;
+        self.ledger.group(group).members.store(members, Relaxed);
         tracing::info!(
             "registered pid {} ({}) uid {} in group {group_name:?}: {}",
             peer.pid,
@@ -219,14 +496,10 @@ impl State {
     /// Takes a process out: its bytes leave its group's figures, its slot is freed, and a
     /// group it leaves empty is freed unless pinned.
     pub fn release(&mut self, slot: usize, why: &str) {
-        self.watched.remove(&slot);
+        let Some(w) = self.watched.remove(&slot) else { return };
+        let (group, pid) = (w.group, w.pid);
         let p = self.ledger.process(slot);
-        if p.state.load(Acquire) != LIVE {
-            return;
-        }
-        let group = p.group.load(Relaxed) as usize;
-        let pid = p.pid.load(Relaxed);
-        let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).sum();
+        let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).fold(0, u64::saturating_add);
         // A turn it held is free now, not when its lease runs out.
         let token = p.token.load(Acquire);
         for d in 0..ledger::MAX_DEVICES {
@@ -234,28 +507,27 @@ impl State {
                 tracing::debug!("pid {pid} {why}: its turn on device {d} is free");
             }
         }
-        // Out of the member list first, so that the reconciliation leaves its bytes out.
+        // Out of the member list first (done above), so that the reconciliation leaves its bytes out.
         p.state.store(FREE, Release);
-        if group < self.ledger.geometry().max_groups as usize {
-            let g = self.ledger.group(group);
+        if self.groups.contains_key(&group) {
             if !self.reconcile(group) {
                 self.pending.push(group);
             }
-            let name = g.name();
-            let left = g.members.fetch_sub(1, AcqRel).saturating_sub(1);
-            if left == 0 && g.pinned.load(Relaxed) == 0 && self.members(group).is_empty() {
-                g.state.store(FREE, Release);
-                g.reset();
+            let name = self.groups[&group].name.clone();
+            let left = self.members(group).len() as u32;
+            self.ledger.group(group).members.store(left, Relaxed);
+            if left == 0 && !self.groups[&group].pinned {
+                self.free_group(group);
             }
             tracing::info!("pid {pid} {why}: {} returned to group {name:?}", format_size(held));
         }
-        p.reset();
+        self.ledger.process(slot).reset();
     }
 
     /// Device indices for the devices a registration names. A claim that is not a GPU UUID,
     /// or names an ordinal or UUID twice, is not tracked (and the process is told why), so
     /// that a garbled registration cannot fill the device table with things that are not GPUs.
-    fn claim_devices(&self, peer: Peer, claims: &[DeviceClaim], notes: &mut Vec<String>) -> Vec<(u32, u32)> {
+    fn claim_devices(&mut self, peer: Peer, claims: &[DeviceClaim], notes: &mut Vec<String>) -> Vec<(u32, u32)> {
         let mut devices: Vec<(u32, u32)> = Vec::new();
         let mut full = Vec::new();
         for d in claims {
@@ -263,14 +535,20 @@ impl State {
                 notes.push(format!("device {}: {:?} is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx); not tracked", d.ordinal, truncated(&d.uuid)));
                 continue;
             }
+            if let Some(node) = &self.node_devices {
+                if !crate::serve::devices::on_node(node, &d.uuid) {
+                    notes.push(format!("device {}: {} is not a device of this node (NVML lists {} here); not tracked", d.ordinal, d.uuid, node.len()));
+                    continue;
+                }
+            }
             if devices.iter().any(|&(o, _)| o == d.ordinal) {
                 notes.push(format!("device {} is named twice; the second claim is not tracked", d.ordinal));
                 continue;
             }
-            let claimed = self.ledger.claim_device(&d.uuid, d.total_memory).or_else(|| {
+            let claimed = self.claim_device(&d.uuid, d.total_memory).or_else(|| {
                 let keep: Vec<usize> = devices.iter().map(|&(_, i)| i as usize).collect();
                 self.free_unused_device(&keep)?;
-                self.ledger.claim_device(&d.uuid, d.total_memory)
+                self.claim_device(&d.uuid, d.total_memory)
             });
             match claimed {
                 Some(index) if devices.iter().any(|&(_, i)| i as usize == index) => {
@@ -292,9 +570,10 @@ impl State {
     /// (nor `keep`), with every group's counters there: so a garbled or hostile registration's
     /// claims last only as long as its process. Slots stay claimed otherwise, so that `ls`
     /// keeps showing a GPU after its last process left.
-    fn free_unused_device(&self, keep: &[usize]) -> Option<()> {
+    fn free_unused_device(&mut self, keep: &[usize]) -> Option<()> {
         let used: std::collections::HashSet<usize> = self.watched.values().flat_map(|w| w.devices.iter().copied()).chain(keep.iter().copied()).collect();
-        let d = (0..MAX_DEVICES).find(|d| !used.contains(d) && self.ledger.device(*d).state.load(Acquire) == LIVE)?;
+        let d = (0..MAX_DEVICES).find(|d| !used.contains(d) && self.devices[*d].is_some())?;
+        self.devices[d] = None;
         let slot = self.ledger.device(d);
         tracing::info!("device {d} ({}) is used by no registered process: its slot goes to a new device", slot.uuid());
         slot.release();
@@ -304,11 +583,34 @@ impl State {
         Some(())
     }
 
-    /// Retries reconciliations that could not finish earlier.
+    /// The device slot for `uuid`, claiming a free one if it is new (the controller alone
+    /// writes the device table).
+    fn claim_device(&mut self, uuid: &str, total_memory: u64) -> Option<usize> {
+        if let Some(d) = self.devices.iter().position(|u| u.as_deref() == Some(uuid)) {
+            return Some(d);
+        }
+        let d = self.devices.iter().position(Option::is_none)?;
+        let slot = self.ledger.device(d);
+        slot.release();
+        slot.state.store(ledger::CLAIMING, Release);
+        ledger::write_text(&slot.uuid, uuid);
+        slot.total_memory.store(total_memory, Relaxed);
+        slot.state.store(LIVE, Release);
+        self.devices[d] = Some(uuid.to_string());
+        Some(d)
+    }
+
+    /// Retries reconciliations that could not finish earlier. Briefly: a member that keeps an
+    /// operation open on purpose must not make every tick wait.
     pub fn retry_pending(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_unstable();
+        pending.dedup();
         for group in pending {
-            if !self.reconcile(group) {
+            if !self.groups.contains_key(&group) {
+                continue;
+            }
+            if !self.reconcile_within(group, 2_000_000) {
                 self.pending.push(group);
             }
         }
@@ -352,29 +654,37 @@ impl State {
                     Some(g) => (g, false),
                     None => {
                         gpuslice_common::settings::check_group_name(name).map_err(|r| format!("group {name:?}: {r}"))?;
-                        (self.new_group(name).ok_or("the ledger has no free group slot")?, true)
+                        (self.new_group(name, true, None).ok_or("the ledger has no free group slot")?, true)
                     }
                 };
-                let g = self.ledger.group(slot);
-                apply_edit_to_group(g, &e, &devices);
+                apply_edit_to_group(self.ledger.group(slot), &e, &devices);
                 if !name.starts_with("pid-") {
-                    g.pinned.store(1, Relaxed);
+                    // Configured now: kept when empty, and open to every uid.
+                    let info = self.groups.get_mut(&slot).expect("found or made above");
+                    info.pinned = true;
+                    info.env_uid = None;
                 }
+                self.remember_group(slot);
+                let g = self.ledger.group(slot);
                 let what = if made { "created" } else { "now" };
                 let message = format!("group {name:?} {what}: {}", describe_group(&self.ledger, g));
                 tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
                 Ok(message)
             }
             Target::Pid(pid) => {
-                let (_, p) = self
-                    .ledger
-                    .processes()
-                    .find(|(_, p)| p.state.load(Acquire) == LIVE && p.pid.load(Relaxed) == *pid)
+                let (slot, group) = self
+                    .watched
+                    .iter()
+                    .find(|(_, w)| w.pid == *pid)
+                    .map(|(&s, w)| (s, w.group))
                     .ok_or_else(|| format!("no registered process has pid {pid} (see `gpuslice ls`)"))?;
-                let g = self.ledger.group(p.group.load(Relaxed) as usize);
-                let name = g.name();
+                let p = self.ledger.process(slot);
+                let g = self.ledger.group(group);
+                let name = self.groups.get(&group).map_or_else(|| g.name(), |i| i.name.clone());
                 let message = if name.starts_with("pid-") {
                     apply_edit_to_group(g, &e, &devices);
+                    self.remember_group(group);
+                    let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
                 } else {
                     if e.sm.is_some() {
@@ -392,6 +702,7 @@ impl State {
                         Limit::Bytes(b) => format!("own cap {}", format_size(b)),
                         Limit::Unlimited => "no own cap".into(),
                     });
+                    self.remember_process(slot);
                     let pri = e.priority.map(|p| format!("priority {p}"));
                     format!("pid {pid} in group {name:?} now: {}", [cap, pri].into_iter().flatten().collect::<Vec<_>>().join(", "))
                 };
@@ -406,13 +717,15 @@ impl State {
         let now = ledger::monotonic_ns();
         let elapsed = now.saturating_sub(self.samples.at_ns);
         let mut charged = HashMap::new();
-        for (i, g) in self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE) {
+        for &i in self.groups.keys() {
+            let g = self.ledger.group(i);
             let generation = g.generation.load(Relaxed);
             for (d, gd) in g.devices.iter().enumerate() {
                 charged.insert((true, i, generation, d), gd.charged_ns.load(Relaxed));
             }
         }
-        for (i, p) in self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
+        for &i in self.watched.keys() {
+            let p = self.ledger.process(i);
             let generation = p.generation.load(Relaxed);
             for (d, pd) in p.devices.iter().enumerate() {
                 charged.insert((false, i, generation, d), pd.charged_ns.load(Relaxed));
@@ -439,12 +752,15 @@ impl State {
     }
 
     pub fn listing(&self) -> Listing {
-        let uuid = |d: usize| self.ledger.device(d).uuid();
-        let claimed: Vec<usize> = (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).collect();
+        let uuid = |d: usize| self.devices[d].clone().unwrap_or_default();
+        let claimed: Vec<usize> = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
         let mut listing = Listing::default();
-        for (i, g) in self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE) {
+        let mut group_slots: Vec<usize> = self.groups.keys().copied().collect();
+        group_slots.sort_unstable();
+        for i in group_slots {
+            let (g, info) = (self.ledger.group(i), &self.groups[&i]);
             let generation = g.generation.load(Relaxed);
-            let members = self.members(i).iter().map(|&p| self.ledger.process(p).pid.load(Relaxed)).collect();
+            let members = self.members(i).iter().map(|p| self.watched[p].pid).collect();
             let devices = claimed
                 .iter()
                 .map(|&d| {
@@ -464,11 +780,15 @@ impl State {
                     }
                 })
                 .collect();
-            listing.groups.push(GroupRow { name: g.name(), slot: i as u32, members, priority: g.priority(), devices });
+            let priority = Priority::from_u32(info.priority).unwrap_or_default();
+            listing.groups.push(GroupRow { name: info.name.clone(), slot: i as u32, members, priority, devices });
         }
-        for (i, p) in self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
+        let mut process_slots: Vec<usize> = self.watched.keys().copied().collect();
+        process_slots.sort_unstable();
+        for i in process_slots {
+            let (p, w) = (self.ledger.process(i), &self.watched[&i]);
             let generation = p.generation.load(Relaxed);
-            let g = self.ledger.group(p.group.load(Relaxed) as usize);
+            let g = self.ledger.group(w.group);
             let devices = claimed
                 .iter()
                 .map(|&d| {
@@ -488,10 +808,10 @@ impl State {
                 })
                 .collect();
             listing.processes.push(ProcessRow {
-                pid: p.pid.load(Relaxed),
+                pid: w.pid,
                 own_pid: p.own_pid.load(Relaxed),
-                uid: p.uid.load(Relaxed),
-                group: g.name(),
+                uid: w.uid,
+                group: self.groups.get(&w.group).map_or_else(String::new, |i| i.name.clone()),
                 name: p.name(),
                 priority: p.priority_or(g),
                 devices,
@@ -501,13 +821,13 @@ impl State {
     }
 
     pub fn counts(&self) -> (u32, u32) {
-        let procs = self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).count();
-        let groups = self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE).count();
+        let procs = self.watched.len();
+        let groups = self.groups.len();
         (procs as u32, groups as u32)
     }
 
     pub fn devices(&self) -> Vec<String> {
-        (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).map(|d| self.ledger.device(d).uuid()).collect()
+        self.devices.iter().flatten().cloned().collect()
     }
 }
 

@@ -84,7 +84,12 @@ impl Ledger {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         check_owner(fd.as_fd(), path)?;
         match Ledger::map_fd(fd.as_fd(), path) {
-            Ok(l) => Ok((l, true)),
+            Ok(l) => {
+                // Only a file that is a gpuslice ledger has its mode put right: another program's
+                // file is refused and left exactly as it was.
+                restrict_mode(fd.as_fd(), path)?;
+                Ok((l, true))
+            }
             Err(LedgerError::Invalid { reason, .. }) => {
                 // Ours (it has the magic), but an older layout or damaged: start afresh rather
                 // than misread it. Processes still mapping the old file keep their mapping.
@@ -341,7 +346,7 @@ impl Ledger {
 }
 
 /// Refuses a ledger file that belongs to another user: its owner could rewrite or truncate it
-/// under every process that maps it. A mode looser than 0600 is tightened, with a warning.
+/// under every process that maps it.
 fn check_owner(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
     // SAFETY: fstat into a local.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -355,6 +360,16 @@ fn check_owner(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
             path: path.into(),
             reason: format!("it belongs to uid {}, not to this controller's uid {me}; refusing to use or replace it", st.st_uid),
         });
+    }
+    Ok(())
+}
+
+/// Tightens a valid ledger's mode looser than 0600, with a warning.
+fn restrict_mode(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
+    // SAFETY: fstat into a local.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io("inspect", path)(std::io::Error::last_os_error()));
     }
     if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o077 != 0 {
         tracing_free_warn(&format!("the ledger {path} had mode {:o}; setting it back to 600", st.st_mode & 0o777));
@@ -449,6 +464,20 @@ mod tests {
         assert_eq!(l.claim_device("GPU-aaaa", 10), Some(a));
         assert_eq!(l.find_device("GPU-bbbb"), Some(b));
         assert_eq!(l.device(a).uuid(), "GPU-aaaa");
+    }
+
+
+    #[test]
+    fn a_foreign_file_is_refused_and_left_exactly_as_it_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, path) = temp_path("not-a-ledger");
+        std::fs::write(&path, b"someone else's notes").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Ledger::open_or_create(&path, Geometry::default()).err().expect("refused");
+        assert!(matches!(e, LedgerError::Foreign { .. }), "{e}");
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o644, "its mode is untouched");
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's notes");
     }
 
 }
