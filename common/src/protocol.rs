@@ -19,6 +19,14 @@ pub const DEFAULT_LEDGER: &str = "/dev/shm/gpuslice/ledger";
 pub const ENV_SOCKET: &str = "GPUSLICE_SOCKET";
 pub const ENV_GROUP: &str = "GPUSLICE_GROUP";
 pub const ENV_PRIORITY: &str = "GPUSLICE_PRIORITY";
+/// Ends a refusal that may pass (a full table, a busy controller): a shim that must have a
+/// controller keeps trying after it, and gives up at once after any other refusal.
+pub const RETRY_LATER: &str = " (try again later)";
+
+/// True when a refusal's message says that trying again may help.
+pub fn is_retry_later(message: &str) -> bool {
+    message.ends_with(RETRY_LATER)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

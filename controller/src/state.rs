@@ -312,20 +312,24 @@ impl State {
             let recorded = p.start_time.load(Relaxed);
             let now = ledger::process_start_time(pid);
             let alive = pid != 0 && now.is_some() && (recorded == 0 || now == Some(recorded));
-            if alive && self.groups.contains_key(&group) {
-                // Which devices it maps died with the previous controller: all of them, to be safe.
-                let devices = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
-                let uid = p.uid.load(Relaxed);
-                let w = Watched { pid, pidfd: pidfd_open(pid), start_time: now, devices, group, uid, caps: [UNLIMITED; MAX_DEVICES], priority: 0, misbehaving: None };
-                self.watched.insert(i, w);
-                self.remember_process(i);
-                kept += 1;
-            } else {
-                if alive {
-                    tracing::warn!("process slot {i} (pid {pid}) names group slot {group}, which holds no group; freed");
-                }
+            if !self.groups.contains_key(&group) {
+                tracing::warn!("process slot {i} (pid {pid}) names group slot {group}, which holds no group; freed");
                 p.reset();
                 p.state.store(FREE, Release);
+                gone += 1;
+                continue;
+            }
+            // Which devices it maps died with the previous controller: all of them, to be safe.
+            let devices = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
+            let uid = p.uid.load(Relaxed);
+            let pidfd = if alive { pidfd_open(pid) } else { None };
+            let w = Watched { pid, pidfd, start_time: now, devices, group, uid, caps: [UNLIMITED; MAX_DEVICES], priority: 0, misbehaving: None };
+            self.watched.insert(i, w);
+            self.remember_process(i);
+            if alive {
+                kept += 1;
+            } else {
+                self.release(i, "exited while no controller ran");
                 gone += 1;
             }
         }
@@ -403,13 +407,13 @@ impl State {
         let held = self.watched.values().filter(|w| w.uid == peer.uid).count() as u32;
         if held >= self.uid_limits.processes {
             return Err(format!(
-                "uid {} already has {held} registered processes, the most one uid may hold (--max-processes-per-uid {})",
+                "uid {} already has {held} registered processes, the most one uid may hold (--max-processes-per-uid {}){RETRY_LATER}",
                 peer.uid, self.uid_limits.processes
             ));
         }
         let slot = (0..self.ledger.geometry().max_procs as usize)
             .find(|i| !self.watched.contains_key(i))
-            .ok_or_else(|| format!("the ledger is full ({} processes)", self.ledger.geometry().max_procs))?;
+            .ok_or_else(|| format!("the ledger is full ({} processes){RETRY_LATER}", self.ledger.geometry().max_procs))?;
 
         let mut notes = Vec::new();
         let devices = self.claim_devices(peer, &r.devices, &mut notes);
@@ -430,11 +434,11 @@ impl State {
                 let made = self.groups.values().filter(|g| g.env_uid == Some(peer.uid)).count() as u32;
                 if made >= self.uid_limits.groups {
                     return Err(format!(
-                        "uid {} already has {made} groups made from its processes' environment, the most one uid may make (--max-groups-per-uid {}); use a configured group",
+                        "uid {} already has {made} groups made from its processes' environment, the most one uid may make (--max-groups-per-uid {}); use a configured group{RETRY_LATER}",
                         peer.uid, self.uid_limits.groups
                     ));
                 }
-                let g = self.new_group(&group_name, false, Some(peer.uid)).ok_or_else(|| format!("the ledger is full ({} groups)", self.ledger.geometry().max_groups))?;
+                let g = self.new_group(&group_name, false, Some(peer.uid)).ok_or_else(|| format!("the ledger is full ({} groups){RETRY_LATER}", self.ledger.geometry().max_groups))?;
                 let slot = self.ledger.group(g);
                 // A new group takes its first member's environment, else the config's defaults,
                 // on every device: the devices its first member did not see get the tightest

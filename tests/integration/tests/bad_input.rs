@@ -757,7 +757,7 @@ fn the_controller_refuses_files_that_are_not_its_ledger_and_replaces_damaged_one
 fn a_full_ledger_refuses_with_a_reason_and_the_process_runs_on_its_own_limits() {
     let sim = sim();
     let config = sim.write_file("full.toml", "[groups.g]\nmemory_limit = \"1GiB\"\n");
-    let ctl = Serve::start(&sim, &sim.path("sock"), &sim.path("shm/ledger"), &format!("--config {} --max-processes 2 --max-groups 2", show(&config)));
+    let ctl = Serve::start(&sim, &sim.path("sock"), &sim.path("shm/ledger"), &format!("--config {} --max-processes 2 --max-groups 2 --max-processes-per-uid 2 --max-groups-per-uid 2", show(&config)));
     let holder = |group: Option<&str>, done: &Path| {
         let mut c = sim.client(Route::Link).shim().env("GPUSLICE_SOCKET", show(&ctl.socket));
         if let Some(g) = group {
