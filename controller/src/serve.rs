@@ -27,7 +27,8 @@ const TICK: Duration = Duration::from_millis(100);
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Connections served at once; more are closed at once (and logged).
 const MAX_CONNECTIONS: usize = 128;
-/// Connections one uid may hold open at once: one uid cannot take every slot, whatever it sends.
+/// Connections one uid may hold open once half the slots are taken: one uid cannot take every
+/// slot, whatever it sends, while a burst from one uid on a quiet controller is still served.
 const MAX_CONNECTIONS_PER_UID: usize = MAX_CONNECTIONS / 8;
 
 #[derive(clap::Args)]
@@ -301,7 +302,7 @@ fn accept_all(listener: &UnixListener, shared: &Arc<Shared>) {
         let Ok(peer) = peer_of(&stream) else { continue };
         let Some(slot) = ConnectionSlot::take(shared, peer.uid) else {
             shared.traffic.busy.fetch_add(1, Relaxed);
-            tracing::warn!("uid {}: too many connections open (at most {MAX_CONNECTIONS} in all, {MAX_CONNECTIONS_PER_UID} per uid); closing a new one", peer.uid);
+            tracing::warn!("uid {}: too many connections open (at most {MAX_CONNECTIONS} in all, {MAX_CONNECTIONS_PER_UID} per uid once half are taken); closing a new one", peer.uid);
             continue;
         };
         let spawned = std::thread::Builder::new().name("gpuslice-client".into()).spawn(move || {
@@ -328,7 +329,8 @@ impl ConnectionSlot {
     fn take(shared: &Arc<Shared>, uid: u32) -> Option<ConnectionSlot> {
         let mut by_uid = shared.connections_by_uid.lock().unwrap_or_else(|p| p.into_inner());
         let mine = by_uid.entry(uid).or_insert(0);
-        if *mine >= MAX_CONNECTIONS_PER_UID || shared.connections.load(Acquire) >= MAX_CONNECTIONS {
+        let open = shared.connections.load(Acquire);
+        if open >= MAX_CONNECTIONS || (open >= MAX_CONNECTIONS / 2 && *mine >= MAX_CONNECTIONS_PER_UID) {
             return None;
         }
         *mine += 1;

@@ -404,6 +404,9 @@ impl State {
         for slot in stale {
             self.release(slot, "registered again (exec)");
         }
+        let slot = (0..self.ledger.geometry().max_procs as usize)
+            .find(|i| !self.watched.contains_key(i))
+            .ok_or_else(|| format!("the ledger is full ({} processes){RETRY_LATER}", self.ledger.geometry().max_procs))?;
         let held = self.watched.values().filter(|w| w.uid == peer.uid).count() as u32;
         if held >= self.uid_limits.processes {
             return Err(format!(
@@ -411,9 +414,6 @@ impl State {
                 peer.uid, self.uid_limits.processes
             ));
         }
-        let slot = (0..self.ledger.geometry().max_procs as usize)
-            .find(|i| !self.watched.contains_key(i))
-            .ok_or_else(|| format!("the ledger is full ({} processes){RETRY_LATER}", self.ledger.geometry().max_procs))?;
 
         let mut notes = Vec::new();
         let devices = self.claim_devices(peer, &r.devices, &mut notes);
@@ -431,6 +431,9 @@ impl State {
                 g
             }
             None => {
+                if self.groups.len() >= self.ledger.geometry().max_groups as usize {
+                    return Err(format!("the ledger is full ({} groups){RETRY_LATER}", self.ledger.geometry().max_groups));
+                }
                 let made = self.groups.values().filter(|g| g.env_uid == Some(peer.uid)).count() as u32;
                 if made >= self.uid_limits.groups {
                     return Err(format!(

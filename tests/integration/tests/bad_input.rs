@@ -953,7 +953,9 @@ fn every_variable_with_a_bad_value_is_named_in_one_line() {
     assert_eq!(out.stderr_lines_with(&["refused"]).len(), 1, "the refusal went to stderr:\n{out}");
     let out = run_env(&sim, &[("GPUSLICE_SOCKET", "\u{1}nowhere"), ("GPUSLICE_MEMORY_LIMIT", "1GiB")], "init ctx 0 alloc 2G");
     out.expect_err(2, OOM);
-    assert_eq!(out.stderr.lines().count(), 1, "only the refusal at the default level:\n{out}");
+    // A socket in the environment means a controller is wanted: that none answers is a warning.
+    assert_eq!(out.stderr.lines().count(), 2, "the refusal and that it runs alone, at the default level:\n{out}");
+    assert_eq!(out.stderr_lines_with(&["no gpuslice controller at", "running alone"]).len(), 1, "{out}");
     // A socket path that is not UTF-8 is still a path: it must not send the process to the
     // default socket.
     let out = sim
