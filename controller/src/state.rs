@@ -215,7 +215,7 @@ impl State {
             }
         }
         let counts = self.member_counts();
-        for (&slot, _) in &self.groups {
+        for &slot in self.groups.keys() {
             self.ledger.group(slot).members.store(counts.get(&slot).copied().unwrap_or(0), Relaxed);
         }
     }
