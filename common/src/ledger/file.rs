@@ -66,8 +66,9 @@ impl Ledger {
     ///
     /// What is at `path` decides: nothing → a new ledger; a valid ledger of this layout → it
     /// is adopted; a gpuslice ledger of another layout or a damaged one (it starts with the
-    /// magic) → replaced, with a warning; anything else (another program's file, an empty or
-    /// zeroed file, a FIFO, a file of another user, a symbolic link) → refused and left alone.
+    /// magic) or an empty file (nothing to lose; what a truncation leaves) → replaced, with a
+    /// warning; anything else (another program's file, a zeroed file, a FIFO, a file of another
+    /// user, a symbolic link) → refused and left alone.
     pub fn open_or_create(path: &str, geometry: Geometry) -> Result<(Ledger, bool), LedgerError> {
         let c = cstring(path)?;
         // SAFETY: plain open(2). O_NONBLOCK: a FIFO at the path must not hang the controller.
@@ -83,6 +84,14 @@ impl Ledger {
         // SAFETY: we own the new descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         check_owner(fd.as_fd(), path)?;
+        if is_empty_regular_file(fd.as_fd()) {
+            // Nothing to lose, and what a tenant leaves who truncated the ledger through the
+            // descriptor it was handed (issue 13): start afresh rather than refuse to start
+            // until an administrator removes it.
+            tracing_free_warn(&format!("the ledger {path} is empty (truncated?); replacing it with a new one"));
+            std::fs::remove_file(path).map_err(io("replace", path))?;
+            return Ok((Ledger::create(path, geometry)?, false));
+        }
         match Ledger::map_fd(fd.as_fd(), path) {
             Ok(l) => {
                 // Only a file that is a gpuslice ledger has its mode put right: another program's
@@ -362,6 +371,12 @@ fn check_owner(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
         });
     }
     Ok(())
+}
+
+fn is_empty_regular_file(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: fstat into a local.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(fd.as_raw_fd(), &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 }
 }
 
 /// Tightens a valid ledger's mode looser than 0600, with a warning.
