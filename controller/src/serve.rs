@@ -55,6 +55,11 @@ pub struct ServeArgs {
     /// Groups one uid's processes may make from their environment (default: half the table).
     #[arg(long, value_name = "N")]
     max_groups_per_uid: Option<u32>,
+    /// Who may join a group made from a process's environment (not configured): `uid`, only
+    /// processes of the uid that made it (so nobody can squat a name and pin another tenant's
+    /// limits); `open`, any uid (pods whose containers run as several uids).
+    #[arg(long, value_name = "uid|open", default_value = "uid", value_parser = ["uid", "open"])]
+    env_groups: String,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9400 (overrides the
     /// config's [controller] metrics; `off` disables it). They name processes and groups:
     /// bind where only your monitoring can reach.
@@ -102,6 +107,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(n) = args.max_groups_per_uid {
         state.uid_limits.groups = n.max(1);
     }
+    state.env_groups_open = args.env_groups == "open";
     state.node_devices = devices::node_devices();
     match &state.node_devices {
         Some(list) => tracing::info!("this node's devices by NVML: {}", if list.is_empty() { "none".to_string() } else { list.join(", ") }),

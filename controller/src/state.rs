@@ -95,6 +95,9 @@ pub struct State {
     pub uid_limits: UidLimits,
     /// Device UUIDs this node has (NVML); `None`: every well-formed UUID is taken.
     pub node_devices: Option<Vec<String>>,
+    /// Any uid may join a group made from another uid's environment (`serve --env-groups
+    /// open`: pods whose containers run as several uids); by default only the uid that made it.
+    pub env_groups_open: bool,
 }
 
 impl State {
@@ -114,6 +117,7 @@ impl State {
             devices: Default::default(),
             uid_limits,
             node_devices: None,
+            env_groups_open: false,
         }
     }
 
@@ -302,6 +306,7 @@ impl State {
         }
         let mut kept = 0;
         let mut gone = 0;
+        let mut dead = Vec::new();
         for i in 0..geometry.max_procs as usize {
             let p = self.ledger.process(i);
             if p.state.load(Acquire) != LIVE {
@@ -329,9 +334,14 @@ impl State {
             if alive {
                 kept += 1;
             } else {
-                self.release(i, "exited while no controller ran");
-                gone += 1;
+                dead.push(i);
             }
+        }
+        // Released once every live member is known, so that a group is not freed as empty
+        // (and its figure not recomputed) before its living members are counted in it.
+        for i in dead {
+            self.release(i, "exited while no controller ran");
+            gone += 1;
         }
         let groups: Vec<usize> = self.groups.keys().copied().collect();
         for i in groups {
@@ -422,9 +432,9 @@ impl State {
         let group = match self.find_group(&group_name) {
             Some(g) => {
                 let info = &self.groups[&g];
-                if let Some(owner) = info.env_uid.filter(|&o| o != peer.uid) {
+                if let Some(owner) = info.env_uid.filter(|&o| o != peer.uid && !self.env_groups_open) {
                     return Err(format!(
-                        "group {group_name:?} was made from the environment of a process of uid {owner}; only that uid's processes may join it (an administrator makes it open to all by configuring it: the config file or `gpuslice set --group {group_name}`)"
+                        "group {group_name:?} was made from the environment of a process of uid {owner}; only that uid's processes may join it (an administrator makes it open to all by configuring it: the config file or `gpuslice set --group {group_name}`; or runs the controller with --env-groups open)"
                     ));
                 }
                 notes.extend(ignored_env_limits(self.ledger.group(g), &r, &devices));
@@ -1067,6 +1077,25 @@ mod tests {
         assert_eq!(devices.len(), MAX_DEVICES);
         assert!(devices.contains(&"GPU-11111111-1111-1111-1111-111111111111".to_string()), "{devices:?}");
         assert!(devices.contains(&"GPU-00000000-0000-0000-0000-00000000000a".to_string()), "the slot of a device in use stays: {devices:?}");
+    }
+
+    #[test]
+    fn a_group_from_the_environment_is_its_uids_unless_open_or_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        let parent = std::os::unix::process::parent_id();
+        let a = s.register(Peer { pid: parent, uid: 1000 }, registration(Some("team"), Some(1 << 30))).unwrap();
+        let g = s.ledger.group(a.group as usize);
+        assert!((0..MAX_DEVICES).all(|d| g.devices[d].limit.load(Relaxed) == 1 << 30), "the environment's limit on every device");
+        let e = s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).unwrap_err();
+        assert!(e.contains("uid 1000") && !is_retry_later(&e), "{e}");
+        s.env_groups_open = true;
+        let b = s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).unwrap();
+        assert_eq!(a.group, b.group);
+        s.release(b.slot as usize, "exited");
+        s.env_groups_open = false;
+        s.edit(me(), Edit { target: Target::Group("team".into()), memory: Some(Limit::Bytes(2 << 30)), sm: None, priority: None, device: None }).unwrap();
+        s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).expect("configured: open to all");
     }
 
     #[test]
