@@ -152,7 +152,7 @@ impl State {
             let g = self.ledger.group(slot);
             let mut changed = Vec::new();
             for d in 0..MAX_DEVICES {
-                if g.devices[d].limit.swap(info.limits[d], Relaxed) != info.limits[d] {
+                if put(&g.devices[d].limit, info.limits[d]) {
                     changed.push(format!("device {d} limit"));
                 }
                 if g.devices[d].share.load(Relaxed) != info.shares[d] {
@@ -160,15 +160,15 @@ impl State {
                     changed.push(format!("device {d} share"));
                 }
             }
-            if g.priority.swap(info.priority, Relaxed) != info.priority {
+            if put(&g.priority, info.priority) {
                 changed.push("priority".into());
             }
-            if g.state.swap(LIVE, Relaxed) != LIVE || g.name() != info.name {
+            if put(&g.state, LIVE) || g.name() != info.name {
                 g.set_name(&info.name);
                 changed.push("name or state".into());
             }
             let throttled = info.shares.iter().any(|&s| s != 0) as u32;
-            if g.throttled.swap(throttled, Relaxed) != throttled {
+            if put(&g.throttled, throttled) {
                 changed.push("throttled flag".into());
             }
             if !changed.is_empty() {
@@ -181,14 +181,14 @@ impl State {
             let w = &self.watched[&slot];
             let mut changed = Vec::new();
             for d in 0..MAX_DEVICES {
-                if p.devices[d].limit.swap(w.caps[d], Relaxed) != w.caps[d] {
+                if put(&p.devices[d].limit, w.caps[d]) {
                     changed.push(format!("device {d} cap"));
                 }
             }
-            if p.priority.swap(w.priority, Relaxed) != w.priority {
+            if put(&p.priority, w.priority) {
                 changed.push("priority".into());
             }
-            if p.group.swap(w.group as u32, Relaxed) != w.group as u32 || p.pid.swap(w.pid, Relaxed) != w.pid || p.uid.swap(w.uid, Relaxed) != w.uid || p.state.swap(LIVE, Relaxed) != LIVE {
+            if put(&p.group, w.group as u32) | put(&p.pid, w.pid) | put(&p.uid, w.uid) | put(&p.state, LIVE) {
                 changed.push("identity (group, pid, uid or state)".into());
             }
             let corrupt = self.corrupt_figures(slot);
@@ -220,7 +220,7 @@ impl State {
         }
         let counts = self.member_counts();
         for &slot in self.groups.keys() {
-            self.ledger.group(slot).members.store(counts.get(&slot).copied().unwrap_or(0), Relaxed);
+            put(&self.ledger.group(slot).members, counts.get(&slot).copied().unwrap_or(0));
         }
     }
 
@@ -845,6 +845,39 @@ impl State {
 
     pub fn devices(&self) -> Vec<String> {
         self.devices.iter().flatten().cloned().collect()
+    }
+}
+
+/// Puts `want` back into a shared word if a tenant changed it; true when it had. A plain load
+/// first: the controller does not dirty the cache lines the shims' hot paths read every tick.
+fn put<T: Copy + PartialEq, A: SharedWord<T>>(word: &A, want: T) -> bool {
+    if word.get() == want {
+        return false;
+    }
+    word.set(want);
+    true
+}
+
+trait SharedWord<T> {
+    fn get(&self) -> T;
+    fn set(&self, v: T);
+}
+
+impl SharedWord<u64> for std::sync::atomic::AtomicU64 {
+    fn get(&self) -> u64 {
+        self.load(Relaxed)
+    }
+    fn set(&self, v: u64) {
+        self.store(v, Relaxed)
+    }
+}
+
+impl SharedWord<u32> for std::sync::atomic::AtomicU32 {
+    fn get(&self) -> u32 {
+        self.load(Relaxed)
+    }
+    fn set(&self, v: u32) {
+        self.store(v, Relaxed)
     }
 }
 
