@@ -62,9 +62,8 @@ pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut 
 #[no_mangle]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     guard::cuda("cuInit", || {
-        if crate::link::refused() {
-            return crate::link::CUDA_ERROR_NOT_PERMITTED;
-        }
+        // Refused for want of a controller: a new cuInit waits for it again.
+        crate::link::retry_after_refusal();
         if runtime::refused() {
             return CUDA_ERROR_INVALID_VALUE;
         }

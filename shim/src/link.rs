@@ -11,7 +11,8 @@
 //! `GPUSLICE_ON_NO_CONTROLLER` in its environment, or a socket at the default path) that
 //! cannot register keeps trying for `GPUSLICE_CONTROLLER_WAIT` seconds (a `warn` line every
 //! few seconds), then follows `GPUSLICE_ON_NO_CONTROLLER`: `refuse` (the default: `cuInit`
-//! fails, and so does every managed call after it) or `alone` (its own environment's limits).
+//! fails, and so does every managed call after it, until a later `cuInit` tries again) or
+//! `alone` (its own environment's limits, for the rest of its life).
 
 use crate::driver::call_real;
 use crate::ffi::*;
@@ -69,6 +70,12 @@ static REFUSED: AtomicBool = AtomicBool::new(false);
 #[inline]
 pub fn refused() -> bool {
     REFUSED.load(Relaxed)
+}
+
+/// Lets the next attach try the controller again (a program calling `cuInit` again after a
+/// refusal): the process waits and registers afresh, or is refused again.
+pub fn retry_after_refusal() {
+    REFUSED.store(false, Release);
 }
 /// How many times this process's line has forked since it attached (0 in the original).
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);

@@ -345,6 +345,37 @@ fn no_controller_means_refuse_by_default_and_alone_when_asked() {
     assert_eq!(out.stderr_lines_with(&["running alone", "GPUSLICE_ON_NO_CONTROLLER=alone"]).len(), 1, "{out}");
 }
 
+/// A program refused for want of a controller that calls `cuInit` again waits again, and
+/// registers once the controller is back: the refusal is not for life.
+#[test]
+fn a_refused_process_calling_cuinit_again_registers_once_the_controller_is_back() {
+    let sim = Sim::new().env("SIMCUDA_CTX_RESERVE", 64 * MIB);
+    let mut ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
+    ctl.stop();
+    let back = sim.path("back");
+    let c = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("g")
+        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+        .env("GPUSLICE_CONTROLLER_WAIT", "0.3")
+        .args(&format!("init ctx 0 waitfile {} init ctx 0 alloc 1200M info", show(&back)))
+        .spawn();
+    let first = c.wait_line("init", 0);
+    assert_eq!(line_code(&first), Some(800), "refused while no controller runs: {first}");
+    let ctx = c.wait_line("ctx", 0);
+    assert!(!line_ok(&ctx), "no context either: {ctx}");
+    ctl.restart();
+    touch(&back);
+    let out = c.wait();
+    out.assert_success();
+    out.expect_ok(3);
+    out.expect_ok(4);
+    out.expect_err(5, 2);
+    assert_eq!(out.u64("info", "total"), GIB, "held to the group's limit:\n{out}");
+}
+
 /// Truncating the ledger through the descriptor it was handed still kills the controller
 /// (SIGBUS; step 5 is not done), but the controller started again (systemd restarts it) no
 /// longer refuses the empty file until an administrator removes it: it starts afresh, with the
