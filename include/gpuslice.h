@@ -153,7 +153,7 @@ struct gpuslice_process_device {
     uint64_t throttled_ns;
     uint64_t refusals;
     uint64_t peak_used;
-    uint64_t _reserved;
+    uint64_t penalty;                 /* controller only: bytes NVML shows beyond the report */
 };
 
 struct gpuslice_process_slot {

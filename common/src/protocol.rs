@@ -19,6 +19,14 @@ pub const DEFAULT_LEDGER: &str = "/dev/shm/gpuslice/ledger";
 pub const ENV_SOCKET: &str = "GPUSLICE_SOCKET";
 pub const ENV_GROUP: &str = "GPUSLICE_GROUP";
 pub const ENV_PRIORITY: &str = "GPUSLICE_PRIORITY";
+/// Ends a refusal that may pass (a full table, a busy controller): a shim that must have a
+/// controller keeps trying after it, and gives up at once after any other refusal.
+pub const RETRY_LATER: &str = " (try again later)";
+
+/// True when a refusal's message says that trying again may help.
+pub fn is_retry_later(message: &str) -> bool {
+    message.ends_with(RETRY_LATER)
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -315,21 +323,50 @@ fn sendmsg(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize> 
 
 /// Reads one frame; returns its body and any descriptor that came with it.
 pub fn recv_frame(socket: RawFd) -> Result<(Vec<u8>, Option<OwnedFd>), FrameError> {
+    recv_frame_inner(socket, None)
+}
+
+/// Reads one frame, all of it by `deadline`: a peer that trickles bytes cannot hold the
+/// connection longer than that, however it spaces them (the socket's receive timeout is set
+/// to what is left before each read).
+pub fn recv_frame_by(socket: RawFd, deadline: std::time::Instant) -> Result<(Vec<u8>, Option<OwnedFd>), FrameError> {
+    recv_frame_inner(socket, Some(deadline))
+}
+
+fn recv_frame_inner(socket: RawFd, deadline: Option<std::time::Instant>) -> Result<(Vec<u8>, Option<OwnedFd>), FrameError> {
     let mut fd = None;
     let mut len = [0u8; 4];
-    recv_exact(socket, &mut len, &mut fd)?;
+    recv_exact(socket, &mut len, &mut fd, deadline)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    recv_exact(socket, &mut body, &mut fd)?;
+    recv_exact(socket, &mut body, &mut fd, deadline)?;
     Ok((body, fd))
 }
 
-fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Option<OwnedFd>) -> Result<(), FrameError> {
+/// Sets the socket's receive timeout to what is left before `deadline`; an error once it passed.
+fn time_left(socket: RawFd, deadline: std::time::Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "the request did not arrive whole in time"));
+    }
+    let tv = libc::timeval { tv_sec: left.as_secs() as libc::time_t, tv_usec: left.subsec_micros().max(1) as libc::suseconds_t };
+    // SAFETY: setsockopt with a timeval of the right size.
+    let r = unsafe { libc::setsockopt(socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as libc::socklen_t) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Option<OwnedFd>, deadline: Option<std::time::Instant>) -> Result<(), FrameError> {
     let mut got = 0;
     while got < buf.len() {
+        if let Some(deadline) = deadline {
+            time_left(socket, deadline)?;
+        }
         let mut iov = libc::iovec { iov_base: buf[got..].as_mut_ptr().cast(), iov_len: buf.len() - got };
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE((4 * size_of::<RawFd>()) as u32) } as usize;

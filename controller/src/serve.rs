@@ -5,6 +5,8 @@
 //! locked only while a request is applied, never while a socket is read or written. With
 //! `--metrics ADDR` a thread serves the same figures to Prometheus (`metrics.rs`, `http.rs`).
 
+pub mod devices;
+
 use crate::http;
 use crate::metrics;
 use crate::state::{raw, Peer, State};
@@ -21,10 +23,13 @@ use std::time::{Duration, Instant};
 
 pub const DEFAULT_CONFIG: &str = "/etc/gpuslice/config.toml";
 const TICK: Duration = Duration::from_millis(100);
-/// A client gets this long to send its request and take the answer.
+/// A client gets this long to send its whole request, and as long again to take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Connections served at once; more are closed at once (and logged).
 const MAX_CONNECTIONS: usize = 128;
+/// Connections one uid may hold open once half the slots are taken: one uid cannot take every
+/// slot, whatever it sends, while a burst from one uid on a quiet controller is still served.
+const MAX_CONNECTIONS_PER_UID: usize = MAX_CONNECTIONS / 8;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -44,6 +49,17 @@ pub struct ServeArgs {
     /// Group slots of a new ledger.
     #[arg(long, default_value_t = Geometry::default().max_groups, hide = true)]
     max_groups: u32,
+    /// Process slots one uid may hold (default: half the table), so that one uid cannot fill it.
+    #[arg(long, value_name = "N")]
+    max_processes_per_uid: Option<u32>,
+    /// Groups one uid's processes may make from their environment (default: half the table).
+    #[arg(long, value_name = "N")]
+    max_groups_per_uid: Option<u32>,
+    /// Who may join a group made from a process's environment (not configured): `uid`, only
+    /// processes of the uid that made it (so nobody can squat a name and pin another tenant's
+    /// limits); `open`, any uid (pods whose containers run as several uids).
+    #[arg(long, value_name = "uid|open", default_value = "uid", value_parser = ["uid", "open"])]
+    env_groups: String,
     /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9400 (overrides the
     /// config's [controller] metrics; `off` disables it). They name processes and groups:
     /// bind where only your monitoring can reach.
@@ -88,6 +104,18 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
 
     let mut state = State::new(ledger, config);
+    if let Some(n) = args.max_processes_per_uid {
+        state.uid_limits.processes = n.max(1);
+    }
+    if let Some(n) = args.max_groups_per_uid {
+        state.uid_limits.groups = n.max(1);
+    }
+    state.env_groups_open = args.env_groups == "open";
+    state.node_devices = devices::node_devices();
+    match &state.node_devices {
+        Some(list) => tracing::info!("this node's devices by NVML: {}", if list.is_empty() { "none".to_string() } else { list.join(", ") }),
+        None => tracing::warn!("NVML is not available: device UUIDs that processes claim are taken on their word (well-formed ones only)"),
+    }
     if adopted {
         state.adopt();
     }
@@ -110,6 +138,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         starts,
         geometry,
         connections: AtomicUsize::new(0),
+        connections_by_uid: Mutex::new(std::collections::HashMap::new()),
         traffic: Traffic::default(),
         last_tick_ns: AtomicU64::new(gpuslice_common::ledger::monotonic_ns()),
         metrics: metrics_bound,
@@ -158,6 +187,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             shared.last_tick_ns.store(gpuslice_common::ledger::monotonic_ns(), Relaxed);
             let mut state = shared.lock();
             state.ledger.header().controller_heartbeat_ns.store(gpuslice_common::ledger::monotonic_ns(), Relaxed);
+            state.enforce();
             state.retry_pending();
             state.poll_without_pidfd();
             if last_sample.elapsed() >= Duration::from_secs(1) {
@@ -196,6 +226,8 @@ struct Shared {
     starts: u64,
     geometry: Geometry,
     connections: AtomicUsize,
+    /// Open connections per uid.
+    connections_by_uid: Mutex<std::collections::HashMap<u32, usize>>,
     traffic: Traffic,
     /// CLOCK_MONOTONIC of the main loop's last tick.
     last_tick_ns: AtomicU64,
@@ -286,18 +318,18 @@ fn accept_all(listener: &UnixListener, shared: &Arc<Shared>) {
                 return;
             }
         };
-        if shared.connections.fetch_add(1, AcqRel) >= MAX_CONNECTIONS {
-            shared.connections.fetch_sub(1, AcqRel);
+        let Ok(peer) = peer_of(&stream) else { continue };
+        let Some(slot) = ConnectionSlot::take(shared, peer.uid) else {
             shared.traffic.busy.fetch_add(1, Relaxed);
-            tracing::warn!("{MAX_CONNECTIONS} connections already open; closing a new one");
+            tracing::warn!("uid {}: too many connections open (at most {MAX_CONNECTIONS} in all, {MAX_CONNECTIONS_PER_UID} per uid once half are taken); closing a new one", peer.uid);
             continue;
-        }
-        let shared = shared.clone();
+        };
         let spawned = std::thread::Builder::new().name("gpuslice-client".into()).spawn(move || {
-            if let Err(e) = serve_one(&stream, &shared) {
+            // Released when this thread ends, however it ends (a panic included).
+            let slot = slot;
+            if let Err(e) = serve_one(&stream, &slot.shared) {
                 tracing::debug!("client dropped: {e}");
             }
-            shared.connections.fetch_sub(1, AcqRel);
         });
         if let Err(e) = spawned {
             tracing::warn!("cannot start a thread for a connection: {e}");
@@ -305,13 +337,48 @@ fn accept_all(listener: &UnixListener, shared: &Arc<Shared>) {
     }
 }
 
+/// One connection's share of the limits, given back when dropped: a connection thread that
+/// panics or returns early cannot leak it.
+struct ConnectionSlot {
+    shared: Arc<Shared>,
+    uid: u32,
+}
+
+impl ConnectionSlot {
+    fn take(shared: &Arc<Shared>, uid: u32) -> Option<ConnectionSlot> {
+        let mut by_uid = shared.connections_by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = by_uid.entry(uid).or_insert(0);
+        let open = shared.connections.load(Acquire);
+        if open >= MAX_CONNECTIONS || (open >= MAX_CONNECTIONS / 2 && *mine >= MAX_CONNECTIONS_PER_UID) {
+            return None;
+        }
+        *mine += 1;
+        shared.connections.fetch_add(1, AcqRel);
+        Some(ConnectionSlot { shared: shared.clone(), uid })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut by_uid = self.shared.connections_by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_uid.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+        self.shared.connections.fetch_sub(1, AcqRel);
+    }
+}
+
 fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let peer = peer_of(stream)?;
     let fd = stream.as_raw_fd();
-    let request = match recv_frame(fd).and_then(|(body, _)| decode_request(&body)) {
+    // The whole request by this deadline, not a timeout per read.
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let request = match recv_frame_by(fd, deadline).and_then(|(body, _)| decode_request(&body)) {
         Ok(r) => r,
         Err(e) => {
             shared.traffic.bad_request.fetch_add(1, Relaxed);
@@ -433,12 +500,44 @@ fn bind(path: &str) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
-fn make_parent(path: &str, mode: u32) -> Result<(), String> {
+/// Creates the directory that holds `path` with `mode`, or checks the one that is there: it
+/// must be a real directory (not a symbolic link), owned by this controller's user or root, and
+/// writable by nobody else unless sticky. Anyone who can write a directory can rename or
+/// replace what is in it: a directory another user made beforehand (`/dev/shm/gpuslice`
+/// pre-created by a tenant) is refused with a message, never used.
+pub fn make_parent(path: &str, mode: u32) -> Result<(), String> {
     let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(()) };
-    if parent.exists() {
-        return Ok(());
+    match std::fs::symlink_metadata(parent) {
+        Ok(meta) => check_directory(parent, &meta),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).mode(mode).create(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            // The umask may have taken bits away, never added any; check what was made anyway.
+            let meta = std::fs::symlink_metadata(parent).map_err(|e| format!("cannot inspect {}: {e}", parent.display()))?;
+            check_directory(parent, &meta)
+        }
+        Err(e) => Err(format!("cannot inspect {}: {e}", parent.display())),
     }
-    std::fs::DirBuilder::new().recursive(true).mode(mode).create(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))
+}
+
+fn check_directory(dir: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = dir.display();
+    if meta.file_type().is_symlink() {
+        return Err(format!("{shown} is a symbolic link; refusing to follow it (remove it, or make it a directory of this controller's user)"));
+    }
+    if !meta.is_dir() {
+        return Err(format!("{shown} exists and is not a directory; refusing to use it"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!("{shown} belongs to uid {}, not to this controller's uid {me} or root: whoever owns it could rename or replace the controller's files; refusing it (remove it and let the controller create it)", meta.uid()));
+    }
+    let sticky = meta.mode() & libc::S_ISVTX != 0;
+    if meta.mode() & 0o022 != 0 && !sticky {
+        return Err(format!("{shown} has mode {:o}: users other than its owner may write it, so rename or replace the controller's files; refusing it (chmod go-w it, or remove it and let the controller create it)", meta.mode() & 0o7777));
+    }
+    Ok(())
 }
 
 /// A read-write descriptor of the ledger to hand to registering shims.

@@ -14,6 +14,9 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::*;
 
+/// More bytes than any device has (1 PiB): a process slot that says so was written by hand.
+const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
+
 /// How long a reconciliation waits for a live member's open operation.
 const RECONCILE_PATIENCE_NS: u64 = 50_000_000;
 
@@ -24,7 +27,9 @@ pub struct Peer {
     pub uid: u32,
 }
 
-/// A registered process the controller watches.
+/// A registered process the controller watches. This, not the process's slot in shared
+/// memory, says which group it is in, its pid and uid: a tenant can write its own slot, so the
+/// controller never takes an index or an identity from there.
 pub struct Watched {
     pub pid: u32,
     /// Readable when the process exits; `None` on kernels without pidfd_open (polled instead).
@@ -32,6 +37,38 @@ pub struct Watched {
     pub start_time: Option<u64>,
     /// The ledger's device indices it was given: a device slot no live process uses is freed.
     pub devices: Vec<usize>,
+    /// Its group's slot index.
+    pub group: usize,
+    pub uid: u32,
+    /// Its own caps per device and priority, as the controller last set them (restored
+    /// when shared memory says otherwise).
+    pub caps: [u64; MAX_DEVICES],
+    pub priority: u32,
+    /// Why its slot was found corrupt, once (reported once, then kept for the listing).
+    pub misbehaving: Option<String>,
+}
+
+/// A group as the controller knows it: the authority for its name and settings. The copy in
+/// shared memory is what the shims read; the controller writes it and puts it back when it
+/// finds it changed.
+#[derive(Debug, Clone)]
+pub struct GroupInfo {
+    pub name: String,
+    /// Lives in the config file or was edited: kept when its last member leaves.
+    pub pinned: bool,
+    /// Made from the environment of a first member of this uid: only processes of that uid may
+    /// join it (nobody can squat a name and pin another tenant's limits).
+    pub env_uid: Option<u32>,
+    pub limits: [u64; MAX_DEVICES],
+    pub shares: [u32; MAX_DEVICES],
+    pub priority: u32,
+}
+
+/// How many table entries one uid may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct UidLimits {
+    pub processes: u32,
+    pub groups: u32,
 }
 
 /// Achieved-share bookkeeping: the charged device time at the previous sample.
@@ -54,13 +91,169 @@ pub struct State {
     /// The uid allowed to edit besides root: the controller's own (the socket's owner).
     pub owner_uid: u32,
     samples: ShareSample,
+    /// Group slot → the group (the authority; see `GroupInfo`).
+    pub groups: HashMap<usize, GroupInfo>,
+    /// Device slot → its UUID (the authority for the device table).
+    devices: [Option<String>; MAX_DEVICES],
+    pub uid_limits: UidLimits,
+    /// Device UUIDs this node has (NVML); `None`: every well-formed UUID is taken.
+    pub node_devices: Option<Vec<String>>,
+    /// Any uid may join a group made from another uid's environment (`serve --env-groups
+    /// open`: pods whose containers run as several uids); by default only the uid that made it.
+    pub env_groups_open: bool,
 }
 
 impl State {
     pub fn new(ledger: Ledger, config: FileSettings) -> State {
         // SAFETY: geteuid has no preconditions.
         let owner_uid = unsafe { libc::geteuid() };
-        State { ledger, config, watched: HashMap::new(), pending: Vec::new(), owner_uid, samples: ShareSample::default() }
+        let g = ledger.geometry();
+        let uid_limits = UidLimits { processes: (g.max_procs / 2).max(1), groups: (g.max_groups / 2).max(1) };
+        State {
+            ledger,
+            config,
+            watched: HashMap::new(),
+            pending: Vec::new(),
+            owner_uid,
+            samples: ShareSample::default(),
+            groups: HashMap::new(),
+            devices: Default::default(),
+            uid_limits,
+            node_devices: None,
+            env_groups_open: false,
+        }
+    }
+
+    /// Records the group's settings as they are now in the ledger (after the controller wrote them).
+    fn remember_group(&mut self, slot: usize) {
+        let g = self.ledger.group(slot);
+        if let Some(info) = self.groups.get_mut(&slot) {
+            for d in 0..MAX_DEVICES {
+                info.limits[d] = g.devices[d].limit.load(Relaxed);
+                info.shares[d] = g.devices[d].share.load(Relaxed);
+            }
+            info.priority = g.priority.load(Relaxed);
+            g.pinned.store(info.pinned as u32, Relaxed);
+        }
+    }
+
+    fn remember_process(&mut self, slot: usize) {
+        let p = self.ledger.process(slot);
+        if let Some(w) = self.watched.get_mut(&slot) {
+            for d in 0..MAX_DEVICES {
+                w.caps[d] = p.devices[d].limit.load(Relaxed);
+            }
+            w.priority = p.priority.load(Relaxed);
+        }
+    }
+
+    /// Puts back every setting, name, membership count and device a tenant rewrote in shared
+    /// memory since the last tick, and reports who did it; checks every process slot's figures.
+    /// Called every tick.
+    pub fn enforce(&mut self) {
+        for (&slot, info) in &self.groups {
+            let g = self.ledger.group(slot);
+            let mut changed = Vec::new();
+            for d in 0..MAX_DEVICES {
+                if put(&g.devices[d].limit, info.limits[d]) {
+                    changed.push(format!("device {d} limit"));
+                }
+                if g.devices[d].share.load(Relaxed) != info.shares[d] {
+                    g.set_share(d, info.shares[d]);
+                    changed.push(format!("device {d} share"));
+                }
+            }
+            if put(&g.priority, info.priority) {
+                changed.push("priority".into());
+            }
+            if put(&g.state, LIVE) || g.name() != info.name {
+                g.set_name(&info.name);
+                changed.push("name or state".into());
+            }
+            let throttled = info.shares.iter().any(|&s| s != 0) as u32;
+            if put(&g.throttled, throttled) {
+                changed.push("throttled flag".into());
+            }
+            if !changed.is_empty() {
+                tracing::warn!("group {:?}: shared memory was rewritten by a tenant ({}); the controller's settings are restored", info.name, changed.join(", "));
+            }
+        }
+        let slots: Vec<usize> = self.watched.keys().copied().collect();
+        for slot in slots {
+            let p = self.ledger.process(slot);
+            let w = &self.watched[&slot];
+            let mut changed = Vec::new();
+            for d in 0..MAX_DEVICES {
+                if put(&p.devices[d].limit, w.caps[d]) {
+                    changed.push(format!("device {d} cap"));
+                }
+            }
+            if put(&p.priority, w.priority) {
+                changed.push("priority".into());
+            }
+            if put(&p.group, w.group as u32) | put(&p.pid, w.pid) | put(&p.uid, w.uid) | put(&p.state, LIVE) {
+                changed.push("identity (group, pid, uid or state)".into());
+            }
+            let corrupt = self.corrupt_figures(slot);
+            let (pid, group) = (w.pid, w.group);
+            if !changed.is_empty() || corrupt.is_some() {
+                let why = corrupt.unwrap_or_else(|| format!("it rewrote its slot's {}", changed.join(", ")));
+                let w = self.watched.get_mut(&slot).expect("listed above");
+                if w.misbehaving.is_none() {
+                    let name = self.groups.get(&group).map_or("?", |g| g.name.as_str());
+                    tracing::warn!("pid {pid} in group {name:?} is misbehaving: {why}; the controller's values are restored");
+                }
+                w.misbehaving = Some(why);
+            }
+        }
+        for (d, uuid) in self.devices.iter().enumerate() {
+            let slot = self.ledger.device(d);
+            match uuid {
+                Some(u) if slot.state.load(Acquire) != LIVE || slot.uuid() != *u => {
+                    tracing::warn!("device slot {d} was rewritten in shared memory by a tenant; restored ({u})");
+                    ledger::write_text(&slot.uuid, u);
+                    slot.state.store(LIVE, Release);
+                }
+                None if slot.state.load(Acquire) != FREE => {
+                    tracing::warn!("free device slot {d} was written in shared memory by a tenant; cleared");
+                    slot.release();
+                }
+                _ => {}
+            }
+        }
+        let counts = self.member_counts();
+        for &slot in self.groups.keys() {
+            put(&self.ledger.group(slot).members, counts.get(&slot).copied().unwrap_or(0));
+        }
+    }
+
+    /// Figures in a process's slot that no real process could have: more bytes on a device
+    /// than any device has, or bytes on a device it was not given.
+    fn corrupt_figures(&self, slot: usize) -> Option<String> {
+        let w = self.watched.get(&slot)?;
+        let p = self.ledger.process(slot);
+        for d in 0..MAX_DEVICES {
+            let used = p.devices[d].used.load(Relaxed);
+            if used == 0 {
+                continue;
+            }
+            if !w.devices.contains(&d) {
+                return Some(format!("its slot says it holds {used} bytes on device slot {d}, which it was not given"));
+            }
+            // Not the device's own total: that came from the first claimant's word.
+            if used > IMPLAUSIBLE_BYTES {
+                return Some(format!("its slot says it holds {used} bytes on device slot {d}, more than any device has"));
+            }
+        }
+        None
+    }
+
+    fn member_counts(&self) -> HashMap<usize, u32> {
+        let mut counts = HashMap::new();
+        for w in self.watched.values() {
+            *counts.entry(w.group).or_insert(0) += 1;
+        }
+        counts
     }
 
     /// Makes the config's groups exist (pinned: they stay when empty). Existing groups keep
@@ -71,71 +264,139 @@ impl State {
             if self.find_group(&name).is_some() {
                 continue;
             }
-            let slot = self.new_group(&name).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
+            let slot = self.new_group(&name, true, None).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
             let g = self.ledger.group(slot);
             apply_settings_all_devices(g, &settings);
-            g.pinned.store(1, Relaxed);
+            self.remember_group(slot);
+            let g = self.ledger.group(slot);
             tracing::info!("group {name:?} from the config file: {}", describe_group(&self.ledger, g));
         }
         Ok(())
     }
 
-    /// After a restart: keeps the processes still alive, takes back the bytes of those gone,
-    /// and reconciles every group.
+    /// After a restart: takes the groups, devices and processes the previous controller left
+    /// in the ledger, checking every index and name (a tenant may have written anything
+    /// there); keeps the processes still alive, takes back the bytes of those gone, and
+    /// reconciles every group.
     pub fn adopt(&mut self) {
+        let geometry = self.ledger.geometry();
+        for d in 0..MAX_DEVICES {
+            let slot = self.ledger.device(d);
+            let uuid = slot.uuid();
+            if slot.state.load(Acquire) == LIVE && is_gpu_uuid(&uuid) && !self.devices.iter().flatten().any(|u| *u == uuid) {
+                self.devices[d] = Some(uuid);
+            } else if slot.state.load(Acquire) != FREE {
+                tracing::warn!("device slot {d} held {:?}, not a device; freed", truncated(&uuid));
+                slot.release();
+            }
+        }
+        for i in 0..geometry.max_groups as usize {
+            let g = self.ledger.group(i);
+            if g.state.load(Acquire) != LIVE {
+                continue;
+            }
+            let name = g.name();
+            let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || name.starts_with("pid-");
+            if !valid || self.find_group(&name).is_some() {
+                tracing::warn!("group slot {i} held {:?}, not a valid or distinct group name; freed", truncated(&name));
+                g.reset();
+                g.state.store(FREE, Release);
+                continue;
+            }
+            let pinned = g.pinned.load(Relaxed) != 0;
+            self.groups.insert(i, GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+            self.remember_group(i);
+        }
         let mut kept = 0;
         let mut gone = 0;
-        for i in 0..self.ledger.geometry().max_procs as usize {
+        let mut dead = Vec::new();
+        for i in 0..geometry.max_procs as usize {
             let p = self.ledger.process(i);
             if p.state.load(Acquire) != LIVE {
                 continue;
             }
             let pid = p.pid.load(Relaxed);
+            let group = p.group.load(Relaxed) as usize;
             let recorded = p.start_time.load(Relaxed);
             let now = ledger::process_start_time(pid);
-            if now.is_some() && (recorded == 0 || now == Some(recorded)) {
-                // Which devices it maps died with the previous controller: all of them, to be safe.
-                let devices = (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).collect();
-                self.watched.insert(i, Watched { pid, pidfd: pidfd_open(pid), start_time: now, devices });
+            let alive = pid != 0 && now.is_some() && (recorded == 0 || now == Some(recorded));
+            if !self.groups.contains_key(&group) {
+                tracing::warn!("process slot {i} (pid {pid}) names group slot {group}, which holds no group; freed");
+                p.reset();
+                p.state.store(FREE, Release);
+                gone += 1;
+                continue;
+            }
+            // Which devices it maps died with the previous controller: all of them, to be safe.
+            let devices = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
+            let uid = p.uid.load(Relaxed);
+            let pidfd = if alive { pidfd_open(pid) } else { None };
+            let w = Watched { pid, pidfd, start_time: now, devices, group, uid, caps: [UNLIMITED; MAX_DEVICES], priority: 0, misbehaving: None };
+            self.watched.insert(i, w);
+            self.remember_process(i);
+            if alive {
                 kept += 1;
             } else {
-                self.release(i, "exited while no controller ran");
-                gone += 1;
+                dead.push(i);
             }
         }
-        for (i, g) in self.ledger.groups() {
-            if g.state.load(Acquire) == LIVE && !self.reconcile(i) {
+        // Released once every live member is known, so that a group is not freed as empty
+        // (and its figure not recomputed) before its living members are counted in it.
+        for i in dead {
+            self.release(i, "exited while no controller ran");
+            gone += 1;
+        }
+        let groups: Vec<usize> = self.groups.keys().copied().collect();
+        for i in groups {
+            if !self.reconcile(i) {
                 self.pending.push(i);
+            }
+            // A group left empty while no controller ran goes, unless pinned.
+            if !self.groups[&i].pinned && self.members(i).is_empty() {
+                self.free_group(i);
             }
         }
         tracing::info!("adopted the existing ledger: {kept} processes still running, {gone} gone since (their memory returned)");
     }
 
     pub fn find_group(&self, name: &str) -> Option<usize> {
-        self.ledger.groups().find(|(_, g)| g.state.load(Acquire) == LIVE && g.name() == name).map(|(i, _)| i)
+        self.groups.iter().find(|(_, g)| g.name == name).map(|(&i, _)| i)
     }
 
-    fn new_group(&self, name: &str) -> Option<usize> {
-        let (i, g) = self.ledger.groups().find(|(_, g)| g.state.load(Acquire) == FREE)?;
+    fn new_group(&mut self, name: &str, pinned: bool, env_uid: Option<u32>) -> Option<usize> {
+        let i = (0..self.ledger.geometry().max_groups as usize).find(|i| !self.groups.contains_key(i))?;
+        let g = self.ledger.group(i);
         g.reset();
         g.set_name(name);
         g.state.store(LIVE, Release);
+        self.groups.insert(i, GroupInfo { name: name.to_string(), pinned, env_uid, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+        self.remember_group(i);
         Some(i)
     }
 
+    fn free_group(&mut self, slot: usize) {
+        self.groups.remove(&slot);
+        let g = self.ledger.group(slot);
+        g.state.store(FREE, Release);
+        g.reset();
+        self.pending.retain(|&p| p != slot);
+    }
+
     fn members(&self, group: usize) -> Vec<usize> {
-        self.ledger
-            .processes()
-            .filter(|(_, p)| p.state.load(Acquire) == LIVE && p.group.load(Relaxed) as usize == group)
-            .map(|(i, _)| i)
-            .collect()
+        let mut m: Vec<usize> = self.watched.iter().filter(|(_, w)| w.group == group).map(|(&i, _)| i).collect();
+        m.sort_unstable();
+        m
     }
 
     /// Sets the group's used figures to the sum of its live members'.
     fn reconcile(&self, group: usize) -> bool {
+        self.reconcile_within(group, RECONCILE_PATIENCE_NS)
+    }
+
+    fn reconcile_within(&self, group: usize, patience_ns: u64) -> bool {
         let members = self.members(group);
         let live: Vec<&ProcessSlot> = members.iter().map(|&i| self.ledger.process(i)).collect();
-        self.ledger.group(group).reconcile(&live, RECONCILE_PATIENCE_NS)
+        self.ledger.group(group).reconcile(&live, patience_ns)
     }
 
     /// Registers the process at `peer`.
@@ -152,15 +413,20 @@ impl State {
             return Err("the controller cannot see this process's pid (another pid namespace): run the controller in the host's pid namespace (Kubernetes: hostPID: true); the process runs alone on its own limits".into());
         }
         // The same pid again: an exec'd program (the old image's memory is gone with it).
-        let stale: Vec<usize> = self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE && p.pid.load(Relaxed) == peer.pid).map(|(i, _)| i).collect();
+        let stale: Vec<usize> = self.watched.iter().filter(|(_, w)| w.pid == peer.pid).map(|(&i, _)| i).collect();
         for slot in stale {
             self.release(slot, "registered again (exec)");
         }
-        let (slot, process) = self
-            .ledger
-            .processes()
-            .find(|(_, p)| p.state.load(Acquire) == FREE)
-            .ok_or_else(|| format!("the ledger is full ({} processes); the process runs alone on its own limits", self.ledger.geometry().max_procs))?;
+        let slot = (0..self.ledger.geometry().max_procs as usize)
+            .find(|i| !self.watched.contains_key(i))
+            .ok_or_else(|| format!("the ledger is full ({} processes){RETRY_LATER}", self.ledger.geometry().max_procs))?;
+        let held = self.watched.values().filter(|w| w.uid == peer.uid).count() as u32;
+        if held >= self.uid_limits.processes {
+            return Err(format!(
+                "uid {} already has {held} registered processes, the most one uid may hold (--max-processes-per-uid {}){RETRY_LATER}",
+                peer.uid, self.uid_limits.processes
+            ));
+        }
 
         let mut notes = Vec::new();
         let devices = self.claim_devices(peer, &r.devices, &mut notes);
@@ -168,26 +434,55 @@ impl State {
         let group_name = r.group.clone().unwrap_or_else(|| format!("pid-{}", peer.pid));
         let group = match self.find_group(&group_name) {
             Some(g) => {
+                let info = &self.groups[&g];
+                if let Some(owner) = info.env_uid.filter(|&o| o != peer.uid && !self.env_groups_open) {
+                    return Err(format!(
+                        "group {group_name:?} was made from the environment of a process of uid {owner}; only that uid's processes may join it (an administrator makes it open to all by configuring it: the config file or `gpuslice set --group {group_name}`; or runs the controller with --env-groups open)"
+                    ));
+                }
                 notes.extend(ignored_env_limits(self.ledger.group(g), &r, &devices));
                 g
             }
             None => {
-                let g = self.new_group(&group_name).ok_or_else(|| format!("the ledger is full ({} groups); the process runs alone on its own limits", self.ledger.geometry().max_groups))?;
+                if self.groups.len() >= self.ledger.geometry().max_groups as usize {
+                    return Err(format!("the ledger is full ({} groups){RETRY_LATER}", self.ledger.geometry().max_groups));
+                }
+                let made = self.groups.values().filter(|g| g.env_uid == Some(peer.uid)).count() as u32;
+                if made >= self.uid_limits.groups {
+                    return Err(format!(
+                        "uid {} already has {made} groups made from its processes' environment, the most one uid may make (--max-groups-per-uid {}); use a configured group{RETRY_LATER}",
+                        peer.uid, self.uid_limits.groups
+                    ));
+                }
+                let g = self.new_group(&group_name, false, Some(peer.uid)).ok_or_else(|| format!("the ledger is full ({} groups){RETRY_LATER}", self.ledger.geometry().max_groups))?;
                 let slot = self.ledger.group(g);
-                // A new group takes its first member's environment, else the config's defaults.
+                // A new group takes its first member's environment, else the config's defaults,
+                // on every device: the devices its first member did not see get the tightest
+                // limit and share its environment gave (the config's defaults when it gave none),
+                // so that a later member that sees them is not unlimited there.
+                let env_limit = r.devices.iter().filter_map(|c| c.memory_limit).min();
+                let env_share = r.devices.iter().filter_map(|c| c.sm_share).filter(|&s| s > 0 && s < 100).min();
+                let default_limit = env_limit.or_else(|| self.config.settings.memory_limit.all().map(|l| l.value));
+                let default_share = env_share.or_else(|| self.config.settings.sm_share.all().map(|s| s.value));
+                for d in 0..MAX_DEVICES {
+                    slot.devices[d].limit.store(default_limit.unwrap_or(UNLIMITED), Relaxed);
+                    slot.set_share(d, default_share.unwrap_or(0));
+                }
                 for claim in &r.devices {
                     let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
                     let index = index as usize;
-                    let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value));
+                    let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value)).or(default_limit);
                     slot.devices[index].limit.store(limit.unwrap_or(UNLIMITED), Relaxed);
-                    let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal));
+                    let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal)).or(default_share);
                     slot.set_share(index, share.unwrap_or(0));
                 }
                 let priority = (if solo { r.priority } else { None }).or(self.config.settings.priority.as_ref().map(|p| p.value));
                 slot.priority.store(priority.unwrap_or_default() as u32, Relaxed);
+                self.remember_group(g);
                 g
             }
         };
+        let process = self.ledger.process(slot);
         process.reset();
         process.pid.store(peer.pid, Relaxed);
         process.own_pid.store(r.own_pid, Relaxed);
@@ -201,11 +496,13 @@ impl State {
         // The name is the client's word: shown in logs and listings, so no control characters.
         let name: String = r.name.chars().map(|c| if c.is_control() { '?' } else { c }).take(31).collect();
         ledger::write_text(&process.name, &name);
-        self.ledger.group(group).members.fetch_add(1, AcqRel);
         process.state.store(LIVE, Release);
         self.ledger.header().registrations.fetch_add(1, Relaxed);
         let indices = devices.iter().map(|&(_, i)| i as usize).collect();
-        self.watched.insert(slot, Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time, devices: indices });
+        let w = Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time, devices: indices, group, uid: peer.uid, caps: [UNLIMITED; MAX_DEVICES], priority: own_priority, misbehaving: None };
+        self.watched.insert(slot, w);
+        let members = self.members(group).len() as u32;
+        self.ledger.group(group).members.store(members, Relaxed);
         tracing::info!(
             "registered pid {} ({}) uid {} in group {group_name:?}: {}",
             peer.pid,
@@ -219,14 +516,10 @@ impl State {
     /// Takes a process out: its bytes leave its group's figures, its slot is freed, and a
     /// group it leaves empty is freed unless pinned.
     pub fn release(&mut self, slot: usize, why: &str) {
-        self.watched.remove(&slot);
+        let Some(w) = self.watched.remove(&slot) else { return };
+        let (group, pid) = (w.group, w.pid);
         let p = self.ledger.process(slot);
-        if p.state.load(Acquire) != LIVE {
-            return;
-        }
-        let group = p.group.load(Relaxed) as usize;
-        let pid = p.pid.load(Relaxed);
-        let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).sum();
+        let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).fold(0, u64::saturating_add);
         // A turn it held is free now, not when its lease runs out.
         let token = p.token.load(Acquire);
         for d in 0..ledger::MAX_DEVICES {
@@ -234,28 +527,27 @@ impl State {
                 tracing::debug!("pid {pid} {why}: its turn on device {d} is free");
             }
         }
-        // Out of the member list first, so that the reconciliation leaves its bytes out.
+        // Out of the member list first (done above), so that the reconciliation leaves its bytes out.
         p.state.store(FREE, Release);
-        if group < self.ledger.geometry().max_groups as usize {
-            let g = self.ledger.group(group);
+        if self.groups.contains_key(&group) {
             if !self.reconcile(group) {
                 self.pending.push(group);
             }
-            let name = g.name();
-            let left = g.members.fetch_sub(1, AcqRel).saturating_sub(1);
-            if left == 0 && g.pinned.load(Relaxed) == 0 && self.members(group).is_empty() {
-                g.state.store(FREE, Release);
-                g.reset();
+            let name = self.groups[&group].name.clone();
+            let left = self.members(group).len() as u32;
+            self.ledger.group(group).members.store(left, Relaxed);
+            if left == 0 && !self.groups[&group].pinned {
+                self.free_group(group);
             }
             tracing::info!("pid {pid} {why}: {} returned to group {name:?}", format_size(held));
         }
-        p.reset();
+        self.ledger.process(slot).reset();
     }
 
     /// Device indices for the devices a registration names. A claim that is not a GPU UUID,
     /// or names an ordinal or UUID twice, is not tracked (and the process is told why), so
     /// that a garbled registration cannot fill the device table with things that are not GPUs.
-    fn claim_devices(&self, peer: Peer, claims: &[DeviceClaim], notes: &mut Vec<String>) -> Vec<(u32, u32)> {
+    fn claim_devices(&mut self, peer: Peer, claims: &[DeviceClaim], notes: &mut Vec<String>) -> Vec<(u32, u32)> {
         let mut devices: Vec<(u32, u32)> = Vec::new();
         let mut full = Vec::new();
         for d in claims {
@@ -263,14 +555,20 @@ impl State {
                 notes.push(format!("device {}: {:?} is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx); not tracked", d.ordinal, truncated(&d.uuid)));
                 continue;
             }
+            if let Some(node) = &self.node_devices {
+                if !crate::serve::devices::on_node(node, &d.uuid) {
+                    notes.push(format!("device {}: {} is not a device of this node (NVML lists {} here); not tracked", d.ordinal, d.uuid, node.len()));
+                    continue;
+                }
+            }
             if devices.iter().any(|&(o, _)| o == d.ordinal) {
                 notes.push(format!("device {} is named twice; the second claim is not tracked", d.ordinal));
                 continue;
             }
-            let claimed = self.ledger.claim_device(&d.uuid, d.total_memory).or_else(|| {
+            let claimed = self.claim_device(&d.uuid, d.total_memory).or_else(|| {
                 let keep: Vec<usize> = devices.iter().map(|&(_, i)| i as usize).collect();
                 self.free_unused_device(&keep)?;
-                self.ledger.claim_device(&d.uuid, d.total_memory)
+                self.claim_device(&d.uuid, d.total_memory)
             });
             match claimed {
                 Some(index) if devices.iter().any(|&(_, i)| i as usize == index) => {
@@ -292,9 +590,10 @@ impl State {
     /// (nor `keep`), with every group's counters there: so a garbled or hostile registration's
     /// claims last only as long as its process. Slots stay claimed otherwise, so that `ls`
     /// keeps showing a GPU after its last process left.
-    fn free_unused_device(&self, keep: &[usize]) -> Option<()> {
+    fn free_unused_device(&mut self, keep: &[usize]) -> Option<()> {
         let used: std::collections::HashSet<usize> = self.watched.values().flat_map(|w| w.devices.iter().copied()).chain(keep.iter().copied()).collect();
-        let d = (0..MAX_DEVICES).find(|d| !used.contains(d) && self.ledger.device(*d).state.load(Acquire) == LIVE)?;
+        let d = (0..MAX_DEVICES).find(|d| !used.contains(d) && self.devices[*d].is_some())?;
+        self.devices[d] = None;
         let slot = self.ledger.device(d);
         tracing::info!("device {d} ({}) is used by no registered process: its slot goes to a new device", slot.uuid());
         slot.release();
@@ -304,11 +603,34 @@ impl State {
         Some(())
     }
 
-    /// Retries reconciliations that could not finish earlier.
+    /// The device slot for `uuid`, claiming a free one if it is new (the controller alone
+    /// writes the device table).
+    fn claim_device(&mut self, uuid: &str, total_memory: u64) -> Option<usize> {
+        if let Some(d) = self.devices.iter().position(|u| u.as_deref() == Some(uuid)) {
+            return Some(d);
+        }
+        let d = self.devices.iter().position(Option::is_none)?;
+        let slot = self.ledger.device(d);
+        slot.release();
+        slot.state.store(ledger::CLAIMING, Release);
+        ledger::write_text(&slot.uuid, uuid);
+        slot.total_memory.store(total_memory, Relaxed);
+        slot.state.store(LIVE, Release);
+        self.devices[d] = Some(uuid.to_string());
+        Some(d)
+    }
+
+    /// Retries reconciliations that could not finish earlier. Briefly: a member that keeps an
+    /// operation open on purpose must not make every tick wait.
     pub fn retry_pending(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_unstable();
+        pending.dedup();
         for group in pending {
-            if !self.reconcile(group) {
+            if !self.groups.contains_key(&group) {
+                continue;
+            }
+            if !self.reconcile_within(group, 2_000_000) {
                 self.pending.push(group);
             }
         }
@@ -348,29 +670,37 @@ impl State {
                     None if !e.create => return Err(format!("{}; `gpuslice set --create --group {name} ...` makes it", self.no_such_group(name))),
                     None => {
                         gpuslice_common::settings::check_group_name(name).map_err(|r| format!("group {name:?}: {r}"))?;
-                        (self.new_group(name).ok_or("the ledger has no free group slot")?, true)
+                        (self.new_group(name, true, None).ok_or("the ledger has no free group slot")?, true)
                     }
                 };
-                let g = self.ledger.group(slot);
-                apply_edit_to_group(g, &e, &devices);
+                apply_edit_to_group(self.ledger.group(slot), &e, &devices);
                 if !name.starts_with("pid-") {
-                    g.pinned.store(1, Relaxed);
+                    // Configured now: kept when empty, and open to every uid.
+                    let info = self.groups.get_mut(&slot).expect("found or made above");
+                    info.pinned = true;
+                    info.env_uid = None;
                 }
+                self.remember_group(slot);
+                let g = self.ledger.group(slot);
                 let what = if made { "created" } else { "now" };
                 let message = format!("group {name:?} {what}: {}", describe_group(&self.ledger, g));
                 tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
                 Ok(message)
             }
             Target::Pid(pid) => {
-                let (_, p) = self
-                    .ledger
-                    .processes()
-                    .find(|(_, p)| p.state.load(Acquire) == LIVE && p.pid.load(Relaxed) == *pid)
+                let (slot, group) = self
+                    .watched
+                    .iter()
+                    .find(|(_, w)| w.pid == *pid)
+                    .map(|(&s, w)| (s, w.group))
                     .ok_or_else(|| format!("no registered process has pid {pid} (see `gpuslice ls`)"))?;
-                let g = self.ledger.group(p.group.load(Relaxed) as usize);
-                let name = g.name();
+                let p = self.ledger.process(slot);
+                let g = self.ledger.group(group);
+                let name = self.groups.get(&group).map_or_else(|| g.name(), |i| i.name.clone());
                 let message = if name.starts_with("pid-") {
                     apply_edit_to_group(g, &e, &devices);
+                    self.remember_group(group);
+                    let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
                 } else {
                     if e.sm.is_some() {
@@ -388,6 +718,7 @@ impl State {
                         Limit::Bytes(b) => format!("own cap {}", format_size(b)),
                         Limit::Unlimited => "no own cap".into(),
                     });
+                    self.remember_process(slot);
                     let pri = e.priority.map(|p| format!("priority {p}"));
                     format!("pid {pid} in group {name:?} now: {}", [cap, pri].into_iter().flatten().collect::<Vec<_>>().join(", "))
                 };
@@ -468,13 +799,15 @@ impl State {
         let now = ledger::monotonic_ns();
         let elapsed = now.saturating_sub(self.samples.at_ns);
         let mut charged = HashMap::new();
-        for (i, g) in self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE) {
+        for &i in self.groups.keys() {
+            let g = self.ledger.group(i);
             let generation = g.generation.load(Relaxed);
             for (d, gd) in g.devices.iter().enumerate() {
                 charged.insert((true, i, generation, d), gd.charged_ns.load(Relaxed));
             }
         }
-        for (i, p) in self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
+        for &i in self.watched.keys() {
+            let p = self.ledger.process(i);
             let generation = p.generation.load(Relaxed);
             for (d, pd) in p.devices.iter().enumerate() {
                 charged.insert((false, i, generation, d), pd.charged_ns.load(Relaxed));
@@ -501,12 +834,15 @@ impl State {
     }
 
     pub fn listing(&self) -> Listing {
-        let uuid = |d: usize| self.ledger.device(d).uuid();
-        let claimed: Vec<usize> = (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).collect();
+        let uuid = |d: usize| self.devices[d].clone().unwrap_or_default();
+        let claimed: Vec<usize> = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
         let mut listing = Listing::default();
-        for (i, g) in self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE) {
+        let mut group_slots: Vec<usize> = self.groups.keys().copied().collect();
+        group_slots.sort_unstable();
+        for i in group_slots {
+            let (g, info) = (self.ledger.group(i), &self.groups[&i]);
             let generation = g.generation.load(Relaxed);
-            let members = self.members(i).iter().map(|&p| self.ledger.process(p).pid.load(Relaxed)).collect();
+            let members = self.members(i).iter().map(|p| self.watched[p].pid).collect();
             let devices = claimed
                 .iter()
                 .map(|&d| {
@@ -526,11 +862,15 @@ impl State {
                     }
                 })
                 .collect();
-            listing.groups.push(GroupRow { name: g.name(), slot: i as u32, members, priority: g.priority(), devices });
+            let priority = Priority::from_u32(info.priority).unwrap_or_default();
+            listing.groups.push(GroupRow { name: info.name.clone(), slot: i as u32, members, priority, devices });
         }
-        for (i, p) in self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
+        let mut process_slots: Vec<usize> = self.watched.keys().copied().collect();
+        process_slots.sort_unstable();
+        for i in process_slots {
+            let (p, w) = (self.ledger.process(i), &self.watched[&i]);
             let generation = p.generation.load(Relaxed);
-            let g = self.ledger.group(p.group.load(Relaxed) as usize);
+            let g = self.ledger.group(w.group);
             let devices = claimed
                 .iter()
                 .map(|&d| {
@@ -550,10 +890,10 @@ impl State {
                 })
                 .collect();
             listing.processes.push(ProcessRow {
-                pid: p.pid.load(Relaxed),
+                pid: w.pid,
                 own_pid: p.own_pid.load(Relaxed),
-                uid: p.uid.load(Relaxed),
-                group: g.name(),
+                uid: w.uid,
+                group: self.groups.get(&w.group).map_or_else(String::new, |i| i.name.clone()),
                 name: p.name(),
                 priority: p.priority_or(g),
                 devices,
@@ -564,13 +904,46 @@ impl State {
     }
 
     pub fn counts(&self) -> (u32, u32) {
-        let procs = self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).count();
-        let groups = self.ledger.groups().filter(|(_, g)| g.state.load(Acquire) == LIVE).count();
+        let procs = self.watched.len();
+        let groups = self.groups.len();
         (procs as u32, groups as u32)
     }
 
     pub fn devices(&self) -> Vec<String> {
-        (0..MAX_DEVICES).filter(|&d| self.ledger.device(d).state.load(Acquire) == LIVE).map(|d| self.ledger.device(d).uuid()).collect()
+        self.devices.iter().flatten().cloned().collect()
+    }
+}
+
+/// Puts `want` back into a shared word if a tenant changed it; true when it had. A plain load
+/// first: the controller does not dirty the cache lines the shims' hot paths read every tick.
+fn put<T: Copy + PartialEq, A: SharedWord<T>>(word: &A, want: T) -> bool {
+    if word.get() == want {
+        return false;
+    }
+    word.set(want);
+    true
+}
+
+trait SharedWord<T> {
+    fn get(&self) -> T;
+    fn set(&self, v: T);
+}
+
+impl SharedWord<u64> for std::sync::atomic::AtomicU64 {
+    fn get(&self) -> u64 {
+        self.load(Relaxed)
+    }
+    fn set(&self, v: u64) {
+        self.store(v, Relaxed)
+    }
+}
+
+impl SharedWord<u32> for std::sync::atomic::AtomicU32 {
+    fn get(&self) -> u32 {
+        self.load(Relaxed)
+    }
+    fn set(&self, v: u32) {
+        self.store(v, Relaxed)
     }
 }
 
@@ -859,6 +1232,25 @@ mod tests {
         s.adopt();
         assert_eq!(s.find_group("typo"), None);
         assert!(s.find_group("busy").is_some());
+    }
+
+    #[test]
+    fn a_group_from_the_environment_is_its_uids_unless_open_or_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        let parent = std::os::unix::process::parent_id();
+        let a = s.register(Peer { pid: parent, uid: 1000 }, registration(Some("team"), Some(1 << 30))).unwrap();
+        let g = s.ledger.group(a.group as usize);
+        assert!((0..MAX_DEVICES).all(|d| g.devices[d].limit.load(Relaxed) == 1 << 30), "the environment's limit on every device");
+        let e = s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).unwrap_err();
+        assert!(e.contains("uid 1000") && !is_retry_later(&e), "{e}");
+        s.env_groups_open = true;
+        let b = s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).unwrap();
+        assert_eq!(a.group, b.group);
+        s.release(b.slot as usize, "exited");
+        s.env_groups_open = false;
+        s.edit(me(), Edit { target: Target::Group("team".into()), memory: Some(Limit::Bytes(2 << 30)), sm: None, priority: None, device: None, create: false }).unwrap();
+        s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).expect("configured: open to all");
     }
 
     #[test]

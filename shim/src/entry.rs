@@ -79,6 +79,8 @@ pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut 
 #[no_mangle]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     guard::cuda("cuInit", || {
+        // Refused for want of a controller: a new cuInit waits for it again.
+        crate::link::retry_after_refusal();
         if runtime::refused() {
             return CUDA_ERROR_INVALID_VALUE;
         }
@@ -90,6 +92,9 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         if code == CUDA_SUCCESS {
             // Register with the controller (or set up alone) now, before any allocation.
             crate::link::attached();
+            if crate::link::refused() {
+                return crate::link::CUDA_ERROR_NOT_PERMITTED;
+            }
         }
         code
     })

@@ -6,6 +6,13 @@
 //! (the `cuInit` hook tries first): the shim lists its devices by UUID, registers over the
 //! socket, and maps the ledger descriptor the controller sends back. Afterwards the hot paths
 //! only read the mapping: no syscall, no lock.
+//!
+//! No fail-open: a process told to use a controller (`GPUSLICE_GROUP`, `GPUSLICE_SOCKET` or
+//! `GPUSLICE_ON_NO_CONTROLLER` in its environment, or a socket at the default path) that
+//! cannot register keeps trying for `GPUSLICE_CONTROLLER_WAIT` seconds (a `warn` line every
+//! few seconds), then follows `GPUSLICE_ON_NO_CONTROLLER`: `refuse` (the default: `cuInit`
+//! fails, and so does every managed call after it, until a later `cuInit` tries again) or
+//! `alone` (its own environment's limits, for the rest of its life).
 
 use crate::driver::call_real;
 use crate::ffi::*;
@@ -21,8 +28,19 @@ use std::time::Duration;
 /// CUDA ordinals beyond this are passed through untracked.
 pub const MAX_ORDINALS: usize = 64;
 const NO_DEVICE: u8 = u8::MAX;
-/// How long registration may take before the shim runs alone.
+/// How long one registration attempt may take.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a process told to use a controller does when none takes it: `refuse` or `alone`.
+pub const ENV_ON_NO_CONTROLLER: &str = "GPUSLICE_ON_NO_CONTROLLER";
+/// How long (seconds) such a process keeps trying before it follows that policy.
+pub const ENV_CONTROLLER_WAIT: &str = "GPUSLICE_CONTROLLER_WAIT";
+const DEFAULT_CONTROLLER_WAIT: Duration = Duration::from_secs(30);
+/// A `warn` line this often while waiting.
+const WAIT_REPORT_EVERY: Duration = Duration::from_secs(5);
+/// Between two registration attempts while waiting.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
+/// What `cuInit` returns when the process was refused for want of a controller.
+pub const CUDA_ERROR_NOT_PERMITTED: CuResult = 800;
 
 pub struct Link {
     /// The mapped ledger (the controller's, or the private one), for readers of the group's
@@ -47,6 +65,21 @@ pub struct Link {
 static LINK: AtomicPtr<Link> = AtomicPtr::new(std::ptr::null_mut());
 /// True while one thread attaches; the others wait for it.
 static ATTACHING: AtomicBool = AtomicBool::new(false);
+/// Set when no controller took a process that had to have one and its policy is `refuse`:
+/// CUDA work is refused for the rest of its life (see `runtime::refused`).
+static REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// True when this process must not run CUDA work: it needed a controller and none took it.
+#[inline]
+pub fn refused() -> bool {
+    REFUSED.load(Relaxed)
+}
+
+/// Lets the next attach try the controller again (a program calling `cuInit` again after a
+/// refusal): the process waits and registers afresh, or is refused again.
+pub fn retry_after_refusal() {
+    REFUSED.store(false, Release);
+}
 /// How many times this process's line has forked since it attached (0 in the original).
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -109,6 +142,9 @@ fn attach_slow() -> Option<&'static Link> {
         if let Some(l) = get() {
             return Some(l);
         }
+        if refused() {
+            return None;
+        }
         if ATTACHING.compare_exchange(false, true, AcqRel, Acquire).is_ok() {
             if let Ok(link) = visible_devices().and_then(|devices| attach(settings, &devices, true)) {
                 LINK.store(Box::into_raw(Box::new(link)), Release);
@@ -117,7 +153,7 @@ fn attach_slow() -> Option<&'static Link> {
             ATTACHING.store(false, Release);
             return get(); // None when the driver was not ready: a later call tries again.
         }
-        // Another thread is registering (at most REGISTER_TIMEOUT).
+        // Another thread is registering (or waiting for the controller, bounded).
         std::thread::sleep(Duration::from_micros(100));
     }
 }
@@ -128,6 +164,7 @@ fn attach_slow() -> Option<&'static Link> {
 pub fn forget_in_child() {
     LINK.store(std::ptr::null_mut(), Release);
     ATTACHING.store(false, Release);
+    REFUSED.store(false, Release);
     TOKEN.store(0, Release);
     FORK_GENERATION.fetch_add(1, AcqRel);
 }
@@ -202,27 +239,114 @@ fn visible_devices() -> Result<Vec<Visible>, ()> {
     Ok(out)
 }
 
+/// What to do when a process that must have a controller gets none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnNoController {
+    Refuse,
+    Alone,
+}
+
+/// The policy and the wait from the environment. A value that does not parse means `refuse`
+/// (and says so): a typo must not open what it meant to close.
+fn no_controller_policy() -> (OnNoController, Duration) {
+    let pid = std::process::id();
+    let policy = match std::env::var(ENV_ON_NO_CONTROLLER).ok().map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("refuse") => OnNoController::Refuse,
+        Some("alone") => OnNoController::Alone,
+        Some(other) => {
+            tracing::error!("pid {pid}: {ENV_ON_NO_CONTROLLER}={other:?} is neither refuse nor alone; using refuse");
+            OnNoController::Refuse
+        }
+    };
+    let wait = match std::env::var(ENV_CONTROLLER_WAIT).ok().filter(|v| !v.trim().is_empty()) {
+        None => DEFAULT_CONTROLLER_WAIT,
+        Some(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Duration::from_secs_f64(s),
+            _ => {
+                tracing::error!("pid {pid}: {ENV_CONTROLLER_WAIT}={v:?} is not a number of seconds from 0 to 86400; waiting {}s", DEFAULT_CONTROLLER_WAIT.as_secs());
+                DEFAULT_CONTROLLER_WAIT
+            }
+        },
+    };
+    (policy, wait)
+}
+
+/// True when the environment says this process belongs under a controller.
+fn told_to_use_controller(settings: &Settings) -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    settings.group.is_some() || set(ENV_SOCKET) || set(ENV_ON_NO_CONTROLLER)
+}
+
 /// `turns`: map this user's turn pages when alone (not for `attach_view`).
 fn attach(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, ()> {
     // A path, any bytes: one that is not UTF-8 must not send the process to the default socket.
-    let socket = std::path::PathBuf::from(std::env::var_os(ENV_SOCKET).filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.into()));
+    let socket_path = std::path::PathBuf::from(std::env::var_os(ENV_SOCKET).filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.into()));
     let pid = std::process::id();
-    let socket_path = socket;
     let socket = socket_path.display();
-    if std::fs::symlink_metadata(&socket_path).is_err() {
+    let present = std::fs::symlink_metadata(&socket_path).is_ok();
+    if !present && !told_to_use_controller(settings) {
         tracing::info!("pid {pid}: no gpuslice controller at {socket}; running alone on this process's own limits ({})", settings.describe());
         return alone(settings, devices, turns);
     }
-    match register(&socket_path, settings, devices) {
-        Ok(link) => {
-            tracing::info!("pid {pid}: registered with the gpuslice controller at {socket}: group {:?}", link.group_name);
-            Ok(link)
+    let (policy, wait) = no_controller_policy();
+    let start = std::time::Instant::now();
+    let mut last_report = start;
+    let why = loop {
+        let why = if std::fs::symlink_metadata(&socket_path).is_err() {
+            Retry::Later("nothing listens there".to_string())
+        } else {
+            match register(&socket_path, settings, devices) {
+                Ok(link) => {
+                    tracing::info!("pid {pid}: registered with the gpuslice controller at {socket}: group {:?}", link.group_name);
+                    return Ok(link);
+                }
+                Err(r) => r,
+            }
+        };
+        let why = match why {
+            Retry::Never(why) => break why,
+            Retry::Later(why) => why,
+        };
+        if start.elapsed() >= wait {
+            break why;
         }
-        Err(why) => {
-            tracing::warn!("pid {pid}: the gpuslice controller at {socket} did not take this process ({why}); running alone on its own limits ({})", settings.describe());
+        if last_report.elapsed() >= WAIT_REPORT_EVERY || last_report == start {
+            last_report = std::time::Instant::now();
+            tracing::warn!(
+                "pid {pid}: waiting for the gpuslice controller at {socket} ({why}): {:.0}s of {:.0}s, then {}",
+                start.elapsed().as_secs_f64(),
+                wait.as_secs_f64(),
+                match policy {
+                    OnNoController::Refuse => format!("CUDA is refused ({ENV_ON_NO_CONTROLLER}=refuse)"),
+                    OnNoController::Alone => format!("it runs alone on its own limits ({ENV_ON_NO_CONTROLLER}=alone)"),
+                }
+            );
+        }
+        std::thread::sleep(RETRY_EVERY);
+    };
+    let whom = if present { format!("the gpuslice controller at {socket} did not take this process") } else { format!("no gpuslice controller at {socket}") };
+    match policy {
+        OnNoController::Alone => {
+            tracing::warn!("pid {pid}: {whom} ({why}); running alone on its own limits ({}) as {ENV_ON_NO_CONTROLLER}=alone says", settings.describe());
             alone(settings, devices, turns)
         }
+        OnNoController::Refuse => {
+            tracing::error!(
+                "pid {pid}: {whom} ({why}) within {:.0}s; CUDA is refused in this process (cuInit returns CUDA_ERROR_NOT_PERMITTED): it was told to run under a controller ({ENV_ON_NO_CONTROLLER}=refuse; set it to alone to run on its own limits instead)",
+                wait.as_secs_f64()
+            );
+            REFUSED.store(true, Release);
+            Err(())
+        }
     }
+}
+
+/// Why a registration failed, and whether trying again may help.
+enum Retry {
+    /// The controller may take it later (not running yet, restarting, busy, full).
+    Later(String),
+    /// It never will (another protocol, a pid it cannot see, a group closed to this uid).
+    Never(String),
 }
 
 fn program_name() -> String {
@@ -232,7 +356,7 @@ fn program_name() -> String {
         .unwrap_or_default()
 }
 
-fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) -> Result<Link, String> {
+fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) -> Result<Link, Retry> {
     let request = Request::Register(Registration {
         protocol: protocol::PROTOCOL_VERSION,
         group: settings.group.clone(),
@@ -250,18 +374,19 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
             })
             .collect(),
     });
-    let (response, fd) = protocol::call(socket, &request, REGISTER_TIMEOUT).map_err(|e| e.to_string())?;
+    let (response, fd) = protocol::call(socket, &request, REGISTER_TIMEOUT).map_err(|e| Retry::Later(e.to_string()))?;
     let assignment = match response {
         Response::Registered(a) => a,
-        Response::Error { message } => return Err(message),
-        other => return Err(format!("unexpected answer {other:?}")),
+        Response::Error { message } if protocol::is_retry_later(&message) => return Err(Retry::Later(message)),
+        Response::Error { message } => return Err(Retry::Never(message)),
+        other => return Err(Retry::Later(format!("unexpected answer {other:?}"))),
     };
-    let fd = fd.ok_or("the answer came without the ledger")?;
+    let fd = fd.ok_or_else(|| Retry::Later("the answer came without the ledger".into()))?;
     use std::os::fd::AsFd;
-    let ledger = Ledger::map_fd(fd.as_fd(), "(from the controller)").map_err(|e| e.to_string())?;
+    let ledger = Ledger::map_fd(fd.as_fd(), "(from the controller)").map_err(|e| Retry::Later(e.to_string()))?;
     let geometry = ledger.geometry();
     if assignment.group >= geometry.max_groups || assignment.slot >= geometry.max_procs {
-        return Err(format!("slot {}/{} outside the ledger", assignment.group, assignment.slot));
+        return Err(Retry::Later(format!("slot {}/{} outside the ledger", assignment.group, assignment.slot)));
     }
     let ledger: &'static Ledger = Box::leak(Box::new(ledger));
     let mut map = [NO_DEVICE; MAX_ORDINALS];

@@ -25,10 +25,11 @@ pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(init)
 }
 
-/// True when the settings were bad and CUDA work must not start.
+/// True when the settings were bad, or the process needed a controller and none took it
+/// (`link`): CUDA work must not start.
 #[inline]
 pub fn refused() -> bool {
-    runtime().settings.is_err()
+    runtime().settings.is_err() || crate::link::refused()
 }
 
 /// The hook name that must panic, for tests of the FFI boundary; `None` in real use.

@@ -61,7 +61,9 @@ mkdir -p "$CUDA_MPS_PIPE_DIRECTORY"
 nvidia-cuda-mps-control -d >>"$LOG" 2>&1 || { note "MPS daemon did not start"; exit 2; }
 sleep 1
 ls -la "$CUDA_MPS_PIPE_DIRECTORY" >>"$LOG" 2>&1
-SHIM=(LD_PRELOAD="$LIB" GPUSLICE_LOG=info GPUSLICE_SOCKET=/nonexistent/gpuslice.sock)
+# Alone on purpose: a socket in the environment means "a controller is wanted" (issue 13), so
+# say that running alone, at once, is what is meant here.
+SHIM=(LD_PRELOAD="$LIB" GPUSLICE_LOG=info GPUSLICE_SOCKET=/nonexistent/gpuslice.sock GPUSLICE_ON_NO_CONTROLLER=alone GPUSLICE_CONTROLLER_WAIT=0)
 run e2_sb_alone "${SHIM[@]}" -- "$SB" run --iters "$SI" --seconds 3
 R0=$(key "$BUILD/e2_sb_alone.out" rate)
 for mode in off auto; do

@@ -498,6 +498,11 @@ impl<'a> Client<'a> {
         cmd.env("SIMCUDA_STATE", self.sim.state_path());
         // Hermetic: no controller unless the test names one (set below, after this default).
         cmd.env("GPUSLICE_SOCKET", self.sim.no_controller_socket());
+        // With a socket in its environment a process must have a controller (issue 13: no
+        // fail-open); tests that mean it run alone when none answers, at once, unless they say
+        // otherwise (the no-fail-open tests do).
+        cmd.env("GPUSLICE_ON_NO_CONTROLLER", "alone");
+        cmd.env("GPUSLICE_CONTROLLER_WAIT", "0");
         let mut shown = Vec::new();
         if let Some(uid) = self.uid {
             cmd.uid(uid).gid(uid);

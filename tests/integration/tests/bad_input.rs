@@ -688,7 +688,6 @@ fn the_controller_refuses_files_that_are_not_its_ledger_and_replaces_damaged_one
     let refused: Vec<(&str, Make, &str)> = vec![
         ("a text file", Box::new(|p: &Path| std::fs::write(p, "some other program's data\n".repeat(300)).unwrap()), "it is not a gpuslice ledger"),
         ("a zeroed file", Box::new(|p: &Path| std::fs::write(p, vec![0u8; 1 << 20]).unwrap()), "it is not a gpuslice ledger"),
-        ("an empty file", Box::new(|p: &Path| std::fs::write(p, b"").unwrap()), "it is empty"),
         ("a FIFO", Box::new(|p: &Path| assert!(std::process::Command::new("mkfifo").arg(p).status().unwrap().success())), "not a regular file"),
         ("a directory", Box::new(|p: &Path| std::fs::create_dir(p).unwrap()), "Is a directory"),
         ("a symbolic link", Box::new(|p: &Path| std::os::unix::fs::symlink("target.txt", p).unwrap()), "symbolic link"),
@@ -713,7 +712,7 @@ fn the_controller_refuses_files_that_are_not_its_ledger_and_replaces_damaged_one
     // Damaged or older gpuslice ledgers: replaced, with a warning that says why.
     let mut wrong_version = valid.clone();
     wrong_version[8] = 99;
-    let replaced = [("a truncated ledger", valid[..100].to_vec(), "shorter than its"), ("a ledger cut short", valid[..valid.len() / 2].to_vec(), "file size is"), ("another layout", wrong_version, "layout version 99")];
+    let replaced = [("a truncated ledger", valid[..100].to_vec(), "shorter than its"), ("a ledger cut short", valid[..valid.len() / 2].to_vec(), "file size is"), ("another layout", wrong_version, "layout version 99"), ("an empty file (a ledger truncated through a handed-out descriptor)", Vec::new(), "is empty (truncated?)")];
     for (what, bytes, reason) in replaced {
         let ledger = shm.join("ledger");
         std::fs::write(&ledger, &bytes).unwrap();
@@ -758,7 +757,7 @@ fn the_controller_refuses_files_that_are_not_its_ledger_and_replaces_damaged_one
 fn a_full_ledger_refuses_with_a_reason_and_the_process_runs_on_its_own_limits() {
     let sim = sim();
     let config = sim.write_file("full.toml", "[groups.g]\nmemory_limit = \"1GiB\"\n");
-    let ctl = Serve::start(&sim, &sim.path("sock"), &sim.path("shm/ledger"), &format!("--config {} --max-processes 2 --max-groups 2", show(&config)));
+    let ctl = Serve::start(&sim, &sim.path("sock"), &sim.path("shm/ledger"), &format!("--config {} --max-processes 2 --max-groups 2 --max-processes-per-uid 2 --max-groups-per-uid 2", show(&config)));
     let holder = |group: Option<&str>, done: &Path| {
         let mut c = sim.client(Route::Link).shim().env("GPUSLICE_SOCKET", show(&ctl.socket));
         if let Some(g) = group {
@@ -954,7 +953,9 @@ fn every_variable_with_a_bad_value_is_named_in_one_line() {
     assert_eq!(out.stderr_lines_with(&["refused"]).len(), 1, "the refusal went to stderr:\n{out}");
     let out = run_env(&sim, &[("GPUSLICE_SOCKET", "\u{1}nowhere"), ("GPUSLICE_MEMORY_LIMIT", "1GiB")], "init ctx 0 alloc 2G");
     out.expect_err(2, OOM);
-    assert_eq!(out.stderr.lines().count(), 1, "only the refusal at the default level:\n{out}");
+    // A socket in the environment means a controller is wanted: that none answers is a warning.
+    assert_eq!(out.stderr.lines().count(), 2, "the refusal and that it runs alone, at the default level:\n{out}");
+    assert_eq!(out.stderr_lines_with(&["no gpuslice controller at", "running alone"]).len(), 1, "{out}");
     // A socket path that is not UTF-8 is still a path: it must not send the process to the
     // default socket.
     let out = sim

@@ -501,14 +501,26 @@ fn without_a_controller_the_shim_runs_alone_and_says_so_once() {
     expect_ok(out.line(5));
     let socket = sim.no_controller_socket().display().to_string();
     let lines = out.stderr_lines_with(&["no gpuslice controller at", &socket, "running alone"]);
-    assert_eq!(lines.len(), 1, "one info line that the shim runs alone:\n{out}");
-    assert!(lines[0].contains("INFO"), "{}", lines[0]);
+    // A socket in its environment says it belongs under a controller: running alone is a
+    // warning then (issue 16), and only because GPUSLICE_ON_NO_CONTROLLER=alone says so.
+    assert_eq!(lines.len(), 1, "one line that the shim runs alone:\n{out}");
+    assert!(lines[0].contains("WARN") && lines[0].contains("GPUSLICE_ON_NO_CONTROLLER=alone"), "{}", lines[0]);
     assert!(lines[0].contains("1.00 GiB"), "it names the limits it runs on: {}", lines[0]);
 
-    // At the default log level (warn) it says nothing about it.
-    let quiet = sim.client(Route::Dlsym).shim().env("GPUSLICE_MEMORY_LIMIT", "1GiB").args("init ctx 0 alloc 1M").run();
-    quiet.assert_all_ok();
-    assert!(quiet.stderr_lines_with(&["controller"]).is_empty(), "{quiet}");
+    // Told nothing (no socket, group or policy in its environment, none at the default path),
+    // at the default log level (warn) it says nothing about it.
+    if !std::path::Path::new(gpuslice_common::protocol::DEFAULT_SOCKET).exists() {
+        let quiet = sim
+            .client(Route::Dlsym)
+            .shim()
+            .env("GPUSLICE_SOCKET", "")
+            .env("GPUSLICE_ON_NO_CONTROLLER", "")
+            .env("GPUSLICE_MEMORY_LIMIT", "1GiB")
+            .args("init ctx 0 alloc 1M")
+            .run();
+        quiet.assert_all_ok();
+        assert!(quiet.stderr_lines_with(&["controller"]).is_empty(), "{quiet}");
+    }
 
     // A stale socket (a controller that died): a warning, once, and the env limits hold.
     let stale = sim.path("stale.sock");

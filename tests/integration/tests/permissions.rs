@@ -91,16 +91,16 @@ fn another_user_cannot_open_the_ledger_or_change_limits() {
         }
     }
 
-    // A client of uid 65534 (its own simulated machine: the state file must be its own).
-    let theirs = sim.path("nobody");
-    std::fs::create_dir(&theirs).unwrap();
-    std::os::unix::fs::chown(&theirs, Some(NOBODY), Some(NOBODY)).unwrap();
+    // A client of uid 65534 on the same simulated machine as the controller (the controller
+    // tracks only the devices its NVML lists, so the UUIDs must be the same): the state file
+    // is made writable for it.
+    sim.client(Route::Link).args("init").run().assert_success();
+    chmod(&sim.state_path(), 0o666);
     let done = sim.path("done");
     let c = sim
         .client(Route::Link)
         .shim()
         .uid(NOBODY)
-        .env("SIMCUDA_STATE", show(&theirs.join("state")))
         .controller(&ctl)
         .group("g")
         .args(&format!("init ctx 0 uuid 0 alloc 900M alloc 100M waitfile {}", show(&done)))
@@ -136,7 +136,8 @@ fn a_controller_refuses_paths_its_user_may_not_use() {
     chmod(sim.dir(), 0o755);
     let open_dir = sim.path("open");
     std::fs::create_dir(&open_dir).unwrap();
-    chmod(&open_dir, 0o777);
+    // Writable by all but sticky, like /tmp: nobody may rename another's files there.
+    chmod(&open_dir, 0o1777);
     let closed_dir = sim.path("closed"); // root's, 0755
     std::fs::create_dir(&closed_dir).unwrap();
     chmod(&closed_dir, 0o755);
@@ -165,4 +166,25 @@ fn a_controller_refuses_paths_its_user_may_not_use() {
     let err = serve_fails(&sim, None, &open_dir.join("sock"), &theirs);
     assert!(err.contains(&format!("refusing the ledger {}: it belongs to uid {NOBODY}", show(&theirs))), "{err}");
     assert_eq!(std::fs::read(&theirs).unwrap(), before, "left untouched");
+
+    // Issue 13: a ledger or socket directory made beforehand by another user, or one that
+    // others may write (and so rename what is in it), is refused with a message, never used.
+    let squatted = sim.path("squatted");
+    std::fs::create_dir(&squatted).unwrap();
+    chmod(&squatted, 0o700);
+    std::os::unix::fs::chown(&squatted, Some(NOBODY), Some(NOBODY)).unwrap();
+    let err = serve_fails(&sim, None, &open_dir.join("sock"), &squatted.join("ledger"));
+    assert!(err.contains(&format!("{} belongs to uid {NOBODY}", show(&squatted))) && err.contains("refusing it"), "{err}");
+    let err = serve_fails(&sim, None, &squatted.join("sock"), &open_dir.join("ledger"));
+    assert!(err.contains(&format!("{} belongs to uid {NOBODY}", show(&squatted))), "{err}");
+    let loose = sim.path("loose");
+    std::fs::create_dir(&loose).unwrap();
+    chmod(&loose, 0o777);
+    let err = serve_fails(&sim, None, &open_dir.join("sock"), &loose.join("ledger"));
+    assert!(err.contains(&format!("{} has mode 777", show(&loose))) && err.contains("refusing it"), "{err}");
+    assert!(std::fs::read_dir(&loose).unwrap().next().is_none(), "nothing made in it");
+    let link = sim.path("link");
+    std::os::unix::fs::symlink(&squatted, &link).unwrap();
+    let err = serve_fails(&sim, None, &open_dir.join("sock"), &link.join("ledger"));
+    assert!(err.contains("is a symbolic link") || err.contains("belongs to uid"), "{err}");
 }

@@ -1,0 +1,381 @@
+//! The ledger's layout: constants, the `#[repr(C)]` header and slots (mirrored in
+//! `include/gpuslice.h`), geometry, and the plain helpers of a slot (names, reset).
+
+use super::sched::DeviceSched;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+/// "GPUSLDGR" read as a little-endian u64.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUSLDGR");
+/// Bumped whenever any offset, size or meaning below changes.
+pub const LAYOUT_VERSION: u32 = 3;
+/// Device indices per slot; devices beyond are passed through untracked.
+pub const MAX_DEVICES: usize = 16;
+pub const HEADER_SIZE: usize = 4096;
+/// A limit that is not set.
+pub const UNLIMITED: u64 = u64::MAX;
+pub const NAME_BYTES: usize = 64;
+pub const UUID_BYTES: usize = 48;
+/// How long an allocation waits for a reconciliation before going ahead regardless.
+pub const RECONCILE_PATIENCE_NS: u64 = 100_000_000;
+
+/// Slot states.
+pub const FREE: u32 = 0;
+pub const LIVE: u32 = 1;
+/// A device slot whose UUID is being written.
+pub const CLAIMING: u32 = 2;
+
+#[repr(C)]
+pub struct Header {
+    pub magic: AtomicU64,
+    pub layout_version: AtomicU32,
+    pub header_size: AtomicU32,
+    pub file_size: AtomicU64,
+    pub max_devices: AtomicU32,
+    pub max_groups: AtomicU32,
+    pub max_procs: AtomicU32,
+    pub device_slot_size: AtomicU32,
+    pub group_slot_size: AtomicU32,
+    pub proc_slot_size: AtomicU32,
+    pub devices_offset: AtomicU64,
+    pub groups_offset: AtomicU64,
+    pub procs_offset: AtomicU64,
+    /// The controller's pid in its own namespace; 0 when none has this ledger open.
+    pub controller_pid: AtomicU32,
+    pub _pad0: AtomicU32,
+    /// CLOCK_MONOTONIC ns of the controller's latest tick (every 100 ms while it runs).
+    pub controller_heartbeat_ns: AtomicU64,
+    /// Incremented each time a controller starts on this ledger (adoption after a restart).
+    pub controller_starts: AtomicU64,
+    pub created_ns: AtomicU64,
+    /// Processes registered since the ledger was created (a sequence, never decremented).
+    pub registrations: AtomicU64,
+}
+
+/// Which GPU a device index means: claimed by UUID, so that processes with different
+/// `CUDA_VISIBLE_DEVICES` agree on it; and the device's priority state.
+#[repr(C)]
+pub struct DeviceSlot {
+    pub state: AtomicU32,
+    pub _pad: AtomicU32,
+    pub total_memory: AtomicU64,
+    /// NUL-padded ASCII, "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx".
+    pub uuid: [AtomicU64; UUID_BYTES / 8],
+    pub sched: DeviceSched,
+}
+
+/// A group's figures on one device.
+#[repr(C)]
+pub struct GroupDevice {
+    pub limit: AtomicU64,
+    pub used: AtomicU64,
+    /// Percent of the device's time, 1..=99; 0 when not throttled.
+    pub share: AtomicU32,
+    pub _pad: AtomicU32,
+    /// The group's token bucket (GCRA): when its tokens are back to zero, CLOCK_MONOTONIC ns.
+    pub debt_until: AtomicU64,
+    /// Device time charged to the group's launches (ns, after settlement).
+    pub charged_ns: AtomicU64,
+    /// Wall time the group's launches waited for tokens or a turn (ns).
+    pub throttled_ns: AtomicU64,
+    /// Allocations refused over a limit.
+    pub refusals: AtomicU64,
+    pub peak_used: AtomicU64,
+}
+
+#[repr(C)]
+pub struct GroupSlot {
+    pub state: AtomicU32,
+    /// `Priority` as u32.
+    pub priority: AtomicU32,
+    pub members: AtomicU32,
+    /// Non-zero while the controller recomputes `used` (see the module docs): the low 32 bits
+    /// of CLOCK_MONOTONIC in ms when it started, with the lowest bit set, so that a flag left
+    /// up by a controller killed mid-way is recognised as stale.
+    pub reconciling: AtomicU32,
+    /// Non-zero when any device of the group has a share: the one load an unthrottled launch pays.
+    pub throttled: AtomicU32,
+    /// 1 when the group lives in the config file or was edited (kept when its last member leaves).
+    pub pinned: AtomicU32,
+    /// Incremented each time the slot is given to a new group.
+    pub generation: AtomicU64,
+    pub name: [AtomicU64; NAME_BYTES / 8],
+    pub _reserved: [AtomicU64; 4],
+    pub devices: [GroupDevice; MAX_DEVICES],
+}
+
+/// A process's figures on one device.
+#[repr(C)]
+pub struct ProcessDevice {
+    /// Bytes this process holds: its allocations plus `overhead`.
+    pub used: AtomicU64,
+    /// Memory the driver holds for it outside any allocation (context reserve, modules).
+    pub overhead: AtomicU64,
+    /// A cap on this process alone, inside its group's limit.
+    pub limit: AtomicU64,
+    pub charged_ns: AtomicU64,
+    pub throttled_ns: AtomicU64,
+    pub refusals: AtomicU64,
+    pub peak_used: AtomicU64,
+    /// Bytes the controller charges to the group on top of `used`, because the driver (NVML)
+    /// shows this process holding more than it reports (see the controller's `crosscheck`).
+    /// Written by the controller only; counted in the group's `used` and by `reconcile`.
+    pub penalty: AtomicU64,
+}
+
+#[repr(C)]
+pub struct ProcessSlot {
+    pub state: AtomicU32,
+    /// The pid as the controller sees it (`SO_PEERCRED`, translated into its namespace).
+    pub pid: AtomicU32,
+    pub group: AtomicU32,
+    /// `Priority` as u32; `PRIORITY_INHERIT` takes the group's.
+    pub priority: AtomicU32,
+    /// Odd while the process has an accounting operation open (see the module docs).
+    pub ops: AtomicU64,
+    /// Start time of the pid (clock ticks after boot, /proc/PID/stat field 22): a reused pid
+    /// is a different process.
+    pub start_time: AtomicU64,
+    /// CLOCK_MONOTONIC ns of the process's latest accounting or launch activity (coarse).
+    pub heartbeat_ns: AtomicU64,
+    pub uid: AtomicU32,
+    /// The pid as the process sees itself (differs inside a container's pid namespace).
+    pub own_pid: AtomicU32,
+    pub generation: AtomicU64,
+    pub name: [AtomicU64; 32 / 8],
+    /// The token the process names itself by in device state (see `Turn`), written by the
+    /// process once registered: the controller clears a turn it still holds when it goes.
+    pub token: AtomicU64,
+    pub _reserved: [AtomicU64; 4],
+    pub devices: [ProcessDevice; MAX_DEVICES],
+}
+
+/// Scheduling class of a process or group (issue 5 gives it teeth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low = 1,
+    #[default]
+    Normal = 2,
+    High = 3,
+}
+
+/// A process slot's `priority` when the process has none of its own.
+pub const PRIORITY_INHERIT: u32 = 0;
+
+impl Priority {
+    pub fn from_u32(v: u32) -> Option<Priority> {
+        match v {
+            1 => Some(Priority::Low),
+            2 => Some(Priority::Normal),
+            3 => Some(Priority::High),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Priority, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            _ => Err(format!("{s:?} is not a priority; use high, normal or low")),
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How many slots of each kind a ledger has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    pub max_groups: u32,
+    pub max_procs: u32,
+}
+
+impl Default for Geometry {
+    fn default() -> Self {
+        Geometry { max_groups: 256, max_procs: 1024 }
+    }
+}
+
+impl Geometry {
+    pub(crate) fn devices_offset(&self) -> usize {
+        HEADER_SIZE
+    }
+    pub(crate) fn groups_offset(&self) -> usize {
+        round_up(self.devices_offset() + MAX_DEVICES * size_of::<DeviceSlot>(), 4096)
+    }
+    pub(crate) fn procs_offset(&self) -> usize {
+        round_up(self.groups_offset() + self.max_groups as usize * size_of::<GroupSlot>(), 4096)
+    }
+    pub fn file_size(&self) -> usize {
+        round_up(self.procs_offset() + self.max_procs as usize * size_of::<ProcessSlot>(), 4096)
+    }
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+/// Writes `text` NUL-padded into atomic words (truncated to fit, on a character boundary).
+pub fn write_text(words: &[AtomicU64], text: &str) {
+    let cap = words.len() * 8 - 1;
+    let mut end = text.len().min(cap);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut bytes = vec![0u8; words.len() * 8];
+    bytes[..end].copy_from_slice(&text.as_bytes()[..end]);
+    for (w, chunk) in words.iter().zip(bytes.chunks(8)) {
+        w.store(u64::from_le_bytes(chunk.try_into().unwrap()), Relaxed);
+    }
+}
+
+/// Reads NUL-padded text from atomic words; invalid UTF-8 is replaced, never trusted.
+pub fn read_text(words: &[AtomicU64]) -> String {
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.load(Relaxed).to_le_bytes()).collect();
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+impl DeviceSlot {
+    pub fn uuid(&self) -> String {
+        read_text(&self.uuid)
+    }
+
+    /// Frees the slot for another GPU (the controller, once no registered process uses it).
+    pub fn release(&self) {
+        self.state.store(CLAIMING, Release);
+        write_text(&self.uuid, "");
+        self.total_memory.store(0, Relaxed);
+        let s = &self.sched;
+        s.high_alive_until.store(0, Relaxed);
+        for h in &s.highs {
+            h.owner.store(0, Relaxed);
+            h.pid.store(0, Relaxed);
+            h.busy.store(0, Relaxed);
+            h.alive_until.store(0, Relaxed);
+        }
+        s.wake.fetch_add(1, SeqCst);
+        self.state.store(FREE, Release);
+    }
+}
+
+impl GroupDevice {
+    /// Zeroes the figures counted on a device (its limit and share stay: they are settings).
+    pub fn clear_counters(&self) {
+        for c in [&self.used, &self.debt_until, &self.charged_ns, &self.throttled_ns, &self.refusals, &self.peak_used] {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
+impl GroupSlot {
+    pub fn name(&self) -> String {
+        read_text(&self.name)
+    }
+
+    pub fn set_name(&self, name: &str) {
+        write_text(&self.name, name)
+    }
+
+    pub fn priority(&self) -> Priority {
+        Priority::from_u32(self.priority.load(Relaxed)).unwrap_or_default()
+    }
+
+    /// Sets the share of device `device` (0 or ≥ 100: not throttled), keeping `throttled` true
+    /// exactly when some device has a share.
+    pub fn set_share(&self, device: usize, share: u32) {
+        let share = if share >= 100 { 0 } else { share };
+        self.devices[device].share.store(share, Relaxed);
+        let any = self.devices.iter().any(|d| d.share.load(Relaxed) != 0);
+        self.throttled.store(any as u32, Release);
+    }
+
+    /// Clears every figure for a new occupant (the controller, before it marks the slot LIVE).
+    pub fn reset(&self) {
+        self.priority.store(Priority::Normal as u32, Relaxed);
+        self.members.store(0, Relaxed);
+        self.reconciling.store(0, Relaxed);
+        self.throttled.store(0, Relaxed);
+        self.pinned.store(0, Relaxed);
+        write_text(&self.name, "");
+        for d in &self.devices {
+            d.limit.store(UNLIMITED, Relaxed);
+            for c in [&d.used, &d.debt_until, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used] {
+                c.store(0, Relaxed);
+            }
+            d.share.store(0, Relaxed);
+        }
+        self.generation.fetch_add(1, Release);
+    }
+}
+
+impl ProcessSlot {
+    pub fn name(&self) -> String {
+        read_text(&self.name)
+    }
+
+    /// The process's own priority, or its group's when it has none.
+    pub fn priority_or(&self, group: &GroupSlot) -> Priority {
+        Priority::from_u32(self.priority.load(Relaxed)).unwrap_or_else(|| group.priority())
+    }
+
+    pub fn reset(&self) {
+        for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token] {
+            w.store(0, Relaxed);
+        }
+        for w in [&self.pid, &self.group, &self.priority, &self.uid, &self.own_pid] {
+            w.store(0, Relaxed);
+        }
+        write_text(&self.name, "");
+        for d in &self.devices {
+            d.limit.store(UNLIMITED, Relaxed);
+            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used, &d.penalty] {
+                c.store(0, Relaxed);
+            }
+        }
+        self.generation.fetch_add(1, Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_sizes_are_what_the_header_says() {
+        assert_eq!(size_of::<DeviceSlot>(), 64 + size_of::<DeviceSched>());
+        assert_eq!(size_of::<GroupDevice>(), 64);
+        assert_eq!(size_of::<ProcessDevice>(), 64);
+        assert_eq!(size_of::<GroupSlot>(), 128 + 64 * MAX_DEVICES);
+        assert_eq!(size_of::<ProcessSlot>(), 128 + 64 * MAX_DEVICES);
+        assert!(size_of::<Header>() <= HEADER_SIZE);
+        assert_eq!(size_of::<super::super::Turn>(), 40);
+    }
+
+    #[test]
+    fn text_fields_truncate_on_character_boundaries() {
+        let words: [AtomicU64; 4] = Default::default();
+        write_text(&words, "abc");
+        assert_eq!(read_text(&words), "abc");
+        write_text(&words, &"é".repeat(40));
+        let back = read_text(&words);
+        assert!(back.len() <= 31 && back.chars().all(|c| c == 'é'), "{back}");
+    }
+
+}

@@ -1,0 +1,145 @@
+//! The cross-group device state: who has high-priority work on a device and whose turn it is
+//! among throttled processes (read and written by every process on the device).
+
+use super::monotonic_ns;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+/// High-priority processes a device tracks at once.
+pub const MAX_HIGH: usize = 8;
+
+/// Who has high-priority work on a device: what lower-priority launchers consult before they
+/// launch (see the shim's `sched`); and whose turn it is among throttled processes (see the
+/// shim's `board`). All leases are CLOCK_MONOTONIC ns.
+#[repr(C)]
+pub struct DeviceSched {
+    /// Some high-priority process lives on this device until this time (renewed every 50 ms).
+    pub high_alive_until: AtomicU64,
+    /// Futex word: bumped each time a high-priority process's work on the device is done.
+    pub wake: AtomicU32,
+    pub _pad: AtomicU32,
+    pub highs: [HighSlot; MAX_HIGH],
+    pub turn: Turn,
+}
+
+/// The turn on a device among throttled processes: one burst on the device at a time.
+/// Processes are named by a token each drew at random (pids repeat across pid namespaces).
+#[repr(C)]
+pub struct Turn {
+    /// The token of the process whose burst is on the device; 0 when nobody's.
+    pub holder: AtomicU64,
+    /// The latest process to hold the turn (to notice a hand-over between processes).
+    pub last_holder: AtomicU64,
+    /// The holder's own estimate of when its queued work is done, a little more; after it the
+    /// turn may be taken.
+    pub lease_until: AtomicU64,
+    /// When the turn last passed from one live process to another.
+    pub last_handover: AtomicU64,
+    /// The holder's pid as it sees itself, for a liveness check by processes of its namespace
+    /// (without a controller only); 0 when unknown: then only the lease counts.
+    pub holder_pid: AtomicU32,
+    /// The same for `last_holder`.
+    pub last_holder_pid: AtomicU32,
+}
+
+/// One high-priority process on a device.
+#[repr(C)]
+pub struct HighSlot {
+    /// A number the process drew at random (pids repeat across pid namespaces); 0 when free.
+    pub owner: AtomicU64,
+    /// Its pid as it sees itself, for a liveness check by processes of its namespace.
+    pub pid: AtomicU32,
+    /// Non-zero while it has work queued or running on the device.
+    pub busy: AtomicU32,
+    /// The slot is its until then; a dead process's slot lapses.
+    pub alive_until: AtomicU64,
+}
+
+impl DeviceSched {
+    /// True while some high-priority process lives on the device.
+    #[inline]
+    pub fn high_alive(&self, now: u64) -> bool {
+        self.high_alive_until.load(Relaxed) > now
+    }
+
+    /// The busy slot of a live high-priority process, if any.
+    pub fn busy_high(&self, now: u64) -> Option<&HighSlot> {
+        self.highs.iter().find(|h| h.busy.load(SeqCst) != 0 && h.owner.load(Relaxed) != 0 && h.alive_until.load(Relaxed) > now)
+    }
+
+    /// The slot of the high-priority process `owner` (pid `pid`), claiming a free or lapsed one.
+    pub fn claim_high(&self, owner: u64, pid: u32, now: u64, lease_ns: u64) -> Option<&HighSlot> {
+        if let Some(h) = self.highs.iter().find(|h| h.owner.load(Acquire) == owner) {
+            h.alive_until.store(now + lease_ns, Release);
+            return Some(h);
+        }
+        for h in &self.highs {
+            let held = h.owner.load(Acquire);
+            let lapsed = held != 0 && h.alive_until.load(Acquire) <= now;
+            if (held == 0 || lapsed) && h.owner.compare_exchange(held, owner, AcqRel, Relaxed).is_ok() {
+                h.pid.store(pid, Relaxed);
+                h.busy.store(0, SeqCst);
+                h.alive_until.store(now + lease_ns, Release);
+                return Some(h);
+            }
+        }
+        None
+    }
+
+    /// Gives a slot up (its process left high priority, exited, or died): not busy, free, and
+    /// the waiters woken.
+    pub fn release_high(&self, slot: &HighSlot, owner: u64) {
+        if slot.owner.load(Acquire) != owner {
+            return;
+        }
+        slot.busy.store(0, SeqCst);
+        slot.alive_until.store(0, Release);
+        let _ = slot.owner.compare_exchange(owner, 0, AcqRel, Relaxed);
+        // The last high-priority process gone: the others stop bounding their queues now, not
+        // when the lease would have run out. (A neighbour renewing at this instant is seen again
+        // at its next renewal, 50 ms on.)
+        let now = monotonic_ns();
+        if !self.highs.iter().any(|h| h.owner.load(Acquire) != 0 && h.alive_until.load(Acquire) > now) {
+            self.high_alive_until.store(0, Release);
+        }
+        self.wake.fetch_add(1, SeqCst);
+    }
+
+    /// Renews a high-priority process's lease on its slot and the device's.
+    pub fn renew(&self, slot: &HighSlot, now: u64, lease_ns: u64) {
+        slot.alive_until.store(now + lease_ns, Release);
+        self.high_alive_until.fetch_max(now + lease_ns, AcqRel);
+    }
+}
+
+impl Turn {
+    /// Frees the turn if the process named `token` holds it (that process is gone): the others
+    /// need not wait out its lease. True when it did.
+    pub fn clear_holder(&self, token: u64) -> bool {
+        if token == 0 || self.holder.load(Acquire) != token {
+            return false;
+        }
+        self.holder_pid.store(0, Release);
+        self.holder.compare_exchange(token, 0, AcqRel, Relaxed).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Ledger;
+    use std::sync::atomic::Ordering::*;
+
+    #[test]
+    fn a_gone_process_turn_is_cleared_only_by_its_own_token() {
+        let ledger = Ledger::anonymous().unwrap();
+        let turn = &ledger.device(0).sched.turn;
+        assert!(!turn.clear_holder(7), "nobody holds it");
+        turn.holder.store(7, Relaxed);
+        turn.holder_pid.store(1234, Relaxed);
+        assert!(!turn.clear_holder(8), "another process's turn is left alone");
+        assert!(!turn.clear_holder(0), "a process that never wrote its token clears nothing");
+        assert_eq!(turn.holder.load(Relaxed), 7);
+        assert!(turn.clear_holder(7));
+        assert_eq!((turn.holder.load(Relaxed), turn.holder_pid.load(Relaxed)), (0, 0));
+    }
+
+}
