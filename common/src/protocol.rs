@@ -31,6 +31,8 @@ pub enum Request {
     List,
     /// The controller's own state.
     Status,
+    /// Remove an empty group (socket owner or root only); refused while it has members.
+    RemoveGroup(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +88,9 @@ pub struct Edit {
     /// One device index of the ledger; every device when absent.
     #[serde(default)]
     pub device: Option<u32>,
+    /// A `set` on a group that does not exist creates it only when this is true.
+    #[serde(default)]
+    pub create: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -356,7 +361,7 @@ mod tests {
             devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-1".into(), total_memory: 1 << 30, memory_limit: Some(1 << 20), sm_share: None }],
         });
         assert_eq!(decode_request(&encode(&r)).unwrap(), r);
-        let s = Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None });
+        let s = Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None, create: false });
         assert_eq!(decode_request(&encode(&s)).unwrap(), s);
         assert_eq!(decode_request(br#"{"type":"list"}"#).unwrap(), Request::List);
     }

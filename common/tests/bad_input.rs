@@ -182,7 +182,7 @@ fn requests() -> impl Strategy<Value = Request> {
     let target = prop_oneof![any::<u32>().prop_map(Target::Pid), text().prop_map(Target::Group)];
     let limit = prop_oneof![any::<u64>().prop_map(Limit::Bytes), Just(Limit::Unlimited)];
     let set = (target, proptest::option::of(limit), proptest::option::of(any::<u32>()), proptest::option::of(priorities()), proptest::option::of(any::<u32>()))
-        .prop_map(|(target, memory, sm, priority, device)| Request::Set(Edit { target, memory, sm, priority, device }));
+        .prop_map(|(target, memory, sm, priority, device)| Request::Set(Edit { target, memory, sm, priority, device, create: false }));
     prop_oneof![register, set, Just(Request::List), Just(Request::Status)]
 }
 

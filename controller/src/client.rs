@@ -88,7 +88,7 @@ pub fn set(args: SetArgs) -> Result<(), String> {
         (None, None) => unreachable!("clap requires one"),
     };
     let socket = args.socket.path();
-    match ask(&socket, &Request::Set(Edit { target, memory, sm, priority, device: args.device }))? {
+    match ask(&socket, &Request::Set(Edit { target, memory, sm, priority, device: args.device, create: true }))? {
         Response::Done { message } => {
             println!("{message}");
             Ok(())

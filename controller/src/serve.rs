@@ -313,6 +313,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         Request::Set(_) => &t.set,
         Request::List => &t.list,
         Request::Status => &t.status,
+        Request::RemoveGroup(_) => &t.set,
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
@@ -333,6 +334,13 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                 Ok(message) => (Response::Done { message }, None),
                 Err(message) => {
                     tracing::warn!("pid {} uid {}: edit refused: {}", peer.pid, peer.uid, for_log(&message));
+                    (Response::Error { message }, None)
+                }
+            },
+            Request::RemoveGroup(name) => match state.remove_group(peer, &name) {
+                Ok(message) => (Response::Done { message }, None),
+                Err(message) => {
+                    tracing::warn!("pid {} uid {}: group removal refused: {}", peer.pid, peer.uid, for_log(&message));
                     (Response::Error { message }, None)
                 }
             },

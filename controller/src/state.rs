@@ -350,6 +350,7 @@ impl State {
             Target::Group(name) => {
                 let (slot, made) = match self.find_group(name) {
                     Some(g) => (g, false),
+                    None if !e.create => return Err(format!("no group is named {name:?} (see `gpuslice ls`)")),
                     None => {
                         gpuslice_common::settings::check_group_name(name).map_err(|r| format!("group {name:?}: {r}"))?;
                         (self.new_group(name).ok_or("the ledger has no free group slot")?, true)
@@ -399,6 +400,25 @@ impl State {
                 Ok(message)
             }
         }
+    }
+
+    /// Removes the empty group `name` (socket owner or root only); refused while it has members.
+    pub fn remove_group(&mut self, peer: Peer, name: &str) -> Result<String, String> {
+        if peer.uid != 0 && peer.uid != self.owner_uid {
+            return Err(format!("permission denied: uid {} may not remove group {name:?}; only uid {} (the controller's) or root may", peer.uid, self.owner_uid));
+        }
+        let slot = self.find_group(name).ok_or_else(|| format!("no group is named {name:?}"))?;
+        let members = self.members(slot);
+        if !members.is_empty() {
+            let pids: Vec<String> = members.iter().map(|&i| self.ledger.process(i).pid.load(Relaxed).to_string()).collect();
+            return Err(format!("group {name:?} still has {} member(s) (pid {}); it is removed once they exit", pids.len(), pids.join(", ")));
+        }
+        let g = self.ledger.group(slot);
+        g.state.store(FREE, Release);
+        g.reset();
+        let message = format!("group {name:?} removed");
+        tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
+        Ok(message)
     }
 
     /// Samples charged device time for the achieved shares `ls` reports; called about once a second.
@@ -696,7 +716,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, "[groups.g]\nmemory_limit = \"1GiB\"\n");
         let stranger = Peer { pid: 1, uid: s.owner_uid.wrapping_add(4242).max(1) };
-        let edit = Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(2 << 30)), sm: Some(50), priority: Some(Priority::High), device: None };
+        let edit = Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(2 << 30)), sm: Some(50), priority: Some(Priority::High), device: None, create: true };
         let e = s.edit(stranger, edit.clone()).unwrap_err();
         assert!(e.contains("permission denied"), "{e}");
         let slot = s.find_group("g").unwrap();
@@ -706,9 +726,27 @@ mod tests {
         assert_eq!(g.devices[3].limit.load(Relaxed), 2 << 30);
         assert_eq!(g.devices[3].share.load(Relaxed), 50);
         assert_eq!(g.priority(), Priority::High);
-        let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None }).unwrap_err();
+        let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None, create: true }).unwrap_err();
         assert!(e.contains("no registered process"), "{e}");
-        assert!(s.edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None }).is_err());
+        assert!(s.edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None, create: true }).is_err());
+    }
+
+    #[test]
+    fn groups_are_created_only_when_asked_and_removed_only_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        let mut edit = Edit { target: Target::Group("claim".into()), memory: Some(Limit::Bytes(1 << 30)), sm: Some(30), priority: None, device: None, create: false };
+        assert!(s.edit(me(), edit.clone()).unwrap_err().contains("no group is named"));
+        edit.create = true;
+        s.edit(me(), edit).unwrap();
+        let a = s.register(me(), registration(Some("claim"), None)).unwrap();
+        let e = s.remove_group(me(), "claim").unwrap_err();
+        assert!(e.contains("still has 1 member"), "{e}");
+        s.release(a.slot as usize, "exited");
+        assert!(s.find_group("claim").is_some(), "an edited group stays when empty");
+        s.remove_group(me(), "claim").unwrap();
+        assert_eq!(s.find_group("claim"), None);
+        assert!(s.remove_group(me(), "claim").unwrap_err().contains("no group is named"));
     }
 
     #[test]

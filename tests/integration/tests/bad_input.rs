@@ -457,6 +457,7 @@ impl Fuzz {
                 sm: Some(40),
                 priority: None,
                 device: Some(0),
+                create: true,
             }),
             2 => Request::List,
             _ => Request::Status,
