@@ -1,0 +1,68 @@
+//! The plugin's checkpoint: which claims it prepared (or began to), under which group and with
+//! which devices, so that a restarted plugin answers the kubelet's repeated prepares and later
+//! unprepares exactly as before (the kubelet expects both to be idempotent).
+
+use crate::cdi::write_atomically;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The group may exist, the CDI spec may not: a prepare must run again to completion.
+    Preparing,
+    /// Group and CDI spec exist; a repeated prepare answers from here.
+    Prepared,
+}
+
+/// One device of a prepared claim, as NodePrepareResources answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedDevice {
+    pub requests: Vec<String>,
+    pub pool: String,
+    pub device: String,
+    pub cdi_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimEntry {
+    pub namespace: String,
+    pub name: String,
+    pub group: String,
+    pub stage: Stage,
+    #[serde(default)]
+    pub devices: Vec<PreparedDevice>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub version: u32,
+    /// By claim UID.
+    pub claims: BTreeMap<String, ClaimEntry>,
+}
+
+/// The checkpoint file and its contents.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    pub data: Checkpoint,
+}
+
+impl Store {
+    /// Reads `path`; a missing file is an empty checkpoint, an unreadable one an error (never
+    /// silently forgotten: the claims it lists hold groups on the node).
+    pub fn open(path: &Path) -> Result<Store, String> {
+        let data = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("checkpoint {}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint { version: 1, claims: BTreeMap::new() },
+            Err(e) => return Err(format!("checkpoint {}: {e}", path.display())),
+        };
+        Ok(Store { path: path.to_path_buf(), data })
+    }
+
+    /// Writes the checkpoint out whole (see `write_atomically`).
+    pub fn save(&self) -> Result<(), String> {
+        write_atomically(&self.path, &serde_json::to_value(&self.data).expect("the checkpoint serialises"))
+    }
+}
