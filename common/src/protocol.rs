@@ -32,7 +32,31 @@ pub enum Request {
     /// The controller's own state.
     Status,
     /// Remove an empty group (socket owner or root only); refused while it has members.
+    /// On the wire `{"type":"remove_group","name":...}` (see `group_name`).
+    #[serde(with = "group_name")]
     RemoveGroup(String),
+}
+
+/// `RemoveGroup`'s name as `{"name": ...}`: an internally tagged enum cannot carry a bare string
+/// (serde refuses to serialise it), so the variant keeps its agreed shape in Rust and is a
+/// one-field object on the wire.
+mod group_name {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Named<'a> {
+        #[serde(borrow)]
+        name: std::borrow::Cow<'a, str>,
+    }
+
+    pub fn serialize<S: Serializer>(name: &str, s: S) -> Result<S::Ok, S::Error> {
+        Named { name: name.into() }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Named::deserialize(d).map(|n| n.name.into_owned())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,6 +388,12 @@ mod tests {
         let s = Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None, create: false });
         assert_eq!(decode_request(&encode(&s)).unwrap(), s);
         assert_eq!(decode_request(br#"{"type":"list"}"#).unwrap(), Request::List);
+        let g = Request::RemoveGroup("default/trainer".into());
+        assert_eq!(encode(&g), br#"{"type":"remove_group","name":"default/trainer"}"#);
+        assert_eq!(decode_request(&encode(&g)).unwrap(), g);
+        assert!(decode_request(br#"{"type":"remove_group","name":"g","pid":1}"#).is_err(), "unknown fields are refused");
+        let no_create = decode_request(br#"{"type":"set","target":{"group":"g"},"memory":null,"sm":30,"priority":null}"#).unwrap();
+        assert!(matches!(no_create, Request::Set(Edit { create: false, .. })), "`create` defaults to false");
     }
 
     #[test]
