@@ -29,6 +29,8 @@ pub struct Driver {
     pub devices: Vec<Named>,
     pub controller: Controller,
     pub cdi: Paths,
+    /// NVIDIA's CDI kind, when the answer names NVIDIA's device as well (serve.rs).
+    pub nvidia_cdi_kind: Option<String>,
     pub kube: kube::Client,
     pub store: Mutex<Store>,
 }
@@ -72,7 +74,11 @@ impl Driver {
             .devices
             .iter()
             .zip(&cdi_devices)
-            .map(|(d, cd)| PreparedDevice { requests: vec![d.request.clone()], pool: d.pool.clone(), device: d.device.clone(), cdi_ids: vec![cdi::device_id(&cd.name)] })
+            .map(|(d, cd)| {
+                let nvidia = self.nvidia_cdi_kind.as_ref().map(|kind| format!("{kind}={}", d.uuid));
+                let cdi_ids = std::iter::once(cdi::device_id(&cd.name)).chain(nvidia).collect();
+                PreparedDevice { requests: vec![d.request.clone()], pool: d.pool.clone(), device: d.device.clone(), cdi_ids }
+            })
             .collect();
         let e = store.data.claims.get_mut(&c.uid).expect("inserted above");
         e.stage = Stage::Prepared;

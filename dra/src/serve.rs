@@ -45,6 +45,12 @@ pub struct Args {
     /// NVML's library.
     #[arg(long, default_value = "libnvidia-ml.so.1")]
     pub nvml_library: String,
+    /// Also answer each device with `<kind>=<GPU UUID>`, the CDI device of NVIDIA's own specs
+    /// (`nvidia.com/gpu`, from `nvidia-ctk cdi generate` or the GPU Operator), which gives the
+    /// container the GPU itself. Without it, the spec's NVIDIA_VISIBLE_DEVICES asks NVIDIA's
+    /// runtime for it.
+    #[arg(long)]
+    pub nvidia_cdi_kind: Option<String>,
     /// The API server's URL; by default the in-cluster service account (or a kubeconfig).
     #[arg(long)]
     pub api_server: Option<String>,
@@ -103,6 +109,7 @@ pub async fn run(args: Args) -> Result<(), String> {
             container_socket_dir: args.container_socket_dir.clone(),
             socket_name,
         },
+        nvidia_cdi_kind: args.nvidia_cdi_kind.clone(),
         kube,
         store: tokio::sync::Mutex::new(store),
     });

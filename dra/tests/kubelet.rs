@@ -175,7 +175,9 @@ impl<'s> Node<'s> {
             .arg("--host-library")
             .arg(shim_path().display())
             .arg("--container-library")
-            .arg("/opt/gpuslice/libgpuslice.so");
+            .arg("/opt/gpuslice/libgpuslice.so")
+            .arg("--nvidia-cdi-kind")
+            .arg("nvidia.com/gpu");
         for (k, v) in env {
             p = p.env(k, v);
         }
@@ -343,7 +345,8 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     let answer = kubelet.prepare(ns, name, uid).await.expect("NodePrepareResources");
     assert_eq!(answer.error, "");
     let cdi_id = format!("gpuslice.dev/claim={uid}-gpu-0");
-    assert_eq!(answer.devices, vec![v1::Device { request_names: vec!["gpu".into()], pool_name: NODE.into(), device_name: "gpu-0".into(), cdi_device_ids: vec![cdi_id.clone()] }]);
+    let nvidia_id = format!("nvidia.com/gpu={}", sim.device_uuid(0));
+    assert_eq!(answer.devices, vec![v1::Device { request_names: vec!["gpu".into()], pool_name: NODE.into(), device_name: "gpu-0".into(), cdi_device_ids: vec![cdi_id.clone(), nvidia_id] }]);
     let group = "default/trainer";
     let l = ctl.ls();
     assert_eq!(l.group(group).unwrap()["priority"], "high", "{l}");
@@ -405,7 +408,7 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     let b = beta.claims.remove(uid2).expect("answer for the v1beta1 claim");
     assert_eq!(b.error, "");
     assert_eq!(b.devices[0].device_name, "gpu-1");
-    assert_eq!(b.devices[0].cdi_device_ids, vec![format!("gpuslice.dev/claim={uid2}-gpu-1")]);
+    assert_eq!(b.devices[0].cdi_device_ids, vec![format!("gpuslice.dev/claim={uid2}-gpu-1"), format!("nvidia.com/gpu={}", sim.device_uuid(1))]);
     let (_, _, d) = resolve_cdi(&node.cdi_dir, &b.devices[0].cdi_device_ids[0]);
     assert!(container_env(&d).contains(&("NVIDIA_VISIBLE_DEVICES".into(), sim.device_uuid(1))));
     let l = ctl.ls();
@@ -467,7 +470,7 @@ async fn a_plugin_killed_mid_prepare_finishes_it_after_a_restart() {
     let (mut kubelet, _) = Kubelet::register(&node).await;
     let a = kubelet.prepare(ns, name, uid).await.expect("prepare after the restart");
     assert_eq!(a.error, "");
-    assert_eq!(a.devices[0].cdi_device_ids, vec![format!("gpuslice.dev/claim={uid}-gpu-1")]);
+    assert_eq!(a.devices[0].cdi_device_ids[0], format!("gpuslice.dev/claim={uid}-gpu-1"));
     resolve_cdi(&node.cdi_dir, &a.devices[0].cdi_device_ids[0]);
     assert_eq!(ctl.ls().groups().iter().filter(|g| g["name"] == group).count(), 1);
     let checkpoint: Value = serde_json::from_slice(&std::fs::read(node.plugin_dir.join("checkpoint.json")).unwrap()).unwrap();
