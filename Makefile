@@ -32,6 +32,8 @@ test:
 
 # The Kubernetes examples: schema-valid (strict) for the Kubernetes versions tests/kubernetes
 # names, and consistent with what gpuslice reads and with each other (tests/kubernetes/check.py).
+# The DRA example (examples/kubernetes/dra) too, with the ResourceSlice and CDI specs that
+# `cargo test -p gpuslice-dra` saved in target/dra (so `make test` runs the tests first).
 # The validator is a pinned PyPI package installed once into target/k8s-venv; offline afterwards.
 K8S_VENV := target/k8s-venv
 $(K8S_VENV)/.installed: tests/kubernetes/requirements.txt
