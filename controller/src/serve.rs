@@ -313,7 +313,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         Request::Set(_) => &t.set,
         Request::List => &t.list,
         Request::Status => &t.status,
-        Request::RemoveGroup(_) => &t.set,
+        Request::RemoveGroup(_) | Request::LabelGroup(_) => &t.set,
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
@@ -341,6 +341,13 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                 Ok(message) => (Response::Done { message }, None),
                 Err(message) => {
                     tracing::warn!("pid {} uid {}: group removal refused: {}", peer.pid, peer.uid, for_log(&message));
+                    (Response::Error { message }, None)
+                }
+            },
+            Request::LabelGroup(l) => match state.label_group(peer, l) {
+                Ok(message) => (Response::Done { message }, None),
+                Err(message) => {
+                    tracing::warn!("pid {} uid {}: labels refused: {}", peer.pid, peer.uid, for_log(&message));
                     (Response::Error { message }, None)
                 }
             },

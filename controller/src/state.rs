@@ -54,13 +54,16 @@ pub struct State {
     /// The uid allowed to edit besides root: the controller's own (the socket's owner).
     pub owner_uid: u32,
     samples: ShareSample,
+    /// Metric labels by (group slot, generation), from `LabelGroup`; a slot given to a new group
+    /// has a new generation, so labels never outlive their group.
+    labels: HashMap<(usize, u64), std::collections::BTreeMap<String, String>>,
 }
 
 impl State {
     pub fn new(ledger: Ledger, config: FileSettings) -> State {
         // SAFETY: geteuid has no preconditions.
         let owner_uid = unsafe { libc::geteuid() };
-        State { ledger, config, watched: HashMap::new(), pending: Vec::new(), owner_uid, samples: ShareSample::default() }
+        State { ledger, config, watched: HashMap::new(), pending: Vec::new(), owner_uid, samples: ShareSample::default(), labels: HashMap::new() }
     }
 
     /// Makes the config's groups exist (pinned: they stay when empty). Existing groups keep
@@ -421,6 +424,20 @@ impl State {
         Ok(message)
     }
 
+    /// Sets the metric labels of group `l.group` (socket owner or root only).
+    pub fn label_group(&mut self, peer: Peer, l: GroupLabels) -> Result<String, String> {
+        if peer.uid != 0 && peer.uid != self.owner_uid {
+            return Err(format!("permission denied: uid {} may not label group {:?}; only uid {} (the controller's) or root may", peer.uid, l.group, self.owner_uid));
+        }
+        l.check().map_err(|e| format!("group {:?}: {e}", l.group))?;
+        let slot = self.find_group(&l.group).ok_or_else(|| format!("no group is named {:?}", l.group))?;
+        let generation = self.ledger.group(slot).generation.load(Relaxed);
+        self.labels.retain(|&(s, _), _| s != slot);
+        let message = format!("group {:?} labelled {:?}", l.group, l.labels);
+        self.labels.insert((slot, generation), l.labels);
+        Ok(message)
+    }
+
     /// Samples charged device time for the achieved shares `ls` reports; called about once a second.
     pub fn sample_shares(&mut self) {
         let now = ledger::monotonic_ns();
@@ -484,7 +501,8 @@ impl State {
                     }
                 })
                 .collect();
-            listing.groups.push(GroupRow { name: g.name(), slot: i as u32, members, priority: g.priority(), devices });
+            let labels = self.labels.get(&(i, generation)).cloned().unwrap_or_default();
+            listing.groups.push(GroupRow { name: g.name(), labels, slot: i as u32, members, priority: g.priority(), devices });
         }
         for (i, p) in self.ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
             let generation = p.generation.load(Relaxed);
