@@ -33,6 +33,9 @@ pub struct ClaimEntry {
     pub stage: Stage,
     #[serde(default)]
     pub devices: Vec<PreparedDevice>,
+    /// The group's metric labels (claim and pod), sent again when the plugin starts.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]

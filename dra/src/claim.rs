@@ -54,6 +54,21 @@ pub fn group_name(namespace: &str, name: &str, uid: &str) -> String {
     }
 }
 
+/// The metric labels of the claim's group: its namespace, name, uid and the pods it is reserved
+/// for (comma-separated; usually one).
+pub fn labels(claim: &ResourceClaim) -> std::collections::BTreeMap<String, String> {
+    let m = &claim.metadata;
+    let pods: Vec<&str> = claim.status.iter().flat_map(|s| s.reserved_for.iter().flatten()).filter(|r| r.resource == "pods").map(|r| r.name.as_str()).collect();
+    let mut out = std::collections::BTreeMap::new();
+    out.insert("claim_namespace".to_string(), m.namespace.clone().unwrap_or_default());
+    out.insert("claim_name".to_string(), m.name.clone().unwrap_or_default());
+    out.insert("claim_uid".to_string(), m.uid.clone().unwrap_or_default());
+    let mut pod = pods.join(",");
+    pod.truncate(gpuslice_common::protocol::MAX_LABEL_VALUE);
+    out.insert("pod".to_string(), pod);
+    out
+}
+
 /// What preparing `claim` on `node` means, or why it cannot be prepared (with the claim, the
 /// device and the figures in the message).
 pub fn plan(claim: &ResourceClaim, driver: &str, node: &str, uid: &str, devices: &[Named], group: String) -> Result<Plan, String> {

@@ -2,7 +2,8 @@
 //! over the controller's Unix socket (common/src/protocol.rs).
 
 use gpuslice_common::ledger::Priority;
-use gpuslice_common::protocol::{call, Edit, FrameError, Limit, Request, Response, Target};
+use gpuslice_common::protocol::{call, Edit, FrameError, GroupLabels, Limit, Request, Response, Target};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -45,6 +46,11 @@ impl Controller {
             create: true,
         };
         self.ask(&Request::Set(edit))
+    }
+
+    /// Labels `group`'s metrics with the claim and pod it serves.
+    pub fn label_group(&self, group: &str, labels: BTreeMap<String, String>) -> Result<String, String> {
+        self.ask(&Request::LabelGroup(GroupLabels { group: group.to_string(), labels }))
     }
 
     /// Removes `group` once it has no member. Whether it exists and who is in it comes from the

@@ -51,7 +51,8 @@ impl Driver {
         let plan = claim::plan(&rc, &self.name, &self.node, &c.uid, &self.devices, group)?;
 
         // First the intent, so that a restart knows a group may exist for this claim.
-        let entry = ClaimEntry { namespace: c.namespace.clone(), name: c.name.clone(), group: plan.group.clone(), stage: Stage::Preparing, devices: vec![] };
+        let labels = claim::labels(&rc);
+        let entry = ClaimEntry { namespace: c.namespace.clone(), name: c.name.clone(), group: plan.group.clone(), stage: Stage::Preparing, devices: vec![], labels: labels.clone() };
         store.data.claims.insert(c.uid.clone(), entry);
         store.save()?;
 
@@ -61,6 +62,7 @@ impl Driver {
             .await
             .map_err(|e| format!("controller call: {e}"))??;
         tracing::info!("claim {}/{} ({}): {said}", c.namespace, c.name, c.uid);
+        self.label(&plan.group, labels).await;
         if std::env::var_os(ENV_EXIT_AFTER_GROUP).is_some() {
             tracing::warn!("{ENV_EXIT_AFTER_GROUP} is set: exiting between the group and the CDI spec");
             std::process::exit(3);
@@ -85,6 +87,27 @@ impl Driver {
         e.devices = prepared.clone();
         store.save()?;
         Ok(prepared)
+    }
+
+    /// Labels the group's metrics; a controller that cannot (an older one) costs the labels,
+    /// not the claim.
+    async fn label(&self, group: &str, labels: std::collections::BTreeMap<String, String>) {
+        let controller = self.controller.clone();
+        let g = group.to_string();
+        match tokio::task::spawn_blocking(move || controller.label_group(&g, labels)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("group {group:?}: no claim labels on its metrics: {e}"),
+            Err(e) => tracing::warn!("group {group:?}: no claim labels on its metrics: {e}"),
+        }
+    }
+
+    /// Labels the groups of the claims the checkpoint holds again (a controller restarted
+    /// meanwhile has lost them).
+    pub async fn relabel(&self) {
+        let entries: Vec<ClaimEntry> = self.store.lock().await.data.claims.values().filter(|e| e.stage == Stage::Prepared).cloned().collect();
+        for e in entries {
+            self.label(&e.group, e.labels).await;
+        }
     }
 
     /// The claim's group: the one a checkpoint already names, else `<namespace>/<name>` unless

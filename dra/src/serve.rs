@@ -114,6 +114,7 @@ pub async fn run(args: Args) -> Result<(), String> {
         store: tokio::sync::Mutex::new(store),
     });
 
+    driver.relabel().await;
     let dra_socket = plugin_dir.join("dra.sock");
     let reg_socket = args.registrar_dir.join(format!("{}-reg.sock", args.driver_name));
     let dra_listener = listen(&dra_socket)?;

@@ -134,7 +134,7 @@ fn allocated_claim(ns: &str, name: &str, uid: &str, device: &str, memory: &str, 
         "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {
             "deviceClassName": DRIVER, "capacity": {"requests": {"memory": memory, "sm": sm}},
         }}]}},
-        "status": {"allocation": allocation},
+        "status": {"allocation": allocation, "reservedFor": [{"resource": "pods", "name": format!("{name}-pod"), "uid": "4f2c8a1e-0000-4000-8000-0000000000aa"}]},
     })
 }
 
@@ -350,6 +350,8 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     let group = "default/trainer";
     let l = ctl.ls();
     assert_eq!(l.group(group).unwrap()["priority"], "high", "{l}");
+    let labels = json!({"claim_namespace": ns, "claim_name": name, "claim_uid": uid, "pod": "trainer-pod"});
+    assert_eq!(l.group(group).unwrap()["labels"], labels, "the claim and pod label the group's metrics:\n{l}");
 
     // The CDI id resolves to a spec that puts a process in the claim's group under the shim.
     let (spec_file, cdi_spec, device) = resolve_cdi(&node.cdi_dir, &cdi_id);
