@@ -11,12 +11,17 @@ PROFILE ?= release
 OUT := target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter debug,$(PROFILE)),,--profile $(PROFILE))
 
-.PHONY: all build demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl gpu-soak clean
+.PHONY: all build dra demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl gpu-soak clean
 
 all: build
 
 build:
 	$(CARGO) build $(CARGO_PROFILE) -p gpuslice-shim -p gpuslice
+
+# The Kubernetes DRA kubelet plugin (a separate binary: its gRPC and Kubernetes client stay out of
+# the library and the CLI); examples/kubernetes/dra/ runs it.
+dra:
+	$(CARGO) build $(CARGO_PROFILE) -p gpuslice-dra
 
 # The main job: a program fills device memory under a 4 GiB quota. On the real GPU when
 # nvidia-smi sees one, otherwise on the simulated device that CI uses.
