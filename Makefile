@@ -57,9 +57,9 @@ check-packaging:
 
 # What the GPU machine needs, in .gpu/ (git-ignored; carried by the device tool).
 gpu-bundle:
-	$(CARGO) build --release -p gpuslice-shim -p gpuslice -p quota-fill
+	$(CARGO) build --release -p gpuslice-shim -p gpuslice -p quota-fill -p gpuslice-dra
 	mkdir -p .gpu
-	cp $(LIB) $(CLI) $(RELEASE)/quota-fill .gpu/
+	cp $(LIB) $(CLI) $(RELEASE)/quota-fill $(RELEASE)/gpuslice-dra .gpu/
 
 # The acceptance runs on a machine with an NVIDIA GPU and nvcc (no Rust needed there):
 # uses .gpu/libgpuslice.so, or $GPUSLICE_LIB.
