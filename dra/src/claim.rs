@@ -135,3 +135,79 @@ pub fn plan(claim: &ResourceClaim, driver: &str, node: &str, uid: &str, devices:
     }
     Ok(Plan { group, memory, sm, priority, devices: planned })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::{Gpu, Named};
+    use serde_json::json;
+
+    fn devices() -> Vec<Named> {
+        (0..2)
+            .map(|i| Named {
+                name: format!("gpu-{i}"),
+                gpu: Gpu { uuid: format!("GPU-{i}"), index: i, model: "H200".into(), memory: 141 << 30, compute_capability: Some((9, 0)), driver_version: None, parent: None },
+            })
+            .collect()
+    }
+
+    fn claim(results: serde_json::Value, config: serde_json::Value) -> ResourceClaim {
+        serde_json::from_value(json!({
+            "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+            "metadata": {"namespace": "ns", "name": "c", "uid": "u1"},
+            "spec": {},
+            "status": {"allocation": {"devices": {"results": results, "config": config}}},
+        }))
+        .unwrap()
+    }
+
+    fn result(device: &str, memory: &str, sm: &str) -> serde_json::Value {
+        json!({"request": "gpu", "driver": "gpuslice.dev", "pool": "n", "device": device, "consumedCapacity": {"memory": memory, "sm": sm}})
+    }
+
+    fn opaque(parameters: serde_json::Value) -> serde_json::Value {
+        json!([{"source": "FromClass", "opaque": {"driver": "gpuslice.dev", "parameters": {"priority": "low"}}}, {"source": "FromClaim", "requests": ["gpu"], "opaque": {"driver": "gpuslice.dev", "parameters": parameters}}])
+    }
+
+    #[test]
+    fn a_claim_becomes_its_devices_limits_and_priority() {
+        let c = claim(json!([result("gpu-1", "8Gi", "30")]), opaque(json!({"priority": "high"})));
+        let p = plan(&c, "gpuslice.dev", "n", "u1", &devices(), "ns/c".into()).unwrap();
+        assert_eq!((p.memory, p.sm, p.priority), (8 << 30, 30, Some(Priority::High)), "the claim's config comes after its class's");
+        assert_eq!(p.devices, vec![PlannedDevice { request: "gpu".into(), pool: "n".into(), device: "gpu-1".into(), uuid: "GPU-1".into() }]);
+    }
+
+    #[test]
+    fn what_cannot_be_prepared_says_why() {
+        let d = devices();
+        let ok = |c: &ResourceClaim, uid: &str| plan(c, "gpuslice.dev", "n", uid, &d, "g".into());
+        let one = claim(json!([result("gpu-0", "8Gi", "30")]), json!([]));
+        assert!(ok(&one, "u2").unwrap_err().contains("has uid \"u1\""));
+        let other_node = claim(json!([{"request": "gpu", "driver": "gpuslice.dev", "pool": "m", "device": "gpu-0"}]), json!([]));
+        assert!(ok(&other_node, "u1").unwrap_err().contains("not this node's"));
+        let missing = claim(json!([result("gpu-7", "8Gi", "30")]), json!([]));
+        assert!(ok(&missing, "u1").unwrap_err().contains("has no device \"gpu-7\""));
+        let uneven = claim(json!([result("gpu-0", "8Gi", "30"), result("gpu-1", "4Gi", "30")]), json!([]));
+        assert!(ok(&uneven, "u1").unwrap_err().contains("different slices"));
+        let bad_config = claim(json!([result("gpu-0", "8Gi", "30")]), opaque(json!({"priority": "high", "smCap": 50})));
+        assert!(ok(&bad_config, "u1").unwrap_err().contains("unknown field `smCap`"));
+        let bad_kind = claim(json!([result("gpu-0", "8Gi", "30")]), opaque(json!({"apiVersion": "gpuslice.dev/v1alpha1", "kind": "Other"})));
+        assert!(ok(&bad_kind, "u1").unwrap_err().contains("kind SliceConfig"));
+        let fraction = claim(json!([result("gpu-0", "0.5Gi", "30")]), json!([]));
+        assert!(ok(&fraction, "u1").unwrap_err().contains("quantity \"0.5Gi\": expected a whole number"));
+    }
+
+    #[test]
+    fn a_claim_without_consumed_capacity_gets_the_whole_device() {
+        let c = claim(json!([{"request": "gpu", "driver": "gpuslice.dev", "pool": "n", "device": "gpu-0"}]), json!([]));
+        let p = plan(&c, "gpuslice.dev", "n", "u1", &devices(), "g".into()).unwrap();
+        assert_eq!((p.memory, p.sm, p.priority), (141 << 30, 100, None));
+    }
+
+    #[test]
+    fn group_names_follow_the_claim_while_they_fit() {
+        assert_eq!(group_name("default", "trainer", "u"), "default/trainer");
+        let long = "x".repeat(70);
+        assert_eq!(group_name("default", &long, "0b3a"), "claim-0b3a");
+    }
+}
