@@ -68,7 +68,9 @@ pub fn spec(paths: &Paths, group: &str, devices: &[ClaimDevice]) -> Value {
             {
                 "hostPath": paths.host_socket_dir.display().to_string(),
                 "containerPath": paths.container_socket_dir.display().to_string(),
-                "options": ["rw", "nosuid", "nodev", "bind"],
+                // Read-only, as in the annotation example: connecting needs no write access,
+                // and a tenant must not replace the socket under its neighbours.
+                "options": ["ro", "nosuid", "nodev", "bind"],
             },
         ],
     });
