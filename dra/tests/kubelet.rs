@@ -368,7 +368,7 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     for (k, v) in &env {
         workload = workload.env(k, v);
     }
-    let w = workload.args(&format!("init ctx 0 info alloc 7G alloc 2G waitfile {done}")).spawn();
+    let w = workload.args(&format!("init ctx 0 info alloc 7G alloc 2G launch 20 100000 sync waitfile {done}")).spawn();
     let info = w.wait_line("info", 0);
     assert_eq!(kv(&info, "total").and_then(|t| t.parse::<u64>().ok()), Some(8 * GIB), "the process sees its claim's memory: `{info}`");
     assert!(line_ok(&w.wait_line("alloc", 0)));
@@ -380,6 +380,11 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     assert_eq!(l.group_limit(group, 0), Some(8 * GIB), "{l}");
     assert_eq!(l.group_share(group, 0), Some(30), "the process runs under the claim's share:\n{l}");
     assert_eq!(l.group_used(group, 0), 64 * MIB + 7 * GIB, "its context and its 7 GiB count in the claim's group:\n{l}");
+    // Its kernels go through the group's 30 % throttle: their device time is charged to the group
+    // (only throttled launches are; sm_share.rs judges the share itself on the simulated clock).
+    expect_ok(&w.wait_line("sync", 0));
+    let (l, _) = ctl.ls_until("the group's throttled device time", Duration::from_secs(10), |l| l.group_device(group, 0)["charged_ns"].as_u64().unwrap_or(0) > 0);
+    assert!(l.group_device(group, 0)["charged_ns"].as_u64().unwrap() >= 20 * 100_000 / 2, "20 kernels of 100 µs charged to the claim's group:\n{l}");
 
     // Prepared twice: the same answer, the same one group.
     let again = kubelet.prepare(ns, name, uid).await.expect("second NodePrepareResources");
