@@ -23,6 +23,11 @@ pub struct PreparedDevice {
     pub pool: String,
     pub device: String,
     pub cdi_ids: Vec<String>,
+    /// The slice of the device the claim holds (bytes, percent).
+    #[serde(default)]
+    pub memory: u64,
+    #[serde(default)]
+    pub sm: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,6 +49,7 @@ impl Driver {
         let rc = api.get(&c.name).await.map_err(|e| format!("reading claim {}/{}: {e}", c.namespace, c.name))?;
         let group = self.group_for(&store, c);
         let plan = claim::plan(&rc, &self.name, &self.node, &c.uid, &self.devices, group)?;
+        self.check_room(&store, c, &plan)?;
 
         // First the intent, so that a restart knows a group may exist for this claim.
         let labels = claim::labels(&rc);
@@ -79,7 +80,7 @@ impl Driver {
             .map(|(d, cd)| {
                 let nvidia = self.nvidia_cdi_kind.as_ref().map(|kind| format!("{kind}={}", d.uuid));
                 let cdi_ids = std::iter::once(cdi::device_id(&cd.name)).chain(nvidia).collect();
-                PreparedDevice { requests: vec![d.request.clone()], pool: d.pool.clone(), device: d.device.clone(), cdi_ids }
+                PreparedDevice { requests: vec![d.request.clone()], pool: d.pool.clone(), device: d.device.clone(), cdi_ids, memory: plan.memory, sm: plan.sm }
             })
             .collect();
         let e = store.data.claims.get_mut(&c.uid).expect("inserted above");
@@ -108,6 +109,41 @@ impl Driver {
         for e in entries {
             self.label(&e.group, e.labels).await;
         }
+    }
+
+    /// The scheduler keeps the slices on a device within it; this checks again on the node, so
+    /// that allocations made without consumable capacity (or from a stale view) cannot
+    /// overcommit a GPU: the claims prepared here plus this one must fit.
+    fn check_room(&self, store: &Store, c: &ClaimRef, plan: &claim::Plan) -> Result<(), String> {
+        for d in &plan.devices {
+            let Some(dev) = self.devices.iter().find(|n| n.name == d.device) else { continue };
+            let others: Vec<(&String, &PreparedDevice)> = store
+                .data
+                .claims
+                .iter()
+                .filter(|(uid, _)| **uid != c.uid)
+                .flat_map(|(_, e)| e.devices.iter().filter(|p| p.device == d.device).map(move |p| (&e.name, p)))
+                .collect();
+            let memory: u64 = others.iter().map(|(_, p)| p.memory).sum();
+            let sm: u32 = others.iter().map(|(_, p)| p.sm).sum();
+            let names: Vec<&str> = others.iter().map(|(n, _)| n.as_str()).collect();
+            if memory + plan.memory > dev.gpu.memory || sm + plan.sm > 100 {
+                return Err(format!(
+                    "claim {}/{} asks for {} and sm {} on {} ({}), where claims {} already hold {} of {} and sm {} of 100: refused",
+                    c.namespace,
+                    c.name,
+                    crate::quantity::bytes(plan.memory),
+                    plan.sm,
+                    d.device,
+                    dev.gpu.uuid,
+                    names.join(", "),
+                    crate::quantity::bytes(memory),
+                    crate::quantity::bytes(dev.gpu.memory),
+                    sm
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The claim's group: the one a checkpoint already names, else `<namespace>/<name>` unless

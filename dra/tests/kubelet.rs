@@ -427,7 +427,8 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
 }
 
 /// A claim whose consumed capacity is more than the device has is refused with the claim, the
-/// device and both figures, and leaves no group and no CDI spec behind; so is a share over 100.
+/// device and both figures, and leaves no group and no CDI spec behind; so is a share over 100,
+/// and a claim that does not fit next to the claims already prepared on its device.
 #[tokio::test(flavor = "current_thread")]
 async fn a_claim_over_the_device_is_refused() {
     let sim = sim();
@@ -450,6 +451,18 @@ async fn a_claim_over_the_device_is_refused() {
     let l = ctl.ls();
     assert!(l.groups().is_empty(), "no group for refused claims:\n{l}");
     assert_eq!(std::fs::read_dir(&node.cdi_dir).map(|d| d.count()).unwrap_or(0), 0, "no CDI spec for refused claims");
+
+    // Two claims that each fit but not together (allocated without consumable capacity, say):
+    // the node refuses the second.
+    let (a, b) = ("1c0ffee0-0000-4000-8000-0000000000aa", "1c0ffee0-0000-4000-8000-0000000000bb");
+    node.api.put(&claim_path(ns, "first"), allocated_claim(ns, "first", a, "gpu-1", "48Gi", "50", None));
+    node.api.put(&claim_path(ns, "second"), allocated_claim(ns, "second", b, "gpu-1", "48Gi", "40", None));
+    assert_eq!(kubelet.prepare(ns, "first", a).await.unwrap().error, "");
+    let e = kubelet.prepare(ns, "second", b).await.unwrap().error;
+    assert!(e.contains("claim default/second asks for 48Gi and sm 40 on gpu-1") && e.contains("claims first already hold 48Gi of 80Gi"), "{e}");
+    assert!(ctl.ls().group("default/second").is_none());
+    assert_eq!(kubelet.unprepare(ns, "first", a).await, "");
+    assert_eq!(kubelet.prepare(ns, "second", b).await.unwrap().error, "", "room again once the first is unprepared");
 }
 
 /// The plugin dies between making the claim's group and writing its CDI spec. The kubelet's
