@@ -74,3 +74,23 @@ impl Store {
         write_atomically(&self.path, &serde_json::to_value(&self.data).expect("the checkpoint serialises"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_survives_a_restart_and_a_broken_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.json");
+        let mut s = Store::open(&path).unwrap();
+        assert!(s.data.claims.is_empty(), "no file: nothing prepared");
+        let device = PreparedDevice { requests: vec!["gpu".into()], pool: "n".into(), device: "gpu-0".into(), cdi_ids: vec!["gpuslice.dev/claim=u-gpu-0".into()], memory: 8 << 30, sm: 30 };
+        let entry = ClaimEntry { namespace: "ns".into(), name: "c".into(), group: "ns/c".into(), stage: Stage::Prepared, devices: vec![device], labels: BTreeMap::new() };
+        s.data.claims.insert("u".into(), entry.clone());
+        s.save().unwrap();
+        assert_eq!(Store::open(&path).unwrap().data.claims["u"], entry);
+        std::fs::write(&path, b"{\"version\":1,\"claims\":{\"u\":").unwrap();
+        assert!(Store::open(&path).unwrap_err().contains("checkpoint.json"), "a torn checkpoint is not silently forgotten");
+    }
+}
