@@ -11,12 +11,17 @@ PROFILE ?= release
 OUT := target/$(PROFILE)
 CARGO_PROFILE := $(if $(filter debug,$(PROFILE)),,--profile $(PROFILE))
 
-.PHONY: all build demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl gpu-soak clean
+.PHONY: all build dra demo test check-k8s check-packaging install uninstall deb gpu-bundle gpu-test gpu-bench gpu-ctl gpu-soak clean
 
 all: build
 
 build:
 	$(CARGO) build $(CARGO_PROFILE) -p gpuslice-shim -p gpuslice
+
+# The Kubernetes DRA kubelet plugin (a separate binary: its gRPC and Kubernetes client stay out of
+# the library and the CLI); examples/kubernetes/dra/ runs it.
+dra:
+	$(CARGO) build $(CARGO_PROFILE) -p gpuslice-dra
 
 # The main job: a program fills device memory under a 4 GiB quota. On the real GPU when
 # nvidia-smi sees one, otherwise on the simulated device that CI uses.
@@ -32,6 +37,8 @@ test:
 
 # The Kubernetes examples: schema-valid (strict) for the Kubernetes versions tests/kubernetes
 # names, and consistent with what gpuslice reads and with each other (tests/kubernetes/check.py).
+# The DRA example (examples/kubernetes/dra) too, with the ResourceSlice and CDI specs that
+# `cargo test -p gpuslice-dra` saved in target/dra (so `make test` runs the tests first).
 # The validator is a pinned PyPI package installed once into target/k8s-venv; offline afterwards.
 K8S_VENV := target/k8s-venv
 $(K8S_VENV)/.installed: tests/kubernetes/requirements.txt
@@ -50,9 +57,9 @@ check-packaging:
 
 # What the GPU machine needs, in .gpu/ (git-ignored; carried by the device tool).
 gpu-bundle:
-	$(CARGO) build --release -p gpuslice-shim -p gpuslice -p quota-fill
+	$(CARGO) build --release -p gpuslice-shim -p gpuslice -p quota-fill -p gpuslice-dra
 	mkdir -p .gpu
-	cp $(LIB) $(CLI) $(RELEASE)/quota-fill .gpu/
+	cp $(LIB) $(CLI) $(RELEASE)/quota-fill $(RELEASE)/gpuslice-dra .gpu/
 
 # The acceptance runs on a machine with an NVIDIA GPU and nvcc (no Rust needed there):
 # uses .gpu/libgpuslice.so, or $GPUSLICE_LIB.

@@ -40,14 +40,47 @@ pub enum Request {
     /// The controller's own state.
     Status,
     /// Remove an empty group (socket owner or root only); refused while it has members.
-    /// On the wire `{"type":"remove_group","name":"..."}`: an internally tagged enum cannot
-    /// carry a bare string.
-    #[serde(with = "named")]
+    /// On the wire `{"type":"remove_group","name":...}` (see `group_name`).
+    #[serde(with = "group_name")]
     RemoveGroup(String),
+    /// Labels for a group's metrics (socket owner or root only), e.g. the Kubernetes claim and
+    /// pod the DRA plugin made it for; they replace the group's earlier labels.
+    LabelGroup(GroupLabels),
 }
 
-/// A group name as the object `{"name": ...}`, for `Request::RemoveGroup`.
-mod named {
+/// Metric labels of one group: names from `GROUP_LABELS`, values of at most `MAX_LABEL_VALUE`
+/// bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupLabels {
+    pub group: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// The label names a group may carry: the Kubernetes claim and pod it serves (a fixed set, so
+/// that the metrics' label names stay known and few).
+pub const GROUP_LABELS: [&str; 4] = ["claim_namespace", "claim_name", "claim_uid", "pod"];
+pub const MAX_LABEL_VALUE: usize = 256;
+
+impl GroupLabels {
+    /// Why these labels cannot be used, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        for (k, v) in &self.labels {
+            if !GROUP_LABELS.contains(&k.as_str()) {
+                return Err(format!("label {k:?}: a group's labels are {GROUP_LABELS:?}"));
+            }
+            if v.len() > MAX_LABEL_VALUE {
+                return Err(format!("label {k:?}: its value is over {MAX_LABEL_VALUE} bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `RemoveGroup`'s name as `{"name": ...}`: an internally tagged enum cannot carry a bare string
+/// (serde refuses to serialise it), so the variant keeps its agreed shape in Rust and is a
+/// one-field object on the wire.
+mod group_name {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     #[derive(Serialize, Deserialize)]
@@ -177,6 +210,9 @@ pub struct UnderReportRow {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupRow {
     pub name: String,
+    /// Metric labels given with `LabelGroup` (none for most groups).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     pub slot: u32,
     pub members: Vec<u32>,
     pub priority: Priority,
@@ -453,6 +489,22 @@ mod tests {
         let old = br#"{"type":"set","target":{"group":"g"},"memory":null,"sm":30,"priority":null}"#;
         assert!(matches!(decode_request(old).unwrap(), Request::Set(Edit { create: false, .. })));
         assert_eq!(decode_request(br#"{"type":"list"}"#).unwrap(), Request::List);
+        let g = Request::RemoveGroup("default/trainer".into());
+        assert_eq!(encode(&g), br#"{"type":"remove_group","name":"default/trainer"}"#);
+        assert_eq!(decode_request(&encode(&g)).unwrap(), g);
+        assert!(decode_request(br#"{"type":"remove_group","name":"g","pid":1}"#).is_err(), "unknown fields are refused");
+        let l = Request::LabelGroup(GroupLabels { group: "default/trainer".into(), labels: [("claim_name".to_string(), "trainer".to_string())].into() });
+        assert_eq!(decode_request(&encode(&l)).unwrap(), l);
+        let no_create = decode_request(br#"{"type":"set","target":{"group":"g"},"memory":null,"sm":30,"priority":null}"#).unwrap();
+        assert!(matches!(no_create, Request::Set(Edit { create: false, .. })), "`create` defaults to false");
+    }
+
+    #[test]
+    fn group_labels_are_checked() {
+        let labels = |pairs: &[(&str, &str)]| GroupLabels { group: "g".into(), labels: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        assert!(labels(&[("claim_uid", "0b3a"), ("pod", "trainer-0")]).check().is_ok());
+        assert!(labels(&[("group", "x")]).check().is_err(), "not a group label");
+        assert!(labels(&[("pod", &"x".repeat(MAX_LABEL_VALUE + 1))]).check().is_err());
     }
 
     #[test]

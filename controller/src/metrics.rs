@@ -5,7 +5,7 @@
 //! set outlives its process. Every figure comes from one `State::listing()` taken under the
 //! state lock, so a scrape, `gpuslice ls` and `gpuslice top` show the same numbers.
 
-use gpuslice_common::protocol::{Listing, ProcessRow};
+use gpuslice_common::protocol::{GroupRow, Listing, ProcessRow, GROUP_LABELS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -129,7 +129,15 @@ fn health(f: &mut Families, h: &Health) -> std::fmt::Result {
 }
 
 fn groups(f: &mut Families, l: &Listing) -> std::fmt::Result {
-    let rows = || l.groups.iter().flat_map(|g| g.devices.iter().map(move |d| (vec![("group", g.name.clone()), ("device", d.device.to_string()), ("uuid", d.uuid.clone())], d)));
+    let rows = || {
+        l.groups.iter().flat_map(|g| {
+            g.devices.iter().map(move |d| {
+                let mut k = vec![("group", g.name.clone()), ("device", d.device.to_string()), ("uuid", d.uuid.clone())];
+                k.extend(group_labels(g));
+                (k, d)
+            })
+        })
+    };
     f.gauge("group_memory_used", "Device memory the group's members hold, their contexts included.", Some(Unit::Bytes), rows().map(|(k, d)| (k, d.used)))?;
     f.gauge("group_memory_limit", "The group's memory limit on the device (absent: no limit).", Some(Unit::Bytes), rows().filter_map(|(k, d)| Some((k, d.limit?))))?;
     f.gauge("group_memory_peak", "The most the group has held at once.", Some(Unit::Bytes), rows().map(|(k, d)| (k, d.peak)))?;
@@ -138,8 +146,14 @@ fn groups(f: &mut Families, l: &Listing) -> std::fmt::Result {
     f.gauge("group_sm_share_achieved", "Share of the device's time charged to the group over the last second (absent until throttled work was measured).", ratio(), rows().filter_map(|(k, d)| Some((k, d.achieved_share? / 100.0))))?;
     f.counter("group_throttle_wait", "Time the group's launchers waited: for their share, or behind a high-priority process.", Some(Unit::Seconds), rows().map(|(k, d)| (k, seconds(d.throttled_ns))))?;
     f.counter("group_oom_refusals", "Allocations refused at the group's or a member's limit.", None, rows().map(|(k, d)| (k, d.refusals)))?;
-    f.gauge("group_members", "Registered processes in the group.", None, l.groups.iter().map(|g| (vec![("group", g.name.clone())], g.members.len() as u64)))?;
-    f.gauge("group_priority", "The group's priority: 1 low, 2 normal, 3 high.", None, l.groups.iter().map(|g| (vec![("group", g.name.clone())], g.priority as u32)))
+    let named = |g: &GroupRow| [vec![("group", g.name.clone())], group_labels(g)].concat();
+    f.gauge("group_members", "Registered processes in the group.", None, l.groups.iter().map(|g| (named(g), g.members.len() as u64)))?;
+    f.gauge("group_priority", "The group's priority: 1 low, 2 normal, 3 high.", None, l.groups.iter().map(|g| (named(g), g.priority as u32)))
+}
+
+/// The Kubernetes claim and pod a group serves (set by gpuslice-dra), as labels of its series.
+fn group_labels(g: &GroupRow) -> Labels {
+    GROUP_LABELS.iter().filter_map(|&name| Some((name, g.labels.get(name)?.clone()))).collect()
 }
 
 fn process_labels(p: &ProcessRow) -> Labels {
@@ -194,6 +208,7 @@ mod tests {
         Listing {
             groups: vec![GroupRow {
                 name: "team \"a\"".into(),
+                labels: Default::default(),
                 slot: 0,
                 members: vec![42],
                 priority: Priority::High,
@@ -278,6 +293,21 @@ mod tests {
         assert!(!text.contains("gpuslice_process_memory_limit_bytes{"), "no own cap, no sample:\n{text}");
         assert!(!text.contains("gpuslice_process_sm_share_achieved_ratio{"), "not sampled yet, no sample:\n{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_group_of_a_kubernetes_claim_carries_the_claim_and_pod() {
+        let mut l = listing();
+        l.groups[0].name = "default/trainer".into();
+        l.groups[0].labels = [("claim_namespace", "default"), ("claim_name", "trainer"), ("claim_uid", "0b3a"), ("pod", "trainer-0")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let text = render(Snapshot { health: Health::default(), listing: Some(l) });
+        let k = r#"claim_namespace="default",claim_name="trainer",claim_uid="0b3a",pod="trainer-0""#;
+        for line in [
+            format!(r#"gpuslice_group_memory_used_bytes{{group="default/trainer",device="0",uuid="GPU-x",{k}}} 3221225472"#),
+            format!(r#"gpuslice_group_priority{{group="default/trainer",{k}}} 3"#),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line `{line}` in:\n{text}");
+        }
     }
 
     #[test]

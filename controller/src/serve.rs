@@ -393,6 +393,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         Request::Set(_) | Request::RemoveGroup(_) => &t.set,
         Request::List => &t.list,
         Request::Status => &t.status,
+        Request::LabelGroup(_) => &t.set,
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
@@ -419,7 +420,14 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
             Request::RemoveGroup(name) => match state.remove_group(peer, &name) {
                 Ok(message) => (Response::Done { message }, None),
                 Err(message) => {
-                    tracing::warn!("pid {} uid {}: removal refused: {}", peer.pid, peer.uid, for_log(&message));
+                    tracing::warn!("pid {} uid {}: group removal refused: {}", peer.pid, peer.uid, for_log(&message));
+                    (Response::Error { message }, None)
+                }
+            },
+            Request::LabelGroup(l) => match state.label_group(peer, l) {
+                Ok(message) => (Response::Done { message }, None),
+                Err(message) => {
+                    tracing::warn!("pid {} uid {}: labels refused: {}", peer.pid, peer.uid, for_log(&message));
                     (Response::Error { message }, None)
                 }
             },

@@ -101,6 +101,9 @@ pub struct State {
     /// Any uid may join a group made from another uid's environment (`serve --env-groups
     /// open`: pods whose containers run as several uids); by default only the uid that made it.
     pub env_groups_open: bool,
+    /// Metric labels by (group slot, generation), from `LabelGroup`; a slot given to a new group
+    /// has a new generation, so labels never outlive their group.
+    labels: HashMap<(usize, u64), std::collections::BTreeMap<String, String>>,
 }
 
 impl State {
@@ -121,6 +124,7 @@ impl State {
             uid_limits,
             node_devices: None,
             env_groups_open: false,
+            labels: HashMap::new(),
         }
     }
 
@@ -794,6 +798,20 @@ impl State {
         }
     }
 
+    /// Sets the metric labels of group `l.group` (socket owner or root only).
+    pub fn label_group(&mut self, peer: Peer, l: GroupLabels) -> Result<String, String> {
+        if peer.uid != 0 && peer.uid != self.owner_uid {
+            return Err(format!("permission denied: uid {} may not label group {:?}; only uid {} (the controller's) or root may", peer.uid, l.group, self.owner_uid));
+        }
+        l.check().map_err(|e| format!("group {:?}: {e}", l.group))?;
+        let slot = self.find_group(&l.group).ok_or_else(|| format!("no group is named {:?}", l.group))?;
+        let generation = self.ledger.group(slot).generation.load(Relaxed);
+        self.labels.retain(|&(s, _), _| s != slot);
+        let message = format!("group {:?} labelled {:?}", l.group, l.labels);
+        self.labels.insert((slot, generation), l.labels);
+        Ok(message)
+    }
+
     /// Samples charged device time for the achieved shares `ls` reports; called about once a second.
     pub fn sample_shares(&mut self) {
         let now = ledger::monotonic_ns();
@@ -863,7 +881,9 @@ impl State {
                 })
                 .collect();
             let priority = Priority::from_u32(info.priority).unwrap_or_default();
-            listing.groups.push(GroupRow { name: info.name.clone(), slot: i as u32, members, priority, devices });
+            let generation = self.ledger.group(i).generation.load(Relaxed);
+            let labels = self.labels.get(&(i, generation)).cloned().unwrap_or_default();
+            listing.groups.push(GroupRow { name: info.name.clone(), labels, slot: i as u32, members, priority, devices });
         }
         let mut process_slots: Vec<usize> = self.watched.keys().copied().collect();
         process_slots.sort_unstable();

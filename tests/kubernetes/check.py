@@ -21,6 +21,7 @@ import sys
 
 import kubernetes_validate
 
+import dra
 import mutations
 import rules
 from model import Manifests
@@ -50,6 +51,7 @@ def main() -> int:
         return 2
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpuslice", required=True, help="the built gpuslice binary (its check-config parses the settings)")
+    parser.add_argument("--dra-artefacts", default=str(ROOT / "target" / "dra"), help="what `cargo test -p gpuslice-dra` saved: the published ResourceSlice and CDI specs")
     args = parser.parse_args()
     gpuslice = pathlib.Path(args.gpuslice).resolve()
     if not gpuslice.is_file():
@@ -69,6 +71,11 @@ def main() -> int:
     caught, missed = mutations.run(manifests, truth, gpuslice)
     print(f"self-test: {caught} broken copies of the manifests, each reported")
     problems += missed
+
+    notes, dra_problems = dra.check(EXAMPLES / "dra", pathlib.Path(args.dra_artefacts), pathlib.Path(__file__).resolve().parent / "cdi-schema")
+    for line in notes:
+        print(line)
+    problems += dra_problems
 
     for p in problems:
         print(f"PROBLEM {p}")

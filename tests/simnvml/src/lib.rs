@@ -468,3 +468,41 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     *count = n;
     SUCCESS
 }
+
+/// The compute capability of the H100/H200 the simulated device stands for (sm_90, as its name says).
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(device: *mut c_void, major: *mut i32, minor: *mut i32) -> NvmlReturn {
+    let (_, _) = dev_or_return!(device);
+    if major.is_null() || minor.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    *major = 9;
+    *minor = 0;
+    SUCCESS
+}
+
+/// The simulated driver's version string.
+pub const DRIVER_VERSION: &str = "580.159.03";
+
+#[no_mangle]
+pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> NvmlReturn {
+    if inited().is_none() {
+        return ERROR_UNINITIALIZED;
+    }
+    if version.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    if (length as usize) < DRIVER_VERSION.len() + 1 {
+        return ERROR_INSUFFICIENT_SIZE;
+    }
+    std::ptr::copy_nonoverlapping(DRIVER_VERSION.as_ptr(), version as *mut u8, DRIVER_VERSION.len());
+    *version.add(DRIVER_VERSION.len()) = 0;
+    SUCCESS
+}
+
+/// The simulated device has no MIG (NVML_ERROR_NOT_SUPPORTED), as on a GPU without it.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: *mut c_void, _current: *mut c_uint, _pending: *mut c_uint) -> NvmlReturn {
+    let (_, _) = dev_or_return!(device);
+    3
+}
