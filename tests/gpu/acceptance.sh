@@ -60,7 +60,7 @@ done
 note "build done in $(( $(date +%s) - T0 ))s$([ $build_failed = 1 ] && echo ', with failures')"
 
 # ---- the checks; harness.py prints the results table last
-"$PY" "$ROOT/$HERE/harness.py" --lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0"
+"$PY" "$ROOT/$HERE/harness.py" --lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" ${GPU_TEST_BUDGET_S:+--budget-s "$GPU_TEST_BUDGET_S"}
 rc=$?
 if [ $rc -eq 0 ] && [ $build_failed = 1 ]; then rc=2; fi
 exit $rc
