@@ -50,6 +50,10 @@ def base_env():
            if not (k.startswith("GPUSLICE_") or k in ("LD_PRELOAD", "CUDA_VISIBLE_DEVICES"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, A.pythonpath, env.get("PYTHONPATH", "")]))
     env["GPUSLICE_SOCKET"] = A.socket if A.with_ctl else os.path.join(A.tmp, "no-controller.sock")
+    if not A.with_ctl:
+        # A socket in the environment means "use a controller" (issue 13's no-fail-open): case (a)
+        # is the environment's own quota with no controller, which the process must be told.
+        env["GPUSLICE_ON_NO_CONTROLLER"] = "alone"
     return env
 
 
