@@ -746,10 +746,8 @@ impl State {
             let pids = members.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
             return Err(format!("group {name:?} has {} member(s) (pid {pids}); remove it once they have exited", members.len()));
         }
-        let g = self.ledger.group(slot);
-        g.state.store(FREE, Release);
-        g.reset();
-        self.pending.retain(|&p| p != slot);
+        self.free_group(slot);
+        self.labels.retain(|&(s, _), _| s != slot);
         let mut message = format!("group {name:?} removed");
         if self.config.groups.contains_key(name) {
             message.push_str("; the config file names it, so it comes back when the controller restarts (remove [groups.");

@@ -1149,8 +1149,13 @@ impl<'a> Controller<'a> {
         }
         cmd.env("GPUSLICE_LOG", "debug")
             .env("LD_LIBRARY_PATH", sim_dir())
-            .env("SIMCUDA_STATE", self.sim.state_path())
-            .arg("serve")
+            .env("SIMCUDA_STATE", self.sim.state_path());
+        // The controller lists the node's devices through (simulated) NVML, and may be the first
+        // to create the simulated machine: it must see the same machine the clients do.
+        for (k, v) in self.sim.env.iter().filter(|(k, _)| k.starts_with("SIMCUDA_")) {
+            cmd.env(k, v);
+        }
+        cmd.arg("serve")
             .arg("--socket")
             .arg(self.socket())
             .arg("--ledger")
