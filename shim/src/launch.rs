@@ -67,7 +67,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     if !board::holding(device) {
         // A new burst: take the turn (waiting, boundedly, for another process's burst).
         let taken = board::take(device, bucket.queued_until().max(throttle::now_ns()));
-        bucket.add_waited(taken.waited_ns);
+        bucket.add_turn_waited(taken.waited_ns);
         if taken.neighbour {
             bucket.saw_neighbour();
         }

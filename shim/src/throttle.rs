@@ -22,12 +22,18 @@ use std::sync::Mutex;
 pub const QUANTUM_NS: u64 = 1_000_000;
 /// Most device time a process can save up: bounds the overshoot in any window to 2 ms.
 pub const CAPACITY_NS: u64 = 2_000_000;
-/// The same while another throttled process shares the device: each hand-over of the device
-/// between processes costs an idle gap, so bursts are longer (see `board`).
-pub const SHARED_QUANTUM_NS: u64 = 4_000_000;
-pub const SHARED_CAPACITY_NS: u64 = 5_000_000;
-/// How long after last seeing another process on the device the longer bursts stay.
-const SHARED_HOLD_NS: u64 = 200_000_000;
+/// While other throttled processes share the device they take turns in ticket order (see
+/// `board`), one burst each per round. Bursts are then sized in *wall* time, the same for every
+/// share: a process wakes to queue once it has `share × SHARED_QUANTUM_WALL_NS` of device time
+/// in hand, and keeps at most `share × SHARED_CAPACITY_WALL_NS`, so each gets device time in
+/// proportion to its share per round (a 40% process bursts ten times as long as a 4% one), and
+/// a round of waiting (at most the capacity's wall time while the shares sum to ≤ 100%) loses
+/// it no tokens. Few hand-overs per round: each costs an idle gap on the device.
+pub const SHARED_QUANTUM_WALL_NS: u64 = 100_000_000;
+pub const SHARED_CAPACITY_WALL_NS: u64 = 150_000_000;
+/// How long after last seeing another process on the device the longer bursts stay (more than
+/// a round).
+const SHARED_HOLD_NS: u64 = 500_000_000;
 
 /// Longest single sleep; a share edited while asleep takes effect within this.
 const MAX_SLEEP_NS: u64 = 10_000_000;
@@ -160,7 +166,9 @@ impl Bucket {
     /// (quantum, capacity) in device ns: longer while the device is shared.
     fn quantum(&self, now: u64) -> (u64, u64) {
         if self.shared(now) {
-            (SHARED_QUANTUM_NS, SHARED_CAPACITY_NS)
+            let share = u64::from(self.group.share.load(Relaxed).clamp(1, 100));
+            let quantum = (SHARED_QUANTUM_WALL_NS * share / 100).max(QUANTUM_NS);
+            (quantum, (SHARED_CAPACITY_WALL_NS * share / 100).max(quantum + QUANTUM_NS))
         } else {
             (QUANTUM_NS, CAPACITY_NS)
         }
@@ -186,6 +194,15 @@ impl Bucket {
         if ns != 0 {
             self.group.throttled_ns.fetch_add(ns, Relaxed);
             self.process.throttled_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
+    /// Counts time spent waiting for the turn among throttled processes (part of the time
+    /// waited, and also shown on its own: a starving process is seen at once).
+    pub fn add_turn_waited(&self, ns: u64) {
+        if ns != 0 {
+            self.add_waited(ns);
+            self.process.turn_wait_ns.fetch_add(ns, Relaxed);
         }
     }
 
