@@ -307,3 +307,8 @@ pub fn holding(device: CUdevice) -> bool {
         _ => false,
     }
 }
+
+/// True when other processes queue for the turn on `device`.
+pub fn others_waiting(device: CUdevice) -> bool {
+    turn(device).is_some_and(|(t, _)| t.queued() > 0)
+}
