@@ -159,13 +159,13 @@ pub fn render(l: &Listing) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>10} {:>5} PRIORITY\n",
-        "PID", "GROUP", "NAME", "DEV", "USED / OWN CAP", "ACHIEVED", "THROTTLED", "OOM"
+        "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>10} {:>10} {:>5} PRIORITY\n",
+        "PID", "GROUP", "NAME", "DEV", "USED / OWN CAP", "ACHIEVED", "THROTTLED", "TURN WAIT", "OOM"
     ));
     for p in &l.processes {
         for d in &p.devices {
             out.push_str(&format!(
-                "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>9.1}s {:>5} {}\n",
+                "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>9.1}s {:>9.1}s {:>5} {}\n",
                 p.pid,
                 p.group,
                 p.name,
@@ -173,6 +173,7 @@ pub fn render(l: &Listing) -> String {
                 used_of(d.used, d.limit),
                 pct(d.achieved_share),
                 d.throttled_ns as f64 / 1e9,
+                d.turn_wait_ns as f64 / 1e9,
                 d.refusals,
                 p.priority
             ));
