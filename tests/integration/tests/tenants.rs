@@ -177,10 +177,17 @@ fn thirty_two_and_sixty_four_tenants_each_get_their_share() {
 fn sixteen_threads_on_sixteen_streams_share_one_turn() {
     let _serial = serial();
     let sim = Sim::new();
-    // 16 threads × 25 kernels of 200 µs = 80 ms of device time at 30%: about 0.27 s.
-    let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 30).args("init ctx 0 launch 22 200000 sync mark plaunch 16 25 200000 elapsed").run();
-    out.assert_all_ok();
-    let wall_ms: f64 = out.get("elapsed", "ms").unwrap().parse().unwrap();
-    let achieved = 80.0 / wall_ms * 100.0;
-    assert!((27.0..=33.0).contains(&achieved), "16 threads on 16 streams at 30%: {achieved:.1}%");
+    // 16 threads × 50 kernels of 200 µs = 160 ms of device time at 30%: about 0.53 s.
+    let measure = || {
+        let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 30).args("init ctx 0 launch 22 200000 sync mark plaunch 16 50 200000 elapsed").run();
+        out.assert_all_ok();
+        let wall_ms: f64 = out.get("elapsed", "ms").unwrap().parse().unwrap();
+        160.0 / wall_ms * 100.0
+    };
+    let first = measure();
+    if (first - 30.0).abs() > 2.0 {
+        // As sm_share.rs: once more before believing a miss on a busy machine.
+        let second = measure();
+        assert!((second - 30.0).abs() <= 2.0, "16 threads on 16 streams at 30%: {second:.1}% (first try {first:.1}%)");
+    }
 }
