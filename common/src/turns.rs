@@ -96,6 +96,8 @@ pub struct Taken {
     /// Another process held the turn or waited for it meanwhile, or the turn passed between
     /// processes lately: the device is shared.
     pub neighbour: bool,
+    /// Processes queued behind this one when it took the turn.
+    pub queued: u32,
 }
 
 impl Turn {
@@ -145,10 +147,8 @@ impl Turn {
                     self.last_handover.store(now, Release);
                     neighbour = true;
                 }
-                if self.queued() > 0 {
-                    neighbour = true;
-                }
-                return Taken { ticket: Some(ticket), waited_ns: now - start, neighbour: neighbour || self.recent_handover(now) };
+                let queued = self.queued();
+                return Taken { ticket: Some(ticket), waited_ns: now - start, neighbour: neighbour || queued > 0 || self.recent_handover(now), queued };
             }
             if ahead == 0 {
                 // Claimed under our number by someone else: a damaged page. Queue again.
@@ -174,7 +174,7 @@ impl Turn {
             };
             let waited = now - start;
             if waited >= patience(ahead) {
-                return Taken { ticket: None, waited_ns: waited, neighbour };
+                return Taken { ticket: None, waited_ns: waited, neighbour, queued: self.queued() };
             }
             let until = if ahead <= 2 { deadline.min(now + FAR_WAIT_NS) } else { now + FAR_WAIT_NS };
             futex_wait(&self.head, s, bit(ticket), until.saturating_sub(now).max(20_000));

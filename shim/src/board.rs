@@ -236,6 +236,8 @@ pub struct Taken {
     pub waited_ns: u64,
     /// Another process held the turn or queued for it lately: the device is shared.
     pub neighbour: bool,
+    /// Processes that take turns on the device, this one included, as its queue showed.
+    pub peers: u32,
 }
 
 fn ticket(device: CUdevice) -> Option<u32> {
@@ -247,7 +249,7 @@ fn ticket(device: CUdevice) -> Option<u32> {
 /// while other processes hold it or queue before this one. `lease_until` is when this process
 /// expects its queued work done.
 pub fn take(device: CUdevice, lease_until: u64) -> Taken {
-    let none = Taken { waited_ns: 0, neighbour: false };
+    let none = Taken { waited_ns: 0, neighbour: false, peers: 1 };
     let Some((turn, check_pids)) = turn(device) else { return none };
     let Some(index) = usize::try_from(device).ok().filter(|&i| i < MAX_DEVICES) else { return none };
     let start = now_ns();
@@ -257,14 +259,14 @@ pub fn take(device: CUdevice, lease_until: u64) -> Taken {
     if let Some(t) = ticket(device).filter(|&t| turn.held_by(me, t)) {
         // Another thread of this process took it while this one waited to queue.
         turn.extend(me, t, lease_until + LEASE_SLACK_NS);
-        return Taken { waited_ns: now_ns() - start, neighbour: turn.recent_handover(now_ns()) };
+        return Taken { waited_ns: now_ns() - start, neighbour: turn.recent_handover(now_ns()), peers: turn.queued() + 1 };
     }
     // Only without a controller: its processes share this namespace (the page is per user and
     // /dev/shm), a controller's may not.
     let pid = if check_pids { std::process::id() } else { 0 };
     let taken = turn.take(me, pid, lease_until, LEASE_SLACK_NS, &Shim { check_pids }, patience);
     TICKETS[index].store(taken.ticket.map_or(u64::MAX, u64::from), Release);
-    Taken { waited_ns: now_ns() - start, neighbour: taken.neighbour }
+    Taken { waited_ns: now_ns() - start, neighbour: taken.neighbour, peers: taken.queued.saturating_add(1) }
 }
 
 /// How long a waiter with `ahead` tickets before it waits at most before it launches anyway (a

@@ -69,7 +69,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
         let taken = board::take(device, bucket.queued_until().max(throttle::now_ns()));
         bucket.add_turn_waited(taken.waited_ns);
         if taken.neighbour {
-            bucket.saw_neighbour();
+            bucket.saw_neighbour(taken.peers);
         }
     }
     let plan = cost::plan(key);
