@@ -129,22 +129,23 @@ fn one_large_share_among_fifteen_small_ones() {
     assert_shares(&sim, &shares, 3.5, 0.85, 1.5, 0.9);
 }
 
-#[test]
-fn a_tenant_joining_and_leaving_every_second_upsets_nobody() {
-    let _serial = serial();
-    let sim = Sim::new();
+/// Four steady tenants at 20% and a visitor at 15% that joins for half of every second, four
+/// times (and exits normally); the shares the steady ones got.
+fn steady_next_to_a_visitor(sim: &Sim) -> Vec<f64> {
     let go = sim.path_str("go");
     let stop = sim.path_str("stop");
-    let steady: Vec<Running> = (0..4).map(|_| tenant(&sim, 20, &go, &stop)).collect();
+    let _ = std::fs::remove_file(&go);
+    let _ = std::fs::remove_file(&stop);
+    let steady: Vec<Running> = (0..4).map(|_| tenant(sim, 20, &go, &stop)).collect();
     for t in &steady {
         assert!(line_ok(&t.wait_line("sync", 0)));
     }
     let start = monotonic_ns();
     touch(&go);
-    // A fifth tenant at 15% for half of every second, four times; it exits normally.
     for round in 0..4 {
         let leave = sim.path_str(&format!("leave{round}"));
-        let visitor = tenant(&sim, 15, &go, &leave);
+        let _ = std::fs::remove_file(&leave);
+        let visitor = tenant(sim, 15, &go, &leave);
         std::thread::sleep(Duration::from_millis(500));
         touch(&leave);
         let got = Flood::parse(&visitor.wait());
@@ -154,11 +155,22 @@ fn a_tenant_joining_and_leaving_every_second_upsets_nobody() {
     touch(&stop);
     let end = monotonic_ns();
     let floods: Vec<Flood> = steady.into_iter().map(|t| Flood::parse(&t.wait())).collect();
-    let got: Vec<f64> = floods.iter().map(|f| f.share(start + 500_000_000, end - 300_000_000)).collect();
+    floods.iter().map(|f| f.share(start + 500_000_000, end - 300_000_000)).collect()
+}
+
+#[test]
+fn a_tenant_joining_and_leaving_every_second_upsets_nobody() {
+    let _serial = serial();
+    let sim = Sim::new();
+    let off = |got: &[f64]| got.iter().any(|g| !(18.0..=21.0).contains(g));
+    let mut got = steady_next_to_a_visitor(&sim);
     eprintln!("steady tenants next to a visitor: {got:.2?}");
-    for g in got {
-        assert!((17.0..=21.0).contains(&g), "a steady tenant at 20% got {g:.2}% next to a visitor coming and going: {g}");
+    if off(&got) {
+        // As sm_share.rs: once more before believing a miss on a busy machine.
+        got = steady_next_to_a_visitor(&sim);
+        eprintln!("steady tenants next to a visitor, again: {got:.2?}");
     }
+    assert!(!off(&got), "steady tenants at 20% next to a visitor coming and going got {got:.2?} (allowed 18..21)");
     let uid = unsafe { libc::getuid() };
     let page = format!("/dev/shm/gpuslice-board6-{uid}-{}", sim.device_uuid(0));
     assert!(!std::path::Path::new(&page).exists(), "the last tenant out removed the turn page {page}");
