@@ -50,7 +50,7 @@ impl Flood {
 }
 
 /// Starts one throttled tenant at `share`% that floods from `go` until `stop`.
-fn tenant<'a>(sim: &'a Sim, share: u32, go: &str, stop: &str) -> Running {
+fn tenant(sim: &Sim, share: u32, go: &str, stop: &str) -> Running {
     let script = format!("init ctx 0 launch 1 {KERNEL_NS} sync waitfile {go} flood {KERNEL_NS} {BUCKET_MS} {stop}");
     sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", share).args(&script).spawn()
 }
