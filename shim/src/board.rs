@@ -272,11 +272,13 @@ pub fn take(device: CUdevice, lease_until: u64) -> Taken {
 /// How long a waiter with `ahead` tickets before it waits at most before it launches anyway (a
 /// wedged or damaged turn must not hang the program). The holders ahead hold at most a burst of
 /// their share each: together at most `SHARED_CAPACITY_WALL_NS` of wall time while the shares
-/// sum to ≤ 100% (the bound the issue asks to state), plus a lease slack or a claim grace per
-/// ticket. Twice that, and a margin for a loaded machine.
+/// sum to ≤ 100% (the bound the issue asks to state), plus a lease slack per holder (tickets
+/// beyond the process table's 1024 cannot be live). Twice that, two claim graces (a dead waiter
+/// or two) and a margin for a loaded machine: 1.5 s at most. A page written with garbage (a
+/// far `next_ticket`, a lease in the future) costs each launch at most this, never a hang.
 fn patience(ahead: u32) -> u64 {
-    let per_ticket = LEASE_SLACK_NS + CLAIM_GRACE_MS * 1_000_000;
-    2 * (crate::throttle::SHARED_CAPACITY_WALL_NS + u64::from(ahead.min(4096)) * per_ticket) + 200_000_000
+    let holders = u64::from(ahead.min(1024));
+    2 * (crate::throttle::SHARED_CAPACITY_WALL_NS + holders * LEASE_SLACK_NS) + 2 * CLAIM_GRACE_MS * 1_000_000 + 200_000_000
 }
 
 /// Extends this process's lease if it holds the turn.
