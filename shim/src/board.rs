@@ -26,7 +26,7 @@ use crate::ffi::CUdevice;
 use crate::link;
 use crate::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::nvml::cuda_uuid_string;
-use crate::throttle::now_ns;
+use crate::clock::now_ns;
 use gpuslice_common::ledger::{DeviceSched, Turn};
 use gpuslice_common::turns::{Waiter, CLAIM_GRACE_MS};
 use once_cell::sync::OnceCell;

@@ -20,7 +20,7 @@
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::link::{self, MAX_ORDINALS};
-use crate::throttle::now_ns;
+use crate::clock::{coarse_now_ns as coarse_now, now_ns};
 use crate::locks;
 use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
 use std::collections::{HashMap, VecDeque};
@@ -78,14 +78,6 @@ pub fn engaged() -> bool {
     scheds.iter().any(|s| s.high_alive(now))
 }
 
-/// CLOCK_MONOTONIC_COARSE: a few ns, enough for leases of hundreds of ms.
-#[inline]
-fn coarse_now() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: out-pointer to a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 fn state(device: CUdevice) -> Option<&'static DeviceSched> {
     link::get()?.sched(device)
@@ -406,7 +398,7 @@ fn watch() {
         }
         if outstanding {
             drop(watched);
-            std::thread::sleep(std::time::Duration::from_nanos(POLL_NS));
+            crate::clock::sleep_ns(POLL_NS);
         } else {
             drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(RENEW_NS)));
         }

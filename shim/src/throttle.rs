@@ -116,11 +116,7 @@ pub fn thread_token() -> u64 {
     TOKEN.try_with(|t| t as *const u8 as u64).unwrap_or(1)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
-#[inline]
-pub fn now_ns() -> u64 {
-    gpuslice_common::ledger::monotonic_ns()
-}
+pub use crate::clock::now_ns;
 
 /// True when some device of this process's group is throttled: the one check an unthrottled
 /// launch pays (a load from the ledger).
@@ -168,7 +164,7 @@ impl Bucket {
             }
             let wake = debt.saturating_add(self.wall(self.quantum(now).0));
             let nap = (wake - now).min(MAX_SLEEP_NS);
-            std::thread::sleep(std::time::Duration::from_nanos(nap));
+            crate::clock::sleep_ns(nap);
             slept += now_ns() - now;
         }
         self.add_waited(slept);
