@@ -78,7 +78,6 @@ pub fn engaged() -> bool {
     scheds.iter().any(|s| s.high_alive(now))
 }
 
-
 fn state(device: CUdevice) -> Option<&'static DeviceSched> {
     link::get()?.sched(device)
 }
