@@ -205,3 +205,26 @@ fn sixteen_threads_on_sixteen_streams_share_one_turn() {
         assert!((second - 30.0).abs() <= 2.0, "16 threads on 16 streams at 30%: {second:.1}% (first try {first:.1}%)");
     }
 }
+
+/// Issue 16, defect 8: the per-user turn pages (made for every device of a process without a
+/// controller, throttled or not) are gone once the processes that used them exit normally, and
+/// a killed process's page is removed by the next normal exit.
+#[test]
+fn processes_that_exit_normally_leave_no_turn_page() {
+    let sim = Sim::new();
+    let uid = unsafe { libc::getuid() };
+    let pages: Vec<String> = (0..2).map(|d| format!("/dev/shm/gpuslice-board6-{uid}-{}", sim.device_uuid(d))).collect();
+    let exists = |p: &String| std::path::Path::new(p).exists();
+    let out = sim.client(Route::Procaddr).shim().args("init ctx 0 launch 1 1000 sync").run();
+    out.assert_all_ok();
+    assert!(!pages.iter().any(exists), "an unthrottled process left {pages:?}");
+    // A killed throttled process leaves its page; the next one to exit normally removes it.
+    let mut killed = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 30).args("init ctx 0 launch 1000 200000 sync").spawn();
+    assert!(poll_until(Duration::from_secs(10), || exists(&pages[0])), "the throttled process made its page");
+    killed.kill();
+    let _ = killed.wait();
+    assert!(exists(&pages[0]), "a killed process cannot remove its page");
+    let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 30).args("init ctx 0 launch 5 200000 sync").run();
+    out.assert_all_ok();
+    assert!(!pages.iter().any(exists), "the next process out removed {pages:?}");
+}
