@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -442,10 +443,10 @@ static int cmd_threads(int argc, char** argv) {
       cpu[t] = thread_cpu_s() - cpu0;
     });
   }
-  usleep(300000);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
   const double t0 = mono_s();
   phase.store(1);
-  usleep((useconds_t)(seconds * 1e6));
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
   phase.store(2);
   const double t_stop = mono_s();
   for (auto& x : th) x.join();
