@@ -66,8 +66,7 @@ fn tenant_of(sim: &Sim, ctl: Option<&Controller<'_>>, share: u32, go: &str, stop
 }
 
 /// Runs tenants of `shares` (registered with `ctl` when given) together for `seconds` and
-/// returns the share each got over the
-/// window from 1 s after the start to 0.3 s before the stop.
+/// returns the share each got over the window from 1 s after the start to 0.3 s before the stop.
 fn measure_with(sim: &Sim, ctl: Option<&Controller<'_>>, shares: &[u32], seconds: f64) -> Vec<f64> {
     let go = sim.path_str("go");
     let stop = sim.path_str("stop");
