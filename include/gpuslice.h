@@ -53,7 +53,7 @@ extern "C" {
  * nanoseconds. Writing to the ledger from outside gpuslice is not supported.
  * ------------------------------------------------------------------------------------------- */
 #define GPUSLICE_LEDGER_MAGIC 0x5247444c53555047ULL /* "GPUSLDGR" little-endian */
-#define GPUSLICE_LEDGER_LAYOUT_VERSION 3
+#define GPUSLICE_LEDGER_LAYOUT_VERSION 4
 #define GPUSLICE_LEDGER_HEADER_SIZE 4096
 #define GPUSLICE_LEDGER_MAX_DEVICES 16
 #define GPUSLICE_UNLIMITED UINT64_MAX
@@ -102,6 +102,9 @@ struct gpuslice_turn {                /* whose burst is on the device, among thr
     uint64_t last_handover;           /* when the turn last passed between live processes */
     uint32_t holder_pid;              /* holder's own pid (no controller only); 0 = unknown */
     uint32_t last_holder_pid;
+    uint64_t head;                    /* ticket served (low 32 bits, futex word), claimed (bit 32), moved at (ms, bits 33..) */
+    uint32_t next_ticket;             /* the next ticket a waiter draws */
+    uint32_t _pad;
 };
 
 struct gpuslice_device_sched {
@@ -154,6 +157,8 @@ struct gpuslice_process_device {
     uint64_t refusals;
     uint64_t peak_used;
     uint64_t penalty;                 /* controller only: bytes NVML shows beyond the report */
+    uint64_t turn_wait_ns;            /* wall time waited for the turn among throttled processes */
+    uint64_t _reserved[7];
 };
 
 struct gpuslice_process_slot {

@@ -9,6 +9,7 @@ pub mod ledger;
 pub mod protocol;
 pub mod settings;
 pub mod size;
+pub mod turns;
 
 /// The version of the shim, the controller and the C header (`GPUSLICE_VERSION_STRING`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

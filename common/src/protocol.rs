@@ -262,6 +262,10 @@ pub struct ProcessDeviceRow {
     pub charged_ns: u64,
     pub throttled_ns: u64,
     pub refusals: u64,
+    /// The part of `throttled_ns` spent waiting for the turn on the device among throttled
+    /// processes (issue 14: a starving process shows here at once).
+    #[serde(default)]
+    pub turn_wait_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,11 +22,11 @@ fn rust_layout() -> (Fields, Sizes) {
             controller_heartbeat_ns, controller_starts, created_ns, registrations }
         "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid, sched }
         "gpuslice_device_sched" DeviceSched { high_alive_until, wake, highs, turn }
-        "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid }
+        "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket }
         "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }
-        "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used }
+        "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, penalty, turn_wait_ns }
         "gpuslice_process_slot" ProcessSlot { state, pid, group, priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, devices }
     };
     let sizes = vec![

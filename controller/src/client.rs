@@ -134,7 +134,7 @@ pub struct LsArgs {
 }
 
 /// The note under `ls`'s tables: what the columns count.
-const LS_LEGEND: &str = "WAITED: time held back by the SM share since the process or group started (top shows it as WAIT%, a share of the last interval); OOM: allocations refused";
+const LS_LEGEND: &str = "WAITED: time held back by the SM share since the process or group started (top shows it as WAIT%, a share of the last interval); TURN WAIT: the part of WAITED spent queued for the device behind other throttled processes; OOM: allocations refused";
 
 pub fn ls(args: LsArgs) -> Result<(), String> {
     let listing = match ask(&args.socket.path(), &Request::List)? {
@@ -190,13 +190,13 @@ pub fn render(l: &Listing) -> String {
     }
     out.push('\n');
     out.push_str(&format!(
-        "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>10} {:>5} PRIORITY\n",
-        "PID", "GROUP", "NAME", "DEV", "USED / OWN CAP", "ACHIEVED", "WAITED", "OOM"
+        "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>10} {:>10} {:>5} PRIORITY\n",
+        "PID", "GROUP", "NAME", "DEV", "USED / OWN CAP", "ACHIEVED", "WAITED", "TURN WAIT", "OOM"
     ));
     for p in &l.processes {
         for d in &p.devices {
             out.push_str(&format!(
-                "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>9.1}s {:>5} {}\n",
+                "{:>8} {:<20} {:<16} {:>3} {:>25} {:>9} {:>9.1}s {:>9.1}s {:>5} {}\n",
                 p.pid,
                 p.group,
                 p.name,
@@ -204,6 +204,7 @@ pub fn render(l: &Listing) -> String {
                 used_of(d.used, d.limit),
                 pct(d.achieved_share),
                 d.throttled_ns as f64 / 1e9,
+                d.turn_wait_ns as f64 / 1e9,
                 d.refusals,
                 p.priority
             ));

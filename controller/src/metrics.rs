@@ -181,6 +181,7 @@ fn processes(f: &mut Families, l: &Listing) -> std::fmt::Result {
     f.gauge("process_sm_share_target", "The share of the process's group on the device (absent: not throttled).", ratio(), rows().filter_map(|(k, p, d)| Some((k, f64::from(group_share(p, d.device)?) / 100.0))))?;
     f.gauge("process_sm_share_achieved", "Share of the device's time charged to the process over the last second.", ratio(), rows().filter_map(|(k, _, d)| Some((k, d.achieved_share? / 100.0))))?;
     f.counter("process_throttle_wait", "Time the process's launchers waited: for their group's share, or behind a high-priority process.", Some(Unit::Seconds), rows().map(|(k, _, d)| (k, seconds(d.throttled_ns))))?;
+    f.counter("process_turn_wait", "The part of process_throttle_wait spent waiting for the turn on the device among throttled processes.", Some(Unit::Seconds), rows().map(|(k, _, d)| (k, seconds(d.turn_wait_ns))))?;
     f.counter("process_oom_refusals", "The process's allocations refused at a limit.", None, rows().map(|(k, _, d)| (k, d.refusals)))?;
     f.gauge("process_priority", "The process's priority (its own, else its group's): 1 low, 2 normal, 3 high.", None, l.processes.iter().map(|p| (process_labels(p), p.priority as u32)))?;
     let underreporting = || {
@@ -243,6 +244,7 @@ mod tests {
                     charged_ns: 1_500_000_000,
                     throttled_ns: 250_000_000,
                     refusals: 2,
+                    turn_wait_ns: 125_000_000,
                 }],
             }],
             underreporting: vec![UnderReportRow {
@@ -282,6 +284,7 @@ mod tests {
             r#"gpuslice_group_priority{group="team \"a\""} 3"#.to_string(),
             format!("gpuslice_process_memory_overhead_bytes{p} 536870912"),
             format!("gpuslice_process_sm_share_target_ratio{p} 0.3"),
+            format!("gpuslice_process_turn_wait_seconds_total{p} 0.125"),
             r#"gpuslice_process_priority{pid="42",name="python3",group="team \"a\""} 1"#.to_string(),
             r#"gpuslice_ledger_process_slots{state="free"} 7"#.to_string(),
             r#"gpuslice_socket_requests_total{request="list"} 3"#.to_string(),

@@ -904,6 +904,7 @@ impl State {
                         charged_ns: pd.charged_ns.load(Relaxed),
                         throttled_ns: pd.throttled_ns.load(Relaxed),
                         refusals: pd.refusals.load(Relaxed),
+                        turn_wait_ns: pd.turn_wait_ns.load(Relaxed),
                     }
                 })
                 .collect();

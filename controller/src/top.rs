@@ -449,7 +449,7 @@ mod tests {
             throttled_ns,
             refusals: 2,
         };
-        let pd = ProcessDeviceRow { device: 0, uuid: "GPU-x".into(), used: 3 << 30, overhead: 0, limit: None, peak: 0, achieved_share: Some(29.5), charged_ns: 0, throttled_ns, refusals: 2 };
+        let pd = ProcessDeviceRow { device: 0, uuid: "GPU-x".into(), used: 3 << 30, overhead: 0, limit: None, peak: 0, achieved_share: Some(29.5), charged_ns: 0, throttled_ns, refusals: 2, turn_wait_ns: 0 };
         Listing {
             groups: vec![GroupRow { name: "trainers".into(), labels: Default::default(), slot: 0, members: vec![4242], priority: Priority::High, devices: vec![gd] }],
             processes: vec![ProcessRow { pid: 4242, own_pid: 1, uid: 0, group: "trainers".into(), name: "python3".into(), priority: Priority::High, devices: vec![pd] }],

@@ -16,8 +16,8 @@
 //! completes when that launch ends, and the span's first kernel runs right after, whichever
 //! stream either is on, so the span measures the process's occupancy of the device even when it
 //! spreads work over many streams. On an idle device the opening goes on the span's own stream
-//! and includes one launch latency; such a span counts as busy once it covers 4 launches, and
-//! before that is used only until a busy sample exists.
+//! and includes one launch latency; such a span counts as busy once it covers 4 launches. The
+//! lower of the two kinds' estimates is charged (see `Estimate::charge_ns`).
 //!
 //! **Estimate and settlement.** A shape's estimate is the median of its last 8 samples of a
 //! kind: robust to samples stretched by another process's time slice or by threads racing for
@@ -46,6 +46,9 @@ const SPAN_MAX: u32 = 8;
 const SPAN_AMORTISED: u32 = 4;
 /// Outstanding samples per context beyond which no new ones are taken.
 const MAX_PENDING: usize = 256;
+/// A span closed this long after the host model's end of its work (plus its own charge) is
+/// dropped: it would measure a pause.
+const LATE_CLOSE_NS: u64 = 1_000_000;
 /// Samples an estimate is the median of.
 const WINDOW: usize = 8;
 
@@ -88,13 +91,18 @@ struct Estimate {
 }
 
 impl Estimate {
+    /// The lower of the two kinds. A busy sample (behind this process's own queued work)
+    /// measures occupancy and is normally the lower: an idle one also holds a launch latency.
+    /// A busy estimate above the idle one was inflated by another process's work queued on the
+    /// device ahead of the span; preferring it regardless was issue 14's starvation: a process
+    /// charged 22× its kernels' time launched only on an idle device from then on, so it never
+    /// took another busy sample to correct it.
     fn charge_ns(&self) -> u64 {
-        if self.busy_ns != 0 {
-            self.busy_ns
-        } else if self.idle_ns != 0 {
-            self.idle_ns
-        } else {
-            UNKNOWN_NS
+        match (self.busy_ns, self.idle_ns) {
+            (0, 0) => UNKNOWN_NS,
+            (busy, 0) => busy,
+            (0, idle) => idle,
+            (busy, idle) => busy.min(idle),
         }
     }
 }
@@ -191,6 +199,9 @@ struct Span {
     bucket: Bucket,
     /// The device-wide number of the span's latest launch.
     last_sequence: u64,
+    /// When the host model expects the span's work done (`Bucket::queued_until` after its
+    /// latest launch).
+    model_end: u64,
 }
 
 thread_local! {
@@ -263,6 +274,7 @@ pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, buck
         charged_ns: 0,
         bucket,
         last_sequence: sequence,
+        model_end: bucket.queued_until(),
     };
     if OPEN.try_with(|open| *open.borrow_mut() = Some(span)).is_err() {
         give_back(ctx, &[before, after]);
@@ -287,6 +299,7 @@ pub fn extend_span(charged_ns: u64, sequence: u64) -> bool {
         span.launches += 1;
         span.charged_ns += charged_ns;
         span.last_sequence = sequence;
+        span.model_end = span.bucket.queued_until();
         span.launches >= SPAN_MAX
     });
     if full == Ok(true) {
@@ -299,7 +312,11 @@ pub fn extend_span(charged_ns: u64, sequence: u64) -> bool {
 /// anything else is launched there.
 pub fn close_span() {
     let Some(span) = OPEN.try_with(|open| open.borrow_mut().take()).ok().flatten() else { return };
-    if span.launches == 0 || !record(span.after, span.stream as CUstream) {
+    // Its closing event goes on the stream now: closed long after its work drained (the
+    // program synchronised and paused, or the thread waited for a turn), the span would measure
+    // the pause as device time. One such sample settled a 1.5 s pause as 2 × 748 ms kernels.
+    let late = crate::throttle::now_ns() > span.model_end.saturating_add(span.charged_ns).saturating_add(LATE_CLOSE_NS);
+    if span.launches == 0 || late || !record(span.after, span.stream as CUstream) {
         give_back(span.ctx, &[span.before, span.after]);
         return;
     }
@@ -372,23 +389,18 @@ fn learn(p: &Pending, measured_ns: u64) {
     let per_launch = (measured_ns / u64::from(p.launches.max(1))).max(1);
     let mut guard = locks::lock(shard(p.key));
     let e = guard.get_or_insert_with(HashMap::new).entry(p.key).or_default();
-    let had_busy = e.busy_ns != 0;
     let unsettled = std::mem::take(&mut e.unsettled);
-    let estimate = if p.busy {
+    if p.busy {
         e.busy_ns = e.busy.push(per_launch);
-        e.busy_ns
     } else {
         e.idle_ns = e.idle.push(per_launch);
-        e.idle_ns
-    };
+    }
+    let estimate = e.charge_ns();
     drop(guard);
     tracing::trace!(key = p.key, busy = p.busy, launches = p.launches, per_launch, estimate, charged = p.charged_ns, "device-time sample");
-    // Settle the span's launches at the estimate its measurement produced, from the kind of
-    // sample they were charged from: busy samples always, idle ones while no busy one exists.
-    if p.busy || !had_busy {
-        let truth = estimate.saturating_mul(u64::from(p.launches));
-        p.bucket.settle(truth as i64 - p.charged_ns as i64);
-    }
+    // Settle the span's launches at what launches of this shape are charged from now on.
+    let truth = estimate.saturating_mul(u64::from(p.launches));
+    p.bucket.settle(truth as i64 - p.charged_ns as i64);
     if unsettled != 0 {
         p.bucket.settle((estimate as i64 - UNKNOWN_NS as i64).saturating_mul(unsettled as i64));
     }

@@ -118,6 +118,7 @@ extern "C" fn in_child() {
         crate::memory::forget_in_child();
         crate::cost::forget_in_child();
         crate::throttle::forget_in_child();
+        crate::board::forget_in_child();
         crate::link::forget_in_child();
     });
     // The guards were dropped above (released) with the holder.

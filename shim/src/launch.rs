@@ -67,9 +67,9 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     if !board::holding(device) {
         // A new burst: take the turn (waiting, boundedly, for another process's burst).
         let taken = board::take(device, bucket.queued_until().max(throttle::now_ns()));
-        bucket.add_waited(taken.waited_ns);
+        bucket.add_turn_waited(taken.waited_ns);
         if taken.neighbour {
-            bucket.saw_neighbour();
+            bucket.saw_neighbour(taken.peers);
         }
     }
     let plan = cost::plan(key);
@@ -78,7 +78,9 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     let sequence = last.sequence + 1;
     // This thread's previous launch, if it was also the device's previous one.
     let previous = (last.thread == me && last.sequence != 0).then_some(last.stream as CUstream);
-    let continues = cost::continues_span(key, stream, sequence);
+    // A span grows over back-to-back launches only: one whose work has drained (the program
+    // synchronised, or waited for a turn or a file) would measure the idle gap as device time.
+    let continues = cost::continues_span(key, stream, sequence) && bucket.busy();
     if !continues {
         cost::close_span();
         // Behind queued work, open on the stream of this thread's previous launch if it was the
@@ -110,7 +112,11 @@ fn end_burst(device: i32, bucket: throttle::Bucket) {
     if !board::holding(device) {
         return;
     }
-    if bucket.shared(throttle::now_ns()) {
+    // Waiting matters as soon as anyone queues, not only once this process knows the device is
+    // shared: a next burst started behind this one's queued work has its first kernels' device
+    // time measured from before this burst ended, and an estimate inflated that way throttled
+    // processes far below their share (issue 14's starvation, with the old turn race).
+    if bucket.shared(throttle::now_ns()) || board::others_waiting(device) {
         let last = *locks::lock(bucket.last_launch());
         if last.thread == throttle::thread_token() && last.sequence != 0 {
             cost::wait_for(last.stream as CUstream);

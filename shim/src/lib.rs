@@ -9,6 +9,7 @@
 mod alloc_table;
 mod board;
 mod budget;
+mod clock;
 mod context;
 mod cost;
 mod dl;

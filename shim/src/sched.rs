@@ -20,7 +20,7 @@
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::link::{self, MAX_ORDINALS};
-use crate::throttle::now_ns;
+use crate::clock::{coarse_now_ns as coarse_now, now_ns};
 use crate::locks;
 use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
 use std::collections::{HashMap, VecDeque};
@@ -76,15 +76,6 @@ pub fn engaged() -> bool {
     }
     let now = coarse_now();
     scheds.iter().any(|s| s.high_alive(now))
-}
-
-/// CLOCK_MONOTONIC_COARSE: a few ns, enough for leases of hundreds of ms.
-#[inline]
-fn coarse_now() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: out-pointer to a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn state(device: CUdevice) -> Option<&'static DeviceSched> {
@@ -406,7 +397,7 @@ fn watch() {
         }
         if outstanding {
             drop(watched);
-            std::thread::sleep(std::time::Duration::from_nanos(POLL_NS));
+            crate::clock::sleep_ns(POLL_NS);
         } else {
             drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(RENEW_NS)));
         }
@@ -477,13 +468,13 @@ fn synchronize(event: usize) {
     let _ = call_real!(cuEventSynchronize(event as *mut c_void));
 }
 
-fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) {
+pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) {
     let ts = libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as _, tv_nsec: (timeout_ns % 1_000_000_000) as _ };
     // SAFETY: FUTEX_WAIT on a word in shared memory (not FUTEX_PRIVATE: other processes wake it).
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec, 0usize, 0u32) };
 }
 
-fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
+pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
     // SAFETY: FUTEX_WAKE on a word in shared memory.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32) };
 }

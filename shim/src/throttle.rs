@@ -22,12 +22,25 @@ use std::sync::Mutex;
 pub const QUANTUM_NS: u64 = 1_000_000;
 /// Most device time a process can save up: bounds the overshoot in any window to 2 ms.
 pub const CAPACITY_NS: u64 = 2_000_000;
-/// The same while another throttled process shares the device: each hand-over of the device
-/// between processes costs an idle gap, so bursts are longer (see `board`).
-pub const SHARED_QUANTUM_NS: u64 = 4_000_000;
-pub const SHARED_CAPACITY_NS: u64 = 5_000_000;
-/// How long after last seeing another process on the device the longer bursts stay.
-const SHARED_HOLD_NS: u64 = 200_000_000;
+/// While other throttled processes share the device they take turns in ticket order (see
+/// `board`), one burst each per round. Bursts are then sized in *wall* time, the same for every
+/// share: a process wakes to queue once it has `share × quantum` of device time in hand, and
+/// keeps at most `share × capacity`, so each gets device time in proportion to its share per
+/// round (a 40% process bursts ten times as long as a 4% one), and a round of waiting (at most
+/// `quantum` while the shares sum to ≤ 100%) loses it no tokens. The quantum grows with the
+/// processes taking turns (`SHARED_QUANTUM_PER_PEER_NS` each, between the bounds), so that a
+/// round has few hand-overs (each costs an idle gap on the device) and two processes still
+/// alternate in short bursts (a burst is also how far a share can run ahead in a window).
+pub const SHARED_QUANTUM_PER_PEER_NS: u64 = 6_000_000;
+pub const SHARED_QUANTUM_MIN_WALL_NS: u64 = 12_000_000;
+pub const SHARED_QUANTUM_MAX_WALL_NS: u64 = 100_000_000;
+/// Capacity = quantum × 3/2 + this.
+const SHARED_CAPACITY_EXTRA_WALL_NS: u64 = 10_000_000;
+/// The largest shared capacity in wall time: the bound on one holder's burst.
+pub const SHARED_CAPACITY_WALL_NS: u64 = SHARED_QUANTUM_MAX_WALL_NS * 3 / 2 + SHARED_CAPACITY_EXTRA_WALL_NS;
+/// How long after last seeing another process on the device the longer bursts stay (more than
+/// a round).
+const SHARED_HOLD_NS: u64 = 500_000_000;
 
 /// Longest single sleep; a share edited while asleep takes effect within this.
 const MAX_SLEEP_NS: u64 = 10_000_000;
@@ -45,6 +58,8 @@ pub struct Local {
     reported: Mutex<(u64, u64, u64)>,
     /// Until when another throttled process counts as sharing the device.
     shared_until: AtomicU64,
+    /// Processes taking turns on the device, as the latest turns showed (decays by one a turn).
+    peers: AtomicU64,
 }
 
 /// Which thread made the latest launch on a device, on which stream, with which number.
@@ -61,6 +76,7 @@ const IDLE: Local = Local {
     last_launch: Mutex::new(LastLaunch { thread: 0, stream: 0, sequence: 0 }),
     reported: Mutex::new((0, 0, 0)),
     shared_until: AtomicU64::new(0),
+    peers: AtomicU64::new(1),
 };
 
 static LOCAL: [Local; MAX_ORDINALS] = [IDLE; MAX_ORDINALS];
@@ -88,6 +104,7 @@ pub fn forget_in_child() {
     for local in &LOCAL {
         local.queued_until.store(0, Relaxed);
         local.shared_until.store(0, Relaxed);
+        local.peers.store(1, Relaxed);
     }
 }
 
@@ -99,11 +116,7 @@ pub fn thread_token() -> u64 {
     TOKEN.try_with(|t| t as *const u8 as u64).unwrap_or(1)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call).
-#[inline]
-pub fn now_ns() -> u64 {
-    gpuslice_common::ledger::monotonic_ns()
-}
+pub use crate::clock::now_ns;
 
 /// True when some device of this process's group is throttled: the one check an unthrottled
 /// launch pays (a load from the ledger).
@@ -151,7 +164,7 @@ impl Bucket {
             }
             let wake = debt.saturating_add(self.wall(self.quantum(now).0));
             let nap = (wake - now).min(MAX_SLEEP_NS);
-            std::thread::sleep(std::time::Duration::from_nanos(nap));
+            crate::clock::sleep_ns(nap);
             slept += now_ns() - now;
         }
         self.add_waited(slept);
@@ -160,7 +173,12 @@ impl Bucket {
     /// (quantum, capacity) in device ns: longer while the device is shared.
     fn quantum(&self, now: u64) -> (u64, u64) {
         if self.shared(now) {
-            (SHARED_QUANTUM_NS, SHARED_CAPACITY_NS)
+            let share = u64::from(self.group.share.load(Relaxed).clamp(1, 100));
+            let peers = self.local.peers.load(Relaxed);
+            let wall = (peers * SHARED_QUANTUM_PER_PEER_NS).clamp(SHARED_QUANTUM_MIN_WALL_NS, SHARED_QUANTUM_MAX_WALL_NS);
+            let capacity_wall = wall * 3 / 2 + SHARED_CAPACITY_EXTRA_WALL_NS;
+            let quantum = (wall * share / 100).max(QUANTUM_NS);
+            (quantum, (capacity_wall * share / 100).max(quantum + QUANTUM_NS))
         } else {
             (QUANTUM_NS, CAPACITY_NS)
         }
@@ -171,9 +189,12 @@ impl Bucket {
         now < self.local.shared_until.load(Relaxed)
     }
 
-    /// Notes that another throttled process uses this device.
-    pub fn saw_neighbour(&self) {
+    /// Notes that other throttled processes use this device: `peers` take turns, this one
+    /// included, as its latest turn showed.
+    pub fn saw_neighbour(&self, peers: u32) {
         self.local.shared_until.store(now_ns() + SHARED_HOLD_NS, Relaxed);
+        let seen = u64::from(peers.max(2));
+        let _ = self.local.peers.fetch_update(Relaxed, Relaxed, |old| Some(seen.max(old.saturating_sub(1))));
     }
 
     /// When the host model expects this process's queued work to be done.
@@ -186,6 +207,15 @@ impl Bucket {
         if ns != 0 {
             self.group.throttled_ns.fetch_add(ns, Relaxed);
             self.process.throttled_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
+    /// Counts time spent waiting for the turn among throttled processes (part of the time
+    /// waited, and also shown on its own: a starving process is seen at once).
+    pub fn add_turn_waited(&self, ns: u64) {
+        if ns != 0 {
+            self.add_waited(ns);
+            self.process.turn_wait_ns.fetch_add(ns, Relaxed);
         }
     }
 

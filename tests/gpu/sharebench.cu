@@ -20,6 +20,11 @@
 //       share over any window can be computed from the differences.
 //       --go-file: after the context exists print ready=1, then wait until PATH exists
 //       before the warm-up (lets two processes start their timed phases together).
+//   sharebench threads --iters N --seconds S --threads T [--go-file PATH]
+//       T host threads, each on a stream of its own, launching back to back for S seconds
+//       (after 0.3 s of warm-up); prints kernels=, seconds=, rate= and host_ns_per_launch=
+//       (time inside the launch calls per launch, all threads) and cpu_ns_per_launch= (CPU
+//       time of the launching threads in the timed phase per launch).
 //
 // The kernel: grid = SMs x (resident blocks per SM at 256 threads), i.e. one full wave; each
 // thread runs `iters` iterations of 4 dependent FMA chains and the result is stored to global
@@ -34,11 +39,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gpucommon.cuh"
@@ -47,6 +55,13 @@
 static double mono_s() {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+// CPU time of the calling thread, seconds.
+static double thread_cpu_s() {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
   return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -371,12 +386,97 @@ static int cmd_run(int argc, char** argv) {
   return 0;
 }
 
+// ------------------------------------------------------------------ threads
+
+// `threads`: T host threads, each launching back to back on a stream of its own (with the same
+// queue throttle as `run`) for S seconds after a 0.3 s warm-up; all start together. Prints
+// kernels=, seconds=, rate= (as `run`) and host_ns_per_launch= (wall time spent inside the
+// launch calls, over all threads, per launch: what the throttle costs the launching threads).
+static int cmd_threads(int argc, char** argv) {
+  long iters = -1;
+  double seconds = -1;
+  int nthreads = 1;
+  const char* go_file = nullptr;
+  for (int i = 2; i < argc; i++) {
+    std::string a = argv[i];
+    bool more = i + 1 < argc;
+    if (a == "--iters" && more) iters = atol(argv[++i]);
+    else if (a == "--seconds" && more) seconds = atof(argv[++i]);
+    else if (a == "--threads" && more) nthreads = atoi(argv[++i]);
+    else if (a == "--go-file" && more) go_file = argv[++i];
+    else usage();
+  }
+  if (iters < 1 || !(seconds > 0) || nthreads < 1 || nthreads > 64) {
+    fprintf(stderr, "threads: need --iters >= 1, --seconds > 0, --threads 1..64\n");
+    return 2;
+  }
+  setup_device();
+  std::vector<StreamState> st(nthreads);
+  for (auto& x : st) {
+    CHECK(cudaStreamCreateWithFlags(&x.s, cudaStreamNonBlocking));
+    for (int r = 0; r < StreamState::kRing; r++)
+      CHECK(cudaEventCreateWithFlags(&x.ring[r], cudaEventDisableTiming));
+  }
+  if (go_file) {
+    printf("ready=1\n");
+    fflush(stdout);
+    while (access(go_file, F_OK) != 0) usleep(200);
+  }
+  std::atomic<int> phase{0};  // 0 warm-up, 1 timed, 2 stop
+  std::vector<double> in_launch(nthreads, 0.0);
+  std::vector<long long> timed(nthreads, 0);
+  std::vector<double> cpu(nthreads, 0.0);
+  std::vector<std::thread> th;
+  for (int t = 0; t < nthreads; t++) {
+    th.emplace_back([&, t] {
+      StreamState& x = st[t];
+      while (phase.load() == 0) launch_unit(x, (int)iters, 1);
+      long long before = x.launched;
+      double spent = 0.0, cpu0 = thread_cpu_s();
+      while (phase.load() == 1) {
+        double a = mono_s();
+        launch_unit(x, (int)iters, 1);
+        spent += mono_s() - a;
+      }
+      timed[t] = x.launched - before;
+      in_launch[t] = spent;
+      cpu[t] = thread_cpu_s() - cpu0;
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const double t0 = mono_s();
+  phase.store(1);
+  std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+  phase.store(2);
+  const double t_stop = mono_s();
+  for (auto& x : th) x.join();
+  CHECK(cudaDeviceSynchronize());
+  const double t1 = mono_s();
+  long long kernels = 0;
+  double spent = 0.0, cpu_s = 0.0;
+  for (int t = 0; t < nthreads; t++) {
+    kernels += timed[t];
+    spent += in_launch[t];
+    cpu_s += cpu[t];
+  }
+  // The kernels launched before the stop ran by t1; the share counts the time they took.
+  const double secs = t1 - t0;
+  printf("threads=%d\nkernels=%lld\nseconds=%.6f\nrate=%.3f\nlaunch_seconds=%.6f\n", nthreads,
+         kernels, secs, kernels / secs, t_stop - t0);
+  printf("host_ns_per_launch=%.1f\ncpu_ns_per_launch=%.1f\ndone=1\n",
+         kernels > 0 ? spent * 1e9 / (double)kernels : 0.0,
+         kernels > 0 ? cpu_s * 1e9 / (double)kernels : 0.0);
+  fflush(stdout);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);
   if (argc < 2) usage();
   std::string cmd = argv[1];
   if (cmd == "calibrate") return cmd_calibrate(argc, argv);
   if (cmd == "run") return cmd_run(argc, argv);
+  if (cmd == "threads") return cmd_threads(argc, argv);
   usage();
   return 2;
 }

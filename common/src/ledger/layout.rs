@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 /// "GPUSLDGR" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUSLDGR");
 /// Bumped whenever any offset, size or meaning below changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Device indices per slot; devices beyond are passed through untracked.
 pub const MAX_DEVICES: usize = 16;
 pub const HEADER_SIZE: usize = 4096;
@@ -121,6 +121,11 @@ pub struct ProcessDevice {
     /// shows this process holding more than it reports (see the controller's `crosscheck`).
     /// Written by the controller only; counted in the group's `used` and by `reconcile`.
     pub penalty: AtomicU64,
+    /// Wall time this process waited for its turn on the device among throttled processes
+    /// (ns; part of `throttled_ns`).
+    pub turn_wait_ns: AtomicU64,
+    /// Room for later per-process figures without another layout change.
+    pub _reserved: [AtomicU64; 7],
 }
 
 #[repr(C)]
@@ -345,7 +350,7 @@ impl ProcessSlot {
         write_text(&self.name, "");
         for d in &self.devices {
             d.limit.store(UNLIMITED, Relaxed);
-            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used, &d.penalty] {
+            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used, &d.penalty, &d.turn_wait_ns] {
                 c.store(0, Relaxed);
             }
         }
@@ -363,9 +368,9 @@ mod tests {
         assert_eq!(size_of::<GroupDevice>(), 64);
         assert_eq!(size_of::<ProcessDevice>(), 64);
         assert_eq!(size_of::<GroupSlot>(), 128 + 64 * MAX_DEVICES);
-        assert_eq!(size_of::<ProcessSlot>(), 128 + 64 * MAX_DEVICES);
+        assert_eq!(size_of::<ProcessSlot>(), 128 + 128 * MAX_DEVICES);
         assert!(size_of::<Header>() <= HEADER_SIZE);
-        assert_eq!(size_of::<super::super::Turn>(), 40);
+        assert_eq!(size_of::<super::super::Turn>(), 56);
     }
 
     #[test]

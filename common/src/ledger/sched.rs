@@ -21,25 +21,7 @@ pub struct DeviceSched {
     pub turn: Turn,
 }
 
-/// The turn on a device among throttled processes: one burst on the device at a time.
-/// Processes are named by a token each drew at random (pids repeat across pid namespaces).
-#[repr(C)]
-pub struct Turn {
-    /// The token of the process whose burst is on the device; 0 when nobody's.
-    pub holder: AtomicU64,
-    /// The latest process to hold the turn (to notice a hand-over between processes).
-    pub last_holder: AtomicU64,
-    /// The holder's own estimate of when its queued work is done, a little more; after it the
-    /// turn may be taken.
-    pub lease_until: AtomicU64,
-    /// When the turn last passed from one live process to another.
-    pub last_handover: AtomicU64,
-    /// The holder's pid as it sees itself, for a liveness check by processes of its namespace
-    /// (without a controller only); 0 when unknown: then only the lease counts.
-    pub holder_pid: AtomicU32,
-    /// The same for `last_holder`.
-    pub last_holder_pid: AtomicU32,
-}
+pub use crate::turns::Turn;
 
 /// One high-priority process on a device.
 #[repr(C)]
@@ -111,18 +93,6 @@ impl DeviceSched {
     }
 }
 
-impl Turn {
-    /// Frees the turn if the process named `token` holds it (that process is gone): the others
-    /// need not wait out its lease. True when it did.
-    pub fn clear_holder(&self, token: u64) -> bool {
-        if token == 0 || self.holder.load(Acquire) != token {
-            return false;
-        }
-        self.holder_pid.store(0, Release);
-        self.holder.compare_exchange(token, 0, AcqRel, Relaxed).is_ok()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::Ledger;
@@ -135,6 +105,7 @@ mod tests {
         assert!(!turn.clear_holder(7), "nobody holds it");
         turn.holder.store(7, Relaxed);
         turn.holder_pid.store(1234, Relaxed);
+        turn.head.store(1 << 32, Relaxed); // ticket 0, claimed
         assert!(!turn.clear_holder(8), "another process's turn is left alone");
         assert!(!turn.clear_holder(0), "a process that never wrote its token clears nothing");
         assert_eq!(turn.holder.load(Relaxed), 7);

@@ -26,7 +26,7 @@ fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
     let ctl = sim.controller();
     let uuid = sim.device_uuid(0);
     let uid = unsafe { libc::getuid() };
-    let page = format!("/dev/shm/gpuslice-board5-{uid}-{uuid}");
+    let page = format!("/dev/shm/gpuslice-board6-{uid}-{uuid}");
     let _ = std::fs::remove_file(&page);
     let go = sim.path("go").display().to_string();
 

@@ -1,0 +1,80 @@
+"""A stand-in for sharebench (tests/gpu/sharebench.cu) on the simulated driver, for the dry run
+of tests/gpu/tenants.sh: `run` and `threads` with the options tenants.py uses and the same
+key=value output. A kernel lasts `--iters` nanoseconds on the simulated device."""
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from simdrv import Driver  # noqa: E402
+
+
+def opts(argv):
+    d = {}
+    for i in range(0, len(argv) - 1, 2):
+        d[argv[i].lstrip("-")] = argv[i + 1]
+    return d
+
+
+def run(o):
+    drv = Driver()
+    ns, seconds = int(o["iters"]), float(o["seconds"])
+    print("ready=1", flush=True)
+    go = o.get("go-file")
+    if go:
+        while not os.path.exists(go):
+            time.sleep(0.0002)
+    end = time.monotonic() + float(o.get("warmup-s", "0.3"))
+    while time.monotonic() < end:
+        drv.launch(ns)
+    drv.sync()
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() < t0 + seconds:
+        drv.launch(ns)
+        n += 1
+        if n % 32 == 0:
+            drv.sync()
+    drv.sync()
+    secs = time.monotonic() - t0
+    print(f"kernels={n}\nseconds={secs:.6f}\nrate={n / secs:.3f}\ndone=1", flush=True)
+
+
+def threads(o):
+    drv = Driver()
+    ns, seconds, count = int(o["iters"]), float(o["seconds"]), int(o["threads"])
+    phase = [0]
+    counts, spent, cpu = [0] * count, [0.0] * count, [0.0] * count
+
+    def work(t):
+        drv.cu.cuCtxSetCurrent(drv.ctx)
+        while phase[0] == 0:
+            drv.launch(ns)
+        c0 = time.thread_time()
+        while phase[0] == 1:
+            a = time.monotonic()
+            drv.launch(ns)
+            spent[t] += time.monotonic() - a
+            counts[t] += 1
+        cpu[t] = time.thread_time() - c0
+
+    ths = [threading.Thread(target=work, args=(t,)) for t in range(count)]
+    for th in ths:
+        th.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    phase[0] = 1
+    time.sleep(seconds)
+    phase[0] = 2
+    for th in ths:
+        th.join()
+    drv.sync()
+    secs = time.monotonic() - t0
+    n = sum(counts)
+    print(f"threads={count}\nkernels={n}\nseconds={secs:.6f}\nrate={n / secs:.3f}", flush=True)
+    print(f"host_ns_per_launch={sum(spent) * 1e9 / max(n, 1):.1f}\ncpu_ns_per_launch={sum(cpu) * 1e9 / max(n, 1):.1f}\ndone=1", flush=True)
+
+
+if __name__ == "__main__":
+    cmd, rest = sys.argv[1], sys.argv[2:]
+    {"run": run, "threads": threads}[cmd](opts(rest))

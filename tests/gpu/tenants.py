@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Many throttled tenants on one GPU (issue 14), run by tests/gpu/tenants.sh.
+
+N = 4, 8, 16, 32 processes, each throttled to 96/N % (GPUSLICE_SM_SHARE), launching 200 us
+kernels back to back (sharebench run) for SECONDS after a common start. A process's busy fraction
+is its kernel rate over the rate of one unthrottled process alone (no shim), measured first in
+the same run. PASS when every process is within +-10 % (relative) of its share, the sum is at
+least 95 % of the shares' sum, and the CPU seconds per process (whole process: user + system,
+from wait4) are no higher than issue 14's table of the build before (2.0 / 1.3 / 0.9 / 0.7).
+Then one process launching from 16 threads on 16 streams (sharebench threads) at 30 %: within a
+point of 30 % of its own unthrottled rate, and CPU time per launch of the launching threads at
+most twice the unthrottled figure.
+
+Dry run (--dry): the same orchestration on the simulated driver with the stand-in
+tests/gpu/dryrun/sharebench_stub.py; the figures then judge the simulator, not a GPU, and CPU
+limits are not judged (a Python launcher)."""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CPU_LIMIT_S = {4: 2.0, 8: 1.3, 16: 0.9, 32: 0.7}
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--bench", required=True, help="the sharebench command (a path, or 'python3 stub.py')")
+ap.add_argument("--lib", required=True)
+ap.add_argument("--out", required=True)
+ap.add_argument("--seconds", type=float, default=6.0)
+ap.add_argument("--counts", default="4,8,16,32")
+ap.add_argument("--dry", action="store_true")
+ap.add_argument("--budget-s", type=float, default=380.0)
+args = ap.parse_args()
+T0 = time.monotonic()
+BENCH = args.bench.split()
+LOG = open(os.path.join(args.out, "tenants.log"), "a")
+ROWS = []
+
+
+def log(*parts):
+    text = " ".join(str(p) for p in parts)
+    print(text, file=LOG, flush=True)
+
+
+def kv(text):
+    d = {}
+    for line in text.splitlines():
+        for tok in line.split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                d[k] = v
+    return d
+
+
+def env_for(share=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSLICE_") and k != "CUDA_DEVICE_SM_LIMIT"}
+    env.pop("LD_PRELOAD", None)
+    if share is not None:
+        env["LD_PRELOAD"] = args.lib
+        env["GPUSLICE_SM_SHARE"] = str(share)
+        env["GPUSLICE_LOG"] = "warn"
+    return env
+
+
+def row(cid, name, ok, figures):
+    ROWS.append((cid, name, "PASS" if ok else "FAIL", figures))
+    log(f"{cid} {name}: {'PASS' if ok else 'FAIL'} {figures}")
+
+
+def run_one(argv, env, timeout):
+    log("run:", " ".join(argv), "share", env.get("GPUSLICE_SM_SHARE", "-"))
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    log(p.stdout[-4000:], p.stderr[-2000:])
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {p.stderr.strip()[-300:]}")
+    return kv(p.stdout)
+
+
+def together(n, share, iters, seconds):
+    """n processes at share%, started together; returns [(rate, cpu_s)]."""
+    go = tempfile.mktemp(prefix="tenants-go-", dir=args.out)
+    procs = []
+    for _ in range(n):
+        argv = BENCH + ["run", "--iters", str(iters), "--seconds", str(seconds), "--go-file", go, "--warmup-s", "0.3", "--go-timeout-s", "120"]
+        procs.append(subprocess.Popen(argv, env=env_for(share), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [""] * n
+    deadline = time.monotonic() + 120
+    for i, p in enumerate(procs):
+        while time.monotonic() < deadline:
+            line = p.stdout.readline()
+            if not line:
+                break
+            outs[i] += line
+            if line.startswith("ready=1"):
+                break
+    open(go, "w").close()
+    results = []
+    for i, p in enumerate(procs):
+        rest = p.stdout.read()
+        err = p.stderr.read()
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        outs[i] += rest
+        log(f"--- tenant {i} of {n} at {share}%: exit {p.returncode}\n{outs[i][-1500:]}{err[-1500:]}")
+        if p.returncode != 0:
+            raise RuntimeError(f"tenant {i} of {n} exited {p.returncode}: {err.strip()[-300:]}")
+        results.append((float(kv(outs[i])["rate"]), ru.ru_utime + ru.ru_stime))
+    os.unlink(go)
+    return results
+
+
+def main():
+    # Calibrate 200 us kernels (the stub's iters are nanoseconds).
+    if args.dry:
+        iters = 200000
+    else:
+        iters = int(run_one(BENCH + ["calibrate", "200"], env_for(), 120)["iters"])
+    alone = float(run_one(BENCH + ["run", "--iters", str(iters), "--seconds", "3"], env_for(), 120)["rate"])
+    log(f"calibrated iters={iters}; one unthrottled process alone: {alone:.1f} kernels/s")
+    for n in [int(c) for c in args.counts.split(",")]:
+        share = 96 // n
+        if time.monotonic() - T0 > args.budget_s - 60:
+            row(f"T{n}", f"{n} x {share}%", False, "not run: out of time")
+            continue
+        try:
+            got = together(n, share, iters, args.seconds)
+        except Exception as e:  # noqa: BLE001 - one failed group must not hide the others
+            row(f"T{n}", f"{n} x {share}%", False, f"error: {e}")
+            continue
+        fracs = [100.0 * rate / alone for rate, _ in got]
+        cpus = [cpu for _, cpu in got]
+        total = sum(fracs)
+        each_ok = all(abs(f - share) <= 0.1 * share for f in fracs)
+        sum_ok = total >= 0.95 * share * n
+        cpu_ok = args.dry or max(cpus) <= CPU_LIMIT_S[n]
+        figures = (f"each {min(fracs):.2f}-{max(fracs):.2f}% (want {0.9 * share:.2f}-{1.1 * share:.2f}); "
+                   f"sum {total:.1f}% (want >= {0.95 * share * n:.1f}); CPU s/process {min(cpus):.2f}-{max(cpus):.2f}"
+                   + ("" if args.dry else f" (want <= {CPU_LIMIT_S[n]})"))
+        row(f"T{n}", f"{n} x {share}%", each_ok and sum_ok and cpu_ok, figures)
+    # One process, 16 threads on 16 streams, at 30% against its own unthrottled figures.
+    try:
+        th = ["threads", "--iters", str(iters), "--seconds", "3", "--threads", "16"]
+        free = run_one(BENCH + th, env_for(), 120)
+        held = run_one(BENCH + th, env_for(30), 120)
+        # The dry run's Python threads cannot keep the simulated device busy unthrottled: there
+        # the device's own capacity (one kernel of `iters` ns at a time) is the reference.
+        full = 1e9 / iters if args.dry else float(free["rate"])
+        achieved = 100.0 * float(held["rate"]) / full
+        cpu_free, cpu_held = float(free["cpu_ns_per_launch"]), float(held["cpu_ns_per_launch"])
+        ok = abs(achieved - 30.0) <= 1.0 and (args.dry or cpu_held <= 2 * cpu_free)
+        row("T16x16", "16 threads x 16 streams at 30%", ok,
+            f"{achieved:.2f}% (want 29-31); CPU ns/launch {cpu_held:.0f} vs unthrottled {cpu_free:.0f} (want <= 2x); "
+            f"host ns/launch {float(held['host_ns_per_launch']):.0f} vs {float(free['host_ns_per_launch']):.0f}")
+    except Exception as e:  # noqa: BLE001
+        row("T16x16", "16 threads x 16 streams at 30%", False, f"error: {e}")
+    title = "gpuslice tenants (issue 14)" + (" DRY RUN on the simulated driver" if args.dry else "")
+    width = max(len(r[1]) for r in ROWS)
+    lines = [title] + [f"{cid:<7} {name:<{width}} {verdict}  {figures}" for cid, name, verdict, figures in ROWS]
+    with open(os.path.join(args.out, "tenants.tsv"), "w") as f:
+        for r in ROWS:
+            f.write("\t".join(r) + "\n")
+    print("\n".join(lines), flush=True)
+    log("\n".join(lines))
+    return 0 if all(r[2] == "PASS" for r in ROWS) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Many throttled tenants on one GPU (issue 14): `bash tests/gpu/tenants.sh` from the repo root on a
+# machine with an NVIDIA GPU, nvcc and Python 3 (no Rust, no network). About 3 minutes.
+#
+#   GPUSLICE_LIB      the prebuilt shim        (default .gpu/libgpuslice.so; dry run: target/debug)
+#   OUT               log and table            (default .gpu/out): tenants.log, tenants.tsv
+#   TENANTS_SECONDS   timed phase per group    (default 6)
+#   TENANTS_COUNTS    group sizes              (default 4,8,16,32)
+#   TENANTS_DRY_RUN=1 no GPU: the same orchestration on the simulated driver (tests/simcuda,
+#                     `cargo build -p gpuslice-shim -p gpuslice-simcuda` first) with the
+#                     stand-in tests/gpu/dryrun/sharebench_stub.py; figures judge the simulator.
+#
+# N processes at 96/N % each (200 us kernels, started together): each within +-10 % of its share,
+# the sum >= 95 % of the shares' sum, CPU s per process <= issue 14's table (2.0/1.3/0.9/0.7);
+# one process from 16 threads on 16 streams at 30 %: within a point, CPU per launch <= 2x
+# unthrottled. Builds sharebench into .gpu/build. The results table is printed last.
+# Exit: 0 all PASS, 1 some FAIL, 2 setup problem.
+set -u
+set -o pipefail
+DRY=${TENANTS_DRY_RUN:-0}
+if [ "$DRY" = 1 ] && [ -z "${GPUSLICE_LIB:-}" ]; then
+  GPUSLICE_LIB=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/target/debug/libgpuslice.so
+  export GPUSLICE_LIB
+fi
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
+PY_LIMIT_S=400
+TOKEN="tenants-$$-$(date +%s%N)"
+TMPD=
+cleanup() {
+  kill_tokened GPUTEST_TENANTS_TOKEN
+  [ -n "$TMPD" ] && rm -rf "$TMPD"
+}
+trap cleanup EXIT
+trap_signals
+
+if [ "$DRY" = 1 ]; then
+  mkdir -p "$OUTDIR" || exit 2
+  LOG=$OUTDIR/tenants.log
+  : >"$LOG"
+  note "gpuslice tenants (DRY RUN: simulated driver, stand-in sharebench): $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  [ -f "$LIB" ] || { note "tenants: no shim at $LIB"; exit 2; }
+  SIM=$ROOT/target/sim
+  [ -f "$SIM/libcuda.so.1" ] || { note "tenants: dry run needs $SIM/libcuda.so.1: cargo build -p gpuslice-simcuda"; exit 2; }
+  TMPD=$(mktemp -d /tmp/gpuslice-tenants.XXXXXX) || exit 2
+  export LD_LIBRARY_PATH=$SIM SIMCUDA_STATE=$TMPD/simcuda-state SIMCUDA_DEVICES=1
+  export GPUSLICE_SOCKET=$TMPD/no-controller.sock
+  BENCH="$PY $ROOT/$HERE/dryrun/sharebench_stub.py"
+  dry=(--dry)
+else
+  gpu_setup tenants tenants.log "gpuslice tenants (issue 14)"
+  gpu_machine name,driver_version,memory.total,clocks.max.sm "python: $("$PY" --version 2>&1)"
+  bin=$BUILD/sharebench
+  if up_to_date "$bin" "$HERE/sharebench.cu" "$HERE/gpucommon.cuh"; then
+    echo "--- build sharebench: up to date" >>"$LOG"
+  else
+    rm -f "$bin"
+    if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/sharebench.cu" >"$BUILD/sharebench.build.log" 2>&1; then
+      echo "--- build sharebench: ok" >>"$LOG"
+    else
+      note "tenants: build of sharebench FAILED (log follows in $LOG)"
+      cat "$BUILD/sharebench.build.log" >>"$LOG"
+      exit 2
+    fi
+  fi
+  # No controller: each tenant runs on its own environment's share, as in the issue's table.
+  TMPD=$(mktemp -d /tmp/gpuslice-tenants.XXXXXX) || exit 2
+  export GPUSLICE_SOCKET=$TMPD/no-controller.sock
+  BENCH=$bin
+  dry=()
+fi
+
+args=(--bench "$BENCH" --lib "$LIB" --out "$OUTDIR" --seconds "${TENANTS_SECONDS:-6}"
+      --counts "${TENANTS_COUNTS:-4,8,16,32}" --budget-s 380 "${dry[@]}")
+GPUTEST_TENANTS_TOKEN=$TOKEN timeout --foreground -k 10 "$PY_LIMIT_S" "$PY" "$ROOT/$HERE/tenants.py" "${args[@]}" &
+PYPID=$!
+wait "$PYPID"
+rc=$?
+if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+  note "tenants: tenants.py ran past ${PY_LIMIT_S}s, or was killed (rc=$rc)"
+  rc=1
+fi
+exit $rc
