@@ -366,7 +366,7 @@ mod tests {
     fn layout_sizes_are_what_the_header_says() {
         assert_eq!(size_of::<DeviceSlot>(), 64 + size_of::<DeviceSched>());
         assert_eq!(size_of::<GroupDevice>(), 64);
-        assert_eq!(size_of::<ProcessDevice>(), 64);
+        assert_eq!(size_of::<ProcessDevice>(), 128);
         assert_eq!(size_of::<GroupSlot>(), 128 + 64 * MAX_DEVICES);
         assert_eq!(size_of::<ProcessSlot>(), 128 + 128 * MAX_DEVICES);
         assert!(size_of::<Header>() <= HEADER_SIZE);
