@@ -90,6 +90,12 @@ real_functions! {
     cuLaunchCooperativeKernel_ptsz(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void);
     cuGraphLaunch(*mut c_void, CUstream);
     cuGraphLaunch_ptsz(*mut c_void, CUstream);
+    // Memory shared between processes (see `sharing`).
+    cuIpcGetMemHandle(*mut crate::sharing::IpcMemHandle, CUdeviceptr);
+    cuIpcOpenMemHandle_v2(*mut CUdeviceptr, crate::sharing::IpcMemHandle, c_uint);
+    cuIpcCloseMemHandle(CUdeviceptr);
+    cuMemExportToShareableHandle(*mut c_void, CUmemGenericAllocationHandle, c_uint, u64);
+    cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();

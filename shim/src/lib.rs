@@ -27,6 +27,7 @@ mod nvml;
 mod registry;
 mod runtime;
 mod sched;
+mod sharing;
 mod throttle;
 mod trampoline;
 

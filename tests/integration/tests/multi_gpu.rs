@@ -285,3 +285,25 @@ fn a_process_on_two_devices_is_throttled_to_each_devices_share() {
         assert!(near(second), "shares 30/60 achieved {first:?} and then {second:?}");
     }
 }
+
+/// An export made outside gpuslice (no shim in the exporter) was charged to nobody, so its
+/// importer's group pays for it while it maps it, and is refused when that exceeds its limit
+/// (the refused import is closed again: nothing stays mapped).
+#[test]
+fn an_ipc_import_from_outside_gpuslice_is_charged_to_the_importer() {
+    let sim = sim();
+    let (handle, stop) = (sim.path_str("handle"), sim.path_str("stop"));
+    let exporter = sim.program(mgpu()).args(&format!("init ctx 0 alloc 1G ipcexport {handle} waitfile {stop} free")).spawn();
+    expect_ok(&exporter.wait_line("ipcexport", 0));
+    let out = sim.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT", "2GiB").args(&format!("init ctx 0 ipcopen {handle} info ipcclose info")).run();
+    out.assert_all_ok();
+    assert_eq!(out.nth_u64("info", 0, "free"), 2 * GIB - R - GIB, "charged while mapped:\n{out}");
+    assert_eq!(out.nth_u64("info", 1, "free"), 2 * GIB - R, "given back at the close:\n{out}");
+    let small = sim.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT", "512MiB").args(&format!("init ctx 0 ipcopen {handle} info")).run();
+    assert_eq!(small.nth("ipcopen", 0), "err ipcopen code=2", "over the importer's limit:\n{small}");
+    assert_eq!(small.u64("info", "free"), 512 * MIB - R, "{small}");
+    assert!(small.stderr.contains("from a process outside gpuslice"), "{}", small.stderr);
+    touch(&stop);
+    exporter.wait().assert_all_ok();
+    assert_eq!(device_used(&sim, 0), 0, "nothing left mapped");
+}

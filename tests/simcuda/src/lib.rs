@@ -2125,7 +2125,7 @@ export_table!(
 );
 
 use sharing::{
-    cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle,
+    cuMemGetAddressRange_v2, cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle,
     cuIpcOpenMemHandle_v2, cuMemExportToShareableHandle, cuMemImportFromShareableHandle, cuMemcpyPeer, cuMemcpyPeerAsync,
 };
 
@@ -2133,6 +2133,7 @@ use sharing::{
 fn sharing_export_addr(name: &str) -> Option<*mut c_void> {
     Some(match name {
         "cuIpcGetMemHandle" => cuIpcGetMemHandle as *mut c_void,
+        "cuMemGetAddressRange_v2" => cuMemGetAddressRange_v2 as *mut c_void,
         "cuIpcOpenMemHandle_v2" => cuIpcOpenMemHandle_v2 as *mut c_void,
         "cuIpcCloseMemHandle" => cuIpcCloseMemHandle as *mut c_void,
         "cuMemExportToShareableHandle" => cuMemExportToShareableHandle as *mut c_void,
@@ -2240,6 +2241,7 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuGraphExecDestroy", 10000, "cuGraphExecDestroy", ""),
     ("cuGraphDestroy", 10000, "cuGraphDestroy", ""),
     ("cuIpcGetMemHandle", 4010, "cuIpcGetMemHandle", ""),
+    ("cuMemGetAddressRange", 3020, "cuMemGetAddressRange_v2", ""),
     ("cuIpcOpenMemHandle", 11000, "cuIpcOpenMemHandle_v2", ""),
     ("cuIpcCloseMemHandle", 4010, "cuIpcCloseMemHandle", ""),
     ("cuMemExportToShareableHandle", 10020, "cuMemExportToShareableHandle", ""),

@@ -421,3 +421,28 @@ pub unsafe extern "C" fn cuMemcpyPeerAsync(_dst: CUdeviceptr, dst_ctx: Handle, _
     check_init!();
     copy_peer(dst_ctx, src_ctx)
 }
+
+/// `cuMemGetAddressRange_v2`: the allocation (or IPC import) containing `dptr`.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAddressRange_v2(base: *mut CUdeviceptr, size: *mut usize, dptr: CUdeviceptr) -> CUresult {
+    check_init!();
+    let found = {
+        let d = lock();
+        d.allocs.range(..=dptr).next_back().filter(|(b, a)| dptr < **b + a.size).map(|(b, a)| (*b, a.size))
+    };
+    let found = found.or_else(|| {
+        let opens: Vec<(u64, u64)> = with_local(|l| l.ipc_opens.iter().map(|(id, (va, _))| (*id, *va)).collect());
+        opens.into_iter().find_map(|(id, va)| {
+            let size = slot_of(id)?.size.load(Acquire);
+            (va <= dptr && dptr < va + size).then_some((va, size))
+        })
+    });
+    let Some((b, s)) = found else { return NOT_FOUND };
+    if !base.is_null() {
+        *base = b;
+    }
+    if !size.is_null() {
+        *size = s as usize;
+    }
+    SUCCESS
+}
