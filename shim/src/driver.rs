@@ -96,6 +96,7 @@ real_functions! {
     cuIpcCloseMemHandle(CUdeviceptr);
     cuMemExportToShareableHandle(*mut c_void, CUmemGenericAllocationHandle, c_uint, u64);
     cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
+    cuPointerGetAttribute(*mut c_void, c_int, CUdeviceptr);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();

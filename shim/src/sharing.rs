@@ -34,6 +34,9 @@ pub struct IpcMemHandle {
 const HANDLE_TYPE_POSIX_FD: c_uint = 0x1;
 const HANDLE_TYPE_FABRIC: c_uint = 0x8;
 
+/// `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL` (an `int`).
+const POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
+
 const ENTRIES: usize = 1024;
 
 #[repr(C)]
@@ -157,7 +160,10 @@ fn charge_import(dptr: CUdeviceptr) -> CuResult {
         return CUDA_SUCCESS; // The same mapping again: the driver counts it, charged once.
     }
     let (mut base, mut size): (CUdeviceptr, usize) = (0, 0);
-    let device = driver().and_then(|d| d.current_device());
+    // The device the memory is on (an import may map another GPU's memory), else the current.
+    let mut ordinal: c_int = -1;
+    let on = call_real!(cuPointerGetAttribute((&mut ordinal as *mut c_int).cast(), POINTER_ATTRIBUTE_DEVICE_ORDINAL, dptr));
+    let device = if on == CUDA_SUCCESS && ordinal >= 0 { Some(ordinal) } else { driver().and_then(|d| d.current_device()) };
     let (Some(device), CUDA_SUCCESS) = (device, call_real!(cuMemGetAddressRange_v2(&mut base, &mut size, dptr))) else {
         return CUDA_SUCCESS; // Nothing to charge it to, or no size: as before this module.
     };

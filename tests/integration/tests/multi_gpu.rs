@@ -303,7 +303,15 @@ fn an_ipc_import_from_outside_gpuslice_is_charged_to_the_importer() {
     assert_eq!(small.nth("ipcopen", 0), "err ipcopen code=2", "over the importer's limit:\n{small}");
     assert_eq!(small.u64("info", "free"), 512 * MIB - R, "{small}");
     assert!(small.stderr.contains("from a process outside gpuslice"), "{}", small.stderr);
+    // Memory of another GPU is charged to that GPU, whichever context opens it.
+    let other = sim.program(mgpu()).args(&format!("init ctx 1 alloc 1G ipcexport {handle}1 waitfile {stop}")).spawn();
+    expect_ok(&other.wait_line("ipcexport", 0));
+    let out = sim.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT_1", "2GiB").args(&format!("init ctx 0 ipcopen {handle}1 ctx 1 info ipcclose info")).run();
+    out.assert_all_ok();
+    assert_eq!(out.nth_u64("info", 0, "free"), 2 * GIB - R - GIB, "charged on device 1, where it lives:\n{out}");
+    assert_eq!(out.nth_u64("info", 1, "free"), 2 * GIB - R, "{out}");
     touch(&stop);
     exporter.wait().assert_all_ok();
-    assert_eq!(device_used(&sim, 0), 0, "nothing left mapped");
+    other.wait().assert_all_ok();
+    assert_eq!((device_used(&sim, 0), device_used(&sim, 1)), (0, 0), "nothing left mapped");
 }

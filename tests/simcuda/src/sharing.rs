@@ -446,3 +446,32 @@ pub unsafe extern "C" fn cuMemGetAddressRange_v2(base: *mut CUdeviceptr, size: *
     }
     SUCCESS
 }
+
+/// `cuPointerGetAttribute`: only `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL` (9), of allocations and
+/// IPC imports; any other attribute is `CUDA_ERROR_INVALID_VALUE`.
+#[no_mangle]
+pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_int, dptr: CUdeviceptr) -> CUresult {
+    check_init!();
+    if data.is_null() || attribute != 9 {
+        return INVALID_VALUE;
+    }
+    let own = {
+        let d = lock();
+        d.allocs.range(..=dptr).next_back().filter(|(b, a)| dptr < **b + a.size).map(|(_, a)| a.dev)
+    };
+    let dev = own.or_else(|| {
+        let opens: Vec<(u64, u64)> = with_local(|l| l.ipc_opens.iter().map(|(id, (va, _))| (*id, *va)).collect());
+        opens.into_iter().find_map(|(id, va)| {
+            let s = slot_of(id)?;
+            let physical_dev = s.dev.load(Acquire);
+            (va <= dptr && dptr < va + s.size.load(Acquire)).then(|| visible::ordinals(shared().ndev()).iter().position(|p| *p == physical_dev).map_or(-1, |o| o as c_int))
+        })
+    });
+    match dev {
+        Some(d) => {
+            *data.cast::<c_int>() = d;
+            SUCCESS
+        }
+        None => INVALID_VALUE,
+    }
+}
