@@ -97,6 +97,10 @@ real_functions! {
     cuMemExportToShareableHandle(*mut c_void, CUmemGenericAllocationHandle, c_uint, u64);
     cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
     cuPointerGetAttribute(*mut c_void, c_int, CUdeviceptr);
+    cuMemImportFromShareableHandle(*mut CUmemGenericAllocationHandle, *mut c_void, c_uint);
+    cuMemMap(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
+    cuMemUnmap(CUdeviceptr, usize);
+    cuMemGetAllocationPropertiesFromHandle(*mut crate::sharing::MemAllocationProp, CUmemGenericAllocationHandle);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();

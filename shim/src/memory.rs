@@ -68,6 +68,12 @@ pub fn hold_for_fork(h: &mut crate::fork::Holder) {
     }
 }
 
+/// Records a VMM handle charged elsewhere (an import `sharing` charged), so that its
+/// `cuMemRelease` gives the bytes back like any other handle's.
+pub fn record_handle(handle: CUmemGenericAllocationHandle, device: CUdevice, bytes: u64) {
+    HANDLES.insert(handle, Entry { device, bytes });
+}
+
 /// Bytes tracked on `device` across all allocation kinds.
 pub fn tracked_bytes(device: i32) -> u64 {
     POINTERS.bytes_on(device) + HANDLES.bytes_on(device) + ARRAYS.bytes_on(device)

@@ -98,6 +98,8 @@ hooks! {
     sharing::cuIpcOpenMemHandle_v2,
     sharing::cuIpcCloseMemHandle,
     sharing::cuMemExportToShareableHandle,
+    sharing::cuMemImportFromShareableHandle,
+    sharing::cuMemMap,
 }
 
 /// The wrapper exported under `name`, if the shim interposes it.

@@ -7,8 +7,10 @@
 //! tell, every export made under the shim is written into a small per-user page,
 //! `/dev/shm/gpuslice-exports-<uid>` (mode 0600): a key of the handle (its 64 bytes for IPC and
 //! fabric handles, the descriptor's device and inode for a POSIX file descriptor) and the
-//! exporter's pid. An importer that finds no live exporter's entry charges a legacy IPC import
-//! to its own group (its size from `cuMemGetAddressRange_v2`) until `cuIpcCloseMemHandle`.
+//! exporter's pid. An importer that finds no live exporter's entry charges the import to its own
+//! group, on the GPU the memory is on: a legacy IPC import (its size from
+//! `cuMemGetAddressRange_v2`) until `cuIpcCloseMemHandle`; a VMM import at its first `cuMemMap`
+//! (the size mapped: the import itself says no size) until its `cuMemRelease`.
 //! Processes of another user cannot see the page, so their exports count as outside gpuslice
 //! (charged twice: never fails open).
 
@@ -231,5 +233,95 @@ pub unsafe extern "C" fn cuIpcCloseMemHandle(dptr: CUdeviceptr) -> CuResult {
             }
         }
         code
+    })
+}
+
+/// `CUmemAllocationProp`, whole (the driver writes it in
+/// `cuMemGetAllocationPropertiesFromHandle`).
+#[repr(C)]
+pub struct MemAllocationProp {
+    pub alloc_type: c_uint,
+    pub requested_handle_types: c_uint,
+    pub location_type: c_uint,
+    pub location_id: c_int,
+    pub win32_handle_meta_data: *mut c_void,
+    pub alloc_flags: [u8; 8],
+}
+
+/// VMM handles imported from outside gpuslice, not charged yet (charged at their first map),
+/// and how many there are: `cuMemMap` (PyTorch's expandable segments call it for every chunk)
+/// looks at the set only while it is not empty.
+static OUTSIDE: Mutex<Option<std::collections::HashSet<u64>>> = Mutex::new(None);
+static OUTSIDE_PENDING: AtomicU64 = AtomicU64::new(0);
+
+fn await_map(handle: u64) {
+    if crate::locks::lock(&OUTSIDE).get_or_insert_with(Default::default).insert(handle) {
+        OUTSIDE_PENDING.fetch_add(1, AcqRel);
+    }
+}
+
+fn mapped(handle: u64) -> bool {
+    if OUTSIDE_PENDING.load(Acquire) == 0 {
+        return false;
+    }
+    let removed = crate::locks::lock(&OUTSIDE).as_mut().is_some_and(|s| s.remove(&handle));
+    if removed {
+        OUTSIDE_PENDING.fetch_sub(1, AcqRel);
+    }
+    removed
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemImportFromShareableHandle(handle: *mut CUmemGenericAllocationHandle, os_handle: *mut c_void, kind: c_uint) -> CuResult {
+    guard::cuda("cuMemImportFromShareableHandle", || {
+        let code = call_real!(cuMemImportFromShareableHandle(handle, os_handle, kind));
+        if code != CUDA_SUCCESS || handle.is_null() || runtime::refused() {
+            return code;
+        }
+        let key = match kind {
+            HANDLE_TYPE_POSIX_FD => fd_key(os_handle as usize as c_int),
+            HANDLE_TYPE_FABRIC if !os_handle.is_null() => Some(hash(unsafe { std::slice::from_raw_parts(os_handle.cast::<u8>(), 64) })),
+            _ => None,
+        };
+        let ours = key.is_some_and(|k| registry().is_some_and(|r| r.exported_by_gpuslice(k)));
+        if !ours {
+            await_map(unsafe { *handle });
+        }
+        code
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, handle: CUmemGenericAllocationHandle, flags: u64) -> CuResult {
+    guard::cuda("cuMemMap", || {
+        let code = call_real!(cuMemMap(ptr, size, offset, handle, flags));
+        if code != CUDA_SUCCESS {
+            return code;
+        }
+        // The common case (the handle is the program's own): one atomic load.
+        if !mapped(handle) {
+            return code;
+        }
+        let mut prop: MemAllocationProp = unsafe { std::mem::zeroed() };
+        let device = (call_real!(cuMemGetAllocationPropertiesFromHandle(&mut prop, handle)) == CUDA_SUCCESS && prop.location_type == MEM_LOCATION_TYPE_DEVICE).then_some(prop.location_id);
+        let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else { return code };
+        match budget.try_charge(size as u64) {
+            Ok(()) => {
+                crate::memory::record_handle(handle, device, size as u64);
+                tracing::info!("pid {}: a VMM import of {size} B on device {device} comes from outside gpuslice; charged to this process", std::process::id());
+                code
+            }
+            Err(refusal) => {
+                let _ = call_real!(cuMemUnmap(ptr, size));
+                await_map(handle);
+                tracing::warn!(
+                    "pid {}: cuMemMap refused on device {device}: {size} B of an import from a process outside gpuslice, used {} B of {} B: CUDA_ERROR_OUT_OF_MEMORY",
+                    std::process::id(),
+                    refusal.used,
+                    refusal.limit
+                );
+                CUDA_ERROR_OUT_OF_MEMORY
+            }
+        }
     })
 }

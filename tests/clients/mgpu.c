@@ -12,11 +12,11 @@
  *   ipcopen FILE               wait for FILE, cuIpcOpenMemHandle_v2                   -> ptr=
  *   ipcclose                   cuIpcCloseMemHandle of the opened pointer
  *   vmmexport D N FILE         cuMemCreate on device D (POSIX fd and fabric handle types), map it,
- *                              export a POSIX fd; "pid fd" into FILE                  -> handle= fd=
+ *                              export a POSIX fd; "pid fd size" into FILE             -> handle= fd=
  *   vmmrelease                 unmap + cuMemRelease + address free of the exported handle
  *   vmmimport FILE             wait for FILE, open the exporter's descriptor (/proc/PID/fd/FD),
- *                              cuMemImportFromShareableHandle, reserve + cuMemMap + cuMemSetAccess
- *                                                                                     -> handle=
+ *                              cuMemImportFromShareableHandle, reserve + cuMemMap (the whole size)
+ *                              + cuMemSetAccess                                       -> handle=
  *   vmmunimport                unmap + cuMemRelease + address free of the imported handle
  *   host TYPE N                cuMemCreate of N bytes at location TYPE (2 HOST, 3 HOST_NUMA id 0,
  *                              4 HOST_NUMA_CURRENT), mapped, then unmapped and released
@@ -274,7 +274,7 @@ int main(int argc, char **argv) {
             int fd = -1;
             if ((r = cuMemExportToShareableHandle(&fd, g_exported, POSIX_FD, 0))) FAIL(r);
             char text[64];
-            snprintf(text, sizeof text, "%d %d", (int)getpid(), fd);
+            snprintf(text, sizeof text, "%d %d %zu", (int)getpid(), fd, g_exported_size);
             put_file(a2, text);
             printf("ok vmmexport handle=0x%llx fd=%d\n", g_exported, fd);
         } else if (!strcmp(cmd, "vmmrelease")) {
@@ -284,8 +284,9 @@ int main(int argc, char **argv) {
             i++;
             wait_file(a0);
             int pid = 0, fd = -1;
+            size_t size = 0;
             FILE *f = fopen(a0, "r");
-            if (!f || fscanf(f, "%d %d", &pid, &fd) != 2) FAIL(-1);
+            if (!f || fscanf(f, "%d %d %zu", &pid, &fd, &size) != 3) FAIL(-1);
             fclose(f);
             char path[64];
             snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, fd);
@@ -294,7 +295,7 @@ int main(int argc, char **argv) {
             r = cuMemImportFromShareableHandle(&g_imported, (void *)(intptr_t)mine, POSIX_FD);
             close(mine);
             if (r) FAIL(r);
-            g_imported_size = GRAN;
+            g_imported_size = size;
             if ((r = map_handle(g_imported, g_imported_size, 0, &g_imported_va))) FAIL(r);
             printf("ok vmmimport handle=0x%llx\n", g_imported);
         } else if (!strcmp(cmd, "vmmunimport")) {

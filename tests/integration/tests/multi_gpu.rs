@@ -315,3 +315,23 @@ fn an_ipc_import_from_outside_gpuslice_is_charged_to_the_importer() {
     other.wait().assert_all_ok();
     assert_eq!((device_used(&sim, 0), device_used(&sim, 1)), (0, 0), "nothing left mapped");
 }
+
+/// The same for a VMM import by file descriptor: charged to the importer at its first
+/// `cuMemMap` (the size mapped), given back at its release, refused over its limit.
+#[test]
+fn a_vmm_import_from_outside_gpuslice_is_charged_to_the_importer_at_its_map() {
+    let sim = sim();
+    let (fdfile, stop) = (sim.path_str("fd"), sim.path_str("stop"));
+    let exporter = sim.program(mgpu()).args(&format!("init ctx 0 vmmexport 0 512M {fdfile} waitfile {stop} vmmrelease")).spawn();
+    expect_ok(&exporter.wait_line("vmmexport", 0));
+    let out = sim.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT", "1GiB").args(&format!("init ctx 0 vmmimport {fdfile} info vmmunimport info")).run();
+    out.assert_all_ok();
+    assert_eq!(out.nth_u64("info", 0, "free"), GIB - R - 512 * MIB, "charged while mapped:\n{out}");
+    assert_eq!(out.nth_u64("info", 1, "free"), GIB - R, "given back at the release:\n{out}");
+    let small = sim.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT", "256MiB").args(&format!("init ctx 0 vmmimport {fdfile} info")).run();
+    assert_eq!(small.nth("vmmimport", 0), "err vmmimport code=2", "over the importer's limit:\n{small}");
+    assert_eq!(small.u64("info", "free"), 256 * MIB - R, "{small}");
+    touch(&stop);
+    exporter.wait().assert_all_ok();
+    assert_eq!(device_used(&sim, 0), 0, "nothing left");
+}

@@ -2125,7 +2125,7 @@ export_table!(
 );
 
 use sharing::{
-    cuMemGetAddressRange_v2, cuPointerGetAttribute, cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle,
+    cuMemGetAllocationPropertiesFromHandle, cuMemGetAddressRange_v2, cuPointerGetAttribute, cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle,
     cuIpcOpenMemHandle_v2, cuMemExportToShareableHandle, cuMemImportFromShareableHandle, cuMemcpyPeer, cuMemcpyPeerAsync,
 };
 
@@ -2135,6 +2135,7 @@ fn sharing_export_addr(name: &str) -> Option<*mut c_void> {
         "cuIpcGetMemHandle" => cuIpcGetMemHandle as *mut c_void,
         "cuMemGetAddressRange_v2" => cuMemGetAddressRange_v2 as *mut c_void,
         "cuPointerGetAttribute" => cuPointerGetAttribute as *mut c_void,
+        "cuMemGetAllocationPropertiesFromHandle" => cuMemGetAllocationPropertiesFromHandle as *mut c_void,
         "cuIpcOpenMemHandle_v2" => cuIpcOpenMemHandle_v2 as *mut c_void,
         "cuIpcCloseMemHandle" => cuIpcCloseMemHandle as *mut c_void,
         "cuMemExportToShareableHandle" => cuMemExportToShareableHandle as *mut c_void,
@@ -2244,6 +2245,7 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuIpcGetMemHandle", 4010, "cuIpcGetMemHandle", ""),
     ("cuMemGetAddressRange", 3020, "cuMemGetAddressRange_v2", ""),
     ("cuPointerGetAttribute", 4000, "cuPointerGetAttribute", ""),
+    ("cuMemGetAllocationPropertiesFromHandle", 10020, "cuMemGetAllocationPropertiesFromHandle", ""),
     ("cuIpcOpenMemHandle", 11000, "cuIpcOpenMemHandle_v2", ""),
     ("cuIpcCloseMemHandle", 4010, "cuIpcCloseMemHandle", ""),
     ("cuMemExportToShareableHandle", 10020, "cuMemExportToShareableHandle", ""),

@@ -475,3 +475,20 @@ pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_i
         None => INVALID_VALUE,
     }
 }
+
+/// `cuMemGetAllocationPropertiesFromHandle`: the device (as this process numbers it) and the
+/// handle types of a VMM handle, imported ones included.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAllocationPropertiesFromHandle(prop: *mut CUmemAllocationProp, handle: u64) -> CUresult {
+    check_init!();
+    if prop.is_null() {
+        return INVALID_VALUE;
+    }
+    let Some(dev) = lock().vmm.get(&handle).map(|v| v.dev) else { return INVALID_VALUE };
+    let (host, types) = with_local(|l| (l.host.contains(&handle), l.handle_types.get(&handle).copied().unwrap_or(0)));
+    std::ptr::write_bytes(prop, 0, 1);
+    (*prop).type_ = 1;
+    (*prop).requested_handle_types = types;
+    (*prop).location = CUmemLocation { type_: if host { 2 } else { 1 }, id: if host { 0 } else { dev } };
+    SUCCESS
+}
