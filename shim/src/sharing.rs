@@ -119,6 +119,17 @@ fn fd_key(fd: c_int) -> Option<u64> {
 static CHARGED: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 static OPENS: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
 
+/// This module's locks, for a fork: the child starts with none of the parent's imports (they
+/// are the parent's, charged to the parent's slot).
+pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+    CHARGED.hold_for_fork(h);
+    h.take(&OPENS, |o| *o = None);
+    h.take(&OUTSIDE, |o| {
+        *o = None;
+        OUTSIDE_PENDING.store(0, Release);
+    });
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn cuIpcGetMemHandle(handle: *mut IpcMemHandle, dptr: CUdeviceptr) -> CuResult {
     guard::cuda("cuIpcGetMemHandle", || {
