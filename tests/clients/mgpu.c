@@ -31,6 +31,11 @@
  *                              its device's stream 0 for MS wall ms, then synchronizing
  *                                                                                     -> share0= share1= (% of the
  *                                 device's time from the first launch to the synchronize's return)
+ *   multicast N                contexts on devices 0 and 1; cuMemCreate of N bytes on each; a
+ *                              multicast object of N bytes for both, each device's memory bound
+ *                              to it; the free memory of each device (cuMemGetInfo_v2) before, with
+ *                              it bound, and after unbinding and releasing everything
+ *                                                                                     -> code= free0= bound0= after0= (and 1)
  *   waitfile PATH, touch PATH, sleep MS, pid
  */
 #define _GNU_SOURCE
@@ -89,6 +94,11 @@ CUresult cuModuleLoadData(CUmodule *, const void *);
 CUresult cuModuleGetFunction(CUfunction *, CUmodule, const char *);
 CUresult cuLaunchKernel(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void **, void **);
 CUresult cuCtxSynchronize(void);
+typedef struct { unsigned numDevices; size_t size; unsigned long long handleTypes, flags; } CUmulticastObjectProp;
+CUresult cuMulticastCreate(CUmemGenericAllocationHandle *, const CUmulticastObjectProp *);
+CUresult cuMulticastAddDevice(CUmemGenericAllocationHandle, CUdevice);
+CUresult cuMulticastBindMem(CUmemGenericAllocationHandle, size_t, CUmemGenericAllocationHandle, size_t, size_t, unsigned long long);
+CUresult cuMulticastUnbind(CUmemGenericAllocationHandle, CUdevice, size_t, size_t);
 
 #define POSIX_FD 1
 #define FABRIC 8
@@ -360,6 +370,38 @@ int main(int argc, char **argv) {
             for (int d = 0; d < 2; d++) pthread_join(t[d], NULL);
             if (a[0].err || a[1].err) FAIL(a[0].err ? a[0].err : a[1].err);
             printf("ok flood2 share0=%.1f share1=%.1f\n", a[0].share, a[1].share);
+        } else if (!strcmp(cmd, "multicast")) {
+            i++;
+            size_t n = size_arg(a0);
+            size_t f[3][2] = {{0}}, t = 0;
+            CUmemGenericAllocationHandle h[2] = {0, 0}, mc = 0;
+            CUresult e = 0;
+            for (int d = 0; d < 2 && !e; d++) {
+                e = cuDevicePrimaryCtxRetain(&g_ctx[d], d);
+                if (!e) e = cuCtxSetCurrent(g_ctx[d]);
+                if (!e) e = cuMemGetInfo_v2(&f[0][d], &t);
+            }
+            for (int d = 0; d < 2 && !e; d++) {
+                CUmemAllocationProp p = prop_on(1, d, 0);
+                e = cuMemCreate(&h[d], n, &p, 0);
+            }
+            CUmulticastObjectProp mp = {2, n, 0, 0};
+            if (!e) e = cuMulticastCreate(&mc, &mp);
+            for (int d = 0; d < 2 && !e; d++) e = cuMulticastAddDevice(mc, d);
+            for (int d = 0; d < 2 && !e; d++) e = cuMulticastBindMem(mc, 0, h[d], 0, n, 0);
+            for (int d = 0; d < 2 && !e; d++) {
+                e = cuCtxSetCurrent(g_ctx[d]);
+                if (!e) e = cuMemGetInfo_v2(&f[1][d], &t);
+            }
+            for (int d = 0; d < 2 && !e; d++) e = cuMulticastUnbind(mc, d, 0, n);
+            if (!e) e = cuMemRelease(mc);
+            for (int d = 0; d < 2 && !e; d++) e = cuMemRelease(h[d]);
+            for (int d = 0; d < 2 && !e; d++) {
+                e = cuCtxSetCurrent(g_ctx[d]);
+                if (!e) e = cuMemGetInfo_v2(&f[2][d], &t);
+            }
+            if (e) FAIL(e);
+            printf("ok multicast free0=%zu bound0=%zu after0=%zu free1=%zu bound1=%zu after1=%zu\n", f[0][0], f[1][0], f[2][0], f[0][1], f[1][1], f[2][1]);
         } else if (!strcmp(cmd, "waitfile")) {
             i++;
             wait_file(a0);

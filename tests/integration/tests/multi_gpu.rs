@@ -335,3 +335,25 @@ fn a_vmm_import_from_outside_gpuslice_is_charged_to_the_importer_at_its_map() {
     exporter.wait().assert_all_ok();
     assert_eq!(device_used(&sim, 0), 0, "nothing left");
 }
+
+/// A multicast object (NCCL's NVLS) binds memory made with `cuMemCreate` on each device of its
+/// team: each device is charged its own part once, the object itself nothing, and everything
+/// comes back after unbinding and releasing. (Simulator only: the GPU hosts here forbid
+/// multicast.)
+#[test]
+fn a_multicast_object_counts_its_memory_on_every_device_it_binds() {
+    let sim = sim();
+    for shim in [false, true] {
+        let out = sim.program(mgpu()).with_shim(shim).env("GPUSLICE_MEMORY_LIMIT", "1GiB").args("init multicast 256M").run();
+        out.assert_all_ok();
+        let l = out.nth("multicast", 0);
+        for d in 0..2 {
+            let (free, bound, after) = (num(l, &format!("free{d}")), num(l, &format!("bound{d}")), num(l, &format!("after{d}")));
+            assert_eq!(free - bound, 256 * MIB as i64, "device {d} pays its own part once (shim={shim}): {l}");
+            assert_eq!(after, free, "all back on device {d}: {l}");
+            if shim {
+                assert_eq!(free, (GIB - R) as i64, "the quota's view: {l}");
+            }
+        }
+    }
+}

@@ -2125,6 +2125,7 @@ export_table!(
 );
 
 use sharing::{
+    cuMulticastAddDevice, cuMulticastBindAddr, cuMulticastBindMem, cuMulticastCreate, cuMulticastGetGranularity, cuMulticastUnbind,
     cuMemGetAllocationPropertiesFromHandle, cuMemGetAddressRange_v2, cuPointerGetAttribute, cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle,
     cuIpcOpenMemHandle_v2, cuMemExportToShareableHandle, cuMemImportFromShareableHandle, cuMemcpyPeer, cuMemcpyPeerAsync,
 };
@@ -2135,6 +2136,12 @@ fn sharing_export_addr(name: &str) -> Option<*mut c_void> {
         "cuIpcGetMemHandle" => cuIpcGetMemHandle as *mut c_void,
         "cuMemGetAddressRange_v2" => cuMemGetAddressRange_v2 as *mut c_void,
         "cuPointerGetAttribute" => cuPointerGetAttribute as *mut c_void,
+        "cuMulticastGetGranularity" => cuMulticastGetGranularity as *mut c_void,
+        "cuMulticastCreate" => cuMulticastCreate as *mut c_void,
+        "cuMulticastAddDevice" => cuMulticastAddDevice as *mut c_void,
+        "cuMulticastBindMem" => cuMulticastBindMem as *mut c_void,
+        "cuMulticastBindAddr" => cuMulticastBindAddr as *mut c_void,
+        "cuMulticastUnbind" => cuMulticastUnbind as *mut c_void,
         "cuMemGetAllocationPropertiesFromHandle" => cuMemGetAllocationPropertiesFromHandle as *mut c_void,
         "cuIpcOpenMemHandle_v2" => cuIpcOpenMemHandle_v2 as *mut c_void,
         "cuIpcCloseMemHandle" => cuIpcCloseMemHandle as *mut c_void,
@@ -2245,6 +2252,12 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuIpcGetMemHandle", 4010, "cuIpcGetMemHandle", ""),
     ("cuMemGetAddressRange", 3020, "cuMemGetAddressRange_v2", ""),
     ("cuPointerGetAttribute", 4000, "cuPointerGetAttribute", ""),
+    ("cuMulticastGetGranularity", 12010, "cuMulticastGetGranularity", ""),
+    ("cuMulticastCreate", 12010, "cuMulticastCreate", ""),
+    ("cuMulticastAddDevice", 12010, "cuMulticastAddDevice", ""),
+    ("cuMulticastBindMem", 12010, "cuMulticastBindMem", ""),
+    ("cuMulticastBindAddr", 12010, "cuMulticastBindAddr", ""),
+    ("cuMulticastUnbind", 12010, "cuMulticastUnbind", ""),
     ("cuMemGetAllocationPropertiesFromHandle", 10020, "cuMemGetAllocationPropertiesFromHandle", ""),
     ("cuIpcOpenMemHandle", 11000, "cuIpcOpenMemHandle_v2", ""),
     ("cuIpcCloseMemHandle", 4010, "cuIpcCloseMemHandle", ""),

@@ -52,6 +52,27 @@ struct Local {
     host: BTreeSet<u64>,
     /// Enabled peer access: (context, peer context).
     peers: BTreeSet<(u64, u64)>,
+    /// Multicast objects of this process, by handle.
+    multicast: BTreeMap<u64, Multicast>,
+}
+
+/// A multicast object: its team and the memory bound to it (no device memory of its own: what
+/// is bound is `cuMemCreate` memory, charged on its own device).
+struct Multicast {
+    team: u32,
+    size: u64,
+    devices: Vec<CUdevice>,
+    /// (device, bound handle, multicast offset, size)
+    binds: Vec<(CUdevice, u64, u64, u64)>,
+}
+
+/// `CUmulticastObjectProp`.
+#[repr(C)]
+pub struct MulticastObjectProp {
+    pub num_devices: c_uint,
+    pub size: usize,
+    pub handle_types: u64,
+    pub flags: u64,
 }
 
 static LOCAL: Mutex<Option<Local>> = Mutex::new(None);
@@ -130,7 +151,7 @@ pub fn freed(key: u64) -> bool {
     let kind = with_local(|l| {
         if let Some(id) = l.imported_handles.remove(&key) {
             Kind::Import(id)
-        } else if l.host.remove(&key) {
+        } else if l.host.remove(&key) || l.multicast.remove(&key).is_some() {
             Kind::Host
         } else if let Some(id) = l.exported.remove(&key) {
             l.handle_types.remove(&key);
@@ -491,4 +512,100 @@ pub unsafe extern "C" fn cuMemGetAllocationPropertiesFromHandle(prop: *mut CUmem
     (*prop).requested_handle_types = types;
     (*prop).location = CUmemLocation { type_: if host { 2 } else { 1 }, id: if host { 0 } else { dev } };
     SUCCESS
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multicast objects (process-local: not exported to other processes here).
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMulticastGetGranularity(granularity: *mut usize, prop: *const MulticastObjectProp, option: c_uint) -> CUresult {
+    check_init!();
+    if prop.is_null() || option > 1 {
+        return INVALID_VALUE;
+    }
+    tri!(put(granularity, GRANULARITY as usize));
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMulticastCreate(handle: *mut u64, prop: *const MulticastObjectProp) -> CUresult {
+    check_init!();
+    if handle.is_null() || prop.is_null() {
+        return INVALID_VALUE;
+    }
+    let p = &*prop;
+    if p.num_devices == 0 || p.size == 0 || !(p.size as u64).is_multiple_of(GRANULARITY) || p.flags != 0 {
+        return INVALID_VALUE;
+    }
+    let h = new_handle();
+    // A VMM handle as far as cuMemRelease and cuMemMap are concerned; charged to no device.
+    lock().vmm.insert(h, Vmm { dev: 0, size: p.size as u64, released: false, maps: 0 });
+    with_local(|l| l.multicast.insert(h, Multicast { team: p.num_devices, size: p.size as u64, devices: Vec::new(), binds: Vec::new() }));
+    *handle = h;
+    SUCCESS
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMulticastAddDevice(mc: u64, dev: CUdevice) -> CUresult {
+    check_init!();
+    if !valid_dev(dev) {
+        return INVALID_DEVICE;
+    }
+    with_local(|l| match l.multicast.get_mut(&mc) {
+        Some(m) if m.devices.contains(&dev) || m.devices.len() as u32 >= m.team => INVALID_VALUE,
+        Some(m) => {
+            m.devices.push(dev);
+            SUCCESS
+        }
+        None => INVALID_HANDLE,
+    })
+}
+
+fn bind(mc: u64, mc_offset: u64, mem: u64, size: u64) -> CUresult {
+    let Some((dev, mem_size)) = lock().vmm.get(&mem).filter(|v| !v.released).map(|v| (v.dev, v.size)) else { return INVALID_HANDLE };
+    with_local(|l| match l.multicast.get_mut(&mc) {
+        // All of the team must have joined before memory binds (the real driver blocks).
+        Some(m) if (m.devices.len() as u32) < m.team => ILLEGAL_STATE,
+        Some(m) if !m.devices.contains(&dev) || size > mem_size || mc_offset + size > m.size => INVALID_VALUE,
+        Some(m) => {
+            m.binds.push((dev, mem, mc_offset, size));
+            SUCCESS
+        }
+        None => INVALID_HANDLE,
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMulticastBindMem(mc: u64, mc_offset: usize, mem: u64, _mem_offset: usize, size: usize, flags: u64) -> CUresult {
+    check_init!();
+    if flags != 0 {
+        return INVALID_VALUE;
+    }
+    bind(mc, mc_offset as u64, mem, size as u64)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMulticastBindAddr(mc: u64, mc_offset: usize, memptr: CUdeviceptr, size: usize, flags: u64) -> CUresult {
+    check_init!();
+    if flags != 0 {
+        return INVALID_VALUE;
+    }
+    let mem = lock().mappings.get(&memptr).map(|(_, h)| *h);
+    match mem {
+        Some(mem) => bind(mc, mc_offset as u64, mem, size as u64),
+        None => INVALID_VALUE,
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuMulticastUnbind(mc: u64, dev: CUdevice, mc_offset: usize, size: usize) -> CUresult {
+    check_init!();
+    with_local(|l| match l.multicast.get_mut(&mc) {
+        Some(m) => {
+            let before = m.binds.len();
+            m.binds.retain(|b| !(b.0 == dev && b.2 == mc_offset as u64 && b.3 == size as u64));
+            if m.binds.len() < before { SUCCESS } else { INVALID_VALUE }
+        }
+        None => INVALID_HANDLE,
+    })
 }
