@@ -10,6 +10,10 @@ Cases (each a row of the table printed last):
   m3  a tensor-parallel server's profiler (torch.cuda.mem_get_info before and after a warm-up,
       then gpu_memory_utilization x total filled with cache blocks) on both GPUs with 8 and 12
       GiB quotas: sized to the slice, no out-of-memory error, NVML within quota + 1 %.
+  m4  what the shim's export table keys a POSIX-fd export by: two cuMemCreate allocations
+      exported as file descriptors are different files (device + inode); if the driver hands
+      every export the same inode, an fd import cannot be told from another and the shim treats
+      every such import as one of a gpuslice exporter (docs/NOTES.md, issue 20).
 NVLS (multicast) is never enabled: this workplace forbids it on shared hosts (KINDS.md).
 """
 import argparse
@@ -224,6 +228,46 @@ def m3(args, nvml, log, rows):
         rows.append(("m3", "PASS" if passed else "FAIL", f"GPU {d}: total {dev['total'] / MIB:.0f} MiB (quota {q / MIB:.0f}), cache {dev['cache'] / MIB:.0f} MiB, oom {dev['oom']!r}, NVML max {peak_nvml / MIB:.0f} MiB"))
 
 
+M4 = r'''
+import ctypes, json, os, sys
+cu = ctypes.CDLL("libcuda.so.1")
+class Loc(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+class Prop(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("handleTypes", ctypes.c_int), ("loc", Loc), ("win32", ctypes.c_void_p), ("flags", ctypes.c_ubyte * 8)]
+def ck(r, what):
+    if r != 0:
+        print(json.dumps({"error": f"{what}: {r}"})); sys.exit(1)
+ck(cu.cuInit(0), "cuInit")
+ctx = ctypes.c_void_p()
+ck(cu.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0), "retain")
+ck(cu.cuCtxSetCurrent(ctx), "set")
+prop = Prop(1, 1, Loc(1, 0), None)
+gran = ctypes.c_size_t()
+ck(cu.cuMemGetAllocationGranularity(ctypes.byref(gran), ctypes.byref(prop), 0), "granularity")
+stats = []
+for _ in range(2):
+    h = ctypes.c_ulonglong()
+    ck(cu.cuMemCreate(ctypes.byref(h), gran, ctypes.byref(prop), ctypes.c_ulonglong(0)), "cuMemCreate")
+    fd = ctypes.c_int(-1)
+    ck(cu.cuMemExportToShareableHandle(ctypes.byref(fd), h, 1, ctypes.c_ulonglong(0)), "export")
+    st = os.fstat(fd.value)
+    stats.append([st.st_dev, st.st_ino, os.readlink(f"/proc/self/fd/{fd.value}")])
+print(json.dumps({"stats": stats}))
+'''
+
+
+def m4(args, nvml, log, rows):
+    rc, out, _ = run([args.py, "-c", M4], child_env(args, False, {}), 60, log, "m4")
+    res = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    if rc != 0 or not res or "stats" not in res[0]:
+        rows.append(("m4", "FAIL", f"rc {rc}: {res[0] if res else out[-200:]!r}"))
+        return
+    (d0, i0, l0), (d1, i1, l1) = res[0]["stats"]
+    distinct = (d0, i0) != (d1, i1)
+    rows.append(("m4", "PASS" if distinct else "FAIL", f"two fd exports are {'different files' if distinct else 'THE SAME file: fd imports cannot be told apart'} ({l0} ino {i0}, {l1} ino {i1})"))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True)
@@ -237,14 +281,15 @@ if __name__ == "__main__":
     rows = []
     nvml = Nvml()
     with open(os.path.join(args.out, "multigpu.log"), "a") as log:
+        # m4 needs one GPU only; the others two.
+        cases = (m4, m2, m3, m1) if nvml.count() >= 2 else (m4,)
         if nvml.count() < 2:
-            rows.append(("m0", "FAIL", f"NVML lists {nvml.count()} GPU(s); this needs two"))
-        else:
-            for case in (m2, m3, m1):
-                try:
-                    case(args, nvml, log, rows)
-                except Exception as e:  # one case's crash must not hide the others' rows
-                    rows.append((case.__name__, "FAIL", f"crashed: {e!r}"))
+            rows.append(("m0", "FAIL", f"NVML lists {nvml.count()} GPU(s); m1-m3 need two"))
+        for case in cases:
+            try:
+                case(args, nvml, log, rows)
+            except Exception as e:  # one case's crash must not hide the others' rows
+                rows.append((case.__name__, "FAIL", f"crashed: {e!r}"))
     print("\nmultigpu results")
     for case, verdict, what in rows:
         print(f"{case:4} {verdict:5} {what}")

@@ -12,7 +12,8 @@
 #   MULTIGPU_SECONDS   all-reduce time per run  (default 60; two runs: without and with the shim)
 #   MULTIGPU_DRY_RUN=1 no GPU: CI's simulated driver and NVML with two devices (target/sim, after
 #                      `cargo build --workspace` and one integration test run), target/debug's
-#                      shim and quota-fill; only m2 runs, m1 and m3 say SKIP.
+#                      shim and quota-fill; m4 and m2 run, m1 and m3 say SKIP.
+#                      On a machine of one GPU only m4 runs (and m0 says FAIL: two are needed).
 #
 # NCCL's NVLS (multicast) stays off (NCCL_NVLS_ENABLE=0): this workplace forbids multicast on its
 # shared hosts, so the NVLS path is not run. Cases and checks: tests/gpu/multigpu.py.
