@@ -121,6 +121,22 @@ fn per_device_limits_follow_cuda_ordinals_and_land_on_the_named_gpu() {
     }
 }
 
+/// Where CUDA's own order differs from NVML's (a faster GPU 1 comes first), the limit on ordinal
+/// 0 is NVML's device 1's, in the shim's NVML view as in the driver's figures: NVML indices are
+/// never read as CUDA ordinals.
+#[test]
+fn nvml_indices_are_not_cuda_ordinals() {
+    let sim = sim().env("SIMCUDA_FASTEST_FIRST", "1,0");
+    let out = sim.client(Route::Dlsym).shim().env("GPUSLICE_MEMORY_LIMIT_0", "1GiB").args("init ctx 0 fill 256M nvml 1 nvml 0 nvmlprocs 1 nvmlprocs 0").run();
+    out.assert_all_ok();
+    assert_eq!(out.u64("fill", "count"), 3, "{out}");
+    assert_eq!(out.nth_u64("nvml", 0, "total"), GIB, "NVML's device 1 is the sliced one:\n{out}");
+    assert_eq!(out.nth_u64("nvml", 0, "used"), R + 768 * MIB, "{out}");
+    assert_eq!(out.nth_u64("nvml", 1, "total"), 16 * GIB, "NVML's device 0 is not limited:\n{out}");
+    assert!(out.nth("nvmlprocs", 0).contains(&format!("self={}", R + 768 * MIB)), "{out}");
+    assert!(out.nth("nvmlprocs", 1).contains("self=-1"), "{out}");
+}
+
 /// The controller keys devices by UUID: a process that calls the second GPU 0 is counted on it.
 #[test]
 fn the_controller_counts_a_reordered_process_on_the_gpu_by_uuid() {
