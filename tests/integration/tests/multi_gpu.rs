@@ -265,6 +265,10 @@ fn host_locations_and_threads_without_a_context() {
     }
     assert!(out.nth("nocontext", 0).contains("release=-1"), "{out}");
     assert!(out.stderr.contains("refused on device 1"), "the refusal names the device the thread asked for:\n{}", out.stderr);
+    // The same with a share and a priority in force (the launch path's throttle and gates).
+    let throttled = sim.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT_1", "256MiB").env("GPUSLICE_SM_SHARE", "30").env("GPUSLICE_PRIORITY", "low").args("init ctx 0 nocontext 1 128M").run();
+    throttled.assert_all_ok();
+    assert_eq!(throttled.nth("nocontext", 0), out.nth("nocontext", 1), "{throttled}");
     // And the same without the shim: byte for byte the driver's answers.
     let bare = sim.program(mgpu()).args("init ctx 0 host 2 1G host 3 1G host 4 1G nocontext 1 128M").run();
     bare.assert_all_ok();
