@@ -111,6 +111,17 @@ real_functions! {
     cuLaunchCooperativeKernel_ptsz(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void);
     cuGraphLaunch(*mut c_void, CUstream);
     cuGraphLaunch_ptsz(*mut c_void, CUstream);
+    // Memory shared between processes (see `sharing`).
+    cuIpcGetMemHandle(*mut crate::sharing::IpcMemHandle, CUdeviceptr);
+    cuIpcOpenMemHandle_v2(*mut CUdeviceptr, crate::sharing::IpcMemHandle, c_uint);
+    cuIpcCloseMemHandle(CUdeviceptr);
+    cuMemExportToShareableHandle(*mut c_void, CUmemGenericAllocationHandle, c_uint, u64);
+    cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
+    cuPointerGetAttribute(*mut c_void, c_int, CUdeviceptr);
+    cuMemImportFromShareableHandle(*mut CUmemGenericAllocationHandle, *mut c_void, c_uint);
+    cuMemMap(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
+    cuMemUnmap(CUdeviceptr, usize);
+    cuMemGetAllocationPropertiesFromHandle(*mut crate::sharing::MemAllocationProp, CUmemGenericAllocationHandle);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();

@@ -86,6 +86,7 @@ extern "C" fn prepare() {
         crate::cost::hold_for_fork(&mut h);
         crate::context::hold_for_fork(&mut h);
         crate::memory::hold_for_fork(&mut h);
+        crate::sharing::hold_for_fork(&mut h);
         crate::nvml::hold_for_fork(&mut h);
         MISSED.store(h.missed, Relaxed);
         HELD.with(|slot| *slot.borrow_mut() = Some(h));

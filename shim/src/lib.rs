@@ -33,6 +33,7 @@ mod refusal_log;
 mod registry;
 mod runtime;
 mod sched;
+mod sharing;
 mod throttle;
 mod trampoline;
 

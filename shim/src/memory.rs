@@ -76,6 +76,12 @@ pub fn hold_for_fork(h: &mut crate::fork::Holder) {
     crate::modules::hold_for_fork(h);
 }
 
+/// Records a VMM handle charged elsewhere (an import `sharing` charged), so that its
+/// `cuMemRelease` gives the bytes back like any other handle's.
+pub fn record_handle(handle: CUmemGenericAllocationHandle, device: CUdevice, bytes: u64) {
+    HANDLES.insert(handle, Entry { device, bytes });
+}
+
 /// Bytes tracked on `device` across all allocation kinds (without modules and libraries).
 pub fn allocated_bytes(device: i32) -> u64 {
     POINTERS.bytes_on(device) + HANDLES.bytes_on(device) + ARRAYS.bytes_on(device)

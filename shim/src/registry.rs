@@ -7,7 +7,7 @@
 //! replaces it, and a version the shim has no wrapper for is passed through untouched.
 
 use crate::driver::driver;
-use crate::{context, entry, info, launch, legacy, memory, modules, nvml};
+use crate::{context, entry, info, launch, legacy, memory, modules, nvml, sharing};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -113,6 +113,12 @@ hooks! {
     nvml::nvmlDeviceGetRunningProcessDetailList,
     nvml::nvmlDeviceGetUtilizationRates,
     nvml::nvmlDeviceGetProcessUtilization,
+    sharing::cuIpcGetMemHandle,
+    sharing::cuIpcOpenMemHandle_v2,
+    sharing::cuIpcCloseMemHandle,
+    sharing::cuMemExportToShareableHandle,
+    sharing::cuMemImportFromShareableHandle,
+    sharing::cuMemMap,
 }
 
 /// The wrapper exported under `name`, if the shim interposes it.

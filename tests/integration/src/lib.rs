@@ -393,6 +393,7 @@ impl Sim {
         u[8..14].copy_from_slice(&machine.to_le_bytes()[..6]);
         u[15] = d as u8;
         u[14] = (d >> 8) as u8;
+        u[7] = 0x11u8.wrapping_add(d as u8);
         let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
         format!("GPU-{}-{}-{}-{}-{}", h[0..4].concat(), h[4..6].concat(), h[6..8].concat(), h[8..10].concat(), h[10..16].concat())
     }

@@ -12,6 +12,7 @@
 #![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
 
 mod state;
+mod visible;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -313,11 +314,16 @@ fn shared() -> &'static state::Shared {
 }
 
 fn devstate(d: CUdevice) -> &'static DeviceState {
-    shared().dev(d as usize)
+    shared().dev(physical(d) as usize)
+}
+
+/// The state file's device (PCI order) behind CUDA ordinal `d` (see `visible`).
+fn physical(d: CUdevice) -> u32 {
+    visible::ordinals(shared().ndev())[d as usize]
 }
 
 fn ndev() -> c_int {
-    state::opened().map(|s| s.ndev() as c_int).unwrap_or(0)
+    state::opened().map(|s| visible::ordinals(s.ndev()).len() as c_int).unwrap_or(0)
 }
 
 fn valid_dev(d: CUdevice) -> bool {
@@ -340,6 +346,9 @@ macro_rules! tri {
         }
     };
 }
+
+// After the macros, which it uses.
+mod sharing;
 
 unsafe fn put<T>(p: *mut T, v: T) -> Result<(), CUresult> {
     if p.is_null() {
@@ -416,6 +425,8 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         return INVALID_VALUE;
     }
     match state::shared() {
+        // CUDA_VISIBLE_DEVICES that names no device: the real driver finds none.
+        Ok(sh) if visible::ordinals(sh.ndev()).is_empty() => NO_DEVICE,
         Ok(sh) => {
             if !INITIALIZED.load(Ordering::Acquire) {
                 for d in 0..sh.ndev() as usize {
@@ -530,7 +541,7 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> 
     if !valid_dev(dev) {
         return INVALID_DEVICE;
     }
-    *uuid = state::device_uuid(dev as u32);
+    *uuid = state::device_uuid(physical(dev));
     SUCCESS
 }
 
@@ -565,7 +576,7 @@ fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
         19 => 1,                          // CAN_MAP_HOST_MEMORY
         20 => 0,                          // COMPUTE_MODE default
         31 | 32 => 1,                     // CONCURRENT_KERNELS, ECC_ENABLED
-        33 => 0x18 + dev,                 // PCI_BUS_ID
+        33 => 0x18 + physical(dev) as c_int, // PCI_BUS_ID
         34 | 35 => 0,                     // PCI_DEVICE_ID, TCC_DRIVER
         36 => 2_619_000,                  // MEMORY_CLOCK_RATE
         37 => 5120,                       // GLOBAL_MEMORY_BUS_WIDTH
@@ -869,7 +880,9 @@ fn free_linear(d: &mut Drv, p: u64) -> CUresult {
     }
     match d.allocs.remove(&p) {
         Some(a) => {
-            devstate(a.dev).uncharge(a.dev as usize, a.size);
+            if !sharing::freed(p) {
+                devstate(a.dev).uncharge(a.dev as usize, a.size);
+            }
             SUCCESS
         }
         None => INVALID_VALUE,
@@ -1067,7 +1080,9 @@ pub unsafe extern "C" fn cuMemGetAllocationGranularity(
     option: c_uint,
 ) -> CUresult {
     check_init!();
-    tri!(prop_device(prop));
+    if !sharing::on_host(prop) {
+        tri!(prop_device(prop));
+    }
     if option > 1 {
         return INVALID_VALUE;
     }
@@ -1083,6 +1098,9 @@ pub unsafe extern "C" fn cuMemCreate(
     _flags: u64,
 ) -> CUresult {
     check_init!();
+    if sharing::on_host(prop) {
+        return sharing::create_on_host(handle, size);
+    }
     let dev = tri!(prop_device(prop));
     if handle.is_null() || size == 0 || !(size as u64).is_multiple_of(GRANULARITY) || !matches!((*prop).type_, 1 | 2) {
         return INVALID_VALUE;
@@ -1093,6 +1111,7 @@ pub unsafe extern "C" fn cuMemCreate(
     }
     let h = new_handle();
     d.vmm.insert(h, Vmm { dev, size: size as u64, released: false, maps: 0 });
+    sharing::created(h, &*prop);
     *handle = h;
     SUCCESS
 }
@@ -1101,7 +1120,9 @@ fn vmm_maybe_free(d: &mut Drv, h: u64) {
     if let Some(v) = d.vmm.get(&h) {
         if v.released && v.maps == 0 {
             let v = d.vmm.remove(&h).unwrap();
-            devstate(v.dev).uncharge(v.dev as usize, v.size);
+            if !sharing::freed(h) {
+                devstate(v.dev).uncharge(v.dev as usize, v.size);
+            }
         }
     }
 }
@@ -2299,6 +2320,38 @@ export_table!(
     cuGraphLaunch_ptsz, cuGraphExecDestroy, cuGraphDestroy, cuGetProcAddress, cuGetProcAddress_v2,
 );
 
+use sharing::{
+    cuMulticastAddDevice, cuMulticastBindAddr, cuMulticastBindMem, cuMulticastCreate, cuMulticastGetGranularity, cuMulticastUnbind,
+    cuMemGetAllocationPropertiesFromHandle, cuMemGetAddressRange_v2, cuPointerGetAttribute, cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle,
+    cuIpcOpenMemHandle_v2, cuMemExportToShareableHandle, cuMemImportFromShareableHandle, cuMemcpyPeer, cuMemcpyPeerAsync,
+};
+
+/// The exports of `sharing`, by name.
+fn sharing_export_addr(name: &str) -> Option<*mut c_void> {
+    Some(match name {
+        "cuIpcGetMemHandle" => cuIpcGetMemHandle as *mut c_void,
+        "cuMemGetAddressRange_v2" => cuMemGetAddressRange_v2 as *mut c_void,
+        "cuPointerGetAttribute" => cuPointerGetAttribute as *mut c_void,
+        "cuMulticastGetGranularity" => cuMulticastGetGranularity as *mut c_void,
+        "cuMulticastCreate" => cuMulticastCreate as *mut c_void,
+        "cuMulticastAddDevice" => cuMulticastAddDevice as *mut c_void,
+        "cuMulticastBindMem" => cuMulticastBindMem as *mut c_void,
+        "cuMulticastBindAddr" => cuMulticastBindAddr as *mut c_void,
+        "cuMulticastUnbind" => cuMulticastUnbind as *mut c_void,
+        "cuMemGetAllocationPropertiesFromHandle" => cuMemGetAllocationPropertiesFromHandle as *mut c_void,
+        "cuIpcOpenMemHandle_v2" => cuIpcOpenMemHandle_v2 as *mut c_void,
+        "cuIpcCloseMemHandle" => cuIpcCloseMemHandle as *mut c_void,
+        "cuMemExportToShareableHandle" => cuMemExportToShareableHandle as *mut c_void,
+        "cuMemImportFromShareableHandle" => cuMemImportFromShareableHandle as *mut c_void,
+        "cuDeviceCanAccessPeer" => cuDeviceCanAccessPeer as *mut c_void,
+        "cuCtxEnablePeerAccess" => cuCtxEnablePeerAccess as *mut c_void,
+        "cuCtxDisablePeerAccess" => cuCtxDisablePeerAccess as *mut c_void,
+        "cuMemcpyPeer" => cuMemcpyPeer as *mut c_void,
+        "cuMemcpyPeerAsync" => cuMemcpyPeerAsync as *mut c_void,
+        _ => return None,
+    })
+}
+
 /// (base name, lowest cudaVersion, exported name, exported per-thread-default-stream name or "").
 /// Rows of one base name are ordered newest first; the first row whose version is reached wins.
 const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
@@ -2403,6 +2456,25 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuGraphLaunch", 10000, "cuGraphLaunch", "cuGraphLaunch_ptsz"),
     ("cuGraphExecDestroy", 10000, "cuGraphExecDestroy", ""),
     ("cuGraphDestroy", 10000, "cuGraphDestroy", ""),
+    ("cuIpcGetMemHandle", 4010, "cuIpcGetMemHandle", ""),
+    ("cuMemGetAddressRange", 3020, "cuMemGetAddressRange_v2", ""),
+    ("cuPointerGetAttribute", 4000, "cuPointerGetAttribute", ""),
+    ("cuMulticastGetGranularity", 12010, "cuMulticastGetGranularity", ""),
+    ("cuMulticastCreate", 12010, "cuMulticastCreate", ""),
+    ("cuMulticastAddDevice", 12010, "cuMulticastAddDevice", ""),
+    ("cuMulticastBindMem", 12010, "cuMulticastBindMem", ""),
+    ("cuMulticastBindAddr", 12010, "cuMulticastBindAddr", ""),
+    ("cuMulticastUnbind", 12010, "cuMulticastUnbind", ""),
+    ("cuMemGetAllocationPropertiesFromHandle", 10020, "cuMemGetAllocationPropertiesFromHandle", ""),
+    ("cuIpcOpenMemHandle", 11000, "cuIpcOpenMemHandle_v2", ""),
+    ("cuIpcCloseMemHandle", 4010, "cuIpcCloseMemHandle", ""),
+    ("cuMemExportToShareableHandle", 10020, "cuMemExportToShareableHandle", ""),
+    ("cuMemImportFromShareableHandle", 10020, "cuMemImportFromShareableHandle", ""),
+    ("cuDeviceCanAccessPeer", 4000, "cuDeviceCanAccessPeer", ""),
+    ("cuCtxEnablePeerAccess", 4000, "cuCtxEnablePeerAccess", ""),
+    ("cuCtxDisablePeerAccess", 4000, "cuCtxDisablePeerAccess", ""),
+    ("cuMemcpyPeer", 4000, "cuMemcpyPeer", ""),
+    ("cuMemcpyPeerAsync", 4000, "cuMemcpyPeerAsync", ""),
     ("cuGetProcAddress", 12000, "cuGetProcAddress_v2", ""),
     ("cuGetProcAddress", 11030, "cuGetProcAddress", ""),
 ];
@@ -2424,7 +2496,7 @@ pub fn proc_lookup(name: &str, version: c_int, flags: u64) -> Result<*mut c_void
             continue;
         }
         let sym = if flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM != 0 && !ptsz.is_empty() { ptsz } else { exp };
-        return export_addr(sym).ok_or(PROC_SYMBOL_NOT_FOUND);
+        return export_addr(sym).or_else(|| sharing_export_addr(sym)).ok_or(PROC_SYMBOL_NOT_FOUND);
     }
     Err(if known { PROC_VERSION_NOT_SUFFICIENT } else { PROC_SYMBOL_NOT_FOUND })
 }
@@ -2648,7 +2720,7 @@ mod tests {
     #[test]
     fn proc_table_names_are_all_exported() {
         for (base, _, exp, ptsz) in PROC_TABLE {
-            assert!(export_addr(exp).is_some(), "{base} -> {exp} is not exported");
+            assert!(export_addr(exp).or_else(|| sharing_export_addr(exp)).is_some(), "{base} -> {exp} is not exported");
             assert!(ptsz.is_empty() || export_addr(ptsz).is_some(), "{base} -> {ptsz} is not exported");
         }
     }

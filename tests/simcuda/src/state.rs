@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const MAGIC: u64 = 0x3154_5344_4d49_5353; // "SSIMDST1" little endian, arbitrary
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 pub const MAX_DEVICES: usize = 16;
 pub const MAX_PROCS: usize = 128;
 
@@ -56,6 +56,30 @@ pub struct Header {
 pub struct Shared {
     pub header: Header,
     pub devices: [DeviceState; MAX_DEVICES],
+    /// Allocations exported to other processes (legacy IPC, VMM shareable handles): see
+    /// simcuda's `sharing`.
+    pub exports: [ExportSlot; MAX_EXPORTS],
+}
+
+pub const MAX_EXPORTS: usize = 64;
+pub const MAX_IMPORTERS: usize = 8;
+
+/// One exported allocation. Its bytes stay charged to the exporter's slot until the exporter
+/// has freed it and no live process holds an import of it (the driver's refcount).
+#[repr(C)]
+pub struct ExportSlot {
+    /// 0 = free, else the export's id (never 0).
+    pub id: AtomicU64,
+    pub owner_pid: AtomicU32,
+    /// The physical device (the state file's index).
+    pub dev: AtomicU32,
+    pub size: AtomicU64,
+    /// 1 while the exporter still holds its allocation, 0 once it freed it (its slot still
+    /// carries the bytes for the importers), 2 once the exporter is gone with imports open (the
+    /// export itself carries the bytes in the device's `used`).
+    pub owner_holds: AtomicU32,
+    /// Pids of the processes holding an import (one entry per import; 0 = free).
+    pub importers: [AtomicU32; MAX_IMPORTERS],
 }
 
 pub const SHARED_SIZE: usize = std::mem::size_of::<Shared>();
@@ -238,7 +262,59 @@ fn map(fd: i32, path: &str) -> Result<&'static Shared, String> {
     Ok(unsafe { &*(p as *const Shared) })
 }
 
+pub const ORPHANED: u32 = 2;
+
 impl Shared {
+    /// Process `pid` is going (exit or reclaimed after a kill): its exports that live processes
+    /// still import on device `dev` leave its slot and are carried by the export itself, as the
+    /// real driver keeps such memory until the last importer lets go.
+    pub fn orphan_exports(&self, pid: u32, dev: &DeviceState, slot: &ProcSlot) {
+        for e in &self.exports {
+            let id = e.id.load(Ordering::Acquire);
+            if id == 0 || id == u64::MAX || e.owner_pid.load(Ordering::Acquire) != pid || !std::ptr::eq(&self.devices[e.dev.load(Ordering::Acquire) as usize % MAX_DEVICES], dev) {
+                continue;
+            }
+            let importers = e.importers.iter().filter(|p| pid_alive_nonzero(p.load(Ordering::Acquire))).count();
+            let held = e.owner_holds.load(Ordering::Acquire);
+            if importers == 0 || held == ORPHANED || e.owner_holds.compare_exchange(held, ORPHANED, Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                continue;
+            }
+            let size = e.size.load(Ordering::Acquire);
+            let mut cur = slot.used.load(Ordering::Acquire);
+            while let Err(v) = slot.used.compare_exchange_weak(cur, cur.saturating_sub(size), Ordering::AcqRel, Ordering::Relaxed) {
+                cur = v;
+            }
+        }
+    }
+
+    /// Frees every export that nobody holds any more: the exporter has freed it (or is gone)
+    /// and no live process holds an import. Its bytes leave the exporter's slot, or the device's
+    /// `used` where the export carried them itself, then.
+    pub fn settle_exports(&self) {
+        for s in &self.exports {
+            let id = s.id.load(Ordering::Acquire);
+            if id == 0 || id == u64::MAX {
+                continue;
+            }
+            let owner = s.owner_pid.load(Ordering::Acquire);
+            let owner_alive = pid_alive_nonzero(owner);
+            let holds = s.owner_holds.load(Ordering::Acquire);
+            let importers = s.importers.iter().filter(|p| pid_alive_nonzero(p.load(Ordering::Acquire))).count();
+            if (holds == 1 && owner_alive) || importers > 0 {
+                continue;
+            }
+            if s.id.compare_exchange(id, u64::MAX, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                let (dev, size) = (&self.devices[s.dev.load(Ordering::Acquire) as usize % MAX_DEVICES], s.size.load(Ordering::Acquire));
+                if holds == ORPHANED {
+                    dev.used.fetch_sub(size, Ordering::AcqRel);
+                } else if owner_alive {
+                    dev.uncharge_pid(owner, size);
+                }
+                s.id.store(0, Ordering::Release);
+            }
+        }
+    }
+
     pub fn ndev(&self) -> u32 {
         self.header.ndev.load(Ordering::Relaxed)
     }
@@ -248,7 +324,12 @@ impl Shared {
     }
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// A pid that is set and names a live process.
+pub fn pid_alive_nonzero(pid: u32) -> bool {
+    pid != 0 && pid != RECLAIMING && pid_alive(pid)
+}
+
+pub fn pid_alive(pid: u32) -> bool {
     if pid == 0 || pid == RECLAIMING {
         return true;
     }
@@ -292,6 +373,9 @@ impl DeviceState {
                 continue;
             }
             if s.pid.compare_exchange(p, RECLAIMING, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                if let Some(sh) = opened() {
+                    sh.orphan_exports(p, self, s);
+                }
                 let u = s.used.swap(0, Ordering::AcqRel);
                 self.used.fetch_sub(u, Ordering::AcqRel);
                 s.pid.store(0, Ordering::Release);
@@ -360,6 +444,9 @@ impl DeviceState {
     /// Bytes used by all processes (after reclaiming dead ones).
     pub fn used_now(&self) -> u64 {
         self.reclaim_dead();
+        if let Some(sh) = opened() {
+            sh.settle_exports();
+        }
         self.used.load(Ordering::Acquire)
     }
 
@@ -418,11 +505,32 @@ impl DeviceState {
         }
     }
 
+    /// Takes `bytes` off the slot of process `pid` (another process's, for an export its
+    /// importers kept alive); nothing if that process is gone (its slot was reclaimed).
+    pub fn uncharge_pid(&self, pid: u32, bytes: u64) {
+        let Some(i) = self.find_slot(pid) else { return };
+        let slot = &self.procs[i];
+        let mut cur = slot.used.load(Ordering::Acquire);
+        loop {
+            let take = cur.min(bytes);
+            match slot.used.compare_exchange_weak(cur, cur - take, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.used.fetch_sub(take, Ordering::AcqRel);
+                    return;
+                }
+                Err(v) => cur = v,
+            }
+        }
+    }
+
     /// Release this process's slot (at exit).
     pub fn release_self(&self) {
         let me = my_pid();
         for s in self.procs.iter() {
             if s.pid.load(Ordering::Acquire) == me {
+                if let Some(sh) = opened() {
+                    sh.orphan_exports(me, self, s);
+                }
                 let u = s.used.swap(0, Ordering::AcqRel);
                 self.used.fetch_sub(u, Ordering::AcqRel);
                 s.pid.store(0, Ordering::Release);
@@ -472,6 +580,8 @@ pub fn device_uuid(d: u32) -> [u8; 16] {
     u[8..14].copy_from_slice(&machine.to_le_bytes()[..6]);
     u[15] = d as u8;
     u[14] = (d >> 8) as u8;
+    // Devices also differ early, as real GPUs do, so that a unique UUID prefix exists.
+    u[7] = 0x11u8.wrapping_add(d as u8);
     u
 }
 
