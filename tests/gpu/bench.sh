@@ -8,6 +8,7 @@
 #   BENCH_SECONDS  timed seconds per run        (default 2.5)
 #   BENCH_SHIM_LOG GPUSLICE_LOG for shimmed runs (default info)
 #   BENCH_ONLY     shares | priority: run only that part (default: both, shares first)
+#   BENCH_BUDGET_S seconds after which the shares part starts no new run (default 450)
 #   BENCH_PRIO_SECONDS  timed seconds of each latency-probe run (default 6)
 #   BENCH_PRIO_QUEUE    GPUSLICE_PRIORITY_QUEUE for the low-priority processes (default: unset)
 #   BENCH_PRIO_TORCH    graph | eager: how the ResNet-50 probe runs (default graph)
@@ -71,7 +72,7 @@ note "build done in $(( $(date +%s) - T0 ))s"
 rc_shares=0
 if want shares; then
   "$PY" "$ROOT/$HERE/shares.py" --lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" \
-    --seconds "$SECONDS_PER_RUN" --shim-log "$SHIM_LOG"
+    --seconds "$SECONDS_PER_RUN" --shim-log "$SHIM_LOG" ${BENCH_BUDGET_S:+--budget-s "$BENCH_BUDGET_S"}
   rc_shares=$?
 fi
 if ! want priority; then

@@ -54,6 +54,7 @@ def base_env():
         # A socket in the environment means "use a controller" (issue 13's no-fail-open): case (a)
         # is the environment's own quota with no controller, which the process must be told.
         env["GPUSLICE_ON_NO_CONTROLLER"] = "alone"
+        env["GPUSLICE_CONTROLLER_WAIT"] = "0"
     return env
 
 
