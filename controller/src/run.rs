@@ -69,7 +69,12 @@ pub fn find_simulator() -> Result<PathBuf, String> {
     for (target, name) in [("../libsimcuda.so", "libcuda.so.1"), ("libcuda.so.1", "libcuda.so"), ("../libsimnvml.so", "libnvidia-ml.so.1")] {
         let link = dir.join(name);
         if !link.exists() {
-            std::os::unix::fs::symlink(target, &link).map_err(|e| format!("cannot link {}: {e}", link.display()))?;
+            // Two `run --simulate` started together race to make the links: one that another
+            // made meanwhile is as good as our own.
+            match std::os::unix::fs::symlink(target, &link) {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && std::fs::read_link(&link).is_ok_and(|t| t == std::path::Path::new(target)) => {}
+                r => r.map_err(|e| format!("cannot link {}: {e}", link.display()))?,
+            }
         }
     }
     Ok(dir)
