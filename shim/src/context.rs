@@ -175,17 +175,21 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CUdevice) -> CuResul
         let _op = memory::Operation::begin();
         let code = call_real!(cuDevicePrimaryCtxReset_v2(device));
         if code == CUDA_SUCCESS {
-            // A reset frees every allocation of the primary context. Programs that mix primary
-            // and created contexts on one device lose the created ones' records too; see
-            // LD_PRELOAD.md, "What it cannot catch".
-            let freed = memory::forget_device(device);
-            if let Some(b) = budget::of(device) {
-                b.uncharge(freed);
-            }
-            primary_gone(device);
+            primary_reset(device);
         }
         code
     })
+}
+
+/// A reset frees every allocation of the primary context. Programs that mix primary and created
+/// contexts on one device lose the created ones' records too; see LD_PRELOAD.md, "What it
+/// cannot catch".
+fn primary_reset(device: CUdevice) {
+    let freed = memory::forget_device(device);
+    if let Some(b) = budget::of(device) {
+        b.uncharge(freed);
+    }
+    primary_gone(device);
 }
 
 /// Runs a context-creating call, measuring what the new context holds when a limit applies.
@@ -293,11 +297,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset(device: CUdevice) -> CuResult {
         let _op = memory::Operation::begin();
         let code = call_real!(cuDevicePrimaryCtxReset(device));
         if code == CUDA_SUCCESS {
-            let freed = memory::forget_device(device);
-            if let Some(b) = budget::of(device) {
-                b.uncharge(freed);
-            }
-            primary_gone(device);
+            primary_reset(device);
         }
         code
     })
