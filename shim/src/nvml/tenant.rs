@@ -45,7 +45,9 @@ pub fn of(device: NvmlDevice) -> Option<Slice> {
     if !asks && !cuda_link.is_some_and(|l| l.controlled) {
         return None;
     }
-    let uuid = uuid_of(device)?;
+    // A `MIG-` entry of CUDA_VISIBLE_DEVICES is shown as its GPU (see `devices`): that GPU's
+    // handle stands for the instance, whose UUID the CUDA ordinal carries.
+    let uuid = devices::visible().and_then(|shown| shown.iter().find(|v| v.handle == device as usize)).map(|v| v.uuid.clone()).or_else(|| uuid_of(device))?;
     let (link, ordinal) = match cuda_link {
         // CUDA is initialised (the link is made at cuInit): the ordinal is CUDA's own.
         Some(link) => (link, cuda_ordinal(&uuid)?),

@@ -475,3 +475,49 @@ fn the_controller_records_a_vmm_fd_export_and_its_import_is_not_charged() {
     ctl.ls_until("both groups empty", Duration::from_secs(5), |l| l.group_used("exporter", 0) == 0 && l.group_used("importer", 0) == 0);
     assert_eq!(exports_recorded(&ctl), 0);
 }
+
+/// tests/clients/nvmlclient.c: an NVML-only program (see tenant_view.rs).
+fn nvmlclient() -> PathBuf {
+    compile(&c_compiler(), "nvmlclient", &["tests/clients/nvmlclient.c"], &["-std=gnu11", "-Wall", "-ldl"], &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A MIG instance named by its UUID (`CUDA_VISIBLE_DEVICES=MIG-...`; the simulator's device 1 in
+/// MIG mode, `SIMCUDA_MIG=1`): the process's memory limit holds on it, its context reserve is
+/// counted, `gpuslice ls` shows it on the instance's `MIG-` UUID, NVML (no shim) sees the bytes
+/// on the instance's GPU only, and an NVML-only program of the group sees the slice there.
+#[test]
+fn a_mig_instance_named_by_its_uuid_is_sliced_end_to_end() {
+    let sim = sim().env("SIMCUDA_MIG", "1");
+    let mig = sim.mig_uuid(1);
+    let ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
+    let stop = sim.path_str("stop");
+    let c = sim.client(Route::Link).shim().controller(&ctl).group("g").env("CUDA_VISIBLE_DEVICES", &mig).args(&format!("init ctx 0 alloc 512M alloc 600M info waitfile {stop}")).spawn();
+    expect_ok(&c.wait_line("alloc", 0));
+    let refused = c.wait_line("alloc", 1);
+    assert_eq!(line_code(&refused), Some(CUDA_ERROR_OUT_OF_MEMORY), "held to the group's 1 GiB on the instance: {refused}");
+    assert_eq!(num(&c.wait_line("info", 0), "free") as u64, GIB - R - 512 * MIB, "the reserve and the allocation counted");
+    let used_on = |l: &Listing, uuid: &str| -> u64 {
+        let g = l.group("g").expect("group g");
+        g["devices"].as_array().into_iter().flatten().filter(|d| d["uuid"] == uuid).map(|d| d["used"].as_u64().unwrap()).sum()
+    };
+    ctl.ls_until("the process counted on the MIG instance's UUID", Duration::from_secs(5), |l| used_on(l, &mig) == 512 * MIB + R);
+    assert_eq!((device_used(&sim, 0), device_used(&sim, 1)), (0, 512 * MIB + R), "on the instance's GPU only");
+
+    // An NVML-only program of the group, told the same device: its device 0 (the instance's
+    // GPU, renumbered) and the instance's handle show the slice.
+    let view = sim.program(nvmlclient()).shim().controller(&ctl).group("g").env("CUDA_VISIBLE_DEVICES", &mig).args(&format!("--uuid {mig}")).run();
+    view.assert_success();
+    let line = |prefix: &str| view.lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{view}")).clone();
+    let count = line("count ");
+    assert_eq!(field(&count, "v2"), "1", "one device visible:\n{view}");
+    let mem = line("mem 0 ");
+    assert_eq!((num(&mem, "total") as u64, num(&mem, "used") as u64), (GIB, 512 * MIB + R), "the slice, not the GPU:\n{view}");
+    assert_eq!(field(&line("byuuid "), "code"), "0", "the instance's handle is found:\n{view}");
+    touch(&stop);
+    c.wait().assert_success();
+
+    // Alone, on its environment's limit: held to it on the instance as well.
+    let out = sim.client(Route::Link).shim().env("GPUSLICE_MEMORY_LIMIT", "256MiB").env("CUDA_VISIBLE_DEVICES", &mig).args("init ctx 0 alloc 128M alloc 100M info").run();
+    assert_eq!(line_code(&out.lines[3]), Some(CUDA_ERROR_OUT_OF_MEMORY), "{out}");
+    assert_eq!(out.u64("info", "free"), 256 * MIB - R - 128 * MIB, "{out}");
+}
