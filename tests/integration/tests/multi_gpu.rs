@@ -49,8 +49,8 @@ fn cuda_visible_devices_and_device_order_pick_the_devices_as_the_driver_does() {
         (Some("1".into()), "", "", vec![&u1]),
         (Some(u1.clone()), "", "", vec![&u1]),
         (Some(format!("{},{}", &u1[..22], u0)), "", "", vec![&u1, &u0]),
-        (Some(format!("1,7,0")), "", "", vec![&u1]),
-        (Some(format!("0,0,1")), "", "", vec![&u0]),
+        (Some("1,7,0".into()), "", "", vec![&u1]),
+        (Some("0,0,1".into()), "", "", vec![&u0]),
         // A faster device 1 comes first by default; PCI order on request; indices count in the
         // order in force.
         (None, "1,0", "", vec![&u1, &u0]),
