@@ -11,7 +11,8 @@
 //!   the exchange. A handle's 64 bytes are kept whole (no hash whose collisions could be forged).
 //! - Make another's import charged twice: an entry can be added only by its exporter and is
 //!   removed only when that process goes (so no tenant can remove another's entries), and each
-//!   process holds at most `MAX_PER_PROCESS` of them (no tenant can fill the table).
+//!   process holds at most `MAX_PER_PROCESS` of them, each uid `MAX_PER_UID` (no tenant can fill
+//!   the table or the controller's memory).
 //! - Keep an entry after the exporter is gone (`kill -9`): entries belong to a process slot and
 //!   die with it (`forget`), and a lookup checks the slot still watches the same pid.
 
@@ -20,7 +21,9 @@ use gpuslice_common::protocol::{ExportKey, MAX_HANDLE_BYTES};
 use std::collections::HashMap;
 
 /// Exports one process may have recorded at once.
-pub const MAX_PER_PROCESS: usize = 4096;
+pub const MAX_PER_PROCESS: usize = 1024;
+/// Exports the processes of one uid may have recorded at once.
+pub const MAX_PER_UID: usize = 16384;
 
 #[derive(Default)]
 pub struct Exports {
@@ -70,13 +73,17 @@ impl State {
         if owners.contains(&(slot, pid)) {
             return Ok("already recorded".into());
         }
+        let by_uid: usize = self.exports.per_slot.iter().filter(|(s, _)| self.watched.get(s).is_some_and(|w| w.uid == peer.uid)).map(|(_, n)| n).sum();
         let held = self.exports.per_slot.entry(slot).or_insert(0);
-        if *held >= MAX_PER_PROCESS {
+        if *held >= MAX_PER_PROCESS || by_uid >= MAX_PER_UID {
             if owners.is_empty() {
                 // Leave no empty list behind.
                 self.exports.by_key.retain(|_, o| !o.is_empty());
             }
-            return Err(format!("pid {pid}: holds {MAX_PER_PROCESS} recorded exports already; an import of this one will be charged to its importer too"));
+            return Err(format!(
+                "pid {pid}: holds {held} recorded exports (at most {MAX_PER_PROCESS}), uid {} {by_uid} (at most {MAX_PER_UID}); an import of this one will be charged to its importer too",
+                peer.uid
+            ));
         }
         *held += 1;
         owners.push((slot, pid));
@@ -113,6 +120,48 @@ mod tests {
         assert!(!holds_file(me, o.dev(), o.ino()), "a file it does not hold open");
         drop(file);
         assert!(!holds_file(me, h.dev(), h.ino()), "closed since");
+    }
+
+    /// A state watching this test process as slot 0.
+    fn state(dir: &tempfile::TempDir) -> (State, Peer) {
+        use gpuslice_common::ledger::{self, Ledger, MAX_DEVICES, UNLIMITED};
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, _) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let mut s = State::new(ledger, gpuslice_common::settings::FileSettings::parse("test.toml", "").unwrap());
+        // SAFETY: getuid has no preconditions.
+        let me = Peer { pid: std::process::id(), uid: unsafe { libc::getuid() } };
+        let w = crate::state::Watched { pid: me.pid, pidfd: None, start_time: None, devices: vec![], group: 0, uid: me.uid, caps: [UNLIMITED; MAX_DEVICES], priority: 0, misbehaving: None };
+        s.watched.insert(0, w);
+        (s, me)
+    }
+
+    #[test]
+    fn exports_are_taken_from_their_registered_exporter_only_and_go_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, me) = state(&dir);
+        let handle = ExportKey::Handle(vec![9; 64]);
+        assert!(s.export(Peer { pid: me.pid + 1, ..me }, handle.clone()).is_err(), "an unregistered pid");
+        assert!(s.export(Peer { uid: me.uid + 1, ..me }, handle.clone()).is_err(), "another uid with a registered pid");
+        assert!(!s.imported(&handle));
+        assert!(s.export(me, ExportKey::Handle(vec![])).is_err(), "an empty handle");
+        s.export(me, handle.clone()).unwrap();
+        assert!(s.imported(&handle));
+        // A descriptor export: only of a file the exporter holds.
+        let file = tempfile::tempfile().unwrap();
+        let m = file.metadata().unwrap();
+        let held = ExportKey::File { dev: m.dev(), ino: m.ino() };
+        assert!(s.export(me, ExportKey::File { dev: m.dev(), ino: m.ino() + 1_000_000 }).is_err());
+        s.export(me, held.clone()).unwrap();
+        // At most MAX_PER_PROCESS entries.
+        for i in 0..MAX_PER_PROCESS {
+            let _ = s.export(me, ExportKey::Handle((i as u32).to_le_bytes().repeat(16)));
+        }
+        assert_eq!(s.exports.len(), MAX_PER_PROCESS);
+        assert!(s.export(me, ExportKey::Handle(vec![7; 64])).is_err(), "over the cap");
+        // The process goes (kill -9 ends in `release`): its entries with it.
+        s.release(0, "test");
+        assert!(!s.imported(&handle) && !s.imported(&held));
+        assert_eq!(s.exports.len(), 0);
     }
 
     #[test]
