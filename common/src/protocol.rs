@@ -46,7 +46,34 @@ pub enum Request {
     /// Labels for a group's metrics (socket owner or root only), e.g. the Kubernetes claim and
     /// pod the DRA plugin made it for; they replace the group's earlier labels.
     LabelGroup(GroupLabels),
+    /// A registered process exported an allocation (`cuIpcGetMemHandle`,
+    /// `cuMemExportToShareableHandle`): an import of it is charged to nobody else (issue 20).
+    Export(Shared),
+    /// A registered process imported an allocation: did a live registered process export it?
+    /// Answered with `Response::Imported`.
+    Import(Shared),
 }
+
+/// An exported allocation, as both ends can name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shared {
+    pub key: ExportKey,
+}
+
+/// What names an export to its exporter and its importers alike. Whole, never a hash: a tenant
+/// who could forge a key that hashes like another's export could make that import free.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExportKey {
+    /// A legacy IPC handle's or a fabric handle's 64 bytes.
+    Handle(Vec<u8>),
+    /// A POSIX file descriptor handle: the file it is (device and inode), the same at both ends.
+    File { dev: u64, ino: u64 },
+}
+
+/// The most bytes an `ExportKey::Handle` may have (the handles are 64).
+pub const MAX_HANDLE_BYTES: usize = 64;
 
 /// Metric labels of one group: names from `GROUP_LABELS`, values of at most `MAX_LABEL_VALUE`
 /// bytes.
@@ -167,6 +194,9 @@ pub enum Response {
     Listing(Listing),
     Status(Status),
     Error { message: String },
+    /// The answer to `Import`: true when a live registered process exported it (so it is
+    /// charged to that process's group already).
+    Imported { by_gpuslice: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -285,6 +315,9 @@ pub struct Status {
     /// Where the metrics are served (`host:port`), if they are.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// Exports of live processes in the controller's table (issue 20).
+    #[serde(default)]
+    pub exports: u64,
 }
 
 /// Why a frame could not be read.
@@ -497,6 +530,13 @@ mod tests {
         assert_eq!(encode(&g), br#"{"type":"remove_group","name":"default/trainer"}"#);
         assert_eq!(decode_request(&encode(&g)).unwrap(), g);
         assert!(decode_request(br#"{"type":"remove_group","name":"g","pid":1}"#).is_err(), "unknown fields are refused");
+        for key in [ExportKey::Handle(vec![7; 64]), ExportKey::File { dev: 3, ino: 99 }] {
+            for r in [Request::Export(Shared { key: key.clone() }), Request::Import(Shared { key })] {
+                assert_eq!(decode_request(&encode(&r)).unwrap(), r);
+            }
+        }
+        let a = Response::Imported { by_gpuslice: true };
+        assert_eq!(decode_response(&encode(&a)).unwrap(), a);
         let l = Request::LabelGroup(GroupLabels { group: "default/trainer".into(), labels: [("claim_name".to_string(), "trainer".to_string())].into() });
         assert_eq!(decode_request(&encode(&l)).unwrap(), l);
         let no_create = decode_request(br#"{"type":"set","target":{"group":"g"},"memory":null,"sm":30,"priority":null}"#).unwrap();

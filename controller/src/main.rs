@@ -2,6 +2,7 @@
 
 mod client;
 mod crosscheck;
+mod exports;
 mod http;
 mod metrics;
 mod run;

@@ -242,6 +242,8 @@ struct Traffic {
     set: AtomicU64,
     list: AtomicU64,
     status: AtomicU64,
+    /// Exports recorded and imports looked up (issue 20).
+    sharing: AtomicU64,
     /// Unreadable or malformed requests.
     bad_request: AtomicU64,
     /// Requests answered with an error (registration or edit refused).
@@ -286,7 +288,7 @@ impl Shared {
             controller_starts: self.starts,
             max_processes: self.geometry.max_procs,
             max_groups: self.geometry.max_groups,
-            requests: vec![("register", t.register.load(Relaxed)), ("set", t.set.load(Relaxed)), ("list", t.list.load(Relaxed)), ("status", t.status.load(Relaxed))],
+            requests: vec![("register", t.register.load(Relaxed)), ("set", t.set.load(Relaxed)), ("list", t.list.load(Relaxed)), ("status", t.status.load(Relaxed)), ("sharing", t.sharing.load(Relaxed))],
             errors: vec![
                 ("bad_request", t.bad_request.load(Relaxed)),
                 ("refused", t.refused.load(Relaxed)),
@@ -394,6 +396,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         Request::List => &t.list,
         Request::Status => &t.status,
         Request::LabelGroup(_) => &t.set,
+        Request::Export(_) | Request::Import(_) => &t.sharing,
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
@@ -431,6 +434,14 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                     (Response::Error { message }, None)
                 }
             },
+            Request::Export(e) => match state.export(peer, e.key) {
+                Ok(message) => (Response::Done { message }, None),
+                Err(message) => {
+                    tracing::warn!("pid {} uid {}: {}", peer.pid, peer.uid, for_log(&message));
+                    (Response::Error { message }, None)
+                }
+            },
+            Request::Import(i) => (Response::Imported { by_gpuslice: state.imported(&i.key) }, None),
             Request::List => (Response::Listing(state.listing()), None),
             Request::Status => {
                 let (processes, groups) = state.counts();
@@ -448,6 +459,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                     max_groups: g.max_groups,
                     devices: state.devices(),
                     metrics: shared.metrics.clone(),
+                    exports: state.exports.len() as u64,
                 };
                 (Response::Status(status), None)
             }

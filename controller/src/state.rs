@@ -104,6 +104,8 @@ pub struct State {
     /// Metric labels by (group slot, generation), from `LabelGroup`; a slot given to a new group
     /// has a new generation, so labels never outlive their group.
     labels: HashMap<(usize, u64), std::collections::BTreeMap<String, String>>,
+    /// Exports made by registered processes (see `exports`).
+    pub exports: crate::exports::Exports,
 }
 
 impl State {
@@ -125,6 +127,7 @@ impl State {
             node_devices: None,
             env_groups_open: false,
             labels: HashMap::new(),
+            exports: Default::default(),
         }
     }
 
@@ -521,6 +524,7 @@ impl State {
     /// group it leaves empty is freed unless pinned.
     pub fn release(&mut self, slot: usize, why: &str) {
         let Some(w) = self.watched.remove(&slot) else { return };
+        self.exports.forget(slot);
         let (group, pid) = (w.group, w.pid);
         let p = self.ledger.process(slot);
         let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).fold(0, u64::saturating_add);

@@ -80,6 +80,15 @@ pub fn refused() -> bool {
 pub fn retry_after_refusal() {
     REFUSED.store(false, Release);
 }
+/// The socket of the controller this process registered with.
+static SOCKET: once_cell::sync::OnceCell<std::path::PathBuf> = once_cell::sync::OnceCell::new();
+
+/// The controller's socket, when a controller holds this process's accounting (for the rare
+/// requests after registration: exports and imports, `sharing`).
+pub fn controller_socket() -> Option<&'static std::path::Path> {
+    get().filter(|l| l.controlled).and_then(|_| SOCKET.get()).map(|p| p.as_path())
+}
+
 /// How many times this process's line has forked since it attached (0 in the original).
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -375,6 +384,7 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
             .collect(),
     });
     let (response, fd) = protocol::call(socket, &request, REGISTER_TIMEOUT).map_err(|e| Retry::Later(e.to_string()))?;
+    let _ = SOCKET.set(socket.to_path_buf());
     let assignment = match response {
         Response::Registered(a) => a,
         Response::Error { message } if protocol::is_retry_later(&message) => return Err(Retry::Later(message)),

@@ -112,8 +112,9 @@ pub fn hold_for_fork(h: &mut crate::fork::Holder) {
     }
 }
 
-/// The NVML-style UUID string ("GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx") of CUDA device `device`.
-pub fn cuda_uuid_string(device: CUdevice) -> Option<String> {
+/// The hexadecimal part of CUDA device `device`'s UUID ("xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx").
+/// For a MIG device `cuDeviceGetUuid_v2` gives the MIG instance's UUID.
+fn cuda_uuid_hex(device: CUdevice) -> Option<String> {
     let d = driver()?;
     let get = d.cuDeviceGetUuid_v2?;
     let mut uuid = CUuuid { bytes: [0; 16] };
@@ -123,7 +124,18 @@ pub fn cuda_uuid_string(device: CUdevice) -> Option<String> {
     }
     let b: Vec<u8> = uuid.bytes.iter().map(|&c| c as u8).collect();
     let hex = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    Some(format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16)))
+    Some(format!("{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16)))
+}
+
+/// The UUID string of CUDA device `device` as NVML spells it: "GPU-" + hex for a GPU, "MIG-" +
+/// hex for a MIG instance (CUDA's 16 bytes do not say which; NVML's handle for them does).
+/// "GPU-" when NVML cannot tell.
+pub fn cuda_uuid_string(device: CUdevice) -> Option<String> {
+    let gpu = format!("GPU-{}", cuda_uuid_hex(device)?);
+    match nvml().and_then(|n| n.handle_of(device)).and_then(uuid_of) {
+        Some(named) if same_uuid(&named, &gpu) => Some(named),
+        _ => Some(gpu),
+    }
 }
 
 impl Nvml {
@@ -137,10 +149,17 @@ impl Nvml {
         if let Some(Some(h)) = locks::lock(&self.handles).get(index) {
             return Some(*h as NvmlDevice);
         }
-        let uuid = std::ffi::CString::new(cuda_uuid_string(device)?).ok()?;
+        // A GPU, else a MIG instance: nvmlDeviceGetHandleByUUID takes either's UUID, and CUDA's
+        // bytes are the instance's own for a MIG device.
+        let hex = cuda_uuid_hex(device)?;
+        let by_uuid = self.handle_by_uuid?;
         let mut handle: NvmlDevice = std::ptr::null_mut();
-        // SAFETY: valid C string and out-pointer.
-        if unsafe { (self.handle_by_uuid?)(uuid.as_ptr(), &mut handle) } != NVML_SUCCESS {
+        let found = ["GPU-", "MIG-"].iter().any(|prefix| {
+            let Ok(uuid) = std::ffi::CString::new(format!("{prefix}{hex}")) else { return false };
+            // SAFETY: valid C string and out-pointer.
+            unsafe { by_uuid(uuid.as_ptr(), &mut handle) == NVML_SUCCESS }
+        });
+        if !found {
             return None;
         }
         let mut handles = locks::lock(&self.handles);

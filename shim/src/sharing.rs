@@ -4,15 +4,18 @@
 //! (`cuIpcGetMemHandle`, `cuMemExportToShareableHandle`) changes nothing there. An import
 //! (`cuIpcOpenMemHandle_v2`, `cuMemImportFromShareableHandle`) is therefore neither charged nor
 //! refused — unless the exporter is outside gpuslice, whose allocation nobody has charged. To
-//! tell, every export made under the shim is written into a small per-user page,
-//! `/dev/shm/gpuslice-exports-<uid>` (mode 0600): a key of the handle (its 64 bytes for IPC and
-//! fabric handles, the descriptor's device and inode for a POSIX file descriptor) and the
-//! exporter's pid. An importer that finds no live exporter's entry charges the import to its own
-//! group, on the GPU the memory is on: a legacy IPC import (its size from
-//! `cuMemGetAddressRange_v2`) until `cuIpcCloseMemHandle`; a VMM import at its first `cuMemMap`
-//! (the size mapped: the import itself says no size) until its `cuMemRelease`.
-//! Processes of another user cannot see the page, so their exports count as outside gpuslice
-//! (charged twice: never fails open).
+//! tell, every export made under the shim is recorded with a key of the handle (its 64 bytes for
+//! IPC and fabric handles, the descriptor's device and inode for a POSIX file descriptor):
+//! - under a controller, in the controller's table (`Request::Export`, looked up at import with
+//!   `Request::Import`; one round-trip each, both rare), whatever the users of the two ends;
+//! - alone, in a small per-user page, `/dev/shm/gpuslice-exports-<uid>` (mode 0600) with the
+//!   exporter's pid. Processes of another user cannot see the page, so there their exports
+//!   count as outside gpuslice (charged twice: never fails open).
+//!
+//! An importer whose exporter is not found charges the import to its own group, on the GPU the
+//! memory is on: a legacy IPC import (its size from `cuMemGetAddressRange_v2`) until
+//! `cuIpcCloseMemHandle`; a VMM import at its first `cuMemMap` (the size mapped: the import
+//! itself says no size) until its `cuMemRelease`.
 
 use crate::alloc_table::{AllocTable, Entry};
 use crate::budget;
@@ -20,6 +23,7 @@ use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::{guard, runtime};
 use once_cell::sync::{Lazy, OnceCell};
+use gpuslice_common::protocol::{self, ExportKey, Request, Response};
 use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
@@ -103,15 +107,62 @@ impl Registry {
     }
 }
 
+/// Records an export made by this process: with the controller when one holds this process,
+/// else in the user's page.
+fn record_export(key: ExportKey) {
+    if let Some(socket) = crate::link::controller_socket() {
+        match protocol::call(socket, &Request::Export(protocol::Shared { key }), CONTROLLER_TIMEOUT) {
+            Ok((Response::Done { .. }, _)) => {}
+            Ok((Response::Error { message }, _)) => tracing::warn!("pid {}: the controller did not record an export ({message}); an import of it will be charged to its importer too", std::process::id()),
+            other => tracing::warn!("pid {}: the controller did not record an export ({other:?}); an import of it will be charged to its importer too", std::process::id()),
+        }
+    } else if let Some(r) = registry() {
+        r.add(page_key(&key));
+    }
+}
+
+/// True when a live process under gpuslice exported `key` (so its exporter is charged for it).
+/// Under a controller only the controller's table counts: the page could be written by any
+/// process of this user, and under a controller users are not tenants.
+fn exported_by_gpuslice(key: &ExportKey) -> bool {
+    if crate::link::get().is_some_and(|l| l.controlled) {
+        let Some(socket) = crate::link::controller_socket() else { return false };
+        return match protocol::call(socket, &Request::Import(protocol::Shared { key: key.clone() }), CONTROLLER_TIMEOUT) {
+            Ok((Response::Imported { by_gpuslice }, _)) => by_gpuslice,
+            other => {
+                tracing::warn!("pid {}: the controller did not say who exported an import ({other:?}); it is charged to this process", std::process::id());
+                false
+            }
+        };
+    }
+    registry().is_some_and(|r| r.exported_by_gpuslice(page_key(key)))
+}
+
+/// How long an export or import waits for the controller.
+const CONTROLLER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The page's 8-byte form of a key.
+fn page_key(key: &ExportKey) -> u64 {
+    match key {
+        ExportKey::Handle(bytes) => hash(bytes),
+        ExportKey::File { dev, ino } => hash(&[dev.to_le_bytes(), ino.to_le_bytes()].concat()),
+    }
+}
+
 fn hash(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)).max(1)
 }
 
 /// The key of a POSIX descriptor handle: the file it is (both ends see the same one).
-fn fd_key(fd: c_int) -> Option<u64> {
+fn fd_key(fd: c_int) -> Option<ExportKey> {
     // SAFETY: fstat into a local.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then(|| hash(&[st.st_dev.to_le_bytes(), st.st_ino.to_le_bytes()].concat()))
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(ExportKey::File { dev: st.st_dev, ino: st.st_ino })
+}
+
+/// The key of a 64-byte handle (legacy IPC, fabric).
+fn handle_key(bytes: &[u8]) -> ExportKey {
+    ExportKey::Handle(bytes.to_vec())
 }
 
 /// Imports charged to this process (exporter outside gpuslice): mapped pointer → what it holds,
@@ -135,9 +186,7 @@ pub unsafe extern "C" fn cuIpcGetMemHandle(handle: *mut IpcMemHandle, dptr: CUde
     guard::cuda("cuIpcGetMemHandle", || {
         let code = call_real!(cuIpcGetMemHandle(handle, dptr));
         if code == CUDA_SUCCESS && !handle.is_null() {
-            if let Some(r) = registry() {
-                r.add(hash(unsafe { &(*handle).reserved }));
-            }
+            record_export(handle_key(unsafe { &(*handle).reserved }));
         }
         code
     })
@@ -150,11 +199,11 @@ pub unsafe extern "C" fn cuMemExportToShareableHandle(out: *mut c_void, handle: 
         if code == CUDA_SUCCESS && !out.is_null() {
             let key = match kind {
                 HANDLE_TYPE_POSIX_FD => fd_key(unsafe { *out.cast::<c_int>() }),
-                HANDLE_TYPE_FABRIC => Some(hash(unsafe { std::slice::from_raw_parts(out.cast::<u8>(), 64) })),
+                HANDLE_TYPE_FABRIC => Some(handle_key(unsafe { std::slice::from_raw_parts(out.cast::<u8>(), 64) })),
                 _ => None,
             };
-            if let (Some(key), Some(r)) = (key, registry()) {
-                r.add(key);
+            if let Some(key) = key {
+                record_export(key);
             }
         }
         code
@@ -208,7 +257,7 @@ pub unsafe extern "C" fn cuIpcOpenMemHandle_v2(pdptr: *mut CUdeviceptr, handle: 
         if code != CUDA_SUCCESS || pdptr.is_null() || runtime::refused() {
             return code;
         }
-        let ours = registry().is_some_and(|r| r.exported_by_gpuslice(hash(&handle.reserved)));
+        let ours = exported_by_gpuslice(&handle_key(&handle.reserved));
         if ours {
             return code; // Charged to its exporter already.
         }
@@ -291,10 +340,10 @@ pub unsafe extern "C" fn cuMemImportFromShareableHandle(handle: *mut CUmemGeneri
         }
         let key = match kind {
             HANDLE_TYPE_POSIX_FD => fd_key(os_handle as usize as c_int),
-            HANDLE_TYPE_FABRIC if !os_handle.is_null() => Some(hash(unsafe { std::slice::from_raw_parts(os_handle.cast::<u8>(), 64) })),
+            HANDLE_TYPE_FABRIC if !os_handle.is_null() => Some(handle_key(unsafe { std::slice::from_raw_parts(os_handle.cast::<u8>(), 64) })),
             _ => None,
         };
-        let ours = key.is_some_and(|k| registry().is_some_and(|r| r.exported_by_gpuslice(k)));
+        let ours = key.is_some_and(|k| exported_by_gpuslice(&k));
         if !ours {
             await_map(unsafe { *handle });
         }

@@ -45,7 +45,9 @@ pub fn of(device: NvmlDevice) -> Option<Slice> {
     if !asks && !cuda_link.is_some_and(|l| l.controlled) {
         return None;
     }
-    let uuid = uuid_of(device)?;
+    // A `MIG-` entry of CUDA_VISIBLE_DEVICES is shown as its GPU (see `devices`): that GPU's
+    // handle stands for the instance, whose UUID the CUDA ordinal carries.
+    let uuid = devices::visible().and_then(|shown| shown.iter().find(|v| v.handle == device as usize)).map(|v| v.uuid.clone()).or_else(|| uuid_of(device))?;
     let (link, ordinal) = match cuda_link {
         // CUDA is initialised (the link is made at cuInit): the ordinal is CUDA's own.
         Some(link) => (link, cuda_ordinal(&uuid)?),
@@ -68,9 +70,11 @@ fn view_link() -> Option<&'static Link> {
             .iter()
             .map(|v| {
                 let mut m = NvmlMemory { total: 0, free: 0, used: 0 };
+                // A MIG instance's memory is its own, not its GPU's (`v.handle`).
+                let handle = mig_handle(nv, &v.uuid).unwrap_or(v.handle as NvmlDevice);
                 // SAFETY: a device handle NVML gave, and an out-pointer to a local.
                 let total = match nv.memory {
-                    Some(get) if unsafe { get(v.handle as NvmlDevice, &mut m) } == NVML_SUCCESS => m.total,
+                    Some(get) if unsafe { get(handle, &mut m) } == NVML_SUCCESS => m.total,
                     _ => 0,
                 };
                 (v.uuid.clone(), total)
@@ -78,6 +82,15 @@ fn view_link() -> Option<&'static Link> {
             .collect();
         link::attach_view(&claims)
     })
+}
+
+/// The NVML handle of the MIG instance whose UUID is `uuid` ("MIG-..."), if it is one.
+fn mig_handle(nv: &super::Nvml, uuid: &str) -> Option<NvmlDevice> {
+    uuid.get(..4).filter(|p| p.eq_ignore_ascii_case("MIG-"))?;
+    let c = std::ffi::CString::new(uuid).ok()?;
+    let mut h: NvmlDevice = std::ptr::null_mut();
+    // SAFETY: a C string and an out-pointer to a local.
+    (unsafe { (nv.handle_by_uuid?)(c.as_ptr(), &mut h) } == NVML_SUCCESS).then_some(h)
 }
 
 /// The CUDA ordinal whose UUID is `uuid`, once the driver is initialised (no `cuInit` here).

@@ -397,6 +397,12 @@ impl Sim {
         let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
         format!("GPU-{}-{}-{}-{}-{}", h[0..4].concat(), h[4..6].concat(), h[6..8].concat(), h[8..10].concat(), h[10..16].concat())
     }
+
+    /// The UUID of device `d`'s MIG instance when `SIMCUDA_MIG` names it (as NVML prints it):
+    /// tests/simcuda's `mig_uuid`, the GPU's with other first bytes.
+    pub fn mig_uuid(&self, d: u32) -> String {
+        format!("MIG-619e{}", &self.device_uuid(d)[8..])
+    }
 }
 
 impl Drop for Sim {

@@ -416,6 +416,7 @@ impl Fuzz {
             Response::Listing(_) => "listing",
             Response::Status(_) => "status",
             Response::Error { .. } => "error",
+            Response::Imported { .. } => "imported",
         };
         match got {
             Ok(r) => {

@@ -49,8 +49,8 @@ fn cuda_visible_devices_and_device_order_pick_the_devices_as_the_driver_does() {
         (Some("1".into()), "", "", vec![&u1]),
         (Some(u1.clone()), "", "", vec![&u1]),
         (Some(format!("{},{}", &u1[..22], u0)), "", "", vec![&u1, &u0]),
-        (Some(format!("1,7,0")), "", "", vec![&u1]),
-        (Some(format!("0,0,1")), "", "", vec![&u0]),
+        (Some("1,7,0".into()), "", "", vec![&u1]),
+        (Some("0,0,1".into()), "", "", vec![&u0]),
         // A faster device 1 comes first by default; PCI order on request; indices count in the
         // order in force.
         (None, "1,0", "", vec![&u1, &u0]),
@@ -376,4 +376,148 @@ fn a_multicast_object_counts_its_memory_on_every_device_it_binds() {
             }
         }
     }
+}
+
+/// Exports of live processes in the controller's table (`gpuslice status --json`).
+fn exports_recorded(ctl: &Controller) -> u64 {
+    let out = ctl.cli("status").arg("--json").run();
+    out.assert_success();
+    let status: serde_json::Value = serde_json::from_str(&out.lines.join("\n")).unwrap_or_else(|e| panic!("{e}:\n{out}"));
+    status["exports"].as_u64().unwrap_or_else(|| panic!("no exports in:\n{out}"))
+}
+
+/// Legacy IPC between two users under one controller: root exports, uid 65534 imports. The
+/// controller's table of exports (not the per-user page, which uid 65534 cannot see) says the
+/// exporter is under gpuslice, so the import is charged once, to the exporter's group, and the
+/// importer (limit below the allocation) is neither charged nor refused. `kill -9` of either
+/// side leaves nothing in the groups, the controller's table or on the device.
+#[test]
+fn an_import_by_another_user_is_charged_once_to_the_exporter_and_kill9_leaks_nothing() {
+    const NOBODY: u32 = 65534;
+    if !is_root() {
+        eprintln!("an_import_by_another_user_...: skipped, needs root to run a client as uid {NOBODY}");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let sim = sim();
+    let open_to_all = |p: &std::path::Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    open_to_all(sim.dir(), 0o755); // The socket and the handle file must be reachable by uid 65534.
+    let ctl = sim.controller_with_config("[groups.exporter]\nmemory_limit = \"2GiB\"\n[groups.importer]\nmemory_limit = \"256MiB\"\n");
+    sim.client(Route::Link).args("init").run().assert_success();
+    open_to_all(&sim.state_path(), 0o666);
+    let (handle, stop, close) = (sim.path_str("handle"), sim.path_str("stop"), sim.path_str("close"));
+    for victim in [None, Some("exporter"), Some("importer")] {
+        for f in [&handle, &stop, &close] {
+            let _ = std::fs::remove_file(f);
+        }
+        let mut exporter = sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 1G ipcexport {handle} waitfile {stop} free")).spawn();
+        let mut importer = sim.program(mgpu()).shim().uid(NOBODY).controller(&ctl).group("importer").args(&format!("init ctx 0 ipcopen {handle} info waitfile {close} ipcclose info")).spawn();
+        expect_ok(&exporter.wait_line("ipcexport", 0));
+        expect_ok(&importer.wait_line("ipcopen", 0));
+        let info = importer.wait_line("info", 0);
+        assert_eq!(num(&info, "free") as u64, 256 * MIB - R, "uid {NOBODY}'s import costs it nothing: {info}");
+        ctl.ls_until("the export counted once, to the exporter", Duration::from_secs(5), |l| l.group_used("exporter", 0) == GIB + R && l.group_used("importer", 0) == R);
+        assert_eq!(exports_recorded(&ctl), 1);
+        assert_eq!(device_used(&sim, 0), GIB + 2 * R, "the device holds the allocation once");
+        match victim {
+            None => {
+                touch(&close);
+                let out = importer.wait();
+                out.assert_all_ok();
+                assert_eq!(out.nth_u64("info", 1, "free"), 256 * MIB - R, "{out}");
+                touch(&stop);
+                exporter.wait().assert_all_ok();
+            }
+            Some("exporter") => {
+                exporter.kill();
+                exporter.wait();
+                ctl.ls_until("the killed exporter's bytes returned", Duration::from_secs(5), |l| l.members("exporter").is_empty() && l.group_used("exporter", 0) == 0);
+                assert_eq!(exports_recorded(&ctl), 0, "the killed exporter's export left the table");
+                touch(&close);
+                let out = importer.wait();
+                out.assert_all_ok();
+                assert_eq!(out.nth_u64("info", 1, "free"), 256 * MIB - R, "{out}");
+            }
+            Some(_) => {
+                importer.kill();
+                importer.wait();
+                ctl.ls_until("the killed importer's group empty", Duration::from_secs(5), |l| l.members("importer").is_empty() && l.group_used("importer", 0) == 0);
+                assert_eq!(ctl.ls().group_used("exporter", 0), GIB + R, "the exporter still holds its allocation");
+                touch(&stop);
+                exporter.wait().assert_all_ok();
+            }
+        }
+        ctl.ls_until("both groups empty", Duration::from_secs(5), |l| l.group_used("exporter", 0) == 0 && l.group_used("importer", 0) == 0);
+        assert_eq!(exports_recorded(&ctl), 0, "{victim:?}: nothing left in the controller's table");
+        assert!(poll_until(Duration::from_secs(5), || device_used(&sim, 0) == 0), "{victim:?}: nothing left on the device");
+    }
+}
+
+/// A VMM export by POSIX file descriptor under a controller: the controller records it (it
+/// checks that the exporter holds a descriptor of that file), and the import in another group,
+/// whose limit is below the allocation, is neither charged nor refused.
+#[test]
+fn the_controller_records_a_vmm_fd_export_and_its_import_is_not_charged() {
+    let sim = sim();
+    let ctl = sim.controller_with_config("[groups.exporter]\nmemory_limit = \"1GiB\"\n[groups.importer]\nmemory_limit = \"256MiB\"\n");
+    let (fdfile, stop, close) = (sim.path_str("fd"), sim.path_str("stop"), sim.path_str("close"));
+    let e = sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 vmmexport 0 512M {fdfile} waitfile {stop} vmmrelease")).spawn();
+    let i = sim.program(mgpu()).shim().controller(&ctl).group("importer").args(&format!("init ctx 0 vmmimport {fdfile} info waitfile {close} vmmunimport")).spawn();
+    expect_ok(&e.wait_line("vmmexport", 0));
+    expect_ok(&i.wait_line("vmmimport", 0));
+    assert_eq!(num(&i.wait_line("info", 0), "free") as u64, 256 * MIB - R, "not charged to the importer");
+    assert_eq!(exports_recorded(&ctl), 1);
+    ctl.ls_until("charged once, to the exporter", Duration::from_secs(5), |l| l.group_used("exporter", 0) == 512 * MIB + R && l.group_used("importer", 0) == R);
+    touch(&close);
+    i.wait().assert_all_ok();
+    touch(&stop);
+    e.wait().assert_all_ok();
+    ctl.ls_until("both groups empty", Duration::from_secs(5), |l| l.group_used("exporter", 0) == 0 && l.group_used("importer", 0) == 0);
+    assert_eq!(exports_recorded(&ctl), 0);
+}
+
+/// tests/clients/nvmlclient.c: an NVML-only program (see tenant_view.rs).
+fn nvmlclient() -> PathBuf {
+    compile(&c_compiler(), "nvmlclient", &["tests/clients/nvmlclient.c"], &["-std=gnu11", "-Wall", "-ldl"], &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A MIG instance named by its UUID (`CUDA_VISIBLE_DEVICES=MIG-...`; the simulator's device 1 in
+/// MIG mode, `SIMCUDA_MIG=1`): the process's memory limit holds on it, its context reserve is
+/// counted, `gpuslice ls` shows it on the instance's `MIG-` UUID, NVML (no shim) sees the bytes
+/// on the instance's GPU only, and an NVML-only program of the group sees the slice there.
+#[test]
+fn a_mig_instance_named_by_its_uuid_is_sliced_end_to_end() {
+    let sim = sim().env("SIMCUDA_MIG", "1");
+    let mig = sim.mig_uuid(1);
+    let ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
+    let stop = sim.path_str("stop");
+    let c = sim.client(Route::Link).shim().controller(&ctl).group("g").env("CUDA_VISIBLE_DEVICES", &mig).args(&format!("init ctx 0 alloc 512M alloc 600M info waitfile {stop}")).spawn();
+    expect_ok(&c.wait_line("alloc", 0));
+    let refused = c.wait_line("alloc", 1);
+    assert_eq!(line_code(&refused), Some(CUDA_ERROR_OUT_OF_MEMORY), "held to the group's 1 GiB on the instance: {refused}");
+    assert_eq!(num(&c.wait_line("info", 0), "free") as u64, GIB - R - 512 * MIB, "the reserve and the allocation counted");
+    let used_on = |l: &Listing, uuid: &str| -> u64 {
+        let g = l.group("g").expect("group g");
+        g["devices"].as_array().into_iter().flatten().filter(|d| d["uuid"] == uuid).map(|d| d["used"].as_u64().unwrap()).sum()
+    };
+    ctl.ls_until("the process counted on the MIG instance's UUID", Duration::from_secs(5), |l| used_on(l, &mig) == 512 * MIB + R);
+    assert_eq!((device_used(&sim, 0), device_used(&sim, 1)), (0, 512 * MIB + R), "on the instance's GPU only");
+
+    // An NVML-only program of the group, told the same device: its device 0 (the instance's
+    // GPU, renumbered) and the instance's handle show the slice.
+    let view = sim.program(nvmlclient()).shim().controller(&ctl).group("g").env("CUDA_VISIBLE_DEVICES", &mig).args(&format!("--uuid {mig}")).run();
+    view.assert_success();
+    let line = |prefix: &str| view.lines.iter().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in:\n{view}")).clone();
+    let count = line("count ");
+    assert_eq!(field(&count, "v2"), "1", "one device visible:\n{view}");
+    let mem = line("mem 0 ");
+    assert_eq!((num(&mem, "total") as u64, num(&mem, "used") as u64), (GIB, 512 * MIB + R), "the slice, not the GPU:\n{view}");
+    assert_eq!(field(&line("byuuid "), "code"), "0", "the instance's handle is found:\n{view}");
+    touch(&stop);
+    c.wait().assert_success();
+
+    // Alone, on its environment's limit: held to it on the instance as well.
+    let out = sim.client(Route::Link).shim().env("GPUSLICE_MEMORY_LIMIT", "256MiB").env("CUDA_VISIBLE_DEVICES", &mig).args("init ctx 0 alloc 128M alloc 100M info").run();
+    assert_eq!(line_code(&out.lines[3]), Some(CUDA_ERROR_OUT_OF_MEMORY), "{out}");
+    assert_eq!(out.u64("info", "free"), 256 * MIB - R - 128 * MIB, "{out}");
 }

@@ -546,8 +546,14 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> 
 }
 
 #[no_mangle]
+/// A device in MIG mode answers with its MIG instance's UUID ("If the device is in MIG mode,
+/// returns its MIG UUID", the driver API's reference); `cuDeviceGetUuid` keeps the GPU's.
 pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
-    cuDeviceGetUuid(uuid, dev)
+    let code = cuDeviceGetUuid(uuid, dev);
+    if code == SUCCESS && state::mig_mode(physical(dev)) {
+        *uuid = state::mig_uuid(physical(dev));
+    }
+    code
 }
 
 /// `SIMCUDA_MPS=1`: the device answers as one whose contexts MPS serves (attribute 133). The

@@ -585,6 +585,28 @@ pub fn device_uuid(d: u32) -> [u8; 16] {
     u
 }
 
+/// `SIMCUDA_MIG=1,...`: these physical devices are in MIG mode, each with one MIG instance that
+/// holds the whole device (its memory, its processes). CUDA knows the device by the instance's
+/// UUID (`cuDeviceGetUuid_v2`, `CUDA_VISIBLE_DEVICES=MIG-...`), as the driver does for a MIG
+/// device; NVML lists the GPU by index (MIG mode on) and the instance by its own handle
+/// (`nvmlDeviceGetHandleByUUID("MIG-...")`, `nvmlDeviceGetMigDeviceHandleByIndex`).
+pub fn mig_mode(d: u32) -> bool {
+    std::env::var("SIMCUDA_MIG").is_ok_and(|v| v.split(',').any(|e| e.trim().parse() == Ok(d)))
+}
+
+/// The 16-byte UUID of device `d`'s MIG instance: the GPU's with other first bytes.
+pub fn mig_uuid(d: u32) -> [u8; 16] {
+    let mut u = device_uuid(d);
+    u[0] = 0x61;
+    u[1] = 0x9e;
+    u
+}
+
+/// "MIG-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", as NVML prints a MIG instance's UUID.
+pub fn mig_uuid_string(u: &[u8; 16]) -> String {
+    format!("MIG-{}", &uuid_string(u)[4..])
+}
+
 /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" form of a 16-byte UUID, as NVML prints it.
 pub fn uuid_string(u: &[u8; 16]) -> String {
     let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();

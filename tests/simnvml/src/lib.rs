@@ -55,6 +55,22 @@ static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Device handles are addresses of this array's elements.
 static HANDLES: [u64; state::MAX_DEVICES] = [0; state::MAX_DEVICES];
+/// MIG device handles (`SIMCUDA_MIG`: one instance per device in MIG mode, the whole device).
+static MIG_HANDLES: [u64; state::MAX_DEVICES] = [0; state::MAX_DEVICES];
+
+fn mig_handle(i: usize) -> *mut c_void {
+    &MIG_HANDLES[i] as *const u64 as *mut c_void
+}
+
+/// The device of a MIG device handle.
+fn mig_index(h: *mut c_void) -> Option<usize> {
+    let (base, a) = (MIG_HANDLES.as_ptr() as usize, h as usize);
+    if a < base || !(a - base).is_multiple_of(8) {
+        return None;
+    }
+    let i = (a - base) / 8;
+    (i < state::opened()?.ndev() as usize && state::mig_mode(i as u32)).then_some(i)
+}
 
 fn inited() -> Option<&'static state::Shared> {
     if INIT_COUNT.load(Ordering::Acquire) == 0 {
@@ -63,7 +79,11 @@ fn inited() -> Option<&'static state::Shared> {
     state::opened()
 }
 
+/// The device of a GPU handle or of its MIG instance's handle (the instance is the whole device).
 fn handle_index(h: *mut c_void) -> Option<usize> {
+    if let Some(i) = mig_index(h) {
+        return Some(i);
+    }
     let base = HANDLES.as_ptr() as usize;
     let a = h as usize;
     if a < base || !(a - base).is_multiple_of(8) {
@@ -154,7 +174,8 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *m
     SUCCESS
 }
 
-/// Handle of the device whose UUID string ("GPU-...") is `uuid`; NVML_ERROR_NOT_FOUND if none.
+/// Handle of the device whose UUID string ("GPU-...") is `uuid`, or of the MIG instance whose
+/// UUID ("MIG-...") it is; NVML_ERROR_NOT_FOUND if none.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut *mut c_void) -> NvmlReturn {
     let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
@@ -165,6 +186,10 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: 
     for i in 0..sh.ndev() {
         if state::uuid_string(&state::device_uuid(i)).eq_ignore_ascii_case(&want) {
             *device = &HANDLES[i as usize] as *const u64 as *mut c_void;
+            return SUCCESS;
+        }
+        if state::mig_mode(i) && state::mig_uuid_string(&state::mig_uuid(i)).eq_ignore_ascii_case(&want) {
+            *device = mig_handle(i as usize);
             return SUCCESS;
         }
     }
@@ -187,7 +212,7 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(device: *mut c_void, uuid: *mut c_cha
     if uuid.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    let s = state::uuid_string(&state::device_uuid(i as u32));
+    let s = if mig_index(device).is_some() { state::mig_uuid_string(&state::mig_uuid(i as u32)) } else { state::uuid_string(&state::device_uuid(i as u32)) };
     if (length as usize) < s.len() + 1 {
         return ERROR_INSUFFICIENT_SIZE;
     }
@@ -500,9 +525,67 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length
     SUCCESS
 }
 
-/// The simulated device has no MIG (NVML_ERROR_NOT_SUPPORTED), as on a GPU without it.
+const ERROR_NOT_SUPPORTED: NvmlReturn = 3;
+
+/// MIG mode: on for the devices `SIMCUDA_MIG` names (current and pending), else
+/// NVML_ERROR_NOT_SUPPORTED, as on a GPU without MIG.
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: *mut c_void, _current: *mut c_uint, _pending: *mut c_uint) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: *mut c_void, current: *mut c_uint, pending: *mut c_uint) -> NvmlReturn {
+    let (_, i) = dev_or_return!(device);
+    if !state::mig_mode(i as u32) {
+        return ERROR_NOT_SUPPORTED;
+    }
+    if current.is_null() || pending.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    (*current, *pending) = (1, 1);
+    SUCCESS
+}
+
+/// How many MIG devices a GPU in MIG mode may hold (here: its one instance).
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: *mut c_void, count: *mut c_uint) -> NvmlReturn {
+    let (_, i) = dev_or_return!(device);
+    if count.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    *count = u32::from(state::mig_mode(i as u32));
+    SUCCESS
+}
+
+/// The MIG device `index` of a GPU in MIG mode.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(device: *mut c_void, index: c_uint, mig: *mut *mut c_void) -> NvmlReturn {
+    let (_, i) = dev_or_return!(device);
+    if mig.is_null() || mig_index(device).is_some() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    if !state::mig_mode(i as u32) || index != 0 {
+        return ERROR_NOT_FOUND;
+    }
+    *mig = mig_handle(i);
+    SUCCESS
+}
+
+/// The GPU a MIG device handle belongs to.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig: *mut c_void, device: *mut *mut c_void) -> NvmlReturn {
+    let Some(_) = inited() else { return ERROR_UNINITIALIZED };
+    let Some(i) = mig_index(mig) else { return ERROR_INVALID_ARGUMENT };
+    if device.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    *device = &HANDLES[i] as *const u64 as *mut c_void;
+    SUCCESS
+}
+
+/// 1 for a MIG device handle, 0 for a GPU's.
+#[no_mangle]
+pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: *mut c_void, is_mig: *mut c_uint) -> NvmlReturn {
     let (_, _) = dev_or_return!(device);
-    3
+    if is_mig.is_null() {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    *is_mig = u32::from(mig_index(device).is_some());
+    SUCCESS
 }
