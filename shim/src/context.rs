@@ -159,26 +159,33 @@ fn primary_gone(device: CUdevice) {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxRelease_v2", || {
-        let _op = memory::Operation::begin();
-        let code = call_real!(cuDevicePrimaryCtxRelease_v2(device));
-        if code == CUDA_SUCCESS {
-            primary_gone(device);
-        }
-        code
-    })
+    guard::cuda("cuDevicePrimaryCtxRelease_v2", || ended(|| call_real!(cuDevicePrimaryCtxRelease_v2(device)), || primary_gone(device)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxReset_v2", || {
-        let _op = memory::Operation::begin();
-        let code = call_real!(cuDevicePrimaryCtxReset_v2(device));
-        if code == CUDA_SUCCESS {
-            primary_reset(device);
+    guard::cuda("cuDevicePrimaryCtxReset_v2", || ended(|| call_real!(cuDevicePrimaryCtxReset_v2(device)), || primary_reset(device)))
+}
+
+/// Runs a call that ends something the driver held (a context, or a reference to the primary
+/// one) inside an operation window, and `then` when the driver says it succeeded.
+fn ended(call: impl FnOnce() -> CuResult, then: impl FnOnce()) -> CuResult {
+    let _op = memory::Operation::begin();
+    let code = call();
+    if code == CUDA_SUCCESS {
+        then();
+    }
+    code
+}
+
+/// Gives back the reserve a created context was charged.
+fn context_destroyed(ctx: CUcontext) {
+    let entry = locks::lock(&CREATED).as_mut().and_then(|m| m.remove(&(ctx as usize)));
+    if let Some((device, reserve)) = entry {
+        if let Some(b) = budget::of(device) {
+            b.remove_overhead(reserve);
         }
-        code
-    })
+    }
 }
 
 /// A reset frees every allocation of the primary context. Programs that mix primary and created
@@ -240,19 +247,7 @@ pub unsafe extern "C" fn cuCtxCreate_v4(pctx: *mut CUcontext, params: *mut c_voi
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CuResult {
-    guard::cuda("cuCtxDestroy_v2", || {
-        let _op = memory::Operation::begin();
-        let code = call_real!(cuCtxDestroy_v2(ctx));
-        if code == CUDA_SUCCESS {
-            let entry = locks::lock(&CREATED).as_mut().and_then(|m| m.remove(&(ctx as usize)));
-            if let Some((device, reserve)) = entry {
-                if let Some(b) = budget::of(device) {
-                    b.remove_overhead(reserve);
-                }
-            }
-        }
-        code
-    })
+    guard::cuda("cuCtxDestroy_v2", || ended(|| call_real!(cuCtxDestroy_v2(ctx)), || context_destroyed(ctx)))
 }
 
 // The pre-`_v2` context entry points (same ABI; see `legacy`): counted like the `_v2` ones.
@@ -264,41 +259,15 @@ pub unsafe extern "C" fn cuCtxCreate(pctx: *mut CUcontext, flags: c_uint, device
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy(ctx: CUcontext) -> CuResult {
-    guard::cuda("cuCtxDestroy", || {
-        let _op = memory::Operation::begin();
-        let code = call_real!(cuCtxDestroy(ctx));
-        if code == CUDA_SUCCESS {
-            let entry = locks::lock(&CREATED).as_mut().and_then(|m| m.remove(&(ctx as usize)));
-            if let Some((device, reserve)) = entry {
-                if let Some(b) = budget::of(device) {
-                    b.remove_overhead(reserve);
-                }
-            }
-        }
-        code
-    })
+    guard::cuda("cuCtxDestroy", || ended(|| call_real!(cuCtxDestroy(ctx)), || context_destroyed(ctx)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxRelease", || {
-        let _op = memory::Operation::begin();
-        let code = call_real!(cuDevicePrimaryCtxRelease(device));
-        if code == CUDA_SUCCESS {
-            primary_gone(device);
-        }
-        code
-    })
+    guard::cuda("cuDevicePrimaryCtxRelease", || ended(|| call_real!(cuDevicePrimaryCtxRelease(device)), || primary_gone(device)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxReset", || {
-        let _op = memory::Operation::begin();
-        let code = call_real!(cuDevicePrimaryCtxReset(device));
-        if code == CUDA_SUCCESS {
-            primary_reset(device);
-        }
-        code
-    })
+    guard::cuda("cuDevicePrimaryCtxReset", || ended(|| call_real!(cuDevicePrimaryCtxReset(device)), || primary_reset(device)))
 }
