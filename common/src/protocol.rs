@@ -190,13 +190,19 @@ pub enum Response {
     /// Registration accepted; the ledger's descriptor comes with this frame.
     Registered(Assignment),
     /// An edit applied; says what changed.
-    Done { message: String },
+    Done {
+        message: String,
+    },
     Listing(Listing),
     Status(Status),
-    Error { message: String },
+    Error {
+        message: String,
+    },
     /// The answer to `Import`: true when a live registered process exported it (so it is
     /// charged to that process's group already).
-    Imported { by_gpuslice: bool },
+    Imported {
+        by_gpuslice: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -427,7 +433,9 @@ fn time_left(socket: RawFd, deadline: std::time::Instant) -> io::Result<()> {
     }
     let tv = libc::timeval { tv_sec: left.as_secs() as libc::time_t, tv_usec: left.subsec_micros().max(1) as libc::suseconds_t };
     // SAFETY: setsockopt with a timeval of the right size.
-    let r = unsafe { libc::setsockopt(socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as libc::socklen_t) };
+    let r = unsafe {
+        libc::setsockopt(socket, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as libc::socklen_t)
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -517,7 +525,8 @@ mod tests {
             devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-1".into(), total_memory: 1 << 30, memory_limit: Some(1 << 20), sm_share: None }],
         });
         assert_eq!(decode_request(&encode(&r)).unwrap(), r);
-        let s = Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None, create: true });
+        let s =
+            Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None, create: true });
         assert_eq!(decode_request(&encode(&s)).unwrap(), s);
         let rm = Request::RemoveGroup("team-a".into());
         assert_eq!(encode(&rm), br#"{"type":"remove_group","name":"team-a"}"#);

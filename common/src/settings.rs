@@ -11,9 +11,9 @@
 use crate::ledger::Priority;
 use crate::size::{format_size, parse_size};
 use serde::Deserialize;
-use toml::Spanned;
 use std::collections::BTreeMap;
 use std::fmt;
+use toml::Spanned;
 
 pub const ENV_MEMORY_LIMIT: &str = "GPUSLICE_MEMORY_LIMIT";
 pub const HAMI_MEMORY_LIMIT: &str = "CUDA_DEVICE_MEMORY_LIMIT";
@@ -361,17 +361,15 @@ where
 }
 
 fn lookup<'a>(vars: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    vars.iter()
-        .rev()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .filter(|v| !v.trim().is_empty())
+    vars.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.trim().is_empty())
 }
 
 fn parse_env_size(name: &str, value: &str) -> Result<Sourced<u64>, SettingsError> {
-    parse_size(value)
-        .map(|bytes| Sourced { value: bytes, origin: name.to_string() })
-        .map_err(|e| SettingsError { origin: name.to_string(), value: value.to_string(), reason: e.to_string() })
+    parse_size(value).map(|bytes| Sourced { value: bytes, origin: name.to_string() }).map_err(|e| SettingsError {
+        origin: name.to_string(),
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Parses a share in percent: `30` or `30%`, 1..=100.
@@ -390,9 +388,11 @@ fn parse_env_share(name: &str, value: &str) -> Result<Option<Sourced<u32>>, Sett
     if name.starts_with(HAMI_SM_LIMIT) && value.trim() == "0" {
         return Ok(None);
     }
-    parse_share(value)
-        .map(|p| Some(Sourced { value: p, origin: name.to_string() }))
-        .map_err(|reason| SettingsError { origin: name.to_string(), value: value.to_string(), reason })
+    parse_share(value).map(|p| Some(Sourced { value: p, origin: name.to_string() })).map_err(|reason| SettingsError {
+        origin: name.to_string(),
+        value: value.to_string(),
+        reason,
+    })
 }
 
 /// A TOML config file: defaults for every process, named groups, and the controller's paths.
@@ -702,7 +702,11 @@ fn limits(place: &Place<'_>, table: &str, doc: LimitsDoc) -> Result<Settings, Se
 fn controller(place: &Place<'_>, doc: ControllerDoc) -> Result<ControllerFile, SettingsError> {
     let text = |v: Option<Spanned<TextDoc>>| v.map(|v| v.into_inner().0);
     if let Some(m) = &doc.metrics {
-        check_metrics_address(&m.get_ref().0).map_err(|reason| SettingsError { origin: place.of(m.span(), "controller.metrics"), value: m.get_ref().0.clone(), reason })?;
+        check_metrics_address(&m.get_ref().0).map_err(|reason| SettingsError {
+            origin: place.of(m.span(), "controller.metrics"),
+            value: m.get_ref().0.clone(),
+            reason,
+        })?;
     }
     Ok(ControllerFile { socket: text(doc.socket), ledger: text(doc.ledger), metrics: text(doc.metrics) })
 }

@@ -16,11 +16,7 @@ pub struct SizeError {
 
 impl fmt::Display for SizeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:?} is not a size ({}); write e.g. 4GiB, 512MiB, 4096M, 4g or a plain number of bytes",
-            self.input, self.reason
-        )
+        write!(f, "{:?} is not a size ({}); write e.g. 4GiB, 512MiB, 4096M, 4g or a plain number of bytes", self.input, self.reason)
     }
 }
 
@@ -37,9 +33,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     if text.starts_with('-') {
         return Err(err("a size cannot be negative; for no limit, leave it unset (or `unlimited` where offered)"));
     }
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, suffix) = text.split_at(split);
     if number.is_empty() {
         return Err(err("it does not start with a number"));
@@ -63,10 +57,8 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
         let frac_digits = frac.len().min(18) as u32;
         let frac_value: u128 = if frac.is_empty() { 0 } else { frac[..frac_digits as usize].parse().map_err(|_| err("malformed number"))? };
         let scale = 1u128 << shift;
-        let total = whole
-            .checked_mul(scale)
-            .and_then(|w| w.checked_add(frac_value * scale / 10u128.pow(frac_digits)))
-            .ok_or_else(|| err("number too large"))?;
+        let total =
+            whole.checked_mul(scale).and_then(|w| w.checked_add(frac_value * scale / 10u128.pow(frac_digits))).ok_or_else(|| err("number too large"))?;
         u64::try_from(total).map_err(|_| err("number too large"))?
     } else {
         let whole: u64 = number.parse().map_err(|_| err("number too large"))?;

@@ -177,11 +177,21 @@ fn priorities() -> impl Strategy<Value = Priority> {
 fn requests() -> impl Strategy<Value = Request> {
     let claim = (any::<u32>(), text(), any::<u64>(), proptest::option::of(any::<u64>()), proptest::option::of(any::<u32>()))
         .prop_map(|(ordinal, uuid, total_memory, memory_limit, sm_share)| DeviceClaim { ordinal, uuid, total_memory, memory_limit, sm_share });
-    let register = (any::<u32>(), proptest::option::of(text()), proptest::option::of(priorities()), text(), any::<u32>(), proptest::collection::vec(claim, 0..4))
-        .prop_map(|(protocol, group, priority, name, own_pid, devices)| Request::Register(Registration { protocol, group, priority, name, own_pid, devices }));
+    let register =
+        (any::<u32>(), proptest::option::of(text()), proptest::option::of(priorities()), text(), any::<u32>(), proptest::collection::vec(claim, 0..4))
+            .prop_map(|(protocol, group, priority, name, own_pid, devices)| {
+                Request::Register(Registration { protocol, group, priority, name, own_pid, devices })
+            });
     let target = prop_oneof![any::<u32>().prop_map(Target::Pid), text().prop_map(Target::Group)];
     let limit = prop_oneof![any::<u64>().prop_map(Limit::Bytes), Just(Limit::Unlimited)];
-    let set = (target, proptest::option::of(limit), proptest::option::of(any::<u32>()), proptest::option::of(priorities()), proptest::option::of(any::<u32>()), any::<bool>())
+    let set = (
+        target,
+        proptest::option::of(limit),
+        proptest::option::of(any::<u32>()),
+        proptest::option::of(priorities()),
+        proptest::option::of(any::<u32>()),
+        any::<bool>(),
+    )
         .prop_map(|(target, memory, sm, priority, device, create)| Request::Set(Edit { target, memory, sm, priority, device, create }));
     prop_oneof![register, set, Just(Request::List), Just(Request::Status), text().prop_map(Request::RemoveGroup)]
 }
@@ -190,8 +200,30 @@ fn requests() -> impl Strategy<Value = Request> {
 /// and strings, so that the decoder meets well-shaped objects with wrongly typed fields.
 fn json() -> impl Strategy<Value = Value> {
     const WORDS: &[&str] = &[
-        "type", "register", "set", "list", "status", "protocol", "group", "priority", "name", "own_pid", "devices", "ordinal",
-        "uuid", "total_memory", "memory_limit", "sm_share", "target", "pid", "memory", "bytes", "unlimited", "sm", "device", "high",
+        "type",
+        "register",
+        "set",
+        "list",
+        "status",
+        "protocol",
+        "group",
+        "priority",
+        "name",
+        "own_pid",
+        "devices",
+        "ordinal",
+        "uuid",
+        "total_memory",
+        "memory_limit",
+        "sm_share",
+        "target",
+        "pid",
+        "memory",
+        "bytes",
+        "unlimited",
+        "sm",
+        "device",
+        "high",
     ];
     let word = proptest::sample::select(WORDS).prop_map(str::to_string);
     let leaf = prop_oneof![
@@ -339,9 +371,22 @@ fn pointer_mut<'a>(mut v: &'a mut Value, path: &[Value]) -> &'a mut Value {
 
 /// The names the settings read, and a few near misses.
 const VARS: &[&str] = &[
-    "GPUSLICE_MEMORY_LIMIT", "GPUSLICE_MEMORY_LIMIT_0", "GPUSLICE_MEMORY_LIMIT_3", "GPUSLICE_MEMORY_LIMIT_x", "GPUSLICE_MEMORY_LIMIT_",
-    "CUDA_DEVICE_MEMORY_LIMIT", "CUDA_DEVICE_MEMORY_LIMIT_1", "CUDA_DEVICE_MEMORY_LIMIT_y", "GPUSLICE_SM_SHARE", "GPUSLICE_SM_SHARE_0",
-    "CUDA_DEVICE_SM_LIMIT", "CUDA_DEVICE_SM_LIMIT_2", "GPUSLICE_PRIORITY", "GPUSLICE_PRIORITY_QUEUE", "GPUSLICE_GROUP", "PATH",
+    "GPUSLICE_MEMORY_LIMIT",
+    "GPUSLICE_MEMORY_LIMIT_0",
+    "GPUSLICE_MEMORY_LIMIT_3",
+    "GPUSLICE_MEMORY_LIMIT_x",
+    "GPUSLICE_MEMORY_LIMIT_",
+    "CUDA_DEVICE_MEMORY_LIMIT",
+    "CUDA_DEVICE_MEMORY_LIMIT_1",
+    "CUDA_DEVICE_MEMORY_LIMIT_y",
+    "GPUSLICE_SM_SHARE",
+    "GPUSLICE_SM_SHARE_0",
+    "CUDA_DEVICE_SM_LIMIT",
+    "CUDA_DEVICE_SM_LIMIT_2",
+    "GPUSLICE_PRIORITY",
+    "GPUSLICE_PRIORITY_QUEUE",
+    "GPUSLICE_GROUP",
+    "PATH",
 ];
 
 fn values() -> impl Strategy<Value = String> {
@@ -414,15 +459,7 @@ fn config_texts() -> impl Strategy<Value = String> {
         "\\[defaults\\.devices\\.[0-9a-z]{0,3}\\]",
         "\\[[a-z.]{0,10}\\]",
     ];
-    let key = prop_oneof![
-        Just("memory_limit"),
-        Just("sm_share"),
-        Just("priority"),
-        Just("socket"),
-        Just("ledger"),
-        Just("devices"),
-        Just("memory"),
-    ];
+    let key = prop_oneof![Just("memory_limit"), Just("sm_share"), Just("priority"), Just("socket"), Just("ledger"), Just("devices"), Just("memory"),];
     let value = prop_oneof![
         "\"[0-9.]{0,6}[kKmMgG]{0,3}[iB]{0,2}\"",
         "-?[0-9]{1,22}",

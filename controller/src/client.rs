@@ -17,10 +17,7 @@ pub struct SocketArg {
 
 impl SocketArg {
     pub fn path(&self) -> String {
-        self.socket
-            .clone()
-            .or_else(|| std::env::var(ENV_SOCKET).ok().filter(|s| !s.is_empty()))
-            .unwrap_or_else(|| DEFAULT_SOCKET.to_string())
+        self.socket.clone().or_else(|| std::env::var(ENV_SOCKET).ok().filter(|s| !s.is_empty())).unwrap_or_else(|| DEFAULT_SOCKET.to_string())
     }
 }
 
@@ -242,7 +239,8 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs) -> Result<(), String> {
     let socket = args.socket.path();
-    let deadline = std::time::Instant::now() + Duration::try_from_secs_f64(args.wait).map_err(|_| format!("--wait {}: expected a number of seconds", args.wait))?;
+    let deadline =
+        std::time::Instant::now() + Duration::try_from_secs_f64(args.wait).map_err(|_| format!("--wait {}: expected a number of seconds", args.wait))?;
     let answer = loop {
         match ask(&socket, &Request::Status) {
             Err(_) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),

@@ -130,7 +130,17 @@ mod tests {
         let mut s = State::new(ledger, gpuslice_common::settings::FileSettings::parse("test.toml", "").unwrap());
         // SAFETY: getuid has no preconditions.
         let me = Peer { pid: std::process::id(), uid: unsafe { libc::getuid() } };
-        let w = crate::state::Watched { pid: me.pid, pidfd: None, start_time: None, devices: vec![], group: 0, uid: me.uid, caps: [UNLIMITED; MAX_DEVICES], priority: 0, misbehaving: None };
+        let w = crate::state::Watched {
+            pid: me.pid,
+            pidfd: None,
+            start_time: None,
+            devices: vec![],
+            group: 0,
+            uid: me.uid,
+            caps: [UNLIMITED; MAX_DEVICES],
+            priority: 0,
+            misbehaving: None,
+        };
         s.watched.insert(0, w);
         (s, me)
     }

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "gpuslice", version, about = "Share one NVIDIA GPU between unmodified programs: memory quotas, SM shares and priorities per process or group.")]
+#[command(
+    name = "gpuslice",
+    version,
+    about = "Share one NVIDIA GPU between unmodified programs: memory quotas, SM shares and priorities per process or group."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -127,7 +131,8 @@ fn check_config(file: Option<String>) -> Result<(), String> {
             println!("  {line}");
         }
     }
-    let vars: Vec<(String, String)> = gpuslice_common::settings::env_pairs(std::env::vars_os()).map_err(|e| e.to_string())?.into_iter().filter(|(k, _)| k != ENV_CONFIG).collect();
+    let vars: Vec<(String, String)> =
+        gpuslice_common::settings::env_pairs(std::env::vars_os()).map_err(|e| e.to_string())?.into_iter().filter(|(k, _)| k != ENV_CONFIG).collect();
     let settings = Settings::resolve(&vars, parsed).map_err(|e| e.to_string())?;
     println!("a process started here gets: {}", settings.describe());
     Ok(())

@@ -75,7 +75,13 @@ impl Families<'_> {
         Ok(())
     }
 
-    fn counter<V: EncodeCounterValue>(&mut self, name: &str, help: &str, unit: Option<Unit>, samples: impl IntoIterator<Item = (Labels, V)>) -> std::fmt::Result {
+    fn counter<V: EncodeCounterValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Option<Unit>,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+    ) -> std::fmt::Result {
         let mut family = self.0.encode_descriptor(name, help, unit.as_ref(), MetricType::Counter)?;
         for (labels, value) in samples {
             if labels.is_empty() {
@@ -123,9 +129,19 @@ fn health(f: &mut Families, h: &Health) -> std::fmt::Result {
     let slots = |used: u32, max: u32| [(vec![("state", "used".to_string())], used), (vec![("state", "free".to_string())], max.saturating_sub(used))];
     f.gauge("ledger_process_slots", "The ledger's process slots, used and free.", None, slots(h.processes, h.max_processes))?;
     f.gauge("ledger_group_slots", "The ledger's group slots, used and free.", None, slots(h.groups, h.max_groups))?;
-    f.counter("socket_requests", "Requests answered on the controller's socket, by kind.", None, h.requests.iter().map(|&(k, n)| (vec![("request", k.to_string())], n)))?;
+    f.counter(
+        "socket_requests",
+        "Requests answered on the controller's socket, by kind.",
+        None,
+        h.requests.iter().map(|&(k, n)| (vec![("request", k.to_string())], n)),
+    )?;
     f.counter("socket_errors", "Socket requests that failed, by reason: bad_request (unreadable), refused (answered with an error), unanswered (the answer could not be sent), busy (connection limit).", None, h.errors.iter().map(|&(k, n)| (vec![("reason", k.to_string())], n)))?;
-    f.gauge("share_sample_timestamp", "Unix time of the last achieved-share sample (taken every second).", Some(Unit::Seconds), h.last_sample_unix_s.map(|t| (none(), t)))
+    f.gauge(
+        "share_sample_timestamp",
+        "Unix time of the last achieved-share sample (taken every second).",
+        Some(Unit::Seconds),
+        h.last_sample_unix_s.map(|t| (none(), t)),
+    )
 }
 
 fn groups(f: &mut Families, l: &Listing) -> std::fmt::Result {
@@ -139,12 +155,37 @@ fn groups(f: &mut Families, l: &Listing) -> std::fmt::Result {
         })
     };
     f.gauge("group_memory_used", "Device memory the group's members hold, their contexts included.", Some(Unit::Bytes), rows().map(|(k, d)| (k, d.used)))?;
-    f.gauge("group_memory_limit", "The group's memory limit on the device (absent: no limit).", Some(Unit::Bytes), rows().filter_map(|(k, d)| Some((k, d.limit?))))?;
+    f.gauge(
+        "group_memory_limit",
+        "The group's memory limit on the device (absent: no limit).",
+        Some(Unit::Bytes),
+        rows().filter_map(|(k, d)| Some((k, d.limit?))),
+    )?;
     f.gauge("group_memory_peak", "The most the group has held at once.", Some(Unit::Bytes), rows().map(|(k, d)| (k, d.peak)))?;
-    f.counter("group_device_time", "Device time of the group's throttled launches (unthrottled launches are not measured).", Some(Unit::Seconds), rows().map(|(k, d)| (k, seconds(d.charged_ns))))?;
-    f.gauge("group_sm_share_target", "The group's share of the device's time (absent: not throttled).", ratio(), rows().filter_map(|(k, d)| Some((k, f64::from(d.share?) / 100.0))))?;
-    f.gauge("group_sm_share_achieved", "Share of the device's time charged to the group over the last second (absent until throttled work was measured).", ratio(), rows().filter_map(|(k, d)| Some((k, d.achieved_share? / 100.0))))?;
-    f.counter("group_throttle_wait", "Time the group's launchers waited: for their share, or behind a high-priority process.", Some(Unit::Seconds), rows().map(|(k, d)| (k, seconds(d.throttled_ns))))?;
+    f.counter(
+        "group_device_time",
+        "Device time of the group's throttled launches (unthrottled launches are not measured).",
+        Some(Unit::Seconds),
+        rows().map(|(k, d)| (k, seconds(d.charged_ns))),
+    )?;
+    f.gauge(
+        "group_sm_share_target",
+        "The group's share of the device's time (absent: not throttled).",
+        ratio(),
+        rows().filter_map(|(k, d)| Some((k, f64::from(d.share?) / 100.0))),
+    )?;
+    f.gauge(
+        "group_sm_share_achieved",
+        "Share of the device's time charged to the group over the last second (absent until throttled work was measured).",
+        ratio(),
+        rows().filter_map(|(k, d)| Some((k, d.achieved_share? / 100.0))),
+    )?;
+    f.counter(
+        "group_throttle_wait",
+        "Time the group's launchers waited: for their share, or behind a high-priority process.",
+        Some(Unit::Seconds),
+        rows().map(|(k, d)| (k, seconds(d.throttled_ns))),
+    )?;
     f.counter("group_oom_refusals", "Allocations refused at the group's or a member's limit.", None, rows().map(|(k, d)| (k, d.refusals)))?;
     let named = |g: &GroupRow| [vec![("group", g.name.clone())], group_labels(g)].concat();
     f.gauge("group_members", "Registered processes in the group.", None, l.groups.iter().map(|g| (named(g), g.members.len() as u64)))?;
@@ -174,16 +215,56 @@ fn processes(f: &mut Families, l: &Listing) -> std::fmt::Result {
     // is its group's on that device.
     let group_share = |p: &ProcessRow, device: u32| l.groups.iter().find(|g| g.name == p.group)?.devices.iter().find(|d| d.device == device)?.share;
     f.gauge("process_memory_used", "Device memory the process holds, its context included.", Some(Unit::Bytes), rows().map(|(k, _, d)| (k, d.used)))?;
-    f.gauge("process_memory_overhead", "The part of process_memory_used that the driver holds for the process's context.", Some(Unit::Bytes), rows().map(|(k, _, d)| (k, d.overhead)))?;
-    f.gauge("process_memory_limit", "The process's own cap inside its group (absent: none; the group's limit still applies).", Some(Unit::Bytes), rows().filter_map(|(k, _, d)| Some((k, d.limit?))))?;
+    f.gauge(
+        "process_memory_overhead",
+        "The part of process_memory_used that the driver holds for the process's context.",
+        Some(Unit::Bytes),
+        rows().map(|(k, _, d)| (k, d.overhead)),
+    )?;
+    f.gauge(
+        "process_memory_limit",
+        "The process's own cap inside its group (absent: none; the group's limit still applies).",
+        Some(Unit::Bytes),
+        rows().filter_map(|(k, _, d)| Some((k, d.limit?))),
+    )?;
     f.gauge("process_memory_peak", "The most the process has held at once.", Some(Unit::Bytes), rows().map(|(k, _, d)| (k, d.peak)))?;
-    f.counter("process_device_time", "Device time of the process's throttled launches.", Some(Unit::Seconds), rows().map(|(k, _, d)| (k, seconds(d.charged_ns))))?;
-    f.gauge("process_sm_share_target", "The share of the process's group on the device (absent: not throttled).", ratio(), rows().filter_map(|(k, p, d)| Some((k, f64::from(group_share(p, d.device)?) / 100.0))))?;
-    f.gauge("process_sm_share_achieved", "Share of the device's time charged to the process over the last second.", ratio(), rows().filter_map(|(k, _, d)| Some((k, d.achieved_share? / 100.0))))?;
-    f.counter("process_throttle_wait", "Time the process's launchers waited: for their group's share, or behind a high-priority process.", Some(Unit::Seconds), rows().map(|(k, _, d)| (k, seconds(d.throttled_ns))))?;
-    f.counter("process_turn_wait", "The part of process_throttle_wait spent waiting for the turn on the device among throttled processes.", Some(Unit::Seconds), rows().map(|(k, _, d)| (k, seconds(d.turn_wait_ns))))?;
+    f.counter(
+        "process_device_time",
+        "Device time of the process's throttled launches.",
+        Some(Unit::Seconds),
+        rows().map(|(k, _, d)| (k, seconds(d.charged_ns))),
+    )?;
+    f.gauge(
+        "process_sm_share_target",
+        "The share of the process's group on the device (absent: not throttled).",
+        ratio(),
+        rows().filter_map(|(k, p, d)| Some((k, f64::from(group_share(p, d.device)?) / 100.0))),
+    )?;
+    f.gauge(
+        "process_sm_share_achieved",
+        "Share of the device's time charged to the process over the last second.",
+        ratio(),
+        rows().filter_map(|(k, _, d)| Some((k, d.achieved_share? / 100.0))),
+    )?;
+    f.counter(
+        "process_throttle_wait",
+        "Time the process's launchers waited: for their group's share, or behind a high-priority process.",
+        Some(Unit::Seconds),
+        rows().map(|(k, _, d)| (k, seconds(d.throttled_ns))),
+    )?;
+    f.counter(
+        "process_turn_wait",
+        "The part of process_throttle_wait spent waiting for the turn on the device among throttled processes.",
+        Some(Unit::Seconds),
+        rows().map(|(k, _, d)| (k, seconds(d.turn_wait_ns))),
+    )?;
     f.counter("process_oom_refusals", "The process's allocations refused at a limit.", None, rows().map(|(k, _, d)| (k, d.refusals)))?;
-    f.gauge("process_priority", "The process's priority (its own, else its group's): 1 low, 2 normal, 3 high.", None, l.processes.iter().map(|p| (process_labels(p), p.priority as u32)))?;
+    f.gauge(
+        "process_priority",
+        "The process's priority (its own, else its group's): 1 low, 2 normal, 3 high.",
+        None,
+        l.processes.iter().map(|p| (process_labels(p), p.priority as u32)),
+    )?;
     let underreporting = || {
         l.underreporting.iter().map(|u| {
             let name = l.processes.iter().find(|p| p.pid == u.pid).map(|p| p.name.clone()).unwrap_or_default();
@@ -268,7 +349,16 @@ mod tests {
 
     #[test]
     fn a_listing_becomes_labelled_samples() {
-        let health = Health { up: true, processes: 1, groups: 1, max_processes: 8, max_groups: 4, requests: vec![("list", 3)], errors: vec![("refused", 1)], ..Health::default() };
+        let health = Health {
+            up: true,
+            processes: 1,
+            groups: 1,
+            max_processes: 8,
+            max_groups: 4,
+            requests: vec![("list", 3)],
+            errors: vec![("refused", 1)],
+            ..Health::default()
+        };
         let text = render(Snapshot { health, listing: Some(listing()) });
         let g = r#"{group="team \"a\"",device="0",uuid="GPU-x"}"#;
         let p = r#"{pid="42",name="python3",group="team \"a\"",device="0",uuid="GPU-x"}"#;
@@ -302,7 +392,10 @@ mod tests {
     fn a_group_of_a_kubernetes_claim_carries_the_claim_and_pod() {
         let mut l = listing();
         l.groups[0].name = "default/trainer".into();
-        l.groups[0].labels = [("claim_namespace", "default"), ("claim_name", "trainer"), ("claim_uid", "0b3a"), ("pod", "trainer-0")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        l.groups[0].labels = [("claim_namespace", "default"), ("claim_name", "trainer"), ("claim_uid", "0b3a"), ("pod", "trainer-0")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let text = render(Snapshot { health: Health::default(), listing: Some(l) });
         let k = r#"claim_namespace="default",claim_name="trainer",claim_uid="0b3a",pod="trainer-0""#;
         for line in [

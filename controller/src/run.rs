@@ -37,11 +37,7 @@ pub fn find_library() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate the gpuslice binary: {e}"))?;
     let dir = exe.parent().ok_or("the gpuslice binary has no parent directory")?;
     let candidates = [dir.join("libgpuslice.so"), dir.join("../lib/libgpuslice.so"), dir.join("../lib/gpuslice/libgpuslice.so")];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| format!("libgpuslice.so not found next to {} or in ../lib; set GPUSLICE_LIB", exe.display()))
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| format!("libgpuslice.so not found next to {} or in ../lib; set GPUSLICE_LIB", exe.display()))
 }
 
 /// The simulated driver's directory (libcuda.so.1, libcuda.so, libnvidia-ml.so.1):

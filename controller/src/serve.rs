@@ -288,7 +288,13 @@ impl Shared {
             controller_starts: self.starts,
             max_processes: self.geometry.max_procs,
             max_groups: self.geometry.max_groups,
-            requests: vec![("register", t.register.load(Relaxed)), ("set", t.set.load(Relaxed)), ("list", t.list.load(Relaxed)), ("status", t.status.load(Relaxed)), ("sharing", t.sharing.load(Relaxed))],
+            requests: vec![
+                ("register", t.register.load(Relaxed)),
+                ("set", t.set.load(Relaxed)),
+                ("list", t.list.load(Relaxed)),
+                ("status", t.status.load(Relaxed)),
+                ("sharing", t.sharing.load(Relaxed)),
+            ],
             errors: vec![
                 ("bad_request", t.bad_request.load(Relaxed)),
                 ("refused", t.refused.load(Relaxed)),

@@ -182,7 +182,11 @@ impl State {
                 changed.push("throttled flag".into());
             }
             if !changed.is_empty() {
-                tracing::warn!("group {:?}: shared memory was rewritten by a tenant ({}); the controller's settings are restored", info.name, changed.join(", "));
+                tracing::warn!(
+                    "group {:?}: shared memory was rewritten by a tenant ({}); the controller's settings are restored",
+                    info.name,
+                    changed.join(", ")
+                );
             }
         }
         let slots: Vec<usize> = self.watched.keys().copied().collect();
@@ -409,7 +413,10 @@ impl State {
     /// Registers the process at `peer`.
     pub fn register(&mut self, peer: Peer, r: Registration) -> Result<Assignment, String> {
         if r.protocol != PROTOCOL_VERSION {
-            return Err(format!("protocol version {} is not this controller's ({PROTOCOL_VERSION}); shim and controller must come from the same release", r.protocol));
+            return Err(format!(
+                "protocol version {} is not this controller's ({PROTOCOL_VERSION}); shim and controller must come from the same release",
+                r.protocol
+            ));
         }
         if let Some(name) = &r.group {
             gpuslice_common::settings::check_group_name(name).map_err(|e| format!("GPUSLICE_GROUP={name:?}: {e}"))?;
@@ -461,7 +468,9 @@ impl State {
                         peer.uid, self.uid_limits.groups
                     ));
                 }
-                let g = self.new_group(&group_name, false, Some(peer.uid)).ok_or_else(|| format!("the ledger is full ({} groups){RETRY_LATER}", self.ledger.geometry().max_groups))?;
+                let g = self
+                    .new_group(&group_name, false, Some(peer.uid))
+                    .ok_or_else(|| format!("the ledger is full ({} groups){RETRY_LATER}", self.ledger.geometry().max_groups))?;
                 let slot = self.ledger.group(g);
                 // A new group takes its first member's environment, else the config's defaults,
                 // on every device: the devices its first member did not see get the tightest
@@ -506,7 +515,17 @@ impl State {
         process.state.store(LIVE, Release);
         self.ledger.header().registrations.fetch_add(1, Relaxed);
         let indices = devices.iter().map(|&(_, i)| i as usize).collect();
-        let w = Watched { pid: peer.pid, pidfd: pidfd_open(peer.pid), start_time, devices: indices, group, uid: peer.uid, caps: [UNLIMITED; MAX_DEVICES], priority: own_priority, misbehaving: None };
+        let w = Watched {
+            pid: peer.pid,
+            pidfd: pidfd_open(peer.pid),
+            start_time,
+            devices: indices,
+            group,
+            uid: peer.uid,
+            caps: [UNLIMITED; MAX_DEVICES],
+            priority: own_priority,
+            misbehaving: None,
+        };
         self.watched.insert(slot, w);
         let members = self.members(group).len() as u32;
         self.ledger.group(group).members.store(members, Relaxed);
@@ -646,12 +665,8 @@ impl State {
 
     /// For kernels without pidfds: processes that are gone.
     pub fn poll_without_pidfd(&mut self) {
-        let gone: Vec<usize> = self
-            .watched
-            .iter()
-            .filter(|(_, w)| w.pidfd.is_none() && ledger::process_start_time(w.pid) != w.start_time)
-            .map(|(&s, _)| s)
-            .collect();
+        let gone: Vec<usize> =
+            self.watched.iter().filter(|(_, w)| w.pidfd.is_none() && ledger::process_start_time(w.pid) != w.start_time).map(|(&s, _)| s).collect();
         for slot in gone {
             self.release(slot, "exited");
         }
@@ -803,7 +818,10 @@ impl State {
     /// Sets the metric labels of group `l.group` (socket owner or root only).
     pub fn label_group(&mut self, peer: Peer, l: GroupLabels) -> Result<String, String> {
         if peer.uid != 0 && peer.uid != self.owner_uid {
-            return Err(format!("permission denied: uid {} may not label group {:?}; only uid {} (the controller's) or root may", peer.uid, l.group, self.owner_uid));
+            return Err(format!(
+                "permission denied: uid {} may not label group {:?}; only uid {} (the controller's) or root may",
+                peer.uid, l.group, self.owner_uid
+            ));
         }
         l.check().map_err(|e| format!("group {:?}: {e}", l.group))?;
         let slot = self.find_group(&l.group).ok_or_else(|| format!("no group is named {:?}", l.group))?;
@@ -1094,7 +1112,13 @@ mod tests {
             priority: None,
             name: "test".into(),
             own_pid: 1,
-            devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-00000000-0000-0000-0000-000000000001".into(), total_memory: 1 << 40, memory_limit: limit, sm_share: Some(30) }],
+            devices: vec![DeviceClaim {
+                ordinal: 0,
+                uuid: "GPU-00000000-0000-0000-0000-000000000001".into(),
+                total_memory: 1 << 40,
+                memory_limit: limit,
+                sm_share: Some(30),
+            }],
         }
     }
 
@@ -1155,7 +1179,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, "[groups.g]\nmemory_limit = \"1GiB\"\n");
         let stranger = Peer { pid: 1, uid: s.owner_uid.wrapping_add(4242).max(1) };
-        let edit = Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(2 << 30)), sm: Some(50), priority: Some(Priority::High), device: None, create: false };
+        let edit = Edit {
+            target: Target::Group("g".into()),
+            memory: Some(Limit::Bytes(2 << 30)),
+            sm: Some(50),
+            priority: Some(Priority::High),
+            device: None,
+            create: false,
+        };
         let e = s.edit(stranger, edit.clone()).unwrap_err();
         assert!(e.contains("permission denied"), "{e}");
         let slot = s.find_group("g").unwrap();
@@ -1167,7 +1198,9 @@ mod tests {
         assert_eq!(g.priority(), Priority::High);
         let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None, create: false }).unwrap_err();
         assert!(e.contains("no registered process"), "{e}");
-        assert!(s.edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None, create: false }).is_err());
+        assert!(s
+            .edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None, create: false })
+            .is_err());
     }
 
     #[test]
@@ -1176,7 +1209,13 @@ mod tests {
         let mut s = state(&dir, "");
         let claim = |ordinal: u32, uuid: &str| DeviceClaim { ordinal, uuid: uuid.into(), total_memory: 1 << 30, memory_limit: None, sm_share: None };
         let mut r = registration(None, None);
-        r.devices = vec![claim(0, "ordinal-0"), claim(1, "GPU-zz"), claim(2, &"x".repeat(5000)), claim(3, "GPU-00000000-0000-0000-0000-00000000000a"), claim(3, "GPU-00000000-0000-0000-0000-00000000000b")];
+        r.devices = vec![
+            claim(0, "ordinal-0"),
+            claim(1, "GPU-zz"),
+            claim(2, &"x".repeat(5000)),
+            claim(3, "GPU-00000000-0000-0000-0000-00000000000a"),
+            claim(3, "GPU-00000000-0000-0000-0000-00000000000b"),
+        ];
         let a = s.register(me(), r).unwrap();
         assert_eq!(a.devices.len(), 1, "only the one well-formed claim: {:?}", a.devices);
         assert_eq!(a.notes.len(), 4, "{:?}", a.notes);
@@ -1272,7 +1311,8 @@ mod tests {
         assert_eq!(a.group, b.group);
         s.release(b.slot as usize, "exited");
         s.env_groups_open = false;
-        s.edit(me(), Edit { target: Target::Group("team".into()), memory: Some(Limit::Bytes(2 << 30)), sm: None, priority: None, device: None, create: false }).unwrap();
+        s.edit(me(), Edit { target: Target::Group("team".into()), memory: Some(Limit::Bytes(2 << 30)), sm: None, priority: None, device: None, create: false })
+            .unwrap();
         s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).expect("configured: open to all");
     }
 

@@ -191,7 +191,8 @@ fn notice_line(v: &View) -> Line<'static> {
         (None, _) => Line::from(""),
         (Some(e), last) => {
             let seen = last.map_or("figures below: none yet".to_string(), |t| format!("figures below are {} old", duration(t.elapsed().as_secs_f64())));
-            Line::from(format!("controller not reachable: {e}; retrying every {} ms ({seen})", v.interval.as_millis())).style(Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
+            Line::from(format!("controller not reachable: {e}; retrying every {} ms ({seen})", v.interval.as_millis()))
+                .style(Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
         }
     }
 }
@@ -347,9 +348,18 @@ fn group_table(l: &Listing, v: &View, available: u16) -> Table<'static> {
         Column::fixed("SHARE", 5),
         Column::fixed("ACHIEVED", 8),
         Column::fixed("WAIT%", 6),
-        Column::fixed("OOM", longest(groups.iter().flat_map(|g| g.devices.iter().map(|d| d.refusals.to_string())).collect::<Vec<_>>().iter().map(String::as_str))),
+        Column::fixed(
+            "OOM",
+            longest(groups.iter().flat_map(|g| g.devices.iter().map(|d| d.refusals.to_string())).collect::<Vec<_>>().iter().map(String::as_str)),
+        ),
         Column { drop: 4, ..Column::fixed("PRIORITY", 8) },
-        Column { header: "MEMBERS", want: longest(groups.iter().map(|g| members_of(g)).collect::<Vec<_>>().iter().map(String::as_str)).max(7) as u16, min: 7, squeeze: 0, drop: 2 },
+        Column {
+            header: "MEMBERS",
+            want: longest(groups.iter().map(|g| members_of(g)).collect::<Vec<_>>().iter().map(String::as_str)).max(7) as u16,
+            min: 7,
+            squeeze: 0,
+            drop: 2,
+        },
     ];
     let widths = fit(&columns, available);
     let name_width = widths[0].unwrap_or(name_want);
@@ -388,7 +398,9 @@ fn process_table(l: &Listing, v: &View, available: u16) -> Table<'static> {
     processes.sort_by_key(|p| p.pid);
     let group_row = |group: &str, device: u32| l.groups.iter().find(|g| g.name == group)?.devices.iter().find(|d| d.device == device);
     // The limit that binds the process: its own cap inside the group if lower.
-    let binding = |p: &gpuslice_common::protocol::ProcessRow, d: &gpuslice_common::protocol::ProcessDeviceRow| [d.limit, group_row(&p.group, d.device).and_then(|g| g.limit)].into_iter().flatten().min();
+    let binding = |p: &gpuslice_common::protocol::ProcessRow, d: &gpuslice_common::protocol::ProcessDeviceRow| {
+        [d.limit, group_row(&p.group, d.device).and_then(|g| g.limit)].into_iter().flatten().min()
+    };
     let name_want = longest(processes.iter().map(|p| p.name.as_str())).max(4) as u16;
     let group_want = longest(processes.iter().map(|p| p.group.as_str())).max(5) as u16;
     let columns = [
@@ -400,7 +412,10 @@ fn process_table(l: &Listing, v: &View, available: u16) -> Table<'static> {
         Column::fixed("SHARE", 5),
         Column::fixed("ACHIEVED", 8),
         Column::fixed("WAIT%", 6),
-        Column::fixed("OOM", longest(processes.iter().flat_map(|p| p.devices.iter().map(|d| d.refusals.to_string())).collect::<Vec<_>>().iter().map(String::as_str))),
+        Column::fixed(
+            "OOM",
+            longest(processes.iter().flat_map(|p| p.devices.iter().map(|d| d.refusals.to_string())).collect::<Vec<_>>().iter().map(String::as_str)),
+        ),
         Column { drop: 3, ..Column::fixed("PRIORITY", 8) },
     ];
     let widths = fit(&columns, available);
@@ -449,10 +464,37 @@ mod tests {
             throttled_ns,
             refusals: 2,
         };
-        let pd = ProcessDeviceRow { device: 0, uuid: "GPU-x".into(), used: 3 << 30, overhead: 0, limit: None, peak: 0, achieved_share: Some(29.5), charged_ns: 0, throttled_ns, refusals: 2, turn_wait_ns: 0 };
+        let pd = ProcessDeviceRow {
+            device: 0,
+            uuid: "GPU-x".into(),
+            used: 3 << 30,
+            overhead: 0,
+            limit: None,
+            peak: 0,
+            achieved_share: Some(29.5),
+            charged_ns: 0,
+            throttled_ns,
+            refusals: 2,
+            turn_wait_ns: 0,
+        };
         Listing {
-            groups: vec![GroupRow { name: "trainers".into(), labels: Default::default(), slot: 0, members: vec![4242], priority: Priority::High, devices: vec![gd] }],
-            processes: vec![ProcessRow { pid: 4242, own_pid: 1, uid: 0, group: "trainers".into(), name: "python3".into(), priority: Priority::High, devices: vec![pd] }],
+            groups: vec![GroupRow {
+                name: "trainers".into(),
+                labels: Default::default(),
+                slot: 0,
+                members: vec![4242],
+                priority: Priority::High,
+                devices: vec![gd],
+            }],
+            processes: vec![ProcessRow {
+                pid: 4242,
+                own_pid: 1,
+                uid: 0,
+                group: "trainers".into(),
+                name: "python3".into(),
+                priority: Priority::High,
+                devices: vec![pd],
+            }],
             underreporting: vec![],
         }
     }

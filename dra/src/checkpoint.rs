@@ -85,8 +85,22 @@ mod tests {
         let path = dir.path().join("checkpoint.json");
         let mut s = Store::open(&path).unwrap();
         assert!(s.data.claims.is_empty(), "no file: nothing prepared");
-        let device = PreparedDevice { requests: vec!["gpu".into()], pool: "n".into(), device: "gpu-0".into(), cdi_ids: vec!["gpuslice.dev/claim=u-gpu-0".into()], memory: 8 << 30, sm: 30 };
-        let entry = ClaimEntry { namespace: "ns".into(), name: "c".into(), group: "ns/c".into(), stage: Stage::Prepared, devices: vec![device], labels: BTreeMap::new() };
+        let device = PreparedDevice {
+            requests: vec!["gpu".into()],
+            pool: "n".into(),
+            device: "gpu-0".into(),
+            cdi_ids: vec!["gpuslice.dev/claim=u-gpu-0".into()],
+            memory: 8 << 30,
+            sm: 30,
+        };
+        let entry = ClaimEntry {
+            namespace: "ns".into(),
+            name: "c".into(),
+            group: "ns/c".into(),
+            stage: Stage::Prepared,
+            devices: vec![device],
+            labels: BTreeMap::new(),
+        };
         s.data.claims.insert("u".into(), entry.clone());
         s.save().unwrap();
         assert_eq!(Store::open(&path).unwrap().data.claims["u"], entry);

@@ -146,7 +146,15 @@ mod tests {
         (0..2)
             .map(|i| Named {
                 name: format!("gpu-{i}"),
-                gpu: Gpu { uuid: format!("GPU-{i}"), index: i, model: "H200".into(), memory: 141 << 30, compute_capability: Some((9, 0)), driver_version: None, parent: None },
+                gpu: Gpu {
+                    uuid: format!("GPU-{i}"),
+                    index: i,
+                    model: "H200".into(),
+                    memory: 141 << 30,
+                    compute_capability: Some((9, 0)),
+                    driver_version: None,
+                    parent: None,
+                },
             })
             .collect()
     }

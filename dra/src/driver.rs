@@ -53,15 +53,21 @@ impl Driver {
 
         // First the intent, so that a restart knows a group may exist for this claim.
         let labels = claim::labels(&rc);
-        let entry = ClaimEntry { namespace: c.namespace.clone(), name: c.name.clone(), group: plan.group.clone(), stage: Stage::Preparing, devices: vec![], labels: labels.clone() };
+        let entry = ClaimEntry {
+            namespace: c.namespace.clone(),
+            name: c.name.clone(),
+            group: plan.group.clone(),
+            stage: Stage::Preparing,
+            devices: vec![],
+            labels: labels.clone(),
+        };
         store.data.claims.insert(c.uid.clone(), entry);
         store.save()?;
 
         let controller = self.controller.clone();
         let (group, memory, sm, priority) = (plan.group.clone(), plan.memory, plan.sm, plan.priority);
-        let said = tokio::task::spawn_blocking(move || controller.set_group(&group, memory, sm, priority))
-            .await
-            .map_err(|e| format!("controller call: {e}"))??;
+        let said =
+            tokio::task::spawn_blocking(move || controller.set_group(&group, memory, sm, priority)).await.map_err(|e| format!("controller call: {e}"))??;
         tracing::info!("claim {}/{} ({}): {said}", c.namespace, c.name, c.uid);
         self.label(&plan.group, labels).await;
         if std::env::var_os(ENV_EXIT_AFTER_GROUP).is_some() {
@@ -69,7 +75,8 @@ impl Driver {
             std::process::exit(3);
         }
 
-        let cdi_devices: Vec<ClaimDevice> = plan.devices.iter().map(|d| ClaimDevice { name: format!("{}-{}", c.uid, d.device), uuid: d.uuid.clone() }).collect();
+        let cdi_devices: Vec<ClaimDevice> =
+            plan.devices.iter().map(|d| ClaimDevice { name: format!("{}-{}", c.uid, d.device), uuid: d.uuid.clone() }).collect();
         let spec = cdi::spec(&self.cdi, &plan.group, &cdi_devices);
         cdi::write_atomically(&cdi::spec_path(&self.cdi.spec_dir, &c.uid), &spec)?;
 

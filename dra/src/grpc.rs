@@ -95,14 +95,20 @@ pub struct DraV1beta1(pub DraV1);
 
 #[tonic::async_trait]
 impl v1beta1::dra_plugin_server::DraPlugin for DraV1beta1 {
-    async fn node_prepare_resources(&self, r: Request<v1beta1::NodePrepareResourcesRequest>) -> Result<Response<v1beta1::NodePrepareResourcesResponse>, Status> {
+    async fn node_prepare_resources(
+        &self,
+        r: Request<v1beta1::NodePrepareResourcesRequest>,
+    ) -> Result<Response<v1beta1::NodePrepareResourcesResponse>, Status> {
         use v1::dra_plugin_server::DraPlugin;
         let request: v1::NodePrepareResourcesRequest = convert(r.get_ref())?;
         let answer = self.0.node_prepare_resources(Request::new(request)).await?;
         Ok(Response::new(convert(answer.get_ref())?))
     }
 
-    async fn node_unprepare_resources(&self, r: Request<v1beta1::NodeUnprepareResourcesRequest>) -> Result<Response<v1beta1::NodeUnprepareResourcesResponse>, Status> {
+    async fn node_unprepare_resources(
+        &self,
+        r: Request<v1beta1::NodeUnprepareResourcesRequest>,
+    ) -> Result<Response<v1beta1::NodeUnprepareResourcesResponse>, Status> {
         use v1::dra_plugin_server::DraPlugin;
         let request: v1::NodeUnprepareResourcesRequest = convert(r.get_ref())?;
         let answer = self.0.node_unprepare_resources(Request::new(request)).await?;

@@ -90,7 +90,12 @@ pub async fn run(args: Args) -> Result<(), String> {
     }
     let kube = kube_client(args.api_server.as_deref()).await?;
     let slice = crate::slice::publish(kube.clone(), &args.driver_name, &args.node_name, &devices).await?;
-    tracing::info!("ResourceSlice {} published (pool {}, generation {})", slice.metadata.name.unwrap_or_default(), slice.spec.pool.name, slice.spec.pool.generation);
+    tracing::info!(
+        "ResourceSlice {} published (pool {}, generation {})",
+        slice.metadata.name.unwrap_or_default(),
+        slice.spec.pool.name,
+        slice.spec.pool.generation
+    );
 
     let plugin_dir = args.plugin_dir();
     let store = Store::open(&plugin_dir.join("checkpoint.json"))?;

@@ -4,7 +4,9 @@
 
 use crate::devices::Named;
 use crate::quantity;
-use k8s_openapi::api::resource::v1::{CapacityRequestPolicy, CapacityRequestPolicyRange, Device, DeviceAttribute, DeviceCapacity, ResourcePool, ResourceSlice, ResourceSliceSpec};
+use k8s_openapi::api::resource::v1::{
+    CapacityRequestPolicy, CapacityRequestPolicyRange, Device, DeviceAttribute, DeviceCapacity, ResourcePool, ResourceSlice, ResourceSliceSpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use std::collections::BTreeMap;
@@ -84,7 +86,11 @@ pub fn device(d: &Named) -> Device {
             value: Quantity("100".into()),
             request_policy: Some(CapacityRequestPolicy {
                 default: Some(Quantity("100".into())),
-                valid_range: Some(CapacityRequestPolicyRange { min: Quantity("1".into()), max: Some(Quantity("100".into())), step: Some(Quantity("1".into())) }),
+                valid_range: Some(CapacityRequestPolicyRange {
+                    min: Quantity("1".into()),
+                    max: Some(Quantity("100".into())),
+                    step: Some(Quantity("1".into())),
+                }),
                 valid_values: None,
             }),
         },

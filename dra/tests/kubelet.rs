@@ -88,7 +88,10 @@ fn serve(stream: std::net::TcpStream, objects: &Mutex<HashMap<String, Value>>, r
     let content_type = headers.get("content-type").cloned().unwrap_or_default();
     requests.lock().unwrap().push(format!("{method} {target} {content_type}"));
     let not_found = |what: &str| {
-        (404, json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("{what} not found"), "reason": "NotFound", "code": 404}))
+        (
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("{what} not found"), "reason": "NotFound", "code": 404}),
+        )
     };
     let (code, answer) = match method.as_str() {
         "GET" => match objects.lock().unwrap().get(&path) {
@@ -151,7 +154,13 @@ struct Node<'s> {
 
 impl<'s> Node<'s> {
     fn new(sim: &'s Sim) -> Node<'s> {
-        Node { sim, api: FakeApi::start(), registry: sim.path("kubelet/plugins_registry"), plugin_dir: sim.path("kubelet/plugins/gpuslice.dev"), cdi_dir: sim.path("cdi") }
+        Node {
+            sim,
+            api: FakeApi::start(),
+            registry: sim.path("kubelet/plugins_registry"),
+            plugin_dir: sim.path("kubelet/plugins/gpuslice.dev"),
+            cdi_dir: sim.path("cdi"),
+        }
     }
 
     /// Starts the plugin for this node and waits until it serves the kubelet.
@@ -217,7 +226,8 @@ impl Kubelet {
         let info = r.get_info(reg::InfoRequest {}).await.expect("GetInfo").into_inner();
         r.notify_registration_status(reg::RegistrationStatus { plugin_registered: true, error: String::new() }).await.expect("NotifyRegistrationStatus");
         let channel = dial(Path::new(&info.endpoint)).await;
-        let k = Kubelet { v1: v1::dra_plugin_client::DraPluginClient::new(channel.clone()), v1beta1: v1beta1::dra_plugin_client::DraPluginClient::new(channel) };
+        let k =
+            Kubelet { v1: v1::dra_plugin_client::DraPluginClient::new(channel.clone()), v1beta1: v1beta1::dra_plugin_client::DraPluginClient::new(channel) };
         (k, info)
     }
 
@@ -257,8 +267,12 @@ fn resolve_cdi(dir: &Path, id: &str) -> (PathBuf, Value, Value) {
 /// the node's path through the edits' own mounts (what the runtime's bind mounts do).
 fn container_env(device: &Value) -> Vec<(String, String)> {
     let edits = &device["containerEdits"];
-    let mounts: Vec<(String, String)> =
-        edits["mounts"].as_array().unwrap().iter().map(|m| (m["containerPath"].as_str().unwrap().to_string(), m["hostPath"].as_str().unwrap().to_string())).collect();
+    let mounts: Vec<(String, String)> = edits["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["containerPath"].as_str().unwrap().to_string(), m["hostPath"].as_str().unwrap().to_string()))
+        .collect();
     edits["env"]
         .as_array()
         .unwrap()
@@ -306,7 +320,14 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     // The ResourceSlice, field by field.
     let slice_path = format!("{SLICES}/{NODE}-gpuslice-dev");
     let slice = node.api.get(&slice_path).unwrap_or_else(|| panic!("no slice published; requests: {:?}", node.api.requests()));
-    assert!(node.api.requests().iter().any(|r| r.starts_with(&format!("PATCH {slice_path}?")) && r.contains("fieldManager=gpuslice-dra") && r.ends_with("application/apply-patch+yaml")), "{:?}", node.api.requests());
+    assert!(
+        node.api
+            .requests()
+            .iter()
+            .any(|r| r.starts_with(&format!("PATCH {slice_path}?")) && r.contains("fieldManager=gpuslice-dra") && r.ends_with("application/apply-patch+yaml")),
+        "{:?}",
+        node.api.requests()
+    );
     std::fs::write(artefacts().join("resourceslice.json"), serde_json::to_vec_pretty(&slice).unwrap()).unwrap();
     assert_eq!(slice["apiVersion"], "resource.k8s.io/v1");
     assert_eq!(slice["kind"], "ResourceSlice");
@@ -346,7 +367,15 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     assert_eq!(answer.error, "");
     let cdi_id = format!("gpuslice.dev/claim={uid}-gpu-0");
     let nvidia_id = format!("nvidia.com/gpu={}", sim.device_uuid(0));
-    assert_eq!(answer.devices, vec![v1::Device { request_names: vec!["gpu".into()], pool_name: NODE.into(), device_name: "gpu-0".into(), cdi_device_ids: vec![cdi_id.clone(), nvidia_id] }]);
+    assert_eq!(
+        answer.devices,
+        vec![v1::Device {
+            request_names: vec!["gpu".into()],
+            pool_name: NODE.into(),
+            device_name: "gpu-0".into(),
+            cdi_device_ids: vec![cdi_id.clone(), nvidia_id]
+        }]
+    );
     let group = "default/trainer";
     let l = ctl.ls();
     assert_eq!(l.group(group).unwrap()["priority"], "high", "{l}");
@@ -383,7 +412,8 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     // Its kernels go through the group's 30 % throttle: their device time is charged to the group
     // (only throttled launches are; sm_share.rs judges the share itself on the simulated clock).
     expect_ok(&w.wait_line("sync", 0));
-    let (l, _) = ctl.ls_until("the group's throttled device time", Duration::from_secs(10), |l| l.group_device(group, 0)["charged_ns"].as_u64().unwrap_or(0) > 0);
+    let (l, _) =
+        ctl.ls_until("the group's throttled device time", Duration::from_secs(10), |l| l.group_device(group, 0)["charged_ns"].as_u64().unwrap_or(0) > 0);
     assert!(l.group_device(group, 0)["charged_ns"].as_u64().unwrap() >= 20 * 100_000 / 2, "20 kernels of 100 µs charged to the claim's group:\n{l}");
 
     // Prepared twice: the same answer, the same one group.
@@ -397,7 +427,8 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     assert!(spec_file.exists());
     std::fs::write(&done, "").unwrap();
     w.wait().assert_success();
-    let (l, _) = ctl.ls_until("the workload to leave", Duration::from_secs(10), |l| l.group(group).is_some_and(|g| g["members"].as_array().is_some_and(|m| m.is_empty())));
+    let (l, _) = ctl
+        .ls_until("the workload to leave", Duration::from_secs(10), |l| l.group(group).is_some_and(|g| g["members"].as_array().is_some_and(|m| m.is_empty())));
     assert!(l.group(group).is_some());
     assert_eq!(kubelet.unprepare(ns, name, uid).await, "");
     assert!(ctl.ls().group(group).is_none(), "the claim's group is removed");
@@ -411,7 +442,8 @@ async fn a_test_kubelet_prepares_and_unprepares_slices() {
     let (ns2, name2, uid2) = ("team-b", "inference", "6a1e2f3d-5b4c-4d3e-8f2a-222222222222");
     node.api.put(&claim_path(ns2, name2), allocated_claim(ns2, name2, uid2, "gpu-1", "8Gi", "30", None));
     let claims = vec![v1beta1::Claim { namespace: ns2.into(), uid: uid2.into(), name: name2.into() }];
-    let mut beta = kubelet.v1beta1.node_prepare_resources(v1beta1::NodePrepareResourcesRequest { claims: claims.clone() }).await.expect("v1beta1 prepare").into_inner();
+    let mut beta =
+        kubelet.v1beta1.node_prepare_resources(v1beta1::NodePrepareResourcesRequest { claims: claims.clone() }).await.expect("v1beta1 prepare").into_inner();
     let b = beta.claims.remove(uid2).expect("answer for the v1beta1 claim");
     assert_eq!(b.error, "");
     assert_eq!(b.devices[0].device_name, "gpu-1");
@@ -447,7 +479,11 @@ async fn a_claim_over_the_device_is_refused() {
     node.api.put(&claim_path(ns, "huge"), allocated_claim(ns, "huge", uid, "gpu-0", "96Gi", "30", None));
     let a = kubelet.prepare(ns, "huge", uid).await.expect("a per-claim error, not a failed call");
     assert!(a.devices.is_empty());
-    assert!(a.error.contains("claim default/huge asks for 96Gi of memory on gpu-0") && a.error.contains("which has 80Gi") && a.error.contains("refused"), "{}", a.error);
+    assert!(
+        a.error.contains("claim default/huge asks for 96Gi of memory on gpu-0") && a.error.contains("which has 80Gi") && a.error.contains("refused"),
+        "{}",
+        a.error
+    );
     let uid2 = "1c0ffee0-0000-4000-8000-000000000101";
     node.api.put(&claim_path(ns, "greedy"), allocated_claim(ns, "greedy", uid2, "gpu-1", "1Gi", "101", None));
     let a = kubelet.prepare(ns, "greedy", uid2).await.unwrap();

@@ -22,11 +22,11 @@
 //! namespace); with one, only its lease bounds it. Processes of other users do not share a page
 //! (mode 0600).
 
+use crate::clock::now_ns;
 use crate::ffi::CUdevice;
 use crate::link;
 use crate::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::nvml::cuda_uuid_string;
-use crate::clock::now_ns;
 use gpuslice_common::ledger::{DeviceSched, Turn};
 use gpuslice_common::turns::{Waiter, CLAIM_GRACE_MS};
 use once_cell::sync::OnceCell;
@@ -139,11 +139,7 @@ fn map(device: CUdevice) -> Option<Mapped> {
                 continue;
             }
             let ok = st.st_uid == uid && (st.st_size >= 4096 || libc::ftruncate(fd, 4096) == 0);
-            let addr = if ok {
-                libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
-            } else {
-                libc::MAP_FAILED
-            };
+            let addr = if ok { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) } else { libc::MAP_FAILED };
             if addr == libc::MAP_FAILED {
                 libc::close(fd);
                 return None;

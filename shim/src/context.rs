@@ -7,16 +7,16 @@
 //! driver takes outside any allocation call (modules loaded lazily, pool blocks kept after a
 //! free) still counts against the quota.
 
-use crate::{budget, link};
 use crate::driver::call_real;
 use crate::ffi::*;
 use crate::nvml::nvml;
+use crate::{budget, link};
 use crate::{guard, locks, memory, runtime};
 use gpuslice_common::size::format_size;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Per device: has the primary context's reserve been charged? 0 no, 1 being measured, 2 yes.
@@ -228,16 +228,8 @@ pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut CUcontext, flags: c_uint, dev
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v3(
-    pctx: *mut CUcontext,
-    params: *mut c_void,
-    num_params: c_int,
-    flags: c_uint,
-    device: CUdevice,
-) -> CuResult {
-    guard::cuda("cuCtxCreate_v3", || {
-        created(pctx, device, || call_real!(cuCtxCreate_v3(pctx, params, num_params, flags, device)))
-    })
+pub unsafe extern "C" fn cuCtxCreate_v3(pctx: *mut CUcontext, params: *mut c_void, num_params: c_int, flags: c_uint, device: CUdevice) -> CuResult {
+    guard::cuda("cuCtxCreate_v3", || created(pctx, device, || call_real!(cuCtxCreate_v3(pctx, params, num_params, flags, device))))
 }
 
 #[no_mangle]

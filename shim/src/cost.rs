@@ -29,8 +29,8 @@
 
 use crate::driver::driver;
 use crate::ffi::*;
-use crate::throttle::Bucket;
 use crate::locks;
+use crate::throttle::Bucket;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
@@ -236,10 +236,8 @@ fn record(event: usize, stream: CUstream) -> bool {
 /// continues its open span: same shape, same stream, and no other launch in between.
 pub fn continues_span(key: u64, stream: CUstream, sequence: u64) -> bool {
     // try_with: a thread being torn down has no span (and must not panic).
-    OPEN.try_with(|open| {
-        open.borrow().as_ref().is_some_and(|s| s.key == key && s.stream == stream as usize && s.last_sequence + 1 == sequence)
-    })
-    .unwrap_or(false)
+    OPEN.try_with(|open| open.borrow().as_ref().is_some_and(|s| s.key == key && s.stream == stream as usize && s.last_sequence + 1 == sequence))
+        .unwrap_or(false)
 }
 
 /// Opens a span before a launch: records its opening event on `opening` (this launch's stream,

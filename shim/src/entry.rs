@@ -55,13 +55,7 @@ fn substitute(code: CuResult, pfn: *mut *mut c_void) -> CuResult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuGetProcAddress_v2(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-    status: *mut c_int,
-) -> CuResult {
+pub unsafe extern "C" fn cuGetProcAddress_v2(symbol: *const c_char, pfn: *mut *mut c_void, cuda_version: c_int, flags: u64, status: *mut c_int) -> CuResult {
     guard::cuda("cuGetProcAddress_v2", || {
         runtime::runtime(); // The first CUDA call: report bad settings now.
         substitute(call_real!(cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, status)), pfn)

@@ -6,10 +6,7 @@
 //! Rust enums and a value the host program or a newer driver passes that the enum lacks would be
 //! undefined behaviour the moment the shim read it.
 
-pub use cudarc::driver::sys::{
-    CUarray, CUcontext, CUdevice, CUdeviceptr, CUmemGenericAllocationHandle, CUmemoryPool,
-    CUmipmappedArray, CUstream, CUuuid,
-};
+pub use cudarc::driver::sys::{CUarray, CUcontext, CUdevice, CUdeviceptr, CUmemGenericAllocationHandle, CUmemoryPool, CUmipmappedArray, CUstream, CUuuid};
 use std::ffi::c_void;
 
 /// `CUresult`, kept as its integer.

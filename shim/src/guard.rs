@@ -56,9 +56,7 @@ fn report(hook: &'static str, returned: &str) {
     // Logging itself must not be able to panic out of here.
     let _ = catch_unwind(|| {
         let why = LAST_PANIC.try_with(|p| p.borrow_mut().take()).ok().flatten().unwrap_or_else(|| "see the panic message above".into());
-        tracing::error!(
-            "internal error in gpuslice's {hook} hook (panicked: {why}); the call returned {returned} instead (a gpuslice bug; please report it)"
-        );
+        tracing::error!("internal error in gpuslice's {hook} hook (panicked: {why}); the call returned {returned} instead (a gpuslice bug; please report it)");
     });
 }
 

@@ -160,12 +160,7 @@ kernel_hook!(cuLaunchCooperativeKernel_ptsz, per_thread = true);
 macro_rules! ex_hook {
     ($name:ident, per_thread = $pt:expr) => {
         #[no_mangle]
-        pub unsafe extern "C" fn $name(
-            config: *const LaunchConfig,
-            f: *mut c_void,
-            params: *mut *mut c_void,
-            extra: *mut *mut c_void,
-        ) -> CuResult {
+        pub unsafe extern "C" fn $name(config: *const LaunchConfig, f: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) -> CuResult {
             guard::cuda(stringify!($name), || {
                 let launch = || call_real!($name(config, f, params, extra));
                 let Some(priority) = managed().filter(|_| !config.is_null()) else { return launch() };

@@ -8,10 +8,10 @@
 //! the `_v1` array descriptors. A legacy pointer is recorded zero-extended, so that a
 //! `cuMemFree_v2` of it (or the reverse) finds the same record.
 
+use crate::alloc_table::Entry;
 use crate::driver::call_real;
 use crate::ffi::*;
 use crate::memory::{self, array_bytes, charged, current_device, released, Operation, ARRAYS, POINTERS};
-use crate::alloc_table::Entry;
 use crate::{budget, guard, runtime};
 use std::ffi::c_uint;
 
@@ -46,13 +46,7 @@ pub unsafe extern "C" fn cuMemAlloc(dptr: *mut c_uint, bytesize: c_uint) -> CuRe
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocPitch(
-    dptr: *mut c_uint,
-    pitch: *mut c_uint,
-    width_bytes: c_uint,
-    height: c_uint,
-    element_size: c_uint,
-) -> CuResult {
+pub unsafe extern "C" fn cuMemAllocPitch(dptr: *mut c_uint, pitch: *mut c_uint, width_bytes: c_uint, height: c_uint, element_size: c_uint) -> CuResult {
     guard::cuda("cuMemAllocPitch", || {
         let _op = Operation::begin();
         let requested = u64::from(width_bytes) * u64::from(height);

@@ -192,7 +192,15 @@ pub fn attach_view(devices: &[(String, u64)]) -> Option<&'static Link> {
 }
 
 impl Link {
-    fn new(ledger: &'static Ledger, group: &'static GroupSlot, process: &'static ProcessSlot, devices: [u8; MAX_ORDINALS], group_name: String, controlled: bool, scheds: [Option<&'static DeviceSched>; MAX_ORDINALS]) -> Link {
+    fn new(
+        ledger: &'static Ledger,
+        group: &'static GroupSlot,
+        process: &'static ProcessSlot,
+        devices: [u8; MAX_ORDINALS],
+        group_name: String,
+        controlled: bool,
+        scheds: [Option<&'static DeviceSched>; MAX_ORDINALS],
+    ) -> Link {
         let mut sched_list: Vec<&'static DeviceSched> = Vec::new();
         for s in scheds.iter().flatten() {
             if !sched_list.iter().any(|x| std::ptr::eq(*x, *s)) {
@@ -272,7 +280,10 @@ fn no_controller_policy() -> (OnNoController, Duration) {
         Some(v) => match v.trim().parse::<f64>() {
             Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Duration::from_secs_f64(s),
             _ => {
-                tracing::error!("pid {pid}: {ENV_CONTROLLER_WAIT}={v:?} is not a number of seconds from 0 to 86400; waiting {}s", DEFAULT_CONTROLLER_WAIT.as_secs());
+                tracing::error!(
+                    "pid {pid}: {ENV_CONTROLLER_WAIT}={v:?} is not a number of seconds from 0 to 86400; waiting {}s",
+                    DEFAULT_CONTROLLER_WAIT.as_secs()
+                );
                 DEFAULT_CONTROLLER_WAIT
             }
         },
@@ -359,10 +370,7 @@ enum Retry {
 }
 
 fn program_name() -> String {
-    std::env::args_os()
-        .next()
-        .and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_default()
+    std::env::args_os().next().and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default()
 }
 
 fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) -> Result<Link, Retry> {

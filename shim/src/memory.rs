@@ -13,7 +13,10 @@ use crate::{context, guard, runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
 use std::ffi::c_uint;
-use std::sync::atomic::{AtomicU64, Ordering::{Relaxed, SeqCst}};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 
 /// Linear allocations (cuMemAlloc, pitch, managed, async, pools), by device pointer.
 pub(crate) static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
@@ -101,13 +104,7 @@ pub fn forget_device(device: i32) -> u64 {
 ///
 /// `allocate` returns the driver's code and the key of what it made (read only on success).
 #[inline]
-pub(crate) fn charged(
-    table: &AllocTable,
-    device: Option<CUdevice>,
-    bytes: u64,
-    what: &'static str,
-    allocate: impl FnOnce() -> (CuResult, u64),
-) -> CuResult {
+pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, what: &'static str, allocate: impl FnOnce() -> (CuResult, u64)) -> CuResult {
     if runtime::refused() {
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -144,7 +141,10 @@ pub(crate) fn charged(
 static UNDERREPORT_LEFT: Lazy<AtomicU64> = Lazy::new(|| {
     let bytes = std::env::var("GPUSLICE_TEST_UNDERREPORT_BYTES").ok().and_then(|v| gpuslice_common::size::parse_size(&v).ok()).unwrap_or(0);
     if bytes > 0 {
-        tracing::warn!("GPUSLICE_TEST_UNDERREPORT_BYTES: this process leaves {} of its allocations out of its report (a test of the controller's cross-check)", format_size(bytes));
+        tracing::warn!(
+            "GPUSLICE_TEST_UNDERREPORT_BYTES: this process leaves {} of its allocations out of its report (a test of the controller's cross-check)",
+            format_size(bytes)
+        );
     }
     AtomicU64::new(bytes)
 });
@@ -198,7 +198,13 @@ pub(crate) fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuRe
 pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
     let pid = std::process::id();
     let whose = match (refusal.scope, crate::link::get()) {
-        (Scope::Process, _) => format!("this process's own cap: it holds {} ({} B) of {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
+        (Scope::Process, _) => format!(
+            "this process's own cap: it holds {} ({} B) of {} ({} B)",
+            format_size(refusal.used),
+            refusal.used,
+            format_size(refusal.limit),
+            refusal.limit
+        ),
         (Scope::Group, Some(l)) if l.controlled && !l.group_name.starts_with("pid-") => format!(
             "group {:?} holds {} ({} B) of its limit {} ({} B)",
             l.group_name,
@@ -210,9 +216,7 @@ pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: 
         (Scope::Group, _) => format!("used {} ({} B), limit {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
     };
     // The controller's cross-check may have charged this process the driver's figure.
-    let penalty = crate::link::get()
-        .and_then(|l| Some(l.process.devices[l.index(device)?].penalty.load(std::sync::atomic::Ordering::Relaxed)))
-        .unwrap_or(0);
+    let penalty = crate::link::get().and_then(|l| Some(l.process.devices[l.index(device)?].penalty.load(std::sync::atomic::Ordering::Relaxed))).unwrap_or(0);
     let charged = if penalty > 0 && refusal.scope == Scope::Group {
         format!(" (of which {} the controller charged because the driver shows this process holding more than it reports)", format_size(penalty))
     } else {
@@ -221,10 +225,9 @@ pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: 
     let line = format!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}{charged}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
     match REFUSAL_LOG.admit(crate::refusal_log::now_ns()) {
         crate::refusal_log::Verdict::Log { unlogged: 0, .. } => tracing::warn!("{line}"),
-        crate::refusal_log::Verdict::Log { unlogged, since_ns } => tracing::warn!(
-            "{line} ({unlogged} more refusals in the last {:.1} s were not logged)",
-            since_ns as f64 / 1e9
-        ),
+        crate::refusal_log::Verdict::Log { unlogged, since_ns } => {
+            tracing::warn!("{line} ({unlogged} more refusals in the last {:.1} s were not logged)", since_ns as f64 / 1e9)
+        }
         crate::refusal_log::Verdict::Quiet => tracing::debug!("{line}"),
     }
 }
@@ -275,13 +278,7 @@ linear_hook!(cuMemAllocFromPoolAsync, "cuMemAllocFromPoolAsync", pool: CUmemoryP
 linear_hook!(cuMemAllocFromPoolAsync_ptsz, "cuMemAllocFromPoolAsync", pool: CUmemoryPool, stream: CUstream);
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocPitch_v2(
-    dptr: *mut CUdeviceptr,
-    pitch: *mut usize,
-    width_bytes: usize,
-    height: usize,
-    element_size: c_uint,
-) -> CuResult {
+pub unsafe extern "C" fn cuMemAllocPitch_v2(dptr: *mut CUdeviceptr, pitch: *mut usize, width_bytes: usize, height: usize, element_size: c_uint) -> CuResult {
     guard::cuda("cuMemAllocPitch_v2", || {
         // One operation from the first charge to the padding's (nested ones only count).
         let _op = Operation::begin();
@@ -333,12 +330,7 @@ pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, stream: CUstream
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut CUmemGenericAllocationHandle,
-    size: usize,
-    prop: *const MemAllocationPropHead,
-    flags: u64,
-) -> CuResult {
+pub unsafe extern "C" fn cuMemCreate(handle: *mut CUmemGenericAllocationHandle, size: usize, prop: *const MemAllocationPropHead, flags: u64) -> CuResult {
     guard::cuda("cuMemCreate", || {
         // Only memory placed on a device counts; host-located VMM memory is not device memory.
         let device = if prop.is_null() {
@@ -401,11 +393,7 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(array: *mut CUarray, desc: *const Ar
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMipmappedArrayCreate(
-    array: *mut CUmipmappedArray,
-    desc: *const Array3dDescriptor,
-    levels: c_uint,
-) -> CuResult {
+pub unsafe extern "C" fn cuMipmappedArrayCreate(array: *mut CUmipmappedArray, desc: *const Array3dDescriptor, levels: c_uint) -> CuResult {
     guard::cuda("cuMipmappedArrayCreate", || {
         let bytes = if desc.is_null() {
             0
@@ -432,9 +420,7 @@ pub unsafe extern "C" fn cuArrayDestroy(array: CUarray) -> CuResult {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMipmappedArrayDestroy(array: CUmipmappedArray) -> CuResult {
-    guard::cuda("cuMipmappedArrayDestroy", || {
-        released(&ARRAYS, array as u64, || call_real!(cuMipmappedArrayDestroy(array)))
-    })
+    guard::cuda("cuMipmappedArrayDestroy", || released(&ARRAYS, array as u64, || call_real!(cuMipmappedArrayDestroy(array))))
 }
 
 #[cfg(test)]

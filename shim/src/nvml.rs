@@ -13,14 +13,17 @@ mod processes;
 pub mod tenant;
 mod utilization;
 
-pub use devices::{nvmlDeviceGetCount, nvmlDeviceGetCount_v2, nvmlDeviceGetHandleByIndex, nvmlDeviceGetHandleByIndex_v2,
-    nvmlDeviceGetHandleByPciBusId, nvmlDeviceGetHandleByPciBusId_v2, nvmlDeviceGetHandleBySerial, nvmlDeviceGetHandleByUUID,
-    nvmlDeviceGetIndex};
+pub use devices::{
+    nvmlDeviceGetCount, nvmlDeviceGetCount_v2, nvmlDeviceGetHandleByIndex, nvmlDeviceGetHandleByIndex_v2, nvmlDeviceGetHandleByPciBusId,
+    nvmlDeviceGetHandleByPciBusId_v2, nvmlDeviceGetHandleBySerial, nvmlDeviceGetHandleByUUID, nvmlDeviceGetIndex,
+};
 pub use memory_view::{nvmlDeviceGetMemoryInfo, nvmlDeviceGetMemoryInfo_v2};
-pub use processes::{nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetComputeRunningProcesses_v2,
-    nvmlDeviceGetComputeRunningProcesses_v3, nvmlDeviceGetGraphicsRunningProcesses, nvmlDeviceGetGraphicsRunningProcesses_v2,
-    nvmlDeviceGetGraphicsRunningProcesses_v3, nvmlDeviceGetMPSComputeRunningProcesses, nvmlDeviceGetMPSComputeRunningProcesses_v2,
-    nvmlDeviceGetMPSComputeRunningProcesses_v3, nvmlDeviceGetRunningProcessDetailList};
+pub use processes::{
+    nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetComputeRunningProcesses_v2, nvmlDeviceGetComputeRunningProcesses_v3,
+    nvmlDeviceGetGraphicsRunningProcesses, nvmlDeviceGetGraphicsRunningProcesses_v2, nvmlDeviceGetGraphicsRunningProcesses_v3,
+    nvmlDeviceGetMPSComputeRunningProcesses, nvmlDeviceGetMPSComputeRunningProcesses_v2, nvmlDeviceGetMPSComputeRunningProcesses_v3,
+    nvmlDeviceGetRunningProcessDetailList,
+};
 pub use utilization::{nvmlDeviceGetProcessUtilization, nvmlDeviceGetUtilizationRates};
 
 use crate::dl::Library;
@@ -28,8 +31,8 @@ use crate::driver::driver;
 use crate::ffi::*;
 use crate::locks;
 use once_cell::sync::OnceCell;
-use std::sync::Mutex;
 use std::ffi::{c_char, c_uint, c_void, CStr};
+use std::sync::Mutex;
 
 type InitFn = unsafe extern "C" fn() -> NvmlReturn;
 type HandleByUuidFn = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> NvmlReturn;

@@ -17,10 +17,10 @@
 //! after its watcher last renewed it, and no launch waits for a busy mark longer than
 //! `MAX_HOLD_NS`.
 
+use crate::clock::{coarse_now_ns as coarse_now, now_ns};
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::link::{self, MAX_ORDINALS};
-use crate::clock::{coarse_now_ns as coarse_now, now_ns};
 use crate::locks;
 use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
 use std::collections::{HashMap, VecDeque};

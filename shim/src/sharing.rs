@@ -22,8 +22,8 @@ use crate::budget;
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
 use crate::{guard, runtime};
-use once_cell::sync::{Lazy, OnceCell};
 use gpuslice_common::protocol::{self, ExportKey, Request, Response};
+use once_cell::sync::{Lazy, OnceCell};
 use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
@@ -113,8 +113,14 @@ fn record_export(key: ExportKey) {
     if let Some(socket) = crate::link::controller_socket() {
         match protocol::call(socket, &Request::Export(protocol::Shared { key }), CONTROLLER_TIMEOUT) {
             Ok((Response::Done { .. }, _)) => {}
-            Ok((Response::Error { message }, _)) => tracing::warn!("pid {}: the controller did not record an export ({message}); an import of it will be charged to its importer too", std::process::id()),
-            other => tracing::warn!("pid {}: the controller did not record an export ({other:?}); an import of it will be charged to its importer too", std::process::id()),
+            Ok((Response::Error { message }, _)) => tracing::warn!(
+                "pid {}: the controller did not record an export ({message}); an import of it will be charged to its importer too",
+                std::process::id()
+            ),
+            other => tracing::warn!(
+                "pid {}: the controller did not record an export ({other:?}); an import of it will be charged to its importer too",
+                std::process::id()
+            ),
         }
     } else if let Some(r) = registry() {
         r.add(page_key(&key));
@@ -363,7 +369,8 @@ pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, 
             return code;
         }
         let mut prop: MemAllocationProp = unsafe { std::mem::zeroed() };
-        let device = (call_real!(cuMemGetAllocationPropertiesFromHandle(&mut prop, handle)) == CUDA_SUCCESS && prop.location_type == MEM_LOCATION_TYPE_DEVICE).then_some(prop.location_id);
+        let device = (call_real!(cuMemGetAllocationPropertiesFromHandle(&mut prop, handle)) == CUDA_SUCCESS && prop.location_type == MEM_LOCATION_TYPE_DEVICE)
+            .then_some(prop.location_id);
         let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else { return code };
         match budget.try_charge(size as u64) {
             Ok(()) => {

@@ -22,10 +22,7 @@ impl GroupSlot {
             }
         }
         for (d, gd) in self.devices.iter().enumerate() {
-            let sum: u64 = live
-                .iter()
-                .map(|p| p.devices[d].used.load(SeqCst).saturating_add(p.devices[d].penalty.load(SeqCst)))
-                .fold(0, u64::saturating_add);
+            let sum: u64 = live.iter().map(|p| p.devices[d].used.load(SeqCst).saturating_add(p.devices[d].penalty.load(SeqCst))).fold(0, u64::saturating_add);
             gd.used.store(sum, SeqCst);
         }
         self.reconciling.store(0, SeqCst);
@@ -321,5 +318,4 @@ mod tests {
         assert!(!l.group(0).reconcile(&[l.process(0)], 5_000_000));
         assert_eq!(l.group(0).reconciling.load(Relaxed), 0);
     }
-
 }

@@ -12,12 +12,22 @@ use std::sync::atomic::Ordering::*;
 /// Why a ledger could not be used.
 #[derive(Debug)]
 pub enum LedgerError {
-    Io { what: String, path: String, error: std::io::Error },
+    Io {
+        what: String,
+        path: String,
+        error: std::io::Error,
+    },
     /// A gpuslice ledger that cannot be used as it is (another layout, damaged).
-    Invalid { path: String, reason: String },
+    Invalid {
+        path: String,
+        reason: String,
+    },
     /// Not a gpuslice ledger at all (no magic, not a regular file, someone else's): never
     /// replaced, because it may be another program's file.
-    Foreign { path: String, reason: String },
+    Foreign {
+        path: String,
+        reason: String,
+    },
 }
 
 impl fmt::Display for LedgerError {
@@ -77,7 +87,10 @@ impl Ledger {
             let e = std::io::Error::last_os_error();
             return match e.raw_os_error() {
                 Some(libc::ENOENT) => Ok((Ledger::create(path, geometry)?, false)),
-                Some(libc::ELOOP) => Err(LedgerError::Foreign { path: path.into(), reason: "it is a symbolic link; refusing to follow it (the ledger must be a plain file)".into() }),
+                Some(libc::ELOOP) => Err(LedgerError::Foreign {
+                    path: path.into(),
+                    reason: "it is a symbolic link; refusing to follow it (the ledger must be a plain file)".into(),
+                }),
                 _ => Err(io("open", path)(e)),
             };
         }
@@ -177,9 +190,7 @@ impl Ledger {
         let geometry = Geometry { max_groups: 1, max_procs: 1 };
         let size = geometry.file_size();
         // SAFETY: anonymous private mapping.
-        let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-        };
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
         if base == libc::MAP_FAILED {
             return Err(io("allocate", "(anonymous)")(std::io::Error::last_os_error()));
         }
@@ -481,7 +492,6 @@ mod tests {
         assert_eq!(l.device(a).uuid(), "GPU-aaaa");
     }
 
-
     #[test]
     fn a_foreign_file_is_refused_and_left_exactly_as_it_was() {
         use std::os::unix::fs::PermissionsExt;
@@ -494,5 +504,4 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o644, "its mode is untouched");
         assert_eq!(std::fs::read(&path).unwrap(), b"someone else's notes");
     }
-
 }

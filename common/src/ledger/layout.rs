@@ -382,5 +382,4 @@ mod tests {
         let back = read_text(&words);
         assert!(back.len() <= 31 && back.chars().all(|c| c == 'é'), "{back}");
     }
-
 }

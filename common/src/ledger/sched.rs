@@ -112,5 +112,4 @@ mod tests {
         assert!(turn.clear_holder(7));
         assert_eq!((turn.holder.load(Relaxed), turn.holder_pid.load(Relaxed)), (0, 0));
     }
-
 }

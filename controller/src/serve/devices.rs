@@ -26,7 +26,8 @@ pub fn node_devices() -> Option<Vec<String>> {
         let by_index: unsafe extern "C" fn(c_uint, *mut Device) -> c_int = std::mem::transmute(sym(c"nvmlDeviceGetHandleByIndex_v2")?);
         let get_uuid: unsafe extern "C" fn(Device, *mut c_char, c_uint) -> c_int = std::mem::transmute(sym(c"nvmlDeviceGetUUID")?);
         let mig_count: Option<unsafe extern "C" fn(Device, *mut c_uint) -> c_int> = sym(c"nvmlDeviceGetMaxMigDeviceCount").map(|p| std::mem::transmute(p));
-        let mig_handle: Option<unsafe extern "C" fn(Device, c_uint, *mut Device) -> c_int> = sym(c"nvmlDeviceGetMigDeviceHandleByIndex").map(|p| std::mem::transmute(p));
+        let mig_handle: Option<unsafe extern "C" fn(Device, c_uint, *mut Device) -> c_int> =
+            sym(c"nvmlDeviceGetMigDeviceHandleByIndex").map(|p| std::mem::transmute(p));
         if init() != NVML_SUCCESS {
             return None;
         }

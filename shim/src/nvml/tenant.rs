@@ -149,10 +149,7 @@ impl Slice {
         if start == 0 {
             return None;
         }
-        [p.own_pid.load(Relaxed), p.pid.load(Relaxed)]
-            .into_iter()
-            .filter(|&c| c != 0)
-            .find(|&c| ledger::process_start_time(c) == Some(start))
+        [p.own_pid.load(Relaxed), p.pid.load(Relaxed)].into_iter().filter(|&c| c != 0).find(|&c| ledger::process_start_time(c) == Some(start))
     }
 
     /// The group's SM share on this device, percent; 0 when not throttled.

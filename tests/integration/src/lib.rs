@@ -197,23 +197,14 @@ pub fn clients_dir() -> PathBuf {
             }
             let tmp = dir.join(format!("{}.tmp{}", route.binary_name(), std::process::id()));
             let mut cmd = Command::new(&cc);
-            cmd.args(["-std=gnu11", "-O1", "-g", "-Wall", "-Wextra"])
-                .args(route.cflags())
-                .arg("-o")
-                .arg(&tmp)
-                .arg(&src);
+            cmd.args(["-std=gnu11", "-O1", "-g", "-Wall", "-Wextra"]).args(route.cflags()).arg("-o").arg(&tmp).arg(&src);
             if route == Route::Link {
                 cmd.arg("-L").arg(&sim).arg("-lcuda");
             }
             cmd.args(["-ldl", "-lpthread"]);
             let out = cmd.output().unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
             if !out.status.success() {
-                panic!(
-                    "building {} failed:\n{}{}",
-                    route.binary_name(),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                panic!("building {} failed:\n{}{}", route.binary_name(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
             }
             std::fs::rename(&tmp, &bin).expect("install client");
         }
@@ -259,11 +250,7 @@ pub fn compile(compiler: &str, output: &str, sources: &[&str], flags: &[&str], d
     let res = cmd.output().map_err(|e| format!("cannot run the compiler `{compiler}`: {e}"))?;
     if !res.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!(
-            "{shown} failed:\n{}{}",
-            String::from_utf8_lossy(&res.stdout),
-            String::from_utf8_lossy(&res.stderr)
-        ));
+        return Err(format!("{shown} failed:\n{}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr)));
     }
     std::fs::rename(&tmp, &out).map_err(|e| format!("install {}: {e}", out.display()))?;
     Ok(out)
@@ -299,8 +286,7 @@ impl Sim {
     pub fn new() -> Sim {
         let mut b = tempfile::Builder::new();
         b.prefix("gpuslice-test-");
-        let dir = if Path::new("/dev/shm").is_dir() { b.tempdir_in("/dev/shm") } else { b.tempdir() }
-            .expect("temporary directory");
+        let dir = if Path::new("/dev/shm").is_dir() { b.tempdir_in("/dev/shm") } else { b.tempdir() }.expect("temporary directory");
         Sim { dir, env: Vec::new() }
     }
 
@@ -371,15 +357,7 @@ impl Sim {
     /// scrubbed, `LD_LIBRARY_PATH` at the simulated driver, this machine's `SIMCUDA_STATE` and
     /// environment. Its stdout lines are in [`Output::lines`] whatever their format.
     pub fn program(&self, path: impl AsRef<Path>) -> Client<'_> {
-        Client {
-            sim: self,
-            route: Route::Link,
-            program: Some(path.as_ref().to_path_buf()),
-            env: Vec::new(),
-            shim: false,
-            args: Vec::new(),
-            uid: None,
-        }
+        Client { sim: self, route: Route::Link, program: Some(path.as_ref().to_path_buf()), env: Vec::new(), shim: false, args: Vec::new(), uid: None }
     }
 }
 
@@ -635,9 +613,7 @@ impl Running {
 
     /// Waits for the `n`-th (0-based) line of command `cmd` (ok or err) and returns it.
     pub fn wait_line(&self, cmd: &str, n: usize) -> String {
-        self.wait_pick(&format!("line #{n} of `{cmd}`"), CLIENT_TIMEOUT, |lines| {
-            lines.iter().filter(|l| line_cmd(l) == cmd).nth(n).cloned()
-        })
+        self.wait_pick(&format!("line #{n} of `{cmd}`"), CLIENT_TIMEOUT, |lines| lines.iter().filter(|l| line_cmd(l) == cmd).nth(n).cloned())
     }
 
     fn wait_pick(&self, what: &str, timeout: Duration, pick: impl Fn(&[String]) -> Option<String>) -> String {
@@ -673,24 +649,13 @@ impl Running {
                 let _ = self.child.wait();
                 self.reaped = true;
                 self.join_readers();
-                panic!(
-                    "client timed out after {CLIENT_TIMEOUT:?}: {}\nstdout:\n{}\nstderr:\n{}",
-                    self.cmdline,
-                    self.lines_now().join("\n"),
-                    self.stderr_now()
-                );
+                panic!("client timed out after {CLIENT_TIMEOUT:?}: {}\nstdout:\n{}\nstderr:\n{}", self.cmdline, self.lines_now().join("\n"), self.stderr_now());
             }
             std::thread::sleep(Duration::from_millis(2));
         };
         self.reaped = true;
         self.join_readers();
-        Output {
-            lines: self.lines_now(),
-            stderr: self.stderr_now(),
-            status,
-            cmdline: self.cmdline.clone(),
-            elapsed: self.started.elapsed(),
-        }
+        Output { lines: self.lines_now(), stderr: self.stderr_now(), status, cmdline: self.cmdline.clone(), elapsed: self.started.elapsed() }
     }
 
     fn join_readers(&mut self) {
@@ -839,9 +804,7 @@ impl Output {
     /// `key` of the `n`-th line of `cmd`, as a number.
     pub fn nth_u64(&self, cmd: &str, n: usize, key: &str) -> u64 {
         let l = self.nth(cmd, n);
-        kv(l, key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no numeric {key}= in line `{l}`:\n{self}"))
+        kv(l, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no numeric {key}= in line `{l}`:\n{self}"))
     }
 
     /// `key` of line `i`, as a number.
@@ -1154,19 +1117,13 @@ impl<'a> Controller<'a> {
                 cmd.env_remove(&k);
             }
         }
-        cmd.env("GPUSLICE_LOG", "debug")
-            .env("LD_LIBRARY_PATH", sim_dir())
-            .env("SIMCUDA_STATE", self.sim.state_path());
+        cmd.env("GPUSLICE_LOG", "debug").env("LD_LIBRARY_PATH", sim_dir()).env("SIMCUDA_STATE", self.sim.state_path());
         // The controller lists the node's devices through (simulated) NVML, and may be the first
         // to create the simulated machine: it must see the same machine the clients do.
         for (k, v) in self.sim.env.iter().filter(|(k, _)| k.starts_with("SIMCUDA_")) {
             cmd.env(k, v);
         }
-        cmd.arg("serve")
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--ledger")
-            .arg(self.ledger());
+        cmd.arg("serve").arg("--socket").arg(self.socket()).arg("--ledger").arg(self.ledger());
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }

@@ -225,7 +225,8 @@ fn a_group_made_from_the_environment_is_closed_to_other_uids() {
     assert!(!out.ok(0), "refused, not run unlimited:\n{out}");
     assert_eq!(out.stderr_lines_with(&["made from the environment of a process of uid 65534", "CUDA is refused"]).len(), 1, "{out}");
     ctl.set_ok("--group prod --memory 2GiB");
-    let out = sim.client(Route::Link).shim().controller(&ctl).group("prod").env("GPUSLICE_ON_NO_CONTROLLER", "refuse").args("init ctx 0 alloc 2100M info").run();
+    let out =
+        sim.client(Route::Link).shim().controller(&ctl).group("prod").env("GPUSLICE_ON_NO_CONTROLLER", "refuse").args("init ctx 0 alloc 2100M info").run();
     out.expect_err(2, 2);
     assert_eq!(out.u64("info", "total"), 2 * GIB, "{out}");
     a.wait().assert_success();
@@ -424,10 +425,21 @@ fn attacker() {
     let hold = Duration::from_secs_f64(std::env::var("ATTACK_HOLD").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0));
     let uuids: Vec<String> = std::env::var("ATTACK_UUIDS").unwrap_or_default().split(',').map(String::from).collect();
     let real = |limit: Option<u64>| -> Vec<DeviceClaim> {
-        uuids.iter().enumerate().map(|(i, u)| DeviceClaim { ordinal: i as u32, uuid: u.clone(), total_memory: 16 * GIB, memory_limit: limit, sm_share: None }).collect()
+        uuids
+            .iter()
+            .enumerate()
+            .map(|(i, u)| DeviceClaim { ordinal: i as u32, uuid: u.clone(), total_memory: 16 * GIB, memory_limit: limit, sm_share: None })
+            .collect()
     };
     let register = |group: Option<&str>, devices: Vec<DeviceClaim>| -> Result<(protocol::Assignment, Option<Ledger>), String> {
-        let r = Registration { protocol: protocol::PROTOCOL_VERSION, group: group.map(String::from), priority: None, name: "attacker".into(), own_pid: std::process::id(), devices };
+        let r = Registration {
+            protocol: protocol::PROTOCOL_VERSION,
+            group: group.map(String::from),
+            priority: None,
+            name: "attacker".into(),
+            own_pid: std::process::id(),
+            devices,
+        };
         match protocol::call(&socket, &Request::Register(r), Duration::from_secs(2)).map_err(|e| e.to_string())? {
             (Response::Registered(a), fd) => {
                 let ledger = fd.map(|fd| Ledger::map_fd(fd.as_fd(), "attack").expect("map the ledger"));
@@ -479,7 +491,15 @@ fn attacker() {
             }
         }
         "made-up-devices" => {
-            let devices = (0..16).map(|i| DeviceClaim { ordinal: i, uuid: format!("GPU-00000000-0000-0000-0000-{i:012x}"), total_memory: 16 * GIB, memory_limit: None, sm_share: None }).collect();
+            let devices = (0..16)
+                .map(|i| DeviceClaim {
+                    ordinal: i,
+                    uuid: format!("GPU-00000000-0000-0000-0000-{i:012x}"),
+                    total_memory: 16 * GIB,
+                    memory_limit: None,
+                    sm_share: None,
+                })
+                .collect();
             let (a, _l) = register(None, devices).expect("register");
             println!("attacked tracked={} notes={}", a.devices.len(), a.notes.len());
             std::thread::sleep(hold);
@@ -521,7 +541,14 @@ fn attacker() {
         }
         "scribble-random" | "scribble-zeros" | "scribble-ff" | "truncate" => {
             let how = std::env::var("ATTACK").unwrap();
-            let r = Registration { protocol: protocol::PROTOCOL_VERSION, group: Some("attackers".into()), priority: None, name: "attacker".into(), own_pid: std::process::id(), devices: real(None) };
+            let r = Registration {
+                protocol: protocol::PROTOCOL_VERSION,
+                group: Some("attackers".into()),
+                priority: None,
+                name: "attacker".into(),
+                own_pid: std::process::id(),
+                devices: real(None),
+            };
             let (_, fd) = protocol::call(&socket, &Request::Register(r), Duration::from_secs(2)).expect("register");
             let fd = fd.expect("a descriptor");
             use std::os::fd::AsRawFd;

@@ -47,7 +47,16 @@ impl<'a> Serve<'a> {
     /// Starts `gpuslice serve --socket <socket> --ledger <ledger> <extra>` and waits until it
     /// answers `status`; panics with its stderr if it exits first.
     fn start(sim: &'a Sim, socket: &Path, ledger: &Path, extra: &str) -> Serve<'a> {
-        let run = sim.program(cli_path()).env("GPUSLICE_LOG", "debug").arg("serve").arg("--socket").arg(show(socket)).arg("--ledger").arg(show(ledger)).args(extra).spawn();
+        let run = sim
+            .program(cli_path())
+            .env("GPUSLICE_LOG", "debug")
+            .arg("serve")
+            .arg("--socket")
+            .arg(show(socket))
+            .arg("--ledger")
+            .arg(show(ledger))
+            .args(extra)
+            .spawn();
         let serve = Serve { sim, socket: socket.to_path_buf(), run: Some(run) };
         let end = Instant::now() + CONTROLLER_START_TIMEOUT;
         while !serve.answers() {
@@ -623,7 +632,8 @@ fn a_shim_given_a_bad_ledger_or_a_bad_answer_runs_alone_on_its_own_limits() {
     let mut wrong_version = valid.clone();
     wrong_version[8] = 99;
     type Answer = Box<dyn Fn(&UnixStream) + Send>;
-    let with_ledger = |file: std::fs::File, slot: u32| -> Answer { Box::new(move |s| drop(send_frame(s.as_raw_fd(), &registered(slot), Some(file.as_raw_fd())))) };
+    let with_ledger =
+        |file: std::fs::File, slot: u32| -> Answer { Box::new(move |s| drop(send_frame(s.as_raw_fd(), &registered(slot), Some(file.as_raw_fd())))) };
     let cases: Vec<(&str, Answer, &str)> = vec![
         ("zeroed ledger", with_ledger(ledger_file(&dir, "zeroed", &vec![0; 65536], true), 0), "not a gpuslice ledger"),
         ("truncated ledger", with_ledger(ledger_file(&dir, "short", &valid[..100], true), 0), "shorter than its 4096-byte header"),
@@ -634,7 +644,11 @@ fn a_shim_given_a_bad_ledger_or_a_bad_answer_runs_alone_on_its_own_limits() {
         ("no descriptor", Box::new(|s| drop(send_frame(s.as_raw_fd(), &registered(0), None))), "without the ledger"),
         ("garbage answer", Box::new(|s| drop(send_frame(s.as_raw_fd(), b"\xff\xfe{not json", None))), "malformed message"),
         ("huge answer", Box::new(|s| drop((&*s).write_all(&u32::MAX.to_le_bytes()))), "over the"),
-        ("error answer", Box::new(|s| drop(send_frame(s.as_raw_fd(), &encode(&Response::Error { message: "no room at the inn".into() }), None))), "no room at the inn"),
+        (
+            "error answer",
+            Box::new(|s| drop(send_frame(s.as_raw_fd(), &encode(&Response::Error { message: "no room at the inn".into() }), None))),
+            "no room at the inn",
+        ),
         ("status answer", Box::new(|s| drop(send_frame(s.as_raw_fd(), br#"{"type":"done","message":"?"}"#, None))), "unexpected answer"),
         ("hang-up", Box::new(|s| drop(s.shutdown(std::net::Shutdown::Both))), "connection closed"),
         ("silence", Box::new(|_| {}), "os error 11"),
@@ -661,7 +675,11 @@ fn a_shim_given_a_bad_ledger_or_a_bad_answer_runs_alone_on_its_own_limits() {
                 let lines = out.stderr_lines_with(&["did not take this process", "running alone"]);
                 assert_eq!(lines.len(), 1, "{what}: one warning line:\n{out}");
                 assert!(lines[0].contains(reason), "{what}: the line says why ({reason:?}): {}", lines[0]);
-                assert_eq!(out.stderr.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).count(), 2, "{what}: that warning and the refusal, nothing else:\n{out}");
+                assert_eq!(
+                    out.stderr.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).count(),
+                    2,
+                    "{what}: that warning and the refusal, nothing else:\n{out}"
+                );
             });
         }
     });
@@ -713,7 +731,12 @@ fn the_controller_refuses_files_that_are_not_its_ledger_and_replaces_damaged_one
     // Damaged or older gpuslice ledgers: replaced, with a warning that says why.
     let mut wrong_version = valid.clone();
     wrong_version[8] = 99;
-    let replaced = [("a truncated ledger", valid[..100].to_vec(), "shorter than its"), ("a ledger cut short", valid[..valid.len() / 2].to_vec(), "file size is"), ("another layout", wrong_version, "layout version 99"), ("an empty file (a ledger truncated through a handed-out descriptor)", Vec::new(), "is empty (truncated?)")];
+    let replaced = [
+        ("a truncated ledger", valid[..100].to_vec(), "shorter than its"),
+        ("a ledger cut short", valid[..valid.len() / 2].to_vec(), "file size is"),
+        ("another layout", wrong_version, "layout version 99"),
+        ("an empty file (a ledger truncated through a handed-out descriptor)", Vec::new(), "is empty (truncated?)"),
+    ];
     for (what, bytes, reason) in replaced {
         let ledger = shm.join("ledger");
         std::fs::write(&ledger, &bytes).unwrap();
@@ -758,7 +781,12 @@ fn the_controller_refuses_files_that_are_not_its_ledger_and_replaces_damaged_one
 fn a_full_ledger_refuses_with_a_reason_and_the_process_runs_on_its_own_limits() {
     let sim = sim();
     let config = sim.write_file("full.toml", "[groups.g]\nmemory_limit = \"1GiB\"\n");
-    let ctl = Serve::start(&sim, &sim.path("sock"), &sim.path("shm/ledger"), &format!("--config {} --max-processes 2 --max-groups 2 --max-processes-per-uid 2 --max-groups-per-uid 2", show(&config)));
+    let ctl = Serve::start(
+        &sim,
+        &sim.path("sock"),
+        &sim.path("shm/ledger"),
+        &format!("--config {} --max-processes 2 --max-groups 2 --max-processes-per-uid 2 --max-groups-per-uid 2", show(&config)),
+    );
     let holder = |group: Option<&str>, done: &Path| {
         let mut c = sim.client(Route::Link).shim().env("GPUSLICE_SOCKET", show(&ctl.socket));
         if let Some(g) = group {
@@ -991,7 +1019,16 @@ fn config_files_with_bad_values_stop_the_controller_on_one_line() {
     for (i, (text, place, reason)) in cases.iter().enumerate() {
         let file = sim.write_file(&format!("c{i}.toml"), text);
         let socket = sim.path(&format!("c{i}.sock"));
-        let out = sim.program(cli_path()).arg("serve").arg("--config").arg(show(&file)).arg("--socket").arg(show(&socket)).arg("--ledger").arg(show(&sim.path(&format!("c{i}/ledger")))).run();
+        let out = sim
+            .program(cli_path())
+            .arg("serve")
+            .arg("--config")
+            .arg(show(&file))
+            .arg("--socket")
+            .arg(show(&socket))
+            .arg("--ledger")
+            .arg(show(&sim.path(&format!("c{i}/ledger"))))
+            .run();
         assert!(!out.success(), "{text}");
         assert_eq!(out.stderr.lines().count(), 1, "{text}: one line:\n{out}");
         for needle in [show(&file).as_str(), place, reason] {

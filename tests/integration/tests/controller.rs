@@ -58,12 +58,7 @@ fn race(n: usize, limit: u64, chunk: u64, by_config: bool) {
     let (go, done) = (path(&sim, "go"), path(&sim, "done"));
     let clients: Vec<Running> = (0..n)
         .map(|i| {
-            sim.client(Route::ALL[i % 4])
-                .shim()
-                .controller(&ctl)
-                .group("race")
-                .args(&format!("init ctx 0 waitfile {go} fill {chunk} waitfile {done}"))
-                .spawn()
+            sim.client(Route::ALL[i % 4]).shim().controller(&ctl).group("race").args(&format!("init ctx 0 waitfile {go} fill {chunk} waitfile {done}")).spawn()
         })
         .collect();
     for c in &clients {
@@ -472,7 +467,14 @@ fn gpuslice_run_joins_a_group_with_its_limit() {
 
     // GPUSLICE_LIB names the library when set: a wrong one is an error, not a silent fallback.
     let wrong = sim.path("nowhere/libgpuslice.so");
-    let out = sim.program(cli_path()).controller(&ctl).env("GPUSLICE_LIB", wrong.display()).args("run --group runners --").arg(client_path(Route::Link).display()).args("init").run();
+    let out = sim
+        .program(cli_path())
+        .controller(&ctl)
+        .env("GPUSLICE_LIB", wrong.display())
+        .args("run --group runners --")
+        .arg(client_path(Route::Link).display())
+        .args("init")
+        .run();
     assert!(!out.success() && out.stderr.contains("GPUSLICE_LIB") && out.lines.is_empty(), "{out}");
     let out = sim
         .program(cli_path())

@@ -24,13 +24,7 @@ fn an_underreporting_process_is_charged_nvmls_figure_and_refused_beyond_its_limi
         .env("GPUSLICE_TEST_UNDERREPORT_BYTES", "512MiB")
         .args(&format!("init ctx 0 alloc 800M nvmlprocs 0 waitfile {go} alloc 300M alloc 100M freeall waitfile {agreed}"))
         .spawn();
-    let honest = sim
-        .client(Route::Procaddr)
-        .shim()
-        .controller(&ctl)
-        .group("honest")
-        .args(&format!("init ctx 0 alloc 600M waitfile {go} alloc 300M"))
-        .spawn();
+    let honest = sim.client(Route::Procaddr).shim().controller(&ctl).group("honest").args(&format!("init ctx 0 alloc 600M waitfile {go} alloc 300M")).spawn();
     expect_ok(&liar.wait_line("nvmlprocs", 0));
     expect_ok(&honest.wait_line("alloc", 0));
     let pid = liar.pid();

@@ -39,9 +39,10 @@ struct Rng(u64);
 impl Rng {
     /// Seeded from `GPUSLICE_FAULT_SEED`, else from the clock; prints the seed.
     fn new(test: &str) -> Rng {
-        let seed = std::env::var("GPUSLICE_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-        });
+        let seed = std::env::var("GPUSLICE_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
         eprintln!("{test}: seed {seed} (GPUSLICE_FAULT_SEED={seed} replays the random choices)");
         Rng(seed)
     }
@@ -106,7 +107,8 @@ impl Books {
             if g.state.load(SeqCst) != LIVE {
                 continue;
             }
-            let members: Vec<_> = self.ledger.processes().filter(|(_, p)| p.state.load(SeqCst) == LIVE && p.group.load(SeqCst) as usize == gi).map(|(_, p)| p).collect();
+            let members: Vec<_> =
+                self.ledger.processes().filter(|(_, p)| p.state.load(SeqCst) == LIVE && p.group.load(SeqCst) as usize == gi).map(|(_, p)| p).collect();
             let counted = g.members.load(SeqCst) as usize;
             if counted != members.len() {
                 problems.push(format!("group {:?}: members counter {counted}, live member slots {}", g.name(), members.len()));
@@ -184,7 +186,9 @@ fn clients_killed_at_random_points_of_storms_leave_exact_books() {
     let never = path(&sim, "never");
     let survivors: Vec<(Running, &str, u64)> = [("plain", 100 * MIB), ("paced", 200 * MIB)]
         .into_iter()
-        .map(|(group, bytes)| (sim.client(Route::Link).shim().controller(&ctl).group(group).args(&format!("init ctx 0 alloc {bytes} waitfile {done}")).spawn(), group, bytes))
+        .map(|(group, bytes)| {
+            (sim.client(Route::Link).shim().controller(&ctl).group(group).args(&format!("init ctx 0 alloc {bytes} waitfile {done}")).spawn(), group, bytes)
+        })
         .collect();
     for (s, _, _) in &survivors {
         expect_ok(&s.wait_line("alloc", 0));
@@ -206,7 +210,8 @@ fn clients_killed_at_random_points_of_storms_leave_exact_books() {
                     KillAt::IntoStorm(Duration::from_micros(rng.range(0, 20_000)))
                 };
                 let seed = rng.next() % 1_000_000;
-                let c = sim.client(rng.route()).shim().controller(&ctl).group(group).args(&format!("init ctx 0 alloc 32M now storm 4 2000 {seed} {never}")).spawn();
+                let c =
+                    sim.client(rng.route()).shim().controller(&ctl).group(group).args(&format!("init ctx 0 alloc 32M now storm 4 2000 {seed} {never}")).spawn();
                 (c, at)
             })
             .collect();
@@ -226,7 +231,11 @@ fn clients_killed_at_random_points_of_storms_leave_exact_books() {
                     *killed = true;
                 }
             }
-            assert!(spawned.elapsed() < Duration::from_secs(20), "batch {batch}: victims never reached their storm:\n{}", victims.iter().map(|v| v.0.stderr_now()).collect::<String>());
+            assert!(
+                spawned.elapsed() < Duration::from_secs(20),
+                "batch {batch}: victims never reached their storm:\n{}",
+                victims.iter().map(|v| v.0.stderr_now()).collect::<String>()
+            );
             std::thread::sleep(Duration::from_micros(200));
         }
         for (c, _, _, _) in victims {
@@ -493,7 +502,12 @@ fn fork_while_threads_storm_the_shim() {
         let line = c.wait_line("forkstorm", 0);
         expect_ok(&line);
         eprintln!("fork storm ({group}): `{line}`");
-        assert_eq!(num(&line, "fine"), FORKS, "every child finished cleanly (hung= children were stuck 5 s; codes= 10 + the failed step): `{line}`\nstderr:\n{}", c.stderr_now());
+        assert_eq!(
+            num(&line, "fine"),
+            FORKS,
+            "every child finished cleanly (hung= children were stuck 5 s; codes= 10 + the failed step): `{line}`\nstderr:\n{}",
+            c.stderr_now()
+        );
         assert_eq!(num(&line, "failures"), 0, "the parent's storm went on without errors: `{line}`");
         assert!(num(&line, "rounds") > 0, "{line}");
         pids.push(c.pid());

@@ -38,7 +38,11 @@ fn each_panic_point_returns_an_error_and_the_program_goes_on() {
         for route in [Route::Link, Route::Procaddr] {
             let out = sim.client(route).shim().env("GPUSLICE_TEST_PANIC_IN", hook).env("GPUSLICE_MEMORY_LIMIT", "1GiB").args(script).run();
             out.assert_success();
-            assert_eq!(out.lines.len(), script.split_whitespace().filter(|w| w.chars().all(|c| c.is_ascii_lowercase())).count(), "{hook} {route}: every command printed:\n{out}");
+            assert_eq!(
+                out.lines.len(),
+                script.split_whitespace().filter(|w| w.chars().all(|c| c.is_ascii_lowercase())).count(),
+                "{hook} {route}: every command printed:\n{out}"
+            );
             for &i in panicked {
                 out.expect_err(i, UNKNOWN);
             }
@@ -50,7 +54,13 @@ fn each_panic_point_returns_an_error_and_the_program_goes_on() {
     }
     // A free that panicked left the allocation counted (the driver still holds it): 100 MiB
     // and the second 100 MiB, plus the context.
-    let out = sim.client(Route::Link).shim().env("GPUSLICE_TEST_PANIC_IN", "cuMemFree_v2").env("GPUSLICE_MEMORY_LIMIT", "1GiB").args("init ctx 0 alloc 100M free 1 info").run();
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .env("GPUSLICE_TEST_PANIC_IN", "cuMemFree_v2")
+        .env("GPUSLICE_MEMORY_LIMIT", "1GiB")
+        .args("init ctx 0 alloc 100M free 1 info")
+        .run();
     assert_eq!(out.u64("info", "free"), GIB - R - 100 * MIB, "{out}");
 }
 

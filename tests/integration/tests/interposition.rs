@@ -50,11 +50,7 @@ fn dlsym_rtld_next_keeps_its_meaning_under_the_shim() {
     for out in [&bare, &shim] {
         out.assert_all_ok();
         assert_eq!(out.u64("which", "value"), 1, "the program binds to libnext_a's `which`:\n{out}");
-        assert_eq!(
-            out.u64("call_next", "value"),
-            2,
-            "dlsym(RTLD_NEXT, \"which\") from libnext_a.so must find libnext_b.so's:\n{out}"
-        );
+        assert_eq!(out.u64("call_next", "value"), 2, "dlsym(RTLD_NEXT, \"which\") from libnext_a.so must find libnext_b.so's:\n{out}");
         assert_eq!(out.get("malloc", "direct").as_deref(), Some("1"), "RTLD_NEXT malloc is the malloc the program calls:\n{out}");
     }
     // dlsym(RTLD_NEXT, "malloc") from the main program: the same object, offset and symbol.
@@ -132,13 +128,8 @@ fn a_panicking_hook_returns_an_error_and_the_program_goes_on() {
     let reserve = 300 * MIB;
     for route in [Route::Link, Route::Dlsym, Route::Procaddr] {
         let sim = Sim::new().env("SIMCUDA_CTX_RESERVE", reserve);
-        let out = sim
-            .client(route)
-            .shim()
-            .env("GPUSLICE_TEST_PANIC_IN", "cuMemAlloc_v2")
-            .env("RUST_BACKTRACE", "0")
-            .args("init ctx 0 alloc 1M alloc 1M info")
-            .run();
+        let out =
+            sim.client(route).shim().env("GPUSLICE_TEST_PANIC_IN", "cuMemAlloc_v2").env("RUST_BACKTRACE", "0").args("init ctx 0 alloc 1M alloc 1M info").run();
         out.assert_success();
         assert_eq!(out.lines.len(), 5, "{route}: every command printed:\n{out}");
         out.expect_ok(0);
@@ -148,10 +139,7 @@ fn a_panicking_hook_returns_an_error_and_the_program_goes_on() {
         out.expect_ok(4);
         // the hook panicked before reaching the driver: nothing is held but the context
         assert_eq!(out.u64("info", "free"), out.u64("info", "total") - reserve, "{route}: nothing allocated:\n{out}");
-        assert!(
-            !out.stderr_lines_with(&["gpuslice", "cuMemAlloc_v2"]).is_empty(),
-            "{route}: stderr names gpuslice and the hook:\n{out}"
-        );
+        assert!(!out.stderr_lines_with(&["gpuslice", "cuMemAlloc_v2"]).is_empty(), "{route}: stderr names gpuslice and the hook:\n{out}");
         assert!(out.lines.iter().all(|l| !l.contains("panic")), "{route}: nothing on stdout:\n{out}");
     }
 }
@@ -174,13 +162,8 @@ fn the_log_file_takes_the_shims_lines_and_stderr_stays_clean() {
     out.expect_err(2, CUDA_ERROR_OUT_OF_MEMORY);
     let text = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{}: {e}\n{out}", log.display()));
     assert!(text.contains("active in pid"), "the start line is in the log file:\n{text}");
-    assert_eq!(
-        text.lines().filter(|l| l.contains("refused") && l.contains("limit")).count(),
-        1,
-        "one refusal line in the log file:\n{text}"
-    );
-    let shim_lines: Vec<&str> =
-        out.stderr.lines().filter(|l| l.contains("gpuslice") || l.contains("active in pid") || l.contains("limit")).collect();
+    assert_eq!(text.lines().filter(|l| l.contains("refused") && l.contains("limit")).count(), 1, "one refusal line in the log file:\n{text}");
+    let shim_lines: Vec<&str> = out.stderr.lines().filter(|l| l.contains("gpuslice") || l.contains("active in pid") || l.contains("limit")).collect();
     assert!(shim_lines.is_empty(), "nothing of the shim on stderr with GPUSLICE_LOG_FILE:\n{out}");
 }
 
@@ -192,13 +175,7 @@ fn nothing_from_the_shim_reaches_stdout() {
     for route in Route::ALL {
         let sim = Sim::new().env("SIMCUDA_MEM", GIB);
         let bare = sim.client(route).args(script).run();
-        let shim = sim
-            .client(route)
-            .shim()
-            .env("GPUSLICE_LOG", "trace")
-            .env("GPUSLICE_MEMORY_LIMIT", "1GiB")
-            .args(script)
-            .run();
+        let shim = sim.client(route).shim().env("GPUSLICE_LOG", "trace").env("GPUSLICE_MEMORY_LIMIT", "1GiB").args(script).run();
         bare.assert_success();
         shim.assert_success();
         bare.expect_err(3, CUDA_ERROR_OUT_OF_MEMORY);
@@ -210,13 +187,7 @@ fn nothing_from_the_shim_reaches_stdout() {
 #[test]
 fn a_bad_log_filter_warns_once_and_means_warn() {
     let sim = Sim::new();
-    let out = sim
-        .client(Route::Dlsym)
-        .shim()
-        .env("GPUSLICE_LOG", "?!")
-        .env("GPUSLICE_MEMORY_LIMIT", "1GiB")
-        .args("init ctx 0 alloc 2G info")
-        .run();
+    let out = sim.client(Route::Dlsym).shim().env("GPUSLICE_LOG", "?!").env("GPUSLICE_MEMORY_LIMIT", "1GiB").args("init ctx 0 alloc 2G info").run();
     out.assert_success();
     out.expect_err(2, CUDA_ERROR_OUT_OF_MEMORY);
     assert_eq!(out.stderr_lines_with(&["gpuslice", "GPUSLICE_LOG", "?!"]).len(), 1, "one warning naming the filter:\n{out}");
@@ -238,10 +209,7 @@ fn quota_fill(sim: &Sim, shim: bool, args: &str) -> Output {
 
 /// The number in `held N chunks` of quota-fill's output.
 fn held_chunks(out: &Output) -> u64 {
-    out.lines
-        .iter()
-        .find_map(|l| l.strip_prefix("held ")?.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no `held N chunks` line:\n{out}"))
+    out.lines.iter().find_map(|l| l.strip_prefix("held ")?.split_whitespace().next()?.parse().ok()).unwrap_or_else(|| panic!("no `held N chunks` line:\n{out}"))
 }
 
 #[test]
@@ -268,12 +236,7 @@ fn quota_fill_is_held_to_its_quota() {
 #[test]
 fn gpuslice_run_starts_the_program_under_the_shim() {
     let sim = Sim::new();
-    let out = sim
-        .program(cli_path())
-        .args("run --memory 1GiB --")
-        .arg(client_path(Route::Link).display())
-        .args("init ctx 0 info")
-        .run();
+    let out = sim.program(cli_path()).args("run --memory 1GiB --").arg(client_path(Route::Link).display()).args("init ctx 0 info").run();
     out.assert_all_ok();
     assert_eq!(out.u64("info", "total"), GIB, "{out}");
 

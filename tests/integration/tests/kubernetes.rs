@@ -122,7 +122,8 @@ fn a_process_in_its_own_pid_namespace_is_watched_by_its_node_pid() {
 
     // SAFETY: kill(2) of the test's own grandchild, by the pid the controller reported.
     assert_eq!(unsafe { libc::kill(node_pid as libc::pid_t, libc::SIGKILL) }, 0, "kill {node_pid}");
-    let (_, took) = ctl.ls_until("the killed process's memory back", std::time::Duration::from_secs(2), |l| l.group_used(pod, 0) == 0 && l.members(pod).is_empty());
+    let (_, took) =
+        ctl.ls_until("the killed process's memory back", std::time::Duration::from_secs(2), |l| l.group_used(pod, 0) == 0 && l.members(pod).is_empty());
     assert!(took < std::time::Duration::from_secs(1), "taken back in {took:?}");
     let out = unshare.wait();
     assert!(!out.success(), "unshare reports its child's death:\n{out}");

@@ -26,10 +26,7 @@ fn run_with(route: Route, env: &[(&str, &str)], script: &str) -> Output {
 fn totals(route: Route, env: &[(&str, &str)]) -> [(u64, u64); 2] {
     let out = run_with(route, env, "init ctx 0 info totalmem 0 ctx 1 info totalmem 1");
     out.assert_all_ok();
-    [
-        (out.nth_u64("info", 0, "total"), out.nth_u64("totalmem", 0, "total")),
-        (out.nth_u64("info", 1, "total"), out.nth_u64("totalmem", 1, "total")),
-    ]
+    [(out.nth_u64("info", 0, "total"), out.nth_u64("totalmem", 0, "total")), (out.nth_u64("info", 1, "total"), out.nth_u64("totalmem", 1, "total"))]
 }
 
 fn limit0(env: &[(&str, &str)]) -> u64 {
@@ -93,10 +90,7 @@ fn per_device_limits_and_precedence() {
 #[test]
 fn config_file_and_environment_precedence() {
     let sim = sim();
-    let cfg = sim.write_file(
-        "gpuslice.toml",
-        "[defaults]\nmemory_limit = \"1GiB\"\n\n[defaults.devices.1]\nmemory_limit = \"2GiB\"\n",
-    );
+    let cfg = sim.write_file("gpuslice.toml", "[defaults]\nmemory_limit = \"1GiB\"\n\n[defaults.devices.1]\nmemory_limit = \"2GiB\"\n");
     let cfg = cfg.to_str().unwrap();
     let t = totals(Route::Procaddr, &[("GPUSLICE_CONFIG", cfg)]);
     assert_eq!(t, [(GIB, GIB), (2 * GIB, 2 * GIB)]);
@@ -161,11 +155,7 @@ fn bad_config_files_are_refused() {
 fn the_context_reserve_counts() {
     for route in Route::ALL {
         let at = L - R;
-        let out = run_with(
-            route,
-            &[("GPUSLICE_MEMORY_LIMIT", "1GiB")],
-            &format!("init ctx 0 info alloc {at} alloc 1 info free 1 alloc 1M info"),
-        );
+        let out = run_with(route, &[("GPUSLICE_MEMORY_LIMIT", "1GiB")], &format!("init ctx 0 info alloc {at} alloc 1 info free 1 alloc 1M info"));
         out.assert_success();
         assert_eq!(out.nth_u64("info", 0, "total"), L, "{out}");
         assert_eq!(out.nth_u64("info", 0, "free"), L - R, "{route}: the context reserve is used:\n{out}");
@@ -202,11 +192,7 @@ fn every_allocation_path_counts() {
     ];
     for route in Route::ALL {
         for (cmd, bytes, big) in cases {
-            let out = run_with(
-                route,
-                &[("GPUSLICE_MEMORY_LIMIT", "1GiB")],
-                &format!("init ctx 0 info {cmd} info {big} info free 1 info"),
-            );
+            let out = run_with(route, &[("GPUSLICE_MEMORY_LIMIT", "1GiB")], &format!("init ctx 0 info {cmd} info {big} info free 1 info"));
             out.assert_success();
             out.expect_ok(3);
             let f = |n| out.nth_u64("info", n, "free");
@@ -334,10 +320,7 @@ fn all_routes_behave_the_same_under_a_limit() {
          mipmap 1024 1024 3 info fill 1M info freeall info alloc {} alloc 1",
         L - R
     );
-    let outs: Vec<Output> = Route::ALL
-        .iter()
-        .map(|r| run_with(*r, &[("GPUSLICE_MEMORY_LIMIT", "1GiB")], &script))
-        .collect();
+    let outs: Vec<Output> = Route::ALL.iter().map(|r| run_with(*r, &[("GPUSLICE_MEMORY_LIMIT", "1GiB")], &script)).collect();
     // everything but the first line (`ok init route=...`) must be identical
     let first = outs[0].normalized()[1..].to_vec();
     for o in &outs {

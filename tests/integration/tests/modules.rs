@@ -172,12 +172,8 @@ fn legacy_entry_points_are_counted_like_v2() {
 fn a_legacy_pointer_freed_with_the_v2_call_is_returned() {
     // The simulated driver hands out legacy pointers from 0x10000000 up, per process.
     let sim = sim();
-    let out = sim
-        .client(Route::Link)
-        .shim()
-        .env("GPUSLICE_MEMORY_LIMIT", "1GiB")
-        .args("init ctx 0 v1alloc 100M info freeraw 0x10000000 info nvmlprocs 0")
-        .run();
+    let out =
+        sim.client(Route::Link).shim().env("GPUSLICE_MEMORY_LIMIT", "1GiB").args("init ctx 0 v1alloc 100M info freeraw 0x10000000 info nvmlprocs 0").run();
     out.assert_all_ok();
     assert_eq!(out.get("v1alloc", "ptr").as_deref(), Some("0x10000000"), "{out}");
     assert_eq!(counted(&out, 0), R + 100 * MIB, "{out}");
@@ -197,11 +193,7 @@ fn dlvsym_lookups_get_the_wrappers() {
     .unwrap_or_else(|e| panic!("{e}"));
     let sim = sim();
     let lookup = |name: &str, version: &str, shim: bool| {
-        sim.client(Route::Dlsym)
-            .with_shim(shim)
-            .env("CUCLIENT_DLVSYM_LIBRARY", lib.display())
-            .args(&format!("init dlvsym {name} {version}"))
-            .run()
+        sim.client(Route::Dlsym).with_shim(shim).env("CUCLIENT_DLVSYM_LIBRARY", lib.display()).args(&format!("init dlvsym {name} {version}")).run()
     };
     for name in ["cuMemAlloc_v2", "cuModuleLoadData"] {
         let out = lookup(name, "VERSIONED_1", true);

@@ -53,7 +53,11 @@ fn under_mps_priority_and_share_become_mps_settings_and_the_throttle_stands_asid
     assert!(ms < device_ms() * 2.0, "{ms:.1} ms for {:.1} ms of device work: the throttle must stand aside under MPS\n{out}", device_ms());
     let said = out.stderr_lines_with(&["served by MPS"]);
     assert_eq!(said.len(), 1, "one line says what was mapped:\n{out}");
-    assert!(said[0].contains("CUDA_MPS_CLIENT_PRIORITY=0") && said[0].contains("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25") && said[0].contains("spatial"), "{}", said[0]);
+    assert!(
+        said[0].contains("CUDA_MPS_CLIENT_PRIORITY=0") && said[0].contains("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25") && said[0].contains("spatial"),
+        "{}",
+        said[0]
+    );
 
     // Low (and normal) yield: MPS's below-normal level; no share, no percentage.
     let client = sim.client(Route::Procaddr).shim().env("CUDA_MPS_PIPE_DIRECTORY", &pipes).env("GPUSLICE_PRIORITY", "low");
@@ -77,7 +81,13 @@ fn the_users_own_mps_settings_win_and_gpuslice_mps_off_leaves_mps_alone() {
     // The user's percentage carries the share as well: still spatial.
     assert!(ms < device_ms() * 2.0, "{ms:.1} ms: {out}");
 
-    let client = sim.client(Route::Procaddr).shim().env("CUDA_MPS_PIPE_DIRECTORY", &pipes).env("GPUSLICE_PRIORITY", "high").env("GPUSLICE_SM_SHARE", SHARE).env("GPUSLICE_MPS", "off");
+    let client = sim
+        .client(Route::Procaddr)
+        .shim()
+        .env("CUDA_MPS_PIPE_DIRECTORY", &pipes)
+        .env("GPUSLICE_PRIORITY", "high")
+        .env("GPUSLICE_SM_SHARE", SHARE)
+        .env("GPUSLICE_MPS", "off");
     let (priority, threads, ms, out) = observe(client);
     assert_eq!((priority.as_str(), threads.as_str()), ("(unset)", "(unset)"), "GPUSLICE_MPS=off writes nothing:\n{out}");
     let want = device_ms() * 100.0 / f64::from(SHARE);
@@ -91,7 +101,8 @@ fn without_an_mps_daemon_nothing_is_written_and_shares_stay_time_based() {
     let sim = Sim::new();
     let empty = sim.path("no-daemon");
     std::fs::create_dir_all(&empty).unwrap();
-    let client = sim.client(Route::Procaddr).shim().env("CUDA_MPS_PIPE_DIRECTORY", empty.display()).env("GPUSLICE_PRIORITY", "high").env("GPUSLICE_SM_SHARE", SHARE);
+    let client =
+        sim.client(Route::Procaddr).shim().env("CUDA_MPS_PIPE_DIRECTORY", empty.display()).env("GPUSLICE_PRIORITY", "high").env("GPUSLICE_SM_SHARE", SHARE);
     let (priority, threads, ms, out) = observe(client);
     assert_eq!((priority.as_str(), threads.as_str()), ("(unset)", "(unset)"), "{out}");
     let want = device_ms() * 100.0 / f64::from(SHARE);

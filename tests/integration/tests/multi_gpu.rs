@@ -81,7 +81,13 @@ fn cuda_visible_devices_and_device_order_pick_the_devices_as_the_driver_does() {
                 // but for a sliced process whose list names UUIDs only, the shim renumbers NVML
                 // as CUDA numbers (issue 15), so that the two agree.
                 let uuids_only = visible.as_ref().is_some_and(|v| v.split(',').all(|e| e.starts_with("GPU-")));
-                let nvml_index = if shim && uuids_only { d as i64 } else if *uuid == &u0 { 0 } else { 1 };
+                let nvml_index = if shim && uuids_only {
+                    d as i64
+                } else if *uuid == &u0 {
+                    0
+                } else {
+                    1
+                };
                 assert_eq!(num(line, "index"), nvml_index, "NVML's index of ordinal {d}: {what}");
             }
         }
@@ -114,8 +120,15 @@ fn per_device_limits_follow_cuda_ordinals_and_land_on_the_named_gpu() {
             let what = format!("{key}={value} CUDA_VISIBLE_DEVICES={visible}\n{out}");
             assert_eq!(out.nth_u64("info", 0, "total"), GIB, "{what}");
             assert_eq!(out.u64("fill", "count"), 3, "(1 GiB - the context) / 256 MiB: {what}");
-            assert_eq!(out.nth("nvmlprocs", 0).split_whitespace().find_map(|w| w.strip_prefix("self=")), Some(&*format!("{}", R + 768 * MIB)), "the GPU NVML calls {gpu} holds it: {what}");
-            assert!(out.nth("nvmlprocs", 1).contains("self=-1") || out.nth("nvmlprocs", 1).contains(&format!("self={R}")), "nothing of the fill on NVML's device {other}: {what}");
+            assert_eq!(
+                out.nth("nvmlprocs", 0).split_whitespace().find_map(|w| w.strip_prefix("self=")),
+                Some(&*format!("{}", R + 768 * MIB)),
+                "the GPU NVML calls {gpu} holds it: {what}"
+            );
+            assert!(
+                out.nth("nvmlprocs", 1).contains("self=-1") || out.nth("nvmlprocs", 1).contains(&format!("self={R}")),
+                "nothing of the fill on NVML's device {other}: {what}"
+            );
             assert_eq!(out.nth_u64("info", 1, "total"), 16 * GIB, "ordinal 1 has no limit: {what}");
         }
     }
@@ -143,7 +156,14 @@ fn the_controller_counts_a_reordered_process_on_the_gpu_by_uuid() {
     let sim = sim();
     let ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"2GiB\"\n");
     let stop = sim.path_str("stop");
-    let a = sim.client(Route::Link).shim().controller(&ctl).group("g").env("CUDA_VISIBLE_DEVICES", "1,0").args(&format!("init ctx 0 alloc 512M waitfile {stop}")).spawn();
+    let a = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("g")
+        .env("CUDA_VISIBLE_DEVICES", "1,0")
+        .args(&format!("init ctx 0 alloc 512M waitfile {stop}"))
+        .spawn();
     let b = sim.client(Route::Link).shim().controller(&ctl).group("g").args(&format!("init ctx 0 alloc 128M waitfile {stop}")).spawn();
     a.wait_line("alloc", 0);
     b.wait_line("alloc", 0);
@@ -166,13 +186,17 @@ fn ipc_memory_is_charged_once_to_the_exporter_and_survives_kill9() {
     let sim = sim();
     let ctl = sim.controller_with_config("[groups.exporter]\nmemory_limit = \"2GiB\"\n[groups.importer]\nmemory_limit = \"256MiB\"\n");
     let (handle, stop, close) = (sim.path_str("handle"), sim.path_str("stop"), sim.path_str("close"));
-    let mut exporter = sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 1G ipcexport {handle} waitfile {stop} free")).spawn();
-    let importer = sim.program(mgpu()).shim().controller(&ctl).group("importer").args(&format!("init ctx 0 ipcopen {handle} info waitfile {close} ipcclose info")).spawn();
+    let mut exporter =
+        sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 1G ipcexport {handle} waitfile {stop} free")).spawn();
+    let importer =
+        sim.program(mgpu()).shim().controller(&ctl).group("importer").args(&format!("init ctx 0 ipcopen {handle} info waitfile {close} ipcclose info")).spawn();
     expect_ok(&exporter.wait_line("ipcexport", 0));
     expect_ok(&importer.wait_line("ipcopen", 0));
     let info = importer.wait_line("info", 0);
     assert_eq!(num(&info, "free") as u64, 256 * MIB - R, "the import costs the importer nothing: {info}");
-    ctl.ls_until("the export counted once, to the exporter", Duration::from_secs(5), |l| l.group_used("exporter", 0) == GIB + R && l.group_used("importer", 0) == R);
+    ctl.ls_until("the export counted once, to the exporter", Duration::from_secs(5), |l| {
+        l.group_used("exporter", 0) == GIB + R && l.group_used("importer", 0) == R
+    });
     assert_eq!(device_used(&sim, 0), GIB + 2 * R, "the device holds the allocation once");
 
     exporter.kill();
@@ -195,8 +219,16 @@ fn ipc_memory_is_charged_once_to_the_exporter_and_survives_kill9() {
 fn vmm_fd_imports_are_neither_refused_nor_double_counted_and_nothing_leaks_on_kill9() {
     let sim = sim();
     let (fdfile, stop, close) = (sim.path_str("fd"), sim.path_str("stop"), sim.path_str("close"));
-    let exporter = |s: &Sim, then: &str| s.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT", "1GiB").args(&format!("init ctx 0 vmmexport 0 512M {fdfile} waitfile {stop} {then}")).spawn();
-    let importer = |s: &Sim| s.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT", "256MiB").args(&format!("init ctx 0 vmmimport {fdfile} info waitfile {close} vmmunimport info")).spawn();
+    let exporter = |s: &Sim, then: &str| {
+        s.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT", "1GiB").args(&format!("init ctx 0 vmmexport 0 512M {fdfile} waitfile {stop} {then}")).spawn()
+    };
+    let importer = |s: &Sim| {
+        s.program(mgpu())
+            .shim()
+            .env("GPUSLICE_MEMORY_LIMIT", "256MiB")
+            .args(&format!("init ctx 0 vmmimport {fdfile} info waitfile {close} vmmunimport info"))
+            .spawn()
+    };
 
     // 1. The exporter releases first; the memory lives on until the importer unmaps it.
     let e = exporter(&sim, "vmmrelease info");
@@ -266,7 +298,14 @@ fn host_locations_and_threads_without_a_context() {
     assert!(out.nth("nocontext", 0).contains("release=-1"), "{out}");
     assert!(out.stderr.contains("refused on device 1"), "the refusal names the device the thread asked for:\n{}", out.stderr);
     // The same with a share and a priority in force (the launch path's throttle and gates).
-    let throttled = sim.program(mgpu()).shim().env("GPUSLICE_MEMORY_LIMIT_1", "256MiB").env("GPUSLICE_SM_SHARE", "30").env("GPUSLICE_PRIORITY", "low").args("init ctx 0 nocontext 1 128M").run();
+    let throttled = sim
+        .program(mgpu())
+        .shim()
+        .env("GPUSLICE_MEMORY_LIMIT_1", "256MiB")
+        .env("GPUSLICE_SM_SHARE", "30")
+        .env("GPUSLICE_PRIORITY", "low")
+        .args("init ctx 0 nocontext 1 128M")
+        .run();
     throttled.assert_all_ok();
     assert_eq!(throttled.nth("nocontext", 0), out.nth("nocontext", 1), "{throttled}");
     // And the same without the shim: byte for byte the driver's answers.
@@ -410,13 +449,23 @@ fn an_import_by_another_user_is_charged_once_to_the_exporter_and_kill9_leaks_not
         for f in [&handle, &stop, &close] {
             let _ = std::fs::remove_file(f);
         }
-        let mut exporter = sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 1G ipcexport {handle} waitfile {stop} free")).spawn();
-        let mut importer = sim.program(mgpu()).shim().uid(NOBODY).controller(&ctl).group("importer").args(&format!("init ctx 0 ipcopen {handle} info waitfile {close} ipcclose info")).spawn();
+        let mut exporter =
+            sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 1G ipcexport {handle} waitfile {stop} free")).spawn();
+        let mut importer = sim
+            .program(mgpu())
+            .shim()
+            .uid(NOBODY)
+            .controller(&ctl)
+            .group("importer")
+            .args(&format!("init ctx 0 ipcopen {handle} info waitfile {close} ipcclose info"))
+            .spawn();
         expect_ok(&exporter.wait_line("ipcexport", 0));
         expect_ok(&importer.wait_line("ipcopen", 0));
         let info = importer.wait_line("info", 0);
         assert_eq!(num(&info, "free") as u64, 256 * MIB - R, "uid {NOBODY}'s import costs it nothing: {info}");
-        ctl.ls_until("the export counted once, to the exporter", Duration::from_secs(5), |l| l.group_used("exporter", 0) == GIB + R && l.group_used("importer", 0) == R);
+        ctl.ls_until("the export counted once, to the exporter", Duration::from_secs(5), |l| {
+            l.group_used("exporter", 0) == GIB + R && l.group_used("importer", 0) == R
+        });
         assert_eq!(exports_recorded(&ctl), 1);
         assert_eq!(device_used(&sim, 0), GIB + 2 * R, "the device holds the allocation once");
         match victim {
@@ -431,7 +480,9 @@ fn an_import_by_another_user_is_charged_once_to_the_exporter_and_kill9_leaks_not
             Some("exporter") => {
                 exporter.kill();
                 exporter.wait();
-                ctl.ls_until("the killed exporter's bytes returned", Duration::from_secs(5), |l| l.members("exporter").is_empty() && l.group_used("exporter", 0) == 0);
+                ctl.ls_until("the killed exporter's bytes returned", Duration::from_secs(5), |l| {
+                    l.members("exporter").is_empty() && l.group_used("exporter", 0) == 0
+                });
                 assert_eq!(exports_recorded(&ctl), 0, "the killed exporter's export left the table");
                 touch(&close);
                 let out = importer.wait();
@@ -441,7 +492,9 @@ fn an_import_by_another_user_is_charged_once_to_the_exporter_and_kill9_leaks_not
             Some(_) => {
                 importer.kill();
                 importer.wait();
-                ctl.ls_until("the killed importer's group empty", Duration::from_secs(5), |l| l.members("importer").is_empty() && l.group_used("importer", 0) == 0);
+                ctl.ls_until("the killed importer's group empty", Duration::from_secs(5), |l| {
+                    l.members("importer").is_empty() && l.group_used("importer", 0) == 0
+                });
                 assert_eq!(ctl.ls().group_used("exporter", 0), GIB + R, "the exporter still holds its allocation");
                 touch(&stop);
                 exporter.wait().assert_all_ok();
@@ -461,8 +514,10 @@ fn the_controller_records_a_vmm_fd_export_and_its_import_is_not_charged() {
     let sim = sim();
     let ctl = sim.controller_with_config("[groups.exporter]\nmemory_limit = \"1GiB\"\n[groups.importer]\nmemory_limit = \"256MiB\"\n");
     let (fdfile, stop, close) = (sim.path_str("fd"), sim.path_str("stop"), sim.path_str("close"));
-    let e = sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 vmmexport 0 512M {fdfile} waitfile {stop} vmmrelease")).spawn();
-    let i = sim.program(mgpu()).shim().controller(&ctl).group("importer").args(&format!("init ctx 0 vmmimport {fdfile} info waitfile {close} vmmunimport")).spawn();
+    let e =
+        sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 vmmexport 0 512M {fdfile} waitfile {stop} vmmrelease")).spawn();
+    let i =
+        sim.program(mgpu()).shim().controller(&ctl).group("importer").args(&format!("init ctx 0 vmmimport {fdfile} info waitfile {close} vmmunimport")).spawn();
     expect_ok(&e.wait_line("vmmexport", 0));
     expect_ok(&i.wait_line("vmmimport", 0));
     assert_eq!(num(&i.wait_line("info", 0), "free") as u64, 256 * MIB - R, "not charged to the importer");
@@ -491,7 +546,14 @@ fn a_mig_instance_named_by_its_uuid_is_sliced_end_to_end() {
     let mig = sim.mig_uuid(1);
     let ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
     let stop = sim.path_str("stop");
-    let c = sim.client(Route::Link).shim().controller(&ctl).group("g").env("CUDA_VISIBLE_DEVICES", &mig).args(&format!("init ctx 0 alloc 512M alloc 600M info waitfile {stop}")).spawn();
+    let c = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("g")
+        .env("CUDA_VISIBLE_DEVICES", &mig)
+        .args(&format!("init ctx 0 alloc 512M alloc 600M info waitfile {stop}"))
+        .spawn();
     expect_ok(&c.wait_line("alloc", 0));
     let refused = c.wait_line("alloc", 1);
     assert_eq!(line_code(&refused), Some(CUDA_ERROR_OUT_OF_MEMORY), "held to the group's 1 GiB on the instance: {refused}");
@@ -517,7 +579,13 @@ fn a_mig_instance_named_by_its_uuid_is_sliced_end_to_end() {
     c.wait().assert_success();
 
     // Alone, on its environment's limit: held to it on the instance as well.
-    let out = sim.client(Route::Link).shim().env("GPUSLICE_MEMORY_LIMIT", "256MiB").env("CUDA_VISIBLE_DEVICES", &mig).args("init ctx 0 alloc 128M alloc 100M info").run();
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .env("GPUSLICE_MEMORY_LIMIT", "256MiB")
+        .env("CUDA_VISIBLE_DEVICES", &mig)
+        .args("init ctx 0 alloc 128M alloc 100M info")
+        .run();
     assert_eq!(line_code(&out.lines[3]), Some(CUDA_ERROR_OUT_OF_MEMORY), "{out}");
     assert_eq!(out.u64("info", "free"), 256 * MIB - R - 128 * MIB, "{out}");
 }

@@ -39,7 +39,14 @@ fn output_into_a_closed_pipe_ends_quietly() {
         vec!["--help".into()],
     ];
     for args in cases {
-        let out = Command::new(cli_path()).args(&args).env("GPUSLICE_SOCKET", &socket).stdin(Stdio::null()).stdout(closed_pipe()).stderr(Stdio::piped()).output().unwrap();
+        let out = Command::new(cli_path())
+            .args(&args)
+            .env("GPUSLICE_SOCKET", &socket)
+            .stdin(Stdio::null())
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.is_empty(), "gpuslice {args:?} into a closed pipe says nothing, got:\n{stderr}");
         let quiet = out.status.success() || out.status.signal() == Some(libc::SIGPIPE);
@@ -73,7 +80,15 @@ fn check_config_checks_every_section_with_its_place() {
     assert!(!out.success(), "{out}");
     assert_eq!(out.stderr_lines_with(&["line 2, column 11", "controller.metrics", "host:port"]).len(), 1, "{out}");
     let socket = sim.path("s.sock");
-    let out = sim.program(cli_path()).args("serve --config").arg(bad.display()).arg("--socket").arg(socket.display()).arg("--ledger").arg(sim.path("l/ledger").display()).run();
+    let out = sim
+        .program(cli_path())
+        .args("serve --config")
+        .arg(bad.display())
+        .arg("--socket")
+        .arg(socket.display())
+        .arg("--ledger")
+        .arg(sim.path("l/ledger").display())
+        .run();
     assert!(!out.success(), "{out}");
     assert_eq!(out.stderr_lines_with(&["line 2, column 11", "controller.metrics"]).len(), 1, "{out}");
     assert!(!out.stderr.contains("--metrics"), "the value came from the file, not --metrics:\n{out}");
@@ -86,7 +101,12 @@ fn check_config_checks_every_section_with_its_place() {
     let out = sim.program(cli_path()).arg("check-config").arg(good.display()).run();
     out.assert_success();
     let text = out.lines.join("\n");
-    for want in ["[controller] socket /run/gpuslice/gpuslice.sock (default)", "metrics 127.0.0.1:9400", "[defaults] memory 16.00 GiB", "[groups.inference] memory 6.00 GiB; SM share 50%; priority high"] {
+    for want in [
+        "[controller] socket /run/gpuslice/gpuslice.sock (default)",
+        "metrics 127.0.0.1:9400",
+        "[defaults] memory 16.00 GiB",
+        "[groups.inference] memory 6.00 GiB; SM share 50%; priority high",
+    ] {
         assert!(text.contains(want), "check-config shows {want:?}:\n{out}");
     }
 }

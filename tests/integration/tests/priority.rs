@@ -53,7 +53,13 @@ fn device_bound(queue: u64) -> u64 {
 fn within(probe: &Probe, alone: &Probe, queue: u64) -> Result<(), String> {
     let wall = alone.p99_us + queue * NEIGHBOUR_NS / 1000 + SLACK_US;
     if probe.dev_p99_us > device_bound(queue) {
-        Err(format!("on the device, p99 {} µs over {} µs ({} + {queue} × {} + {DEVICE_SLACK_US})", probe.dev_p99_us, device_bound(queue), PROBE_NS / 1000, NEIGHBOUR_NS / 1000))
+        Err(format!(
+            "on the device, p99 {} µs over {} µs ({} + {queue} × {} + {DEVICE_SLACK_US})",
+            probe.dev_p99_us,
+            device_bound(queue),
+            PROBE_NS / 1000,
+            NEIGHBOUR_NS / 1000
+        ))
     } else if probe.p99_us > wall {
         Err(format!("p99 {} µs over {wall} µs (alone p99 {} + {queue} × {} + {SLACK_US})", probe.p99_us, alone.p99_us, NEIGHBOUR_NS / 1000))
     } else {
@@ -175,7 +181,12 @@ fn a_high_priority_probe_waits_for_at_most_the_neighbours_queue() {
                 if let Err(e) = within(probe, &alone, queue) {
                     Err(e)
                 } else if p < min_progress {
-                    Err(format!("the neighbour got {:.1}% of the {:.0} ms the probe left it (at least {:.0}% expected)", 100.0 * p, left_ms(flood, probe), 100.0 * min_progress))
+                    Err(format!(
+                        "the neighbour got {:.1}% of the {:.0} ms the probe left it (at least {:.0}% expected)",
+                        100.0 * p,
+                        left_ms(flood, probe),
+                        100.0 * min_progress
+                    ))
                 } else {
                     Ok(())
                 }
@@ -213,13 +224,17 @@ fn without_a_high_priority_process_low_runs_as_fast_as_without_the_shim() {
     for ns in [1_000_000u64, 20_000] {
         let n = 200_000_000 / ns;
         let plain = achieved(sim.client(Route::Procaddr), n, ns);
-        let low = twice(&format!("{} µs kernels at low", ns / 1000), || achieved(client(&sim, Some("low")), n, ns), |low| {
-            if *low >= plain * 0.97 {
-                Ok(())
-            } else {
-                Err(format!("{low:.1}% at low under the shim, {plain:.1}% without the shim"))
-            }
-        });
+        let low = twice(
+            &format!("{} µs kernels at low", ns / 1000),
+            || achieved(client(&sim, Some("low")), n, ns),
+            |low| {
+                if *low >= plain * 0.97 {
+                    Ok(())
+                } else {
+                    Err(format!("{low:.1}% at low under the shim, {plain:.1}% without the shim"))
+                }
+            },
+        );
         eprintln!("{} µs kernels: {plain:.1}% of the device without the shim, {low:.1}% at low under the shim", ns / 1000);
         assert!(plain > 97.0, "the simulated device should be saturated: {plain:.1}%");
     }
@@ -283,7 +298,11 @@ fn check_back(what: &str, flood: &Flood, began: u64, until: u64, gone: u64) -> f
     let back = flood.first_bucket_with(gone, 0.5).unwrap_or_else(|| panic!("{what}: the neighbour never came back: {flood:?}"));
     let after_ms = back.saturating_sub(gone) as f64 / 1e6;
     let rest = flood.share_between(back + 50_000_000, flood.stop());
-    eprintln!("{what}: neighbour held to {:.1}% while the high one worked; back {after_ms:.0} ms after it went, then {:.1}% of the device", 100.0 * held, 100.0 * rest);
+    eprintln!(
+        "{what}: neighbour held to {:.1}% while the high one worked; back {after_ms:.0} ms after it went, then {:.1}% of the device",
+        100.0 * held,
+        100.0 * rest
+    );
     assert!(after_ms <= 1000.0, "{what}: the neighbour came back only {after_ms:.0} ms after the high-priority process went");
     assert!(rest > 0.95, "{what}: the neighbour is back but not at full speed: {:.1}%", 100.0 * rest);
     after_ms
@@ -295,12 +314,7 @@ fn when_the_high_priority_process_goes_its_neighbour_is_back_within_the_lease() 
     let sim = Sim::new();
 
     // It finishes its work (60 kernels of 5 ms), synchronizes and exits: nothing to wait for.
-    let (flood, began, synced) = high_goes_away(
-        &sim,
-        "launch 60 5000000 sync now",
-        |high| kv(&high.wait_line("now", 0), "ns").unwrap().parse().unwrap(),
-        800,
-    );
+    let (flood, began, synced) = high_goes_away(&sim, "launch 60 5000000 sync now", |high| kv(&high.wait_line("now", 0), "ns").unwrap().parse().unwrap(), 800);
     check_back("exited", &flood, began, synced, synced);
 
     // Killed with SIGKILL in the middle of 2 s of work: its busy mark stays behind, and its
@@ -352,9 +366,7 @@ fn priority_set_live_through_the_controller() {
     // Started normal (no GPUSLICE_PRIORITY): it waits behind the neighbour's queue.
     let probe = client(&sim, None)
         .controller(&ctl)
-        .args(&format!(
-            "init ctx 0 pid sleep 300 probe 5 {PROBE_NS} {GAP_US} waitfile {go} launch 1 1000 sync sleep 100 probe {REQUESTS} {PROBE_NS} {GAP_US}"
-        ))
+        .args(&format!("init ctx 0 pid sleep 300 probe 5 {PROBE_NS} {GAP_US} waitfile {go} launch 1 1000 sync sleep 100 probe {REQUESTS} {PROBE_NS} {GAP_US}"))
         .spawn();
     let pid = probe.pid();
     let before = Probe::parse(&probe.wait_line("probe", 0));
@@ -419,7 +431,9 @@ fn priority_set_back_to_normal_releases_the_neighbours() {
     let n = neighbour(client(&sim, None).controller(&ctl), None, &stop);
     let probe = client(&sim, Some("high"))
         .controller(&ctl)
-        .args(&format!("init ctx 0 pid launch 1 1000 sync sleep 100 probe 10 {PROBE_NS} {GAP_US} waitfile {go} sleep 600 probe 5 {PROBE_NS} {GAP_US} touch {stop}"))
+        .args(&format!(
+            "init ctx 0 pid launch 1 1000 sync sleep 100 probe 10 {PROBE_NS} {GAP_US} waitfile {go} sleep 600 probe 5 {PROBE_NS} {GAP_US} touch {stop}"
+        ))
         .spawn();
     let pid = probe.pid();
     let high = Probe::parse(&probe.wait_line("probe", 0));

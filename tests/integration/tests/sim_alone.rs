@@ -12,17 +12,17 @@ const TOTAL: u64 = 16 * GIB; // SIMCUDA_MEM default
 fn every_route_allocates_and_frees_with_accounting() {
     for route in Route::ALL {
         let sim = Sim::new();
-        let out = sim
-            .client(route)
-            .args("init version count ctx 0 info alloc 1G info nvml 0 free 1 info nvml 0 totalmem 0")
-            .run();
+        let out = sim.client(route).args("init version count ctx 0 info alloc 1G info nvml 0 free 1 info nvml 0 totalmem 0").run();
         out.assert_all_ok();
-        assert_eq!(out.get("init", "route").as_deref(), Some(match route {
-            Route::Link => "link",
-            Route::Dlsym => "dlsym",
-            Route::Procaddr => "procaddr",
-            Route::ProcaddrPtsz => "procaddr-ptsz",
-        }));
+        assert_eq!(
+            out.get("init", "route").as_deref(),
+            Some(match route {
+                Route::Link => "link",
+                Route::Dlsym => "dlsym",
+                Route::Procaddr => "procaddr",
+                Route::ProcaddrPtsz => "procaddr-ptsz",
+            })
+        );
         assert_eq!(out.u64("version", "version"), 13000);
         assert_eq!(out.u64("count", "count"), 2);
         assert_eq!(out.nth_u64("info", 0, "total"), TOTAL);
@@ -54,10 +54,7 @@ fn environment_configures_the_device() {
 #[test]
 fn error_codes_of_the_driver() {
     let sim = Sim::new().env("SIMCUDA_MEM", GIB).env("SIMCUDA_CTX_RESERVE", 0);
-    let out = sim
-        .client(Route::Link)
-        .args("ctx 0 init alloc 1M ctx 0 alloc 0 alloc 1G alloc 1 freeraw 0x1234 free 1 free 1 freeraw 0 alloc 2G info")
-        .run();
+    let out = sim.client(Route::Link).args("ctx 0 init alloc 1M ctx 0 alloc 0 alloc 1G alloc 1 freeraw 0x1234 free 1 free 1 freeraw 0 alloc 2G info").run();
     out.assert_success();
     out.expect_err(0, 3); // CUDA_ERROR_NOT_INITIALIZED before cuInit
     out.expect_ok(1);
@@ -108,10 +105,7 @@ fn every_allocation_kind_is_charged_and_returned() {
 #[test]
 fn contexts_own_their_memory() {
     let sim = Sim::new();
-    let out = sim
-        .client(Route::Procaddr)
-        .args("init ctxcreate 0 info alloc 1G info ctxdestroy ctx 0 info ctxrelease 0 ctx 0 info")
-        .run();
+    let out = sim.client(Route::Procaddr).args("init ctxcreate 0 info alloc 1G info ctxdestroy ctx 0 info ctxrelease 0 ctx 0 info").run();
     out.assert_all_ok();
     assert_eq!(out.nth_u64("info", 0, "free"), TOTAL - R);
     assert_eq!(out.nth_u64("info", 1, "free"), TOTAL - R - GIB);
@@ -219,10 +213,7 @@ fn get_proc_address_agrees_with_dlsym() {
 fn kernels_run_on_a_timeline() {
     for route in [Route::Link, Route::ProcaddrPtsz] {
         let sim = Sim::new();
-        let out = sim
-            .client(route)
-            .args("init ctx 0 mark launch 10 2000000 elapsed sync elapsed events 5 1000000 graph 3 1000000 4")
-            .run();
+        let out = sim.client(route).args("init ctx 0 mark launch 10 2000000 elapsed sync elapsed events 5 1000000 graph 3 1000000 4").run();
         out.assert_all_ok();
         let queued = out.nth("elapsed", 0);
         let done = out.nth("elapsed", 1);

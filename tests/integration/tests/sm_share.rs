@@ -191,7 +191,5 @@ fn a_killed_process_does_not_hold_the_device() {
     victim.kill();
     let _ = victim.wait();
     let ns = 200_000u64;
-    assert_share(60.0, 2.0, "right after a throttled neighbour was killed", || {
-        achieved(&sim, Route::Procaddr, Some(60), &kernels(WORK_NS / ns, ns), WORK_NS)
-    });
+    assert_share(60.0, 2.0, "right after a throttled neighbour was killed", || achieved(&sim, Route::Procaddr, Some(60), &kernels(WORK_NS / ns, ns), WORK_NS));
 }

@@ -22,10 +22,7 @@ fn nvmlclient() -> PathBuf {
 /// A line's `key=value` as a number.
 fn field(line: &str, key: &str) -> u64 {
     let prefix = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
+    line.split_whitespace().find_map(|w| w.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
 }
 
 /// The report's line `<what> <device> ...` (the `n`-th report's, for `--wait`).
@@ -125,12 +122,7 @@ fn an_environment_limit_is_the_total_in_an_nvml_only_process_and_in_a_cuda_one()
     assert_eq!(procs(line(&bare, "compute3", 0, 0)), vec![(other.pid(), GIB + R)]);
 
     // A CUDA process under the same limit: NVML and the driver's queries agree on its slice.
-    let c = sim
-        .client(Route::Dlsym)
-        .shim()
-        .env("GPUSLICE_MEMORY_LIMIT", "4GiB")
-        .args("init ctx 0 alloc 256M info totalmem 0 nvml 0 nvmlprocs 0 pid")
-        .run();
+    let c = sim.client(Route::Dlsym).shim().env("GPUSLICE_MEMORY_LIMIT", "4GiB").args("init ctx 0 alloc 256M info totalmem 0 nvml 0 nvmlprocs 0 pid").run();
     assert!(c.success(), "{c}");
     let used = 256 * MIB + R;
     assert_eq!(c.u64("nvml", "total"), 4 * GIB);
@@ -254,7 +246,10 @@ fn a_throttled_groups_utilization_is_its_own_measured_share() {
     let flooded = flood.wait();
     assert!(flooded.success(), "{flooded}");
     let around = (c1 - c0) as f64 / (t1 - t0).as_nanos() as f64 * 100.0;
-    eprintln!("utilization seen by the group: {:?}; its charged time around the first: {around:.1} %", out.lines.iter().filter(|l| l.starts_with("util 0")).collect::<Vec<_>>());
+    eprintln!(
+        "utilization seen by the group: {:?}; its charged time around the first: {around:.1} %",
+        out.lines.iter().filter(|l| l.starts_with("util 0")).collect::<Vec<_>>()
+    );
     assert!(around > 5.0, "the throttled flood ran ({around:.1} % of the device's time)");
     // The first figure is measured over 1 s: the group's own share over that second, not the
     // device's (the simulator says 0 or 100). Wall-clock figures on a shared machine: the
@@ -275,7 +270,12 @@ fn a_limit_set_live_on_a_process_without_settings_shows_in_its_nvml() {
     let stop = sim.path_str("stop");
     let _other = holder(&sim, 0, 128 * MIB, &stop, |c| c);
     let go = sim.path_str("go");
-    let c = sim.client(Route::Dlsym).shim().controller(&ctl).args(&format!("init ctx 0 nvml 0 nvmlprocs 0 waitfile {go} alloc 64M nvml 0 info nvmlprocs 0")).spawn();
+    let c = sim
+        .client(Route::Dlsym)
+        .shim()
+        .controller(&ctl)
+        .args(&format!("init ctx 0 nvml 0 nvmlprocs 0 waitfile {go} alloc 64M nvml 0 info nvmlprocs 0"))
+        .spawn();
     c.wait_line("nvmlprocs", 0);
     // Alone in its own group `pid-N`, nothing set: the card, and every process on it.
     ctl.set_ok(&format!("--pid {} --memory 1GiB", c.pid()));

@@ -207,7 +207,8 @@ fn sixteen_threads_on_sixteen_streams_share_one_turn() {
     let sim = Sim::new();
     // 16 threads × 50 kernels of 200 µs = 160 ms of device time at 30%: about 0.53 s.
     let measure = || {
-        let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 30).args("init ctx 0 launch 22 200000 sync mark plaunch 16 50 200000 elapsed").run();
+        let out =
+            sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 30).args("init ctx 0 launch 22 200000 sync mark plaunch 16 50 200000 elapsed").run();
         out.assert_all_ok();
         let wall_ms: f64 = out.get("elapsed", "ms").unwrap().parse().unwrap();
         160.0 / wall_ms * 100.0

@@ -223,20 +223,39 @@ fn metrics_agree_with_the_ledger() {
     ctl.set_ok("--create --group scraped --memory 512MiB --sm 50 --priority high");
     let done = sim.path("done").display().to_string();
     // 1200 kernels of 500 µs: 600 ms of device time, about 1.2 s at a 50% share.
-    let worker = sim.client(Route::Link).shim().controller(&ctl).group("scraped").args(&format!("init ctx 0 alloc 200M launch 1200 500000 sync waitfile {done}")).spawn();
+    let worker = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("scraped")
+        .args(&format!("init ctx 0 alloc 200M launch 1200 500000 sync waitfile {done}"))
+        .spawn();
     expect_ok(&worker.wait_line("alloc", 0));
     // 2R + 200M + 100M fits in 512M; another 300M does not.
     let refused = sim.client(Route::Dlsym).shim().controller(&ctl).group("scraped").args(&format!("init ctx 0 alloc 100M alloc 300M waitfile {done}")).spawn();
     expect_ok(&refused.wait_line("alloc", 0));
     assert_eq!(line_code(&refused.wait_line("alloc", 1)), Some(CUDA_ERROR_OUT_OF_MEMORY));
-    let alone = sim.client(Route::Procaddr).shim().controller(&ctl).env("GPUSLICE_MEMORY_LIMIT", "256MiB").args(&format!("init ctx 0 alloc 100M waitfile {done}")).spawn();
+    let alone = sim
+        .client(Route::Procaddr)
+        .shim()
+        .controller(&ctl)
+        .env("GPUSLICE_MEMORY_LIMIT", "256MiB")
+        .args(&format!("init ctx 0 alloc 100M waitfile {done}"))
+        .spawn();
     expect_ok(&alone.wait_line("alloc", 0));
     // A second of the worker's throttled launches has been sampled (the next sample is a
     // second away: the scrape below sees this one).
-    ctl.ls_until("the worker's achieved share", Duration::from_secs(5), |l| l.process_device(worker.pid(), 0)["achieved_share"].as_f64().is_some_and(|a| a > 20.0));
+    ctl.ls_until("the worker's achieved share", Duration::from_secs(5), |l| {
+        l.process_device(worker.pid(), 0)["achieved_share"].as_f64().is_some_and(|a| a > 20.0)
+    });
     let (l, m) = consistent_scrape(&ctl, port, achieved_shares);
     let k = [("group", "scraped".to_string()), ("device", "0".into()), ("uuid", sim.device_uuid(0))];
-    close(m.value("gpuslice_group_sm_share_achieved_ratio", &k), l.group_device("scraped", 0)["achieved_share"].as_f64().unwrap() / 100.0, 1e-9, "achieved share");
+    close(
+        m.value("gpuslice_group_sm_share_achieved_ratio", &k),
+        l.group_device("scraped", 0)["achieved_share"].as_f64().unwrap() / 100.0,
+        1e-9,
+        "achieved share",
+    );
     let achieved = m.value("gpuslice_group_sm_share_achieved_ratio", &[("group", "scraped".into()), ("device", "0".into()), ("uuid", sim.device_uuid(0))]);
     assert!(achieved > 0.2 && achieved <= 0.6, "achieved {achieved} while the worker ran at a 50% share");
     expect_ok(&worker.wait_line("sync", 0));
@@ -410,7 +429,8 @@ fn tmux_present() -> bool {
 fn top_shows_processes_and_groups_and_quits_on_q() {
     if !tmux_present() {
         // Written to the stream itself, not with eprintln!: the harness would swallow that.
-        let _ = writeln!(std::io::stderr(), "SKIPPED top_shows_processes_and_groups_and_quits_on_q: tmux is not installed (apt-get install tmux; .ci/run does)");
+        let _ =
+            writeln!(std::io::stderr(), "SKIPPED top_shows_processes_and_groups_and_quits_on_q: tmux is not installed (apt-get install tmux; .ci/run does)");
         return;
     }
     let sim = sim();
@@ -428,15 +448,20 @@ fn top_shows_processes_and_groups_and_quits_on_q() {
     tmux.type_line(&command);
     let pid = member.pid().to_string();
     let screen = tmux.wait_for("the member's row", Duration::from_secs(10), |s| s.contains("controller pid") && s.contains(&pid));
-    let row = screen.lines().find(|l| l.contains(&pid) && l.contains("cuclient-link")).unwrap_or_else(|| panic!("no row with pid {pid} and its name:\n{screen}"));
+    let row =
+        screen.lines().find(|l| l.contains(&pid) && l.contains("cuclient-link")).unwrap_or_else(|| panic!("no row with pid {pid} and its name:\n{screen}"));
     for want in ["viewers", "164.0 MiB / 1.00 GiB", "40%", "high"] {
         assert!(row.contains(want), "the member's row lacks {want:?}: `{row}`\n{screen}");
     }
-    let group_row = screen.lines().find(|l| l.contains("viewers") && l.contains(&pid) && !l.contains("cuclient-link")).unwrap_or_else(|| panic!("no group row:\n{screen}"));
+    let group_row =
+        screen.lines().find(|l| l.contains("viewers") && l.contains(&pid) && !l.contains("cuclient-link")).unwrap_or_else(|| panic!("no group row:\n{screen}"));
     // 164 MiB of 1 GiB: 2 of 12 cells.
     assert!(group_row.contains("██░░░░░░░░░░ 164.0 MiB / 1.00 GiB"), "the group's bar: `{group_row}`");
     let solo = format!("pid-{}", alone.pid());
-    assert!(screen.lines().any(|l| l.contains(&alone.pid().to_string()) && l.contains("cuclient-dlsym") && l.contains(&solo) && l.contains("84.0 MiB / -")), "{screen}");
+    assert!(
+        screen.lines().any(|l| l.contains(&alone.pid().to_string()) && l.contains("cuclient-dlsym") && l.contains(&solo) && l.contains("84.0 MiB / -")),
+        "{screen}"
+    );
 
     // The controller goes away, and comes back (on the same ledger: same processes).
     ctl.stop();

@@ -241,10 +241,7 @@ fn new_va(size: u64, align: u64) -> u64 {
     loop {
         let cur = NEXT_VA.load(Ordering::Relaxed);
         let start = cur.div_ceil(align) * align;
-        if NEXT_VA
-            .compare_exchange_weak(cur, start + span, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
+        if NEXT_VA.compare_exchange_weak(cur, start + span, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             return start;
         }
     }
@@ -564,33 +561,33 @@ fn mps_enabled() -> c_int {
 
 fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
     Some(match attr {
-        1 => 1024,                        // MAX_THREADS_PER_BLOCK
-        2 | 3 => 1024,                    // MAX_BLOCK_DIM_X/Y
-        4 => 64,                          // MAX_BLOCK_DIM_Z
-        5 => i32::MAX,                    // MAX_GRID_DIM_X
-        6 | 7 => 65535,                   // MAX_GRID_DIM_Y/Z
-        8 => 49152,                       // MAX_SHARED_MEMORY_PER_BLOCK
-        9 => 65536,                       // TOTAL_CONSTANT_MEMORY
-        10 => 32,                         // WARP_SIZE
-        11 => i32::MAX,                   // MAX_PITCH
-        12 => 65536,                      // MAX_REGISTERS_PER_BLOCK
-        13 => 1_980_000,                  // CLOCK_RATE (kHz)
-        14 => 512,                        // TEXTURE_ALIGNMENT
-        15 => 1,                          // GPU_OVERLAP
-        ATTR_MULTIPROCESSOR_COUNT => 132, // MULTIPROCESSOR_COUNT
-        17 | 18 => 0,                     // KERNEL_EXEC_TIMEOUT, INTEGRATED
-        19 => 1,                          // CAN_MAP_HOST_MEMORY
-        20 => 0,                          // COMPUTE_MODE default
-        31 | 32 => 1,                     // CONCURRENT_KERNELS, ECC_ENABLED
+        1 => 1024,                           // MAX_THREADS_PER_BLOCK
+        2 | 3 => 1024,                       // MAX_BLOCK_DIM_X/Y
+        4 => 64,                             // MAX_BLOCK_DIM_Z
+        5 => i32::MAX,                       // MAX_GRID_DIM_X
+        6 | 7 => 65535,                      // MAX_GRID_DIM_Y/Z
+        8 => 49152,                          // MAX_SHARED_MEMORY_PER_BLOCK
+        9 => 65536,                          // TOTAL_CONSTANT_MEMORY
+        10 => 32,                            // WARP_SIZE
+        11 => i32::MAX,                      // MAX_PITCH
+        12 => 65536,                         // MAX_REGISTERS_PER_BLOCK
+        13 => 1_980_000,                     // CLOCK_RATE (kHz)
+        14 => 512,                           // TEXTURE_ALIGNMENT
+        15 => 1,                             // GPU_OVERLAP
+        ATTR_MULTIPROCESSOR_COUNT => 132,    // MULTIPROCESSOR_COUNT
+        17 | 18 => 0,                        // KERNEL_EXEC_TIMEOUT, INTEGRATED
+        19 => 1,                             // CAN_MAP_HOST_MEMORY
+        20 => 0,                             // COMPUTE_MODE default
+        31 | 32 => 1,                        // CONCURRENT_KERNELS, ECC_ENABLED
         33 => 0x18 + physical(dev) as c_int, // PCI_BUS_ID
-        34 | 35 => 0,                     // PCI_DEVICE_ID, TCC_DRIVER
-        36 => 2_619_000,                  // MEMORY_CLOCK_RATE
-        37 => 5120,                       // GLOBAL_MEMORY_BUS_WIDTH
-        38 => 50 << 20,                   // L2_CACHE_SIZE
-        39 => 2048,                       // MAX_THREADS_PER_MULTIPROCESSOR
-        40 => 3,                          // ASYNC_ENGINE_COUNT
-        41 => 1,                          // UNIFIED_ADDRESSING
-        50 => 0,                          // PCI_DOMAIN_ID
+        34 | 35 => 0,                        // PCI_DEVICE_ID, TCC_DRIVER
+        36 => 2_619_000,                     // MEMORY_CLOCK_RATE
+        37 => 5120,                          // GLOBAL_MEMORY_BUS_WIDTH
+        38 => 50 << 20,                      // L2_CACHE_SIZE
+        39 => 2048,                          // MAX_THREADS_PER_MULTIPROCESSOR
+        40 => 3,                             // ASYNC_ENGINE_COUNT
+        41 => 1,                             // UNIFIED_ADDRESSING
+        50 => 0,                             // PCI_DOMAIN_ID
         ATTR_CC_MAJOR => 9,
         ATTR_CC_MINOR => 0,
         78..=80 => 1,         // STREAM_PRIORITIES, GLOBAL/LOCAL L1 cache
@@ -738,24 +735,13 @@ pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut Handle, _flags: c_uint, dev: 
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v3(
-    pctx: *mut Handle,
-    _params: *mut c_void,
-    _num_params: c_int,
-    _flags: c_uint,
-    dev: CUdevice,
-) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v3(pctx: *mut Handle, _params: *mut c_void, _num_params: c_int, _flags: c_uint, dev: CUdevice) -> CUresult {
     ctx_create(pctx, dev)
 }
 
 /// CUDA 13 `cuCtxCreate`: (CUcontext*, CUctxCreateParams*, unsigned flags, CUdevice).
 #[no_mangle]
-pub unsafe extern "C" fn cuCtxCreate_v4(
-    pctx: *mut Handle,
-    _params: *mut c_void,
-    _flags: c_uint,
-    dev: CUdevice,
-) -> CUresult {
+pub unsafe extern "C" fn cuCtxCreate_v4(pctx: *mut Handle, _params: *mut c_void, _flags: c_uint, dev: CUdevice) -> CUresult {
     ctx_create(pctx, dev)
 }
 
@@ -1008,22 +994,12 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: 
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
-    dptr: *mut CUdeviceptr,
-    bytesize: usize,
-    pool: Handle,
-    h_stream: Handle,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(dptr: *mut CUdeviceptr, bytesize: usize, pool: Handle, h_stream: Handle) -> CUresult {
     mem_alloc_async(dptr, bytesize, Some(pool), h_stream, false)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
-    dptr: *mut CUdeviceptr,
-    bytesize: usize,
-    pool: Handle,
-    h_stream: Handle,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: usize, pool: Handle, h_stream: Handle) -> CUresult {
     mem_alloc_async(dptr, bytesize, Some(pool), h_stream, true)
 }
 
@@ -1080,11 +1056,7 @@ unsafe fn prop_device(prop: *const CUmemAllocationProp) -> Result<CUdevice, CUre
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemGetAllocationGranularity(
-    granularity: *mut usize,
-    prop: *const CUmemAllocationProp,
-    option: c_uint,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemGetAllocationGranularity(granularity: *mut usize, prop: *const CUmemAllocationProp, option: c_uint) -> CUresult {
     check_init!();
     if !sharing::on_host(prop) {
         tri!(prop_device(prop));
@@ -1097,12 +1069,7 @@ pub unsafe extern "C" fn cuMemGetAllocationGranularity(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemCreate(
-    handle: *mut u64,
-    size: usize,
-    prop: *const CUmemAllocationProp,
-    _flags: u64,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemCreate(handle: *mut u64, size: usize, prop: *const CUmemAllocationProp, _flags: u64) -> CUresult {
     check_init!();
     if sharing::on_host(prop) {
         return sharing::create_on_host(handle, size);
@@ -1147,13 +1114,7 @@ pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMemAddressReserve(
-    ptr: *mut CUdeviceptr,
-    size: usize,
-    alignment: usize,
-    _addr: CUdeviceptr,
-    _flags: u64,
-) -> CUresult {
+pub unsafe extern "C" fn cuMemAddressReserve(ptr: *mut CUdeviceptr, size: usize, alignment: usize, _addr: CUdeviceptr, _flags: u64) -> CUresult {
     check_init!();
     if ptr.is_null() || size == 0 || !(size as u64).is_multiple_of(GRANULARITY) {
         return INVALID_VALUE;
@@ -1181,10 +1142,7 @@ pub unsafe extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> CUre
 }
 
 fn in_reservation(d: &Drv, ptr: u64, size: u64) -> bool {
-    d.reservations
-        .range(..=ptr)
-        .next_back()
-        .is_some_and(|(&start, &len)| ptr + size <= start + len)
+    d.reservations.range(..=ptr).next_back().is_some_and(|(&start, &len)| ptr + size <= start + len)
 }
 
 #[no_mangle]
@@ -1195,9 +1153,7 @@ pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, 
     if size == 0 || !size.is_multiple_of(GRANULARITY) || !in_reservation(&d, ptr, size) {
         return INVALID_VALUE;
     }
-    if d.mappings.range(ptr..ptr + size).next().is_some()
-        || d.mappings.range(..ptr).next_back().is_some_and(|(&s, &(l, _))| s + l > ptr)
-    {
+    if d.mappings.range(ptr..ptr + size).next().is_some() || d.mappings.range(..ptr).next_back().is_some_and(|(&s, &(l, _))| s + l > ptr) {
         return INVALID_VALUE; // already mapped
     }
     match d.vmm.get_mut(&handle) {
@@ -1244,17 +1200,17 @@ pub unsafe extern "C" fn cuMemSetAccess(ptr: CUdeviceptr, size: usize, desc: *co
 
 fn format_size(format: c_uint) -> Option<u64> {
     Some(match format {
-        1 | 8 => 1,        // (UN)SIGNED_INT8
-        2 | 9 | 16 => 2,   // (UN)SIGNED_INT16, HALF
-        3 | 10 | 32 => 4,  // (UN)SIGNED_INT32, FLOAT
-        176 => 1,          // NV12 (approximation)
-        192 | 198 => 1,    // UNORM/SNORM_INT8X1
-        193 | 199 => 2,    // ..X2
-        194 | 200 => 4,    // ..X4
-        195 | 201 => 2,    // UNORM/SNORM_INT16X1
-        196 | 202 => 4,    // ..X2
-        197 | 203 => 8,    // ..X4
-        145..=158 => 1,    // block-compressed formats (approximation)
+        1 | 8 => 1,       // (UN)SIGNED_INT8
+        2 | 9 | 16 => 2,  // (UN)SIGNED_INT16, HALF
+        3 | 10 | 32 => 4, // (UN)SIGNED_INT32, FLOAT
+        176 => 1,         // NV12 (approximation)
+        192 | 198 => 1,   // UNORM/SNORM_INT8X1
+        193 | 199 => 2,   // ..X2
+        194 | 200 => 4,   // ..X4
+        195 | 201 => 2,   // UNORM/SNORM_INT16X1
+        196 | 202 => 4,   // ..X2
+        197 | 203 => 8,   // ..X4
+        145..=158 => 1,   // block-compressed formats (approximation)
         _ => return None,
     })
 }
@@ -1313,14 +1269,7 @@ pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut Handle, desc: *const Cuda
         return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
     }
     let d = &*desc;
-    let d3 = CudaArray3DDescriptor {
-        width: d.width,
-        height: d.height,
-        depth: 0,
-        format: d.format,
-        num_channels: d.num_channels,
-        flags: 0,
-    };
+    let d3 = CudaArray3DDescriptor { width: d.width, height: d.height, depth: 0, format: d.format, num_channels: d.num_channels, flags: 0 };
     array_create(handle, d3, None)
 }
 
@@ -1333,11 +1282,7 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(handle: *mut Handle, desc: *const Cu
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuMipmappedArrayCreate(
-    handle: *mut Handle,
-    desc: *const CudaArray3DDescriptor,
-    num_levels: c_uint,
-) -> CUresult {
+pub unsafe extern "C" fn cuMipmappedArrayCreate(handle: *mut Handle, desc: *const CudaArray3DDescriptor, num_levels: c_uint) -> CUresult {
     if desc.is_null() {
         return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
     }
@@ -1792,14 +1737,7 @@ fn check_function(f: u64, grid: [c_uint; 3], block: [c_uint; 3]) -> impl Fn(&Drv
     }
 }
 
-unsafe fn launch(
-    f: Handle,
-    grid: [c_uint; 3],
-    block: [c_uint; 3],
-    stream: Handle,
-    params: *mut *mut c_void,
-    ptsz: bool,
-) -> CUresult {
+unsafe fn launch(f: Handle, grid: [c_uint; 3], block: [c_uint; 3], stream: Handle, params: *mut *mut c_void, ptsz: bool) -> CUresult {
     check_init!();
     let dur = kernel_duration(params);
     submit(stream, ptsz, check_function(f as u64, grid, block), &[dur])
@@ -1877,23 +1815,11 @@ unsafe fn launch_ex(config: *const CUlaunchConfig, f: Handle, params: *mut *mut 
         return INVALID_VALUE;
     }
     let c = &*config;
-    launch(
-        f,
-        [c.grid_dim_x, c.grid_dim_y, c.grid_dim_z],
-        [c.block_dim_x, c.block_dim_y, c.block_dim_z],
-        c.h_stream,
-        params,
-        ptsz,
-    )
+    launch(f, [c.grid_dim_x, c.grid_dim_y, c.grid_dim_z], [c.block_dim_x, c.block_dim_y, c.block_dim_z], c.h_stream, params, ptsz)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuLaunchKernelEx(
-    config: *const CUlaunchConfig,
-    f: Handle,
-    kernel_params: *mut *mut c_void,
-    _extra: *mut *mut c_void,
-) -> CUresult {
+pub unsafe extern "C" fn cuLaunchKernelEx(config: *const CUlaunchConfig, f: Handle, kernel_params: *mut *mut c_void, _extra: *mut *mut c_void) -> CUresult {
     launch_ex(config, f, kernel_params, false)
 }
 
@@ -2299,37 +2225,128 @@ macro_rules! export_table {
 }
 
 export_table!(
-    cuMemAlloc, cuMemAllocPitch, cuMemFree, cuMemGetInfo, cuDeviceTotalMem, cuArrayCreate, cuArray3DCreate,
-    cuCtxCreate, cuCtxDestroy, cuDevicePrimaryCtxRelease, cuDevicePrimaryCtxReset,
-    cuInit, cuDriverGetVersion, cuGetErrorName, cuGetErrorString, cuDeviceGetCount, cuDeviceGet, cuDeviceGetName, cuDeviceGetUuid,
-    cuDeviceGetUuid_v2, cuDeviceGetAttribute, cuDeviceTotalMem_v2, cuDevicePrimaryCtxRetain,
-    cuDevicePrimaryCtxRelease_v2, cuDevicePrimaryCtxReset_v2, cuCtxCreate_v2, cuCtxCreate_v3,
-    cuCtxCreate_v4, cuCtxDestroy_v2, cuCtxSetCurrent, cuCtxGetCurrent, cuCtxGetDevice,
-    cuCtxPushCurrent_v2, cuCtxPopCurrent_v2, cuCtxSynchronize, cuMemGetInfo_v2, cuMemAlloc_v2,
-    cuMemAllocPitch_v2, cuMemAllocManaged, cuMemFree_v2, cuMemAllocAsync, cuMemAllocAsync_ptsz,
-    cuMemAllocFromPoolAsync, cuMemAllocFromPoolAsync_ptsz, cuMemFreeAsync, cuMemFreeAsync_ptsz,
-    cuDeviceGetDefaultMemPool, cuDeviceGetMemPool, cuMemGetAllocationGranularity, cuMemCreate,
-    cuMemRelease, cuMemAddressReserve, cuMemAddressFree, cuMemMap, cuMemUnmap, cuMemSetAccess,
-    cuArrayCreate_v2, cuArray3DCreate_v2, cuMipmappedArrayCreate, cuArrayDestroy,
-    cuMipmappedArrayDestroy, cuArrayGetDescriptor_v2, cuArray3DGetDescriptor_v2, cuModuleLoadData,
-    cuModuleLoadDataEx, cuModuleLoadFatBinary, cuModuleLoad, cuModuleUnload, cuModuleGetFunction,
-    cuLibraryLoadData, cuLibraryLoadFromFile, cuLibraryUnload, cuLibraryGetKernel,
-    cuKernelGetFunction, cuLaunchKernel, cuLaunchKernel_ptsz, cuLaunchCooperativeKernel,
-    cuLaunchCooperativeKernel_ptsz, cuLaunchKernelEx, cuLaunchKernelEx_ptsz, cuStreamCreate,
-    cuStreamCreateWithPriority, cuStreamDestroy_v2, cuStreamSynchronize, cuStreamSynchronize_ptsz,
-    cuStreamQuery, cuStreamQuery_ptsz, cuStreamWaitEvent, cuStreamWaitEvent_ptsz, cuEventCreate,
-    cuEventDestroy_v2, cuEventRecord, cuEventRecord_ptsz, cuEventRecordWithFlags,
-    cuEventRecordWithFlags_ptsz, cuEventQuery, cuEventSynchronize, cuEventElapsedTime,
-    cuEventElapsedTime_v2, cuStreamBeginCapture, cuStreamBeginCapture_ptsz, cuStreamBeginCapture_v2,
-    cuStreamBeginCapture_v2_ptsz, cuStreamEndCapture, cuStreamEndCapture_ptsz, cuStreamIsCapturing,
-    cuStreamIsCapturing_ptsz, cuGraphInstantiateWithFlags, cuGraphInstantiate_v2, cuGraphLaunch,
-    cuGraphLaunch_ptsz, cuGraphExecDestroy, cuGraphDestroy, cuGetProcAddress, cuGetProcAddress_v2,
+    cuMemAlloc,
+    cuMemAllocPitch,
+    cuMemFree,
+    cuMemGetInfo,
+    cuDeviceTotalMem,
+    cuArrayCreate,
+    cuArray3DCreate,
+    cuCtxCreate,
+    cuCtxDestroy,
+    cuDevicePrimaryCtxRelease,
+    cuDevicePrimaryCtxReset,
+    cuInit,
+    cuDriverGetVersion,
+    cuGetErrorName,
+    cuGetErrorString,
+    cuDeviceGetCount,
+    cuDeviceGet,
+    cuDeviceGetName,
+    cuDeviceGetUuid,
+    cuDeviceGetUuid_v2,
+    cuDeviceGetAttribute,
+    cuDeviceTotalMem_v2,
+    cuDevicePrimaryCtxRetain,
+    cuDevicePrimaryCtxRelease_v2,
+    cuDevicePrimaryCtxReset_v2,
+    cuCtxCreate_v2,
+    cuCtxCreate_v3,
+    cuCtxCreate_v4,
+    cuCtxDestroy_v2,
+    cuCtxSetCurrent,
+    cuCtxGetCurrent,
+    cuCtxGetDevice,
+    cuCtxPushCurrent_v2,
+    cuCtxPopCurrent_v2,
+    cuCtxSynchronize,
+    cuMemGetInfo_v2,
+    cuMemAlloc_v2,
+    cuMemAllocPitch_v2,
+    cuMemAllocManaged,
+    cuMemFree_v2,
+    cuMemAllocAsync,
+    cuMemAllocAsync_ptsz,
+    cuMemAllocFromPoolAsync,
+    cuMemAllocFromPoolAsync_ptsz,
+    cuMemFreeAsync,
+    cuMemFreeAsync_ptsz,
+    cuDeviceGetDefaultMemPool,
+    cuDeviceGetMemPool,
+    cuMemGetAllocationGranularity,
+    cuMemCreate,
+    cuMemRelease,
+    cuMemAddressReserve,
+    cuMemAddressFree,
+    cuMemMap,
+    cuMemUnmap,
+    cuMemSetAccess,
+    cuArrayCreate_v2,
+    cuArray3DCreate_v2,
+    cuMipmappedArrayCreate,
+    cuArrayDestroy,
+    cuMipmappedArrayDestroy,
+    cuArrayGetDescriptor_v2,
+    cuArray3DGetDescriptor_v2,
+    cuModuleLoadData,
+    cuModuleLoadDataEx,
+    cuModuleLoadFatBinary,
+    cuModuleLoad,
+    cuModuleUnload,
+    cuModuleGetFunction,
+    cuLibraryLoadData,
+    cuLibraryLoadFromFile,
+    cuLibraryUnload,
+    cuLibraryGetKernel,
+    cuKernelGetFunction,
+    cuLaunchKernel,
+    cuLaunchKernel_ptsz,
+    cuLaunchCooperativeKernel,
+    cuLaunchCooperativeKernel_ptsz,
+    cuLaunchKernelEx,
+    cuLaunchKernelEx_ptsz,
+    cuStreamCreate,
+    cuStreamCreateWithPriority,
+    cuStreamDestroy_v2,
+    cuStreamSynchronize,
+    cuStreamSynchronize_ptsz,
+    cuStreamQuery,
+    cuStreamQuery_ptsz,
+    cuStreamWaitEvent,
+    cuStreamWaitEvent_ptsz,
+    cuEventCreate,
+    cuEventDestroy_v2,
+    cuEventRecord,
+    cuEventRecord_ptsz,
+    cuEventRecordWithFlags,
+    cuEventRecordWithFlags_ptsz,
+    cuEventQuery,
+    cuEventSynchronize,
+    cuEventElapsedTime,
+    cuEventElapsedTime_v2,
+    cuStreamBeginCapture,
+    cuStreamBeginCapture_ptsz,
+    cuStreamBeginCapture_v2,
+    cuStreamBeginCapture_v2_ptsz,
+    cuStreamEndCapture,
+    cuStreamEndCapture_ptsz,
+    cuStreamIsCapturing,
+    cuStreamIsCapturing_ptsz,
+    cuGraphInstantiateWithFlags,
+    cuGraphInstantiate_v2,
+    cuGraphLaunch,
+    cuGraphLaunch_ptsz,
+    cuGraphExecDestroy,
+    cuGraphDestroy,
+    cuGetProcAddress,
+    cuGetProcAddress_v2,
 );
 
 use sharing::{
-    cuMulticastAddDevice, cuMulticastBindAddr, cuMulticastBindMem, cuMulticastCreate, cuMulticastGetGranularity, cuMulticastUnbind,
-    cuMemGetAllocationPropertiesFromHandle, cuMemGetAddressRange_v2, cuPointerGetAttribute, cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle,
-    cuIpcOpenMemHandle_v2, cuMemExportToShareableHandle, cuMemImportFromShareableHandle, cuMemcpyPeer, cuMemcpyPeerAsync,
+    cuCtxDisablePeerAccess, cuCtxEnablePeerAccess, cuDeviceCanAccessPeer, cuIpcCloseMemHandle, cuIpcGetMemHandle, cuIpcOpenMemHandle_v2,
+    cuMemExportToShareableHandle, cuMemGetAddressRange_v2, cuMemGetAllocationPropertiesFromHandle, cuMemImportFromShareableHandle, cuMemcpyPeer,
+    cuMemcpyPeerAsync, cuMulticastAddDevice, cuMulticastBindAddr, cuMulticastBindMem, cuMulticastCreate, cuMulticastGetGranularity, cuMulticastUnbind,
+    cuPointerGetAttribute,
 };
 
 /// The exports of `sharing`, by name.
@@ -2536,12 +2553,7 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn cuGetProcAddress(
-    symbol: *const c_char,
-    pfn: *mut *mut c_void,
-    cuda_version: c_int,
-    flags: u64,
-) -> CUresult {
+pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, cuda_version: c_int, flags: u64) -> CUresult {
     cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, std::ptr::null_mut())
 }
 

@@ -315,7 +315,8 @@ pub unsafe extern "C" fn cuMemExportToShareableHandle(out: *mut c_void, handle: 
         Some(v) if !v.released => (v.dev, v.size),
         _ => return INVALID_VALUE,
     };
-    let (requested, imported, host) = with_local(|l| (l.handle_types.get(&handle).copied().unwrap_or(0), l.imported_handles.contains_key(&handle), l.host.contains(&handle)));
+    let (requested, imported, host) =
+        with_local(|l| (l.handle_types.get(&handle).copied().unwrap_or(0), l.imported_handles.contains_key(&handle), l.host.contains(&handle)));
     if requested & kind == 0 || imported || host {
         return INVALID_VALUE; // Not created for this handle type.
     }
@@ -485,7 +486,8 @@ pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_i
         opens.into_iter().find_map(|(id, va)| {
             let s = slot_of(id)?;
             let physical_dev = s.dev.load(Acquire);
-            (va <= dptr && dptr < va + s.size.load(Acquire)).then(|| visible::ordinals(shared().ndev()).iter().position(|p| *p == physical_dev).map_or(-1, |o| o as c_int))
+            (va <= dptr && dptr < va + s.size.load(Acquire))
+                .then(|| visible::ordinals(shared().ndev()).iter().position(|p| *p == physical_dev).map_or(-1, |o| o as c_int))
         })
     });
     match dev {
@@ -604,7 +606,11 @@ pub unsafe extern "C" fn cuMulticastUnbind(mc: u64, dev: CUdevice, mc_offset: us
         Some(m) => {
             let before = m.binds.len();
             m.binds.retain(|b| !(b.0 == dev && b.2 == mc_offset as u64 && b.3 == size as u64));
-            if m.binds.len() < before { SUCCESS } else { INVALID_VALUE }
+            if m.binds.len() < before {
+                SUCCESS
+            } else {
+                INVALID_VALUE
+            }
         }
         None => INVALID_HANDLE,
     })

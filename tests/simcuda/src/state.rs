@@ -174,9 +174,7 @@ fn open_shared() -> Result<&'static Shared, String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         // Try to be the creator.
-        let fd = unsafe {
-            libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600)
-        };
+        let fd = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600) };
         if fd >= 0 {
             let r = unsafe { libc::ftruncate(fd, SHARED_SIZE as libc::off_t) };
             if r != 0 {
@@ -219,10 +217,7 @@ fn open_shared() -> Result<&'static Shared, String> {
             }
             if Instant::now() > deadline {
                 unsafe { libc::close(fd) };
-                return Err(format!(
-                    "simcuda: state file {path} has size {} < {SHARED_SIZE} (stale? delete it)",
-                    st.st_size
-                ));
+                return Err(format!("simcuda: state file {path} has size {} < {SHARED_SIZE} (stale? delete it)", st.st_size));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -235,25 +230,14 @@ fn open_shared() -> Result<&'static Shared, String> {
         }
         let v = sh.header.version.load(Ordering::Relaxed);
         if v != LAYOUT_VERSION {
-            return Err(format!(
-                "simcuda: state file {path} has layout version {v}, expected {LAYOUT_VERSION} (delete it)"
-            ));
+            return Err(format!("simcuda: state file {path} has layout version {v}, expected {LAYOUT_VERSION} (delete it)"));
         }
         return Ok(sh);
     }
 }
 
 fn map(fd: i32, path: &str) -> Result<&'static Shared, String> {
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            SHARED_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), SHARED_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
     let e = std::io::Error::last_os_error();
     unsafe { libc::close(fd) };
     if p == libc::MAP_FAILED {
@@ -271,7 +255,11 @@ impl Shared {
     pub fn orphan_exports(&self, pid: u32, dev: &DeviceState, slot: &ProcSlot) {
         for e in &self.exports {
             let id = e.id.load(Ordering::Acquire);
-            if id == 0 || id == u64::MAX || e.owner_pid.load(Ordering::Acquire) != pid || !std::ptr::eq(&self.devices[e.dev.load(Ordering::Acquire) as usize % MAX_DEVICES], dev) {
+            if id == 0
+                || id == u64::MAX
+                || e.owner_pid.load(Ordering::Acquire) != pid
+                || !std::ptr::eq(&self.devices[e.dev.load(Ordering::Acquire) as usize % MAX_DEVICES], dev)
+            {
                 continue;
             }
             let importers = e.importers.iter().filter(|p| pid_alive_nonzero(p.load(Ordering::Acquire))).count();
@@ -573,9 +561,7 @@ impl DeviceState {
 /// Bytes 8..14 come from the state file's path, so that each simulated machine (each test) has
 /// devices of its own identity, as real GPUs do: per-device files keyed by UUID never collide.
 pub fn device_uuid(d: u32) -> [u8; 16] {
-    let mut u = [
-        0x5e, 0x1c, 0xc0, 0xda, 0x9a, 0x3b, 0x4c, 0x11, 0x8e, 0x2f, 0x60, 0x00, 0x00, 0x00, 0x00, 0x00,
-    ];
+    let mut u = [0x5e, 0x1c, 0xc0, 0xda, 0x9a, 0x3b, 0x4c, 0x11, 0x8e, 0x2f, 0x60, 0x00, 0x00, 0x00, 0x00, 0x00];
     let machine = state_path().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
     u[8..14].copy_from_slice(&machine.to_le_bytes()[..6]);
     u[15] = d as u8;
@@ -610,14 +596,7 @@ pub fn mig_uuid_string(u: &[u8; 16]) -> String {
 /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" form of a 16-byte UUID, as NVML prints it.
 pub fn uuid_string(u: &[u8; 16]) -> String {
     let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "GPU-{}-{}-{}-{}-{}",
-        h[0..4].concat(),
-        h[4..6].concat(),
-        h[6..8].concat(),
-        h[8..10].concat(),
-        h[10..16].concat()
-    )
+    format!("GPU-{}-{}-{}-{}-{}", h[0..4].concat(), h[4..6].concat(), h[6..8].concat(), h[8..10].concat(), h[10..16].concat())
 }
 
 pub const DEVICE_NAME: &str = "gpuslice simulated GPU (sm_90, 132 SMs)";

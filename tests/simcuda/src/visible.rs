@@ -20,9 +20,12 @@ pub fn ordinals(ndev: u32) -> &'static [u32] {
         let fastest = std::env::var("SIMCUDA_FASTEST_FIRST").unwrap_or_default();
         let cuda_order = device_order(ndev, &order, &fastest);
         match std::env::var("CUDA_VISIBLE_DEVICES") {
-            Ok(list) => visible(&list, &cuda_order, |p| crate::state::uuid_string(&crate::state::device_uuid(p)), |p| {
-                crate::state::mig_mode(p).then(|| crate::state::mig_uuid_string(&crate::state::mig_uuid(p)))
-            }),
+            Ok(list) => visible(
+                &list,
+                &cuda_order,
+                |p| crate::state::uuid_string(&crate::state::device_uuid(p)),
+                |p| crate::state::mig_mode(p).then(|| crate::state::mig_uuid_string(&crate::state::mig_uuid(p))),
+            ),
             Err(_) => cuda_order,
         }
     })

@@ -284,32 +284,19 @@ unsafe fn running_processes(device: *mut c_void, count: *mut c_uint, infos: *mut
         return ERROR_INSUFFICIENT_SIZE;
     }
     for (k, (pid, used)) in procs.iter().enumerate() {
-        *infos.add(k) = NvmlProcessInfo {
-            pid: *pid,
-            used_gpu_memory: *used,
-            gpu_instance_id: VALUE_NOT_AVAILABLE,
-            compute_instance_id: VALUE_NOT_AVAILABLE,
-        };
+        *infos.add(k) = NvmlProcessInfo { pid: *pid, used_gpu_memory: *used, gpu_instance_id: VALUE_NOT_AVAILABLE, compute_instance_id: VALUE_NOT_AVAILABLE };
     }
     *count = n;
     SUCCESS
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
-    device: *mut c_void,
-    info_count: *mut c_uint,
-    infos: *mut NvmlProcessInfo,
-) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
     running_processes(device, info_count, infos)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(
-    device: *mut c_void,
-    info_count: *mut c_uint,
-    infos: *mut NvmlProcessInfo,
-) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
     running_processes(device, info_count, infos)
 }
 
@@ -331,11 +318,7 @@ pub struct NvmlProcessInfoV1 {
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
-    device: *mut c_void,
-    info_count: *mut c_uint,
-    infos: *mut NvmlProcessInfoV1,
-) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfoV1) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
     if info_count.is_null() {
         return ERROR_INVALID_ARGUMENT;
@@ -357,29 +340,17 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(
 // the compute lists, so that a filter applied to them can be seen at work.
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses(
-    device: *mut c_void,
-    info_count: *mut c_uint,
-    infos: *mut NvmlProcessInfoV1,
-) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfoV1) -> NvmlReturn {
     nvmlDeviceGetComputeRunningProcesses(device, info_count, infos)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(
-    device: *mut c_void,
-    info_count: *mut c_uint,
-    infos: *mut NvmlProcessInfo,
-) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
     running_processes(device, info_count, infos)
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
-    device: *mut c_void,
-    info_count: *mut c_uint,
-    infos: *mut NvmlProcessInfo,
-) -> NvmlReturn {
+pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
     running_processes(device, info_count, infos)
 }
 
