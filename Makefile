@@ -29,9 +29,12 @@ demo:
 	$(CARGO) build --release -p gpuslice-shim -p gpuslice -p quota-fill -p gpuslice-simcuda -p gpuslice-simnvml
 	bash examples/demo.sh
 
-# Everything CI checks: unit tests, and the shim in real processes against the simulated driver.
+# Everything CI checks: formatting and clippy (warnings are errors), unit tests, and the shim in
+# real processes against the simulated driver.
 test:
+	$(CARGO) fmt --all --check
 	$(CARGO) build --workspace
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace
 	$(MAKE) check-k8s check-packaging PROFILE=debug
 
