@@ -123,12 +123,8 @@ else
   GPUTEST_PRIO_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/priority.py" "${args[@]}" &
 fi
 PYPID=$!
-wait "$PYPID"
+wait_python "bench: priority.py" "$PRIO_LIMIT_S"
 rc_prio=$?
-if [ $rc_prio -eq 124 ] || [ $rc_prio -eq 137 ]; then
-  note "bench: priority.py ran past ${PRIO_LIMIT_S}s, or was killed (rc=$rc_prio)"
-  rc_prio=1
-fi
 
 # 1 (a crash) before 2 (something missing) before 0, as in each part
 if [ $rc_shares -eq 1 ] || [ $rc_prio -eq 1 ]; then exit 1; fi

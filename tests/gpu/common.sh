@@ -96,6 +96,17 @@ gpu_machine() { # QUERY-GPU-FIELDS LAST-LINE: the machine, into the log
   } >>"$LOG" 2>&1
 }
 
+wait_python() { # WHAT LIMIT: waits for $PYPID and returns its status; 1, with a note, when
+  # it ran past LIMIT seconds or was killed (timeout's 124, SIGKILL's 137)
+  wait "$PYPID"
+  local rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    note "$1 ran past ${2}s, or was killed (rc=$rc)"
+    rc=1
+  fi
+  return $rc
+}
+
 up_to_date() { # BIN SOURCE...: BIN is executable and newer than every SOURCE
   local bin=$1 src
   shift

@@ -90,10 +90,6 @@ else
   GPUTEST_CTL_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/controller.py" "${args[@]}" &
 fi
 PYPID=$!
-wait "$PYPID"
+wait_python "controller: controller.py" "$PY_LIMIT_S"
 rc=$?
-if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-  note "controller: controller.py ran past ${PY_LIMIT_S}s, or was killed (rc=$rc)"
-  rc=1
-fi
 exit $rc

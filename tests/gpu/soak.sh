@@ -151,10 +151,6 @@ else
   GPUTEST_SOAK_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/soak.py" "${args[@]}" &
 fi
 PYPID=$!
-wait "$PYPID"
+wait_python "soak: soak.py" "$limit"
 rc=$?
-if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-  note "soak: soak.py ran past ${limit}s, or was killed (rc=$rc)"
-  rc=1
-fi
 exit $rc

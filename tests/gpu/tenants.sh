@@ -73,10 +73,6 @@ args=(--bench "$BENCH" --lib "$LIB" --out "$OUTDIR" --seconds "${TENANTS_SECONDS
       --counts "${TENANTS_COUNTS:-4,8,16,32}" --budget-s 380 "${dry[@]}")
 GPUTEST_TENANTS_TOKEN=$TOKEN timeout --foreground -k 10 "$PY_LIMIT_S" "$PY" "$ROOT/$HERE/tenants.py" "${args[@]}" &
 PYPID=$!
-wait "$PYPID"
+wait_python "tenants: tenants.py" "$PY_LIMIT_S"
 rc=$?
-if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-  note "tenants: tenants.py ran past ${PY_LIMIT_S}s, or was killed (rc=$rc)"
-  rc=1
-fi
 exit $rc

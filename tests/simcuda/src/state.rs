@@ -478,17 +478,22 @@ impl DeviceState {
             return;
         }
         if let Some(slot) = self.my_slot(dev) {
-            // Never go below zero, whatever the caller does.
-            let mut cur = slot.used.load(Ordering::Acquire);
-            loop {
-                let take = cur.min(bytes);
-                match slot.used.compare_exchange_weak(cur, cur - take, Ordering::AcqRel, Ordering::Relaxed) {
-                    Ok(_) => {
-                        self.used.fetch_sub(take, Ordering::AcqRel);
-                        return;
-                    }
-                    Err(v) => cur = v,
+            self.take_from(&slot.used, bytes);
+        }
+    }
+
+    /// Takes `bytes` off a process slot's `used` and the device's, never below zero whatever the
+    /// caller does.
+    fn take_from(&self, slot_used: &AtomicU64, bytes: u64) {
+        let mut cur = slot_used.load(Ordering::Acquire);
+        loop {
+            let take = cur.min(bytes);
+            match slot_used.compare_exchange_weak(cur, cur - take, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.used.fetch_sub(take, Ordering::AcqRel);
+                    return;
                 }
+                Err(v) => cur = v,
             }
         }
     }
@@ -497,18 +502,7 @@ impl DeviceState {
     /// importers kept alive); nothing if that process is gone (its slot was reclaimed).
     pub fn uncharge_pid(&self, pid: u32, bytes: u64) {
         let Some(i) = self.find_slot(pid) else { return };
-        let slot = &self.procs[i];
-        let mut cur = slot.used.load(Ordering::Acquire);
-        loop {
-            let take = cur.min(bytes);
-            match slot.used.compare_exchange_weak(cur, cur - take, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => {
-                    self.used.fetch_sub(take, Ordering::AcqRel);
-                    return;
-                }
-                Err(v) => cur = v,
-            }
-        }
+        self.take_from(&self.procs[i].used, bytes);
     }
 
     /// Release this process's slot (at exit).
