@@ -11,6 +11,8 @@
 # changed in the commands, both to keep a test run apart from anyone else's: the README's
 # target/release becomes BIN_DIR, and /tmp/gpuslice-try a directory of this run's own. `gpuslice
 # top` needs a terminal: it runs in one made by `script`, for two seconds (SIGTERM ends it as q does).
+# `timeout --foreground` keeps it in the terminal's foreground process group: without it, timeout
+# puts it in a group of its own, where setting raw mode stops it with SIGTTOU (it hung CI that way).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bin=${1:-target/release}
@@ -39,7 +41,7 @@ blocks=("$work"/block*.sh)
     for b in "${blocks[@]}"; do
         echo "echo '### $(basename "$b")'"
         sed -e "s|target/release|${bin#$root/}|g" -e "s|/tmp/gpuslice-try|$work/try|g" \
-            -e "s|^gpuslice top\$|script -qec 'stty rows 30 cols 120; timeout --preserve-status -s TERM 2 gpuslice top' '$work/top.screen' >/dev/null|" "$b"
+            -e "s|^gpuslice top\$|script -qec 'stty rows 30 cols 120; timeout --foreground -k 5 --preserve-status -s TERM 2 gpuslice top' '$work/top.screen' >/dev/null|" "$b"
     done
 } > "$work/walk.sh"
 
