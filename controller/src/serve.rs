@@ -329,7 +329,15 @@ fn accept_all(listener: &UnixListener, shared: &Arc<Shared>) {
         let Ok(peer) = peer_of(&stream) else { continue };
         let Some(slot) = ConnectionSlot::take(shared, peer.uid) else {
             shared.traffic.busy.fetch_add(1, Relaxed);
-            tracing::warn!("uid {}: too many connections open (at most {MAX_CONNECTIONS} in all, {MAX_CONNECTIONS_PER_UID} per uid once half are taken); closing a new one", peer.uid);
+            let message = format!(
+                "the controller has too many connections open (at most {MAX_CONNECTIONS} in all, {MAX_CONNECTIONS_PER_UID} per uid once half are taken){RETRY_LATER}"
+            );
+            tracing::warn!("uid {}: {message}; closing a new one", peer.uid);
+            // Say so rather than close in silence: a registering shim then waits and tries again.
+            // A new connection's send buffer is empty, so this short answer cannot stall the loop.
+            if stream.set_nonblocking(true).is_ok() {
+                let _ = send_frame(stream.as_raw_fd(), &encode(&Response::Error { message }), None);
+            }
             continue;
         };
         let spawned = std::thread::Builder::new().name("gpuslice-client".into()).spawn(move || {
