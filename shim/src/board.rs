@@ -22,13 +22,13 @@
 //! namespace); with one, only its lease bounds it. Processes of other users do not share a page
 //! (mode 0600).
 
-use crate::clock::now_ns;
+use crate::clock::{now_ns, TurnClock};
 use crate::ffi::CUdevice;
 use crate::link;
 use crate::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::nvml::cuda_uuid_string;
 use gpuslice_common::ledger::{DeviceSched, Turn};
-use gpuslice_common::turns::{Waiter, CLAIM_GRACE_MS};
+use gpuslice_common::turns::CLAIM_GRACE_MS;
 use once_cell::sync::OnceCell;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 
@@ -213,20 +213,6 @@ fn turn(device: CUdevice) -> Option<(&'static Turn, bool)> {
     Some((&l.sched(device)?.turn, !l.controlled))
 }
 
-/// How this process waits: the shim's clock; pids checked only without a controller.
-struct Shim {
-    check_pids: bool,
-}
-
-impl Waiter for Shim {
-    fn now_ns(&self) -> u64 {
-        now_ns()
-    }
-    fn alive(&self, pid: u32) -> bool {
-        !self.check_pids || pid == 0 || alive(pid)
-    }
-}
-
 /// What taking the turn found.
 pub struct Taken {
     pub waited_ns: u64,
@@ -260,7 +246,7 @@ pub fn take(device: CUdevice, lease_until: u64) -> Taken {
     // Only without a controller: its processes share this namespace (the page is per user and
     // /dev/shm), a controller's may not.
     let pid = if check_pids { std::process::id() } else { 0 };
-    let taken = turn.take(me, pid, lease_until, LEASE_SLACK_NS, &Shim { check_pids }, patience);
+    let taken = turn.take(me, pid, lease_until, LEASE_SLACK_NS, &TurnClock { check_pids }, patience);
     TICKETS[index].store(taken.ticket.map_or(u64::MAX, u64::from), Release);
     Taken { waited_ns: now_ns() - start, neighbour: taken.neighbour, peers: taken.queued.saturating_add(1) }
 }
@@ -296,7 +282,7 @@ pub fn release(device: CUdevice) {
 fn release_on(turn: &Turn, index: usize) {
     let Some(slot) = TICKETS.get(index) else { return };
     if let Ok(t) = u32::try_from(slot.load(Acquire)) {
-        turn.release(link::token(), t, now_ns());
+        turn.release(link::token(), t, &TurnClock { check_pids: false });
     }
 }
 

@@ -468,13 +468,13 @@ fn synchronize(event: usize) {
     let _ = call_real!(cuEventSynchronize(event as *mut c_void));
 }
 
+/// All bits: these futexes have one kind of waiter each.
+const ALL: u32 = u32::MAX;
+
 pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) {
-    let ts = libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as _, tv_nsec: (timeout_ns % 1_000_000_000) as _ };
-    // SAFETY: FUTEX_WAIT on a word in shared memory (not FUTEX_PRIVATE: other processes wake it).
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec, 0usize, 0u32) };
+    crate::clock::futex_wait(word, expected, ALL, timeout_ns)
 }
 
 pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
-    // SAFETY: FUTEX_WAKE on a word in shared memory.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32) };
+    crate::clock::futex_wake(word, ALL)
 }

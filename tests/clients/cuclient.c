@@ -38,11 +38,12 @@
  *                             ns of the first launch, last sync)
  *   flood NS BUCKET_MS STOPFILE
  *                          launches kernels of NS ns on stream 0 without waiting for them, until
- *                          STOPFILE exists (checked before each launch; 60 s at most), recording an
+ *                          STOPFILE exists, or for MS ms of the driver's clock when STOPFILE is
+ *                          "+MS" (checked before each launch; 60 s at most), recording an
  *                          event after each launch to learn when each kernel ended on the device
  *                          timeline; then synchronizes. Kernel i occupied [end_i - NS, end_i].
  *                          -> n= (launched) done= (ended by the stop) t0= (CLOCK_MONOTONIC ns at the
- *                             start) ms= (wall ms from the start to the stop) bucket_ms=
+ *                             start; the simulated clock's when it is on) ms= (ms from the start to the stop) bucket_ms=
  *                             busy=B0,B1,... (µs of this process's kernels on the device in each
  *                             BUCKET_MS bucket from t0 up to the stop; the last may be partial)
  *   fork ... endchild      fork(): the child prints "ok forked pid=" and runs the commands up to
@@ -407,6 +408,30 @@ static unsigned long long now_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
 }
+
+/* The simulated driver's clock (SIMCUDA_CLOCK, tests/simcuda/src/clock.rs), when it is on:
+ * `flood`, `sleep`, `mark` and `elapsed` then run on virtual time, and a thread that waits for
+ * other threads (`plaunch`) parks so that time moves without it. NULL on any other driver. */
+static unsigned long long (*p_clock_now)(void);
+static void (*p_clock_sleep_until)(unsigned long long);
+static void (*p_clock_park)(void);
+static void (*p_clock_unpark)(void);
+static unsigned long long g_mark_ns;
+
+static void resolve_clock(void) {
+    void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!h) return;
+    int (*enabled)(void) = (int (*)(void))dlsym(h, "simcuda_clock_enabled");
+    if (!enabled || !enabled()) return;
+    p_clock_now = (unsigned long long (*)(void))dlsym(h, "simcuda_clock_now_ns");
+    p_clock_sleep_until = (void (*)(unsigned long long))dlsym(h, "simcuda_clock_sleep_until_ns");
+    p_clock_park = (void (*)(void))dlsym(h, "simcuda_clock_park");
+    p_clock_unpark = (void (*)(void))dlsym(h, "simcuda_clock_unpark");
+    if (!p_clock_now || !p_clock_sleep_until || !p_clock_park || !p_clock_unpark) p_clock_now = NULL;
+}
+
+/* Nanoseconds on the driver's clock: the simulated one if it is on, else CLOCK_MONOTONIC. */
+static unsigned long long clock_ns(void) { return p_clock_now ? p_clock_now() : now_ns(); }
 
 /* How long waitfile and churn wait for their file at most: a test that died must not leave
  * clients behind for ever. */
@@ -1225,10 +1250,12 @@ static void run(const char *cmd, char **a) {
             pthread_create(&th[i], NULL, launch_thread, &args[i]);
         }
         int failures = 0;
+        if (p_clock_park) p_clock_park();
         for (unsigned long long i = 0; i < t; i++) {
             pthread_join(th[i], NULL);
             failures += args[i].failures;
         }
+        if (p_clock_unpark) p_clock_unpark();
         free(th);
         free(args);
         printf("ok plaunch failures=%d\n", failures);
@@ -1298,14 +1325,16 @@ static void run(const char *cmd, char **a) {
         CHECK(p_cuCtxSynchronize());
         printf("ok sync ms=%.3f\n", now_ms() - t0);
     } else if (!strcmp(cmd, "sleep")) {
-        usleep((useconds_t)(num(a[0]) * 1000));
+        if (p_clock_now) p_clock_sleep_until(clock_ns() + num(a[0]) * 1000000ULL);
+        else usleep((useconds_t)(num(a[0]) * 1000));
         printf("ok sleep\n");
     } else if (!strcmp(cmd, "mark")) {
         clock_gettime(CLOCK_MONOTONIC, &g_mark);
+        g_mark_ns = clock_ns();
         printf("ok mark\n");
     } else if (!strcmp(cmd, "elapsed")) {
         double m = g_mark.tv_sec * 1e3 + g_mark.tv_nsec / 1e6;
-        printf("ok elapsed ms=%.3f\n", now_ms() - m);
+        printf("ok elapsed ms=%.3f\n", p_clock_now ? (clock_ns() - g_mark_ns) / 1e6 : now_ms() - m);
     } else if (!strcmp(cmd, "procaddr")) {
         NEED(cuGetProcAddress);
         void *p = NULL;
@@ -1481,13 +1510,18 @@ static void run(const char *cmd, char **a) {
         printf("ok getenv name=%s value=%s\n", a[0], v ? v : "(unset)");
     } else if (!strcmp(cmd, "waitfile")) {
         double t0 = now_ms();
+        /* On the simulated clock, time moves without this thread while it polls (the test that
+         * makes the file holds time itself when the start must be common). */
+        if (p_clock_park) p_clock_park();
         while (access(a[0], F_OK) != 0) {
             if (now_ms() - t0 > WAIT_CAP_MS) {
+                if (p_clock_unpark) p_clock_unpark();
                 printf("err waitfile code=-1 timeout=1\n");
                 return;
             }
             usleep(1000);
         }
+        if (p_clock_unpark) p_clock_unpark();
         printf("ok waitfile ms=%.3f\n", now_ms() - t0);
     } else if (!strcmp(cmd, "touch")) {
         FILE *f = fopen(a[0], "a");
@@ -1749,7 +1783,9 @@ static void run(const char *cmd, char **a) {
         CHECK(p_cuCtxSynchronize());
         CHECK(p_cuEventCreate(&base, 0));
         for (int i = 0; i < RING; i++) CHECK(p_cuEventCreate(&ring[i], 0));
-        unsigned long long t0 = now_ns();
+        unsigned long long t0 = clock_ns();
+        /* "+MS": stop after MS ms of the driver's clock instead of at a file. */
+        unsigned long long for_ns = a[2][0] == '+' ? num(a[2] + 1) * 1000000ULL : 0;
         CHECK(p_cuEventRecord(base, 0));
         /* Kernel end times (ns after t0), grown as needed; accounted into buckets at the end. */
         unsigned long long *ends = NULL, nends = 0, capends = 0, head = 0, tail = 0, launched = 0;
@@ -1771,8 +1807,8 @@ static void run(const char *cmd, char **a) {
         head++;                                                                        \
     } while (0)
         for (;;) {
-            if (access(a[2], F_OK) == 0) break;
-            if ((now_ns() - t0) / 1e6 > WAIT_CAP_MS) {
+            if (for_ns ? clock_ns() - t0 >= for_ns : access(a[2], F_OK) == 0) break;
+            if ((clock_ns() - t0) / 1e6 > WAIT_CAP_MS) {
                 timeout = 1;
                 break;
             }
@@ -1789,7 +1825,7 @@ static void run(const char *cmd, char **a) {
                 if (head == before) break;
             }
         }
-        unsigned long long stop = now_ns();
+        unsigned long long stop = clock_ns();
         if (r == 0) r = p_cuCtxSynchronize();
         while (head < tail) FLOOD_HARVEST(1);
 #undef FLOOD_HARVEST
@@ -1823,7 +1859,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     resolve_driver();
+    resolve_clock();
     clock_gettime(CLOCK_MONOTONIC, &g_mark);
+    g_mark_ns = clock_ns();
     int i = 1;
     int in_child = 0;
     while (i < argc) {
