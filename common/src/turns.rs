@@ -184,7 +184,6 @@ impl Turn {
                 ticket = self.next_ticket.fetch_add(1, AcqRel);
                 continue;
             }
-            neighbour = true;
             let deadline = if claimed(h) {
                 let lease = self.lease_until.load(Acquire);
                 let pid = self.holder_pid.load(Acquire);
@@ -201,6 +200,9 @@ impl Turn {
                 }
                 now + (CLAIM_GRACE_MS - since) * 1_000_000
             };
+            // Only a live holder or waiter ahead makes the device shared: a turn taken back from a
+            // dead one does not (its process cannot launch again).
+            neighbour = true;
             let waited = now - start;
             if waited >= patience(ahead) {
                 return Taken { ticket: None, waited_ns: waited, neighbour, queued: self.queued() };

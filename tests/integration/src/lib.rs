@@ -1422,6 +1422,23 @@ impl Clock {
         self.page.unpark(self.slot);
     }
 
+    /// Starts `procs` at one virtual instant and returns it: each prints a `ready` line, then
+    /// waits for the file `go` with cuclient's `waitfile`. Time moves (the test parked) while
+    /// they get ready, and stands still (the test holds it) from the moment `go` exists until
+    /// every one of them has seen it; the test holds it on return (`park` to let it run).
+    pub fn start_together(&self, go: &str, procs: &[Running], ready: &str) -> u64 {
+        self.park();
+        for p in procs {
+            assert!(line_ok(&p.wait_line(ready, 0)), "a process did not get ready: {}", p.stderr_now());
+        }
+        self.unpark();
+        touch(go);
+        for p in procs {
+            assert!(line_ok(&p.wait_line("waitfile", 0)), "a process did not see {go}: {}", p.stderr_now());
+        }
+        self.now_ns()
+    }
+
     /// How many times virtual time has moved so far.
     pub fn advances(&self) -> u64 {
         self.page.advances.load(std::sync::atomic::Ordering::SeqCst)

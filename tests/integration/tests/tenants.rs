@@ -61,21 +61,6 @@ fn tenant_of(sim: &Sim, ctl: Option<&Controller<'_>>, share: u32, go: &str, floo
     }
 }
 
-/// Starts `tenants` (made by `start(go)`) so that they all begin flooding at one virtual
-/// instant; returns it. Time moves while they get ready and stands still (the test holds it)
-/// from the moment `go` exists until every one has seen it.
-fn start_together(clock: &Clock, go: &str, tenants: &[Running]) -> u64 {
-    for t in tenants {
-        assert!(line_ok(&t.wait_line("sync", 0)), "a tenant did not start: {}", t.stderr_now());
-    }
-    clock.unpark();
-    touch(go);
-    for t in tenants {
-        assert!(line_ok(&t.wait_line("waitfile", 0)), "a tenant did not see {go}: {}", t.stderr_now());
-    }
-    clock.now_ns()
-}
-
 /// Runs tenants of `shares` (registered with `ctl` when given) together for `flood_ms` of
 /// virtual time and returns the share each got over the window from 1 s after the start to
 /// 0.3 s before the stop.
@@ -85,7 +70,7 @@ fn measure_with(sim: &Sim, ctl: Option<&Controller<'_>>, shares: &[u32], flood_m
     let go = sim.path_str("go");
     let _ = std::fs::remove_file(&go);
     let tenants: Vec<Running> = shares.iter().map(|&s| tenant_of(sim, ctl, s, &go, flood_ms)).collect();
-    let start = start_together(&clock, &go, &tenants);
+    let start = clock.start_together(&go, &tenants, "sync");
     clock.park();
     let floods: Vec<Flood> = tenants.into_iter().map(|t| Flood::parse(&t.wait())).collect();
     for f in &floods {
@@ -148,7 +133,7 @@ fn steady_next_to_a_visitor(sim: &Sim) -> (Vec<f64>, Vec<f64>) {
     let go = sim.path_str("go");
     let _ = std::fs::remove_file(&go);
     let steady: Vec<Running> = (0..4).map(|_| tenant_of(sim, None, 20, &go, 4500)).collect();
-    let start = start_together(&clock, &go, &steady);
+    let start = clock.start_together(&go, &steady, "sync");
     let mut visitors = Vec::new();
     for round in 0..4u64 {
         // Joins at 0.5 s + 1 s × round of virtual time, stays 0.5 s: the test holds time from

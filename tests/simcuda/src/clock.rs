@@ -222,6 +222,7 @@ impl Page {
     fn wait_running(&self, s: &Slot) {
         let start = real_now_ns();
         let mut last_seen = (self.now(), start);
+        let mut last_counted = self.active.load(SeqCst);
         let mut warned = false;
         loop {
             let seen = s.wake.load(SeqCst);
@@ -231,9 +232,14 @@ impl Page {
             if futex_wait_real(&s.wake, seen, REAL_CHECK_NS) {
                 self.reap_dead();
                 let (now, real) = (self.now(), real_now_ns());
-                if now != last_seen.0 {
+                let counted = self.active.load(SeqCst);
+                if now != last_seen.0 || counted != last_counted {
                     last_seen = (now, real);
-                } else if !warned && real - last_seen.1 > STALL_WARN_NS {
+                    last_counted = counted;
+                } else {
+                    self.recount(counted);
+                }
+                if now == last_seen.0 && !warned && real - last_seen.1 > STALL_WARN_NS {
                     warned = true;
                     let running: Vec<String> = self
                         .used()
@@ -289,6 +295,21 @@ impl Page {
             }
             if self.active.fetch_sub(1, SeqCst) != 1 || next == NO_DEADLINE {
                 return;
+            }
+        }
+    }
+
+    /// Sets `active` to the running slots when it has said `counted` for a whole real-time check
+    /// without time moving: a process killed between a count and its state (or while it moved
+    /// time, holding the count at one) leaves it wrong, and time would stand still for good.
+    /// Every step of a live thread between the two is a few instructions, so a count that stayed
+    /// wrong that long is a dead thread's.
+    fn recount(&self, counted: i64) {
+        let running = self.used().iter().filter(|s| s.state.load(SeqCst) == RUNNING).count() as i64;
+        if running != counted && self.active.compare_exchange(counted, running, SeqCst, SeqCst).is_ok() {
+            eprintln!("simclock: {counted} running by count but {running} by state (a participant died mid-step): recounted");
+            if running == 0 {
+                self.advance();
             }
         }
     }
@@ -445,5 +466,115 @@ pub fn park() {
 pub fn unpark() {
     if let Some((p, i)) = page().and_then(|p| Some((p, me(p)?))) {
         p.unpark(i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn page() -> &'static Page {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = format!("{}/simclock-test-{}-{}", std::env::temp_dir().display(), std::process::id(), N.fetch_add(1, SeqCst));
+        let _ = std::fs::remove_file(&path);
+        let p = Page::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        p
+    }
+
+    #[test]
+    fn time_jumps_to_each_deadline_and_stands_still_while_anyone_runs() {
+        let p = page();
+        let start = p.now();
+        let holder = p.join().unwrap();
+        // Joined here, so that each runs (holds time) from now on, before its thread starts.
+        let sleepers: Vec<_> = [30_000_000u64, 10_000_000, 20_000_000]
+            .into_iter()
+            .map(|d| {
+                let i = p.join().unwrap();
+                std::thread::spawn(move || {
+                    p.block(i, start + d, 0, None);
+                    let woke = p.now();
+                    p.leave(i);
+                    (d, woke)
+                })
+            })
+            .collect();
+        // Nobody moves time while the holder runs, however long that is in real time.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(p.now(), start);
+        p.park(holder);
+        for s in sleepers {
+            let (d, woke) = s.join().unwrap();
+            assert_eq!(woke, start + d, "each sleeper woke at its own deadline");
+        }
+        assert_eq!(p.now(), start + 30_000_000);
+        p.leave(holder);
+    }
+
+    #[test]
+    fn a_woken_waiter_runs_before_time_moves_on() {
+        let p = page();
+        let word = Arc::new(AtomicU32::new(0));
+        let start = p.now();
+        let (w2, w3) = (word.clone(), word.clone());
+        // A waiter on the word with a far timeout, and a waker that sleeps 5 ms and then changes
+        // the word: the waiter must see 5 ms, not its timeout.
+        let (i, j) = (p.join().unwrap(), p.join().unwrap());
+        let waiter = std::thread::spawn(move || {
+            while w2.load(SeqCst) == 0 {
+                p.block(i, p.now() + 1_000_000_000, 1, Some((&w2, 0)));
+            }
+            let seen = p.now();
+            // And a sleeper behind it cannot pass it: it sleeps 1 ms from here.
+            p.block(i, seen + 1_000_000, 0, None);
+            p.leave(i);
+            seen
+        });
+        let waker = std::thread::spawn(move || {
+            p.block(j, start + 5_000_000, 0, None);
+            w3.store(1, SeqCst);
+            p.wake(1);
+            p.leave(j);
+        });
+        waker.join().unwrap();
+        assert_eq!(waiter.join().unwrap(), start + 5_000_000);
+        assert_eq!(p.now(), start + 6_000_000);
+    }
+
+    #[test]
+    fn a_dead_participant_does_not_hold_time() {
+        let p = page();
+        // A child process joins (running) and dies without leaving.
+        // SAFETY: the child only joins and exits.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let _ = p.join();
+            // SAFETY: leaving the child at once, no destructors.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        let start = p.now();
+        let i = p.join().unwrap();
+        p.block(i, start + 1_000_000, 0, None);
+        assert_eq!(p.now(), start + 1_000_000);
+        p.leave(i);
+    }
+
+    #[test]
+    fn a_count_left_wrong_by_a_death_mid_step_is_repaired() {
+        let p = page();
+        // As if a process had died while moving time (holding the count at one).
+        p.active.fetch_add(1, SeqCst);
+        let start = p.now();
+        let i = p.join().unwrap();
+        let real = real_now_ns();
+        p.block(i, start + 1_000_000, 0, None);
+        assert_eq!(p.now(), start + 1_000_000);
+        assert!(real_now_ns() - real < 2_000_000_000, "repaired within a few real-time checks");
+        p.leave(i);
     }
 }
