@@ -1427,6 +1427,11 @@ impl Clock {
     /// they get ready, and stands still (the test holds it) from the moment `go` exists until
     /// every one of them has seen it; the test holds it on return (`park` to let it run).
     pub fn start_together(&self, go: &str, procs: &[Running], ready: &str) -> u64 {
+        self.start_together_refs(go, &procs.iter().collect::<Vec<_>>(), ready)
+    }
+
+    /// `start_together` for processes held elsewhere.
+    pub fn start_together_refs(&self, go: &str, procs: &[&Running], ready: &str) -> u64 {
         self.park();
         for p in procs {
             assert!(line_ok(&p.wait_line(ready, 0)), "a process did not get ready: {}", p.stderr_now());
