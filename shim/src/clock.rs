@@ -18,6 +18,7 @@ struct Simulated {
     sleep_until_ns: extern "C" fn(u64),
     futex_wait: unsafe extern "C" fn(*const AtomicU32, u32, u32, u64),
     futex_wake: unsafe extern "C" fn(*const AtomicU32, u32),
+    join: extern "C" fn(),
 }
 
 /// Set once, when the driver is loaded and says its simulated clock is on.
@@ -26,14 +27,15 @@ static SIMULATED: OnceLock<Simulated> = OnceLock::new();
 /// Looks for the driver's simulated clock in `driver` (the real libcuda's handle).
 pub fn attach(driver: &Library) {
     let sym = |name: &std::ffi::CStr| driver.symbol(name);
-    let (enabled, now, sleep, wait, wake) = (
+    let (enabled, now, sleep, wait, wake, join) = (
         sym(c"simcuda_clock_enabled"),
         sym(c"simcuda_clock_now_ns"),
         sym(c"simcuda_clock_sleep_until_ns"),
         sym(c"simcuda_clock_futex_wait"),
         sym(c"simcuda_clock_futex_wake"),
+        sym(c"simcuda_clock_join"),
     );
-    if [enabled, now, sleep, wait, wake].iter().any(|p| p.is_null()) {
+    if [enabled, now, sleep, wait, wake, join].iter().any(|p| p.is_null()) {
         return;
     }
     // SAFETY: the simulated driver exports these with exactly these signatures (tests/simcuda's
@@ -48,8 +50,15 @@ pub fn attach(driver: &Library) {
             sleep_until_ns: std::mem::transmute::<*mut libc::c_void, extern "C" fn(u64)>(sleep),
             futex_wait: std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn(*const AtomicU32, u32, u32, u64)>(wait),
             futex_wake: std::mem::transmute::<*mut libc::c_void, unsafe extern "C" fn(*const AtomicU32, u32)>(wake),
+            join: std::mem::transmute::<*mut libc::c_void, extern "C" fn()>(join),
         });
     }
+}
+
+/// True when the shim runs on the simulated driver's clock.
+#[inline]
+pub fn simulated() -> bool {
+    SIMULATED.get().is_some()
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call), or the simulated driver's time.
@@ -98,6 +107,14 @@ pub fn futex_wake(word: &AtomicU32, mask: u32) {
         None => gpuslice_common::turns::futex_wake(word, mask),
         // SAFETY: as `futex_wait`.
         Some(s) => unsafe { (s.futex_wake)(word, mask) },
+    }
+}
+
+/// A thread the shim starts takes part in the simulated clock from here (no-op on real time):
+/// called before its starter goes on, so that virtual time cannot run while it gets going.
+pub fn join() {
+    if let Some(s) = SIMULATED.get() {
+        (s.join)();
     }
 }
 

@@ -416,6 +416,7 @@ static unsigned long long (*p_clock_now)(void);
 static void (*p_clock_sleep_until)(unsigned long long);
 static void (*p_clock_park)(void);
 static void (*p_clock_unpark)(void);
+static void (*p_clock_join)(void);
 static unsigned long long g_mark_ns;
 
 static void resolve_clock(void) {
@@ -427,12 +428,17 @@ static void resolve_clock(void) {
     p_clock_sleep_until = (void (*)(unsigned long long))dlsym(h, "simcuda_clock_sleep_until_ns");
     p_clock_park = (void (*)(void))dlsym(h, "simcuda_clock_park");
     p_clock_unpark = (void (*)(void))dlsym(h, "simcuda_clock_unpark");
-    if (!p_clock_now || !p_clock_sleep_until || !p_clock_park || !p_clock_unpark) p_clock_now = NULL;
+    p_clock_join = (void (*)(void))dlsym(h, "simcuda_clock_join");
+    if (!p_clock_now || !p_clock_sleep_until || !p_clock_park || !p_clock_unpark || !p_clock_join) p_clock_now = NULL;
 }
 
 /* Nanoseconds on the driver's clock: the simulated one if it is on, else CLOCK_MONOTONIC. */
 static unsigned long long clock_ns(void) { return p_clock_now ? p_clock_now() : now_ns(); }
 static double clock_ms(void) { return clock_ns() / 1e6; }
+static void clock_sleep_us(unsigned long long us) {
+    if (p_clock_now) p_clock_sleep_until(clock_ns() + us * 1000ULL);
+    else usleep((useconds_t)us);
+}
 
 /* How long waitfile and churn wait for their file at most: a test that died must not leave
  * clients behind for ever. */
@@ -708,9 +714,14 @@ struct launch_arg {
     int failures;
 };
 
+/* plaunch threads that have started (joined the simulated clock, when it is on). */
+static int g_launchers_started;
+
 /* One thread of `plaunch`: its own stream, n kernels of ns each, then a stream sync. */
 static void *launch_thread(void *p) {
     struct launch_arg *a = p;
+    if (p_clock_join) p_clock_join();
+    __atomic_add_fetch(&g_launchers_started, 1, __ATOMIC_SEQ_CST);
     CUstream s;
     if (p_cuCtxSetCurrent(g_ctx) != 0 || p_cuStreamCreate(&s, 0) != 0) {
         a->failures++;
@@ -1196,6 +1207,7 @@ static void run(const char *cmd, char **a) {
         NEED(cuMemFree);
         NEED(cuCtxSetCurrent);
         unsigned long long t = num(a[0]);
+        __atomic_store_n(&g_launchers_started, 0, __ATOMIC_SEQ_CST);
         pthread_t *th = calloc(t, sizeof *th);
         struct thread_arg *args = calloc(t, sizeof *args);
         for (unsigned long long i = 0; i < t; i++) {
@@ -1251,6 +1263,8 @@ static void run(const char *cmd, char **a) {
             pthread_create(&th[i], NULL, launch_thread, &args[i]);
         }
         int failures = 0;
+        /* On the simulated clock, time waits for every launcher before this thread lets it run. */
+        while (p_clock_park && __atomic_load_n(&g_launchers_started, __ATOMIC_SEQ_CST) < (int)t) usleep(100);
         if (p_clock_park) p_clock_park();
         for (unsigned long long i = 0; i < t; i++) {
             pthread_join(th[i], NULL);
@@ -1326,8 +1340,7 @@ static void run(const char *cmd, char **a) {
         CHECK(p_cuCtxSynchronize());
         printf("ok sync ms=%.3f\n", clock_ms() - t0);
     } else if (!strcmp(cmd, "sleep")) {
-        if (p_clock_now) p_clock_sleep_until(clock_ns() + num(a[0]) * 1000000ULL);
-        else usleep((useconds_t)(num(a[0]) * 1000));
+        clock_sleep_us(num(a[0]) * 1000);
         printf("ok sleep\n");
     } else if (!strcmp(cmd, "mark")) {
         clock_gettime(CLOCK_MONOTONIC, &g_mark);
@@ -1703,7 +1716,7 @@ static void run(const char *cmd, char **a) {
         printf("ok forkstorm forks=%llu fine=%llu hung=%llu failed=%llu codes=%s max_ms=%.1f rounds=%llu failures=%llu\n", forks,
                fine, hung, failed, codes[0] ? codes : "-", max_ms, tot[0], tot[3]);
     } else if (!strcmp(cmd, "now")) {
-        printf("ok now ns=%llu\n", now_ns());
+        printf("ok now ns=%llu\n", clock_ns());
     } else if (!strcmp(cmd, "probe")) {
         NEED(cuLaunchKernel);
         NEED(cuCtxSynchronize);
@@ -1728,15 +1741,15 @@ static void run(const char *cmd, char **a) {
         for (unsigned long long i = 0; i < n; i++) {
             if (i && gap) {
                 seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-                usleep((useconds_t)(gap / 2 + (seed >> 33) % (gap + 1)));
+                clock_sleep_us(gap / 2 + (seed >> 33) % (gap + 1));
             }
-            unsigned long long t0 = now_ns();
+            unsigned long long t0 = clock_ns();
             float ms = 0;
             CUresult r = p_cuEventRecord(before, 0);
             if (r == 0) r = p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL);
             if (r == 0) r = p_cuEventRecord(after, 0);
             if (r == 0) r = p_cuCtxSynchronize();
-            unsigned long long t1 = now_ns();
+            unsigned long long t1 = clock_ns();
             if (r == 0) r = p_cuEventElapsedTime(&ms, before, after);
             if (r != 0) {
                 printf("err probe code=%d at=%llu\n", r, i);

@@ -2635,6 +2635,14 @@ pub unsafe extern "C" fn simcuda_clock_futex_wake(word: *const std::sync::atomic
     }
 }
 
+/// The calling thread takes part in the clock from now on (time waits for it), as it would
+/// from its first wait: a thread that is about to start work calls it before its starter lets
+/// time run.
+#[no_mangle]
+pub extern "C" fn simcuda_clock_join() {
+    clock::join()
+}
+
 /// The calling thread waits outside the driver (a thread join): time moves without it.
 #[no_mangle]
 pub extern "C" fn simcuda_clock_park() {
