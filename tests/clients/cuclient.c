@@ -712,7 +712,15 @@ static void launch_n(const char *cmd, unsigned long long n, unsigned long long n
 struct launch_arg {
     unsigned long long n, ns;
     int failures;
+    /* CPU time of this thread's launch loop (CLOCK_THREAD_CPUTIME_ID), ns. */
+    unsigned long long cpu_ns;
 };
+
+static unsigned long long thread_cpu_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
+}
 
 /* plaunch threads that have started (joined the simulated clock, when it is on). */
 static int g_launchers_started;
@@ -729,8 +737,10 @@ static void *launch_thread(void *p) {
     }
     unsigned long long dur = a->ns;
     void *params[] = {&dur};
+    unsigned long long cpu0 = thread_cpu_ns();
     for (unsigned long long i = 0; i < a->n; i++)
         if (p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL) != 0) a->failures++;
+    a->cpu_ns = thread_cpu_ns() - cpu0;
     if (p_cuStreamSynchronize(s) != 0) a->failures++;
     p_cuStreamDestroy(s);
     return NULL;
@@ -1263,17 +1273,19 @@ static void run(const char *cmd, char **a) {
             pthread_create(&th[i], NULL, launch_thread, &args[i]);
         }
         int failures = 0;
+        unsigned long long cpu_ns = 0;
         /* On the simulated clock, time waits for every launcher before this thread lets it run. */
         while (p_clock_park && __atomic_load_n(&g_launchers_started, __ATOMIC_SEQ_CST) < (int)t) usleep(100);
         if (p_clock_park) p_clock_park();
         for (unsigned long long i = 0; i < t; i++) {
             pthread_join(th[i], NULL);
             failures += args[i].failures;
+            cpu_ns += args[i].cpu_ns;
         }
         if (p_clock_unpark) p_clock_unpark();
         free(th);
         free(args);
-        printf("ok plaunch failures=%d\n", failures);
+        printf("ok plaunch failures=%d cpu_ns_per_launch=%.0f\n", failures, t * num(a[1]) ? (double)cpu_ns / (double)(t * num(a[1])) : 0.0);
     } else if (!strcmp(cmd, "launch") || !strcmp(cmd, "launchex")) {
         launch_n(cmd, num(a[0]), num(a[1]), 0, !strcmp(cmd, "launchex"));
     } else if (!strcmp(cmd, "events")) {

@@ -189,12 +189,25 @@ fn sixteen_threads_on_sixteen_streams_share_one_turn() {
     let _serial = serial();
     let sim = Sim::new().with_clock();
     // 16 threads × 50 kernels of 200 µs = 160 ms of device time at 30%: about 0.53 s.
-    let out = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 30).args("init ctx 0 launch 22 200000 sync mark plaunch 16 50 200000 elapsed").run();
-    out.assert_all_ok();
-    let ms: f64 = out.get("elapsed", "ms").unwrap().parse().unwrap();
-    let got = 160.0 / ms * 100.0;
-    eprintln!("16 threads on 16 streams at 30%: {got:.2}% over {ms:.1} ms of virtual time");
+    let run = |share: Option<u32>| {
+        let mut c = sim.client(Route::Procaddr).shim();
+        if let Some(s) = share {
+            c = c.env("GPUSLICE_SM_SHARE", s);
+        }
+        let out = c.args("init ctx 0 launch 22 200000 sync mark plaunch 16 50 200000 elapsed").run();
+        out.assert_all_ok();
+        let ms: f64 = out.get("elapsed", "ms").unwrap().parse().unwrap();
+        let cpu: f64 = out.get("plaunch", "cpu_ns_per_launch").unwrap().parse().unwrap();
+        (160.0 / ms * 100.0, cpu)
+    };
+    let (got, cpu_held) = run(Some(30));
+    let (_, cpu_free) = run(None);
+    eprintln!("16 threads on 16 streams at 30%: {got:.2}% of virtual time; CPU per launch {cpu_held:.0} ns (unthrottled {cpu_free:.0} ns)");
     assert!((got - 30.0).abs() <= 1.0, "16 threads on 16 streams at 30%: {got:.2}% (allowed 29..31)");
+    // Host time per launch is judged on the GPU only (tests/gpu/tenants.sh, T16x16): here a
+    // simulated launch costs ~1 µs of CPU in a debug build and every wait on the simulated clock
+    // is a real futex sleep, so the ratio (printed above, 10-25× here) measures the simulator.
+    assert!(cpu_held > 0.0 && cpu_free > 0.0, "the launching threads' CPU time was measured");
 }
 
 /// Issue 16, defect 8: the per-user turn pages (made for every device of a process without a

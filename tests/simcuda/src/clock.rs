@@ -366,6 +366,8 @@ static FORK_GENERATION: AtomicU64 = AtomicU64::new(1);
 struct Registration {
     slot: std::cell::Cell<usize>,
     generation: std::cell::Cell<u64>,
+    /// The slot's owner key as this thread wrote it (pid and tid: no system call to check).
+    key: std::cell::Cell<u64>,
 }
 
 impl Drop for Registration {
@@ -379,17 +381,19 @@ impl Drop for Registration {
 }
 
 thread_local! {
-    static ME: Registration = const { Registration { slot: std::cell::Cell::new(0), generation: std::cell::Cell::new(0) } };
+    static ME: Registration = const { Registration { slot: std::cell::Cell::new(0), generation: std::cell::Cell::new(0), key: std::cell::Cell::new(0) } };
 }
 
 /// The calling thread's slot (joining on first use).
 fn me(p: &Page) -> Option<usize> {
     ME.try_with(|r| {
         let generation = FORK_GENERATION.load(SeqCst);
-        if r.generation.get() != generation || !p.owns(r.slot.get()) {
+        let still_mine = r.generation.get() == generation && p.slots.get(r.slot.get()).is_some_and(|s| s.owner.load(SeqCst) == r.key.get());
+        if !still_mine {
             let i = p.join()?;
             r.slot.set(i);
             r.generation.set(generation);
+            r.key.set(p.slots[i].owner.load(SeqCst));
         }
         Some(r.slot.get())
     })
