@@ -285,7 +285,15 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
 pub fn futex_wake(word: &AtomicU32, mask: u32) {
     // SAFETY: as `futex_wait`; waking has no memory effects.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE_BITSET, i32::MAX, std::ptr::null::<libc::timespec>(), std::ptr::null::<u32>(), mask.max(1));
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE_BITSET,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            mask.max(1),
+        );
     }
 }
 

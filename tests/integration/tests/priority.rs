@@ -307,7 +307,8 @@ fn when_the_high_priority_process_goes_its_neighbour_is_back_within_the_lease() 
     let (sim, clock) = machine();
 
     // It finishes its work (60 kernels of 5 ms), synchronizes and exits: nothing to wait for.
-    let (flood, began, synced) = high_goes_away(&sim, &clock, "launch 60 5000000 sync now", |high| kv(&high.wait_line("now", 0), "ns").unwrap().parse().unwrap(), 800);
+    let (flood, began, synced) =
+        high_goes_away(&sim, &clock, "launch 60 5000000 sync now", |high| kv(&high.wait_line("now", 0), "ns").unwrap().parse().unwrap(), 800);
     check_back("exited", &flood, began, synced, synced);
 
     // Killed with SIGKILL in the middle of 2 s of work: its busy mark stays behind, and its

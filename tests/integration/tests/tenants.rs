@@ -140,7 +140,12 @@ fn steady_next_to_a_visitor(sim: &Sim) -> (Vec<f64>, Vec<f64>) {
         // the visitor's start until it floods.
         clock.sleep_ns(500_000_000);
         let come = sim.path_str(&format!("come{round}"));
-        let visitor = sim.client(Route::Procaddr).shim().env("GPUSLICE_SM_SHARE", 15).args(&format!("init ctx 0 waitfile {come} flood {KERNEL_NS} {BUCKET_MS} +500")).spawn();
+        let visitor = sim
+            .client(Route::Procaddr)
+            .shim()
+            .env("GPUSLICE_SM_SHARE", 15)
+            .args(&format!("init ctx 0 waitfile {come} flood {KERNEL_NS} {BUCKET_MS} +500"))
+            .spawn();
         touch(&come);
         assert!(line_ok(&visitor.wait_line("waitfile", 0)), "visitor {round} started: {}", visitor.stderr_now());
         visitors.push(visitor);
