@@ -80,11 +80,40 @@ fn bit(ticket: u32) -> u32 {
     1 << (ticket % 32)
 }
 
-/// How a process waiting for the turn reads time and checks other processes.
+/// How a process waiting for the turn reads time, sleeps, wakes others and checks other
+/// processes. The sleeps and wakes default to the kernel's futexes on CLOCK_MONOTONIC; the shim
+/// routes them through its clock (a simulated one in tests).
 pub trait Waiter {
     fn now_ns(&self) -> u64;
     /// False when the process with this pid is known to be gone (pid 0: unknown, alive).
     fn alive(&self, pid: u32) -> bool;
+    /// Sleeps while `word` is `expected`, until woken with a bit of `mask`, at most `timeout_ns`.
+    fn wait(&self, word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
+        futex_wait(word, expected, mask, timeout_ns)
+    }
+    /// Wakes the waiters on `word` whose mask shares a bit with `mask`.
+    fn wake(&self, word: &AtomicU32, mask: u32) {
+        futex_wake(word, mask)
+    }
+}
+
+/// CLOCK_MONOTONIC and the kernel's futexes; every pid taken for alive.
+pub struct Monotonic;
+
+impl Waiter for Monotonic {
+    fn now_ns(&self) -> u64 {
+        crate::ledger::monotonic_ns()
+    }
+    fn alive(&self, _: u32) -> bool {
+        true
+    }
+}
+
+/// The futex word of a turn: the low half of `head` (little-endian: its first four bytes).
+fn low_half(head: &AtomicU64) -> &AtomicU32 {
+    // SAFETY: an AtomicU64 is 8-aligned, so its first four bytes are an aligned u32 that lives
+    // as long as it; mixed-size atomic access to it is what the kernel's futex does anyway.
+    unsafe { &*(head.as_ptr() as *const AtomicU32) }
 }
 
 /// What `take` got.
@@ -155,35 +184,37 @@ impl Turn {
                 ticket = self.next_ticket.fetch_add(1, AcqRel);
                 continue;
             }
-            neighbour = true;
             let deadline = if claimed(h) {
                 let lease = self.lease_until.load(Acquire);
                 let pid = self.holder_pid.load(Acquire);
                 if now >= lease || !w.alive(pid) {
-                    self.advance(h, now);
+                    self.advance(h, now, w);
                     continue;
                 }
                 lease
             } else {
                 let since = ms_since(moved_ms(h), now);
                 if since >= CLAIM_GRACE_MS {
-                    self.advance(h, now);
+                    self.advance(h, now, w);
                     continue;
                 }
                 now + (CLAIM_GRACE_MS - since) * 1_000_000
             };
+            // Only a live holder or waiter ahead makes the device shared: a turn taken back from a
+            // dead one does not (its process cannot launch again).
+            neighbour = true;
             let waited = now - start;
             if waited >= patience(ahead) {
                 return Taken { ticket: None, waited_ns: waited, neighbour, queued: self.queued() };
             }
             let until = if ahead <= 2 { deadline.min(now + FAR_WAIT_NS) } else { now + FAR_WAIT_NS };
-            futex_wait(&self.head, s, bit(ticket), until.saturating_sub(now).max(20_000));
+            w.wait(low_half(&self.head), s, bit(ticket), until.saturating_sub(now).max(20_000));
         }
     }
 
     /// Moves the head past ticket `serving(h)` (handed over, skipped or taken back), if it is
     /// still `h`, and wakes the next two tickets.
-    fn advance(&self, h: u64, now: u64) -> bool {
+    fn advance(&self, h: u64, now: u64, w: &impl Waiter) -> bool {
         let s = serving(h);
         if self.head.compare_exchange(h, pack(s.wrapping_add(1), false, now), AcqRel, Acquire).is_err() {
             return false;
@@ -195,7 +226,7 @@ impl Turn {
                 let _ = self.holder.compare_exchange(holder, 0, AcqRel, Relaxed);
             }
         }
-        futex_wake(&self.head, bit(s.wrapping_add(1)) | bit(s.wrapping_add(2)));
+        w.wake(low_half(&self.head), bit(s.wrapping_add(1)) | bit(s.wrapping_add(2)));
         true
     }
 
@@ -207,13 +238,13 @@ impl Turn {
     }
 
     /// Hands the turn to the next ticket, if `me` holds it under `ticket`.
-    pub fn release(&self, me: u64, ticket: u32, now: u64) -> bool {
+    pub fn release(&self, me: u64, ticket: u32, w: &impl Waiter) -> bool {
         let h = self.head.load(Acquire);
         if !(claimed(h) && serving(h) == ticket && self.holder.load(Acquire) == me) {
             return false;
         }
         self.holder_pid.store(0, Release);
-        self.advance(h, now)
+        self.advance(h, w.now_ns(), w)
     }
 
     /// Frees the turn if the process named `token` holds it (that process is gone): the others
@@ -224,7 +255,7 @@ impl Turn {
             return false;
         }
         self.holder_pid.store(0, Release);
-        self.advance(h, crate::ledger::monotonic_ns())
+        self.advance(h, Monotonic.now_ns(), &Monotonic)
     }
 
     /// True when the turn passed between live processes within the last 200 ms.
@@ -233,34 +264,36 @@ impl Turn {
     }
 }
 
-/// Sleeps while the low 32 bits of `word` are `expected`, at most `timeout_ns`, until woken
+/// Sleeps while `word` is `expected`, at most `timeout_ns` of CLOCK_MONOTONIC, until woken
 /// with a mask that shares a bit with `mask`.
-fn futex_wait(word: &AtomicU64, expected: u32, mask: u32, timeout_ns: u64) {
-    // The futex word is the low half of `head` (little-endian: its first four bytes).
-    let addr = word.as_ptr() as *const u32;
-    let rel = libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as libc::time_t, tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long };
+pub fn futex_wait(word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
     // FUTEX_WAIT_BITSET takes an absolute CLOCK_MONOTONIC deadline.
     let mut abs = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: out-pointer to a local.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut abs) };
-    abs.tv_sec += rel.tv_sec;
-    abs.tv_nsec += rel.tv_nsec;
-    if abs.tv_nsec >= 1_000_000_000 {
-        abs.tv_sec += 1;
-        abs.tv_nsec -= 1_000_000_000;
-    }
-    // SAFETY: a shared (not private: the page is mapped by other processes) futex wait on an
-    // aligned u32 inside a live mapping; spurious returns are handled by the caller's loop.
+    let ns = abs.tv_nsec as u64 + timeout_ns % 1_000_000_000;
+    abs.tv_sec = abs.tv_sec.saturating_add((timeout_ns / 1_000_000_000 + ns / 1_000_000_000).min(i32::MAX as u64) as libc::time_t);
+    abs.tv_nsec = (ns % 1_000_000_000) as libc::c_long;
+    // SAFETY: a shared (not private: the page may be mapped by other processes) futex wait on an
+    // aligned u32 that outlives the call; spurious returns are handled by the callers' loops.
     unsafe {
-        libc::syscall(libc::SYS_futex, addr, libc::FUTEX_WAIT_BITSET, expected, &abs as *const libc::timespec, std::ptr::null::<u32>(), mask);
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT_BITSET, expected, &abs as *const libc::timespec, std::ptr::null::<u32>(), mask.max(1));
     }
 }
 
-fn futex_wake(word: &AtomicU64, mask: u32) {
-    let addr = word.as_ptr() as *const u32;
+/// Wakes the waiters on `word` whose mask shares a bit with `mask`.
+pub fn futex_wake(word: &AtomicU32, mask: u32) {
     // SAFETY: as `futex_wait`; waking has no memory effects.
     unsafe {
-        libc::syscall(libc::SYS_futex, addr, libc::FUTEX_WAKE_BITSET, i32::MAX, std::ptr::null::<libc::timespec>(), std::ptr::null::<u32>(), mask);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE_BITSET,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            mask.max(1),
+        );
     }
 }
 
@@ -269,15 +302,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    struct Real;
-    impl Waiter for Real {
-        fn now_ns(&self) -> u64 {
-            crate::ledger::monotonic_ns()
-        }
-        fn alive(&self, _: u32) -> bool {
-            true
-        }
-    }
+    use Monotonic as Real;
 
     fn turn() -> Arc<Turn> {
         // SAFETY: all-zero is a free turn (every field an atomic integer).
@@ -298,14 +323,14 @@ mod tests {
                 order.lock().unwrap().push(me);
                 let ticket = got.ticket.unwrap();
                 assert!(mine.held_by(me, ticket));
-                assert!(mine.release(me, ticket, Real.now_ns()));
+                assert!(mine.release(me, ticket, &Real));
             }));
             // Each thread draws its ticket before the next starts.
             while t.next_ticket.load(SeqCst) != me as u32 {
                 std::thread::yield_now();
             }
         }
-        assert!(t.release(1, 0, Real.now_ns()));
+        assert!(t.release(1, 0, &Real));
         for th in threads {
             th.join().unwrap();
         }
@@ -329,7 +354,7 @@ mod tests {
         assert!(waited < 200_000_000, "waited {waited}");
         // The taken-back holder no longer holds it and cannot release the new holder's turn.
         assert!(!t.held_by(1, 0));
-        assert!(!t.release(1, 0, Real.now_ns()));
+        assert!(!t.release(1, 0, &Real));
         assert!(t.held_by(2, 2));
     }
 

@@ -22,13 +22,13 @@
 //! namespace); with one, only its lease bounds it. Processes of other users do not share a page
 //! (mode 0600).
 
-use crate::clock::now_ns;
+use crate::clock::{now_ns, TurnClock};
 use crate::ffi::CUdevice;
 use crate::link;
 use crate::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::nvml::cuda_uuid_string;
 use gpuslice_common::ledger::{DeviceSched, Turn};
-use gpuslice_common::turns::{Waiter, CLAIM_GRACE_MS};
+use gpuslice_common::turns::CLAIM_GRACE_MS;
 use once_cell::sync::OnceCell;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 
@@ -198,11 +198,37 @@ pub fn sched(device: CUdevice) -> Option<&'static DeviceSched> {
     page(device).map(|p| &p.sched)
 }
 
-/// True unless `pid` is known to be gone.
+/// True unless `pid` is known to be gone. A zombie is gone: it exited and will never launch or
+/// hand a turn over again, though its parent has not reaped it yet (and may not for long).
 pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence. EPERM means it exists under another user.
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    (r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)) && !zombie(pid)
+}
+
+/// True when /proc says `pid` has exited (state Z or X); false when it cannot tell.
+fn zombie(pid: u32) -> bool {
+    let mut path = *b"/proc/0000000000/stat\0";
+    let digits = pid.to_string();
+    // "/proc/" is 6 bytes; the number replaces the zeros, then "/stat\0" follows it.
+    let end = 6 + digits.len();
+    path[6..end].copy_from_slice(digits.as_bytes());
+    path[end..end + 6].copy_from_slice(b"/stat\0");
+    let mut buf = [0u8; 256];
+    // SAFETY: a NUL-terminated path on the stack; read into a stack buffer; the descriptor is
+    // closed before returning.
+    let n = unsafe {
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return false;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    let stat = &buf[..usize::try_from(n).unwrap_or(0)];
+    // "pid (comm) S ...": the state follows the last ')' (comm may hold anything).
+    stat.iter().rposition(|&b| b == b')').and_then(|i| stat.get(i + 2)).is_some_and(|&state| state == b'Z' || state == b'X')
 }
 
 /// The turn on `device` as this process shares it (see the module's note), and whether its
@@ -211,20 +237,6 @@ pub fn alive(pid: u32) -> bool {
 fn turn(device: CUdevice) -> Option<(&'static Turn, bool)> {
     let l = link::get()?;
     Some((&l.sched(device)?.turn, !l.controlled))
-}
-
-/// How this process waits: the shim's clock; pids checked only without a controller.
-struct Shim {
-    check_pids: bool,
-}
-
-impl Waiter for Shim {
-    fn now_ns(&self) -> u64 {
-        now_ns()
-    }
-    fn alive(&self, pid: u32) -> bool {
-        !self.check_pids || pid == 0 || alive(pid)
-    }
 }
 
 /// What taking the turn found.
@@ -260,7 +272,7 @@ pub fn take(device: CUdevice, lease_until: u64) -> Taken {
     // Only without a controller: its processes share this namespace (the page is per user and
     // /dev/shm), a controller's may not.
     let pid = if check_pids { std::process::id() } else { 0 };
-    let taken = turn.take(me, pid, lease_until, LEASE_SLACK_NS, &Shim { check_pids }, patience);
+    let taken = turn.take(me, pid, lease_until, LEASE_SLACK_NS, &TurnClock { check_pids }, patience);
     TICKETS[index].store(taken.ticket.map_or(u64::MAX, u64::from), Release);
     Taken { waited_ns: now_ns() - start, neighbour: taken.neighbour, peers: taken.queued.saturating_add(1) }
 }
@@ -296,7 +308,7 @@ pub fn release(device: CUdevice) {
 fn release_on(turn: &Turn, index: usize) {
     let Some(slot) = TICKETS.get(index) else { return };
     if let Ok(t) = u32::try_from(slot.load(Acquire)) {
-        turn.release(link::token(), t, now_ns());
+        turn.release(link::token(), t, &TurnClock { check_pids: false });
     }
 }
 
@@ -311,4 +323,28 @@ pub fn holding(device: CUdevice) -> bool {
 /// True when other processes queue for the turn on `device`.
 pub fn others_waiting(device: CUdevice) -> bool {
     turn(device).is_some_and(|(t, _)| t.queued() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_zombie_is_not_alive() {
+        assert!(super::alive(std::process::id()));
+        // SAFETY: the child exits at once, without running anything of ours.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: leaving the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        // Not reaped yet: a zombie once it has exited.
+        let start = std::time::Instant::now();
+        while super::alive(child as u32) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "the exited child still looks alive");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let mut status = 0;
+        // SAFETY: our own child.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        assert!(!super::alive(child as u32));
+    }
 }

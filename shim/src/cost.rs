@@ -33,7 +33,7 @@ use crate::locks;
 use crate::throttle::Bucket;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::ffi::c_void;
+use std::ffi::{c_uint, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering::*};
 use std::sync::Mutex;
 
@@ -154,6 +154,8 @@ pub fn plan(key: u64) -> Plan {
 struct ContextEvents {
     pool: Vec<usize>,
     pending: VecDeque<Pending>,
+    /// Events that sleep when waited on (`wait_for`), apart from the timing ones.
+    sleepers: Vec<usize>,
 }
 
 /// A closed span whose events the device has yet to reach.
@@ -337,20 +339,28 @@ pub fn close_span() {
 /// would break another thread's stream capture).
 pub fn wait_for(stream: CUstream) {
     let Some(d) = driver() else { return };
-    let Some(sync) = d.cuEventSynchronize else { return };
+    let (Some(sync), Some(create)) = (d.cuEventSynchronize, d.cuEventCreate) else { return };
     let Some(ctx) = current_context() else { return };
-    let event = {
-        let mut contexts = locks::lock(&CONTEXTS);
-        let events = contexts.get_or_insert_with(HashMap::new).entry(ctx).or_default();
-        take_event(events)
-    };
+    let event = locks::lock(&CONTEXTS).get_or_insert_with(HashMap::new).entry(ctx).or_default().sleepers.pop().or_else(|| {
+        // A blocking-sync event: the driver's default wait spins, and a throttled process waits
+        // for each of its bursts to drain before it hands the turn over; spinning through them
+        // cost each process about its own device share in CPU time (issue 14, stop 11).
+        let mut ev: *mut c_void = std::ptr::null_mut();
+        // SAFETY: out-pointer; an event of the current context.
+        (unsafe { create(&mut ev, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING) } == CUDA_SUCCESS).then_some(ev as usize)
+    });
     let Some(event) = event else { return };
     if record(event, stream) {
         // SAFETY: our own event, just recorded.
         unsafe { sync(event as *mut c_void) };
     }
-    give_back(ctx, &[event]);
+    if let Some(e) = locks::lock(&CONTEXTS).as_mut().and_then(|m| m.get_mut(&ctx)) {
+        e.sleepers.push(event);
+    }
 }
+
+const CU_EVENT_BLOCKING_SYNC: c_uint = 0x1;
+const CU_EVENT_DISABLE_TIMING: c_uint = 0x2;
 
 /// Folds completed spans into the estimates and settles their charges. Never blocks: if
 /// another thread is harvesting, this one goes on.

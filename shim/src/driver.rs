@@ -135,7 +135,10 @@ pub fn driver() -> Option<&'static Driver> {
             if lib.is_none() {
                 tracing::warn!("libcuda.so.1 could not be loaded; CUDA calls through gpuslice will fail");
             }
-            lib.map(Driver::resolve)
+            lib.map(|lib| {
+                crate::clock::attach(&lib);
+                Driver::resolve(lib)
+            })
         })
         .as_ref()
 }

@@ -145,7 +145,7 @@ fn wait_while_busy(s: &DeviceSched, start: u64) {
             break;
         }
         if now - start >= CHECK_HOLDER_NS && holder_is_gone(holder) {
-            s.release_high(holder, holder.owner.load(Acquire));
+            s.release_high_at(holder, holder.owner.load(Acquire), now);
             continue;
         }
         let seen = s.wake.load(SeqCst);
@@ -211,7 +211,8 @@ impl InFlight {
         let events = &mut queue.1;
         while let Some(&(ctx, event)) = events.front() {
             if events.len() >= limit {
-                let spin_until = now_ns() + SPIN_NS;
+                // No spinning on the simulated clock: it stands still while anyone spins.
+                let spin_until = if crate::clock::simulated() { 0 } else { now_ns() + SPIN_NS };
                 while !done(event) {
                     if now_ns() >= spin_until {
                         synchronize(event);
@@ -247,6 +248,9 @@ struct Outstanding {
 
 static WATCHED: Mutex<Option<Watched>> = Mutex::new(None);
 static WORK: Condvar = Condvar::new();
+/// On the simulated clock the watcher waits for work on this word through the clock instead
+/// of `WORK` (a condition variable would hold virtual time while it waits).
+static WORK_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// High-priority launches between marking busy and handing their event to the watcher.
 static LAUNCHING: AtomicU64 = AtomicU64::new(0);
 
@@ -262,6 +266,10 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
             o.events.push(event);
         }
         LAUNCHING.fetch_sub(1, SeqCst);
+    }
+    if crate::clock::simulated() {
+        WORK_SEQ.fetch_add(1, SeqCst);
+        futex_wake_all(&WORK_SEQ);
     }
     WORK.notify_one();
     code
@@ -304,7 +312,12 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         w.started = true;
         // SAFETY: registering a plain extern "C" function.
         unsafe { libc::atexit(release_at_exit) };
-        let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(|| {
+        // On the simulated clock the watcher joins it before this thread goes on (it would
+        // otherwise miss the virtual time that passes while it starts: leases lapse).
+        let (joined, joined_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(move || {
+            crate::clock::join();
+            let _ = joined.send(());
             if std::panic::catch_unwind(watch).is_err() {
                 // The slots lapse with their leases (300 ms); the program goes on.
                 tracing::error!("gpuslice's priority watcher stopped on an internal error; high priority lapses");
@@ -313,6 +326,9 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         if let Err(e) = spawned {
             tracing::warn!("cannot start the priority watcher ({e}); high priority is not enforced");
             return None;
+        }
+        if crate::clock::simulated() {
+            let _ = joined_rx.recv_timeout(std::time::Duration::from_secs(5));
         }
         tracing::info!("pid {}: high priority on device {device}: lower-priority processes yield to this one", std::process::id());
     }
@@ -327,7 +343,7 @@ fn owner() -> u64 {
 /// Gives up every high-priority slot of this process (left high priority, or exiting).
 fn release_all(w: &mut Watched) {
     for (_, o) in w.devices.drain() {
-        o.sched.release_high(o.slot, owner());
+        o.sched.release_high_at(o.slot, owner(), now_ns());
         futex_wake_all(&o.sched.wake);
         for (ctx, e) in o.events {
             give_event(ctx, e);
@@ -398,6 +414,10 @@ fn watch() {
         if outstanding {
             drop(watched);
             crate::clock::sleep_ns(POLL_NS);
+        } else if crate::clock::simulated() {
+            let seen = WORK_SEQ.load(SeqCst);
+            drop(watched);
+            futex_wait(&WORK_SEQ, seen, RENEW_NS);
         } else {
             drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(RENEW_NS)));
         }
@@ -468,13 +488,13 @@ fn synchronize(event: usize) {
     let _ = call_real!(cuEventSynchronize(event as *mut c_void));
 }
 
+/// All bits: these futexes have one kind of waiter each.
+const ALL: u32 = u32::MAX;
+
 pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) {
-    let ts = libc::timespec { tv_sec: (timeout_ns / 1_000_000_000) as _, tv_nsec: (timeout_ns % 1_000_000_000) as _ };
-    // SAFETY: FUTEX_WAIT on a word in shared memory (not FUTEX_PRIVATE: other processes wake it).
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec, 0usize, 0u32) };
+    crate::clock::futex_wait(word, expected, ALL, timeout_ns)
 }
 
 pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
-    // SAFETY: FUTEX_WAKE on a word in shared memory.
-    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32) };
+    crate::clock::futex_wake(word, ALL)
 }

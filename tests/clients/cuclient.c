@@ -38,11 +38,12 @@
  *                             ns of the first launch, last sync)
  *   flood NS BUCKET_MS STOPFILE
  *                          launches kernels of NS ns on stream 0 without waiting for them, until
- *                          STOPFILE exists (checked before each launch; 60 s at most), recording an
+ *                          STOPFILE exists, or for MS ms of the driver's clock when STOPFILE is
+ *                          "+MS" (checked before each launch; 60 s at most), recording an
  *                          event after each launch to learn when each kernel ended on the device
  *                          timeline; then synchronizes. Kernel i occupied [end_i - NS, end_i].
  *                          -> n= (launched) done= (ended by the stop) t0= (CLOCK_MONOTONIC ns at the
- *                             start) ms= (wall ms from the start to the stop) bucket_ms=
+ *                             start; the simulated clock's when it is on) ms= (ms from the start to the stop) bucket_ms=
  *                             busy=B0,B1,... (µs of this process's kernels on the device in each
  *                             BUCKET_MS bucket from t0 up to the stop; the last may be partial)
  *   fork ... endchild      fork(): the child prints "ok forked pid=" and runs the commands up to
@@ -408,6 +409,37 @@ static unsigned long long now_ns(void) {
     return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
 }
 
+/* The simulated driver's clock (SIMCUDA_CLOCK, tests/simcuda/src/clock.rs), when it is on:
+ * `flood`, `sleep`, `mark` and `elapsed` then run on virtual time, and a thread that waits for
+ * other threads (`plaunch`) parks so that time moves without it. NULL on any other driver. */
+static unsigned long long (*p_clock_now)(void);
+static void (*p_clock_sleep_until)(unsigned long long);
+static void (*p_clock_park)(void);
+static void (*p_clock_unpark)(void);
+static void (*p_clock_join)(void);
+static unsigned long long g_mark_ns;
+
+static void resolve_clock(void) {
+    void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    if (!h) return;
+    int (*enabled)(void) = (int (*)(void))dlsym(h, "simcuda_clock_enabled");
+    if (!enabled || !enabled()) return;
+    p_clock_now = (unsigned long long (*)(void))dlsym(h, "simcuda_clock_now_ns");
+    p_clock_sleep_until = (void (*)(unsigned long long))dlsym(h, "simcuda_clock_sleep_until_ns");
+    p_clock_park = (void (*)(void))dlsym(h, "simcuda_clock_park");
+    p_clock_unpark = (void (*)(void))dlsym(h, "simcuda_clock_unpark");
+    p_clock_join = (void (*)(void))dlsym(h, "simcuda_clock_join");
+    if (!p_clock_now || !p_clock_sleep_until || !p_clock_park || !p_clock_unpark || !p_clock_join) p_clock_now = NULL;
+}
+
+/* Nanoseconds on the driver's clock: the simulated one if it is on, else CLOCK_MONOTONIC. */
+static unsigned long long clock_ns(void) { return p_clock_now ? p_clock_now() : now_ns(); }
+static double clock_ms(void) { return clock_ns() / 1e6; }
+static void clock_sleep_us(unsigned long long us) {
+    if (p_clock_now) p_clock_sleep_until(clock_ns() + us * 1000ULL);
+    else usleep((useconds_t)us);
+}
+
 /* How long waitfile and churn wait for their file at most: a test that died must not leave
  * clients behind for ever. */
 #define WAIT_CAP_MS 60000.0
@@ -680,11 +712,24 @@ static void launch_n(const char *cmd, unsigned long long n, unsigned long long n
 struct launch_arg {
     unsigned long long n, ns;
     int failures;
+    /* CPU time of this thread's launch loop (CLOCK_THREAD_CPUTIME_ID), ns. */
+    unsigned long long cpu_ns;
 };
+
+static unsigned long long thread_cpu_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (unsigned long long)t.tv_sec * 1000000000ULL + (unsigned long long)t.tv_nsec;
+}
+
+/* plaunch threads that have started (joined the simulated clock, when it is on). */
+static int g_launchers_started;
 
 /* One thread of `plaunch`: its own stream, n kernels of ns each, then a stream sync. */
 static void *launch_thread(void *p) {
     struct launch_arg *a = p;
+    if (p_clock_join) p_clock_join();
+    __atomic_add_fetch(&g_launchers_started, 1, __ATOMIC_SEQ_CST);
     CUstream s;
     if (p_cuCtxSetCurrent(g_ctx) != 0 || p_cuStreamCreate(&s, 0) != 0) {
         a->failures++;
@@ -692,8 +737,10 @@ static void *launch_thread(void *p) {
     }
     unsigned long long dur = a->ns;
     void *params[] = {&dur};
+    unsigned long long cpu0 = thread_cpu_ns();
     for (unsigned long long i = 0; i < a->n; i++)
         if (p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL) != 0) a->failures++;
+    a->cpu_ns = thread_cpu_ns() - cpu0;
     if (p_cuStreamSynchronize(s) != 0) a->failures++;
     p_cuStreamDestroy(s);
     return NULL;
@@ -1170,6 +1217,7 @@ static void run(const char *cmd, char **a) {
         NEED(cuMemFree);
         NEED(cuCtxSetCurrent);
         unsigned long long t = num(a[0]);
+        __atomic_store_n(&g_launchers_started, 0, __ATOMIC_SEQ_CST);
         pthread_t *th = calloc(t, sizeof *th);
         struct thread_arg *args = calloc(t, sizeof *args);
         for (unsigned long long i = 0; i < t; i++) {
@@ -1225,13 +1273,19 @@ static void run(const char *cmd, char **a) {
             pthread_create(&th[i], NULL, launch_thread, &args[i]);
         }
         int failures = 0;
+        unsigned long long cpu_ns = 0;
+        /* On the simulated clock, time waits for every launcher before this thread lets it run. */
+        while (p_clock_park && __atomic_load_n(&g_launchers_started, __ATOMIC_SEQ_CST) < (int)t) usleep(100);
+        if (p_clock_park) p_clock_park();
         for (unsigned long long i = 0; i < t; i++) {
             pthread_join(th[i], NULL);
             failures += args[i].failures;
+            cpu_ns += args[i].cpu_ns;
         }
+        if (p_clock_unpark) p_clock_unpark();
         free(th);
         free(args);
-        printf("ok plaunch failures=%d\n", failures);
+        printf("ok plaunch failures=%d cpu_ns_per_launch=%.0f\n", failures, t * num(a[1]) ? (double)cpu_ns / (double)(t * num(a[1])) : 0.0);
     } else if (!strcmp(cmd, "launch") || !strcmp(cmd, "launchex")) {
         launch_n(cmd, num(a[0]), num(a[1]), 0, !strcmp(cmd, "launchex"));
     } else if (!strcmp(cmd, "events")) {
@@ -1284,28 +1338,29 @@ static void run(const char *cmd, char **a) {
             CHECK(p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL));
         CHECK(p_cuStreamEndCapture(s, &g));
         CHECK(p_cuGraphInstantiate(&ge, g, 0));
-        double t0 = now_ms();
+        double t0 = clock_ms();
         for (unsigned long long i = 0; i < num(a[2]); i++) CHECK(p_cuGraphLaunch(ge, s));
         CHECK(p_cuStreamSynchronize(s));
-        double t1 = now_ms();
+        double t1 = clock_ms();
         p_cuGraphExecDestroy(ge);
         p_cuGraphDestroy(g);
         p_cuStreamDestroy(s);
         printf("ok graph ms=%.3f\n", t1 - t0);
     } else if (!strcmp(cmd, "sync")) {
         NEED(cuCtxSynchronize);
-        double t0 = now_ms();
+        double t0 = clock_ms();
         CHECK(p_cuCtxSynchronize());
-        printf("ok sync ms=%.3f\n", now_ms() - t0);
+        printf("ok sync ms=%.3f\n", clock_ms() - t0);
     } else if (!strcmp(cmd, "sleep")) {
-        usleep((useconds_t)(num(a[0]) * 1000));
+        clock_sleep_us(num(a[0]) * 1000);
         printf("ok sleep\n");
     } else if (!strcmp(cmd, "mark")) {
         clock_gettime(CLOCK_MONOTONIC, &g_mark);
+        g_mark_ns = clock_ns();
         printf("ok mark\n");
     } else if (!strcmp(cmd, "elapsed")) {
         double m = g_mark.tv_sec * 1e3 + g_mark.tv_nsec / 1e6;
-        printf("ok elapsed ms=%.3f\n", now_ms() - m);
+        printf("ok elapsed ms=%.3f\n", p_clock_now ? (clock_ns() - g_mark_ns) / 1e6 : now_ms() - m);
     } else if (!strcmp(cmd, "procaddr")) {
         NEED(cuGetProcAddress);
         void *p = NULL;
@@ -1481,13 +1536,18 @@ static void run(const char *cmd, char **a) {
         printf("ok getenv name=%s value=%s\n", a[0], v ? v : "(unset)");
     } else if (!strcmp(cmd, "waitfile")) {
         double t0 = now_ms();
+        /* On the simulated clock, time moves without this thread while it polls (the test that
+         * makes the file holds time itself when the start must be common). */
+        if (p_clock_park) p_clock_park();
         while (access(a[0], F_OK) != 0) {
             if (now_ms() - t0 > WAIT_CAP_MS) {
+                if (p_clock_unpark) p_clock_unpark();
                 printf("err waitfile code=-1 timeout=1\n");
                 return;
             }
             usleep(1000);
         }
+        if (p_clock_unpark) p_clock_unpark();
         printf("ok waitfile ms=%.3f\n", now_ms() - t0);
     } else if (!strcmp(cmd, "touch")) {
         FILE *f = fopen(a[0], "a");
@@ -1668,7 +1728,7 @@ static void run(const char *cmd, char **a) {
         printf("ok forkstorm forks=%llu fine=%llu hung=%llu failed=%llu codes=%s max_ms=%.1f rounds=%llu failures=%llu\n", forks,
                fine, hung, failed, codes[0] ? codes : "-", max_ms, tot[0], tot[3]);
     } else if (!strcmp(cmd, "now")) {
-        printf("ok now ns=%llu\n", now_ns());
+        printf("ok now ns=%llu\n", clock_ns());
     } else if (!strcmp(cmd, "probe")) {
         NEED(cuLaunchKernel);
         NEED(cuCtxSynchronize);
@@ -1693,15 +1753,15 @@ static void run(const char *cmd, char **a) {
         for (unsigned long long i = 0; i < n; i++) {
             if (i && gap) {
                 seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-                usleep((useconds_t)(gap / 2 + (seed >> 33) % (gap + 1)));
+                clock_sleep_us(gap / 2 + (seed >> 33) % (gap + 1));
             }
-            unsigned long long t0 = now_ns();
+            unsigned long long t0 = clock_ns();
             float ms = 0;
             CUresult r = p_cuEventRecord(before, 0);
             if (r == 0) r = p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL);
             if (r == 0) r = p_cuEventRecord(after, 0);
             if (r == 0) r = p_cuCtxSynchronize();
-            unsigned long long t1 = now_ns();
+            unsigned long long t1 = clock_ns();
             if (r == 0) r = p_cuEventElapsedTime(&ms, before, after);
             if (r != 0) {
                 printf("err probe code=%d at=%llu\n", r, i);
@@ -1749,7 +1809,9 @@ static void run(const char *cmd, char **a) {
         CHECK(p_cuCtxSynchronize());
         CHECK(p_cuEventCreate(&base, 0));
         for (int i = 0; i < RING; i++) CHECK(p_cuEventCreate(&ring[i], 0));
-        unsigned long long t0 = now_ns();
+        unsigned long long t0 = clock_ns();
+        /* "+MS": stop after MS ms of the driver's clock instead of at a file. */
+        unsigned long long for_ns = a[2][0] == '+' ? num(a[2] + 1) * 1000000ULL : 0;
         CHECK(p_cuEventRecord(base, 0));
         /* Kernel end times (ns after t0), grown as needed; accounted into buckets at the end. */
         unsigned long long *ends = NULL, nends = 0, capends = 0, head = 0, tail = 0, launched = 0;
@@ -1771,8 +1833,8 @@ static void run(const char *cmd, char **a) {
         head++;                                                                        \
     } while (0)
         for (;;) {
-            if (access(a[2], F_OK) == 0) break;
-            if ((now_ns() - t0) / 1e6 > WAIT_CAP_MS) {
+            if (for_ns ? clock_ns() - t0 >= for_ns : access(a[2], F_OK) == 0) break;
+            if ((clock_ns() - t0) / 1e6 > WAIT_CAP_MS) {
                 timeout = 1;
                 break;
             }
@@ -1789,7 +1851,7 @@ static void run(const char *cmd, char **a) {
                 if (head == before) break;
             }
         }
-        unsigned long long stop = now_ns();
+        unsigned long long stop = clock_ns();
         if (r == 0) r = p_cuCtxSynchronize();
         while (head < tail) FLOOD_HARVEST(1);
 #undef FLOOD_HARVEST
@@ -1823,7 +1885,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     resolve_driver();
+    resolve_clock();
     clock_gettime(CLOCK_MONOTONIC, &g_mark);
+    g_mark_ns = clock_ns();
     int i = 1;
     int in_child = 0;
     while (i < argc) {

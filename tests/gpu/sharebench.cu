@@ -94,6 +94,11 @@ static void setup_device() {
   printf("preloaded_gpuslice=%d\nenv_GPUSLICE_SM_SHARE=%s\nenv_CUDA_DEVICE_SM_LIMIT=%s\n", shim,
          share ? share : "-", hami ? hami : "-");
   fflush(stdout);
+  // SHAREBENCH_BLOCKING_SYNC=1: the program's own waits sleep instead of spinning (issue 14:
+  // separates the program's spinning from the shim's in the CPU seconds per process).
+  const char* blocking = getenv("SHAREBENCH_BLOCKING_SYNC");
+  if (blocking && strcmp(blocking, "1") == 0) CHECK(cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync));
+  printf("blocking_sync=%d\n", blocking && strcmp(blocking, "1") == 0);
   cudaError_t e = cudaFree(0);
   if (e != cudaSuccess) {
     printf("init_error=%s\n", cudaGetErrorName(e));

@@ -12,6 +12,7 @@
 #
 # N processes at 96/N % each (200 us kernels, started together): each within +-10 % of its share,
 # the sum >= 95 % of the shares' sum, CPU s per process <= issue 14's table (2.0/1.3/0.9/0.7);
+# N = 16 again with SHAREBENCH_BLOCKING_SYNC=1 (the program's waits sleep: T16b, CPU beside T16's);
 # one process from 16 threads on 16 streams at 30 %: within a point, CPU per launch <= 2x
 # unthrottled. Builds sharebench into .gpu/build. The results table is printed last.
 # Exit: 0 all PASS, 1 some FAIL, 2 setup problem.

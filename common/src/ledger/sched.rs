@@ -70,6 +70,12 @@ impl DeviceSched {
     /// Gives a slot up (its process left high priority, exited, or died): not busy, free, and
     /// the waiters woken.
     pub fn release_high(&self, slot: &HighSlot, owner: u64) {
+        self.release_high_at(slot, owner, monotonic_ns())
+    }
+
+    /// `release_high` judging the other slots' leases at `now` (the caller's clock: the shim's
+    /// may be a simulated one in tests).
+    pub fn release_high_at(&self, slot: &HighSlot, owner: u64, now: u64) {
         if slot.owner.load(Acquire) != owner {
             return;
         }
@@ -79,7 +85,6 @@ impl DeviceSched {
         // The last high-priority process gone: the others stop bounding their queues now, not
         // when the lease would have run out. (A neighbour renewing at this instant is seen again
         // at its next renewal, 50 ms on.)
-        let now = monotonic_ns();
         if !self.highs.iter().any(|h| h.owner.load(Acquire) != 0 && h.alive_until.load(Acquire) > now) {
             self.high_alive_until.store(0, Release);
         }

@@ -296,6 +296,23 @@ impl Sim {
         self
     }
 
+    /// Puts every process of this machine on one simulated clock (`SIMCUDA_CLOCK`): virtual
+    /// time that moves only when all of them wait, so shares and latencies judged on it do not
+    /// depend on the machine's load. The test takes part through `clock()`.
+    pub fn with_clock(self) -> Sim {
+        let path = self.dir.path().join("simclock");
+        self.env("SIMCUDA_CLOCK", path.display())
+    }
+
+    /// The calling thread's part in this machine's simulated clock (see `with_clock`): while it
+    /// runs, virtual time stands still.
+    pub fn clock(&self) -> Clock {
+        let path = self.dir.path().join("simclock");
+        let page = simclock::Page::open(&path.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+        let slot = page.join().expect("a free slot on the simulated clock");
+        Clock { page, slot }
+    }
+
     /// The `SIMCUDA_STATE` file (created by the first client).
     pub fn state_path(&self) -> PathBuf {
         self.dir.path().join("simcuda-state")
@@ -1368,5 +1385,73 @@ impl Listing {
     pub fn process_group(&self, pid: u32) -> String {
         let p = self.process(pid).unwrap_or_else(|| panic!("no process {pid} in:\n{self}"));
         p["group"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The simulated clock, from the test's side.
+
+#[path = "../../simcuda/src/clock.rs"]
+mod simclock;
+
+/// The test thread as a participant of a machine's simulated clock (`Sim::clock`): running (time
+/// stands still) except while it sleeps on the clock or is parked.
+pub struct Clock {
+    page: &'static simclock::Page,
+    slot: usize,
+}
+
+impl Clock {
+    /// Virtual time now, ns.
+    pub fn now_ns(&self) -> u64 {
+        self.page.now()
+    }
+
+    /// Waits until `ns` of virtual time have passed (the processes run meanwhile).
+    pub fn sleep_ns(&self, ns: u64) {
+        self.page.block(self.slot, self.page.now() + ns, 0, None);
+    }
+
+    /// Lets time move without the test (while it waits for processes in real time).
+    pub fn park(&self) {
+        self.page.park(self.slot);
+    }
+
+    /// Holds time still again.
+    pub fn unpark(&self) {
+        self.page.unpark(self.slot);
+    }
+
+    /// Starts `procs` at one virtual instant and returns it: each prints a `ready` line, then
+    /// waits for the file `go` with cuclient's `waitfile`. Time moves (the test parked) while
+    /// they get ready, and stands still (the test holds it) from the moment `go` exists until
+    /// every one of them has seen it; the test holds it on return (`park` to let it run).
+    pub fn start_together(&self, go: &str, procs: &[Running], ready: &str) -> u64 {
+        self.start_together_refs(go, &procs.iter().collect::<Vec<_>>(), ready)
+    }
+
+    /// `start_together` for processes held elsewhere.
+    pub fn start_together_refs(&self, go: &str, procs: &[&Running], ready: &str) -> u64 {
+        self.park();
+        for p in procs {
+            assert!(line_ok(&p.wait_line(ready, 0)), "a process did not get ready: {}", p.stderr_now());
+        }
+        self.unpark();
+        touch(go);
+        for p in procs {
+            assert!(line_ok(&p.wait_line("waitfile", 0)), "a process did not see {go}: {}", p.stderr_now());
+        }
+        self.now_ns()
+    }
+
+    /// How many times virtual time has moved so far.
+    pub fn advances(&self) -> u64 {
+        self.page.advances.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Clock {
+    fn drop(&mut self) {
+        self.page.leave(self.slot);
     }
 }

@@ -1,7 +1,8 @@
 //! Turns between throttled processes attached to a controller are taken in the ledger's device
 //! slot (`DeviceSched::turn`), not on a per-user /dev/shm page: processes in different pods
 //! (their own /dev/shm, maybe their own uid) still take turns. Checked by mapping the ledger and
-//! watching the turn pass between the two processes while they keep their shares.
+//! watching the turn pass between the two processes while they keep their shares (on the
+//! simulated clock: the watcher samples every 100 µs of virtual time, and the shares are of it).
 
 use gpuslice_common::ledger::{Ledger, LIVE};
 use gpuslice_integration::*;
@@ -22,16 +23,18 @@ struct Watched {
 
 #[test]
 fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
-    let sim = Sim::new();
+    let sim = Sim::new().with_clock();
     let ctl = sim.controller();
+    let clock = sim.clock();
+    clock.park();
     let uuid = sim.device_uuid(0);
     let uid = unsafe { libc::getuid() };
     let page = format!("/dev/shm/gpuslice-board6-{uid}-{uuid}");
     let _ = std::fs::remove_file(&page);
     let go = sim.path("go").display().to_string();
 
-    // Kernels of 200 µs; each process runs about 1.2 s of wall time at its share,
-    // so that they overlap for all of it (as sm_share.rs's two processes).
+    // Kernels of 200 µs; each process runs 1.2 s at its share from one virtual instant, so that
+    // they overlap for all of it (as sm_share.rs's two processes).
     let ns = 200_000u64;
     let warm = 4_000_000 / ns + 2;
     let spawn = |share: u64| {
@@ -41,7 +44,7 @@ fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
     };
     let clients = [spawn(30), spawn(60)];
     for (_, _, c) in &clients {
-        assert!(line_ok(&c.wait_line("ctx", 0)), "context made");
+        assert!(line_ok(&c.wait_line("sync", 0)), "context made and warmed up");
     }
 
     let path = ctl.ledger();
@@ -57,10 +60,14 @@ fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
     registered.sort_unstable();
     assert!(registered.len() == 2 && registered.iter().all(|&t| t != 0), "two registered processes with their tokens: {registered:?}");
 
-    // Watch the turn while both run (sampling every 100 µs), then collect their figures.
+    // Watch the turn while both run (sampling every 100 µs of virtual time), then collect
+    // their figures. The watcher takes part in the clock before the clients start.
     let done = AtomicBool::new(false);
+    let (watching, watching_rx) = std::sync::mpsc::channel();
     let (watched, outs) = std::thread::scope(|s| {
         let watcher = s.spawn(|| {
+            let watch_clock = sim.clock();
+            watching.send(()).unwrap();
             let mut w = Watched::default();
             let mut last = 0u64;
             while !done.load(SeqCst) {
@@ -76,11 +83,14 @@ fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
                     }
                     last = holder;
                 }
-                std::thread::sleep(Duration::from_micros(100));
+                watch_clock.sleep_ns(100_000);
             }
             w
         });
-        touch(&go);
+        watching_rx.recv().unwrap();
+        let procs: Vec<&Running> = clients.iter().map(|(_, _, c)| c).collect();
+        clock.start_together_refs(&go, &procs, "sync");
+        clock.park();
         let outs = clients.map(|(share, n, c)| (share, n, c.wait()));
         done.store(true, SeqCst);
         (watcher.join().unwrap(), outs)

@@ -11,6 +11,7 @@
 
 #![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
 
+mod clock;
 mod state;
 mod visible;
 
@@ -20,7 +21,8 @@ use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use state::{now_ns, sleep_until_ns, DeviceState};
+use clock::{now_ns, sleep_until_ns};
+use state::DeviceState;
 
 // ---------------------------------------------------------------------------------------------
 // CUresult values used here (cuda.h).
@@ -2594,6 +2596,62 @@ extern "C" fn fork_release() {
 extern "C" fn simcuda_init() {
     // SAFETY: registering plain extern "C" functions.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
+    clock::on_load();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The simulated clock (`SIMCUDA_CLOCK`, see clock.rs), for the shim and the test clients: only
+// this library provides it, so a program on a real driver never runs on it.
+
+/// 1 when the simulated clock is on (the shim then reads and sleeps on it).
+#[no_mangle]
+pub extern "C" fn simcuda_clock_enabled() -> c_int {
+    c_int::from(clock::enabled())
+}
+
+#[no_mangle]
+pub extern "C" fn simcuda_clock_now_ns() -> u64 {
+    now_ns()
+}
+
+#[no_mangle]
+pub extern "C" fn simcuda_clock_sleep_until_ns(t: u64) {
+    sleep_until_ns(t)
+}
+
+/// Sleeps while the u32 at `word` is `expected`, until a `simcuda_clock_futex_wake` with a bit
+/// of `mask`, at most `timeout_ns` of the clock's time.
+#[no_mangle]
+pub unsafe extern "C" fn simcuda_clock_futex_wait(word: *const std::sync::atomic::AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
+    if let Some(word) = word.as_ref() {
+        clock::futex_wait(word, expected, mask, timeout_ns)
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn simcuda_clock_futex_wake(word: *const std::sync::atomic::AtomicU32, mask: u32) {
+    if let Some(word) = word.as_ref() {
+        clock::futex_wake(word, mask)
+    }
+}
+
+/// The calling thread takes part in the clock from now on (time waits for it), as it would
+/// from its first wait: a thread that is about to start work calls it before its starter lets
+/// time run.
+#[no_mangle]
+pub extern "C" fn simcuda_clock_join() {
+    clock::join()
+}
+
+/// The calling thread waits outside the driver (a thread join): time moves without it.
+#[no_mangle]
+pub extern "C" fn simcuda_clock_park() {
+    clock::park()
+}
+
+#[no_mangle]
+pub extern "C" fn simcuda_clock_unpark() {
+    clock::unpark()
 }
 
 #[used]
