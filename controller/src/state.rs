@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::*;
 
+mod memory;
+
 /// More bytes than any device has (1 PiB): a process slot that says so was written by hand.
 const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
 
@@ -106,6 +108,10 @@ pub struct State {
     labels: HashMap<(usize, u64), std::collections::BTreeMap<String, String>>,
     /// Exports made by registered processes (see `exports`).
     pub exports: crate::exports::Exports,
+    /// Group slot → its memory and settings page (see `memory`).
+    memory: HashMap<usize, memory::GroupMemory>,
+    /// The device table's memory, shared by every registered process.
+    devices_memory: Option<OwnedFd>,
 }
 
 impl State {
@@ -128,6 +134,8 @@ impl State {
             env_groups_open: false,
             labels: HashMap::new(),
             exports: Default::default(),
+            memory: HashMap::new(),
+            devices_memory: None,
         }
     }
 
@@ -236,6 +244,7 @@ impl State {
         for &slot in self.groups.keys() {
             put(&self.ledger.group(slot).members, counts.get(&slot).copied().unwrap_or(0));
         }
+        self.publish();
     }
 
     /// Figures in a process's slot that no real process could have: more bytes on a device
@@ -312,6 +321,7 @@ impl State {
                 tracing::warn!("group slot {i} held {:?}, not a valid or distinct group name; freed", truncated(&name));
                 g.reset();
                 g.state.store(FREE, Release);
+                self.forget_group_memory(i);
                 continue;
             }
             let pinned = g.pinned.load(Relaxed) != 0;
@@ -335,6 +345,7 @@ impl State {
                 tracing::warn!("process slot {i} (pid {pid}) names group slot {group}, which holds no group; freed");
                 p.reset();
                 p.state.store(FREE, Release);
+                self.unmap_member(i);
                 gone += 1;
                 continue;
             }
@@ -376,6 +387,11 @@ impl State {
 
     fn new_group(&mut self, name: &str, pinned: bool, env_uid: Option<u32>) -> Option<usize> {
         let i = (0..self.ledger.geometry().max_groups as usize).find(|i| !self.groups.contains_key(i))?;
+        self.forget_group_memory(i);
+        if let Err(e) = self.make_group_memory(i) {
+            tracing::error!("group {name:?}: {e}");
+            return None;
+        }
         let g = self.ledger.group(i);
         g.reset();
         g.set_name(name);
@@ -390,6 +406,7 @@ impl State {
         let g = self.ledger.group(slot);
         g.state.store(FREE, Release);
         g.reset();
+        self.forget_group_memory(slot);
         self.pending.retain(|&p| p != slot);
     }
 
@@ -498,6 +515,7 @@ impl State {
                 g
             }
         };
+        self.map_member(slot, group)?;
         let process = self.ledger.process(slot);
         process.reset();
         process.pid.store(peer.pid, Relaxed);
@@ -536,6 +554,8 @@ impl State {
             peer.uid,
             describe_group(&self.ledger, self.ledger.group(group))
         );
+        // Before the process has the page: it must never read settings not yet published.
+        self.publish_group(group);
         Ok(Assignment { group: group as u32, group_name, slot: slot as u32, devices, notes })
     }
 
@@ -569,6 +589,7 @@ impl State {
             tracing::info!("pid {pid} {why}: {} returned to group {name:?}", format_size(held));
         }
         self.ledger.process(slot).reset();
+        self.unmap_member(slot);
     }
 
     /// Device indices for the devices a registration names. A claim that is not a GPU UUID,

@@ -340,4 +340,32 @@ mod tests {
         ledger.map_group_page(1, None).unwrap();
         assert_eq!(ledger.group(1).devices[0].used.load(Relaxed), 0, "the file's own page is back");
     }
+
+    #[test]
+    fn a_second_view_finds_the_memory_again_by_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger");
+        let geometry = Geometry { max_groups: 4, max_procs: 4 };
+        let first = Ledger::create(file.to_str().unwrap(), geometry).unwrap();
+        let devices = first.new_device_memory().unwrap();
+        first.map_device_memory(devices.as_fd()).unwrap();
+        first.header().devices_inode.store(inode(devices.as_fd()).unwrap(), Relaxed);
+        let counters = first.new_group_memory(2).unwrap();
+        first.map_group_page(2, Some(counters.as_fd())).unwrap();
+        first.group_index(2).counters_inode.store(inode(counters.as_fd()).unwrap(), Relaxed);
+        first.map_process_page(3, Some(counters.as_fd())).unwrap();
+        first.process_index(3).group_plus_one.store(3, Relaxed);
+        first.group(2).devices[1].used.store(5, Relaxed);
+        first.process(3).devices[1].used.store(5, Relaxed);
+        first.device(0).total_memory.store(9, Relaxed);
+        // A restarted controller: the same file, the memory held by a live process (this one).
+        let (second, adopted) = Ledger::open_or_create(file.to_str().unwrap(), geometry).unwrap();
+        assert!(adopted);
+        assert_eq!(second.group(2).devices[1].used.load(Relaxed), 0, "not mapped yet");
+        let found = second.reclaim();
+        assert!(found.devices.is_some() && found.counters.contains_key(&2), "found the memory");
+        assert_eq!(second.group(2).devices[1].used.load(Relaxed), 5);
+        assert_eq!(second.process(3).devices[1].used.load(Relaxed), 5);
+        assert_eq!(second.device(0).total_memory.load(Relaxed), 9);
+    }
 }
