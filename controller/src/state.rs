@@ -19,6 +19,10 @@ mod memory;
 /// More bytes than any device has (1 PiB): a process slot that says so was written by hand.
 const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
 
+/// No process takes a priority slot or a turn this far ahead (they renew every 50 ms, and a
+/// turn's lease covers the work it queued).
+const LEASE_HORIZON_NS: u64 = 60_000_000_000;
+
 /// How long a reconciliation waits for a live member's open operation.
 const RECONCILE_PATIENCE_NS: u64 = 50_000_000;
 
@@ -244,7 +248,29 @@ impl State {
         for &slot in self.groups.keys() {
             put(&self.ledger.group(slot).members, counts.get(&slot).copied().unwrap_or(0));
         }
+        self.expire_forged_leases();
         self.publish();
+    }
+
+    /// The device memory is shared by every registered process (the priority slots and the turn
+    /// among throttled processes): what bounds a forged entry there is its lease. A lease further
+    /// ahead than any process takes is a forgery that would hold others back for good: lapsed.
+    fn expire_forged_leases(&self) {
+        let horizon = ledger::monotonic_ns().saturating_add(LEASE_HORIZON_NS);
+        for d in 0..MAX_DEVICES {
+            let s = &self.ledger.device(d).sched;
+            let mut forged = false;
+            for lease in std::iter::once(&s.high_alive_until).chain(s.highs.iter().map(|h| &h.alive_until)).chain(std::iter::once(&s.turn.lease_until)) {
+                if lease.load(Relaxed) > horizon {
+                    lease.store(0, Relaxed);
+                    forged = true;
+                }
+            }
+            if forged {
+                s.wake.fetch_add(1, SeqCst);
+                tracing::warn!("device slot {d}: a lease beyond any a process takes was written in shared memory by a tenant; lapsed");
+            }
+        }
     }
 
     /// Figures in a process's slot that no real process could have: more bytes on a device

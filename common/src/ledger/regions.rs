@@ -115,9 +115,36 @@ impl Ledger {
         Ok(fd)
     }
 
-    /// New device memory (the device table and its turn state, shared by every group).
+    /// New device memory (the device table and its turn state, shared by every group), starting
+    /// from the copy the ledger file keeps (`save_device_table`): after a restart that found no
+    /// live process holding the old one, the devices keep their indices.
     pub fn new_device_memory(&self) -> io::Result<OwnedFd> {
-        sealed_memfd("devices", self.geometry.groups_offset())
+        let g = self.geometry;
+        let fd = sealed_memfd("devices", g.groups_offset())?;
+        if let Some(file) = &self.backing {
+            let mut saved = vec![0u8; g.groups_offset() - g.devices_offset()];
+            // SAFETY: pread and pwrite of a local buffer of its length, at offsets within both files.
+            unsafe {
+                if libc::pread(file.as_raw_fd(), saved.as_mut_ptr().cast(), saved.len(), g.devices_offset() as libc::off_t) == saved.len() as isize {
+                    libc::pwrite(fd.as_raw_fd(), saved.as_ptr().cast(), saved.len(), g.devices_offset() as libc::off_t);
+                }
+            }
+        }
+        Ok(fd)
+    }
+
+    /// Copies the device table as it is in the device memory into the ledger file's own pages
+    /// under it (the controller, every tick), for `new_device_memory` after a restart.
+    pub fn save_device_table(&self) -> io::Result<()> {
+        let Some(file) = &self.backing else { return Ok(()) };
+        let g = self.geometry;
+        let len = g.groups_offset() - g.devices_offset();
+        // SAFETY: the device region is inside our mapping; pwrite only reads it.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), self.base.add(g.devices_offset()).cast(), len, g.devices_offset() as libc::off_t) };
+        if n != len as isize {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Maps the device memory over this view's device table.

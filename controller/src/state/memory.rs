@@ -105,10 +105,14 @@ impl State {
     }
 
     /// Writes every group's settings, as the controller holds them, into the page its members
-    /// read them from. Called after every request and every tick; writes only what differs.
+    /// read them from, and keeps the ledger file's copy of the device table (for a restart that
+    /// finds no process holding the device memory). Called after every request and every tick.
     pub fn publish(&self) {
         for &i in self.groups.keys() {
             self.publish_group(i);
+        }
+        if let Err(e) = self.ledger.save_device_table() {
+            tracing::error!("cannot keep a copy of the device table in the ledger file: {e}");
         }
     }
 

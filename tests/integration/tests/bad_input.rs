@@ -632,8 +632,15 @@ fn a_shim_given_a_bad_ledger_or_a_bad_answer_runs_alone_on_its_own_limits() {
     let mut wrong_version = valid.clone();
     wrong_version[8] = 99;
     type Answer = Box<dyn Fn(&UnixStream) + Send>;
-    let with_ledger =
-        |file: std::fs::File, slot: u32| -> Answer { Box::new(move |s| drop(send_frame(s.as_raw_fd(), &registered(slot), Some(file.as_raw_fd())))) };
+    // As a controller answers (ledger::regions): the group's memory, the device memory (here the
+    // same file) and a read-only settings page.
+    let with_ledger = |file: std::fs::File, slot: u32| -> Answer {
+        Box::new(move |s| {
+            let (_page, page_fd) = gpuslice_common::ledger::SettingsPage::create(0).unwrap();
+            let settings = gpuslice_common::ledger::read_only(std::os::fd::AsFd::as_fd(&page_fd)).unwrap();
+            drop(protocol::send_frame_with(s.as_raw_fd(), &registered(slot), &[file.as_raw_fd(), file.as_raw_fd(), settings.as_raw_fd()]))
+        })
+    };
     let cases: Vec<(&str, Answer, &str)> = vec![
         ("zeroed ledger", with_ledger(ledger_file(&dir, "zeroed", &vec![0; 65536], true), 0), "not a gpuslice ledger"),
         ("truncated ledger", with_ledger(ledger_file(&dir, "short", &valid[..100], true), 0), "shorter than its 4096-byte header"),
