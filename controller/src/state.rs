@@ -1145,9 +1145,10 @@ mod tests {
 
     fn state(dir: &tempfile::TempDir, config: &str) -> State {
         let path = dir.path().join("ledger").to_str().unwrap().to_string();
-        let (ledger, _) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
         let config = FileSettings::parse("test.toml", config).unwrap();
         let mut s = State::new(ledger, config);
+        s.init_memory(adopted).unwrap();
         s.install_config_groups().unwrap();
         s
     }
@@ -1323,11 +1324,12 @@ mod tests {
     #[test]
     fn an_empty_group_is_removed_for_good_and_one_with_members_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        // What the registered process holds (its group's memory) outlives the controller.
+        let _held = {
             let mut s = state(&dir, "");
             s.edit(me(), group_edit("typo", true)).unwrap();
             s.edit(me(), group_edit("busy", true)).unwrap();
-            s.register(me(), registration(Some("busy"), None)).unwrap();
+            let busy = s.register(me(), registration(Some("busy"), None)).unwrap();
             let e = s.remove_group(me(), "busy").unwrap_err();
             assert!(e.contains("1 member") && e.contains(&std::process::id().to_string()), "{e}");
             let stranger = Peer { pid: 1, uid: s.owner_uid.wrapping_add(4242).max(1) };
@@ -1335,7 +1337,8 @@ mod tests {
             assert!(s.remove_group(me(), "typ").unwrap_err().contains("did you mean \"typo\""));
             s.remove_group(me(), "typo").unwrap();
             assert_eq!(s.find_group("typo"), None);
-        }
+            s.descriptors_for(busy.group as usize).unwrap()
+        };
         // A restarted controller on the same ledger does not bring it back.
         let mut s = state(&dir, "");
         s.adopt();
@@ -1366,7 +1369,7 @@ mod tests {
     #[test]
     fn a_restarted_controller_drops_the_dead_and_keeps_the_living() {
         let dir = tempfile::tempdir().unwrap();
-        let (dead_slot, live_slot, group) = {
+        let (dead_slot, live_slot, group, _held) = {
             let mut s = state(&dir, "");
             let mut child = std::process::Command::new("true").spawn().unwrap();
             let dead_pid = child.id();
@@ -1376,8 +1379,9 @@ mod tests {
             s.ledger.process(dead.slot as usize).try_charge(g, 0, 700).unwrap();
             s.ledger.process(live.slot as usize).try_charge(g, 0, 300).unwrap();
             child.wait().unwrap();
-            // The controller "dies" here: no release for the child.
-            (dead.slot as usize, live.slot as usize, dead.group as usize)
+            // The controller "dies" here: no release for the child; the live one keeps its
+            // group's memory.
+            (dead.slot as usize, live.slot as usize, dead.group as usize, s.descriptors_for(live.group as usize).unwrap())
         };
         let mut s = state(&dir, "");
         assert_eq!(s.ledger.group(group).devices[0].used.load(Relaxed), 1000);

@@ -395,4 +395,50 @@ mod tests {
         assert_eq!(second.process(3).devices[1].used.load(Relaxed), 5);
         assert_eq!(second.device(0).total_memory.load(Relaxed), 9);
     }
+
+    /// The allocation hot path before and after the split, in one run: `try_charge` with the
+    /// limit in the group's own (file-backed) slot, as in layout 4, against `try_charge_under`
+    /// on a group's memfd with the limit in a read-only settings page. Plain loads and one
+    /// compare-and-swap either way: no system call, no lock.
+    #[test]
+    #[ignore = "a micro-benchmark: cargo test -p gpuslice-common --lib hot_path -- --ignored --nocapture"]
+    fn hot_path_before_and_after_the_split() {
+        const N: u32 = 2_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger");
+        let geometry = Geometry { max_groups: 4, max_procs: 4 };
+        let ledger = Ledger::create(file.to_str().unwrap(), geometry).unwrap();
+        let time = |charge: &dyn Fn() -> bool| {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let start = std::time::Instant::now();
+                for _ in 0..N {
+                    assert!(charge());
+                }
+                best = best.min(start.elapsed().as_nanos() as f64 / f64::from(N));
+            }
+            best
+        };
+        let (group, process) = (ledger.group(0), ledger.process(0));
+        group.devices[0].limit.store(1 << 40, Relaxed);
+        let before = time(&|| {
+            let ok = process.try_charge(group, 0, 4096).is_ok();
+            process.uncharge(group, 0, 4096);
+            ok
+        });
+        let counters = ledger.new_group_memory(1).unwrap();
+        ledger.map_group_page(1, Some(counters.as_fd())).unwrap();
+        ledger.map_process_page(1, Some(counters.as_fd())).unwrap();
+        let view = Ledger::map_group_view(counters.as_fd(), ledger.new_device_memory().unwrap().as_fd()).unwrap();
+        let (page, fd) = SettingsPage::create(1).unwrap();
+        page.slot().devices[0].limit.store(1 << 40, Relaxed);
+        let settings = SettingsPage::map(read_only(fd.as_fd()).unwrap().as_fd(), false).unwrap();
+        let (group, process, limits) = (view.group(1), view.process(1), settings.slot());
+        let after = time(&|| {
+            let ok = process.try_charge_under(group, limits, 0, 4096).is_ok();
+            process.uncharge(group, 0, 4096);
+            ok
+        });
+        println!("try_charge + uncharge, best of 5 x {N}: layout 4 (file, limit in the group slot) {before:.1} ns; layout 5 (memfd, read-only settings page) {after:.1} ns");
+    }
 }
