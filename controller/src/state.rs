@@ -341,7 +341,10 @@ impl State {
             if g.state.load(Acquire) != LIVE {
                 continue;
             }
-            let name = g.name();
+            // The settings the previous controller published (read-only to members), rather
+            // than the members' writable copy.
+            let published = self.published(i);
+            let name = published.map_or_else(|| g.name(), |p| p.name());
             let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || name.starts_with("pid-");
             if !valid || self.find_group(&name).is_some() {
                 tracing::warn!("group slot {i} held {:?}, not a valid or distinct group name; freed", truncated(&name));
@@ -350,9 +353,11 @@ impl State {
                 self.forget_group_memory(i);
                 continue;
             }
-            let pinned = g.pinned.load(Relaxed) != 0;
+            let pinned = published.unwrap_or(g).pinned.load(Relaxed) != 0;
             self.groups.insert(i, GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
-            self.remember_group(i);
+            if !self.remember_published(i) {
+                self.remember_group(i);
+            }
         }
         let mut kept = 0;
         let mut gone = 0;
@@ -1379,6 +1384,8 @@ mod tests {
             s.ledger.process(dead.slot as usize).try_charge(g, 0, 700).unwrap();
             s.ledger.process(live.slot as usize).try_charge(g, 0, 300).unwrap();
             child.wait().unwrap();
+            // A member rewrites its group's writable copy of the limit between two ticks.
+            g.devices[0].limit.store(12345, Relaxed);
             // The controller "dies" here: no release for the child; the live one keeps its
             // group's memory.
             (dead.slot as usize, live.slot as usize, dead.group as usize, s.descriptors_for(live.group as usize).unwrap())
@@ -1390,5 +1397,6 @@ mod tests {
         assert_eq!(s.ledger.process(dead_slot).state.load(Relaxed), FREE);
         assert_eq!(s.ledger.process(live_slot).state.load(Relaxed), LIVE);
         assert!(s.watched.contains_key(&live_slot));
+        assert_eq!(s.groups[&group].limits[0], UNLIMITED, "the limit comes from the published page, not the members' copy");
     }
 }

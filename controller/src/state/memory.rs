@@ -48,7 +48,10 @@ impl State {
                 Some(p) => p,
                 None => {
                     tracing::warn!("group slot {i}: its settings page was not found; members that started before the restart keep reading the last settings published");
-                    SettingsPage::create(i).map_err(io_error("make a settings page"))?
+                    let (page, fd) = SettingsPage::create(i).map_err(io_error("make a settings page"))?;
+                    // The members' writable copy is all there is left to start from.
+                    copy_settings(self.ledger.group(i), page.slot());
+                    (page, fd)
                 }
             };
             self.ledger.group_index(i).settings_inode.store(ledger::inode(settings_fd.as_fd()).unwrap_or(0), Relaxed);
@@ -133,6 +136,24 @@ impl State {
         page.state.store(ledger::LIVE, Release);
     }
 
+    /// Group slot `i`'s published settings, if it has a page.
+    pub(super) fn published(&self, i: usize) -> Option<&GroupSlot> {
+        self.memory.get(&i).map(|m| m.settings.slot())
+    }
+
+    /// After a restart: takes group `i`'s limits, shares and priority from the page the
+    /// previous controller published (its members could not write it). False without one.
+    pub(super) fn remember_published(&mut self, i: usize) -> bool {
+        let (Some(memory), Some(info)) = (self.memory.get(&i), self.groups.get_mut(&i)) else { return false };
+        let page = memory.settings.slot();
+        for d in 0..ledger::MAX_DEVICES {
+            info.limits[d] = page.devices[d].limit.load(Relaxed);
+            info.shares[d] = page.devices[d].share.load(Relaxed);
+        }
+        info.priority = page.priority.load(Relaxed);
+        true
+    }
+
     /// What a process registered in group `group` is handed: its group's memory and the device
     /// memory (read-write), and its group's settings page (read-only).
     pub fn descriptors_for(&self, group: usize) -> Result<Vec<OwnedFd>, String> {
@@ -144,4 +165,14 @@ impl State {
             ledger::read_only(memory.settings_fd.as_fd()).map_err(io_error("open a settings page read-only"))?,
         ])
     }
+}
+
+fn copy_settings(from: &GroupSlot, to: &GroupSlot) {
+    for d in 0..ledger::MAX_DEVICES {
+        to.devices[d].limit.store(from.devices[d].limit.load(Relaxed), Relaxed);
+        to.set_share(d, from.devices[d].share.load(Relaxed));
+    }
+    to.priority.store(from.priority.load(Relaxed), Relaxed);
+    to.pinned.store(from.pinned.load(Relaxed), Relaxed);
+    to.set_name(&from.name());
 }
