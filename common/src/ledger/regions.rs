@@ -229,28 +229,33 @@ impl Ledger {
     }
 }
 
-/// Walks `/proc/*/fd` for memfds of ours whose inode is wanted, opening each once.
+/// Walks every process's descriptors (`/proc/PID/fd`) and, for a process that closed them,
+/// its mappings (`/proc/PID/map_files`, which needs CAP_SYS_ADMIN) for memfds of ours whose
+/// inode is wanted, opening each once.
 fn find_memfds(wanted: &mut HashMap<u64, (char, usize)>, found: &mut Reclaimed) {
     let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    let ours = format!("/memfd:{NAME_PREFIX}");
     for entry in procs.flatten() {
         if wanted.is_empty() {
             return;
         }
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else { continue };
-        for fd in fds.flatten() {
-            let path = fd.path();
-            let is_ours = std::fs::read_link(&path).is_ok_and(|t| t.to_string_lossy().starts_with(&format!("/memfd:{NAME_PREFIX}")));
-            if !is_ours {
-                continue;
-            }
+        let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+        if let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) {
+            candidates.extend(fds.flatten().map(|fd| fd.path()).filter(|p| std::fs::read_link(p).is_ok_and(|t| t.to_string_lossy().starts_with(&ours))));
+        }
+        if let Ok(maps) = std::fs::read_to_string(entry.path().join("maps")) {
+            let ranges = maps.lines().filter(|l| l.contains(&ours)).filter_map(|l| l.split_whitespace().next());
+            candidates.extend(ranges.map(|range| entry.path().join("map_files").join(range)));
+        }
+        for path in candidates {
             let Ok(meta) = std::fs::metadata(&path) else { continue };
-            let Some((kind, group)) = wanted.get(&std::os::unix::fs::MetadataExt::ino(&meta)).copied() else { continue };
+            let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+            let Some((kind, group)) = wanted.get(&ino).copied() else { continue };
             let Ok(opened) = reopen(&path.to_string_lossy(), libc::O_RDWR) else { continue };
-            wanted.remove(&std::os::unix::fs::MetadataExt::ino(&meta));
+            wanted.remove(&ino);
             match kind {
                 'd' => found.devices = Some(opened),
                 'c' => drop(found.counters.insert(group, opened)),
@@ -394,6 +399,25 @@ mod tests {
         assert_eq!(second.group(2).devices[1].used.load(Relaxed), 5);
         assert_eq!(second.process(3).devices[1].used.load(Relaxed), 5);
         assert_eq!(second.device(0).total_memory.load(Relaxed), 9);
+    }
+
+    #[test]
+    fn memory_mapped_but_no_longer_open_is_found_through_the_mappings() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ledger");
+        let geometry = Geometry { max_groups: 2, max_procs: 2 };
+        let first = Ledger::create(file.to_str().unwrap(), geometry).unwrap();
+        let view = {
+            let counters = first.new_group_memory(1).unwrap();
+            first.group_index(1).counters_inode.store(inode(counters.as_fd()).unwrap(), Relaxed);
+            Ledger::map_group_view(counters.as_fd(), first.new_device_memory().unwrap().as_fd()).unwrap()
+            // The descriptors close here; the mapping stays (a program that closed every descriptor).
+        };
+        view.group(1).devices[0].used.store(42, Relaxed);
+        drop(first);
+        let (second, _) = Ledger::open_or_create(file.to_str().unwrap(), geometry).unwrap();
+        assert!(second.reclaim().counters.contains_key(&1));
+        assert_eq!(second.group(1).devices[0].used.load(Relaxed), 42);
     }
 
     /// The allocation hot path before and after the split, in one run: `try_charge` with the
