@@ -570,7 +570,6 @@ fn check_directory(dir: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
     Ok(())
 }
 
-
 /// Blocks SIGTERM and SIGINT and returns a signalfd that reports them.
 fn block_signals() -> Result<OwnedFd, String> {
     // SAFETY: sigset manipulation on a local, then signalfd(2).

@@ -89,7 +89,7 @@ impl Ledger {
             Some(fd) => fd.as_raw_fd(),
             None => self.backing.as_ref().ok_or_else(|| io::Error::other("this ledger view has no file behind it"))?.as_raw_fd(),
         };
-        if offset % PAGE != 0 || offset + len > self.len {
+        if !offset.is_multiple_of(PAGE) || offset + len > self.len {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         // SAFETY: replaces pages inside our own mapping (checked above) with a shared mapping of
@@ -187,7 +187,11 @@ impl Ledger {
     /// A shim's view: its group's memory, with the shared device memory over the device table.
     pub fn map_group_view(counters: BorrowedFd<'_>, devices: BorrowedFd<'_>) -> Result<Ledger, LedgerError> {
         let ledger = Ledger::map_fd(counters, "(the group's memory)")?;
-        ledger.map_device_memory(devices).map_err(|error| LedgerError::Io { what: "map the device memory of".into(), path: "(the controller's)".into(), error })?;
+        ledger.map_device_memory(devices).map_err(|error| LedgerError::Io {
+            what: "map the device memory of".into(),
+            path: "(the controller's)".into(),
+            error,
+        })?;
         Ok(ledger)
     }
 

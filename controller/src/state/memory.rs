@@ -47,7 +47,9 @@ impl State {
             let (settings, settings_fd) = match page {
                 Some(p) => p,
                 None => {
-                    tracing::warn!("group slot {i}: its settings page was not found; members that started before the restart keep reading the last settings published");
+                    tracing::warn!(
+                        "group slot {i}: its settings page was not found; members that started before the restart keep reading the last settings published"
+                    );
                     let (page, fd) = SettingsPage::create(i).map_err(io_error("make a settings page"))?;
                     // The members' writable copy is all there is left to start from.
                     copy_settings(self.ledger.group(i), page.slot());

@@ -275,8 +275,9 @@ fn processes_started_while_the_controller_is_down_wait_for_it() {
     let sim = Sim::new().env("SIMCUDA_CTX_RESERVE", MIB);
     let mut ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
     let (go, done) = (sim.path("go"), sim.path("done"));
-    let survivors: Vec<Running> =
-        (0..2).map(|_| sim.client(Route::Link).shim().controller(&ctl).group("g").args(&format!("init ctx 0 alloc 300M waitfile {}", show(&done))).spawn()).collect();
+    let survivors: Vec<Running> = (0..2)
+        .map(|_| sim.client(Route::Link).shim().controller(&ctl).group("g").args(&format!("init ctx 0 alloc 300M waitfile {}", show(&done))).spawn())
+        .collect();
     for c in &survivors {
         expect_ok(&c.wait_line("alloc", 0));
     }
