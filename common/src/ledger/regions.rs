@@ -337,6 +337,14 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
 
+    /// A fresh ledger file in a temporary directory: (the directory, the path, the ledger).
+    fn temp_ledger(geometry: Geometry) -> (tempfile::TempDir, String, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let ledger = Ledger::create(&path, geometry).unwrap();
+        (dir, path, ledger)
+    }
+
     #[test]
     fn a_read_only_settings_page_cannot_be_written_truncated_or_reopened_for_writing() {
         let (page, fd) = SettingsPage::create(0).unwrap();
@@ -357,9 +365,7 @@ mod tests {
 
     #[test]
     fn group_memory_is_sealed_against_truncation_and_growth() {
-        let path = tempfile::tempdir().unwrap();
-        let file = path.path().join("ledger");
-        let ledger = Ledger::create(file.to_str().unwrap(), Geometry { max_groups: 2, max_procs: 2 }).unwrap();
+        let (_dir, _, ledger) = temp_ledger(Geometry { max_groups: 2, max_procs: 2 });
         let fd = ledger.new_group_memory(1).unwrap();
         let size = Geometry { max_groups: 2, max_procs: 2 }.file_size() as libc::off_t;
         // SAFETY: truncating and growing our own descriptor: both must fail.
@@ -379,10 +385,8 @@ mod tests {
 
     #[test]
     fn a_second_view_finds_the_memory_again_by_inode() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("ledger");
         let geometry = Geometry { max_groups: 4, max_procs: 4 };
-        let first = Ledger::create(file.to_str().unwrap(), geometry).unwrap();
+        let (_dir, file, first) = temp_ledger(geometry);
         let devices = first.new_device_memory().unwrap();
         first.map_device_memory(devices.as_fd()).unwrap();
         first.header().devices_inode.store(inode(devices.as_fd()).unwrap(), Relaxed);
@@ -395,7 +399,7 @@ mod tests {
         first.process(3).devices[1].used.store(5, Relaxed);
         first.device(0).total_memory.store(9, Relaxed);
         // A restarted controller: the same file, the memory held by a live process (this one).
-        let (second, adopted) = Ledger::open_or_create(file.to_str().unwrap(), geometry).unwrap();
+        let (second, adopted) = Ledger::open_or_create(&file, geometry).unwrap();
         assert!(adopted);
         assert_eq!(second.group(2).devices[1].used.load(Relaxed), 0, "not mapped yet");
         let found = second.reclaim();
@@ -407,10 +411,8 @@ mod tests {
 
     #[test]
     fn memory_mapped_but_no_longer_open_is_found_through_the_mappings() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("ledger");
         let geometry = Geometry { max_groups: 2, max_procs: 2 };
-        let first = Ledger::create(file.to_str().unwrap(), geometry).unwrap();
+        let (_dir, file, first) = temp_ledger(geometry);
         let view = {
             let counters = first.new_group_memory(1).unwrap();
             first.group_index(1).counters_inode.store(inode(counters.as_fd()).unwrap(), Relaxed);
@@ -419,7 +421,7 @@ mod tests {
         };
         view.group(1).devices[0].used.store(42, Relaxed);
         drop(first);
-        let (second, _) = Ledger::open_or_create(file.to_str().unwrap(), geometry).unwrap();
+        let (second, _) = Ledger::open_or_create(&file, geometry).unwrap();
         assert!(second.reclaim().counters.contains_key(&1));
         assert_eq!(second.group(1).devices[0].used.load(Relaxed), 42);
     }
@@ -432,10 +434,7 @@ mod tests {
     #[ignore = "a micro-benchmark: cargo test -p gpuslice-common --lib hot_path -- --ignored --nocapture"]
     fn hot_path_before_and_after_the_split() {
         const N: u32 = 2_000_000;
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("ledger");
-        let geometry = Geometry { max_groups: 4, max_procs: 4 };
-        let ledger = Ledger::create(file.to_str().unwrap(), geometry).unwrap();
+        let (_dir, _, ledger) = temp_ledger(Geometry { max_groups: 4, max_procs: 4 });
         let time = |charge: &dyn Fn() -> bool| {
             let mut best = f64::MAX;
             for _ in 0..5 {
