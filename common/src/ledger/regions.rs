@@ -461,6 +461,7 @@ mod tests {
         page.slot().devices[0].limit.store(1 << 40, Relaxed);
         let settings = SettingsPage::map(read_only(fd.as_fd()).unwrap().as_fd(), false).unwrap();
         let (group, process, limits) = (view.group(1), view.process(1), settings.slot());
+        process.reset(); // As the controller gives a slot out: no cap of its own.
         let after = time(&|| {
             let ok = process.try_charge_under(group, limits, 0, 4096).is_ok();
             process.uncharge(group, 0, 4096);
