@@ -406,6 +406,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
+    let mutates = matches!(request, Request::Register(_) | Request::Set(_) | Request::RemoveGroup(_));
     let (response, attach) = {
         let mut state = shared.lock();
         let answer = match request {
@@ -470,8 +471,11 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                 (Response::Status(status), Vec::new())
             }
         };
-        // An edit is in the pages shims read before its answer.
-        state.publish();
+        // What changed is in the pages shims read before the answer (edits publish their group
+        // themselves; a registration may have claimed a device).
+        if mutates {
+            state.publish();
+        }
         answer
     };
     if matches!(response, Response::Error { .. }) {

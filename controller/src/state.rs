@@ -748,14 +748,13 @@ impl State {
                         (self.new_group(name, true, None).ok_or("the ledger has no free group slot")?, true)
                     }
                 };
-                apply_edit_to_group(self.ledger.group(slot), &e, &devices);
                 if !name.starts_with("pid-") {
                     // Configured now: kept when empty, and open to every uid.
                     let info = self.groups.get_mut(&slot).expect("found or made above");
                     info.pinned = true;
                     info.env_uid = None;
                 }
-                self.remember_group(slot);
+                self.edit_settings(slot, |g| apply_edit_to_group(g, &e, &devices));
                 let g = self.ledger.group(slot);
                 let what = if made { "created" } else { "now" };
                 let message = format!("group {name:?} {what}: {}", describe_group(&self.ledger, g));
@@ -773,8 +772,7 @@ impl State {
                 let g = self.ledger.group(group);
                 let name = self.groups.get(&group).map_or_else(|| g.name(), |i| i.name.clone());
                 let message = if name.starts_with("pid-") {
-                    apply_edit_to_group(g, &e, &devices);
-                    self.remember_group(group);
+                    self.edit_settings(group, |g| apply_edit_to_group(g, &e, &devices));
                     let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
                 } else {
@@ -841,11 +839,11 @@ impl State {
 
     /// "no group "x"", with the existing groups whose names are close (a typo's likely target).
     fn no_such_group(&self, name: &str) -> String {
+        // From the controller's own list: names in shared memory are the tenants' to write.
         let mut close: Vec<(f64, String)> = self
-            .ledger
-            .groups()
-            .filter(|(_, g)| g.state.load(Acquire) == LIVE)
-            .map(|(_, g)| g.name())
+            .groups
+            .values()
+            .map(|g| g.name.clone())
             .filter(|n| !n.starts_with("pid-"))
             .map(|n| (strsim::jaro_winkler(name, &n), n))
             .filter(|(score, _)| *score >= 0.8)

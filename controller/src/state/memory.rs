@@ -156,6 +156,28 @@ impl State {
         true
     }
 
+    /// Applies an edit to group `i`'s settings on its published page, where no member can write
+    /// (a member racing the edit in its writable copy cannot have its value taken as the
+    /// controller's), takes them as the controller's, and mirrors them into the members' copy.
+    pub(super) fn edit_settings(&mut self, i: usize, apply: impl FnOnce(&GroupSlot)) {
+        // The page holds the controller's settings before the edit (a group just made included).
+        self.publish_group(i);
+        match self.memory.get(&i) {
+            Some(memory) => {
+                let page = memory.settings.slot();
+                apply(page);
+                copy_settings(page, self.ledger.group(i));
+            }
+            None => apply(self.ledger.group(i)),
+        }
+        if !self.remember_published(i) {
+            self.remember_group(i);
+        }
+        if let Some(info) = self.groups.get(&i) {
+            self.ledger.group(i).pinned.store(info.pinned as u32, Relaxed);
+        }
+    }
+
     /// What a process registered in group `group` is handed: its group's memory and the device
     /// memory (read-write), and its group's settings page (read-only).
     pub fn descriptors_for(&self, group: usize) -> Result<Vec<OwnedFd>, String> {
