@@ -38,13 +38,21 @@ extern "C" {
 #define GPUSLICE_DEFAULT_LEDGER "/dev/shm/gpuslice/ledger"
 
 /* ---------------------------------------------------------------------------------------------
- * The ledger: a file mapped by the controller and every registered process (mode 0600; the
- * controller hands processes a descriptor over its socket). Layout version 3:
+ * The ledger's layout. Layout version 5:
  *
  *   offset 0                  struct gpuslice_ledger_header   (GPUSLICE_LEDGER_HEADER_SIZE bytes)
  *   header.devices_offset     struct gpuslice_device_slot     [GPUSLICE_LEDGER_MAX_DEVICES]
- *   header.groups_offset      struct gpuslice_group_slot      [header.max_groups]
- *   header.procs_offset       struct gpuslice_process_slot    [header.max_procs]
+ *   header.groups_offset      struct gpuslice_group_slot      [header.max_groups] (one page each)
+ *   header.procs_offset       struct gpuslice_process_slot    [header.max_procs]  (one page each)
+ *   header.index_offset       the controller's index of group memory (private; not described)
+ *
+ * Since version 5 no single file holds the figures: each group's slot and its members' slots
+ * live in a sealed memfd of that group (the same layout, other groups' pages zero), the device
+ * table in a memfd shared by all, and each group's settings in a one-page memfd the controller
+ * publishes and hands out read-only. A registered process gets its group's three descriptors
+ * over the socket; the file at GPUSLICE_DEFAULT_LEDGER is the controller's own (mode 0600: the
+ * header, the index, a copy of the device table). Monitoring tools read the figures through
+ * the controller: `gpuslice ls --json` or its Prometheus metrics, not by mapping the file.
  *
  * Check magic, layout_version and file_size before reading anything else. Every field is
  * written with atomic operations by other processes: read each with __atomic_load_n(&f,
@@ -53,7 +61,8 @@ extern "C" {
  * nanoseconds. Writing to the ledger from outside gpuslice is not supported.
  * ------------------------------------------------------------------------------------------- */
 #define GPUSLICE_LEDGER_MAGIC 0x5247444c53555047ULL /* "GPUSLDGR" little-endian */
-#define GPUSLICE_LEDGER_LAYOUT_VERSION 4
+#define GPUSLICE_LEDGER_LAYOUT_VERSION 5
+#define GPUSLICE_LEDGER_PAGE 4096
 #define GPUSLICE_LEDGER_HEADER_SIZE 4096
 #define GPUSLICE_LEDGER_MAX_DEVICES 16
 #define GPUSLICE_UNLIMITED UINT64_MAX
@@ -84,6 +93,8 @@ struct gpuslice_ledger_header {
     uint64_t controller_starts;       /* controllers that have started on this ledger */
     uint64_t created_ns;
     uint64_t registrations;           /* processes registered since creation */
+    uint64_t devices_inode;           /* the device memory's inode, for a restarted controller */
+    uint64_t index_offset;            /* where the controller's index begins */
 };
 
 #define GPUSLICE_MAX_HIGH 8
@@ -146,6 +157,7 @@ struct gpuslice_group_slot {
     char name[64];                    /* NUL-padded; "pid-N" for a process alone */
     uint64_t _reserved[4];
     struct gpuslice_group_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
+    uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 64 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
 };
 
 struct gpuslice_process_device {
@@ -176,6 +188,7 @@ struct gpuslice_process_slot {
     uint64_t token;                   /* the process's random token (struct gpuslice_turn) */
     uint64_t _reserved[4];
     struct gpuslice_process_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
+    uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 128 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
 };
 
 /* Returns the loaded shim's version, e.g. "0.1.0"; a static string, never NULL. */

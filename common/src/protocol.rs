@@ -2,9 +2,10 @@
 //!
 //! One request, one response, then the connection closes. A frame is a 4-byte little-endian
 //! length followed by that many bytes of JSON; frames over `MAX_FRAME` are refused before any
-//! allocation. The response to `Register` carries the ledger's file descriptor (`SCM_RIGHTS`),
-//! so that the ledger file itself can stay mode 0600: a process reaches it only through the
-//! controller, which knows who it is from `SO_PEERCRED`.
+//! allocation. The response to `Register` carries three descriptors (`SCM_RIGHTS`): the
+//! process's group's memory, the device memory (both sealed memfds, read-write) and the group's
+//! settings page (read-only); see `ledger::regions`. The ledger file itself stays mode 0600 and
+//! reaches no process: the controller knows who is asking from `SO_PEERCRED`.
 
 use crate::ledger::Priority;
 use serde::{Deserialize, Serialize};
@@ -187,7 +188,8 @@ pub struct Edit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    /// Registration accepted; the ledger's descriptor comes with this frame.
+    /// Registration accepted; the group's memory, the device memory and the group's read-only
+    /// settings come with this frame, in that order.
     Registered(Assignment),
     /// An edit applied; says what changed.
     Done {
@@ -354,37 +356,50 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
 
 /// Writes one frame, with `fd` attached when given.
 pub fn send_frame(socket: RawFd, body: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    send_frame_with(socket, body, fd.as_slice())
+}
+
+/// Writes one frame with `fds` attached (at most `MAX_FDS`; a registration's answer carries
+/// its group's memory, the device memory and the group's read-only settings).
+pub fn send_frame_with(socket: RawFd, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(body);
     let mut sent = 0;
-    let mut attach = fd;
+    let mut attach = fds;
     while sent < frame.len() {
-        let n = sendmsg(socket, &frame[sent..], attach.take())?;
+        let n = sendmsg(socket, &frame[sent..], attach)?;
+        attach = &[];
         sent += n;
     }
     Ok(())
 }
 
-fn sendmsg(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize> {
+/// The most descriptors one frame carries.
+pub const MAX_FDS: usize = 4;
+
+fn sendmsg(socket: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    let fds = &fds[..fds.len().min(MAX_FDS)];
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(size_of::<RawFd>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(fds) as u32) } as usize;
     let mut control = vec![0u8; space];
     // SAFETY: a zeroed msghdr is valid; pointers below point at locals that outlive the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if let Some(fd) = fd {
+    if !fds.is_empty() {
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = space as _;
-        // SAFETY: the control buffer is CMSG_SPACE(one fd) bytes.
+        // SAFETY: the control buffer is CMSG_SPACE(these fds) bytes.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<RawFd>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+            for (i, fd) in fds.iter().enumerate() {
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>().add(i), *fd);
+            }
         }
     }
     loop {
@@ -402,6 +417,11 @@ fn sendmsg(socket: RawFd, bytes: &[u8], fd: Option<RawFd>) -> io::Result<usize> 
 
 /// Reads one frame; returns its body and any descriptor that came with it.
 pub fn recv_frame(socket: RawFd) -> Result<(Vec<u8>, Option<OwnedFd>), FrameError> {
+    recv_frame_inner(socket, None).map(|(body, fds)| (body, fds.into_iter().next()))
+}
+
+/// Reads one frame; returns its body and every descriptor that came with it (at most `MAX_FDS`).
+pub fn recv_frame_all(socket: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
     recv_frame_inner(socket, None)
 }
 
@@ -409,11 +429,11 @@ pub fn recv_frame(socket: RawFd) -> Result<(Vec<u8>, Option<OwnedFd>), FrameErro
 /// connection longer than that, however it spaces them (the socket's receive timeout is set
 /// to what is left before each read).
 pub fn recv_frame_by(socket: RawFd, deadline: std::time::Instant) -> Result<(Vec<u8>, Option<OwnedFd>), FrameError> {
-    recv_frame_inner(socket, Some(deadline))
+    recv_frame_inner(socket, Some(deadline)).map(|(body, fds)| (body, fds.into_iter().next()))
 }
 
-fn recv_frame_inner(socket: RawFd, deadline: Option<std::time::Instant>) -> Result<(Vec<u8>, Option<OwnedFd>), FrameError> {
-    let mut fd = None;
+fn recv_frame_inner(socket: RawFd, deadline: Option<std::time::Instant>) -> Result<(Vec<u8>, Vec<OwnedFd>), FrameError> {
+    let mut fd = Vec::new();
     let mut len = [0u8; 4];
     recv_exact(socket, &mut len, &mut fd, deadline)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -442,7 +462,7 @@ fn time_left(socket: RawFd, deadline: std::time::Instant) -> io::Result<()> {
     Ok(())
 }
 
-fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Option<OwnedFd>, deadline: Option<std::time::Instant>) -> Result<(), FrameError> {
+fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Vec<OwnedFd>, deadline: Option<std::time::Instant>) -> Result<(), FrameError> {
     let mut got = 0;
     while got < buf.len() {
         if let Some(deadline) = deadline {
@@ -450,7 +470,7 @@ fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Option<OwnedFd>, deadline:
         }
         let mut iov = libc::iovec { iov_base: buf[got..].as_mut_ptr().cast(), iov_len: buf.len() - got };
         // SAFETY: CMSG_SPACE is a pure size computation.
-        let space = unsafe { libc::CMSG_SPACE((4 * size_of::<RawFd>()) as u32) } as usize;
+        let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
         let mut control = vec![0u8; space];
         // SAFETY: zeroed msghdr, then pointed at locals.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -476,9 +496,9 @@ fn recv_exact(socket: RawFd, buf: &mut [u8], fd: &mut Option<OwnedFd>, deadline:
                     for i in 0..bytes / size_of::<RawFd>() {
                         let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>().add(i));
                         let owned = OwnedFd::from_raw_fd(raw);
-                        // Keep the first; any other is closed when `owned` drops.
-                        if fd.is_none() {
-                            *fd = Some(owned);
+                        // Keep the first few; any other is closed when `owned` drops.
+                        if fd.len() < MAX_FDS {
+                            fd.push(owned);
                         }
                     }
                 }
@@ -503,10 +523,16 @@ pub fn connect(path: impl AsRef<std::path::Path>, timeout: std::time::Duration) 
 
 /// One request and its response (and the descriptor that came with it, if any).
 pub fn call(path: impl AsRef<std::path::Path>, request: &Request, timeout: std::time::Duration) -> Result<(Response, Option<OwnedFd>), FrameError> {
+    call_with_fds(path, request, timeout).map(|(r, fds)| (r, fds.into_iter().next()))
+}
+
+/// One request and its response, with every descriptor that came with it (a registration's:
+/// its group's memory, the device memory, the group's read-only settings, in that order).
+pub fn call_with_fds(path: impl AsRef<std::path::Path>, request: &Request, timeout: std::time::Duration) -> Result<(Response, Vec<OwnedFd>), FrameError> {
     let stream = connect(path, timeout)?;
     send_frame(stream.as_raw_fd(), &encode(request), None)?;
-    let (body, fd) = recv_frame(stream.as_raw_fd())?;
-    Ok((decode_response(&body)?, fd))
+    let (body, fds) = recv_frame_all(stream.as_raw_fd())?;
+    Ok((decode_response(&body)?, fds))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ fn rust_layout() -> (Fields, Sizes) {
     let fields = fields! {
         "gpuslice_ledger_header" Header { magic, layout_version, header_size, file_size, max_devices, max_groups, max_procs,
             device_slot_size, group_slot_size, proc_slot_size, devices_offset, groups_offset, procs_offset, controller_pid,
-            controller_heartbeat_ns, controller_starts, created_ns, registrations }
+            controller_heartbeat_ns, controller_starts, created_ns, registrations, devices_inode, index_offset }
         "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid, sched }
         "gpuslice_device_sched" DeviceSched { high_alive_until, wake, highs, turn }
         "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket }

@@ -98,7 +98,6 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             return Err(format!("the ledger {ledger_path} is in use by another gpuslice controller (pid {pid}); one ledger takes one controller"));
         }
     }
-    let ledger_fd = open_for_clients(&ledger_path)?;
     let header = ledger.header();
     header.controller_pid.store(std::process::id(), Relaxed);
     let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
@@ -116,6 +115,9 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         Some(list) => tracing::info!("this node's devices by NVML: {}", if list.is_empty() { "none".to_string() } else { list.join(", ") }),
         None => tracing::warn!("NVML is not available: device UUIDs that processes claim are taken on their word (well-formed ones only)"),
     }
+    // The memory shims map comes before anything reads or writes a slot: after a restart,
+    // the slots are where the live processes' memory is.
+    state.init_memory(adopted)?;
     if adopted {
         state.adopt();
     }
@@ -133,7 +135,6 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         state: Mutex::new(state),
         socket: socket_path.clone(),
         ledger: ledger_path,
-        ledger_fd,
         started: Instant::now(),
         starts,
         geometry,
@@ -220,7 +221,6 @@ struct Shared {
     state: Mutex<State>,
     socket: String,
     ledger: String,
-    ledger_fd: OwnedFd,
     started: Instant,
     /// Controllers started on this ledger, this one included.
     starts: u64,
@@ -414,49 +414,50 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
+    let mutates = matches!(request, Request::Register(_) | Request::Set(_) | Request::RemoveGroup(_));
     let (response, attach) = {
         let mut state = shared.lock();
-        match request {
-            Request::Register(r) => match state.register(peer, r) {
-                Ok(a) => {
+        let answer = match request {
+            Request::Register(r) => match state.register(peer, r).and_then(|a| Ok((state.descriptors_for(a.group as usize)?, a))) {
+                Ok((fds, a)) => {
                     registered = Some(a.slot as usize);
-                    (Response::Registered(a), Some(shared.ledger_fd.as_raw_fd()))
+                    (Response::Registered(a), fds)
                 }
                 Err(message) => {
                     tracing::warn!("pid {}: registration refused: {}", peer.pid, for_log(&message));
-                    (Response::Error { message }, None)
+                    (Response::Error { message }, Vec::new())
                 }
             },
             Request::Set(e) => match state.edit(peer, e) {
-                Ok(message) => (Response::Done { message }, None),
+                Ok(message) => (Response::Done { message }, Vec::new()),
                 Err(message) => {
                     tracing::warn!("pid {} uid {}: edit refused: {}", peer.pid, peer.uid, for_log(&message));
-                    (Response::Error { message }, None)
+                    (Response::Error { message }, Vec::new())
                 }
             },
             Request::RemoveGroup(name) => match state.remove_group(peer, &name) {
-                Ok(message) => (Response::Done { message }, None),
+                Ok(message) => (Response::Done { message }, Vec::new()),
                 Err(message) => {
                     tracing::warn!("pid {} uid {}: group removal refused: {}", peer.pid, peer.uid, for_log(&message));
-                    (Response::Error { message }, None)
+                    (Response::Error { message }, Vec::new())
                 }
             },
             Request::LabelGroup(l) => match state.label_group(peer, l) {
-                Ok(message) => (Response::Done { message }, None),
+                Ok(message) => (Response::Done { message }, Vec::new()),
                 Err(message) => {
                     tracing::warn!("pid {} uid {}: labels refused: {}", peer.pid, peer.uid, for_log(&message));
-                    (Response::Error { message }, None)
+                    (Response::Error { message }, Vec::new())
                 }
             },
             Request::Export(e) => match state.export(peer, e.key) {
-                Ok(message) => (Response::Done { message }, None),
+                Ok(message) => (Response::Done { message }, Vec::new()),
                 Err(message) => {
                     tracing::warn!("pid {} uid {}: {}", peer.pid, peer.uid, for_log(&message));
-                    (Response::Error { message }, None)
+                    (Response::Error { message }, Vec::new())
                 }
             },
-            Request::Import(i) => (Response::Imported { by_gpuslice: state.imported(&i.key) }, None),
-            Request::List => (Response::Listing(state.listing()), None),
+            Request::Import(i) => (Response::Imported { by_gpuslice: state.imported(&i.key) }, Vec::new()),
+            Request::List => (Response::Listing(state.listing()), Vec::new()),
             Request::Status => {
                 let (processes, groups) = state.counts();
                 let g = state.ledger.geometry();
@@ -475,14 +476,21 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                     metrics: shared.metrics.clone(),
                     exports: state.exports.len() as u64,
                 };
-                (Response::Status(status), None)
+                (Response::Status(status), Vec::new())
             }
+        };
+        // What changed is in the pages shims read before the answer (edits publish their group
+        // themselves; a registration may have claimed a device).
+        if mutates {
+            state.publish();
         }
+        answer
     };
     if matches!(response, Response::Error { .. }) {
         t.refused.fetch_add(1, Relaxed);
     }
-    if let Err(e) = send_frame(fd, &encode(&response), attach) {
+    let raw: Vec<RawFd> = attach.iter().map(|f| f.as_raw_fd()).collect();
+    if let Err(e) = send_frame_with(fd, &encode(&response), &raw) {
         t.unanswered.fetch_add(1, Relaxed);
         if let Some(slot) = registered {
             // It gave up waiting and runs alone: it must not stay listed as a member.
@@ -572,18 +580,6 @@ fn check_directory(dir: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
         return Err(format!("{shown} has mode {:o}: users other than its owner may write it, so rename or replace the controller's files; refusing it (chmod go-w it, or remove it and let the controller create it)", meta.mode() & 0o7777));
     }
     Ok(())
-}
-
-/// A read-write descriptor of the ledger to hand to registering shims.
-fn open_for_clients(path: &str) -> Result<OwnedFd, String> {
-    let c = std::ffi::CString::new(path).map_err(|_| "the ledger path contains a NUL byte".to_string())?;
-    // SAFETY: open(2); the result is ours.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW) };
-    if fd < 0 {
-        return Err(format!("cannot open the ledger {path}: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Blocks SIGTERM and SIGINT and returns a signalfd that reports them.

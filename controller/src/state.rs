@@ -14,8 +14,14 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::*;
 
+mod memory;
+
 /// More bytes than any device has (1 PiB): a process slot that says so was written by hand.
 const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
+
+/// No process takes a priority slot or a turn this far ahead (they renew every 50 ms, and a
+/// turn's lease covers the work it queued).
+const LEASE_HORIZON_NS: u64 = 60_000_000_000;
 
 /// How long a reconciliation waits for a live member's open operation.
 const RECONCILE_PATIENCE_NS: u64 = 50_000_000;
@@ -106,6 +112,10 @@ pub struct State {
     labels: HashMap<(usize, u64), std::collections::BTreeMap<String, String>>,
     /// Exports made by registered processes (see `exports`).
     pub exports: crate::exports::Exports,
+    /// Group slot → its memory and settings page (see `memory`).
+    memory: HashMap<usize, memory::GroupMemory>,
+    /// The device table's memory, shared by every registered process.
+    devices_memory: Option<OwnedFd>,
 }
 
 impl State {
@@ -128,6 +138,8 @@ impl State {
             env_groups_open: false,
             labels: HashMap::new(),
             exports: Default::default(),
+            memory: HashMap::new(),
+            devices_memory: None,
         }
     }
 
@@ -236,6 +248,29 @@ impl State {
         for &slot in self.groups.keys() {
             put(&self.ledger.group(slot).members, counts.get(&slot).copied().unwrap_or(0));
         }
+        self.expire_forged_leases();
+        self.publish();
+    }
+
+    /// The device memory is shared by every registered process (the priority slots and the turn
+    /// among throttled processes): what bounds a forged entry there is its lease. A lease further
+    /// ahead than any process takes is a forgery that would hold others back for good: lapsed.
+    fn expire_forged_leases(&self) {
+        let horizon = ledger::monotonic_ns().saturating_add(LEASE_HORIZON_NS);
+        for d in 0..MAX_DEVICES {
+            let s = &self.ledger.device(d).sched;
+            let mut forged = false;
+            for lease in std::iter::once(&s.high_alive_until).chain(s.highs.iter().map(|h| &h.alive_until)).chain(std::iter::once(&s.turn.lease_until)) {
+                if lease.load(Relaxed) > horizon {
+                    lease.store(0, Relaxed);
+                    forged = true;
+                }
+            }
+            if forged {
+                s.wake.fetch_add(1, SeqCst);
+                tracing::warn!("device slot {d}: a lease beyond any a process takes was written in shared memory by a tenant; lapsed");
+            }
+        }
     }
 
     /// Figures in a process's slot that no real process could have: more bytes on a device
@@ -306,17 +341,23 @@ impl State {
             if g.state.load(Acquire) != LIVE {
                 continue;
             }
-            let name = g.name();
+            // The settings the previous controller published (read-only to members), rather
+            // than the members' writable copy.
+            let published = self.published(i);
+            let name = published.map_or_else(|| g.name(), |p| p.name());
             let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || name.starts_with("pid-");
             if !valid || self.find_group(&name).is_some() {
                 tracing::warn!("group slot {i} held {:?}, not a valid or distinct group name; freed", truncated(&name));
                 g.reset();
                 g.state.store(FREE, Release);
+                self.forget_group_memory(i);
                 continue;
             }
-            let pinned = g.pinned.load(Relaxed) != 0;
+            let pinned = published.unwrap_or(g).pinned.load(Relaxed) != 0;
             self.groups.insert(i, GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
-            self.remember_group(i);
+            if !self.remember_published(i) {
+                self.remember_group(i);
+            }
         }
         let mut kept = 0;
         let mut gone = 0;
@@ -335,6 +376,7 @@ impl State {
                 tracing::warn!("process slot {i} (pid {pid}) names group slot {group}, which holds no group; freed");
                 p.reset();
                 p.state.store(FREE, Release);
+                self.unmap_member(i);
                 gone += 1;
                 continue;
             }
@@ -376,6 +418,11 @@ impl State {
 
     fn new_group(&mut self, name: &str, pinned: bool, env_uid: Option<u32>) -> Option<usize> {
         let i = (0..self.ledger.geometry().max_groups as usize).find(|i| !self.groups.contains_key(i))?;
+        self.forget_group_memory(i);
+        if let Err(e) = self.make_group_memory(i) {
+            tracing::error!("group {name:?}: {e}");
+            return None;
+        }
         let g = self.ledger.group(i);
         g.reset();
         g.set_name(name);
@@ -390,6 +437,7 @@ impl State {
         let g = self.ledger.group(slot);
         g.state.store(FREE, Release);
         g.reset();
+        self.forget_group_memory(slot);
         self.pending.retain(|&p| p != slot);
     }
 
@@ -498,6 +546,7 @@ impl State {
                 g
             }
         };
+        self.map_member(slot, group)?;
         let process = self.ledger.process(slot);
         process.reset();
         process.pid.store(peer.pid, Relaxed);
@@ -536,6 +585,8 @@ impl State {
             peer.uid,
             describe_group(&self.ledger, self.ledger.group(group))
         );
+        // Before the process has the page: it must never read settings not yet published.
+        self.publish_group(group);
         Ok(Assignment { group: group as u32, group_name, slot: slot as u32, devices, notes })
     }
 
@@ -569,6 +620,7 @@ impl State {
             tracing::info!("pid {pid} {why}: {} returned to group {name:?}", format_size(held));
         }
         self.ledger.process(slot).reset();
+        self.unmap_member(slot);
     }
 
     /// Device indices for the devices a registration names. A claim that is not a GPU UUID,
@@ -696,14 +748,13 @@ impl State {
                         (self.new_group(name, true, None).ok_or("the ledger has no free group slot")?, true)
                     }
                 };
-                apply_edit_to_group(self.ledger.group(slot), &e, &devices);
                 if !name.starts_with("pid-") {
                     // Configured now: kept when empty, and open to every uid.
                     let info = self.groups.get_mut(&slot).expect("found or made above");
                     info.pinned = true;
                     info.env_uid = None;
                 }
-                self.remember_group(slot);
+                self.edit_settings(slot, |g| apply_edit_to_group(g, &e, &devices));
                 let g = self.ledger.group(slot);
                 let what = if made { "created" } else { "now" };
                 let message = format!("group {name:?} {what}: {}", describe_group(&self.ledger, g));
@@ -721,8 +772,7 @@ impl State {
                 let g = self.ledger.group(group);
                 let name = self.groups.get(&group).map_or_else(|| g.name(), |i| i.name.clone());
                 let message = if name.starts_with("pid-") {
-                    apply_edit_to_group(g, &e, &devices);
-                    self.remember_group(group);
+                    self.edit_settings(group, |g| apply_edit_to_group(g, &e, &devices));
                     let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
                 } else {
@@ -789,11 +839,11 @@ impl State {
 
     /// "no group "x"", with the existing groups whose names are close (a typo's likely target).
     fn no_such_group(&self, name: &str) -> String {
+        // From the controller's own list: names in shared memory are the tenants' to write.
         let mut close: Vec<(f64, String)> = self
-            .ledger
-            .groups()
-            .filter(|(_, g)| g.state.load(Acquire) == LIVE)
-            .map(|(_, g)| g.name())
+            .groups
+            .values()
+            .map(|g| g.name.clone())
             .filter(|n| !n.starts_with("pid-"))
             .map(|n| (strsim::jaro_winkler(name, &n), n))
             .filter(|(score, _)| *score >= 0.8)
@@ -1098,9 +1148,10 @@ mod tests {
 
     fn state(dir: &tempfile::TempDir, config: &str) -> State {
         let path = dir.path().join("ledger").to_str().unwrap().to_string();
-        let (ledger, _) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
         let config = FileSettings::parse("test.toml", config).unwrap();
         let mut s = State::new(ledger, config);
+        s.init_memory(adopted).unwrap();
         s.install_config_groups().unwrap();
         s
     }
@@ -1276,11 +1327,12 @@ mod tests {
     #[test]
     fn an_empty_group_is_removed_for_good_and_one_with_members_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        {
+        // What the registered process holds (its group's memory) outlives the controller.
+        let _held = {
             let mut s = state(&dir, "");
             s.edit(me(), group_edit("typo", true)).unwrap();
             s.edit(me(), group_edit("busy", true)).unwrap();
-            s.register(me(), registration(Some("busy"), None)).unwrap();
+            let busy = s.register(me(), registration(Some("busy"), None)).unwrap();
             let e = s.remove_group(me(), "busy").unwrap_err();
             assert!(e.contains("1 member") && e.contains(&std::process::id().to_string()), "{e}");
             let stranger = Peer { pid: 1, uid: s.owner_uid.wrapping_add(4242).max(1) };
@@ -1288,7 +1340,8 @@ mod tests {
             assert!(s.remove_group(me(), "typ").unwrap_err().contains("did you mean \"typo\""));
             s.remove_group(me(), "typo").unwrap();
             assert_eq!(s.find_group("typo"), None);
-        }
+            s.descriptors_for(busy.group as usize).unwrap()
+        };
         // A restarted controller on the same ledger does not bring it back.
         let mut s = state(&dir, "");
         s.adopt();
@@ -1319,7 +1372,7 @@ mod tests {
     #[test]
     fn a_restarted_controller_drops_the_dead_and_keeps_the_living() {
         let dir = tempfile::tempdir().unwrap();
-        let (dead_slot, live_slot, group) = {
+        let (dead_slot, live_slot, group, _held) = {
             let mut s = state(&dir, "");
             let mut child = std::process::Command::new("true").spawn().unwrap();
             let dead_pid = child.id();
@@ -1329,8 +1382,11 @@ mod tests {
             s.ledger.process(dead.slot as usize).try_charge(g, 0, 700).unwrap();
             s.ledger.process(live.slot as usize).try_charge(g, 0, 300).unwrap();
             child.wait().unwrap();
-            // The controller "dies" here: no release for the child.
-            (dead.slot as usize, live.slot as usize, dead.group as usize)
+            // A member rewrites its group's writable copy of the limit between two ticks.
+            g.devices[0].limit.store(12345, Relaxed);
+            // The controller "dies" here: no release for the child; the live one keeps its
+            // group's memory.
+            (dead.slot as usize, live.slot as usize, dead.group as usize, s.descriptors_for(live.group as usize).unwrap())
         };
         let mut s = state(&dir, "");
         assert_eq!(s.ledger.group(group).devices[0].used.load(Relaxed), 1000);
@@ -1339,5 +1395,6 @@ mod tests {
         assert_eq!(s.ledger.process(dead_slot).state.load(Relaxed), FREE);
         assert_eq!(s.ledger.process(live_slot).state.load(Relaxed), LIVE);
         assert!(s.watched.contains_key(&live_slot));
+        assert_eq!(s.groups[&group].limits[0], UNLIMITED, "the limit comes from the published page, not the members' copy");
     }
 }

@@ -19,6 +19,8 @@ use std::sync::atomic::Ordering::*;
 #[derive(Clone, Copy)]
 pub struct Budget {
     group: &'static GroupSlot,
+    /// The group's published settings (read-only; the same slot as `group` when alone).
+    settings: &'static GroupSlot,
     process: &'static ProcessSlot,
     index: usize,
 }
@@ -27,21 +29,21 @@ pub struct Budget {
 #[inline]
 pub fn of(device: CUdevice) -> Option<Budget> {
     let link = link::attached()?;
-    Some(Budget { group: link.group, process: link.process, index: link.index(device)? })
+    Some(Budget { group: link.group, settings: link.settings, process: link.process, index: link.index(device)? })
 }
 
 /// The budget of CUDA device `device` in a given link (NVML's hooks in a process that has not
 /// attached through CUDA hold a link of their own).
 #[inline]
 pub fn of_link(link: &'static link::Link, device: CUdevice) -> Option<Budget> {
-    Some(Budget { group: link.group, process: link.process, index: link.index(device)? })
+    Some(Budget { group: link.group, settings: link.settings, process: link.process, index: link.index(device)? })
 }
 
 impl Budget {
     /// The tighter of the group's limit and this process's cap, if either is set.
     #[inline]
     pub fn limit(&self) -> Option<u64> {
-        let l = self.group.devices[self.index].limit.load(Relaxed).min(self.process.devices[self.index].limit.load(Relaxed));
+        let l = self.settings.devices[self.index].limit.load(Relaxed).min(self.process.devices[self.index].limit.load(Relaxed));
         (l != UNLIMITED).then_some(l)
     }
 
@@ -54,10 +56,11 @@ impl Budget {
     fn usage(&self) -> (u64, u64) {
         let g = &self.group.devices[self.index];
         let p = &self.process.devices[self.index];
+        let group_limit = self.settings.devices[self.index].limit.load(Relaxed);
         let (group_used, own_used) = (g.used.load(Relaxed), p.used.load(Relaxed));
-        let group_room = g.limit.load(Relaxed).saturating_sub(group_used);
+        let group_room = group_limit.saturating_sub(group_used);
         let own_room = p.limit.load(Relaxed).saturating_sub(own_used);
-        if p.limit.load(Relaxed) < g.limit.load(Relaxed) {
+        if p.limit.load(Relaxed) < group_limit {
             (own_used, own_room.min(group_room))
         } else {
             (group_used, group_room.min(own_room))
@@ -79,7 +82,7 @@ impl Budget {
     /// the driver, not the quota, answers a zero-size request.
     #[inline]
     pub fn try_charge(&self, bytes: u64) -> Result<(), Refusal> {
-        self.process.try_charge(self.group, self.index, bytes)
+        self.process.try_charge_under(self.group, self.settings, self.index, bytes)
     }
 
     /// Returns bytes; never below zero.

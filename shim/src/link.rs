@@ -46,7 +46,11 @@ pub struct Link {
     /// The mapped ledger (the controller's, or the private one), for readers of the group's
     /// other members (NVML's process list, `nvml::tenant`).
     pub ledger: &'static Ledger,
+    /// The group's counters (read-write, shared with its members only).
     pub group: &'static GroupSlot,
+    /// The group's settings as the controller publishes them: limits and shares, mapped
+    /// read-only (the same slot as `group` for a process alone).
+    pub settings: &'static GroupSlot,
     pub process: &'static ProcessSlot,
     /// CUDA ordinal → device index in the ledger.
     devices: [u8; MAX_ORDINALS],
@@ -194,7 +198,7 @@ pub fn attach_view(devices: &[(String, u64)]) -> Option<&'static Link> {
 impl Link {
     fn new(
         ledger: &'static Ledger,
-        group: &'static GroupSlot,
+        (group, settings): (&'static GroupSlot, &'static GroupSlot),
         process: &'static ProcessSlot,
         devices: [u8; MAX_ORDINALS],
         group_name: String,
@@ -207,7 +211,7 @@ impl Link {
                 sched_list.push(s);
             }
         }
-        Link { ledger, group, process, devices, scheds, sched_list, group_name, controlled }
+        Link { ledger, group, settings, process, devices, scheds, sched_list, group_name, controlled }
     }
 
     /// The priority state of CUDA device `device`.
@@ -391,7 +395,7 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
             })
             .collect(),
     });
-    let (response, fd) = protocol::call(socket, &request, REGISTER_TIMEOUT).map_err(|e| Retry::Later(e.to_string()))?;
+    let (response, fds) = protocol::call_with_fds(socket, &request, REGISTER_TIMEOUT).map_err(|e| Retry::Later(e.to_string()))?;
     let _ = SOCKET.set(socket.to_path_buf());
     let assignment = match response {
         Response::Registered(a) => a,
@@ -399,9 +403,12 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
         Response::Error { message } => return Err(Retry::Never(message)),
         other => return Err(Retry::Later(format!("unexpected answer {other:?}"))),
     };
-    let fd = fd.ok_or_else(|| Retry::Later("the answer came without the ledger".into()))?;
+    // The group's memory, the device memory, the group's settings (see `ledger::regions`).
+    let [counters, device_memory, settings_page] = <[std::os::fd::OwnedFd; 3]>::try_from(fds)
+        .map_err(|fds| Retry::Later(format!("the answer came without the ledger (its three descriptors; {} came)", fds.len())))?;
     use std::os::fd::AsFd;
-    let ledger = Ledger::map_fd(fd.as_fd(), "(from the controller)").map_err(|e| Retry::Later(e.to_string()))?;
+    let ledger = Ledger::map_group_view(counters.as_fd(), device_memory.as_fd()).map_err(|e| Retry::Later(e.to_string()))?;
+    let settings = ledger::SettingsPage::map(settings_page.as_fd(), false).map_err(|e| Retry::Later(format!("the group's settings page: {e}")))?;
     let geometry = ledger.geometry();
     if assignment.group >= geometry.max_groups || assignment.slot >= geometry.max_procs {
         return Err(Retry::Later(format!("slot {}/{} outside the ledger", assignment.group, assignment.slot)));
@@ -425,7 +432,13 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
     let process = ledger.process(assignment.slot as usize);
     // So that the controller can free a turn this process still holds when it goes.
     process.token.store(token(), Release);
-    Ok(Link::new(ledger, ledger.group(assignment.group as usize), process, map, assignment.group_name, true, scheds))
+    let group = ledger.group(assignment.group as usize);
+    // Kept open for the process's life: a restarted controller takes its group's memory back
+    // from the descriptors of the processes still holding it.
+    for fd in [counters, device_memory, settings_page] {
+        let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+    }
+    Ok(Link::new(ledger, (group, settings.leak()), process, map, assignment.group_name, true, scheds))
 }
 
 /// A private ledger holding this process's own settings.
@@ -464,5 +477,5 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
     for d in devices.iter().filter(|_| turns) {
         scheds[d.ordinal as usize] = crate::board::sched(d.ordinal as CUdevice);
     }
-    Ok(Link::new(ledger, group, process, map, format!("pid-{pid}"), false, scheds))
+    Ok(Link::new(ledger, (group, group), process, map, format!("pid-{pid}"), false, scheds))
 }

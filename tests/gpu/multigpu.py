@@ -94,7 +94,10 @@ class Sampler:
 
 def child_env(args, shim, extra):
     env = {k: v for k, v in os.environ.items() if not (k.startswith("GPUSLICE_") or k in ("LD_PRELOAD", "CUDA_VISIBLE_DEVICES"))}
-    env.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "GPUSLICE_SOCKET": "/nonexistent/gpuslice.sock"})
+    env.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "GPUSLICE_SOCKET": "/nonexistent/gpuslice.sock",
+                # Named a socket, a process waits for its controller and then refuses CUDA
+                # (issue 13's no fail-open); these runs are meant to be alone.
+                "GPUSLICE_ON_NO_CONTROLLER": "alone", "GPUSLICE_CONTROLLER_WAIT": "0"})
     if shim:
         env["LD_PRELOAD"] = args.lib
     env.update(extra)

@@ -100,6 +100,13 @@ impl ProcessSlot {
     /// limit; zero bytes always succeed, so that the driver answers a zero-size request.
     #[inline]
     pub fn try_charge(&self, group: &GroupSlot, device: usize, bytes: u64) -> Result<(), Refusal> {
+        self.try_charge_under(group, group, device, bytes)
+    }
+
+    /// `try_charge` with the group's limit read from `settings`: the page the controller
+    /// publishes and a shim maps read-only (`regions`), not the group's writable counters.
+    #[inline]
+    pub fn try_charge_under(&self, group: &GroupSlot, settings: &GroupSlot, device: usize, bytes: u64) -> Result<(), Refusal> {
         let (pd, gd) = (&self.devices[device], &group.devices[device]);
         self.begin(group);
         let mine = pd.used.load(Relaxed);
@@ -108,7 +115,7 @@ impl ProcessSlot {
             self.end();
             return Err(self.refused(group, device, Refusal { scope: Scope::Process, used: mine, limit: cap }));
         }
-        let limit = gd.limit.load(Relaxed);
+        let limit = settings.devices[device].limit.load(Relaxed);
         let mut used = gd.used.load(Relaxed);
         loop {
             let next = used.saturating_add(bytes);

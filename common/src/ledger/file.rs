@@ -44,9 +44,12 @@ impl std::error::Error for LedgerError {}
 
 /// A mapped ledger. The mapping lives as long as this value; the shim leaks it on purpose.
 pub struct Ledger {
-    base: *mut u8,
-    len: usize,
-    geometry: Geometry,
+    pub(super) base: *mut u8,
+    pub(super) len: usize,
+    pub(super) geometry: Geometry,
+    /// The file behind the mapping, kept by the controller to map its own pages back over a
+    /// slot that no group's memory holds any more (see `regions`).
+    pub(super) backing: Option<OwnedFd>,
 }
 
 // SAFETY: every field reachable through the mapping is an atomic.
@@ -106,7 +109,8 @@ impl Ledger {
             return Ok((Ledger::create(path, geometry)?, false));
         }
         match Ledger::map_fd(fd.as_fd(), path) {
-            Ok(l) => {
+            Ok(mut l) => {
+                l.backing = fd.try_clone().ok();
                 // Only a file that is a gpuslice ledger has its mode put right: another program's
                 // file is refused and left exactly as it was.
                 restrict_mode(fd.as_fd(), path)?;
@@ -145,8 +149,9 @@ impl Ledger {
                 return Err(io("size", path)(std::io::Error::last_os_error()));
             }
             let base = map(fd.as_raw_fd(), size).map_err(io("map", path))?;
-            let ledger = Ledger { base, len: size, geometry };
+            let mut ledger = Ledger { base, len: size, geometry, backing: None };
             ledger.initialise(geometry);
+            ledger.backing = fd.try_clone().ok();
             // SAFETY: link(2) between two C strings; fails with EEXIST rather than replace.
             if unsafe { libc::link(t.as_ptr(), c.as_ptr()) } != 0 {
                 return Err(io("create", path)(std::io::Error::last_os_error()));
@@ -194,12 +199,31 @@ impl Ledger {
         if base == libc::MAP_FAILED {
             return Err(io("allocate", "(anonymous)")(std::io::Error::last_os_error()));
         }
-        let ledger = Ledger { base: base.cast(), len: size, geometry };
+        let ledger = Ledger { base: base.cast(), len: size, geometry, backing: None };
         ledger.initialise(geometry);
         Ok(ledger)
     }
 
     fn initialise(&self, g: Geometry) {
+        self.initialise_header(g);
+        for i in 0..g.max_groups as usize {
+            let group = self.group(i);
+            for d in &group.devices {
+                d.limit.store(UNLIMITED, Relaxed);
+            }
+        }
+        for i in 0..g.max_procs as usize {
+            for d in &self.process(i).devices {
+                d.limit.store(UNLIMITED, Relaxed);
+            }
+        }
+        // Last: a reader that sees the magic sees everything above.
+        self.header().magic.store(MAGIC, Release);
+    }
+
+    /// The header alone (a group's memory: its slots are written when they are given out, so
+    /// that the pages nobody uses stay unallocated). The magic is the caller's to write.
+    pub(super) fn initialise_header(&self, g: Geometry) {
         let h = self.header();
         h.layout_version.store(LAYOUT_VERSION, Relaxed);
         h.header_size.store(HEADER_SIZE as u32, Relaxed);
@@ -213,20 +237,8 @@ impl Ledger {
         h.devices_offset.store(g.devices_offset() as u64, Relaxed);
         h.groups_offset.store(g.groups_offset() as u64, Relaxed);
         h.procs_offset.store(g.procs_offset() as u64, Relaxed);
+        h.index_offset.store(g.index_offset() as u64, Relaxed);
         h.created_ns.store(monotonic_ns(), Relaxed);
-        for i in 0..g.max_groups as usize {
-            let group = self.group(i);
-            for d in &group.devices {
-                d.limit.store(UNLIMITED, Relaxed);
-            }
-        }
-        for i in 0..g.max_procs as usize {
-            for d in &self.process(i).devices {
-                d.limit.store(UNLIMITED, Relaxed);
-            }
-        }
-        // Last: a reader that sees the magic sees everything above.
-        h.magic.store(MAGIC, Release);
     }
 
     /// Maps a ledger from a descriptor (the one the controller sends), checking it first.
@@ -260,7 +272,7 @@ impl Ledger {
             return Err(invalid(format!("it is {actual} bytes, shorter than its {HEADER_SIZE}-byte header")));
         }
         let base = map(fd.as_raw_fd(), actual).map_err(io("map", path))?;
-        let probe = Ledger { base, len: actual, geometry: Geometry { max_groups: 0, max_procs: 0 } };
+        let probe = Ledger { base, len: actual, geometry: Geometry { max_groups: 0, max_procs: 0 }, backing: None };
         let h = probe.header();
         let version = h.layout_version.load(Relaxed);
         if version != LAYOUT_VERSION {
@@ -276,6 +288,7 @@ impl Ledger {
             ("devices offset", h.devices_offset.load(Relaxed), geometry.devices_offset() as u64),
             ("groups offset", h.groups_offset.load(Relaxed), geometry.groups_offset() as u64),
             ("processes offset", h.procs_offset.load(Relaxed), geometry.procs_offset() as u64),
+            ("index offset", h.index_offset.load(Relaxed), geometry.index_offset() as u64),
             ("recorded size", h.file_size.load(Relaxed), geometry.file_size() as u64),
             ("file size", actual as u64, geometry.file_size() as u64),
         ];
@@ -413,7 +426,7 @@ fn tracing_free_warn(message: &str) {
     eprintln!("gpuslice: warning: {message}");
 }
 
-fn map(fd: i32, len: usize) -> Result<*mut u8, std::io::Error> {
+pub(super) fn map(fd: i32, len: usize) -> Result<*mut u8, std::io::Error> {
     // SAFETY: shared mapping of a descriptor we were given; len is its size.
     let base = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
     if base == libc::MAP_FAILED {

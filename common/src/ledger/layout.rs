@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 /// "GPUSLDGR" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUSLDGR");
 /// Bumped whenever any offset, size or meaning below changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
+/// Group and process slots each fill one page, so that each can be mapped from its own
+/// group's memory (see `regions`).
+pub const PAGE: usize = 4096;
 /// Device indices per slot; devices beyond are passed through untracked.
 pub const MAX_DEVICES: usize = 16;
 pub const HEADER_SIZE: usize = 4096;
@@ -50,6 +53,26 @@ pub struct Header {
     pub created_ns: AtomicU64,
     /// Processes registered since the ledger was created (a sequence, never decremented).
     pub registrations: AtomicU64,
+    /// The inode of the shared device memory (`regions`), so that a restarted controller
+    /// recognises it among the descriptors of live processes; 0 when none.
+    pub devices_inode: AtomicU64,
+    /// Where the controller's index of group memory begins (`GroupIndex`, then `ProcessIndex`).
+    pub index_offset: AtomicU64,
+}
+
+/// The controller's record of a group's memory, in the root-only ledger file only: which
+/// memfds hold its counters and its published settings (inodes), for a restart.
+#[repr(C)]
+pub struct GroupIndex {
+    pub counters_inode: AtomicU64,
+    pub settings_inode: AtomicU64,
+}
+
+/// The controller's record of which group's memory holds a process slot: the group's index
+/// plus one, 0 when the slot is unassigned.
+#[repr(C)]
+pub struct ProcessIndex {
+    pub group_plus_one: AtomicU64,
 }
 
 /// Which GPU a device index means: claimed by UUID, so that processes with different
@@ -102,6 +125,8 @@ pub struct GroupSlot {
     pub name: [AtomicU64; NAME_BYTES / 8],
     pub _reserved: [AtomicU64; 4],
     pub devices: [GroupDevice; MAX_DEVICES],
+    /// To the end of the page.
+    pub _page: [AtomicU64; (PAGE - 128 - 64 * MAX_DEVICES) / 8],
 }
 
 /// A process's figures on one device.
@@ -153,6 +178,8 @@ pub struct ProcessSlot {
     pub token: AtomicU64,
     pub _reserved: [AtomicU64; 4],
     pub devices: [ProcessDevice; MAX_DEVICES],
+    /// To the end of the page.
+    pub _page: [AtomicU64; (PAGE - 128 - 128 * MAX_DEVICES) / 8],
 }
 
 /// Scheduling class of a process or group (issue 5 gives it teeth).
@@ -228,8 +255,16 @@ impl Geometry {
     pub(crate) fn procs_offset(&self) -> usize {
         round_up(self.groups_offset() + self.max_groups as usize * size_of::<GroupSlot>(), 4096)
     }
-    pub fn file_size(&self) -> usize {
+    pub fn index_offset(&self) -> usize {
         round_up(self.procs_offset() + self.max_procs as usize * size_of::<ProcessSlot>(), 4096)
+    }
+    pub fn file_size(&self) -> usize {
+        let index = self.max_groups as usize * size_of::<GroupIndex>() + self.max_procs as usize * size_of::<ProcessIndex>();
+        round_up(self.index_offset() + index, 4096)
+    }
+    /// Where the group pages end (what a group's counters memory maps besides its slots).
+    pub fn slots_end(&self) -> usize {
+        self.index_offset()
     }
 }
 
@@ -367,8 +402,8 @@ mod tests {
         assert_eq!(size_of::<DeviceSlot>(), 64 + size_of::<DeviceSched>());
         assert_eq!(size_of::<GroupDevice>(), 64);
         assert_eq!(size_of::<ProcessDevice>(), 128);
-        assert_eq!(size_of::<GroupSlot>(), 128 + 64 * MAX_DEVICES);
-        assert_eq!(size_of::<ProcessSlot>(), 128 + 128 * MAX_DEVICES);
+        assert_eq!(size_of::<GroupSlot>(), PAGE);
+        assert_eq!(size_of::<ProcessSlot>(), PAGE);
         assert!(size_of::<Header>() <= HEADER_SIZE);
         assert_eq!(size_of::<super::super::Turn>(), 56);
     }

@@ -23,19 +23,22 @@
 //!
 //! The code is split by job: `layout` (the `#[repr(C)]` structs, constants and plain slot
 //! helpers), `sched` (the cross-group device state: priority slots and turns), `file` (creating,
-//! adopting and mapping a ledger), `accounting` (operation windows, charges and
-//! reconciliation), `proc` (what `/proc` says about a pid).
+//! adopting and mapping a ledger), `regions` (which memfd each page comes from: what a tenant
+//! can reach), `accounting` (operation windows, charges and reconciliation), `proc` (what
+//! `/proc` says about a pid).
 
 mod accounting;
 mod file;
 mod layout;
 mod proc;
+mod regions;
 mod sched;
 
 pub use accounting::{Refusal, Scope};
 pub use file::{Ledger, LedgerError};
 pub use layout::*;
 pub use proc::process_start_time;
+pub use regions::{inode, read_only, sealed_memfd, Reclaimed, SettingsPage};
 pub use sched::{DeviceSched, HighSlot, Turn, MAX_HIGH};
 
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call). Shared by all processes of a host.

@@ -154,7 +154,7 @@ impl Slice {
 
     /// The group's SM share on this device, percent; 0 when not throttled.
     pub fn share(&self) -> u32 {
-        self.link.group.devices[self.index].share.load(Relaxed)
+        self.link.settings.devices[self.index].share.load(Relaxed)
     }
 
     /// Device time charged to the group's launches on this device so far, ns.

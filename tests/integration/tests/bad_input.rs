@@ -120,6 +120,18 @@ fn count_entries(dir: impl AsRef<Path>) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// The controller's descriptors, less the two each group's memory takes (`ledger::regions`: its
+/// counters and its settings page, held while the group exists; the fuzzer makes groups).
+fn descriptors_besides_group_memory(pid: u32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return 0 };
+    fds.flatten()
+        .filter(|fd| {
+            let target = std::fs::read_link(fd.path()).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default();
+            !(target.starts_with("/memfd:gpuslice-group-") || target.starts_with("/memfd:gpuslice-settings-"))
+        })
+        .count()
+}
+
 // ------------------------------------------------------------------------------ 1. live socket fuzz
 
 /// How many fuzzing processes run at once, and for how long: 5 s, or
@@ -141,7 +153,7 @@ fn garbage_on_the_socket_is_refused_and_the_controller_keeps_serving() {
     let sim = sim();
     let config = sim.write_file("fuzz.toml", "[groups.real]\nmemory_limit = \"1GiB\"\n");
     let ctl = Serve::start(&sim, &sim.path("sock"), &sim.path("shm/ledger"), &format!("--config {}", show(&config)));
-    let fds_before = count_entries(format!("/proc/{}/fd", ctl.pid()));
+    let fds_before = descriptors_besides_group_memory(ctl.pid());
     let threads_before = count_entries(format!("/proc/{}/task", ctl.pid()));
 
     let exe = std::env::current_exe().expect("this test's binary");
@@ -191,12 +203,12 @@ fn garbage_on_the_socket_is_refused_and_the_controller_keeps_serving() {
     assert!(ctl.answers(), "the controller answers `status` after the fuzzing:\n{}", tail(&ctl.log(), 30));
     // Connection threads end and their descriptors close once the clients are gone.
     let settled = poll_until(Duration::from_secs(3), || {
-        count_entries(format!("/proc/{}/fd", ctl.pid())) <= fds_before + 2 && count_entries(format!("/proc/{}/task", ctl.pid())) <= threads_before + 2
+        descriptors_besides_group_memory(ctl.pid()) <= fds_before + 2 && count_entries(format!("/proc/{}/task", ctl.pid())) <= threads_before + 2
     });
     assert!(
         settled,
-        "descriptors {} (before {fds_before}), threads {} (before {threads_before})",
-        count_entries(format!("/proc/{}/fd", ctl.pid())),
+        "descriptors besides group memory {} (before {fds_before}), threads {} (before {threads_before})",
+        descriptors_besides_group_memory(ctl.pid()),
         count_entries(format!("/proc/{}/task", ctl.pid()))
     );
     let log = ctl.log();
@@ -639,8 +651,15 @@ fn a_shim_given_a_bad_ledger_or_a_bad_answer_runs_alone_on_its_own_limits() {
     let mut wrong_version = valid.clone();
     wrong_version[8] = 99;
     type Answer = Box<dyn Fn(&UnixStream) + Send>;
-    let with_ledger =
-        |file: std::fs::File, slot: u32| -> Answer { Box::new(move |s| drop(send_frame(s.as_raw_fd(), &registered(slot), Some(file.as_raw_fd())))) };
+    // As a controller answers (ledger::regions): the group's memory, the device memory (here the
+    // same file) and a read-only settings page.
+    let with_ledger = |file: std::fs::File, slot: u32| -> Answer {
+        Box::new(move |s| {
+            let (_page, page_fd) = gpuslice_common::ledger::SettingsPage::create(0).unwrap();
+            let settings = gpuslice_common::ledger::read_only(std::os::fd::AsFd::as_fd(&page_fd)).unwrap();
+            drop(protocol::send_frame_with(s.as_raw_fd(), &registered(slot), &[file.as_raw_fd(), file.as_raw_fd(), settings.as_raw_fd()]))
+        })
+    };
     let cases: Vec<(&str, Answer, &str)> = vec![
         ("zeroed ledger", with_ledger(ledger_file(&dir, "zeroed", &vec![0; 65536], true), 0), "not a gpuslice ledger"),
         ("truncated ledger", with_ledger(ledger_file(&dir, "short", &valid[..100], true), 0), "shorter than its 4096-byte header"),

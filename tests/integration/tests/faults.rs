@@ -81,6 +81,8 @@ impl Books {
         let path = ctl.ledger();
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
         let ledger = Ledger::map_fd(file.as_fd(), &path.display().to_string()).unwrap_or_else(|e| panic!("map {}: {e}", path.display()));
+        // Slots live in each group's memory (ledger::regions): found as a restarted controller finds them.
+        ledger.reclaim();
         Books { ledger }
     }
 

@@ -50,6 +50,8 @@ fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
     let path = ctl.ledger();
     let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     let ledger = Ledger::map_fd(file.as_fd(), &path.display().to_string()).unwrap_or_else(|e| panic!("map {}: {e}", path.display()));
+    // Slots live in each group's memory (ledger::regions): found as a restarted controller finds them.
+    ledger.reclaim();
     let slot = (0..gpuslice_common::ledger::MAX_DEVICES)
         .map(|i| ledger.device(i))
         .find(|d| d.state.load(SeqCst) == LIVE && d.uuid() == uuid)

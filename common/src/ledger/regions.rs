@@ -1,0 +1,472 @@
+//! Where the ledger's pages come from, so that a tenant reaches only its own group: each group's
+//! counters and its members' process slots live in a sealed memfd of their own, its settings in
+//! another that the controller publishes and hands out read-only, and the device table (with
+//! the cross-group turn state) in one shared sealed memfd. The controller maps each over the
+//! matching pages of its own view (the root-only ledger file), so one `Ledger` still indexes
+//! everything; a shim maps its group's memfd and the device memfd, and sees zeros where other
+//! groups are. A restarted controller finds the memfds again among live processes' descriptors
+//! by the inodes it recorded in its file.
+
+use super::file::{map, Ledger, LedgerError};
+use super::layout::*;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering::*;
+
+/// Neither shrunk (SIGBUS for every mapper) nor grown, and no seal added later (a tenant could
+/// otherwise seal writes and stop its group's accounting, the controller's included).
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+const NAME_PREFIX: &str = "gpuslice-";
+
+/// A sealed memfd of `size` bytes, mode 0600 (a reopen through `/proc/PID/fd` by another uid
+/// is refused).
+pub fn sealed_memfd(name: &str, size: usize) -> io::Result<OwnedFd> {
+    let c = CString::new(format!("{NAME_PREFIX}{name}")).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: memfd_create with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: we own the new descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ftruncate, fchmod and fcntl on our own descriptor.
+    let ok = unsafe {
+        libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) == 0
+            && libc::fchmod(fd.as_raw_fd(), 0o600) == 0
+            && libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALS) == 0
+    };
+    if !ok {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The inode behind a descriptor.
+pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: fstat into a local.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
+}
+
+/// A second, read-only open of the same memory: a shim given it can map it only for reading
+/// (`mmap` with `PROT_WRITE` and `mprotect` to it are refused), cannot truncate it or add a
+/// seal, and cannot reopen it for writing (mode 0600, another uid).
+pub fn read_only(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    reopen(&format!("/proc/self/fd/{}", fd.as_raw_fd()), libc::O_RDONLY)
+}
+
+fn reopen(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: open(2) of a NUL-terminated path.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: we own the new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The memfds a restarted controller (or a root test reading the books) found again.
+#[derive(Default)]
+pub struct Reclaimed {
+    pub devices: Option<OwnedFd>,
+    /// Group slot → its counters memory.
+    pub counters: HashMap<usize, OwnedFd>,
+    /// Group slot → its settings page (opened read-write).
+    pub settings: HashMap<usize, OwnedFd>,
+}
+
+impl Ledger {
+    /// Maps `len` bytes of `fd` at `offset` over the same offset of this view (the ledger
+    /// file's own pages when `fd` is `None`).
+    fn overlay(&self, offset: usize, len: usize, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        let raw = match fd {
+            Some(fd) => fd.as_raw_fd(),
+            None => self.backing.as_ref().ok_or_else(|| io::Error::other("this ledger view has no file behind it"))?.as_raw_fd(),
+        };
+        if !offset.is_multiple_of(PAGE) || offset + len > self.len {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: replaces pages inside our own mapping (checked above) with a shared mapping of
+        // the same length; the range stays mapped throughout, so references into it stay valid.
+        let p = unsafe {
+            libc::mmap(self.base.add(offset).cast(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_FIXED, raw, offset as libc::off_t)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// New memory for group `group`: its counters and its members' slots, with a copy of the
+    /// header (what a shim's `map_fd` checks). Pages nobody writes stay unallocated.
+    pub fn new_group_memory(&self, group: usize) -> io::Result<OwnedFd> {
+        let size = self.geometry.file_size();
+        let fd = sealed_memfd(&format!("group-{group}"), size)?;
+        let base = map(fd.as_raw_fd(), size)?;
+        let copy = Ledger { base, len: size, geometry: self.geometry, backing: None };
+        copy.initialise_header(self.geometry);
+        copy.header().magic.store(MAGIC, Release);
+        Ok(fd)
+    }
+
+    /// New device memory (the device table and its turn state, shared by every group), starting
+    /// from the copy the ledger file keeps (`save_device_table`): after a restart that found no
+    /// live process holding the old one, the devices keep their indices.
+    pub fn new_device_memory(&self) -> io::Result<OwnedFd> {
+        let g = self.geometry;
+        let fd = sealed_memfd("devices", g.groups_offset())?;
+        if let Some(file) = &self.backing {
+            let mut saved = vec![0u8; g.groups_offset() - g.devices_offset()];
+            // SAFETY: pread and pwrite of a local buffer of its length, at offsets within both files.
+            unsafe {
+                if libc::pread(file.as_raw_fd(), saved.as_mut_ptr().cast(), saved.len(), g.devices_offset() as libc::off_t) == saved.len() as isize {
+                    libc::pwrite(fd.as_raw_fd(), saved.as_ptr().cast(), saved.len(), g.devices_offset() as libc::off_t);
+                }
+            }
+        }
+        Ok(fd)
+    }
+
+    /// Copies the device table as it is in the device memory into the ledger file's own pages
+    /// under it (the controller, every tick), for `new_device_memory` after a restart.
+    pub fn save_device_table(&self) -> io::Result<()> {
+        let Some(file) = &self.backing else { return Ok(()) };
+        let g = self.geometry;
+        let len = g.groups_offset() - g.devices_offset();
+        // SAFETY: the device region is inside our mapping; pwrite only reads it.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), self.base.add(g.devices_offset()).cast(), len, g.devices_offset() as libc::off_t) };
+        if n != len as isize {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Maps the device memory over this view's device table.
+    pub fn map_device_memory(&self, devices: BorrowedFd<'_>) -> io::Result<()> {
+        let g = self.geometry;
+        self.overlay(g.devices_offset(), g.groups_offset() - g.devices_offset(), Some(devices))
+    }
+
+    /// Maps group `group`'s page from its memory (`None`: back to the ledger file's own page).
+    pub fn map_group_page(&self, group: usize, counters: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        assert!(group < self.geometry.max_groups as usize);
+        self.overlay(self.geometry.groups_offset() + group * PAGE, PAGE, counters)
+    }
+
+    /// Maps process slot `slot` from its group's memory (`None`: back to the file's own page).
+    pub fn map_process_page(&self, slot: usize, counters: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        assert!(slot < self.geometry.max_procs as usize);
+        self.overlay(self.geometry.procs_offset() + slot * PAGE, PAGE, counters)
+    }
+
+    fn index_at<T>(&self, offset: usize) -> &T {
+        assert!(offset + size_of::<T>() <= self.len);
+        // SAFETY: in range (checked), 8-aligned (the index starts on a page), atomics only.
+        unsafe { &*(self.base.add(offset) as *const T) }
+    }
+
+    /// The controller's record of group `group`'s memory (in the ledger file only).
+    pub fn group_index(&self, group: usize) -> &GroupIndex {
+        assert!(group < self.geometry.max_groups as usize);
+        self.index_at(self.geometry.index_offset() + group * size_of::<GroupIndex>())
+    }
+
+    /// The controller's record of whose memory holds process slot `slot`.
+    pub fn process_index(&self, slot: usize) -> &ProcessIndex {
+        assert!(slot < self.geometry.max_procs as usize);
+        let groups = self.geometry.max_groups as usize * size_of::<GroupIndex>();
+        self.index_at(self.geometry.index_offset() + groups + slot * size_of::<ProcessIndex>())
+    }
+
+    /// A shim's view: its group's memory, with the shared device memory over the device table.
+    pub fn map_group_view(counters: BorrowedFd<'_>, devices: BorrowedFd<'_>) -> Result<Ledger, LedgerError> {
+        let ledger = Ledger::map_fd(counters, "(the group's memory)")?;
+        ledger.map_device_memory(devices).map_err(|error| LedgerError::Io {
+            what: "map the device memory of".into(),
+            path: "(the controller's)".into(),
+            error,
+        })?;
+        Ok(ledger)
+    }
+
+    /// Finds the memfds this ledger's index names among the descriptors of every process this
+    /// one may look into (by inode: a name proves nothing), and maps them into this view: the
+    /// device table, each group's page and each member's slot. What is not found stays the
+    /// file's own page (zeros: no group there).
+    pub fn reclaim(&self) -> Reclaimed {
+        let mut wanted: HashMap<u64, (char, usize)> = HashMap::new();
+        let devices_inode = self.header().devices_inode.load(Relaxed);
+        if devices_inode != 0 {
+            wanted.insert(devices_inode, ('d', 0));
+        }
+        for g in 0..self.geometry.max_groups as usize {
+            let index = self.group_index(g);
+            for (kind, inode) in [('c', index.counters_inode.load(Relaxed)), ('s', index.settings_inode.load(Relaxed))] {
+                if inode != 0 {
+                    wanted.insert(inode, (kind, g));
+                }
+            }
+        }
+        let mut found = Reclaimed::default();
+        if !wanted.is_empty() {
+            find_memfds(&mut wanted, &mut found);
+        }
+        if let Some(d) = &found.devices {
+            let _ = self.map_device_memory(std::os::fd::AsFd::as_fd(d));
+        }
+        for (&g, fd) in &found.counters {
+            let _ = self.map_group_page(g, Some(std::os::fd::AsFd::as_fd(fd)));
+        }
+        for slot in 0..self.geometry.max_procs as usize {
+            let owner = self.process_index(slot).group_plus_one.load(Relaxed);
+            if let Some(fd) = owner.checked_sub(1).and_then(|g| found.counters.get(&(g as usize))) {
+                let _ = self.map_process_page(slot, Some(std::os::fd::AsFd::as_fd(fd)));
+            }
+        }
+        found
+    }
+}
+
+/// Walks every process's descriptors (`/proc/PID/fd`) and, for a process that closed them,
+/// its mappings (`/proc/PID/map_files`, which needs CAP_SYS_ADMIN) for memfds of ours whose
+/// inode is wanted, opening each once.
+fn find_memfds(wanted: &mut HashMap<u64, (char, usize)>, found: &mut Reclaimed) {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    let ours = format!("/memfd:{NAME_PREFIX}");
+    for entry in procs.flatten() {
+        if wanted.is_empty() {
+            return;
+        }
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+        if let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) {
+            candidates.extend(fds.flatten().map(|fd| fd.path()).filter(|p| std::fs::read_link(p).is_ok_and(|t| t.to_string_lossy().starts_with(&ours))));
+        }
+        if let Ok(maps) = std::fs::read_to_string(entry.path().join("maps")) {
+            let ranges = maps.lines().filter(|l| l.contains(&ours)).filter_map(|l| l.split_whitespace().next());
+            candidates.extend(ranges.map(|range| entry.path().join("map_files").join(range)));
+        }
+        for path in candidates {
+            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+            let Some((kind, group)) = wanted.get(&ino).copied() else { continue };
+            let Ok(opened) = reopen(&path.to_string_lossy(), libc::O_RDWR) else { continue };
+            wanted.remove(&ino);
+            match kind {
+                'd' => found.devices = Some(opened),
+                'c' => drop(found.counters.insert(group, opened)),
+                _ => drop(found.settings.insert(group, opened)),
+            }
+        }
+    }
+}
+
+/// A group's published settings: one page holding a `GroupSlot` whose settings (limits,
+/// shares, the throttled flag, priority, name, state) the controller writes and shims read
+/// through a read-only mapping. Its counters are unused.
+pub struct SettingsPage {
+    base: *mut u8,
+}
+
+// SAFETY: every field reachable through the mapping is an atomic.
+unsafe impl Send for SettingsPage {}
+unsafe impl Sync for SettingsPage {}
+
+impl Drop for SettingsPage {
+    fn drop(&mut self) {
+        // SAFETY: base came from mmap of PAGE bytes.
+        unsafe { libc::munmap(self.base.cast(), PAGE) };
+    }
+}
+
+impl SettingsPage {
+    /// A new page for group `group`, mapped read-write, and its descriptor.
+    pub fn create(group: usize) -> io::Result<(SettingsPage, OwnedFd)> {
+        let fd = sealed_memfd(&format!("settings-{group}"), PAGE)?;
+        let page = SettingsPage::map(std::os::fd::AsFd::as_fd(&fd), true)?;
+        let slot = page.slot();
+        for d in &slot.devices {
+            d.limit.store(UNLIMITED, Relaxed);
+        }
+        Ok((page, fd))
+    }
+
+    /// Maps a settings page; `writable` only for the controller (a read-only descriptor cannot
+    /// be mapped so).
+    pub fn map(fd: BorrowedFd<'_>, writable: bool) -> io::Result<SettingsPage> {
+        // SAFETY: fstat into a local.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if st.st_size as usize != PAGE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a settings page of {} bytes, not {PAGE}", st.st_size)));
+        }
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a shared mapping of one page of a descriptor of that size.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), PAGE, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SettingsPage { base: base.cast() })
+    }
+
+    pub fn slot(&self) -> &GroupSlot {
+        // SAFETY: one page, page aligned, the size of a GroupSlot; atomics only (a read-only
+        // mapping is only ever loaded from by the shim).
+        unsafe { &*(self.base as *const GroupSlot) }
+    }
+
+    /// The page for the shim, leaked: hooks hold references to it for the process's life.
+    pub fn leak(self) -> &'static GroupSlot {
+        let page: &'static SettingsPage = Box::leak(Box::new(self));
+        page.slot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// A fresh ledger file in a temporary directory: (the directory, the path, the ledger).
+    fn temp_ledger(geometry: Geometry) -> (tempfile::TempDir, String, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let ledger = Ledger::create(&path, geometry).unwrap();
+        (dir, path, ledger)
+    }
+
+    #[test]
+    fn a_read_only_settings_page_cannot_be_written_truncated_or_reopened_for_writing() {
+        let (page, fd) = SettingsPage::create(0).unwrap();
+        page.slot().devices[0].limit.store(123, Relaxed);
+        let ro = read_only(fd.as_fd()).unwrap();
+        let seen = SettingsPage::map(ro.as_fd(), false).unwrap();
+        assert_eq!(seen.slot().devices[0].limit.load(Relaxed), 123);
+        assert!(SettingsPage::map(ro.as_fd(), true).is_err(), "a writable mapping of the read-only descriptor");
+        // SAFETY: the attacks a tenant would try on its own descriptor and mapping.
+        unsafe {
+            assert_ne!(libc::mprotect(seen.base.cast(), PAGE, libc::PROT_READ | libc::PROT_WRITE), 0, "mprotect to writable");
+            assert_ne!(libc::ftruncate(ro.as_raw_fd(), 0), 0, "ftruncate");
+            assert_ne!(libc::fcntl(ro.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE), 0, "a seal");
+            assert_ne!(libc::ftruncate(fd.as_raw_fd(), 0), 0, "the sealed page shrunk");
+        }
+        assert_eq!(page.slot().devices[0].limit.load(Relaxed), 123);
+    }
+
+    #[test]
+    fn group_memory_is_sealed_against_truncation_and_growth() {
+        let (_dir, _, ledger) = temp_ledger(Geometry { max_groups: 2, max_procs: 2 });
+        let fd = ledger.new_group_memory(1).unwrap();
+        let size = Geometry { max_groups: 2, max_procs: 2 }.file_size() as libc::off_t;
+        // SAFETY: truncating and growing our own descriptor: both must fail.
+        unsafe {
+            assert_ne!(libc::ftruncate(fd.as_raw_fd(), 0), 0);
+            assert_ne!(libc::ftruncate(fd.as_raw_fd(), size * 2), 0);
+            assert_ne!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE), 0);
+        }
+        ledger.map_group_page(1, Some(fd.as_fd())).unwrap();
+        ledger.group(1).devices[0].used.store(77, Relaxed);
+        let view = Ledger::map_group_view(fd.as_fd(), ledger.new_device_memory().unwrap().as_fd()).unwrap();
+        assert_eq!(view.group(1).devices[0].used.load(Relaxed), 77, "the shim's view shares the controller's page");
+        assert_eq!(view.group(0).devices[0].used.load(Relaxed), 0);
+        ledger.map_group_page(1, None).unwrap();
+        assert_eq!(ledger.group(1).devices[0].used.load(Relaxed), 0, "the file's own page is back");
+    }
+
+    #[test]
+    fn a_second_view_finds_the_memory_again_by_inode() {
+        let geometry = Geometry { max_groups: 4, max_procs: 4 };
+        let (_dir, file, first) = temp_ledger(geometry);
+        let devices = first.new_device_memory().unwrap();
+        first.map_device_memory(devices.as_fd()).unwrap();
+        first.header().devices_inode.store(inode(devices.as_fd()).unwrap(), Relaxed);
+        let counters = first.new_group_memory(2).unwrap();
+        first.map_group_page(2, Some(counters.as_fd())).unwrap();
+        first.group_index(2).counters_inode.store(inode(counters.as_fd()).unwrap(), Relaxed);
+        first.map_process_page(3, Some(counters.as_fd())).unwrap();
+        first.process_index(3).group_plus_one.store(3, Relaxed);
+        first.group(2).devices[1].used.store(5, Relaxed);
+        first.process(3).devices[1].used.store(5, Relaxed);
+        first.device(0).total_memory.store(9, Relaxed);
+        // A restarted controller: the same file, the memory held by a live process (this one).
+        let (second, adopted) = Ledger::open_or_create(&file, geometry).unwrap();
+        assert!(adopted);
+        assert_eq!(second.group(2).devices[1].used.load(Relaxed), 0, "not mapped yet");
+        let found = second.reclaim();
+        assert!(found.devices.is_some() && found.counters.contains_key(&2), "found the memory");
+        assert_eq!(second.group(2).devices[1].used.load(Relaxed), 5);
+        assert_eq!(second.process(3).devices[1].used.load(Relaxed), 5);
+        assert_eq!(second.device(0).total_memory.load(Relaxed), 9);
+    }
+
+    #[test]
+    fn memory_mapped_but_no_longer_open_is_found_through_the_mappings() {
+        let geometry = Geometry { max_groups: 2, max_procs: 2 };
+        let (_dir, file, first) = temp_ledger(geometry);
+        let view = {
+            let counters = first.new_group_memory(1).unwrap();
+            first.group_index(1).counters_inode.store(inode(counters.as_fd()).unwrap(), Relaxed);
+            Ledger::map_group_view(counters.as_fd(), first.new_device_memory().unwrap().as_fd()).unwrap()
+            // The descriptors close here; the mapping stays (a program that closed every descriptor).
+        };
+        view.group(1).devices[0].used.store(42, Relaxed);
+        drop(first);
+        let (second, _) = Ledger::open_or_create(&file, geometry).unwrap();
+        assert!(second.reclaim().counters.contains_key(&1));
+        assert_eq!(second.group(1).devices[0].used.load(Relaxed), 42);
+    }
+
+    /// The allocation hot path before and after the split, in one run: `try_charge` with the
+    /// limit in the group's own (file-backed) slot, as in layout 4, against `try_charge_under`
+    /// on a group's memfd with the limit in a read-only settings page. Plain loads and one
+    /// compare-and-swap either way: no system call, no lock.
+    #[test]
+    #[ignore = "a micro-benchmark: cargo test -p gpuslice-common --lib hot_path -- --ignored --nocapture"]
+    fn hot_path_before_and_after_the_split() {
+        const N: u32 = 2_000_000;
+        let (_dir, _, ledger) = temp_ledger(Geometry { max_groups: 4, max_procs: 4 });
+        let time = |charge: &dyn Fn() -> bool| {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let start = std::time::Instant::now();
+                for _ in 0..N {
+                    assert!(charge());
+                }
+                best = best.min(start.elapsed().as_nanos() as f64 / f64::from(N));
+            }
+            best
+        };
+        let (group, process) = (ledger.group(0), ledger.process(0));
+        group.devices[0].limit.store(1 << 40, Relaxed);
+        let before = time(&|| {
+            let ok = process.try_charge(group, 0, 4096).is_ok();
+            process.uncharge(group, 0, 4096);
+            ok
+        });
+        let counters = ledger.new_group_memory(1).unwrap();
+        ledger.map_group_page(1, Some(counters.as_fd())).unwrap();
+        ledger.map_process_page(1, Some(counters.as_fd())).unwrap();
+        let view = Ledger::map_group_view(counters.as_fd(), ledger.new_device_memory().unwrap().as_fd()).unwrap();
+        let (page, fd) = SettingsPage::create(1).unwrap();
+        page.slot().devices[0].limit.store(1 << 40, Relaxed);
+        let settings = SettingsPage::map(read_only(fd.as_fd()).unwrap().as_fd(), false).unwrap();
+        let (group, process, limits) = (view.group(1), view.process(1), settings.slot());
+        process.reset(); // As the controller gives a slot out: no cap of its own.
+        let after = time(&|| {
+            let ok = process.try_charge_under(group, limits, 0, 4096).is_ok();
+            process.uncharge(group, 0, 4096);
+            ok
+        });
+        println!("try_charge + uncharge, best of 5 x {N}: layout 4 (file, limit in the group slot) {before:.1} ns; layout 5 (memfd, read-only settings page) {after:.1} ns");
+    }
+}

@@ -1,0 +1,202 @@
+//! The controller's side of the ledger's regions (`gpuslice_common::ledger::regions`): it makes
+//! each group's memory and settings page, maps them into its own view as slots are given out
+//! and taken back, publishes each group's settings from its own memory (the authority), hands a
+//! registered process its three descriptors, and after a restart takes the memory back from
+//! the processes still holding it.
+
+use super::State;
+use gpuslice_common::ledger::{self, GroupSlot, SettingsPage};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering::*;
+
+/// One group's memory: its counters and members' slots (read-write for members), and the page
+/// where the controller publishes its settings (read-only for members).
+pub struct GroupMemory {
+    counters: OwnedFd,
+    settings: SettingsPage,
+    settings_fd: OwnedFd,
+}
+
+fn io_error(what: &str) -> impl FnOnce(std::io::Error) -> String + '_ {
+    move |e| format!("cannot {what}: {e}")
+}
+
+impl State {
+    /// Sets up the device memory and, after a restart, takes back each group's memory from the
+    /// live processes holding it (by the inodes recorded in the ledger file). Before `adopt`,
+    /// which then reads the slots through the memory found.
+    pub fn init_memory(&mut self, adopted: bool) -> Result<(), String> {
+        let mut found = if adopted { self.ledger.reclaim() } else { Default::default() };
+        let g = self.ledger.geometry();
+        let devices = match found.devices.take() {
+            Some(fd) => fd,
+            None => {
+                let fd = self.ledger.new_device_memory().map_err(io_error("make the device memory"))?;
+                self.ledger.map_device_memory(fd.as_fd()).map_err(io_error("map the device memory"))?;
+                self.ledger.header().devices_inode.store(ledger::inode(fd.as_fd()).unwrap_or(0), Relaxed);
+                fd
+            }
+        };
+        self.devices_memory = Some(devices);
+        for i in 0..g.max_groups as usize {
+            let Some(counters) = found.counters.remove(&i) else {
+                self.forget_group_memory(i);
+                continue;
+            };
+            let page = found.settings.remove(&i).and_then(|fd| SettingsPage::map(fd.as_fd(), true).ok().map(|p| (p, fd)));
+            let (settings, settings_fd) = match page {
+                Some(p) => p,
+                None => {
+                    tracing::warn!(
+                        "group slot {i}: its settings page was not found; members that started before the restart keep reading the last settings published"
+                    );
+                    let (page, fd) = SettingsPage::create(i).map_err(io_error("make a settings page"))?;
+                    // The members' writable copy is all there is left to start from.
+                    copy_settings(self.ledger.group(i), page.slot());
+                    (page, fd)
+                }
+            };
+            self.ledger.group_index(i).settings_inode.store(ledger::inode(settings_fd.as_fd()).unwrap_or(0), Relaxed);
+            self.memory.insert(i, GroupMemory { counters, settings, settings_fd });
+        }
+        for slot in 0..g.max_procs as usize {
+            let owner = self.ledger.process_index(slot).group_plus_one.load(Relaxed);
+            if owner != 0 && !self.memory.contains_key(&(owner as usize - 1)) {
+                self.ledger.process_index(slot).group_plus_one.store(0, Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// New memory for group slot `i`, mapped over its page (before anything is written there).
+    pub(super) fn make_group_memory(&mut self, i: usize) -> Result<(), String> {
+        let counters = self.ledger.new_group_memory(i).map_err(io_error("make a group's memory"))?;
+        let (settings, settings_fd) = SettingsPage::create(i).map_err(io_error("make a group's settings page"))?;
+        self.ledger.map_group_page(i, Some(counters.as_fd())).map_err(io_error("map a group's memory"))?;
+        let index = self.ledger.group_index(i);
+        index.counters_inode.store(ledger::inode(counters.as_fd()).unwrap_or(0), Relaxed);
+        index.settings_inode.store(ledger::inode(settings_fd.as_fd()).unwrap_or(0), Relaxed);
+        self.memory.insert(i, GroupMemory { counters, settings, settings_fd });
+        Ok(())
+    }
+
+    /// Group slot `i` no longer has memory: its page is the ledger file's own again.
+    pub(super) fn forget_group_memory(&mut self, i: usize) {
+        if self.memory.remove(&i).is_some() {
+            if let Err(e) = self.ledger.map_group_page(i, None) {
+                tracing::error!("group slot {i}: cannot map the ledger's own page back: {e}");
+            }
+        }
+        let index = self.ledger.group_index(i);
+        index.counters_inode.store(0, Relaxed);
+        index.settings_inode.store(0, Relaxed);
+    }
+
+    /// Maps process slot `slot` from group `group`'s memory (before the slot is written).
+    pub(super) fn map_member(&self, slot: usize, group: usize) -> Result<(), String> {
+        let memory = self.memory.get(&group).ok_or_else(|| format!("group slot {group} has no memory"))?;
+        self.ledger.map_process_page(slot, Some(memory.counters.as_fd())).map_err(io_error("map a process slot"))?;
+        self.ledger.process_index(slot).group_plus_one.store(group as u64 + 1, Relaxed);
+        Ok(())
+    }
+
+    /// Process slot `slot` is nobody's: the ledger file's own page again.
+    pub(super) fn unmap_member(&self, slot: usize) {
+        if self.ledger.process_index(slot).group_plus_one.swap(0, Relaxed) != 0 {
+            if let Err(e) = self.ledger.map_process_page(slot, None) {
+                tracing::error!("process slot {slot}: cannot map the ledger's own page back: {e}");
+            }
+        }
+    }
+
+    /// Writes every group's settings, as the controller holds them, into the page its members
+    /// read them from, and keeps the ledger file's copy of the device table (for a restart that
+    /// finds no process holding the device memory). Called after every request and every tick.
+    pub fn publish(&self) {
+        for &i in self.groups.keys() {
+            self.publish_group(i);
+        }
+        if let Err(e) = self.ledger.save_device_table() {
+            tracing::error!("cannot keep a copy of the device table in the ledger file: {e}");
+        }
+    }
+
+    pub(super) fn publish_group(&self, i: usize) {
+        let (Some(info), Some(memory)) = (self.groups.get(&i), self.memory.get(&i)) else { return };
+        let page: &GroupSlot = memory.settings.slot();
+        for d in 0..ledger::MAX_DEVICES {
+            page.devices[d].limit.store(info.limits[d], Relaxed);
+            if page.devices[d].share.load(Relaxed) != info.shares[d] {
+                page.set_share(d, info.shares[d]);
+            }
+        }
+        page.priority.store(info.priority, Relaxed);
+        page.pinned.store(info.pinned as u32, Relaxed);
+        if page.name() != info.name {
+            page.set_name(&info.name);
+        }
+        page.state.store(ledger::LIVE, Release);
+    }
+
+    /// Group slot `i`'s published settings, if it has a page.
+    pub(super) fn published(&self, i: usize) -> Option<&GroupSlot> {
+        self.memory.get(&i).map(|m| m.settings.slot())
+    }
+
+    /// After a restart: takes group `i`'s limits, shares and priority from the page the
+    /// previous controller published (its members could not write it). False without one.
+    pub(super) fn remember_published(&mut self, i: usize) -> bool {
+        let (Some(memory), Some(info)) = (self.memory.get(&i), self.groups.get_mut(&i)) else { return false };
+        let page = memory.settings.slot();
+        for d in 0..ledger::MAX_DEVICES {
+            info.limits[d] = page.devices[d].limit.load(Relaxed);
+            info.shares[d] = page.devices[d].share.load(Relaxed);
+        }
+        info.priority = page.priority.load(Relaxed);
+        true
+    }
+
+    /// Applies an edit to group `i`'s settings on its published page, where no member can write
+    /// (a member racing the edit in its writable copy cannot have its value taken as the
+    /// controller's), takes them as the controller's, and mirrors them into the members' copy.
+    pub(super) fn edit_settings(&mut self, i: usize, apply: impl FnOnce(&GroupSlot)) {
+        // The page holds the controller's settings before the edit (a group just made included).
+        self.publish_group(i);
+        match self.memory.get(&i) {
+            Some(memory) => {
+                let page = memory.settings.slot();
+                apply(page);
+                copy_settings(page, self.ledger.group(i));
+            }
+            None => apply(self.ledger.group(i)),
+        }
+        if !self.remember_published(i) {
+            self.remember_group(i);
+        }
+        if let Some(info) = self.groups.get(&i) {
+            self.ledger.group(i).pinned.store(info.pinned as u32, Relaxed);
+        }
+    }
+
+    /// What a process registered in group `group` is handed: its group's memory and the device
+    /// memory (read-write), and its group's settings page (read-only).
+    pub fn descriptors_for(&self, group: usize) -> Result<Vec<OwnedFd>, String> {
+        let memory = self.memory.get(&group).ok_or_else(|| format!("group slot {group} has no memory"))?;
+        let devices = self.devices_memory.as_ref().ok_or("no device memory")?;
+        Ok(vec![
+            memory.counters.try_clone().map_err(io_error("duplicate a descriptor"))?,
+            devices.try_clone().map_err(io_error("duplicate a descriptor"))?,
+            ledger::read_only(memory.settings_fd.as_fd()).map_err(io_error("open a settings page read-only"))?,
+        ])
+    }
+}
+
+fn copy_settings(from: &GroupSlot, to: &GroupSlot) {
+    for d in 0..ledger::MAX_DEVICES {
+        to.devices[d].limit.store(from.devices[d].limit.load(Relaxed), Relaxed);
+        to.set_share(d, from.devices[d].share.load(Relaxed));
+    }
+    to.priority.store(from.priority.load(Relaxed), Relaxed);
+    to.pinned.store(from.pinned.load(Relaxed), Relaxed);
+    to.set_name(&from.name());
+}
