@@ -361,3 +361,49 @@ def sweep_token(var, token):
             continue
     if killed:
         log("  cleanup: killed left-over processes: " + "; ".join(killed))
+
+
+# ----------------------------------------------------------------------------- NVML pollers
+
+def poller_args(ap, max_s):
+    """The options nvml_trace.py and nvml_watch.py share: --interval-ms, --ready, --max-s."""
+    ap.add_argument("--interval-ms", type=float, default=20.0)
+    ap.add_argument("--ready", default=None)
+    ap.add_argument("--max-s", type=float, default=max_s)
+
+
+def stop_flag_on_signals():
+    """A poller's stop request: a dict whose "flag" turns True, with "why" the signal's name,
+    at SIGTERM or SIGINT (the poll loop finishes its round and writes its result)."""
+    stop = {"flag": False, "why": ""}
+
+    def on_stop(signum, _frame):
+        stop["flag"] = True
+        stop["why"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    return stop
+
+
+def nvml_open():
+    """pynvml, initialised, and a handle for every device. Imported here, not at the top: only
+    the pollers (never under the shim) need it."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+
+def nvml_close(pynvml):
+    try:
+        pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - the result is written either way
+        pass
+
+
+def write_ready(path):
+    """--ready FILE: written once the baseline poll is done, so the caller starts its target."""
+    if path:
+        with open(path, "w") as f:
+            f.write("ready\n")
