@@ -924,7 +924,10 @@ pub fn is_root() -> bool {
 pub fn assert_root() {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    assert_eq!(uid, 0, "this test switches to uid 65534, which needs root; the tests were built as root but run as uid {uid}: rebuild them (touch tests/integration/build.rs)");
+    assert_eq!(
+        uid, 0,
+        "this test switches to uid 65534, which needs root; the tests were built as root but run as uid {uid}: rebuild them (touch tests/integration/build.rs)"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
