@@ -294,6 +294,15 @@ def crashes_and_missing():
             + (f"; missing: {', '.join(C.missing)}" if C.missing else ""))
 
 
+def summary_line(rows, tail=""):
+    """The table's last line: judged checks passed, crashes and missing tools, the time since
+    the start, then `tail`."""
+    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
+    npass = sum(1 for r in judged if r[2] == "PASS")
+    return (f"{npass}/{len(judged)} PASS; {crashes_and_missing()}"
+            f"; {time.time() - C.t0:.0f}s since the start" + tail)
+
+
 def emit(lines):
     """The table last into the log (which it closes) and onto stdout."""
     text = "\n".join(lines)
@@ -321,6 +330,13 @@ class Stopped(BaseException):
 def on_signal(signum, _frame):
     """The scripts' handler for SIGTERM/SIGINT/SIGHUP: raises Stopped."""
     raise Stopped(signal.Signals(signum).name)
+
+
+def ignore_signals():
+    """At the start of a cleanup: SIGTERM/SIGINT/SIGHUP are ignored from here on, so that it
+    runs to its end."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def ancestors():
@@ -407,3 +423,20 @@ def write_ready(path):
     if path:
         with open(path, "w") as f:
             f.write("ready\n")
+
+
+# ----------------------------------------------------------------------------- gpuslice ls --json
+
+def dev0(entry):
+    """The entry's device 0 (or its first device) as a dict; {} when there is none."""
+    devs = [d for d in ((entry or {}).get("devices") or []) if isinstance(d, dict)]
+    for d in devs:
+        if d.get("device") == 0:
+            return d
+    return devs[0] if devs else {}
+
+
+def num(d, key):
+    """d[key] when it is a number (not a bool), else None."""
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None

@@ -794,16 +794,12 @@ def write_results_and_table(smi_start, smi_end):
     if C.mps_notes:
         lines.append("MPS: " + "; ".join(C.mps_notes))
     lines.append(f"GPU ({SMI_FIELDS}) start: {smi_start}; end: {smi_end}")
-    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
-    npass = sum(1 for r in judged if r[2] == "PASS")
-    lines.append(f"{npass}/{len(judged)} PASS; {gpucommon.crashes_and_missing()}"
-                 f"; {time.time() - C.t0:.0f}s since the start")
+    lines.append(gpucommon.summary_line(rows))
     gpucommon.emit(lines)
 
 
 def cleanup():
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    gpucommon.ignore_signals()
     kill_children()
     mps_stop()
     if C.mps_root_own:

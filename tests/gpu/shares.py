@@ -620,10 +620,7 @@ def write_results_and_table(smi_start, smi_end):
         rows, "gpuslice SM shares " + time.strftime("%Y-%m-%d %H:%M:%S")
         + f"  (achieved % = rate / no-shim rate; +-{SHARE_TOL:g} points; {C.seconds:g}s runs)")
     lines.append(f"GPU ({SMI_FIELDS}) start: {smi_start}; end: {smi_end}")
-    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
-    npass = sum(1 for r in judged if r[2] == "PASS")
-    lines.append(f"{npass}/{len(judged)} PASS; {gpucommon.crashes_and_missing()}"
-                 + f"; {time.time() - C.t0:.0f}s since the start")
+    lines.append(gpucommon.summary_line(rows))
     gpucommon.emit(lines)
 
 
