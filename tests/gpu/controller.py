@@ -760,16 +760,7 @@ def check_sm():
     sets, notes, ls_rows = [], [], []
     pids, t_switch, t_go = [], None, None
     try:
-        ready_by = time.monotonic() + 60
-        while time.monotonic() < ready_by:
-            states = []
-            for p, op, _ in procs:
-                with open(op) as f:
-                    txt = f.read()
-                states.append("ready=1" in txt or p is None or p.poll() is not None)
-            if all(states):
-                break
-            time.sleep(0.01)
+        gpucommon.wait_ready([(p, op) for p, op, _ in procs], 60)
         pids = [p.pid if p else -1 for p, _, _ in procs]
         log(f"  pair: both ready {time.time() - t_start:.2f}s after the start (pids {pids})")
         for pid, s in zip(pids, SM_FIRST):

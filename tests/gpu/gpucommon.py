@@ -173,6 +173,22 @@ class Run:
         return f"rc={self.rc}"
 
 
+def wait_ready(started, timeout_s):
+    """Polls (every 10 ms, for at most `timeout_s`) until each (process, stdout path) of `started`
+    has printed ready=1 or ended (a process of None counts as ready); returns who had, in order
+    (all True unless the time ran out)."""
+    ready_by = time.monotonic() + timeout_s
+    while True:
+        states = []
+        for p, out_path in started:
+            with open(out_path) as f:
+                txt = f.read()
+            states.append("ready=1" in txt or p is None or p.poll() is not None)
+        if all(states) or time.monotonic() >= ready_by:
+            return states
+        time.sleep(0.01)
+
+
 def parse_kv(text, skip=()):
     """key=value lines (keys of [A-Za-z0-9_]) -> ({key: last value}, {key: [values]});
     lines that start with one of `skip` are passed over."""

@@ -190,18 +190,8 @@ def pair(tag, probe_argv, probe_env, nb_argv, nb_env, probe_timeout, nb_timeout,
         p, op, ep = shares.start(r.name, argv + ["--go-file", go], env)
         track(p)
         procs.append((r, p, op, ep, env))
-    ready_by = time.monotonic() + READY_S
-    states = []
-    while time.monotonic() < ready_by:
-        states = []
-        for _, p, op, _, _ in procs:
-            with open(op) as f:
-                txt = f.read()
-            states.append("ready=1" in txt or p is None or p.poll() is not None)
-        if all(states):
-            break
-        time.sleep(0.01)
-    else:
+    states = gpucommon.wait_ready([(p, op) for _, p, op, _, _ in procs], READY_S)
+    if not all(states):
         log(f"  {tag}: not both ready within {READY_S:g}s ({states}); go anyway")
     with open(go, "w") as f:
         f.write("go\n")

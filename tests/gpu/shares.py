@@ -486,16 +486,7 @@ def check_pair(prog, iters, bases, pair=PAIR, cid="2"):
         procs.append((p, op, ep, env_of(s)))
         rs.append(r)
     # Both contexts exist: let them go together.
-    ready_by = time.time() + 60
-    while time.time() < ready_by:
-        states = []
-        for p, op, _, _ in procs:
-            with open(op) as f:
-                txt = f.read()
-            states.append("ready=1" in txt or p is None or p.poll() is not None)
-        if all(states):
-            break
-        time.sleep(0.01)
+    gpucommon.wait_ready([(p, op) for p, op, _, _ in procs], 60)
     with open(go, "w") as f:
         f.write("go\n")
     log(f"  pair: go file written {time.time() - t0:.2f}s after the start")
