@@ -29,10 +29,12 @@ demo:
 	$(CARGO) build --release -p gpuslice-shim -p gpuslice -p quota-fill -p gpuslice-simcuda -p gpuslice-simnvml
 	bash examples/demo.sh
 
-# Everything CI checks: formatting and clippy (warnings are errors), unit tests, and the shim in
-# real processes against the simulated driver.
+# Everything CI checks: formatting, the layers of docs/layers.toml (tests/layers), clippy
+# (warnings are errors), unit tests, and the shim in real processes against the simulated driver.
 test:
 	$(CARGO) fmt --all --check
+	python3 -B tests/layers/check_layers.py
+	python3 -B -m unittest discover -s tests/layers -p 'test_*.py'
 	$(CARGO) build --workspace
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace

@@ -470,25 +470,19 @@ enum SizeDoc {
     Text(String),
 }
 
+impl NumberOrText for SizeDoc {
+    const EXPECTING: &'static str = "a size such as \"4GiB\" or a whole number of bytes";
+    fn number(v: i128) -> Option<SizeDoc> {
+        u64::try_from(v).ok().map(SizeDoc::Bytes)
+    }
+    fn text(v: &str) -> SizeDoc {
+        SizeDoc::Text(v.to_string())
+    }
+}
+
 impl<'de> Deserialize<'de> for SizeDoc {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SizeDoc, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = SizeDoc;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size such as \"4GiB\" or a whole number of bytes")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeDoc, E> {
-                Ok(SizeDoc::Bytes(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeDoc, E> {
-                u64::try_from(v).map(SizeDoc::Bytes).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeDoc, E> {
-                Ok(SizeDoc::Text(v.to_string()))
-            }
-        }
-        d.deserialize_any(Visitor)
+        d.deserialize_any(NumberOrTextVisitor(std::marker::PhantomData))
     }
 }
 
@@ -498,25 +492,45 @@ enum ShareDoc {
     Text(String),
 }
 
+impl NumberOrText for ShareDoc {
+    const EXPECTING: &'static str = "an SM share: a whole percentage from 1 to 100, such as 30";
+    fn number(v: i128) -> Option<ShareDoc> {
+        Some(ShareDoc::Number(i64::try_from(v).unwrap_or(i64::MAX)))
+    }
+    fn text(v: &str) -> ShareDoc {
+        ShareDoc::Text(v.to_string())
+    }
+}
+
 impl<'de> Deserialize<'de> for ShareDoc {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ShareDoc, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = ShareDoc;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an SM share: a whole percentage from 1 to 100, such as 30")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ShareDoc, E> {
-                Ok(ShareDoc::Number(i64::try_from(v).unwrap_or(i64::MAX)))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ShareDoc, E> {
-                Ok(ShareDoc::Number(v))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ShareDoc, E> {
-                Ok(ShareDoc::Text(v.to_string()))
-            }
-        }
-        d.deserialize_any(Visitor)
+        d.deserialize_any(NumberOrTextVisitor(std::marker::PhantomData))
+    }
+}
+
+/// A value in the file that is a whole number or text (a size, a share): what an error calls
+/// it, and what each form becomes (`number` gives `None` for one out of its range).
+trait NumberOrText: Sized {
+    const EXPECTING: &'static str;
+    fn number(v: i128) -> Option<Self>;
+    fn text(v: &str) -> Self;
+}
+
+struct NumberOrTextVisitor<T>(std::marker::PhantomData<T>);
+
+impl<T: NumberOrText> serde::de::Visitor<'_> for NumberOrTextVisitor<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+        T::number(v.into()).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+        T::number(v.into()).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+        Ok(T::text(v))
     }
 }
 

@@ -2,7 +2,8 @@
 //! holds each process to its device memory quota and its share of the device's time.
 //!
 //! Start at `entry` (how calls arrive), then `memory` (what is counted) and `budget` (how the
-//! limit is enforced). LD_PRELOAD.md explains the mechanism for users.
+//! limit is enforced). LD_PRELOAD.md explains the mechanism for users; docs/ARCHITECTURE.md
+//! gives the layers (docs/layers.toml) and the reading order of an allocation and a launch.
 #![allow(non_snake_case)]
 #![allow(clippy::missing_safety_doc)]
 

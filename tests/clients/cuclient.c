@@ -74,6 +74,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <errno.h>
@@ -616,6 +617,23 @@ static CUresult do_free(struct obj *o) {
     }
     return r;
 }
+
+/* Starts `main` on T threads, each on its own element of `args` (T structs of `size` bytes
+ * with an int `failures` at `failures_at`), joins them and returns the sum of their failures.
+ * RUN_THREADS(t, args, main) fills in the size and the offset. */
+static int run_threads(unsigned long long t, void *args, size_t size, size_t failures_at, void *(*main)(void *)) {
+    pthread_t *th = calloc(t, sizeof *th);
+    char *base = args;
+    for (unsigned long long i = 0; i < t; i++) pthread_create(&th[i], NULL, main, base + i * size);
+    int failures = 0;
+    for (unsigned long long i = 0; i < t; i++) {
+        pthread_join(th[i], NULL);
+        failures += *(int *)(base + i * size + failures_at);
+    }
+    free(th);
+    return failures;
+}
+#define RUN_THREADS(t, args, main) run_threads((t), (args), sizeof *(args), offsetof(__typeof__(*(args)), failures), (main))
 
 struct thread_arg {
     unsigned long long iters, size;
@@ -1217,20 +1235,12 @@ static void run(const char *cmd, char **a) {
         NEED(cuMemFree);
         NEED(cuCtxSetCurrent);
         unsigned long long t = num(a[0]);
-        __atomic_store_n(&g_launchers_started, 0, __ATOMIC_SEQ_CST);
-        pthread_t *th = calloc(t, sizeof *th);
         struct thread_arg *args = calloc(t, sizeof *args);
         for (unsigned long long i = 0; i < t; i++) {
             args[i].iters = num(a[1]);
             args[i].size = num(a[2]);
-            pthread_create(&th[i], NULL, thread_main, &args[i]);
         }
-        int failures = 0;
-        for (unsigned long long i = 0; i < t; i++) {
-            pthread_join(th[i], NULL);
-            failures += args[i].failures;
-        }
-        free(th);
+        int failures = RUN_THREADS(t, args, thread_main);
         free(args);
         printf("ok threads failures=%d\n", failures);
     } else if (!strcmp(cmd, "modthreads")) {
@@ -1239,20 +1249,13 @@ static void run(const char *cmd, char **a) {
         NEED(cuMemFree);
         NEED(cuCtxSetCurrent);
         unsigned long long t = num(a[0]);
-        pthread_t *th = calloc(t, sizeof *th);
         struct modthread_arg *args = calloc(t, sizeof *args);
         for (unsigned long long i = 0; i < t; i++) {
             args[i].rounds = num(a[1]);
             args[i].bytes = num(a[2]);
             args[i].index = i;
-            pthread_create(&th[i], NULL, modthread_main, &args[i]);
         }
-        int failures = 0;
-        for (unsigned long long i = 0; i < t; i++) {
-            pthread_join(th[i], NULL);
-            failures += args[i].failures;
-        }
-        free(th);
+        int failures = RUN_THREADS(t, args, modthread_main);
         free(args);
         printf("ok modthreads failures=%d\n", failures);
     } else if (!strcmp(cmd, "plaunch")) {
@@ -1265,6 +1268,8 @@ static void run(const char *cmd, char **a) {
         ensure_function(cmd, &ok);
         if (!ok) return;
         unsigned long long t = num(a[0]);
+        /* Not RUN_THREADS: on the simulated clock this thread parks while the launchers run. */
+        __atomic_store_n(&g_launchers_started, 0, __ATOMIC_SEQ_CST);
         pthread_t *th = calloc(t, sizeof *th);
         struct launch_arg *args = calloc(t, sizeof *args);
         for (unsigned long long i = 0; i < t; i++) {

@@ -47,20 +47,7 @@ gpu_machine name,driver_version,memory.total,memory.used,clocks.max.sm,power.lim
 
 # ---- build (skipped when the binary is newer than its source, the shared header and this script)
 build() { # NAME: .gpu/build/NAME from tests/gpu/NAME.cu; 0 when built or up to date
-  local bin=$BUILD/$1
-  if up_to_date "$bin" "$HERE/$1.cu" "$HERE/gpucommon.cuh" "$HERE/bench.sh"; then
-    echo "--- build $1: up to date" >>"$LOG"
-    return 0
-  fi
-  rm -f "$bin"
-  if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/$1.cu" >"$BUILD/$1.build.log" 2>&1; then
-    echo "--- build $1: ok" >>"$LOG"
-    cat "$BUILD/$1.build.log" >>"$LOG"
-    return 0
-  fi
-  note "bench: build of $1 FAILED (log follows in $LOG)"
-  cat "$BUILD/$1.build.log" >>"$LOG"
-  return 1
+  build_cu "$1" "$BUILD/$1" "$HERE/bench.sh"
 }
 build sharebench || exit 2
 if want priority; then
@@ -116,13 +103,7 @@ MPS_DIR=$(mktemp -d /tmp/gpuslice-mps.XXXXXX) || { note "bench: mktemp failed"; 
 args=(--lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$(date +%s)" --seconds "$PRIO_SECONDS"
       --base-seconds "$SECONDS_PER_RUN" --shim-log "$SHIM_LOG" --queue "$PRIO_QUEUE"
       --mps-dir "$MPS_DIR" --torch-mode "$PRIO_TORCH")
-if command -v timeout >/dev/null 2>&1; then
-  GPUTEST_PRIO_TOKEN=$TOKEN timeout --foreground -k 10 "$PRIO_LIMIT_S" \
-    "$PY" "$ROOT/$HERE/priority.py" "${args[@]}" &
-else
-  GPUTEST_PRIO_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/priority.py" "${args[@]}" &
-fi
-PYPID=$!
+start_python GPUTEST_PRIO_TOKEN "$PRIO_LIMIT_S" 10 priority.py "${args[@]}"
 wait_python "bench: priority.py" "$PRIO_LIMIT_S"
 rc_prio=$?
 

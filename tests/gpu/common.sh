@@ -1,11 +1,13 @@
 # shellcheck shell=bash disable=SC2034  # the variables set here are used by the scripts that source it
-# Sourced by tests/gpu/acceptance.sh and tests/gpu/bench.sh (bash), before anything else:
+# Sourced by the shell entry points of tests/gpu (bash), before anything else:
 #   . "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2
 # Takes the start time, moves to the repo root, and sets:
 #   T0 CALLER_PWD ROOT HERE LIB OUTDIR BUILD PY
 # then gpu_setup NAME LOGFILE TITLE makes the folders, starts the log and checks the shim,
 # python and nvcc (exit 2 on a setup problem; NAME prefixes its messages), and gpu_machine
-# QUERY EXTRA appends the machine's description to the log.
+# QUERY EXTRA appends the machine's description to the log. For the scripts that run a Python
+# part in the background: check_cli, clean_up_on_exit (token, EXIT trap, signals), build_cu
+# (nvcc a program of tests/gpu), start_python and wait_python.
 T0=$(date +%s)
 CALLER_PWD=$(pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
@@ -52,8 +54,9 @@ kill_tokened() {
   done
 }
 
-gpu_setup() { # NAME LOGFILE TITLE: sets LOG and NVCC
+gpu_setup() { # NAME LOGFILE TITLE: sets LOG, NVCC and GPU_NAME
   local name=$1
+  GPU_NAME=$name
   mkdir -p "$OUTDIR" "$BUILD" || { echo "$name: cannot create $OUTDIR or $BUILD" >&2; exit 2; }
   LOG=$OUTDIR/$2
   : >"$LOG"
@@ -112,4 +115,65 @@ up_to_date() { # BIN SOURCE...: BIN is executable and newer than every SOURCE
   shift
   [ -x "$bin" ] || return 1
   for src in "$@"; do [ "$bin" -nt "$src" ] || return 1; done
+}
+
+check_cli() { # $BIN (the gpuslice CLI) must be executable: made absolute, and its size, hash and
+  # version noted; exit 2 otherwise
+  if [ ! -x "$BIN" ]; then
+    note "$GPU_NAME: gpuslice binary not found at $BIN: put the prebuilt CLI at .gpu/gpuslice or set GPUSLICE_BIN"
+    exit 2
+  fi
+  BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+  note "cli: $BIN ($(stat -c %s "$BIN" 2>/dev/null) bytes, sha256 $(sha256sum "$BIN" 2>/dev/null | cut -c1-16)); $(timeout 10 "$BIN" --version 2>&1 | head -n 1)"
+}
+
+clean_up_on_exit() { # TOKEN_VAR PREFIX: sets TOKEN (unique: PREFIX-pid-ns) and empties TMPD
+  # and PYPID; on exit, kills whatever still carries TOKEN_VAR=$TOKEN (kill_tokened) and removes
+  # $TMPD and $LEDGER_DIR when set; SIGINT/SIGTERM/SIGHUP go to the Python part (trap_signals)
+  CLEANUP_TOKEN_VAR=$1
+  TOKEN="$2-$$-$(date +%s%N)"
+  TMPD=
+  PYPID=
+  trap clean_up EXIT
+  trap_signals
+}
+clean_up() {
+  kill_tokened "$CLEANUP_TOKEN_VAR"
+  [ -n "$TMPD" ] && rm -rf "$TMPD"
+  [ -n "${LEDGER_DIR:-}" ] && rm -rf "$LEDGER_DIR"
+}
+
+build_cu() { # NAME BIN [DEP...]: nvcc -O2 -arch=sm_90 tests/gpu/NAME.cu into BIN, unless BIN is
+  # newer than NAME.cu, gpucommon.cuh and each DEP; nvcc's output goes into $LOG; 1 (with a note
+  # prefixed by $GPU_NAME) when the build fails
+  local name=$1 bin=$2 blog=$BUILD/$1.build.log
+  shift 2
+  if up_to_date "$bin" "$HERE/$name.cu" "$HERE/gpucommon.cuh" "$@"; then
+    echo "--- build $name: up to date" >>"$LOG"
+    return 0
+  fi
+  rm -f "$bin"
+  if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/$name.cu" >"$blog" 2>&1; then
+    echo "--- build $name: ok ($bin)" >>"$LOG"
+    cat "$blog" >>"$LOG"
+    return 0
+  fi
+  note "$GPU_NAME: build of $name FAILED (log follows in $LOG)"
+  cat "$blog" >>"$LOG"
+  return 1
+}
+
+start_python() { # TOKEN_VAR LIMIT KILL_AFTER SCRIPT ARG...: tests/gpu/SCRIPT in the background
+  # with TOKEN_VAR=$TOKEN in its environment, under `timeout --foreground -k KILL_AFTER LIMIT`
+  # where there is timeout (in this process group, so Ctrl-C reaches it too); sets PYPID.
+  # In the background so that a signal reaches the trap at once (bash runs traps only between
+  # commands).
+  local var=$1 limit=$2 kill_after=$3 script=$ROOT/$HERE/$4
+  shift 4
+  if command -v timeout >/dev/null 2>&1; then
+    env "$var=$TOKEN" timeout --foreground -k "$kill_after" "$limit" "$PY" "$script" "$@" &
+  else
+    env "$var=$TOKEN" "$PY" "$script" "$@" &
+  fi
+  PYPID=$!
 }

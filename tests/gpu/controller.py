@@ -30,7 +30,7 @@ import time
 import gpucommon
 from gpucommon import (C, HERE, PY, clip_lines, have, log, log_cmd, parse_kv, record, remaining,
                        settle)
-from gpucommon import Stopped, on_signal
+from gpucommon import Stopped, dev0, num, on_signal
 
 import shares  # sharebench runs and their report-line arithmetic (count_at, mono_points, ...)
 
@@ -181,20 +181,6 @@ def find_proc(js, pid):
         if isinstance(p, dict) and p.get("pid") == pid:
             return p
     return None
-
-
-def dev0(entry):
-    """The entry's device 0 (or its first device) as a dict; {} when there is none."""
-    devs = [d for d in ((entry or {}).get("devices") or []) if isinstance(d, dict)]
-    for d in devs:
-        if d.get("device") == 0:
-            return d
-    return devs[0] if devs else {}
-
-
-def num(d, key):
-    v = d.get(key) if isinstance(d, dict) else None
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def group_figs(js, name):
@@ -774,16 +760,7 @@ def check_sm():
     sets, notes, ls_rows = [], [], []
     pids, t_switch, t_go = [], None, None
     try:
-        ready_by = time.monotonic() + 60
-        while time.monotonic() < ready_by:
-            states = []
-            for p, op, _ in procs:
-                with open(op) as f:
-                    txt = f.read()
-                states.append("ready=1" in txt or p is None or p.poll() is not None)
-            if all(states):
-                break
-            time.sleep(0.01)
+        gpucommon.wait_ready([(p, op) for p, op, _ in procs], 60)
         pids = [p.pid if p else -1 for p, _, _ in procs]
         log(f"  pair: both ready {time.time() - t_start:.2f}s after the start (pids {pids})")
         for pid, s in zip(pids, SM_FIRST):
@@ -943,8 +920,7 @@ def sweep():
 
 
 def cleanup(up_s):
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    gpucommon.ignore_signals()
     for c in list(C.children):
         try:
             c.finish(5)
@@ -970,10 +946,7 @@ def write_results_and_table():
             f.write("\t".join(clean(x) for x in row) + "\n")
     lines = gpucommon.table_lines(rows, "gpuslice controller " + time.strftime("%Y-%m-%d %H:%M:%S")
                                   + f"  (NVML slack x{NVML_SLACK}; shares +-{SM_TOL:g} points)")
-    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
-    npass = sum(1 for r in judged if r[2] == "PASS")
-    lines.append(f"{npass}/{len(judged)} PASS; {gpucommon.crashes_and_missing()}"
-                 f"; {time.time() - C.t0:.0f}s since the start")
+    lines.append(gpucommon.summary_line(rows))
     gpucommon.emit(lines)
 
 

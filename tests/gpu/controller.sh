@@ -27,26 +27,12 @@ PY_LIMIT_S=250   # hard stop for controller.py (its own budget ends earlier, at 
 
 if [ -n "${GPUSLICE_BIN:-}" ]; then BIN=$(abspath "$GPUSLICE_BIN"); else BIN=$ROOT/.gpu/gpuslice; fi
 
-TOKEN="ctl-$$-$(date +%s%N)"
-TMPD=
-PYPID=
 LEDGER_DIR=/dev/shm/gpuslice-gputest-$$
-cleanup() {
-  kill_tokened GPUTEST_CTL_TOKEN
-  [ -n "$TMPD" ] && rm -rf "$TMPD"
-  rm -rf "$LEDGER_DIR"
-}
-trap cleanup EXIT
-trap_signals
+clean_up_on_exit GPUTEST_CTL_TOKEN ctl
 
 gpu_setup controller controller.log "gpuslice controller acceptance"
 
-if [ ! -x "$BIN" ]; then
-  note "controller: gpuslice binary not found at $BIN: put the prebuilt CLI at .gpu/gpuslice or set GPUSLICE_BIN"
-  exit 2
-fi
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
-note "cli: $BIN ($(stat -c %s "$BIN" 2>/dev/null) bytes, sha256 $(sha256sum "$BIN" 2>/dev/null | cut -c1-16)); $(timeout 10 "$BIN" --version 2>&1 | head -n 1)"
+check_cli
 if ! pyver=$("$PY" -c 'import torch, pynvml; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1); then
   note "controller: $PY cannot import torch and pynvml (nvidia-ml-py): $(printf '%s' "$pyver" | tail -n 1)"
   exit 2
@@ -56,20 +42,7 @@ gpu_machine name,driver_version,memory.total,memory.used,clocks.max.sm \
   "python: $("$PY" --version 2>&1), $pyver; shim log: $SHIM_LOG; controller log: $CTL_LOG"
 
 # ---- build (skipped when the binary is newer than its source, the shared header and this script)
-bin=$BUILD/sharebench
-if up_to_date "$bin" "$HERE/sharebench.cu" "$HERE/gpucommon.cuh"; then
-  echo "--- build sharebench: up to date" >>"$LOG"
-else
-  rm -f "$bin"
-  if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/sharebench.cu" >"$BUILD/sharebench.build.log" 2>&1; then
-    echo "--- build sharebench: ok" >>"$LOG"
-    cat "$BUILD/sharebench.build.log" >>"$LOG"
-  else
-    note "controller: build of sharebench FAILED (log follows in $LOG)"
-    cat "$BUILD/sharebench.build.log" >>"$LOG"
-    exit 2
-  fi
-fi
+build_cu sharebench "$BUILD/sharebench" || exit 2
 note "build done in $(( $(date +%s) - T0 ))s"
 
 # ---- the socket's folder (short: a unix socket path has at most 107 bytes); the ledger's
@@ -78,18 +51,10 @@ TMPD=$(mktemp -d /tmp/gpuslice-ctl.XXXXXX) || { note "controller: mktemp failed"
 rm -rf "$LEDGER_DIR"
 
 # ---- the checks; controller.py prints the results table last
-# In the background so that a signal reaches the trap at once (bash runs traps only between
-# commands); `timeout --foreground` keeps it in this process group, so Ctrl-C reaches it too.
 args=(--lib "$LIB" --bin "$BIN" --build "$BUILD" --out "$OUTDIR" --t0 "$T0"
       --socket "$TMPD/gpuslice.sock" --ledger "$LEDGER_DIR/ledger" --shim-log "$SHIM_LOG"
       --ctl-log "$CTL_LOG")
-if command -v timeout >/dev/null 2>&1; then
-  GPUTEST_CTL_TOKEN=$TOKEN timeout --foreground -k 10 "$PY_LIMIT_S" \
-    "$PY" "$ROOT/$HERE/controller.py" "${args[@]}" &
-else
-  GPUTEST_CTL_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/controller.py" "${args[@]}" &
-fi
-PYPID=$!
+start_python GPUTEST_CTL_TOKEN "$PY_LIMIT_S" 10 controller.py "${args[@]}"
 wait_python "controller: controller.py" "$PY_LIMIT_S"
 rc=$?
 exit $rc

@@ -1,12 +1,16 @@
 // What the CUDA programs of tests/gpu share (bench.cu, sharebench.cu, latprobe.cu, memfill.cu,
-// soakload.cu): whether the shim is loaded, a median, the CUDA error check, and the benchmark
-// kernel. Included by path from the same folder.
+// soakload.cu): whether the shim is loaded, the clock, a median, the CUDA error check, the
+// benchmark kernel with its device set-up and launch, the calibration's secant step and the
+// --go-file start line. Included by path from the same folder.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <link.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -16,6 +20,25 @@
 static inline int find_gpuslice(struct dl_phdr_info* info, size_t, void* data) {
   if (info->dlpi_name && strstr(info->dlpi_name, "gpuslice")) *static_cast<int*>(data) = 1;
   return 0;
+}
+
+// 1 when libgpuslice is among the loaded objects (preloaded), else 0.
+static inline int gpuslice_preloaded() {
+  int shim = 0;
+  dl_iterate_phdr(find_gpuslice, &shim);
+  return shim;
+}
+
+// CLOCK_MONOTONIC in seconds: comparable between processes and with Python's time.monotonic().
+static inline double mono_s() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static inline const char* env_or_dash(const char* name) {
+  const char* v = getenv(name);
+  return v ? v : "-";
 }
 
 static inline double median(std::vector<double> v) {
@@ -64,3 +87,87 @@ __global__ void fma_kernel(float* out, int iters, float b, float c) {
 // Host-only syntax check (g++ -x c++): a stand-in with the same signature.
 static void fma_kernel(float*, int, float, float) {}
 #endif
+
+// ------------------------------------------------------------------ the benchmark kernel's device
+
+// One full wave of fma_kernel on the current device, and its output buffer.
+struct FmaDevice {
+  int sms = 0;
+  int blocks_per_sm = 0;
+  int block = 256;
+  int grid = 0;
+  float* out = nullptr;
+  float b = 0.9999f;
+  float c = 1e-4f;
+};
+
+// Prints preloaded_gpuslice= and env_<NAME>= for each name of the nullptr-terminated `env_names`
+// ("-" when unset), makes the context (on failure: init_error= and exit status 3), sizes one
+// full wave (SMs x resident blocks of 256 threads), allocates and clears the kernel's output,
+// and prints device=, sms=, blocks_per_sm=, block=, grid=.
+static inline void fma_setup(FmaDevice& d, const char* const* env_names) {
+  printf("preloaded_gpuslice=%d\n", gpuslice_preloaded());
+  for (const char* const* name = env_names; *name; name++)
+    printf("env_%s=%s\n", *name, env_or_dash(*name));
+  fflush(stdout);
+  cudaError_t e = cudaFree(0);
+  if (e != cudaSuccess) {
+    printf("init_error=%s\n", cudaGetErrorName(e));
+    fflush(stdout);
+    exit(3);
+  }
+  int dev = 0;
+  CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, dev));
+  CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&d.blocks_per_sm,
+                                                      (const void*)fma_kernel, d.block, 0));
+  if (d.blocks_per_sm < 1) d.blocks_per_sm = 1;
+  d.grid = d.sms * d.blocks_per_sm;
+  CHECK(cudaMalloc(&d.out, 257 * sizeof(float)));
+  CHECK(cudaMemset(d.out, 0, 257 * sizeof(float)));
+  printf("device=%s\nsms=%d\nblocks_per_sm=%d\nblock=%d\ngrid=%d\n", prop.name, d.sms,
+         d.blocks_per_sm, d.block, d.grid);
+  fflush(stdout);
+}
+
+static inline cudaError_t fma_launch(FmaDevice& d, cudaStream_t s, int iters) {
+  void* args[] = {(void*)&d.out, (void*)&iters, (void*)&d.b, (void*)&d.c};
+  return cudaLaunchKernel((const void*)fma_kernel, dim3(d.grid), dim3(d.block), args, 0, s);
+}
+
+// ------------------------------------------------------------------ calibration, start line
+
+// The calibrations' secant step: the iters at which the line through (i1, t1) and (i2, t2)
+// reaches `target` (proportional scaling from i2 when the slope is not positive), within
+// 1..2e9.
+static inline long secant_next_iters(long i1, double t1, long i2, double t2, double target) {
+  double slope = (t2 - t1) / (double)(i2 - i1);
+  long next;
+  if (slope <= 0 || !std::isfinite(slope))
+    next = (long)std::llround((double)i2 * target / t2);
+  else
+    next = (long)std::llround((double)i2 + (target - t2) / slope);
+  if (next < 1) next = 1;
+  if (next > 2000000000L) next = 2000000000L;
+  return next;
+}
+
+// --go-file: prints ready=1, then waits until `path` exists and prints go_mono=; false (after
+// printing go_timeout=1) when it has not appeared within `timeout_s` seconds.
+static inline bool wait_go_file(const char* path, double timeout_s) {
+  printf("ready=1\n");
+  fflush(stdout);
+  double give_up = mono_s() + timeout_s;
+  while (access(path, F_OK) != 0) {
+    if (mono_s() > give_up) {
+      printf("go_timeout=1\n");
+      fflush(stdout);
+      return false;
+    }
+    usleep(200);
+  }
+  printf("go_mono=%.6f\n", mono_s());
+  return true;
+}

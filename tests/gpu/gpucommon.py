@@ -173,6 +173,22 @@ class Run:
         return f"rc={self.rc}"
 
 
+def wait_ready(started, timeout_s):
+    """Polls (every 10 ms, for at most `timeout_s`) until each (process, stdout path) of `started`
+    has printed ready=1 or ended (a process of None counts as ready); returns who had, in order
+    (all True unless the time ran out)."""
+    ready_by = time.monotonic() + timeout_s
+    while True:
+        states = []
+        for p, out_path in started:
+            with open(out_path) as f:
+                txt = f.read()
+            states.append("ready=1" in txt or p is None or p.poll() is not None)
+        if all(states) or time.monotonic() >= ready_by:
+            return states
+        time.sleep(0.01)
+
+
 def parse_kv(text, skip=()):
     """key=value lines (keys of [A-Za-z0-9_]) -> ({key: last value}, {key: [values]});
     lines that start with one of `skip` are passed over."""
@@ -294,6 +310,15 @@ def crashes_and_missing():
             + (f"; missing: {', '.join(C.missing)}" if C.missing else ""))
 
 
+def summary_line(rows, tail=""):
+    """The table's last line: judged checks passed, crashes and missing tools, the time since
+    the start, then `tail`."""
+    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
+    npass = sum(1 for r in judged if r[2] == "PASS")
+    return (f"{npass}/{len(judged)} PASS; {crashes_and_missing()}"
+            f"; {time.time() - C.t0:.0f}s since the start" + tail)
+
+
 def emit(lines):
     """The table last into the log (which it closes) and onto stdout."""
     text = "\n".join(lines)
@@ -321,6 +346,13 @@ class Stopped(BaseException):
 def on_signal(signum, _frame):
     """The scripts' handler for SIGTERM/SIGINT/SIGHUP: raises Stopped."""
     raise Stopped(signal.Signals(signum).name)
+
+
+def ignore_signals():
+    """At the start of a cleanup: SIGTERM/SIGINT/SIGHUP are ignored from here on, so that it
+    runs to its end."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def ancestors():
@@ -361,3 +393,66 @@ def sweep_token(var, token):
             continue
     if killed:
         log("  cleanup: killed left-over processes: " + "; ".join(killed))
+
+
+# ----------------------------------------------------------------------------- NVML pollers
+
+def poller_args(ap, max_s):
+    """The options nvml_trace.py and nvml_watch.py share: --interval-ms, --ready, --max-s."""
+    ap.add_argument("--interval-ms", type=float, default=20.0)
+    ap.add_argument("--ready", default=None)
+    ap.add_argument("--max-s", type=float, default=max_s)
+
+
+def stop_flag_on_signals():
+    """A poller's stop request: a dict whose "flag" turns True, with "why" the signal's name,
+    at SIGTERM or SIGINT (the poll loop finishes its round and writes its result)."""
+    stop = {"flag": False, "why": ""}
+
+    def on_stop(signum, _frame):
+        stop["flag"] = True
+        stop["why"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    return stop
+
+
+def nvml_open():
+    """pynvml, initialised, and a handle for every device. Imported here, not at the top: only
+    the pollers (never under the shim) need it."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml, [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+
+def nvml_close(pynvml):
+    try:
+        pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - the result is written either way
+        pass
+
+
+def write_ready(path):
+    """--ready FILE: written once the baseline poll is done, so the caller starts its target."""
+    if path:
+        with open(path, "w") as f:
+            f.write("ready\n")
+
+
+# ----------------------------------------------------------------------------- gpuslice ls --json
+
+def dev0(entry):
+    """The entry's device 0 (or its first device) as a dict; {} when there is none."""
+    devs = [d for d in ((entry or {}).get("devices") or []) if isinstance(d, dict)]
+    for d in devs:
+        if d.get("device") == 0:
+            return d
+    return devs[0] if devs else {}
+
+
+def num(d, key):
+    """d[key] when it is a number (not a bool), else None."""
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None

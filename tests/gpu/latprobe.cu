@@ -48,12 +48,6 @@
 #include "gpucommon.cuh"
 
 
-static double mono_s() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 // Sleep until CLOCK_MONOTONIC time t: clock_nanosleep to `spin` seconds before, then spin, so
 // the wake-up is late by microseconds, not by the scheduler's slack (which reached 0.3 ms).
 static double g_spin = 1e-3;
@@ -80,64 +74,27 @@ static void usage() {
   exit(2);
 }
 
-static const char* env_or_dash(const char* name) {
-  const char* v = getenv(name);
-  return v ? v : "-";
-}
-
 // ------------------------------------------------------------------ device setup
 
-struct Dev {
-  int sms = 0;
-  int blocks_per_sm = 0;
-  int block = 256;
-  int grid = 0;
-  float* out = nullptr;
-  float b = 0.9999f;
-  float c = 1e-4f;
+// The benchmark kernel's device, and the probe's stream and request events.
+struct Dev : FmaDevice {
   cudaStream_t s = nullptr;
   cudaEvent_t e0 = nullptr, e1 = nullptr;
 };
 static Dev D;
 
 static void setup_device() {
-  int shim = 0;
-  dl_iterate_phdr(find_gpuslice, &shim);
-  printf("preloaded_gpuslice=%d\nenv_GPUSLICE_PRIORITY=%s\nenv_GPUSLICE_PRIORITY_QUEUE=%s\n"
-         "env_CUDA_MPS_PIPE_DIRECTORY=%s\nenv_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=%s\n",
-         shim, env_or_dash("GPUSLICE_PRIORITY"), env_or_dash("GPUSLICE_PRIORITY_QUEUE"),
-         env_or_dash("CUDA_MPS_PIPE_DIRECTORY"), env_or_dash("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"));
-  fflush(stdout);
-  cudaError_t e = cudaFree(0);
-  if (e != cudaSuccess) {
-    printf("init_error=%s\n", cudaGetErrorName(e));
-    fflush(stdout);
-    exit(3);
-  }
-  int dev = 0;
-  CHECK(cudaGetDevice(&dev));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, dev));
-  CHECK(cudaDeviceGetAttribute(&D.sms, cudaDevAttrMultiProcessorCount, dev));
-  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&D.blocks_per_sm,
-                                                      (const void*)fma_kernel, D.block, 0));
-  if (D.blocks_per_sm < 1) D.blocks_per_sm = 1;
-  D.grid = D.sms * D.blocks_per_sm;
-  CHECK(cudaMalloc(&D.out, 257 * sizeof(float)));
-  CHECK(cudaMemset(D.out, 0, 257 * sizeof(float)));
+  static const char* const env[] = {"GPUSLICE_PRIORITY", "GPUSLICE_PRIORITY_QUEUE",
+                                    "CUDA_MPS_PIPE_DIRECTORY",
+                                    "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", nullptr};
+  fma_setup(D, env);
   CHECK(cudaStreamCreateWithFlags(&D.s, cudaStreamNonBlocking));
   CHECK(cudaEventCreate(&D.e0));
   CHECK(cudaEventCreate(&D.e1));
   CHECK(cudaDeviceSynchronize());
-  printf("device=%s\nsms=%d\nblocks_per_sm=%d\nblock=%d\ngrid=%d\n", prop.name, D.sms,
-         D.blocks_per_sm, D.block, D.grid);
-  fflush(stdout);
 }
 
-static inline cudaError_t launch(int iters) {
-  void* args[] = {(void*)&D.out, (void*)&iters, (void*)&D.b, (void*)&D.c};
-  return cudaLaunchKernel((const void*)fma_kernel, dim3(D.grid), dim3(D.block), args, 0, D.s);
-}
+static inline cudaError_t launch(int iters) { return fma_launch(D, D.s, iters); }
 
 // One request: an event, `kernels` kernels, an event, synchronize the stream. Returns the
 // device time between the two events in ms.
@@ -195,14 +152,7 @@ static int cmd_calibrate(int argc, char** argv) {
   long best = i2;
   double best_t = t2;
   for (int step = 0; step < 8; step++) {
-    double slope = (t2 - t1) / (double)(i2 - i1);
-    long next;
-    if (slope <= 0 || !std::isfinite(slope))
-      next = (long)std::llround((double)i2 * target / t2);
-    else
-      next = (long)std::llround((double)i2 + (target - t2) / slope);
-    if (next < 1) next = 1;
-    if (next > 2000000000L) next = 2000000000L;
+    long next = secant_next_iters(i1, t1, i2, t2, target);
     if (next == i2) break;
     double dn = 0;
     double tn = measure_ms((int)next, kernels, reps, &dn);
@@ -305,20 +255,7 @@ static int cmd_run(int argc, char** argv) {
          "spin_ms=%.3f\n", iters, kernels, period_ms, seconds, warmup, g_spin * 1e3);
   fflush(stdout);
 
-  if (go_file) {
-    printf("ready=1\n");
-    fflush(stdout);
-    double give_up = mono_s() + go_timeout;
-    while (access(go_file, F_OK) != 0) {
-      if (mono_s() > give_up) {
-        printf("go_timeout=1\n");
-        fflush(stdout);
-        return 5;
-      }
-      usleep(200);
-    }
-    printf("go_mono=%.6f\n", mono_s());
-  }
+  if (go_file && !wait_go_file(go_file, go_timeout)) return 5;
 
   const double period = period_ms * 1e-3;
   if (warmup > 0) {

@@ -15,32 +15,20 @@ Stops on SIGTERM/SIGINT or after --max-s, writing `end samples=N errors=M why=..
 Must NOT run under the shim.
 """
 import argparse
-import signal
 import sys
 import time
+
+from gpucommon import nvml_close, nvml_open, poller_args, stop_flag_on_signals, write_ready
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("outfile")
-    ap.add_argument("--interval-ms", type=float, default=20.0)
-    ap.add_argument("--ready", default=None)
-    ap.add_argument("--max-s", type=float, default=600.0)
+    poller_args(ap, max_s=600.0)
     args = ap.parse_args()
 
-    stop = {"flag": False, "why": ""}
-
-    def on_signal(signum, _frame):
-        stop["flag"] = True
-        stop["why"] = signal.Signals(signum).name
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    import pynvml
-
-    pynvml.nvmlInit()
-    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    stop = stop_flag_on_signals()
+    pynvml, handles = nvml_open()
     f = open(args.outfile, "w")
     samples = errors = 0
 
@@ -63,9 +51,7 @@ def main():
     _, base = poll()
     f.write("baseline pids=" + ",".join(str(p) for p in sorted(base)) + "\n")
     f.flush()
-    if args.ready:
-        with open(args.ready, "w") as r:
-            r.write("ready\n")
+    write_ready(args.ready)
 
     t_end = time.monotonic() + args.max_s
     interval = args.interval_ms / 1000.0
@@ -80,10 +66,7 @@ def main():
         time.sleep(interval)
     f.write(f"end samples={samples} errors={errors} why={why}\n")
     f.close()
-    try:
-        pynvml.nvmlShutdown()
-    except Exception:
-        pass
+    nvml_close(pynvml)
     return 0
 
 

@@ -20,9 +20,10 @@ caller can start its target only then. Must NOT run under the shim.
 """
 import argparse
 import os
-import signal
 import sys
 import time
+
+from gpucommon import nvml_close, nvml_open, poller_args, stop_flag_on_signals, write_ready
 
 MIB = 1024 * 1024
 
@@ -55,24 +56,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("target")
     ap.add_argument("outfile")
-    ap.add_argument("--interval-ms", type=float, default=20.0)
-    ap.add_argument("--ready", default=None)
-    ap.add_argument("--max-s", type=float, default=900.0)
+    poller_args(ap, max_s=900.0)
     args = ap.parse_args()
 
-    stop = {"flag": False, "why": ""}
-
-    def on_signal(signum, _frame):
-        stop["flag"] = True
-        stop["why"] = signal.Signals(signum).name
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    import pynvml
-
-    pynvml.nvmlInit()
-    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    stop = stop_flag_on_signals()
+    pynvml, handles = nvml_open()
 
     per_pid = {}  # pid -> [max_bytes, samples]
     unknown_mem = set()  # pids for which NVML gave no figure
@@ -103,9 +91,7 @@ def main():
         return seen
 
     baseline = poll()
-    if args.ready:
-        with open(args.ready, "w") as f:
-            f.write("ready\n")
+    write_ready(args.ready)
 
     t_start = time.monotonic()
     target_pid = read_pid(args.target)
@@ -127,10 +113,7 @@ def main():
             break
         time.sleep(interval)
 
-    try:
-        pynvml.nvmlShutdown()
-    except Exception:
-        pass
+    nvml_close(pynvml)
 
     new = {pid: v for pid, v in per_pid.items() if pid not in baseline}
     lines = [

@@ -190,18 +190,8 @@ def pair(tag, probe_argv, probe_env, nb_argv, nb_env, probe_timeout, nb_timeout,
         p, op, ep = shares.start(r.name, argv + ["--go-file", go], env)
         track(p)
         procs.append((r, p, op, ep, env))
-    ready_by = time.monotonic() + READY_S
-    states = []
-    while time.monotonic() < ready_by:
-        states = []
-        for _, p, op, _, _ in procs:
-            with open(op) as f:
-                txt = f.read()
-            states.append("ready=1" in txt or p is None or p.poll() is not None)
-        if all(states):
-            break
-        time.sleep(0.01)
-    else:
+    states = gpucommon.wait_ready([(p, op) for _, p, op, _, _ in procs], READY_S)
+    if not all(states):
         log(f"  {tag}: not both ready within {READY_S:g}s ({states}); go anyway")
     with open(go, "w") as f:
         f.write("go\n")
@@ -794,16 +784,12 @@ def write_results_and_table(smi_start, smi_end):
     if C.mps_notes:
         lines.append("MPS: " + "; ".join(C.mps_notes))
     lines.append(f"GPU ({SMI_FIELDS}) start: {smi_start}; end: {smi_end}")
-    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
-    npass = sum(1 for r in judged if r[2] == "PASS")
-    lines.append(f"{npass}/{len(judged)} PASS; {gpucommon.crashes_and_missing()}"
-                 f"; {time.time() - C.t0:.0f}s since the start")
+    lines.append(gpucommon.summary_line(rows))
     gpucommon.emit(lines)
 
 
 def cleanup():
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    gpucommon.ignore_signals()
     kill_children()
     mps_stop()
     if C.mps_root_own:

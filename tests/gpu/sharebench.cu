@@ -52,12 +52,6 @@
 #include "gpucommon.cuh"
 
 
-static double mono_s() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 // CPU time of the calling thread, seconds.
 static double thread_cpu_s() {
   struct timespec ts;
@@ -75,56 +69,20 @@ static void usage() {
 
 // ------------------------------------------------------------------ device setup
 
-struct Dev {
-  int sms = 0;
-  int blocks_per_sm = 0;
-  int block = 256;
-  int grid = 0;
-  float* out = nullptr;
-  float b = 0.9999f;
-  float c = 1e-4f;
-};
-static Dev D;
+static FmaDevice D;
 
 static void setup_device() {
-  int shim = 0;
-  dl_iterate_phdr(find_gpuslice, &shim);
-  const char* share = getenv("GPUSLICE_SM_SHARE");
-  const char* hami = getenv("CUDA_DEVICE_SM_LIMIT");
-  printf("preloaded_gpuslice=%d\nenv_GPUSLICE_SM_SHARE=%s\nenv_CUDA_DEVICE_SM_LIMIT=%s\n", shim,
-         share ? share : "-", hami ? hami : "-");
-  fflush(stdout);
   // SHAREBENCH_BLOCKING_SYNC=1: the program's own waits sleep instead of spinning (issue 14:
-  // separates the program's spinning from the shim's in the CPU seconds per process).
+  // separates the program's spinning from the shim's in the CPU seconds per process). Set
+  // before fma_setup makes the context.
   const char* blocking = getenv("SHAREBENCH_BLOCKING_SYNC");
   if (blocking && strcmp(blocking, "1") == 0) CHECK(cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync));
   printf("blocking_sync=%d\n", blocking && strcmp(blocking, "1") == 0);
-  cudaError_t e = cudaFree(0);
-  if (e != cudaSuccess) {
-    printf("init_error=%s\n", cudaGetErrorName(e));
-    fflush(stdout);
-    exit(3);
-  }
-  int dev = 0;
-  CHECK(cudaGetDevice(&dev));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, dev));
-  CHECK(cudaDeviceGetAttribute(&D.sms, cudaDevAttrMultiProcessorCount, dev));
-  CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&D.blocks_per_sm,
-                                                      (const void*)fma_kernel, D.block, 0));
-  if (D.blocks_per_sm < 1) D.blocks_per_sm = 1;
-  D.grid = D.sms * D.blocks_per_sm;
-  CHECK(cudaMalloc(&D.out, 257 * sizeof(float)));
-  CHECK(cudaMemset(D.out, 0, 257 * sizeof(float)));
-  printf("device=%s\nsms=%d\nblocks_per_sm=%d\nblock=%d\ngrid=%d\n", prop.name, D.sms,
-         D.blocks_per_sm, D.block, D.grid);
-  fflush(stdout);
+  static const char* const env[] = {"GPUSLICE_SM_SHARE", "CUDA_DEVICE_SM_LIMIT", nullptr};
+  fma_setup(D, env);
 }
 
-static inline cudaError_t launch(cudaStream_t s, int iters) {
-  void* args[] = {(void*)&D.out, (void*)&iters, (void*)&D.b, (void*)&D.c};
-  return cudaLaunchKernel((const void*)fma_kernel, dim3(D.grid), dim3(D.block), args, 0, s);
-}
+static inline cudaError_t launch(cudaStream_t s, int iters) { return fma_launch(D, s, iters); }
 
 // ------------------------------------------------------------------ calibrate
 
@@ -179,14 +137,7 @@ static int cmd_calibrate(int argc, char** argv) {
   long best = i2;
   double best_t = t2;
   for (int step = 0; step < 6; step++) {
-    double slope = (t2 - t1) / (double)(i2 - i1);
-    long next;
-    if (slope <= 0 || !std::isfinite(slope))
-      next = (long)std::llround((double)i2 * target / t2);
-    else
-      next = (long)std::llround((double)i2 + (target - t2) / slope);
-    if (next < 1) next = 1;
-    if (next > 2000000000L) next = 2000000000L;
+    long next = secant_next_iters(i1, t1, i2, t2, target);
     if (next == i2) break;
     double tn = measure_us(s, (int)next, n, reps, e0, e1);
     printf("calib_point iters=%ld kernel_us=%.3f\n", next, tn);
@@ -314,20 +265,7 @@ static int cmd_run(int argc, char** argv) {
          iters, nstreams, graph, seconds, warmup, report_ms);
   fflush(stdout);
 
-  if (go_file) {
-    printf("ready=1\n");
-    fflush(stdout);
-    double give_up = mono_s() + go_timeout;
-    while (access(go_file, F_OK) != 0) {
-      if (mono_s() > give_up) {
-        printf("go_timeout=1\n");
-        fflush(stdout);
-        return 5;
-      }
-      usleep(200);
-    }
-    printf("go_mono=%.6f\n", mono_s());
-  }
+  if (go_file && !wait_go_file(go_file, go_timeout)) return 5;
 
   // Warm-up (also fills a token bucket's history under the shim), then drain the queue.
   long long unit = 0;

@@ -486,16 +486,7 @@ def check_pair(prog, iters, bases, pair=PAIR, cid="2"):
         procs.append((p, op, ep, env_of(s)))
         rs.append(r)
     # Both contexts exist: let them go together.
-    ready_by = time.time() + 60
-    while time.time() < ready_by:
-        states = []
-        for p, op, _, _ in procs:
-            with open(op) as f:
-                txt = f.read()
-            states.append("ready=1" in txt or p is None or p.poll() is not None)
-        if all(states):
-            break
-        time.sleep(0.01)
+    gpucommon.wait_ready([(p, op) for p, op, _, _ in procs], 60)
     with open(go, "w") as f:
         f.write("go\n")
     log(f"  pair: go file written {time.time() - t0:.2f}s after the start")
@@ -620,10 +611,7 @@ def write_results_and_table(smi_start, smi_end):
         rows, "gpuslice SM shares " + time.strftime("%Y-%m-%d %H:%M:%S")
         + f"  (achieved % = rate / no-shim rate; +-{SHARE_TOL:g} points; {C.seconds:g}s runs)")
     lines.append(f"GPU ({SMI_FIELDS}) start: {smi_start}; end: {smi_end}")
-    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
-    npass = sum(1 for r in judged if r[2] == "PASS")
-    lines.append(f"{npass}/{len(judged)} PASS; {gpucommon.crashes_and_missing()}"
-                 + f"; {time.time() - C.t0:.0f}s since the start")
+    lines.append(gpucommon.summary_line(rows))
     gpucommon.emit(lines)
 
 

@@ -36,7 +36,7 @@ import time
 
 import gpucommon
 from gpucommon import C, HERE, PY, clip_lines, log, log_cmd, record, remaining
-from gpucommon import Stopped, on_signal
+from gpucommon import Stopped, dev0, num, on_signal
 import soaknvml
 
 MIB = 1 << 20
@@ -387,19 +387,6 @@ def ls():
         r.problem = "ls --json: no groups/processes lists"
         return None, r
     return js, r
-
-
-def dev0(entry):
-    devs = [d for d in ((entry or {}).get("devices") or []) if isinstance(d, dict)]
-    for d in devs:
-        if d.get("device") == 0:
-            return d
-    return devs[0] if devs else {}
-
-
-def num(d, key):
-    v = d.get(key) if isinstance(d, dict) else None
-    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def procs_of(js):
@@ -1193,18 +1180,14 @@ def write_outputs():
     lines = [""] + [f"workloads ({'DRY RUN, simulated driver' if C.dry_run else 'GPU'}):"] + workload_lines()
     lines += gpucommon.table_lines(rows, "gpuslice soak " + time.strftime("%Y-%m-%d %H:%M:%S")
                                    + f"  (soak phase {C.soak_ran:.1f}s; NVML slack x{NVML_SLACK})")
-    judged = [r for r in rows if r[2] in ("PASS", "FAIL")]
-    npass = sum(1 for r in judged if r[2] == "PASS")
-    lines.append(f"{npass}/{len(judged)} PASS; {gpucommon.crashes_and_missing()}; "
-                 f"{time.time() - C.t0:.0f}s since the start; log {os.path.join(C.out, 'soak.log')}")
+    lines.append(gpucommon.summary_line(rows, f"; log {os.path.join(C.out, 'soak.log')}"))
     gpucommon.emit(lines)
 
 
 # ----------------------------------------------------------------------------- cleanup
 
 def cleanup():
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+    gpucommon.ignore_signals()
     clear_pause()
     for inst in C.instances:
         if inst.p is not None and inst.alive():

@@ -58,28 +58,14 @@ else
 fi
 if [ -n "${GPUSLICE_BIN:-}" ]; then BIN=$(abspath "$GPUSLICE_BIN"); else BIN=$BIN_DEFAULT; fi
 
-TOKEN="soak-$$-$(date +%s%N)"
-TMPD=
-PYPID=
 LEDGER_DIR=/dev/shm/gpuslice-soak-$$
-cleanup() {
-  kill_tokened GPUTEST_SOAK_TOKEN
-  [ -n "$TMPD" ] && rm -rf "$TMPD"
-  rm -rf "$LEDGER_DIR"
-}
-trap cleanup EXIT
-trap_signals
+clean_up_on_exit GPUTEST_SOAK_TOKEN soak
 
 title="gpuslice soak"
 [ "$DRY" = 1 ] && title="gpuslice soak (DRY RUN: simulated driver, stub workloads)"
 gpu_setup soak soak.log "$title"
 
-if [ ! -x "$BIN" ]; then
-  note "soak: gpuslice binary not found at $BIN: put the prebuilt CLI at .gpu/gpuslice or set GPUSLICE_BIN"
-  exit 2
-fi
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
-note "cli: $BIN ($(stat -c %s "$BIN" 2>/dev/null) bytes, sha256 $(sha256sum "$BIN" 2>/dev/null | cut -c1-16)); $(timeout 10 "$BIN" --version 2>&1 | head -n 1)"
+check_cli
 
 TMPD=$(mktemp -d /tmp/gpuslice-soak.XXXXXX) || { note "soak: mktemp failed"; exit 2; }
 rm -rf "$LEDGER_DIR"
@@ -118,19 +104,9 @@ bin=$BUILD/soakload
 [ "$DRY" = 1 ] && bin=$TMPD/soakload
 if [ "$NVCC" = none ]; then
   echo "--- build soakload: skipped (dry run without nvcc)" >>"$LOG"
-elif up_to_date "$bin" "$HERE/soakload.cu" "$HERE/gpucommon.cuh"; then
-  echo "--- build soakload: up to date" >>"$LOG"
-else
-  rm -f "$bin"
-  if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/soakload.cu" >"$BUILD/soakload.build.log" 2>&1; then
-    echo "--- build soakload: ok ($bin)" >>"$LOG"
-    cat "$BUILD/soakload.build.log" >>"$LOG"
-  else
-    note "soak: build of soakload FAILED (log follows in $LOG)"
-    cat "$BUILD/soakload.build.log" >>"$LOG"
-    tail -n 20 "$BUILD/soakload.build.log"
-    exit 2
-  fi
+elif ! build_cu soakload "$bin"; then
+  tail -n 20 "$BUILD/soakload.build.log"
+  exit 2
 fi
 note "setup done in $(( $(date +%s) - T0 ))s; soak phase ${SOAK_S}s, kill every ${KILL_EVERY}s, seed $SEED, budget ${BUDGET_S}s"
 
@@ -144,13 +120,7 @@ args=(--lib "$LIB" --bin "$BIN" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" --bu
 # Hard stop 5 s after the budget (soak.py keeps 20 s of it for the end and bounds every wait by it).
 limit=$(( ${BUDGET_S%.*} - ($(date +%s) - T0) + 5 ))
 [ "$limit" -lt 30 ] && limit=30
-if command -v timeout >/dev/null 2>&1; then
-  GPUTEST_SOAK_TOKEN=$TOKEN timeout --foreground -k 5 "$limit" \
-    "$PY" "$ROOT/$HERE/soak.py" "${args[@]}" &
-else
-  GPUTEST_SOAK_TOKEN=$TOKEN "$PY" "$ROOT/$HERE/soak.py" "${args[@]}" &
-fi
-PYPID=$!
+start_python GPUTEST_SOAK_TOKEN "$limit" 5 soak.py "${args[@]}"
 wait_python "soak: soak.py" "$limit"
 rc=$?
 exit $rc

@@ -60,12 +60,6 @@ static void store_kernel(unsigned*, size_t, unsigned) {}
 static volatile sig_atomic_t g_stop = 0;
 static void on_signal(int) { g_stop = 1; }
 
-static double mono_s() {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void usage() {
   fprintf(stderr,
           "usage: soakload --seed S [--min-mib 1] [--max-mib 512] [--hold-mib 4096]\n"
@@ -190,8 +184,7 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
 
-  int shim = 0;
-  dl_iterate_phdr(find_gpuslice, &shim);
+  int shim = gpuslice_preloaded();
   cudaError_t e = cudaFree(0);
   if (e != cudaSuccess) {
     printf("error where=init code=%d name=%s\n", (int)e, cudaGetErrorName(e));

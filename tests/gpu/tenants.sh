@@ -25,14 +25,7 @@ if [ "$DRY" = 1 ] && [ -z "${GPUSLICE_LIB:-}" ]; then
 fi
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
 PY_LIMIT_S=400
-TOKEN="tenants-$$-$(date +%s%N)"
-TMPD=
-cleanup() {
-  kill_tokened GPUTEST_TENANTS_TOKEN
-  [ -n "$TMPD" ] && rm -rf "$TMPD"
-}
-trap cleanup EXIT
-trap_signals
+clean_up_on_exit GPUTEST_TENANTS_TOKEN tenants
 
 if [ "$DRY" = 1 ]; then
   mkdir -p "$OUTDIR" || exit 2
@@ -51,18 +44,7 @@ else
   gpu_setup tenants tenants.log "gpuslice tenants (issue 14)"
   gpu_machine name,driver_version,memory.total,clocks.max.sm "python: $("$PY" --version 2>&1)"
   bin=$BUILD/sharebench
-  if up_to_date "$bin" "$HERE/sharebench.cu" "$HERE/gpucommon.cuh"; then
-    echo "--- build sharebench: up to date" >>"$LOG"
-  else
-    rm -f "$bin"
-    if "$NVCC" -O2 -arch=sm_90 -o "$bin" "$HERE/sharebench.cu" >"$BUILD/sharebench.build.log" 2>&1; then
-      echo "--- build sharebench: ok" >>"$LOG"
-    else
-      note "tenants: build of sharebench FAILED (log follows in $LOG)"
-      cat "$BUILD/sharebench.build.log" >>"$LOG"
-      exit 2
-    fi
-  fi
+  build_cu sharebench "$bin" || exit 2
   # No controller: each tenant runs on its own environment's share, as in the issue's table.
   TMPD=$(mktemp -d /tmp/gpuslice-tenants.XXXXXX) || exit 2
   export GPUSLICE_SOCKET=$TMPD/no-controller.sock
@@ -72,8 +54,7 @@ fi
 
 args=(--bench "$BENCH" --lib "$LIB" --out "$OUTDIR" --seconds "${TENANTS_SECONDS:-6}"
       --counts "${TENANTS_COUNTS:-4,8,16,32}" --budget-s 380 "${dry[@]}")
-GPUTEST_TENANTS_TOKEN=$TOKEN timeout --foreground -k 10 "$PY_LIMIT_S" "$PY" "$ROOT/$HERE/tenants.py" "${args[@]}" &
-PYPID=$!
+start_python GPUTEST_TENANTS_TOKEN "$PY_LIMIT_S" 10 tenants.py "${args[@]}"
 wait_python "tenants: tenants.py" "$PY_LIMIT_S"
 rc=$?
 exit $rc

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from procout import out, preloaded_gpuslice
+from procout import matmul_loop, out, preloaded_gpuslice
 
 
 def main():
@@ -32,24 +32,10 @@ def main():
 
     import torch
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     out("torch_version", torch.__version__)
     out("preloaded_gpuslice", preloaded_gpuslice())
     out("env_GPUSLICE_SM_SHARE", os.environ.get("GPUSLICE_SM_SHARE", "-"))
-    out("device", torch.cuda.get_device_name(0))
-    out("n", args.n)
-    out("dtype", args.dtype)
-    out("sync_every", args.sync_every)
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a = torch.randn(args.n, args.n, device="cuda", dtype=dtype, generator=g)
-    b = torch.randn(args.n, args.n, device="cuda", dtype=dtype, generator=g)
-    c = torch.empty(args.n, args.n, device="cuda", dtype=dtype)
-
-    def block():
-        for _ in range(args.sync_every):
-            torch.matmul(a, b, out=c)
-        torch.cuda.synchronize()
+    c, block = matmul_loop(torch, args)
 
     t0 = time.monotonic()
     warm_iters = 0

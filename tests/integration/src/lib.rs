@@ -936,6 +936,17 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// First line of a test that is `#[cfg_attr(not(gpuslice_it_root), ignore = "..")]` (build.rs
+/// found the tests built as root): fails, never skips, when the binary runs as another user.
+pub fn assert_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "this test switches to uid 65534, which needs root; the tests were built as root but run as uid {uid}: rebuild them (touch tests/integration/build.rs)"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Latency and throughput figures (the client's `probe` and `flood`).
 

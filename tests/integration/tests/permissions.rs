@@ -27,14 +27,6 @@ fn show(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn skip_unless_root(test: &str) -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("SKIPPED {test}: it acts as uid {NOBODY}, which needs root to switch to");
-    true
-}
-
 /// `gpuslice serve` started as `uid` (None: this test's own) that must fail: its stderr.
 fn serve_fails(sim: &Sim, uid: Option<u32>, socket: &Path, ledger: &Path) -> String {
     let mut c = sim.program(cli_path()).arg("serve").arg("--socket").arg(show(socket)).arg("--ledger").arg(show(ledger));
@@ -74,10 +66,9 @@ fn the_ledger_and_the_socket_are_created_with_restrictive_modes() {
 /// file's mode alone refuses), it cannot change limits through the socket, and when it joins a
 /// group by name it is held to that group's limit like any member.
 #[test]
+#[cfg_attr(not(gpuslice_it_root), ignore = "needs root: it acts as uid 65534 (tests built as another user)")]
 fn another_user_cannot_open_the_ledger_or_change_limits() {
-    if skip_unless_root("another_user_cannot_open_the_ledger_or_change_limits") {
-        return;
-    }
+    assert_root();
     let sim = Sim::new().env("SIMCUDA_CTX_RESERVE", R);
     chmod(sim.dir(), 0o755); // The socket must be reachable by uid 65534.
     let ctl = sim.controller_with_config("[groups.g]\nmemory_limit = \"1GiB\"\n");
@@ -128,10 +119,9 @@ fn another_user_cannot_open_the_ledger_or_change_limits() {
 /// A controller run by a user who may not write where it is pointed stops with the reason,
 /// and leaves nothing behind; a ledger that belongs to another user is refused, untouched.
 #[test]
+#[cfg_attr(not(gpuslice_it_root), ignore = "needs root: it acts as uid 65534 (tests built as another user)")]
 fn a_controller_refuses_paths_its_user_may_not_use() {
-    if skip_unless_root("a_controller_refuses_paths_its_user_may_not_use") {
-        return;
-    }
+    assert_root();
     let sim = Sim::new();
     chmod(sim.dir(), 0o755);
     let open_dir = sim.path("open");

@@ -273,6 +273,18 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory:
 }
 
 unsafe fn running_processes(device: *mut c_void, count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
+    fill_processes(device, count, infos, |pid, used| NvmlProcessInfo {
+        pid,
+        used_gpu_memory: used,
+        gpu_instance_id: VALUE_NOT_AVAILABLE,
+        compute_instance_id: VALUE_NOT_AVAILABLE,
+    })
+}
+
+/// The device's processes into `infos` (`*count` records of the caller's version, each made
+/// by `record` from a pid and its bytes), NVML's way: too small an array gets the count and
+/// `ERROR_INSUFFICIENT_SIZE`.
+unsafe fn fill_processes<T>(device: *mut c_void, count: *mut c_uint, infos: *mut T, record: impl Fn(c_uint, u64) -> T) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
     if count.is_null() {
         return ERROR_INVALID_ARGUMENT;
@@ -284,7 +296,7 @@ unsafe fn running_processes(device: *mut c_void, count: *mut c_uint, infos: *mut
         return ERROR_INSUFFICIENT_SIZE;
     }
     for (k, (pid, used)) in procs.iter().enumerate() {
-        *infos.add(k) = NvmlProcessInfo { pid: *pid, used_gpu_memory: *used, gpu_instance_id: VALUE_NOT_AVAILABLE, compute_instance_id: VALUE_NOT_AVAILABLE };
+        *infos.add(k) = record(*pid, *used);
     }
     *count = n;
     SUCCESS
@@ -319,21 +331,7 @@ pub struct NvmlProcessInfoV1 {
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfoV1) -> NvmlReturn {
-    let (sh, i) = dev_or_return!(device);
-    if info_count.is_null() {
-        return ERROR_INVALID_ARGUMENT;
-    }
-    let procs = sh.dev(i).processes();
-    let n = procs.len() as c_uint;
-    if *info_count < n || (n > 0 && infos.is_null()) {
-        *info_count = n;
-        return ERROR_INSUFFICIENT_SIZE;
-    }
-    for (k, (pid, used)) in procs.iter().enumerate() {
-        *infos.add(k) = NvmlProcessInfoV1 { pid: *pid, used_gpu_memory: *used };
-    }
-    *info_count = n;
-    SUCCESS
+    fill_processes(device, info_count, infos, |pid, used| NvmlProcessInfoV1 { pid, used_gpu_memory: used })
 }
 
 // The simulated device runs every context as both compute and graphics: the graphics lists are
