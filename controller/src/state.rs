@@ -941,6 +941,7 @@ impl State {
             });
         }
         listing.underreporting = crate::crosscheck::findings(&self.ledger);
+        listing.suspensions = crate::suspend::rows();
         listing
     }
 
