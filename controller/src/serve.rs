@@ -143,6 +143,11 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         last_tick_ns: AtomicU64::new(gpuslice_common::ledger::monotonic_ns()),
         metrics: metrics_bound,
     });
+    {
+        // Issue 22: groups an earlier controller suspended, and the policy's resumptions.
+        let for_policy = shared.clone();
+        std::thread::Builder::new().name("suspend-policy".into()).spawn(move || crate::room::watch(&for_policy.state)).map_err(|e| format!("cannot start the suspension policy: {e}"))?;
+    }
     if let Some(server) = metrics_server {
         let addr = server.local_addr();
         let for_scrapes = shared.clone();
@@ -395,6 +400,17 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
             return Err(e);
         }
     };
+    // Issue 22's requests run outside the state's lock (a suspension takes seconds).
+    let request = match crate::suspend::answer(request, peer, &shared.state) {
+        Ok(response) => {
+            shared.traffic.set.fetch_add(1, Relaxed);
+            if matches!(response, Response::Error { .. }) {
+                shared.traffic.refused.fetch_add(1, Relaxed);
+            }
+            return send_frame(fd, &encode(&response), None).map_err(Into::into);
+        }
+        Err(other) => other,
+    };
     let t = &shared.traffic;
     match &request {
         Request::Register(_) => &t.register,
@@ -403,6 +419,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         Request::Status => &t.status,
         Request::LabelGroup(_) => &t.set,
         Request::Export(_) | Request::Import(_) => &t.sharing,
+        Request::Suspend(_) | Request::Resume(_) | Request::SetSuspendable(_) | Request::MakeRoom(_) => &t.set,
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
@@ -448,6 +465,9 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                 }
             },
             Request::Import(i) => (Response::Imported { by_gpuslice: state.imported(&i.key) }, None),
+            Request::Suspend(_) | Request::Resume(_) | Request::SetSuspendable(_) | Request::MakeRoom(_) => {
+                (Response::Error { message: "answered by the suspension module".into() }, None)
+            }
             Request::List => (Response::Listing(state.listing()), None),
             Request::Status => {
                 let (processes, groups) = state.counts();
