@@ -337,6 +337,7 @@ mod tests {
                 measured: (3 << 30) + (1 << 28),
                 charged: 1 << 28,
             }],
+            suspensions: vec![],
         }
     }
 

@@ -496,6 +496,7 @@ mod tests {
                 devices: vec![pd],
             }],
             underreporting: vec![],
+            suspensions: vec![],
         }
     }
 

@@ -1,0 +1,68 @@
+//! `gpuslice suspend` / `gpuslice resume` and the suspensions table of `ls` (issue 22).
+
+use crate::client::{ask_within, SocketArg};
+use gpuslice_common::protocol::{GroupRef, Listing, Request, Response};
+use gpuslice_common::size::format_size;
+use std::time::Duration;
+
+/// A suspension of a large tenant copies its memory at a few GB/s: the CLI waits long enough.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(clap::Args)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The group (every process of it, on every device).
+    #[arg(long, required = true)]
+    group: String,
+}
+
+pub fn print_done(response: Response) -> Result<(), String> {
+    match response {
+        Response::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        other => Err(format!("unexpected answer: {other:?}")),
+    }
+}
+
+pub fn suspend(args: GroupArgs) -> Result<(), String> {
+    print_done(ask_within(&args.socket.path(), &Request::Suspend(GroupRef { group: args.group }), SUSPEND_TIMEOUT)?)
+}
+
+pub fn resume(args: GroupArgs) -> Result<(), String> {
+    print_done(ask_within(&args.socket.path(), &Request::Resume(GroupRef { group: args.group }), SUSPEND_TIMEOUT)?)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0} ms"))
+}
+
+/// The SUSPENSIONS table under `ls` (nothing when no group was ever marked or suspended).
+pub fn render(l: &Listing) -> String {
+    if l.suspensions.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nSUSPENSIONS (suspended groups keep their quota; their memory waits in host memory)\n");
+    out.push_str(&format!("{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} PIDS\n", "GROUP", "STATE", "SUSPENDABLE", "MOVED", "HOST NOW", "SUSPEND", "RESUME", "AUTO"));
+    for s in &l.suspensions {
+        let pids = s.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        out.push_str(&format!(
+            "{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} {}\n",
+            s.group,
+            s.state,
+            if s.suspendable { "yes" } else { "no" },
+            format_size(s.bytes),
+            format_size(s.host_bytes),
+            ms(s.suspend_ms),
+            ms(s.resume_ms),
+            if s.automatic { "yes" } else { "no" },
+            if pids.is_empty() { "-".into() } else { pids }
+        ));
+        if let Some(e) = &s.error {
+            out.push_str(&format!("{:<20} last error: {e}\n", ""));
+        }
+    }
+    out
+}
