@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// bind where only your monitoring can reach.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Issue 22: suspending and resuming groups.
+    #[command(flatten)]
+    suspension: crate::suspend::ServeFlags,
 }
 
 pub fn serve(args: ServeArgs) -> Result<(), String> {
@@ -103,6 +106,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     header.controller_pid.store(std::process::id(), Relaxed);
     let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
 
+    crate::suspend::configure(&args.suspension)?;
     let mut state = State::new(ledger, config);
     if let Some(n) = args.max_processes_per_uid {
         state.uid_limits.processes = n.max(1);

@@ -126,11 +126,38 @@ fn driver() -> Result<Arc<Driver>, String> {
     Ok(d)
 }
 
-/// Host bytes suspended tenants may hold at once (`GPUSLICE_SUSPEND_HOST_LIMIT`; default: half
-/// of the machine's memory).
+/// `gpuslice serve`'s flags for suspensions.
+#[derive(clap::Args, Default)]
+pub struct ServeFlags {
+    /// Host memory that suspended groups may hold at once, e.g. 64GiB (default
+    /// $GPUSLICE_SUSPEND_HOST_LIMIT, else half of the machine's memory); a suspension that would
+    /// pass it is refused.
+    #[arg(long, value_name = "SIZE")]
+    suspend_host_limit: Option<String>,
+}
+
+/// The host limit the flags or the environment set (0: none set).
+static HOST_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Applies `serve`'s flags; a size that does not parse stops the controller.
+pub fn configure(flags: &ServeFlags) -> Result<(), String> {
+    let (origin, text) = match &flags.suspend_host_limit {
+        Some(t) => ("--suspend-host-limit", Some(t.clone())),
+        None => (ENV_HOST_LIMIT, std::env::var(ENV_HOST_LIMIT).ok().filter(|v| !v.trim().is_empty())),
+    };
+    if let Some(text) = text {
+        let bytes = gpuslice_common::size::parse_size(&text).map_err(|e| format!("{origin} {text:?}: {e}"))?;
+        HOST_LIMIT.store(bytes.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+    tracing::info!("suspended groups may hold {} of host memory", format_size(host_limit()));
+    Ok(())
+}
+
+/// Host bytes suspended tenants may hold at once (see `ServeFlags`).
 pub fn host_limit() -> u64 {
-    if let Some(b) = std::env::var(ENV_HOST_LIMIT).ok().and_then(|v| gpuslice_common::size::parse_size(&v).ok()) {
-        return b;
+    let set = HOST_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
+    if set != 0 {
+        return set;
     }
     // SAFETY: sysconf has no preconditions.
     let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
@@ -336,9 +363,13 @@ fn restore_all(d: &Driver, pids: &[u32]) -> Result<(), String> {
     Ok(())
 }
 
+/// A process that exists and has not exited (a zombie's memory and host copy are gone already).
 fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH) }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command's closing parenthesis.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
 }
 
 /// `gpuslice set --suspendable`: the policy may (or may no longer) suspend the group.
