@@ -49,6 +49,11 @@
  *                          `endchild`, then exits 0; the parent waits for it, prints
  *                          "ok fork child= status=" and goes on after `endchild`.
  *
+ *   ckpt ACTION PID TIMEOUT_MS
+ *                          the driver's checkpoint API on process PID: ACTION lock (with
+ *                          TIMEOUT_MS; 0 = none), checkpoint, restore, unlock, state, tid
+ *                          -> action= value= (the CUprocessState, or the restore thread id)
+ *
  * Commands for fault injection (tests/integration/tests/faults.rs):
  *   storm T NS SEED STOPFILE
  *                          T threads, each with a ring of 8 allocations: every round frees one it
@@ -458,6 +463,7 @@ static const struct cmdspec CMDS[] = {
     {"v1info", ""},       {"v1total", "n"},      {"v1array", "nn"},      {"v1array3d", "nnn"},
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
+    {"ckpt", "snn"},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -1474,6 +1480,36 @@ static void run(const char *cmd, char **a) {
             return;
         }
         printf("ok dlsym name=%s ptr=%p\n", a[0], p);
+    } else if (!strcmp(cmd, "ckpt")) {
+        /* The driver's checkpoint API on another process (issue 22), found by name: args are
+         * 64 zeroed bytes but for the lock's timeout (cuda.h's CUcheckpoint*Args). */
+        void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
+        int pid = (int)strtoull(a[1], NULL, 0);
+        unsigned long long args[8] = {0};
+        const char *action = a[0];
+        char name[64];
+        snprintf(name, sizeof name, "cuCheckpointProcess%s",
+                 !strcmp(action, "lock") ? "Lock" : !strcmp(action, "checkpoint") ? "Checkpoint" :
+                 !strcmp(action, "restore") ? "Restore" : !strcmp(action, "unlock") ? "Unlock" :
+                 !strcmp(action, "tid") ? "GetRestoreThreadId" : "GetState");
+        void *f = h ? dlsym(h, name) : NULL;
+        if (!f) {
+            printf("err ckpt code=-1 missing=%s\n", name);
+            return;
+        }
+        CUresult r;
+        int out = -1;
+        if (!strcmp(action, "state") || !strcmp(action, "tid")) {
+            r = ((CUresult (*)(int, int *))f)(pid, &out);
+        } else {
+            if (!strcmp(action, "lock")) args[0] = strtoull(a[2], NULL, 0) & 0xffffffffULL; /* timeoutMs */
+            r = ((CUresult (*)(int, void *))f)(pid, args);
+        }
+        if (r) {
+            printf("err ckpt code=%d action=%s\n", r, action);
+            return;
+        }
+        printf("ok ckpt action=%s value=%d\n", action, out);
     } else if (!strcmp(cmd, "pid")) {
         printf("ok pid pid=%d\n", (int)getpid());
     } else if (!strcmp(cmd, "getenv")) {

@@ -235,3 +235,56 @@ fn a_request_no_suspension_can_serve_fails_after_the_bounded_wait() {
     touch(&done);
     batch.wait().assert_all_ok();
 }
+
+/// The simulated driver's checkpoint API on its own, as another process calls it: the state
+/// machine and its error codes (cuda.h's), the memory that leaves and comes back, a restore
+/// that does not fit, and a lock that times out behind a call under way.
+#[test]
+fn the_simulated_checkpoint_api_follows_the_drivers_state_machine() {
+    let sim = machine();
+    let (go, done, filled, release) = (sim.path_str("go"), sim.path_str("done"), sim.path_str("filled"), sim.path_str("release"));
+    let target = sim.client(Route::Link).args(&format!("init ctx 0 alloc 1G waitfile {go} launch 1 1500000000 sync waitfile {done} freeall")).spawn();
+    expect_ok(&target.wait_line("alloc", 0));
+    let p = target.pid();
+    let caller = |cmds: &str| sim.client(Route::Dlsym).args(&format!("init {cmds}")).run();
+
+    let out = caller(&format!(
+        "ckpt state {p} 0 ckpt checkpoint {p} 0 ckpt restore {p} 0 ckpt unlock {p} 0 ckpt lock {p} 0 ckpt lock {p} 0 ckpt state {p} 0 \
+         ckpt checkpoint {p} 0 ckpt state {p} 0 ckpt unlock {p} 0 nvml 0 ckpt state 999999 0"
+    ));
+    assert_eq!(field_f64(&out.lines[1], "value"), 0.0, "{out}");
+    for i in [2, 3, 4] {
+        out.expect_err(i, 401); // CUDA_ERROR_ILLEGAL_STATE: not locked / not checkpointed
+    }
+    out.expect_ok(5);
+    out.expect_err(6, 401);
+    assert_eq!(field_f64(&out.lines[7], "value"), 1.0, "locked: {out}");
+    out.expect_ok(8);
+    assert_eq!(field_f64(&out.lines[9], "value"), 2.0, "checkpointed: {out}");
+    out.expect_err(10, 401);
+    assert_eq!(out.u64("nvml", "free"), 4 * GIB, "its memory left the device: {out}");
+    out.expect_err(12, 1); // not a CUDA process
+
+    // Another process takes the room: the restore fails cleanly and can be tried again.
+    let filler = sim.client(Route::Link).args(&format!("init ctx 0 alloc 3G touch {filled} waitfile {release} freeall")).spawn();
+    expect_ok(&filler.wait_line("touch", 0));
+    let out = caller(&format!("ckpt restore {p} 0 ckpt state {p} 0"));
+    out.expect_err(1, 2); // CUDA_ERROR_OUT_OF_MEMORY
+    assert_eq!(field_f64(&out.lines[2], "value"), 2.0, "still checkpointed: {out}");
+    touch(&release);
+    filler.wait().assert_all_ok();
+    let out = caller(&format!("ckpt restore {p} 0 ckpt state {p} 0 ckpt unlock {p} 0 ckpt state {p} 0 ckpt tid {p} 0 nvml 0"));
+    out.assert_all_ok();
+    assert_eq!(field_f64(&out.lines[2], "value"), 1.0, "a restore leaves it locked: {out}");
+    assert_eq!(field_f64(&out.lines[4], "value"), 0.0, "{out}");
+    assert_eq!(out.u64("nvml", "free"), 4 * GIB - GIB - R, "its memory is back: {out}");
+
+    // A lock waits for the call under way (a 1.5 s synchronize) and gives up at its timeout.
+    touch(&go);
+    expect_ok(&target.wait_line("launch", 0));
+    let out = caller(&format!("ckpt lock {p} 100 ckpt state {p} 0"));
+    out.expect_err(1, 909); // CUDA_ERROR_TIMEOUT
+    assert_eq!(field_f64(&out.lines[2], "value"), 0.0, "left running: {out}");
+    touch(&done);
+    target.wait().assert_all_ok();
+}
