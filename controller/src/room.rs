@@ -22,7 +22,7 @@ const POLL: Duration = Duration::from_millis(50);
 const RESUME_HOLDOFF: Duration = Duration::from_secs(1);
 /// Free memory a resumption leaves on the device besides the group's own, so that it does not
 /// take the last bytes from under the next allocation.
-const RESUME_SLACK: u64 = 64 << 20;
+const RESUME_SLACK: u64 = 256 << 20;
 
 fn nvml() -> &'static Mutex<Option<Nvml>> {
     static NVML: OnceLock<Mutex<Option<Nvml>>> = OnceLock::new();
@@ -146,6 +146,40 @@ fn describe(suspended: &[String]) -> String {
     }
 }
 
+/// Ledger device → its UUID, for the devices the ledger lists.
+fn device_uuids(state: &State) -> HashMap<u32, String> {
+    state.listing().groups.iter().flat_map(|g| g.devices.iter()).map(|d| (d.device, d.uuid.clone())).collect()
+}
+
+/// Whether a group's memory (`device_bytes`, by ledger device) fits on its devices now, with
+/// room to spare; the message says where it does not. A restore that runs out of memory can
+/// leave the real driver unable to restore the process at all (NVIDIA/cuda-checkpoint#44), so
+/// no restore starts without this.
+pub fn room_for(uuids: &HashMap<u32, String>, device_bytes: &std::collections::BTreeMap<u32, u64>) -> Result<(), String> {
+    for (d, &bytes) in device_bytes {
+        let free = uuids.get(d).and_then(|u| free_on(u));
+        match free {
+            Some(free) if free >= bytes + RESUME_SLACK => {}
+            Some(free) => {
+                return Err(format!(
+                    "device {d} has {} free, and its {} need {} more to spare",
+                    format_size(free),
+                    format_size(bytes),
+                    format_size(RESUME_SLACK)
+                ))
+            }
+            None => return Err(format!("the free memory of device {d} cannot be read (NVML)")),
+        }
+    }
+    Ok(())
+}
+
+/// `room_for`, with the state's device table.
+pub fn check_room(state: &std::sync::Mutex<State>, device_bytes: &std::collections::BTreeMap<u32, u64>) -> Result<(), String> {
+    let uuids = device_uuids(&lock_state(state));
+    room_for(&uuids, device_bytes)
+}
+
 /// The policy's background work, for the controller's lifetime: finds groups an earlier
 /// controller suspended, notes activity, and resumes the groups it suspended once their memory
 /// fits again on every device it was on.
@@ -153,18 +187,17 @@ pub fn watch(state: &std::sync::Mutex<State>) {
     suspend::adopt(state);
     loop {
         std::thread::sleep(POLL * 4);
-        let uuids: HashMap<u32, String> = {
+        let uuids = {
             let state = lock_state(state);
             note_activity(&state);
-            state.listing().groups.iter().flat_map(|g| g.devices.iter()).map(|d| (d.device, d.uuid.clone())).collect()
+            device_uuids(&state)
         };
         for row in suspend::rows() {
             let Some(rec) = suspend::record(&row.group) else { continue };
             if rec.phase != Phase::Suspended || !rec.automatic || rec.suspended_at.is_some_and(|t| t.elapsed() < RESUME_HOLDOFF) {
                 continue;
             }
-            let fits = rec.device_bytes.iter().all(|(d, &bytes)| uuids.get(d).and_then(|u| free_on(u)).is_some_and(|free| free >= bytes + RESUME_SLACK));
-            if fits {
+            if room_for(&uuids, &rec.device_bytes).is_ok() {
                 let _ = suspend::resume(state, None, &row.group);
             }
         }

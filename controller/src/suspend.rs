@@ -310,6 +310,8 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
     if let Some(peer) = peer {
         may_edit(&lock_state(state), peer)?;
     }
+    let device_bytes = record(group).filter(|rec| rec.phase == Phase::Suspended).ok_or_else(|| format!("group {group:?} is not suspended"))?.device_bytes;
+    crate::room::check_room(state, &device_bytes).map_err(|why| format!("group {group:?} stays suspended: {why}"))?;
     let pids: Vec<u32> = {
         let mut r = registry();
         let rec = r.groups.get_mut(group).filter(|rec| rec.phase == Phase::Suspended).ok_or_else(|| format!("group {group:?} is not suspended"))?;

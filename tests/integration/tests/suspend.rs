@@ -150,6 +150,15 @@ fn refusals_name_the_reason_and_change_nothing() {
     ctl.cli("suspend").args("--group small").run().assert_success();
     let out = ctl.cli("suspend").args("--group small").run();
     assert!(!out.success() && out.stderr.contains("is suspended already"), "{out}");
+    // No resume without room for it (and room to spare): it stays suspended, nothing lost.
+    let filler = sim.client(Route::Link).args(&format!("init ctx 0 alloc 2200M waitfile {done} freeall")).spawn();
+    expect_ok(&filler.wait_line("alloc", 0));
+    let out = ctl.cli("resume").args("--group small").run();
+    assert!(!out.success() && out.stderr.contains("stays suspended: device 0 has"), "{out}");
+    assert_eq!(row(&ctl.ls(), "small")["state"], "suspended");
+    let mut filler = filler;
+    filler.kill();
+    let _ = filler.wait();
     // The bound counts what is suspended: 1.5 GiB more would not fit beside it either way.
     ctl.cli("resume").args("--group small").run().assert_success();
     let out = ctl.cli("resume").args("--group small").run();
