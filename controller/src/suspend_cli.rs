@@ -39,6 +39,24 @@ fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.0} ms"))
 }
 
+/// One line for `top`: the groups not running now, with what they hold in host memory.
+pub fn summary(l: &Listing) -> String {
+    let parts: Vec<String> = l
+        .suspensions
+        .iter()
+        .filter(|s| s.state != "running")
+        .map(|s| match s.state.as_str() {
+            "suspended" => format!("{} suspended ({} in host memory{})", s.group, format_size(s.host_bytes), if s.automatic { ", by the policy" } else { "" }),
+            other => format!("{} {other}", s.group),
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("groups off the GPU: {}", parts.join("; "))
+    }
+}
+
 /// The SUSPENSIONS table under `ls` (nothing when no group was ever marked or suspended).
 pub fn render(l: &Listing) -> String {
     if l.suspensions.is_empty() {
@@ -65,4 +83,77 @@ pub fn render(l: &Listing) -> String {
         }
     }
     out
+}
+
+/// The suspension series of the metrics: per group, its state, what moved and how long it took.
+pub fn metrics(f: &mut crate::metrics::Families<'_>, l: &Listing) -> std::fmt::Result {
+    let group = |s: &gpuslice_common::protocol::SuspensionRow| -> crate::metrics::Labels { vec![("group", s.group.clone())] };
+    let rows = &l.suspensions;
+    f.gauge(
+        "group_suspended",
+        "1 while the group is suspended (or being suspended or resumed), its memory in host memory; 0 while it runs.",
+        None,
+        rows.iter().map(|s| (group(s), u32::from(s.state != "running" && s.state != "failed"))),
+    )?;
+    f.gauge("group_suspended_host_memory", "Host memory the group's suspended copy holds now.", Some(prometheus_client::registry::Unit::Bytes), rows.iter().map(|s| (group(s), s.host_bytes)))?;
+    f.gauge("group_suspension_bytes", "Device bytes moved at the group's last suspension.", Some(prometheus_client::registry::Unit::Bytes), rows.iter().map(|s| (group(s), s.bytes)))?;
+    f.gauge(
+        "group_suspend_duration",
+        "How long the group's last suspension took.",
+        Some(prometheus_client::registry::Unit::Seconds),
+        rows.iter().filter_map(|s| Some((group(s), s.suspend_ms? / 1e3))),
+    )?;
+    f.gauge(
+        "group_resume_duration",
+        "How long the group's last resumption took.",
+        Some(prometheus_client::registry::Unit::Seconds),
+        rows.iter().filter_map(|s| Some((group(s), s.resume_ms? / 1e3))),
+    )?;
+    f.counter("group_suspensions", "Times the group was suspended.", None, rows.iter().map(|s| (group(s), s.suspensions)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuslice_common::protocol::SuspensionRow;
+
+    fn listing() -> Listing {
+        let row = SuspensionRow {
+            group: "batch".into(),
+            state: "suspended".into(),
+            suspendable: true,
+            pids: vec![42],
+            bytes: 3 << 30,
+            host_bytes: 3 << 30,
+            suspend_ms: Some(1500.0),
+            automatic: true,
+            suspensions: 2,
+            ..Default::default()
+        };
+        Listing { suspensions: vec![row], ..Default::default() }
+    }
+
+    #[test]
+    fn ls_top_and_metrics_show_a_suspended_group() {
+        let l = listing();
+        let table = render(&l);
+        assert!(table.lines().any(|line| line.starts_with("batch") && line.contains("suspended") && line.contains("3.00 GiB") && line.contains("1500 ms")), "{table}");
+        assert_eq!(summary(&l), "groups off the GPU: batch suspended (3.00 GiB in host memory, by the policy)");
+        let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l) });
+        for want in [
+            "gpuslice_group_suspended{group=\"batch\"} 1",
+            "gpuslice_group_suspended_host_memory_bytes{group=\"batch\"} 3221225472",
+            "gpuslice_group_suspend_duration_seconds{group=\"batch\"} 1.5",
+            "gpuslice_group_suspensions_total{group=\"batch\"} 2",
+        ] {
+            assert!(text.contains(want), "no {want} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_shown_without_suspensions() {
+        let l = Listing::default();
+        assert_eq!(render(&l), "");
+        assert_eq!(summary(&l), "");
+    }
 }
