@@ -80,6 +80,10 @@ pub struct Suspendable {
     /// imports it would find it gone. Off unless asked for.
     #[serde(default)]
     pub allow_exports: bool,
+    /// The group may not exist yet: `gpuslice run --suspendable` marks it before its first
+    /// member makes it. Without it an unknown (misspelt) name is refused.
+    #[serde(default)]
+    pub ahead: bool,
 }
 
 /// What the shim asks for when the driver refused an allocation for want of device memory.
