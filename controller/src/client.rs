@@ -105,7 +105,7 @@ pub fn set(args: SetArgs) -> Result<(), String> {
     }
     let socket = args.socket.path();
     if let (Some(suspendable), Some(group)) = (args.suspendable, &args.group) {
-        let request = Request::SetSuspendable(Suspendable { group: group.clone(), suspendable, allow_exports: args.allow_exports });
+        let request = Request::SetSuspendable(Suspendable { group: group.clone(), suspendable, allow_exports: args.allow_exports, ahead: false });
         crate::suspend_cli::print_done(ask(&socket, &request)?)?;
         if memory.is_none() && sm.is_none() && priority.is_none() {
             return Ok(());

@@ -184,6 +184,7 @@ pub fn check_room(state: &std::sync::Mutex<State>, device_bytes: &std::collectio
 /// controller suspended, notes activity, and resumes the groups it suspended once their memory
 /// fits again on every device it was on.
 pub fn watch(state: &std::sync::Mutex<State>) {
+    suspend::from_config(state);
     suspend::adopt(state);
     loop {
         std::thread::sleep(POLL * 4);

@@ -375,11 +375,15 @@ fn alive(pid: u32) -> bool {
 }
 
 /// `gpuslice set --suspendable`: the policy may (or may no longer) suspend the group.
-pub fn set_suspendable(state: &Mutex<State>, peer: Peer, group: &str, suspendable: bool, allow_exports: bool) -> Result<String, String> {
+pub fn set_suspendable(state: &Mutex<State>, peer: Peer, s: &gpuslice_common::protocol::Suspendable) -> Result<String, String> {
+    let (group, suspendable, allow_exports) = (s.group.as_str(), s.suspendable, s.allow_exports);
     {
         let state = lock_state(state);
         may_edit(&state, peer)?;
-        state.find_group(group).ok_or_else(|| format!("no group named {group:?} (see `gpuslice ls`)"))?;
+        if !s.ahead {
+            state.find_group(group).ok_or_else(|| format!("no group named {group:?} (see `gpuslice ls`)"))?;
+        }
+        gpuslice_common::settings::check_group_name(group).map_err(|e| format!("group {group:?}: {e}"))?;
     }
     let mut r = registry();
     let rec = r.groups.entry(group.to_string()).or_default();
@@ -416,6 +420,17 @@ fn forget_dead(r: &mut Registry) {
             rec.automatic = false;
             rec.error = Some("its processes exited while suspended".into());
         }
+    }
+}
+
+/// At start: the config file's `[groups.X] suspendable` / `allow_exports`.
+pub fn from_config(state: &Mutex<State>) {
+    let marked = lock_state(state).config.suspendable.clone();
+    let mut r = registry();
+    for (group, flags) in marked {
+        let rec = r.groups.entry(group).or_default();
+        rec.suspendable = flags.suspendable;
+        rec.allow_exports = flags.allow_exports;
     }
 }
 
@@ -467,7 +482,7 @@ pub fn answer(request: gpuslice_common::protocol::Request, peer: Peer, state: &M
     let outcome = match request {
         Request::Suspend(g) => suspend(state, Some(peer), &g.group, false),
         Request::Resume(g) => resume(state, Some(peer), &g.group),
-        Request::SetSuspendable(s) => set_suspendable(state, peer, &s.group, s.suspendable, s.allow_exports),
+        Request::SetSuspendable(s) => set_suspendable(state, peer, &s),
         Request::MakeRoom(room) => crate::room::make_room(state, peer, room),
         other => return Err(other),
     };

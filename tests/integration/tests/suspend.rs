@@ -297,3 +297,26 @@ fn the_simulated_checkpoint_api_follows_the_drivers_state_machine() {
     touch(&done);
     target.wait().assert_all_ok();
 }
+
+#[test]
+fn groups_are_made_suspendable_by_the_config_file_by_set_and_by_run() {
+    let sim = machine();
+    let ctl = sim.controller_with_config("[groups.nightly]\nsuspendable = true\nallow_exports = true\n[groups.web]\nmemory_limit = \"1GiB\"\n");
+    let l = ctl.ls_until("the config's group is suspendable", Duration::from_secs(5), |l| row(l, "nightly")["suspendable"] == true).0;
+    assert_eq!(row(&l, "nightly")["allow_exports"], true, "{l}");
+    assert_eq!(row(&l, "web"), Value::Null, "{l}");
+
+    let out = ctl.set("--group nosuch --suspendable true");
+    assert!(!out.success() && out.stderr.contains("no group named \"nosuch\""), "a misspelt name is refused: {out}");
+    ctl.set_ok("--group web --suspendable true");
+    ctl.set_ok("--group nightly --suspendable false");
+    let l = ctl.ls();
+    assert_eq!(row(&l, "web")["suspendable"], true, "{l}");
+    assert_eq!(row(&l, "nightly")["suspendable"], false, "{l}");
+
+    // `gpuslice run --suspendable` marks a group its program is about to make.
+    let client = client_path(Route::Link).display().to_string();
+    let out = sim.program(cli_path()).controller(&ctl).args(&format!("run --group later --suspendable -- {client} init ctx 0 alloc 64M")).run();
+    out.assert_all_ok();
+    assert_eq!(row(&ctl.ls(), "later")["suspendable"], true);
+}
