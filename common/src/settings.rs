@@ -949,7 +949,11 @@ mod tests {
 
     #[test]
     fn groups_may_be_suspendable_but_defaults_may_not() {
-        let f = FileSettings::parse("c.toml", "[groups.batch]\nsuspendable = true\n[groups.nccl]\nsuspendable = true\nallow_exports = true\n[groups.web]\nmemory_limit = \"1GiB\"\n").unwrap();
+        let f = FileSettings::parse(
+            "c.toml",
+            "[groups.batch]\nsuspendable = true\n[groups.nccl]\nsuspendable = true\nallow_exports = true\n[groups.web]\nmemory_limit = \"1GiB\"\n",
+        )
+        .unwrap();
         assert_eq!(f.suspendable.get("batch"), Some(&Suspendability { suspendable: true, allow_exports: false }));
         assert_eq!(f.suspendable.get("nccl"), Some(&Suspendability { suspendable: true, allow_exports: true }));
         assert_eq!(f.suspendable.get("web"), None);

@@ -62,7 +62,13 @@ pub type Labels = Vec<(&'static str, String)>;
 pub struct Families<'a>(DescriptorEncoder<'a>);
 
 impl Families<'_> {
-    pub fn gauge<V: EncodeGaugeValue>(&mut self, name: &str, help: &str, unit: Option<Unit>, samples: impl IntoIterator<Item = (Labels, V)>) -> std::fmt::Result {
+    pub fn gauge<V: EncodeGaugeValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Option<Unit>,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+    ) -> std::fmt::Result {
         let mut family = self.0.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
         for (labels, value) in samples {
             // An empty label set would be written as `{}`.

@@ -46,7 +46,8 @@ fn note_activity(state: &State) {
     let mut seen = activity();
     for (&slot, info) in &state.groups {
         let g = state.ledger.group(slot);
-        let signature = g.devices.iter().fold(0u64, |h, d| h.wrapping_mul(31).wrapping_add(d.used.load(Relaxed)).wrapping_mul(31).wrapping_add(d.charged_ns.load(Relaxed)));
+        let signature =
+            g.devices.iter().fold(0u64, |h, d| h.wrapping_mul(31).wrapping_add(d.used.load(Relaxed)).wrapping_mul(31).wrapping_add(d.charged_ns.load(Relaxed)));
         let e = seen.entry(info.name.clone()).or_insert((signature, Instant::now()));
         if e.0 != signature {
             *e = (signature, Instant::now());

@@ -150,7 +150,10 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     {
         // Issue 22: groups an earlier controller suspended, and the policy's resumptions.
         let for_policy = shared.clone();
-        std::thread::Builder::new().name("suspend-policy".into()).spawn(move || crate::room::watch(&for_policy.state)).map_err(|e| format!("cannot start the suspension policy: {e}"))?;
+        std::thread::Builder::new()
+            .name("suspend-policy".into())
+            .spawn(move || crate::room::watch(&for_policy.state))
+            .map_err(|e| format!("cannot start the suspension policy: {e}"))?;
     }
     if let Some(server) = metrics_server {
         let addr = server.local_addr();

@@ -170,7 +170,10 @@ pub fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 fn may_edit(state: &State, peer: Peer) -> Result<(), String> {
     if peer.uid != 0 && peer.uid != state.owner_uid {
-        return Err(format!("permission denied: uid {} may not suspend or resume groups; only uid {} (the controller's) or root may", peer.uid, state.owner_uid));
+        return Err(format!(
+            "permission denied: uid {} may not suspend or resume groups; only uid {} (the controller's) or root may",
+            peer.uid, state.owner_uid
+        ));
     }
     Ok(())
 }
@@ -464,7 +467,10 @@ pub fn adopt(state: &Mutex<State>) {
                 let _ = d.checkpoint(pid);
             }
         }
-        tracing::info!("group {group:?}: {} processes found suspended by an earlier controller; `gpuslice resume --group {group}` brings them back", held.len());
+        tracing::info!(
+            "group {group:?}: {} processes found suspended by an earlier controller; `gpuslice resume --group {group}` brings them back",
+            held.len()
+        );
         let mut r = registry();
         let rec = r.groups.entry(group).or_default();
         rec.phase = Phase::Suspended;

@@ -63,7 +63,10 @@ pub fn render(l: &Listing) -> String {
         return String::new();
     }
     let mut out = String::from("\nSUSPENSIONS (suspended groups keep their quota; their memory waits in host memory)\n");
-    out.push_str(&format!("{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} PIDS\n", "GROUP", "STATE", "SUSPENDABLE", "MOVED", "HOST NOW", "SUSPEND", "RESUME", "AUTO"));
+    out.push_str(&format!(
+        "{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} PIDS\n",
+        "GROUP", "STATE", "SUSPENDABLE", "MOVED", "HOST NOW", "SUSPEND", "RESUME", "AUTO"
+    ));
     for s in &l.suspensions {
         let pids = s.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
         out.push_str(&format!(
@@ -95,8 +98,18 @@ pub fn metrics(f: &mut crate::metrics::Families<'_>, l: &Listing) -> std::fmt::R
         None,
         rows.iter().map(|s| (group(s), u32::from(s.state != "running" && s.state != "failed"))),
     )?;
-    f.gauge("group_suspended_host_memory", "Host memory the group's suspended copy holds now.", Some(prometheus_client::registry::Unit::Bytes), rows.iter().map(|s| (group(s), s.host_bytes)))?;
-    f.gauge("group_suspension_bytes", "Device bytes moved at the group's last suspension.", Some(prometheus_client::registry::Unit::Bytes), rows.iter().map(|s| (group(s), s.bytes)))?;
+    f.gauge(
+        "group_suspended_host_memory",
+        "Host memory the group's suspended copy holds now.",
+        Some(prometheus_client::registry::Unit::Bytes),
+        rows.iter().map(|s| (group(s), s.host_bytes)),
+    )?;
+    f.gauge(
+        "group_suspension_bytes",
+        "Device bytes moved at the group's last suspension.",
+        Some(prometheus_client::registry::Unit::Bytes),
+        rows.iter().map(|s| (group(s), s.bytes)),
+    )?;
     f.gauge(
         "group_suspend_duration",
         "How long the group's last suspension took.",
@@ -137,7 +150,10 @@ mod tests {
     fn ls_top_and_metrics_show_a_suspended_group() {
         let l = listing();
         let table = render(&l);
-        assert!(table.lines().any(|line| line.starts_with("batch") && line.contains("suspended") && line.contains("3.00 GiB") && line.contains("1500 ms")), "{table}");
+        assert!(
+            table.lines().any(|line| line.starts_with("batch") && line.contains("suspended") && line.contains("3.00 GiB") && line.contains("1500 ms")),
+            "{table}"
+        );
         assert_eq!(summary(&l), "groups off the GPU: batch suspended (3.00 GiB in host memory, by the policy)");
         let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l) });
         for want in [

@@ -36,7 +36,10 @@ pub fn ask(device: i32, bytes: u64, what: &str) -> bool {
             true
         }
         Ok((Response::Error { message }, _)) => {
-            tracing::warn!("pid {pid}: {what} of {} on device {device}: the device is full and no room was made within {wait} ms: {message}", format_size(bytes));
+            tracing::warn!(
+                "pid {pid}: {what} of {} on device {device}: the device is full and no room was made within {wait} ms: {message}",
+                format_size(bytes)
+            );
             false
         }
         other => {

@@ -36,7 +36,13 @@ fn state_is(group: &'static str, state: &'static str) -> impl Fn(&Listing) -> bo
 /// A member of `group` holding `bytes`, that then waits for `go`, asks the driver its memory,
 /// and waits for `done` before freeing all.
 fn tenant(sim: &Sim, ctl: &Controller<'_>, group: &str, bytes: &str, go: &str, done: &str) -> Running {
-    let t = sim.client(Route::Dlsym).shim().controller(ctl).group(group).args(&format!("init ctx 0 alloc {bytes} waitfile {go} mark info elapsed waitfile {done} freeall")).spawn();
+    let t = sim
+        .client(Route::Dlsym)
+        .shim()
+        .controller(ctl)
+        .group(group)
+        .args(&format!("init ctx 0 alloc {bytes} waitfile {go} mark info elapsed waitfile {done} freeall"))
+        .spawn();
     expect_ok(&t.wait_line("alloc", 0));
     t
 }
@@ -99,9 +105,8 @@ fn a_process_that_dies_while_suspended_frees_its_host_copy() {
     ctl.cli("suspend").args("--group batch").run().assert_success();
     assert_eq!(device_free(&sim), 4 * GIB);
     t.kill();
-    let (l, _) = ctl.ls_until("the dead process's suspension is gone", Duration::from_secs(10), |l| {
-        row(l, "batch")["state"] == "running" && l.processes().is_empty()
-    });
+    let (l, _) =
+        ctl.ls_until("the dead process's suspension is gone", Duration::from_secs(10), |l| row(l, "batch")["state"] == "running" && l.processes().is_empty());
     let r = row(&l, "batch");
     assert_eq!(r["host_bytes"].as_u64(), Some(0), "{l}");
     assert!(r["error"].as_str().is_some_and(|e| e.contains("exited while suspended")), "{l}");
@@ -166,7 +171,8 @@ fn refusals_name_the_reason_and_change_nothing() {
 
     // A group that exports memory (legacy IPC) is refused unless allowed.
     let handle = sim.path_str("handle");
-    let exporter = sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 64M ipcexport {handle} waitfile {done} free")).spawn();
+    let exporter =
+        sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 64M ipcexport {handle} waitfile {done} free")).spawn();
     expect_ok(&exporter.wait_line("ipcexport", 0));
     let out = ctl.cli("suspend").args("--group exporter").run();
     assert!(!out.success() && out.stderr.contains("exports memory"), "{out}");
@@ -197,7 +203,8 @@ fn a_high_priority_request_suspends_a_low_priority_group_and_it_resumes_when_roo
     ctl.set_ok("--create --group urgent --memory 3GiB --priority high");
     let (go, done, leave) = (sim.path_str("go"), sim.path_str("done"), sim.path_str("leave"));
     let batch = tenant(&sim, &ctl, "batch", "2560M", &go, &done);
-    let urgent = sim.client(Route::Procaddr).shim().controller(&ctl).group("urgent").args(&format!("init ctx 0 mark alloc 2G elapsed waitfile {leave} freeall")).spawn();
+    let urgent =
+        sim.client(Route::Procaddr).shim().controller(&ctl).group("urgent").args(&format!("init ctx 0 mark alloc 2G elapsed waitfile {leave} freeall")).spawn();
     let alloc = urgent.wait_line("alloc", 0);
     expect_ok(&alloc);
     let l = ctl.ls();
@@ -228,7 +235,14 @@ fn a_request_no_suspension_can_serve_fails_after_the_bounded_wait() {
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
     let batch = tenant(&sim, &ctl, "batch", "2560M", &go, &done);
     let started = Instant::now();
-    let out = sim.client(Route::Link).shim().controller(&ctl).group("urgent").env("GPUSLICE_MAKE_ROOM_WAIT_MS", "600").args("init ctx 0 mark alloc 2G elapsed pid").run();
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("urgent")
+        .env("GPUSLICE_MAKE_ROOM_WAIT_MS", "600")
+        .args("init ctx 0 mark alloc 2G elapsed pid")
+        .run();
     out.expect_err(3, 2);
     let waited = field_f64(&out.lines[4], "ms");
     assert!((600.0..5000.0).contains(&waited), "it waited the bounded time, {waited} ms");

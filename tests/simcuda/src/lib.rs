@@ -2749,7 +2749,10 @@ mod tests {
     #[test]
     fn proc_table_names_are_all_exported() {
         for (base, _, exp, ptsz) in PROC_TABLE {
-            assert!(export_addr(exp).or_else(|| sharing_export_addr(exp)).or_else(|| checkpoint::export_addr(exp)).is_some(), "{base} -> {exp} is not exported");
+            assert!(
+                export_addr(exp).or_else(|| sharing_export_addr(exp)).or_else(|| checkpoint::export_addr(exp)).is_some(),
+                "{base} -> {exp} is not exported"
+            );
             assert!(ptsz.is_empty() || export_addr(ptsz).is_some(), "{base} -> {ptsz} is not exported");
         }
     }
