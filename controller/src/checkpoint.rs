@@ -147,10 +147,15 @@ impl Driver {
     }
 
     pub fn checkpoint(&self, pid: u32) -> Result<(), DriverError> {
+        self.call_reserved(self.checkpoint, "cuCheckpointProcessCheckpoint", pid)
+    }
+
+    /// A call whose arguments are 64 reserved bytes (checkpoint, unlock): all zero.
+    fn call_reserved(&self, f: ReservedFn, name: &str, pid: u32) -> Result<(), DriverError> {
         let mut args = ReservedArgs { reserved: [0; 8] };
-        // SAFETY: args is a zeroed CUcheckpointCheckpointArgs.
-        let rc = unsafe { (self.checkpoint)(pid as c_int, &mut args) };
-        self.check("cuCheckpointProcessCheckpoint", pid, rc)
+        // SAFETY: f takes (int, CUcheckpoint*Args*) and args is a zeroed 64-byte struct.
+        let rc = unsafe { f(pid as c_int, &mut args) };
+        self.check(name, pid, rc)
     }
 
     pub fn restore(&self, pid: u32) -> Result<(), DriverError> {
@@ -161,9 +166,6 @@ impl Driver {
     }
 
     pub fn unlock(&self, pid: u32) -> Result<(), DriverError> {
-        let mut args = ReservedArgs { reserved: [0; 8] };
-        // SAFETY: args is a zeroed CUcheckpointUnlockArgs.
-        let rc = unsafe { (self.unlock)(pid as c_int, &mut args) };
-        self.check("cuCheckpointProcessUnlock", pid, rc)
+        self.call_reserved(self.unlock, "cuCheckpointProcessUnlock", pid)
     }
 }

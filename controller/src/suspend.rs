@@ -247,12 +247,8 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         rec.automatic = automatic;
         rec.error = None;
     }
-    let started = Instant::now();
-    let outcome = driver().and_then(|d| checkpoint_all(&d, &m.pids));
-    let ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut r = registry();
-    let rec = r.groups.entry(group.to_string()).or_default();
-    match outcome {
+    let (outcome, ms) = timed(|| driver().and_then(|d| checkpoint_all(&d, &m.pids)));
+    update(group, |rec| match outcome {
         Ok(()) => {
             rec.phase = Phase::Suspended;
             rec.suspend_ms = Some(ms);
@@ -269,7 +265,19 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             tracing::warn!("group {group:?}: suspension failed, its processes run on: {e}");
             Err(format!("group {group:?} could not be suspended (its processes run on): {e}"))
         }
-    }
+    })
+}
+
+/// Runs a driver operation (no lock held: it may take seconds) and times it, in ms.
+fn timed<T>(operation: impl FnOnce() -> T) -> (T, f64) {
+    let started = Instant::now();
+    let outcome = operation();
+    (outcome, started.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Changes the group's record under the registry's lock.
+fn update<T>(group: &str, change: impl FnOnce(&mut Record) -> T) -> T {
+    change(registry().groups.entry(group.to_string()).or_default())
 }
 
 /// Locks every process, then checkpoints each; on any failure what was done is undone.
@@ -322,12 +330,8 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
         rec.phase = Phase::Resuming;
         rec.pids.keys().copied().collect()
     };
-    let started = Instant::now();
-    let outcome = driver().and_then(|d| restore_all(&d, &pids));
-    let ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut r = registry();
-    let rec = r.groups.entry(group.to_string()).or_default();
-    match outcome {
+    let (outcome, ms) = timed(|| driver().and_then(|d| restore_all(&d, &pids)));
+    update(group, |rec| match outcome {
         Ok(()) => {
             rec.phase = Phase::Running;
             rec.resume_ms = Some(ms);
@@ -345,7 +349,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
             tracing::warn!("group {group:?}: resume failed, it stays suspended: {e}");
             Err(format!("group {group:?} stays suspended: {e}"))
         }
-    }
+    })
 }
 
 /// Restores every process (all or none: one that does not fit sends the others back out), then

@@ -46,12 +46,7 @@ trap cleanup EXIT
 trap_signals
 
 if [ "$DRY" = 1 ]; then
-  mkdir -p "$OUTDIR" "$BUILD" || exit 2
-  LOG=$OUTDIR/suspend.log
-  : >"$LOG"
-  note "gpuslice suspend acceptance (DRY RUN on the simulated driver): $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  [ -f "$LIB" ] || { note "suspend: no shim at $LIB (cargo build --workspace)"; exit 2; }
-  [ -f "$ROOT/target/sim/libcuda.so.1" ] || { note "suspend: no simulated driver in target/sim (run an integration test once)"; exit 2; }
+  dry_setup suspend suspend.log "gpuslice suspend acceptance"
 else
   gpu_setup suspend suspend.log "gpuslice suspend acceptance"
   gpu_machine name,driver_version,memory.total,memory.used "python: $("$PY" --version 2>&1)"
