@@ -123,7 +123,9 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
             }
             continue;
         }
-        if started.elapsed() >= wait {
+        // Waiting helps only while suspendable memory exists, too little yet (others may free
+        // some meanwhile); with none at all the answer is no at once.
+        if freed == 0 || started.elapsed() >= wait {
             return Err(format!(
                 "pid {} (group {group:?}): no room for {} on device {} after waiting {} ms: {} free, and suspendable groups of lower priority hold {} there{}",
                 peer.pid,

@@ -230,10 +230,28 @@ fn a_high_priority_request_suspends_a_low_priority_group_and_it_resumes_when_roo
 fn a_request_no_suspension_can_serve_fails_after_the_bounded_wait() {
     let sim = machine();
     let ctl = sim.controller();
-    ctl.set_ok("--create --group batch --memory 3GiB --priority low"); // not suspendable
+    ctl.set_ok("--create --group steady --memory 3GiB --priority low"); // not suspendable
+    ctl.set_ok("--create --group batch --memory 3GiB --priority low");
+    ctl.set_ok("--group batch --suspendable true");
     ctl.set_ok("--create --group urgent --memory 3GiB --priority high");
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
-    let batch = tenant(&sim, &ctl, "batch", "2560M", &go, &done);
+    let steady = tenant(&sim, &ctl, "steady", "2560M", &go, &done);
+
+    // Nothing suspendable holds memory there: refused at once, no wait.
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("urgent")
+        .env("GPUSLICE_MAKE_ROOM_WAIT_MS", "3000")
+        .args("init ctx 0 mark alloc 2G elapsed")
+        .run();
+    out.expect_err(3, 2);
+    assert!(field_f64(&out.lines[4], "ms") < 2000.0, "no suspendable memory, no wait: {out}");
+
+    // Suspendable memory, but too little (512 MiB + its context for 2 GiB on 896 MiB free): the
+    // request waits its bounded time for more, then fails; nothing was suspended for nothing.
+    let batch = tenant(&sim, &ctl, "batch", "512M", &go, &done);
     let started = Instant::now();
     let out = sim
         .client(Route::Link)
@@ -253,10 +271,11 @@ fn a_request_no_suspension_can_serve_fails_after_the_bounded_wait() {
         "the log line names the process, the request and the wait:\n{}",
         out.stderr
     );
-    assert_eq!(row(&ctl.ls(), "batch")["state"], Value::Null, "the batch group was never touched");
+    assert_eq!(row(&ctl.ls(), "batch")["state"], "running", "the batch group was never suspended");
     touch(&go);
     touch(&done);
     batch.wait().assert_all_ok();
+    steady.wait().assert_all_ok();
 }
 
 /// The simulated driver's checkpoint API on its own, as another process calls it: the state
