@@ -47,14 +47,30 @@ fn tenant(sim: &Sim, ctl: &Controller<'_>, group: &str, bytes: &str, go: &str, d
     t
 }
 
+/// A tenant as above that also writes a 64 KiB allocation (id 2) and reads it back after `go`.
+fn tenant_with_data(sim: &Sim, ctl: &Controller<'_>, group: &str, go: &str, done: &str) -> Running {
+    let t = sim
+        .client(Route::Dlsym)
+        .shim()
+        .controller(ctl)
+        .group(group)
+        .args(&format!("init ctx 0 alloc 1G alloc 64K poke 2 170 waitfile {go} mark info elapsed peek 2 waitfile {done} freeall"))
+        .spawn();
+    expect_ok(&t.wait_line("poke", 0));
+    t
+}
+
+/// 1 GiB, 64 KiB and a context: what `tenant_with_data` holds.
+const WITH_DATA: u64 = GIB + 64 * 1024 + R;
+
 #[test]
 fn suspend_moves_the_memory_off_the_device_blocks_the_process_and_resume_brings_it_back() {
     let sim = machine();
     let ctl = sim.controller();
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
-    let t = tenant(&sim, &ctl, "batch", "1G", &go, &done);
+    let t = tenant_with_data(&sim, &ctl, "batch", &go, &done);
     let before = device_free(&sim);
-    assert_eq!(before, 4 * GIB - GIB - R, "the tenant's allocation and context are on the device");
+    assert_eq!(before, 4 * GIB - WITH_DATA, "the tenant's allocations and context are on the device");
 
     let out = ctl.cli("suspend").args("--group batch").run();
     assert!(out.success(), "{out}\n{}", ctl.log());
@@ -63,11 +79,11 @@ fn suspend_moves_the_memory_off_the_device_blocks_the_process_and_resume_brings_
     let l = ctl.ls();
     let r = row(&l, "batch");
     assert_eq!(r["state"], "suspended", "{l}");
-    assert_eq!(r["bytes"].as_u64(), Some(GIB + R), "{l}");
-    assert_eq!(r["host_bytes"].as_u64(), Some(GIB + R), "{l}");
+    assert_eq!(r["bytes"].as_u64(), Some(WITH_DATA), "{l}");
+    assert_eq!(r["host_bytes"].as_u64(), Some(WITH_DATA), "{l}");
     assert_eq!(r["pids"], serde_json::json!([t.pid()]), "{l}");
     assert!(r["suspend_ms"].as_f64().is_some(), "{l}");
-    assert_eq!(l.group_used("batch", 0), GIB + R, "its quota still counts what it holds: {l}");
+    assert_eq!(l.group_used("batch", 0), WITH_DATA, "its quota still counts what it holds: {l}");
     let table = ctl.cli("ls").run();
     assert!(table.lines.iter().any(|line| line.starts_with("batch") && line.contains("suspended")), "{table}");
 
@@ -82,6 +98,8 @@ fn suspend_moves_the_memory_off_the_device_blocks_the_process_and_resume_brings_
     expect_ok(&info);
     let elapsed = t.wait_line("elapsed", 0);
     assert!(field_f64(&elapsed, "ms") >= 350.0, "the call waited for the resume: {elapsed}");
+    let peek = t.wait_line("peek", 0);
+    assert!(peek.contains("first=170 all_same=1"), "its bytes came back intact: {peek}");
     assert_eq!(device_free(&sim), before, "everything came back");
     let (l, _) = ctl.ls_until("the row says running", Duration::from_secs(5), state_is("batch", "running"));
     let r = row(&l, "batch");
@@ -101,10 +119,17 @@ fn a_process_that_dies_while_suspended_frees_its_host_copy() {
     let sim = machine();
     let ctl = sim.controller();
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
-    let mut t = tenant(&sim, &ctl, "batch", "2G", &go, &done);
+    let mut t = tenant_with_data(&sim, &ctl, "batch", &go, &done);
     ctl.cli("suspend").args("--group batch").run().assert_success();
     assert_eq!(device_free(&sim), 4 * GIB);
+    // The simulated driver's host copy of the bytes it keeps.
+    let host_copy = std::path::PathBuf::from(format!("{}.host-{}", sim.state_path().display(), t.pid()));
+    assert!(host_copy.exists(), "{}", host_copy.display());
     t.kill();
+    let _ = t.wait();
+    // The next process to use the driver finds the dead entry and frees its host copy.
+    sim.client(Route::Link).args("init ctx 0").run().assert_all_ok();
+    assert!(!host_copy.exists(), "the dead process's host copy is freed");
     let (l, _) =
         ctl.ls_until("the dead process's suspension is gone", Duration::from_secs(10), |l| row(l, "batch")["state"] == "running" && l.processes().is_empty());
     let r = row(&l, "batch");

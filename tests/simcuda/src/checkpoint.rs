@@ -19,7 +19,7 @@ use crate::{CUresult, ILLEGAL_STATE, INITIALIZED, INVALID_VALUE, NOT_INITIALIZED
 
 pub const NOT_SUPPORTED: CUresult = 801;
 pub const TIMEOUT: CUresult = 909;
-const UNKNOWN: CUresult = 999;
+pub const UNKNOWN: CUresult = 999;
 
 /// `CUprocessState` (cuda.h).
 pub const RUNNING: u32 = 0;
@@ -119,10 +119,12 @@ fn find(t: &Table, pid: u32) -> Option<&Entry> {
     })
 }
 
-/// A dead process's entry: its host copy goes with it.
+/// A dead process's entry: its host copy goes with it (and its device bytes, if it was killed).
 fn free_dead(e: &Entry, pid: u32) {
     if e.pid.compare_exchange(pid, u32::MAX, SeqCst, SeqCst).is_ok() {
         clear(e);
+        let _ = std::fs::remove_file(crate::contents::host_file(pid));
+        let _ = std::fs::remove_file(crate::contents::device_file(pid));
         e.pid.store(0, SeqCst);
     }
 }
@@ -309,6 +311,8 @@ pub unsafe extern "C" fn cuCheckpointProcessCheckpoint(pid: c_int, args: *mut CU
         e.moved[d].store(bytes, SeqCst);
         e.host_bytes.fetch_add(bytes, SeqCst);
     }
+    // The bytes the simulated device keeps (see `contents`) leave with it.
+    let _ = std::fs::rename(crate::contents::device_file(pid as u32), crate::contents::host_file(pid as u32));
     SUCCESS
 }
 
@@ -363,6 +367,7 @@ pub unsafe extern "C" fn cuCheckpointProcessRestore(pid: c_int, args: *mut CUche
     for m in &e.moved {
         m.store(0, SeqCst);
     }
+    let _ = std::fs::rename(crate::contents::host_file(pid as u32), crate::contents::device_file(pid as u32));
     e.host_bytes.store(0, SeqCst);
     e.state.store(LOCKED, SeqCst);
     SUCCESS

@@ -348,6 +348,7 @@ macro_rules! tri {
 
 // After the macros, which they use.
 mod checkpoint;
+mod contents;
 mod sharing;
 
 unsafe fn put<T>(p: *mut T, v: T) -> Result<(), CUresult> {
@@ -2503,6 +2504,9 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuCtxDisablePeerAccess", 4000, "cuCtxDisablePeerAccess", ""),
     ("cuMemcpyPeer", 4000, "cuMemcpyPeer", ""),
     ("cuMemcpyPeerAsync", 4000, "cuMemcpyPeerAsync", ""),
+    ("cuMemsetD8", 3020, "cuMemsetD8_v2", ""),
+    ("cuMemcpyHtoD", 3020, "cuMemcpyHtoD_v2", ""),
+    ("cuMemcpyDtoH", 3020, "cuMemcpyDtoH_v2", ""),
     ("cuCheckpointProcessGetRestoreThreadId", 12080, "cuCheckpointProcessGetRestoreThreadId", ""),
     ("cuCheckpointProcessGetState", 12080, "cuCheckpointProcessGetState", ""),
     ("cuCheckpointProcessLock", 12080, "cuCheckpointProcessLock", ""),
@@ -2530,7 +2534,11 @@ pub fn proc_lookup(name: &str, version: c_int, flags: u64) -> Result<*mut c_void
             continue;
         }
         let sym = if flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM != 0 && !ptsz.is_empty() { ptsz } else { exp };
-        return export_addr(sym).or_else(|| sharing_export_addr(sym)).or_else(|| checkpoint::export_addr(sym)).ok_or(PROC_SYMBOL_NOT_FOUND);
+        return export_addr(sym)
+            .or_else(|| sharing_export_addr(sym))
+            .or_else(|| checkpoint::export_addr(sym))
+            .or_else(|| contents::export_addr(sym))
+            .ok_or(PROC_SYMBOL_NOT_FOUND);
     }
     Err(if known { PROC_VERSION_NOT_SUFFICIENT } else { PROC_SYMBOL_NOT_FOUND })
 }
@@ -2750,7 +2758,7 @@ mod tests {
     fn proc_table_names_are_all_exported() {
         for (base, _, exp, ptsz) in PROC_TABLE {
             assert!(
-                export_addr(exp).or_else(|| sharing_export_addr(exp)).or_else(|| checkpoint::export_addr(exp)).is_some(),
+                export_addr(exp).or_else(|| sharing_export_addr(exp)).or_else(|| checkpoint::export_addr(exp)).or_else(|| contents::export_addr(exp)).is_some(),
                 "{base} -> {exp} is not exported"
             );
             assert!(ptsz.is_empty() || export_addr(ptsz).is_some(), "{base} -> {ptsz} is not exported");
