@@ -64,14 +64,22 @@ struct Candidate {
 }
 
 /// The requester's group and priority, the device's UUID, and the groups below it there.
-fn plan(state: &State, peer: Peer, device: u32) -> Result<(String, u32, String, Vec<Candidate>), String> {
-    let (pslot, w) = state
+fn plan(state: &State, peer: Peer, device: u32, bytes: u64) -> Result<(String, u32, String, Vec<Candidate>), String> {
+    use gpuslice_common::ledger::Priority;
+    let w = state
         .watched
-        .iter()
-        .find(|(_, w)| w.pid == peer.pid && w.uid == peer.uid)
+        .values()
+        .find(|w| w.pid == peer.pid && w.uid == peer.uid)
         .ok_or_else(|| format!("pid {}: not a registered process; no room is made for it", peer.pid))?;
-    let group = state.groups.get(&w.group).map(|g| g.name.clone()).unwrap_or_default();
-    let priority = state.ledger.process(*pslot).priority_or(state.ledger.group(w.group)) as u32;
+    let info = state.groups.get(&w.group).ok_or_else(|| format!("pid {}: its group is gone", peer.pid))?;
+    let group = info.name.clone();
+    // What the controller set, never what the process's slot says (a tenant can write that).
+    let priority = Priority::from_u32(w.priority).or(Priority::from_u32(info.priority)).unwrap_or_default() as u32;
+    // Room is made within the quota only: no tenant makes others move for more than it may hold.
+    let limit = info.limits.get(device as usize).copied().unwrap_or(0).min(w.caps.get(device as usize).copied().unwrap_or(u64::MAX));
+    if bytes > limit {
+        return Err(format!("pid {} (group {group:?}): {} is over its limit on device {device}; no room is made", peer.pid, format_size(bytes)));
+    }
     let uuid = state.listing().groups.iter().flat_map(|g| g.devices.iter()).find(|d| d.device == device).map(|d| d.uuid.clone());
     let uuid = uuid.ok_or_else(|| format!("pid {}: device {device} is not in the ledger", peer.pid))?;
     let seen = activity();
@@ -99,7 +107,7 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
     let wait = Duration::from_millis(room.wait_ms).min(MAX_WAIT);
     let mut suspended = Vec::new();
     loop {
-        let (group, priority, uuid, candidates) = plan(&lock_state(state), peer, room.device)?;
+        let (group, priority, uuid, candidates) = plan(&lock_state(state), peer, room.device, room.bytes)?;
         let free = free_on(&uuid).ok_or_else(|| format!("pid {}: the device's free memory cannot be read (NVML); no room is made", peer.pid))?;
         if free >= room.bytes {
             return Ok(format!("room for {} on device {}: {} free{}", format_size(room.bytes), room.device, format_size(free), describe(&suspended)));
