@@ -63,8 +63,8 @@ struct Candidate {
     last_active: Instant,
 }
 
-/// The requester's group and priority, the device's UUID, and the groups below it there.
-fn plan(state: &State, peer: Peer, device: u32, bytes: u64) -> Result<(String, u32, String, Vec<Candidate>), String> {
+/// The requester's group and priority, and the suspendable groups below it on the device.
+fn plan(state: &State, peer: Peer, device: u32, bytes: u64) -> Result<(String, u32, Vec<Candidate>), String> {
     use gpuslice_common::ledger::Priority;
     let w = state
         .watched
@@ -80,8 +80,6 @@ fn plan(state: &State, peer: Peer, device: u32, bytes: u64) -> Result<(String, u
     if bytes > limit {
         return Err(format!("pid {} (group {group:?}): {} is over its limit on device {device}; no room is made", peer.pid, format_size(bytes)));
     }
-    let uuid = state.listing().groups.iter().flat_map(|g| g.devices.iter()).find(|d| d.device == device).map(|d| d.uuid.clone());
-    let uuid = uuid.ok_or_else(|| format!("pid {}: device {device} is not in the ledger", peer.pid))?;
     let seen = activity();
     let mut candidates = Vec::new();
     for (&slot, info) in &state.groups {
@@ -89,15 +87,16 @@ fn plan(state: &State, peer: Peer, device: u32, bytes: u64) -> Result<(String, u
             continue;
         }
         let bytes = state.ledger.group(slot).devices[device as usize].used.load(Relaxed);
-        let group_priority = gpuslice_common::ledger::Priority::from_u32(info.priority).unwrap_or_default() as u32;
-        if bytes == 0 || group_priority >= priority {
+        let group_priority = Priority::from_u32(info.priority).unwrap_or_default() as u32;
+        let suspendable = suspend::record(&info.name).is_some_and(|r| r.suspendable && r.phase == Phase::Running);
+        if bytes == 0 || group_priority >= priority || !suspendable {
             continue;
         }
         let last_active = seen.get(&info.name).map_or_else(Instant::now, |e| e.1);
         candidates.push(Candidate { group: info.name.clone(), priority: group_priority, bytes, last_active });
     }
     candidates.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.last_active.cmp(&b.last_active)));
-    Ok((group, priority, uuid, candidates))
+    Ok((group, priority, candidates))
 }
 
 /// `MakeRoom`: suspends what must go for `room.bytes` to fit on the device, waiting at most
@@ -107,7 +106,22 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
     let wait = Duration::from_millis(room.wait_ms).min(MAX_WAIT);
     let mut suspended = Vec::new();
     loop {
-        let (group, priority, uuid, candidates) = plan(&lock_state(state), peer, room.device, room.bytes)?;
+        let (group, priority, candidates, uuid) = {
+            let state = lock_state(state);
+            let (group, priority, candidates) = plan(&state, peer, room.device, room.bytes)?;
+            if candidates.is_empty() && suspended.is_empty() {
+                // Nothing to suspend: no at once (no NVML query, no wait on every OOM of a
+                // controller's processes).
+                return Err(format!(
+                    "pid {} (group {group:?}): the device is full for {} on device {}, and no suspendable group of lower priority holds memory there",
+                    peer.pid,
+                    format_size(room.bytes),
+                    room.device
+                ));
+            }
+            let uuid = device_uuids(&state).remove(&room.device).ok_or_else(|| format!("pid {}: device {} is not in the ledger", peer.pid, room.device))?;
+            (group, priority, candidates, uuid)
+        };
         let free = free_on(&uuid).ok_or_else(|| format!("pid {}: the device's free memory cannot be read (NVML); no room is made", peer.pid))?;
         if free >= room.bytes {
             return Ok(format!("room for {} on device {}: {} free{}", format_size(room.bytes), room.device, format_size(free), describe(&suspended)));
@@ -116,12 +130,12 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
         let mut chosen = Vec::new();
         let mut freed = 0u64;
         for c in candidates {
-            let suspendable = suspend::record(&c.group).is_some_and(|r| r.suspendable && r.phase == Phase::Running);
-            if suspendable && freed < needed {
+            if freed < needed {
                 freed += c.bytes;
                 chosen.push(c.group);
             }
         }
+        let before = suspended.len();
         if freed >= needed {
             for victim in chosen {
                 match suspend::suspend(state, None, &victim, true) {
@@ -129,11 +143,13 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
                     Err(e) => tracing::warn!("pid {} (group {group:?}, priority {priority}): could not suspend {victim:?}: {e}", peer.pid),
                 }
             }
-            continue;
         }
-        // Waiting helps only while suspendable memory exists, too little yet (others may free
-        // some meanwhile); with none at all the answer is no at once.
-        if freed == 0 || started.elapsed() >= wait {
+        if suspended.len() > before {
+            continue; // look at the device again
+        }
+        // Too little suspendable memory yet (or a suspension failed): others may free some
+        // meanwhile, within the bounded wait.
+        if started.elapsed() >= wait {
             return Err(format!(
                 "pid {} (group {group:?}): no room for {} on device {} after waiting {} ms: {} free, and suspendable groups of lower priority hold {} there{}",
                 peer.pid,
