@@ -222,7 +222,10 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         let mut r = registry();
         let held: u64 = r.groups.values().map(Record::host_bytes).sum();
         let rec = r.groups.entry(group.to_string()).or_default();
-        if rec.phase != Phase::Running && rec.phase != Phase::Failed {
+        if rec.phase == Phase::Failed {
+            return Err(format!("group {group:?} failed at its last suspension or resume (the driver says so): its processes must be restarted"));
+        }
+        if rec.phase != Phase::Running {
             return Err(format!("group {group:?} is {} already", rec.phase.name()));
         }
         if m.exports > 0 && !rec.allow_exports {
@@ -248,6 +251,7 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         rec.error = None;
     }
     let (outcome, ms) = timed(|| driver().and_then(|d| checkpoint_all(&d, &m.pids)));
+    let failed = outcome.is_err() && driver_says_failed(m.pids.keys().copied());
     update(group, |rec| match outcome {
         Ok(()) => {
             rec.phase = Phase::Suspended;
@@ -258,6 +262,12 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             tracing::info!("{message}{}", if automatic { " (to make room for a higher-priority request)" } else { "" });
             Ok(message)
         }
+        Err(e) if failed => {
+            rec.phase = Phase::Failed;
+            rec.error = Some(e.clone());
+            tracing::error!("group {group:?}: suspension failed and the driver reports a process in its failed state: {e}");
+            Err(format!("group {group:?} could not be suspended, and the driver reports a process of it failed: {e}"))
+        }
         Err(e) => {
             rec.phase = Phase::Running;
             rec.pids.clear();
@@ -266,6 +276,13 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             Err(format!("group {group:?} could not be suspended (its processes run on): {e}"))
         }
     })
+}
+
+/// True when the driver reports one of `pids` in its failed state (an uncorrectable error
+/// during a checkpoint or restore): shown as `failed`, not retried.
+fn driver_says_failed(pids: impl IntoIterator<Item = u32>) -> bool {
+    let Some(d) = registry().driver.clone() else { return false };
+    pids.into_iter().any(|pid| d.state(pid) == Ok(ProcessState::Failed))
 }
 
 /// Runs a driver operation (no lock held: it may take seconds) and times it, in ms.
@@ -331,6 +348,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
         rec.pids.keys().copied().collect()
     };
     let (outcome, ms) = timed(|| driver().and_then(|d| restore_all(&d, &pids)));
+    let failed = outcome.is_err() && driver_says_failed(pids.iter().copied());
     update(group, |rec| match outcome {
         Ok(()) => {
             rec.phase = Phase::Running;
@@ -341,6 +359,12 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
             let message = format!("group {group:?} resumed: {} processes, {} back on the device in {ms:.0} ms", pids.len(), format_size(rec.bytes));
             tracing::info!("{message}");
             Ok(message)
+        }
+        Err(e) if failed => {
+            rec.phase = Phase::Failed;
+            rec.error = Some(e.clone());
+            tracing::error!("group {group:?}: resume failed and the driver reports a process in its failed state: {e}");
+            Err(format!("group {group:?} could not be resumed, and the driver reports a process of it failed: {e}"))
         }
         Err(e) => {
             // Still checkpointed, nothing lost: it can be resumed once there is room.
@@ -414,7 +438,7 @@ pub fn rows() -> Vec<SuspensionRow> {
 /// Processes that died while suspended: their host copy went with them (the driver frees it).
 fn forget_dead(r: &mut Registry) {
     for (group, rec) in r.groups.iter_mut() {
-        if rec.phase != Phase::Suspended {
+        if rec.phase != Phase::Suspended && rec.phase != Phase::Failed {
             continue;
         }
         let before = rec.pids.len();
@@ -459,15 +483,21 @@ pub fn adopt(state: &Mutex<State>) {
         }
     };
     for (group, m) in groups {
-        let held: BTreeMap<u32, u64> =
-            m.pids.iter().filter(|(&pid, _)| matches!(d.state(pid), Ok(ProcessState::Checkpointed | ProcessState::Locked))).map(|(&p, &b)| (p, b)).collect();
+        let states: BTreeMap<u32, ProcessState> = m.pids.keys().filter_map(|&pid| Some((pid, d.state(pid).ok()?))).collect();
+        let failed = states.values().any(|s| *s == ProcessState::Failed);
+        let held: BTreeMap<u32, u64> = m
+            .pids
+            .iter()
+            .filter(|(pid, _)| matches!(states.get(pid), Some(ProcessState::Checkpointed | ProcessState::Locked | ProcessState::Failed)))
+            .map(|(&p, &b)| (p, b))
+            .collect();
         if held.is_empty() {
             continue;
         }
         // A lock without its checkpoint (the earlier controller died in between) is finished,
         // so that the group is in one state.
-        for &pid in held.keys() {
-            if d.state(pid) == Ok(ProcessState::Locked) {
+        for (&pid, state) in &states {
+            if *state == ProcessState::Locked {
                 let _ = d.checkpoint(pid);
             }
         }
@@ -477,7 +507,7 @@ pub fn adopt(state: &Mutex<State>) {
         );
         let mut r = registry();
         let rec = r.groups.entry(group).or_default();
-        rec.phase = Phase::Suspended;
+        rec.phase = if failed { Phase::Failed } else { Phase::Suspended };
         rec.bytes = held.values().sum();
         rec.pids = held;
         rec.device_bytes = m.device_bytes;
