@@ -53,6 +53,49 @@ pub enum Request {
     /// A registered process imported an allocation: did a live registered process export it?
     /// Answered with `Response::Imported`.
     Import(Shared),
+    /// Issue 22: move every process of a group off the GPU with the driver's checkpoint API
+    /// (socket owner or root). `{"type":"suspend","group":...}`.
+    Suspend(GroupRef),
+    /// Issue 22: bring a suspended group back (socket owner or root).
+    Resume(GroupRef),
+    /// Issue 22: whether the policy may suspend a group (socket owner or root).
+    SetSuspendable(Suspendable),
+    /// Issue 22: a registered process's allocation found the device full (not its quota): the
+    /// controller suspends lower-priority suspendable groups until it fits, within `wait_ms`.
+    MakeRoom(RoomRequest),
+}
+
+/// A group by name (issue 22's requests).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRef {
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suspendable {
+    pub group: String,
+    pub suspendable: bool,
+    /// Suspend it even while its processes export memory (IPC, VMM handles): a process that
+    /// imports it would find it gone. Off unless asked for.
+    #[serde(default)]
+    pub allow_exports: bool,
+    /// The group may not exist yet: `gpuslice run --suspendable` marks it before its first
+    /// member makes it. Without it an unknown (misspelt) name is refused.
+    #[serde(default)]
+    pub ahead: bool,
+}
+
+/// What the shim asks for when the driver refused an allocation for want of device memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomRequest {
+    /// The ledger's device index.
+    pub device: u32,
+    pub bytes: u64,
+    /// How long the process is prepared to wait, at most.
+    pub wait_ms: u64,
 }
 
 /// An exported allocation, as both ends can name it.
@@ -226,6 +269,32 @@ pub struct Listing {
     /// Processes the controller caught holding more than they report (the NVML cross-check).
     #[serde(default)]
     pub underreporting: Vec<UnderReportRow>,
+    /// Groups that are suspendable, suspended, or were (issue 22).
+    #[serde(default)]
+    pub suspensions: Vec<SuspensionRow>,
+}
+
+/// A group's suspension (issue 22): where it stands, what moved and how long it took.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SuspensionRow {
+    pub group: String,
+    /// running, suspending, suspended, resuming or failed.
+    pub state: String,
+    pub suspendable: bool,
+    pub allow_exports: bool,
+    /// The processes suspended (pids as the controller sees them).
+    pub pids: Vec<u32>,
+    /// Device bytes moved to the host at the last suspension, all devices together.
+    pub bytes: u64,
+    /// Host memory the suspended copy holds now (0 once resumed or its processes died).
+    pub host_bytes: u64,
+    pub suspend_ms: Option<f64>,
+    pub resume_ms: Option<f64>,
+    /// Suspended by the policy (resumed by it when room returns) rather than by an operator.
+    pub automatic: bool,
+    pub suspensions: u64,
+    /// Why the last operation failed, if it did.
+    pub error: Option<String>,
 }
 
 /// A process whose own report is below what the driver (NVML) says it holds, by more than the

@@ -416,6 +416,16 @@ pub struct FileSettings {
     pub settings: Settings,
     pub groups: BTreeMap<String, Settings>,
     pub controller: ControllerFile,
+    /// `[groups.X] suspendable = true` (issue 22): the controller may suspend the group for a
+    /// higher-priority one; `allow_exports = true` even while it exports memory.
+    pub suspendable: BTreeMap<String, Suspendability>,
+}
+
+/// A group's `suspendable` and `allow_exports` in the config file (issue 22).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Suspendability {
+    pub suspendable: bool,
+    pub allow_exports: bool,
 }
 
 /// The `[controller]` table.
@@ -455,6 +465,9 @@ struct LimitsDoc {
     priority: Option<Spanned<TextDoc>>,
     #[serde(default)]
     devices: BTreeMap<String, DeviceDoc>,
+    /// Groups only (issue 22).
+    suspendable: Option<Spanned<bool>>,
+    allow_exports: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -628,20 +641,34 @@ impl FileSettings {
         })?;
         let place = Place { path, text };
         let settings = match doc.defaults {
-            Some(d) => limits(&place, "defaults", d)?,
+            Some(d) => {
+                if let Some(flag) = d.suspendable.as_ref().or(d.allow_exports.as_ref()) {
+                    let reason = "suspendable and allow_exports are settings of a group ([groups.NAME]), not of [defaults]".to_string();
+                    return Err(SettingsError { origin: place.of(flag.span(), "defaults"), value: flag.get_ref().to_string(), reason });
+                }
+                limits(&place, "defaults", d)?
+            }
             None => Settings::default(),
         };
         let mut groups = BTreeMap::new();
+        let mut suspendable = BTreeMap::new();
         for (name, doc) in doc.groups {
             let key = format!("groups.{name}");
             check_group_name(&name).map_err(|reason| SettingsError { origin: format!("{path}: [{key}]"), value: name.clone(), reason })?;
+            let flags = Suspendability {
+                suspendable: doc.suspendable.as_ref().is_some_and(|b| *b.get_ref()),
+                allow_exports: doc.allow_exports.as_ref().is_some_and(|b| *b.get_ref()),
+            };
+            if flags != Suspendability::default() {
+                suspendable.insert(name.clone(), flags);
+            }
             groups.insert(name, limits(&place, &key, doc)?);
         }
         let controller = match doc.controller {
             Some(c) => controller(&place, c)?,
             None => ControllerFile::default(),
         };
-        Ok(FileSettings { settings, groups, controller })
+        Ok(FileSettings { settings, groups, controller, suspendable })
     }
 
     /// Every section, one line each, for `gpuslice check-config`: what the controller and the
@@ -932,5 +959,21 @@ mod tests {
                 "[groups.inference] memory 6.00 GiB; SM share 50%; priority high",
             ]
         );
+    }
+
+    #[test]
+    fn groups_may_be_suspendable_but_defaults_may_not() {
+        let f = FileSettings::parse(
+            "c.toml",
+            "[groups.batch]\nsuspendable = true\n[groups.nccl]\nsuspendable = true\nallow_exports = true\n[groups.web]\nmemory_limit = \"1GiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(f.suspendable.get("batch"), Some(&Suspendability { suspendable: true, allow_exports: false }));
+        assert_eq!(f.suspendable.get("nccl"), Some(&Suspendability { suspendable: true, allow_exports: true }));
+        assert_eq!(f.suspendable.get("web"), None);
+        let e = FileSettings::parse("c.toml", "[defaults]\nsuspendable = true\n").unwrap_err();
+        assert!(e.to_string().contains("line 2") && e.to_string().contains("settings of a group"), "{e}");
+        let e = FileSettings::parse("c.toml", "[groups.batch]\nsuspendable = \"yes\"\n").unwrap_err();
+        assert!(e.to_string().contains("invalid config file"), "{e}");
     }
 }

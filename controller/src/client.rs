@@ -48,6 +48,13 @@ pub struct SetArgs {
     /// Only this device index of the ledger (see `gpuslice status`); all by default.
     #[arg(long, allow_hyphen_values = true)]
     device: Option<u32>,
+    /// true: the controller may suspend the group to make room for a higher-priority one
+    /// (issue 22); false: never.
+    #[arg(long, requires = "group")]
+    suspendable: Option<bool>,
+    /// With --suspendable true: even while its processes export memory to others.
+    #[arg(long, requires = "suspendable")]
+    allow_exports: bool,
 }
 
 #[derive(clap::Args)]
@@ -93,15 +100,22 @@ pub fn set(args: SetArgs) -> Result<(), String> {
         None => None,
         Some(p) => Some(p.parse::<Priority>().map_err(|e| format!("--priority: {e}"))?),
     };
-    if memory.is_none() && sm.is_none() && priority.is_none() {
-        return Err("nothing to change: give --memory, --sm or --priority".into());
+    if memory.is_none() && sm.is_none() && priority.is_none() && args.suspendable.is_none() {
+        return Err("nothing to change: give --memory, --sm, --priority or --suspendable".into());
+    }
+    let socket = args.socket.path();
+    if let (Some(suspendable), Some(group)) = (args.suspendable, &args.group) {
+        let request = Request::SetSuspendable(Suspendable { group: group.clone(), suspendable, allow_exports: args.allow_exports, ahead: false });
+        crate::suspend_cli::print_done(ask(&socket, &request)?)?;
+        if memory.is_none() && sm.is_none() && priority.is_none() {
+            return Ok(());
+        }
     }
     let target = match (args.pid, args.group) {
         (Some(pid), _) => Target::Pid(pid),
         (None, Some(group)) => Target::Group(group),
         (None, None) => unreachable!("clap requires one"),
     };
-    let socket = args.socket.path();
     match ask(&socket, &Request::Set(Edit { target, memory, sm, priority, device: args.device, create: args.create }))? {
         Response::Done { message } => {
             println!("{message}");
@@ -222,6 +236,7 @@ pub fn render(l: &Listing) -> String {
             ));
         }
     }
+    out.push_str(&crate::suspend_cli::render(l));
     out
 }
 

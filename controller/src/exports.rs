@@ -48,6 +48,11 @@ impl Exports {
     pub fn len(&self) -> usize {
         self.by_key.values().map(Vec::len).sum()
     }
+
+    /// How many exports the process in `slot` has recorded (issue 22 refuses to suspend them).
+    pub fn held_by(&self, slot: usize) -> usize {
+        self.per_slot.get(&slot).copied().unwrap_or(0)
+    }
 }
 
 impl State {

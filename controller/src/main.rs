@@ -1,13 +1,17 @@
 //! `gpuslice`: the controller daemon (`serve`) and the command-line tool around it.
 
+mod checkpoint;
 mod client;
 mod crosscheck;
 mod exports;
 mod http;
 mod metrics;
+mod room;
 mod run;
 mod serve;
 mod state;
+mod suspend;
+mod suspend_cli;
 mod top;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +42,11 @@ enum Command {
     Status(client::StatusArgs),
     /// A live view of processes and groups (memory, shares, throttling, priority); q quits.
     Top(top::TopArgs),
+    /// Move every process of a group off the GPU (the driver's checkpoint API); `resume` brings
+    /// it back. Its CPU threads run on and block at their next CUDA call.
+    Suspend(suspend_cli::GroupArgs),
+    /// Bring a suspended group back onto the GPU.
+    Resume(suspend_cli::GroupArgs),
     /// Start a program with libgpuslice.so preloaded and the given limits.
     Run(run::RunArgs),
     /// List the GPUs NVML sees, with their memory.
@@ -66,6 +75,8 @@ fn main() -> ExitCode {
         Command::Status(args) => client::status(args),
         Command::Top(args) => top::top(args),
         Command::Run(args) => run::run(args),
+        Command::Suspend(args) => suspend_cli::suspend(args),
+        Command::Resume(args) => suspend_cli::resume(args),
         Command::Devices => devices(),
         Command::CheckConfig { file } => check_config(file),
     };

@@ -56,13 +56,19 @@ pub fn render(snapshot: Snapshot) -> String {
 #[derive(Debug)]
 struct Scrape(Snapshot);
 
-type Labels = Vec<(&'static str, String)>;
+pub type Labels = Vec<(&'static str, String)>;
 
 /// Writes one metric family after another.
-struct Families<'a>(DescriptorEncoder<'a>);
+pub struct Families<'a>(DescriptorEncoder<'a>);
 
 impl Families<'_> {
-    fn gauge<V: EncodeGaugeValue>(&mut self, name: &str, help: &str, unit: Option<Unit>, samples: impl IntoIterator<Item = (Labels, V)>) -> std::fmt::Result {
+    pub fn gauge<V: EncodeGaugeValue>(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: Option<Unit>,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+    ) -> std::fmt::Result {
         let mut family = self.0.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
         for (labels, value) in samples {
             // An empty label set would be written as `{}`.
@@ -75,7 +81,7 @@ impl Families<'_> {
         Ok(())
     }
 
-    fn counter<V: EncodeCounterValue>(
+    pub fn counter<V: EncodeCounterValue>(
         &mut self,
         name: &str,
         help: &str,
@@ -113,7 +119,8 @@ impl Collector for Scrape {
         let empty = Listing::default();
         let listing = self.0.listing.as_ref().unwrap_or(&empty);
         groups(&mut f, listing)?;
-        processes(&mut f, listing)
+        processes(&mut f, listing)?;
+        crate::suspend_cli::metrics(&mut f, listing)
     }
 }
 
@@ -337,6 +344,7 @@ mod tests {
                 measured: (3 << 30) + (1 << 28),
                 charged: 1 << 28,
             }],
+            suspensions: vec![],
         }
     }
 

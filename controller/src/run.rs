@@ -19,6 +19,10 @@ pub struct RunArgs {
     /// controller at $GPUSLICE_SOCKET or /run/gpuslice/gpuslice.sock).
     #[arg(long)]
     group: Option<String>,
+    /// Let the controller suspend the group for higher-priority work (issue 22); marked before
+    /// the program starts, so the group may not exist yet.
+    #[arg(long, requires = "group")]
+    suspendable: bool,
     /// Run on the simulated GPU (16 GiB, no NVIDIA driver needed) that `make demo` and the
     /// tests use: its libcuda.so.1 from target/<profile>/sim, or $GPUSLICE_SIM_DIR.
     #[arg(long)]
@@ -117,6 +121,13 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         if let Err(e) = asked {
             // The shim decides what a group without a controller means; the user hears it here first.
             eprintln!("gpuslice: warning: --group {g} cannot be joined: {e}");
+        } else if args.suspendable {
+            let mark = gpuslice_common::protocol::Suspendable { group: g.clone(), suspendable: true, allow_exports: false, ahead: true };
+            match crate::client::ask_within(&socket, &gpuslice_common::protocol::Request::SetSuspendable(mark), std::time::Duration::from_secs(2)) {
+                Ok(_) => {}
+                // Not suspendable is the safe side: the program runs, and is never suspended.
+                Err(e) => eprintln!("gpuslice: warning: --suspendable: {e}; group {g} is not suspendable"),
+            }
         }
     }
     if args.simulate {

@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// bind where only your monitoring can reach.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    /// Issue 22: suspending and resuming groups.
+    #[command(flatten)]
+    suspension: crate::suspend::ServeFlags,
 }
 
 pub fn serve(args: ServeArgs) -> Result<(), String> {
@@ -102,6 +105,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     header.controller_pid.store(std::process::id(), Relaxed);
     let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
 
+    crate::suspend::configure(&args.suspension)?;
     let mut state = State::new(ledger, config);
     if let Some(n) = args.max_processes_per_uid {
         state.uid_limits.processes = n.max(1);
@@ -144,6 +148,14 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         last_tick_ns: AtomicU64::new(gpuslice_common::ledger::monotonic_ns()),
         metrics: metrics_bound,
     });
+    {
+        // Issue 22: groups an earlier controller suspended, and the policy's resumptions.
+        let for_policy = shared.clone();
+        std::thread::Builder::new()
+            .name("suspend-policy".into())
+            .spawn(move || crate::room::watch(&for_policy.state))
+            .map_err(|e| format!("cannot start the suspension policy: {e}"))?;
+    }
     if let Some(server) = metrics_server {
         let addr = server.local_addr();
         let for_scrapes = shared.clone();
@@ -403,6 +415,17 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
             return Err(e);
         }
     };
+    // Issue 22's requests run outside the state's lock (a suspension takes seconds).
+    let request = match crate::suspend::answer(request, peer, &shared.state) {
+        Ok(response) => {
+            shared.traffic.set.fetch_add(1, Relaxed);
+            if matches!(response, Response::Error { .. }) {
+                shared.traffic.refused.fetch_add(1, Relaxed);
+            }
+            return send_frame(fd, &encode(&response), None).map_err(Into::into);
+        }
+        Err(other) => other,
+    };
     let t = &shared.traffic;
     match &request {
         Request::Register(_) => &t.register,
@@ -411,6 +434,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         Request::Status => &t.status,
         Request::LabelGroup(_) => &t.set,
         Request::Export(_) | Request::Import(_) => &t.sharing,
+        Request::Suspend(_) | Request::Resume(_) | Request::SetSuspendable(_) | Request::MakeRoom(_) => &t.set,
     }
     .fetch_add(1, Relaxed);
     let mut registered = None;
@@ -457,6 +481,9 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                 }
             },
             Request::Import(i) => (Response::Imported { by_gpuslice: state.imported(&i.key) }, Vec::new()),
+            Request::Suspend(_) | Request::Resume(_) | Request::SetSuspendable(_) | Request::MakeRoom(_) => {
+                (Response::Error { message: "answered by the suspension module".into() }, Vec::new())
+            }
             Request::List => (Response::Listing(state.listing()), Vec::new()),
             Request::Status => {
                 let (processes, groups) = state.counts();

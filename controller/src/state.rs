@@ -991,6 +991,7 @@ impl State {
             });
         }
         listing.underreporting = crate::crosscheck::findings(&self.ledger);
+        listing.suspensions = crate::suspend::rows();
         listing
     }
 

@@ -188,7 +188,7 @@ fn title_line(v: &View) -> Line<'static> {
 
 fn notice_line(v: &View) -> Line<'static> {
     match (&v.error, v.last_ok) {
-        (None, _) => Line::from(""),
+        (None, _) => Line::from(v.listing.as_ref().map(crate::suspend_cli::summary).unwrap_or_default()).style(Style::new().fg(Color::Yellow)),
         (Some(e), last) => {
             let seen = last.map_or("figures below: none yet".to_string(), |t| format!("figures below are {} old", duration(t.elapsed().as_secs_f64())));
             Line::from(format!("controller not reachable: {e}; retrying every {} ms ({seen})", v.interval.as_millis()))
@@ -496,6 +496,7 @@ mod tests {
                 devices: vec![pd],
             }],
             underreporting: vec![],
+            suspensions: vec![],
         }
     }
 

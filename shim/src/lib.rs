@@ -25,6 +25,7 @@ mod launch;
 mod legacy;
 mod link;
 mod locks;
+mod make_room;
 mod memory;
 mod module_image;
 mod modules;

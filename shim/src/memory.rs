@@ -104,7 +104,7 @@ pub fn forget_device(device: i32) -> u64 {
 ///
 /// `allocate` returns the driver's code and the key of what it made (read only on success).
 #[inline]
-pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, what: &'static str, allocate: impl FnOnce() -> (CuResult, u64)) -> CuResult {
+pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, what: &'static str, mut allocate: impl FnMut() -> (CuResult, u64)) -> CuResult {
     if runtime::refused() {
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -123,7 +123,11 @@ pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, 
     // ever free it, and the quota would shrink for good (for the whole group, in the ledger).
     let reservation = Reservation { budget, bytes };
     guard::test_panic_stage(what, "reserved");
-    let (code, key) = allocate();
+    let (mut code, mut key) = allocate();
+    // The device is full, not the quota: the controller may suspend others to make room.
+    if code == CUDA_ERROR_OUT_OF_MEMORY && crate::make_room::ask(device, bytes, what) {
+        (code, key) = allocate();
+    }
     std::mem::forget(reservation);
     if code == CUDA_SUCCESS {
         table.insert(key, Entry { device, bytes });

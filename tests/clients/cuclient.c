@@ -50,6 +50,13 @@
  *                          `endchild`, then exits 0; the parent waits for it, prints
  *                          "ok fork child= status=" and goes on after `endchild`.
  *
+ *   poke ID BYTE / peek ID  cuMemsetD8_v2 of a whole `alloc` id / cuMemcpyDtoH_v2 of it
+ *                          -> peek: first= (the first byte) all_same= (1: every byte equals it)
+ *   ckpt ACTION PID TIMEOUT_MS
+ *                          the driver's checkpoint API on process PID: ACTION lock (with
+ *                          TIMEOUT_MS; 0 = none), checkpoint, restore, unlock, state, tid
+ *                          -> action= value= (the CUprocessState, or the restore thread id)
+ *
  * Commands for fault injection (tests/integration/tests/faults.rs):
  *   storm T NS SEED STOPFILE
  *                          T threads, each with a ring of 8 allocations: every round frees one it
@@ -491,6 +498,7 @@ static const struct cmdspec CMDS[] = {
     {"v1info", ""},       {"v1total", "n"},      {"v1array", "nn"},      {"v1array3d", "nnn"},
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
+    {"ckpt", "snn"},      {"poke", "nn"},        {"peek", "n"},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -1534,6 +1542,62 @@ static void run(const char *cmd, char **a) {
             return;
         }
         printf("ok dlsym name=%s ptr=%p\n", a[0], p);
+    } else if (!strcmp(cmd, "poke") || !strcmp(cmd, "peek")) {
+        /* The bytes of a cuMemAlloc id (issue 22: data that must survive a suspension), through
+         * cuMemsetD8_v2 / cuMemcpyDtoH_v2 found by name. */
+        void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
+        unsigned long long id = num(a[0]);
+        if (id < 1 || id > (unsigned long long)nobjs || objs[id - 1].kind != K_ALLOC) {
+            printf("err %s code=-1 unknown_id=%llu\n", cmd, id);
+            return;
+        }
+        struct obj *o = &objs[id - 1];
+        CUresult r;
+        if (!strcmp(cmd, "poke")) {
+            CUresult (*memset8)(CUdeviceptr, unsigned char, size_t) = h ? dlsym(h, "cuMemsetD8_v2") : NULL;
+            if (!memset8) { printf("err poke code=-1 missing=cuMemsetD8_v2\n"); return; }
+            if ((r = memset8(o->ptr, (unsigned char)num(a[1]), o->size))) { printf("err poke code=%d\n", r); return; }
+            printf("ok poke id=%llu\n", id);
+        } else {
+            CUresult (*dtoh)(void *, CUdeviceptr, size_t) = h ? dlsym(h, "cuMemcpyDtoH_v2") : NULL;
+            if (!dtoh) { printf("err peek code=-1 missing=cuMemcpyDtoH_v2\n"); return; }
+            unsigned char *buf = malloc(o->size ? o->size : 1);
+            if ((r = dtoh(buf, o->ptr, o->size))) { printf("err peek code=%d\n", r); free(buf); return; }
+            int same = 1;
+            for (size_t i = 1; i < o->size; i++) same &= buf[i] == buf[0];
+            printf("ok peek id=%llu first=%d all_same=%d\n", id, o->size ? buf[0] : -1, same);
+            free(buf);
+        }
+    } else if (!strcmp(cmd, "ckpt")) {
+        /* The driver's checkpoint API on another process (issue 22), found by name: args are
+         * 64 zeroed bytes but for the lock's timeout (cuda.h's CUcheckpoint*Args). */
+        void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
+        int pid = (int)strtoull(a[1], NULL, 0);
+        unsigned long long args[8] = {0};
+        const char *action = a[0];
+        char name[64];
+        snprintf(name, sizeof name, "cuCheckpointProcess%s",
+                 !strcmp(action, "lock") ? "Lock" : !strcmp(action, "checkpoint") ? "Checkpoint" :
+                 !strcmp(action, "restore") ? "Restore" : !strcmp(action, "unlock") ? "Unlock" :
+                 !strcmp(action, "tid") ? "GetRestoreThreadId" : "GetState");
+        void *f = h ? dlsym(h, name) : NULL;
+        if (!f) {
+            printf("err ckpt code=-1 missing=%s\n", name);
+            return;
+        }
+        CUresult r;
+        int out = -1;
+        if (!strcmp(action, "state") || !strcmp(action, "tid")) {
+            r = ((CUresult (*)(int, int *))f)(pid, &out);
+        } else {
+            if (!strcmp(action, "lock")) args[0] = strtoull(a[2], NULL, 0) & 0xffffffffULL; /* timeoutMs */
+            r = ((CUresult (*)(int, void *))f)(pid, args);
+        }
+        if (r) {
+            printf("err ckpt code=%d action=%s\n", r, action);
+            return;
+        }
+        printf("ok ckpt action=%s value=%d\n", action, out);
     } else if (!strcmp(cmd, "pid")) {
         printf("ok pid pid=%d\n", (int)getpid());
     } else if (!strcmp(cmd, "getenv")) {

@@ -177,3 +177,13 @@ start_python() { # TOKEN_VAR LIMIT KILL_AFTER SCRIPT ARG...: tests/gpu/SCRIPT in
   fi
   PYPID=$!
 }
+
+dry_setup() { # NAME LOGFILE TITLE: a dry run's log (like gpu_setup's) and its checks: the shim
+  # from target/debug, the simulated driver in target/sim
+  mkdir -p "$OUTDIR" "$BUILD" || exit 2
+  LOG=$OUTDIR/$2
+  : >"$LOG"
+  note "$3 (DRY RUN on the simulated driver): $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  [ -f "$LIB" ] || { note "$1: no shim at $LIB (cargo build --workspace)"; exit 2; }
+  [ -f "$ROOT/target/sim/libcuda.so.1" ] || { note "$1: no simulated driver in target/sim (run an integration test once)"; exit 2; }
+}

@@ -334,6 +334,8 @@ macro_rules! check_init {
         if !INITIALIZED.load(Ordering::Acquire) {
             return NOT_INITIALIZED;
         }
+        // A process locked by the checkpoint API waits here until it is unlocked.
+        let _call = $crate::checkpoint::gate();
     };
 }
 
@@ -346,7 +348,9 @@ macro_rules! tri {
     };
 }
 
-// After the macros, which it uses.
+// After the macros, which they use.
+mod checkpoint;
+mod contents;
 mod sharing;
 
 unsafe fn put<T>(p: *mut T, v: T) -> Result<(), CUresult> {
@@ -465,6 +469,8 @@ const ERROR_TEXT: &[(CUresult, &CStr, &CStr)] = &[
     (NOT_FOUND, c"CUDA_ERROR_NOT_FOUND", c"named symbol not found"),
     (NOT_READY, c"CUDA_ERROR_NOT_READY", c"device not ready"),
     (STREAM_CAPTURE_UNSUPPORTED, c"CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", c"operation not permitted when stream is capturing"),
+    (801, c"CUDA_ERROR_NOT_SUPPORTED", c"operation not supported"),
+    (909, c"CUDA_ERROR_TIMEOUT", c"wait operation timed out"),
     (999, c"CUDA_ERROR_UNKNOWN", c"unknown error"),
 ];
 
@@ -2500,6 +2506,15 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuCtxDisablePeerAccess", 4000, "cuCtxDisablePeerAccess", ""),
     ("cuMemcpyPeer", 4000, "cuMemcpyPeer", ""),
     ("cuMemcpyPeerAsync", 4000, "cuMemcpyPeerAsync", ""),
+    ("cuMemsetD8", 3020, "cuMemsetD8_v2", ""),
+    ("cuMemcpyHtoD", 3020, "cuMemcpyHtoD_v2", ""),
+    ("cuMemcpyDtoH", 3020, "cuMemcpyDtoH_v2", ""),
+    ("cuCheckpointProcessGetRestoreThreadId", 12080, "cuCheckpointProcessGetRestoreThreadId", ""),
+    ("cuCheckpointProcessGetState", 12080, "cuCheckpointProcessGetState", ""),
+    ("cuCheckpointProcessLock", 12080, "cuCheckpointProcessLock", ""),
+    ("cuCheckpointProcessCheckpoint", 12080, "cuCheckpointProcessCheckpoint", ""),
+    ("cuCheckpointProcessRestore", 12080, "cuCheckpointProcessRestore", ""),
+    ("cuCheckpointProcessUnlock", 12080, "cuCheckpointProcessUnlock", ""),
     ("cuGetProcAddress", 12000, "cuGetProcAddress_v2", ""),
     ("cuGetProcAddress", 11030, "cuGetProcAddress", ""),
 ];
@@ -2521,7 +2536,11 @@ pub fn proc_lookup(name: &str, version: c_int, flags: u64) -> Result<*mut c_void
             continue;
         }
         let sym = if flags & CU_GET_PROC_ADDRESS_PER_THREAD_DEFAULT_STREAM != 0 && !ptsz.is_empty() { ptsz } else { exp };
-        return export_addr(sym).or_else(|| sharing_export_addr(sym)).ok_or(PROC_SYMBOL_NOT_FOUND);
+        return export_addr(sym)
+            .or_else(|| sharing_export_addr(sym))
+            .or_else(|| checkpoint::export_addr(sym))
+            .or_else(|| contents::export_addr(sym))
+            .ok_or(PROC_SYMBOL_NOT_FOUND);
     }
     Err(if known { PROC_VERSION_NOT_SUFFICIENT } else { PROC_SYMBOL_NOT_FOUND })
 }
@@ -2796,7 +2815,10 @@ mod tests {
     #[test]
     fn proc_table_names_are_all_exported() {
         for (base, _, exp, ptsz) in PROC_TABLE {
-            assert!(export_addr(exp).or_else(|| sharing_export_addr(exp)).is_some(), "{base} -> {exp} is not exported");
+            assert!(
+                export_addr(exp).or_else(|| sharing_export_addr(exp)).or_else(|| checkpoint::export_addr(exp)).or_else(|| contents::export_addr(exp)).is_some(),
+                "{base} -> {exp} is not exported"
+            );
             assert!(ptsz.is_empty() || export_addr(ptsz).is_some(), "{base} -> {ptsz} is not exported");
         }
     }

@@ -1,0 +1,175 @@
+//! `gpuslice suspend` / `gpuslice resume` and the suspensions table of `ls` (issue 22).
+
+use crate::client::{ask_within, SocketArg};
+use gpuslice_common::protocol::{GroupRef, Listing, Request, Response};
+use gpuslice_common::size::format_size;
+use std::time::Duration;
+
+/// A suspension of a large tenant copies its memory at a few GB/s: the CLI waits long enough.
+const SUSPEND_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(clap::Args)]
+pub struct GroupArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The group (every process of it, on every device).
+    #[arg(long, required = true)]
+    group: String,
+}
+
+pub fn print_done(response: Response) -> Result<(), String> {
+    match response {
+        Response::Done { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        other => Err(format!("unexpected answer: {other:?}")),
+    }
+}
+
+pub fn suspend(args: GroupArgs) -> Result<(), String> {
+    print_done(ask_within(&args.socket.path(), &Request::Suspend(GroupRef { group: args.group }), SUSPEND_TIMEOUT)?)
+}
+
+pub fn resume(args: GroupArgs) -> Result<(), String> {
+    print_done(ask_within(&args.socket.path(), &Request::Resume(GroupRef { group: args.group }), SUSPEND_TIMEOUT)?)
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0} ms"))
+}
+
+/// One line for `top`: the groups not running now, with what they hold in host memory.
+pub fn summary(l: &Listing) -> String {
+    let parts: Vec<String> = l
+        .suspensions
+        .iter()
+        .filter(|s| s.state != "running")
+        .map(|s| match s.state.as_str() {
+            "suspended" => format!("{} suspended ({} in host memory{})", s.group, format_size(s.host_bytes), if s.automatic { ", by the policy" } else { "" }),
+            other => format!("{} {other}", s.group),
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("groups off the GPU: {}", parts.join("; "))
+    }
+}
+
+/// The SUSPENSIONS table under `ls` (nothing when no group was ever marked or suspended).
+pub fn render(l: &Listing) -> String {
+    if l.suspensions.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nSUSPENSIONS (suspended groups keep their quota; their memory waits in host memory)\n");
+    out.push_str(&format!(
+        "{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} PIDS\n",
+        "GROUP", "STATE", "SUSPENDABLE", "MOVED", "HOST NOW", "SUSPEND", "RESUME", "AUTO"
+    ));
+    for s in &l.suspensions {
+        let pids = s.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        out.push_str(&format!(
+            "{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} {}\n",
+            s.group,
+            s.state,
+            if s.suspendable { "yes" } else { "no" },
+            format_size(s.bytes),
+            format_size(s.host_bytes),
+            ms(s.suspend_ms),
+            ms(s.resume_ms),
+            if s.automatic { "yes" } else { "no" },
+            if pids.is_empty() { "-".into() } else { pids }
+        ));
+        if let Some(e) = &s.error {
+            out.push_str(&format!("{:<20} last error: {e}\n", ""));
+        }
+    }
+    out
+}
+
+/// The suspension series of the metrics: per group, its state, what moved and how long it took.
+pub fn metrics(f: &mut crate::metrics::Families<'_>, l: &Listing) -> std::fmt::Result {
+    let group = |s: &gpuslice_common::protocol::SuspensionRow| -> crate::metrics::Labels { vec![("group", s.group.clone())] };
+    let rows = &l.suspensions;
+    f.gauge(
+        "group_suspended",
+        "1 while the group is suspended (or being suspended or resumed), its memory in host memory; 0 while it runs.",
+        None,
+        rows.iter().map(|s| (group(s), u32::from(s.state != "running" && s.state != "failed"))),
+    )?;
+    f.gauge(
+        "group_suspended_host_memory",
+        "Host memory the group's suspended copy holds now.",
+        Some(prometheus_client::registry::Unit::Bytes),
+        rows.iter().map(|s| (group(s), s.host_bytes)),
+    )?;
+    f.gauge(
+        "group_suspension_bytes",
+        "Device bytes moved at the group's last suspension.",
+        Some(prometheus_client::registry::Unit::Bytes),
+        rows.iter().map(|s| (group(s), s.bytes)),
+    )?;
+    f.gauge(
+        "group_suspend_duration",
+        "How long the group's last suspension took.",
+        Some(prometheus_client::registry::Unit::Seconds),
+        rows.iter().filter_map(|s| Some((group(s), s.suspend_ms? / 1e3))),
+    )?;
+    f.gauge(
+        "group_resume_duration",
+        "How long the group's last resumption took.",
+        Some(prometheus_client::registry::Unit::Seconds),
+        rows.iter().filter_map(|s| Some((group(s), s.resume_ms? / 1e3))),
+    )?;
+    f.counter("group_suspensions", "Times the group was suspended.", None, rows.iter().map(|s| (group(s), s.suspensions)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuslice_common::protocol::SuspensionRow;
+
+    fn listing() -> Listing {
+        let row = SuspensionRow {
+            group: "batch".into(),
+            state: "suspended".into(),
+            suspendable: true,
+            pids: vec![42],
+            bytes: 3 << 30,
+            host_bytes: 3 << 30,
+            suspend_ms: Some(1500.0),
+            automatic: true,
+            suspensions: 2,
+            ..Default::default()
+        };
+        Listing { suspensions: vec![row], ..Default::default() }
+    }
+
+    #[test]
+    fn ls_top_and_metrics_show_a_suspended_group() {
+        let l = listing();
+        let table = render(&l);
+        assert!(
+            table.lines().any(|line| line.starts_with("batch") && line.contains("suspended") && line.contains("3.00 GiB") && line.contains("1500 ms")),
+            "{table}"
+        );
+        assert_eq!(summary(&l), "groups off the GPU: batch suspended (3.00 GiB in host memory, by the policy)");
+        let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l) });
+        for want in [
+            "gpuslice_group_suspended{group=\"batch\"} 1",
+            "gpuslice_group_suspended_host_memory_bytes{group=\"batch\"} 3221225472",
+            "gpuslice_group_suspend_duration_seconds{group=\"batch\"} 1.5",
+            "gpuslice_group_suspensions_total{group=\"batch\"} 2",
+        ] {
+            assert!(text.contains(want), "no {want} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn nothing_is_shown_without_suspensions() {
+        let l = Listing::default();
+        assert_eq!(render(&l), "");
+        assert_eq!(summary(&l), "");
+    }
+}
