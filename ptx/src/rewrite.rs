@@ -1,0 +1,181 @@
+//! The sliced form of a module: every kernel that can be sliced gets one trailing parameter
+//! `.param .align 4 .b8 __gpuslice_slice[24]` (block offset x,y,z then the original grid x,y,z, as
+//! `u32`), and reads `%ctaid.c + offset.c` wherever it read `%ctaid.c` and the original grid wherever
+//! it read `%nctaid.c`. Kernels that cannot be sliced stay as they are, with the reasons.
+
+use crate::analyze::{facts, grid_register, FuncFacts};
+use crate::lex::{lex, Token};
+use crate::params::{layout, total_size, ParamSlot};
+use crate::syntax::{signature, statements_mut, Item, Module, ParseError, Scope};
+use crate::TRANSFORMER_VERSION;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+
+pub const SLICE_PARAM_NAME: &str = "__gpuslice_slice";
+/// Offset x, y, z and original grid x, y, z: six `u32`.
+pub const SLICE_PARAM_SIZE: u32 = 24;
+const SLICE_PARAM_ALIGN: u32 = 4;
+/// Prefix of the registers the prologue declares (`%gpuslice<7>`).
+const REG: &str = "%gpuslice";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelOutcome {
+    pub name: String,
+    pub sliced: bool,
+    /// Why the kernel was left as it is (empty when sliced).
+    pub reasons: Vec<String>,
+    pub notes: Vec<String>,
+    /// The kernel's own parameters (unchanged by slicing).
+    pub params: Vec<ParamSlot>,
+    /// Where the slice parameter goes in a packed parameter buffer (`None` when not sliced).
+    pub slice_param: Option<ParamSlot>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleOutcome {
+    pub transformer: String,
+    /// The module with every sliceable kernel rewritten (the input, if none was).
+    pub ptx: String,
+    pub kernels: Vec<KernelOutcome>,
+}
+
+impl ModuleOutcome {
+    pub fn kernel(&self, name: &str) -> Option<&KernelOutcome> {
+        self.kernels.iter().find(|k| k.name == name)
+    }
+}
+
+/// Bytes of kernel parameters the driver accepts: 4 KiB before PTX ISA 8.1, 32764 from 8.1 on
+/// (sm_70 and newer, which is all this crate targets).
+fn param_limit(module: &Module) -> u32 {
+    let version = module.items.iter().find_map(|item| match item {
+        Item::Stmt(t) if t[0].is(".version") => t.get(1).map(|v| v.text.clone()),
+        _ => None,
+    });
+    let (major, minor) = version.as_deref().and_then(|v| v.split_once('.')).map_or((0, 0), |(a, b)| (a.parse().unwrap_or(0), b.parse().unwrap_or(0)));
+    if (major, minor) >= (8, 1) {
+        32764
+    } else {
+        4096
+    }
+}
+
+/// Every function reachable from `entry` through direct calls, itself included.
+fn reachable<'a>(entry: &'a FuncFacts, funcs: &'a HashMap<String, FuncFacts>) -> Vec<&'a FuncFacts> {
+    let mut seen = BTreeSet::new();
+    let mut out = vec![entry];
+    let mut next = 0;
+    while next < out.len() {
+        for callee in &out[next].callees {
+            if let Some(f) = funcs.get(callee) {
+                if seen.insert(callee.clone()) {
+                    out.push(f);
+                }
+            }
+        }
+        next += 1;
+    }
+    out
+}
+
+/// The reasons `entry` cannot be sliced, given every function's facts.
+fn refusals(entry: &FuncFacts, funcs: &HashMap<String, FuncFacts>, name_clash: bool) -> (Vec<String>, Vec<String>) {
+    let mut reasons = Vec::new();
+    let mut notes = Vec::new();
+    if name_clash {
+        reasons.push(format!("the module already uses the names `{SLICE_PARAM_NAME}` or `{REG}*` (sliced twice?)"));
+    }
+    let reach = reachable(entry, funcs);
+    for f in &reach {
+        let place = if f.is_entry { String::new() } else { format!("device function `{}` ", f.name) };
+        reasons.extend(f.refusals.iter().map(|r| format!("{place}{r}")));
+        notes.extend(f.notes.iter().map(|n| format!("{place}{n}")));
+        if !f.is_entry && f.reads_grid {
+            reasons.push(format!("device function `{}` reads %ctaid/%nctaid: only kernels get the slice offset", f.name));
+        }
+    }
+    if reach.iter().any(|f| f.indirect_calls) && funcs.values().any(|f| f.reads_grid || !f.refusals.is_empty()) {
+        reasons.push("calls through a function pointer, and a device function of the module reads %ctaid/%nctaid or cannot be sliced".to_string());
+    }
+    (reasons, notes)
+}
+
+fn tokens(text: &str) -> Vec<Token> {
+    lex(text).map(|(t, _)| t).unwrap_or_default()
+}
+
+/// The statements that compute the sliced block index and grid size into `%gpuslice0..5`.
+fn prologue() -> Vec<Item> {
+    let p = SLICE_PARAM_NAME;
+    let mut text = format!("\n\t.reg .b32 \t{REG}<7>;");
+    for (axis, comp) in ["x", "y", "z"].iter().enumerate() {
+        let at = if axis == 0 { String::new() } else { format!("+{}", 4 * axis) };
+        text += &format!("\n\tld.param.u32 \t{REG}{axis}, [{p}{at}];\n\tmov.u32 \t{REG}6, %ctaid.{comp};\n\tadd.u32 \t{REG}{axis}, {REG}{axis}, {REG}6;");
+    }
+    for axis in 0..3 {
+        text += &format!("\n\tld.param.u32 \t{REG}{}, [{p}+{}];", axis + 3, 12 + 4 * axis);
+    }
+    Module::parse(&text).map(|m| m.items).unwrap_or_default()
+}
+
+/// Rewrites one kernel in place; its parameter list must be a `( ... )` (checked by the caller).
+fn rewrite_kernel(kernel: &mut Scope) {
+    statements_mut(&mut kernel.items, &mut |stmt| {
+        for t in stmt.iter_mut() {
+            if let Some((nctaid, axis)) = grid_register(&t.text) {
+                t.text = format!("{REG}{}", axis + if nctaid { 3 } else { 0 });
+            }
+        }
+    });
+    kernel.items.splice(0..0, prologue());
+    let sig = signature(&kernel.header).expect("caller checked the signature");
+    let decl = format!(".param .align {SLICE_PARAM_ALIGN} .b8 {SLICE_PARAM_NAME}[{SLICE_PARAM_SIZE}]");
+    if sig.params_close == sig.params_open + 1 {
+        kernel.header.splice(sig.params_close..sig.params_close, tokens(&format!("\n\t{decl}")));
+        kernel.header[sig.params_close + tokens(&decl).len()].trivia = "\n".to_string();
+    } else {
+        kernel.header.splice(sig.params_close..sig.params_close, tokens(&format!(",\n\t{decl}")));
+    }
+}
+
+/// Slices every kernel of the PTX module `text` that can be sliced.
+pub fn slice_module(text: &str) -> Result<ModuleOutcome, ParseError> {
+    let mut module = Module::parse(text)?;
+    let all_facts: Vec<Option<FuncFacts>> = module.items.iter().map(|i| if let Item::Scope(s) = i { facts(s) } else { None }).collect();
+    let funcs: HashMap<String, FuncFacts> = all_facts.iter().flatten().filter(|f| !f.is_entry).map(|f| (f.name.clone(), f.clone())).collect();
+    let name_clash = text.contains(SLICE_PARAM_NAME) || text.contains(REG);
+    let limit = param_limit(&module);
+    let mut kernels = Vec::new();
+    for (item, f) in module.items.iter_mut().zip(&all_facts) {
+        let (Item::Scope(scope), Some(f)) = (item, f) else { continue };
+        if !f.is_entry {
+            continue;
+        }
+        let (mut reasons, notes) = refusals(f, &funcs, name_clash);
+        let sig = signature(&scope.header).expect("facts found a signature");
+        let params = if scope.header[sig.params_open].is("(") {
+            layout(&scope.header[sig.params_open + 1..sig.params_close]).unwrap_or_else(|e| {
+                reasons.push(format!("parameter list: {e}"));
+                Vec::new()
+            })
+        } else {
+            reasons.push("has no parameter list to add the slice parameter to".to_string());
+            Vec::new()
+        };
+        let slot = ParamSlot {
+            name: SLICE_PARAM_NAME.to_string(),
+            offset: total_size(&params).next_multiple_of(SLICE_PARAM_ALIGN),
+            size: SLICE_PARAM_SIZE,
+            align: SLICE_PARAM_ALIGN,
+        };
+        if slot.offset + slot.size > limit {
+            reasons.push(format!("parameters take {} bytes; with the slice parameter they would pass the driver's {limit}", total_size(&params)));
+        }
+        let sliced = reasons.is_empty();
+        if sliced {
+            rewrite_kernel(scope);
+        }
+        kernels.push(KernelOutcome { name: f.name.clone(), sliced, reasons, notes, params, slice_param: sliced.then_some(slot) });
+    }
+    Ok(ModuleOutcome { transformer: TRANSFORMER_VERSION.to_string(), ptx: module.print(), kernels })
+}
