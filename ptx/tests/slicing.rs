@@ -1,0 +1,149 @@
+//! The slicer on PTX text: every fixture round-trips through the parser unchanged, each kernel gets
+//! the verdict it should (sliced, or refused with the reason), and a sliced kernel reads the grid
+//! registers only where the prologue adds the offset.
+
+use gpuslice_ptx::syntax::Module;
+use gpuslice_ptx::{slice_module, KernelOutcome, ModuleOutcome, SLICE_PARAM_NAME};
+
+const FIXTURES: [(&str, &str); 3] =
+    [("suite", include_str!("fixtures/suite.ptx")), ("refuse", include_str!("fixtures/refuse.ptx")), ("edge", include_str!("fixtures/edge.ptx"))];
+
+fn fixture(name: &str) -> &'static str {
+    FIXTURES.iter().find(|(n, _)| *n == name).unwrap().1
+}
+
+fn kernel<'a>(m: &'a ModuleOutcome, name: &str) -> &'a KernelOutcome {
+    m.kernel(name).unwrap_or_else(|| panic!("no kernel {name} in {:?}", m.kernels.iter().map(|k| &k.name).collect::<Vec<_>>()))
+}
+
+fn assert_refused(m: &ModuleOutcome, name: &str, reason: &str) {
+    let k = kernel(m, name);
+    assert!(!k.sliced && k.slice_param.is_none(), "{name} was sliced");
+    assert!(k.reasons.iter().any(|r| r.contains(reason)), "{name}: no reason containing {reason:?} in {:?}", k.reasons);
+}
+
+fn assert_sliced<'a>(m: &'a ModuleOutcome, name: &str) -> &'a KernelOutcome {
+    let k = kernel(m, name);
+    assert!(k.sliced, "{name} refused: {:?}", k.reasons);
+    k
+}
+
+/// The text of the kernel `name` in `ptx`, from its `.entry` line to the closing brace.
+fn kernel_text<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let start = ptx.find(&format!(".entry {name}(")).unwrap();
+    let end = start + ptx[start..].find("\n}").unwrap();
+    &ptx[start..end]
+}
+
+#[test]
+fn every_fixture_round_trips_unchanged() {
+    for (name, text) in FIXTURES {
+        let m = Module::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(m.print(), text, "{name}");
+    }
+}
+
+#[test]
+fn suite_kernels_are_sliced_except_the_helper_that_reads_ctaid() {
+    let m = slice_module(fixture("suite")).unwrap();
+    let names: Vec<&str> = m.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fill_1d", "fill_2d", "fill_3d", "grid_stride", "block_sum_static", "reverse_dynamic", "histogram", "uses_helper", "helper_reads_ctaid"]
+    );
+    for name in &names[..8] {
+        assert_sliced(&m, name);
+    }
+    assert_refused(&m, "helper_reads_ctaid", "device function `_Z9block_keyv` reads %ctaid/%nctaid");
+}
+
+#[test]
+fn sliced_kernels_read_the_grid_only_in_the_prologue() {
+    let m = slice_module(fixture("suite")).unwrap();
+    for k in m.kernels.iter().filter(|k| k.sliced) {
+        let text = kernel_text(&m.ptx, &k.name);
+        assert!(!text.contains("%nctaid"), "{}: %nctaid left", k.name);
+        let ctaid_reads: Vec<&str> = text.lines().filter(|l| l.contains("%ctaid")).collect();
+        assert_eq!(ctaid_reads, ["\tmov.u32 \t%gpuslice6, %ctaid.x;", "\tmov.u32 \t%gpuslice6, %ctaid.y;", "\tmov.u32 \t%gpuslice6, %ctaid.z;"], "{}", k.name);
+        let params = text.split(')').next().unwrap();
+        assert!(params.ends_with(&format!(",\n\t.param .align 4 .b8 {SLICE_PARAM_NAME}[24]\n")), "{}: {params}", k.name);
+    }
+    // The one the slicer refused, and the device functions, are byte for byte the original.
+    let original = fixture("suite");
+    assert_eq!(kernel_text(&m.ptx, "helper_reads_ctaid"), kernel_text(original, "helper_reads_ctaid"));
+    let funcs = |t: &str| t[t.find(".func  (.param .b32 func_retval0) _Z3mixj(\n\t.param .b32 _Z3mixj_param_0\n)\n{").unwrap()..].to_string();
+    assert_eq!(funcs(&m.ptx), funcs(original));
+}
+
+#[test]
+fn reads_are_replaced_by_the_offset_registers() {
+    let m = slice_module(fixture("suite")).unwrap();
+    let fill_3d = kernel_text(&m.ptx, "fill_3d");
+    for line in ["mov.u32 \t%r1, %gpuslice2;", "mov.u32 \t%r2, %gpuslice4;", "mov.u32 \t%r6, %gpuslice0;", "mov.u32 \t%r11, %gpuslice5;"] {
+        assert!(fill_3d.contains(line), "fill_3d lacks {line}");
+    }
+    let prologue = ["ld.param.u32 \t%gpuslice0, [__gpuslice_slice];", "add.u32 \t%gpuslice2, %gpuslice2, %gpuslice6;", "ld.param.u32 \t%gpuslice5, [__gpuslice_slice+20];"];
+    for line in prologue {
+        assert!(fill_3d.contains(line), "fill_3d lacks {line}");
+    }
+    // The rewritten module parses again, prints back, and slicing it twice is refused.
+    assert_eq!(Module::parse(&m.ptx).unwrap().print(), m.ptx);
+    let twice = slice_module(&m.ptx).unwrap();
+    assert_refused(&twice, "fill_1d", "sliced twice");
+}
+
+#[test]
+fn parameter_layouts_and_where_the_slice_parameter_goes() {
+    let m = slice_module(fixture("suite")).unwrap();
+    let k = assert_sliced(&m, "grid_stride");
+    let got: Vec<(u32, u32, u32)> = k.params.iter().map(|p| (p.offset, p.size, p.align)).collect();
+    assert_eq!(got, [(0, 8, 8), (8, 8, 8), (16, 4, 4)]);
+    let slot = k.slice_param.as_ref().unwrap();
+    assert_eq!((slot.offset, slot.size, slot.align), (20, 24, 4));
+
+    let e = slice_module(fixture("edge")).unwrap();
+    let k = assert_sliced(&e, "direct_operands");
+    let got: Vec<(u32, u32, u32)> = k.params.iter().map(|p| (p.offset, p.size, p.align)).collect();
+    assert_eq!(got, [(0, 16, 8), (16, 1, 1), (24, 8, 8)]);
+    assert_eq!(k.slice_param.as_ref().unwrap().offset, 32);
+    let k = assert_sliced(&e, "no_params");
+    assert!(k.params.is_empty());
+    assert_eq!(k.slice_param.as_ref().unwrap().offset, 0);
+    assert!(e.ptx.contains(".entry no_params(\n\t.param .align 4 .b8 __gpuslice_slice[24]\n)\n.maxntid 128, 1, 1"));
+    assert!(k.notes.iter().any(|n| n.contains(".minnctapersm")), "{:?}", k.notes);
+}
+
+#[test]
+fn refusals_name_their_reason() {
+    let r = slice_module(fixture("refuse")).unwrap();
+    assert_refused(&r, "grid_sync", "grid synchronization");
+    assert_refused(&r, "cluster_rank", "clusters (`.explicitcluster`)");
+    assert_refused(&r, "cluster_rank", "`%cluster_ctarank`");
+    assert_refused(&r, "reads_gridid", "%gridid");
+    let smid = assert_sliced(&r, "reads_smid");
+    assert!(smid.notes.iter().any(|n| n.contains("%smid")), "{:?}", smid.notes);
+
+    let e = slice_module(fixture("edge")).unwrap();
+    assert_refused(&e, "sixteen_bit", "with `mov.u16`, not as a 32-bit operand");
+    assert_refused(&e, "vector_read", "as a whole vector");
+    assert_refused(&e, "unknown_register", "`%unknown_sreg`");
+    assert_refused(&e, "indirect_call", "function pointer");
+    assert_refused(&e, "too_many_params", "the driver's 4096");
+    assert_sliced(&e, "calls_printf");
+    // Refused kernels are left exactly as they were.
+    for name in ["sixteen_bit", "vector_read", "unknown_register", "indirect_call"] {
+        assert_eq!(kernel_text(&e.ptx, name), kernel_text(fixture("edge"), name));
+    }
+}
+
+#[test]
+fn direct_operands_and_nested_blocks_are_rewritten() {
+    let e = slice_module(fixture("edge")).unwrap();
+    let text = kernel_text(&e.ptx, "direct_operands");
+    for line in ["add.u32 \t%r1, %gpuslice0, 1;", "cvt.u64.u32 \t%rd1, %gpuslice1;", "mad.lo.s32 \t%r2, %gpuslice2, %gpuslice4, %gpuslice1;", "setp.eq.u32 \t%q, %gpuslice0, 0;", "@%q mov.u32 \t%r3, %gpuslice3;"] {
+        assert!(text.contains(line), "direct_operands lacks {line}:\n{text}");
+    }
+    // The initializer and the string survive.
+    assert!(e.ptx.contains(".global .align 4 .b8 table[8] = {1, 0, 0, 0, 2, 0, 0, 0};"));
+    assert!(e.ptx.contains(".pragma \"nounroll\";"));
+}
