@@ -127,7 +127,9 @@ fn rewrite_kernel(kernel: &mut Scope) {
             }
         }
     });
-    kernel.items.splice(0..0, prologue());
+    // After the kernel's own declarations (registers, demoted shared variables), before its code.
+    let at = kernel.items.iter().take_while(|i| matches!(i, Item::Stmt(t) if t[0].text.starts_with('.'))).count();
+    kernel.items.splice(at..at, prologue());
     let sig = signature(&kernel.header).expect("caller checked the signature");
     let decl = format!(".param .align {SLICE_PARAM_ALIGN} .b8 {SLICE_PARAM_NAME}[{SLICE_PARAM_SIZE}]");
     if sig.params_close == sig.params_open + 1 {
