@@ -99,7 +99,10 @@ impl Cache {
         if fields.next()? != key || fields.next()? != hex(&Sha256::digest(body.as_bytes())) || fields.next().is_some() {
             return None;
         }
-        let outcome: ModuleOutcome = serde_json::from_str(body).ok()?;
+        // The verdicts as one JSON line, then the sliced PTX as it is (no escaping to undo).
+        let (verdicts, ptx) = body.split_once('\n')?;
+        let mut outcome: ModuleOutcome = serde_json::from_str(verdicts).ok()?;
+        outcome.ptx = ptx.to_string();
         if outcome.transformer != TRANSFORMER_VERSION {
             return None;
         }
@@ -111,7 +114,8 @@ impl Cache {
     /// Stores `outcome` for `ptx` (atomic rename), then trims the directory to the cap.
     pub fn put(&self, ptx: &str, outcome: &ModuleOutcome) -> io::Result<()> {
         let key = key(ptx);
-        let body = serde_json::to_string(outcome).map_err(io::Error::other)?;
+        let verdicts = ModuleOutcome { ptx: String::new(), ..outcome.clone() };
+        let body = format!("{}\n{}", serde_json::to_string(&verdicts).map_err(io::Error::other)?, outcome.ptx);
         let text = format!("{MAGIC} {key} {}\n{body}", hex(&Sha256::digest(body.as_bytes())));
         if text.len() as u64 > self.cap_bytes {
             return Ok(());
