@@ -82,7 +82,11 @@ fn reads_are_replaced_by_the_offset_registers() {
     for line in ["mov.u32 \t%r1, %gpuslice2;", "mov.u32 \t%r2, %gpuslice4;", "mov.u32 \t%r6, %gpuslice0;", "mov.u32 \t%r11, %gpuslice5;"] {
         assert!(fill_3d.contains(line), "fill_3d lacks {line}");
     }
-    let prologue = ["ld.param.u32 \t%gpuslice0, [__gpuslice_slice];", "add.u32 \t%gpuslice2, %gpuslice2, %gpuslice6;", "ld.param.u32 \t%gpuslice5, [__gpuslice_slice+20];"];
+    let prologue = [
+        "ld.param.u32 \t%gpuslice0, [__gpuslice_slice];",
+        "add.u32 \t%gpuslice2, %gpuslice2, %gpuslice6;",
+        "ld.param.u32 \t%gpuslice5, [__gpuslice_slice+20];",
+    ];
     for line in prologue {
         assert!(fill_3d.contains(line), "fill_3d lacks {line}");
     }
@@ -140,7 +144,13 @@ fn refusals_name_their_reason() {
 fn direct_operands_and_nested_blocks_are_rewritten() {
     let e = slice_module(fixture("edge")).unwrap();
     let text = kernel_text(&e.ptx, "direct_operands");
-    for line in ["add.u32 \t%r1, %gpuslice0, 1;", "cvt.u64.u32 \t%rd1, %gpuslice1;", "mad.lo.s32 \t%r2, %gpuslice2, %gpuslice4, %gpuslice1;", "setp.eq.u32 \t%q, %gpuslice0, 0;", "@%q mov.u32 \t%r3, %gpuslice3;"] {
+    for line in [
+        "add.u32 \t%r1, %gpuslice0, 1;",
+        "cvt.u64.u32 \t%rd1, %gpuslice1;",
+        "mad.lo.s32 \t%r2, %gpuslice2, %gpuslice4, %gpuslice1;",
+        "setp.eq.u32 \t%q, %gpuslice0, 0;",
+        "@%q mov.u32 \t%r3, %gpuslice3;",
+    ] {
         assert!(text.contains(line), "direct_operands lacks {line}:\n{text}");
     }
     // The initializer and the string survive.

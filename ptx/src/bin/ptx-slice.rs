@@ -31,7 +31,9 @@ fn report(outcome: &ModuleOutcome) {
     for k in &outcome.kernels {
         let params: Vec<String> = k.params.iter().map(slot).collect();
         match &k.slice_param {
-            Some(s) => println!("kernel {}: sliced; params [{}]; slice param at offset {} ({} bytes, align {})", k.name, params.join(" "), s.offset, s.size, s.align),
+            Some(s) => {
+                println!("kernel {}: sliced; params [{}]; slice param at offset {} ({} bytes, align {})", k.name, params.join(" "), s.offset, s.size, s.align)
+            }
             None => println!("kernel {}: refused: {}", k.name, k.reasons.join("; ")),
         }
         for n in &k.notes {

@@ -3,9 +3,9 @@
 //! block at a time, its threads in turn up to each `bar.sync`; anything it does not know panics
 //! with the instruction, so a fixture can never silently run wrong.
 
+use gpuslice_ptx::lex::{Kind, Token};
 use gpuslice_ptx::params::layout;
 use gpuslice_ptx::syntax::{signature, Item, Module, Scope};
-use gpuslice_ptx::lex::{Kind, Token};
 use gpuslice_ptx::Dim3;
 use std::collections::HashMap;
 
