@@ -18,13 +18,11 @@
 # 4. run.cu (driver API): original vs sliced launches (1, 7, a row, a plane, all blocks per
 #    slice; kernelParams, `extra` buffer, a CUDA graph) bit-identical; launch overhead of slicing
 # Prints the PASS/FAIL table last. Exit: 0 all PASS, 1 a FAIL, 2 setup problem.
-set -u
-set -o pipefail
+set -u -o pipefail
 DRY=${PTXSLICE_DRY_RUN:-0}
-if [ "$DRY" = 1 ]; then
+if [ "$DRY" = 1 ]; then  # the slicer CI builds, and an output folder of its own
   cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
-  : "${PTXSLICE_BIN:=$PWD/target/debug/ptx-slice}"
-  : "${OUT:=$PWD/.gpu/out-dry}"
+  : "${PTXSLICE_BIN:=$PWD/target/debug/ptx-slice}" "${OUT:=$PWD/.gpu/out-dry}"
   export OUT
 fi
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
