@@ -76,8 +76,14 @@ struct Declared {
 }
 
 impl Declared {
-    fn collect(stmts: &[&[Token]]) -> Declared {
+    /// From the body's `.reg` statements and a device function's `.reg` parameters (`header`).
+    fn collect(header: &[Token], stmts: &[&[Token]]) -> Declared {
         let mut d = Declared::default();
+        for (i, t) in header.iter().enumerate().filter(|(_, t)| t.is(".reg")) {
+            if let Some(name) = header[i + 1..].iter().find(|t| !t.text.starts_with('.')).filter(|t| t.kind == Kind::Word) {
+                d.names.push(name.text.clone());
+            }
+        }
         for s in stmts.iter().filter(|s| s[0].is(".reg")) {
             let mut i = 1;
             while i < s.len() {
@@ -151,7 +157,7 @@ pub fn facts(scope: &Scope) -> Option<FuncFacts> {
         }
     }
     let stmts = statements(&scope.items);
-    let declared = Declared::collect(&stmts);
+    let declared = Declared::collect(&scope.header, &stmts);
     for stmt in &stmts {
         let Some((op_at, op)) = opcode(stmt) else { continue };
         if op.starts_with("call") {
@@ -201,4 +207,30 @@ fn register_fact(f: &mut FuncFacts, declared: &Declared, op: &str, reg: &str) {
         _ => format!("reads `{reg}`, a register that is neither declared nor a special register known to be the same in a slice"),
     };
     push_once(&mut f.refusals, refusal);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syntax::{Item, Module};
+
+    fn facts_of(ptx: &str) -> FuncFacts {
+        let m = Module::parse(ptx).unwrap();
+        let Item::Scope(s) = &m.items[0] else { panic!("not a function") };
+        facts(s).unwrap()
+    }
+
+    #[test]
+    fn register_parameters_of_a_device_function_are_declared() {
+        let f = facts_of(".func (.reg .b32 %ret) add1(.reg .b32 %a)\n{\n\tadd.u32 \t%ret, %a, 1;\n\tret;\n}\n");
+        assert!(f.refusals.is_empty(), "{:?}", f.refusals);
+    }
+
+    #[test]
+    fn ranges_cover_their_indices_only() {
+        let f = facts_of(".visible .entry k()\n{\n\t.reg .b32 \t%r<3>;\n\tmov.u32 \t%r2, %tid.x;\n\tmov.u32 \t%r3, %r2;\n}\n");
+        assert_eq!(f.refusals.len(), 1, "{:?}", f.refusals);
+        assert!(f.refusals[0].contains("`%r3`"));
+        assert!(!f.reads_grid);
+    }
 }

@@ -85,6 +85,18 @@ pub fn total_size(slots: &[ParamSlot]) -> u32 {
     slots.last().map_or(0, |s| s.offset + s.size)
 }
 
+/// A packed parameter buffer (what `cuLaunchKernel`'s `extra` passes with
+/// `CU_LAUNCH_PARAM_BUFFER_POINTER`) with the slice parameter's bytes at `slot.offset`: the kernel's
+/// own bytes up to there (zero padding if the caller's buffer stopped short of the aligned offset),
+/// then `slice`. The new length is what `CU_LAUNCH_PARAM_BUFFER_SIZE` must say.
+pub fn append_to_packed(buffer: &[u8], slot: &ParamSlot, slice: &[u8]) -> Vec<u8> {
+    let at = slot.offset as usize;
+    let mut out = buffer[..buffer.len().min(at)].to_vec();
+    out.resize(at, 0);
+    out.extend_from_slice(slice);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +113,14 @@ mod tests {
         assert_eq!(got, [(0, 4, 4), (8, 8, 8), (16, 1, 1), (32, 40, 16), (72, 4, 4)]);
         assert_eq!(slots[3].name, "d");
         assert_eq!(total_size(&slots), 76);
+    }
+
+    #[test]
+    fn the_slice_parameter_lands_at_its_offset_in_a_packed_buffer() {
+        let slot = ParamSlot { name: "s".into(), offset: 12, size: 4, align: 4 };
+        assert_eq!(append_to_packed(&[1; 9], &slot, &[7; 4]), [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 7, 7, 7, 7]);
+        // A caller that padded its buffer past the last parameter: the padding is not the kernel's.
+        assert_eq!(append_to_packed(&[1; 16], &slot, &[7; 4]).len(), 16);
     }
 
     #[test]

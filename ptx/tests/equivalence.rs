@@ -157,3 +157,31 @@ fn the_interpreter_agrees_with_the_cuda_source() {
     let want: Vec<u32> = (0..32usize).map(|i| input[(i / 8) * 8 + 7 - i % 8].wrapping_add((i / 8) as u32)).collect();
     assert_eq!(buffer(rev, &run_whole(&prog, rev), 1), want);
 }
+
+#[test]
+fn a_packed_parameter_buffer_extended_by_the_layout_gives_the_same_result() {
+    // The `extra` route: the caller packs its arguments at the offsets the layout gives, the shim
+    // appends the slice parameter at the reported offset, and the kernel reads each parameter back
+    // from there.
+    use gpuslice_ptx::params::append_to_packed;
+    let outcome = slice_module(SUITE).unwrap();
+    let sliced = Program::load(&outcome.ptx);
+    let original = Program::load(SUITE);
+    for case in cases() {
+        let k = outcome.kernel(case.kernel).unwrap();
+        let slot = k.slice_param.as_ref().unwrap();
+        let expected = run_whole(&original, &case);
+        let (mut mem, params) = setup(&case);
+        let mut packed = Vec::new();
+        for (p, bytes) in k.params.iter().zip(&params) {
+            packed.resize(p.offset as usize, 0xAA);
+            packed.extend_from_slice(bytes);
+        }
+        for s in plan_slices(case.grid, 3) {
+            let buffer = append_to_packed(&packed, slot, &s.param_bytes(case.grid));
+            let unpacked = k.params.iter().chain([slot]).map(|p| buffer[p.offset as usize..(p.offset + p.size) as usize].to_vec()).collect();
+            launch(&sliced, &mut mem, &Launch { kernel: case.kernel, grid: s.grid, block: case.block, dynamic_shared: case.dynamic_shared, params: unpacked });
+        }
+        assert!(mem.0 == expected.0, "{}: packed route differs", case.kernel);
+    }
+}
