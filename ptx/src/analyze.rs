@@ -79,7 +79,7 @@ impl Declared {
     /// From the body's `.reg` statements and a device function's `.reg` parameters (`header`).
     fn collect(header: &[Token], stmts: &[&[Token]]) -> Declared {
         let mut d = Declared::default();
-        for (i, t) in header.iter().enumerate().filter(|(_, t)| t.is(".reg")) {
+        for (i, _) in header.iter().enumerate().filter(|(_, t)| t.is(".reg")) {
             if let Some(name) = header[i + 1..].iter().find(|t| !t.text.starts_with('.')).filter(|t| t.kind == Kind::Word) {
                 d.names.push(name.text.clone());
             }
