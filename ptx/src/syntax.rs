@@ -45,6 +45,9 @@ pub enum ParseError {
 struct Parser {
     tokens: Vec<Token>,
     pos: usize,
+    /// Inside a `.section` (debug information: `.b8 95,90,...` data lines with no `;`), every
+    /// statement ends at the end of its line.
+    in_section: bool,
 }
 
 impl Parser {
@@ -87,7 +90,11 @@ impl Parser {
     /// The rest of a scope after its `{`.
     fn scope_rest(&mut self, header: Vec<Token>, open: Token) -> Result<Scope, ParseError> {
         let at = self.pos;
-        let items = self.items(false)?;
+        let outer = self.in_section;
+        self.in_section |= header.first().is_some_and(|t| t.is(".section"));
+        let items = self.items(false);
+        self.in_section = outer;
+        let items = items?;
         match self.peek() {
             Some(t) if t.is("}") => Ok(Scope { header, open, items, close: self.next() }),
             _ => Err(ParseError::Unbalanced('{', at, open.text)),
@@ -99,7 +106,7 @@ impl Parser {
     /// initializers and belong to it.
     fn statement(&mut self, top_level: bool) -> Result<Item, ParseError> {
         let first = self.next();
-        let line_directive = LINE_DIRECTIVES.contains(&first.text.as_str());
+        let line_directive = self.in_section || LINE_DIRECTIVES.contains(&first.text.as_str());
         let mut toks = vec![first];
         let mut depth = 0usize;
         loop {
@@ -109,7 +116,7 @@ impl Parser {
                 }
                 return Err(ParseError::Unterminated(toks[0].text.clone()));
             };
-            if line_directive && depth == 0 && t.starts_line() {
+            if line_directive && depth == 0 && (t.starts_line() || t.is("}")) {
                 return Ok(Item::Stmt(toks));
             }
             if t.is("{") && depth == 0 && top_level && !toks.iter().any(|t| t.is("=")) {
@@ -137,7 +144,7 @@ impl Parser {
 impl Module {
     pub fn parse(text: &str) -> Result<Module, ParseError> {
         let (tokens, trailer) = lex(text)?;
-        let mut parser = Parser { tokens, pos: 0 };
+        let mut parser = Parser { tokens, pos: 0, in_section: false };
         let items = parser.items(true)?;
         Ok(Module { items, trailer })
     }
@@ -281,6 +288,18 @@ mod tests {
         assert!(matches!(&k.items[3], Item::Label(l, _) if l.text == "$L__BB0_1"));
         let vector_load = statements(&k.items).into_iter().find(|s| s[0].text.starts_with("ld.global")).unwrap();
         assert_eq!(vector_load.last().unwrap().text, ";");
+    }
+
+    #[test]
+    fn debug_sections_have_line_statements() {
+        // What `nvcc -lineinfo` appends: data lines without `;`, labels, a closing brace on its own.
+        let text = ".version 8.7\n.file\t1 \"/src/a.cu\", 1733300000, 2048\n.entry k()\n{\n\t.loc\t1 5 1, function_name $L__info_string0, inlined_at 1 9 3\n\
+            \tret;\n}\n\t.section\t.debug_str\n\t{\n$L__info_string0:\n.b8 95,90,49,0\n.b64 $L__info_string0\n\t}\n";
+        let m = Module::parse(text).unwrap();
+        assert_eq!(m.print(), text);
+        let Item::Scope(section) = m.items.last().unwrap() else { panic!("no section scope") };
+        assert_eq!(section.items.len(), 3);
+        assert_eq!(statements(&section.items).len(), 2);
     }
 
     #[test]

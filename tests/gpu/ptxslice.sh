@@ -53,13 +53,17 @@ row() { # ID RESULT DETAIL
 }
 
 # ---- 1. PTX: nvcc's, or the fixtures in a dry run
-for name in suite refuse; do
+# suite_lineinfo: the same suite with -lineinfo (`.loc` lines and a `.section .debug_str`).
+for name in suite refuse suite_lineinfo; do
+  src=${name%_lineinfo}
+  flags=()
+  [ "$name" = "$src" ] || flags=(-lineinfo)
   if [ "$DRY" = 1 ]; then
-    cp "$ROOT/ptx/tests/fixtures/$name.ptx" "$WORK/$name.ptx"
-  elif "$NVCC" -ptx -O3 -arch=sm_90 -o "$WORK/$name.ptx" "$SRC/$name.cu" >>"$LOG" 2>&1; then
-    note "nvcc -ptx $name.cu: $(wc -c <"$WORK/$name.ptx") bytes"
+    [ "$name" = "$src" ] && cp "$ROOT/ptx/tests/fixtures/$name.ptx" "$WORK/$name.ptx"
+  elif "$NVCC" -ptx -O3 -arch=sm_90 "${flags[@]}" -o "$WORK/$name.ptx" "$SRC/$src.cu" >>"$LOG" 2>&1; then
+    note "nvcc -ptx ${flags[*]} $src.cu: $(wc -c <"$WORK/$name.ptx") bytes"
   else
-    row "nvcc-$name" FAIL "nvcc -ptx $name.cu failed (log)"
+    row "nvcc-$name" FAIL "nvcc -ptx ${flags[*]} $src.cu failed (log)"
   fi
 done
 
@@ -89,8 +93,10 @@ check_verdicts() { # NAME EXPECTED(kernel=verdict ...)
     row "slice-$name" FAIL "wrong verdicts:$bad"
   fi
 }
-[ -f "$WORK/suite.ptx" ] && check_verdicts suite fill_1d=sliced fill_2d=sliced fill_3d=sliced grid_stride=sliced block_sum_static=sliced \
-  reverse_dynamic=sliced histogram=sliced uses_helper=sliced helper_reads_ctaid=refused
+SUITE_VERDICTS=(fill_1d=sliced fill_2d=sliced fill_3d=sliced grid_stride=sliced block_sum_static=sliced reverse_dynamic=sliced
+  histogram=sliced uses_helper=sliced helper_reads_ctaid=refused)
+[ -f "$WORK/suite.ptx" ] && check_verdicts suite "${SUITE_VERDICTS[@]}"
+[ -f "$WORK/suite_lineinfo.ptx" ] && check_verdicts suite_lineinfo "${SUITE_VERDICTS[@]}"
 [ -f "$WORK/refuse.ptx" ] && check_verdicts refuse grid_sync=refused cluster_rank=refused reads_gridid=refused reads_smid=sliced
 
 # ---- 3. speed per MB, and the cache
@@ -128,6 +134,13 @@ else
     while read -r _ id result detail; do row "$id" "$result" "$detail"; done < <(grep '^CHECK ' "$WORK/run.out")
     grep -q '^CHECK ' "$WORK/run.out" || row gpu FAIL "run.cu printed no result (rc=$rc; log)"
     [ $rc -eq 0 ] || [ $rc -eq 1 ] || row gpu FAIL "run.cu exited $rc (124: timeout, >128: signal)"
+    others=()
+    for f in "$WORK/refuse.sliced.ptx" "$WORK/suite_lineinfo.sliced.ptx"; do [ -f "$f" ] && others+=("$f"); done
+    if [ ${#others[@]} -gt 0 ]; then
+      timeout 120 "$runner" --jit "${others[@]}" >"$WORK/jit.out" 2>&1
+      cat "$WORK/jit.out" >>"$LOG"
+      while read -r _ id result detail; do row "$id" "$result" "$detail"; done < <(grep '^CHECK ' "$WORK/jit.out")
+    fi
   fi
 fi
 

@@ -6,6 +6,7 @@
 // Then times slicing's launch overhead. Prints `CHECK id PASS|FAIL detail` lines for ptxslice.sh.
 //
 //   run ORIGINAL.ptx SLICED.ptx REPORT.txt PTX_SLICE_BIN
+//   run --jit FILE.ptx...     (only loads each module: the sliced forms of the other PTX files)
 //
 // Built by tests/gpu/ptxslice.sh: nvcc -O2 -arch=sm_90 run.cu -lcuda (driver API only).
 #include <cuda.h>
@@ -186,9 +187,27 @@ static void launch_slices(CUfunction f, const Case &c, const Buffers &b, const s
   CK(cuStreamSynchronize(stream));
 }
 
+// `run --jit FILE...`: each PTX file loads (the driver JIT-compiles it for this GPU).
+static int jit_only(int argc, char **argv) {
+  int failures = 0;
+  for (int i = 2; i < argc; i++) {
+    std::string text = read_file(argv[i]);
+    CUmodule m;
+    auto t0 = std::chrono::steady_clock::now();
+    CUresult r = cuModuleLoadData(&m, text.c_str());
+    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    const char *base = std::strrchr(argv[i], '/') ? std::strrchr(argv[i], '/') + 1 : argv[i];
+    std::printf("CHECK jit:%s %s cuModuleLoadData = %d in %.1f ms (%zu bytes)\n", base, r == CUDA_SUCCESS ? "PASS" : "FAIL", (int)r, ms, text.size());
+    if (r == CUDA_SUCCESS) cuModuleUnload(m);
+    failures += r != CUDA_SUCCESS;
+  }
+  return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: %s ORIGINAL.ptx SLICED.ptx REPORT.txt PTX_SLICE_BIN\n", argv[0]);
+  bool jit = argc >= 2 && std::strcmp(argv[1], "--jit") == 0;
+  if (argc != 5 && !jit) {
+    std::fprintf(stderr, "usage: %s ORIGINAL.ptx SLICED.ptx REPORT.txt PTX_SLICE_BIN\n       %s --jit FILE.ptx...\n", argv[0], argv[0]);
     return 2;
   }
   CK(cuInit(0));
@@ -197,6 +216,7 @@ int main(int argc, char **argv) {
   CK(cuDeviceGet(&dev, 0));
   CK(cuDevicePrimaryCtxRetain(&ctx, dev));
   CK(cuCtxSetCurrent(ctx));
+  if (jit) return jit_only(argc, argv);
   CUstream stream;
   CK(cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING));
   std::string orig_text = read_file(argv[1]), sliced_text = read_file(argv[2]);
