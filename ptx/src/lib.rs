@@ -6,10 +6,12 @@
 //! statement tree; printing it gives the input back byte for byte), [`params`] (a kernel's
 //! parameter layout), [`analyze`] (what each function reads and why a kernel cannot be sliced),
 //! [`rewrite`] (the sliced form), [`plan`] (the launches that cover a grid), [`cache`] (results on
-//! disk keyed by a hash of the PTX and [`TRANSFORMER_VERSION`]).
+//! disk keyed by a hash of the PTX and [`TRANSFORMER_VERSION`]); [`fatbin`] finds the PTX in a fat
+//! binary.
 
 pub mod analyze;
 pub mod cache;
+pub mod fatbin;
 pub mod lex;
 pub mod params;
 pub mod plan;

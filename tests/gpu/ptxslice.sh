@@ -99,6 +99,36 @@ SUITE_VERDICTS=(fill_1d=sliced fill_2d=sliced fill_3d=sliced grid_stride=sliced 
 [ -f "$WORK/suite_lineinfo.ptx" ] && check_verdicts suite_lineinfo "${SUITE_VERDICTS[@]}"
 [ -f "$WORK/refuse.ptx" ] && check_verdicts refuse grid_sync=refused cluster_rank=refused reads_gridid=refused reads_smid=sliced
 
+# ---- 2b. the PTX inside a fat binary (what programs actually load): nvcc's default, then with
+# compression off; verdicts as for the PTX. All PTX compressed is INFO (the codec is part 2).
+if [ "$DRY" = 1 ]; then
+  row fatbin SKIP "dry run: no nvcc to make a fat binary (the reader's unit tests use synthetic ones)"
+else
+  fb_done=0
+  fb_seen=""
+  for fb_flags in "" "-Xfatbin=--compress=false" "--compress-mode=none"; do
+    rm -f "$WORK/suite.fatbin"
+    # shellcheck disable=SC2086  # the flags are one word or none
+    if "$NVCC" -fatbin -O3 -arch=sm_90 $fb_flags -o "$WORK/suite.fatbin" "$SRC/suite.cu" >>"$LOG" 2>&1; then
+      "$SLICER" "$WORK/suite.fatbin" "$WORK/suite.fatbin.sliced.ptx" >"$WORK/suite_fatbin.report" 2>>"$LOG"
+      fb_rc=$?
+      cat "$WORK/suite_fatbin.report" >>"$LOG"
+      fb_seen="$fb_seen [${fb_flags:-default}: $(grep -c '^fatbin entry' "$WORK/suite_fatbin.report") entries, $(grep -c '^fatbin entry: ptx.*compressed' "$WORK/suite_fatbin.report") compressed PTX, rc $fb_rc]"
+      if [ $fb_rc -eq 0 ]; then
+        cp "$WORK/suite_fatbin.report" "$WORK/suite_fatbin_ok.report"
+        bad=""
+        for pair in "${SUITE_VERDICTS[@]}"; do
+          [ "$(verdict "$WORK/suite_fatbin.report" "${pair%=*}")" = "${pair#*=}" ] || bad="$bad ${pair%=*}"
+        done
+        if [ -z "$bad" ]; then row fatbin PASS "PTX found and sliced as the -ptx output:$fb_seen"; else row fatbin FAIL "wrong verdicts:$bad$fb_seen"; fi
+        fb_done=1
+        break
+      fi
+    fi
+  done
+  [ $fb_done = 1 ] || row fatbin INFO "no uncompressed PTX found:${fb_seen:- nvcc -fatbin failed (log)}"
+fi
+
 # ---- 3. speed per MB, and the cache
 if [ -f "$WORK/suite.ptx" ] && "$PY" "$SRC/bigptx.py" "$WORK/suite.ptx" "$WORK/big.ptx" 1 >>"$LOG" 2>&1; then
   out=$("$SLICER" "$WORK/big.ptx" "$WORK/big.sliced.ptx" --repeat 3 --cache "$WORK/cache" 2>>"$LOG" | tail -n 1)
