@@ -5,12 +5,14 @@
 //! Layers, bottom up: [`lex`] (tokens that keep their whitespace and comments), [`syntax`] (the
 //! statement tree; printing it gives the input back byte for byte), [`params`] (a kernel's
 //! parameter layout), [`analyze`] (what each function reads and why a kernel cannot be sliced),
-//! [`rewrite`] (the sliced form), [`plan`] (the launches that cover a grid), [`cache`] (results on
+//! [`rewrite`] (the sliced form; [`calls`]: device functions that read the grid get a clone that
+//! takes the slice parameter), [`plan`] (the launches that cover a grid), [`cache`] (results on
 //! disk keyed by a hash of the PTX and [`TRANSFORMER_VERSION`]); [`fatbin`] finds the PTX in a fat
 //! binary.
 
 pub mod analyze;
 pub mod cache;
+pub mod calls;
 pub mod fatbin;
 pub mod lex;
 pub mod params;

@@ -45,6 +45,8 @@ fn cases() -> Vec<Case> {
         case("reverse_dynamic", d(4, 1, 1), d(8, 1, 1), 32, vec![Arg::Buf(values(32, 3)), Arg::Buf(vec![0; 32])]),
         case("histogram", d(4, 1, 1), d(8, 1, 1), 0, vec![Arg::Buf(values(32, 4)), Arg::Buf(vec![0; 64]), Arg::U32(30)]),
         case("uses_helper", d(5, 1, 1), d(3, 1, 1), 0, vec![Arg::Buf(vec![0; 15])]),
+        case("helper_reads_ctaid", d(5, 1, 1), d(3, 1, 1), 0, vec![Arg::Buf(vec![0; 15])]),
+        case("helper_chain", d(3, 2, 1), d(4, 1, 1), 0, vec![Arg::Buf(vec![0; 24])]),
     ]
 }
 

@@ -44,35 +44,77 @@ fn every_fixture_round_trips_unchanged() {
 }
 
 #[test]
-fn suite_kernels_are_sliced_except_the_helper_that_reads_ctaid() {
+fn every_suite_kernel_is_sliced() {
     let m = slice_module(fixture("suite")).unwrap();
     let names: Vec<&str> = m.kernels.iter().map(|k| k.name.as_str()).collect();
     assert_eq!(
         names,
-        ["fill_1d", "fill_2d", "fill_3d", "grid_stride", "block_sum_static", "reverse_dynamic", "histogram", "uses_helper", "helper_reads_ctaid"]
+        [
+            "fill_1d",
+            "fill_2d",
+            "fill_3d",
+            "grid_stride",
+            "block_sum_static",
+            "reverse_dynamic",
+            "histogram",
+            "uses_helper",
+            "helper_reads_ctaid",
+            "helper_chain"
+        ]
     );
-    for name in &names[..8] {
+    for name in &names {
         assert_sliced(&m, name);
     }
-    assert_refused(&m, "helper_reads_ctaid", "device function `_Z9block_keyv` reads %ctaid/%nctaid");
+    let chain = kernel(&m, "helper_chain");
+    for f in ["_Z9outer_keyj", "_Z9block_keyv"] {
+        assert!(chain.notes.iter().any(|n| n.contains(f) && n.contains("clone")), "{f}: {:?}", chain.notes);
+    }
+    assert!(kernel(&m, "uses_helper").notes.is_empty(), "mix reads no grid register");
+}
+
+/// The definition of device function `name` (not a declaration), from `.func` to the closing brace.
+fn func_text<'a>(ptx: &'a str, name: &str) -> &'a str {
+    for (start, _) in ptx.match_indices(".func") {
+        let rest = &ptx[start..];
+        let header_end = [rest.find("\n{"), rest.find("\n;")].into_iter().flatten().min().unwrap();
+        let header = &rest[..header_end];
+        if rest[header_end..].starts_with("\n{") && (header.contains(&format!(" {name}(")) || header.ends_with(&format!(" {name}"))) {
+            return &rest[..rest.find("\n}").unwrap()];
+        }
+    }
+    panic!("no definition of {name}")
 }
 
 #[test]
 fn sliced_kernels_read_the_grid_only_in_the_prologue() {
     let m = slice_module(fixture("suite")).unwrap();
-    for k in m.kernels.iter().filter(|k| k.sliced) {
-        let text = kernel_text(&m.ptx, &k.name);
-        assert!(!text.contains("%nctaid"), "{}: %nctaid left", k.name);
+    let prologue_reads = ["\tmov.u32 \t%gpuslice6, %ctaid.x;", "\tmov.u32 \t%gpuslice6, %ctaid.y;", "\tmov.u32 \t%gpuslice6, %ctaid.z;"];
+    let clones = [func_text(&m.ptx, "_Z9block_keyv__gpuslice"), func_text(&m.ptx, "_Z9outer_keyj__gpuslice")];
+    for (name, text) in m.kernels.iter().map(|k| (k.name.as_str(), kernel_text(&m.ptx, &k.name))).chain(clones.iter().map(|t| ("clone", *t))) {
+        assert!(!text.contains("%nctaid"), "{name}: %nctaid left");
         let ctaid_reads: Vec<&str> = text.lines().filter(|l| l.contains("%ctaid")).collect();
-        assert_eq!(ctaid_reads, ["\tmov.u32 \t%gpuslice6, %ctaid.x;", "\tmov.u32 \t%gpuslice6, %ctaid.y;", "\tmov.u32 \t%gpuslice6, %ctaid.z;"], "{}", k.name);
-        let params = text.split(')').next().unwrap();
-        assert!(params.ends_with(&format!(",\n\t.param .align 4 .b8 {SLICE_PARAM_NAME}[24]\n")), "{}: {params}", k.name);
+        assert_eq!(ctaid_reads, prologue_reads, "{name}");
+        assert!(text.contains(&format!("\n\t.param .align 4 .b8 {SLICE_PARAM_NAME}[24]\n)")), "{name}: no slice parameter last");
     }
-    // The one the slicer refused, and the device functions, are byte for byte the original.
+    // The device functions themselves are byte for byte the original (kernels that are not sliced
+    // call them), and a clone is declared before the first kernel calls it.
     let original = fixture("suite");
-    assert_eq!(kernel_text(&m.ptx, "helper_reads_ctaid"), kernel_text(original, "helper_reads_ctaid"));
-    let funcs = |t: &str| t[t.find(".func  (.param .b32 func_retval0) _Z3mixj(\n\t.param .b32 _Z3mixj_param_0\n)\n{").unwrap()..].to_string();
-    assert_eq!(funcs(&m.ptx), funcs(original));
+    for f in ["_Z3mixj", "_Z9block_keyv", "_Z9outer_keyj"] {
+        assert_eq!(func_text(&m.ptx, f), func_text(original, f));
+    }
+    assert!(m.ptx.find(".func  (.param .b32 func_retval0) _Z9block_keyv__gpuslice(").unwrap() < m.ptx.find(".entry fill_1d(").unwrap());
+    assert!(!m.ptx.contains("_Z3mixj__gpuslice"), "mix reads no grid register: no clone");
+}
+
+#[test]
+fn calls_to_grid_reading_functions_go_to_the_clone_with_the_slice() {
+    let m = slice_module(fixture("suite")).unwrap();
+    let chain = kernel_text(&m.ptx, "helper_chain");
+    assert!(chain.contains("\t_Z9outer_keyj__gpuslice, \n\t(\n\tparam0, \n\t__gpuslice_arg\n\t);"), "{chain}");
+    assert!(chain.contains("\tld.param.u32 \t%gpuslice6, [__gpuslice_slice+20];\n\tst.param.b32 \t[__gpuslice_arg+20], %gpuslice6;"));
+    let outer = func_text(&m.ptx, "_Z9outer_keyj__gpuslice");
+    assert!(outer.contains("_Z9block_keyv__gpuslice, \n\t(\n\t__gpuslice_arg\n\t);"), "{outer}");
+    assert!(!outer.starts_with(".visible"));
 }
 
 #[test]
@@ -132,6 +174,7 @@ fn refusals_name_their_reason() {
     assert_refused(&e, "vector_read", "as a whole vector");
     assert_refused(&e, "unknown_register", "`%unknown_sreg`");
     assert_refused(&e, "indirect_call", "function pointer");
+    assert_refused(&e, "calls_gridid_func", "device function `gridid_func` reads `%gridid`");
     assert_refused(&e, "too_many_params", "the driver's 4096");
     assert_sliced(&e, "calls_printf");
     // Refused kernels are left exactly as they were.

@@ -11,8 +11,9 @@
 #                  nvcc's output, target/debug/ptx-slice for the slicer; the GPU rows say SKIP.
 #
 # 1. nvcc -ptx -arch=sm_90 tests/gpu/ptxslice/{suite,refuse}.cu
-# 2. ptx-slice on both: the verdict on every kernel (suite: all sliced but helper_reads_ctaid;
-#    refuse.cu: grid_sync, cluster_rank, reads_gridid refused, reads_smid sliced with a note)
+# 2. ptx-slice on both: the verdict on every kernel (suite: all 10 sliced, the two that call
+#    device functions reading blockIdx through clones; refuse.cu: grid_sync, cluster_rank,
+#    reads_gridid refused, reads_smid sliced with a note)
 # 3. ptx-slice on a module of >= 1 MB (copies of the suite, bigptx.py): time per MB (<= 1000 ms),
 #    and a second run through the cache is a hit
 # 4. run.cu (driver API): original vs sliced launches (1, 7, a row, a plane, all blocks per
@@ -94,7 +95,7 @@ check_verdicts() { # NAME EXPECTED(kernel=verdict ...)
   fi
 }
 SUITE_VERDICTS=(fill_1d=sliced fill_2d=sliced fill_3d=sliced grid_stride=sliced block_sum_static=sliced reverse_dynamic=sliced
-  histogram=sliced uses_helper=sliced helper_reads_ctaid=refused)
+  histogram=sliced uses_helper=sliced helper_reads_ctaid=sliced helper_chain=sliced)
 [ -f "$WORK/suite.ptx" ] && check_verdicts suite "${SUITE_VERDICTS[@]}"
 [ -f "$WORK/suite_lineinfo.ptx" ] && check_verdicts suite_lineinfo "${SUITE_VERDICTS[@]}"
 [ -f "$WORK/refuse.ptx" ] && check_verdicts refuse grid_sync=refused cluster_rank=refused reads_gridid=refused reads_smid=sliced

@@ -13,8 +13,13 @@ use std::collections::HashMap;
 #[derive(Clone, Debug)]
 enum Line {
     Label(String),
-    ParamDecl(String),
-    Inst { guard: Option<(bool, String)>, op: String, args: Vec<Vec<Token>> },
+    /// A call sequence's `.param`: name and size.
+    ParamDecl(String, usize),
+    Inst {
+        guard: Option<(bool, String)>,
+        op: String,
+        args: Vec<Vec<Token>>,
+    },
 }
 
 #[derive(Clone)]
@@ -32,7 +37,10 @@ fn flatten(items: &[Item], out: &mut Vec<Line>, shared: &mut Vec<(String, u64, u
         match item {
             Item::Label(name, _) => out.push(Line::Label(name.text.clone())),
             Item::Scope(s) => flatten(&s.items, out, shared),
-            Item::Stmt(t) if t[0].is(".param") => out.push(Line::ParamDecl(t[t.len() - 2].text.clone())),
+            Item::Stmt(t) if t[0].is(".param") => {
+                let p = layout(&t[..t.len() - 1]).unwrap().remove(0);
+                out.push(Line::ParamDecl(p.name, p.size as usize));
+            }
             Item::Stmt(t) if t[0].is(".shared") => shared.push(shared_decl(t)),
             Item::Stmt(t) if t[0].text.starts_with('.') => {}
             Item::Stmt(t) => out.push(decode(t)),
@@ -236,8 +244,8 @@ impl<'a> Block<'a> {
             stack[depth].pc += 1;
             let (guard, op, args) = match line {
                 Line::Label(_) => continue,
-                Line::ParamDecl(name) => {
-                    stack[depth].params.insert(name, vec![0; 8]);
+                Line::ParamDecl(name, size) => {
+                    stack[depth].params.insert(name, vec![0; size.max(8)]);
                     continue;
                 }
                 Line::Inst { guard, op, args } => (guard, op, args),

@@ -67,6 +67,11 @@ extern "C" __global__ void uses_helper(unsigned *out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = mix(blockIdx.x) + threadIdx.x;
 }
 
-// A device function that reads blockIdx itself: refused (only kernels get the slice offset).
+// A device function that reads blockIdx and gridDim itself: called as a clone that takes the slice
+// parameter.
 __device__ __noinline__ unsigned block_key() { return blockIdx.x * 31u + gridDim.x; }
 extern "C" __global__ void helper_reads_ctaid(unsigned *out) { out[blockIdx.x * blockDim.x + threadIdx.x] = block_key(); }
+
+// The same one call further down: both device functions are cloned.
+__device__ __noinline__ unsigned outer_key(unsigned t) { return block_key() ^ t; }
+extern "C" __global__ void helper_chain(unsigned *out) { out[blockIdx.x * blockDim.x + threadIdx.x] = outer_key(threadIdx.x); }
