@@ -126,13 +126,15 @@ fn reads_32_bits(op: &str) -> bool {
     matches!(op.rsplit('.').next(), Some("u32" | "s32" | "b32"))
 }
 
-fn callee(stmt: &[Token], op_at: usize) -> Option<&Token> {
+/// Index of the called function's name in a `call` statement whose opcode is at `op_at`: the first
+/// word outside parentheses (`call.uni (retval0), name, (param0);`).
+pub fn callee_at(stmt: &[Token], op_at: usize) -> Option<usize> {
     let mut depth = 0usize;
-    for t in &stmt[op_at + 1..] {
+    for (i, t) in stmt.iter().enumerate().skip(op_at + 1) {
         match t.text.as_str() {
             "(" => depth += 1,
             ")" => depth = depth.saturating_sub(1),
-            _ if depth == 0 && t.kind == Kind::Word => return Some(t),
+            _ if depth == 0 && t.kind == Kind::Word => return Some(i),
             _ => {}
         }
     }
@@ -161,7 +163,7 @@ pub fn facts(scope: &Scope) -> Option<FuncFacts> {
     for stmt in &stmts {
         let Some((op_at, op)) = opcode(stmt) else { continue };
         if op.starts_with("call") {
-            match callee(stmt, op_at) {
+            match callee_at(stmt, op_at).map(|i| &stmt[i]) {
                 Some(c) if c.text.starts_with('%') => f.indirect_calls = true,
                 Some(c) if GRID_SYNC_CALLS.contains(&c.text.as_str()) => {
                     push_once(&mut f.refusals, format!("synchronizes the whole grid (calls `{}`)", c.text));

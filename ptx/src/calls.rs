@@ -3,8 +3,8 @@
 //! redirected to the clones with the slice parameter passed on. The originals stay for the kernels
 //! that are not sliced.
 
-use crate::analyze::{opcode, FuncFacts};
-use crate::lex::{Kind, Token};
+use crate::analyze::{callee_at, opcode, FuncFacts};
+use crate::lex::Token;
 use crate::rewrite::{tokens, REG, SLICE_PARAM_NAME};
 use crate::syntax::{signature, Item, Module, Scope};
 use std::collections::{BTreeSet, HashMap};
@@ -46,20 +46,6 @@ pub fn declaration(header: &[Token]) -> Item {
     let mut toks = header.to_vec();
     toks.extend(tokens("\n;"));
     Item::Stmt(toks)
-}
-
-/// Index of the called function's name in a `call` statement (the first word outside parentheses).
-fn callee_at(stmt: &[Token], op_at: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    for (i, t) in stmt.iter().enumerate().skip(op_at + 1) {
-        match t.text.as_str() {
-            "(" => depth += 1,
-            ")" => depth = depth.saturating_sub(1),
-            _ if depth == 0 && t.kind == Kind::Word => return Some(i),
-            _ => {}
-        }
-    }
-    None
 }
 
 /// Adds `__gpuslice_arg` to the argument list that follows the callee at `callee` (or gives the
