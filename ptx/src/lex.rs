@@ -91,7 +91,8 @@ pub fn lex(text: &str) -> Result<(Vec<Token>, String), LexError> {
             }
             Kind::Word
         } else {
-            i += c.len_utf8();
+            // One character, whatever its UTF-8 length (`c` above is only its first byte).
+            i += text[i..].chars().next().map_or(1, char::len_utf8);
             Kind::Punct
         };
         tokens.push(Token { kind, trivia: text[trivia_start..start].to_string(), text: text[start..i].to_string() });
@@ -117,6 +118,13 @@ mod tests {
         let (toks, _) = lex("$L__BB0_2:\n.file 1 \"a \\\"b\\\".cu\"").unwrap();
         let texts: Vec<&str> = toks.iter().map(|t| t.text.as_str()).collect();
         assert_eq!(texts, ["$L__BB0_2", ":", ".file", "1", "\"a \\\"b\\\".cu\""]);
+    }
+
+    #[test]
+    fn non_ascii_text_is_punctuation_not_a_panic() {
+        let (toks, _) = lex("mov.u32 %r1, é€😀;").unwrap();
+        let texts: Vec<&str> = toks.iter().map(|t| t.text.as_str()).collect();
+        assert_eq!(texts, ["mov.u32", "%r1", ",", "é", "€", "😀", ";"]);
     }
 
     #[test]

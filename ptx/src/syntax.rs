@@ -3,6 +3,10 @@
 
 use crate::lex::{lex, Kind, LexError, Token};
 
+/// Deepest nesting of `{ }` scopes accepted: every walk of the tree recurses once per level, and a
+/// stack overflow cannot be caught (nvcc's output nests three or four deep).
+pub const MAX_DEPTH: usize = 64;
+
 /// Directives that end at the end of their line rather than at a `;`.
 const LINE_DIRECTIVES: [&str; 5] = [".version", ".target", ".address_size", ".file", ".loc"];
 
@@ -40,6 +44,8 @@ pub enum ParseError {
     Unbalanced(char, usize, String),
     #[error("text ends inside a statement that starts with `{0}`")]
     Unterminated(String),
+    #[error("scopes nested deeper than {MAX_DEPTH} near token {0}")]
+    TooDeep(usize),
 }
 
 struct Parser {
@@ -48,6 +54,7 @@ struct Parser {
     /// Inside a `.section` (debug information: `.b8 95,90,...` data lines with no `;`), every
     /// statement ends at the end of its line.
     in_section: bool,
+    depth: usize,
 }
 
 impl Parser {
@@ -90,10 +97,15 @@ impl Parser {
     /// The rest of a scope after its `{`.
     fn scope_rest(&mut self, header: Vec<Token>, open: Token) -> Result<Scope, ParseError> {
         let at = self.pos;
+        if self.depth >= MAX_DEPTH {
+            return Err(ParseError::TooDeep(at));
+        }
+        self.depth += 1;
         let outer = self.in_section;
         self.in_section |= header.first().is_some_and(|t| t.is(".section"));
         let items = self.items(false);
         self.in_section = outer;
+        self.depth -= 1;
         let items = items?;
         match self.peek() {
             Some(t) if t.is("}") => Ok(Scope { header, open, items, close: self.next() }),
@@ -144,7 +156,7 @@ impl Parser {
 impl Module {
     pub fn parse(text: &str) -> Result<Module, ParseError> {
         let (tokens, trailer) = lex(text)?;
-        let mut parser = Parser { tokens, pos: 0, in_section: false };
+        let mut parser = Parser { tokens, pos: 0, in_section: false, depth: 0 };
         let items = parser.items(true)?;
         Ok(Module { items, trailer })
     }
@@ -311,5 +323,9 @@ mod tests {
         assert!(matches!(Module::parse(".entry k()\n{\n\tret;\n"), Err(ParseError::Unbalanced('{', ..))));
         assert!(matches!(Module::parse("}"), Err(ParseError::Unbalanced('}', ..))));
         assert!(matches!(Module::parse("\tret"), Err(ParseError::Unterminated(_))));
+        let deep = format!(".entry k()\n{}ret;{}", "{".repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
+        assert!(Module::parse(&deep).is_ok());
+        let deeper = format!(".entry k()\n{}ret;{}", "{".repeat(100_000), "}".repeat(100_000));
+        assert!(matches!(Module::parse(&deeper), Err(ParseError::TooDeep(_))));
     }
 }

@@ -200,3 +200,23 @@ fn direct_operands_and_nested_blocks_are_rewritten() {
     assert!(e.ptx.contains(".global .align 4 .b8 table[8] = {1, 0, 0, 0, 2, 0, 0, 0};"));
     assert!(e.ptx.contains(".pragma \"nounroll\";"));
 }
+
+proptest::proptest! {
+    /// Whatever a program hands the driver, the slicer answers (an error or a module) without
+    /// panicking, and what it parses prints back unchanged.
+    #[test]
+    fn any_text_parses_or_fails_cleanly(text in "[ -~\\n\\té€]{0,300}") {
+        if let Ok(m) = Module::parse(&text) {
+            proptest::prop_assert_eq!(m.print(), text.clone());
+        }
+        let _ = slice_module(&text);
+    }
+
+    /// Fixture text cut anywhere: still no panic.
+    #[test]
+    fn truncated_fixtures_never_panic(cut in 0usize..8544) {
+        let text = fixture("suite");
+        let cut = (0..=cut.min(text.len())).rev().find(|&c| text.is_char_boundary(c)).unwrap_or(0);
+        let _ = slice_module(&text[..cut]);
+    }
+}
