@@ -10,14 +10,15 @@
 #   PTXSLICE_DRY_RUN=1  no GPU, no nvcc: the hand-written fixtures of ptx/tests/fixtures stand for
 #                  nvcc's output, target/debug/ptx-slice for the slicer; the GPU rows say SKIP.
 #
-# 1. nvcc -ptx -arch=sm_90 tests/gpu/ptxslice/{suite,refuse}.cu
-# 2. ptx-slice on both: the verdict on every kernel (suite: all 10 sliced, the two that call
+# 1. nvcc -ptx -arch=sm_90 tests/gpu/ptxslice/{suite,refuse}.cu, and suite.cu with -lineinfo
+# 2. ptx-slice on each: the verdict on every kernel (suite: all 10 sliced, the two that call
 #    device functions reading blockIdx through clones; refuse.cu: grid_sync, cluster_rank,
-#    reads_gridid refused, reads_smid sliced with a note)
+#    reads_gridid refused, reads_smid sliced with a note); then the PTX inside nvcc -fatbin's output
 # 3. ptx-slice on a module of >= 1 MB (copies of the suite, bigptx.py): time per MB (<= 1000 ms),
 #    and a second run through the cache is a hit
 # 4. run.cu (driver API): original vs sliced launches (1, 7, a row, a plane, all blocks per
-#    slice; kernelParams, `extra` buffer, a CUDA graph) bit-identical; launch overhead of slicing
+#    slice; kernelParams, `extra` buffer, a CUDA graph) bit-identical; launch overhead of slicing;
+#    the other sliced modules JIT-compile
 # Prints the PASS/FAIL table last. Exit: 0 all PASS, 1 a FAIL, 2 setup problem.
 set -u -o pipefail
 DRY=${PTXSLICE_DRY_RUN:-0}
@@ -149,6 +150,7 @@ if [ -f "$WORK/suite.ptx" ] && "$PY" "$SRC/bigptx.py" "$WORK/suite.ptx" "$WORK/b
 else
   row speed FAIL "could not make the 1 MB module (bigptx.py; log)"
 fi
+rm -rf "$WORK"/big*.ptx "$WORK/cache"  # megabytes nobody reads; keeps $OUT small
 
 # ---- 4. on the GPU
 if [ "$DRY" = 1 ]; then
