@@ -120,8 +120,45 @@ impl Collector for Scrape {
         let listing = self.0.listing.as_ref().unwrap_or(&empty);
         groups(&mut f, listing)?;
         processes(&mut f, listing)?;
-        crate::suspend_cli::metrics(&mut f, listing)
+        suspensions(&mut f, listing)
     }
+}
+
+/// The suspension series of the metrics: per group, its state, what moved and how long it took.
+fn suspensions(f: &mut Families<'_>, l: &Listing) -> std::fmt::Result {
+    let group = |s: &gpuslice_common::protocol::SuspensionRow| -> Labels { vec![("group", s.group.clone())] };
+    let rows = &l.suspensions;
+    f.gauge(
+        "group_suspended",
+        "1 while the group is suspended (or being suspended or resumed), its memory in host memory; 0 while it runs.",
+        None,
+        rows.iter().map(|s| (group(s), u32::from(s.state != "running" && s.state != "failed"))),
+    )?;
+    f.gauge(
+        "group_suspended_host_memory",
+        "Host memory the group's suspended copy holds now.",
+        Some(prometheus_client::registry::Unit::Bytes),
+        rows.iter().map(|s| (group(s), s.host_bytes)),
+    )?;
+    f.gauge(
+        "group_suspension_bytes",
+        "Device bytes moved at the group's last suspension.",
+        Some(prometheus_client::registry::Unit::Bytes),
+        rows.iter().map(|s| (group(s), s.bytes)),
+    )?;
+    f.gauge(
+        "group_suspend_duration",
+        "How long the group's last suspension took.",
+        Some(prometheus_client::registry::Unit::Seconds),
+        rows.iter().filter_map(|s| Some((group(s), s.suspend_ms? / 1e3))),
+    )?;
+    f.gauge(
+        "group_resume_duration",
+        "How long the group's last resumption took.",
+        Some(prometheus_client::registry::Unit::Seconds),
+        rows.iter().filter_map(|s| Some((group(s), s.resume_ms? / 1e3))),
+    )?;
+    f.counter("group_suspensions", "Times the group was suspended.", None, rows.iter().map(|s| (group(s), s.suspensions)))
 }
 
 fn health(f: &mut Families, h: &Health) -> std::fmt::Result {

@@ -416,7 +416,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         }
     };
     // Issue 22's requests run outside the state's lock (a suspension takes seconds).
-    let request = match crate::suspend::answer(request, peer, &shared.state) {
+    let request = match answer_suspension(request, peer, &shared.state) {
         Ok(response) => {
             shared.traffic.set.fetch_add(1, Relaxed);
             if matches!(response, Response::Error { .. }) {
@@ -526,6 +526,25 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         return Err(e.into());
     }
     Ok(())
+}
+
+/// The suspension module's requests (suspend, resume, marks, room); any other is handed back.
+fn answer_suspension(request: gpuslice_common::protocol::Request, peer: Peer, state: &Mutex<State>) -> Result<Response, gpuslice_common::protocol::Request> {
+    use gpuslice_common::protocol::Request;
+    let outcome = match request {
+        Request::Suspend(g) => crate::suspend::suspend(state, Some(peer), &g.group, false),
+        Request::Resume(g) => crate::suspend::resume(state, Some(peer), &g.group),
+        Request::SetSuspendable(s) => crate::suspend::set_suspendable(state, peer, &s),
+        Request::MakeRoom(room) => crate::room::make_room(state, peer, room),
+        other => return Err(other),
+    };
+    Ok(match outcome {
+        Ok(message) => Response::Done { message },
+        Err(message) => {
+            tracing::warn!("pid {} uid {}: {}", peer.pid, peer.uid, for_log(&message));
+            Response::Error { message }
+        }
+    })
 }
 
 /// Text that came from a client, made fit for one log line: control characters escaped (no

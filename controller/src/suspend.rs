@@ -9,7 +9,7 @@
 
 use crate::checkpoint::{Driver, ProcessState};
 use crate::state::{Peer, State};
-use gpuslice_common::protocol::{Response, SuspensionRow};
+use gpuslice_common::protocol::SuspensionRow;
 use gpuslice_common::size::format_size;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -514,23 +514,4 @@ pub fn adopt(state: &Mutex<State>) {
         rec.automatic = false;
         rec.suspended_at = Some(Instant::now());
     }
-}
-
-/// The socket's requests of this module; any other request is handed back.
-pub fn answer(request: gpuslice_common::protocol::Request, peer: Peer, state: &Mutex<State>) -> Result<Response, gpuslice_common::protocol::Request> {
-    use gpuslice_common::protocol::Request;
-    let outcome = match request {
-        Request::Suspend(g) => suspend(state, Some(peer), &g.group, false),
-        Request::Resume(g) => resume(state, Some(peer), &g.group),
-        Request::SetSuspendable(s) => set_suspendable(state, peer, &s),
-        Request::MakeRoom(room) => crate::room::make_room(state, peer, room),
-        other => return Err(other),
-    };
-    Ok(match outcome {
-        Ok(message) => Response::Done { message },
-        Err(message) => {
-            tracing::warn!("pid {} uid {}: {}", peer.pid, peer.uid, crate::serve::for_log(&message));
-            Response::Error { message }
-        }
-    })
 }

@@ -88,43 +88,6 @@ pub fn render(l: &Listing) -> String {
     out
 }
 
-/// The suspension series of the metrics: per group, its state, what moved and how long it took.
-pub fn metrics(f: &mut crate::metrics::Families<'_>, l: &Listing) -> std::fmt::Result {
-    let group = |s: &gpuslice_common::protocol::SuspensionRow| -> crate::metrics::Labels { vec![("group", s.group.clone())] };
-    let rows = &l.suspensions;
-    f.gauge(
-        "group_suspended",
-        "1 while the group is suspended (or being suspended or resumed), its memory in host memory; 0 while it runs.",
-        None,
-        rows.iter().map(|s| (group(s), u32::from(s.state != "running" && s.state != "failed"))),
-    )?;
-    f.gauge(
-        "group_suspended_host_memory",
-        "Host memory the group's suspended copy holds now.",
-        Some(prometheus_client::registry::Unit::Bytes),
-        rows.iter().map(|s| (group(s), s.host_bytes)),
-    )?;
-    f.gauge(
-        "group_suspension_bytes",
-        "Device bytes moved at the group's last suspension.",
-        Some(prometheus_client::registry::Unit::Bytes),
-        rows.iter().map(|s| (group(s), s.bytes)),
-    )?;
-    f.gauge(
-        "group_suspend_duration",
-        "How long the group's last suspension took.",
-        Some(prometheus_client::registry::Unit::Seconds),
-        rows.iter().filter_map(|s| Some((group(s), s.suspend_ms? / 1e3))),
-    )?;
-    f.gauge(
-        "group_resume_duration",
-        "How long the group's last resumption took.",
-        Some(prometheus_client::registry::Unit::Seconds),
-        rows.iter().filter_map(|s| Some((group(s), s.resume_ms? / 1e3))),
-    )?;
-    f.counter("group_suspensions", "Times the group was suspended.", None, rows.iter().map(|s| (group(s), s.suspensions)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,7 +141,7 @@ impl gpuslice_common::turns::Waiter for TurnClock {
         now_ns()
     }
     fn alive(&self, pid: u32) -> bool {
-        !self.check_pids || pid == 0 || crate::board::alive(pid)
+        !self.check_pids || pid == 0 || crate::pids::alive(pid)
     }
     fn wait(&self, word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
         futex_wait(word, expected, mask, timeout_ns)

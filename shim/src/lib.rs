@@ -31,6 +31,7 @@ mod module_image;
 mod modules;
 mod mps;
 mod nvml;
+mod pids;
 mod refusal_log;
 mod registry;
 mod runtime;

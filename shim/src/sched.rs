@@ -59,7 +59,7 @@ const CU_EVENT_DISABLE_TIMING: u32 = 0x2;
 /// The priority this process launches with now (a controller may change it at any time).
 #[inline]
 pub fn priority() -> Priority {
-    link::get().map_or(Priority::Normal, |l| l.process.priority_or(l.group))
+    link::get().map_or(Priority::Normal, |l| l.process.priority_or(l.settings))
 }
 
 /// True when a launch needs this module: this process is high-priority, or some high-priority
@@ -67,7 +67,7 @@ pub fn priority() -> Priority {
 #[inline]
 pub fn engaged() -> bool {
     let Some(l) = link::get() else { return false };
-    if l.process.priority_or(l.group) == Priority::High {
+    if l.process.priority_or(l.settings) == Priority::High {
         return true;
     }
     let scheds = l.scheds();
@@ -164,7 +164,7 @@ fn holder_is_gone(holder: &HighSlot) -> bool {
         return false;
     }
     let pid = holder.pid.load(Relaxed);
-    pid != 0 && !crate::board::alive(pid)
+    pid != 0 && !crate::pids::alive(pid)
 }
 
 fn queue_allowance() -> usize {

@@ -78,11 +78,6 @@ fn registry() -> Option<&'static Registry> {
     .as_ref()
 }
 
-fn alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks.
-    pid != 0 && (unsafe { libc::kill(pid as libc::pid_t, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
-}
-
 impl Registry {
     /// Records that this process exported `key`.
     fn add(&self, key: u64) {
@@ -93,7 +88,7 @@ impl Registry {
         for s in self.0.iter() {
             let pid = s.pid.load(Acquire);
             // A free slot, or a dead exporter's.
-            if (pid == 0 || !alive(pid)) && s.pid.compare_exchange(pid, me, AcqRel, Relaxed).is_ok() {
+            if (pid == 0 || !crate::pids::alive(pid)) && s.pid.compare_exchange(pid, me, AcqRel, Relaxed).is_ok() {
                 s.key.store(key, Release);
                 return;
             }
@@ -103,7 +98,7 @@ impl Registry {
 
     /// True when a live process under gpuslice exported `key`.
     fn exported_by_gpuslice(&self, key: u64) -> bool {
-        self.0.iter().any(|s| s.key.load(Acquire) == key && alive(s.pid.load(Acquire)))
+        self.0.iter().any(|s| s.key.load(Acquire) == key && s.pid.load(Acquire) != 0 && crate::pids::alive(s.pid.load(Acquire)))
     }
 }
 

@@ -85,7 +85,10 @@ static LOCAL: [Local; MAX_ORDINALS] = [IDLE; MAX_ORDINALS];
 /// process's own counters there, and its local state.
 #[derive(Clone, Copy)]
 pub struct Bucket {
+    /// The group's counters (debt, time held back): written by every member.
     group: &'static GroupDevice,
+    /// The share as the controller publishes it (read-only: a member cannot raise it).
+    settings: &'static GroupDevice,
     process: &'static ProcessDevice,
     local: &'static Local,
 }
@@ -122,7 +125,7 @@ pub use crate::clock::now_ns;
 /// launch pays (a load from the ledger).
 #[inline(always)]
 pub fn active() -> bool {
-    link::get().is_some_and(|l| l.group.throttled.load(Relaxed) != 0)
+    link::get().is_some_and(|l| l.settings.throttled.load(Relaxed) != 0)
 }
 
 /// The bucket of `device`, if that device is throttled.
@@ -130,18 +133,18 @@ pub fn active() -> bool {
 pub fn bucket(device: CUdevice) -> Option<Bucket> {
     let link = link::get()?;
     let index = link.index(device)?;
-    let group = &link.group.devices[index];
-    if group.share.load(Relaxed) == 0 || crate::mps::spatial(device) {
+    let settings = &link.settings.devices[index];
+    if settings.share.load(Relaxed) == 0 || crate::mps::spatial(device) {
         return None;
     }
-    Some(Bucket { group, process: &link.process.devices[index], local: &LOCAL[device as usize] })
+    Some(Bucket { group: &link.group.devices[index], settings, process: &link.process.devices[index], local: &LOCAL[device as usize] })
 }
 
 impl Bucket {
     /// Wall time that `device_ns` of device time costs at this share.
     #[inline]
     fn wall(&self, device_ns: u64) -> u64 {
-        let share = u64::from(self.group.share.load(Relaxed).clamp(1, 100));
+        let share = u64::from(self.settings.share.load(Relaxed).clamp(1, 100));
         device_ns.saturating_mul(100) / share
     }
 
@@ -173,7 +176,7 @@ impl Bucket {
     /// (quantum, capacity) in device ns: longer while the device is shared.
     fn quantum(&self, now: u64) -> (u64, u64) {
         if self.shared(now) {
-            let share = u64::from(self.group.share.load(Relaxed).clamp(1, 100));
+            let share = u64::from(self.settings.share.load(Relaxed).clamp(1, 100));
             let peers = self.local.peers.load(Relaxed);
             let wall = (peers * SHARED_QUANTUM_PER_PEER_NS).clamp(SHARED_QUANTUM_MIN_WALL_NS, SHARED_QUANTUM_MAX_WALL_NS);
             let capacity_wall = wall * 3 / 2 + SHARED_CAPACITY_EXTRA_WALL_NS;
@@ -252,7 +255,7 @@ impl Bucket {
         if wall0 != 0 {
             let wall = (now - wall0) as f64;
             tracing::debug!(
-                share = self.group.share.load(Relaxed),
+                share = self.settings.share.load(Relaxed),
                 charged_pct = format!("{:.1}", (charged - charged0) as f64 / wall * 100.0),
                 waited_pct = format!("{:.1}", (waited - waited0) as f64 / wall * 100.0),
                 "throttle over the last second"
@@ -290,7 +293,7 @@ mod tests {
         let ledger: &'static Ledger = Box::leak(Box::new(Ledger::anonymous().unwrap()));
         ledger.group(0).set_share(0, share);
         let local: &'static Local = Box::leak(Box::new(IDLE));
-        Bucket { group: &ledger.group(0).devices[0], process: &ledger.process(0).devices[0], local }
+        Bucket { group: &ledger.group(0).devices[0], settings: &ledger.group(0).devices[0], process: &ledger.process(0).devices[0], local }
     }
 
     #[test]
