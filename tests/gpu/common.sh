@@ -2,7 +2,7 @@
 # Sourced by the shell entry points of tests/gpu (bash), before anything else:
 #   . "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2
 # Takes the start time, moves to the repo root, and sets:
-#   T0 CALLER_PWD ROOT HERE LIB OUTDIR BUILD PY
+#   T0 CALLER_PWD ROOT HERE LIB BIN OUTDIR BUILD PY (DRY=1 first: the simulated driver's defaults)
 # then gpu_setup NAME LOGFILE TITLE makes the folders, starts the log and checks the shim,
 # python and nvcc (exit 2 on a setup problem; NAME prefixes its messages), and gpu_machine
 # QUERY EXTRA appends the machine's description to the log. For the scripts that run a Python
@@ -18,7 +18,17 @@ abspath() { # path relative to the caller's directory -> absolute
   case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$CALLER_PWD/$1" ;; esac
 }
 
+# DRY=1 (the caller sets it from its *_DRY_RUN before sourcing this): the checks run on the
+# simulated driver, with this checkout's debug build and a dry-run output folder, unless the
+# environment names others.
+if [ "${DRY:-0}" = 1 ]; then
+  : "${GPUSLICE_LIB:=$ROOT/target/debug/libgpuslice.so}"
+  : "${GPUSLICE_BIN:=$ROOT/target/debug/gpuslice}"
+  : "${OUT:=$ROOT/.gpu/out-dry}"
+  export GPUSLICE_LIB GPUSLICE_BIN OUT
+fi
 if [ -n "${GPUSLICE_LIB:-}" ]; then LIB=$(abspath "$GPUSLICE_LIB"); else LIB=$ROOT/.gpu/libgpuslice.so; fi
+if [ -n "${GPUSLICE_BIN:-}" ]; then BIN=$(abspath "$GPUSLICE_BIN"); else BIN=$ROOT/.gpu/gpuslice; fi
 if [ -n "${OUT:-}" ]; then OUTDIR=$(abspath "$OUT"); else OUTDIR=$ROOT/.gpu/out; fi
 BUILD=$ROOT/.gpu/build
 PY=${PYTHON:-python3}

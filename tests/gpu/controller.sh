@@ -25,7 +25,6 @@ SHIM_LOG=${CTL_SHIM_LOG:-info}
 CTL_LOG=${CTL_LOG:-info}
 PY_LIMIT_S=250   # hard stop for controller.py (its own budget ends earlier, at 215 s from T0)
 
-if [ -n "${GPUSLICE_BIN:-}" ]; then BIN=$(abspath "$GPUSLICE_BIN"); else BIN=$ROOT/.gpu/gpuslice; fi
 
 LEDGER_DIR=/dev/shm/gpuslice-gputest-$$
 clean_up_on_exit GPUTEST_CTL_TOKEN ctl

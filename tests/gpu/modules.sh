@@ -18,15 +18,7 @@
 set -u
 set -o pipefail
 DRY=${MODULES_DRY_RUN:-0}
-if [ "$DRY" = 1 ]; then
-  cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
-  : "${GPUSLICE_LIB:=$PWD/target/debug/libgpuslice.so}"
-  : "${GPUSLICE_BIN:=$PWD/target/debug/gpuslice}"
-  : "${OUT:=$PWD/.gpu/out-dry}"
-  export GPUSLICE_LIB GPUSLICE_BIN OUT
-fi
-. "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
-if [ -n "${GPUSLICE_BIN:-}" ]; then BIN=$(abspath "$GPUSLICE_BIN"); else BIN=$ROOT/.gpu/gpuslice; fi
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, BIN, OUTDIR, BUILD, PY, note, ...
 CC=${CC:-cc}
 
 TMPD=
