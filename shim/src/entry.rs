@@ -48,6 +48,7 @@ fn substitute(code: CuResult, pfn: *mut *mut c_void) -> CuResult {
         // SAFETY: the driver just wrote the pointer.
         let real = unsafe { *pfn };
         if let Some(wrapper) = (!real.is_null()).then(|| registry::wrapper_for_real(real)).flatten() {
+            // SAFETY: `pfn` is non-null (checked above) and the driver just wrote through it, so it is a valid, writable `void*` slot.
             unsafe { *pfn = wrapper };
         }
     }
