@@ -47,6 +47,7 @@ pub struct Library {
 
 // SAFETY: a dlopen handle is a process-wide token; dlsym on it is thread-safe.
 unsafe impl Send for Library {}
+// SAFETY: `Library` only holds the dlopen handle and never mutates it; glibc's dlsym on a handle is thread-safe, so `&Library` can be shared.
 unsafe impl Sync for Library {}
 
 impl Library {

@@ -49,10 +49,12 @@ pub fn libc_symbol(name: &CStr) -> Option<usize> {
 unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *mut c_void) -> c_int {
     // SAFETY: `data` is the (object, query) pair `libc_symbol` passed; `info` the loader's.
     let (object, query) = unsafe { &mut *data.cast::<(&[u8], Query)>() };
+    // SAFETY: `info` is the non-null dl_phdr_info dl_iterate_phdr hands this callback; it stays valid until the callback returns.
     let info = unsafe { &*info };
     if info.dlpi_name.is_null() {
         return 0;
     }
+    // SAFETY: `dlpi_name` was checked non-null above, and the loader keeps it a NUL-terminated path while the object is loaded.
     let path = unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes();
     let file = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
     if file != *object {
@@ -68,11 +70,13 @@ unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _size: usize, data: *m
 
 unsafe fn lookup(info: &libc::dl_phdr_info, name: &[u8]) -> Option<usize> {
     let base = info.dlpi_addr as usize;
+    // SAFETY: the loader's `dlpi_phdr` points at `dlpi_phnum` program headers of this loaded object, as `lookup`'s caller guarantees.
     let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) };
     let dynamic = phdrs.iter().find(|p| p.p_type == libc::PT_DYNAMIC)?;
     let mut entry = (base + dynamic.p_vaddr as usize) as *const Dyn;
     let (mut strtab, mut symtab, mut hash, mut versym) = (0usize, 0usize, 0usize, 0usize);
     loop {
+        // SAFETY: `entry` walks the object's mapped PT_DYNAMIC array (base + p_vaddr), which ends with DT_NULL, where the loop stops.
         let d = unsafe { &*entry };
         // glibc relocates these in place on x86-64; an unrelocated one is an offset.
         let at = if (d.value as usize) < base { base + d.value as usize } else { d.value as usize };
@@ -84,28 +88,37 @@ unsafe fn lookup(info: &libc::dl_phdr_info, name: &[u8]) -> Option<usize> {
             DT_VERSYM => versym = at,
             _ => {}
         }
+        // SAFETY: `d` was not DT_NULL, so the array has a further entry and `entry + 1` is still inside it.
         entry = unsafe { entry.add(1) };
     }
     if strtab == 0 || symtab == 0 || hash == 0 {
         return None;
     }
     let header = hash as *const u32;
+    // SAFETY: DT_GNU_HASH gives the mapped GNU hash table, whose header starts with nbuckets, symoffset and bloom_size words.
     let (nbuckets, symoffset, bloom_words) = unsafe { (*header, *header.add(1), *header.add(2)) };
     if nbuckets == 0 {
         return None;
     }
+    // SAFETY: GNU hash layout: 4 header words, then `bloom_words` 64-bit bloom words, then the buckets, all inside the mapped table.
     let buckets = unsafe { header.add(4).cast::<u64>().add(bloom_words as usize).cast::<u32>() };
+    // SAFETY: the chain array directly follows the `nbuckets` buckets in the same mapped table.
     let chains = unsafe { buckets.add(nbuckets as usize) };
     let h = gnu_hash(name);
+    // SAFETY: `h % nbuckets` < nbuckets (nbuckets != 0 was checked), so this reads inside the bucket array.
     let mut index = unsafe { *buckets.add((h % nbuckets) as usize) };
     if index < symoffset {
         return None;
     }
     loop {
+        // SAFETY: `index` >= symoffset (checked above) and a chain ends at an entry with its low bit set (the loop stops there), so this stays in the chain array.
         let chain = unsafe { *chains.add((index - symoffset) as usize) };
         if (chain | 1) == (h | 1) {
+            // SAFETY: `index` comes from the GNU hash chains, so it is a valid index into the dynamic symbol table DT_SYMTAB points at.
             let sym = unsafe { &*(symtab as *const libc::Elf64_Sym).add(index as usize) };
+            // SAFETY: `st_name` is an offset into DT_STRTAB, whose entries are NUL-terminated strings.
             let sym_name = unsafe { CStr::from_ptr((strtab + sym.st_name as usize) as *const std::ffi::c_char) };
+            // SAFETY: DT_VERSYM holds one u16 per dynamic symbol, and `index` is a valid symbol index.
             let hidden = versym != 0 && unsafe { *(versym as *const u16).add(index as usize) } & VERSYM_HIDDEN != 0;
             if sym_name.to_bytes() == name && sym.st_shndx != 0 && sym.st_value != 0 && !hidden {
                 return Some(base + sym.st_value as usize);
@@ -124,8 +137,11 @@ mod tests {
 
     /// (file, symbol) the loader says `address` belongs to.
     fn whose(address: usize) -> (String, String) {
+        // SAFETY: `Dl_info` is plain C data (pointers and an address), for which all-zero is a valid value.
         let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        // SAFETY: dladdr only uses `address` as a number and writes into the local `info`.
         assert_ne!(unsafe { libc::dladdr(address as *const c_void, &mut info) }, 0);
+        // SAFETY: called only on dli_fname/dli_sname after dladdr succeeded (asserted above); both are NUL-terminated strings (dli_sname non-null because the address is an exported symbol).
         let text = |p: *const std::ffi::c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
         (text(info.dli_fname), text(info.dli_sname))
     }

@@ -11,6 +11,10 @@ use crate::{dl, guard, registry, runtime};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 /// The Rust half of the exported `dlsym` (the trampoline has already handled `RTLD_NEXT`).
+///
+/// # Safety
+/// `handle` and `name` are what the program passed `dlsym`: a handle from `dlopen` (or a
+/// pseudo-handle such as `RTLD_DEFAULT`), and null or a NUL-terminated symbol name.
 pub unsafe fn dlsym_hook(handle: *mut c_void, name: *const c_char) -> *mut c_void {
     let real = dl::real_dlsym();
     // SAFETY: forwarding the caller's own arguments.
@@ -28,6 +32,10 @@ pub unsafe fn dlsym_hook(handle: *mut c_void, name: *const c_char) -> *mut c_voi
 /// The Rust half of the exported `dlvsym` (the trampoline has already handled `RTLD_NEXT`):
 /// a versioned lookup of a driver function gets the wrapper just as `dlsym` does (libcuda's
 /// symbols carry no version, so any version string finds them).
+///
+/// # Safety
+/// `handle`, `name` and `version` are what the program passed `dlvsym`: a handle from `dlopen`
+/// (or a pseudo-handle), and null or NUL-terminated name and version strings.
 pub unsafe fn dlvsym_hook(handle: *mut c_void, name: *const c_char, version: *const c_char) -> *mut c_void {
     let real = dl::real_dlvsym();
     // SAFETY: forwarding the caller's own arguments.
@@ -48,6 +56,7 @@ fn substitute(code: CuResult, pfn: *mut *mut c_void) -> CuResult {
         // SAFETY: the driver just wrote the pointer.
         let real = unsafe { *pfn };
         if let Some(wrapper) = (!real.is_null()).then(|| registry::wrapper_for_real(real)).flatten() {
+            // SAFETY: `pfn` is non-null (checked above) and the driver just wrote through it, so it is a valid, writable `void*` slot.
             unsafe { *pfn = wrapper };
         }
     }

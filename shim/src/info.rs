@@ -21,6 +21,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         let Some(b) = driver().and_then(|d| d.current_device()).and_then(budget::of) else { return code };
         // SAFETY: the driver just wrote both.
         if let Some((t, f, _)) = b.quota_view(unsafe { *total } as u64, unsafe { *free } as u64) {
+            // SAFETY: `total` and `free` are non-null (checked above) and the driver just wrote them, so both are writable.
             unsafe {
                 *total = t as usize;
                 *free = f as usize;
@@ -41,6 +42,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CUdevice
             // SAFETY: the driver just wrote it.
             let real = unsafe { *bytes } as u64;
             if let Some((t, _, _)) = budget::of(device).and_then(|b| b.quota_view(real, real)) {
+                // SAFETY: `bytes` is non-null (checked above) and the driver just wrote it, so it is writable.
                 unsafe { *bytes = t as usize };
             }
         }

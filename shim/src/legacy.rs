@@ -40,6 +40,7 @@ pub unsafe extern "C" fn cuMemAlloc(dptr: *mut c_uint, bytesize: c_uint) -> CuRe
     guard::cuda("cuMemAlloc", || {
         charged(&POINTERS, current_device(), u64::from(bytesize), "cuMemAlloc", || {
             let code = call_real!(cuMemAlloc(dptr, bytesize));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new pointer through `dptr` (it refuses a null `dptr`), so it is readable.
             (code, if code == CUDA_SUCCESS { u64::from(unsafe { *dptr }) } else { 0 })
         })
     })
@@ -53,13 +54,16 @@ pub unsafe extern "C" fn cuMemAllocPitch(dptr: *mut c_uint, pitch: *mut c_uint, 
         let device = current_device();
         let code = charged(&POINTERS, device, requested, "cuMemAllocPitch", || {
             let code = call_real!(cuMemAllocPitch(dptr, pitch, width_bytes, height, element_size));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new pointer through `dptr` (it refuses a null `dptr`), so it is readable.
             (code, if code == CUDA_SUCCESS { u64::from(unsafe { *dptr }) } else { 0 })
         });
         if code != CUDA_SUCCESS || pitch.is_null() {
             return code;
         }
+        // SAFETY: the allocation succeeded (checked above), so the driver wrote the new pointer through `dptr`, which is therefore readable.
         let (Some(device), key) = (device, u64::from(unsafe { *dptr })) else { return code };
         let Some(budget) = budget::of(device) else { return code };
+        // SAFETY: `pitch` is non-null (checked above) and the successful call wrote the pitch through it.
         let actual = u64::from(unsafe { *pitch }) * u64::from(height);
         if actual <= requested {
             return code;
@@ -95,6 +99,7 @@ pub unsafe extern "C" fn cuMemGetInfo(free: *mut c_uint, total: *mut c_uint) -> 
         // SAFETY: the driver just wrote both. The quota's figures are at most the real ones,
         // so they fit where the driver's did.
         if let Some((t, f, _)) = b.quota_view(u64::from(unsafe { *total }), u64::from(unsafe { *free })) {
+            // SAFETY: `total` and `free` are non-null (checked above) and the driver just wrote them, so both are writable.
             unsafe {
                 *total = t as c_uint;
                 *free = f as c_uint;
@@ -115,6 +120,7 @@ pub unsafe extern "C" fn cuDeviceTotalMem(bytes: *mut c_uint, device: CUdevice) 
             // SAFETY: the driver just wrote it.
             let real = u64::from(unsafe { *bytes });
             if let Some((t, _, _)) = budget::of(device).and_then(|b| b.quota_view(real, real)) {
+                // SAFETY: `bytes` is non-null (checked above) and the driver just wrote it, so it is writable.
                 unsafe { *bytes = t as c_uint };
             }
         }
@@ -128,11 +134,13 @@ pub unsafe extern "C" fn cuArrayCreate(array: *mut CUarray, desc: *const ArrayDe
         let bytes = if desc.is_null() {
             0
         } else {
+            // SAFETY: `desc` is non-null (this branch) and, by cuArrayCreate's contract, points at the caller's CUDA_ARRAY_DESCRIPTOR_v1 for the call.
             let d = unsafe { &*desc };
             array_bytes(d.width as usize, d.height as usize, 1, d.format, d.num_channels)
         };
         charged(&ARRAYS, current_device(), bytes, "cuArrayCreate", || {
             let code = call_real!(cuArrayCreate(array, desc));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new CUarray through `array` (it refuses a null `array`), so it is readable.
             (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
         })
     })
@@ -144,11 +152,13 @@ pub unsafe extern "C" fn cuArray3DCreate(array: *mut CUarray, desc: *const Array
         let bytes = if desc.is_null() {
             0
         } else {
+            // SAFETY: `desc` is non-null (this branch) and, by cuArray3DCreate's contract, points at the caller's CUDA_ARRAY3D_DESCRIPTOR_v1 for the call.
             let d = unsafe { &*desc };
             array_bytes(d.width as usize, d.height as usize, d.depth as usize, d.format, d.num_channels)
         };
         charged(&ARRAYS, current_device(), bytes, "cuArray3DCreate", || {
             let code = call_real!(cuArray3DCreate(array, desc));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new CUarray through `array` (it refuses a null `array`), so it is readable.
             (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
         })
     })

@@ -5,7 +5,6 @@
 //! limit is enforced). LD_PRELOAD.md explains the mechanism for users; docs/ARCHITECTURE.md
 //! gives the layers (docs/layers.toml) and the reading order of an allocation and a launch.
 #![allow(non_snake_case)]
-#![allow(clippy::missing_safety_doc)]
 
 mod alloc_table;
 mod board;

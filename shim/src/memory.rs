@@ -267,6 +267,7 @@ macro_rules! linear_hook {
                 guard::test_panic_point(stringify!($name));
                 charged(&POINTERS, current_device(), bytesize as u64, $what, || {
                     let code = call_real!($name(dptr, bytesize $(, $arg)*));
+                    // SAFETY: on CUDA_SUCCESS the driver has written the new device pointer through `dptr` (it refuses a null `dptr`), so it is readable.
                     (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
                 })
             })
@@ -291,13 +292,16 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(dptr: *mut CUdeviceptr, pitch: *mut 
         let device = current_device();
         let code = charged(&POINTERS, device, requested, "cuMemAllocPitch", || {
             let code = call_real!(cuMemAllocPitch_v2(dptr, pitch, width_bytes, height, element_size));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new device pointer through `dptr` (it refuses a null `dptr`), so it is readable.
             (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
         });
         if code != CUDA_SUCCESS || pitch.is_null() {
             return code;
         }
+        // SAFETY: the allocation succeeded (checked above), so the driver wrote the new pointer through `dptr`, which is therefore readable.
         let (Some(device), key) = (device, unsafe { *dptr }) else { return code };
         let Some(budget) = budget::of(device) else { return code };
+        // SAFETY: `pitch` is non-null (checked above) and the successful call wrote the pitch through it.
         let actual = (unsafe { *pitch } as u64).saturating_mul(height as u64);
         if actual <= requested {
             return code;
@@ -340,11 +344,13 @@ pub unsafe extern "C" fn cuMemCreate(handle: *mut CUmemGenericAllocationHandle, 
         let device = if prop.is_null() {
             None
         } else {
+            // SAFETY: `prop` is non-null (this branch) and, by cuMemCreate's contract, points at the caller's CUmemAllocationProp, whose first fields are this head.
             let head = unsafe { &*prop };
             (head.location_type == MEM_LOCATION_TYPE_DEVICE).then_some(head.location_id)
         };
         charged(&HANDLES, device, size as u64, "cuMemCreate", || {
             let code = call_real!(cuMemCreate(handle, size, prop, flags));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new handle through `handle` (it refuses a null `handle`), so it is readable.
             (code, if code == CUDA_SUCCESS { unsafe { *handle } } else { 0 })
         })
     })
@@ -370,11 +376,13 @@ pub unsafe extern "C" fn cuArrayCreate_v2(array: *mut CUarray, desc: *const Arra
         let bytes = if desc.is_null() {
             0
         } else {
+            // SAFETY: `desc` is non-null (this branch) and, by cuArrayCreate_v2's contract, points at the caller's CUDA_ARRAY_DESCRIPTOR for the call.
             let d = unsafe { &*desc };
             array_bytes(d.width, d.height, 1, d.format, d.num_channels)
         };
         charged(&ARRAYS, current_device(), bytes, "cuArrayCreate", || {
             let code = call_real!(cuArrayCreate_v2(array, desc));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new CUarray through `array` (it refuses a null `array`), so it is readable.
             (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
         })
     })
@@ -386,11 +394,13 @@ pub unsafe extern "C" fn cuArray3DCreate_v2(array: *mut CUarray, desc: *const Ar
         let bytes = if desc.is_null() {
             0
         } else {
+            // SAFETY: `desc` is non-null (this branch) and, by cuArray3DCreate_v2's contract, points at the caller's CUDA_ARRAY3D_DESCRIPTOR for the call.
             let d = unsafe { &*desc };
             array_bytes(d.width, d.height, d.depth, d.format, d.num_channels)
         };
         charged(&ARRAYS, current_device(), bytes, "cuArray3DCreate", || {
             let code = call_real!(cuArray3DCreate_v2(array, desc));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new CUarray through `array` (it refuses a null `array`), so it is readable.
             (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
         })
     })
@@ -402,6 +412,7 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(array: *mut CUmipmappedArray, de
         let bytes = if desc.is_null() {
             0
         } else {
+            // SAFETY: `desc` is non-null (this branch) and, by cuMipmappedArrayCreate's contract, points at the caller's CUDA_ARRAY3D_DESCRIPTOR for the call.
             let d = unsafe { &*desc };
             (0..levels.clamp(1, 64))
                 .map(|l| {
@@ -412,6 +423,7 @@ pub unsafe extern "C" fn cuMipmappedArrayCreate(array: *mut CUmipmappedArray, de
         };
         charged(&ARRAYS, current_device(), bytes, "cuMipmappedArrayCreate", || {
             let code = call_real!(cuMipmappedArrayCreate(array, desc, levels));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new mipmapped array through `array` (it refuses a null `array`), so it is readable.
             (code, if code == CUDA_SUCCESS { unsafe { *array as u64 } } else { 0 })
         })
     })

@@ -192,6 +192,7 @@ mod tests {
     fn a_cubin_declares_its_nv_global_sections() {
         let image = cubin(256 << 20, 100);
         assert_eq!(elf_globals(&image), Some((256 << 20) + 100));
+        // SAFETY: `image` is a complete cubin built above and alive for the call.
         assert_eq!(unsafe { declared_in_memory(image.as_ptr()) }, (256 << 20) + 100);
         let dir = tempfile_dir();
         let path = dir.join("m.cubin");
@@ -219,7 +220,9 @@ mod tests {
                    .visible .entry touch(.param .u64 n) { ret; }\n";
         assert_eq!(ptx_globals(ptx), (256 << 20) + 16 * 1024 * 4 + 8);
         let c = std::ffi::CString::new(ptx).unwrap();
+        // SAFETY: `c` is NUL-terminated PTX, alive for the call.
         assert_eq!(unsafe { declared_in_memory(c.as_ptr().cast()) }, (256 << 20) + 16 * 1024 * 4 + 8);
+        // SAFETY: a NUL-terminated literal longer than 4 bytes, alive for the call.
         assert_eq!(unsafe { declared_in_memory(c"SIMMODULE 5".as_ptr().cast()) }, 0);
     }
 }

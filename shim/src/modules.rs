@@ -207,6 +207,7 @@ fn library_unload(l: *mut c_void) -> CuResult {
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoad(module: *mut CUmodule, fname: *const c_char) -> CuResult {
     guard::cuda("cuModuleLoad", || {
+        // SAFETY: `fname` is non-null (checked) and, by cuModuleLoad's contract, a NUL-terminated path.
         let declared = || if fname.is_null() { 0 } else { module_image::declared_in_file(unsafe { CStr::from_ptr(fname) }) };
         measured(&MODULES, "cuModuleLoad", module, declared, || call_real!(cuModuleLoad(module, fname)), module_unload)
     })
@@ -215,6 +216,7 @@ pub unsafe extern "C" fn cuModuleLoad(module: *mut CUmodule, fname: *const c_cha
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadData(module: *mut CUmodule, image: *const c_void) -> CuResult {
     guard::cuda("cuModuleLoadData", || {
+        // SAFETY: `image` is the program's cuModuleLoadData argument: null (handled), a complete cubin or NUL-terminated PTX, as declared_in_memory requires.
         let declared = || unsafe { module_image::declared_in_memory(image.cast()) };
         measured(&MODULES, "cuModuleLoadData", module, declared, || call_real!(cuModuleLoadData(module, image)), module_unload)
     })
@@ -233,6 +235,7 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
             &MODULES,
             "cuModuleLoadDataEx",
             module,
+            // SAFETY: `image` is the program's cuModuleLoadDataEx argument: null (handled), a complete cubin or NUL-terminated PTX, as declared_in_memory requires.
             || unsafe { module_image::declared_in_memory(image.cast()) },
             || call_real!(cuModuleLoadDataEx(module, image, num_options, options, option_values)),
             module_unload,
@@ -268,6 +271,7 @@ pub unsafe extern "C" fn cuLibraryLoadData(
             &LIBRARIES,
             "cuLibraryLoadData",
             library,
+            // SAFETY: `code` is the program's cuLibraryLoadData argument: null (handled), a complete cubin or NUL-terminated PTX, as declared_in_memory requires.
             || unsafe { module_image::declared_in_memory(code.cast()) },
             || {
                 call_real!(cuLibraryLoadData(
@@ -302,6 +306,7 @@ pub unsafe extern "C" fn cuLibraryLoadFromFile(
             &LIBRARIES,
             "cuLibraryLoadFromFile",
             library,
+            // SAFETY: `file_name` is non-null (checked) and, by cuLibraryLoadFromFile's contract, a NUL-terminated path.
             || if file_name.is_null() { 0 } else { module_image::declared_in_file(unsafe { CStr::from_ptr(file_name) }) },
             || {
                 call_real!(cuLibraryLoadFromFile(

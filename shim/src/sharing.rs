@@ -158,6 +158,7 @@ fn hash(bytes: &[u8]) -> u64 {
 fn fd_key(fd: c_int) -> Option<ExportKey> {
     // SAFETY: fstat into a local.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into the local `st`; any `fd` value is fine (a bad one returns -1).
     (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(ExportKey::File { dev: st.st_dev, ino: st.st_ino })
 }
 
@@ -187,6 +188,7 @@ pub unsafe extern "C" fn cuIpcGetMemHandle(handle: *mut IpcMemHandle, dptr: CUde
     guard::cuda("cuIpcGetMemHandle", || {
         let code = call_real!(cuIpcGetMemHandle(handle, dptr));
         if code == CUDA_SUCCESS && !handle.is_null() {
+            // SAFETY: `handle` is non-null (checked above) and the driver just filled it.
             record_export(handle_key(unsafe { &(*handle).reserved }));
         }
         code
@@ -199,7 +201,9 @@ pub unsafe extern "C" fn cuMemExportToShareableHandle(out: *mut c_void, handle: 
         let code = call_real!(cuMemExportToShareableHandle(out, handle, kind, flags));
         if code == CUDA_SUCCESS && !out.is_null() {
             let key = match kind {
+                // SAFETY: `out` is non-null (checked above); for a POSIX fd handle type the driver wrote an int through it.
                 HANDLE_TYPE_POSIX_FD => fd_key(unsafe { *out.cast::<c_int>() }),
+                // SAFETY: for a fabric handle type `out` points at the 64-byte CUmemFabricHandle the driver just wrote.
                 HANDLE_TYPE_FABRIC => Some(handle_key(unsafe { std::slice::from_raw_parts(out.cast::<u8>(), 64) })),
                 _ => None,
             };
@@ -262,6 +266,7 @@ pub unsafe extern "C" fn cuIpcOpenMemHandle_v2(pdptr: *mut CUdeviceptr, handle: 
         if ours {
             return code; // Charged to its exporter already.
         }
+        // SAFETY: `pdptr` is non-null (checked above) and the successful open wrote the mapped pointer through it.
         charge_import(unsafe { *pdptr })
     })
 }
@@ -341,11 +346,13 @@ pub unsafe extern "C" fn cuMemImportFromShareableHandle(handle: *mut CUmemGeneri
         }
         let key = match kind {
             HANDLE_TYPE_POSIX_FD => fd_key(os_handle as usize as c_int),
+            // SAFETY: for a fabric handle, a non-null `os_handle` points at the caller's 64-byte CUmemFabricHandle (cuMemImportFromShareableHandle's contract).
             HANDLE_TYPE_FABRIC if !os_handle.is_null() => Some(handle_key(unsafe { std::slice::from_raw_parts(os_handle.cast::<u8>(), 64) })),
             _ => None,
         };
         let ours = key.is_some_and(|k| exported_by_gpuslice(&k));
         if !ours {
+            // SAFETY: `handle` is non-null (checked above) and the successful import wrote the handle through it.
             await_map(unsafe { *handle });
         }
         code
@@ -363,6 +370,7 @@ pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, 
         if !mapped(handle) {
             return code;
         }
+        // SAFETY: MemAllocationProp is a repr(C) struct of integers, a raw pointer and bytes, for which all-zero is valid.
         let mut prop: MemAllocationProp = unsafe { std::mem::zeroed() };
         let device = (call_real!(cuMemGetAllocationPropertiesFromHandle(&mut prop, handle)) == CUDA_SUCCESS && prop.location_type == MEM_LOCATION_TYPE_DEVICE)
             .then_some(prop.location_id);

@@ -139,9 +139,11 @@ fn allowed(handle: NvmlDevice, shown: &[Visible]) -> bool {
 }
 
 unsafe fn count(real: CountFn, out: *mut c_uint) -> NvmlReturn {
+    // SAFETY: `real` is libnvidia-ml's own count function (CountFn ABI), given the caller's out-pointer unchanged.
     let code = unsafe { real(out) };
     if code == NVML_SUCCESS && !out.is_null() {
         if let Some(shown) = restricted() {
+            // SAFETY: `out` is non-null (checked above) and NVML just wrote the count through it, so it is writable.
             unsafe { *out = shown.len() as c_uint };
         }
     }
@@ -149,12 +151,14 @@ unsafe fn count(real: CountFn, out: *mut c_uint) -> NvmlReturn {
 }
 
 unsafe fn by_index(real: ByIndexFn, index: c_uint, out: *mut NvmlDevice) -> NvmlReturn {
+    // SAFETY: `real` is libnvidia-ml's own by-index lookup (ByIndexFn ABI), given the caller's arguments unchanged.
     let Some(shown) = restricted() else { return unsafe { real(index, out) } };
     if out.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
     match shown.get(index as usize) {
         Some(v) => {
+            // SAFETY: `out` was checked non-null above; it is the caller's slot for a device handle.
             unsafe { *out = v.handle as NvmlDevice };
             NVML_SUCCESS
         }
@@ -163,9 +167,11 @@ unsafe fn by_index(real: ByIndexFn, index: c_uint, out: *mut NvmlDevice) -> Nvml
 }
 
 unsafe fn by_string(real: ByStringFn, key: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
+    // SAFETY: `real` is libnvidia-ml's own by-string lookup (ByStringFn ABI), given the caller's key and out-pointer unchanged.
     let code = unsafe { real(key, out) };
     if code == NVML_SUCCESS && !out.is_null() {
         if let Some(shown) = restricted() {
+            // SAFETY: `out` is non-null (checked above) and NVML just wrote a handle through it.
             if !allowed(unsafe { *out }, shown) {
                 return NVML_ERROR_NOT_FOUND;
             }
@@ -178,6 +184,7 @@ unsafe fn by_string(real: ByStringFn, key: *const c_char, out: *mut NvmlDevice) 
 pub unsafe extern "C" fn nvmlDeviceGetCount(out: *mut c_uint) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetCount", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetCount", CountFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetCount and `out` the program's own argument, which is what `count` needs.
         unsafe { count(real, out) }
     })
 }
@@ -186,6 +193,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCount(out: *mut c_uint) -> NvmlReturn {
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(out: *mut c_uint) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetCount_v2", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetCount_v2", CountFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetCount_v2 and `out` the program's own argument, which is what `count` needs.
         unsafe { count(real, out) }
     })
 }
@@ -194,6 +202,7 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(out: *mut c_uint) -> NvmlReturn {
 pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, out: *mut NvmlDevice) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetHandleByIndex", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetHandleByIndex", ByIndexFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByIndex and `index`/`out` the program's own arguments, which is what `by_index` needs.
         unsafe { by_index(real, index, out) }
     })
 }
@@ -202,6 +211,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, out: *mut Nvm
 pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, out: *mut NvmlDevice) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetHandleByIndex_v2", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetHandleByIndex_v2", ByIndexFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByIndex_v2 and `index`/`out` the program's own arguments, which is what `by_index` needs.
         unsafe { by_index(real, index, out) }
     })
 }
@@ -210,6 +220,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, out: *mut 
 pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetHandleByUUID", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetHandleByUUID", ByStringFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByUUID and `uuid`/`out` the program's own arguments, which is what `by_string` needs.
         unsafe { by_string(real, uuid, out) }
     })
 }
@@ -218,6 +229,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, out: *mu
 pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId(bus_id: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetHandleByPciBusId", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetHandleByPciBusId", ByStringFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByPciBusId and `bus_id`/`out` the program's own arguments, which is what `by_string` needs.
         unsafe { by_string(real, bus_id, out) }
     })
 }
@@ -226,6 +238,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId(bus_id: *const c_char, ou
 pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId_v2(bus_id: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetHandleByPciBusId_v2", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetHandleByPciBusId_v2", ByStringFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByPciBusId_v2 and `bus_id`/`out` the program's own arguments, which is what `by_string` needs.
         unsafe { by_string(real, bus_id, out) }
     })
 }
@@ -234,6 +247,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId_v2(bus_id: *const c_char,
 pub unsafe extern "C" fn nvmlDeviceGetHandleBySerial(serial: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetHandleBySerial", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetHandleBySerial", ByStringFn);
+        // SAFETY: `real` is NVML's nvmlDeviceGetHandleBySerial and `serial`/`out` the program's own arguments, which is what `by_string` needs.
         unsafe { by_string(real, serial, out) }
     })
 }
@@ -243,9 +257,11 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleBySerial(serial: *const c_char, out:
 pub unsafe extern "C" fn nvmlDeviceGetIndex(device: NvmlDevice, out: *mut c_uint) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetIndex", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetIndex", IndexFn);
+        // SAFETY: `real` is libnvidia-ml's own nvmlDeviceGetIndex, given the caller's arguments unchanged.
         let code = unsafe { real(device, out) };
         if code == NVML_SUCCESS && !out.is_null() {
             if let Some(i) = restricted().and_then(|shown| shown.iter().position(|v| v.handle == device as usize)) {
+                // SAFETY: `out` is non-null (checked above) and NVML just wrote the index through it, so it is writable.
                 unsafe { *out = i as c_uint };
             }
         }

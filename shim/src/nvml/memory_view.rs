@@ -22,8 +22,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: NvmlDevice, memory: *mu
     guard::with_fallback("nvmlDeviceGetMemoryInfo", NVML_ERROR_UNKNOWN, || {
         guard::test_panic_point("nvmlDeviceGetMemoryInfo");
         let real = real_or_return!(c"nvmlDeviceGetMemoryInfo", MemoryFn);
+        // SAFETY: `real` is libnvidia-ml's own nvmlDeviceGetMemoryInfo, given the caller's arguments unchanged.
         let code = unsafe { real(device, memory) };
         if code == NVML_SUCCESS && !memory.is_null() {
+            // SAFETY: `memory` is non-null (checked above) and NVML just filled it; the caller's struct is not otherwise referenced during the call.
             let m = unsafe { &mut *memory };
             if let Some((total, free, used)) = slice_view(device, m.total, m.free) {
                 (m.total, m.free, m.used) = (total, free, used);
@@ -37,8 +39,10 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: NvmlDevice, memory: *mu
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: NvmlDevice, memory: *mut NvmlMemoryV2) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetMemoryInfo_v2", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetMemoryInfo_v2", MemoryV2Fn);
+        // SAFETY: `real` is libnvidia-ml's own nvmlDeviceGetMemoryInfo_v2, given the caller's arguments unchanged.
         let code = unsafe { real(device, memory) };
         if code == NVML_SUCCESS && !memory.is_null() {
+            // SAFETY: `memory` is non-null (checked above) and NVML just filled it; the caller's struct is not otherwise referenced during the call.
             let m = unsafe { &mut *memory };
             if let Some((total, free, used)) = slice_view(device, m.total, m.free) {
                 // Inside a slice the driver's reserve is part of what the group holds.

@@ -80,7 +80,9 @@ unsafe fn answer<T: Record>(list: &[T], count: *mut c_uint, infos: *mut T) -> Nv
     if count.is_null() {
         return NVML_ERROR_INVALID_ARGUMENT;
     }
+    // SAFETY: `count` is non-null (checked above): the caller's in/out array length, readable.
     let room = unsafe { *count } as usize;
+    // SAFETY: `count` is non-null (checked above) and the caller's in/out length, so writable.
     unsafe { *count = list.len() as c_uint };
     if list.is_empty() {
         return NVML_SUCCESS;
@@ -120,14 +122,18 @@ fn filtered_list<T: Record>(slice: &Slice, real: ListFn<T>, device: NvmlDevice) 
 
 unsafe fn compute<T: Record>(real: ListFn<T>, device: NvmlDevice, count: *mut c_uint, infos: *mut T) -> NvmlReturn {
     match tenant::of(device) {
+        // SAFETY: `count` and `infos` are the program's own NVML arguments, which is what `answer` needs.
         Some(slice) => unsafe { answer(&compute_list::<T>(&slice, device), count, infos) },
+        // SAFETY: `real` is libnvidia-ml's own list function for `T`, given the caller's arguments unchanged.
         None => unsafe { real(device, count, infos) },
     }
 }
 
 unsafe fn filtered<T: Record>(real: ListFn<T>, device: NvmlDevice, count: *mut c_uint, infos: *mut T) -> NvmlReturn {
     match tenant::of(device).and_then(|slice| filtered_list(&slice, real, device)) {
+        // SAFETY: `count` and `infos` are the program's own NVML arguments, which is what `answer` needs.
         Some(list) => unsafe { answer(&list, count, infos) },
+        // SAFETY: `real` is libnvidia-ml's own list function for `T`, given the caller's arguments unchanged.
         None => unsafe { real(device, count, infos) },
     }
 }
@@ -142,6 +148,7 @@ macro_rules! process_hooks {
                     unsafe { std::ffi::CStr::from_bytes_with_nul_unchecked(concat!(stringify!($name), "\0").as_bytes()) },
                     ListFn<$record>
                 );
+                // SAFETY: `real` is NVML's own `$name` (ListFn<$record> ABI) and the rest are the program's own arguments.
                 unsafe { $how(real, device, count, infos) }
             })
         }
@@ -185,9 +192,12 @@ fn real_details(real: DetailFn, device: NvmlDevice, version: u32, mode: u32) -> 
 pub unsafe extern "C" fn nvmlDeviceGetRunningProcessDetailList(device: NvmlDevice, list: *mut NvmlProcessDetailList) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetRunningProcessDetailList", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetRunningProcessDetailList", DetailFn);
+        // SAFETY: `real` is libnvidia-ml's own nvmlDeviceGetRunningProcessDetailList, given the caller's arguments unchanged.
         let Some(slice) = (!list.is_null()).then(|| tenant::of(device)).flatten() else { return unsafe { real(device, list) } };
+        // SAFETY: `list` is non-null (the `let else` above returned otherwise): the caller's NvmlProcessDetailList, readable.
         let (version, mode) = unsafe { ((*list).version, (*list).mode) };
         // A version or mode NVML refuses: its own answer.
+        // SAFETY: `real` is libnvidia-ml's own nvmlDeviceGetRunningProcessDetailList, given the caller's arguments unchanged.
         let Some(all) = real_details(real, device, version, mode) else { return unsafe { real(device, list) } };
         let shown = if mode == 0 {
             compute_list::<NvmlProcessDetail>(&slice, device)
@@ -195,8 +205,10 @@ pub unsafe extern "C" fn nvmlDeviceGetRunningProcessDetailList(device: NvmlDevic
             let members = slice.members();
             all.into_iter().filter_map(|r| members.iter().find(|m| m.node_pid == r.pid).map(|m| r.with_pid(m.pid))).collect()
         };
+        // SAFETY: `list` is non-null (checked above) and the caller's struct; no other reference to it is live.
         let l = unsafe { &mut *list };
         let mut count = l.num_proc_array_entries;
+        // SAFETY: `count` is a local and `proc_array` the caller's array of `num_proc_array_entries` records, which is what `answer` needs.
         let code = unsafe { answer(&shown, &mut count, l.proc_array) };
         l.num_proc_array_entries = count;
         code

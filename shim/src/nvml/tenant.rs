@@ -72,8 +72,8 @@ fn view_link() -> Option<&'static Link> {
                 let mut m = NvmlMemory { total: 0, free: 0, used: 0 };
                 // A MIG instance's memory is its own, not its GPU's (`v.handle`).
                 let handle = mig_handle(nv, &v.uuid).unwrap_or(v.handle as NvmlDevice);
-                // SAFETY: a device handle NVML gave, and an out-pointer to a local.
                 let total = match nv.memory {
+                    // SAFETY: `get` is NVML's nvmlDeviceGetMemoryInfo, `handle` a device handle NVML gave, and `m` a local.
                     Some(get) if unsafe { get(handle, &mut m) } == NVML_SUCCESS => m.total,
                     _ => 0,
                 };

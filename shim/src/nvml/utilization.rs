@@ -61,11 +61,13 @@ fn group_share(slice: &tenant::Slice) -> u32 {
 pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: NvmlDevice, utilization: *mut NvmlUtilization) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetUtilizationRates", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetUtilizationRates", UtilFn);
+        // SAFETY: `real` is libnvidia-ml's own nvmlDeviceGetUtilizationRates, given the caller's arguments unchanged.
         let code = unsafe { real(device, utilization) };
         if code != NVML_SUCCESS || utilization.is_null() {
             return code;
         }
         let Some(slice) = tenant::of(device).filter(|s| s.share() != 0) else { return code };
+        // SAFETY: `utilization` is non-null (checked above) and NVML just filled it; nothing else references it during the call.
         let u = unsafe { &mut *utilization };
         let gpu = group_share(&slice);
         // The memory controller's busy time, in the proportion the group has of the SMs' time.
@@ -84,6 +86,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
 ) -> NvmlReturn {
     guard::with_fallback("nvmlDeviceGetProcessUtilization", NVML_ERROR_UNKNOWN, || {
         let real = real_or_return!(c"nvmlDeviceGetProcessUtilization", ProcessUtilFn);
+        // SAFETY: `real` is libnvidia-ml's own nvmlDeviceGetProcessUtilization, given the caller's arguments unchanged.
         let code = unsafe { real(device, samples, count, last_seen) };
         if code != NVML_SUCCESS || samples.is_null() || count.is_null() {
             return code;
@@ -99,6 +102,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
                 kept += 1;
             }
         }
+        // SAFETY: `count` is non-null (checked above) and the caller's in/out sample count, so writable.
         unsafe { *count = kept as c_uint };
         code
     })
