@@ -10,6 +10,7 @@
 mod devices;
 mod memory_view;
 mod processes;
+mod smi_table;
 pub mod tenant;
 mod utilization;
 
@@ -24,6 +25,7 @@ pub use processes::{
     nvmlDeviceGetMPSComputeRunningProcesses, nvmlDeviceGetMPSComputeRunningProcesses_v2, nvmlDeviceGetMPSComputeRunningProcesses_v3,
     nvmlDeviceGetRunningProcessDetailList,
 };
+pub use smi_table::nvmlInternalGetExportTable;
 pub use utilization::{nvmlDeviceGetProcessUtilization, nvmlDeviceGetUtilizationRates};
 
 use crate::dl::Library;

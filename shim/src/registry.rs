@@ -111,6 +111,7 @@ hooks! {
     nvml::nvmlDeviceGetMPSComputeRunningProcesses_v2,
     nvml::nvmlDeviceGetMPSComputeRunningProcesses_v3,
     nvml::nvmlDeviceGetRunningProcessDetailList,
+    nvml::nvmlInternalGetExportTable,
     nvml::nvmlDeviceGetUtilizationRates,
     nvml::nvmlDeviceGetProcessUtilization,
     sharing::cuIpcGetMemHandle,

@@ -12,6 +12,8 @@
  *   detail0 I ... / detail1 I ...    (nvmlDeviceGetRunningProcessDetailList, compute / graphics)
  *   util I gpu= memory=
  *   putil I n=N PID ...               (nvmlDeviceGetProcessUtilization: the pids sampled)
+ *   smiS I n=N PID:BYTES ...         (slot S of NVML's internal export table, as nvidia-smi
+ *                                     lists processes: S = 213, 214, 215)
  *   byuuid UUID code=C index=K        (one per UUID given with --uuid)
  *
  * A query that fails prints `... err=CODE` instead of its figures.
@@ -64,6 +66,41 @@ static void *need(const char *name) {
         free(buf);                                                                               \
     } while (0)
 
+/* nvidia-smi's way to the process lists: one table from nvmlInternalGetExportTable, three of
+ * its slots called with a room of entries of 4128 bytes (pid first, memory at byte 8). */
+static const unsigned char SMI_TABLE_ID[16] = {0xc4, 0xfe, 0x3e, 0x6c, 0xc9, 0x8f, 0x6c, 0x4e,
+                                               0xa3, 0x27, 0xee, 0x69, 0x6e, 0x12, 0xf7, 0xc4};
+enum { SMI_ENTRY = 4128, SMI_ROOM = 64 };
+
+static void smi_lists(unsigned i, void *dev) {
+    const unsigned long *table = NULL;
+    int r = ((int (*)(const void **, const unsigned char *))need("nvmlInternalGetExportTable"))((const void **)&table, SMI_TABLE_ID);
+    for (unsigned slot = 213; slot <= 215; slot++) {
+        if (r != 0 || !table || table[0] / 8 <= slot) {
+            printf("smi%u %u err=%d\n", slot, i, r ? r : -1);
+            continue;
+        }
+        int (*f)(void *, unsigned *, unsigned char *) = (int (*)(void *, unsigned *, unsigned char *))table[slot];
+        unsigned char *buf = calloc(SMI_ROOM, SMI_ENTRY);
+        unsigned n = SMI_ROOM;
+        int rs = f(dev, &n, buf);
+        if (rs != 0) {
+            printf("smi%u %u err=%d\n", slot, i, rs);
+        } else {
+            printf("smi%u %u n=%u", slot, i, n);
+            for (unsigned k = 0; k < n && k < SMI_ROOM; k++) {
+                unsigned pid;
+                unsigned long long used;
+                memcpy(&pid, buf + (size_t)k * SMI_ENTRY, sizeof pid);
+                memcpy(&used, buf + (size_t)k * SMI_ENTRY + 8, sizeof used);
+                printf(" %u:%llu", pid, used);
+            }
+            printf("\n");
+        }
+        free(buf);
+    }
+}
+
 static void report(void) {
     unsigned n1 = 0, n2 = 0;
     int r1 = ((int (*)(unsigned *))need("nvmlDeviceGetCount"))(&n1);
@@ -99,6 +136,7 @@ static void report(void) {
         LIST("nvmlDeviceGetComputeRunningProcesses_v2", proc2_t, "compute2", i, dev);
         LIST("nvmlDeviceGetComputeRunningProcesses_v3", proc2_t, "compute3", i, dev);
         LIST("nvmlDeviceGetGraphicsRunningProcesses_v3", proc2_t, "graphics3", i, dev);
+        smi_lists(i, dev);
         for (unsigned mode = 0; mode < 2; mode++) {
             int (*f)(void *, detail_list_t *) = (int (*)(void *, detail_list_t *))need("nvmlDeviceGetRunningProcessDetailList");
             detail_list_t l = {(unsigned)sizeof(detail_list_t) | (1u << 24), mode, 0, NULL};

@@ -59,6 +59,26 @@ class _Ctypes:
         self._ok(self.lib.nvmlDeviceGetComputeRunningProcesses_v3(h, ctypes.byref(n), buf), "ComputeRunningProcesses_v3")
         return [(buf[i].pid, buf[i].usedGpuMemory) for i in range(n.value)]
 
+    # nvidia-smi's own way to the process list: NVML's internal export table (slots 213-215,
+    # entries of 4128 bytes, pid first, memory at byte 8), as shim/src/nvml/smi_table.rs reads it.
+    SMI_TABLE_ID = bytes([0xc4, 0xfe, 0x3e, 0x6c, 0xc9, 0x8f, 0x6c, 0x4e, 0xa3, 0x27, 0xee, 0x69, 0x6e, 0x12, 0xf7, 0xc4])
+    SMI_ENTRY = 4128
+
+    def smi_processes(self, h, slot=213, room=64):
+        table = ctypes.c_void_p()
+        ident = ctypes.create_string_buffer(self.SMI_TABLE_ID, 16)
+        self._ok(self.lib.nvmlInternalGetExportTable(ctypes.byref(table), ident), "nvmlInternalGetExportTable")
+        words = ctypes.cast(table, ctypes.POINTER(ctypes.c_uint64))
+        if words[0] // 8 <= slot:
+            raise RuntimeError(f"the export table has {words[0]} bytes, no slot {slot}")
+        fn = ctypes.CFUNCTYPE(ctypes.c_uint, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p)(words[slot])
+        buf = ctypes.create_string_buffer(room * self.SMI_ENTRY)
+        n = ctypes.c_uint(room)
+        self._ok(fn(h, ctypes.byref(n), buf), f"export table slot {slot}")
+        raw = buf.raw
+        return [(int.from_bytes(raw[k * self.SMI_ENTRY:k * self.SMI_ENTRY + 4], "little"),
+                 int.from_bytes(raw[k * self.SMI_ENTRY + 8:k * self.SMI_ENTRY + 16], "little")) for k in range(n.value)]
+
     def utilization(self, h):
         u = _Utilization()
         self._ok(self.lib.nvmlDeviceGetUtilizationRates(h, ctypes.byref(u)), "nvmlDeviceGetUtilizationRates")

@@ -306,6 +306,11 @@ def group(serve):
     limit = 6 * GIB
     env = shim_env(GPUSLICE_GROUP="tenant")
     ws = [worker(f"group{i}", env, 1024, busy=True) for i in (1, 2)]
+    # A process outside the group (no shim) on the same card, so that b3's "exactly the group's
+    # processes" is a filter at work and not an empty card (nvidia-smi lists processes through
+    # NVML's internal export table: shim/src/nvml/smi_table.rs).
+    outsider, outsider_ready = worker("outsider", base_env(), 512, busy=False)
+    wait_ready(outsider, outsider_ready)
     reports = [wait_ready(p, ready) for p, ready in ws]
     pids = sorted(p.pid for p, _ in ws)
     time.sleep(3)  # the throttled load settles; the controller samples achieved shares every second

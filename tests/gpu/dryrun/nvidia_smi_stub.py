@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Stand-in for nvidia-smi in tenant_view.sh's dry run (TENANT_DRY_RUN=1): the three forms the
 script runs, from NVML through ctypes (tenant_nvml.py) on the simulated NVML, in nvidia-smi's
-formats, so that the script's parsing and checks run here. Not nvidia-smi.
+formats, so that the script's parsing and checks run here. Not nvidia-smi; but its process
+lists come the way nvidia-smi 580's do, through NVML's internal export table.
 
     nvidia_smi_stub.py
     nvidia_smi_stub.py --query-gpu=memory.total,memory.used,utilization.gpu --format=csv
@@ -28,7 +29,7 @@ def main(argv):
     elif "--query-compute-apps" in query:
         print("pid, used_gpu_memory [MiB]")
         for h in devices:
-            for pid, used in nv.processes(h):
+            for pid, used in nv.smi_processes(h):
                 print(f"{pid}, {used // MIB} MiB")
     else:
         print("+ nvidia-smi stand-in (dry run) +")
@@ -37,7 +38,7 @@ def main(argv):
             print(f"| {i}  Simulated GPU | {used // MIB}MiB / {total // MIB}MiB | {nv.utilization(h)[0]}% |")
         print("| Processes: GPU PID Usage |")
         for i, h in enumerate(devices):
-            for pid, used in nv.processes(h):
+            for pid, used in nv.smi_processes(h):
                 print(f"| {i} {pid} {used // MIB}MiB |")
     return 0
 

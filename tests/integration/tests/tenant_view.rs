@@ -52,6 +52,11 @@ fn assert_lists(out: &Output, d: u32, n: usize, want: &[(u32, u64)], graphics: &
         assert_eq!(field(l, "n"), want.len() as u64, "{l}");
     }
     assert_eq!(procs(line(out, "graphics3", d, n)), graphics, "graphics3 on device {d}\n{out}");
+    // nvidia-smi's own way (NVML's internal export table): NVML's entries, filtered the same way.
+    for slot in 213..=215 {
+        let what = format!("smi{slot}");
+        assert_eq!(procs(line(out, &what, d, n)), graphics, "nvidia-smi's list (export table slot {slot}) on device {d}\n{out}");
+    }
     assert_eq!(procs(line(out, "detail0", d, n)), want, "the detail list's compute processes on device {d}\n{out}");
     assert_eq!(procs(line(out, "detail1", d, n)), graphics, "the detail list's graphics processes on device {d}\n{out}");
     let mut sampled: Vec<u32> = line(out, "putil", d, n).split_whitespace().skip(3).map(|p| p.parse().unwrap()).collect();
@@ -84,6 +89,7 @@ fn without_limits_nvml_is_byte_for_byte_what_it_is_without_the_shim() {
     let bare = sim.program(nvmlclient()).args(&uuids).run();
     assert!(bare.success(), "{bare}");
     assert!(bare.lines.iter().any(|l| l.starts_with("compute3 0 n=1 ")), "the holder is listed:\n{bare}");
+    assert!(bare.lines.iter().any(|l| l.starts_with("smi213 0 n=1 ")), "the holder is listed in nvidia-smi's table:\n{bare}");
     let shimmed = sim.program(nvmlclient()).shim().args(&uuids).run();
     assert_eq!(shimmed.lines, bare.lines, "no limits: identical output\n{shimmed}");
     assert_eq!(shimmed.stderr, bare.stderr);
@@ -324,5 +330,34 @@ fn pids_are_shown_as_the_caller_sees_them_across_pid_namespaces() {
     assert!(out.success(), "{out}");
     assert_eq!(procs(line(&out, "compute3", 0, 0)), vec![], "{out}");
     assert_eq!(memory(&out, 0, 0), (6 * GIB, 6 * GIB - 256 * MIB - R, 256 * MIB + R), "{out}");
+    touch(&stop);
+}
+
+/// nvidia-smi's process list comes through NVML's internal export table, whose shape was seen
+/// on the 580 driver branch only: on another branch the shim hands the table over untouched (the
+/// whole card's processes, as without the shim) and says so, while the public lists stay
+/// narrowed to the group.
+#[test]
+fn nvidia_smis_table_is_narrowed_on_the_580_branch_only() {
+    let sim = sim();
+    let ctl = sim.controller_with_config("[groups.a]\nmemory_limit = \"6GiB\"\n[groups.b]\nmemory_limit = \"2GiB\"\n");
+    let stop = sim.path_str("stop");
+    let a1 = holder(&sim, 0, 256 * MIB, &stop, |c| c.shim().controller(&ctl).group("a"));
+    let b1 = holder(&sim, 0, 128 * MIB, &stop, |c| c.shim().controller(&ctl).group("b"));
+    ctl.ls_until("both groups' memory counted", Duration::from_secs(5), |l| l.group_used("a", 0) == 256 * MIB + R && l.group_used("b", 0) == 128 * MIB + R);
+    let mut both = vec![(a1.pid(), 256 * MIB + R), (b1.pid(), 128 * MIB + R)];
+    both.sort_unstable();
+
+    let on_580 = sim.program(nvmlclient()).shim().controller(&ctl).group("a").run();
+    assert!(on_580.success(), "{on_580}");
+    assert_eq!(procs(line(&on_580, "smi213", 0, 0)), [(a1.pid(), 256 * MIB + R)], "{on_580}");
+
+    let other = sim.program(nvmlclient()).shim().controller(&ctl).group("a").env("SIMNVML_DRIVER_VERSION", "575.51.03").env("GPUSLICE_LOG", "info").run();
+    assert!(other.success(), "{other}");
+    for slot in 213..=215 {
+        assert_eq!(procs(line(&other, &format!("smi{slot}"), 0, 0)), both, "another branch: NVML's own table\n{other}");
+    }
+    assert_eq!(procs(line(&other, "graphics3", 0, 0)), [(a1.pid(), 256 * MIB + R)], "the public lists stay narrowed\n{other}");
+    assert!(other.stderr.contains("nvidia-smi's process list is not narrowed to the slice: driver 575.51.03"), "the reason is logged:\n{}", other.stderr);
     touch(&stop);
 }

@@ -6,6 +6,8 @@
 #[path = "../../simcuda/src/state.rs"]
 mod state;
 
+mod export_table;
+
 use std::ffi::{c_char, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -475,8 +477,13 @@ pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(device: *mut c_void,
     SUCCESS
 }
 
-/// The simulated driver's version string.
+/// The simulated driver's version string, unless `SIMNVML_DRIVER_VERSION` names another (to test
+/// what depends on the driver's branch).
 pub const DRIVER_VERSION: &str = "580.159.03";
+
+fn driver_version() -> String {
+    std::env::var("SIMNVML_DRIVER_VERSION").unwrap_or_else(|_| DRIVER_VERSION.to_string())
+}
 
 #[no_mangle]
 pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> NvmlReturn {
@@ -486,11 +493,12 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length
     if version.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    if (length as usize) < DRIVER_VERSION.len() + 1 {
+    let v = driver_version();
+    if (length as usize) < v.len() + 1 {
         return ERROR_INSUFFICIENT_SIZE;
     }
-    std::ptr::copy_nonoverlapping(DRIVER_VERSION.as_ptr(), version as *mut u8, DRIVER_VERSION.len());
-    *version.add(DRIVER_VERSION.len()) = 0;
+    std::ptr::copy_nonoverlapping(v.as_ptr(), version as *mut u8, v.len());
+    *version.add(v.len()) = 0;
     SUCCESS
 }
 
