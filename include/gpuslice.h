@@ -194,9 +194,14 @@ struct gpuslice_process_slot {
 };
 
 /* The second page of a group's settings memfd (read-only to members; written by the controller). */
-#define GPUSLICE_MEMBER_PRIORITIES (GPUSLICE_LEDGER_PAGE - 8 * GPUSLICE_LEDGER_MAX_DEVICES)
+#define GPUSLICE_MEMBER_PRIORITIES (GPUSLICE_LEDGER_PAGE - 8 * GPUSLICE_LEDGER_MAX_DEVICES - 8)
+#define GPUSLICE_MARK_EDITED 1         /* the marks below were set live (gpuslice set --suspendable) */
+#define GPUSLICE_MARK_SUSPENDABLE 2
+#define GPUSLICE_MARK_ALLOW_EXPORTS 4
 struct gpuslice_member_settings {
     uint64_t penalty[GPUSLICE_LEDGER_MAX_DEVICES]; /* bytes charged to the group beyond its members' reports */
+    uint32_t marks;                                /* GPUSLICE_MARK_* */
+    uint32_t _marks_pad;
     uint8_t priority[GPUSLICE_MEMBER_PRIORITIES];  /* by process slot: own priority, or GPUSLICE_PRIORITY_INHERIT */
 };
 

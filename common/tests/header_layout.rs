@@ -27,7 +27,7 @@ fn rust_layout() -> (Fields, Sizes) {
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }
         "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, _was_penalty, turn_wait_ns }
-        "gpuslice_member_settings" MemberSettings { penalty, priority }
+        "gpuslice_member_settings" MemberSettings { penalty, marks, priority }
         "gpuslice_process_slot" ProcessSlot { state, pid, group, _was_priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, devices }
     };
     let sizes = vec![

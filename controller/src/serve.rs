@@ -517,6 +517,18 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
         }
         answer
     };
+    let (response, attach) = match (registered, response) {
+        (Some(slot), Response::Registered(a)) => match crate::suspend::join_if_suspended(&a.group_name, peer.pid) {
+            Ok(()) => (Response::Registered(a), attach),
+            Err(why) => {
+                shared.lock().release(slot, "joined a suspended group it could not be suspended with");
+                registered = None;
+                tracing::warn!("pid {}: registration refused: {}", peer.pid, for_log(&why));
+                (Response::Error { message: format!("{why}{}", gpuslice_common::protocol::RETRY_LATER) }, Vec::new())
+            }
+        },
+        (_, response) => (response, attach),
+    };
     if matches!(response, Response::Error { .. }) {
         t.refused.fetch_add(1, Relaxed);
     }

@@ -190,7 +190,15 @@ pub struct ProcessSlot {
 
 /// Process slots whose own priority a settings page can hold (one byte each): the ceiling on a
 /// ledger's `max_procs` (the controller refuses a larger geometry).
-pub const MEMBER_PRIORITIES: usize = PAGE - 8 * MAX_DEVICES;
+pub const MEMBER_PRIORITIES: usize = PAGE - 8 * MAX_DEVICES - 8;
+
+/// `MemberSettings::marks`: set once `gpuslice set --suspendable` decided the two below (a
+/// restarted controller takes them over the config file's, as it keeps other live edits).
+pub const MARK_EDITED: u32 = 1;
+/// The suspension policy may suspend the group (issue 22).
+pub const MARK_SUSPENDABLE: u32 = 2;
+/// ... even while it exports memory.
+pub const MARK_ALLOW_EXPORTS: u32 = 4;
 
 /// The second page of a group's settings: what the controller decides per member.
 #[repr(C)]
@@ -199,6 +207,9 @@ pub struct MemberSettings {
     /// the sum of the cross-check's penalties of its members (the driver shows them holding
     /// more than they report). A limit check counts `used + penalty`.
     pub penalty: [AtomicU64; MAX_DEVICES],
+    /// The group's suspension marks as last edited live (`MARK_*`; 0: never edited).
+    pub marks: AtomicU32,
+    pub _marks_pad: AtomicU32,
     /// By process slot index: that process's own priority (`Priority` as u8), or
     /// `PRIORITY_INHERIT` for its group's.
     pub priority: [AtomicU8; MEMBER_PRIORITIES],

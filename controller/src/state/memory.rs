@@ -137,6 +137,14 @@ impl State {
         }
         page.state.store(ledger::LIVE, Release);
         self.publish_members(i, memory.settings.members());
+        if let Some(marks) = crate::suspend::edited_marks(&info.name) {
+            memory.settings.members().marks.store(marks, Relaxed);
+        }
+    }
+
+    /// Group slot `i`'s suspension marks as last published (`ledger::MARK_*`; 0 without a page).
+    pub(crate) fn published_marks(&self, i: usize) -> u32 {
+        self.memory.get(&i).map_or(0, |m| m.settings.members().marks.load(Relaxed))
     }
 
     /// Group `i`'s members page: each member's own priority and the group's penalty (the
