@@ -484,6 +484,6 @@ mod tests {
             process.uncharge(group, 0, 4096);
             ok
         });
-        println!("try_charge + uncharge, best of 5 x {N}: layout 4 (file, limit in the group slot) {before:.1} ns; layout 5 (memfd, read-only settings page) {after:.1} ns");
+        println!("try_charge + uncharge, best of 5 x {N}: layout 4 (file, limit in the group slot) {before:.1} ns; layout 6 (memfd, limit and penalty from the read-only settings pages) {after:.1} ns");
     }
 }
