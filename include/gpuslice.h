@@ -38,7 +38,7 @@ extern "C" {
 #define GPUSLICE_DEFAULT_LEDGER "/dev/shm/gpuslice/ledger"
 
 /* ---------------------------------------------------------------------------------------------
- * The ledger's layout. Layout version 5:
+ * The ledger's layout. Layout version 6:
  *
  *   offset 0                  struct gpuslice_ledger_header   (GPUSLICE_LEDGER_HEADER_SIZE bytes)
  *   header.devices_offset     struct gpuslice_device_slot     [GPUSLICE_LEDGER_MAX_DEVICES]
@@ -48,8 +48,10 @@ extern "C" {
  *
  * Since version 5 no single file holds the figures: each group's slot and its members' slots
  * live in a sealed memfd of that group (the same layout, other groups' pages zero), the device
- * table in a memfd shared by all, and each group's settings in a one-page memfd the controller
- * publishes and hands out read-only. A registered process gets its group's three descriptors
+ * table in a memfd shared by all, and each group's settings in a two-page memfd the controller
+ * publishes and hands out read-only: a struct gpuslice_group_slot (settings only), then a
+ * struct gpuslice_member_settings (since version 6: each member's own priority and the group's
+ * cross-check penalty, which used to sit in the members' writable process slots). A registered process gets its group's three descriptors
  * over the socket; the file at GPUSLICE_DEFAULT_LEDGER is the controller's own (mode 0600: the
  * header, the index, a copy of the device table). Monitoring tools read the figures through
  * the controller: `gpuslice ls --json` or its Prometheus metrics, not by mapping the file.
@@ -61,14 +63,14 @@ extern "C" {
  * nanoseconds. Writing to the ledger from outside gpuslice is not supported.
  * ------------------------------------------------------------------------------------------- */
 #define GPUSLICE_LEDGER_MAGIC 0x5247444c53555047ULL /* "GPUSLDGR" little-endian */
-#define GPUSLICE_LEDGER_LAYOUT_VERSION 5
+#define GPUSLICE_LEDGER_LAYOUT_VERSION 6
 #define GPUSLICE_LEDGER_PAGE 4096
 #define GPUSLICE_LEDGER_HEADER_SIZE 4096
 #define GPUSLICE_LEDGER_MAX_DEVICES 16
 #define GPUSLICE_UNLIMITED UINT64_MAX
 #define GPUSLICE_SLOT_FREE 0
 #define GPUSLICE_SLOT_LIVE 1
-#define GPUSLICE_PRIORITY_INHERIT 0 /* process slots only: the group's priority applies */
+#define GPUSLICE_PRIORITY_INHERIT 0 /* member settings only: the group's priority applies */
 #define GPUSLICE_PRIORITY_LOW 1
 #define GPUSLICE_PRIORITY_NORMAL 2
 #define GPUSLICE_PRIORITY_HIGH 3
@@ -168,7 +170,7 @@ struct gpuslice_process_device {
     uint64_t throttled_ns;
     uint64_t refusals;
     uint64_t peak_used;
-    uint64_t penalty;                 /* controller only: bytes NVML shows beyond the report */
+    uint64_t _was_penalty;            /* unused since version 6 (struct gpuslice_member_settings) */
     uint64_t turn_wait_ns;            /* wall time waited for the turn among throttled processes */
     uint64_t _reserved[7];
 };
@@ -177,7 +179,7 @@ struct gpuslice_process_slot {
     uint32_t state;
     uint32_t pid;                     /* in the controller's pid namespace */
     uint32_t group;                   /* index of its group slot */
-    uint32_t priority;
+    uint32_t _was_priority;           /* unused since version 6 (struct gpuslice_member_settings) */
     uint64_t ops;                     /* odd while an accounting operation is open */
     uint64_t start_time;              /* /proc/PID/stat field 22, to detect pid reuse */
     uint64_t heartbeat_ns;
@@ -189,6 +191,18 @@ struct gpuslice_process_slot {
     uint64_t _reserved[4];
     struct gpuslice_process_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
     uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 128 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
+};
+
+/* The second page of a group's settings memfd (read-only to members; written by the controller). */
+#define GPUSLICE_MEMBER_PRIORITIES (GPUSLICE_LEDGER_PAGE - 8 * GPUSLICE_LEDGER_MAX_DEVICES - 8)
+#define GPUSLICE_MARK_EDITED 1         /* the marks below were set live (gpuslice set --suspendable) */
+#define GPUSLICE_MARK_SUSPENDABLE 2
+#define GPUSLICE_MARK_ALLOW_EXPORTS 4
+struct gpuslice_member_settings {
+    uint64_t penalty[GPUSLICE_LEDGER_MAX_DEVICES]; /* bytes charged to the group beyond its members' reports */
+    uint32_t marks;                                /* GPUSLICE_MARK_* */
+    uint32_t _marks_pad;
+    uint8_t priority[GPUSLICE_MEMBER_PRIORITIES];  /* by process slot: own priority, or GPUSLICE_PRIORITY_INHERIT */
 };
 
 /* Returns the loaded shim's version, e.g. "0.1.0"; a static string, never NULL. */

@@ -26,8 +26,9 @@ fn rust_layout() -> (Fields, Sizes) {
         "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }
-        "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, penalty, turn_wait_ns }
-        "gpuslice_process_slot" ProcessSlot { state, pid, group, priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, devices }
+        "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, _was_penalty, turn_wait_ns }
+        "gpuslice_member_settings" MemberSettings { penalty, marks, priority }
+        "gpuslice_process_slot" ProcessSlot { state, pid, group, _was_priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, devices }
     };
     let sizes = vec![
         ("struct gpuslice_ledger_header", size_of::<Header>()),
@@ -39,6 +40,7 @@ fn rust_layout() -> (Fields, Sizes) {
         ("struct gpuslice_group_slot", size_of::<GroupSlot>()),
         ("struct gpuslice_process_device", size_of::<ProcessDevice>()),
         ("struct gpuslice_process_slot", size_of::<ProcessSlot>()),
+        ("struct gpuslice_member_settings", size_of::<MemberSettings>()),
     ];
     (fields, sizes)
 }

@@ -2,8 +2,9 @@
 //! registered process reports (its ledger slot's `used`) with what the driver says it holds
 //! (NVML's per-process memory, `nvmlDeviceGetComputeRunningProcesses`). A process whose report
 //! is below NVML's figure by more than `TOLERANCE`, at two checks in a row, is charged the
-//! difference: the ledger's `penalty` of its slot, which the controller alone writes and which
-//! counts in its group's `used`, so the group is refused beyond its limit on NVML's figure. It
+//! difference: its `penalty` in the controller's own records (`Watched`), published summed over
+//! the group on the group's members page (`MemberSettings::penalty`, read-only to members), which
+//! every limit check counts as used, so the group is refused beyond its limit on NVML's figure. It
 //! is listed in `ls`, `ls --json` (`underreporting`) and the metrics, and logged. This also
 //! catches memory no hook sees (a path the shim does not interpose, a tenant writing its slot).
 //!
@@ -15,7 +16,8 @@
 //! after the NVML query and the larger taken, so an allocation or free racing the check cannot
 //! make an honest process look short.
 
-use gpuslice_common::ledger::{GroupSlot, Ledger, ProcessSlot, LIVE, MAX_DEVICES};
+use crate::state::State;
+use gpuslice_common::ledger::{Ledger, LIVE, MAX_DEVICES};
 use gpuslice_common::protocol::UnderReportRow;
 use gpuslice_common::size::format_size;
 use nvml_wrapper::enums::device::UsedGpuMemory;
@@ -93,48 +95,63 @@ impl CrossCheck {
         held
     }
 
-    /// Last step, under the lock again: charges or lifts each process's penalty.
-    pub fn finish(&mut self, ledger: &Ledger, plan: Plan, held: HashMap<usize, HashMap<u32, u64>>) {
+    /// Last step, under the lock again: charges or lifts each process's penalty, and publishes
+    /// the groups whose penalty changed.
+    pub fn finish(&mut self, state: &mut State, plan: Plan, held: HashMap<usize, HashMap<u32, u64>>) {
         let mut seen = HashMap::new();
+        let mut changed = Vec::new();
         for &(i, generation) in &plan.procs {
-            let p = ledger.process(i);
+            let p = state.ledger.process(i);
             if p.state.load(Acquire) != LIVE || p.generation.load(Acquire) != generation {
                 continue; // Released (and perhaps reused) meanwhile.
             }
-            let Some(group) = group_of(ledger, p) else { continue };
-            let pid = p.pid.load(Acquire);
+            let Some(w) = state.watched.get(&i) else { continue };
+            let (pid, group) = (w.pid, w.group);
+            let name = state.groups.get(&group).map_or_else(String::new, |g| g.name.clone());
             for &(d, _) in &plan.devices {
                 // A device NVML could not be asked about keeps its penalty as it was.
                 let Some(by_pid) = held.get(&d) else { continue };
                 let report = plan.before[&(i, d)].max(p.devices[d].used.load(SeqCst));
                 let measured = by_pid.get(&pid).copied().unwrap_or(0);
                 let key = (i, generation, d);
-                let penalty = &p.devices[d].penalty;
-                if measured > report.saturating_add(TOLERANCE) {
+                let old = state.watched[&i].penalty[d];
+                let new = if measured > report.saturating_add(TOLERANCE) {
                     let n = self.short.get(&key).copied().unwrap_or(0) + 1;
                     seen.insert(key, n);
                     if n < CONFIRMATIONS {
                         continue;
                     }
                     let charge = measured - report;
-                    let old = penalty.load(Acquire);
                     if old == 0 {
                         tracing::warn!(
-                            "pid {pid} (group {:?}) reports {} on device {d} but the driver shows it holding {}: charging its group the driver's figure (+{})",
-                            group.name(),
+                            "pid {pid} (group {name:?}) reports {} on device {d} but the driver shows it holding {}: charging its group the driver's figure (+{})",
                             format_size(report),
                             format_size(measured),
                             format_size(charge)
                         );
                     }
-                    if old != charge {
-                        p.set_penalty(group, d, charge);
+                    charge
+                } else {
+                    if old != 0 {
+                        tracing::info!(
+                            "pid {pid}: its report on device {d} agrees with the driver again ({}); the extra charge is lifted",
+                            format_size(measured)
+                        );
                     }
-                } else if penalty.load(Acquire) != 0 {
-                    tracing::info!("pid {pid}: its report on device {d} agrees with the driver again ({}); the extra charge is lifted", format_size(measured));
-                    p.set_penalty(group, d, 0);
+                    0
+                };
+                if new != old {
+                    if let Some(w) = state.watched.get_mut(&i) {
+                        w.penalty[d] = new;
+                    }
+                    changed.push(group);
                 }
             }
+        }
+        changed.sort_unstable();
+        changed.dedup();
+        for group in changed {
+            state.publish_group(group);
         }
         self.short = seen;
     }
@@ -149,26 +166,18 @@ pub struct Plan {
     before: HashMap<(usize, usize), u64>,
 }
 
-/// The process's group, if its slot names a valid one (the slot is shared memory: checked).
-fn group_of<'l>(ledger: &'l Ledger, p: &ProcessSlot) -> Option<&'l GroupSlot> {
-    let index = p.group.load(Acquire) as usize;
-    (index < ledger.geometry().max_groups as usize).then(|| ledger.group(index))
-}
-
 /// Processes charged by the cross-check now, for `ls` and the metrics.
-pub fn findings(ledger: &Ledger) -> Vec<UnderReportRow> {
+pub fn findings(state: &State) -> Vec<UnderReportRow> {
+    let ledger: &Ledger = &state.ledger;
     let mut rows = Vec::new();
-    for (_, p) in ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE) {
-        for d in (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE) {
-            let charged = p.devices[d].penalty.load(Acquire);
-            if charged == 0 {
-                continue;
-            }
+    for (&i, w) in &state.watched {
+        let p = ledger.process(i);
+        for d in (0..MAX_DEVICES).filter(|&d| w.penalty[d] != 0 && ledger.device(d).state.load(Acquire) == LIVE) {
+            let charged = w.penalty[d];
             let reported = p.devices[d].used.load(Acquire);
-            let group = group_of(ledger, p).map(|g| g.name()).unwrap_or_default();
             rows.push(UnderReportRow {
-                pid: p.pid.load(Acquire),
-                group,
+                pid: w.pid,
+                group: state.groups.get(&w.group).map_or_else(String::new, |g| g.name.clone()),
                 device: d as u32,
                 uuid: ledger.device(d).uuid(),
                 reported,
@@ -177,5 +186,6 @@ pub fn findings(ledger: &Ledger) -> Vec<UnderReportRow> {
             });
         }
     }
+    rows.sort_by_key(|r| (r.pid, r.device));
     rows
 }

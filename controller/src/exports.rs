@@ -144,6 +144,7 @@ mod tests {
             uid: me.uid,
             caps: [UNLIMITED; MAX_DEVICES],
             priority: 0,
+            penalty: [0; MAX_DEVICES],
             misbehaving: None,
         };
         s.watched.insert(0, w);

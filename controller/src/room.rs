@@ -212,6 +212,7 @@ pub fn check_room(state: &std::sync::Mutex<State>, device_bytes: &std::collectio
 /// fits again on every device it was on.
 pub fn watch(state: &std::sync::Mutex<State>) {
     suspend::from_config(state);
+    suspend::from_ledger(state);
     suspend::adopt(state);
     loop {
         std::thread::sleep(POLL * 4);

@@ -92,6 +92,10 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     let _socket = SocketFile(socket_path.clone());
     make_parent(&ledger_path, 0o700)?;
     let geometry = Geometry { max_groups: args.max_groups.max(1), max_procs: args.max_processes.max(1) };
+    if geometry.max_procs as usize > gpuslice_common::ledger::MEMBER_PRIORITIES {
+        // Each member's own priority is one byte of its group's read-only members page.
+        return Err(format!("--max-processes {} is more than a ledger holds ({})", geometry.max_procs, gpuslice_common::ledger::MEMBER_PRIORITIES));
+    }
     let (ledger, adopted) = Ledger::open_or_create(&ledger_path, geometry).map_err(|e| match e {
         LedgerError::Foreign { .. } => format!("{e}; it was left untouched (remove it, or choose another --ledger)"),
         e => e.to_string(),
@@ -211,7 +215,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             drop(state);
             if let Some(plan) = plan {
                 let held = crosscheck.measure(&plan);
-                crosscheck.finish(&shared.lock().ledger, plan, held);
+                crosscheck.finish(&mut shared.lock(), plan, held);
             }
         }
     }
@@ -512,6 +516,18 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
             state.publish();
         }
         answer
+    };
+    let (response, attach) = match (registered, response) {
+        (Some(slot), Response::Registered(a)) => match crate::suspend::join_if_suspended(&a.group_name, peer.pid) {
+            Ok(()) => (Response::Registered(a), attach),
+            Err(why) => {
+                shared.lock().release(slot, "joined a suspended group it could not be suspended with");
+                registered = None;
+                tracing::warn!("pid {}: registration refused: {}", peer.pid, for_log(&why));
+                (Response::Error { message: format!("{why}{}", gpuslice_common::protocol::RETRY_LATER) }, Vec::new())
+            }
+        },
+        (_, response) => (response, attach),
     };
     if matches!(response, Response::Error { .. }) {
         t.refused.fetch_add(1, Relaxed);

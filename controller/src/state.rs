@@ -46,10 +46,15 @@ pub struct Watched {
     /// Its group's slot index.
     pub group: usize,
     pub uid: u32,
-    /// Its own caps per device and priority, as the controller last set them (restored
-    /// when shared memory says otherwise).
+    /// Its own caps per device, as the controller last set them (restored when shared memory
+    /// says otherwise).
     pub caps: [u64; MAX_DEVICES],
+    /// Its own priority (`PRIORITY_INHERIT`: its group's), published read-only on its group's
+    /// members page (`MemberSettings`), never read back from anything a member can write.
     pub priority: u32,
+    /// The cross-check's extra charge per device (`crosscheck`), published summed over the
+    /// group on the same page.
+    pub penalty: [u64; MAX_DEVICES],
     /// Why its slot was found corrupt, once (reported once, then kept for the listing).
     pub misbehaving: Option<String>,
 }
@@ -162,7 +167,6 @@ impl State {
             for d in 0..MAX_DEVICES {
                 w.caps[d] = p.devices[d].limit.load(Relaxed);
             }
-            w.priority = p.priority.load(Relaxed);
         }
     }
 
@@ -210,9 +214,6 @@ impl State {
                 if put(&p.devices[d].limit, w.caps[d]) {
                     changed.push(format!("device {d} cap"));
                 }
-            }
-            if put(&p.priority, w.priority) {
-                changed.push("priority".into());
             }
             if put(&p.group, w.group as u32) | put(&p.pid, w.pid) | put(&p.uid, w.uid) | put(&p.state, LIVE) {
                 changed.push("identity (group, pid, uid or state)".into());
@@ -384,7 +385,20 @@ impl State {
             let devices = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
             let uid = p.uid.load(Relaxed);
             let pidfd = if alive { pidfd_open(pid) } else { None };
-            let w = Watched { pid, pidfd, start_time: now, devices, group, uid, caps: [UNLIMITED; MAX_DEVICES], priority: 0, misbehaving: None };
+            // Its own priority as the previous controller published it (read-only to members).
+            let priority = self.published_priority(group, i);
+            let w = Watched {
+                pid,
+                pidfd,
+                start_time: now,
+                devices,
+                group,
+                uid,
+                caps: [UNLIMITED; MAX_DEVICES],
+                priority,
+                penalty: [0; MAX_DEVICES],
+                misbehaving: None,
+            };
             self.watched.insert(i, w);
             self.remember_process(i);
             if alive {
@@ -554,7 +568,6 @@ impl State {
         process.uid.store(peer.uid, Relaxed);
         process.group.store(group as u32, Relaxed);
         let own_priority = if solo { PRIORITY_INHERIT } else { r.priority.map_or(PRIORITY_INHERIT, |p| p as u32) };
-        process.priority.store(own_priority, Relaxed);
         let start_time = ledger::process_start_time(peer.pid);
         process.start_time.store(start_time.unwrap_or(0), Relaxed);
         process.heartbeat_ns.store(ledger::monotonic_ns(), Relaxed);
@@ -573,6 +586,7 @@ impl State {
             uid: peer.uid,
             caps: [UNLIMITED; MAX_DEVICES],
             priority: own_priority,
+            penalty: [0; MAX_DEVICES],
             misbehaving: None,
         };
         self.watched.insert(slot, w);
@@ -784,14 +798,15 @@ impl State {
                             p.devices[d].limit.store(limit_bytes(m), Relaxed);
                         }
                     }
-                    if let Some(pr) = e.priority {
-                        p.priority.store(pr as u32, Relaxed);
+                    if let (Some(pr), Some(w)) = (e.priority, self.watched.get_mut(&slot)) {
+                        w.priority = pr as u32;
                     }
                     let cap = e.memory.map(|m| match m {
                         Limit::Bytes(b) => format!("own cap {}", format_size(b)),
                         Limit::Unlimited => "no own cap".into(),
                     });
                     self.remember_process(slot);
+                    self.publish_group(group);
                     let pri = e.priority.map(|p| format!("priority {p}"));
                     format!("pid {pid} in group {name:?} now: {}", [cap, pri].into_iter().flatten().collect::<Vec<_>>().join(", "))
                 };
@@ -921,6 +936,11 @@ impl State {
         self.samples.taken
     }
 
+    /// The cross-check's charge on group `i` on device `d`: its members' penalties.
+    pub fn group_penalty(&self, i: usize, d: usize) -> u64 {
+        self.watched.values().filter(|w| w.group == i).map(|w| w.penalty[d]).fold(0, u64::saturating_add)
+    }
+
     pub fn listing(&self) -> Listing {
         let uuid = |d: usize| self.devices[d].clone().unwrap_or_default();
         let claimed: Vec<usize> = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
@@ -939,7 +959,8 @@ impl State {
                     GroupDeviceRow {
                         device: d as u32,
                         uuid: uuid(d),
-                        used: gd.used.load(Relaxed),
+                        // With the cross-check's charge, as every limit check counts it.
+                        used: gd.used.load(Relaxed).saturating_add(self.group_penalty(i, d)),
                         limit: some_limit(gd.limit.load(Relaxed)),
                         peak: gd.peak_used.load(Relaxed),
                         share: (share != 0).then_some(share),
@@ -960,7 +981,6 @@ impl State {
         for i in process_slots {
             let (p, w) = (self.ledger.process(i), &self.watched[&i]);
             let generation = p.generation.load(Relaxed);
-            let g = self.ledger.group(w.group);
             let devices = claimed
                 .iter()
                 .map(|&d| {
@@ -986,11 +1006,12 @@ impl State {
                 uid: w.uid,
                 group: self.groups.get(&w.group).map_or_else(String::new, |i| i.name.clone()),
                 name: p.name(),
-                priority: p.priority_or(g),
+                priority: Priority::from_u32(w.priority)
+                    .unwrap_or_else(|| self.groups.get(&w.group).and_then(|i| Priority::from_u32(i.priority)).unwrap_or_default()),
                 devices,
             });
         }
-        listing.underreporting = crate::crosscheck::findings(&self.ledger);
+        listing.underreporting = crate::crosscheck::findings(self);
         listing.suspensions = crate::suspend::rows();
         listing
     }

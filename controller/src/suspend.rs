@@ -47,6 +47,8 @@ pub struct Record {
     pub phase: Phase,
     pub suspendable: bool,
     pub allow_exports: bool,
+    /// The marks above were set with `gpuslice set` (kept in the ledger: they outlive a restart).
+    pub edited: bool,
     /// pid → device bytes it had when suspended (its host copy).
     pub pids: BTreeMap<u32, u64>,
     /// Ledger device → bytes the group had there when suspended.
@@ -66,6 +68,7 @@ impl Default for Record {
             phase: Phase::Running,
             suspendable: false,
             allow_exports: false,
+            edited: false,
             pids: BTreeMap::new(),
             device_bytes: BTreeMap::new(),
             bytes: 0,
@@ -333,6 +336,36 @@ fn checkpoint_all(d: &Driver, pids: &BTreeMap<u32, u64>) -> Result<(), String> {
     result
 }
 
+/// A process that registered into group `group` (its answer not sent yet): while the group is
+/// suspended it is suspended too (locked and checkpointed before it has its answer, so its
+/// next CUDA call blocks until the group is resumed, and the resume brings it back with the
+/// others). `Err` when that cannot be done, or the group is between states: the registration is
+/// then refused, to be tried again (fail closed: it never runs beside its suspended group).
+pub fn join_if_suspended(group: &str, pid: u32) -> Result<(), String> {
+    match record(group).map(|rec| rec.phase) {
+        Some(Phase::Suspended) => {}
+        Some(Phase::Suspending | Phase::Resuming) => return Err(format!("group {group:?} is being suspended or resumed")),
+        _ => return Ok(()),
+    }
+    let d = driver()?;
+    let (outcome, ms) = timed(|| checkpoint_all(&d, &BTreeMap::from([(pid, 0)])));
+    outcome.map_err(|e| format!("group {group:?} is suspended, and this process could not be suspended with it: {e}"))?;
+    let joined = update(group, |rec| {
+        let suspended = rec.phase == Phase::Suspended;
+        if suspended {
+            rec.pids.insert(pid, 0);
+        }
+        suspended
+    });
+    if !joined {
+        // Resumed meanwhile, without it: it runs with the others.
+        let _ = restore_all(&d, &[pid]);
+        return Ok(());
+    }
+    tracing::info!("pid {pid} joined group {group:?} while it is suspended: suspended with it ({ms:.0} ms); its first CUDA call waits for `gpuslice resume`");
+    Ok(())
+}
+
 /// `gpuslice resume --group G` (and the policy's resumptions).
 pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<String, String> {
     if let Some(peer) = peer {
@@ -408,19 +441,55 @@ fn alive(pid: u32) -> bool {
 /// `gpuslice set --suspendable`: the policy may (or may no longer) suspend the group.
 pub fn set_suspendable(state: &Mutex<State>, peer: Peer, s: &gpuslice_common::protocol::Suspendable) -> Result<String, String> {
     let (group, suspendable, allow_exports) = (s.group.as_str(), s.suspendable, s.allow_exports);
-    {
-        let state = lock_state(state);
-        may_edit(&state, peer)?;
-        if !s.ahead {
-            state.find_group(group).ok_or_else(|| format!("no group named {group:?} (see `gpuslice ls`)"))?;
-        }
-        gpuslice_common::settings::check_group_name(group).map_err(|e| format!("group {group:?}: {e}"))?;
+    let state = lock_state(state);
+    may_edit(&state, peer)?;
+    if !s.ahead {
+        state.find_group(group).ok_or_else(|| format!("no group named {group:?} (see `gpuslice ls`)"))?;
     }
-    let mut r = registry();
-    let rec = r.groups.entry(group.to_string()).or_default();
-    rec.suspendable = suspendable;
-    rec.allow_exports = allow_exports;
+    gpuslice_common::settings::check_group_name(group).map_err(|e| format!("group {group:?}: {e}"))?;
+    update(group, |rec| {
+        rec.suspendable = suspendable;
+        rec.allow_exports = allow_exports;
+        rec.edited = true;
+    });
+    // Into the ledger now (a group marked ahead gets them when it is made): a restarted
+    // controller finds them there.
+    if let Some(slot) = state.find_group(group) {
+        state.publish_group(slot);
+    }
     Ok(format!("group {group:?} {}suspendable{}", if suspendable { "" } else { "not " }, if allow_exports { " (even while it exports memory)" } else { "" }))
+}
+
+/// The marks `gpuslice set` gave group `group` (`ledger::MARK_*`), for its members page; `None`
+/// when it has none (the config's marks or none: nothing to keep in the ledger).
+pub fn edited_marks(group: &str) -> Option<u32> {
+    use gpuslice_common::ledger::{MARK_ALLOW_EXPORTS, MARK_EDITED, MARK_SUSPENDABLE};
+    let r = registry();
+    let rec = r.groups.get(group).filter(|rec| rec.edited)?;
+    Some(MARK_EDITED | if rec.suspendable { MARK_SUSPENDABLE } else { 0 } | if rec.allow_exports { MARK_ALLOW_EXPORTS } else { 0 })
+}
+
+/// At start, after the config's marks: the marks made with `gpuslice set` before a restart, as
+/// the ledger kept them; they win over the config's, as other live edits do.
+pub fn from_ledger(state: &Mutex<State>) {
+    use gpuslice_common::ledger::{MARK_ALLOW_EXPORTS, MARK_EDITED, MARK_SUSPENDABLE};
+    let state = lock_state(state);
+    for (&slot, info) in &state.groups {
+        let marks = state.published_marks(slot);
+        if marks & MARK_EDITED == 0 {
+            continue;
+        }
+        update(&info.name, |rec| {
+            rec.suspendable = marks & MARK_SUSPENDABLE != 0;
+            rec.allow_exports = marks & MARK_ALLOW_EXPORTS != 0;
+            rec.edited = true;
+        });
+        tracing::info!(
+            "group {:?}: {}suspendable as `gpuslice set` left it before the restart",
+            info.name,
+            if marks & MARK_SUSPENDABLE != 0 { "" } else { "not " }
+        );
+    }
 }
 
 /// Whether the group is marked suspendable (for the policy).

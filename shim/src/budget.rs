@@ -11,7 +11,7 @@
 
 use crate::ffi::CUdevice;
 use crate::link;
-use gpuslice_common::ledger::{GroupSlot, ProcessSlot, UNLIMITED};
+use gpuslice_common::ledger::{GroupSlot, MemberSettings, ProcessSlot, UNLIMITED};
 pub use gpuslice_common::ledger::{Refusal, Scope};
 use std::sync::atomic::Ordering::*;
 
@@ -21,6 +21,8 @@ pub struct Budget {
     group: &'static GroupSlot,
     /// The group's published settings (read-only; the same slot as `group` when alone).
     settings: &'static GroupSlot,
+    /// The controller's per-member page (read-only): the group's penalty counts as used.
+    members: &'static MemberSettings,
     process: &'static ProcessSlot,
     index: usize,
 }
@@ -28,15 +30,14 @@ pub struct Budget {
 /// The budget of CUDA device `device`, if it is one the shim tracks.
 #[inline]
 pub fn of(device: CUdevice) -> Option<Budget> {
-    let link = link::attached()?;
-    Some(Budget { group: link.group, settings: link.settings, process: link.process, index: link.index(device)? })
+    of_link(link::attached()?, device)
 }
 
 /// The budget of CUDA device `device` in a given link (NVML's hooks in a process that has not
 /// attached through CUDA hold a link of their own).
 #[inline]
 pub fn of_link(link: &'static link::Link, device: CUdevice) -> Option<Budget> {
-    Some(Budget { group: link.group, settings: link.settings, process: link.process, index: link.index(device)? })
+    Some(Budget { group: link.group, settings: link.settings, members: link.members, process: link.process, index: link.index(device)? })
 }
 
 impl Budget {
@@ -57,7 +58,7 @@ impl Budget {
         let g = &self.group.devices[self.index];
         let p = &self.process.devices[self.index];
         let group_limit = self.settings.devices[self.index].limit.load(Relaxed);
-        let (group_used, own_used) = (g.used.load(Relaxed), p.used.load(Relaxed));
+        let (group_used, own_used) = (g.used.load(Relaxed).saturating_add(self.members.penalty(self.index)), p.used.load(Relaxed));
         let group_room = group_limit.saturating_sub(group_used);
         let own_room = p.limit.load(Relaxed).saturating_sub(own_used);
         if p.limit.load(Relaxed) < group_limit {
@@ -82,7 +83,7 @@ impl Budget {
     /// the driver, not the quota, answers a zero-size request.
     #[inline]
     pub fn try_charge(&self, bytes: u64) -> Result<(), Refusal> {
-        self.process.try_charge_under(self.group, self.settings, self.index, bytes)
+        self.process.try_charge_under(self.group, self.settings, self.members.penalty(self.index), self.index, bytes)
     }
 
     /// Returns bytes; never below zero.

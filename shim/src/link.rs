@@ -18,7 +18,7 @@ use crate::driver::call_real;
 use crate::ffi::*;
 use crate::nvml::cuda_uuid_string;
 use crate::runtime;
-use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
+use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, MemberSettings, Priority, ProcessSlot, LIVE, UNLIMITED};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response, ENV_SOCKET};
 use gpuslice_common::settings::Settings;
 use std::ffi::c_int;
@@ -51,7 +51,12 @@ pub struct Link {
     /// The group's settings as the controller publishes them: limits and shares, mapped
     /// read-only (the same slot as `group` for a process alone).
     pub settings: &'static GroupSlot,
+    /// What the controller decides per member (own priorities, the group's penalty), mapped
+    /// read-only with `settings`: a member cannot raise its priority or clear its penalty.
+    pub members: &'static MemberSettings,
     pub process: &'static ProcessSlot,
+    /// `process`'s slot index (its entry in `members`).
+    pub slot: usize,
     /// CUDA ordinal → device index in the ledger.
     devices: [u8; MAX_ORDINALS],
     /// CUDA ordinal → the device's priority state (see `sched`).
@@ -198,8 +203,8 @@ pub fn attach_view(devices: &[(String, u64)]) -> Option<&'static Link> {
 impl Link {
     fn new(
         ledger: &'static Ledger,
-        (group, settings): (&'static GroupSlot, &'static GroupSlot),
-        process: &'static ProcessSlot,
+        (group, settings, members): (&'static GroupSlot, &'static GroupSlot, &'static MemberSettings),
+        (process, slot): (&'static ProcessSlot, usize),
         devices: [u8; MAX_ORDINALS],
         group_name: String,
         controlled: bool,
@@ -211,7 +216,20 @@ impl Link {
                 sched_list.push(s);
             }
         }
-        Link { ledger, group, settings, process, devices, scheds, sched_list, group_name, controlled }
+        Link { ledger, group, settings, members, process, slot, devices, scheds, sched_list, group_name, controlled }
+    }
+
+    /// The priority this process runs at: its own as the controller set it, else its group's
+    /// (both read-only to the process).
+    #[inline]
+    pub fn priority(&self) -> Priority {
+        self.members.priority_of(self.slot, self.settings)
+    }
+
+    /// The controller's extra charge on the group on ledger device `index` (the cross-check).
+    #[inline]
+    pub fn penalty(&self, index: usize) -> u64 {
+        self.members.penalty(index)
     }
 
     /// The priority state of CUDA device `device`.
@@ -438,7 +456,8 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
     for fd in [counters, device_memory, settings_page] {
         let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
     }
-    Ok(Link::new(ledger, (group, settings.leak()), process, map, assignment.group_name, true, scheds))
+    let (settings, members) = settings.leak();
+    Ok(Link::new(ledger, (group, settings, members), (process, assignment.slot as usize), map, assignment.group_name, true, scheds))
 }
 
 /// A private ledger holding this process's own settings.
@@ -477,5 +496,8 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
     for d in devices.iter().filter(|_| turns) {
         scheds[d.ordinal as usize] = crate::board::sched(d.ordinal as CUdevice);
     }
-    Ok(Link::new(ledger, (group, group), process, map, format!("pid-{pid}"), false, scheds))
+    // No controller to charge a penalty or set an own priority: all zeros (the group's priority).
+    // SAFETY: MemberSettings is atomics only, for which all zeros is a valid value.
+    let members: &'static MemberSettings = Box::leak(unsafe { Box::<MemberSettings>::new_zeroed().assume_init() });
+    Ok(Link::new(ledger, (group, group, members), (process, 0), map, format!("pid-{pid}"), false, scheds))
 }

@@ -219,10 +219,10 @@ pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: 
         ),
         (Scope::Group, _) => format!("used {} ({} B), limit {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
     };
-    // The controller's cross-check may have charged this process the driver's figure.
-    let penalty = crate::link::get().and_then(|l| Some(l.process.devices[l.index(device)?].penalty.load(std::sync::atomic::Ordering::Relaxed))).unwrap_or(0);
+    // The controller's cross-check may have charged the group the driver's figure.
+    let penalty = crate::link::get().and_then(|l| Some(l.penalty(l.index(device)?))).unwrap_or(0);
     let charged = if penalty > 0 && refusal.scope == Scope::Group {
-        format!(" (of which {} the controller charged because the driver shows this process holding more than it reports)", format_size(penalty))
+        format!(" (of which {} the controller charged because the driver shows the group's processes holding more than they report)", format_size(penalty))
     } else {
         String::new()
     };

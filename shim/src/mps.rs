@@ -133,7 +133,7 @@ pub fn context_created(device: CUdevice) {
         return;
     }
     let Some(link) = link::get() else { return };
-    let priority = link.process.priority_or(link.group);
+    let priority = link.priority();
     let share = link.index(device).map(|i| link.settings.devices[i].share.load(Relaxed)).filter(|&p| p > 0 && p < 100);
     let (wrote_priority, wrote_share) = write_variables(priority, share);
     let spatial = wrote_share.is_some() || (USER_ACTIVE_THREADS.load(Relaxed) && share.is_some());

@@ -59,7 +59,7 @@ const CU_EVENT_DISABLE_TIMING: u32 = 0x2;
 /// The priority this process launches with now (a controller may change it at any time).
 #[inline]
 pub fn priority() -> Priority {
-    link::get().map_or(Priority::Normal, |l| l.process.priority_or(l.settings))
+    link::get().map_or(Priority::Normal, |l| l.priority())
 }
 
 /// True when a launch needs this module: this process is high-priority, or some high-priority
@@ -67,7 +67,7 @@ pub fn priority() -> Priority {
 #[inline]
 pub fn engaged() -> bool {
     let Some(l) = link::get() else { return false };
-    if l.process.priority_or(l.settings) == Priority::High {
+    if l.priority() == Priority::High {
         return true;
     }
     let scheds = l.scheds();

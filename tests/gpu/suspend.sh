@@ -62,6 +62,13 @@ else
     grep -n -E 'cuCheckpointProcess[A-Za-z]+\(|CU_PROCESS_STATE_|typedef struct CUcheckpoint|CUcheckpoint[A-Za-z]+Args;' "$CUDA_H"
     awk '/typedef struct CUcheckpoint[A-Za-z]*Args_st/,/} CUcheckpoint/' "$CUDA_H"
   } 2>&1 | tee -a "$LOG"
+  # Issue 22 (d): the custom-storage mode (the caller copies at link speed) is documented for
+  # newer drivers; say whether this header declares it and this driver exports it. gpuslice does
+  # not use it yet (docs/NOTES.md, branch i13c), so check 3c's goal is expected to FAIL.
+  declared=$(grep -c -E 'CUcheckpointCustomStorageInfo|cuCheckpointOperationComplete' "$CUDA_H")
+  if "$CC" -std=gnu11 -O1 -o "$BUILD/ckpt_custom_probe" "$HERE/ckpt_custom_probe.c" -ldl >>"$LOG" 2>&1; then
+    note "suspend: custom storage: $declared declarations in $CUDA_H; $("$BUILD/ckpt_custom_probe")"
+  fi
   if ! "$CC" -std=gnu11 -O1 -I"$(dirname "$CUDA_H")" -o "$BUILD/ckpt_abi" "$HERE/ckpt_abi.c" >>"$LOG" 2>&1; then
     note "suspend: ckpt_abi.c does not compile against $CUDA_H: the checkpoint API differs from what gpuslice calls (see $LOG)"
     exit 1

@@ -22,7 +22,7 @@ impl GroupSlot {
             }
         }
         for (d, gd) in self.devices.iter().enumerate() {
-            let sum: u64 = live.iter().map(|p| p.devices[d].used.load(SeqCst).saturating_add(p.devices[d].penalty.load(SeqCst))).fold(0, u64::saturating_add);
+            let sum: u64 = live.iter().map(|p| p.devices[d].used.load(SeqCst)).fold(0, u64::saturating_add);
             gd.used.store(sum, SeqCst);
         }
         self.reconciling.store(0, SeqCst);
@@ -100,13 +100,15 @@ impl ProcessSlot {
     /// limit; zero bytes always succeed, so that the driver answers a zero-size request.
     #[inline]
     pub fn try_charge(&self, group: &GroupSlot, device: usize, bytes: u64) -> Result<(), Refusal> {
-        self.try_charge_under(group, group, device, bytes)
+        self.try_charge_under(group, group, 0, device, bytes)
     }
 
     /// `try_charge` with the group's limit read from `settings`: the page the controller
-    /// publishes and a shim maps read-only (`regions`), not the group's writable counters.
+    /// publishes and a shim maps read-only (`regions`), not the group's writable counters;
+    /// `penalty` is the controller's extra charge on the group (`MemberSettings::penalty`, from
+    /// the same read-only memory), counted as used.
     #[inline]
-    pub fn try_charge_under(&self, group: &GroupSlot, settings: &GroupSlot, device: usize, bytes: u64) -> Result<(), Refusal> {
+    pub fn try_charge_under(&self, group: &GroupSlot, settings: &GroupSlot, penalty: u64, device: usize, bytes: u64) -> Result<(), Refusal> {
         let (pd, gd) = (&self.devices[device], &group.devices[device]);
         self.begin(group);
         let mine = pd.used.load(Relaxed);
@@ -119,9 +121,9 @@ impl ProcessSlot {
         let mut used = gd.used.load(Relaxed);
         loop {
             let next = used.saturating_add(bytes);
-            if bytes != 0 && next > limit {
+            if bytes != 0 && next.saturating_add(penalty) > limit {
                 self.end();
-                return Err(self.refused(group, device, Refusal { scope: Scope::Group, used, limit }));
+                return Err(self.refused(group, device, Refusal { scope: Scope::Group, used: used.saturating_add(penalty), limit }));
             }
             match gd.used.compare_exchange_weak(used, next, SeqCst, Relaxed) {
                 Ok(_) => break,
@@ -181,19 +183,6 @@ impl ProcessSlot {
     pub fn add_overhead(&self, group: &GroupSlot, device: usize, bytes: u64) {
         self.devices[device].overhead.fetch_add(bytes, AcqRel);
         self.charge(group, device, bytes);
-    }
-
-    /// Sets the controller's penalty on `device` (the cross-check), moving the group's `used`
-    /// by the difference. Only the controller calls this.
-    pub fn set_penalty(&self, group: &GroupSlot, device: usize, bytes: u64) {
-        let old = self.devices[device].penalty.swap(bytes, AcqRel);
-        let gd = &group.devices[device];
-        if bytes >= old {
-            let total = gd.used.fetch_add(bytes - old, SeqCst) + (bytes - old);
-            raise_peak(&gd.peak_used, total);
-        } else {
-            let _ = gd.used.fetch_update(SeqCst, Relaxed, |u| Some(u.saturating_sub(old - bytes)));
-        }
     }
 
     pub fn remove_overhead(&self, group: &GroupSlot, device: usize, bytes: u64) {

@@ -3,12 +3,12 @@
 
 use super::sched::DeviceSched;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
 /// "GPUSLDGR" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUSLDGR");
 /// Bumped whenever any offset, size or meaning below changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Group and process slots each fill one page, so that each can be mapped from its own
 /// group's memory (see `regions`).
 pub const PAGE: usize = 4096;
@@ -142,10 +142,9 @@ pub struct ProcessDevice {
     pub throttled_ns: AtomicU64,
     pub refusals: AtomicU64,
     pub peak_used: AtomicU64,
-    /// Bytes the controller charges to the group on top of `used`, because the driver (NVML)
-    /// shows this process holding more than it reports (see the controller's `crosscheck`).
-    /// Written by the controller only; counted in the group's `used` and by `reconcile`.
-    pub penalty: AtomicU64,
+    /// Layout 5's `penalty`: the controller's charge now lives where no member can write it
+    /// (`MemberSettings::penalty`). Unused.
+    pub _was_penalty: AtomicU64,
     /// Wall time this process waited for its turn on the device among throttled processes
     /// (ns; part of `throttled_ns`).
     pub turn_wait_ns: AtomicU64,
@@ -159,8 +158,9 @@ pub struct ProcessSlot {
     /// The pid as the controller sees it (`SO_PEERCRED`, translated into its namespace).
     pub pid: AtomicU32,
     pub group: AtomicU32,
-    /// `Priority` as u32; `PRIORITY_INHERIT` takes the group's.
-    pub priority: AtomicU32,
+    /// Layout 5's `priority`: a process's own priority now lives where no member can write it
+    /// (`MemberSettings::priority`). Unused.
+    pub _was_priority: AtomicU32,
     /// Odd while the process has an accounting operation open (see the module docs).
     pub ops: AtomicU64,
     /// Start time of the pid (clock ticks after boot, /proc/PID/stat field 22): a reused pid
@@ -181,6 +181,63 @@ pub struct ProcessSlot {
     /// To the end of the page.
     pub _page: [AtomicU64; (PAGE - 128 - 128 * MAX_DEVICES) / 8],
 }
+
+// ---- Issue 13 (branch i13c): per-process settings only the controller writes. ----
+// A process's own priority and the cross-check's penalty used to sit in its writable process
+// slot, restored by the controller each tick: between ticks a member could raise its priority
+// or clear its penalty. They now live on the second page of the group's settings memfd, which
+// members map read-only like the first (`regions::SettingsPage`).
+
+/// Process slots whose own priority a settings page can hold (one byte each): the ceiling on a
+/// ledger's `max_procs` (the controller refuses a larger geometry).
+pub const MEMBER_PRIORITIES: usize = PAGE - 8 * MAX_DEVICES - 8;
+
+/// `MemberSettings::marks`: set once `gpuslice set --suspendable` decided the two below (a
+/// restarted controller takes them over the config file's, as it keeps other live edits).
+pub const MARK_EDITED: u32 = 1;
+/// The suspension policy may suspend the group (issue 22).
+pub const MARK_SUSPENDABLE: u32 = 2;
+/// ... even while it exports memory.
+pub const MARK_ALLOW_EXPORTS: u32 = 4;
+
+/// The second page of a group's settings: what the controller decides per member.
+#[repr(C)]
+pub struct MemberSettings {
+    /// Bytes the controller charges the group on each device on top of its members' reports:
+    /// the sum of the cross-check's penalties of its members (the driver shows them holding
+    /// more than they report). A limit check counts `used + penalty`.
+    pub penalty: [AtomicU64; MAX_DEVICES],
+    /// The group's suspension marks as last edited live (`MARK_*`; 0: never edited).
+    pub marks: AtomicU32,
+    pub _marks_pad: AtomicU32,
+    /// By process slot index: that process's own priority (`Priority` as u8), or
+    /// `PRIORITY_INHERIT` for its group's.
+    pub priority: [AtomicU8; MEMBER_PRIORITIES],
+}
+
+impl MemberSettings {
+    /// Process slot `slot`'s own priority, or `group`'s (its published settings) when it has none.
+    #[inline]
+    pub fn priority_of(&self, slot: usize, group: &GroupSlot) -> Priority {
+        let own = self.priority.get(slot).map_or(PRIORITY_INHERIT, |p| u32::from(p.load(Relaxed)));
+        Priority::from_u32(own).unwrap_or_else(|| group.priority())
+    }
+
+    /// The controller's extra charge on `device`.
+    #[inline]
+    pub fn penalty(&self, device: usize) -> u64 {
+        self.penalty[device].load(Relaxed)
+    }
+
+    /// Sets process slot `slot`'s own priority (the controller only; out-of-range slots are
+    /// never handed out, see `MEMBER_PRIORITIES`).
+    pub fn set_priority(&self, slot: usize, priority: u32) {
+        if let Some(p) = self.priority.get(slot) {
+            p.store(Priority::from_u32(priority).map_or(PRIORITY_INHERIT as u8, |p| p as u8), Relaxed);
+        }
+    }
+}
+// ---- end of issue 13's block ----
 
 /// Scheduling class of a process or group (issue 5 gives it teeth).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
@@ -370,22 +427,17 @@ impl ProcessSlot {
         read_text(&self.name)
     }
 
-    /// The process's own priority, or its group's when it has none.
-    pub fn priority_or(&self, group: &GroupSlot) -> Priority {
-        Priority::from_u32(self.priority.load(Relaxed)).unwrap_or_else(|| group.priority())
-    }
-
     pub fn reset(&self) {
         for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token] {
             w.store(0, Relaxed);
         }
-        for w in [&self.pid, &self.group, &self.priority, &self.uid, &self.own_pid] {
+        for w in [&self.pid, &self.group, &self._was_priority, &self.uid, &self.own_pid] {
             w.store(0, Relaxed);
         }
         write_text(&self.name, "");
         for d in &self.devices {
             d.limit.store(UNLIMITED, Relaxed);
-            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used, &d.penalty, &d.turn_wait_ns] {
+            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used, &d._was_penalty, &d.turn_wait_ns] {
                 c.store(0, Relaxed);
             }
         }
@@ -404,6 +456,7 @@ mod tests {
         assert_eq!(size_of::<ProcessDevice>(), 128);
         assert_eq!(size_of::<GroupSlot>(), PAGE);
         assert_eq!(size_of::<ProcessSlot>(), PAGE);
+        assert_eq!(size_of::<MemberSettings>(), PAGE);
         assert!(size_of::<Header>() <= HEADER_SIZE);
         assert_eq!(size_of::<super::super::Turn>(), 56);
     }

@@ -271,10 +271,14 @@ fn find_memfds(wanted: &mut HashMap<u64, (char, usize)>, found: &mut Reclaimed) 
 
 /// A group's published settings: one page holding a `GroupSlot` whose settings (limits,
 /// shares, the throttled flag, priority, name, state) the controller writes and shims read
-/// through a read-only mapping. Its counters are unused.
+/// through a read-only mapping (its counters are unused), then one page of `MemberSettings`
+/// (each member's own priority, the group's penalty), read-only to members the same way.
 pub struct SettingsPage {
     base: *mut u8,
 }
+
+/// The size of a settings memfd: the group's page, then its members' page.
+pub const SETTINGS_SIZE: usize = 2 * PAGE;
 
 // SAFETY: every field reachable through the mapping is an atomic.
 unsafe impl Send for SettingsPage {}
@@ -282,15 +286,15 @@ unsafe impl Sync for SettingsPage {}
 
 impl Drop for SettingsPage {
     fn drop(&mut self) {
-        // SAFETY: base came from mmap of PAGE bytes.
-        unsafe { libc::munmap(self.base.cast(), PAGE) };
+        // SAFETY: base came from mmap of SETTINGS_SIZE bytes.
+        unsafe { libc::munmap(self.base.cast(), SETTINGS_SIZE) };
     }
 }
 
 impl SettingsPage {
     /// A new page for group `group`, mapped read-write, and its descriptor.
     pub fn create(group: usize) -> io::Result<(SettingsPage, OwnedFd)> {
-        let fd = sealed_memfd(&format!("settings-{group}"), PAGE)?;
+        let fd = sealed_memfd(&format!("settings-{group}"), SETTINGS_SIZE)?;
         let page = SettingsPage::map(std::os::fd::AsFd::as_fd(&fd), true)?;
         let slot = page.slot();
         for d in &slot.devices {
@@ -307,12 +311,12 @@ impl SettingsPage {
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        if st.st_size as usize != PAGE {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a settings page of {} bytes, not {PAGE}", st.st_size)));
+        if st.st_size as usize != SETTINGS_SIZE {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a settings page of {} bytes, not {SETTINGS_SIZE}", st.st_size)));
         }
         let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-        // SAFETY: a shared mapping of one page of a descriptor of that size.
-        let base = unsafe { libc::mmap(std::ptr::null_mut(), PAGE, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        // SAFETY: a shared mapping of the whole of a descriptor of that size.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), SETTINGS_SIZE, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -325,10 +329,17 @@ impl SettingsPage {
         unsafe { &*(self.base as *const GroupSlot) }
     }
 
-    /// The page for the shim, leaked: hooks hold references to it for the process's life.
-    pub fn leak(self) -> &'static GroupSlot {
+    /// The members' page: their own priorities and the group's penalty.
+    pub fn members(&self) -> &MemberSettings {
+        // SAFETY: the second page of the mapping, page aligned, the size of a MemberSettings
+        // (asserted in `layout`'s tests); atomics only.
+        unsafe { &*(self.base.add(PAGE) as *const MemberSettings) }
+    }
+
+    /// The pages for the shim, leaked: hooks hold references to them for the process's life.
+    pub fn leak(self) -> (&'static GroupSlot, &'static MemberSettings) {
         let page: &'static SettingsPage = Box::leak(Box::new(self));
-        page.slot()
+        (page.slot(), page.members())
     }
 }
 
@@ -349,18 +360,24 @@ mod tests {
     fn a_read_only_settings_page_cannot_be_written_truncated_or_reopened_for_writing() {
         let (page, fd) = SettingsPage::create(0).unwrap();
         page.slot().devices[0].limit.store(123, Relaxed);
+        page.members().set_priority(7, Priority::High as u32);
+        page.members().penalty[0].store(5, Relaxed);
         let ro = read_only(fd.as_fd()).unwrap();
         let seen = SettingsPage::map(ro.as_fd(), false).unwrap();
         assert_eq!(seen.slot().devices[0].limit.load(Relaxed), 123);
+        assert_eq!((seen.members().priority_of(7, seen.slot()), seen.members().priority_of(8, seen.slot())), (Priority::High, Priority::Normal));
+        assert_eq!(seen.members().penalty(0), 5);
         assert!(SettingsPage::map(ro.as_fd(), true).is_err(), "a writable mapping of the read-only descriptor");
         // SAFETY: the attacks a tenant would try on its own descriptor and mapping.
         unsafe {
-            assert_ne!(libc::mprotect(seen.base.cast(), PAGE, libc::PROT_READ | libc::PROT_WRITE), 0, "mprotect to writable");
+            assert_ne!(libc::mprotect(seen.base.cast(), SETTINGS_SIZE, libc::PROT_READ | libc::PROT_WRITE), 0, "mprotect to writable");
+            assert_ne!(libc::mprotect(seen.base.add(PAGE).cast(), PAGE, libc::PROT_READ | libc::PROT_WRITE), 0, "mprotect of the members' page");
             assert_ne!(libc::ftruncate(ro.as_raw_fd(), 0), 0, "ftruncate");
             assert_ne!(libc::fcntl(ro.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE), 0, "a seal");
             assert_ne!(libc::ftruncate(fd.as_raw_fd(), 0), 0, "the sealed page shrunk");
         }
         assert_eq!(page.slot().devices[0].limit.load(Relaxed), 123);
+        assert_eq!(page.members().penalty(0), 5);
     }
 
     #[test]
@@ -460,13 +477,13 @@ mod tests {
         let (page, fd) = SettingsPage::create(1).unwrap();
         page.slot().devices[0].limit.store(1 << 40, Relaxed);
         let settings = SettingsPage::map(read_only(fd.as_fd()).unwrap().as_fd(), false).unwrap();
-        let (group, process, limits) = (view.group(1), view.process(1), settings.slot());
+        let (group, process, limits, members) = (view.group(1), view.process(1), settings.slot(), settings.members());
         process.reset(); // As the controller gives a slot out: no cap of its own.
         let after = time(&|| {
-            let ok = process.try_charge_under(group, limits, 0, 4096).is_ok();
+            let ok = process.try_charge_under(group, limits, members.penalty(0), 0, 4096).is_ok();
             process.uncharge(group, 0, 4096);
             ok
         });
-        println!("try_charge + uncharge, best of 5 x {N}: layout 4 (file, limit in the group slot) {before:.1} ns; layout 5 (memfd, read-only settings page) {after:.1} ns");
+        println!("try_charge + uncharge, best of 5 x {N}: layout 4 (file, limit in the group slot) {before:.1} ns; layout 6 (memfd, limit and penalty from the read-only settings pages) {after:.1} ns");
     }
 }

@@ -121,7 +121,7 @@ impl State {
         }
     }
 
-    pub(super) fn publish_group(&self, i: usize) {
+    pub(crate) fn publish_group(&self, i: usize) {
         let (Some(info), Some(memory)) = (self.groups.get(&i), self.memory.get(&i)) else { return };
         let page: &GroupSlot = memory.settings.slot();
         for d in 0..ledger::MAX_DEVICES {
@@ -136,6 +136,44 @@ impl State {
             page.set_name(&info.name);
         }
         page.state.store(ledger::LIVE, Release);
+        self.publish_members(i, memory.settings.members());
+        if let Some(marks) = crate::suspend::edited_marks(&info.name) {
+            memory.settings.members().marks.store(marks, Relaxed);
+        }
+    }
+
+    /// Group slot `i`'s suspension marks as last published (`ledger::MARK_*`; 0 without a page).
+    pub(crate) fn published_marks(&self, i: usize) -> u32 {
+        self.memory.get(&i).map_or(0, |m| m.settings.members().marks.load(Relaxed))
+    }
+
+    /// Group `i`'s members page: each member's own priority and the group's penalty (the
+    /// cross-check's, summed), from the controller's records; every other slot inherits.
+    fn publish_members(&self, i: usize, page: &ledger::MemberSettings) {
+        let mut penalty = [0u64; ledger::MAX_DEVICES];
+        let slots = (self.ledger.geometry().max_procs as usize).min(ledger::MEMBER_PRIORITIES);
+        let mut own = vec![ledger::PRIORITY_INHERIT; slots];
+        for (&slot, w) in self.watched.iter().filter(|(&slot, w)| w.group == i && slot < slots) {
+            own[slot] = w.priority;
+            for (sum, p) in penalty.iter_mut().zip(w.penalty) {
+                *sum = sum.saturating_add(p);
+            }
+        }
+        for (slot, own) in own.into_iter().enumerate() {
+            if u32::from(page.priority[slot].load(Relaxed)) != own {
+                page.set_priority(slot, own);
+            }
+        }
+        for (d, p) in penalty.into_iter().enumerate() {
+            page.penalty[d].store(p, Relaxed);
+        }
+    }
+
+    /// After a restart: process slot `slot`'s own priority as the previous controller published
+    /// it on group `group`'s members page (`PRIORITY_INHERIT` without one).
+    pub(super) fn published_priority(&self, group: usize, slot: usize) -> u32 {
+        let page = self.memory.get(&group).map(|m| m.settings.members());
+        page.and_then(|p| p.priority.get(slot)).map_or(ledger::PRIORITY_INHERIT, |p| u32::from(p.load(Relaxed)))
     }
 
     /// Group slot `i`'s published settings, if it has a page.

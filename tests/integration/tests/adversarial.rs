@@ -10,7 +10,7 @@
 //! The tests need root to switch to uid 65534; run as any other user they say so and pass
 //! without checking anything else.
 
-use gpuslice_common::ledger::{Ledger, UNLIMITED};
+use gpuslice_common::ledger::{Ledger, Priority, SettingsPage, LIVE, MAX_DEVICES, UNLIMITED};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response};
 use gpuslice_integration::*;
 use std::os::fd::{AsFd, AsRawFd};
@@ -462,6 +462,59 @@ fn scribbling_and_truncation_cannot_reach_other_groups() {
     still_sound(&sim, &mut ctl);
 }
 
+/// A member's own priority and the cross-check's penalty on its group live on the group's
+/// members page, read-only to members (layout 6); before, they sat in the writable process
+/// slot and the controller put them back each tick, so a member could raise its priority or
+/// clear its penalty between ticks. Here a member of group `liars` (uid 65534, priority low)
+/// under-reports 512 MiB and is charged; then another member of the same tenant writes
+/// priority high and a zero penalty into every live slot of the group, every millisecond,
+/// while the first one launches and allocates. It launches as low (no high-priority slot),
+/// its 300 MiB is still refused on the driver's figure, and the pages a shim reads never
+/// showed anything else. A high member launched beside it shows the line it would have printed.
+#[test]
+fn a_member_cannot_raise_its_own_priority_or_clear_its_penalty() {
+    if skip_unless_root("a_member_cannot_raise_its_own_priority_or_clear_its_penalty") {
+        return;
+    }
+    let sim = machine();
+    let mut ctl = sim.controller_with_config(&format!("{CONFIG}[groups.liars]\nmemory_limit = \"1GiB\"\n"));
+    open_state_to_all(&sim);
+    let (go, done) = (sim.path("liar-go"), sim.path("liar-done"));
+    let member = |priority: &str, script: String| {
+        sim.client(Route::Link).shim().controller(&ctl).group("liars").uid(NOBODY).env("GPUSLICE_PRIORITY", priority).env("GPUSLICE_LOG", "info").args(&script)
+    };
+    let liar =
+        member("low", format!("init ctx 0 alloc 800M nvmlprocs 0 waitfile {} launch 20 100000 alloc 300M alloc 100M waitfile {}", show(&go), show(&done)))
+            .env("GPUSLICE_TEST_UNDERREPORT_BYTES", "512MiB")
+            .spawn();
+    expect_ok(&liar.wait_line("nvmlprocs", 0));
+    let flagged = |l: &Listing| l.json["underreporting"].as_array().is_some_and(|a| a.iter().any(|r| r["charged"].as_u64() == Some(512 * MIB)));
+    ctl.ls_until("the cross-check charges the liar", Duration::from_secs(20), flagged);
+    let a = attack(&sim, &ctl, "own-settings", 3.0);
+    a.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
+    std::fs::write(&go, "").unwrap();
+    liar.wait_line("alloc", 2);
+    // The liar stays registered (and charged) until the attacker is done.
+    let report = a.wait();
+    std::fs::write(&done, "").unwrap();
+    let out = liar.wait();
+    let i = out.lines.iter().position(|l| l.starts_with("ok waitfile")).expect("waitfile") + 1;
+    out.expect_ok(i);
+    out.expect_err(i + 1, 2);
+    out.expect_ok(i + 2);
+    assert!(out.stderr.contains("of which 512.0 MiB the controller charged"), "the penalty still counts:\n{out}");
+    assert!(!out.stderr.contains("high priority on device"), "it launched as low:\n{out}");
+    report.assert_success();
+    let line = report.lines.iter().find(|l| l.starts_with("scribbled")).unwrap_or_else(|| panic!("{report}"));
+    assert!(line.contains("seen_high=0 seen_no_penalty=0") && !line.contains("writes=0 "), "what a shim reads never changed: {line}");
+    // The control: the same line from a member the controller made high.
+    let high = member("high", "init ctx 0 launch 2 100000".into()).run();
+    high.assert_success();
+    assert!(high.stderr.contains("high priority on device"), "{high}");
+    assert!(!ctl.log().contains("panicked"), "{}", ctl.log());
+    still_sound(&sim, &mut ctl);
+}
+
 // ------------------------------------------------------------------------------- the attacker
 
 /// Not a test of its own: the hostile process the tests above start as uid 65534.
@@ -605,6 +658,39 @@ fn attacker() {
             }
             println!("attacked {how} {}", report.join(" "));
             std::thread::sleep(hold);
+        }
+        "own-settings" => {
+            let r = Registration {
+                protocol: protocol::PROTOCOL_VERSION,
+                group: Some("liars".into()),
+                priority: Some(Priority::Low),
+                name: "attacker".into(),
+                own_pid: std::process::id(),
+                devices: real(None),
+            };
+            let (a, fds) = match protocol::call_with_fds(&socket, &Request::Register(r), Duration::from_secs(2)).expect("register") {
+                (Response::Registered(a), fds) if fds.len() == 3 => (a, fds),
+                (other, fds) => panic!("{other:?} with {} descriptors", fds.len()),
+            };
+            let l = Ledger::map_group_view(fds[0].as_fd(), fds[1].as_fd()).expect("map the group's memory");
+            let page = SettingsPage::map(fds[2].as_fd(), false).expect("map the settings read-only");
+            let (group, members) = (page.slot(), page.members());
+            let (mut writes, mut seen_high, mut seen_no_penalty) = (0u64, 0u64, 0u64);
+            println!("attacked slot={}", a.slot);
+            while Instant::now() < until {
+                for (i, p) in l.processes().filter(|(_, p)| p.state.load(SeqCst) == LIVE) {
+                    // Where layout 5 kept them, and where a shim of layout 6 reads them.
+                    p._was_priority.store(Priority::High as u32, SeqCst);
+                    for d in 0..MAX_DEVICES {
+                        p.devices[d]._was_penalty.store(0, SeqCst);
+                    }
+                    writes += 1;
+                    seen_high += u64::from(members.priority_of(i, group) == Priority::High);
+                }
+                seen_no_penalty += u64::from(members.penalty(0) == 0);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("scribbled writes={writes} seen_high={seen_high} seen_no_penalty={seen_no_penalty}");
         }
         other => panic!("no attack {other:?}"),
     }

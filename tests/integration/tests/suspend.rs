@@ -378,3 +378,61 @@ fn groups_are_made_suspendable_by_the_config_file_by_set_and_by_run() {
     out.assert_all_ok();
     assert_eq!(row(&ctl.ls(), "later")["suspendable"], true);
 }
+
+/// Marks made with `gpuslice set --suspendable` live in the group's members page (the ledger),
+/// so a restarted controller keeps them, and over the config file's (as other live edits).
+/// A group needs a member alive through the restart for its memory to be found again.
+#[test]
+fn marks_made_with_set_survive_a_controller_restart() {
+    let sim = machine();
+    let mut ctl = sim.controller_with_config("[groups.nightly]\nsuspendable = true\n");
+    let (go, done) = (sim.path_str("go"), sim.path_str("done"));
+    let batch = tenant(&sim, &ctl, "batch", "64M", &go, &done);
+    let nightly = tenant(&sim, &ctl, "nightly", "64M", &go, &done);
+    ctl.set_ok("--group batch --suspendable true --allow-exports");
+    ctl.set_ok("--group nightly --suspendable false");
+    ctl.kill9();
+    ctl.restart();
+    let (l, _) = ctl.ls_until("the restarted controller knows the marks", Duration::from_secs(10), |l| row(l, "batch")["suspendable"] == true);
+    assert_eq!(row(&l, "batch")["allow_exports"], true, "{l}");
+    assert_eq!(row(&l, "nightly")["suspendable"], false, "the edit wins over the config file: {l}");
+    assert!(ctl.log().contains("as `gpuslice set` left it before the restart"), "{}", ctl.log());
+    // And the policy acts on them: the restarted controller suspends `batch` on request.
+    let out = ctl.cli("suspend").args("--group batch").run();
+    assert!(out.success(), "{out}");
+    ctl.cli("resume").args("--group batch").run().assert_success();
+    touch(&go);
+    touch(&done);
+    batch.wait().assert_all_ok();
+    nightly.wait().assert_all_ok();
+}
+
+/// A process that joins a group while it is suspended is suspended with it before it gets its
+/// registration answer: its first CUDA call after registering blocks, it holds nothing on the
+/// device, and the group's resume brings it back with the others.
+#[test]
+fn a_process_joining_a_suspended_group_waits_for_its_resume() {
+    let sim = machine();
+    let ctl = sim.controller();
+    let (go, done) = (sim.path_str("go"), sim.path_str("done"));
+    let first = tenant(&sim, &ctl, "batch", "1G", &go, &done);
+    ctl.cli("suspend").args("--group batch").run().assert_success();
+    assert_eq!(device_free(&sim), 4 * GIB);
+    let late = sim.client(Route::Dlsym).shim().controller(&ctl).group("batch").args(&format!("init mark ctx 0 alloc 256M elapsed waitfile {done}")).spawn();
+    let (l, _) = ctl.ls_until("the newcomer is recorded as suspended", Duration::from_secs(10), |l| {
+        row(l, "batch")["pids"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(late.pid()))))
+    });
+    assert_eq!(row(&l, "batch")["state"], "suspended", "{l}");
+    assert!(ctl.log().contains(&format!("pid {} joined group \"batch\" while it is suspended", late.pid())), "{}", ctl.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!late.lines_now().iter().any(|l| l.starts_with("ok ctx")), "it ran on the GPU beside its suspended group: {:?}", late.lines_now());
+    assert_eq!(device_free(&sim), 4 * GIB, "nothing of the group is on the device");
+    ctl.cli("resume").args("--group batch").run().assert_success();
+    let elapsed = late.wait_line("elapsed", 0);
+    assert!(field_f64(&elapsed, "ms") >= 450.0, "its context waited for the resume: {elapsed}");
+    assert_eq!(device_free(&sim), 4 * GIB - GIB - 256 * MIB - 2 * R, "both are back on the device");
+    touch(&go);
+    touch(&done);
+    first.wait().assert_all_ok();
+    late.wait().assert_all_ok();
+}
