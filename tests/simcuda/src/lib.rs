@@ -611,7 +611,7 @@ pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) 
     // SAFETY: `cuDeviceGetUuid` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
     let code = unsafe { cuDeviceGetUuid(uuid, dev) };
     if code == SUCCESS && state::mig_mode(physical(dev)) {
-        // SAFETY: NOTNULL? the caller guarantees it is valid for a write (`# Safety`).
+        // SAFETY: `cuDeviceGetUuid` succeeded, so `uuid` is not null; the caller guarantees it is valid for a write (`# Safety`).
         unsafe { *uuid = state::mig_uuid(physical(dev)) };
     }
     code
