@@ -1157,6 +1157,7 @@ pub fn describe_group(ledger: &Ledger, g: &GroupSlot) -> String {
 pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     // SAFETY: pidfd_open(2) with flags 0; the result is a new descriptor we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative result is a descriptor that nothing else owns.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
@@ -1196,6 +1197,7 @@ mod tests {
     }
 
     fn me() -> Peer {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         Peer { pid: std::process::id(), uid: unsafe { libc::geteuid() } }
     }
 

@@ -106,6 +106,7 @@ impl MigApi {
                 let mut handle: nvmlDevice_t = std::ptr::null_mut();
                 // SAFETY: as above; the handle NVML returns lives as long as NVML is initialised.
                 let r = unsafe { (self.by_index)(parent.handle(), i, &mut handle) };
+                // SAFETY: NVML returned this handle with success, for the `nvml` it is tied to.
                 (r == 0 && !handle.is_null()).then(|| unsafe { nvml_wrapper::Device::new(handle, nvml) })
             })
             .collect()

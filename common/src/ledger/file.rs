@@ -54,6 +54,7 @@ pub struct Ledger {
 
 // SAFETY: every field reachable through the mapping is an atomic.
 unsafe impl Send for Ledger {}
+// SAFETY: as for Send: shared access goes through atomics only.
 unsafe impl Sync for Ledger {}
 
 impl Drop for Ledger {
@@ -244,8 +245,9 @@ impl Ledger {
     /// Maps a ledger from a descriptor (the one the controller sends), checking it first.
     pub fn map_fd(fd: BorrowedFd<'_>, path: &str) -> Result<Ledger, LedgerError> {
         let invalid = |reason: String| LedgerError::Invalid { path: path.to_string(), reason };
-        // SAFETY: fstat into a local.
+        // SAFETY: `libc::stat` is plain old data, for which all zero bytes are a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into the local `st`; a bad descriptor is an error return, not UB.
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
             return Err(io("inspect", path)(std::io::Error::last_os_error()));
         }
@@ -381,8 +383,9 @@ impl Ledger {
 /// Refuses a ledger file that belongs to another user: its owner could rewrite or truncate it
 /// under every process that maps it.
 fn check_owner(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
-    // SAFETY: fstat into a local.
+    // SAFETY: `libc::stat` is plain old data, for which all zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the local `st`; a bad descriptor is an error return, not UB.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(io("inspect", path)(std::io::Error::last_os_error()));
     }
@@ -398,15 +401,17 @@ fn check_owner(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
 }
 
 fn is_empty_regular_file(fd: BorrowedFd<'_>) -> bool {
-    // SAFETY: fstat into a local.
+    // SAFETY: `libc::stat` is plain old data, for which all zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the local `st`; a bad descriptor is an error return, not UB.
     unsafe { libc::fstat(fd.as_raw_fd(), &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 }
 }
 
 /// Tightens a valid ledger's mode looser than 0600, with a warning.
 fn restrict_mode(fd: BorrowedFd<'_>, path: &str) -> Result<(), LedgerError> {
-    // SAFETY: fstat into a local.
+    // SAFETY: `libc::stat` is plain old data, for which all zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the local `st`; a bad descriptor is an error return, not UB.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(io("inspect", path)(std::io::Error::last_os_error()));
     }

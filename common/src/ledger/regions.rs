@@ -45,8 +45,9 @@ pub fn sealed_memfd(name: &str, size: usize) -> io::Result<OwnedFd> {
 
 /// The inode behind a descriptor.
 pub fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    // SAFETY: fstat into a local.
+    // SAFETY: `libc::stat` is plain old data, for which all zero bytes are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the local `st`; a bad descriptor is an error return, not UB.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -282,6 +283,7 @@ pub const SETTINGS_SIZE: usize = 2 * PAGE;
 
 // SAFETY: every field reachable through the mapping is an atomic.
 unsafe impl Send for SettingsPage {}
+// SAFETY: as for Send: shared access goes through atomics only.
 unsafe impl Sync for SettingsPage {}
 
 impl Drop for SettingsPage {
@@ -306,8 +308,9 @@ impl SettingsPage {
     /// Maps a settings page; `writable` only for the controller (a read-only descriptor cannot
     /// be mapped so).
     pub fn map(fd: BorrowedFd<'_>, writable: bool) -> io::Result<SettingsPage> {
-        // SAFETY: fstat into a local.
+        // SAFETY: `libc::stat` is plain old data, for which all zero bytes are a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into the local `st`; a bad descriptor is an error return, not UB.
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
             return Err(io::Error::last_os_error());
         }

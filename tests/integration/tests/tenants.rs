@@ -173,6 +173,7 @@ fn a_tenant_joining_and_leaving_every_second_upsets_nobody() {
     // A visit is short: the tokens a process starts with (its bucket's capacity, share × (1.5 W
     // + 10 ms) with W = 6 ms × 5 processes: 8.25 ms at 15%) are 1.65 points of 0.5 s.
     assert!(visitors.iter().all(|v| (13.5..=16.7).contains(v)), "each visit of a tenant at 15% got {visitors:.2?} (allowed 13.5..16.7)");
+    // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     let page = format!("/dev/shm/gpuslice-board6-{uid}-{}", sim.device_uuid(0));
     assert!(!std::path::Path::new(&page).exists(), "the last tenant out removed the turn page {page}");
@@ -221,6 +222,7 @@ fn sixteen_threads_on_sixteen_streams_share_one_turn() {
 #[test]
 fn processes_that_exit_normally_leave_no_turn_page() {
     let sim = Sim::new();
+    // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     let pages: Vec<String> = (0..2).map(|d| format!("/dev/shm/gpuslice-board6-{uid}-{}", sim.device_uuid(d))).collect();
     let exists = |p: &String| std::path::Path::new(p).exists();

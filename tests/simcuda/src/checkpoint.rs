@@ -221,6 +221,8 @@ fn zeroed(words: &[u64]) -> bool {
     words.iter().all(|w| *w == 0)
 }
 
+/// # Safety
+/// `tid`: null or valid for reads and writes of one `c_int`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessGetRestoreThreadId(pid: c_int, tid: *mut c_int) -> CUresult {
     check_init!();
@@ -229,10 +231,13 @@ pub unsafe extern "C" fn cuCheckpointProcessGetRestoreThreadId(pid: c_int, tid: 
         return INVALID_VALUE;
     }
     // The simulated driver does its restore work from the caller; the main thread stands in.
-    *tid = pid;
+    // SAFETY: `tid` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *tid = pid };
     SUCCESS
 }
 
+/// # Safety
+/// `out`: null or valid for reads and writes of one `u32`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessGetState(pid: c_int, out: *mut u32) -> CUresult {
     check_init!();
@@ -240,10 +245,13 @@ pub unsafe extern "C" fn cuCheckpointProcessGetState(pid: c_int, out: *mut u32) 
     if out.is_null() {
         return INVALID_VALUE;
     }
-    *out = e.state.load(SeqCst);
+    // SAFETY: `out` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *out = e.state.load(SeqCst) };
     SUCCESS
 }
 
+/// # Safety
+/// `args`: null or valid for reads and writes of one `CUcheckpointLockArgs`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessLock(pid: c_int, args: *mut CUcheckpointLockArgs) -> CUresult {
     check_init!();
@@ -251,7 +259,8 @@ pub unsafe extern "C" fn cuCheckpointProcessLock(pid: c_int, args: *mut CUcheckp
     if pid as u32 == my_pid() {
         return INVALID_VALUE; // would wait for its own call
     }
-    let timeout_ms = match args.as_ref() {
+    // SAFETY: the caller guarantees `args` is null or points to valid lock arguments (`# Safety`).
+    let timeout_ms = match unsafe { args.as_ref() } {
         Some(a) if a.reserved0 != 0 || !zeroed(&a.reserved1) => return INVALID_VALUE,
         Some(a) => a.timeout_ms,
         None => 0,
@@ -287,11 +296,14 @@ fn exports_memory(pid: u32) -> bool {
     state::opened().is_some_and(|sh| sh.exports.iter().any(|x| x.id.load(SeqCst) != 0 && x.owner_pid.load(SeqCst) == pid))
 }
 
+/// # Safety
+/// `args`: null or valid for reads and writes of one `CUcheckpointReservedArgs`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessCheckpoint(pid: c_int, args: *mut CUcheckpointReservedArgs) -> CUresult {
     check_init!();
     let e = tri!(target(pid));
-    if args.as_ref().is_some_and(|a| !zeroed(&a.reserved)) {
+    // SAFETY: the caller guarantees `args` is null or points to valid arguments (`# Safety`).
+    if unsafe { args.as_ref() }.is_some_and(|a| !zeroed(&a.reserved)) {
         return INVALID_VALUE;
     }
     if e.state.compare_exchange(LOCKED, CHECKPOINTED, SeqCst, SeqCst).is_err() {
@@ -328,11 +340,14 @@ fn take_back(d: usize, slot: &state::ProcSlot, bytes: u64) -> bool {
     taken
 }
 
+/// # Safety
+/// `args`: null or valid for reads and writes of one `CUcheckpointRestoreArgs`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessRestore(pid: c_int, args: *mut CUcheckpointRestoreArgs) -> CUresult {
     check_init!();
     let e = tri!(target(pid));
-    if let Some(a) = args.as_ref() {
+    // SAFETY: the caller guarantees `args` is null or points to valid restore arguments (`# Safety`).
+    if let Some(a) = unsafe { args.as_ref() } {
         if a.reserved.iter().any(|b| *b != 0) || a.reserved1 != 0 {
             return INVALID_VALUE;
         }
@@ -373,11 +388,14 @@ pub unsafe extern "C" fn cuCheckpointProcessRestore(pid: c_int, args: *mut CUche
     SUCCESS
 }
 
+/// # Safety
+/// `args`: null or valid for reads and writes of one `CUcheckpointReservedArgs`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCheckpointProcessUnlock(pid: c_int, args: *mut CUcheckpointReservedArgs) -> CUresult {
     check_init!();
     let e = tri!(target(pid));
-    if args.as_ref().is_some_and(|a| !zeroed(&a.reserved)) {
+    // SAFETY: the caller guarantees `args` is null or points to valid arguments (`# Safety`).
+    if unsafe { args.as_ref() }.is_some_and(|a| !zeroed(&a.reserved)) {
         return INVALID_VALUE;
     }
     match e.state.compare_exchange(LOCKED, RUNNING, SeqCst, SeqCst) {

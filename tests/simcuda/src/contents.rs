@@ -66,6 +66,9 @@ fn write(ptr: CUdeviceptr, bytes: &[u8]) -> CUresult {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, n: usize) -> CUresult {
     check_init!();
@@ -75,6 +78,8 @@ pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, n: usize) ->
     write(dst, &vec![value; n])
 }
 
+/// # Safety
+/// `src`: null or valid for reads of `n` bytes, which no one writes during the call.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, n: usize) -> CUresult {
     check_init!();
@@ -84,16 +89,22 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, n
     if n as u64 > MAX_KEPT {
         return tri!(kept_base(dst, n).map(|_| SUCCESS));
     }
-    write(dst, std::slice::from_raw_parts(src as *const u8, n))
+    // SAFETY: `src` is not null (checked above) and the caller guarantees `n` readable bytes
+    // there (`# Safety`), which no one writes during the call.
+    write(dst, unsafe { std::slice::from_raw_parts(src as *const u8, n) })
 }
 
+/// # Safety
+/// `dst`: null or valid for writes of `n` bytes, which nothing else touches during the call.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) -> CUresult {
     check_init!();
     if dst.is_null() {
         return INVALID_VALUE;
     }
-    let out = std::slice::from_raw_parts_mut(dst as *mut u8, n);
+    // SAFETY: `dst` is not null (checked above) and the caller guarantees `n` writable bytes
+    // there (`# Safety`), which nothing else reads or writes during the call.
+    let out = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, n) };
     out.fill(0);
     let Some(base) = tri!(kept_base(src, n)) else { return SUCCESS };
     let Some(at) = offset(base, src, false) else { return SUCCESS };

@@ -9,7 +9,7 @@
 //! The library is linked with `-Bsymbolic`, so its own references to its exported functions
 //! (e.g. the addresses handed out by `cuGetProcAddress`) are never interposed by a preload.
 
-#![allow(non_snake_case, clippy::missing_safety_doc, clippy::too_many_arguments)]
+#![allow(non_snake_case, clippy::too_many_arguments)]
 
 mod clock;
 mod state;
@@ -259,6 +259,7 @@ fn new_va32(size: u64) -> Option<u64> {
 }
 
 fn tid() -> u64 {
+    // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::syscall(libc::SYS_gettid) as u64 }
 }
 
@@ -284,12 +285,21 @@ fn declared_bytes(head: &[u8]) -> u64 {
 }
 
 /// The declared bytes of an in-memory image (read up to its first NUL or newline, 64 bytes at most).
+///
+/// # Safety
+/// `image` points to a module image, whose length the API does not pass: a NUL-terminated text
+/// (PTX, `SIMMODULE <bytes>`), or a binary of at least 64 bytes (an ELF cubin's header alone is
+/// 64 bytes; a fat binary's header and first entry are longer). The read stops at the first NUL or
+/// newline, so a text image is never read past its end; a shorter binary would be, as the
+/// simulation cannot know its length (the real driver parses the image it is given too).
 unsafe fn image_bytes(image: *const c_void) -> u64 {
     let p = image as *const u8;
     let mut head = Vec::new();
     for i in 0..64 {
-        let b = *p.add(i);
-        if b == 0 {
+        // SAFETY: byte `i` lies within the image: no NUL or newline came before it, and a binary
+        // image is at least 64 bytes long (this function's `# Safety`).
+        let b = unsafe { *p.add(i) };
+        if b == 0 || b == b'\n' {
             break;
         }
         head.push(b);
@@ -298,8 +308,12 @@ unsafe fn image_bytes(image: *const c_void) -> u64 {
 }
 
 /// The declared bytes of an image file.
+///
+/// # Safety
+/// `fname` is a NUL-terminated string.
 unsafe fn file_bytes(fname: *const c_char) -> u64 {
-    let path = CStr::from_ptr(fname).to_string_lossy().into_owned();
+    // SAFETY: the caller guarantees `fname` is a NUL-terminated string (`# Safety`).
+    let path = unsafe { CStr::from_ptr(fname).to_string_lossy().into_owned() };
     let head = std::fs::read(&path).map(|mut v| {
         v.truncate(64);
         v
@@ -353,11 +367,16 @@ mod checkpoint;
 mod contents;
 mod sharing;
 
+/// Writes an out-parameter; a null one is `INVALID_VALUE`, as the driver answers.
+///
+/// # Safety
+/// `p` is null or valid for a write of one `T`.
 unsafe fn put<T>(p: *mut T, v: T) -> Result<(), CUresult> {
     if p.is_null() {
         return Err(INVALID_VALUE);
     }
-    p.write(v);
+    // SAFETY: not null, hence valid for a write (this function's `# Safety`).
+    unsafe { p.write(v) };
     Ok(())
 }
 
@@ -422,6 +441,9 @@ fn teardown_ctx(d: &mut Drv, ctx: u64) {
 // ---------------------------------------------------------------------------------------------
 // Initialization, devices.
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     if flags != 0 {
@@ -447,9 +469,12 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     }
 }
 
+/// # Safety
+/// `v`: null or valid for reads and writes of one `c_int`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDriverGetVersion(v: *mut c_int) -> CUresult {
-    tri!(put(v, DRIVER_VERSION));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(v, DRIVER_VERSION)) };
     SUCCESS
 }
 
@@ -475,39 +500,55 @@ const ERROR_TEXT: &[(CUresult, &CStr, &CStr)] = &[
 ];
 
 /// Like the real driver: no `cuInit` needed; an unknown code gives `INVALID_VALUE` and NULL.
+///
+/// # Safety
+/// `out`: null or valid for reads and writes of one `*const c_char`.
 unsafe fn error_text(error: CUresult, out: *mut *const c_char, name: bool) -> CUresult {
     if out.is_null() {
         return INVALID_VALUE;
     }
     match ERROR_TEXT.iter().find(|(code, _, _)| *code == error) {
         Some((_, n, d)) => {
-            *out = if name { n.as_ptr() } else { d.as_ptr() };
+            // SAFETY: `out` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+            unsafe { *out = if name { n.as_ptr() } else { d.as_ptr() } };
             SUCCESS
         }
         None => {
-            *out = std::ptr::null();
+            // SAFETY: `out` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+            unsafe { *out = std::ptr::null() };
             INVALID_VALUE
         }
     }
 }
 
+/// # Safety
+/// `out`: as `error_text` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuGetErrorName(error: CUresult, out: *mut *const c_char) -> CUresult {
-    error_text(error, out, true)
+    // SAFETY: `error_text` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { error_text(error, out, true) }
 }
 
+/// # Safety
+/// `out`: as `error_text` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuGetErrorString(error: CUresult, out: *mut *const c_char) -> CUresult {
-    error_text(error, out, false)
+    // SAFETY: `error_text` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { error_text(error, out, false) }
 }
 
+/// # Safety
+/// `count`: null or valid for reads and writes of one `c_int`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
     check_init!();
-    tri!(put(count, ndev()));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(count, ndev())) };
     SUCCESS
 }
 
+/// # Safety
+/// `device`: null or valid for reads and writes of one `CUdevice`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> CUresult {
     check_init!();
@@ -517,10 +558,13 @@ pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> C
     if !valid_dev(ordinal) {
         return INVALID_DEVICE;
     }
-    *device = ordinal;
+    // SAFETY: `device` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *device = ordinal };
     SUCCESS
 }
 
+/// # Safety
+/// `name`: null or valid for writes of `len` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice) -> CUresult {
     check_init!();
@@ -532,11 +576,17 @@ pub unsafe extern "C" fn cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUd
     }
     let s = state::DEVICE_NAME.as_bytes();
     let n = s.len().min(len as usize - 1);
-    std::ptr::copy_nonoverlapping(s.as_ptr(), name as *mut u8, n);
-    *name.add(n) = 0;
+    // SAFETY: `name` is not null (checked above) and the caller guarantees `len` writable bytes
+    // (`# Safety`); `n + 1 <= len` bytes are written, from a string that cannot overlap them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr(), name as *mut u8, n);
+        *name.add(n) = 0;
+    }
     SUCCESS
 }
 
+/// # Safety
+/// `uuid`: null or valid for reads and writes of one `[u8; 16]`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
     check_init!();
@@ -546,17 +596,23 @@ pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], dev: CUdevice) -> 
     if !valid_dev(dev) {
         return INVALID_DEVICE;
     }
-    *uuid = state::device_uuid(physical(dev));
+    // SAFETY: `uuid` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *uuid = state::device_uuid(physical(dev)) };
     SUCCESS
 }
 
 #[no_mangle]
 /// A device in MIG mode answers with its MIG instance's UUID ("If the device is in MIG mode,
 /// returns its MIG UUID", the driver API's reference); `cuDeviceGetUuid` keeps the GPU's.
+///
+/// # Safety
+/// `uuid`: as `cuDeviceGetUuid` requires.
 pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) -> CUresult {
-    let code = cuDeviceGetUuid(uuid, dev);
+    // SAFETY: `cuDeviceGetUuid` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    let code = unsafe { cuDeviceGetUuid(uuid, dev) };
     if code == SUCCESS && state::mig_mode(physical(dev)) {
-        *uuid = state::mig_uuid(physical(dev));
+        // SAFETY: `cuDeviceGetUuid` succeeded, so `uuid` is not null; the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *uuid = state::mig_uuid(physical(dev)) };
     }
     code
 }
@@ -614,6 +670,8 @@ fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
     })
 }
 
+/// # Safety
+/// `pi`: null or valid for reads and writes of one `c_int`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev: CUdevice) -> CUresult {
     check_init!();
@@ -625,13 +683,16 @@ pub unsafe extern "C" fn cuDeviceGetAttribute(pi: *mut c_int, attrib: c_int, dev
     }
     match attribute(attrib, dev) {
         Some(v) => {
-            *pi = v;
+            // SAFETY: `pi` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+            unsafe { *pi = v };
             SUCCESS
         }
         None => INVALID_VALUE,
     }
 }
 
+/// # Safety
+/// `bytes`: null or valid for reads and writes of one `usize`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -> CUresult {
     check_init!();
@@ -641,13 +702,16 @@ pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice) -
     if !valid_dev(dev) {
         return INVALID_DEVICE;
     }
-    *bytes = devstate(dev).total.load(Ordering::Relaxed) as usize;
+    // SAFETY: `bytes` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *bytes = devstate(dev).total.load(Ordering::Relaxed) as usize };
     SUCCESS
 }
 
 // ---------------------------------------------------------------------------------------------
 // Contexts.
 
+/// # Safety
+/// `pctx`: null or valid for reads and writes of one `Handle`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut Handle, dev: CUdevice) -> CUresult {
     check_init!();
@@ -671,10 +735,14 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut Handle, dev: CUdevi
         d.ctxs.insert(h, Ctx { dev, primary: true, active: true, reserve: r, last_end: 0 });
     }
     d.primaries.get_mut(&dev).unwrap().refcount += 1;
-    *pctx = h as Handle;
+    // SAFETY: `pctx` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *pctx = h as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult {
     check_init!();
@@ -694,6 +762,9 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) -> CUresult
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
     check_init!();
@@ -717,6 +788,8 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// `pctx`: null or valid for reads and writes of one `Handle`.
 unsafe fn ctx_create(pctx: *mut Handle, dev: CUdevice) -> CUresult {
     check_init!();
     if pctx.is_null() {
@@ -733,26 +806,40 @@ unsafe fn ctx_create(pctx: *mut Handle, dev: CUdevice) -> CUresult {
     let h = new_handle();
     d.ctxs.insert(h, Ctx { dev, primary: false, active: true, reserve: r, last_end: 0 });
     CTX_STACK.with(|s| s.borrow_mut().push(h));
-    *pctx = h as Handle;
+    // SAFETY: `pctx` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *pctx = h as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `pctx`: as `ctx_create` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxCreate_v2(pctx: *mut Handle, _flags: c_uint, dev: CUdevice) -> CUresult {
-    ctx_create(pctx, dev)
+    // SAFETY: `ctx_create` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { ctx_create(pctx, dev) }
 }
 
+/// # Safety
+/// `pctx`: as `ctx_create` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxCreate_v3(pctx: *mut Handle, _params: *mut c_void, _num_params: c_int, _flags: c_uint, dev: CUdevice) -> CUresult {
-    ctx_create(pctx, dev)
+    // SAFETY: `ctx_create` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { ctx_create(pctx, dev) }
 }
 
 /// CUDA 13 `cuCtxCreate`: (CUcontext*, CUctxCreateParams*, unsigned flags, CUdevice).
+///
+/// # Safety
+/// `pctx`: as `ctx_create` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxCreate_v4(pctx: *mut Handle, _params: *mut c_void, _flags: c_uint, dev: CUdevice) -> CUresult {
-    ctx_create(pctx, dev)
+    // SAFETY: `ctx_create` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { ctx_create(pctx, dev) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Handle) -> CUresult {
     check_init!();
@@ -773,6 +860,9 @@ pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: Handle) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
     check_init!();
@@ -793,22 +883,31 @@ pub unsafe extern "C" fn cuCtxSetCurrent(ctx: Handle) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// `pctx`: null or valid for reads and writes of one `Handle`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxGetCurrent(pctx: *mut Handle) -> CUresult {
     check_init!();
-    tri!(put(pctx, current_ctx_handle().unwrap_or(0) as Handle));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(pctx, current_ctx_handle().unwrap_or(0) as Handle)) };
     SUCCESS
 }
 
+/// # Safety
+/// `device`: null or valid for reads and writes of one `CUdevice`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
     check_init!();
     let d = lock();
     let (_, dev) = tri!(cur_dev(&d));
-    tri!(put(device, dev));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(device, dev)) };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxPushCurrent_v2(ctx: Handle) -> CUresult {
     check_init!();
@@ -820,16 +919,22 @@ pub unsafe extern "C" fn cuCtxPushCurrent_v2(ctx: Handle) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// `pctx`: null or valid for reads and writes of one `Handle`.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxPopCurrent_v2(pctx: *mut Handle) -> CUresult {
     check_init!();
     let Some(h) = CTX_STACK.with(|s| s.borrow_mut().pop()) else { return INVALID_CONTEXT };
     if !pctx.is_null() {
-        *pctx = h as Handle;
+        // SAFETY: `pctx` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *pctx = h as Handle };
     }
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
     check_init!();
@@ -845,6 +950,9 @@ pub unsafe extern "C" fn cuCtxSynchronize() -> CUresult {
 // ---------------------------------------------------------------------------------------------
 // Linear memory.
 
+/// # Safety
+/// `free`: null or valid for reads and writes of one `usize`.
+/// `total`: null or valid for reads and writes of one `usize`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     check_init!();
@@ -856,8 +964,10 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         return INVALID_VALUE;
     }
     let ds = devstate(dev);
-    *total = ds.total.load(Ordering::Relaxed) as usize;
-    *free = ds.free_now() as usize;
+    // SAFETY: `total` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *total = ds.total.load(Ordering::Relaxed) as usize };
+    // SAFETY: `free` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *free = ds.free_now() as usize };
     SUCCESS
 }
 
@@ -889,6 +999,8 @@ fn free_linear(d: &mut Drv, p: u64) -> CUresult {
     }
 }
 
+/// # Safety
+/// `dptr`: null or valid for reads and writes of one `CUdeviceptr`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CUresult {
     check_init!();
@@ -897,10 +1009,14 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) 
     if dptr.is_null() {
         return INVALID_VALUE;
     }
-    *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytesize as u64));
+    // SAFETY: `dptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytesize as u64)) };
     SUCCESS
 }
 
+/// # Safety
+/// `dptr`: null or valid for reads and writes of one `CUdeviceptr`.
+/// `p_pitch`: null or valid for reads and writes of one `usize`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocPitch_v2(
     dptr: *mut CUdeviceptr,
@@ -920,11 +1036,15 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(
     }
     let pitch = (width_in_bytes as u64).div_ceil(512) * 512;
     let Some(bytes) = pitch.checked_mul(height as u64) else { return OUT_OF_MEMORY };
-    *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytes));
-    *p_pitch = pitch as usize;
+    // SAFETY: `dptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytes)) };
+    // SAFETY: `p_pitch` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *p_pitch = pitch as usize };
     SUCCESS
 }
 
+/// # Safety
+/// `dptr`: null or valid for reads and writes of one `CUdeviceptr`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usize, flags: c_uint) -> CUresult {
     check_init!();
@@ -933,10 +1053,14 @@ pub unsafe extern "C" fn cuMemAllocManaged(dptr: *mut CUdeviceptr, bytesize: usi
     if dptr.is_null() || !matches!(flags, 1 | 2) {
         return INVALID_VALUE;
     }
-    *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytesize as u64));
+    // SAFETY: `dptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *dptr = tri!(alloc_linear(&mut d, ctx, dev, bytesize as u64)) };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CUresult {
     check_init!();
@@ -971,6 +1095,8 @@ fn stream_dev(d: &Drv, k: SKey) -> (u64, CUdevice) {
     (c, d.ctxs[&c].dev)
 }
 
+/// # Safety
+/// `dptr`: null or valid for reads and writes of one `CUdeviceptr`.
 unsafe fn mem_alloc_async(dptr: *mut CUdeviceptr, size: usize, pool: Option<Handle>, stream: Handle, ptsz: bool) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -987,30 +1113,46 @@ unsafe fn mem_alloc_async(dptr: *mut CUdeviceptr, size: usize, pool: Option<Hand
     if dptr.is_null() {
         return INVALID_VALUE;
     }
-    *dptr = tri!(alloc_linear(&mut d, ctx, dev, size as u64));
+    // SAFETY: `dptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *dptr = tri!(alloc_linear(&mut d, ctx, dev, size as u64)) };
     SUCCESS
 }
 
+/// # Safety
+/// `dptr`: as `mem_alloc_async` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocAsync(dptr: *mut CUdeviceptr, bytesize: usize, h_stream: Handle) -> CUresult {
-    mem_alloc_async(dptr, bytesize, None, h_stream, false)
+    // SAFETY: `mem_alloc_async` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { mem_alloc_async(dptr, bytesize, None, h_stream, false) }
 }
 
+/// # Safety
+/// `dptr`: as `mem_alloc_async` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: usize, h_stream: Handle) -> CUresult {
-    mem_alloc_async(dptr, bytesize, None, h_stream, true)
+    // SAFETY: `mem_alloc_async` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { mem_alloc_async(dptr, bytesize, None, h_stream, true) }
 }
 
+/// # Safety
+/// `dptr`: as `mem_alloc_async` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync(dptr: *mut CUdeviceptr, bytesize: usize, pool: Handle, h_stream: Handle) -> CUresult {
-    mem_alloc_async(dptr, bytesize, Some(pool), h_stream, false)
+    // SAFETY: `mem_alloc_async` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { mem_alloc_async(dptr, bytesize, Some(pool), h_stream, false) }
 }
 
+/// # Safety
+/// `dptr`: as `mem_alloc_async` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(dptr: *mut CUdeviceptr, bytesize: usize, pool: Handle, h_stream: Handle) -> CUresult {
-    mem_alloc_async(dptr, bytesize, Some(pool), h_stream, true)
+    // SAFETY: `mem_alloc_async` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { mem_alloc_async(dptr, bytesize, Some(pool), h_stream, true) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn mem_free_async(dptr: CUdeviceptr, stream: Handle, ptsz: bool) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -1018,16 +1160,26 @@ unsafe fn mem_free_async(dptr: CUdeviceptr, stream: Handle, ptsz: bool) -> CUres
     free_linear(&mut d, dptr)
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFreeAsync(dptr: CUdeviceptr, h_stream: Handle) -> CUresult {
-    mem_free_async(dptr, h_stream, false)
+    // SAFETY: `mem_free_async` is given no pointer here, so no contract is passed on.
+    unsafe { mem_free_async(dptr, h_stream, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFreeAsync_ptsz(dptr: CUdeviceptr, h_stream: Handle) -> CUresult {
-    mem_free_async(dptr, h_stream, true)
+    // SAFETY: `mem_free_async` is given no pointer here, so no contract is passed on.
+    unsafe { mem_free_async(dptr, h_stream, true) }
 }
 
+/// # Safety
+/// `pool_out`: null or valid for reads and writes of one `Handle`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool_out: *mut Handle, dev: CUdevice) -> CUresult {
     check_init!();
@@ -1037,23 +1189,30 @@ pub unsafe extern "C" fn cuDeviceGetDefaultMemPool(pool_out: *mut Handle, dev: C
     if !valid_dev(dev) {
         return INVALID_DEVICE;
     }
-    *pool_out = (POOL_BASE + dev as u64 * 0x100) as Handle;
+    // SAFETY: `pool_out` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *pool_out = (POOL_BASE + dev as u64 * 0x100) as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `pool`: as `cuDeviceGetDefaultMemPool` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceGetMemPool(pool: *mut Handle, dev: CUdevice) -> CUresult {
-    cuDeviceGetDefaultMemPool(pool, dev)
+    // SAFETY: `cuDeviceGetDefaultMemPool` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { cuDeviceGetDefaultMemPool(pool, dev) }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Virtual memory management.
 
+/// # Safety
+/// `prop`: null or points to a valid `CUmemAllocationProp`.
 unsafe fn prop_device(prop: *const CUmemAllocationProp) -> Result<CUdevice, CUresult> {
     if prop.is_null() {
         return Err(INVALID_VALUE);
     }
-    let p = &*prop;
+    // SAFETY: `prop` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
+    let p = unsafe { &*prop };
     if p.location.type_ != 1 {
         return Err(INVALID_VALUE); // only CU_MEM_LOCATION_TYPE_DEVICE
     }
@@ -1063,27 +1222,40 @@ unsafe fn prop_device(prop: *const CUmemAllocationProp) -> Result<CUdevice, CUre
     Ok(p.location.id)
 }
 
+/// # Safety
+/// `granularity`: null or valid for reads and writes of one `usize`.
+/// `prop`: as `prop_device` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetAllocationGranularity(granularity: *mut usize, prop: *const CUmemAllocationProp, option: c_uint) -> CUresult {
     check_init!();
     if !sharing::on_host(prop) {
-        tri!(prop_device(prop));
+        // SAFETY: `prop_device` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+        unsafe { tri!(prop_device(prop)) };
     }
     if option > 1 {
         return INVALID_VALUE;
     }
-    tri!(put(granularity, GRANULARITY as usize));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(granularity, GRANULARITY as usize)) };
     SUCCESS
 }
 
+/// # Safety
+/// `handle`: null or valid for reads and writes of one `u64`.
+/// `prop`: as `prop_device` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemCreate(handle: *mut u64, size: usize, prop: *const CUmemAllocationProp, _flags: u64) -> CUresult {
     check_init!();
     if sharing::on_host(prop) {
-        return sharing::create_on_host(handle, size);
+        // SAFETY: `create_on_host` gets this function's own `handle`, under the contract its caller accepted (`# Safety`).
+        return unsafe { sharing::create_on_host(handle, size) };
     }
-    let dev = tri!(prop_device(prop));
-    if handle.is_null() || size == 0 || !(size as u64).is_multiple_of(GRANULARITY) || !matches!((*prop).type_, 1 | 2) {
+    // SAFETY: `prop_device` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    let dev = unsafe { tri!(prop_device(prop)) };
+    // SAFETY: `prop_device` above returned a device, so `prop` is not null; the caller guarantees
+    // it points to a valid value (`# Safety`).
+    let prop = unsafe { &*prop };
+    if handle.is_null() || size == 0 || !(size as u64).is_multiple_of(GRANULARITY) || !matches!(prop.type_, 1 | 2) {
         return INVALID_VALUE;
     }
     let mut d = lock();
@@ -1092,8 +1264,9 @@ pub unsafe extern "C" fn cuMemCreate(handle: *mut u64, size: usize, prop: *const
     }
     let h = new_handle();
     d.vmm.insert(h, Vmm { dev, size: size as u64, released: false, maps: 0 });
-    sharing::created(h, &*prop);
-    *handle = h;
+    sharing::created(h, prop);
+    // SAFETY: `handle` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *handle = h };
     SUCCESS
 }
 
@@ -1108,6 +1281,9 @@ fn vmm_maybe_free(d: &mut Drv, h: u64) {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
     check_init!();
@@ -1121,6 +1297,8 @@ pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// `ptr`: null or valid for reads and writes of one `CUdeviceptr`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAddressReserve(ptr: *mut CUdeviceptr, size: usize, alignment: usize, _addr: CUdeviceptr, _flags: u64) -> CUresult {
     check_init!();
@@ -1132,10 +1310,14 @@ pub unsafe extern "C" fn cuMemAddressReserve(ptr: *mut CUdeviceptr, size: usize,
     }
     let va = new_va(size as u64, (alignment as u64).max(GRANULARITY));
     lock().reservations.insert(va, size as u64);
-    *ptr = va;
+    // SAFETY: `ptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *ptr = va };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> CUresult {
     check_init!();
@@ -1153,6 +1335,9 @@ fn in_reservation(d: &Drv, ptr: u64, size: u64) -> bool {
     d.reservations.range(..=ptr).next_back().is_some_and(|(&start, &len)| ptr + size <= start + len)
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, handle: u64, _flags: u64) -> CUresult {
     check_init!();
@@ -1172,6 +1357,9 @@ pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, 
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
     check_init!();
@@ -1190,6 +1378,9 @@ pub unsafe extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemSetAccess(ptr: CUdeviceptr, size: usize, desc: *const c_void, count: usize) -> CUresult {
     check_init!();
@@ -1235,6 +1426,8 @@ fn array_bytes(desc: &CudaArray3DDescriptor) -> Result<u64, CUresult> {
         .ok_or(OUT_OF_MEMORY)
 }
 
+/// # Safety
+/// `handle`: null or valid for reads and writes of one `Handle`.
 unsafe fn array_create(handle: *mut Handle, desc: CudaArray3DDescriptor, levels: Option<c_uint>) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -1267,36 +1460,55 @@ unsafe fn array_create(handle: *mut Handle, desc: CudaArray3DDescriptor, levels:
     }
     let h = new_handle();
     d.arrays.insert(h, Array { bytes, dev, ctx, desc, mipmapped: levels.is_some() });
-    *handle = h as Handle;
+    // SAFETY: `handle` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *handle = h as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `handle`: as `array_create` requires.
+/// `desc`: null or points to a valid `CudaArrayDescriptor`.
 #[no_mangle]
 pub unsafe extern "C" fn cuArrayCreate_v2(handle: *mut Handle, desc: *const CudaArrayDescriptor) -> CUresult {
     if desc.is_null() {
         return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
     }
-    let d = &*desc;
+    // SAFETY: `desc` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
+    let d = unsafe { &*desc };
     let d3 = CudaArray3DDescriptor { width: d.width, height: d.height, depth: 0, format: d.format, num_channels: d.num_channels, flags: 0 };
-    array_create(handle, d3, None)
+    // SAFETY: `array_create` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { array_create(handle, d3, None) }
 }
 
+/// # Safety
+/// `handle`: as `array_create` requires.
+/// `desc`: null or points to a valid `CudaArray3DDescriptor`.
 #[no_mangle]
 pub unsafe extern "C" fn cuArray3DCreate_v2(handle: *mut Handle, desc: *const CudaArray3DDescriptor) -> CUresult {
     if desc.is_null() {
         return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
     }
-    array_create(handle, *desc, None)
+    // SAFETY: `desc` is not null (checked above) and the caller guarantees it points to a valid
+    // descriptor; `handle` goes on under the contract the caller accepted (`# Safety`).
+    unsafe { array_create(handle, *desc, None) }
 }
 
+/// # Safety
+/// `handle`: as `array_create` requires.
+/// `desc`: null or points to a valid `CudaArray3DDescriptor`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMipmappedArrayCreate(handle: *mut Handle, desc: *const CudaArray3DDescriptor, num_levels: c_uint) -> CUresult {
     if desc.is_null() {
         return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
     }
-    array_create(handle, *desc, Some(num_levels))
+    // SAFETY: `desc` is not null (checked above) and the caller guarantees it points to a valid
+    // descriptor; `handle` goes on under the contract the caller accepted (`# Safety`).
+    unsafe { array_create(handle, *desc, Some(num_levels)) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn array_destroy(h: Handle, mipmapped: bool) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -1311,16 +1523,26 @@ unsafe fn array_destroy(h: Handle, mipmapped: bool) -> CUresult {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuArrayDestroy(h: Handle) -> CUresult {
-    array_destroy(h, false)
+    // SAFETY: `array_destroy` is given no pointer here, so no contract is passed on.
+    unsafe { array_destroy(h, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMipmappedArrayDestroy(h: Handle) -> CUresult {
-    array_destroy(h, true)
+    // SAFETY: `array_destroy` is given no pointer here, so no contract is passed on.
+    unsafe { array_destroy(h, true) }
 }
 
+/// # Safety
+/// `out`: null or valid for reads and writes of one `CudaArrayDescriptor`.
 #[no_mangle]
 pub unsafe extern "C" fn cuArrayGetDescriptor_v2(out: *mut CudaArrayDescriptor, h: Handle) -> CUresult {
     check_init!();
@@ -1328,20 +1550,24 @@ pub unsafe extern "C" fn cuArrayGetDescriptor_v2(out: *mut CudaArrayDescriptor, 
     match d.arrays.get(&(h as u64)) {
         Some(a) if !a.mipmapped => {
             let s = a.desc;
-            tri!(put(out, CudaArrayDescriptor { width: s.width, height: s.height, format: s.format, num_channels: s.num_channels }));
+            // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+            unsafe { tri!(put(out, CudaArrayDescriptor { width: s.width, height: s.height, format: s.format, num_channels: s.num_channels })) };
             SUCCESS
         }
         _ => INVALID_HANDLE,
     }
 }
 
+/// # Safety
+/// `out`: null or valid for reads and writes of one `CudaArray3DDescriptor`.
 #[no_mangle]
 pub unsafe extern "C" fn cuArray3DGetDescriptor_v2(out: *mut CudaArray3DDescriptor, h: Handle) -> CUresult {
     check_init!();
     let d = lock();
     match d.arrays.get(&(h as u64)) {
         Some(a) if !a.mipmapped => {
-            tri!(put(out, a.desc));
+            // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+            unsafe { tri!(put(out, a.desc)) };
             SUCCESS
         }
         _ => INVALID_HANDLE,
@@ -1352,6 +1578,8 @@ pub unsafe extern "C" fn cuArray3DGetDescriptor_v2(out: *mut CudaArray3DDescript
 // The 32-bit-era entry points (no `_v2`): `unsigned int` device pointers and sizes. Device
 // pointers come from below 4 GiB; figures above 4 GiB are clamped to `UINT_MAX`.
 
+/// # Safety
+/// `dptr`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc(dptr: *mut c_uint, bytesize: c_uint) -> CUresult {
     check_init!();
@@ -1360,7 +1588,8 @@ pub unsafe extern "C" fn cuMemAlloc(dptr: *mut c_uint, bytesize: c_uint) -> CUre
     if dptr.is_null() {
         return INVALID_VALUE;
     }
-    *dptr = tri!(alloc_legacy(&mut d, ctx, dev, u64::from(bytesize)));
+    // SAFETY: `dptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *dptr = tri!(alloc_legacy(&mut d, ctx, dev, u64::from(bytesize))) };
     SUCCESS
 }
 
@@ -1376,6 +1605,9 @@ fn alloc_legacy(d: &mut Drv, ctx: u64, dev: CUdevice, size: u64) -> Result<c_uin
     Ok(p as c_uint)
 }
 
+/// # Safety
+/// `dptr`: null or valid for reads and writes of one `c_uint`.
+/// `p_pitch`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocPitch(
     dptr: *mut c_uint,
@@ -1394,40 +1626,55 @@ pub unsafe extern "C" fn cuMemAllocPitch(
     if pitch > u64::from(u32::MAX) {
         return INVALID_VALUE;
     }
-    *dptr = tri!(alloc_legacy(&mut d, ctx, dev, pitch * u64::from(height)));
-    *p_pitch = pitch as c_uint;
+    // SAFETY: `dptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *dptr = tri!(alloc_legacy(&mut d, ctx, dev, pitch * u64::from(height))) };
+    // SAFETY: `p_pitch` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *p_pitch = pitch as c_uint };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemFree(dptr: c_uint) -> CUresult {
     check_init!();
     free_linear(&mut lock(), u64::from(dptr))
 }
 
+/// # Safety
+/// `free`: null or valid for reads and writes of one `c_uint`.
+/// `total`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetInfo(free: *mut c_uint, total: *mut c_uint) -> CUresult {
     let (mut f, mut t) = (0usize, 0usize);
-    let code = cuMemGetInfo_v2(&mut f, &mut t);
+    // SAFETY: out-pointers to the locals `f` and `t`.
+    let code = unsafe { cuMemGetInfo_v2(&mut f, &mut t) };
     if code == SUCCESS {
         if free.is_null() || total.is_null() {
             return INVALID_VALUE;
         }
-        *free = f.min(u32::MAX as usize) as c_uint;
-        *total = t.min(u32::MAX as usize) as c_uint;
+        // SAFETY: `free` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *free = f.min(u32::MAX as usize) as c_uint };
+        // SAFETY: `total` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *total = t.min(u32::MAX as usize) as c_uint };
     }
     code
 }
 
+/// # Safety
+/// `bytes`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceTotalMem(bytes: *mut c_uint, dev: CUdevice) -> CUresult {
     let mut t = 0usize;
-    let code = cuDeviceTotalMem_v2(&mut t, dev);
+    // SAFETY: an out-pointer to the local `t`.
+    let code = unsafe { cuDeviceTotalMem_v2(&mut t, dev) };
     if code == SUCCESS {
         if bytes.is_null() {
             return INVALID_VALUE;
         }
-        *bytes = t.min(u32::MAX as usize) as c_uint;
+        // SAFETY: `bytes` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *bytes = t.min(u32::MAX as usize) as c_uint };
     }
     code
 }
@@ -1452,22 +1699,31 @@ pub struct CudaArray3DDescriptorV1 {
     flags: c_uint,
 }
 
+/// # Safety
+/// `handle`: as `cuArrayCreate_v2` requires.
+/// `desc`: null or points to a valid `CudaArrayDescriptorV1`.
 #[no_mangle]
 pub unsafe extern "C" fn cuArrayCreate(handle: *mut Handle, desc: *const CudaArrayDescriptorV1) -> CUresult {
     if desc.is_null() {
         return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
     }
-    let d = &*desc;
+    // SAFETY: `desc` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
+    let d = unsafe { &*desc };
     let d2 = CudaArrayDescriptor { width: d.width as usize, height: d.height as usize, format: d.format, num_channels: d.num_channels };
-    cuArrayCreate_v2(handle, &d2)
+    // SAFETY: `cuArrayCreate_v2` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { cuArrayCreate_v2(handle, &d2) }
 }
 
+/// # Safety
+/// `handle`: as `cuArray3DCreate_v2` requires.
+/// `desc`: null or points to a valid `CudaArray3DDescriptorV1`.
 #[no_mangle]
 pub unsafe extern "C" fn cuArray3DCreate(handle: *mut Handle, desc: *const CudaArray3DDescriptorV1) -> CUresult {
     if desc.is_null() {
         return if INITIALIZED.load(Ordering::Acquire) { INVALID_VALUE } else { NOT_INITIALIZED };
     }
-    let d = &*desc;
+    // SAFETY: `desc` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
+    let d = unsafe { &*desc };
     let d3 = CudaArray3DDescriptor {
         width: d.width as usize,
         height: d.height as usize,
@@ -1476,32 +1732,50 @@ pub unsafe extern "C" fn cuArray3DCreate(handle: *mut Handle, desc: *const CudaA
         num_channels: d.num_channels,
         flags: d.flags,
     };
-    cuArray3DCreate_v2(handle, &d3)
+    // SAFETY: `cuArray3DCreate_v2` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { cuArray3DCreate_v2(handle, &d3) }
 }
 
+/// # Safety
+/// `pctx`: as `ctx_create` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxCreate(pctx: *mut Handle, _flags: c_uint, dev: CUdevice) -> CUresult {
-    ctx_create(pctx, dev)
+    // SAFETY: `ctx_create` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { ctx_create(pctx, dev) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy(ctx: Handle) -> CUresult {
-    cuCtxDestroy_v2(ctx)
+    // SAFETY: `cuCtxDestroy_v2` is given no pointer here, so no contract is passed on.
+    unsafe { cuCtxDestroy_v2(ctx) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease(dev: CUdevice) -> CUresult {
-    cuDevicePrimaryCtxRelease_v2(dev)
+    // SAFETY: `cuDevicePrimaryCtxRelease_v2` is given no pointer here, so no contract is passed on.
+    unsafe { cuDevicePrimaryCtxRelease_v2(dev) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset(dev: CUdevice) -> CUresult {
-    cuDevicePrimaryCtxReset_v2(dev)
+    // SAFETY: `cuDevicePrimaryCtxReset_v2` is given no pointer here, so no contract is passed on.
+    unsafe { cuDevicePrimaryCtxReset_v2(dev) }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Modules, libraries, functions.
 
+/// # Safety
+/// `module`: null or valid for reads and writes of one `Handle`.
 unsafe fn module_load(module: *mut Handle, b: u64) -> CUresult {
     let mut d = lock();
     let (ctx, dev) = tri!(cur_dev(&d));
@@ -1513,19 +1787,27 @@ unsafe fn module_load(module: *mut Handle, b: u64) -> CUresult {
     }
     let h = new_handle();
     d.modules.insert(h, Module { ctx, dev, charged: b, funcs: BTreeMap::new() });
-    *module = h as Handle;
+    // SAFETY: `module` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *module = h as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `module`: as `module_load` requires.
+/// `image`: a module image, as `image_bytes` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_void) -> CUresult {
     check_init!();
     if image.is_null() {
         return INVALID_VALUE;
     }
-    module_load(module, image_bytes(image))
+    // SAFETY: `module_load` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { module_load(module, image_bytes(image)) }
 }
 
+/// # Safety
+/// `module`: as `cuModuleLoadData` requires.
+/// `image`: as `cuModuleLoadData` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadDataEx(
     module: *mut Handle,
@@ -1534,31 +1816,47 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
     _options: *mut c_void,
     _option_values: *mut *mut c_void,
 ) -> CUresult {
-    cuModuleLoadData(module, image)
+    // SAFETY: `cuModuleLoadData` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { cuModuleLoadData(module, image) }
 }
 
+/// # Safety
+/// `module`: as `cuModuleLoadData` requires.
+/// `fat_cubin`: as `cuModuleLoadData` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut Handle, fat_cubin: *const c_void) -> CUresult {
-    cuModuleLoadData(module, fat_cubin)
+    // SAFETY: `cuModuleLoadData` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { cuModuleLoadData(module, fat_cubin) }
 }
 
+/// # Safety
+/// `fname`: null or a NUL-terminated string.
 unsafe fn file_readable(fname: *const c_char) -> Result<(), CUresult> {
     if fname.is_null() {
         return Err(INVALID_VALUE);
     }
-    if libc::access(fname, libc::R_OK) != 0 {
+    // SAFETY: `fname` is not null (checked above) and the caller guarantees a NUL-terminated string (`# Safety`).
+    if unsafe { libc::access(fname, libc::R_OK) } != 0 {
         return Err(FILE_NOT_FOUND);
     }
     Ok(())
 }
 
+/// # Safety
+/// `module`: as `module_load` requires.
+/// `fname`: null or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoad(module: *mut Handle, fname: *const c_char) -> CUresult {
     check_init!();
-    tri!(file_readable(fname));
-    module_load(module, file_bytes(fname))
+    // SAFETY: `file_readable` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { tri!(file_readable(fname)) };
+    // SAFETY: `module_load` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { module_load(module, file_bytes(fname)) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleUnload(hmod: Handle) -> CUresult {
     check_init!();
@@ -1571,22 +1869,29 @@ pub unsafe extern "C" fn cuModuleUnload(hmod: Handle) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// `hfunc`: null or valid for reads and writes of one `Handle`.
+/// `name`: null or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleGetFunction(hfunc: *mut Handle, hmod: Handle, name: *const c_char) -> CUresult {
     check_init!();
     if hfunc.is_null() || name.is_null() {
         return INVALID_VALUE;
     }
-    let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+    // SAFETY: `name` is not null (checked above) and the caller guarantees `name` is a NUL-terminated string (`# Safety`).
+    let name = unsafe { CStr::from_ptr(name).to_string_lossy().into_owned() };
     let mut d = lock();
     let m = hmod as u64;
     let Some(module) = d.modules.get_mut(&m) else { return INVALID_HANDLE };
     let f = *module.funcs.entry(name).or_insert_with(new_handle);
     d.functions.insert(f, m);
-    *hfunc = f as Handle;
+    // SAFETY: `hfunc` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *hfunc = f as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `library`: null or valid for reads and writes of one `Handle`.
 unsafe fn library_load(library: *mut Handle, bytes: u64) -> CUresult {
     let mut d = lock();
     if library.is_null() {
@@ -1603,10 +1908,14 @@ unsafe fn library_load(library: *mut Handle, bytes: u64) -> CUresult {
     }
     let h = new_handle();
     d.libraries.insert(h, Library { dev, charged, kernels: BTreeMap::new() });
-    *library = h as Handle;
+    // SAFETY: `library` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *library = h as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `library`: as `library_load` requires.
+/// `code`: a module image, as `image_bytes` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuLibraryLoadData(
     library: *mut Handle,
@@ -1622,9 +1931,13 @@ pub unsafe extern "C" fn cuLibraryLoadData(
     if code.is_null() {
         return INVALID_VALUE;
     }
-    library_load(library, image_bytes(code))
+    // SAFETY: `library_load` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { library_load(library, image_bytes(code)) }
 }
 
+/// # Safety
+/// `library`: as `library_load` requires.
+/// `file_name`: a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn cuLibraryLoadFromFile(
     library: *mut Handle,
@@ -1637,10 +1950,15 @@ pub unsafe extern "C" fn cuLibraryLoadFromFile(
     _num_library_options: c_uint,
 ) -> CUresult {
     check_init!();
-    tri!(file_readable(file_name));
-    library_load(library, file_bytes(file_name))
+    // SAFETY: `file_readable` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { tri!(file_readable(file_name)) };
+    // SAFETY: `library_load` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { library_load(library, file_bytes(file_name)) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuLibraryUnload(library: Handle) -> CUresult {
     check_init!();
@@ -1657,22 +1975,29 @@ pub unsafe extern "C" fn cuLibraryUnload(library: Handle) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// `kernel`: null or valid for reads and writes of one `Handle`.
+/// `name`: null or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn cuLibraryGetKernel(kernel: *mut Handle, library: Handle, name: *const c_char) -> CUresult {
     check_init!();
     if kernel.is_null() || name.is_null() {
         return INVALID_VALUE;
     }
-    let name = CStr::from_ptr(name).to_string_lossy().into_owned();
+    // SAFETY: `name` is not null (checked above) and the caller guarantees `name` is a NUL-terminated string (`# Safety`).
+    let name = unsafe { CStr::from_ptr(name).to_string_lossy().into_owned() };
     let mut d = lock();
     let lh = library as u64;
     let Some(l) = d.libraries.get_mut(&lh) else { return INVALID_HANDLE };
     let k = *l.kernels.entry(name).or_insert_with(new_handle);
     d.kernels.entry(k).or_insert((lh, 0));
-    *kernel = k as Handle;
+    // SAFETY: `kernel` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *kernel = k as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `func`: null or valid for reads and writes of one `Handle`.
 #[no_mangle]
 pub unsafe extern "C" fn cuKernelGetFunction(func: *mut Handle, kernel: Handle) -> CUresult {
     check_init!();
@@ -1687,7 +2012,8 @@ pub unsafe extern "C" fn cuKernelGetFunction(func: *mut Handle, kernel: Handle) 
     }
     let f = k.1;
     d.functions.insert(f, 0);
-    *func = f as Handle;
+    // SAFETY: `func` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *func = f as Handle };
     SUCCESS
 }
 
@@ -1696,6 +2022,10 @@ pub unsafe extern "C" fn cuKernelGetFunction(func: *mut Handle, kernel: Handle) 
 
 /// Queue `durs` (ns, back to back) on stream `stream`; blocks while the stream is too far ahead.
 /// Launches into a capturing stream are recorded instead.
+///
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn submit(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), CUresult>, durs: &[u64]) -> CUresult {
     check_init!();
     loop {
@@ -1726,11 +2056,22 @@ unsafe fn submit(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), 
     }
 }
 
+/// # Safety
+/// `params`: null or the kernel's parameter array (`cuLaunchKernel`'s `kernelParams`), whose
+/// first entry, if not null, points to the first parameter: a simulated kernel takes a u64 there.
 unsafe fn kernel_duration(params: *mut *mut c_void) -> u64 {
-    if params.is_null() || (*params).is_null() {
+    if params.is_null() {
         return 0;
     }
-    ((*params) as *const u64).read_unaligned()
+    // SAFETY: `params` is not null, and the caller guarantees it points to the kernel's parameter
+    // array (`# Safety`), whose first entry is read.
+    let first = unsafe { *params };
+    if first.is_null() {
+        return 0;
+    }
+    // SAFETY: the caller guarantees a non-null first entry points to the kernel's first parameter,
+    // which a simulated kernel declares as a u64 (`# Safety`).
+    unsafe { (first as *const u64).read_unaligned() }
 }
 
 fn check_function(f: u64, grid: [c_uint; 3], block: [c_uint; 3]) -> impl Fn(&Drv) -> Result<(), CUresult> {
@@ -1745,12 +2086,18 @@ fn check_function(f: u64, grid: [c_uint; 3], block: [c_uint; 3]) -> impl Fn(&Drv
     }
 }
 
+/// # Safety
+/// `params`: as `kernel_duration` requires.
 unsafe fn launch(f: Handle, grid: [c_uint; 3], block: [c_uint; 3], stream: Handle, params: *mut *mut c_void, ptsz: bool) -> CUresult {
     check_init!();
-    let dur = kernel_duration(params);
-    submit(stream, ptsz, check_function(f as u64, grid, block), &[dur])
+    // SAFETY: `kernel_duration` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    let dur = unsafe { kernel_duration(params) };
+    // SAFETY: `submit` is given no pointer here, so no contract is passed on.
+    unsafe { submit(stream, ptsz, check_function(f as u64, grid, block), &[dur]) }
 }
 
+/// # Safety
+/// `kernel_params`: as `launch` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchKernel(
     f: Handle,
@@ -1765,9 +2112,12 @@ pub unsafe extern "C" fn cuLaunchKernel(
     kernel_params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false)
+    // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false) }
 }
 
+/// # Safety
+/// `kernel_params`: as `launch` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchKernel_ptsz(
     f: Handle,
@@ -1782,9 +2132,12 @@ pub unsafe extern "C" fn cuLaunchKernel_ptsz(
     kernel_params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true)
+    // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true) }
 }
 
+/// # Safety
+/// `kernel_params`: as `launch` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     f: Handle,
@@ -1798,9 +2151,12 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     h_stream: Handle,
     kernel_params: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false)
+    // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false) }
 }
 
+/// # Safety
+/// `kernel_params`: as `launch` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
     f: Handle,
@@ -1814,23 +2170,36 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
     h_stream: Handle,
     kernel_params: *mut *mut c_void,
 ) -> CUresult {
-    launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true)
+    // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true) }
 }
 
+/// # Safety
+/// `config`: null or points to a valid `CUlaunchConfig`.
+/// `params`: as `launch` requires.
 unsafe fn launch_ex(config: *const CUlaunchConfig, f: Handle, params: *mut *mut c_void, ptsz: bool) -> CUresult {
     check_init!();
     if config.is_null() {
         return INVALID_VALUE;
     }
-    let c = &*config;
-    launch(f, [c.grid_dim_x, c.grid_dim_y, c.grid_dim_z], [c.block_dim_x, c.block_dim_y, c.block_dim_z], c.h_stream, params, ptsz)
+    // SAFETY: `config` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
+    let c = unsafe { &*config };
+    // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { launch(f, [c.grid_dim_x, c.grid_dim_y, c.grid_dim_z], [c.block_dim_x, c.block_dim_y, c.block_dim_z], c.h_stream, params, ptsz) }
 }
 
+/// # Safety
+/// `config`: as `launch_ex` requires.
+/// `kernel_params`: as `launch_ex` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchKernelEx(config: *const CUlaunchConfig, f: Handle, kernel_params: *mut *mut c_void, _extra: *mut *mut c_void) -> CUresult {
-    launch_ex(config, f, kernel_params, false)
+    // SAFETY: `launch_ex` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { launch_ex(config, f, kernel_params, false) }
 }
 
+/// # Safety
+/// `config`: as `launch_ex` requires.
+/// `kernel_params`: as `launch_ex` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
     config: *const CUlaunchConfig,
@@ -1838,12 +2207,15 @@ pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
     kernel_params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
-    launch_ex(config, f, kernel_params, true)
+    // SAFETY: `launch_ex` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { launch_ex(config, f, kernel_params, true) }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Streams.
 
+/// # Safety
+/// `ph`: null or valid for reads and writes of one `Handle`.
 unsafe fn stream_create(ph: *mut Handle, flags: c_uint) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -1853,20 +2225,30 @@ unsafe fn stream_create(ph: *mut Handle, flags: c_uint) -> CUresult {
     }
     let h = new_handle();
     d.streams.insert(SKey::Explicit(h), Stream { ctx, tail: 0, capture: None });
-    *ph = h as Handle;
+    // SAFETY: `ph` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *ph = h as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `ph`: as `stream_create` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamCreate(ph: *mut Handle, flags: c_uint) -> CUresult {
-    stream_create(ph, flags)
+    // SAFETY: `stream_create` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { stream_create(ph, flags) }
 }
 
+/// # Safety
+/// `ph`: as `stream_create` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamCreateWithPriority(ph: *mut Handle, flags: c_uint, _priority: c_int) -> CUresult {
-    stream_create(ph, flags)
+    // SAFETY: `stream_create` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { stream_create(ph, flags) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamDestroy_v2(h: Handle) -> CUresult {
     check_init!();
@@ -1877,6 +2259,9 @@ pub unsafe extern "C" fn cuStreamDestroy_v2(h: Handle) -> CUresult {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn stream_sync(h: Handle, ptsz: bool) -> CUresult {
     check_init!();
     let t = {
@@ -1892,16 +2277,27 @@ unsafe fn stream_sync(h: Handle, ptsz: bool) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamSynchronize(h: Handle) -> CUresult {
-    stream_sync(h, false)
+    // SAFETY: `stream_sync` is given no pointer here, so no contract is passed on.
+    unsafe { stream_sync(h, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamSynchronize_ptsz(h: Handle) -> CUresult {
-    stream_sync(h, true)
+    // SAFETY: `stream_sync` is given no pointer here, so no contract is passed on.
+    unsafe { stream_sync(h, true) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn stream_query(h: Handle, ptsz: bool) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -1917,16 +2313,27 @@ unsafe fn stream_query(h: Handle, ptsz: bool) -> CUresult {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamQuery(h: Handle) -> CUresult {
-    stream_query(h, false)
+    // SAFETY: `stream_query` is given no pointer here, so no contract is passed on.
+    unsafe { stream_query(h, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamQuery_ptsz(h: Handle) -> CUresult {
-    stream_query(h, true)
+    // SAFETY: `stream_query` is given no pointer here, so no contract is passed on.
+    unsafe { stream_query(h, true) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn stream_wait_event(h: Handle, ev: Handle, ptsz: bool) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -1940,19 +2347,29 @@ unsafe fn stream_wait_event(h: Handle, ev: Handle, ptsz: bool) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamWaitEvent(h: Handle, ev: Handle, _flags: c_uint) -> CUresult {
-    stream_wait_event(h, ev, false)
+    // SAFETY: `stream_wait_event` is given no pointer here, so no contract is passed on.
+    unsafe { stream_wait_event(h, ev, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamWaitEvent_ptsz(h: Handle, ev: Handle, _flags: c_uint) -> CUresult {
-    stream_wait_event(h, ev, true)
+    // SAFETY: `stream_wait_event` is given no pointer here, so no contract is passed on.
+    unsafe { stream_wait_event(h, ev, true) }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Events.
 
+/// # Safety
+/// `ph`: null or valid for reads and writes of one `Handle`.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventCreate(ph: *mut Handle, flags: c_uint) -> CUresult {
     check_init!();
@@ -1963,10 +2380,14 @@ pub unsafe extern "C" fn cuEventCreate(ph: *mut Handle, flags: c_uint) -> CUresu
     }
     let h = new_handle();
     d.events.insert(h, Event { ctx, flags, time: None });
-    *ph = h as Handle;
+    // SAFETY: `ph` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *ph = h as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventDestroy_v2(ev: Handle) -> CUresult {
     check_init!();
@@ -1976,6 +2397,9 @@ pub unsafe extern "C" fn cuEventDestroy_v2(ev: Handle) -> CUresult {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn event_record(ev: Handle, h: Handle, ptsz: bool) -> CUresult {
     check_init!();
     let mut d = lock();
@@ -1992,26 +2416,45 @@ unsafe fn event_record(ev: Handle, h: Handle, ptsz: bool) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecord(ev: Handle, h: Handle) -> CUresult {
-    event_record(ev, h, false)
+    // SAFETY: `event_record` is given no pointer here, so no contract is passed on.
+    unsafe { event_record(ev, h, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecord_ptsz(ev: Handle, h: Handle) -> CUresult {
-    event_record(ev, h, true)
+    // SAFETY: `event_record` is given no pointer here, so no contract is passed on.
+    unsafe { event_record(ev, h, true) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecordWithFlags(ev: Handle, h: Handle, _flags: c_uint) -> CUresult {
-    event_record(ev, h, false)
+    // SAFETY: `event_record` is given no pointer here, so no contract is passed on.
+    unsafe { event_record(ev, h, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventRecordWithFlags_ptsz(ev: Handle, h: Handle, _flags: c_uint) -> CUresult {
-    event_record(ev, h, true)
+    // SAFETY: `event_record` is given no pointer here, so no contract is passed on.
+    unsafe { event_record(ev, h, true) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventQuery(ev: Handle) -> CUresult {
     check_init!();
@@ -2022,6 +2465,9 @@ pub unsafe extern "C" fn cuEventQuery(ev: Handle) -> CUresult {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventSynchronize(ev: Handle) -> CUresult {
     check_init!();
@@ -2033,6 +2479,8 @@ pub unsafe extern "C" fn cuEventSynchronize(ev: Handle) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// `ms`: null or valid for reads and writes of one `f32`.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
     check_init!();
@@ -2050,19 +2498,27 @@ pub unsafe extern "C" fn cuEventElapsedTime(ms: *mut f32, start: Handle, end: Ha
     if ts.max(te) > now_ns() {
         return NOT_READY;
     }
-    *ms = ((te as i64 - ts as i64) as f64 / 1e6) as f32;
+    // SAFETY: `ms` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *ms = ((te as i64 - ts as i64) as f64 / 1e6) as f32 };
     SUCCESS
 }
 
 /// CUDA 13's `cuEventElapsedTime`.
+///
+/// # Safety
+/// `ms`: as `cuEventElapsedTime` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuEventElapsedTime_v2(ms: *mut f32, start: Handle, end: Handle) -> CUresult {
-    cuEventElapsedTime(ms, start, end)
+    // SAFETY: `cuEventElapsedTime` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { cuEventElapsedTime(ms, start, end) }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Stream capture and graphs.
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn begin_capture(h: Handle, mode: c_uint, ptsz: bool) -> CUresult {
     check_init!();
     if mode > 2 {
@@ -2081,27 +2537,46 @@ unsafe fn begin_capture(h: Handle, mode: c_uint, ptsz: bool) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamBeginCapture_v2(h: Handle, mode: c_uint) -> CUresult {
-    begin_capture(h, mode, false)
+    // SAFETY: `begin_capture` is given no pointer here, so no contract is passed on.
+    unsafe { begin_capture(h, mode, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamBeginCapture_v2_ptsz(h: Handle, mode: c_uint) -> CUresult {
-    begin_capture(h, mode, true)
+    // SAFETY: `begin_capture` is given no pointer here, so no contract is passed on.
+    unsafe { begin_capture(h, mode, true) }
 }
 
 /// The pre-10.1 form without a mode (global mode).
+///
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamBeginCapture(h: Handle) -> CUresult {
-    begin_capture(h, 0, false)
+    // SAFETY: `begin_capture` is given no pointer here, so no contract is passed on.
+    unsafe { begin_capture(h, 0, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamBeginCapture_ptsz(h: Handle) -> CUresult {
-    begin_capture(h, 0, true)
+    // SAFETY: `begin_capture` is given no pointer here, so no contract is passed on.
+    unsafe { begin_capture(h, 0, true) }
 }
 
+/// # Safety
+/// `graph`: null or valid for reads and writes of one `Handle`.
 unsafe fn end_capture(h: Handle, graph: *mut Handle, ptsz: bool) -> CUresult {
     check_init!();
     if graph.is_null() {
@@ -2112,39 +2587,57 @@ unsafe fn end_capture(h: Handle, graph: *mut Handle, ptsz: bool) -> CUresult {
     let Some(durs) = d.streams.get_mut(&k).unwrap().capture.take() else { return ILLEGAL_STATE };
     let g = new_handle();
     d.graphs.insert(g, durs);
-    *graph = g as Handle;
+    // SAFETY: `graph` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *graph = g as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `graph`: as `end_capture` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamEndCapture(h: Handle, graph: *mut Handle) -> CUresult {
-    end_capture(h, graph, false)
+    // SAFETY: `end_capture` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { end_capture(h, graph, false) }
 }
 
+/// # Safety
+/// `graph`: as `end_capture` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamEndCapture_ptsz(h: Handle, graph: *mut Handle) -> CUresult {
-    end_capture(h, graph, true)
+    // SAFETY: `end_capture` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { end_capture(h, graph, true) }
 }
 
+/// # Safety
+/// `status`: null or valid for reads and writes of one `c_uint`.
 unsafe fn is_capturing(h: Handle, status: *mut c_uint, ptsz: bool) -> CUresult {
     check_init!();
     let mut d = lock();
     let k = tri!(stream_key(&mut d, h, ptsz));
     let c = d.streams[&k].capture.is_some() as c_uint;
-    tri!(put(status, c));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(status, c)) };
     SUCCESS
 }
 
+/// # Safety
+/// `status`: as `is_capturing` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamIsCapturing(h: Handle, status: *mut c_uint) -> CUresult {
-    is_capturing(h, status, false)
+    // SAFETY: `is_capturing` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { is_capturing(h, status, false) }
 }
 
+/// # Safety
+/// `status`: as `is_capturing` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuStreamIsCapturing_ptsz(h: Handle, status: *mut c_uint) -> CUresult {
-    is_capturing(h, status, true)
+    // SAFETY: `is_capturing` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { is_capturing(h, status, true) }
 }
 
+/// # Safety
+/// `exec`: null or valid for reads and writes of one `Handle`.
 unsafe fn instantiate(exec: *mut Handle, graph: Handle) -> CUresult {
     check_init!();
     if exec.is_null() {
@@ -2154,15 +2647,23 @@ unsafe fn instantiate(exec: *mut Handle, graph: Handle) -> CUresult {
     let Some(g) = d.graphs.get(&(graph as u64)).cloned() else { return INVALID_VALUE };
     let e = new_handle();
     d.execs.insert(e, g);
-    *exec = e as Handle;
+    // SAFETY: `exec` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *exec = e as Handle };
     SUCCESS
 }
 
+/// # Safety
+/// `exec`: as `instantiate` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphInstantiateWithFlags(exec: *mut Handle, graph: Handle, _flags: u64) -> CUresult {
-    instantiate(exec, graph)
+    // SAFETY: `instantiate` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { instantiate(exec, graph) }
 }
 
+/// # Safety
+/// `exec`: as `instantiate` requires.
+/// `error_node`: null or valid for a write of one `Handle`.
+/// `log_buffer`: null or valid for writes of `buffer_size` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphInstantiate_v2(
     exec: *mut Handle,
@@ -2172,33 +2673,51 @@ pub unsafe extern "C" fn cuGraphInstantiate_v2(
     buffer_size: usize,
 ) -> CUresult {
     if !error_node.is_null() {
-        *error_node = std::ptr::null_mut();
+        // SAFETY: `error_node` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *error_node = std::ptr::null_mut() };
     }
     if !log_buffer.is_null() && buffer_size > 0 {
-        *log_buffer = 0;
+        // SAFETY: `log_buffer` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *log_buffer = 0 };
     }
-    instantiate(exec, graph)
+    // SAFETY: `instantiate` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { instantiate(exec, graph) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 unsafe fn graph_launch(exec: Handle, h: Handle, ptsz: bool) -> CUresult {
     check_init!();
     let durs = match lock().execs.get(&(exec as u64)) {
         Some(v) => v.clone(),
         None => return INVALID_VALUE,
     };
-    submit(h, ptsz, |_| Ok(()), &durs)
+    // SAFETY: `submit` is given no pointer here, so no contract is passed on.
+    unsafe { submit(h, ptsz, |_| Ok(()), &durs) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphLaunch(exec: Handle, h: Handle) -> CUresult {
-    graph_launch(exec, h, false)
+    // SAFETY: `graph_launch` is given no pointer here, so no contract is passed on.
+    unsafe { graph_launch(exec, h, false) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphLaunch_ptsz(exec: Handle, h: Handle) -> CUresult {
-    graph_launch(exec, h, true)
+    // SAFETY: `graph_launch` is given no pointer here, so no contract is passed on.
+    unsafe { graph_launch(exec, h, true) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphExecDestroy(exec: Handle) -> CUresult {
     check_init!();
@@ -2208,6 +2727,9 @@ pub unsafe extern "C" fn cuGraphExecDestroy(exec: Handle) -> CUresult {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuGraphDestroy(graph: Handle) -> CUresult {
     check_init!();
@@ -2545,6 +3067,10 @@ pub fn proc_lookup(name: &str, version: c_int, flags: u64) -> Result<*mut c_void
     Err(if known { PROC_VERSION_NOT_SUFFICIENT } else { PROC_SYMBOL_NOT_FOUND })
 }
 
+/// # Safety
+/// `symbol`: null or a NUL-terminated string.
+/// `pfn`: null or valid for reads and writes of one `*mut c_void`.
+/// `symbol_status`: null or valid for reads and writes of one `c_int`.
 #[no_mangle]
 pub unsafe extern "C" fn cuGetProcAddress_v2(
     symbol: *const c_char,
@@ -2556,26 +3082,34 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
     if symbol.is_null() || pfn.is_null() || flags > 2 {
         return INVALID_VALUE;
     }
-    let name = CStr::from_ptr(symbol).to_string_lossy();
+    // SAFETY: `symbol` is not null (checked above) and the caller guarantees `symbol` is a NUL-terminated string (`# Safety`).
+    let name = unsafe { CStr::from_ptr(symbol).to_string_lossy() };
     let (r, st) = match proc_lookup(&name, cuda_version, flags) {
         Ok(p) => {
-            *pfn = p;
+            // SAFETY: `pfn` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+            unsafe { *pfn = p };
             (SUCCESS, PROC_FOUND)
         }
         Err(st) => {
-            *pfn = std::ptr::null_mut();
+            // SAFETY: `pfn` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+            unsafe { *pfn = std::ptr::null_mut() };
             (NOT_FOUND, st)
         }
     };
     if !symbol_status.is_null() {
-        *symbol_status = st;
+        // SAFETY: `symbol_status` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *symbol_status = st };
     }
     r
 }
 
+/// # Safety
+/// `symbol`: as `cuGetProcAddress_v2` requires.
+/// `pfn`: as `cuGetProcAddress_v2` requires.
 #[no_mangle]
 pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, cuda_version: c_int, flags: u64) -> CUresult {
-    cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, std::ptr::null_mut())
+    // SAFETY: `cuGetProcAddress_v2` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, std::ptr::null_mut()) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2640,16 +3174,23 @@ pub extern "C" fn simcuda_clock_sleep_until_ns(t: u64) {
 
 /// Sleeps while the u32 at `word` is `expected`, until a `simcuda_clock_futex_wake` with a bit
 /// of `mask`, at most `timeout_ns` of the clock's time.
+///
+/// # Safety
+/// `word`: null or points to a valid `std::sync::atomic::AtomicU32`.
 #[no_mangle]
 pub unsafe extern "C" fn simcuda_clock_futex_wait(word: *const std::sync::atomic::AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
-    if let Some(word) = word.as_ref() {
+    // SAFETY: the caller guarantees `word` is null or points to a live `AtomicU32` (`# Safety`).
+    if let Some(word) = unsafe { word.as_ref() } {
         clock::futex_wait(word, expected, mask, timeout_ns)
     }
 }
 
+/// # Safety
+/// `word`: null or points to a valid `std::sync::atomic::AtomicU32`.
 #[no_mangle]
 pub unsafe extern "C" fn simcuda_clock_futex_wake(word: *const std::sync::atomic::AtomicU32, mask: u32) {
-    if let Some(word) = word.as_ref() {
+    // SAFETY: the caller guarantees `word` is null or points to a live `AtomicU32` (`# Safety`).
+    if let Some(word) = unsafe { word.as_ref() } {
         clock::futex_wake(word, mask)
     }
 }
@@ -2692,10 +3233,12 @@ mod tests {
             let _ = std::fs::remove_file(&p);
             std::env::set_var("SIMCUDA_STATE", &p);
             std::env::set_var("SIMCUDA_CTX_RESERVE", "0");
+            // SAFETY: cuInit takes no pointer.
             assert_eq!(unsafe { cuInit(0) }, SUCCESS);
             let _ = std::fs::remove_file(&p); // the mapping outlives the name
             p
         });
+        // SAFETY: the out-pointer is a local.
         unsafe {
             assert_eq!(cuInit(0), SUCCESS);
             let mut ctx = null_mut();
@@ -2705,22 +3248,27 @@ mod tests {
         }
     }
 
-    unsafe fn function() -> Handle {
+    fn function() -> Handle {
         let (mut m, mut f) = (null_mut(), null_mut());
-        assert_eq!(cuModuleLoadData(&mut m, c"x".as_ptr() as *const c_void), SUCCESS);
-        assert_eq!(cuModuleGetFunction(&mut f, m, c"k".as_ptr()), SUCCESS);
+        // SAFETY: out-pointers to locals and NUL-terminated literals.
+        unsafe {
+            assert_eq!(cuModuleLoadData(&mut m, c"x".as_ptr() as *const c_void), SUCCESS);
+            assert_eq!(cuModuleGetFunction(&mut f, m, c"k".as_ptr()), SUCCESS);
+        }
         f
     }
 
-    unsafe fn launch_ns(f: Handle, s: Handle, ns: u64) -> CUresult {
+    fn launch_ns(f: Handle, s: Handle, ns: u64) -> CUresult {
         let mut d = ns;
         let mut params = [&mut d as *mut u64 as *mut c_void];
-        cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, s, params.as_mut_ptr(), null_mut())
+        // SAFETY: the parameter array and its one u64 are locals that outlive the call.
+        unsafe { cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, s, params.as_mut_ptr(), null_mut()) }
     }
 
     #[test]
     fn streams_events_and_waits() {
         setup();
+        // SAFETY: every pointer passed is to a local of this test; handles come from the calls.
         unsafe {
             let f = function();
             let (mut s1, mut s2, mut ev) = (null_mut(), null_mut(), null_mut());
@@ -2750,6 +3298,7 @@ mod tests {
     #[test]
     fn capture_rules() {
         setup();
+        // SAFETY: every pointer passed is to a local of this test; handles come from the calls.
         unsafe {
             let f = function();
             let mut st = 9;
@@ -2773,6 +3322,7 @@ mod tests {
     #[test]
     fn vmm_memory_lives_until_released_and_unmapped() {
         setup();
+        // SAFETY: every pointer passed is to a local of this test; handles come from the calls.
         unsafe {
             let prop = CUmemAllocationProp {
                 type_: 1,
@@ -2800,6 +3350,7 @@ mod tests {
 
     #[test]
     fn error_names_and_strings() {
+        // SAFETY: out-pointers to locals; the strings read back are the driver's static ones.
         unsafe {
             let mut s: *const c_char = std::ptr::null();
             assert_eq!(cuGetErrorName(OUT_OF_MEMORY, &mut s), SUCCESS);

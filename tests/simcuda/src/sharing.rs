@@ -194,6 +194,9 @@ pub fn on_host(prop: *const CUmemAllocationProp) -> bool {
 }
 
 /// `cuMemCreate` of host memory: a handle that maps like any other, charged to no device.
+///
+/// # Safety
+/// `handle`: null or valid for reads and writes of one `u64`.
 pub unsafe fn create_on_host(handle: *mut u64, size: usize) -> CUresult {
     if handle.is_null() || size == 0 || !(size as u64).is_multiple_of(GRANULARITY) {
         return INVALID_VALUE;
@@ -201,7 +204,8 @@ pub unsafe fn create_on_host(handle: *mut u64, size: usize) -> CUresult {
     let h = new_handle();
     lock().vmm.insert(h, Vmm { dev: 0, size: size as u64, released: false, maps: 0 });
     with_local(|l| l.host.insert(h));
-    *handle = h;
+    // SAFETY: `handle` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *handle = h };
     SUCCESS
 }
 
@@ -218,6 +222,8 @@ fn read_handle(bytes: &[u8]) -> Option<u64> {
     (bytes.len() >= 16 && bytes[..8] == MAGIC.to_le_bytes()).then(|| u64::from_le_bytes(bytes[8..16].try_into().unwrap()))
 }
 
+/// # Safety
+/// `handle`: null or valid for reads and writes of one `IpcMemHandle`.
 #[no_mangle]
 pub unsafe extern "C" fn cuIpcGetMemHandle(handle: *mut IpcMemHandle, dptr: CUdeviceptr) -> CUresult {
     check_init!();
@@ -240,10 +246,13 @@ pub unsafe extern "C" fn cuIpcGetMemHandle(handle: *mut IpcMemHandle, dptr: CUde
             id
         }
     };
-    write_handle(&mut (*handle).reserved, id);
+    // SAFETY: `handle` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
+    unsafe { write_handle(&mut (*handle).reserved, id) };
     SUCCESS
 }
 
+/// # Safety
+/// `pdptr`: null or valid for reads and writes of one `CUdeviceptr`.
 #[no_mangle]
 pub unsafe extern "C" fn cuIpcOpenMemHandle_v2(pdptr: *mut CUdeviceptr, handle: IpcMemHandle, _flags: c_uint) -> CUresult {
     check_init!();
@@ -263,7 +272,8 @@ pub unsafe extern "C" fn cuIpcOpenMemHandle_v2(pdptr: *mut CUdeviceptr, handle: 
         })
     });
     if let Some(va) = again {
-        *pdptr = va;
+        // SAFETY: `pdptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *pdptr = va };
         return SUCCESS;
     }
     if !add_importer(slot) {
@@ -271,10 +281,14 @@ pub unsafe extern "C" fn cuIpcOpenMemHandle_v2(pdptr: *mut CUdeviceptr, handle: 
     }
     let va = new_va(slot.size.load(Acquire), GRANULARITY);
     with_local(|l| l.ipc_opens.insert(id, (va, 1)));
-    *pdptr = va;
+    // SAFETY: `pdptr` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *pdptr = va };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuIpcCloseMemHandle(dptr: CUdeviceptr) -> CUresult {
     check_init!();
@@ -302,6 +316,9 @@ pub unsafe extern "C" fn cuIpcCloseMemHandle(dptr: CUdeviceptr) -> CUresult {
 // ---------------------------------------------------------------------------------------------
 // VMM shareable handles.
 
+/// # Safety
+/// `out`: null or valid for a write of one `c_int` (POSIX descriptor) or of the 64 bytes of a
+/// fabric handle, as `kind` says.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemExportToShareableHandle(out: *mut c_void, handle: u64, kind: c_uint, flags: u64) -> CUresult {
     check_init!();
@@ -332,18 +349,28 @@ pub unsafe extern "C" fn cuMemExportToShareableHandle(out: *mut c_void, handle: 
     let mut bytes = [0u8; 64];
     write_handle(&mut bytes, id);
     if kind == HANDLE_TYPE_FABRIC {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.cast::<u8>(), 64);
+        // SAFETY: `out` is not null (checked above) and, for a fabric handle, the caller guarantees
+        // the 64 bytes of a `CUmemFabricHandle` (`# Safety`); `bytes` is a distinct local.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), out.cast::<u8>(), 64) };
         return SUCCESS;
     }
     // A file of its own (a unique inode), as a descriptor the program can pass on.
-    let fd = libc::memfd_create(c"simcuda-export".as_ptr(), libc::MFD_CLOEXEC);
-    if fd < 0 || libc::pwrite(fd, bytes.as_ptr().cast(), 16, 0) != 16 {
+    // SAFETY: a NUL-terminated literal name; the result is a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"simcuda-export".as_ptr(), libc::MFD_CLOEXEC) };
+    // SAFETY: `fd` is the memfd just made; 16 bytes are read from the 64-byte local `bytes`.
+    if fd < 0 || unsafe { libc::pwrite(fd, bytes.as_ptr().cast(), 16, 0) } != 16 {
         return OUT_OF_MEMORY;
     }
-    *out.cast::<c_int>() = fd;
+    // SAFETY: `out` is not null (checked above) and, for a POSIX descriptor, the caller
+    // guarantees room for an `int` (`# Safety`).
+    unsafe { *out.cast::<c_int>() = fd };
     SUCCESS
 }
 
+/// # Safety
+/// `handle`: null or valid for a write of one `u64`.
+/// `os_handle`: for a POSIX descriptor, the descriptor itself (not dereferenced); for a fabric
+/// handle, null or valid for reads of its 64 bytes.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemImportFromShareableHandle(handle: *mut u64, os_handle: *mut c_void, kind: c_uint) -> CUresult {
     check_init!();
@@ -354,11 +381,14 @@ pub unsafe extern "C" fn cuMemImportFromShareableHandle(handle: *mut u64, os_han
     match kind {
         HANDLE_TYPE_POSIX_FD => {
             let fd = os_handle as usize as c_int;
-            if libc::pread(fd, bytes.as_mut_ptr().cast(), 16, 0) != 16 {
+            // SAFETY: reads at most 16 bytes into the 64-byte local `bytes`; a bad descriptor is an error return.
+            if unsafe { libc::pread(fd, bytes.as_mut_ptr().cast(), 16, 0) } != 16 {
                 return INVALID_VALUE;
             }
         }
-        HANDLE_TYPE_FABRIC if !os_handle.is_null() => std::ptr::copy_nonoverlapping(os_handle.cast::<u8>(), bytes.as_mut_ptr(), 64),
+        // SAFETY: `os_handle` is not null and, for a fabric handle, the caller guarantees it points
+        // to the 64 bytes of a `CUmemFabricHandle` (`# Safety`); `bytes` is a distinct local.
+        HANDLE_TYPE_FABRIC if !os_handle.is_null() => unsafe { std::ptr::copy_nonoverlapping(os_handle.cast::<u8>(), bytes.as_mut_ptr(), 64) },
         HANDLE_TYPE_FABRIC => return INVALID_VALUE,
         _ => return NOT_SUPPORTED,
     }
@@ -373,23 +403,30 @@ pub unsafe extern "C" fn cuMemImportFromShareableHandle(handle: *mut u64, os_han
     let h = new_handle();
     lock().vmm.insert(h, Vmm { dev, size: slot.size.load(Acquire), released: false, maps: 0 });
     with_local(|l| l.imported_handles.insert(h, id));
-    *handle = h;
+    // SAFETY: `handle` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *handle = h };
     SUCCESS
 }
 
 // ---------------------------------------------------------------------------------------------
 // Peer access.
 
+/// # Safety
+/// `can`: null or valid for reads and writes of one `c_int`.
 #[no_mangle]
 pub unsafe extern "C" fn cuDeviceCanAccessPeer(can: *mut c_int, dev: CUdevice, peer: CUdevice) -> CUresult {
     check_init!();
     if !valid_dev(dev) || !valid_dev(peer) {
         return INVALID_DEVICE;
     }
-    tri!(put(can, c_int::from(dev != peer)));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(can, c_int::from(dev != peer))) };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxEnablePeerAccess(peer: Handle, flags: c_uint) -> CUresult {
     check_init!();
@@ -411,6 +448,9 @@ pub unsafe extern "C" fn cuCtxEnablePeerAccess(peer: Handle, flags: c_uint) -> C
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDisablePeerAccess(peer: Handle) -> CUresult {
     check_init!();
@@ -432,12 +472,18 @@ fn copy_peer(dst_ctx: Handle, src_ctx: Handle) -> CUresult {
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyPeer(_dst: CUdeviceptr, dst_ctx: Handle, _src: CUdeviceptr, src_ctx: Handle, _bytes: usize) -> CUresult {
     check_init!();
     copy_peer(dst_ctx, src_ctx)
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyPeerAsync(_dst: CUdeviceptr, dst_ctx: Handle, _src: CUdeviceptr, src_ctx: Handle, _bytes: usize, _stream: Handle) -> CUresult {
     check_init!();
@@ -445,6 +491,10 @@ pub unsafe extern "C" fn cuMemcpyPeerAsync(_dst: CUdeviceptr, dst_ctx: Handle, _
 }
 
 /// `cuMemGetAddressRange_v2`: the allocation (or IPC import) containing `dptr`.
+///
+/// # Safety
+/// `base`: null or valid for reads and writes of one `CUdeviceptr`.
+/// `size`: null or valid for reads and writes of one `usize`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetAddressRange_v2(base: *mut CUdeviceptr, size: *mut usize, dptr: CUdeviceptr) -> CUresult {
     check_init!();
@@ -461,16 +511,21 @@ pub unsafe extern "C" fn cuMemGetAddressRange_v2(base: *mut CUdeviceptr, size: *
     });
     let Some((b, s)) = found else { return NOT_FOUND };
     if !base.is_null() {
-        *base = b;
+        // SAFETY: `base` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *base = b };
     }
     if !size.is_null() {
-        *size = s as usize;
+        // SAFETY: `size` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+        unsafe { *size = s as usize };
     }
     SUCCESS
 }
 
 /// `cuPointerGetAttribute`: only `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL` (9), of allocations and
 /// IPC imports; any other attribute is `CUDA_ERROR_INVALID_VALUE`.
+///
+/// # Safety
+/// `data`: null or, for the attribute served (the device ordinal), valid for a write of one `c_int`.
 #[no_mangle]
 pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_int, dptr: CUdeviceptr) -> CUresult {
     check_init!();
@@ -492,7 +547,9 @@ pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_i
     });
     match dev {
         Some(d) => {
-            *data.cast::<c_int>() = d;
+            // SAFETY: `data` is not null (checked above) and, for the device ordinal, the caller
+            // guarantees room for an `int` (`# Safety`).
+            unsafe { *data.cast::<c_int>() = d };
             SUCCESS
         }
         None => INVALID_VALUE,
@@ -501,6 +558,9 @@ pub unsafe extern "C" fn cuPointerGetAttribute(data: *mut c_void, attribute: c_i
 
 /// `cuMemGetAllocationPropertiesFromHandle`: the device (as this process numbers it) and the
 /// handle types of a VMM handle, imported ones included.
+///
+/// # Safety
+/// `prop`: null or valid for a write of one `CUmemAllocationProp`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetAllocationPropertiesFromHandle(prop: *mut CUmemAllocationProp, handle: u64) -> CUresult {
     check_init!();
@@ -509,33 +569,44 @@ pub unsafe extern "C" fn cuMemGetAllocationPropertiesFromHandle(prop: *mut CUmem
     }
     let Some(dev) = lock().vmm.get(&handle).map(|v| v.dev) else { return INVALID_VALUE };
     let (host, types) = with_local(|l| (l.host.contains(&handle), l.handle_types.get(&handle).copied().unwrap_or(0)));
-    std::ptr::write_bytes(prop, 0, 1);
-    (*prop).type_ = 1;
-    (*prop).requested_handle_types = types;
-    (*prop).location = CUmemLocation { type_: if host { 2 } else { 1 }, id: if host { 0 } else { dev } };
+    // SAFETY: `prop` is not null (checked above) and the caller guarantees it points to a
+    // `CUmemAllocationProp` it may write (`# Safety`); zeroed first, as the driver leaves no field unset.
+    unsafe {
+        std::ptr::write_bytes(prop, 0, 1);
+        (*prop).type_ = 1;
+        (*prop).requested_handle_types = types;
+        (*prop).location = CUmemLocation { type_: if host { 2 } else { 1 }, id: if host { 0 } else { dev } };
+    }
     SUCCESS
 }
 
 // ---------------------------------------------------------------------------------------------
 // Multicast objects (process-local: not exported to other processes here).
 
+/// # Safety
+/// `granularity`: null or valid for reads and writes of one `usize`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMulticastGetGranularity(granularity: *mut usize, prop: *const MulticastObjectProp, option: c_uint) -> CUresult {
     check_init!();
     if prop.is_null() || option > 1 {
         return INVALID_VALUE;
     }
-    tri!(put(granularity, GRANULARITY as usize));
+    // SAFETY: `put` refuses a null pointer; the caller guarantees a non-null one valid for a write (`# Safety`).
+    unsafe { tri!(put(granularity, GRANULARITY as usize)) };
     SUCCESS
 }
 
+/// # Safety
+/// `handle`: null or valid for reads and writes of one `u64`.
+/// `prop`: null or points to a valid `MulticastObjectProp`.
 #[no_mangle]
 pub unsafe extern "C" fn cuMulticastCreate(handle: *mut u64, prop: *const MulticastObjectProp) -> CUresult {
     check_init!();
     if handle.is_null() || prop.is_null() {
         return INVALID_VALUE;
     }
-    let p = &*prop;
+    // SAFETY: `prop` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
+    let p = unsafe { &*prop };
     if p.num_devices == 0 || p.size == 0 || !(p.size as u64).is_multiple_of(GRANULARITY) || p.flags != 0 {
         return INVALID_VALUE;
     }
@@ -543,10 +614,14 @@ pub unsafe extern "C" fn cuMulticastCreate(handle: *mut u64, prop: *const Multic
     // A VMM handle as far as cuMemRelease and cuMemMap are concerned; charged to no device.
     lock().vmm.insert(h, Vmm { dev: 0, size: p.size as u64, released: false, maps: 0 });
     with_local(|l| l.multicast.insert(h, Multicast { team: p.num_devices, size: p.size as u64, devices: Vec::new(), binds: Vec::new() }));
-    *handle = h;
+    // SAFETY: `handle` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *handle = h };
     SUCCESS
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMulticastAddDevice(mc: u64, dev: CUdevice) -> CUresult {
     check_init!();
@@ -577,6 +652,9 @@ fn bind(mc: u64, mc_offset: u64, mem: u64, size: u64) -> CUresult {
     })
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMulticastBindMem(mc: u64, mc_offset: usize, mem: u64, _mem_offset: usize, size: usize, flags: u64) -> CUresult {
     check_init!();
@@ -586,6 +664,9 @@ pub unsafe extern "C" fn cuMulticastBindMem(mc: u64, mc_offset: usize, mem: u64,
     bind(mc, mc_offset as u64, mem, size as u64)
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMulticastBindAddr(mc: u64, mc_offset: usize, memptr: CUdeviceptr, size: usize, flags: u64) -> CUresult {
     check_init!();
@@ -599,6 +680,9 @@ pub unsafe extern "C" fn cuMulticastBindAddr(mc: u64, mc_offset: usize, memptr: 
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn cuMulticastUnbind(mc: u64, dev: CUdevice, mc_offset: usize, size: usize) -> CUresult {
     check_init!();

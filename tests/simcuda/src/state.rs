@@ -86,6 +86,7 @@ pub const SHARED_SIZE: usize = std::mem::size_of::<Shared>();
 
 pub fn now_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the local `ts`; CLOCK_MONOTONIC always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -107,6 +108,7 @@ pub fn state_path() -> String {
             return p;
         }
     }
+    // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     if std::path::Path::new("/dev/shm").is_dir() {
         format!("/dev/shm/simcuda-{uid}")
@@ -174,11 +176,14 @@ fn open_shared() -> Result<&'static Shared, String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         // Try to be the creator.
+        // SAFETY: `cpath` is a NUL-terminated string that outlives the call.
         let fd = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC, 0o600) };
         if fd >= 0 {
+            // SAFETY: `fd` is the descriptor just opened; a failure is an error return.
             let r = unsafe { libc::ftruncate(fd, SHARED_SIZE as libc::off_t) };
             if r != 0 {
                 let e = std::io::Error::last_os_error();
+                // SAFETY: `fd` is ours (opened above) and closed once, on this path only.
                 unsafe { libc::close(fd) };
                 return Err(format!("simcuda: ftruncate {path}: {e}"));
             }
@@ -198,6 +203,7 @@ fn open_shared() -> Result<&'static Shared, String> {
             return Err(format!("simcuda: create {path}: {}", std::io::Error::last_os_error()));
         }
         // Someone else created it: open and wait for the magic.
+        // SAFETY: `cpath` is a NUL-terminated string that outlives the call.
         let fd = unsafe { libc::open(cpath.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if fd < 0 {
             if errno() == libc::ENOENT && Instant::now() < deadline {
@@ -206,9 +212,12 @@ fn open_shared() -> Result<&'static Shared, String> {
             return Err(format!("simcuda: open {path}: {}", std::io::Error::last_os_error()));
         }
         loop {
+            // SAFETY: `libc::stat` is plain old data, for which all zero bytes are a valid value.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat writes into the local `st`; `fd` is the descriptor opened above.
             if unsafe { libc::fstat(fd, &mut st) } != 0 {
                 let e = std::io::Error::last_os_error();
+                // SAFETY: `fd` is ours (opened above) and closed once, on this path only.
                 unsafe { libc::close(fd) };
                 return Err(format!("simcuda: fstat {path}: {e}"));
             }
@@ -216,6 +225,7 @@ fn open_shared() -> Result<&'static Shared, String> {
                 break;
             }
             if Instant::now() > deadline {
+                // SAFETY: `fd` is ours (opened above) and closed once, on this path only.
                 unsafe { libc::close(fd) };
                 return Err(format!("simcuda: state file {path} has size {} < {SHARED_SIZE} (stale? delete it)", st.st_size));
             }
@@ -237,12 +247,15 @@ fn open_shared() -> Result<&'static Shared, String> {
 }
 
 fn map(fd: i32, path: &str) -> Result<&'static Shared, String> {
+    // SAFETY: a new shared mapping of `fd` at an address the kernel picks; nothing else is touched.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), SHARED_SIZE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0) };
     let e = std::io::Error::last_os_error();
+    // SAFETY: `fd` is ours and no longer needed: the mapping keeps the file.
     unsafe { libc::close(fd) };
     if p == libc::MAP_FAILED {
         return Err(format!("simcuda: mmap {path}: {e}"));
     }
+    // SAFETY: the mapping is SHARED_SIZE bytes, page-aligned and never unmapped; `Shared` is `repr(C)` atomics and padding, valid for any bytes (a fresh file's zeros included).
     Ok(unsafe { &*(p as *const Shared) })
 }
 
@@ -321,11 +334,13 @@ pub fn pid_alive(pid: u32) -> bool {
     if pid == 0 || pid == RECLAIMING {
         return true;
     }
+    // SAFETY: signal 0 only checks that `pid` exists; nothing is delivered.
     let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
     r == 0 || errno() != libc::ESRCH
 }
 
 fn my_pid() -> u32 {
+    // SAFETY: getpid has no preconditions and cannot fail.
     unsafe { libc::getpid() as u32 }
 }
 
@@ -345,6 +360,7 @@ fn image_token() -> u32 {
     static TOKEN: OnceLock<u32> = OnceLock::new();
     *TOKEN.get_or_init(|| {
         let mut b = [0u8; 4];
+        // SAFETY: getrandom writes at most 4 bytes into the local 4-byte `b`.
         let got = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
         let r = if got == 4 { u32::from_ne_bytes(b) } else { (now_ns() as u32) ^ (&TOKEN as *const _ as usize as u32) };
         r.max(1)

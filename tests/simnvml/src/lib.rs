@@ -1,7 +1,7 @@
 //! `libnvidia-ml.so.1` test double: NVML views of the simulated device(s) of gpuslice-simcuda,
 //! read from the same shared-memory state file.
 
-#![allow(non_snake_case, clippy::missing_safety_doc)]
+#![allow(non_snake_case)]
 
 #[path = "../../simcuda/src/state.rs"]
 mod state;
@@ -104,6 +104,9 @@ macro_rules! dev_or_return {
     }};
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> NvmlReturn {
     let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -119,16 +122,27 @@ pub unsafe extern "C" fn nvmlInitWithFlags(_flags: c_uint) -> NvmlReturn {
     }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlInit_v2() -> NvmlReturn {
-    nvmlInitWithFlags(0)
+    // SAFETY: `nvmlInitWithFlags` is given no pointer here, so no contract is passed on.
+    unsafe { nvmlInitWithFlags(0) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlInit() -> NvmlReturn {
-    nvmlInitWithFlags(0)
+    // SAFETY: `nvmlInitWithFlags` is given no pointer here, so no contract is passed on.
+    unsafe { nvmlInitWithFlags(0) }
 }
 
+/// # Safety
+/// None: no pointer argument is dereferenced (handles are only looked up); `unsafe` as the
+/// other driver entry points are.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlShutdown() -> NvmlReturn {
     let _g = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,58 +170,76 @@ pub extern "C" fn nvmlErrorString(result: NvmlReturn) -> *const c_char {
     s.as_ptr() as *const c_char
 }
 
+/// # Safety
+/// `count`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn {
     let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
     if count.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    *count = sh.ndev();
+    // SAFETY: `count` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *count = sh.ndev() };
     SUCCESS
 }
 
+/// # Safety
+/// `device`: null or valid for reads and writes of one `*mut c_void`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut *mut c_void) -> NvmlReturn {
     let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
     if device.is_null() || index >= sh.ndev() {
         return ERROR_INVALID_ARGUMENT;
     }
-    *device = &HANDLES[index as usize] as *const u64 as *mut c_void;
+    // SAFETY: `device` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *device = &HANDLES[index as usize] as *const u64 as *mut c_void };
     SUCCESS
 }
 
 /// Handle of the device whose UUID string ("GPU-...") is `uuid`, or of the MIG instance whose
 /// UUID ("MIG-...") it is; NVML_ERROR_NOT_FOUND if none.
+///
+/// # Safety
+/// `uuid`: null or a NUL-terminated string.
+/// `device`: null or valid for reads and writes of one `*mut c_void`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut *mut c_void) -> NvmlReturn {
     let Some(sh) = inited() else { return ERROR_UNINITIALIZED };
     if uuid.is_null() || device.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    let want = std::ffi::CStr::from_ptr(uuid).to_string_lossy();
+    // SAFETY: `uuid` is not null (checked above) and the caller guarantees `uuid` is a NUL-terminated string (`# Safety`).
+    let want = unsafe { std::ffi::CStr::from_ptr(uuid).to_string_lossy() };
     for i in 0..sh.ndev() {
         if state::uuid_string(&state::device_uuid(i)).eq_ignore_ascii_case(&want) {
-            *device = &HANDLES[i as usize] as *const u64 as *mut c_void;
+            // SAFETY: `device` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+            unsafe { *device = &HANDLES[i as usize] as *const u64 as *mut c_void };
             return SUCCESS;
         }
         if state::mig_mode(i) && state::mig_uuid_string(&state::mig_uuid(i)).eq_ignore_ascii_case(&want) {
-            *device = mig_handle(i as usize);
+            // SAFETY: `device` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+            unsafe { *device = mig_handle(i as usize) };
             return SUCCESS;
         }
     }
     ERROR_NOT_FOUND
 }
 
+/// # Safety
+/// `index`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetIndex(device: *mut c_void, index: *mut c_uint) -> NvmlReturn {
     let (_, i) = dev_or_return!(device);
     if index.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    *index = i as c_uint;
+    // SAFETY: `index` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *index = i as c_uint };
     SUCCESS
 }
 
+/// # Safety
+/// `uuid`: null or valid for writes of `length` bytes (`device` is only compared with the handles handed out).
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetUUID(device: *mut c_void, uuid: *mut c_char, length: c_uint) -> NvmlReturn {
     let (_, i) = dev_or_return!(device);
@@ -218,11 +250,17 @@ pub unsafe extern "C" fn nvmlDeviceGetUUID(device: *mut c_void, uuid: *mut c_cha
     if (length as usize) < s.len() + 1 {
         return ERROR_INSUFFICIENT_SIZE;
     }
-    std::ptr::copy_nonoverlapping(s.as_ptr(), uuid as *mut u8, s.len());
-    *uuid.add(s.len()) = 0;
+    // SAFETY: `uuid` is not null (checked above) and the caller guarantees `length` writable bytes
+    // (`# Safety`); `s.len() + 1 <= length` are written, from a string that cannot overlap them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr(), uuid as *mut u8, s.len());
+        *uuid.add(s.len()) = 0;
+    }
     SUCCESS
 }
 
+/// # Safety
+/// `name`: null or valid for writes of `length` bytes (`device` is only compared with the handles handed out).
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetName(device: *mut c_void, name: *mut c_char, length: c_uint) -> NvmlReturn {
     let (_, _) = dev_or_return!(device);
@@ -233,8 +271,12 @@ pub unsafe extern "C" fn nvmlDeviceGetName(device: *mut c_void, name: *mut c_cha
     if (length as usize) < s.len() + 1 {
         return ERROR_INSUFFICIENT_SIZE;
     }
-    std::ptr::copy_nonoverlapping(s.as_ptr(), name as *mut u8, s.len());
-    *name.add(s.len()) = 0;
+    // SAFETY: `name` is not null (checked above) and the caller guarantees `length` writable bytes
+    // (`# Safety`); `s.len() + 1 <= length` are written, from a string that cannot overlap them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(s.as_ptr(), name as *mut u8, s.len());
+        *name.add(s.len()) = 0;
+    }
     SUCCESS
 }
 
@@ -245,6 +287,8 @@ fn mem_numbers(sh: &state::Shared, i: usize) -> (u64, u64, u64) {
     (total, total - used, used)
 }
 
+/// # Safety
+/// `memory`: null or valid for reads and writes of one `NvmlMemory`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *mut NvmlMemory) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
@@ -252,21 +296,26 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(device: *mut c_void, memory: *m
         return ERROR_INVALID_ARGUMENT;
     }
     let (total, free, used) = mem_numbers(sh, i);
-    *memory = NvmlMemory { total, free, used };
+    // SAFETY: `memory` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *memory = NvmlMemory { total, free, used } };
     SUCCESS
 }
 
+/// # Safety
+/// `memory`: null or valid for reads and writes of one `NvmlMemoryV2`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory: *mut NvmlMemoryV2) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
     if memory.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    if (*memory).version != NVML_MEMORY_V2 {
+    // SAFETY: `memory` is not null (checked above) and the caller guarantees it points to an
+    // `nvmlMemory_v2_t` it may write (`# Safety`).
+    let m = unsafe { &mut *memory };
+    if m.version != NVML_MEMORY_V2 {
         return ERROR_ARGUMENT_VERSION_MISMATCH;
     }
     let (total, free, used) = mem_numbers(sh, i);
-    let m = &mut *memory;
     m.total = total;
     m.reserved = 0;
     m.free = free;
@@ -274,18 +323,27 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(device: *mut c_void, memory:
     SUCCESS
 }
 
+/// # Safety
+/// `count`, `infos`: as `fill_processes` requires.
 unsafe fn running_processes(device: *mut c_void, count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
-    fill_processes(device, count, infos, |pid, used| NvmlProcessInfo {
-        pid,
-        used_gpu_memory: used,
-        gpu_instance_id: VALUE_NOT_AVAILABLE,
-        compute_instance_id: VALUE_NOT_AVAILABLE,
-    })
+    // SAFETY: `fill_processes` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe {
+        fill_processes(device, count, infos, |pid, used| NvmlProcessInfo {
+            pid,
+            used_gpu_memory: used,
+            gpu_instance_id: VALUE_NOT_AVAILABLE,
+            compute_instance_id: VALUE_NOT_AVAILABLE,
+        })
+    }
 }
 
 /// The device's processes into `infos` (`*count` records of the caller's version, each made
 /// by `record` from a pid and its bytes), NVML's way: too small an array gets the count and
 /// `ERROR_INSUFFICIENT_SIZE`.
+///
+/// # Safety
+/// `count`: null or valid for reads and writes of one `c_uint`.
+/// `infos`: null or valid for writes of `*count` entries (`device` is only compared with the handles handed out).
 unsafe fn fill_processes<T>(device: *mut c_void, count: *mut c_uint, infos: *mut T, record: impl Fn(c_uint, u64) -> T) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
     if count.is_null() {
@@ -293,35 +351,52 @@ unsafe fn fill_processes<T>(device: *mut c_void, count: *mut c_uint, infos: *mut
     }
     let procs = sh.dev(i).processes();
     let n = procs.len() as c_uint;
+    // SAFETY: `count` is not null (checked above) and the caller guarantees it points to a `c_uint`
+    // it may read and write (`# Safety`).
+    let count = unsafe { &mut *count };
     if *count < n || (n > 0 && infos.is_null()) {
         *count = n;
         return ERROR_INSUFFICIENT_SIZE;
     }
     for (k, (pid, used)) in procs.iter().enumerate() {
-        *infos.add(k) = record(*pid, *used);
+        // SAFETY: `infos` is not null (n > 0, checked above) and the caller guarantees `*count`
+        // entries there (`# Safety`); k < n <= *count.
+        unsafe { *infos.add(k) = record(*pid, *used) };
     }
     *count = n;
     SUCCESS
 }
 
+/// # Safety
+/// `info_count`, `infos`: as `fill_processes` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
-    running_processes(device, info_count, infos)
+    // SAFETY: `running_processes` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { running_processes(device, info_count, infos) }
 }
 
+/// # Safety
+/// `info_count`, `infos`: as `fill_processes` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v2(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
-    running_processes(device, info_count, infos)
+    // SAFETY: `running_processes` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { running_processes(device, info_count, infos) }
 }
 
+/// # Safety
+/// `count`: as `nvmlDeviceGetCount_v2` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> NvmlReturn {
-    nvmlDeviceGetCount_v2(count)
+    // SAFETY: `nvmlDeviceGetCount_v2` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { nvmlDeviceGetCount_v2(count) }
 }
 
+/// # Safety
+/// `device`: as `nvmlDeviceGetHandleByIndex_v2` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut *mut c_void) -> NvmlReturn {
-    nvmlDeviceGetHandleByIndex_v2(index, device)
+    // SAFETY: `nvmlDeviceGetHandleByIndex_v2` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { nvmlDeviceGetHandleByIndex_v2(index, device) }
 }
 
 /// nvmlProcessInfo_v1_t: what the unversioned process queries fill.
@@ -331,27 +406,39 @@ pub struct NvmlProcessInfoV1 {
     pub used_gpu_memory: u64,
 }
 
+/// # Safety
+/// `info_count`, `infos`: as `fill_processes` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfoV1) -> NvmlReturn {
-    fill_processes(device, info_count, infos, |pid, used| NvmlProcessInfoV1 { pid, used_gpu_memory: used })
+    // SAFETY: `fill_processes` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { fill_processes(device, info_count, infos, |pid, used| NvmlProcessInfoV1 { pid, used_gpu_memory: used }) }
 }
 
 // The simulated device runs every context as both compute and graphics: the graphics lists are
 // the compute lists, so that a filter applied to them can be seen at work.
 
+/// # Safety
+/// `info_count`, `infos`: as `nvmlDeviceGetComputeRunningProcesses` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfoV1) -> NvmlReturn {
-    nvmlDeviceGetComputeRunningProcesses(device, info_count, infos)
+    // SAFETY: `nvmlDeviceGetComputeRunningProcesses` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { nvmlDeviceGetComputeRunningProcesses(device, info_count, infos) }
 }
 
+/// # Safety
+/// `info_count`, `infos`: as `fill_processes` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v2(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
-    running_processes(device, info_count, infos)
+    // SAFETY: `running_processes` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { running_processes(device, info_count, infos) }
 }
 
+/// # Safety
+/// `info_count`, `infos`: as `fill_processes` requires.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(device: *mut c_void, info_count: *mut c_uint, infos: *mut NvmlProcessInfo) -> NvmlReturn {
-    running_processes(device, info_count, infos)
+    // SAFETY: `running_processes` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { running_processes(device, info_count, infos) }
 }
 
 /// nvmlUtilization_t.
@@ -363,6 +450,9 @@ pub struct NvmlUtilization {
 
 /// 100 while the simulated device has work queued or running, else 0 (the simulator keeps no
 /// history to average over); the memory controller's figure is always 0.
+///
+/// # Safety
+/// `utilization`: null or valid for reads and writes of one `NvmlUtilization`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: *mut c_void, utilization: *mut NvmlUtilization) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
@@ -370,7 +460,8 @@ pub unsafe extern "C" fn nvmlDeviceGetUtilizationRates(device: *mut c_void, util
         return ERROR_INVALID_ARGUMENT;
     }
     let busy = sh.dev(i).busy_until_ns.load(Ordering::Relaxed) > state::now_ns();
-    *utilization = NvmlUtilization { gpu: if busy { 100 } else { 0 }, memory: 0 };
+    // SAFETY: `utilization` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *utilization = NvmlUtilization { gpu: if busy { 100 } else { 0 }, memory: 0 } };
     SUCCESS
 }
 
@@ -397,16 +488,25 @@ pub struct NvmlProcessDetailList {
 pub const NVML_PROCESS_DETAIL_LIST_V1: c_uint = std::mem::size_of::<NvmlProcessDetailList>() as c_uint | (1 << 24);
 
 /// Compute (mode 0) and graphics (1) list the process table; MPS (2) lists nobody.
+///
+/// # Safety
+/// `list`: null or valid for reads and writes of one `NvmlProcessDetailList`, whose `proc_array`
+/// is null or valid for writes of `num_proc_array_entries` entries.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetRunningProcessDetailList(device: *mut c_void, list: *mut NvmlProcessDetailList) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
-    if list.is_null() || (*list).mode > 2 {
+    if list.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    if (*list).version != NVML_PROCESS_DETAIL_LIST_V1 {
+    // SAFETY: `list` is not null (checked above) and the caller guarantees it points to an
+    // `nvmlProcessDetailList_t` it may write (`# Safety`).
+    let l = unsafe { &mut *list };
+    if l.mode > 2 {
+        return ERROR_INVALID_ARGUMENT;
+    }
+    if l.version != NVML_PROCESS_DETAIL_LIST_V1 {
         return ERROR_ARGUMENT_VERSION_MISMATCH;
     }
-    let l = &mut *list;
     let procs = if l.mode == 2 { Vec::new() } else { sh.dev(i).processes() };
     let n = procs.len() as c_uint;
     if l.num_proc_array_entries < n || (n > 0 && l.proc_array.is_null()) {
@@ -414,12 +514,16 @@ pub unsafe extern "C" fn nvmlDeviceGetRunningProcessDetailList(device: *mut c_vo
         return ERROR_INSUFFICIENT_SIZE;
     }
     for (k, (pid, used)) in procs.iter().enumerate() {
-        *l.proc_array.add(k) = NvmlProcessDetail {
-            pid: *pid,
-            used_gpu_memory: *used,
-            gpu_instance_id: VALUE_NOT_AVAILABLE,
-            compute_instance_id: VALUE_NOT_AVAILABLE,
-            used_gpu_cc_protected_memory: 0,
+        // SAFETY: `proc_array` is not null (n > 0, checked above) and the caller guarantees
+        // `num_proc_array_entries` entries there (`# Safety`); k < n <= num_proc_array_entries.
+        unsafe {
+            *l.proc_array.add(k) = NvmlProcessDetail {
+                pid: *pid,
+                used_gpu_memory: *used,
+                gpu_instance_id: VALUE_NOT_AVAILABLE,
+                compute_instance_id: VALUE_NOT_AVAILABLE,
+                used_gpu_cc_protected_memory: 0,
+            }
         };
     }
     l.num_proc_array_entries = n;
@@ -440,6 +544,10 @@ pub struct NvmlProcessUtilizationSample {
 /// One sample per process of the table, stamped now (µs); utilization figures 0 (the simulator
 /// keeps no per-process history). NULL samples or too small a count: the count needed, and
 /// NVML_ERROR_INSUFFICIENT_SIZE.
+///
+/// # Safety
+/// `samples`: null or valid for writes of `*count` entries.
+/// `count`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     device: *mut c_void,
@@ -453,27 +561,38 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     }
     let procs = sh.dev(i).processes();
     let n = procs.len() as c_uint;
+    // SAFETY: `count` is not null (checked above) and the caller guarantees it points to a `c_uint`
+    // it may read and write (`# Safety`).
+    let count = unsafe { &mut *count };
     if samples.is_null() || *count < n {
         *count = n;
         return ERROR_INSUFFICIENT_SIZE;
     }
     let now_us = state::now_ns() / 1000;
     for (k, (pid, _)) in procs.iter().enumerate() {
-        *samples.add(k) = NvmlProcessUtilizationSample { pid: *pid, time_stamp: now_us, sm_util: 0, mem_util: 0, enc_util: 0, dec_util: 0 };
+        // SAFETY: `samples` is not null (checked above) and the caller guarantees `*count` entries
+        // there (`# Safety`); k < n <= *count.
+        unsafe { *samples.add(k) = NvmlProcessUtilizationSample { pid: *pid, time_stamp: now_us, sm_util: 0, mem_util: 0, enc_util: 0, dec_util: 0 } };
     }
     *count = n;
     SUCCESS
 }
 
 /// The compute capability of the H100/H200 the simulated device stands for (sm_90, as its name says).
+///
+/// # Safety
+/// `major`: null or valid for reads and writes of one `i32`.
+/// `minor`: null or valid for reads and writes of one `i32`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetCudaComputeCapability(device: *mut c_void, major: *mut i32, minor: *mut i32) -> NvmlReturn {
     let (_, _) = dev_or_return!(device);
     if major.is_null() || minor.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    *major = 9;
-    *minor = 0;
+    // SAFETY: `major` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *major = 9 };
+    // SAFETY: `minor` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *minor = 0 };
     SUCCESS
 }
 
@@ -485,6 +604,8 @@ fn driver_version() -> String {
     std::env::var("SIMNVML_DRIVER_VERSION").unwrap_or_else(|_| DRIVER_VERSION.to_string())
 }
 
+/// # Safety
+/// `version`: null or valid for writes of `length` bytes.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) -> NvmlReturn {
     if inited().is_none() {
@@ -497,8 +618,12 @@ pub unsafe extern "C" fn nvmlSystemGetDriverVersion(version: *mut c_char, length
     if (length as usize) < v.len() + 1 {
         return ERROR_INSUFFICIENT_SIZE;
     }
-    std::ptr::copy_nonoverlapping(v.as_ptr(), version as *mut u8, v.len());
-    *version.add(v.len()) = 0;
+    // SAFETY: `version` is not null (checked above) and the caller guarantees `length` writable bytes
+    // (`# Safety`); `v.len() + 1 <= length` are written, from a string that cannot overlap them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(v.as_ptr(), version as *mut u8, v.len());
+        *version.add(v.len()) = 0;
+    }
     SUCCESS
 }
 
@@ -506,6 +631,10 @@ const ERROR_NOT_SUPPORTED: NvmlReturn = 3;
 
 /// MIG mode: on for the devices `SIMCUDA_MIG` names (current and pending), else
 /// NVML_ERROR_NOT_SUPPORTED, as on a GPU without MIG.
+///
+/// # Safety
+/// `current`: null or valid for reads and writes of one `c_uint`.
+/// `pending`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: *mut c_void, current: *mut c_uint, pending: *mut c_uint) -> NvmlReturn {
     let (_, i) = dev_or_return!(device);
@@ -515,22 +644,30 @@ pub unsafe extern "C" fn nvmlDeviceGetMigMode(device: *mut c_void, current: *mut
     if current.is_null() || pending.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    (*current, *pending) = (1, 1);
+    // SAFETY: `current` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { (*current, *pending) = (1, 1) };
     SUCCESS
 }
 
 /// How many MIG devices a GPU in MIG mode may hold (here: its one instance).
+///
+/// # Safety
+/// `count`: null or valid for reads and writes of one `c_uint`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMaxMigDeviceCount(device: *mut c_void, count: *mut c_uint) -> NvmlReturn {
     let (_, i) = dev_or_return!(device);
     if count.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    *count = u32::from(state::mig_mode(i as u32));
+    // SAFETY: `count` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *count = u32::from(state::mig_mode(i as u32)) };
     SUCCESS
 }
 
 /// The MIG device `index` of a GPU in MIG mode.
+///
+/// # Safety
+/// `mig`: null or valid for reads and writes of one `*mut c_void`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(device: *mut c_void, index: c_uint, mig: *mut *mut c_void) -> NvmlReturn {
     let (_, i) = dev_or_return!(device);
@@ -540,11 +677,15 @@ pub unsafe extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(device: *mut c_void
     if !state::mig_mode(i as u32) || index != 0 {
         return ERROR_NOT_FOUND;
     }
-    *mig = mig_handle(i);
+    // SAFETY: `mig` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *mig = mig_handle(i) };
     SUCCESS
 }
 
 /// The GPU a MIG device handle belongs to.
+///
+/// # Safety
+/// `device`: null or valid for reads and writes of one `*mut c_void`.
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig: *mut c_void, device: *mut *mut c_void) -> NvmlReturn {
     let Some(_) = inited() else { return ERROR_UNINITIALIZED };
@@ -552,17 +693,22 @@ pub unsafe extern "C" fn nvmlDeviceGetDeviceHandleFromMigDeviceHandle(mig: *mut 
     if device.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    *device = &HANDLES[i] as *const u64 as *mut c_void;
+    // SAFETY: `device` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *device = &HANDLES[i] as *const u64 as *mut c_void };
     SUCCESS
 }
 
 /// 1 for a MIG device handle, 0 for a GPU's.
+///
+/// # Safety
+/// `is_mig`: null or valid for a write of one `c_uint` (`device` is only compared with the handles handed out).
 #[no_mangle]
 pub unsafe extern "C" fn nvmlDeviceIsMigDeviceHandle(device: *mut c_void, is_mig: *mut c_uint) -> NvmlReturn {
     let (_, _) = dev_or_return!(device);
     if is_mig.is_null() {
         return ERROR_INVALID_ARGUMENT;
     }
-    *is_mig = u32::from(mig_index(device).is_some());
+    // SAFETY: `is_mig` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
+    unsafe { *is_mig = u32::from(mig_index(device).is_some()) };
     SUCCESS
 }
