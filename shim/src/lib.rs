@@ -6,38 +6,10 @@
 //! gives the layers (docs/layers.toml) and the reading order of an allocation and a launch.
 #![allow(non_snake_case)]
 
-mod alloc_table;
-mod board;
-mod budget;
-mod clock;
-mod context;
-mod cost;
-mod dl;
-mod driver;
-mod elf_symbols;
-mod entry;
-mod ffi;
-mod fork;
-mod guard;
-mod info;
-mod launch;
-mod legacy;
-mod link;
-mod locks;
-mod make_room;
-mod memory;
-mod module_image;
-mod modules;
-mod mps;
-mod nvml;
-mod pids;
-mod refusal_log;
-mod registry;
-mod runtime;
-mod sched;
-mod sharing;
-mod throttle;
-mod trampoline;
+mod hooks;
+mod policy;
+mod state;
+mod sys;
 
 /// The shim's version as a C string, so that a program (or a test) can tell that gpuslice is
 /// loaded and which one: `dlsym(RTLD_DEFAULT, "gpuslice_version")`. Declared in gpuslice.h.
