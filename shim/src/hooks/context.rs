@@ -7,11 +7,11 @@
 //! driver takes outside any allocation call (modules loaded lazily, pool blocks kept after a
 //! free) still counts against the quota.
 
-use crate::driver::call_real;
-use crate::ffi::*;
-use crate::nvml::nvml;
-use crate::{budget, link};
-use crate::{guard, locks, memory, runtime};
+use crate::hooks::nvml::nvml;
+use crate::sys::driver::call_real;
+use crate::sys::ffi::*;
+use crate::{hooks::memory, sys::guard, sys::locks, sys::runtime};
+use crate::{policy::budget, state::link};
 use gpuslice_common::size::format_size;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void};
@@ -30,7 +30,7 @@ static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0
 static START: once_cell::sync::Lazy<Instant> = once_cell::sync::Lazy::new(Instant::now);
 
 /// The created contexts' lock, for a fork: a child's contexts are its own (see `fork`).
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
     h.take(&CREATED, |m| *m = None);
 }
 
@@ -119,8 +119,8 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: 
             return CUDA_ERROR_INVALID_VALUE;
         }
         let slot = usize::try_from(device).ok().and_then(|d| PRIMARY.get(d));
-        crate::sched::context_created(device);
-        crate::mps::context_created(device);
+        crate::policy::sched::context_created(device);
+        crate::policy::mps::context_created(device);
         let _op = memory::Operation::begin();
         let measuring = wants_measure(device) && slot.is_some_and(|s| s.compare_exchange(0, 1, AcqRel, Relaxed).is_ok());
         if !measuring {
@@ -204,8 +204,8 @@ fn created(pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CuRe
     if runtime::refused() {
         return CUDA_ERROR_INVALID_VALUE;
     }
-    crate::sched::context_created(device);
-    crate::mps::context_created(device);
+    crate::policy::sched::context_created(device);
+    crate::policy::mps::context_created(device);
     let _op = memory::Operation::begin();
     if !wants_measure(device) {
         return create();

@@ -5,9 +5,9 @@
 //! everything else through the answer; PyTorch also `dlsym`s driver functions by name; `-lcuda`
 //! programs bind to the exported symbols. All three end up at the same wrappers.
 
-use crate::driver::call_real;
-use crate::ffi::*;
-use crate::{dl, guard, registry, runtime};
+use crate::sys::driver::call_real;
+use crate::sys::ffi::*;
+use crate::{hooks::registry, sys::dl, sys::guard, sys::runtime};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 
 /// The Rust half of the exported `dlsym` (the trampoline has already handled `RTLD_NEXT`).
@@ -83,20 +83,20 @@ pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut 
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     guard::cuda("cuInit", || {
         // Refused for want of a controller: a new cuInit waits for it again.
-        crate::link::retry_after_refusal();
+        crate::state::link::retry_after_refusal();
         if runtime::refused() {
             return CUDA_ERROR_INVALID_VALUE;
         }
         guard::test_panic_point("cuInit");
         if let Ok(settings) = &runtime::runtime().settings {
-            crate::mps::before_init(settings);
+            crate::policy::mps::before_init(settings);
         }
         let code = call_real!(cuInit(flags));
         if code == CUDA_SUCCESS {
             // Register with the controller (or set up alone) now, before any allocation.
-            crate::link::attached();
-            if crate::link::refused() {
-                return crate::link::CUDA_ERROR_NOT_PERMITTED;
+            crate::state::link::attached();
+            if crate::state::link::refused() {
+                return crate::state::link::CUDA_ERROR_NOT_PERMITTED;
             }
         }
         code

@@ -16,7 +16,7 @@
 //! Registered after the driver's own handlers (at attach, after `cuInit`), so the shim's
 //! prepare runs first and its child handler last, as POSIX orders them.
 
-use crate::locks;
+use crate::sys::locks;
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard, Once};
@@ -81,13 +81,13 @@ extern "C" fn prepare() {
     // Nothing may unwind out of a fork handler; a failure here only means no locks are held.
     let _ = std::panic::catch_unwind(|| {
         let mut h = Holder { held: Vec::with_capacity(512), missed: 0 };
-        crate::sched::hold_for_fork(&mut h);
-        crate::throttle::hold_for_fork(&mut h);
-        crate::cost::hold_for_fork(&mut h);
-        crate::context::hold_for_fork(&mut h);
-        crate::memory::hold_for_fork(&mut h);
-        crate::sharing::hold_for_fork(&mut h);
-        crate::nvml::hold_for_fork(&mut h);
+        crate::policy::sched::hold_for_fork(&mut h);
+        crate::policy::throttle::hold_for_fork(&mut h);
+        crate::policy::cost::hold_for_fork(&mut h);
+        crate::hooks::context::hold_for_fork(&mut h);
+        crate::hooks::memory::hold_for_fork(&mut h);
+        crate::hooks::sharing::hold_for_fork(&mut h);
+        crate::hooks::nvml::hold_for_fork(&mut h);
         MISSED.store(h.missed, Relaxed);
         HELD.with(|slot| *slot.borrow_mut() = Some(h));
     });
@@ -115,12 +115,12 @@ extern "C" fn in_child() {
             }
         }
         // Held or not: atomics only from here.
-        crate::context::forget_in_child();
-        crate::memory::forget_in_child();
-        crate::cost::forget_in_child();
-        crate::throttle::forget_in_child();
-        crate::board::forget_in_child();
-        crate::link::forget_in_child();
+        crate::hooks::context::forget_in_child();
+        crate::hooks::memory::forget_in_child();
+        crate::policy::cost::forget_in_child();
+        crate::policy::throttle::forget_in_child();
+        crate::policy::board::forget_in_child();
+        crate::state::link::forget_in_child();
     });
     // The guards were dropped above (released) with the holder.
 }

@@ -2,10 +2,10 @@
 //! limit is the total and `min(limit - used, real free)` is free, so that frameworks that size
 //! themselves (PyTorch's OOM messages, vLLM's gpu_memory_utilization) size to the quota.
 
-use crate::budget;
-use crate::driver::{call_real, driver};
-use crate::ffi::*;
-use crate::{guard, runtime};
+use crate::policy::budget;
+use crate::sys::driver::{call_real, driver};
+use crate::sys::ffi::*;
+use crate::{sys::guard, sys::runtime};
 
 #[no_mangle]
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CuResult {

@@ -4,9 +4,9 @@
 //! charged its estimated device time (see `throttle` and `cost`); with a high-priority process
 //! on the device, it follows `sched`'s rules first.
 
-use crate::driver::{call_real, driver};
-use crate::ffi::*;
-use crate::{board, cost, guard, locks, sched, throttle};
+use crate::sys::driver::{call_real, driver};
+use crate::sys::ffi::*;
+use crate::{policy::board, policy::cost, policy::sched, policy::throttle, sys::guard, sys::locks};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry

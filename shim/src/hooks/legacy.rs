@@ -8,11 +8,11 @@
 //! the `_v1` array descriptors. A legacy pointer is recorded zero-extended, so that a
 //! `cuMemFree_v2` of it (or the reverse) finds the same record.
 
-use crate::alloc_table::Entry;
-use crate::driver::call_real;
-use crate::ffi::*;
-use crate::memory::{self, array_bytes, charged, current_device, released, Operation, ARRAYS, POINTERS};
-use crate::{budget, guard, runtime};
+use crate::hooks::memory::{self, array_bytes, charged, current_device, released, Operation, ARRAYS, POINTERS};
+use crate::state::alloc_table::Entry;
+use crate::sys::driver::call_real;
+use crate::sys::ffi::*;
+use crate::{policy::budget, sys::guard, sys::runtime};
 use std::ffi::c_uint;
 
 /// `CUDA_ARRAY_DESCRIPTOR_v1`.

@@ -5,11 +5,11 @@
 //! back. A free removes the record first and calls the driver second, so that an address the
 //! driver hands out again in another thread can never be confused with the one being freed.
 
-use crate::alloc_table::{AllocTable, Entry};
-use crate::budget::{self, Budget, Refusal, Scope};
-use crate::driver::{call_real, driver};
-use crate::ffi::*;
-use crate::{context, guard, runtime};
+use crate::policy::budget::{self, Budget, Refusal, Scope};
+use crate::state::alloc_table::{AllocTable, Entry};
+use crate::sys::driver::{call_real, driver};
+use crate::sys::ffi::*;
+use crate::{hooks::context, sys::guard, sys::runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
 use std::ffi::c_uint;
@@ -72,11 +72,11 @@ pub fn forget_in_child() {
 }
 
 /// Every table's locks, for a fork (see `fork`).
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
     for table in [&*POINTERS, &*HANDLES, &*ARRAYS] {
         table.hold_for_fork(h);
     }
-    crate::modules::hold_for_fork(h);
+    crate::hooks::modules::hold_for_fork(h);
 }
 
 /// Records a VMM handle charged elsewhere (an import `sharing` charged), so that its
@@ -92,12 +92,12 @@ pub fn allocated_bytes(device: i32) -> u64 {
 
 /// Bytes tracked on `device`: allocations, and modules and libraries loaded.
 pub fn tracked_bytes(device: i32) -> u64 {
-    allocated_bytes(device) + crate::modules::tracked_bytes(device)
+    allocated_bytes(device) + crate::hooks::modules::tracked_bytes(device)
 }
 
 /// Forgets every allocation on `device` (its primary context was reset, which frees them all).
 pub fn forget_device(device: i32) -> u64 {
-    POINTERS.drain_device(device) + HANDLES.drain_device(device) + ARRAYS.drain_device(device) + crate::modules::forget_device(device)
+    POINTERS.drain_device(device) + HANDLES.drain_device(device) + ARRAYS.drain_device(device) + crate::hooks::modules::forget_device(device)
 }
 
 /// Charges `bytes` on `device`, runs `allocate`, and records the key it returns.
@@ -125,7 +125,7 @@ pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, 
     guard::test_panic_stage(what, "reserved");
     let (mut code, mut key) = allocate();
     // The device is full, not the quota: the controller may suspend others to make room.
-    if code == CUDA_ERROR_OUT_OF_MEMORY && crate::make_room::ask(device, bytes, what) {
+    if code == CUDA_ERROR_OUT_OF_MEMORY && crate::policy::make_room::ask(device, bytes, what) {
         (code, key) = allocate();
     }
     std::mem::forget(reservation);
@@ -201,7 +201,7 @@ pub(crate) fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuRe
 #[cold]
 pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
     let pid = std::process::id();
-    let whose = match (refusal.scope, crate::link::get()) {
+    let whose = match (refusal.scope, crate::state::link::get()) {
         (Scope::Process, _) => format!(
             "this process's own cap: it holds {} ({} B) of {} ({} B)",
             format_size(refusal.used),
@@ -220,24 +220,25 @@ pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: 
         (Scope::Group, _) => format!("used {} ({} B), limit {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
     };
     // The controller's cross-check may have charged this process the driver's figure.
-    let penalty = crate::link::get().and_then(|l| Some(l.process.devices[l.index(device)?].penalty.load(std::sync::atomic::Ordering::Relaxed))).unwrap_or(0);
+    let penalty =
+        crate::state::link::get().and_then(|l| Some(l.process.devices[l.index(device)?].penalty.load(std::sync::atomic::Ordering::Relaxed))).unwrap_or(0);
     let charged = if penalty > 0 && refusal.scope == Scope::Group {
         format!(" (of which {} the controller charged because the driver shows this process holding more than it reports)", format_size(penalty))
     } else {
         String::new()
     };
     let line = format!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}{charged}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
-    match REFUSAL_LOG.admit(crate::refusal_log::now_ns()) {
-        crate::refusal_log::Verdict::Log { unlogged: 0, .. } => tracing::warn!("{line}"),
-        crate::refusal_log::Verdict::Log { unlogged, since_ns } => {
+    match REFUSAL_LOG.admit(crate::policy::refusal_log::now_ns()) {
+        crate::policy::refusal_log::Verdict::Log { unlogged: 0, .. } => tracing::warn!("{line}"),
+        crate::policy::refusal_log::Verdict::Log { unlogged, since_ns } => {
             tracing::warn!("{line} ({unlogged} more refusals in the last {:.1} s were not logged)", since_ns as f64 / 1e9)
         }
-        crate::refusal_log::Verdict::Quiet => tracing::debug!("{line}"),
+        crate::policy::refusal_log::Verdict::Quiet => tracing::debug!("{line}"),
     }
 }
 
 /// Refusals of a program that retries are logged once, then once per interval with a count.
-static REFUSAL_LOG: Lazy<crate::refusal_log::RateLimit> = Lazy::new(crate::refusal_log::RateLimit::from_env);
+static REFUSAL_LOG: Lazy<crate::policy::refusal_log::RateLimit> = Lazy::new(crate::policy::refusal_log::RateLimit::from_env);
 
 pub(crate) fn current_device() -> Option<CUdevice> {
     driver()?.current_device()

@@ -30,13 +30,13 @@
 //! caught by the re-measurement near the limit (`context::true_up`, NVML's per-process figure)
 //! and by the controller's cross-check.
 
-use crate::alloc_table::{AllocTable, Entry};
-use crate::budget;
-use crate::driver::{call_real, driver};
-use crate::ffi::*;
-use crate::memory::{self, Operation};
-use crate::nvml::nvml;
-use crate::{guard, locks, module_image, runtime};
+use crate::hooks::memory::{self, Operation};
+use crate::hooks::nvml::nvml;
+use crate::policy::budget;
+use crate::state::alloc_table::{AllocTable, Entry};
+use crate::sys::driver::{call_real, driver};
+use crate::sys::ffi::*;
+use crate::{policy::module_image, sys::guard, sys::locks, sys::runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
@@ -64,7 +64,7 @@ pub fn forget_device(device: i32) -> u64 {
     MODULES.drain_device(device) + LIBRARIES.drain_device(device)
 }
 
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
     h.take(&LOADING, |_| {});
     MODULES.hold_for_fork(h);
     LIBRARIES.hold_for_fork(h);

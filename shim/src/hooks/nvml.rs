@@ -26,10 +26,10 @@ pub use processes::{
 };
 pub use utilization::{nvmlDeviceGetProcessUtilization, nvmlDeviceGetUtilizationRates};
 
-use crate::dl::Library;
-use crate::driver::driver;
-use crate::ffi::*;
-use crate::locks;
+use crate::sys::dl::Library;
+use crate::sys::driver::driver;
+use crate::sys::ffi::*;
+use crate::sys::locks;
 use once_cell::sync::OnceCell;
 use std::ffi::{c_char, c_uint, c_void, CStr};
 use std::sync::Mutex;
@@ -71,9 +71,9 @@ pub(crate) fn real<T: Copy>(cell: &OnceCell<usize>, name: &CStr) -> Option<T> {
 macro_rules! real_or_return {
     ($name:expr, $ty:ty) => {{
         static CELL: once_cell::sync::OnceCell<usize> = once_cell::sync::OnceCell::new();
-        match $crate::nvml::real::<$ty>(&CELL, $name) {
+        match $crate::hooks::nvml::real::<$ty>(&CELL, $name) {
             Some(f) => f,
-            None => return $crate::ffi::NVML_ERROR_FUNCTION_NOT_FOUND,
+            None => return $crate::sys::ffi::NVML_ERROR_FUNCTION_NOT_FOUND,
         }
     }};
 }
@@ -109,9 +109,9 @@ pub fn nvml() -> Option<&'static Nvml> {
 }
 
 /// The handle cache's lock, for a fork (see `fork`); NVML handles stay valid in the child.
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
     if let Some(Some(nv)) = NVML.get() {
-        h.take(&nv.handles, crate::fork::keep);
+        h.take(&nv.handles, crate::hooks::fork::keep);
     }
 }
 

@@ -6,8 +6,8 @@
 //! the driver picks for a caller's `cudaVersion` and flags, the wrapper of exactly that ABI
 //! replaces it, and a version the shim has no wrapper for is passed through untouched.
 
-use crate::driver::driver;
-use crate::{context, entry, info, launch, legacy, memory, modules, nvml, sharing};
+use crate::sys::driver::driver;
+use crate::{hooks::context, hooks::entry, hooks::info, hooks::launch, hooks::legacy, hooks::memory, hooks::modules, hooks::nvml, hooks::sharing};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};

@@ -17,11 +17,11 @@
 //! `cuIpcCloseMemHandle`; a VMM import at its first `cuMemMap` (the size mapped: the import
 //! itself says no size) until its `cuMemRelease`.
 
-use crate::alloc_table::{AllocTable, Entry};
-use crate::budget;
-use crate::driver::{call_real, driver};
-use crate::ffi::*;
-use crate::{guard, runtime};
+use crate::policy::budget;
+use crate::state::alloc_table::{AllocTable, Entry};
+use crate::sys::driver::{call_real, driver};
+use crate::sys::ffi::*;
+use crate::{sys::guard, sys::runtime};
 use gpuslice_common::protocol::{self, ExportKey, Request, Response};
 use once_cell::sync::{Lazy, OnceCell};
 use std::collections::HashMap;
@@ -88,7 +88,7 @@ impl Registry {
         for s in self.0.iter() {
             let pid = s.pid.load(Acquire);
             // A free slot, or a dead exporter's.
-            if (pid == 0 || !crate::pids::alive(pid)) && s.pid.compare_exchange(pid, me, AcqRel, Relaxed).is_ok() {
+            if (pid == 0 || !crate::sys::pids::alive(pid)) && s.pid.compare_exchange(pid, me, AcqRel, Relaxed).is_ok() {
                 s.key.store(key, Release);
                 return;
             }
@@ -98,14 +98,14 @@ impl Registry {
 
     /// True when a live process under gpuslice exported `key`.
     fn exported_by_gpuslice(&self, key: u64) -> bool {
-        self.0.iter().any(|s| s.key.load(Acquire) == key && s.pid.load(Acquire) != 0 && crate::pids::alive(s.pid.load(Acquire)))
+        self.0.iter().any(|s| s.key.load(Acquire) == key && s.pid.load(Acquire) != 0 && crate::sys::pids::alive(s.pid.load(Acquire)))
     }
 }
 
 /// Records an export made by this process: with the controller when one holds this process,
 /// else in the user's page.
 fn record_export(key: ExportKey) {
-    if let Some(socket) = crate::link::controller_socket() {
+    if let Some(socket) = crate::state::link::controller_socket() {
         match protocol::call(socket, &Request::Export(protocol::Shared { key }), CONTROLLER_TIMEOUT) {
             Ok((Response::Done { .. }, _)) => {}
             Ok((Response::Error { message }, _)) => tracing::warn!(
@@ -126,8 +126,8 @@ fn record_export(key: ExportKey) {
 /// Under a controller only the controller's table counts: the page could be written by any
 /// process of this user, and under a controller users are not tenants.
 fn exported_by_gpuslice(key: &ExportKey) -> bool {
-    if crate::link::get().is_some_and(|l| l.controlled) {
-        let Some(socket) = crate::link::controller_socket() else { return false };
+    if crate::state::link::get().is_some_and(|l| l.controlled) {
+        let Some(socket) = crate::state::link::controller_socket() else { return false };
         return match protocol::call(socket, &Request::Import(protocol::Shared { key: key.clone() }), CONTROLLER_TIMEOUT) {
             Ok((Response::Imported { by_gpuslice }, _)) => by_gpuslice,
             other => {
@@ -174,7 +174,7 @@ static OPENS: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
 
 /// This module's locks, for a fork: the child starts with none of the parent's imports (they
 /// are the parent's, charged to the parent's slot).
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
     CHARGED.hold_for_fork(h);
     h.take(&OPENS, |o| *o = None);
     h.take(&OUTSIDE, |o| {
@@ -218,7 +218,7 @@ pub unsafe extern "C" fn cuMemExportToShareableHandle(out: *mut c_void, handle: 
 /// Charges a legacy IPC import from outside gpuslice: `dptr` was just opened by the driver.
 fn charge_import(dptr: CUdeviceptr) -> CuResult {
     let first = {
-        let mut opens = crate::locks::lock(&OPENS);
+        let mut opens = crate::sys::locks::lock(&OPENS);
         let n = opens.get_or_insert_with(HashMap::new).entry(dptr).or_insert(0);
         *n += 1;
         *n == 1
@@ -242,7 +242,7 @@ fn charge_import(dptr: CUdeviceptr) -> CuResult {
             CUDA_SUCCESS
         }
         Err(refusal) => {
-            crate::locks::lock(&OPENS).as_mut().map(|o| o.remove(&dptr));
+            crate::sys::locks::lock(&OPENS).as_mut().map(|o| o.remove(&dptr));
             let _ = call_real!(cuIpcCloseMemHandle(dptr));
             tracing::warn!(
                 "pid {}: cuIpcOpenMemHandle refused on device {device}: an import of {size} B from a process outside gpuslice, used {} B of {} B: CUDA_ERROR_OUT_OF_MEMORY",
@@ -277,7 +277,7 @@ pub unsafe extern "C" fn cuIpcCloseMemHandle(dptr: CUdeviceptr) -> CuResult {
         let code = call_real!(cuIpcCloseMemHandle(dptr));
         if code == CUDA_SUCCESS {
             let last = {
-                let mut opens = crate::locks::lock(&OPENS);
+                let mut opens = crate::sys::locks::lock(&OPENS);
                 match opens.as_mut().and_then(|o| o.get_mut(&dptr)) {
                     Some(n) if *n > 1 => {
                         *n -= 1;
@@ -321,7 +321,7 @@ static OUTSIDE: Mutex<Option<std::collections::HashSet<u64>>> = Mutex::new(None)
 static OUTSIDE_PENDING: AtomicU64 = AtomicU64::new(0);
 
 fn await_map(handle: u64) {
-    if crate::locks::lock(&OUTSIDE).get_or_insert_with(Default::default).insert(handle) {
+    if crate::sys::locks::lock(&OUTSIDE).get_or_insert_with(Default::default).insert(handle) {
         OUTSIDE_PENDING.fetch_add(1, AcqRel);
     }
 }
@@ -330,7 +330,7 @@ fn mapped(handle: u64) -> bool {
     if OUTSIDE_PENDING.load(Acquire) == 0 {
         return false;
     }
-    let removed = crate::locks::lock(&OUTSIDE).as_mut().is_some_and(|s| s.remove(&handle));
+    let removed = crate::sys::locks::lock(&OUTSIDE).as_mut().is_some_and(|s| s.remove(&handle));
     if removed {
         OUTSIDE_PENDING.fetch_sub(1, AcqRel);
     }
@@ -377,7 +377,7 @@ pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, 
         let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else { return code };
         match budget.try_charge(size as u64) {
             Ok(()) => {
-                crate::memory::record_handle(handle, device, size as u64);
+                crate::hooks::memory::record_handle(handle, device, size as u64);
                 tracing::info!("pid {}: a VMM import of {size} B on device {device} comes from outside gpuslice; charged to this process", std::process::id());
                 code
             }

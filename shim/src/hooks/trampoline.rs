@@ -13,12 +13,12 @@ use std::ffi::{c_char, c_void};
 compile_error!("gpuslice's dlsym trampoline is written for x86-64 Linux; port src/trampoline.rs first");
 
 extern "C" fn real_dlsym_address() -> usize {
-    crate::dl::real_dlsym() as usize
+    crate::sys::dl::real_dlsym() as usize
 }
 
 extern "C" fn hook(handle: *mut c_void, name: *const c_char) -> *mut c_void {
     // SAFETY: the caller's own dlsym arguments.
-    unsafe { crate::entry::dlsym_hook(handle, name) }
+    unsafe { crate::hooks::entry::dlsym_hook(handle, name) }
 }
 
 /// # Safety
@@ -49,12 +49,12 @@ pub unsafe extern "C" fn dlsym(handle: *mut c_void, name: *const c_char) -> *mut
 }
 
 extern "C" fn real_dlvsym_address() -> usize {
-    crate::dl::real_dlvsym() as usize
+    crate::sys::dl::real_dlvsym() as usize
 }
 
 extern "C" fn vhook(handle: *mut c_void, name: *const c_char, version: *const c_char) -> *mut c_void {
     // SAFETY: the caller's own dlvsym arguments.
-    unsafe { crate::entry::dlvsym_hook(handle, name, version) }
+    unsafe { crate::hooks::entry::dlvsym_hook(handle, name, version) }
 }
 
 /// `dlvsym` the same way: `RTLD_NEXT` goes to the real one with the caller's return address,

@@ -22,11 +22,11 @@
 //! namespace); with one, only its lease bounds it. Processes of other users do not share a page
 //! (mode 0600).
 
-use crate::clock::{now_ns, TurnClock};
-use crate::ffi::CUdevice;
-use crate::link;
-use crate::link::MAX_ORDINALS as MAX_DEVICES;
-use crate::nvml::cuda_uuid_string;
+use crate::hooks::nvml::cuda_uuid_string;
+use crate::state::link;
+use crate::state::link::MAX_ORDINALS as MAX_DEVICES;
+use crate::sys::clock::{now_ns, TurnClock};
+use crate::sys::ffi::CUdevice;
 use gpuslice_common::ledger::{DeviceSched, Turn};
 use gpuslice_common::turns::CLAIM_GRACE_MS;
 use once_cell::sync::OnceCell;
@@ -67,7 +67,7 @@ impl Queueing {
     fn enter(index: usize) -> Queueing {
         while QUEUEING[index].compare_exchange(0, 1, Acquire, Relaxed).is_err() {
             // Bounded, in case the queueing thread was lost (a fork).
-            crate::sched::futex_wait(&QUEUEING[index], 1, 10_000_000);
+            crate::policy::sched::futex_wait(&QUEUEING[index], 1, 10_000_000);
         }
         Queueing(index)
     }
@@ -76,7 +76,7 @@ impl Queueing {
 impl Drop for Queueing {
     fn drop(&mut self) {
         QUEUEING[self.0].store(0, Release);
-        crate::sched::futex_wake_all(&QUEUEING[self.0]);
+        crate::policy::sched::futex_wake_all(&QUEUEING[self.0]);
     }
 }
 
@@ -253,7 +253,7 @@ pub fn take(device: CUdevice, lease_until: u64) -> Taken {
 /// far `next_ticket`, a lease in the future) costs each launch at most this, never a hang.
 fn patience(ahead: u32) -> u64 {
     let holders = u64::from(ahead.min(1024));
-    2 * (crate::throttle::SHARED_CAPACITY_WALL_NS + holders * LEASE_SLACK_NS) + 2 * CLAIM_GRACE_MS * 1_000_000 + 200_000_000
+    2 * (crate::policy::throttle::SHARED_CAPACITY_WALL_NS + holders * LEASE_SLACK_NS) + 2 * CLAIM_GRACE_MS * 1_000_000 + 200_000_000
 }
 
 /// Extends this process's lease if it holds the turn.

@@ -9,8 +9,8 @@
 //! `context::true_up`). The protocol that keeps the group's counter exact across processes,
 //! including killed ones, is in `gpuslice_common::ledger`.
 
-use crate::ffi::CUdevice;
-use crate::link;
+use crate::state::link;
+use crate::sys::ffi::CUdevice;
 use gpuslice_common::ledger::{GroupSlot, ProcessSlot, UNLIMITED};
 pub use gpuslice_common::ledger::{Refusal, Scope};
 use std::sync::atomic::Ordering::*;

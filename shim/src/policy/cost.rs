@@ -27,10 +27,10 @@
 //! not accumulate. Launches of a shape not measured yet are charged `UNKNOWN_NS`, which errs
 //! towards under-use until their sample arrives.
 
-use crate::driver::driver;
-use crate::ffi::*;
-use crate::locks;
-use crate::throttle::Bucket;
+use crate::policy::throttle::Bucket;
+use crate::sys::driver::driver;
+use crate::sys::ffi::*;
+use crate::sys::locks;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_uint, c_void};
@@ -174,10 +174,10 @@ static PENDING: AtomicUsize = AtomicUsize::new(0);
 
 /// The cost model's locks, for a fork (see `fork`): the child keeps what kernels cost, and
 /// forgets its parent's events and spans (of the parent's contexts).
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
     h.take(&CONTEXTS, |c| *c = None);
     for shard in &ESTIMATES {
-        h.take(shard, crate::fork::keep);
+        h.take(shard, crate::hooks::fork::keep);
     }
 }
 
@@ -315,7 +315,7 @@ pub fn close_span() {
     // Its closing event goes on the stream now: closed long after its work drained (the
     // program synchronised and paused, or the thread waited for a turn), the span would measure
     // the pause as device time. One such sample settled a 1.5 s pause as 2 × 748 ms kernels.
-    let late = crate::throttle::now_ns() > span.model_end.saturating_add(span.charged_ns).saturating_add(LATE_CLOSE_NS);
+    let late = crate::policy::throttle::now_ns() > span.model_end.saturating_add(span.charged_ns).saturating_add(LATE_CLOSE_NS);
     if span.launches == 0 || late || !record(span.after, span.stream as CUstream) {
         give_back(span.ctx, &[span.before, span.after]);
         return;

@@ -21,7 +21,7 @@ fn wait_ms() -> u64 {
 #[cold]
 pub fn ask(device: i32, bytes: u64, what: &str) -> bool {
     let wait = wait_ms();
-    let (Some(socket), Some(link)) = (crate::link::controller_socket(), crate::link::get()) else { return false };
+    let (Some(socket), Some(link)) = (crate::state::link::controller_socket(), crate::state::link::get()) else { return false };
     let Some(index) = link.index(device) else { return false };
     if wait == 0 {
         return false;

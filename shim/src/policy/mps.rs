@@ -12,9 +12,9 @@
 //! settings are fixed for it: a share edited later by the controller does not move the
 //! active-thread percentage.
 
-use crate::driver::driver;
-use crate::ffi::*;
-use crate::link::{self, MAX_ORDINALS};
+use crate::state::link::{self, MAX_ORDINALS};
+use crate::sys::driver::driver;
+use crate::sys::ffi::*;
 use gpuslice_common::ledger::Priority;
 use gpuslice_common::settings::{MpsMode, Settings};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::*};
@@ -119,7 +119,7 @@ pub fn before_init(settings: &Settings) {
 /// variables from the priority and share in force now (a controller's included).
 pub fn context_created(device: CUdevice) {
     let Some(slot) = usize::try_from(device).ok().and_then(|d| DEVICE_MODE.get(d)) else { return };
-    let Some(settings) = crate::runtime::runtime().settings.as_ref().ok() else { return };
+    let Some(settings) = crate::sys::runtime::runtime().settings.as_ref().ok() else { return };
     if settings.mps == MpsMode::Off {
         return;
     }

@@ -17,11 +17,11 @@
 //! after its watcher last renewed it, and no launch waits for a busy mark longer than
 //! `MAX_HOLD_NS`.
 
-use crate::clock::{coarse_now_ns as coarse_now, now_ns};
-use crate::driver::{call_real, driver};
-use crate::ffi::*;
-use crate::link::{self, MAX_ORDINALS};
-use crate::locks;
+use crate::state::link::{self, MAX_ORDINALS};
+use crate::sys::clock::{coarse_now_ns as coarse_now, now_ns};
+use crate::sys::driver::{call_real, driver};
+use crate::sys::ffi::*;
+use crate::sys::locks;
 use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
@@ -164,11 +164,11 @@ fn holder_is_gone(holder: &HighSlot) -> bool {
         return false;
     }
     let pid = holder.pid.load(Relaxed);
-    pid != 0 && !crate::pids::alive(pid)
+    pid != 0 && !crate::sys::pids::alive(pid)
 }
 
 fn queue_allowance() -> usize {
-    crate::runtime::runtime().settings.as_ref().ok().and_then(|s| s.priority_queue).map_or(DEFAULT_QUEUE, |n| n as usize)
+    crate::sys::runtime::runtime().settings.as_ref().ok().and_then(|s| s.priority_queue).map_or(DEFAULT_QUEUE, |n| n as usize)
 }
 
 /// This process's launches on one device that may still be running: one event each, with
@@ -212,7 +212,7 @@ impl InFlight {
         while let Some(&(ctx, event)) = events.front() {
             if events.len() >= limit {
                 // No spinning on the simulated clock: it stands still while anyone spins.
-                let spin_until = if crate::clock::simulated() { 0 } else { now_ns() + SPIN_NS };
+                let spin_until = if crate::sys::clock::simulated() { 0 } else { now_ns() + SPIN_NS };
                 while !done(event) {
                     if now_ns() >= spin_until {
                         synchronize(event);
@@ -267,7 +267,7 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
         }
         LAUNCHING.fetch_sub(1, SeqCst);
     }
-    if crate::clock::simulated() {
+    if crate::sys::clock::simulated() {
         WORK_SEQ.fetch_add(1, SeqCst);
         futex_wake_all(&WORK_SEQ);
     }
@@ -316,7 +316,7 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         // otherwise miss the virtual time that passes while it starts: leases lapse).
         let (joined, joined_rx) = std::sync::mpsc::sync_channel::<()>(1);
         let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(move || {
-            crate::clock::join();
+            crate::sys::clock::join();
             let _ = joined.send(());
             if std::panic::catch_unwind(watch).is_err() {
                 // The slots lapse with their leases (300 ms); the program goes on.
@@ -327,7 +327,7 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
             tracing::warn!("cannot start the priority watcher ({e}); high priority is not enforced");
             return None;
         }
-        if crate::clock::simulated() {
+        if crate::sys::clock::simulated() {
             let _ = joined_rx.recv_timeout(std::time::Duration::from_secs(5));
         }
         tracing::info!("pid {}: high priority on device {device}: lower-priority processes yield to this one", std::process::id());
@@ -413,8 +413,8 @@ fn watch() {
         }
         if outstanding {
             drop(watched);
-            crate::clock::sleep_ns(POLL_NS);
-        } else if crate::clock::simulated() {
+            crate::sys::clock::sleep_ns(POLL_NS);
+        } else if crate::sys::clock::simulated() {
             let seen = WORK_SEQ.load(SeqCst);
             drop(watched);
             futex_wait(&WORK_SEQ, seen, RENEW_NS);
@@ -443,12 +443,12 @@ static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 /// The priority machinery's locks, for a fork (see `fork`), in the order the code nests them:
 /// the watcher's state before the event pools, a device's launches in
 /// flight before the pools. The child sorts its inherited state out itself (fork generations).
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
-    h.take(&WATCHED, crate::fork::keep);
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
+    h.take(&WATCHED, crate::hooks::fork::keep);
     for device in &IN_FLIGHT {
-        h.take(&device.events, crate::fork::keep);
+        h.take(&device.events, crate::hooks::fork::keep);
     }
-    h.take(&POOLS, crate::fork::keep);
+    h.take(&POOLS, crate::hooks::fork::keep);
 }
 
 fn current_context() -> Option<usize> {
@@ -492,9 +492,9 @@ fn synchronize(event: usize) {
 const ALL: u32 = u32::MAX;
 
 pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) {
-    crate::clock::futex_wait(word, expected, ALL, timeout_ns)
+    crate::sys::clock::futex_wait(word, expected, ALL, timeout_ns)
 }
 
 pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
-    crate::clock::futex_wake(word, ALL)
+    crate::sys::clock::futex_wake(word, ALL)
 }

@@ -11,9 +11,9 @@
 //! sleep overshoot absorbed by the clamp, and back-to-back kernels whose device time events can
 //! measure exactly (see `cost`).
 
-use crate::ffi::CUdevice;
-use crate::link::{self, MAX_ORDINALS};
-use crate::locks;
+use crate::state::link::{self, MAX_ORDINALS};
+use crate::sys::ffi::CUdevice;
+use crate::sys::locks;
 use gpuslice_common::ledger::{GroupDevice, ProcessDevice};
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::sync::Mutex;
@@ -95,7 +95,7 @@ pub struct Bucket {
 
 /// The per-device launch locks, for a fork (see `fork`): the child's launches start a new
 /// order (its parent's latest launch was on the parent's queue).
-pub fn hold_for_fork(h: &mut crate::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
     for local in &LOCAL {
         h.take(&local.last_launch, |l| *l = LastLaunch { thread: 0, stream: 0, sequence: 0 });
         h.take(&local.reported, |r| *r = (0, 0, 0));
@@ -119,7 +119,7 @@ pub fn thread_token() -> u64 {
     TOKEN.try_with(|t| t as *const u8 as u64).unwrap_or(1)
 }
 
-pub use crate::clock::now_ns;
+pub use crate::sys::clock::now_ns;
 
 /// True when some device of this process's group is throttled: the one check an unthrottled
 /// launch pays (a load from the ledger).
@@ -134,7 +134,7 @@ pub fn bucket(device: CUdevice) -> Option<Bucket> {
     let link = link::get()?;
     let index = link.index(device)?;
     let settings = &link.settings.devices[index];
-    if settings.share.load(Relaxed) == 0 || crate::mps::spatial(device) {
+    if settings.share.load(Relaxed) == 0 || crate::policy::mps::spatial(device) {
         return None;
     }
     Some(Bucket { group: &link.group.devices[index], settings, process: &link.process.devices[index], local: &LOCAL[device as usize] })
@@ -167,7 +167,7 @@ impl Bucket {
             }
             let wake = debt.saturating_add(self.wall(self.quantum(now).0));
             let nap = (wake - now).min(MAX_SLEEP_NS);
-            crate::clock::sleep_ns(nap);
+            crate::sys::clock::sleep_ns(nap);
             slept += now_ns() - now;
         }
         self.add_waited(slept);
@@ -298,7 +298,7 @@ mod tests {
 
     #[test]
     fn a_quarter_share_runs_a_quarter_of_the_time() {
-        crate::clock::unit::simulate();
+        crate::sys::clock::unit::simulate();
         let b = bucket(25);
         let start = now_ns();
         let mut device = 0u64;
@@ -317,7 +317,7 @@ mod tests {
 
     #[test]
     fn settlement_gives_time_back() {
-        crate::clock::unit::simulate();
+        crate::sys::clock::unit::simulate();
         let b = bucket(50);
         b.charge(10_000_000);
         let debt = b.group.debt_until.load(Relaxed);
@@ -329,10 +329,10 @@ mod tests {
 
     #[test]
     fn savings_are_capped() {
-        crate::clock::unit::simulate();
+        crate::sys::clock::unit::simulate();
         let b = bucket(10);
         b.charge(1);
-        crate::clock::unit::advance(50_000_000);
+        crate::sys::clock::unit::advance(50_000_000);
         // 50 ms idle at 10% would be 5 ms of tokens; only CAPACITY (2 ms) may be kept.
         b.charge(0);
         let tokens_wall = now_ns().saturating_sub(b.group.debt_until.load(Relaxed));

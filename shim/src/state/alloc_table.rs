@@ -4,7 +4,7 @@
 //! Sharded by key so that threads allocating at once rarely meet on a lock; an uncontended
 //! mutex is one atomic operation, no syscall.
 
-use crate::{fork, locks};
+use crate::{hooks::fork, sys::locks};
 use std::collections::HashMap;
 use std::sync::Mutex;
 

@@ -14,10 +14,10 @@
 //! fails, and so does every managed call after it, until a later `cuInit` tries again) or
 //! `alone` (its own environment's limits, for the rest of its life).
 
-use crate::driver::call_real;
-use crate::ffi::*;
-use crate::nvml::cuda_uuid_string;
-use crate::runtime;
+use crate::hooks::nvml::cuda_uuid_string;
+use crate::sys::driver::call_real;
+use crate::sys::ffi::*;
+use crate::sys::runtime;
 use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response, ENV_SOCKET};
 use gpuslice_common::settings::Settings;
@@ -134,7 +134,7 @@ fn draw_token() -> u64 {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom into a local buffer.
     let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, libc::GRND_NONBLOCK) };
-    let random = if got == 8 { u64::from_ne_bytes(bytes) } else { crate::throttle::now_ns() ^ (u64::from(std::process::id()) << 32) };
+    let random = if got == 8 { u64::from_ne_bytes(bytes) } else { crate::policy::throttle::now_ns() ^ (u64::from(std::process::id()) << 32) };
     // Two threads drawing at once agree on the first one stored.
     match TOKEN.compare_exchange(0, random.max(1), AcqRel, Acquire) {
         Ok(_) => random.max(1),
@@ -161,7 +161,7 @@ fn attach_slow() -> Option<&'static Link> {
         if ATTACHING.compare_exchange(false, true, AcqRel, Acquire).is_ok() {
             if let Ok(link) = visible_devices().and_then(|devices| attach(settings, &devices, true)) {
                 LINK.store(Box::into_raw(Box::new(link)), Release);
-                crate::fork::install();
+                crate::hooks::fork::install();
             }
             ATTACHING.store(false, Release);
             return get(); // None when the driver was not ready: a later call tries again.
@@ -475,7 +475,7 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
     // Without a controller, this user's processes share priority state through the board.
     let mut scheds = [None; MAX_ORDINALS];
     for d in devices.iter().filter(|_| turns) {
-        scheds[d.ordinal as usize] = crate::board::sched(d.ordinal as CUdevice);
+        scheds[d.ordinal as usize] = crate::policy::board::sched(d.ordinal as CUdevice);
     }
     Ok(Link::new(ledger, (group, group), process, map, format!("pid-{pid}"), false, scheds))
 }

@@ -7,7 +7,7 @@
 //! through it, so that tests judge shares on virtual time (see tests/simcuda/src/clock.rs and
 //! LD_PRELOAD.md for why this is no escape from a quota).
 
-use crate::dl::Library;
+use crate::sys::dl::Library;
 use std::sync::atomic::AtomicU32;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -141,7 +141,7 @@ impl gpuslice_common::turns::Waiter for TurnClock {
         now_ns()
     }
     fn alive(&self, pid: u32) -> bool {
-        !self.check_pids || pid == 0 || crate::pids::alive(pid)
+        !self.check_pids || pid == 0 || crate::sys::pids::alive(pid)
     }
     fn wait(&self, word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
         futex_wait(word, expected, mask, timeout_ns)

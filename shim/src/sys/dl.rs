@@ -17,7 +17,7 @@ static REAL_DLVSYM: OnceCell<DlvsymFn> = OnceCell::new();
 /// The C library's function `name`. Aborts with a message if it cannot be found, since without
 /// it no symbol lookup in the process could work at all (gpuslice needs glibc).
 fn libc_function(name: &CStr) -> usize {
-    if let Some(address) = crate::elf_symbols::libc_symbol(name) {
+    if let Some(address) = crate::sys::elf_symbols::libc_symbol(name) {
         return address;
     }
     let msg = b"gpuslice: fatal: cannot find glibc's dlsym/dlvsym in libc.so.6 or libdl.so.2; gpuslice needs glibc\n";

@@ -4,8 +4,8 @@
 //! The shim calls these pointers directly, never through its own exports, so a hook never
 //! re-enters a hook.
 
-use crate::dl::Library;
-use crate::ffi::*;
+use crate::sys::dl::Library;
+use crate::sys::ffi::*;
 use once_cell::sync::OnceCell;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
@@ -88,8 +88,8 @@ real_functions! {
     cuMemFree(c_uint);
     cuMemGetInfo(*mut c_uint, *mut c_uint);
     cuDeviceTotalMem(*mut c_uint, CUdevice);
-    cuArrayCreate(*mut CUarray, *const crate::legacy::ArrayDescriptorV1);
-    cuArray3DCreate(*mut CUarray, *const crate::legacy::Array3dDescriptorV1);
+    cuArrayCreate(*mut CUarray, *const crate::hooks::legacy::ArrayDescriptorV1);
+    cuArray3DCreate(*mut CUarray, *const crate::hooks::legacy::Array3dDescriptorV1);
     cuCtxCreate(*mut CUcontext, c_uint, CUdevice);
     cuCtxDestroy(CUcontext);
     cuDevicePrimaryCtxRelease(CUdevice);
@@ -112,8 +112,8 @@ real_functions! {
     cuGraphLaunch(*mut c_void, CUstream);
     cuGraphLaunch_ptsz(*mut c_void, CUstream);
     // Memory shared between processes (see `sharing`).
-    cuIpcGetMemHandle(*mut crate::sharing::IpcMemHandle, CUdeviceptr);
-    cuIpcOpenMemHandle_v2(*mut CUdeviceptr, crate::sharing::IpcMemHandle, c_uint);
+    cuIpcGetMemHandle(*mut crate::hooks::sharing::IpcMemHandle, CUdeviceptr);
+    cuIpcOpenMemHandle_v2(*mut CUdeviceptr, crate::hooks::sharing::IpcMemHandle, c_uint);
     cuIpcCloseMemHandle(CUdeviceptr);
     cuMemExportToShareableHandle(*mut c_void, CUmemGenericAllocationHandle, c_uint, u64);
     cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
@@ -121,7 +121,7 @@ real_functions! {
     cuMemImportFromShareableHandle(*mut CUmemGenericAllocationHandle, *mut c_void, c_uint);
     cuMemMap(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
     cuMemUnmap(CUdeviceptr, usize);
-    cuMemGetAllocationPropertiesFromHandle(*mut crate::sharing::MemAllocationProp, CUmemGenericAllocationHandle);
+    cuMemGetAllocationPropertiesFromHandle(*mut crate::hooks::sharing::MemAllocationProp, CUmemGenericAllocationHandle);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();
@@ -136,7 +136,7 @@ pub fn driver() -> Option<&'static Driver> {
                 tracing::warn!("libcuda.so.1 could not be loaded; CUDA calls through gpuslice will fail");
             }
             lib.map(|lib| {
-                crate::clock::attach(&lib);
+                crate::sys::clock::attach(&lib);
                 Driver::resolve(lib)
             })
         })
@@ -177,10 +177,10 @@ impl Driver {
 /// (or `CUDA_ERROR_NOT_INITIALIZED` when there is no driver at all).
 macro_rules! call_real {
     ($name:ident ( $($arg:expr),* )) => {
-        match $crate::driver::driver() {
-            None => $crate::ffi::CUDA_ERROR_NOT_INITIALIZED,
+        match $crate::sys::driver::driver() {
+            None => $crate::sys::ffi::CUDA_ERROR_NOT_INITIALIZED,
             Some(d) => match d.$name {
-                None => $crate::ffi::CUDA_ERROR_NOT_FOUND,
+                None => $crate::sys::ffi::CUDA_ERROR_NOT_FOUND,
                 // SAFETY: forwarding the host program's own arguments to the real function.
                 Some(f) => unsafe { f($($arg),*) },
             },

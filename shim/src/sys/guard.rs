@@ -1,7 +1,7 @@
 //! Keeps panics on our side of the FFI boundary: a bug in gpuslice becomes an error code for one
 //! call, never an abort of the host program.
 
-use crate::ffi::{CuResult, CUDA_ERROR_UNKNOWN};
+use crate::sys::ffi::{CuResult, CUDA_ERROR_UNKNOWN};
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -65,7 +65,7 @@ fn report(hook: &'static str, returned: &str) {
 /// and start-up hooks only, never on the launch path.
 #[inline(always)]
 pub fn test_panic_point(hook: &'static str) {
-    if let Some(name) = crate::runtime::test_panic_hook() {
+    if let Some(name) = crate::sys::runtime::test_panic_hook() {
         if name == hook {
             panic!("GPUSLICE_TEST_PANIC_IN={hook}: forced panic");
         }
@@ -75,7 +75,7 @@ pub fn test_panic_point(hook: &'static str) {
 /// The same at a named stage of `hook`: armed by `GPUSLICE_TEST_PANIC_IN=<hook>:<stage>`.
 #[inline(always)]
 pub fn test_panic_stage(hook: &'static str, stage: &'static str) {
-    if let Some(name) = crate::runtime::test_panic_hook() {
+    if let Some(name) = crate::sys::runtime::test_panic_hook() {
         if name.strip_suffix(stage).and_then(|n| n.strip_suffix(':')) == Some(hook) {
             panic!("GPUSLICE_TEST_PANIC_IN={hook}:{stage}: forced panic");
         }

@@ -29,7 +29,7 @@ pub fn runtime() -> &'static Runtime {
 /// (`link`): CUDA work must not start.
 #[inline]
 pub fn refused() -> bool {
-    runtime().settings.is_err() || crate::link::refused()
+    runtime().settings.is_err() || crate::state::link::refused()
 }
 
 /// The hook name that must panic, for tests of the FFI boundary; `None` in real use.
@@ -40,7 +40,7 @@ pub fn test_panic_hook() -> Option<&'static str> {
 
 fn init() -> Runtime {
     init_logging();
-    crate::guard::install_panic_hook();
+    crate::sys::guard::install_panic_hook();
     let settings = gpuslice_common::settings::env_pairs(std::env::vars_os()).and_then(Settings::from_env);
     let pid = std::process::id();
     match &settings {

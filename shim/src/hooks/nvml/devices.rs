@@ -15,8 +15,8 @@
 //! the devices NVML lists, which stays right when the hidden ones are gone.
 
 use super::{library, nvml, real, real_or_return, tenant, uuid_of};
-use crate::ffi::*;
-use crate::guard;
+use crate::sys::ffi::*;
+use crate::sys::guard;
 use once_cell::sync::OnceCell;
 use std::ffi::{c_char, c_uint};
 

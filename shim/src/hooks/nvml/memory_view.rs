@@ -6,8 +6,8 @@
 //! stands.
 
 use super::{real_or_return, tenant};
-use crate::ffi::*;
-use crate::guard;
+use crate::sys::ffi::*;
+use crate::sys::guard;
 
 type MemoryFn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> NvmlReturn;
 type MemoryV2Fn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemoryV2) -> NvmlReturn;

@@ -8,8 +8,8 @@
 
 use super::tenant::{self, Slice};
 use super::{nvml, real_or_return};
-use crate::ffi::*;
-use crate::guard;
+use crate::sys::ffi::*;
+use crate::sys::guard;
 use std::ffi::c_uint;
 
 type ListFn<T> = unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut T) -> NvmlReturn;

@@ -4,11 +4,11 @@
 //! Also who the group's members are and under which pid the caller can see each.
 
 use super::{devices, nvml, same_uuid, uuid_of};
-use crate::budget::{self, Budget};
-use crate::driver::call_real;
-use crate::ffi::*;
-use crate::link::{self, Link};
-use crate::runtime;
+use crate::policy::budget::{self, Budget};
+use crate::state::link::{self, Link};
+use crate::sys::driver::call_real;
+use crate::sys::ffi::*;
+use crate::sys::runtime;
 use gpuslice_common::ledger::{self, ProcessSlot, LIVE};
 use gpuslice_common::settings::Settings;
 use once_cell::sync::OnceCell;

@@ -11,8 +11,8 @@
 //! group's members only, under the caller's pids.
 
 use super::{real_or_return, tenant};
-use crate::ffi::*;
-use crate::{guard, locks};
+use crate::sys::ffi::*;
+use crate::{sys::guard, sys::locks};
 use gpuslice_common::ledger::{monotonic_ns, MAX_DEVICES};
 use std::ffi::c_uint;
 use std::sync::Mutex;
