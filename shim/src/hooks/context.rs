@@ -29,8 +29,11 @@ static CREATED: Mutex<Option<HashMap<usize, (CUdevice, u64)>>> = Mutex::new(None
 static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
 static START: once_cell::sync::Lazy<Instant> = once_cell::sync::Lazy::new(Instant::now);
 
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
+
 /// The created contexts' lock, for a fork: a child's contexts are its own (see `fork`).
-pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&CREATED, |m| *m = None);
 }
 

@@ -82,6 +82,8 @@ pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut 
 #[no_mangle]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     guard::cuda("cuInit", || {
+        // The fork handlers' order, before the link attaches and installs them.
+        crate::hooks::fork::register();
         // Refused for want of a controller: a new cuInit waits for it again.
         crate::state::link::retry_after_refusal();
         if runtime::refused() {

@@ -71,8 +71,11 @@ pub fn forget_in_child() {
     OPERATIONS.store(0, SeqCst);
 }
 
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
+
 /// Every table's locks, for a fork (see `fork`).
-pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     for table in [&*POINTERS, &*HANDLES, &*ARRAYS] {
         table.hold_for_fork(h);
     }

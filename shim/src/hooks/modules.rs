@@ -64,7 +64,7 @@ pub fn forget_device(device: i32) -> u64 {
     MODULES.drain_device(device) + LIBRARIES.drain_device(device)
 }
 
-pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&LOADING, |_| {});
     MODULES.hold_for_fork(h);
     LIBRARIES.hold_for_fork(h);

@@ -108,10 +108,13 @@ pub fn nvml() -> Option<&'static Nvml> {
     .as_ref()
 }
 
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: crate::sys::atfork::nothing_to_forget };
+
 /// The handle cache's lock, for a fork (see `fork`); NVML handles stay valid in the child.
-pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     if let Some(Some(nv)) = NVML.get() {
-        h.take(&nv.handles, crate::hooks::fork::keep);
+        h.take(&nv.handles, crate::sys::atfork::keep);
     }
 }
 

@@ -172,9 +172,12 @@ fn handle_key(bytes: &[u8]) -> ExportKey {
 static CHARGED: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 static OPENS: Mutex<Option<HashMap<u64, u32>>> = Mutex::new(None);
 
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: crate::sys::atfork::nothing_to_forget };
+
 /// This module's locks, for a fork: the child starts with none of the parent's imports (they
 /// are the parent's, charged to the parent's slot).
-pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     CHARGED.hold_for_fork(h);
     h.take(&OPENS, |o| *o = None);
     h.take(&OUTSIDE, |o| {

@@ -80,6 +80,9 @@ impl Drop for Queueing {
     }
 }
 
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: crate::sys::atfork::nothing_to_hold, in_child: forget_in_child };
+
 /// In a forked child: no thread of it queues, and it holds no turn (its token is new).
 pub fn forget_in_child() {
     for (q, t) in QUEUEING.iter().zip(&TICKETS) {

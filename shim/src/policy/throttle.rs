@@ -93,9 +93,12 @@ pub struct Bucket {
     local: &'static Local,
 }
 
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
+
 /// The per-device launch locks, for a fork (see `fork`): the child's launches start a new
 /// order (its parent's latest launch was on the parent's queue).
-pub fn hold_for_fork(h: &mut crate::hooks::fork::Holder) {
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     for local in &LOCAL {
         h.take(&local.last_launch, |l| *l = LastLaunch { thread: 0, stream: 0, sequence: 0 });
         h.take(&local.reported, |r| *r = (0, 0, 0));

@@ -4,7 +4,7 @@
 //! Sharded by key so that threads allocating at once rarely meet on a lock; an uncontended
 //! mutex is one atomic operation, no syscall.
 
-use crate::{hooks::fork, sys::locks};
+use crate::sys::{atfork, locks};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -58,7 +58,7 @@ impl AllocTable {
 
     /// Takes every shard for a fork; the child starts with the table empty (what its parent
     /// allocated is not the child's).
-    pub fn hold_for_fork(&'static self, h: &mut fork::Holder) {
+    pub fn hold_for_fork(&'static self, h: &mut atfork::Holder) {
         for shard in &self.shards {
             h.take(shard, HashMap::clear);
         }

@@ -161,7 +161,7 @@ fn attach_slow() -> Option<&'static Link> {
         if ATTACHING.compare_exchange(false, true, AcqRel, Acquire).is_ok() {
             if let Ok(link) = visible_devices().and_then(|devices| attach(settings, &devices, true)) {
                 LINK.store(Box::into_raw(Box::new(link)), Release);
-                crate::hooks::fork::install();
+                crate::sys::atfork::install();
             }
             ATTACHING.store(false, Release);
             return get(); // None when the driver was not ready: a later call tries again.
@@ -170,6 +170,9 @@ fn attach_slow() -> Option<&'static Link> {
         std::thread::sleep(Duration::from_micros(100));
     }
 }
+
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: crate::sys::atfork::nothing_to_hold, in_child: forget_in_child };
 
 /// In a child after `fork` (called by `fork`'s child handler): the parent's slots are the
 /// parent's. The child attaches afresh (its own slot, through the controller) at its next CUDA

@@ -2,6 +2,7 @@
 //! settings read once, the clock.
 //! A module here imports from this layer and the ones below it (docs/layers.toml).
 
+pub mod atfork;
 pub mod clock;
 pub mod dl;
 pub mod driver;
