@@ -7,9 +7,9 @@
 //! driver takes outside any allocation call (modules loaded lazily, pool blocks kept after a
 //! free) still counts against the quota.
 
-use crate::hooks::nvml::nvml;
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
+use crate::sys::real_nvml::nvml;
 use crate::{hooks::memory, sys::guard, sys::locks, sys::runtime};
 use crate::{policy::budget, state::link};
 use gpuslice_common::size::format_size;

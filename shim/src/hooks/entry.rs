@@ -82,8 +82,10 @@ pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut 
 #[no_mangle]
 pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
     guard::cuda("cuInit", || {
-        // The fork handlers' order, before the link attaches and installs them.
+        // What the layers below take from above, before the link attaches: the fork handlers'
+        // order (installed at attach) and the turn board's per-user page (for a process alone).
         crate::hooks::fork::register();
+        crate::state::link::set_user_sched(crate::policy::board::sched);
         // Refused for want of a controller: a new cuInit waits for it again.
         crate::state::link::retry_after_refusal();
         if runtime::refused() {
@@ -97,7 +99,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         if code == CUDA_SUCCESS {
             // Register with the controller (or set up alone) now, before any allocation.
             crate::state::link::attached();
-            if crate::state::link::refused() {
+            if runtime::no_controller() {
                 return crate::state::link::CUDA_ERROR_NOT_PERMITTED;
             }
         }

@@ -7,12 +7,13 @@
 //! `link` comes last: it bumps the fork generation that `sched` compares, after everything else
 //! of the parent's is gone.
 
-use crate::hooks::{context, memory, nvml, sharing};
+use crate::hooks::{context, memory, sharing};
 use crate::policy::{board, cost, sched, throttle};
 use crate::state::link;
 use crate::sys::atfork::{self, Handlers};
+use crate::sys::real_nvml;
 
-static ORDER: [Handlers; 9] = [sched::FORK, throttle::FORK, cost::FORK, context::FORK, memory::FORK, sharing::FORK, nvml::FORK, board::FORK, link::FORK];
+static ORDER: [Handlers; 9] = [sched::FORK, throttle::FORK, cost::FORK, context::FORK, memory::FORK, sharing::FORK, real_nvml::FORK, board::FORK, link::FORK];
 
 /// Gives `sys::atfork` the order (at `cuInit`, before the link attaches and installs the
 /// handlers; idempotent).

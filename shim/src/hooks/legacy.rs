@@ -15,26 +15,6 @@ use crate::sys::ffi::*;
 use crate::{policy::budget, sys::guard, sys::runtime};
 use std::ffi::c_uint;
 
-/// `CUDA_ARRAY_DESCRIPTOR_v1`.
-#[repr(C)]
-pub struct ArrayDescriptorV1 {
-    pub width: c_uint,
-    pub height: c_uint,
-    pub format: u32,
-    pub num_channels: c_uint,
-}
-
-/// `CUDA_ARRAY3D_DESCRIPTOR_v1`.
-#[repr(C)]
-pub struct Array3dDescriptorV1 {
-    pub width: c_uint,
-    pub height: c_uint,
-    pub depth: c_uint,
-    pub format: u32,
-    pub num_channels: c_uint,
-    pub flags: c_uint,
-}
-
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAlloc(dptr: *mut c_uint, bytesize: c_uint) -> CuResult {
     guard::cuda("cuMemAlloc", || {

@@ -31,11 +31,11 @@
 //! and by the controller's cross-check.
 
 use crate::hooks::memory::{self, Operation};
-use crate::hooks::nvml::nvml;
 use crate::policy::budget;
 use crate::state::alloc_table::{AllocTable, Entry};
 use crate::sys::driver::{call_real, driver};
 use crate::sys::ffi::*;
+use crate::sys::real_nvml::nvml;
 use crate::{policy::module_image, sys::guard, sys::locks, sys::runtime};
 use gpuslice_common::size::format_size;
 use once_cell::sync::Lazy;

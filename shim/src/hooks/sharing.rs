@@ -29,13 +29,6 @@ use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 use std::sync::Mutex;
 
-/// `CUipcMemHandle`: 64 opaque bytes, passed by value.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct IpcMemHandle {
-    pub reserved: [u8; 64],
-}
-
 /// `CUmemAllocationHandleType`.
 const HANDLE_TYPE_POSIX_FD: c_uint = 0x1;
 const HANDLE_TYPE_FABRIC: c_uint = 0x8;
@@ -303,18 +296,6 @@ pub unsafe extern "C" fn cuIpcCloseMemHandle(dptr: CUdeviceptr) -> CuResult {
         }
         code
     })
-}
-
-/// `CUmemAllocationProp`, whole (the driver writes it in
-/// `cuMemGetAllocationPropertiesFromHandle`).
-#[repr(C)]
-pub struct MemAllocationProp {
-    pub alloc_type: c_uint,
-    pub requested_handle_types: c_uint,
-    pub location_type: c_uint,
-    pub location_id: c_int,
-    pub win32_handle_meta_data: *mut c_void,
-    pub alloc_flags: [u8; 8],
 }
 
 /// VMM handles imported from outside gpuslice, not charged yet (charged at their first map),

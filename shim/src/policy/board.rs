@@ -22,11 +22,11 @@
 //! namespace); with one, only its lease bounds it. Processes of other users do not share a page
 //! (mode 0600).
 
-use crate::hooks::nvml::cuda_uuid_string;
 use crate::state::link;
 use crate::state::link::MAX_ORDINALS as MAX_DEVICES;
 use crate::sys::clock::{now_ns, TurnClock};
 use crate::sys::ffi::CUdevice;
+use crate::sys::real_nvml::cuda_uuid_string;
 use gpuslice_common::ledger::{DeviceSched, Turn};
 use gpuslice_common::turns::CLAIM_GRACE_MS;
 use once_cell::sync::OnceCell;

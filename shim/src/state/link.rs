@@ -14,9 +14,9 @@
 //! fails, and so does every managed call after it, until a later `cuInit` tries again) or
 //! `alone` (its own environment's limits, for the rest of its life).
 
-use crate::hooks::nvml::cuda_uuid_string;
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
+use crate::sys::real_nvml::cuda_uuid_string;
 use crate::sys::runtime;
 use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response, ENV_SOCKET};
@@ -64,26 +64,28 @@ pub struct Link {
     pub controlled: bool,
 }
 
+/// Where a process without a controller finds each device's priority state and turn: the
+/// turn board's per-user page (`policy::board::sched`). The board stands above `link`, so it is
+/// handed down at `cuInit` (`hooks::entry`), before any attach. Unset, a process alone takes no
+/// turns, as when the board's page cannot be mapped.
+static USER_SCHED: once_cell::sync::OnceCell<fn(CUdevice) -> Option<&'static DeviceSched>> = once_cell::sync::OnceCell::new();
+
+/// Gives `link` the board's per-user priority state (the first call wins).
+pub fn set_user_sched(sched: fn(CUdevice) -> Option<&'static DeviceSched>) {
+    let _ = USER_SCHED.set(sched);
+}
+
 /// The process's link, once attached; never freed (hooks hold references to it). A forked
 /// child starts with none and attaches on its own (see `in_forked_child`).
 static LINK: AtomicPtr<Link> = AtomicPtr::new(std::ptr::null_mut());
 /// True while one thread attaches; the others wait for it.
 static ATTACHING: AtomicBool = AtomicBool::new(false);
-/// Set when no controller took a process that had to have one and its policy is `refuse`:
-/// CUDA work is refused for the rest of its life (see `runtime::refused`).
-static REFUSED: AtomicBool = AtomicBool::new(false);
-
-/// True when this process must not run CUDA work: it needed a controller and none took it.
-#[inline]
-pub fn refused() -> bool {
-    REFUSED.load(Relaxed)
-}
-
-/// Lets the next attach try the controller again (a program calling `cuInit` again after a
-/// refusal): the process waits and registers afresh, or is refused again.
+/// A new `cuInit` after a refusal for want of a controller (the controller may be up by now;
+/// `runtime::no_controller`): the process waits and registers afresh, or is refused again.
 pub fn retry_after_refusal() {
-    REFUSED.store(false, Release);
+    runtime::set_no_controller(false);
 }
+
 /// The socket of the controller this process registered with.
 static SOCKET: once_cell::sync::OnceCell<std::path::PathBuf> = once_cell::sync::OnceCell::new();
 
@@ -134,7 +136,7 @@ fn draw_token() -> u64 {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom into a local buffer.
     let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 8, libc::GRND_NONBLOCK) };
-    let random = if got == 8 { u64::from_ne_bytes(bytes) } else { crate::policy::throttle::now_ns() ^ (u64::from(std::process::id()) << 32) };
+    let random = if got == 8 { u64::from_ne_bytes(bytes) } else { crate::sys::clock::now_ns() ^ (u64::from(std::process::id()) << 32) };
     // Two threads drawing at once agree on the first one stored.
     match TOKEN.compare_exchange(0, random.max(1), AcqRel, Acquire) {
         Ok(_) => random.max(1),
@@ -155,7 +157,7 @@ fn attach_slow() -> Option<&'static Link> {
         if let Some(l) = get() {
             return Some(l);
         }
-        if refused() {
+        if runtime::no_controller() {
             return None;
         }
         if ATTACHING.compare_exchange(false, true, AcqRel, Acquire).is_ok() {
@@ -180,7 +182,7 @@ pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { pr
 pub fn forget_in_child() {
     LINK.store(std::ptr::null_mut(), Release);
     ATTACHING.store(false, Release);
-    REFUSED.store(false, Release);
+    runtime::set_no_controller(false);
     TOKEN.store(0, Release);
     FORK_GENERATION.fetch_add(1, AcqRel);
 }
@@ -362,7 +364,7 @@ fn attach(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link,
                 "pid {pid}: {whom} ({why}) within {:.0}s; CUDA is refused in this process (cuInit returns CUDA_ERROR_NOT_PERMITTED): it was told to run under a controller ({ENV_ON_NO_CONTROLLER}=refuse; set it to alone to run on its own limits instead)",
                 wait.as_secs_f64()
             );
-            REFUSED.store(true, Release);
+            runtime::set_no_controller(true);
             Err(())
         }
     }
@@ -478,7 +480,7 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
     // Without a controller, this user's processes share priority state through the board.
     let mut scheds = [None; MAX_ORDINALS];
     for d in devices.iter().filter(|_| turns) {
-        scheds[d.ordinal as usize] = crate::policy::board::sched(d.ordinal as CUdevice);
+        scheds[d.ordinal as usize] = USER_SCHED.get().and_then(|sched| sched(d.ordinal as CUdevice));
     }
     Ok(Link::new(ledger, (group, group), process, map, format!("pid-{pid}"), false, scheds))
 }

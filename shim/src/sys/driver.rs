@@ -88,8 +88,8 @@ real_functions! {
     cuMemFree(c_uint);
     cuMemGetInfo(*mut c_uint, *mut c_uint);
     cuDeviceTotalMem(*mut c_uint, CUdevice);
-    cuArrayCreate(*mut CUarray, *const crate::hooks::legacy::ArrayDescriptorV1);
-    cuArray3DCreate(*mut CUarray, *const crate::hooks::legacy::Array3dDescriptorV1);
+    cuArrayCreate(*mut CUarray, *const ArrayDescriptorV1);
+    cuArray3DCreate(*mut CUarray, *const Array3dDescriptorV1);
     cuCtxCreate(*mut CUcontext, c_uint, CUdevice);
     cuCtxDestroy(CUcontext);
     cuDevicePrimaryCtxRelease(CUdevice);
@@ -112,8 +112,8 @@ real_functions! {
     cuGraphLaunch(*mut c_void, CUstream);
     cuGraphLaunch_ptsz(*mut c_void, CUstream);
     // Memory shared between processes (see `sharing`).
-    cuIpcGetMemHandle(*mut crate::hooks::sharing::IpcMemHandle, CUdeviceptr);
-    cuIpcOpenMemHandle_v2(*mut CUdeviceptr, crate::hooks::sharing::IpcMemHandle, c_uint);
+    cuIpcGetMemHandle(*mut IpcMemHandle, CUdeviceptr);
+    cuIpcOpenMemHandle_v2(*mut CUdeviceptr, IpcMemHandle, c_uint);
     cuIpcCloseMemHandle(CUdeviceptr);
     cuMemExportToShareableHandle(*mut c_void, CUmemGenericAllocationHandle, c_uint, u64);
     cuMemGetAddressRange_v2(*mut CUdeviceptr, *mut usize, CUdeviceptr);
@@ -121,7 +121,7 @@ real_functions! {
     cuMemImportFromShareableHandle(*mut CUmemGenericAllocationHandle, *mut c_void, c_uint);
     cuMemMap(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
     cuMemUnmap(CUdeviceptr, usize);
-    cuMemGetAllocationPropertiesFromHandle(*mut crate::hooks::sharing::MemAllocationProp, CUmemGenericAllocationHandle);
+    cuMemGetAllocationPropertiesFromHandle(*mut MemAllocationProp, CUmemGenericAllocationHandle);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();

@@ -7,7 +7,7 @@
 //! undefined behaviour the moment the shim read it.
 
 pub use cudarc::driver::sys::{CUarray, CUcontext, CUdevice, CUdeviceptr, CUmemGenericAllocationHandle, CUmemoryPool, CUmipmappedArray, CUstream, CUuuid};
-use std::ffi::c_void;
+use std::ffi::{c_int, c_uint, c_void};
 
 /// `CUresult`, kept as its integer.
 pub type CuResult = u32;
@@ -166,3 +166,42 @@ pub struct NvmlProcessUtilizationSample {
 }
 
 pub type NvmlDevice = *mut c_void;
+
+/// `CUDA_ARRAY_DESCRIPTOR_v1`.
+#[repr(C)]
+pub struct ArrayDescriptorV1 {
+    pub width: c_uint,
+    pub height: c_uint,
+    pub format: u32,
+    pub num_channels: c_uint,
+}
+
+/// `CUDA_ARRAY3D_DESCRIPTOR_v1`.
+#[repr(C)]
+pub struct Array3dDescriptorV1 {
+    pub width: c_uint,
+    pub height: c_uint,
+    pub depth: c_uint,
+    pub format: u32,
+    pub num_channels: c_uint,
+    pub flags: c_uint,
+}
+
+/// `CUipcMemHandle`: 64 opaque bytes, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IpcMemHandle {
+    pub reserved: [u8; 64],
+}
+
+/// `CUmemAllocationProp`, whole (the driver writes it in
+/// `cuMemGetAllocationPropertiesFromHandle`).
+#[repr(C)]
+pub struct MemAllocationProp {
+    pub alloc_type: c_uint,
+    pub requested_handle_types: c_uint,
+    pub location_type: c_uint,
+    pub location_id: c_int,
+    pub win32_handle_meta_data: *mut c_void,
+    pub alloc_flags: [u8; 8],
+}

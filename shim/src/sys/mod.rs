@@ -11,4 +11,5 @@ pub mod ffi;
 pub mod guard;
 pub mod locks;
 pub mod pids;
+pub mod real_nvml;
 pub mod runtime;

@@ -7,6 +7,10 @@
 use gpuslice_common::settings::{Settings, SettingsError};
 use once_cell::sync::OnceCell;
 use std::io::Write;
+use std::sync::atomic::{
+    AtomicBool,
+    Ordering::{Relaxed, Release},
+};
 
 pub const ENV_LOG: &str = "GPUSLICE_LOG";
 pub const ENV_LOG_FILE: &str = "GPUSLICE_LOG_FILE";
@@ -29,7 +33,23 @@ pub fn runtime() -> &'static Runtime {
 /// (`link`): CUDA work must not start.
 #[inline]
 pub fn refused() -> bool {
-    runtime().settings.is_err() || crate::state::link::refused()
+    runtime().settings.is_err() || no_controller()
+}
+
+/// Set by `link` when no controller took a process that had to have one and its policy is
+/// `refuse`: CUDA work is refused for the rest of its life, or until a new `cuInit` tries again.
+/// Kept here, below `link`, so that `refused` reads it without reaching up.
+static NO_CONTROLLER: AtomicBool = AtomicBool::new(false);
+
+/// True when this process must not run CUDA work: it needed a controller and none took it.
+#[inline]
+pub fn no_controller() -> bool {
+    NO_CONTROLLER.load(Relaxed)
+}
+
+/// Sets (`link`, when no controller came) or clears (a new `cuInit`, a forked child) the flag.
+pub fn set_no_controller(refused: bool) {
+    NO_CONTROLLER.store(refused, Release);
 }
 
 /// The hook name that must panic, for tests of the FFI boundary; `None` in real use.

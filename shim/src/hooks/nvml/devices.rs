@@ -14,9 +14,10 @@
 //! would make them count no device or open the wrong one. A list of UUIDs they match against
 //! the devices NVML lists, which stays right when the hidden ones are gone.
 
-use super::{library, nvml, real, real_or_return, tenant, uuid_of};
+use super::{real_or_return, tenant};
 use crate::sys::ffi::*;
 use crate::sys::guard;
+use crate::sys::real_nvml::{library, nvml, real, uuid_of};
 use once_cell::sync::OnceCell;
 use std::ffi::{c_char, c_uint};
 

@@ -6,10 +6,11 @@
 //! compute instance comes from NVML's own entry when it has one. The graphics and MPS lists are
 //! NVML's own entries, kept when they are the group's members. Outside a slice NVML answers.
 
+use super::real_or_return;
 use super::tenant::{self, Slice};
-use super::{nvml, real_or_return};
 use crate::sys::ffi::*;
 use crate::sys::guard;
+use crate::sys::real_nvml::nvml;
 use std::ffi::c_uint;
 
 type ListFn<T> = unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut T) -> NvmlReturn;

@@ -3,11 +3,12 @@
 //! never will (`nvidia-smi`: a link of its own, made from NVML's UUIDs, see `link::attach_view`).
 //! Also who the group's members are and under which pid the caller can see each.
 
-use super::{devices, nvml, same_uuid, uuid_of};
+use super::devices;
 use crate::policy::budget::{self, Budget};
 use crate::state::link::{self, Link};
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
+use crate::sys::real_nvml::{self, nvml, same_uuid, uuid_of};
 use crate::sys::runtime;
 use gpuslice_common::ledger::{self, ProcessSlot, LIVE};
 use gpuslice_common::settings::Settings;
@@ -85,7 +86,7 @@ fn view_link() -> Option<&'static Link> {
 }
 
 /// The NVML handle of the MIG instance whose UUID is `uuid` ("MIG-..."), if it is one.
-fn mig_handle(nv: &super::Nvml, uuid: &str) -> Option<NvmlDevice> {
+fn mig_handle(nv: &real_nvml::Nvml, uuid: &str) -> Option<NvmlDevice> {
     uuid.get(..4).filter(|p| p.eq_ignore_ascii_case("MIG-"))?;
     let c = std::ffi::CString::new(uuid).ok()?;
     let mut h: NvmlDevice = std::ptr::null_mut();
@@ -102,7 +103,7 @@ fn cuda_ordinal(uuid: &str) -> Option<CUdevice> {
     (0..count).find_map(|ordinal| {
         let mut dev = 0;
         let ok = call_real!(cuDeviceGet(&mut dev, ordinal)) == CUDA_SUCCESS;
-        (ok && super::cuda_uuid_string(dev).is_some_and(|u| same_uuid(&u, uuid))).then_some(dev)
+        (ok && real_nvml::cuda_uuid_string(dev).is_some_and(|u| same_uuid(&u, uuid))).then_some(dev)
     })
 }
 
