@@ -345,7 +345,7 @@ impl State {
             // than the members' writable copy.
             let published = self.published(i);
             let name = published.map_or_else(|| g.name(), |p| p.name());
-            let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || name.starts_with("pid-");
+            let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || gpuslice_common::settings::is_solo_group(&name);
             if !valid || self.find_group(&name).is_some() {
                 tracing::warn!("group slot {i} held {:?}, not a valid or distinct group name; freed", truncated(&name));
                 g.reset();
@@ -493,7 +493,7 @@ impl State {
         let mut notes = Vec::new();
         let devices = self.claim_devices(peer, &r.devices, &mut notes);
         let solo = r.group.is_none();
-        let group_name = r.group.clone().unwrap_or_else(|| format!("pid-{}", peer.pid));
+        let group_name = r.group.clone().unwrap_or_else(|| gpuslice_common::settings::solo_group_name(peer.pid));
         let group = match self.find_group(&group_name) {
             Some(g) => {
                 let info = &self.groups[&g];
@@ -748,7 +748,7 @@ impl State {
                         (self.new_group(name, true, None).ok_or("the ledger has no free group slot")?, true)
                     }
                 };
-                if !name.starts_with("pid-") {
+                if !gpuslice_common::settings::is_solo_group(name) {
                     // Configured now: kept when empty, and open to every uid.
                     let info = self.groups.get_mut(&slot).expect("found or made above");
                     info.pinned = true;
@@ -771,7 +771,7 @@ impl State {
                 let p = self.ledger.process(slot);
                 let g = self.ledger.group(group);
                 let name = self.groups.get(&group).map_or_else(|| g.name(), |i| i.name.clone());
-                let message = if name.starts_with("pid-") {
+                let message = if gpuslice_common::settings::is_solo_group(&name) {
                     self.edit_settings(group, |g| apply_edit_to_group(g, &e, &devices));
                     let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
@@ -808,7 +808,7 @@ impl State {
         self.may_edit(peer)?;
         let slot = self.find_group(name).ok_or_else(|| self.no_such_group(name))?;
         let members: Vec<u32> = self.members(slot).iter().map(|&p| self.ledger.process(p).pid.load(Relaxed)).collect();
-        if name.starts_with("pid-") {
+        if gpuslice_common::settings::is_solo_group(name) {
             return Err(format!("group {name:?} is the own group of a process alone; it goes when the process exits"));
         }
         if !members.is_empty() {
@@ -844,7 +844,7 @@ impl State {
             .groups
             .values()
             .map(|g| g.name.clone())
-            .filter(|n| !n.starts_with("pid-"))
+            .filter(|n| !gpuslice_common::settings::is_solo_group(n))
             .map(|n| (strsim::jaro_winkler(name, &n), n))
             .filter(|(score, _)| *score >= 0.8)
             .collect();

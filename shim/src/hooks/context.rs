@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
 use std::sync::Mutex;
-use std::time::Instant;
 
 /// Per device: has the primary context's reserve been charged? 0 no, 1 being measured, 2 yes.
 static PRIMARY: [AtomicU8; link::MAX_ORDINALS] = [const { AtomicU8::new(0) }; link::MAX_ORDINALS];
@@ -25,9 +24,8 @@ static PRIMARY: [AtomicU8; link::MAX_ORDINALS] = [const { AtomicU8::new(0) }; li
 static PRIMARY_RESERVE: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
 /// Non-primary contexts: context → (device, reserve charged).
 static CREATED: Mutex<Option<HashMap<usize, (CUdevice, u64)>>> = Mutex::new(None);
-/// Per device: when the overhead was last re-measured (ns since START), to bound NVML calls.
+/// Per device: when the overhead was last re-measured (`clock::host_ns`), to bound NVML calls.
 static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
-static START: once_cell::sync::Lazy<Instant> = once_cell::sync::Lazy::new(Instant::now);
 
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
@@ -85,7 +83,7 @@ fn charge_reserve(device: CUdevice, reserve: u64, what: &str) {
 /// called near the limit.
 pub fn true_up(device: CUdevice) {
     let Some(slot) = usize::try_from(device).ok().and_then(|d| LAST_TRUE_UP.get(d)) else { return };
-    let now = START.elapsed().as_nanos() as u64 + 1;
+    let now = crate::sys::clock::host_ns();
     let last = slot.load(Relaxed);
     if last != 0 && now.saturating_sub(last) < 1_000_000 {
         return;

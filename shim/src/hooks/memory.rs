@@ -212,7 +212,7 @@ pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: 
             format_size(refusal.limit),
             refusal.limit
         ),
-        (Scope::Group, Some(l)) if l.controlled && !l.group_name.starts_with("pid-") => format!(
+        (Scope::Group, Some(l)) if l.controlled && !gpuslice_common::settings::is_solo_group(&l.group_name) => format!(
             "group {:?} holds {} ({} B) of its limit {} ({} B)",
             l.group_name,
             format_size(refusal.used),
@@ -231,7 +231,7 @@ pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: 
         String::new()
     };
     let line = format!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}{charged}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
-    match REFUSAL_LOG.admit(crate::policy::refusal_log::now_ns()) {
+    match REFUSAL_LOG.admit(crate::sys::clock::host_ns()) {
         crate::policy::refusal_log::Verdict::Log { unlogged: 0, .. } => tracing::warn!("{line}"),
         crate::policy::refusal_log::Verdict::Log { unlogged, since_ns } => {
             tracing::warn!("{line} ({unlogged} more refusals in the last {:.1} s were not logged)", since_ns as f64 / 1e9)

@@ -19,7 +19,7 @@ pub enum Verdict {
 
 pub struct RateLimit {
     interval_ns: u64,
-    /// When the last line was logged (ns on `now_ns`'s clock, +1 so that 0 means never).
+    /// When the last line was logged (ns on the caller's clock, `clock::host_ns` for the hooks; +1 so that 0 means never).
     last: AtomicU64,
     unlogged: AtomicU64,
 }
@@ -47,11 +47,6 @@ impl RateLimit {
         self.unlogged.fetch_add(1, AcqRel);
         Verdict::Quiet
     }
-}
-
-/// CLOCK_MONOTONIC in ns (a refusal is the cold path: the syscall-free vDSO call is fine).
-pub fn now_ns() -> u64 {
-    gpuslice_common::ledger::monotonic_ns()
 }
 
 #[cfg(test)]

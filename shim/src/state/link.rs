@@ -471,7 +471,8 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
         group.priority.store(p.value as u32, Relaxed);
     }
     let pid = std::process::id();
-    group.set_name(&format!("pid-{pid}"));
+    let name = gpuslice_common::settings::solo_group_name(pid);
+    group.set_name(&name);
     group.members.store(1, Relaxed);
     group.state.store(LIVE, Release);
     process.pid.store(pid, Relaxed);
@@ -482,5 +483,5 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
     for d in devices.iter().filter(|_| turns) {
         scheds[d.ordinal as usize] = USER_SCHED.get().and_then(|sched| sched(d.ordinal as CUdevice));
     }
-    Ok(Link::new(ledger, (group, group), process, map, format!("pid-{pid}"), false, scheds))
+    Ok(Link::new(ledger, (group, group), process, map, name, false, scheds))
 }

@@ -61,6 +61,14 @@ pub fn simulated() -> bool {
     SIMULATED.get().is_some()
 }
 
+/// The host's CLOCK_MONOTONIC in nanoseconds (vDSO: no system call), never the simulated one:
+/// for what must not follow the driver's time (how often a refusal is logged, how often NVML is
+/// asked again), where a test's virtual time would only change how much is logged or measured.
+#[inline]
+pub fn host_ns() -> u64 {
+    gpuslice_common::ledger::monotonic_ns()
+}
+
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call), or the simulated driver's time.
 #[inline]
 pub fn now_ns() -> u64 {
