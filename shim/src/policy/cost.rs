@@ -29,11 +29,12 @@
 
 use crate::policy::throttle::Bucket;
 use crate::sys::driver::driver;
+use crate::sys::events::{self, current_context, record, synchronize};
 use crate::sys::ffi::*;
 use crate::sys::locks;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::ffi::{c_uint, c_void};
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering::*};
 use std::sync::Mutex;
 
@@ -213,28 +214,17 @@ thread_local! {
     static OPEN: RefCell<Option<Span>> = const { RefCell::new(None) };
 }
 
-fn current_context() -> Option<usize> {
-    driver()?.current_context()
-}
-
 fn take_event(events: &mut ContextEvents) -> Option<usize> {
     if let Some(e) = events.pool.pop() {
         return Some(e);
     }
-    let create = driver()?.cuEventCreate?;
-    let mut ev: *mut c_void = std::ptr::null_mut();
-    // SAFETY: out-pointer; flags 0 = timing enabled, in the current context.
-    (unsafe { create(&mut ev, 0) } == CUDA_SUCCESS).then_some(ev as usize)
+    events::create(events::TIMING)
 }
 
 fn give_back(ctx: usize, events: &[usize]) {
     if let Some(e) = locks::lock(&CONTEXTS).as_mut().and_then(|m| m.get_mut(&ctx)) {
         e.pool.extend_from_slice(events);
     }
-}
-
-fn record(event: usize, stream: CUstream) -> bool {
-    driver().is_some_and(|d| d.record_event(event, stream))
 }
 
 /// True when a launch of `key` on `stream` by this thread, numbered `sequence` on its device,
@@ -341,29 +331,17 @@ pub fn close_span() {
 /// Waits until the work queued on `stream` so far is done (an event, not a context sync: that
 /// would break another thread's stream capture).
 pub fn wait_for(stream: CUstream) {
-    let Some(d) = driver() else { return };
-    let (Some(sync), Some(create)) = (d.cuEventSynchronize, d.cuEventCreate) else { return };
     let Some(ctx) = current_context() else { return };
-    let event = locks::lock(&CONTEXTS).get_or_insert_with(HashMap::new).entry(ctx).or_default().sleepers.pop().or_else(|| {
-        // A blocking-sync event: the driver's default wait spins, and a throttled process waits
-        // for each of its bursts to drain before it hands the turn over; spinning through them
-        // cost each process about its own device share in CPU time (issue 14, stop 11).
-        let mut ev: *mut c_void = std::ptr::null_mut();
-        // SAFETY: out-pointer; an event of the current context.
-        (unsafe { create(&mut ev, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING) } == CUDA_SUCCESS).then_some(ev as usize)
-    });
+    // A sleeper (`events::SLEEPER`): a throttled process must not spin through its bursts.
+    let event = locks::lock(&CONTEXTS).get_or_insert_with(HashMap::new).entry(ctx).or_default().sleepers.pop().or_else(|| events::create(events::SLEEPER));
     let Some(event) = event else { return };
     if record(event, stream) {
-        // SAFETY: our own event, just recorded.
-        unsafe { sync(event as *mut c_void) };
+        synchronize(event);
     }
     if let Some(e) = locks::lock(&CONTEXTS).as_mut().and_then(|m| m.get_mut(&ctx)) {
         e.sleepers.push(event);
     }
 }
-
-const CU_EVENT_BLOCKING_SYNC: c_uint = 0x1;
-const CU_EVENT_DISABLE_TIMING: c_uint = 0x2;
 
 /// Folds completed spans into the estimates and settles their charges. Never blocks: if
 /// another thread is harvesting, this one goes on.

@@ -19,7 +19,8 @@
 
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns as coarse_now, now_ns};
-use crate::sys::driver::{call_real, driver};
+use crate::sys::driver::call_real;
+use crate::sys::events::{self, current_context, record, synchronize};
 use crate::sys::ffi::*;
 use crate::sys::locks;
 use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
@@ -49,12 +50,10 @@ const SPIN_NS: u64 = 500_000;
 /// same user, same pid namespace).
 const CHECK_HOLDER_NS: u64 = 10_000_000;
 
-const CU_EVENT_BLOCKING_SYNC: u32 = 0x1;
 /// `CU_STREAM_CAPTURE_MODE_RELAXED`: this thread's event queries do not break another
 /// thread's stream capture (a thread's default, GLOBAL, makes them invalidate it: PyTorch's
 /// CUDA-graph capture failed that way on the H200).
 const CAPTURE_MODE_RELAXED: i32 = 2;
-const CU_EVENT_DISABLE_TIMING: u32 = 0x2;
 
 /// The priority this process launches with now (a controller may change it at any time).
 #[inline]
@@ -454,26 +453,17 @@ pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&POOLS, crate::sys::atfork::keep);
 }
 
-fn current_context() -> Option<usize> {
-    driver()?.current_context()
-}
-
 /// An event of context `ctx` (the current one) that sleeps when waited on.
 fn take_event(ctx: usize) -> Option<usize> {
     if let Some(e) = locks::lock(&POOLS).as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop()) {
         return Some(e);
     }
-    let mut ev: *mut c_void = std::ptr::null_mut();
-    (call_real!(cuEventCreate(&mut ev, CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING)) == CUDA_SUCCESS).then_some(ev as usize)
+    events::create(events::SLEEPER)
 }
 
 fn give_event(ctx: usize, event: usize) {
     // Pools are per context: a forked child's contexts are new, its parent's events never reused.
     locks::lock(&POOLS).get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
-}
-
-fn record(event: usize, stream: CUstream) -> bool {
-    driver().is_some_and(|d| d.record_event(event, stream))
 }
 
 /// True when the event has completed (or cannot be asked: never wait on a broken event).
@@ -485,10 +475,6 @@ fn done(event: usize) -> bool {
 fn done_in(ctx: usize, event: usize) -> bool {
     let _ = call_real!(cuCtxSetCurrent(ctx as CUcontext));
     done(event)
-}
-
-fn synchronize(event: usize) {
-    let _ = call_real!(cuEventSynchronize(event as *mut c_void));
 }
 
 /// All bits: these futexes have one kind of waiter each.

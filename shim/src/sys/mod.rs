@@ -7,6 +7,7 @@ pub mod clock;
 pub mod dl;
 pub mod driver;
 pub mod elf_symbols;
+pub mod events;
 pub mod ffi;
 pub mod guard;
 pub mod locks;
