@@ -529,16 +529,14 @@ impl State {
                 let default_limit = env_limit.or_else(|| self.config.settings.memory_limit.all().map(|l| l.value));
                 let default_share = env_share.or_else(|| self.config.settings.sm_share.all().map(|s| s.value));
                 for d in 0..MAX_DEVICES {
-                    slot.devices[d].limit.store(default_limit.unwrap_or(UNLIMITED), Relaxed);
-                    slot.set_share(d, default_share.unwrap_or(0));
+                    slot.set_limits(d, default_limit, default_share);
                 }
                 for claim in &r.devices {
                     let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
                     let index = index as usize;
                     let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value)).or(default_limit);
-                    slot.devices[index].limit.store(limit.unwrap_or(UNLIMITED), Relaxed);
                     let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal)).or(default_share);
-                    slot.set_share(index, share.unwrap_or(0));
+                    slot.set_limits(index, limit, share);
                 }
                 let priority = (if solo { r.priority } else { None }).or(self.config.settings.priority.as_ref().map(|p| p.value));
                 slot.priority.store(priority.unwrap_or_default() as u32, Relaxed);

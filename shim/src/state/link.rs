@@ -18,7 +18,7 @@ use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
 use crate::sys::real_nvml::cuda_uuid_string;
 use crate::sys::runtime;
-use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, ProcessSlot, LIVE, UNLIMITED};
+use gpuslice_common::ledger::{self, DeviceSched, GroupSlot, Ledger, ProcessSlot, LIVE};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response, ENV_SOCKET};
 use gpuslice_common::settings::Settings;
 use std::ffi::c_int;
@@ -463,9 +463,7 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
     for d in devices {
         let Some(index) = ledger.claim_device(&d.uuid, d.total) else { continue };
         map[d.ordinal as usize] = index as u8;
-        let limit = settings.memory_limit(d.ordinal).map_or(UNLIMITED, |l| l.value);
-        group.devices[index].limit.store(limit, Relaxed);
-        group.set_share(index, settings.sm_share(d.ordinal).unwrap_or(0));
+        group.set_limits(index, settings.memory_limit(d.ordinal).map(|l| l.value), settings.sm_share(d.ordinal));
     }
     if let Some(p) = &settings.priority {
         group.priority.store(p.value as u32, Relaxed);
