@@ -98,7 +98,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         let code = call_real!(cuInit(flags));
         if code == CUDA_SUCCESS {
             // Register with the controller (or set up alone) now, before any allocation.
-            crate::state::link::attached();
+            let _ = crate::state::link::get_or_attach();
             if runtime::no_controller() {
                 return crate::state::link::CUDA_ERROR_NOT_PERMITTED;
             }

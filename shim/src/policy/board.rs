@@ -23,7 +23,7 @@
 //! (mode 0600).
 
 use crate::state::link;
-use crate::state::link::MAX_ORDINALS as MAX_DEVICES;
+use crate::state::link::MAX_ORDINALS;
 use crate::sys::clock::{now_ns, TurnClock};
 use crate::sys::ffi::CUdevice;
 use crate::sys::real_nvml::cuda_uuid_string;
@@ -51,14 +51,14 @@ struct Mapped {
     path: std::ffi::CString,
 }
 
-static PAGES: [OnceCell<Option<Mapped>>; MAX_DEVICES] = [const { OnceCell::new() }; MAX_DEVICES];
+static PAGES: [OnceCell<Option<Mapped>>; MAX_ORDINALS] = [const { OnceCell::new() }; MAX_ORDINALS];
 
 /// The ticket each device's turn is held under by this process (valid while `holding`).
-static TICKETS: [AtomicU64; MAX_DEVICES] = [const { AtomicU64::new(u64::MAX) }; MAX_DEVICES];
+static TICKETS: [AtomicU64; MAX_ORDINALS] = [const { AtomicU64::new(u64::MAX) }; MAX_ORDINALS];
 /// 1 while a thread of this process queues for a device's turn: one thread queues at a time,
 /// the others sleep on this word, then find the turn theirs. A word rather than a mutex, so
 /// that a forked child can simply start over (`forget_in_child`).
-static QUEUEING: [AtomicU32; MAX_DEVICES] = [const { AtomicU32::new(0) }; MAX_DEVICES];
+static QUEUEING: [AtomicU32; MAX_ORDINALS] = [const { AtomicU32::new(0) }; MAX_ORDINALS];
 
 /// Holds `QUEUEING[index]` until dropped.
 struct Queueing(usize);
@@ -173,7 +173,7 @@ fn register_exit_handler() {
 /// else has open (issue 16: nothing gpuslice makes may be left behind).
 extern "C" fn leave_at_exit() {
     let _ = std::panic::catch_unwind(|| {
-        for device in 0..MAX_DEVICES {
+        for device in 0..MAX_ORDINALS {
             release(device as CUdevice);
         }
         for slot in &PAGES {
@@ -229,7 +229,7 @@ fn ticket(device: CUdevice) -> Option<u32> {
 pub fn take(device: CUdevice, lease_until: u64) -> Taken {
     let none = Taken { waited_ns: 0, neighbour: false, peers: 1 };
     let Some((turn, check_pids)) = turn(device) else { return none };
-    let Some(index) = usize::try_from(device).ok().filter(|&i| i < MAX_DEVICES) else { return none };
+    let Some(index) = usize::try_from(device).ok().filter(|&i| i < MAX_ORDINALS) else { return none };
     let start = now_ns();
     let me = link::token();
     let _queueing = Queueing::enter(index);

@@ -25,10 +25,11 @@ pub struct Budget {
     index: usize,
 }
 
-/// The budget of CUDA device `device`, if it is one the shim tracks.
+/// The budget of CUDA device `device`, if it is one the shim tracks. Attaches the process on
+/// its first call (`link::get_or_attach`: registers with the controller, or sets up alone).
 #[inline]
 pub fn of(device: CUdevice) -> Option<Budget> {
-    let link = link::attached()?;
+    let link = link::get_or_attach()?;
     Some(Budget { group: link.group, settings: link.settings, process: link.process, index: link.index(device)? })
 }
 

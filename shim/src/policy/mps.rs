@@ -77,22 +77,37 @@ fn write_variables(priority: Priority, share: Option<u32>) -> (Option<&'static s
     let mut wrote = (None, None);
     if !USER_PRIORITY.load(Relaxed) {
         let value = client_priority(priority);
-        // SAFETY (of intent): the driver has not started its own threads for this process
-        // yet, or is about to make a context; the program's threads read the environment
-        // rarely, and glibc keeps the old strings alive.
-        std::env::set_var(CLIENT_PRIORITY, value);
+        write_env(CLIENT_PRIORITY, Some(value));
         wrote.0 = Some(value);
     }
     if !USER_ACTIVE_THREADS.load(Relaxed) {
-        match share {
-            Some(p) => {
-                std::env::set_var(ACTIVE_THREADS, p.to_string());
-                wrote.1 = Some(p);
-            }
-            None => std::env::remove_var(ACTIVE_THREADS),
-        }
+        write_env(ACTIVE_THREADS, share.map(|p| p.to_string()).as_deref());
+        wrote.1 = share;
     }
     wrote
+}
+
+/// Sets (or, with `None`, removes) one of MPS's variables; nothing when it already says so.
+///
+/// Why this holds in a host that runs threads: `setenv`/`unsetenv` take glibc's environment
+/// lock, so writers never race one another, and Rust's readers (`std::env`) take the lock that
+/// `set_var` takes too. No lock covers a C `getenv` in another thread, but glibc replaces an
+/// existing variable's string pointer in place and never frees strings, so such a reader sees
+/// the old value or the new one, both valid; only adding a variable may move the array a reader
+/// walks. So the variables are added in `before_init`, before the real `cuInit` (the driver has
+/// no threads of its own yet), and a context's write replaces in place, removes (in place too),
+/// or, unchanged, is skipped. What is left: a share that only the controller gives adds
+/// `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` at the first context, while the program's threads may be
+/// running; a library constructor (before any thread) cannot know the controller's share, and
+/// writing a placeholder would itself change what MPS does.
+fn write_env(name: &str, value: Option<&str>) {
+    if std::env::var(name).ok().as_deref() == value {
+        return;
+    }
+    match value {
+        Some(v) => std::env::set_var(name, v),
+        None => std::env::remove_var(name),
+    }
 }
 
 /// The share that applies to every device, the one MPS can carry (its percentage is per

@@ -109,7 +109,7 @@ pub fn get() -> Option<&'static Link> {
 /// The link, attaching now if the driver is ready. `None` before `cuInit` has succeeded or
 /// when the settings were refused.
 #[inline]
-pub fn attached() -> Option<&'static Link> {
+pub fn get_or_attach() -> Option<&'static Link> {
     match get() {
         Some(l) => Some(l),
         None => attach_slow(),
