@@ -199,58 +199,32 @@ pub unsafe extern "C" fn nvmlDeviceGetCount_v2(out: *mut c_uint) -> NvmlReturn {
     })
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(index: c_uint, out: *mut NvmlDevice) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetHandleByIndex", NVML_ERROR_UNKNOWN, || {
-        let real = real_or_return!(c"nvmlDeviceGetHandleByIndex", ByIndexFn);
-        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByIndex and `index`/`out` the program's own arguments, which is what `by_index` needs.
-        unsafe { by_index(real, index, out) }
-    })
+/// The handle lookups: each calls the real function of its own name through `$how`
+/// (`by_index`, `by_string`), which answers only for the devices this process may see.
+macro_rules! handle_hooks {
+    ($( $name:ident ( $key:ty ) : $real:ty => $how:ident ; )*) => {$(
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(key: $key, out: *mut NvmlDevice) -> NvmlReturn {
+            guard::with_fallback(stringify!($name), NVML_ERROR_UNKNOWN, || {
+                let real = real_or_return!(
+                    // SAFETY: a literal with exactly one trailing NUL.
+                    unsafe { std::ffi::CStr::from_bytes_with_nul_unchecked(concat!(stringify!($name), "\0").as_bytes()) },
+                    $real
+                );
+                // SAFETY: `real` is NVML's own `$name` (`$real` ABI) and `key`/`out` the program's own arguments, which is what `$how` needs.
+                unsafe { $how(real, key, out) }
+            })
+        }
+    )*};
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, out: *mut NvmlDevice) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetHandleByIndex_v2", NVML_ERROR_UNKNOWN, || {
-        let real = real_or_return!(c"nvmlDeviceGetHandleByIndex_v2", ByIndexFn);
-        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByIndex_v2 and `index`/`out` the program's own arguments, which is what `by_index` needs.
-        unsafe { by_index(real, index, out) }
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetHandleByUUID", NVML_ERROR_UNKNOWN, || {
-        let real = real_or_return!(c"nvmlDeviceGetHandleByUUID", ByStringFn);
-        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByUUID and `uuid`/`out` the program's own arguments, which is what `by_string` needs.
-        unsafe { by_string(real, uuid, out) }
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId(bus_id: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetHandleByPciBusId", NVML_ERROR_UNKNOWN, || {
-        let real = real_or_return!(c"nvmlDeviceGetHandleByPciBusId", ByStringFn);
-        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByPciBusId and `bus_id`/`out` the program's own arguments, which is what `by_string` needs.
-        unsafe { by_string(real, bus_id, out) }
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleByPciBusId_v2(bus_id: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetHandleByPciBusId_v2", NVML_ERROR_UNKNOWN, || {
-        let real = real_or_return!(c"nvmlDeviceGetHandleByPciBusId_v2", ByStringFn);
-        // SAFETY: `real` is NVML's nvmlDeviceGetHandleByPciBusId_v2 and `bus_id`/`out` the program's own arguments, which is what `by_string` needs.
-        unsafe { by_string(real, bus_id, out) }
-    })
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn nvmlDeviceGetHandleBySerial(serial: *const c_char, out: *mut NvmlDevice) -> NvmlReturn {
-    guard::with_fallback("nvmlDeviceGetHandleBySerial", NVML_ERROR_UNKNOWN, || {
-        let real = real_or_return!(c"nvmlDeviceGetHandleBySerial", ByStringFn);
-        // SAFETY: `real` is NVML's nvmlDeviceGetHandleBySerial and `serial`/`out` the program's own arguments, which is what `by_string` needs.
-        unsafe { by_string(real, serial, out) }
-    })
+handle_hooks! {
+    nvmlDeviceGetHandleByIndex(c_uint): ByIndexFn => by_index;
+    nvmlDeviceGetHandleByIndex_v2(c_uint): ByIndexFn => by_index;
+    nvmlDeviceGetHandleByUUID(*const c_char): ByStringFn => by_string;
+    nvmlDeviceGetHandleByPciBusId(*const c_char): ByStringFn => by_string;
+    nvmlDeviceGetHandleByPciBusId_v2(*const c_char): ByStringFn => by_string;
+    nvmlDeviceGetHandleBySerial(*const c_char): ByStringFn => by_string;
 }
 
 /// A visible device's index is its position among the visible ones (the driver's numbering).
