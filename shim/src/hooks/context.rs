@@ -30,7 +30,7 @@ static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
 
-/// The created contexts' lock, for a fork: a child's contexts are its own (see `fork`).
+/// The created contexts' lock, for a fork: a child's contexts are its own (see `sys::atfork`).
 pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&CREATED, |m| *m = None);
 }

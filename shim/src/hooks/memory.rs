@@ -74,7 +74,7 @@ pub fn forget_in_child() {
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
 
-/// Every table's locks, for a fork (see `fork`).
+/// Every table's locks, for a fork (see `sys::atfork`).
 pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     for table in [&*POINTERS, &*HANDLES, &*ARRAYS] {
         table.hold_for_fork(h);

@@ -176,7 +176,7 @@ static PENDING: AtomicUsize = AtomicUsize::new(0);
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
 
-/// The cost model's locks, for a fork (see `fork`): the child keeps what kernels cost, and
+/// The cost model's locks, for a fork (see `sys::atfork`): the child keeps what kernels cost, and
 /// forgets its parent's events and spans (of the parent's contexts).
 pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&CONTEXTS, |c| *c = None);

@@ -442,7 +442,7 @@ static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: crate::sys::atfork::nothing_to_forget };
 
-/// The priority machinery's locks, for a fork (see `fork`), in the order the code nests them:
+/// The priority machinery's locks, for a fork (see `sys::atfork`), in the order the code nests them:
 /// the watcher's state before the event pools, a device's launches in
 /// flight before the pools. The child sorts its inherited state out itself (fork generations).
 pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {

@@ -96,7 +96,7 @@ pub struct Bucket {
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
 
-/// The per-device launch locks, for a fork (see `fork`): the child's launches start a new
+/// The per-device launch locks, for a fork (see `sys::atfork`): the child's launches start a new
 /// order (its parent's latest launch was on the parent's queue).
 pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     for local in &LOCAL {

@@ -176,7 +176,7 @@ fn attach_slow() -> Option<&'static Link> {
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: crate::sys::atfork::nothing_to_hold, in_child: forget_in_child };
 
-/// In a child after `fork` (called by `fork`'s child handler): the parent's slots are the
+/// In a child after `fork` (its `FORK` child handler, run by `sys::atfork`): the parent's slots are the
 /// parent's. The child attaches afresh (its own slot, through the controller) at its next CUDA
 /// call. Atomic stores only.
 pub fn forget_in_child() {

@@ -2,7 +2,7 @@
 //! `guard`, and the data stays usable).
 //!
 //! Why std and not parking_lot: on Linux a std mutex is one futex word inside the mutex and
-//! nothing else, so a forked child can release one it inherited (see `fork`). parking_lot keeps
+//! nothing else, so a forked child can release one it inherited (see `sys::atfork`). parking_lot keeps
 //! a process-wide table of parked threads; a child inherits it half-updated, and its priority
 //! watcher crashed in there in the fork test.
 
@@ -24,7 +24,7 @@ pub fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
     }
 }
 
-/// `m` if it comes free within `patience` (polled: std has no timed lock). Only `fork`'s
+/// `m` if it comes free within `patience` (polled: std has no timed lock). Only `atfork`'s
 /// prepare handler uses it, where waiting for ever could hang the program.
 pub fn lock_within<T>(m: &Mutex<T>, patience: Duration) -> Option<MutexGuard<'_, T>> {
     if let Some(g) = try_lock(m) {
