@@ -20,3 +20,31 @@ static ORDER: [Handlers; 9] = [sched::FORK, throttle::FORK, cost::FORK, context:
 pub fn register() {
     atfork::register(&ORDER);
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every module that declares its fork handlers is in `ORDER` (a `FORK` left out would be
+    /// the silent bug that registration is meant to rule out).
+    #[test]
+    fn every_declared_fork_handler_is_ordered() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let order = std::fs::read_to_string(src.join("hooks/fork.rs")).unwrap();
+        let order = &order[order.find("static ORDER").unwrap()..];
+        let order = &order[..order.find("];").unwrap()];
+        let mut declared = Vec::new();
+        for layer in ["hooks", "policy", "state", "sys"] {
+            for entry in std::fs::read_dir(src.join(layer)).unwrap() {
+                let path = entry.unwrap().path();
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                if text.lines().any(|l| l.starts_with("pub const FORK: ")) {
+                    declared.push(path.file_stem().unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        declared.sort();
+        assert!(declared.len() >= 9, "the nine modules of today at least: {declared:?}");
+        for module in &declared {
+            assert!(order.contains(&format!("{module}::FORK")), "{module} declares FORK but hooks/fork.rs does not order it");
+        }
+    }
+}

@@ -146,3 +146,39 @@ extern "C" fn in_child() {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    static DATA: Mutex<u32> = Mutex::new(7);
+    static FORGOT: AtomicBool = AtomicBool::new(false);
+
+    fn hold(h: &mut Holder) {
+        h.take(&DATA, |d| *d = 0);
+    }
+
+    fn forget() {
+        // Runs after the held locks were let go.
+        assert!(DATA.try_lock().is_ok(), "in_child runs after the locks are released");
+        FORGOT.store(true, Relaxed);
+    }
+
+    static ORDER: [Handlers; 2] = [Handlers { prepare: hold, in_child: forget }, Handlers { prepare: nothing_to_hold, in_child: nothing_to_forget }];
+
+    /// The handlers as `pthread_atfork` would call them, on this thread: prepare holds the
+    /// registered locks, the parent lets them go untouched, the child resets then forgets.
+    #[test]
+    fn the_table_holds_each_lock_and_the_child_resets_then_forgets() {
+        register(&ORDER);
+        prepare();
+        assert!(DATA.try_lock().is_err(), "prepare holds the module's lock");
+        in_parent();
+        assert_eq!(*DATA.lock().unwrap(), 7, "the parent keeps its data");
+        prepare();
+        in_child();
+        assert_eq!(*DATA.lock().unwrap(), 0, "the child's reset ran on the held data");
+        assert!(FORGOT.load(Relaxed), "the child's in_child ran");
+    }
+}
