@@ -2,18 +2,19 @@
 //! across `fork()` declares its `FORK` handlers next to that state; this list only orders them.
 //!
 //! Prepare takes locks in this order, which agrees with every nesting in the code (sched →
-//! throttle → cost → context → allocation tables and modules → imports → NVML), so no two
-//! threads can deadlock on them. The child's forgetting (atomics only) runs in the same order;
-//! `link` comes last: it bumps the fork generation that `sched` compares, after everything else
-//! of the parent's is gone.
+//! throttle → cost → context → allocation tables and modules → imports → NVML → the event
+//! pool, a leaf), so no two threads can deadlock on them. The child's forgetting (atomics only)
+//! runs in the same order; `link` comes last: it bumps the fork generation that `sched`
+//! compares, after everything else of the parent's is gone.
 
 use crate::hooks::{context, memory, sharing};
 use crate::policy::{board, cost, sched, throttle};
 use crate::state::link;
 use crate::sys::atfork::{self, Handlers};
-use crate::sys::real_nvml;
+use crate::sys::{events, real_nvml};
 
-static ORDER: [Handlers; 9] = [sched::FORK, throttle::FORK, cost::FORK, context::FORK, memory::FORK, sharing::FORK, real_nvml::FORK, board::FORK, link::FORK];
+static ORDER: [Handlers; 10] =
+    [sched::FORK, throttle::FORK, cost::FORK, context::FORK, memory::FORK, sharing::FORK, real_nvml::FORK, events::FORK, board::FORK, link::FORK];
 
 /// Gives `sys::atfork` the order (at `cuInit`, before the link attaches and installs the
 /// handlers; idempotent).
@@ -42,7 +43,7 @@ mod tests {
             }
         }
         declared.sort();
-        assert!(declared.len() >= 9, "the nine modules of today at least: {declared:?}");
+        assert!(declared.len() >= 10, "the ten modules of today at least: {declared:?}");
         for module in &declared {
             assert!(order.contains(&format!("{module}::FORK")), "{module} declares FORK but hooks/fork.rs does not order it");
         }

@@ -155,8 +155,6 @@ pub fn plan(key: u64) -> Plan {
 struct ContextEvents {
     pool: Vec<usize>,
     pending: VecDeque<Pending>,
-    /// Events that sleep when waited on (`wait_for`), apart from the timing ones.
-    sleepers: Vec<usize>,
 }
 
 /// A closed span whose events the device has yet to reach.
@@ -333,14 +331,11 @@ pub fn close_span() {
 pub fn wait_for(stream: CUstream) {
     let Some(ctx) = current_context() else { return };
     // A sleeper (`events::SLEEPER`): a throttled process must not spin through its bursts.
-    let event = locks::lock(&CONTEXTS).get_or_insert_with(HashMap::new).entry(ctx).or_default().sleepers.pop().or_else(|| events::create(events::SLEEPER));
-    let Some(event) = event else { return };
+    let Some(event) = events::SLEEPERS.take(ctx) else { return };
     if record(event, stream) {
         synchronize(event);
     }
-    if let Some(e) = locks::lock(&CONTEXTS).as_mut().and_then(|m| m.get_mut(&ctx)) {
-        e.sleepers.push(event);
-    }
+    events::SLEEPERS.give(ctx, event);
 }
 
 /// Folds completed spans into the estimates and settles their charges. Never blocks: if

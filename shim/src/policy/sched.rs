@@ -437,33 +437,26 @@ fn relaxed<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
-static POOLS: Mutex<Option<HashMap<usize, Vec<usize>>>> = Mutex::new(None);
-
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: crate::sys::atfork::nothing_to_forget };
 
 /// The priority machinery's locks, for a fork (see `sys::atfork`), in the order the code nests them:
-/// the watcher's state before the event pools, a device's launches in
-/// flight before the pools. The child sorts its inherited state out itself (fork generations).
+/// the watcher's state before a device's launches in flight (the event pool, `events::SLEEPERS`,
+/// comes after both). The child sorts its inherited state out itself (fork generations).
 pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&WATCHED, crate::sys::atfork::keep);
     for device in &IN_FLIGHT {
         h.take(&device.events, crate::sys::atfork::keep);
     }
-    h.take(&POOLS, crate::sys::atfork::keep);
 }
 
 /// An event of context `ctx` (the current one) that sleeps when waited on.
 fn take_event(ctx: usize) -> Option<usize> {
-    if let Some(e) = locks::lock(&POOLS).as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop()) {
-        return Some(e);
-    }
-    events::create(events::SLEEPER)
+    events::SLEEPERS.take(ctx)
 }
 
 fn give_event(ctx: usize, event: usize) {
-    // Pools are per context: a forked child's contexts are new, its parent's events never reused.
-    locks::lock(&POOLS).get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
+    events::SLEEPERS.give(ctx, event);
 }
 
 /// True when the event has completed (or cannot be asked: never wait on a broken event).

@@ -1,11 +1,15 @@
 //! The shim's own CUDA events, made and recorded in one place: a timing pair around a span of
 //! launches (`cost`) and a sleeper that a thread waits on until a stream drains (`sched`,
-//! `cost::wait_for`). The pools that keep them per context stay with their users, whose locks
-//! nest differently (see `hooks::fork`).
+//! `cost::wait_for`). The sleepers not in use wait in one pool per context (`SLEEPERS`); the
+//! timing pairs stay in `cost`'s table, under the lock of the spans they measure.
 
+use crate::sys::atfork::{self, Handlers, Holder};
 use crate::sys::driver::driver;
 use crate::sys::ffi::*;
+use crate::sys::locks;
+use std::collections::HashMap;
 use std::ffi::{c_uint, c_void};
+use std::sync::Mutex;
 
 /// `CU_EVENT_BLOCKING_SYNC`.
 const BLOCKING_SYNC: c_uint = 0x1;
@@ -42,4 +46,36 @@ pub fn synchronize(event: usize) {
     let Some(sync) = driver().and_then(|d| d.cuEventSynchronize) else { return };
     // SAFETY: one of the shim's own events.
     let _ = unsafe { sync(event as *mut c_void) };
+}
+
+/// Events of one kind not in use, per context (an event belongs to the context it was made in).
+pub struct Pool {
+    flags: c_uint,
+    free: Mutex<Option<HashMap<usize, Vec<usize>>>>,
+}
+
+/// The sleepers of every context: `sched`'s launch order and `cost::wait_for` take from it.
+pub static SLEEPERS: Pool = Pool { flags: SLEEPER, free: Mutex::new(None) };
+
+impl Pool {
+    /// An event of context `ctx` (the current one): one given back earlier, or a new one.
+    pub fn take(&self, ctx: usize) -> Option<usize> {
+        let reused = locks::lock(&self.free).as_mut().and_then(|p| p.get_mut(&ctx)).and_then(|v| v.pop());
+        reused.or_else(|| create(self.flags))
+    }
+
+    /// Gives `event` of context `ctx` back for reuse.
+    pub fn give(&self, ctx: usize, event: usize) {
+        locks::lock(&self.free).get_or_insert_with(HashMap::new).entry(ctx).or_default().push(event);
+    }
+}
+
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules): the pool's
+/// lock is a leaf (nothing is taken while it is held), so it may be taken after every other.
+/// The child keeps the pool: pools are per context, a forked child's contexts are new, and its
+/// parent's events are never reused.
+pub const FORK: Handlers = Handlers { prepare: hold_for_fork, in_child: atfork::nothing_to_forget };
+
+fn hold_for_fork(h: &mut Holder) {
+    h.take(&SLEEPERS.free, atfork::keep);
 }
