@@ -6,7 +6,7 @@
 
 use crate::sys::driver::{call_real, driver};
 use crate::sys::ffi::*;
-use crate::{policy::board, policy::cost, policy::sched, policy::throttle, sys::guard, sys::locks};
+use crate::{policy::board, policy::cost, policy::sched, policy::throttle, sys::clock, sys::guard, sys::locks};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
@@ -66,7 +66,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     });
     if !board::holding(device) {
         // A new burst: take the turn (waiting, boundedly, for another process's burst).
-        let taken = board::take(device, bucket.queued_until().max(throttle::now_ns()));
+        let taken = board::take(device, bucket.queued_until().max(clock::now_ns()));
         bucket.add_turn_waited(taken.waited_ns);
         if taken.neighbour {
             bucket.saw_neighbour(taken.peers);
@@ -116,7 +116,7 @@ fn end_burst(device: i32, bucket: throttle::Bucket) {
     // shared: a next burst started behind this one's queued work has its first kernels' device
     // time measured from before this burst ended, and an estimate inflated that way throttled
     // processes far below their share (issue 14's starvation, with the old turn race).
-    if bucket.shared(throttle::now_ns()) || board::others_waiting(device) {
+    if bucket.shared(clock::now_ns()) || board::others_waiting(device) {
         let last = *locks::lock(bucket.last_launch());
         if last.thread == throttle::thread_token() && last.sequence != 0 {
             cost::wait_for(last.stream as CUstream);

@@ -306,7 +306,7 @@ pub fn close_span() {
     // Its closing event goes on the stream now: closed long after its work drained (the
     // program synchronised and paused, or the thread waited for a turn), the span would measure
     // the pause as device time. One such sample settled a 1.5 s pause as 2 × 748 ms kernels.
-    let late = crate::policy::throttle::now_ns() > span.model_end.saturating_add(span.charged_ns).saturating_add(LATE_CLOSE_NS);
+    let late = crate::sys::clock::now_ns() > span.model_end.saturating_add(span.charged_ns).saturating_add(LATE_CLOSE_NS);
     if span.launches == 0 || late || !record(span.after, span.stream as CUstream) {
         give_back(span.ctx, &[span.before, span.after]);
         return;

@@ -18,7 +18,7 @@
 //! `MAX_HOLD_NS`.
 
 use crate::state::link::{self, MAX_ORDINALS};
-use crate::sys::clock::{coarse_now_ns as coarse_now, now_ns};
+use crate::sys::clock::{coarse_now_ns, now_ns};
 use crate::sys::driver::call_real;
 use crate::sys::events::{self, current_context, record, synchronize};
 use crate::sys::ffi::*;
@@ -73,7 +73,7 @@ pub fn engaged() -> bool {
     if scheds.is_empty() {
         return false;
     }
-    let now = coarse_now();
+    let now = coarse_now_ns();
     scheds.iter().any(|s| s.high_alive(now))
 }
 

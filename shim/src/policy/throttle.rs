@@ -12,6 +12,7 @@
 //! measure exactly (see `cost`).
 
 use crate::state::link::{self, MAX_ORDINALS};
+use crate::sys::clock::now_ns;
 use crate::sys::ffi::CUdevice;
 use crate::sys::locks;
 use gpuslice_common::ledger::{GroupDevice, ProcessDevice};
@@ -121,8 +122,6 @@ pub fn thread_token() -> u64 {
     }
     TOKEN.try_with(|t| t as *const u8 as u64).unwrap_or(1)
 }
-
-pub use crate::sys::clock::now_ns;
 
 /// True when some device of this process's group is throttled: the one check an unthrottled
 /// launch pays (a load from the ledger).

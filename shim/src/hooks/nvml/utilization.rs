@@ -11,9 +11,10 @@
 //! group's members only, under the caller's pids.
 
 use super::{real_or_return, tenant};
+use crate::sys::clock::host_ns;
 use crate::sys::ffi::*;
 use crate::{sys::guard, sys::locks};
-use gpuslice_common::ledger::{monotonic_ns, MAX_DEVICES};
+use gpuslice_common::ledger::MAX_DEVICES;
 use std::ffi::c_uint;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -39,7 +40,7 @@ pub fn percent(charged_ns: u64, period_ns: u64) -> u32 {
 
 /// The group's measured share of the device's time, percent.
 fn group_share(slice: &tenant::Slice) -> u32 {
-    let now = monotonic_ns();
+    let now = host_ns();
     let last = locks::lock(&READINGS)[slice.index];
     let (start, charged_then) = if last.0 != 0 && now.saturating_sub(last.0) < STALE_NS {
         if now - last.0 < MIN_PERIOD_NS {
@@ -47,11 +48,11 @@ fn group_share(slice: &tenant::Slice) -> u32 {
         }
         (last.0, last.1)
     } else {
-        let begin = (monotonic_ns(), slice.charged_ns());
+        let begin = (host_ns(), slice.charged_ns());
         std::thread::sleep(FIRST_PERIOD);
         begin
     };
-    let (end, charged_now) = (monotonic_ns(), slice.charged_ns());
+    let (end, charged_now) = (host_ns(), slice.charged_ns());
     let pct = percent(charged_now.saturating_sub(charged_then), end.saturating_sub(start));
     locks::lock(&READINGS)[slice.index] = (end, charged_now, pct);
     pct
