@@ -1,6 +1,6 @@
-//! NVML, the shim's second source of truth about device memory: the real library, for measuring
-//! what the process holds; and, in the submodules, the hooks that show a tenant its slice
-//! instead of the card (memory, processes, utilization, which devices exist).
+//! NVML's hooks: in the submodules, what shows a tenant its slice instead of the card (memory,
+//! processes, utilization, which devices exist). The real library, which the shim also uses to
+//! measure what the process holds, is `sys::real_nvml`.
 //!
 //! Every hook forwards to the function of the same name in the real library, and changes its
 //! answer only for a device where a memory limit or an SM share applies to the process
