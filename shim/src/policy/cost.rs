@@ -150,10 +150,9 @@ pub fn plan(key: u64) -> Plan {
     Plan { charge_ns: e.charge_ns(), sample }
 }
 
-/// Events of one context, and the samples still in flight there.
+/// The samples still in flight in one context (their events come from `events::TIMINGS`).
 #[derive(Default)]
 struct ContextEvents {
-    pool: Vec<usize>,
     pending: VecDeque<Pending>,
 }
 
@@ -175,7 +174,8 @@ static PENDING: AtomicUsize = AtomicUsize::new(0);
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
 
 /// The cost model's locks, for a fork (see `sys::atfork`): the child keeps what kernels cost, and
-/// forgets its parent's events and spans (of the parent's contexts).
+/// forgets its parent's spans in flight (of the parent's contexts; their idle events stay in
+/// `events::TIMINGS`, under keys the child never uses).
 pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&CONTEXTS, |c| *c = None);
     for shard in &ESTIMATES {
@@ -212,16 +212,9 @@ thread_local! {
     static OPEN: RefCell<Option<Span>> = const { RefCell::new(None) };
 }
 
-fn take_event(events: &mut ContextEvents) -> Option<usize> {
-    if let Some(e) = events.pool.pop() {
-        return Some(e);
-    }
-    events::create(events::TIMING)
-}
-
-fn give_back(ctx: usize, events: &[usize]) {
-    if let Some(e) = locks::lock(&CONTEXTS).as_mut().and_then(|m| m.get_mut(&ctx)) {
-        e.pool.extend_from_slice(events);
+fn give_back(ctx: usize, pair: [usize; 2]) {
+    for event in pair {
+        events::TIMINGS.give(ctx, event);
     }
 }
 
@@ -243,15 +236,15 @@ pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, buck
         if events.pending.len() >= MAX_PENDING {
             return;
         }
-        let Some(before) = take_event(events) else { return };
-        let Some(after) = take_event(events) else {
-            events.pool.push(before);
+        let Some(before) = events::TIMINGS.take(ctx) else { return };
+        let Some(after) = events::TIMINGS.take(ctx) else {
+            events::TIMINGS.give(ctx, before);
             return;
         };
         (before, after)
     };
     if !record(before, opening) {
-        give_back(ctx, &[before, after]);
+        give_back(ctx, [before, after]);
         return;
     }
     let span = Span {
@@ -268,7 +261,7 @@ pub fn open_span(opening: CUstream, stream: CUstream, busy: bool, key: u64, buck
         model_end: bucket.queued_until(),
     };
     if OPEN.try_with(|open| *open.borrow_mut() = Some(span)).is_err() {
-        give_back(ctx, &[before, after]);
+        give_back(ctx, [before, after]);
     }
 }
 
@@ -308,7 +301,7 @@ pub fn close_span() {
     // the pause as device time. One such sample settled a 1.5 s pause as 2 × 748 ms kernels.
     let late = crate::sys::clock::now_ns() > span.model_end.saturating_add(span.charged_ns).saturating_add(LATE_CLOSE_NS);
     if span.launches == 0 || late || !record(span.after, span.stream as CUstream) {
-        give_back(span.ctx, &[span.before, span.after]);
+        give_back(span.ctx, [span.before, span.after]);
         return;
     }
     let pending = Pending {
@@ -348,7 +341,7 @@ pub fn harvest() {
     let (Some(query), Some(elapsed)) = (d.cuEventQuery, d.cuEventElapsedTime) else { return };
     let Some(mut contexts) = locks::try_lock(&CONTEXTS) else { return };
     let Some(map) = contexts.as_mut() else { return };
-    for events in map.values_mut() {
+    for (&ctx, events) in map.iter_mut() {
         while let Some(p) = events.pending.front() {
             // SAFETY: our own events.
             let state = unsafe { query(p.after as *mut c_void) };
@@ -362,7 +355,7 @@ pub fn harvest() {
             let ok = state == CUDA_SUCCESS && unsafe { elapsed(&mut ms, p.before as *mut c_void, p.after as *mut c_void) } == CUDA_SUCCESS;
             if ok {
                 learn(&p, (f64::from(ms) * 1e6) as u64);
-                events.pool.extend_from_slice(&[p.before, p.after]);
+                give_back(ctx, [p.before, p.after]);
             }
             // A failed query means the context is gone: drop its events rather than reuse them.
         }

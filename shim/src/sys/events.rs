@@ -1,7 +1,7 @@
 //! The shim's own CUDA events, made and recorded in one place: a timing pair around a span of
 //! launches (`cost`) and a sleeper that a thread waits on until a stream drains (`sched`,
-//! `cost::wait_for`). The sleepers not in use wait in one pool per context (`SLEEPERS`); the
-//! timing pairs stay in `cost`'s table, under the lock of the spans they measure.
+//! `cost::wait_for`). The events not in use wait in one pool per kind and context
+//! (`SLEEPERS`, `TIMINGS`).
 
 use crate::sys::atfork::{self, Handlers, Holder};
 use crate::sys::driver::driver;
@@ -56,6 +56,8 @@ pub struct Pool {
 
 /// The sleepers of every context: `sched`'s launch order and `cost::wait_for` take from it.
 pub static SLEEPERS: Pool = Pool { flags: SLEEPER, free: Mutex::new(None) };
+/// The timing events of every context, for `cost`'s spans.
+pub static TIMINGS: Pool = Pool { flags: TIMING, free: Mutex::new(None) };
 
 impl Pool {
     /// An event of context `ctx` (the current one): one given back earlier, or a new one.
@@ -70,12 +72,13 @@ impl Pool {
     }
 }
 
-/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules): the pool's
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules): a pool's
 /// lock is a leaf (nothing is taken while it is held), so it may be taken after every other.
-/// The child keeps the pool: pools are per context, a forked child's contexts are new, and its
+/// The child keeps the pools: they are per context, a forked child's contexts are new, and its
 /// parent's events are never reused.
 pub const FORK: Handlers = Handlers { prepare: hold_for_fork, in_child: atfork::nothing_to_forget };
 
 fn hold_for_fork(h: &mut Holder) {
     h.take(&SLEEPERS.free, atfork::keep);
+    h.take(&TIMINGS.free, atfork::keep);
 }
