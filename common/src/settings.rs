@@ -26,12 +26,26 @@ pub const ENV_PRIORITY_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
 /// priority and active-thread percentage; `off`: leave MPS's settings alone.
 pub const ENV_MPS: &str = "GPUSLICE_MPS";
 
+/// The name of the group of a process alone (no `GPUSLICE_GROUP`): `pid-<pid>`. Names with this
+/// prefix are kept for such groups (`check_group_name` refuses them): the controller and the
+/// shim tell a solo group by it (`is_solo_group`).
+pub fn solo_group_name(pid: u32) -> String {
+    format!("{SOLO_PREFIX}{pid}")
+}
+
+/// True for the name of a process alone's group (`solo_group_name`).
+pub fn is_solo_group(name: &str) -> bool {
+    name.starts_with(SOLO_PREFIX)
+}
+
+const SOLO_PREFIX: &str = "pid-";
+
 /// A group name: what `GPUSLICE_GROUP` and `[groups.NAME]` may say.
 pub fn check_group_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() < crate::ledger::NAME_BYTES
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
-        && !name.starts_with("pid-");
+        && !is_solo_group(name);
     if ok {
         Ok(())
     } else {
@@ -890,6 +904,10 @@ mod tests {
         assert_eq!(Settings::resolve(&env(&[]), None).unwrap().mps, MpsMode::Auto);
         let e = Settings::resolve(&env(&[("GPUSLICE_MPS", "sometimes")]), None).unwrap_err();
         assert_eq!(e.origin, "GPUSLICE_MPS");
+        // A process alone's group name is the one name a user may not give a group.
+        assert_eq!(solo_group_name(12), "pid-12");
+        assert!(is_solo_group(&solo_group_name(12)) && !is_solo_group("train-pid-12"));
+        assert!(check_group_name(&solo_group_name(12)).is_err() && check_group_name("train").is_ok());
         for bad in ["pid-12", "a b", ""] {
             if !bad.is_empty() {
                 assert!(Settings::resolve(&env(&[("GPUSLICE_GROUP", bad)]), None).is_err(), "{bad}");

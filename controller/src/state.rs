@@ -346,7 +346,7 @@ impl State {
             // than the members' writable copy.
             let published = self.published(i);
             let name = published.map_or_else(|| g.name(), |p| p.name());
-            let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || name.starts_with("pid-");
+            let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || gpuslice_common::settings::is_solo_group(&name);
             if !valid || self.find_group(&name).is_some() {
                 tracing::warn!("group slot {i} held {:?}, not a valid or distinct group name; freed", truncated(&name));
                 g.reset();
@@ -507,7 +507,7 @@ impl State {
         let mut notes = Vec::new();
         let devices = self.claim_devices(peer, &r.devices, &mut notes);
         let solo = r.group.is_none();
-        let group_name = r.group.clone().unwrap_or_else(|| format!("pid-{}", peer.pid));
+        let group_name = r.group.clone().unwrap_or_else(|| gpuslice_common::settings::solo_group_name(peer.pid));
         let group = match self.find_group(&group_name) {
             Some(g) => {
                 let info = &self.groups[&g];
@@ -543,16 +543,14 @@ impl State {
                 let default_limit = env_limit.or_else(|| self.config.settings.memory_limit.all().map(|l| l.value));
                 let default_share = env_share.or_else(|| self.config.settings.sm_share.all().map(|s| s.value));
                 for d in 0..MAX_DEVICES {
-                    slot.devices[d].limit.store(default_limit.unwrap_or(UNLIMITED), Relaxed);
-                    slot.set_share(d, default_share.unwrap_or(0));
+                    slot.set_limits(d, default_limit, default_share);
                 }
                 for claim in &r.devices {
                     let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
                     let index = index as usize;
                     let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value)).or(default_limit);
-                    slot.devices[index].limit.store(limit.unwrap_or(UNLIMITED), Relaxed);
                     let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal)).or(default_share);
-                    slot.set_share(index, share.unwrap_or(0));
+                    slot.set_limits(index, limit, share);
                 }
                 let priority = (if solo { r.priority } else { None }).or(self.config.settings.priority.as_ref().map(|p| p.value));
                 slot.priority.store(priority.unwrap_or_default() as u32, Relaxed);
@@ -762,7 +760,7 @@ impl State {
                         (self.new_group(name, true, None).ok_or("the ledger has no free group slot")?, true)
                     }
                 };
-                if !name.starts_with("pid-") {
+                if !gpuslice_common::settings::is_solo_group(name) {
                     // Configured now: kept when empty, and open to every uid.
                     let info = self.groups.get_mut(&slot).expect("found or made above");
                     info.pinned = true;
@@ -785,7 +783,7 @@ impl State {
                 let p = self.ledger.process(slot);
                 let g = self.ledger.group(group);
                 let name = self.groups.get(&group).map_or_else(|| g.name(), |i| i.name.clone());
-                let message = if name.starts_with("pid-") {
+                let message = if gpuslice_common::settings::is_solo_group(&name) {
                     self.edit_settings(group, |g| apply_edit_to_group(g, &e, &devices));
                     let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
@@ -823,7 +821,7 @@ impl State {
         self.may_edit(peer)?;
         let slot = self.find_group(name).ok_or_else(|| self.no_such_group(name))?;
         let members: Vec<u32> = self.members(slot).iter().map(|&p| self.ledger.process(p).pid.load(Relaxed)).collect();
-        if name.starts_with("pid-") {
+        if gpuslice_common::settings::is_solo_group(name) {
             return Err(format!("group {name:?} is the own group of a process alone; it goes when the process exits"));
         }
         if !members.is_empty() {
@@ -859,7 +857,7 @@ impl State {
             .groups
             .values()
             .map(|g| g.name.clone())
-            .filter(|n| !n.starts_with("pid-"))
+            .filter(|n| !gpuslice_common::settings::is_solo_group(n))
             .map(|n| (strsim::jaro_winkler(name, &n), n))
             .filter(|(score, _)| *score >= 0.8)
             .collect();

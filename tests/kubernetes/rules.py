@@ -31,7 +31,7 @@ class Truth:
 
     @staticmethod
     def from_sources(root: pathlib.Path) -> "Truth":
-        sources = sorted((root / "common" / "src").glob("*.rs")) + [root / "shim" / "src" / "runtime.rs"]
+        sources = sorted((root / "common" / "src").glob("*.rs")) + [root / "shim" / "src" / "sys" / "runtime.rs"]
         consts = {}
         for f in sources:
             consts.update(dict(re.findall(r'const (\w+): &str = "([^"]*)";', f.read_text())))

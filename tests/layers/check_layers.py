@@ -7,13 +7,16 @@ For every crate in the map it builds the module graph from the source tree: the 
 files (`a.rs` and `a/mod.rs` are `a`, `a/b.rs` is `a::b`), the edges are the paths that name
 another module of the crate (`crate::a::..`, `super::..`, `self::..`, a `use crate::{a, b::c}`
 group, and, in the crate root or a parent module, a bare `child::..`). Comments and string
-literals do not count. A module belongs to the layer that lists it or, failing that, its
+literals do not count. A layer is a folder (`folder = "hooks"`: every module under
+src/hooks/ is in it, and only there) or a list of modules (`modules = [...]`); a module belongs
+to the layer whose folder holds it, else to the layer that lists it or, failing that, its
 nearest listed parent module. Then it fails (exit 1) on
 
   - an import from a lower layer into a higher one that the map's allowlist does not name,
     printed as `file:line: upward import a -> b (layer x below y)`, with the rule;
   - a cycle between layers made by such imports, printed with the file:line of each edge;
-  - a module that no layer lists (a new file must be placed in the map).
+  - a module that no layer lists (a new file must be placed in the map);
+  - a module that a layer lists while it lives in another layer's folder.
 
 It warns (exit 0) about allowlist entries that no import needs any more and map entries that
 name no module. `--graph` prints every edge between modules, to read or to fill a map.
@@ -260,7 +263,10 @@ class CrateMap:
     def __init__(self, name, table):
         self.name = name
         self.src = table["src"]
-        self.layers = [(layer["name"], list(layer.get("modules", []))) for layer in table["layers"]]
+        # A folder layer lists its folder's module (`hooks`): its files are `hooks::..`.
+        self.layers = [(layer["name"], list(layer.get("modules", [])) + ([layer["folder"]] if "folder" in layer else []))
+                       for layer in table["layers"]]
+        self.folders = {layer["folder"]: layer["name"] for layer in table["layers"] if "folder" in layer}
         self.allow = {(a["from"], a["to"]): a.get("why", "") for a in table.get("allow", [])}
 
     def layer_of(self, module):
@@ -269,6 +275,8 @@ class CrateMap:
         if module == "":
             return (-1, "crate root")
         segs = module.split("::")
+        if segs[0] in self.folders:  # the folder decides, whatever a list says
+            return next((i, layer) for i, (layer, _m) in enumerate(self.layers) if layer == self.folders[segs[0]])
         for k in range(len(segs), 0, -1):
             name = "::".join(segs[:k])
             for i, (layer, members) in enumerate(self.layers):
@@ -303,6 +311,15 @@ def check_crate(root, cm, show_graph=False):
         if cm.layer_of(name) is None:
             errors.append(f"{rel(mod.path)}:1: module {cm.name}::{name} is in no layer: add it to a "
                           f"layer of crate {cm.name} in the layer map (rule: every module has a layer)")
+    for layer, members in cm.layers:
+        for m in members:
+            folder = m.split("::")[0]
+            if folder in cm.folders and cm.folders[folder] != layer:
+                errors.append(f"layer map: crate {cm.name} lists {m} in layer {layer}, but it lives in the folder of "
+                              f"layer {cm.folders[folder]} (rule: a module's layer is its folder; move the file)")
+    for folder in sorted(cm.folders):
+        if not os.path.isdir(os.path.join(src, folder)):
+            warnings.append(f"layer map: crate {cm.name}: layer folder {cm.src}/{folder} does not exist")
     listed = {m for _l, members in cm.layers for m in members}
     for m in sorted(listed - set(mods)):
         warnings.append(f"layer map: crate {cm.name} lists module {m}, which has no file under {cm.src}")

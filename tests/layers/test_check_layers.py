@@ -117,6 +117,20 @@ class LayerCheck(unittest.TestCase):
         self.assertEqual(rc, 1)
         self.assertIn("fix/src/stray.rs:1: module fix::stray is in no layer", err)
 
+    def test_a_folder_is_a_layer_and_a_list_cannot_place_its_files_elsewhere(self):
+        folders = MAP.replace('modules = ["hooks"]', 'folder = "hooks"').replace('modules = ["sys"]', 'folder = "sys"')
+        files = {"hooks.rs": "pub mod entry;\n", "hooks/entry.rs": "use crate::policy::decide;\n"}
+        rc, _out, err = Fixture(files, folders).run()
+        self.assertEqual(rc, 0, err)
+        upward = {"sys/clock.rs": "pub fn now() { crate::hooks::entry::go(); }\n"}
+        rc, _out, err = Fixture({**files, **upward}, folders).run()
+        self.assertEqual(rc, 1)
+        self.assertIn("fix/src/sys/clock.rs:1: upward import sys::clock -> hooks::entry (bottom is below top)", err)
+        misplaced = folders.replace('modules = ["policy"]', 'modules = ["policy", "sys::clock"]')
+        rc, _out, err = Fixture(files, misplaced).run()
+        self.assertEqual(rc, 1)
+        self.assertIn("lists sys::clock in layer middle, but it lives in the folder of layer bottom", err)
+
     def test_the_repository_passes_its_own_map(self):
         root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
         out, err = io.StringIO(), io.StringIO()

@@ -373,7 +373,8 @@ impl DeviceSlot {
 }
 
 impl GroupDevice {
-    /// Zeroes the figures counted on a device (its limit and share stay: they are settings).
+    /// Zeroes the figures counted on a device (its limit and share stay: they are settings). The
+    /// one list of a group's counters (`GroupSlot::reset` clears them with it).
     pub fn clear_counters(&self) {
         for c in [&self.used, &self.debt_until, &self.charged_ns, &self.throttled_ns, &self.refusals, &self.peak_used] {
             c.store(0, Relaxed);
@@ -381,7 +382,25 @@ impl GroupDevice {
     }
 }
 
+impl ProcessDevice {
+    /// Zeroes the figures counted on a device (its limit stays: it is a setting). The one list
+    /// of a process's counters (`ProcessSlot::reset` clears them with it).
+    pub fn clear_counters(&self) {
+        for c in [&self.used, &self.overhead, &self.charged_ns, &self.throttled_ns, &self.refusals, &self.peak_used, &self._was_penalty, &self.turn_wait_ns] {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
 impl GroupSlot {
+    /// Device `device`'s memory limit (`None`: unlimited) and SM share (`None`: none) as the
+    /// settings resolved them: the one way limits from settings reach a group (a process
+    /// alone's private ledger in the shim, a new group in the controller).
+    pub fn set_limits(&self, device: usize, memory: Option<u64>, share: Option<u32>) {
+        self.devices[device].limit.store(memory.unwrap_or(UNLIMITED), Relaxed);
+        self.set_share(device, share.unwrap_or(0));
+    }
+
     pub fn name(&self) -> String {
         read_text(&self.name)
     }
@@ -413,9 +432,7 @@ impl GroupSlot {
         write_text(&self.name, "");
         for d in &self.devices {
             d.limit.store(UNLIMITED, Relaxed);
-            for c in [&d.used, &d.debt_until, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used] {
-                c.store(0, Relaxed);
-            }
+            d.clear_counters();
             d.share.store(0, Relaxed);
         }
         self.generation.fetch_add(1, Release);
@@ -437,9 +454,7 @@ impl ProcessSlot {
         write_text(&self.name, "");
         for d in &self.devices {
             d.limit.store(UNLIMITED, Relaxed);
-            for c in [&d.used, &d.overhead, &d.charged_ns, &d.throttled_ns, &d.refusals, &d.peak_used, &d._was_penalty, &d.turn_wait_ns] {
-                c.store(0, Relaxed);
-            }
+            d.clear_counters();
         }
         self.generation.fetch_add(1, Release);
     }

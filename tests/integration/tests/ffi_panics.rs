@@ -133,6 +133,6 @@ fn the_panic_line_goes_to_the_log_file() {
     let text = std::fs::read_to_string(&log).expect("the log file");
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("internal error in gpuslice's cuMemAlloc_v2 hook")).collect();
     assert_eq!(lines.len(), 1, "{text}");
-    assert!(lines[0].contains("GPUSLICE_TEST_PANIC_IN=cuMemAlloc_v2: forced panic at shim/src/guard.rs"), "the message and where: {}", lines[0]);
+    assert!(lines[0].contains("GPUSLICE_TEST_PANIC_IN=cuMemAlloc_v2: forced panic at shim/src/sys/guard.rs"), "the message and where: {}", lines[0]);
     assert!(lines[0].contains("returned CUDA_ERROR_UNKNOWN"), "{}", lines[0]);
 }

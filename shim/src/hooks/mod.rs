@@ -1,0 +1,16 @@
+//! What the program calls: the exported driver and NVML entry points, the tables that dispatch
+//! them, and the fork handlers' order.
+//! A module here imports from this layer and the ones below it (docs/layers.toml).
+
+pub mod context;
+pub mod entry;
+pub mod fork;
+pub mod info;
+pub mod launch;
+pub mod legacy;
+pub mod memory;
+pub mod modules;
+pub mod nvml;
+pub mod registry;
+pub mod sharing;
+pub mod trampoline;

@@ -1,0 +1,150 @@
+//! The one table of what the shim interposes: each exported name and its wrapper.
+//!
+//! The `dlsym` hook looks names up here; the `cuGetProcAddress` hooks look up the *address* the
+//! real driver handed out, which works because the driver returns the very addresses of its
+//! exported versioned symbols (checked on the H100/H200, see docs/NOTES.md). So whatever version
+//! the driver picks for a caller's `cudaVersion` and flags, the wrapper of exactly that ABI
+//! replaces it, and a version the shim has no wrapper for is passed through untouched.
+
+use crate::sys::driver::driver;
+use crate::{hooks::context, hooks::entry, hooks::info, hooks::launch, hooks::legacy, hooks::memory, hooks::modules, hooks::nvml, hooks::sharing};
+use once_cell::sync::OnceCell;
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr};
+
+/// An exported name (with its NUL) and the wrapper behind it.
+pub struct Hook {
+    pub name: &'static CStr,
+    pub wrapper: *const (),
+}
+
+// SAFETY: code addresses, immutable for the life of the process.
+unsafe impl Sync for Hook {}
+
+macro_rules! hooks {
+    ($( $module:ident :: $name:ident ),* $(,)?) => {
+        pub static HOOKS: &[Hook] = &[
+            $( Hook {
+                // SAFETY: a literal with exactly one trailing NUL.
+                name: unsafe { CStr::from_bytes_with_nul_unchecked(concat!(stringify!($name), "\0").as_bytes()) },
+                wrapper: $module::$name as *const (),
+            }, )*
+        ];
+    };
+}
+
+hooks! {
+    entry::cuInit,
+    entry::cuGetProcAddress,
+    entry::cuGetProcAddress_v2,
+    memory::cuMemAlloc_v2,
+    memory::cuMemAllocPitch_v2,
+    memory::cuMemAllocManaged,
+    memory::cuMemAllocAsync,
+    memory::cuMemAllocAsync_ptsz,
+    memory::cuMemAllocFromPoolAsync,
+    memory::cuMemAllocFromPoolAsync_ptsz,
+    memory::cuMemFree_v2,
+    memory::cuMemFreeAsync,
+    memory::cuMemFreeAsync_ptsz,
+    memory::cuMemCreate,
+    memory::cuMemRelease,
+    memory::cuArrayCreate_v2,
+    memory::cuArray3DCreate_v2,
+    memory::cuMipmappedArrayCreate,
+    memory::cuArrayDestroy,
+    memory::cuMipmappedArrayDestroy,
+    info::cuMemGetInfo_v2,
+    info::cuDeviceTotalMem_v2,
+    context::cuDevicePrimaryCtxRetain,
+    context::cuDevicePrimaryCtxRelease_v2,
+    context::cuDevicePrimaryCtxReset_v2,
+    context::cuCtxCreate_v2,
+    context::cuCtxCreate_v3,
+    context::cuCtxCreate_v4,
+    context::cuCtxDestroy_v2,
+    launch::cuLaunchKernel,
+    launch::cuLaunchKernel_ptsz,
+    launch::cuLaunchKernelEx,
+    launch::cuLaunchKernelEx_ptsz,
+    launch::cuLaunchCooperativeKernel,
+    launch::cuLaunchCooperativeKernel_ptsz,
+    launch::cuGraphLaunch,
+    launch::cuGraphLaunch_ptsz,
+    modules::cuModuleLoad,
+    modules::cuModuleLoadData,
+    modules::cuModuleLoadDataEx,
+    modules::cuModuleLoadFatBinary,
+    modules::cuModuleUnload,
+    modules::cuLibraryLoadData,
+    modules::cuLibraryLoadFromFile,
+    modules::cuLibraryUnload,
+    legacy::cuMemAlloc,
+    legacy::cuMemAllocPitch,
+    legacy::cuMemFree,
+    legacy::cuMemGetInfo,
+    legacy::cuDeviceTotalMem,
+    legacy::cuArrayCreate,
+    legacy::cuArray3DCreate,
+    context::cuCtxCreate,
+    context::cuCtxDestroy,
+    context::cuDevicePrimaryCtxRelease,
+    context::cuDevicePrimaryCtxReset,
+    nvml::nvmlDeviceGetMemoryInfo,
+    nvml::nvmlDeviceGetMemoryInfo_v2,
+    nvml::nvmlDeviceGetCount,
+    nvml::nvmlDeviceGetCount_v2,
+    nvml::nvmlDeviceGetHandleByIndex,
+    nvml::nvmlDeviceGetHandleByIndex_v2,
+    nvml::nvmlDeviceGetHandleByUUID,
+    nvml::nvmlDeviceGetHandleByPciBusId,
+    nvml::nvmlDeviceGetHandleByPciBusId_v2,
+    nvml::nvmlDeviceGetHandleBySerial,
+    nvml::nvmlDeviceGetIndex,
+    nvml::nvmlDeviceGetComputeRunningProcesses,
+    nvml::nvmlDeviceGetComputeRunningProcesses_v2,
+    nvml::nvmlDeviceGetComputeRunningProcesses_v3,
+    nvml::nvmlDeviceGetGraphicsRunningProcesses,
+    nvml::nvmlDeviceGetGraphicsRunningProcesses_v2,
+    nvml::nvmlDeviceGetGraphicsRunningProcesses_v3,
+    nvml::nvmlDeviceGetMPSComputeRunningProcesses,
+    nvml::nvmlDeviceGetMPSComputeRunningProcesses_v2,
+    nvml::nvmlDeviceGetMPSComputeRunningProcesses_v3,
+    nvml::nvmlDeviceGetRunningProcessDetailList,
+    nvml::nvmlInternalGetExportTable,
+    nvml::nvmlDeviceGetUtilizationRates,
+    nvml::nvmlDeviceGetProcessUtilization,
+    sharing::cuIpcGetMemHandle,
+    sharing::cuIpcOpenMemHandle_v2,
+    sharing::cuIpcCloseMemHandle,
+    sharing::cuMemExportToShareableHandle,
+    sharing::cuMemImportFromShareableHandle,
+    sharing::cuMemMap,
+}
+
+/// The wrapper exported under `name`, if the shim interposes it.
+#[inline]
+pub fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
+    // Nearly every dlsym in a process is for something else: reject those on two bytes.
+    if !(name.starts_with(b"cu") || name.starts_with(b"nvml")) {
+        return None;
+    }
+    HOOKS.iter().find(|h| h.name.to_bytes() == name).map(|h| h.wrapper as *mut c_void)
+}
+
+static BY_REAL_ADDRESS: OnceCell<HashMap<usize, usize>> = OnceCell::new();
+
+/// The wrapper for a real driver address handed out by `cuGetProcAddress`, if it is one.
+pub fn wrapper_for_real(address: *mut c_void) -> Option<*mut c_void> {
+    let map = BY_REAL_ADDRESS.get_or_init(|| {
+        let Some(d) = driver() else { return HashMap::new() };
+        HOOKS
+            .iter()
+            .filter_map(|h| {
+                let real = d.symbol(h.name);
+                (!real.is_null()).then_some((real as usize, h.wrapper as usize))
+            })
+            .collect()
+    });
+    map.get(&(address as usize)).map(|&w| w as *mut c_void)
+}

@@ -1,0 +1,482 @@
+//! Priority classes on a device: while a high-priority process has work queued or running,
+//! lower-priority processes hold their launches back, and whenever a high-priority process
+//! lives on the device they keep only a few launches in flight, so that a high-priority
+//! request waits for about one neighbour kernel at most. When no high-priority process has
+//! work, everyone runs at full speed: nothing is partitioned.
+//!
+//! The state lives in shared memory (`DeviceSched`: the ledger's device slot with a
+//! controller, this user's board page without one):
+//! - a high-priority process marks its slot busy before each launch, records an event after it,
+//!   and a watcher thread of its own clears the mark (and wakes the waiters through a futex on
+//!   `wake`) once every recorded event has completed;
+//! - a lower-priority launcher sleeps on that futex while any high-priority process is busy,
+//!   then waits (blocking-sync events: the thread sleeps in the driver) until fewer than
+//!   `GPUSLICE_PRIORITY_QUEUE` of its own launches are still in flight.
+//!
+//! Leases bound what a dead process can cause: a high-priority process's slot lapses 300 ms
+//! after its watcher last renewed it, and no launch waits for a busy mark longer than
+//! `MAX_HOLD_NS`.
+
+use crate::state::link::{self, MAX_ORDINALS};
+use crate::sys::clock::{coarse_now_ns, now_ns};
+use crate::sys::driver::call_real;
+use crate::sys::events::{self, current_context, record, synchronize};
+use crate::sys::ffi::*;
+use crate::sys::locks;
+use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+/// How long a high-priority process's claim lasts without renewal.
+const LEASE_NS: u64 = 300_000_000;
+/// How often the watcher renews it.
+const RENEW_NS: u64 = 50_000_000;
+/// How often the watcher looks at outstanding events while high-priority work runs.
+const POLL_NS: u64 = 20_000;
+/// Longest a lower-priority launch waits for high-priority work before going anyway.
+const MAX_HOLD_NS: u64 = 1_000_000_000;
+/// Launches a lower-priority process keeps in flight while a high-priority one lives. One: the
+/// GPU time-slices between processes' queues, so a second queued kernel of the neighbour can
+/// run before the high-priority request even when the first has finished (measured on the
+/// H200: queue 2 cost a 2 ms probe about three 200 µs neighbour kernels at p50).
+const DEFAULT_QUEUE: usize = 1;
+/// A lower-priority launcher polls its oldest launch this long before sleeping on it: with one
+/// launch in flight, the gap between its kernels is the time to notice the end, and a sleeping
+/// thread wakes tens of µs late (CUDA's own synchronisation spins by default too).
+const SPIN_NS: u64 = 500_000;
+/// After waiting this long on a busy mark, a launcher checks its holder is alive (no controller:
+/// same user, same pid namespace).
+const CHECK_HOLDER_NS: u64 = 10_000_000;
+
+/// `CU_STREAM_CAPTURE_MODE_RELAXED`: this thread's event queries do not break another
+/// thread's stream capture (a thread's default, GLOBAL, makes them invalidate it: PyTorch's
+/// CUDA-graph capture failed that way on the H200).
+const CAPTURE_MODE_RELAXED: i32 = 2;
+
+/// The priority this process launches with now (a controller may change it at any time).
+#[inline]
+pub fn priority() -> Priority {
+    link::get().map_or(Priority::Normal, |l| l.priority())
+}
+
+/// True when a launch needs this module: this process is high-priority, or some high-priority
+/// process lives on one of its devices.
+#[inline]
+pub fn engaged() -> bool {
+    let Some(l) = link::get() else { return false };
+    if l.priority() == Priority::High {
+        return true;
+    }
+    let scheds = l.scheds();
+    if scheds.is_empty() {
+        return false;
+    }
+    let now = coarse_now_ns();
+    scheds.iter().any(|s| s.high_alive(now))
+}
+
+fn state(device: CUdevice) -> Option<&'static DeviceSched> {
+    link::get()?.sched(device)
+}
+
+/// A context was made on `device`: a high-priority process claims its place there now, so
+/// that lower-priority neighbours bound their queues before its first request arrives.
+pub fn context_created(device: CUdevice) {
+    if priority() == Priority::High {
+        if let Some(s) = state(device) {
+            let _ = high_slot(device, s);
+        }
+    }
+}
+
+/// Runs `launch` under the priority rules of the current device.
+pub fn launch(device: CUdevice, stream: CUstream, launch: impl FnOnce() -> CuResult) -> CuResult {
+    let Some(s) = state(device) else { return launch() };
+    match priority() {
+        Priority::High => high_launch(device, s, stream, launch),
+        _ => {
+            let now = now_ns();
+            if !s.high_alive(now) {
+                return launch();
+            }
+            yield_to_high(device, s, now);
+            let code = launch();
+            if code == CUDA_SUCCESS {
+                in_flight(device).push(stream);
+            }
+            code
+        }
+    }
+}
+
+// ------------------------------------------------------------------- lower-priority side
+
+/// Waits while a high-priority process has work on the device, then until this process has
+/// fewer than its allowance of launches in flight.
+fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64) {
+    loop {
+        wait_while_busy(s, start);
+        in_flight(device).wait_below(queue_allowance());
+        // The wait for the queue may have let a high-priority request begin: look again, or
+        // this launch would go in ahead of it.
+        if s.busy_high(now_ns()).is_none() || now_ns() - start >= MAX_HOLD_NS {
+            break;
+        }
+    }
+    let waited = now_ns() - start;
+    if waited > 1_000 {
+        if let Some(l) = link::get() {
+            if let Some(i) = l.index(device) {
+                l.group.devices[i].throttled_ns.fetch_add(waited, Relaxed);
+                l.process.devices[i].throttled_ns.fetch_add(waited, Relaxed);
+            }
+        }
+    }
+}
+
+/// Sleeps while a live high-priority process has work on the device.
+fn wait_while_busy(s: &DeviceSched, start: u64) {
+    let mut now = now_ns();
+    while let Some(holder) = s.busy_high(now) {
+        if now - start >= MAX_HOLD_NS {
+            break;
+        }
+        if now - start >= CHECK_HOLDER_NS && holder_is_gone(holder) {
+            s.release_high_at(holder, holder.owner.load(Acquire), now);
+            continue;
+        }
+        let seen = s.wake.load(SeqCst);
+        if s.busy_high(now).is_none() {
+            break;
+        }
+        futex_wait(&s.wake, seen, 2_000_000);
+        now = now_ns();
+    }
+}
+
+/// True when the holder of a busy mark is known dead. Only asked without a controller, where
+/// the page is this user's and its processes share a pid namespace; with one, the lease decides.
+fn holder_is_gone(holder: &HighSlot) -> bool {
+    if link::get().is_none_or(|l| l.controlled) {
+        return false;
+    }
+    let pid = holder.pid.load(Relaxed);
+    pid != 0 && !crate::sys::pids::alive(pid)
+}
+
+fn queue_allowance() -> usize {
+    crate::sys::runtime::runtime().settings.as_ref().ok().and_then(|s| s.priority_queue).map_or(DEFAULT_QUEUE, |n| n as usize)
+}
+
+/// This process's launches on one device that may still be running: one event each, with
+/// the fork generation they belong to.
+struct InFlight {
+    events: Mutex<(u64, VecDeque<(usize, usize)>)>,
+}
+
+static IN_FLIGHT: [InFlight; MAX_ORDINALS] = [const { InFlight { events: Mutex::new((0, VecDeque::new())) } }; MAX_ORDINALS];
+
+fn in_flight(device: CUdevice) -> &'static InFlight {
+    &IN_FLIGHT[(device.max(0) as usize).min(MAX_ORDINALS - 1)]
+}
+
+impl InFlight {
+    /// The queue (`.1`); a forked child's inherited events, which belong to its parent's
+    /// contexts, are dropped.
+    fn queue(&self) -> MutexGuard<'_, (u64, VecDeque<(usize, usize)>)> {
+        let mut guard = locks::lock(&self.events);
+        let generation = link::fork_generation();
+        if guard.0 != generation {
+            std::mem::forget(std::mem::take(&mut guard.1));
+            guard.0 = generation;
+        }
+        guard
+    }
+
+    fn push(&self, stream: CUstream) {
+        let Some((ctx, event)) = recorded_event(stream) else { return };
+        self.queue().1.push_back((ctx, event));
+    }
+
+    /// Drops finished launches; sleeps on the oldest while `limit` or more are in flight.
+    fn wait_below(&self, limit: usize) {
+        relaxed(|| self.wait_below_now(limit))
+    }
+
+    fn wait_below_now(&self, limit: usize) {
+        let mut queue = self.queue();
+        let events = &mut queue.1;
+        while let Some(&(ctx, event)) = events.front() {
+            if events.len() >= limit {
+                // No spinning on the simulated clock: it stands still while anyone spins.
+                let spin_until = if crate::sys::clock::simulated() { 0 } else { now_ns() + SPIN_NS };
+                while !done(event) {
+                    if now_ns() >= spin_until {
+                        synchronize(event);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            } else if !done(event) {
+                break;
+            }
+            events.pop_front();
+            give_event(ctx, event);
+        }
+    }
+}
+
+// ------------------------------------------------------------------- high-priority side
+
+/// What the watcher looks after: per device, the events of launches not yet known finished.
+struct Watched {
+    devices: HashMap<CUdevice, Outstanding>,
+    started: bool,
+    /// `link::fork_generation()` when this was set up: a forked child finds another and starts
+    /// over (the slots and the watcher thread are its parent's).
+    generation: u64,
+}
+
+struct Outstanding {
+    sched: &'static DeviceSched,
+    slot: &'static HighSlot,
+    events: Vec<(usize, usize)>,
+}
+
+static WATCHED: Mutex<Option<Watched>> = Mutex::new(None);
+static WORK: Condvar = Condvar::new();
+/// On the simulated clock the watcher waits for work on this word through the clock instead
+/// of `WORK` (a condition variable would hold virtual time while it waits).
+static WORK_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// High-priority launches between marking busy and handing their event to the watcher.
+static LAUNCHING: AtomicU64 = AtomicU64::new(0);
+
+fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, launch: impl FnOnce() -> CuResult) -> CuResult {
+    let Some(slot) = high_slot(device, s) else { return launch() };
+    LAUNCHING.fetch_add(1, SeqCst);
+    slot.busy.store(1, SeqCst);
+    let code = launch();
+    let event = if code == CUDA_SUCCESS { recorded_event(stream) } else { None };
+    {
+        let mut watched = locks::lock(&WATCHED);
+        if let (Some(o), Some(event)) = (watched.as_mut().and_then(|w| w.devices.get_mut(&device)), event) {
+            o.events.push(event);
+        }
+        LAUNCHING.fetch_sub(1, SeqCst);
+    }
+    if crate::sys::clock::simulated() {
+        WORK_SEQ.fetch_add(1, SeqCst);
+        futex_wake_all(&WORK_SEQ);
+    }
+    WORK.notify_one();
+    code
+}
+
+/// A fresh event of the current context recorded on `stream`, as (context, event).
+fn recorded_event(stream: CUstream) -> Option<(usize, usize)> {
+    let ctx = current_context()?;
+    let event = take_event(ctx)?;
+    if relaxed(|| record(event, stream)) {
+        Some((ctx, event))
+    } else {
+        give_event(ctx, event);
+        None
+    }
+}
+
+/// This process's high-priority slot on `device`, claimed at its first launch there (and the
+/// watcher started at the first of all).
+fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighSlot> {
+    let mut watched = locks::lock(&WATCHED);
+    let generation = link::fork_generation();
+    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false, generation });
+    if w.generation != generation {
+        // Forked: forget the parent's slots (still its own) and its watcher thread.
+        std::mem::forget(std::mem::take(&mut w.devices));
+        *w = Watched { devices: HashMap::new(), started: false, generation };
+    }
+    if let Some(o) = w.devices.get(&device) {
+        return Some(o.slot);
+    }
+    let now = now_ns();
+    let Some(slot) = s.claim_high(owner(), std::process::id(), now, LEASE_NS) else {
+        tracing::warn!("device {device}: {} high-priority processes already; this one runs as normal", gpuslice_common::ledger::MAX_HIGH);
+        return None;
+    };
+    s.renew(slot, now, LEASE_NS);
+    w.devices.insert(device, Outstanding { sched: s, slot, events: Vec::new() });
+    if !w.started {
+        w.started = true;
+        // SAFETY: registering a plain extern "C" function.
+        unsafe { libc::atexit(release_at_exit) };
+        // On the simulated clock the watcher joins it before this thread goes on (it would
+        // otherwise miss the virtual time that passes while it starts: leases lapse).
+        let (joined, joined_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let spawned = std::thread::Builder::new().name("gpuslice-prio".into()).spawn(move || {
+            crate::sys::clock::join();
+            let _ = joined.send(());
+            if std::panic::catch_unwind(watch).is_err() {
+                // The slots lapse with their leases (300 ms); the program goes on.
+                tracing::error!("gpuslice's priority watcher stopped on an internal error; high priority lapses");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the priority watcher ({e}); high priority is not enforced");
+            return None;
+        }
+        if crate::sys::clock::simulated() {
+            let _ = joined_rx.recv_timeout(std::time::Duration::from_secs(5));
+        }
+        tracing::info!("pid {}: high priority on device {device}: lower-priority processes yield to this one", std::process::id());
+    }
+    Some(slot)
+}
+
+/// The token naming this process's high-priority slots (a forked child draws its own).
+fn owner() -> u64 {
+    link::token()
+}
+
+/// Gives up every high-priority slot of this process (left high priority, or exiting).
+fn release_all(w: &mut Watched) {
+    for (_, o) in w.devices.drain() {
+        o.sched.release_high_at(o.slot, owner(), now_ns());
+        futex_wake_all(&o.sched.wake);
+        for (ctx, e) in o.events {
+            give_event(ctx, e);
+        }
+    }
+}
+
+extern "C" fn release_at_exit() {
+    // Never block an exiting process: skip if the watcher holds the lock. A forked child's
+    // inherited slots are its parent's: not to be released here. Nothing may unwind out of an
+    // exit handler.
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(mut watched) = locks::try_lock(&WATCHED) {
+            if let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) {
+                release_all(w);
+            }
+        }
+    });
+}
+
+/// The watcher: renews the leases, and marks a device idle once its events have completed.
+fn watch() {
+    // SAFETY: prctl on this thread only: wake-ups within a few µs of the requested time.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+    // For good: this thread's queries must never break the program's graph captures.
+    let mut mode = CAPTURE_MODE_RELAXED;
+    let _ = call_real!(cuThreadExchangeStreamCaptureMode(&mut mode));
+    let mut renewed = 0u64;
+    loop {
+        let now = now_ns();
+        let mut watched = locks::lock(&WATCHED);
+        let Some(w) = watched.as_mut() else { return };
+        if priority() != Priority::High && !w.devices.is_empty() {
+            // Set back to normal or low (by the controller): the neighbours go free at once.
+            release_all(w);
+        }
+        if now - renewed >= RENEW_NS {
+            renewed = now;
+            for o in w.devices.values() {
+                o.sched.renew(o.slot, now, LEASE_NS);
+            }
+        }
+        let mut outstanding = false;
+        for o in w.devices.values_mut() {
+            o.events.retain(|&(ctx, e)| {
+                if done_in(ctx, e) {
+                    give_event(ctx, e);
+                    false
+                } else {
+                    true
+                }
+            });
+            if o.events.is_empty() {
+                if o.slot.busy.load(SeqCst) != 0 && LAUNCHING.load(SeqCst) == 0 {
+                    o.slot.busy.store(0, SeqCst);
+                    // A launch that began in between marks it again.
+                    if LAUNCHING.load(SeqCst) != 0 {
+                        o.slot.busy.store(1, SeqCst);
+                    } else {
+                        o.sched.wake.fetch_add(1, SeqCst);
+                        futex_wake_all(&o.sched.wake);
+                    }
+                }
+            } else {
+                outstanding = true;
+            }
+        }
+        if outstanding {
+            drop(watched);
+            crate::sys::clock::sleep_ns(POLL_NS);
+        } else if crate::sys::clock::simulated() {
+            let seen = WORK_SEQ.load(SeqCst);
+            drop(watched);
+            futex_wait(&WORK_SEQ, seen, RENEW_NS);
+        } else {
+            drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(RENEW_NS)));
+        }
+    }
+}
+
+// ------------------------------------------------------------------- events and futexes
+
+/// Runs `f` with the calling thread in relaxed capture mode (see `CAPTURE_MODE_RELAXED`),
+/// restoring the program's mode after.
+fn relaxed<T>(f: impl FnOnce() -> T) -> T {
+    let mut mode = CAPTURE_MODE_RELAXED;
+    let swapped = call_real!(cuThreadExchangeStreamCaptureMode(&mut mode)) == CUDA_SUCCESS;
+    let out = f();
+    if swapped {
+        let _ = call_real!(cuThreadExchangeStreamCaptureMode(&mut mode));
+    }
+    out
+}
+
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: crate::sys::atfork::nothing_to_forget };
+
+/// The priority machinery's locks, for a fork (see `sys::atfork`), in the order the code nests them:
+/// the watcher's state before a device's launches in flight (the event pool, `events::SLEEPERS`,
+/// comes after both). The child sorts its inherited state out itself (fork generations).
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
+    h.take(&WATCHED, crate::sys::atfork::keep);
+    for device in &IN_FLIGHT {
+        h.take(&device.events, crate::sys::atfork::keep);
+    }
+}
+
+/// An event of context `ctx` (the current one) that sleeps when waited on.
+fn take_event(ctx: usize) -> Option<usize> {
+    events::SLEEPERS.take(ctx)
+}
+
+fn give_event(ctx: usize, event: usize) {
+    events::SLEEPERS.give(ctx, event);
+}
+
+/// True when the event has completed (or cannot be asked: never wait on a broken event).
+fn done(event: usize) -> bool {
+    call_real!(cuEventQuery(event as *mut c_void)) != CUDA_ERROR_NOT_READY
+}
+
+/// The same from the watcher thread, which has no context of its own.
+fn done_in(ctx: usize, event: usize) -> bool {
+    let _ = call_real!(cuCtxSetCurrent(ctx as CUcontext));
+    done(event)
+}
+
+/// All bits: these futexes have one kind of waiter each.
+const ALL: u32 = u32::MAX;
+
+pub(crate) fn futex_wait(word: &std::sync::atomic::AtomicU32, expected: u32, timeout_ns: u64) {
+    crate::sys::clock::futex_wait(word, expected, ALL, timeout_ns)
+}
+
+pub(crate) fn futex_wake_all(word: &std::sync::atomic::AtomicU32) {
+    crate::sys::clock::futex_wake(word, ALL)
+}

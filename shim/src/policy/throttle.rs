@@ -1,0 +1,343 @@
+//! Token buckets of device time, one per group and device: a group at share `s` may keep the
+//! device busy for `s`% of wall time. Lock-free: each bucket is one atomic "debt" timestamp in
+//! the ledger (the generic cell rate algorithm), so the processes of a group share it, and a
+//! share edited by the controller applies at the next launch.
+//!
+//! `debt_until` is the wall time at which the tokens would be back to zero if nothing else were
+//! charged. A launch may go when `now >= debt_until` (tokens ≥ 0); it then moves `debt_until`
+//! forward by `cost / share`. Tokens never exceed `CAPACITY` (the clamp `debt_until >= now −
+//! CAPACITY/share`). When tokens are negative the launching thread sleeps until they are back to
+//! `+QUANTUM`, so launches go out in bursts of about a millisecond of device work: fewer wake-ups,
+//! sleep overshoot absorbed by the clamp, and back-to-back kernels whose device time events can
+//! measure exactly (see `cost`).
+
+use crate::state::link::{self, MAX_ORDINALS};
+use crate::sys::clock::now_ns;
+use crate::sys::ffi::CUdevice;
+use crate::sys::locks;
+use gpuslice_common::ledger::{GroupDevice, ProcessDevice};
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::Mutex;
+
+/// Device time a sleeping launcher waits to have in hand before it goes again.
+pub const QUANTUM_NS: u64 = 1_000_000;
+/// Most device time a process can save up: bounds the overshoot in any window to 2 ms.
+pub const CAPACITY_NS: u64 = 2_000_000;
+/// While other throttled processes share the device they take turns in ticket order (see
+/// `board`), one burst each per round. Bursts are then sized in *wall* time, the same for every
+/// share: a process wakes to queue once it has `share × quantum` of device time in hand, and
+/// keeps at most `share × capacity`, so each gets device time in proportion to its share per
+/// round (a 40% process bursts ten times as long as a 4% one), and a round of waiting (at most
+/// `quantum` while the shares sum to ≤ 100%) loses it no tokens. The quantum grows with the
+/// processes taking turns (`SHARED_QUANTUM_PER_PEER_NS` each, between the bounds), so that a
+/// round has few hand-overs (each costs an idle gap on the device) and two processes still
+/// alternate in short bursts (a burst is also how far a share can run ahead in a window).
+pub const SHARED_QUANTUM_PER_PEER_NS: u64 = 6_000_000;
+pub const SHARED_QUANTUM_MIN_WALL_NS: u64 = 12_000_000;
+pub const SHARED_QUANTUM_MAX_WALL_NS: u64 = 100_000_000;
+/// Capacity = quantum × 3/2 + this.
+const SHARED_CAPACITY_EXTRA_WALL_NS: u64 = 10_000_000;
+/// The largest shared capacity in wall time: the bound on one holder's burst.
+pub const SHARED_CAPACITY_WALL_NS: u64 = SHARED_QUANTUM_MAX_WALL_NS * 3 / 2 + SHARED_CAPACITY_EXTRA_WALL_NS;
+/// How long after last seeing another process on the device the longer bursts stay (more than
+/// a round).
+const SHARED_HOLD_NS: u64 = 500_000_000;
+
+/// Longest single sleep; a share edited while asleep takes effect within this.
+const MAX_SLEEP_NS: u64 = 10_000_000;
+
+/// What this process alone knows about its launches on one device.
+pub struct Local {
+    /// Host model of when the device finishes the work charged so far (device ns on the wall
+    /// clock); tells a sample taken behind queued work from one taken on an idle device.
+    queued_until: AtomicU64,
+    /// The latest launch here. Throttled launches on a device go out one at a time under this
+    /// lock, so that the order numbers say is the order the driver got them: a measurement
+    /// then knows whether another thread's kernel ran inside it.
+    pub last_launch: Mutex<LastLaunch>,
+    /// (wall ns, charged ns, waited ns) at the last debug report.
+    reported: Mutex<(u64, u64, u64)>,
+    /// Until when another throttled process counts as sharing the device.
+    shared_until: AtomicU64,
+    /// Processes taking turns on the device, as the latest turns showed (decays by one a turn).
+    peers: AtomicU64,
+}
+
+/// Which thread made the latest launch on a device, on which stream, with which number.
+#[derive(Clone, Copy)]
+pub struct LastLaunch {
+    pub thread: u64,
+    pub stream: usize,
+    pub sequence: u64,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const IDLE: Local = Local {
+    queued_until: AtomicU64::new(0),
+    last_launch: Mutex::new(LastLaunch { thread: 0, stream: 0, sequence: 0 }),
+    reported: Mutex::new((0, 0, 0)),
+    shared_until: AtomicU64::new(0),
+    peers: AtomicU64::new(1),
+};
+
+static LOCAL: [Local; MAX_ORDINALS] = [IDLE; MAX_ORDINALS];
+
+/// A throttled device as this process sees it: the group's bucket in the ledger, this
+/// process's own counters there, and its local state.
+#[derive(Clone, Copy)]
+pub struct Bucket {
+    /// The group's counters (debt, time held back): written by every member.
+    group: &'static GroupDevice,
+    /// The share as the controller publishes it (read-only: a member cannot raise it).
+    settings: &'static GroupDevice,
+    process: &'static ProcessDevice,
+    local: &'static Local,
+}
+
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
+
+/// The per-device launch locks, for a fork (see `sys::atfork`): the child's launches start a new
+/// order (its parent's latest launch was on the parent's queue).
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
+    for local in &LOCAL {
+        h.take(&local.last_launch, |l| *l = LastLaunch { thread: 0, stream: 0, sequence: 0 });
+        h.take(&local.reported, |r| *r = (0, 0, 0));
+    }
+}
+
+/// In a forked child: nothing of its own is queued on any device yet.
+pub fn forget_in_child() {
+    for local in &LOCAL {
+        local.queued_until.store(0, Relaxed);
+        local.shared_until.store(0, Relaxed);
+        local.peers.store(1, Relaxed);
+    }
+}
+
+/// A number unique to the calling thread while it lives (the address of a thread-local).
+pub fn thread_token() -> u64 {
+    thread_local! {
+        static TOKEN: u8 = const { 0 };
+    }
+    TOKEN.try_with(|t| t as *const u8 as u64).unwrap_or(1)
+}
+
+/// True when some device of this process's group is throttled: the one check an unthrottled
+/// launch pays (a load from the ledger).
+#[inline(always)]
+pub fn active() -> bool {
+    link::get().is_some_and(|l| l.settings.throttled.load(Relaxed) != 0)
+}
+
+/// The bucket of `device`, if that device is throttled.
+#[inline]
+pub fn bucket(device: CUdevice) -> Option<Bucket> {
+    let link = link::get()?;
+    let index = link.index(device)?;
+    let settings = &link.settings.devices[index];
+    if settings.share.load(Relaxed) == 0 || crate::policy::mps::spatial(device) {
+        return None;
+    }
+    Some(Bucket { group: &link.group.devices[index], settings, process: &link.process.devices[index], local: &LOCAL[device as usize] })
+}
+
+impl Bucket {
+    /// Wall time that `device_ns` of device time costs at this share.
+    #[inline]
+    fn wall(&self, device_ns: u64) -> u64 {
+        let share = u64::from(self.settings.share.load(Relaxed).clamp(1, 100));
+        device_ns.saturating_mul(100) / share
+    }
+
+    /// Waits until this process may launch again. `while_waiting` runs before each sleep (the
+    /// caller harvests measurements, which may give time back).
+    pub fn wait_turn(&self, mut while_waiting: impl FnMut()) {
+        let mut slept = 0u64;
+        loop {
+            let now = now_ns();
+            let debt = self.group.debt_until.load(Acquire);
+            if now >= debt {
+                break;
+            }
+            while_waiting();
+            // `while_waiting` may have blocked (a hand-over waits for the burst to finish).
+            let now = now_ns();
+            let debt = self.group.debt_until.load(Acquire);
+            if now >= debt {
+                break;
+            }
+            let wake = debt.saturating_add(self.wall(self.quantum(now).0));
+            let nap = (wake - now).min(MAX_SLEEP_NS);
+            crate::sys::clock::sleep_ns(nap);
+            slept += now_ns() - now;
+        }
+        self.add_waited(slept);
+    }
+
+    /// (quantum, capacity) in device ns: longer while the device is shared.
+    fn quantum(&self, now: u64) -> (u64, u64) {
+        if self.shared(now) {
+            let share = u64::from(self.settings.share.load(Relaxed).clamp(1, 100));
+            let peers = self.local.peers.load(Relaxed);
+            let wall = (peers * SHARED_QUANTUM_PER_PEER_NS).clamp(SHARED_QUANTUM_MIN_WALL_NS, SHARED_QUANTUM_MAX_WALL_NS);
+            let capacity_wall = wall * 3 / 2 + SHARED_CAPACITY_EXTRA_WALL_NS;
+            let quantum = (wall * share / 100).max(QUANTUM_NS);
+            (quantum, (capacity_wall * share / 100).max(quantum + QUANTUM_NS))
+        } else {
+            (QUANTUM_NS, CAPACITY_NS)
+        }
+    }
+
+    /// True while another throttled process shares the device.
+    pub fn shared(&self, now: u64) -> bool {
+        now < self.local.shared_until.load(Relaxed)
+    }
+
+    /// Notes that other throttled processes use this device: `peers` take turns, this one
+    /// included, as its latest turn showed.
+    pub fn saw_neighbour(&self, peers: u32) {
+        self.local.shared_until.store(now_ns() + SHARED_HOLD_NS, Relaxed);
+        let seen = u64::from(peers.max(2));
+        let _ = self.local.peers.fetch_update(Relaxed, Relaxed, |old| Some(seen.max(old.saturating_sub(1))));
+    }
+
+    /// When the host model expects this process's queued work to be done.
+    pub fn queued_until(&self) -> u64 {
+        self.local.queued_until.load(Relaxed)
+    }
+
+    /// Counts time spent waiting for another process's turn.
+    pub fn add_waited(&self, ns: u64) {
+        if ns != 0 {
+            self.group.throttled_ns.fetch_add(ns, Relaxed);
+            self.process.throttled_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
+    /// Counts time spent waiting for the turn among throttled processes (part of the time
+    /// waited, and also shown on its own: a starving process is seen at once).
+    pub fn add_turn_waited(&self, ns: u64) {
+        if ns != 0 {
+            self.add_waited(ns);
+            self.process.turn_wait_ns.fetch_add(ns, Relaxed);
+        }
+    }
+
+    /// The lock throttled launches on this device go out under.
+    pub fn last_launch(&self) -> &'static Mutex<LastLaunch> {
+        &self.local.last_launch
+    }
+
+    /// Charges `device_ns` for a launch that has gone out.
+    pub fn charge(&self, device_ns: u64) {
+        let now = now_ns();
+        let cost = self.wall(device_ns);
+        let floor = now.saturating_sub(self.wall(self.quantum(now).1));
+        let _ = self.group.debt_until.fetch_update(AcqRel, Relaxed, |debt| Some(debt.max(floor).saturating_add(cost)));
+        let _ = self.local.queued_until.fetch_update(AcqRel, Relaxed, |q| Some(q.max(now).saturating_add(device_ns)));
+        self.group.charged_ns.fetch_add(device_ns, Relaxed);
+        self.process.charged_ns.fetch_add(device_ns, Relaxed);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            self.report(now);
+        }
+    }
+
+    /// Once a second, at debug level: the share actually charged and the time spent waiting.
+    #[cold]
+    fn report(&self, now: u64) {
+        let Some(mut last) = locks::try_lock(&self.local.reported) else { return };
+        let (wall0, charged0, waited0) = *last;
+        if now.saturating_sub(wall0) < 1_000_000_000 {
+            return;
+        }
+        let charged = self.process.charged_ns.load(Relaxed);
+        let waited = self.process.throttled_ns.load(Relaxed);
+        *last = (now, charged, waited);
+        if wall0 != 0 {
+            let wall = (now - wall0) as f64;
+            tracing::debug!(
+                share = self.settings.share.load(Relaxed),
+                charged_pct = format!("{:.1}", (charged - charged0) as f64 / wall * 100.0),
+                waited_pct = format!("{:.1}", (waited - waited0) as f64 / wall * 100.0),
+                "throttle over the last second"
+            );
+        }
+    }
+
+    /// True when the host model says the device still has this process's work queued.
+    pub fn busy(&self) -> bool {
+        self.local.queued_until.load(Relaxed) > now_ns()
+    }
+
+    /// Corrects an earlier charge by `delta_ns` of device time (negative gives time back).
+    pub fn settle(&self, delta_ns: i64) {
+        let wall = self.wall(delta_ns.unsigned_abs());
+        if delta_ns >= 0 {
+            self.group.debt_until.fetch_add(wall, AcqRel);
+            self.group.charged_ns.fetch_add(delta_ns as u64, Relaxed);
+            self.process.charged_ns.fetch_add(delta_ns as u64, Relaxed);
+        } else {
+            let _ = self.group.debt_until.fetch_update(AcqRel, Relaxed, |d| Some(d.saturating_sub(wall)));
+            let back = delta_ns.unsigned_abs();
+            let _ = self.group.charged_ns.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_sub(back)));
+            let _ = self.process.charged_ns.fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_sub(back)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuslice_common::ledger::Ledger;
+
+    fn bucket(share: u32) -> Bucket {
+        let ledger: &'static Ledger = Box::leak(Box::new(Ledger::anonymous().unwrap()));
+        ledger.group(0).set_share(0, share);
+        let local: &'static Local = Box::leak(Box::new(IDLE));
+        Bucket { group: &ledger.group(0).devices[0], settings: &ledger.group(0).devices[0], process: &ledger.process(0).devices[0], local }
+    }
+
+    #[test]
+    fn a_quarter_share_runs_a_quarter_of_the_time() {
+        crate::sys::clock::unit::simulate();
+        let b = bucket(25);
+        let start = now_ns();
+        let mut device = 0u64;
+        while now_ns() - start < 200_000_000 {
+            b.wait_turn(|| {});
+            b.charge(100_000);
+            device += 100_000;
+        }
+        let wall = (now_ns() - start) as f64;
+        let share = device as f64 / wall;
+        // The first CAPACITY (2 ms, 1 % of 200 ms) is free; sleeps end on time on this clock.
+        assert!((0.25..0.262).contains(&share), "achieved {share}");
+        assert_eq!(b.group.charged_ns.load(Relaxed), device);
+        assert_eq!(b.process.charged_ns.load(Relaxed), device);
+    }
+
+    #[test]
+    fn settlement_gives_time_back() {
+        crate::sys::clock::unit::simulate();
+        let b = bucket(50);
+        b.charge(10_000_000);
+        let debt = b.group.debt_until.load(Relaxed);
+        b.settle(-5_000_000);
+        assert_eq!(debt - b.group.debt_until.load(Relaxed), 10_000_000);
+        b.settle(1_000_000);
+        assert_eq!(debt - b.group.debt_until.load(Relaxed), 8_000_000);
+    }
+
+    #[test]
+    fn savings_are_capped() {
+        crate::sys::clock::unit::simulate();
+        let b = bucket(10);
+        b.charge(1);
+        crate::sys::clock::unit::advance(50_000_000);
+        // 50 ms idle at 10% would be 5 ms of tokens; only CAPACITY (2 ms) may be kept.
+        b.charge(0);
+        let tokens_wall = now_ns().saturating_sub(b.group.debt_until.load(Relaxed));
+        assert_eq!(tokens_wall, b.wall(CAPACITY_NS), "exactly the capacity is kept");
+    }
+}
