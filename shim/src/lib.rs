@@ -36,6 +36,9 @@ mod registry;
 mod runtime;
 mod sched;
 mod sharing;
+mod slice_args;
+mod slice_cost;
+mod slicer;
 mod throttle;
 mod trampoline;
 
