@@ -162,8 +162,16 @@ fn launch_sliced(
     let captured = capturing(stream);
     let split = shape.sliceable && !captured && original.volume() > 0 && sched::priority() != Priority::High && sched::engaged();
     let slices = match device {
-        Some(device) if split => plan_slices(original, slice_cost::blocks_per_slice(device, locks::lock(&k.cost).block_ns())),
-        _ => vec![Slice { offset: Dim3::new(0, 0, 0), grid: original }],
+        Some(device) if split => {
+            let block_ns = locks::lock(&k.cost).block_ns();
+            let max_blocks = slice_cost::blocks_per_slice(device, block_ns);
+            tracing::trace!("a launch of {} blocks in slices of at most {max_blocks} ({block_ns:?} ns per block measured)", original.volume());
+            plan_slices(original, max_blocks)
+        }
+        _ => {
+            tracing::trace!("a launch of {} blocks goes whole (sliceable {}, captured {captured}, device {device:?})", original.volume(), shape.sliceable);
+            vec![Slice { offset: Dim3::new(0, 0, 0), grid: original }]
+        }
     };
     let ctx = d.and_then(|d| d.current_context()).filter(|_| !captured);
     let mut lent = ctx.and_then(|c| locks::lock(&k.cost).begin(c));

@@ -12,6 +12,9 @@ pub const TARGET_NS: u64 = 100_000;
 const WINDOW: usize = 8;
 const SAMPLE_EVERY: u64 = 16;
 const FIRST_SAMPLES: usize = 4;
+/// A measured launch shorter than this says little of its blocks (launch latency, event
+/// resolution) and is dropped: such a kernel needs no slicing anyway.
+const MIN_SAMPLE_NS: f64 = 10_000.0;
 /// `CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`.
 const ATTR_SMS: i32 = 16;
 
@@ -39,10 +42,16 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Device time of one block: the least recent sample (work queued between a sample's events
-    /// makes it longer, never shorter).
+    /// Device time of one block: the upper median of the recent samples. Not the least: one
+    /// launch with a smaller problem (a warm-up, a short batch) would make every slice after it
+    /// too long, and a slice too long is what a high-priority request waits for; a sample made
+    /// longer by other work between its events only makes slices shorter (throughput, not
+    /// latency), and the median drops a lone one.
     pub fn block_ns(&self) -> Option<u64> {
-        self.samples[..self.filled].iter().copied().min()
+        let mut live = self.samples;
+        let live = &mut live[..self.filled];
+        live.sort_unstable();
+        live.get(live.len() / 2).copied()
     }
 
     /// Reads a finished measurement, and lends the events out when this launch is to be measured
@@ -67,8 +76,10 @@ impl Sampler {
             }
             self.pending = None;
             let mut ms = 0f32;
-            if call_real!(cuEventElapsedTime(&mut ms, events.start as *mut c_void, events.end as *mut c_void)) == CUDA_SUCCESS && ms > 0.0 {
-                self.push((f64::from(ms) * 1e6 / blocks.max(1) as f64).max(1.0) as u64);
+            let ok = call_real!(cuEventElapsedTime(&mut ms, events.start as *mut c_void, events.end as *mut c_void)) == CUDA_SUCCESS;
+            let ns = f64::from(ms) * 1e6;
+            if ok && ns >= MIN_SAMPLE_NS {
+                self.push((ns / blocks.max(1) as f64).max(1.0) as u64);
             }
         }
         let due = self.filled < FIRST_SAMPLES || self.launches % SAMPLE_EVERY == 0;
@@ -84,7 +95,7 @@ impl Sampler {
         self.pending = measured.then_some(blocks);
     }
 
-    fn push(&mut self, v: u64) {
+    pub(crate) fn push(&mut self, v: u64) {
         self.samples[self.next] = v;
         self.next = (self.next + 1) % WINDOW;
         self.filled = (self.filled + 1).min(WINDOW);
@@ -129,5 +140,27 @@ pub fn blocks_per_slice(device: CUdevice, block_ns: Option<u64>) -> u64 {
     match block_ns {
         Some(ns) => gpuslice_ptx::plan::blocks_per_slice(TARGET_NS, ns, wave),
         None => wave,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sampler;
+
+    #[test]
+    fn the_estimate_is_the_upper_median_of_the_last_eight() {
+        let mut s = Sampler::default();
+        assert_eq!(s.block_ns(), None);
+        s.push(400);
+        assert_eq!(s.block_ns(), Some(400));
+        // A short launch's sample does not make slices long at once.
+        s.push(1);
+        assert_eq!(s.block_ns(), Some(400));
+        s.push(380);
+        assert_eq!(s.block_ns(), Some(380));
+        for _ in 0..8 {
+            s.push(100);
+        }
+        assert_eq!(s.block_ns(), Some(100), "older samples leave the window");
     }
 }

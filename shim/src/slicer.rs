@@ -57,7 +57,12 @@ fn wanted() -> bool {
     match mode() {
         Mode::Off => false,
         Mode::All => true,
-        Mode::Low => sched::priority() == Priority::Low,
+        Mode::Low => {
+            // The priority lives in the ledger: attach now if this is the process's first call
+            // that needs it (a load usually comes before any allocation).
+            let _ = crate::link::attached();
+            sched::priority() == Priority::Low
+        }
     }
 }
 
