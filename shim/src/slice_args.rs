@@ -117,12 +117,16 @@ mod tests {
         assert!(args.extra().is_null());
     }
 
+    /// An `extra` key or end marker as the array holds it.
+    fn key(k: usize) -> *mut c_void {
+        std::ptr::without_provenance_mut(k)
+    }
+
     #[test]
     fn the_packed_buffer_grows_by_the_slice() {
         let mut buffer = [1u8; 12];
         let mut size = 12usize;
-        let mut extra: [*mut c_void; 5] =
-            [1 as *mut c_void, buffer.as_mut_ptr().cast(), 2 as *mut c_void, (&mut size as *mut usize).cast(), std::ptr::null_mut()];
+        let mut extra: [*mut c_void; 5] = [key(1), buffer.as_mut_ptr().cast(), key(2), (&mut size as *mut usize).cast(), key(0)];
         // SAFETY: a well-formed extra array.
         let mut args = unsafe { SliceArgs::new(std::ptr::null_mut(), extra.as_mut_ptr(), 1, &slot(12), [5; 24]) }.unwrap();
         let e = args.extra();
@@ -134,7 +138,7 @@ mod tests {
             assert_eq!(&b[..12], &[1; 12]);
             assert_eq!(&b[12..], &[5; 24]);
         }
-        extra[0] = 0x99 as *mut c_void;
+        extra[0] = key(0x99);
         // SAFETY: as above, with a key this does not know.
         assert!(unsafe { SliceArgs::new(std::ptr::null_mut(), extra.as_mut_ptr(), 1, &slot(12), [5; 24]) }.is_none());
     }

@@ -82,7 +82,7 @@ impl Sampler {
                 self.push((ns / blocks.max(1) as f64).max(1.0) as u64);
             }
         }
-        let due = self.filled < FIRST_SAMPLES || self.launches % SAMPLE_EVERY == 0;
+        let due = self.filled < FIRST_SAMPLES || self.launches.is_multiple_of(SAMPLE_EVERY);
         self.lent = due;
         due.then_some(events)
     }

@@ -1620,7 +1620,8 @@ pub unsafe extern "C" fn cuFuncGetModule(hmod: *mut Handle, hfunc: Handle) -> CU
     }
     match function_of(&lock(), hfunc as u64) {
         Some((m, _)) if m != 0 => {
-            *hmod = m as Handle;
+            // SAFETY: a non-null out-pointer from the caller.
+            unsafe { *hmod = m as Handle };
             SUCCESS
         }
         Some(_) => NOT_FOUND,
@@ -1637,7 +1638,8 @@ pub unsafe extern "C" fn cuFuncGetName(name: *mut *const c_char, hfunc: Handle) 
     let Some((_, n)) = function_of(&lock(), hfunc as u64) else { return INVALID_HANDLE };
     let mut names = FUNC_NAMES.lock().unwrap_or_else(|e| e.into_inner());
     let kept = *names.entry(hfunc as u64).or_insert_with(|| Box::leak(std::ffi::CString::new(n).unwrap_or_default().into_boxed_c_str()));
-    *name = kept.as_ptr();
+    // SAFETY: a non-null out-pointer from the caller; the name lives as long as the process.
+    unsafe { *name = kept.as_ptr() };
     SUCCESS
 }
 
@@ -1802,41 +1804,57 @@ unsafe fn kernel_duration(params: *mut *mut c_void) -> u64 {
 
 /// The packed parameter buffer of an `extra` array (`CU_LAUNCH_PARAM_BUFFER_POINTER` = 1 and
 /// `CU_LAUNCH_PARAM_BUFFER_SIZE` = 2, ended by `CU_LAUNCH_PARAM_END` = 0).
+///
+/// # Safety
+/// `extra` is null or a `CU_LAUNCH_PARAM_END`-terminated array of key/value pairs whose buffer
+/// is as long as its size says, valid for the launch.
 unsafe fn packed(extra: *mut *mut c_void) -> Option<&'static [u8]> {
     if extra.is_null() {
         return None;
     }
     let (mut buf, mut size) = (std::ptr::null::<u8>(), None);
     for i in 0..32 {
-        let key = *extra.add(2 * i) as usize;
+        // SAFETY: the pairs go on until the end key (this function's contract).
+        let (key, value) = unsafe { (*extra.add(2 * i) as usize, *extra.add(2 * i + 1)) };
         match key {
             0 => break,
-            1 => buf = *extra.add(2 * i + 1) as *const u8,
-            2 => size = Some((*extra.add(2 * i + 1) as *const usize).read()),
+            1 => buf = value as *const u8,
+            // SAFETY: BUFFER_SIZE's value points to a size_t.
+            2 if !value.is_null() => size = Some(unsafe { (value as *const usize).read() }),
             _ => return None,
         }
     }
-    (!buf.is_null()).then(|| std::slice::from_raw_parts(buf, size.unwrap_or(8)))
+    // SAFETY: the buffer is as long as its size (this function's contract).
+    (!buf.is_null()).then(|| unsafe { std::slice::from_raw_parts(buf, size.unwrap_or(8)) })
 }
 
 /// A launch's duration (its first parameter, or the packed buffer's first 8 bytes) and, for a
 /// kernel with a slice parameter, that parameter; a launch with the slice parameter runs its
 /// share of the original grid's duration. `Err` for a slice that is not inside its grid.
+///
+/// # Safety
+/// `params` null or one pointer per kernel parameter; `extra` as `packed` wants it.
 unsafe fn launch_args(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
     entry: Option<&record::Entry>,
     grid: [c_uint; 3],
 ) -> Result<(u64, Option<[u32; 6]>), CUresult> {
-    let buffer = if params.is_null() { packed(extra) } else { None };
+    // SAFETY: the caller's `extra` (this function's contract).
+    let buffer = if params.is_null() { unsafe { packed(extra) } } else { None };
     let dur = match buffer {
         Some(b) if b.len() >= 8 => u64::from_le_bytes(b[..8].try_into().unwrap()),
-        _ => kernel_duration(params),
+        // SAFETY: the caller's `params` (this function's contract).
+        _ => unsafe { kernel_duration(params) },
     };
     let Some(at) = entry.and_then(|e| e.slice_at) else { return Ok((dur, None)) };
+    // SAFETY: the kernel declares parameter `at`, so the program passed a pointer for it, to the
+    // slice parameter's 24 bytes.
+    let param = if params.is_null() { std::ptr::null() } else { unsafe { *params.add(at) as *const u8 } };
     let bytes = match buffer {
         Some(b) if b.len() >= 24 => &b[b.len() - 24..],
-        _ if !params.is_null() && !(*params.add(at)).is_null() => std::slice::from_raw_parts(*params.add(at) as *const u8, 24),
+        // SAFETY: as above.
+        _ if !param.is_null() => unsafe { std::slice::from_raw_parts(param, 24) },
         _ => return Err(INVALID_VALUE),
     };
     let s = record::slice_words(bytes).ok_or(INVALID_VALUE)?;
@@ -1868,7 +1886,8 @@ unsafe fn launch(f: Handle, grid: [c_uint; 3], block: [c_uint; 3], stream: Handl
         let entry = d.functions.get(&(f as u64)).and_then(|m| d.modules.get(m)).and_then(|m| m.entries.as_ref()).and_then(|e| e.get(&name).cloned());
         (name, entry)
     };
-    let (dur, slice) = tri!(launch_args(params, extra, entry.as_ref(), grid));
+    // SAFETY: the program's launch arguments, valid for this call.
+    let (dur, slice) = tri!(unsafe { launch_args(params, extra, entry.as_ref(), grid) });
     match submit_timed(stream, ptsz, check_function(f as u64, grid, block), &[dur]) {
         Ok(Some((start, end))) => {
             record::launch(&name, grid, slice, start, end);

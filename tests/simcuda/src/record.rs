@@ -34,18 +34,22 @@ fn dir() -> Option<&'static str> {
 /// `image` must be readable up to its first NUL (the driver's own contract for PTX).
 pub unsafe fn ptx_text(image: *const c_void) -> Option<String> {
     let p = image as *const u8;
+    // SAFETY: the image is readable up to its NUL (this function's contract): each byte read
+    // here comes before it, since none of them is a NUL.
+    let at = |i: usize| unsafe { *p.add(i) };
     let mut i = 0;
-    while i < 64 && matches!(*p.add(i), b' ' | b'\t' | b'\n' | b'\r') {
+    while i < 64 && matches!(at(i), b' ' | b'\t' | b'\n' | b'\r') {
         i += 1;
     }
-    if !(*p.add(i) == b'.' || (*p.add(i) == b'/' && *p.add(i + 1) == b'/')) {
+    if !(at(i) == b'.' || (at(i) == b'/' && at(i + 1) == b'/')) {
         return None;
     }
     let mut n = 0;
-    while n < MAX_IMAGE && *p.add(n) != 0 {
+    while n < MAX_IMAGE && at(n) != 0 {
         n += 1;
     }
-    Some(String::from_utf8_lossy(std::slice::from_raw_parts(p, n)).into_owned())
+    // SAFETY: the `n` bytes before the NUL were just read.
+    Some(String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(p, n) }).into_owned())
 }
 
 /// The kernels a PTX text declares. A text scan (this is a test double): each `.entry NAME`
