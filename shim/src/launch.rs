@@ -53,7 +53,7 @@ fn launch_managed(priority: bool, stream: CUstream, per_thread: bool, key: u64, 
         return launch();
     }
     if priority {
-        sched::launch(device, stream, || throttled(device, stream, key, launch))
+        sched::launch(device, stream, key, || throttled(device, stream, key, launch))
     } else {
         throttled(device, stream, key, launch)
     }

@@ -4,12 +4,12 @@
 
 use crate::driver::{call_real, driver};
 use crate::ffi::*;
+use crate::median::Median;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 /// How long a slice should last: what a high-priority request may wait for.
 pub const TARGET_NS: u64 = 100_000;
-const WINDOW: usize = 8;
 const SAMPLE_EVERY: u64 = 16;
 const FIRST_SAMPLES: usize = 4;
 /// A measured launch shorter than this says little of its blocks (launch latency, event
@@ -29,9 +29,7 @@ pub struct Events {
 /// A sliced kernel's recent measurements: device time per block.
 #[derive(Default)]
 pub struct Sampler {
-    samples: [u64; WINDOW],
-    next: usize,
-    filled: usize,
+    samples: Median,
     launches: u64,
     /// The events (created at the first measurement).
     events: Option<Events>,
@@ -42,16 +40,11 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Device time of one block: the upper median of the recent samples. Not the least: one
-    /// launch with a smaller problem (a warm-up, a short batch) would make every slice after it
-    /// too long, and a slice too long is what a high-priority request waits for; a sample made
-    /// longer by other work between its events only makes slices shorter (throughput, not
-    /// latency), and the median drops a lone one.
+    /// Device time of one block: the upper median of the recent samples (`median`). Not the
+    /// least: one launch with a smaller problem (a warm-up, a short batch) would make every
+    /// slice after it too long, and a slice too long is what a high-priority request waits for.
     pub fn block_ns(&self) -> Option<u64> {
-        let mut live = self.samples;
-        let live = &mut live[..self.filled];
-        live.sort_unstable();
-        live.get(live.len() / 2).copied()
+        self.samples.get()
     }
 
     /// Reads a finished measurement, and lends the events out when this launch is to be measured
@@ -79,10 +72,10 @@ impl Sampler {
             let ok = call_real!(cuEventElapsedTime(&mut ms, events.start as *mut c_void, events.end as *mut c_void)) == CUDA_SUCCESS;
             let ns = f64::from(ms) * 1e6;
             if ok && ns >= MIN_SAMPLE_NS {
-                self.push((ns / blocks.max(1) as f64).max(1.0) as u64);
+                self.samples.push((ns / blocks.max(1) as f64).max(1.0) as u64);
             }
         }
-        let due = self.filled < FIRST_SAMPLES || self.launches.is_multiple_of(SAMPLE_EVERY);
+        let due = self.samples.len() < FIRST_SAMPLES || self.launches.is_multiple_of(SAMPLE_EVERY);
         self.lent = due;
         due.then_some(events)
     }
@@ -93,12 +86,6 @@ impl Sampler {
         self.events = Some(events);
         self.lent = false;
         self.pending = measured.then_some(blocks);
-    }
-
-    pub(crate) fn push(&mut self, v: u64) {
-        self.samples[self.next] = v;
-        self.next = (self.next + 1) % WINDOW;
-        self.filled = (self.filled + 1).min(WINDOW);
     }
 }
 
@@ -140,27 +127,5 @@ pub fn blocks_per_slice(device: CUdevice, block_ns: Option<u64>) -> u64 {
     match block_ns {
         Some(ns) => gpuslice_ptx::plan::blocks_per_slice(TARGET_NS, ns, wave),
         None => wave,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Sampler;
-
-    #[test]
-    fn the_estimate_is_the_upper_median_of_the_last_eight() {
-        let mut s = Sampler::default();
-        assert_eq!(s.block_ns(), None);
-        s.push(400);
-        assert_eq!(s.block_ns(), Some(400));
-        // A short launch's sample does not make slices long at once.
-        s.push(1);
-        assert_eq!(s.block_ns(), Some(400));
-        s.push(380);
-        assert_eq!(s.block_ns(), Some(380));
-        for _ in 0..8 {
-            s.push(100);
-        }
-        assert_eq!(s.block_ns(), Some(100), "older samples leave the window");
     }
 }

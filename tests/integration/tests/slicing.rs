@@ -229,28 +229,38 @@ const REQUESTS: u64 = 40;
 const SETTLE_MS: u64 = 50;
 const GAP_US: u64 = 20_000;
 
-/// The probe at high priority next to a low neighbour flooding 2 ms kernels of the sliced PTX
-/// kernel (`slice`: the neighbour's `GPUSLICE_SLICE`); returns the probe and the neighbour's
-/// device time while the probe ran over the time the probe left it.
-fn contest(sim: &Sim, clock: &Clock, slice: &str) -> (Probe, f64, Vec<Launch>) {
+/// The neighbour of a contest: its environment, whether it launches the PTX kernel (else the
+/// simulated driver's plain one), and its kernels' length.
+struct Neighbour<'e> {
+    env: &'e [(&'e str, &'e str)],
+    ptx: bool,
+    kernel_ns: u64,
+}
+
+/// The probe at high priority next to a low neighbour flooding its kernels (grid
+/// `NEIGHBOUR_GRID`); returns the probe, the neighbour's device time while the probe ran over
+/// the time the probe left it, and the neighbour's launches as the device ran them.
+fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, Vec<Launch>) {
+    static N: AtomicU32 = AtomicU32::new(0);
     let ptx = sim.write_file("busy.ptx", BUSY_PTX);
     let (record, cache) = (fresh_dir(sim, "record"), fresh_dir(sim, "cache"));
-    let (go, stop) = (sim.path_str(&format!("go-{slice}")), sim.path_str(&format!("stop-{slice}")));
-    let neighbour = client(sim, "low", &record, &cache)
-        .env("GPUSLICE_SLICE", slice)
-        .args(&format!(
-            "init ctx 0 pid usefunc data {} busy grid {NEIGHBOUR_GRID} 1 1 launch 1 1000 sync waitfile {go} flood {NEIGHBOUR_NS} 10 {stop}",
-            ptx.display()
-        ))
-        .spawn();
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let (go, stop) = (sim.path_str(&format!("go-{n}")), sim.path_str(&format!("stop-{n}")));
+    let function = if neighbour.ptx { format!("usefunc data {} busy", ptx.display()) } else { String::new() };
+    let mut c = client(sim, "low", &record, &cache);
+    for (k, v) in neighbour.env {
+        c = c.env(k, v);
+    }
+    let kernel_ns = neighbour.kernel_ns;
+    let flooding = c.args(&format!("init ctx 0 pid {function} grid {NEIGHBOUR_GRID} 1 1 launch 1 1000 sync waitfile {go} flood {kernel_ns} 10 {stop}")).spawn();
     let probe = client(sim, "high", &record, &cache)
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} probe {REQUESTS} {PROBE_NS} {GAP_US} touch {stop}"))
         .spawn();
-    clock.start_together_refs(&go, &[&neighbour, &probe], "sync");
+    clock.start_together_refs(&go, &[&flooding, &probe], "sync");
     clock.park();
     let out = probe.wait();
     out.assert_all_ok();
-    let n = neighbour.wait();
+    let n = flooding.wait();
     n.assert_all_ok();
     let p = Probe::parse(out.last("probe"));
     let ran = launches(&record, n.u64("pid", "pid"));
@@ -266,19 +276,12 @@ fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
     let clock = sim.clock();
     clock.park();
 
-    let (whole, whole_share, _) = contest(&sim, &clock, "off");
+    let (whole, whole_share, _) = contest(&sim, &clock, Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS });
     eprintln!("neighbour unsliced: probe {whole}; neighbour {:.1}% of the time left", 100.0 * whole_share);
-    let (sliced, sliced_share, ran) = contest(&sim, &clock, "low");
+    let (sliced, sliced_share, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS });
     eprintln!("neighbour sliced: probe {sliced}; neighbour {:.1}% of the time left", 100.0 * sliced_share);
     let longest = ran.iter().filter(|l| l.slice.is_some_and(|s| s[3] != l.grid[0])).map(|l| l.end - l.start).max().unwrap_or(0);
     eprintln!("longest slice {} µs, {} launches recorded", longest / 1000, ran.len());
-    if std::env::var_os("SLICING_DEBUG").is_some() {
-        let whole: Vec<_> = ran.iter().filter(|l| l.slice.is_some_and(|s| s[3] == l.grid[0])).collect();
-        eprintln!("whole launches: {} e.g. {:?}", whole.len(), whole.iter().take(5).collect::<Vec<_>>());
-        for w in ran.windows(2).filter(|w| w[1].start > w[0].end + 150_000).take(20) {
-            eprintln!("gap {} µs: {:?} -> {:?}", (w[1].start - w[0].end) / 1000, w[0], w[1]);
-        }
-    }
 
     // Unsliced, a request waits for up to one 2 ms neighbour kernel.
     assert!(whole.dev_p99_us >= (PROBE_NS + NEIGHBOUR_NS / 2) / 1000, "unsliced, the probe should wait behind a 2 ms kernel: {whole}");
@@ -290,4 +293,49 @@ fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
     assert!(sliced.dev_p99_us * 4 < whole.dev_p99_us, "slicing did not shorten the wait: {sliced} against {whole}");
     // And the neighbour keeps the device busy while the probe leaves it idle.
     assert!(sliced_share >= 0.8, "the sliced neighbour got {:.1}% of the time the probe left", 100.0 * sliced_share);
+}
+
+// ------------------------------------------------------------------ 4. the duration budget
+
+/// Short kernels of a neighbour that cannot be sliced.
+const SHORT_NS: u64 = 20_000;
+const BUDGET_US: u64 = 100;
+
+#[test]
+fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    let budget = BUDGET_US.to_string();
+    let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
+
+    // 20 µs kernels: one in flight (the default queue) against 100 µs of them.
+    let (queue1, queue1_share, _) = contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS });
+    eprintln!("20 µs neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left", 100.0 * queue1_share);
+    let (budgeted, budgeted_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: SHORT_NS });
+    eprintln!("20 µs neighbour, budget {BUDGET_US} µs: probe {budgeted}; neighbour {:.1}% of the time left", 100.0 * budgeted_share);
+    // 2 ms kernels under the same budget: longer than it, each goes alone.
+    let (long, long_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS });
+    eprintln!("2 ms neighbour, budget {BUDGET_US} µs: probe {long}; neighbour {:.1}% of the time left", 100.0 * long_share);
+
+    // A request waits for at most the budget's worth of short kernels and one more (whose
+    // launch the budget let through just before it), and the watcher's polls.
+    let bound = (PROBE_NS + BUDGET_US * 1000 + SHORT_NS + 40_000) / 1000;
+    assert!(budgeted.dev_p99_us <= bound, "with a budget, p99 on the device {} µs over {bound} µs: {budgeted}", budgeted.dev_p99_us);
+    // The budget lets several short kernels be in flight once their time is measured (an
+    // unmeasured shape goes alone): a request's median wait is several of them, not one. (On
+    // the simulated device the next kernel starts the instant it is launched, so one in flight
+    // already keeps it busy; on a GPU the budget buys back the gap between kernels that one in
+    // flight leaves: the next session measures it.)
+    assert!(
+        budgeted.dev_p50_us >= queue1.dev_p50_us + 3 * SHORT_NS / 1000,
+        "with a budget of {BUDGET_US} µs more than one 20 µs kernel should be in flight: median {} µs against {} µs with one",
+        budgeted.dev_p50_us,
+        queue1.dev_p50_us
+    );
+    assert!(budgeted_share >= 0.95 && queue1_share >= 0.95, "the neighbour should keep the device busy: {budgeted_share:.3} / {queue1_share:.3}");
+    // A kernel longer than the budget is never queued behind another: one kernel at most.
+    let one_kernel = (PROBE_NS + NEIGHBOUR_NS + 40_000) / 1000;
+    assert!(long.dev_p99_us <= one_kernel, "a 2 ms neighbour under a budget: p99 on the device {} µs over {one_kernel} µs: {long}", long.dev_p99_us);
 }
