@@ -5,10 +5,13 @@
 //   neighbour PTX --load-only
 //       Loads the module and prints load_ms= (the wall time of cuModuleLoadData: under gpuslice
 //       at low priority, the slicing or the cache hit plus the driver's JIT).
-//   neighbour PTX KERNEL_US SECONDS [--go-file F] [--cycles C]
-//       Finds the spin cycles for which one launch (grid = 16 blocks per SM, 128 threads) takes
-//       KERNEL_US alone (or takes C), prints cycles= and kernel_us=; prints ready=1, waits for F
-//       if given, then launches for SECONDS, at most 8 launches in flight, and prints kernels=,
+//   neighbour PTX KERNEL_US SECONDS [--go-file F] [--cycles C --grid G]
+//       Sizes a launch of about KERNEL_US alone out of short blocks (a slice cannot be shorter
+//       than one block): one wave (the blocks of 128 threads the device holds at once) spins for
+//       about 20 µs (KERNEL_US / 2 when shorter), and the grid is as many waves as make
+//       KERNEL_US (or takes C and G as given); prints cycles=, grid=, wave=, kernel_us=; prints
+//       ready=1, waits for F if given, then launches for SECONDS, at most 8 launches in flight,
+//       and prints kernels=,
 //       seconds=, rate= (kernels per second), mono_start=, mono_end= (CLOCK_MONOTONIC).
 //       Checks the output of the last launch: every block wrote blockIdx.x + gridDim.x (a
 //       sliced launch that saw the wrong block index or grid fails with check=FAIL).
@@ -77,24 +80,38 @@ int main(int argc, char** argv) {
   double kernel_us = atof(argv[2]), seconds = atof(argv[3]);
   const char* go = nullptr;
   unsigned long long cycles = 0;
+  unsigned grid = 0;
   for (int i = 4; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--go-file")) go = argv[i + 1];
     else if (!strcmp(argv[i], "--cycles")) cycles = strtoull(argv[i + 1], nullptr, 0);
+    else if (!strcmp(argv[i], "--grid")) grid = (unsigned)strtoul(argv[i + 1], nullptr, 0);
     else return 2;
   }
   CUfunction f;
   CU(cuModuleGetFunction(&f, mod, "spin"));
-  int sms = 0;
+  int sms = 0, resident = 0;
   CU(cuDeviceGetAttribute(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev));
-  unsigned grid = (unsigned)sms * 16;
-  CUdeviceptr out;
-  CU(cuMemAlloc(&out, grid * sizeof(unsigned)));
+  CU(cuOccupancyMaxActiveBlocksPerMultiprocessor(&resident, f, 128, 0));
+  const unsigned wave = (unsigned)(sms * (resident > 0 ? resident : 1));
+  unsigned launch_grid = wave;
+  CUdeviceptr out = 0;
+  size_t out_blocks = 0;
+  auto size_out = [&](unsigned blocks) {
+    if (blocks <= out_blocks) return;
+    if (out) {
+      CU(cuCtxSynchronize());  // no launch may still write the old buffer
+      CU(cuMemFree(out));
+    }
+    CU(cuMemAlloc(&out, blocks * sizeof(unsigned)));
+    out_blocks = blocks;
+  };
   CUevent e0, e1;
   CU(cuEventCreate(&e0, 0));
   CU(cuEventCreate(&e1, 0));
   auto launch = [&](unsigned long long c) {
+    size_out(launch_grid);
     void* params[] = {&c, &out};
-    CU(cuLaunchKernel(f, grid, 1, 1, 128, 1, 1, 0, nullptr, params, nullptr));
+    CU(cuLaunchKernel(f, launch_grid, 1, 1, 128, 1, 1, 0, nullptr, params, nullptr));
   };
   auto time_us = [&](unsigned long long c) {
     std::vector<double> v;
@@ -110,15 +127,21 @@ int main(int argc, char** argv) {
     std::sort(v.begin(), v.end());
     return v[2];
   };
-  if (!cycles) {
+  if (!cycles || !grid) {
+    // One wave of about 20 µs, then as many waves as make the kernel.
+    const double wave_us = kernel_us < 40 ? kernel_us / 2 : 20;
     cycles = 1000;
+    launch_grid = wave;
     for (int i = 0; i < 6; i++) {
       double us = time_us(cycles);
       if (us <= 0) break;
-      cycles = (unsigned long long)(cycles * kernel_us / us) + 1;
+      cycles = (unsigned long long)(cycles * wave_us / us) + 1;
     }
+    double waves = kernel_us / time_us(cycles);
+    grid = wave * (unsigned)(waves < 1 ? 1 : waves + 0.5);
   }
-  printf("cycles=%llu\nkernel_us=%.1f\nready=1\n", cycles, time_us(cycles));
+  launch_grid = grid;
+  printf("cycles=%llu\ngrid=%u\nwave=%u\nkernel_us=%.1f\nready=1\n", cycles, grid, wave, time_us(cycles));
   fflush(stdout);
   if (go) {
     double give_up = mono_s() + 120;
