@@ -141,7 +141,10 @@ pub fn for_file(path: &CStr, what: &str) -> Option<Sliced> {
         return None;
     }
     let path = std::path::Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(path.to_bytes()));
-    let mut bytes = std::fs::read(path).ok().filter(|b| b.len() <= MAX_PTX)?;
+    if std::fs::metadata(path).ok()?.len() > MAX_PTX as u64 {
+        return None;
+    }
+    let mut bytes = std::fs::read(path).ok()?;
     // NUL-terminated and at least 16 bytes, as an in-memory image.
     bytes.resize(bytes.len().max(15) + 1, 0);
     // SAFETY: a complete copy of the file, NUL-terminated.
@@ -155,17 +158,35 @@ pub fn for_file(path: &CStr, what: &str) -> Option<Sliced> {
 /// # Safety
 /// `image` must be null or a valid module image as the driver's load functions take it.
 pub unsafe fn ptx_of_image(image: *const c_void) -> Option<String> {
+    // SAFETY: the caller's image.
+    unsafe { ptx_in(image, true) }
+}
+
+/// `ptx_of_image`, following a runtime wrapper only when `wrapper` (one level: a wrapper of a
+/// wrapper is not an image).
+///
+/// # Safety
+/// As `ptx_of_image`.
+unsafe fn ptx_in(image: *const c_void, wrapper: bool) -> Option<String> {
     if image.is_null() {
         return None;
     }
     let p = image as *const u8;
-    // SAFETY: every valid image (PTX text, a cubin, a fat binary or its wrapper) has 16 bytes.
-    let head = unsafe { std::slice::from_raw_parts(p, 16) };
-    let magic = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    // The first bytes, up to 16, stopping at a NUL: a short PTX text is not read past its end.
+    // SAFETY: each byte read comes before the image's first NUL, or within a binary image's
+    // 16-byte header (the magics below have no NUL byte).
+    let text_head = (0..16).take_while(|&i| unsafe { *p.add(i) } != 0).count();
+    let magic_len = text_head.min(4);
+    // SAFETY: the first `magic_len` bytes were just read.
+    let first = unsafe { std::slice::from_raw_parts(p, magic_len) };
+    let magic = if magic_len == 4 { u32::from_le_bytes([first[0], first[1], first[2], first[3]]) } else { 0 };
+    let binary = magic == WRAPPER_MAGIC || magic == FATBIN_MAGIC;
+    // SAFETY: a fat binary or its wrapper has a 16-byte header; a text is read up to its NUL.
+    let head = unsafe { std::slice::from_raw_parts(p, if binary { 16 } else { text_head }) };
     if magic == WRAPPER_MAGIC {
         let inner = u64::from_le_bytes(head[8..16].try_into().ok()?) as *const c_void;
         // SAFETY: the wrapper's second word points to the fat binary.
-        return if inner.is_null() || inner == image { None } else { unsafe { ptx_of_image(inner) } };
+        return if wrapper { unsafe { ptx_in(inner, false) } } else { None };
     }
     if magic == FATBIN_MAGIC {
         // The header: magic, version (u16), header size (u16), size of what follows (u64).
@@ -271,4 +292,24 @@ fn resolve(f: usize) -> Option<Arc<Kernel>> {
     let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
     let k = outcome.kernel(&name).filter(|k| k.sliced)?;
     Some(Arc::new(Kernel { module: module as usize, params: k.params.len(), slot: k.slice_param.clone()?, cost: Mutex::new(slice_cost::Sampler::default()) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ptx_of_image;
+
+    fn of(bytes: &[u8]) -> Option<String> {
+        // SAFETY: NUL-terminated test images.
+        unsafe { ptx_of_image(bytes.as_ptr().cast()) }
+    }
+
+    #[test]
+    fn ptx_text_is_found_and_nothing_else() {
+        assert_eq!(of(b"  \n.version 8.0\n.target sm_90\n\0").as_deref(), Some("  \n.version 8.0\n.target sm_90\n"));
+        assert_eq!(of(b"//\0").as_deref(), Some("//"), "a short text is read up to its NUL only");
+        assert_eq!(of(b"/\0"), None);
+        assert_eq!(of(b"\0"), None);
+        assert_eq!(of(b"SIMMODULE 4096\0"), None);
+        assert_eq!(of(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"), None, "a cubin");
+    }
 }
