@@ -1310,8 +1310,10 @@ static void run(const char *cmd, char **a) {
         printf("ok grid %u %u %u\n", g_grid[0], g_grid[1], g_grid[2]);
     } else if (!strcmp(cmd, "usefunc")) {
         /* usefunc HOW PATH NAME: load the module file PATH (HOW: data = read it and
-         * cuModuleLoadData, file = cuModuleLoad) and launch its kernel NAME from now on */
+         * cuModuleLoadData, fatbin = read it and cuModuleLoadFatBinary, file = cuModuleLoad) and
+         * launch its kernel NAME from now on */
         NEED(cuModuleLoadData);
+        NEED(cuModuleLoadFatBinary);
         NEED(cuModuleLoad);
         NEED(cuModuleGetFunction);
         CUmodule m = NULL;
@@ -1330,7 +1332,9 @@ static void run(const char *cmd, char **a) {
             char *image = calloc(1, (size_t)(n > 0 ? n : 0) + 1);
             size_t got = image ? fread(image, 1, (size_t)(n > 0 ? n : 0), f) : 0;
             fclose(f);
-            r = image && (long)got == n ? p_cuModuleLoadData(&m, image) : (CUresult)-1;
+            if (!image || (long)got != n) r = (CUresult)-1;
+            else if (!strcmp(a[0], "fatbin")) r = p_cuModuleLoadFatBinary(&m, image);
+            else r = p_cuModuleLoadData(&m, image);
             free(image);
         }
         if (r == 0) r = p_cuModuleGetFunction(&g_func, m, a[2]);

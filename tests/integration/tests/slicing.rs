@@ -174,6 +174,48 @@ fn a_low_priority_process_loads_the_sliced_ptx_once_transformed_then_from_the_ca
     assert_eq!(all, image);
 }
 
+/// A fat binary as nvcc lays it out (see gpuslice_ptx::fatbin): one uncompressed PTX entry for
+/// sm_90 holding `ptx`, NUL-terminated.
+fn fatbin_of(ptx: &str) -> Vec<u8> {
+    let mut payload = ptx.as_bytes().to_vec();
+    payload.push(0);
+    let mut entry = vec![0u8; 64];
+    entry[0..2].copy_from_slice(&1u16.to_le_bytes()); // PTX
+    entry[4..8].copy_from_slice(&64u32.to_le_bytes()); // header size
+    entry[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    entry[28..32].copy_from_slice(&90u32.to_le_bytes()); // sm_90
+    entry.extend_from_slice(&payload);
+    let mut image = Vec::new();
+    image.extend_from_slice(&0xBA55_ED50u32.to_le_bytes());
+    image.extend_from_slice(&1u16.to_le_bytes());
+    image.extend_from_slice(&16u16.to_le_bytes());
+    image.extend_from_slice(&(entry.len() as u64).to_le_bytes());
+    image.extend_from_slice(&entry);
+    image
+}
+
+#[test]
+fn the_ptx_of_a_fat_binary_is_sliced_and_loaded_as_text() {
+    let sim = Sim::new();
+    let fatbin = sim.path("busy.fatbin");
+    std::fs::write(&fatbin, fatbin_of(BUSY_PTX)).unwrap();
+    let (record, cache) = (fresh_dir(&sim, "record"), fresh_dir(&sim, "cache"));
+    for how in ["fatbin", "data"] {
+        let out = client(&sim, "low", &record, &cache).args(&format!("init ctx 0 usefunc {how} {} busy launch 2 100000 sync pid", fatbin.display())).run();
+        out.assert_all_ok();
+        let pid = out.u64("pid", "pid");
+        let images = images(&record, pid);
+        assert_eq!(images.len(), 1, "{how}: the driver should get the sliced PTX as text: {out}");
+        assert!(images[0].contains("__gpuslice_slice[24]"), "{how}: {}", images[0]);
+        let ran = launches(&record, pid);
+        assert_eq!(covered_once(&ran), vec![1, 1], "{how}: two whole launches with the slice parameter: {ran:?}");
+    }
+    // At normal priority the fat binary goes to the driver as it is (not PTX text: nothing recorded).
+    let out = client(&sim, "normal", &record, &cache).args(&format!("init ctx 0 usefunc fatbin {} busy pid", fatbin.display())).run();
+    out.assert_all_ok();
+    assert!(images(&record, out.u64("pid", "pid")).is_empty());
+}
+
 // ------------------------------------------------------------------ 2. launches
 
 #[test]
