@@ -157,10 +157,13 @@ fn launch_sliced(
 ) -> CuResult {
     let original = Dim3::new(shape.grid[0], shape.grid[1], shape.grid[2]);
     let d = driver();
-    let device = d.and_then(|d| d.current_device());
     let stream = effective_stream(shape.stream, shape.per_thread);
-    let captured = capturing(stream);
-    let split = shape.sliceable && !captured && original.volume() > 0 && sched::priority() != Priority::High && sched::engaged();
+    // Asked of the driver only when it matters: to split, or to measure (a capture would take
+    // the events in as graph nodes).
+    let candidate = shape.sliceable && original.volume() > 0 && sched::priority() != Priority::High && sched::engaged();
+    let captured = candidate && capturing(stream);
+    let split = candidate && !captured;
+    let device = if split { d.and_then(|d| d.current_device()) } else { None };
     let slices = match device {
         Some(device) if split => {
             let block_ns = locks::lock(&k.cost).block_ns();
@@ -169,12 +172,11 @@ fn launch_sliced(
             plan_slices(original, max_blocks)
         }
         _ => {
-            tracing::trace!("a launch of {} blocks goes whole (sliceable {}, captured {captured}, device {device:?})", original.volume(), shape.sliceable);
+            tracing::trace!("a launch of {} blocks goes whole (candidate {candidate}, captured {captured}, device {device:?})", original.volume());
             vec![Slice { offset: Dim3::new(0, 0, 0), grid: original }]
         }
     };
-    let ctx = d.and_then(|d| d.current_context()).filter(|_| !captured);
-    let mut lent = ctx.and_then(|c| locks::lock(&k.cost).begin(c));
+    let mut lent = if captured { None } else { locks::lock(&k.cost).begin(|| d?.current_context(), || !capturing(stream)) };
     for s in &slices {
         // SAFETY: the program's own launch arguments, valid for this call.
         let Some(mut args) = (unsafe { SliceArgs::new(params, extra, k.params, &k.slot, s.param_bytes(original)) }) else {

@@ -48,12 +48,15 @@ impl Sampler {
     }
 
     /// Reads a finished measurement, and lends the events out when this launch is to be measured
-    /// (in the current context `ctx`).
-    pub fn begin(&mut self, ctx: usize) -> Option<Events> {
+    /// (in the current context, `ctx()`) and `may` says it can be (its stream is not capturing).
+    /// Asks nothing of the driver when there is nothing to read or measure.
+    pub fn begin(&mut self, ctx: impl FnOnce() -> Option<usize>, may: impl FnOnce() -> bool) -> Option<Events> {
         self.launches += 1;
-        if self.lent {
+        let due = self.samples.len() < FIRST_SAMPLES || self.launches.is_multiple_of(SAMPLE_EVERY);
+        if self.lent || (!due && self.pending.is_none()) {
             return None;
         }
+        let ctx = ctx()?;
         let events = match self.events {
             Some(e) if e.ctx != ctx => return None,
             Some(e) => e,
@@ -75,7 +78,7 @@ impl Sampler {
                 self.samples.push((ns / blocks.max(1) as f64).max(1.0) as u64);
             }
         }
-        let due = self.samples.len() < FIRST_SAMPLES || self.launches.is_multiple_of(SAMPLE_EVERY);
+        let due = due && may();
         self.lent = due;
         due.then_some(events)
     }
