@@ -12,10 +12,11 @@
 # 1. The probe (latprobe, high priority): 10 kernels of 200 µs per request, one request every
 #    20 ms; alone under the shim: p99_alone.
 # 2. For each kernel length L: the neighbour (ptxslice/neighbour.cu: spin.cu's PTX through
-#    cuModuleLoadData, low priority) alone: its rate; then beside the probe,
-#    sliced (GPUSLICE_SLICE=low, the default) and not (off). The neighbour's kernel is made of
-#    blocks of ~20 µs (one wave), as many waves as make L: a slice cannot be shorter than a block. Row probe-L: p99 <= 1.05 x alone and
-#    the neighbour's share of the time the probe leaves (rate / rate alone / (1 - probe busy
+#    cuModuleLoadData, low priority; its kernel is made of ~20 µs waves of blocks, as many as
+#    make L, since a slice cannot be shorter than a block) alone: its rate; then beside the
+#    probe, both started by one go file and running for the probe's warm-up and phase, sliced
+#    (GPUSLICE_SLICE=low, the default) and not (off). Row probe-L: p99 <= 1.05 x alone and the
+#    neighbour's share of the time the probe leaves (rate / rate alone / (1 - probe busy
 #    fraction)) >= 80 %; the unsliced pair is an INFO row. The neighbour checks its last
 #    launch's output (every block saw its own index and the original grid).
 # 3. First load of 1 MB of PTX (copies of the suite, bigptx.py) in a low process: the shim's
@@ -136,7 +137,7 @@ else
       rate_alone=$(val rate "$WORK/n$l.alone.out")
       for mode in low off; do
         go=$WORK/go-$l-$mode
-        GPUSLICE_SLICE=$mode GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$((SECS + 2))" \
+        GPUSLICE_SLICE=$mode GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$SECS.5" \
           --cycles "$cycles" --grid "$grid" --go-file "$go" >"$WORK/n$l.$mode.out" 2>"$WORK/n$l.$mode.err" &
         npid=$!
         probe_run "$WORK/p$l.$mode.out" "$go" &
