@@ -6,6 +6,7 @@ mod crosscheck;
 mod exports;
 mod http;
 mod metrics;
+mod mps_daemon;
 mod room;
 mod run;
 mod serve;

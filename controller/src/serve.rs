@@ -68,6 +68,9 @@ pub struct ServeArgs {
     /// Issue 22: suspending and resuming groups.
     #[command(flatten)]
     suspension: crate::suspend::ServeFlags,
+    /// Issue 19: the managed MPS control daemon.
+    #[command(flatten)]
+    mps: crate::mps_daemon::MpsFlags,
 }
 
 pub fn serve(args: ServeArgs) -> Result<(), String> {
@@ -110,6 +113,8 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
 
     crate::suspend::configure(&args.suspension)?;
+    // Stopped when this returns, however it returns (the supervisor's drop).
+    let _mps = crate::mps_daemon::start(&args.mps)?;
     let mut state = State::new(ledger, config);
     if let Some(n) = args.max_processes_per_uid {
         state.uid_limits.processes = n.max(1);

@@ -403,6 +403,8 @@ static int add_obj(struct obj o) {
 static CUcontext g_ctx;
 static CUmodule g_module;
 static CUfunction g_func;
+/* The grid of the launches of launch, plaunch, events, graph, probe and flood (`grid X Y Z`). */
+static unsigned int g_grid[3] = {132, 1, 1};
 static struct timespec g_mark;
 
 static double now_ms(void) {
@@ -499,6 +501,7 @@ static const struct cmdspec CMDS[] = {
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
     {"ckpt", "snn"},      {"poke", "nn"},        {"peek", "n"},
+    {"grid", "nnn"},      {"usefunc", "sss"},    {"launchpacked", "nn"},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -729,7 +732,7 @@ static void launch_n(const char *cmd, unsigned long long n, unsigned long long n
             CUlaunchConfig c = {1, 1, 1, 32, 1, 1, 0, s, NULL, 0};
             CHECK(p_cuLaunchKernelEx(&c, g_func, params, NULL));
         } else {
-            CHECK(p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL));
+            CHECK(p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, s, params, NULL));
         }
     }
     printf("ok %s n=%llu\n", cmd, n);
@@ -765,7 +768,7 @@ static void *launch_thread(void *p) {
     void *params[] = {&dur};
     unsigned long long cpu0 = thread_cpu_ns();
     for (unsigned long long i = 0; i < a->n; i++)
-        if (p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL) != 0) a->failures++;
+        if (p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, s, params, NULL) != 0) a->failures++;
     a->cpu_ns = thread_cpu_ns() - cpu0;
     if (p_cuStreamSynchronize(s) != 0) a->failures++;
     p_cuStreamDestroy(s);
@@ -1299,6 +1302,60 @@ static void run(const char *cmd, char **a) {
         free(th);
         free(args);
         printf("ok plaunch failures=%d cpu_ns_per_launch=%.0f\n", failures, t * num(a[1]) ? (double)cpu_ns / (double)(t * num(a[1])) : 0.0);
+    } else if (!strcmp(cmd, "grid")) {
+        /* grid X Y Z: the grid of the launches that follow */
+        g_grid[0] = (unsigned int)num(a[0]);
+        g_grid[1] = (unsigned int)num(a[1]);
+        g_grid[2] = (unsigned int)num(a[2]);
+        printf("ok grid %u %u %u\n", g_grid[0], g_grid[1], g_grid[2]);
+    } else if (!strcmp(cmd, "usefunc")) {
+        /* usefunc HOW PATH NAME: load the module file PATH (HOW: data = read it and
+         * cuModuleLoadData, fatbin = read it and cuModuleLoadFatBinary, file = cuModuleLoad) and
+         * launch its kernel NAME from now on */
+        NEED(cuModuleLoadData);
+        NEED(cuModuleLoadFatBinary);
+        NEED(cuModuleLoad);
+        NEED(cuModuleGetFunction);
+        CUmodule m = NULL;
+        CUresult r;
+        if (!strcmp(a[0], "file")) {
+            r = p_cuModuleLoad(&m, a[1]);
+        } else {
+            FILE *f = fopen(a[1], "rb");
+            if (!f) {
+                printf("err usefunc code=-1 path=%s\n", a[1]);
+                return;
+            }
+            fseek(f, 0, SEEK_END);
+            long n = ftell(f);
+            fseek(f, 0, SEEK_SET);
+            char *image = calloc(1, (size_t)(n > 0 ? n : 0) + 1);
+            size_t got = image ? fread(image, 1, (size_t)(n > 0 ? n : 0), f) : 0;
+            fclose(f);
+            if (!image || (long)got != n) r = (CUresult)-1;
+            else if (!strcmp(a[0], "fatbin")) r = p_cuModuleLoadFatBinary(&m, image);
+            else r = p_cuModuleLoadData(&m, image);
+            free(image);
+        }
+        if (r == 0) r = p_cuModuleGetFunction(&g_func, m, a[2]);
+        if (r != 0) {
+            printf("err usefunc code=%d\n", r);
+            return;
+        }
+        g_module = m;
+        printf("ok usefunc name=%s\n", a[2]);
+    } else if (!strcmp(cmd, "launchpacked")) {
+        /* launchpacked N NS: N launches passing the duration through a packed `extra` buffer */
+        NEED(cuLaunchKernel);
+        int ok;
+        ensure_function(cmd, &ok);
+        if (!ok) return;
+        unsigned long long dur = num(a[1]);
+        size_t size = sizeof dur;
+        void *extra[] = {(void *)1 /* BUFFER_POINTER */, &dur, (void *)2 /* BUFFER_SIZE */, &size, (void *)0};
+        for (unsigned long long i = 0; i < num(a[0]); i++)
+            CHECK(p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, 0, NULL, extra));
+        printf("ok launchpacked n=%llu\n", num(a[0]));
     } else if (!strcmp(cmd, "launch") || !strcmp(cmd, "launchex")) {
         launch_n(cmd, num(a[0]), num(a[1]), 0, !strcmp(cmd, "launchex"));
     } else if (!strcmp(cmd, "events")) {
@@ -1318,7 +1375,7 @@ static void run(const char *cmd, char **a) {
         unsigned long long dur = num(a[1]);
         void *params[] = {&dur};
         for (unsigned long long i = 0; i < num(a[0]); i++)
-            CHECK(p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL));
+            CHECK(p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, 0, params, NULL));
         CHECK(p_cuEventRecord(e1, 0));
         CHECK(p_cuEventSynchronize(e1));
         float ms = 0;
@@ -1348,7 +1405,7 @@ static void run(const char *cmd, char **a) {
         unsigned long long dur = num(a[1]);
         void *params[] = {&dur};
         for (unsigned long long i = 0; i < num(a[0]); i++)
-            CHECK(p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, s, params, NULL));
+            CHECK(p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, s, params, NULL));
         CHECK(p_cuStreamEndCapture(s, &g));
         CHECK(p_cuGraphInstantiate(&ge, g, 0));
         double t0 = clock_ms();
@@ -1827,7 +1884,7 @@ static void run(const char *cmd, char **a) {
             unsigned long long t0 = clock_ns();
             float ms = 0;
             CUresult r = p_cuEventRecord(before, 0);
-            if (r == 0) r = p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL);
+            if (r == 0) r = p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, 0, params, NULL);
             if (r == 0) r = p_cuEventRecord(after, 0);
             if (r == 0) r = p_cuCtxSynchronize();
             unsigned long long t1 = clock_ns();
@@ -1908,7 +1965,7 @@ static void run(const char *cmd, char **a) {
                 break;
             }
             if (tail - head == RING) FLOOD_HARVEST(1);
-            r = p_cuLaunchKernel(g_func, 132, 1, 1, 256, 1, 1, 0, 0, params, NULL);
+            r = p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, 0, params, NULL);
             if (r != 0) break;
             launched++;
             r = p_cuEventRecord(ring[tail % RING], 0);

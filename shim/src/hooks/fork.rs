@@ -8,13 +8,25 @@
 //! compares, after everything else of the parent's is gone.
 
 use crate::hooks::{context, memory, sharing};
-use crate::policy::{board, cost, sched, throttle};
+use crate::policy::{board, cost, flight_cost, sched, slicer, throttle};
 use crate::state::link;
 use crate::sys::atfork::{self, Handlers};
 use crate::sys::{events, real_nvml};
 
-static ORDER: [Handlers; 10] =
-    [sched::FORK, throttle::FORK, cost::FORK, context::FORK, memory::FORK, sharing::FORK, real_nvml::FORK, events::FORK, board::FORK, link::FORK];
+static ORDER: [Handlers; 12] = [
+    slicer::FORK,
+    sched::FORK,
+    flight_cost::FORK,
+    throttle::FORK,
+    cost::FORK,
+    context::FORK,
+    memory::FORK,
+    sharing::FORK,
+    real_nvml::FORK,
+    events::FORK,
+    board::FORK,
+    link::FORK,
+];
 
 /// Gives `sys::atfork` the order (at `cuInit`, before the link attaches and installs the
 /// handlers; idempotent).

@@ -2,11 +2,16 @@
 //! and CUDA graphs. Unmanaged (no share, no priority at stake), a launch costs a few loads on top
 //! of the driver's own work. Throttled, it waits for its device's bucket, goes out, and is
 //! charged its estimated device time (see `throttle` and `cost`); with a high-priority process
-//! on the device, it follows `sched`'s rules first.
+//! on the device, it follows `sched`'s rules first. A kernel of a sliced module (`slicer`) always
+//! gets its slice parameter, and goes out in slices while a high-priority process lives beside
+//! this lower-priority one (`launch_sliced`).
 
+use crate::policy::slice_args::SliceArgs;
 use crate::sys::driver::{call_real, driver};
 use crate::sys::ffi::*;
-use crate::{policy::board, policy::cost, policy::sched, policy::throttle, sys::clock, sys::guard, sys::locks};
+use crate::{policy::board, policy::cost, policy::sched, policy::slice_cost, policy::slicer, policy::throttle, sys::clock, sys::guard, sys::locks};
+use gpuslice_common::ledger::Priority;
+use gpuslice_ptx::{plan_slices, Dim3, Slice};
 use std::ffi::{c_uint, c_void};
 
 /// The stream as the driver's other entry points understand it: stream 0 on a `_ptsz` entry
@@ -48,7 +53,7 @@ fn launch_managed(priority: bool, stream: CUstream, per_thread: bool, key: u64, 
         return launch();
     }
     if priority {
-        sched::launch(device, stream, || throttled(device, stream, key, launch))
+        sched::launch(device, stream, key, || throttled(device, stream, key, launch))
     } else {
         throttled(device, stream, key, launch)
     }
@@ -125,10 +130,93 @@ fn end_burst(device: i32, bucket: throttle::Bucket) {
     board::release(device);
 }
 
+/// The arguments of a launch of a sliced kernel that the slicing changes.
+struct Shape {
+    f: *mut c_void,
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_mem: u32,
+    stream: CUstream,
+    per_thread: bool,
+    /// False for launches that must stay whole: cooperative ones, `Ex` with attributes.
+    sliceable: bool,
+}
+
+/// A launch of a kernel of a sliced module. It always carries the slice parameter (the kernel
+/// reads it); it goes out whole unless a high-priority process lives beside this lower-priority
+/// one, and then in slices of about `slice_cost::TARGET_NS` of measured device time, each slice
+/// a launch of its own under the priority rules (so a high-priority request waits for at most
+/// the one slice in flight). `real` launches a grid with the given `kernelParams` and `extra`.
+#[inline(never)]
+fn launch_sliced(
+    k: &slicer::Kernel,
+    shape: Shape,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+    real: impl Fn([u32; 3], *mut *mut c_void, *mut *mut c_void) -> CuResult,
+) -> CuResult {
+    let original = Dim3::new(shape.grid[0], shape.grid[1], shape.grid[2]);
+    let d = driver();
+    let stream = effective_stream(shape.stream, shape.per_thread);
+    // Asked of the driver only when it matters: to split, or to measure (a capture would take
+    // the events in as graph nodes).
+    let candidate = shape.sliceable && original.volume() > 0 && sched::priority() != Priority::High && sched::engaged();
+    let captured = candidate && capturing(stream);
+    let split = candidate && !captured;
+    let device = if split { d.and_then(|d| d.current_device()) } else { None };
+    let slices = match device {
+        Some(device) if split => {
+            let block_ns = locks::lock(&k.cost).block_ns();
+            let max_blocks = slice_cost::blocks_per_slice(device, block_ns);
+            tracing::trace!("a launch of {} blocks in slices of at most {max_blocks} ({block_ns:?} ns per block measured)", original.volume());
+            plan_slices(original, max_blocks)
+        }
+        _ => {
+            tracing::trace!("a launch of {} blocks goes whole (candidate {candidate}, captured {captured}, device {device:?})", original.volume());
+            vec![Slice { offset: Dim3::new(0, 0, 0), grid: original }]
+        }
+    };
+    let mut lent = if captured { None } else { locks::lock(&k.cost).begin(|| d?.current_context(), || !capturing(stream)) };
+    for s in &slices {
+        // SAFETY: the program's own launch arguments, valid for this call.
+        let Some(mut args) = (unsafe { SliceArgs::new(params, extra, k.params, &k.slot, s.param_bytes(original)) }) else {
+            tracing::warn!("a launch of a sliced kernel passes arguments gpuslice cannot extend; refused");
+            return_events(k, &mut lent);
+            return CUDA_ERROR_INVALID_VALUE;
+        };
+        let grid = [s.grid.x, s.grid.y, s.grid.z];
+        let mut go = || {
+            let events = lent.take();
+            let (code, measured) = slice_cost::measured(events, stream, || real(grid, args.params(), args.extra()));
+            if let Some(e) = events {
+                locks::lock(&k.cost).end(e, s.grid.volume(), measured);
+            }
+            code
+        };
+        let code = match managed() {
+            None => go(),
+            Some(priority) => launch_managed(priority, shape.stream, shape.per_thread, cost::kernel_key(shape.f, grid, shape.block, shape.shared_mem), go),
+        };
+        if code != CUDA_SUCCESS {
+            return_events(k, &mut lent);
+            return code;
+        }
+    }
+    return_events(k, &mut lent);
+    CUDA_SUCCESS
+}
+
+/// Gives back measurement events that no launch used.
+fn return_events(k: &slicer::Kernel, lent: &mut Option<slice_cost::Events>) {
+    if let Some(e) = lent.take() {
+        locks::lock(&k.cost).end(e, 0, false);
+    }
+}
+
 /// A kernel launch entry point with the classic argument list; `cuLaunchKernel` takes an
 /// `extra` array after the parameters, `cuLaunchCooperativeKernel` does not.
 macro_rules! kernel_hook {
-    ($name:ident, per_thread = $pt:expr $(, $extra:ident)?) => {
+    ($name:ident, per_thread = $pt:expr, sliceable = $sliceable:expr $(, $extra:ident)?) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name(
             f: *mut c_void,
@@ -144,6 +232,13 @@ macro_rules! kernel_hook {
             $($extra: *mut *mut c_void,)?
         ) -> CuResult {
             guard::cuda(stringify!($name), || {
+                if let Some(k) = slicer::kernel(f) {
+                    let extra_in: *mut *mut c_void = { let _none: *mut *mut c_void = std::ptr::null_mut(); $( let _none = $extra; )? _none };
+                    let shape = Shape { f, grid: [gx, gy, gz], block: [bx, by, bz], shared_mem, stream, per_thread: $pt, sliceable: $sliceable };
+                    return launch_sliced(&k, shape, params, extra_in, |g, p, _e| {
+                        call_real!($name(f, g[0], g[1], g[2], bx, by, bz, shared_mem, stream, p $(, { let $extra = _e; $extra })?))
+                    });
+                }
                 let launch = || call_real!($name(f, gx, gy, gz, bx, by, bz, shared_mem, stream, params $(, $extra)?));
                 let Some(priority) = managed() else { return launch() };
                 launch_managed(priority, stream, $pt, cost::kernel_key(f, [gx, gy, gz], [bx, by, bz], shared_mem), launch)
@@ -152,16 +247,40 @@ macro_rules! kernel_hook {
     };
 }
 
-kernel_hook!(cuLaunchKernel, per_thread = false, extra);
-kernel_hook!(cuLaunchKernel_ptsz, per_thread = true, extra);
-kernel_hook!(cuLaunchCooperativeKernel, per_thread = false);
-kernel_hook!(cuLaunchCooperativeKernel_ptsz, per_thread = true);
+kernel_hook!(cuLaunchKernel, per_thread = false, sliceable = true, extra);
+kernel_hook!(cuLaunchKernel_ptsz, per_thread = true, sliceable = true, extra);
+kernel_hook!(cuLaunchCooperativeKernel, per_thread = false, sliceable = false);
+kernel_hook!(cuLaunchCooperativeKernel_ptsz, per_thread = true, sliceable = false);
 
 macro_rules! ex_hook {
     ($name:ident, per_thread = $pt:expr) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name(config: *const LaunchConfig, f: *mut c_void, params: *mut *mut c_void, extra: *mut *mut c_void) -> CuResult {
             guard::cuda(stringify!($name), || {
+                if let (Some(k), false) = (slicer::kernel(f), config.is_null()) {
+                    // SAFETY: the program's launch configuration, valid for this call.
+                    let c = unsafe { &*config };
+                    let shape = Shape {
+                        f,
+                        grid: c.grid,
+                        block: c.block,
+                        shared_mem: c.shared_mem_bytes,
+                        stream: c.stream,
+                        per_thread: $pt,
+                        sliceable: c.num_attrs == 0,
+                    };
+                    return launch_sliced(&k, shape, params, extra, |g, p, e| {
+                        let sliced = LaunchConfig {
+                            grid: g,
+                            block: c.block,
+                            shared_mem_bytes: c.shared_mem_bytes,
+                            stream: c.stream,
+                            attrs: c.attrs,
+                            num_attrs: c.num_attrs,
+                        };
+                        call_real!($name(&sliced, f, p, e))
+                    });
+                }
                 let launch = || call_real!($name(config, f, params, extra));
                 let Some(priority) = managed().filter(|_| !config.is_null()) else { return launch() };
                 // SAFETY: the program's launch configuration, valid for this call.

@@ -22,6 +22,11 @@
 //! without touching the device, and the charge is the larger of the declared and the measured
 //! bytes, so data the driver places lazily is counted from the load on.
 //!
+//! A low-priority process's PTX is sliced on the way (`slicer`): the driver gets the sliced text
+//! in place of the program's image (a fat binary's PTX entry, a `.ptx` file, PTX in memory), the
+//! charge is measured around that load as around any other, and the module is remembered so that
+//! its kernels' launches carry the slice parameter. Libraries are loaded as they are.
+//!
 //! Lazy loading (`CUDA_MODULE_LOADING=LAZY`, the default since CUDA 12.2) defers loading a
 //! module's *kernels* to `cuModuleGetFunction`; its data segments (the `__device__` arrays) are
 //! placed by `cuModuleLoad*` itself (on the H200 the ten 256 MiB loads took their memory
@@ -32,6 +37,7 @@
 
 use crate::hooks::memory::{self, Operation};
 use crate::policy::budget;
+use crate::policy::slicer::{self, Sliced};
 use crate::state::alloc_table::{AllocTable, Entry};
 use crate::sys::driver::{call_real, driver};
 use crate::sys::ffi::*;
@@ -196,6 +202,25 @@ fn unloaded(table: &AllocTable, handle: *mut c_void, unload: impl FnOnce() -> Cu
     code
 }
 
+/// A module load, with the sliced PTX in place of the program's image when there is one: `load`
+/// gets the image to pass (the program's, or the sliced text, which then goes through
+/// `cuModuleLoadData` or `cuModuleLoadDataEx` as `load` decides).
+fn module_load(
+    what: &'static str,
+    module: *mut CUmodule,
+    sliced: Option<Sliced>,
+    declared: impl FnOnce() -> u64,
+    load: impl FnOnce(Option<*const c_void>) -> CuResult,
+) -> CuResult {
+    let image = sliced.as_ref().map(|s| s.ptx.as_ptr().cast::<c_void>());
+    let code = measured(&MODULES, what, module, declared, || load(image), module_unload);
+    if let (CUDA_SUCCESS, Some(sliced)) = (code, sliced) {
+        // SAFETY: the load succeeded and wrote the handle (`measured` checked the pointer).
+        slicer::remember(unsafe { *module }, sliced);
+    }
+    code
+}
+
 fn module_unload(m: *mut c_void) -> CuResult {
     call_real!(cuModuleUnload(m))
 }
@@ -209,7 +234,12 @@ pub unsafe extern "C" fn cuModuleLoad(module: *mut CUmodule, fname: *const c_cha
     guard::cuda("cuModuleLoad", || {
         // SAFETY: `fname` is non-null (checked) and, by cuModuleLoad's contract, a NUL-terminated path.
         let declared = || if fname.is_null() { 0 } else { module_image::declared_in_file(unsafe { CStr::from_ptr(fname) }) };
-        measured(&MODULES, "cuModuleLoad", module, declared, || call_real!(cuModuleLoad(module, fname)), module_unload)
+        // SAFETY: as above.
+        let sliced = if fname.is_null() { None } else { slicer::for_file(unsafe { CStr::from_ptr(fname) }, "cuModuleLoad") };
+        module_load("cuModuleLoad", module, sliced, declared, |sliced| match sliced {
+            Some(image) => call_real!(cuModuleLoadData(module, image)),
+            None => call_real!(cuModuleLoad(module, fname)),
+        })
     })
 }
 
@@ -218,7 +248,9 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut CUmodule, image: *const c
     guard::cuda("cuModuleLoadData", || {
         // SAFETY: `image` is the program's cuModuleLoadData argument: null (handled), a complete cubin or NUL-terminated PTX, as declared_in_memory requires.
         let declared = || unsafe { module_image::declared_in_memory(image.cast()) };
-        measured(&MODULES, "cuModuleLoadData", module, declared, || call_real!(cuModuleLoadData(module, image)), module_unload)
+        // SAFETY: as above.
+        let sliced = unsafe { slicer::for_image(image, "cuModuleLoadData") };
+        module_load("cuModuleLoadData", module, sliced, declared, |sliced| call_real!(cuModuleLoadData(module, sliced.unwrap_or(image))))
     })
 }
 
@@ -231,14 +263,15 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
     option_values: *mut *mut c_void,
 ) -> CuResult {
     guard::cuda("cuModuleLoadDataEx", || {
-        measured(
-            &MODULES,
+        // SAFETY: `image` is the program's cuModuleLoadDataEx argument: null (handled), a complete cubin, fat binary or NUL-terminated PTX.
+        let sliced = unsafe { slicer::for_image(image, "cuModuleLoadDataEx") };
+        module_load(
             "cuModuleLoadDataEx",
             module,
-            // SAFETY: `image` is the program's cuModuleLoadDataEx argument: null (handled), a complete cubin or NUL-terminated PTX, as declared_in_memory requires.
+            sliced,
+            // SAFETY: as above, what declared_in_memory requires.
             || unsafe { module_image::declared_in_memory(image.cast()) },
-            || call_real!(cuModuleLoadDataEx(module, image, num_options, options, option_values)),
-            module_unload,
+            |sliced| call_real!(cuModuleLoadDataEx(module, sliced.unwrap_or(image), num_options, options, option_values)),
         )
     })
 }
@@ -246,13 +279,30 @@ pub unsafe extern "C" fn cuModuleLoadDataEx(
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut CUmodule, fat_cubin: *const c_void) -> CuResult {
     guard::cuda("cuModuleLoadFatBinary", || {
-        measured(&MODULES, "cuModuleLoadFatBinary", module, || 0, || call_real!(cuModuleLoadFatBinary(module, fat_cubin)), module_unload)
+        // SAFETY: `fat_cubin` is the program's fat binary (or its runtime wrapper), or null (handled).
+        let sliced = unsafe { slicer::for_image(fat_cubin, "cuModuleLoadFatBinary") };
+        module_load(
+            "cuModuleLoadFatBinary",
+            module,
+            sliced,
+            || 0,
+            |sliced| match sliced {
+                Some(image) => call_real!(cuModuleLoadData(module, image)),
+                None => call_real!(cuModuleLoadFatBinary(module, fat_cubin)),
+            },
+        )
     })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleUnload(module: CUmodule) -> CuResult {
-    guard::cuda("cuModuleUnload", || unloaded(&MODULES, module, || call_real!(cuModuleUnload(module))))
+    guard::cuda("cuModuleUnload", || {
+        let code = unloaded(&MODULES, module, || call_real!(cuModuleUnload(module)));
+        if code == CUDA_SUCCESS {
+            slicer::forget(module);
+        }
+        code
+    })
 }
 
 #[no_mangle]

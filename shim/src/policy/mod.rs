@@ -5,9 +5,13 @@
 pub mod board;
 pub mod budget;
 pub mod cost;
+pub mod flight_cost;
 pub mod make_room;
 pub mod module_image;
 pub mod mps;
 pub mod refusal_log;
 pub mod sched;
+pub mod slice_args;
+pub mod slice_cost;
+pub mod slicer;
 pub mod throttle;

@@ -11,12 +11,15 @@
 //!   `wake`) once every recorded event has completed;
 //! - a lower-priority launcher sleeps on that futex while any high-priority process is busy,
 //!   then waits (blocking-sync events: the thread sleeps in the driver) until fewer than
-//!   `GPUSLICE_PRIORITY_QUEUE` of its own launches are still in flight.
+//!   `GPUSLICE_PRIORITY_QUEUE` of its own launches are still in flight, or, with a duration
+//!   budget (`flight_cost`, `GPUSLICE_PRIORITY_BUDGET_US`), until the launch fits beside the
+//!   estimated device time still in flight.
 //!
 //! Leases bound what a dead process can cause: a high-priority process's slot lapses 300 ms
 //! after its watcher last renewed it, and no launch waits for a busy mark longer than
 //! `MAX_HOLD_NS`.
 
+use crate::policy::flight_cost;
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns, now_ns};
 use crate::sys::driver::call_real;
@@ -91,8 +94,9 @@ pub fn context_created(device: CUdevice) {
     }
 }
 
-/// Runs `launch` under the priority rules of the current device.
-pub fn launch(device: CUdevice, stream: CUstream, launch: impl FnOnce() -> CuResult) -> CuResult {
+/// Runs `launch` (of shape `key`, see `cost::kernel_key`) under the priority rules of the
+/// current device.
+pub fn launch(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
     let Some(s) = state(device) else { return launch() };
     match priority() {
         Priority::High => high_launch(device, s, stream, launch),
@@ -101,10 +105,13 @@ pub fn launch(device: CUdevice, stream: CUstream, launch: impl FnOnce() -> CuRes
             if !s.high_alive(now) {
                 return launch();
             }
-            yield_to_high(device, s, now);
+            let estimate = flight_cost::budget_ns().map(|budget| (flight_cost::estimate(key, budget), budget));
+            yield_to_high(device, s, now, estimate);
+            // A launch going out alone is timed from an event just before it.
+            let marked = estimate.is_some() && in_flight(device).mark_start(stream);
             let code = launch();
             if code == CUDA_SUCCESS {
-                in_flight(device).push(stream);
+                in_flight(device).push(stream, key, estimate.map_or(0, |e| e.0), marked);
             }
             code
         }
@@ -114,11 +121,12 @@ pub fn launch(device: CUdevice, stream: CUstream, launch: impl FnOnce() -> CuRes
 // ------------------------------------------------------------------- lower-priority side
 
 /// Waits while a high-priority process has work on the device, then until this process has
-/// fewer than its allowance of launches in flight.
-fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64) {
+/// fewer than its allowance of launches in flight (with a budget: until a launch estimated at
+/// `estimate.0` fits the budget `estimate.1` beside those in flight).
+fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option<(u64, u64)>) {
     loop {
         wait_while_busy(s, start);
-        in_flight(device).wait_below(queue_allowance());
+        in_flight(device).wait_for_room(queue_allowance(), estimate);
         // The wait for the queue may have let a high-priority request begin: look again, or
         // this launch would go in ahead of it.
         if s.busy_high(now_ns()).is_none() || now_ns() - start >= MAX_HOLD_NS {
@@ -170,46 +178,92 @@ fn queue_allowance() -> usize {
     crate::sys::runtime::runtime().settings.as_ref().ok().and_then(|s| s.priority_queue).map_or(DEFAULT_QUEUE, |n| n as usize)
 }
 
-/// This process's launches on one device that may still be running: one event each, with
-/// the fork generation they belong to.
-struct InFlight {
-    events: Mutex<(u64, VecDeque<(usize, usize)>)>,
+/// One launch in flight: its event (recorded after it) in context `ctx`, its shape and
+/// estimate, and whether it was queued behind the previous one (then the time between their
+/// events is its own).
+struct Flight {
+    ctx: usize,
+    event: usize,
+    key: u64,
+    estimate_ns: u64,
+    queued: bool,
 }
 
-static IN_FLIGHT: [InFlight; MAX_ORDINALS] = [const { InFlight { events: Mutex::new((0, VecDeque::new())) } }; MAX_ORDINALS];
+/// This process's launches on one device that may still be running, the fork generation they
+/// belong to, and the event of the last one seen finished (the start of the next one's
+/// measurement, with a budget).
+struct Queue {
+    generation: u64,
+    flights: VecDeque<Flight>,
+    last_done: Option<(usize, usize)>,
+}
+
+struct InFlight {
+    events: Mutex<Queue>,
+}
+
+static IN_FLIGHT: [InFlight; MAX_ORDINALS] =
+    [const { InFlight { events: Mutex::new(Queue { generation: 0, flights: VecDeque::new(), last_done: None }) } }; MAX_ORDINALS];
 
 fn in_flight(device: CUdevice) -> &'static InFlight {
     &IN_FLIGHT[(device.max(0) as usize).min(MAX_ORDINALS - 1)]
 }
 
 impl InFlight {
-    /// The queue (`.1`); a forked child's inherited events, which belong to its parent's
-    /// contexts, are dropped.
-    fn queue(&self) -> MutexGuard<'_, (u64, VecDeque<(usize, usize)>)> {
+    /// The queue; a forked child's inherited events, which belong to its parent's contexts,
+    /// are dropped.
+    fn queue(&self) -> MutexGuard<'_, Queue> {
         let mut guard = locks::lock(&self.events);
         let generation = link::fork_generation();
-        if guard.0 != generation {
-            std::mem::forget(std::mem::take(&mut guard.1));
-            guard.0 = generation;
+        if guard.generation != generation {
+            std::mem::forget(std::mem::take(&mut guard.flights));
+            guard.last_done = None;
+            guard.generation = generation;
         }
         guard
     }
 
-    fn push(&self, stream: CUstream) {
+    /// `marked`: `mark_start` recorded an event just before this launch.
+    fn push(&self, stream: CUstream, key: u64, estimate_ns: u64, marked: bool) {
         let Some((ctx, event)) = recorded_event(stream) else { return };
-        self.queue().1.push_back((ctx, event));
-    }
-
-    /// Drops finished launches; sleeps on the oldest while `limit` or more are in flight.
-    fn wait_below(&self, limit: usize) {
-        relaxed(|| self.wait_below_now(limit))
-    }
-
-    fn wait_below_now(&self, limit: usize) {
         let mut queue = self.queue();
-        let events = &mut queue.1;
-        while let Some(&(ctx, event)) = events.front() {
-            if events.len() >= limit {
+        let queued = marked || !queue.flights.is_empty();
+        queue.flights.push_back(Flight { ctx, event, key, estimate_ns, queued });
+    }
+
+    /// With nothing in flight, records an event on `stream` to time the next launch from (the
+    /// launch after it is then measured as if queued behind it); false when something is in
+    /// flight (that launch's event does it) or no event could be recorded.
+    fn mark_start(&self, stream: CUstream) -> bool {
+        let mut queue = self.queue();
+        if !queue.flights.is_empty() {
+            return false;
+        }
+        let Some(start) = recorded_event(stream) else { return false };
+        if let Some((ctx, event)) = queue.last_done.replace(start) {
+            give_event(ctx, event);
+        }
+        true
+    }
+
+    /// Drops finished launches; sleeps on the oldest while `limit` or more are in flight, or
+    /// with a budget (`estimate`: the next launch's and the budget) while the next one does not
+    /// fit beside them.
+    fn wait_for_room(&self, limit: usize, estimate: Option<(u64, u64)>) {
+        relaxed(|| self.wait_for_room_now(limit, estimate))
+    }
+
+    fn wait_for_room_now(&self, limit: usize, estimate: Option<(u64, u64)>) {
+        let mut queue = self.queue();
+        while let Some(&Flight { ctx, event, key, queued, .. }) = queue.flights.front() {
+            let full = match estimate {
+                None => queue.flights.len() >= limit,
+                Some((next, budget)) => {
+                    let sum = queue.flights.iter().map(|f| f.estimate_ns).sum();
+                    !flight_cost::fits(queue.flights.len(), sum, next, budget)
+                }
+            };
+            if full {
                 // No spinning on the simulated clock: it stands still while anyone spins.
                 let spin_until = if crate::sys::clock::simulated() { 0 } else { now_ns() + SPIN_NS };
                 while !done(event) {
@@ -222,10 +276,27 @@ impl InFlight {
             } else if !done(event) {
                 break;
             }
-            events.pop_front();
-            give_event(ctx, event);
+            queue.flights.pop_front();
+            // With a budget the events time the launches: one queued behind the previous ran
+            // from that one's end to its own.
+            let previous = queue.last_done.replace((ctx, event));
+            if let Some((previous_ctx, previous_event)) = previous {
+                if estimate.is_some() && queued && previous_ctx == ctx {
+                    if let Some(ns) = elapsed_ns(previous_event, event) {
+                        flight_cost::learn(key, ns);
+                    }
+                }
+                give_event(previous_ctx, previous_event);
+            }
         }
     }
+}
+
+/// Device time between two completed timing events.
+fn elapsed_ns(start: usize, end: usize) -> Option<u64> {
+    let mut ms = 0f32;
+    let ok = call_real!(cuEventElapsedTime(&mut ms, start as *mut c_void, end as *mut c_void)) == CUDA_SUCCESS;
+    (ok && ms >= 0.0).then(|| (f64::from(ms) * 1e6) as u64)
 }
 
 // ------------------------------------------------------------------- high-priority side
@@ -452,11 +523,20 @@ pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
 
 /// An event of context `ctx` (the current one) that sleeps when waited on.
 fn take_event(ctx: usize) -> Option<usize> {
-    events::SLEEPERS.take(ctx)
+    // With a duration budget the events also time the launches (`flight_cost`).
+    if flight_cost::budget_ns().is_some() {
+        events::TIMED_SLEEPERS.take(ctx)
+    } else {
+        events::SLEEPERS.take(ctx)
+    }
 }
 
 fn give_event(ctx: usize, event: usize) {
-    events::SLEEPERS.give(ctx, event);
+    if flight_cost::budget_ns().is_some() {
+        events::TIMED_SLEEPERS.give(ctx, event)
+    } else {
+        events::SLEEPERS.give(ctx, event)
+    }
 }
 
 /// True when the event has completed (or cannot be asked: never wait on a broken event).

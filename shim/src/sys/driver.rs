@@ -111,6 +111,9 @@ real_functions! {
     cuLaunchCooperativeKernel_ptsz(*mut c_void, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void);
     cuGraphLaunch(*mut c_void, CUstream);
     cuGraphLaunch_ptsz(*mut c_void, CUstream);
+    // Which kernel a launch is of (see `slicer`): CUDA 11.0 and 12.3.
+    cuFuncGetModule(*mut *mut c_void, *mut c_void);
+    cuFuncGetName(*mut *const c_char, *mut c_void);
     // Memory shared between processes (see `sharing`).
     cuIpcGetMemHandle(*mut IpcMemHandle, CUdeviceptr);
     cuIpcOpenMemHandle_v2(*mut CUdeviceptr, IpcMemHandle, c_uint);

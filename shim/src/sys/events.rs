@@ -58,6 +58,8 @@ pub struct Pool {
 pub static SLEEPERS: Pool = Pool { flags: SLEEPER, free: Mutex::new(None) };
 /// The timing events of every context, for `cost`'s spans.
 pub static TIMINGS: Pool = Pool { flags: TIMING, free: Mutex::new(None) };
+/// Events that sleep when waited on and also time (the duration budget, `policy::flight_cost`).
+pub static TIMED_SLEEPERS: Pool = Pool { flags: BLOCKING_SYNC, free: Mutex::new(None) };
 
 impl Pool {
     /// An event of context `ctx` (the current one): one given back earlier, or a new one.
@@ -81,4 +83,5 @@ pub const FORK: Handlers = Handlers { prepare: hold_for_fork, in_child: atfork::
 fn hold_for_fork(h: &mut Holder) {
     h.take(&SLEEPERS.free, atfork::keep);
     h.take(&TIMINGS.free, atfork::keep);
+    h.take(&TIMED_SLEEPERS.free, atfork::keep);
 }

@@ -11,6 +11,7 @@ pub mod events;
 pub mod ffi;
 pub mod guard;
 pub mod locks;
+pub mod median;
 pub mod pids;
 pub mod real_nvml;
 pub mod runtime;

@@ -12,6 +12,7 @@
 #![allow(non_snake_case, clippy::too_many_arguments)]
 
 mod clock;
+mod record;
 mod state;
 mod visible;
 
@@ -149,6 +150,8 @@ struct Module {
     dev: CUdevice,
     charged: u64,
     funcs: BTreeMap<String, u64>,
+    /// The kernels its PTX declares (`None`: not PTX, any name is a kernel).
+    entries: Option<BTreeMap<String, record::Entry>>,
 }
 
 struct Library {
@@ -1776,7 +1779,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset(dev: CUdevice) -> CUresult {
 
 /// # Safety
 /// `module`: null or valid for reads and writes of one `Handle`.
-unsafe fn module_load(module: *mut Handle, b: u64) -> CUresult {
+unsafe fn module_load(module: *mut Handle, b: u64, ptx: Option<String>) -> CUresult {
     let mut d = lock();
     let (ctx, dev) = tri!(cur_dev(&d));
     if module.is_null() {
@@ -1786,7 +1789,11 @@ unsafe fn module_load(module: *mut Handle, b: u64) -> CUresult {
         return OUT_OF_MEMORY;
     }
     let h = new_handle();
-    d.modules.insert(h, Module { ctx, dev, charged: b, funcs: BTreeMap::new() });
+    let entries = ptx.as_deref().map(record::entries);
+    if let Some(text) = &ptx {
+        record::image(h, text);
+    }
+    d.modules.insert(h, Module { ctx, dev, charged: b, funcs: BTreeMap::new(), entries });
     // SAFETY: `module` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
     unsafe { *module = h as Handle };
     SUCCESS
@@ -1801,8 +1808,8 @@ pub unsafe extern "C" fn cuModuleLoadData(module: *mut Handle, image: *const c_v
     if image.is_null() {
         return INVALID_VALUE;
     }
-    // SAFETY: `module_load` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { module_load(module, image_bytes(image)) }
+    // SAFETY: `module_load` and `record::ptx_text` get this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
+    unsafe { module_load(module, image_bytes(image), record::ptx_text(image)) }
 }
 
 /// # Safety
@@ -1850,8 +1857,14 @@ pub unsafe extern "C" fn cuModuleLoad(module: *mut Handle, fname: *const c_char)
     check_init!();
     // SAFETY: `file_readable` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
     unsafe { tri!(file_readable(fname)) };
+    // SAFETY: `fname` is a readable C string (file_readable checked it); `ptx_text` reads the NUL-terminated copy made here.
+    let text = std::fs::read(unsafe { CStr::from_ptr(fname) }.to_string_lossy().as_ref()).ok().and_then(|mut v| {
+        v.push(0);
+        // SAFETY: `v` is NUL-terminated (pushed above) and outlives the call.
+        unsafe { record::ptx_text(v.as_ptr().cast()) }
+    });
     // SAFETY: `module_load` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { module_load(module, file_bytes(fname)) }
+    unsafe { module_load(module, file_bytes(fname), text) }
 }
 
 /// # Safety
@@ -1883,10 +1896,59 @@ pub unsafe extern "C" fn cuModuleGetFunction(hfunc: *mut Handle, hmod: Handle, n
     let mut d = lock();
     let m = hmod as u64;
     let Some(module) = d.modules.get_mut(&m) else { return INVALID_HANDLE };
+    if module.entries.as_ref().is_some_and(|e| !e.contains_key(&name)) {
+        return NOT_FOUND;
+    }
     let f = *module.funcs.entry(name).or_insert_with(new_handle);
     d.functions.insert(f, m);
     // SAFETY: `hfunc` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
     unsafe { *hfunc = f as Handle };
+    SUCCESS
+}
+
+/// The names `cuFuncGetName` hands out, kept for the life of the process (the driver's are
+/// valid while the module is loaded).
+static FUNC_NAMES: Mutex<BTreeMap<u64, &'static CStr>> = Mutex::new(BTreeMap::new());
+
+/// The module and name of function `f` (a library kernel's function has module 0).
+fn function_of(d: &Drv, f: u64) -> Option<(u64, String)> {
+    let &m = d.functions.get(&f)?;
+    let name = d.modules.get(&m).and_then(|module| module.funcs.iter().find(|(_, &h)| h == f).map(|(n, _)| n.clone()));
+    Some((m, name.unwrap_or_default()))
+}
+
+/// # Safety
+/// `hmod`: null or valid for a write of one `Handle`.
+#[no_mangle]
+pub unsafe extern "C" fn cuFuncGetModule(hmod: *mut Handle, hfunc: Handle) -> CUresult {
+    check_init!();
+    if hmod.is_null() {
+        return INVALID_VALUE;
+    }
+    match function_of(&lock(), hfunc as u64) {
+        Some((m, _)) if m != 0 => {
+            // SAFETY: a non-null out-pointer from the caller.
+            unsafe { *hmod = m as Handle };
+            SUCCESS
+        }
+        Some(_) => NOT_FOUND,
+        None => INVALID_HANDLE,
+    }
+}
+
+/// # Safety
+/// `name`: null or valid for a write of one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn cuFuncGetName(name: *mut *const c_char, hfunc: Handle) -> CUresult {
+    check_init!();
+    if name.is_null() || hfunc.is_null() {
+        return INVALID_VALUE;
+    }
+    let Some((_, n)) = function_of(&lock(), hfunc as u64) else { return INVALID_HANDLE };
+    let mut names = FUNC_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    let kept = *names.entry(hfunc as u64).or_insert_with(|| Box::leak(std::ffi::CString::new(n).unwrap_or_default().into_boxed_c_str()));
+    // SAFETY: a non-null out-pointer from the caller; the name lives as long as the process.
+    unsafe { *name = kept.as_ptr() };
     SUCCESS
 }
 
@@ -2028,6 +2090,19 @@ pub unsafe extern "C" fn cuKernelGetFunction(func: *mut Handle, kernel: Handle) 
 /// other driver entry points are.
 unsafe fn submit(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), CUresult>, durs: &[u64]) -> CUresult {
     check_init!();
+    match submit_timed(stream, ptsz, check, durs) {
+        Ok(_) => SUCCESS,
+        Err(code) => code,
+    }
+}
+
+/// `submit`, returning where the work went on the device timeline (`None`: captured).
+fn submit_timed(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), CUresult>, durs: &[u64]) -> Result<Option<(u64, u64)>, CUresult> {
+    macro_rules! tri {
+        ($e:expr) => {
+            $e?
+        };
+    }
     loop {
         let mut g = lock();
         let d: &mut Drv = &mut g;
@@ -2038,7 +2113,7 @@ unsafe fn submit(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), 
         let s = d.streams.get_mut(&k).unwrap();
         if let Some(cap) = s.capture.as_mut() {
             cap.extend_from_slice(durs);
-            return SUCCESS;
+            return Ok(None);
         }
         let now = now_ns();
         if s.tail > now + MAX_QUEUE_NS {
@@ -2048,11 +2123,11 @@ unsafe fn submit(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), 
             continue;
         }
         let total: u64 = durs.iter().sum();
-        let (_, end) = devstate(dev).reserve_time(now.max(s.tail), total);
+        let (start, end) = devstate(dev).reserve_time(now.max(s.tail), total);
         s.tail = end;
         let c = d.ctxs.get_mut(&ctx).unwrap();
         c.last_end = c.last_end.max(end);
-        return SUCCESS;
+        return Ok(Some((start, end)));
     }
 }
 
@@ -2074,6 +2149,70 @@ unsafe fn kernel_duration(params: *mut *mut c_void) -> u64 {
     unsafe { (first as *const u64).read_unaligned() }
 }
 
+/// The packed parameter buffer of an `extra` array (`CU_LAUNCH_PARAM_BUFFER_POINTER` = 1 and
+/// `CU_LAUNCH_PARAM_BUFFER_SIZE` = 2, ended by `CU_LAUNCH_PARAM_END` = 0).
+///
+/// # Safety
+/// `extra` is null or a `CU_LAUNCH_PARAM_END`-terminated array of key/value pairs whose buffer
+/// is as long as its size says, valid for the launch.
+unsafe fn packed(extra: *mut *mut c_void) -> Option<&'static [u8]> {
+    if extra.is_null() {
+        return None;
+    }
+    let (mut buf, mut size) = (std::ptr::null::<u8>(), None);
+    for i in 0..32 {
+        // SAFETY: the pairs go on until the end key (this function's contract).
+        let (key, value) = unsafe { (*extra.add(2 * i) as usize, *extra.add(2 * i + 1)) };
+        match key {
+            0 => break,
+            1 => buf = value as *const u8,
+            // SAFETY: BUFFER_SIZE's value points to a size_t.
+            2 if !value.is_null() => size = Some(unsafe { (value as *const usize).read() }),
+            _ => return None,
+        }
+    }
+    // SAFETY: the buffer is as long as its size (this function's contract).
+    (!buf.is_null()).then(|| unsafe { std::slice::from_raw_parts(buf, size.unwrap_or(8)) })
+}
+
+/// A launch's duration (its first parameter, or the packed buffer's first 8 bytes) and, for a
+/// kernel with a slice parameter, that parameter; a launch with the slice parameter runs its
+/// share of the original grid's duration. `Err` for a slice that is not inside its grid.
+///
+/// # Safety
+/// `params` null or one pointer per kernel parameter; `extra` as `packed` wants it.
+unsafe fn launch_args(
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+    entry: Option<&record::Entry>,
+    grid: [c_uint; 3],
+) -> Result<(u64, Option<[u32; 6]>), CUresult> {
+    // SAFETY: the caller's `extra` (this function's contract).
+    let buffer = if params.is_null() { unsafe { packed(extra) } } else { None };
+    let dur = match buffer {
+        Some(b) if b.len() >= 8 => u64::from_le_bytes(b[..8].try_into().unwrap()),
+        // SAFETY: the caller's `params` (this function's contract).
+        _ => unsafe { kernel_duration(params) },
+    };
+    let Some(at) = entry.and_then(|e| e.slice_at) else { return Ok((dur, None)) };
+    // SAFETY: the kernel declares parameter `at`, so the program passed a pointer for it, to the
+    // slice parameter's 24 bytes.
+    let param = if params.is_null() { std::ptr::null() } else { unsafe { *params.add(at) as *const u8 } };
+    let bytes = match buffer {
+        Some(b) if b.len() >= 24 => &b[b.len() - 24..],
+        // SAFETY: as above.
+        _ if !param.is_null() => unsafe { std::slice::from_raw_parts(param, 24) },
+        _ => return Err(INVALID_VALUE),
+    };
+    let s = record::slice_words(bytes).ok_or(INVALID_VALUE)?;
+    let inside = (0..3).all(|i| grid[i] > 0 && u64::from(s[i]) + u64::from(grid[i]) <= u64::from(s[i + 3]));
+    if !inside {
+        return Err(INVALID_VALUE);
+    }
+    let volume = |g: &[u32]| g.iter().map(|&v| u128::from(v)).product::<u128>();
+    Ok(((u128::from(dur) * volume(&grid) / volume(&s[3..])) as u64, Some(s)))
+}
+
 fn check_function(f: u64, grid: [c_uint; 3], block: [c_uint; 3]) -> impl Fn(&Drv) -> Result<(), CUresult> {
     move |d: &Drv| {
         if !d.functions.contains_key(&f) && !d.kernels.contains_key(&f) {
@@ -2087,13 +2226,25 @@ fn check_function(f: u64, grid: [c_uint; 3], block: [c_uint; 3]) -> impl Fn(&Drv
 }
 
 /// # Safety
-/// `params`: as `kernel_duration` requires.
-unsafe fn launch(f: Handle, grid: [c_uint; 3], block: [c_uint; 3], stream: Handle, params: *mut *mut c_void, ptsz: bool) -> CUresult {
+/// `params`, `extra`: as `launch_args` requires.
+unsafe fn launch(f: Handle, grid: [c_uint; 3], block: [c_uint; 3], stream: Handle, params: *mut *mut c_void, extra: *mut *mut c_void, ptsz: bool) -> CUresult {
     check_init!();
-    // SAFETY: `kernel_duration` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    let dur = unsafe { kernel_duration(params) };
-    // SAFETY: `submit` is given no pointer here, so no contract is passed on.
-    unsafe { submit(stream, ptsz, check_function(f as u64, grid, block), &[dur]) }
+    let (name, entry) = {
+        let d = lock();
+        let name = function_of(&d, f as u64).map(|(_, n)| n).unwrap_or_default();
+        let entry = d.functions.get(&(f as u64)).and_then(|m| d.modules.get(m)).and_then(|m| m.entries.as_ref()).and_then(|e| e.get(&name).cloned());
+        (name, entry)
+    };
+    // SAFETY: the program's launch arguments, valid for this call.
+    let (dur, slice) = tri!(unsafe { launch_args(params, extra, entry.as_ref(), grid) });
+    match submit_timed(stream, ptsz, check_function(f as u64, grid, block), &[dur]) {
+        Ok(Some((start, end))) => {
+            record::launch(&name, grid, slice, start, end);
+            SUCCESS
+        }
+        Ok(None) => SUCCESS,
+        Err(code) => code,
+    }
 }
 
 /// # Safety
@@ -2113,7 +2264,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     _extra: *mut *mut c_void,
 ) -> CUresult {
     // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false) }
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, _extra, false) }
 }
 
 /// # Safety
@@ -2133,7 +2284,7 @@ pub unsafe extern "C" fn cuLaunchKernel_ptsz(
     _extra: *mut *mut c_void,
 ) -> CUresult {
     // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true) }
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, _extra, true) }
 }
 
 /// # Safety
@@ -2152,7 +2303,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     kernel_params: *mut *mut c_void,
 ) -> CUresult {
     // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, false) }
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, std::ptr::null_mut(), false) }
 }
 
 /// # Safety
@@ -2171,13 +2322,13 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
     kernel_params: *mut *mut c_void,
 ) -> CUresult {
     // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, true) }
+    unsafe { launch(f, [grid_dim_x, grid_dim_y, grid_dim_z], [block_dim_x, block_dim_y, block_dim_z], h_stream, kernel_params, std::ptr::null_mut(), true) }
 }
 
 /// # Safety
 /// `config`: null or points to a valid `CUlaunchConfig`.
-/// `params`: as `launch` requires.
-unsafe fn launch_ex(config: *const CUlaunchConfig, f: Handle, params: *mut *mut c_void, ptsz: bool) -> CUresult {
+/// `params`, `extra`: as `launch` requires.
+unsafe fn launch_ex(config: *const CUlaunchConfig, f: Handle, params: *mut *mut c_void, extra: *mut *mut c_void, ptsz: bool) -> CUresult {
     check_init!();
     if config.is_null() {
         return INVALID_VALUE;
@@ -2185,7 +2336,7 @@ unsafe fn launch_ex(config: *const CUlaunchConfig, f: Handle, params: *mut *mut 
     // SAFETY: `config` is not null (checked above) and the caller guarantees it points to a valid value (`# Safety`).
     let c = unsafe { &*config };
     // SAFETY: `launch` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { launch(f, [c.grid_dim_x, c.grid_dim_y, c.grid_dim_z], [c.block_dim_x, c.block_dim_y, c.block_dim_z], c.h_stream, params, ptsz) }
+    unsafe { launch(f, [c.grid_dim_x, c.grid_dim_y, c.grid_dim_z], [c.block_dim_x, c.block_dim_y, c.block_dim_z], c.h_stream, params, extra, ptsz) }
 }
 
 /// # Safety
@@ -2194,7 +2345,7 @@ unsafe fn launch_ex(config: *const CUlaunchConfig, f: Handle, params: *mut *mut 
 #[no_mangle]
 pub unsafe extern "C" fn cuLaunchKernelEx(config: *const CUlaunchConfig, f: Handle, kernel_params: *mut *mut c_void, _extra: *mut *mut c_void) -> CUresult {
     // SAFETY: `launch_ex` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { launch_ex(config, f, kernel_params, false) }
+    unsafe { launch_ex(config, f, kernel_params, _extra, false) }
 }
 
 /// # Safety
@@ -2208,7 +2359,7 @@ pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
     _extra: *mut *mut c_void,
 ) -> CUresult {
     // SAFETY: `launch_ex` gets this function's own pointer arguments, under the contract its caller accepted (`# Safety`).
-    unsafe { launch_ex(config, f, kernel_params, true) }
+    unsafe { launch_ex(config, f, kernel_params, _extra, true) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2824,6 +2975,8 @@ export_table!(
     cuModuleLoad,
     cuModuleUnload,
     cuModuleGetFunction,
+    cuFuncGetModule,
+    cuFuncGetName,
     cuLibraryLoadData,
     cuLibraryLoadFromFile,
     cuLibraryUnload,
@@ -2977,6 +3130,8 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuModuleLoad", 2000, "cuModuleLoad", ""),
     ("cuModuleUnload", 2000, "cuModuleUnload", ""),
     ("cuModuleGetFunction", 2000, "cuModuleGetFunction", ""),
+    ("cuFuncGetModule", 11000, "cuFuncGetModule", ""),
+    ("cuFuncGetName", 12030, "cuFuncGetName", ""),
     ("cuLibraryLoadData", 12000, "cuLibraryLoadData", ""),
     ("cuLibraryLoadFromFile", 12000, "cuLibraryLoadFromFile", ""),
     ("cuLibraryUnload", 12000, "cuLibraryUnload", ""),

@@ -1,0 +1,383 @@
+//! PTX slicing wired into the shim (issue 19 part 2), on the simulated driver: what a
+//! low-priority process loads is sliced (the driver is handed the rewritten PTX, cached on disk;
+//! a kernel that cannot be sliced is named in the log and left byte for byte); a sliced kernel's
+//! launches carry the slice parameter, whole when no high-priority process lives and in slices
+//! that cover every block exactly once when one does; and on the simulated clock a high-priority
+//! request next to a neighbour of 2 ms kernels waits for about one slice instead of one kernel.
+//!
+//! The simulated driver (`SIMCUDA_RECORD`) writes every PTX image it is handed and one line per
+//! launch (kernel, grid, slice parameter, place on the device timeline); a launch with the slice
+//! parameter runs its share of the kernel's duration, and one whose slice lies outside its
+//! original grid fails.
+
+use gpuslice_integration::*;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Two kernels whose first parameter is the simulated duration: `busy` reads the grid (sliced),
+/// `gridwide` reads `%gridid` (refused).
+const BUSY_PTX: &str = include_str!("slicing/busy.ptx");
+/// The refused kernel as it is in the input, which the loaded image must contain unchanged.
+const GRIDWIDE: &str = ".visible .entry gridwide(";
+
+/// One at a time: the latency test starts several processes on the simulated clock.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A fresh directory in the machine's.
+fn fresh_dir(sim: &Sim, what: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = sim.path(&format!("{what}-{}", N.fetch_add(1, Ordering::Relaxed)));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A client under the shim at `priority`, recording into `record`, with its PTX cache in `cache`.
+fn client<'a>(sim: &'a Sim, priority: &str, record: &Path, cache: &Path) -> Client<'a> {
+    sim.client(Route::Procaddr)
+        .shim()
+        .env("GPUSLICE_PRIORITY", priority)
+        .env("GPUSLICE_LOG", "info")
+        .env("SIMCUDA_RECORD", record.display())
+        .env("GPUSLICE_PTX_CACHE", cache.display())
+}
+
+/// The PTX images process `pid` handed the driver, in order.
+fn images(record: &Path, pid: u64) -> Vec<String> {
+    let mut found: Vec<(u64, String)> = std::fs::read_dir(record)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let n = name.strip_prefix(&format!("{pid}-module-"))?.strip_suffix(".ptx")?.parse().ok()?;
+            Some((n, std::fs::read_to_string(record.join(&name)).ok()?))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, text)| text).collect()
+}
+
+/// One recorded launch.
+#[derive(Debug, Clone)]
+struct Launch {
+    name: String,
+    grid: [u32; 3],
+    slice: Option<[u32; 6]>,
+    start: u64,
+    end: u64,
+}
+
+fn launches(record: &Path, pid: u64) -> Vec<Launch> {
+    let text = std::fs::read_to_string(record.join(format!("{pid}-launches.log"))).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("launch "))
+        .map(|l| {
+            let words = |k: &str| {
+                let value = l.split_whitespace().find_map(|t| t.strip_prefix(k).and_then(|r| r.strip_prefix('=')));
+                value.unwrap_or_else(|| panic!("no {k}= in `{l}`")).to_string()
+            };
+            let nums = |s: String| s.split(',').map(|v| v.parse::<u32>().unwrap()).collect::<Vec<_>>();
+            let g = nums(words("grid"));
+            let slice = words("slice");
+            Launch {
+                name: words("fn"),
+                grid: [g[0], g[1], g[2]],
+                slice: (slice != "-").then(|| nums(slice).try_into().unwrap()),
+                start: words("start").parse().unwrap(),
+                end: words("end").parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Groups a kernel's recorded slices into the program's launches (each ends when its original
+/// grid is covered) and checks that each covered every block exactly once, in order; returns
+/// the number of slices of each launch.
+fn covered_once(slices: &[Launch]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut count = 0;
+    for s in slices {
+        let p = s.slice.unwrap_or_else(|| panic!("a launch of a sliced kernel without its slice parameter: {s:?}"));
+        let original = [p[3], p[4], p[5]];
+        for z in 0..s.grid[2] {
+            for y in 0..s.grid[1] {
+                for x in 0..s.grid[0] {
+                    let block = (p[0] + x, p[1] + y, p[2] + z);
+                    assert!(block.0 < original[0] && block.1 < original[1] && block.2 < original[2], "block {block:?} outside {original:?}: {s:?}");
+                    assert!(seen.insert(block), "block {block:?} ran twice: {s:?}");
+                }
+            }
+        }
+        count += 1;
+        if seen.len() as u64 == original.iter().map(|&v| u64::from(v)).product::<u64>() {
+            out.push(count);
+            seen.clear();
+            count = 0;
+        }
+    }
+    assert!(seen.is_empty(), "the last launch did not cover its grid: {} blocks in {count} slices", seen.len());
+    out
+}
+
+// ------------------------------------------------------------------ 1. loads
+
+#[test]
+fn a_low_priority_process_loads_the_sliced_ptx_once_transformed_then_from_the_cache() {
+    let sim = Sim::new();
+    let ptx = sim.write_file("busy.ptx", BUSY_PTX);
+    let (record, cache) = (fresh_dir(&sim, "record"), fresh_dir(&sim, "cache"));
+    let load = |priority: &str, how: &str, extra: &[(&str, &str)]| {
+        let mut c = client(&sim, priority, &record, &cache);
+        for (k, v) in extra {
+            c = c.env(k, v);
+        }
+        let out = c.args(&format!("init ctx 0 usefunc {how} {} busy pid", ptx.display())).run();
+        out.assert_all_ok();
+        let pid = out.u64("pid", "pid");
+        let images = images(&record, pid);
+        assert_eq!(images.len(), 1, "one image per load: {out}");
+        (out, images.into_iter().next().unwrap())
+    };
+
+    let (out, image) = load("low", "data", &[]);
+    assert!(image.contains("__gpuslice_slice") && image != BUSY_PTX, "the driver got the original PTX from a low-priority process:\n{image}");
+    let gridwide = &BUSY_PTX[BUSY_PTX.find(GRIDWIDE).unwrap()..];
+    assert!(image.contains(gridwide), "the refused kernel was changed:\n{image}");
+    assert_eq!(image.matches("__gpuslice_slice[24]").count(), 1, "exactly one kernel gets the slice parameter:\n{image}");
+    assert_eq!(out.stderr_lines_with(&["1 of 2 kernels sliced", "transformed"]).len(), 1, "{out}");
+    assert_eq!(out.stderr_lines_with(&["kernel gridwide runs as it is", "%gridid"]).len(), 1, "the log names the refused kernel and why: {out}");
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".slice")).collect();
+    assert_eq!(entries.len(), 1, "one cache entry");
+
+    // The second load of the same PTX comes from the cache, and the driver gets the same text.
+    let (out, again) = load("low", "data", &[]);
+    assert_eq!(out.stderr_lines_with(&["1 of 2 kernels sliced", "from the cache"]).len(), 1, "{out}");
+    assert_eq!(again, image);
+    // The file form too.
+    let (_, from_file) = load("low", "file", &[]);
+    assert_eq!(from_file, image, "cuModuleLoad of a .ptx file is sliced the same way");
+
+    // Normal priority, or slicing off: the driver gets the program's bytes.
+    let (out, normal) = load("normal", "data", &[]);
+    assert_eq!(normal, BUSY_PTX, "a normal-priority process's PTX was changed");
+    assert!(out.stderr_lines_with(&["kernels sliced"]).is_empty(), "{out}");
+    let (_, off) = load("low", "data", &[("GPUSLICE_SLICE", "off")]);
+    assert_eq!(off, BUSY_PTX, "GPUSLICE_SLICE=off still sliced");
+    let (_, file_off) = load("normal", "file", &[]);
+    assert_eq!(file_off, BUSY_PTX);
+    // `all`: best-effort work at normal priority is sliced too.
+    let (_, all) = load("normal", "data", &[("GPUSLICE_SLICE", "all")]);
+    assert_eq!(all, image);
+}
+
+/// A fat binary as nvcc lays it out (see gpuslice_ptx::fatbin): one uncompressed PTX entry for
+/// sm_90 holding `ptx`, NUL-terminated.
+fn fatbin_of(ptx: &str) -> Vec<u8> {
+    let mut payload = ptx.as_bytes().to_vec();
+    payload.push(0);
+    let mut entry = vec![0u8; 64];
+    entry[0..2].copy_from_slice(&1u16.to_le_bytes()); // PTX
+    entry[4..8].copy_from_slice(&64u32.to_le_bytes()); // header size
+    entry[8..16].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    entry[28..32].copy_from_slice(&90u32.to_le_bytes()); // sm_90
+    entry.extend_from_slice(&payload);
+    let mut image = Vec::new();
+    image.extend_from_slice(&0xBA55_ED50u32.to_le_bytes());
+    image.extend_from_slice(&1u16.to_le_bytes());
+    image.extend_from_slice(&16u16.to_le_bytes());
+    image.extend_from_slice(&(entry.len() as u64).to_le_bytes());
+    image.extend_from_slice(&entry);
+    image
+}
+
+#[test]
+fn the_ptx_of_a_fat_binary_is_sliced_and_loaded_as_text() {
+    let sim = Sim::new();
+    let fatbin = sim.path("busy.fatbin");
+    std::fs::write(&fatbin, fatbin_of(BUSY_PTX)).unwrap();
+    let (record, cache) = (fresh_dir(&sim, "record"), fresh_dir(&sim, "cache"));
+    for how in ["fatbin", "data"] {
+        let out = client(&sim, "low", &record, &cache).args(&format!("init ctx 0 usefunc {how} {} busy launch 2 100000 sync pid", fatbin.display())).run();
+        out.assert_all_ok();
+        let pid = out.u64("pid", "pid");
+        let images = images(&record, pid);
+        assert_eq!(images.len(), 1, "{how}: the driver should get the sliced PTX as text: {out}");
+        assert!(images[0].contains("__gpuslice_slice[24]"), "{how}: {}", images[0]);
+        let ran = launches(&record, pid);
+        assert_eq!(covered_once(&ran), vec![1, 1], "{how}: two whole launches with the slice parameter: {ran:?}");
+    }
+    // At normal priority the fat binary goes to the driver as it is (not PTX text: nothing recorded).
+    let out = client(&sim, "normal", &record, &cache).args(&format!("init ctx 0 usefunc fatbin {} busy pid", fatbin.display())).run();
+    out.assert_all_ok();
+    assert!(images(&record, out.u64("pid", "pid")).is_empty());
+}
+
+// ------------------------------------------------------------------ 2. launches
+
+#[test]
+fn sliced_launches_cover_every_block_once_and_go_whole_without_a_high_priority_process() {
+    let sim = Sim::new();
+    let ptx = sim.write_file("busy.ptx", BUSY_PTX);
+    let (record, cache) = (fresh_dir(&sim, "record"), fresh_dir(&sim, "cache"));
+    let script = format!("init ctx 0 usefunc data {} busy grid 1000 3 2 launch 3 2000000 sync grid 7 1 1 launchpacked 2 100000 sync pid", ptx.display());
+
+    // Alone: whole launches, each with the slice parameter (offset 0, the grid itself).
+    let out = client(&sim, "low", &record, &cache).args(&script).run();
+    out.assert_all_ok();
+    let alone = launches(&record, out.u64("pid", "pid"));
+    assert_eq!(alone.len(), 5, "{alone:?}");
+    assert_eq!(covered_once(&alone), vec![1; 5], "alone, every launch goes whole: {alone:?}");
+    assert_eq!(alone[0].slice, Some([0, 0, 0, 1000, 3, 2]));
+    assert_eq!(alone[4].slice, Some([0, 0, 0, 7, 1, 1]), "the packed route carries the slice parameter too");
+    assert!(alone.iter().all(|l| l.name == "busy"));
+
+    // Beside an (idle) high-priority process: slices, every block exactly once.
+    let stop = sim.path_str("stop-high");
+    let high = client(&sim, "high", &record, &cache).args(&format!("init ctx 0 launch 1 1000 sync waitfile {stop}")).spawn();
+    assert!(line_ok(&high.wait_line("sync", 0)));
+    let out = client(&sim, "low", &record, &cache).args(&script).run();
+    touch(&stop);
+    high.wait().assert_all_ok();
+    out.assert_all_ok();
+    let sliced = launches(&record, out.u64("pid", "pid"));
+    let per_launch = covered_once(&sliced);
+    eprintln!("slices per launch beside a high-priority process: {per_launch:?}");
+    assert_eq!(per_launch.len(), 5);
+    assert!(per_launch[..3].iter().all(|&n| n > 1), "6000-block launches were not sliced: {per_launch:?}");
+    assert_eq!(&per_launch[3..], &[1, 1], "a 7-block grid is less than one wave: one slice");
+    // Each 6000-block launch of 2 ms ran as slices of at most the target (100 µs) on the device,
+    // or one block per SM (132 blocks = 44 µs) before the first measurement.
+    for s in &sliced[..sliced.len() - 2] {
+        assert!(s.end - s.start <= 110_000, "a slice of {} µs: {s:?}", (s.end - s.start) / 1000);
+    }
+    // Together they took what the whole kernel takes.
+    let total: u64 = sliced[..sliced.len() - 2].iter().map(|s| s.end - s.start).sum();
+    assert!((5_990_000..=6_010_000).contains(&total), "3 × 2 ms of kernels ran {total} ns in slices");
+}
+
+// ------------------------------------------------------------------ 3. latency, simulated clock
+
+const PROBE_NS: u64 = 200_000;
+const NEIGHBOUR_NS: u64 = 2_000_000;
+/// 40 waves of the simulated device's 132 SMs: slices of 100 µs are about 264 blocks.
+const NEIGHBOUR_GRID: u32 = 132 * 40;
+const REQUESTS: u64 = 40;
+/// The probe starts this long after the neighbour (ms): the neighbour's first launches measure
+/// its kernel (one wave per slice until then).
+const SETTLE_MS: u64 = 50;
+const GAP_US: u64 = 20_000;
+
+/// The neighbour of a contest: its environment, whether it launches the PTX kernel (else the
+/// simulated driver's plain one), and its kernels' length.
+struct Neighbour<'e> {
+    env: &'e [(&'e str, &'e str)],
+    ptx: bool,
+    kernel_ns: u64,
+}
+
+/// The probe at high priority next to a low neighbour flooding its kernels (grid
+/// `NEIGHBOUR_GRID`); returns the probe, the neighbour's device time while the probe ran over
+/// the time the probe left it, and the neighbour's launches as the device ran them.
+fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, Vec<Launch>) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let ptx = sim.write_file("busy.ptx", BUSY_PTX);
+    let (record, cache) = (fresh_dir(sim, "record"), fresh_dir(sim, "cache"));
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let (go, stop) = (sim.path_str(&format!("go-{n}")), sim.path_str(&format!("stop-{n}")));
+    let function = if neighbour.ptx { format!("usefunc data {} busy", ptx.display()) } else { String::new() };
+    let mut c = client(sim, "low", &record, &cache);
+    for (k, v) in neighbour.env {
+        c = c.env(k, v);
+    }
+    let kernel_ns = neighbour.kernel_ns;
+    let flooding = c.args(&format!("init ctx 0 pid {function} grid {NEIGHBOUR_GRID} 1 1 launch 1 1000 sync waitfile {go} flood {kernel_ns} 10 {stop}")).spawn();
+    let probe = client(sim, "high", &record, &cache)
+        .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} probe {REQUESTS} {PROBE_NS} {GAP_US} touch {stop}"))
+        .spawn();
+    clock.start_together_refs(&go, &[&flooding, &probe], "sync");
+    clock.park();
+    let out = probe.wait();
+    out.assert_all_ok();
+    let n = flooding.wait();
+    n.assert_all_ok();
+    let p = Probe::parse(out.last("probe"));
+    let ran = launches(&record, n.u64("pid", "pid"));
+    let busy: u64 = ran.iter().map(|l| l.end.min(p.t1).saturating_sub(l.start.max(p.t0))).sum();
+    let left = (p.t1 - p.t0) - p.n * PROBE_NS;
+    (p, busy as f64 / left as f64, ran)
+}
+
+#[test]
+fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+
+    let (whole, whole_share, _) = contest(&sim, &clock, Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS });
+    eprintln!("neighbour unsliced: probe {whole}; neighbour {:.1}% of the time left", 100.0 * whole_share);
+    let (sliced, sliced_share, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS });
+    eprintln!("neighbour sliced: probe {sliced}; neighbour {:.1}% of the time left", 100.0 * sliced_share);
+    let longest = ran.iter().filter(|l| l.slice.is_some_and(|s| s[3] != l.grid[0])).map(|l| l.end - l.start).max().unwrap_or(0);
+    eprintln!("longest slice {} µs, {} launches recorded", longest / 1000, ran.len());
+
+    // Unsliced, a request waits for up to one 2 ms neighbour kernel.
+    assert!(whole.dev_p99_us >= (PROBE_NS + NEIGHBOUR_NS / 2) / 1000, "unsliced, the probe should wait behind a 2 ms kernel: {whole}");
+    // Sliced, for at most one slice (≤ 100 µs, 110 with rounding to whole rows of blocks) and
+    // the neighbour's watcher noticing the end (polls of 20 µs).
+    assert!(longest > 0 && longest <= 110_000, "the longest slice took {} µs", longest / 1000);
+    let bound = (PROBE_NS + 110_000 + 40_000) / 1000;
+    assert!(sliced.dev_p99_us <= bound, "sliced, p99 on the device {} µs over {bound} µs: {sliced}", sliced.dev_p99_us);
+    assert!(sliced.dev_p99_us * 4 < whole.dev_p99_us, "slicing did not shorten the wait: {sliced} against {whole}");
+    // And the neighbour keeps the device busy while the probe leaves it idle.
+    assert!(sliced_share >= 0.8, "the sliced neighbour got {:.1}% of the time the probe left", 100.0 * sliced_share);
+}
+
+// ------------------------------------------------------------------ 4. the duration budget
+
+/// Short kernels of a neighbour that cannot be sliced.
+const SHORT_NS: u64 = 20_000;
+const BUDGET_US: u64 = 100;
+
+#[test]
+fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    let budget = BUDGET_US.to_string();
+    let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
+
+    // 20 µs kernels: one in flight (the default queue) against 100 µs of them.
+    let (queue1, queue1_share, _) = contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS });
+    eprintln!("20 µs neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left", 100.0 * queue1_share);
+    let (budgeted, budgeted_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: SHORT_NS });
+    eprintln!("20 µs neighbour, budget {BUDGET_US} µs: probe {budgeted}; neighbour {:.1}% of the time left", 100.0 * budgeted_share);
+    // 2 ms kernels under the same budget: longer than it, each goes alone.
+    let (long, long_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS });
+    eprintln!("2 ms neighbour, budget {BUDGET_US} µs: probe {long}; neighbour {:.1}% of the time left", 100.0 * long_share);
+
+    // A request waits for at most the budget's worth of short kernels and one more (whose
+    // launch the budget let through just before it), and the watcher's polls.
+    let bound = (PROBE_NS + BUDGET_US * 1000 + SHORT_NS + 40_000) / 1000;
+    assert!(budgeted.dev_p99_us <= bound, "with a budget, p99 on the device {} µs over {bound} µs: {budgeted}", budgeted.dev_p99_us);
+    // The budget lets several short kernels be in flight once their time is measured (an
+    // unmeasured shape goes alone): a request's median wait is several of them, not one. (On
+    // the simulated device the next kernel starts the instant it is launched, so one in flight
+    // already keeps it busy; on a GPU the budget buys back the gap between kernels that one in
+    // flight leaves: the next session measures it.)
+    assert!(
+        budgeted.dev_p50_us >= queue1.dev_p50_us + 3 * SHORT_NS / 1000,
+        "with a budget of {BUDGET_US} µs more than one 20 µs kernel should be in flight: median {} µs against {} µs with one",
+        budgeted.dev_p50_us,
+        queue1.dev_p50_us
+    );
+    assert!(budgeted_share >= 0.95 && queue1_share >= 0.95, "the neighbour should keep the device busy: {budgeted_share:.3} / {queue1_share:.3}");
+    // A kernel longer than the budget is never queued behind another: one kernel at most.
+    let one_kernel = (PROBE_NS + NEIGHBOUR_NS + 40_000) / 1000;
+    assert!(long.dev_p99_us <= one_kernel, "a 2 ms neighbour under a budget: p99 on the device {} µs over {one_kernel} µs: {long}", long.dev_p99_us);
+}
