@@ -5,6 +5,7 @@ mod client;
 mod crosscheck;
 mod exports;
 mod http;
+mod lease_clock;
 mod metrics;
 mod mps_daemon;
 mod room;

@@ -257,7 +257,8 @@ impl State {
     /// among throttled processes): what bounds a forged entry there is its lease. A lease further
     /// ahead than any process takes is a forgery that would hold others back for good: lapsed.
     fn expire_forged_leases(&self) {
-        let horizon = ledger::monotonic_ns().saturating_add(LEASE_HORIZON_NS);
+        // In the shims' clock: the simulated one under the integration tests (see lease_clock).
+        let horizon = crate::lease_clock::now_ns().saturating_add(LEASE_HORIZON_NS);
         for d in 0..MAX_DEVICES {
             let s = &self.ledger.device(d).sched;
             let mut forged = false;
