@@ -67,6 +67,8 @@ pub struct GroupInfo {
     pub env_uid: Option<u32>,
     pub limits: [u64; MAX_DEVICES],
     pub shares: [u32; MAX_DEVICES],
+    /// Issue 18: the caps over the shares (`GroupDevice::cap`).
+    pub sm_caps: [u32; MAX_DEVICES],
     pub priority: u32,
 }
 
@@ -150,6 +152,7 @@ impl State {
             for d in 0..MAX_DEVICES {
                 info.limits[d] = g.devices[d].limit.load(Relaxed);
                 info.shares[d] = g.devices[d].share.load(Relaxed);
+                info.sm_caps[d] = g.devices[d].cap.load(Relaxed);
             }
             info.priority = g.priority.load(Relaxed);
             g.pinned.store(info.pinned as u32, Relaxed);
@@ -180,6 +183,9 @@ impl State {
                 if g.devices[d].share.load(Relaxed) != info.shares[d] {
                     g.set_share(d, info.shares[d]);
                     changed.push(format!("device {d} share"));
+                }
+                if put(&g.devices[d].cap, info.sm_caps[d]) {
+                    changed.push(format!("device {d} cap"));
                 }
             }
             if put(&g.priority, info.priority) {
@@ -354,7 +360,10 @@ impl State {
                 continue;
             }
             let pinned = published.unwrap_or(g).pinned.load(Relaxed) != 0;
-            self.groups.insert(i, GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+            self.groups.insert(
+                i,
+                GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], sm_caps: [0; MAX_DEVICES], priority: 0 },
+            );
             if !self.remember_published(i) {
                 self.remember_group(i);
             }
@@ -427,7 +436,18 @@ impl State {
         g.reset();
         g.set_name(name);
         g.state.store(LIVE, Release);
-        self.groups.insert(i, GroupInfo { name: name.to_string(), pinned, env_uid, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+        self.groups.insert(
+            i,
+            GroupInfo {
+                name: name.to_string(),
+                pinned,
+                env_uid,
+                limits: [UNLIMITED; MAX_DEVICES],
+                shares: [0; MAX_DEVICES],
+                sm_caps: [0; MAX_DEVICES],
+                priority: 0,
+            },
+        );
         self.remember_group(i);
         Some(i)
     }
@@ -528,9 +548,13 @@ impl State {
                 let env_share = r.devices.iter().filter_map(|c| c.sm_share).filter(|&s| s > 0 && s < 100).min();
                 let default_limit = env_limit.or_else(|| self.config.settings.memory_limit.all().map(|l| l.value));
                 let default_share = env_share.or_else(|| self.config.settings.sm_share.all().map(|s| s.value));
+                // Issue 18: the cap goes with the share it came with (the environment's, else the config's).
+                let env_cap = r.devices.iter().map(|c| c.sm_max).filter(|&c| c != 0).min();
+                let default_cap = if env_share.is_some() { env_cap.unwrap_or(0) } else { self.config.settings.sm_max.all().map_or(0, |c| c.value) };
                 for d in 0..MAX_DEVICES {
                     slot.devices[d].limit.store(default_limit.unwrap_or(UNLIMITED), Relaxed);
                     slot.set_share(d, default_share.unwrap_or(0));
+                    slot.set_cap(d, default_cap);
                 }
                 for claim in &r.devices {
                     let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
@@ -539,6 +563,8 @@ impl State {
                     slot.devices[index].limit.store(limit.unwrap_or(UNLIMITED), Relaxed);
                     let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal)).or(default_share);
                     slot.set_share(index, share.unwrap_or(0));
+                    let cap = if claim.sm_share.is_some() { claim.sm_max } else { self.config.settings.sm_max(claim.ordinal) };
+                    slot.set_cap(index, if share.is_some() && cap == 0 { default_cap } else { cap });
                 }
                 let priority = (if solo { r.priority } else { None }).or(self.config.settings.priority.as_ref().map(|p| p.value));
                 slot.priority.store(priority.unwrap_or_default() as u32, Relaxed);
@@ -730,6 +756,12 @@ impl State {
         if let Some(sm) = e.sm {
             gpuslice_common::settings::parse_share(&sm.to_string()).map_err(|r| format!("--sm {sm}: {r}"))?;
         }
+        if let Some(cap) = e.sm_max {
+            gpuslice_common::settings::parse_cap(&cap.to_string()).map_err(|r| format!("--sm-max {cap}: {r}"))?;
+            if let Some(sm) = e.sm.filter(|&sm| cap < sm) {
+                return Err(format!("--sm-max {cap} is below --sm {sm}: the cap must be at least the guarantee"));
+            }
+        }
         if let Some(Limit::Bytes(0)) = e.memory {
             return Err("--memory 0: a limit of zero bytes would refuse everything; give a size, or `unlimited`".into());
         }
@@ -776,7 +808,7 @@ impl State {
                     let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
                 } else {
-                    if e.sm.is_some() {
+                    if e.sm.is_some() || e.sm_max.is_some() {
                         return Err(format!("pid {pid} is in group {name:?}, whose members share one SM share: use `gpuslice set --group {name} --sm ...`"));
                     }
                     if let Some(m) = e.memory {
@@ -943,6 +975,7 @@ impl State {
                         limit: some_limit(gd.limit.load(Relaxed)),
                         peak: gd.peak_used.load(Relaxed),
                         share: (share != 0).then_some(share),
+                        cap: Some(gd.cap.load(Relaxed)).filter(|&c| share != 0 && c > share),
                         achieved_share: self.samples.achieved.get(&(true, i, generation, d)).copied(),
                         charged_ns: gd.charged_ns.load(Relaxed),
                         throttled_ns: gd.throttled_ns.load(Relaxed),
@@ -1069,6 +1102,10 @@ fn apply_edit_to_group(g: &GroupSlot, e: &Edit, devices: &[usize]) {
         }
         if let Some(sm) = e.sm {
             g.set_share(d, sm);
+            // Issue 18: `--sm` alone is the guarantee and the cap, as it always was.
+            g.set_cap(d, e.sm_max.unwrap_or(0));
+        } else if let Some(cap) = e.sm_max {
+            g.set_cap(d, cap);
         }
     }
     if let Some(p) = e.priority {
@@ -1086,6 +1123,7 @@ fn apply_settings_all_devices(g: &GroupSlot, s: &Settings) {
         if let Some(share) = s.sm_share.all() {
             g.set_share(d, share.value);
         }
+        g.set_cap(d, s.sm_max.all().map_or(0, |c| c.value));
     }
     g.priority.store(s.priority.as_ref().map_or(Priority::Normal, |p| p.value) as u32, Relaxed);
 }
@@ -1170,6 +1208,7 @@ mod tests {
                 total_memory: 1 << 40,
                 memory_limit: limit,
                 sm_share: Some(30),
+                sm_max: 0,
             }],
         }
     }
@@ -1235,6 +1274,7 @@ mod tests {
             target: Target::Group("g".into()),
             memory: Some(Limit::Bytes(2 << 30)),
             sm: Some(50),
+            sm_max: None,
             priority: Some(Priority::High),
             device: None,
             create: false,
@@ -1248,10 +1288,15 @@ mod tests {
         assert_eq!(g.devices[3].limit.load(Relaxed), 2 << 30);
         assert_eq!(g.devices[3].share.load(Relaxed), 50);
         assert_eq!(g.priority(), Priority::High);
-        let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None, create: false }).unwrap_err();
+        let e = s
+            .edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), sm_max: None, priority: None, device: None, create: false })
+            .unwrap_err();
         assert!(e.contains("no registered process"), "{e}");
         assert!(s
-            .edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None, create: false })
+            .edit(
+                me(),
+                Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, sm_max: None, priority: None, device: None, create: false }
+            )
             .is_err());
     }
 
@@ -1259,7 +1304,7 @@ mod tests {
     fn garbled_device_claims_are_not_tracked_and_slots_no_process_uses_are_freed() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, "");
-        let claim = |ordinal: u32, uuid: &str| DeviceClaim { ordinal, uuid: uuid.into(), total_memory: 1 << 30, memory_limit: None, sm_share: None };
+        let claim = |ordinal: u32, uuid: &str| DeviceClaim { ordinal, uuid: uuid.into(), total_memory: 1 << 30, memory_limit: None, sm_share: None, sm_max: 0 };
         let mut r = registration(None, None);
         r.devices = vec![
             claim(0, "ordinal-0"),
@@ -1293,7 +1338,7 @@ mod tests {
     }
 
     fn group_edit(name: &str, create: bool) -> Edit {
-        Edit { target: Target::Group(name.into()), memory: Some(Limit::Bytes(1 << 30)), sm: None, priority: None, device: None, create }
+        Edit { target: Target::Group(name.into()), memory: Some(Limit::Bytes(1 << 30)), sm: None, sm_max: None, priority: None, device: None, create }
     }
 
     #[test]
@@ -1365,8 +1410,19 @@ mod tests {
         assert_eq!(a.group, b.group);
         s.release(b.slot as usize, "exited");
         s.env_groups_open = false;
-        s.edit(me(), Edit { target: Target::Group("team".into()), memory: Some(Limit::Bytes(2 << 30)), sm: None, priority: None, device: None, create: false })
-            .unwrap();
+        s.edit(
+            me(),
+            Edit {
+                target: Target::Group("team".into()),
+                memory: Some(Limit::Bytes(2 << 30)),
+                sm: None,
+                sm_max: None,
+                priority: None,
+                device: None,
+                create: false,
+            },
+        )
+        .unwrap();
         s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).expect("configured: open to all");
     }
 

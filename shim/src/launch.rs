@@ -59,11 +59,20 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     let Some(bucket) = throttle::bucket(device) else { return launch() };
     cost::harvest();
     bucket.wait_turn(|| {
-        // A burst ends here: measure it, and hand the device over before sleeping.
+        // A burst ends here: measure it, and hand the device over before sleeping. Without a
+        // cap the wait is only for the queue ahead to shrink: the turn is kept.
+        cost::close_span();
+        if !bucket.uncapped() {
+            end_burst(device, bucket);
+        }
+        cost::harvest();
+    });
+    if bucket.slice_done() && board::holding(device) && board::others_waiting(device) {
+        // Issue 18: a lending process has run its slice and someone queues: the turn goes on.
         cost::close_span();
         end_burst(device, bucket);
         cost::harvest();
-    });
+    }
     if !board::holding(device) {
         // A new burst: take the turn (waiting, boundedly, for another process's burst).
         let taken = board::take(device, bucket.queued_until().max(throttle::now_ns()));
@@ -71,6 +80,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
         if taken.neighbour {
             bucket.saw_neighbour(taken.peers);
         }
+        bucket.turn_taken();
     }
     let plan = cost::plan(key);
     let me = throttle::thread_token();

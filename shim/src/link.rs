@@ -392,6 +392,7 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
                 total_memory: d.total,
                 memory_limit: settings.memory_limit(d.ordinal).map(|l| l.value),
                 sm_share: settings.sm_share(d.ordinal),
+                sm_max: settings.sm_max(d.ordinal),
             })
             .collect(),
     });
@@ -461,6 +462,7 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
         let limit = settings.memory_limit(d.ordinal).map_or(UNLIMITED, |l| l.value);
         group.devices[index].limit.store(limit, Relaxed);
         group.set_share(index, settings.sm_share(d.ordinal).unwrap_or(0));
+        group.set_cap(index, settings.sm_max(d.ordinal));
     }
     if let Some(p) = &settings.priority {
         group.priority.store(p.value as u32, Relaxed);
