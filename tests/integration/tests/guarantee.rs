@@ -239,3 +239,61 @@ fn config_file_and_live_set_through_the_controller() {
     let row = &l.group("g").unwrap()["devices"][0];
     assert_eq!((row["share"].as_u64(), row["cap"].as_u64()), (Some(30), Some(50)), "the cap set live:\n{l}");
 }
+
+#[test]
+fn a_low_priority_process_borrows_only_what_nobody_else_wants() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let sim = &sim;
+    // Both 30 without a cap, both saturating: the low one keeps its guarantee and no more.
+    let tenants: Vec<Box<dyn FnOnce(&str) -> Running>> = vec![
+        Box::new(|go: &str| tenant(client(sim, lending(30)).env("GPUSLICE_PRIORITY", "low"), go, 0, 1500)),
+        Box::new(|go: &str| tenant(client(sim, lending(30)), go, 0, 1500)),
+    ];
+    let (start, floods) = together(sim, tenants);
+    let got: Vec<f64> = floods.iter().map(|f| 100.0 * f.share_between(start + 300 * MS, start + 1400 * MS)).collect();
+    eprintln!("low 30 + normal 30, both without a cap: {got:.1?}");
+    assert_near(got[0], 30.0, 3.0, "the low one");
+    assert_near(got[1], 70.0, 3.0, "the normal one");
+    // Alone, the low one borrows the whole device.
+    let alone = {
+        let t: Vec<Box<dyn FnOnce(&str) -> Running>> = vec![Box::new(|go: &str| tenant(client(sim, lending(30)).env("GPUSLICE_PRIORITY", "low"), go, 0, 1000))];
+        let (start, floods) = together(sim, t);
+        100.0 * floods[0].share_between(start + 100 * MS, start + 900 * MS)
+    };
+    assert!(alone >= 95.0, "low priority alone, no cap: {alone:.1}%");
+}
+
+#[test]
+fn with_a_controller_tenants_of_different_groups_lend_to_each_other() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let ctl = sim.controller();
+    let clock = sim.clock();
+    clock.park();
+    let go = sim.path_str("go");
+    // Each its own group (pid-N) from its environment; the turn is in the ledger's device slot.
+    let tenants: Vec<Running> = [30, 70].iter().map(|&g| tenant(client(&sim, lending(g)).controller(&ctl), &go, 0, 1500)).collect();
+    let start = clock.start_together(&go, &tenants, "sync");
+    clock.sleep_ns(1000 * MS);
+    // Time stands still while `ls` asks: the achieved shares are those of the last second.
+    let l = ctl.ls();
+    clock.park();
+    let floods: Vec<Flood> = tenants
+        .into_iter()
+        .map(|t| {
+            let out = t.wait();
+            out.assert_all_ok();
+            Flood::parse(out.last("flood"))
+        })
+        .collect();
+    let got: Vec<f64> = floods.iter().map(|f| 100.0 * f.share_between(start + 300 * MS, start + 1400 * MS)).collect();
+    eprintln!("with a controller, 30 + 70: {got:.1?}\n{l}");
+    assert_near(got[0], 30.0, 3.0, "the 30");
+    assert_near(got[1], 70.0, 3.0, "the 70");
+    let rows: Vec<&serde_json::Value> = l.json["groups"].as_array().unwrap().iter().map(|g| &g["devices"][0]).collect();
+    assert_eq!(rows.len(), 2, "{l}");
+    for row in rows {
+        assert_eq!(row["cap"].as_u64(), Some(100), "every group's cap is none (100) in `ls --json`:\n{l}");
+    }
+}
