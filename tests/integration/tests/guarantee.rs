@@ -59,8 +59,11 @@ fn tenant(c: Client<'_>, go: &str, idle_ms: u64, flood_ms: u64) -> Running {
     c.args(&format!("init ctx 0 flood {KERNEL_NS} {BUCKET_MS} +5 sync waitfile {go} {idle}flood {KERNEL_NS} {BUCKET_MS} +{flood_ms}")).spawn()
 }
 
+/// Starts a tenant that waits for the go file it is given.
+type Start<'a> = Box<dyn FnOnce(&str) -> Running + 'a>;
+
 /// Starts `tenants` (made by `start(go)` each) at one virtual instant; returns it and their floods.
-fn together<'a>(sim: &'a Sim, tenants: Vec<Box<dyn FnOnce(&str) -> Running + 'a>>) -> (u64, Vec<Flood>) {
+fn together<'a>(sim: &'a Sim, tenants: Vec<Start<'a>>) -> (u64, Vec<Flood>) {
     let clock = sim.clock();
     clock.park();
     let go = sim.path_str("go");
@@ -82,7 +85,7 @@ fn together<'a>(sim: &'a Sim, tenants: Vec<Box<dyn FnOnce(&str) -> Running + 'a>
 /// Tenants of `slices` flooding together for `flood_ms`; each one's percent over
 /// `[start + from_ms, start + to_ms)`.
 fn shares(sim: &Sim, slices: &[Slice], flood_ms: u64, from_ms: u64, to_ms: u64) -> Vec<f64> {
-    let tenants = slices.iter().map(|&s| Box::new(move |go: &str| tenant(client(sim, s), go, 0, flood_ms)) as Box<dyn FnOnce(&str) -> Running>).collect();
+    let tenants = slices.iter().map(|&s| Box::new(move |go: &str| tenant(client(sim, s), go, 0, flood_ms)) as Start).collect();
     let (start, floods) = together(sim, tenants);
     floods.iter().map(|f| 100.0 * f.share_between(start + from_ms * MS, start + to_ms * MS)).collect()
 }
@@ -128,7 +131,7 @@ fn three_tenants_and_then_two_when_one_leaves() {
     let _serial = serial();
     let sim = Sim::new().with_clock();
     // The 20 % tenant floods for 1.5 s, the others for 3.5 s.
-    let tenants: Vec<Box<dyn FnOnce(&str) -> Running>> = vec![
+    let tenants: Vec<Start> = vec![
         Box::new(|go: &str| tenant(client(&sim, lending(20)), go, 0, 1500)),
         Box::new(|go: &str| tenant(client(&sim, lending(30)), go, 0, 3500)),
         Box::new(|go: &str| tenant(client(&sim, lending(50)), go, 0, 3500)),
@@ -151,7 +154,7 @@ fn an_idle_guarantee_is_reclaimed_within_20_ms() {
     let sim = &sim;
     for neighbour in [30u32, 70] {
         // The 30 % tenant sleeps 2 s while the neighbour borrows the whole device, then floods.
-        let tenants: Vec<Box<dyn FnOnce(&str) -> Running>> = vec![
+        let tenants: Vec<Start> = vec![
             Box::new(|go: &str| tenant(client(sim, lending(30)), go, 2000, 500)),
             Box::new(move |go: &str| tenant(client(sim, lending(neighbour)), go, 0, 2600)),
         ];
@@ -246,7 +249,7 @@ fn a_low_priority_process_borrows_only_what_nobody_else_wants() {
     let sim = Sim::new().with_clock();
     let sim = &sim;
     // Both 30 without a cap, both saturating: the low one keeps its guarantee and no more.
-    let tenants: Vec<Box<dyn FnOnce(&str) -> Running>> = vec![
+    let tenants: Vec<Start> = vec![
         Box::new(|go: &str| tenant(client(sim, lending(30)).env("GPUSLICE_PRIORITY", "low"), go, 0, 1500)),
         Box::new(|go: &str| tenant(client(sim, lending(30)), go, 0, 1500)),
     ];
@@ -257,7 +260,7 @@ fn a_low_priority_process_borrows_only_what_nobody_else_wants() {
     assert_near(got[1], 70.0, 3.0, "the normal one");
     // Alone, the low one borrows the whole device.
     let alone = {
-        let t: Vec<Box<dyn FnOnce(&str) -> Running>> = vec![Box::new(|go: &str| tenant(client(sim, lending(30)).env("GPUSLICE_PRIORITY", "low"), go, 0, 1000))];
+        let t: Vec<Start> = vec![Box::new(|go: &str| tenant(client(sim, lending(30)).env("GPUSLICE_PRIORITY", "low"), go, 0, 1000))];
         let (start, floods) = together(sim, t);
         100.0 * floods[0].share_between(start + 100 * MS, start + 900 * MS)
     };
