@@ -1156,7 +1156,7 @@ pub fn describe_group(ledger: &Ledger, g: &GroupSlot) -> String {
         let gd = &g.devices[d];
         let limit = some_limit(gd.limit.load(Relaxed)).map_or("no memory limit".to_string(), |l| format!("memory {}", format_size(l)));
         let share = gd.share.load(Relaxed);
-        let share = if share == 0 { String::new() } else { format!(", SM {share}%") };
+        let share = if share == 0 { String::new() } else { format!(", SM {share}%{}", cap_text(share, gd.cap.load(Relaxed))) };
         parts.push(format!("device {d}: {limit}{share} (using {})", format_size(gd.used.load(Relaxed))));
     }
     let limit0 = some_limit(g.devices[0].limit.load(Relaxed));
@@ -1168,6 +1168,15 @@ pub fn describe_group(ledger: &Ledger, g: &GroupSlot) -> String {
         }
     }
     format!("{}; priority {}", parts.join("; "), g.priority())
+}
+
+/// Issue 18: what a cap adds to a share's description (nothing when the share is the cap).
+fn cap_text(share: u32, cap: u32) -> String {
+    match cap {
+        c if c <= share => String::new(),
+        c if c >= 100 => " (no cap: borrows idle time)".into(),
+        c => format!(" (up to {c}%)"),
+    }
 }
 
 /// A descriptor that becomes readable when `pid` exits (Linux ≥ 5.3).

@@ -133,6 +133,7 @@ fn end_burst(device: i32, bucket: throttle::Bucket) {
         }
     }
     board::release(device);
+    bucket.turn_released();
 }
 
 /// A kernel launch entry point with the classic argument list; `cuLaunchKernel` takes an
