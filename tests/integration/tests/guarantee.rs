@@ -300,3 +300,22 @@ fn with_a_controller_tenants_of_different_groups_lend_to_each_other() {
         assert_eq!(row["cap"].as_u64(), Some(100), "every group's cap is none (100) in `ls --json`:\n{l}");
     }
 }
+
+#[test]
+fn cuda_graphs_lend_and_are_capped_like_kernels() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    // 10 kernels of 200 µs per graph = 2 ms per launch; 100 launches = 200 ms of device time.
+    let percent = |slice: Slice| {
+        let out = client(&sim, slice).args("init ctx 0 graph 10 200000 100").run();
+        out.assert_all_ok();
+        let ms: f64 = out.get("graph", "ms").unwrap().parse().unwrap();
+        200.0 / ms * 100.0
+    };
+    let lender = percent(lending(30));
+    let capped50 = percent(capped(30, "50"));
+    eprintln!("graph launches alone: 30 no cap {lender:.1}%, 30 cap 50 {capped50:.1}%");
+    assert!(lender >= 95.0, "graph launches at 30 without a cap, alone: {lender:.1}%");
+    // The first launch is measured before it is charged in full (as in sm_share.rs's graph test).
+    assert_near(capped50, 50.0, 3.0, "graph launches at 30, cap 50, alone");
+}
