@@ -465,6 +465,24 @@ mod tests {
     }
 
     #[test]
+    fn a_lending_group_shows_its_cap_and_what_it_borrowed() {
+        let mut l = listing();
+        let d = &mut l.groups[0].devices[0];
+        (d.cap, d.achieved_share) = (Some(100), Some(45.0));
+        let text = render(Snapshot { health: Health::default(), listing: Some(l) });
+        let g = r#"{group="team \"a\"",device="0",uuid="GPU-x"}"#;
+        for want in [format!("gpuslice_group_sm_share_cap_ratio{g} 1.0"), format!("gpuslice_group_sm_share_borrowed_ratio{g} 0.15")] {
+            assert!(text.lines().any(|l| l == want), "{want}\nnot in\n{text}");
+        }
+        assert_eq!(listing().groups[0].devices[0].share_text(), "30%", "the share is the cap");
+        let mut row = listing().groups[0].devices[0].clone();
+        row.cap = Some(60);
+        assert_eq!(row.share_text(), "30-60%");
+        row.cap = Some(100);
+        assert_eq!(row.share_text(), "30%+");
+    }
+
+    #[test]
     fn without_the_state_only_the_health_is_reported() {
         let text = render(Snapshot { health: Health::default(), listing: None });
         assert!(text.lines().any(|l| l == "gpuslice_up 0"), "{text}");
