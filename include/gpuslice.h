@@ -139,8 +139,8 @@ struct gpuslice_device_slot {
 struct gpuslice_group_device {
     uint64_t limit;                   /* bytes, or GPUSLICE_UNLIMITED */
     uint64_t used;                    /* bytes held by all members */
-    uint32_t share;                   /* percent of device time; 0 = not throttled */
-    uint32_t _pad;
+    uint32_t share;                   /* guaranteed percent of device time; 0 = not throttled */
+    uint32_t cap;                     /* most it may get: 0 = the share, 100 = no cap (issue 18) */
     uint64_t debt_until;              /* the group's token bucket (GCRA) */
     uint64_t charged_ns;              /* device time charged to throttled launches */
     uint64_t throttled_ns;            /* wall time launches waited */

@@ -194,6 +194,14 @@ pub struct DeviceClaim {
     pub total_memory: u64,
     pub memory_limit: Option<u64>,
     pub sm_share: Option<u32>,
+    /// Issue 18: the cap over the share its environment gives (`GroupDevice::cap`: 0 = none
+    /// given, 100 = no cap).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sm_max: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,8 +224,12 @@ pub enum Limit {
 pub struct Edit {
     pub target: Target,
     pub memory: Option<Limit>,
-    /// Percent; 100 removes the throttle.
+    /// Percent; 100 removes the throttle. The guarantee (issue 18); without `sm_max` it is the
+    /// cap too.
     pub sm: Option<u32>,
+    /// Issue 18: the cap over the guarantee, percent; 100 = no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_max: Option<u32>,
     pub priority: Option<Priority>,
     /// One device index of the ledger; every device when absent.
     #[serde(default)]
@@ -334,6 +346,9 @@ pub struct GroupDeviceRow {
     pub limit: Option<u64>,
     pub peak: u64,
     pub share: Option<u32>,
+    /// Issue 18: the cap over the share (percent; 100 = none); `None` when the share is the cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<u32>,
     /// Percent of the device's time charged over the last second.
     pub achieved_share: Option<f64>,
     /// Device time charged to the group's throttled launches since it was made (unthrottled
@@ -342,6 +357,24 @@ pub struct GroupDeviceRow {
     pub charged_ns: u64,
     pub throttled_ns: u64,
     pub refusals: u64,
+}
+
+impl GroupDeviceRow {
+    /// Issue 18: the points of device time the group got over its guarantee in the last
+    /// second (borrowed from idle neighbours); `None` without a share or a sample.
+    pub fn borrowed_share(&self) -> Option<f64> {
+        Some((self.achieved_share? - f64::from(self.share?)).max(0.0))
+    }
+
+    /// The share as `ls` and `top` show it: `30%`, `30-60%` with a cap, `30%+` without one.
+    pub fn share_text(&self) -> String {
+        match (self.share, self.cap) {
+            (None, _) => "-".into(),
+            (Some(s), Some(c)) if c >= 100 => format!("{s}%+"),
+            (Some(s), Some(c)) if c > s => format!("{s}-{c}%"),
+            (Some(s), _) => format!("{s}%"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -617,11 +650,18 @@ mod tests {
             priority: Some(Priority::High),
             name: "python3".into(),
             own_pid: 7,
-            devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-1".into(), total_memory: 1 << 30, memory_limit: Some(1 << 20), sm_share: None }],
+            devices: vec![DeviceClaim { ordinal: 0, uuid: "GPU-1".into(), total_memory: 1 << 30, memory_limit: Some(1 << 20), sm_share: None, sm_max: 0 }],
         });
         assert_eq!(decode_request(&encode(&r)).unwrap(), r);
-        let s =
-            Request::Set(Edit { target: Target::Group("g".into()), memory: Some(Limit::Unlimited), sm: Some(30), priority: None, device: None, create: true });
+        let s = Request::Set(Edit {
+            target: Target::Group("g".into()),
+            memory: Some(Limit::Unlimited),
+            sm: Some(30),
+            sm_max: None,
+            priority: None,
+            device: None,
+            create: true,
+        });
         assert_eq!(decode_request(&encode(&s)).unwrap(), s);
         let rm = Request::RemoveGroup("team-a".into());
         assert_eq!(encode(&rm), br#"{"type":"remove_group","name":"team-a"}"#);

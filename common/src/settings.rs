@@ -19,6 +19,8 @@ pub const ENV_MEMORY_LIMIT: &str = "GPUSLICE_MEMORY_LIMIT";
 pub const HAMI_MEMORY_LIMIT: &str = "CUDA_DEVICE_MEMORY_LIMIT";
 pub const ENV_SM_SHARE: &str = "GPUSLICE_SM_SHARE";
 pub const HAMI_SM_LIMIT: &str = "CUDA_DEVICE_SM_LIMIT";
+/// The cap over the guarantee `GPUSLICE_SM_SHARE` gives (issue 18): 1..=100 or `none`.
+pub const ENV_SM_MAX: &str = "GPUSLICE_SM_MAX";
 pub const ENV_CONFIG: &str = "GPUSLICE_CONFIG";
 pub use crate::protocol::{ENV_GROUP, ENV_PRIORITY};
 pub const ENV_PRIORITY_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
@@ -131,10 +133,10 @@ impl<T> PerDevice<T> {
         &mut self,
         vars: &[(String, String)],
         ours: &str,
-        hami: &str,
+        hami: Option<&str>,
         parse: impl Fn(&str, &str) -> Result<Option<Sourced<T>>, SettingsError>,
     ) -> Result<(), SettingsError> {
-        for name in [hami, ours] {
+        for name in hami.into_iter().chain([ours]) {
             if let Some(value) = lookup(vars, name) {
                 if let Some(v) = parse(name, value)? {
                     self.all = Some(v);
@@ -143,7 +145,7 @@ impl<T> PerDevice<T> {
                 }
             }
         }
-        for (prefix, strict) in [(hami, false), (ours, true)] {
+        for (prefix, strict) in hami.map(|h| (h, false)).into_iter().chain([(ours, true)]) {
             for (name, value) in vars {
                 let Some(rest) = name.strip_prefix(prefix).and_then(|r| r.strip_prefix('_')) else { continue };
                 if value.trim().is_empty() {
@@ -181,6 +183,9 @@ pub struct Settings {
     pub memory_limit: PerDevice<u64>,
     /// Percent of the device's time, 1..=100; unset and 100 both mean "not throttled".
     pub sm_share: PerDevice<u32>,
+    /// Issue 18: `GPUSLICE_SM_MAX`, the cap over the share, 1..=100 (100: no cap, the group
+    /// borrows idle time freely); unset: the share is also the cap.
+    pub sm_max: PerDevice<u32>,
     /// `GPUSLICE_PRIORITY`, or the file's.
     pub priority: Option<Sourced<Priority>>,
     /// `GPUSLICE_GROUP`: the group the process joins when a controller runs.
@@ -225,6 +230,12 @@ impl Settings {
         self.sm_share.get(device).map(|s| s.value).filter(|&p| p < 100)
     }
 
+    /// The cap over the share on device `device` as the ledger stores it (`GroupDevice::cap`):
+    /// 0 when none is given (the share is the cap), 100 for no cap.
+    pub fn sm_max(&self, device: u32) -> u32 {
+        self.sm_max.get(device).map_or(0, |s| s.value)
+    }
+
     /// True when no memory limit is set for any device.
     pub fn is_unlimited(&self) -> bool {
         self.memory_limit.is_unset()
@@ -234,6 +245,7 @@ impl Settings {
     pub fn describe(&self) -> String {
         let mut parts = self.memory_limit.describe("memory", |b| format_size(*b));
         parts.extend(self.sm_share.describe("SM share", |p| format!("{p}%")));
+        parts.extend(self.sm_max.describe("SM cap", |p| describe_cap(*p)));
         if let Some(p) = &self.priority {
             parts.push(format!("priority {} (from {})", p.value, p.origin));
         }
@@ -260,6 +272,7 @@ impl Settings {
         };
         per_device("memory", &self.memory_limit.map(|b| format_size(*b)), &mut parts);
         per_device("SM share", &self.sm_share.map(|p| format!("{p}%")), &mut parts);
+        per_device("SM cap", &self.sm_max.map(|p| describe_cap(*p)), &mut parts);
         if let Some(p) = &self.priority {
             parts.push(format!("priority {}", p.value));
         }
@@ -304,8 +317,16 @@ impl Settings {
             }
             None => Settings::default(),
         };
-        settings.memory_limit.resolve_env(vars, ENV_MEMORY_LIMIT, HAMI_MEMORY_LIMIT, |name, value| parse_env_size(name, value).map(Some))?;
-        settings.sm_share.resolve_env(vars, ENV_SM_SHARE, HAMI_SM_LIMIT, parse_env_share)?;
+        settings.memory_limit.resolve_env(vars, ENV_MEMORY_LIMIT, Some(HAMI_MEMORY_LIMIT), |name, value| parse_env_size(name, value).map(Some))?;
+        settings.sm_share.resolve_env(vars, ENV_SM_SHARE, Some(HAMI_SM_LIMIT), parse_env_share)?;
+        // HAMi has no cap of its own: its CUDA_DEVICE_SM_LIMIT is a share that is also the cap.
+        settings.sm_max.resolve_env(vars, ENV_SM_MAX, None, |name, value| {
+            parse_cap(value).map(|p| Some(Sourced { value: p, origin: name.to_string() })).map_err(|reason| SettingsError {
+                origin: name.to_string(),
+                value: value.to_string(),
+                reason,
+            })
+        })?;
         if let Some(value) = lookup(vars, ENV_PRIORITY) {
             let p = value.parse::<Priority>().map_err(|reason| SettingsError { origin: ENV_PRIORITY.into(), value: value.into(), reason })?;
             settings.priority = Some(Sourced { value: p, origin: ENV_PRIORITY.into() });
@@ -337,6 +358,11 @@ impl Settings {
             self.sm_share.device.clear();
         }
         self.sm_share.device.extend(over.sm_share.device);
+        if over.sm_max.all.is_some() {
+            self.sm_max.all = over.sm_max.all;
+            self.sm_max.device.clear();
+        }
+        self.sm_max.device.extend(over.sm_max.device);
         if over.priority.is_some() {
             self.priority = over.priority;
         }
@@ -354,7 +380,7 @@ where
 {
     use std::os::unix::ffi::OsStrExt;
     let read_by_settings = |name: &[u8]| {
-        [ENV_MEMORY_LIMIT, HAMI_MEMORY_LIMIT, ENV_SM_SHARE, HAMI_SM_LIMIT].iter().any(|p| name.starts_with(p.as_bytes()))
+        [ENV_MEMORY_LIMIT, HAMI_MEMORY_LIMIT, ENV_SM_SHARE, HAMI_SM_LIMIT, ENV_SM_MAX].iter().any(|p| name.starts_with(p.as_bytes()))
             || [ENV_CONFIG, ENV_GROUP, ENV_PRIORITY, ENV_PRIORITY_QUEUE].iter().any(|n| name == n.as_bytes())
     };
     let mut out = Vec::new();
@@ -394,6 +420,23 @@ pub fn parse_share(text: &str) -> Result<u32, String> {
         Ok(p) if (1..=100).contains(&p) => Ok(p),
         Ok(_) => Err("a share is a percentage of the device's time from 1 to 100".to_string()),
         Err(_) => Err("expected a whole percentage from 1 to 100, such as 30 or 30%".to_string()),
+    }
+}
+
+/// Parses a cap over the share (issue 18): a share, or `none` (= 100: no cap).
+pub fn parse_cap(text: &str) -> Result<u32, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "none" | "unlimited" => Ok(100),
+        _ => parse_share(text).map_err(|e| format!("{e}; or `none` for no cap")),
+    }
+}
+
+/// A cap as `ls` and the log show it.
+pub fn describe_cap(cap: u32) -> String {
+    if cap >= 100 {
+        "none".into()
+    } else {
+        format!("{cap}%")
     }
 }
 
@@ -476,6 +519,7 @@ struct ControllerDoc {
 struct LimitsDoc {
     memory_limit: Option<Spanned<SizeDoc>>,
     sm_share: Option<Spanned<ShareDoc>>,
+    sm_max: Option<Spanned<ShareDoc>>,
     priority: Option<Spanned<TextDoc>>,
     #[serde(default)]
     devices: BTreeMap<String, DeviceDoc>,
@@ -489,6 +533,7 @@ struct LimitsDoc {
 struct DeviceDoc {
     memory_limit: Option<Spanned<SizeDoc>>,
     sm_share: Option<Spanned<ShareDoc>>,
+    sm_max: Option<Spanned<ShareDoc>>,
 }
 
 /// A size in the file: text such as "4GiB", or a whole number of bytes.
@@ -728,6 +773,9 @@ fn limits(place: &Place<'_>, table: &str, doc: LimitsDoc) -> Result<Settings, Se
     if let Some(share) = doc.sm_share {
         out.sm_share.all = Some(file_share(place, &format!("{table}.sm_share"), share)?);
     }
+    if let Some(cap) = doc.sm_max {
+        out.sm_max.all = Some(file_cap(place, &format!("{table}.sm_max"), cap)?);
+    }
     if let Some(p) = doc.priority {
         let key = format!("{table}.priority");
         let span = p.span();
@@ -747,6 +795,9 @@ fn limits(place: &Place<'_>, table: &str, doc: LimitsDoc) -> Result<Settings, Se
         }
         if let Some(share) = device.sm_share {
             out.sm_share.device.insert(number, file_share(place, &format!("{origin}.sm_share"), share)?);
+        }
+        if let Some(cap) = device.sm_max {
+            out.sm_max.device.insert(number, file_cap(place, &format!("{origin}.sm_max"), cap)?);
         }
     }
     Ok(out)
@@ -775,6 +826,12 @@ fn file_size(place: &Place<'_>, key: &str, size: Spanned<SizeDoc>) -> Result<Sou
         SizeDoc::Text(t) => t,
     };
     parse_size(&text).map(|value| Sourced { value, origin }).map_err(|e| SettingsError { origin: place.of(span, key), value: text, reason: e.to_string() })
+}
+
+fn file_cap(place: &Place<'_>, key: &str, cap: Spanned<ShareDoc>) -> Result<Sourced<u32>, SettingsError> {
+    let origin = format!("{}: {key}", place.path);
+    let text = cap.get_ref().text();
+    parse_cap(&text).map(|value| Sourced { value, origin }).map_err(|reason| SettingsError { origin: place.of(cap.span(), key), value: text, reason })
 }
 
 fn file_share(place: &Place<'_>, key: &str, share: Spanned<ShareDoc>) -> Result<Sourced<u32>, SettingsError> {
@@ -869,6 +926,10 @@ mod tests {
         assert_eq!(s.sm_share(0), None, "HAMi's 0 means no limit");
         let s = Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", "100")]), None).unwrap();
         assert_eq!(s.sm_share(0), None, "100 means not throttled");
+        let s = Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", "30"), ("GPUSLICE_SM_MAX", "none"), ("GPUSLICE_SM_MAX_1", "60%")]), None).unwrap();
+        assert_eq!((s.sm_share(0), s.sm_max(0), s.sm_max(1), s.sm_max(2)), (Some(30), 100, 60, 100), "issue 18: a cap per device");
+        assert_eq!(Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", "30")]), None).unwrap().sm_max(0), 0, "no cap given: the share is the cap");
+        assert!(Settings::resolve(&env(&[("GPUSLICE_SM_MAX", "0")]), None).is_err());
         let s = Settings::resolve(&env(&[("GPUSLICE_SM_SHARE", "50"), ("GPUSLICE_SM_SHARE_1", "20")]), None).unwrap();
         assert_eq!((s.sm_share(0), s.sm_share(1)), (Some(50), Some(20)));
         for bad in ["0", "101", "-5", "half", "30.5"] {

@@ -176,7 +176,7 @@ fn priorities() -> impl Strategy<Value = Priority> {
 
 fn requests() -> impl Strategy<Value = Request> {
     let claim = (any::<u32>(), text(), any::<u64>(), proptest::option::of(any::<u64>()), proptest::option::of(any::<u32>()))
-        .prop_map(|(ordinal, uuid, total_memory, memory_limit, sm_share)| DeviceClaim { ordinal, uuid, total_memory, memory_limit, sm_share });
+        .prop_map(|(ordinal, uuid, total_memory, memory_limit, sm_share)| DeviceClaim { ordinal, uuid, total_memory, memory_limit, sm_share, sm_max: 0 });
     let register =
         (any::<u32>(), proptest::option::of(text()), proptest::option::of(priorities()), text(), any::<u32>(), proptest::collection::vec(claim, 0..4))
             .prop_map(|(protocol, group, priority, name, own_pid, devices)| {
@@ -192,7 +192,7 @@ fn requests() -> impl Strategy<Value = Request> {
         proptest::option::of(any::<u32>()),
         any::<bool>(),
     )
-        .prop_map(|(target, memory, sm, priority, device, create)| Request::Set(Edit { target, memory, sm, priority, device, create }));
+        .prop_map(|(target, memory, sm, priority, device, create)| Request::Set(Edit { target, memory, sm, sm_max: None, priority, device, create }));
     prop_oneof![register, set, Just(Request::List), Just(Request::Status), text().prop_map(Request::RemoveGroup)]
 }
 

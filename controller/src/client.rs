@@ -39,9 +39,13 @@ pub struct SetArgs {
     /// Memory limit per device, e.g. 4GiB (binary units: 4GB means 4 GiB); `unlimited` removes it.
     #[arg(long, allow_hyphen_values = true)]
     memory: Option<String>,
-    /// Share of the device's time in percent, 1-100 (100 removes the throttle).
+    /// Guaranteed share of the device's time in percent, 1-100 (100 removes the throttle).
+    /// Without --sm-max it is also the cap (nothing lent to it).
     #[arg(long, allow_hyphen_values = true)]
     sm: Option<String>,
+    /// The most it may get when others leave the device idle, 1-100, or `none` (issue 18).
+    #[arg(long, allow_hyphen_values = true)]
+    sm_max: Option<String>,
     /// high, normal or low.
     #[arg(long)]
     priority: Option<String>,
@@ -96,18 +100,22 @@ pub fn set(args: SetArgs) -> Result<(), String> {
         None => None,
         Some(s) => Some(gpuslice_common::settings::parse_share(s).map_err(|e| format!("--sm {s:?}: {e}"))?),
     };
+    let sm_max = match args.sm_max.as_deref() {
+        None => None,
+        Some(s) => Some(gpuslice_common::settings::parse_cap(s).map_err(|e| format!("--sm-max {s:?}: {e}"))?),
+    };
     let priority = match args.priority.as_deref() {
         None => None,
         Some(p) => Some(p.parse::<Priority>().map_err(|e| format!("--priority: {e}"))?),
     };
-    if memory.is_none() && sm.is_none() && priority.is_none() && args.suspendable.is_none() {
-        return Err("nothing to change: give --memory, --sm, --priority or --suspendable".into());
+    if memory.is_none() && sm.is_none() && sm_max.is_none() && priority.is_none() && args.suspendable.is_none() {
+        return Err("nothing to change: give --memory, --sm, --sm-max, --priority or --suspendable".into());
     }
     let socket = args.socket.path();
     if let (Some(suspendable), Some(group)) = (args.suspendable, &args.group) {
         let request = Request::SetSuspendable(Suspendable { group: group.clone(), suspendable, allow_exports: args.allow_exports, ahead: false });
         crate::suspend_cli::print_done(ask(&socket, &request)?)?;
-        if memory.is_none() && sm.is_none() && priority.is_none() {
+        if memory.is_none() && sm.is_none() && sm_max.is_none() && priority.is_none() {
             return Ok(());
         }
     }
@@ -116,7 +124,7 @@ pub fn set(args: SetArgs) -> Result<(), String> {
         (None, Some(group)) => Target::Group(group),
         (None, None) => unreachable!("clap requires one"),
     };
-    match ask(&socket, &Request::Set(Edit { target, memory, sm, priority, device: args.device, create: args.create }))? {
+    match ask(&socket, &Request::Set(Edit { target, memory, sm, sm_max, priority, device: args.device, create: args.create }))? {
         Response::Done { message } => {
             println!("{message}");
             Ok(())
@@ -187,7 +195,7 @@ pub fn render(l: &Listing) -> String {
                 g.name,
                 d.device,
                 used_of(d.used, d.limit),
-                d.share.map_or("-".into(), |s| format!("{s}%")),
+                d.share_text(),
                 pct(d.achieved_share),
                 d.throttled_ns as f64 / 1e9,
                 d.refusals,

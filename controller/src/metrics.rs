@@ -219,6 +219,18 @@ fn groups(f: &mut Families, l: &Listing) -> std::fmt::Result {
         rows().filter_map(|(k, d)| Some((k, f64::from(d.share?) / 100.0))),
     )?;
     f.gauge(
+        "group_sm_share_cap",
+        "Issue 18: the most the group may get when neighbours leave the device idle (absent: the share is the cap; 1 = no cap).",
+        ratio(),
+        rows().filter_map(|(k, d)| Some((k, f64::from(d.cap?) / 100.0))),
+    )?;
+    f.gauge(
+        "group_sm_share_borrowed",
+        "Issue 18: the part of the achieved share over the guarantee, lent by idle neighbours over the last second.",
+        ratio(),
+        rows().filter_map(|(k, d)| Some((k, d.borrowed_share()? / 100.0))),
+    )?;
+    f.gauge(
         "group_sm_share_achieved",
         "Share of the device's time charged to the group over the last second (absent until throttled work was measured).",
         ratio(),
@@ -345,6 +357,7 @@ mod tests {
                     limit: Some(4 << 30),
                     peak: 7 << 29,
                     share: Some(30),
+                    cap: None,
                     achieved_share: Some(29.5),
                     charged_ns: 1_500_000_000,
                     throttled_ns: 250_000_000,
@@ -449,6 +462,24 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no line `{line}` in:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_lending_group_shows_its_cap_and_what_it_borrowed() {
+        let mut l = listing();
+        let d = &mut l.groups[0].devices[0];
+        (d.cap, d.achieved_share) = (Some(100), Some(45.0));
+        let text = render(Snapshot { health: Health::default(), listing: Some(l) });
+        let g = r#"{group="team \"a\"",device="0",uuid="GPU-x"}"#;
+        for want in [format!("gpuslice_group_sm_share_cap_ratio{g} 1.0"), format!("gpuslice_group_sm_share_borrowed_ratio{g} 0.15")] {
+            assert!(text.lines().any(|l| l == want), "{want}\nnot in\n{text}");
+        }
+        assert_eq!(listing().groups[0].devices[0].share_text(), "30%", "the share is the cap");
+        let mut row = listing().groups[0].devices[0].clone();
+        row.cap = Some(60);
+        assert_eq!(row.share_text(), "30-60%");
+        row.cap = Some(100);
+        assert_eq!(row.share_text(), "30%+");
     }
 
     #[test]

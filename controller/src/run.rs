@@ -12,6 +12,10 @@ pub struct RunArgs {
     /// Share of the device's time in percent, 1-100.
     #[arg(long, allow_hyphen_values = true)]
     sm: Option<String>,
+    /// GPUSLICE_SM_MAX: the most it may get when the device is otherwise idle, 1-100 or
+    /// `none` (issue 18); without it the share is also the cap.
+    #[arg(long)]
+    sm_max: Option<String>,
     /// high, normal or low.
     #[arg(long)]
     priority: Option<String>,
@@ -107,6 +111,10 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     if let Some(sm) = &args.sm {
         gpuslice_common::settings::parse_share(sm).map_err(|e| format!("--sm {sm:?}: {e}"))?;
         command.env("GPUSLICE_SM_SHARE", sm);
+    }
+    if let Some(cap) = &args.sm_max {
+        gpuslice_common::settings::parse_cap(cap).map_err(|e| format!("--sm-max {cap:?}: {e}"))?;
+        command.env(gpuslice_common::settings::ENV_SM_MAX, cap);
     }
     if let Some(p) = &args.priority {
         p.parse::<gpuslice_common::ledger::Priority>().map_err(|e| format!("--priority: {e}"))?;

@@ -72,6 +72,8 @@ pub struct GroupInfo {
     pub env_uid: Option<u32>,
     pub limits: [u64; MAX_DEVICES],
     pub shares: [u32; MAX_DEVICES],
+    /// Issue 18: the caps over the shares (`GroupDevice::cap`).
+    pub sm_caps: [u32; MAX_DEVICES],
     pub priority: u32,
 }
 
@@ -155,6 +157,7 @@ impl State {
             for d in 0..MAX_DEVICES {
                 info.limits[d] = g.devices[d].limit.load(Relaxed);
                 info.shares[d] = g.devices[d].share.load(Relaxed);
+                info.sm_caps[d] = g.devices[d].cap.load(Relaxed);
             }
             info.priority = g.priority.load(Relaxed);
             g.pinned.store(info.pinned as u32, Relaxed);
@@ -184,6 +187,9 @@ impl State {
                 if g.devices[d].share.load(Relaxed) != info.shares[d] {
                     g.set_share(d, info.shares[d]);
                     changed.push(format!("device {d} share"));
+                }
+                if put(&g.devices[d].cap, info.sm_caps[d]) {
+                    changed.push(format!("device {d} cap"));
                 }
             }
             if put(&g.priority, info.priority) {
@@ -356,7 +362,10 @@ impl State {
                 continue;
             }
             let pinned = published.unwrap_or(g).pinned.load(Relaxed) != 0;
-            self.groups.insert(i, GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+            self.groups.insert(
+                i,
+                GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], sm_caps: [0; MAX_DEVICES], priority: 0 },
+            );
             if !self.remember_published(i) {
                 self.remember_group(i);
             }
@@ -442,7 +451,18 @@ impl State {
         g.reset();
         g.set_name(name);
         g.state.store(LIVE, Release);
-        self.groups.insert(i, GroupInfo { name: name.to_string(), pinned, env_uid, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], priority: 0 });
+        self.groups.insert(
+            i,
+            GroupInfo {
+                name: name.to_string(),
+                pinned,
+                env_uid,
+                limits: [UNLIMITED; MAX_DEVICES],
+                shares: [0; MAX_DEVICES],
+                sm_caps: [0; MAX_DEVICES],
+                priority: 0,
+            },
+        );
         self.remember_group(i);
         Some(i)
     }
@@ -543,8 +563,12 @@ impl State {
                 let env_share = r.devices.iter().filter_map(|c| c.sm_share).filter(|&s| s > 0 && s < 100).min();
                 let default_limit = env_limit.or_else(|| self.config.settings.memory_limit.all().map(|l| l.value));
                 let default_share = env_share.or_else(|| self.config.settings.sm_share.all().map(|s| s.value));
+                // Issue 18: the cap goes with the share it came with (the environment's, else the config's).
+                let env_cap = r.devices.iter().map(|c| c.sm_max).filter(|&c| c != 0).min();
+                let default_cap = if env_share.is_some() { env_cap.unwrap_or(0) } else { self.config.settings.sm_max.all().map_or(0, |c| c.value) };
                 for d in 0..MAX_DEVICES {
                     slot.set_limits(d, default_limit, default_share);
+                    slot.set_cap(d, default_cap);
                 }
                 for claim in &r.devices {
                     let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
@@ -552,6 +576,8 @@ impl State {
                     let limit = claim.memory_limit.or_else(|| self.config.settings.memory_limit(claim.ordinal).map(|l| l.value)).or(default_limit);
                     let share = claim.sm_share.or_else(|| self.config.settings.sm_share(claim.ordinal)).or(default_share);
                     slot.set_limits(index, limit, share);
+                    let cap = if claim.sm_share.is_some() { claim.sm_max } else { self.config.settings.sm_max(claim.ordinal) };
+                    slot.set_cap(index, if share.is_some() && cap == 0 { default_cap } else { cap });
                 }
                 let priority = (if solo { r.priority } else { None }).or(self.config.settings.priority.as_ref().map(|p| p.value));
                 slot.priority.store(priority.unwrap_or_default() as u32, Relaxed);
@@ -743,6 +769,12 @@ impl State {
         if let Some(sm) = e.sm {
             gpuslice_common::settings::parse_share(&sm.to_string()).map_err(|r| format!("--sm {sm}: {r}"))?;
         }
+        if let Some(cap) = e.sm_max {
+            gpuslice_common::settings::parse_cap(&cap.to_string()).map_err(|r| format!("--sm-max {cap}: {r}"))?;
+            if let Some(sm) = e.sm.filter(|&sm| cap < sm) {
+                return Err(format!("--sm-max {cap} is below --sm {sm}: the cap must be at least the guarantee"));
+            }
+        }
         if let Some(Limit::Bytes(0)) = e.memory {
             return Err("--memory 0: a limit of zero bytes would refuse everything; give a size, or `unlimited`".into());
         }
@@ -789,7 +821,7 @@ impl State {
                     let g = self.ledger.group(group);
                     format!("pid {pid} now: {}", describe_group(&self.ledger, g))
                 } else {
-                    if e.sm.is_some() {
+                    if e.sm.is_some() || e.sm_max.is_some() {
                         return Err(format!("pid {pid} is in group {name:?}, whose members share one SM share: use `gpuslice set --group {name} --sm ...`"));
                     }
                     if let Some(m) = e.memory {
@@ -963,6 +995,7 @@ impl State {
                         limit: some_limit(gd.limit.load(Relaxed)),
                         peak: gd.peak_used.load(Relaxed),
                         share: (share != 0).then_some(share),
+                        cap: Some(gd.cap.load(Relaxed)).filter(|&c| share != 0 && c > share),
                         achieved_share: self.samples.achieved.get(&(true, i, generation, d)).copied(),
                         charged_ns: gd.charged_ns.load(Relaxed),
                         throttled_ns: gd.throttled_ns.load(Relaxed),
@@ -1089,6 +1122,10 @@ fn apply_edit_to_group(g: &GroupSlot, e: &Edit, devices: &[usize]) {
         }
         if let Some(sm) = e.sm {
             g.set_share(d, sm);
+            // Issue 18: `--sm` alone is the guarantee and the cap, as it always was.
+            g.set_cap(d, e.sm_max.unwrap_or(0));
+        } else if let Some(cap) = e.sm_max {
+            g.set_cap(d, cap);
         }
     }
     if let Some(p) = e.priority {
@@ -1106,6 +1143,7 @@ fn apply_settings_all_devices(g: &GroupSlot, s: &Settings) {
         if let Some(share) = s.sm_share.all() {
             g.set_share(d, share.value);
         }
+        g.set_cap(d, s.sm_max.all().map_or(0, |c| c.value));
     }
     g.priority.store(s.priority.as_ref().map_or(Priority::Normal, |p| p.value) as u32, Relaxed);
 }
@@ -1138,7 +1176,7 @@ pub fn describe_group(ledger: &Ledger, g: &GroupSlot) -> String {
         let gd = &g.devices[d];
         let limit = some_limit(gd.limit.load(Relaxed)).map_or("no memory limit".to_string(), |l| format!("memory {}", format_size(l)));
         let share = gd.share.load(Relaxed);
-        let share = if share == 0 { String::new() } else { format!(", SM {share}%") };
+        let share = if share == 0 { String::new() } else { format!(", SM {share}%{}", cap_text(share, gd.cap.load(Relaxed))) };
         parts.push(format!("device {d}: {limit}{share} (using {})", format_size(gd.used.load(Relaxed))));
     }
     let limit0 = some_limit(g.devices[0].limit.load(Relaxed));
@@ -1150,6 +1188,15 @@ pub fn describe_group(ledger: &Ledger, g: &GroupSlot) -> String {
         }
     }
     format!("{}; priority {}", parts.join("; "), g.priority())
+}
+
+/// Issue 18: what a cap adds to a share's description (nothing when the share is the cap).
+fn cap_text(share: u32, cap: u32) -> String {
+    match cap {
+        c if c <= share => String::new(),
+        c if c >= 100 => " (no cap: borrows idle time)".into(),
+        c => format!(" (up to {c}%)"),
+    }
 }
 
 /// A descriptor that becomes readable when `pid` exits (Linux ≥ 5.3).
@@ -1191,6 +1238,7 @@ mod tests {
                 total_memory: 1 << 40,
                 memory_limit: limit,
                 sm_share: Some(30),
+                sm_max: 0,
             }],
         }
     }
@@ -1257,6 +1305,7 @@ mod tests {
             target: Target::Group("g".into()),
             memory: Some(Limit::Bytes(2 << 30)),
             sm: Some(50),
+            sm_max: None,
             priority: Some(Priority::High),
             device: None,
             create: false,
@@ -1270,10 +1319,15 @@ mod tests {
         assert_eq!(g.devices[3].limit.load(Relaxed), 2 << 30);
         assert_eq!(g.devices[3].share.load(Relaxed), 50);
         assert_eq!(g.priority(), Priority::High);
-        let e = s.edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), priority: None, device: None, create: false }).unwrap_err();
+        let e = s
+            .edit(me(), Edit { target: Target::Pid(999_999_999), memory: None, sm: Some(10), sm_max: None, priority: None, device: None, create: false })
+            .unwrap_err();
         assert!(e.contains("no registered process"), "{e}");
         assert!(s
-            .edit(me(), Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, priority: None, device: None, create: false })
+            .edit(
+                me(),
+                Edit { target: Target::Group("g".into()), memory: Some(Limit::Bytes(0)), sm: None, sm_max: None, priority: None, device: None, create: false }
+            )
             .is_err());
     }
 
@@ -1281,7 +1335,7 @@ mod tests {
     fn garbled_device_claims_are_not_tracked_and_slots_no_process_uses_are_freed() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, "");
-        let claim = |ordinal: u32, uuid: &str| DeviceClaim { ordinal, uuid: uuid.into(), total_memory: 1 << 30, memory_limit: None, sm_share: None };
+        let claim = |ordinal: u32, uuid: &str| DeviceClaim { ordinal, uuid: uuid.into(), total_memory: 1 << 30, memory_limit: None, sm_share: None, sm_max: 0 };
         let mut r = registration(None, None);
         r.devices = vec![
             claim(0, "ordinal-0"),
@@ -1315,7 +1369,7 @@ mod tests {
     }
 
     fn group_edit(name: &str, create: bool) -> Edit {
-        Edit { target: Target::Group(name.into()), memory: Some(Limit::Bytes(1 << 30)), sm: None, priority: None, device: None, create }
+        Edit { target: Target::Group(name.into()), memory: Some(Limit::Bytes(1 << 30)), sm: None, sm_max: None, priority: None, device: None, create }
     }
 
     #[test]
@@ -1387,8 +1441,19 @@ mod tests {
         assert_eq!(a.group, b.group);
         s.release(b.slot as usize, "exited");
         s.env_groups_open = false;
-        s.edit(me(), Edit { target: Target::Group("team".into()), memory: Some(Limit::Bytes(2 << 30)), sm: None, priority: None, device: None, create: false })
-            .unwrap();
+        s.edit(
+            me(),
+            Edit {
+                target: Target::Group("team".into()),
+                memory: Some(Limit::Bytes(2 << 30)),
+                sm: None,
+                sm_max: None,
+                priority: None,
+                device: None,
+                create: false,
+            },
+        )
+        .unwrap();
         s.register(Peer { pid: std::process::id(), uid: 2000 }, registration(Some("team"), None)).expect("configured: open to all");
     }
 

@@ -15,6 +15,9 @@ pub struct Plan {
     pub group: String,
     pub memory: u64,
     pub sm: u32,
+    /// Issue 18: the cap over the `sm` guarantee (`smMax` in the opaque config; 100 = none);
+    /// `None`: the guarantee is the cap.
+    pub sm_max: Option<u32>,
     pub priority: Option<Priority>,
     pub devices: Vec<PlannedDevice>,
 }
@@ -38,6 +41,10 @@ pub struct SliceConfig {
     /// high, normal or low.
     #[serde(default)]
     pub priority: Option<String>,
+    /// Issue 18: the most the claim's group may get when neighbours leave the device idle: a
+    /// percentage, or `none`. The consumed `sm` capacity stays its guarantee.
+    #[serde(default)]
+    pub sm_max: Option<serde_json::Value>,
 }
 
 pub const CONFIG_API_VERSION: &str = "gpuslice.dev/v1alpha1";
@@ -118,6 +125,7 @@ pub fn plan(claim: &ResourceClaim, driver: &str, node: &str, uid: &str, devices:
     }
     let (memory, sm) = limits.expect("at least one device");
     let mut priority = None;
+    let mut sm_max = None;
     for c in allocation.config.iter().flatten() {
         let Some(opaque) = c.opaque.as_ref().filter(|o| o.driver == driver) else { continue };
         let applies = c.requests.as_ref().is_none_or(|rs| rs.is_empty() || ours.iter().any(|r| rs.contains(&r.request)));
@@ -132,8 +140,17 @@ pub fn plan(claim: &ResourceClaim, driver: &str, node: &str, uid: &str, devices:
         if let Some(p) = config.priority {
             priority = Some(p.parse::<Priority>().map_err(|e| format!("{who}: opaque config: {e}"))?);
         }
+        if let Some(cap) = config.sm_max {
+            // `60`, `"60%"` or `"none"`.
+            let text = cap.as_str().map_or_else(|| cap.to_string(), str::to_string);
+            let cap = gpuslice_common::settings::parse_cap(&text).map_err(|e| format!("{who}: opaque config: smMax {text:?}: {e}"))?;
+            if cap < sm {
+                return Err(format!("{who}: opaque config: smMax {cap} is below the claim's sm {sm}: the cap must be at least the guarantee"));
+            }
+            sm_max = Some(cap);
+        }
     }
-    Ok(Plan { group, memory, sm, priority, devices: planned })
+    Ok(Plan { group, memory, sm, sm_max, priority, devices: planned })
 }
 
 #[cfg(test)]
@@ -182,6 +199,13 @@ mod tests {
         let c = claim(json!([result("gpu-1", "8Gi", "30")]), opaque(json!({"priority": "high"})));
         let p = plan(&c, "gpuslice.dev", "n", "u1", &devices(), "ns/c".into()).unwrap();
         assert_eq!((p.memory, p.sm, p.priority), (8 << 30, 30, Some(Priority::High)), "the claim's config comes after its class's");
+        assert_eq!(p.sm_max, None, "no smMax: the guarantee is the cap");
+        let lends = claim(json!([result("gpu-1", "8Gi", "30")]), opaque(json!({"smMax": "none"})));
+        assert_eq!(plan(&lends, "gpuslice.dev", "n", "u1", &devices(), "ns/c".into()).unwrap().sm_max, Some(100), "issue 18: smMax none");
+        let capped = claim(json!([result("gpu-1", "8Gi", "30")]), opaque(json!({"smMax": 60})));
+        assert_eq!(plan(&capped, "gpuslice.dev", "n", "u1", &devices(), "ns/c".into()).unwrap().sm_max, Some(60));
+        let below = claim(json!([result("gpu-1", "8Gi", "30")]), opaque(json!({"smMax": "20%"})));
+        assert!(plan(&below, "gpuslice.dev", "n", "u1", &devices(), "ns/c".into()).unwrap_err().contains("at least the guarantee"));
         assert_eq!(p.devices, vec![PlannedDevice { request: "gpu".into(), pool: "n".into(), device: "gpu-1".into(), uuid: "GPU-1".into() }]);
     }
 

@@ -36,8 +36,9 @@ impl Controller {
     }
 
     /// Creates `group` (or updates it: a repeated prepare sets the same limits again).
-    pub fn set_group(&self, group: &str, memory: u64, sm: u32, priority: Option<Priority>) -> Result<String, String> {
-        let edit = Edit { target: Target::Group(group.to_string()), memory: Some(Limit::Bytes(memory)), sm: Some(sm), priority, device: None, create: true };
+    pub fn set_group(&self, group: &str, memory: u64, sm: u32, sm_max: Option<u32>, priority: Option<Priority>) -> Result<String, String> {
+        let edit =
+            Edit { target: Target::Group(group.to_string()), memory: Some(Limit::Bytes(memory)), sm: Some(sm), sm_max, priority, device: None, create: true };
         self.ask(&Request::Set(edit))
     }
 

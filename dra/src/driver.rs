@@ -65,9 +65,10 @@ impl Driver {
         store.save()?;
 
         let controller = self.controller.clone();
-        let (group, memory, sm, priority) = (plan.group.clone(), plan.memory, plan.sm, plan.priority);
-        let said =
-            tokio::task::spawn_blocking(move || controller.set_group(&group, memory, sm, priority)).await.map_err(|e| format!("controller call: {e}"))??;
+        let (group, memory, sm, sm_max, priority) = (plan.group.clone(), plan.memory, plan.sm, plan.sm_max, plan.priority);
+        let said = tokio::task::spawn_blocking(move || controller.set_group(&group, memory, sm, sm_max, priority))
+            .await
+            .map_err(|e| format!("controller call: {e}"))??;
         tracing::info!("claim {}/{} ({}): {said}", c.namespace, c.name, c.uid);
         self.label(&plan.group, labels).await;
         if std::env::var_os(ENV_EXIT_AFTER_GROUP).is_some() {

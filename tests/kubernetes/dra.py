@@ -27,7 +27,7 @@ from model import Manifests, host_path, pod_of, effective
 SCHEMA_VERSIONS = ["1.34", "1.37"]
 CONFIG_API_VERSION = "gpuslice.dev/v1alpha1"
 CONFIG_KIND = "SliceConfig"
-CONFIG_KEYS = {"apiVersion", "kind", "priority"}
+CONFIG_KEYS = {"apiVersion", "kind", "priority", "smMax"}
 PRIORITIES = {"high", "normal", "low"}
 CDI_VERSIONS = {"1.0.0", "1.1.0"}
 CDI_VENDOR = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
@@ -161,6 +161,17 @@ def check_opaque(ctx: Context, where: str, configs: list, driver: str):
             ctx.problem(f"{where}: opaque config must be apiVersion {CONFIG_API_VERSION}, kind {CONFIG_KIND}")
         if "priority" in p and str(p["priority"]).lower() not in PRIORITIES:
             ctx.problem(f"{where}: priority {p['priority']!r} is not high, normal or low")
+        if "smMax" in p and not valid_cap(p["smMax"]):
+            ctx.problem(f"{where}: smMax {p['smMax']!r} is not a percentage from 1 to 100 or none")
+
+
+def valid_cap(value) -> bool:
+    """What gpuslice's parse_cap accepts (issue 18): 1..100, optionally with %, or none."""
+    text = str(value).strip().lower()
+    if text in ("none", "unlimited"):
+        return True
+    text = text.removesuffix("%").strip()
+    return text.isdigit() and 1 <= int(text) <= 100
 
 
 def device_capacity(ctx: Context) -> dict[str, dict]:
@@ -260,6 +271,7 @@ MUTATIONS = [
     ("memory off its steps", lambda m: _template_caps(m).update(memory="1536Ki"), "outside what a device has"),
     ("a share over 100", lambda m: _template_caps(m).update(sm="130"), "outside what a device has"),
     ("HAMi's capacity name", lambda m: _template_caps(m).update(cores="30"), "asks for capacity 'cores'"),
+    ("an smMax that is not a cap", lambda m: _doc(m, "ResourceClaim", "batch-gpu")["spec"]["devices"]["config"][0]["opaque"]["parameters"].update(smMax="most"), "is not a percentage"),
     ("a misspelt priority", lambda m: _doc(m, "ResourceClaim", "batch-gpu")["spec"]["devices"]["config"][0]["opaque"]["parameters"].update(priority="urgent"), "is not high, normal or low"),
     ("an unknown config key", lambda m: _doc(m, "DeviceClass", "gpuslice.dev")["spec"]["config"][0]["opaque"]["parameters"].update(smCap=50), "which gpuslice-dra refuses"),
     ("a missing template", lambda m: pod_of(m.find("Deployment", "inference")).spec["resourceClaims"][0].update(resourceClaimTemplateName="gpu-8gi"), "which is not defined"),

@@ -37,7 +37,7 @@ class Truth:
             consts.update(dict(re.findall(r'const (\w+): &str = "([^"]*)";', f.read_text())))
         env_names = {v for v in consts.values() if re.fullmatch(r"(GPUSLICE|CUDA_DEVICE)_[A-Z_]+", v) and "TEST" not in v}
         settings = (root / "common" / "src" / "settings.rs").read_text()
-        per_device = {consts[n] for pair in re.findall(r"resolve_env\(\s*vars,\s*(\w+),\s*(\w+),", settings) for n in pair}
+        per_device = {consts[n] for pair in re.findall(r"resolve_env\(\s*vars,\s*(\w+),\s*(?:Some\((\w+)\)|None),", settings) for n in pair if n}
         prefix = re.search(r"install DESTDIR=\S+ PREFIX=(\S+)", (root / "packaging" / "make-deb.sh").read_text()).group(1)
         version = re.search(r'\[workspace\.package\][^\[]*?\nversion = "([^"]+)"', (root / "Cargo.toml").read_text()).group(1)
         truth = Truth(env_names, per_device, consts["DEFAULT_SOCKET"], consts["DEFAULT_LEDGER"], f"{prefix}/lib/libgpuslice.so", version)

@@ -92,9 +92,15 @@ pub struct DeviceSlot {
 pub struct GroupDevice {
     pub limit: AtomicU64,
     pub used: AtomicU64,
-    /// Percent of the device's time, 1..=99; 0 when not throttled.
+    /// Percent of the device's time, 1..=99; 0 when not throttled. The *guarantee* (issue 18):
+    /// the least the group gets whenever it has work.
     pub share: AtomicU32,
-    pub _pad: AtomicU32,
+    // --- issue 18 (guarantee, cap, lending): written by the controller (settings page) ---
+    /// The most the group may get, percent: 0 = the share is also the cap (nothing is lent to
+    /// it: the meaning before issue 18, and what a zeroed page says); 100 = no cap; a value
+    /// below the share counts as the share. Was `_pad` (layout unchanged).
+    pub cap: AtomicU32,
+    // --- end of issue 18's fields ---
     /// The group's token bucket (GCRA): when its tokens are back to zero, CLOCK_MONOTONIC ns.
     pub debt_until: AtomicU64,
     /// Device time charged to the group's launches (ns, after settlement).
@@ -422,6 +428,11 @@ impl GroupSlot {
         self.throttled.store(any as u32, Release);
     }
 
+    /// Sets the cap of device `device` (issue 18; see `GroupDevice::cap`: 0 = the share).
+    pub fn set_cap(&self, device: usize, cap: u32) {
+        self.devices[device].cap.store(cap.min(100), Relaxed);
+    }
+
     /// Clears every figure for a new occupant (the controller, before it marks the slot LIVE).
     pub fn reset(&self) {
         self.priority.store(Priority::Normal as u32, Relaxed);
@@ -434,6 +445,7 @@ impl GroupSlot {
             d.limit.store(UNLIMITED, Relaxed);
             d.clear_counters();
             d.share.store(0, Relaxed);
+            d.cap.store(0, Relaxed);
         }
         self.generation.fetch_add(1, Release);
     }

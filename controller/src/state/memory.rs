@@ -129,6 +129,7 @@ impl State {
             if page.devices[d].share.load(Relaxed) != info.shares[d] {
                 page.set_share(d, info.shares[d]);
             }
+            page.devices[d].cap.store(info.sm_caps[d], Relaxed);
         }
         page.priority.store(info.priority, Relaxed);
         page.pinned.store(info.pinned as u32, Relaxed);
@@ -189,6 +190,7 @@ impl State {
         for d in 0..ledger::MAX_DEVICES {
             info.limits[d] = page.devices[d].limit.load(Relaxed);
             info.shares[d] = page.devices[d].share.load(Relaxed);
+            info.sm_caps[d] = page.devices[d].cap.load(Relaxed);
         }
         info.priority = page.priority.load(Relaxed);
         true
@@ -233,6 +235,7 @@ fn copy_settings(from: &GroupSlot, to: &GroupSlot) {
     for d in 0..ledger::MAX_DEVICES {
         to.devices[d].limit.store(from.devices[d].limit.load(Relaxed), Relaxed);
         to.set_share(d, from.devices[d].share.load(Relaxed));
+        to.set_cap(d, from.devices[d].cap.load(Relaxed));
     }
     to.priority.store(from.priority.load(Relaxed), Relaxed);
     to.pinned.store(from.pinned.load(Relaxed), Relaxed);

@@ -64,11 +64,20 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     let Some(bucket) = throttle::bucket(device) else { return launch() };
     cost::harvest();
     bucket.wait_turn(|| {
-        // A burst ends here: measure it, and hand the device over before sleeping.
+        // A burst ends here: measure it, and hand the device over before sleeping. Without a
+        // cap the wait is only for the queue ahead to shrink: the turn is kept.
+        cost::close_span();
+        if !bucket.uncapped() {
+            end_burst(device, bucket);
+        }
+        cost::harvest();
+    });
+    if bucket.slice_done() && board::holding(device) && board::others_waiting(device) {
+        // Issue 18: a lending process has run its slice and someone queues: the turn goes on.
         cost::close_span();
         end_burst(device, bucket);
         cost::harvest();
-    });
+    }
     if !board::holding(device) {
         // A new burst: take the turn (waiting, boundedly, for another process's burst).
         let taken = board::take(device, bucket.queued_until().max(clock::now_ns()));
@@ -76,6 +85,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
         if taken.neighbour {
             bucket.saw_neighbour(taken.peers);
         }
+        bucket.turn_taken();
     }
     let plan = cost::plan(key);
     let me = throttle::thread_token();
@@ -128,6 +138,7 @@ fn end_burst(device: i32, bucket: throttle::Bucket) {
         }
     }
     board::release(device);
+    bucket.turn_released();
 }
 
 /// The arguments of a launch of a sliced kernel that the slicing changes.

@@ -415,6 +415,7 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
                 total_memory: d.total,
                 memory_limit: settings.memory_limit(d.ordinal).map(|l| l.value),
                 sm_share: settings.sm_share(d.ordinal),
+                sm_max: settings.sm_max(d.ordinal),
             })
             .collect(),
     });
@@ -483,6 +484,7 @@ fn alone(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, 
         let Some(index) = ledger.claim_device(&d.uuid, d.total) else { continue };
         map[d.ordinal as usize] = index as u8;
         group.set_limits(index, settings.memory_limit(d.ordinal).map(|l| l.value), settings.sm_share(d.ordinal));
+        group.set_cap(index, settings.sm_max(d.ordinal));
     }
     if let Some(p) = &settings.priority {
         group.priority.store(p.value as u32, Relaxed);

@@ -1,5 +1,6 @@
 """A stand-in for sharebench (tests/gpu/sharebench.cu) on the simulated driver, for the dry run
-of tests/gpu/tenants.sh: `run` and `threads` with the options tenants.py uses and the same
+of tests/gpu/tenants.sh and guarantee.sh: `run` and `threads` with the options tenants.py and
+guarantee.py use and the same
 key=value output. A kernel lasts `--iters` nanoseconds on the simulated device."""
 import os
 import sys
@@ -30,11 +31,17 @@ def run(o):
         drv.launch(ns)
     drv.sync()
     n, t0 = 0, time.monotonic()
+    report_s, reported = float(o.get("report-ms", "0")) / 1000, t0
     while time.monotonic() < t0 + seconds:
         drv.launch(ns)
         n += 1
         if n % 32 == 0:
             drv.sync()
+            # --report-ms (tests/gpu/guarantee.py): kernels known complete, as sharebench says.
+            now = time.monotonic()
+            if report_s and now - reported >= report_s:
+                reported = now
+                print(f"t={now - t0:.6f} kernels={n} mono={now:.6f}", flush=True)
     drv.sync()
     secs = time.monotonic() - t0
     print(f"kernels={n}\nseconds={secs:.6f}\nrate={n / secs:.3f}\ndone=1", flush=True)

@@ -528,7 +528,7 @@ fn attacker() {
         uuids
             .iter()
             .enumerate()
-            .map(|(i, u)| DeviceClaim { ordinal: i as u32, uuid: u.clone(), total_memory: 16 * GIB, memory_limit: limit, sm_share: None })
+            .map(|(i, u)| DeviceClaim { ordinal: i as u32, uuid: u.clone(), total_memory: 16 * GIB, memory_limit: limit, sm_share: None, sm_max: 0 })
             .collect()
     };
     let register = |group: Option<&str>, devices: Vec<DeviceClaim>| -> Result<(protocol::Assignment, Option<Ledger>), String> {
@@ -599,6 +599,7 @@ fn attacker() {
                     total_memory: 16 * GIB,
                     memory_limit: None,
                     sm_share: None,
+                    sm_max: 0,
                 })
                 .collect();
             let (a, _l) = register(None, devices).expect("register");

@@ -478,12 +478,14 @@ impl Fuzz {
                     total_memory: 1 << 34,
                     memory_limit: Some(1 << 30),
                     sm_share: Some(50),
+                    sm_max: 0,
                 }],
             }),
             1 => Request::Set(protocol::Edit {
                 target: protocol::Target::Group(format!("zz-{}", self.rng.below(20))),
                 memory: Some(protocol::Limit::Bytes(1 << 30)),
                 sm: Some(40),
+                sm_max: None,
                 priority: None,
                 device: Some(0),
                 create: true,
@@ -556,6 +558,7 @@ impl Fuzz {
                 total_memory: self.rng.next(),
                 memory_limit: Some(self.rng.next()),
                 sm_share: Some(self.rng.next() as u32),
+                sm_max: 0,
             })
             .collect();
         let group = match self.rng.below(4) {
