@@ -5,6 +5,7 @@
 #   GPUSLICE_LIB        the prebuilt shim        (default .gpu/libgpuslice.so; dry run: target/debug)
 #   OUT                 log and table            (default .gpu/out): guarantee.log, guarantee.tsv
 #   GUARANTEE_SECONDS   timed phase per run      (default 4)
+#   GUARANTEE_ARGS      more arguments for guarantee.py (e.g. "--sizes 200 --round-us 16000 --tag @16")
 #   GUARANTEE_DRY_RUN=1 no GPU: the same orchestration on the simulated driver (tests/simcuda,
 #                       `cargo build -p gpuslice-shim -p gpuslice-simcuda` first) with the
 #                       stand-in tests/gpu/dryrun/sharebench_stub.py; figures are shown, not judged.
@@ -43,5 +44,5 @@ else
   args=(--bench "$BUILD/sharebench" --latprobe "$BUILD/latprobe" --seconds "${GUARANTEE_SECONDS:-4}")
 fi
 
-start_python GPUTEST_GUARANTEE_TOKEN "$PY_LIMIT_S" 10 guarantee.py --lib "$LIB" --out "$OUTDIR" --budget-s 540 "${args[@]}"
+start_python GPUTEST_GUARANTEE_TOKEN "$PY_LIMIT_S" 10 guarantee.py --lib "$LIB" --out "$OUTDIR" --budget-s 540 "${args[@]}" ${GUARANTEE_ARGS:-}
 wait_python "guarantee: guarantee.py" "$PY_LIMIT_S"

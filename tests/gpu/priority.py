@@ -758,10 +758,12 @@ def write_results_and_table(smi_start, smi_end):
     done = {r[0] for r in C.results}
     for cid in IDS:
         if cid not in done:
-            record(cid, {"0": "calibration", "1a": "latprobe + sharebench 200us",
-                         "1b": "latprobe + sharebench 50us", "2": "ResNet-50 + matmul",
-                         "3a": "low alone 200us", "3b": "low alone 50us"}[cid], False, "-",
-                   "not reached: stopped, time budget, or a harness error (see the log)")
+            names = {"0": "calibration", "1a": "latprobe + sharebench 200us",
+                     "1b": "latprobe + sharebench 50us", "2": "ResNet-50 + matmul",
+                     "3a": "low alone 200us", "3b": "low alone 50us"}
+            base = cid.removesuffix("-mps")
+            name = names.get(base, cid) + (" under MPS" if base != cid else "")
+            record(cid, name, False, "-", "not reached: stopped, time budget, or a harness error (see the log)")
     rows = gpucommon.sorted_results(IDS)
     clean = gpucommon.clean
     with open(os.path.join(C.out, "priority.tsv"), "w") as f:

@@ -72,8 +72,9 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
         }
         cost::harvest();
     });
-    if bucket.slice_done() && board::holding(device) && board::others_waiting(device) {
-        // Issue 18: a lending process has run its slice and someone queues: the turn goes on.
+    if bucket.lends() && board::holding(device) && bucket.hand_over_now(board::others_waiting(device)) {
+        // Issue 18: a lending process has run its slice, or was borrowing, and someone queues:
+        // the turn goes on.
         cost::close_span();
         end_burst(device, bucket);
         cost::harvest();

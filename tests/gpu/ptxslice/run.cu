@@ -108,6 +108,7 @@ struct Buffers {
   }
   void reset() {
     for (size_t i = 0; i < dev.size(); i++) CK(cuMemcpyHtoD(dev[i], init[i].data(), init[i].size() * 4));
+    CK(cuCtxSynchronize());  // a pageable copy may still be in flight when it returns, and the kernels run on a non-blocking stream
   }
   std::vector<std::vector<unsigned>> read() const {
     std::vector<std::vector<unsigned>> out;

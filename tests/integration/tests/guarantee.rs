@@ -175,6 +175,24 @@ fn an_idle_guarantee_is_reclaimed_within_20_ms() {
     }
 }
 
+/// The same reclaim by a process whose kernels the shim has never measured (the GPU check G6
+/// starts it cold): each of its first launches is charged `cost::UNKNOWN_NS` (1 ms) until a
+/// sample arrives, and its slice must not end on those charges after a few 200 µs kernels.
+#[test]
+fn a_cold_process_reclaims_its_guarantee_within_20_ms() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let sim = &sim;
+    let cold = |c: Client<'_>, go: &str| c.args(&format!("init ctx 0 sync waitfile {go} sleep 2000 flood {KERNEL_NS} {BUCKET_MS} +500")).spawn();
+    let tenants: Vec<Start> =
+        vec![Box::new(move |go: &str| cold(client(sim, lending(30)), go)), Box::new(|go: &str| tenant(client(sim, lending(70)), go, 0, 2600))];
+    let (_, floods) = together(sim, tenants);
+    let first_20ms: u64 = floods[0].busy.iter().take(2).sum();
+    let rate = first_20ms as f64 / 20_000.0 * 100.0;
+    eprintln!("a cold 30 back beside a borrower at 70: {rate:.1}% over its first 20 ms");
+    assert!(rate >= 0.9 * 30.0, "the cold 30 % tenant got {rate:.1}% over its first 20 ms (want ≥ 27)");
+}
+
 /// A latency probe at guarantee 30 next to a neighbour that floods: `max` is the neighbour's
 /// cap (`none`: it borrows what the probe leaves).
 fn probe_next_to(sim: &Sim, max: &'static str) -> Probe {
