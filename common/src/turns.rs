@@ -151,6 +151,8 @@ impl Turn {
         let start = w.now_ns();
         let mut ticket = self.next_ticket.fetch_add(1, AcqRel);
         let mut neighbour = false;
+        // The claimed head whose holder this waiter checked last.
+        let mut checked = 0u64;
         loop {
             let now = w.now_ns();
             let h = self.head.load(Acquire);
@@ -172,11 +174,13 @@ impl Turn {
                 }
                 let previous = self.last_holder.swap(me, AcqRel);
                 let previous_pid = self.last_holder_pid.swap(pid, AcqRel);
-                if previous != me && previous != 0 && w.alive(previous_pid) {
+                let queued = self.queued();
+                // With others queued the device is shared whether the previous holder lives or
+                // not: its pid is checked (a signal and a read of /proc) only when it decides.
+                if previous != me && previous != 0 && (queued > 0 || w.alive(previous_pid)) {
                     self.last_handover.store(now, Release);
                     neighbour = true;
                 }
-                let queued = self.queued();
                 return Taken { ticket: Some(ticket), waited_ns: now - start, neighbour: neighbour || queued > 0 || self.recent_handover(now), queued };
             }
             if ahead == 0 {
@@ -186,8 +190,15 @@ impl Turn {
             }
             let deadline = if claimed(h) {
                 let lease = self.lease_until.load(Acquire);
-                let pid = self.holder_pid.load(Acquire);
-                if now >= lease || !w.alive(pid) {
+                // The holder's pid (a signal and a read of /proc) is checked by the two waiters
+                // at the front only, once per hold they see, and again at each wake once the hold
+                // has lasted a claim grace: a waiter wakes a few times per hold, and checking at
+                // each wake of every waiter cost every process checks in proportion to the queue.
+                let check = ahead <= 2 && (h != checked || ms_since(moved_ms(h), now) >= CLAIM_GRACE_MS);
+                if check {
+                    checked = h;
+                }
+                if now >= lease || (check && !w.alive(self.holder_pid.load(Acquire))) {
                     self.advance(h, now, w);
                     continue;
                 }
@@ -365,6 +376,64 @@ mod tests {
         let got = t.take(2, 0, 0, 0, &Real, |_| 30_000_000);
         assert_eq!(got.ticket, None);
         assert!(got.waited_ns >= 30_000_000);
+    }
+
+    /// A clock the test moves by hand; futex waits return after at most 1 ms of real time (a
+    /// spurious return, as the callers allow); pids up to 99 are alive, and each check counted.
+    struct Checked {
+        now: AtomicU64,
+        checks: AtomicU32,
+        waits: AtomicU32,
+    }
+
+    impl Waiter for Checked {
+        fn now_ns(&self) -> u64 {
+            self.now.load(SeqCst)
+        }
+        fn alive(&self, pid: u32) -> bool {
+            self.checks.fetch_add(1, SeqCst);
+            pid < 100
+        }
+        fn wait(&self, word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
+            self.waits.fetch_add(1, SeqCst);
+            futex_wait(word, expected, mask, timeout_ns.min(1_000_000))
+        }
+    }
+
+    fn checked() -> Arc<Checked> {
+        Arc::new(Checked { now: AtomicU64::new(1_000_000_000), checks: AtomicU32::new(0), waits: AtomicU32::new(0) })
+    }
+
+    /// Issue 14: a waiter at the front wakes a few times per hold; checking the holder's pid at
+    /// each wake (a signal and a read of /proc) cost every process a check per wake. A hold
+    /// shorter than the claim grace is checked once by each waiter at the front.
+    #[test]
+    fn a_short_hold_is_not_checked_however_often_its_waiter_wakes() {
+        let (t, w) = (turn(), checked());
+        assert_eq!(t.take(1, 7, 0, 10_000_000_000, &*w, |_| u64::MAX).ticket, Some(0));
+        let (t2, w2) = (t.clone(), w.clone());
+        let waiter = std::thread::spawn(move || t2.take(2, 8, 0, 1_000_000, &*w2, |_| u64::MAX));
+        // The waiter wakes every millisecond of real time while no virtual time passes.
+        let start = std::time::Instant::now();
+        while w.waits.load(SeqCst) < 5 && start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let waits = w.waits.load(SeqCst);
+        assert!(w.checks.load(SeqCst) <= 1, "the holder's pid was checked {} times in {waits} wakes of a short hold", w.checks.load(SeqCst));
+        assert!(t.release(1, 0, &*w));
+        assert_eq!(waiter.join().unwrap().ticket, Some(1));
+        // Taking it, the waiter asks once whether the previous holder lives (nobody else queues).
+        assert!(w.checks.load(SeqCst) <= 2, "{} checks", w.checks.load(SeqCst));
+    }
+
+    /// A holder whose process is gone is passed over at once, long before its lease ends.
+    #[test]
+    fn a_dead_holder_is_passed_over_after_the_grace() {
+        let (t, w) = (turn(), checked());
+        assert_eq!(t.take(1, 700, 0, 10_000_000_000, &*w, |_| u64::MAX).ticket, Some(0));
+        let got = t.take(2, 8, 0, 1_000_000, &*w, |_| u64::MAX);
+        assert_eq!(got.ticket, Some(1));
+        assert!(w.checks.load(SeqCst) >= 1);
     }
 
     #[test]

@@ -427,6 +427,7 @@ static void (*p_clock_sleep_until)(unsigned long long);
 static void (*p_clock_park)(void);
 static void (*p_clock_unpark)(void);
 static void (*p_clock_join)(void);
+static void (*p_clock_counts)(unsigned long long *, int);
 static unsigned long long g_mark_ns;
 
 static void resolve_clock(void) {
@@ -439,6 +440,7 @@ static void resolve_clock(void) {
     p_clock_park = (void (*)(void))dlsym(h, "simcuda_clock_park");
     p_clock_unpark = (void (*)(void))dlsym(h, "simcuda_clock_unpark");
     p_clock_join = (void (*)(void))dlsym(h, "simcuda_clock_join");
+    p_clock_counts = (void (*)(unsigned long long *, int))dlsym(h, "simcuda_clock_counts");
     if (!p_clock_now || !p_clock_sleep_until || !p_clock_park || !p_clock_unpark || !p_clock_join) p_clock_now = NULL;
 }
 
@@ -1935,6 +1937,10 @@ static void run(const char *cmd, char **a) {
         CHECK(p_cuCtxSynchronize());
         CHECK(p_cuEventCreate(&base, 0));
         for (int i = 0; i < RING; i++) CHECK(p_cuEventCreate(&ring[i], 0));
+        /* This process's waits on the simulated clock during the flood (sleeps, futex waits,
+         * futex wakes, blocked): the shim's wake-ups, counted where they happen. */
+        unsigned long long waits0[4] = {0}, waits1[4] = {0};
+        if (p_clock_counts) p_clock_counts(waits0, 4);
         unsigned long long t0 = clock_ns();
         /* "+MS": stop after MS ms of the driver's clock instead of at a file. */
         unsigned long long for_ns = a[2][0] == '+' ? num(a[2] + 1) * 1000000ULL : 0;
@@ -1978,6 +1984,7 @@ static void run(const char *cmd, char **a) {
             }
         }
         unsigned long long stop = clock_ns();
+        if (p_clock_counts) p_clock_counts(waits1, 4);
         if (r == 0) r = p_cuCtxSynchronize();
         while (head < tail) FLOOD_HARVEST(1);
 #undef FLOOD_HARVEST
@@ -1995,8 +2002,9 @@ static void run(const char *cmd, char **a) {
             if (end <= stop) done++;
             flood_account(busy, nb, bucket_ns, t0, stop, end > dur ? end - dur : 0, end);
         }
-        printf("ok flood n=%llu done=%llu t0=%llu ms=%.3f bucket_ms=%llu busy=", launched, done, t0,
-               (stop - t0) / 1e6, bucket_ns / 1000000ULL);
+        printf("ok flood n=%llu done=%llu t0=%llu ms=%.3f sleeps=%llu futex_waits=%llu futex_wakes=%llu blocked=%llu bucket_ms=%llu busy=",
+               launched, done, t0, (stop - t0) / 1e6, waits1[0] - waits0[0], waits1[1] - waits0[1],
+               waits1[2] - waits0[2], waits1[3] - waits0[3], bucket_ns / 1000000ULL);
         for (unsigned long long b = 0; b < nb; b++) printf("%s%llu", b ? "," : "", busy[b] / 1000);
         printf("\n");
         free(busy);

@@ -51,6 +51,8 @@ struct Slot {
     /// Futex bits the thread waits for (0: it only sleeps).
     mask: AtomicU32,
     _pad: u32,
+    /// The futex word it waits on, as `futex_key` names it (0: it only sleeps).
+    word: AtomicU64,
 }
 
 #[repr(C)]
@@ -186,9 +188,17 @@ impl Page {
     /// futex word and the value it had) until a `wake` with a bit of `mask` once the word
     /// changed. Returns at once if the word already changed or the deadline is past.
     pub fn block(&self, i: usize, deadline: u64, mask: u32, cond: Option<(&AtomicU32, u32)>) {
+        if self.block_inner(i, deadline, mask, cond) {
+            BLOCKED_CALLS.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// `block`; true when the thread did block.
+    fn block_inner(&self, i: usize, deadline: u64, mask: u32, cond: Option<(&AtomicU32, u32)>) -> bool {
         let s = &self.slots[i];
         s.deadline.store(deadline, SeqCst);
         s.mask.store(mask, SeqCst);
+        s.word.store(cond.map_or(0, |(word, _)| futex_key(word)), SeqCst);
         s.state.store(BLOCKED, SeqCst);
         let changed = cond.is_some_and(|(word, expected)| word.load(SeqCst) != expected);
         if changed || deadline <= self.now() {
@@ -196,12 +206,13 @@ impl Page {
             if s.state.compare_exchange(BLOCKED, RUNNING, SeqCst, SeqCst).is_err() {
                 self.active.fetch_sub(1, SeqCst);
             }
-            return;
+            return false;
         }
         if self.active.fetch_sub(1, SeqCst) == 1 {
             self.advance();
         }
         self.wait_running(s);
+        true
     }
 
     /// Slot `i` blocks with no deadline and returns at once: time moves without it (its thread
@@ -274,11 +285,12 @@ impl Page {
         }
     }
 
-    /// Wakes every participant waiting on a futex with a bit of `mask` (the caller changed the
-    /// word): they re-check their word, and block again if it is not theirs.
-    pub fn wake(&self, mask: u32) {
+    /// Wakes every participant waiting on the futex word named `key` (`futex_key`) with a bit
+    /// of `mask` (the caller changed the word): they re-check their word, and block again if
+    /// it is not theirs.
+    pub fn wake(&self, key: u64, mask: u32) {
         for s in self.used() {
-            if s.state.load(SeqCst) == BLOCKED && s.mask.load(SeqCst) & mask != 0 {
+            if s.state.load(SeqCst) == BLOCKED && s.mask.load(SeqCst) & mask != 0 && s.word.load(SeqCst) == key {
                 self.rouse(s);
             }
         }
@@ -360,6 +372,66 @@ pub fn page() -> Option<&'static Page> {
     })
 }
 
+/// (device, inode, offset in the file) of a page of a shared file mapping.
+type FileKey = (u64, u64, u64);
+
+/// A futex word's name, the same in every process for a word of a shared file mapping (as the
+/// kernel keys shared futexes: the file and the offset in it), else the process and the address.
+/// A wake rouses only the waiters of its own word: the shim's process-local words (the turn's
+/// one-queuer word, its launch bookkeeping) share bits with the turn's tickets, and waking every
+/// process's turn waiters at each of them made the counts of wake-ups grow with the processes
+/// for a reason no real machine has.
+fn futex_key(word: &AtomicU32) -> u64 {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    /// Page address → (mapping's file key, or 0 for private memory), per process. A shared
+    /// mapping of the tests' processes (the ledger, the turn page, this clock) lives as long as
+    /// they do.
+    static PAGES: Mutex<Option<HashMap<usize, Option<FileKey>>>> = Mutex::new(None);
+    let addr = word.as_ptr() as usize;
+    let page = addr & !4095;
+    let mix = |a: u64, b: u64| (a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15)).rotate_left(29).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let mut pages = PAGES.lock().unwrap_or_else(|e| e.into_inner());
+    let file = *pages.get_or_insert_with(HashMap::new).entry(page).or_insert_with(|| shared_file_of(page));
+    match file {
+        // (device, inode, offset of the page in the file).
+        Some((dev, ino, off)) => mix(mix(dev, ino), off + (addr - page) as u64) | 1,
+        // SAFETY: getpid has no preconditions.
+        None => mix(u64::from(unsafe { libc::getpid() } as u32), addr as u64) | 1,
+    }
+}
+
+/// (device, inode, offset of `page` in the file) when `page` lies in a shared file mapping.
+fn shared_file_of(page: usize) -> Option<FileKey> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    for line in maps.lines() {
+        // start-end perms offset dev inode path
+        let mut f = line.split_whitespace();
+        let (range, perms, offset, dev, inode) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        let (start, end) = range.split_once('-')?;
+        let (start, end) = (usize::from_str_radix(start, 16).ok()?, usize::from_str_radix(end, 16).ok()?);
+        if !(start..end).contains(&page) {
+            continue;
+        }
+        let inode: u64 = inode.parse().ok()?;
+        if !perms.contains('s') || inode == 0 {
+            return None;
+        }
+        let dev = dev.bytes().fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)));
+        return Some((dev, inode, u64::from_str_radix(offset, 16).ok()? + (page - start) as u64));
+    }
+    None
+}
+
+/// What this process asked of the clock (for the tests' counts of wake-ups: each sleep or futex
+/// wait that blocks is one sleep and one wake-up of a thread on a real machine): sleeps, futex
+/// waits, futex wakes, and of the sleeps and waits those that blocked (the rest returned at
+/// once: deadline past, word already changed).
+pub static SLEEPS: AtomicU64 = AtomicU64::new(0);
+pub static FUTEX_WAITS: AtomicU64 = AtomicU64::new(0);
+pub static FUTEX_WAKES: AtomicU64 = AtomicU64::new(0);
+pub static BLOCKED_CALLS: AtomicU64 = AtomicU64::new(0);
+
 /// Bumped in a forked child: slots registered before the fork are the parent's.
 static FORK_GENERATION: AtomicU64 = AtomicU64::new(1);
 
@@ -436,6 +508,7 @@ pub fn now_ns() -> u64 {
 
 /// Sleeps until `t` on the clock.
 pub fn sleep_until_ns(t: u64) {
+    SLEEPS.fetch_add(1, SeqCst);
     match page().and_then(|p| Some((p, me(p)?))) {
         Some((p, i)) => p.block(i, t, 0, None),
         None => loop {
@@ -451,6 +524,7 @@ pub fn sleep_until_ns(t: u64) {
 /// Sleeps while `word` is `expected`, until a `futex_wake` with a bit of `mask`, at most
 /// `timeout_ns` of the clock's time.
 pub fn futex_wait(word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
+    FUTEX_WAITS.fetch_add(1, SeqCst);
     match page().and_then(|p| Some((p, me(p)?))) {
         Some((p, i)) => p.block(i, p.now().saturating_add(timeout_ns), mask.max(1), Some((word, expected))),
         None => {
@@ -461,8 +535,9 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, mask: u32, timeout_ns: u64) {
 
 /// Wakes the waiters on `word` with a bit of `mask` (the caller changed it).
 pub fn futex_wake(word: &AtomicU32, mask: u32) {
+    FUTEX_WAKES.fetch_add(1, SeqCst);
     if let Some(p) = page() {
-        p.wake(mask);
+        p.wake(futex_key(word), mask);
     }
     // SAFETY: waking has no memory effects.
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE_BITSET, i32::MAX, 0usize, 0usize, mask.max(1)) };
@@ -555,7 +630,7 @@ mod tests {
         let waker = std::thread::spawn(move || {
             p.block(j, start + 5_000_000, 0, None);
             w3.store(1, SeqCst);
-            p.wake(1);
+            p.wake(futex_key(&w3), 1);
             p.leave(j);
         });
         waker.join().unwrap();

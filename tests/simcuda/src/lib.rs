@@ -3350,6 +3350,24 @@ pub unsafe extern "C" fn simcuda_clock_futex_wake(word: *const std::sync::atomic
     }
 }
 
+/// What this process asked of the clock so far, into `out[..n]` (n ≤ 4): sleeps, futex waits,
+/// futex wakes, and the sleeps and waits that blocked. Tests count wake-ups with it.
+///
+/// # Safety
+/// `out`: null or valid for writes of `n` `u64`s.
+#[no_mangle]
+pub unsafe extern "C" fn simcuda_clock_counts(out: *mut u64, n: c_int) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let counts = [clock::SLEEPS.load(SeqCst), clock::FUTEX_WAITS.load(SeqCst), clock::FUTEX_WAKES.load(SeqCst), clock::BLOCKED_CALLS.load(SeqCst)];
+    if out.is_null() {
+        return;
+    }
+    for (i, c) in counts.iter().enumerate().take(usize::try_from(n).unwrap_or(0)) {
+        // SAFETY: the caller guarantees `out` holds `n` values (`# Safety`).
+        unsafe { *out.add(i) = *c };
+    }
+}
+
 /// The calling thread takes part in the clock from now on (time waits for it), as it would
 /// from its first wait: a thread that is about to start work calls it before its starter lets
 /// time run.
