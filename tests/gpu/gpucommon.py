@@ -292,15 +292,15 @@ def sorted_results(ids):
     return sorted(C.results, key=lambda r: order.get(r[0], 99))
 
 
-def table_lines(rows, title):
+def table_lines(rows, title, id_w=3):
     """The table: a blank line, the title, the header, a row a check (and its note under it
-    when the verdict is neither PASS nor INFO)."""
+    when the verdict is neither PASS nor INFO); ids padded to id_w."""
     w = max(len(r[1]) for r in rows) if rows else 10
-    lines = ["", title, f"{'id':3s} {'check':{w}s} {'verdict':7s} figures"]
+    lines = ["", title, f"{'id':{id_w}s} {'check':{w}s} {'verdict':7s} figures"]
     for cid, name, verdict, figs, note in rows:
-        lines.append(f"{cid:3s} {name:{w}s} {verdict:7s} {figs}")
+        lines.append(f"{cid:{id_w}s} {name:{w}s} {verdict:7s} {figs}")
         if note and verdict not in ("PASS", "INFO"):
-            lines.append(f"{'':3s} {'':{w}s} {'':7s} -> {note}")
+            lines.append(f"{'':{id_w}s} {'':{w}s} {'':7s} -> {note}")
     return lines
 
 

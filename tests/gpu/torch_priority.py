@@ -4,10 +4,13 @@
     torch_priority.py probe --seconds S (--period-ms P | --period-x X) [--batch 8]
                       [--dtype fp32|fp16] [--warmup-s 0.5] [--go-file PATH]
                       [--go-timeout-s 60] [--dump PATH] [--spin-ms 1] [--graph]
-                      [--pause-file PATH [--phase-s 1] [--settle-s 0.1]]
+                      [--pause-file PATH | --neighbours NAME=PATH,...]
+                      [--phase-s 1] [--settle-s 0.1]
     torch_priority.py matmul --seconds S [--n 4096] [--dtype fp16|bf16|fp32] [--sync-every 20]
                       [--warmup-s 0.5] [--report-ms 50] [--go-file PATH] [--go-timeout-s 60]
-                      [--pause-file PATH]
+                      [--pause-file PATH] [--pause-poll-ms 0.2] [--stop-file PATH]
+    torch_priority.py train --seconds S [--compile] [--tokens 4096] [--dim 1024]
+                      [--hidden 2048] [--layers 2] [--sync-every 4] (the rest as matmul)
 
 probe: ResNet-50 inference (torchvision, weights=None, seed 0, eval, no_grad, batch 8,
 channels-first, cudnn.benchmark off so the algorithms do not depend on the run) as periodic
@@ -43,7 +46,21 @@ Prints iters=, seconds=, rate= (iterations/s), ms_per_iter=, mono_start=, mono_e
 --pause-file it stops launching while that file exists (a report line on either side of each
 pause; paused_s= in all); rate= then counts the pauses as time.
 
-Both print ready=1 (with --go-file) once their CUDA context, model/matrices and first kernels
+With --neighbours NAME1=PATH1,NAME2=PATH2,... (tests/gpu/ptxslice_torch.py) the phases cycle
+solo, NAME1, solo, NAME2, ...: every PATH exists except, in phase NAME, that neighbour's, so one
+neighbour runs at a time; at the end every PATH exists again. The plain keys are then the solo
+phases', NAME_p50_ms= ... NAME_busy_frac= each neighbour's phases', and NAME_windows= (and
+solo_windows=) the phases.
+
+train: the training-step neighbour: forward, backward and an AdamW step of a small MLP
+(--layers blocks of LayerNorm, Linear dim->hidden, GELU, Linear hidden->dim, residual; --tokens
+rows; fp32), eager or with --compile (torch.compile'd model: Triton kernels from Inductor for
+the norms and pointwise work, cuBLAS for the matmuls); compiled and run 3 x --sync-every steps
+before ready=1 (setup_s=). Same loop and keys as matmul, counting steps (loss= at the end).
+matmul and train: with --stop-file they end as soon as PATH exists (also while paused); the
+pause file is polled every --pause-poll-ms.
+
+Each prints ready=1 (with --go-file) once its CUDA context, model/matrices and first kernels
 exist, then wait for PATH to exist. Exit 0 on success, 1 on an unexpected error (an error=
 line first), 5 when the go file never came.
 """
@@ -59,7 +76,8 @@ from procout import matmul_loop, out, preloaded_gpuslice
 
 def env_lines():
     out("preloaded_gpuslice", preloaded_gpuslice())
-    for k in ("GPUSLICE_PRIORITY", "GPUSLICE_PRIORITY_QUEUE", "CUDA_MPS_PIPE_DIRECTORY",
+    for k in ("GPUSLICE_PRIORITY", "GPUSLICE_PRIORITY_QUEUE", "GPUSLICE_SLICE",
+              "GPUSLICE_PRIORITY_BUDGET_US", "CUDA_MPS_PIPE_DIRECTORY",
               "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
         out(f"env_{k}", os.environ.get(k, "-"))
 
@@ -177,28 +195,46 @@ def probe(args):
     if args.go_file and not wait_go(args.go_file, args.go_timeout_s):
         return 5
     period = period_ms / 1000.0
-    phase_s = args.phase_s if args.pause_file else 0.0
-    windows = {"shared": [], "solo": []}
-    cur = [-1]  # the phase the pause file is set for
+    # The phases' cycle: (label, the pause file removed in it; every other one is present).
+    if args.neighbours:
+        pauses = dict(nb.split("=", 1) for nb in args.neighbours.split(","))
+        cycle = [c for name in pauses for c in (("solo", None), (name, pauses[name]))]
+    elif args.pause_file:
+        pauses = {"shared": args.pause_file}
+        cycle = [("shared", args.pause_file), ("solo", None)]
+    else:
+        pauses, cycle = {}, []
+    phase_s = args.phase_s if cycle else 0.0
+    windows = {label: [] for label, _ in cycle}
+    cur = [-1]  # the phase the pause files are set for
 
-    def set_pause(on):
+    def set_pause(path, on):
         if on:
-            with open(args.pause_file, "w") as f:
+            with open(path, "w") as f:
                 f.write("pause\n")
-        elif os.path.exists(args.pause_file):
-            os.unlink(args.pause_file)
+        elif os.path.exists(path):
+            os.unlink(path)
+
+    def pause_all():
+        for path in pauses.values():
+            set_pause(path, True)
 
     def kind_of(due, t0, t_stop):
-        """"all" without phases; else "shared" (the neighbour runs), "solo" (it is paused) or
-        "settle" (the first --settle-s of a phase). Moves the pause file at a phase's start."""
+        """"all" without phases; else the phase's label ("shared" or a neighbour's name: that
+        neighbour runs; "solo": all are paused) or "settle" (the first --settle-s of a phase).
+        Moves the pause files at a phase's start: the others' first, then this one's."""
         if phase_s <= 0:
             return "all"
         k = int((due - t0) // phase_s)
         tb = t0 + k * phase_s
-        kind = "solo" if k % 2 else "shared"
+        kind, runs = cycle[k % len(cycle)]
         if k != cur[0]:
             cur[0] = k
-            set_pause(kind == "solo")
+            for path in pauses.values():
+                if path != runs:
+                    set_pause(path, True)
+            if runs:
+                set_pause(runs, False)
             windows[kind].append((tb + args.settle_s, min(tb + phase_s, t_stop)))
         return kind if due >= tb + args.settle_s else "settle"
 
@@ -235,8 +271,10 @@ def probe(args):
     try:
         t_end, wake_late_max = periodic(t0, t0 + args.seconds, reqs)
     finally:
-        if phase_s > 0:
-            set_pause(False)
+        if args.neighbours:
+            pause_all()  # the neighbours wait, paused, for whoever comes next
+        elif phase_s > 0:
+            set_pause(args.pause_file, False)
     gc.enable()
     wall = t_end - t0
     out("mono_start", f"{t0:.6f}")
@@ -245,7 +283,7 @@ def probe(args):
     if phase_s > 0:
         out("phase_s", f"{phase_s:g}")
         out("settle_s", f"{args.settle_s:g}")
-        for kind in ("shared", "solo"):
+        for kind in windows:
             out(f"{kind}_windows", ",".join(f"{a:.6f}:{b:.6f}" for a, b in windows[kind]))
         out("settle_requests", sum(1 for r in reqs if r[5] == "settle"))
 
@@ -270,7 +308,13 @@ def probe(args):
         worst = sorted(sel, key=lambda r: -r[1])[:5]
         out(f"{prefix}worst", ",".join(f"{r[0] - t0:.3f}:{r[1]:.3f}" for r in worst))
 
-    if phase_s > 0:
+    if args.neighbours:
+        # The plain keys are the solo phases' (every neighbour paused), NAME_* each neighbour's.
+        span = {k: sum(b - a for a, b in windows[k]) for k in windows}
+        stats("", [r for r in reqs if r[5] == "solo"], span["solo"])
+        for name in pauses:
+            stats(f"{name}_", [r for r in reqs if r[5] == name], span[name])
+    elif phase_s > 0:
         # The plain keys are the shared phases' (the neighbour running), solo_* the solo ones'.
         span = {k: sum(b - a for a, b in windows[k]) for k in windows}
         stats("", [r for r in reqs if r[5] == "shared"], span["shared"])
@@ -288,16 +332,21 @@ def probe(args):
     return 0
 
 
-# ----------------------------------------------------------------------------- matmul
+# ----------------------------------------------------------------------------- neighbours
 
-def matmul(args):
-    import torch
+def paused(args):
+    return args.pause_file and os.path.exists(args.pause_file)
 
-    out("torch_version", torch.__version__)
-    env_lines()
-    c, block = matmul_loop(torch, args)
 
-    block()  # cuBLAS handle and workspace before anyone waits on us
+def stopped(args):
+    return args.stop_file and os.path.exists(args.stop_file)
+
+
+def throughput(args, block, per_block, extra=None):
+    """The neighbours' loop: after the go file a --warmup-s warm-up, then block() (per_block
+    units of work, synchronized at its end) until --seconds pass or the stop file appears, with
+    a report line `t=<s> kernels=<units done> mono=<s>` at most every --report-ms and on either
+    side of each pause. extra(iters, secs): key/values printed at the end."""
     out("seconds_target", f"{args.seconds:.3f}")
     if args.go_file and not wait_go(args.go_file, args.go_timeout_s):
         return 5
@@ -305,7 +354,7 @@ def matmul(args):
     warm = 0
     while time.monotonic() - t0 < args.warmup_s:
         block()
-        warm += args.sync_every
+        warm += per_block
     out("warmup_iters", warm)
     iters = 0
     t0 = time.monotonic()
@@ -313,19 +362,19 @@ def matmul(args):
     next_report = t0 + args.report_ms / 1000.0
     now = t0
     paused_s = 0.0
-    while now < t_end:
-        if args.pause_file and os.path.exists(args.pause_file):
+    while now < t_end and not stopped(args):
+        if paused(args):
             # Paused by the probe: a report line on either side, so counts are exact there.
             print(f"t={now - t0:.4f} kernels={iters} mono={now:.6f}", flush=True)
-            while os.path.exists(args.pause_file) and time.monotonic() < t_end:
-                time.sleep(0.0002)
+            while paused(args) and time.monotonic() < t_end and not stopped(args):
+                time.sleep(args.pause_poll_ms / 1000.0)
             p1 = time.monotonic()
             paused_s += p1 - now
             print(f"t={p1 - t0:.4f} kernels={iters} mono={p1:.6f}", flush=True)
             now = p1
             continue
         block()
-        iters += args.sync_every
+        iters += per_block
         now = time.monotonic()
         if now >= next_report:
             print(f"t={now - t0:.4f} kernels={iters} mono={now:.6f}", flush=True)
@@ -339,10 +388,83 @@ def matmul(args):
     out("seconds", f"{secs:.6f}")
     out("rate", f"{iters / secs:.3f}")
     out("ms_per_iter", f"{1000.0 * secs / max(iters, 1):.4f}")
-    out("tflops", f"{iters / secs * 2.0 * args.n ** 3 / 1e12:.2f}")
-    out("checksum", f"{float(c[0, :8].float().sum()):.4f}")
+    for k, v in (extra(iters, secs) if extra else {}).items():
+        out(k, v)
     out("done", 1)
     return 0
+
+
+def matmul(args):
+    import torch
+
+    out("torch_version", torch.__version__)
+    env_lines()
+    c, block = matmul_loop(torch, args)
+
+    block()  # cuBLAS handle and workspace before anyone waits on us
+    return throughput(args, block, args.sync_every, lambda iters, secs: {
+        "tflops": f"{iters / secs * 2.0 * args.n ** 3 / 1e12:.2f}",
+        "checksum": f"{float(c[0, :8].float().sum()):.4f}"})
+
+
+def train(args):
+    """A small model's training step: forward, backward and an AdamW step on an MLP of
+    --layers blocks (LayerNorm, Linear dim->hidden, GELU, Linear hidden->dim, residual) over
+    --tokens rows, fp32 (no TF32: PyTorch's default for matmul); with --compile the model is
+    torch.compile'd (Inductor: Triton kernels for the norms and pointwise work, cuBLAS for the
+    matmuls; forward and backward), the optimizer step eager (multi-tensor kernels). A unit of
+    work is one step."""
+    import torch
+
+    out("torch_version", torch.__version__)
+    env_lines()
+    out("device", torch.cuda.get_device_name(0))
+    out("compile", int(args.compile))
+    out("tokens", args.tokens)
+    out("dim", args.dim)
+    out("hidden", args.hidden)
+    out("layers", args.layers)
+    out("sync_every", args.sync_every)
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(args.dim)
+            self.up = torch.nn.Linear(args.dim, args.hidden)
+            self.down = torch.nn.Linear(args.hidden, args.dim)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+    model = torch.nn.Sequential(*[Block() for _ in range(args.layers)]).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    fwd = torch.compile(model) if args.compile else model
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(args.tokens, args.dim, device=dev, generator=g)
+    target = torch.randn(args.tokens, args.dim, device=dev, generator=g)
+    last = [0.0]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(fwd(x), target)
+        loss.backward()
+        opt.step()
+        return loss
+
+    def block():
+        for _ in range(args.sync_every):
+            loss = step()
+        last[0] = loss.detach()
+        torch.cuda.synchronize()
+
+    # Compilation (or cuBLAS/cuDNN set-up) and a few steps before anyone waits on us.
+    t = time.monotonic()
+    for _ in range(3):
+        block()
+    out("setup_s", f"{time.monotonic() - t:.3f}")
+    return throughput(args, block, args.sync_every, lambda iters, secs: {"loss": f"{float(last[0]):.6f}"})
 
 
 def main():
@@ -363,16 +485,28 @@ def main():
     p.add_argument("--pause-file", default=None)
     p.add_argument("--phase-s", type=float, default=1.0)
     p.add_argument("--settle-s", type=float, default=0.1)
+    p.add_argument("--neighbours", default=None,
+                   help="NAME=PAUSE_FILE,...: phases solo, NAME1, solo, NAME2, ... in turn")
     m = sub.add_parser("matmul")
-    m.add_argument("--seconds", type=float, required=True)
     m.add_argument("--n", type=int, default=4096)
     m.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     m.add_argument("--sync-every", type=int, default=20)
-    m.add_argument("--warmup-s", type=float, default=0.5)
-    m.add_argument("--report-ms", type=float, default=50.0)
-    m.add_argument("--go-file", default=None)
-    m.add_argument("--go-timeout-s", type=float, default=60.0)
-    m.add_argument("--pause-file", default=None)
+    t = sub.add_parser("train")
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--tokens", type=int, default=4096)
+    t.add_argument("--dim", type=int, default=1024)
+    t.add_argument("--hidden", type=int, default=2048)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--sync-every", type=int, default=4)
+    for q in (m, t):
+        q.add_argument("--seconds", type=float, required=True)
+        q.add_argument("--warmup-s", type=float, default=0.5)
+        q.add_argument("--report-ms", type=float, default=50.0)
+        q.add_argument("--go-file", default=None)
+        q.add_argument("--go-timeout-s", type=float, default=60.0)
+        q.add_argument("--pause-file", default=None)
+        q.add_argument("--pause-poll-ms", type=float, default=0.2)
+        q.add_argument("--stop-file", default=None)
     args = ap.parse_args()
     if args.seconds <= 0:
         ap.error("--seconds > 0")
@@ -383,11 +517,21 @@ def main():
                 (args.period_x is not None and args.period_x <= 0) or args.batch < 1 or \
                 args.spin_ms < 0 or args.phase_s <= 0 or not 0 <= args.settle_s < args.phase_s:
             ap.error("probe: period > 0, batch >= 1, --spin-ms >= 0, 0 <= --settle-s < --phase-s")
+        if args.neighbours and (args.pause_file or not all(
+                "=" in nb and nb.split("=", 1)[0] not in ("", "solo", "settle", "all", "shared")
+                for nb in args.neighbours.split(","))):
+            ap.error("probe: --neighbours NAME=PAUSE_FILE,... (names other than solo/shared), "
+                     "not with --pause-file")
         return probe(args)
-    if args.n < 1 or args.sync_every < 1 or args.report_ms <= 0:
-        ap.error("matmul: --n >= 1, --sync-every >= 1, --report-ms > 0")
+    if args.sync_every < 1 or args.report_ms <= 0 or args.pause_poll_ms <= 0:
+        ap.error(f"{args.cmd}: --sync-every >= 1, --report-ms > 0, --pause-poll-ms > 0")
+    if args.cmd == "train":
+        if min(args.tokens, args.dim, args.hidden, args.layers) < 1:
+            ap.error("train: --tokens, --dim, --hidden, --layers >= 1")
+        return train(args)
+    if args.n < 1:
+        ap.error("matmul: --n >= 1")
     return matmul(args)
-
 
 if __name__ == "__main__":
     try:

@@ -317,6 +317,8 @@ pub unsafe extern "C" fn cuLibraryLoadData(
     num_library_options: c_uint,
 ) -> CuResult {
     guard::cuda("cuLibraryLoadData", || {
+        // SAFETY: `code` is the program's cuLibraryLoadData argument: null (handled), a cubin, fat binary or NUL-terminated PTX.
+        unsafe { slicer::note_library(code, "cuLibraryLoadData") };
         measured(
             &LIBRARIES,
             "cuLibraryLoadData",

@@ -133,7 +133,120 @@ pub unsafe fn for_image(image: *const c_void, what: &str) -> Option<Sliced> {
         return None;
     }
     // SAFETY: the caller's image.
-    transform(&unsafe { ptx_of_image(image) }?, what)
+    let Some(text) = (unsafe { ptx_of_image(image) }) else {
+        // SAFETY: as above.
+        tracing::info!("{what}: not sliced: {}; it runs as it is", unsafe { describe(image, device_arch()) });
+        return None;
+    };
+    transform(&text, what)
+}
+
+/// A library load in a process whose loads are sliced: libraries never are (a launch may name
+/// one of their kernels by `CUkernel`, which the launch side cannot place), but the log says
+/// what the image carries, so a run tells whether slicing libraries would reach PTX at all.
+///
+/// # Safety
+/// As `ptx_of_image`.
+pub unsafe fn note_library(image: *const c_void, what: &str) {
+    if !wanted() {
+        return;
+    }
+    // SAFETY: the caller's image.
+    tracing::info!("{what}: a library, not sliced: {}", unsafe { describe(image, device_arch()) });
+}
+
+/// What an image holds, in a few words for the log: a cubin, a fat binary's entries (kind,
+/// architecture, compressed or not, grouped) and whether one is PTX the slicer could use for a
+/// device of compute capability `arch` (90 for sm_90; `None` when no device is current).
+///
+/// # Safety
+/// As `ptx_of_image`.
+unsafe fn describe(image: *const c_void, arch: Option<u32>) -> String {
+    // SAFETY: the caller's image.
+    unsafe { describe_in(image, arch, true) }
+}
+
+/// `describe`, following a runtime wrapper only when `wrapper`.
+///
+/// # Safety
+/// As `ptx_of_image`.
+unsafe fn describe_in(image: *const c_void, arch: Option<u32>, wrapper: bool) -> String {
+    if image.is_null() {
+        return "no image".into();
+    }
+    let p = image as *const u8;
+    // SAFETY: as in `ptx_in`: bytes before the first NUL, at most 16.
+    let text_head = (0..16).take_while(|&i| unsafe { *p.add(i) } != 0).count();
+    if text_head < 4 {
+        return "neither PTX text, a cubin nor a fat binary".into();
+    }
+    // SAFETY: the first 4 bytes were just read.
+    let first: [u8; 4] = unsafe { std::ptr::read_unaligned(p.cast()) };
+    let magic = u32::from_le_bytes(first);
+    if magic == WRAPPER_MAGIC {
+        if !wrapper {
+            return "a runtime wrapper inside a wrapper".into();
+        }
+        // SAFETY: a wrapper has a 16-byte header; its second word points to the fat binary.
+        let inner = unsafe { std::ptr::read_unaligned(p.add(8).cast::<u64>()) } as *const c_void;
+        // SAFETY: as above.
+        return format!("the runtime's wrapper of {}", unsafe { describe_in(inner, arch, false) });
+    }
+    if &first == b"\x7fELF" {
+        return "a cubin (ELF: machine code only, no PTX)".into();
+    }
+    if magic != FATBIN_MAGIC {
+        return "neither PTX text, a cubin nor a fat binary".into();
+    }
+    // SAFETY: a fat binary has a 16-byte header and is as long as it says (as in `ptx_in`).
+    let Some(bytes) = (unsafe { fatbin_bytes(p) }) else {
+        return "a fat binary larger than the slicer reads".into();
+    };
+    let list = match fatbin::entries(bytes) {
+        Ok(list) => list,
+        Err(e) => return format!("a fat binary the reader refuses ({e})"),
+    };
+    // Entries grouped by (kind, architecture, compressed), in order of first appearance.
+    let mut groups: Vec<((u16, u32, bool), usize)> = Vec::new();
+    for e in &list {
+        let key = (e.kind, e.arch, e.compressed);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => groups.push((key, 1)),
+        }
+    }
+    let names: Vec<String> = groups
+        .iter()
+        .map(|&((kind, a, compressed), n)| {
+            let what = match kind {
+                1 => format!("PTX compute_{a}"),
+                2 => format!("cubin sm_{a}"),
+                k => format!("kind {k} arch {a}"),
+            };
+            format!("{}{what}{}", if n > 1 { format!("{n} x ") } else { String::new() }, if compressed { " (compressed)" } else { "" })
+        })
+        .collect();
+    let usable = match arch {
+        Some(a) if fatbin::ptx_for(bytes, a).is_some() => format!("uncompressed PTX for sm_{a}: yes"),
+        Some(a) => format!("uncompressed PTX for sm_{a}: none"),
+        None => "no current device to match".into(),
+    };
+    format!("a fat binary of {} entries: {}; {usable}", list.len(), names.join(", "))
+}
+
+/// The whole first container of a fat binary at `p` (header and entries).
+///
+/// # Safety
+/// `p` must point to a fat binary (its 16-byte header read already showed the magic).
+unsafe fn fatbin_bytes<'a>(p: *const u8) -> Option<&'a [u8]> {
+    // SAFETY: the caller's fat binary has a 16-byte header.
+    let head = unsafe { std::slice::from_raw_parts(p, 16) };
+    // The header: magic, version (u16), header size (u16), size of what follows (u64).
+    let header = u16::from_le_bytes([head[6], head[7]]) as usize;
+    let size = u64::from_le_bytes(head[8..16].try_into().ok()?) as usize;
+    let total = header.checked_add(size).filter(|&t| t <= MAX_PTX)?;
+    // SAFETY: the fat binary is as long as its header says.
+    Some(unsafe { std::slice::from_raw_parts(p, total) })
 }
 
 /// The sliced form of a module file (PTX text or a fat binary), when slicing is wanted now.
@@ -190,12 +303,8 @@ unsafe fn ptx_in(image: *const c_void, wrapper: bool) -> Option<String> {
         return if wrapper { unsafe { ptx_in(inner, false) } } else { None };
     }
     if magic == FATBIN_MAGIC {
-        // The header: magic, version (u16), header size (u16), size of what follows (u64).
-        let header = u16::from_le_bytes([head[6], head[7]]) as usize;
-        let size = u64::from_le_bytes(head[8..16].try_into().ok()?) as usize;
-        let total = header.checked_add(size).filter(|&t| t <= MAX_PTX)?;
-        // SAFETY: the fat binary is as long as its header says.
-        let bytes = unsafe { std::slice::from_raw_parts(p, total) };
+        // SAFETY: the magic was read from its 16-byte header.
+        let bytes = unsafe { fatbin_bytes(p) }?;
         return fatbin::ptx_for(bytes, device_arch()?).map(|(_, text)| text.to_string());
     }
     let start = head.iter().position(|b| !b.is_ascii_whitespace())?;
@@ -303,7 +412,7 @@ fn resolve(f: usize) -> Option<Arc<Kernel>> {
 
 #[cfg(test)]
 mod tests {
-    use super::ptx_of_image;
+    use super::{describe, ptx_of_image, FATBIN_MAGIC, WRAPPER_MAGIC};
 
     fn of(bytes: &[u8]) -> Option<String> {
         // SAFETY: NUL-terminated test images.
@@ -318,5 +427,61 @@ mod tests {
         assert_eq!(of(b"\0"), None);
         assert_eq!(of(b"SIMMODULE 4096\0"), None);
         assert_eq!(of(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0"), None, "a cubin");
+    }
+
+    /// A fat binary of one container: (kind, arch, flags, payload) entries with 64-byte headers.
+    fn fatbin(entries: &[(u16, u32, u64, &[u8])]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for &(kind, arch, flags, payload) in entries {
+            let padded = payload.len().next_multiple_of(8);
+            let mut e = vec![0u8; 64];
+            e[0..2].copy_from_slice(&kind.to_le_bytes());
+            e[4..8].copy_from_slice(&64u32.to_le_bytes());
+            e[8..16].copy_from_slice(&(padded as u64).to_le_bytes());
+            e[28..32].copy_from_slice(&arch.to_le_bytes());
+            e[40..48].copy_from_slice(&flags.to_le_bytes());
+            e.extend_from_slice(payload);
+            e.resize(64 + padded, 0);
+            body.extend_from_slice(&e);
+        }
+        let mut c = FATBIN_MAGIC.to_le_bytes().to_vec();
+        c.extend_from_slice(&1u16.to_le_bytes());
+        c.extend_from_slice(&16u16.to_le_bytes());
+        c.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        c.extend_from_slice(&body);
+        c
+    }
+
+    fn said(bytes: &[u8], arch: Option<u32>) -> String {
+        // SAFETY: complete test images.
+        unsafe { describe(bytes.as_ptr().cast(), arch) }
+    }
+
+    #[test]
+    fn the_log_tells_what_an_unsliced_image_carries() {
+        assert!(said(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0", Some(90)).starts_with("a cubin"));
+        let ptx: &[u8] = b".version 8.0\n.target sm_90\n\0";
+        // PyTorch's wheels: cubins for each arch, PTX for the last one, compressed.
+        let torch_like = fatbin(&[(2, 80, 0, b"elf"), (2, 90, 0, b"elf"), (2, 90, 0, b"elf"), (1, 90, 0x2000, b"lz")]);
+        assert_eq!(
+            said(&torch_like, Some(90)),
+            "a fat binary of 4 entries: cubin sm_80, 2 x cubin sm_90, PTX compute_90 (compressed); uncompressed PTX for sm_90: none"
+        );
+        let plain = fatbin(&[(2, 90, 0, b"elf"), (1, 90, 0, ptx)]);
+        assert!(said(&plain, Some(90)).ends_with("uncompressed PTX for sm_90: yes"), "{}", said(&plain, Some(90)));
+        assert!(said(&plain, Some(80)).ends_with("uncompressed PTX for sm_80: none"), "PTX for a later arch is no use");
+        assert!(said(&plain, None).ends_with("no current device to match"));
+        // The runtime's wrapper: magic, version, then the fat binary's address.
+        let mut wrapper = WRAPPER_MAGIC.to_le_bytes().to_vec();
+        wrapper.extend_from_slice(&1u32.to_le_bytes());
+        wrapper.extend_from_slice(&(plain.as_ptr() as u64).to_le_bytes());
+        wrapper.extend_from_slice(&[0u8; 8]);
+        assert!(said(&wrapper, Some(90)).starts_with("the runtime's wrapper of a fat binary of 2 entries"));
+        assert_eq!(said(b"SIMMODULE 4096\0", Some(90)), "neither PTX text, a cubin nor a fat binary");
+        assert_eq!(said(b"ab\0", Some(90)), "neither PTX text, a cubin nor a fat binary");
+        let mut truncated = fatbin(&[(2, 90, 0, b"elf")]);
+        truncated[8..16].copy_from_slice(&1000u64.to_le_bytes());
+        truncated.resize(1100, 0);
+        assert!(said(&truncated, Some(90)).starts_with("a fat binary the reader refuses"), "{}", said(&truncated, Some(90)));
     }
 }
