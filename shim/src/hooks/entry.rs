@@ -25,7 +25,7 @@ pub unsafe fn dlsym_hook(handle: *mut c_void, name: *const c_char) -> *mut c_voi
     guard::with_fallback("dlsym", found, || {
         // SAFETY: dlsym's name is a C string, and the real dlsym just accepted it.
         let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
-        registry::wrapper_for_name(bytes).unwrap_or(found)
+        registry::for_dlsym(bytes, found)
     })
 }
 
@@ -46,28 +46,41 @@ pub unsafe fn dlvsym_hook(handle: *mut c_void, name: *const c_char, version: *co
     guard::with_fallback("dlvsym", found, || {
         // SAFETY: dlvsym's name is a C string, and the real dlvsym just accepted it.
         let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
-        registry::wrapper_for_name(bytes).unwrap_or(found)
+        registry::for_dlsym(bytes, found)
     })
 }
 
-/// Replaces a real driver function in `*pfn` with its wrapper, when the shim has one.
-fn substitute(code: CuResult, pfn: *mut *mut c_void) -> CuResult {
+/// Replaces a real driver function in `*pfn` with its wrapper or its gate thunk.
+fn substitute(code: CuResult, symbol: *const c_char, pfn: *mut *mut c_void) -> CuResult {
     if code == CUDA_SUCCESS && !pfn.is_null() {
         // SAFETY: the driver just wrote the pointer.
         let real = unsafe { *pfn };
-        if let Some(wrapper) = (!real.is_null()).then(|| registry::wrapper_for_real(real)).flatten() {
+        if !real.is_null() {
+            // SAFETY: the driver accepted `symbol` as a C string (it found it).
+            let name = if symbol.is_null() { &b"?"[..] } else { unsafe { CStr::from_ptr(symbol) }.to_bytes() };
             // SAFETY: `pfn` is non-null (checked above) and the driver just wrote through it, so it is a valid, writable `void*` slot.
-            unsafe { *pfn = wrapper };
+            unsafe { *pfn = registry::for_proc_address(name, real) };
         }
     }
     code
+}
+
+/// The driver's private tables (the runtime's module registration, lazy loading, ...): calls
+/// through them bypass every thunk, so the process stops being fast-suspendable
+/// (`sys::gate::fast_suspendable`; the known hole, docs/NOTES.md "The gate").
+#[no_mangle]
+pub unsafe extern "C" fn cuGetExportTable(table: *mut *const c_void, id: *const c_void) -> CuResult {
+    guard::cuda("cuGetExportTable", || {
+        crate::sys::gate::note_export_table();
+        call_real!(cuGetExportTable(table, id))
+    })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuGetProcAddress_v2(symbol: *const c_char, pfn: *mut *mut c_void, cuda_version: c_int, flags: u64, status: *mut c_int) -> CuResult {
     guard::cuda("cuGetProcAddress_v2", || {
         runtime::runtime(); // The first CUDA call: report bad settings now.
-        substitute(call_real!(cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, status)), pfn)
+        substitute(call_real!(cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, status)), symbol, pfn)
     })
 }
 
@@ -75,7 +88,7 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(symbol: *const c_char, pfn: *mut *m
 pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, cuda_version: c_int, flags: u64) -> CuResult {
     guard::cuda("cuGetProcAddress", || {
         runtime::runtime();
-        substitute(call_real!(cuGetProcAddress(symbol, pfn, cuda_version, flags)), pfn)
+        substitute(call_real!(cuGetProcAddress(symbol, pfn, cuda_version, flags)), symbol, pfn)
     })
 }
 
@@ -85,6 +98,7 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         // What the layers below take from above, before the link attaches: the fork handlers'
         // order (installed at attach) and the turn board's per-user page (for a process alone).
         crate::hooks::fork::register();
+        crate::sys::gate::init();
         crate::state::link::set_user_sched(crate::policy::board::sched);
         // Refused for want of a controller: a new cuInit waits for it again.
         crate::state::link::retry_after_refusal();

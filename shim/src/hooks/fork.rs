@@ -3,7 +3,7 @@
 //!
 //! Prepare takes locks in this order, which agrees with every nesting in the code (sched →
 //! throttle → cost → context → allocation tables and modules → imports → NVML → the event
-//! pool, a leaf), so no two threads can deadlock on them. The child's forgetting (atomics only)
+//! pool and the gate's thread records, leaves), so no two threads can deadlock on them. The child's forgetting (atomics only)
 //! runs in the same order; `link` comes last: it bumps the fork generation that `sched`
 //! compares, after everything else of the parent's is gone.
 
@@ -11,9 +11,9 @@ use crate::hooks::{context, memory, sharing};
 use crate::policy::{board, cost, flight_cost, sched, slicer, throttle};
 use crate::state::link;
 use crate::sys::atfork::{self, Handlers};
-use crate::sys::{events, real_nvml};
+use crate::sys::{events, gate, real_nvml};
 
-static ORDER: [Handlers; 12] = [
+static ORDER: [Handlers; 13] = [
     slicer::FORK,
     sched::FORK,
     flight_cost::FORK,
@@ -24,6 +24,7 @@ static ORDER: [Handlers; 12] = [
     sharing::FORK,
     real_nvml::FORK,
     events::FORK,
+    gate::FORK,
     board::FORK,
     link::FORK,
 ];

@@ -5,6 +5,7 @@
 pub mod context;
 pub mod entry;
 pub mod fork;
+pub mod gate;
 pub mod info;
 pub mod launch;
 pub mod legacy;

@@ -7,7 +7,7 @@
 //! replaces it, and a version the shim has no wrapper for is passed through untouched.
 
 use crate::sys::driver::driver;
-use crate::{hooks::context, hooks::entry, hooks::info, hooks::launch, hooks::legacy, hooks::memory, hooks::modules, hooks::nvml, hooks::sharing};
+use crate::{hooks::context, hooks::entry, hooks::gate, hooks::info, hooks::launch, hooks::legacy, hooks::memory, hooks::modules, hooks::nvml, hooks::sharing};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -37,6 +37,7 @@ hooks! {
     entry::cuInit,
     entry::cuGetProcAddress,
     entry::cuGetProcAddress_v2,
+    entry::cuGetExportTable,
     memory::cuMemAlloc_v2,
     memory::cuMemAllocPitch_v2,
     memory::cuMemAllocManaged,
@@ -130,6 +131,50 @@ pub fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
         return None;
     }
     HOOKS.iter().find(|h| h.name.to_bytes() == name).map(|h| h.wrapper as *mut c_void)
+}
+
+/// What `dlsym` hands out for `name` when the lookup found `found`: the hook's wrapper, else
+/// the gate thunk (null when `found` is our own thunk for a function this driver lacks, as
+/// the lookup would have said without the shim), else `found` (counted as a hole in the gate
+/// when it is a driver function the table lacks).
+pub fn for_dlsym(name: &[u8], found: *mut c_void) -> *mut c_void {
+    if let Some(wrapper) = wrapper_for_name(name) {
+        return wrapper;
+    }
+    if !name.starts_with(b"cu") {
+        return found;
+    }
+    if let Some((thunk, real)) = gate::thunk_for_name(name) {
+        return if real || gate::is_thunk(found).is_none() { thunk } else { std::ptr::null_mut() };
+    }
+    if in_driver(found) {
+        crate::sys::gate::note_unknown_name(&String::from_utf8_lossy(name));
+    }
+    found
+}
+
+/// What `cuGetProcAddress` hands out for the real address `real` it found for `symbol`.
+pub fn for_proc_address(symbol: &[u8], real: *mut c_void) -> *mut c_void {
+    if let Some(wrapper) = wrapper_for_real(real) {
+        return wrapper;
+    }
+    if let Some(thunk) = gate::thunk_for_real(real) {
+        return thunk;
+    }
+    crate::sys::gate::note_unknown_name(&String::from_utf8_lossy(symbol));
+    real
+}
+
+/// Whether `address` lies in the real driver's library.
+fn in_driver(address: *mut c_void) -> bool {
+    let Some(d) = driver() else { return false };
+    let base = |a: *const c_void| {
+        // SAFETY: dladdr only reads the loader's tables; `info` is a local.
+        let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+        (unsafe { libc::dladdr(a, &mut info) } != 0).then_some(info.dli_fbase as usize)
+    };
+    let anchor = d.symbol(c"cuInit");
+    !anchor.is_null() && base(anchor).is_some() && base(anchor) == base(address)
 }
 
 static BY_REAL_ADDRESS: OnceCell<HashMap<usize, usize>> = OnceCell::new();

@@ -41,6 +41,7 @@ real_functions! {
     cuInit(c_uint);
     cuGetProcAddress(*const c_char, *mut *mut c_void, c_int, u64);
     cuGetProcAddress_v2(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int);
+    cuGetExportTable(*mut *const c_void, *const c_void);
     cuDeviceGet(*mut CUdevice, c_int);
     cuDeviceGetCount(*mut c_int);
     cuDeviceGetUuid_v2(*mut CUuuid, CUdevice);

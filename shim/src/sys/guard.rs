@@ -10,9 +10,11 @@ thread_local! {
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// Runs a hook body; a panic inside becomes `CUDA_ERROR_UNKNOWN` and one error line.
+/// Runs a hook body inside the suspend gate (`sys::gate`: every driver call of the program
+/// passes it, hooked or thunked); a panic inside becomes `CUDA_ERROR_UNKNOWN` and one error line.
 #[inline(always)]
 pub fn cuda(hook: &'static str, body: impl FnOnce() -> CuResult) -> CuResult {
+    let _inside = crate::sys::gate::enter();
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(code) => code,
         Err(_) => {

@@ -9,6 +9,7 @@ pub mod driver;
 pub mod elf_symbols;
 pub mod events;
 pub mod ffi;
+pub mod gate;
 pub mod guard;
 pub mod locks;
 pub mod median;
