@@ -222,7 +222,13 @@ typedef struct {
       (CUgraphExec *, CUgraph, unsigned long long))                                               \
     X(cuGraphLaunch, cuGraphLaunch, CUresult, (CUgraphExec, CUstream))                            \
     X(cuGraphExecDestroy, cuGraphExecDestroy, CUresult, (CUgraphExec))                            \
-    X(cuGraphDestroy, cuGraphDestroy, CUresult, (CUgraph))
+    X(cuGraphDestroy, cuGraphDestroy, CUresult, (CUgraph))                                        \
+    X(cuStreamQuery, cuStreamQuery, CUresult, (CUstream))                                         \
+    X(cuMemcpyHtoD, cuMemcpyHtoD_v2, CUresult, (CUdeviceptr, const void *, size_t))               \
+    X(cuTexRefSetMipmapLevelClamp, cuTexRefSetMipmapLevelClamp, CUresult, (void *, float, float)) \
+    X(cuTensorMapEncodeTiled, cuTensorMapEncodeTiled, CUresult,                                   \
+      (void *, unsigned, unsigned, void *, const void *, const void *, const void *, const void *,\
+       unsigned, unsigned, unsigned, unsigned))
 
 /* The 32-bit-era entry points (no _v2): unsigned int device pointers and sizes. Resolved by
  * their own names (cuGetProcAddress with cudaVersion 2000 in the procaddr routes). */
@@ -504,6 +510,8 @@ static const struct cmdspec CMDS[] = {
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
     {"ckpt", "snn"},      {"poke", "nn"},        {"peek", "n"},
     {"grid", "nnn"},      {"usefunc", "sss"},    {"launchpacked", "nn"},
+    {"gateargs", ""},     {"gateblock", "n"},    {"gatebusy", "nn"},     {"gatefork", ""},
+    {"gateloop", "n"},    {"gatestate", ""},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -717,6 +725,75 @@ static void *modthread_main(void *p) {
     }
     return NULL;
 }
+
+
+/* ---------------------------------------------------------------- the suspend gate (issue 22) */
+/* The shim's test knob (GPUSLICE_TEST_GATE=1): 1 close(ms), 2 open, 3 is_closed,
+ * 4 fast_suspendable, 5 unknown names, 6 export tables. */
+static long long gate_knob(int action, unsigned long long ms) {
+    long long (*knob)(int, unsigned long long) = (long long (*)(int, unsigned long long))dlsym(RTLD_DEFAULT, "gpuslice_test_gate");
+    return knob ? knob(action, ms) : -999999;
+}
+
+static unsigned float_bits(float f) {
+    unsigned u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* Calls the two echo functions and checks what the simulated driver recorded: floats in xmm
+ * registers, and the 7th to 12th arguments on the stack. */
+static void *gate_echo_check(void *out) {
+    int (*echo)(unsigned long long *, int) = (int (*)(unsigned long long *, int))dlsym(libcuda ? libcuda : RTLD_DEFAULT, "simcuda_echo");
+    unsigned long long v[16] = {0};
+    int *ok = out;
+    ok[0] = ok[1] = 0;
+    if (!echo) return NULL;
+    if (p_cuTexRefSetMipmapLevelClamp((void *)0x1234, 1.5f, -2.25f) == 0 && echo(v, 16) == 3)
+        ok[0] = v[0] == 0x1234 && v[1] == float_bits(1.5f) && v[2] == float_bits(-2.25f);
+    if (p_cuTensorMapEncodeTiled((void *)0x11, 2, 3, (void *)0x44, (void *)0x55, (void *)0x66, (void *)0x77, (void *)0x88,
+                                 9, 10, 11, 0xfffffff0u) == 0 &&
+        echo(v, 16) == 12) {
+        const unsigned long long want[12] = {0x11, 2, 3, 0x44, 0x55, 0x66, 0x77, 0x88, 9, 10, 11, 0xfffffff0u};
+        ok[1] = !memcmp(v, want, sizeof want);
+    }
+    return NULL;
+}
+
+static volatile int g_gate_done[2];
+static CUdeviceptr g_gate_dev;
+/* The main thread's context, made current on the gate tests' threads. */
+static CUcontext g_gate_ctx;
+
+static void *gate_copy_thread(void *unused) {
+    (void)unused;
+    p_cuCtxSetCurrent(g_gate_ctx);
+    char buf[64] = "through the gate";
+    int r = p_cuMemcpyHtoD(g_gate_dev, buf, sizeof buf);
+    __atomic_store_n(&g_gate_done[0], r == 0 ? 1 : -1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void *gate_alloc_thread(void *unused) {
+    (void)unused;
+    p_cuCtxSetCurrent(g_gate_ctx);
+    CUdeviceptr d = 0;
+    int r = p_cuMemAlloc(&d, 4096);
+    __atomic_store_n(&g_gate_done[1], r == 0 ? 1 : -1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static volatile int g_gate_syncing;
+static void *gate_sync_thread(void *unused) {
+    (void)unused;
+    p_cuCtxSetCurrent(g_gate_ctx);
+    __atomic_store_n(&g_gate_syncing, 1, __ATOMIC_SEQ_CST);
+    int r = p_cuStreamSynchronize(0);
+    __atomic_store_n(&g_gate_syncing, r == 0 ? 2 : -1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void launch_n(const char *cmd, unsigned long long n, unsigned long long ns, CUstream s, int ex);
 
 static void launch_n(const char *cmd, unsigned long long n, unsigned long long ns, CUstream s, int ex) {
     int ok;
@@ -1271,6 +1348,89 @@ static void run(const char *cmd, char **a) {
         int failures = RUN_THREADS(t, args, modthread_main);
         free(args);
         printf("ok modthreads failures=%d\n", failures);
+    } else if (!strcmp(cmd, "gateargs")) {
+        /* Arguments through the thunks, on this thread and on a fresh one (whose first driver
+         * call takes the thunk's slow path, registering its record). */
+        NEED(cuTexRefSetMipmapLevelClamp);
+        NEED(cuTensorMapEncodeTiled);
+        Dl_info info;
+        int thunk = dladdr((void *)p_cuTensorMapEncodeTiled, &info) && info.dli_fname && strstr(info.dli_fname, "gpuslice");
+        int here[2], there[2];
+        gate_echo_check(here);
+        pthread_t th;
+        pthread_create(&th, NULL, gate_echo_check, there);
+        pthread_join(th, NULL);
+        printf("ok gateargs thunk=%d floats=%d stack=%d thread_floats=%d thread_stack=%d\n", thunk, here[0], here[1], there[0], there[1]);
+    } else if (!strcmp(cmd, "gateblock")) {
+        /* Close the gate; a thread's cuMemcpyHtoD (thunk) and another's cuMemAlloc (hook) wait
+         * until it opens; this thread (the closer) passes its own gate. */
+        NEED(cuMemcpyHtoD);
+        NEED(cuMemAlloc);
+        NEED(cuStreamQuery);
+        CHECK(p_cuCtxGetCurrent(&g_gate_ctx));
+        CHECK(p_cuMemAlloc(&g_gate_dev, 4096));
+        long long closed = gate_knob(1, 5000);
+        int exempt = p_cuStreamQuery(0) == 0;
+        pthread_t t1, t2;
+        pthread_create(&t1, NULL, gate_copy_thread, NULL);
+        pthread_create(&t2, NULL, gate_alloc_thread, NULL);
+        usleep((useconds_t)(num(a[0]) * 1000));
+        int held = __atomic_load_n(&g_gate_done[0], __ATOMIC_SEQ_CST) == 0 && __atomic_load_n(&g_gate_done[1], __ATOMIC_SEQ_CST) == 0;
+        long long was_closed = gate_knob(3, 0);
+        gate_knob(2, 0);
+        pthread_join(t1, NULL);
+        pthread_join(t2, NULL);
+        printf("ok gateblock close=%lld closed=%lld exempt=%d held=%d copy=%d alloc=%d open=%lld\n", closed, was_closed, exempt, held,
+               g_gate_done[0], g_gate_done[1], 1 - gate_knob(3, 0));
+    } else if (!strcmp(cmd, "gatebusy")) {
+        /* A thread in cuStreamSynchronize behind a kernel of a[0] ms keeps close(a[1] ms)
+         * waiting until it times out; after the thread left, close succeeds. */
+        NEED(cuStreamSynchronize);
+        CHECK(p_cuCtxGetCurrent(&g_gate_ctx));
+        launch_n("launch", 1, num(a[0]) * 1000000ULL, 0, 0);
+        pthread_t t;
+        pthread_create(&t, NULL, gate_sync_thread, NULL);
+        while (__atomic_load_n(&g_gate_syncing, __ATOMIC_SEQ_CST) == 0) usleep(1000);
+        usleep(50000);
+        long long busy = gate_knob(1, num(a[1]));
+        long long reopened = 1 - gate_knob(3, 0);
+        pthread_join(t, NULL);
+        long long after = gate_knob(1, 1000);
+        gate_knob(2, 0);
+        printf("ok gatebusy busy=%lld reopened=%lld sync=%d after=%lld\n", busy, reopened, g_gate_syncing, after);
+    } else if (!strcmp(cmd, "gatefork")) {
+        /* A child forked while the gate is closed starts with it open. */
+        NEED(cuStreamQuery);
+        long long closed = gate_knob(1, 1000);
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) {
+            long long child_closed = gate_knob(3, 0);
+            int q = p_cuStreamQuery(0);
+            printf("ok gatefork child closed=%lld query=%d\n", child_closed, q);
+            fflush(stdout);
+            _exit(0);
+        }
+        int st = 0;
+        waitpid(pid, &st, 0);
+        long long parent_closed = gate_knob(3, 0);
+        gate_knob(2, 0);
+        printf("ok gatefork parent close=%lld closed=%lld child_exit=%d\n", closed, parent_closed, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    } else if (!strcmp(cmd, "gateloop")) {
+        /* CPU ns per call of two unhooked functions (thunks under the shim): cuDriverGetVersion
+         * (no lock in the simulated driver) and cuStreamQuery. */
+        NEED(cuDriverGetVersion);
+        NEED(cuStreamQuery);
+        unsigned long long n = num(a[0]);
+        int v = 0, failures = 0;
+        unsigned long long t0 = thread_cpu_ns();
+        for (unsigned long long i = 0; i < n; i++) failures += p_cuDriverGetVersion(&v) != 0;
+        unsigned long long t1 = thread_cpu_ns();
+        for (unsigned long long i = 0; i < n; i++) failures += p_cuStreamQuery(0) != 0;
+        unsigned long long t2 = thread_cpu_ns();
+        printf("ok gateloop failures=%d version_ns=%.1f query_ns=%.1f\n", failures, n ? (double)(t1 - t0) / n : 0.0, n ? (double)(t2 - t1) / n : 0.0);
+    } else if (!strcmp(cmd, "gatestate")) {
+        printf("ok gatestate fast=%lld unknown=%lld export=%lld\n", gate_knob(4, 0), gate_knob(5, 0), gate_knob(6, 0));
     } else if (!strcmp(cmd, "plaunch")) {
         /* plaunch T N NS: T threads, each on its own stream, N kernels of NS ns each. */
         NEED(cuStreamCreate);

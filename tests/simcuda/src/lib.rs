@@ -368,6 +368,7 @@ macro_rules! tri {
 // After the macros, which they use.
 mod checkpoint;
 mod contents;
+mod echo;
 mod sharing;
 
 /// Writes an out-parameter; a null one is `INVALID_VALUE`, as the driver answers.
@@ -3192,6 +3193,8 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuCheckpointProcessCheckpoint", 12080, "cuCheckpointProcessCheckpoint", ""),
     ("cuCheckpointProcessRestore", 12080, "cuCheckpointProcessRestore", ""),
     ("cuCheckpointProcessUnlock", 12080, "cuCheckpointProcessUnlock", ""),
+    ("cuTexRefSetMipmapLevelClamp", 3020, "cuTexRefSetMipmapLevelClamp", ""),
+    ("cuTensorMapEncodeTiled", 12000, "cuTensorMapEncodeTiled", ""),
     ("cuGetProcAddress", 12000, "cuGetProcAddress_v2", ""),
     ("cuGetProcAddress", 11030, "cuGetProcAddress", ""),
 ];
@@ -3217,6 +3220,7 @@ pub fn proc_lookup(name: &str, version: c_int, flags: u64) -> Result<*mut c_void
             .or_else(|| sharing_export_addr(sym))
             .or_else(|| checkpoint::export_addr(sym))
             .or_else(|| contents::export_addr(sym))
+            .or_else(|| echo::export_addr(sym))
             .ok_or(PROC_SYMBOL_NOT_FOUND);
     }
     Err(if known { PROC_VERSION_NOT_SUFFICIENT } else { PROC_SYMBOL_NOT_FOUND })
@@ -3540,7 +3544,12 @@ mod tests {
     fn proc_table_names_are_all_exported() {
         for (base, _, exp, ptsz) in PROC_TABLE {
             assert!(
-                export_addr(exp).or_else(|| sharing_export_addr(exp)).or_else(|| checkpoint::export_addr(exp)).or_else(|| contents::export_addr(exp)).is_some(),
+                export_addr(exp)
+                    .or_else(|| sharing_export_addr(exp))
+                    .or_else(|| checkpoint::export_addr(exp))
+                    .or_else(|| contents::export_addr(exp))
+                    .or_else(|| echo::export_addr(exp))
+                    .is_some(),
                 "{base} -> {exp} is not exported"
             );
             assert!(ptsz.is_empty() || export_addr(ptsz).is_some(), "{base} -> {ptsz} is not exported");
