@@ -761,6 +761,13 @@ static void *gate_echo_check(void *out) {
 }
 
 static volatile int g_gate_done[2];
+/* gateblock's threads: ready (each made a driver call, so its next one takes the thunk's fast
+ * path) and go (the gate is closed now). */
+static volatile int g_gate_ready, g_gate_go;
+static void gate_ready_then_wait_go(void) {
+    __atomic_add_fetch(&g_gate_ready, 1, __ATOMIC_SEQ_CST);
+    while (!__atomic_load_n(&g_gate_go, __ATOMIC_SEQ_CST)) usleep(1000);
+}
 static CUdeviceptr g_gate_dev;
 /* The main thread's context, made current on the gate tests' threads. */
 static CUcontext g_gate_ctx;
@@ -768,6 +775,7 @@ static CUcontext g_gate_ctx;
 static void *gate_copy_thread(void *unused) {
     (void)unused;
     p_cuCtxSetCurrent(g_gate_ctx);
+    gate_ready_then_wait_go();
     char buf[64] = "through the gate";
     int r = p_cuMemcpyHtoD(g_gate_dev, buf, sizeof buf);
     __atomic_store_n(&g_gate_done[0], r == 0 ? 1 : -1, __ATOMIC_SEQ_CST);
@@ -777,6 +785,7 @@ static void *gate_copy_thread(void *unused) {
 static void *gate_alloc_thread(void *unused) {
     (void)unused;
     p_cuCtxSetCurrent(g_gate_ctx);
+    gate_ready_then_wait_go();
     CUdeviceptr d = 0;
     int r = p_cuMemAlloc(&d, 4096);
     __atomic_store_n(&g_gate_done[1], r == 0 ? 1 : -1, __ATOMIC_SEQ_CST);
@@ -1369,11 +1378,13 @@ static void run(const char *cmd, char **a) {
         NEED(cuStreamQuery);
         CHECK(p_cuCtxGetCurrent(&g_gate_ctx));
         CHECK(p_cuMemAlloc(&g_gate_dev, 4096));
-        long long closed = gate_knob(1, 5000);
-        int exempt = p_cuStreamQuery(0) == 0;
         pthread_t t1, t2;
         pthread_create(&t1, NULL, gate_copy_thread, NULL);
         pthread_create(&t2, NULL, gate_alloc_thread, NULL);
+        while (__atomic_load_n(&g_gate_ready, __ATOMIC_SEQ_CST) < 2) usleep(1000);
+        long long closed = gate_knob(1, 5000);
+        int exempt = p_cuStreamQuery(0) == 0;
+        __atomic_store_n(&g_gate_go, 1, __ATOMIC_SEQ_CST);
         usleep((useconds_t)(num(a[0]) * 1000));
         int held = __atomic_load_n(&g_gate_done[0], __ATOMIC_SEQ_CST) == 0 && __atomic_load_n(&g_gate_done[1], __ATOMIC_SEQ_CST) == 0;
         long long was_closed = gate_knob(3, 0);
