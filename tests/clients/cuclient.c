@@ -57,6 +57,18 @@
  *                          TIMEOUT_MS; 0 = none), checkpoint, restore, unlock, state, tid
  *                          -> action= value= (the CUprocessState, or the restore thread id)
  *
+ * Commands for the suspend gate (tests/integration/tests/gate.rs; the shim's knob
+ * GPUSLICE_TEST_GATE=1 closes and opens it):
+ *   gateargs               the echo functions (a float pair; 12 arguments) on this thread and a new one
+ *                          -> thunk= (1: the pointer is in libgpuslice) floats= stack= thread_floats= thread_stack=
+ *   gateblock MS           two threads ready, close, then a cuMemcpyHtoD (thunk) and a cuMemAlloc
+ *                          (hook) on them; MS ms later, open -> close= closed= exempt= held= copy= alloc= open=
+ *   gatebusy KMS TMS       a KMS ms kernel, cuStreamSynchronize on another thread, close(TMS ms)
+ *                          -> busy= (0 or minus the threads inside) reopened= sync= after=
+ *   gatefork               close, fork: the child says closed= query=, the parent close= closed= child_exit=
+ *   gateloop N             N cuDriverGetVersion, N cuStreamQuery -> version_ns= query_ns= (CPU ns per call)
+ *   gatestate              -> fast= (fast_suspendable) unknown= export= (the holes counted)
+ *
  * Commands for fault injection (tests/integration/tests/faults.rs):
  *   storm T NS SEED STOPFILE
  *                          T threads, each with a ring of 8 allocations: every round frees one it

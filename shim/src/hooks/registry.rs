@@ -169,9 +169,11 @@ pub fn for_proc_address(symbol: &[u8], real: *mut c_void) -> *mut c_void {
 fn in_driver(address: *mut c_void) -> bool {
     let Some(d) = driver() else { return false };
     let base = |a: *const c_void| {
-        // SAFETY: dladdr only reads the loader's tables; `info` is a local.
+        // SAFETY: Dl_info is plain C data (pointers and integers): all zeroes is a valid value.
         let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-        (unsafe { libc::dladdr(a, &mut info) } != 0).then_some(info.dli_fbase as usize)
+        // SAFETY: dladdr only reads the loader's tables and writes `info`, a local.
+        let found = unsafe { libc::dladdr(a, &mut info) } != 0;
+        found.then_some(info.dli_fbase as usize)
     };
     let anchor = d.symbol(c"cuInit");
     !anchor.is_null() && base(anchor).is_some() && base(anchor) == base(address)
