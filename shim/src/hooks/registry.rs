@@ -134,9 +134,10 @@ pub fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
 }
 
 /// What `dlsym` hands out for `name` when the lookup found `found`: the hook's wrapper, else
-/// the gate thunk (null when `found` is our own thunk for a function this driver lacks, as
-/// the lookup would have said without the shim), else `found` (counted as a hole in the gate
-/// when it is a driver function the table lacks).
+/// the gate thunk when `found` is the driver's function of that name or our own thunk (found
+/// through the global scope; then null if the driver lacks the function, as the lookup would
+/// have said without the shim), else `found` (a same-named function of another library stays
+/// its own; counted as a hole in the gate when it is a driver function the table lacks).
 pub fn for_dlsym(name: &[u8], found: *mut c_void) -> *mut c_void {
     if let Some(wrapper) = wrapper_for_name(name) {
         return wrapper;
@@ -145,7 +146,13 @@ pub fn for_dlsym(name: &[u8], found: *mut c_void) -> *mut c_void {
         return found;
     }
     if let Some((thunk, real)) = gate::thunk_for_name(name) {
-        return if real || gate::is_thunk(found).is_none() { thunk } else { std::ptr::null_mut() };
+        if found == thunk {
+            return if real.is_some() { thunk } else { std::ptr::null_mut() };
+        }
+        if real == Some(found as usize) {
+            return thunk;
+        }
+        return found;
     }
     if in_driver(found) {
         crate::sys::gate::note_unknown_name(&String::from_utf8_lossy(name));

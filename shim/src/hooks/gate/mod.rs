@@ -192,19 +192,19 @@ fn resolve_all() {
     });
 }
 
-/// Whether the driver has a real function behind thunk `i`.
-fn has_real(i: usize) -> bool {
+/// The real function behind thunk `i`, if the driver has one.
+fn real(i: usize) -> Option<usize> {
     resolve_all();
     let a = REAL[i].load(Relaxed);
-    a != missing as *const () as usize && a != no_driver as *const () as usize && a != 0
+    (a != missing as *const () as usize && a != no_driver as *const () as usize && a != 0).then_some(a)
 }
 
-/// The thunk exported under `name` and whether the driver has the function, if the table
-/// covers the name.
-pub fn thunk_for_name(name: &[u8]) -> Option<(*mut c_void, bool)> {
+/// The thunk exported under `name` and the driver's real function of that name (if the driver
+/// has one), when the table covers the name.
+pub fn thunk_for_name(name: &[u8]) -> Option<(*mut c_void, Option<usize>)> {
     static BY_NAME: OnceCell<HashMap<&'static [u8], usize>> = OnceCell::new();
     let map = BY_NAME.get_or_init(|| NAMES.iter().enumerate().map(|(i, n)| (n.to_bytes(), i)).collect());
-    map.get(name).map(|&i| (THUNKS[i] as *mut c_void, has_real(i)))
+    map.get(name).map(|&i| (THUNKS[i] as *mut c_void, real(i)))
 }
 
 /// The thunk for a real driver address that `cuGetProcAddress` handed out, if the table has it.
@@ -212,14 +212,9 @@ pub fn thunk_for_real(address: *mut c_void) -> Option<*mut c_void> {
     static BY_REAL: OnceCell<HashMap<usize, usize>> = OnceCell::new();
     let map = BY_REAL.get_or_init(|| {
         resolve_all();
-        (0..NAMES.len()).filter(|&i| has_real(i)).map(|i| (REAL[i].load(Relaxed), THUNKS[i] as usize)).collect()
+        (0..NAMES.len()).filter_map(|i| Some((real(i)?, THUNKS[i] as usize))).collect()
     });
     map.get(&(address as usize)).map(|&t| t as *mut c_void)
-}
-
-/// Whether `address` is one of the thunks (a `dlsym` through the global scope finds ours).
-pub fn is_thunk(address: *mut c_void) -> Option<usize> {
-    THUNKS.iter().position(|&t| t as *mut c_void == address)
 }
 
 #[cfg(test)]
