@@ -9,11 +9,11 @@
 
 use crate::hooks::{context, memory, sharing};
 use crate::policy::{board, cost, flight_cost, sched, slicer, throttle};
-use crate::state::link;
+use crate::state::{link, vmm_ranges};
 use crate::sys::atfork::{self, Handlers};
 use crate::sys::{events, real_nvml};
 
-static ORDER: [Handlers; 12] = [
+static ORDER: [Handlers; 13] = [
     slicer::FORK,
     sched::FORK,
     flight_cost::FORK,
@@ -21,6 +21,7 @@ static ORDER: [Handlers; 12] = [
     cost::FORK,
     context::FORK,
     memory::FORK,
+    vmm_ranges::FORK,
     sharing::FORK,
     real_nvml::FORK,
     events::FORK,

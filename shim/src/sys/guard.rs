@@ -13,6 +13,11 @@ thread_local! {
 /// Runs a hook body; a panic inside becomes `CUDA_ERROR_UNKNOWN` and one error line.
 #[inline(always)]
 pub fn cuda(hook: &'static str, body: impl FnOnce() -> CuResult) -> CuResult {
+    // Issue 22: while the suspend agent has the process's memory on the host, every hooked
+    // call waits here (one load when open).
+    if crate::sys::gate::is_closed() {
+        crate::sys::gate_wait::wait_while_closed();
+    }
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(code) => code,
         Err(_) => {

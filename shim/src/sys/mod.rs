@@ -8,6 +8,8 @@ pub mod dl;
 pub mod driver;
 pub mod elf_symbols;
 pub mod events;
+pub mod gate;
+pub mod gate_wait;
 pub mod ffi;
 pub mod guard;
 pub mod locks;
