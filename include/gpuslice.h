@@ -204,6 +204,7 @@ struct gpuslice_process_slot {
 #define GPUSLICE_MARK_SUSPENDABLE 2
 #define GPUSLICE_MARK_ALLOW_EXPORTS 4
 #define GPUSLICE_MARK_SHIM_PATH 8       /* members' memory VMM-backed, suspended by their own agents */
+#define GPUSLICE_MARK_PATH_AUTO 16      /* with SHIM_PATH: suspend_path = "auto" */
 #define GPUSLICE_SUSPEND_SUSPENDING 1   /* struct gpuslice_process_slot's suspend_ack, low 4 bits */
 #define GPUSLICE_SUSPEND_SUSPENDED 2
 #define GPUSLICE_SUSPEND_RESUMING 3

@@ -223,6 +223,8 @@ pub const MARK_ALLOW_EXPORTS: u32 = 4;
 /// The group's memory is served VMM-backed and suspended by the members' own agents where they
 /// can (`suspend_path = "shim"` or `"auto"`); without it the driver's checkpoint is used.
 pub const MARK_SHIM_PATH: u32 = 8;
+/// With `MARK_SHIM_PATH`: `suspend_path = "auto"` (each member by the shim where it can).
+pub const MARK_PATH_AUTO: u32 = 16;
 
 // `ProcessSlot::suspend_ack`'s state (its low 4 bits).
 pub const SUSPEND_SUSPENDING: u32 = 1;
