@@ -55,6 +55,8 @@
  *   pokepat ID SEED / peekpat ID SEED
  *                          a pattern of SEED into a whole `alloc` id (cuMemcpyHtoD_v2) / read
  *                          back and compared (cuMemcpyDtoH_v2) -> peekpat: bad= (bytes that differ)
+ *   allocbench N SIZE      N pairs of cuMemAlloc + cuMemFree of SIZE -> ns= (per pair, wall clock:
+ *                          a measurement to record, never a test's judgement)
  *   range ID               cuMemGetAddressRange_v2 of the middle of an `alloc` id
  *                          -> base_ok= (1: the allocation's pointer) size=
  *   ipcget ID              cuIpcGetMemHandle of an `alloc` id -> ok, or err code=
@@ -509,7 +511,7 @@ static const struct cmdspec CMDS[] = {
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
     {"ckpt", "snn"},      {"poke", "nn"},        {"peek", "n"},
-    {"pokepat", "nn"},    {"peekpat", "nn"},     {"range", "n"},         {"ipcget", "n"},
+    {"allocbench", "nn"}, {"pokepat", "nn"},    {"peekpat", "nn"},     {"range", "n"},         {"ipcget", "n"},
     {"grid", "nnn"},      {"usefunc", "sss"},    {"launchpacked", "nn"},
 };
 
@@ -1737,6 +1739,19 @@ static void run(const char *cmd, char **a) {
         }
         fclose(f);
         printf("ok touch\n");
+    } else if (!strcmp(cmd, "allocbench")) {
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        unsigned long long n = num(a[0]), size = num(a[1]), failures = 0;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (unsigned long long i = 0; i < n; i++) {
+            CUdeviceptr d = 0;
+            if (p_cuMemAlloc(&d, size) != 0 || p_cuMemFree(d) != 0) failures++;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double ns = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / (double)(n ? n : 1);
+        printf("ok allocbench n=%llu failures=%llu ns=%.0f\n", n, failures, ns);
     } else if (!strcmp(cmd, "churn")) {
         NEED(cuMemAlloc);
         NEED(cuMemFree);

@@ -205,3 +205,20 @@ fn auto_takes_the_shim_for_vmm_backed_members_and_the_driver_for_the_rest() {
     vmm.wait().assert_all_ok();
     other.wait().assert_all_ok();
 }
+
+/// What VMM backing costs an allocation on the simulated driver (a figure for docs/NOTES.md,
+/// not a judgement): `cargo test -p gpuslice-integration --test suspend_shim
+/// alloc_and_free_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn alloc_and_free_cost() {
+    let sim = machine();
+    let ctl = sim.controller_with_config(&format!("{}[groups.plain]\nsuspendable = true\n", shim_config("shim")));
+    for size in ["4096", "64M"] {
+        for group in ["plain", "fast", "plain", "fast"] {
+            let out = sim.client(Route::Link).shim().controller(&ctl).group(group).args(&format!("init ctx 0 allocbench 20000 {size}")).run();
+            out.assert_all_ok();
+            println!("group {group} ({}) size {size}: {} ns per cuMemAlloc + cuMemFree", if group == "fast" { "VMM-backed" } else { "driver allocator" }, out.u64("allocbench", "ns"));
+        }
+    }
+}
