@@ -15,9 +15,9 @@ use crate::state::{Peer, State};
 use gpuslice_common::ledger::{self as ledger, suspend_request, CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
 use gpuslice_common::protocol::SuspensionRow;
 use gpuslice_common::settings::SuspendPath;
-use std::sync::atomic::AtomicU32;
 use gpuslice_common::size::format_size;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -387,7 +387,13 @@ fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, u
 /// The shim's members first (their agents), the check of their claims, then the driver's; on
 /// any failure what was done is undone. Returns the members suspended by the shim and the
 /// bytes moved in all.
-fn suspend_both(state: &Mutex<State>, group: &str, m: &Members, shim: &BTreeMap<u32, usize>, drivers: &BTreeMap<u32, u64>) -> Result<(BTreeMap<u32, usize>, u64), String> {
+fn suspend_both(
+    state: &Mutex<State>,
+    group: &str,
+    m: &Members,
+    shim: &BTreeMap<u32, usize>,
+    drivers: &BTreeMap<u32, u64>,
+) -> Result<(BTreeMap<u32, usize>, u64), String> {
     let mut drivers = drivers.clone();
     let mut by_shim = shim.clone();
     let mut moved = 0;

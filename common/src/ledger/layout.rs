@@ -514,7 +514,17 @@ impl ProcessSlot {
         for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token, &self.suspend_bytes] {
             w.store(0, Relaxed);
         }
-        for w in [&self.pid, &self.group, &self._was_priority, &self.uid, &self.own_pid, &self.suspend_ack, &self.suspend_error, &self.suspend_ms, &self.suspend_caps] {
+        for w in [
+            &self.pid,
+            &self.group,
+            &self._was_priority,
+            &self.uid,
+            &self.own_pid,
+            &self.suspend_ack,
+            &self.suspend_error,
+            &self.suspend_ms,
+            &self.suspend_caps,
+        ] {
             w.store(0, Relaxed);
         }
         write_text(&self.name, "");

@@ -118,7 +118,13 @@ pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, 
 
 /// `charged` for memory of any kind; `hooks::vmm` calls it directly for its own ranges.
 #[inline]
-pub(crate) fn charged_memory(table: &AllocTable, device: Option<CUdevice>, bytes: u64, what: &'static str, mut allocate: impl FnMut() -> (CuResult, u64)) -> CuResult {
+pub(crate) fn charged_memory(
+    table: &AllocTable,
+    device: Option<CUdevice>,
+    bytes: u64,
+    what: &'static str,
+    mut allocate: impl FnMut() -> (CuResult, u64),
+) -> CuResult {
     if runtime::refused() {
         return CUDA_ERROR_INVALID_VALUE;
     }

@@ -294,7 +294,9 @@ pub fn move_out() -> Result<u64, CuResult> {
                 let mut host: *mut c_void = std::ptr::null_mut();
                 check(call_real!(cuMemHostAlloc(&mut host, r.size as usize, 0)))?;
                 copies.push((*r, host as usize));
-                chunked(&streams, r.size, |off, len, s| call_real!(cuMemcpyDtoHAsync_v2((host as usize + off as usize) as *mut c_void, r.base + off, len as usize, s)))?;
+                chunked(&streams, r.size, |off, len, s| {
+                    call_real!(cuMemcpyDtoHAsync_v2((host as usize + off as usize) as *mut c_void, r.base + off, len as usize, s))
+                })?;
             }
             streams.sync()?;
         }
@@ -337,7 +339,9 @@ pub fn move_in() -> Result<u64, CuResult> {
             set_context(context)?;
             let streams = Streams::new()?;
             for r in ranges.iter().filter(|r| r.context == context) {
-                chunked(&streams, r.size, |off, len, s| call_real!(cuMemcpyHtoDAsync_v2(r.base + off, (r.host + off as usize) as *const c_void, len as usize, s)))?;
+                chunked(&streams, r.size, |off, len, s| {
+                    call_real!(cuMemcpyHtoDAsync_v2(r.base + off, (r.host + off as usize) as *const c_void, len as usize, s))
+                })?;
             }
             streams.sync()?;
         }

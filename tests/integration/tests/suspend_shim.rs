@@ -121,7 +121,8 @@ fn a_member_that_dies_while_suspended_by_its_agent_frees_everything() {
     t.kill();
     let _ = t.wait();
     sim.client(Route::Link).args("init ctx 0").run().assert_all_ok();
-    let (l, _) = ctl.ls_until("the dead member's suspension is gone", Duration::from_secs(10), |l| row(l, "fast")["state"] == "running" && l.processes().is_empty());
+    let (l, _) =
+        ctl.ls_until("the dead member's suspension is gone", Duration::from_secs(10), |l| row(l, "fast")["state"] == "running" && l.processes().is_empty());
     assert_eq!(row(&l, "fast")["host_bytes"].as_u64(), Some(0), "{l}");
     assert_eq!(device_free(&sim), 4 * GIB, "its context went with it, and nothing else was left");
 }
@@ -218,7 +219,45 @@ fn alloc_and_free_cost() {
         for group in ["plain", "fast", "plain", "fast"] {
             let out = sim.client(Route::Link).shim().controller(&ctl).group(group).args(&format!("init ctx 0 allocbench 20000 {size}")).run();
             out.assert_all_ok();
-            println!("group {group} ({}) size {size}: {} ns per cuMemAlloc + cuMemFree", if group == "fast" { "VMM-backed" } else { "driver allocator" }, out.u64("allocbench", "ns"));
+            println!(
+                "group {group} ({}) size {size}: {} ns per cuMemAlloc + cuMemFree",
+                if group == "fast" { "VMM-backed" } else { "driver allocator" },
+                out.u64("allocbench", "ns")
+            );
         }
     }
+}
+
+/// `gpuslice set --suspend-path` puts a running group on the shim's path: a process that starts
+/// after it is VMM-backed (its 5 MiB take 6 MiB of the device); the setting outlives a restart.
+#[test]
+fn set_puts_a_group_on_the_shim_path_and_a_restart_keeps_it() {
+    let sim = machine();
+    let mut ctl = sim.controller();
+    let (go, done) = (sim.path_str("go"), sim.path_str("done"));
+    let first = sim.client(Route::Link).shim().controller(&ctl).group("web").args(&format!("init ctx 0 alloc 5M waitfile {done}")).spawn();
+    expect_ok(&first.wait_line("alloc", 0));
+    assert_eq!(device_free(&sim), 4 * GIB - R - 5 * MIB, "the driver's allocator, before the mark");
+    let out = ctl.set("--group web --suspendable true --suspend-path fast");
+    assert!(!out.success() && out.stderr.contains("not a suspend path"), "{out}");
+    let out = ctl.set_ok("--group web --suspendable true --suspend-path shim");
+    assert!(out.contains("suspend path shim"), "{out}");
+    let later = member(&sim, &ctl, "web", &go, "peekpat 1 7", &done);
+    assert_eq!(device_free(&sim), 4 * GIB - 2 * R - 5 * MIB - 6 * MIB, "the newcomer is VMM-backed");
+    // The first member runs no agent: the shim path refuses the group, `auto` takes the driver for it.
+    let out = ctl.cli("suspend").args("--group web").run();
+    assert!(!out.success() && out.stderr.contains("runs no suspend agent"), "{out}");
+    ctl.kill9();
+    ctl.restart();
+    let (l, _) = ctl.ls_until("the restarted controller keeps the path", Duration::from_secs(10), |l| row(l, "web")["suspend_path"] == "shim");
+    assert_eq!(row(&l, "web")["suspendable"], true, "{l}");
+    ctl.set_ok("--group web --suspendable true --suspend-path auto");
+    let out = ctl.cli("suspend").args("--group web").run();
+    assert!(out.success() && out.lines.join("\n").contains("(shim+driver path)"), "{out}\n{}", ctl.log());
+    ctl.cli("resume").args("--group web").run().assert_success();
+    touch(&go);
+    assert!(later.wait_line("peekpat", 1).contains("bad=0"));
+    touch(&done);
+    first.wait().assert_all_ok();
+    later.wait().assert_all_ok();
 }
