@@ -39,9 +39,10 @@ pub const ILLEGAL_ADDRESS: CUresult = 700;
 const PAGE: u64 = 64 << 10;
 
 /// (VMM handle, page index) → its bytes; pages never written are absent (zeros).
-static VMM_PAGES: Mutex<Option<HashMap<(u64, u64), Box<[u8]>>>> = Mutex::new(None);
+type Pages = HashMap<(u64, u64), Box<[u8]>>;
+static VMM_PAGES: Mutex<Option<Pages>> = Mutex::new(None);
 
-fn vmm_pages() -> std::sync::MutexGuard<'static, Option<HashMap<(u64, u64), Box<[u8]>>>> {
+fn vmm_pages() -> std::sync::MutexGuard<'static, Option<Pages>> {
     VMM_PAGES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
