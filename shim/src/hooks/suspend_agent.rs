@@ -39,6 +39,14 @@ pub fn start() {
     }
 }
 
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules): the agent
+/// thread is the parent's, so a child that uses CUDA starts its own.
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: crate::sys::atfork::nothing_to_hold, in_child: forget_in_child };
+
+fn forget_in_child() {
+    STARTED.store(false, Relaxed);
+}
+
 /// Whether this process's memory is on the host now.
 struct Agent {
     suspended: bool,
