@@ -188,7 +188,12 @@ struct gpuslice_process_slot {
     uint64_t generation;
     char name[32];
     uint64_t token;                   /* the process's random token (struct gpuslice_turn) */
-    uint64_t _reserved[4];
+    uint32_t suspend_ack;             /* issue 22: generation << 4 | GPUSLICE_SUSPEND_* (a futex word) */
+    uint32_t suspend_error;           /* GPUSLICE_SUSPEND_ERR_* | CUDA code << 16 */
+    uint64_t suspend_bytes;           /* bytes the last suspension moved */
+    uint32_t suspend_ms;              /* how long the last suspension or resume took */
+    uint32_t suspend_caps;            /* GPUSLICE_CAP_* */
+    uint64_t _reserved[1];
     struct gpuslice_process_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
     uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 128 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
 };
@@ -198,10 +203,23 @@ struct gpuslice_process_slot {
 #define GPUSLICE_MARK_EDITED 1         /* the marks below were set live (gpuslice set --suspendable) */
 #define GPUSLICE_MARK_SUSPENDABLE 2
 #define GPUSLICE_MARK_ALLOW_EXPORTS 4
+#define GPUSLICE_MARK_SHIM_PATH 8       /* members' memory VMM-backed, suspended by their own agents */
+#define GPUSLICE_MARK_PATH_AUTO 16      /* with SHIM_PATH: suspend_path = "auto" */
+#define GPUSLICE_SUSPEND_SUSPENDING 1   /* struct gpuslice_process_slot's suspend_ack, low 4 bits */
+#define GPUSLICE_SUSPEND_SUSPENDED 2
+#define GPUSLICE_SUSPEND_RESUMING 3
+#define GPUSLICE_SUSPEND_RUNNING 4
+#define GPUSLICE_SUSPEND_FAILED 5
+#define GPUSLICE_SUSPEND_ERR_NO_ROOM 1
+#define GPUSLICE_SUSPEND_ERR_BUSY 2
+#define GPUSLICE_SUSPEND_ERR_DRIVER 3
+#define GPUSLICE_CAP_AGENT 1
+#define GPUSLICE_CAP_FAST 2
+#define GPUSLICE_CAP_OTHER_MEMORY 4
 struct gpuslice_member_settings {
     uint64_t penalty[GPUSLICE_LEDGER_MAX_DEVICES]; /* bytes charged to the group beyond its members' reports */
     uint32_t marks;                                /* GPUSLICE_MARK_* */
-    uint32_t _marks_pad;
+    uint32_t suspend;                              /* issue 22: generation << 1 | wanted (a futex word; 0: never asked) */
     uint8_t priority[GPUSLICE_MEMBER_PRIORITIES];  /* by process slot: own priority, or GPUSLICE_PRIORITY_INHERIT */
 };
 

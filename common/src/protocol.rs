@@ -85,6 +85,9 @@ pub struct Suspendable {
     /// member makes it. Without it an unknown (misspelt) name is refused.
     #[serde(default)]
     pub ahead: bool,
+    /// `auto`, `shim` or `driver` (issue 22); `None` keeps the group's.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// What the shim asks for when the driver refused an allocation for want of device memory.
@@ -307,6 +310,17 @@ pub struct SuspensionRow {
     pub suspensions: u64,
     /// Why the last operation failed, if it did.
     pub error: Option<String>,
+    /// The group's `suspend_path` setting: auto, shim or driver.
+    #[serde(default)]
+    pub suspend_path: String,
+    /// The path the last suspension took: shim, driver, or shim+driver (by member).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Device bytes per second of the last suspension and resume (GB/s, 1e9).
+    #[serde(default)]
+    pub suspend_gbps: Option<f64>,
+    #[serde(default)]
+    pub resume_gbps: Option<f64>,
 }
 
 /// A process whose own report is below what the driver (NVML) says it holds, by more than the

@@ -478,11 +478,46 @@ pub struct FileSettings {
     pub suspendable: BTreeMap<String, Suspendability>,
 }
 
-/// A group's `suspendable` and `allow_exports` in the config file (issue 22).
+/// A group's `suspendable`, `allow_exports` and `suspend_path` in the config file (issue 22).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Suspendability {
     pub suspendable: bool,
     pub allow_exports: bool,
+    pub path: SuspendPath,
+}
+
+/// How a group's processes are suspended (`[groups.X] suspend_path`, `gpuslice set
+/// --suspend-path`): by the driver's checkpoint, by their own shim's agent (their memory is then
+/// VMM-backed from their first allocation), or each by the shim where it can and the driver
+/// where not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SuspendPath {
+    #[default]
+    Driver,
+    Shim,
+    Auto,
+}
+
+impl SuspendPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuspendPath::Driver => "driver",
+            SuspendPath::Shim => "shim",
+            SuspendPath::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for SuspendPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SuspendPath, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "driver" => Ok(SuspendPath::Driver),
+            "shim" => Ok(SuspendPath::Shim),
+            "auto" => Ok(SuspendPath::Auto),
+            _ => Err(format!("{s:?} is not a suspend path; use auto, shim or driver")),
+        }
+    }
 }
 
 /// The `[controller]` table.
@@ -526,6 +561,7 @@ struct LimitsDoc {
     /// Groups only (issue 22).
     suspendable: Option<Spanned<bool>>,
     allow_exports: Option<Spanned<bool>>,
+    suspend_path: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -705,6 +741,10 @@ impl FileSettings {
                     let reason = "suspendable and allow_exports are settings of a group ([groups.NAME]), not of [defaults]".to_string();
                     return Err(SettingsError { origin: place.of(flag.span(), "defaults"), value: flag.get_ref().to_string(), reason });
                 }
+                if let Some(path) = &d.suspend_path {
+                    let reason = "suspend_path is a setting of a group ([groups.NAME]), not of [defaults]".to_string();
+                    return Err(SettingsError { origin: place.of(path.span(), "defaults"), value: path.get_ref().clone(), reason });
+                }
                 limits(&place, "defaults", d)?
             }
             None => Settings::default(),
@@ -714,9 +754,14 @@ impl FileSettings {
         for (name, doc) in doc.groups {
             let key = format!("groups.{name}");
             check_group_name(&name).map_err(|reason| SettingsError { origin: format!("{path}: [{key}]"), value: name.clone(), reason })?;
+            let path = match &doc.suspend_path {
+                None => SuspendPath::default(),
+                Some(p) => p.get_ref().parse().map_err(|reason| SettingsError { origin: place.of(p.span(), &key), value: p.get_ref().clone(), reason })?,
+            };
             let flags = Suspendability {
                 suspendable: doc.suspendable.as_ref().is_some_and(|b| *b.get_ref()),
                 allow_exports: doc.allow_exports.as_ref().is_some_and(|b| *b.get_ref()),
+                path,
             };
             if flags != Suspendability::default() {
                 suspendable.insert(name.clone(), flags);
@@ -1047,8 +1092,12 @@ mod tests {
             "[groups.batch]\nsuspendable = true\n[groups.nccl]\nsuspendable = true\nallow_exports = true\n[groups.web]\nmemory_limit = \"1GiB\"\n",
         )
         .unwrap();
-        assert_eq!(f.suspendable.get("batch"), Some(&Suspendability { suspendable: true, allow_exports: false }));
-        assert_eq!(f.suspendable.get("nccl"), Some(&Suspendability { suspendable: true, allow_exports: true }));
+        assert_eq!(f.suspendable.get("batch"), Some(&Suspendability { suspendable: true, allow_exports: false, path: SuspendPath::Driver }));
+        assert_eq!(f.suspendable.get("nccl"), Some(&Suspendability { suspendable: true, allow_exports: true, path: SuspendPath::Driver }));
+        let f = FileSettings::parse("c.toml", "[groups.fast]\nsuspendable = true\nsuspend_path = \"auto\"\n").unwrap();
+        assert_eq!(f.suspendable.get("fast").map(|s| s.path), Some(SuspendPath::Auto));
+        let e = FileSettings::parse("c.toml", "[groups.fast]\nsuspend_path = \"fast\"\n").unwrap_err();
+        assert!(e.to_string().contains("not a suspend path"), "{e}");
         assert_eq!(f.suspendable.get("web"), None);
         let e = FileSettings::parse("c.toml", "[defaults]\nsuspendable = true\n").unwrap_err();
         assert!(e.to_string().contains("line 2") && e.to_string().contains("settings of a group"), "{e}");

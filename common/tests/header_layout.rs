@@ -27,8 +27,8 @@ fn rust_layout() -> (Fields, Sizes) {
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }
         "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, _was_penalty, turn_wait_ns }
-        "gpuslice_member_settings" MemberSettings { penalty, marks, priority }
-        "gpuslice_process_slot" ProcessSlot { state, pid, group, _was_priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, devices }
+        "gpuslice_member_settings" MemberSettings { penalty, marks, suspend, priority }
+        "gpuslice_process_slot" ProcessSlot { state, pid, group, _was_priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, suspend_ack, suspend_error, suspend_bytes, suspend_ms, suspend_caps, devices }
     };
     let sizes = vec![
         ("struct gpuslice_ledger_header", size_of::<Header>()),

@@ -59,6 +59,12 @@ pub struct SetArgs {
     /// With --suspendable true: even while its processes export memory to others.
     #[arg(long, requires = "suspendable")]
     allow_exports: bool,
+    /// With --suspendable true: how its processes are suspended: `driver` (the driver's
+    /// checkpoint), `shim` (their own shim's agent; their memory VMM-backed from the first
+    /// allocation of a process that starts after this), or `auto` (each by the shim where it
+    /// can, by the driver where not).
+    #[arg(long, requires = "suspendable", value_name = "auto|shim|driver")]
+    suspend_path: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -113,7 +119,13 @@ pub fn set(args: SetArgs) -> Result<(), String> {
     }
     let socket = args.socket.path();
     if let (Some(suspendable), Some(group)) = (args.suspendable, &args.group) {
-        let request = Request::SetSuspendable(Suspendable { group: group.clone(), suspendable, allow_exports: args.allow_exports, ahead: false });
+        let request = Request::SetSuspendable(Suspendable {
+            group: group.clone(),
+            suspendable,
+            allow_exports: args.allow_exports,
+            ahead: false,
+            path: args.suspend_path.clone(),
+        });
         crate::suspend_cli::print_done(ask(&socket, &request)?)?;
         if memory.is_none() && sm.is_none() && sm_max.is_none() && priority.is_none() {
             return Ok(());

@@ -158,6 +158,26 @@ fn suspensions(f: &mut Families<'_>, l: &Listing) -> std::fmt::Result {
         Some(prometheus_client::registry::Unit::Seconds),
         rows.iter().filter_map(|s| Some((group(s), s.resume_ms? / 1e3))),
     )?;
+    // Which path the last suspension took (shim, driver or shim+driver) and how fast it went.
+    let with_path = |s: &gpuslice_common::protocol::SuspensionRow| -> Option<Labels> { Some(vec![("group", s.group.clone()), ("path", s.path.clone()?)]) };
+    f.gauge(
+        "group_suspend_path",
+        "1 for the path the group's last suspension took: shim (its own agents), driver (the checkpoint API) or shim+driver.",
+        None,
+        rows.iter().filter_map(|s| Some((with_path(s)?, 1u32))),
+    )?;
+    f.gauge(
+        "group_suspend_throughput_bytes_per_second",
+        "Device bytes per second of the group's last suspension.",
+        None,
+        rows.iter().filter_map(|s| Some((with_path(s)?, s.suspend_gbps? * 1e9))),
+    )?;
+    f.gauge(
+        "group_resume_throughput_bytes_per_second",
+        "Device bytes per second of the group's last resumption.",
+        None,
+        rows.iter().filter_map(|s| Some((with_path(s)?, s.resume_gbps? * 1e9))),
+    )?;
     f.counter("group_suspensions", "Times the group was suspended.", None, rows.iter().map(|s| (group(s), s.suspensions)))
 }
 

@@ -36,6 +36,24 @@ fn free_on(uuid: &str) -> Option<u64> {
     device.memory_info().ok().map(|m| m.free)
 }
 
+/// What NVML says each pid holds now, summed over the ledger's devices (the cross-check's
+/// reading, `nvmlDeviceGetComputeRunningProcesses`); `None` when NVML cannot be read.
+pub fn held_by_pids(state: &std::sync::Mutex<State>) -> Option<HashMap<u32, u64>> {
+    let uuids = device_uuids(&lock_state(state));
+    let nvml = nvml().lock().unwrap_or_else(|p| p.into_inner());
+    let nvml = nvml.as_ref()?;
+    let mut held = HashMap::new();
+    for uuid in uuids.values() {
+        let device = nvml.device_by_uuid(uuid.as_str()).ok()?;
+        for p in device.running_compute_processes().ok()? {
+            if let nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+                *held.entry(p.pid).or_insert(0) += bytes;
+            }
+        }
+    }
+    Some(held)
+}
+
 /// Last time each group's figures (bytes, device time) changed: "least recently active".
 fn activity() -> std::sync::MutexGuard<'static, HashMap<String, (u64, Instant)>> {
     static ACTIVITY: OnceLock<Mutex<HashMap<String, (u64, Instant)>>> = OnceLock::new();

@@ -130,7 +130,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
             // The shim decides what a group without a controller means; the user hears it here first.
             eprintln!("gpuslice: warning: --group {g} cannot be joined: {e}");
         } else if args.suspendable {
-            let mark = gpuslice_common::protocol::Suspendable { group: g.clone(), suspendable: true, allow_exports: false, ahead: true };
+            let mark = gpuslice_common::protocol::Suspendable { group: g.clone(), suspendable: true, allow_exports: false, ahead: true, path: None };
             match crate::client::ask_within(&socket, &gpuslice_common::protocol::Request::SetSuspendable(mark), std::time::Duration::from_secs(2)) {
                 Ok(_) => {}
                 // Not suspendable is the safe side: the program runs, and is never suspended.

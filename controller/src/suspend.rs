@@ -1,6 +1,9 @@
-//! Suspending and resuming whole groups with the driver's checkpoint API (issue 22): every
-//! process of the group is locked, then checkpointed (its device memory moves to host memory);
-//! resuming restores and unlocks them. The group keeps its quota and its `used` in the ledger
+//! Suspending and resuming whole groups (issue 22), by two paths. The driver's checkpoint API:
+//! every process of the group is locked, then checkpointed (its device memory moves to host
+//! memory); resuming restores and unlocks them. The shim's own path (`suspend_path = "shim"` or
+//! `"auto"`): the controller writes the group's request word (`MemberSettings::suspend`), wakes
+//! the members' agents, and waits for each one's acknowledgement in its process slot; a member
+//! that claims "suspended" while NVML still shows its memory is checkpointed by the driver. The group keeps its quota and its `used` in the ledger
 //! (its memory still counts against its own quota) while the device's free memory grows.
 //!
 //! The controller-side record (`Registry`) lives here, behind its own lock, taken only after the
@@ -9,14 +12,23 @@
 
 use crate::checkpoint::{Driver, ProcessState};
 use crate::state::{Peer, State};
+use gpuslice_common::ledger::{self as ledger, suspend_request, CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
 use gpuslice_common::protocol::SuspensionRow;
+use gpuslice_common::settings::SuspendPath;
 use gpuslice_common::size::format_size;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the controller waits for the agents' acknowledgements: the gate's 10 s for calls
+/// in flight, then the copy (80 GB at 20 GB/s is 4 s; at the pinning-bound worst, 16 s).
+const SHIM_DEADLINE: Duration = Duration::from_secs(60);
+/// How much more than a suspended member's context and modules NVML may show before its claim
+/// is disbelieved (the cross-check's tolerance).
+const SHIM_TOLERANCE: u64 = crate::crosscheck::TOLERANCE;
 /// `GPUSLICE_SUSPEND_HOST_LIMIT`: host memory that suspended tenants may hold at once.
 pub const ENV_HOST_LIMIT: &str = "GPUSLICE_SUSPEND_HOST_LIMIT";
 
@@ -60,6 +72,15 @@ pub struct Record {
     pub suspended_at: Option<Instant>,
     pub suspensions: u64,
     pub error: Option<String>,
+    /// `suspend_path`: how its members are suspended.
+    pub path: SuspendPath,
+    /// pid → process slot: the members suspended by their own agents (the rest of `pids` by the
+    /// driver).
+    pub shim_pids: BTreeMap<u32, usize>,
+    /// The path the last suspension took, and its rates (GB/s).
+    pub last_path: Option<String>,
+    pub suspend_gbps: Option<f64>,
+    pub resume_gbps: Option<f64>,
 }
 
 impl Default for Record {
@@ -78,6 +99,11 @@ impl Default for Record {
             suspended_at: None,
             suspensions: 0,
             error: None,
+            path: SuspendPath::Driver,
+            shim_pids: BTreeMap::new(),
+            last_path: None,
+            suspend_gbps: None,
+            resume_gbps: None,
         }
     }
 }
@@ -104,6 +130,10 @@ impl Record {
             automatic: self.automatic,
             suspensions: self.suspensions,
             error: self.error.clone(),
+            suspend_path: self.path.as_str().to_string(),
+            path: self.last_path.clone(),
+            suspend_gbps: self.suspend_gbps,
+            resume_gbps: self.resume_gbps,
         }
     }
 }
@@ -185,6 +215,10 @@ fn may_edit(state: &State, peer: Peer) -> Result<(), String> {
 pub struct Members {
     /// pid → its device bytes (all devices).
     pub pids: BTreeMap<u32, u64>,
+    /// pid → (process slot, `suspend_caps`).
+    pub slots: BTreeMap<u32, (usize, u32)>,
+    /// The group's slot.
+    pub group_slot: usize,
     pub device_bytes: BTreeMap<u32, u64>,
     pub exports: usize,
 }
@@ -192,11 +226,12 @@ pub struct Members {
 pub fn members(state: &State, group: &str) -> Result<Members, String> {
     let slot = state.find_group(group).ok_or_else(|| format!("no group named {group:?} (see `gpuslice ls`)"))?;
     let g = state.ledger.group(slot);
-    let mut m = Members { pids: BTreeMap::new(), device_bytes: BTreeMap::new(), exports: 0 };
+    let mut m = Members { pids: BTreeMap::new(), slots: BTreeMap::new(), group_slot: slot, device_bytes: BTreeMap::new(), exports: 0 };
     for (&pslot, w) in state.watched.iter().filter(|(_, w)| w.group == slot) {
         let p = state.ledger.process(pslot);
         let bytes = p.devices.iter().map(|d| d.used.load(std::sync::atomic::Ordering::Relaxed)).sum();
         m.pids.insert(w.pid, bytes);
+        m.slots.insert(w.pid, (pslot, p.suspend_caps.load(std::sync::atomic::Ordering::Acquire)));
         m.exports += state.exports.held_by(pslot);
     }
     for (d, gd) in g.devices.iter().enumerate() {
@@ -221,7 +256,7 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         return Err(format!("group {group:?} has no running process to suspend"));
     }
     let bytes: u64 = m.pids.values().sum();
-    {
+    let path = {
         let mut r = registry();
         let held: u64 = r.groups.values().map(Record::host_bytes).sum();
         let rec = r.groups.entry(group.to_string()).or_default();
@@ -252,16 +287,37 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         rec.bytes = bytes;
         rec.automatic = automatic;
         rec.error = None;
-    }
-    let (outcome, ms) = timed(|| driver().and_then(|d| checkpoint_all(&d, &m.pids)));
-    let failed = outcome.is_err() && driver_says_failed(m.pids.keys().copied());
+        rec.shim_pids.clear();
+        rec.path
+    };
+    let (shim, drivers) = match split(group, path, &m) {
+        Ok(split) => split,
+        Err(e) => {
+            update(group, |rec| {
+                rec.phase = Phase::Running;
+                rec.pids.clear();
+                rec.error = Some(e.clone());
+            });
+            return Err(e);
+        }
+    };
+    let (outcome, ms) = timed(|| suspend_both(state, group, &m, &shim, &drivers));
+    let failed = outcome.is_err() && driver_says_failed(drivers.keys().copied());
     update(group, |rec| match outcome {
-        Ok(()) => {
+        Ok((by_shim, moved)) => {
             rec.phase = Phase::Suspended;
             rec.suspend_ms = Some(ms);
             rec.suspended_at = Some(Instant::now());
             rec.suspensions += 1;
-            let message = format!("group {group:?} suspended: {} processes, {} moved to host memory in {ms:.0} ms", m.pids.len(), format_size(bytes));
+            rec.last_path = Some(path_name(!by_shim.is_empty(), by_shim.len() < m.pids.len()));
+            rec.suspend_gbps = rate(moved, ms);
+            rec.shim_pids = by_shim;
+            let message = format!(
+                "group {group:?} suspended: {} processes, {} moved to host memory in {ms:.0} ms ({} path)",
+                m.pids.len(),
+                format_size(bytes),
+                rec.last_path.as_deref().unwrap_or("driver")
+            );
             tracing::info!("{message}{}", if automatic { " (to make room for a higher-priority request)" } else { "" });
             Ok(message)
         }
@@ -279,6 +335,175 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             Err(format!("group {group:?} could not be suspended (its processes run on): {e}"))
         }
     })
+}
+
+/// Bytes over ms, in GB/s (1e9 bytes); `None` for nothing moved.
+fn rate(bytes: u64, ms: f64) -> Option<f64> {
+    (bytes > 0 && ms > 0.0).then(|| bytes as f64 / (ms / 1e3) / 1e9)
+}
+
+fn path_name(shim: bool, driver: bool) -> String {
+    match (shim, driver) {
+        (true, true) => "shim+driver",
+        (true, false) => "shim",
+        _ => "driver",
+    }
+    .to_string()
+}
+
+/// Which members go which way: (pid → slot for the shim's path, pid → bytes for the driver's).
+/// `auto`: the shim's path for members whose agent runs, whose every entry point passes the
+/// gate and whose memory is all VMM-backed; `shim`: every member must have an agent.
+#[allow(clippy::type_complexity)]
+fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, usize>, BTreeMap<u32, u64>), String> {
+    let mut shim = BTreeMap::new();
+    let mut drivers = BTreeMap::new();
+    for (&pid, &bytes) in &m.pids {
+        let (slot, caps) = m.slots.get(&pid).copied().unwrap_or((usize::MAX, 0));
+        let fast = caps & (CAP_AGENT | CAP_FAST) == CAP_AGENT | CAP_FAST && caps & CAP_OTHER_MEMORY == 0;
+        match path {
+            SuspendPath::Driver => {
+                drivers.insert(pid, bytes);
+            }
+            SuspendPath::Shim if caps & CAP_AGENT == 0 => {
+                return Err(format!(
+                    "group {group:?} is on the shim's suspend path, but pid {pid} runs no suspend agent (it allocated nothing since the group was put on that path, or its shim predates it); `gpuslice set --group {group} --suspendable true --suspend-path auto` lets the driver suspend such members"
+                ))
+            }
+            SuspendPath::Shim => {
+                shim.insert(pid, slot);
+            }
+            SuspendPath::Auto if fast => {
+                shim.insert(pid, slot);
+            }
+            SuspendPath::Auto => {
+                drivers.insert(pid, bytes);
+            }
+        }
+    }
+    Ok((shim, drivers))
+}
+
+/// The shim's members first (their agents), the check of their claims, then the driver's; on
+/// any failure what was done is undone. Returns the members suspended by the shim and the
+/// bytes moved in all.
+fn suspend_both(
+    state: &Mutex<State>,
+    group: &str,
+    m: &Members,
+    shim: &BTreeMap<u32, usize>,
+    drivers: &BTreeMap<u32, u64>,
+) -> Result<(BTreeMap<u32, usize>, u64), String> {
+    let mut drivers = drivers.clone();
+    let mut by_shim = shim.clone();
+    let mut moved = 0;
+    if !shim.is_empty() {
+        let answers = ask_agents(state, m.group_slot, shim, true)?;
+        moved += answers.values().sum::<u64>();
+        // The claim checked against the driver's own figure: the memory must have left.
+        let held = crate::room::held_by_pids(state);
+        for (&pid, &slot) in shim {
+            let Some(now) = held.as_ref().map(|h| h.get(&pid).copied().unwrap_or(0)) else { continue };
+            let before = m.pids.get(&pid).copied().unwrap_or(0);
+            let claimed = answers.get(&pid).copied().unwrap_or(0);
+            if now > before.saturating_sub(claimed).saturating_add(SHIM_TOLERANCE) {
+                tracing::warn!(
+                    "group {group:?}: pid {pid} says its agent suspended it ({} moved), but NVML shows it holding {}: the driver's checkpoint suspends it",
+                    format_size(claimed),
+                    format_size(now)
+                );
+                by_shim.remove(&pid);
+                drivers.insert(pid, before);
+                let _ = slot;
+            }
+        }
+    }
+    if !drivers.is_empty() {
+        let done = driver().and_then(|d| checkpoint_all(&d, &drivers));
+        if let Err(e) = done {
+            if !by_shim.is_empty() {
+                let _ = ask_agents(state, m.group_slot, &by_shim, false);
+            }
+            return Err(e);
+        }
+        moved += drivers.values().sum::<u64>();
+    }
+    Ok((by_shim, moved))
+}
+
+/// Writes the group's request (suspended or running) under a new generation, wakes the agents
+/// and waits for every member's acknowledgement. Returns pid → bytes moved; on any failure the
+/// members that did answer as asked are asked back (all or nothing) and the reasons are given.
+fn ask_agents(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>, suspended: bool) -> Result<BTreeMap<u32, u64>, String> {
+    let (generation, acks) = {
+        let state = lock_state(state);
+        let generation = next_generation(state.suspend_request(group_slot));
+        if !state.set_suspend_request(group_slot, suspend_request(generation, suspended)) {
+            return Err("the group has no settings page to ask its members through".into());
+        }
+        // The ledger is mapped for the controller's life: its words outlive the lock.
+        let acks: Vec<(u32, &'static AtomicU32, &'static ledger::ProcessSlot)> = members
+            .iter()
+            .map(|(&pid, &slot)| {
+                let p: &ledger::ProcessSlot = state.ledger.process(slot);
+                // SAFETY: the ledger's mapping is never unmapped while the controller runs.
+                let p: &'static ledger::ProcessSlot = unsafe { &*(p as *const ledger::ProcessSlot) };
+                (pid, &p.suspend_ack, p)
+            })
+            .collect();
+        (generation, acks)
+    };
+    let target = if suspended { ledger::SUSPEND_SUSPENDED } else { ledger::SUSPEND_RUNNING };
+    let deadline = Instant::now() + SHIM_DEADLINE;
+    let mut moved = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (pid, ack, slot) in acks {
+        loop {
+            let word = ack.load(std::sync::atomic::Ordering::Acquire);
+            if word >> 4 == generation && (word & 0xf == target || word & 0xf == ledger::SUSPEND_FAILED) {
+                if word & 0xf == target {
+                    moved.insert(pid, slot.suspend_bytes.load(std::sync::atomic::Ordering::Relaxed));
+                } else {
+                    errors.push(format!("pid {pid}: {}", describe_failure(slot.suspend_error.load(std::sync::atomic::Ordering::Relaxed))));
+                }
+                break;
+            }
+            if !alive(pid) {
+                errors.push(format!("pid {pid} exited"));
+                break;
+            }
+            if Instant::now() >= deadline {
+                errors.push(format!("pid {pid}: its agent did not answer within {} s", SHIM_DEADLINE.as_secs()));
+                break;
+            }
+            gpuslice_common::turns::futex_wait(ack, word, u32::MAX, 50_000_000);
+        }
+    }
+    if errors.is_empty() {
+        return Ok(moved);
+    }
+    if !moved.is_empty() {
+        // All or nothing: those that did move are asked back.
+        let back: BTreeMap<u32, usize> = members.iter().filter(|(pid, _)| moved.contains_key(pid)).map(|(&p, &s)| (p, s)).collect();
+        let _ = ask_agents(state, group_slot, &back, !suspended);
+    }
+    Err(errors.join("; "))
+}
+
+/// The generation after the one in `word` (28 bits, never 0: 0 means "never asked").
+fn next_generation(word: u32) -> u32 {
+    let next = ((word >> 1) + 1) & 0x0fff_ffff;
+    next.max(1)
+}
+
+fn describe_failure(error: u32) -> String {
+    let code = error >> 16;
+    match error & 0xffff {
+        ledger::SUSPEND_ERR_NO_ROOM => format!("no room on the device for its memory (CUDA error {code}); it stays suspended and is tried again later"),
+        ledger::SUSPEND_ERR_BUSY => "CUDA calls in flight did not finish in time".to_string(),
+        ledger::SUSPEND_ERR_DRIVER => format!("a driver call failed (CUDA error {code})"),
+        other => format!("failed (reason {other})"),
+    }
 }
 
 /// True when the driver reports one of `pids` in its failed state (an uncorrectable error
@@ -371,25 +596,51 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
     if let Some(peer) = peer {
         may_edit(&lock_state(state), peer)?;
     }
-    let device_bytes = record(group).filter(|rec| rec.phase == Phase::Suspended).ok_or_else(|| format!("group {group:?} is not suspended"))?.device_bytes;
-    crate::room::check_room(state, &device_bytes).map_err(|why| format!("group {group:?} stays suspended: {why}"))?;
-    let pids: Vec<u32> = {
+    let rec = record(group).filter(|rec| rec.phase == Phase::Suspended).ok_or_else(|| format!("group {group:?} is not suspended"))?;
+    let driver_pids: Vec<u32> = rec.pids.keys().filter(|p| !rec.shim_pids.contains_key(p)).copied().collect();
+    // The driver's restore cannot be retried once it ran out of memory (cuda-checkpoint#44):
+    // it needs room first. The agents' resume fails cleanly and is retried instead.
+    if !driver_pids.is_empty() {
+        crate::room::check_room(state, &rec.device_bytes).map_err(|why| format!("group {group:?} stays suspended: {why}"))?;
+    }
+    let group_slot = lock_state(state).find_group(group);
+    let (shim, drivers): (BTreeMap<u32, usize>, Vec<u32>) = {
         let mut r = registry();
         let rec = r.groups.get_mut(group).filter(|rec| rec.phase == Phase::Suspended).ok_or_else(|| format!("group {group:?} is not suspended"))?;
         rec.pids.retain(|&pid, _| alive(pid));
+        rec.shim_pids.retain(|&pid, _| alive(pid));
         rec.phase = Phase::Resuming;
-        rec.pids.keys().copied().collect()
+        (rec.shim_pids.clone(), rec.pids.keys().filter(|p| !rec.shim_pids.contains_key(p)).copied().collect())
     };
-    let (outcome, ms) = timed(|| driver().and_then(|d| restore_all(&d, &pids)));
-    let failed = outcome.is_err() && driver_says_failed(pids.iter().copied());
+    let pids = shim.len() + drivers.len();
+    let (outcome, ms) = timed(|| -> Result<u64, String> {
+        let mut moved = 0;
+        if !shim.is_empty() {
+            let slot = group_slot.ok_or_else(|| "its group slot is gone".to_string())?;
+            moved += ask_agents(state, slot, &shim, false)?.values().sum::<u64>();
+        }
+        if !drivers.is_empty() {
+            if let Err(e) = driver().and_then(|d| restore_all(&d, &drivers)) {
+                if let (Some(slot), false) = (group_slot, shim.is_empty()) {
+                    let _ = ask_agents(state, slot, &shim, true);
+                }
+                return Err(e);
+            }
+        }
+        Ok(moved)
+    });
+    let failed = outcome.is_err() && driver_says_failed(drivers.iter().copied());
     update(group, |rec| match outcome {
-        Ok(()) => {
+        Ok(moved) => {
+            let moved = moved + drivers.iter().map(|p| rec.pids.get(p).copied().unwrap_or(0)).sum::<u64>();
             rec.phase = Phase::Running;
             rec.resume_ms = Some(ms);
+            rec.resume_gbps = rate(moved, ms);
             rec.automatic = false;
             rec.error = None;
             rec.pids.clear();
-            let message = format!("group {group:?} resumed: {} processes, {} back on the device in {ms:.0} ms", pids.len(), format_size(rec.bytes));
+            rec.shim_pids.clear();
+            let message = format!("group {group:?} resumed: {pids} processes, {} back on the device in {ms:.0} ms", format_size(rec.bytes));
             tracing::info!("{message}");
             Ok(message)
         }
@@ -400,7 +651,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
             Err(format!("group {group:?} could not be resumed, and the driver reports a process of it failed: {e}"))
         }
         Err(e) => {
-            // Still checkpointed, nothing lost: it can be resumed once there is room.
+            // Still suspended, nothing lost: it can be resumed once there is room.
             rec.phase = Phase::Suspended;
             rec.error = Some(e.clone());
             tracing::warn!("group {group:?}: resume failed, it stays suspended: {e}");
@@ -447,33 +698,63 @@ pub fn set_suspendable(state: &Mutex<State>, peer: Peer, s: &gpuslice_common::pr
         state.find_group(group).ok_or_else(|| format!("no group named {group:?} (see `gpuslice ls`)"))?;
     }
     gpuslice_common::settings::check_group_name(group).map_err(|e| format!("group {group:?}: {e}"))?;
+    let path = s.path.as_deref().map(str::parse::<SuspendPath>).transpose().map_err(|e| format!("--suspend-path: {e}"))?;
     update(group, |rec| {
         rec.suspendable = suspendable;
         rec.allow_exports = allow_exports;
         rec.edited = true;
+        if let Some(path) = path {
+            rec.path = path;
+        }
     });
     // Into the ledger now (a group marked ahead gets them when it is made): a restarted
     // controller finds them there.
     if let Some(slot) = state.find_group(group) {
         state.publish_group(slot);
     }
-    Ok(format!("group {group:?} {}suspendable{}", if suspendable { "" } else { "not " }, if allow_exports { " (even while it exports memory)" } else { "" }))
+    let path = record(group).map_or(SuspendPath::Driver, |r| r.path);
+    Ok(format!(
+        "group {group:?} {}suspendable{}{}",
+        if suspendable { "" } else { "not " },
+        if allow_exports { " (even while it exports memory)" } else { "" },
+        if suspendable { format!(", suspend path {}", path.as_str()) } else { String::new() }
+    ))
 }
 
-/// The marks `gpuslice set` gave group `group` (`ledger::MARK_*`), for its members page; `None`
-/// when it has none (the config's marks or none: nothing to keep in the ledger).
-pub fn edited_marks(group: &str) -> Option<u32> {
-    use gpuslice_common::ledger::{MARK_ALLOW_EXPORTS, MARK_EDITED, MARK_SUSPENDABLE};
+/// Set once `from_ledger` has read the marks a previous controller left: before that, no
+/// marks are written (the config's would overwrite a live edit still to be read back).
+static LEDGER_READ: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The marks for group `group`'s members page (`ledger::MARK_*`): those `gpuslice set` gave it
+/// (with `MARK_EDITED`, kept over a restart), else the config file's; the members' shims read
+/// `MARK_SUSPENDABLE | MARK_SHIM_PATH` to serve their memory VMM-backed. `None`: nothing to
+/// write yet.
+pub fn marks_to_publish(group: &str) -> Option<u32> {
+    use gpuslice_common::ledger::{MARK_ALLOW_EXPORTS, MARK_EDITED, MARK_PATH_AUTO, MARK_SHIM_PATH, MARK_SUSPENDABLE};
+    if !LEDGER_READ.load(std::sync::atomic::Ordering::Acquire) {
+        return None;
+    }
     let r = registry();
-    let rec = r.groups.get(group).filter(|rec| rec.edited)?;
-    Some(MARK_EDITED | if rec.suspendable { MARK_SUSPENDABLE } else { 0 } | if rec.allow_exports { MARK_ALLOW_EXPORTS } else { 0 })
+    let rec = r.groups.get(group)?;
+    let path = match rec.path {
+        SuspendPath::Driver => 0,
+        SuspendPath::Shim => MARK_SHIM_PATH,
+        SuspendPath::Auto => MARK_SHIM_PATH | MARK_PATH_AUTO,
+    };
+    Some(
+        if rec.edited { MARK_EDITED } else { 0 }
+            | if rec.suspendable { MARK_SUSPENDABLE } else { 0 }
+            | if rec.allow_exports { MARK_ALLOW_EXPORTS } else { 0 }
+            | path,
+    )
 }
 
 /// At start, after the config's marks: the marks made with `gpuslice set` before a restart, as
 /// the ledger kept them; they win over the config's, as other live edits do.
 pub fn from_ledger(state: &Mutex<State>) {
-    use gpuslice_common::ledger::{MARK_ALLOW_EXPORTS, MARK_EDITED, MARK_SUSPENDABLE};
+    use gpuslice_common::ledger::{MARK_ALLOW_EXPORTS, MARK_EDITED, MARK_PATH_AUTO, MARK_SHIM_PATH, MARK_SUSPENDABLE};
     let state = lock_state(state);
+    LEDGER_READ.store(true, std::sync::atomic::Ordering::Release);
     for (&slot, info) in &state.groups {
         let marks = state.published_marks(slot);
         if marks & MARK_EDITED == 0 {
@@ -482,6 +763,11 @@ pub fn from_ledger(state: &Mutex<State>) {
         update(&info.name, |rec| {
             rec.suspendable = marks & MARK_SUSPENDABLE != 0;
             rec.allow_exports = marks & MARK_ALLOW_EXPORTS != 0;
+            rec.path = match (marks & MARK_SHIM_PATH != 0, marks & MARK_PATH_AUTO != 0) {
+                (false, _) => SuspendPath::Driver,
+                (true, false) => SuspendPath::Shim,
+                (true, true) => SuspendPath::Auto,
+            };
             rec.edited = true;
         });
         tracing::info!(
@@ -512,6 +798,7 @@ fn forget_dead(r: &mut Registry) {
         }
         let before = rec.pids.len();
         rec.pids.retain(|&pid, _| alive(pid));
+        rec.shim_pids.retain(|&pid, _| alive(pid));
         if rec.pids.len() < before {
             tracing::info!("group {group:?}: {} suspended processes exited; their host copies are freed", before - rec.pids.len());
         }
@@ -531,6 +818,46 @@ pub fn from_config(state: &Mutex<State>) {
         let rec = r.groups.entry(group).or_default();
         rec.suspendable = flags.suspendable;
         rec.allow_exports = flags.allow_exports;
+        rec.path = flags.path;
+    }
+}
+
+/// At start: members whose agents acknowledged the group's standing request to be suspended
+/// were suspended by the shim's path of an earlier controller (their answers live in their
+/// process slots, which outlive it): they are recorded so that `resume` asks them back.
+fn adopt_shim(state: &Mutex<State>, groups: &[(String, Members)]) {
+    let state = lock_state(state);
+    for (group, m) in groups {
+        let word = state.suspend_request(m.group_slot);
+        if word & 1 == 0 {
+            continue;
+        }
+        let generation = (word >> 1) & 0x0fff_ffff;
+        let mut found = BTreeMap::new();
+        for (&pid, &(slot, _)) in &m.slots {
+            let p = state.ledger.process(slot);
+            let ack = p.suspend_ack.load(std::sync::atomic::Ordering::Acquire);
+            let still = ack & 0xf == ledger::SUSPEND_SUSPENDED
+                || ack & 0xf == ledger::SUSPEND_RESUMING
+                || (ack & 0xf == ledger::SUSPEND_FAILED && p.suspend_error.load(std::sync::atomic::Ordering::Relaxed) & 0xffff == ledger::SUSPEND_ERR_NO_ROOM);
+            if ack >> 4 == generation && still {
+                found.insert(pid, slot);
+            }
+        }
+        if found.is_empty() {
+            continue;
+        }
+        tracing::info!("group {group:?}: {} processes found suspended by their own agents (an earlier controller asked); `gpuslice resume --group {group}` brings them back", found.len());
+        let mut r = registry();
+        let rec = r.groups.entry(group.clone()).or_default();
+        rec.phase = Phase::Suspended;
+        rec.pids = found.keys().map(|p| (*p, m.pids.get(p).copied().unwrap_or(0))).collect();
+        rec.bytes = rec.pids.values().sum();
+        rec.shim_pids = found;
+        rec.device_bytes = m.device_bytes.clone();
+        rec.last_path = Some("shim".into());
+        rec.automatic = false;
+        rec.suspended_at = Some(Instant::now());
     }
 }
 
@@ -544,6 +871,7 @@ pub fn adopt(state: &Mutex<State>) {
         }
         state.groups.values().filter_map(|g| Some((g.name.clone(), members(&state, &g.name).ok()?))).collect()
     };
+    adopt_shim(state, &groups);
     let d = match driver() {
         Ok(d) => d,
         Err(e) => {
@@ -577,6 +905,8 @@ pub fn adopt(state: &Mutex<State>) {
         let mut r = registry();
         let rec = r.groups.entry(group).or_default();
         rec.phase = if failed { Phase::Failed } else { Phase::Suspended };
+        // Members the shim's path suspended (`adopt_shim`) stay beside the driver's.
+        let held: BTreeMap<u32, u64> = held.into_iter().chain(rec.pids.iter().filter(|(p, _)| rec.shim_pids.contains_key(p)).map(|(&p, &b)| (p, b))).collect();
         rec.bytes = held.values().sum();
         rec.pids = held;
         rec.device_bytes = m.device_bytes;

@@ -35,6 +35,11 @@ pub fn resume(args: GroupArgs) -> Result<(), String> {
     print_done(ask_within(&args.socket.path(), &Request::Resume(GroupRef { group: args.group }), SUSPEND_TIMEOUT)?)
 }
 
+/// A rate as `ls` and `top` show it.
+fn gbps(v: Option<f64>) -> Option<String> {
+    v.map(|v| format!("{v:.1} GB/s"))
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.0} ms"))
 }
@@ -46,7 +51,13 @@ pub fn summary(l: &Listing) -> String {
         .iter()
         .filter(|s| s.state != "running")
         .map(|s| match s.state.as_str() {
-            "suspended" => format!("{} suspended ({} in host memory{})", s.group, format_size(s.host_bytes), if s.automatic { ", by the policy" } else { "" }),
+            "suspended" => format!(
+                "{} suspended ({} in host memory{}{})",
+                s.group,
+                format_size(s.host_bytes),
+                if s.automatic { ", by the policy" } else { "" },
+                s.path.as_deref().map(|p| format!(", {p} path{}", gbps(s.suspend_gbps).map(|g| format!(" at {g}")).unwrap_or_default())).unwrap_or_default()
+            ),
             other => format!("{} {other}", s.group),
         })
         .collect();
@@ -64,20 +75,24 @@ pub fn render(l: &Listing) -> String {
     }
     let mut out = String::from("\nSUSPENSIONS (suspended groups keep their quota; their memory waits in host memory)\n");
     out.push_str(&format!(
-        "{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} PIDS\n",
-        "GROUP", "STATE", "SUSPENDABLE", "MOVED", "HOST NOW", "SUSPEND", "RESUME", "AUTO"
+        "{:<20} {:<11} {:>11} {:<12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>5} PIDS\n",
+        "GROUP", "STATE", "SUSPENDABLE", "PATH", "MOVED", "HOST NOW", "SUSPEND", "OUT", "RESUME", "IN", "AUTO"
     ));
     for s in &l.suspensions {
         let pids = s.pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
         out.push_str(&format!(
-            "{:<20} {:<11} {:>11} {:>12} {:>12} {:>10} {:>10} {:>5} {}\n",
+            "{:<20} {:<11} {:>11} {:<12} {:>12} {:>12} {:>10} {:>10} {:>10} {:>10} {:>5} {}\n",
             s.group,
             s.state,
             if s.suspendable { "yes" } else { "no" },
+            // The path the last suspension took, else the setting.
+            s.path.clone().unwrap_or_else(|| if s.suspend_path.is_empty() { "-".into() } else { format!("({})", s.suspend_path) }),
             format_size(s.bytes),
             format_size(s.host_bytes),
             ms(s.suspend_ms),
+            gbps(s.suspend_gbps).unwrap_or_else(|| "-".into()),
             ms(s.resume_ms),
+            gbps(s.resume_gbps).unwrap_or_else(|| "-".into()),
             if s.automatic { "yes" } else { "no" },
             if pids.is_empty() { "-".into() } else { pids }
         ));
@@ -102,6 +117,8 @@ mod tests {
             bytes: 3 << 30,
             host_bytes: 3 << 30,
             suspend_ms: Some(1500.0),
+            path: Some("shim".into()),
+            suspend_gbps: Some(2.1),
             automatic: true,
             suspensions: 2,
             ..Default::default()
@@ -114,16 +131,23 @@ mod tests {
         let l = listing();
         let table = render(&l);
         assert!(
-            table.lines().any(|line| line.starts_with("batch") && line.contains("suspended") && line.contains("3.00 GiB") && line.contains("1500 ms")),
+            table.lines().any(|line| line.starts_with("batch")
+                && line.contains("suspended")
+                && line.contains("3.00 GiB")
+                && line.contains("1500 ms")
+                && line.contains("shim")
+                && line.contains("2.1 GB/s")),
             "{table}"
         );
-        assert_eq!(summary(&l), "groups off the GPU: batch suspended (3.00 GiB in host memory, by the policy)");
+        assert_eq!(summary(&l), "groups off the GPU: batch suspended (3.00 GiB in host memory, by the policy, shim path at 2.1 GB/s)");
         let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l) });
         for want in [
             "gpuslice_group_suspended{group=\"batch\"} 1",
             "gpuslice_group_suspended_host_memory_bytes{group=\"batch\"} 3221225472",
             "gpuslice_group_suspend_duration_seconds{group=\"batch\"} 1.5",
             "gpuslice_group_suspensions_total{group=\"batch\"} 2",
+            "gpuslice_group_suspend_path{group=\"batch\",path=\"shim\"} 1",
+            "gpuslice_group_suspend_throughput_bytes_per_second{group=\"batch\",path=\"shim\"} 2100000000",
         ] {
             assert!(text.contains(want), "no {want} in:\n{text}");
         }

@@ -52,6 +52,14 @@
  *
  *   poke ID BYTE / peek ID  cuMemsetD8_v2 of a whole `alloc` id / cuMemcpyDtoH_v2 of it
  *                          -> peek: first= (the first byte) all_same= (1: every byte equals it)
+ *   pokepat ID SEED / peekpat ID SEED
+ *                          a pattern of SEED into a whole `alloc` id (cuMemcpyHtoD_v2) / read
+ *                          back and compared (cuMemcpyDtoH_v2) -> peekpat: bad= (bytes that differ)
+ *   allocbench N SIZE      N pairs of cuMemAlloc + cuMemFree of SIZE -> ns= (per pair, wall clock:
+ *                          a measurement to record, never a test's judgement)
+ *   range ID               cuMemGetAddressRange_v2 of the middle of an `alloc` id
+ *                          -> base_ok= (1: the allocation's pointer) size=
+ *   ipcget ID              cuIpcGetMemHandle of an `alloc` id -> ok, or err code=
  *   ckpt ACTION PID TIMEOUT_MS
  *                          the driver's checkpoint API on process PID: ACTION lock (with
  *                          TIMEOUT_MS; 0 = none), checkpoint, restore, unlock, state, tid
@@ -521,6 +529,7 @@ static const struct cmdspec CMDS[] = {
     {"v1ctxcreate", "n"}, {"v1ctxdestroy", ""},  {"dlvsym", "ss"},
     {"storm", "nnns"},    {"hammer", "nnnnn"},   {"forkstorm", "nnnn"},  {"exec", "s"},
     {"ckpt", "snn"},      {"poke", "nn"},        {"peek", "n"},
+    {"allocbench", "nn"}, {"pokepat", "nn"},    {"peekpat", "nn"},     {"range", "n"},         {"ipcget", "n"},
     {"grid", "nnn"},      {"usefunc", "sss"},    {"launchpacked", "nn"},
     {"gateargs", ""},     {"gateblock", "n"},    {"gatebusy", "nn"},     {"gatefork", ""},
     {"gateloop", "n"},    {"gatestate", ""},
@@ -1810,6 +1819,51 @@ static void run(const char *cmd, char **a) {
             printf("ok peek id=%llu first=%d all_same=%d\n", id, o->size ? buf[0] : -1, same);
             free(buf);
         }
+    } else if (!strcmp(cmd, "pokepat") || !strcmp(cmd, "peekpat") || !strcmp(cmd, "range") || !strcmp(cmd, "ipcget")) {
+        /* Issue 22: data through a VMM-backed allocation, and what the program sees of it. */
+        void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
+        unsigned long long id = num(a[0]);
+        if (id < 1 || id > (unsigned long long)nobjs || objs[id - 1].kind != K_ALLOC) {
+            printf("err %s code=-1 unknown_id=%llu\n", cmd, id);
+            return;
+        }
+        struct obj *o = &objs[id - 1];
+        unsigned seed = !strcmp(cmd, "pokepat") || !strcmp(cmd, "peekpat") ? (unsigned)num(a[1]) : 0;
+        CUresult r;
+        if (!strcmp(cmd, "range")) {
+            CUresult (*range)(CUdeviceptr *, size_t *, CUdeviceptr) = h ? dlsym(h, "cuMemGetAddressRange_v2") : NULL;
+            if (!range) { printf("err range code=-1 missing=cuMemGetAddressRange_v2\n"); return; }
+            CUdeviceptr base = 0;
+            size_t size = 0;
+            if ((r = range(&base, &size, o->ptr + o->size / 2))) { printf("err range code=%d\n", r); return; }
+            printf("ok range id=%llu base_ok=%d size=%zu\n", id, base == o->ptr, size);
+            return;
+        }
+        if (!strcmp(cmd, "ipcget")) {
+            CUresult (*get)(void *, CUdeviceptr) = h ? dlsym(h, "cuIpcGetMemHandle") : NULL;
+            if (!get) { printf("err ipcget code=-1 missing=cuIpcGetMemHandle\n"); return; }
+            unsigned char handle[64];
+            if ((r = get(handle, o->ptr))) { printf("err ipcget code=%d\n", r); return; }
+            printf("ok ipcget id=%llu\n", id);
+            return;
+        }
+        unsigned char *buf = malloc(o->size ? o->size : 1);
+        if (!buf) { printf("err %s code=-1 nomem\n", cmd); return; }
+        if (!strcmp(cmd, "pokepat")) {
+            CUresult (*htod)(CUdeviceptr, const void *, size_t) = h ? dlsym(h, "cuMemcpyHtoD_v2") : NULL;
+            if (!htod) { printf("err pokepat code=-1 missing=cuMemcpyHtoD_v2\n"); free(buf); return; }
+            for (size_t i = 0; i < o->size; i++) buf[i] = (unsigned char)(i * 131u + seed * 7u + (i >> 8) + 1u);
+            if ((r = htod(o->ptr, buf, o->size))) { printf("err pokepat code=%d\n", r); free(buf); return; }
+            printf("ok pokepat id=%llu\n", id);
+        } else {
+            CUresult (*dtoh)(void *, CUdeviceptr, size_t) = h ? dlsym(h, "cuMemcpyDtoH_v2") : NULL;
+            if (!dtoh) { printf("err peekpat code=-1 missing=cuMemcpyDtoH_v2\n"); free(buf); return; }
+            if ((r = dtoh(buf, o->ptr, o->size))) { printf("err peekpat code=%d\n", r); free(buf); return; }
+            size_t bad = 0;
+            for (size_t i = 0; i < o->size; i++) bad += buf[i] != (unsigned char)(i * 131u + seed * 7u + (i >> 8) + 1u);
+            printf("ok peekpat id=%llu bad=%zu\n", id, bad);
+        }
+        free(buf);
     } else if (!strcmp(cmd, "ckpt")) {
         /* The driver's checkpoint API on another process (issue 22), found by name: args are
          * 64 zeroed bytes but for the lock's timeout (cuda.h's CUcheckpoint*Args). */
@@ -1868,6 +1922,19 @@ static void run(const char *cmd, char **a) {
         }
         fclose(f);
         printf("ok touch\n");
+    } else if (!strcmp(cmd, "allocbench")) {
+        NEED(cuMemAlloc);
+        NEED(cuMemFree);
+        unsigned long long n = num(a[0]), size = num(a[1]), failures = 0;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (unsigned long long i = 0; i < n; i++) {
+            CUdeviceptr d = 0;
+            if (p_cuMemAlloc(&d, size) != 0 || p_cuMemFree(d) != 0) failures++;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double ns = ((t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec)) / (double)(n ? n : 1);
+        printf("ok allocbench n=%llu failures=%llu ns=%.0f\n", n, failures, ns);
     } else if (!strcmp(cmd, "churn")) {
         NEED(cuMemAlloc);
         NEED(cuMemFree);

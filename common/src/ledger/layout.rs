@@ -182,7 +182,21 @@ pub struct ProcessSlot {
     /// The token the process names itself by in device state (see `Turn`), written by the
     /// process once registered: the controller clears a turn it still holds when it goes.
     pub token: AtomicU64,
-    pub _reserved: [AtomicU64; 4],
+    // --- Issue 22 (branch i22vmm): the suspend agent's answers, written by the process. ---
+    /// The agent's acknowledgement of the group's `MemberSettings::suspend` request:
+    /// `generation << 4 | SUSPEND_*` (0: never asked, or no agent). A futex word: the agent
+    /// `FUTEX_WAKE`s it after each change, the controller waits on it.
+    pub suspend_ack: AtomicU32,
+    /// Why the last request failed (`SUSPEND_ERR_*` | the CUDA code << 16), with `SUSPEND_FAILED`.
+    pub suspend_error: AtomicU32,
+    /// Device bytes the last suspension moved to host memory (and the resume back).
+    pub suspend_bytes: AtomicU64,
+    /// How long the last suspension or resume took, in ms.
+    pub suspend_ms: AtomicU32,
+    /// What the agent can do (`CAP_*`): a claim, checked against NVML before it counts.
+    pub suspend_caps: AtomicU32,
+    pub _reserved: [AtomicU64; 1],
+    // --- end of issue 22's fields (they were `_reserved[0..3]`) ---
     pub devices: [ProcessDevice; MAX_DEVICES],
     /// To the end of the page.
     pub _page: [AtomicU64; (PAGE - 128 - 128 * MAX_DEVICES) / 8],
@@ -206,6 +220,43 @@ pub const MARK_SUSPENDABLE: u32 = 2;
 /// ... even while it exports memory.
 pub const MARK_ALLOW_EXPORTS: u32 = 4;
 
+/// The group's memory is served VMM-backed and suspended by the members' own agents where they
+/// can (`suspend_path = "shim"` or `"auto"`); without it the driver's checkpoint is used.
+pub const MARK_SHIM_PATH: u32 = 8;
+/// With `MARK_SHIM_PATH`: `suspend_path = "auto"` (each member by the shim where it can).
+pub const MARK_PATH_AUTO: u32 = 16;
+
+// `ProcessSlot::suspend_ack`'s state (its low 4 bits).
+pub const SUSPEND_SUSPENDING: u32 = 1;
+pub const SUSPEND_SUSPENDED: u32 = 2;
+pub const SUSPEND_RESUMING: u32 = 3;
+pub const SUSPEND_RUNNING: u32 = 4;
+pub const SUSPEND_FAILED: u32 = 5;
+// `ProcessSlot::suspend_error`'s reason (low 16 bits; the CUDA code in the high 16).
+/// Resume found no room on the device: nothing kept, still suspended; the controller retries.
+pub const SUSPEND_ERR_NO_ROOM: u32 = 1;
+/// The gate could not close (calls in flight past the timeout): still running.
+pub const SUSPEND_ERR_BUSY: u32 = 2;
+/// A driver call failed (its code in the high 16 bits).
+pub const SUSPEND_ERR_DRIVER: u32 = 3;
+// `ProcessSlot::suspend_caps`.
+/// The process runs a suspend agent (a member of a group marked for the shim path).
+pub const CAP_AGENT: u32 = 1;
+/// Every entry point passes the gate (`sys::gate::fast_suspendable`).
+pub const CAP_FAST: u32 = 2;
+/// It holds device memory that is not VMM-backed by the shim (the agent cannot move it).
+pub const CAP_OTHER_MEMORY: u32 = 4;
+
+/// `MemberSettings::suspend`'s word for request `generation`.
+pub const fn suspend_request(generation: u32, wanted: bool) -> u32 {
+    generation << 1 | wanted as u32
+}
+
+/// `ProcessSlot::suspend_ack`'s word: the generation answered and its state.
+pub const fn suspend_ack(generation: u32, state: u32) -> u32 {
+    (generation << 4) | (state & 0xf)
+}
+
 /// The second page of a group's settings: what the controller decides per member.
 #[repr(C)]
 pub struct MemberSettings {
@@ -215,7 +266,10 @@ pub struct MemberSettings {
     pub penalty: [AtomicU64; MAX_DEVICES],
     /// The group's suspension marks as last edited live (`MARK_*`; 0: never edited).
     pub marks: AtomicU32,
-    pub _marks_pad: AtomicU32,
+    /// The controller's request to the members' suspend agents (issue 22, the shim path):
+    /// `generation << 1 | wanted` (1 suspended, 0 running); 0 = never asked. A futex word: the
+    /// controller `FUTEX_WAKE`s it after each change. Was `_marks_pad` (layout unchanged).
+    pub suspend: AtomicU32,
     /// By process slot index: that process's own priority (`Priority` as u8), or
     /// `PRIORITY_INHERIT` for its group's.
     pub priority: [AtomicU8; MEMBER_PRIORITIES],
@@ -457,10 +511,20 @@ impl ProcessSlot {
     }
 
     pub fn reset(&self) {
-        for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token] {
+        for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token, &self.suspend_bytes] {
             w.store(0, Relaxed);
         }
-        for w in [&self.pid, &self.group, &self._was_priority, &self.uid, &self.own_pid] {
+        for w in [
+            &self.pid,
+            &self.group,
+            &self._was_priority,
+            &self.uid,
+            &self.own_pid,
+            &self.suspend_ack,
+            &self.suspend_error,
+            &self.suspend_ms,
+            &self.suspend_caps,
+        ] {
             w.store(0, Relaxed);
         }
         write_text(&self.name, "");

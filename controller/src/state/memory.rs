@@ -138,9 +138,24 @@ impl State {
         }
         page.state.store(ledger::LIVE, Release);
         self.publish_members(i, memory.settings.members());
-        if let Some(marks) = crate::suspend::edited_marks(&info.name) {
+        if let Some(marks) = crate::suspend::marks_to_publish(&info.name) {
             memory.settings.members().marks.store(marks, Relaxed);
         }
+    }
+
+    /// Group slot `i`'s suspend request word (`MemberSettings::suspend`; 0 without a page).
+    pub(crate) fn suspend_request(&self, i: usize) -> u32 {
+        self.memory.get(&i).map_or(0, |m| m.settings.members().suspend.load(Acquire))
+    }
+
+    /// Writes group slot `i`'s suspend request word and wakes its members' agents. False
+    /// without a page (a group without members has no agents to ask).
+    pub(crate) fn set_suspend_request(&self, i: usize, word: u32) -> bool {
+        let Some(m) = self.memory.get(&i) else { return false };
+        let page = m.settings.members();
+        page.suspend.store(word, Release);
+        gpuslice_common::turns::futex_wake(&page.suspend, u32::MAX);
+        true
     }
 
     /// Group slot `i`'s suspension marks as last published (`ledger::MARK_*`; 0 without a page).

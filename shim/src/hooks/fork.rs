@@ -7,13 +7,13 @@
 //! runs in the same order; `link` comes last: it bumps the fork generation that `sched`
 //! compares, after everything else of the parent's is gone.
 
-use crate::hooks::{context, memory, sharing};
+use crate::hooks::{context, memory, sharing, suspend_agent};
 use crate::policy::{board, cost, flight_cost, sched, slicer, throttle};
-use crate::state::link;
+use crate::state::{link, vmm_ranges};
 use crate::sys::atfork::{self, Handlers};
 use crate::sys::{events, gate, real_nvml};
 
-static ORDER: [Handlers; 13] = [
+static ORDER: [Handlers; 15] = [
     slicer::FORK,
     sched::FORK,
     flight_cost::FORK,
@@ -21,6 +21,8 @@ static ORDER: [Handlers; 13] = [
     cost::FORK,
     context::FORK,
     memory::FORK,
+    vmm_ranges::FORK,
+    suspend_agent::FORK,
     sharing::FORK,
     real_nvml::FORK,
     events::FORK,

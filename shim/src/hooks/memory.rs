@@ -107,7 +107,24 @@ pub fn forget_device(device: i32) -> u64 {
 ///
 /// `allocate` returns the driver's code and the key of what it made (read only on success).
 #[inline]
-pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, what: &'static str, mut allocate: impl FnMut() -> (CuResult, u64)) -> CuResult {
+pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, what: &'static str, allocate: impl FnMut() -> (CuResult, u64)) -> CuResult {
+    let code = charged_memory(table, device, bytes, what, allocate);
+    if code == CUDA_SUCCESS {
+        // Not VMM-backed by the shim: its suspend agent cannot move it (`suspend_path = "auto"`).
+        crate::hooks::vmm::note_other_memory();
+    }
+    code
+}
+
+/// `charged` for memory of any kind; `hooks::vmm` calls it directly for its own ranges.
+#[inline]
+pub(crate) fn charged_memory(
+    table: &AllocTable,
+    device: Option<CUdevice>,
+    bytes: u64,
+    what: &'static str,
+    mut allocate: impl FnMut() -> (CuResult, u64),
+) -> CuResult {
     if runtime::refused() {
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -278,7 +295,22 @@ macro_rules! linear_hook {
     };
 }
 
-linear_hook!(cuMemAlloc_v2, "cuMemAlloc");
+#[no_mangle]
+pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CuResult {
+    guard::cuda("cuMemAlloc_v2", || {
+        guard::test_panic_point("cuMemAlloc_v2");
+        // A member of a group on the shim's suspend path: VMM-backed (issue 22).
+        if let Some(code) = crate::hooks::vmm::alloc(dptr, bytesize as u64, "cuMemAlloc") {
+            return code;
+        }
+        charged(&POINTERS, current_device(), bytesize as u64, "cuMemAlloc", || {
+            let code = call_real!(cuMemAlloc_v2(dptr, bytesize));
+            // SAFETY: on CUDA_SUCCESS the driver has written the new device pointer through `dptr` (it refuses a null `dptr`), so it is readable.
+            (code, if code == CUDA_SUCCESS { unsafe { *dptr } } else { 0 })
+        })
+    })
+}
+
 linear_hook!(cuMemAllocManaged, "cuMemAllocManaged", flags: c_uint);
 linear_hook!(cuMemAllocAsync, "cuMemAllocAsync", stream: CUstream);
 linear_hook!(cuMemAllocAsync_ptsz, "cuMemAllocAsync", stream: CUstream);
@@ -288,6 +320,9 @@ linear_hook!(cuMemAllocFromPoolAsync_ptsz, "cuMemAllocFromPoolAsync", pool: CUme
 #[no_mangle]
 pub unsafe extern "C" fn cuMemAllocPitch_v2(dptr: *mut CUdeviceptr, pitch: *mut usize, width_bytes: usize, height: usize, element_size: c_uint) -> CuResult {
     guard::cuda("cuMemAllocPitch_v2", || {
+        if let Some(code) = crate::hooks::vmm::alloc_pitch(dptr, pitch, width_bytes, height, element_size) {
+            return code;
+        }
         // One operation from the first charge to the padding's (nested ones only count).
         let _op = Operation::begin();
         // Charge the unpadded size first; the padding is known only once the driver answers.
@@ -326,6 +361,9 @@ pub unsafe extern "C" fn cuMemAllocPitch_v2(dptr: *mut CUdeviceptr, pitch: *mut 
 pub unsafe extern "C" fn cuMemFree_v2(dptr: CUdeviceptr) -> CuResult {
     guard::cuda("cuMemFree_v2", || {
         guard::test_panic_point("cuMemFree_v2");
+        if let Some(code) = crate::hooks::vmm::free(dptr) {
+            return code;
+        }
         released(&POINTERS, dptr, || call_real!(cuMemFree_v2(dptr)))
     })
 }

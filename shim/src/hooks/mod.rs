@@ -14,4 +14,6 @@ pub mod modules;
 pub mod nvml;
 pub mod registry;
 pub mod sharing;
+pub mod suspend_agent;
 pub mod trampoline;
+pub mod vmm;

@@ -7,7 +7,10 @@
 //! replaces it, and a version the shim has no wrapper for is passed through untouched.
 
 use crate::sys::driver::driver;
-use crate::{hooks::context, hooks::entry, hooks::gate, hooks::info, hooks::launch, hooks::legacy, hooks::memory, hooks::modules, hooks::nvml, hooks::sharing};
+use crate::{
+    hooks::context, hooks::entry, hooks::gate, hooks::info, hooks::launch, hooks::legacy, hooks::memory, hooks::modules, hooks::nvml, hooks::sharing,
+    hooks::vmm,
+};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -116,6 +119,7 @@ hooks! {
     nvml::nvmlDeviceGetUtilizationRates,
     nvml::nvmlDeviceGetProcessUtilization,
     sharing::cuIpcGetMemHandle,
+    vmm::cuMemGetAddressRange_v2,
     sharing::cuIpcOpenMemHandle_v2,
     sharing::cuIpcCloseMemHandle,
     sharing::cuMemExportToShareableHandle,

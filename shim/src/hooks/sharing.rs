@@ -182,6 +182,14 @@ pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
 #[no_mangle]
 pub unsafe extern "C" fn cuIpcGetMemHandle(handle: *mut IpcMemHandle, dptr: CUdeviceptr) -> CuResult {
     guard::cuda("cuIpcGetMemHandle", || {
+        if crate::hooks::vmm::address_range(dptr).is_some() {
+            // Legacy IPC cannot export VMM memory (the driver refuses it too, less clearly).
+            tracing::warn!(
+                "pid {}: cuIpcGetMemHandle refused: this process's memory is VMM-backed because its group is on the shim's suspend path; legacy CUDA IPC (torch.multiprocessing's CUDA tensors) needs `suspend_path = \"driver\"` for the group: CUDA_ERROR_NOT_SUPPORTED",
+                std::process::id()
+            );
+            return CUDA_ERROR_NOT_SUPPORTED;
+        }
         let code = call_real!(cuIpcGetMemHandle(handle, dptr));
         if code == CUDA_SUCCESS && !handle.is_null() {
             // SAFETY: `handle` is non-null (checked above) and the driver just filled it.

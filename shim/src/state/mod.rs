@@ -3,3 +3,4 @@
 
 pub mod alloc_table;
 pub mod link;
+pub mod vmm_ranges;

@@ -126,6 +126,19 @@ real_functions! {
     cuMemMap(CUdeviceptr, usize, usize, CUmemGenericAllocationHandle, u64);
     cuMemUnmap(CUdeviceptr, usize);
     cuMemGetAllocationPropertiesFromHandle(*mut MemAllocationProp, CUmemGenericAllocationHandle);
+    // VMM backing and the suspend agent (issue 22; `hooks::vmm`, `hooks::suspend_agent`).
+    cuMemAddressReserve(*mut CUdeviceptr, usize, usize, CUdeviceptr, u64);
+    cuMemAddressFree(CUdeviceptr, usize);
+    cuMemSetAccess(CUdeviceptr, usize, *const MemAccessDesc, usize);
+    cuMemGetAllocationGranularity(*mut usize, *const MemAllocationProp, c_uint);
+    cuCtxSynchronize();
+    cuMemHostAlloc(*mut *mut c_void, usize, c_uint);
+    cuMemFreeHost(*mut c_void);
+    cuMemcpyDtoHAsync_v2(*mut c_void, CUdeviceptr, usize, CUstream);
+    cuMemcpyHtoDAsync_v2(CUdeviceptr, *const c_void, usize, CUstream);
+    cuStreamCreate(*mut CUstream, c_uint);
+    cuStreamSynchronize(CUstream);
+    cuStreamDestroy_v2(CUstream);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();

@@ -61,6 +61,26 @@ pub struct MemAllocationPropHead {
     pub location_id: i32,
 }
 
+/// `CUmemAccessDesc` (cuda.h: `{ CUmemLocation location; CUmemAccess_flags flags; }`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct MemAccessDesc {
+    pub location_type: u32,
+    pub location_id: i32,
+    pub flags: u32,
+}
+
+/// `CU_MEM_ACCESS_FLAGS_PROT_READWRITE`.
+pub const MEM_ACCESS_FLAGS_PROT_READWRITE: u32 = 3;
+/// `CU_MEM_ALLOCATION_TYPE_PINNED`: ordinary device memory.
+pub const MEM_ALLOCATION_TYPE_PINNED: u32 = 1;
+/// `CU_MEM_ALLOC_GRANULARITY_MINIMUM`.
+pub const MEM_ALLOC_GRANULARITY_MINIMUM: u32 = 0;
+/// `CU_DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT`.
+pub const DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT: i32 = 35;
+/// `CUDA_ERROR_NOT_SUPPORTED`.
+pub const CUDA_ERROR_NOT_SUPPORTED: CuResult = 801;
+
 /// `CU_MEM_LOCATION_TYPE_DEVICE`.
 pub const MEM_LOCATION_TYPE_DEVICE: u32 = 1;
 
@@ -197,6 +217,7 @@ pub struct IpcMemHandle {
 /// `CUmemAllocationProp`, whole (the driver writes it in
 /// `cuMemGetAllocationPropertiesFromHandle`).
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct MemAllocationProp {
     pub alloc_type: c_uint,
     pub requested_handle_types: c_uint,

@@ -78,7 +78,7 @@ fn a_fork_child_starts_with_the_gate_open() {
 }
 
 #[test]
-fn a_driver_function_outside_the_table_or_an_export_table_makes_the_process_not_fast_suspendable() {
+fn a_driver_function_outside_the_table_makes_the_process_not_fast_suspendable() {
     let sim = Sim::new();
     let out = gated(&sim, Route::Dlsym).args("init ctx 0 gatestate dlsym cuSimcudaUnlisted gatestate").run();
     out.assert_all_ok();

@@ -3,8 +3,15 @@
 //! memory. They live in a file per process next to the device state, `$SIMCUDA_STATE.mem-<pid>`
 //! ("device memory"); a checkpoint moves it to `.host-<pid>` (the host copy) and a restore back
 //! (see `checkpoint`). Bytes never written read as zero; larger allocations keep no bytes.
+//!
+//! VMM memory (issue 22, the shim's own suspend path) keeps its bytes whatever its size, by
+//! physical handle, in this process's memory (64 KiB pages, made at the first non-zero write):
+//! a handle released and created again reads as zeros, as new physical memory may. An access
+//! to a reserved range with nothing mapped is `CUDA_ERROR_ILLEGAL_ADDRESS`, as a kernel or copy
+//! touching it would fault on the GPU. The copies `cuMemcpyDtoHAsync_v2` / `HtoDAsync_v2` run
+//! at once (their stream is not waited for), and `cuMemHostAlloc` is plain host memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
@@ -24,6 +31,81 @@ pub fn device_file(pid: u32) -> String {
 
 pub fn host_file(pid: u32) -> String {
     format!("{}.host-{pid}", crate::state::state_path())
+}
+
+/// `CUDA_ERROR_ILLEGAL_ADDRESS`: an access to memory that is not mapped.
+pub const ILLEGAL_ADDRESS: CUresult = 700;
+/// VMM bytes are kept in pages of this size.
+const PAGE: u64 = 64 << 10;
+
+/// (VMM handle, page index) → its bytes; pages never written are absent (zeros).
+type Pages = HashMap<(u64, u64), Box<[u8]>>;
+static VMM_PAGES: Mutex<Option<Pages>> = Mutex::new(None);
+
+fn vmm_pages() -> std::sync::MutexGuard<'static, Option<Pages>> {
+    VMM_PAGES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The physical memory of `handle` is gone (released and unmapped): so are its bytes.
+pub fn forget_handle(handle: u64) {
+    if let Some(pages) = vmm_pages().as_mut() {
+        pages.retain(|&(h, _), _| h != handle);
+    }
+}
+
+/// Where `[ptr, ptr + n)` lives, when it is VMM memory: the handle mapped there and the offset
+/// into it; `Err(ILLEGAL_ADDRESS)` for a reserved range with nothing mapped; `Ok(None)` when it
+/// is no VMM range at all.
+fn vmm_place(ptr: CUdeviceptr, n: usize) -> Result<Option<(u64, u64)>, CUresult> {
+    let d = lock();
+    if let Some((&start, &(len, handle))) = d.mappings.range(..=ptr).next_back() {
+        if ptr < start + len {
+            if ptr.checked_add(n as u64).is_none_or(|end| end > start + len) {
+                return Err(INVALID_VALUE);
+            }
+            return Ok(Some((handle, ptr - start)));
+        }
+    }
+    let reserved = d.reservations.range(..=ptr).next_back().is_some_and(|(&start, &len)| ptr < start + len);
+    if reserved {
+        Err(ILLEGAL_ADDRESS)
+    } else {
+        Ok(None)
+    }
+}
+
+fn vmm_write(handle: u64, mut at: u64, mut bytes: &[u8]) {
+    let mut guard = vmm_pages();
+    let pages = guard.get_or_insert_with(HashMap::new);
+    while !bytes.is_empty() {
+        let (page, inside) = (at / PAGE, (at % PAGE) as usize);
+        let take = bytes.len().min(PAGE as usize - inside);
+        let (part, rest) = bytes.split_at(take);
+        if let Some(p) = pages.get_mut(&(handle, page)) {
+            p[inside..inside + take].copy_from_slice(part);
+        } else if part.iter().any(|&b| b != 0) {
+            let mut p = vec![0u8; PAGE as usize].into_boxed_slice();
+            p[inside..inside + take].copy_from_slice(part);
+            pages.insert((handle, page), p);
+        }
+        at += take as u64;
+        bytes = rest;
+    }
+}
+
+fn vmm_read(handle: u64, mut at: u64, mut out: &mut [u8]) {
+    let guard = vmm_pages();
+    while !out.is_empty() {
+        let (page, inside) = (at / PAGE, (at % PAGE) as usize);
+        let take = out.len().min(PAGE as usize - inside);
+        let (part, rest) = out.split_at_mut(take);
+        match guard.as_ref().and_then(|pages| pages.get(&(handle, page))) {
+            Some(p) => part.copy_from_slice(&p[inside..inside + take]),
+            None => part.fill(0),
+        }
+        at += take as u64;
+        out = rest;
+    }
 }
 
 /// The allocation holding `[ptr, ptr + n)`: its base, if it is small enough to keep bytes.
@@ -53,6 +135,14 @@ fn offset(base: u64, ptr: CUdeviceptr, place: bool) -> Option<u64> {
 }
 
 fn write(ptr: CUdeviceptr, bytes: &[u8]) -> CUresult {
+    match vmm_place(ptr, bytes.len()) {
+        Ok(Some((handle, at))) => {
+            vmm_write(handle, at, bytes);
+            return SUCCESS;
+        }
+        Err(e) => return e,
+        Ok(None) => {}
+    }
     let base = match kept_base(ptr, bytes.len()) {
         Ok(Some(b)) => b,
         Ok(None) => return SUCCESS,
@@ -72,7 +162,7 @@ fn write(ptr: CUdeviceptr, bytes: &[u8]) -> CUresult {
 #[no_mangle]
 pub unsafe extern "C" fn cuMemsetD8_v2(dst: CUdeviceptr, value: u8, n: usize) -> CUresult {
     check_init!();
-    if n as u64 > MAX_KEPT {
+    if tri!(vmm_place(dst, n)).is_none() && n as u64 > MAX_KEPT {
         return tri!(kept_base(dst, n).map(|_| SUCCESS));
     }
     write(dst, &vec![value; n])
@@ -86,7 +176,7 @@ pub unsafe extern "C" fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, n
     if src.is_null() {
         return INVALID_VALUE;
     }
-    if n as u64 > MAX_KEPT {
+    if tri!(vmm_place(dst, n)).is_none() && n as u64 > MAX_KEPT {
         return tri!(kept_base(dst, n).map(|_| SUCCESS));
     }
     // SAFETY: `src` is not null (checked above) and the caller guarantees `n` readable bytes
@@ -106,6 +196,10 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: 
     // there (`# Safety`), which nothing else reads or writes during the call.
     let out = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, n) };
     out.fill(0);
+    if let Some((handle, at)) = tri!(vmm_place(src, n)) {
+        vmm_read(handle, at, out);
+        return SUCCESS;
+    }
     let Some(base) = tri!(kept_base(src, n)) else { return SUCCESS };
     let Some(at) = offset(base, src, false) else { return SUCCESS };
     // Past the end of the file: never written, zeros.
@@ -115,9 +209,62 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: 
     SUCCESS
 }
 
+/// # Safety
+/// As `cuMemcpyDtoH_v2`; the stream is not waited for (the copy is done on return).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, n: usize, _stream: *mut c_void) -> CUresult {
+    // SAFETY: the caller's own arguments, under the same contract.
+    unsafe { cuMemcpyDtoH_v2(dst, src, n) }
+}
+
+/// # Safety
+/// As `cuMemcpyHtoD_v2`; the stream is not waited for (the copy is done on return).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, n: usize, _stream: *mut c_void) -> CUresult {
+    // SAFETY: the caller's own arguments, under the same contract.
+    unsafe { cuMemcpyHtoD_v2(dst, src, n) }
+}
+
+/// Host allocations by address → their size (for `cuMemFreeHost`).
+static HOST: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+
+/// # Safety
+/// `pp`: null or valid for a write of one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemHostAlloc(pp: *mut *mut c_void, bytes: usize, _flags: std::ffi::c_uint) -> CUresult {
+    check_init!();
+    if pp.is_null() || bytes == 0 {
+        return INVALID_VALUE;
+    }
+    // SAFETY: an anonymous private mapping; no pointer of ours is involved.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return crate::OUT_OF_MEMORY_HOST;
+    }
+    HOST.lock().unwrap_or_else(|e| e.into_inner()).insert(p as usize, bytes);
+    // SAFETY: `pp` is not null (checked above) and the caller guarantees it is writable.
+    unsafe { *pp = p };
+    SUCCESS
+}
+
+/// # Safety
+/// `p`: a pointer `cuMemHostAlloc` returned (anything else is refused).
+#[no_mangle]
+pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
+    check_init!();
+    let Some(bytes) = HOST.lock().unwrap_or_else(|e| e.into_inner()).remove(&(p as usize)) else { return INVALID_VALUE };
+    // SAFETY: a mapping `cuMemHostAlloc` made, of this size, forgotten above (freed once).
+    unsafe { libc::munmap(p, bytes) };
+    SUCCESS
+}
+
 /// The exports of this module, by name.
 pub fn export_addr(name: &str) -> Option<*mut c_void> {
     Some(match name {
+        "cuMemcpyDtoHAsync_v2" => cuMemcpyDtoHAsync_v2 as *mut c_void,
+        "cuMemcpyHtoDAsync_v2" => cuMemcpyHtoDAsync_v2 as *mut c_void,
+        "cuMemHostAlloc" => cuMemHostAlloc as *mut c_void,
+        "cuMemFreeHost" => cuMemFreeHost as *mut c_void,
         "cuMemsetD8_v2" => cuMemsetD8_v2 as *mut c_void,
         "cuMemcpyHtoD_v2" => cuMemcpyHtoD_v2 as *mut c_void,
         "cuMemcpyDtoH_v2" => cuMemcpyDtoH_v2 as *mut c_void,

@@ -41,6 +41,8 @@ const ILLEGAL_STATE: CUresult = 401;
 const NOT_FOUND: CUresult = 500;
 const NOT_READY: CUresult = 600;
 const STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
+/// `CUDA_ERROR_OUT_OF_MEMORY` for host memory (cuMemHostAlloc answers the same code).
+const OUT_OF_MEMORY_HOST: CUresult = OUT_OF_MEMORY;
 
 type CUdevice = c_int;
 type Handle = *mut c_void; // CUcontext, CUstream, CUevent, CUmodule, ... (opaque pointers)
@@ -1278,6 +1280,7 @@ fn vmm_maybe_free(d: &mut Drv, h: u64) {
     if let Some(v) = d.vmm.get(&h) {
         if v.released && v.maps == 0 {
             let v = d.vmm.remove(&h).unwrap();
+            contents::forget_handle(h);
             if !sharing::freed(h) {
                 devstate(v.dev).uncharge(v.dev as usize, v.size);
             }

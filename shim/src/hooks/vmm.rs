@@ -1,0 +1,384 @@
+//! VMM backing (issue 22, step 1): for a member of a group on the shim's suspend path,
+//! `cuMemAlloc_v2` and `cuMemAllocPitch_v2` are served by `cuMemAddressReserve` + `cuMemCreate` +
+//! `cuMemMap` + `cuMemSetAccess`, so that the suspend agent can release the physical memory and
+//! later map new memory at the same addresses. The ledger is charged what the program asked
+//! for, exactly as for a driver allocation; the rounding to the granularity (2 MiB on an H100)
+//! is device memory the quota does not count (docs/NOTES.md, "VMM backing").
+//!
+//! The moves themselves (`move_out`, `move_in`) are here too: they are the inverse of the
+//! allocation, with the same four calls.
+
+use crate::hooks::memory::{charged_memory, released, POINTERS};
+use crate::state::vmm_ranges::{self, Range};
+use crate::sys::driver::call_real;
+use crate::sys::ffi::*;
+use gpuslice_common::ledger::{CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering::*};
+
+/// Host-to-device and device-to-host copies are cut into pieces of this size and spread over
+/// `STREAMS` streams, so that several DMA transfers are in flight at once (the probe's rows
+/// b1–b9 measure the best pair on the GPU; 64 MiB × 4 is the design's starting point: large
+/// enough that a copy's launch cost is noise, small enough that the streams stay balanced).
+pub const CHUNK: u64 = 64 << 20;
+/// See `CHUNK`.
+pub const STREAMS: usize = 4;
+
+/// Per device: the allocation granularity, read once (0: not yet).
+static GRANULARITY: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
+
+/// True when this process's device allocations are to be VMM-backed: a controller marked its
+/// group suspendable on the shim's path. One load per allocation once linked.
+#[inline]
+pub fn backing() -> bool {
+    let Some(link) = crate::state::link::get() else { return false };
+    let marks = link.members.marks.load(Relaxed);
+    let on = link.controlled && marks & (MARK_SUSPENDABLE | MARK_SHIM_PATH) == MARK_SUSPENDABLE | MARK_SHIM_PATH;
+    if on {
+        crate::hooks::suspend_agent::start();
+    }
+    on
+}
+
+/// Notes that the process holds device memory the agent cannot move (anything not made here),
+/// so that the controller's `auto` takes the driver's path for it.
+#[inline]
+pub fn note_other_memory() {
+    if let Some(link) = crate::state::link::get() {
+        if link.process.suspend_caps.load(Relaxed) & CAP_OTHER_MEMORY == 0 {
+            link.process.suspend_caps.fetch_or(CAP_OTHER_MEMORY, Relaxed);
+        }
+    }
+}
+
+/// The capabilities the agent announces when it starts.
+pub fn announce_caps() {
+    if let Some(link) = crate::state::link::get() {
+        let fast = if crate::sys::gate::fast_suspendable() { CAP_FAST } else { 0 };
+        link.process.suspend_caps.fetch_or(CAP_AGENT | fast, Relaxed);
+    }
+}
+
+fn device_prop(device: CUdevice) -> MemAllocationProp {
+    MemAllocationProp {
+        alloc_type: MEM_ALLOCATION_TYPE_PINNED,
+        requested_handle_types: 0,
+        location_type: MEM_LOCATION_TYPE_DEVICE,
+        location_id: device,
+        win32_handle_meta_data: std::ptr::null_mut(),
+        alloc_flags: [0; 8],
+    }
+}
+
+fn granularity(device: CUdevice) -> Result<u64, CuResult> {
+    let slot = GRANULARITY.get(device as usize).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    let known = slot.load(Relaxed);
+    if known != 0 {
+        return Ok(known);
+    }
+    let prop = device_prop(device);
+    let mut g = 0usize;
+    let code = call_real!(cuMemGetAllocationGranularity(&mut g, &prop, MEM_ALLOC_GRANULARITY_MINIMUM));
+    if code != CUDA_SUCCESS || g == 0 {
+        return Err(if code == CUDA_SUCCESS { CUDA_ERROR_INVALID_VALUE } else { code });
+    }
+    slot.store(g as u64, Relaxed);
+    Ok(g as u64)
+}
+
+fn check(code: CuResult) -> Result<(), CuResult> {
+    if code == CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(code)
+    }
+}
+
+/// Creates physical memory for `range` and maps it at its address with its access; on any
+/// failure what was made is undone. Returns the new handle.
+fn map_new(range: &Range) -> Result<u64, CuResult> {
+    let mut handle: CUmemGenericAllocationHandle = 0;
+    let prop = (&range.prop as *const MemAllocationProp).cast::<MemAllocationPropHead>();
+    check(call_real!(cuMemCreate(&mut handle, range.size as usize, prop, 0)))?;
+    if let Err(code) = check(call_real!(cuMemMap(range.base, range.size as usize, 0, handle, 0))) {
+        call_real!(cuMemRelease(handle));
+        return Err(code);
+    }
+    if let Err(code) = check(call_real!(cuMemSetAccess(range.base, range.size as usize, &range.access, 1))) {
+        call_real!(cuMemUnmap(range.base, range.size as usize));
+        call_real!(cuMemRelease(handle));
+        return Err(code);
+    }
+    Ok(handle)
+}
+
+/// Unmaps and releases `range`'s physical memory (the reservation stays).
+fn unmap_release(range: &Range) -> Result<(), CuResult> {
+    check(call_real!(cuMemUnmap(range.base, range.size as usize)))?;
+    check(call_real!(cuMemRelease(range.handle)))
+}
+
+/// Reserves, creates, maps: a new VMM-backed allocation of `bytes` (rounded up).
+fn make(device: CUdevice, bytes: u64) -> Result<CUdeviceptr, CuResult> {
+    let g = granularity(device)?;
+    let size = bytes.max(1).div_ceil(g) * g;
+    let mut base: CUdeviceptr = 0;
+    check(call_real!(cuMemAddressReserve(&mut base, size as usize, 0, 0, 0)))?;
+    let context = crate::sys::driver::driver().and_then(|d| d.current_context()).unwrap_or(0);
+    let mut range = Range {
+        base,
+        size,
+        requested: bytes,
+        handle: 0,
+        prop: device_prop(device),
+        access: MemAccessDesc { location_type: MEM_LOCATION_TYPE_DEVICE, location_id: device, flags: MEM_ACCESS_FLAGS_PROT_READWRITE },
+        context,
+        host: 0,
+    };
+    match map_new(&range) {
+        Ok(handle) => range.handle = handle,
+        Err(code) => {
+            call_real!(cuMemAddressFree(base, size as usize));
+            return Err(code);
+        }
+    }
+    vmm_ranges::insert(range);
+    Ok(base)
+}
+
+/// `cuMemAlloc_v2` for a VMM-backed process: `None` when the process is not one.
+pub fn alloc(dptr: *mut CUdeviceptr, bytes: u64, what: &'static str) -> Option<CuResult> {
+    if !backing() {
+        return None;
+    }
+    if dptr.is_null() || bytes == 0 {
+        return Some(CUDA_ERROR_INVALID_VALUE);
+    }
+    let device = crate::hooks::memory::current_device();
+    let Some(d) = device else { return Some(CUDA_ERROR_INVALID_VALUE) };
+    Some(charged_memory(&POINTERS, device, bytes, what, || match make(d, bytes) {
+        Ok(base) => {
+            // SAFETY: `dptr` is non-null (checked above) and by cuMemAlloc's contract writable.
+            unsafe { *dptr = base };
+            (CUDA_SUCCESS, base)
+        }
+        Err(code) => (code, 0),
+    }))
+}
+
+/// `cuMemAllocPitch_v2` for a VMM-backed process: the pitch is the width rounded up to the
+/// device's texture pitch alignment (a pitch the driver could have chosen; callers must use
+/// the returned one), and pitch × height is charged, as the driver path charges in the end.
+pub fn alloc_pitch(dptr: *mut CUdeviceptr, pitch: *mut usize, width: usize, height: usize, element: u32) -> Option<CuResult> {
+    if !backing() {
+        return None;
+    }
+    if pitch.is_null() || width == 0 || height == 0 || !matches!(element, 4 | 8 | 16) {
+        return Some(CUDA_ERROR_INVALID_VALUE);
+    }
+    let device = crate::hooks::memory::current_device()?;
+    let mut align: std::ffi::c_int = 0;
+    let align = if call_real!(cuDeviceGetAttribute(&mut align, DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT, device)) == CUDA_SUCCESS && align > 0 {
+        align as usize
+    } else {
+        512
+    };
+    let row = width.div_ceil(align) * align;
+    let code = alloc(dptr, (row as u64).saturating_mul(height as u64), "cuMemAllocPitch")?;
+    if code == CUDA_SUCCESS {
+        // SAFETY: `pitch` is non-null (checked above) and by cuMemAllocPitch's contract writable.
+        unsafe { *pitch = row };
+    }
+    Some(code)
+}
+
+/// `cuMemFree_v2` of a VMM-backed pointer: `None` when `dptr` is not one.
+pub fn free(dptr: CUdeviceptr) -> Option<CuResult> {
+    let range = vmm_ranges::get(dptr)?;
+    Some(released(&POINTERS, dptr, || {
+        // cudaFree is synchronising, and unmapping memory a kernel still reads would fault.
+        let code = call_real!(cuCtxSynchronize());
+        if code != CUDA_SUCCESS {
+            return code;
+        }
+        if range.handle != 0 {
+            if let Err(code) = unmap_release(&range) {
+                return code;
+            }
+        } else if range.host != 0 {
+            // Freed while suspended (a thread the gate let through before it closed).
+            call_real!(cuMemFreeHost(range.host as *mut c_void));
+        }
+        vmm_ranges::remove(dptr);
+        call_real!(cuMemAddressFree(range.base, range.size as usize))
+    }))
+}
+
+/// `cuMemGetAddressRange_v2` of a VMM-backed pointer: the allocation as the program asked for
+/// it (the driver would answer the rounded mapping). `None` when `dptr` is not in one.
+pub fn address_range(dptr: CUdeviceptr) -> Option<(CUdeviceptr, u64)> {
+    vmm_ranges::containing(dptr).map(|r| (r.base, r.requested))
+}
+
+/// The streams of one context for the moves.
+struct Streams(Vec<CUstream>);
+
+impl Streams {
+    fn new() -> Result<Streams, CuResult> {
+        let mut v = Vec::with_capacity(STREAMS);
+        for _ in 0..STREAMS {
+            let mut s: CUstream = std::ptr::null_mut();
+            // 1 = CU_STREAM_NON_BLOCKING: not ordered behind the legacy default stream.
+            if let Err(code) = check(call_real!(cuStreamCreate(&mut s, 1))) {
+                drop(Streams(v));
+                return Err(code);
+            }
+            v.push(s);
+        }
+        Ok(Streams(v))
+    }
+
+    fn sync(&self) -> Result<(), CuResult> {
+        for &s in &self.0 {
+            check(call_real!(cuStreamSynchronize(s)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        for &s in &self.0 {
+            call_real!(cuStreamDestroy_v2(s));
+        }
+    }
+}
+
+/// Runs `copy(offset, length, stream)` over `size` bytes in `CHUNK`s, round robin.
+fn chunked(streams: &Streams, size: u64, mut copy: impl FnMut(u64, u64, CUstream) -> CuResult) -> Result<(), CuResult> {
+    let mut offset = 0;
+    let mut i = 0;
+    while offset < size {
+        let len = CHUNK.min(size - offset);
+        check(copy(offset, len, streams.0[i % streams.0.len()]))?;
+        offset += len;
+        i += 1;
+    }
+    Ok(())
+}
+
+fn set_context(context: usize) -> Result<(), CuResult> {
+    if context == 0 {
+        return Ok(());
+    }
+    let set = crate::sys::driver::driver().and_then(|d| d.cuCtxSetCurrent).ok_or(CUDA_ERROR_NOT_INITIALIZED)?;
+    // SAFETY: a context this process made and has not destroyed (its ranges are still recorded).
+    check(unsafe { set(context as CUcontext) })
+}
+
+/// Copies every mapped range to pinned host memory, then releases its physical memory (the
+/// reservation stays). All or nothing: a failure before the releases frees the host copies
+/// and leaves everything mapped. Returns the bytes moved.
+pub fn move_out() -> Result<u64, CuResult> {
+    let ranges: Vec<Range> = vmm_ranges::all().into_iter().filter(|r| r.handle != 0).collect();
+    let mut copies: Vec<(Range, usize)> = Vec::new();
+    let result = (|| {
+        let mut contexts: Vec<usize> = ranges.iter().map(|r| r.context).collect();
+        contexts.sort_unstable();
+        contexts.dedup();
+        for &context in &contexts {
+            set_context(context)?;
+            check(call_real!(cuCtxSynchronize()))?;
+            let streams = Streams::new()?;
+            for r in ranges.iter().filter(|r| r.context == context) {
+                let mut host: *mut c_void = std::ptr::null_mut();
+                check(call_real!(cuMemHostAlloc(&mut host, r.size as usize, 0)))?;
+                copies.push((*r, host as usize));
+                chunked(&streams, r.size, |off, len, s| {
+                    call_real!(cuMemcpyDtoHAsync_v2((host as usize + off as usize) as *mut c_void, r.base + off, len as usize, s))
+                })?;
+            }
+            streams.sync()?;
+        }
+        Ok(())
+    })();
+    if let Err(code) = result {
+        for (_, host) in copies {
+            call_real!(cuMemFreeHost(host as *mut c_void));
+        }
+        return Err(code);
+    }
+    let mut moved = 0;
+    for (r, host) in copies {
+        // A release that fails leaves this range mapped and its copy unused: it stays on the
+        // device (counted as not moved) and the program keeps its data either way.
+        if unmap_release(&r).is_ok() {
+            vmm_ranges::update(r.base, 0, host);
+            moved += r.size;
+        } else {
+            call_real!(cuMemFreeHost(host as *mut c_void));
+        }
+    }
+    Ok(moved)
+}
+
+/// Creates, maps and fills again every range `move_out` released, at the same addresses. All
+/// or nothing: out of memory (or any failure) releases what this attempt made, keeps the host
+/// copies, and the process stays suspended (to be retried). Returns the bytes moved back.
+pub fn move_in() -> Result<u64, CuResult> {
+    let ranges: Vec<Range> = vmm_ranges::all().into_iter().filter(|r| r.handle == 0 && r.host != 0).collect();
+    let mut made: Vec<(Range, u64)> = Vec::new();
+    let result = (|| {
+        for r in &ranges {
+            made.push((*r, map_new(r)?));
+        }
+        let mut contexts: Vec<usize> = ranges.iter().map(|r| r.context).collect();
+        contexts.sort_unstable();
+        contexts.dedup();
+        for &context in &contexts {
+            set_context(context)?;
+            let streams = Streams::new()?;
+            for r in ranges.iter().filter(|r| r.context == context) {
+                chunked(&streams, r.size, |off, len, s| {
+                    call_real!(cuMemcpyHtoDAsync_v2(r.base + off, (r.host + off as usize) as *const c_void, len as usize, s))
+                })?;
+            }
+            streams.sync()?;
+        }
+        Ok(())
+    })();
+    if let Err(code) = result {
+        for (r, handle) in made {
+            let _ = unmap_release(&Range { handle, ..r });
+        }
+        return Err(code);
+    }
+    let mut moved = 0;
+    for (r, handle) in made {
+        call_real!(cuMemFreeHost(r.host as *mut c_void));
+        vmm_ranges::update(r.base, handle, 0);
+        moved += r.size;
+    }
+    Ok(moved)
+}
+
+/// `cuMemGetAddressRange_v2`: for a VMM-backed pointer, the allocation's base and the size the
+/// program asked for (the driver would answer the rounded mapping); others go to the driver.
+///
+/// # Safety
+/// As the driver's: `pbase` and `psize` null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemGetAddressRange_v2(pbase: *mut CUdeviceptr, psize: *mut usize, dptr: CUdeviceptr) -> CuResult {
+    crate::sys::guard::cuda("cuMemGetAddressRange_v2", || {
+        let Some((base, size)) = address_range(dptr) else { return call_real!(cuMemGetAddressRange_v2(pbase, psize, dptr)) };
+        if !pbase.is_null() {
+            // SAFETY: non-null, and writable by the function's contract.
+            unsafe { *pbase = base };
+        }
+        if !psize.is_null() {
+            // SAFETY: as above.
+            unsafe { *psize = size as usize };
+        }
+        CUDA_SUCCESS
+    })
+}
