@@ -185,7 +185,7 @@ def preemption(a, ctl, env, link):
     ref_out = kv(read(a, "reference"))
 
     ctl.cli("set", "--create", "--group", "batch", "--memory", f"{a.train_gib + 8:g}GiB", "--priority", "low", check=True)
-    ctl.cli("set", "--group", "batch", "--suspendable", "true", check=True)
+    ctl.cli("set", "--group", "batch", "--suspendable", "true", "--suspend-path", a.suspend_path, check=True)
     ctl.cli("set", "--create", "--group", "urgent", "--memory", f"{a.ask_gib + 8:g}GiB", "--priority", "high", check=True)
     go = os.path.join(a.tmp, "go")
     run_losses = os.path.join(a.out, "suspend-training.losses")
@@ -227,7 +227,8 @@ def preemption(a, ctl, env, link):
         verdict = "SKIP" if a.dry else (s_gbs >= 20 and r_gbs >= 20)
         record("3c", "suspend/resume speed (goal >= 20 GB/s each way)", verdict,
                f"{moved / 1e9:.1f} GB: suspend {s_ms / 1e3:.1f} s = {s_gbs:.1f} GB/s, resume {r_ms / 1e3:.1f} s "
-               f"= {r_gbs:.1f} GB/s{vs}", "the driver's own copy path (no custom storage yet)")
+               f"= {r_gbs:.1f} GB/s{vs}; path {resumed.get('path') or during.get('path')}",
+               f"suspend_path = {a.suspend_path}")
     else:
         record("3c", "suspend/resume speed (goal >= 20 GB/s each way)", False, f"no timings: {resumed}")
 
@@ -235,7 +236,7 @@ def preemption(a, ctl, env, link):
 def alternation(a, ctl, env, card_gib):
     quota = f"{0.75 * card_gib:.1f}GiB"
     ctl.cli("set", "--create", "--group", "alt-low", "--memory", quota, "--priority", "low", check=True)
-    ctl.cli("set", "--group", "alt-low", "--suspendable", "true", check=True)
+    ctl.cli("set", "--group", "alt-low", "--suspendable", "true", "--suspend-path", a.suspend_path, check=True)
     ctl.cli("set", "--create", "--group", "alt-high", "--memory", quota, "--priority", "high", check=True)
     stop = os.path.join(a.tmp, "stop")
     low = worker(a, env, "alt-low", "alt-low", "loop", "--gib", f"{0.45 * card_gib:.1f}", "--stop", stop,
@@ -280,6 +281,8 @@ def main():
     ap.add_argument("--pause-at", type=int, default=50)
     ap.add_argument("--hold-s", type=float, default=5)
     ap.add_argument("--alternate-s", type=float, default=120)
+    ap.add_argument("--suspend-path", default="driver", choices=["driver", "shim", "auto"],
+                    help="the suspendable groups' suspend_path (SUSPEND_PATH in suspend.sh)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     LOG = open(os.path.join(a.out, "suspend.log"), "a")

@@ -11,6 +11,7 @@
 #   SUSPEND_TRAIN_GIB      the low-priority training's memory        (default 60)
 #   SUSPEND_ASK_GIB        the high-priority request                 (default 100)
 #   SUSPEND_ALTERNATE_S    the alternation's length in seconds       (default 120; the issue: 600)
+#   SUSPEND_PATH           the suspendable groups' suspend_path: driver (default), shim, auto
 #   SUSPEND_DRY_RUN=1      the same run on the simulated driver and NVML of CI (no GPU, no torch):
 #                          target/debug/{libgpuslice.so,gpuslice}, target/sim/ (cargo build
 #                          --workspace and one integration test first); sizes scaled to a 16 GiB
@@ -83,6 +84,7 @@ fi
 note "card: $card_gib GiB; $(date -u '+%H:%M:%S') start of the checks"
 
 "$PY" "$ROOT/$HERE/suspend.py" --lib "$LIB" --bin "$BIN" --build "$BUILD" --out "$OUTDIR" --tmp "$TMPD" \
-  --socket "$TMPD/gpuslice.sock" --ledger "$LEDGER_DIR/ledger" --card-gib "$card_gib" "${sizes[@]}" &
+  --socket "$TMPD/gpuslice.sock" --ledger "$LEDGER_DIR/ledger" --card-gib "$card_gib" "${sizes[@]}" \
+  --suspend-path "${SUSPEND_PATH:-driver}" &
 PYPID=$!
 wait "$PYPID"
