@@ -413,6 +413,15 @@ static struct obj *objs;
 static int nobjs, capobjs;
 static pthread_mutex_t objs_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* The cuMemAlloc object `id` (1-based, as `alloc` printed it), or NULL after an error line. */
+static struct obj *alloc_by_id(const char *cmd, unsigned long long id) {
+    if (id < 1 || id > (unsigned long long)nobjs || objs[id - 1].kind != K_ALLOC) {
+        printf("err %s code=-1 unknown_id=%llu\n", cmd, id);
+        return NULL;
+    }
+    return &objs[id - 1];
+}
+
 static int add_obj(struct obj o) {
     pthread_mutex_lock(&objs_lock);
     if (nobjs == capobjs) {
@@ -1798,11 +1807,8 @@ static void run(const char *cmd, char **a) {
          * cuMemsetD8_v2 / cuMemcpyDtoH_v2 found by name. */
         void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
         unsigned long long id = num(a[0]);
-        if (id < 1 || id > (unsigned long long)nobjs || objs[id - 1].kind != K_ALLOC) {
-            printf("err %s code=-1 unknown_id=%llu\n", cmd, id);
-            return;
-        }
-        struct obj *o = &objs[id - 1];
+        struct obj *o = alloc_by_id(cmd, id);
+        if (!o) return;
         CUresult r;
         if (!strcmp(cmd, "poke")) {
             CUresult (*memset8)(CUdeviceptr, unsigned char, size_t) = h ? dlsym(h, "cuMemsetD8_v2") : NULL;
@@ -1823,11 +1829,8 @@ static void run(const char *cmd, char **a) {
         /* Issue 22: data through a VMM-backed allocation, and what the program sees of it. */
         void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
         unsigned long long id = num(a[0]);
-        if (id < 1 || id > (unsigned long long)nobjs || objs[id - 1].kind != K_ALLOC) {
-            printf("err %s code=-1 unknown_id=%llu\n", cmd, id);
-            return;
-        }
-        struct obj *o = &objs[id - 1];
+        struct obj *o = alloc_by_id(cmd, id);
+        if (!o) return;
         unsigned seed = !strcmp(cmd, "pokepat") || !strcmp(cmd, "peekpat") ? (unsigned)num(a[1]) : 0;
         CUresult r;
         if (!strcmp(cmd, "range")) {

@@ -379,6 +379,13 @@ impl Sim {
 }
 
 impl Sim {
+    /// Device 0's free memory as the driver reports it (NVML, no shim, no context of its own).
+    pub fn device_free(&self) -> u64 {
+        let out = self.client(Route::Link).args("nvml 0").run();
+        out.assert_all_ok();
+        out.u64("nvml", "free")
+    }
+
     /// The UUID the simulated driver gives device `d` of this machine (as `nvmlDeviceGetUUID`
     /// prints it): tests/simcuda's `device_uuid`, derived from the state file's path.
     pub fn device_uuid(&self, d: u32) -> String {
@@ -1301,6 +1308,11 @@ fn as_u64(v: &serde_json::Value, what: &str, listing: &Listing) -> u64 {
 }
 
 impl Listing {
+    /// The suspension row of `group` (`ls --json`'s `suspensions`; Null when it has none).
+    pub fn suspension(&self, group: &str) -> serde_json::Value {
+        self.json["suspensions"].as_array().and_then(|rows| rows.iter().find(|r| r["group"] == group).cloned()).unwrap_or(serde_json::Value::Null)
+    }
+
     pub fn parse(text: &str) -> Result<Listing, String> {
         let json: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
         if !json["groups"].is_array() || !json["processes"].is_array() {

@@ -17,20 +17,8 @@ fn machine() -> Sim {
     Sim::new().env("SIMCUDA_DEVICES", 1).env("SIMCUDA_MEM", "4G").env("SIMCUDA_CTX_RESERVE", R)
 }
 
-/// The device's free memory as the driver reports it (NVML, no shim, no context).
-fn device_free(sim: &Sim) -> u64 {
-    let out = sim.client(Route::Link).args("nvml 0").run();
-    out.assert_all_ok();
-    out.u64("nvml", "free")
-}
-
-/// The suspension row of `group` in `ls --json` (Null when it has none).
-fn row(l: &Listing, group: &str) -> Value {
-    l.json["suspensions"].as_array().and_then(|rows| rows.iter().find(|r| r["group"] == group).cloned()).unwrap_or(Value::Null)
-}
-
 fn state_is(group: &'static str, state: &'static str) -> impl Fn(&Listing) -> bool {
-    move |l| row(l, group)["state"] == state
+    move |l| l.suspension(group)["state"] == state
 }
 
 /// A member of `group` holding `bytes`, that then waits for `go`, asks the driver its memory,
@@ -69,15 +57,15 @@ fn suspend_moves_the_memory_off_the_device_blocks_the_process_and_resume_brings_
     let ctl = sim.controller();
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
     let t = tenant_with_data(&sim, &ctl, "batch", &go, &done);
-    let before = device_free(&sim);
+    let before = sim.device_free();
     assert_eq!(before, 4 * GIB - WITH_DATA, "the tenant's allocations and context are on the device");
 
     let out = ctl.cli("suspend").args("--group batch").run();
     assert!(out.success(), "{out}\n{}", ctl.log());
     assert!(out.lines.join("\n").contains("suspended: 1 processes"), "{out}");
-    assert_eq!(device_free(&sim), 4 * GIB, "its memory (context included) left the device");
+    assert_eq!(sim.device_free(), 4 * GIB, "its memory (context included) left the device");
     let l = ctl.ls();
-    let r = row(&l, "batch");
+    let r = l.suspension("batch");
     assert_eq!(r["state"], "suspended", "{l}");
     assert_eq!(r["bytes"].as_u64(), Some(WITH_DATA), "{l}");
     assert_eq!(r["host_bytes"].as_u64(), Some(WITH_DATA), "{l}");
@@ -100,9 +88,9 @@ fn suspend_moves_the_memory_off_the_device_blocks_the_process_and_resume_brings_
     assert!(field_f64(&elapsed, "ms") >= 350.0, "the call waited for the resume: {elapsed}");
     let peek = t.wait_line("peek", 0);
     assert!(peek.contains("first=170 all_same=1"), "its bytes came back intact: {peek}");
-    assert_eq!(device_free(&sim), before, "everything came back");
+    assert_eq!(sim.device_free(), before, "everything came back");
     let (l, _) = ctl.ls_until("the row says running", Duration::from_secs(5), state_is("batch", "running"));
-    let r = row(&l, "batch");
+    let r = l.suspension("batch");
     assert!(r["resume_ms"].as_f64().is_some(), "{l}");
     assert_eq!(r["host_bytes"].as_u64(), Some(0), "{l}");
     touch(&done);
@@ -121,7 +109,7 @@ fn a_process_that_dies_while_suspended_frees_its_host_copy() {
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
     let mut t = tenant_with_data(&sim, &ctl, "batch", &go, &done);
     ctl.cli("suspend").args("--group batch").run().assert_success();
-    assert_eq!(device_free(&sim), 4 * GIB);
+    assert_eq!(sim.device_free(), 4 * GIB);
     // The simulated driver's host copy of the bytes it keeps.
     let host_copy = std::path::PathBuf::from(format!("{}.host-{}", sim.state_path().display(), t.pid()));
     assert!(host_copy.exists(), "{}", host_copy.display());
@@ -130,12 +118,13 @@ fn a_process_that_dies_while_suspended_frees_its_host_copy() {
     // The next process to use the driver finds the dead entry and frees its host copy.
     sim.client(Route::Link).args("init ctx 0").run().assert_all_ok();
     assert!(!host_copy.exists(), "the dead process's host copy is freed");
-    let (l, _) =
-        ctl.ls_until("the dead process's suspension is gone", Duration::from_secs(10), |l| row(l, "batch")["state"] == "running" && l.processes().is_empty());
-    let r = row(&l, "batch");
+    let (l, _) = ctl.ls_until("the dead process's suspension is gone", Duration::from_secs(10), |l| {
+        l.suspension("batch")["state"] == "running" && l.processes().is_empty()
+    });
+    let r = l.suspension("batch");
     assert_eq!(r["host_bytes"].as_u64(), Some(0), "{l}");
     assert!(r["error"].as_str().is_some_and(|e| e.contains("exited while suspended")), "{l}");
-    assert_eq!(device_free(&sim), 4 * GIB, "nothing of it came back onto the device");
+    assert_eq!(sim.device_free(), 4 * GIB, "nothing of it came back onto the device");
     let out = ctl.cli("resume").args("--group batch").run();
     assert!(!out.success() && out.stderr.contains("is not suspended"), "{out}");
 }
@@ -150,12 +139,12 @@ fn a_restarted_controller_finds_the_suspended_group_and_resumes_it() {
     ctl.kill9();
     ctl.restart();
     let (l, _) = ctl.ls_until("the new controller knows the group is suspended", Duration::from_secs(10), state_is("batch", "suspended"));
-    assert_eq!(row(&l, "batch")["pids"], serde_json::json!([t.pid()]), "{l}");
-    assert_eq!(device_free(&sim), 4 * GIB);
+    assert_eq!(l.suspension("batch")["pids"], serde_json::json!([t.pid()]), "{l}");
+    assert_eq!(sim.device_free(), 4 * GIB);
     touch(&go);
     ctl.cli("resume").args("--group batch").run().assert_success();
     expect_ok(&t.wait_line("info", 0));
-    assert_eq!(device_free(&sim), 4 * GIB - GIB - R);
+    assert_eq!(sim.device_free(), 4 * GIB - GIB - R);
     touch(&done);
     t.wait().assert_all_ok();
 }
@@ -173,7 +162,7 @@ fn refusals_name_the_reason_and_change_nothing() {
     let big = tenant(&sim, &ctl, "big", "1536M", &go, &done);
     let out = ctl.cli("suspend").args("--group big").run();
     assert!(!out.success() && out.stderr.contains("allows 1.00 GiB"), "{out}");
-    assert_eq!(device_free(&sim), 4 * GIB - 1536 * MIB - R, "nothing moved");
+    assert_eq!(sim.device_free(), 4 * GIB - 1536 * MIB - R, "nothing moved");
 
     // Already suspended.
     let small = tenant(&sim, &ctl, "small", "256M", &go, &done);
@@ -185,7 +174,7 @@ fn refusals_name_the_reason_and_change_nothing() {
     expect_ok(&filler.wait_line("alloc", 0));
     let out = ctl.cli("resume").args("--group small").run();
     assert!(!out.success() && out.stderr.contains("stays suspended: device 0 has"), "{out}");
-    assert_eq!(row(&ctl.ls(), "small")["state"], "suspended");
+    assert_eq!(ctl.ls().suspension("small")["state"], "suspended");
     let mut filler = filler;
     filler.kill();
     let _ = filler.wait();
@@ -203,7 +192,7 @@ fn refusals_name_the_reason_and_change_nothing() {
     assert!(!out.success() && out.stderr.contains("exports memory"), "{out}");
     ctl.set_ok("--group exporter --suspendable true --allow-exports");
     let l = ctl.ls();
-    assert_eq!(row(&l, "exporter")["allow_exports"], true, "{l}");
+    assert_eq!(l.suspension("exporter")["allow_exports"], true, "{l}");
 
     touch(&go);
     touch(&done);
@@ -233,18 +222,18 @@ fn a_high_priority_request_suspends_a_low_priority_group_and_it_resumes_when_roo
     let alloc = urgent.wait_line("alloc", 0);
     expect_ok(&alloc);
     let l = ctl.ls();
-    let r = row(&l, "batch");
+    let r = l.suspension("batch");
     assert_eq!(r["state"], "suspended", "{l}\n{}", ctl.log());
     assert_eq!(r["automatic"], true, "{l}");
-    assert_eq!(device_free(&sim), 4 * GIB - 2 * GIB - R, "only the urgent group is on the device");
+    assert_eq!(sim.device_free(), 4 * GIB - 2 * GIB - R, "only the urgent group is on the device");
     assert_eq!(l.group_used("batch", 0), 2560 * MIB + R, "the suspended group keeps its quota's count: {l}");
 
     // The urgent one leaves: the policy brings the batch group back by itself.
     touch(&leave);
     urgent.wait().assert_all_ok();
     let (l, _) = ctl.ls_until("the batch group is resumed", Duration::from_secs(10), state_is("batch", "running"));
-    assert!(row(&l, "batch")["resume_ms"].as_f64().is_some(), "{l}");
-    assert_eq!(device_free(&sim), 4 * GIB - 2560 * MIB - R);
+    assert!(l.suspension("batch")["resume_ms"].as_f64().is_some(), "{l}");
+    assert_eq!(sim.device_free(), 4 * GIB - 2560 * MIB - R);
     touch(&go);
     expect_ok(&batch.wait_line("info", 0));
     touch(&done);
@@ -296,7 +285,7 @@ fn a_request_no_suspension_can_serve_fails_after_the_bounded_wait() {
         "the log line names the process, the request and the wait:\n{}",
         out.stderr
     );
-    assert_eq!(row(&ctl.ls(), "batch")["state"], "running", "the batch group was never suspended");
+    assert_eq!(ctl.ls().suspension("batch")["state"], "running", "the batch group was never suspended");
     touch(&go);
     touch(&done);
     batch.wait().assert_all_ok();
@@ -360,23 +349,23 @@ fn the_simulated_checkpoint_api_follows_the_drivers_state_machine() {
 fn groups_are_made_suspendable_by_the_config_file_by_set_and_by_run() {
     let sim = machine();
     let ctl = sim.controller_with_config("[groups.nightly]\nsuspendable = true\nallow_exports = true\n[groups.web]\nmemory_limit = \"1GiB\"\n");
-    let l = ctl.ls_until("the config's group is suspendable", Duration::from_secs(5), |l| row(l, "nightly")["suspendable"] == true).0;
-    assert_eq!(row(&l, "nightly")["allow_exports"], true, "{l}");
-    assert_eq!(row(&l, "web"), Value::Null, "{l}");
+    let l = ctl.ls_until("the config's group is suspendable", Duration::from_secs(5), |l| l.suspension("nightly")["suspendable"] == true).0;
+    assert_eq!(l.suspension("nightly")["allow_exports"], true, "{l}");
+    assert_eq!(l.suspension("web"), Value::Null, "{l}");
 
     let out = ctl.set("--group nosuch --suspendable true");
     assert!(!out.success() && out.stderr.contains("no group named \"nosuch\""), "a misspelt name is refused: {out}");
     ctl.set_ok("--group web --suspendable true");
     ctl.set_ok("--group nightly --suspendable false");
     let l = ctl.ls();
-    assert_eq!(row(&l, "web")["suspendable"], true, "{l}");
-    assert_eq!(row(&l, "nightly")["suspendable"], false, "{l}");
+    assert_eq!(l.suspension("web")["suspendable"], true, "{l}");
+    assert_eq!(l.suspension("nightly")["suspendable"], false, "{l}");
 
     // `gpuslice run --suspendable` marks a group its program is about to make.
     let client = client_path(Route::Link).display().to_string();
     let out = sim.program(cli_path()).controller(&ctl).args(&format!("run --group later --suspendable -- {client} init ctx 0 alloc 64M")).run();
     out.assert_all_ok();
-    assert_eq!(row(&ctl.ls(), "later")["suspendable"], true);
+    assert_eq!(ctl.ls().suspension("later")["suspendable"], true);
 }
 
 /// Marks made with `gpuslice set --suspendable` live in the group's members page (the ledger),
@@ -393,9 +382,9 @@ fn marks_made_with_set_survive_a_controller_restart() {
     ctl.set_ok("--group nightly --suspendable false");
     ctl.kill9();
     ctl.restart();
-    let (l, _) = ctl.ls_until("the restarted controller knows the marks", Duration::from_secs(10), |l| row(l, "batch")["suspendable"] == true);
-    assert_eq!(row(&l, "batch")["allow_exports"], true, "{l}");
-    assert_eq!(row(&l, "nightly")["suspendable"], false, "the edit wins over the config file: {l}");
+    let (l, _) = ctl.ls_until("the restarted controller knows the marks", Duration::from_secs(10), |l| l.suspension("batch")["suspendable"] == true);
+    assert_eq!(l.suspension("batch")["allow_exports"], true, "{l}");
+    assert_eq!(l.suspension("nightly")["suspendable"], false, "the edit wins over the config file: {l}");
     assert!(ctl.log().contains("as `gpuslice set` left it before the restart"), "{}", ctl.log());
     // And the policy acts on them: the restarted controller suspends `batch` on request.
     let out = ctl.cli("suspend").args("--group batch").run();
@@ -417,20 +406,20 @@ fn a_process_joining_a_suspended_group_waits_for_its_resume() {
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
     let first = tenant(&sim, &ctl, "batch", "1G", &go, &done);
     ctl.cli("suspend").args("--group batch").run().assert_success();
-    assert_eq!(device_free(&sim), 4 * GIB);
+    assert_eq!(sim.device_free(), 4 * GIB);
     let late = sim.client(Route::Dlsym).shim().controller(&ctl).group("batch").args(&format!("init mark ctx 0 alloc 256M elapsed waitfile {done}")).spawn();
     let (l, _) = ctl.ls_until("the newcomer is recorded as suspended", Duration::from_secs(10), |l| {
-        row(l, "batch")["pids"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(late.pid()))))
+        l.suspension("batch")["pids"].as_array().is_some_and(|p| p.iter().any(|p| p.as_u64() == Some(u64::from(late.pid()))))
     });
-    assert_eq!(row(&l, "batch")["state"], "suspended", "{l}");
+    assert_eq!(l.suspension("batch")["state"], "suspended", "{l}");
     assert!(ctl.log().contains(&format!("pid {} joined group \"batch\" while it is suspended", late.pid())), "{}", ctl.log());
     std::thread::sleep(Duration::from_millis(500));
     assert!(!late.lines_now().iter().any(|l| l.starts_with("ok ctx")), "it ran on the GPU beside its suspended group: {:?}", late.lines_now());
-    assert_eq!(device_free(&sim), 4 * GIB, "nothing of the group is on the device");
+    assert_eq!(sim.device_free(), 4 * GIB, "nothing of the group is on the device");
     ctl.cli("resume").args("--group batch").run().assert_success();
     let elapsed = late.wait_line("elapsed", 0);
     assert!(field_f64(&elapsed, "ms") >= 450.0, "its context waited for the resume: {elapsed}");
-    assert_eq!(device_free(&sim), 4 * GIB - GIB - 256 * MIB - 2 * R, "both are back on the device");
+    assert_eq!(sim.device_free(), 4 * GIB - GIB - 256 * MIB - 2 * R, "both are back on the device");
     touch(&go);
     touch(&done);
     first.wait().assert_all_ok();

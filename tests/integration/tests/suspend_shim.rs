@@ -9,7 +9,6 @@
 //! is suspended and appears after the resume.
 
 use gpuslice_integration::*;
-use serde_json::Value;
 use std::time::Duration;
 
 /// Each context's own memory (the simulated driver's `SIMCUDA_CTX_RESERVE`).
@@ -23,16 +22,6 @@ fn machine() -> Sim {
 
 fn shim_config(path: &str) -> String {
     format!("[groups.fast]\nsuspendable = true\nsuspend_path = \"{path}\"\n")
-}
-
-fn device_free(sim: &Sim) -> u64 {
-    let out = sim.client(Route::Link).args("nvml 0").run();
-    out.assert_all_ok();
-    out.u64("nvml", "free")
-}
-
-fn row(l: &Listing, group: &str) -> Value {
-    l.json["suspensions"].as_array().and_then(|rows| rows.iter().find(|r| r["group"] == group).cloned()).unwrap_or(Value::Null)
 }
 
 /// A member of `group` with a 5 MiB allocation (id 1) holding a pattern; after `go` it runs
@@ -63,16 +52,16 @@ fn data_survives_a_suspension_by_the_shim_bit_exact_and_calls_wait_for_the_resum
     // released range (which would be CUDA_ERROR_ILLEGAL_ADDRESS, 700).
     let reader = member(&sim, &ctl, "fast", &go, "peekpat 1 7", &done);
     let rounded = (5 * MIB).div_ceil(GRAN) * GRAN; // 6 MiB
-    assert_eq!(device_free(&sim), 4 * GIB - 2 * (R + rounded), "VMM-backed: the device holds the rounded size");
+    assert_eq!(sim.device_free(), 4 * GIB - 2 * (R + rounded), "VMM-backed: the device holds the rounded size");
     let l = ctl.ls();
     assert_eq!(l.group_used("fast", 0), 2 * (R + 5 * MIB), "the ledger is charged what was asked for: {l}");
 
     let out = ctl.cli("suspend").args("--group fast").run();
     assert!(out.success(), "{out}\n{}", ctl.log());
     assert!(out.lines.join("\n").contains("(shim path)"), "{out}");
-    assert_eq!(device_free(&sim), 4 * GIB - 2 * R, "the allocations left the device; the contexts stay");
+    assert_eq!(sim.device_free(), 4 * GIB - 2 * R, "the allocations left the device; the contexts stay");
     let l = ctl.ls();
-    let r = row(&l, "fast");
+    let r = l.suspension("fast");
     assert_eq!(r["state"], "suspended", "{l}");
     assert_eq!(r["path"], "shim", "{l}");
     assert_eq!(r["suspend_path"], "shim", "{l}");
@@ -97,8 +86,8 @@ fn data_survives_a_suspension_by_the_shim_bit_exact_and_calls_wait_for_the_resum
     assert!(peek.contains("bad=0"), "every byte came back at the same address: {peek}");
     let peek = reader.wait_line("peekpat", 1);
     assert!(peek.contains("bad=0"), "the unhooked copy waited for the resume and read every byte: {peek}");
-    assert_eq!(device_free(&sim), 4 * GIB - 2 * (R + rounded), "everything came back");
-    let r = row(&ctl.ls(), "fast");
+    assert_eq!(sim.device_free(), 4 * GIB - 2 * (R + rounded), "everything came back");
+    let r = ctl.ls().suspension("fast");
     assert_eq!(r["state"], "running");
     assert!(r["resume_gbps"].as_f64().is_some(), "{r}");
     touch(&done);
@@ -123,14 +112,14 @@ fn a_member_that_dies_while_suspended_by_its_agent_frees_everything() {
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
     let mut t = member(&sim, &ctl, "fast", &go, "info", &done);
     ctl.cli("suspend").args("--group fast").run().assert_success();
-    assert_eq!(device_free(&sim), 4 * GIB - R);
+    assert_eq!(sim.device_free(), 4 * GIB - R);
     t.kill();
     let _ = t.wait();
     sim.client(Route::Link).args("init ctx 0").run().assert_all_ok();
-    let (l, _) =
-        ctl.ls_until("the dead member's suspension is gone", Duration::from_secs(10), |l| row(l, "fast")["state"] == "running" && l.processes().is_empty());
-    assert_eq!(row(&l, "fast")["host_bytes"].as_u64(), Some(0), "{l}");
-    assert_eq!(device_free(&sim), 4 * GIB, "its context went with it, and nothing else was left");
+    let (l, _) = ctl
+        .ls_until("the dead member's suspension is gone", Duration::from_secs(10), |l| l.suspension("fast")["state"] == "running" && l.processes().is_empty());
+    assert_eq!(l.suspension("fast")["host_bytes"].as_u64(), Some(0), "{l}");
+    assert_eq!(sim.device_free(), 4 * GIB, "its context went with it, and nothing else was left");
 }
 
 #[test]
@@ -154,8 +143,8 @@ fn a_resume_without_room_fails_cleanly_and_a_retry_succeeds() {
     let out = ctl.cli("resume").args("--group fast").run();
     assert!(!out.success() && out.stderr.contains("no room on the device"), "{out}\n{}", ctl.log());
     let l = ctl.ls();
-    assert_eq!(row(&l, "fast")["state"], "suspended", "it stays suspended, its copy kept: {l}");
-    assert_eq!(device_free(&sim), 4 * GIB - R - (R + 3600 * MIB), "the failed attempt left nothing on the device");
+    assert_eq!(l.suspension("fast")["state"], "suspended", "it stays suspended, its copy kept: {l}");
+    assert_eq!(sim.device_free(), 4 * GIB - R - (R + 3600 * MIB), "the failed attempt left nothing on the device");
     touch(&release);
     filler.wait().assert_all_ok();
     ctl.cli("resume").args("--group fast").run().assert_success();
@@ -175,8 +164,8 @@ fn a_restarted_controller_adopts_members_its_predecessor_suspended_by_the_shim()
     ctl.cli("suspend").args("--group fast").run().assert_success();
     ctl.kill9();
     ctl.restart();
-    let (l, _) = ctl.ls_until("the restarted controller finds the suspension", Duration::from_secs(10), |l| row(l, "fast")["state"] == "suspended");
-    assert_eq!(row(&l, "fast")["path"], "shim", "{l}");
+    let (l, _) = ctl.ls_until("the restarted controller finds the suspension", Duration::from_secs(10), |l| l.suspension("fast")["state"] == "suspended");
+    assert_eq!(l.suspension("fast")["path"], "shim", "{l}");
     assert!(ctl.log().contains("found suspended by their own agents"), "{}", ctl.log());
     ctl.cli("resume").args("--group fast").run().assert_success();
     touch(&go);
@@ -202,8 +191,8 @@ fn auto_takes_the_shim_for_vmm_backed_members_and_the_driver_for_the_rest() {
     expect_ok(&other.wait_line("managed", 0));
     let out = ctl.cli("suspend").args("--group fast").run();
     assert!(out.success() && out.lines.join("\n").contains("(shim+driver path)"), "{out}\n{}", ctl.log());
-    assert_eq!(device_free(&sim), 4 * GIB - R, "the driver took the other member's context too; the agent left its own");
-    assert_eq!(row(&ctl.ls(), "fast")["path"], "shim+driver");
+    assert_eq!(sim.device_free(), 4 * GIB - R, "the driver took the other member's context too; the agent left its own");
+    assert_eq!(ctl.ls().suspension("fast")["path"], "shim+driver");
     ctl.cli("resume").args("--group fast").run().assert_success();
     touch(&go);
     assert!(vmm.wait_line("peekpat", 1).contains("bad=0"));
@@ -243,20 +232,20 @@ fn set_puts_a_group_on_the_shim_path_and_a_restart_keeps_it() {
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
     let first = sim.client(Route::Link).shim().controller(&ctl).group("web").args(&format!("init ctx 0 alloc 5M waitfile {done}")).spawn();
     expect_ok(&first.wait_line("alloc", 0));
-    assert_eq!(device_free(&sim), 4 * GIB - R - 5 * MIB, "the driver's allocator, before the mark");
+    assert_eq!(sim.device_free(), 4 * GIB - R - 5 * MIB, "the driver's allocator, before the mark");
     let out = ctl.set("--group web --suspendable true --suspend-path fast");
     assert!(!out.success() && out.stderr.contains("not a suspend path"), "{out}");
     let out = ctl.set_ok("--group web --suspendable true --suspend-path shim");
     assert!(out.contains("suspend path shim"), "{out}");
     let later = member(&sim, &ctl, "web", &go, "peekpat 1 7", &done);
-    assert_eq!(device_free(&sim), 4 * GIB - 2 * R - 5 * MIB - 6 * MIB, "the newcomer is VMM-backed");
+    assert_eq!(sim.device_free(), 4 * GIB - 2 * R - 5 * MIB - 6 * MIB, "the newcomer is VMM-backed");
     // The first member runs no agent: the shim path refuses the group, `auto` takes the driver for it.
     let out = ctl.cli("suspend").args("--group web").run();
     assert!(!out.success() && out.stderr.contains("runs no suspend agent"), "{out}");
     ctl.kill9();
     ctl.restart();
-    let (l, _) = ctl.ls_until("the restarted controller keeps the path", Duration::from_secs(10), |l| row(l, "web")["suspend_path"] == "shim");
-    assert_eq!(row(&l, "web")["suspendable"], true, "{l}");
+    let (l, _) = ctl.ls_until("the restarted controller keeps the path", Duration::from_secs(10), |l| l.suspension("web")["suspend_path"] == "shim");
+    assert_eq!(l.suspension("web")["suspendable"], true, "{l}");
     ctl.set_ok("--group web --suspendable true --suspend-path auto");
     let out = ctl.cli("suspend").args("--group web").run();
     assert!(out.success() && out.lines.join("\n").contains("(shim+driver path)"), "{out}\n{}", ctl.log());
