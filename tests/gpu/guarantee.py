@@ -42,6 +42,8 @@ ap.add_argument("--dry", action="store_true")
 ap.add_argument("--budget-s", type=float, default=540.0)
 ap.add_argument("--sizes", default="200,20", help="kernel sizes in us, comma separated")
 ap.add_argument("--round-us", type=int, default=0, help="GPUSLICE_LEND_ROUND_US for every tenant (0: the shim's default)")
+ap.add_argument("--log", default="warn", help="GPUSLICE_LOG for every tenant (debug: the hand-overs; the whole stderr goes to the log)")
+ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for every shim tenant (a GPUSLICE_ knob to compare)")
 ap.add_argument("--tag", default="", help="appended to every row id (runs of several rounds side by side)")
 args = ap.parse_args()
 T0 = time.monotonic()
@@ -96,12 +98,13 @@ def env_for(share=None, cap=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSLICE_") and k != "CUDA_DEVICE_SM_LIMIT"}
     env.pop("LD_PRELOAD", None)
     if share is not None:
-        env.update(LD_PRELOAD=args.lib, GPUSLICE_SM_SHARE=str(share), GPUSLICE_LOG="warn", GPUSLICE_ON_NO_CONTROLLER="alone", GPUSLICE_CONTROLLER_WAIT="0",
+        env.update(LD_PRELOAD=args.lib, GPUSLICE_SM_SHARE=str(share), GPUSLICE_LOG=args.log, GPUSLICE_ON_NO_CONTROLLER="alone", GPUSLICE_CONTROLLER_WAIT="0",
                    GPUSLICE_SOCKET=os.environ.get("GPUSLICE_SOCKET", "/nonexistent/gpuslice.sock"))
         if cap is not None:
             env["GPUSLICE_SM_MAX"] = str(cap)
         if args.round_us:
             env["GPUSLICE_LEND_ROUND_US"] = str(args.round_us)
+        env.update(pair.split("=", 1) for pair in args.env)
     return env
 
 
@@ -122,7 +125,7 @@ class Tenant:
     def finish(self):
         rest, err = self.p.communicate(timeout=180)
         self.out += rest
-        log(f"--- {self.what}: exit {self.p.returncode}\n{self.out[-3000:]}{err[-1500:]}")
+        log(f"--- {self.what}: exit {self.p.returncode}\n{self.out[-3000:]}{err if args.log != 'warn' else err[-1500:]}")
         if self.p.returncode != 0:
             raise RuntimeError(f"{self.what} exited {self.p.returncode}: {err.strip()[-300:]}")
         return self.out

@@ -159,6 +159,18 @@ def main():
         figures = (f"each {min(fracs):.2f}-{max(fracs):.2f}% (want {0.9 * share:.2f}-{1.1 * share:.2f}); "
                    f"sum {total:.1f}% (want >= {0.95 * share * n:.1f}); {cpu_note}{split_note}")
         row(cid, name, each_ok and sum_ok and cpu_ok, figures)
+    # What the start alone costs N processes without the shim (driver, context, the wait for the
+    # slowest): the part of each T row's CPU that is not gpuslice's (information, not judged).
+    n = max(counts)
+    if not args.dry and n >= 16 and time.monotonic() - T0 <= args.budget_s - 60:
+        try:
+            got = together(n, None, iters, 0.5)
+            before = [s[0] for _, _, s in got]
+            cpus = [cpu for _, cpu, _ in got]
+            row(f"T{n}s", f"{n} x unthrottled, no shim: the start", True,
+                f"information: CPU s/process before go {min(before):.2f}-{max(before):.2f}, whole (0.5 s timed) {min(cpus):.2f}-{max(cpus):.2f}")
+        except Exception as e:  # noqa: BLE001
+            row(f"T{n}s", f"{n} x unthrottled, no shim: the start", False, f"error: {e}")
     # One process, 16 threads on 16 streams, at 30% against its own unthrottled figures.
     try:
         th = ["threads", "--iters", str(iters), "--seconds", "3", "--threads", "16"]

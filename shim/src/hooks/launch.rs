@@ -75,6 +75,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     if bucket.lends() && board::holding(device) && bucket.hand_over_now(board::others_waiting(device)) {
         // Issue 18: a lending process has run its slice, or was borrowing, and someone queues:
         // the turn goes on.
+        tracing::debug!("hands the turn over after holding it {} us", bucket.held_ns() / 1000);
         cost::close_span();
         end_burst(device, bucket);
         cost::harvest();
@@ -82,6 +83,9 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     if !board::holding(device) {
         // A new burst: take the turn (waiting, boundedly, for another process's burst).
         let taken = board::take(device, bucket.queued_until().max(clock::now_ns()));
+        if taken.waited_ns > 5_000_000 {
+            tracing::debug!("took the turn after waiting {} us ({} peers)", taken.waited_ns / 1000, taken.peers);
+        }
         bucket.add_turn_waited(taken.waited_ns);
         if taken.neighbour {
             bucket.saw_neighbour(taken.peers);

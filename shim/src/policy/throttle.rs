@@ -92,6 +92,25 @@ fn lend_round_ns() -> u64 {
 /// takes to queue again after its own hand-over, so that two processes with work keep their
 /// whole slices.
 const BORROWING_AFTER_NS: u64 = 2_000_000;
+/// `GPUSLICE_BORROWING_AFTER_US`: `BORROWING_AFTER_NS` in microseconds (0: a borrower keeps its
+/// slice), for measuring the early hand-over on a real GPU against the slice alone.
+pub const ENV_BORROWING_AFTER: &str = "GPUSLICE_BORROWING_AFTER_US";
+
+/// `BORROWING_AFTER_NS`, or the environment's (read once); `None`: no early hand-over.
+fn borrowing_after_ns() -> Option<u64> {
+    static AFTER: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *AFTER.get_or_init(|| {
+        let Ok(v) = std::env::var(ENV_BORROWING_AFTER) else { return Some(BORROWING_AFTER_NS) };
+        match v.trim().parse::<u64>() {
+            Ok(0) => None,
+            Ok(us) if us <= 1_000_000 => Some(us * 1000),
+            _ => {
+                tracing::warn!("{ENV_BORROWING_AFTER}={v:?} is not 0 to 1000000 microseconds; using {} us", BORROWING_AFTER_NS / 1000);
+                Some(BORROWING_AFTER_NS)
+            }
+        }
+    })
+}
 /// Issue 18: rounds without taking the turn after which a lending process counts as back from
 /// idle (see `Bucket::turn_taken`).
 const BACK_FROM_IDLE_ROUNDS: u64 = 4;
@@ -287,6 +306,11 @@ impl Bucket {
         self.local.alone_since.store(0, Relaxed);
     }
 
+    /// Wall time since this process last took the turn (for the log).
+    pub fn held_ns(&self) -> u64 {
+        now_ns().saturating_sub(self.local.turn_taken_at.load(Relaxed))
+    }
+
     /// Issue 18: true when this lending process, holding the turn, should hand it over now;
     /// `waiting`: whether another process queues for it. Yes once it has run its slice with
     /// someone waiting (`slice_done`), and at once when someone queues after it had the device
@@ -308,7 +332,8 @@ impl Bucket {
             return false;
         }
         if alone != 0 {
-            if now.saturating_sub(alone) >= BORROWING_AFTER_NS {
+            if borrowing_after_ns().is_some_and(|after| now.saturating_sub(alone) >= after) {
+                tracing::debug!("hands the turn over early: had it alone for {} us, someone queues", (now - alone) / 1000);
                 return true;
             }
             self.local.alone_since.store(0, Relaxed);
