@@ -114,17 +114,27 @@ class Tenant:
     def __init__(self, argv, env, go, what):
         self.what = what
         log("start:", what, " ".join(argv), {k: env[k] for k in env if k.startswith("GPUSLICE_SM")})
-        self.p = subprocess.Popen(argv + ["--go-file", go, "--go-timeout-s", "120"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.out = ""
-        while True:
-            line = self.p.stdout.readline()
-            self.out += line
-            if not line or line.startswith("ready=1"):
+        # Output to files, not pipes: a pipe this script does not drain while it waits for
+        # another tenant fills (a report line every 5 ms fills 64 KiB in about 7 s; a debug log
+        # sooner) and then blocks the tenant, which skews the shares (G4 in a debug run).
+        self.stdout = tempfile.TemporaryFile(mode="w+", dir=args.out)
+        self.err = tempfile.TemporaryFile(mode="w+", dir=args.out)
+        self.p = subprocess.Popen(argv + ["--go-file", go, "--go-timeout-s", "120"], env=env, stdout=self.stdout, stderr=self.err, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            self.stdout.seek(0)
+            if "ready=1" in self.stdout.read() or self.p.poll() is not None:
                 break
+            time.sleep(0.01)
 
     def finish(self):
-        rest, err = self.p.communicate(timeout=180)
-        self.out += rest
+        self.p.wait(timeout=180)
+        self.stdout.seek(0)
+        self.out = self.stdout.read()
+        self.err.seek(0)
+        err = self.err.read()
+        self.stdout.close()
+        self.err.close()
         log(f"--- {self.what}: exit {self.p.returncode}\n{self.out[-3000:]}{err if args.log != 'warn' else err[-1500:]}")
         if self.p.returncode != 0:
             raise RuntimeError(f"{self.what} exited {self.p.returncode}: {err.strip()[-300:]}")
