@@ -175,6 +175,17 @@ struct gpuslice_process_device {
     uint64_t _reserved[7];
 };
 
+/* Issue 22: an agent's suspension and resume time split (struct gpuslice_process_slot's suspend_phase_us, µs). */
+#define GPUSLICE_PHASE_GATE 0           /* suspension: closing the gate */
+#define GPUSLICE_PHASE_SYNC 1           /* suspension: cuCtxSynchronize */
+#define GPUSLICE_PHASE_PIN 2            /* suspension: cuMemHostAlloc of the host copies */
+#define GPUSLICE_PHASE_COPY_OUT 3       /* suspension: device-to-host copies, less PIN */
+#define GPUSLICE_PHASE_RELEASE 4        /* suspension: cuMemUnmap + cuMemRelease */
+#define GPUSLICE_PHASE_MAP 5            /* resume: cuMemCreate + cuMemMap + cuMemSetAccess */
+#define GPUSLICE_PHASE_COPY_IN 6        /* resume: host-to-device copies */
+#define GPUSLICE_PHASE_HOST_FREE 7      /* resume: cuMemFreeHost */
+#define GPUSLICE_SUSPEND_PHASES 8
+
 struct gpuslice_process_slot {
     uint32_t state;
     uint32_t pid;                     /* in the controller's pid namespace */
@@ -193,9 +204,14 @@ struct gpuslice_process_slot {
     uint64_t suspend_bytes;           /* bytes the last suspension moved */
     uint32_t suspend_ms;              /* how long the last suspension or resume took */
     uint32_t suspend_caps;            /* GPUSLICE_CAP_* */
-    uint64_t _reserved[1];
+    uint64_t suspend_keep;            /* bytes the agent expects to keep on the device while suspended */
     struct gpuslice_process_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
-    uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 128 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
+    uint32_t suspend_request;         /* the controller's request to this agent: generation << 1 | wanted */
+    uint32_t suspend_held;            /* 1 while the agent holds the process suspended */
+    uint32_t suspend_ranges;          /* allocations the last suspension or resume moved */
+    uint32_t _suspend_pad;
+    uint32_t suspend_phase_us[GPUSLICE_SUSPEND_PHASES]; /* time split, GPUSLICE_PHASE_* */
+    uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 128 * GPUSLICE_LEDGER_MAX_DEVICES - 16 - 4 * GPUSLICE_SUSPEND_PHASES) / 8];
 };
 
 /* The second page of a group's settings memfd (read-only to members; written by the controller). */
@@ -213,13 +229,14 @@ struct gpuslice_process_slot {
 #define GPUSLICE_SUSPEND_ERR_NO_ROOM 1
 #define GPUSLICE_SUSPEND_ERR_BUSY 2
 #define GPUSLICE_SUSPEND_ERR_DRIVER 3
+#define GPUSLICE_SUSPEND_ERR_HOLE 4
 #define GPUSLICE_CAP_AGENT 1
 #define GPUSLICE_CAP_FAST 2
 #define GPUSLICE_CAP_OTHER_MEMORY 4
 struct gpuslice_member_settings {
     uint64_t penalty[GPUSLICE_LEDGER_MAX_DEVICES]; /* bytes charged to the group beyond its members' reports */
     uint32_t marks;                                /* GPUSLICE_MARK_* */
-    uint32_t suspend;                              /* issue 22: generation << 1 | wanted (a futex word; 0: never asked) */
+    uint32_t suspend;                              /* issue 22: the agents' ring, the latest request: generation << 1 | wanted (a futex word; 0: never asked) */
     uint8_t priority[GPUSLICE_MEMBER_PRIORITIES];  /* by process slot: own priority, or GPUSLICE_PRIORITY_INHERIT */
 };
 

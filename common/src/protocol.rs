@@ -321,6 +321,37 @@ pub struct SuspensionRow {
     pub suspend_gbps: Option<f64>,
     #[serde(default)]
     pub resume_gbps: Option<f64>,
+    /// The path the last resume took (the same as the suspension's, by member).
+    #[serde(default)]
+    pub resume_path: Option<String>,
+    /// The members its agents suspended at the last suspension (the shim's path), each with
+    /// what it moved, what NVML showed it keep, and where the time went.
+    #[serde(default)]
+    pub agents: Vec<AgentRow>,
+}
+
+/// One member's suspend agent at the last suspension and resume (issue 22, the shim's path).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AgentRow {
+    pub pid: u32,
+    /// Device bytes its agent moved to host memory (the mapped, rounded sizes), in how many
+    /// allocations.
+    pub bytes: u64,
+    pub ranges: u32,
+    /// What the agent said its process keeps on the device while suspended (contexts,
+    /// modules, memory not VMM-backed).
+    pub keep: u64,
+    /// What NVML showed the process hold once its agent answered, and the most the controller
+    /// allowed (`keep` + what NVML showed beyond its report before + the tolerance); `None`
+    /// without NVML.
+    pub nvml_after: Option<u64>,
+    pub allowed: Option<u64>,
+    /// How long the agent took, as it measured (ms).
+    pub suspend_ms: Option<f64>,
+    pub resume_ms: Option<f64>,
+    /// Where the time went, in ms, by phase: gate, sync, pin, copy_out, release (suspension);
+    /// map, copy_in, host_free (resume).
+    pub phases_ms: std::collections::BTreeMap<String, f64>,
 }
 
 /// A process whose own report is below what the driver (NVML) says it holds, by more than the

@@ -1,34 +1,30 @@
 //! Suspending and resuming whole groups (issue 22), by two paths. The driver's checkpoint API:
 //! every process of the group is locked, then checkpointed (its device memory moves to host
 //! memory); resuming restores and unlocks them. The shim's own path (`suspend_path = "shim"` or
-//! `"auto"`): the controller writes the group's request word (`MemberSettings::suspend`), wakes
-//! the members' agents, and waits for each one's acknowledgement in its process slot; a member
-//! that claims "suspended" while NVML still shows its memory is checkpointed by the driver. The group keeps its quota and its `used` in the ledger
-//! (its memory still counts against its own quota) while the device's free memory grows.
+//! `"auto"`): the controller addresses the members' agents (`agents`) and waits for each one's
+//! answer in its process slot; a member whose "suspended" NVML does not bear out is first
+//! brought back by its agent, then checkpointed by the driver — the two paths never stack, and
+//! a resume takes each member back by the path that suspended it. The group keeps its quota
+//! and its `used` in the ledger (its memory still counts against its own quota) while the
+//! device's free memory grows.
 //!
 //! The controller-side record (`Registry`) lives here, behind its own lock, taken only after the
 //! state's (never the other way round), and never held across a driver call: a checkpoint of a
 //! large process takes seconds, during which `ls` and registrations go on.
 
+use crate::agents::{self, Failure};
 use crate::checkpoint::{Driver, ProcessState};
 use crate::state::{Peer, State};
-use gpuslice_common::ledger::{self as ledger, suspend_request, CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
-use gpuslice_common::protocol::SuspensionRow;
+use gpuslice_common::ledger::{CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
+use gpuslice_common::protocol::{AgentRow, SuspensionRow};
 use gpuslice_common::settings::SuspendPath;
 use gpuslice_common::size::format_size;
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync).
 const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the controller waits for the agents' acknowledgements: the gate's 10 s for calls
-/// in flight, then the copy (80 GB at 20 GB/s is 4 s; at the pinning-bound worst, 16 s).
-const SHIM_DEADLINE: Duration = Duration::from_secs(60);
-/// How much more than a suspended member's context and modules NVML may show before its claim
-/// is disbelieved (the cross-check's tolerance).
-const SHIM_TOLERANCE: u64 = crate::crosscheck::TOLERANCE;
 /// `GPUSLICE_SUSPEND_HOST_LIMIT`: host memory that suspended tenants may hold at once.
 pub const ENV_HOST_LIMIT: &str = "GPUSLICE_SUSPEND_HOST_LIMIT";
 
@@ -81,6 +77,10 @@ pub struct Record {
     pub last_path: Option<String>,
     pub suspend_gbps: Option<f64>,
     pub resume_gbps: Option<f64>,
+    /// The path the last resume took.
+    pub resume_path: Option<String>,
+    /// pid → its agent's figures at the last suspension and resume (the shim's path).
+    pub agents: BTreeMap<u32, AgentRow>,
 }
 
 impl Default for Record {
@@ -104,6 +104,8 @@ impl Default for Record {
             last_path: None,
             suspend_gbps: None,
             resume_gbps: None,
+            resume_path: None,
+            agents: BTreeMap::new(),
         }
     }
 }
@@ -134,6 +136,8 @@ impl Record {
             path: self.last_path.clone(),
             suspend_gbps: self.suspend_gbps,
             resume_gbps: self.resume_gbps,
+            resume_path: self.resume_path.clone(),
+            agents: self.agents.values().cloned().collect(),
         }
     }
 }
@@ -288,6 +292,7 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         rec.automatic = automatic;
         rec.error = None;
         rec.shim_pids.clear();
+        rec.agents.clear();
         rec.path
     };
     let (shim, drivers) = match split(group, path, &m) {
@@ -304,35 +309,60 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
     let (outcome, ms) = timed(|| suspend_both(state, group, &m, &shim, &drivers));
     let failed = outcome.is_err() && driver_says_failed(drivers.keys().copied());
     update(group, |rec| match outcome {
-        Ok((by_shim, moved)) => {
+        Ok(done) => {
+            let by_shim = done.by_shim;
             rec.phase = Phase::Suspended;
             rec.suspend_ms = Some(ms);
             rec.suspended_at = Some(Instant::now());
             rec.suspensions += 1;
             rec.last_path = Some(path_name(!by_shim.is_empty(), by_shim.len() < m.pids.len()));
-            rec.suspend_gbps = rate(moved, ms);
+            rec.suspend_gbps = rate(done.moved, ms);
+            // What the host copies hold: the agents' figures for their members.
+            for (pid, row) in &done.agents {
+                rec.pids.insert(*pid, row.bytes);
+            }
+            rec.bytes = rec.pids.values().sum();
+            rec.agents = done.agents;
             rec.shim_pids = by_shim;
             let message = format!(
-                "group {group:?} suspended: {} processes, {} moved to host memory in {ms:.0} ms ({} path)",
+                "group {group:?} suspended: {} processes, {} moved to host memory in {ms:.0} ms ({} path{})",
                 m.pids.len(),
-                format_size(bytes),
-                rec.last_path.as_deref().unwrap_or("driver")
+                format_size(done.moved),
+                rec.last_path.as_deref().unwrap_or("driver"),
+                rec.suspend_gbps.map(|g| format!(", {g:.2} GB/s")).unwrap_or_default()
             );
             tracing::info!("{message}{}", if automatic { " (to make room for a higher-priority request)" } else { "" });
             Ok(message)
         }
-        Err(e) if failed => {
+        Err(f) if failed => {
             rec.phase = Phase::Failed;
-            rec.error = Some(e.clone());
-            tracing::error!("group {group:?}: suspension failed and the driver reports a process in its failed state: {e}");
-            Err(format!("group {group:?} could not be suspended, and the driver reports a process of it failed: {e}"))
+            rec.error = Some(f.why.clone());
+            tracing::error!("group {group:?}: suspension failed and the driver reports a process in its failed state: {}", f.why);
+            Err(format!("group {group:?} could not be suspended, and the driver reports a process of it failed: {}", f.why))
         }
-        Err(e) => {
+        Err(f) if !f.stuck.is_empty() => {
+            // Their agents suspended them and could not bring them back: recorded as suspended
+            // (by the shim's path), so that `resume` asks them again; never "running".
+            let stuck: Vec<u32> = f.stuck.keys().copied().collect();
+            rec.phase = Phase::Suspended;
+            rec.suspended_at = Some(Instant::now());
+            rec.pids.retain(|pid, _| f.stuck.contains_key(pid));
+            rec.bytes = rec.pids.values().sum();
+            rec.shim_pids = f.stuck;
+            rec.last_path = Some("shim".into());
+            let e =
+                format!("{}; pids {stuck:?} stay suspended by their agents (they could not be brought back): `gpuslice resume --group {group}` retries", f.why);
+            rec.error = Some(e.clone());
+            tracing::error!("group {group:?}: suspension failed: {e}");
+            Err(format!("group {group:?} could not be suspended: {e}"))
+        }
+        Err(f) => {
             rec.phase = Phase::Running;
             rec.pids.clear();
-            rec.error = Some(e.clone());
-            tracing::warn!("group {group:?}: suspension failed, its processes run on: {e}");
-            Err(format!("group {group:?} could not be suspended (its processes run on): {e}"))
+            rec.agents.clear();
+            rec.error = Some(f.why.clone());
+            tracing::warn!("group {group:?}: suspension failed, its processes run on: {}", f.why);
+            Err(format!("group {group:?} could not be suspended (its processes run on): {}", f.why))
         }
     })
 }
@@ -353,7 +383,9 @@ fn path_name(shim: bool, driver: bool) -> String {
 
 /// Which members go which way: (pid → slot for the shim's path, pid → bytes for the driver's).
 /// `auto`: the shim's path for members whose agent runs, whose every entry point passes the
-/// gate and whose memory is all VMM-backed; `shim`: every member must have an agent.
+/// gate and whose memory is all VMM-backed; `shim`: every member must have an agent whose
+/// every entry point passes the gate (what is not VMM-backed stays on the device, counted in
+/// what the agent says it keeps).
 #[allow(clippy::type_complexity)]
 fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, usize>, BTreeMap<u32, u64>), String> {
     let mut shim = BTreeMap::new();
@@ -370,6 +402,11 @@ fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, u
                     "group {group:?} is on the shim's suspend path, but pid {pid} runs no suspend agent (it allocated nothing since the group was put on that path, or its shim predates it); `gpuslice set --group {group} --suspendable true --suspend-path auto` lets the driver suspend such members"
                 ))
             }
+            SuspendPath::Shim if caps & CAP_FAST == 0 => {
+                return Err(format!(
+                    "group {group:?} is on the shim's suspend path, but pid {pid} was given a driver function that bypasses the suspend gate (its shim logged which): its agent cannot stop every call; `gpuslice set --group {group} --suspendable true --suspend-path auto` lets the driver suspend such members"
+                ))
+            }
             SuspendPath::Shim => {
                 shim.insert(pid, slot);
             }
@@ -384,126 +421,76 @@ fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, u
     Ok((shim, drivers))
 }
 
-/// The shim's members first (their agents), the check of their claims, then the driver's; on
-/// any failure what was done is undone. Returns the members suspended by the shim and the
-/// bytes moved in all.
-fn suspend_both(
-    state: &Mutex<State>,
-    group: &str,
-    m: &Members,
-    shim: &BTreeMap<u32, usize>,
-    drivers: &BTreeMap<u32, u64>,
-) -> Result<(BTreeMap<u32, usize>, u64), String> {
+/// A suspension done: who went by the shim's path, the bytes moved in all, and the agents' rows.
+struct Suspended {
+    by_shim: BTreeMap<u32, usize>,
+    moved: u64,
+    agents: BTreeMap<u32, AgentRow>,
+}
+
+/// The shim's members first (their agents), the check of their answers, then the driver's; on
+/// any failure what was done is undone. A member whose answer NVML does not bear out is
+/// brought back by its agent before the driver's checkpoint takes it (never both at once); one
+/// that cannot be brought back stays with its agent's suspension (logged).
+fn suspend_both(state: &Mutex<State>, group: &str, m: &Members, shim: &BTreeMap<u32, usize>, drivers: &BTreeMap<u32, u64>) -> Result<Suspended, Failure> {
     let mut drivers = drivers.clone();
     let mut by_shim = shim.clone();
     let mut moved = 0;
+    let mut rows = BTreeMap::new();
     if !shim.is_empty() {
-        let answers = ask_agents(state, m.group_slot, shim, true)?;
-        moved += answers.values().sum::<u64>();
-        // The claim checked against the driver's own figure: the memory must have left.
-        let held = crate::room::held_by_pids(state);
+        let before = crate::room::held_by_pids(state);
+        let answers = agents::ask(state, m.group_slot, shim, true)?;
+        let after = crate::room::held_by_pids(state);
+        let mut disbelieved = BTreeMap::new();
         for (&pid, &slot) in shim {
-            let Some(now) = held.as_ref().map(|h| h.get(&pid).copied().unwrap_or(0)) else { continue };
-            let before = m.pids.get(&pid).copied().unwrap_or(0);
-            let claimed = answers.get(&pid).copied().unwrap_or(0);
-            if now > before.saturating_sub(claimed).saturating_add(SHIM_TOLERANCE) {
-                tracing::warn!(
-                    "group {group:?}: pid {pid} says its agent suspended it ({} moved), but NVML shows it holding {}: the driver's checkpoint suspends it",
-                    format_size(claimed),
-                    format_size(now)
+            let Some(answer) = answers.get(&pid) else { continue };
+            let reported = m.pids.get(&pid).copied().unwrap_or(0);
+            let verdict = agents::judge(answer, reported, before.as_ref(), after.as_ref(), pid);
+            let nvml = match (verdict.nvml_after, verdict.allowed) {
+                (Some(now), Some(allowed)) => format!("NVML shows it holding {} (allowed {})", format_size(now), format_size(allowed)),
+                _ => "NVML cannot be read to check it".to_string(),
+            };
+            if verdict.believed {
+                tracing::info!(
+                    "group {group:?}: pid {pid}: suspended by its agent: {}; keeps {}, {nvml}",
+                    agents::summary(answer, true),
+                    format_size(answer.keep)
                 );
+                moved += answer.bytes;
+                rows.insert(pid, agents::row(pid, answer, &verdict));
+            } else {
+                tracing::warn!(
+                    "group {group:?}: pid {pid} says its agent suspended it ({} moved, {} kept), but {nvml}: its agent is asked back, then the driver's checkpoint suspends it",
+                    format_size(answer.bytes),
+                    format_size(answer.keep)
+                );
+                disbelieved.insert(pid, slot);
+            }
+        }
+        let stuck = agents::bring_back(state, m.group_slot, &disbelieved);
+        for &pid in disbelieved.keys() {
+            if stuck.contains_key(&pid) {
+                // Never the driver on top of the agent: it stays as its agent left it.
+                tracing::error!("group {group:?}: pid {pid}: its agent could not bring it back; it stays suspended by its agent (no driver checkpoint on top)");
+                if let Some(answer) = answers.get(&pid) {
+                    moved += answer.bytes;
+                    rows.insert(pid, agents::row(pid, answer, &agents::Verdict { nvml_after: None, allowed: None, believed: false }));
+                }
+            } else {
                 by_shim.remove(&pid);
-                drivers.insert(pid, before);
-                let _ = slot;
+                drivers.insert(pid, m.pids.get(&pid).copied().unwrap_or(0));
             }
         }
     }
     if !drivers.is_empty() {
         let done = driver().and_then(|d| checkpoint_all(&d, &drivers));
-        if let Err(e) = done {
-            if !by_shim.is_empty() {
-                let _ = ask_agents(state, m.group_slot, &by_shim, false);
-            }
-            return Err(e);
+        if let Err(why) = done {
+            let stuck = agents::bring_back(state, m.group_slot, &by_shim);
+            return Err(Failure { why, stuck });
         }
         moved += drivers.values().sum::<u64>();
     }
-    Ok((by_shim, moved))
-}
-
-/// Writes the group's request (suspended or running) under a new generation, wakes the agents
-/// and waits for every member's acknowledgement. Returns pid → bytes moved; on any failure the
-/// members that did answer as asked are asked back (all or nothing) and the reasons are given.
-fn ask_agents(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>, suspended: bool) -> Result<BTreeMap<u32, u64>, String> {
-    let (generation, acks) = {
-        let state = lock_state(state);
-        let generation = next_generation(state.suspend_request(group_slot));
-        if !state.set_suspend_request(group_slot, suspend_request(generation, suspended)) {
-            return Err("the group has no settings page to ask its members through".into());
-        }
-        // The ledger is mapped for the controller's life: its words outlive the lock.
-        let acks: Vec<(u32, &'static AtomicU32, &'static ledger::ProcessSlot)> = members
-            .iter()
-            .map(|(&pid, &slot)| {
-                let p: &ledger::ProcessSlot = state.ledger.process(slot);
-                // SAFETY: the ledger's mapping is never unmapped while the controller runs.
-                let p: &'static ledger::ProcessSlot = unsafe { &*(p as *const ledger::ProcessSlot) };
-                (pid, &p.suspend_ack, p)
-            })
-            .collect();
-        (generation, acks)
-    };
-    let target = if suspended { ledger::SUSPEND_SUSPENDED } else { ledger::SUSPEND_RUNNING };
-    let deadline = Instant::now() + SHIM_DEADLINE;
-    let mut moved = BTreeMap::new();
-    let mut errors = Vec::new();
-    for (pid, ack, slot) in acks {
-        loop {
-            let word = ack.load(std::sync::atomic::Ordering::Acquire);
-            if word >> 4 == generation && (word & 0xf == target || word & 0xf == ledger::SUSPEND_FAILED) {
-                if word & 0xf == target {
-                    moved.insert(pid, slot.suspend_bytes.load(std::sync::atomic::Ordering::Relaxed));
-                } else {
-                    errors.push(format!("pid {pid}: {}", describe_failure(slot.suspend_error.load(std::sync::atomic::Ordering::Relaxed))));
-                }
-                break;
-            }
-            if !alive(pid) {
-                errors.push(format!("pid {pid} exited"));
-                break;
-            }
-            if Instant::now() >= deadline {
-                errors.push(format!("pid {pid}: its agent did not answer within {} s", SHIM_DEADLINE.as_secs()));
-                break;
-            }
-            gpuslice_common::turns::futex_wait(ack, word, u32::MAX, 50_000_000);
-        }
-    }
-    if errors.is_empty() {
-        return Ok(moved);
-    }
-    if !moved.is_empty() {
-        // All or nothing: those that did move are asked back.
-        let back: BTreeMap<u32, usize> = members.iter().filter(|(pid, _)| moved.contains_key(pid)).map(|(&p, &s)| (p, s)).collect();
-        let _ = ask_agents(state, group_slot, &back, !suspended);
-    }
-    Err(errors.join("; "))
-}
-
-/// The generation after the one in `word` (28 bits, never 0: 0 means "never asked").
-fn next_generation(word: u32) -> u32 {
-    let next = ((word >> 1) + 1) & 0x0fff_ffff;
-    next.max(1)
-}
-
-fn describe_failure(error: u32) -> String {
-    let code = error >> 16;
-    match error & 0xffff {
-        ledger::SUSPEND_ERR_NO_ROOM => format!("no room on the device for its memory (CUDA error {code}); it stays suspended and is tried again later"),
-        ledger::SUSPEND_ERR_BUSY => "CUDA calls in flight did not finish in time".to_string(),
-        ledger::SUSPEND_ERR_DRIVER => format!("a driver call failed (CUDA error {code})"),
-        other => format!("failed (reason {other})"),
-    }
+    Ok(Suspended { by_shim, moved, agents: rows })
 }
 
 /// True when the driver reports one of `pids` in its failed state (an uncorrectable error
@@ -591,7 +578,10 @@ pub fn join_if_suspended(group: &str, pid: u32) -> Result<(), String> {
     Ok(())
 }
 
-/// `gpuslice resume --group G` (and the policy's resumptions).
+/// `gpuslice resume --group G` (and the policy's resumptions). Each member comes back by the
+/// path that suspended it: the driver's restore for those it checkpointed (first: a process
+/// the driver holds cannot run its agent), then the agents — every member whose agent says it
+/// holds it suspended, whatever the record says, so that no gate stays closed.
 pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<String, String> {
     if let Some(peer) = peer {
         may_edit(&lock_state(state), peer)?;
@@ -603,44 +593,71 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
     if !driver_pids.is_empty() {
         crate::room::check_room(state, &rec.device_bytes).map_err(|why| format!("group {group:?} stays suspended: {why}"))?;
     }
-    let group_slot = lock_state(state).find_group(group);
+    let (group_slot, holding) = {
+        let state = lock_state(state);
+        let holding = members(&state, group).map(|m| agents::holding(&state, m.slots.iter().map(|(&p, &(s, _))| (p, s)))).unwrap_or_default();
+        (state.find_group(group), holding)
+    };
     let (shim, drivers): (BTreeMap<u32, usize>, Vec<u32>) = {
         let mut r = registry();
         let rec = r.groups.get_mut(group).filter(|rec| rec.phase == Phase::Suspended).ok_or_else(|| format!("group {group:?} is not suspended"))?;
         rec.pids.retain(|&pid, _| alive(pid));
         rec.shim_pids.retain(|&pid, _| alive(pid));
         rec.phase = Phase::Resuming;
-        (rec.shim_pids.clone(), rec.pids.keys().filter(|p| !rec.shim_pids.contains_key(p)).copied().collect())
-    };
-    let pids = shim.len() + drivers.len();
-    let (outcome, ms) = timed(|| -> Result<u64, String> {
-        let mut moved = 0;
-        if !shim.is_empty() {
-            let slot = group_slot.ok_or_else(|| "its group slot is gone".to_string())?;
-            moved += ask_agents(state, slot, &shim, false)?.values().sum::<u64>();
-        }
-        if !drivers.is_empty() {
-            if let Err(e) = driver().and_then(|d| restore_all(&d, &drivers)) {
-                if let (Some(slot), false) = (group_slot, shim.is_empty()) {
-                    let _ = ask_agents(state, slot, &shim, true);
-                }
-                return Err(e);
+        let drivers = rec.pids.keys().filter(|p| !rec.shim_pids.contains_key(p)).copied().collect();
+        let mut shim = rec.shim_pids.clone();
+        for (pid, slot) in holding {
+            if shim.insert(pid, slot).is_none() {
+                tracing::warn!("group {group:?}: pid {pid}'s agent holds it suspended though the record does not say so: it is asked back too");
             }
         }
-        Ok(moved)
+        (shim, drivers)
+    };
+    let pids = drivers.len() + shim.keys().filter(|p| !drivers.contains(p)).count();
+    let path = path_name(!shim.is_empty(), !drivers.is_empty());
+    let (outcome, ms) = timed(|| -> Result<BTreeMap<u32, agents::Answer>, String> {
+        if !drivers.is_empty() {
+            driver().and_then(|d| restore_all(&d, &drivers))?;
+        }
+        if shim.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let slot = group_slot.ok_or_else(|| "its group slot is gone".to_string())?;
+        agents::ask(state, slot, &shim, false).map_err(|f| {
+            // All or nothing: the members the driver restored go back out with the others.
+            if !drivers.is_empty() {
+                let again = driver().and_then(|d| checkpoint_all(&d, &drivers.iter().map(|&p| (p, 0)).collect()));
+                if let Err(e) = again {
+                    tracing::error!("group {group:?}: the members the driver restored could not be checkpointed again: {e}");
+                }
+            }
+            f.why
+        })
     });
     let failed = outcome.is_err() && driver_says_failed(drivers.iter().copied());
     update(group, |rec| match outcome {
-        Ok(moved) => {
-            let moved = moved + drivers.iter().map(|p| rec.pids.get(p).copied().unwrap_or(0)).sum::<u64>();
+        Ok(answers) => {
+            let mut moved = drivers.iter().map(|p| rec.pids.get(p).copied().unwrap_or(0)).sum::<u64>();
+            for (pid, answer) in &answers {
+                moved += answer.bytes;
+                tracing::info!("group {group:?}: pid {pid}: resumed by its agent: {}", agents::summary(answer, false));
+                if let Some(row) = rec.agents.get_mut(pid) {
+                    agents::add_resume(row, answer);
+                }
+            }
             rec.phase = Phase::Running;
             rec.resume_ms = Some(ms);
             rec.resume_gbps = rate(moved, ms);
+            rec.resume_path = Some(path.clone());
             rec.automatic = false;
             rec.error = None;
             rec.pids.clear();
             rec.shim_pids.clear();
-            let message = format!("group {group:?} resumed: {pids} processes, {} back on the device in {ms:.0} ms", format_size(rec.bytes));
+            let message = format!(
+                "group {group:?} resumed: {pids} processes, {} back on the device in {ms:.0} ms ({path} path{})",
+                format_size(moved),
+                rec.resume_gbps.map(|g| format!(", {g:.2} GB/s")).unwrap_or_default()
+            );
             tracing::info!("{message}");
             Ok(message)
         }
@@ -681,7 +698,7 @@ fn restore_all(d: &Driver, pids: &[u32]) -> Result<(), String> {
 }
 
 /// A process that exists and has not exited (a zombie's memory and host copy are gone already).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command's closing parenthesis.
         Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
@@ -822,28 +839,13 @@ pub fn from_config(state: &Mutex<State>) {
     }
 }
 
-/// At start: members whose agents acknowledged the group's standing request to be suspended
-/// were suspended by the shim's path of an earlier controller (their answers live in their
-/// process slots, which outlive it): they are recorded so that `resume` asks them back.
+/// At start: members whose agents hold them suspended (`suspend_held`, in their process slots,
+/// which outlive the controller) were suspended by the shim's path of an earlier controller:
+/// they are recorded so that `resume` asks them back.
 fn adopt_shim(state: &Mutex<State>, groups: &[(String, Members)]) {
     let state = lock_state(state);
     for (group, m) in groups {
-        let word = state.suspend_request(m.group_slot);
-        if word & 1 == 0 {
-            continue;
-        }
-        let generation = (word >> 1) & 0x0fff_ffff;
-        let mut found = BTreeMap::new();
-        for (&pid, &(slot, _)) in &m.slots {
-            let p = state.ledger.process(slot);
-            let ack = p.suspend_ack.load(std::sync::atomic::Ordering::Acquire);
-            let still = ack & 0xf == ledger::SUSPEND_SUSPENDED
-                || ack & 0xf == ledger::SUSPEND_RESUMING
-                || (ack & 0xf == ledger::SUSPEND_FAILED && p.suspend_error.load(std::sync::atomic::Ordering::Relaxed) & 0xffff == ledger::SUSPEND_ERR_NO_ROOM);
-            if ack >> 4 == generation && still {
-                found.insert(pid, slot);
-            }
-        }
+        let found = agents::holding(&state, m.slots.iter().map(|(&p, &(s, _))| (p, s)));
         if found.is_empty() {
             continue;
         }

@@ -541,7 +541,7 @@ static const struct cmdspec CMDS[] = {
     {"allocbench", "nn"}, {"pokepat", "nn"},    {"peekpat", "nn"},     {"range", "n"},         {"ipcget", "n"},
     {"grid", "nnn"},      {"usefunc", "sss"},    {"launchpacked", "nn"},
     {"gateargs", ""},     {"gateblock", "n"},    {"gatebusy", "nn"},     {"gatefork", ""},
-    {"gateloop", "n"},    {"gatestate", ""},
+    {"gateloop", "n"},    {"gatestate", ""},     {"gatecall", "snn"},
 };
 
 static const struct cmdspec *find_cmd(const char *name) {
@@ -809,6 +809,18 @@ static void *gate_copy_thread(void *unused) {
     char buf[64] = "through the gate";
     int r = p_cuMemcpyHtoD(g_gate_dev, buf, sizeof buf);
     __atomic_store_n(&g_gate_done[0], r == 0 ? 1 : -1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+/* gatecall: a driver function found by name, called from a thread while the gate is closed. */
+static int (*g_gatecall_fn)(int);
+static volatile int g_gatecall_result = -1;
+static volatile int g_gatecall_done;
+
+static void *gatecall_thread(void *arg) {
+    int r = g_gatecall_fn((int)(long)arg);
+    g_gatecall_result = r;
+    __atomic_store_n(&g_gatecall_done, 1, __ATOMIC_SEQ_CST);
     return NULL;
 }
 
@@ -1471,7 +1483,26 @@ static void run(const char *cmd, char **a) {
         unsigned long long t2 = thread_cpu_ns();
         printf("ok gateloop failures=%d version_ns=%.1f query_ns=%.1f\n", failures, n ? (double)(t1 - t0) / n : 0.0, n ? (double)(t2 - t1) / n : 0.0);
     } else if (!strcmp(cmd, "gatestate")) {
-        printf("ok gatestate fast=%lld unknown=%lld export=%lld\n", gate_knob(4, 0), gate_knob(5, 0), gate_knob(6, 0));
+        printf("ok gatestate fast=%lld unknown=%lld export=%lld spares=%lld\n", gate_knob(4, 0), gate_knob(5, 0), gate_knob(6, 0), gate_knob(7, 0));
+    } else if (!strcmp(cmd, "gatecall")) {
+        /* gatecall NAME X MS: the driver function NAME (int f(int)) found by dlsym; whether the
+         * program got a gpuslice thunk, its answer for X, and whether a call from another thread
+         * waited MS ms at the closed gate before it went through. */
+        void *h = libcuda ? libcuda : dlopen("libcuda.so.1", RTLD_NOW);
+        g_gatecall_fn = h ? (int (*)(int))dlsym(h, a[0]) : NULL;
+        if (!g_gatecall_fn) { printf("err gatecall code=-1 name=%s\n", a[0]); return; }
+        Dl_info info;
+        int thunk = dladdr((void *)g_gatecall_fn, &info) && info.dli_fname && strstr(info.dli_fname, "gpuslice");
+        int x = (int)num(a[1]);
+        int direct = g_gatecall_fn(x);
+        long long closed = gate_knob(1, 5000);
+        pthread_t t;
+        pthread_create(&t, NULL, gatecall_thread, (void *)(long)x);
+        usleep((useconds_t)(num(a[2]) * 1000));
+        int held = __atomic_load_n(&g_gatecall_done, __ATOMIC_SEQ_CST) == 0;
+        gate_knob(2, 0);
+        pthread_join(t, NULL);
+        printf("ok gatecall thunk=%d result=%d close=%lld held=%d after=%d\n", thunk, direct, closed, held, g_gatecall_result);
     } else if (!strcmp(cmd, "plaunch")) {
         /* plaunch T N NS: T threads, each on its own stream, N kernels of NS ns each. */
         NEED(cuStreamCreate);

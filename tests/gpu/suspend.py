@@ -231,6 +231,22 @@ def preemption(a, ctl, env, link):
                f"suspend_path = {a.suspend_path}")
     else:
         record("3c", "suspend/resume speed (goal >= 20 GB/s each way)", False, f"no timings: {resumed}")
+    for row in resumed.get("agents") or during.get("agents") or []:
+        log(f"3c agent pid {row.get('pid')}: {agent_split(row)}")
+    record("3d", "suspend/resume paths agree (never stacked)", resumed.get("resume_path") == (resumed.get("path") or during.get("path")),
+           "; ".join([f"suspended by {resumed.get('path') or during.get('path')}, resumed by {resumed.get('resume_path')}"]
+                     + [f"pid {r.get('pid')}: {agent_split(r)}" for r in resumed.get("agents") or []]))
+
+
+def agent_split(row):
+    """One agent's row of `ls --json` (the shim's path) as one line: where its time went."""
+    p = row.get("phases_ms") or {}
+    out = " ".join(f"{k} {p[k]:.0f}" for k in ("gate", "sync", "pin", "copy_out", "release") if k in p)
+    back = " ".join(f"{k} {p[k]:.0f}" for k in ("map", "copy_in", "host_free") if k in p)
+    mib = lambda b: f"{(b or 0) / 2**20:.0f} MiB"
+    return (f"{(row.get('bytes') or 0) / 1e9:.1f} GB in {row.get('ranges')} allocations; out {row.get('suspend_ms')} ms ({out}); "
+            f"back {row.get('resume_ms')} ms ({back}); keeps {mib(row.get('keep'))}, NVML {mib(row.get('nvml_after'))} "
+            f"(allowed {mib(row.get('allowed'))})")
 
 
 def alternation(a, ctl, env, card_gib):

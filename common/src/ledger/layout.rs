@@ -195,11 +195,29 @@ pub struct ProcessSlot {
     pub suspend_ms: AtomicU32,
     /// What the agent can do (`CAP_*`): a claim, checked against NVML before it counts.
     pub suspend_caps: AtomicU32,
-    pub _reserved: [AtomicU64; 1],
+    /// Device bytes the agent expects its process to keep on the device while suspended (its
+    /// contexts, modules, and memory that is not VMM-backed: what it charged and did not move),
+    /// written with each "suspended" answer. A claim: the controller compares NVML with it.
+    pub suspend_keep: AtomicU64,
     // --- end of issue 22's fields (they were `_reserved[0..3]`) ---
     pub devices: [ProcessDevice; MAX_DEVICES],
+    // --- Issue 22 (branch i22fix): per-member requests and the agent's time split. ---
+    /// The controller's request to this process's agent: `generation << 1 | wanted` (1
+    /// suspended, 0 running); 0 = never asked. Written by the controller before it rings the
+    /// group's `MemberSettings::suspend`, so that a request reaches only the members it names
+    /// (a member the driver's checkpoint suspends must not be suspended by its agent too). In
+    /// the tenant's writable slot: a process can only ask its own agent, i.e. suspend itself.
+    pub suspend_request: AtomicU32,
+    /// 1 while this process's agent holds it suspended (gate closed, memory on the host), 0
+    /// otherwise: written by the agent. The controller asks back every member that says 1.
+    pub suspend_held: AtomicU32,
+    /// Allocations the last suspension or resume moved.
+    pub suspend_ranges: AtomicU32,
+    pub _suspend_pad: AtomicU32,
+    /// The last suspension's and resume's time split, in µs, by `PHASE_*`.
+    pub suspend_phase_us: [AtomicU32; PHASES],
     /// To the end of the page.
-    pub _page: [AtomicU64; (PAGE - 128 - 128 * MAX_DEVICES) / 8],
+    pub _page: [AtomicU64; (PAGE - 128 - 128 * MAX_DEVICES - 16 - 4 * PHASES) / 8],
 }
 
 // ---- Issue 13 (branch i13c): per-process settings only the controller writes. ----
@@ -239,6 +257,9 @@ pub const SUSPEND_ERR_NO_ROOM: u32 = 1;
 pub const SUSPEND_ERR_BUSY: u32 = 2;
 /// A driver call failed (its code in the high 16 bits).
 pub const SUSPEND_ERR_DRIVER: u32 = 3;
+/// The process was handed a driver entry point that does not pass the gate (`CAP_FAST` lost):
+/// its calls could reach released memory, so the agent refuses; it runs on.
+pub const SUSPEND_ERR_HOLE: u32 = 4;
 // `ProcessSlot::suspend_caps`.
 /// The process runs a suspend agent (a member of a group marked for the shim path).
 pub const CAP_AGENT: u32 = 1;
@@ -246,6 +267,28 @@ pub const CAP_AGENT: u32 = 1;
 pub const CAP_FAST: u32 = 2;
 /// It holds device memory that is not VMM-backed by the shim (the agent cannot move it).
 pub const CAP_OTHER_MEMORY: u32 = 4;
+
+// `ProcessSlot::suspend_phase_us`: where an agent's suspension and resume spent their time.
+/// Suspension: closing the gate (waiting for calls in flight to leave the driver).
+pub const PHASE_GATE: usize = 0;
+/// Suspension: `cuCtxSynchronize` of every context (work already queued on the device).
+pub const PHASE_SYNC: usize = 1;
+/// Suspension: `cuMemHostAlloc` of the host copies (pinning), while earlier copies run.
+pub const PHASE_PIN: usize = 2;
+/// Suspension: issuing the device-to-host copies and waiting for them, less `PHASE_PIN`.
+pub const PHASE_COPY_OUT: usize = 3;
+/// Suspension: `cuMemUnmap` + `cuMemRelease` of the physical memory.
+pub const PHASE_RELEASE: usize = 4;
+/// Resume: `cuMemCreate` + `cuMemMap` + `cuMemSetAccess` at the recorded addresses.
+pub const PHASE_MAP: usize = 5;
+/// Resume: issuing the host-to-device copies and waiting for them.
+pub const PHASE_COPY_IN: usize = 6;
+/// Resume: `cuMemFreeHost` of the host copies.
+pub const PHASE_HOST_FREE: usize = 7;
+/// How many phases `ProcessSlot::suspend_phase_us` has room for.
+pub const PHASES: usize = 8;
+/// The phases' names, by index (logs and `ls --json`).
+pub const PHASE_NAMES: [&str; PHASES] = ["gate", "sync", "pin", "copy_out", "release", "map", "copy_in", "host_free"];
 
 /// `MemberSettings::suspend`'s word for request `generation`.
 pub const fn suspend_request(generation: u32, wanted: bool) -> u32 {
@@ -266,9 +309,11 @@ pub struct MemberSettings {
     pub penalty: [AtomicU64; MAX_DEVICES],
     /// The group's suspension marks as last edited live (`MARK_*`; 0: never edited).
     pub marks: AtomicU32,
-    /// The controller's request to the members' suspend agents (issue 22, the shim path):
-    /// `generation << 1 | wanted` (1 suspended, 0 running); 0 = never asked. A futex word: the
-    /// controller `FUTEX_WAKE`s it after each change. Was `_marks_pad` (layout unchanged).
+    /// The ring for the members' suspend agents (issue 22, the shim path): the controller's
+    /// latest request, `generation << 1 | wanted` (1 suspended, 0 running); 0 = never asked. A
+    /// futex word the agents sleep on: the controller writes each addressed member's own
+    /// `ProcessSlot::suspend_request` first, then this word, and `FUTEX_WAKE`s it. Was
+    /// `_marks_pad` (layout unchanged).
     pub suspend: AtomicU32,
     /// By process slot index: that process's own priority (`Priority` as u8), or
     /// `PRIORITY_INHERIT` for its group's.
@@ -511,7 +556,7 @@ impl ProcessSlot {
     }
 
     pub fn reset(&self) {
-        for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token, &self.suspend_bytes] {
+        for w in [&self.ops, &self.start_time, &self.heartbeat_ns, &self.token, &self.suspend_bytes, &self.suspend_keep] {
             w.store(0, Relaxed);
         }
         for w in [
@@ -524,7 +569,13 @@ impl ProcessSlot {
             &self.suspend_error,
             &self.suspend_ms,
             &self.suspend_caps,
+            &self.suspend_request,
+            &self.suspend_held,
+            &self.suspend_ranges,
         ] {
+            w.store(0, Relaxed);
+        }
+        for w in &self.suspend_phase_us {
             w.store(0, Relaxed);
         }
         write_text(&self.name, "");

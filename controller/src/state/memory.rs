@@ -148,6 +148,11 @@ impl State {
         self.memory.get(&i).map_or(0, |m| m.settings.members().suspend.load(Acquire))
     }
 
+    /// Whether group slot `i` has its settings pages (a group without members has none).
+    pub(crate) fn has_settings(&self, i: usize) -> bool {
+        self.memory.contains_key(&i)
+    }
+
     /// Writes group slot `i`'s suspend request word and wakes its members' agents. False
     /// without a page (a group without members has no agents to ask).
     pub(crate) fn set_suspend_request(&self, i: usize, word: u32) -> bool {

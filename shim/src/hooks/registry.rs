@@ -141,7 +141,7 @@ pub fn wrapper_for_name(name: &[u8]) -> Option<*mut c_void> {
 /// the gate thunk when `found` is the driver's function of that name or our own thunk (found
 /// through the global scope; then null if the driver lacks the function, as the lookup would
 /// have said without the shim), else `found` (a same-named function of another library stays
-/// its own; counted as a hole in the gate when it is a driver function the table lacks).
+/// its own); a driver function the table lacks gets a spare thunk (`outside_the_table`).
 pub fn for_dlsym(name: &[u8], found: *mut c_void) -> *mut c_void {
     if let Some(wrapper) = wrapper_for_name(name) {
         return wrapper;
@@ -159,9 +159,20 @@ pub fn for_dlsym(name: &[u8], found: *mut c_void) -> *mut c_void {
         return found;
     }
     if in_driver(found) {
-        crate::sys::gate::note_unknown_name(&String::from_utf8_lossy(name));
+        return outside_the_table(name, found);
     }
     found
+}
+
+/// A driver function the thunk table lacks: a spare thunk for it, else (every spare taken) the
+/// function itself, counted as a hole in the gate.
+fn outside_the_table(name: &[u8], real: *mut c_void) -> *mut c_void {
+    if let Some(spare) = gate::spare_for(real) {
+        tracing::debug!("driver function {} is outside CUDA 13.0's table: a spare suspend-gate thunk passes it", String::from_utf8_lossy(name));
+        return spare;
+    }
+    crate::sys::gate::note_unknown_name(&String::from_utf8_lossy(name));
+    real
 }
 
 /// What `cuGetProcAddress` hands out for the real address `real` it found for `symbol`.
@@ -172,8 +183,7 @@ pub fn for_proc_address(symbol: &[u8], real: *mut c_void) -> *mut c_void {
     if let Some(thunk) = gate::thunk_for_real(real) {
         return thunk;
     }
-    crate::sys::gate::note_unknown_name(&String::from_utf8_lossy(symbol));
-    real
+    outside_the_table(symbol, real)
 }
 
 /// Whether `address` lies in the real driver's library.

@@ -12,9 +12,13 @@ use crate::hooks::memory::{charged_memory, released, POINTERS};
 use crate::state::vmm_ranges::{self, Range};
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
-use gpuslice_common::ledger::{CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE};
+use gpuslice_common::ledger::{
+    CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE, PHASES, PHASE_COPY_IN, PHASE_COPY_OUT, PHASE_HOST_FREE, PHASE_MAP, PHASE_PIN,
+    PHASE_RELEASE, PHASE_SYNC,
+};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::time::Instant;
 
 /// Host-to-device and device-to-host copies are cut into pieces of this size and spread over
 /// `STREAMS` streams, so that several DMA transfers are in flight at once (the probe's rows
@@ -51,11 +55,18 @@ pub fn note_other_memory() {
     }
 }
 
-/// The capabilities the agent announces when it starts.
+/// The capabilities the agent announces when it starts, and again at each request: `CAP_FAST`
+/// goes once a driver function was handed out that bypasses the gate (the controller reads
+/// the caps when it decides which path a member takes).
 pub fn announce_caps() {
     if let Some(link) = crate::state::link::get() {
-        let fast = if crate::sys::gate::fast_suspendable() { CAP_FAST } else { 0 };
-        link.process.suspend_caps.fetch_or(CAP_AGENT | fast, Relaxed);
+        let caps = &link.process.suspend_caps;
+        if crate::sys::gate::fast_suspendable() {
+            caps.fetch_or(CAP_AGENT | CAP_FAST, Relaxed);
+        } else {
+            caps.fetch_or(CAP_AGENT, Relaxed);
+            caps.fetch_and(!CAP_FAST, Relaxed);
+        }
     }
 }
 
@@ -276,29 +287,61 @@ fn set_context(context: usize) -> Result<(), CuResult> {
     check(unsafe { set(context as CUcontext) })
 }
 
+/// What a move did: the agent's answer and log line.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Moved {
+    /// Device bytes moved (the ranges' mapped, rounded sizes).
+    pub bytes: u64,
+    /// What the program asked for of those ranges (what the ledger was charged for them).
+    pub requested: u64,
+    /// Allocations moved.
+    pub ranges: u32,
+    /// Where the time went, in µs, by `ledger::PHASE_*` (the move's own phases only).
+    pub phase_us: [u64; PHASES],
+}
+
+/// µs since `t`.
+fn us_since(t: Instant) -> u64 {
+    t.elapsed().as_micros().min(u64::MAX as u128) as u64
+}
+
 /// Copies every mapped range to pinned host memory, then releases its physical memory (the
 /// reservation stays). All or nothing: a failure before the releases frees the host copies
-/// and leaves everything mapped. Returns the bytes moved.
-pub fn move_out() -> Result<u64, CuResult> {
+/// and leaves everything mapped. Times each phase (`PHASE_SYNC`, `PHASE_PIN`, `PHASE_COPY_OUT`,
+/// `PHASE_RELEASE`): the host allocations happen while earlier ranges' copies run, so
+/// `PHASE_PIN` is time the copy-issuing thread spent pinning, and `PHASE_COPY_OUT` the rest of
+/// the copy loop and the wait for the streams.
+pub fn move_out() -> Result<Moved, CuResult> {
     let ranges: Vec<Range> = vmm_ranges::all().into_iter().filter(|r| r.handle != 0).collect();
     let mut copies: Vec<(Range, usize)> = Vec::new();
+    let mut moved = Moved::default();
     let result = (|| {
         let mut contexts: Vec<usize> = ranges.iter().map(|r| r.context).collect();
         contexts.sort_unstable();
         contexts.dedup();
         for &context in &contexts {
+            let t = Instant::now();
             set_context(context)?;
             check(call_real!(cuCtxSynchronize()))?;
+            moved.phase_us[PHASE_SYNC] += us_since(t);
+            let copy_started = Instant::now();
+            let mut pinning = 0;
             let streams = Streams::new()?;
             for r in ranges.iter().filter(|r| r.context == context) {
                 let mut host: *mut c_void = std::ptr::null_mut();
-                check(call_real!(cuMemHostAlloc(&mut host, r.size as usize, 0)))?;
+                let t = Instant::now();
+                let code = call_real!(cuMemHostAlloc(&mut host, r.size as usize, 0));
+                pinning += us_since(t);
+                check(code)?;
                 copies.push((*r, host as usize));
                 chunked(&streams, r.size, |off, len, s| {
                     call_real!(cuMemcpyDtoHAsync_v2((host as usize + off as usize) as *mut c_void, r.base + off, len as usize, s))
                 })?;
             }
             streams.sync()?;
+            drop(streams);
+            moved.phase_us[PHASE_PIN] += pinning;
+            moved.phase_us[PHASE_COPY_OUT] += us_since(copy_started).saturating_sub(pinning);
         }
         Ok(())
     })();
@@ -308,30 +351,38 @@ pub fn move_out() -> Result<u64, CuResult> {
         }
         return Err(code);
     }
-    let mut moved = 0;
+    let t = Instant::now();
     for (r, host) in copies {
         // A release that fails leaves this range mapped and its copy unused: it stays on the
         // device (counted as not moved) and the program keeps its data either way.
         if unmap_release(&r).is_ok() {
             vmm_ranges::update(r.base, 0, host);
-            moved += r.size;
+            moved.bytes += r.size;
+            moved.requested += r.requested;
+            moved.ranges += 1;
         } else {
             call_real!(cuMemFreeHost(host as *mut c_void));
         }
     }
+    moved.phase_us[PHASE_RELEASE] = us_since(t);
     Ok(moved)
 }
 
 /// Creates, maps and fills again every range `move_out` released, at the same addresses. All
 /// or nothing: out of memory (or any failure) releases what this attempt made, keeps the host
-/// copies, and the process stays suspended (to be retried). Returns the bytes moved back.
-pub fn move_in() -> Result<u64, CuResult> {
+/// copies, and the process stays suspended (to be retried). Times `PHASE_MAP`, `PHASE_COPY_IN`
+/// and `PHASE_HOST_FREE`.
+pub fn move_in() -> Result<Moved, CuResult> {
     let ranges: Vec<Range> = vmm_ranges::all().into_iter().filter(|r| r.handle == 0 && r.host != 0).collect();
     let mut made: Vec<(Range, u64)> = Vec::new();
+    let mut moved = Moved::default();
     let result = (|| {
+        let t = Instant::now();
         for r in &ranges {
             made.push((*r, map_new(r)?));
         }
+        moved.phase_us[PHASE_MAP] = us_since(t);
+        let t = Instant::now();
         let mut contexts: Vec<usize> = ranges.iter().map(|r| r.context).collect();
         contexts.sort_unstable();
         contexts.dedup();
@@ -345,6 +396,7 @@ pub fn move_in() -> Result<u64, CuResult> {
             }
             streams.sync()?;
         }
+        moved.phase_us[PHASE_COPY_IN] = us_since(t);
         Ok(())
     })();
     if let Err(code) = result {
@@ -353,12 +405,15 @@ pub fn move_in() -> Result<u64, CuResult> {
         }
         return Err(code);
     }
-    let mut moved = 0;
+    let t = Instant::now();
     for (r, handle) in made {
         call_real!(cuMemFreeHost(r.host as *mut c_void));
         vmm_ranges::update(r.base, handle, 0);
-        moved += r.size;
+        moved.bytes += r.size;
+        moved.requested += r.requested;
+        moved.ranges += 1;
     }
+    moved.phase_us[PHASE_HOST_FREE] = us_since(t);
     Ok(moved)
 }
 

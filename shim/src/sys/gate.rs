@@ -328,11 +328,28 @@ pub fn holes() -> (usize, usize) {
     (UNKNOWN_NAMES.load(Relaxed), EXPORT_TABLES.load(Relaxed))
 }
 
-/// A driver function without a thunk was handed to the program (logged once per process).
+/// A driver function without a thunk was handed to the program (logged once per process):
+/// the table lacks it and every spare thunk is taken, so its calls bypass the gate.
 pub fn note_unknown_name(name: &str) {
     if UNKNOWN_NAMES.fetch_add(1, Relaxed) == 0 {
-        tracing::info!("driver function {name} has no suspend-gate thunk (not in CUDA 13.0's table): this process is not fast-suspendable");
+        tracing::warn!(
+            "driver function {name} is outside CUDA 13.0's table and every spare suspend-gate thunk is taken: its calls bypass the gate, so this process is not fast-suspendable (its suspend agent refuses; `suspend_path = \"auto\"` or `\"driver\"` suspends it by the driver's checkpoint)"
+        );
     }
+}
+
+/// Spare thunks handed out so far (`hooks::gate::spare_for`): names outside the table that
+/// pass the gate all the same.
+static SPARES_USED: AtomicUsize = AtomicUsize::new(0);
+
+/// A spare thunk was handed out; `used` is how many are taken now.
+pub fn note_spare(used: usize) {
+    SPARES_USED.fetch_max(used, Relaxed);
+}
+
+/// Spare thunks taken so far.
+pub fn spares_used() -> usize {
+    SPARES_USED.load(Relaxed)
 }
 
 /// The program asked for a private export table (`cuGetExportTable`).
@@ -362,7 +379,7 @@ pub const FORK: Handlers = Handlers { prepare: hold, in_child: forget };
 /// Test knob (`GPUSLICE_TEST_GATE=1` only, read once; refused otherwise so that no program can
 /// close its own gate in production): `action` 1 closes with `timeout_ms` and returns 0 or
 /// minus the threads inside, 2 opens, 3 answers `is_closed`, 4 `fast_suspendable`, 5 the
-/// unknown names, 6 the export tables counted.
+/// unknown names, 6 the export tables counted, 7 the spare thunks taken.
 #[no_mangle]
 pub extern "C" fn gpuslice_test_gate(action: libc::c_int, timeout_ms: u64) -> i64 {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -382,6 +399,7 @@ pub extern "C" fn gpuslice_test_gate(action: libc::c_int, timeout_ms: u64) -> i6
         4 => i64::from(fast_suspendable()),
         5 => holes().0 as i64,
         6 => holes().1 as i64,
+        7 => spares_used() as i64,
         _ => i64::MIN,
     })
 }

@@ -77,14 +77,36 @@ fn a_fork_child_starts_with_the_gate_open() {
     assert!(parent.contains("child_exit=0"), "{parent}");
 }
 
+/// A driver function the table lacks (PyTorch's runtime looks up legacy names such as
+/// `cuGLCtxCreate`) gets a spare thunk: it passes the gate like any other, its argument and
+/// result intact, and the process stays fast-suspendable.
 #[test]
-fn a_driver_function_outside_the_table_makes_the_process_not_fast_suspendable() {
+fn a_driver_function_outside_the_table_gets_a_spare_thunk_that_passes_the_gate() {
     let sim = Sim::new();
-    let out = gated(&sim, Route::Dlsym).args("init ctx 0 gatestate dlsym cuSimcudaUnlisted gatestate").run();
+    let out = gated(&sim, Route::Dlsym).args("init ctx 0 gatestate gatecall cuSimcudaUnlisted 5 200 gatestate").run();
+    out.assert_all_ok();
+    let line = out.first("gatecall");
+    assert_eq!(out.u64("gatecall", "thunk"), 1, "the program got a gpuslice thunk: {line}");
+    assert_eq!(out.u64("gatecall", "result"), 16, "3 × 5 + 1 came back through it: {line}");
+    assert_eq!(out.u64("gatecall", "close"), 0, "{line}");
+    assert_eq!(out.u64("gatecall", "held"), 1, "a call through the spare waited at the closed gate: {line}");
+    assert_eq!(out.u64("gatecall", "after"), 16, "and went through after open: {line}");
+    assert_eq!(out.nth_u64("gatestate", 1, "fast"), 1, "a spare keeps the process fast-suspendable:\n{out}");
+    assert_eq!(out.nth_u64("gatestate", 1, "unknown"), 0, "{out}");
+    assert_eq!(out.nth_u64("gatestate", 1, "spares"), 1, "{out}");
+}
+
+/// With every spare taken (none left here, `GPUSLICE_TEST_GATE_SPARES=0`), such a function is
+/// handed out bare: its calls bypass the gate, so the process is not fast-suspendable.
+#[test]
+fn with_no_spare_left_a_driver_function_outside_the_table_makes_the_process_not_fast_suspendable() {
+    let sim = Sim::new();
+    let out = gated(&sim, Route::Dlsym).env("GPUSLICE_TEST_GATE_SPARES", 0).args("init ctx 0 gatestate dlsym cuSimcudaUnlisted gatestate").run();
     out.assert_all_ok();
     assert_eq!(out.nth_u64("gatestate", 0, "fast"), 1, "{out}");
-    assert_eq!(out.nth_u64("gatestate", 1, "fast"), 0, "an unknown name was handed out:\n{out}");
+    assert_eq!(out.nth_u64("gatestate", 1, "fast"), 0, "an unknown name was handed out bare:\n{out}");
     assert_eq!(out.nth_u64("gatestate", 1, "unknown"), 1, "{out}");
+    assert!(out.stderr.contains("bypass the gate"), "{}", out.stderr);
 }
 
 #[test]

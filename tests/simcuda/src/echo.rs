@@ -80,8 +80,9 @@ pub fn export_addr(name: &str) -> Option<*mut c_void> {
 }
 
 /// A driver-library function that no CUDA header declares, so that a test can resolve a name
-/// the shim's thunk table lacks (the process then stops being fast-suspendable).
+/// the shim's thunk table lacks (it gets a spare thunk; with none left, the process stops being
+/// fast-suspendable). Answers `3x + 1`, so that a test sees its argument and result pass.
 #[no_mangle]
-pub extern "C" fn cuSimcudaUnlisted() -> c_int {
-    0
+pub extern "C" fn cuSimcudaUnlisted(x: c_int) -> c_int {
+    x.wrapping_mul(3).wrapping_add(1)
 }

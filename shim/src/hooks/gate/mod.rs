@@ -24,6 +24,14 @@
 //!
 //! `names.txt` lists the names (and where they came from); `thunks.rs` is generated from it by
 //! `gen_names.py` (the names minus those `registry` hooks). A test checks that the two agree.
+//!
+//! A driver function the table lacks (the CUDA runtime resolves legacy names such as
+//! `cuGLCtxCreate` through `cuGetProcAddress` in every program) gets one of `SPARES` spare
+//! thunks: the same code, its real address filled in when it is handed out. Since a thunk needs
+//! no signature, a spare passes the gate exactly as a named one does, and a name merely looked
+//! up costs a slot, not the process's fast path. Only when the spares run out is a function
+//! handed out bare (`sys::gate::note_unknown_name`: a real hole, the process is then not
+//! fast-suspendable and the agent refuses to suspend it).
 
 use crate::sys::ffi::{CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_INITIALIZED};
 use crate::sys::gate;
@@ -207,6 +215,73 @@ pub fn thunk_for_name(name: &[u8]) -> Option<(*mut c_void, Option<usize>)> {
     map.get(name).map(|&i| (THUNKS[i] as *mut c_void, real(i)))
 }
 
+/// How many driver functions outside the table can be passed through the gate.
+pub const SPARES: usize = 256;
+
+/// The spare thunks' real functions, by slot: 0 while free (`resolve_entry` then answers
+/// `missing`, though a spare is never handed out before its slot is filled).
+static SPARE_REAL: [AtomicUsize; SPARES] = [const { AtomicUsize::new(0) }; SPARES];
+
+/// The spare thunks: `SPARES` entries of 16 bytes (`lea` + `jmp`, padded), entry `i` reading
+/// `SPARE_REAL[i]`, then the named thunks' `common` body.
+#[unsafe(naked)]
+unsafe extern "C" fn spare_thunks() {
+    core::arch::naked_asm!(
+        ".balign 16",
+        ".set gpuslice_spare_offset, 0",
+        ".rept {n}",
+        ".balign 16",
+        "lea r11, [rip + {real} + gpuslice_spare_offset]",
+        "jmp {common}",
+        ".set gpuslice_spare_offset, gpuslice_spare_offset + 8",
+        ".endr",
+        n = const SPARES,
+        real = sym SPARE_REAL,
+        common = sym common,
+    )
+}
+
+/// Spare thunk `i`'s address (the first entry sits at the function's first 16-byte boundary).
+fn spare_entry(i: usize) -> *mut c_void {
+    ((spare_thunks as *const () as usize).next_multiple_of(16) + 16 * i) as *mut c_void
+}
+
+/// Test knob (`GPUSLICE_TEST_GATE=1` only): `GPUSLICE_TEST_GATE_SPARES=N` leaves N spares
+/// usable, so that a test can reach the hole that running out of them leaves.
+fn spares_usable() -> usize {
+    static USABLE: OnceCell<usize> = OnceCell::new();
+    *USABLE.get_or_init(|| {
+        let knob = std::env::var_os("GPUSLICE_TEST_GATE").is_some_and(|v| v == "1");
+        let asked = std::env::var("GPUSLICE_TEST_GATE_SPARES").ok().and_then(|v| v.trim().parse().ok());
+        asked.filter(|_| knob).map_or(SPARES, |n: usize| n.min(SPARES))
+    })
+}
+
+/// A spare thunk for `real`, a driver function outside the table: the slot already holding
+/// it, else a free one (claimed with a compare-and-swap: no lock, so a fork at any moment is
+/// harmless; two threads racing for the same function may take two slots, both correct).
+/// `None` when every usable slot is taken.
+pub fn spare_for(real: *mut c_void) -> Option<*mut c_void> {
+    let real = real as usize;
+    if real == 0 {
+        return None;
+    }
+    let usable = &SPARE_REAL[..spares_usable()];
+    if let Some(i) = usable.iter().position(|s| s.load(Relaxed) == real) {
+        return Some(spare_entry(i));
+    }
+    for (i, slot) in usable.iter().enumerate() {
+        if slot.load(Relaxed) == 0 && slot.compare_exchange(0, real, Relaxed, Relaxed).is_ok() {
+            gate::note_spare(i + 1);
+            return Some(spare_entry(i));
+        }
+        if slot.load(Relaxed) == real {
+            return Some(spare_entry(i));
+        }
+    }
+    None
+}
+
 /// The thunk for a real driver address that `cuGetProcAddress` handed out, if the table has it.
 pub fn thunk_for_real(address: *mut c_void) -> Option<*mut c_void> {
     static BY_REAL: OnceCell<HashMap<usize, usize>> = OnceCell::new();
@@ -219,6 +294,31 @@ pub fn thunk_for_real(address: *mut c_void) -> Option<*mut c_void> {
 
 #[cfg(test)]
 mod tests {
+    extern "C" fn seven_args(a: i64, b: i64, c: i64, d: i64, e: i64, f: i64, g: i64, x: f64) -> i64 {
+        a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + (x * 100.0) as i64
+    }
+
+    extern "C" fn one_arg(a: i64) -> i64 {
+        a * 3 + 1
+    }
+
+    /// A spare thunk calls the function it was handed out for with every argument (registers,
+    /// a float, a stack slot) and its 64-bit result intact; one function keeps its slot.
+    #[test]
+    fn spare_thunks_pass_arguments_and_results_untouched() {
+        type Seven = extern "C" fn(i64, i64, i64, i64, i64, i64, i64, f64) -> i64;
+        type One = extern "C" fn(i64) -> i64;
+        let a = super::spare_for(seven_args as *mut std::ffi::c_void).expect("a spare");
+        let b = super::spare_for(one_arg as *mut std::ffi::c_void).expect("a spare");
+        assert_ne!(a, b);
+        assert_eq!(super::spare_for(seven_args as *mut std::ffi::c_void), Some(a), "the same function keeps its slot");
+        // SAFETY: the spares call exactly these functions, whose signatures these are.
+        let (seven, one): (Seven, One) =
+            unsafe { (std::mem::transmute::<*mut std::ffi::c_void, Seven>(a), std::mem::transmute::<*mut std::ffi::c_void, One>(b)) };
+        assert_eq!(seven(1, 2, 3, 4, 5, 6, 7, 0.25), seven_args(1, 2, 3, 4, 5, 6, 7, 0.25));
+        assert_eq!(one(1 << 40), (1 << 40) * 3 + 1, "a 64-bit result comes back whole");
+    }
+
     /// `thunks.rs` is `names.txt` minus the hooked names, in order (regenerate with
     /// gen_names.py after changing either).
     #[test]
