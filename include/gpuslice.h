@@ -117,7 +117,7 @@ struct gpuslice_turn {                /* whose burst is on the device, among thr
     uint32_t last_holder_pid;
     uint64_t head;                    /* ticket served (low 32 bits, futex word), claimed (bit 32), moved at (ms, bits 33..) */
     uint32_t next_ticket;             /* the next ticket a waiter draws */
-    uint32_t _pad;
+    uint32_t returning;               /* waiters back from idle (a hint for lending holders) */
 };
 
 struct gpuslice_device_sched {

@@ -48,7 +48,17 @@ pub struct Turn {
     pub head: AtomicU64,
     /// The next ticket to draw.
     pub next_ticket: AtomicU32,
-    pub _pad: AtomicU32,
+    /// When (ms of the turn clock, low 32 bits; 0: never) a waiter last queued that had done
+    /// nothing on the device for a while (issue 18): a holder that is borrowing hands the turn
+    /// over at once only to such a one. Was `_pad` (layout unchanged). A stamp, not a count, so
+    /// a process that dies queued leaves nothing behind; and only a hint: garbage here costs a
+    /// borrower an early hand-over, nothing more.
+    pub returning: AtomicU32,
+}
+
+/// `Turn::returning`'s stamp for `now_ns`: ms, never 0.
+fn returning_stamp(now_ns: u64) -> u32 {
+    ((now_ns / 1_000_000) as u32).max(1)
 }
 
 fn serving(head: u64) -> u32 {
@@ -134,6 +144,17 @@ impl Turn {
     pub fn held_by(&self, me: u64, ticket: u32) -> bool {
         let h = self.head.load(Acquire);
         claimed(h) && serving(h) == ticket && self.holder.load(Acquire) == me
+    }
+
+    /// Notes that a waiter back from idle queues now (see `returning`).
+    pub fn mark_returning(&self, now_ns: u64) {
+        self.returning.store(returning_stamp(now_ns), Release);
+    }
+
+    /// True when someone queues and a waiter back from idle queued within `within_ms`.
+    pub fn returner_waiting(&self, now_ns: u64, within_ms: u32) -> bool {
+        let stamp = self.returning.load(Acquire);
+        stamp != 0 && returning_stamp(now_ns).wrapping_sub(stamp) <= within_ms && self.queued() > 0
     }
 
     /// Waiters queued behind the head, the holder excluded.

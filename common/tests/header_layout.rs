@@ -22,7 +22,7 @@ fn rust_layout() -> (Fields, Sizes) {
             controller_heartbeat_ns, controller_starts, created_ns, registrations, devices_inode, index_offset }
         "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid, sched }
         "gpuslice_device_sched" DeviceSched { high_alive_until, wake, highs, turn }
-        "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket }
+        "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket, returning }
         "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, devices }

@@ -63,7 +63,7 @@ fn launch_managed(priority: bool, stream: CUstream, per_thread: bool, key: u64, 
 fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce() -> CuResult) -> CuResult {
     let Some(bucket) = throttle::bucket(device) else { return launch() };
     cost::harvest();
-    bucket.wait_turn(|| {
+    let entered = bucket.wait_turn(|| {
         // A burst ends here: measure it, and hand the device over before sleeping. Without a
         // cap the wait is only for the queue ahead to shrink: the turn is kept.
         cost::close_span();
@@ -72,7 +72,8 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
         }
         cost::harvest();
     });
-    if bucket.lends() && board::holding(device) && bucket.hand_over_now(board::others_waiting(device)) {
+    let returner = || board::returner_waiting(device, throttle::RETURNER_FRESH_MS);
+    if bucket.lends() && board::holding(device) && bucket.hand_over_now(board::others_waiting(device), returner) {
         // Issue 18: a lending process has run its slice, or was borrowing, and someone queues:
         // the turn goes on.
         tracing::debug!("hands the turn over after holding it {} us", bucket.held_ns() / 1000);
@@ -82,7 +83,7 @@ fn throttled(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce()
     }
     if !board::holding(device) {
         // A new burst: take the turn (waiting, boundedly, for another process's burst).
-        let taken = board::take(device, bucket.queued_until().max(clock::now_ns()));
+        let taken = board::take(device, bucket.queued_until().max(clock::now_ns()), bucket.back_from_idle(entered));
         if taken.waited_ns > 5_000_000 {
             tracing::debug!("took the turn after waiting {} us ({} peers)", taken.waited_ns / 1000, taken.peers);
         }

@@ -225,8 +225,9 @@ fn ticket(device: CUdevice) -> Option<u32> {
 
 /// Takes the turn on `device` (or extends it when already held), waiting in ticket order
 /// while other processes hold it or queue before this one. `lease_until` is when this process
-/// expects its queued work done.
-pub fn take(device: CUdevice, lease_until: u64) -> Taken {
+/// expects its queued work done; `returning`: this process comes back from idle (it tells a
+/// borrowing holder to hand over at once, `returner_waiting`).
+pub fn take(device: CUdevice, lease_until: u64, returning: bool) -> Taken {
     let none = Taken { waited_ns: 0, neighbour: false, peers: 1 };
     let Some((turn, check_pids)) = turn(device) else { return none };
     let Some(index) = usize::try_from(device).ok().filter(|&i| i < MAX_ORDINALS) else { return none };
@@ -242,6 +243,9 @@ pub fn take(device: CUdevice, lease_until: u64) -> Taken {
     // Only without a controller: its processes share this namespace (the page is per user and
     // /dev/shm), a controller's may not.
     let pid = if check_pids { std::process::id() } else { 0 };
+    if returning {
+        turn.mark_returning(now_ns());
+    }
     let taken = turn.take(me, pid, lease_until, LEASE_SLACK_NS, &TurnClock { check_pids }, patience);
     TICKETS[index].store(taken.ticket.map_or(u64::MAX, u64::from), Release);
     Taken { waited_ns: now_ns() - start, neighbour: taken.neighbour, peers: taken.queued.saturating_add(1) }
@@ -288,6 +292,12 @@ pub fn holding(device: CUdevice) -> bool {
         (Some((t, _)), Some(ticket)) => t.held_by(link::token(), ticket),
         _ => false,
     }
+}
+
+/// True when a process back from idle queues for the turn on `device` (it queued within the last
+/// `within_ms`).
+pub fn returner_waiting(device: CUdevice, within_ms: u32) -> bool {
+    turn(device).is_some_and(|(t, _)| t.returner_waiting(now_ns(), within_ms))
 }
 
 /// True when other processes queue for the turn on `device`.
