@@ -6,6 +6,7 @@
 //! and the shim can never disagree about where a counter lives in the ledger.
 
 pub mod ledger;
+pub mod mps_table;
 pub mod protocol;
 pub mod settings;
 pub mod size;

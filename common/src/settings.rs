@@ -526,6 +526,46 @@ pub struct ControllerFile {
     pub socket: Option<String>,
     pub ledger: Option<String>,
     pub metrics: Option<String>,
+    /// Issue 19: `mps = "off" | "auto" | "on"`, the managed spatial mode of every GPU.
+    pub mps: Option<MpsPolicy>,
+    /// `[controller.mps_devices]`: the same per GPU, by UUID (over `mps`).
+    pub mps_devices: BTreeMap<String, MpsPolicy>,
+}
+
+/// Whether the operator lets a GPU run its processes over MPS (issue 19's managed spatial
+/// mode, `serve --mps`, `[controller] mps`): MPS gives up fault isolation between processes,
+/// so only where this allows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MpsPolicy {
+    /// Time-slicing only; no daemon.
+    #[default]
+    Off,
+    /// A daemon runs; the controller chooses MPS or time-slicing by its rule (LD_PRELOAD.md).
+    Auto,
+    /// A daemon runs and every process of the GPU is sent to it.
+    On,
+}
+
+impl MpsPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MpsPolicy::Off => "off",
+            MpsPolicy::Auto => "auto",
+            MpsPolicy::On => "on",
+        }
+    }
+}
+
+impl std::str::FromStr for MpsPolicy {
+    type Err = String;
+    fn from_str(text: &str) -> Result<MpsPolicy, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "off" => Ok(MpsPolicy::Off),
+            "auto" => Ok(MpsPolicy::Auto),
+            "on" => Ok(MpsPolicy::On),
+            _ => Err(format!("{text:?} is not an MPS policy; use off, auto or on")),
+        }
+    }
 }
 
 /// The file as TOML gives it: values keep their place in the text (`Spanned`), so that a value
@@ -547,6 +587,9 @@ struct ControllerDoc {
     socket: Option<Spanned<TextDoc>>,
     ledger: Option<Spanned<TextDoc>>,
     metrics: Option<Spanned<TextDoc>>,
+    mps: Option<Spanned<TextDoc>>,
+    #[serde(default)]
+    mps_devices: BTreeMap<String, Spanned<TextDoc>>,
 }
 
 #[derive(Deserialize)]
@@ -780,9 +823,13 @@ impl FileSettings {
     pub fn describe(&self) -> Vec<String> {
         let c = &self.controller;
         let or_default = |v: &Option<String>, default: &str| v.clone().unwrap_or_else(|| format!("{default} (default)"));
+        let mut mps = c.mps.unwrap_or_default().as_str().to_string();
+        for (uuid, p) in &c.mps_devices {
+            mps.push_str(&format!(", {} on {uuid}", p.as_str()));
+        }
         let mut lines = vec![
             format!(
-                "[controller] socket {}; ledger {}; metrics {}",
+                "[controller] socket {}; ledger {}; metrics {}; mps {mps}",
                 or_default(&c.socket, crate::protocol::DEFAULT_SOCKET),
                 or_default(&c.ledger, crate::protocol::DEFAULT_LEDGER),
                 c.metrics.clone().filter(|m| !m.is_empty() && m != "off").unwrap_or_else(|| "off".into())
@@ -859,7 +906,22 @@ fn controller(place: &Place<'_>, doc: ControllerDoc) -> Result<ControllerFile, S
             reason,
         })?;
     }
-    Ok(ControllerFile { socket: text(doc.socket), ledger: text(doc.ledger), metrics: text(doc.metrics) })
+    let policy = |key: &str, v: Spanned<TextDoc>| {
+        let span = v.span();
+        let written = v.into_inner().0;
+        written.parse::<MpsPolicy>().map_err(|reason| SettingsError { origin: place.of(span, key), value: written.clone(), reason })
+    };
+    let mps = doc.mps.map(|v| policy("controller.mps", v)).transpose()?;
+    let mut mps_devices = BTreeMap::new();
+    for (uuid, v) in doc.mps_devices {
+        let key = format!("controller.mps_devices.{uuid}");
+        if !(uuid.starts_with("GPU-") || uuid.starts_with("MIG-")) {
+            let reason = "the keys of [controller.mps_devices] are device UUIDs (GPU-... or MIG-..., as nvidia-smi -L prints them)".to_string();
+            return Err(SettingsError { origin: place.of(v.span(), &key), value: uuid, reason });
+        }
+        mps_devices.insert(uuid, policy(&key, v)?);
+    }
+    Ok(ControllerFile { socket: text(doc.socket), ledger: text(doc.ledger), metrics: text(doc.metrics), mps, mps_devices })
 }
 
 fn file_size(place: &Place<'_>, key: &str, size: Spanned<SizeDoc>) -> Result<Sourced<u64>, SettingsError> {
@@ -1078,11 +1140,24 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "[controller] socket /run/gpuslice/gpuslice.sock (default); ledger /dev/shm/gpuslice/ledger (default); metrics 127.0.0.1:9400",
+                "[controller] socket /run/gpuslice/gpuslice.sock (default); ledger /dev/shm/gpuslice/ledger (default); metrics 127.0.0.1:9400; mps off",
                 "[defaults] memory 16.00 GiB",
                 "[groups.inference] memory 6.00 GiB; SM share 50%; priority high",
             ]
         );
+    }
+
+    #[test]
+    fn the_controller_table_takes_an_mps_policy_for_every_gpu_and_per_uuid() {
+        let u = "GPU-5e1cc0da-9a3b-4c11-8e2f-600000000000";
+        let f = FileSettings::parse("c.toml", &format!("[controller]\nmps = \"auto\"\n[controller.mps_devices]\n\"{u}\" = \"off\"\n")).unwrap();
+        assert_eq!(f.controller.mps, Some(MpsPolicy::Auto));
+        assert_eq!(f.controller.mps_devices.get(u), Some(&MpsPolicy::Off));
+        assert!(f.describe()[0].ends_with(&format!("mps auto, off on {u}")), "{:?}", f.describe());
+        let e = FileSettings::parse("c.toml", "[controller]\nmps = \"sometimes\"\n").unwrap_err();
+        assert_eq!(e.origin, "c.toml: line 2, column 7: controller.mps", "{e}");
+        let e = FileSettings::parse("c.toml", "[controller.mps_devices]\n0 = \"on\"\n").unwrap_err();
+        assert!(e.reason.contains("device UUIDs"), "{e}");
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
 
     crate::suspend::configure(&args.suspension)?;
+    let mps_policies = crate::mps_devices::Policies::read(&args.mps, &config.controller)?;
     // Stopped when this returns, however it returns (the supervisor's drop).
     let _mps = crate::mps_daemon::start(&args.mps)?;
     let mut state = State::new(ledger, config);
@@ -135,6 +136,12 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         state.adopt();
     }
     state.install_config_groups()?;
+    // Per-GPU daemons (issue 19), after the groups: the first table already knows them. Their
+    // table is removed and the daemons stopped when this returns.
+    let mut spatial = crate::mps_devices::start(&mps_policies, &args.mps, Path::new(&socket_path), state.node_devices.as_deref())?;
+    if let Some(m) = spatial.as_mut() {
+        m.refresh(&state);
+    }
     tracing::info!(
         "gpuslice {} controller (pid {}) serving on {socket_path}, ledger {ledger_path} ({}; start {starts})",
         gpuslice_common::VERSION,
@@ -212,6 +219,9 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             state.enforce();
             state.retry_pending();
             state.poll_without_pidfd();
+            if let Some(m) = spatial.as_mut() {
+                m.refresh(&state);
+            }
             if last_sample.elapsed() >= Duration::from_secs(1) {
                 last_sample = Instant::now();
                 state.sample_shares();

@@ -1057,6 +1057,18 @@ impl State {
     pub fn devices(&self) -> Vec<String> {
         self.devices.iter().flatten().cloned().collect()
     }
+
+    /// Each device some registered process uses, by UUID, with the uids of those processes
+    /// (issue 19: a GPU's MPS mode is held while they do, and MPS serves one uid at a time).
+    pub fn device_users(&self) -> Vec<(String, Vec<u32>)> {
+        let mut users: std::collections::BTreeMap<usize, std::collections::BTreeSet<u32>> = Default::default();
+        for w in self.watched.values() {
+            for &d in &w.devices {
+                users.entry(d).or_default().insert(w.uid);
+            }
+        }
+        users.into_iter().filter_map(|(d, uids)| Some((self.devices.get(d).cloned().flatten()?, uids.into_iter().collect()))).collect()
+    }
 }
 
 /// Puts `want` back into a shared word if a tenant changed it; true when it had. A plain load

@@ -9,6 +9,30 @@ const NVML_SUCCESS: c_int = 0;
 /// The UUIDs NVML lists (GPUs and their MIG instances), or `None` when NVML cannot be loaded
 /// or initialised (then the controller says so and takes well-formed UUIDs on their word).
 pub fn node_devices() -> Option<Vec<String>> {
+    listed().map(|l| l.into_iter().map(|d| d.uuid).collect())
+}
+
+/// The GPUs that run CUDA work themselves: NVML's GPUs without MIG instances (a GPU in MIG mode
+/// runs work only in its instances). What `--mps` gives a daemon each.
+pub fn whole_gpus() -> Option<Vec<String>> {
+    listed().map(|l| l.into_iter().filter(|d| d.kind == Kind::Gpu).map(|d| d.uuid).collect())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A GPU without MIG instances.
+    Gpu,
+    /// A GPU with MIG instances.
+    MigParent,
+    Mig,
+}
+
+struct Listed {
+    uuid: String,
+    kind: Kind,
+}
+
+fn listed() -> Option<Vec<Listed>> {
     // SAFETY: dlopen/dlsym of NVML's documented C entry points with their documented signatures
     // (nvml.h: nvmlInit_v2, nvmlDeviceGetCount_v2, nvmlDeviceGetHandleByIndex_v2,
     // nvmlDeviceGetUUID, nvmlDeviceGetMaxMigDeviceCount, nvmlDeviceGetMigDeviceHandleByIndex).
@@ -45,18 +69,21 @@ pub fn node_devices() -> Option<Vec<String>> {
             if by_index(i, &mut d) != NVML_SUCCESS {
                 continue;
             }
-            out.extend(uuid_of(d));
+            let Some(gpu) = uuid_of(d) else { continue };
+            let mut instances = Vec::new();
             if let (Some(mig_count), Some(mig_handle)) = (mig_count, mig_handle) {
                 let mut m: c_uint = 0;
                 if mig_count(d, &mut m) == NVML_SUCCESS {
                     for k in 0..m.min(64) {
                         let mut h: Device = std::ptr::null_mut();
                         if mig_handle(d, k, &mut h) == NVML_SUCCESS {
-                            out.extend(uuid_of(h));
+                            instances.extend(uuid_of(h).map(|uuid| Listed { uuid, kind: Kind::Mig }));
                         }
                     }
                 }
             }
+            out.push(Listed { uuid: gpu, kind: if instances.is_empty() { Kind::Gpu } else { Kind::MigParent } });
+            out.extend(instances);
         }
         // The library stays loaded: the controller may list again, and unloading NVML buys nothing.
         Some(out)
@@ -67,9 +94,13 @@ pub fn node_devices() -> Option<Vec<String>> {
 /// instance's UUID with different prefixes ("GPU-" from a CUDA UUID's bytes, "MIG-" from
 /// NVML): the hexadecimal part decides.
 pub fn on_node(node: &[String], uuid: &str) -> bool {
+    node.iter().any(|n| same_device(n, uuid))
+}
+
+/// True when two UUIDs name one device, whatever their prefix ("GPU-", "MIG-") and case.
+pub fn same_device(a: &str, b: &str) -> bool {
     let hex = |u: &str| u.strip_prefix("GPU-").or_else(|| u.strip_prefix("MIG-")).unwrap_or(u).to_ascii_lowercase();
-    let want = hex(uuid);
-    node.iter().any(|n| hex(n) == want)
+    hex(a) == hex(b)
 }
 
 #[cfg(test)]

@@ -109,7 +109,11 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CuResult {
         if let Ok(settings) = &runtime::runtime().settings {
             crate::policy::mps::before_init(settings);
         }
-        let code = call_real!(cuInit(flags));
+        let mut code = call_real!(cuInit(flags));
+        // Sent to a GPU's MPS daemon that then failed it: once more, time-sliced.
+        if crate::policy::mps_pipe::retry_without_daemon(code) {
+            code = call_real!(cuInit(flags));
+        }
         if code == CUDA_SUCCESS {
             // Register with the controller (or set up alone) now, before any allocation.
             let _ = crate::state::link::get_or_attach();

@@ -9,6 +9,7 @@ pub mod flight_cost;
 pub mod make_room;
 pub mod module_image;
 pub mod mps;
+pub mod mps_pipe;
 pub mod refusal_log;
 pub mod sched;
 pub mod slice_args;

@@ -6,6 +6,9 @@
 //! prefers the higher client priority as soon as SMs free up. `sched`'s launch gating stays on
 //! top: lower-priority processes still hold back while a high-priority one is busy.
 //!
+//! Which daemon, if any, a process goes to is `mps_pipe`'s business (the controller's per-GPU
+//! daemons, issue 19); a daemon the environment names, or `/tmp/nvidia-mps`'s, serves it too.
+//!
 //! MPS reads its variables from the client's environment when the driver starts and when a
 //! context is made, so the shim writes them just before each (`before_init`,
 //! `context_created`), and only when the user has not set them. Once a context exists, MPS's
@@ -116,13 +119,19 @@ fn share_for_all(settings: &Settings) -> Option<u32> {
     settings.sm_share.all().map(|s| s.value).filter(|&p| p < 100)
 }
 
-/// In the `cuInit` hook, before the real one: when an MPS daemon listens, write MPS's variables
-/// from this process's settings (the controller may refine them before a context is made).
+/// In the `cuInit` hook, before the real one: point the process at its GPU's daemon when the
+/// controller's MPS table makes that GPU spatial (`mps_pipe`); then, when an MPS daemon
+/// listens, write MPS's variables from this process's settings (the controller may refine
+/// them before a context is made).
 pub fn before_init(settings: &Settings) {
     // Once: programs and libraries call cuInit again and again, and the values do not change.
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        if settings.mps == MpsMode::Off || !daemon_listening() {
+        if settings.mps == MpsMode::Off {
+            return;
+        }
+        super::mps_pipe::point();
+        if !daemon_listening() {
             return;
         }
         let priority = settings.priority.as_ref().map_or(Priority::Normal, |p| p.value);

@@ -324,10 +324,15 @@ fn told_to_use_controller(settings: &Settings) -> bool {
     settings.group.is_some() || set(ENV_SOCKET) || set(ENV_ON_NO_CONTROLLER)
 }
 
+/// The controller's socket as this process names it: `GPUSLICE_SOCKET`, else the default.
+pub fn socket_path() -> std::path::PathBuf {
+    // A path, any bytes: one that is not UTF-8 must not send the process to the default socket.
+    std::path::PathBuf::from(std::env::var_os(ENV_SOCKET).filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.into()))
+}
+
 /// `turns`: map this user's turn pages when alone (not for `attach_view`).
 fn attach(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, ()> {
-    // A path, any bytes: one that is not UTF-8 must not send the process to the default socket.
-    let socket_path = std::path::PathBuf::from(std::env::var_os(ENV_SOCKET).filter(|s| !s.is_empty()).unwrap_or_else(|| protocol::DEFAULT_SOCKET.into()));
+    let socket_path = socket_path();
     let pid = std::process::id();
     let socket = socket_path.display();
     let present = std::fs::symlink_metadata(&socket_path).is_ok();

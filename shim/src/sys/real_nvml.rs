@@ -16,6 +16,8 @@ type HandleByUuidFn = unsafe extern "C" fn(*const c_char, *mut NvmlDevice) -> Nv
 type UuidFn = unsafe extern "C" fn(NvmlDevice, *mut c_char, c_uint) -> NvmlReturn;
 type MemoryFn = unsafe extern "C" fn(NvmlDevice, *mut NvmlMemory) -> NvmlReturn;
 type ProcessesFn = unsafe extern "C" fn(NvmlDevice, *mut c_uint, *mut NvmlProcessInfo) -> NvmlReturn;
+type CountFn = unsafe extern "C" fn(*mut c_uint) -> NvmlReturn;
+type HandleByIndexFn = unsafe extern "C" fn(c_uint, *mut NvmlDevice) -> NvmlReturn;
 
 /// The real NVML functions the shim uses.
 pub struct Nvml {
@@ -23,6 +25,8 @@ pub struct Nvml {
     pub(crate) uuid: Option<UuidFn>,
     pub(crate) memory: Option<MemoryFn>,
     pub(crate) processes: Option<ProcessesFn>,
+    count: Option<CountFn>,
+    handle_by_index: Option<HandleByIndexFn>,
     pub(crate) initialised: bool,
     /// CUDA ordinal → NVML handle, filled on first use.
     handles: Mutex<Vec<Option<usize>>>,
@@ -66,6 +70,8 @@ pub fn nvml() -> Option<&'static Nvml> {
             uuid: sym(lib, c"nvmlDeviceGetUUID"),
             memory: sym(lib, c"nvmlDeviceGetMemoryInfo"),
             processes: sym(lib, c"nvmlDeviceGetComputeRunningProcesses_v3"),
+            count: sym(lib, c"nvmlDeviceGetCount_v2"),
+            handle_by_index: sym(lib, c"nvmlDeviceGetHandleByIndex_v2"),
             initialised,
             handles: Mutex::new(Vec::new()),
         })
@@ -139,6 +145,28 @@ impl Nvml {
         }
         handles[index] = Some(handle as usize);
         Some(handle)
+    }
+
+    /// The UUIDs of the GPUs NVML lists for this process (in a container, the container's),
+    /// without the driver: what the process may see when `CUDA_VISIBLE_DEVICES` does not say.
+    /// `None` when NVML cannot tell.
+    pub fn gpu_uuids(&self) -> Option<Vec<String>> {
+        if !self.initialised {
+            return None;
+        }
+        let mut n: c_uint = 0;
+        // SAFETY: out-pointer to a local.
+        if unsafe { (self.count?)(&mut n) } != NVML_SUCCESS {
+            return None;
+        }
+        (0..n.min(64))
+            .map(|i| {
+                let mut handle: NvmlDevice = std::ptr::null_mut();
+                // SAFETY: an index below the count and an out-pointer to a local.
+                (unsafe { (self.handle_by_index?)(i, &mut handle) } == NVML_SUCCESS).then_some(())?;
+                uuid_of(handle)
+            })
+            .collect()
     }
 
     /// Device memory used on `device` by all processes.

@@ -455,6 +455,9 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
     if flags != 0 {
         return INVALID_VALUE;
     }
+    if let Some(code) = mps_init_error() {
+        return code;
+    }
     match state::shared() {
         // CUDA_VISIBLE_DEVICES that names no device: the real driver finds none.
         Ok(sh) if visible::ordinals(sh.ndev()).is_empty() => NO_DEVICE,
@@ -623,10 +626,24 @@ pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], dev: CUdevice) 
     code
 }
 
-/// `SIMCUDA_MPS=1`: the device answers as one whose contexts MPS serves (attribute 133). The
-/// simulation itself does not change: MPS's settings are the shim's business to write.
+/// `SIMCUDA_MPS=1`: the device answers as one whose contexts MPS serves (attribute 133);
+/// `SIMCUDA_MPS=pipe`: so it does when `CUDA_MPS_PIPE_DIRECTORY` names a folder holding a
+/// `control` file (a daemon's pipe directory), as a real driver connects to the daemon it names.
+/// The simulation itself does not change: MPS's settings are the shim's business to write.
 fn mps_enabled() -> c_int {
-    c_int::from(std::env::var("SIMCUDA_MPS").is_ok_and(|v| v == "1"))
+    let served = match std::env::var("SIMCUDA_MPS").as_deref() {
+        Ok("1") => true,
+        Ok("pipe") => std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").is_some_and(|d| std::path::Path::new(&d).join("control").exists()),
+        _ => false,
+    };
+    c_int::from(served)
+}
+
+/// `SIMCUDA_MPS_INIT_ERROR=N`: `cuInit` fails with N while `CUDA_MPS_PIPE_DIRECTORY` is set,
+/// as a real one does when the daemon it names answers but its server refuses the client.
+fn mps_init_error() -> Option<CUresult> {
+    std::env::var_os("CUDA_MPS_PIPE_DIRECTORY")?;
+    std::env::var("SIMCUDA_MPS_INIT_ERROR").ok()?.parse().ok()
 }
 
 fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {

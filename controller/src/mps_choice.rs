@@ -1,0 +1,94 @@
+//! The rule that picks, per GPU, MPS (`spatial`) or time-slicing (issue 19), from what the
+//! H200 measurements say MPS wins at (docs/NOTES.md, "Priorities"; LD_PRELOAD.md).
+//!
+//! What MPS buys: one hardware context for every process, so a high-priority request no longer
+//! waits for the GPU's switch between contexts (~0.12–0.13 ms a request): p99 of a 2 ms request
+//! beside a saturating neighbour ×1.03–1.10 of alone over MPS against ×1.09–1.16 time-sliced,
+//! and the neighbour kept more of its rate (66.6–70.8 % against 63.7–64.8 %). What it costs: no
+//! fault isolation (a fatal fault in one client ends the others' work), some programs run
+//! slower under MPS even alone (ResNet-50 in a CUDA graph +12 %, which lost it the comparison),
+//! and an SM share becomes a fixed partition of SMs (`CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`),
+//! set at context creation, without the guarantee/cap lending of time shares.
+//!
+//! So `auto` picks MPS only where the gain was measured: latency-sensitive (high-priority) work
+//! sharing the GPU, and no SM shares whose meaning MPS would change. `on` and `off` are the
+//! operator's word. Whatever the rule says, a GPU whose daemon is not up is time-sliced.
+
+use gpuslice_common::mps_table::Mode;
+use gpuslice_common::settings::MpsPolicy;
+
+/// What the rule looks at besides the operator's policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tenants {
+    /// Some group (configured, made from an environment, or set live) or registered process
+    /// has priority `high`.
+    pub high: bool,
+    /// Some group has an SM share on some device.
+    pub shares: bool,
+}
+
+/// The mode the rule wants for a GPU, and why (for the log and the table).
+pub fn wanted(policy: MpsPolicy, tenants: Tenants) -> (Mode, &'static str) {
+    match policy {
+        MpsPolicy::Off => (Mode::TimeSliced, "mps off"),
+        MpsPolicy::On => (Mode::Spatial, "mps on"),
+        MpsPolicy::Auto if !tenants.high => {
+            (Mode::TimeSliced, "auto: no high-priority group or process, so nothing MPS was measured to help; time-slicing keeps fault isolation")
+        }
+        MpsPolicy::Auto if tenants.shares => {
+            (Mode::TimeSliced, "auto: SM shares are set, and under MPS a share would become a fixed SM partition without lending")
+        }
+        MpsPolicy::Auto => (Mode::Spatial, "auto: high-priority work shares the GPU, where MPS's single context shortens its tail"),
+    }
+}
+
+/// The mode a GPU keeps: the wanted one, except while processes that started under the earlier
+/// one (`kept`) still use the GPU: a GPU does not mix MPS clients with time-sliced contexts,
+/// where neither mode's gain holds.
+pub fn intended(wanted: (Mode, &'static str), kept: Option<Mode>, in_use: bool) -> (Mode, &'static str) {
+    match kept {
+        Some(Mode::Spatial) if in_use && wanted.0 != Mode::Spatial => (Mode::Spatial, "held spatial while processes that started over MPS use the GPU"),
+        Some(Mode::TimeSliced) if in_use && wanted.0 != Mode::TimeSliced => {
+            (Mode::TimeSliced, "held time-sliced while processes that started time-sliced use the GPU")
+        }
+        _ => wanted,
+    }
+}
+
+/// What the table says: the intended mode, but time-sliced while the GPU's daemon is not up
+/// (a process must never be sent to a daemon that is not there).
+pub fn published(intended: (Mode, &'static str), daemon_up: bool) -> (Mode, &'static str) {
+    if intended.0 == Mode::Spatial && !daemon_up {
+        return (Mode::TimeSliced, "its MPS control daemon is not up");
+    }
+    intended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HIGH: Tenants = Tenants { high: true, shares: false };
+
+    #[test]
+    fn auto_picks_mps_only_for_high_priority_work_without_shares() {
+        assert_eq!(wanted(MpsPolicy::Auto, HIGH).0, Mode::Spatial);
+        assert_eq!(wanted(MpsPolicy::Auto, Tenants::default()).0, Mode::TimeSliced);
+        assert_eq!(wanted(MpsPolicy::Auto, Tenants { high: true, shares: true }).0, Mode::TimeSliced);
+        assert_eq!(wanted(MpsPolicy::On, Tenants { high: false, shares: true }).0, Mode::Spatial);
+        assert_eq!(wanted(MpsPolicy::Off, HIGH).0, Mode::TimeSliced);
+    }
+
+    #[test]
+    fn a_used_gpu_keeps_its_mode_and_a_down_daemon_means_time_slicing() {
+        let spatial = wanted(MpsPolicy::Auto, HIGH);
+        let sliced = wanted(MpsPolicy::Auto, Tenants::default());
+        assert_eq!(intended(spatial, Some(Mode::TimeSliced), true).0, Mode::TimeSliced, "in use: held");
+        assert_eq!(intended(spatial, Some(Mode::TimeSliced), false).0, Mode::Spatial, "free: changes");
+        assert_eq!(intended(sliced, Some(Mode::Spatial), true).0, Mode::Spatial);
+        assert_eq!(intended(spatial, None, true), spatial, "nothing kept yet: the rule");
+        assert_eq!(published(intended(sliced, Some(Mode::Spatial), true), false), (Mode::TimeSliced, "its MPS control daemon is not up"));
+        assert_eq!(published(spatial, true), spatial);
+        assert_eq!(published(sliced, false), sliced);
+    }
+}
