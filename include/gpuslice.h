@@ -183,8 +183,12 @@ struct gpuslice_process_device {
 #define GPUSLICE_PHASE_RELEASE 4        /* suspension: cuMemUnmap + cuMemRelease */
 #define GPUSLICE_PHASE_MAP 5            /* resume: cuMemCreate + cuMemMap + cuMemSetAccess */
 #define GPUSLICE_PHASE_COPY_IN 6        /* resume: host-to-device copies */
-#define GPUSLICE_PHASE_HOST_FREE 7      /* resume: cuMemFreeHost */
-#define GPUSLICE_SUSPEND_PHASES 8
+#define GPUSLICE_PHASE_HOST_FREE 7      /* resume: freeing the host copies (pageable: handed to a thread) */
+#define GPUSLICE_PHASE_RING 8           /* suspension: pinning the staging ring (first time only) */
+#define GPUSLICE_PHASE_HOST_ALLOC 9     /* suspension: mmap + madvise of the pageable host copies */
+#define GPUSLICE_PHASE_MEMCPY_OUT 10    /* suspension: workers' memcpy ring -> host, per worker */
+#define GPUSLICE_PHASE_MEMCPY_IN 11     /* resume: workers' memcpy host -> ring, per worker */
+#define GPUSLICE_SUSPEND_PHASES 12
 
 struct gpuslice_process_slot {
     uint32_t state;

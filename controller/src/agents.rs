@@ -208,12 +208,9 @@ pub fn describe_phases(answer: &Answer, suspension: bool) -> String {
     phases(suspension).map(|p| format!("{} {:.1} ms", PHASE_NAMES[p], ms(answer.phase_us[p]))).collect::<Vec<_>>().join(", ")
 }
 
-fn phases(suspension: bool) -> std::ops::Range<usize> {
-    if suspension {
-        ledger::PHASE_GATE..ledger::PHASE_MAP
-    } else {
-        ledger::PHASE_MAP..PHASES
-    }
+fn phases(suspension: bool) -> impl Iterator<Item = usize> {
+    let list: &'static [usize] = if suspension { &ledger::PHASES_OUT } else { &ledger::PHASES_IN };
+    list.iter().copied()
 }
 
 /// The `ls --json` row of one member suspended by its agent.

@@ -283,12 +283,29 @@ pub const PHASE_RELEASE: usize = 4;
 pub const PHASE_MAP: usize = 5;
 /// Resume: issuing the host-to-device copies and waiting for them.
 pub const PHASE_COPY_IN: usize = 6;
-/// Resume: `cuMemFreeHost` of the host copies.
+/// Resume: freeing the host copies (`cuMemFreeHost`; for the ring's pageable copies, only
+/// handing their `munmap` to a background thread).
 pub const PHASE_HOST_FREE: usize = 7;
+// Branch i22fast: the staging ring's phases (zero on the whole-range pinned path).
+/// Suspension: pinning the staging ring (`cuMemHostAlloc`), only the first time (0 after).
+pub const PHASE_RING: usize = 8;
+/// Suspension: `mmap` + `madvise` of the pageable host copies.
+pub const PHASE_HOST_ALLOC: usize = 9;
+/// Suspension: the workers' memcpy from the ring into the pageable copies (first touch, so the
+/// page faults too), averaged over the workers; inside `PHASE_COPY_OUT`'s wall time.
+pub const PHASE_MEMCPY_OUT: usize = 10;
+/// Resume: the workers' memcpy from the pageable copies into the ring, averaged over the
+/// workers; inside `PHASE_COPY_IN`'s wall time.
+pub const PHASE_MEMCPY_IN: usize = 11;
 /// How many phases `ProcessSlot::suspend_phase_us` has room for.
-pub const PHASES: usize = 8;
+pub const PHASES: usize = 12;
 /// The phases' names, by index (logs and `ls --json`).
-pub const PHASE_NAMES: [&str; PHASES] = ["gate", "sync", "pin", "copy_out", "release", "map", "copy_in", "host_free"];
+pub const PHASE_NAMES: [&str; PHASES] =
+    ["gate", "sync", "pin", "copy_out", "release", "map", "copy_in", "host_free", "ring", "host_alloc", "memcpy_out", "memcpy_in"];
+/// A suspension's phases, in the order logs print them.
+pub const PHASES_OUT: [usize; 8] = [PHASE_GATE, PHASE_SYNC, PHASE_RING, PHASE_PIN, PHASE_HOST_ALLOC, PHASE_COPY_OUT, PHASE_MEMCPY_OUT, PHASE_RELEASE];
+/// A resume's phases, in the order logs print them.
+pub const PHASES_IN: [usize; 4] = [PHASE_MAP, PHASE_COPY_IN, PHASE_MEMCPY_IN, PHASE_HOST_FREE];
 
 /// `MemberSettings::suspend`'s word for request `generation`.
 pub const fn suspend_request(generation: u32, wanted: bool) -> u32 {

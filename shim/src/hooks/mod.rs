@@ -17,3 +17,4 @@ pub mod sharing;
 pub mod suspend_agent;
 pub mod trampoline;
 pub mod vmm;
+pub mod vmm_ring;

@@ -51,6 +51,7 @@ pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { pr
 
 fn forget_in_child() {
     STARTED.store(false, Relaxed);
+    crate::hooks::vmm_ring::forget_in_child();
 }
 
 /// Test knob `GPUSLICE_TEST_SUSPEND_KEEP_BYTES=N`: the agent reports N as what its process
@@ -130,6 +131,14 @@ fn describe(phase_us: &[u64; PHASES], phases: &[usize]) -> String {
     phases.iter().map(|&p| format!("{} {:.1} ms", PHASE_NAMES[p], phase_us[p] as f64 / 1e3)).collect::<Vec<_>>().join(", ")
 }
 
+/// "path: staging ring 8 × 64.0 MiB, 8 workers" for a log line.
+fn path(moved: &Moved) -> String {
+    match moved.ring {
+        Some(r) => format!("path: {} {} × {}, {} workers", moved.path, r.slots, format_size(r.slot), r.workers),
+        None => format!("path: {}", moved.path),
+    }
+}
+
 fn gbps(bytes: u64, started: Instant) -> f64 {
     bytes as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e9
 }
@@ -176,12 +185,13 @@ impl Agent {
                 let charged: u64 = answer.slot.devices.iter().map(|d| d.used.load(Relaxed)).sum();
                 let keep = keep_override().unwrap_or(charged.saturating_sub(moved.requested));
                 tracing::info!(
-                    "pid {pid}: suspended by its agent: {} B in {} allocations to host memory in {:.0} ms ({:.2} GB/s; {}); keeps {} on the device; {} driver functions outside the table pass the gate through spare thunks",
+                    "pid {pid}: suspended by its agent: {} B in {} allocations to host memory in {:.0} ms ({:.2} GB/s; {}; {}); keeps {} on the device; {} driver functions outside the table pass the gate through spare thunks",
                     moved.bytes,
                     moved.ranges,
                     answer.started.elapsed().as_secs_f64() * 1e3,
                     gbps(moved.bytes, answer.started),
-                    describe(&phase_us, &[PHASE_GATE, PHASE_SYNC, PHASE_PIN, PHASE_COPY_OUT, PHASE_RELEASE]),
+                    describe(&phase_us, &PHASES_OUT),
+                    path(&moved),
                     format_size(keep),
                     crate::sys::gate::spares_used()
                 );
@@ -205,16 +215,17 @@ impl Agent {
                 answer.slot.suspend_held.store(0, Release);
                 // The suspension's split stays readable beside the resume's.
                 let mut phase_us: [u64; PHASES] = std::array::from_fn(|i| u64::from(answer.slot.suspend_phase_us[i].load(Relaxed)));
-                for p in [PHASE_MAP, PHASE_COPY_IN, PHASE_HOST_FREE] {
+                for p in PHASES_IN {
                     phase_us[p] = moved.phase_us[p];
                 }
                 tracing::info!(
-                    "pid {pid}: resumed by its agent: {} B in {} allocations back on the device in {:.0} ms ({:.2} GB/s; {})",
+                    "pid {pid}: resumed by its agent: {} B in {} allocations back on the device in {:.0} ms ({:.2} GB/s; {}; {})",
                     moved.bytes,
                     moved.ranges,
                     answer.started.elapsed().as_secs_f64() * 1e3,
                     gbps(moved.bytes, answer.started),
-                    describe(&phase_us, &[PHASE_MAP, PHASE_COPY_IN, PHASE_HOST_FREE])
+                    describe(&phase_us, &PHASES_IN),
+                    path(&moved)
                 );
                 answer.moved(SUSPEND_RUNNING, &moved, &phase_us, None);
             }

@@ -12,9 +12,10 @@ use crate::hooks::memory::{charged_memory, released, POINTERS};
 use crate::state::vmm_ranges::{self, Range};
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
+use crate::hooks::vmm_ring::{self, Way};
 use gpuslice_common::ledger::{
-    CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE, PHASES, PHASE_COPY_IN, PHASE_COPY_OUT, PHASE_HOST_FREE, PHASE_MAP, PHASE_PIN,
-    PHASE_RELEASE, PHASE_SYNC,
+    CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE, PHASES, PHASE_COPY_IN, PHASE_COPY_OUT, PHASE_HOST_ALLOC, PHASE_HOST_FREE, PHASE_MAP,
+    PHASE_MEMCPY_IN, PHASE_MEMCPY_OUT, PHASE_PIN, PHASE_RELEASE, PHASE_RING, PHASE_SYNC,
 };
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -145,6 +146,7 @@ fn make(device: CUdevice, bytes: u64) -> Result<CUdeviceptr, CuResult> {
         access: MemAccessDesc { location_type: MEM_LOCATION_TYPE_DEVICE, location_id: device, flags: MEM_ACCESS_FLAGS_PROT_READWRITE },
         context,
         host: 0,
+        pageable: false,
     };
     match map_new(&range) {
         Ok(handle) => range.handle = handle,
@@ -218,7 +220,7 @@ pub fn free(dptr: CUdeviceptr) -> Option<CuResult> {
             }
         } else if range.host != 0 {
             // Freed while suspended (a thread the gate let through before it closed).
-            call_real!(cuMemFreeHost(range.host as *mut c_void));
+            free_host(range.host, range.size, range.pageable);
         }
         vmm_ranges::remove(dptr);
         call_real!(cuMemAddressFree(range.base, range.size as usize))
@@ -298,6 +300,10 @@ pub struct Moved {
     pub ranges: u32,
     /// Where the time went, in µs, by `ledger::PHASE_*` (the move's own phases only).
     pub phase_us: [u64; PHASES],
+    /// Which copy path ran (for the log line).
+    pub path: &'static str,
+    /// The ring's geometry when the ring ran.
+    pub ring: Option<vmm_ring::Settings>,
 }
 
 /// µs since `t`.
@@ -305,25 +311,129 @@ fn us_since(t: Instant) -> u64 {
     t.elapsed().as_micros().min(u64::MAX as u128) as u64
 }
 
-/// Copies every mapped range to pinned host memory, then releases its physical memory (the
+/// The contexts of `ranges`, each once.
+fn contexts_of<'a>(ranges: impl Iterator<Item = &'a Range>) -> Vec<usize> {
+    let mut contexts: Vec<usize> = ranges.map(|r| r.context).collect();
+    contexts.sort_unstable();
+    contexts.dedup();
+    contexts
+}
+
+/// Frees a range's host copy, however it was made.
+fn free_host(host: usize, size: u64, pageable: bool) {
+    if pageable {
+        vmm_ring::unmap(host, size as usize);
+    } else if host != 0 {
+        call_real!(cuMemFreeHost(host as *mut c_void));
+    }
+}
+
+/// Copies every mapped range to host memory, then releases its physical memory (the
 /// reservation stays). All or nothing: a failure before the releases frees the host copies
-/// and leaves everything mapped. Times each phase (`PHASE_SYNC`, `PHASE_PIN`, `PHASE_COPY_OUT`,
-/// `PHASE_RELEASE`): the host allocations happen while earlier ranges' copies run, so
-/// `PHASE_PIN` is time the copy-issuing thread spent pinning, and `PHASE_COPY_OUT` the rest of
-/// the copy loop and the wait for the streams.
+/// and leaves everything mapped. Through the staging ring into pageable memory
+/// (`hooks::vmm_ring`) when it is on and can be pinned, else the whole-range pinned path.
+/// Times each phase (`PHASE_SYNC`, `PHASE_RING`, `PHASE_HOST_ALLOC`, `PHASE_COPY_OUT`,
+/// `PHASE_MEMCPY_OUT`, `PHASE_PIN`, `PHASE_RELEASE`).
 pub fn move_out() -> Result<Moved, CuResult> {
     let ranges: Vec<Range> = vmm_ranges::all().into_iter().filter(|r| r.handle != 0).collect();
-    let mut copies: Vec<(Range, usize)> = Vec::new();
     let mut moved = Moved::default();
+    let t = Instant::now();
+    for context in contexts_of(ranges.iter()) {
+        set_context(context)?;
+        check(call_real!(cuCtxSynchronize()))?;
+    }
+    moved.phase_us[PHASE_SYNC] = us_since(t);
+    if ranges.is_empty() {
+        moved.path = "nothing to move";
+        return Ok(moved);
+    }
+    let (copies, pageable) = match ring_out(&ranges, &mut moved)? {
+        Some(copies) => (copies, true),
+        None => (pinned_out(&ranges, &mut moved)?, false),
+    };
+    let t = Instant::now();
+    for (r, host) in copies {
+        // A release that fails leaves this range mapped and its copy unused: it stays on the
+        // device (counted as not moved) and the program keeps its data either way.
+        if unmap_release(&r).is_ok() {
+            vmm_ranges::update(r.base, 0, host, pageable);
+            moved.bytes += r.size;
+            moved.requested += r.requested;
+            moved.ranges += 1;
+        } else {
+            free_host(host, r.size, pageable);
+        }
+    }
+    moved.phase_us[PHASE_RELEASE] = us_since(t);
+    Ok(moved)
+}
+
+/// The ring's way out: `Ok(None)` when the ring is off or cannot be pinned (the caller takes
+/// the pinned path), `Err` when the move failed (the copies are freed, nothing released).
+fn ring_out(ranges: &[Range], moved: &mut Moved) -> Result<Option<Vec<(Range, usize)>>, CuResult> {
+    let t = Instant::now();
+    let ring = vmm_ring::ring();
+    moved.phase_us[PHASE_RING] = us_since(t);
+    let (s, base) = match ring {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            moved.path = "whole ranges pinned (GPUSLICE_SUSPEND_RING=off)";
+            return Ok(None);
+        }
+        Err(code) => {
+            tracing::warn!("the suspend agent's staging ring could not be pinned (driver code {code}): whole ranges are pinned instead");
+            moved.path = "whole ranges pinned (the ring could not be pinned)";
+            return Ok(None);
+        }
+    };
+    let total: u64 = ranges.iter().map(|r| r.size).sum();
+    if let Some(avail) = vmm_ring::host_available() {
+        if total > avail {
+            tracing::warn!("not suspended: {} to move, the host has {} available", gpuslice_common::size::format_size(total), gpuslice_common::size::format_size(avail));
+            return Err(CUDA_ERROR_OUT_OF_MEMORY);
+        }
+    }
+    let t = Instant::now();
+    let host = vmm_ring::map_pageable(total as usize).ok_or(CUDA_ERROR_OUT_OF_MEMORY)?;
+    moved.phase_us[PHASE_HOST_ALLOC] = us_since(t);
+    let mut copies = Vec::with_capacity(ranges.len());
+    let mut at = host;
+    for r in ranges {
+        copies.push((*r, at));
+        at += r.size as usize;
+    }
+    let t = Instant::now();
     let result = (|| {
-        let mut contexts: Vec<usize> = ranges.iter().map(|r| r.context).collect();
-        contexts.sort_unstable();
-        contexts.dedup();
-        for &context in &contexts {
-            let t = Instant::now();
+        for context in contexts_of(ranges.iter()) {
             set_context(context)?;
-            check(call_real!(cuCtxSynchronize()))?;
-            moved.phase_us[PHASE_SYNC] += us_since(t);
+            let streams = Streams::new()?;
+            let mut pieces = Vec::new();
+            for (r, h) in copies.iter().filter(|(r, _)| r.context == context) {
+                vmm_ring::cut(&mut pieces, r.base, *h, r.size, s.slot);
+            }
+            moved.phase_us[PHASE_MEMCPY_OUT] += vmm_ring::run(Way::Out, s, base, &streams.0, &pieces)?;
+        }
+        Ok(())
+    })();
+    moved.phase_us[PHASE_COPY_OUT] = us_since(t);
+    if let Err(code) = result {
+        vmm_ring::unmap(host, total as usize);
+        return Err(code);
+    }
+    moved.path = "staging ring";
+    moved.ring = Some(s);
+    Ok(Some(copies))
+}
+
+/// The whole-range pinned way out (the fallback): `cuMemHostAlloc` of each range, chunked
+/// copies over `STREAMS` streams. The host allocations happen while earlier ranges' copies
+/// run, so `PHASE_PIN` is time the copy-issuing thread spent pinning, and `PHASE_COPY_OUT` the
+/// rest of the copy loop and the wait for the streams.
+fn pinned_out(ranges: &[Range], moved: &mut Moved) -> Result<Vec<(Range, usize)>, CuResult> {
+    let mut copies: Vec<(Range, usize)> = Vec::new();
+    let result = (|| {
+        for context in contexts_of(ranges.iter()) {
+            set_context(context)?;
             let copy_started = Instant::now();
             let mut pinning = 0;
             let streams = Streams::new()?;
@@ -351,27 +461,15 @@ pub fn move_out() -> Result<Moved, CuResult> {
         }
         return Err(code);
     }
-    let t = Instant::now();
-    for (r, host) in copies {
-        // A release that fails leaves this range mapped and its copy unused: it stays on the
-        // device (counted as not moved) and the program keeps its data either way.
-        if unmap_release(&r).is_ok() {
-            vmm_ranges::update(r.base, 0, host);
-            moved.bytes += r.size;
-            moved.requested += r.requested;
-            moved.ranges += 1;
-        } else {
-            call_real!(cuMemFreeHost(host as *mut c_void));
-        }
-    }
-    moved.phase_us[PHASE_RELEASE] = us_since(t);
-    Ok(moved)
+    Ok(copies)
 }
 
 /// Creates, maps and fills again every range `move_out` released, at the same addresses. All
 /// or nothing: out of memory (or any failure) releases what this attempt made, keeps the host
-/// copies, and the process stays suspended (to be retried). Times `PHASE_MAP`, `PHASE_COPY_IN`
-/// and `PHASE_HOST_FREE`.
+/// copies, and the process stays suspended (to be retried). Pageable copies come back through
+/// the staging ring (directly from pageable memory if the ring cannot be had), pinned ones
+/// directly. Times `PHASE_MAP`, `PHASE_COPY_IN`, `PHASE_MEMCPY_IN` and `PHASE_HOST_FREE` (the
+/// pageable copies are unmapped on a thread of their own, after the resume).
 pub fn move_in() -> Result<Moved, CuResult> {
     let ranges: Vec<Range> = vmm_ranges::all().into_iter().filter(|r| r.handle == 0 && r.host != 0).collect();
     let mut made: Vec<(Range, u64)> = Vec::new();
@@ -383,18 +481,29 @@ pub fn move_in() -> Result<Moved, CuResult> {
         }
         moved.phase_us[PHASE_MAP] = us_since(t);
         let t = Instant::now();
-        let mut contexts: Vec<usize> = ranges.iter().map(|r| r.context).collect();
-        contexts.sort_unstable();
-        contexts.dedup();
-        for &context in &contexts {
+        let ring = if ranges.iter().any(|r| r.pageable) { vmm_ring::ring().ok().flatten() } else { None };
+        moved.path = match (ranges.iter().any(|r| r.pageable), ring) {
+            (false, _) => "whole ranges pinned",
+            (true, Some(_)) => "staging ring",
+            (true, None) => "pageable copies without the ring",
+        };
+        moved.ring = ring.map(|(s, _)| s);
+        for context in contexts_of(ranges.iter()) {
             set_context(context)?;
             let streams = Streams::new()?;
+            let mut pieces = Vec::new();
             for r in ranges.iter().filter(|r| r.context == context) {
-                chunked(&streams, r.size, |off, len, s| {
-                    call_real!(cuMemcpyHtoDAsync_v2(r.base + off, (r.host + off as usize) as *const c_void, len as usize, s))
-                })?;
+                match ring {
+                    Some((s, _)) if r.pageable => vmm_ring::cut(&mut pieces, r.base, r.host, r.size, s.slot),
+                    _ => chunked(&streams, r.size, |off, len, s| {
+                        call_real!(cuMemcpyHtoDAsync_v2(r.base + off, (r.host + off as usize) as *const c_void, len as usize, s))
+                    })?,
+                }
             }
             streams.sync()?;
+            if let Some((s, base)) = ring.filter(|_| !pieces.is_empty()) {
+                moved.phase_us[PHASE_MEMCPY_IN] += vmm_ring::run(Way::In, s, base, &streams.0, &pieces)?;
+            }
         }
         moved.phase_us[PHASE_COPY_IN] = us_since(t);
         Ok(())
@@ -406,13 +515,19 @@ pub fn move_in() -> Result<Moved, CuResult> {
         return Err(code);
     }
     let t = Instant::now();
+    let mut later = Vec::new();
     for (r, handle) in made {
-        call_real!(cuMemFreeHost(r.host as *mut c_void));
-        vmm_ranges::update(r.base, handle, 0);
+        if r.pageable {
+            later.push((r.host, r.size as usize));
+        } else {
+            free_host(r.host, r.size, false);
+        }
+        vmm_ranges::update(r.base, handle, 0, false);
         moved.bytes += r.size;
         moved.requested += r.requested;
         moved.ranges += 1;
     }
+    vmm_ring::unmap_later(later);
     moved.phase_us[PHASE_HOST_FREE] = us_since(t);
     Ok(moved)
 }

@@ -26,8 +26,11 @@ pub struct Range {
     pub access: MemAccessDesc,
     /// The context current when it was made (the copies run in it).
     pub context: usize,
-    /// The host copy while suspended (pinned, the process's own); null otherwise.
+    /// The host copy while suspended (the process's own); null otherwise.
     pub host: usize,
+    /// How `host` was made: pageable (`mmap`, the staging ring's path: `munmap` it) or pinned
+    /// (`cuMemHostAlloc`, the whole-range fallback: `cuMemFreeHost` it).
+    pub pageable: bool,
 }
 
 // SAFETY: `prop`'s only pointer is the Windows handle metadata, always null here; `host` is
@@ -76,11 +79,12 @@ pub fn all() -> Vec<Range> {
     table().values().copied().collect()
 }
 
-/// Writes back a range's handle and host copy after the agent moved it.
-pub fn update(base: CUdeviceptr, handle: u64, host: usize) {
+/// Writes back a range's handle and host copy (and how it was made) after the agent moved it.
+pub fn update(base: CUdeviceptr, handle: u64, host: usize, pageable: bool) {
     if let Some(r) = table().get_mut(&base) {
         r.handle = handle;
         r.host = host;
+        r.pageable = pageable;
     }
 }
 

@@ -139,6 +139,7 @@ real_functions! {
     cuStreamCreate(*mut CUstream, c_uint);
     cuStreamSynchronize(CUstream);
     cuStreamDestroy_v2(CUstream);
+    cuEventDestroy_v2(*mut c_void);
 }
 
 static DRIVER: OnceCell<Option<Driver>> = OnceCell::new();
