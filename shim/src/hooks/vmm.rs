@@ -9,13 +9,13 @@
 //! allocation, with the same four calls.
 
 use crate::hooks::memory::{charged_memory, released, POINTERS};
+use crate::hooks::vmm_ring::{self, Way};
 use crate::state::vmm_ranges::{self, Range};
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
-use crate::hooks::vmm_ring::{self, Way};
 use gpuslice_common::ledger::{
-    CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE, PHASES, PHASE_COPY_IN, PHASE_COPY_OUT, PHASE_HOST_ALLOC, PHASE_HOST_FREE, PHASE_MAP,
-    PHASE_MEMCPY_IN, PHASE_MEMCPY_OUT, PHASE_PIN, PHASE_RELEASE, PHASE_RING, PHASE_SYNC,
+    CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE, PHASES, PHASE_COPY_IN, PHASE_COPY_OUT, PHASE_HOST_ALLOC, PHASE_HOST_FREE,
+    PHASE_MAP, PHASE_MEMCPY_IN, PHASE_MEMCPY_OUT, PHASE_PIN, PHASE_RELEASE, PHASE_RING, PHASE_SYNC,
 };
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -389,7 +389,11 @@ fn ring_out(ranges: &[Range], moved: &mut Moved) -> Result<Option<Vec<(Range, us
     let total: u64 = ranges.iter().map(|r| r.size).sum();
     if let Some(avail) = vmm_ring::host_available() {
         if total > avail {
-            tracing::warn!("not suspended: {} to move, the host has {} available", gpuslice_common::size::format_size(total), gpuslice_common::size::format_size(avail));
+            tracing::warn!(
+                "not suspended: {} to move, the host has {} available",
+                gpuslice_common::size::format_size(total),
+                gpuslice_common::size::format_size(avail)
+            );
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         }
     }

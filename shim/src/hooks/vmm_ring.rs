@@ -88,7 +88,13 @@ pub fn ring() -> Result<Option<(Settings, usize)>, CuResult> {
     }
     RING_BASE.store(p as usize, Relaxed);
     RING_BYTES.store(bytes, Relaxed);
-    tracing::info!("suspend agent: staging ring of {} × {} pinned ({} of host memory, kept for the process's life), {} workers", s.slots, gpuslice_common::size::format_size(s.slot), gpuslice_common::size::format_size(bytes), s.workers);
+    tracing::info!(
+        "suspend agent: staging ring of {} × {} pinned ({} of host memory, kept for the process's life), {} workers",
+        s.slots,
+        gpuslice_common::size::format_size(s.slot),
+        gpuslice_common::size::format_size(bytes),
+        s.workers
+    );
     Ok(Some((s, p as usize)))
 }
 

@@ -408,3 +408,107 @@ fn the_suspension_row_carries_each_agents_time_split() {
     touch(&done);
     t.wait().assert_all_ok();
 }
+
+/// A member on a tiny staging ring (3 slots of 768 KiB, 2 workers: every range is larger than
+/// the ring or no multiple of a slot) with `ids` allocations of `sizes`, each holding pattern
+/// `id`; a second context holds the last two. After each file of `gos` it reads every pattern
+/// back.
+fn ring_member(sim: &Sim, ctl: &Controller<'_>, extra_env: &[(&str, &str)], gos: &[&str], done: &str) -> (Running, usize) {
+    let sizes = ["5M", "3M", "1M", "700K", "9M", "6M", "2M"];
+    let mut script = String::from("init ctx 0");
+    for (i, s) in sizes.iter().enumerate() {
+        if i == 5 {
+            script += " ctxcreate 0";
+        }
+        script += &format!(" alloc {s} pokepat {id} {id}", id = i + 1);
+    }
+    let peeks: String = (1..=sizes.len()).map(|id| format!(" peekpat {id} {id}")).collect();
+    for go in gos {
+        script += &format!(" waitfile {go}{peeks}");
+    }
+    script += &format!(" waitfile {done} freeall");
+    let mut c = sim
+        .client(Route::Dlsym)
+        .shim()
+        .controller(ctl)
+        .group("fast")
+        .env("GPUSLICE_LOG", "info")
+        .env("GPUSLICE_SUSPEND_RING", "3x768K")
+        .env("GPUSLICE_SUSPEND_WORKERS", 2);
+    for (k, v) in extra_env {
+        c = c.env(k, v);
+    }
+    let t = c.args(&script).spawn();
+    expect_ok(&t.wait_line("pokepat", sizes.len() - 1));
+    (t, sizes.len())
+}
+
+/// Every pattern of `ring_member` reads back intact in the `round`-th reading (from 1).
+fn all_intact(t: &Running, n: usize, round: usize) {
+    for i in 0..n {
+        let peek = t.wait_line("peekpat", (round - 1) * n + i);
+        assert!(peek.contains("bad=0"), "id {}: every byte came back: {peek}", i + 1);
+    }
+}
+
+#[test]
+fn the_staging_ring_moves_ranges_larger_than_itself_bit_exact_in_two_contexts() {
+    let sim = machine();
+    let ctl = sim.controller_with_config(&shim_config("shim"));
+    let (go, go2, done) = (sim.path_str("go"), sim.path_str("go2"), sim.path_str("done"));
+    let (t, n) = ring_member(&sim, &ctl, &[], &[&go, &go2], &done);
+    for round in 0..2 {
+        let out = ctl.cli("suspend").args("--group fast").run();
+        assert!(out.success(), "{out}\n{}", ctl.log());
+        // 6 + 4 + 2 + 2 + 10 + 6 + 2 MiB, the rounded mappings.
+        assert_eq!(sim.device_free(), 4 * GIB - 2 * R, "every allocation left the device; the two contexts stay");
+        let r = ctl.ls().suspension("fast");
+        assert_eq!(r["agents"][0]["bytes"].as_u64(), Some(32 * MIB), "{r}");
+        for phase in ["ring", "host_alloc", "memcpy_out"] {
+            assert!(r["agents"][0]["phases_ms"][phase].as_f64().is_some(), "{phase}: {r}");
+        }
+        ctl.cli("resume").args("--group fast").run().assert_success();
+        assert!(ctl.ls().suspension("fast")["agents"][0]["phases_ms"]["memcpy_in"].as_f64().is_some());
+        touch(if round == 0 { &go } else { &go2 });
+        all_intact(&t, n, round + 1);
+    }
+    let err = t.stderr_now();
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("by its agent")).collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(lines.iter().all(|l| l.contains("path: staging ring 3 × ") && l.contains("2 workers")), "the ring ran every time: {lines:?}");
+    assert_eq!(err.matches("staging ring of 3").count(), 1, "the ring is pinned once and kept: {err}");
+    touch(&done);
+    t.wait().assert_all_ok();
+}
+
+/// A device-to-host copy failing in the middle of the ring's move leaves everything mapped and
+/// the program running with its data; a host-to-device copy failing in the middle of the
+/// resume keeps the host copies and the process suspended, and the retry brings every byte.
+#[test]
+fn a_copy_failing_mid_ring_keeps_all_or_nothing() {
+    let sim = machine();
+    let ctl = sim.controller_with_config(&shim_config("shim"));
+    let (go, go2, done) = (sim.path_str("go"), sim.path_str("go2"), sim.path_str("done"));
+    // 45 pieces of at most 768 KiB out and back: the 5th and the 7th fail.
+    let (t, n) = ring_member(&sim, &ctl, &[("SIMCUDA_FAIL_DTOH_ASYNC", "5"), ("SIMCUDA_FAIL_HTOD_ASYNC", "7")], &[&go, &go2], &done);
+    let before = sim.device_free();
+    let out = ctl.cli("suspend").args("--group fast").run();
+    assert!(!out.success(), "the injected failure fails the suspension: {out}");
+    assert_eq!(sim.device_free(), before, "nothing was released");
+    assert_eq!(ctl.ls().suspension("fast")["state"], "running", "{}", ctl.log());
+    touch(&go);
+    all_intact(&t, n, 1);
+
+    ctl.cli("suspend").args("--group fast").run().assert_success();
+    let out = ctl.cli("resume").args("--group fast").run();
+    assert!(!out.success(), "the injected failure fails the resume: {out}");
+    assert_eq!(ctl.ls().suspension("fast")["state"], "suspended", "it stays suspended, its copies kept");
+    assert_eq!(sim.device_free(), 4 * GIB - 2 * R, "the failed attempt left nothing on the device");
+    ctl.cli("resume").args("--group fast").run().assert_success();
+    touch(&go2);
+    all_intact(&t, n, 2);
+    let err = t.stderr_now();
+    assert!(err.contains("suspension failed (driver code 999)") && err.contains("resume failed (driver code 999)"), "{err}");
+    touch(&done);
+    t.wait().assert_all_ok();
+}

@@ -10,6 +10,7 @@
 //! to a reserved range with nothing mapped is `CUDA_ERROR_ILLEGAL_ADDRESS`, as a kernel or copy
 //! touching it would fault on the GPU. The copies `cuMemcpyDtoHAsync_v2` / `HtoDAsync_v2` run
 //! at once (their stream is not waited for), and `cuMemHostAlloc` is plain host memory.
+//! `SIMCUDA_FAIL_DTOH_ASYNC=N` / `SIMCUDA_FAIL_HTOD_ASYNC=N` fail the N-th async copy (once).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_void;
@@ -209,10 +210,29 @@ pub unsafe extern "C" fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: 
     SUCCESS
 }
 
+/// `CUDA_ERROR_UNKNOWN`: what an injected copy failure answers.
+const UNKNOWN: CUresult = 999;
+
+/// Failure injection (issue 22's tests of the shim's move): `SIMCUDA_FAIL_DTOH_ASYNC=N` makes
+/// this process's N-th `cuMemcpyDtoHAsync_v2` fail (once) with `CUDA_ERROR_UNKNOWN`, copying
+/// nothing; `SIMCUDA_FAIL_HTOD_ASYNC=N` the same for `cuMemcpyHtoDAsync_v2`.
+fn injected(var: &'static str, calls: &std::sync::atomic::AtomicU64, at: &std::sync::OnceLock<u64>) -> bool {
+    let n = *at.get_or_init(|| std::env::var(var).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0));
+    n != 0 && calls.fetch_add(1, Ordering::Relaxed) + 1 == n
+}
+
+static DTOH_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static HTOD_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DTOH_FAIL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+static HTOD_FAIL: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 /// # Safety
 /// As `cuMemcpyDtoH_v2`; the stream is not waited for (the copy is done on return).
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, n: usize, _stream: *mut c_void) -> CUresult {
+    if injected("SIMCUDA_FAIL_DTOH_ASYNC", &DTOH_CALLS, &DTOH_FAIL) {
+        return UNKNOWN;
+    }
     // SAFETY: the caller's own arguments, under the same contract.
     unsafe { cuMemcpyDtoH_v2(dst, src, n) }
 }
@@ -221,6 +241,9 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr
 /// As `cuMemcpyHtoD_v2`; the stream is not waited for (the copy is done on return).
 #[no_mangle]
 pub unsafe extern "C" fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, n: usize, _stream: *mut c_void) -> CUresult {
+    if injected("SIMCUDA_FAIL_HTOD_ASYNC", &HTOD_CALLS, &HTOD_FAIL) {
+        return UNKNOWN;
+    }
     // SAFETY: the caller's own arguments, under the same contract.
     unsafe { cuMemcpyHtoD_v2(dst, src, n) }
 }
