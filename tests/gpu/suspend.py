@@ -241,8 +241,8 @@ def preemption(a, ctl, env, link):
 def agent_split(row):
     """One agent's row of `ls --json` (the shim's path) as one line: where its time went."""
     p = row.get("phases_ms") or {}
-    out = " ".join(f"{k} {p[k]:.0f}" for k in ("gate", "sync", "pin", "copy_out", "release") if k in p)
-    back = " ".join(f"{k} {p[k]:.0f}" for k in ("map", "copy_in", "host_free") if k in p)
+    out = " ".join(f"{k} {p[k]:.0f}" for k in ("gate", "sync", "ring", "pin", "host_alloc", "copy_out", "memcpy_out", "release") if k in p)
+    back = " ".join(f"{k} {p[k]:.0f}" for k in ("map", "copy_in", "memcpy_in", "host_free") if k in p)
     mib = lambda b: f"{(b or 0) / 2**20:.0f} MiB"
     return (f"{(row.get('bytes') or 0) / 1e9:.1f} GB in {row.get('ranges')} allocations; out {row.get('suspend_ms')} ms ({out}); "
             f"back {row.get('resume_ms')} ms ({back}); keeps {mib(row.get('keep'))}, NVML {mib(row.get('nvml_after'))} "
