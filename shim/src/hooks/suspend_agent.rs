@@ -81,7 +81,13 @@ struct Agent {
 fn serve(ring: &'static MemberSettings, slot: &'static ProcessSlot) {
     let mut agent = Agent { suspended: false };
     let mut seen = 0;
+    let mut staged = false;
     loop {
+        if !staged {
+            // The staging ring is pinned ahead, once the process has memory to move, so that
+            // the first suspension does not pay for it (it would pin it itself otherwise).
+            staged = vmm::prepare_ring();
+        }
         // The ring first: the controller writes this member's request, then the ring, so a
         // request written after these loads changes the ring and the wait returns at once.
         let rung = ring.suspend.load(Acquire);

@@ -289,6 +289,20 @@ fn set_context(context: usize) -> Result<(), CuResult> {
     check(unsafe { set(context as CUcontext) })
 }
 
+/// Pins the staging ring ahead of the first suspension, in the context of a range the process
+/// holds (the agent thread has none of its own). True once there is nothing more to do: the
+/// ring is pinned, off, or could not be pinned (the first suspension tries again).
+pub fn prepare_ring() -> bool {
+    let Some(context) = vmm_ranges::some_mapped_context() else { return false };
+    if set_context(context).is_err() {
+        return false;
+    }
+    if let Err(code) = vmm_ring::ring() {
+        tracing::warn!("the suspend agent's staging ring could not be pinned ahead (driver code {code}); its first suspension tries again");
+    }
+    true
+}
+
 /// What a move did: the agent's answer and log line.
 #[derive(Default, Debug, Clone, Copy)]
 pub struct Moved {

@@ -265,6 +265,17 @@ fn worker(queue: &Queue, done: &Sender<Done>) {
     }
 }
 
+/// Tells `.1` workers to stop when dropped.
+struct Stop<'a>(&'a Queue, usize);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        let (q, cv) = &**self.0;
+        q.lock().unwrap_or_else(|p| p.into_inner()).extend((0..self.1).map(|_| None));
+        cv.notify_all();
+    }
+}
+
 /// Runs `body` with `workers` copy threads (as many as start), then stops and joins them.
 /// Returns `body`'s result and the workers' copy time averaged over them (µs).
 fn with_pool<T>(workers: usize, body: impl FnOnce(&mut Pool) -> T) -> (T, u64) {
@@ -281,14 +292,11 @@ fn with_pool<T>(workers: usize, body: impl FnOnce(&mut Pool) -> T) -> (T, u64) {
                 started += 1;
             }
         }
+        // The workers stop however `body` ends (a panic included: the scope joins them, so a
+        // worker left waiting would hang the agent).
+        let _stop = Stop(&queue, started);
         let mut pool = Pool { queue: Arc::clone(&queue), done, done_tx, workers: started, busy_ns: 0 };
         let out = body(&mut pool);
-        {
-            let (q, cv) = &*queue;
-            let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
-            g.extend((0..started).map(|_| None));
-            cv.notify_all();
-        }
         (out, pool.busy_ns / 1000 / started.max(1) as u64)
     })
 }

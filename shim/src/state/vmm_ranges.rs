@@ -79,6 +79,14 @@ pub fn all() -> Vec<Range> {
     table().values().copied().collect()
 }
 
+/// The context of some range still on the device (the agent pins its staging ring in it).
+pub fn some_mapped_context() -> Option<usize> {
+    if !ANY.load(Relaxed) {
+        return None;
+    }
+    table().values().find(|r| r.handle != 0).map(|r| r.context)
+}
+
 /// Writes back a range's handle and host copy (and how it was made) after the agent moved it.
 pub fn update(base: CUdeviceptr, handle: u64, host: usize, pageable: bool) {
     if let Some(r) = table().get_mut(&base) {

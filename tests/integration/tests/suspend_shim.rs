@@ -512,3 +512,23 @@ fn a_copy_failing_mid_ring_keeps_all_or_nothing() {
     touch(&done);
     t.wait().assert_all_ok();
 }
+
+/// With the ring off the agent pins each range whole (the fallback it also takes when the ring
+/// cannot be pinned), and says so.
+#[test]
+fn with_the_ring_off_the_agent_pins_whole_ranges_and_says_so() {
+    let sim = machine();
+    let ctl = sim.controller_with_config(&shim_config("shim"));
+    let (go, done) = (sim.path_str("go"), sim.path_str("done"));
+    let (t, n) = ring_member(&sim, &ctl, &[("GPUSLICE_SUSPEND_RING", "off")], &[&go], &done);
+    ctl.cli("suspend").args("--group fast").run().assert_success();
+    assert_eq!(sim.device_free(), 4 * GIB - 2 * R);
+    ctl.cli("resume").args("--group fast").run().assert_success();
+    touch(&go);
+    all_intact(&t, n, 1);
+    let err = t.stderr_now();
+    assert!(err.contains("path: whole ranges pinned (GPUSLICE_SUSPEND_RING=off)") && err.contains("path: whole ranges pinned)"), "{err}");
+    assert!(!err.contains("staging ring"), "{err}");
+    touch(&done);
+    t.wait().assert_all_ok();
+}
