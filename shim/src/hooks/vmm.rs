@@ -17,6 +17,7 @@ use gpuslice_common::ledger::{
     CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY, MARK_SHIM_PATH, MARK_SUSPENDABLE, PHASES, PHASE_COPY_IN, PHASE_COPY_OUT, PHASE_HOST_ALLOC, PHASE_HOST_FREE,
     PHASE_MAP, PHASE_MEMCPY_IN, PHASE_MEMCPY_OUT, PHASE_PIN, PHASE_RELEASE, PHASE_RING, PHASE_SYNC,
 };
+use gpuslice_common::size::format_size;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::*};
 use std::time::Instant;
@@ -403,11 +404,7 @@ fn ring_out(ranges: &[Range], moved: &mut Moved) -> Result<Option<Vec<(Range, us
     let total: u64 = ranges.iter().map(|r| r.size).sum();
     if let Some(avail) = vmm_ring::host_available() {
         if total > avail {
-            tracing::warn!(
-                "not suspended: {} to move, the host has {} available",
-                gpuslice_common::size::format_size(total),
-                gpuslice_common::size::format_size(avail)
-            );
+            tracing::warn!("not suspended: {} to move, the host has {} available", format_size(total), format_size(avail));
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         }
     }
@@ -440,6 +437,10 @@ fn ring_out(ranges: &[Range], moved: &mut Moved) -> Result<Option<Vec<(Range, us
     }
     moved.path = "staging ring";
     moved.ring = Some(s);
+    if let Some(huge) = vmm_ring::anon_huge_bytes() {
+        // Whether the first touch faulted 2 MiB at a time (the memcpy_out phase depends on it).
+        tracing::info!("suspend agent: {} of host copies; the process has {} of anonymous memory in huge pages", format_size(total), format_size(huge));
+    }
     Ok(Some(copies))
 }
 
