@@ -37,7 +37,7 @@ pub struct Settings {
 }
 
 /// `GPUSLICE_SUSPEND_RING=<slots>x<size>` (default `8x64M`: 512 MiB of pinned host memory per
-/// process, pinned at its first suspension and kept), `off` or `0` for the whole-range pinned
+/// process, pinned by the agent once the process has VMM-backed memory, and kept), `off` or `0` for the whole-range pinned
 /// path; `GPUSLICE_SUSPEND_WORKERS=N` (default min(8, the cores this process may use)).
 /// `None`: the ring is off.
 pub fn settings() -> Option<Settings> {
@@ -543,10 +543,16 @@ mod tests {
     }
 
     #[test]
-    fn the_pool_copies_every_job_and_counts_its_time() {
+    fn the_pool_copies_every_job_with_workers_or_without() {
+        for workers in [3, 0] {
+            pool_copies_every_job(workers);
+        }
+    }
+
+    fn pool_copies_every_job(workers: usize) {
         let src: Vec<u8> = (0..1 << 20).map(|i| (i * 7 % 251) as u8).collect();
         let mut dst = vec![0u8; 1 << 20];
-        let ((), _) = with_pool(3, |pool| {
+        let ((), _) = with_pool(workers, |pool| {
             let chunk = 1 << 16;
             for k in 0..16 {
                 pool.send(Job { slot: k, src: src.as_ptr() as usize + k * chunk, dst: dst.as_mut_ptr() as usize + k * chunk, len: chunk });
