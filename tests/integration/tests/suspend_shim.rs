@@ -262,6 +262,30 @@ fn set_puts_a_group_on_the_shim_path_and_a_restart_keeps_it() {
     later.wait().assert_all_ok();
 }
 
+/// A member of group "fast" with 5 MiB the agent moves and 100 MiB of managed memory it cannot
+/// (with `env` besides), its pattern written; after `go` it launches and reads the pattern back.
+fn member_with_managed_memory(sim: &Sim, ctl: &Controller<'_>, env: &[(&str, &str)], go: &str, done: &str) -> Running {
+    let mut c = sim.client(Route::Dlsym).shim().controller(ctl).group("fast");
+    for (k, v) in env {
+        c = c.env(k, v);
+    }
+    let t = c.args(&format!("init ctx 0 alloc 5M managed 100M pokepat 1 7 waitfile {go} launch 1 1000 sync peekpat 1 7 waitfile {done} freeall")).spawn();
+    expect_ok(&t.wait_line("pokepat", 0));
+    t
+}
+
+/// After the resume: `member_with_managed_memory`'s program launches again and reads every byte
+/// back (`also` checks more before it ends), and ends well.
+fn runs_on_intact(t: Running, go: &str, done: &str, also: impl FnOnce(&Running)) {
+    touch(go);
+    let launched = t.wait_for("the launch after the resume", Duration::from_secs(20), |l| line_cmd(l) == "launch");
+    expect_ok(&launched);
+    assert!(t.wait_line("peekpat", 0).contains("bad=0"), "every byte came back");
+    also(&t);
+    touch(done);
+    t.wait().assert_all_ok();
+}
+
 /// The GPU's case (docs/NOTES.md, "Issue 22: never stack the two paths"): the process holds
 /// device memory its shim does not know of (on the H100, driver-internal allocations; here 100
 /// MiB of managed memory left out of its report), so that after its agent moved everything it
@@ -274,27 +298,14 @@ fn memory_the_shim_does_not_know_of_does_not_make_the_controller_stack_the_drive
     let sim = machine();
     let ctl = sim.controller_with_config(&shim_config("shim"));
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
-    let t = sim
-        .client(Route::Dlsym)
-        .shim()
-        .controller(&ctl)
-        .group("fast")
-        .env("GPUSLICE_TEST_UNDERREPORT_BYTES", "100M")
-        .args(&format!("init ctx 0 alloc 5M managed 100M pokepat 1 7 waitfile {go} launch 1 1000 sync peekpat 1 7 waitfile {done} freeall"))
-        .spawn();
-    expect_ok(&t.wait_line("pokepat", 0));
+    let t = member_with_managed_memory(&sim, &ctl, &[("GPUSLICE_TEST_UNDERREPORT_BYTES", "100M")], &go, &done);
     let out = ctl.cli("suspend").args("--group fast").run();
     assert!(out.success(), "{out}\n{}", ctl.log());
     let log = ctl.log();
     assert!(!log.contains("the driver's checkpoint suspends it"), "the agent's work is accepted, not stacked on:\n{log}");
     assert_eq!(ctl.ls().suspension("fast")["path"], "shim", "{}", ctl.ls());
     ctl.cli("resume").args("--group fast").run().assert_success();
-    touch(&go);
-    let launched = t.wait_for("the launch after the resume", Duration::from_secs(20), |l| line_cmd(l) == "launch");
-    expect_ok(&launched);
-    assert!(t.wait_line("peekpat", 0).contains("bad=0"), "every byte came back");
-    touch(&done);
-    t.wait().assert_all_ok();
+    runs_on_intact(t, &go, &done, |_| {});
 }
 
 /// A member whose "suspended" NVML does not bear out (here its agent says it keeps nothing on
@@ -306,16 +317,7 @@ fn a_disbelieved_agent_is_brought_back_before_the_driver_checkpoints_it() {
     let sim = machine();
     let ctl = sim.controller_with_config(&shim_config("shim"));
     let (go, done) = (sim.path_str("go"), sim.path_str("done"));
-    let t = sim
-        .client(Route::Dlsym)
-        .shim()
-        .controller(&ctl)
-        .group("fast")
-        .env("GPUSLICE_TEST_SUSPEND_KEEP_BYTES", "0")
-        .env("GPUSLICE_LOG", "info")
-        .args(&format!("init ctx 0 alloc 5M managed 100M pokepat 1 7 waitfile {go} launch 1 1000 sync peekpat 1 7 waitfile {done} freeall"))
-        .spawn();
-    expect_ok(&t.wait_line("pokepat", 0));
+    let t = member_with_managed_memory(&sim, &ctl, &[("GPUSLICE_TEST_SUSPEND_KEEP_BYTES", "0"), ("GPUSLICE_LOG", "info")], &go, &done);
     let out = ctl.cli("suspend").args("--group fast").run();
     assert!(out.success() && out.lines.join("\n").contains("(driver path, "), "{out}\n{}", ctl.log());
     let log = ctl.log();
@@ -328,13 +330,9 @@ fn a_disbelieved_agent_is_brought_back_before_the_driver_checkpoints_it() {
     assert_eq!(l.suspension("fast")["path"], "driver", "{l}");
     ctl.cli("resume").args("--group fast").run().assert_success();
     assert_eq!(ctl.ls().suspension("fast")["resume_path"], "driver", "resumed by the path that suspended it");
-    touch(&go);
-    let launched = t.wait_for("the launch after the resume", Duration::from_secs(20), |l| line_cmd(l) == "launch");
-    expect_ok(&launched);
-    assert!(t.wait_line("peekpat", 0).contains("bad=0"), "every byte came back");
-    assert_eq!(t.stderr_now().matches("suspended by its agent").count(), 1, "one move out by the agent, no second one");
-    touch(&done);
-    t.wait().assert_all_ok();
+    runs_on_intact(t, &go, &done, |t| {
+        assert_eq!(t.stderr_now().matches("suspended by its agent").count(), 1, "one move out by the agent, no second one");
+    });
 }
 
 /// A driver function handed out bare (no spare thunk left) would let calls bypass the gate:
