@@ -8,13 +8,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from simdrv import Driver  # noqa: E402
-
-
-def opts(argv):
-    d = {}
-    for i in range(0, len(argv) - 1, 2):
-        d[argv[i].lstrip("-")] = argv[i + 1]
-    return d
+from stubargs import opts, wait_go  # noqa: E402
 
 
 def pctl(sorted_values, q):
@@ -44,11 +38,7 @@ def run(o):
         return time.monotonic() - t
 
     request()
-    print("ready=1", flush=True)
-    go = o.get("go-file")
-    if go:
-        while not os.path.exists(go):
-            time.sleep(0.002)
+    wait_go(o)
     end = time.monotonic() + float(o.get("warmup-s", "0.5"))
     while time.monotonic() < end:
         request()

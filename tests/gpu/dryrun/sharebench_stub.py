@@ -9,23 +9,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from simdrv import Driver  # noqa: E402
-
-
-def opts(argv):
-    d = {}
-    for i in range(0, len(argv) - 1, 2):
-        d[argv[i].lstrip("-")] = argv[i + 1]
-    return d
+from stubargs import opts, wait_go  # noqa: E402
 
 
 def run(o):
     drv = Driver()
     ns, seconds = int(o["iters"]), float(o["seconds"])
-    print("ready=1", flush=True)
-    go = o.get("go-file")
-    if go:
-        while not os.path.exists(go):
-            time.sleep(0.0002)
+    wait_go(o)
     end = time.monotonic() + float(o.get("warmup-s", "0.3"))
     while time.monotonic() < end:
         drv.launch(ns)
