@@ -910,6 +910,35 @@ pub fn parse_size(s: &str) -> u64 {
     }
 }
 
+/// A stand-in for `nvidia-cuda-mps-control`, journalling in its pipe directory
+/// (`CUDA_MPS_PIPE_DIRECTORY`). `-f` (the daemon): fail at once when `<pipe dir>.fail` exists;
+/// else note `pid CUDA_VISIBLE_DEVICES log-dir` in `starts` and `log=<log dir>` in `env`, make
+/// `control` (what clients look for), and run until a `quit` arrives, noting its pid in `quits`.
+/// Otherwise read one command from stdin (as `echo quit | nvidia-cuda-mps-control` does) and
+/// note it in `commands`.
+pub const FAKE_MPS_CONTROL: &str = r#"#!/bin/sh
+dir=$CUDA_MPS_PIPE_DIRECTORY
+if [ "$1" = -f ]; then
+  [ -f "$dir.fail" ] && exit 1
+  echo "$$ $CUDA_VISIBLE_DEVICES $CUDA_MPS_LOG_DIRECTORY" >>"$dir/starts"
+  echo "log=$CUDA_MPS_LOG_DIRECTORY" >>"$dir/env"
+  : >"$dir/control"
+  while [ ! -f "$dir/quit" ]; do sleep 0.02; done
+  rm -f "$dir/quit" "$dir/control"
+  echo "$$" >>"$dir/quits"
+  exit 0
+fi
+read -r cmd
+echo "$cmd" >>"$dir/commands"
+[ "$cmd" = quit ] && touch "$dir/quit"
+exit 0
+"#;
+
+/// The lines of the file at `path` (none if it does not exist yet).
+pub fn file_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
 /// Call `f` every 10 ms until it returns true or `timeout` passes; returns the last answer.
 pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;

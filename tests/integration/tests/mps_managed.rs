@@ -9,34 +9,10 @@
 //! fails while a pipe directory is named); the simulated NVML lists the GPUs.
 
 use gpuslice_integration::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-/// `-f`: fail at once when `<pipe dir>.fail` exists; else note pid, CUDA_VISIBLE_DEVICES and
-/// the log directory, make `control`, and run until a `quit` arrives. Otherwise read one command
-/// from stdin (as `echo quit | nvidia-cuda-mps-control` does) and note it.
-const FAKE_CONTROL: &str = r#"#!/bin/sh
-dir=$CUDA_MPS_PIPE_DIRECTORY
-if [ "$1" = -f ]; then
-  [ -f "$dir.fail" ] && exit 1
-  echo "$$ $CUDA_VISIBLE_DEVICES $CUDA_MPS_LOG_DIRECTORY" >>"$dir/starts"
-  : >"$dir/control"
-  while [ ! -f "$dir/quit" ]; do sleep 0.02; done
-  rm -f "$dir/quit" "$dir/control"
-  echo "$$" >>"$dir/quits"
-  exit 0
-fi
-read -r cmd
-echo "$cmd" >>"$dir/commands"
-[ "$cmd" = quit ] && touch "$dir/quit"
-exit 0
-"#;
-
 const WAIT: Duration = Duration::from_secs(10);
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
-}
 
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only asks whether the process exists.
@@ -46,7 +22,7 @@ fn alive(pid: i32) -> bool {
 /// The fake control program, and `serve`'s arguments for it (pipe root `<dir>/mps`, the
 /// default beside the socket; logs under `<dir>/mps-log`) followed by `more`.
 fn mps_args(sim: &Sim, more: &[String]) -> Vec<String> {
-    let control = sim.write_file("nvidia-cuda-mps-control", FAKE_CONTROL);
+    let control = sim.write_file("nvidia-cuda-mps-control", FAKE_MPS_CONTROL);
     std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut args = vec!["--mps-control".to_string(), control.display().to_string(), "--mps-log-dir".into(), sim.path_str("mps-log")];
     args.extend(more.iter().cloned());
@@ -64,7 +40,7 @@ fn pipe(sim: &Sim, uuid: &str) -> PathBuf {
 /// The controller's MPS table: (uuid, mode, pipe directory, uids) per line.
 fn table(ctl: &Controller<'_>) -> Vec<(String, String, String, String)> {
     let path = PathBuf::from(format!("{}.mps", ctl.socket().display()));
-    lines(&path)
+    file_lines(&path)
         .iter()
         .filter(|l| !l.starts_with('#'))
         .map(|l| {
@@ -102,10 +78,10 @@ fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
     let mut ctl = start(&sim, &mps_args(&sim, &["--mps".into(), "on".into()]));
     let (s0, s1) = (pipe(&sim, &u0).join("starts"), pipe(&sim, &u1).join("starts"));
-    assert!(poll_until(WAIT, || lines(&s0).len() == 1 && lines(&s1).len() == 1), "no daemon per GPU:\n{}", ctl.log());
+    assert!(poll_until(WAIT, || file_lines(&s0).len() == 1 && file_lines(&s1).len() == 1), "no daemon per GPU:\n{}", ctl.log());
     // Each sees its own GPU, with its own pipe and log directories.
     for (starts, uuid) in [(&s0, &u0), (&s1, &u1)] {
-        let w: Vec<String> = lines(starts)[0].split(' ').map(str::to_string).collect();
+        let w: Vec<String> = file_lines(starts)[0].split(' ').map(str::to_string).collect();
         assert_eq!(w[1], *uuid, "CUDA_VISIBLE_DEVICES of {uuid}'s daemon");
         assert_eq!(w[2], sim.path("mps-log").join(uuid).display().to_string());
     }
@@ -115,7 +91,7 @@ fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     // Readable by every tenant, writable by the controller's user alone.
     let meta = std::fs::metadata(format!("{}.mps", ctl.socket().display())).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o644);
-    let first: i32 = lines(&s0)[0].split(' ').next().unwrap().parse().unwrap();
+    let first: i32 = file_lines(&s0)[0].split(' ').next().unwrap().parse().unwrap();
 
     // GPU 0's daemon fails and cannot start for a while: the table says time-sliced meanwhile,
     // GPU 1 is untouched; then it starts again.
@@ -127,11 +103,11 @@ fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     assert_eq!(mode_of(&ctl, &u1).as_deref(), Some("spatial"));
     assert!(poll_until(WAIT, || ctl.log().contains("its MPS control daemon is not up")), "{}", ctl.log());
     std::fs::remove_file(format!("{}.fail", pipe(&sim, &u0).display())).unwrap();
-    assert!(poll_until(WAIT, || lines(&s0).len() == 2), "GPU 0's daemon was not restarted:\n{}", ctl.log());
+    assert!(poll_until(WAIT, || file_lines(&s0).len() == 2), "GPU 0's daemon was not restarted:\n{}", ctl.log());
     wait_mode(&ctl, &u0, "spatial");
     assert!(ctl.log().contains("MPS control daemon restarted") && ctl.log().contains(&format!("for {u0}")), "{}", ctl.log());
-    let second: i32 = lines(&s0)[1].split(' ').next().unwrap().parse().unwrap();
-    let other: i32 = lines(&s1)[0].split(' ').next().unwrap().parse().unwrap();
+    let second: i32 = file_lines(&s0)[1].split(' ').next().unwrap().parse().unwrap();
+    let other: i32 = file_lines(&s1)[0].split(' ').next().unwrap().parse().unwrap();
     assert_ne!(first, second);
 
     // The controller stops: the table goes, each daemon is asked to quit and is gone.
@@ -140,11 +116,11 @@ fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     assert!(poll_until(WAIT, || !ctl.running()), "the controller did not stop");
     assert!(table(&ctl).is_empty(), "the table outlived the controller");
     for (uuid, pid) in [(&u0, second), (&u1, other)] {
-        assert_eq!(lines(&pipe(&sim, uuid).join("commands")), vec!["quit".to_string()], "{}", ctl.log());
-        assert_eq!(lines(&pipe(&sim, uuid).join("quits")), vec![pid.to_string()], "{uuid}'s daemon did not quit by itself:\n{}", ctl.log());
+        assert_eq!(file_lines(&pipe(&sim, uuid).join("commands")), vec!["quit".to_string()], "{}", ctl.log());
+        assert_eq!(file_lines(&pipe(&sim, uuid).join("quits")), vec![pid.to_string()], "{uuid}'s daemon did not quit by itself:\n{}", ctl.log());
         assert!(poll_until(Duration::from_secs(5), || !alive(pid)), "a daemon outlived the controller");
     }
-    assert_eq!(lines(&s0).len(), 2, "no daemon started after the stop");
+    assert_eq!(file_lines(&s0).len(), 2, "no daemon started after the stop");
 }
 
 #[test]
@@ -248,7 +224,7 @@ fn a_node_of_one_gpu_needs_no_uuid_and_a_down_daemon_gets_nobody() {
     // The daemon dies and cannot start again: the table says so, and nobody is sent to it,
     // though its stale control file is still there.
     std::fs::write(format!("{want}.fail"), b"").unwrap();
-    let pid: i32 = lines(&pipe(&sim, &u0).join("starts"))[0].split(' ').next().unwrap().parse().unwrap();
+    let pid: i32 = file_lines(&pipe(&sim, &u0).join("starts"))[0].split(' ').next().unwrap().parse().unwrap();
     // SAFETY: a process this test's controller started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_mode(&ctl, &u0, "time-sliced");

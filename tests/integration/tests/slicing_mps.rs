@@ -4,30 +4,7 @@
 //! controller stops.
 
 use gpuslice_integration::*;
-use std::path::Path;
 use std::time::Duration;
-
-/// `-f`: note the pid and run until a `quit` arrives; otherwise read one command from stdin (as
-/// `echo quit | nvidia-cuda-mps-control` does) and note it.
-const FAKE_CONTROL: &str = r#"#!/bin/sh
-dir=$CUDA_MPS_PIPE_DIRECTORY
-if [ "$1" = -f ]; then
-  echo "$$" >>"$dir/starts"
-  echo "log=$CUDA_MPS_LOG_DIRECTORY" >>"$dir/env"
-  while [ ! -f "$dir/quit" ]; do sleep 0.02; done
-  rm -f "$dir/quit"
-  echo "$$" >>"$dir/quits"
-  exit 0
-fi
-read -r cmd
-echo "$cmd" >>"$dir/commands"
-[ "$cmd" = quit ] && touch "$dir/quit"
-exit 0
-"#;
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
-}
 
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only asks whether the process exists.
@@ -37,7 +14,7 @@ fn alive(pid: i32) -> bool {
 #[test]
 fn serve_runs_the_mps_daemon_restarts_it_and_quits_it_on_stop() {
     let sim = Sim::new();
-    let control = sim.write_file("nvidia-cuda-mps-control", FAKE_CONTROL);
+    let control = sim.write_file("nvidia-cuda-mps-control", FAKE_MPS_CONTROL);
     std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let (pipe, log) = (sim.path("mps-pipe"), sim.path("mps-log"));
     let args = [
@@ -51,15 +28,15 @@ fn serve_runs_the_mps_daemon_restarts_it_and_quits_it_on_stop() {
     ];
     let mut ctl = sim.controller_with_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let starts = pipe.join("starts");
-    assert!(poll_until(Duration::from_secs(10), || lines(&starts).len() == 1), "the daemon did not start:\n{}", ctl.log());
-    assert_eq!(lines(&pipe.join("env")), vec![format!("log={}", log.display())], "the daemon's log directory");
-    let first: i32 = lines(&starts)[0].parse().unwrap();
+    assert!(poll_until(Duration::from_secs(10), || file_lines(&starts).len() == 1), "the daemon did not start:\n{}", ctl.log());
+    assert_eq!(file_lines(&pipe.join("env")), vec![format!("log={}", log.display())], "the daemon's log directory");
+    let first: i32 = file_lines(&starts)[0].split(' ').next().unwrap().parse().unwrap();
 
     // Killed: the controller starts another after a second.
     // SAFETY: a process this test's controller started.
     unsafe { libc::kill(first, libc::SIGKILL) };
-    assert!(poll_until(Duration::from_secs(10), || lines(&starts).len() == 2), "the daemon was not restarted:\n{}", ctl.log());
-    let second: i32 = lines(&starts)[1].parse().unwrap();
+    assert!(poll_until(Duration::from_secs(10), || file_lines(&starts).len() == 2), "the daemon was not restarted:\n{}", ctl.log());
+    let second: i32 = file_lines(&starts)[1].split(' ').next().unwrap().parse().unwrap();
     assert_ne!(first, second);
     assert!(ctl.log().contains("MPS control daemon restarted"), "{}", ctl.log());
 
@@ -67,10 +44,10 @@ fn serve_runs_the_mps_daemon_restarts_it_and_quits_it_on_stop() {
     // SAFETY: the controller this test started.
     unsafe { libc::kill(ctl.pid() as i32, libc::SIGTERM) };
     assert!(poll_until(Duration::from_secs(10), || !ctl.running()), "the controller did not stop");
-    assert_eq!(lines(&pipe.join("commands")), vec!["quit".to_string()], "{}", ctl.log());
-    assert_eq!(lines(&pipe.join("quits")), vec![second.to_string()], "the daemon did not quit by itself:\n{}", ctl.log());
+    assert_eq!(file_lines(&pipe.join("commands")), vec!["quit".to_string()], "{}", ctl.log());
+    assert_eq!(file_lines(&pipe.join("quits")), vec![second.to_string()], "the daemon did not quit by itself:\n{}", ctl.log());
     assert!(poll_until(Duration::from_secs(5), || !alive(second)), "the daemon outlived the controller");
-    assert_eq!(lines(&starts).len(), 2, "no daemon started after the stop");
+    assert_eq!(file_lines(&starts).len(), 2, "no daemon started after the stop");
 }
 
 #[test]
