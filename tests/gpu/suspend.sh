@@ -12,6 +12,7 @@
 #   SUSPEND_ASK_GIB        the high-priority request                 (default 100)
 #   SUSPEND_ALTERNATE_S    the alternation's length in seconds       (default 120; the issue: 600)
 #   SUSPEND_PATH           the suspendable groups' suspend_path: driver (default), shim, auto
+#   SUSPEND_ONLY           preemption (checks 1-3) or alternation (checks 1, 2 and 4); default both
 #   SUSPEND_DRY_RUN=1      the same run on the simulated driver and NVML of CI (no GPU, no torch):
 #                          target/debug/{libgpuslice.so,gpuslice}, target/sim/ (cargo build
 #                          --workspace and one integration test first); sizes scaled to a 16 GiB
@@ -85,6 +86,6 @@ note "card: $card_gib GiB; $(date -u '+%H:%M:%S') start of the checks"
 
 "$PY" "$ROOT/$HERE/suspend.py" --lib "$LIB" --bin "$BIN" --build "$BUILD" --out "$OUTDIR" --tmp "$TMPD" \
   --socket "$TMPD/gpuslice.sock" --ledger "$LEDGER_DIR/ledger" --card-gib "$card_gib" "${sizes[@]}" \
-  --suspend-path "${SUSPEND_PATH:-driver}" &
+  --suspend-path "${SUSPEND_PATH:-driver}" --only "${SUSPEND_ONLY:-all}" &
 PYPID=$!
 wait "$PYPID"
