@@ -307,7 +307,8 @@ def main():
     LOG = open(os.path.join(a.out, "suspend.log"), "a")
     env = dict(os.environ)
     for k in list(env):
-        if k.startswith("GPUSLICE_") or k in ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF"):
+        # The staging ring's knobs pass through (measuring them is why one would set them).
+        if (k.startswith("GPUSLICE_") and not k.startswith("GPUSLICE_SUSPEND_")) or k in ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF"):
             del env[k]
     check_abi(a)
     link = host_link(a)

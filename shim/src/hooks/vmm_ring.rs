@@ -36,30 +36,43 @@ pub struct Settings {
     pub workers: usize,
 }
 
-/// `GPUSLICE_SUSPEND_RING=<slots>x<size>` (default `8x64M`: 512 MiB of pinned host memory per
-/// process, pinned by the agent once the process has VMM-backed memory, and kept), `off` or `0` for the whole-range pinned
-/// path; `GPUSLICE_SUSPEND_WORKERS=N` (default min(8, the cores this process may use)).
+/// `GPUSLICE_SUSPEND_RING=<slots>x<size>` (default: one 64 MiB slot per worker, so 16 × 64 MiB
+/// = 1 GiB of pinned host memory per process on a host of 16 cores or more, pinned by the agent
+/// once the process has VMM-backed memory, and kept), `off` or `0` for the whole-range pinned
+/// path; `GPUSLICE_SUSPEND_WORKERS=N` (default min(16, the cores this process may use)).
 /// `None`: the ring is off.
+///
+/// Why these defaults (H100, 36.5 GB out of a 34 GiB training and back, docs/NOTES.md "Stop 17"):
+/// out / back in GB/s, 8 workers × 8 slots 18.9-21.6 / 35.7-38.5, 16 × 8 slots 22.4 / 35.5, 8 ×
+/// 16 slots 23.5 / 38.7, 16 × 16 slots 28.1-29.4 / 38.9-43.1 (the link: 55 GB/s each way). Out,
+/// the pageable copy from a slot is the bottleneck: it wants a worker per slot and a slot per
+/// worker.
 pub fn settings() -> Option<Settings> {
     static S: OnceLock<Option<Settings>> = OnceLock::new();
     *S.get_or_init(|| {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let workers = std::env::var("GPUSLICE_SUSPEND_WORKERS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(cores.min(8)).clamp(1, 64);
+        let workers = std::env::var("GPUSLICE_SUSPEND_WORKERS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(cores.min(DEFAULT_WORKERS)).clamp(1, 64);
         let ring = std::env::var("GPUSLICE_SUSPEND_RING").unwrap_or_default();
-        let parsed = parse_ring(&ring);
+        let parsed = parse_ring(&ring, workers);
         if parsed.is_none() && !matches!(ring.trim(), "off" | "0") {
-            tracing::warn!("GPUSLICE_SUSPEND_RING={ring:?} is not <slots>x<size> (e.g. 8x64M): the suspend agent pins whole ranges");
+            tracing::warn!("GPUSLICE_SUSPEND_RING={ring:?} is not <slots>x<size> (e.g. 16x64M): the suspend agent pins whole ranges");
         }
         parsed.map(|(slots, slot)| Settings { slots, slot, workers })
     })
 }
 
-/// "8x64M" → (8, 64 MiB); "" → the default. Slots 2..=256, a slot 4 KiB..=4 GiB (4 KiB-aligned
-/// so that every copy out of a slot starts page-aligned).
-fn parse_ring(v: &str) -> Option<(usize, u64)> {
+/// The most workers by default (more cores than this: no measured gain asked for).
+const DEFAULT_WORKERS: usize = 16;
+/// A slot of the default ring.
+const DEFAULT_SLOT: u64 = 64 << 20;
+
+/// "8x64M" → (8, 64 MiB); "" → the default for `workers` (one 64 MiB slot each, at least 2).
+/// Slots 2..=256, a slot 4 KiB..=4 GiB (4 KiB-aligned so that every copy out of a slot starts
+/// page-aligned).
+fn parse_ring(v: &str, workers: usize) -> Option<(usize, u64)> {
     let v = v.trim();
     if v.is_empty() {
-        return Some((8, 64 << 20));
+        return Some((workers.clamp(2, 256), DEFAULT_SLOT));
     }
     let (n, size) = v.split_once(['x', 'X'])?;
     let n: usize = n.trim().parse().ok()?;
@@ -525,11 +538,12 @@ mod tests {
 
     #[test]
     fn ring_settings_parse_and_refuse_nonsense() {
-        assert_eq!(parse_ring(""), Some((8, 64 << 20)));
-        assert_eq!(parse_ring("4x256M"), Some((4, 256 << 20)));
-        assert_eq!(parse_ring(" 3X768K "), Some((3, 768 << 10)));
+        assert_eq!(parse_ring("", 16), Some((16, 64 << 20)), "a slot per worker");
+        assert_eq!(parse_ring("", 1), Some((2, 64 << 20)), "never fewer than two slots");
+        assert_eq!(parse_ring("4x256M", 16), Some((4, 256 << 20)));
+        assert_eq!(parse_ring(" 3X768K ", 16), Some((3, 768 << 10)));
         for bad in ["off", "0", "1x64M", "8", "8x", "8x100", "300x1M", "8x5G"] {
-            assert_eq!(parse_ring(bad), None, "{bad}");
+            assert_eq!(parse_ring(bad, 16), None, "{bad}");
         }
     }
 
