@@ -287,6 +287,46 @@ pub struct Listing {
     /// Groups that are suspendable, suspended, or were (issue 22).
     #[serde(default)]
     pub suspensions: Vec<SuspensionRow>,
+    /// Issue 19, managed spatial mode (`serve --mps`): each managed GPU's mode as the MPS table
+    /// says it, and its daemon; empty without `--mps`.
+    #[serde(default)]
+    pub mps: Vec<MpsGpuRow>,
+}
+
+/// One GPU of the managed spatial mode: the line of the MPS table beside the socket that the
+/// controller wrote at its last tick, with the policy behind it and the GPU's MPS control daemon.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MpsGpuRow {
+    pub uuid: String,
+    /// The GPU's index in the ledger, once a registered process has claimed it.
+    pub device: Option<u32>,
+    /// The operator's policy for the GPU: auto or on (`off` GPUs have no daemon and no row).
+    pub policy: String,
+    /// `spatial` (processes are sent to its MPS daemon) or `time-sliced`.
+    pub mode: String,
+    /// Why, as a short stable key (for metrics and scripts): off, on, auto_no_high_priority,
+    /// auto_sm_shares, auto_high_priority, held_spatial, held_time_sliced, daemon_down.
+    pub reason: String,
+    /// Why, in words: the table's own text.
+    pub why: String,
+    /// The pipe directory processes are sent to (spatial only).
+    pub pipe: Option<String>,
+    /// The uids of the registered processes using the GPU.
+    pub users: Vec<u32>,
+    pub daemon: MpsDaemonRow,
+}
+
+/// A GPU's MPS control daemon as its supervisor saw it last.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MpsDaemonRow {
+    /// It runs and its `control` pipe is in its pipe directory.
+    pub up: bool,
+    /// The daemon's pid while one runs (this controller's child, or the adopted one).
+    pub pid: Option<u32>,
+    /// Times the supervisor started it again after it exited.
+    pub restarts: u64,
+    /// It was started by an earlier controller and adopted at this one's start.
+    pub adopted: bool,
 }
 
 /// A group's suspension (issue 22): where it stands, what moved and how long it took.

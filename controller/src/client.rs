@@ -257,6 +257,7 @@ pub fn render(l: &Listing) -> String {
         }
     }
     out.push_str(&crate::suspend_cli::render(l));
+    out.push_str(&crate::mps_view::render(l));
     out
 }
 

@@ -11,6 +11,8 @@ mod metrics;
 mod mps_choice;
 mod mps_daemon;
 mod mps_devices;
+mod mps_orphan;
+mod mps_view;
 mod room;
 mod run;
 mod serve;

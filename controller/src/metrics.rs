@@ -120,8 +120,43 @@ impl Collector for Scrape {
         let listing = self.0.listing.as_ref().unwrap_or(&empty);
         groups(&mut f, listing)?;
         processes(&mut f, listing)?;
-        suspensions(&mut f, listing)
+        suspensions(&mut f, listing)?;
+        mps(&mut f, listing)
     }
+}
+
+/// Issue 19's managed spatial mode, per GPU: its mode and why (the controller's MPS table line),
+/// and its MPS control daemon.
+fn mps(f: &mut Families<'_>, l: &Listing) -> std::fmt::Result {
+    let gpu = |g: &gpuslice_common::protocol::MpsGpuRow| -> Labels { vec![("uuid", g.uuid.clone())] };
+    f.gauge(
+        "gpu_mps_spatial",
+        "1 while the GPU's processes are sent to its managed MPS daemon (spatial), 0 while they run time-sliced (serve --mps).",
+        None,
+        l.mps.iter().map(|g| (gpu(g), u32::from(g.mode == "spatial"))),
+    )?;
+    f.gauge(
+        "gpu_mps_mode",
+        "1, labelled with the GPU's mode (spatial or time-sliced), the operator's policy and why: off, on, auto_no_high_priority, auto_sm_shares, auto_high_priority, held_spatial, held_time_sliced or daemon_down.",
+        None,
+        l.mps.iter().map(|g| {
+            let mut labels = gpu(g);
+            labels.extend([("mode", g.mode.clone()), ("policy", g.policy.clone()), ("reason", g.reason.clone())]);
+            (labels, 1u32)
+        }),
+    )?;
+    f.gauge(
+        "gpu_mps_daemon_up",
+        "1 while the GPU's MPS control daemon runs and listens, else 0.",
+        None,
+        l.mps.iter().map(|g| (gpu(g), u32::from(g.daemon.up))),
+    )?;
+    f.counter(
+        "gpu_mps_daemon_restarts",
+        "Times the GPU's MPS control daemon was started again after it exited, since this controller started.",
+        None,
+        l.mps.iter().map(|g| (gpu(g), g.daemon.restarts)),
+    )
 }
 
 /// The suspension series of the metrics: per group, its state, what moved and how long it took.
@@ -415,6 +450,7 @@ mod tests {
                 charged: 1 << 28,
             }],
             suspensions: vec![],
+            mps: vec![],
         }
     }
 

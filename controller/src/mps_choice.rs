@@ -27,39 +27,77 @@ pub struct Tenants {
     pub shares: bool,
 }
 
+/// Why a GPU has its mode: one definition for the MPS table and the log (`text`), and for
+/// `gpuslice ls --json` and the metrics (`key`, short and stable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Why {
+    Off,
+    On,
+    AutoNoHighPriority,
+    AutoSmShares,
+    AutoHighPriority,
+    HeldSpatial,
+    HeldTimeSliced,
+    DaemonDown,
+}
+
+impl Why {
+    /// The words of the table's line and of the log.
+    pub fn text(self) -> &'static str {
+        match self {
+            Why::Off => "mps off",
+            Why::On => "mps on",
+            Why::AutoNoHighPriority => "auto: no high-priority group or process, so nothing MPS was measured to help; time-slicing keeps fault isolation",
+            Why::AutoSmShares => "auto: SM shares are set, and under MPS a share would become a fixed SM partition without lending",
+            Why::AutoHighPriority => "auto: high-priority work shares the GPU, where MPS's single context shortens its tail",
+            Why::HeldSpatial => "held spatial while processes that started over MPS use the GPU",
+            Why::HeldTimeSliced => "held time-sliced while processes that started time-sliced use the GPU",
+            Why::DaemonDown => "its MPS control daemon is not up",
+        }
+    }
+
+    /// A short stable name: the `reason` of `ls --json` and of the metrics.
+    pub fn key(self) -> &'static str {
+        match self {
+            Why::Off => "off",
+            Why::On => "on",
+            Why::AutoNoHighPriority => "auto_no_high_priority",
+            Why::AutoSmShares => "auto_sm_shares",
+            Why::AutoHighPriority => "auto_high_priority",
+            Why::HeldSpatial => "held_spatial",
+            Why::HeldTimeSliced => "held_time_sliced",
+            Why::DaemonDown => "daemon_down",
+        }
+    }
+}
+
 /// The mode the rule wants for a GPU, and why (for the log and the table).
-pub fn wanted(policy: MpsPolicy, tenants: Tenants) -> (Mode, &'static str) {
+pub fn wanted(policy: MpsPolicy, tenants: Tenants) -> (Mode, Why) {
     match policy {
-        MpsPolicy::Off => (Mode::TimeSliced, "mps off"),
-        MpsPolicy::On => (Mode::Spatial, "mps on"),
-        MpsPolicy::Auto if !tenants.high => {
-            (Mode::TimeSliced, "auto: no high-priority group or process, so nothing MPS was measured to help; time-slicing keeps fault isolation")
-        }
-        MpsPolicy::Auto if tenants.shares => {
-            (Mode::TimeSliced, "auto: SM shares are set, and under MPS a share would become a fixed SM partition without lending")
-        }
-        MpsPolicy::Auto => (Mode::Spatial, "auto: high-priority work shares the GPU, where MPS's single context shortens its tail"),
+        MpsPolicy::Off => (Mode::TimeSliced, Why::Off),
+        MpsPolicy::On => (Mode::Spatial, Why::On),
+        MpsPolicy::Auto if !tenants.high => (Mode::TimeSliced, Why::AutoNoHighPriority),
+        MpsPolicy::Auto if tenants.shares => (Mode::TimeSliced, Why::AutoSmShares),
+        MpsPolicy::Auto => (Mode::Spatial, Why::AutoHighPriority),
     }
 }
 
 /// The mode a GPU keeps: the wanted one, except while processes that started under the earlier
 /// one (`kept`) still use the GPU: a GPU does not mix MPS clients with time-sliced contexts,
 /// where neither mode's gain holds.
-pub fn intended(wanted: (Mode, &'static str), kept: Option<Mode>, in_use: bool) -> (Mode, &'static str) {
+pub fn intended(wanted: (Mode, Why), kept: Option<Mode>, in_use: bool) -> (Mode, Why) {
     match kept {
-        Some(Mode::Spatial) if in_use && wanted.0 != Mode::Spatial => (Mode::Spatial, "held spatial while processes that started over MPS use the GPU"),
-        Some(Mode::TimeSliced) if in_use && wanted.0 != Mode::TimeSliced => {
-            (Mode::TimeSliced, "held time-sliced while processes that started time-sliced use the GPU")
-        }
+        Some(Mode::Spatial) if in_use && wanted.0 != Mode::Spatial => (Mode::Spatial, Why::HeldSpatial),
+        Some(Mode::TimeSliced) if in_use && wanted.0 != Mode::TimeSliced => (Mode::TimeSliced, Why::HeldTimeSliced),
         _ => wanted,
     }
 }
 
 /// What the table says: the intended mode, but time-sliced while the GPU's daemon is not up
 /// (a process must never be sent to a daemon that is not there).
-pub fn published(intended: (Mode, &'static str), daemon_up: bool) -> (Mode, &'static str) {
+pub fn published(intended: (Mode, Why), daemon_up: bool) -> (Mode, Why) {
     if intended.0 == Mode::Spatial && !daemon_up {
-        return (Mode::TimeSliced, "its MPS control daemon is not up");
+        return (Mode::TimeSliced, Why::DaemonDown);
     }
     intended
 }
@@ -87,8 +125,18 @@ mod tests {
         assert_eq!(intended(spatial, Some(Mode::TimeSliced), false).0, Mode::Spatial, "free: changes");
         assert_eq!(intended(sliced, Some(Mode::Spatial), true).0, Mode::Spatial);
         assert_eq!(intended(spatial, None, true), spatial, "nothing kept yet: the rule");
-        assert_eq!(published(intended(sliced, Some(Mode::Spatial), true), false), (Mode::TimeSliced, "its MPS control daemon is not up"));
+        assert_eq!(published(intended(sliced, Some(Mode::Spatial), true), false), (Mode::TimeSliced, Why::DaemonDown));
         assert_eq!(published(spatial, true), spatial);
         assert_eq!(published(sliced, false), sliced);
+    }
+
+    #[test]
+    fn each_reason_has_its_own_key_and_text() {
+        let all =
+            [Why::Off, Why::On, Why::AutoNoHighPriority, Why::AutoSmShares, Why::AutoHighPriority, Why::HeldSpatial, Why::HeldTimeSliced, Why::DaemonDown];
+        let keys: std::collections::HashSet<&str> = all.iter().map(|w| w.key()).collect();
+        let texts: std::collections::HashSet<&str> = all.iter().map(|w| w.text()).collect();
+        assert_eq!((keys.len(), texts.len()), (all.len(), all.len()));
+        assert!(all.iter().all(|w| !w.key().contains(' ') && !w.text().contains('\n')));
     }
 }

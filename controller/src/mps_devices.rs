@@ -4,12 +4,13 @@
 //! every tick each GPU's mode (`mps_choice`), published in the MPS table beside the socket
 //! (`gpuslice_common::mps_table`) that the shims read before their driver starts.
 
-use crate::mps_choice::{self, Tenants};
+use crate::mps_choice::{self, Tenants, Why};
 use crate::mps_daemon::{self, Daemon, MpsFlags, Supervised};
 use crate::serve::devices;
 use crate::state::State;
 use gpuslice_common::ledger::Priority;
 use gpuslice_common::mps_table::{self, Entry, Mode};
+use gpuslice_common::protocol::{MpsDaemonRow, MpsGpuRow};
 use gpuslice_common::settings::{ControllerFile, MpsPolicy};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -76,7 +77,7 @@ pub struct Managed {
     /// Each GPU's intended mode at the last tick (held while processes use the GPU).
     kept: HashMap<String, Mode>,
     /// What the log last said of each GPU.
-    shown: HashMap<String, (Mode, &'static str)>,
+    shown: HashMap<String, (Mode, Why)>,
 }
 
 struct Gpu {
@@ -130,6 +131,9 @@ pub fn start(policies: &Policies, flags: &MpsFlags, socket: &Path, node: Option<
             pipe: pipe.clone(),
             log: flags.mps_log_dir.join(&uuid),
             visible: Some(uuid.clone()),
+            // The controller's own pipe directory: a daemon running there was left by an
+            // earlier controller of this socket (killed without stopping it).
+            adopt: true,
         };
         gpus.push(Gpu { uuid, policy, pipe, daemon: mps_daemon::supervise(daemon)? });
     }
@@ -139,7 +143,24 @@ pub fn start(policies: &Policies, flags: &MpsFlags, socket: &Path, node: Option<
     }
     let table = mps_table::path_for(socket);
     tracing::info!("MPS: {} GPU(s) with a daemon each under {}; their modes in {}", gpus.len(), root.display(), table.display());
-    Ok(Some(Managed { gpus, table, written: None, write_failed: false, kept: HashMap::new(), shown: HashMap::new() }))
+    let kept = left_behind(&table, &gpus);
+    Ok(Some(Managed { gpus, table, written: None, write_failed: false, kept, shown: HashMap::new() }))
+}
+
+/// The modes in the table an earlier controller left (a controller that stops removes its
+/// table: one is left only by a controller that was killed), for the GPUs managed now: the modes
+/// its processes, adopted with the ledger, started under, held while they use the GPU as if
+/// this controller had published them.
+fn left_behind(table: &Path, gpus: &[Gpu]) -> HashMap<String, Mode> {
+    let entries = std::fs::read_to_string(table).map(|t| mps_table::parse(&t)).unwrap_or_default();
+    let mut kept = HashMap::new();
+    for gpu in gpus {
+        if let Some(e) = entries.iter().find(|e| devices::same_device(&e.uuid, &gpu.uuid)) {
+            tracing::info!("MPS: the table an earlier controller left says {} was {}; kept while processes use it", gpu.uuid, e.mode.as_str());
+            kept.insert(gpu.uuid.clone(), e.mode);
+        }
+    }
+    kept
 }
 
 /// `--mps-pipe-dir`, or `mps` beside the socket (a container given the socket's directory sees
@@ -158,9 +179,11 @@ fn pipe_root(flags: &MpsFlags, socket: &Path) -> Result<PathBuf, String> {
 }
 
 impl Managed {
-    /// Decides each GPU's mode from the state now and publishes the table when it changed (or
-    /// was removed). Called at start and at every tick, with the state locked.
-    pub fn refresh(&mut self, state: &State) {
+    /// Decides each GPU's mode from the state now, publishes the table when it changed (or was
+    /// removed), and leaves each GPU's line with its daemon in `state.mps` for `gpuslice ls`,
+    /// `top` and the metrics: what they show is the table's own decision. Called at start and
+    /// at every tick, with the state locked.
+    pub fn refresh(&mut self, state: &mut State) {
         let high = Priority::High as u32;
         let tenants = Tenants {
             high: state.groups.values().any(|g| g.priority == high) || state.watched.values().any(|w| w.priority == high),
@@ -168,18 +191,33 @@ impl Managed {
         };
         let in_use = state.device_users();
         let mut entries = Vec::with_capacity(self.gpus.len());
+        let mut rows = Vec::with_capacity(self.gpus.len());
         for gpu in &self.gpus {
             let users: Vec<u32> = in_use.iter().filter(|(u, _)| devices::same_device(u, &gpu.uuid)).flat_map(|(_, uids)| uids.iter().copied()).collect();
             let used = !users.is_empty();
             let intended = mps_choice::intended(mps_choice::wanted(gpu.policy, tenants), self.kept.get(&gpu.uuid).copied(), used);
             self.kept.insert(gpu.uuid.clone(), intended.0);
-            let (mode, why) = mps_choice::published(intended, gpu.daemon.up());
+            let daemon = gpu.daemon.state();
+            let (mode, why) = mps_choice::published(intended, daemon.up);
             if self.shown.insert(gpu.uuid.clone(), (mode, why)) != Some((mode, why)) {
-                tracing::info!("MPS: {} is {} ({why})", gpu.uuid, mode.as_str());
+                tracing::info!("MPS: {} is {} ({})", gpu.uuid, mode.as_str(), why.text());
             }
             let pipe = (mode == Mode::Spatial).then(|| gpu.pipe.display().to_string());
-            entries.push(Entry { uuid: gpu.uuid.clone(), mode, pipe, users, why: why.to_string() });
+            let entry = Entry { uuid: gpu.uuid.clone(), mode, pipe, users, why: why.text().to_string() };
+            rows.push(MpsGpuRow {
+                uuid: entry.uuid.clone(),
+                device: state.device_index(&gpu.uuid),
+                policy: gpu.policy.as_str().to_string(),
+                mode: mode.as_str().to_string(),
+                reason: why.key().to_string(),
+                why: entry.why.clone(),
+                pipe: entry.pipe.clone(),
+                users: entry.users.clone(),
+                daemon: MpsDaemonRow { up: daemon.up, pid: daemon.pid, restarts: daemon.restarts, adopted: daemon.adopted },
+            });
+            entries.push(entry);
         }
+        state.mps = rows;
         let text = mps_table::render(&entries);
         if self.written.as_deref() == Some(text.as_str()) && self.table.exists() {
             return;

@@ -140,7 +140,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     // table is removed and the daemons stopped when this returns.
     let mut spatial = crate::mps_devices::start(&mps_policies, &args.mps, Path::new(&socket_path), state.node_devices.as_deref())?;
     if let Some(m) = spatial.as_mut() {
-        m.refresh(&state);
+        m.refresh(&mut state);
     }
     tracing::info!(
         "gpuslice {} controller (pid {}) serving on {socket_path}, ledger {ledger_path} ({}; start {starts})",
@@ -220,7 +220,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             state.retry_pending();
             state.poll_without_pidfd();
             if let Some(m) = spatial.as_mut() {
-                m.refresh(&state);
+                m.refresh(&mut state);
             }
             if last_sample.elapsed() >= Duration::from_secs(1) {
                 last_sample = Instant::now();

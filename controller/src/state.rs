@@ -123,6 +123,9 @@ pub struct State {
     memory: HashMap<usize, memory::GroupMemory>,
     /// The device table's memory, shared by every registered process.
     devices_memory: Option<OwnedFd>,
+    /// Issue 19: each managed GPU's line of the MPS table with its daemon, as `mps_devices`
+    /// left it at the last tick (empty without `serve --mps`); listed as is.
+    pub mps: Vec<gpuslice_common::protocol::MpsGpuRow>,
 }
 
 impl State {
@@ -147,6 +150,7 @@ impl State {
             exports: Default::default(),
             memory: HashMap::new(),
             devices_memory: None,
+            mps: Vec::new(),
         }
     }
 
@@ -1045,6 +1049,7 @@ impl State {
         }
         listing.underreporting = crate::crosscheck::findings(self);
         listing.suspensions = crate::suspend::rows();
+        listing.mps = self.mps.clone();
         listing
     }
 
@@ -1056,6 +1061,11 @@ impl State {
 
     pub fn devices(&self) -> Vec<String> {
         self.devices.iter().flatten().cloned().collect()
+    }
+
+    /// The ledger's index of the device `uuid` names, once a registered process claimed it.
+    pub fn device_index(&self, uuid: &str) -> Option<u32> {
+        self.devices.iter().position(|d| d.as_deref().is_some_and(|u| crate::serve::devices::same_device(u, uuid))).map(|i| i as u32)
     }
 
     /// Each device some registered process uses, by UUID, with the uids of those processes

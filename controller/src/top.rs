@@ -158,10 +158,19 @@ impl View {
 
 fn draw(f: &mut Frame, v: &View) {
     let groups = v.listing.as_ref().map_or(0, |l| l.groups.iter().map(|g| g.devices.len().max(1)).sum::<usize>());
-    let [title, notice, group_area, process_area] =
-        Layout::vertical([Constraint::Length(1), Constraint::Length(1), Constraint::Length(groups as u16 + 3), Constraint::Min(4)]).areas(f.area());
+    // Issue 19: one line per GPU of the managed spatial mode (none without `serve --mps`).
+    let gpus: Vec<Line<'static>> = v.listing.as_ref().map(mps_lines).unwrap_or_default();
+    let [title, notice, gpu_area, group_area, process_area] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(gpus.len() as u16),
+        Constraint::Length(groups as u16 + 3),
+        Constraint::Min(4),
+    ])
+    .areas(f.area());
     f.render_widget(Paragraph::new(title_line(v)), title);
     f.render_widget(Paragraph::new(notice_line(v)), notice);
+    f.render_widget(Paragraph::new(gpus), gpu_area);
     let Some(listing) = &v.listing else { return };
     // Inside the borders.
     let inner = f.area().width.saturating_sub(2);
@@ -195,6 +204,23 @@ fn notice_line(v: &View) -> Line<'static> {
                 .style(Style::new().fg(Color::Red).add_modifier(Modifier::BOLD))
         }
     }
+}
+
+/// Each managed GPU's mode and daemon: spatial in green, time-sliced plain, a daemon that is
+/// down in red.
+fn mps_lines(l: &Listing) -> Vec<Line<'static>> {
+    crate::mps_view::lines(l)
+        .into_iter()
+        .zip(&l.mps)
+        .map(|(text, g)| {
+            let style = match (g.mode.as_str(), g.daemon.up) {
+                (_, false) => Style::new().fg(Color::Red),
+                ("spatial", true) => Style::new().fg(Color::Green),
+                _ => Style::new(),
+            };
+            Line::from(text).style(style)
+        })
+        .collect()
 }
 
 fn duration(s: f64) -> String {
@@ -498,6 +524,7 @@ mod tests {
             }],
             underreporting: vec![],
             suspensions: vec![],
+            mps: vec![],
         }
     }
 
@@ -579,5 +606,26 @@ mod tests {
             assert!(row.contains("3.00 GiB / 4.00 GiB"), "the memory figures stay at 80 columns: {row}\n{narrow}");
             assert!(row.chars().count() <= 80, "{row}");
         }
+    }
+
+    #[test]
+    fn each_managed_gpu_has_a_line_with_its_mode_and_daemon_above_the_tables() {
+        use gpuslice_common::protocol::{MpsDaemonRow, MpsGpuRow};
+        let mut l = listing(0);
+        l.mps = vec![MpsGpuRow {
+            uuid: "GPU-aaaa".into(),
+            policy: "on".into(),
+            mode: "spatial".into(),
+            reason: "on".into(),
+            why: "mps on".into(),
+            daemon: MpsDaemonRow { up: true, pid: Some(77), restarts: 1, adopted: false },
+            ..Default::default()
+        }];
+        let mut v = View::new("/tmp/s", Duration::from_millis(500));
+        v.take(l, Instant::now());
+        let screen = screen_of(&v, 120);
+        let lines: Vec<&str> = screen.lines().collect();
+        assert!(lines[2].starts_with("GPU-aaaa spatial (mps on) · daemon up, pid 77 · 1 restart"), "{screen}");
+        assert!(screen.contains("python3"), "the tables follow:\n{screen}");
     }
 }

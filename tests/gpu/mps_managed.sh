@@ -17,7 +17,9 @@
 # 1. decide: `serve --mps auto` with a config that has a high-priority group and no SM share
 #    must publish the GPU `spatial` in its MPS table (row decide-high) and start the GPU's
 #    daemon with CUDA_VISIBLE_DEVICES=<its UUID> and pipe directory <root>/<UUID> (row daemon);
-#    without the high group, `time-sliced` (row decide-none); a stopped controller leaves no
+#    without the high group, `time-sliced` (row decide-none). Killed with SIGKILL, the
+#    controller leaves its daemon running; the next one adopts it: its first table says spatial
+#    and `ls --json` names the same daemon, adopted (row adopt); a stopped controller leaves no
 #    daemon and no table (row quit).
 # 2. references, no shim, no MPS: the probe (latprobe: 10 kernels, 2 ms a request, one every
 #    10 ms) alone, and each neighbour (sharebench, L µs kernels) alone.
@@ -67,18 +69,24 @@ trap clean EXIT
 
 if [ "$DRY" = 1 ]; then
   export LD_LIBRARY_PATH=$ROOT/target/sim SIMCUDA_STATE=$W/simstate SIMCUDA_DEVICES=1 SIMCUDA_MPS=pipe
-  # The fake daemon of tests/integration/tests/mps_managed.rs: makes `control`, quits on `quit`.
+  # The fake daemon of tests/integration (FAKE_MPS_CONTROL), shortened: makes `control` and the
+  # pid file, refuses a pipe directory a running daemon holds, quits on `quit`.
   CONTROL=$W/nvidia-cuda-mps-control
   cat >"$CONTROL" <<'EOF'
 #!/bin/sh
 dir=$CUDA_MPS_PIPE_DIRECTORY
+pidfile=$dir/nvidia-cuda-mps-control.pid
+running() { pid=$(cat "$pidfile" 2>/dev/null) && [ -n "$pid" ] && grep -q mps-control "/proc/$pid/cmdline" 2>/dev/null; }
 if [ "$1" = -f ]; then
+  running && exit 1
+  echo "$$" >"$pidfile"
   : >"$dir/control"
-  while [ ! -f "$dir/quit" ]; do sleep 0.02; done
-  rm -f "$dir/quit" "$dir/control"
+  while [ ! -f "$dir/quit" ] && [ -d "$dir" ]; do sleep 0.02; done
+  rm -f "$dir/quit" "$dir/control" "$pidfile"
   exit 0
 fi
 read -r cmd
+running || exit 1
 [ "$cmd" = quit ] && touch "$dir/quit"
 exit 0
 EOF
@@ -102,6 +110,11 @@ row() { # ID RESULT DETAIL
   return 0
 }
 val() { sed -n "s/^$1=//p" "$2" | tail -n 1; } # KEY FILE: the last KEY=value line's value
+alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that does not reap is, does not)
+  local s
+  s=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$s" ] && [ "${s%% *}" != Z ] && [ "${s%% *}" != X ]
+}
 waitready() { # FILE...: until each printed ready=1 (60 s at most)
   local f deadline=$(($(date +%s) + 60))
   for f in "$@"; do
@@ -177,12 +190,31 @@ if [ -n "$DAEMON" ] && [ "${VISIBLE:-}" = "$GPU_UUID" ] && [ -e "$PIPE/control" 
 else
   row daemon FAIL "no daemon child of serve for $PIPE seeing $GPU_UUID (pid ${DAEMON:-none}, CUDA_VISIBLE_DEVICES=${VISIBLE:-?}, control $([ -e "$PIPE/control" ] && echo present || echo missing))"
 fi
+# The trap of stop 16: a controller killed with SIGKILL leaves its daemon; the next one must
+# adopt it (its first table spatial, `ls --json` naming the same pid, adopted), and quit it.
+note "the daemon's pipe directory: $(ls -la "$PIPE" 2>&1 | tr '\n' ';')"
+kill -KILL "$SERVE" 2>/dev/null
+wait "$SERVE" 2>/dev/null
+SERVE=
+sleep 0.2
+if [ -n "$DAEMON" ] && alive "$DAEMON"; then
+  serve_start auto "$W/high.toml" || exit 2
+  FIRST=$(mode_of "$GPU_UUID")
+  SEEN=$("$BIN" ls --json --socket "$W/sock" 2>>"$LOG" | "$PY" -c 'import json, sys; r = [g for g in json.load(sys.stdin).get("mps", []) if g["uuid"] == sys.argv[1]]; d = r[0]["daemon"] if r else {}; print(d.get("pid"), d.get("adopted"), r[0]["mode"] if r else None)' "$GPU_UUID" 2>>"$LOG")
+  if [ "$FIRST" = spatial ] && [ "$SEEN" = "$DAEMON True spatial" ]; then
+    row adopt PASS "after SIGKILL to serve, daemon $DAEMON lived on; the next serve adopted it: first table spatial, ls --json pid $DAEMON adopted"
+  else
+    row adopt FAIL "after SIGKILL to serve: the next serve's first table says ${FIRST:-nothing}; ls --json: pid, adopted, mode = ${SEEN:-?} (want $DAEMON True spatial; log)"
+  fi
+else
+  row adopt FAIL "daemon ${DAEMON:-?} did not outlive a controller killed with SIGKILL"
+fi
 stop_serve
 sleep 0.2
-if [ -n "$DAEMON" ] && ! kill -0 "$DAEMON" 2>/dev/null && [ ! -e "$TABLE" ]; then
+if [ -n "$DAEMON" ] && ! alive "$DAEMON" && [ ! -e "$TABLE" ]; then
   row quit PASS "after SIGTERM to serve: daemon $DAEMON gone, table removed"
 else
-  row quit FAIL "after SIGTERM to serve: daemon ${DAEMON:-?} $(kill -0 "${DAEMON:-0}" 2>/dev/null && echo alive || echo gone), table $([ -e "$TABLE" ] && echo left || echo removed)"
+  row quit FAIL "after SIGTERM to serve: daemon ${DAEMON:-?} $(alive "${DAEMON:-0}" && echo alive || echo gone), table $([ -e "$TABLE" ] && echo left || echo removed)"
 fi
 serve_start auto "$W/none.toml" || exit 2
 if wait_mode "$GPU_UUID" time-sliced; then

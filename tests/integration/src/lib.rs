@@ -911,32 +911,134 @@ pub fn parse_size(s: &str) -> u64 {
 }
 
 /// A stand-in for `nvidia-cuda-mps-control`, journalling in its pipe directory
-/// (`CUDA_MPS_PIPE_DIRECTORY`). `-f` (the daemon): fail at once when `<pipe dir>.fail` exists;
-/// else note `pid CUDA_VISIBLE_DEVICES log-dir` in `starts` and `log=<log dir>` in `env`, make
-/// `control` (what clients look for), and run until a `quit` arrives, noting its pid in `quits`.
-/// Otherwise read one command from stdin (as `echo quit | nvidia-cuda-mps-control` does) and
-/// note it in `commands`.
+/// (`CUDA_MPS_PIPE_DIRECTORY`). `-f` (the daemon): fail at once (noting its pid in `failed`)
+/// when `<pipe dir>.fail` exists, or (noting its pid in `refused`) when the pid file names a control daemon that still runs,
+/// as a second daemon for one pipe directory cannot take it; else note `pid
+/// CUDA_VISIBLE_DEVICES log-dir` in `starts` and `log=<log dir>` in `env`, write its pid to
+/// `nvidia-cuda-mps-control.pid` and make `control` (what clients look for), as the real daemon
+/// does, and run until a `quit` arrives, noting its pid in `quits` and removing both files.
+/// Otherwise read one command from stdin (as `echo quit | nvidia-cuda-mps-control` does), note
+/// it in `commands`, and fail unless a daemon runs for the pipe directory ("Cannot find MPS
+/// control daemon process", as the real client says). Killed with SIGKILL, the daemon leaves
+/// its pid file and `control` behind, as the real one does. A daemon whose pipe directory is
+/// removed exits too, so that one left by a failed test ends with the test's directory.
 pub const FAKE_MPS_CONTROL: &str = r#"#!/bin/sh
 dir=$CUDA_MPS_PIPE_DIRECTORY
+pidfile=$dir/nvidia-cuda-mps-control.pid
+# The pid file names a running control daemon (a zombie's cmdline is empty).
+running() { pid=$(cat "$pidfile" 2>/dev/null) && [ -n "$pid" ] && grep -q mps-control "/proc/$pid/cmdline" 2>/dev/null; }
 if [ "$1" = -f ]; then
-  [ -f "$dir.fail" ] && exit 1
+  [ -f "$dir.fail" ] && { echo "$$" >>"$dir/failed"; exit 1; }
+  if running; then echo "$$" >>"$dir/refused"; exit 1; fi
   echo "$$ $CUDA_VISIBLE_DEVICES $CUDA_MPS_LOG_DIRECTORY" >>"$dir/starts"
   echo "log=$CUDA_MPS_LOG_DIRECTORY" >>"$dir/env"
+  echo "$$" >"$pidfile"
   : >"$dir/control"
-  while [ ! -f "$dir/quit" ]; do sleep 0.02; done
-  rm -f "$dir/quit" "$dir/control"
+  while [ ! -f "$dir/quit" ] && [ -d "$dir" ]; do sleep 0.02; done
+  rm -f "$dir/quit" "$dir/control" "$pidfile"
   echo "$$" >>"$dir/quits"
   exit 0
 fi
 read -r cmd
 echo "$cmd" >>"$dir/commands"
+running || { echo "Cannot find MPS control daemon process" >&2; exit 1; }
 [ "$cmd" = quit ] && touch "$dir/quit"
 exit 0
 "#;
 
+/// Whether process `pid` runs: it exists and is not a zombie (an orphan whose parent, init
+/// here, never reaps it still exists as one).
+pub fn alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the command name's closing parenthesis.
+    let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start()).and_then(|r| r.chars().next());
+    !matches!(state, Some('Z' | 'X') | None)
+}
+
+/// A port nobody listens on now (the kernel's pick; freed again for the controller to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One HTTP/1.1 GET to 127.0.0.1:`port`; returns the status line, the headers (lower-cased
+/// names) and the body.
+pub fn http_get(port: u16, path: &str) -> (String, std::collections::HashMap<String, String>, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect to the metrics port {port}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no end of headers in:\n{raw}"));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default().to_string();
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    (status, headers, body.to_string())
+}
+
 /// The lines of the file at `path` (none if it does not exist yet).
 pub fn file_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+/// A tmux server of our own (its socket in the test's directory), killed when dropped.
+pub struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    /// A detached session running `sh`, `width` × `height`.
+    pub fn start(dir: &Path, width: u16, height: u16) -> Tmux {
+        let t = Tmux { socket: dir.join("tmux.sock") };
+        let out = t.command(&["new-session", "-d", "-s", "top", "-x", &width.to_string(), "-y", &height.to_string(), "sh"]).output().expect("run tmux");
+        assert!(out.status.success(), "tmux new-session failed: {}", String::from_utf8_lossy(&out.stderr));
+        t
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("tmux");
+        c.arg("-S").arg(&self.socket).args(args);
+        // No TMUX of an enclosing session; no shell start-up file.
+        c.env_remove("TMUX").env("TERM", "xterm-256color").env("ENV", "/dev/null");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().expect("run tmux");
+        assert!(out.status.success(), "tmux {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Types `text` and presses Enter.
+    pub fn type_line(&self, text: &str) {
+        self.run(&["send-keys", "-t", "top", "-l", text]);
+        self.run(&["send-keys", "-t", "top", "Enter"]);
+    }
+
+    pub fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "top"])
+    }
+
+    /// Waits until the pane shows what `f` wants; panics with the pane after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            let s = self.screen();
+            if f(&s) {
+                return s;
+            }
+            if Instant::now() > end {
+                panic!("the pane did not show {what} within {timeout:?}; it shows:\n{s}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.command(&["kill-server"]).output();
+    }
 }
 
 /// Call `f` every 10 ms until it returns true or `timeout` passes; returns the last answer.

@@ -4,11 +4,8 @@
 
 use gpuslice_integration::*;
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::time::Duration;
 
 /// Context reserve of the simulated driver: what each process's context holds.
 const R: u64 = 64 * MIB;
@@ -17,26 +14,7 @@ fn sim() -> Sim {
     Sim::new().env("SIMCUDA_CTX_RESERVE", R)
 }
 
-/// A port nobody listens on now (the kernel's pick; freed again for the controller to take).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 // ------------------------------------------------------------------------------- metrics
-
-/// One HTTP/1.1 GET; returns the status line, the headers (lower-cased names) and the body.
-fn http_get(port: u16, path: &str) -> (String, HashMap<String, String>, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("connect to the metrics port {port}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no end of headers in:\n{raw}"));
-    let mut lines = head.lines();
-    let status = lines.next().unwrap_or_default().to_string();
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    (status, headers, body.to_string())
-}
 
 /// A scrape, parsed: every sample as (name, labels) → value.
 struct Scrape {
@@ -356,66 +334,6 @@ fn metrics_address_from_the_config_the_flag_and_a_taken_port() {
 }
 
 // ----------------------------------------------------------------------------------- top
-
-/// A tmux server of our own (its socket in the test's directory), killed when dropped.
-struct Tmux {
-    socket: PathBuf,
-}
-
-impl Tmux {
-    /// A detached session running `sh`, `width` × `height`.
-    fn start(dir: &Path, width: u16, height: u16) -> Tmux {
-        let t = Tmux { socket: dir.join("tmux.sock") };
-        let out = t.command(&["new-session", "-d", "-s", "top", "-x", &width.to_string(), "-y", &height.to_string(), "sh"]).output().expect("run tmux");
-        assert!(out.status.success(), "tmux new-session failed: {}", String::from_utf8_lossy(&out.stderr));
-        t
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("tmux");
-        c.arg("-S").arg(&self.socket).args(args);
-        // No TMUX of an enclosing session; no shell start-up file.
-        c.env_remove("TMUX").env("TERM", "xterm-256color").env("ENV", "/dev/null");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        let out = self.command(args).output().expect("run tmux");
-        assert!(out.status.success(), "tmux {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Types `text` and presses Enter.
-    fn type_line(&self, text: &str) {
-        self.run(&["send-keys", "-t", "top", "-l", text]);
-        self.run(&["send-keys", "-t", "top", "Enter"]);
-    }
-
-    fn screen(&self) -> String {
-        self.run(&["capture-pane", "-p", "-t", "top"])
-    }
-
-    /// Waits until the pane shows what `f` wants; panics with the pane after `timeout`.
-    fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + timeout;
-        loop {
-            let s = self.screen();
-            if f(&s) {
-                return s;
-            }
-            if Instant::now() > end {
-                panic!("the pane did not show {what} within {timeout:?}; it shows:\n{s}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Tmux {
-    fn drop(&mut self) {
-        let _ = self.command(&["kill-server"]).output();
-    }
-}
 
 /// `gpuslice top` in a 200 × 40 tmux pane: it shows a member of a config group (pid, name,
 /// group, memory bar figure, share and priority) and a process alone; when the controller

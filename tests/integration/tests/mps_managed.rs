@@ -14,11 +14,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only asks whether the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
-
 /// The fake control program, and `serve`'s arguments for it (pipe root `<dir>/mps`, the
 /// default beside the socket; logs under `<dir>/mps-log`) followed by `more`.
 fn mps_args(sim: &Sim, more: &[String]) -> Vec<String> {
@@ -58,6 +53,37 @@ fn wait_mode(ctl: &Controller<'_>, uuid: &str, want: &str) {
     assert!(poll_until(WAIT, || mode_of(ctl, uuid).as_deref() == Some(want)), "{uuid} is not {want} in the table: {:?}\n{}", table(ctl), ctl.log());
 }
 
+/// The GPU's row of `gpuslice ls --json` (`mps`): its mode, reason and daemon.
+fn row(ctl: &Controller<'_>, uuid: &str) -> serde_json::Value {
+    let l = ctl.ls();
+    l.json["mps"].as_array().into_iter().flatten().find(|r| r["uuid"] == uuid).cloned().unwrap_or_else(|| panic!("no mps row for {uuid} in:\n{l}"))
+}
+
+/// Waits until the GPU's row says `mode` for `reason`, and returns it.
+fn wait_row(ctl: &Controller<'_>, uuid: &str, mode: &str, reason: &str) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let ok = poll_until(WAIT, || {
+        last = row(ctl, uuid);
+        last["mode"] == mode && last["reason"] == reason
+    });
+    assert!(ok, "{uuid} is not {mode} ({reason}) in ls --json: {last}\n{}", ctl.log());
+    last
+}
+
+/// The line of `gpuslice ls` (its MPS table) that starts with the GPU's UUID.
+fn ls_line(ctl: &Controller<'_>, uuid: &str) -> String {
+    let out = ctl.cli("ls").run();
+    assert!(out.success(), "{out}");
+    out.lines.iter().find(|l| l.starts_with(uuid)).cloned().unwrap_or_else(|| panic!("no line for {uuid} in ls:\n{out}"))
+}
+
+/// The metric lines of a scrape that start with `name{uuid="<uuid>"`.
+fn metric(port: u16, name: &str, uuid: &str) -> Vec<String> {
+    let (_, _, body) = http_get(port, "/metrics");
+    let prefix = format!("{name}{{uuid=\"{uuid}\"");
+    body.lines().filter(|l| l.starts_with(&prefix)).map(str::to_string).collect()
+}
+
 /// What a shimmed process of `ctl` sees after `cuInit`: its CUDA_MPS_PIPE_DIRECTORY and
 /// CUDA_MPS_CLIENT_PRIORITY, and the run.
 fn pointed(sim: &Sim, ctl: &Controller<'_>, env: &[(&str, &str)]) -> (String, String, Output) {
@@ -76,7 +102,8 @@ fn pointed(sim: &Sim, ctl: &Controller<'_>, env: &[(&str, &str)]) -> (String, St
 fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     let sim = Sim::new().env("SIMCUDA_DEVICES", 2);
     let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
-    let mut ctl = start(&sim, &mps_args(&sim, &["--mps".into(), "on".into()]));
+    let port = free_port();
+    let mut ctl = start(&sim, &mps_args(&sim, &["--mps".into(), "on".into(), "--metrics".into(), format!("127.0.0.1:{port}")]));
     let (s0, s1) = (pipe(&sim, &u0).join("starts"), pipe(&sim, &u1).join("starts"));
     assert!(poll_until(WAIT, || file_lines(&s0).len() == 1 && file_lines(&s1).len() == 1), "no daemon per GPU:\n{}", ctl.log());
     // Each sees its own GPU, with its own pipe and log directories.
@@ -93,6 +120,19 @@ fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o644);
     let first: i32 = file_lines(&s0)[0].split(' ').next().unwrap().parse().unwrap();
 
+    // The operator sees the same in `ls` (and its JSON), and in the metrics.
+    let r = wait_row(&ctl, &u0, "spatial", "on");
+    assert_eq!((r["policy"].as_str(), r["why"].as_str(), r["pipe"].as_str()), (Some("on"), Some("mps on"), Some(table(&ctl)[0].2.as_str())), "{r}");
+    assert_eq!(r["daemon"], serde_json::json!({"up": true, "pid": first, "restarts": 0, "adopted": false}), "{r}");
+    let line = ls_line(&ctl, &u0);
+    assert!(line.contains(" spatial ") && line.contains(&format!("up, pid {first}")) && line.ends_with("mps on"), "{line}");
+    assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 1")]);
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_mode", &u0),
+        vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u0}\",mode=\"spatial\",policy=\"on\",reason=\"on\"}} 1")]
+    );
+    assert_eq!(metric(port, "gpuslice_gpu_mps_daemon_restarts_total", &u0), vec![format!("gpuslice_gpu_mps_daemon_restarts_total{{uuid=\"{u0}\"}} 0")]);
+
     // GPU 0's daemon fails and cannot start for a while: the table says time-sliced meanwhile,
     // GPU 1 is untouched; then it starts again.
     std::fs::write(format!("{}.fail", pipe(&sim, &u0).display()), b"").unwrap();
@@ -102,6 +142,21 @@ fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     assert!(table(&ctl).iter().any(|(u, m, p, _)| u == &u0 && m == "time-sliced" && p == "-"), "{:?}", table(&ctl));
     assert_eq!(mode_of(&ctl, &u1).as_deref(), Some("spatial"));
     assert!(poll_until(WAIT, || ctl.log().contains("its MPS control daemon is not up")), "{}", ctl.log());
+    let r = wait_row(&ctl, &u0, "time-sliced", "daemon_down");
+    assert_eq!(
+        (r["why"].as_str(), &r["pipe"], &r["daemon"]["up"]),
+        (Some("its MPS control daemon is not up"), &serde_json::Value::Null, &serde_json::json!(false)),
+        "{r}"
+    );
+    let line = ls_line(&ctl, &u0);
+    assert!(line.contains(" time-sliced ") && line.ends_with("its MPS control daemon is not up"), "{line}");
+    assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 0")]);
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_mode", &u0),
+        vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u0}\",mode=\"time-sliced\",policy=\"on\",reason=\"daemon_down\"}} 1")]
+    );
+    assert_eq!(metric(port, "gpuslice_gpu_mps_daemon_up", &u0), vec![format!("gpuslice_gpu_mps_daemon_up{{uuid=\"{u0}\"}} 0")]);
+    assert_eq!(wait_row(&ctl, &u1, "spatial", "on")["daemon"]["restarts"], 0, "GPU 1's daemon is untouched");
     std::fs::remove_file(format!("{}.fail", pipe(&sim, &u0).display())).unwrap();
     assert!(poll_until(WAIT, || file_lines(&s0).len() == 2), "GPU 0's daemon was not restarted:\n{}", ctl.log());
     wait_mode(&ctl, &u0, "spatial");
@@ -109,6 +164,16 @@ fn serve_runs_a_daemon_per_gpu_restarts_it_and_quits_them_on_stop() {
     let second: i32 = file_lines(&s0)[1].split(' ').next().unwrap().parse().unwrap();
     let other: i32 = file_lines(&s1)[0].split(' ').next().unwrap().parse().unwrap();
     assert_ne!(first, second);
+    // Counted: every start after an exit, those that failed at once while `.fail` existed too.
+    let restarts = 1 + file_lines(&pipe(&sim, &u0).join("failed")).len();
+    let r = wait_row(&ctl, &u0, "spatial", "on");
+    assert_eq!(r["daemon"], serde_json::json!({"up": true, "pid": second, "restarts": restarts, "adopted": false}), "{r}");
+    assert!(ls_line(&ctl, &u0).contains(&format!("up, pid {second}")), "{}", ls_line(&ctl, &u0));
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_daemon_restarts_total", &u0),
+        vec![format!("gpuslice_gpu_mps_daemon_restarts_total{{uuid=\"{u0}\"}} {restarts}")]
+    );
+    assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 1")]);
 
     // The controller stops: the table goes, each daemon is asked to quit and is gone.
     // SAFETY: the controller this test started.
@@ -130,12 +195,17 @@ fn auto_makes_a_gpu_spatial_for_high_priority_work_without_shares_and_holds_a_us
     // No high-priority group: auto keeps time-slicing; GPU 1 is off (no daemon, not in the table).
     let config =
         sim.write_file("c.toml", &format!("[controller]\nmps = \"auto\"\n[controller.mps_devices]\n\"{u1}\" = \"off\"\n[groups.batch]\npriority = \"low\"\n"));
-    let args = mps_args(&sim, &["--config".into(), config.display().to_string()]);
+    let port = free_port();
+    let args = mps_args(&sim, &["--config".into(), config.display().to_string(), "--metrics".into(), format!("127.0.0.1:{port}")]);
     let ctl = start(&sim, &args);
     wait_mode(&ctl, &u0, "time-sliced");
     assert_eq!(table(&ctl).len(), 1, "GPU 1 is off: {:?}", table(&ctl));
     assert!(!pipe(&sim, &u1).exists(), "no daemon for GPU 1");
     assert!(ctl.log().contains("auto: no high-priority group"), "{}", ctl.log());
+    let r = wait_row(&ctl, &u0, "time-sliced", "auto_no_high_priority");
+    assert_eq!((r["policy"].as_str(), &r["daemon"]["up"]), (Some("auto"), &serde_json::json!(true)), "time-sliced by the rule, its daemon up: {r}");
+    assert_eq!(ctl.ls().json["mps"].as_array().map(Vec::len), Some(1), "GPU 1 (off) has no row");
+    assert!(ls_line(&ctl, &u0).ends_with("time-slicing keeps fault isolation"), "{}", ls_line(&ctl, &u0));
 
     // A process holds GPU 0 while it is time-sliced: a high-priority group set live does not
     // move the GPU until the process is gone.
@@ -157,15 +227,31 @@ fn auto_makes_a_gpu_spatial_for_high_priority_work_without_shares_and_holds_a_us
     // The table names the uid of the processes on the GPU (MPS serves one uid at a time).
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() }.to_string();
-    assert_eq!(table(&ctl).iter().find(|(u, ..)| u == &u0).map(|(.., users)| users.clone()), Some(uid), "{:?}", table(&ctl));
+    assert_eq!(table(&ctl).iter().find(|(u, ..)| u == &u0).map(|(.., users)| users.clone()), Some(uid.clone()), "{:?}", table(&ctl));
+    let r = wait_row(&ctl, &u0, "time-sliced", "held_time_sliced");
+    assert_eq!((r["users"].to_string(), r["device"].is_u64()), (format!("[{uid}]"), true), "the users and the ledger's index of the GPU: {r}");
+    assert!(ls_line(&ctl, &u0).contains("held time-sliced while processes"), "{}", ls_line(&ctl, &u0));
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_mode", &u0),
+        vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u0}\",mode=\"time-sliced\",policy=\"auto\",reason=\"held_time_sliced\"}} 1")]
+    );
     touch(&go);
     holder.wait().assert_all_ok();
     wait_mode(&ctl, &u0, "spatial");
+    let r = wait_row(&ctl, &u0, "spatial", "auto_high_priority");
+    assert_eq!(r["users"], serde_json::json!([]), "{r}");
+    assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 1")]);
 
     // A share anywhere: auto goes back to time-slicing (the GPU is free).
     ctl.set_ok("--group batch --sm 30");
     wait_mode(&ctl, &u0, "time-sliced");
     assert!(ctl.log().contains("auto: SM shares are set"), "{}", ctl.log());
+    wait_row(&ctl, &u0, "time-sliced", "auto_sm_shares");
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_mode", &u0),
+        vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u0}\",mode=\"time-sliced\",policy=\"auto\",reason=\"auto_sm_shares\"}} 1")]
+    );
+    assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 0")]);
 }
 
 #[test]
@@ -287,6 +373,140 @@ fn the_shim_checks_the_daemon_listens_and_survives_an_mps_error_at_cuinit() {
     // A process that named its own daemon gets no retry: its error is its own.
     let out = run(&[("SIMCUDA_MPS_INIT_ERROR", "807"), ("CUDA_MPS_PIPE_DIRECTORY", &dir.display().to_string())]);
     assert_eq!(out.code(0), 807, "{out}");
+}
+
+/// The trap of stop 16: a controller killed with SIGKILL leaves its daemons running (children of
+/// init). The next controller of the same socket adopts each one, so the GPU is spatial in its
+/// first table with one daemon per GPU, and stopping it quits them.
+#[test]
+fn a_controller_adopts_the_daemons_a_killed_one_left_and_quits_them_on_stop() {
+    let sim = Sim::new().env("SIMCUDA_DEVICES", 2);
+    let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
+    let mut ctl = start(&sim, &mps_args(&sim, &["--mps".into(), "on".into()]));
+    wait_mode(&ctl, &u0, "spatial");
+    wait_mode(&ctl, &u1, "spatial");
+    let daemon_of = |uuid: &str| -> i32 { file_lines(&pipe(&sim, uuid).join("starts"))[0].split(' ').next().unwrap().parse().unwrap() };
+    let (d0, d1) = (daemon_of(&u0), daemon_of(&u1));
+
+    ctl.kill9();
+    assert!(alive(d0) && alive(d1), "the daemons outlive a controller killed with SIGKILL");
+    ctl.restart();
+    // The first table already says spatial: no daemon exited, no back-off.
+    for (uuid, pid) in [(&u0, d0), (&u1, d1)] {
+        assert_eq!(mode_of(&ctl, uuid).as_deref(), Some("spatial"), "{:?}\n{}", table(&ctl), ctl.log());
+        let r = row(&ctl, uuid);
+        assert_eq!(r["daemon"], serde_json::json!({"up": true, "pid": pid, "restarts": 0, "adopted": true}), "{r}");
+        assert!(ls_line(&ctl, uuid).contains(&format!("up, pid {pid}, adopted")), "{}", ls_line(&ctl, uuid));
+        assert!(ctl.log().contains(&format!("MPS control daemon for {uuid} adopted (pid {pid}")), "{}", ctl.log());
+    }
+    // Exactly one daemon per GPU: none started beside the adopted one, none refused.
+    std::thread::sleep(Duration::from_millis(300));
+    for uuid in [&u0, &u1] {
+        assert_eq!(file_lines(&pipe(&sim, uuid).join("starts")).len(), 1, "{}", ctl.log());
+        assert!(file_lines(&pipe(&sim, uuid).join("refused")).is_empty(), "a second daemon was tried:\n{}", ctl.log());
+        assert_eq!(file_lines(&pipe(&sim, uuid).join("commands")), vec!["get_server_list".to_string()], "asked once whether it answers");
+    }
+    assert!(!ctl.log().contains("starting it again"), "no daemon exited:\n{}", ctl.log());
+
+    // Stopped: each adopted daemon is asked to quit, and none is left.
+    ctl.stop();
+    assert!(table(&ctl).is_empty(), "the table outlived the controller");
+    for (uuid, pid) in [(&u0, d0), (&u1, d1)] {
+        assert_eq!(file_lines(&pipe(&sim, uuid).join("commands")), vec!["get_server_list".to_string(), "quit".to_string()]);
+        assert_eq!(file_lines(&pipe(&sim, uuid).join("quits")), vec![pid.to_string()], "{}", ctl.log());
+        assert!(poll_until(Duration::from_secs(5), || !alive(pid)), "an adopted daemon outlived the controller");
+        assert_eq!(file_lines(&pipe(&sim, uuid).join("starts")).len(), 1);
+    }
+}
+
+/// The table a killed controller left says which mode the processes it had started under: the
+/// next controller holds that mode while they use the GPU, whatever its rule says now.
+#[test]
+fn a_controller_holds_the_mode_a_killed_ones_processes_started_under() {
+    let sim = Sim::new().env("SIMCUDA_DEVICES", 1);
+    let u0 = sim.device_uuid(0);
+    let mut first = start(&sim, &mps_args(&sim, &["--mps".into(), "on".into()]));
+    wait_row(&first, &u0, "spatial", "on");
+    let go = sim.path("go");
+    let holder = sim.client(Route::Link).shim().controller(&first).args("init ctx 0 alloc 1M").arg("waitfile").arg(go.display()).spawn();
+    holder.wait_line("alloc", 0);
+    assert!(poll_until(WAIT, || !row(&first, &u0)["users"].as_array().unwrap().is_empty()), "{}", first.log());
+
+    // Killed; the next one runs `auto` with no high-priority group, whose rule says time-sliced.
+    first.kill9();
+    let ctl = start(&sim, &mps_args(&sim, &["--mps".into(), "auto".into()]));
+    let r = row(&ctl, &u0);
+    assert_eq!(
+        (r["mode"].as_str(), r["reason"].as_str(), r["daemon"]["adopted"].as_bool()),
+        (Some("spatial"), Some("held_spatial"), Some(true)),
+        "{r}\n{}",
+        ctl.log()
+    );
+    assert!(ctl.log().contains(&format!("the table an earlier controller left says {u0} was spatial")), "{}", ctl.log());
+    touch(&go);
+    holder.wait().assert_all_ok();
+    wait_row(&ctl, &u0, "time-sliced", "auto_no_high_priority");
+}
+
+/// A control daemon in a GPU's pipe directory that sees another GPU is not adopted: it is asked
+/// to quit and the GPU gets its own; a pid file naming a process that is not a control daemon
+/// (a reused pid) leaves that process alone.
+#[test]
+fn a_daemon_of_another_gpu_is_replaced_and_a_reused_pid_left_alone() {
+    let sim = Sim::new().env("SIMCUDA_DEVICES", 2);
+    let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
+    let args = mps_args(&sim, &["--mps-device".into(), format!("{u0}=on"), "--mps-device".into(), format!("{u1}=on")]);
+    let control = sim.path("nvidia-cuda-mps-control");
+    let (p0, p1) = (pipe(&sim, &u0), pipe(&sim, &u1));
+    std::fs::create_dir_all(&p0).unwrap();
+    std::fs::create_dir_all(&p1).unwrap();
+    // GPU 0's directory: a daemon that sees GPU 1.
+    let mut wrong = std::process::Command::new(&control)
+        .arg("-f")
+        .env("CUDA_MPS_PIPE_DIRECTORY", &p0)
+        .env("CUDA_VISIBLE_DEVICES", &u1)
+        .env("CUDA_MPS_LOG_DIRECTORY", sim.path("mps-log"))
+        .spawn()
+        .unwrap();
+    assert!(poll_until(WAIT, || p0.join("control").exists()), "the stray daemon did not start");
+    // GPU 1's directory: a stale pid file naming this test process.
+    std::fs::write(p1.join("nvidia-cuda-mps-control.pid"), format!("{}\n", std::process::id())).unwrap();
+
+    let ctl = start(&sim, &args);
+    wait_mode(&ctl, &u0, "spatial");
+    wait_mode(&ctl, &u1, "spatial");
+    assert_eq!(file_lines(&p0.join("quits")), vec![wrong.id().to_string()], "the stray daemon was asked to quit:\n{}", ctl.log());
+    assert!(wrong.wait().unwrap().success());
+    assert!(ctl.log().contains(&format!("sees CUDA_VISIBLE_DEVICES={u1}, not {u0}")), "{}", ctl.log());
+    let r = row(&ctl, &u0);
+    assert_eq!(r["daemon"]["adopted"], false, "{r}");
+    assert_ne!(r["daemon"]["pid"].as_u64(), Some(u64::from(wrong.id())), "a daemon of its own: {r}");
+    assert_eq!(file_lines(&p0.join("starts")).len(), 2, "the stray one, then GPU 0's own");
+    assert!(ctl.log().contains("which is not its control daemon"), "{}", ctl.log());
+    assert_eq!(row(&ctl, &u1)["daemon"]["adopted"], false);
+}
+
+/// `gpuslice top` shows a line per managed GPU above its tables: the mode, why, and the daemon;
+/// the line follows a change of mode.
+#[test]
+#[cfg_attr(not(gpuslice_it_tmux), ignore = "needs tmux, which was not installed when the tests were built (apt-get install tmux; .ci/run does)")]
+fn top_shows_each_gpus_mode_and_daemon() {
+    let sim = Sim::new().env("SIMCUDA_DEVICES", 2);
+    let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
+    let ctl = start(&sim, &mps_args(&sim, &["--mps-device".into(), format!("{u0}=on"), "--mps-device".into(), format!("{u1}=auto")]));
+    wait_mode(&ctl, &u0, "spatial");
+    let daemon: i32 = file_lines(&pipe(&sim, &u0).join("starts"))[0].split(' ').next().unwrap().parse().unwrap();
+    let tmux = Tmux::start(sim.dir(), 220, 30);
+    tmux.type_line(&format!("{} top --socket {} --interval-ms 100", cli_path().display(), ctl.socket().display()));
+    let line = |screen: &str, uuid: &str| screen.lines().find(|l| l.starts_with(uuid)).unwrap_or_default().to_string();
+    let screen = tmux.wait_for("both GPUs' lines", WAIT, |s| s.contains("controller pid") && s.lines().any(|l| l.starts_with(&u1)));
+    let first = line(&screen, &u0);
+    assert!(first.starts_with(&format!("{u0} spatial (mps on) · daemon up, pid {daemon} · 0 restarts")), "{screen}");
+    assert!(line(&screen, &u1).starts_with(&format!("{u1} time-sliced (auto: no high-priority group")), "{screen}");
+    ctl.set_ok("--create --group web --priority high");
+    let screen = tmux.wait_for("GPU 1 spatial", WAIT, |s| s.lines().any(|l| l.starts_with(&format!("{u1} spatial (auto: high-priority work"))));
+    assert!(line(&screen, &u0).starts_with(&format!("{u0} spatial")), "{screen}");
+    tmux.run(&["send-keys", "-t", "top", "q"]);
 }
 
 #[test]

@@ -6,11 +6,6 @@
 use gpuslice_integration::*;
 use std::time::Duration;
 
-fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only asks whether the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
-}
-
 #[test]
 fn serve_runs_the_mps_daemon_restarts_it_and_quits_it_on_stop() {
     let sim = Sim::new();
