@@ -51,8 +51,9 @@ pub struct Turn {
     /// When (ms of the turn clock, low 32 bits; 0: never) a waiter last queued that had done
     /// nothing on the device for a while (issue 18): a holder that is borrowing hands the turn
     /// over at once only to such a one. Was `_pad` (layout unchanged). A stamp, not a count, so
-    /// a process that dies queued leaves nothing behind; and only a hint: garbage here costs a
-    /// borrower an early hand-over, nothing more.
+    /// a process that dies queued leaves nothing behind; taken away by its returner once that one
+    /// holds the turn (`unmark_returning`); and only a hint: garbage here costs a borrower an
+    /// early hand-over, nothing more.
     pub returning: AtomicU32,
 }
 
@@ -146,9 +147,22 @@ impl Turn {
         claimed(h) && serving(h) == ticket && self.holder.load(Acquire) == me
     }
 
-    /// Notes that a waiter back from idle queues now (see `returning`).
-    pub fn mark_returning(&self, now_ns: u64) {
-        self.returning.store(returning_stamp(now_ns), Release);
+    /// Notes that a waiter back from idle queues now (see `returning`); the stamp it left.
+    pub fn mark_returning(&self, now_ns: u64) -> u32 {
+        let stamp = returning_stamp(now_ns);
+        self.returning.store(stamp, Release);
+        stamp
+    }
+
+    /// The returner that left `stamp` took the turn: it no longer waits, so its stamp goes, unless
+    /// another returner has stamped since. Left there, it stayed fresh while its own process held
+    /// the turn, and when the borrower re-queued behind it, the stamp said "a returner waits": the
+    /// process back from idle handed the turn straight back to the borrower it came to reclaim
+    /// from (`guarantee.rs`'s cold reclaim: 3 % of its first 20 ms instead of 72 %, whenever the
+    /// borrower re-queued only after the returner's second launch). A returner of the same ms
+    /// still queued loses its hint with it, and waits for the holder's slice as without one.
+    pub fn unmark_returning(&self, stamp: u32) {
+        let _ = self.returning.compare_exchange(stamp, 0, AcqRel, Relaxed);
     }
 
     /// True when someone queues and a waiter back from idle queued within `within_ms`.
@@ -455,6 +469,27 @@ mod tests {
         let got = t.take(2, 8, 0, 1_000_000, &*w, |_| u64::MAX);
         assert_eq!(got.ticket, Some(1));
         assert!(w.checks.load(SeqCst) >= 1);
+    }
+
+    /// A returner's stamp tells a borrowing holder that someone back from idle waits; once that
+    /// returner holds the turn itself, its stamp must not say so to it about a neighbour that
+    /// queues behind it.
+    #[test]
+    fn a_returner_that_takes_the_turn_is_no_longer_waiting() {
+        let t = turn();
+        let now = 5_000_000_000;
+        let stamp = t.mark_returning(now);
+        assert_eq!(t.take(1, 0, 0, 1_000_000_000, &Real, |_| u64::MAX).ticket, Some(0));
+        t.unmark_returning(stamp);
+        // A saturating neighbour queues behind it (a ticket drawn, not served).
+        t.next_ticket.fetch_add(1, SeqCst);
+        assert!(!t.returner_waiting(now + 2_000_000, 10));
+        // A later returner's stamp is not taken away by an earlier one's.
+        let later = t.mark_returning(now + 1_000_000);
+        t.unmark_returning(stamp);
+        assert!(t.returner_waiting(now + 2_000_000, 10));
+        t.unmark_returning(later);
+        assert!(!t.returner_waiting(now + 2_000_000, 10));
     }
 
     #[test]

@@ -373,6 +373,17 @@ impl State {
             if !self.remember_published(i) {
                 self.remember_group(i);
             }
+            if pinned && !self.has_settings(i) {
+                // Found only as the ledger file's copy: nobody held its memory. Without new
+                // memory no member could register in it (and one that tried made a new group
+                // of that name without its limits, before `save_pinned` kept the copy).
+                match self.renew_group_memory(i) {
+                    Ok(()) => {
+                        tracing::info!("group {:?}: no live process held its memory; made anew from the settings the ledger file kept", self.groups[&i].name)
+                    }
+                    Err(e) => tracing::error!("group {:?}: no live process held its memory, and new memory could not be made: {e}", self.groups[&i].name),
+                }
+            }
         }
         let mut kept = 0;
         let mut gone = 0;
@@ -477,6 +488,10 @@ impl State {
         g.state.store(FREE, Release);
         g.reset();
         self.forget_group_memory(slot);
+        // The file's copy of a pinned group (`save_pinned`) would bring it back at a restart.
+        if let Err(e) = self.ledger.clear_group_page(slot) {
+            tracing::error!("group slot {slot}: cannot clear its copy in the ledger file: {e}");
+        }
         self.pending.retain(|&p| p != slot);
     }
 
@@ -1506,5 +1521,31 @@ mod tests {
         assert_eq!(s.ledger.process(live_slot).state.load(Relaxed), LIVE);
         assert!(s.watched.contains_key(&live_slot));
         assert_eq!(s.groups[&group].limits[0], UNLIMITED, "the limit comes from the published page, not the members' copy");
+    }
+
+    /// A group made with `set --create` that nobody has joined yet lives only in the controller's
+    /// memory and the ledger file's copy: a restart keeps it, with its limit, and members can join
+    /// it afterwards; a removed one stays removed.
+    #[test]
+    fn a_pinned_group_without_members_survives_a_restart_with_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = state(&dir, "");
+            s.edit(me(), group_edit("ha", true)).unwrap();
+            s.edit(me(), group_edit("gone", true)).unwrap();
+            s.publish();
+            s.remove_group(me(), "gone").unwrap();
+            s.publish();
+            // The controller dies here: nothing else holds the groups' memory.
+        }
+        let mut s = state(&dir, "");
+        s.adopt();
+        assert_eq!(s.find_group("gone"), None, "a removed group is not brought back");
+        let ha = s.find_group("ha").expect("the pinned group survives the restart");
+        assert!(s.groups[&ha].pinned);
+        assert_eq!(s.groups[&ha].limits[0], 1 << 30, "with its limit");
+        let member = s.register(me(), registration(Some("ha"), None)).unwrap();
+        assert_eq!(member.group as usize, ha, "a member joins it, not a new group of that name");
+        assert_eq!(s.ledger.group(ha).devices[0].limit.load(Relaxed), 1 << 30, "and is held to its limit");
     }
 }

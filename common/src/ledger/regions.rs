@@ -148,6 +148,35 @@ impl Ledger {
         Ok(())
     }
 
+    /// Copies group slot `group`'s settings as the controller published them (`published`, a
+    /// `GroupSlot` page) into the ledger file's own page under that slot, which the group's
+    /// memory hides while it lives: a restart that finds no live process holding that memory
+    /// (nobody has registered in the group yet, or its members all exited while no controller
+    /// ran) still finds the group there, as `new_device_memory` finds the device table.
+    pub fn save_group_page(&self, group: usize, published: &GroupSlot) -> io::Result<()> {
+        self.write_group_page(group, (published as *const GroupSlot).cast())
+    }
+
+    /// Empties the ledger file's own page under group slot `group` (the group is gone: a restart
+    /// must not bring it back).
+    pub fn clear_group_page(&self, group: usize) -> io::Result<()> {
+        let zeros = vec![0u8; size_of::<GroupSlot>()];
+        self.write_group_page(group, zeros.as_ptr())
+    }
+
+    fn write_group_page(&self, group: usize, from: *const u8) -> io::Result<()> {
+        let Some(file) = &self.backing else { return Ok(()) };
+        assert!(group < self.geometry.max_groups as usize);
+        let (len, offset) = (size_of::<GroupSlot>(), self.geometry.groups_offset() + group * PAGE);
+        // SAFETY: `from` points to `len` readable bytes (a `GroupSlot` or a buffer of its size);
+        // pwrite only reads them, into the file at an offset inside it.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), from.cast(), len, offset as libc::off_t) };
+        if n != len as isize {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Maps the device memory over this view's device table.
     pub fn map_device_memory(&self, devices: BorrowedFd<'_>) -> io::Result<()> {
         let g = self.geometry;

@@ -115,6 +115,7 @@ impl State {
     pub fn publish(&self) {
         for &i in self.groups.keys() {
             self.publish_group(i);
+            self.save_pinned(i);
         }
         if let Err(e) = self.ledger.save_device_table() {
             tracing::error!("cannot keep a copy of the device table in the ledger file: {e}");
@@ -141,6 +142,40 @@ impl State {
         if let Some(marks) = crate::suspend::marks_to_publish(&info.name) {
             memory.settings.members().marks.store(marks, Relaxed);
         }
+    }
+
+    /// Keeps pinned group `i`'s published settings in the ledger file too (`save_group_page`):
+    /// its memory lives only in the controller and in its members, so a controller killed
+    /// before anyone registered in it (or after its last member exited) took the only copy
+    /// with it, and the restarted one dropped the group; members that came later made a new
+    /// one, without its limits (`faults.rs`'s restart test under load: `set --create --group ha
+    /// --memory 4GiB`, then members registered with "no memory limit"). Unpinned groups go
+    /// with their last member anyway.
+    fn save_pinned(&self, i: usize) {
+        let (Some(info), Some(page)) = (self.groups.get(&i), self.published(i)) else { return };
+        if info.pinned {
+            if let Err(e) = self.ledger.save_group_page(i, page) {
+                tracing::error!("group {:?}: cannot keep a copy of its settings in the ledger file: {e}", info.name);
+            }
+        }
+    }
+
+    /// After a restart: pinned group `i` was found only as the copy `save_pinned` keeps (no live
+    /// process held its memory), and its settings were read from it into `self.groups`. New
+    /// memory for it, holding those settings, so that members can register in it again.
+    pub(super) fn renew_group_memory(&mut self, i: usize) -> Result<(), String> {
+        let Some(name) = self.groups.get(&i).map(|g| g.name.clone()) else { return Ok(()) };
+        self.make_group_memory(i)?;
+        let g = self.ledger.group(i);
+        g.reset();
+        g.set_name(&name);
+        g.state.store(ledger::LIVE, Release);
+        self.publish_group(i);
+        if let Some(memory) = self.memory.get(&i) {
+            copy_settings(memory.settings.slot(), self.ledger.group(i));
+        }
+        self.save_pinned(i);
+        Ok(())
     }
 
     /// Group slot `i`'s suspend request word (`MemberSettings::suspend`; 0 without a page).

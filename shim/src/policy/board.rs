@@ -243,10 +243,13 @@ pub fn take(device: CUdevice, lease_until: u64, returning: bool) -> Taken {
     // Only without a controller: its processes share this namespace (the page is per user and
     // /dev/shm), a controller's may not.
     let pid = if check_pids { std::process::id() } else { 0 };
-    if returning {
-        turn.mark_returning(now_ns());
-    }
+    let stamp = returning.then(|| turn.mark_returning(now_ns()));
     let taken = turn.take(me, pid, lease_until, LEASE_SLACK_NS, &TurnClock { check_pids }, patience);
+    if let (Some(stamp), Some(_)) = (stamp, taken.ticket) {
+        // Holding the turn, it no longer waits: its own stamp must not make it hand the turn
+        // back early when a neighbour queues behind it (`Turn::unmark_returning`).
+        turn.unmark_returning(stamp);
+    }
     TICKETS[index].store(taken.ticket.map_or(u64::MAX, u64::from), Release);
     Taken { waited_ns: now_ns() - start, neighbour: taken.neighbour, peers: taken.queued.saturating_add(1) }
 }
