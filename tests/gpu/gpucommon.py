@@ -6,6 +6,7 @@ Standard library only. Both scripts run with tests/gpu/ first on sys.path (pytho
 script's own directory there), so `import gpucommon` finds this file.
 """
 import argparse
+import json
 import os
 import re
 import signal
@@ -393,6 +394,74 @@ def sweep_token(var, token):
             continue
     if killed:
         log("  cleanup: killed left-over processes: " + "; ".join(killed))
+
+
+# ----------------------------------------------------------------------------- a controller
+
+class Controller:
+    """`gpuslice serve` on a socket and ledger of its own (and a config file, if given), and the
+    CLI against it, for the scripts that need a controller of their own (suspend.py,
+    guarantee.py's G8). Its output goes to `out_path`; each CLI call is logged through `log`
+    (a function of one string) with its wall time. `env` is the environment of the controller
+    and of every CLI call (a scrubbed one: no LD_PRELOAD, no GPUSLICE_*). The constructor
+    returns once `gpuslice status` answers, or raises RuntimeError (the controller is then
+    stopped)."""
+
+    def __init__(self, bin, socket, ledger, env, out_path, log, config=None, up_s=20.0, cli_timeout=30.0):
+        self.bin, self.socket, self.env, self.log, self.cli_timeout = bin, socket, env, log, cli_timeout
+        self.out_path = out_path
+        argv = [bin, "serve", "--socket", socket, "--ledger", ledger] + (["--config", config] if config else [])
+        log(f"$ {' '.join(argv)}  (output: {out_path})")
+        self.out = open(out_path, "w")
+        self.p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT)
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + up_s:
+            if self.p.poll() is not None:
+                break
+            if os.path.exists(socket) and self.cli("status", quiet=True).returncode == 0:
+                log(f"  controller up after {time.monotonic() - t0:.2f} s")
+                return
+            time.sleep(0.05)
+        why = f"exited rc={self.p.returncode}" if self.p.poll() is not None else f"did not answer within {up_s:g} s"
+        self.stop()
+        with open(out_path) as f:
+            last = [line for line in f.read().splitlines() if line.strip()]
+        raise RuntimeError(f"gpuslice serve {why}" + (f": {last[-1].strip()[:200]}" if last else ""))
+
+    def cli(self, sub, *args, check=False, quiet=False, timeout=None):
+        """gpuslice SUB --socket S ARGS...: the CompletedProcess, with `t0` and `t1` (CLOCK_MONOTONIC
+        s around the call: time.monotonic is that clock on Linux) and `secs`. check: a non-zero
+        status raises RuntimeError. quiet: logged only when it fails."""
+        argv = [self.bin, sub, "--socket", self.socket, *[str(a) for a in args]]
+        t0 = time.monotonic()
+        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout or self.cli_timeout)
+        r.t0, r.t1 = t0, time.monotonic()
+        r.secs = r.t1 - t0
+        if not quiet or r.returncode != 0:
+            self.log(f"$ {' '.join(argv)}  -> rc={r.returncode} in {r.secs * 1000:.0f} ms\n{r.stdout.rstrip()}\n{r.stderr.rstrip()}")
+        if check and r.returncode != 0:
+            raise RuntimeError(f"gpuslice {sub} {' '.join(str(a) for a in args)}: {r.stderr.strip()[-300:]}")
+        return r
+
+    def ls(self):
+        """`gpuslice ls --json`, parsed; {} when it failed."""
+        r = self.cli("ls", "--json", quiet=True)
+        try:
+            return json.loads(r.stdout) if r.returncode == 0 else {}
+        except ValueError:
+            return {}
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after 10 s; returns its exit status."""
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.out.close()
+        return self.p.returncode
 
 
 # ----------------------------------------------------------------------------- NVML pollers

@@ -13,9 +13,15 @@ complete at CLOCK_MONOTONIC times, comparable between processes). For 200 us and
   G4  20 / 30 / 50, then the 20 exits     within 3 each; then 37.5 / 62.5 +- 3
   G5  30, cap 50, alone                   50 +- 3
   G6  30 idle 2 s beside a 70 borrower    over its first 20 ms >= 27 % (90 % of 30)
+  G8  live edits through `gpuslice serve`: one tenant of group g (config: 30, no cap), then
+      `gpuslice set --group g` --sm 30 --sm-max 50, --sm 20 --sm-max 20, --sm-max none; over
+      100-300 ms after each set returned: 50 +- 3, 20 +- 3, then its own share before the
+      first edit (30 without a cap, alone) +- 3; `ls` shows each setting
 and at 200 us:
   G7  latprobe at 30 beside a borrower (70, no cap) vs beside a neighbour capped at 70:
       p99 within 1.15x
+
+G8's controller: --bin (the gpuslice CLI) on --socket, a ledger per kernel size next to --ledger.
 
 Dry run (--dry): the same orchestration on the simulated driver with the stand-in
 tests/gpu/dryrun/sharebench_stub.py (a Python launcher on the wall clock of a shared machine);
@@ -32,6 +38,8 @@ import sys
 import tempfile
 import time
 
+import gpucommon
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--bench", required=True, help="the sharebench command (a path, or 'python3 stub.py')")
 ap.add_argument("--latprobe", default="", help="the latprobe binary (none: G7 is not run)")
@@ -45,6 +53,9 @@ ap.add_argument("--round-us", type=int, default=0, help="GPUSLICE_LEND_ROUND_US 
 ap.add_argument("--log", default="warn", help="GPUSLICE_LOG for every tenant (debug: the hand-overs; the whole stderr goes to the log)")
 ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for every shim tenant (a GPUSLICE_ knob to compare)")
 ap.add_argument("--tag", default="", help="appended to every row id (runs of several rounds side by side)")
+ap.add_argument("--bin", default="", help="the gpuslice CLI, for G8's controller (none: G8 is not run)")
+ap.add_argument("--socket", default="", help="G8's controller socket")
+ap.add_argument("--ledger", default="", help="G8's controller ledger (one per kernel size: PATH-200us, ...)")
 args = ap.parse_args()
 T0 = time.monotonic()
 BENCH = args.bench.split()
@@ -94,17 +105,24 @@ def kernels_between(rep, a, b):
     return at(b) - at(a)
 
 
-def env_for(share=None, cap=None):
+def env_for(share=None, cap=None, group=None):
+    """A tenant's environment: no shim (the defaults); GPUSLICE_SM_SHARE=share (and SM_MAX=cap)
+    without a controller; or a member of `group` under G8's controller, which sets its share."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSLICE_") and k != "CUDA_DEVICE_SM_LIMIT"}
     env.pop("LD_PRELOAD", None)
-    if share is not None:
-        env.update(LD_PRELOAD=args.lib, GPUSLICE_SM_SHARE=str(share), GPUSLICE_LOG=args.log, GPUSLICE_ON_NO_CONTROLLER="alone", GPUSLICE_CONTROLLER_WAIT="0",
+    if share is None and group is None:
+        return env
+    env.update(LD_PRELOAD=args.lib, GPUSLICE_LOG=args.log)
+    if group is not None:
+        env.update(GPUSLICE_SOCKET=args.socket, GPUSLICE_GROUP=group)
+    else:
+        env.update(GPUSLICE_SM_SHARE=str(share), GPUSLICE_ON_NO_CONTROLLER="alone", GPUSLICE_CONTROLLER_WAIT="0",
                    GPUSLICE_SOCKET=os.environ.get("GPUSLICE_SOCKET", "/nonexistent/gpuslice.sock"))
         if cap is not None:
             env["GPUSLICE_SM_MAX"] = str(cap)
-        if args.round_us:
-            env["GPUSLICE_LEND_ROUND_US"] = str(args.round_us)
-        env.update(pair.split("=", 1) for pair in args.env)
+    if args.round_us:
+        env["GPUSLICE_LEND_ROUND_US"] = str(args.round_us)
+    env.update(pair.split("=", 1) for pair in args.env)
     return env
 
 
@@ -120,12 +138,29 @@ class Tenant:
         self.stdout = tempfile.TemporaryFile(mode="w+", dir=args.out)
         self.err = tempfile.TemporaryFile(mode="w+", dir=args.out)
         self.p = subprocess.Popen(argv + ["--go-file", go, "--go-timeout-s", "120"], env=env, stdout=self.stdout, stderr=self.err, text=True)
-        deadline = time.monotonic() + 120
+        self.wait_for("ready=1", 120)
+
+    def printed(self):
+        """Its output so far. os.pread leaves the file's offset alone: the child shares it, and a
+        seek and read here while the child writes would put its next lines over the start."""
+        fd, parts = self.stdout.fileno(), []
+        while True:
+            chunk = os.pread(fd, 1 << 16, sum(len(p) for p in parts))
+            if not chunk:
+                return b"".join(parts).decode(errors="replace")
+            parts.append(chunk)
+
+    def wait_for(self, text, timeout_s):
+        """True once it has printed `text` (polled every 2 ms); False when it ended or
+        `timeout_s` passed first."""
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.stdout.seek(0)
-            if "ready=1" in self.stdout.read() or self.p.poll() is not None:
-                break
-            time.sleep(0.01)
+            if text in self.printed():
+                return True
+            if self.p.poll() is not None:
+                return text in self.printed()
+            time.sleep(0.002)
+        return False
 
     def finish(self):
         self.p.wait(timeout=180)
@@ -213,6 +248,118 @@ def checks(us, iters, alone):
         f"{got:.1f}% over its first 20 ms (want >= 27: 90 % of 30); first 50 ms {later[0]:.1f}%, 200 ms {later[1]:.1f}% (information)")
 
 
+# G8: live edits of group g's guarantee and cap through `gpuslice set`, in order: the arguments,
+# the share wanted over 100-300 ms after the set returned (None: the tenant's own share before
+# the first edit, at the config's 30 without a cap), and the (share, cap) `ls` must show then.
+G8_GROUP = "g"
+G8_CONFIG = f'[groups.{G8_GROUP}]\nsm_share = 30\nsm_max = "none"\n'
+G8_EDITS = [(["--sm", "30", "--sm-max", "50"], 50.0, (30, 50)),
+            (["--sm", "20", "--sm-max", "20"], 20.0, (20, 20)),
+            (["--sm-max", "none"], None, (20, 100))]
+G8_PHASE_S = 0.8           # from the timed start to the first set, and from each set to the next
+G8_WINDOW_S = (0.1, 0.3)   # the window judged, after each set's return
+G8_TOL = 3.0
+
+
+def g8_setting(listing):
+    """Group g's (share, cap) on its first device in `ls --json` (a cap of None there means the
+    share), and its member count; (None, 0) when the group is not listed."""
+    g = next((g for g in listing.get("groups") or [] if g.get("name") == G8_GROUP), None)
+    if g is None:
+        return None, 0
+    d = gpucommon.dev0(g)
+    share, cap = d.get("share"), d.get("cap")
+    return (share, share if cap is None else cap), len(g.get("members") or [])
+
+
+def shown(setting):
+    return "?" if setting is None else f"{setting[0]}/{'none' if (setting[1] or 0) >= 100 else setting[1]}"
+
+
+def live_edit(us, iters, alone):
+    """G8: one saturating tenant of group g under `gpuslice serve` (config: 30, no cap); three
+    live edits, each judged over 100-300 ms after its `gpuslice set` returned. The edit is in
+    the group's settings page before the controller answers, and the shim reads that page at
+    every launch: what is left after the answer is the work already queued on the device
+    (sharebench keeps at most 64 kernels per stream: 13 ms of 200 us kernels) and one sleep of
+    the throttle (a quantum: 5 ms at 20 %). The window's own error is at most 16 kernels at
+    each end (sharebench's report lines count kernels per event, one event every 16 kernels:
+    1.6 points of 200 ms at 200 us) plus the bucket's 2 ms capacity (1 point): +-3, as G5."""
+    cid, name = f"G8-{us}us", f"live set through the controller, {us} us"
+    if not (args.bin and args.socket and args.ledger):
+        row(cid, name, False, "not run: no gpuslice CLI, socket or ledger (--bin, --socket, --ledger)")
+        return
+    ctl = go = tenant = None
+    try:
+        cfg = os.path.join(args.out, "guarantee-g8.toml")
+        with open(cfg, "w") as f:
+            f.write(G8_CONFIG)
+        serve_env = dict(env_for(), GPUSLICE_LOG="info")
+        ctl = gpucommon.Controller(args.bin, args.socket, f"{args.ledger}-{us}us", serve_env,
+                                   os.path.join(args.out, f"guarantee-serve-{us}us.log"), log, config=cfg)
+        seconds = G8_PHASE_S * (len(G8_EDITS) + 1) + 0.5
+        go = tempfile.mktemp(prefix="guarantee-go-", dir=args.out)
+        argv = bench(None, None, iters, seconds, "")[0]
+        log(f"{cid}: group {G8_GROUP} from the config {G8_CONFIG!r}")
+        tenant = Tenant(argv, env_for(group=G8_GROUP), go, f"{cid} member of {G8_GROUP}")
+        open(go, "w").close()
+        if not tenant.wait_for("warmup_kernels=", 60):
+            raise RuntimeError("the tenant never reached its timed phase")
+        # The timed phase has begun (sharebench prints warmup_kernels= just before it).
+        problems = []
+        began = time.monotonic()
+        initial, members = g8_setting(ctl.ls())
+        if initial != (30, 100) or members != 1:
+            problems.append(f"ls before the edits: {shown(initial)} with {members} members (want 30/none, 1)")
+        sets, at = [], began + G8_PHASE_S
+        for edit, want, setting in G8_EDITS:
+            time.sleep(max(0.0, at - time.monotonic()))
+            r = ctl.cli("set", "--group", G8_GROUP, *edit)
+            if r.returncode != 0:
+                problems.append(f"set {' '.join(edit)}: rc={r.returncode}")
+            time.sleep(max(0.0, r.t1 + G8_WINDOW_S[1] + 0.05 - time.monotonic()))
+            seen, _ = g8_setting(ctl.ls())
+            if seen != setting:
+                problems.append(f"ls after set {' '.join(edit)}: {shown(seen)} (want {shown(setting)})")
+            sets.append((edit, want, r, seen))
+            at = r.t1 + G8_PHASE_S
+        out = tenant.finish()
+        tenant = None
+        rep = reports(out)
+        first = timed_start(out)
+        before = window_share(out, first + 0.1, sets[0][2].t0, alone)
+        ok, parts = True, []
+        for edit, want, r, seen in sets:
+            a, b = r.t1 + G8_WINDOW_S[0], r.t1 + G8_WINDOW_S[1]
+            if not rep or b > rep[-1][0]:
+                problems.append(f"the window after set {' '.join(edit)} is past the tenant's last report")
+            got = window_share(out, a, b, alone)
+            target = before if want is None else want
+            ok = ok and near(got, target, G8_TOL)
+            soon = window_share(out, r.t1, a, alone)
+            log(f"{cid}: set {' '.join(edit)} took {r.secs * 1000:.1f} ms (mono {r.t0:.6f}-{r.t1:.6f}); "
+                f"{soon:.1f}% over the first 100 ms after it returned, {got:.1f}% over 100-300 ms (want {target:.1f} +-{G8_TOL:g})")
+            parts.append(f"{shown(seen)} {got:.1f}% (set {r.secs * 1000:.0f} ms)")
+        figures = (f"{before:.1f}% at 30/none, then " + ", ".join(parts)
+                   + " over 100-300 ms after each set (want "
+                   + ", ".join(f"{before if w is None else w:.1f}" for _, w, _ in G8_EDITS) + f" +-{G8_TOL:g})")
+        if problems:
+            figures += "; error: " + "; ".join(problems)
+        row(cid, name, ok and not problems, figures)
+    except Exception as e:  # noqa: BLE001 - G8's failure is its row; the other rows go on
+        row(cid, name, False, f"error: {e}")
+    finally:
+        if tenant is not None:
+            tenant.p.kill()
+            tenant.p.wait()
+            tenant.err.seek(0)
+            log(f"--- {tenant.what}: killed\n{tenant.printed()[-3000:]}{tenant.err.read()[-1500:]}")
+        if go and os.path.exists(go):
+            os.unlink(go)
+        if ctl is not None:
+            log(f"{cid}: gpuslice serve stopped, rc={ctl.stop()}")
+
+
 def latency(alone_iters):
     if not args.latprobe:
         row("G7", "latency beside a borrower vs a capped 70", args.dry, "not run: no latprobe (dry run: no stand-in)")
@@ -234,6 +381,7 @@ def main():
         if time.monotonic() - T0 > args.budget_s - 120:
             row(f"G-{us}us", f"{us} us checks", False, "not run: out of time")
             continue
+        alone = None
         try:
             if args.dry:
                 iters = us * 1000
@@ -246,6 +394,8 @@ def main():
                 latency(iters)
         except Exception as e:  # noqa: BLE001 - one failed kernel size must not hide the other
             row(f"G-{us}us", f"{us} us checks", False, f"error: {e}")
+        if alone is not None:
+            live_edit(us, iters, alone)
     title = "gpuslice guarantee and lending (issue 18)" + (" DRY RUN on the simulated driver: figures not judged" if args.dry else "")
     width = max(len(r[1]) for r in ROWS)
     lines = [title] + [f"{cid:<8} {name:<{width}} {verdict}  {figures}" for cid, name, verdict, figures in ROWS]

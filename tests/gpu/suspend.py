@@ -16,11 +16,12 @@
 Standard library only. Writes OUT/suspend.log; prints the results table last.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
+
+import gpucommon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = []
@@ -47,35 +48,16 @@ def kv(text):
     return d
 
 
-class Ctl:
-    """`gpuslice serve` on a socket of its own, and the CLI against it."""
+class Ctl(gpucommon.Controller):
+    """`gpuslice serve` on a socket of its own (gpucommon.Controller), and the suspension rows of
+    `ls --json`."""
 
     def __init__(self, a, env):
-        self.a, self.env = a, env
-        self.log = open(os.path.join(a.out, "suspend-controller.log"), "w")
-        argv = [a.bin, "serve", "--socket", a.socket, "--ledger", a.ledger]
-        log(f"$ {' '.join(argv)}")
-        self.p = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        end = time.time() + 20
-        while time.time() < end:
-            if self.cli("status").returncode == 0:
-                return
-            time.sleep(0.2)
-        raise RuntimeError("the controller did not answer within 20 s")
-
-    def cli(self, *args, check=False):
-        argv = [self.a.bin, *args[:1], "--socket", self.a.socket, *args[1:]]
-        r = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=900)
-        log(f"$ {' '.join(argv)}  -> rc={r.returncode}\n{r.stdout.rstrip()}\n{r.stderr.rstrip()}")
-        if check and r.returncode != 0:
-            raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip()}")
-        return r
+        super().__init__(a.bin, a.socket, a.ledger, env, os.path.join(a.out, "suspend-controller.log"), log,
+                         cli_timeout=900)
 
     def row(self, group):
-        r = self.cli("ls", "--json")
-        if r.returncode != 0:
-            return {}
-        for s in json.loads(r.stdout).get("suspensions", []):
+        for s in self.ls().get("suspensions", []):
             if s["group"] == group:
                 return s
         return {}
@@ -88,13 +70,6 @@ class Ctl:
                 return row
             time.sleep(0.5)
         return self.row(group)
-
-    def stop(self):
-        self.p.terminate()
-        try:
-            self.p.wait(10)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
 
 
 def worker(a, env, group, name, *args):
