@@ -8,6 +8,11 @@
 #   PTXSLICE_PROBE_LENGTHS                   the neighbour's kernel lengths, µs (default "50 200 2000 10000")
 #   PTXSLICE_PROBE_DRY_RUN=1                 no GPU: the simulated driver, cuclient for both
 #                                            programs, the fixture PTX; the GPU rows say SKIP.
+#   PTXSLICE_PROBE_NEIGHBOUR_LOG             GPUSLICE_LOG of the sliced neighbour beside the probe
+#                                            (default info,gpuslice::hooks::launch=debug: the
+#                                            shim's line every 2 s per kernel, launches, slices,
+#                                            blocks per slice, wave, estimate and samples; the
+#                                            row quotes the last one).
 #
 # 1. The probe (latprobe, high priority): 10 kernels of 200 µs per request, one request every
 #    20 ms; alone under the shim: p99_alone.
@@ -28,6 +33,7 @@ DRY=${PTXSLICE_PROBE_DRY_RUN:-0}
 SRC=$ROOT/$HERE/ptxslice
 SECS=${PTXSLICE_PROBE_SECONDS:-8}
 LENGTHS=${PTXSLICE_PROBE_LENGTHS:-"50 200 2000 10000"}
+NEIGHBOUR_LOG=${PTXSLICE_PROBE_NEIGHBOUR_LOG:-info,gpuslice::hooks::launch=debug}
 
 if [ "$DRY" = 1 ]; then
   dry_setup ptxslice_probe ptxslice_probe.log "gpuslice sliced kernels beside a probe"
@@ -137,7 +143,7 @@ else
       rate_alone=$(val rate "$WORK/n$l.alone.out")
       for mode in low off; do
         go=$WORK/go-$l-$mode
-        GPUSLICE_SLICE=$mode GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$SECS.5" \
+        GPUSLICE_LOG=$NEIGHBOUR_LOG GPUSLICE_SLICE=$mode GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$SECS.5" \
           --cycles "$cycles" --grid "$grid" --go-file "$go" >"$WORK/n$l.$mode.out" 2>"$WORK/n$l.$mode.err" &
         npid=$!
         probe_run "$WORK/p$l.$mode.out" "$go" &
@@ -157,6 +163,12 @@ else
           ok = a > 0 && ra > 0 && b < 1 && p / a <= 1.05 && (r / ra) / (1 - b) >= 0.8; print ok ? "PASS" : "FAIL" }')
         [ "$check" = ok ] || { verdict=FAIL; detail="$detail; the neighbour's output check: ${check:-missing}"; }
         sliced=$(grep -c 'kernels sliced' "$WORK/n$l.$mode.err")
+        # The shim's last summary of the kernel's slices: "kernel spin: N launches in T s, S in
+        # slices: M slices of B blocks on average (wave W); estimate ..." (debug).
+        slicing=$(grep -o 'kernel spin: .*' "$WORK/n$l.$mode.err" | tail -n 1 | sed -n 's/^kernel spin: \([0-9]*\) launches in [0-9.]* s, [0-9]* in slices: \([0-9]*\) slices of \([0-9]*\) blocks.*(wave \([0-9]*\)); estimate \([a-z0-9]*\) ps.*/\1 \2 \3 \4 \5/p')
+        if [ -n "$slicing" ]; then
+          detail="$detail; $(echo "$slicing" | awk '{ printf "last 2 s: %.1f slices per launch of %d blocks (%.1f waves), %s ps per block", ($1 ? $2 / $1 : 0), $3, ($4 ? $3 / $4 : 0), $5 }')"
+        fi
         if [ "$mode" = low ]; then
           row "probe-$l" "$verdict" "$l µs neighbour, sliced ($sliced slicing lines): $detail"
         else

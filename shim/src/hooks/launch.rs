@@ -192,19 +192,30 @@ fn launch_sliced(
     let captured = candidate && capturing(stream);
     let split = candidate && !captured;
     let device = if split { d.and_then(|d| d.current_device()) } else { None };
-    let slices = match device {
+    let mut cost = locks::lock(&k.cost);
+    // First: a measurement finished since the last launch sizes this one's slices.
+    let mut lent = if captured { None } else { cost.begin(|| d?.current_context(), || !capturing(stream)) };
+    let (slices, wave) = match device {
         Some(device) if split => {
-            let block_ns = locks::lock(&k.cost).block_ns();
-            let max_blocks = slice_cost::blocks_per_slice(device, block_ns);
-            tracing::trace!("a launch of {} blocks in slices of at most {max_blocks} ({block_ns:?} ns per block measured)", original.volume());
-            plan_slices(original, max_blocks)
+            let (max_blocks, wave) = cost.max_blocks(device, shape.f, shape.block, shape.shared_mem);
+            tracing::trace!(
+                "a launch of {} blocks in slices of at most {max_blocks} ({:?} ps per block measured, wave {wave})",
+                original.volume(),
+                cost.block_ps()
+            );
+            (plan_slices(original, max_blocks), wave)
         }
         _ => {
             tracing::trace!("a launch of {} blocks goes whole (candidate {candidate}, captured {captured}, device {device:?})", original.volume());
-            vec![Slice { offset: Dim3::new(0, 0, 0), grid: original }]
+            (vec![Slice { offset: Dim3::new(0, 0, 0), grid: original }], 0)
         }
     };
-    let mut lent = if captured { None } else { locks::lock(&k.cost).begin(|| d?.current_context(), || !capturing(stream)) };
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        if let Some(line) = cost.summary(clock::coarse_now_ns(), slices.len(), original.volume(), wave != 0, wave) {
+            tracing::debug!("kernel {}: {line}", k.name);
+        }
+    }
+    drop(cost);
     for s in &slices {
         // SAFETY: the program's own launch arguments, valid for this call.
         let Some(mut args) = (unsafe { SliceArgs::new(params, extra, k.params, &k.slot, s.param_bytes(original)) }) else {

@@ -331,6 +331,8 @@ fn device_arch() -> Option<u32> {
 /// A kernel of a sliced module, as a launch needs it.
 pub struct Kernel {
     module: usize,
+    /// Its name, for the log.
+    pub name: String,
     /// Its own parameters (the slice parameter comes after them).
     pub params: usize,
     /// Where the slice parameter goes in a packed parameter buffer.
@@ -407,7 +409,13 @@ fn resolve(f: usize) -> Option<Arc<Kernel>> {
     // SAFETY: the driver's NUL-terminated name, valid while the module is loaded.
     let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
     let k = outcome.kernel(&name).filter(|k| k.sliced)?;
-    Some(Arc::new(Kernel { module: module as usize, params: k.params.len(), slot: k.slice_param.clone()?, cost: Mutex::new(slice_cost::Sampler::default()) }))
+    Some(Arc::new(Kernel {
+        module: module as usize,
+        name: name.into_owned(),
+        params: k.params.len(),
+        slot: k.slice_param.clone()?,
+        cost: Mutex::new(slice_cost::Sampler::default()),
+    }))
 }
 
 #[cfg(test)]

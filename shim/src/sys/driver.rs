@@ -115,6 +115,8 @@ real_functions! {
     // Which kernel a launch is of (see `slicer`): CUDA 11.0 and 12.3.
     cuFuncGetModule(*mut *mut c_void, *mut c_void);
     cuFuncGetName(*mut *const c_char, *mut c_void);
+    // How many blocks of a kernel an SM holds at once: a slice's wave (`slice_cost`).
+    cuOccupancyMaxActiveBlocksPerMultiprocessor(*mut c_int, *mut c_void, c_int, usize);
     // Memory shared between processes (see `sharing`).
     cuIpcGetMemHandle(*mut IpcMemHandle, CUdeviceptr);
     cuIpcOpenMemHandle_v2(*mut CUdeviceptr, IpcMemHandle, c_uint);

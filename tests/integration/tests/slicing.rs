@@ -3,7 +3,9 @@
 //! a kernel that cannot be sliced is named in the log and left byte for byte); a sliced kernel's
 //! launches carry the slice parameter, whole when no high-priority process lives and in slices
 //! that cover every block exactly once when one does; and on the simulated clock a high-priority
-//! request next to a neighbour of 2 ms kernels waits for about one slice instead of one kernel.
+//! request next to a neighbour of 2 ms kernels waits for about one slice instead of one kernel,
+//! and a neighbour of short blocks (on a device that runs them a wave at a time, with a launch
+//! latency) keeps its rate: its slices grow to about 100 µs.
 //!
 //! The simulated driver (`SIMCUDA_RECORD`) writes every PTX image it is handed and one line per
 //! launch (kernel, grid, slice parameter, place on the device timeline); a launch with the slice
@@ -272,16 +274,20 @@ const SETTLE_MS: u64 = 50;
 const GAP_US: u64 = 20_000;
 
 /// The neighbour of a contest: its environment, whether it launches the PTX kernel (else the
-/// simulated driver's plain one), and its kernels' length.
+/// simulated driver's plain one), its kernels' length and grid (x), and the simulated device's
+/// model for both processes (`SIMCUDA_BLOCKS_PER_SM`, `SIMCUDA_LAUNCH_NS`; none: every block
+/// costs the same share of a kernel and a launch starts at once).
 struct Neighbour<'e> {
     env: &'e [(&'e str, &'e str)],
     ptx: bool,
     kernel_ns: u64,
+    grid: u32,
+    device: &'e [(&'e str, &'e str)],
 }
 
-/// The probe at high priority next to a low neighbour flooding its kernels (grid
-/// `NEIGHBOUR_GRID`); returns the probe, the neighbour's device time while the probe ran over
-/// the time the probe left it, and the neighbour's launches as the device ran them.
+/// The probe at high priority next to a low neighbour flooding its kernels; returns the probe,
+/// the neighbour's device time while the probe ran over the time the probe left it, and the
+/// neighbour's launches as the device ran them.
 fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, Vec<Launch>) {
     static N: AtomicU32 = AtomicU32::new(0);
     let ptx = sim.write_file("busy.ptx", BUSY_PTX);
@@ -289,13 +295,17 @@ fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, V
     let n = N.fetch_add(1, Ordering::Relaxed);
     let (go, stop) = (sim.path_str(&format!("go-{n}")), sim.path_str(&format!("stop-{n}")));
     let function = if neighbour.ptx { format!("usefunc data {} busy", ptx.display()) } else { String::new() };
-    let mut c = client(sim, "low", &record, &cache);
-    for (k, v) in neighbour.env {
-        c = c.env(k, v);
+    fn on<'a>(mut c: Client<'a>, env: &[(&str, &str)]) -> Client<'a> {
+        for (k, v) in env {
+            c = c.env(k, v);
+        }
+        c
     }
-    let kernel_ns = neighbour.kernel_ns;
-    let flooding = c.args(&format!("init ctx 0 pid {function} grid {NEIGHBOUR_GRID} 1 1 launch 1 1000 sync waitfile {go} flood {kernel_ns} 10 {stop}")).spawn();
-    let probe = client(sim, "high", &record, &cache)
+    let on_device = |c| on(c, neighbour.device);
+    let c = on(on_device(client(sim, "low", &record, &cache)), neighbour.env);
+    let (kernel_ns, grid) = (neighbour.kernel_ns, neighbour.grid);
+    let flooding = c.args(&format!("init ctx 0 pid {function} grid {grid} 1 1 launch 1 1000 sync waitfile {go} flood {kernel_ns} 10 {stop}")).spawn();
+    let probe = on_device(client(sim, "high", &record, &cache))
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} probe {REQUESTS} {PROBE_NS} {GAP_US} touch {stop}"))
         .spawn();
     clock.start_together_refs(&go, &[&flooding, &probe], "sync");
@@ -318,9 +328,10 @@ fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
     let clock = sim.clock();
     clock.park();
 
-    let (whole, whole_share, _) = contest(&sim, &clock, Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS });
+    let (whole, whole_share, _) =
+        contest(&sim, &clock, Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[] });
     eprintln!("neighbour unsliced: probe {whole}; neighbour {:.1}% of the time left", 100.0 * whole_share);
-    let (sliced, sliced_share, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS });
+    let (sliced, sliced_share, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[] });
     eprintln!("neighbour sliced: probe {sliced}; neighbour {:.1}% of the time left", 100.0 * sliced_share);
     let longest = ran.iter().filter(|l| l.slice.is_some_and(|s| s[3] != l.grid[0])).map(|l| l.end - l.start).max().unwrap_or(0);
     eprintln!("longest slice {} µs, {} launches recorded", longest / 1000, ran.len());
@@ -335,6 +346,70 @@ fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
     assert!(sliced.dev_p99_us * 4 < whole.dev_p99_us, "slicing did not shorten the wait: {sliced} against {whole}");
     // And the neighbour keeps the device busy while the probe leaves it idle.
     assert!(sliced_share >= 0.8, "the sliced neighbour got {:.1}% of the time the probe left", 100.0 * sliced_share);
+}
+
+/// A kernel of short blocks, as tests/gpu/ptxslice_probe.sh's neighbour: 16 blocks of 128
+/// threads per SM (a wave of 2112 blocks on the 132 SMs) running 4 µs each, 250 waves: 1 ms.
+const WAVE_BLOCKS: u32 = 132 * 16;
+const WAVE_NS: u64 = 4_000;
+const SHORT_BLOCKS_WAVES: u32 = 250;
+/// From a launch to its kernel's start on an idle device: a real launch's latency, which a
+/// slice's two timing events take in with the slice.
+const LAUNCH_NS: u64 = 5_000;
+
+#[test]
+fn a_sliced_neighbour_of_short_blocks_keeps_its_rate() {
+    // On the H100 (stop 17) a low-priority neighbour whose 3.3 ms kernels are made of 4 µs blocks
+    // kept 6.9 % of its rate beside a probe busy 10 % of the time, sliced, against 86.6 %
+    // unsliced: its slices were one block per SM (132 blocks, a sixteenth of a wave, 4 µs),
+    // each measured at under 10 µs with the launch latency and so never counted, so they
+    // never grew; each went out after the one before had finished.
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    let (per_sm, latency) = ((WAVE_BLOCKS / 132).to_string(), LAUNCH_NS.to_string());
+    let device = [("SIMCUDA_BLOCKS_PER_SM", per_sm.as_str()), ("SIMCUDA_LAUNCH_NS", latency.as_str())];
+    let kernel_ns = WAVE_NS * u64::from(SHORT_BLOCKS_WAVES);
+    let grid = WAVE_BLOCKS * SHORT_BLOCKS_WAVES;
+    let (probe, busy, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns, grid, device: &device });
+    let blocks = |l: &Launch| l.grid.iter().map(|&g| u64::from(g)).product::<u64>();
+    // The device is busy for a whole wave whatever part of it a slice fills: what counts is the
+    // work done, each block at the pace of the whole kernel, in the time the probe left.
+    let work: f64 = ran
+        .iter()
+        .map(|l| {
+            let inside = l.end.min(probe.t1).saturating_sub(l.start.max(probe.t0)) as f64 / (l.end - l.start).max(1) as f64;
+            inside * blocks(l) as f64 * kernel_ns as f64 / f64::from(grid)
+        })
+        .sum();
+    let share = work / ((probe.t1 - probe.t0) - probe.n * PROBE_NS) as f64;
+    let sizes: Vec<u64> = ran.iter().filter(|l| l.start >= probe.t0 && l.end <= probe.t1).map(blocks).collect();
+    let mut sorted = sizes.clone();
+    sorted.sort_unstable();
+    let median_blocks = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
+    let longest = ran.iter().filter(|l| l.slice.is_some_and(|s| s[3] != l.grid[0])).map(|l| l.end - l.start).max().unwrap_or(0);
+    eprintln!(
+        "1 ms neighbour of 4 µs blocks, sliced: probe {probe}; neighbour's work {:.1}% of the time left (device busy {:.1}%); {} slices while the probe ran, median {median_blocks} blocks ({:.1} waves), longest {} µs",
+        100.0 * share,
+        100.0 * busy,
+        sizes.len(),
+        median_blocks as f64 / f64::from(WAVE_BLOCKS),
+        longest / 1000
+    );
+    // The neighbour keeps the device busy while the probe leaves it idle: slices of about the
+    // target, each costing one launch latency, not slices of one wave or less.
+    assert!(
+        share >= 0.8,
+        "the sliced neighbour's work filled {:.1}% of the time the probe left (slices of {median_blocks} blocks at the median)",
+        100.0 * share
+    );
+    assert!(median_blocks >= 10 * u64::from(WAVE_BLOCKS), "slices of {median_blocks} blocks at the median: far below 100 µs");
+    // And the probe keeps its protection: it waits for at most one slice (≤ 100 µs and the
+    // rounding), the neighbour's watcher noticing the end (polls of 20 µs) and a launch latency.
+    assert!(longest > 0 && longest <= 110_000, "the longest slice took {} µs", longest / 1000);
+    let bound = (PROBE_NS + 110_000 + 40_000 + LAUNCH_NS) / 1000;
+    assert!(probe.dev_p99_us <= bound, "p99 on the device {} µs over {bound} µs: {probe}", probe.dev_p99_us);
 }
 
 // ------------------------------------------------------------------ 4. the duration budget
@@ -353,12 +428,13 @@ fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
     let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
 
     // 20 µs kernels: one in flight (the default queue) against 100 µs of them.
-    let (queue1, queue1_share, _) = contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS });
+    let (queue1, queue1_share, _) = contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[] });
     eprintln!("20 µs neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left", 100.0 * queue1_share);
-    let (budgeted, budgeted_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: SHORT_NS });
+    let (budgeted, budgeted_share, _) =
+        contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[] });
     eprintln!("20 µs neighbour, budget {BUDGET_US} µs: probe {budgeted}; neighbour {:.1}% of the time left", 100.0 * budgeted_share);
     // 2 ms kernels under the same budget: longer than it, each goes alone.
-    let (long, long_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS });
+    let (long, long_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[] });
     eprintln!("2 ms neighbour, budget {BUDGET_US} µs: probe {long}; neighbour {:.1}% of the time left", 100.0 * long_share);
 
     // A request waits for at most the budget's worth of short kernels and one more (whose

@@ -59,6 +59,8 @@ const CU_EVENT_DISABLE_TIMING: c_uint = 0x2;
 
 // Device attributes (CUdevice_attribute).
 const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
+/// The simulated device's SMs (an H100's).
+const SMS: c_int = 132;
 const ATTR_CC_MAJOR: c_int = 75;
 const ATTR_CC_MINOR: c_int = 76;
 
@@ -661,7 +663,7 @@ fn attribute(attr: c_int, dev: CUdevice) -> Option<c_int> {
         13 => 1_980_000,                     // CLOCK_RATE (kHz)
         14 => 512,                           // TEXTURE_ALIGNMENT
         15 => 1,                             // GPU_OVERLAP
-        ATTR_MULTIPROCESSOR_COUNT => 132,    // MULTIPROCESSOR_COUNT
+        ATTR_MULTIPROCESSOR_COUNT => SMS,    // MULTIPROCESSOR_COUNT
         17 | 18 => 0,                        // KERNEL_EXEC_TIMEOUT, INTEGRATED
         19 => 1,                             // CAN_MAP_HOST_MEMORY
         20 => 0,                             // COMPUTE_MODE default
@@ -2100,6 +2102,33 @@ pub unsafe extern "C" fn cuKernelGetFunction(func: *mut Handle, kernel: Handle) 
     SUCCESS
 }
 
+/// Resident blocks per SM: `SIMCUDA_BLOCKS_PER_SM` (1 when unset), whatever the block size.
+///
+/// # Safety
+/// `num_blocks`: null or valid for a write of one `c_int`.
+#[no_mangle]
+pub unsafe extern "C" fn cuOccupancyMaxActiveBlocksPerMultiprocessor(
+    num_blocks: *mut c_int,
+    func: Handle,
+    block_size: c_int,
+    _dynamic_smem: usize,
+) -> CUresult {
+    check_init!();
+    if num_blocks.is_null() || block_size <= 0 || block_size > 1024 {
+        return INVALID_VALUE;
+    }
+    {
+        let d = lock();
+        let f = func as u64;
+        if !d.functions.contains_key(&f) && !d.kernels.contains_key(&f) {
+            return INVALID_HANDLE;
+        }
+    }
+    // SAFETY: not null (checked above); the caller's out-pointer (`# Safety`).
+    unsafe { *num_blocks = blocks_per_sm().unwrap_or(1) as c_int };
+    SUCCESS
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launches and the device timeline.
 
@@ -2119,6 +2148,12 @@ unsafe fn submit(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), 
 
 /// `submit`, returning where the work went on the device timeline (`None`: captured).
 fn submit_timed(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), CUresult>, durs: &[u64]) -> Result<Option<(u64, u64)>, CUresult> {
+    submit_after(stream, ptsz, check, durs, 0)
+}
+
+/// `submit_timed` for work that reaches an idle device `latency` ns after it is submitted
+/// (a kernel launch, `SIMCUDA_LAUNCH_NS`); behind queued work the latency is hidden.
+fn submit_after(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), CUresult>, durs: &[u64], latency: u64) -> Result<Option<(u64, u64)>, CUresult> {
     macro_rules! tri {
         ($e:expr) => {
             $e?
@@ -2144,7 +2179,7 @@ fn submit_timed(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), C
             continue;
         }
         let total: u64 = durs.iter().sum();
-        let (start, end) = devstate(dev).reserve_time(now.max(s.tail), total);
+        let (start, end) = devstate(dev).reserve_time((now + latency).max(s.tail), total);
         s.tail = end;
         let c = d.ctxs.get_mut(&ctx).unwrap();
         c.last_end = c.last_end.max(end);
@@ -2231,7 +2266,33 @@ unsafe fn launch_args(
         return Err(INVALID_VALUE);
     }
     let volume = |g: &[u32]| g.iter().map(|&v| u128::from(v)).product::<u128>();
-    Ok(((u128::from(dur) * volume(&grid) / volume(&s[3..])) as u64, Some(s)))
+    let (part, whole) = match wave_blocks() {
+        // Blocks run a wave at a time: a slice takes its share of the grid's waves, a part-filled
+        // wave as long as a full one.
+        Some(wave) => (volume(&grid).div_ceil(wave), volume(&s[3..]).div_ceil(wave)),
+        None => (volume(&grid), volume(&s[3..])),
+    };
+    Ok(((u128::from(dur) * part / whole) as u64, Some(s)))
+}
+
+/// `SIMCUDA_BLOCKS_PER_SM`: blocks of a kernel resident on one SM at once (what
+/// `cuOccupancyMaxActiveBlocksPerMultiprocessor` answers; 1 when unset).
+fn blocks_per_sm() -> Option<u32> {
+    static V: OnceLock<Option<u32>> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("SIMCUDA_BLOCKS_PER_SM").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0))
+}
+
+/// Blocks the device runs at once when `SIMCUDA_BLOCKS_PER_SM` is set (SMs × that): a slice of
+/// a kernel then lasts by whole waves. Unset, a slice lasts its share of the blocks.
+fn wave_blocks() -> Option<u128> {
+    blocks_per_sm().map(|n| u128::from(n) * SMS as u128)
+}
+
+/// `SIMCUDA_LAUNCH_NS`: how long a kernel launched onto an idle stream takes to start (the
+/// host-to-device latency of a real launch); 0 when unset.
+fn launch_latency_ns() -> u64 {
+    static V: OnceLock<u64> = OnceLock::new();
+    *V.get_or_init(|| std::env::var("SIMCUDA_LAUNCH_NS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 fn check_function(f: u64, grid: [c_uint; 3], block: [c_uint; 3]) -> impl Fn(&Drv) -> Result<(), CUresult> {
@@ -2258,7 +2319,7 @@ unsafe fn launch(f: Handle, grid: [c_uint; 3], block: [c_uint; 3], stream: Handl
     };
     // SAFETY: the program's launch arguments, valid for this call.
     let (dur, slice) = tri!(unsafe { launch_args(params, extra, entry.as_ref(), grid) });
-    match submit_timed(stream, ptsz, check_function(f as u64, grid, block), &[dur]) {
+    match submit_after(stream, ptsz, check_function(f as u64, grid, block), &[dur], launch_latency_ns()) {
         Ok(Some((start, end))) => {
             record::launch(&name, grid, slice, start, end);
             SUCCESS
@@ -2998,6 +3059,7 @@ export_table!(
     cuModuleGetFunction,
     cuFuncGetModule,
     cuFuncGetName,
+    cuOccupancyMaxActiveBlocksPerMultiprocessor,
     cuLibraryLoadData,
     cuLibraryLoadFromFile,
     cuLibraryUnload,
@@ -3153,6 +3215,7 @@ const PROC_TABLE: &[(&str, c_int, &str, &str)] = &[
     ("cuModuleGetFunction", 2000, "cuModuleGetFunction", ""),
     ("cuFuncGetModule", 11000, "cuFuncGetModule", ""),
     ("cuFuncGetName", 12030, "cuFuncGetName", ""),
+    ("cuOccupancyMaxActiveBlocksPerMultiprocessor", 6050, "cuOccupancyMaxActiveBlocksPerMultiprocessor", ""),
     ("cuLibraryLoadData", 12000, "cuLibraryLoadData", ""),
     ("cuLibraryLoadFromFile", 12000, "cuLibraryLoadFromFile", ""),
     ("cuLibraryUnload", 12000, "cuLibraryUnload", ""),
