@@ -1233,6 +1233,26 @@ pub const CONTROLLER_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// and waited for until `gpuslice status` answers; stopped with SIGTERM when dropped.
 ///
 /// Clients join it with [`Client::controller`] (and [`Client::group`]).
+/// A member of `group`, which the controller holds to 1 GiB: it must reach the controller
+/// (`refuse` without one), get 700 MiB, be refused 400 MiB more, and see 1 GiB in all.
+/// Returns its output for the caller's own checks.
+pub fn member_held_to_one_gib(sim: &Sim, ctl: &Controller<'_>, group: &str) -> Output {
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .controller(ctl)
+        .group(group)
+        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+        .env("GPUSLICE_CONTROLLER_WAIT", "5")
+        .args("init ctx 0 alloc 700M alloc 400M info")
+        .run();
+    out.assert_success();
+    out.expect_ok(2);
+    out.expect_err(3, 2);
+    assert_eq!(out.u64("info", "total"), GIB, "a member of {group} sees its 1 GiB:\n{out}\n{}", ctl.log());
+    out
+}
+
 pub struct Controller<'a> {
     sim: &'a Sim,
     config: Option<PathBuf>,

@@ -64,19 +64,7 @@ fn still_sound(sim: &Sim, ctl: &mut Controller<'_>) {
         let out = ctl.cli("ls --json").run();
         assert!(out.success(), "ls {i} of 100 failed:\n{out}\ncontroller log:\n{}", ctl.log());
     }
-    let out = sim
-        .client(Route::Link)
-        .shim()
-        .controller(ctl)
-        .group("victim")
-        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
-        .env("GPUSLICE_CONTROLLER_WAIT", "5")
-        .args("init ctx 0 alloc 700M alloc 400M info")
-        .run();
-    out.assert_success();
-    out.expect_ok(2);
-    out.expect_err(3, 2);
-    assert_eq!(out.u64("info", "total"), GIB, "the victim sees its 1 GiB:\n{out}");
+    let out = member_held_to_one_gib(sim, ctl, "victim");
     assert!(!out.stderr.contains("running alone"), "{out}");
     let l = ctl.ls();
     assert_eq!(l.group_limit("victim", 0), Some(GIB), "the victim's limit is unchanged:\n{l}");

@@ -448,19 +448,7 @@ fn a_group_nobody_joined_yet_keeps_its_limit_through_a_controller_kill() {
     ctl.set_ok("--create --group ha --memory 1GiB");
     ctl.kill9();
     ctl.restart();
-    let out = sim
-        .client(Route::Link)
-        .shim()
-        .controller(&ctl)
-        .group("ha")
-        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
-        .env("GPUSLICE_CONTROLLER_WAIT", "5")
-        .args("init ctx 0 alloc 700M alloc 400M info")
-        .run();
-    out.assert_success();
-    out.expect_ok(2);
-    out.expect_err(3, 2);
-    assert_eq!(out.u64("info", "total"), GIB, "the member sees its group's 1 GiB:\n{out}\n{}", ctl.log());
+    member_held_to_one_gib(&sim, &ctl, "ha");
     assert_eq!(ctl.ls().group_limit("ha", 0), Some(GIB), "{}", ctl.log());
 }
 
