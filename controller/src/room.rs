@@ -225,12 +225,22 @@ pub fn check_room(state: &std::sync::Mutex<State>, device_bytes: &std::collectio
     room_for(&uuids, device_bytes)
 }
 
+/// Test knob `GPUSLICE_TEST_POLICY_DELAY_MS=N`: the policy thread starts N ms late (at most
+/// 10 s), as it may on a loaded machine, so that a test can show that nothing a registration
+/// needs is left to it.
+fn policy_delay_for_tests() {
+    let ms = std::env::var("GPUSLICE_TEST_POLICY_DELAY_MS").ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms.min(10_000)));
+    }
+}
+
 /// The policy's background work, for the controller's lifetime: finds groups an earlier
 /// controller suspended, notes activity, and resumes the groups it suspended once their memory
-/// fits again on every device it was on.
+/// fits again on every device it was on. The suspension marks were read before it starts
+/// (`serve`: before any registration is answered).
 pub fn watch(state: &std::sync::Mutex<State>) {
-    suspend::from_config(state);
-    suspend::from_ledger(state);
+    policy_delay_for_tests();
     suspend::adopt(state);
     loop {
         std::thread::sleep(POLL * 4);

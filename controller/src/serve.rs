@@ -164,6 +164,16 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         last_tick_ns: AtomicU64::new(gpuslice_common::ledger::monotonic_ns()),
         metrics: metrics_bound,
     });
+    // Issue 22: the suspension marks (the config file's, and those `gpuslice set` left in the
+    // ledger before a restart) are known before the first registration is answered. Each
+    // registration publishes its group's page, and a member reads the marks at every
+    // allocation: one answered earlier found no marks and served its memory from the driver
+    // instead of VMM-backed, without an agent, until the next tick published them (a member
+    // of a `suspend_path = "shim"` group that the shim's path cannot move). Both are quick
+    // (no driver, no NVML); the policy thread used to run them, late under load.
+    crate::suspend::from_config(&shared.state);
+    crate::suspend::from_ledger(&shared.state);
+    shared.lock().publish();
     {
         // Issue 22: groups an earlier controller suspended, and the policy's resumptions.
         let for_policy = shared.clone();

@@ -274,6 +274,8 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 pub struct Sim {
     dir: tempfile::TempDir,
     env: Vec<(String, String)>,
+    /// Variables for its controllers only (`controller_env`).
+    controller_env: Vec<(String, String)>,
 }
 
 impl Default for Sim {
@@ -287,12 +289,19 @@ impl Sim {
         let mut b = tempfile::Builder::new();
         b.prefix("gpuslice-test-");
         let dir = if Path::new("/dev/shm").is_dir() { b.tempdir_in("/dev/shm") } else { b.tempdir() }.expect("temporary directory");
-        Sim { dir, env: Vec::new() }
+        Sim { dir, env: Vec::new(), controller_env: Vec::new() }
     }
 
     /// Set an environment variable for every client of this machine (e.g. `SIMCUDA_MEM`).
     pub fn env(mut self, k: &str, v: impl ToString) -> Sim {
         self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// Set an environment variable for every controller of this machine, and for nothing else
+    /// (a controller's test knob, e.g. `GPUSLICE_TEST_POLICY_DELAY_MS`).
+    pub fn controller_env(mut self, k: &str, v: impl ToString) -> Sim {
+        self.controller_env.push((k.to_string(), v.to_string()));
         self
     }
 
@@ -627,6 +636,20 @@ impl Running {
     /// What it wrote on stderr so far.
     pub fn stderr_now(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// What it wrote on stderr, once `pred` holds of it, or after 10 s whatever it is then (the
+    /// caller's assertion says what is missing). A thread of the test reads the client's stderr
+    /// and may lag behind it under load: a line the client wrote before it answered something
+    /// (an agent's "suspended" line before the controller's `suspend` returns) need not be in
+    /// `stderr_now` yet.
+    pub fn stderr_when(&self, pred: impl Fn(&str) -> bool) -> String {
+        let mut now = self.stderr_now();
+        poll_until(Duration::from_secs(10), || {
+            now = self.stderr_now();
+            pred(&now)
+        });
+        now
     }
 
     /// Waits until the client has printed a line for which `pred` holds, and returns it.
@@ -1306,7 +1329,7 @@ impl<'a> Controller<'a> {
         cmd.env("GPUSLICE_LOG", "debug").env("LD_LIBRARY_PATH", sim_dir()).env("SIMCUDA_STATE", self.sim.state_path());
         // The controller lists the node's devices through (simulated) NVML, and may be the first
         // to create the simulated machine: it must see the same machine the clients do.
-        for (k, v) in self.sim.env.iter().filter(|(k, _)| k.starts_with("SIMCUDA_")) {
+        for (k, v) in self.sim.env.iter().filter(|(k, _)| k.starts_with("SIMCUDA_")).chain(&self.sim.controller_env) {
             cmd.env(k, v);
         }
         cmd.arg("serve").arg("--socket").arg(self.socket()).arg("--ledger").arg(self.ledger());
