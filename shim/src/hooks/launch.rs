@@ -140,18 +140,7 @@ fn end_burst(device: i32, bucket: throttle::Bucket) {
     if bucket.shared(clock::now_ns()) || board::others_waiting(device) {
         let last = *locks::lock(bucket.last_launch());
         if last.thread == throttle::thread_token() && last.sequence != 0 {
-            let lead = throttle::handover_lead_ns();
-            if lead == 0 {
-                cost::wait_for(last.stream as CUstream);
-            } else {
-                // By the host model, until `lead` of the burst is left (a wrong model costs at
-                // most the longest sleep, never a hang).
-                let now = clock::now_ns();
-                let until = bucket.queued_until().saturating_sub(lead);
-                if until > now {
-                    clock::sleep_ns((until - now).min(50_000_000));
-                }
-            }
+            cost::wait_for(last.stream as CUstream);
         }
     }
     board::release(device);

@@ -111,28 +111,6 @@ fn borrowing_after_ns() -> Option<u64> {
         }
     })
 }
-/// `GPUSLICE_HANDOVER_LEAD_US`: hand the turn over when the host model says this much of the
-/// holder's burst is still queued, instead of after waiting for all of it (0, the default).
-/// For measuring on a real GPU: the next process wakes and launches while the tail runs, so
-/// its wake-up (a share of each hand-over's ~0.25-0.5 ms idle gap on the H100) is hidden;
-/// its work waits on the device for the context switch, which happens when the tail ends.
-pub const ENV_HANDOVER_LEAD: &str = "GPUSLICE_HANDOVER_LEAD_US";
-
-/// `GPUSLICE_HANDOVER_LEAD_US` in ns (read once; 0: wait for the whole burst).
-pub fn handover_lead_ns() -> u64 {
-    static LEAD: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *LEAD.get_or_init(|| {
-        let Ok(v) = std::env::var(ENV_HANDOVER_LEAD) else { return 0 };
-        match v.trim().parse::<u64>() {
-            Ok(us) if us <= 2_000 => us * 1000,
-            _ => {
-                tracing::warn!("{ENV_HANDOVER_LEAD}={v:?} is not 0 to 2000 microseconds; the whole burst is waited for");
-                0
-            }
-        }
-    })
-}
-
 /// Issue 18: a returner's stamp on the turn counts this long (ms): a holder notices it at its next
 /// launch, which a lender makes within its longest sleep.
 pub const RETURNER_FRESH_MS: u32 = 10;

@@ -126,25 +126,6 @@ fn saturating_lenders_split_the_device_by_their_guarantees() {
     assert_near(uneven[1], 70.0, 3.0, "30 + 70, the 70");
 }
 
-/// `GPUSLICE_HANDOVER_LEAD_US` (a measuring knob for the GPU): a holder that hands the turn
-/// over while 200 us of its burst is still queued leaves the split as it was; the next
-/// process's work queues behind the tail on the shared timeline.
-#[test]
-fn a_hand_over_ahead_of_the_tail_keeps_the_split() {
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let alone = shares(&sim, &[UNTHROTTLED], 1000, 100, 900)[0];
-    let sim = &sim;
-    let ahead = |share: u32| Box::new(move |go: &str| tenant(client(sim, lending(share)).env("GPUSLICE_HANDOVER_LEAD_US", 200), go, 0, 1500)) as Start;
-    let (start, floods) = together(sim, vec![ahead(30), ahead(70)]);
-    let got: Vec<f64> = floods.iter().map(|f| 100.0 * f.share_between(start + 300 * MS, start + 1400 * MS)).collect();
-    eprintln!("30 + 70, hand-over 200 us ahead of the tail: {got:.1?} (alone {alone:.1}%)");
-    assert_near(got[0], 30.0, 3.0, "the 30");
-    assert_near(got[1], 70.0, 3.0, "the 70");
-    let sum: f64 = got.iter().sum();
-    assert!(sum >= 0.95 * alone && sum <= alone + 1.0, "together {sum:.1}%, alone {alone:.1}%");
-}
-
 #[test]
 fn three_tenants_and_then_two_when_one_leaves() {
     let _serial = serial();
