@@ -105,15 +105,89 @@ pub fn profile_dir() -> PathBuf {
 }
 
 fn require(p: &Path, what: &str) -> PathBuf {
+    let build = format!("cargo build --workspace{}", if profile() == "release" { " --release" } else { "" });
     if !p.exists() {
+        panic!("{what} not found at {}: run `{build}` first (the integration tests never run cargo themselves)", p.display());
+    }
+    check_fresh(p, what, &build);
+    p.to_path_buf()
+}
+
+/// Set to `1` to run the tests on artefacts older than their sources (an A/B that swaps in
+/// another build with its old timestamp).
+pub const ENV_STALE_OK: &str = "GPUSLICE_TEST_STALE_OK";
+
+/// Panics when the artefact `p` is older than a source it is built from, or was built from
+/// another tree: `cargo test` rebuilds none of what these tests load, and an old shim fails in
+/// ways that look like flakes of the tree's code (docs/NOTES.md, branch coldflake). Checked once
+/// per artefact and process.
+fn check_fresh(p: &Path, what: &str, build: &str) {
+    static CHECKED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    if std::env::var(ENV_STALE_OK).is_ok_and(|v| v == "1") {
+        return;
+    }
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.iter().any(|c| c == p) {
+        return;
+    }
+    if let Some(why) = stale_reason(p, &workspace_root()) {
         panic!(
-            "{what} not found at {}: run `cargo build --workspace`{} first (the integration tests \
-             never run cargo themselves)",
-            p.display(),
-            if profile() == "release" { " --release" } else { "" }
+            "{what} at {} {why}: run `{build}` first (the integration tests never run cargo themselves; {ENV_STALE_OK}=1 runs them on it anyway)",
+            p.display()
         );
     }
-    p.to_path_buf()
+    checked.push(p.to_path_buf());
+}
+
+/// Why the cargo artefact `artefact` is stale against the sources under `root` that its dep-info
+/// (`<artefact without extension>.d`, cargo's list of what it was built from) names: a source
+/// newer than it, one gone, or none under `root` (built from another tree). `None`: fresh, or no
+/// dep-info to judge by.
+pub fn stale_reason(artefact: &Path, root: &Path) -> Option<String> {
+    let built = std::fs::metadata(artefact).and_then(|m| m.modified()).ok()?;
+    let deps = std::fs::read_to_string(artefact.with_extension("d")).ok()?;
+    let mut named = 0usize;
+    let mut ours = 0usize;
+    for line in deps.lines() {
+        let Some((_, list)) = line.split_once(": ") else { continue };
+        for dep in dep_info_paths(list) {
+            named += 1;
+            let dep = PathBuf::from(dep);
+            let Ok(relative) = dep.strip_prefix(root) else { continue };
+            ours += 1;
+            match std::fs::metadata(&dep).and_then(|m| m.modified()) {
+                Err(_) => return Some(format!("was built from {}, which is gone", relative.display())),
+                Ok(m) if m > built => {
+                    let by = m.duration_since(built).unwrap_or_default();
+                    return Some(format!("is older than {} ({:.1} s), which it is built from", relative.display(), by.as_secs_f64()));
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    (named > 0 && ours == 0).then(|| format!("was built from another tree (its sources are not under {})", root.display()))
+}
+
+/// The paths of a dep-info rule's prerequisites (whitespace-separated, `\ ` an escaped space).
+fn dep_info_paths(list: &str) -> Vec<String> {
+    let mut paths = Vec::new();
+    let mut cur = String::new();
+    let mut chars = list.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().is_some_and(|n| *n == ' ' || *n == '\\') => cur.push(chars.next().unwrap_or(' ')),
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    paths.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        paths.push(cur);
+    }
+    paths
 }
 
 /// `<target>/<profile>/libgpuslice.so` (panics if it has not been built).
@@ -1650,5 +1724,44 @@ impl Clock {
 impl Drop for Clock {
     fn drop(&mut self) {
         self.page.leave(self.slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn file_at(p: &Path, text: &str, modified: SystemTime) {
+        std::fs::write(p, text).unwrap();
+        std::fs::File::options().write(true).open(p).unwrap().set_modified(modified).unwrap();
+    }
+
+    #[test]
+    fn an_artefact_older_than_a_source_of_its_dep_info_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tree");
+        std::fs::create_dir_all(root.join("src dir")).unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let (a, b) = (root.join("src dir/a.rs"), root.join("b.rs"));
+        file_at(&a, "", t0);
+        file_at(&b, "", t0);
+        let outside = dir.path().join("registry.rs");
+        file_at(&outside, "", t0 + Duration::from_secs(100));
+        let lib = dir.path().join("libx.so");
+        let rule = format!("{}: {} {} {}\n", lib.display(), a.display().to_string().replace(' ', "\\ "), b.display(), outside.display());
+        file_at(&dir.path().join("libx.d"), &rule, t0);
+        file_at(&lib, "", t0 + Duration::from_secs(10));
+        assert_eq!(stale_reason(&lib, &root), None, "built after its sources (a newer file outside the tree does not count)");
+        file_at(&a, "changed", t0 + Duration::from_secs(20));
+        let why = stale_reason(&lib, &root).expect("a source newer than the artefact");
+        assert!(why.contains("src dir/a.rs") && why.contains("10.0 s"), "{why}");
+        std::fs::remove_file(&a).unwrap();
+        assert!(stale_reason(&lib, &root).expect("a source gone").contains("gone"));
+        // Built from another tree (a target directory copied from elsewhere, not rebuilt here).
+        assert!(stale_reason(&lib, &dir.path().join("elsewhere")).expect("another tree").contains("another tree"));
+        // No dep-info: nothing to judge by.
+        std::fs::remove_file(dir.path().join("libx.d")).unwrap();
+        assert_eq!(stale_reason(&lib, &root), None);
     }
 }
