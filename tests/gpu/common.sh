@@ -30,7 +30,9 @@ fi
 if [ -n "${GPUSLICE_LIB:-}" ]; then LIB=$(abspath "$GPUSLICE_LIB"); else LIB=$ROOT/.gpu/libgpuslice.so; fi
 if [ -n "${GPUSLICE_BIN:-}" ]; then BIN=$(abspath "$GPUSLICE_BIN"); else BIN=$ROOT/.gpu/gpuslice; fi
 if [ -n "${OUT:-}" ]; then OUTDIR=$(abspath "$OUT"); else OUTDIR=$ROOT/.gpu/out; fi
-BUILD=$ROOT/.gpu/build
+# GPU_BUILD_DIR: where CUDA test programs are built (detached.sh puts it outside .gpu/, which a
+# later device call's carry replaces).
+BUILD=${GPU_BUILD_DIR:-$ROOT/.gpu/build}
 PY=${PYTHON:-python3}
 
 note() { printf '%s\n' "$*" | tee -a "$LOG"; }

@@ -19,7 +19,9 @@ start)
     mkdir -p "$dir"
     rm -f "$dir/rc"
     # The script's own $OUT is the log folder (it outlives this call's $OUT).
-    OUT=$dir/out setsid nohup bash -c "( $cmd ); echo \$? >'$dir/rc'" >"$dir/log" 2>&1 </dev/null &
+    # Its CUDA programs are built outside .gpu/ too: a later call that carries .gpu/ replaces the
+    # folder there, and took a program built a second earlier with it (stop 18: ckpt_abi gone).
+    GPU_BUILD_DIR=$dir/build OUT=$dir/out setsid nohup bash -c "( $cmd ); echo \$? >'$dir/rc'" >"$dir/log" 2>&1 </dev/null &
     echo "detached: $2 started (pid $!) at $(date -u +%H:%M:%S): $cmd"
     ;;
 wait)
