@@ -7,7 +7,8 @@
 # python and nvcc (exit 2 on a setup problem; NAME prefixes its messages), and gpu_machine
 # QUERY EXTRA appends the machine's description to the log. For the scripts that run a Python
 # part in the background: check_cli, clean_up_on_exit (token, EXIT trap, signals), build_cu
-# (nvcc a program of tests/gpu), start_python and wait_python.
+# (nvcc a program of tests/gpu), start_python and wait_python. For the scripts that run over an
+# MPS daemon of their own: mps_start, mps_ask, mps_quit (and alive).
 T0=$(date +%s)
 CALLER_PWD=$(pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
@@ -198,4 +199,77 @@ dry_setup() { # NAME LOGFILE TITLE: a dry run's log (like gpu_setup's) and its c
   note "$3 (DRY RUN on the simulated driver): $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   [ -f "$LIB" ] || { note "$1: no shim at $LIB (cargo build --workspace)"; exit 2; }
   [ -f "$ROOT/target/sim/libcuda.so.1" ] || { note "$1: no simulated driver in target/sim (run an integration test once)"; exit 2; }
+}
+
+alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that does not reap is, does not)
+  local s
+  s=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$s" ] && [ "${s%% *}" != Z ] && [ "${s%% *}" != X ]
+}
+
+# A private MPS control daemon (mps_extra.sh, ptxslice_probe.sh; priority.py keeps its own, in
+# Python). mps_start PIPE_DIR LOG_DIR runs `$MPS_CONTROL -d` (default nvidia-cuda-mps-control;
+# the dry runs name tests/gpu/dryrun's fake) with those folders, and exports them as
+# CUDA_MPS_PIPE_DIRECTORY and CUDA_MPS_LOG_DIRECTORY, so that every CUDA program started after
+# it is the daemon's client; 1, with a note, when it did not start. mps_ask COMMAND: the
+# daemon's answer (get_server_list, get_client_list PID, ...). mps_quit: `quit`, then waits for
+# the daemon to go (10 s; then SIGKILL to it and its children, the MPS server) and unexports
+# the folders; does nothing when no daemon runs, so an EXIT trap may call it again.
+MPS_CONTROL=${MPS_CONTROL:-nvidia-cuda-mps-control}
+MPS_PIPE=
+MPS_PID=
+mps_start() { # PIPE_DIR LOG_DIR
+  local pipe=$1 i
+  # MPS's sockets live in the pipe folder: past ~87 bytes their paths no longer fit.
+  if [ ${#pipe} -gt 87 ]; then
+    note "mps: the pipe directory $pipe is longer than 87 bytes; MPS cannot listen there"
+    return 1
+  fi
+  mkdir -p "$pipe" "$2" || return 1
+  MPS_PIPE=$pipe
+  export CUDA_MPS_PIPE_DIRECTORY=$pipe CUDA_MPS_LOG_DIRECTORY=$2
+  echo "--- mps: $MPS_CONTROL -d, pipe directory $pipe, log directory $2" >>"$LOG"
+  if ! "$MPS_CONTROL" -d >>"$LOG" 2>&1; then
+    note "mps: $MPS_CONTROL -d failed (log)"
+    mps_quit
+    return 1
+  fi
+  for i in $(seq 100); do
+    [ -e "$pipe/control" ] && break
+    sleep 0.1
+  done
+  MPS_PID=$(cat "$pipe/nvidia-cuda-mps-control.pid" 2>/dev/null)
+  ls -la "$pipe" >>"$LOG" 2>&1
+  if [ ! -e "$pipe/control" ]; then
+    note "mps: the daemon does not listen in $pipe 10 s after $MPS_CONTROL -d"
+    mps_quit
+    return 1
+  fi
+  echo "--- mps: daemon ${MPS_PID:-(no pid file)} listens" >>"$LOG"
+}
+mps_ask() { # COMMAND: the daemon's answer, stdout and stderr (10 s at most)
+  CUDA_MPS_PIPE_DIRECTORY=$MPS_PIPE timeout 10 "$MPS_CONTROL" <<<"$1" 2>&1
+}
+mps_quit() {
+  [ -n "$MPS_PIPE" ] || return 0
+  local pid=$MPS_PID i kids
+  [ -n "$pid" ] || pid=$(cat "$MPS_PIPE/nvidia-cuda-mps-control.pid" 2>/dev/null)
+  echo "--- mps: quit (daemon ${pid:-?}): $(mps_ask quit | tr '\n' ' ')" >>"$LOG"
+  if [ -n "$pid" ]; then
+    for i in $(seq 100); do
+      alive "$pid" || break
+      sleep 0.1
+    done
+    if alive "$pid"; then
+      kids=$(ps -o pid= --ppid "$pid" 2>/dev/null | tr '\n' ' ')
+      note "mps: daemon $pid still there 10 s after quit: SIGKILL to it and its children ${kids:-(none)}"
+      # shellcheck disable=SC2086  # the children's pids, one word each
+      kill -KILL "$pid" $kids 2>/dev/null
+    fi
+  else
+    sleep 1
+  fi
+  MPS_PIPE=
+  MPS_PID=
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }

@@ -18,9 +18,7 @@ done
 LAT=$BUILD/latprobe
 SB=$BUILD/sharebench
 MPSD=$(mktemp -d /tmp/gpuslice-mpsx.XXXXXX)
-export CUDA_MPS_LOG_DIRECTORY=$MPSD/log
-mkdir -p "$CUDA_MPS_LOG_DIRECTORY"
-mps_quit() { CUDA_MPS_PIPE_DIRECTORY=$MPSD/pipe nvidia-cuda-mps-control <<<quit >/dev/null 2>&1; sleep 1; }
+# mps_quit (common.sh): the daemon of E2/E3, if it was started.
 trap 'mps_quit; rm -rf "$MPSD"; pkill -f "$BUILD/(latprobe|sharebench)" 2>/dev/null' EXIT
 key() { sed -n "s/^$2=//p" "$1" | tail -1; }
 run() { # NAME ENV... -- ARGV: output into $BUILD/NAME.out, stderr .err
@@ -56,11 +54,7 @@ lat_row "E1 probe + idle-ish neighbour (20us/1ms)" "$BUILD/e1_pair.out"
 row "E1 the neighbour's own requests" "p50 $(key "$BUILD/e1_tiny.out" p50_ms) ms, busy $(key "$BUILD/e1_tiny.out" busy_frac)"
 
 # E2 and E3 under a daemon of our own
-export CUDA_MPS_PIPE_DIRECTORY=$MPSD/pipe
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY"
-nvidia-cuda-mps-control -d >>"$LOG" 2>&1 || { note "MPS daemon did not start"; exit 2; }
-sleep 1
-ls -la "$CUDA_MPS_PIPE_DIRECTORY" >>"$LOG" 2>&1
+mps_start "$MPSD/pipe" "$MPSD/log" || { note "MPS daemon did not start"; exit 2; }
 # Alone on purpose: a socket in the environment means "a controller is wanted" (issue 13), so
 # say that running alone, at once, is what is meant here.
 SHIM=(LD_PRELOAD="$LIB" GPUSLICE_LOG=info GPUSLICE_SOCKET=/nonexistent/gpuslice.sock GPUSLICE_ON_NO_CONTROLLER=alone GPUSLICE_CONTROLLER_WAIT=0)

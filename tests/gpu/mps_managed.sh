@@ -69,28 +69,10 @@ trap clean EXIT
 
 if [ "$DRY" = 1 ]; then
   export LD_LIBRARY_PATH=$ROOT/target/sim SIMCUDA_STATE=$W/simstate SIMCUDA_DEVICES=1 SIMCUDA_MPS=pipe
-  # The fake daemon of tests/integration (FAKE_MPS_CONTROL), shortened: makes `control` and the
-  # pid file, refuses a pipe directory a running daemon holds, quits on `quit`.
-  CONTROL=$W/nvidia-cuda-mps-control
-  cat >"$CONTROL" <<'EOF'
-#!/bin/sh
-dir=$CUDA_MPS_PIPE_DIRECTORY
-pidfile=$dir/nvidia-cuda-mps-control.pid
-running() { pid=$(cat "$pidfile" 2>/dev/null) && [ -n "$pid" ] && grep -q mps-control "/proc/$pid/cmdline" 2>/dev/null; }
-if [ "$1" = -f ]; then
-  running && exit 1
-  echo "$$" >"$pidfile"
-  : >"$dir/control"
-  while [ ! -f "$dir/quit" ] && [ -d "$dir" ]; do sleep 0.02; done
-  rm -f "$dir/quit" "$dir/control" "$pidfile"
-  exit 0
-fi
-read -r cmd
-running || exit 1
-[ "$cmd" = quit ] && touch "$dir/quit"
-exit 0
-EOF
-  chmod 755 "$CONTROL"
+  # The fake control program of the dry runs (after tests/integration's FAKE_MPS_CONTROL):
+  # makes `control` and the pid file, refuses a pipe directory a running daemon holds, quits on
+  # `quit`.
+  CONTROL=$ROOT/$HERE/dryrun/nvidia-cuda-mps-control
   PROBE=("$PY" "$ROOT/$HERE/dryrun/latprobe_stub.py")
   NB=("$PY" "$ROOT/$HERE/dryrun/sharebench_stub.py")
 else
@@ -110,11 +92,6 @@ row() { # ID RESULT DETAIL
   return 0
 }
 val() { sed -n "s/^$1=//p" "$2" | tail -n 1; } # KEY FILE: the last KEY=value line's value
-alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that does not reap is, does not)
-  local s
-  s=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || return 1
-  [ -n "$s" ] && [ "${s%% *}" != Z ] && [ "${s%% *}" != X ]
-}
 waitready() { # FILE...: until each printed ready=1 (60 s at most)
   local f deadline=$(($(date +%s) + 60))
   for f in "$@"; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gpuslice issue 19, part 2: sliced kernels next to a latency probe. Run from the repo root as
 # `bash tests/gpu/ptxslice_probe.sh` on a machine with an NVIDIA GPU (sm_90) and nvcc, with the
-# shim built (.gpu/libgpuslice.so); about 2 minutes (PTXSLICE_PROBE_SECONDS per phase).
+# shim built (.gpu/libgpuslice.so); about 2 minutes (PTXSLICE_PROBE_SECONDS per phase), 4 with
+# PTXSLICE_PROBE_MPS=both.
 #
 #   GPUSLICE_LIB, OUT, NVCC, PYTHON          as in every GPU script (common.sh)
 #   PTXSLICE_PROBE_SECONDS                   seconds per measured phase (default 8)
@@ -13,6 +14,32 @@
 #                                            shim's line every 2 s per kernel, launches, slices,
 #                                            blocks per slice, wave, estimate and samples; the
 #                                            row quotes the last one).
+#   PTXSLICE_PROBE_MPS                       0 (default): time-slicing. 1: steps 1 and 2 over a
+#                                            private MPS control daemon (`$MPS_CONTROL -d`,
+#                                            default nvidia-cuda-mps-control; pipe and log folders
+#                                            under the work folder, /tmp when its path is too
+#                                            long for MPS's sockets; quit at the end and on every
+#                                            way out), every program its client, no
+#                                            CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the shim maps the
+#                                            classes onto MPS client priorities (probe high 0,
+#                                            neighbour low 1). Rows probe-L-mps, probe-L-off-mps
+#                                            (same checks) and mps-quit; a -mps row also FAILs
+#                                            unless the shim's log of each program says MPS serves
+#                                            it with its class's client priority (the device's
+#                                            MPS_ENABLED attribute) and the daemon lists both pids
+#                                            among its server's clients (get_server_list,
+#                                            get_client_list). both: the time-sliced rows, then
+#                                            the -mps rows, one probe calibration. In a dry run,
+#                                            tests/gpu/dryrun's fake control program and the
+#                                            simulated driver (SIMCUDA_MPS=pipe): rows mps-high and
+#                                            mps-low (a cuclient at each class is served by MPS
+#                                            with client priority 0 / 1) and mps-quit; the
+#                                            probe-L-mps rows say SKIP.
+#   GPUSLICE_PRIORITY_BUDGET_US              not the script's, but inherited by both programs:
+#                                            the low neighbour keeps this much estimated device
+#                                            time in flight while the probe lives, instead of one
+#                                            launch (shim/src/policy/flight_cost.rs); noted in the
+#                                            log and the table's title.
 #
 # 1. The probe (latprobe, high priority): 10 kernels of 200 µs per request, one request every
 #    20 ms; alone under the shim: p99_alone.
@@ -44,6 +71,35 @@ fi
 WORK=$OUTDIR/ptxslice_probe
 rm -rf "$WORK"
 mkdir -p "$WORK" || exit 2
+case ${PTXSLICE_PROBE_MPS:-0} in
+  0) PASSES=sliced ;;
+  1) PASSES=mps ;;
+  both) PASSES="sliced mps" ;;
+  *) note "ptxslice_probe: PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS: want 0, 1 or both"; exit 2 ;;
+esac
+if [ "$PASSES" != sliced ]; then
+  # MPS without a partition: the shim sets each program's client priority from its class.
+  unset CUDA_MPS_ACTIVE_THREAD_PERCENTAGE CUDA_MPS_CLIENT_PRIORITY
+  if [ "$DRY" = 1 ]; then
+    MPS_CONTROL=$ROOT/$HERE/dryrun/nvidia-cuda-mps-control
+  elif ! command -v "$MPS_CONTROL" >/dev/null 2>&1; then
+    note "ptxslice_probe: $MPS_CONTROL not found (PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS)"
+    exit 2
+  fi
+fi
+note "passes: $PASSES; GPUSLICE_PRIORITY_BUDGET_US=${GPUSLICE_PRIORITY_BUDGET_US:-unset} (both programs inherit it; only the low neighbour applies it, while the probe lives)"
+# On every way out: the programs of the row under way, the MPS daemon (mps_quit, common.sh).
+PIDS=()
+MPS_TMP=
+clean_up_probe() {
+  local p
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  mps_quit
+  [ -n "$MPS_TMP" ] && rm -rf "$MPS_TMP"
+  return 0
+}
+trap clean_up_probe EXIT
+trap_signals # SIGINT/SIGTERM/SIGHUP: leave with 130/143 through the EXIT trap
 # No controller: each process runs alone on its own limits; a private cache per run.
 export GPUSLICE_ON_NO_CONTROLLER=alone GPUSLICE_CONTROLLER_WAIT=0 GPUSLICE_SOCKET=$WORK/no-controller.sock
 export GPUSLICE_PTX_CACHE=$WORK/cache GPUSLICE_LOG=info
@@ -51,7 +107,7 @@ export GPUSLICE_PTX_CACHE=$WORK/cache GPUSLICE_LOG=info
 ROWS=()
 FAILED=0
 row() { # ID RESULT DETAIL
-  ROWS+=("$(printf '%-14s %-5s %s' "$1" "$2" "$3")")
+  ROWS+=("$(printf '%-19s %-5s %s' "$1" "$2" "$3")")
   note "row: $1 $2 $3"
   [ "$2" = FAIL ] && FAILED=1
   return 0
@@ -113,9 +169,172 @@ else
 fi
 rm -f "$big"
 
-# ---- 1 and 2, on the GPU
+# ---- 1 and 2, on the GPU; per pass: time-sliced (row ids as they are) and over a private MPS
+# daemon (ids ending in -mps).
+mps_client() { # ERRFILE: "PRIORITY CLIENT_PRIORITY" from the shim's line "pid N: device D is
+  # served by MPS: priority P as CUDA_MPS_CLIENT_PRIORITY=C, ..." (info), nothing without one
+  sed -n 's/.*is served by MPS: priority \([a-z]*\) as CUDA_MPS_CLIENT_PRIORITY=\([0-9]*\).*/\1 \2/p' "$1" | head -n 1
+}
+mps_says() { # ERRFILE WANT: a word for the log and the rows: "client priority C" when the shim
+  # says MPS serves the program with client priority WANT, else what is wrong
+  local c
+  c=$(mps_client "$1")
+  if [ -z "$c" ]; then echo "NOT served by MPS"
+  elif [ "${c#* }" = "$2" ]; then echo "client priority ${c#* }"
+  else echo "WRONG client priority ${c#* } (want $2)"
+  fi
+}
+mps_clients() { # the daemon's servers and each one's clients, as "server S: clients P Q; ..."
+  local s out=
+  for s in $(mps_ask get_server_list | grep -o '^[0-9][0-9]*'); do
+    out="$out${out:+; }server $s: clients $(mps_ask "get_client_list $s" | grep -o '^[0-9][0-9]*' | tr '\n' ' ' | sed 's/ $//')"
+  done
+  echo "${out:-no server}"
+}
+listed() { # PID CLIENTS: PID is among the clients mps_clients printed
+  case " $(echo "$2" | sed 's/server [0-9]*://g' | tr -c '0-9' ' ') " in *" $1 "*) return 0 ;; esac
+  return 1
+}
+mps_begin() { # starts the pass's daemon; 1 (with a FAIL row) when it did not start
+  local pipe=$WORK/mps/pipe
+  # MPS's sockets need a short folder (common.sh's mps_start): else one in /tmp, removed at exit.
+  if [ ${#pipe} -gt 87 ]; then
+    MPS_TMP=$(mktemp -d /tmp/gpuslice-ptxp.XXXXXX) || return 1
+    pipe=$MPS_TMP/pipe
+    note "mps: $WORK/mps/pipe is too long for MPS's sockets; pipe directory $pipe"
+  fi
+  if mps_start "$pipe" "$WORK/mps/log"; then
+    note "mps: a private control daemon ($MPS_CONTROL, pid ${MPS_PID:-?}) listens in $pipe; every program of the -mps rows is its client (CUDA_MPS_PIPE_DIRECTORY), no CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the shim sets each one's client priority (high 0, low 1)"
+    return 0
+  fi
+  row mps FAIL "the private MPS daemon did not start ($MPS_CONTROL -d; log)"
+  return 1
+}
+mps_end() { # quits the pass's daemon: row mps-quit
+  local pid=$MPS_PID
+  mps_quit
+  if [ -n "$pid" ] && alive "$pid"; then
+    row mps-quit FAIL "daemon $pid still alive after quit"
+  else
+    row mps-quit PASS "daemon ${pid:-(no pid file)} gone after quit"
+  fi
+}
+
+probe_run() { # OUT GO: the probe at high priority for $SECS seconds, in the background
+  # (PROBE_PID: the program itself); its stderr into OUT.err
+  env GPUSLICE_PRIORITY=high LD_PRELOAD="$LIB" "$PROBE" run --iters "$iters" --kernels 10 --period-ms 20 --seconds "$SECS" \
+    --go-file "$2" >"$1" 2>"$1.err" &
+  PROBE_PID=$!
+}
+probe_rows() { # SUFFIX ("" time-sliced, -mps over the daemon): the probe alone, then each L
+  local sfx=$1 l mode go npid alone rate_alone cycles grid p99 busy rate check detail verdict sliced slicing where over pm nm
+  touch "$WORK/go-alone$sfx"
+  probe_run "$WORK/alone$sfx.out" "$WORK/go-alone$sfx"
+  PIDS=("$PROBE_PID")
+  wait "$PROBE_PID"
+  cat "$WORK/alone$sfx.out.err" >>"$LOG"
+  alone=$(val p99_ms "$WORK/alone$sfx.out")
+  where=
+  [ -n "$sfx" ] && where=", over MPS: $(mps_says "$WORK/alone$sfx.out.err" 0)"
+  note "probe alone$sfx: p99 $alone ms, busy $(val busy_frac "$WORK/alone$sfx.out")$where"
+  for l in $LENGTHS; do
+    # The neighbour alone (nothing high lives: whole launches), which also fixes its cycles.
+    touch "$WORK/go-n$l$sfx"
+    GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$SECS" --go-file "$WORK/go-n$l$sfx" \
+      >"$WORK/n$l$sfx.alone.out" 2>"$WORK/n$l$sfx.alone.err" &
+    PIDS=("$!")
+    wait "${PIDS[0]}"
+    cat "$WORK/n$l$sfx.alone.err" >>"$LOG"
+    cycles=$(val cycles "$WORK/n$l$sfx.alone.out")
+    grid=$(val grid "$WORK/n$l$sfx.alone.out")
+    where=
+    [ -n "$sfx" ] && where="over MPS: $(mps_says "$WORK/n$l$sfx.alone.err" 1); "
+    note "neighbour $l µs$sfx: $where$(tr '\n' ' ' <"$WORK/n$l$sfx.alone.out")"
+    rate_alone=$(val rate "$WORK/n$l$sfx.alone.out")
+    for mode in low off; do
+      go=$WORK/go-$l-$mode$sfx
+      GPUSLICE_LOG=$NEIGHBOUR_LOG GPUSLICE_SLICE=$mode GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$SECS.5" \
+        --cycles "$cycles" --grid "$grid" --go-file "$go" >"$WORK/n$l.$mode$sfx.out" 2>"$WORK/n$l.$mode$sfx.err" &
+      npid=$!
+      probe_run "$WORK/p$l.$mode$sfx.out" "$go"
+      PIDS=("$npid" "$PROBE_PID")
+      over=
+      if waitready "$WORK/n$l.$mode$sfx.out" "$WORK/p$l.$mode$sfx.out"; then
+        # Both have their contexts: the daemon's view before the measured phase starts.
+        [ -n "$sfx" ] && over=$(mps_clients)
+        touch "$go"
+      fi
+      wait "$PROBE_PID"
+      wait "$npid"
+      cat "$WORK/n$l.$mode$sfx.err" "$WORK/p$l.$mode$sfx.out.err" >>"$LOG"
+      p99=$(val p99_ms "$WORK/p$l.$mode$sfx.out")
+      busy=$(val busy_frac "$WORK/p$l.$mode$sfx.out")
+      rate=$(val rate "$WORK/n$l.$mode$sfx.out")
+      check=$(val check "$WORK/n$l.$mode$sfx.out")
+      detail=$(awk -v p="$p99" -v a="$alone" -v r="$rate" -v ra="$rate_alone" -v b="$busy" 'BEGIN {
+        if (a <= 0 || ra <= 0 || b >= 1) { print "?"; exit }
+        printf "p99 %.3f ms = x%.3f alone; neighbour %.1f%% of its rate = %.1f%% of the time the probe leaves", p, p / a, 100 * r / ra, 100 * (r / ra) / (1 - b) }')
+      verdict=$(awk -v p="$p99" -v a="$alone" -v r="$rate" -v ra="$rate_alone" -v b="$busy" 'BEGIN {
+        ok = a > 0 && ra > 0 && b < 1 && p / a <= 1.05 && (r / ra) / (1 - b) >= 0.8; print ok ? "PASS" : "FAIL" }')
+      [ "$check" = ok ] || { verdict=FAIL; detail="$detail; the neighbour's output check: ${check:-missing}"; }
+      sliced=$(grep -c 'kernels sliced' "$WORK/n$l.$mode$sfx.err")
+      # The shim's last summary of the kernel's slices: "kernel spin: N launches in T s, S in
+      # slices: M slices of B blocks on average (wave W); estimate ..." (debug).
+      slicing=$(grep -o 'kernel spin: .*' "$WORK/n$l.$mode$sfx.err" | tail -n 1 | sed -n 's/^kernel spin: \([0-9]*\) launches in [0-9.]* s, [0-9]* in slices: \([0-9]*\) slices of \([0-9]*\) blocks.*(wave \([0-9]*\)); estimate \([a-z0-9]*\) ps.*/\1 \2 \3 \4 \5/p')
+      if [ -n "$slicing" ]; then
+        detail="$detail; $(echo "$slicing" | awk '{ printf "last 2 s: %.1f slices per launch of %d blocks (%.1f waves), %s ps per block", ($1 ? $2 / $1 : 0), $3, ($4 ? $3 / $4 : 0), $5 }')"
+      fi
+      if [ -n "$sfx" ]; then
+        # Over MPS for real: the shim saw MPS serve each program (the device's MPS_ENABLED
+        # attribute) with the client priority of its class, and the daemon lists both.
+        pm=$(mps_says "$WORK/p$l.$mode$sfx.out.err" 0)
+        nm=$(mps_says "$WORK/n$l.$mode$sfx.err" 1)
+        detail="$detail; over MPS: probe $pm, neighbour $nm; daemon: ${over:-not asked}"
+        case "$pm/$nm" in
+          "client priority 0/client priority 1") ;;
+          *) verdict=FAIL ;;
+        esac
+        if ! listed "$PROBE_PID" "$over" || ! listed "$npid" "$over"; then
+          detail="$detail (the probe's pid $PROBE_PID and the neighbour's $npid are not both among the daemon's clients)"
+          verdict=FAIL
+        fi
+      elif [ -n "$(mps_client "$WORK/n$l.$mode$sfx.err")$(mps_client "$WORK/p$l.$mode$sfx.out.err")" ]; then
+        detail="$detail; NOTE: a program says MPS serves it (another daemon in CUDA_MPS_PIPE_DIRECTORY or /tmp/nvidia-mps?)"
+      fi
+      if [ "$mode" = low ]; then
+        row "probe-$l$sfx" "$verdict" "$l µs neighbour, sliced ($sliced slicing lines): $detail"
+      else
+        row "probe-$l-off$sfx" INFO "$l µs neighbour, not sliced: $detail"
+      fi
+      PIDS=()
+    done
+  done
+}
+
 if [ "$DRY" = 1 ]; then
-  for l in $LENGTHS; do row "probe-$l" SKIP "dry run: latprobe and the PTX neighbour need the GPU"; done
+  for pass in $PASSES; do
+    sfx=
+    if [ "$pass" = mps ]; then
+      sfx=-mps
+      if mps_begin; then
+        # The simulated driver answers MPS_ENABLED when the pipe folder holds `control`: the
+        # shim's view of a client at each class, as the GPU rows check it.
+        for c in high:0 low:1; do
+          LD_LIBRARY_PATH=$ROOT/target/sim SIMCUDA_STATE=$WORK/simstate SIMCUDA_MPS=pipe GPUSLICE_PRIORITY=${c%:*} LD_PRELOAD=$LIB \
+            "$ROOT/target/clients/cuclient-link" init ctx 0 >"$WORK/mps-${c%:*}.out" 2>&1
+          cat "$WORK/mps-${c%:*}.out" >>"$LOG"
+          said=$(mps_says "$WORK/mps-${c%:*}.out" "${c#*:}")
+          if [ "$said" = "client priority ${c#*:}" ]; then
+            row "mps-${c%:*}" PASS "dry run: cuclient at ${c%:*} over the fake daemon ($MPS_CONTROL), simulated driver: the shim says $said"
+          else
+            row "mps-${c%:*}" FAIL "dry run: cuclient at ${c%:*} over the fake daemon: $said (log)"
+          fi
+        done
+        mps_end
+      fi
+    fi
+    for l in $LENGTHS; do row "probe-$l$sfx" SKIP "dry run: latprobe and the PTX neighbour need the GPU"; done
+  done
 else
   PROBE=$BUILD/latprobe
   build_cu latprobe "$PROBE" || row build FAIL "latprobe (log)"
@@ -124,57 +343,12 @@ else
     "$PROBE" calibrate --request-us 2000 --kernels 10 >"$WORK/calibrate.out" 2>>"$LOG"
     iters=$(val iters "$WORK/calibrate.out")
     note "probe: $(tr '\n' ' ' <"$WORK/calibrate.out")"
-    probe_run() { # OUT GO: the probe at high priority for $SECS seconds
-      GPUSLICE_PRIORITY=high LD_PRELOAD=$LIB "$PROBE" run --iters "$iters" --kernels 10 --period-ms 20 --seconds "$SECS" \
-        --go-file "$2" >"$1" 2>>"$LOG"
-    }
-    touch "$WORK/go-alone"
-    probe_run "$WORK/alone.out" "$WORK/go-alone"
-    alone=$(val p99_ms "$WORK/alone.out")
-    note "probe alone: p99 $alone ms, busy $(val busy_frac "$WORK/alone.out")"
-    for l in $LENGTHS; do
-      # The neighbour alone (nothing high lives: whole launches), which also fixes its cycles.
-      touch "$WORK/go-n$l"
-      GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$SECS" --go-file "$WORK/go-n$l" \
-        >"$WORK/n$l.alone.out" 2>>"$LOG"
-      cycles=$(val cycles "$WORK/n$l.alone.out")
-      grid=$(val grid "$WORK/n$l.alone.out")
-      note "neighbour $l µs: $(tr '\n' ' ' <"$WORK/n$l.alone.out")"
-      rate_alone=$(val rate "$WORK/n$l.alone.out")
-      for mode in low off; do
-        go=$WORK/go-$l-$mode
-        GPUSLICE_LOG=$NEIGHBOUR_LOG GPUSLICE_SLICE=$mode GPUSLICE_PRIORITY=low LD_PRELOAD=$LIB "$NEIGHBOUR" "$WORK/spin.ptx" "$l" "$SECS.5" \
-          --cycles "$cycles" --grid "$grid" --go-file "$go" >"$WORK/n$l.$mode.out" 2>"$WORK/n$l.$mode.err" &
-        npid=$!
-        probe_run "$WORK/p$l.$mode.out" "$go" &
-        ppid=$!
-        if waitready "$WORK/n$l.$mode.out" "$WORK/p$l.$mode.out"; then touch "$go"; fi
-        wait "$ppid"
-        wait "$npid"
-        cat "$WORK/n$l.$mode.err" >>"$LOG"
-        p99=$(val p99_ms "$WORK/p$l.$mode.out")
-        busy=$(val busy_frac "$WORK/p$l.$mode.out")
-        rate=$(val rate "$WORK/n$l.$mode.out")
-        check=$(val check "$WORK/n$l.$mode.out")
-        detail=$(awk -v p="$p99" -v a="$alone" -v r="$rate" -v ra="$rate_alone" -v b="$busy" 'BEGIN {
-          if (a <= 0 || ra <= 0 || b >= 1) { print "?"; exit }
-          printf "p99 %.3f ms = x%.3f alone; neighbour %.1f%% of its rate = %.1f%% of the time the probe leaves", p, p / a, 100 * r / ra, 100 * (r / ra) / (1 - b) }')
-        verdict=$(awk -v p="$p99" -v a="$alone" -v r="$rate" -v ra="$rate_alone" -v b="$busy" 'BEGIN {
-          ok = a > 0 && ra > 0 && b < 1 && p / a <= 1.05 && (r / ra) / (1 - b) >= 0.8; print ok ? "PASS" : "FAIL" }')
-        [ "$check" = ok ] || { verdict=FAIL; detail="$detail; the neighbour's output check: ${check:-missing}"; }
-        sliced=$(grep -c 'kernels sliced' "$WORK/n$l.$mode.err")
-        # The shim's last summary of the kernel's slices: "kernel spin: N launches in T s, S in
-        # slices: M slices of B blocks on average (wave W); estimate ..." (debug).
-        slicing=$(grep -o 'kernel spin: .*' "$WORK/n$l.$mode.err" | tail -n 1 | sed -n 's/^kernel spin: \([0-9]*\) launches in [0-9.]* s, [0-9]* in slices: \([0-9]*\) slices of \([0-9]*\) blocks.*(wave \([0-9]*\)); estimate \([a-z0-9]*\) ps.*/\1 \2 \3 \4 \5/p')
-        if [ -n "$slicing" ]; then
-          detail="$detail; $(echo "$slicing" | awk '{ printf "last 2 s: %.1f slices per launch of %d blocks (%.1f waves), %s ps per block", ($1 ? $2 / $1 : 0), $3, ($4 ? $3 / $4 : 0), $5 }')"
-        fi
-        if [ "$mode" = low ]; then
-          row "probe-$l" "$verdict" "$l µs neighbour, sliced ($sliced slicing lines): $detail"
-        else
-          row "probe-$l-off" INFO "$l µs neighbour, not sliced: $detail"
-        fi
-      done
+    for pass in $PASSES; do
+      if [ "$pass" = mps ]; then
+        mps_begin && { probe_rows -mps; mps_end; }
+      else
+        probe_rows ""
+      fi
     done
   else
     row probe FAIL "a build failed (log)"
@@ -183,6 +357,6 @@ fi
 
 note "elapsed: $(($(date +%s) - T0)) s; log: $LOG"
 echo
-echo "== ptxslice_probe results =="
+echo "== ptxslice_probe results ==${GPUSLICE_PRIORITY_BUDGET_US:+ (GPUSLICE_PRIORITY_BUDGET_US=$GPUSLICE_PRIORITY_BUDGET_US)}"
 printf '%s\n' "${ROWS[@]}"
 exit $FAILED
