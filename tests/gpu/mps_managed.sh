@@ -113,8 +113,8 @@ cat >"$W/none.toml" <<'EOF'
 priority = "low"
 EOF
 TABLE=$W/sock.mps
-serve_start() { # MPS_POLICY CONFIG: gpuslice serve in the background, until `status` answers
-  GPUSLICE_LOG=info "$BIN" serve --socket "$W/sock" --ledger "$W/ledger" --config "$2" --mps "$1" \
+serve_start() { # MPS_POLICY CONFIG [LEDGER]: gpuslice serve in the background, until `status` answers
+  GPUSLICE_LOG=info "$BIN" serve --socket "$W/sock" --ledger "${3:-$W/ledger}" --config "$2" --mps "$1" \
     --mps-control "$CONTROL" --mps-log-dir "$W/mpslog" >>"$W/serve.log" 2>&1 &
   SERVE=$!
   local i
@@ -193,7 +193,9 @@ if [ -n "$DAEMON" ] && ! alive "$DAEMON" && [ ! -e "$TABLE" ]; then
 else
   row quit FAIL "after SIGTERM to serve: daemon ${DAEMON:-?} $(alive "${DAEMON:-0}" && echo alive || echo gone), table $([ -e "$TABLE" ] && echo left || echo removed)"
 fi
-serve_start auto "$W/none.toml" || exit 2
+# A ledger file of its own: a controller keeps the pinned groups the ledger file it starts on
+# kept (a restart must not undo live edits), and the one above holds group `probe` at high.
+serve_start auto "$W/none.toml" "$W/ledger-none" || exit 2
 if wait_mode "$GPU_UUID" time-sliced; then
   row decide-none PASS "no high-priority group: auto publishes time-sliced ($(awk -v u="$GPU_UUID" '$1 == u { $1 = $2 = $3 = $4 = ""; print }' "$TABLE" | sed 's/^ *//'))"
 else
