@@ -209,7 +209,8 @@ alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that do
 
 # A private MPS control daemon (mps_extra.sh, ptxslice_probe.sh; priority.py keeps its own, in
 # Python). mps_start PIPE_DIR LOG_DIR runs `$MPS_CONTROL -d` (default nvidia-cuda-mps-control;
-# the dry runs name tests/gpu/dryrun's fake) with those folders, and exports them as
+# the dry runs name tests/gpu/dryrun's fake) with those folders (a PIPE_DIR too long for MPS's
+# sockets is replaced by one in /tmp, MPS_PIPE, removed by mps_quit), and exports them as
 # CUDA_MPS_PIPE_DIRECTORY and CUDA_MPS_LOG_DIRECTORY, so that every CUDA program started after
 # it is the daemon's client; 1, with a note, when it did not start. mps_ask COMMAND: the
 # daemon's answer (get_server_list, get_client_list PID, ...). mps_quit: `quit`, then waits for
@@ -218,12 +219,14 @@ alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that do
 MPS_CONTROL=${MPS_CONTROL:-nvidia-cuda-mps-control}
 MPS_PIPE=
 MPS_PID=
+MPS_TMP=
 mps_start() { # PIPE_DIR LOG_DIR
   local pipe=$1 i
   # MPS's sockets live in the pipe folder: past ~87 bytes their paths no longer fit.
   if [ ${#pipe} -gt 87 ]; then
-    note "mps: the pipe directory $pipe is longer than 87 bytes; MPS cannot listen there"
-    return 1
+    MPS_TMP=$(mktemp -d /tmp/gpuslice-mps.XXXXXX) || return 1
+    note "mps: the pipe directory $pipe is longer than 87 bytes, too long for MPS's sockets; $MPS_TMP/pipe instead"
+    pipe=$MPS_TMP/pipe
   fi
   mkdir -p "$pipe" "$2" || return 1
   MPS_PIPE=$pipe
@@ -269,7 +272,9 @@ mps_quit() {
   else
     sleep 1
   fi
+  [ -n "$MPS_TMP" ] && rm -rf "$MPS_TMP"
   MPS_PIPE=
   MPS_PID=
+  MPS_TMP=
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
 }

@@ -90,12 +90,10 @@ fi
 note "passes: $PASSES; GPUSLICE_PRIORITY_BUDGET_US=${GPUSLICE_PRIORITY_BUDGET_US:-unset} (both programs inherit it; only the low neighbour applies it, while the probe lives)"
 # On every way out: the programs of the row under way, the MPS daemon (mps_quit, common.sh).
 PIDS=()
-MPS_TMP=
 clean_up_probe() {
   local p
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   mps_quit
-  [ -n "$MPS_TMP" ] && rm -rf "$MPS_TMP"
   return 0
 }
 trap clean_up_probe EXIT
@@ -196,15 +194,8 @@ listed() { # PID CLIENTS: PID is among the clients mps_clients printed
   return 1
 }
 mps_begin() { # starts the pass's daemon; 1 (with a FAIL row) when it did not start
-  local pipe=$WORK/mps/pipe
-  # MPS's sockets need a short folder (common.sh's mps_start): else one in /tmp, removed at exit.
-  if [ ${#pipe} -gt 87 ]; then
-    MPS_TMP=$(mktemp -d /tmp/gpuslice-ptxp.XXXXXX) || return 1
-    pipe=$MPS_TMP/pipe
-    note "mps: $WORK/mps/pipe is too long for MPS's sockets; pipe directory $pipe"
-  fi
-  if mps_start "$pipe" "$WORK/mps/log"; then
-    note "mps: a private control daemon ($MPS_CONTROL, pid ${MPS_PID:-?}) listens in $pipe; every program of the -mps rows is its client (CUDA_MPS_PIPE_DIRECTORY), no CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the shim sets each one's client priority (high 0, low 1)"
+  if mps_start "$WORK/mps/pipe" "$WORK/mps/log"; then
+    note "mps: a private control daemon ($MPS_CONTROL, pid ${MPS_PID:-?}) listens in $MPS_PIPE; every program of the -mps rows is its client (CUDA_MPS_PIPE_DIRECTORY), no CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the shim sets each one's client priority (high 0, low 1)"
     return 0
   fi
   row mps FAIL "the private MPS daemon did not start ($MPS_CONTROL -d; log)"
