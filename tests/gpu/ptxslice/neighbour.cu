@@ -8,8 +8,8 @@
 //   neighbour PTX KERNEL_US SECONDS [--go-file F] [--cycles C --grid G]
 //       Sizes a launch of about KERNEL_US alone out of short blocks (a slice cannot be shorter
 //       than one block): one wave (the blocks of 128 threads the device holds at once) spins for
-//       about 20 µs (KERNEL_US / 2 when shorter), and the grid is as many waves as make
-//       KERNEL_US (or takes C and G as given); prints cycles=, grid=, wave=, kernel_us=; prints
+//       about 20 µs (KERNEL_US / 2 when shorter), timed over 8 waves after a warm-up, and the
+//       grid is as many waves as make KERNEL_US, measured whole (or takes C and G as given); prints cycles=, grid=, wave=, kernel_us=; prints
 //       ready=1, waits for F if given, then launches for SECONDS, at most 8 launches in flight,
 //       and prints kernels=,
 //       seconds=, rate= (kernels per second), mono_start=, mono_end= (CLOCK_MONOTONIC).
@@ -128,17 +128,35 @@ int main(int argc, char** argv) {
     return v[2];
   };
   if (!cycles || !grid) {
-    // One wave of about 20 µs, then as many waves as make the kernel.
-    const double wave_us = kernel_us < 40 ? kernel_us / 2 : 20;
-    cycles = 1000;
+    // Clocks up first: spin counts SM cycles, so a calibration at idle clocks would make every
+    // kernel shorter once the card boosts.
     launch_grid = wave;
+    for (int i = 0; i < 40; i++) launch(2000000ULL);
+    CU(cuCtxSynchronize());
+    // One wave of about 20 µs, timed over several waves: a single launch's fixed cost (launch,
+    // events, block dispatch: several µs) counted as spin made the waves 4 µs and the asked
+    // "10 ms" kernel 2.5 ms on the H100 (stop 18).
+    const double wave_us = kernel_us < 40 ? kernel_us / 2 : 20;
+    const unsigned calib_waves = 8;
+    cycles = 1000;
+    launch_grid = wave * calib_waves;
     for (int i = 0; i < 6; i++) {
-      double us = time_us(cycles);
+      double us = time_us(cycles) / calib_waves;
       if (us <= 0) break;
       cycles = (unsigned long long)(cycles * wave_us / us) + 1;
     }
-    double waves = kernel_us / time_us(cycles);
-    grid = wave * (unsigned)(waves < 1 ? 1 : waves + 0.5);
+    // Then the whole launch, in whole waves, measured as it will run.
+    double per_wave = time_us(cycles) / calib_waves;
+    unsigned waves = (unsigned)std::max(1.0, kernel_us / per_wave + 0.5);
+    for (int i = 0; i < 3; i++) {
+      launch_grid = wave * waves;
+      double us = time_us(cycles);
+      if (us <= 0) break;
+      unsigned next = (unsigned)std::max(1.0, waves * kernel_us / us + 0.5);
+      if (next == waves) break;
+      waves = next;
+    }
+    grid = wave * waves;
   }
   launch_grid = grid;
   printf("cycles=%llu\ngrid=%u\nwave=%u\nkernel_us=%.1f\nready=1\n", cycles, grid, wave, time_us(cycles));
