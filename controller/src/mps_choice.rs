@@ -24,9 +24,9 @@ use gpuslice_common::settings::MpsPolicy;
 pub struct Tenants {
     /// High-priority work uses this GPU or may start on it: a registered process whose priority
     /// (its own, else its group's) is `high` has the GPU among its devices; or a group of
-    /// priority `high` (configured, made from an environment, or set live) has no registered
-    /// process on any GPU yet and nothing confines it to other GPUs (nobody knows where it will
-    /// start: it counts for every GPU it may use).
+    /// priority `high` may start a process here: a pinned one (configured or edited: its next
+    /// process, a replica say, may start on any GPU) or one with no registered process on any
+    /// GPU yet.
     pub high: bool,
     /// High-priority work exists on this node, here or on other GPUs (only the reason shown
     /// for a GPU without any of its own depends on it).

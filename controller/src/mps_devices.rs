@@ -236,13 +236,15 @@ impl Managed {
 /// What `auto` looks at for each GPU of `uuids` (`mps_choice::Tenants`), from the state now:
 /// - **high**: a registered process whose priority (its own, else its group's) is `high` has
 ///   the GPU among its devices (those it registered with: its driver's, after its
-///   `CUDA_VISIBLE_DEVICES`); or a group of priority `high` has no registered process on any
-///   GPU yet. Such a group counts for every GPU: nothing the controller knows confines a group
-///   to some GPUs (a group's settings are for every device or for a device slot a process
-///   already claimed; the DRA plugin gives a claim's group its limits for all devices and keeps
-///   the claim's UUIDs in the container's `CUDA_VISIBLE_DEVICES`, which the controller first
-///   sees when a process registers). Once it has a process on a GPU, it counts where its
-///   processes are.
+///   `CUDA_VISIBLE_DEVICES`); or a group of priority `high` is pinned (configured or edited:
+///   it outlives its members, and its next one, a replica say, may start on any GPU) or has no
+///   registered process on any GPU yet. Such a group counts for every GPU: nothing the
+///   controller knows confines a group to some GPUs (a group's settings are for every device
+///   or for a device slot a process already claimed; the DRA plugin gives a claim's group its
+///   limits for all devices and keeps the claim's UUIDs in the container's
+///   `CUDA_VISIBLE_DEVICES`, which the controller first sees when a process registers). So
+///   only a group made for its processes (from their environment, or one process's own) counts
+///   where its processes are, once they are on a GPU.
 /// - **shares**: some group's SM share on the GPU's ledger slot is strictly between 0 and 100.
 ///   A GPU no process has claimed yet has no slot: it counts the shares of the free slots,
 ///   one of which it will take (a group's share set for every device is in each of them;
@@ -256,8 +258,10 @@ pub fn tenants(state: &State, uuids: &[&str]) -> Vec<Tenants> {
     let high_processes: Vec<&Watched> = state.watched.values().filter(|w| priority_of(w) == high).collect();
     let high_slots: HashSet<usize> = high_processes.iter().flat_map(|w| w.devices.iter().copied()).collect();
     let placed: HashSet<usize> = state.watched.values().filter(|w| !w.devices.is_empty()).map(|w| w.group).collect();
-    let unplaced_high = state.groups.iter().any(|(slot, g)| g.priority == high && !placed.contains(slot));
-    let high_anywhere = !high_processes.is_empty() || unplaced_high;
+    // A pinned group (in the config, or edited) outlives its members: its next one, a replica
+    // say, may start on any GPU, so it counts on every GPU wherever its processes run now.
+    let high_everywhere = state.groups.iter().any(|(slot, g)| g.priority == high && (g.pinned || !placed.contains(slot)));
+    let high_anywhere = !high_processes.is_empty() || high_everywhere;
     let share_on = |d: usize| state.groups.values().any(|g| g.shares[d] > 0 && g.shares[d] < 100);
     let claimed: HashSet<usize> = state.devices().iter().filter_map(|u| state.device_index(u)).map(|d| d as usize).collect();
     let free: Vec<usize> = (0..MAX_DEVICES).filter(|d| !claimed.contains(d)).collect();
@@ -271,7 +275,7 @@ pub fn tenants(state: &State, uuids: &[&str]) -> Vec<Tenants> {
                 None if free.is_empty() => (0..MAX_DEVICES).any(share_on),
                 None => free.iter().any(|&d| share_on(d)),
             };
-            Tenants { high: unplaced_high || slot.is_some_and(|d| high_slots.contains(&d)), high_anywhere, shares }
+            Tenants { high: high_everywhere || slot.is_some_and(|d| high_slots.contains(&d)), high_anywhere, shares }
         })
         .collect()
 }
@@ -340,17 +344,22 @@ mod tests {
     }
 
     #[test]
-    fn a_high_group_counts_for_every_gpu_until_it_has_a_process_on_one() {
+    fn a_configured_high_group_counts_for_every_gpu_wherever_its_processes_run() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = state(&dir, "[groups.web]\npriority = \"high\"\n[groups.batch]\npriority = \"normal\"\n");
         assert_eq!(high(&s), [(true, true), (true, true)], "nobody knows where web will start");
         join(&mut s, 1, Some("web"), None, &[B]);
-        assert_eq!(high(&s), [(false, true), (true, true)], "web runs on B only");
-        join(&mut s, 2, Some("batch"), None, &[A]);
-        join(&mut s, 3, Some("web"), Some(Priority::Normal), &[A]);
-        assert_eq!(high(&s), [(false, true), (true, true)], "batch, and a web member at normal of its own, are not high work");
-        join(&mut s, 4, Some("batch"), Some(Priority::High), &[A]);
-        assert_eq!(high(&s), [(true, true), (true, true)], "a batch member at high of its own is");
+        assert_eq!(high(&s), [(true, true), (true, true)], "web runs on B, and its next replica may start on A");
+    }
+
+    #[test]
+    fn a_high_group_made_for_its_processes_counts_where_they_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.batch]\npriority = \"normal\"\n");
+        join(&mut s, 1, Some("batch"), None, &[A]);
+        assert_eq!(high(&s), [(false, false), (false, false)], "batch is not high work");
+        join(&mut s, 2, Some("batch"), Some(Priority::High), &[B]);
+        assert_eq!(high(&s), [(false, true), (true, true)], "a batch member at high of its own counts on its GPU only");
     }
 
     #[test]

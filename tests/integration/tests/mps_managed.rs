@@ -254,58 +254,55 @@ fn auto_makes_a_gpu_spatial_for_high_priority_work_without_shares_and_holds_a_us
     assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 0")]);
 }
 
-/// The rule is per GPU: a high-priority group with no process yet may start on any GPU, so both
-/// are spatial; once its process runs on GPU 1, GPU 1 stays spatial and GPU 0 (free) goes back
-/// to time-slicing, with its own reason in the table, `ls`, its JSON and the metrics.
+/// The rule is per GPU: a process at high priority of its own (its group, made for it, is not
+/// pinned: no replica of it can appear elsewhere) counts on its GPU only. It starts on GPU 1,
+/// time-sliced then (nothing high existed), and holds GPU 1 that way while it lives; GPU 0, free,
+/// says why it stays time-sliced: the high-priority work is on another GPU — in the table, `ls`,
+/// its JSON, the log and the metrics.
 #[test]
-fn auto_makes_spatial_only_the_gpu_the_high_priority_work_is_on() {
+fn auto_judges_high_priority_work_on_the_gpu_it_runs_on() {
     let sim = Sim::new().env("SIMCUDA_DEVICES", 2).env("SIMCUDA_MPS", "pipe");
     let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
-    let config = sim.write_file("c.toml", "[controller]\nmps = \"auto\"\n[groups.web]\npriority = \"high\"\n");
+    let config = sim.write_file("c.toml", "[controller]\nmps = \"auto\"\n");
     let port = free_port();
     let ctl = start(&sim, &mps_args(&sim, &["--config".into(), config.display().to_string(), "--metrics".into(), format!("127.0.0.1:{port}")]));
-    wait_row(&ctl, &u0, "spatial", "auto_high_priority");
-    wait_row(&ctl, &u1, "spatial", "auto_high_priority");
+    wait_row(&ctl, &u0, "time-sliced", "auto_no_high_priority");
+    wait_row(&ctl, &u1, "time-sliced", "auto_no_high_priority");
 
-    // A web process on GPU 1, sent to GPU 1's daemon (its GPU was spatial when it started).
     let go = sim.path("go");
     let web = sim
         .client(Route::Link)
         .shim()
         .controller(&ctl)
-        .group("web")
         .env("CUDA_VISIBLE_DEVICES", &u1)
+        .env("GPUSLICE_PRIORITY", "high")
         .args("init ctx 0 getenv CUDA_MPS_PIPE_DIRECTORY alloc 1M")
         .arg("waitfile")
         .arg(go.display())
         .spawn();
     let named = web.wait_line("getenv", 0);
-    assert!(named.ends_with(&format!("value={}", pipe(&sim, &u1).display())), "{named}");
+    assert!(!named.contains(&pipe(&sim, &u1).display().to_string()), "GPU 1 was time-sliced when it started: {named}");
     web.wait_line("alloc", 0);
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let r0 = wait_row(&ctl, &u0, "time-sliced", "auto_high_priority_elsewhere");
-    // The same tick's line for GPU 1 (both come from one refresh).
-    let r1 = wait_row(&ctl, &u1, "spatial", "auto_high_priority");
+    let r1 = wait_row(&ctl, &u1, "time-sliced", "held_time_sliced");
     assert_eq!(r1["users"], serde_json::json!([uid]), "{r1}");
     assert_eq!((r0["users"].clone(), r0["pipe"].clone()), (serde_json::json!([]), serde_json::Value::Null), "{r0}");
     assert!(r0["why"].as_str().unwrap().starts_with("auto: the high-priority work is on other GPUs"), "{r0}");
-    assert_eq!(mode_of(&ctl, &u0).as_deref(), Some("time-sliced"), "the table itself: {:?}", table(&ctl));
-    assert_eq!(mode_of(&ctl, &u1).as_deref(), Some("spatial"), "{:?}", table(&ctl));
+    assert_eq!((mode_of(&ctl, &u0).as_deref(), mode_of(&ctl, &u1).as_deref()), (Some("time-sliced"), Some("time-sliced")), "{:?}", table(&ctl));
     assert!(ls_line(&ctl, &u0).ends_with("time-slicing keeps fault isolation"), "{}", ls_line(&ctl, &u0));
     assert!(ctl.log().contains(&format!("MPS: {u0} is time-sliced (auto: the high-priority work is on other GPUs")), "{}", ctl.log());
     assert_eq!(
         metric(port, "gpuslice_gpu_mps_mode", &u0),
         vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u0}\",mode=\"time-sliced\",policy=\"auto\",reason=\"auto_high_priority_elsewhere\"}} 1")]
     );
-    assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 0")]);
-    assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u1), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u1}\"}} 1")]);
 
-    // Gone: web may start anywhere again.
+    // Gone: nothing high is left anywhere.
     touch(&go);
     web.wait().assert_all_ok();
-    wait_row(&ctl, &u0, "spatial", "auto_high_priority");
-    wait_row(&ctl, &u1, "spatial", "auto_high_priority");
+    wait_row(&ctl, &u0, "time-sliced", "auto_no_high_priority");
+    wait_row(&ctl, &u1, "time-sliced", "auto_no_high_priority");
 }
 
 /// An SM share set for GPU 0 alone keeps GPU 0 time-sliced, and GPU 1 (high-priority work may
