@@ -305,7 +305,8 @@ pub struct MpsGpuRow {
     /// `spatial` (processes are sent to its MPS daemon) or `time-sliced`.
     pub mode: String,
     /// Why, as a short stable key (for metrics and scripts): off, on, auto_no_high_priority,
-    /// auto_sm_shares, auto_high_priority, held_spatial, held_time_sliced, daemon_down.
+    /// auto_high_priority_elsewhere, auto_sm_shares, auto_high_priority, held_spatial,
+    /// held_time_sliced, daemon_down.
     pub reason: String,
     /// Why, in words: the table's own text.
     pub why: String,

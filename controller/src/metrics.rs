@@ -137,7 +137,7 @@ fn mps(f: &mut Families<'_>, l: &Listing) -> std::fmt::Result {
     )?;
     f.gauge(
         "gpu_mps_mode",
-        "1, labelled with the GPU's mode (spatial or time-sliced), the operator's policy and why: off, on, auto_no_high_priority, auto_sm_shares, auto_high_priority, held_spatial, held_time_sliced or daemon_down.",
+        "1, labelled with the GPU's mode (spatial or time-sliced), the operator's policy and why: off, on, auto_no_high_priority, auto_high_priority_elsewhere, auto_sm_shares, auto_high_priority, held_spatial, held_time_sliced or daemon_down.",
         None,
         l.mps.iter().map(|g| {
             let mut labels = gpu(g);

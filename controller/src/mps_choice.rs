@@ -11,19 +11,27 @@
 //! set at context creation, without the guarantee/cap lending of time shares.
 //!
 //! So `auto` picks MPS only where the gain was measured: latency-sensitive (high-priority) work
-//! sharing the GPU, and no SM shares whose meaning MPS would change. `on` and `off` are the
+//! sharing the GPU, and no SM shares on it whose meaning MPS would change. Both are judged per
+//! GPU (`Tenants`, gathered by `mps_devices::tenants`): high-priority work on GPU 1 says nothing
+//! of GPU 0, and a share set for GPU 1 does not keep GPU 0 time-sliced. `on` and `off` are the
 //! operator's word. Whatever the rule says, a GPU whose daemon is not up is time-sliced.
 
 use gpuslice_common::mps_table::Mode;
 use gpuslice_common::settings::MpsPolicy;
 
-/// What the rule looks at besides the operator's policy.
+/// What the rule looks at for one GPU besides the operator's policy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tenants {
-    /// Some group (configured, made from an environment, or set live) or registered process
-    /// has priority `high`.
+    /// High-priority work uses this GPU or may start on it: a registered process whose priority
+    /// (its own, else its group's) is `high` has the GPU among its devices; or a group of
+    /// priority `high` may start a process here: a pinned one (configured or edited: its next
+    /// process, a replica say, may start on any GPU) or one with no registered process on any
+    /// GPU yet.
     pub high: bool,
-    /// Some group has an SM share on some device.
+    /// High-priority work exists on this node, here or on other GPUs (only the reason shown
+    /// for a GPU without any of its own depends on it).
+    pub high_anywhere: bool,
+    /// Some group has an SM share strictly between 0 and 100 on this GPU.
     pub shares: bool,
 }
 
@@ -34,6 +42,7 @@ pub enum Why {
     Off,
     On,
     AutoNoHighPriority,
+    AutoHighPriorityElsewhere,
     AutoSmShares,
     AutoHighPriority,
     HeldSpatial,
@@ -48,7 +57,10 @@ impl Why {
             Why::Off => "mps off",
             Why::On => "mps on",
             Why::AutoNoHighPriority => "auto: no high-priority group or process, so nothing MPS was measured to help; time-slicing keeps fault isolation",
-            Why::AutoSmShares => "auto: SM shares are set, and under MPS a share would become a fixed SM partition without lending",
+            Why::AutoHighPriorityElsewhere => {
+                "auto: the high-priority work is on other GPUs, so nothing MPS was measured to help runs here; time-slicing keeps fault isolation"
+            }
+            Why::AutoSmShares => "auto: SM shares are set on this GPU, and under MPS a share would become a fixed SM partition without lending",
             Why::AutoHighPriority => "auto: high-priority work shares the GPU, where MPS's single context shortens its tail",
             Why::HeldSpatial => "held spatial while processes that started over MPS use the GPU",
             Why::HeldTimeSliced => "held time-sliced while processes that started time-sliced use the GPU",
@@ -62,6 +74,7 @@ impl Why {
             Why::Off => "off",
             Why::On => "on",
             Why::AutoNoHighPriority => "auto_no_high_priority",
+            Why::AutoHighPriorityElsewhere => "auto_high_priority_elsewhere",
             Why::AutoSmShares => "auto_sm_shares",
             Why::AutoHighPriority => "auto_high_priority",
             Why::HeldSpatial => "held_spatial",
@@ -71,11 +84,12 @@ impl Why {
     }
 }
 
-/// The mode the rule wants for a GPU, and why (for the log and the table).
+/// The mode the rule wants for a GPU, from its own tenants, and why (for the log and the table).
 pub fn wanted(policy: MpsPolicy, tenants: Tenants) -> (Mode, Why) {
     match policy {
         MpsPolicy::Off => (Mode::TimeSliced, Why::Off),
         MpsPolicy::On => (Mode::Spatial, Why::On),
+        MpsPolicy::Auto if !tenants.high && tenants.high_anywhere => (Mode::TimeSliced, Why::AutoHighPriorityElsewhere),
         MpsPolicy::Auto if !tenants.high => (Mode::TimeSliced, Why::AutoNoHighPriority),
         MpsPolicy::Auto if tenants.shares => (Mode::TimeSliced, Why::AutoSmShares),
         MpsPolicy::Auto => (Mode::Spatial, Why::AutoHighPriority),
@@ -106,15 +120,35 @@ pub fn published(intended: (Mode, Why), daemon_up: bool) -> (Mode, Why) {
 mod tests {
     use super::*;
 
-    const HIGH: Tenants = Tenants { high: true, shares: false };
+    const HIGH: Tenants = Tenants { high: true, high_anywhere: true, shares: false };
 
     #[test]
     fn auto_picks_mps_only_for_high_priority_work_without_shares() {
-        assert_eq!(wanted(MpsPolicy::Auto, HIGH).0, Mode::Spatial);
-        assert_eq!(wanted(MpsPolicy::Auto, Tenants::default()).0, Mode::TimeSliced);
-        assert_eq!(wanted(MpsPolicy::Auto, Tenants { high: true, shares: true }).0, Mode::TimeSliced);
-        assert_eq!(wanted(MpsPolicy::On, Tenants { high: false, shares: true }).0, Mode::Spatial);
+        assert_eq!(wanted(MpsPolicy::Auto, HIGH), (Mode::Spatial, Why::AutoHighPriority));
+        assert_eq!(wanted(MpsPolicy::Auto, Tenants::default()), (Mode::TimeSliced, Why::AutoNoHighPriority));
+        assert_eq!(wanted(MpsPolicy::Auto, Tenants { shares: true, ..HIGH }), (Mode::TimeSliced, Why::AutoSmShares));
+        assert_eq!(wanted(MpsPolicy::On, Tenants { high: false, high_anywhere: false, shares: true }).0, Mode::Spatial);
         assert_eq!(wanted(MpsPolicy::Off, HIGH).0, Mode::TimeSliced);
+    }
+
+    /// Per GPU: high-priority work elsewhere leaves this GPU time-sliced (with its own reason),
+    /// and a share elsewhere does not keep it from MPS (the caller gives each GPU its own
+    /// `Tenants`; nothing of another GPU's reaches the rule but `high_anywhere`'s words).
+    #[test]
+    fn auto_judges_each_gpu_by_its_own_tenants() {
+        let elsewhere = Tenants { high: false, high_anywhere: true, shares: false };
+        assert_eq!(wanted(MpsPolicy::Auto, elsewhere), (Mode::TimeSliced, Why::AutoHighPriorityElsewhere));
+        assert_eq!(
+            wanted(MpsPolicy::Auto, Tenants { shares: true, ..elsewhere }),
+            (Mode::TimeSliced, Why::AutoHighPriorityElsewhere),
+            "no high work here comes first"
+        );
+        assert_eq!(wanted(MpsPolicy::On, elsewhere), (Mode::Spatial, Why::On));
+        assert_eq!(wanted(MpsPolicy::Off, elsewhere), (Mode::TimeSliced, Why::Off));
+        // A GPU the rule wants time-sliced because the work is elsewhere is still held while used.
+        let held = intended(wanted(MpsPolicy::Auto, elsewhere), Some(Mode::Spatial), true);
+        assert_eq!(held, (Mode::Spatial, Why::HeldSpatial));
+        assert_eq!(intended(wanted(MpsPolicy::Auto, elsewhere), Some(Mode::Spatial), false), (Mode::TimeSliced, Why::AutoHighPriorityElsewhere));
     }
 
     #[test]
@@ -132,8 +166,17 @@ mod tests {
 
     #[test]
     fn each_reason_has_its_own_key_and_text() {
-        let all =
-            [Why::Off, Why::On, Why::AutoNoHighPriority, Why::AutoSmShares, Why::AutoHighPriority, Why::HeldSpatial, Why::HeldTimeSliced, Why::DaemonDown];
+        let all = [
+            Why::Off,
+            Why::On,
+            Why::AutoNoHighPriority,
+            Why::AutoHighPriorityElsewhere,
+            Why::AutoSmShares,
+            Why::AutoHighPriority,
+            Why::HeldSpatial,
+            Why::HeldTimeSliced,
+            Why::DaemonDown,
+        ];
         let keys: std::collections::HashSet<&str> = all.iter().map(|w| w.key()).collect();
         let texts: std::collections::HashSet<&str> = all.iter().map(|w| w.text()).collect();
         assert_eq!((keys.len(), texts.len()), (all.len(), all.len()));

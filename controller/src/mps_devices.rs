@@ -7,12 +7,12 @@
 use crate::mps_choice::{self, Tenants, Why};
 use crate::mps_daemon::{self, Daemon, MpsFlags, Supervised};
 use crate::serve::devices;
-use crate::state::State;
-use gpuslice_common::ledger::Priority;
+use crate::state::{State, Watched};
+use gpuslice_common::ledger::{Priority, MAX_DEVICES};
 use gpuslice_common::mps_table::{self, Entry, Mode};
 use gpuslice_common::protocol::{MpsDaemonRow, MpsGpuRow};
 use gpuslice_common::settings::{ControllerFile, MpsPolicy};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -184,15 +184,12 @@ impl Managed {
     /// `top` and the metrics: what they show is the table's own decision. Called at start and
     /// at every tick, with the state locked.
     pub fn refresh(&mut self, state: &mut State) {
-        let high = Priority::High as u32;
-        let tenants = Tenants {
-            high: state.groups.values().any(|g| g.priority == high) || state.watched.values().any(|w| w.priority == high),
-            shares: state.groups.values().any(|g| g.shares.iter().any(|&s| s > 0 && s < 100)),
-        };
+        let uuids: Vec<&str> = self.gpus.iter().map(|g| g.uuid.as_str()).collect();
+        let tenants = tenants(state, &uuids);
         let in_use = state.device_users();
         let mut entries = Vec::with_capacity(self.gpus.len());
         let mut rows = Vec::with_capacity(self.gpus.len());
-        for gpu in &self.gpus {
+        for (gpu, tenants) in self.gpus.iter().zip(tenants) {
             let users: Vec<u32> = in_use.iter().filter(|(u, _)| devices::same_device(u, &gpu.uuid)).flat_map(|(_, uids)| uids.iter().copied()).collect();
             let used = !users.is_empty();
             let intended = mps_choice::intended(mps_choice::wanted(gpu.policy, tenants), self.kept.get(&gpu.uuid).copied(), used);
@@ -236,6 +233,53 @@ impl Managed {
     }
 }
 
+/// What `auto` looks at for each GPU of `uuids` (`mps_choice::Tenants`), from the state now:
+/// - **high**: a registered process whose priority (its own, else its group's) is `high` has
+///   the GPU among its devices (those it registered with: its driver's, after its
+///   `CUDA_VISIBLE_DEVICES`); or a group of priority `high` is pinned (configured or edited:
+///   it outlives its members, and its next one, a replica say, may start on any GPU) or has no
+///   registered process on any GPU yet. Such a group counts for every GPU: nothing the
+///   controller knows confines a group to some GPUs (a group's settings are for every device
+///   or for a device slot a process already claimed; the DRA plugin gives a claim's group its
+///   limits for all devices and keeps the claim's UUIDs in the container's
+///   `CUDA_VISIBLE_DEVICES`, which the controller first sees when a process registers). So
+///   only a group made for its processes (from their environment, or one process's own) counts
+///   where its processes are, once they are on a GPU.
+/// - **shares**: some group's SM share on the GPU's ledger slot is strictly between 0 and 100.
+///   A GPU no process has claimed yet has no slot: it counts the shares of the free slots,
+///   one of which it will take (a group's share set for every device is in each of them;
+///   `gpuslice set --device` names claimed slots only).
+pub fn tenants(state: &State, uuids: &[&str]) -> Vec<Tenants> {
+    let high = Priority::High as u32;
+    let priority_of = |w: &Watched| match Priority::from_u32(w.priority) {
+        Some(own) => own as u32,
+        None => state.groups.get(&w.group).map_or(0, |g| g.priority),
+    };
+    let high_processes: Vec<&Watched> = state.watched.values().filter(|w| priority_of(w) == high).collect();
+    let high_slots: HashSet<usize> = high_processes.iter().flat_map(|w| w.devices.iter().copied()).collect();
+    let placed: HashSet<usize> = state.watched.values().filter(|w| !w.devices.is_empty()).map(|w| w.group).collect();
+    // A pinned group (in the config, or edited) outlives its members: its next one, a replica
+    // say, may start on any GPU, so it counts on every GPU wherever its processes run now.
+    let high_everywhere = state.groups.iter().any(|(slot, g)| g.priority == high && (g.pinned || !placed.contains(slot)));
+    let high_anywhere = !high_processes.is_empty() || high_everywhere;
+    let share_on = |d: usize| state.groups.values().any(|g| g.shares[d] > 0 && g.shares[d] < 100);
+    let claimed: HashSet<usize> = state.devices().iter().filter_map(|u| state.device_index(u)).map(|d| d as usize).collect();
+    let free: Vec<usize> = (0..MAX_DEVICES).filter(|d| !claimed.contains(d)).collect();
+    uuids
+        .iter()
+        .map(|uuid| {
+            let slot = state.device_index(uuid).map(|d| d as usize);
+            let shares = match slot {
+                Some(d) => share_on(d),
+                // The device table is full: a new GPU takes a slot no process uses; any, to be safe.
+                None if free.is_empty() => (0..MAX_DEVICES).any(share_on),
+                None => free.iter().any(|&d| share_on(d)),
+            };
+            Tenants { high: high_everywhere || slot.is_some_and(|d| high_slots.contains(&d)), high_anywhere, shares }
+        })
+        .collect()
+}
+
 /// Writes the table whole (a new file renamed over the old), readable by everyone.
 fn write_table(path: &Path, text: &str) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -254,5 +298,113 @@ impl Drop for Managed {
         for gpu in &self.gpus {
             gpu.daemon.request_stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Peer;
+    use gpuslice_common::ledger::{Geometry, Ledger};
+    use gpuslice_common::protocol::{DeviceClaim, Edit, Registration, Target, PROTOCOL_VERSION};
+    use gpuslice_common::settings::FileSettings;
+
+    const A: &str = "GPU-00000000-0000-0000-0000-00000000000a";
+    const B: &str = "GPU-00000000-0000-0000-0000-00000000000b";
+    const C: &str = "GPU-00000000-0000-0000-0000-00000000000c";
+
+    fn state(dir: &tempfile::TempDir, config: &str) -> State {
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, adopted) = Ledger::open_or_create(&path, Geometry { max_groups: 16, max_procs: 16 }).unwrap();
+        let mut s = State::new(ledger, FileSettings::parse("test.toml", config).unwrap());
+        s.init_memory(adopted).unwrap();
+        s.install_config_groups().unwrap();
+        s
+    }
+
+    fn me() -> Peer {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        Peer { pid: std::process::id(), uid: unsafe { libc::geteuid() } }
+    }
+
+    /// Registers process `n` (a pid above Linux's largest, so no live process is ever it) in
+    /// `group` (alone without one) with its own `priority`, on the GPUs `on`.
+    fn join(s: &mut State, n: u32, group: Option<&str>, priority: Option<Priority>, on: &[&str]) {
+        let devices = on
+            .iter()
+            .enumerate()
+            .map(|(i, u)| DeviceClaim { ordinal: i as u32, uuid: u.to_string(), total_memory: 1 << 34, memory_limit: None, sm_share: None, sm_max: 0 })
+            .collect();
+        let r = Registration { protocol: PROTOCOL_VERSION, group: group.map(String::from), priority, name: format!("p{n}"), own_pid: n, devices };
+        s.register(Peer { pid: 5_000_000 + n, uid: me().uid }, r).unwrap();
+    }
+
+    fn high(s: &State) -> Vec<(bool, bool)> {
+        tenants(s, &[A, B]).iter().map(|t| (t.high, t.high_anywhere)).collect()
+    }
+
+    #[test]
+    fn a_configured_high_group_counts_for_every_gpu_wherever_its_processes_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.web]\npriority = \"high\"\n[groups.batch]\npriority = \"normal\"\n");
+        assert_eq!(high(&s), [(true, true), (true, true)], "nobody knows where web will start");
+        join(&mut s, 1, Some("web"), None, &[B]);
+        assert_eq!(high(&s), [(true, true), (true, true)], "web runs on B, and its next replica may start on A");
+    }
+
+    #[test]
+    fn a_high_group_made_for_its_processes_counts_where_they_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.batch]\npriority = \"normal\"\n");
+        join(&mut s, 1, Some("batch"), None, &[A]);
+        assert_eq!(high(&s), [(false, false), (false, false)], "batch is not high work");
+        join(&mut s, 2, Some("batch"), Some(Priority::High), &[B]);
+        assert_eq!(high(&s), [(false, true), (true, true)], "a batch member at high of its own counts on its GPU only");
+    }
+
+    #[test]
+    fn a_process_alone_at_high_counts_on_its_gpus_and_nothing_high_counts_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        assert_eq!(high(&s), [(false, false), (false, false)]);
+        join(&mut s, 1, None, Some(Priority::Normal), &[A, B]);
+        assert_eq!(high(&s), [(false, false), (false, false)]);
+        join(&mut s, 2, None, Some(Priority::High), &[A]);
+        assert_eq!(high(&s), [(true, true), (false, true)]);
+        // A high process that claimed no GPU the controller tracks: its group is not on any GPU
+        // yet, so it may be on every one.
+        join(&mut s, 3, None, Some(Priority::High), &[]);
+        assert_eq!(high(&s), [(true, true), (true, true)]);
+    }
+
+    #[test]
+    fn a_share_counts_on_the_gpu_it_is_set_for_and_one_for_every_device_on_new_gpus_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.batch]\n");
+        join(&mut s, 1, Some("batch"), None, &[A]);
+        let slot = s.device_index(A).unwrap();
+        let shares = |s: &State| tenants(s, &[A, B, C]).iter().map(|t| t.shares).collect::<Vec<_>>();
+        assert_eq!(shares(&s), [false, false, false]);
+        let edit = |sm: u32, device: Option<u32>| Edit {
+            target: Target::Group("batch".into()),
+            memory: None,
+            sm: Some(sm),
+            sm_max: None,
+            priority: None,
+            device,
+            create: false,
+        };
+        s.edit(me(), edit(30, Some(slot))).unwrap();
+        assert_eq!(shares(&s), [true, false, false], "on A's slot only");
+        join(&mut s, 2, Some("batch"), None, &[B]);
+        assert_eq!(shares(&s), [true, false, false], "B's slot, claimed now, has none");
+        s.edit(me(), edit(100, Some(slot))).unwrap();
+        assert_eq!(shares(&s), [false, false, false], "100 % is no share");
+        s.edit(me(), edit(40, None)).unwrap();
+        assert_eq!(shares(&s), [true, true, true], "every device: C, in no slot yet, gets it when it comes");
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = state(&dir, "[groups.batch]\nsm_share = 30\n");
+        assert_eq!(shares(&s), [true, true, true], "the config's share for every device, before any GPU is claimed");
     }
 }

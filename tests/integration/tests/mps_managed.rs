@@ -254,6 +254,100 @@ fn auto_makes_a_gpu_spatial_for_high_priority_work_without_shares_and_holds_a_us
     assert_eq!(metric(port, "gpuslice_gpu_mps_spatial", &u0), vec![format!("gpuslice_gpu_mps_spatial{{uuid=\"{u0}\"}} 0")]);
 }
 
+/// The rule is per GPU: a process at high priority of its own (its group, made for it, is not
+/// pinned: no replica of it can appear elsewhere) counts on its GPU only. It starts on GPU 1,
+/// time-sliced then (nothing high existed), and holds GPU 1 that way while it lives; GPU 0, free,
+/// says why it stays time-sliced: the high-priority work is on another GPU — in the table, `ls`,
+/// its JSON, the log and the metrics.
+#[test]
+fn auto_judges_high_priority_work_on_the_gpu_it_runs_on() {
+    let sim = Sim::new().env("SIMCUDA_DEVICES", 2).env("SIMCUDA_MPS", "pipe");
+    let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
+    let config = sim.write_file("c.toml", "[controller]\nmps = \"auto\"\n");
+    let port = free_port();
+    let ctl = start(&sim, &mps_args(&sim, &["--config".into(), config.display().to_string(), "--metrics".into(), format!("127.0.0.1:{port}")]));
+    wait_row(&ctl, &u0, "time-sliced", "auto_no_high_priority");
+    wait_row(&ctl, &u1, "time-sliced", "auto_no_high_priority");
+
+    let go = sim.path("go");
+    let web = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .env("CUDA_VISIBLE_DEVICES", &u1)
+        .env("GPUSLICE_PRIORITY", "high")
+        .args("init ctx 0 getenv CUDA_MPS_PIPE_DIRECTORY alloc 1M")
+        .arg("waitfile")
+        .arg(go.display())
+        .spawn();
+    let named = web.wait_line("getenv", 0);
+    assert!(!named.contains(&pipe(&sim, &u1).display().to_string()), "GPU 1 was time-sliced when it started: {named}");
+    web.wait_line("alloc", 0);
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let r0 = wait_row(&ctl, &u0, "time-sliced", "auto_high_priority_elsewhere");
+    let r1 = wait_row(&ctl, &u1, "time-sliced", "held_time_sliced");
+    assert_eq!(r1["users"], serde_json::json!([uid]), "{r1}");
+    assert_eq!((r0["users"].clone(), r0["pipe"].clone()), (serde_json::json!([]), serde_json::Value::Null), "{r0}");
+    assert!(r0["why"].as_str().unwrap().starts_with("auto: the high-priority work is on other GPUs"), "{r0}");
+    assert_eq!((mode_of(&ctl, &u0).as_deref(), mode_of(&ctl, &u1).as_deref()), (Some("time-sliced"), Some("time-sliced")), "{:?}", table(&ctl));
+    assert!(ls_line(&ctl, &u0).ends_with("time-slicing keeps fault isolation"), "{}", ls_line(&ctl, &u0));
+    assert!(ctl.log().contains(&format!("MPS: {u0} is time-sliced (auto: the high-priority work is on other GPUs")), "{}", ctl.log());
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_mode", &u0),
+        vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u0}\",mode=\"time-sliced\",policy=\"auto\",reason=\"auto_high_priority_elsewhere\"}} 1")]
+    );
+
+    // Gone: nothing high is left anywhere.
+    touch(&go);
+    web.wait().assert_all_ok();
+    wait_row(&ctl, &u0, "time-sliced", "auto_no_high_priority");
+    wait_row(&ctl, &u1, "time-sliced", "auto_no_high_priority");
+}
+
+/// An SM share set for GPU 0 alone keeps GPU 0 time-sliced, and GPU 1 (high-priority work may
+/// start there, no share) spatial; a share for every device then makes both time-sliced.
+#[test]
+fn auto_keeps_time_sliced_only_the_gpu_an_sm_share_is_set_for() {
+    let sim = Sim::new().env("SIMCUDA_DEVICES", 2);
+    let (u0, u1) = (sim.device_uuid(0), sim.device_uuid(1));
+    let config = sim.write_file("c.toml", "[controller]\nmps = \"auto\"\n[groups.web]\npriority = \"high\"\n");
+    let port = free_port();
+    let ctl = start(&sim, &mps_args(&sim, &["--config".into(), config.display().to_string(), "--metrics".into(), format!("127.0.0.1:{port}")]));
+    wait_row(&ctl, &u0, "spatial", "auto_high_priority");
+    // A process that ran on GPU 0 gave it a ledger index, which `set --device` names.
+    sim.client(Route::Link).shim().controller(&ctl).env("CUDA_VISIBLE_DEVICES", &u0).args("init ctx 0 alloc 1M").run().assert_all_ok();
+    let mut slot = None;
+    assert!(
+        poll_until(WAIT, || {
+            slot = row(&ctl, &u0)["device"].as_u64();
+            slot.is_some()
+        }),
+        "{}",
+        ctl.log()
+    );
+    let slot = slot.unwrap();
+    assert!(row(&ctl, &u1)["device"].is_null(), "no process claimed GPU 1");
+    ctl.set_ok(&format!("--create --group batch --device {slot} --sm 30"));
+    wait_row(&ctl, &u0, "time-sliced", "auto_sm_shares");
+    wait_row(&ctl, &u1, "spatial", "auto_high_priority");
+    assert!(ls_line(&ctl, &u0).contains("auto: SM shares are set on this GPU"), "{}", ls_line(&ctl, &u0));
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_mode", &u0),
+        vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u0}\",mode=\"time-sliced\",policy=\"auto\",reason=\"auto_sm_shares\"}} 1")]
+    );
+    assert_eq!(
+        metric(port, "gpuslice_gpu_mps_mode", &u1),
+        vec![format!("gpuslice_gpu_mps_mode{{uuid=\"{u1}\",mode=\"spatial\",policy=\"auto\",reason=\"auto_high_priority\"}} 1")]
+    );
+    assert_eq!((mode_of(&ctl, &u0).as_deref(), mode_of(&ctl, &u1).as_deref()), (Some("time-sliced"), Some("spatial")), "{:?}", table(&ctl));
+
+    // The share for every device: GPU 1 (in no ledger slot yet) would get it too.
+    ctl.set_ok("--group batch --sm 30");
+    wait_row(&ctl, &u1, "time-sliced", "auto_sm_shares");
+    wait_row(&ctl, &u0, "time-sliced", "auto_sm_shares");
+}
+
 #[test]
 fn the_shim_sends_a_process_on_a_spatial_gpu_to_its_daemon_and_no_other() {
     let sim = Sim::new().env("SIMCUDA_DEVICES", 2).env("SIMCUDA_MPS", "pipe");
