@@ -61,10 +61,14 @@ const SHARED_HOLD_NS: u64 = 500_000_000;
 /// simulation). Each hand-over costs the device an idle gap (the holder's drain is awaited, the
 /// next process wakes and launches): about 0.3 ms on the H100, so an 8 ms round lost 8–12 % of
 /// the device (30 + 30 got 45.8 + 45.8, 30 + 70 got 28.5 / 66.3) and 16 ms 4 % (47.8 + 47.9);
-/// 24 ms loses 3 % (48.4 + 48.5; 29.6 / 68.6; `tests/gpu/guarantee.sh`, stop 14). A process
-/// whose work comes back still waits only for the borrower's queue, not a slice: a holder that
-/// has held the turn alone is past its slice (45 % of a 30 %'s first 20 ms at 24 ms).
-pub const LEND_ROUND_NS: u64 = 24_000_000;
+/// 24 ms lost 3 % at 200 µs kernels but 4.6–6.8 % at 20 µs, where 30 + 30 summed 93.2, 95.4
+/// and 94.0 % in three runs on one H100 (stop 19) against the issue's 95. 48 ms: 95.6 and
+/// 97.1 % at 20 µs, 97.6 % at 200 µs, every guarantee row passing (32 ms: 95.3, 94.9, 95.1).
+/// A returning process does not wait for a slice (the early hand-over, `hand_over_now`), so the
+/// longer round did not slow reclaim (78–81 % of a 30 %'s first 20 ms at 48 ms against 59 % at
+/// 24 ms) nor a probe beside a borrower (p99 3.85 ms); what grows is the wait of a process that
+/// queues while its neighbour runs its slice, at most the others' slices of one round.
+pub const LEND_ROUND_NS: u64 = 48_000_000;
 /// `GPUSLICE_LEND_ROUND_US`: the round in microseconds instead of `LEND_ROUND_NS` (1 000 to
 /// 100 000), for measuring the trade between hand-over cost and reclaim delay on a real GPU.
 /// Every process sharing a device must use the same round (each one's slice is its share of
@@ -86,11 +90,11 @@ fn lend_round_ns() -> u64 {
         }
     })
 }
-/// Issue 18: how long a holder must have had nobody queued behind it to count as borrowing: it
-/// then hands the turn over as soon as someone queues, whatever is left of its slice (the one
-/// that queues was idle and is owed its time). Longer than the moment a saturating neighbour
-/// takes to queue again after its own hand-over, so that two processes with work keep their
-/// whole slices.
+/// Issue 18: how much of its turn a holder runs before it hands the turn to a process back from
+/// idle, whatever is left of its slice (the one that queues was idle and is owed its time), and
+/// how long a process must have made no launch to count as back from idle (`back_from_idle`):
+/// longer than the moment a saturating neighbour takes to launch again after its own
+/// hand-over, so that two processes with work keep their whole slices.
 const BORROWING_AFTER_NS: u64 = 2_000_000;
 /// `GPUSLICE_BORROWING_AFTER_US`: `BORROWING_AFTER_NS` in microseconds (0: a borrower keeps its
 /// slice), for measuring the early hand-over on a real GPU against the slice alone.
@@ -148,9 +152,6 @@ pub struct Local {
     /// (a process back from idle is owed the time it lent: its first slice is doubled).
     turn_taken_at: AtomicU64,
     slice_bonus: AtomicU64,
-    /// Issue 18: since when, in the current hold of the turn, nobody has queued for it (0: someone
-    /// queues, or not seen yet).
-    alone_since: AtomicU64,
     /// Issue 18: when a throttled launch here last returned to the program (0: none yet); a
     /// launch that comes long after it is back from idle (`back_from_idle`).
     left_at: AtomicU64,
@@ -174,7 +175,6 @@ const IDLE: Local = Local {
     turn_charged: AtomicU64::new(0),
     turn_taken_at: AtomicU64::new(0),
     slice_bonus: AtomicU64::new(0),
-    alone_since: AtomicU64::new(0),
     left_at: AtomicU64::new(0),
 };
 
@@ -214,7 +214,6 @@ pub fn forget_in_child() {
         local.peers.store(1, Relaxed);
         local.turn_taken_at.store(0, Relaxed);
         local.slice_bonus.store(0, Relaxed);
-        local.alone_since.store(0, Relaxed);
         local.left_at.store(0, Relaxed);
     }
 }
@@ -311,7 +310,6 @@ impl Bucket {
         let previous = self.local.turn_taken_at.swap(now, Relaxed);
         let back = now.saturating_sub(previous) > BACK_FROM_IDLE_ROUNDS * lend_round_ns();
         self.local.slice_bonus.store(if back { self.slice() } else { 0 }, Relaxed);
-        self.local.alone_since.store(0, Relaxed);
     }
 
     /// Wall time since this process last took the turn (for the log).
@@ -333,33 +331,27 @@ impl Bucket {
     /// Issue 18: true when this lending process, holding the turn, should hand it over now;
     /// `waiting`: whether another process queues for it; `returner`: whether one of them came
     /// back from idle (`board::returner_waiting`). Yes once it has run its slice with
-    /// someone waiting (`slice_done`), and at once when a process back from idle queues after
-    /// this one had the device to itself for `BORROWING_AFTER_NS`: it was borrowing, and a long
-    /// slice (few hand-overs between processes that all have work) must not make a process whose
-    /// work comes back wait for it (a latency probe beside a borrower: p99 15.5 ms with a 24 ms
-    /// round and no such rule, in the simulation). Only to one back from idle: on the H100 the
-    /// rule without that condition also fired between processes that all had work (one whose
-    /// turn ended while it slept did not queue again for a moment), each time cutting a slice
-    /// short and paying a hand-over: 30 + 30 got 94.2 % together, 92.1 % at 20 us kernels.
+    /// someone waiting (`slice_done`), and as soon as it has held the turn for
+    /// `BORROWING_AFTER_NS` when a process back from idle queues: that one lent its time while
+    /// idle, and a long slice (few hand-overs between processes that all have work) must not
+    /// make a process whose work comes back wait for it (a latency probe beside a borrower:
+    /// p99 15.5 ms with a 24 ms round and no such rule, in the simulation). Counted from when
+    /// the holder took the turn, not from when it was last alone with it: a borrower that took
+    /// the turn back from the probe (its lease ran out between two requests) less than that
+    /// before the probe's next request kept its whole slice, and the probe's p99 was one slice
+    /// (34 ms with a 48 ms round, in the simulation). Only to one back from idle: on the H100
+    /// the rule without that condition also fired between processes that all had work (one
+    /// whose turn ended while it slept did not queue again for a moment), each time cutting a
+    /// slice short and paying a hand-over: 30 + 30 got 94.2 % together, 92.1 % at 20 us kernels.
     #[inline]
     pub fn hand_over_now(&self, waiting: bool, returner: impl FnOnce() -> bool) -> bool {
-        if !self.lends() {
+        if !self.lends() || !waiting {
             return false;
         }
-        let now = now_ns();
-        let alone = self.local.alone_since.load(Relaxed);
-        if !waiting {
-            if alone == 0 {
-                self.local.alone_since.store(now, Relaxed);
-            }
-            return false;
-        }
-        if alone != 0 {
-            if borrowing_after_ns().is_some_and(|after| now.saturating_sub(alone) >= after) && returner() {
-                tracing::debug!("hands the turn over early: had it alone for {} us, someone queues", (now - alone) / 1000);
-                return true;
-            }
-            self.local.alone_since.store(0, Relaxed);
+        let held = now_ns().saturating_sub(self.local.turn_taken_at.load(Relaxed));
+        if borrowing_after_ns().is_some_and(|after| held >= after) && returner() {
+            tracing::debug!("hands the turn over early: held it {} us, a process back from idle queues", held / 1000);
+            return true;
         }
         self.slice_done()
     }
