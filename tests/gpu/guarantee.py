@@ -3,9 +3,16 @@
 
 Each tenant is `sharebench run` (throughput-bound kernels that fill every SM) under the shim
 with GPUSLICE_SM_SHARE (the guarantee) and GPUSLICE_SM_MAX (the cap; `none`: no cap). A
-tenant's share is its kernel rate over the rate of one unthrottled process alone (no shim),
-measured first; windows of a run come from sharebench's `--report-ms` lines (kernels known
-complete at CLOCK_MONOTONIC times, comparable between processes). For 200 us and 20 us kernels:
+tenant's share is its kernel rate over the reference: the rate of one unthrottled process alone
+(no shim, 2 s), measured before a kernel size's scenarios and again after them (`--mid-reference`:
+once more between the share scenarios G1-G6 and G7/G8); every row of the size is judged against
+the mean of those measurements, once the last is in (the scenarios keep their figures until then;
+the log shows each one against the opening measurement as it finishes, marked provisional). The
+table has a header line per size with each measurement, the mean and the spread ((max - min) /
+mean); a spread over 2 % adds a WARN line naming the measurements (the run does not fail for it;
+it says the host drifted, so that a row near its bar is read with care). Windows of a run come from
+sharebench's `--report-ms` lines (kernels known complete at CLOCK_MONOTONIC times, comparable
+between processes). For 200 us and 20 us kernels:
 
   G1  30, no cap, alone                   >= 95 % of unthrottled
   G2  30 + 30, no caps, saturating        each 50 +- 3, sum >= 95
@@ -56,11 +63,15 @@ ap.add_argument("--tag", default="", help="appended to every row id (runs of sev
 ap.add_argument("--bin", default="", help="the gpuslice CLI, for G8's controller (none: G8 is not run)")
 ap.add_argument("--socket", default="", help="G8's controller socket")
 ap.add_argument("--ledger", default="", help="G8's controller ledger (one per kernel size: PATH-200us, ...)")
+ap.add_argument("--mid-reference", action="store_true",
+                help="measure the unthrottled reference a third time, between G1-G6 and G7/G8 (2.6 s more per size)")
 args = ap.parse_args()
 T0 = time.monotonic()
 BENCH = args.bench.split()
 LOG = open(os.path.join(args.out, "guarantee.log"), "a")
 ROWS = []
+HEADERS = []  # (index in ROWS of a kernel size's first row, the lines printed above it)
+REFERENCE_WARN_PCT = 2.0  # a reference spread above this gets a WARN line (not a FAIL)
 
 
 def log(*parts):
@@ -213,39 +224,130 @@ def near(got, want, tol):
     return abs(got - want) <= tol
 
 
-def checks(us, iters, alone):
-    s = args.seconds
+class Size:
+    """One kernel size: its calibrated iters, its unthrottled references (one process alone, no
+    shim, the same 2 s `sharebench run` each time) and its rows to judge, in order: (id, name,
+    judge), where judge takes the reference rate (kernels/s) and gives (ok, figures) and
+    optionally log lines shown with the verdict. The scenarios keep their outputs; each judge
+    runs once against the opening reference as its scenario finishes (logged, provisional) and
+    once against the mean of the references when the last is in (the row)."""
+
+    def __init__(self, us, iters):
+        self.us, self.iters, self.rates, self.judges = us, iters, [], []
+
+    def measure(self, when):
+        r = subprocess.run(BENCH + ["run", "--iters", str(self.iters), "--seconds", "2"], env=env_for(), capture_output=True, text=True, timeout=120)
+        if "rate" not in kv(r.stdout):
+            raise RuntimeError(f"the unthrottled reference ({when}) printed no rate: rc={r.returncode} {r.stderr.strip()[-300:]}")
+        rate = float(kv(r.stdout)["rate"])
+        self.rates.append((when, rate))
+        log(f"{self.us} us: iters={self.iters}; one unthrottled process alone ({when}): {rate:.1f} kernels/s")
+        return rate
+
+    def ran(self, cid, name, judge):
+        self.judges.append((cid, name, judge))
+        if self.rates:
+            try:
+                figures = judge(self.rates[0][1])[1]
+            except Exception as e:  # noqa: BLE001 - the final judging says it as the row
+                figures = f"error: {e}"
+            log(f"provisional {cid}{args.tag}: {figures} (against the opening reference only; "
+                f"the row is judged against the mean of the {self.us} us references at the end)")
+
+    def failed(self, cid, name, figures):
+        """A row that FAILs whatever the reference (in a dry run, as row(): only when `figures` says error)."""
+        self.judges.append((cid, name, lambda alone: (False, figures)))
+
+    def mean(self):
+        return sum(r for _, r in self.rates) / len(self.rates)
+
+    def spread(self):
+        rates = [r for _, r in self.rates]
+        return 100.0 * (max(rates) - min(rates)) / self.mean()
+
+    def header(self):
+        """The table's lines above this size's rows: the references and their spread, and a
+        WARN line when they moved more than REFERENCE_WARN_PCT."""
+        if not self.rates:
+            return [f"-- {self.us} us: no unthrottled reference measured"]
+        each = " / ".join(f"{r:.1f} {when}" for when, r in self.rates)
+        if len(self.rates) == 1:
+            return [f"-- {self.us} us: unthrottled alone {each} kernels/s, one measurement only (rows are shares of it)"]
+        lines = [f"-- {self.us} us: unthrottled alone {each} kernels/s, mean {self.mean():.1f}, spread {self.spread():.2f} % (rows are shares of the mean)"]
+        if self.spread() > REFERENCE_WARN_PCT:
+            lines.append(f"WARN {self.us} us: the unthrottled reference moved {self.spread():.2f} % (> {REFERENCE_WARN_PCT:g} %): "
+                         + ", ".join(f"{when} {r:.1f}" for when, r in self.rates) + " kernels/s; the host drifted during these rows")
+        return lines
+
+    def judge(self):
+        """The rows of this size, against the mean of its references, under its header lines."""
+        HEADERS.append((len(ROWS), self.header()))
+        for line in HEADERS[-1][1]:
+            log(line)
+        alone = self.mean() if self.rates else None
+        for cid, name, judge in self.judges:
+            try:
+                ok, figures, *details = judge(alone)
+            except Exception as e:  # noqa: BLE001 - one row's failure must not hide the others
+                ok, figures, details = False, f"error: {e}", []
+            for line in (details[0] if details else []):
+                log(line)
+            row(cid, name, ok, figures)
+
+
+def checks(size):
+    us, iters, s = size.us, size.iters, args.seconds
     tag = f"{us}us"
+    # Each judge reads only its own scenario's outputs (names not reused: a closure sees the
+    # variable, not the value it had when the closure was made).
     one = run_together([bench(30, "none", iters, s, "30 no cap")])[0]
-    g = share_of(one, alone)
-    row(f"G1-{tag}", f"30 no cap alone, {us} us", g >= 95.0, f"{g:.1f}% of unthrottled (want >= 95)")
-    outs = run_together([bench(30, "none", iters, s, "30 a"), bench(30, "none", iters, s, "30 b")])
-    a, b = (share_of(o, alone) for o in outs)
-    row(f"G2-{tag}", f"30 + 30, {us} us", near(a, 50, 3) and near(b, 50, 3) and a + b >= 95, f"{a:.1f} + {b:.1f} = {a + b:.1f}% (want 50+-3 each, sum >= 95)")
-    outs = run_together([bench(30, "none", iters, s, "30"), bench(70, "none", iters, s, "70")])
-    a, b = (share_of(o, alone) for o in outs)
-    row(f"G3-{tag}", f"30 + 70, {us} us", near(a, 30, 3) and near(b, 70, 3), f"{a:.1f} / {b:.1f}% (want 30+-3 / 70+-3)")
+
+    def g1(alone):
+        g = share_of(one, alone)
+        return g >= 95.0, f"{g:.1f}% of unthrottled (want >= 95)"
+    size.ran(f"G1-{tag}", f"30 no cap alone, {us} us", g1)
+    pair = run_together([bench(30, "none", iters, s, "30 a"), bench(30, "none", iters, s, "30 b")])
+
+    def g2(alone):
+        a, b = (share_of(o, alone) for o in pair)
+        return near(a, 50, 3) and near(b, 50, 3) and a + b >= 95, f"{a:.1f} + {b:.1f} = {a + b:.1f}% (want 50+-3 each, sum >= 95)"
+    size.ran(f"G2-{tag}", f"30 + 30, {us} us", g2)
+    uneven = run_together([bench(30, "none", iters, s, "30"), bench(70, "none", iters, s, "70")])
+
+    def g3(alone):
+        a, b = (share_of(o, alone) for o in uneven)
+        return near(a, 30, 3) and near(b, 70, 3), f"{a:.1f} / {b:.1f}% (want 30+-3 / 70+-3)"
+    size.ran(f"G3-{tag}", f"30 + 70, {us} us", g3)
     # The 20 runs s seconds, the others 2s; windows leave out a margin at each end.
-    outs = run_together([bench(20, "none", iters, s, "20"), bench(30, "none", iters, 2 * s, "30"), bench(50, "none", iters, 2 * s, "50")])
-    t0, m = min(timed_start(o) for o in outs), min(0.5, s / 4)
-    three = [window_share(o, t0 + m, t0 + s - m, alone) for o in outs]
-    two = [window_share(o, t0 + s + m, t0 + 2 * s - m, alone) for o in outs[1:]]
-    ok = all(near(x, w, 3) for x, w in zip(three, [20, 30, 50])) and near(two[0], 37.5, 3) and near(two[1], 62.5, 3)
-    row(f"G4-{tag}", f"20/30/50, then 30/50, {us} us", ok, f"{'/'.join(f'{x:.1f}' for x in three)}% then {two[0]:.1f}/{two[1]:.1f}% (want 20/30/50 +-3, then 37.5/62.5 +-3)")
+    three_runs = run_together([bench(20, "none", iters, s, "20"), bench(30, "none", iters, 2 * s, "30"), bench(50, "none", iters, 2 * s, "50")])
+    t0, m = min(timed_start(o) for o in three_runs), min(0.5, s / 4)
+
+    def g4(alone):
+        three = [window_share(o, t0 + m, t0 + s - m, alone) for o in three_runs]
+        two = [window_share(o, t0 + s + m, t0 + 2 * s - m, alone) for o in three_runs[1:]]
+        ok = all(near(x, w, 3) for x, w in zip(three, [20, 30, 50])) and near(two[0], 37.5, 3) and near(two[1], 62.5, 3)
+        return ok, f"{'/'.join(f'{x:.1f}' for x in three)}% then {two[0]:.1f}/{two[1]:.1f}% (want 20/30/50 +-3, then 37.5/62.5 +-3)"
+    size.ran(f"G4-{tag}", f"20/30/50, then 30/50, {us} us", g4)
     capped = run_together([bench(30, 50, iters, s, "30 cap 50")])[0]
-    g = share_of(capped, alone)
-    row(f"G5-{tag}", f"30 cap 50 alone, {us} us", near(g, 50, 3), f"{g:.1f}% (want 50+-3)")
+
+    def g5(alone):
+        g = share_of(capped, alone)
+        return near(g, 50, 3), f"{g:.1f}% (want 50+-3)"
+    size.ran(f"G5-{tag}", f"30 cap 50 alone, {us} us", g5)
     # G6: the borrower floods; the 30 gets its go file 2 s later, with no warm-up of its own.
     back_argv, back_env, _ = bench(30, "none", iters, 1.0, "30 back")
     back_argv[back_argv.index("--warmup-s") + 1] = "0"
-    outs = run_together([bench(70, "none", iters, 3.5, "70 borrower"), (back_argv, back_env, "30 back after 2 s")], delays=[0, 2.0])
-    first = timed_start(outs[1])
-    got = window_share(outs[1], first, first + 0.02, alone)
-    later = [window_share(outs[1], first, first + w, alone) for w in (0.05, 0.2)]
-    early = [(round(1000 * (m - first), 2), k) for m, k in reports(outs[1]) if m <= first + 0.1]
+    back = run_together([bench(70, "none", iters, 3.5, "70 borrower"), (back_argv, back_env, "30 back after 2 s")], delays=[0, 2.0])[1]
+    first = timed_start(back)
+    early = [(round(1000 * (mono - first), 2), k) for mono, k in reports(back) if mono <= first + 0.1]
     log(f"G6-{tag}: the 30's reports over its first 100 ms (ms after its first launch, kernels done): {early}")
-    row(f"G6-{tag}", f"reclaim after 2 s idle, {us} us", got >= 27.0,
-        f"{got:.1f}% over its first 20 ms (want >= 27: 90 % of 30); first 50 ms {later[0]:.1f}%, 200 ms {later[1]:.1f}% (information)")
+
+    def g6(alone):
+        got = window_share(back, first, first + 0.02, alone)
+        later = [window_share(back, first, first + w, alone) for w in (0.05, 0.2)]
+        return (got >= 27.0,
+                f"{got:.1f}% over its first 20 ms (want >= 27: 90 % of 30); first 50 ms {later[0]:.1f}%, 200 ms {later[1]:.1f}% (information)")
+    size.ran(f"G6-{tag}", f"reclaim after 2 s idle, {us} us", g6)
 
 
 # G8: live edits of group g's guarantee and cap through `gpuslice set`, in order: the arguments,
@@ -276,7 +378,7 @@ def shown(setting):
     return "?" if setting is None else f"{setting[0]}/{'none' if (setting[1] or 0) >= 100 else setting[1]}"
 
 
-def live_edit(us, iters, alone):
+def live_edit(size):
     """G8: one saturating tenant of group g under `gpuslice serve` (config: 30, no cap); three
     live edits, each judged over 100-300 ms after its `gpuslice set` returned. The edit is in
     the group's settings page before the controller answers, and the shim reads that page at
@@ -284,10 +386,12 @@ def live_edit(us, iters, alone):
     (sharebench keeps at most 64 kernels per stream: 13 ms of 200 us kernels) and one sleep of
     the throttle (a quantum: 5 ms at 20 %). The window's own error is at most 16 kernels at
     each end (sharebench's report lines count kernels per event, one event every 16 kernels:
-    1.6 points of 200 ms at 200 us) plus the bucket's 2 ms capacity (1 point): +-3, as G5."""
+    1.6 points of 200 ms at 200 us) plus the bucket's 2 ms capacity (1 point): +-3, as G5.
+    Its shares are judged with the size's other rows (Size.judge)."""
+    us, iters = size.us, size.iters
     cid, name = f"G8-{us}us", f"live set through the controller, {us} us"
     if not (args.bin and args.socket and args.ledger):
-        row(cid, name, False, "not run: no gpuslice CLI, socket or ledger (--bin, --socket, --ledger)")
+        size.failed(cid, name, "not run: no gpuslice CLI, socket or ledger (--bin, --socket, --ledger)")
         return
     ctl = go = tenant = None
     try:
@@ -327,27 +431,32 @@ def live_edit(us, iters, alone):
         tenant = None
         rep = reports(out)
         first = timed_start(out)
-        before = window_share(out, first + 0.1, sets[0][2].t0, alone)
-        ok, parts = True, []
         for edit, want, r, seen in sets:
-            a, b = r.t1 + G8_WINDOW_S[0], r.t1 + G8_WINDOW_S[1]
-            if not rep or b > rep[-1][0]:
+            if not rep or r.t1 + G8_WINDOW_S[1] > rep[-1][0]:
                 problems.append(f"the window after set {' '.join(edit)} is past the tenant's last report")
-            got = window_share(out, a, b, alone)
-            target = before if want is None else want
-            ok = ok and near(got, target, G8_TOL)
-            soon = window_share(out, r.t1, a, alone)
-            log(f"{cid}: set {' '.join(edit)} took {r.secs * 1000:.1f} ms (mono {r.t0:.6f}-{r.t1:.6f}); "
-                f"{soon:.1f}% over the first 100 ms after it returned, {got:.1f}% over 100-300 ms (want {target:.1f} +-{G8_TOL:g})")
-            parts.append(f"{shown(seen)} {got:.1f}% (set {r.secs * 1000:.0f} ms)")
-        figures = (f"{before:.1f}% at 30/none, then " + ", ".join(parts)
-                   + " over 100-300 ms after each set (want "
-                   + ", ".join(f"{before if w is None else w:.1f}" for _, w, _ in G8_EDITS) + f" +-{G8_TOL:g})")
-        if problems:
-            figures += "; error: " + "; ".join(problems)
-        row(cid, name, ok and not problems, figures)
+            log(f"{cid}: set {' '.join(edit)} took {r.secs * 1000:.1f} ms (mono {r.t0:.6f}-{r.t1:.6f})")
+
+        def g8(alone):
+            before = window_share(out, first + 0.1, sets[0][2].t0, alone)
+            ok, parts, details = True, [], []
+            for edit, want, r, seen in sets:
+                a, b = r.t1 + G8_WINDOW_S[0], r.t1 + G8_WINDOW_S[1]
+                got = window_share(out, a, b, alone)
+                target = before if want is None else want
+                ok = ok and near(got, target, G8_TOL)
+                soon = window_share(out, r.t1, a, alone)
+                details.append(f"{cid}: after set {' '.join(edit)}: {soon:.1f}% over the first 100 ms after it returned, "
+                               f"{got:.1f}% over 100-300 ms (want {target:.1f} +-{G8_TOL:g})")
+                parts.append(f"{shown(seen)} {got:.1f}% (set {r.secs * 1000:.0f} ms)")
+            figures = (f"{before:.1f}% at 30/none, then " + ", ".join(parts)
+                       + " over 100-300 ms after each set (want "
+                       + ", ".join(f"{before if w is None else w:.1f}" for _, w, _ in G8_EDITS) + f" +-{G8_TOL:g})")
+            if problems:
+                figures += "; error: " + "; ".join(problems)
+            return ok and not problems, figures, details
+        size.ran(cid, name, g8)
     except Exception as e:  # noqa: BLE001 - G8's failure is its row; the other rows go on
-        row(cid, name, False, f"error: {e}")
+        size.failed(cid, name, f"error: {e}")
     finally:
         if tenant is not None:
             tenant.p.kill()
@@ -360,45 +469,67 @@ def live_edit(us, iters, alone):
             log(f"{cid}: gpuslice serve stopped, rc={ctl.stop()}")
 
 
-def latency(alone_iters):
+def latency(size):
+    """G7: its p99s need no reference; its row still comes with the 200 us rows (Size.judge)."""
+    cid, name = "G7", "latency beside a borrower vs a capped 70"
     if not args.latprobe:
-        row("G7", "latency beside a borrower vs a capped 70", args.dry, "not run: no latprobe (dry run: no stand-in)")
+        size.judges.append((cid, name, lambda alone: (args.dry, "not run: no latprobe (dry run: no stand-in)")))
         return
     lp = args.latprobe.split()
     iters = kv(subprocess.run(lp + ["calibrate", "--request-us", "1000", "--kernels", "5"], env=env_for(), capture_output=True, text=True, timeout=120).stdout)["iters"]
     p99 = {}
     for cap in ("70", "none"):
         probe = (lp + ["run", "--iters", iters, "--kernels", "5", "--seconds", str(args.seconds), "--period-ms", "10"], env_for(30, "none"), f"probe beside 70 cap {cap}")
-        outs = run_together([bench(70, cap, alone_iters, args.seconds + 1.5, f"70 cap {cap}"), probe])
+        outs = run_together([bench(70, cap, size.iters, args.seconds + 1.5, f"70 cap {cap}"), probe])
         p99[cap] = float(kv(outs[1])["p99_ms"])
     ok = p99["none"] <= 1.15 * p99["70"]
-    row("G7", "latency beside a borrower vs a capped 70", ok, f"p99 {p99['none']:.2f} ms beside the borrower, {p99['70']:.2f} ms beside the capped 70 (want <= 1.15x)")
+    figures = f"p99 {p99['none']:.2f} ms beside the borrower, {p99['70']:.2f} ms beside the capped 70 (want <= 1.15x)"
+    size.ran(cid, name, lambda alone: (ok, figures))
+
+
+def run_size(us):
+    """One kernel size: calibrate, the opening reference, G1-G6 (G7 at 200 us), G8, the closing
+    reference; then every row against the mean of the references."""
+    size = Size(us, us * 1000 if args.dry else None)
+    try:
+        if not args.dry:
+            size.iters = int(kv(subprocess.run(BENCH + ["calibrate", str(us)], env=env_for(), capture_output=True, text=True, timeout=120).stdout)["iters"])
+        size.measure("before")
+    except Exception as e:  # noqa: BLE001 - one failed kernel size must not hide the other
+        size.failed(f"G-{us}us", f"{us} us checks", f"error: {e}")
+        size.judge()
+        return
+    try:
+        checks(size)
+        if args.mid_reference:
+            size.measure("mid")
+        if us == 200:
+            latency(size)
+    except Exception as e:  # noqa: BLE001 - one failed kernel size must not hide the other
+        size.failed(f"G-{us}us", f"{us} us checks", f"error: {e}")
+    live_edit(size)
+    try:
+        size.measure("after")
+    except Exception as e:  # noqa: BLE001 - the rows are judged against the opening reference
+        size.failed(f"G-{us}us", f"{us} us closing reference", f"error: {e}")
+    size.judge()
 
 
 def main():
     # The dry run's Python launcher on a shared machine: the 200 us orchestration only.
     for us in (200,) if args.dry else [int(x) for x in args.sizes.split(",") if x]:
         if time.monotonic() - T0 > args.budget_s - 120:
+            HEADERS.append((len(ROWS), [f"-- {us} us: no unthrottled reference measured"]))
             row(f"G-{us}us", f"{us} us checks", False, "not run: out of time")
             continue
-        alone = None
-        try:
-            if args.dry:
-                iters = us * 1000
-            else:
-                iters = int(kv(subprocess.run(BENCH + ["calibrate", str(us)], env=env_for(), capture_output=True, text=True, timeout=120).stdout)["iters"])
-            alone = float(kv(subprocess.run(BENCH + ["run", "--iters", str(iters), "--seconds", "2"], env=env_for(), capture_output=True, text=True, timeout=120).stdout)["rate"])
-            log(f"{us} us: iters={iters}; one unthrottled process alone: {alone:.1f} kernels/s")
-            checks(us, iters, alone)
-            if us == 200:
-                latency(iters)
-        except Exception as e:  # noqa: BLE001 - one failed kernel size must not hide the other
-            row(f"G-{us}us", f"{us} us checks", False, f"error: {e}")
-        if alone is not None:
-            live_edit(us, iters, alone)
+        run_size(us)
     title = "gpuslice guarantee and lending (issue 18)" + (" DRY RUN on the simulated driver: figures not judged" if args.dry else "")
     width = max(len(r[1]) for r in ROWS)
-    lines = [title] + [f"{cid:<8} {name:<{width}} {verdict}  {figures}" for cid, name, verdict, figures in ROWS]
+    starts = dict(HEADERS)
+    lines = [title]
+    for i, (cid, name, verdict, figures) in enumerate(ROWS):
+        lines += starts.get(i, [])
+        lines.append(f"{cid:<8} {name:<{width}} {verdict}  {figures}")
     with open(os.path.join(args.out, "guarantee.tsv"), "w") as f:
         f.writelines("\t".join(r) + "\n" for r in ROWS)
     print("\n".join(lines), flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shares that guarantee and lend (issue 18): `bash tests/gpu/guarantee.sh` from the repo root on a
-# machine with an NVIDIA GPU, nvcc and Python 3 (no Rust, no network). About 1 1/2 minutes.
+# machine with an NVIDIA GPU, nvcc and Python 3 (no Rust, no network). About 1 3/4 minutes.
 #
 #   GPUSLICE_LIB        the prebuilt shim        (default .gpu/libgpuslice.so; dry run: target/debug)
 #   GPUSLICE_BIN        the prebuilt gpuslice CLI, for G8's controller (default .gpu/gpuslice; dry
@@ -23,6 +23,13 @@
 # 20 cap 20, then no cap: over 100-300 ms after each set returned 50 +- 3, 20 +- 3, then its own
 # share before the edits +- 3. G1-G7 run without a controller (the shared turn page of one uid);
 # G8 starts `gpuslice serve` on a socket in a temporary folder and a ledger under /dev/shm.
+# Every share is a tenant's rate over the size's reference: one unthrottled process alone (no
+# shim, 2 s), measured before the size's scenarios and again after them (GUARANTEE_ARGS=
+# --mid-reference: once more between G6 and G7/G8); each row is judged against their mean once
+# the last is in. The table has a header line per size ("-- 200 us: unthrottled alone A before /
+# B after kernels/s, mean, spread"); a spread over 2 % adds a "WARN <size> us: ..." line naming
+# them (not a failure). The closing reference adds ~2.6 s a size (start, 0.3 s warm-up, 2 s; an
+# estimate): ~100-107 s for both sizes on an H100 (stop 19, one reference a size: 95-101 s).
 # Builds sharebench and latprobe into .gpu/build. The results table is printed last.
 # Exit: 0 all PASS, 1 some FAIL, 2 setup problem.
 set -u
