@@ -141,8 +141,9 @@ check_cli() { # $BIN (the gpuslice CLI) must be executable: made absolute, and i
 }
 
 clean_up_on_exit() { # TOKEN_VAR PREFIX: sets TOKEN (unique: PREFIX-pid-ns) and empties TMPD
-  # and PYPID; on exit, kills whatever still carries TOKEN_VAR=$TOKEN (kill_tokened) and removes
-  # $TMPD and $LEDGER_DIR when set; SIGINT/SIGTERM/SIGHUP go to the Python part (trap_signals)
+  # and PYPID; on exit, kills whatever still carries TOKEN_VAR=$TOKEN (kill_tokened), then quits
+  # the MPS daemon mps_start started, if one runs (mps_quit), and removes $TMPD and $LEDGER_DIR
+  # when set; SIGINT/SIGTERM/SIGHUP go to the Python part (trap_signals)
   CLEANUP_TOKEN_VAR=$1
   TOKEN="$2-$$-$(date +%s%N)"
   TMPD=
@@ -152,6 +153,7 @@ clean_up_on_exit() { # TOKEN_VAR PREFIX: sets TOKEN (unique: PREFIX-pid-ns) and 
 }
 clean_up() {
   kill_tokened "$CLEANUP_TOKEN_VAR"
+  mps_quit
   [ -n "$TMPD" ] && rm -rf "$TMPD"
   [ -n "${LEDGER_DIR:-}" ] && rm -rf "$LEDGER_DIR"
 }
@@ -208,7 +210,8 @@ alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that do
 }
 
 # A private MPS control daemon (mps_extra.sh, ptxslice_probe.sh; priority.py keeps its own, in
-# Python). mps_start PIPE_DIR LOG_DIR runs `$MPS_CONTROL -d` (default nvidia-cuda-mps-control;
+# Python; ptxslice_torch.sh's Python part asks through mps_served and mps_clients).
+# mps_start PIPE_DIR LOG_DIR runs `$MPS_CONTROL -d` (default nvidia-cuda-mps-control;
 # the dry runs name tests/gpu/dryrun's fake) with those folders (a PIPE_DIR too long for MPS's
 # sockets is replaced by one in /tmp, MPS_PIPE, removed by mps_quit), and exports them as
 # CUDA_MPS_PIPE_DIRECTORY and CUDA_MPS_LOG_DIRECTORY, so that every CUDA program started after
@@ -216,6 +219,9 @@ alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that do
 # daemon's answer (get_server_list, get_client_list PID, ...). mps_quit: `quit`, then waits for
 # the daemon to go (10 s; then SIGKILL to it and its children, the MPS server) and unexports
 # the folders; does nothing when no daemon runs, so an EXIT trap may call it again.
+# For a pass of rows over the daemon (the caller defines `row ID RESULT DETAIL`): mps_begin and
+# mps_end (row mps-quit). What the shim and the daemon say of the programs: mps_client,
+# mps_says, mps_clients, listed, and mps_served, which judges them.
 MPS_CONTROL=${MPS_CONTROL:-nvidia-cuda-mps-control}
 MPS_PIPE=
 MPS_PID=
@@ -277,4 +283,65 @@ mps_quit() {
   MPS_PID=
   MPS_TMP=
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+
+mps_begin() { # PIPE_DIR LOG_DIR: mps_start for a pass of rows; 1 (with row mps FAIL) when the
+  # daemon did not start
+  if mps_start "$1" "$2"; then
+    note "mps: a private control daemon ($MPS_CONTROL, pid ${MPS_PID:-?}) listens in $MPS_PIPE; every program of the -mps rows is its client (CUDA_MPS_PIPE_DIRECTORY), no CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the shim sets each one's client priority (high 0, low 1)"
+    return 0
+  fi
+  row mps FAIL "the private MPS daemon did not start ($MPS_CONTROL -d; log)"
+  return 1
+}
+mps_end() { # mps_quit, then row mps-quit: whether the daemon is gone
+  local pid=$MPS_PID
+  mps_quit
+  if [ -n "$pid" ] && alive "$pid"; then
+    row mps-quit FAIL "daemon $pid still alive after quit"
+  else
+    row mps-quit PASS "daemon ${pid:-(no pid file)} gone after quit"
+  fi
+}
+
+mps_client() { # ERRFILE: "PRIORITY CLIENT_PRIORITY" from the shim's line "pid N: device D is
+  # served by MPS: priority P as CUDA_MPS_CLIENT_PRIORITY=C, ..." (info), nothing without one
+  sed -n 's/.*is served by MPS: priority \([a-z]*\) as CUDA_MPS_CLIENT_PRIORITY=\([0-9]*\).*/\1 \2/p' "$1" | head -n 1
+}
+mps_says() { # ERRFILE WANT: a word for the log and the rows: "client priority C" when the shim
+  # says MPS serves the program with client priority WANT, else what is wrong
+  local c
+  c=$(mps_client "$1")
+  if [ -z "$c" ]; then echo "NOT served by MPS"
+  elif [ "${c#* }" = "$2" ]; then echo "client priority ${c#* }"
+  else echo "WRONG client priority ${c#* } (want $2)"
+  fi
+}
+mps_clients() { # the daemon's servers and each one's clients, as "server S: clients P Q; ..."
+  local s out=
+  for s in $(mps_ask get_server_list | grep -o '^[0-9][0-9]*'); do
+    out="$out${out:+; }server $s: clients $(mps_ask "get_client_list $s" | grep -o '^[0-9][0-9]*' | tr '\n' ' ' | sed 's/ $//')"
+  done
+  echo "${out:-no server}"
+}
+listed() { # PID CLIENTS: PID is among the clients mps_clients printed
+  case " $(echo "$2" | sed 's/server [0-9]*://g' | tr -c '0-9' ' ') " in *" $1 "*) return 0 ;; esac
+  return 1
+}
+mps_served() { # CLIENTS NAME PID ERRFILE WANT [NAME PID ERRFILE WANT ...]: prints "over MPS:
+  # NAME <mps_says>, ...; daemon: CLIENTS" and the pids the daemon does not list; 0 when each
+  # program's shim log (ERRFILE) says MPS serves it with client priority WANT and CLIENTS (what
+  # mps_clients printed while they all lived; empty: not asked) lists each PID, else 1
+  local clients=$1 says= missing= ok=0 s
+  shift
+  while [ $# -ge 4 ]; do
+    s=$(mps_says "$3" "$4")
+    says="$says${says:+, }$1 $s"
+    [ "$s" = "client priority $4" ] || ok=1
+    listed "$2" "$clients" || { missing="$missing${missing:+, }the $1's pid $2"; ok=1; }
+    shift 4
+  done
+  [ -n "$missing" ] && missing=" (not among the daemon's clients: $missing)"
+  echo "over MPS: $says; daemon: ${clients:-not asked}$missing"
+  return $ok
 }

@@ -168,49 +168,7 @@ fi
 rm -f "$big"
 
 # ---- 1 and 2, on the GPU; per pass: time-sliced (row ids as they are) and over a private MPS
-# daemon (ids ending in -mps).
-mps_client() { # ERRFILE: "PRIORITY CLIENT_PRIORITY" from the shim's line "pid N: device D is
-  # served by MPS: priority P as CUDA_MPS_CLIENT_PRIORITY=C, ..." (info), nothing without one
-  sed -n 's/.*is served by MPS: priority \([a-z]*\) as CUDA_MPS_CLIENT_PRIORITY=\([0-9]*\).*/\1 \2/p' "$1" | head -n 1
-}
-mps_says() { # ERRFILE WANT: a word for the log and the rows: "client priority C" when the shim
-  # says MPS serves the program with client priority WANT, else what is wrong
-  local c
-  c=$(mps_client "$1")
-  if [ -z "$c" ]; then echo "NOT served by MPS"
-  elif [ "${c#* }" = "$2" ]; then echo "client priority ${c#* }"
-  else echo "WRONG client priority ${c#* } (want $2)"
-  fi
-}
-mps_clients() { # the daemon's servers and each one's clients, as "server S: clients P Q; ..."
-  local s out=
-  for s in $(mps_ask get_server_list | grep -o '^[0-9][0-9]*'); do
-    out="$out${out:+; }server $s: clients $(mps_ask "get_client_list $s" | grep -o '^[0-9][0-9]*' | tr '\n' ' ' | sed 's/ $//')"
-  done
-  echo "${out:-no server}"
-}
-listed() { # PID CLIENTS: PID is among the clients mps_clients printed
-  case " $(echo "$2" | sed 's/server [0-9]*://g' | tr -c '0-9' ' ') " in *" $1 "*) return 0 ;; esac
-  return 1
-}
-mps_begin() { # starts the pass's daemon; 1 (with a FAIL row) when it did not start
-  if mps_start "$WORK/mps/pipe" "$WORK/mps/log"; then
-    note "mps: a private control daemon ($MPS_CONTROL, pid ${MPS_PID:-?}) listens in $MPS_PIPE; every program of the -mps rows is its client (CUDA_MPS_PIPE_DIRECTORY), no CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the shim sets each one's client priority (high 0, low 1)"
-    return 0
-  fi
-  row mps FAIL "the private MPS daemon did not start ($MPS_CONTROL -d; log)"
-  return 1
-}
-mps_end() { # quits the pass's daemon: row mps-quit
-  local pid=$MPS_PID
-  mps_quit
-  if [ -n "$pid" ] && alive "$pid"; then
-    row mps-quit FAIL "daemon $pid still alive after quit"
-  else
-    row mps-quit PASS "daemon ${pid:-(no pid file)} gone after quit"
-  fi
-}
-
+# daemon (ids ending in -mps; mps_begin, mps_end, mps_clients and mps_served: common.sh).
 probe_run() { # OUT GO: the probe at high priority for $SECS seconds, in the background
   # (PROBE_PID: the program itself); its stderr into OUT.err
   env GPUSLICE_PRIORITY=high LD_PRELOAD="$LIB" "$PROBE" run --iters "$iters" --kernels 10 --period-ms 20 --seconds "$SECS" \
@@ -218,7 +176,7 @@ probe_run() { # OUT GO: the probe at high priority for $SECS seconds, in the bac
   PROBE_PID=$!
 }
 probe_rows() { # SUFFIX ("" time-sliced, -mps over the daemon): the probe alone, then each L
-  local sfx=$1 l mode go npid alone rate_alone cycles grid p99 busy rate check detail verdict sliced slicing where over pm nm
+  local sfx=$1 l mode go npid alone rate_alone cycles grid p99 busy rate check detail verdict sliced slicing where over served
   touch "$WORK/go-alone$sfx"
   probe_run "$WORK/alone$sfx.out" "$WORK/go-alone$sfx"
   PIDS=("$PROBE_PID")
@@ -278,17 +236,9 @@ probe_rows() { # SUFFIX ("" time-sliced, -mps over the daemon): the probe alone,
       if [ -n "$sfx" ]; then
         # Over MPS for real: the shim saw MPS serve each program (the device's MPS_ENABLED
         # attribute) with the client priority of its class, and the daemon lists both.
-        pm=$(mps_says "$WORK/p$l.$mode$sfx.out.err" 0)
-        nm=$(mps_says "$WORK/n$l.$mode$sfx.err" 1)
-        detail="$detail; over MPS: probe $pm, neighbour $nm; daemon: ${over:-not asked}"
-        case "$pm/$nm" in
-          "client priority 0/client priority 1") ;;
-          *) verdict=FAIL ;;
-        esac
-        if ! listed "$PROBE_PID" "$over" || ! listed "$npid" "$over"; then
-          detail="$detail (the probe's pid $PROBE_PID and the neighbour's $npid are not both among the daemon's clients)"
-          verdict=FAIL
-        fi
+        served=$(mps_served "$over" probe "$PROBE_PID" "$WORK/p$l.$mode$sfx.out.err" 0 \
+          neighbour "$npid" "$WORK/n$l.$mode$sfx.err" 1) || verdict=FAIL
+        detail="$detail; $served"
       elif [ -n "$(mps_client "$WORK/n$l.$mode$sfx.err")$(mps_client "$WORK/p$l.$mode$sfx.out.err")" ]; then
         detail="$detail; NOTE: a program says MPS serves it (another daemon in CUDA_MPS_PIPE_DIRECTORY or /tmp/nvidia-mps?)"
       fi
@@ -307,7 +257,7 @@ if [ "$DRY" = 1 ]; then
     sfx=
     if [ "$pass" = mps ]; then
       sfx=-mps
-      if mps_begin; then
+      if mps_begin "$WORK/mps/pipe" "$WORK/mps/log"; then
         # The simulated driver answers MPS_ENABLED when the pipe folder holds `control`: the
         # shim's view of a client at each class, as the GPU rows check it.
         for c in high:0 low:1; do
@@ -336,7 +286,7 @@ else
     note "probe: $(tr '\n' ' ' <"$WORK/calibrate.out")"
     for pass in $PASSES; do
       if [ "$pass" = mps ]; then
-        mps_begin && { probe_rows -mps; mps_end; }
+        mps_begin "$WORK/mps/pipe" "$WORK/mps/log" && { probe_rows -mps; mps_end; }
       else
         probe_rows ""
       fi

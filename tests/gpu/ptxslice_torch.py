@@ -6,6 +6,7 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
     ptxslice_torch.py --lib SHIM --build BUILD --out OUT [--t0 EPOCH] [--budget-s 230]
                       [--phase-s 1] [--rounds 3] [--alone-s 1.2] [--startup-runs 5]
                       [--launch-rounds 3] [--bench PATH] [--budget-us N] [--shim-log info]
+                      [--later-probe-runs N] [--mps-pipe DIR --mps-log DIR --mps-control PROG]
                       [--dry-run --cuclient PATH --sim-dir DIR --fixture PTX]
 
 1. Neighbours (tests/gpu/torch_priority.py, GPUSLICE_PRIORITY=low, no controller), started once
@@ -27,11 +28,26 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
 5. startup: `python -c "import torch; torch.zeros(1).cuda()"`: no shim, shim at normal priority
    (never sliced), the same with GPUSLICE_SLICE=off, shim at low priority (slicing on);
    interleaved, --startup-runs each, medians of the process's wall time.
+With --mps-pipe (ptxslice_torch.sh's -mps pass, PTXSLICE_TORCH_MPS=1|both: the shell has
+started a private MPS control daemon with common.sh's mps_start, and quits it): rows 1-2 only,
+every program the daemon's client (CUDA_MPS_PIPE_DIRECTORY, CUDA_MPS_LOG_DIRECTORY; no
+CUDA_MPS_ACTIVE_THREAD_PERCENTAGE or CUDA_MPS_CLIENT_PRIORITY: the shim maps the classes, high
+-> client priority 0, low -> 1), ids and run names ending in -mps. Once a probe process is ready
+(every neighbour alive) the daemon is asked for its servers' clients (common.sh's mps_clients);
+each row is then judged by the same bars and FAILs (INFO rows too) unless common.sh's mps_served
+says the shim's log of the probe and of the neighbour shows MPS serving it with its class's
+client priority and the daemon listed both pids. --later-probe-runs N (the time-sliced pass of
+`both`): N probe runs of a later pass share the budget; the rounds are fitted to all of them
+and, once the probes are done, the time they need is held back from rows 3-5.
 A dry run (--dry-run: no torch, no GPU) runs rows 3 and 5 on the simulated driver with
 tests/clients' cuclient-link (module loads of PTX, a cubin, a fat binary with compressed PTX and a
 library; start-up = `cuclient-link init ctx 0`) and says SKIP for the rest; with
 --stand-in-torch DIR (tests/gpu/dryrun/sleeptorch) rows 1-2 run too, against that stand-in
-(every kernel a host sleep), as INFO: the orchestration is tried, the figures mean nothing.
+(every kernel a host sleep; each program makes a context on the simulated driver, under the
+shim), as INFO: the orchestration is tried, the figures mean nothing. A dry run's -mps pass (the
+fake control program of tests/gpu/dryrun, SIMCUDA_MPS=pipe): with the stand-in, rows 1-2 with
+their MPS checks judged; without, rows mps-high / mps-low (cuclient-link at each class: the
+shim says MPS serves it with client priority 0 / 1).
 Standard library only. Writes OUT/ptxslice_torch.log (appends) and prints the table last.
 Exit status: 0 all judged rows PASS, 1 a FAIL or a crash, 2 something needed was missing.
 """
@@ -61,18 +77,28 @@ LAUNCH_TOL = (0.03, 20.0)    # <= +3 % and +20 ns
 OVERHEAD_S = 75.0       # kept for rows 4 and 5 when the probe's rounds are fitted to the budget
 PROBE_START_S = 20.0    # a probe process's start (torch, ResNet-50, warm-up, graph capture)
 READY_S = 150.0         # every neighbour ready within this (torch.compile's first compile)
+LATER_SETUP_MAX_S = 60.0  # a later pass's neighbours: at most this pass's start-up to ready and
+LATER_EXTRA_S = 15.0      # alone (Inductor's cache is warm then), plus the daemon and the stops
+COMMON_SH = os.path.join(HERE, "common.sh")
 NB_SPEC = {
     "mm": ("matmul fp32 2048^2", ["matmul", "--n", "2048", "--dtype", "fp32", "--sync-every", "10"]),
     "tr": ("training step, eager", ["train"]),
     "tc": ("training step, torch.compile", ["train", "--compile"]),
 }
 IDS = ["g-mm", "g-tr", "g-tc", "e-mm", "e-tr", "e-tc", "census", "launch", "startup"]
+MPS_CLIENT_PRIORITY = {"high": 0, "low": 1}  # class -> the MPS client priority the shim gives it
 
 C.cells = []
 C.mono_to_epoch = 0.0
 C.smi = None
 C.children = []
 C.rows = []     # the detail table: (probe, neighbour config, p50, p99, x solo, nb %, note)
+C.sfx = ""      # "-mps" in the pass over the daemon: row ids and run names
+C.mps_pipe = ""  # the daemon's pipe folder in the -mps pass
+C.mps_control = "nvidia-cuda-mps-control"
+C.later_runs = 0     # --later-probe-runs
+C.later_fixed = 0.0  # seconds a later pass needs besides its probe runs
+C.per_round, C.rounds_used = 0.0, 0  # the last probe run's round (seconds) and rounds
 
 
 def env_low(mode):
@@ -94,8 +120,8 @@ class Nb:
     def __init__(self, kind, mode):
         self.kind, self.mode = kind, mode
         self.name = f"{kind}_{mode}"
-        self.pause = os.path.join(C.runs_dir, f"{self.name}.pause")
-        self.run = shares.Run(f"pt_nb_{self.name}")
+        self.pause = os.path.join(C.runs_dir, f"{self.name}{C.sfx}.pause")
+        self.run = shares.Run(f"pt_nb_{self.name}{C.sfx}")
         self.proc = self.out = self.err = self.env = None
         self.alone = None   # (a, b) CLOCK_MONOTONIC window it ran alone
         self.r0 = None      # its rate alone
@@ -158,20 +184,25 @@ def alone_phases(nbs):
 
 def probe_run(mode, nbs, runs_left):
     """The probe in `mode` beside the live neighbours, for --rounds rounds, or as many as fit
-    in the time left (less OVERHEAD_S for rows 4 and 5), shared among the `runs_left` probe runs."""
+    in the time left (less OVERHEAD_S for rows 4 and 5 in the time-sliced pass, less a later
+    pass's set-up), shared among the `runs_left` probe runs and a later pass's. Over a daemon,
+    the daemon's clients are asked once the probe is ready (r.mps_clients)."""
     live = [nb for nb in nbs if nb.proc is not None and nb.proc.poll() is None]
     per_round = 2 * len(live) * C.phase_s
-    fit = int((remaining() - OVERHEAD_S - runs_left * PROBE_START_S) / runs_left // max(per_round, 1e-9))
+    runs = runs_left + C.later_runs
+    keep = (0.0 if C.mps_pipe else OVERHEAD_S) + (C.later_fixed if C.later_runs else 0.0)
+    fit = int((remaining() - keep - runs * PROBE_START_S) / runs // max(per_round, 1e-9))
     rounds = min(C.rounds, fit)
     if rounds < C.rounds:
         log(f"  probe {mode}: {max(rounds, 0)} rounds instead of {C.rounds} (time budget)")
+    C.per_round, C.rounds_used = per_round, max(rounds, 0)
     seconds = rounds * per_round
-    r = shares.Run(f"pt_probe_{mode}")
+    r = shares.Run(f"pt_probe_{mode}{C.sfx}")
     if rounds < 1 or not live:
         r.skipped = True
         log(f"\n=== {r.name}: SKIPPED, {remaining():.0f}s of the time budget left")
         return r
-    go = prio.go_path(f"pt_probe_{mode}")
+    go = prio.go_path(f"pt_probe_{mode}{C.sfx}")
     argv = [PY, TORCH, "probe", "--seconds", f"{seconds:g}", "--period-x", f"{PERIOD_X:g}",
             "--warmup-s", "0.5", "--spin-ms", f"{SPIN_MS:g}", "--phase-s", f"{C.phase_s:g}",
             "--settle-s", f"{SETTLE_S:g}", "--go-file", go,
@@ -182,7 +213,13 @@ def probe_run(mode, nbs, runs_left):
     t0 = time.time()
     p, op, ep = shares.start(r.name, argv, env)
     prio.track(p)
+    r.pid, r.err_path = (p.pid if p else None), ep
     gpucommon.wait_ready([(p, op)], 120)
+    if C.mps_pipe:
+        # Every neighbour and the probe have their contexts: the daemon's view, before the
+        # measured phases.
+        r.mps_clients = common_sh("mps_clients")[1]
+        log(f"  MPS daemon's clients, {r.name} ready: {r.mps_clients}")
     with open(go, "w") as f:
         f.write("go\n")
     rc = gpucommon.wait_proc(p, r, max(10.0, min(seconds + 60, remaining())))
@@ -199,7 +236,8 @@ def judge(mode, rp, nbs):
     for kind, (what, _) in NB_SPEC.items():
         for nb in [n for n in nbs if n.kind == kind]:
             cid = f"{tag}-{kind}"
-            name = f"ResNet-50 {label} + {what}" + ("" if nb.mode == "on" else f" ({nb.mode})")
+            name = (f"ResNet-50 {label} + {what}" + ("" if nb.mode == "on" else f" ({nb.mode})")
+                    + (", over MPS" if C.mps_pipe else ""))
             why = prob or prio.nb_problem(nb.run, shim=True)
             p99 = None if why else rp.num(f"{nb.name}_p99_ms")
             wins = None if why else prio.windows_of(rp, f"{nb.name}_windows")
@@ -223,21 +261,32 @@ def judge(mode, rp, nbs):
                                f"p99 x{prio.f3(x)} > {P99_MAX:g}" if x is None or x > P99_MAX else "",
                                f"neighbour {prio.f1(nb_pct)}% < {NB_MIN * 100:.0f}%"
                                if nb_pct is None or nb_pct < NB_MIN * 100 else "") if x_))
-            record(cid if nb.mode == "on" else f"{cid}-{nb.mode}", name, verdict, figs, note)
+            if C.mps_pipe and getattr(rp, "pid", None):
+                # Over the daemon for real: the shim's line in each log, the daemon's list.
+                rc, said = common_sh("mps_served", getattr(rp, "mps_clients", ""),
+                                     "probe", rp.pid, rp.err_path, MPS_CLIENT_PRIORITY["high"],
+                                     "neighbour", nb.proc.pid if nb.proc else 0, nb.err,
+                                     MPS_CLIENT_PRIORITY["low"])
+                figs = said if figs == "-" else f"{figs}; {said}"
+                if rc != 0:
+                    verdict = False
+                    note = "; ".join(x_ for x_ in (note, "not over the daemon as asked: " + said) if x_)
+            record((cid if nb.mode == "on" else f"{cid}-{nb.mode}") + C.sfx, name, verdict, figs, note)
 
 
 def check_torch():
     if C.dry_run and not C.stand_in:
         for cid in IDS[:6]:
-            record(cid, f"ResNet-50 {'CUDA graph' if cid[0] == 'g' else 'eager'} + "
-                   f"{NB_SPEC[cid[2:]][0]}", "SKIP",
+            record(cid + C.sfx, f"ResNet-50 {'CUDA graph' if cid[0] == 'g' else 'eager'} + "
+                   f"{NB_SPEC[cid[2:]][0]}" + (", over MPS" if C.mps_pipe else ""), "SKIP",
                    "-", "dry run: needs torch and the GPU")
         return
     modes = ["on", "off"] + (["bud"] if C.budget_us else [])
-    go = prio.go_path("pt_nb")
-    stop = os.path.join(C.runs_dir, "pt_nb.stop")
+    go = prio.go_path(f"pt_nb{C.sfx}")
+    stop = os.path.join(C.runs_dir, f"pt_nb{C.sfx}.stop")
     if os.path.exists(stop):
         os.unlink(stop)
+    t_start = time.time()
     nbs = start_neighbours(go, stop, modes)
     try:
         states = gpucommon.wait_ready([(nb.proc, nb.out) for nb in nbs], min(READY_S, remaining() - 60))
@@ -247,9 +296,18 @@ def check_torch():
             f.write("go\n")
         time.sleep(0.5)
         alone_phases(nbs)
+        # What a later pass needs besides its probe runs: its neighbours' start (this pass's,
+        # capped: Inductor's cache is warm by then), the alone phases, the daemon, the stops.
+        C.later_fixed = min(time.time() - t_start, LATER_SETUP_MAX_S) + LATER_EXTRA_S
         probes = {mode: probe_run(mode, nbs, 2 - i) for i, mode in enumerate(("graph", "eager"))}
     finally:
         stop_neighbours(nbs, stop)
+    if C.later_runs:
+        # The later pass's share is held back from the rows that follow (launch, startup).
+        held = C.later_fixed + C.later_runs * (PROBE_START_S + C.rounds_used * C.per_round)
+        C.deadline -= held
+        log(f"  {held:.0f}s held back for the later pass ({C.later_runs} probe runs of "
+            f"{C.rounds_used} rounds); {remaining():.0f}s left for this one")
     for nb in nbs:
         if nb.alone and not prio.nb_problem(nb.run, shim=True):
             nb.r0 = nb.rate_in([nb.alone])
@@ -258,6 +316,37 @@ def check_torch():
     for mode, rp in probes.items():
         judge(mode, rp, nbs)
     C.census_logs = [(nb.name, nb.err) for nb in nbs if nb.mode == "on"]
+
+
+# ----------------------------------------------------------------------------- MPS
+
+def common_sh(func, *args):
+    """common.sh's FUNC ARGS... in a bash of its own, over this pass's daemon (MPS_PIPE,
+    MPS_CONTROL); (exit status, stdout stripped). The checks over MPS live there, shared with
+    ptxslice_probe.sh."""
+    argv = ["bash", "-c", '. "$0" >/dev/null || exit 2; MPS_PIPE=$1 MPS_CONTROL=$2; shift 2; "$@"',
+            COMMON_SH, C.mps_pipe, C.mps_control, func] + [str(a) for a in args]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return 2, f"common.sh {func}: {e}"
+    if p.stderr.strip():
+        log(f"  common.sh {func}: {p.stderr.strip()[-300:]}")
+    return p.returncode, p.stdout.strip()
+
+
+def check_mps_classes():
+    """Dry run without the stand-in: a cuclient at each class over the fake daemon, on the
+    simulated driver (SIMCUDA_MPS=pipe): the shim's view of MPS, as the -mps rows check it."""
+    for cls, want in MPS_CLIENT_PRIORITY.items():
+        env = env_for(True, {"GPUSLICE_PRIORITY": cls, "LD_LIBRARY_PATH": C.sim_dir,
+                             "SIMCUDA_STATE": os.path.join(C.runs_dir, "simstate")})
+        r = shares.run(f"pt_mps_{cls}", [C.cuclient, "init", "ctx", "0"], env, 30, 5)
+        said = common_sh("mps_says", os.path.join(C.runs_dir, f"pt_mps_{cls}.err"), want)[1]
+        ok = r.rc == 0 and said == f"client priority {want}"
+        record(f"mps-{cls}", f"dry run: cuclient at {cls} over the fake daemon", ok,
+               f"the shim says {said} ({C.mps_control}, simulated driver); {r.status()}",
+               "" if ok else "not served as asked (log)")
 
 
 # ----------------------------------------------------------------------------- 3 census
@@ -435,6 +524,12 @@ def check_startup():
 
 def run_checks():
     check_torch()
+    if C.mps_pipe:
+        # The -mps pass: the torch rows only (census, launch and startup are the time-sliced
+        # pass's); without the stand-in, a dry run shows the shim's view of each class instead.
+        if C.dry_run and not C.stand_in:
+            check_mps_classes()
+        return
     if C.dry_run:
         dry_census()
     check_census()
@@ -452,6 +547,12 @@ def main():
     ap.add_argument("--bench", default="")
     ap.add_argument("--budget-us", type=int, default=0)
     ap.add_argument("--shim-log", default="info")
+    ap.add_argument("--later-probe-runs", type=int, default=0,
+                    help="probe runs of a later pass (ptxslice_torch.sh's -mps pass) to fit in the budget")
+    ap.add_argument("--mps-pipe", default="",
+                    help="the -mps pass: every program a client of the daemon listening in DIR")
+    ap.add_argument("--mps-log", default="")
+    ap.add_argument("--mps-control", default="nvidia-cuda-mps-control")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--cuclient", default="")
     ap.add_argument("--sim-dir", default="")
@@ -472,6 +573,9 @@ def main():
     C.dry_run = args.dry_run
     C.cuclient, C.sim_dir, C.fixture = args.cuclient, args.sim_dir, args.fixture
     C.stand_in = args.stand_in_torch
+    C.later_runs = max(args.later_probe_runs, 0)
+    C.mps_pipe, C.mps_control = args.mps_pipe, args.mps_control
+    C.sfx = "-mps" if C.mps_pipe else ""
     C.mono_to_epoch = time.time() - time.monotonic()
     C.base_env = gpucommon.scrubbed_env(shares.SCRUB_PREFIXES, shares.SCRUB_NAMES)
     # No controller: each process on its own limits; a private PTX cache per run.
@@ -480,13 +584,26 @@ def main():
                        "GPUSLICE_PTX_CACHE": os.path.join(C.runs_dir, "ptxcache"),
                        "TORCHINDUCTOR_CACHE_DIR": os.path.join(C.build, "inductor-cache")})
     if C.stand_in:
+        # The stand-in makes a context on the simulated driver at import (SLEEPTORCH_SIMCUDA),
+        # so the shim and a daemon see each program as they see torch's.
         C.base_env["PYTHONPATH"] = os.pathsep.join(
             x for x in (os.path.abspath(C.stand_in), C.base_env.get("PYTHONPATH", "")) if x)
+        C.base_env.update({"SLEEPTORCH_SIMCUDA": "1", "LD_LIBRARY_PATH": C.sim_dir,
+                           "SIMCUDA_STATE": os.path.join(C.runs_dir, "simstate")})
+    if C.mps_pipe:
+        # Every program of this pass is the daemon's client; the base environment has no other
+        # CUDA_MPS_* (scrubbed), so the shim sets the client priority from the class.
+        C.base_env["CUDA_MPS_PIPE_DIRECTORY"] = C.mps_pipe
+        if args.mps_log:
+            C.base_env["CUDA_MPS_LOG_DIRECTORY"] = args.mps_log
+        if C.dry_run:
+            C.base_env["SIMCUDA_MPS"] = "pipe"  # the simulated driver: MPS_ENABLED while `control` is there
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     log(f"\n##### ptxslice_torch: lib={C.lib} build={C.build} out={C.out} python={PY} "
         f"phase_s={C.phase_s} rounds={C.rounds} alone_s={C.alone_s} budget_us={C.budget_us} "
-        f"dry_run={C.dry_run} time left={remaining():.0f}s")
+        f"dry_run={C.dry_run} mps_pipe={C.mps_pipe or '-'} later_probe_runs={C.later_runs} "
+        f"time left={remaining():.0f}s")
     if not C.dry_run:
         C.smi = shares.Monitor()
     try:
@@ -501,9 +618,11 @@ def main():
         prio.kill_children()
         if C.smi is not None:
             C.smi.stop()
-    rows = gpucommon.sorted_results([c for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud")]
-                                    + IDS[6:])
-    gpucommon.emit(gpucommon.table_lines(rows, "== ptxslice_torch results ==", id_w=9)
+    rows = gpucommon.sorted_results([c + C.sfx for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud")]
+                                    + [i + C.sfx for i in IDS[6:]] + [f"mps-{c}" for c in MPS_CLIENT_PRIORITY])
+    title = "== ptxslice_torch results ==" if not C.mps_pipe else (
+        "== ptxslice_torch results, over MPS (a private daemon; client priority 0 high, 1 low) ==")
+    gpucommon.emit(gpucommon.table_lines(rows, title, id_w=9 + len(C.sfx))
                    + [gpucommon.summary_line(rows)])
     if C.crashes or any(r[2] == "FAIL" for r in rows):
         return 1

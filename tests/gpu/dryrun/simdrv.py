@@ -1,5 +1,6 @@
 """The CUDA driver API through ctypes, for the soak's dry run (tests/gpu/soak.sh with
-SOAK_DRY_RUN=1): what soakload_stub.py and the stand-in torch need of the simulated driver
+SOAK_DRY_RUN=1) and ptxslice_torch.sh's torch dry run (sleeptorch's context): what
+soakload_stub.py and the stand-in torches need of the simulated driver
 (tests/simcuda, found as libcuda.so.1 on LD_LIBRARY_PATH). Under the shim, ctypes' dlsym lookups
 reach the shim's hooks, as a program that dlopens libcuda does.
 

@@ -1,15 +1,29 @@
 """Stand-in for the parts of PyTorch that tests/gpu/torch_priority.py's probe, matmul and train
 modes use, for ptxslice_torch.sh's torch dry run only (PTXSLICE_TORCH_DRY_RUN=torch puts
-tests/gpu/dryrun/sleeptorch first on PYTHONPATH). Not PyTorch and no CUDA: every "kernel" sleeps
+tests/gpu/dryrun/sleeptorch first on PYTHONPATH). Not PyTorch, no CUDA kernels: every "kernel" sleeps
 SLEEPTORCH_MS (0.3 ms) on the host, so that the orchestration (ready/go, pause files, phases,
-report lines, windows, the table) runs on a machine without a GPU; its figures mean nothing."""
+report lines, windows, the table) runs on a machine without a GPU; its figures mean nothing.
+With SLEEPTORCH_SIMCUDA=1 (ptxslice_torch.py sets it, with the simulated driver on
+LD_LIBRARY_PATH) it also makes a primary context on the simulated driver at import, through
+../../simdrv.py, as torch's first CUDA call does: the shim (when preloaded) then sees the
+program's device and logs what it makes of it (whether MPS serves it), and an MPS daemon (the
+fake one of tests/gpu/dryrun) counts it as a client (a libcuda mapped). The kernels still
+sleep."""
 import contextlib
+import importlib.util
 import os
 import time
 
 __version__ = "0.0-fake"
 float16, float32, bfloat16 = "fp16", "fp32", "bf16"
 OP_S = float(os.environ.get("SLEEPTORCH_MS", "0.3")) / 1000.0
+_DRIVER = None
+if os.environ.get("SLEEPTORCH_SIMCUDA") == "1":
+    _spec = importlib.util.spec_from_file_location(
+        "simdrv", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "simdrv.py"))
+    _simdrv = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_simdrv)
+    _DRIVER = _simdrv.Driver()  # kept: the context lives as long as the program
 
 
 def _work(n=1):
