@@ -223,6 +223,18 @@ alive() { # PID: it runs (a zombie nobody reaps, as an orphan of a pid 1 that do
 # mps_end (row mps-quit). What the shim and the daemon say of the programs: mps_client,
 # mps_says, mps_clients, listed, and mps_served, which judges them.
 MPS_CONTROL=${MPS_CONTROL:-nvidia-cuda-mps-control}
+# mps_prepare SCRIPT SETTING: before a pass over a private daemon. MPS without a partition: the
+# shim sets each program's client priority from its class, so neither MPS variable is inherited;
+# a dry run (DRY=1) uses the fake control program; exit 2 when the real one is not installed.
+mps_prepare() {
+  unset CUDA_MPS_ACTIVE_THREAD_PERCENTAGE CUDA_MPS_CLIENT_PRIORITY
+  if [ "${DRY:-0}" = 1 ]; then
+    MPS_CONTROL=$ROOT/$HERE/dryrun/nvidia-cuda-mps-control
+  elif ! command -v "$MPS_CONTROL" >/dev/null 2>&1; then
+    note "$1: $MPS_CONTROL not found ($2)"
+    exit 2
+  fi
+}
 MPS_PIPE=
 MPS_PID=
 MPS_TMP=

@@ -77,16 +77,7 @@ case ${PTXSLICE_PROBE_MPS:-0} in
   both) PASSES="sliced mps" ;;
   *) note "ptxslice_probe: PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS: want 0, 1 or both"; exit 2 ;;
 esac
-if [ "$PASSES" != sliced ]; then
-  # MPS without a partition: the shim sets each program's client priority from its class.
-  unset CUDA_MPS_ACTIVE_THREAD_PERCENTAGE CUDA_MPS_CLIENT_PRIORITY
-  if [ "$DRY" = 1 ]; then
-    MPS_CONTROL=$ROOT/$HERE/dryrun/nvidia-cuda-mps-control
-  elif ! command -v "$MPS_CONTROL" >/dev/null 2>&1; then
-    note "ptxslice_probe: $MPS_CONTROL not found (PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS)"
-    exit 2
-  fi
-fi
+[ "$PASSES" = sliced ] || mps_prepare ptxslice_probe "PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS"
 note "passes: $PASSES; GPUSLICE_PRIORITY_BUDGET_US=${GPUSLICE_PRIORITY_BUDGET_US:-unset} (both programs inherit it; only the low neighbour applies it, while the probe lives)"
 # On every way out: the programs of the row under way, the MPS daemon (mps_quit, common.sh).
 PIDS=()

@@ -98,16 +98,7 @@ else
   fi
 fi
 
-if [ "$PASSES" != sliced ]; then
-  # MPS without a partition: the shim sets each program's client priority from its class.
-  unset CUDA_MPS_ACTIVE_THREAD_PERCENTAGE CUDA_MPS_CLIENT_PRIORITY
-  if [ "$DRY" = 1 ]; then
-    MPS_CONTROL=$ROOT/$HERE/dryrun/nvidia-cuda-mps-control
-  elif ! command -v "$MPS_CONTROL" >/dev/null 2>&1; then
-    note "ptxslice_torch: $MPS_CONTROL not found (PTXSLICE_TORCH_MPS=$PTXSLICE_TORCH_MPS)"
-    exit 2
-  fi
-fi
+[ "$PASSES" = sliced ] || mps_prepare ptxslice_torch "PTXSLICE_TORCH_MPS=$PTXSLICE_TORCH_MPS"
 note "passes: $PASSES; budget ${BUDGET_S}s"
 
 ROWS=()
