@@ -65,7 +65,7 @@ const SHARED_HOLD_NS: u64 = 500_000_000;
 /// and 94.0 % in three runs on one H100 (stop 19) against the 95. 48 ms: 95.6 and
 /// 97.1 % at 20 µs, 97.6 % at 200 µs, every guarantee row passing (32 ms: 95.3, 94.9, 95.1).
 /// A returning process does not wait for a slice (the early hand-over, `hand_over_now`), so the
-/// longer round did not slow reclaim (78–81 % of a 30 %'s first 20 ms at 48 ms against 59 % at
+/// longer round did not slow reclaim (78–81 % of a 30 %'s first 20 ms at 48 ms against 45–59 % at
 /// 24 ms) nor a probe beside a borrower (p99 3.85 ms); what grows is the wait of a process that
 /// queues while its neighbour runs its slice, at most the others' slices of one round.
 pub const LEND_ROUND_NS: u64 = 48_000_000;
