@@ -312,7 +312,7 @@ impl Bucket {
         self.local.slice_bonus.store(if back { self.slice() } else { 0 }, Relaxed);
     }
 
-    /// Wall time since this process last took the turn (for the log).
+    /// Wall time since this process last took the turn (while it holds it: how long it has).
     pub fn held_ns(&self) -> u64 {
         now_ns().saturating_sub(self.local.turn_taken_at.load(Relaxed))
     }
@@ -348,7 +348,7 @@ impl Bucket {
         if !self.lends() || !waiting {
             return false;
         }
-        let held = now_ns().saturating_sub(self.local.turn_taken_at.load(Relaxed));
+        let held = self.held_ns();
         if borrowing_after_ns().is_some_and(|after| held >= after) && returner() {
             tracing::debug!("hands the turn over early: held it {} us, a process back from idle queues", held / 1000);
             return true;
