@@ -182,9 +182,41 @@ class Tenant:
         self.stdout.close()
         self.err.close()
         log(f"--- {self.what}: exit {self.p.returncode}\n{self.out[-3000:]}{err if args.log != 'warn' else err[-1500:]}")
+        timeline = report_timeline(self.out)
+        if timeline:
+            log(f"timeline {self.what}: {timeline}")
         if self.p.returncode != 0:
             raise RuntimeError(f"{self.what} exited {self.p.returncode}: {err.strip()[-300:]}")
         return self.out
+
+
+def report_timeline(out, window_s=0.25):
+    """The rate of a sharebench's reports (`t=… kernels=… mono=…`) over each `window_s` of its
+    run, and its longest gap between two reports: the log keeps only the tail of the reports,
+    and a row that misses its bar by a few points needs to show whether the time went in one
+    stall (a lost wake-up, a lease taken back) or evenly (every hand-over dearer)."""
+    points = []
+    for line in out.splitlines():
+        if line.startswith("t=") and " kernels=" in line:
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            try:
+                points.append((float(fields["t"]), int(fields["kernels"])))
+            except (KeyError, ValueError):
+                continue
+    if len(points) < 2:
+        return ""
+    rates, i = [], 0
+    start, end = points[0][0], points[-1][0]
+    edge = start
+    while edge + window_s <= end + 1e-9:
+        j = i
+        while j + 1 < len(points) and points[j + 1][0] <= edge + window_s:
+            j += 1
+        rates.append((points[j][1] - points[i][1]) / max(points[j][0] - points[i][0], 1e-9))
+        i, edge = j, edge + window_s
+    gap, at = max((b[0] - a[0], a[0]) for a, b in zip(points, points[1:]))
+    shown = " ".join(f"{r / 1000:.1f}" for r in rates)
+    return f"k/s per {window_s * 1000:.0f} ms from t={start:.2f}: {shown}; longest gap between reports {gap * 1000:.1f} ms at t={at:.3f}"
 
 
 def bench(share, cap, iters, seconds, what):
