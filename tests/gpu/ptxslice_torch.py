@@ -13,7 +13,8 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
    and kept for the whole run, each paused by its own file: matmul fp32 2048^2 ("mm"), a
    training step eager ("tr") and torch.compile'd ("tc"), each twice: slicing on (the default,
    GPUSLICE_SLICE=low) and off (GPUSLICE_SLICE=off); with --budget-us a third copy of each with
-   GPUSLICE_PRIORITY_BUDGET_US. Once all are ready, each runs alone for --alone-s (its rate
+   GPUSLICE_PRIORITY_BUDGET_US, and with --nb-share one with GPUSLICE_SM_SHARE (over MPS: the
+   client's active-thread percentage). Once all are ready, each runs alone for --alone-s (its rate
    alone: no high-priority process lives yet, so nothing is held or split).
 2. The probe (ResNet-50 b8 fp32, high) as a CUDA graph, then eagerly, each a process of its own
    with --neighbours: phases of --phase-s cycle solo, mm_on, solo, mm_off, solo, tr_on, ...
@@ -107,6 +108,10 @@ def env_low(mode):
         extra["GPUSLICE_SLICE"] = "off"
     elif mode == "bud":
         extra["GPUSLICE_PRIORITY_BUDGET_US"] = str(C.budget_us)
+    elif mode == "sm":
+        # An SM share on the neighbour: over MPS the shim makes it the client's active-thread
+        # percentage (spatial: SMs stay free for the probe's first blocks); time-sliced, a cap.
+        extra["GPUSLICE_SM_SHARE"] = str(C.nb_share)
     return env_for(True, extra)
 
 
@@ -281,7 +286,7 @@ def check_torch():
                    f"{NB_SPEC[cid[2:]][0]}" + (", over MPS" if C.mps_pipe else ""), "SKIP",
                    "-", "dry run: needs torch and the GPU")
         return
-    modes = ["on", "off"] + (["bud"] if C.budget_us else [])
+    modes = ["on", "off"] + (["bud"] if C.budget_us else []) + (["sm"] if C.nb_share else [])
     go = prio.go_path(f"pt_nb{C.sfx}")
     stop = os.path.join(C.runs_dir, f"pt_nb{C.sfx}.stop")
     if os.path.exists(stop):
@@ -546,6 +551,8 @@ def main():
     ap.add_argument("--launch-rounds", type=int, default=3)
     ap.add_argument("--bench", default="")
     ap.add_argument("--budget-us", type=int, default=0)
+    ap.add_argument("--nb-share", type=int, default=0,
+                    help="also each neighbour with GPUSLICE_SM_SHARE set to this (INFO rows -sm)")
     ap.add_argument("--shim-log", default="info")
     ap.add_argument("--later-probe-runs", type=int, default=0,
                     help="probe runs of a later pass (ptxslice_torch.sh's -mps pass) to fit in the budget")
@@ -570,6 +577,7 @@ def main():
     C.startup_runs, C.launch_rounds = args.startup_runs, args.launch_rounds
     C.bench = args.bench
     C.budget_us = args.budget_us
+    C.nb_share = args.nb_share
     C.dry_run = args.dry_run
     C.cuclient, C.sim_dir, C.fixture = args.cuclient, args.sim_dir, args.fixture
     C.stand_in = args.stand_in_torch
@@ -601,7 +609,7 @@ def main():
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     log(f"\n##### ptxslice_torch: lib={C.lib} build={C.build} out={C.out} python={PY} "
-        f"phase_s={C.phase_s} rounds={C.rounds} alone_s={C.alone_s} budget_us={C.budget_us} "
+        f"phase_s={C.phase_s} rounds={C.rounds} alone_s={C.alone_s} budget_us={C.budget_us} nb_share={C.nb_share} "
         f"dry_run={C.dry_run} mps_pipe={C.mps_pipe or '-'} later_probe_runs={C.later_runs} "
         f"time left={remaining():.0f}s")
     if not C.dry_run:
@@ -618,7 +626,7 @@ def main():
         prio.kill_children()
         if C.smi is not None:
             C.smi.stop()
-    rows = gpucommon.sorted_results([c + C.sfx for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud")]
+    rows = gpucommon.sorted_results([c + C.sfx for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud", f"{i}-sm")]
                                     + [i + C.sfx for i in IDS[6:]] + [f"mps-{c}" for c in MPS_CLIENT_PRIORITY])
     title = "== ptxslice_torch results ==" if not C.mps_pipe else (
         "== ptxslice_torch results, over MPS (a private daemon; client priority 0 high, 1 low) ==")

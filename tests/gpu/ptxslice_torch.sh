@@ -15,6 +15,10 @@
 #   PTXSLICE_TORCH_STARTUP_RUNS              start-up runs per variant (default 5)
 #   PTXSLICE_TORCH_BUDGET_US                 also each neighbour with GPUSLICE_PRIORITY_BUDGET_US
 #                                            set to this (INFO rows; default: not run)
+#   PTXSLICE_TORCH_NB_SHARE                  also each neighbour with GPUSLICE_SM_SHARE set to this
+#                                            (INFO rows -sm; default: not run): over MPS the
+#                                            shim makes it the neighbour's active-thread
+#                                            percentage, so SMs stay free for the probe
 #   PTXSLICE_TORCH_MPS                       0 (default): time-slicing, the rows as they were.
 #                                            1: the torch rows over a private MPS control daemon
 #                                            (common.sh's mps_start: `$MPS_CONTROL -d`, default
@@ -74,9 +78,10 @@ ROUNDS=${PTXSLICE_TORCH_ROUNDS:-3}
 PHASE_S=${PTXSLICE_TORCH_PHASE_S:-1}
 STARTUP_RUNS=${PTXSLICE_TORCH_STARTUP_RUNS:-5}
 NB_BUDGET_US=${PTXSLICE_TORCH_BUDGET_US:-0}
+NB_SHARE=${PTXSLICE_TORCH_NB_SHARE:-0}
 
 args=(--lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" --rounds "$ROUNDS" --phase-s "$PHASE_S"
-      --startup-runs "$STARTUP_RUNS" --budget-us "$NB_BUDGET_US")
+      --startup-runs "$STARTUP_RUNS" --budget-us "$NB_BUDGET_US" --nb-share "$NB_SHARE")
 if [ "$DRY" = 1 ]; then
   dry_setup ptxslice_torch ptxslice_torch.log "gpuslice: ResNet-50 beside PyTorch training, sliced and not"
   [ -x "$ROOT/target/clients/cuclient-link" ] || { note "ptxslice_torch: no target/clients/cuclient-link (run an integration test once)"; exit 2; }
