@@ -74,6 +74,9 @@ extern "C" {
 #define GPUSLICE_PRIORITY_LOW 1
 #define GPUSLICE_PRIORITY_NORMAL 2
 #define GPUSLICE_PRIORITY_HIGH 3
+#define GPUSLICE_ORIGIN_UNRECORDED 0 /* group slot origin: unpinned, or pinned before the field */
+#define GPUSLICE_ORIGIN_CONFIG 1     /* pinned by the config file: unpinned at a restart without it */
+#define GPUSLICE_ORIGIN_LIVE 2       /* pinned by a live edit (gpuslice set --create) */
 
 struct gpuslice_ledger_header {
     uint64_t magic;
@@ -157,7 +160,9 @@ struct gpuslice_group_slot {
     uint32_t pinned;                  /* kept when the last member leaves */
     uint64_t generation;              /* bumped each time the slot is reused */
     char name[64];                    /* NUL-padded; "pid-N" for a process alone */
-    uint64_t _reserved[4];
+    uint32_t origin;                  /* what pinned it: GPUSLICE_ORIGIN_* (was _reserved) */
+    uint32_t _origin_pad;
+    uint64_t _reserved[3];
     struct gpuslice_group_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
     uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 64 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
 };

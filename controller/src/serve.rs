@@ -74,9 +74,10 @@ pub struct ServeArgs {
 }
 
 pub fn serve(args: ServeArgs) -> Result<(), String> {
+    let config_path = args.config.clone().or_else(|| Path::new(DEFAULT_CONFIG).exists().then(|| DEFAULT_CONFIG.to_string()));
     let config = match &args.config {
         Some(path) => FileSettings::read_as("--config", path).map_err(|e| e.to_string())?,
-        None if Path::new(DEFAULT_CONFIG).exists() => FileSettings::read_as("config file", DEFAULT_CONFIG).map_err(|e| e.to_string())?,
+        None if config_path.is_some() => FileSettings::read_as("config file", DEFAULT_CONFIG).map_err(|e| e.to_string())?,
         None => FileSettings::default(),
     };
     // The same order as the CLI and the shims: the flag, $GPUSLICE_SOCKET, then the file.
@@ -117,6 +118,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     // Stopped when this returns, however it returns (the supervisor's drop).
     let _mps = crate::mps_daemon::start(&args.mps)?;
     let mut state = State::new(ledger, config);
+    state.config_path = config_path;
     if let Some(n) = args.max_processes_per_uid {
         state.uid_limits.processes = n.max(1);
     }

@@ -6,7 +6,7 @@
 //! a group's membership ends with a reconciliation (`GroupSlot::reconcile`), which is what keeps
 //! the group's figure exact whatever state a killed process left its slot in.
 
-use gpuslice_common::ledger::{self, GroupSlot, Ledger, Priority, ProcessSlot, FREE, LIVE, MAX_DEVICES, PRIORITY_INHERIT, UNLIMITED};
+use gpuslice_common::ledger::{self, GroupSlot, Ledger, Origin, Priority, ProcessSlot, FREE, LIVE, MAX_DEVICES, PRIORITY_INHERIT, UNLIMITED};
 use gpuslice_common::protocol::*;
 use gpuslice_common::settings::{FileSettings, Settings};
 use gpuslice_common::size::format_size;
@@ -67,6 +67,9 @@ pub struct GroupInfo {
     pub name: String,
     /// Lives in the config file or was edited: kept when its last member leaves.
     pub pinned: bool,
+    /// What pinned it (recorded in the ledger, so that a restart can tell a config group the
+    /// new config dropped from one a live `set --create` made).
+    pub origin: Origin,
     /// Made from the environment of a first member of this uid: only processes of that uid may
     /// join it (nobody can squat a name and pin another tenant's limits).
     pub env_uid: Option<u32>,
@@ -97,6 +100,8 @@ struct ShareSample {
 pub struct State {
     pub ledger: Ledger,
     pub config: FileSettings,
+    /// Where `config` was read from, for log lines (`None`: the controller started without one).
+    pub config_path: Option<String>,
     /// Process slot → what watches it.
     pub watched: HashMap<usize, Watched>,
     /// Groups whose reconciliation could not finish yet (a member held an operation open).
@@ -137,6 +142,7 @@ impl State {
         State {
             ledger,
             config,
+            config_path: None,
             watched: HashMap::new(),
             pending: Vec::new(),
             owner_uid,
@@ -165,6 +171,7 @@ impl State {
             }
             info.priority = g.priority.load(Relaxed);
             g.pinned.store(info.pinned as u32, Relaxed);
+            g.origin.store(info.origin as u32, Relaxed);
         }
     }
 
@@ -322,7 +329,7 @@ impl State {
             if self.find_group(&name).is_some() {
                 continue;
             }
-            let slot = self.new_group(&name, true, None).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
+            let slot = self.new_group(&name, Some(Origin::Config), None).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
             let g = self.ledger.group(slot);
             apply_settings_all_devices(g, &settings);
             self.remember_group(slot);
@@ -348,6 +355,8 @@ impl State {
                 slot.release();
             }
         }
+        // Config groups the new config no longer names: unpinned below.
+        let mut dropped = Vec::new();
         for i in 0..geometry.max_groups as usize {
             let g = self.ledger.group(i);
             if g.state.load(Acquire) != LIVE {
@@ -365,10 +374,37 @@ impl State {
                 self.forget_group_memory(i);
                 continue;
             }
-            let pinned = published.unwrap_or(g).pinned.load(Relaxed) != 0;
+            let saved = published.unwrap_or(g);
+            let (mut pinned, mut origin) = (saved.pinned.load(Relaxed) != 0, Origin::from_u32(saved.origin.load(Relaxed)));
+            let named = self.config.groups.contains_key(&name);
+            if pinned && origin == Origin::Unrecorded && named {
+                // Pinned before origins were recorded: the config names it, so count it as the
+                // config's (one it no longer names is kept, as then).
+                origin = Origin::Config;
+            }
+            if origin == Origin::Config && pinned != named {
+                // A config group is pinned while the config names it. Dropped from it: it goes
+                // like a group its members made, its limits kept for whoever still runs in it
+                // (logged once they are counted). Named again before they all left: pinned again.
+                pinned = named;
+                if named {
+                    tracing::info!("group {name:?} is in the config again: pinned");
+                } else {
+                    dropped.push(i);
+                }
+            }
             self.groups.insert(
                 i,
-                GroupInfo { name, pinned, env_uid: None, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], sm_caps: [0; MAX_DEVICES], priority: 0 },
+                GroupInfo {
+                    name,
+                    pinned,
+                    origin,
+                    env_uid: None,
+                    limits: [UNLIMITED; MAX_DEVICES],
+                    shares: [0; MAX_DEVICES],
+                    sm_caps: [0; MAX_DEVICES],
+                    priority: 0,
+                },
             );
             if !self.remember_published(i) {
                 self.remember_group(i);
@@ -432,6 +468,10 @@ impl State {
                 dead.push(i);
             }
         }
+        // Said before the dead are released: a group they leave empty goes with the last.
+        for i in dropped {
+            self.unpin_dropped(i, &dead);
+        }
         // Released once every live member is known, so that a group is not freed as empty
         // (and its figure not recomputed) before its living members are counted in it.
         for i in dead {
@@ -451,11 +491,31 @@ impl State {
         tracing::info!("adopted the existing ledger: {kept} processes still running, {gone} gone since (their memory returned)");
     }
 
+    /// After a restart: config group `i`, which the new config no longer names, was adopted
+    /// unpinned. Says so, and takes its copy out of the ledger file (`save_pinned` keeps only
+    /// pinned groups), so that a later restart does not find it there. Its limits stay for its
+    /// members; `adopt` frees it now if it has none, `release` when its last one exits.
+    /// `dead`: process slots adopted but gone, not counted as running.
+    fn unpin_dropped(&self, i: usize, dead: &[usize]) {
+        let Some(name) = self.groups.get(&i).map(|g| g.name.as_str()) else { return };
+        let config = self.config_path.as_deref().unwrap_or("the config (the controller started without a config file)");
+        let fate = match self.members(i).iter().filter(|m| !dead.contains(m)).count() {
+            0 => "no process runs in it, so it goes now".to_string(),
+            1 => "it goes when its 1 running process exits".to_string(),
+            n => format!("it goes when its {n} running processes exit"),
+        };
+        tracing::info!("group {name:?} is no longer in {config}: unpinned; {fate}");
+        if let Err(e) = self.ledger.clear_group_page(i) {
+            tracing::error!("group {name:?}: cannot clear its copy in the ledger file: {e}");
+        }
+    }
+
     pub fn find_group(&self, name: &str) -> Option<usize> {
         self.groups.iter().find(|(_, g)| g.name == name).map(|(&i, _)| i)
     }
 
-    fn new_group(&mut self, name: &str, pinned: bool, env_uid: Option<u32>) -> Option<usize> {
+    /// A new group in a free slot; `pinned`: what pins it (`None`: it goes with its last member).
+    fn new_group(&mut self, name: &str, pinned: Option<Origin>, env_uid: Option<u32>) -> Option<usize> {
         let i = (0..self.ledger.geometry().max_groups as usize).find(|i| !self.groups.contains_key(i))?;
         self.forget_group_memory(i);
         if let Err(e) = self.make_group_memory(i) {
@@ -470,7 +530,8 @@ impl State {
             i,
             GroupInfo {
                 name: name.to_string(),
-                pinned,
+                pinned: pinned.is_some(),
+                origin: pinned.unwrap_or_default(),
                 env_uid,
                 limits: [UNLIMITED; MAX_DEVICES],
                 shares: [0; MAX_DEVICES],
@@ -571,7 +632,7 @@ impl State {
                     ));
                 }
                 let g = self
-                    .new_group(&group_name, false, Some(peer.uid))
+                    .new_group(&group_name, None, Some(peer.uid))
                     .ok_or_else(|| format!("the ledger is full ({} groups){RETRY_LATER}", self.ledger.geometry().max_groups))?;
                 let slot = self.ledger.group(g);
                 // A new group takes its first member's environment, else the config's defaults,
@@ -809,12 +870,16 @@ impl State {
                     None if !e.create => return Err(format!("{}; `gpuslice set --create --group {name} ...` makes it", self.no_such_group(name))),
                     None => {
                         gpuslice_common::settings::check_group_name(name).map_err(|r| format!("group {name:?}: {r}"))?;
-                        (self.new_group(name, true, None).ok_or("the ledger has no free group slot")?, true)
+                        (self.new_group(name, Some(Origin::Live), None).ok_or("the ledger has no free group slot")?, true)
                     }
                 };
                 if !gpuslice_common::settings::is_solo_group(name) {
                     // Configured now: kept when empty, and open to every uid.
                     let info = self.groups.get_mut(&slot).expect("found or made above");
+                    if !info.pinned {
+                        // Pinned by this edit (a config group edited live stays the config's).
+                        info.origin = Origin::Live;
+                    }
                     info.pinned = true;
                     info.env_uid = None;
                 }
@@ -1547,5 +1612,103 @@ mod tests {
         let member = s.register(me(), registration(Some("ha"), None)).unwrap();
         assert_eq!(member.group as usize, ha, "a member joins it, not a new group of that name");
         assert_eq!(s.ledger.group(ha).devices[0].limit.load(Relaxed), 1 << 30, "and is held to its limit");
+    }
+
+    /// A controller restarted on `dir`'s ledger with `config`, in `serve`'s order (adopt, then
+    /// the config's groups), publishing once as its first request would.
+    fn restarted(dir: &tempfile::TempDir, config: &str) -> State {
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        assert!(adopted);
+        let mut s = State::new(ledger, FileSettings::parse("test.toml", config).unwrap());
+        s.config_path = Some("test.toml".into());
+        s.init_memory(true).unwrap();
+        s.adopt();
+        s.install_config_groups().unwrap();
+        s.publish();
+        s
+    }
+
+    /// A config group the new config no longer names is unpinned at a restart: gone at once
+    /// without members, kept (with its limit) until its last member exits otherwise. A group a
+    /// live `set --create` made, and a config group the new config still names, stay pinned.
+    #[test]
+    fn a_config_group_the_new_config_drops_is_unpinned_at_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = "[groups.gone]\nmemory_limit = \"1GiB\"\n[groups.busy]\nmemory_limit = \"1GiB\"\n[groups.kept]\nmemory_limit = \"1GiB\"\n";
+        let new = "[groups.kept]\nmemory_limit = \"1GiB\"\n";
+        let _held = {
+            let mut s = state(&dir, old);
+            s.edit(me(), group_edit("live", true)).unwrap();
+            let busy = s.register(me(), registration(Some("busy"), None)).unwrap();
+            s.publish();
+            s.descriptors_for(busy.group as usize).unwrap()
+        };
+        let mut s = restarted(&dir, new);
+        assert_eq!(s.find_group("gone"), None, "dropped from the config, no members: gone");
+        let busy = s.find_group("busy").expect("dropped from the config, one member: kept for it");
+        assert!(!s.groups[&busy].pinned);
+        assert_eq!(s.ledger.group(busy).devices[0].limit.load(Relaxed), 1 << 30, "its member is still held to its limit");
+        for (name, origin) in [("kept", Origin::Config), ("live", Origin::Live)] {
+            let g = s.find_group(name).unwrap_or_else(|| panic!("{name} survives the restart"));
+            assert!(s.groups[&g].pinned && s.groups[&g].origin == origin, "{name}: {:?}", s.groups[&g]);
+            assert_eq!(s.groups[&g].limits[0], 1 << 30, "{name} keeps its limit");
+        }
+        let member = *s.members(busy).first().expect("its member was adopted");
+        s.release(member, "exited");
+        assert_eq!(s.find_group("busy"), None, "gone with its last member");
+        drop(s);
+        let s = restarted(&dir, new);
+        let mut names: Vec<&str> = s.groups.values().map(|g| g.name.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["kept", "live"], "nothing dropped comes back at the next restart");
+    }
+
+    /// A ledger written before origins were recorded (origin 0): a pinned group the config names
+    /// is taken as the config's from then on; one it does not name is kept, as before.
+    #[test]
+    fn a_pinned_group_of_unrecorded_origin_is_kept_and_the_configs_own_learn_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = state(&dir, "[groups.named]\n");
+            s.edit(me(), group_edit("old", true)).unwrap();
+            for info in s.groups.values_mut() {
+                info.origin = Origin::Unrecorded;
+            }
+            s.publish();
+        }
+        let s = restarted(&dir, "[groups.named]\n");
+        let (named, old) = (s.find_group("named").unwrap(), s.find_group("old").unwrap());
+        assert_eq!((s.groups[&named].origin, s.groups[&old].origin), (Origin::Config, Origin::Unrecorded));
+        assert!(s.groups[&old].pinned);
+        drop(s);
+        let s = restarted(&dir, "");
+        assert_eq!(s.find_group("named"), None, "recorded as the config's at the first restart, dropped at the second");
+        assert!(s.find_group("old").is_some_and(|g| s.groups[&g].pinned), "unrecorded: kept");
+    }
+
+    /// A config group unpinned at a restart (the new config dropped it) while a member still
+    /// ran is pinned again by a later restart whose config names it again: it then outlives
+    /// that member, as the config's groups do.
+    #[test]
+    fn a_dropped_config_group_named_again_before_its_member_left_is_pinned_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "[groups.busy]\nmemory_limit = \"1GiB\"\n";
+        let _held = {
+            let mut s = state(&dir, config);
+            let busy = s.register(me(), registration(Some("busy"), None)).unwrap();
+            s.publish();
+            s.descriptors_for(busy.group as usize).unwrap()
+        };
+        let s = restarted(&dir, "");
+        assert!(s.find_group("busy").is_some_and(|g| !s.groups[&g].pinned), "dropped: unpinned, kept for its member");
+        drop(s);
+        let mut s = restarted(&dir, config);
+        let busy = s.find_group("busy").expect("still there");
+        assert!(s.groups[&busy].pinned && s.groups[&busy].origin == Origin::Config, "{:?}", s.groups[&busy]);
+        let member = *s.members(busy).first().expect("its member was adopted");
+        s.release(member, "exited");
+        assert_eq!(s.find_group("busy"), Some(busy), "the config's again: it outlives its member");
+        assert_eq!(s.ledger.group(busy).devices[0].limit.load(Relaxed), 1 << 30);
     }
 }

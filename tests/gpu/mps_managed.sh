@@ -194,7 +194,8 @@ else
   row quit FAIL "after SIGTERM to serve: daemon ${DAEMON:-?} $(alive "${DAEMON:-0}" && echo alive || echo gone), table $([ -e "$TABLE" ] && echo left || echo removed)"
 fi
 # A ledger file of its own: a controller keeps the pinned groups the ledger file it starts on
-# kept (a restart must not undo live edits), and the one above holds group `probe` at high.
+# kept (a restart must not undo live edits). The config's `probe` (high), which none.toml drops,
+# is unpinned at a restart since branch cfgorigin, but goes only once no process runs in it.
 serve_start auto "$W/none.toml" "$W/ledger-none" || exit 2
 if wait_mode "$GPU_UUID" time-sliced; then
   row decide-none PASS "no high-priority group: auto publishes time-sliced ($(awk -v u="$GPU_UUID" '$1 == u { $1 = $2 = $3 = $4 = ""; print }' "$TABLE" | sed 's/^ *//'))"

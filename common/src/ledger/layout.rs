@@ -129,7 +129,13 @@ pub struct GroupSlot {
     /// Incremented each time the slot is given to a new group.
     pub generation: AtomicU64,
     pub name: [AtomicU64; NAME_BYTES / 8],
-    pub _reserved: [AtomicU64; 4],
+    /// What pinned the group (`Origin` as u32), in the controller's published settings and the
+    /// ledger file's copy of them: a restarted controller unpins a config group the new config
+    /// no longer names, and keeps one a live `set --create` made. Was `_reserved[0]`'s low half,
+    /// always zero, which reads as `Origin::Unrecorded` (layout unchanged).
+    pub origin: AtomicU32,
+    pub _origin_pad: AtomicU32,
+    pub _reserved: [AtomicU64; 3],
     pub devices: [GroupDevice; MAX_DEVICES],
     /// To the end of the page.
     pub _page: [AtomicU64; (PAGE - 128 - 64 * MAX_DEVICES) / 8],
@@ -371,6 +377,29 @@ pub enum Priority {
     High = 3,
 }
 
+/// What pinned a group (`GroupSlot::origin`): the config file, or a live edit (`gpuslice set
+/// --create`, or a `set` that pinned a group its first member made). A later live edit of a
+/// config group leaves it a config group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// Unpinned, or pinned by a controller from before the field: kept at a restart, as then.
+    #[default]
+    Unrecorded = 0,
+    Config = 1,
+    Live = 2,
+}
+
+impl Origin {
+    /// Unknown values (a tenant's writable copy may hold anything) read as `Unrecorded`.
+    pub fn from_u32(v: u32) -> Origin {
+        match v {
+            1 => Origin::Config,
+            2 => Origin::Live,
+            _ => Origin::Unrecorded,
+        }
+    }
+}
+
 /// A process slot's `priority` when the process has none of its own.
 pub const PRIORITY_INHERIT: u32 = 0;
 
@@ -556,6 +585,7 @@ impl GroupSlot {
         self.reconciling.store(0, Relaxed);
         self.throttled.store(0, Relaxed);
         self.pinned.store(0, Relaxed);
+        self.origin.store(0, Relaxed);
         write_text(&self.name, "");
         for d in &self.devices {
             d.limit.store(UNLIMITED, Relaxed);

@@ -134,6 +134,7 @@ impl State {
         }
         page.priority.store(info.priority, Relaxed);
         page.pinned.store(info.pinned as u32, Relaxed);
+        page.origin.store(info.origin as u32, Relaxed);
         if page.name() != info.name {
             page.set_name(&info.name);
         }
@@ -150,7 +151,8 @@ impl State {
     /// with it, and the restarted one dropped the group; members that came later made a new
     /// one, without its limits (`faults.rs`'s restart test under load: `set --create --group ha
     /// --memory 4GiB`, then members registered with "no memory limit"). Unpinned groups go
-    /// with their last member anyway.
+    /// with their last member anyway. The copy says what pinned the group (`GroupSlot::origin`),
+    /// so that a restart unpins a config group the new config no longer names.
     fn save_pinned(&self, i: usize) {
         let (Some(info), Some(page)) = (self.groups.get(&i), self.published(i)) else { return };
         if info.pinned {
@@ -270,6 +272,7 @@ impl State {
         }
         if let Some(info) = self.groups.get(&i) {
             self.ledger.group(i).pinned.store(info.pinned as u32, Relaxed);
+            self.ledger.group(i).origin.store(info.origin as u32, Relaxed);
         }
     }
 
@@ -294,5 +297,6 @@ fn copy_settings(from: &GroupSlot, to: &GroupSlot) {
     }
     to.priority.store(from.priority.load(Relaxed), Relaxed);
     to.pinned.store(from.pinned.load(Relaxed), Relaxed);
+    to.origin.store(from.origin.load(Relaxed), Relaxed);
     to.set_name(&from.name());
 }

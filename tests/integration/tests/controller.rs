@@ -357,6 +357,72 @@ fn controller_killed_and_restarted_under_load() {
     assert_eq!(l.group_used("ha", 0), 0, "{l}");
 }
 
+// --------------------------------------------------- 4b. config groups at a controller restart
+
+/// A controller restarted with a config that no longer names group "batch", which nobody has
+/// joined: the group is gone (it used to come back from the ledger file's copy, pinned, for
+/// good). A group a live `set --create` made, and a config group the new config still names,
+/// stay: each holds a member to its 1 GiB and is still listed once that member has exited.
+#[test]
+fn a_config_group_the_new_config_drops_is_gone_after_a_restart_and_the_others_stay() {
+    let _t = shared();
+    let sim = sim();
+    let mut ctl = sim.controller_with_config("[groups.batch]\nmemory_limit = \"1GiB\"\n[groups.kept]\nmemory_limit = \"1GiB\"\n");
+    ctl.set_ok("--create --group live --memory 1GiB");
+    let l = ctl.ls();
+    for name in ["batch", "kept", "live"] {
+        assert!(l.group(name).is_some(), "{name} before the restart:\n{l}");
+    }
+    let config = sim.write_file("controller.toml", "[groups.kept]\nmemory_limit = \"1GiB\"\n");
+    ctl.restart();
+    let l = ctl.ls();
+    assert!(l.group("batch").is_none(), "batch is no longer in the config and had no members:\n{l}\n{}", ctl.log());
+    let line = format!("group \"batch\" is no longer in {}: unpinned; no process runs in it, so it goes now", config.display());
+    assert_eq!(ctl.log().matches(&line).count(), 1, "one line says why:\n{}", ctl.log());
+    for name in ["kept", "live"] {
+        member_held_to_one_gib(&sim, &ctl, name);
+    }
+    let l = ctl.ls();
+    for name in ["kept", "live"] {
+        assert!(l.group(name).is_some() && l.members(name).is_empty(), "{name} stays pinned, empty:\n{l}");
+        assert_eq!(l.group_limit(name, 0), Some(GIB), "{l}");
+    }
+}
+
+/// The same with a member running in "batch" through the restart: the group stays, and the
+/// member is still held to its 1 GiB (nothing fails open), until it exits; then the group goes
+/// as one its members made would.
+#[test]
+fn a_config_group_the_new_config_drops_stays_for_its_member_then_goes() {
+    let _t = shared();
+    let sim = sim();
+    let mut ctl = sim.controller_with_config("[groups.batch]\nmemory_limit = \"1GiB\"\n");
+    let [more, done] = ["more", "done"].map(|n| path(&sim, n));
+    let m = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("batch")
+        .args(&format!("init ctx 0 alloc 700M waitfile {more} alloc 400M alloc 200M waitfile {done}"))
+        .spawn();
+    expect_ok(&m.wait_line("alloc", 0));
+    let config = sim.write_file("controller.toml", "");
+    ctl.restart();
+    let line = format!("group \"batch\" is no longer in {}: unpinned; it goes when its 1 running process exits", config.display());
+    assert_eq!(ctl.log().matches(&line).count(), 1, "one line says why:\n{}", ctl.log());
+    let l = ctl.ls();
+    assert_eq!(l.members("batch"), vec![m.pid()], "kept for its member:\n{l}");
+    assert_eq!(l.group_limit("batch", 0), Some(GIB), "with its limit:\n{l}");
+    touch(&more);
+    expect_oom(&m.wait_line("alloc", 1));
+    expect_ok(&m.wait_line("alloc", 2));
+    assert_eq!(ctl.ls().group_used("batch", 0), R + 900 * MIB, "{}", ctl.ls());
+    touch(&done);
+    m.wait().assert_success();
+    let (l, _) = ctl.ls_until("batch gone with its member", Duration::from_secs(2), |l| l.group("batch").is_none());
+    assert!(l.groups().is_empty(), "{l}");
+}
+
 // ------------------------------------------------------------------------ 5. a bad config
 
 #[test]
