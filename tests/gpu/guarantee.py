@@ -40,6 +40,7 @@ Exit status: 0 every row PASS, 1 some FAIL.
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -182,7 +183,7 @@ class Tenant:
         self.stdout.close()
         self.err.close()
         log(f"--- {self.what}: exit {self.p.returncode}\n{self.out[-3000:]}{err if args.log != 'warn' else err[-1500:]}")
-        timeline = report_timeline(self.out)
+        timeline = "; ".join(t for t in (report_timeline(self.out), handover_summary(err)) if t)
         if timeline:
             log(f"timeline {self.what}: {timeline}")
         if self.p.returncode != 0:
@@ -217,6 +218,19 @@ def report_timeline(out, window_s=0.25):
     gap, at = max((b[0] - a[0], a[0]) for a, b in zip(points, points[1:]))
     shown = " ".join(f"{r / 1000:.1f}" for r in rates)
     return f"k/s per {window_s * 1000:.0f} ms from t={start:.2f}: {shown}; longest gap between reports {gap * 1000:.1f} ms at t={at:.3f}"
+
+
+def handover_summary(err):
+    """With `--log debug`: how often the tenant handed the turn over, how many of those were
+    early (to a process back from idle: between saturating tenants there should be none), and
+    how long it held the turn (median, shortest). Empty at other log levels."""
+    held = [int(m.group(1)) for m in re.finditer(r"hands the turn over after holding it (\d+) us", err)]
+    if not held:
+        return ""
+    early = err.count("hands the turn over early")
+    held.sort()
+    return (f"hand-overs {len(held)} ({early} early to a returner), held median {held[len(held) // 2] / 1000:.1f} ms, "
+            f"shortest {held[0] / 1000:.1f} ms")
 
 
 def bench(share, cap, iters, seconds, what):
