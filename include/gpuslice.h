@@ -77,6 +77,9 @@ extern "C" {
 #define GPUSLICE_ORIGIN_UNRECORDED 0 /* group slot origin: unpinned, or pinned before the field */
 #define GPUSLICE_ORIGIN_CONFIG 1     /* pinned by the config file: unpinned at a restart without it */
 #define GPUSLICE_ORIGIN_LIVE 2       /* pinned by a live edit (gpuslice set --create) */
+#define GPUSLICE_OWNER_UNRECORDED 0ULL       /* group slot owner: not recorded (not uid 0) */
+#define GPUSLICE_OWNER_OPEN (1ULL << 32)     /* any uid may join (a configured group) */
+#define GPUSLICE_OWNER_UID (2ULL << 32)      /* | uid: made from that uid's environment, its alone */
 
 struct gpuslice_ledger_header {
     uint64_t magic;
@@ -162,7 +165,8 @@ struct gpuslice_group_slot {
     char name[64];                    /* NUL-padded; "pid-N" for a process alone */
     uint32_t origin;                  /* what pinned it: GPUSLICE_ORIGIN_* (was _reserved) */
     uint32_t _origin_pad;
-    uint64_t _reserved[3];
+    uint64_t owner;                   /* who may join: GPUSLICE_OWNER_* (settings page only; was _reserved) */
+    uint64_t _reserved[2];
     struct gpuslice_group_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
     uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 64 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
 };

@@ -25,7 +25,7 @@ fn rust_layout() -> (Fields, Sizes) {
         "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket, returning }
         "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
-        "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, origin, devices }
+        "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, origin, owner, devices }
         "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, _was_penalty, turn_wait_ns }
         "gpuslice_member_settings" MemberSettings { penalty, marks, suspend, priority }
         "gpuslice_process_slot" ProcessSlot { state, pid, group, _was_priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, suspend_ack, suspend_error, suspend_bytes, suspend_ms, suspend_caps, suspend_keep, devices, suspend_request, suspend_held, suspend_ranges, suspend_phase_us }
@@ -56,7 +56,7 @@ fn c_header_matches_the_rust_ledger() {
         c.push_str(&format!("  printf(\"sizeof {s} %zu\\n\", sizeof({s}));\n"));
     }
     c.push_str(
-        "  printf(\"magic %llu\\n\", (unsigned long long)GPUSLICE_LEDGER_MAGIC);\n  printf(\"version %d\\n\", GPUSLICE_LEDGER_LAYOUT_VERSION);\n  printf(\"devices %d\\n\", GPUSLICE_LEDGER_MAX_DEVICES);\n  printf(\"header %d\\n\", GPUSLICE_LEDGER_HEADER_SIZE);\n  printf(\"phases %d\\n\", GPUSLICE_SUSPEND_PHASES);\n  printf(\"hole %d\\n\", GPUSLICE_SUSPEND_ERR_HOLE);\n  printf(\"origins %d %d %d\\n\", GPUSLICE_ORIGIN_UNRECORDED, GPUSLICE_ORIGIN_CONFIG, GPUSLICE_ORIGIN_LIVE);\n  return 0;\n}\n",
+        "  printf(\"magic %llu\\n\", (unsigned long long)GPUSLICE_LEDGER_MAGIC);\n  printf(\"version %d\\n\", GPUSLICE_LEDGER_LAYOUT_VERSION);\n  printf(\"devices %d\\n\", GPUSLICE_LEDGER_MAX_DEVICES);\n  printf(\"header %d\\n\", GPUSLICE_LEDGER_HEADER_SIZE);\n  printf(\"phases %d\\n\", GPUSLICE_SUSPEND_PHASES);\n  printf(\"hole %d\\n\", GPUSLICE_SUSPEND_ERR_HOLE);\n  printf(\"origins %d %d %d\\n\", GPUSLICE_ORIGIN_UNRECORDED, GPUSLICE_ORIGIN_CONFIG, GPUSLICE_ORIGIN_LIVE);\n  printf(\"owners %llu %llu %llu\\n\", GPUSLICE_OWNER_UNRECORDED, GPUSLICE_OWNER_OPEN, GPUSLICE_OWNER_UID | 1000u);\n  return 0;\n}\n",
     );
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("layout.c");
@@ -86,4 +86,6 @@ fn c_header_matches_the_rust_ledger() {
     assert_eq!(value("hole") as u32, SUSPEND_ERR_HOLE);
     let origins = text.lines().find_map(|l| l.strip_prefix("origins ")).unwrap_or_else(|| panic!("origins missing:\n{text}"));
     assert_eq!(origins, format!("{} {} {}", Origin::Unrecorded as u32, Origin::Config as u32, Origin::Live as u32));
+    let owners = text.lines().find_map(|l| l.strip_prefix("owners ")).unwrap_or_else(|| panic!("owners missing:\n{text}"));
+    assert_eq!(owners, format!("{} {} {}", Owner::Unrecorded.word(), Owner::Open.word(), Owner::Uid(1000).word()));
 }

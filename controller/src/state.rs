@@ -6,7 +6,7 @@
 //! a group's membership ends with a reconciliation (`GroupSlot::reconcile`), which is what keeps
 //! the group's figure exact whatever state a killed process left its slot in.
 
-use gpuslice_common::ledger::{self, GroupSlot, Ledger, Origin, Priority, ProcessSlot, FREE, LIVE, MAX_DEVICES, PRIORITY_INHERIT, UNLIMITED};
+use gpuslice_common::ledger::{self, GroupSlot, Ledger, Origin, Owner, Priority, ProcessSlot, FREE, LIVE, MAX_DEVICES, PRIORITY_INHERIT, UNLIMITED};
 use gpuslice_common::protocol::*;
 use gpuslice_common::settings::{FileSettings, Settings};
 use gpuslice_common::size::format_size;
@@ -22,6 +22,21 @@ const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
 /// No process takes a priority slot or a turn this far ahead (they renew every 50 ms, and a
 /// turn's lease covers the work it queued).
 const LEASE_HORIZON_NS: u64 = 60_000_000_000;
+
+/// `GroupInfo::env_uid` of an unpinned group whose owner a restarted controller found no
+/// trusted record of (`Owner::Unrecorded`: a ledger from a controller before the field, or a
+/// settings page rebuilt from its members' writable copy): no process may join it, since any
+/// uid could be the wrong one. `(uid_t)-1` is no process's uid.
+const OWNER_UNKNOWN: u32 = u32::MAX;
+
+/// What `GroupInfo::env_uid` publishes as `GroupSlot::owner`.
+pub(crate) fn owner_of(env_uid: Option<u32>) -> Owner {
+    match env_uid {
+        None => Owner::Open,
+        Some(OWNER_UNKNOWN) => Owner::Unrecorded,
+        Some(uid) => Owner::Uid(uid),
+    }
+}
 
 /// How long a reconciliation waits for a live member's open operation.
 const RECONCILE_PATIENCE_NS: u64 = 50_000_000;
@@ -71,7 +86,9 @@ pub struct GroupInfo {
     /// new config dropped from one a live `set --create` made).
     pub origin: Origin,
     /// Made from the environment of a first member of this uid: only processes of that uid may
-    /// join it (nobody can squat a name and pin another tenant's limits).
+    /// join it (nobody can squat a name and pin another tenant's limits). Published as
+    /// `GroupSlot::owner`, from where a restarted controller takes it back (`OWNER_UNKNOWN`
+    /// when it could not: nobody may join).
     pub env_uid: Option<u32>,
     pub limits: [u64; MAX_DEVICES],
     pub shares: [u32; MAX_DEVICES],
@@ -376,6 +393,8 @@ impl State {
             }
             let saved = published.unwrap_or(g);
             let (mut pinned, mut origin) = (saved.pinned.load(Relaxed) != 0, Origin::from_u32(saved.origin.load(Relaxed)));
+            // Who may join, as the previous controller published it (never the members' copy).
+            let owner = Owner::from_word(saved.owner.load(Relaxed));
             let named = self.config.groups.contains_key(&name);
             if pinned && origin == Origin::Unrecorded && named {
                 // Pinned before origins were recorded: the config names it, so count it as the
@@ -393,18 +412,21 @@ impl State {
                     dropped.push(i);
                 }
             }
+            let env_uid = match owner {
+                Owner::Uid(uid) => Some(uid),
+                Owner::Open => None,
+                // Configured groups were open to all before owners were recorded.
+                Owner::Unrecorded if pinned => None,
+                Owner::Unrecorded => {
+                    tracing::warn!(
+                        "group {name:?}: made from a process's environment, but which uid made it was not recorded (a controller from before owners were recorded, or its settings page was not found); no process may join it until its members have exited (`gpuslice set --group {name}` opens it to all)"
+                    );
+                    Some(OWNER_UNKNOWN)
+                }
+            };
             self.groups.insert(
                 i,
-                GroupInfo {
-                    name,
-                    pinned,
-                    origin,
-                    env_uid: None,
-                    limits: [UNLIMITED; MAX_DEVICES],
-                    shares: [0; MAX_DEVICES],
-                    sm_caps: [0; MAX_DEVICES],
-                    priority: 0,
-                },
+                GroupInfo { name, pinned, origin, env_uid, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], sm_caps: [0; MAX_DEVICES], priority: 0 },
             );
             if !self.remember_published(i) {
                 self.remember_group(i);
@@ -613,6 +635,11 @@ impl State {
             Some(g) => {
                 let info = &self.groups[&g];
                 if let Some(owner) = info.env_uid.filter(|&o| o != peer.uid && !self.env_groups_open) {
+                    if owner == OWNER_UNKNOWN {
+                        return Err(format!(
+                            "group {group_name:?} was made from the environment of a process before the controller restarted, and which uid made it was not recorded; no process may join it until its members have exited (an administrator makes it open to all by configuring it: the config file or `gpuslice set --group {group_name}`; or runs the controller with --env-groups open)"
+                        ));
+                    }
                     return Err(format!(
                         "group {group_name:?} was made from the environment of a process of uid {owner}; only that uid's processes may join it (an administrator makes it open to all by configuring it: the config file or `gpuslice set --group {group_name}`; or runs the controller with --env-groups open)"
                     ));
@@ -1710,5 +1737,89 @@ mod tests {
         s.release(member, "exited");
         assert_eq!(s.find_group("busy"), Some(busy), "the config's again: it outlives its member");
         assert_eq!(s.ledger.group(busy).devices[0].limit.load(Relaxed), 1 << 30);
+    }
+
+    /// A group made from the environment of uid 1000's process is still that uid's after a
+    /// restart (`GroupSlot::owner` on the published page): another uid is refused in the same
+    /// words as before it, uid 1000's processes join, and it still counts against uid 1000's
+    /// groups. Root's (uid 0) comes back as root's, not as "no owner". A `set` still opens it to
+    /// every uid, which the next restart keeps; an unpinned one still goes with its last member.
+    #[test]
+    fn a_group_from_the_environment_stays_its_uids_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = std::os::unix::process::parent_id();
+        let stranger = Peer { pid: 1, uid: 2000 };
+        let (refused, _held) = {
+            let mut s = state(&dir, "");
+            let team = s.register(Peer { pid: parent, uid: 1000 }, registration(Some("team"), Some(1 << 30))).unwrap();
+            let root = s.register(Peer { pid: std::process::id(), uid: 0 }, registration(Some("rootteam"), None)).unwrap();
+            s.publish();
+            let refused = s.register(stranger, registration(Some("team"), None)).unwrap_err();
+            assert!(refused.contains("of uid 1000;"), "{refused}");
+            (refused, [team.group, root.group].map(|g| s.descriptors_for(g as usize).unwrap()))
+        };
+        let mut s = restarted(&dir, "");
+        let team = s.find_group("team").expect("kept for its member");
+        assert_eq!(s.groups[&team].env_uid, Some(1000), "{:?}", s.groups[&team]);
+        assert_eq!(s.register(stranger, registration(Some("team"), None)).unwrap_err(), refused, "refused as before the restart");
+        let e = s.register(stranger, registration(Some("rootteam"), None)).unwrap_err();
+        assert!(e.contains("of uid 0;"), "root's group is root's: {e}");
+        s.uid_limits.groups = 1;
+        let e = s.register(Peer { pid: 1, uid: 1000 }, registration(Some("other"), None)).unwrap_err();
+        assert!(e.contains("uid 1000 already has 1 groups"), "still counted as uid 1000's: {e}");
+        let joined = s.register(Peer { pid: 1, uid: 1000 }, registration(Some("team"), None)).expect("its owner's processes join");
+        assert_eq!(joined.group as usize, team);
+        assert_eq!(s.ledger.group(team).devices[0].limit.load(Relaxed), 1 << 30, "held to its limit");
+        let root = s.find_group("rootteam").unwrap();
+        let member = *s.members(root).first().expect("its member was adopted");
+        s.release(member, "exited");
+        assert_eq!(s.find_group("rootteam"), None, "unpinned: gone with its last member");
+        s.release(joined.slot as usize, "exited");
+        s.edit(me(), group_edit("team", false)).unwrap();
+        assert!(s.groups[&team].pinned && s.groups[&team].env_uid.is_none(), "{:?}", s.groups[&team]);
+        s.publish();
+        drop(s);
+        let mut s = restarted(&dir, "");
+        let team = s.find_group("team").unwrap();
+        assert!(s.groups[&team].pinned && s.groups[&team].env_uid.is_none(), "configured: open after a restart too: {:?}", s.groups[&team]);
+        let other = s.register(stranger, registration(Some("team"), None)).expect("configured: open to all");
+        assert_eq!(other.group as usize, team);
+    }
+
+    /// A restart that finds a group's memory but not its settings page (its members closed it)
+    /// takes neither what pins the group nor who may join it from the members' writable copy,
+    /// where a member can write a pin and "open to all": an unpinned group is closed to every
+    /// uid, its owner's too (which uid it was is not known); a pinned one takes its settings
+    /// from the ledger file's copy.
+    #[test]
+    fn a_group_whose_settings_page_was_lost_is_opened_by_nothing_its_members_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let parent = std::os::unix::process::parent_id();
+        let _held = {
+            let mut s = state(&dir, "");
+            s.edit(me(), group_edit("ha", true)).unwrap();
+            let team = s.register(Peer { pid: parent, uid: 1000 }, registration(Some("team"), Some(1 << 30))).unwrap();
+            let ha = s.register(Peer { pid: std::process::id(), uid: 1000 }, registration(Some("ha"), None)).unwrap();
+            s.publish();
+            for g in [team.group, ha.group] {
+                let copy = s.ledger.group(g as usize);
+                copy.pinned.store(1, Relaxed);
+                copy.origin.store(Origin::Live as u32, Relaxed);
+                copy.owner.store(Owner::Open.word(), Relaxed);
+                copy.devices[0].limit.store(UNLIMITED, Relaxed);
+            }
+            // Their members keep the group's memory and the device memory, not the settings page.
+            [team.group, ha.group].map(|g| s.descriptors_for(g as usize).unwrap().into_iter().take(2).collect::<Vec<_>>())
+        };
+        let mut s = restarted(&dir, "");
+        let team = s.find_group("team").expect("kept for its member");
+        assert!(!s.groups[&team].pinned, "{:?}", s.groups[&team]);
+        for uid in [2000, 1000] {
+            let e = s.register(Peer { pid: 1, uid }, registration(Some("team"), None)).unwrap_err();
+            assert!(e.contains("was not recorded"), "uid {uid}: {e}");
+        }
+        let ha = s.find_group("ha").expect("pinned");
+        assert!(s.groups[&ha].pinned && s.groups[&ha].origin == Origin::Live && s.groups[&ha].env_uid.is_none(), "{:?}", s.groups[&ha]);
+        assert_eq!(s.groups[&ha].limits[0], 1 << 30, "from the ledger file's copy, not the members' rewritten one");
     }
 }

@@ -135,7 +135,13 @@ pub struct GroupSlot {
     /// always zero, which reads as `Origin::Unrecorded` (layout unchanged).
     pub origin: AtomicU32,
     pub _origin_pad: AtomicU32,
-    pub _reserved: [AtomicU64; 3],
+    /// Who may join the group (`Owner::word`): any uid, or only the uid from whose process's
+    /// environment it was made. On the published settings page (read-only to members) and the
+    /// ledger file's copy of it, which a restarted controller reads it back from; never taken
+    /// from the members' writable copy (the controller does not mirror it there). Was
+    /// `_reserved[0]`, always zero, which reads as `Owner::Unrecorded` (layout unchanged).
+    pub owner: AtomicU64,
+    pub _reserved: [AtomicU64; 2],
     pub devices: [GroupDevice; MAX_DEVICES],
     /// To the end of the page.
     pub _page: [AtomicU64; (PAGE - 128 - 64 * MAX_DEVICES) / 8],
@@ -400,6 +406,45 @@ impl Origin {
     }
 }
 
+/// Who may join a group (`GroupSlot::owner`). Uid 0 is a uid like any other, so the word says
+/// which case it is in its high half and holds the uid in its low half: 0 (never written)
+/// reads as `Unrecorded`, not as root's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Owner {
+    /// Not recorded: a ledger from before the field, or a page rebuilt from the members'
+    /// writable copy. A restarted controller opens such a group to nobody unless it is pinned.
+    #[default]
+    Unrecorded,
+    /// Any uid may join (a configured or edited group).
+    Open,
+    /// Made from the environment of a process of this uid: only its processes may join.
+    Uid(u32),
+}
+
+/// `GroupSlot::owner` of an `Owner::Open` group.
+pub const OWNER_OPEN: u64 = 1 << 32;
+/// `GroupSlot::owner` of an `Owner::Uid(uid)` group, or'ed with the uid.
+pub const OWNER_UID: u64 = 2 << 32;
+
+impl Owner {
+    pub fn word(self) -> u64 {
+        match self {
+            Owner::Unrecorded => 0,
+            Owner::Open => OWNER_OPEN,
+            Owner::Uid(uid) => OWNER_UID | u64::from(uid),
+        }
+    }
+
+    /// Values no controller writes read as `Unrecorded` (which closes an unpinned group).
+    pub fn from_word(v: u64) -> Owner {
+        match (v >> 32, v as u32) {
+            (1, 0) => Owner::Open,
+            (2, uid) => Owner::Uid(uid),
+            _ => Owner::Unrecorded,
+        }
+    }
+}
+
 /// A process slot's `priority` when the process has none of its own.
 pub const PRIORITY_INHERIT: u32 = 0;
 
@@ -586,6 +631,7 @@ impl GroupSlot {
         self.throttled.store(0, Relaxed);
         self.pinned.store(0, Relaxed);
         self.origin.store(0, Relaxed);
+        self.owner.store(0, Relaxed);
         write_text(&self.name, "");
         for d in &self.devices {
             d.limit.store(UNLIMITED, Relaxed);
@@ -648,6 +694,22 @@ mod tests {
         assert_eq!(size_of::<MemberSettings>(), PAGE);
         assert!(size_of::<Header>() <= HEADER_SIZE);
         assert_eq!(size_of::<super::super::Turn>(), 56);
+        assert_eq!(std::mem::offset_of!(GroupSlot, owner), 104, "the old `_reserved[0]`: no offset moved");
+        assert_eq!(std::mem::offset_of!(GroupSlot, devices), 128);
+    }
+
+    /// Root owns a group as any uid does: a zero word is "unrecorded", not uid 0; a word no
+    /// controller writes is unrecorded too (it closes an unpinned group, never opens it).
+    #[test]
+    fn a_group_owner_round_trips_and_zero_is_not_root() {
+        for owner in [Owner::Open, Owner::Uid(0), Owner::Uid(1000), Owner::Uid(u32::MAX), Owner::Unrecorded] {
+            assert_eq!(Owner::from_word(owner.word()), owner);
+        }
+        assert_eq!(Owner::from_word(0), Owner::Unrecorded);
+        assert_ne!(Owner::Uid(0).word(), 0);
+        for junk in [1, OWNER_OPEN | 5, 3 << 32, u64::MAX] {
+            assert_eq!(Owner::from_word(junk), Owner::Unrecorded, "{junk:#x}");
+        }
     }
 
     #[test]

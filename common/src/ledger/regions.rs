@@ -164,6 +164,30 @@ impl Ledger {
         self.write_group_page(group, zeros.as_ptr())
     }
 
+    /// The ledger file's own page under group slot `group` (`save_group_page`'s copy, or zeros),
+    /// read past the group's memory that hides it in this view: after a restart, the settings
+    /// of a pinned group whose settings page no live process held, from where no member writes.
+    pub fn saved_group_page(&self, group: usize) -> io::Result<Box<GroupSlot>> {
+        let file = self.backing.as_ref().ok_or_else(|| io::Error::other("this ledger view has no file behind it"))?;
+        assert!(group < self.geometry.max_groups as usize);
+        let layout = std::alloc::Layout::new::<GroupSlot>();
+        // SAFETY: `GroupSlot` is atomics only, for which all zero bytes are valid, and not zero-sized.
+        let page = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<GroupSlot>();
+        if page.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        // SAFETY: `page` is ours alone (nothing refers to it yet), `layout.size()` bytes long, and
+        // came from the global allocator with `GroupSlot`'s layout, as `Box` frees it.
+        let (n, page) = unsafe {
+            let offset = self.geometry.groups_offset() + group * PAGE;
+            (libc::pread(file.as_raw_fd(), page.cast(), layout.size(), offset as libc::off_t), Box::from_raw(page))
+        };
+        if n != layout.size() as isize {
+            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::UnexpectedEof) });
+        }
+        Ok(page)
+    }
+
     fn write_group_page(&self, group: usize, from: *const u8) -> io::Result<()> {
         let Some(file) = &self.backing else { return Ok(()) };
         assert!(group < self.geometry.max_groups as usize);

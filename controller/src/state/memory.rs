@@ -5,7 +5,7 @@
 //! the processes still holding it.
 
 use super::State;
-use gpuslice_common::ledger::{self, GroupSlot, SettingsPage};
+use gpuslice_common::ledger::{self, GroupSlot, Origin, Owner, SettingsPage};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering::*;
 
@@ -51,8 +51,7 @@ impl State {
                         "group slot {i}: its settings page was not found; members that started before the restart keep reading the last settings published"
                     );
                     let (page, fd) = SettingsPage::create(i).map_err(io_error("make a settings page"))?;
-                    // The members' writable copy is all there is left to start from.
-                    copy_settings(self.ledger.group(i), page.slot());
+                    self.rebuild_settings(i, page.slot());
                     (page, fd)
                 }
             };
@@ -66,6 +65,28 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// After a restart that found group `i`'s memory but not its settings page (its members
+    /// closed it): what to publish again on `page`. A pinned group's settings come from the
+    /// ledger file's copy (`save_pinned`: controller-written, root's). Any other group's limits
+    /// come from its members' writable copy, the only one left, but never what pins it or who
+    /// may join it: a member could have written those there to open its group to other uids.
+    /// It is unpinned, its owner unrecorded, so `adopt` lets no process join it.
+    fn rebuild_settings(&self, i: usize, page: &GroupSlot) {
+        match self.ledger.saved_group_page(i) {
+            Ok(saved) if saved.state.load(Acquire) == ledger::LIVE && saved.pinned.load(Relaxed) != 0 => {
+                copy_settings(&saved, page);
+                page.owner.store(saved.owner.load(Relaxed), Relaxed);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("group slot {i}: cannot read its copy in the ledger file: {e}"),
+        }
+        copy_settings(self.ledger.group(i), page);
+        page.pinned.store(0, Relaxed);
+        page.origin.store(Origin::Unrecorded as u32, Relaxed);
+        page.owner.store(Owner::Unrecorded.word(), Relaxed);
     }
 
     /// New memory for group slot `i`, mapped over its page (before anything is written there).
@@ -135,6 +156,7 @@ impl State {
         page.priority.store(info.priority, Relaxed);
         page.pinned.store(info.pinned as u32, Relaxed);
         page.origin.store(info.origin as u32, Relaxed);
+        page.owner.store(super::owner_of(info.env_uid).word(), Relaxed);
         if page.name() != info.name {
             page.set_name(&info.name);
         }
@@ -289,6 +311,8 @@ impl State {
     }
 }
 
+/// Settings, name and what pins the group; not `owner`, which lives on the published page only
+/// (the members' writable copy is never read for it).
 fn copy_settings(from: &GroupSlot, to: &GroupSlot) {
     for d in 0..ledger::MAX_DEVICES {
         to.devices[d].limit.store(from.devices[d].limit.load(Relaxed), Relaxed);

@@ -226,6 +226,71 @@ fn a_group_made_from_the_environment_is_closed_to_other_uids() {
     still_sound(&sim, &mut ctl);
 }
 
+/// The same across a controller restart (SIGKILL, then a new controller on the same ledger):
+/// group "prod", made from the environment of a process of uid 65534 that lives through the
+/// restart, is still that uid's. A process of this test's uid is refused in the same words
+/// after the restart as before it (it was let in before the owner was recorded on the settings
+/// page: `adopt` opened every group), a second process of uid 65534 joins and is held to the
+/// group's 1 GiB, and the group goes when the last of them exits, as before a restart.
+#[test]
+fn a_group_made_from_the_environment_stays_closed_to_other_uids_across_a_restart() {
+    if skip_unless_root("a_group_made_from_the_environment_stays_closed_to_other_uids_across_a_restart") {
+        return;
+    }
+    let sim = machine();
+    let mut ctl = sim.controller_with_config(CONFIG);
+    open_state_to_all(&sim);
+    let done = sim.path("done");
+    let owner = sim
+        .client(Route::Link)
+        .shim()
+        .uid(NOBODY)
+        .controller(&ctl)
+        .group("prod")
+        .env("GPUSLICE_MEMORY_LIMIT", "1GiB")
+        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+        .args(&format!("init ctx 0 waitfile {}", show(&done)))
+        .spawn();
+    expect_ok(&owner.wait_line("ctx", 0));
+    let reason = format!("group \"prod\" was made from the environment of a process of uid {NOBODY}; only that uid's processes may join it");
+    let stranger = |ctl: &Controller<'_>| {
+        let out = sim
+            .client(Route::Link)
+            .shim()
+            .controller(ctl)
+            .group("prod")
+            .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+            .env("GPUSLICE_CONTROLLER_WAIT", "1")
+            .args("init")
+            .run();
+        assert!(!out.ok(0), "refused, not run unlimited:\n{out}");
+        assert_eq!(out.stderr_lines_with(&[&reason, "CUDA is refused"]).len(), 1, "{out}\ncontroller log:\n{}", ctl.log());
+    };
+    stranger(&ctl);
+    ctl.kill9();
+    ctl.restart();
+    stranger(&ctl);
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .uid(NOBODY)
+        .controller(&ctl)
+        .group("prod")
+        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+        .args("init ctx 0 alloc 700M alloc 400M")
+        .run();
+    out.assert_success();
+    out.expect_ok(2);
+    out.expect_err(3, 2);
+    assert!(!out.stderr.contains("running alone"), "{out}");
+    let l = ctl.ls();
+    assert_eq!(l.members("prod"), vec![owner.pid()], "{l}");
+    touch(&done);
+    owner.wait().assert_success();
+    let (l, _) = ctl.ls_until("prod gone with its last member", Duration::from_secs(2), |l| l.group("prod").is_none());
+    assert!(l.group("victim").is_some(), "{l}");
+}
+
 /// A group made from its first member's environment gets that limit on every device, not only
 /// on the devices that member saw (`CUDA_VISIBLE_DEVICES=0` used to leave device 1 unlimited).
 #[test]
