@@ -166,7 +166,8 @@ struct gpuslice_group_slot {
     uint32_t origin;                  /* what pinned it: GPUSLICE_ORIGIN_* (was _reserved) */
     uint32_t _origin_pad;
     uint64_t owner;                   /* who may join: GPUSLICE_OWNER_* (settings page only; was _reserved) */
-    uint64_t _reserved[2];
+    uint64_t config_hash;             /* a config group's file section as last applied; 0 = none (settings page only; was _reserved) */
+    uint64_t _reserved[1];
     struct gpuslice_group_device devices[GPUSLICE_LEDGER_MAX_DEVICES];
     uint64_t _page[(GPUSLICE_LEDGER_PAGE - 128 - 64 * GPUSLICE_LEDGER_MAX_DEVICES) / 8];
 };

@@ -25,7 +25,7 @@ fn rust_layout() -> (Fields, Sizes) {
         "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket, returning }
         "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
-        "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, origin, owner, devices }
+        "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, origin, owner, config_hash, devices }
         "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, _was_penalty, turn_wait_ns }
         "gpuslice_member_settings" MemberSettings { penalty, marks, suspend, priority }
         "gpuslice_process_slot" ProcessSlot { state, pid, group, _was_priority, ops, start_time, heartbeat_ns, uid, own_pid, generation, name, token, suspend_ack, suspend_error, suspend_bytes, suspend_ms, suspend_caps, suspend_keep, devices, suspend_request, suspend_held, suspend_ranges, suspend_phase_us }

@@ -85,6 +85,10 @@ pub struct GroupInfo {
     /// What pinned it (recorded in the ledger, so that a restart can tell a config group the
     /// new config dropped from one a live `set --create` made).
     pub origin: Origin,
+    /// A config group's section of the config file as this or an earlier controller last applied
+    /// it (`config_section_hash`; 0: none recorded). Published (read-only to members), so that a
+    /// restart applies the section again only when the file changed.
+    pub config_hash: u64,
     /// Made from the environment of a first member of this uid: only processes of that uid may
     /// join it (nobody can squat a name and pin another tenant's limits). Published as
     /// `GroupSlot::owner`, from where a restarted controller takes it back (`OWNER_UNKNOWN`
@@ -343,10 +347,15 @@ impl State {
     pub fn install_config_groups(&mut self) -> Result<(), String> {
         let groups: Vec<(String, Settings)> = self.config.groups.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
         for (name, settings) in groups {
-            if self.find_group(&name).is_some() {
+            let hash = config_section_hash(&settings);
+            if let Some(slot) = self.find_group(&name) {
+                self.reapply_config_group(slot, &settings, hash);
                 continue;
             }
             let slot = self.new_group(&name, Some(Origin::Config), None).ok_or_else(|| format!("no free group slot for config group {name:?}"))?;
+            if let Some(info) = self.groups.get_mut(&slot) {
+                info.config_hash = hash;
+            }
             let g = self.ledger.group(slot);
             apply_settings_all_devices(g, &settings);
             self.remember_group(slot);
@@ -354,6 +363,45 @@ impl State {
             tracing::info!("group {name:?} from the config file: {}", describe_group(&self.ledger, g));
         }
         Ok(())
+    }
+
+    /// At a restart: config section `settings` (hashed `hash`) names group `slot`, which the
+    /// ledger already holds. The ledger's values stay (live edits survive a restart) unless the
+    /// section changed since a controller last applied it: then the operator edited the file,
+    /// and its values apply now. A group the config did not make (a member's environment, a
+    /// live `set --create`) that the config now names becomes the config's, with its values: a
+    /// configured group, kept when empty and open to every uid, as `set` makes one.
+    fn reapply_config_group(&mut self, slot: usize, settings: &Settings, hash: u64) {
+        let Some(info) = self.groups.get(&slot) else { return };
+        if gpuslice_common::settings::is_solo_group(&info.name) {
+            return;
+        }
+        let name = info.name.clone();
+        let config = self.config_path.clone().unwrap_or_else(|| "the config".to_string());
+        let why = match (info.origin, info.config_hash) {
+            (Origin::Config, recorded) if recorded == hash => return,
+            // Kept by a controller that recorded no section: whether the file changed is not
+            // known, so the ledger's values stay (as before sections were recorded).
+            (Origin::Config, 0) => {
+                if let Some(info) = self.groups.get_mut(&slot) {
+                    info.config_hash = hash;
+                }
+                return;
+            }
+            (Origin::Config, _) => format!("its section of {config} changed since the controller last applied it"),
+            _ => format!("{config} names it now (it was made by {})", if info.origin == Origin::Live { "`gpuslice set --create`" } else { "a process's environment" }),
+        };
+        let before = describe_group(&self.ledger, self.ledger.group(slot));
+        if let Some(info) = self.groups.get_mut(&slot) {
+            info.pinned = true;
+            info.origin = Origin::Config;
+            info.env_uid = None;
+            info.config_hash = hash;
+        }
+        apply_settings_all_devices(self.ledger.group(slot), settings);
+        self.remember_group(slot);
+        let after = describe_group(&self.ledger, self.ledger.group(slot));
+        tracing::info!("group {name:?}: {why}: the file's values apply ({before} -> {after})");
     }
 
     /// After a restart: takes the groups, devices and processes the previous controller left
@@ -395,6 +443,7 @@ impl State {
             let (mut pinned, mut origin) = (saved.pinned.load(Relaxed) != 0, Origin::from_u32(saved.origin.load(Relaxed)));
             // Who may join, as the previous controller published it (never the members' copy).
             let owner = Owner::from_word(saved.owner.load(Relaxed));
+            let config_hash = saved.config_hash.load(Relaxed);
             let named = self.config.groups.contains_key(&name);
             if pinned && origin == Origin::Unrecorded && named {
                 // Pinned before origins were recorded: the config names it, so count it as the
@@ -426,7 +475,17 @@ impl State {
             };
             self.groups.insert(
                 i,
-                GroupInfo { name, pinned, origin, env_uid, limits: [UNLIMITED; MAX_DEVICES], shares: [0; MAX_DEVICES], sm_caps: [0; MAX_DEVICES], priority: 0 },
+                GroupInfo {
+                    name,
+                    pinned,
+                    origin,
+                    config_hash,
+                    env_uid,
+                    limits: [UNLIMITED; MAX_DEVICES],
+                    shares: [0; MAX_DEVICES],
+                    sm_caps: [0; MAX_DEVICES],
+                    priority: 0,
+                },
             );
             if !self.remember_published(i) {
                 self.remember_group(i);
@@ -554,6 +613,7 @@ impl State {
                 name: name.to_string(),
                 pinned: pinned.is_some(),
                 origin: pinned.unwrap_or_default(),
+                config_hash: 0,
                 env_uid,
                 limits: [UNLIMITED; MAX_DEVICES],
                 shares: [0; MAX_DEVICES],
@@ -1264,6 +1324,20 @@ fn apply_edit_to_group(g: &GroupSlot, e: &Edit, devices: &[usize]) {
 
 /// Config settings for a group, on every device index (the config's per-device keys name CUDA
 /// ordinals of a process; a group spans processes, so only the all-device values apply).
+/// A fingerprint of what `apply_settings_all_devices` takes from a config section (FNV-1a over
+/// the values, never 0): equal sections give equal hashes in every controller of this layout.
+fn config_section_hash(s: &Settings) -> u64 {
+    let text = format!(
+        "memory={:?};share={:?};max={:?};priority={:?}",
+        s.memory_limit.all().map(|v| v.value),
+        s.sm_share.all().map(|v| v.value),
+        s.sm_max.all().map(|v| v.value),
+        s.priority.as_ref().map(|p| p.value as u32),
+    );
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    hash.max(1)
+}
+
 fn apply_settings_all_devices(g: &GroupSlot, s: &Settings) {
     for d in 0..MAX_DEVICES {
         if let Some(l) = s.memory_limit.all() {
@@ -1689,6 +1763,61 @@ mod tests {
         let mut names: Vec<&str> = s.groups.values().map(|g| g.name.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["kept", "live"], "nothing dropped comes back at the next restart");
+    }
+
+    /// A restart applies a config section again only when the file changed: a live edit
+    /// survives a restart on the same file, an edited section wins over it at the next, and a
+    /// live edit made after that survives again. A `set --create` group the new file names takes
+    /// the file's values and becomes the config's.
+    #[test]
+    fn a_restart_applies_a_config_section_only_when_the_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = "[groups.inference]\nmemory_limit = \"1GiB\"\n";
+        let v2 = "[groups.inference]\nmemory_limit = \"2GiB\"\n[groups.batch]\nmemory_limit = \"5GiB\"\n";
+        let edit_to = |s: &mut State, name: &str, bytes: u64| {
+            let mut e = group_edit(name, false);
+            e.memory = Some(Limit::Bytes(bytes));
+            s.edit(me(), e).unwrap();
+            s.publish();
+        };
+        {
+            let mut s = state(&dir, v1);
+            edit_to(&mut s, "inference", 3 << 30);
+            s.edit(me(), group_edit("batch", true)).unwrap();
+            s.publish();
+        }
+        let limit = |s: &State, name: &str| s.groups[&s.find_group(name).unwrap_or_else(|| panic!("{name} is there"))].limits[0];
+        let s = restarted(&dir, v1);
+        assert_eq!(limit(&s, "inference"), 3 << 30, "the same file: the live edit survives");
+        assert_eq!(limit(&s, "batch"), 1 << 30);
+        drop(s);
+        let mut s = restarted(&dir, v2);
+        assert_eq!(limit(&s, "inference"), 2 << 30, "an edited section applies at the restart");
+        let batch = &s.groups[&s.find_group("batch").unwrap()];
+        assert_eq!((batch.limits[0], batch.origin, batch.pinned), (5 << 30, Origin::Config, true), "named by the file now: its values, its group");
+        edit_to(&mut s, "inference", 4 << 30);
+        drop(s);
+        let s = restarted(&dir, v2);
+        assert_eq!(limit(&s, "inference"), 4 << 30, "the file unchanged since: the later live edit survives");
+        assert_eq!(limit(&s, "batch"), 5 << 30);
+    }
+
+    /// A group a member's environment made (closed to other uids) that a new config names becomes
+    /// the config's at the restart: the file's limit, open to every uid, kept when empty.
+    #[test]
+    fn a_group_from_the_environment_that_the_config_names_becomes_the_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = {
+            let mut s = state(&dir, "");
+            let member = s.register(me(), registration(Some("team"), Some(1 << 30))).unwrap();
+            s.publish();
+            let team = s.find_group("team").unwrap();
+            assert!(s.groups[&team].env_uid.is_some() && !s.groups[&team].pinned);
+            s.descriptors_for(member.group as usize).unwrap()
+        };
+        let s = restarted(&dir, "[groups.team]\nmemory_limit = \"2GiB\"\n");
+        let team = &s.groups[&s.find_group("team").unwrap()];
+        assert_eq!((team.limits[0], team.origin, team.pinned, team.env_uid), (2 << 30, Origin::Config, true, None), "{team:?}");
     }
 
     /// A ledger written before origins were recorded (origin 0): a pinned group the config names

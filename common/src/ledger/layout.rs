@@ -141,7 +141,13 @@ pub struct GroupSlot {
     /// from the members' writable copy (the controller does not mirror it there). Was
     /// `_reserved[0]`, always zero, which reads as `Owner::Unrecorded` (layout unchanged).
     pub owner: AtomicU64,
-    pub _reserved: [AtomicU64; 2],
+    /// A config group's section of the config file as the controller last applied it
+    /// (`config_section_hash`; 0: none recorded), on the published settings page and the ledger
+    /// file's copy: a restarted controller applies the section again only when it changed, so
+    /// an edited config file takes effect at a restart while live edits survive one that
+    /// changed nothing. Was `_reserved[0]`, always zero (layout unchanged).
+    pub config_hash: AtomicU64,
+    pub _reserved: [AtomicU64; 1],
     pub devices: [GroupDevice; MAX_DEVICES],
     /// To the end of the page.
     pub _page: [AtomicU64; (PAGE - 128 - 64 * MAX_DEVICES) / 8],

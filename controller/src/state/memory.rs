@@ -78,6 +78,7 @@ impl State {
             Ok(saved) if saved.state.load(Acquire) == ledger::LIVE && saved.pinned.load(Relaxed) != 0 => {
                 copy_settings(&saved, page);
                 page.owner.store(saved.owner.load(Relaxed), Relaxed);
+                page.config_hash.store(saved.config_hash.load(Relaxed), Relaxed);
                 return;
             }
             Ok(_) => {}
@@ -87,6 +88,7 @@ impl State {
         page.pinned.store(0, Relaxed);
         page.origin.store(Origin::Unrecorded as u32, Relaxed);
         page.owner.store(Owner::Unrecorded.word(), Relaxed);
+        page.config_hash.store(0, Relaxed);
     }
 
     /// New memory for group slot `i`, mapped over its page (before anything is written there).
@@ -157,6 +159,7 @@ impl State {
         page.pinned.store(info.pinned as u32, Relaxed);
         page.origin.store(info.origin as u32, Relaxed);
         page.owner.store(super::owner_of(info.env_uid).word(), Relaxed);
+        page.config_hash.store(info.config_hash, Relaxed);
         if page.name() != info.name {
             page.set_name(&info.name);
         }
