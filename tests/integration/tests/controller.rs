@@ -389,6 +389,29 @@ fn a_config_group_the_new_config_drops_is_gone_after_a_restart_and_the_others_st
     }
 }
 
+/// The operator's workflow: edit the config file, restart the controller. A live edit survives a
+/// restart on the same file (`set` is how limits change without one); an edited section wins at
+/// the next restart, with one line that says so; a live edit after that survives again.
+#[test]
+fn an_edited_config_section_applies_at_a_restart_and_a_live_edit_survives_an_unchanged_file() {
+    let _t = shared();
+    let sim = sim();
+    let mut ctl = sim.controller_with_config("[groups.inference]\nmemory_limit = \"3GiB\"\n");
+    ctl.set_ok("--group inference --memory 1GiB");
+    ctl.restart();
+    // A member sees the live edit's 1 GiB, not the file's 3 (and makes device 0 known to `ls`).
+    member_held_to_one_gib(&sim, &ctl, "inference");
+    let config = sim.write_file("controller.toml", "[groups.inference]\nmemory_limit = \"2GiB\"\n");
+    ctl.restart();
+    let line = format!("group \"inference\": its section of {} changed since the controller last applied it: the file's values apply", config.display());
+    assert_eq!(ctl.log().matches(&line).count(), 1, "one line says why:\n{}", ctl.log());
+    assert_eq!(ctl.ls().group_limit("inference", 0), Some(2 * GIB), "the edited file's limit:\n{}", ctl.log());
+    ctl.set_ok("--group inference --memory 1GiB");
+    ctl.restart();
+    assert_eq!(ctl.log().matches(&line).count(), 1, "an unchanged file applies nothing again:\n{}", ctl.log());
+    member_held_to_one_gib(&sim, &ctl, "inference");
+}
+
 /// The same with a member running in "batch" through the restart: the group stays, and the
 /// member is still held to its 1 GiB (nothing fails open), until it exits; then the group goes
 /// as one its members made would.
