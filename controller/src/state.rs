@@ -389,7 +389,10 @@ impl State {
                 return;
             }
             (Origin::Config, _) => format!("its section of {config} changed since the controller last applied it"),
-            _ => format!("{config} names it now (it was made by {})", if info.origin == Origin::Live { "`gpuslice set --create`" } else { "a process's environment" }),
+            _ => format!(
+                "{config} names it now (it was made by {})",
+                if info.origin == Origin::Live { "`gpuslice set --create`" } else { "a process's environment" }
+            ),
         };
         let before = describe_group(&self.ledger, self.ledger.group(slot));
         if let Some(info) = self.groups.get_mut(&slot) {
