@@ -144,6 +144,8 @@ impl CrossCheck {
                     if let Some(w) = state.watched.get_mut(&i) {
                         w.penalty[d] = new;
                     }
+                    // A restart keeps the charge (the controller's record, not the slot).
+                    state.save_record(i);
                     changed.push(group);
                 }
             }

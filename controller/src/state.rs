@@ -15,6 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::*;
 
 mod memory;
+mod record;
 
 /// More bytes than any device has (1 PiB): a process slot that says so was written by hand.
 const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
@@ -196,15 +197,6 @@ impl State {
         }
     }
 
-    fn remember_process(&mut self, slot: usize) {
-        let p = self.ledger.process(slot);
-        if let Some(w) = self.watched.get_mut(&slot) {
-            for d in 0..MAX_DEVICES {
-                w.caps[d] = p.devices[d].limit.load(Relaxed);
-            }
-        }
-    }
-
     /// Puts back every setting, name, membership count and device a tenant rewrote in shared
     /// memory since the last tick, and reports who did it; checks every process slot's figures.
     /// Called every tick.
@@ -261,11 +253,16 @@ impl State {
             if !changed.is_empty() || corrupt.is_some() {
                 let why = corrupt.unwrap_or_else(|| format!("it rewrote its slot's {}", changed.join(", ")));
                 let w = self.watched.get_mut(&slot).expect("listed above");
-                if w.misbehaving.is_none() {
+                let first = w.misbehaving.is_none();
+                if first {
                     let name = self.groups.get(&group).map_or("?", |g| g.name.as_str());
                     tracing::warn!("pid {pid} in group {name:?} is misbehaving: {why}; the controller's values are restored");
                 }
                 w.misbehaving = Some(why);
+                if first {
+                    // Kept across a restart (`record`), as the rest of what the controller knows of it.
+                    self.save_record(slot);
+                }
             }
         }
         for (d, uuid) in self.devices.iter().enumerate() {
@@ -508,58 +505,44 @@ impl State {
         let mut kept = 0;
         let mut gone = 0;
         let mut dead = Vec::new();
+        let mut kept_pids = std::collections::HashSet::new();
         for i in 0..geometry.max_procs as usize {
-            let p = self.ledger.process(i);
-            if p.state.load(Acquire) != LIVE {
-                continue;
-            }
-            let pid = p.pid.load(Relaxed);
-            let group = p.group.load(Relaxed) as usize;
-            let recorded = p.start_time.load(Relaxed);
-            let now = ledger::process_start_time(pid);
-            let alive = pid != 0 && now.is_some() && (recorded == 0 || now == Some(recorded));
-            if !self.groups.contains_key(&group) {
-                tracing::warn!("process slot {i} (pid {pid}) names group slot {group}, which holds no group; freed");
-                p.reset();
-                p.state.store(FREE, Release);
-                self.unmap_member(i);
-                gone += 1;
-                continue;
-            }
-            // Which devices it maps died with the previous controller: all of them, to be safe.
-            let devices = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
-            let uid = p.uid.load(Relaxed);
-            let pidfd = if alive { pidfd_open(pid) } else { None };
-            // Its own priority as the previous controller published it (read-only to members).
-            let priority = self.published_priority(group, i);
-            let w = Watched {
-                pid,
-                pidfd,
-                start_time: now,
-                devices,
-                group,
-                uid,
-                caps: [UNLIMITED; MAX_DEVICES],
-                priority,
-                penalty: [0; MAX_DEVICES],
-                misbehaving: None,
-            };
-            self.watched.insert(i, w);
-            self.remember_process(i);
-            if alive {
-                kept += 1;
-            } else {
-                dead.push(i);
+            // Who is in the slot, from the controller's record and the kernel, never from the
+            // slot itself (`record`): a member may have written anything there.
+            match self.find_member(i) {
+                record::Found::Nobody => self.unmap_member(i),
+                record::Found::Stray(why) => {
+                    let p = self.ledger.process(i);
+                    tracing::warn!("process slot {i} (pid {} by its own word) {why}; freed", p.pid.load(Relaxed));
+                    p.reset();
+                    p.state.store(FREE, Release);
+                    self.unmap_member(i);
+                    gone += 1;
+                }
+                record::Found::Member { watched, gone: why } => {
+                    // A pid in two slots (only a slot without a record can say so): the first kept.
+                    let why = why.or_else(|| (!kept_pids.insert(watched.pid)).then(|| "is named by another slot too (not adopted)".to_string()));
+                    self.watched.insert(i, *watched);
+                    match why {
+                        None => {
+                            // Recorded now if it was not (a ledger from before the record).
+                            self.save_record(i);
+                            kept += 1;
+                        }
+                        Some(why) => dead.push((i, why)),
+                    }
+                }
             }
         }
         // Said before the dead are released: a group they leave empty goes with the last.
+        let dead_slots: Vec<usize> = dead.iter().map(|&(i, _)| i).collect();
         for i in dropped {
-            self.unpin_dropped(i, &dead);
+            self.unpin_dropped(i, &dead_slots);
         }
         // Released once every live member is known, so that a group is not freed as empty
         // (and its figure not recomputed) before its living members are counted in it.
-        for i in dead {
-            self.release(i, "exited while no controller ran");
+        for (i, why) in dead {
+            self.release(i, &why);
             gone += 1;
         }
         let groups: Vec<usize> = self.groups.keys().copied().collect();
@@ -785,6 +768,8 @@ impl State {
             misbehaving: None,
         };
         self.watched.insert(slot, w);
+        // Where a restarted controller takes its identity from (`record`), not its slot.
+        self.save_record(slot);
         let members = self.members(group).len() as u32;
         self.ledger.group(group).members.store(members, Relaxed);
         tracing::info!(
@@ -998,19 +983,23 @@ impl State {
                     if e.sm.is_some() || e.sm_max.is_some() {
                         return Err(format!("pid {pid} is in group {name:?}, whose members share one SM share: use `gpuslice set --group {name} --sm ...`"));
                     }
-                    if let Some(m) = e.memory {
-                        for &d in &devices {
-                            p.devices[d].limit.store(limit_bytes(m), Relaxed);
+                    if let Some(w) = self.watched.get_mut(&slot) {
+                        // The controller's own values first: the slot's copy is the process's to write.
+                        if let Some(m) = e.memory {
+                            for &d in &devices {
+                                w.caps[d] = limit_bytes(m);
+                                p.devices[d].limit.store(w.caps[d], Relaxed);
+                            }
                         }
-                    }
-                    if let (Some(pr), Some(w)) = (e.priority, self.watched.get_mut(&slot)) {
-                        w.priority = pr as u32;
+                        if let Some(pr) = e.priority {
+                            w.priority = pr as u32;
+                        }
                     }
                     let cap = e.memory.map(|m| match m {
                         Limit::Bytes(b) => format!("own cap {}", format_size(b)),
                         Limit::Unlimited => "no own cap".into(),
                     });
-                    self.remember_process(slot);
+                    self.save_record(slot);
                     self.publish_group(group);
                     let pri = e.priority.map(|p| format!("priority {p}"));
                     format!("pid {pid} in group {name:?} now: {}", [cap, pri].into_iter().flatten().collect::<Vec<_>>().join(", "))
@@ -1027,7 +1016,7 @@ impl State {
     pub fn remove_group(&mut self, peer: Peer, name: &str) -> Result<String, String> {
         self.may_edit(peer)?;
         let slot = self.find_group(name).ok_or_else(|| self.no_such_group(name))?;
-        let members: Vec<u32> = self.members(slot).iter().map(|&p| self.ledger.process(p).pid.load(Relaxed)).collect();
+        let members: Vec<u32> = self.members(slot).iter().map(|p| self.watched[p].pid).collect();
         if gpuslice_common::settings::is_solo_group(name) {
             return Err(format!("group {name:?} is the own group of a process alone; it goes when the process exits"));
         }
@@ -1196,7 +1185,8 @@ impl State {
                         uuid: uuid(d),
                         used: pd.used.load(Relaxed),
                         overhead: pd.overhead.load(Relaxed),
-                        limit: some_limit(pd.limit.load(Relaxed)),
+                        // The controller's cap, not the slot's copy (the process's to write).
+                        limit: some_limit(w.caps[d]),
                         peak: pd.peak_used.load(Relaxed),
                         achieved_share: self.samples.achieved.get(&(false, i, generation, d)).copied(),
                         charged_ns: pd.charged_ns.load(Relaxed),
@@ -1953,5 +1943,104 @@ mod tests {
         let ha = s.find_group("ha").expect("pinned");
         assert!(s.groups[&ha].pinned && s.groups[&ha].origin == Origin::Live && s.groups[&ha].env_uid.is_none(), "{:?}", s.groups[&ha]);
         assert_eq!(s.groups[&ha].limits[0], 1 << 30, "from the ledger file's copy, not the members' rewritten one");
+    }
+
+    /// A member that rewrites its own slot before a restart (the group index of config group
+    /// `victim`, uid 0, another pid with start time 0, its cap lifted, 900 MiB used) is taken
+    /// back as the controller recorded it: in its own group, as its own pid and uid, with its
+    /// cap and the cross-check's charge, and flagged; `victim` is charged nothing, and the
+    /// other pid is not watched. Its 900 MiB stay its own group's (a member's report is its
+    /// word, as before a restart).
+    #[test]
+    fn a_member_that_rewrote_its_slot_is_adopted_as_the_controller_recorded_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "[groups.victim]\nmemory_limit = \"1GiB\"\n";
+        let (mine, parent) = (std::process::id(), std::os::unix::process::parent_id());
+        let (slot, team, victim, _held) = {
+            let mut s = state(&dir, config);
+            let victim = s.find_group("victim").unwrap();
+            let a = s.register(Peer { pid: mine, uid: 1000 }, registration(Some("team"), None)).unwrap();
+            let slot = a.slot as usize;
+            let cap =
+                Edit { target: Target::Pid(mine), memory: Some(Limit::Bytes(256 << 20)), sm: None, sm_max: None, priority: None, device: None, create: false };
+            s.edit(me(), cap).unwrap();
+            // The cross-check charged it (`crosscheck::finish`).
+            s.watched.get_mut(&slot).unwrap().penalty[0] = 5 << 20;
+            s.save_record(slot);
+            s.publish();
+            let p = s.ledger.process(slot);
+            p.group.store(victim as u32, Relaxed);
+            p.uid.store(0, Relaxed);
+            p.pid.store(parent, Relaxed);
+            p.start_time.store(0, Relaxed);
+            p.devices[0].limit.store(UNLIMITED, Relaxed);
+            p.devices[0].used.store(900 << 20, Relaxed);
+            (slot, a.group as usize, victim, s.descriptors_for(a.group as usize).unwrap())
+        };
+        let mut s = restarted(&dir, config);
+        let w = s.watched.get(&slot).expect("adopted");
+        assert_eq!((w.group, w.pid, w.uid), (team, mine, 1000), "its recorded group, pid and uid");
+        assert_eq!(w.caps[0], 256 << 20, "its cap, not the lifted one");
+        assert_eq!(w.penalty[0], 5 << 20, "the cross-check's charge");
+        assert!(!s.watched.values().any(|w| w.pid == parent), "the pid it wrote is not watched");
+        assert_eq!(s.ledger.group(victim).devices[0].used.load(Relaxed), 0, "victim is charged nothing");
+        assert_eq!(s.ledger.group(team).devices[0].used.load(Relaxed), 900 << 20, "its own group is");
+        assert_eq!(s.group_penalty(team, 0), 5 << 20);
+        assert_eq!(s.group_penalty(victim, 0), 0);
+        s.uid_limits.processes = 1;
+        let e = s.register(Peer { pid: parent, uid: 1000 }, registration(Some("team"), None)).unwrap_err();
+        assert!(e.contains("uid 1000 already has 1 registered processes"), "counted as uid 1000's: {e}");
+        s.enforce();
+        let p = s.ledger.process(slot);
+        assert_eq!((p.group.load(Relaxed) as usize, p.pid.load(Relaxed), p.uid.load(Relaxed)), (team, mine, 1000), "the slot is put back");
+        assert_eq!(p.devices[0].limit.load(Relaxed), 256 << 20, "its cap too");
+        let why = s.watched[&slot].misbehaving.clone().expect("flagged");
+        drop(s);
+        let s = restarted(&dir, config);
+        assert_eq!(s.watched[&slot].misbehaving.as_deref(), Some(why.as_str()), "the flag is kept across a restart");
+    }
+
+    /// A slot the controller has no record of (a ledger from a controller before the record)
+    /// is checked against the kernel: a pid that does not hold its group's memory, or whose
+    /// start time is not the slot's, is not adopted, and its bytes leave its group (the one
+    /// whose memory holds the slot, not the one it names); the uid is the kernel's.
+    #[test]
+    fn a_slot_without_a_record_is_checked_against_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = "[groups.victim]\nmemory_limit = \"1GiB\"\n";
+        let (me, parent) = (std::process::id(), std::os::unix::process::parent_id());
+        let (kept, stranger, forged, team, victim, _held) = {
+            let mut s = state(&dir, config);
+            let victim = s.find_group("victim").unwrap();
+            let kept = s.register(Peer { pid: me, uid: 1000 }, registration(Some("team"), None)).unwrap();
+            // The parent is alive but was never handed the group's memory.
+            let stranger = s.register(Peer { pid: parent, uid: 1000 }, registration(Some("team"), None)).unwrap();
+            let forged = s.register(Peer { pid: 1, uid: 1000 }, registration(Some("team"), None)).unwrap();
+            let team = kept.group as usize;
+            let g = s.ledger.group(team);
+            for (a, bytes) in [(&kept, 300), (&stranger, 200), (&forged, 100)] {
+                s.ledger.process(a.slot as usize).try_charge(g, 0, bytes).unwrap();
+                s.ledger.clear_process_record(a.slot as usize).unwrap();
+            }
+            // Another pid (this one's, which holds the memory) with start time 0, and another group.
+            let p = s.ledger.process(forged.slot as usize);
+            p.pid.store(me, Relaxed);
+            p.start_time.store(0, Relaxed);
+            p.group.store(victim as u32, Relaxed);
+            let slots = [kept.slot, stranger.slot, forged.slot].map(|s| s as usize);
+            (slots[0], slots[1], slots[2], team, victim, s.descriptors_for(team).unwrap())
+        };
+        let s = restarted(&dir, config);
+        let w = s.watched.get(&kept).expect("this process holds its group's memory");
+        assert_eq!((w.group, w.pid), (team, me));
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(w.uid, unsafe { libc::geteuid() }, "the kernel's uid");
+        assert!(!s.watched.contains_key(&stranger), "it does not hold the group's memory");
+        assert!(!s.watched.contains_key(&forged), "start time 0, and the pid is taken");
+        assert_eq!(s.ledger.group(team).devices[0].used.load(Relaxed), 300);
+        assert_eq!(s.ledger.group(victim).devices[0].used.load(Relaxed), 0);
+        let record = s.ledger.process_record(kept).unwrap();
+        assert_eq!((record.magic, record.pid, record.group_plus_one), (ledger::RECORD_MAGIC, me, team as u64 + 1), "recorded from now on");
+        assert_eq!(s.ledger.process_record(stranger).unwrap(), ledger::ProcessRecord::none(), "freed slots keep no record");
     }
 }

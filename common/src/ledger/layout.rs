@@ -379,6 +379,88 @@ impl MemberSettings {
 }
 // ---- end of issue 13's block ----
 
+// ---- Branch adopttrust: the controller's own record of each registered process. ----
+// A process slot lives in its group's memory, which every member may write: its pid, uid,
+// group, start time and cap there are the tenant's word. A restarted controller takes them
+// from this record instead, kept where no member can reach it.
+
+/// `ProcessRecord::magic` of a record the controller wrote ("GPUSPREC"). Its low half is not
+/// `LIVE`, so a record never reads as a live slot where the file's page shows through.
+pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"GPUSPREC");
+/// Bytes of `ProcessRecord::misbehaving`.
+pub const RECORD_WHY_BYTES: usize = 128;
+
+/// What the controller decided about the process in a slot it gave out: written by the
+/// controller alone into the ledger file's own page under that slot, in the page's unused tail
+/// (`ProcessSlot::_page`, at `RECORD_OFFSET`), with `pwrite`. While the slot is given out the
+/// group's memory is mapped over that page in every view, and no process is handed the file
+/// (root's, mode 0600), so no member can read or write it; the controller reads it back with
+/// `pread` after a restart (`Ledger::process_record`). Not part of any view's slot, so not in
+/// `gpuslice.h`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessRecord {
+    /// `RECORD_MAGIC`; anything else: no record (a ledger from before the record, or a slot
+    /// freed since).
+    pub magic: u64,
+    /// The group slot whose memory holds the slot, plus one: the same as `ProcessIndex`
+    /// when the record is current.
+    pub group_plus_one: u64,
+    /// The pid as the controller sees it (`SO_PEERCRED`).
+    pub pid: u32,
+    /// The uid `SO_PEERCRED` gave at registration.
+    pub uid: u32,
+    /// /proc/PID/stat field 22 at registration: a restart keeps the process only if its pid
+    /// still has this start time (0: it had none, and is never matched).
+    pub start_time: u64,
+    /// Bit `d`: the process was given ledger device `d`.
+    pub devices: u64,
+    /// Its own cap per device (`UNLIMITED`: none), as `gpuslice set --pid` set it.
+    pub caps: [u64; MAX_DEVICES],
+    /// The cross-check's charge per device (`crosscheck`).
+    pub penalty: [u64; MAX_DEVICES],
+    /// Why the controller found its slot rewritten (NUL-padded UTF-8; empty: never).
+    pub misbehaving: [u8; RECORD_WHY_BYTES],
+}
+
+/// Where a `ProcessRecord` sits in the ledger file's page under a process slot: the slot's
+/// unused tail, so that a slot read where the file's page shows through is unchanged by it.
+pub const RECORD_OFFSET: usize = std::mem::offset_of!(ProcessSlot, _page);
+
+impl ProcessRecord {
+    /// No record: what a cleared page holds.
+    pub fn none() -> ProcessRecord {
+        ProcessRecord {
+            magic: 0,
+            group_plus_one: 0,
+            pid: 0,
+            uid: 0,
+            start_time: 0,
+            devices: 0,
+            caps: [0; MAX_DEVICES],
+            penalty: [0; MAX_DEVICES],
+            misbehaving: [0; RECORD_WHY_BYTES],
+        }
+    }
+
+    /// Sets `misbehaving` (truncated on a character boundary; `None` clears it).
+    pub fn set_misbehaving(&mut self, why: Option<&str>) {
+        self.misbehaving = [0; RECORD_WHY_BYTES];
+        let why = why.unwrap_or("");
+        let mut end = why.len().min(RECORD_WHY_BYTES - 1);
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.misbehaving[..end].copy_from_slice(&why.as_bytes()[..end]);
+    }
+
+    pub fn misbehaving(&self) -> Option<String> {
+        let end = self.misbehaving.iter().position(|&b| b == 0).unwrap_or(RECORD_WHY_BYTES);
+        (end > 0).then(|| String::from_utf8_lossy(&self.misbehaving[..end]).into_owned())
+    }
+}
+// ---- end of branch adopttrust's block ----
+
 /// Scheduling class of a process or group (issue 5 gives it teeth).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -702,6 +784,22 @@ mod tests {
         assert_eq!(size_of::<super::super::Turn>(), 56);
         assert_eq!(std::mem::offset_of!(GroupSlot, owner), 104, "the old `_reserved[0]`: no offset moved");
         assert_eq!(std::mem::offset_of!(GroupSlot, devices), 128);
+        assert!(RECORD_OFFSET + size_of::<ProcessRecord>() <= PAGE, "a record fits in the slot's unused tail");
+        assert_eq!(RECORD_OFFSET % 8, 0);
+        assert_ne!(RECORD_MAGIC as u32, LIVE, "a record never reads as a live slot");
+    }
+
+    #[test]
+    fn a_records_reason_round_trips_and_truncates_on_a_character_boundary() {
+        let mut r = ProcessRecord::none();
+        assert_eq!(r.misbehaving(), None);
+        r.set_misbehaving(Some("it rewrote its slot's device 0 cap"));
+        assert_eq!(r.misbehaving().as_deref(), Some("it rewrote its slot's device 0 cap"));
+        r.set_misbehaving(Some(&"é".repeat(100)));
+        let back = r.misbehaving().unwrap();
+        assert!(back.len() < RECORD_WHY_BYTES && back.chars().all(|c| c == 'é'), "{back}");
+        r.set_misbehaving(None);
+        assert_eq!(r.misbehaving(), None);
     }
 
     /// Root owns a group as any uid does: a zero word is "unrecorded", not uid 0; a word no

@@ -188,6 +188,49 @@ impl Ledger {
         Ok(page)
     }
 
+    /// Writes the controller's record of the process in slot `slot` into the ledger file's own
+    /// page under that slot (`ProcessRecord`: hidden from every view by the group's memory,
+    /// never handed to a process). The controller only; not on any hot path.
+    pub fn save_process_record(&self, slot: usize, record: &ProcessRecord) -> io::Result<()> {
+        let Some(file) = &self.backing else { return Ok(()) };
+        let offset = self.record_offset(slot);
+        // SAFETY: `record` is `size_of::<ProcessRecord>()` readable bytes; pwrite only reads them,
+        // into the file at an offset inside it (checked by `record_offset`).
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), (record as *const ProcessRecord).cast(), size_of::<ProcessRecord>(), offset as libc::off_t) };
+        if n != size_of::<ProcessRecord>() as isize {
+            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::WriteZero) });
+        }
+        Ok(())
+    }
+
+    /// Empties the record under process slot `slot` (the slot is nobody's).
+    pub fn clear_process_record(&self, slot: usize) -> io::Result<()> {
+        self.save_process_record(slot, &ProcessRecord::none())
+    }
+
+    /// The controller's record of the process in slot `slot` (`save_process_record`'s, or
+    /// `ProcessRecord::none()` where none was written), read from the ledger file past the
+    /// group's memory that hides it in this view.
+    pub fn process_record(&self, slot: usize) -> io::Result<ProcessRecord> {
+        let file = self.backing.as_ref().ok_or_else(|| io::Error::other("this ledger view has no file behind it"))?;
+        let offset = self.record_offset(slot);
+        let mut record = ProcessRecord::none();
+        // SAFETY: pread into a local `ProcessRecord` of its size; every byte pattern is a valid
+        // `ProcessRecord` (integers and a byte array only).
+        let n = unsafe { libc::pread(file.as_raw_fd(), (&mut record as *mut ProcessRecord).cast(), size_of::<ProcessRecord>(), offset as libc::off_t) };
+        if n != size_of::<ProcessRecord>() as isize {
+            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::UnexpectedEof) });
+        }
+        Ok(record)
+    }
+
+    fn record_offset(&self, slot: usize) -> usize {
+        assert!(slot < self.geometry.max_procs as usize);
+        let offset = self.geometry.procs_offset() + slot * PAGE + RECORD_OFFSET;
+        assert!(offset + size_of::<ProcessRecord>() <= self.len);
+        offset
+    }
+
     fn write_group_page(&self, group: usize, from: *const u8) -> io::Result<()> {
         let Some(file) = &self.backing else { return Ok(()) };
         assert!(group < self.geometry.max_groups as usize);
@@ -287,12 +330,37 @@ impl Ledger {
     }
 }
 
+/// Whether process `pid` holds the memfd of ours with inode `inode`, open or mapped (the kernel's
+/// word that it was handed that group's memory: a restarted controller's check of a process
+/// slot it has no record of). Mappings are seen only with CAP_SYS_ADMIN, as in `reclaim`.
+pub fn holds_memory(pid: u32, inode: u64) -> bool {
+    inode != 0
+        && memfd_paths(&std::path::Path::new("/proc").join(pid.to_string()))
+            .iter()
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode))
+}
+
+/// The memfds of ours process directory `proc` (`/proc/PID`) holds: its descriptors
+/// (`fd/N`) and, for one that closed them, its mappings (`map_files/RANGE`, which needs
+/// CAP_SYS_ADMIN to open or stat).
+fn memfd_paths(proc: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let ours = format!("/memfd:{NAME_PREFIX}");
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if let Ok(fds) = std::fs::read_dir(proc.join("fd")) {
+        candidates.extend(fds.flatten().map(|fd| fd.path()).filter(|p| std::fs::read_link(p).is_ok_and(|t| t.to_string_lossy().starts_with(&ours))));
+    }
+    if let Ok(maps) = std::fs::read_to_string(proc.join("maps")) {
+        let ranges = maps.lines().filter(|l| l.contains(&ours)).filter_map(|l| l.split_whitespace().next());
+        candidates.extend(ranges.map(|range| proc.join("map_files").join(range)));
+    }
+    candidates
+}
+
 /// Walks every process's descriptors (`/proc/PID/fd`) and, for a process that closed them,
 /// its mappings (`/proc/PID/map_files`, which needs CAP_SYS_ADMIN) for memfds of ours whose
 /// inode is wanted, opening each once.
 fn find_memfds(wanted: &mut HashMap<u64, (char, usize)>, found: &mut Reclaimed) {
     let Ok(procs) = std::fs::read_dir("/proc") else { return };
-    let ours = format!("/memfd:{NAME_PREFIX}");
     for entry in procs.flatten() {
         if wanted.is_empty() {
             return;
@@ -300,15 +368,7 @@ fn find_memfds(wanted: &mut HashMap<u64, (char, usize)>, found: &mut Reclaimed) 
         if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        let mut candidates: Vec<std::path::PathBuf> = Vec::new();
-        if let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) {
-            candidates.extend(fds.flatten().map(|fd| fd.path()).filter(|p| std::fs::read_link(p).is_ok_and(|t| t.to_string_lossy().starts_with(&ours))));
-        }
-        if let Ok(maps) = std::fs::read_to_string(entry.path().join("maps")) {
-            let ranges = maps.lines().filter(|l| l.contains(&ours)).filter_map(|l| l.split_whitespace().next());
-            candidates.extend(ranges.map(|range| entry.path().join("map_files").join(range)));
-        }
-        for path in candidates {
+        for path in memfd_paths(&entry.path()) {
             let Ok(meta) = std::fs::metadata(&path) else { continue };
             let ino = std::os::unix::fs::MetadataExt::ino(&meta);
             let Some((kind, group)) = wanted.get(&ino).copied() else { continue };
@@ -480,6 +540,36 @@ mod tests {
         assert_eq!(second.group(2).devices[1].used.load(Relaxed), 5);
         assert_eq!(second.process(3).devices[1].used.load(Relaxed), 5);
         assert_eq!(second.device(0).total_memory.load(Relaxed), 9);
+    }
+
+    /// The controller's record of a process lives in the ledger file under the slot, where the
+    /// group's memory hides it: a member's view of the slot (its whole page, written end to end)
+    /// neither shows nor changes it, a second view of the file (a restarted controller) reads
+    /// it back, and where the file's own page shows through the slot still reads as free.
+    #[test]
+    fn a_process_record_is_out_of_every_members_reach() {
+        let geometry = Geometry { max_groups: 2, max_procs: 2 };
+        let (_dir, file, first) = temp_ledger(geometry);
+        let counters = first.new_group_memory(1).unwrap();
+        first.map_process_page(1, Some(counters.as_fd())).unwrap();
+        let mut record = ProcessRecord::none();
+        record.magic = RECORD_MAGIC;
+        record.pid = 4242;
+        record.caps[0] = 256 << 20;
+        first.save_process_record(1, &record).unwrap();
+        let view = Ledger::map_group_view(counters.as_fd(), first.new_device_memory().unwrap().as_fd()).unwrap();
+        let slot = view.process(1);
+        for w in &slot._page {
+            assert_eq!(w.load(Relaxed), 0, "a member's page holds none of it");
+            w.store(u64::MAX, Relaxed);
+        }
+        slot.pid.store(1, Relaxed);
+        let (second, _) = Ledger::open_or_create(&file, geometry).unwrap();
+        assert_eq!(second.process_record(1).unwrap(), record, "read back past the group's memory");
+        assert_eq!(first.process_record(1).unwrap(), record);
+        assert_ne!(second.process(1).state.load(Relaxed), LIVE, "the file's own page is not a live slot");
+        second.clear_process_record(1).unwrap();
+        assert_eq!(first.process_record(1).unwrap(), ProcessRecord::none());
     }
 
     #[test]

@@ -123,12 +123,16 @@ impl State {
         Ok(())
     }
 
-    /// Process slot `slot` is nobody's: the ledger file's own page again.
+    /// Process slot `slot` is nobody's: the ledger file's own page again, without the
+    /// controller's record of its last process (`record`).
     pub(super) fn unmap_member(&self, slot: usize) {
         if self.ledger.process_index(slot).group_plus_one.swap(0, Relaxed) != 0 {
             if let Err(e) = self.ledger.map_process_page(slot, None) {
                 tracing::error!("process slot {slot}: cannot map the ledger's own page back: {e}");
             }
+        }
+        if let Err(e) = self.ledger.clear_process_record(slot) {
+            tracing::error!("process slot {slot}: cannot clear the controller's record in the ledger file: {e}");
         }
     }
 

@@ -291,6 +291,119 @@ fn a_group_made_from_the_environment_stays_closed_to_other_uids_across_a_restart
     assert!(l.group("victim").is_some(), "{l}");
 }
 
+/// What a member of group "attackers" (uid 65534) keeps writing into its own process slot
+/// while the controller is killed (SIGKILL) and restarted on the same ledger: `forge` is
+/// another group's index ("group": config group `victim`'s), uid 0 ("uid"), another tenant's pid
+/// with start time 0 ("pid": root's member of `victim`), or its cap lifted ("cap": `set --pid`
+/// gave it 256 MiB); and 900 MiB used in each. A restarted controller takes a member's group,
+/// pid, uid and cap from its own record (the ledger file) and the kernel, never from the slot
+/// (branch adopttrust); `check` asserts what `forge` would have changed, on the listing just
+/// after the restart. After it, the controller has put its own values back into the slot, which
+/// the attacker reads and prints; it said once, before the restart, who rewrote it.
+fn forged_across_a_restart(forge: &str, check: impl FnOnce(&Sim, &Controller<'_>, &Listing, u32, u32)) {
+    let sim = machine();
+    let mut ctl = sim.controller_with_config(CONFIG);
+    open_state_to_all(&sim);
+    let (go, stop, done) = (sim.path("go"), sim.path("stop"), sim.path("done"));
+    let member = sim.client(Route::Link).shim().controller(&ctl).group("victim").args(&format!("init ctx 0 alloc 100M waitfile {}", show(&done))).spawn();
+    expect_ok(&member.wait_line("alloc", 0));
+    let victim = ctl.ls().group("victim").expect("configured")["slot"].as_u64().unwrap();
+    let attacker = sim
+        .program(std::env::current_exe().expect("this test binary"))
+        .uid(NOBODY)
+        .args("--exact attacker --ignored --nocapture --test-threads=1")
+        .env("ATTACK", "forge-slot")
+        .env("ATTACK_SOCKET", show(&ctl.socket()))
+        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
+        .env("ATTACK_FORGE", forge)
+        .env("ATTACK_VICTIM", victim)
+        .env("ATTACK_PID", member.pid())
+        .env("ATTACK_GO", show(&go))
+        .env("ATTACK_STOP", show(&stop))
+        .spawn();
+    attacker.wait_for("registered", Duration::from_secs(10), |l| l.contains("registered slot="));
+    let (me, them) = (attacker.pid(), member.pid());
+    ctl.set_ok(&format!("--pid {me} --memory 256MiB"));
+    touch(&go);
+    attacker.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
+    // A few of its writes land after the controller's last tick (100 ms): what it finds is forged.
+    std::thread::sleep(Duration::from_millis(300));
+    ctl.kill9();
+    ctl.restart();
+    assert!(poll_until(Duration::from_secs(5), || ctl.cli("status").run().success()), "{}", ctl.log());
+    let l = ctl.ls();
+    check(&sim, &ctl, &l, me, them);
+    touch(&stop);
+    let after = attacker.wait_for("after", Duration::from_secs(10), |l| l.contains("after group="));
+    let attackers = l.group("attackers").unwrap_or_else(|| panic!("its group is kept for it:\n{l}"))["slot"].as_u64().unwrap();
+    let want = format!("after group={attackers} pid={me} uid={NOBODY} limit={}", 256 * MIB);
+    assert!(after.contains(&want), "the controller's values are back in its slot: {after:?}, not {want:?}\n{}", ctl.log());
+    // Said when the controller first saw it, before the restart; not again after it, since the
+    // controller kept that in its record too.
+    let log = ctl.log();
+    assert_eq!(log.matches(&format!("pid {me} in group \"attackers\" is misbehaving")).count(), 1, "{log}");
+    touch(&done);
+    attacker.wait().assert_success();
+    member.wait().assert_success();
+}
+
+/// Another group's index: `victim` is not charged the attacker's 900 MiB (its members still
+/// get their 1 GiB), and the attacker is still counted in its own group.
+#[test]
+fn a_slot_naming_another_group_charges_it_nothing_after_a_restart() {
+    if skip_unless_root("a_slot_naming_another_group_charges_it_nothing_after_a_restart") {
+        return;
+    }
+    forged_across_a_restart("group", |sim, ctl, l, me, them| {
+        assert_eq!(l.group_used("victim", 0), 64 * MIB + 100 * MIB, "only its own member's bytes:\n{l}");
+        assert_eq!(l.members("victim"), vec![them], "{l}");
+        assert_eq!(l.members("attackers"), vec![me], "{l}");
+        assert_eq!(l.group_used("attackers", 0), 900 * MIB, "its word charges its own group only:\n{l}");
+        let out = sim.client(Route::Link).shim().controller(ctl).group("victim").args("init ctx 0 alloc 700M alloc 200M").run();
+        out.expect_ok(2);
+        out.expect_err(3, 2);
+    });
+}
+
+/// Uid 0: the attacker is still uid 65534's (listed so, counted so).
+#[test]
+fn a_slot_claiming_uid_0_is_still_its_uids_after_a_restart() {
+    if skip_unless_root("a_slot_claiming_uid_0_is_still_its_uids_after_a_restart") {
+        return;
+    }
+    forged_across_a_restart("uid", |_, _, l, me, _| {
+        let row = l.process(me).unwrap_or_else(|| panic!("adopted:\n{l}"));
+        assert_eq!(row["uid"], NOBODY, "{l}");
+        assert_eq!(row["group"], "attackers", "{l}");
+    });
+}
+
+/// Another tenant's pid (root's member of `victim`) with start time 0: the controller watches
+/// the attacker, not that process, and that process only once, in its own group.
+#[test]
+fn a_slot_naming_another_pid_does_not_make_the_controller_watch_it_after_a_restart() {
+    if skip_unless_root("a_slot_naming_another_pid_does_not_make_the_controller_watch_it_after_a_restart") {
+        return;
+    }
+    forged_across_a_restart("pid", |_, _, l, me, them| {
+        assert_eq!(l.members("attackers"), vec![me], "{l}");
+        assert_eq!(l.members("victim"), vec![them], "{l}");
+        assert_eq!(l.processes().iter().filter(|p| p["pid"] == them).count(), 1, "{l}");
+        assert_eq!(l.process(me).unwrap_or_else(|| panic!("{l}"))["uid"], NOBODY, "{l}");
+    });
+}
+
+/// Its cap lifted before the restart: the controller's 256 MiB comes back.
+#[test]
+fn a_cap_lifted_in_the_slot_comes_back_after_a_restart() {
+    if skip_unless_root("a_cap_lifted_in_the_slot_comes_back_after_a_restart") {
+        return;
+    }
+    forged_across_a_restart("cap", |_, _, l, me, _| {
+        assert_eq!(l.process_device(me, 0)["limit"].as_u64(), Some(256 * MIB), "{l}");
+    });
+}
+
 /// A group made from its first member's environment gets that limit on every device, not only
 /// on the devices that member saw (`CUDA_VISIBLE_DEVICES=0` used to leave device 1 unlimited).
 #[test]
@@ -745,6 +858,45 @@ fn attacker() {
                 std::thread::sleep(Duration::from_millis(1));
             }
             println!("scribbled writes={writes} seen_high={seen_high} seen_no_penalty={seen_no_penalty}");
+        }
+        "forge-slot" => {
+            // Registers in "attackers"; from the file ATTACK_GO on, until ATTACK_STOP, keeps
+            // writing into its own slot 900 MiB used and what ATTACK_FORGE names (a controller
+            // restarts meanwhile); then says what its slot holds once the controller had time
+            // to put its own values back.
+            let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}"));
+            let (go, stop) = (PathBuf::from(env("ATTACK_GO")), PathBuf::from(env("ATTACK_STOP")));
+            let forge = env("ATTACK_FORGE");
+            let (victim, foreign): (u32, u32) = (env("ATTACK_VICTIM").parse().unwrap(), env("ATTACK_PID").parse().unwrap());
+            let (a, l) = register(Some("attackers"), real(None)).expect("register");
+            let l = l.expect("the ledger");
+            let p = l.process(a.slot as usize);
+            println!("registered slot={} group={}", a.slot, a.group);
+            while !go.exists() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let mut writes = 0u64;
+            while !stop.exists() {
+                p.devices[0].used.store(900 * MIB, SeqCst);
+                match forge.as_str() {
+                    "group" => p.group.store(victim, SeqCst),
+                    "uid" => p.uid.store(0, SeqCst),
+                    "pid" => {
+                        p.pid.store(foreign, SeqCst);
+                        p.start_time.store(0, SeqCst);
+                    }
+                    "cap" => p.devices[0].limit.store(UNLIMITED, SeqCst),
+                    other => panic!("no forgery {other:?}"),
+                }
+                writes += 1;
+                if writes == 1 {
+                    println!("attacked {forge}");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            let limit = p.devices[0].limit.load(SeqCst);
+            println!("after group={} pid={} uid={} limit={limit} writes={writes}", p.group.load(SeqCst), p.pid.load(SeqCst), p.uid.load(SeqCst));
         }
         other => panic!("no attack {other:?}"),
     }
