@@ -337,7 +337,15 @@ pub fn holds_memory(pid: u32, inode: u64) -> bool {
     inode != 0
         && memfd_paths(&std::path::Path::new("/proc").join(pid.to_string()))
             .iter()
-            .any(|p| std::fs::metadata(p).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode))
+            .any(|p| std::fs::metadata(p).is_ok_and(|m| made_by_us(&m) && std::os::unix::fs::MetadataExt::ino(&m) == inode))
+}
+
+/// Whether a memfd found in another process was made by this controller's uid: an inode
+/// number is unique only while its memfd lives, so one a tenant made (owned by the tenant's
+/// uid) that got a number the ledger recorded for memory long gone must not pass for ours.
+fn made_by_us(meta: &std::fs::Metadata) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    std::os::unix::fs::MetadataExt::uid(meta) == unsafe { libc::geteuid() }
 }
 
 /// The memfds of ours process directory `proc` (`/proc/PID`) holds: its descriptors
@@ -370,6 +378,9 @@ fn find_memfds(wanted: &mut HashMap<u64, (char, usize)>, found: &mut Reclaimed) 
         }
         for path in memfd_paths(&entry.path()) {
             let Ok(meta) = std::fs::metadata(&path) else { continue };
+            if !made_by_us(&meta) {
+                continue;
+            }
             let ino = std::os::unix::fs::MetadataExt::ino(&meta);
             let Some((kind, group)) = wanted.get(&ino).copied() else { continue };
             let Ok(opened) = reopen(&path.to_string_lossy(), libc::O_RDWR) else { continue };
@@ -470,6 +481,33 @@ mod tests {
         let path = dir.path().join("ledger").to_str().unwrap().to_string();
         let ledger = Ledger::create(&path, geometry).unwrap();
         (dir, path, ledger)
+    }
+
+    /// A memfd of ours that another uid owns (a tenant's, whose inode number the kernel reused
+    /// for one the ledger recorded) is not taken for ours, by `holds_memory` nor `find_memfds`.
+    /// Needs root to give the memfd to another uid; skipped otherwise.
+    #[test]
+    fn a_memfd_another_uid_owns_is_not_ours_whatever_its_inode() {
+        let (_page, fd) = SettingsPage::create(0).unwrap();
+        let ino = inode(fd.as_fd()).unwrap();
+        let me = std::process::id();
+        assert!(holds_memory(me, ino), "our own memfd, held by this process");
+        let mut wanted = HashMap::from([(ino, ('s', 0usize))]);
+        let mut found = Reclaimed::default();
+        find_memfds(&mut wanted, &mut found);
+        assert!(found.settings.contains_key(&0), "found while ours");
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped the other-uid half: needs root to chown a memfd");
+            return;
+        }
+        // SAFETY: fchown on our own descriptor.
+        assert_eq!(unsafe { libc::fchown(fd.as_raw_fd(), 65534, 65534) }, 0, "{}", io::Error::last_os_error());
+        assert!(!holds_memory(me, ino), "another uid's memfd with the recorded inode");
+        let mut wanted = HashMap::from([(ino, ('s', 0usize))]);
+        let mut found = Reclaimed::default();
+        find_memfds(&mut wanted, &mut found);
+        assert!(found.settings.is_empty() && wanted.contains_key(&ino), "not taken for ours");
     }
 
     #[test]
