@@ -124,10 +124,10 @@ impl Ledger {
         let fd = sealed_memfd("devices", g.groups_offset())?;
         if let Some(file) = &self.backing {
             let mut saved = vec![0u8; g.groups_offset() - g.devices_offset()];
-            // SAFETY: pread and pwrite of a local buffer of its length, at offsets within both files.
+            // SAFETY: a local buffer of its length, read into and then written from.
             unsafe {
-                if libc::pread(file.as_raw_fd(), saved.as_mut_ptr().cast(), saved.len(), g.devices_offset() as libc::off_t) == saved.len() as isize {
-                    libc::pwrite(fd.as_raw_fd(), saved.as_ptr().cast(), saved.len(), g.devices_offset() as libc::off_t);
+                if pread_exact(file, g.devices_offset(), saved.as_mut_ptr(), saved.len()).is_ok() {
+                    let _ = pwrite_all(&fd, g.devices_offset(), saved.as_ptr(), saved.len());
                 }
             }
         }
@@ -141,11 +141,7 @@ impl Ledger {
         let g = self.geometry;
         let len = g.groups_offset() - g.devices_offset();
         // SAFETY: the device region is inside our mapping; pwrite only reads it.
-        let n = unsafe { libc::pwrite(file.as_raw_fd(), self.base.add(g.devices_offset()).cast(), len, g.devices_offset() as libc::off_t) };
-        if n != len as isize {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        unsafe { pwrite_all(file, g.devices_offset(), self.base.add(g.devices_offset()), len) }
     }
 
     /// Copies group slot `group`'s settings as the controller published them (`published`, a
@@ -178,14 +174,8 @@ impl Ledger {
         }
         // SAFETY: `page` is ours alone (nothing refers to it yet), `layout.size()` bytes long, and
         // came from the global allocator with `GroupSlot`'s layout, as `Box` frees it.
-        let (n, page) = unsafe {
-            let offset = self.geometry.groups_offset() + group * PAGE;
-            (libc::pread(file.as_raw_fd(), page.cast(), layout.size(), offset as libc::off_t), Box::from_raw(page))
-        };
-        if n != layout.size() as isize {
-            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::UnexpectedEof) });
-        }
-        Ok(page)
+        let (read, page) = unsafe { (pread_exact(file, self.geometry.groups_offset() + group * PAGE, page.cast(), layout.size()), Box::from_raw(page)) };
+        read.map(|()| page)
     }
 
     /// Writes the controller's record of the process in slot `slot` into the ledger file's own
@@ -196,11 +186,7 @@ impl Ledger {
         let offset = self.record_offset(slot);
         // SAFETY: `record` is `size_of::<ProcessRecord>()` readable bytes; pwrite only reads them,
         // into the file at an offset inside it (checked by `record_offset`).
-        let n = unsafe { libc::pwrite(file.as_raw_fd(), (record as *const ProcessRecord).cast(), size_of::<ProcessRecord>(), offset as libc::off_t) };
-        if n != size_of::<ProcessRecord>() as isize {
-            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::WriteZero) });
-        }
-        Ok(())
+        unsafe { pwrite_all(file, offset, (record as *const ProcessRecord).cast(), size_of::<ProcessRecord>()) }
     }
 
     /// Empties the record under process slot `slot` (the slot is nobody's).
@@ -217,10 +203,7 @@ impl Ledger {
         let mut record = ProcessRecord::none();
         // SAFETY: pread into a local `ProcessRecord` of its size; every byte pattern is a valid
         // `ProcessRecord` (integers and a byte array only).
-        let n = unsafe { libc::pread(file.as_raw_fd(), (&mut record as *mut ProcessRecord).cast(), size_of::<ProcessRecord>(), offset as libc::off_t) };
-        if n != size_of::<ProcessRecord>() as isize {
-            return Err(if n < 0 { io::Error::last_os_error() } else { io::Error::from(io::ErrorKind::UnexpectedEof) });
-        }
+        unsafe { pread_exact(file, offset, (&mut record as *mut ProcessRecord).cast(), size_of::<ProcessRecord>()) }?;
         Ok(record)
     }
 
@@ -237,11 +220,7 @@ impl Ledger {
         let (len, offset) = (size_of::<GroupSlot>(), self.geometry.groups_offset() + group * PAGE);
         // SAFETY: `from` points to `len` readable bytes (a `GroupSlot` or a buffer of its size);
         // pwrite only reads them, into the file at an offset inside it.
-        let n = unsafe { libc::pwrite(file.as_raw_fd(), from.cast(), len, offset as libc::off_t) };
-        if n != len as isize {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        unsafe { pwrite_all(file, offset, from, len) }
     }
 
     /// Maps the device memory over this view's device table.
@@ -327,6 +306,35 @@ impl Ledger {
             }
         }
         found
+    }
+}
+
+/// Reads exactly `len` bytes of `fd` at `offset` into `to`; a short read is an error (the ledger
+/// file's copies are whole pages or nothing).
+///
+/// # Safety
+/// `to` is valid for writes of `len` bytes, and any bytes are a valid value of what it points to.
+unsafe fn pread_exact(fd: &OwnedFd, offset: usize, to: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's promise on `to`; pread writes at most `len` bytes there.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), to.cast(), len, offset as libc::off_t) };
+    match n {
+        n if n == len as isize => Ok(()),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        _ => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+    }
+}
+
+/// Writes exactly `len` bytes from `from` into `fd` at `offset`; a short write is an error.
+///
+/// # Safety
+/// `from` is valid for reads of `len` bytes.
+unsafe fn pwrite_all(fd: &OwnedFd, offset: usize, from: *const u8, len: usize) -> io::Result<()> {
+    // SAFETY: the caller's promise on `from`; pwrite only reads `len` bytes there.
+    let n = unsafe { libc::pwrite(fd.as_raw_fd(), from.cast(), len, offset as libc::off_t) };
+    match n {
+        n if n == len as isize => Ok(()),
+        n if n < 0 => Err(io::Error::last_os_error()),
+        _ => Err(io::Error::from(io::ErrorKind::WriteZero)),
     }
 }
 

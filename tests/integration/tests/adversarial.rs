@@ -193,6 +193,22 @@ fn one_uid_cannot_fill_the_tables() {
     still_sound(&sim, &mut ctl);
 }
 
+/// A process of this test's uid, told to have a controller, asks to join `group`: refused with
+/// `reason` once, and CUDA refused rather than run unlimited.
+fn a_stranger_is_refused(sim: &Sim, ctl: &Controller<'_>, group: &str, reason: &str) {
+    let out = sim
+        .client(Route::Link)
+        .shim()
+        .controller(ctl)
+        .group(group)
+        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+        .env("GPUSLICE_CONTROLLER_WAIT", "1")
+        .args("init")
+        .run();
+    assert!(!out.ok(0), "refused, not run unlimited:\n{out}");
+    assert_eq!(out.stderr_lines_with(&[reason, "CUDA is refused"]).len(), 1, "{out}\ncontroller log:\n{}", ctl.log());
+}
+
 /// Squatting a group name before its owner: a group made from one uid's environment is that
 /// uid's; another uid's process is refused with the reason (and, told to have a controller,
 /// refuses CUDA rather than run unlimited). An administrator opens the name by configuring it.
@@ -206,17 +222,7 @@ fn a_group_made_from_the_environment_is_closed_to_other_uids() {
     open_state_to_all(&sim);
     let a = attack(&sim, &ctl, "squat", 3.0);
     a.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
-    let out = sim
-        .client(Route::Link)
-        .shim()
-        .controller(&ctl)
-        .group("prod")
-        .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
-        .env("GPUSLICE_CONTROLLER_WAIT", "1")
-        .args("init")
-        .run();
-    assert!(!out.ok(0), "refused, not run unlimited:\n{out}");
-    assert_eq!(out.stderr_lines_with(&["made from the environment of a process of uid 65534", "CUDA is refused"]).len(), 1, "{out}");
+    a_stranger_is_refused(&sim, &ctl, "prod", "made from the environment of a process of uid 65534");
     ctl.set_ok("--group prod --memory 2GiB");
     let out =
         sim.client(Route::Link).shim().controller(&ctl).group("prod").env("GPUSLICE_ON_NO_CONTROLLER", "refuse").args("init ctx 0 alloc 2100M info").run();
@@ -253,23 +259,10 @@ fn a_group_made_from_the_environment_stays_closed_to_other_uids_across_a_restart
         .spawn();
     expect_ok(&owner.wait_line("ctx", 0));
     let reason = format!("group \"prod\" was made from the environment of a process of uid {NOBODY}; only that uid's processes may join it");
-    let stranger = |ctl: &Controller<'_>| {
-        let out = sim
-            .client(Route::Link)
-            .shim()
-            .controller(ctl)
-            .group("prod")
-            .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
-            .env("GPUSLICE_CONTROLLER_WAIT", "1")
-            .args("init")
-            .run();
-        assert!(!out.ok(0), "refused, not run unlimited:\n{out}");
-        assert_eq!(out.stderr_lines_with(&[&reason, "CUDA is refused"]).len(), 1, "{out}\ncontroller log:\n{}", ctl.log());
-    };
-    stranger(&ctl);
+    a_stranger_is_refused(&sim, &ctl, "prod", &reason);
     ctl.kill9();
     ctl.restart();
-    stranger(&ctl);
+    a_stranger_is_refused(&sim, &ctl, "prod", &reason);
     let out = sim
         .client(Route::Link)
         .shim()
