@@ -35,6 +35,15 @@ pub fn solo_group_name(pid: u32) -> String {
     format!("{SOLO_PREFIX}{pid}")
 }
 
+/// The name a restarted controller gives group slot `slot` when it found neither the group's
+/// settings page nor its own copy of it in the ledger file: the group's name was lost with
+/// them (its members' writable copy is theirs to write, so not taken). With the solo prefix, no
+/// process and no config can name it (`check_group_name` refuses it), so nobody joins it and
+/// the config cannot claim it; like a solo group it goes with its last member.
+pub fn lost_group_name(slot: usize) -> String {
+    format!("{SOLO_PREFIX}lost-{slot}")
+}
+
 /// True for the name of a process alone's group (`solo_group_name`).
 pub fn is_solo_group(name: &str) -> bool {
     name.starts_with(SOLO_PREFIX)
@@ -1075,6 +1084,7 @@ mod tests {
         // A process alone's group name is the one name a user may not give a group.
         assert_eq!(solo_group_name(12), "pid-12");
         assert!(is_solo_group(&solo_group_name(12)) && !is_solo_group("train-pid-12"));
+        assert!(is_solo_group(&lost_group_name(3)) && check_group_name(&lost_group_name(3)).is_err() && lost_group_name(3) != solo_group_name(3));
         assert!(check_group_name(&solo_group_name(12)).is_err() && check_group_name("train").is_ok());
         for bad in ["pid-12", "a b", ""] {
             if !bad.is_empty() {

@@ -26,8 +26,8 @@ const LEASE_HORIZON_NS: u64 = 60_000_000_000;
 
 /// `GroupInfo::env_uid` of an unpinned group whose owner a restarted controller found no
 /// trusted record of (`Owner::Unrecorded`: a ledger from a controller before the field, or a
-/// settings page rebuilt from its members' writable copy): no process may join it, since any
-/// uid could be the wrong one. `(uid_t)-1` is no process's uid.
+/// group whose settings page and file copy were both lost, `memory::fail_closed`): no process
+/// may join it, since any uid could be the wrong one. `(uid_t)-1` is no process's uid.
 const OWNER_UNKNOWN: u32 = u32::MAX;
 
 /// What `GroupInfo::env_uid` publishes as `GroupSlot::owner`.
@@ -424,12 +424,23 @@ impl State {
         let mut dropped = Vec::new();
         for i in 0..geometry.max_groups as usize {
             let g = self.ledger.group(i);
-            if g.state.load(Acquire) != LIVE {
+            // The settings the previous controller published (read-only to members; rebuilt from
+            // the ledger file's copy if no member held them: `init_memory`), or the ledger file's
+            // own page where nobody held the group's memory: never the members' writable copy,
+            // which `g` is when its memory was found. That says whether the slot holds a group
+            // too: a member that wrote FREE into its copy had its group skipped, and itself and
+            // the other members released, unwatched and their bytes counted nowhere.
+            let published = self.published(i);
+            if published.unwrap_or(g).state.load(Acquire) != LIVE {
+                if published.is_some() {
+                    // Memory made, settings never published (killed in between): no name to go by.
+                    tracing::warn!("group slot {i}: its memory was found, but its settings were never published; freed");
+                    g.reset();
+                    g.state.store(FREE, Release);
+                    self.forget_group_memory(i);
+                }
                 continue;
             }
-            // The settings the previous controller published (read-only to members), rather
-            // than the members' writable copy.
-            let published = self.published(i);
             let name = published.map_or_else(|| g.name(), |p| p.name());
             let valid = gpuslice_common::settings::check_group_name(&name).is_ok() || gpuslice_common::settings::is_solo_group(&name);
             if !valid || self.find_group(&name).is_some() {
@@ -493,7 +504,7 @@ impl State {
             if pinned && !self.has_settings(i) {
                 // Found only as the ledger file's copy: nobody held its memory. Without new
                 // memory no member could register in it (and one that tried made a new group
-                // of that name without its limits, before `save_pinned` kept the copy).
+                // of that name without its limits, before the file kept the copy).
                 match self.renew_group_memory(i) {
                     Ok(()) => {
                         tracing::info!("group {:?}: no live process held its memory; made anew from the settings the ledger file kept", self.groups[&i].name)
@@ -559,10 +570,12 @@ impl State {
     }
 
     /// After a restart: config group `i`, which the new config no longer names, was adopted
-    /// unpinned. Says so, and takes its copy out of the ledger file (`save_pinned` keeps only
-    /// pinned groups), so that a later restart does not find it there. Its limits stay for its
-    /// members; `adopt` frees it now if it has none, `release` when its last one exits.
-    /// `dead`: process slots adopted but gone, not counted as running.
+    /// unpinned. Says so. Its limits stay for its members; `adopt` frees it now if it has none
+    /// (taking its copy out of the ledger file), `release` when its last one exits; until then
+    /// the file's copy says it is unpinned (the next `publish`), so a later restart that finds
+    /// no member holding its memory does not bring it back, and one that finds its memory but
+    /// not its settings page still has its settings. `dead`: process slots adopted but gone,
+    /// not counted as running.
     fn unpin_dropped(&self, i: usize, dead: &[usize]) {
         let Some(name) = self.groups.get(&i).map(|g| g.name.as_str()) else { return };
         let config = self.config_path.as_deref().unwrap_or("the config (the controller started without a config file)");
@@ -572,9 +585,6 @@ impl State {
             n => format!("it goes when its {n} running processes exit"),
         };
         tracing::info!("group {name:?} is no longer in {config}: unpinned; {fate}");
-        if let Err(e) = self.ledger.clear_group_page(i) {
-            tracing::error!("group {name:?}: cannot clear its copy in the ledger file: {e}");
-        }
     }
 
     pub fn find_group(&self, name: &str) -> Option<usize> {
@@ -617,7 +627,8 @@ impl State {
         g.state.store(FREE, Release);
         g.reset();
         self.forget_group_memory(slot);
-        // The file's copy of a pinned group (`save_pinned`) would bring it back at a restart.
+        // The file's copy (`save_settings`) would bring a pinned group back at a restart, and
+        // give a later group in this slot settings that are not its own.
         if let Err(e) = self.ledger.clear_group_page(slot) {
             tracing::error!("group slot {slot}: cannot clear its copy in the ledger file: {e}");
         }
@@ -1910,9 +1921,9 @@ mod tests {
 
     /// A restart that finds a group's memory but not its settings page (its members closed it)
     /// takes neither what pins the group nor who may join it from the members' writable copy,
-    /// where a member can write a pin and "open to all": an unpinned group is closed to every
-    /// uid, its owner's too (which uid it was is not known); a pinned one takes its settings
-    /// from the ledger file's copy.
+    /// where a member can write a pin and "open to all": each group's settings, its owner
+    /// included, come from the ledger file's copy, so unpinned `team` stays uid 1000's (and
+    /// unpinned), and pinned `ha` keeps its 1 GiB.
     #[test]
     fn a_group_whose_settings_page_was_lost_is_opened_by_nothing_its_members_wrote() {
         let dir = tempfile::tempdir().unwrap();
@@ -1935,14 +1946,125 @@ mod tests {
         };
         let mut s = restarted(&dir, "");
         let team = s.find_group("team").expect("kept for its member");
-        assert!(!s.groups[&team].pinned, "{:?}", s.groups[&team]);
-        for uid in [2000, 1000] {
-            let e = s.register(Peer { pid: 1, uid }, registration(Some("team"), None)).unwrap_err();
-            assert!(e.contains("was not recorded"), "uid {uid}: {e}");
-        }
+        assert!(!s.groups[&team].pinned && s.groups[&team].env_uid == Some(1000), "{:?}", s.groups[&team]);
+        assert_eq!(s.groups[&team].limits[0], 1 << 30, "{:?}", s.groups[&team]);
+        let e = s.register(Peer { pid: 1, uid: 2000 }, registration(Some("team"), None)).unwrap_err();
+        assert!(e.contains("of uid 1000;"), "{e}");
+        let joined = s.register(Peer { pid: 1, uid: 1000 }, registration(Some("team"), None)).expect("its own uid may join");
+        assert_eq!(joined.group as usize, team);
         let ha = s.find_group("ha").expect("pinned");
         assert!(s.groups[&ha].pinned && s.groups[&ha].origin == Origin::Live && s.groups[&ha].env_uid.is_none(), "{:?}", s.groups[&ha]);
         assert_eq!(s.groups[&ha].limits[0], 1 << 30, "from the ledger file's copy, not the members' rewritten one");
+    }
+
+    /// Unpinned group `team` (uid 1000's member, 1 GiB and a 30 % share from its environment)
+    /// made before `set --create` group `victim` (1 GiB), so in a lower slot; the controller
+    /// publishes; then `team`'s member writes `rewrite` into its group's writable copy and keeps
+    /// only the group's memory (not the settings page) through a restart. `forget_copy`: the
+    /// ledger file's copy of `team`'s settings is cleared too, as a controller that kept only
+    /// pinned groups' copies left it. Returns the restarted state, `team`'s slot, `victim`'s,
+    /// `team`'s settings before, and the descriptors its member holds.
+    fn lost_page_rewritten(dir: &tempfile::TempDir, rewrite: impl Fn(&GroupSlot), forget_copy: bool) -> (State, usize, usize, GroupInfo, Vec<OwnedFd>) {
+        let parent = std::os::unix::process::parent_id();
+        let (team, victim, before, held) = {
+            let mut s = state(dir, "");
+            let team = s.register(Peer { pid: parent, uid: 1000 }, registration(Some("team"), Some(1 << 30))).unwrap().group as usize;
+            s.edit(me(), group_edit("victim", true)).unwrap();
+            let victim = s.find_group("victim").unwrap();
+            assert!(team < victim, "the rewritten group comes first in adopt's order");
+            s.publish();
+            rewrite(s.ledger.group(team));
+            if forget_copy {
+                s.ledger.clear_group_page(team).unwrap();
+            }
+            let before = s.groups[&team].clone();
+            (team, victim, before, s.descriptors_for(team).unwrap().into_iter().take(2).collect())
+        };
+        (restarted(dir, ""), team, victim, before, held)
+    }
+
+    /// Everything the members' writable copy holds that decided a group before: its limit
+    /// lifted, its share and cap off, high priority, pinned and open to all, and the name of
+    /// another group (whose later slot `adopt` freed as "not distinct").
+    fn raise_and_rename(copy: &GroupSlot) {
+        copy.devices[0].limit.store(UNLIMITED, Relaxed);
+        copy.set_share(0, 0);
+        copy.set_cap(0, 100);
+        copy.priority.store(Priority::High as u32, Relaxed);
+        copy.pinned.store(1, Relaxed);
+        copy.owner.store(Owner::Open.word(), Relaxed);
+        copy.set_name("victim");
+    }
+
+    /// A member that hides its group's settings page and writes a higher limit and share, high
+    /// priority and another group's name into its writable copy gets none of it at a restart:
+    /// `team` keeps the controller's settings (from the ledger file's copy) and its name, stays
+    /// uid 1000's, and `victim` is still `victim`, with its 1 GiB.
+    #[test]
+    fn a_group_whose_settings_page_was_lost_keeps_the_controllers_limits_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, team, victim, before, _held) = lost_page_rewritten(&dir, raise_and_rename, false);
+        assert_eq!(s.find_group("team"), Some(team), "its own name, not the one its members wrote: {:?}", s.groups);
+        assert_eq!(s.find_group("victim"), Some(victim), "the other group keeps its name and slot: {:?}", s.groups);
+        let info = &s.groups[&team];
+        assert_eq!((info.limits, info.shares, info.sm_caps, info.priority), (before.limits, before.shares, before.sm_caps, before.priority), "{info:?}");
+        assert_eq!((info.limits[0], info.shares[0], info.priority), (1 << 30, 30, Priority::Normal as u32), "{info:?}");
+        assert!(!info.pinned && info.env_uid == Some(1000), "{info:?}");
+        let page = s.published(team).unwrap();
+        assert_eq!((page.name(), page.devices[0].limit.load(Relaxed), page.devices[0].share.load(Relaxed)), ("team".to_string(), 1 << 30, 30));
+        assert_eq!(s.members(team).len(), 1, "its member is adopted");
+        assert!(s.groups[&victim].pinned && s.groups[&victim].limits[0] == 1 << 30, "{:?}", s.groups[&victim]);
+        let e = s.register(Peer { pid: 1, uid: 2000 }, registration(Some("team"), None)).unwrap_err();
+        assert!(e.contains("of uid 1000;"), "{e}");
+        let v = s.register(Peer { pid: 1, uid: 2000 }, registration(Some("victim"), None)).expect("configured: open to all");
+        assert_eq!(v.group as usize, victim);
+        // The first tick puts the controller's values back into the writable copy, and says so.
+        s.enforce();
+        let copy = s.ledger.group(team);
+        assert_eq!((copy.name(), copy.devices[0].limit.load(Relaxed), copy.devices[0].share.load(Relaxed)), ("team".to_string(), 1 << 30, 30));
+    }
+
+    /// A member that writes FREE into its group's writable copy before a restart (with its page
+    /// hidden, or not) does not make the restarted controller skip the group and release its
+    /// members, unwatched and counted nowhere: whether the slot holds a group is the published
+    /// page's word (or the file's copy).
+    #[test]
+    fn a_group_whose_members_wrote_it_free_is_still_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, team, _, _, _held) = lost_page_rewritten(&dir, |copy| copy.state.store(FREE, Release), false);
+        assert_eq!(s.find_group("team"), Some(team), "{:?}", s.groups);
+        assert_eq!(s.members(team).len(), 1, "its member is adopted, not released");
+        assert_eq!(s.groups[&team].limits[0], 1 << 30);
+    }
+
+    /// Neither the settings page nor the ledger file's copy (a ledger from a controller that
+    /// kept only pinned groups' copies): the group fails closed. It keeps its member, whose
+    /// bytes stay counted, but takes nothing from the writable copy: no memory beyond what it
+    /// holds, a 1 % share, low priority, a name nobody can ask for, closed to every uid; the
+    /// name its members wrote stays `victim`'s, and a new `team` is a new group. It goes with
+    /// its last member.
+    #[test]
+    fn a_group_whose_settings_and_their_copy_were_both_lost_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, team, victim, _, _held) = lost_page_rewritten(&dir, raise_and_rename, true);
+        assert_eq!(s.find_group("victim"), Some(victim), "the other group keeps its name and slot: {:?}", s.groups);
+        assert!(s.groups[&victim].pinned && s.groups[&victim].limits[0] == 1 << 30, "{:?}", s.groups[&victim]);
+        let lost = gpuslice_common::settings::lost_group_name(team);
+        assert_eq!(s.find_group(&lost), Some(team), "{:?}", s.groups);
+        let info = &s.groups[&team];
+        assert_eq!(
+            (info.limits, info.shares, info.sm_caps, info.priority),
+            ([0; MAX_DEVICES], [1; MAX_DEVICES], [0; MAX_DEVICES], Priority::Low as u32),
+            "{info:?}"
+        );
+        assert!(!info.pinned && info.env_uid == Some(OWNER_UNKNOWN), "{info:?}");
+        assert_eq!(s.ledger.group(team).devices[0].limit.load(Relaxed), 0, "the writable copy follows");
+        let members = s.members(team);
+        assert_eq!(members.len(), 1, "its member is adopted: its bytes stay counted");
+        let again = s.register(Peer { pid: 1, uid: 1000 }, registration(Some("team"), Some(1 << 30))).expect("a new group");
+        assert_ne!(again.group as usize, team);
+        s.release(members[0], "exited");
+        assert_eq!(s.find_group(&lost), None, "gone with its last member");
     }
 
     /// A member that rewrites its own slot before a restart (the group index of config group

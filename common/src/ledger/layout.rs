@@ -499,8 +499,9 @@ impl Origin {
 /// reads as `Unrecorded`, not as root's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Owner {
-    /// Not recorded: a ledger from before the field, or a page rebuilt from the members'
-    /// writable copy. A restarted controller opens such a group to nobody unless it is pinned.
+    /// Not recorded: a ledger from before the field, or a group whose settings page and the
+    /// ledger file's copy of it were both lost at a restart. A restarted controller opens such
+    /// a group to nobody unless it is pinned.
     #[default]
     Unrecorded,
     /// Any uid may join (a configured or edited group).

@@ -148,7 +148,9 @@ impl Ledger {
     /// `GroupSlot` page) into the ledger file's own page under that slot, which the group's
     /// memory hides while it lives: a restart that finds no live process holding that memory
     /// (nobody has registered in the group yet, or its members all exited while no controller
-    /// ran) still finds the group there, as `new_device_memory` finds the device table.
+    /// ran) still finds the group there, as `new_device_memory` finds the device table; and one
+    /// that finds the memory but not the settings page takes the settings from here, never from
+    /// the members' writable copy. The controller keeps every group's copy (one pwrite each).
     pub fn save_group_page(&self, group: usize, published: &GroupSlot) -> io::Result<()> {
         self.write_group_page(group, (published as *const GroupSlot).cast())
     }
@@ -162,7 +164,7 @@ impl Ledger {
 
     /// The ledger file's own page under group slot `group` (`save_group_page`'s copy, or zeros),
     /// read past the group's memory that hides it in this view: after a restart, the settings
-    /// of a pinned group whose settings page no live process held, from where no member writes.
+    /// of a group whose settings page no live process held, from where no member writes.
     pub fn saved_group_page(&self, group: usize) -> io::Result<Box<GroupSlot>> {
         let file = self.backing.as_ref().ok_or_else(|| io::Error::other("this ledger view has no file behind it"))?;
         assert!(group < self.geometry.max_groups as usize);

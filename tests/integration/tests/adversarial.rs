@@ -10,7 +10,7 @@
 //! The tests need root to switch to uid 65534; run as any other user they say so and pass
 //! without checking anything else.
 
-use gpuslice_common::ledger::{Ledger, Priority, SettingsPage, LIVE, MAX_DEVICES, UNLIMITED};
+use gpuslice_common::ledger::{Ledger, Owner, Priority, SettingsPage, LIVE, MAX_DEVICES, UNLIMITED};
 use gpuslice_common::protocol::{self, DeviceClaim, Registration, Request, Response};
 use gpuslice_integration::*;
 use std::os::fd::{AsFd, AsRawFd};
@@ -395,6 +395,163 @@ fn a_cap_lifted_in_the_slot_comes_back_after_a_restart() {
     forged_across_a_restart("cap", |_, _, l, me, _| {
         assert_eq!(l.process_device(me, 0)["limit"].as_u64(), Some(256 * MIB), "{l}");
     });
+}
+
+/// What a member of "attackers" (uid 65534; its environment gave the group 256 MiB and a 30 %
+/// share) that keeps neither a descriptor nor a mapping of its group's settings page leaves a
+/// restarted controller: it keeps writing into its group's writable copy a lifted limit, no
+/// share, no cap, high priority, a pin, "open to all" and the name `victim` (a `set --create`
+/// group of 1 GiB made after it, so in a later slot, which a restart used to free as "not
+/// distinct") while the controller is SIGKILLed and restarted; `forget_copy`: the ledger file's
+/// copy of its settings is emptied while no controller runs (as a controller that kept only
+/// pinned groups' copies left it). Whatever the restarted controller made of it, `victim`
+/// keeps its name, slot and 1 GiB and holds a root process to it (asserted here, while the
+/// attacker still writes). `during` asserts on the listing just after the restart, `after`
+/// on one once the attacker stopped writing and the controller had a tick to put its values
+/// back (`ls` shows the writable copy's limit and share), with what the attacker then reads
+/// in its copy. Arguments: sim, controller, listing, the attackers' slot, the attacker's pid
+/// (and its last line).
+fn hidden_across_a_restart(
+    forget_copy: bool,
+    during: impl FnOnce(&Sim, &Controller<'_>, &Listing, u64, u32),
+    after: impl FnOnce(&Controller<'_>, &Listing, u64, &str),
+) {
+    let sim = machine();
+    let mut ctl = sim.controller();
+    open_state_to_all(&sim);
+    let (go, stop, done) = (sim.path("go"), sim.path("stop"), sim.path("done"));
+    let attacker = sim
+        .program(std::env::current_exe().expect("this test binary"))
+        .uid(NOBODY)
+        .args("--exact attacker --ignored --nocapture --test-threads=1")
+        .env("ATTACK", "hide-settings")
+        .env("ATTACK_SOCKET", show(&ctl.socket()))
+        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
+        .env("ATTACK_GO", show(&go))
+        .env("ATTACK_STOP", show(&stop))
+        .env("ATTACK_DONE", show(&done))
+        .spawn();
+    attacker.wait_for("registered", Duration::from_secs(10), |l| l.contains("registered slot="));
+    ctl.set_ok("--create --group victim --memory 1GiB");
+    let slot = |l: &Listing, name: &str| l.group(name).unwrap_or_else(|| panic!("no group {name:?}:\n{l}"))["slot"].as_u64().unwrap();
+    let l = ctl.ls();
+    let (attackers, victim) = (slot(&l, "attackers"), slot(&l, "victim"));
+    assert!(attackers < victim, "{l}");
+    assert_eq!((l.group_limit("attackers", 0), l.group_share("attackers", 0)), (Some(256 * MIB), Some(30)), "{l}");
+    touch(&go);
+    attacker.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
+    // A few of its writes land after the controller's last tick (100 ms): what it finds is forged.
+    std::thread::sleep(Duration::from_millis(300));
+    ctl.kill9();
+    if forget_copy {
+        let path = show(&ctl.ledger());
+        let (ledger, adopted) = Ledger::open_or_create(&path, gpuslice_common::ledger::Geometry::default()).expect("the ledger file");
+        assert!(adopted);
+        ledger.clear_group_page(attackers as usize).expect("empty the copy");
+    }
+    ctl.restart();
+    assert!(poll_until(Duration::from_secs(5), || ctl.cli("status").run().success()), "{}", ctl.log());
+    let l = ctl.ls();
+    assert_eq!(slot(&l, "victim"), victim, "the other group keeps its name:\n{l}");
+    during(&sim, &ctl, &l, attackers, attacker.pid());
+    // While the attacker still writes: what the shims read (the published page) holds.
+    let out = sim.client(Route::Link).shim().controller(&ctl).group("victim").args("init ctx 0 alloc 700M alloc 400M").run();
+    out.expect_ok(2);
+    out.expect_err(3, 2);
+    assert!(!out.stderr.contains("running alone"), "{out}");
+    touch(&stop);
+    let last = attacker.wait_for("after", Duration::from_secs(10), |l| l.contains("after name="));
+    let l = ctl.ls();
+    assert_eq!(l.group_limit("victim", 0), Some(GIB), "{l}");
+    after(&ctl, &l, attackers, &last);
+    touch(&done);
+    attacker.wait().assert_success();
+}
+
+/// The restarted controller finds the group's memory but not its settings page and takes the
+/// settings from the ledger file's copy (branch lostpage), not from the writable copy:
+/// `attackers` keeps its name, 256 MiB, 30 % and uid.
+#[test]
+fn a_group_whose_settings_page_was_hidden_keeps_its_limits_and_name_across_a_restart() {
+    if skip_unless_root("a_group_whose_settings_page_was_hidden_keeps_its_limits_and_name_across_a_restart") {
+        return;
+    }
+    hidden_across_a_restart(
+        false,
+        |sim, ctl, l, attackers, pid| {
+            assert_eq!(l.group("attackers").unwrap_or_else(|| panic!("its own name:\n{l}"))["slot"], attackers, "{l}");
+            assert_eq!(l.members("attackers"), vec![pid], "its member is adopted:\n{l}");
+            assert!(ctl.log().contains(&format!("group \"attackers\" (slot {attackers}): its settings are the copy the ledger file kept")), "{}", ctl.log());
+            // Still uid 65534's, and held to its 256 MiB (64 MiB context + 100 MiB, then 200 MiB more).
+            a_stranger_is_refused(
+                sim,
+                ctl,
+                "attackers",
+                &format!("group \"attackers\" was made from the environment of a process of uid {NOBODY}; only that uid's processes may join it"),
+            );
+            let out = sim
+                .client(Route::Link)
+                .shim()
+                .uid(NOBODY)
+                .controller(ctl)
+                .group("attackers")
+                .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+                .args("init ctx 0 alloc 100M alloc 200M")
+                .run();
+            out.expect_ok(2);
+            out.expect_err(3, 2);
+        },
+        |ctl, l, _, last| {
+            let want = format!("after name=attackers limit={}", 256 * MIB);
+            assert!(last.contains(&want), "the controller's values are back in its copy: {last:?}, not {want:?}\n{}", ctl.log());
+            assert_eq!(
+                (l.group_limit("attackers", 0), l.group_share("attackers", 0)),
+                (Some(256 * MIB), Some(30)),
+                "the controller's, not the rewritten ones:\n{l}"
+            );
+            assert_eq!(l.group_limit("attackers", 1), Some(256 * MIB), "on every device:\n{l}");
+        },
+    );
+}
+
+/// The ledger file's copy is gone too: the group fails closed. Its member stays adopted (its
+/// bytes counted), but the group takes nothing from the writable copy: it is renamed to a name
+/// nobody can ask for, held to the memory it has (limit 0) with a 1 % share, and closed to
+/// everyone; a new "attackers" is a new group; it goes with its member.
+#[test]
+fn a_group_whose_settings_page_and_copy_were_both_lost_fails_closed_across_a_restart() {
+    if skip_unless_root("a_group_whose_settings_page_and_copy_were_both_lost_fails_closed_across_a_restart") {
+        return;
+    }
+    hidden_across_a_restart(
+        true,
+        |sim, ctl, l, attackers, pid| {
+            let lost = format!("pid-lost-{attackers}");
+            assert_eq!(l.group(&lost).unwrap_or_else(|| panic!("renamed:\n{l}"))["slot"], attackers, "{l}");
+            assert_eq!(l.members(&lost), vec![pid], "its member is adopted:\n{l}");
+            assert!(l.group("attackers").is_none(), "{l}");
+            let said = format!("group slot {attackers}: its settings page was not found and the ledger file holds no copy of them");
+            assert_eq!(ctl.log().matches(&said).count(), 1, "{}", ctl.log());
+            assert!(ctl.log().contains("(which names it \"victim\") is not taken"), "{}", ctl.log());
+            let out = sim
+                .client(Route::Link)
+                .shim()
+                .uid(NOBODY)
+                .controller(ctl)
+                .group("attackers")
+                .env("GPUSLICE_MEMORY_LIMIT", "128MiB")
+                .env("GPUSLICE_ON_NO_CONTROLLER", "refuse")
+                .args("init ctx 0 alloc 100M")
+                .run();
+            out.expect_err(2, 2);
+        },
+        |ctl, l, attackers, last| {
+            let lost = format!("pid-lost-{attackers}");
+            assert!(last.contains(&format!("after name={lost} limit=0 ")), "{last:?}\n{}", ctl.log());
+            assert_eq!((l.group_limit(&lost, 0), l.group_share(&lost, 0)), (Some(0), Some(1)), "{l}");
+            assert_eq!(l.group_limit(&lost, 1), Some(0), "on every device:\n{l}");
+        },
+    );
 }
 
 /// A group made from its first member's environment gets that limit on every device, not only
@@ -890,6 +1047,59 @@ fn attacker() {
             std::thread::sleep(Duration::from_millis(500));
             let limit = p.devices[0].limit.load(SeqCst);
             println!("after group={} pid={} uid={} limit={limit} writes={writes}", p.group.load(SeqCst), p.pid.load(SeqCst), p.uid.load(SeqCst));
+        }
+        "hide-settings" => {
+            // Registers in "attackers" (256 MiB and 30 % from its claims) and lets go of its
+            // settings page at once (neither kept open nor mapped: a restarted controller finds
+            // it in no process); from ATTACK_GO on, until ATTACK_STOP, keeps writing into its
+            // group's writable copy everything a restart used to take from there when the page
+            // was not found; then says what its copy holds once the controller put its values
+            // back, and stays a member until ATTACK_DONE.
+            let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k}"));
+            let (go, stop) = (PathBuf::from(env("ATTACK_GO")), PathBuf::from(env("ATTACK_STOP")));
+            let devices = real(Some(256 * MIB)).into_iter().map(|c| DeviceClaim { sm_share: Some(30), ..c }).collect();
+            let r = Registration {
+                protocol: protocol::PROTOCOL_VERSION,
+                group: Some("attackers".into()),
+                priority: None,
+                name: "attacker".into(),
+                own_pid: std::process::id(),
+                devices,
+            };
+            let (a, fds) = match protocol::call_with_fds(&socket, &Request::Register(r), Duration::from_secs(2)).expect("register") {
+                (Response::Registered(a), fds) if fds.len() == 3 => (a, fds),
+                (other, fds) => panic!("{other:?} with {} descriptors", fds.len()),
+            };
+            let l = Ledger::map_group_view(fds[0].as_fd(), fds[1].as_fd()).expect("map the group's memory");
+            drop(fds);
+            let g = l.group(a.group as usize);
+            println!("registered slot={} group={}", a.slot, a.group);
+            while !go.exists() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let mut writes = 0u64;
+            while !stop.exists() {
+                for d in 0..MAX_DEVICES {
+                    g.devices[d].limit.store(UNLIMITED, SeqCst);
+                    g.set_share(d, 0);
+                    g.set_cap(d, 100);
+                }
+                g.priority.store(Priority::High as u32, SeqCst);
+                g.pinned.store(1, SeqCst);
+                g.owner.store(Owner::Open.word(), SeqCst);
+                g.set_name("victim");
+                writes += 1;
+                if writes == 1 {
+                    println!("attacked");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            println!("after name={} limit={} writes={writes}", g.name(), g.devices[0].limit.load(SeqCst));
+            let done = PathBuf::from(env("ATTACK_DONE"));
+            while !done.exists() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         other => panic!("no attack {other:?}"),
     }
