@@ -88,7 +88,7 @@ impl State {
                 tracing::info!("group {:?} (slot {i}): its settings are the copy the ledger file kept", saved.name());
                 return;
             }
-            Ok(_) => "the ledger file holds no copy of them (kept for every group only since the controller of branch lostpage)".to_string(),
+            Ok(_) => "the ledger file holds no copy of them (as a controller that kept only pinned groups' copies left it)".to_string(),
             Err(e) => format!("its copy in the ledger file cannot be read ({e})"),
         };
         fail_closed(i, page, &why, &self.ledger.group(i).name());
