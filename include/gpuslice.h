@@ -212,7 +212,7 @@ struct gpuslice_process_slot {
     uint32_t own_pid;                 /* the pid inside the process's own namespace */
     uint64_t generation;
     char name[32];
-    uint64_t token;                   /* the process's random token (struct gpuslice_turn) */
+    uint64_t token;                   /* the process's token, drawn by the controller (struct gpuslice_turn) */
     uint32_t suspend_ack;             /* issue 22: generation << 4 | GPUSLICE_SUSPEND_* (a futex word) */
     uint32_t suspend_error;           /* GPUSLICE_SUSPEND_ERR_* | CUDA code << 16 */
     uint64_t suspend_bytes;           /* bytes the last suspension moved */

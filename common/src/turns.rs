@@ -27,7 +27,8 @@ const FAR_WAIT_NS: u64 = 100_000_000;
 const CLAIMED: u64 = 1 << 32;
 
 /// The turn on a device among throttled processes: one burst on the device at a time.
-/// Processes are named by a token each drew at random (pids repeat across pid namespaces).
+/// Processes are named by a token each was given by the controller or drew at random (pids
+/// repeat across pid namespaces).
 #[repr(C)]
 pub struct Turn {
     /// The token of the process whose burst is on the device; 0 when nobody's.
@@ -294,7 +295,9 @@ impl Turn {
     }
 
     /// Frees the turn if the process named `token` holds it (that process is gone): the others
-    /// need not wait out its lease. True when it did.
+    /// need not wait out its lease. True when it did. The caller must know `token` to be the gone
+    /// process's: the controller passes its own copy (`Watched::token`), never a word a tenant
+    /// could have written, or it would free whichever process's turn that word names.
     pub fn clear_holder(&self, token: u64) -> bool {
         let h = self.head.load(Acquire);
         if token == 0 || !claimed(h) || self.holder.load(Acquire) != token {

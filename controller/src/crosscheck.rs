@@ -17,7 +17,7 @@
 //! make an honest process look short.
 
 use crate::state::State;
-use gpuslice_common::ledger::{Ledger, LIVE, MAX_DEVICES};
+use gpuslice_common::ledger::Ledger;
 use gpuslice_common::protocol::UnderReportRow;
 use gpuslice_common::size::format_size;
 use nvml_wrapper::enums::device::UsedGpuMemory;
@@ -37,7 +37,7 @@ pub struct CrossCheck {
     nvml: Option<Nvml>,
     tried: bool,
     last: Option<Instant>,
-    /// (process slot, generation, device) → checks in a row it has been short.
+    /// (process slot, its token, device) → checks in a row it has been short.
     short: HashMap<(usize, u64, usize), u32>,
 }
 
@@ -53,8 +53,12 @@ impl CrossCheck {
     }
 
     /// First step of a check, under the state's lock: `None` unless one is due; else the
-    /// devices to ask NVML about and every live process's report now.
-    pub fn begin(&mut self, ledger: &Ledger) -> Option<Plan> {
+    /// devices to ask NVML about and every watched process's report now. Who is checked on
+    /// which GPU is the controller's own word (`Watched`, `State::claimed_devices`), never the slots'
+    /// or the device table's (members write them: a member that kept writing FREE or a new
+    /// generation into its slot, or another GPU's UUID into the device table, was skipped or
+    /// judged against the wrong GPU's figures between the tick that put them back and this).
+    pub fn begin(&mut self, state: &State) -> Option<Plan> {
         if self.last.is_some_and(|t| t.elapsed() < EVERY) {
             return None;
         }
@@ -67,10 +71,9 @@ impl CrossCheck {
             }
         }
         self.nvml.as_ref()?;
-        let procs: Vec<(usize, u64)> =
-            ledger.processes().filter(|(_, p)| p.state.load(Acquire) == LIVE).map(|(i, p)| (i, p.generation.load(Acquire))).collect();
-        let devices: Vec<(usize, String)> =
-            (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE).map(|d| (d, ledger.device(d).uuid())).collect();
+        let ledger = &state.ledger;
+        let procs: Vec<(usize, u64)> = state.watched.iter().map(|(&i, w)| (i, w.token)).collect();
+        let devices: Vec<(usize, String)> = state.claimed_devices().map(|(d, u)| (d, u.to_string())).collect();
         let before = procs.iter().flat_map(|&(i, _)| devices.iter().map(move |&(d, _)| ((i, d), ledger.process(i).devices[d].used.load(SeqCst)))).collect();
         Some(Plan { procs, devices, before })
     }
@@ -100,12 +103,11 @@ impl CrossCheck {
     pub fn finish(&mut self, state: &mut State, plan: Plan, held: HashMap<usize, HashMap<u32, u64>>) {
         let mut seen = HashMap::new();
         let mut changed = Vec::new();
-        for &(i, generation) in &plan.procs {
+        for &(i, token) in &plan.procs {
             let p = state.ledger.process(i);
-            if p.state.load(Acquire) != LIVE || p.generation.load(Acquire) != generation {
-                continue; // Released (and perhaps reused) meanwhile.
-            }
-            let Some(w) = state.watched.get(&i) else { continue };
+            // Released (and perhaps reused) meanwhile: the controller's token names one
+            // registration (`State::new_token`), the slot's generation is the member's to write.
+            let Some(w) = state.watched.get(&i).filter(|w| w.token == token) else { continue };
             let (pid, group) = (w.pid, w.group);
             let name = state.groups.get(&group).map_or_else(String::new, |g| g.name.clone());
             for &(d, _) in &plan.devices {
@@ -113,7 +115,7 @@ impl CrossCheck {
                 let Some(by_pid) = held.get(&d) else { continue };
                 let report = plan.before[&(i, d)].max(p.devices[d].used.load(SeqCst));
                 let measured = by_pid.get(&pid).copied().unwrap_or(0);
-                let key = (i, generation, d);
+                let key = (i, token, d);
                 let old = state.watched[&i].penalty[d];
                 let new = if measured > report.saturating_add(TOLERANCE) {
                     let n = self.short.get(&key).copied().unwrap_or(0) + 1;
@@ -161,7 +163,7 @@ impl CrossCheck {
 
 /// What a check reads under the lock before asking NVML.
 pub struct Plan {
-    /// Live process slots and their generations.
+    /// Watched process slots and the tokens the controller gave them.
     procs: Vec<(usize, u64)>,
     devices: Vec<(usize, String)>,
     /// (process slot, device) → its report before NVML was asked.
@@ -174,14 +176,15 @@ pub fn findings(state: &State) -> Vec<UnderReportRow> {
     let mut rows = Vec::new();
     for (&i, w) in &state.watched {
         let p = ledger.process(i);
-        for d in (0..MAX_DEVICES).filter(|&d| w.penalty[d] != 0 && ledger.device(d).state.load(Acquire) == LIVE) {
+        // The controller's device table: a member can rewrite the shared one's state or UUID.
+        for (d, uuid) in state.claimed_devices().filter(|&(d, _)| w.penalty[d] != 0) {
             let charged = w.penalty[d];
             let reported = p.devices[d].used.load(Acquire);
             rows.push(UnderReportRow {
                 pid: w.pid,
                 group: state.groups.get(&w.group).map_or_else(String::new, |g| g.name.clone()),
                 device: d as u32,
-                uuid: ledger.device(d).uuid(),
+                uuid: uuid.to_string(),
                 reported,
                 measured: reported.saturating_add(charged),
                 charged,
@@ -190,4 +193,50 @@ pub fn findings(state: &State) -> Vec<UnderReportRow> {
     }
     rows.sort_by_key(|r| (r.pid, r.device));
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Peer;
+    use gpuslice_common::ledger;
+    use gpuslice_common::protocol::{DeviceClaim, Registration, PROTOCOL_VERSION};
+
+    /// Branch turntoken: a member that writes a new generation (and FREE) into its own slot
+    /// while the driver is asked is still cross-checked and charged: which registration a check
+    /// judges is the controller's word (the token it gave it), not the slot's. Before, the check
+    /// skipped a slot whose generation had moved, and never counted its shortfall twice.
+    #[test]
+    fn a_member_rewriting_its_slots_generation_is_still_charged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, _) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let mut state = State::new(ledger, gpuslice_common::settings::FileSettings::parse("test.toml", "").unwrap());
+        state.init_memory(false).unwrap();
+        let uuid = "GPU-00000000-0000-0000-0000-000000000001";
+        let claim = DeviceClaim { ordinal: 0, uuid: uuid.into(), total_memory: 1 << 40, memory_limit: None, sm_share: None, sm_max: 0 };
+        let r = Registration { protocol: PROTOCOL_VERSION, group: Some("team".into()), priority: None, name: "liar".into(), own_pid: 1, devices: vec![claim] };
+        let pid = std::process::id();
+        let a = state.register(Peer { pid, uid: 1000 }, r).unwrap();
+        let (slot, d) = (a.slot as usize, a.devices[0].1 as usize);
+        let token = state.watched[&slot].token;
+        // What `begin` reads (it wants NVML for the rest); the driver says 1 GiB, the slot 0.
+        let plan = || Plan { procs: vec![(slot, token)], devices: vec![(d, uuid.to_string())], before: [((slot, d), 0)].into() };
+        let held: HashMap<usize, HashMap<u32, u64>> = [(d, [(pid, 1 << 30)].into())].into();
+        let mut check = CrossCheck::new();
+        for _ in 0..CONFIRMATIONS {
+            let p = state.ledger.process(slot);
+            p.generation.fetch_add(1, Relaxed);
+            p.state.store(ledger::FREE, Relaxed);
+            check.finish(&mut state, plan(), held.clone());
+        }
+        assert_eq!(state.watched[&slot].penalty[d], 1 << 30, "charged the driver's figure");
+        assert_eq!(state.group_penalty(a.group as usize, d), 1 << 30);
+        let rows = findings(&state);
+        assert_eq!((rows.len(), rows[0].uuid.as_str(), rows[0].charged), (1, uuid, 1 << 30), "listed on its GPU");
+        // A plan made for an earlier registration in the slot judges nobody.
+        let stale = Plan { procs: vec![(slot, token ^ 1)], ..plan() };
+        check.finish(&mut state, stale, [(d, HashMap::new())].into());
+        assert_eq!(state.watched[&slot].penalty[d], 1 << 30, "not lifted by a check of another registration");
+    }
 }

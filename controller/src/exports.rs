@@ -146,6 +146,7 @@ mod tests {
             priority: 0,
             penalty: [0; MAX_DEVICES],
             misbehaving: None,
+            token: 0,
         };
         s.watched.insert(0, w);
         (s, me)

@@ -238,7 +238,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
                 last_sample = Instant::now();
                 state.sample_shares();
             }
-            let plan = crosscheck.begin(&state.ledger);
+            let plan = crosscheck.begin(&state);
             drop(state);
             if let Some(plan) = plan {
                 let held = crosscheck.measure(&plan);

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering::*;
 
 mod memory;
 mod record;
+mod token;
 
 /// More bytes than any device has (1 PiB): a process slot that says so was written by hand.
 const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
@@ -73,6 +74,11 @@ pub struct Watched {
     pub penalty: [u64; MAX_DEVICES],
     /// Why its slot was found corrupt, once (reported once, then kept for the listing).
     pub misbehaving: Option<String>,
+    /// The token the controller gave it at registration (`token`): the name it holds turns
+    /// under, by which its turn is freed when it goes (never by its slot's copy, which any member
+    /// of its group may rewrite). 0: not known (adopted without a record): nothing is freed
+    /// early, its lease bounds it.
+    pub token: u64,
 }
 
 /// A group as the controller knows it: the authority for its name and settings. The copy in
@@ -763,6 +769,10 @@ impl State {
         // The name is the client's word: shown in logs and listings, so no control characters.
         let name: String = r.name.chars().map(|c| if c.is_control() { '?' } else { c }).take(31).collect();
         ledger::write_text(&process.name, &name);
+        // The name it takes turns under, the controller's pick (`token`): in its slot for it to
+        // read once handed the memory, and kept in `Watched` and the record for its release.
+        let token = self.new_token();
+        process.token.store(token, Relaxed);
         process.state.store(LIVE, Release);
         self.ledger.header().registrations.fetch_add(1, Relaxed);
         let indices = devices.iter().map(|&(_, i)| i as usize).collect();
@@ -777,6 +787,7 @@ impl State {
             priority: own_priority,
             penalty: [0; MAX_DEVICES],
             misbehaving: None,
+            token,
         };
         self.watched.insert(slot, w);
         // Where a restarted controller takes its identity from (`record`), not its slot.
@@ -803,13 +814,8 @@ impl State {
         let (group, pid) = (w.group, w.pid);
         let p = self.ledger.process(slot);
         let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).fold(0, u64::saturating_add);
-        // A turn it held is free now, not when its lease runs out.
-        let token = p.token.load(Acquire);
-        for d in 0..ledger::MAX_DEVICES {
-            if self.ledger.device(d).sched.turn.clear_holder(token) {
-                tracing::debug!("pid {pid} {why}: its turn on device {d} is free");
-            }
-        }
+        // A turn it held is free now, not when its lease runs out: by the controller's token.
+        self.free_turns(&w, why);
         // Out of the member list first (done above), so that the reconciliation leaves its bytes out.
         p.state.store(FREE, Release);
         if self.groups.contains_key(&group) {
@@ -1134,6 +1140,12 @@ impl State {
             }
         }
         self.samples = ShareSample { at_ns: now, charged, achieved, taken: Some(std::time::SystemTime::now()) };
+    }
+
+    /// The devices the controller claimed, by ledger device slot, with their UUIDs: its own
+    /// table, not the device table's copy (which every member maps writable).
+    pub fn claimed_devices(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.devices.iter().enumerate().filter_map(|(d, u)| Some((d, u.as_deref()?)))
     }
 
     /// When `sample_shares` last ran.
@@ -2164,5 +2176,81 @@ mod tests {
         let record = s.ledger.process_record(kept).unwrap();
         assert_eq!((record.magic, record.pid, record.group_plus_one), (ledger::RECORD_MAGIC, me, team as u64 + 1), "recorded from now on");
         assert_eq!(s.ledger.process_record(stranger).unwrap(), ledger::ProcessRecord::none(), "freed slots keep no record");
+    }
+
+    /// The process in `slot` taking the turn on device `d` as its shim takes it: under the token
+    /// in its slot (the controller's pick), with a lease of 10 s. The ticket it holds it under.
+    fn take_turn(s: &State, slot: usize, d: usize) -> u32 {
+        let token = s.ledger.process(slot).token.load(Acquire);
+        let lease = ledger::monotonic_ns() + 10_000_000_000;
+        let turn = &s.ledger.device(d).sched.turn;
+        let taken = turn.take(token, 0, lease, 0, &gpuslice_common::turns::Monotonic, |_| u64::MAX);
+        let ticket = taken.ticket.expect("a free turn is taken at once");
+        assert!(turn.held_by(token, ticket));
+        ticket
+    }
+
+    /// Branch turntoken: a member that writes another process's turn token into its own slot
+    /// and exits does not make the controller free that process's turn; the controller frees
+    /// the turn of the process it releases by the token it gave it, whatever that process's
+    /// slot says by then.
+    #[test]
+    fn a_release_frees_only_the_turn_of_the_process_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "");
+        let (mine, parent) = (std::process::id(), std::os::unix::process::parent_id());
+        let a = s.register(Peer { pid: mine, uid: 1000 }, registration(Some("victims"), None)).unwrap();
+        let b = s.register(Peer { pid: parent, uid: 1001 }, registration(Some("team"), None)).unwrap();
+        let (sa, sb) = (a.slot as usize, b.slot as usize);
+        let (ta, tb) = (s.ledger.process(sa).token.load(Acquire), s.ledger.process(sb).token.load(Acquire));
+        assert!(ta != 0 && tb != 0 && ta != tb, "the controller gave each its own token: {ta:#x} {tb:#x}");
+        assert_eq!((s.watched[&sa].token, s.watched[&sb].token), (ta, tb), "and keeps a copy");
+        let d = a.devices[0].1 as usize;
+        let ticket = take_turn(&s, sa, d);
+        let turn = &s.ledger.device(d).sched.turn;
+        // B reads the holder's token from the device table (every member maps it), writes it
+        // into its own slot and exits.
+        s.ledger.process(sb).token.store(turn.holder.load(Acquire), Relaxed);
+        s.release(sb, "exited");
+        let turn = &s.ledger.device(d).sched.turn;
+        assert!(turn.held_by(ta, ticket), "A still holds its turn after B's release");
+        // A rewrote its own slot's word: its release frees its turn all the same.
+        s.ledger.process(sa).token.store(tb, Relaxed);
+        s.release(sa, "exited");
+        let turn = &s.ledger.device(d).sched.turn;
+        assert!(!turn.held_by(ta, ticket), "A's own release frees its turn");
+        assert_eq!(turn.holder.load(Acquire), 0);
+    }
+
+    /// The same across a controller restart: the token comes back from the controller's record
+    /// (the ledger file), not from the slot, for the process that forged its slot and for the
+    /// holder whose slot was rewritten.
+    #[test]
+    fn a_restarted_controller_frees_turns_by_the_tokens_it_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mine, parent) = (std::process::id(), std::os::unix::process::parent_id());
+        let (sa, sb, ta, d, ticket, _held) = {
+            let mut s = state(&dir, "");
+            let a = s.register(Peer { pid: mine, uid: 1000 }, registration(Some("victims"), None)).unwrap();
+            let b = s.register(Peer { pid: parent, uid: 1001 }, registration(Some("team"), None)).unwrap();
+            let (sa, sb) = (a.slot as usize, b.slot as usize);
+            let d = a.devices[0].1 as usize;
+            let ticket = take_turn(&s, sa, d);
+            let ta = s.ledger.process(sa).token.load(Acquire);
+            let tb = s.ledger.process(sb).token.load(Acquire);
+            // Both slots rewritten before the controller dies: B names A's token, A names B's.
+            s.ledger.process(sb).token.store(ta, Relaxed);
+            s.ledger.process(sa).token.store(tb, Relaxed);
+            let held = [s.descriptors_for(a.group as usize).unwrap(), s.descriptors_for(b.group as usize).unwrap()];
+            (sa, sb, ta, d, ticket, held)
+        };
+        let mut s = restarted(&dir, "");
+        assert_eq!(s.watched[&sa].token, ta, "A's token is the recorded one");
+        assert_ne!(s.watched[&sb].token, ta, "B's is not the one it wrote");
+        s.release(sb, "exited");
+        assert!(s.ledger.device(d).sched.turn.held_by(ta, ticket), "A still holds its turn after B's release");
+        s.release(sa, "exited");
+        assert!(!s.ledger.device(d).sched.turn.held_by(ta, ticket), "A's own release frees its turn");
+        assert_eq!(s.ledger.process_record(sa).unwrap(), ledger::ProcessRecord::none(), "released slots keep no record");
     }
 }

@@ -197,8 +197,12 @@ pub struct ProcessSlot {
     pub own_pid: AtomicU32,
     pub generation: AtomicU64,
     pub name: [AtomicU64; 32 / 8],
-    /// The token the process names itself by in device state (see `Turn`), written by the
-    /// process once registered: the controller clears a turn it still holds when it goes.
+    /// The token the process names itself by in device state (see `Turn`): drawn by the
+    /// controller at registration and written here before the slot is handed out, for the
+    /// process to take as its own (a controller from before branch turntoken left 0, and the
+    /// process wrote its own random one). The controller keeps its own copy (`ProcessRecord::
+    /// token`) and frees a turn the process still holds when it goes by that copy, never by
+    /// this word, which the process (and its group) may rewrite.
     pub token: AtomicU64,
     // --- Issue 22 (branch i22vmm): the suspend agent's answers, written by the process. ---
     /// The agent's acknowledgement of the group's `MemberSettings::suspend` request:
@@ -421,6 +425,12 @@ pub struct ProcessRecord {
     pub penalty: [u64; MAX_DEVICES],
     /// Why the controller found its slot rewritten (NUL-padded UTF-8; empty: never).
     pub misbehaving: [u8; RECORD_WHY_BYTES],
+    /// The token the controller gave the process at registration (`ProcessSlot::token`): a
+    /// restarted controller frees the turn it holds by this one. 0: none known (a record of a
+    /// controller from before branch turntoken, whose tail here was never written; or a slot
+    /// adopted without a record), and then no turn is freed for it early (its lease bounds it).
+    /// Last, so that the fields before it sit where branch adopttrust's records have them.
+    pub token: u64,
 }
 
 /// Where a `ProcessRecord` sits in the ledger file's page under a process slot: the slot's
@@ -440,6 +450,7 @@ impl ProcessRecord {
             caps: [0; MAX_DEVICES],
             penalty: [0; MAX_DEVICES],
             misbehaving: [0; RECORD_WHY_BYTES],
+            token: 0,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The controller's own record of each registered process (`ledger::ProcessRecord`, in the
 //! ledger file where no member can write), and a restarted controller's check of each process
-//! slot against that record and the kernel: a member's group, pid, uid, caps and penalty never
-//! come from the slot the member writes.
+//! slot against that record and the kernel: a member's group, pid, uid, caps, penalty and turn
+//! token never come from the slot the member writes.
 
 use super::{pidfd_open, State, Watched, OWNER_UNKNOWN};
 use gpuslice_common::ledger::{self, ProcessRecord, LIVE, MAX_DEVICES, RECORD_MAGIC};
@@ -33,6 +33,7 @@ impl State {
         r.caps = w.caps;
         r.penalty = w.penalty;
         r.set_misbehaving(w.misbehaving.as_deref());
+        r.token = w.token;
         if let Err(e) = self.ledger.save_process_record(slot, &r) {
             tracing::error!(
                 "pid {}: cannot keep the controller's record of it in the ledger file ({e}); after a restart it is checked against the kernel alone, and its cap and charge are not restored",
@@ -146,6 +147,9 @@ impl State {
             priority: self.published_priority(group, i),
             penalty,
             misbehaving,
+            // Never the slot's word: the process, or any member of its group, may have written
+            // another process's token there (its release would free that one's turn).
+            token: record.map_or(0, |r| r.token),
         };
         Found::Member { watched: Box::new(watched), gone }
     }

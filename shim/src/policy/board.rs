@@ -16,11 +16,12 @@
 //! Waiters queue in ticket order and sleep on a futex in the shared page (no polling). Nothing is
 //! locked for long: the turn carries a lease (the holder's own estimate of when its queued work
 //! is done, a little more), an expired lease is taken back, and a wait gives up after a bound
-//! that grows with the queue ahead (`patience`). Processes are named by their random token
-//! (`link::token`), not their pid, since pids repeat across pid namespaces. Without a controller
-//! a dead holder's turn may also be taken back at once (its pid is checked: same user, same
-//! namespace); with one, only its lease bounds it. Processes of other users do not share a page
-//! (mode 0600).
+//! that grows with the queue ahead (`patience`). Processes are named by their token
+//! (`link::token`: the controller's pick under a controller, else random), not their pid, since
+//! pids repeat across pid namespaces. Without a controller a dead holder's turn may also be
+//! taken back at once (its pid is checked: same user, same namespace); with one, the controller
+//! frees it when it releases the process (by the token it gave it), else its lease bounds it.
+//! Processes of other users do not share a page (mode 0600).
 
 use crate::state::link;
 use crate::state::link::MAX_ORDINALS;

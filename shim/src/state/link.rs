@@ -121,10 +121,11 @@ pub fn get_or_attach() -> Option<&'static Link> {
     }
 }
 
-/// This process's token: a number drawn at random once, that names it in shared state (its
-/// high-priority slots, the turn among throttled processes) where pids would not do, since
-/// they repeat across pid namespaces and a controller may serve several. A forked child draws
-/// its own. Lock-free: read on the throttled launch path.
+/// This process's token: a number that names it in shared state (its high-priority slots, the
+/// turn among throttled processes) where pids would not do, since they repeat across pid
+/// namespaces and a controller may serve several. Under a controller, the controller's pick
+/// (`take_token`); else drawn at random once. A forked child starts over. Lock-free: read on the
+/// throttled launch path.
 #[inline]
 pub fn token() -> u64 {
     match TOKEN.load(Acquire) {
@@ -133,8 +134,20 @@ pub fn token() -> u64 {
     }
 }
 
-/// 0 until drawn; cleared in a forked child.
+/// 0 until drawn or given; cleared in a forked child.
 static TOKEN: AtomicU64 = AtomicU64::new(0);
+
+/// At registration (the process's own link, not an NVML view's): takes as this process's token
+/// the one the controller wrote into its slot, which the controller keeps a copy of to free a
+/// turn this process still holds when it goes. A controller from before branch turntoken wrote
+/// none (0): the process draws its own and writes it there, as it did then. Before the link is
+/// published, so no turn was taken under another token.
+fn take_token(process: &ProcessSlot) {
+    match process.token.load(Acquire) {
+        0 => process.token.store(token(), Release),
+        given => TOKEN.store(given, Release),
+    }
+}
 
 #[cold]
 fn draw_token() -> u64 {
@@ -347,7 +360,7 @@ fn attach(settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link,
         let why = if std::fs::symlink_metadata(&socket_path).is_err() {
             Retry::Later("nothing listens there".to_string())
         } else {
-            match register(&socket_path, settings, devices) {
+            match register(&socket_path, settings, devices, turns) {
                 Ok(link) => {
                     tracing::info!("pid {pid}: registered with the gpuslice controller at {socket}: group {:?}", link.group_name);
                     return Ok(link);
@@ -405,7 +418,7 @@ fn program_name() -> String {
     std::env::args_os().next().and_then(|a| std::path::Path::new(&a).file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default()
 }
 
-fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) -> Result<Link, Retry> {
+fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible], turns: bool) -> Result<Link, Retry> {
     let request = Request::Register(Registration {
         protocol: protocol::PROTOCOL_VERSION,
         group: settings.group.clone(),
@@ -459,8 +472,9 @@ fn register(socket: &std::path::Path, settings: &Settings, devices: &[Visible]) 
         }
     }
     let process = ledger.process(assignment.slot as usize);
-    // So that the controller can free a turn this process still holds when it goes.
-    process.token.store(token(), Release);
+    if turns {
+        take_token(process);
+    }
     let group = ledger.group(assignment.group as usize);
     // Kept open for the process's life: a restarted controller takes its group's memory back
     // from the descriptors of the processes still holding it.

@@ -831,6 +831,93 @@ fn a_member_cannot_raise_its_own_priority_or_clear_its_penalty() {
     still_sound(&sim, &mut ctl);
 }
 
+/// Branch turntoken: a root member of `victim` holds the turn on device 0, taken as a shim
+/// takes it (under the token in its slot: the controller's pick); a member of another group
+/// (uid 65534) reads the holder's token from the device table, writes it into its own process
+/// slot and exits. The controller used to free the turn held under the released slot's token,
+/// so it handed the victim's turn over; now it frees only the token it gave the process it
+/// releases. The attacker could write the turn itself (it maps the device table): what this
+/// checks is that the controller does not do it for it.
+#[test]
+fn a_member_naming_another_process_turn_in_its_slot_does_not_free_that_turn() {
+    if skip_unless_root("a_member_naming_another_process_turn_in_its_slot_does_not_free_that_turn") {
+        return;
+    }
+    let sim = machine();
+    let ctl = sim.controller_with_config(CONFIG);
+    open_state_to_all(&sim);
+    let stop = sim.path("stop");
+    let holder = sim
+        .program(std::env::current_exe().expect("this test binary"))
+        .args("--exact attacker --ignored --nocapture --test-threads=1")
+        .env("ATTACK", "hold-turn")
+        .env("ATTACK_SOCKET", show(&ctl.socket()))
+        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
+        .env("ATTACK_STOP", show(&stop))
+        .spawn();
+    let holding = holder.wait_for("holding", Duration::from_secs(10), |l| l.contains("holding token="));
+    let token = holding.split_whitespace().find_map(|w| w.strip_prefix("token=")).expect("its token").to_string();
+    let a = attack(&sim, &ctl, "steal-turn", 0.0);
+    let stole = a.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
+    assert!(stole.contains(&format!("token={token}")), "it wrote the holder's token into its slot: {stole:?} ({holding:?})");
+    let attacker = a.pid();
+    a.wait().assert_success();
+    let released = poll_until(Duration::from_secs(5), || ctl.log().contains(&format!("pid {attacker} exited")));
+    assert!(released, "the controller released the attacker:\n{}", ctl.log());
+    touch(&stop);
+    let after = holder.wait_for("after", Duration::from_secs(10), |l| l.contains("after held="));
+    assert!(after.contains("after held=true"), "the victim still holds its turn: {after:?}\n{}", ctl.log());
+    let log = ctl.log();
+    assert!(!log.contains(&format!("pid {attacker} exited: its turn")), "{log}");
+    holder.wait().assert_success();
+}
+
+/// Branch turntoken: the cross-check judges the processes the controller watches, each by the
+/// token it gave it, not the live slots by their generation. A member of `liars` (uid 65534)
+/// writes FREE and a new generation into every slot of its group every millisecond while a
+/// group-mate under-reports 512 MiB: the under-reporter is charged all the same. Before, the
+/// check skipped a slot whose generation moved while the driver was asked, so it never saw the
+/// shortfall twice in a row and never charged it.
+#[test]
+fn rewriting_slot_generations_does_not_dodge_the_cross_check() {
+    if skip_unless_root("rewriting_slot_generations_does_not_dodge_the_cross_check") {
+        return;
+    }
+    let sim = machine();
+    let ctl = sim.controller_with_config(&format!("{CONFIG}[groups.liars]\nmemory_limit = \"1GiB\"\n"));
+    open_state_to_all(&sim);
+    let (stop, done) = (sim.path("stop"), sim.path("done"));
+    let a = sim
+        .program(std::env::current_exe().expect("this test binary"))
+        .uid(NOBODY)
+        .args("--exact attacker --ignored --nocapture --test-threads=1")
+        .env("ATTACK", "dodge-check")
+        .env("ATTACK_SOCKET", show(&ctl.socket()))
+        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
+        .env("ATTACK_STOP", show(&stop))
+        .spawn();
+    a.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
+    let liar = sim
+        .client(Route::Link)
+        .shim()
+        .controller(&ctl)
+        .group("liars")
+        .uid(NOBODY)
+        .env("GPUSLICE_TEST_UNDERREPORT_BYTES", "512MiB")
+        .args(&format!("init ctx 0 alloc 800M waitfile {}", show(&done)))
+        .spawn();
+    expect_ok(&liar.wait_line("alloc", 0));
+    let flagged = |l: &Listing| l.json["underreporting"].as_array().is_some_and(|a| a.iter().any(|r| r["charged"].as_u64() == Some(512 * MIB)));
+    ctl.ls_until("the cross-check charges the liar", Duration::from_secs(20), flagged);
+    touch(&stop);
+    let report = a.wait();
+    report.assert_success();
+    let line = report.lines.iter().find(|l| l.starts_with("dodged")).unwrap_or_else(|| panic!("{report}"));
+    assert!(!line.contains("writes=0 "), "it wrote: {line}");
+    touch(&done);
+    liar.wait().assert_success();
+}
+
 // ------------------------------------------------------------------------------- the attacker
 
 /// Not a test of its own: the hostile process the tests above start as uid 65534.
@@ -1100,6 +1187,65 @@ fn attacker() {
             while !done.exists() {
                 std::thread::sleep(Duration::from_millis(5));
             }
+        }
+        "hold-turn" => {
+            // A member of `victim` (as root) that holds the turn on its device 0 as a shim does:
+            // under the token the controller wrote into its slot (a controller from before
+            // branch turntoken wrote none: then its own, written there, as a shim did), with a
+            // 5 s lease, until ATTACK_STOP; then says whether it still holds it.
+            let stop = PathBuf::from(std::env::var("ATTACK_STOP").expect("ATTACK_STOP"));
+            let (a, l) = register(Some("victim"), real(None)).expect("register");
+            let l = l.expect("the ledger");
+            let p = l.process(a.slot as usize);
+            let me = match p.token.load(SeqCst) {
+                0 => {
+                    let mine = u64::from(std::process::id()) << 32 | 0x5eed;
+                    p.token.store(mine, SeqCst);
+                    mine
+                }
+                given => given,
+            };
+            let turn = &l.device(a.devices[0].1 as usize).sched.turn;
+            let lease = gpuslice_common::ledger::monotonic_ns() + 5_000_000_000;
+            let ticket = turn.take(me, 0, lease, 0, &gpuslice_common::turns::Monotonic, |_| u64::MAX).ticket.expect("a free turn");
+            println!("holding token={me:#x} ticket={ticket}");
+            while !stop.exists() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            println!("after held={} holder={:#x}", turn.held_by(me, ticket), turn.holder.load(SeqCst));
+        }
+        "steal-turn" => {
+            // A member of "attackers": reads the token of whoever holds the turn on its device 0
+            // from the device table (every member maps it), writes it into its own slot, exits.
+            let (a, l) = register(Some("attackers"), real(None)).expect("register");
+            let l = l.expect("the ledger");
+            let turn = &l.device(a.devices[0].1 as usize).sched.turn;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut holder = turn.holder.load(SeqCst);
+            while holder == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+                holder = turn.holder.load(SeqCst);
+            }
+            l.process(a.slot as usize).token.store(holder, SeqCst);
+            println!("attacked token={holder:#x}");
+        }
+        "dodge-check" => {
+            // A member of "liars": until ATTACK_STOP, writes FREE and a new generation into
+            // every slot of its group's memory that names a pid, every millisecond.
+            let stop = PathBuf::from(std::env::var("ATTACK_STOP").expect("ATTACK_STOP"));
+            let (_a, l) = register(Some("liars"), real(None)).expect("register");
+            let l = l.expect("the ledger");
+            println!("attacked");
+            let mut writes = 0u64;
+            while !stop.exists() {
+                for (_, p) in l.processes().filter(|(_, p)| p.pid.load(SeqCst) != 0) {
+                    p.generation.fetch_add(1, SeqCst);
+                    p.state.store(gpuslice_common::ledger::FREE, SeqCst);
+                    writes += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("dodged writes={writes} ");
         }
         other => panic!("no attack {other:?}"),
     }

@@ -4,7 +4,7 @@
 //! watching the turn pass between the two processes while they keep their shares (on the
 //! simulated clock: the watcher samples every 100 µs of virtual time, and the shares are of it).
 
-use gpuslice_common::ledger::{Ledger, LIVE};
+use gpuslice_common::ledger::{Ledger, ProcessRecord, LIVE, RECORD_OFFSET};
 use gpuslice_integration::*;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering::*};
@@ -62,6 +62,16 @@ fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
     let mut registered: Vec<u64> = ledger.processes().filter(|(_, p)| p.state.load(SeqCst) == LIVE).map(|(_, p)| p.token.load(SeqCst)).collect();
     registered.sort_unstable();
     assert!(registered.len() == 2 && registered.iter().all(|&t| t != 0), "two registered processes with their tokens: {registered:?}");
+    // Branch turntoken: the token in each slot is the one the controller gave it and recorded
+    // in the ledger file (the one it frees a gone process's turn by), not one the shim drew.
+    for (i, p) in ledger.processes().filter(|(_, p)| p.state.load(SeqCst) == LIVE) {
+        // The record lies in the file's own page under the slot, which the slot's memory hides.
+        let slot_at = p as *const _ as usize - ledger.header() as *const _ as usize;
+        let at = slot_at + RECORD_OFFSET + std::mem::offset_of!(ProcessRecord, token);
+        let mut word = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut word, at as u64).expect("read the controller's record");
+        assert_eq!(u64::from_ne_bytes(word), p.token.load(SeqCst), "slot {i} takes turns under the controller's token");
+    }
 
     // Watch the turn while both run (sampling every 100 µs of virtual time), then collect
     // their figures. The watcher takes part in the clock before the clients start.
