@@ -485,6 +485,10 @@ pub struct FileSettings {
     /// `[groups.X] suspendable = true` (issue 22): the controller may suspend the group for a
     /// higher-priority one; `allow_exports = true` even while it exports memory.
     pub suspendable: BTreeMap<String, Suspendability>,
+    /// The per-device keys of group sections (`[groups.X.devices.N]`), each worded as the
+    /// controller refuses it (`for_controller`). A process alone reads them for its own CUDA
+    /// devices; the controller cannot apply them, so it does not start with them.
+    pub group_device_keys: Vec<SettingsError>,
 }
 
 /// A group's `suspendable`, `allow_exports` and `suspend_path` in the config file (issue 22).
@@ -628,6 +632,15 @@ struct DeviceDoc {
 enum SizeDoc {
     Bytes(u64),
     Text(String),
+}
+
+impl SizeDoc {
+    fn text(&self) -> String {
+        match self {
+            SizeDoc::Bytes(b) => b.to_string(),
+            SizeDoc::Text(t) => t.clone(),
+        }
+    }
 }
 
 impl NumberOrText for SizeDoc {
@@ -803,6 +816,7 @@ impl FileSettings {
         };
         let mut groups = BTreeMap::new();
         let mut suspendable = BTreeMap::new();
+        let mut group_device_keys = Vec::new();
         for (name, doc) in doc.groups {
             let key = format!("groups.{name}");
             check_group_name(&name).map_err(|reason| SettingsError { origin: format!("{path}: [{key}]"), value: name.clone(), reason })?;
@@ -818,13 +832,27 @@ impl FileSettings {
             if flags != Suspendability::default() {
                 suspendable.insert(name.clone(), flags);
             }
+            group_device_keys.extend(device_keys_of_group(&place, &name, &doc.devices));
             groups.insert(name, limits(&place, &key, doc)?);
         }
         let controller = match doc.controller {
             Some(c) => controller(&place, c)?,
             None => ControllerFile::default(),
         };
-        Ok(FileSettings { settings, groups, controller, suspendable })
+        Ok(FileSettings { settings, groups, controller, suspendable, group_device_keys })
+    }
+
+    /// Whether the controller can apply this file as written: not with per-device keys in a
+    /// group's section. Those name CUDA device numbers as one process counts them, and the
+    /// processes of a group may count the GPUs differently (`CUDA_VISIBLE_DEVICES`), so the
+    /// controller gives a group one value on every GPU; applying only that, as it once did
+    /// silently, would leave the group without the limit its section gives the one device.
+    /// `serve` and `check-config` both refuse the file with this text (one line a key).
+    pub fn for_controller(&self) -> Result<(), String> {
+        if self.group_device_keys.is_empty() {
+            return Ok(());
+        }
+        Err(self.group_device_keys.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
     }
 
     /// Every section, one line each, for `gpuslice check-config`: what the controller and the
@@ -902,6 +930,36 @@ fn limits(place: &Place<'_>, table: &str, doc: LimitsDoc) -> Result<Settings, Se
         }
     }
     Ok(out)
+}
+
+/// The per-device keys of group `group`'s section, each as the controller's refusal: where it
+/// is, what it says, and what to write instead (`FileSettings::for_controller`).
+fn device_keys_of_group(place: &Place<'_>, group: &str, devices: &BTreeMap<String, DeviceDoc>) -> Vec<SettingsError> {
+    let mut out = Vec::new();
+    for (device, doc) in devices {
+        let keys = [
+            ("memory_limit", "--memory", doc.memory_limit.as_ref().map(|v| (v.span(), v.get_ref().text()))),
+            ("sm_share", "--sm", doc.sm_share.as_ref().map(|v| (v.span(), v.get_ref().text()))),
+            ("sm_max", "--sm-max", doc.sm_max.as_ref().map(|v| (v.span(), v.get_ref().text()))),
+        ];
+        for (key, flag, found) in keys {
+            let Some((span, value)) = found else { continue };
+            let reason = group_device_key_reason(group, device, key, flag, &value);
+            out.push(SettingsError { origin: place.of(span, &format!("groups.{group}.devices.{device}.{key}")), value, reason });
+        }
+    }
+    out
+}
+
+/// Why the controller does not take `[groups.GROUP.devices.DEVICE] KEY`, and what to write.
+fn group_device_key_reason(group: &str, device: &str, key: &str, flag: &str, value: &str) -> String {
+    format!(
+        "the controller gives a group one {key} on every GPU and does not apply per-device keys in a group's section \
+         (devices.{device} is a CUDA device number as one process counts them, and the processes of group {group:?} may \
+         count the GPUs differently, e.g. under CUDA_VISIBLE_DEVICES): write {key} in [groups.{group}] itself for every \
+         GPU, or give one GPU its own live with `gpuslice set --group {group} --device INDEX {flag} {value}` (INDEX: the \
+         GPU's device index in `gpuslice status`); per-device keys belong in [defaults.devices.N]"
+    )
 }
 
 /// The `[controller]` table, its metrics address checked here so that `check-config` refuses
@@ -1168,6 +1226,38 @@ mod tests {
         assert_eq!(e.origin, "c.toml: line 2, column 7: controller.mps", "{e}");
         let e = FileSettings::parse("c.toml", "[controller.mps_devices]\n0 = \"on\"\n").unwrap_err();
         assert!(e.reason.contains("device UUIDs"), "{e}");
+    }
+
+    /// Per-device keys in a group's section: a process alone applies them to its own CUDA
+    /// device, and the controller refuses the file with a line per key that says where it is,
+    /// why it cannot apply it and what to write instead.
+    #[test]
+    fn per_device_keys_of_a_group_are_refused_for_the_controller() {
+        let text = "[defaults.devices.1]\nmemory_limit = \"4GiB\"\n[groups.train]\nmemory_limit = \"8GiB\"\n[groups.train.devices.1]\nmemory_limit = \"20GiB\"\nsm_share = 30\n";
+        let file = FileSettings::parse("c.toml", text).unwrap();
+        let alone = Settings::resolve(&env(&[("GPUSLICE_GROUP", "train")]), Some(file.clone())).unwrap();
+        assert_eq!((limit(&alone, 0), limit(&alone, 1), alone.sm_share(1)), (Some(8 << 30), Some(20 << 30), Some(30)));
+        let refusal = file.for_controller().unwrap_err();
+        let lines: Vec<&str> = refusal.lines().collect();
+        assert_eq!(lines.len(), 2, "one line a key: {refusal}");
+        assert!(lines[0].starts_with("c.toml: line 6, column 16: groups.train.devices.1.memory_limit=\"20GiB\": "), "{refusal}");
+        assert!(lines[1].starts_with("c.toml: line 7, column 12: groups.train.devices.1.sm_share=\"30\": "), "{refusal}");
+        for want in [
+            "does not apply per-device keys in a group's section",
+            "processes of group \"train\" may count the GPUs differently",
+            "write memory_limit in [groups.train] itself for every GPU",
+            "`gpuslice set --group train --device INDEX --memory 20GiB`",
+            "per-device keys belong in [defaults.devices.N]",
+        ] {
+            assert!(lines[0].contains(want), "{want:?} in {}", lines[0]);
+        }
+        assert!(lines[1].contains("--sm 30`"), "{}", lines[1]);
+        let bytes = FileSettings::parse("c.toml", "[groups.g.devices.0]\nmemory_limit = 1048576\nsm_max = \"none\"\n").unwrap();
+        let refusal = bytes.for_controller().unwrap_err();
+        assert!(refusal.contains("--memory 1048576`") && refusal.contains("sm_max=\"none\"") && refusal.contains("--sm-max none`"), "{refusal}");
+        // [defaults.devices.N] and all-device group values are what the controller takes.
+        let fine = FileSettings::parse("c.toml", "[defaults.devices.1]\nmemory_limit = \"4GiB\"\n[groups.train]\nmemory_limit = \"8GiB\"\n").unwrap();
+        assert_eq!(fine.for_controller(), Ok(()));
     }
 
     #[test]

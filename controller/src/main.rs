@@ -144,6 +144,8 @@ fn check_config(file: Option<String>) -> Result<(), String> {
         None => None,
     };
     if let (Some(path), Some(parsed)) = (&file, &parsed) {
+        // What `serve` refuses, in its words.
+        parsed.for_controller()?;
         println!("{path}: OK");
         for line in parsed.describe() {
             println!("  {line}");

@@ -80,6 +80,8 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
         None if config_path.is_some() => FileSettings::read_as("config file", DEFAULT_CONFIG).map_err(|e| e.to_string())?,
         None => FileSettings::default(),
     };
+    // A limit the controller cannot apply as written stops it here, before anything is bound.
+    config.for_controller()?;
     // The same order as the CLI and the shims: the flag, $GPUSLICE_SOCKET, then the file.
     let env_socket = std::env::var(ENV_SOCKET).ok().filter(|s| !s.is_empty());
     let socket_path = args.socket.or(env_socket).or(config.controller.socket.clone()).unwrap_or_else(|| DEFAULT_SOCKET.to_string());

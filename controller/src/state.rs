@@ -1338,8 +1338,6 @@ fn apply_edit_to_group(g: &GroupSlot, e: &Edit, devices: &[usize]) {
     }
 }
 
-/// Config settings for a group, on every device index (the config's per-device keys name CUDA
-/// ordinals of a process; a group spans processes, so only the all-device values apply).
 /// A fingerprint of what `apply_settings_all_devices` takes from a config section (FNV-1a over
 /// the values, never 0): equal sections give equal hashes in every controller of this layout.
 fn config_section_hash(s: &Settings) -> u64 {
@@ -1354,6 +1352,9 @@ fn config_section_hash(s: &Settings) -> u64 {
     hash.max(1)
 }
 
+/// Config settings for a group, on every device index. The config's per-device keys name CUDA
+/// ordinals of one process and a group spans processes, so a group's section has none: a file
+/// with them is refused when it is loaded (`FileSettings::for_controller`).
 fn apply_settings_all_devices(g: &GroupSlot, s: &Settings) {
     for d in 0..MAX_DEVICES {
         if let Some(l) = s.memory_limit.all() {

@@ -111,6 +111,37 @@ fn check_config_checks_every_section_with_its_place() {
     }
 }
 
+/// Per-device keys in a group's section (`[groups.X.devices.N]`) were silently not applied by the
+/// controller (a group gets one value on every GPU): `check-config` and `serve` now refuse the
+/// file with the same line, naming the key's place, the group, why and what to write instead.
+#[test]
+fn per_device_keys_in_a_group_section_are_refused_by_check_config_and_serve() {
+    let sim = sim();
+    let file = sim.write_file("train.toml", "[groups.train]\nmemory_limit = \"8GiB\"\n[groups.train.devices.1]\nmemory_limit = \"20GiB\"\n");
+    let want = [
+        "line 4, column 16: groups.train.devices.1.memory_limit=\"20GiB\"",
+        "does not apply per-device keys in a group's section",
+        "write memory_limit in [groups.train] itself for every GPU",
+        "gpuslice set --group train --device INDEX --memory 20GiB",
+    ];
+    let out = sim.program(cli_path()).arg("check-config").arg(file.display()).run();
+    assert!(!out.success(), "{out}");
+    assert_eq!(out.stderr_lines_with(&want).len(), 1, "{out}");
+    let socket = sim.path("s.sock");
+    let out = sim
+        .program(cli_path())
+        .args("serve --config")
+        .arg(file.display())
+        .arg("--socket")
+        .arg(socket.display())
+        .arg("--ledger")
+        .arg(sim.path("l/ledger").display())
+        .run();
+    assert!(!out.success(), "{out}");
+    assert_eq!(out.stderr_lines_with(&want).len(), 1, "{out}");
+    assert!(!socket.exists(), "refused before it bound its socket");
+}
+
 /// Defect 5: a fraction of a byte is refused (by the shim, `set` and `run`), `1.5GiB` is not.
 #[test]
 fn a_fraction_of_a_byte_is_refused() {

@@ -11,7 +11,8 @@
 //! They run on the simulated clock (`Sim::with_clock`): virtual time moves only when every
 //! process waits, so the figures do not depend on the machine's load, and the bounds are the
 //! issue's: every tenant within [0.9 × share, share + 0.5 point], the sum within 3 % of the
-//! shares' sum, measured once.
+//! shares' sum, measured once; above the share, the window's own resolution where that is
+//! coarser than 0.5 point (`resolution_points`).
 
 use gpuslice_integration::*;
 use std::time::Duration;
@@ -69,15 +70,8 @@ fn tenant_of(sim: &Sim, ctl: Option<&Controller<'_>>, share: u32, go: &str, floo
 }
 
 /// Runs tenants of `shares` (registered with `ctl` when given) together for `flood_ms` of
-/// virtual time and returns the share each got over the window from 1 s after the start to
-/// 0.3 s before the stop.
-fn measure_with(sim: &Sim, ctl: Option<&Controller<'_>>, shares: &[u32], flood_ms: u64) -> Vec<f64> {
-    let (from, to, floods) = flood_together(sim, ctl, shares, flood_ms);
-    floods.iter().map(|f| f.share(from, to)).collect()
-}
-
-/// Runs tenants of `shares` together for `flood_ms`; the window shares are judged over and what
-/// each got.
+/// virtual time; the window shares are judged over (from 1 s after the start to 0.3 s before
+/// the stop) and what each got.
 fn flood_together(sim: &Sim, ctl: Option<&Controller<'_>>, shares: &[u32], flood_ms: u64) -> (u64, u64, Vec<Flood>) {
     let clock = sim.clock();
     clock.park();
@@ -86,28 +80,78 @@ fn flood_together(sim: &Sim, ctl: Option<&Controller<'_>>, shares: &[u32], flood
     let tenants: Vec<Running> = shares.iter().map(|&s| tenant_of(sim, ctl, s, &go, flood_ms)).collect();
     let start = clock.start_together(&go, &tenants, "sync");
     clock.park();
-    let floods: Vec<Flood> = tenants.into_iter().map(|t| Flood::parse(&t.wait())).collect();
-    for f in &floods {
-        assert_eq!(f.t0, start, "every tenant started at the common instant");
+    let outs: Vec<Output> = tenants.into_iter().map(Running::wait).collect();
+    let floods: Vec<Flood> = outs.iter().map(Flood::parse).collect();
+    for (f, out) in floods.iter().zip(&outs) {
+        // Failed once in ~570 runs (stop 21, the message then said no more): what to look at next.
+        let clock_notes: Vec<&str> = out.stderr.lines().filter(|l| l.contains("simclock")).collect();
+        assert_eq!(
+            f.t0,
+            start,
+            "every tenant started at the common instant (this one {:+} ns off); its clock's notes: {clock_notes:?}",
+            i128::from(f.t0) - i128::from(start)
+        );
     }
     let (from, to) = (start + 1_000_000_000, start + flood_ms * 1_000_000 - 300_000_000);
     (from, to, floods)
 }
 
-/// Each tenant within [0.9 × share, share + 0.5] points, and the sum within 3 % of the shares'.
+/// The shim's bursts while a device is shared (`shim/src/policy/throttle.rs`, `Bucket::quantum`):
+/// the quantum is share × W, W = 6 ms per process taking turns, 12 to 100 ms; the capacity (the
+/// most a process saves) share × (1.5 W + 10 ms), at least the quantum + 1 ms; the quantum at
+/// least 1 ms.
+const PEER_WALL_NS: u64 = 6_000_000;
+const WALL_NS: std::ops::RangeInclusive<u64> = 12_000_000..=100_000_000;
+const CAPACITY_EXTRA_WALL_NS: u64 = 10_000_000;
+const QUANTUM_NS: u64 = 1_000_000;
+
+/// The most a tenant at `share`% among `tenants` can get over its share in a window of
+/// `window_ns`, in points, when nothing is wrong: the resolution of a finite window.
+///
+/// Throttled processes sharing a device take turns in ticket order, one burst each per round,
+/// and each starts its turn with what it saved since its previous one: share × the round, in
+/// device time. Shares that sum to 100 % keep the device busy and the round settles at some R
+/// that then holds to a kernel or two for the whole flood (the simulator, 1 ms buckets: R from
+/// 60 to 125 ms in different runs of 40 + 15 × 4 %). So a tenant at s has a burst of B = s·R at
+/// the start of every round, and in a window of T = k·R + r it runs k·B plus its part of the
+/// last r: at most min(r, B), against s·r. That is most over at r = B, a window that opens as a
+/// burst starts and closes as one ends: B − s·B = s·(1 − s)·R. (Equally under at the other
+/// phase; a window of whole rounds is exact.) R is at most the capacity's wall time, 1.5 W +
+/// 10 ms with W from `tenants` (the peers a process counts are among them; at least (quantum +
+/// 1 ms) / s for a small share): a longer round clamps the tenant's bursts, and then it gets less
+/// than s over any long window. A burst may also run one kernel over its tokens (its last launch
+/// goes while any are left). Hence resolution = (s·(1 − s)·R_max + one kernel) / T.
+///
+/// 40 % among 16: W = 96 ms, R_max = 154 ms, 36.96 + 0.2 ms: 0.88 point of 4.2 s, the window
+/// that test had (40.54 once in CI against share + 0.5; 40.57 and 40.65 in 216 runs here). In
+/// runs recorded at 1 ms, every 4.2 s window of a run stayed within 40 ± s·(1 − s)·R / T of that
+/// run's own R (R = 99 ms: 39.60..40.56; R = 60 ms, 70 rounds to the window: 40.00 in every
+/// one). 24 % among 4 over 1.7 s: W = 24 ms, R_max = 46 ms, 0.51.
+fn resolution_points(share: u32, tenants: usize, window_ns: u64) -> f64 {
+    let s = f64::from(share) / 100.0;
+    let w = (tenants as u64 * PEER_WALL_NS).clamp(*WALL_NS.start(), *WALL_NS.end()) as f64;
+    let quantum = (s * w).max(QUANTUM_NS as f64);
+    let round = (1.5 * w + CAPACITY_EXTRA_WALL_NS as f64).max((quantum + QUANTUM_NS as f64) / s);
+    (s * (1.0 - s) * round + KERNEL_NS as f64) / window_ns as f64 * 100.0
+}
+
+/// Each tenant within [0.9 × share, share + 0.5] points (or + the window's resolution where that
+/// is more), and the sum within 3 % of the shares'.
 fn assert_shares(sim: &Sim, shares: &[u32], flood_ms: u64) {
     assert_shares_with(sim, None, shares, flood_ms)
 }
 
 fn assert_shares_with(sim: &Sim, ctl: Option<&Controller<'_>>, shares: &[u32], flood_ms: u64) {
     let real = std::time::Instant::now();
-    let got = measure_with(sim, ctl, shares, flood_ms);
+    let (from, to, floods) = flood_together(sim, ctl, shares, flood_ms);
+    let got: Vec<f64> = floods.iter().map(|f| f.share(from, to)).collect();
     eprintln!("{} tenants ({:.1} s of real time): {got:.2?}", shares.len(), real.elapsed().as_secs_f64());
     let wanted: f64 = shares.iter().map(|&s| f64::from(s)).sum();
     let sum: f64 = got.iter().sum();
     for (&s, &g) in shares.iter().zip(&got) {
+        let over = resolution_points(s, shares.len(), to - from).max(0.5);
         let s = f64::from(s);
-        assert!(g >= 0.9 * s && g <= s + 0.5, "a tenant at {s}% got {g:.2}% (allowed {:.2}..{:.2}); all: {got:.2?}", 0.9 * s, s + 0.5);
+        assert!(g >= 0.9 * s && g <= s + over, "a tenant at {s}% got {g:.2}% (allowed {:.2}..{:.2}); all: {got:.2?}", 0.9 * s, s + over);
     }
     assert!((sum - wanted).abs() <= 0.03 * wanted, "the tenants got {sum:.2}% together of {wanted}% (allowed ±3 %); all: {got:.2?}");
 }
@@ -134,9 +178,12 @@ fn one_large_share_among_fifteen_small_ones() {
     let sim = Sim::new().with_clock();
     let mut shares = vec![40];
     shares.extend([4; 15]);
-    // A longer window than the others: one burst of the 40% tenant (40% of W = 96 ms) is 1.7
-    // points of 2.2 s, 0.9 of 4.2 s.
-    assert_shares(&sim, &shares, 5500);
+    // A longer window than the others, so that the share + 0.5 point holds for the 40 %
+    // tenant too: its resolution (`resolution_points`) is 37.2 ms, 0.45 point of the 8.2 s
+    // window of a 9.5 s flood (0.88 of the 4.2 s of the 5.5 s flood it had: 40.54 % once in
+    // CI, 2 runs of 216 here). Virtual time: about 1 s of real time either way.
+    assert!(resolution_points(40, shares.len(), 8_200_000_000) <= 0.5);
+    assert_shares(&sim, &shares, 9500);
 }
 
 /// Four steady tenants at 20% and a visitor at 15% that joins for half of every second, four
