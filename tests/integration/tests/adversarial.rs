@@ -47,14 +47,18 @@ fn open_state_to_all(sim: &Sim) {
 
 /// Starts `attacker` as uid 65534 running `attack` for `hold` seconds against `ctl`.
 fn attack(sim: &Sim, ctl: &Controller<'_>, attack: &str, hold: f64) -> Running {
+    attacker_program(sim, ctl, attack).uid(NOBODY).env("ATTACK_HOLD", hold).spawn()
+}
+
+/// This test binary's `attacker` (run as the caller's uid until `.uid` says otherwise), told to
+/// run `attack` against `ctl` on the simulated machine's two GPUs; the caller adds the attack's
+/// own variables and spawns it.
+fn attacker_program<'s>(sim: &'s Sim, ctl: &Controller<'_>, attack: &str) -> Client<'s> {
     sim.program(std::env::current_exe().expect("this test binary"))
-        .uid(NOBODY)
         .args("--exact attacker --ignored --nocapture --test-threads=1")
         .env("ATTACK", attack)
         .env("ATTACK_SOCKET", show(&ctl.socket()))
-        .env("ATTACK_HOLD", hold)
         .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
-        .spawn()
 }
 
 /// What must hold after every attack: 100 `ls` in a row answered, the victim group's limit
@@ -301,13 +305,8 @@ fn forged_across_a_restart(forge: &str, check: impl FnOnce(&Sim, &Controller<'_>
     let member = sim.client(Route::Link).shim().controller(&ctl).group("victim").args(&format!("init ctx 0 alloc 100M waitfile {}", show(&done))).spawn();
     expect_ok(&member.wait_line("alloc", 0));
     let victim = ctl.ls().group("victim").expect("configured")["slot"].as_u64().unwrap();
-    let attacker = sim
-        .program(std::env::current_exe().expect("this test binary"))
+    let attacker = attacker_program(&sim, &ctl, "forge-slot")
         .uid(NOBODY)
-        .args("--exact attacker --ignored --nocapture --test-threads=1")
-        .env("ATTACK", "forge-slot")
-        .env("ATTACK_SOCKET", show(&ctl.socket()))
-        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
         .env("ATTACK_FORGE", forge)
         .env("ATTACK_VICTIM", victim)
         .env("ATTACK_PID", member.pid())
@@ -420,13 +419,8 @@ fn hidden_across_a_restart(
     let mut ctl = sim.controller();
     open_state_to_all(&sim);
     let (go, stop, done) = (sim.path("go"), sim.path("stop"), sim.path("done"));
-    let attacker = sim
-        .program(std::env::current_exe().expect("this test binary"))
+    let attacker = attacker_program(&sim, &ctl, "hide-settings")
         .uid(NOBODY)
-        .args("--exact attacker --ignored --nocapture --test-threads=1")
-        .env("ATTACK", "hide-settings")
-        .env("ATTACK_SOCKET", show(&ctl.socket()))
-        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
         .env("ATTACK_GO", show(&go))
         .env("ATTACK_STOP", show(&stop))
         .env("ATTACK_DONE", show(&done))
@@ -847,14 +841,7 @@ fn a_member_naming_another_process_turn_in_its_slot_does_not_free_that_turn() {
     let ctl = sim.controller_with_config(CONFIG);
     open_state_to_all(&sim);
     let stop = sim.path("stop");
-    let holder = sim
-        .program(std::env::current_exe().expect("this test binary"))
-        .args("--exact attacker --ignored --nocapture --test-threads=1")
-        .env("ATTACK", "hold-turn")
-        .env("ATTACK_SOCKET", show(&ctl.socket()))
-        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
-        .env("ATTACK_STOP", show(&stop))
-        .spawn();
+    let holder = attacker_program(&sim, &ctl, "hold-turn").env("ATTACK_STOP", show(&stop)).spawn();
     let holding = holder.wait_for("holding", Duration::from_secs(10), |l| l.contains("holding token="));
     let token = holding.split_whitespace().find_map(|w| w.strip_prefix("token=")).expect("its token").to_string();
     let a = attack(&sim, &ctl, "steal-turn", 0.0);
@@ -887,15 +874,7 @@ fn rewriting_slot_generations_does_not_dodge_the_cross_check() {
     let ctl = sim.controller_with_config(&format!("{CONFIG}[groups.liars]\nmemory_limit = \"1GiB\"\n"));
     open_state_to_all(&sim);
     let (stop, done) = (sim.path("stop"), sim.path("done"));
-    let a = sim
-        .program(std::env::current_exe().expect("this test binary"))
-        .uid(NOBODY)
-        .args("--exact attacker --ignored --nocapture --test-threads=1")
-        .env("ATTACK", "dodge-check")
-        .env("ATTACK_SOCKET", show(&ctl.socket()))
-        .env("ATTACK_UUIDS", (0..2).map(|d| sim.device_uuid(d)).collect::<Vec<_>>().join(","))
-        .env("ATTACK_STOP", show(&stop))
-        .spawn();
+    let a = attacker_program(&sim, &ctl, "dodge-check").uid(NOBODY).env("ATTACK_STOP", show(&stop)).spawn();
     a.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
     let liar = sim
         .client(Route::Link)

@@ -4,6 +4,7 @@
 use gpuslice_integration::*;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -79,16 +80,7 @@ fn check_config_checks_every_section_with_its_place() {
     let out = sim.program(cli_path()).arg("check-config").arg(bad.display()).run();
     assert!(!out.success(), "{out}");
     assert_eq!(out.stderr_lines_with(&["line 2, column 11", "controller.metrics", "host:port"]).len(), 1, "{out}");
-    let socket = sim.path("s.sock");
-    let out = sim
-        .program(cli_path())
-        .args("serve --config")
-        .arg(bad.display())
-        .arg("--socket")
-        .arg(socket.display())
-        .arg("--ledger")
-        .arg(sim.path("l/ledger").display())
-        .run();
+    let (_socket, out) = serve_with_config(&sim, &bad);
     assert!(!out.success(), "{out}");
     assert_eq!(out.stderr_lines_with(&["line 2, column 11", "controller.metrics"]).len(), 1, "{out}");
     assert!(!out.stderr.contains("--metrics"), "the value came from the file, not --metrics:\n{out}");
@@ -111,6 +103,22 @@ fn check_config_checks_every_section_with_its_place() {
     }
 }
 
+/// `gpuslice serve --config FILE` on a socket and ledger of `sim`'s own; returns the socket's
+/// path and what the command did (a config it refuses ends it at once).
+fn serve_with_config(sim: &Sim, file: &Path) -> (PathBuf, Output) {
+    let socket = sim.path("s.sock");
+    let out = sim
+        .program(cli_path())
+        .args("serve --config")
+        .arg(file.display())
+        .arg("--socket")
+        .arg(socket.display())
+        .arg("--ledger")
+        .arg(sim.path("l/ledger").display())
+        .run();
+    (socket, out)
+}
+
 /// Per-device keys in a group's section (`[groups.X.devices.N]`) were silently not applied by the
 /// controller (a group gets one value on every GPU): `check-config` and `serve` now refuse the
 /// file with the same line, naming the key's place, the group, why and what to write instead.
@@ -127,16 +135,7 @@ fn per_device_keys_in_a_group_section_are_refused_by_check_config_and_serve() {
     let out = sim.program(cli_path()).arg("check-config").arg(file.display()).run();
     assert!(!out.success(), "{out}");
     assert_eq!(out.stderr_lines_with(&want).len(), 1, "{out}");
-    let socket = sim.path("s.sock");
-    let out = sim
-        .program(cli_path())
-        .args("serve --config")
-        .arg(file.display())
-        .arg("--socket")
-        .arg(socket.display())
-        .arg("--ledger")
-        .arg(sim.path("l/ledger").display())
-        .run();
+    let (socket, out) = serve_with_config(&sim, &file);
     assert!(!out.success(), "{out}");
     assert_eq!(out.stderr_lines_with(&want).len(), 1, "{out}");
     assert!(!socket.exists(), "refused before it bound its socket");
