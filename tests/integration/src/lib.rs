@@ -1325,11 +1325,6 @@ impl Flood {
 /// How long a controller may take to answer `gpuslice status` after it starts.
 pub const CONTROLLER_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A `gpuslice serve` of one simulated machine: socket `<dir>/sock`, ledger `<dir>/shm/ledger`,
-/// `GPUSLICE_LOG=debug`, its stderr (and stdout) appended to `<dir>/controller.log`. Started
-/// and waited for until `gpuslice status` answers; stopped with SIGTERM when dropped.
-///
-/// Clients join it with [`Client::controller`] (and [`Client::group`]).
 /// A member of `group`, which the controller holds to 1 GiB: it must reach the controller
 /// (`refuse` without one), get 700 MiB, be refused 400 MiB more, and see 1 GiB in all.
 /// Returns its output for the caller's own checks.
@@ -1350,6 +1345,11 @@ pub fn member_held_to_one_gib(sim: &Sim, ctl: &Controller<'_>, group: &str) -> O
     out
 }
 
+/// A `gpuslice serve` of one simulated machine: socket `<dir>/sock`, ledger `<dir>/shm/ledger`,
+/// `GPUSLICE_LOG=debug`, its stderr (and stdout) appended to `<dir>/controller.log`. Started
+/// and waited for until `gpuslice status` answers; stopped with SIGTERM when dropped.
+///
+/// Clients join it with [`Client::controller`] (and [`Client::group`]).
 pub struct Controller<'a> {
     sim: &'a Sim,
     config: Option<PathBuf>,
