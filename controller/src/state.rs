@@ -115,14 +115,26 @@ pub struct UidLimits {
     pub groups: u32,
 }
 
-/// Achieved-share bookkeeping: the charged device time at the previous sample.
+/// Achieved-share bookkeeping: the charged device time at the previous sample, keyed by
+/// (group?, slot, device). A slot's entries go when the controller frees it (`forget`), so a
+/// slot given to a new group or process starts from zero; never by the slot's `generation`,
+/// which its members write (bumped, it blanked the row's figure or made it huge).
 #[derive(Default)]
 struct ShareSample {
     at_ns: u64,
-    charged: HashMap<(bool, usize, u64, usize), u64>,
-    achieved: HashMap<(bool, usize, u64, usize), f64>,
+    charged: HashMap<(bool, usize, usize), u64>,
+    achieved: HashMap<(bool, usize, usize), f64>,
     /// Wall-clock time of the sample, for the metrics.
     taken: Option<std::time::SystemTime>,
+}
+
+impl ShareSample {
+    /// The controller freed slot `slot` (a group's when `group`): its figures were its last
+    /// occupant's.
+    fn forget(&mut self, group: bool, slot: usize) {
+        self.charged.retain(|&(g, s, _), _| (g, s) != (group, slot));
+        self.achieved.retain(|&(g, s, _), _| (g, s) != (group, slot));
+    }
 }
 
 pub struct State {
@@ -147,9 +159,10 @@ pub struct State {
     /// Any uid may join a group made from another uid's environment (`serve --env-groups
     /// open`: pods whose containers run as several uids); by default only the uid that made it.
     pub env_groups_open: bool,
-    /// Metric labels by (group slot, generation), from `LabelGroup`; a slot given to a new group
-    /// has a new generation, so labels never outlive their group.
-    labels: HashMap<(usize, u64), std::collections::BTreeMap<String, String>>,
+    /// Metric labels by group slot, from `LabelGroup`; dropped when the controller frees the
+    /// slot (`free_group`), so labels never outlive their group. Not keyed by the slot's
+    /// `generation`: its members write that, and bumping it hid their group's labels.
+    labels: HashMap<usize, std::collections::BTreeMap<String, String>>,
     /// Exports made by registered processes (see `exports`).
     pub exports: crate::exports::Exports,
     /// Group slot → its memory and settings page (see `memory`).
@@ -359,11 +372,8 @@ impl State {
             if let Some(info) = self.groups.get_mut(&slot) {
                 info.config_hash = hash;
             }
-            let g = self.ledger.group(slot);
-            apply_settings_all_devices(g, &settings);
-            self.remember_group(slot);
-            let g = self.ledger.group(slot);
-            tracing::info!("group {name:?} from the config file: {}", describe_group(&self.ledger, g));
+            self.edit_settings(slot, |g| apply_settings_all_devices(g, &settings));
+            tracing::info!("group {name:?} from the config file: {}", self.describe_group(slot));
         }
         Ok(())
     }
@@ -397,16 +407,18 @@ impl State {
                 if info.origin == Origin::Live { "`gpuslice set --create`" } else { "a process's environment" }
             ),
         };
-        let before = describe_group(&self.ledger, self.ledger.group(slot));
+        let before = self.describe_group(slot);
         if let Some(info) = self.groups.get_mut(&slot) {
             info.pinned = true;
             info.origin = Origin::Config;
             info.env_uid = None;
             info.config_hash = hash;
         }
-        apply_settings_all_devices(self.ledger.group(slot), settings);
-        self.remember_group(slot);
-        let after = describe_group(&self.ledger, self.ledger.group(slot));
+        // On the published page, over the controller's values (`edit_settings`): a key the
+        // section leaves out keeps the controller's value, never what a member wrote into its
+        // writable copy while no controller ran to put it back.
+        self.edit_settings(slot, |g| apply_settings_all_devices(g, settings));
+        let after = self.describe_group(slot);
         tracing::info!("group {name:?}: {why}: the file's values apply ({before} -> {after})");
     }
 
@@ -629,6 +641,8 @@ impl State {
 
     fn free_group(&mut self, slot: usize) {
         self.groups.remove(&slot);
+        self.labels.remove(&slot);
+        self.samples.forget(true, slot);
         let g = self.ledger.group(slot);
         g.state.store(FREE, Release);
         g.reset();
@@ -707,7 +721,7 @@ impl State {
                         "group {group_name:?} was made from the environment of a process of uid {owner}; only that uid's processes may join it (an administrator makes it open to all by configuring it: the config file or `gpuslice set --group {group_name}`; or runs the controller with --env-groups open)"
                     ));
                 }
-                notes.extend(ignored_env_limits(self.ledger.group(g), &r, &devices));
+                notes.extend(self.ignored_env_limits(g, &r, &devices));
                 g
             }
             None => {
@@ -794,13 +808,7 @@ impl State {
         self.save_record(slot);
         let members = self.members(group).len() as u32;
         self.ledger.group(group).members.store(members, Relaxed);
-        tracing::info!(
-            "registered pid {} ({}) uid {} in group {group_name:?}: {}",
-            peer.pid,
-            name,
-            peer.uid,
-            describe_group(&self.ledger, self.ledger.group(group))
-        );
+        tracing::info!("registered pid {} ({}) uid {} in group {group_name:?}: {}", peer.pid, name, peer.uid, self.describe_group(group));
         // Before the process has the page: it must never read settings not yet published.
         self.publish_group(group);
         Ok(Assignment { group: group as u32, group_name, slot: slot as u32, devices, notes })
@@ -811,6 +819,7 @@ impl State {
     pub fn release(&mut self, slot: usize, why: &str) {
         let Some(w) = self.watched.remove(&slot) else { return };
         self.exports.forget(slot);
+        self.samples.forget(false, slot);
         let (group, pid) = (w.group, w.pid);
         let p = self.ledger.process(slot);
         let held: u64 = p.devices.iter().map(|d| d.used.load(Relaxed)).fold(0, u64::saturating_add);
@@ -951,7 +960,8 @@ impl State {
             return Err("--memory 0: a limit of zero bytes would refuse everything; give a size, or `unlimited`".into());
         }
         let devices: Vec<usize> = match e.device {
-            Some(d) if (d as usize) < MAX_DEVICES && self.ledger.device(d as usize).state.load(Acquire) == LIVE => vec![d as usize],
+            // The controller's device table, not the copy every member maps writable.
+            Some(d) if self.devices.get(d as usize).is_some_and(Option::is_some) => vec![d as usize],
             Some(d) => return Err(self.no_such_device(d)),
             None => (0..MAX_DEVICES).collect(),
         };
@@ -976,9 +986,8 @@ impl State {
                     info.env_uid = None;
                 }
                 self.edit_settings(slot, |g| apply_edit_to_group(g, &e, &devices));
-                let g = self.ledger.group(slot);
                 let what = if made { "created" } else { "now" };
-                let message = format!("group {name:?} {what}: {}", describe_group(&self.ledger, g));
+                let message = format!("group {name:?} {what}: {}", self.describe_group(slot));
                 tracing::info!("uid {} (pid {}): {message}", peer.uid, peer.pid);
                 Ok(message)
             }
@@ -994,8 +1003,7 @@ impl State {
                 let name = self.groups.get(&group).map_or_else(|| g.name(), |i| i.name.clone());
                 let message = if gpuslice_common::settings::is_solo_group(&name) {
                     self.edit_settings(group, |g| apply_edit_to_group(g, &e, &devices));
-                    let g = self.ledger.group(group);
-                    format!("pid {pid} now: {}", describe_group(&self.ledger, g))
+                    format!("pid {pid} now: {}", self.describe_group(group))
                 } else {
                     if e.sm.is_some() || e.sm_max.is_some() {
                         return Err(format!("pid {pid} is in group {name:?}, whose members share one SM share: use `gpuslice set --group {name} --sm ...`"));
@@ -1042,7 +1050,6 @@ impl State {
             return Err(format!("group {name:?} has {} member(s) (pid {pids}); remove it once they have exited", members.len()));
         }
         self.free_group(slot);
-        self.labels.retain(|&(s, _), _| s != slot);
         let mut message = format!("group {name:?} removed");
         if self.config.groups.contains_key(name) {
             message.push_str("; the config file names it, so it comes back when the controller restarts (remove [groups.");
@@ -1083,7 +1090,7 @@ impl State {
 
     /// Why `--device d` names nothing: the devices the ledger knows.
     fn no_such_device(&self, d: u32) -> String {
-        let known: Vec<String> = (0..MAX_DEVICES).filter(|&i| self.ledger.device(i).state.load(Acquire) == LIVE).map(|i| i.to_string()).collect();
+        let known: Vec<String> = self.claimed_devices().map(|(i, _)| i.to_string()).collect();
         if known.is_empty() {
             format!("device {d}: the ledger knows no device yet (none has registered); leave out --device to set every device")
         } else {
@@ -1101,10 +1108,8 @@ impl State {
         }
         l.check().map_err(|e| format!("group {:?}: {e}", l.group))?;
         let slot = self.find_group(&l.group).ok_or_else(|| format!("no group is named {:?}", l.group))?;
-        let generation = self.ledger.group(slot).generation.load(Relaxed);
-        self.labels.retain(|&(s, _), _| s != slot);
         let message = format!("group {:?} labelled {:?}", l.group, l.labels);
-        self.labels.insert((slot, generation), l.labels);
+        self.labels.insert(slot, l.labels);
         Ok(message)
     }
 
@@ -1114,24 +1119,20 @@ impl State {
         let elapsed = now.saturating_sub(self.samples.at_ns);
         let mut charged = HashMap::new();
         for &i in self.groups.keys() {
-            let g = self.ledger.group(i);
-            let generation = g.generation.load(Relaxed);
-            for (d, gd) in g.devices.iter().enumerate() {
-                charged.insert((true, i, generation, d), gd.charged_ns.load(Relaxed));
+            for (d, gd) in self.ledger.group(i).devices.iter().enumerate() {
+                charged.insert((true, i, d), gd.charged_ns.load(Relaxed));
             }
         }
         for &i in self.watched.keys() {
-            let p = self.ledger.process(i);
-            let generation = p.generation.load(Relaxed);
-            for (d, pd) in p.devices.iter().enumerate() {
-                charged.insert((false, i, generation, d), pd.charged_ns.load(Relaxed));
+            for (d, pd) in self.ledger.process(i).devices.iter().enumerate() {
+                charged.insert((false, i, d), pd.charged_ns.load(Relaxed));
             }
         }
         let mut achieved = HashMap::new();
         if self.samples.at_ns != 0 && elapsed > 0 {
             for (key, &now_charged) in &charged {
-                // A key the previous sample lacks is a slot made (reset, new generation) since:
-                // it started from zero then. Waiting for a second sample would hide a short
+                // A key the previous sample lacks is a slot given out since (a freed slot's
+                // entries are forgotten): it started from zero then. Waiting for a second sample would hide a short
                 // job's share entirely.
                 let before = self.samples.charged.get(key).copied().unwrap_or(0);
                 if now_charged > 0 {
@@ -1166,23 +1167,25 @@ impl State {
         group_slots.sort_unstable();
         for i in group_slots {
             let (g, info) = (self.ledger.group(i), &self.groups[&i]);
-            let generation = g.generation.load(Relaxed);
             let members = self.members(i).iter().map(|p| self.watched[p].pid).collect();
             let devices = claimed
                 .iter()
                 .map(|&d| {
                     let gd = &g.devices[d];
-                    let share = gd.share.load(Relaxed);
+                    // Settings as the controller holds and publishes them (what the shims enforce),
+                    // never the members' writable copy, which they may set to anything until the
+                    // next tick puts it back. The figures below are the members' own counters.
+                    let share = info.shares[d];
                     GroupDeviceRow {
                         device: d as u32,
                         uuid: uuid(d),
                         // With the cross-check's charge, as every limit check counts it.
                         used: gd.used.load(Relaxed).saturating_add(self.group_penalty(i, d)),
-                        limit: some_limit(gd.limit.load(Relaxed)),
+                        limit: some_limit(info.limits[d]),
                         peak: gd.peak_used.load(Relaxed),
                         share: (share != 0).then_some(share),
-                        cap: Some(gd.cap.load(Relaxed)).filter(|&c| share != 0 && c > share),
-                        achieved_share: self.samples.achieved.get(&(true, i, generation, d)).copied(),
+                        cap: Some(info.sm_caps[d]).filter(|&c| share != 0 && c > share),
+                        achieved_share: self.samples.achieved.get(&(true, i, d)).copied(),
                         charged_ns: gd.charged_ns.load(Relaxed),
                         throttled_ns: gd.throttled_ns.load(Relaxed),
                         refusals: gd.refusals.load(Relaxed),
@@ -1190,15 +1193,13 @@ impl State {
                 })
                 .collect();
             let priority = Priority::from_u32(info.priority).unwrap_or_default();
-            let generation = self.ledger.group(i).generation.load(Relaxed);
-            let labels = self.labels.get(&(i, generation)).cloned().unwrap_or_default();
+            let labels = self.labels.get(&i).cloned().unwrap_or_default();
             listing.groups.push(GroupRow { name: info.name.clone(), labels, slot: i as u32, members, priority, devices });
         }
         let mut process_slots: Vec<usize> = self.watched.keys().copied().collect();
         process_slots.sort_unstable();
         for i in process_slots {
             let (p, w) = (self.ledger.process(i), &self.watched[&i]);
-            let generation = p.generation.load(Relaxed);
             let devices = claimed
                 .iter()
                 .map(|&d| {
@@ -1211,7 +1212,7 @@ impl State {
                         // The controller's cap, not the slot's copy (the process's to write).
                         limit: some_limit(w.caps[d]),
                         peak: pd.peak_used.load(Relaxed),
-                        achieved_share: self.samples.achieved.get(&(false, i, generation, d)).copied(),
+                        achieved_share: self.samples.achieved.get(&(false, i, d)).copied(),
                         charged_ns: pd.charged_ns.load(Relaxed),
                         throttled_ns: pd.throttled_ns.load(Relaxed),
                         refusals: pd.refusals.load(Relaxed),
@@ -1234,6 +1235,52 @@ impl State {
         listing.suspensions = crate::suspend::rows();
         listing.mps = self.mps.clone();
         listing
+    }
+
+    /// One line: group `slot`'s settings as the controller holds them (`GroupInfo`, what it
+    /// publishes and the shims enforce), on the devices it claimed, with what its members hold
+    /// (their counters). Never the members' writable copy of the settings, nor the device table
+    /// they map: this line is what an operator reads in the log and in `set`'s answer.
+    fn describe_group(&self, slot: usize) -> String {
+        let Some(info) = self.groups.get(&slot) else { return "no such group".into() };
+        let g = self.ledger.group(slot);
+        let limit_text = |l: u64| some_limit(l).map_or("no memory limit".to_string(), |l| format!("memory {}", format_size(l)));
+        let mut parts = Vec::new();
+        for (d, _) in self.claimed_devices() {
+            let share = info.shares[d];
+            let share = if share == 0 { String::new() } else { format!(", SM {share}%{}", cap_text(share, info.sm_caps[d])) };
+            parts.push(format!("device {d}: {}{share} (using {})", limit_text(info.limits[d]), format_size(g.devices[d].used.load(Relaxed))));
+        }
+        if parts.is_empty() {
+            parts.push(limit_text(info.limits[0]));
+            if info.shares[0] != 0 {
+                parts.push(format!("SM {}%", info.shares[0]));
+            }
+        }
+        format!("{}; priority {}", parts.join("; "), Priority::from_u32(info.priority).unwrap_or_default())
+    }
+
+    /// Notes for a member whose environment asked for other limits than its group `group` has
+    /// (the controller's, as `describe_group` takes them).
+    fn ignored_env_limits(&self, group: usize, r: &Registration, devices: &[(u32, u32)]) -> Vec<String> {
+        let Some(info) = self.groups.get(&group) else { return Vec::new() };
+        let mut notes = Vec::new();
+        for claim in &r.devices {
+            let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
+            let have = info.limits[index as usize];
+            if let Some(want) = claim.memory_limit {
+                if want != have {
+                    let have = some_limit(have).map_or("no limit".to_string(), format_size);
+                    notes.push(format!(
+                        "the environment's memory limit {} for device {} is not used: group {:?} already has {have} (change it with `gpuslice set --group`)",
+                        format_size(want),
+                        claim.ordinal,
+                        info.name
+                    ));
+                }
+            }
+        }
+        notes
     }
 
     pub fn counts(&self) -> (u32, u32) {
@@ -1366,48 +1413,6 @@ fn apply_settings_all_devices(g: &GroupSlot, s: &Settings) {
         g.set_cap(d, s.sm_max.all().map_or(0, |c| c.value));
     }
     g.priority.store(s.priority.as_ref().map_or(Priority::Normal, |p| p.value) as u32, Relaxed);
-}
-
-/// Notes for a member whose environment asked for other limits than its group has.
-fn ignored_env_limits(g: &GroupSlot, r: &Registration, devices: &[(u32, u32)]) -> Vec<String> {
-    let mut notes = Vec::new();
-    for claim in &r.devices {
-        let Some(&(_, index)) = devices.iter().find(|(o, _)| *o == claim.ordinal) else { continue };
-        let have = g.devices[index as usize].limit.load(Relaxed);
-        if let Some(want) = claim.memory_limit {
-            if want != have {
-                let have = some_limit(have).map_or("no limit".to_string(), format_size);
-                notes.push(format!(
-                    "the environment's memory limit {} for device {} is not used: group {:?} already has {have} (change it with `gpuslice set --group`)",
-                    format_size(want),
-                    claim.ordinal,
-                    g.name()
-                ));
-            }
-        }
-    }
-    notes
-}
-
-/// One line: a group's limits.
-pub fn describe_group(ledger: &Ledger, g: &GroupSlot) -> String {
-    let mut parts = Vec::new();
-    for d in (0..MAX_DEVICES).filter(|&d| ledger.device(d).state.load(Acquire) == LIVE) {
-        let gd = &g.devices[d];
-        let limit = some_limit(gd.limit.load(Relaxed)).map_or("no memory limit".to_string(), |l| format!("memory {}", format_size(l)));
-        let share = gd.share.load(Relaxed);
-        let share = if share == 0 { String::new() } else { format!(", SM {share}%{}", cap_text(share, gd.cap.load(Relaxed))) };
-        parts.push(format!("device {d}: {limit}{share} (using {})", format_size(gd.used.load(Relaxed))));
-    }
-    let limit0 = some_limit(g.devices[0].limit.load(Relaxed));
-    if parts.is_empty() {
-        parts.push(limit0.map_or("no memory limit".to_string(), |l| format!("memory {}", format_size(l))));
-        let share = g.devices[0].share.load(Relaxed);
-        if share != 0 {
-            parts.push(format!("SM {share}%"));
-        }
-    }
-    format!("{}; priority {}", parts.join("; "), g.priority())
 }
 
 /// Issue 18: what a cap adds to a share's description (nothing when the share is the cap).
@@ -2253,5 +2258,121 @@ mod tests {
         s.release(sa, "exited");
         assert!(!s.ledger.device(d).sched.turn.held_by(ta, ticket), "A's own release frees its turn");
         assert_eq!(s.ledger.process_record(sa).unwrap(), ledger::ProcessRecord::none(), "released slots keep no record");
+    }
+
+    /// A member's lies in its group's writable copy, as a tenant writes them between two ticks.
+    fn lie_in_copy(s: &State, group: usize) {
+        let g = s.ledger.group(group);
+        for d in 0..MAX_DEVICES {
+            g.devices[d].limit.store(UNLIMITED, Relaxed);
+            g.set_share(d, 0);
+            g.set_cap(d, 100);
+        }
+        g.priority.store(Priority::High as u32, Relaxed);
+        g.set_name("victim");
+    }
+
+    /// Branch lsview: `ls` (and the metrics and `top` made from its rows), the register log line,
+    /// `set`'s answer and the notes a member is given show a group's settings as the controller
+    /// holds them, not what a member wrote into its group's writable copy since the last tick.
+    #[test]
+    fn operator_views_take_a_groups_settings_from_the_controller_not_the_members_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.team]\nmemory_limit = \"1GiB\"\nsm_share = 30\nsm_max = 60\npriority = \"low\"\n");
+        let a = s.register(me(), registration(Some("team"), None)).unwrap();
+        let team = a.group as usize;
+        let d = a.devices[0].1 as usize;
+        lie_in_copy(&s, team);
+        let l = s.listing();
+        let row = l.groups.iter().find(|g| g.slot as usize == team).expect("team is listed");
+        assert_eq!((row.name.as_str(), row.priority), ("team", Priority::Low), "{row:?}");
+        let dev = row.devices.iter().find(|r| r.device as usize == d).expect("its device");
+        assert_eq!((dev.limit, dev.share, dev.cap), (Some(1 << 30), Some(30), Some(60)), "{dev:?}");
+        let line = s.describe_group(team);
+        assert!(line.contains(&format!("device {d}: memory 1.00 GiB, SM 30% (up to 60%)")) && line.ends_with("priority low"), "{line}");
+        // A second member whose environment asks for another limit is told the group's.
+        let parent = std::os::unix::process::parent_id();
+        let b = s.register(Peer { pid: parent, uid: me().uid }, registration(Some("team"), Some(5000))).unwrap();
+        assert!(b.notes.iter().any(|n| n.contains("group \"team\" already has 1.00 GiB")), "{:?}", b.notes);
+        // `set`'s answer: the edit's value and the controller's others.
+        lie_in_copy(&s, team);
+        let mut e = group_edit("team", false);
+        e.memory = Some(Limit::Bytes(2 << 30));
+        let answer = s.edit(me(), e).unwrap();
+        assert!(answer.contains("memory 2.00 GiB, SM 30% (up to 60%)") && answer.ends_with("priority low"), "{answer}");
+    }
+
+    /// Branch lsview: a member that bumps its slot's and its group slot's `generation` (its to
+    /// write) neither blanks its rows' achieved shares nor drops its group's metric labels; a
+    /// slot the controller frees takes its labels and samples with it.
+    #[test]
+    fn rewritten_generations_blank_no_achieved_share_nor_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.team]\nsm_share = 30\n");
+        let a = s.register(me(), registration(Some("team"), None)).unwrap();
+        let (team, slot, d) = (a.group as usize, a.slot as usize, a.devices[0].1 as usize);
+        let labels: std::collections::BTreeMap<String, String> = [("claim_name".to_string(), "trainer".to_string())].into();
+        s.label_group(me(), GroupLabels { group: "team".into(), labels: labels.clone() }).unwrap();
+        s.sample_shares();
+        s.ledger.group(team).devices[d].charged_ns.store(5_000_000, Relaxed);
+        s.ledger.process(slot).devices[d].charged_ns.store(5_000_000, Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        s.sample_shares();
+        let (g, p) = (s.ledger.group(team), s.ledger.process(slot));
+        g.generation.fetch_add(1, Relaxed);
+        p.generation.fetch_add(1, Relaxed);
+        let l = s.listing();
+        let row = l.groups.iter().find(|r| r.slot as usize == team).unwrap();
+        assert_eq!(row.labels, labels, "the labels stay");
+        assert!(row.devices.iter().find(|r| r.device as usize == d).unwrap().achieved_share.is_some(), "{row:?}");
+        let prow = l.processes.iter().find(|r| r.pid == std::process::id()).unwrap();
+        assert!(prow.devices.iter().find(|r| r.device as usize == d).unwrap().achieved_share.is_some(), "{prow:?}");
+        // Freed by the controller: its samples and labels go with the slot.
+        s.release(slot, "exited");
+        assert!(!s.samples.charged.keys().chain(s.samples.achieved.keys()).any(|&(grp, i, _)| !grp && i == slot));
+        s.remove_group(me(), "team").unwrap();
+        assert!(!s.labels.contains_key(&team) && !s.samples.charged.keys().any(|&(grp, i, _)| grp && i == team));
+    }
+
+    /// Branch lsview: a config section that changed across a restart applies over the
+    /// controller's values; a key it leaves out keeps the controller's value, not what a member
+    /// wrote into its group's writable copy while no controller ran to put it back.
+    #[test]
+    fn a_changed_config_section_keeps_the_controllers_values_for_the_keys_it_leaves_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = {
+            let mut s = state(&dir, "[groups.team]\nmemory_limit = \"1GiB\"\nsm_share = 30\n");
+            let a = s.register(me(), registration(Some("team"), None)).unwrap();
+            s.publish();
+            // The controller dies; a member writes its copy before the next one starts.
+            lie_in_copy(&s, a.group as usize);
+            s.descriptors_for(a.group as usize).unwrap()
+        };
+        let s = restarted(&dir, "[groups.team]\npriority = \"high\"\n");
+        let team = s.find_group("team").expect("team is adopted");
+        let info = &s.groups[&team];
+        assert_eq!((info.limits[0], info.shares[0], info.priority), (1 << 30, 30, Priority::High as u32), "{info:?}");
+        let page = s.published(team).unwrap();
+        assert_eq!((page.devices[0].limit.load(Relaxed), page.devices[0].share.load(Relaxed)), (1 << 30, 30), "and published so");
+    }
+
+    /// Branch lsview: which devices `set --device` may name, and the list its refusal gives,
+    /// come from the controller's device table, not the copy every member maps writable (a
+    /// member that marked a claimed slot FREE refused the operator's edit until the next tick;
+    /// one that marked a free slot LIVE had it listed and edited).
+    #[test]
+    fn an_edit_for_a_device_goes_by_the_controllers_device_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.g]\n");
+        let a = s.register(me(), registration(Some("g"), None)).unwrap();
+        let d = a.devices[0].1 as usize;
+        s.ledger.device(d).state.store(FREE, Release);
+        s.ledger.device(5).state.store(LIVE, Release);
+        let mut edit = group_edit("g", false);
+        edit.device = Some(d as u32);
+        s.edit(me(), edit.clone()).expect("a device the controller claimed");
+        edit.device = Some(5);
+        let e = s.edit(me(), edit).unwrap_err();
+        assert!(e.contains(&format!("device 5 is not in the ledger, which knows device(s) {d} ")), "{e}");
     }
 }

@@ -897,6 +897,104 @@ fn rewriting_slot_generations_does_not_dodge_the_cross_check() {
     liar.wait().assert_success();
 }
 
+/// Branch lsview: a member of `liars` (configured: 256 MiB, SM 30 % up to 60 %, low) writes
+/// unlimited, share 0, cap 100, high priority and the name `victim` into its group's writable
+/// copy every millisecond, and bumps its group slot's and its own slot's generation. While it
+/// runs, `ls` (JSON and text), the metrics endpoint, the register log line and the note a new
+/// member is given show the configured values, the name `liars` and the operator's labels: the
+/// controller's settings, not the copy (which it puts back only once a tick). Before, `ls` and
+/// the metrics read the copy and showed the member's values between ticks. The attacker runs
+/// as uid 65534 where the test may switch to it; what it writes is its own group's memory,
+/// whatever its uid.
+#[test]
+fn a_member_lying_in_its_groups_copy_does_not_change_what_operators_read() {
+    let sim = machine();
+    let port = free_port();
+    let config = sim.write_file("lsview.toml", "[groups.liars]\nmemory_limit = \"256MiB\"\nsm_share = 30\nsm_max = 60\npriority = \"low\"\n");
+    let ctl = sim.controller_with_args(&["--config", &show(&config), "--metrics", &format!("127.0.0.1:{port}")]);
+    let labels = [("claim_name".to_string(), "trainer".to_string())].into();
+    let labelled = protocol::call(ctl.socket(), &Request::LabelGroup(protocol::GroupLabels { group: "liars".into(), labels }), Duration::from_secs(5));
+    assert!(matches!(labelled, Ok((Response::Done { .. }, _))), "{labelled:?}");
+    let stop = sim.path("stop");
+    let liar = attacker_program(&sim, &ctl, "lie-in-copy").env("ATTACK_STOP", show(&stop));
+    let liar = if is_root() {
+        open_state_to_all(&sim);
+        liar.uid(NOBODY)
+    } else {
+        liar
+    };
+    let a = liar.spawn();
+    a.wait_for("attacked", Duration::from_secs(10), |l| l.contains("attacked"));
+    let rewritten = poll_until(Duration::from_secs(5), || ctl.log().contains("shared memory was rewritten by a tenant"));
+    assert!(rewritten, "the lies reach the copy (the controller puts them back):\n{}", ctl.log());
+
+    // As an operator reads them, many times over: a tick puts the copy back every 100 ms, the
+    // attacker rewrites it every millisecond.
+    for i in 0..20 {
+        let l = ctl.ls();
+        assert!(l.group("victim").is_none(), "ls {i}: no group takes the name the member wrote:\n{l}");
+        let g = l.group("liars").unwrap_or_else(|| panic!("ls {i}: liars is listed:\n{l}"));
+        assert_eq!(g["priority"], "low", "ls {i}:\n{l}");
+        assert_eq!(g["labels"]["claim_name"], "trainer", "ls {i}: the operator's labels:\n{l}");
+        for d in 0..2 {
+            let row = l.group_device("liars", d);
+            assert_eq!((row["limit"].as_u64(), row["share"].as_u64(), row["cap"].as_u64()), (Some(256 * MIB), Some(30), Some(60)), "ls {i}, device {d}:\n{l}");
+        }
+    }
+    for i in 0..5 {
+        let out = ctl.cli("ls").run();
+        out.assert_success();
+        let text = out.lines.join("\n");
+        let rows: Vec<&String> = out.lines.iter().filter(|l| l.starts_with("liars ")).collect();
+        assert_eq!(rows.len(), 2, "ls {i}: liars on both devices:\n{text}");
+        for row in rows {
+            assert!(row.contains("/ 256.0 MiB 30-60%") && row.contains(" low "), "ls {i}:\n{text}");
+        }
+        assert!(!text.contains("victim"), "ls {i}:\n{text}");
+    }
+    for i in 0..20 {
+        let (status, _, body) = http_get(port, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+        for d in 0..2 {
+            let series = |name: &str| {
+                let labels =
+                    ["group=\"liars\"".to_string(), format!("device=\"{d}\""), format!("uuid=\"{}\"", sim.device_uuid(d)), "claim_name=\"trainer\"".into()];
+                metric(&body, name, &labels).unwrap_or_else(|| panic!("scrape {i}: no {name} for liars on device {d}:\n{body}"))
+            };
+            assert_eq!(series("gpuslice_group_memory_limit_bytes"), (256 * MIB) as f64, "scrape {i}:\n{body}");
+            assert_eq!(series("gpuslice_group_sm_share_target_ratio"), 0.3, "scrape {i}:\n{body}");
+            assert_eq!(series("gpuslice_group_sm_share_cap_ratio"), 0.6, "scrape {i}:\n{body}");
+        }
+        let priority = metric(&body, "gpuslice_group_priority", &["group=\"liars\"".into(), "claim_name=\"trainer\"".into()]);
+        assert_eq!(priority, Some(1.0), "scrape {i}: low:\n{body}");
+        assert!(!body.contains("group=\"victim\""), "scrape {i}:\n{body}");
+    }
+    // A member joining meanwhile: the log line and its note say the group's values.
+    let joiner = sim.client(Route::Link).shim().controller(&ctl).group("liars").env("GPUSLICE_MEMORY_LIMIT", "512MiB").args("init ctx 0").spawn();
+    let joiner_pid = joiner.pid();
+    let joined = joiner.wait();
+    joined.assert_success();
+    assert!(joined.stderr.contains("group \"liars\" already has 256"), "its note:\n{joined}");
+    let log = ctl.log();
+    let line = log.lines().find(|l| l.contains(&format!("registered pid {joiner_pid} "))).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("in group \"liars\": device 0: memory 256") && line.contains("SM 30% (up to 60%)") && line.ends_with("priority low"), "{line}");
+    assert!(alive(a.pid() as i32), "all of the above was read while the attacker still wrote");
+    touch(&stop);
+    let report = a.wait();
+    report.assert_success();
+    let line = report.lines.iter().find(|l| l.starts_with("lied")).unwrap_or_else(|| panic!("{report}"));
+    assert!(!line.contains("writes=0 "), "it wrote: {line}");
+}
+
+/// The value of the sample of `name` whose labels include every one of `labels` (`key="value"`).
+fn metric(body: &str, name: &str, labels: &[String]) -> Option<f64> {
+    body.lines().filter_map(|l| l.strip_prefix(name)?.strip_prefix('{')).find_map(|rest| {
+        let (series, value) = rest.rsplit_once("} ")?;
+        let have: Vec<&str> = series.split(',').collect();
+        labels.iter().all(|l| have.contains(&l.as_str())).then(|| value.parse().ok())?
+    })
+}
+
 // ------------------------------------------------------------------------------- the attacker
 
 /// Not a test of its own: the hostile process the tests above start as uid 65534.
@@ -1207,6 +1305,33 @@ fn attacker() {
             }
             l.process(a.slot as usize).token.store(holder, SeqCst);
             println!("attacked token={holder:#x}");
+        }
+        "lie-in-copy" => {
+            // A member of "liars": until ATTACK_STOP, writes into its group's writable copy the
+            // settings it would like operators to read, and new generations into its group
+            // slot and its own slot, every millisecond.
+            let stop = PathBuf::from(std::env::var("ATTACK_STOP").expect("ATTACK_STOP"));
+            let (a, l) = register(Some("liars"), real(None)).expect("register");
+            let l = l.expect("the ledger");
+            let (g, p) = (l.group(a.group as usize), l.process(a.slot as usize));
+            let mut writes = 0u64;
+            while !stop.exists() {
+                for d in 0..MAX_DEVICES {
+                    g.devices[d].limit.store(UNLIMITED, SeqCst);
+                    g.set_share(d, 0);
+                    g.set_cap(d, 100);
+                }
+                g.priority.store(Priority::High as u32, SeqCst);
+                g.set_name("victim");
+                g.generation.fetch_add(1, SeqCst);
+                p.generation.fetch_add(1, SeqCst);
+                writes += 1;
+                if writes == 1 {
+                    println!("attacked");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            println!("lied writes={writes} ");
         }
         "dodge-check" => {
             // A member of "liars": until ATTACK_STOP, writes FREE and a new generation into
