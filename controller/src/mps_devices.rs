@@ -190,7 +190,12 @@ impl Managed {
         let mut entries = Vec::with_capacity(self.gpus.len());
         let mut rows = Vec::with_capacity(self.gpus.len());
         for (gpu, tenants) in self.gpus.iter().zip(tenants) {
-            let users: Vec<u32> = in_use.iter().filter(|(u, _)| devices::same_device(u, &gpu.uuid)).flat_map(|(_, uids)| uids.iter().copied()).collect();
+            // A slot held for processes whose GPU a restart could not tell may be this one.
+            let users: Vec<u32> = in_use
+                .iter()
+                .filter(|(u, _)| devices::same_device(u, &gpu.uuid) || crate::state::is_lost_device(u))
+                .flat_map(|(_, uids)| uids.iter().copied())
+                .collect();
             let used = !users.is_empty();
             let intended = mps_choice::intended(mps_choice::wanted(gpu.policy, tenants), self.kept.get(&gpu.uuid).copied(), used);
             self.kept.insert(gpu.uuid.clone(), intended.0);
@@ -265,6 +270,8 @@ pub fn tenants(state: &State, uuids: &[&str]) -> Vec<Tenants> {
     let share_on = |d: usize| state.groups.values().any(|g| g.shares[d] > 0 && g.shares[d] < 100);
     let claimed: HashSet<usize> = state.devices().iter().filter_map(|u| state.device_index(u)).map(|d| d as usize).collect();
     let free: Vec<usize> = (0..MAX_DEVICES).filter(|d| !claimed.contains(d)).collect();
+    // A high-priority process on a slot whose GPU a restart could not tell may be on any GPU.
+    let high_on_lost = high_slots.iter().any(|&d| state.is_lost_slot(d));
     uuids
         .iter()
         .map(|uuid| {
@@ -275,7 +282,7 @@ pub fn tenants(state: &State, uuids: &[&str]) -> Vec<Tenants> {
                 None if free.is_empty() => (0..MAX_DEVICES).any(share_on),
                 None => free.iter().any(|&d| share_on(d)),
             };
-            Tenants { high: high_everywhere || slot.is_some_and(|d| high_slots.contains(&d)), high_anywhere, shares }
+            Tenants { high: high_everywhere || high_on_lost || slot.is_some_and(|d| high_slots.contains(&d)), high_anywhere, shares }
         })
         .collect()
 }
