@@ -414,4 +414,31 @@ mod tests {
         let s = state(&dir, "[groups.batch]\nsm_share = 30\n");
         assert_eq!(shares(&s), [true, true, true], "the config's share for every device, before any GPU is claimed");
     }
+
+    /// A high-priority process on a device slot a restart could not tell the GPU of (branch
+    /// devuuid: no record of the device table, so the slot is held for it as `lost-device-N`)
+    /// may be on any GPU: it counts as high on every one, not on none.
+    #[test]
+    fn a_high_process_on_a_slot_whose_gpu_is_not_known_counts_on_every_gpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = {
+            let mut s = state(&dir, "");
+            let devices = vec![DeviceClaim { ordinal: 0, uuid: A.into(), total_memory: 1 << 34, memory_limit: None, sm_share: None, sm_max: 0 }];
+            let r = Registration { protocol: PROTOCOL_VERSION, group: None, priority: Some(Priority::High), name: "me".into(), own_pid: 1, devices };
+            let a = s.register(me(), r).unwrap();
+            s.publish();
+            assert_eq!(high(&s), [(true, true), (false, true)], "on A, known");
+            // A start that kept no record of the device table comes between.
+            s.ledger.header().controller_starts.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            s.descriptors_for(a.group as usize).unwrap()
+        };
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, adopted) = Ledger::open_or_create(&path, Geometry { max_groups: 16, max_procs: 16 }).unwrap();
+        ledger.count_controller_start();
+        let mut s = State::new(ledger, FileSettings::parse("test.toml", "").unwrap());
+        s.init_memory(adopted).unwrap();
+        s.adopt();
+        assert!(s.is_lost_slot(0), "{:?}", s.devices());
+        assert_eq!(high(&s), [(true, true), (true, true)], "it may be on either");
+    }
 }

@@ -1627,6 +1627,23 @@ mod tests {
         assert_eq!(s.ledger.group(s.find_group("g").unwrap()).devices[7].limit.load(Relaxed), UNLIMITED, "nothing changed on device 7");
     }
 
+    /// `--device N` is checked against the controller's table, not the shared one, which any
+    /// member writes: a slot a member marked free is still edited, one it marked live is not.
+    #[test]
+    fn an_edit_names_devices_by_the_controllers_table_not_the_shared_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.g]\n");
+        s.register(me(), registration(Some("g"), None)).unwrap();
+        s.ledger.device(0).state.store(FREE, Relaxed);
+        s.ledger.device(7).state.store(LIVE, Relaxed);
+        let mut edit = group_edit("g", false);
+        edit.device = Some(0);
+        s.edit(me(), edit.clone()).expect("slot 0 is the controller's");
+        edit.device = Some(7);
+        let e = s.edit(me(), edit).unwrap_err();
+        assert!(e.contains("device 7 is not in the ledger") && e.contains("device(s) 0 "), "{e}");
+    }
+
     #[test]
     fn an_empty_group_is_removed_for_good_and_one_with_members_is_not() {
         let dir = tempfile::tempdir().unwrap();
