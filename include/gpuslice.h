@@ -53,7 +53,7 @@ extern "C" {
  * struct gpuslice_member_settings (since version 6: each member's own priority and the group's
  * cross-check penalty, which used to sit in the members' writable process slots). A registered process gets its group's three descriptors
  * over the socket; the file at GPUSLICE_DEFAULT_LEDGER is the controller's own (mode 0600: the
- * header, the index, a copy of the device table). Monitoring tools read the figures through
+ * header, the index, the controller's record of the device table). Monitoring tools read the figures through
  * the controller: `gpuslice ls --json` or its Prometheus metrics, not by mapping the file.
  *
  * Check magic, layout_version and file_size before reading anything else. Every field is

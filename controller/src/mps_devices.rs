@@ -190,7 +190,12 @@ impl Managed {
         let mut entries = Vec::with_capacity(self.gpus.len());
         let mut rows = Vec::with_capacity(self.gpus.len());
         for (gpu, tenants) in self.gpus.iter().zip(tenants) {
-            let users: Vec<u32> = in_use.iter().filter(|(u, _)| devices::same_device(u, &gpu.uuid)).flat_map(|(_, uids)| uids.iter().copied()).collect();
+            // A slot held for processes whose GPU a restart could not tell may be this one.
+            let users: Vec<u32> = in_use
+                .iter()
+                .filter(|(u, _)| devices::same_device(u, &gpu.uuid) || crate::state::is_lost_device(u))
+                .flat_map(|(_, uids)| uids.iter().copied())
+                .collect();
             let used = !users.is_empty();
             let intended = mps_choice::intended(mps_choice::wanted(gpu.policy, tenants), self.kept.get(&gpu.uuid).copied(), used);
             self.kept.insert(gpu.uuid.clone(), intended.0);
@@ -265,6 +270,8 @@ pub fn tenants(state: &State, uuids: &[&str]) -> Vec<Tenants> {
     let share_on = |d: usize| state.groups.values().any(|g| g.shares[d] > 0 && g.shares[d] < 100);
     let claimed: HashSet<usize> = state.devices().iter().filter_map(|u| state.device_index(u)).map(|d| d as usize).collect();
     let free: Vec<usize> = (0..MAX_DEVICES).filter(|d| !claimed.contains(d)).collect();
+    // A high-priority process on a slot whose GPU a restart could not tell may be on any GPU.
+    let high_on_lost = high_slots.iter().any(|&d| state.is_lost_slot(d));
     uuids
         .iter()
         .map(|uuid| {
@@ -275,7 +282,7 @@ pub fn tenants(state: &State, uuids: &[&str]) -> Vec<Tenants> {
                 None if free.is_empty() => (0..MAX_DEVICES).any(share_on),
                 None => free.iter().any(|&d| share_on(d)),
             };
-            Tenants { high: high_everywhere || slot.is_some_and(|d| high_slots.contains(&d)), high_anywhere, shares }
+            Tenants { high: high_everywhere || high_on_lost || slot.is_some_and(|d| high_slots.contains(&d)), high_anywhere, shares }
         })
         .collect()
 }
@@ -406,5 +413,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = state(&dir, "[groups.batch]\nsm_share = 30\n");
         assert_eq!(shares(&s), [true, true, true], "the config's share for every device, before any GPU is claimed");
+    }
+
+    /// A high-priority process on a device slot a restart could not tell the GPU of (branch
+    /// devuuid: no record of the device table, so the slot is held for it as `lost-device-N`)
+    /// may be on any GPU: it counts as high on every one, not on none.
+    #[test]
+    fn a_high_process_on_a_slot_whose_gpu_is_not_known_counts_on_every_gpu() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = {
+            let mut s = state(&dir, "");
+            let devices = vec![DeviceClaim { ordinal: 0, uuid: A.into(), total_memory: 1 << 34, memory_limit: None, sm_share: None, sm_max: 0 }];
+            let r = Registration { protocol: PROTOCOL_VERSION, group: None, priority: Some(Priority::High), name: "me".into(), own_pid: 1, devices };
+            let a = s.register(me(), r).unwrap();
+            s.publish();
+            assert_eq!(high(&s), [(true, true), (false, true)], "on A, known");
+            // A start that kept no record of the device table comes between.
+            s.ledger.header().controller_starts.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            s.descriptors_for(a.group as usize).unwrap()
+        };
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, adopted) = Ledger::open_or_create(&path, Geometry { max_groups: 16, max_procs: 16 }).unwrap();
+        ledger.count_controller_start();
+        let mut s = State::new(ledger, FileSettings::parse("test.toml", "").unwrap());
+        s.init_memory(adopted).unwrap();
+        s.adopt();
+        assert!(s.is_lost_slot(0), "{:?}", s.devices());
+        assert_eq!(high(&s), [(true, true), (true, true)], "it may be on either");
     }
 }

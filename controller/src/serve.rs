@@ -113,7 +113,8 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let header = ledger.header();
     header.controller_pid.store(std::process::id(), Relaxed);
-    let starts = header.controller_starts.fetch_add(1, AcqRel) + 1;
+    // Counted on the ledger, which carries the controller's device record over to this start.
+    let starts = ledger.count_controller_start();
 
     crate::suspend::configure(&args.suspension)?;
     let mps_policies = crate::mps_devices::Policies::read(&args.mps, &config.controller)?;

@@ -14,9 +14,12 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::*;
 
+mod devices;
 mod memory;
 mod record;
 mod token;
+
+pub(crate) use devices::is_lost_device;
 
 /// More bytes than any device has (1 PiB): a process slot that says so was written by hand.
 const IMPLAUSIBLE_BYTES: u64 = 1 << 50;
@@ -151,8 +154,13 @@ pub struct State {
     samples: ShareSample,
     /// Group slot → the group (the authority; see `GroupInfo`).
     pub groups: HashMap<usize, GroupInfo>,
-    /// Device slot → its UUID (the authority for the device table).
+    /// Device slot → its UUID (the authority for the device table; kept in the ledger file by
+    /// `devices::save_device_record`, where a restart takes it from). A held slot's name
+    /// (`devices::lost_device_name`) where a restart could not tell which GPU it is.
     devices: [Option<String>; MAX_DEVICES],
+    /// Device slot → the total memory its first claimant reported (shown only; kept with the
+    /// UUID so that the record is written from the controller's own table alone).
+    device_totals: [u64; MAX_DEVICES],
     pub uid_limits: UidLimits,
     /// Device UUIDs this node has (NVML); `None`: every well-formed UUID is taken.
     pub node_devices: Option<Vec<String>>,
@@ -190,6 +198,7 @@ impl State {
             samples: ShareSample::default(),
             groups: HashMap::new(),
             devices: Default::default(),
+            device_totals: [0; MAX_DEVICES],
             uid_limits,
             node_devices: None,
             env_groups_open: false,
@@ -428,16 +437,8 @@ impl State {
     /// reconciles every group.
     pub fn adopt(&mut self) {
         let geometry = self.ledger.geometry();
-        for d in 0..MAX_DEVICES {
-            let slot = self.ledger.device(d);
-            let uuid = slot.uuid();
-            if slot.state.load(Acquire) == LIVE && is_gpu_uuid(&uuid) && !self.devices.iter().flatten().any(|u| *u == uuid) {
-                self.devices[d] = Some(uuid);
-            } else if slot.state.load(Acquire) != FREE {
-                tracing::warn!("device slot {d} held {:?}, not a device; freed", truncated(&uuid));
-                slot.release();
-            }
-        }
+        // Which GPU each slot is: the controller's record, not the shared table (`devices`).
+        self.adopt_devices();
         // Config groups the new config no longer names: unpinned below.
         let mut dropped = Vec::new();
         for i in 0..geometry.max_groups as usize {
@@ -574,6 +575,8 @@ impl State {
             self.release(i, &why);
             gone += 1;
         }
+        // Slots whose GPU is not known: held for the running processes that use them, or freed.
+        self.settle_lost_devices();
         let groups: Vec<usize> = self.groups.keys().copied().collect();
         for i in groups {
             if !self.reconcile(i) {
@@ -841,6 +844,7 @@ impl State {
         }
         self.ledger.process(slot).reset();
         self.unmap_member(slot);
+        self.free_lost_devices();
     }
 
     /// Device indices for the devices a registration names. A claim that is not a GPU UUID,
@@ -892,13 +896,9 @@ impl State {
     fn free_unused_device(&mut self, keep: &[usize]) -> Option<()> {
         let used: std::collections::HashSet<usize> = self.watched.values().flat_map(|w| w.devices.iter().copied()).chain(keep.iter().copied()).collect();
         let d = (0..MAX_DEVICES).find(|d| !used.contains(d) && self.devices[*d].is_some())?;
-        self.devices[d] = None;
-        let slot = self.ledger.device(d);
-        tracing::info!("device {d} ({}) is used by no registered process: its slot goes to a new device", slot.uuid());
-        slot.release();
-        for (_, g) in self.ledger.groups() {
-            g.devices[d].clear_counters();
-        }
+        // The controller's name for it, not the shared table's (a member's to write).
+        tracing::info!("device {d} ({}) is used by no registered process: its slot goes to a new device", self.devices[d].as_deref().unwrap_or("?"));
+        self.free_device_slot(d);
         Some(())
     }
 
@@ -916,6 +916,7 @@ impl State {
         slot.total_memory.store(total_memory, Relaxed);
         slot.state.store(LIVE, Release);
         self.devices[d] = Some(uuid.to_string());
+        self.device_totals[d] = total_memory;
         Some(d)
     }
 
@@ -960,8 +961,8 @@ impl State {
             return Err("--memory 0: a limit of zero bytes would refuse everything; give a size, or `unlimited`".into());
         }
         let devices: Vec<usize> = match e.device {
-            // The controller's device table, not the copy every member maps writable.
-            Some(d) if self.devices.get(d as usize).is_some_and(Option::is_some) => vec![d as usize],
+            // The controller's table, not the shared one (a member could make it say free).
+            Some(d) if (d as usize) < MAX_DEVICES && self.devices[d as usize].is_some() => vec![d as usize],
             Some(d) => return Err(self.no_such_device(d)),
             None => (0..MAX_DEVICES).collect(),
         };
@@ -1090,7 +1091,7 @@ impl State {
 
     /// Why `--device d` names nothing: the devices the ledger knows.
     fn no_such_device(&self, d: u32) -> String {
-        let known: Vec<String> = self.claimed_devices().map(|(i, _)| i.to_string()).collect();
+        let known: Vec<String> = (0..MAX_DEVICES).filter(|&i| self.devices[i].is_some()).map(|i| i.to_string()).collect();
         if known.is_empty() {
             format!("device {d}: the ledger knows no device yet (none has registered); leave out --device to set every device")
         } else {
@@ -1144,9 +1145,11 @@ impl State {
     }
 
     /// The devices the controller claimed, by ledger device slot, with their UUIDs: its own
-    /// table, not the device table's copy (which every member maps writable).
+    /// table, not the device table's copy (which every member maps writable). Not the slots
+    /// held for processes whose GPU a restart could not tell (`devices::lost_device_name`):
+    /// there is no UUID to ask NVML about.
     pub fn claimed_devices(&self) -> impl Iterator<Item = (usize, &str)> {
-        self.devices.iter().enumerate().filter_map(|(d, u)| Some((d, u.as_deref()?)))
+        self.devices.iter().enumerate().filter_map(|(d, u)| Some((d, u.as_deref().filter(|u| !is_lost_device(u))?)))
     }
 
     /// When `sample_shares` last ran.
@@ -1443,6 +1446,8 @@ mod tests {
     fn state(dir: &tempfile::TempDir, config: &str) -> State {
         let path = dir.path().join("ledger").to_str().unwrap().to_string();
         let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        // As `serve` counts each start (the device record is carried from one to the next).
+        ledger.count_controller_start();
         let config = FileSettings::parse("test.toml", config).unwrap();
         let mut s = State::new(ledger, config);
         s.init_memory(adopted).unwrap();
@@ -1626,6 +1631,23 @@ mod tests {
         assert_eq!(s.ledger.group(s.find_group("g").unwrap()).devices[7].limit.load(Relaxed), UNLIMITED, "nothing changed on device 7");
     }
 
+    /// `--device N` is checked against the controller's table, not the shared one, which any
+    /// member writes: a slot a member marked free is still edited, one it marked live is not.
+    #[test]
+    fn an_edit_names_devices_by_the_controllers_table_not_the_shared_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir, "[groups.g]\n");
+        s.register(me(), registration(Some("g"), None)).unwrap();
+        s.ledger.device(0).state.store(FREE, Relaxed);
+        s.ledger.device(7).state.store(LIVE, Relaxed);
+        let mut edit = group_edit("g", false);
+        edit.device = Some(0);
+        s.edit(me(), edit.clone()).expect("slot 0 is the controller's");
+        edit.device = Some(7);
+        let e = s.edit(me(), edit).unwrap_err();
+        assert!(e.contains("device 7 is not in the ledger") && e.contains("device(s) 0 "), "{e}");
+    }
+
     #[test]
     fn an_empty_group_is_removed_for_good_and_one_with_members_is_not() {
         let dir = tempfile::tempdir().unwrap();
@@ -1743,6 +1765,7 @@ mod tests {
         let path = dir.path().join("ledger").to_str().unwrap().to_string();
         let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
         assert!(adopted);
+        ledger.count_controller_start();
         let mut s = State::new(ledger, FileSettings::parse("test.toml", config).unwrap());
         s.config_path = Some("test.toml".into());
         s.init_memory(true).unwrap();
@@ -2374,5 +2397,108 @@ mod tests {
         edit.device = Some(5);
         let e = s.edit(me(), edit).unwrap_err();
         assert!(e.contains(&format!("device 5 is not in the ledger, which knows device(s) {d} ")), "{e}");
+    }
+
+    const GPU_A: &str = "GPU-aaaaaaaa-0000-0000-0000-000000000000";
+    const GPU_B: &str = "GPU-bbbbbbbb-0000-0000-0000-000000000000";
+
+    /// A registration claiming `uuids` as CUDA ordinals 0, 1, ... (1 TiB each).
+    fn on_gpus(group: &str, uuids: &[&str]) -> Registration {
+        let mut r = registration(Some(group), None);
+        r.devices = uuids
+            .iter()
+            .enumerate()
+            .map(|(i, u)| DeviceClaim { ordinal: i as u32, uuid: u.to_string(), total_memory: 1 << 40, memory_limit: None, sm_share: None, sm_max: 0 })
+            .collect();
+        r
+    }
+
+    /// A member of `team` on GPU A (slot 0) and GPU B (slot 1), 300 bytes on A; `victim`
+    /// pinned with 1 GiB, 256 MiB on slot 1 (GPU B); published. Then the member swaps the two
+    /// UUIDs in the shared device table and writes a GPU of its own into a free slot, and a
+    /// request publishes before the controller dies (what went into the ledger file used to be
+    /// the shared table as it was then). `meddle` runs last, on the dying controller's state.
+    /// Returns the member's slot, `victim`'s, and the descriptors the member keeps.
+    fn swapped_before_a_restart(dir: &tempfile::TempDir, meddle: impl FnOnce(&State)) -> (usize, usize, Vec<OwnedFd>) {
+        let mut s = state(dir, "");
+        let member = s.register(Peer { pid: std::process::id(), uid: 1000 }, on_gpus("team", &[GPU_A, GPU_B])).unwrap();
+        assert_eq!(member.devices, vec![(0, 0), (1, 1)]);
+        s.edit(me(), group_edit("victim", true)).unwrap();
+        let mut one = group_edit("victim", false);
+        (one.memory, one.device) = (Some(Limit::Bytes(256 << 20)), Some(1));
+        s.edit(me(), one).unwrap();
+        let victim = s.find_group("victim").unwrap();
+        let team = member.group as usize;
+        s.ledger.process(member.slot as usize).try_charge(s.ledger.group(team), 0, 300).unwrap();
+        s.publish();
+        let table = |d: usize| s.ledger.device(d);
+        ledger::write_text(&table(0).uuid, GPU_B);
+        ledger::write_text(&table(1).uuid, GPU_A);
+        ledger::write_text(&table(2).uuid, "GPU-eeeeeeee-0000-0000-0000-000000000000");
+        table(2).state.store(LIVE, Release);
+        s.publish();
+        meddle(&s);
+        (member.slot as usize, victim, s.descriptors_for(team).unwrap())
+    }
+
+    /// The device table a restarted controller uses is its own record, not the shared table a
+    /// member rewrote: GPU A is slot 0 and GPU B slot 1 again (in the shared table too), the
+    /// slot the member filled is free; a new process on GPU B alone is counted on slot 1 and
+    /// held to `victim`'s 256 MiB there, one on GPU A on slot 0 with its 1 GiB. The ledger
+    /// file's copy never held the swap.
+    #[test]
+    fn a_restarted_controller_takes_the_device_table_from_its_record_not_the_shared_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (member, victim, _held) = swapped_before_a_restart(&dir, |s| {
+            let record = s.ledger.device_record().expect("sealed by the publishes");
+            let uuids: Vec<Option<&str>> = record.iter().take(3).map(|k| k.as_ref().map(|k| k.uuid.as_str())).collect();
+            assert_eq!(uuids, vec![Some(GPU_A), Some(GPU_B), None], "the file holds the controller's table, not the shared one");
+            assert_eq!(record[0].as_ref().unwrap().total_memory, 1 << 40);
+        });
+        let mut s = restarted(&dir, "");
+        let claimed: Vec<(usize, &str)> = s.claimed_devices().collect();
+        assert_eq!(claimed, vec![(0, GPU_A), (1, GPU_B)], "the record's, not the swapped ones");
+        assert_eq!((s.ledger.device(0).uuid(), s.ledger.device(1).uuid()), (GPU_A.to_string(), GPU_B.to_string()), "the shared table is put back");
+        assert_eq!(s.ledger.device(2).state.load(Acquire), FREE, "a GPU the member wrote into a free slot is not taken");
+        assert_eq!(s.watched[&member].devices, vec![0, 1]);
+        let parent = std::os::unix::process::parent_id();
+        let on_b = s.register(Peer { pid: parent, uid: 0 }, on_gpus("victim", &[GPU_B])).unwrap();
+        assert_eq!(on_b.devices, vec![(0, 1)], "GPU B is slot 1: counted there");
+        assert_eq!(s.published(victim).unwrap().devices[1].limit.load(Relaxed), 256 << 20, "held to GPU B's limit");
+        let on_a = s.register(Peer { pid: 1, uid: 0 }, on_gpus("victim", &[GPU_A])).unwrap();
+        assert_eq!(on_a.devices, vec![(0, 0)], "GPU A is slot 0");
+        assert_eq!(s.published(victim).unwrap().devices[0].limit.load(Relaxed), 1 << 30);
+    }
+
+    /// No record to take (a controller that kept none ran since the last one that did, as one
+    /// from before the record would: it only counts its start): the slots fail closed. The two
+    /// the member uses are held for it under names no registration can claim, not asked about
+    /// by NVML, the member held to what it has there (300 bytes on slot 0, nothing on slot 1);
+    /// a new process on GPU B gets a slot of its own; the held slots are freed when the member
+    /// exits, and the next restart takes the table from the record again.
+    #[test]
+    fn without_a_record_the_device_slots_in_use_are_held_for_their_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (member, _, held) = swapped_before_a_restart(&dir, |s| {
+            s.ledger.header().controller_starts.fetch_add(1, AcqRel);
+        });
+        let mut s = restarted(&dir, "");
+        assert_eq!(s.claimed_devices().count(), 0, "no slot's GPU is known");
+        assert_eq!(s.devices(), vec![devices::lost_device_name(0), devices::lost_device_name(1)], "held for the member; the free one freed");
+        assert_eq!(s.ledger.device(0).uuid(), devices::lost_device_name(0), "not the UUID the member wrote");
+        let w = &s.watched[&member];
+        assert_eq!((w.devices.clone(), w.caps[0], w.caps[1]), (vec![0, 1], 300, 0), "held to what it has there");
+        assert_eq!(s.ledger.process(member).devices[0].limit.load(Relaxed), 300);
+        assert_eq!(s.ledger.process_record(member).unwrap().caps[0], 300, "kept across another restart");
+        let parent = std::os::unix::process::parent_id();
+        let on_b = s.register(Peer { pid: parent, uid: 0 }, on_gpus("victim", &[GPU_B])).unwrap();
+        assert_eq!(on_b.devices, vec![(0, 2)], "a slot of its own, not one held");
+        s.release(member, "exited");
+        assert_eq!(s.devices(), vec![GPU_B.to_string()], "the held slots go with their last process");
+        assert_eq!(s.ledger.device(0).state.load(Acquire), FREE);
+        s.publish(); // As `serve` does after each request (a registration's answer waits for it).
+        drop((s, held));
+        let s = restarted(&dir, "");
+        assert_eq!(s.claimed_devices().collect::<Vec<_>>(), vec![(2, GPU_B)], "the record again");
     }
 }

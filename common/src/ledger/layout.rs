@@ -472,6 +472,39 @@ impl ProcessRecord {
 }
 // ---- end of branch adopttrust's block ----
 
+// ---- Branch devuuid: the controller's seal over its record of the device table. ----
+// The device table (which GPU each device index means) lives in the device memory that every
+// registered process maps writable. A restarted controller takes it from its own record
+// instead: the ledger file's own pages under the device table, written from the controller's
+// table alone (`Ledger::save_device_table`), and this seal, which says that they are such a
+// record and which controller start wrote them.
+
+/// `DeviceRecordSeal::magic` once a controller wrote the ledger file's device pages as its record
+/// ("GPUSDREC").
+pub const DEVICE_RECORD_MAGIC: u64 = u64::from_le_bytes(*b"GPUSDREC");
+
+/// Where `DeviceRecordSeal` sits in the ledger file's header page: past `Header` (asserted in
+/// the tests), in bytes no controller before this branch wrote (zero, so no seal). No view maps
+/// anything over the header page and no process but the controller is handed the file, so no
+/// tenant reaches it; not in `gpuslice.h`, which describes no byte past `Header`.
+pub const DEVICE_SEAL_OFFSET: usize = HEADER_SIZE / 2;
+
+/// Says that the ledger file's own pages under the device table hold the controller's record,
+/// and by which controller start. A controller from before this branch copied the shared
+/// table there (every member's bytes) and never wrote this; one that ran between two that
+/// did breaks the chain of starts (`Ledger::count_controller_start`), so what it left there is
+/// not taken for the record either.
+#[repr(C)]
+pub struct DeviceRecordSeal {
+    /// `DEVICE_RECORD_MAGIC`; 0: no record (never written, or the last write failed).
+    pub magic: AtomicU64,
+    /// `Header::controller_starts` of the controller start the record is valid for: the one that
+    /// wrote it, carried over to the next start by `count_controller_start` when nothing else
+    /// started in between.
+    pub starts: AtomicU64,
+}
+// ---- end of branch devuuid's block ----
+
 /// Scheduling class of a process or group (issue 5 gives it teeth).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -799,6 +832,11 @@ mod tests {
         assert!(RECORD_OFFSET + size_of::<ProcessRecord>() <= PAGE, "a record fits in the slot's unused tail");
         assert_eq!(RECORD_OFFSET % 8, 0);
         assert_ne!(RECORD_MAGIC as u32, LIVE, "a record never reads as a live slot");
+        assert!(
+            size_of::<Header>() <= DEVICE_SEAL_OFFSET && DEVICE_SEAL_OFFSET + size_of::<DeviceRecordSeal>() <= HEADER_SIZE,
+            "the seal is in the header page, past the header"
+        );
+        assert_eq!(DEVICE_SEAL_OFFSET % 8, 0);
     }
 
     #[test]

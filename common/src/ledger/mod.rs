@@ -38,7 +38,7 @@ pub use accounting::{Refusal, Scope};
 pub use file::{Ledger, LedgerError};
 pub use layout::*;
 pub use proc::{process_start_time, process_uid};
-pub use regions::{holds_memory, inode, read_only, sealed_memfd, Reclaimed, SettingsPage, SETTINGS_SIZE};
+pub use regions::{holds_memory, inode, read_only, sealed_memfd, KnownDevice, Reclaimed, SettingsPage, SETTINGS_SIZE};
 pub use sched::{DeviceSched, HighSlot, Turn, MAX_HIGH};
 
 /// CLOCK_MONOTONIC in nanoseconds (vDSO: no system call). Shared by all processes of a host.

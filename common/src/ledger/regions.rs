@@ -72,6 +72,13 @@ fn reopen(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// One device slot as the controller's record holds it (`Ledger::device_record`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownDevice {
+    pub uuid: String,
+    pub total_memory: u64,
+}
+
 /// The memfds a restarted controller (or a root test reading the books) found again.
 #[derive(Default)]
 pub struct Reclaimed {
@@ -117,8 +124,10 @@ impl Ledger {
     }
 
     /// New device memory (the device table and its turn state, shared by every group), starting
-    /// from the copy the ledger file keeps (`save_device_table`): after a restart that found no
-    /// live process holding the old one, the devices keep their indices.
+    /// from the ledger file's own pages under the device table (`save_device_table`: the
+    /// controller's record): after a restart that found no live process holding the old one,
+    /// the devices keep their indices. What it starts from is only a first guess: `adopt` takes
+    /// the device table from the record (`device_record`) and checks it against this.
     pub fn new_device_memory(&self) -> io::Result<OwnedFd> {
         let g = self.geometry;
         let fd = sealed_memfd("devices", g.groups_offset())?;
@@ -134,14 +143,102 @@ impl Ledger {
         Ok(fd)
     }
 
-    /// Copies the device table as it is in the device memory into the ledger file's own pages
-    /// under it (the controller, every tick), for `new_device_memory` after a restart.
-    pub fn save_device_table(&self) -> io::Result<()> {
+    /// Writes the controller's record of the device table into the ledger file's own pages
+    /// under it (hidden by the device memory in every view; the file is the controller's, never
+    /// handed out): `known[d]` is the UUID and total memory the controller holds for device
+    /// slot `d` (`None`: free), in `DeviceSlot`s with every turn and priority word zero. Built
+    /// from the caller's table only, never from the device memory, which every registered
+    /// process writes. Then seals it for this controller start (`DeviceRecordSeal`); a failed
+    /// write unseals it, so that a restart does not take a record that missed a change. The
+    /// controller calls it every tick and after every request (`publish`).
+    pub fn save_device_table(&self, known: &[Option<(&str, u64)>]) -> io::Result<()> {
         let Some(file) = &self.backing else { return Ok(()) };
         let g = self.geometry;
-        let len = g.groups_offset() - g.devices_offset();
-        // SAFETY: the device region is inside our mapping; pwrite only reads it.
-        unsafe { pwrite_all(file, g.devices_offset(), self.base.add(g.devices_offset()), len) }
+        let mut table = vec![0u8; g.groups_offset() - g.devices_offset()];
+        for (d, known) in known.iter().enumerate().take(MAX_DEVICES) {
+            let Some((uuid, total)) = known else { continue };
+            let at = d * size_of::<DeviceSlot>();
+            table[at + std::mem::offset_of!(DeviceSlot, state)..][..4].copy_from_slice(&LIVE.to_le_bytes());
+            table[at + std::mem::offset_of!(DeviceSlot, total_memory)..][..8].copy_from_slice(&total.to_le_bytes());
+            // NUL-padded as `write_text` does; UUIDs are ASCII, so a byte cut is a character cut.
+            let text = &uuid.as_bytes()[..uuid.len().min(UUID_BYTES - 1)];
+            table[at + std::mem::offset_of!(DeviceSlot, uuid)..][..text.len()].copy_from_slice(text);
+        }
+        let seal = self.device_seal();
+        // SAFETY: `table` is a local buffer of its length; pwrite only reads it.
+        match unsafe { pwrite_all(file, g.devices_offset(), table.as_ptr(), table.len()) } {
+            Ok(()) => {
+                seal.starts.store(self.header().controller_starts.load(Relaxed), Relaxed);
+                seal.magic.store(DEVICE_RECORD_MAGIC, Release);
+                Ok(())
+            }
+            Err(e) => {
+                seal.magic.store(0, Release);
+                Err(e)
+            }
+        }
+    }
+
+    /// The controller's record of the device table (`save_device_table`), by device slot, read
+    /// from the ledger file past the device memory that hides it in this view; `Err` (why) when
+    /// there is none to take: never sealed (a ledger from a controller before the record, whose
+    /// copy there is the shared table's bytes), sealed for another controller start than this one
+    /// (a controller that kept no record ran in between), or unreadable.
+    pub fn device_record(&self) -> Result<Vec<Option<KnownDevice>>, String> {
+        let file = self.backing.as_ref().ok_or("this ledger view has no file behind it")?;
+        let seal = self.device_seal();
+        if seal.magic.load(Acquire) != DEVICE_RECORD_MAGIC {
+            return Err("the ledger file holds no record of the device table by the controller (a controller from before the record kept only a copy of the shared table, which every registered process writes)".into());
+        }
+        let (by, now) = (seal.starts.load(Relaxed), self.header().controller_starts.load(Relaxed));
+        if by != now {
+            return Err(format!(
+                "the controller's record of the device table in the ledger file is from controller start {by}, and a controller that kept no record ran since (this is start {now})"
+            ));
+        }
+        let g = self.geometry;
+        let mut table = vec![0u8; g.groups_offset() - g.devices_offset()];
+        // SAFETY: a local buffer of its length; any bytes are valid `u8`s.
+        unsafe { pread_exact(file, g.devices_offset(), table.as_mut_ptr(), table.len()) }
+            .map_err(|e| format!("the controller's record of the device table cannot be read from the ledger file ({e})"))?;
+        let word = |at: usize, n: usize| table[at..at + n].iter().rev().fold(0u64, |w, &b| w << 8 | u64::from(b));
+        Ok((0..MAX_DEVICES)
+            .map(|d| {
+                let at = d * size_of::<DeviceSlot>();
+                if word(at + std::mem::offset_of!(DeviceSlot, state), 4) != u64::from(LIVE) {
+                    return None;
+                }
+                let uuid = &table[at + std::mem::offset_of!(DeviceSlot, uuid)..][..UUID_BYTES];
+                let end = uuid.iter().position(|&b| b == 0).unwrap_or(UUID_BYTES);
+                Some(KnownDevice {
+                    uuid: String::from_utf8_lossy(&uuid[..end]).into_owned(),
+                    total_memory: word(at + std::mem::offset_of!(DeviceSlot, total_memory), 8),
+                })
+            })
+            .collect())
+    }
+
+    /// A controller starts on this ledger: counts the start (`Header::controller_starts`) and
+    /// returns its number. The device record sealed for the previous start is sealed for this
+    /// one too (nothing else ran in between, so it still holds only what a controller wrote); a
+    /// start of a controller from before this branch counts without carrying it, which breaks
+    /// the chain, since that controller copies the shared table over the record each tick.
+    /// Carried at once rather than at the first write, so that a start that fails before it
+    /// writes anything (a bad flag) does not cost the next one its record.
+    pub fn count_controller_start(&self) -> u64 {
+        let starts = self.header().controller_starts.fetch_add(1, AcqRel).wrapping_add(1);
+        let seal = self.device_seal();
+        if seal.magic.load(Acquire) == DEVICE_RECORD_MAGIC && seal.starts.load(Relaxed).wrapping_add(1) == starts {
+            seal.starts.store(starts, Relaxed);
+        }
+        starts
+    }
+
+    fn device_seal(&self) -> &DeviceRecordSeal {
+        assert!(self.len >= HEADER_SIZE && size_of::<Header>() <= DEVICE_SEAL_OFFSET);
+        // SAFETY: inside the header page (checked above; `layout`'s tests check the offset and
+        // size), 8-aligned, atomics only. No view maps anything over the header page.
+        unsafe { &*(self.base.add(DEVICE_SEAL_OFFSET) as *const DeviceRecordSeal) }
     }
 
     /// Copies group slot `group`'s settings as the controller published them (`published`, a
@@ -618,6 +715,42 @@ mod tests {
         assert_ne!(second.process(1).state.load(Relaxed), LIVE, "the file's own page is not a live slot");
         second.clear_process_record(1).unwrap();
         assert_eq!(first.process_record(1).unwrap(), ProcessRecord::none());
+    }
+
+    /// The ledger file's device pages are the controller's record of the device table: written
+    /// from the table it is given, never from the shared device memory (a member's UUID and turn
+    /// words there do not reach the file, nor new device memory made from it); taken by the next
+    /// controller start, and not after a start that kept no record (a controller from before
+    /// the record, which only counts its start and copies the shared table over the record).
+    #[test]
+    fn the_device_record_is_the_controllers_table_and_holds_for_an_unbroken_chain_of_starts() {
+        let geometry = Geometry { max_groups: 2, max_procs: 2 };
+        let (_dir, file, first) = temp_ledger(geometry);
+        assert!(first.device_record().unwrap_err().contains("no record"), "never written");
+        first.count_controller_start();
+        let devices = first.new_device_memory().unwrap();
+        first.map_device_memory(devices.as_fd()).unwrap();
+        // A member's writes into the shared table.
+        write_text(&first.device(0).uuid, "GPU-b");
+        first.device(0).state.store(LIVE, Relaxed);
+        first.device(0).sched.turn.holder.store(7, Relaxed);
+        first.save_device_table(&[Some(("GPU-a", 9)), None]).unwrap();
+        let want = |uuid: &str, total| Some(KnownDevice { uuid: uuid.into(), total_memory: total });
+        let record = first.device_record().unwrap();
+        assert_eq!((record.len(), &record[0], record[1..].iter().all(Option::is_none)), (MAX_DEVICES, &want("GPU-a", 9), true));
+        // A restart: the same file, the next start.
+        let (second, _) = Ledger::open_or_create(&file, geometry).unwrap();
+        second.count_controller_start();
+        assert_eq!(second.device_record().unwrap()[0], want("GPU-a", 9), "carried over to the next start");
+        second.map_device_memory(second.new_device_memory().unwrap().as_fd()).unwrap();
+        assert_eq!((second.device(0).uuid(), second.device(0).sched.turn.holder.load(Relaxed)), ("GPU-a".to_string(), 0), "new memory from the record only");
+        // A controller that keeps no record starts and goes: the chain is broken.
+        second.header().controller_starts.fetch_add(1, AcqRel);
+        let (third, _) = Ledger::open_or_create(&file, geometry).unwrap();
+        third.count_controller_start();
+        assert!(third.device_record().unwrap_err().contains("ran since"), "{:?}", third.device_record());
+        third.save_device_table(&[None, Some(("GPU-c", 1))]).unwrap();
+        assert_eq!(third.device_record().unwrap()[..2], [None, want("GPU-c", 1)], "written again: taken again");
     }
 
     #[test]

@@ -143,16 +143,15 @@ impl State {
     }
 
     /// Writes every group's settings, as the controller holds them, into the page its members
-    /// read them from, and keeps the ledger file's copy of the device table (for a restart that
-    /// finds no process holding the device memory). Called after every request and every tick.
+    /// read them from, and keeps the controller's record of the device table in the ledger file
+    /// (`save_device_record`: what a restart takes the table from, and starts new device memory
+    /// from when no process holds the old). Called after every request and every tick.
     pub fn publish(&self) {
         for &i in self.groups.keys() {
             self.publish_group(i);
             self.save_settings(i);
         }
-        if let Err(e) = self.ledger.save_device_table() {
-            tracing::error!("cannot keep a copy of the device table in the ledger file: {e}");
-        }
+        self.save_device_record();
     }
 
     pub(crate) fn publish_group(&self, i: usize) {
