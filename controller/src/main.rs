@@ -1,5 +1,6 @@
 //! `gpuslice`: the controller daemon (`serve`) and the command-line tool around it.
 
+mod activity;
 mod agents;
 mod checkpoint;
 mod client;

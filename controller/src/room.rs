@@ -1,8 +1,10 @@
 //! The suspension policy (issue 22): when a process's allocation finds the device full (not its
 //! own quota), lower-priority suspendable groups are suspended, lowest priority and least
-//! recently active first, until the request fits; they are resumed when room returns. The
-//! request waits a bounded time meanwhile instead of failing at once.
+//! recently active first (`activity`: on the driver's evidence, not the members' counters), one
+//! at a time until the request fits; they are resumed when room returns. The request waits a
+//! bounded time meanwhile instead of failing at once.
 
+use crate::activity::{self, GroupNow, Tracker};
 use crate::state::{Peer, State};
 use crate::suspend::{self, lock_state, Phase};
 use gpuslice_common::protocol::RoomRequest;
@@ -54,35 +56,54 @@ pub fn held_by_pids(state: &std::sync::Mutex<State>) -> Option<HashMap<u32, u64>
     Some(held)
 }
 
-/// Last time each group's figures (bytes, device time) changed: "least recently active".
-fn activity() -> std::sync::MutexGuard<'static, HashMap<String, (u64, Instant)>> {
-    static ACTIVITY: OnceLock<Mutex<HashMap<String, (u64, Instant)>>> = OnceLock::new();
-    ACTIVITY.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner())
+/// The groups' last evidence of activity (`activity`), kept by the watcher, read by the plan.
+/// Taken after the state's lock where both are held, never before it.
+fn tracker() -> std::sync::MutexGuard<'static, Tracker> {
+    static TRACKER: OnceLock<Mutex<Tracker>> = OnceLock::new();
+    TRACKER.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn note_activity(state: &State) {
-    let mut seen = activity();
-    for (&slot, info) in &state.groups {
-        let g = state.ledger.group(slot);
-        let signature =
-            g.devices.iter().fold(0u64, |h, d| h.wrapping_mul(31).wrapping_add(d.used.load(Relaxed)).wrapping_mul(31).wrapping_add(d.charged_ns.load(Relaxed)));
-        let e = seen.entry(info.name.clone()).or_insert((signature, Instant::now()));
-        if e.0 != signature {
-            *e = (signature, Instant::now());
+/// What the tracker is told of each group: the controller's records only.
+fn groups_now(state: &State) -> Vec<GroupNow> {
+    state
+        .groups
+        .iter()
+        .map(|(&slot, info)| GroupNow {
+            slot,
+            name: info.name.clone(),
+            running: suspend::record(&info.name).is_none_or(|r| r.phase == Phase::Running),
+            pids: state.watched.values().filter(|w| w.group == slot).map(|w| w.pid).collect(),
+        })
+        .collect()
+}
+
+/// A group that may be suspended for the request.
+#[derive(Debug)]
+struct Candidate {
+    group: String,
+    /// Its registered processes (the controller's records).
+    pids: Vec<u32>,
+    /// What its members' counter says it holds on the device: their word, used only where the
+    /// driver's per-process figures cannot be read.
+    reported: u64,
+}
+
+impl Candidate {
+    /// The bytes a suspension of it would free on the device: what the driver shows its
+    /// processes holding there (`held`), else (no per-process figures) its members' report.
+    fn bytes(&self, held: Option<&HashMap<u32, u64>>) -> u64 {
+        match held {
+            Some(held) => self.pids.iter().filter_map(|p| held.get(p)).sum(),
+            None => self.reported,
         }
     }
 }
 
-/// A group that may be suspended for the request, with its bytes on the device.
-struct Candidate {
-    group: String,
-    priority: u32,
-    bytes: u64,
-    last_active: Instant,
-}
-
-/// The requester's group and priority, and the suspendable groups below it on the device.
-fn plan(state: &State, peer: Peer, device: u32, bytes: u64) -> Result<(String, u32, Vec<Candidate>), String> {
+/// The requester's group and priority, and the suspendable groups below it that have processes
+/// on the device, in the order they are to be suspended: lowest priority first, then least
+/// recently active (`activity`: the driver's evidence), then the group the controller saw
+/// first, then slot. Nothing in this order is a member's word.
+fn plan(state: &State, seen: &Tracker, now: Instant, peer: Peer, device: u32, bytes: u64) -> Result<(String, u32, Vec<Candidate>), String> {
     use gpuslice_common::ledger::Priority;
     let w = state
         .watched
@@ -98,23 +119,38 @@ fn plan(state: &State, peer: Peer, device: u32, bytes: u64) -> Result<(String, u
     if bytes > limit {
         return Err(format!("pid {} (group {group:?}): {} is over its limit on device {device}; no room is made", peer.pid, format_size(bytes)));
     }
-    let seen = activity();
     let mut candidates = Vec::new();
     for (&slot, info) in &state.groups {
         if info.name == group || (device as usize) >= state.ledger.group(slot).devices.len() {
             continue;
         }
-        let bytes = state.ledger.group(slot).devices[device as usize].used.load(Relaxed);
+        let reported = state.ledger.group(slot).devices[device as usize].used.load(Relaxed);
+        let pids: Vec<u32> = state.watched.values().filter(|w| w.group == slot).map(|w| w.pid).collect();
         let group_priority = Priority::from_u32(info.priority).unwrap_or_default() as u32;
         let suspendable = suspend::record(&info.name).is_some_and(|r| r.suspendable && r.phase == Phase::Running);
-        if bytes == 0 || group_priority >= priority || !suspendable {
+        // Only processes hold memory: a group without any frees nothing. One whose members
+        // report nothing is still asked about (the driver's figures decide, `Candidate::bytes`).
+        if pids.is_empty() || group_priority >= priority || !suspendable {
             continue;
         }
-        let last_active = seen.get(&info.name).map_or_else(Instant::now, |e| e.1);
-        candidates.push(Candidate { group: info.name.clone(), priority: group_priority, bytes, last_active });
+        let key = (group_priority, seen.rank(&info.name, now), slot);
+        candidates.push((key, Candidate { group: info.name.clone(), pids, reported }));
     }
-    candidates.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.last_active.cmp(&b.last_active)));
-    Ok((group, priority, candidates))
+    candidates.sort_by_key(|c| c.0);
+    Ok((group, priority, candidates.into_iter().map(|(_, c)| c).collect()))
+}
+
+/// What the driver says each process holds on the device (`None`: its list cannot be read).
+fn held_on(uuid: &str) -> Option<HashMap<u32, u64>> {
+    let nvml = nvml().lock().unwrap_or_else(|p| p.into_inner());
+    let list = nvml.as_ref()?.device_by_uuid(uuid).ok()?.running_compute_processes().ok()?;
+    let mut held = HashMap::new();
+    for p in list {
+        if let nvml_wrapper::enums::device::UsedGpuMemory::Used(bytes) = p.used_gpu_memory {
+            *held.entry(p.pid).or_insert(0) += bytes;
+        }
+    }
+    Some(held)
 }
 
 /// `MakeRoom`: suspends what must go for `room.bytes` to fit on the device, waiting at most
@@ -126,16 +162,11 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
     loop {
         let (group, priority, candidates, uuid) = {
             let state = lock_state(state);
-            let (group, priority, candidates) = plan(&state, peer, room.device, room.bytes)?;
+            let (group, priority, candidates) = plan(&state, &tracker(), Instant::now(), peer, room.device, room.bytes)?;
             if candidates.is_empty() && suspended.is_empty() {
                 // Nothing to suspend: no at once (no NVML query, no wait on every OOM of a
                 // controller's processes).
-                return Err(format!(
-                    "pid {} (group {group:?}): the device is full for {} on device {}, and no suspendable group of lower priority holds memory there",
-                    peer.pid,
-                    format_size(room.bytes),
-                    room.device
-                ));
+                return Err(nothing_to_suspend(peer, &group, &room));
             }
             let uuid = device_uuids(&state).remove(&room.device).ok_or_else(|| format!("pid {}: device {} is not in the ledger", peer.pid, room.device))?;
             (group, priority, candidates, uuid)
@@ -144,26 +175,25 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
         if free >= room.bytes {
             return Ok(format!("room for {} on device {}: {} free{}", format_size(room.bytes), room.device, format_size(free), describe(&suspended)));
         }
+        let held = held_on(&uuid);
+        let sized: Vec<(String, u64)> = candidates.iter().map(|c| (c.group.clone(), c.bytes(held.as_ref()))).filter(|&(_, b)| b > 0).collect();
+        if sized.is_empty() && suspended.is_empty() {
+            return Err(nothing_to_suspend(peer, &group, &room));
+        }
         let needed = room.bytes - free;
-        let mut chosen = Vec::new();
-        let mut freed = 0u64;
-        for c in candidates {
-            if freed < needed {
-                freed += c.bytes;
-                chosen.push(c.group);
-            }
-        }
-        let before = suspended.len();
+        let freed: u64 = sized.iter().map(|&(_, b)| b).sum();
+        // One at a time, first in the plan's order, then the device is looked at again: a
+        // group's figure (its members' word where the driver's cannot be read) decides whether
+        // the next one goes too only after the suspension showed what it really freed.
         if freed >= needed {
-            for victim in chosen {
-                match suspend::suspend(state, None, &victim, true) {
-                    Ok(_) => suspended.push(victim),
-                    Err(e) => tracing::warn!("pid {} (group {group:?}, priority {priority}): could not suspend {victim:?}: {e}", peer.pid),
+            let victim = &sized[0].0;
+            match suspend::suspend(state, None, victim, true) {
+                Ok(_) => {
+                    suspended.push(victim.clone());
+                    continue; // look at the device again
                 }
+                Err(e) => tracing::warn!("pid {} (group {group:?}, priority {priority}): could not suspend {victim:?}: {e}", peer.pid),
             }
-        }
-        if suspended.len() > before {
-            continue; // look at the device again
         }
         // Too little suspendable memory yet (or a suspension failed): others may free some
         // meanwhile, within the bounded wait.
@@ -181,6 +211,15 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
         }
         std::thread::sleep(POLL);
     }
+}
+
+fn nothing_to_suspend(peer: Peer, group: &str, room: &RoomRequest) -> String {
+    format!(
+        "pid {} (group {group:?}): the device is full for {} on device {}, and no suspendable group of lower priority holds memory there",
+        peer.pid,
+        format_size(room.bytes),
+        room.device
+    )
 }
 
 fn describe(suspended: &[String]) -> String {
@@ -242,13 +281,20 @@ fn policy_delay_for_tests() {
 pub fn watch(state: &std::sync::Mutex<State>) {
     policy_delay_for_tests();
     suspend::adopt(state);
+    let mut stamps = HashMap::new();
     loop {
         std::thread::sleep(POLL * 4);
-        let uuids = {
+        let (uuids, devices, groups) = {
             let state = lock_state(state);
-            note_activity(&state);
-            device_uuids(&state)
+            let devices: Vec<(u32, String)> = state.claimed_devices().map(|(d, u)| (d as u32, u.to_string())).collect();
+            (device_uuids(&state), devices, groups_now(&state))
         };
+        // NVML outside the state's lock (it can take milliseconds).
+        let look = {
+            let nvml = nvml().lock().unwrap_or_else(|p| p.into_inner());
+            nvml.as_ref().map(|n| activity::look(n, &devices, &mut stamps)).unwrap_or_default()
+        };
+        tracker().observe(Instant::now(), &groups, &look);
         for row in suspend::rows() {
             let Some(rec) = suspend::record(&row.group) else { continue };
             if rec.phase != Phase::Suspended || !rec.automatic || rec.suspended_at.is_some_and(|t| t.elapsed() < RESUME_HOLDOFF) {
@@ -258,5 +304,107 @@ pub fn watch(state: &std::sync::Mutex<State>) {
                 let _ = suspend::resume(state, None, &row.group);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpuslice_common::ledger::{self, Ledger};
+    use gpuslice_common::protocol::{DeviceClaim, Registration, PROTOCOL_VERSION};
+    use gpuslice_common::settings::FileSettings;
+    use std::process::{Child, Command};
+
+    const GIB: u64 = 1 << 30;
+
+    /// A live process of our own to register (the controller watches its pid).
+    struct Sleeper(Child);
+
+    impl Sleeper {
+        fn new() -> Sleeper {
+            Sleeper(Command::new("sleep").arg("60").spawn().expect("start sleep"))
+        }
+        fn peer(&self) -> Peer {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            Peer { pid: self.0.id(), uid: unsafe { libc::geteuid() } }
+        }
+    }
+
+    impl Drop for Sleeper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn register(s: &mut State, who: &Sleeper, group: &str) -> (usize, u32) {
+        let claim = DeviceClaim {
+            ordinal: 0,
+            uuid: "GPU-00000000-0000-0000-0000-0000000000aa".into(),
+            total_memory: 4 * GIB,
+            memory_limit: None,
+            sm_share: None,
+            sm_max: 0,
+        };
+        let r = Registration {
+            protocol: PROTOCOL_VERSION,
+            group: Some(group.into()),
+            priority: None,
+            name: "t".into(),
+            own_pid: who.peer().pid,
+            devices: vec![claim],
+        };
+        let a = s.register(who.peer(), r).expect("register");
+        (a.group as usize, a.devices[0].1)
+    }
+
+    /// Two idle suspendable groups of one priority: `plan-liars` allocated first, `plan-honest`
+    /// later (the driver's evidence, as the watcher records it), and a member of `plan-liars`
+    /// wrote device time and a zero `used` into its group's counters. The plan puts `plan-liars`
+    /// first all the same, and sizes it by what the driver shows its process holding; only
+    /// where the driver's per-process figures cannot be read does the members' report stand.
+    #[test]
+    fn the_plan_goes_by_the_drivers_evidence_not_the_members_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let config = "[groups.plan-liars]\npriority = \"low\"\nsuspendable = true\n[groups.plan-honest]\npriority = \"low\"\nsuspendable = true\n[groups.plan-urgent]\npriority = \"high\"\n";
+        let mut s = State::new(ledger, FileSettings::parse("test.toml", config).unwrap());
+        s.init_memory(adopted).unwrap();
+        s.install_config_groups().unwrap();
+        let s = Mutex::new(s);
+        suspend::from_config(&s);
+        let mut s = s.into_inner().unwrap();
+        let (liar, honest, urgent) = (Sleeper::new(), Sleeper::new(), Sleeper::new());
+        let (liars, d) = register(&mut s, &liar, "plan-liars");
+        let (honests, _) = register(&mut s, &honest, "plan-honest");
+        register(&mut s, &urgent, "plan-urgent");
+        for g in [liars, honests] {
+            s.ledger.group(g).devices[d as usize].used.store(GIB, Relaxed);
+        }
+
+        // The watcher's looks, on a simulated clock: the liars' process took its memory at 1 s,
+        // the honest one's at 2 s; neither ran anything.
+        let t0 = Instant::now();
+        let mut seen = Tracker::default();
+        let holding = |pairs: &[(u32, u64)]| activity::Look { held: [(d, pairs.iter().copied().collect())].into(), busy: Default::default() };
+        let both = [(liar.peer().pid, GIB), (honest.peer().pid, GIB)];
+        seen.observe(t0, &groups_now(&s), &holding(&[]));
+        seen.observe(t0 + Duration::from_secs(1), &groups_now(&s), &holding(&both[..1]));
+        for t in 2..10 {
+            // Its member's lies, written between every two looks.
+            let lies = &s.ledger.group(liars).devices[d as usize];
+            lies.charged_ns.fetch_add(1_000_000_000, Relaxed);
+            lies.used.store(0, Relaxed);
+            seen.observe(t0 + Duration::from_secs(t), &groups_now(&s), &holding(&both));
+        }
+
+        let (_, _, candidates) = plan(&s, &seen, t0 + Duration::from_secs(10), urgent.peer(), d, 2 * GIB).unwrap();
+        let names: Vec<&str> = candidates.iter().map(|c| c.group.as_str()).collect();
+        assert_eq!(names, ["plan-liars", "plan-honest"], "{candidates:?}");
+        let driver: HashMap<u32, u64> = both.into_iter().collect();
+        assert_eq!(candidates[0].bytes(Some(&driver)), GIB, "what the driver shows it holding, not its members' 0");
+        assert_eq!(candidates[0].bytes(None), 0, "no per-process figures: the members' report (docs/NOTES.md, branch suspord)");
+        assert_eq!(candidates[1].bytes(Some(&driver)), GIB);
     }
 }

@@ -2180,6 +2180,7 @@ fn submit_after(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), C
         }
         let total: u64 = durs.iter().sum();
         let (start, end) = devstate(dev).reserve_time((now + latency).max(s.tail), total);
+        devstate(dev).note_busy(dev as usize, end);
         s.tail = end;
         let c = d.ctxs.get_mut(&ctx).unwrap();
         c.last_end = c.last_end.max(end);

@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub const MAGIC: u64 = 0x3154_5344_4d49_5353; // "SSIMDST1" little endian, arbitrary
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 pub const MAX_DEVICES: usize = 16;
 pub const MAX_PROCS: usize = 128;
 
@@ -30,6 +30,9 @@ pub struct ProcSlot {
     pub image: AtomicU32,
     /// Bytes charged to this process on this device.
     pub used: AtomicU64,
+    /// End of the last kernel this process queued on this device (the launching process's
+    /// clock, as `DeviceState::busy_until_ns`): NVML's per-process utilization samples.
+    pub busy_until_ns: AtomicU64,
 }
 
 #[repr(C)]
@@ -414,6 +417,7 @@ impl DeviceState {
                 for (i, s) in self.procs.iter().enumerate() {
                     if s.pid.compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
                         s.used.store(0, Ordering::Release);
+                        s.busy_until_ns.store(0, Ordering::Release);
                         s.image.store(image, Ordering::Release);
                         found = Some(i);
                         break;
@@ -431,6 +435,7 @@ impl DeviceState {
     fn take_over(&self, i: usize, image: u32) {
         let s = &self.procs[i];
         if s.image.swap(image, Ordering::AcqRel) != image {
+            s.busy_until_ns.store(0, Ordering::Release);
             let u = s.used.swap(0, Ordering::AcqRel);
             self.used.fetch_sub(u, Ordering::AcqRel);
         }
@@ -534,6 +539,29 @@ impl DeviceState {
                 s.pid.store(0, Ordering::Release);
             }
         }
+    }
+
+    /// Records that this process has work on the device until `end` (ns): in its slot, if it has
+    /// one (a process that launches holds a context, so it has; none is claimed for this, so the
+    /// process lists stay as they were).
+    pub fn note_busy(&self, dev: usize, end: u64) {
+        let me = my_pid();
+        let c = SLOT_CACHE[dev].load(Ordering::Relaxed);
+        let cached = (c >> 32 == me as u64 && c & 0xffff_ffff != 0).then(|| &self.procs[(c & 0xffff_ffff) as usize - 1]);
+        let Some(slot) = cached.filter(|s| s.pid.load(Ordering::Relaxed) == me).or_else(|| self.find_slot(me).map(|i| &self.procs[i])) else { return };
+        slot.busy_until_ns.fetch_max(end, Ordering::AcqRel);
+    }
+
+    /// (pid, end of its last kernel) of live processes holding a slot on this device.
+    pub fn busy_until(&self) -> Vec<(u32, u64)> {
+        self.reclaim_dead();
+        self.procs
+            .iter()
+            .filter_map(|s| {
+                let p = s.pid.load(Ordering::Acquire);
+                (p != 0 && p != RECLAIMING).then(|| (p, s.busy_until_ns.load(Ordering::Acquire)))
+            })
+            .collect()
     }
 
     /// (pid, used) of live processes holding a slot on this device.

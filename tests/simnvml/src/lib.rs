@@ -541,8 +541,11 @@ pub struct NvmlProcessUtilizationSample {
     pub dec_util: c_uint,
 }
 
-/// One sample per process of the table, stamped now (µs); utilization figures 0 (the simulator
-/// keeps no per-process history). NULL samples or too small a count: the count needed, and
+/// One sample per process of the table, stamped now (µs). Its SM figure is 100 when the process
+/// had work on the device during the sample period, else 0 (the simulator keeps only the end of
+/// each process's last kernel, not a history to average over; the other figures are 0). The
+/// period is the time since `last_seen` (µs, the stamp of the caller's previous samples), or the
+/// last second when that is 0. NULL samples or too small a count: the count needed, and
 /// NVML_ERROR_INSUFFICIENT_SIZE.
 ///
 /// # Safety
@@ -553,7 +556,7 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
     device: *mut c_void,
     samples: *mut NvmlProcessUtilizationSample,
     count: *mut c_uint,
-    _last_seen: u64,
+    last_seen: u64,
 ) -> NvmlReturn {
     let (sh, i) = dev_or_return!(device);
     if count.is_null() {
@@ -568,11 +571,16 @@ pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
         *count = n;
         return ERROR_INSUFFICIENT_SIZE;
     }
-    let now_us = state::now_ns() / 1000;
+    let now = state::now_ns();
+    let since = if last_seen == 0 { now.saturating_sub(1_000_000_000) } else { last_seen.saturating_mul(1000) };
+    let busy = sh.dev(i).busy_until();
     for (k, (pid, _)) in procs.iter().enumerate() {
+        let worked = busy.iter().any(|&(p, until)| p == *pid && until > since);
+        let sample =
+            NvmlProcessUtilizationSample { pid: *pid, time_stamp: now / 1000, sm_util: if worked { 100 } else { 0 }, mem_util: 0, enc_util: 0, dec_util: 0 };
         // SAFETY: `samples` is not null (checked above) and the caller guarantees `*count` entries
         // there (`# Safety`); k < n <= *count.
-        unsafe { *samples.add(k) = NvmlProcessUtilizationSample { pid: *pid, time_stamp: now_us, sm_util: 0, mem_util: 0, enc_util: 0, dec_util: 0 } };
+        unsafe { *samples.add(k) = sample };
     }
     *count = n;
     SUCCESS
