@@ -27,6 +27,10 @@ pub const ENV_PRIORITY_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
 /// `auto` (default): under an MPS daemon, map the priority and the SM share onto MPS's client
 /// priority and active-thread percentage; `off`: leave MPS's settings alone.
 pub const ENV_MPS: &str = "GPUSLICE_MPS";
+/// Experimental (issue 19): `on` (default), or `spatial-off`: a lower-priority process whose SM
+/// share MPS carries on a device (its active-thread percentage) does not wait for high-priority
+/// work there.
+pub const ENV_PRIORITY_GATE: &str = "GPUSLICE_PRIORITY_GATE";
 
 /// The name of the group of a process alone (no `GPUSLICE_GROUP`): `pid-<pid>`. Names with this
 /// prefix are kept for such groups (`check_group_name` refuses them): the controller and the
@@ -204,6 +208,43 @@ pub struct Settings {
     pub priority_queue: Option<u32>,
     /// `GPUSLICE_MPS`: whether the shim maps its settings onto MPS's when MPS serves it.
     pub mps: MpsMode,
+    /// `GPUSLICE_PRIORITY_GATE`: whether a lower-priority launch waits for high-priority work.
+    pub priority_gate: PriorityGate,
+}
+
+/// Whether a lower-priority process's launches wait for high-priority work (see
+/// `GPUSLICE_PRIORITY_GATE`; experimental, for issue 19's measurement).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PriorityGate {
+    /// Always: while a high-priority process has work on the device, lower ones wait, and while
+    /// one lives they keep a bounded queue.
+    #[default]
+    On,
+    /// Not on a device where MPS's active-thread percentage carries this process's share: the
+    /// SMs it leaves free are the high-priority process's protection there, and its launches go
+    /// out as if no high-priority process lived. Elsewhere (time-sliced, or MPS without a
+    /// share) the gate stays on.
+    SpatialOff,
+}
+
+impl std::str::FromStr for PriorityGate {
+    type Err = String;
+    fn from_str(text: &str) -> Result<PriorityGate, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "on" => Ok(PriorityGate::On),
+            "spatial-off" => Ok(PriorityGate::SpatialOff),
+            _ => Err("expected on or spatial-off".into()),
+        }
+    }
+}
+
+impl fmt::Display for PriorityGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PriorityGate::On => "on",
+            PriorityGate::SpatialOff => "spatial-off",
+        })
+    }
 }
 
 /// What the shim does when an MPS daemon serves the process (see `GPUSLICE_MPS`).
@@ -260,6 +301,9 @@ impl Settings {
         }
         if let Some(g) = &self.group {
             parts.push(format!("group {g:?}"));
+        }
+        if self.priority_gate != PriorityGate::On {
+            parts.push(format!("priority gate {} (from {ENV_PRIORITY_GATE})", self.priority_gate));
         }
         if parts.is_empty() {
             "no limits".to_string()
@@ -351,6 +395,9 @@ impl Settings {
         if let Some(value) = lookup(vars, ENV_MPS) {
             settings.mps = value.parse().map_err(|reason| SettingsError { origin: ENV_MPS.into(), value: value.into(), reason })?;
         }
+        if let Some(value) = lookup(vars, ENV_PRIORITY_GATE) {
+            settings.priority_gate = value.parse().map_err(|reason| SettingsError { origin: ENV_PRIORITY_GATE.into(), value: value.into(), reason })?;
+        }
         settings.group = group;
         Ok(settings)
     }
@@ -390,7 +437,7 @@ where
     use std::os::unix::ffi::OsStrExt;
     let read_by_settings = |name: &[u8]| {
         [ENV_MEMORY_LIMIT, HAMI_MEMORY_LIMIT, ENV_SM_SHARE, HAMI_SM_LIMIT, ENV_SM_MAX].iter().any(|p| name.starts_with(p.as_bytes()))
-            || [ENV_CONFIG, ENV_GROUP, ENV_PRIORITY, ENV_PRIORITY_QUEUE].iter().any(|n| name == n.as_bytes())
+            || [ENV_CONFIG, ENV_GROUP, ENV_PRIORITY, ENV_PRIORITY_QUEUE, ENV_PRIORITY_GATE].iter().any(|n| name == n.as_bytes())
     };
     let mut out = Vec::new();
     for (name, value) in vars {
@@ -1139,6 +1186,14 @@ mod tests {
         assert_eq!(Settings::resolve(&env(&[]), None).unwrap().mps, MpsMode::Auto);
         let e = Settings::resolve(&env(&[("GPUSLICE_MPS", "sometimes")]), None).unwrap_err();
         assert_eq!(e.origin, "GPUSLICE_MPS");
+        assert_eq!(Settings::resolve(&env(&[]), None).unwrap().priority_gate, PriorityGate::On);
+        for (text, want) in [("on", PriorityGate::On), ("spatial-off", PriorityGate::SpatialOff), (" Spatial-Off ", PriorityGate::SpatialOff)] {
+            assert_eq!(Settings::resolve(&env(&[("GPUSLICE_PRIORITY_GATE", text)]), None).unwrap().priority_gate, want, "{text:?}");
+        }
+        for bad in ["off", "spatial", "1", "spatial_off"] {
+            let e = Settings::resolve(&env(&[("GPUSLICE_PRIORITY_GATE", bad)]), None).unwrap_err();
+            assert_eq!((e.origin.as_str(), e.reason.as_str()), ("GPUSLICE_PRIORITY_GATE", "expected on or spatial-off"), "{bad:?}");
+        }
         // A process alone's group name is the one name a user may not give a group.
         assert_eq!(solo_group_name(12), "pid-12");
         assert!(is_solo_group(&solo_group_name(12)) && !is_solo_group("train-pid-12"));

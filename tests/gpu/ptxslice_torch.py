@@ -6,6 +6,7 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
     ptxslice_torch.py --lib SHIM --build BUILD --out OUT [--t0 EPOCH] [--budget-s 230]
                       [--phase-s 1] [--rounds 3] [--alone-s 1.2] [--startup-runs 5]
                       [--launch-rounds 3] [--bench PATH] [--budget-us N] [--shim-log info]
+                      [--nb-share N [--nb-free]]
                       [--later-probe-runs N] [--mps-pipe DIR --mps-log DIR --mps-control PROG]
                       [--dry-run --cuclient PATH --sim-dir DIR --fixture PTX]
 
@@ -14,7 +15,10 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
    training step eager ("tr") and torch.compile'd ("tc"), each twice: slicing on (the default,
    GPUSLICE_SLICE=low) and off (GPUSLICE_SLICE=off); with --budget-us a third copy of each with
    GPUSLICE_PRIORITY_BUDGET_US, and with --nb-share one with GPUSLICE_SM_SHARE (over MPS: the
-   client's active-thread percentage). Once all are ready, each runs alone for --alone-s (its rate
+   client's active-thread percentage); with --nb-free too, in a pass over MPS, one more with
+   that share and GPUSLICE_PRIORITY_GATE=spatial-off ("smfree": the shim's priority gate lifted
+   where MPS carries the share, experimental, issue 19; its rows FAIL unless the neighbour's
+   shim log says spatial and gate off). Once all are ready, each runs alone for --alone-s (its rate
    alone: no high-priority process lives yet, so nothing is held or split).
 2. The probe (ResNet-50 b8 fp32, high) as a CUDA graph, then eagerly, each a process of its own
    with --neighbours: phases of --phase-s cycle solo, mm_on, solo, mm_off, solo, tr_on, ...
@@ -112,6 +116,11 @@ def env_low(mode):
         # An SM share on the neighbour: over MPS the shim makes it the client's active-thread
         # percentage (spatial: SMs stay free for the probe's first blocks); time-sliced, a cap.
         extra["GPUSLICE_SM_SHARE"] = str(C.nb_share)
+    elif mode == "smfree":
+        # The same share, and the shim's priority gate off where MPS carries it: the neighbour
+        # launches as if no high-priority process lived; the free SMs alone protect the probe.
+        extra["GPUSLICE_SM_SHARE"] = str(C.nb_share)
+        extra["GPUSLICE_PRIORITY_GATE"] = "spatial-off"
     return env_for(True, extra)
 
 
@@ -276,7 +285,31 @@ def judge(mode, rp, nbs):
                 if rc != 0:
                     verdict = False
                     note = "; ".join(x_ for x_ in (note, "not over the daemon as asked: " + said) if x_)
+            if nb.mode == "smfree":
+                # The figures mean what the row says only if the shim lifted the gate.
+                ok, said = gate_says(nb.err)
+                figs = said if figs == "-" else f"{figs}; {said}"
+                if not ok:
+                    verdict = False
+                    note = "; ".join(x_ for x_ in (note, "the neighbour's priority gate was not off: " + said) if x_)
             record((cid if nb.mode == "on" else f"{cid}-{nb.mode}") + C.sfx, name, verdict, figs, note)
+
+
+def gate_says(err_path):
+    """(True, text) when the shim's log of an smfree neighbour says its device is spatial under
+    MPS with the priority gate off; (False, what it says instead)."""
+    try:
+        text = gpucommon.read_clipped(err_path)
+    except OSError as e:
+        return False, f"no shim log ({e})"
+    lines = [l for l in text.splitlines() if " is served by MPS: " in l or " is time-sliced: " in l]
+    if not lines:
+        return False, "the shim's log has no MPS line"
+    line = lines[0]
+    share = line.split("SM share ", 1)[1].split(" ", 1)[0] if "SM share " in line else "?"
+    if "(spatial:" in line and "priority gate off" in line:
+        return True, f"neighbour: spatial, SM share {share}, priority gate off (shim log)"
+    return False, line.split("gpuslice::policy::mps: ", 1)[-1][:240]
 
 
 def check_torch():
@@ -286,7 +319,8 @@ def check_torch():
                    f"{NB_SPEC[cid[2:]][0]}" + (", over MPS" if C.mps_pipe else ""), "SKIP",
                    "-", "dry run: needs torch and the GPU")
         return
-    modes = ["on", "off"] + (["bud"] if C.budget_us else []) + (["sm"] if C.nb_share else [])
+    modes = (["on", "off"] + (["bud"] if C.budget_us else []) + (["sm"] if C.nb_share else [])
+             + (["smfree"] if C.nb_share and C.nb_free and C.mps_pipe else []))
     go = prio.go_path(f"pt_nb{C.sfx}")
     stop = os.path.join(C.runs_dir, f"pt_nb{C.sfx}.stop")
     if os.path.exists(stop):
@@ -553,6 +587,9 @@ def main():
     ap.add_argument("--budget-us", type=int, default=0)
     ap.add_argument("--nb-share", type=int, default=0,
                     help="also each neighbour with GPUSLICE_SM_SHARE set to this (INFO rows -sm)")
+    ap.add_argument("--nb-free", action="store_true",
+                    help="with --nb-share, over MPS: also each neighbour with that share and "
+                         "GPUSLICE_PRIORITY_GATE=spatial-off (INFO rows -smfree)")
     ap.add_argument("--shim-log", default="info")
     ap.add_argument("--later-probe-runs", type=int, default=0,
                     help="probe runs of a later pass (ptxslice_torch.sh's -mps pass) to fit in the budget")
@@ -578,6 +615,7 @@ def main():
     C.bench = args.bench
     C.budget_us = args.budget_us
     C.nb_share = args.nb_share
+    C.nb_free = args.nb_free
     C.dry_run = args.dry_run
     C.cuclient, C.sim_dir, C.fixture = args.cuclient, args.sim_dir, args.fixture
     C.stand_in = args.stand_in_torch
@@ -609,7 +647,7 @@ def main():
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     log(f"\n##### ptxslice_torch: lib={C.lib} build={C.build} out={C.out} python={PY} "
-        f"phase_s={C.phase_s} rounds={C.rounds} alone_s={C.alone_s} budget_us={C.budget_us} nb_share={C.nb_share} "
+        f"phase_s={C.phase_s} rounds={C.rounds} alone_s={C.alone_s} budget_us={C.budget_us} nb_share={C.nb_share} nb_free={int(C.nb_free)} "
         f"dry_run={C.dry_run} mps_pipe={C.mps_pipe or '-'} later_probe_runs={C.later_runs} "
         f"time left={remaining():.0f}s")
     if not C.dry_run:
@@ -626,11 +664,11 @@ def main():
         prio.kill_children()
         if C.smi is not None:
             C.smi.stop()
-    rows = gpucommon.sorted_results([c + C.sfx for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud", f"{i}-sm")]
+    rows = gpucommon.sorted_results([c + C.sfx for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud", f"{i}-sm", f"{i}-smfree")]
                                     + [i + C.sfx for i in IDS[6:]] + [f"mps-{c}" for c in MPS_CLIENT_PRIORITY])
     title = "== ptxslice_torch results ==" if not C.mps_pipe else (
         "== ptxslice_torch results, over MPS (a private daemon; client priority 0 high, 1 low) ==")
-    gpucommon.emit(gpucommon.table_lines(rows, title, id_w=9 + len(C.sfx))
+    gpucommon.emit(gpucommon.table_lines(rows, title, id_w=max([9 + len(C.sfx)] + [len(r[0]) for r in rows]))
                    + [gpucommon.summary_line(rows)])
     if C.crashes or any(r[2] == "FAIL" for r in rows):
         return 1

@@ -5,10 +5,13 @@
 # those processes; and what it costs a process it never slices (launch ns, start-up). Run from
 # the repo root as `bash tests/gpu/ptxslice_torch.sh` on a machine with an NVIDIA GPU (sm_90),
 # nvcc, torch and torchvision, with the shim built (.gpu/libgpuslice.so); at most 4 minutes,
-# 560 s with PTXSLICE_TORCH_MPS=both (a budget guard fits the probe's rounds to the budget).
+# 560 s with PTXSLICE_TORCH_MPS=both (a budget guard fits the probe's rounds to the budget);
+# with 0 or 1, one more minute for each neighbour copy beyond "on" and "off" (-bud, -sm,
+# -smfree), so that the probe keeps its 3 rounds: 360 s for the -mps pass with -sm and -smfree.
 #
 #   GPUSLICE_LIB, OUT, NVCC, PYTHON          as in every GPU script (common.sh)
-#   PTXSLICE_TORCH_BUDGET_S                  the whole script's budget, seconds (default 240;
+#   PTXSLICE_TORCH_BUDGET_S                  the whole script's budget, seconds (default 240,
+#                                            +60 per neighbour copy beyond on/off in a pass;
 #                                            560 with PTXSLICE_TORCH_MPS=both)
 #   PTXSLICE_TORCH_ROUNDS                    rounds of the probe's phase cycle (default 3)
 #   PTXSLICE_TORCH_PHASE_S                   seconds per phase (default 1)
@@ -19,6 +22,16 @@
 #                                            (INFO rows -sm; default: not run): over MPS the
 #                                            shim makes it the neighbour's active-thread
 #                                            percentage, so SMs stay free for the probe
+#   PTXSLICE_TORCH_NB_FREE                   1: with PTXSLICE_TORCH_NB_SHARE, the -mps pass also
+#                                            runs each neighbour with that share and
+#                                            GPUSLICE_PRIORITY_GATE=spatial-off (INFO rows
+#                                            -smfree-mps, experimental, issue 19): where MPS
+#                                            carries its share the shim does not hold its
+#                                            launches back for the probe; each row FAILs unless
+#                                            the neighbour's shim log says spatial, priority
+#                                            gate off. Needs PTXSLICE_TORCH_MPS=1 or both (the
+#                                            gate stays on time-sliced: nothing to measure);
+#                                            default 0
 #   PTXSLICE_TORCH_MPS                       0 (default): time-slicing, the rows as they were.
 #                                            1: the torch rows over a private MPS control daemon
 #                                            (common.sh's mps_start: `$MPS_CONTROL -d`, default
@@ -73,15 +86,32 @@ case ${PTXSLICE_TORCH_MPS:-0} in
   *) echo "ptxslice_torch: PTXSLICE_TORCH_MPS must be 0, 1 or both, not '$PTXSLICE_TORCH_MPS'" >&2; exit 2 ;;
 esac
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh" || exit 2  # T0, ROOT, LIB, OUTDIR, BUILD, PY, note, ...
-if [ "$PASSES" = "sliced mps" ]; then BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-560}; else BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-240}; fi
 ROUNDS=${PTXSLICE_TORCH_ROUNDS:-3}
 PHASE_S=${PTXSLICE_TORCH_PHASE_S:-1}
 STARTUP_RUNS=${PTXSLICE_TORCH_STARTUP_RUNS:-5}
 NB_BUDGET_US=${PTXSLICE_TORCH_BUDGET_US:-0}
 NB_SHARE=${PTXSLICE_TORCH_NB_SHARE:-0}
+NB_FREE=${PTXSLICE_TORCH_NB_FREE:-0}
+case "$NB_FREE" in
+  0) ;;
+  1) if [ "$NB_SHARE" = 0 ]; then
+       echo "ptxslice_torch: PTXSLICE_TORCH_NB_FREE=1 needs PTXSLICE_TORCH_NB_SHARE=N (the share MPS carries)" >&2; exit 2
+     fi
+     if [ "$PASSES" = sliced ]; then
+       echo "ptxslice_torch: PTXSLICE_TORCH_NB_FREE=1 needs PTXSLICE_TORCH_MPS=1 or both (time-sliced, the gate stays on)" >&2; exit 2
+     fi ;;
+  *) echo "ptxslice_torch: PTXSLICE_TORCH_NB_FREE must be 0 or 1, not '$NB_FREE'" >&2; exit 2 ;;
+esac
+# Each neighbour copy beyond on/off adds three neighbours: 6 s a probe round (1 s phases), so
+# 36 s for two probe runs of 3 rounds, their alone phases and a longer start: a minute a copy.
+# The largest pass counts (-smfree is the -mps pass's alone). With both passes: 560 (a 600 s
+# device call), the rounds fitted to it.
+extra_copies=$(( (NB_BUDGET_US != 0) + (NB_SHARE != 0) + (NB_FREE == 1) ))
+if [ "$PASSES" = "sliced mps" ]; then BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-560}; else BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-$((240 + 60 * extra_copies))}; fi
 
 args=(--lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" --rounds "$ROUNDS" --phase-s "$PHASE_S"
       --startup-runs "$STARTUP_RUNS" --budget-us "$NB_BUDGET_US" --nb-share "$NB_SHARE")
+[ "$NB_FREE" = 1 ] && args+=(--nb-free)
 if [ "$DRY" = 1 ]; then
   dry_setup ptxslice_torch ptxslice_torch.log "gpuslice: ResNet-50 beside PyTorch training, sliced and not"
   [ -x "$ROOT/target/clients/cuclient-link" ] || { note "ptxslice_torch: no target/clients/cuclient-link (run an integration test once)"; exit 2; }
@@ -104,7 +134,11 @@ else
 fi
 
 [ "$PASSES" = sliced ] || mps_prepare ptxslice_torch "PTXSLICE_TORCH_MPS=$PTXSLICE_TORCH_MPS"
-note "passes: $PASSES; budget ${BUDGET_S}s"
+copies="on off"
+[ "$NB_BUDGET_US" != 0 ] && copies+=" bud"
+[ "$NB_SHARE" != 0 ] && copies+=" sm"
+[ "$NB_FREE" = 1 ] && copies+=" smfree (-mps pass only)"
+note "passes: $PASSES; budget ${BUDGET_S}s; neighbour copies: $copies"
 
 ROWS=()
 FAILED=0

@@ -185,7 +185,9 @@ fn launch_sliced(
     // First: a measurement finished since the last launch sizes this one's slices.
     let mut lent = if captured { None } else { cost.begin(|| d?.current_context(), || !capturing(stream)) };
     let (slices, wave) = match device {
-        Some(device) if split => {
+        // Under `GPUSLICE_PRIORITY_GATE=spatial-off` on a spatial MPS device the gate lets the
+        // launch go as if no high-priority process lived: slices would buy nothing there.
+        Some(device) if split && !sched::gate_off(device) => {
             let (max_blocks, wave) = cost.max_blocks(device, shape.f, shape.block, shape.shared_mem);
             tracing::trace!(
                 "a launch of {} blocks in slices of at most {max_blocks} ({:?} ps per block measured, wave {wave})",

@@ -4,7 +4,8 @@
 //! Under MPS every client's kernels run inside one hardware context, so a high-priority request
 //! pays no context switch (about 0.13 ms on the H200 under time-slicing) and the block scheduler
 //! prefers the higher client priority as soon as SMs free up. `sched`'s launch gating stays on
-//! top: lower-priority processes still hold back while a high-priority one is busy.
+//! top: lower-priority processes still hold back while a high-priority one is busy, unless
+//! `GPUSLICE_PRIORITY_GATE=spatial-off` and the device is spatial here (see `sched::gate_off`).
 //!
 //! Which daemon, if any, a process goes to is `mps_pipe`'s business (the controller's per-GPU
 //! daemons, issue 19); a daemon the environment names, or `/tmp/nvidia-mps`'s, serves it too.
@@ -19,7 +20,7 @@ use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::driver::driver;
 use crate::sys::ffi::*;
 use gpuslice_common::ledger::Priority;
-use gpuslice_common::settings::{MpsMode, Settings};
+use gpuslice_common::settings::{MpsMode, PriorityGate, Settings, ENV_PRIORITY_GATE};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::*};
 
 const CLIENT_PRIORITY: &str = "CUDA_MPS_CLIENT_PRIORITY";
@@ -152,8 +153,12 @@ pub fn context_created(device: CUdevice) {
     if slot.load(Relaxed) != UNKNOWN {
         return;
     }
+    let gate_off = settings.priority_gate == PriorityGate::SpatialOff;
     if !mps_enabled(device) {
         slot.store(TIME_SLICED, Relaxed);
+        if gate_off {
+            tracing::info!("pid {}: device {device} is time-sliced: {ENV_PRIORITY_GATE}=spatial-off changes nothing there", std::process::id());
+        }
         return;
     }
     let Some(link) = link::get() else { return };
@@ -169,8 +174,15 @@ pub fn context_created(device: CUdevice) {
             (None, true) => format!("{name} as the environment sets it"),
             (None, false) => format!("{name} unset"),
         };
+        let gate = match (gate_off, spatial) {
+            (false, _) => "",
+            (true, true) => {
+                "; priority gate off (GPUSLICE_PRIORITY_GATE=spatial-off): launches at normal or low priority do not wait for high-priority work here"
+            }
+            (true, false) => "; GPUSLICE_PRIORITY_GATE=spatial-off changes nothing here (no share carried by MPS): the priority gate stays on",
+        };
         tracing::info!(
-            "pid {pid}: device {device} is served by MPS: priority {priority} as {}, SM share {} as {}{}",
+            "pid {pid}: device {device} is served by MPS: priority {priority} as {}, SM share {} as {}{}{gate}",
             shown(wrote_priority.map(str::to_string), USER_PRIORITY.load(Relaxed), CLIENT_PRIORITY),
             share.map_or("none".to_string(), |p| format!("{p}%")),
             shown(wrote_share.map(|p| p.to_string()), USER_ACTIVE_THREADS.load(Relaxed), ACTIVE_THREADS),

@@ -15,6 +15,11 @@
 //!   budget (`flight_cost`, `GPUSLICE_PRIORITY_BUDGET_US`), until the launch fits beside the
 //!   estimated device time still in flight.
 //!
+//! `GPUSLICE_PRIORITY_GATE=spatial-off` (experimental, issue 19) lifts both for a lower-priority
+//! process on a device where MPS's active-thread percentage carries its share (`mps::spatial`):
+//! there the SMs it leaves free are what protects the high-priority work, and holding its
+//! launches back idles its own pipeline.
+//!
 //! Leases bound what a dead process can cause: a high-priority process's slot lapses 300 ms
 //! after its watcher last renewed it, and no launch waits for a busy mark longer than
 //! `MAX_HOLD_NS`.
@@ -27,6 +32,7 @@ use crate::sys::events::{self, current_context, record, synchronize};
 use crate::sys::ffi::*;
 use crate::sys::locks;
 use gpuslice_common::ledger::{DeviceSched, HighSlot, Priority};
+use gpuslice_common::settings::PriorityGate;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering::*};
@@ -80,6 +86,14 @@ pub fn engaged() -> bool {
     scheds.iter().any(|s| s.high_alive(now))
 }
 
+/// True when a lower-priority launch on `device` skips the gate: `GPUSLICE_PRIORITY_GATE` is
+/// `spatial-off` and MPS carries this process's share there. Two loads (the device's MPS mode,
+/// then the settings read at the first CUDA call): no syscall, no lock.
+#[inline]
+pub fn gate_off(device: CUdevice) -> bool {
+    crate::policy::mps::spatial(device) && crate::sys::runtime::runtime().settings.as_ref().is_ok_and(|s| s.priority_gate == PriorityGate::SpatialOff)
+}
+
 fn state(device: CUdevice) -> Option<&'static DeviceSched> {
     link::get()?.sched(device)
 }
@@ -101,6 +115,9 @@ pub fn launch(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce(
     match priority() {
         Priority::High => high_launch(device, s, stream, launch),
         _ => {
+            if gate_off(device) {
+                return launch();
+            }
             let now = now_ns();
             if !s.high_alive(now) {
                 return launch();

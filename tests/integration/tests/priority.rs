@@ -1,7 +1,8 @@
 //! Priority classes (`GPUSLICE_PRIORITY=high|normal|low`) on the simulated device timeline: a
 //! high-priority latency probe next to a low-priority neighbour that floods the device, the
 //! neighbour's throughput with and without a high-priority process, a high-priority process that
-//! exits or is killed while busy, the priority set live through the controller, and bad values.
+//! exits or is killed while busy, the priority set live through the controller, the gate
+//! lifted over a spatial MPS share (`GPUSLICE_PRIORITY_GATE`), and bad values.
 //!
 //! The simulated device runs one kernel at a time, first come first served, for all processes,
 //! and a stream may queue up to 200 ms of work. So without priorities a request of the probe waits
@@ -124,20 +125,40 @@ fn alone(sim: &Sim) -> Probe {
 /// The probe at `priority` making `requests` requests (after `settle_ms`) while a low neighbour
 /// (keeping `queue` launches in flight, if given) floods the device for exactly as long.
 fn contest(sim: &Sim, clock: &Clock, priority: Option<&str>, queue: Option<u64>, requests: u64, settle_ms: u64) -> (Probe, Flood) {
+    let queue = queue.map(|q| q.to_string());
+    let env: Vec<(&str, &str)> = queue.iter().map(|q| ("GPUSLICE_PRIORITY_QUEUE", q.as_str())).collect();
+    let (probe, flood, _) = contest_with(sim, clock, priority, &env, &env, requests, settle_ms);
+    (probe, flood)
+}
+
+/// `contest` with more environment for both processes (`both`) and for the neighbour alone
+/// (`nb`); also returns the neighbour's output (its log on stderr).
+fn contest_with(
+    sim: &Sim,
+    clock: &Clock,
+    priority: Option<&str>,
+    both: &[(&str, &str)],
+    nb: &[(&str, &str)],
+    requests: u64,
+    settle_ms: u64,
+) -> (Probe, Flood, Output) {
     let (go, stop) = (fresh(sim, "go"), fresh(sim, "stop"));
-    let mut n = client(sim, None);
-    if let Some(q) = queue {
-        n = n.env("GPUSLICE_PRIORITY_QUEUE", q);
+    fn with<'a>(mut c: Client<'a>, env: &[(&str, &str)]) -> Client<'a> {
+        for (k, v) in env {
+            c = c.env(k, v);
+        }
+        c
     }
-    let n = neighbour(n, Some(&go), &stop);
-    let probe = client(sim, priority)
+    let n = neighbour(with(with(client(sim, None), both), nb), Some(&go), &stop);
+    let probe = with(client(sim, priority), both)
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {settle_ms} probe {requests} {PROBE_NS} {GAP_US} touch {stop}"))
         .spawn();
     clock.start_together_refs(&go, &[&n, &probe], "sync");
     clock.park();
     let out = probe.wait();
     out.assert_all_ok();
-    (Probe::parse(out.last("probe")), flood_of(&n.wait()))
+    let nb_out = n.wait();
+    (Probe::parse(out.last("probe")), flood_of(&nb_out), nb_out)
 }
 
 /// The neighbour's device time while the probe ran, over the time the probe left it: in the
@@ -443,7 +464,77 @@ fn priority_set_back_to_normal_releases_the_neighbours() {
     assert!(normal.p50_us >= 20 * high.p50_us, "set back to normal, the probe is still served first: {normal} (at high: {high})");
 }
 
-// ------------------------------------------------------------------ 5. a bad value
+// ------------------------------------------------------------------ 5. the gate over a spatial MPS share
+
+/// `GPUSLICE_PRIORITY_GATE=spatial-off` (experimental, issue 19): a low neighbour whose share
+/// MPS carries (`SIMCUDA_MPS=1` plays the device served by MPS, `GPUSLICE_SM_SHARE` becomes
+/// the active-thread percentage) launches as if no high-priority process lived: no wait while
+/// the probe's work is on the device, no bound on its queue. The simulated device is not
+/// spatial (one kernel at a time, first come first served), so that shows as the probe's
+/// request waiting behind the neighbour's whole queue, as with no priority at all. With the
+/// default gate, or without a share MPS carries (time-sliced; MPS without a share), the probe
+/// waits for at most the neighbour's one kernel in flight, as in test 1.
+#[test]
+fn spatial_off_lets_a_neighbour_with_an_mps_share_launch_past_a_busy_high_priority_process() {
+    let _serial = serial();
+    let (sim, clock) = machine();
+    let pipes = sim.path("mps-pipes");
+    std::fs::create_dir_all(&pipes).unwrap();
+    std::fs::write(pipes.join("control"), b"").unwrap();
+    let pipes = pipes.display().to_string();
+    let mps: &[(&str, &str)] = &[("SIMCUDA_MPS", "1"), ("CUDA_MPS_PIPE_DIRECTORY", &pipes)];
+    let alone = alone(&sim);
+    let requests = 8;
+    let run = |both: &[(&str, &str)], nb: &[(&str, &str)]| {
+        let mut nb = nb.to_vec();
+        nb.push(("GPUSLICE_LOG", "info"));
+        let (probe, flood, out) = contest_with(&sim, &clock, Some("high"), both, &nb, requests, 300);
+        let line = out.stderr_lines_with(&["device 0 is"]).join("\n");
+        (probe, flood, line)
+    };
+    let off = ("GPUSLICE_PRIORITY_GATE", "spatial-off");
+    let share = ("GPUSLICE_SM_SHARE", "80");
+
+    // Spatial share, gate off: the neighbour's queue fills next to the busy probe.
+    let (probe, flood, line) = run(mps, &[share, off]);
+    let queued_ms = (flood.n - flood.done) * NEIGHBOUR_NS / 1_000_000;
+    eprintln!(
+        "spatial share, spatial-off: probe {probe}; the neighbour {:.1}% of what the probe left it, {queued_ms} ms queued at the stop; {line}",
+        100.0 * progress(&flood, &probe)
+    );
+    assert!(line.contains("ACTIVE_THREAD_PERCENTAGE=80") && line.contains("spatial") && line.contains("priority gate off"), "the neighbour's MPS line: {line}");
+    assert!(
+        probe.p50_us >= 20 * alone.p50_us && probe.dev_p50_us > 150_000,
+        "spatial-off: the neighbour should launch while the probe is busy and fill its queue, so a request waits behind it: {probe} (alone {alone})"
+    );
+    assert!(queued_ms >= 150, "spatial-off: the neighbour's queue is not bounded next to a live high-priority process: {flood:?}");
+    assert!(progress(&flood, &probe) > 0.95, "spatial-off: the neighbour ran whenever the probe did not: {:.1}%", 100.0 * progress(&flood, &probe));
+
+    // The same share with the default gate, and the setting where MPS carries no share: the
+    // gate holds the neighbour back as in test 1.
+    let time_sliced: &[(&str, &str)] = &[];
+    for (what, both, nb) in [
+        ("spatial share, default gate", mps, vec![share]),
+        ("spatial share, GPUSLICE_PRIORITY_GATE=on", mps, vec![share, ("GPUSLICE_PRIORITY_GATE", "on")]),
+        ("time-sliced with a share, spatial-off", time_sliced, vec![share, off]),
+        ("MPS without a share, spatial-off", mps, vec![off]),
+    ] {
+        let (probe, flood, line) = run(both, &nb);
+        eprintln!("{what}: probe {probe}; the neighbour {:.1}% of what the probe left it; {line}", 100.0 * progress(&flood, &probe));
+        if let Err(e) = within(&probe, &alone, DEFAULT_QUEUE) {
+            panic!("{what}: the gate should hold the neighbour back: {e}: {probe}\nthe neighbour: {flood:?}");
+        }
+        let said = if both.is_empty() { "is time-sliced" } else { "served by MPS" };
+        assert!(line.contains(said), "{what}: {line}");
+        if nb.contains(&off) {
+            assert!(line.contains("changes nothing") && !line.contains("priority gate off"), "{what}: the line says the setting changes nothing: {line}");
+        } else {
+            assert!(!line.contains("GATE") && !line.contains("gate off"), "{what}: {line}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ 6. a bad value
 
 #[test]
 fn a_bad_priority_refuses_cuda_work() {

@@ -261,6 +261,34 @@ fn sliced_launches_cover_every_block_once_and_go_whole_without_a_high_priority_p
     assert!((5_990_000..=6_010_000).contains(&total), "3 × 2 ms of kernels ran {total} ns in slices");
 }
 
+/// `GPUSLICE_PRIORITY_GATE=spatial-off` (experimental, issue 19): beside a high-priority
+/// process, a low one whose share MPS carries (`SIMCUDA_MPS=1`, `GPUSLICE_SM_SHARE`) launches
+/// as if no high-priority process lived, so its kernels go whole, not in slices; with the
+/// default gate the same process slices.
+#[test]
+fn spatial_off_over_an_mps_share_launches_whole_beside_a_high_priority_process() {
+    let sim = Sim::new();
+    let ptx = sim.write_file("busy.ptx", BUSY_PTX);
+    let (record, cache) = (fresh_dir(&sim, "record"), fresh_dir(&sim, "cache"));
+    let script = format!("init ctx 0 usefunc data {} busy grid 1000 3 2 launch 3 2000000 sync pid", ptx.display());
+    let stop = sim.path_str("stop-high");
+    let high = client(&sim, "high", &record, &cache).env("SIMCUDA_MPS", 1).args(&format!("init ctx 0 launch 1 1000 sync waitfile {stop}")).spawn();
+    assert!(line_ok(&high.wait_line("sync", 0)));
+    let mut per_gate = Vec::new();
+    for gate in ["on", "spatial-off"] {
+        let out =
+            client(&sim, "low", &record, &cache).env("SIMCUDA_MPS", 1).env("GPUSLICE_SM_SHARE", 80).env("GPUSLICE_PRIORITY_GATE", gate).args(&script).run();
+        out.assert_all_ok();
+        assert_eq!(out.stderr_lines_with(&["served by MPS", "spatial"]).len(), 1, "{gate}: the device is spatial:\n{out}");
+        per_gate.push(covered_once(&launches(&record, out.u64("pid", "pid"))));
+    }
+    touch(&stop);
+    high.wait().assert_all_ok();
+    eprintln!("slices per launch beside a high-priority process over a spatial MPS share: gate on {:?}, spatial-off {:?}", per_gate[0], per_gate[1]);
+    assert!(per_gate[0].len() == 3 && per_gate[0].iter().all(|&n| n > 1), "with the gate on, the launches go in slices: {:?}", per_gate[0]);
+    assert_eq!(per_gate[1], vec![1; 3], "spatial-off: every launch goes whole");
+}
+
 // ------------------------------------------------------------------ 3. latency, simulated clock
 
 const PROBE_NS: u64 = 200_000;
