@@ -369,6 +369,20 @@ pub struct SuspensionRow {
     /// what it moved, what NVML showed it keep, and where the time went.
     #[serde(default)]
     pub agents: Vec<AgentRow>,
+    /// Times a suspension of the group was refused or failed (by the policy or by hand).
+    #[serde(default)]
+    pub refusals: u64,
+    /// The process the last refusal named as the cause, where one did.
+    #[serde(default)]
+    pub refused_by: Option<u32>,
+    /// Seconds for which the suspension policy still passes the group over after its last
+    /// refusal (trying the next candidate instead); absent when it is a candidate.
+    #[serde(default)]
+    pub passed_over_s: Option<f64>,
+    /// Members left running at the group's suspension because the driver showed no CUDA state
+    /// for them (nothing to suspend); each is suspended with the group once it has some.
+    #[serde(default)]
+    pub skipped: Vec<u32>,
 }
 
 /// One member's suspend agent at the last suspension and resume (issue 22, the shim's path).

@@ -40,12 +40,16 @@ pub struct Answer {
 pub struct Failure {
     pub why: String,
     pub stuck: BTreeMap<u32, usize>,
+    /// The first member whose agent did not answer as asked.
+    pub pid: Option<u32>,
 }
 
 /// One round: who answered as asked, and why the others did not.
 struct Round {
     done: BTreeMap<u32, Answer>,
     errors: Vec<String>,
+    /// The member of the first error.
+    first: Option<u32>,
 }
 
 /// Process slot `slot` of the controller's ledger, for the controller's life.
@@ -90,7 +94,7 @@ fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>
         // Checked before any member's word is written: an agent rechecks its own word every
         // second, ring or not, and must never act on a request nobody waits for.
         if !state.has_settings(group_slot) {
-            return Round { done: BTreeMap::new(), errors: vec!["the group has no settings page to ask its members through".into()] };
+            return Round { done: BTreeMap::new(), errors: vec!["the group has no settings page to ask its members through".into()], first: None };
         }
         let generation = next_generation(state.suspend_request(group_slot));
         let word = suspend_request(generation, suspended);
@@ -104,27 +108,27 @@ fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>
     };
     let target = if suspended { ledger::SUSPEND_SUSPENDED } else { ledger::SUSPEND_RUNNING };
     let deadline = Instant::now() + DEADLINE;
-    let mut r = Round { done: BTreeMap::new(), errors: Vec::new() };
+    let mut r = Round { done: BTreeMap::new(), errors: Vec::new(), first: None };
     for (pid, p) in slots {
         loop {
             let word = p.suspend_ack.load(Acquire);
-            if word >> 4 == generation && (word & 0xf == target || word & 0xf == ledger::SUSPEND_FAILED) {
+            let error = if word >> 4 == generation && (word & 0xf == target || word & 0xf == ledger::SUSPEND_FAILED) {
                 if word & 0xf == target {
                     r.done.insert(pid, read_answer(p));
-                } else {
-                    r.errors.push(format!("pid {pid}: {}", describe_failure(p.suspend_error.load(Relaxed))));
+                    break;
                 }
-                break;
-            }
-            if !alive(pid) {
-                r.errors.push(format!("pid {pid} exited"));
-                break;
-            }
-            if Instant::now() >= deadline {
-                r.errors.push(format!("pid {pid}: its agent did not answer within {} s", DEADLINE.as_secs()));
-                break;
-            }
-            gpuslice_common::turns::futex_wait(&p.suspend_ack, word, u32::MAX, 50_000_000);
+                format!("pid {pid}: {}", describe_failure(p.suspend_error.load(Relaxed)))
+            } else if !alive(pid) {
+                format!("pid {pid} exited")
+            } else if Instant::now() >= deadline {
+                format!("pid {pid}: its agent did not answer within {} s", DEADLINE.as_secs())
+            } else {
+                gpuslice_common::turns::futex_wait(&p.suspend_ack, word, u32::MAX, 50_000_000);
+                continue;
+            };
+            r.errors.push(error);
+            r.first.get_or_insert(pid);
+            break;
         }
     }
     r
@@ -160,7 +164,7 @@ pub fn ask(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usiz
     }
     let why = r.errors.join("; ");
     if suspended {
-        return Err(Failure { why, stuck: bring_back(state, group_slot, members) });
+        return Err(Failure { why, stuck: bring_back(state, group_slot, members), pid: r.first });
     }
     let again: BTreeMap<u32, usize> = members.iter().filter(|(pid, _)| r.done.contains_key(pid)).map(|(&p, &s)| (p, s)).collect();
     if !again.is_empty() {
@@ -169,7 +173,7 @@ pub fn ask(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usiz
             tracing::warn!("suspending again the members that did resume: {}", back.errors.join("; "));
         }
     }
-    Err(Failure { why, stuck: BTreeMap::new() })
+    Err(Failure { why, stuck: BTreeMap::new(), pid: r.first })
 }
 
 /// The check of one "suspended" answer against NVML: what the process holds now must be at

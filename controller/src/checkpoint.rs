@@ -89,6 +89,19 @@ impl std::fmt::Display for DriverError {
 
 /// `CUDA_ERROR_OUT_OF_MEMORY`.
 pub const OUT_OF_MEMORY: u32 = 2;
+/// `CUDA_ERROR_INVALID_VALUE` and `CUDA_ERROR_NOT_INITIALIZED`: what the checkpoint calls answer
+/// for a pid that has no CUDA state (cuda.h lists both; the simulated driver answers the first).
+pub const INVALID_VALUE: u32 = 1;
+pub const NOT_INITIALIZED: u32 = 3;
+
+impl DriverError {
+    /// The target has no CUDA state for the driver to act on (never started CUDA, or gone).
+    /// The caller's own driver is initialised (`Driver::load` ran `cuInit`), so these codes
+    /// speak of the target.
+    pub fn no_cuda_state(&self) -> bool {
+        self.code == INVALID_VALUE || self.code == NOT_INITIALIZED
+    }
+}
 
 impl Driver {
     /// Loads `libcuda.so.1` and initialises it; the message says why not.

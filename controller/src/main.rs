@@ -14,12 +14,14 @@ mod mps_daemon;
 mod mps_devices;
 mod mps_orphan;
 mod mps_view;
+mod refusal;
 mod room;
 mod run;
 mod serve;
 mod state;
 mod suspend;
 mod suspend_cli;
+mod suspend_driver;
 mod top;
 
 use clap::{Parser, Subcommand};

@@ -213,7 +213,20 @@ fn suspensions(f: &mut Families<'_>, l: &Listing) -> std::fmt::Result {
         None,
         rows.iter().filter_map(|s| Some((with_path(s)?, s.resume_gbps? * 1e9))),
     )?;
-    f.counter("group_suspensions", "Times the group was suspended.", None, rows.iter().map(|s| (group(s), s.suspensions)))
+    f.counter("group_suspensions", "Times the group was suspended.", None, rows.iter().map(|s| (group(s), s.suspensions)))?;
+    // A group that refused suspension: the policy tried the next candidate in its place.
+    f.counter(
+        "group_suspension_refusals",
+        "Times a suspension of the group was refused or failed (the policy's or by hand); its processes were put back as they were.",
+        None,
+        rows.iter().map(|s| (group(s), s.refusals)),
+    )?;
+    f.gauge(
+        "group_suspension_passed_over",
+        "1 while the suspension policy passes the group over after a refused or failed suspension (it tries the next candidate instead), else 0.",
+        None,
+        rows.iter().map(|s| (group(s), u32::from(s.passed_over_s.is_some()))),
+    )
 }
 
 fn health(f: &mut Families, h: &Health) -> std::fmt::Result {

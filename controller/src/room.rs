@@ -2,9 +2,12 @@
 //! own quota), lower-priority suspendable groups are suspended, lowest priority and least
 //! recently active first (`activity`: on the driver's evidence, not the members' counters), one
 //! at a time until the request fits; they are resumed when room returns. The request waits a
-//! bounded time meanwhile instead of failing at once.
+//! bounded time meanwhile instead of failing at once. A group whose suspension is refused or
+//! fails is put back whole (`suspend`) and passed over for a while (`refusal`): the request
+//! goes on with the next candidate.
 
 use crate::activity::{self, GroupNow, Tracker};
+use crate::refusal::{Refusal, PASS_OVER};
 use crate::state::{Peer, State};
 use crate::suspend::{self, lock_state, Phase};
 use gpuslice_common::protocol::RoomRequest;
@@ -99,11 +102,25 @@ impl Candidate {
     }
 }
 
+/// What the policy may do for one request.
+#[derive(Debug)]
+struct Plan {
+    /// The requester's group and priority.
+    group: String,
+    priority: u32,
+    /// The groups that may be suspended for it, in order.
+    candidates: Vec<Candidate>,
+    /// Groups that would be candidates but for a recent refusal: name, how long it is passed
+    /// over still, and who refused and why.
+    passed_over: Vec<(String, Duration, String)>,
+}
+
 /// The requester's group and priority, and the suspendable groups below it that have processes
 /// on the device, in the order they are to be suspended: lowest priority first, then least
 /// recently active (`activity`: the driver's evidence), then the group the controller saw
-/// first, then slot. Nothing in this order is a member's word.
-fn plan(state: &State, seen: &Tracker, now: Instant, peer: Peer, device: u32, bytes: u64) -> Result<(String, u32, Vec<Candidate>), String> {
+/// first, then slot. Nothing in this order is a member's word. A group whose suspension was
+/// refused or failed lately is passed over (`Refusal::passed_over`, at `now`).
+fn plan(state: &State, seen: &Tracker, now: Instant, peer: Peer, device: u32, bytes: u64) -> Result<Plan, String> {
     use gpuslice_common::ledger::Priority;
     let w = state
         .watched
@@ -120,6 +137,7 @@ fn plan(state: &State, seen: &Tracker, now: Instant, peer: Peer, device: u32, by
         return Err(format!("pid {} (group {group:?}): {} is over its limit on device {device}; no room is made", peer.pid, format_size(bytes)));
     }
     let mut candidates = Vec::new();
+    let mut passed_over = Vec::new();
     for (&slot, info) in &state.groups {
         if info.name == group || (device as usize) >= state.ledger.group(slot).devices.len() {
             continue;
@@ -127,17 +145,22 @@ fn plan(state: &State, seen: &Tracker, now: Instant, peer: Peer, device: u32, by
         let reported = state.ledger.group(slot).devices[device as usize].used.load(Relaxed);
         let pids: Vec<u32> = state.watched.values().filter(|w| w.group == slot).map(|w| w.pid).collect();
         let group_priority = Priority::from_u32(info.priority).unwrap_or_default() as u32;
-        let suspendable = suspend::record(&info.name).is_some_and(|r| r.suspendable && r.phase == Phase::Running);
+        let Some(rec) = suspend::record(&info.name).filter(|r| r.suspendable && r.phase == Phase::Running) else { continue };
         // Only processes hold memory: a group without any frees nothing. One whose members
         // report nothing is still asked about (the driver's figures decide, `Candidate::bytes`).
-        if pids.is_empty() || group_priority >= priority || !suspendable {
+        if pids.is_empty() || group_priority >= priority {
+            continue;
+        }
+        if let Some(left) = rec.passed_over(now, &pids) {
+            passed_over.push((info.name.clone(), left, rec.refusal.as_ref().map(Refusal::describe).unwrap_or_default()));
             continue;
         }
         let key = (group_priority, seen.rank(&info.name, now), slot);
         candidates.push((key, Candidate { group: info.name.clone(), pids, reported }));
     }
     candidates.sort_by_key(|c| c.0);
-    Ok((group, priority, candidates.into_iter().map(|(_, c)| c).collect()))
+    passed_over.sort();
+    Ok(Plan { group, priority, candidates: candidates.into_iter().map(|(_, c)| c).collect(), passed_over })
 }
 
 /// What the driver says each process holds on the device (`None`: its list cannot be read).
@@ -154,72 +177,112 @@ fn held_on(uuid: &str) -> Option<HashMap<u32, u64>> {
 }
 
 /// `MakeRoom`: suspends what must go for `room.bytes` to fit on the device, waiting at most
-/// `room.wait_ms`; the answer says what was done, or why there is no room.
+/// `room.wait_ms`; the answer says what was done, or why there is no room. A candidate whose
+/// suspension is refused or fails is not tried again for this request, and (its refusal
+/// recorded) not for others for a while: the next one is tried at once.
 pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest) -> Result<String, String> {
     let started = Instant::now();
     let wait = Duration::from_millis(room.wait_ms).min(MAX_WAIT);
     let mut suspended = Vec::new();
+    // Groups whose suspension failed during this request, whatever their records say (a group
+    // that changed state meanwhile records no refusal): each is tried at most once.
+    let mut failed: Vec<String> = Vec::new();
     loop {
-        let (group, priority, candidates, uuid) = {
+        let (plan, uuid) = {
             let state = lock_state(state);
-            let (group, priority, candidates) = plan(&state, &tracker(), Instant::now(), peer, room.device, room.bytes)?;
-            if candidates.is_empty() && suspended.is_empty() {
+            let mut plan = plan(&state, &tracker(), Instant::now(), peer, room.device, room.bytes)?;
+            plan.candidates.retain(|c| !failed.contains(&c.group));
+            if plan.candidates.is_empty() && suspended.is_empty() {
                 // Nothing to suspend: no at once (no NVML query, no wait on every OOM of a
                 // controller's processes).
-                return Err(nothing_to_suspend(peer, &group, &room));
+                return Err(nothing_to_suspend(peer, &plan, &room));
             }
             let uuid = device_uuids(&state).remove(&room.device).ok_or_else(|| format!("pid {}: device {} is not in the ledger", peer.pid, room.device))?;
-            (group, priority, candidates, uuid)
+            (plan, uuid)
         };
+        let (group, priority) = (&plan.group, plan.priority);
         let free = free_on(&uuid).ok_or_else(|| format!("pid {}: the device's free memory cannot be read (NVML); no room is made", peer.pid))?;
         if free >= room.bytes {
             return Ok(format!("room for {} on device {}: {} free{}", format_size(room.bytes), room.device, format_size(free), describe(&suspended)));
         }
         let held = held_on(&uuid);
-        let sized: Vec<(String, u64)> = candidates.iter().map(|c| (c.group.clone(), c.bytes(held.as_ref()))).filter(|&(_, b)| b > 0).collect();
+        let sized: Vec<(String, u64)> = plan.candidates.iter().map(|c| (c.group.clone(), c.bytes(held.as_ref()))).filter(|&(_, b)| b > 0).collect();
         if sized.is_empty() && suspended.is_empty() {
-            return Err(nothing_to_suspend(peer, &group, &room));
+            return Err(nothing_to_suspend(peer, &plan, &room));
         }
         let needed = room.bytes - free;
         let freed: u64 = sized.iter().map(|&(_, b)| b).sum();
         // One at a time, first in the plan's order, then the device is looked at again: a
         // group's figure (its members' word where the driver's cannot be read) decides whether
         // the next one goes too only after the suspension showed what it really freed.
+        let mut next_now = false;
         if freed >= needed {
-            let victim = &sized[0].0;
-            match suspend::suspend(state, None, victim, true) {
+            let victim = sized[0].0.clone();
+            let attempt = Instant::now();
+            match suspend::suspend(state, None, &victim, true) {
                 Ok(_) => {
-                    suspended.push(victim.clone());
+                    suspended.push(victim);
                     continue; // look at the device again
                 }
-                Err(e) => tracing::warn!("pid {} (group {group:?}, priority {priority}): could not suspend {victim:?}: {e}", peer.pid),
+                Err(e) => {
+                    // Whatever failed was undone (`suspend`): the group runs as before.
+                    match suspend::record(&victim).and_then(|r| r.refusal).filter(|r| r.at >= attempt) {
+                        Some(r) => tracing::warn!(
+                            "group {victim:?} refused suspension ({}): passed over by the policy for {} s; pid {} (group {group:?}, priority {priority}) goes on with the next candidate",
+                            r.describe(),
+                            PASS_OVER.as_secs(),
+                            peer.pid
+                        ),
+                        None => tracing::warn!(
+                            "pid {} (group {group:?}, priority {priority}): could not suspend {victim:?}: {e}; not tried again for this request",
+                            peer.pid
+                        ),
+                    }
+                    failed.push(victim);
+                    next_now = true;
+                }
             }
         }
         // Too little suspendable memory yet (or a suspension failed): others may free some
         // meanwhile, within the bounded wait.
         if started.elapsed() >= wait {
             return Err(format!(
-                "pid {} (group {group:?}): no room for {} on device {} after waiting {} ms: {} free, and suspendable groups of lower priority hold {} there{}",
+                "pid {} (group {group:?}): no room for {} on device {} after waiting {} ms: {} free, and suspendable groups of lower priority hold {} there{}{}{}",
                 peer.pid,
                 format_size(room.bytes),
                 room.device,
                 started.elapsed().as_millis(),
                 format_size(free),
                 format_size(freed),
-                describe(&suspended)
+                describe(&suspended),
+                if failed.is_empty() { String::new() } else { format!(" (could not suspend {})", failed.join(", ")) },
+                describe_passed_over(&plan.passed_over)
             ));
         }
-        std::thread::sleep(POLL);
+        if !next_now {
+            std::thread::sleep(POLL);
+        }
     }
 }
 
-fn nothing_to_suspend(peer: Peer, group: &str, room: &RoomRequest) -> String {
+fn nothing_to_suspend(peer: Peer, plan: &Plan, room: &RoomRequest) -> String {
     format!(
-        "pid {} (group {group:?}): the device is full for {} on device {}, and no suspendable group of lower priority holds memory there",
+        "pid {} (group {:?}): the device is full for {} on device {}, and no suspendable group of lower priority holds memory there{}",
         peer.pid,
+        plan.group,
         format_size(room.bytes),
-        room.device
+        room.device,
+        describe_passed_over(&plan.passed_over)
     )
+}
+
+/// `; passed over after refusing suspension: a (pid 1: why) for 25 s more, ...`, or nothing.
+fn describe_passed_over(passed: &[(String, Duration, String)]) -> String {
+    if passed.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = passed.iter().map(|(g, left, why)| format!("{g:?} ({why}) for {} s more", left.as_secs().max(1))).collect();
+    format!("; passed over after refusing suspension: {}", each.join(", "))
 }
 
 fn describe(suspended: &[String]) -> String {
@@ -295,7 +358,8 @@ pub fn watch(state: &std::sync::Mutex<State>) {
             nvml.as_ref().map(|n| activity::look(n, &devices, &mut stamps)).unwrap_or_default()
         };
         tracker().observe(Instant::now(), &groups, &look);
-        for row in suspend::rows() {
+        suspend::join_skipped(state);
+        for row in suspend::rows(&|_| Vec::new()) {
             let Some(rec) = suspend::record(&row.group) else { continue };
             if rec.phase != Phase::Suspended || !rec.automatic || rec.suspended_at.is_some_and(|t| t.elapsed() < RESUME_HOLDOFF) {
                 continue;
@@ -399,12 +463,61 @@ mod tests {
             seen.observe(t0 + Duration::from_secs(t), &groups_now(&s), &holding(&both));
         }
 
-        let (_, _, candidates) = plan(&s, &seen, t0 + Duration::from_secs(10), urgent.peer(), d, 2 * GIB).unwrap();
+        let candidates = plan(&s, &seen, t0 + Duration::from_secs(10), urgent.peer(), d, 2 * GIB).unwrap().candidates;
         let names: Vec<&str> = candidates.iter().map(|c| c.group.as_str()).collect();
         assert_eq!(names, ["plan-liars", "plan-honest"], "{candidates:?}");
         let driver: HashMap<u32, u64> = both.into_iter().collect();
         assert_eq!(candidates[0].bytes(Some(&driver)), GIB, "what the driver shows it holding, not its members' 0");
         assert_eq!(candidates[0].bytes(None), 0, "no per-process figures: the members' report (docs/NOTES.md, branch suspord)");
         assert_eq!(candidates[1].bytes(Some(&driver)), GIB);
+    }
+
+    /// A group whose suspension was refused is passed over for `PASS_OVER` (on a simulated
+    /// clock), the next one taking its place in the plan; then it is first again. Where the
+    /// refusal named a process that is no longer a member, it is a candidate at once.
+    #[test]
+    fn a_group_that_refused_suspension_is_passed_over_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let config = "[groups.pass-first]\npriority = \"low\"\nsuspendable = true\n[groups.pass-second]\npriority = \"low\"\nsuspendable = true\n[groups.pass-urgent]\npriority = \"high\"\n";
+        let mut s = State::new(ledger, FileSettings::parse("test.toml", config).unwrap());
+        s.init_memory(adopted).unwrap();
+        s.install_config_groups().unwrap();
+        let s = Mutex::new(s);
+        suspend::from_config(&s);
+        let mut s = s.into_inner().unwrap();
+        let (first, second, urgent) = (Sleeper::new(), Sleeper::new(), Sleeper::new());
+        let (_, d) = register(&mut s, &first, "pass-first");
+        register(&mut s, &second, "pass-second");
+        register(&mut s, &urgent, "pass-urgent");
+        // The driver's looks: `pass-first` took its memory at 1 s, `pass-second` at 2 s.
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut seen = Tracker::default();
+        let holding = |pairs: &[(u32, u64)]| activity::Look { held: [(d, pairs.iter().copied().collect())].into(), busy: Default::default() };
+        let both = [(first.peer().pid, GIB), (second.peer().pid, GIB)];
+        seen.observe(t0, &groups_now(&s), &holding(&[]));
+        seen.observe(at(1), &groups_now(&s), &holding(&both[..1]));
+        seen.observe(at(2), &groups_now(&s), &holding(&both));
+        let order = |now: Instant| {
+            let p = plan(&s, &seen, now, urgent.peer(), d, 2 * GIB).unwrap();
+            (
+                p.candidates.iter().map(|c| c.group.clone()).collect::<Vec<_>>(),
+                p.passed_over.iter().map(|(g, left, _)| (g.clone(), left.as_secs())).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(order(at(10)), (vec!["pass-first".to_string(), "pass-second".into()], vec![]));
+
+        let refused = Refusal { at: at(10), pid: Some(first.peer().pid), why: "exports memory".into() };
+        suspend::set_refusal_for_tests("pass-first", Some(refused.clone()));
+        assert_eq!(order(at(10)), (vec!["pass-second".to_string()], vec![("pass-first".to_string(), PASS_OVER.as_secs())]));
+        assert_eq!(order(at(39)), (vec!["pass-second".to_string()], vec![("pass-first".to_string(), 1)]));
+        assert_eq!(order(at(40)), (vec!["pass-first".to_string(), "pass-second".into()], vec![]), "the bound is over");
+
+        // The process that blocked it is not a member (it left): a candidate at once.
+        suspend::set_refusal_for_tests("pass-first", Some(Refusal { pid: Some(urgent.peer().pid), ..refused }));
+        assert_eq!(order(at(11)).0, ["pass-first", "pass-second"]);
+        suspend::set_refusal_for_tests("pass-first", None);
     }
 }

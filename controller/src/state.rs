@@ -1235,7 +1235,7 @@ impl State {
             });
         }
         listing.underreporting = crate::crosscheck::findings(self);
-        listing.suspensions = crate::suspend::rows();
+        listing.suspensions = crate::suspend::rows(&|g| crate::suspend::member_pids(self, g));
         listing.mps = self.mps.clone();
         listing
     }

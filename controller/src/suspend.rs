@@ -12,9 +12,11 @@
 //! state's (never the other way round), and never held across a driver call: a checkpoint of a
 //! large process takes seconds, during which `ls` and registrations go on.
 
-use crate::agents::{self, Failure};
+use crate::agents;
 use crate::checkpoint::{Driver, ProcessState};
+use crate::refusal::Refusal;
 use crate::state::{Peer, State};
+use crate::suspend_driver::{checkpoint_all, restore_all, LOCK_TIMEOUT};
 use gpuslice_common::ledger::{CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
 use gpuslice_common::protocol::{AgentRow, SuspensionRow};
 use gpuslice_common::settings::SuspendPath;
@@ -23,8 +25,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-/// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync).
-const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the watcher's lock of a member that started CUDA beside its suspended group waits
+/// for its calls under way (`join_skipped`): short, tried again at the next look, so that such a
+/// member cannot hold the watcher (and every group's resume) behind its kernels.
+const JOIN_LOCK_TIMEOUT: Duration = Duration::from_millis(100);
 /// `GPUSLICE_SUSPEND_HOST_LIMIT`: host memory that suspended tenants may hold at once.
 pub const ENV_HOST_LIMIT: &str = "GPUSLICE_SUSPEND_HOST_LIMIT";
 
@@ -81,6 +85,15 @@ pub struct Record {
     pub resume_path: Option<String>,
     /// pid → its agent's figures at the last suspension and resume (the shim's path).
     pub agents: BTreeMap<u32, AgentRow>,
+    /// The last refusal or failure of a suspension (`refusal`): the policy passes the group over
+    /// for a while after it. Forgotten at a suspension that succeeds and at an edit of the marks.
+    pub refusal: Option<Refusal>,
+    /// Suspensions refused or failed, since the controller started.
+    pub refusals: u64,
+    /// pid → whether a failure to suspend it was logged: members left running at the
+    /// suspension because the driver showed no CUDA state for them (`without_cuda`), until they
+    /// have some (`join_skipped`).
+    pub skipped: BTreeMap<u32, bool>,
 }
 
 impl Default for Record {
@@ -106,6 +119,9 @@ impl Default for Record {
             resume_gbps: None,
             resume_path: None,
             agents: BTreeMap::new(),
+            refusal: None,
+            refusals: 0,
+            skipped: BTreeMap::new(),
         }
     }
 }
@@ -118,7 +134,22 @@ impl Record {
         }
     }
 
-    fn row(&self, group: &str) -> SuspensionRow {
+    /// Records a refusal or failure of a suspension: `why` becomes the group's last error, and
+    /// the policy passes the group over for a while (`refusal::PASS_OVER`). Returns `why`.
+    fn refuse(&mut self, pid: Option<u32>, why: String) -> String {
+        self.error = Some(why.clone());
+        self.refusal = Some(Refusal { at: Instant::now(), pid, why: why.clone() });
+        self.refusals += 1;
+        why
+    }
+
+    /// How long the policy still passes the group over, its registered processes being
+    /// `members` (`None`: it is a candidate).
+    pub fn passed_over(&self, now: Instant, members: &[u32]) -> Option<Duration> {
+        self.refusal.as_ref()?.passed_over(now, members)
+    }
+
+    fn row(&self, group: &str, members: &[u32], now: Instant) -> SuspensionRow {
         SuspensionRow {
             group: group.to_string(),
             state: self.phase.name().to_string(),
@@ -138,6 +169,10 @@ impl Record {
             resume_gbps: self.resume_gbps,
             resume_path: self.resume_path.clone(),
             agents: self.agents.values().cloned().collect(),
+            refusals: self.refusals,
+            refused_by: self.refusal.as_ref().and_then(|r| r.pid),
+            passed_over_s: self.passed_over(now, members).map(|d| d.as_secs_f64()),
+            skipped: self.skipped.keys().copied().collect(),
         }
     }
 }
@@ -224,19 +259,23 @@ pub struct Members {
     /// The group's slot.
     pub group_slot: usize,
     pub device_bytes: BTreeMap<u32, u64>,
-    pub exports: usize,
+    /// pid → exports it recorded (members with none are absent).
+    pub exports: BTreeMap<u32, usize>,
 }
 
 pub fn members(state: &State, group: &str) -> Result<Members, String> {
     let slot = state.find_group(group).ok_or_else(|| format!("no group named {group:?} (see `gpuslice ls`)"))?;
     let g = state.ledger.group(slot);
-    let mut m = Members { pids: BTreeMap::new(), slots: BTreeMap::new(), group_slot: slot, device_bytes: BTreeMap::new(), exports: 0 };
+    let mut m = Members { pids: BTreeMap::new(), slots: BTreeMap::new(), group_slot: slot, device_bytes: BTreeMap::new(), exports: BTreeMap::new() };
     for (&pslot, w) in state.watched.iter().filter(|(_, w)| w.group == slot) {
         let p = state.ledger.process(pslot);
         let bytes = p.devices.iter().map(|d| d.used.load(std::sync::atomic::Ordering::Relaxed)).sum();
         m.pids.insert(w.pid, bytes);
         m.slots.insert(w.pid, (pslot, p.suspend_caps.load(std::sync::atomic::Ordering::Acquire)));
-        m.exports += state.exports.held_by(pslot);
+        let exports = state.exports.held_by(pslot);
+        if exports > 0 {
+            *m.exports.entry(w.pid).or_insert(0) += exports;
+        }
     }
     for (d, gd) in g.devices.iter().enumerate() {
         let used = gd.used.load(std::sync::atomic::Ordering::Relaxed);
@@ -249,7 +288,7 @@ pub fn members(state: &State, group: &str) -> Result<Members, String> {
 
 /// `gpuslice suspend --group G` (and the policy's suspensions).
 pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic: bool) -> Result<String, String> {
-    let m = {
+    let mut m = {
         let state = lock_state(state);
         if let Some(peer) = peer {
             may_edit(&state, peer)?;
@@ -258,6 +297,17 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
     };
     if m.pids.is_empty() {
         return Err(format!("group {group:?} has no running process to suspend"));
+    }
+    // Members the driver shows without CUDA state hold nothing and cannot be locked: the group
+    // is suspended without them (what they recorded, exports included, cannot be real memory).
+    let skipped = without_cuda(state, &m);
+    for pid in skipped.keys() {
+        m.pids.remove(pid);
+        m.slots.remove(pid);
+        m.exports.remove(pid);
+    }
+    if m.pids.is_empty() {
+        return Err(format!("group {group:?} has no process with CUDA state to suspend"));
     }
     let bytes: u64 = m.pids.values().sum();
     let path = {
@@ -270,20 +320,22 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         if rec.phase != Phase::Running {
             return Err(format!("group {group:?} is {} already", rec.phase.name()));
         }
-        if m.exports > 0 && !rec.allow_exports {
-            return Err(format!(
-                "group {group:?} exports memory to other processes ({} exports recorded): suspending it would pull memory from under its importers; `gpuslice set --group {group} --suspendable true --allow-exports` allows it",
-                m.exports
-            ));
+        if let Some((&pid, &n)) = m.exports.iter().next().filter(|_| !rec.allow_exports) {
+            let why = format!(
+                "group {group:?} exports memory to other processes (pid {pid}: {n} exports recorded{}): suspending it would pull memory from under its importers; `gpuslice set --group {group} --suspendable true --allow-exports` allows it",
+                if m.exports.len() > 1 { format!("; pids {:?} in all", m.exports.keys().collect::<Vec<_>>()) } else { String::new() }
+            );
+            return Err(rec.refuse(Some(pid), why));
         }
         let limit = host_limit();
         if held.saturating_add(bytes) > limit {
-            return Err(format!(
+            let why = format!(
                 "suspending group {group:?} would move {} to host memory; suspended tenants hold {} already, and {ENV_HOST_LIMIT} allows {}",
                 format_size(bytes),
                 format_size(held),
                 format_size(limit)
-            ));
+            );
+            return Err(rec.refuse(None, why));
         }
         rec.phase = Phase::Suspending;
         rec.pids = m.pids.clone();
@@ -293,17 +345,17 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         rec.error = None;
         rec.shim_pids.clear();
         rec.agents.clear();
+        rec.skipped.clear();
         rec.path
     };
     let (shim, drivers) = match split(group, path, &m) {
         Ok(split) => split,
-        Err(e) => {
-            update(group, |rec| {
+        Err((pid, e)) => {
+            return Err(update(group, |rec| {
                 rec.phase = Phase::Running;
                 rec.pids.clear();
-                rec.error = Some(e.clone());
-            });
-            return Err(e);
+                rec.refuse(Some(pid), e)
+            }));
         }
     };
     let (outcome, ms) = timed(|| suspend_both(state, group, &m, &shim, &drivers));
@@ -324,35 +376,44 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             rec.bytes = rec.pids.values().sum();
             rec.agents = done.agents;
             rec.shim_pids = by_shim;
+            rec.refusal = None;
+            rec.skipped = skipped.keys().map(|&pid| (pid, false)).collect();
+            for (pid, why) in &skipped {
+                tracing::info!(
+                    "group {group:?}: pid {pid} has no CUDA state (the driver: {why}; NVML shows it holding nothing): nothing of it to suspend, it is left running, and suspended with its group if it starts CUDA before the resume"
+                );
+            }
             let message = format!(
-                "group {group:?} suspended: {} processes, {} moved to host memory in {ms:.0} ms ({} path{})",
+                "group {group:?} suspended: {} processes, {} moved to host memory in {ms:.0} ms ({} path{}){}",
                 m.pids.len(),
                 format_size(done.moved),
                 rec.last_path.as_deref().unwrap_or("driver"),
-                rec.suspend_gbps.map(|g| format!(", {g:.2} GB/s")).unwrap_or_default()
+                rec.suspend_gbps.map(|g| format!(", {g:.2} GB/s")).unwrap_or_default(),
+                if skipped.is_empty() { String::new() } else { format!("; pids {:?} left running (no CUDA state)", skipped.keys().collect::<Vec<_>>()) }
             );
             tracing::info!("{message}{}", if automatic { " (to make room for a higher-priority request)" } else { "" });
             Ok(message)
         }
         Err(f) if failed => {
             rec.phase = Phase::Failed;
-            rec.error = Some(f.why.clone());
-            tracing::error!("group {group:?}: suspension failed and the driver reports a process in its failed state: {}", f.why);
-            Err(format!("group {group:?} could not be suspended, and the driver reports a process of it failed: {}", f.why))
+            let why = rec.refuse(f.pid, f.why);
+            tracing::error!("group {group:?}: suspension failed and the driver reports a process in its failed state: {why}");
+            Err(format!("group {group:?} could not be suspended, and the driver reports a process of it failed: {why}"))
         }
-        Err(f) if !f.stuck.is_empty() => {
-            // Their agents suspended them and could not bring them back: recorded as suspended
-            // (by the shim's path), so that `resume` asks them again; never "running".
-            let stuck: Vec<u32> = f.stuck.keys().copied().collect();
+        Err(f) if !f.stuck.is_empty() || !f.left.is_empty() => {
+            // Their agents suspended them and could not bring them back, or the driver's undo
+            // could not put them back: recorded as suspended (by the path that holds each), so
+            // that `resume` (and the policy, for its own suspensions) brings them back; never
+            // "running".
+            let stuck: Vec<u32> = f.stuck.keys().chain(&f.left).copied().collect();
             rec.phase = Phase::Suspended;
             rec.suspended_at = Some(Instant::now());
-            rec.pids.retain(|pid, _| f.stuck.contains_key(pid));
+            rec.pids.retain(|pid, _| stuck.contains(pid));
             rec.bytes = rec.pids.values().sum();
+            rec.last_path = Some(path_name(!f.stuck.is_empty(), !f.left.is_empty()));
             rec.shim_pids = f.stuck;
-            rec.last_path = Some("shim".into());
-            let e =
-                format!("{}; pids {stuck:?} stay suspended by their agents (they could not be brought back): `gpuslice resume --group {group}` retries", f.why);
-            rec.error = Some(e.clone());
+            let e = format!("{}; pids {stuck:?} stay suspended (they could not be brought back): `gpuslice resume --group {group}` retries", f.why);
+            let e = rec.refuse(f.pid, e);
             tracing::error!("group {group:?}: suspension failed: {e}");
             Err(format!("group {group:?} could not be suspended: {e}"))
         }
@@ -360,11 +421,87 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             rec.phase = Phase::Running;
             rec.pids.clear();
             rec.agents.clear();
-            rec.error = Some(f.why.clone());
-            tracing::warn!("group {group:?}: suspension failed, its processes run on: {}", f.why);
-            Err(format!("group {group:?} could not be suspended (its processes run on): {}", f.why))
+            let why = rec.refuse(f.pid, f.why);
+            tracing::warn!("group {group:?}: suspension failed, its processes run on: {why}");
+            Err(format!("group {group:?} could not be suspended (its processes run on): {why}"))
         }
     })
+}
+
+/// The members the driver shows without CUDA state, with its words: the checkpoint API has
+/// nothing of them to lock, and they hold nothing on the device, so the group is suspended
+/// without them. Both of the driver's answers are needed: its checkpoint state for the pid
+/// (`INVALID_VALUE` / `NOT_INITIALIZED`: no CUDA state) and NVML's process lists, readable and
+/// showing the pid holding nothing. Without either (no checkpoint API, no NVML) nobody is
+/// skipped, and a suspension fails on such a member as before. Nothing a member writes enters.
+fn without_cuda(state: &Mutex<State>, m: &Members) -> BTreeMap<u32, String> {
+    let Ok(d) = driver() else { return BTreeMap::new() };
+    let none: BTreeMap<u32, String> = m
+        .pids
+        .keys()
+        .filter_map(|&pid| match d.state(pid) {
+            Err(e) if e.no_cuda_state() => Some((pid, e.to_string())),
+            _ => None,
+        })
+        .collect();
+    if none.is_empty() {
+        return none;
+    }
+    let Some(held) = crate::room::held_by_pids(state) else { return BTreeMap::new() };
+    none.into_iter().filter(|(pid, _)| held.get(pid).copied().unwrap_or(0) == 0).collect()
+}
+
+/// Members left running at their group's suspension for want of CUDA state (`without_cuda`)
+/// that have CUDA state now: suspended with their group (locked and checkpointed, as a newcomer
+/// to a suspended group is), so that no member of a suspended group runs CUDA beside it. The
+/// policy's watcher calls it at every look; a lock that cannot be had now is tried again then.
+pub fn join_skipped(state: &Mutex<State>) {
+    let waiting: Vec<(String, Vec<u32>)> = registry()
+        .groups
+        .iter()
+        .filter(|(_, rec)| rec.phase == Phase::Suspended && !rec.skipped.is_empty())
+        .map(|(g, rec)| (g.clone(), rec.skipped.keys().copied().collect()))
+        .collect();
+    if waiting.is_empty() {
+        return;
+    }
+    let Ok(d) = driver() else { return };
+    for (group, pids) in waiting {
+        for pid in pids {
+            match d.state(pid) {
+                Ok(ProcessState::Running) => {}
+                _ if alive(pid) => continue, // still no CUDA state (or held by another caller)
+                _ => {
+                    update(&group, |rec| rec.skipped.remove(&pid));
+                    continue;
+                }
+            }
+            let bytes = crate::room::held_by_pids(state).and_then(|h| h.get(&pid).copied()).unwrap_or(0);
+            let (outcome, ms) = timed(|| checkpoint_all(&*d, &[pid], JOIN_LOCK_TIMEOUT));
+            if let Err(f) = outcome {
+                let first = update(&group, |rec| rec.skipped.get_mut(&pid).map(|warned| !std::mem::replace(warned, true)).unwrap_or(false));
+                if first {
+                    tracing::warn!("group {group:?} is suspended, and its pid {pid} has CUDA state now but could not be suspended with it yet (tried again at every look): {}", f.why);
+                }
+                continue;
+            }
+            let joined = update(&group, |rec| {
+                rec.skipped.remove(&pid);
+                let suspended = rec.phase == Phase::Suspended;
+                if suspended {
+                    rec.pids.insert(pid, bytes);
+                    rec.bytes = rec.pids.values().sum();
+                }
+                suspended
+            });
+            if joined {
+                tracing::info!("group {group:?}: pid {pid}, left running at its suspension for want of CUDA state, has CUDA state now: suspended with its group ({ms:.0} ms)");
+            } else {
+                // Resumed meanwhile, without it: it runs with the others.
+                let _ = restore_all(&*d, &[pid]);
+            }
+        }
+    }
 }
 
 /// Bytes over ms, in GB/s (1e9 bytes); `None` for nothing moved.
@@ -387,7 +524,7 @@ fn path_name(shim: bool, driver: bool) -> String {
 /// every entry point passes the gate (what is not VMM-backed stays on the device, counted in
 /// what the agent says it keeps).
 #[allow(clippy::type_complexity)]
-fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, usize>, BTreeMap<u32, u64>), String> {
+fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, usize>, BTreeMap<u32, u64>), (u32, String)> {
     let mut shim = BTreeMap::new();
     let mut drivers = BTreeMap::new();
     for (&pid, &bytes) in &m.pids {
@@ -398,13 +535,19 @@ fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, u
                 drivers.insert(pid, bytes);
             }
             SuspendPath::Shim if caps & CAP_AGENT == 0 => {
-                return Err(format!(
-                    "group {group:?} is on the shim's suspend path, but pid {pid} runs no suspend agent (it allocated nothing since the group was put on that path, or its shim predates it); `gpuslice set --group {group} --suspendable true --suspend-path auto` lets the driver suspend such members"
+                return Err((
+                    pid,
+                    format!(
+                        "group {group:?} is on the shim's suspend path, but pid {pid} runs no suspend agent (it allocated nothing since the group was put on that path, or its shim predates it); `gpuslice set --group {group} --suspendable true --suspend-path auto` lets the driver suspend such members"
+                    ),
                 ))
             }
             SuspendPath::Shim if caps & CAP_FAST == 0 => {
-                return Err(format!(
-                    "group {group:?} is on the shim's suspend path, but pid {pid} was given a driver function that bypasses the suspend gate (its shim logged which): its agent cannot stop every call; `gpuslice set --group {group} --suspendable true --suspend-path auto` lets the driver suspend such members"
+                return Err((
+                    pid,
+                    format!(
+                        "group {group:?} is on the shim's suspend path, but pid {pid} was given a driver function that bypasses the suspend gate (its shim logged which): its agent cannot stop every call; `gpuslice set --group {group} --suspendable true --suspend-path auto` lets the driver suspend such members"
+                    ),
                 ))
             }
             SuspendPath::Shim => {
@@ -421,6 +564,22 @@ fn split(group: &str, path: SuspendPath, m: &Members) -> Result<(BTreeMap<u32, u
     Ok((shim, drivers))
 }
 
+/// A suspension that failed: why, the member that caused it (where one did), and the members
+/// that stay suspended all the same: by their agents (`stuck`, they could not be brought back)
+/// or by the driver (`left`, its undo could not put them back).
+struct Failed {
+    why: String,
+    pid: Option<u32>,
+    stuck: BTreeMap<u32, usize>,
+    left: Vec<u32>,
+}
+
+impl From<agents::Failure> for Failed {
+    fn from(f: agents::Failure) -> Failed {
+        Failed { why: f.why, pid: f.pid, stuck: f.stuck, left: Vec::new() }
+    }
+}
+
 /// A suspension done: who went by the shim's path, the bytes moved in all, and the agents' rows.
 struct Suspended {
     by_shim: BTreeMap<u32, usize>,
@@ -432,14 +591,14 @@ struct Suspended {
 /// any failure what was done is undone. A member whose answer NVML does not bear out is
 /// brought back by its agent before the driver's checkpoint takes it (never both at once); one
 /// that cannot be brought back stays with its agent's suspension (logged).
-fn suspend_both(state: &Mutex<State>, group: &str, m: &Members, shim: &BTreeMap<u32, usize>, drivers: &BTreeMap<u32, u64>) -> Result<Suspended, Failure> {
+fn suspend_both(state: &Mutex<State>, group: &str, m: &Members, shim: &BTreeMap<u32, usize>, drivers: &BTreeMap<u32, u64>) -> Result<Suspended, Failed> {
     let mut drivers = drivers.clone();
     let mut by_shim = shim.clone();
     let mut moved = 0;
     let mut rows = BTreeMap::new();
     if !shim.is_empty() {
         let before = crate::room::held_by_pids(state);
-        let answers = agents::ask(state, m.group_slot, shim, true)?;
+        let answers = agents::ask(state, m.group_slot, shim, true).map_err(Failed::from)?;
         let after = crate::room::held_by_pids(state);
         let mut disbelieved = BTreeMap::new();
         for (&pid, &slot) in shim {
@@ -483,10 +642,13 @@ fn suspend_both(state: &Mutex<State>, group: &str, m: &Members, shim: &BTreeMap<
         }
     }
     if !drivers.is_empty() {
-        let done = driver().and_then(|d| checkpoint_all(&d, &drivers));
-        if let Err(why) = done {
+        let pids: Vec<u32> = drivers.keys().copied().collect();
+        // A driver that cannot be loaded is no member's doing: no pid to name.
+        let done =
+            driver().map_err(|why| (None, why, Vec::new())).and_then(|d| checkpoint_all(&*d, &pids, LOCK_TIMEOUT).map_err(|f| (Some(f.pid), f.why, f.left)));
+        if let Err((pid, why, left)) = done {
             let stuck = agents::bring_back(state, m.group_slot, &by_shim);
-            return Err(Failure { why, stuck });
+            return Err(Failed { why, pid, stuck, left });
         }
         moved += drivers.values().sum::<u64>();
     }
@@ -512,42 +674,6 @@ fn update<T>(group: &str, change: impl FnOnce(&mut Record) -> T) -> T {
     change(registry().groups.entry(group.to_string()).or_default())
 }
 
-/// Locks every process, then checkpoints each; on any failure what was done is undone.
-fn checkpoint_all(d: &Driver, pids: &BTreeMap<u32, u64>) -> Result<(), String> {
-    let mut locked = Vec::new();
-    let mut result = Ok(());
-    for &pid in pids.keys() {
-        match d.lock(pid, LOCK_TIMEOUT) {
-            Ok(()) => locked.push(pid),
-            Err(e) => {
-                result = Err(e.to_string());
-                break;
-            }
-        }
-    }
-    let mut checkpointed = Vec::new();
-    if result.is_ok() {
-        for &pid in &locked {
-            match d.checkpoint(pid) {
-                Ok(()) => checkpointed.push(pid),
-                Err(e) => {
-                    result = Err(e.to_string());
-                    break;
-                }
-            }
-        }
-    }
-    if result.is_err() {
-        for &pid in &checkpointed {
-            let _ = d.restore(pid);
-        }
-        for &pid in &locked {
-            let _ = d.unlock(pid);
-        }
-    }
-    result
-}
-
 /// A process that registered into group `group` (its answer not sent yet): while the group is
 /// suspended it is suspended too (locked and checkpointed before it has its answer, so its
 /// next CUDA call blocks until the group is resumed, and the resume brings it back with the
@@ -560,18 +686,20 @@ pub fn join_if_suspended(group: &str, pid: u32) -> Result<(), String> {
         _ => return Ok(()),
     }
     let d = driver()?;
-    let (outcome, ms) = timed(|| checkpoint_all(&d, &BTreeMap::from([(pid, 0)])));
-    outcome.map_err(|e| format!("group {group:?} is suspended, and this process could not be suspended with it: {e}"))?;
+    let (outcome, ms) = timed(|| checkpoint_all(&*d, &[pid], LOCK_TIMEOUT));
+    outcome.map_err(|f| format!("group {group:?} is suspended, and this process could not be suspended with it: {}", f.why))?;
     let joined = update(group, |rec| {
         let suspended = rec.phase == Phase::Suspended;
         if suspended {
             rec.pids.insert(pid, 0);
+            // The same pid again (an exec'd program): suspended now, no longer left out.
+            rec.skipped.remove(&pid);
         }
         suspended
     });
     if !joined {
         // Resumed meanwhile, without it: it runs with the others.
-        let _ = restore_all(&d, &[pid]);
+        let _ = restore_all(&*d, &[pid]);
         return Ok(());
     }
     tracing::info!("pid {pid} joined group {group:?} while it is suspended: suspended with it ({ms:.0} ms); its first CUDA call waits for `gpuslice resume`");
@@ -617,7 +745,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
     let path = path_name(!shim.is_empty(), !drivers.is_empty());
     let (outcome, ms) = timed(|| -> Result<BTreeMap<u32, agents::Answer>, String> {
         if !drivers.is_empty() {
-            driver().and_then(|d| restore_all(&d, &drivers))?;
+            driver().and_then(|d| restore_all(&*d, &drivers))?;
         }
         if shim.is_empty() {
             return Ok(BTreeMap::new());
@@ -626,7 +754,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
         agents::ask(state, slot, &shim, false).map_err(|f| {
             // All or nothing: the members the driver restored go back out with the others.
             if !drivers.is_empty() {
-                let again = driver().and_then(|d| checkpoint_all(&d, &drivers.iter().map(|&p| (p, 0)).collect()));
+                let again = driver().and_then(|d| checkpoint_all(&*d, &drivers, LOCK_TIMEOUT).map_err(|f| f.why));
                 if let Err(e) = again {
                     tracing::error!("group {group:?}: the members the driver restored could not be checkpointed again: {e}");
                 }
@@ -653,6 +781,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
             rec.error = None;
             rec.pids.clear();
             rec.shim_pids.clear();
+            rec.skipped.clear();
             let message = format!(
                 "group {group:?} resumed: {pids} processes, {} back on the device in {ms:.0} ms ({path} path{})",
                 format_size(moved),
@@ -675,26 +804,6 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
             Err(format!("group {group:?} stays suspended: {e}"))
         }
     })
-}
-
-/// Restores every process (all or none: one that does not fit sends the others back out), then
-/// unlocks them.
-fn restore_all(d: &Driver, pids: &[u32]) -> Result<(), String> {
-    let mut restored = Vec::new();
-    for &pid in pids {
-        if let Err(e) = d.restore(pid) {
-            for &back in &restored {
-                let _ = d.checkpoint(back);
-            }
-            let why = if e.code == crate::checkpoint::OUT_OF_MEMORY { format!("{e}: the device lacks room for its memory") } else { e.to_string() };
-            return Err(why);
-        }
-        restored.push(pid);
-    }
-    for &pid in pids {
-        d.unlock(pid).map_err(|e| e.to_string())?;
-    }
-    Ok(())
 }
 
 /// A process that exists and has not exited (a zombie's memory and host copy are gone already).
@@ -720,6 +829,9 @@ pub fn set_suspendable(state: &Mutex<State>, peer: Peer, s: &gpuslice_common::pr
         rec.suspendable = suspendable;
         rec.allow_exports = allow_exports;
         rec.edited = true;
+        // A new decision about the group: the policy tries it again (its refusal may have been
+        // what the edit answers, e.g. `--allow-exports`).
+        rec.refusal = None;
         if let Some(path) = path {
             rec.path = path;
         }
@@ -795,16 +907,29 @@ pub fn from_ledger(state: &Mutex<State>) {
     }
 }
 
+/// Sets group `group`'s last refusal, as a failed suspension would (unit tests of the policy).
+#[cfg(test)]
+pub fn set_refusal_for_tests(group: &str, refusal: Option<Refusal>) {
+    update(group, |rec| rec.refusal = refusal);
+}
+
 /// Whether the group is marked suspendable (for the policy).
 pub fn record(group: &str) -> Option<Record> {
     registry().groups.get(group).cloned()
 }
 
-/// The rows of `ls`: every group with a record.
-pub fn rows() -> Vec<SuspensionRow> {
+/// The rows of `ls`: every group with a record; `members` gives a group's registered pids.
+pub fn rows(members: &dyn Fn(&str) -> Vec<u32>) -> Vec<SuspensionRow> {
     let mut r = registry();
     forget_dead(&mut r);
-    r.groups.iter().map(|(g, rec)| rec.row(g)).collect()
+    let now = Instant::now();
+    r.groups.iter().map(|(g, rec)| rec.row(g, &members(g), now)).collect()
+}
+
+/// The registered processes of group `group` (the controller's records).
+pub fn member_pids(state: &State, group: &str) -> Vec<u32> {
+    let Some(slot) = state.find_group(group) else { return Vec::new() };
+    state.watched.values().filter(|w| w.group == slot).map(|w| w.pid).collect()
 }
 
 /// Processes that died while suspended: their host copy went with them (the driver frees it).
@@ -816,6 +941,7 @@ fn forget_dead(r: &mut Registry) {
         let before = rec.pids.len();
         rec.pids.retain(|&pid, _| alive(pid));
         rec.shim_pids.retain(|&pid, _| alive(pid));
+        rec.skipped.retain(|&pid, _| alive(pid));
         if rec.pids.len() < before {
             tracing::info!("group {group:?}: {} suspended processes exited; their host copies are freed", before - rec.pids.len());
         }

@@ -97,7 +97,9 @@ pub fn render(l: &Listing) -> String {
             if pids.is_empty() { "-".into() } else { pids }
         ));
         if let Some(e) = &s.error {
-            out.push_str(&format!("{:<20} last error: {e}\n", ""));
+            // A refusal the policy still acts on: it tries other groups first meanwhile.
+            let passed = s.passed_over_s.map(|t| format!(" (passed over by the policy for {:.0} s more)", t.ceil())).unwrap_or_default();
+            out.push_str(&format!("{:<20} last error: {e}{passed}\n", ""));
         }
     }
     out
@@ -151,6 +153,41 @@ mod tests {
         ] {
             assert!(text.contains(want), "no {want} in:\n{text}");
         }
+    }
+
+    /// A group whose suspension was refused: its last error says so and how long the policy
+    /// passes it over; the metrics count the refusals and flag it while it is passed over.
+    #[test]
+    fn ls_and_metrics_show_a_group_that_refused_suspension() {
+        let row = SuspensionRow {
+            group: "first".into(),
+            state: "running".into(),
+            suspendable: true,
+            error: Some("group \"first\" exports memory to other processes (pid 42: 1 exports recorded)".into()),
+            refusals: 2,
+            refused_by: Some(42),
+            passed_over_s: Some(24.2),
+            ..Default::default()
+        };
+        let l = Listing { suspensions: vec![row], ..Default::default() };
+        let table = render(&l);
+        assert!(table.lines().any(|line| line.starts_with("first") && line.contains("running")), "{table}");
+        assert!(
+            table
+                .lines()
+                .any(|line| line.contains("last error: group \"first\" exports memory") && line.ends_with("(passed over by the policy for 25 s more)")),
+            "{table}"
+        );
+        assert_eq!(summary(&l), "", "it runs: not in top's line");
+        let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l.clone()) });
+        for want in ["gpuslice_group_suspension_refusals_total{group=\"first\"} 2", "gpuslice_group_suspension_passed_over{group=\"first\"} 1"] {
+            assert!(text.contains(want), "no {want} in:\n{text}");
+        }
+        let mut l = l;
+        l.suspensions[0].passed_over_s = None;
+        assert!(!render(&l).contains("passed over"), "a candidate again");
+        let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l) });
+        assert!(text.contains("gpuslice_group_suspension_passed_over{group=\"first\"} 0"), "{text}");
     }
 
     #[test]

@@ -56,9 +56,9 @@ fn urgent_request(sim: &Sim, ctl: &Controller<'_>, leave: &str) -> Running {
 /// The policy then suspended `honest` for the urgent request. Now the driver's evidence decides:
 /// both allocated and did nothing more, `liars` first, so `liars` is suspended.
 ///
-/// The faking member leaves before the request: a member with no CUDA state cannot be locked by
-/// the driver's checkpoint API, so while it is registered its group cannot be suspended at all
-/// (docs/NOTES.md, branch suspord: left alone). Its lies stay in the counters.
+/// The faking member leaves before the request, so that only the order is tested here (a member
+/// without CUDA state is left out of its group's suspension: suspend_refusal.rs). Its lies stay
+/// in the counters.
 #[test]
 fn a_member_faking_activity_in_its_groups_counters_does_not_get_an_idle_neighbour_suspended_in_its_place() {
     let sim = machine();

@@ -1,0 +1,257 @@
+//! A group's processes through the driver's checkpoint API, all or nothing: every one locked,
+//! then each checkpointed; a failure part way puts back what was done (restore, unlock) and asks
+//! the driver where each process stands afterwards, so that none is left half-suspended behind
+//! a record that says "running". Resuming restores and unlocks each.
+
+use crate::checkpoint::{Driver, DriverError, ProcessState, OUT_OF_MEMORY};
+use std::time::Duration;
+
+/// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The checkpoint calls used here: the loaded driver's (a fake one in the tests).
+pub trait Api {
+    fn state(&self, pid: u32) -> Result<ProcessState, DriverError>;
+    fn lock(&self, pid: u32, timeout: Duration) -> Result<(), DriverError>;
+    fn checkpoint(&self, pid: u32) -> Result<(), DriverError>;
+    fn restore(&self, pid: u32) -> Result<(), DriverError>;
+    fn unlock(&self, pid: u32) -> Result<(), DriverError>;
+}
+
+impl Api for Driver {
+    fn state(&self, pid: u32) -> Result<ProcessState, DriverError> {
+        Driver::state(self, pid)
+    }
+    fn lock(&self, pid: u32, timeout: Duration) -> Result<(), DriverError> {
+        Driver::lock(self, pid, timeout)
+    }
+    fn checkpoint(&self, pid: u32) -> Result<(), DriverError> {
+        Driver::checkpoint(self, pid)
+    }
+    fn restore(&self, pid: u32) -> Result<(), DriverError> {
+        Driver::restore(self, pid)
+    }
+    fn unlock(&self, pid: u32) -> Result<(), DriverError> {
+        Driver::unlock(self, pid)
+    }
+}
+
+/// A suspension the driver refused part way.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Failed {
+    /// The member whose lock or checkpoint failed.
+    pub pid: u32,
+    /// The driver's words.
+    pub why: String,
+    /// The members the undo could not bring back to running (a restore without room, an
+    /// unlock refused): still suspended by the driver, so their group must be recorded as
+    /// suspended and resumed later, never as running.
+    pub left: Vec<u32>,
+}
+
+/// Locks every process (each lock waiting at most `timeout` for the calls under way), then
+/// checkpoints each, in the order given; on any failure what was done is undone and checked
+/// (`put_back`).
+pub fn checkpoint_all(d: &(impl Api + ?Sized), pids: &[u32], timeout: Duration) -> Result<(), Failed> {
+    let mut locked = Vec::new();
+    let mut failure = None;
+    for &pid in pids {
+        match d.lock(pid, timeout) {
+            Ok(()) => locked.push(pid),
+            Err(e) => {
+                failure = Some((pid, e.to_string()));
+                break;
+            }
+        }
+    }
+    let mut checkpointed = Vec::new();
+    if failure.is_none() {
+        for &pid in &locked {
+            match d.checkpoint(pid) {
+                Ok(()) => checkpointed.push(pid),
+                Err(e) => {
+                    failure = Some((pid, e.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+    match failure {
+        None => Ok(()),
+        Some((pid, why)) => Err(Failed { pid, why, left: put_back(d, &locked, &checkpointed) }),
+    }
+}
+
+/// Undoes a suspension that failed part way: restores the members that were checkpointed,
+/// unlocks those locked, then asks the driver about each. Those not running afterwards are
+/// returned (logged): the caller keeps them recorded as suspended.
+fn put_back(d: &(impl Api + ?Sized), locked: &[u32], checkpointed: &[u32]) -> Vec<u32> {
+    for &pid in checkpointed {
+        if let Err(e) = d.restore(pid) {
+            // Left checkpointed (the simulated and the real driver's restore is all or nothing);
+            // its unlock would be refused: it waits for its group's resume instead.
+            tracing::error!("pid {pid}: its memory could not be put back on the device after its group's suspension failed: {e}");
+        }
+    }
+    let mut left = Vec::new();
+    for &pid in locked {
+        if d.state(pid) == Ok(ProcessState::Locked) {
+            if let Err(e) = d.unlock(pid) {
+                tracing::error!("pid {pid}: could not be unlocked after its group's suspension failed: {e}");
+            }
+        }
+        match d.state(pid) {
+            Ok(ProcessState::Running) if checkpointed.contains(&pid) => {
+                tracing::info!("pid {pid}: put back (restored and unlocked) after its group's suspension failed part way: it runs as before")
+            }
+            Ok(ProcessState::Running) => {}
+            // Gone meanwhile: nothing of it is left to resume.
+            Err(e) if e.no_cuda_state() => {}
+            other => {
+                tracing::error!("pid {pid}: not running after its group's failed suspension was undone (the driver says {other:?}): it stays suspended until its group is resumed");
+                left.push(pid);
+            }
+        }
+    }
+    left
+}
+
+/// Restores every process (all or none: one that does not fit sends the others back out), then
+/// unlocks them. A process that is only locked (a failed suspension's undo left it so) has
+/// nothing to restore and is unlocked.
+pub fn restore_all(d: &(impl Api + ?Sized), pids: &[u32]) -> Result<(), String> {
+    let mut restored = Vec::new();
+    for &pid in pids {
+        if d.state(pid) == Ok(ProcessState::Locked) {
+            continue;
+        }
+        if let Err(e) = d.restore(pid) {
+            for &back in &restored {
+                let _ = d.checkpoint(back);
+            }
+            let why = if e.code == OUT_OF_MEMORY { format!("{e}: the device lacks room for its memory") } else { e.to_string() };
+            return Err(why);
+        }
+        restored.push(pid);
+    }
+    for &pid in pids {
+        d.unlock(pid).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The driver's state machine (cuda.h), with calls made to fail on chosen pids.
+    #[derive(Default)]
+    struct Fake {
+        states: RefCell<BTreeMap<u32, ProcessState>>,
+        fail_lock: BTreeSet<u32>,
+        fail_checkpoint: BTreeSet<u32>,
+        fail_restore: RefCell<BTreeSet<u32>>,
+    }
+
+    fn err(code: u32, what: &str, pid: u32) -> DriverError {
+        DriverError { code, text: format!("{what}(pid {pid}) failed ({code})") }
+    }
+
+    impl Fake {
+        fn with(pids: &[u32]) -> Fake {
+            let f = Fake::default();
+            f.states.borrow_mut().extend(pids.iter().map(|&p| (p, ProcessState::Running)));
+            f
+        }
+        fn step(&self, pid: u32, what: &str, from: ProcessState, to: ProcessState, fails: bool, code: u32) -> Result<(), DriverError> {
+            let mut s = self.states.borrow_mut();
+            let now = s.get_mut(&pid).ok_or_else(|| err(1, what, pid))?;
+            if fails {
+                return Err(err(code, what, pid));
+            }
+            if *now != from {
+                return Err(err(401, what, pid));
+            }
+            *now = to;
+            Ok(())
+        }
+        fn states(&self) -> Vec<ProcessState> {
+            self.states.borrow().values().copied().collect()
+        }
+    }
+
+    impl Api for Fake {
+        fn state(&self, pid: u32) -> Result<ProcessState, DriverError> {
+            self.states.borrow().get(&pid).copied().ok_or_else(|| err(1, "state", pid))
+        }
+        fn lock(&self, pid: u32, _: Duration) -> Result<(), DriverError> {
+            self.step(pid, "lock", ProcessState::Running, ProcessState::Locked, self.fail_lock.contains(&pid), 909)
+        }
+        fn checkpoint(&self, pid: u32) -> Result<(), DriverError> {
+            self.step(pid, "checkpoint", ProcessState::Locked, ProcessState::Checkpointed, self.fail_checkpoint.contains(&pid), 801)
+        }
+        fn restore(&self, pid: u32) -> Result<(), DriverError> {
+            self.step(pid, "restore", ProcessState::Checkpointed, ProcessState::Locked, self.fail_restore.borrow().contains(&pid), OUT_OF_MEMORY)
+        }
+        fn unlock(&self, pid: u32) -> Result<(), DriverError> {
+            self.step(pid, "unlock", ProcessState::Locked, ProcessState::Running, false, 0)
+        }
+    }
+
+    use ProcessState::{Checkpointed, Locked, Running};
+
+    #[test]
+    fn a_checkpoint_that_fails_part_way_puts_every_member_back_running() {
+        let d = Fake { fail_checkpoint: [3].into(), ..Fake::with(&[1, 2, 3]) };
+        let f = checkpoint_all(&d, &[1, 2, 3], LOCK_TIMEOUT).unwrap_err();
+        assert_eq!((f.pid, f.left), (3, vec![]), "{}", f.why);
+        assert!(f.why.contains("checkpoint(pid 3)"), "{}", f.why);
+        assert_eq!(d.states(), [Running, Running, Running], "1 and 2 were checkpointed, then restored and unlocked");
+    }
+
+    #[test]
+    fn a_lock_that_fails_unlocks_those_locked_before_it() {
+        let d = Fake { fail_lock: [2].into(), ..Fake::with(&[1, 2, 3]) };
+        let f = checkpoint_all(&d, &[1, 2, 3], LOCK_TIMEOUT).unwrap_err();
+        assert_eq!((f.pid, f.left), (2, vec![]));
+        assert_eq!(d.states(), [Running, Running, Running]);
+    }
+
+    /// The undo's restore finds no room (another process took the memory the checkpoint freed):
+    /// that member is reported left suspended, never "running", and the group's later resume
+    /// brings it back.
+    #[test]
+    fn a_member_that_cannot_be_put_back_is_reported_left_and_is_resumed_later() {
+        let d = Fake { fail_checkpoint: [3].into(), fail_restore: RefCell::new([1].into()), ..Fake::with(&[1, 2, 3]) };
+        let f = checkpoint_all(&d, &[1, 2, 3], LOCK_TIMEOUT).unwrap_err();
+        assert_eq!((f.pid, &f.left), (3, &vec![1]));
+        assert_eq!(d.states(), [Checkpointed, Running, Running]);
+        d.fail_restore.borrow_mut().clear();
+        restore_all(&d, &f.left).unwrap();
+        assert_eq!(d.states(), [Running, Running, Running]);
+    }
+
+    #[test]
+    fn a_resume_unlocks_a_member_left_only_locked() {
+        let d = Fake::with(&[1, 2]);
+        d.lock(1, LOCK_TIMEOUT).unwrap();
+        d.lock(2, LOCK_TIMEOUT).unwrap();
+        d.checkpoint(2).unwrap();
+        assert_eq!(d.states(), [Locked, Checkpointed]);
+        restore_all(&d, &[1, 2]).unwrap();
+        assert_eq!(d.states(), [Running, Running]);
+    }
+
+    /// A member that exited before the driver got to it: the lock fails (no CUDA state), the
+    /// other is unlocked, and nothing is left.
+    #[test]
+    fn a_member_gone_meanwhile_is_not_left() {
+        let d = Fake::with(&[1, 2]);
+        d.states.borrow_mut().remove(&2);
+        let f = checkpoint_all(&d, &[1, 2], LOCK_TIMEOUT).unwrap_err();
+        assert_eq!((f.pid, f.left), (2, vec![]));
+        assert_eq!(d.states(), [Running]);
+    }
+}
