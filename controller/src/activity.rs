@@ -42,14 +42,7 @@ pub fn look(nvml: &Nvml, devices: &[(u32, String)], stamps: &mut HashMap<String,
     let mut seen = Look::default();
     for (d, uuid) in devices {
         let Ok(device) = nvml.device_by_uuid(uuid.as_str()) else { continue };
-        if let Ok(list) = device.running_compute_processes() {
-            let by_pid = list
-                .into_iter()
-                .filter_map(|p| match p.used_gpu_memory {
-                    UsedGpuMemory::Used(bytes) => Some((p.pid, bytes)),
-                    UsedGpuMemory::Unavailable => None,
-                })
-                .collect();
+        if let Some(by_pid) = memory_by_pid(&device) {
             seen.held.insert(*d, by_pid);
         }
         let last = stamps.get(uuid).copied();
@@ -74,6 +67,21 @@ pub fn look(nvml: &Nvml, devices: &[(u32, String)], stamps: &mut HashMap<String,
         }
     }
     seen
+}
+
+/// Pid → bytes the driver says each compute process holds on `device` (processes whose figure
+/// NVML cannot give are left out); `None` when the list cannot be read. The driver's word, which
+/// no tenant writes: the cross-check and the suspension policy both rest on it.
+pub fn memory_by_pid(device: &nvml_wrapper::Device) -> Option<HashMap<u32, u64>> {
+    let list = device.running_compute_processes().ok()?;
+    Some(
+        list.into_iter()
+            .filter_map(|p| match p.used_gpu_memory {
+                UsedGpuMemory::Used(bytes) => Some((p.pid, bytes)),
+                UsedGpuMemory::Unavailable => None,
+            })
+            .collect(),
+    )
 }
 
 /// A group as the controller knows it at a look: its own records, nothing a member wrote.

@@ -20,7 +20,6 @@ use crate::state::State;
 use gpuslice_common::ledger::Ledger;
 use gpuslice_common::protocol::UnderReportRow;
 use gpuslice_common::size::format_size;
-use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::*;
@@ -85,14 +84,7 @@ impl CrossCheck {
         let Some(nvml) = &self.nvml else { return held };
         for (d, uuid) in &plan.devices {
             let Ok(device) = nvml.device_by_uuid(uuid.as_str()) else { continue };
-            let Ok(list) = device.running_compute_processes() else { continue };
-            let by_pid = list
-                .into_iter()
-                .filter_map(|p| match p.used_gpu_memory {
-                    UsedGpuMemory::Used(bytes) => Some((p.pid, bytes)),
-                    UsedGpuMemory::Unavailable => None,
-                })
-                .collect();
+            let Some(by_pid) = crate::activity::memory_by_pid(&device) else { continue };
             held.insert(*d, by_pid);
         }
         held
