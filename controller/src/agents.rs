@@ -86,9 +86,11 @@ fn describe_failure(error: u32) -> String {
     }
 }
 
-/// Writes each of `members`' own request (suspended or running) under a new generation, rings
-/// the group's word and waits for every answer, with one deadline for all.
-fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>, suspended: bool) -> Round {
+/// Writes each of `members`' own request (suspended or running) under a new generation, with
+/// how long its gate may wait for its calls in flight (`gate`, a suspension's; `None`: the
+/// agent's own 10 s), rings the group's word and waits for every answer, with one deadline for
+/// all.
+fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>, suspended: bool, gate: Option<Duration>) -> Round {
     let (generation, slots) = {
         let state = lock_state(state);
         // Checked before any member's word is written: an agent rechecks its own word every
@@ -99,7 +101,10 @@ fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>
         let generation = next_generation(state.suspend_request(group_slot));
         let word = suspend_request(generation, suspended);
         let slots: Vec<(u32, &'static ProcessSlot)> = members.iter().map(|(&pid, &slot)| (pid, slot_of(&state, slot))).collect();
+        // The gate's bound before the request (the agent reads it after the request, Acquire).
+        let gate_ms = gate.map_or(0, |g| g.as_millis().clamp(1, u128::from(u32::MAX)) as u32);
         for (_, p) in &slots {
+            p.suspend_gate_ms.store(gate_ms, Relaxed);
             p.suspend_request.store(word, Release);
         }
         // The ring after the requests: an agent that sees the new ring sees its request.
@@ -145,20 +150,22 @@ pub fn bring_back(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u3
     if members.is_empty() {
         return BTreeMap::new();
     }
-    let r = round(state, group_slot, members, false);
+    let r = round(state, group_slot, members, false, None);
     if !r.errors.is_empty() {
         tracing::warn!("asking suspend agents back: {}", r.errors.join("; "));
     }
     holding(&lock_state(state), members.iter().map(|(&p, &s)| (p, s)))
 }
 
-/// Asks `members`' agents to suspend (or resume) their processes; all or nothing. A failed
+/// Asks `members`' agents to suspend (or resume) their processes, a suspension's gates waiting
+/// at most `gate` for the calls in flight (an agent of an older shim waits its own 10 s); all
+/// or nothing. A failed
 /// suspension brings every addressed agent back (an agent that answered late, or not at all,
 /// may have suspended all the same: its held word says so); those that cannot come back are
 /// the failure's `stuck`. A failed resume asks the members that did resume to suspend again,
 /// so that the group stays suspended as a whole (retried later).
-pub fn ask(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>, suspended: bool) -> Result<BTreeMap<u32, Answer>, Failure> {
-    let r = round(state, group_slot, members, suspended);
+pub fn ask(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>, suspended: bool, gate: Duration) -> Result<BTreeMap<u32, Answer>, Failure> {
+    let r = round(state, group_slot, members, suspended, Some(gate));
     if r.errors.is_empty() {
         return Ok(r.done);
     }
@@ -168,7 +175,7 @@ pub fn ask(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usiz
     }
     let again: BTreeMap<u32, usize> = members.iter().filter(|(pid, _)| r.done.contains_key(pid)).map(|(&p, &s)| (p, s)).collect();
     if !again.is_empty() {
-        let back = round(state, group_slot, &again, true);
+        let back = round(state, group_slot, &again, true, Some(gate));
         if !back.errors.is_empty() {
             tracing::warn!("suspending again the members that did resume: {}", back.errors.join("; "));
         }

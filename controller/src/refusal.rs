@@ -6,8 +6,9 @@
 //! as long as its exporter, a member on the shim's path without an agent stays so, the host
 //! memory bound holds until another group is resumed. Trying such a group for every request
 //! makes each one pay the attempt first: microseconds for a refusal before any driver call, but
-//! up to the driver lock's 10 s wait (a member inside a long kernel) plus the undo's copy back
-//! for a failure part way, more than a request's default 5 s wait. A bound several default waits
+//! up to the lock's bound (a member inside a long kernel: half of the request's remaining wait,
+//! `room::lock_budget`; a manual suspension's 10 s) plus the undo's copy back for a failure part
+//! way, a large share of a request's default 5 s wait or more. A bound several default waits
 //! long (six) lets a burst of requests pay once. What a bound too long costs: a group whose cause
 //! went away in place (an export freed, a kernel ended) is passed over meanwhile, so the next
 //! candidate goes in its place, or a request that only it could serve fails; 30 s is a quarter

@@ -4,12 +4,14 @@
 //! at a time until the request fits; they are resumed when room returns. The request waits a
 //! bounded time meanwhile instead of failing at once. A group whose suspension is refused or
 //! fails is put back whole (`suspend`) and passed over for a while (`refusal`): the request
-//! goes on with the next candidate.
+//! goes on with the next candidate. A candidate's locks wait for its members' calls under way
+//! only as long as the request's wait allows (`lock_budget`), leaving time for the next one.
 
 use crate::activity::{self, GroupNow, Tracker};
 use crate::refusal::{Refusal, PASS_OVER};
 use crate::state::{Peer, State};
 use crate::suspend::{self, lock_state, Phase};
+use crate::suspend_driver::{LockWait, LOCK_TIMEOUT};
 use gpuslice_common::protocol::RoomRequest;
 use gpuslice_common::size::format_size;
 use nvml_wrapper::Nvml;
@@ -28,6 +30,25 @@ const RESUME_HOLDOFF: Duration = Duration::from_secs(1);
 /// Free memory a resumption leaves on the device besides the group's own, so that it does not
 /// take the last bytes from under the next allocation.
 const RESUME_SLACK: u64 = 256 << 20;
+/// The least a candidate's locks are given (`lock_budget`), however little of the request's
+/// wait is left: enough for the calls under way in a process between ordinary kernels (a
+/// lock that waits on them is not a refusal worth passing the group over for 30 s), and the
+/// most a request can run past its wait for it.
+const LOCK_FLOOR: Duration = Duration::from_millis(250);
+
+/// How long one candidate's locks (the driver's, and its agents' gates) may wait for its
+/// members' calls under way, `left` of the request's wait remaining. Half of it where the
+/// candidates after this one could make the room without it (`others_suffice`): a candidate
+/// inside a long kernel then costs at most half, and the next one still has as long as it
+/// had, for its own locks and its copy to host memory (the copy is not bounded: a suspension
+/// that got its locks is not undone for time). All of it where they could not: this one is
+/// needed either way, and a refusal fails the request anyway. Never less than `LOCK_FLOOR`,
+/// never more than a manual suspension's `LOCK_TIMEOUT`. With the default 5 s wait: 2.5 s for
+/// the first of two candidates, then what is left for the second.
+fn lock_budget(left: Duration, others_suffice: bool) -> Duration {
+    let share = if others_suffice { left / 2 } else { left };
+    share.clamp(LOCK_FLOOR, LOCK_TIMEOUT)
+}
 
 fn nvml() -> &'static Mutex<Option<Nvml>> {
     static NVML: OnceLock<Mutex<Option<Nvml>>> = OnceLock::new();
@@ -219,7 +240,9 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
         if freed >= needed {
             let victim = sized[0].0.clone();
             let attempt = Instant::now();
-            match suspend::suspend(state, None, &victim, true) {
+            let others_suffice = freed - sized[0].1 >= needed;
+            let budget = lock_budget(wait.saturating_sub(started.elapsed()), others_suffice);
+            match suspend::suspend(state, None, &victim, true, LockWait::within(attempt + budget)) {
                 Ok(_) => {
                     suspended.push(victim);
                     continue; // look at the device again
@@ -228,8 +251,9 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
                     // Whatever failed was undone (`suspend`): the group runs as before.
                     match suspend::record(&victim).and_then(|r| r.refusal).filter(|r| r.at >= attempt) {
                         Some(r) => tracing::warn!(
-                            "group {victim:?} refused suspension ({}): passed over by the policy for {} s; pid {} (group {group:?}, priority {priority}) goes on with the next candidate",
+                            "group {victim:?} refused suspension ({}; its members' calls under way were waited for at most {} ms of the request's wait): passed over by the policy for {} s; pid {} (group {group:?}, priority {priority}) goes on with the next candidate",
                             r.describe(),
+                            budget.as_millis(),
                             PASS_OVER.as_secs(),
                             peer.pid
                         ),
@@ -470,6 +494,22 @@ mod tests {
         assert_eq!(candidates[0].bytes(Some(&driver)), GIB, "what the driver shows it holding, not its members' 0");
         assert_eq!(candidates[0].bytes(None), 0, "no per-process figures: the members' report (docs/NOTES.md, branch suspord)");
         assert_eq!(candidates[1].bytes(Some(&driver)), GIB);
+    }
+
+    /// The bound a candidate's locks get from the request's wait: half of what is left while
+    /// the candidates after it could make the room without it, all of it where they could not;
+    /// at least `LOCK_FLOOR`, at most `LOCK_TIMEOUT`.
+    #[test]
+    fn a_candidates_locks_get_half_the_remaining_wait_while_another_could_serve() {
+        let ms = Duration::from_millis;
+        // The default 5 s wait: the first of two candidates 2.5 s, the second what is left.
+        assert_eq!(lock_budget(ms(5000), true), ms(2500));
+        assert_eq!(lock_budget(ms(2400), false), ms(2400));
+        assert_eq!(lock_budget(ms(2400), true), ms(1200));
+        assert_eq!(lock_budget(ms(100), true), LOCK_FLOOR);
+        assert_eq!(lock_budget(Duration::ZERO, false), LOCK_FLOOR);
+        assert_eq!(lock_budget(ms(120_000), true), LOCK_TIMEOUT, "a long wait: no more than a manual suspension's");
+        assert_eq!(lock_budget(ms(15_000), false), LOCK_TIMEOUT);
     }
 
     /// A group whose suspension was refused is passed over for `PASS_OVER` (on a simulated

@@ -578,7 +578,9 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
 fn answer_suspension(request: gpuslice_common::protocol::Request, peer: Peer, state: &Mutex<State>) -> Result<Response, gpuslice_common::protocol::Request> {
     use gpuslice_common::protocol::Request;
     let outcome = match request {
-        Request::Suspend(g) => crate::suspend::suspend(state, Some(peer), &g.group, false),
+        Request::Suspend(g) => {
+            crate::suspend::suspend(state, Some(peer), &g.group, false, crate::suspend_driver::LockWait::each(crate::suspend_driver::LOCK_TIMEOUT))
+        }
         Request::Resume(g) => crate::suspend::resume(state, Some(peer), &g.group),
         Request::SetSuspendable(s) => crate::suspend::set_suspendable(state, peer, &s),
         Request::MakeRoom(room) => crate::room::make_room(state, peer, room),

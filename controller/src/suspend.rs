@@ -16,7 +16,7 @@ use crate::agents;
 use crate::checkpoint::{Driver, ProcessState};
 use crate::refusal::Refusal;
 use crate::state::{Peer, State};
-use crate::suspend_driver::{checkpoint_all, restore_all, LOCK_TIMEOUT};
+use crate::suspend_driver::{checkpoint_all, checkpoint_within, restore_all, LockWait, LOCK_TIMEOUT};
 use gpuslice_common::ledger::{CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
 use gpuslice_common::protocol::{AgentRow, SuspensionRow};
 use gpuslice_common::settings::SuspendPath;
@@ -286,8 +286,12 @@ pub fn members(state: &State, group: &str) -> Result<Members, String> {
     Ok(m)
 }
 
-/// `gpuslice suspend --group G` (and the policy's suspensions).
-pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic: bool) -> Result<String, String> {
+/// `gpuslice suspend --group G` (and the policy's suspensions). `wait` bounds how long the
+/// members' calls under way are waited for: the driver's locks and the agents' gates. A manual
+/// suspension gives each `LOCK_TIMEOUT`; the policy bounds a candidate by its request's wait
+/// (`room`). Whatever times out is undone: the group runs as before, and the refusal is
+/// recorded (`Record::refuse`) like any other.
+pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic: bool, wait: LockWait) -> Result<String, String> {
     let mut m = {
         let state = lock_state(state);
         if let Some(peer) = peer {
@@ -358,7 +362,7 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             }));
         }
     };
-    let (outcome, ms) = timed(|| suspend_both(state, group, &m, &shim, &drivers));
+    let (outcome, ms) = timed(|| suspend_both(state, group, &m, &shim, &drivers, wait));
     let failed = outcome.is_err() && driver_says_failed(drivers.keys().copied());
     update(group, |rec| match outcome {
         Ok(done) => {
@@ -591,14 +595,23 @@ struct Suspended {
 /// any failure what was done is undone. A member whose answer NVML does not bear out is
 /// brought back by its agent before the driver's checkpoint takes it (never both at once); one
 /// that cannot be brought back stays with its agent's suspension (logged).
-fn suspend_both(state: &Mutex<State>, group: &str, m: &Members, shim: &BTreeMap<u32, usize>, drivers: &BTreeMap<u32, u64>) -> Result<Suspended, Failed> {
+fn suspend_both(
+    state: &Mutex<State>,
+    group: &str,
+    m: &Members,
+    shim: &BTreeMap<u32, usize>,
+    drivers: &BTreeMap<u32, u64>,
+    wait: LockWait,
+) -> Result<Suspended, Failed> {
     let mut drivers = drivers.clone();
     let mut by_shim = shim.clone();
     let mut moved = 0;
     let mut rows = BTreeMap::new();
     if !shim.is_empty() {
         let before = crate::room::held_by_pids(state);
-        let answers = agents::ask(state, m.group_slot, shim, true).map_err(Failed::from)?;
+        // Every agent closes its gate at once: one bound for all of them, the driver's locks
+        // after them taking what is left of it.
+        let answers = agents::ask(state, m.group_slot, shim, true, wait.at(Instant::now())).map_err(Failed::from)?;
         let after = crate::room::held_by_pids(state);
         let mut disbelieved = BTreeMap::new();
         for (&pid, &slot) in shim {
@@ -644,8 +657,7 @@ fn suspend_both(state: &Mutex<State>, group: &str, m: &Members, shim: &BTreeMap<
     if !drivers.is_empty() {
         let pids: Vec<u32> = drivers.keys().copied().collect();
         // A driver that cannot be loaded is no member's doing: no pid to name.
-        let done =
-            driver().map_err(|why| (None, why, Vec::new())).and_then(|d| checkpoint_all(&*d, &pids, LOCK_TIMEOUT).map_err(|f| (Some(f.pid), f.why, f.left)));
+        let done = driver().map_err(|why| (None, why, Vec::new())).and_then(|d| checkpoint_within(&*d, &pids, wait).map_err(|f| (Some(f.pid), f.why, f.left)));
         if let Err((pid, why, left)) = done {
             let stuck = agents::bring_back(state, m.group_slot, &by_shim);
             return Err(Failed { why, pid, stuck, left });
@@ -751,7 +763,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
             return Ok(BTreeMap::new());
         }
         let slot = group_slot.ok_or_else(|| "its group slot is gone".to_string())?;
-        agents::ask(state, slot, &shim, false).map_err(|f| {
+        agents::ask(state, slot, &shim, false, LOCK_TIMEOUT).map_err(|f| {
             // All or nothing: the members the driver restored go back out with the others.
             if !drivers.is_empty() {
                 let again = driver().and_then(|d| checkpoint_all(&*d, &drivers, LOCK_TIMEOUT).map_err(|f| f.why));

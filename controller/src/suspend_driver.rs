@@ -4,10 +4,41 @@
 //! a record that says "running". Resuming restores and unlocks each.
 
 use crate::checkpoint::{Driver, DriverError, ProcessState, OUT_OF_MEMORY};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-/// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync).
+/// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync): a
+/// manual `gpuslice suspend`'s, and the most the policy gives one (`LockWait::within`).
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest wait a lock is given: the driver reads a timeout of 0 as "no timeout"
+/// (cuda.h, `CUcheckpointLockArgs::timeoutMs`), so a bound that has run out must still be 1 ms.
+const MIN_LOCK_WAIT: Duration = Duration::from_millis(1);
+
+/// How long the locks of one suspension may wait for their targets' calls under way: each at
+/// most `each`, and (the suspension policy's bound, `room`) none past `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockWait {
+    pub each: Duration,
+    pub until: Option<Instant>,
+}
+
+impl LockWait {
+    /// Each lock waits at most `each` (a manual suspension: `LOCK_TIMEOUT`).
+    pub fn each(each: Duration) -> LockWait {
+        LockWait { each, until: None }
+    }
+
+    /// Every lock done by `until` (each still at most `LOCK_TIMEOUT`): the policy's bound on
+    /// one candidate, taken from the request's wait.
+    pub fn within(until: Instant) -> LockWait {
+        LockWait { each: LOCK_TIMEOUT, until: Some(until) }
+    }
+
+    /// The timeout of a lock that starts at `now`: never 0 (the driver's "no timeout").
+    pub fn at(&self, now: Instant) -> Duration {
+        let left = self.until.map_or(self.each, |u| u.saturating_duration_since(now));
+        self.each.min(left).max(MIN_LOCK_WAIT)
+    }
+}
 
 /// The checkpoint calls used here: the loaded driver's (a fake one in the tests).
 pub trait Api {
@@ -53,10 +84,17 @@ pub struct Failed {
 /// checkpoints each, in the order given; on any failure what was done is undone and checked
 /// (`put_back`).
 pub fn checkpoint_all(d: &(impl Api + ?Sized), pids: &[u32], timeout: Duration) -> Result<(), Failed> {
+    checkpoint_within(d, pids, LockWait::each(timeout))
+}
+
+/// `checkpoint_all`, each lock waiting as `wait` allows when it starts. A lock that times out
+/// leaves its target running (cuda.h: "left in the RUNNING state"); those locked before it are
+/// unlocked, so the group runs as before.
+pub fn checkpoint_within(d: &(impl Api + ?Sized), pids: &[u32], wait: LockWait) -> Result<(), Failed> {
     let mut locked = Vec::new();
     let mut failure = None;
     for &pid in pids {
-        match d.lock(pid, timeout) {
+        match d.lock(pid, wait.at(Instant::now())) {
             Ok(()) => locked.push(pid),
             Err(e) => {
                 failure = Some((pid, e.to_string()));
@@ -153,6 +191,8 @@ mod tests {
         fail_lock: BTreeSet<u32>,
         fail_checkpoint: BTreeSet<u32>,
         fail_restore: RefCell<BTreeSet<u32>>,
+        /// The timeout each lock was given, in order.
+        timeouts: RefCell<Vec<Duration>>,
     }
 
     fn err(code: u32, what: &str, pid: u32) -> DriverError {
@@ -186,7 +226,8 @@ mod tests {
         fn state(&self, pid: u32) -> Result<ProcessState, DriverError> {
             self.states.borrow().get(&pid).copied().ok_or_else(|| err(1, "state", pid))
         }
-        fn lock(&self, pid: u32, _: Duration) -> Result<(), DriverError> {
+        fn lock(&self, pid: u32, timeout: Duration) -> Result<(), DriverError> {
+            self.timeouts.borrow_mut().push(timeout);
             self.step(pid, "lock", ProcessState::Running, ProcessState::Locked, self.fail_lock.contains(&pid), 909)
         }
         fn checkpoint(&self, pid: u32) -> Result<(), DriverError> {
@@ -253,5 +294,41 @@ mod tests {
         let f = checkpoint_all(&d, &[1, 2], LOCK_TIMEOUT).unwrap_err();
         assert_eq!((f.pid, f.left), (2, vec![]));
         assert_eq!(d.states(), [Running]);
+    }
+
+    /// The policy's bound (simulated clock: an `Instant` and offsets): each lock gets what is
+    /// left of it, never more than `LOCK_TIMEOUT`, and never 0 (the driver's "no timeout")
+    /// once it has run out; a manual suspension's locks get `LOCK_TIMEOUT` each.
+    #[test]
+    fn a_lock_waits_no_longer_than_the_bound_allows_and_never_without_a_timeout() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let within = LockWait::within(t0 + ms(2500));
+        assert_eq!(within.at(t0), ms(2500));
+        assert_eq!(within.at(t0 + ms(2000)), ms(500));
+        assert_eq!(within.at(t0 + ms(2500)), MIN_LOCK_WAIT, "run out: 1 ms, not 0");
+        assert_eq!(within.at(t0 + ms(9000)), MIN_LOCK_WAIT);
+        assert_eq!(LockWait::within(t0 + ms(60_000)).at(t0), LOCK_TIMEOUT, "never longer than a manual suspension's");
+        assert_eq!(LockWait::each(LOCK_TIMEOUT).at(t0 + ms(60_000)), LOCK_TIMEOUT, "a manual suspension: each lock its 10 s");
+
+        // Through `checkpoint_within`: a bound already over still locks with a timeout.
+        let d = Fake::with(&[1, 2]);
+        checkpoint_within(&d, &[1, 2], LockWait::within(t0)).unwrap();
+        assert_eq!(*d.timeouts.borrow(), [MIN_LOCK_WAIT, MIN_LOCK_WAIT]);
+        let d = Fake::with(&[1]);
+        checkpoint_all(&d, &[1], LOCK_TIMEOUT).unwrap();
+        assert_eq!(*d.timeouts.borrow(), [LOCK_TIMEOUT]);
+    }
+
+    /// A lock that times out (the member inside a long kernel) leaves every member running:
+    /// the one whose lock timed out stays so (cuda.h), those locked before it are unlocked.
+    #[test]
+    fn a_lock_that_times_out_leaves_the_group_running() {
+        let d = Fake { fail_lock: [2].into(), ..Fake::with(&[1, 2]) };
+        let f = checkpoint_within(&d, &[1, 2], LockWait::within(Instant::now() + Duration::from_millis(2500))).unwrap_err();
+        assert_eq!((f.pid, f.left), (2, vec![]));
+        assert!(f.why.contains("909"), "{}", f.why);
+        assert_eq!(d.states(), [Running, Running]);
+        assert!(d.timeouts.borrow().iter().all(|t| *t <= Duration::from_millis(2500)), "{:?}", d.timeouts.borrow());
     }
 }

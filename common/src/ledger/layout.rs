@@ -235,7 +235,13 @@ pub struct ProcessSlot {
     pub suspend_held: AtomicU32,
     /// Allocations the last suspension or resume moved.
     pub suspend_ranges: AtomicU32,
-    pub _suspend_pad: AtomicU32,
+    /// How long, in ms, the agent's gate may wait for the process's calls in flight at the
+    /// suspension this slot's `suspend_request` asks for (branch lockwait; was padding): written
+    /// by the controller before that request, so that the suspension policy bounds a candidate
+    /// by its request's wait. 0 = the agent's own 10 s; more than that is read as 10 s. In the
+    /// tenant's writable slot: a process can only shorten its own agent's wait, i.e. refuse its
+    /// own suspension, which it could anyway.
+    pub suspend_gate_ms: AtomicU32,
     /// The last suspension's and resume's time split, in µs, by `PHASE_*`.
     pub suspend_phase_us: [AtomicU32; PHASES],
     /// To the end of the page.

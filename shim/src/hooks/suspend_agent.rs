@@ -23,7 +23,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 static STARTED: AtomicBool = AtomicBool::new(false);
-/// How long the gate may wait for calls in flight (the driver path's lock timeout too).
+/// How long the gate may wait for calls in flight (the driver path's lock timeout too), unless
+/// the controller asks for less (`gate_timeout`).
 const GATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The agent looks at its word at least this often (a wake lost to a race costs this much).
 const RECHECK_NS: u64 = 1_000_000_000;
@@ -71,6 +72,16 @@ fn keep_override() -> Option<u64> {
         }
         bytes
     })
+}
+
+/// How long this suspension's gate may wait for calls in flight: what the controller wrote
+/// before its request (the suspension policy bounds it by the waiting request's time), at
+/// most `GATE_TIMEOUT`; 0 (an older controller, or none written) is `GATE_TIMEOUT`.
+fn gate_timeout(slot: &ProcessSlot) -> Duration {
+    match slot.suspend_gate_ms.load(Relaxed) {
+        0 => GATE_TIMEOUT,
+        ms => Duration::from_millis(u64::from(ms)).min(GATE_TIMEOUT),
+    }
 }
 
 /// Whether this process's memory is on the host now.
@@ -176,8 +187,9 @@ impl Agent {
             return answer.say(SUSPEND_FAILED, SUSPEND_ERR_HOLE);
         }
         let t = Instant::now();
-        if crate::sys::gate::close(GATE_TIMEOUT).is_err() {
-            tracing::warn!("pid {pid}: not suspended: CUDA calls in flight did not finish within {GATE_TIMEOUT:?}");
+        let timeout = gate_timeout(answer.slot);
+        if crate::sys::gate::close(timeout).is_err() {
+            tracing::warn!("pid {pid}: not suspended: CUDA calls in flight did not finish within {timeout:?}");
             return answer.say(SUSPEND_FAILED, SUSPEND_ERR_BUSY);
         }
         let gate_us = t.elapsed().as_micros() as u64;
