@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 22: the real driver's checkpoint API in the cases the suspension policy relies on
+# (tests/gpu/ckpt_semantics.cu's head). About 40 s; no shim, no controller. Prints one line per
+# case and a short table last. Run from the repo root: bash tests/gpu/ckpt_semantics.sh
+set -u
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+BUILD=${BUILD:-.gpu/build}
+mkdir -p "$BUILD"
+NVCC=${NVCC:-nvcc}
+"$NVCC" -O1 -o "$BUILD/ckpt_semantics" "$HERE/ckpt_semantics.cu" -lcuda || { echo "ckpt_semantics: nvcc failed"; exit 2; }
+P=$BUILD/ckpt_semantics
+start_target() {  # MODE SECONDS -> sets TPID once the target printed "ready"
+  local f; f=$(mktemp)
+  "$P" target "$1" "$2" >"$f" 2>&1 &
+  TPID=$!
+  for _ in $(seq 1 200); do grep -q ready "$f" && break; sleep 0.05; done
+  sleep 0.3
+}
+out=()
+for mode in none init ctx; do
+  start_target "$mode" 8
+  out+=("$mode: $("$P" state "$TPID")")
+  if [ "$mode" = ctx ]; then
+    out+=("ctx lock 1000: $("$P" lock "$TPID" 1000 | tr '\n' ' ')")
+  fi
+  kill "$TPID" 2>/dev/null; wait "$TPID" 2>/dev/null
+done
+start_target spin 20
+out+=("spin: $("$P" state "$TPID")")
+out+=("spin lock 500: $("$P" lock "$TPID" 500 | tr '\n' ' ')")
+out+=("spin lock 0 (docs: no timeout) not tried; spin after: $("$P" state "$TPID")")
+kill "$TPID" 2>/dev/null; wait "$TPID" 2>/dev/null
+echo "== ckpt_semantics (codes: 0 ok, 1 invalid value, 3 not initialized, 401 illegal state, 801 not supported, 909 timeout; states 0 running 1 locked 2 checkpointed 3 failed) =="
+printf '%s\n' "${out[@]}"
