@@ -15,6 +15,18 @@
 //!   the table or the controller's memory).
 //! - Keep an entry after the exporter is gone (`kill -9`): entries belong to a process slot and
 //!   die with it (`forget`), and a lookup checks the slot still watches the same pid.
+//!
+//! Imports are recorded too (issue 22): an export shields its group from suspension only while
+//! another process has imported it (`importers_of`), because a tenant's word that it exported
+//! something cannot be checked against the driver (any 64 bytes, any file it holds) and an
+//! export nobody imported has no importer to pull memory from under. The importer's own shim
+//! reports the import (`Request::Import`, sent after the driver's import succeeded); it is kept
+//! only from a live registered process, only for a key a live process exported, at most
+//! `MAX_PER_PROCESS` per importer, and it dies with the importer (or with the key's last
+//! exporter). An importer of the exporter's own group counts (IPC between the workers of one
+//! server is the main real case, and the driver's checkpoint of memory mapped across processes
+//! is not measured); the exporter importing its own export does not. NOTES (branch fakeexp)
+//! says which lie still works and what it costs.
 
 use crate::state::{Peer, State};
 use gpuslice_common::protocol::{ExportKey, MAX_HANDLE_BYTES};
@@ -31,11 +43,21 @@ pub struct Exports {
     by_key: HashMap<ExportKey, Vec<(usize, u32)>>,
     /// Process slot → how many entries it holds.
     per_slot: HashMap<usize, usize>,
+    /// The key → (process slot, pid) of each registered process that imported it.
+    imported_by: HashMap<ExportKey, Vec<(usize, u32)>>,
+    /// Process slot → how many imports it recorded.
+    imports_per_slot: HashMap<usize, usize>,
 }
 
 impl Exports {
     /// Drops every entry of a process slot (its process has gone).
     pub fn forget(&mut self, slot: usize) {
+        if self.imports_per_slot.remove(&slot).is_some() {
+            self.imported_by.retain(|_, importers| {
+                importers.retain(|(s, _)| *s != slot);
+                !importers.is_empty()
+            });
+        }
         if self.per_slot.remove(&slot).is_none() {
             return;
         }
@@ -43,15 +65,25 @@ impl Exports {
             owners.retain(|(s, _)| *s != slot);
             !owners.is_empty()
         });
+        // A key nobody exports any more takes its imports with it: a later export of the same
+        // bytes (a reused handle, or a tenant replaying them) is not corroborated by them.
+        let (by_key, counts) = (&self.by_key, &mut self.imports_per_slot);
+        self.imported_by.retain(|key, importers| {
+            let keep = by_key.contains_key(key);
+            if !keep {
+                for (s, _) in importers.iter() {
+                    if let Some(n) = counts.get_mut(s) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            }
+            keep
+        });
+        counts.retain(|_, n| *n > 0);
     }
 
     pub fn len(&self) -> usize {
         self.by_key.values().map(Vec::len).sum()
-    }
-
-    /// How many exports the process in `slot` has recorded (issue 22 refuses to suspend them).
-    pub fn held_by(&self, slot: usize) -> usize {
-        self.per_slot.get(&slot).copied().unwrap_or(0)
     }
 }
 
@@ -97,7 +129,56 @@ impl State {
 
     /// True when a live registered process exported `key`.
     pub fn imported(&self, key: &ExportKey) -> bool {
-        self.exports.by_key.get(key).is_some_and(|owners| owners.iter().any(|(slot, pid)| self.watched.get(slot).is_some_and(|w| w.pid == *pid)))
+        self.exports.by_key.get(key).is_some_and(|owners| owners.iter().any(|(slot, pid)| self.live(*slot, *pid)))
+    }
+
+    /// `peer` imported `key` (its shim asks after the driver's import succeeded): true when a
+    /// live registered process exported it (so the import is charged to that exporter), and
+    /// then, when `peer` is a registered process, the import is recorded: it makes the export
+    /// one that shields its group from suspension (`importers_of`).
+    pub fn import(&mut self, peer: Peer, key: ExportKey) -> bool {
+        if !self.imported(&key) {
+            return false;
+        }
+        let Some(slot) = self.slot_of(peer) else { return true };
+        let entry = (slot, peer.pid);
+        // Its own export (corroborates nothing), or recorded already.
+        if self.exports.by_key.get(&key).is_some_and(|o| o.contains(&entry)) || self.exports.imported_by.get(&key).is_some_and(|i| i.contains(&entry)) {
+            return true;
+        }
+        let held = self.exports.imports_per_slot.entry(slot).or_insert(0);
+        if *held >= MAX_PER_PROCESS {
+            tracing::warn!(
+                "pid {}: holds {held} recorded imports (at most {MAX_PER_PROCESS}); this one does not shield its exporter's group from suspension",
+                peer.pid
+            );
+            return true;
+        }
+        *held += 1;
+        self.exports.imported_by.entry(key).or_default().push(entry);
+        true
+    }
+
+    /// The pids of the live registered processes, other than the exporter itself, that imported
+    /// an export of the process in `slot`: while there is one, suspending that process would
+    /// pull memory from under an importer (issue 22). An export nobody else imported shields
+    /// nothing: a process's own word is all there is of it.
+    pub fn importers_of(&self, slot: usize) -> std::collections::BTreeSet<u32> {
+        let Some(exporter) = self.watched.get(&slot).map(|w| w.pid) else { return Default::default() };
+        self.exports
+            .by_key
+            .iter()
+            .filter(|(_, owners)| owners.contains(&(slot, exporter)))
+            .filter_map(|(key, _)| self.exports.imported_by.get(key))
+            .flatten()
+            .filter(|(s, pid)| *pid != exporter && self.live(*s, *pid))
+            .map(|(_, pid)| *pid)
+            .collect()
+    }
+
+    /// True when process slot `slot` still watches `pid`.
+    fn live(&self, slot: usize, pid: u32) -> bool {
+        self.watched.get(&slot).is_some_and(|w| w.pid == pid)
     }
 }
 
@@ -129,13 +210,20 @@ mod tests {
 
     /// A state watching this test process as slot 0.
     fn state(dir: &tempfile::TempDir) -> (State, Peer) {
-        use gpuslice_common::ledger::{self, Ledger, MAX_DEVICES, UNLIMITED};
+        use gpuslice_common::ledger::{self, Ledger};
         let path = dir.path().join("ledger").to_str().unwrap().to_string();
         let (ledger, _) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
         let mut s = State::new(ledger, gpuslice_common::settings::FileSettings::parse("test.toml", "").unwrap());
         // SAFETY: getuid has no preconditions.
         let me = Peer { pid: std::process::id(), uid: unsafe { libc::getuid() } };
-        let w = crate::state::Watched {
+        s.watched.insert(0, watched(me));
+        (s, me)
+    }
+
+    /// A registered process in group 0.
+    fn watched(me: Peer) -> crate::state::Watched {
+        use gpuslice_common::ledger::{MAX_DEVICES, UNLIMITED};
+        crate::state::Watched {
             pid: me.pid,
             pidfd: None,
             start_time: None,
@@ -147,9 +235,7 @@ mod tests {
             penalty: [0; MAX_DEVICES],
             misbehaving: None,
             token: 0,
-        };
-        s.watched.insert(0, w);
-        (s, me)
+        }
     }
 
     #[test]
@@ -179,6 +265,39 @@ mod tests {
         s.release(0, "test");
         assert!(!s.imported(&handle) && !s.imported(&held));
         assert_eq!(s.exports.len(), 0);
+    }
+
+    #[test]
+    fn an_export_shields_only_while_another_process_imported_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, me) = state(&dir);
+        // A second registered process (slot 1): a child that lives until the test ends.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let other = Peer { pid: child.id(), uid: me.uid };
+        s.watched.insert(1, watched(other));
+        let key = ExportKey::Handle(vec![5; 64]);
+        assert!(!s.import(other, key.clone()), "not exported: charged to its importer");
+        s.export(me, key.clone()).unwrap();
+        assert!(s.importers_of(0).is_empty(), "an export nobody imported shields nothing");
+        assert!(s.import(me, key.clone()), "its own import is charged to it once");
+        assert!(s.importers_of(0).is_empty(), "the exporter's own import corroborates nothing");
+        assert!(s.import(Peer { pid: other.pid + 1_000_000, ..other }, key.clone()), "an unregistered importer is answered");
+        assert!(s.importers_of(0).is_empty(), "but not recorded");
+        assert!(s.import(other, key.clone()));
+        assert_eq!(s.importers_of(0).into_iter().collect::<Vec<_>>(), vec![other.pid], "another process imported it");
+        assert!(s.importers_of(1).is_empty(), "the importer exported nothing");
+        // The importer goes: the export shields nothing again.
+        s.release(1, "test");
+        assert!(s.importers_of(0).is_empty());
+        assert!(s.exports.imported_by.is_empty() && s.exports.imports_per_slot.is_empty());
+        // The exporter goes: its key's imports with it, so a replay of the bytes starts bare.
+        s.watched.insert(1, watched(other));
+        assert!(s.import(other, key.clone()));
+        assert_eq!(s.exports.imported_by.len(), 1);
+        s.exports.forget(0);
+        assert!(s.exports.imported_by.is_empty() && s.exports.imports_per_slot.is_empty());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

@@ -514,7 +514,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
                     (Response::Error { message }, Vec::new())
                 }
             },
-            Request::Import(i) => (Response::Imported { by_gpuslice: state.imported(&i.key) }, Vec::new()),
+            Request::Import(i) => (Response::Imported { by_gpuslice: state.import(peer, i.key) }, Vec::new()),
             Request::Suspend(_) | Request::Resume(_) | Request::SetSuspendable(_) | Request::MakeRoom(_) => {
                 (Response::Error { message: "answered by the suspension module".into() }, Vec::new())
             }

@@ -259,8 +259,9 @@ pub struct Members {
     /// The group's slot.
     pub group_slot: usize,
     pub device_bytes: BTreeMap<u32, u64>,
-    /// pid → exports it recorded (members with none are absent).
-    pub exports: BTreeMap<u32, usize>,
+    /// pid → the other processes that imported one of its exports (members whose exports
+    /// nobody else imported are absent: their word alone does not shield the group).
+    pub exports: BTreeMap<u32, std::collections::BTreeSet<u32>>,
 }
 
 pub fn members(state: &State, group: &str) -> Result<Members, String> {
@@ -272,9 +273,9 @@ pub fn members(state: &State, group: &str) -> Result<Members, String> {
         let bytes = p.devices.iter().map(|d| d.used.load(std::sync::atomic::Ordering::Relaxed)).sum();
         m.pids.insert(w.pid, bytes);
         m.slots.insert(w.pid, (pslot, p.suspend_caps.load(std::sync::atomic::Ordering::Acquire)));
-        let exports = state.exports.held_by(pslot);
-        if exports > 0 {
-            *m.exports.entry(w.pid).or_insert(0) += exports;
+        let importers = state.importers_of(pslot);
+        if !importers.is_empty() {
+            m.exports.insert(w.pid, importers);
         }
     }
     for (d, gd) in g.devices.iter().enumerate() {
@@ -304,12 +305,19 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
     }
     // Members the driver shows without CUDA state hold nothing and cannot be locked: the group
     // is suspended without them (what they recorded, exports included, cannot be real memory).
-    let skipped = without_cuda(state, &m);
+    let skipped = without_cuda(state, m.pids.keys().copied());
     for pid in skipped.keys() {
         m.pids.remove(pid);
         m.slots.remove(pid);
         m.exports.remove(pid);
     }
+    // Nor does an importer without CUDA state shield an export: it cannot have mapped anything.
+    let importers: std::collections::BTreeSet<u32> = m.exports.values().flatten().copied().filter(|p| !skipped.contains_key(p)).collect();
+    let hollow = without_cuda(state, importers.into_iter());
+    m.exports.retain(|_, importers| {
+        importers.retain(|p| !skipped.contains_key(p) && !hollow.contains_key(p));
+        !importers.is_empty()
+    });
     if m.pids.is_empty() {
         return Err(format!("group {group:?} has no process with CUDA state to suspend"));
     }
@@ -324,9 +332,10 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         if rec.phase != Phase::Running {
             return Err(format!("group {group:?} is {} already", rec.phase.name()));
         }
-        if let Some((&pid, &n)) = m.exports.iter().next().filter(|_| !rec.allow_exports) {
+        if let Some((&pid, importers)) = m.exports.iter().next().filter(|_| !rec.allow_exports) {
             let why = format!(
-                "group {group:?} exports memory to other processes (pid {pid}: {n} exports recorded{}): suspending it would pull memory from under its importers; `gpuslice set --group {group} --suspendable true --allow-exports` allows it",
+                "group {group:?} exports memory to other processes (pid {pid}: imported by pids {:?}{}): suspending it would pull memory from under its importers; `gpuslice set --group {group} --suspendable true --allow-exports` allows it",
+                importers.iter().collect::<Vec<_>>(),
                 if m.exports.len() > 1 { format!("; pids {:?} in all", m.exports.keys().collect::<Vec<_>>()) } else { String::new() }
             );
             return Err(rec.refuse(Some(pid), why));
@@ -432,18 +441,16 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
     })
 }
 
-/// The members the driver shows without CUDA state, with its words: the checkpoint API has
+/// The processes (members, or importers of their exports) the driver shows without CUDA state, with its words: the checkpoint API has
 /// nothing of them to lock, and they hold nothing on the device, so the group is suspended
 /// without them. Both of the driver's answers are needed: its checkpoint state for the pid
 /// (`INVALID_VALUE` / `NOT_INITIALIZED`: no CUDA state) and NVML's process lists, readable and
 /// showing the pid holding nothing. Without either (no checkpoint API, no NVML) nobody is
 /// skipped, and a suspension fails on such a member as before. Nothing a member writes enters.
-fn without_cuda(state: &Mutex<State>, m: &Members) -> BTreeMap<u32, String> {
+fn without_cuda(state: &Mutex<State>, pids: impl Iterator<Item = u32>) -> BTreeMap<u32, String> {
     let Ok(d) = driver() else { return BTreeMap::new() };
-    let none: BTreeMap<u32, String> = m
-        .pids
-        .keys()
-        .filter_map(|&pid| match d.state(pid) {
+    let none: BTreeMap<u32, String> = pids
+        .filter_map(|pid| match d.state(pid) {
             Err(e) if e.no_cuda_state() => Some((pid, e.to_string())),
             _ => None,
         })

@@ -183,11 +183,14 @@ fn refusals_name_the_reason_and_change_nothing() {
     let out = ctl.cli("resume").args("--group small").run();
     assert!(!out.success() && out.stderr.contains("is not suspended"), "{out}");
 
-    // A group that exports memory (legacy IPC) is refused unless allowed.
+    // A group that exports memory (legacy IPC) to another group's process, which imported it,
+    // is refused unless allowed.
     let handle = sim.path_str("handle");
     let exporter =
         sim.program(mgpu()).shim().controller(&ctl).group("exporter").args(&format!("init ctx 0 alloc 64M ipcexport {handle} waitfile {done} free")).spawn();
     expect_ok(&exporter.wait_line("ipcexport", 0));
+    let importer = sim.program(mgpu()).shim().controller(&ctl).group("importer").args(&format!("init ctx 0 ipcopen {handle} waitfile {done} ipcclose")).spawn();
+    expect_ok(&importer.wait_line("ipcopen", 0));
     let out = ctl.cli("suspend").args("--group exporter").run();
     assert!(!out.success() && out.stderr.contains("exports memory"), "{out}");
     ctl.set_ok("--group exporter --suspendable true --allow-exports");
@@ -199,6 +202,7 @@ fn refusals_name_the_reason_and_change_nothing() {
     big.wait().assert_all_ok();
     small.wait().assert_all_ok();
     exporter.wait().assert_all_ok();
+    importer.wait().assert_all_ok();
 }
 
 /// tests/clients/mgpu.c, linked with -lcuda (see its header for the commands).

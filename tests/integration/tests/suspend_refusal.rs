@@ -48,6 +48,14 @@ fn exporter(sim: &Sim, ctl: &Controller<'_>, group: &str, handle: &str, done: &s
     t
 }
 
+/// A member of `group` that imports the export written to `handle` (legacy IPC; its shim
+/// reports the import to the controller) and holds it until `done`.
+fn importer(sim: &Sim, ctl: &Controller<'_>, group: &str, handle: &str, done: &str) -> Running {
+    let t = sim.program(mgpu()).shim().controller(ctl).group(group).args(&format!("init ctx 0 ipcopen {handle} waitfile {done} ipcclose")).spawn();
+    expect_ok(&t.wait_line("ipcopen", 0));
+    t
+}
+
 /// tests/clients/mgpu.c, linked with -lcuda (see its header for the commands).
 fn mgpu() -> PathBuf {
     let sim = sim_dir().display().to_string();
@@ -70,8 +78,8 @@ fn log_lines_with(ctl: &Controller<'_>, all: &[&str]) -> Vec<String> {
     ctl.log().lines().filter(|l| all.iter().all(|w| l.contains(w))).map(str::to_string).collect()
 }
 
-/// The bug: `first` has a member that exports memory (recorded; `allow_exports` not set), so
-/// its suspension is refused. The policy tried `first` again and again until the request's wait
+/// The bug: `first` has a member that exports memory to another member, which imported it
+/// (both recorded by their shims; `allow_exports` not set), so its suspension is refused. The policy tried `first` again and again until the request's wait
 /// ended, and the high-priority allocation failed (`err alloc code=2`) although suspending
 /// `second` would have made room. Now: `first` is refused once (logged with the process that
 /// blocked it and why), passed over, and `second` is suspended; `first` runs on untouched.
@@ -83,6 +91,8 @@ fn a_group_that_refuses_suspension_is_passed_over_and_the_next_one_is_suspended(
     let (done, leave, handle) = (sim.path_str("done"), sim.path_str("leave"), sim.path_str("handle"));
     let first = holder(&sim, &ctl, "first", &done);
     let blocker = exporter(&sim, &ctl, "first", &handle, &done);
+    // IPC between the processes of one group (a server's workers): the import shields it.
+    let peer = importer(&sim, &ctl, "first", &handle, &done);
     std::thread::sleep(SEVERAL_TICKS);
     let second = holder(&sim, &ctl, "second", &done);
     std::thread::sleep(SEVERAL_TICKS);
@@ -96,7 +106,7 @@ fn a_group_that_refuses_suspension_is_passed_over_and_the_next_one_is_suspended(
     assert_eq!(f["state"], "running", "{l}");
     assert_eq!(f["refusals"], 1, "refused once: {l}");
     assert_eq!(f["refused_by"], blocker.pid(), "the process that blocked it: {l}");
-    assert!(f["error"].as_str().is_some_and(|e| e.contains("exports memory")), "why: {l}");
+    assert!(f["error"].as_str().is_some_and(|e| e.contains("exports memory") && e.contains(&format!("imported by pids [{}]", peer.pid()))), "why: {l}");
     assert!(f["passed_over_s"].as_f64().is_some_and(|s| s > 0.0), "the policy passes it over for a while: {l}");
     assert_eq!(sim.device_free(), free_before + (GIB + R) - (2 * GIB + R), "first's memory stayed on the device, second's left");
     let refused = log_lines_with(&ctl, &["group \"first\" refused suspension", &format!("pid {}", blocker.pid()), "exports memory", "passed over"]);
@@ -107,6 +117,45 @@ fn a_group_that_refuses_suspension_is_passed_over_and_the_next_one_is_suspended(
     touch(&leave);
     urgent.wait().assert_all_ok();
     ctl.ls_until("second resumed", Duration::from_secs(10), |l| l.suspension("second")["state"] == "running");
+    touch(&done);
+    first.wait().assert_all_ok();
+    peer.wait().assert_all_ok();
+    blocker.wait().assert_all_ok();
+    second.wait().assert_all_ok();
+}
+
+/// A tenant's word alone does not shield its group: `first`'s member records an export (any
+/// process may send any 64 bytes; the driver cannot confirm them) that no other process
+/// imported. Nothing can be pulled from under an importer, so `first`, first in the policy's
+/// order, is suspended with its exporter, and `second` runs on. Before: `first` was refused
+/// ("exports memory") and `second` suspended in its place — a request only `first` could
+/// serve failed.
+#[test]
+fn a_group_that_only_records_an_export_is_suspended_when_the_policy_needs_it() {
+    let sim = machine();
+    let ctl = sim.controller();
+    groups(&ctl);
+    let (done, leave, handle) = (sim.path_str("done"), sim.path_str("leave"), sim.path_str("handle"));
+    let first = holder(&sim, &ctl, "first", &done);
+    let blocker = exporter(&sim, &ctl, "first", &handle, &done);
+    std::thread::sleep(SEVERAL_TICKS);
+    let second = holder(&sim, &ctl, "second", &done);
+    std::thread::sleep(SEVERAL_TICKS);
+
+    let urgent = urgent_request(&sim, &ctl, &leave);
+    expect_ok(&urgent.wait_line("alloc", 0));
+    let l = ctl.ls();
+    let f = l.suspension("first");
+    assert_eq!(f["state"], "suspended", "an export nobody imported does not shield its group:\n{l}\n{}", ctl.log());
+    let mut pids = vec![first.pid(), blocker.pid()];
+    pids.sort();
+    assert_eq!(f["pids"], serde_json::json!(pids), "the exporter is suspended with its group: {l}");
+    assert_eq!(f["refusals"], 0, "{l}");
+    assert_eq!(l.suspension("second")["state"], "running", "{l}");
+
+    touch(&leave);
+    urgent.wait().assert_all_ok();
+    ctl.ls_until("first resumed", Duration::from_secs(10), |l| l.suspension("first")["state"] == "running");
     touch(&done);
     first.wait().assert_all_ok();
     blocker.wait().assert_all_ok();
@@ -127,6 +176,8 @@ fn a_group_whose_suspension_fails_part_way_is_put_back_whole_and_the_next_one_is
     let (done, leave, handle) = (sim.path_str("done"), sim.path_str("leave"), sim.path_str("handle"));
     let first = holder(&sim, &ctl, "first", &done);
     let blocker = exporter(&sim, &ctl, "first", &handle, &done);
+    // Imported by a process of another group (the simulated driver refuses only such memory).
+    let peer = importer(&sim, &ctl, "reader", &handle, &done);
     std::thread::sleep(SEVERAL_TICKS);
     let second = holder(&sim, &ctl, "second", &done);
     std::thread::sleep(SEVERAL_TICKS);
@@ -156,6 +207,7 @@ fn a_group_whose_suspension_fails_part_way_is_put_back_whole_and_the_next_one_is
     ctl.ls_until("second resumed", Duration::from_secs(10), |l| l.suspension("second")["state"] == "running");
     touch(&done);
     first.wait().assert_all_ok();
+    peer.wait().assert_all_ok();
     blocker.wait().assert_all_ok();
     second.wait().assert_all_ok();
 }

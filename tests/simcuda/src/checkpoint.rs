@@ -292,8 +292,12 @@ fn slot_of(d: usize, pid: u32) -> Option<&'static state::ProcSlot> {
     sh.dev(d).procs.iter().find(|s| s.pid.load(SeqCst) == pid)
 }
 
+/// True when another process holds an import of memory `pid` exported. An export nobody else
+/// imported has nobody to pull memory from under: checkpointed like the rest.
 fn exports_memory(pid: u32) -> bool {
-    state::opened().is_some_and(|sh| sh.exports.iter().any(|x| x.id.load(SeqCst) != 0 && x.owner_pid.load(SeqCst) == pid))
+    state::opened().is_some_and(|sh| {
+        sh.exports.iter().any(|x| x.id.load(SeqCst) != 0 && x.owner_pid.load(SeqCst) == pid && x.importers.iter().any(|i| ![0, pid].contains(&i.load(SeqCst))))
+    })
 }
 
 /// # Safety
