@@ -446,6 +446,24 @@ mod tests {
         (a.group as usize, a.devices[0].1)
     }
 
+    /// A controller's state over a fresh ledger (kept in the returned directory) whose config
+    /// makes two suspendable low-priority groups and one high-priority group, suspension marks
+    /// published as `serve` publishes them.
+    fn two_suspendable_and_one_high(low_a: &str, low_b: &str, high: &str) -> (tempfile::TempDir, State) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger").to_str().unwrap().to_string();
+        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
+        let config = format!(
+            "[groups.{low_a}]\npriority = \"low\"\nsuspendable = true\n[groups.{low_b}]\npriority = \"low\"\nsuspendable = true\n[groups.{high}]\npriority = \"high\"\n"
+        );
+        let mut s = State::new(ledger, FileSettings::parse("test.toml", &config).unwrap());
+        s.init_memory(adopted).unwrap();
+        s.install_config_groups().unwrap();
+        let s = Mutex::new(s);
+        suspend::from_config(&s);
+        (dir, s.into_inner().unwrap())
+    }
+
     /// Two idle suspendable groups of one priority: `plan-liars` allocated first, `plan-honest`
     /// later (the driver's evidence, as the watcher records it), and a member of `plan-liars`
     /// wrote device time and a zero `used` into its group's counters. The plan puts `plan-liars`
@@ -453,16 +471,7 @@ mod tests {
     /// where the driver's per-process figures cannot be read does the members' report stand.
     #[test]
     fn the_plan_goes_by_the_drivers_evidence_not_the_members_counters() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger").to_str().unwrap().to_string();
-        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
-        let config = "[groups.plan-liars]\npriority = \"low\"\nsuspendable = true\n[groups.plan-honest]\npriority = \"low\"\nsuspendable = true\n[groups.plan-urgent]\npriority = \"high\"\n";
-        let mut s = State::new(ledger, FileSettings::parse("test.toml", config).unwrap());
-        s.init_memory(adopted).unwrap();
-        s.install_config_groups().unwrap();
-        let s = Mutex::new(s);
-        suspend::from_config(&s);
-        let mut s = s.into_inner().unwrap();
+        let (_dir, mut s) = two_suspendable_and_one_high("plan-liars", "plan-honest", "plan-urgent");
         let (liar, honest, urgent) = (Sleeper::new(), Sleeper::new(), Sleeper::new());
         let (liars, d) = register(&mut s, &liar, "plan-liars");
         let (honests, _) = register(&mut s, &honest, "plan-honest");
@@ -517,16 +526,7 @@ mod tests {
     /// refusal named a process that is no longer a member, it is a candidate at once.
     #[test]
     fn a_group_that_refused_suspension_is_passed_over_for_a_bounded_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger").to_str().unwrap().to_string();
-        let (ledger, adopted) = Ledger::open_or_create(&path, ledger::Geometry { max_groups: 8, max_procs: 8 }).unwrap();
-        let config = "[groups.pass-first]\npriority = \"low\"\nsuspendable = true\n[groups.pass-second]\npriority = \"low\"\nsuspendable = true\n[groups.pass-urgent]\npriority = \"high\"\n";
-        let mut s = State::new(ledger, FileSettings::parse("test.toml", config).unwrap());
-        s.init_memory(adopted).unwrap();
-        s.install_config_groups().unwrap();
-        let s = Mutex::new(s);
-        suspend::from_config(&s);
-        let mut s = s.into_inner().unwrap();
+        let (_dir, mut s) = two_suspendable_and_one_high("pass-first", "pass-second", "pass-urgent");
         let (first, second, urgent) = (Sleeper::new(), Sleeper::new(), Sleeper::new());
         let (_, d) = register(&mut s, &first, "pass-first");
         register(&mut s, &second, "pass-second");

@@ -74,6 +74,18 @@ fn urgent_request(sim: &Sim, ctl: &Controller<'_>, leave: &str) -> Running {
         .spawn()
 }
 
+/// The end of a test: the request lets go of its memory, the group it had suspended
+/// (`suspended`) is resumed, and every process finishes cleanly.
+fn finish<const N: usize>(ctl: &Controller<'_>, urgent: Running, leave: &str, suspended: &str, done: &str, processes: [Running; N]) {
+    touch(leave);
+    urgent.wait().assert_all_ok();
+    ctl.ls_until(&format!("{suspended} resumed"), Duration::from_secs(10), |l| l.suspension(suspended)["state"] == "running");
+    touch(done);
+    for p in processes {
+        p.wait().assert_all_ok();
+    }
+}
+
 fn log_lines_with(ctl: &Controller<'_>, all: &[&str]) -> Vec<String> {
     ctl.log().lines().filter(|l| all.iter().all(|w| l.contains(w))).map(str::to_string).collect()
 }
@@ -114,14 +126,7 @@ fn a_group_that_refuses_suspension_is_passed_over_and_the_next_one_is_suspended(
     let ls = ctl.cli("ls").run();
     assert!(ls.lines.iter().any(|line| line.contains("last error:") && line.contains("passed over by the policy")), "{ls}");
 
-    touch(&leave);
-    urgent.wait().assert_all_ok();
-    ctl.ls_until("second resumed", Duration::from_secs(10), |l| l.suspension("second")["state"] == "running");
-    touch(&done);
-    first.wait().assert_all_ok();
-    peer.wait().assert_all_ok();
-    blocker.wait().assert_all_ok();
-    second.wait().assert_all_ok();
+    finish(&ctl, urgent, &leave, "second", &done, [first, peer, blocker, second]);
 }
 
 /// A tenant's word alone does not shield its group: `first`'s member records an export (any
@@ -153,13 +158,7 @@ fn a_group_that_only_records_an_export_is_suspended_when_the_policy_needs_it() {
     assert_eq!(f["refusals"], 0, "{l}");
     assert_eq!(l.suspension("second")["state"], "running", "{l}");
 
-    touch(&leave);
-    urgent.wait().assert_all_ok();
-    ctl.ls_until("first resumed", Duration::from_secs(10), |l| l.suspension("first")["state"] == "running");
-    touch(&done);
-    first.wait().assert_all_ok();
-    blocker.wait().assert_all_ok();
-    second.wait().assert_all_ok();
+    finish(&ctl, urgent, &leave, "first", &done, [first, blocker, second]);
 }
 
 /// A multi-process group whose suspension fails part way: `first` may export memory
@@ -202,14 +201,7 @@ fn a_group_whose_suspension_fails_part_way_is_put_back_whole_and_the_next_one_is
         assert_eq!(log_lines_with(&ctl, &[&format!("pid {}", first.pid()), "put back"]).len(), 1, "{}", ctl.log());
     }
 
-    touch(&leave);
-    urgent.wait().assert_all_ok();
-    ctl.ls_until("second resumed", Duration::from_secs(10), |l| l.suspension("second")["state"] == "running");
-    touch(&done);
-    first.wait().assert_all_ok();
-    peer.wait().assert_all_ok();
-    blocker.wait().assert_all_ok();
-    second.wait().assert_all_ok();
+    finish(&ctl, urgent, &leave, "second", &done, [first, peer, blocker, second]);
 }
 
 /// A member registered without CUDA state (through the socket, as any tenant's process may)
