@@ -6,7 +6,8 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
     ptxslice_torch.py --lib SHIM --build BUILD --out OUT [--t0 EPOCH] [--budget-s 230]
                       [--phase-s 1] [--rounds 3] [--alone-s 1.2] [--startup-runs 5]
                       [--launch-rounds 3] [--bench PATH] [--budget-us N] [--shim-log info]
-                      [--nb-share N [--nb-free]]
+                      [--nb-share N [--nb-free]] [--nb-extra NAME:K=V,K=V ...] [--no-off]
+                      [--kinds mm,tr,tc]
                       [--later-probe-runs N] [--mps-pipe DIR --mps-log DIR --mps-control PROG]
                       [--dry-run --cuclient PATH --sim-dir DIR --fixture PTX]
 
@@ -18,7 +19,10 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
    client's active-thread percentage); with --nb-free too, in a pass over MPS, one more with
    that share and GPUSLICE_PRIORITY_GATE=spatial-off ("smfree": the shim's priority gate lifted
    where MPS carries the share, experimental, issue 19; its rows FAIL unless the neighbour's
-   shim log says spatial and gate off). Once all are ready, each runs alone for --alone-s (its rate
+   shim log says spatial and gate off); each --nb-extra NAME:K=V,... one more copy with those
+   variables added (INFO rows -NAME: an experiment with no code, e.g. a queue bound or a share
+   with the gate off); --no-off leaves out the slicing-off copy, --kinds the neighbours run
+   (each copy adds a neighbour a kind, and each neighbour two phases a probe round). Once all are ready, each runs alone for --alone-s (its rate
    alone: no high-priority process lives yet, so nothing is held or split).
 2. The probe (ResNet-50 b8 fp32, high) as a CUDA graph, then eagerly, each a process of its own
    with --neighbours: phases of --phase-s cycle solo, mm_on, solo, mm_off, solo, tr_on, ...
@@ -104,6 +108,9 @@ C.mps_control = "nvidia-cuda-mps-control"
 C.later_runs = 0     # --later-probe-runs
 C.later_fixed = 0.0  # seconds a later pass needs besides its probe runs
 C.per_round, C.rounds_used = 0.0, 0  # the last probe run's round (seconds) and rounds
+C.nb_extra = {}      # --nb-extra: copy name -> the variables it adds
+C.kinds = list(NB_SPEC)  # --kinds
+C.no_off = False     # --no-off
 
 
 def env_low(mode):
@@ -121,6 +128,8 @@ def env_low(mode):
         # launches as if no high-priority process lived; the free SMs alone protect the probe.
         extra["GPUSLICE_SM_SHARE"] = str(C.nb_share)
         extra["GPUSLICE_PRIORITY_GATE"] = "spatial-off"
+    elif mode in C.nb_extra:
+        extra.update(C.nb_extra[mode])
     return env_for(True, extra)
 
 
@@ -159,7 +168,7 @@ class Nb:
 
 def start_neighbours(go, stop, modes):
     nbs = []
-    for kind in NB_SPEC:
+    for kind in C.kinds:
         for mode in modes:
             nb = Nb(kind, mode)
             with open(nb.pause, "w") as f:
@@ -247,7 +256,8 @@ def judge(mode, rp, nbs):
     label = {"graph": "CUDA graph", "eager": "eager"}[mode]
     prob = prio.probe_problem(rp, shim=True, prio="high")
     solo99 = None if prob else rp.num("p99_ms")
-    for kind, (what, _) in NB_SPEC.items():
+    for kind in C.kinds:
+        what = NB_SPEC[kind][0]
         for nb in [n for n in nbs if n.kind == kind]:
             cid = f"{tag}-{kind}"
             name = (f"ResNet-50 {label} + {what}" + ("" if nb.mode == "on" else f" ({nb.mode})")
@@ -319,8 +329,9 @@ def check_torch():
                    f"{NB_SPEC[cid[2:]][0]}" + (", over MPS" if C.mps_pipe else ""), "SKIP",
                    "-", "dry run: needs torch and the GPU")
         return
-    modes = (["on", "off"] + (["bud"] if C.budget_us else []) + (["sm"] if C.nb_share else [])
-             + (["smfree"] if C.nb_share and C.nb_free and C.mps_pipe else []))
+    modes = (["on"] + ([] if C.no_off else ["off"]) + (["bud"] if C.budget_us else [])
+             + (["sm"] if C.nb_share else [])
+             + (["smfree"] if C.nb_share and C.nb_free and C.mps_pipe else []) + list(C.nb_extra))
     go = prio.go_path(f"pt_nb{C.sfx}")
     stop = os.path.join(C.runs_dir, f"pt_nb{C.sfx}.stop")
     if os.path.exists(stop):
@@ -590,6 +601,11 @@ def main():
     ap.add_argument("--nb-free", action="store_true",
                     help="with --nb-share, over MPS: also each neighbour with that share and "
                          "GPUSLICE_PRIORITY_GATE=spatial-off (INFO rows -smfree)")
+    ap.add_argument("--nb-extra", action="append", default=[], metavar="NAME:K=V,K=V",
+                    help="also each neighbour with these variables (INFO rows -NAME)")
+    ap.add_argument("--no-off", action="store_true", help="leave out the slicing-off copy")
+    ap.add_argument("--kinds", default=",".join(NB_SPEC),
+                    help="the neighbours to run, of " + ",".join(NB_SPEC))
     ap.add_argument("--shim-log", default="info")
     ap.add_argument("--later-probe-runs", type=int, default=0,
                     help="probe runs of a later pass (ptxslice_torch.sh's -mps pass) to fit in the budget")
@@ -616,6 +632,19 @@ def main():
     C.budget_us = args.budget_us
     C.nb_share = args.nb_share
     C.nb_free = args.nb_free
+    C.no_off = args.no_off
+    C.kinds = [k for k in args.kinds.split(",") if k]
+    if not C.kinds or any(k not in NB_SPEC for k in C.kinds):
+        ap.error(f"--kinds: a comma-separated list of {','.join(NB_SPEC)}, not {args.kinds!r}")
+    for spec in args.nb_extra:
+        name, _, pairs = spec.partition(":")
+        taken = {"on", "off", "bud", "sm", "smfree"}
+        if not name.isalnum() or name in taken or name in C.nb_extra:
+            ap.error(f"--nb-extra {spec!r}: NAME must be letters and digits, new, not one of {sorted(taken)}")
+        try:
+            C.nb_extra[name] = dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
+        except ValueError:
+            ap.error(f"--nb-extra {spec!r}: variables as K=V,K=V")
     C.dry_run = args.dry_run
     C.cuclient, C.sim_dir, C.fixture = args.cuclient, args.sim_dir, args.fixture
     C.stand_in = args.stand_in_torch
@@ -648,6 +677,7 @@ def main():
         signal.signal(sig, on_signal)
     log(f"\n##### ptxslice_torch: lib={C.lib} build={C.build} out={C.out} python={PY} "
         f"phase_s={C.phase_s} rounds={C.rounds} alone_s={C.alone_s} budget_us={C.budget_us} nb_share={C.nb_share} nb_free={int(C.nb_free)} "
+        f"nb_extra={C.nb_extra or '-'} kinds={','.join(C.kinds)} no_off={int(C.no_off)} "
         f"dry_run={C.dry_run} mps_pipe={C.mps_pipe or '-'} later_probe_runs={C.later_runs} "
         f"time left={remaining():.0f}s")
     if not C.dry_run:
@@ -664,7 +694,7 @@ def main():
         prio.kill_children()
         if C.smi is not None:
             C.smi.stop()
-    rows = gpucommon.sorted_results([c + C.sfx for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud", f"{i}-sm", f"{i}-smfree")]
+    rows = gpucommon.sorted_results([c + C.sfx for i in IDS[:6] for c in (i, f"{i}-off", f"{i}-bud", f"{i}-sm", f"{i}-smfree", *(f"{i}-{m}" for m in C.nb_extra))]
                                     + [i + C.sfx for i in IDS[6:]] + [f"mps-{c}" for c in MPS_CLIENT_PRIORITY])
     title = "== ptxslice_torch results ==" if not C.mps_pipe else (
         "== ptxslice_torch results, over MPS (a private daemon; client priority 0 high, 1 low) ==")

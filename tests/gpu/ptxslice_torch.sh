@@ -32,6 +32,13 @@
 #                                            gate off. Needs PTXSLICE_TORCH_MPS=1 or both (the
 #                                            gate stays on time-sliced: nothing to measure);
 #                                            default 0
+#   PTXSLICE_TORCH_NB_EXTRA                  more neighbour copies, space-separated
+#                                            NAME:K=V,K=V (INFO rows -NAME): each neighbour with
+#                                            those variables added, an experiment with no code,
+#                                            e.g. "q8:GPUSLICE_PRIORITY_QUEUE=8
+#                                            free99:GPUSLICE_SM_SHARE=99,GPUSLICE_PRIORITY_GATE=spatial-off"
+#   PTXSLICE_TORCH_NO_OFF                    1: leave out the slicing-off copy (default 0)
+#   PTXSLICE_TORCH_KINDS                     the neighbours, comma-separated, of mm,tr,tc (default all)
 #   PTXSLICE_TORCH_MPS                       0 (default): time-slicing, the rows as they were.
 #                                            1: the torch rows over a private MPS control daemon
 #                                            (common.sh's mps_start: `$MPS_CONTROL -d`, default
@@ -106,12 +113,19 @@ esac
 # 36 s for two probe runs of 3 rounds, their alone phases and a longer start: a minute a copy.
 # The largest pass counts (-smfree is the -mps pass's alone). With both passes: 560 (a 600 s
 # device call), the rounds fitted to it.
-extra_copies=$(( (NB_BUDGET_US != 0) + (NB_SHARE != 0) + (NB_FREE == 1) ))
+NB_EXTRA=${PTXSLICE_TORCH_NB_EXTRA:-}
+NO_OFF=${PTXSLICE_TORCH_NO_OFF:-0}
+KINDS=${PTXSLICE_TORCH_KINDS:-mm,tr,tc}
+read -r -a nb_extra <<<"$NB_EXTRA"
+extra_copies=$(( (NB_BUDGET_US != 0) + (NB_SHARE != 0) + (NB_FREE == 1) + ${#nb_extra[@]} - (NO_OFF == 1) ))
 if [ "$PASSES" = "sliced mps" ]; then BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-560}; else BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-$((240 + 60 * extra_copies))}; fi
 
 args=(--lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" --rounds "$ROUNDS" --phase-s "$PHASE_S"
       --startup-runs "$STARTUP_RUNS" --budget-us "$NB_BUDGET_US" --nb-share "$NB_SHARE")
 [ "$NB_FREE" = 1 ] && args+=(--nb-free)
+for spec in "${nb_extra[@]}"; do args+=(--nb-extra "$spec"); done
+[ "$NO_OFF" = 1 ] && args+=(--no-off)
+args+=(--kinds "$KINDS")
 if [ "$DRY" = 1 ]; then
   dry_setup ptxslice_torch ptxslice_torch.log "gpuslice: ResNet-50 beside PyTorch training, sliced and not"
   [ -x "$ROOT/target/clients/cuclient-link" ] || { note "ptxslice_torch: no target/clients/cuclient-link (run an integration test once)"; exit 2; }
@@ -134,10 +148,12 @@ else
 fi
 
 [ "$PASSES" = sliced ] || mps_prepare ptxslice_torch "PTXSLICE_TORCH_MPS=$PTXSLICE_TORCH_MPS"
-copies="on off"
+copies="on"
+[ "$NO_OFF" = 1 ] || copies+=" off"
 [ "$NB_BUDGET_US" != 0 ] && copies+=" bud"
 [ "$NB_SHARE" != 0 ] && copies+=" sm"
 [ "$NB_FREE" = 1 ] && copies+=" smfree (-mps pass only)"
+[ ${#nb_extra[@]} -gt 0 ] && copies+=" ${NB_EXTRA}"
 note "passes: $PASSES; budget ${BUDGET_S}s; neighbour copies: $copies"
 
 ROWS=()
