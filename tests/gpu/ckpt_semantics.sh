@@ -30,5 +30,23 @@ out+=("spin: $("$P" state "$TPID")")
 out+=("spin lock 500: $("$P" lock "$TPID" 500 | tr '\n' ' ')")
 out+=("spin lock 0 (docs: no timeout) not tried; spin after: $("$P" state "$TPID")")
 kill "$TPID" 2>/dev/null; wait "$TPID" 2>/dev/null
+# 5. legacy IPC: the exporter checkpointed under a live importer.
+ipc=$BUILD/ckpt_ipc.handle
+rm -f "$ipc"
+exp_log=$(mktemp); imp_log=$(mktemp)
+"$P" exporter "$ipc" 12 >"$exp_log" 2>&1 &
+EPID=$!
+for _ in $(seq 1 200); do grep -q ready "$exp_log" && break; sleep 0.05; done
+"$P" importer "$ipc" 8 >"$imp_log" 2>&1 &
+IPID=$!
+for _ in $(seq 1 200); do grep -q ready "$imp_log" && break; sleep 0.05; done
+sleep 0.5
+out+=("ipc exporter state: $("$P" state "$EPID")")
+out+=("ipc cycle: $("$P" cycle "$EPID" | tr '\n' ' ')")
+wait "$IPID" 2>/dev/null
+wait "$EPID" 2>/dev/null
+out+=("ipc importer: $(tr '\n' ' ' <"$imp_log")")
+out+=("ipc exporter: $(tr '\n' ' ' <"$exp_log")")
+rm -f "$exp_log" "$imp_log"
 echo "== ckpt_semantics (codes: 0 ok, 1 invalid value, 3 not initialized, 401 illegal state, 801 not supported, 909 timeout; states 0 running 1 locked 2 checkpointed 3 failed) =="
 printf '%s\n' "${out[@]}"
