@@ -34,15 +34,15 @@ kill "$TPID" 2>/dev/null; wait "$TPID" 2>/dev/null
 ipc=$BUILD/ckpt_ipc.handle
 rm -f "$ipc"
 exp_log=$(mktemp); imp_log=$(mktemp)
-"$P" exporter "$ipc" 12 >"$exp_log" 2>&1 &
+timeout -k 2 40 "$P" exporter "$ipc" 12 >"$exp_log" 2>&1 &
 EPID=$!
 for _ in $(seq 1 200); do grep -q ready "$exp_log" && break; sleep 0.05; done
-"$P" importer "$ipc" 8 >"$imp_log" 2>&1 &
+timeout -k 2 30 "$P" importer "$ipc" 8 >"$imp_log" 2>&1 &
 IPID=$!
 for _ in $(seq 1 200); do grep -q ready "$imp_log" && break; sleep 0.05; done
 sleep 0.5
 out+=("ipc exporter state: $("$P" state "$EPID")")
-out+=("ipc cycle: $("$P" cycle "$EPID" | tr '\n' ' ')")
+out+=("ipc cycle: $(timeout -k 2 30 "$P" cycle "$EPID" | tr '\n' ' ')")
 wait "$IPID" 2>/dev/null
 wait "$EPID" 2>/dev/null
 out+=("ipc importer: $(tr '\n' ' ' <"$imp_log")")
