@@ -41,8 +41,9 @@ timeout -k 2 30 "$P" importer "$ipc" 8 >"$imp_log" 2>&1 &
 IPID=$!
 for _ in $(seq 1 200); do grep -q ready "$imp_log" && break; sleep 0.05; done
 sleep 0.5
-out+=("ipc exporter state: $("$P" state "$EPID")")
-out+=("ipc cycle: $(timeout -k 2 30 "$P" cycle "$EPID" | tr '\n' ' ')")
+EXP=$(pgrep -P "$EPID" | head -n 1)  # the exporter itself, under timeout
+out+=("ipc exporter state: $("$P" state "${EXP:-0}")")
+out+=("ipc cycle: $(timeout -k 2 30 "$P" cycle "${EXP:-0}" | tr '\n' ' ')")
 wait "$IPID" 2>/dev/null
 wait "$EPID" 2>/dev/null
 out+=("ipc importer: $(tr '\n' ' ' <"$imp_log")")
