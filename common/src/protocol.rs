@@ -375,6 +375,14 @@ pub struct SuspensionRow {
     /// The process the last refusal named as the cause, where one did.
     #[serde(default)]
     pub refused_by: Option<u32>,
+    /// Of `refusals`, those where a member's calls under way outlasted the lock's bound (a long
+    /// kernel): the policy passes the group over only briefly after such a timeout.
+    #[serde(default)]
+    pub timeouts: u64,
+    /// The last refusal's kind: `timeout` (a lock or an agent's gate timed out: passed over for
+    /// as long as the locks waited) or `lasting` (anything else: passed over for 30 s).
+    #[serde(default)]
+    pub refusal_kind: Option<String>,
     /// Seconds for which the suspension policy still passes the group over after its last
     /// refusal (trying the next candidate instead); absent when it is a candidate.
     #[serde(default)]

@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 /// How long the controller waits for the agents' answers: the gate's 10 s for calls in
 /// flight, then the copy (80 GB at 20 GB/s is 4 s; at the pinning-bound worst, 16 s).
 const DEADLINE: Duration = Duration::from_secs(60);
+/// How late after its gate's bound an agent's "busy" answer may come and still count as a
+/// timeout (`Failure::timed_out`): the ring's wake-up and the answer's write, with room for a
+/// loaded host. Later, it counts as a lasting refusal.
+const BUSY_SLACK: Duration = Duration::from_secs(1);
 /// How much more than what a suspended member says it keeps (plus what it held beyond its
 /// report before) NVML may show before its answer is disbelieved: the cross-check's tolerance.
 pub const TOLERANCE: u64 = crate::crosscheck::TOLERANCE;
@@ -42,6 +46,12 @@ pub struct Failure {
     pub stuck: BTreeMap<u32, usize>,
     /// The first member whose agent did not answer as asked.
     pub pid: Option<u32>,
+    /// A suspension's gates timed out: every agent that failed answered "busy"
+    /// (`SUSPEND_ERR_BUSY`: calls in flight did not finish within the bound it was given), and
+    /// within that bound plus `BUSY_SLACK`. The answer is the tenant's word (its slot is
+    /// writable), so it is believed only as far as it costs no more than a true timeout: a
+    /// "busy" that comes late is a lasting refusal (`refusal::Kind`).
+    pub timed_out: bool,
 }
 
 /// One round: who answered as asked, and why the others did not.
@@ -50,6 +60,8 @@ struct Round {
     errors: Vec<String>,
     /// The member of the first error.
     first: Option<u32>,
+    /// How many of `errors` were "busy" answers (`SUSPEND_ERR_BUSY`).
+    busy: usize,
 }
 
 /// Process slot `slot` of the controller's ledger, for the controller's life.
@@ -96,7 +108,7 @@ fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>
         // Checked before any member's word is written: an agent rechecks its own word every
         // second, ring or not, and must never act on a request nobody waits for.
         if !state.has_settings(group_slot) {
-            return Round { done: BTreeMap::new(), errors: vec!["the group has no settings page to ask its members through".into()], first: None };
+            return Round { done: BTreeMap::new(), errors: vec!["the group has no settings page to ask its members through".into()], first: None, busy: 0 };
         }
         let generation = next_generation(state.suspend_request(group_slot));
         let word = suspend_request(generation, suspended);
@@ -113,7 +125,7 @@ fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>
     };
     let target = if suspended { ledger::SUSPEND_SUSPENDED } else { ledger::SUSPEND_RUNNING };
     let deadline = Instant::now() + DEADLINE;
-    let mut r = Round { done: BTreeMap::new(), errors: Vec::new(), first: None };
+    let mut r = Round { done: BTreeMap::new(), errors: Vec::new(), first: None, busy: 0 };
     for (pid, p) in slots {
         loop {
             let word = p.suspend_ack.load(Acquire);
@@ -122,7 +134,11 @@ fn round(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>
                     r.done.insert(pid, read_answer(p));
                     break;
                 }
-                format!("pid {pid}: {}", describe_failure(p.suspend_error.load(Relaxed)))
+                let error = p.suspend_error.load(Relaxed);
+                if error & 0xffff == ledger::SUSPEND_ERR_BUSY {
+                    r.busy += 1;
+                }
+                format!("pid {pid}: {}", describe_failure(error))
             } else if !alive(pid) {
                 format!("pid {pid} exited")
             } else if Instant::now() >= deadline {
@@ -165,13 +181,15 @@ pub fn bring_back(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u3
 /// the failure's `stuck`. A failed resume asks the members that did resume to suspend again,
 /// so that the group stays suspended as a whole (retried later).
 pub fn ask(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usize>, suspended: bool, gate: Duration) -> Result<BTreeMap<u32, Answer>, Failure> {
+    let started = Instant::now();
     let r = round(state, group_slot, members, suspended, Some(gate));
     if r.errors.is_empty() {
         return Ok(r.done);
     }
     let why = r.errors.join("; ");
     if suspended {
-        return Err(Failure { why, stuck: bring_back(state, group_slot, members), pid: r.first });
+        let timed_out = timed_out(r.busy, r.errors.len(), started.elapsed(), gate);
+        return Err(Failure { why, stuck: bring_back(state, group_slot, members), pid: r.first, timed_out });
     }
     let again: BTreeMap<u32, usize> = members.iter().filter(|(pid, _)| r.done.contains_key(pid)).map(|(&p, &s)| (p, s)).collect();
     if !again.is_empty() {
@@ -180,7 +198,13 @@ pub fn ask(state: &Mutex<State>, group_slot: usize, members: &BTreeMap<u32, usiz
             tracing::warn!("suspending again the members that did resume: {}", back.errors.join("; "));
         }
     }
-    Err(Failure { why, stuck: BTreeMap::new(), pid: r.first })
+    Err(Failure { why, stuck: BTreeMap::new(), pid: r.first, timed_out: false })
+}
+
+/// Whether a suspension round that failed with `errors` answers, `busy` of them "busy", after
+/// `took`, was a timeout of the gates given `gate`: every failure a "busy", in time.
+fn timed_out(busy: usize, errors: usize, took: Duration, gate: Duration) -> bool {
+    errors > 0 && busy == errors && took <= gate.saturating_add(BUSY_SLACK)
 }
 
 /// The check of one "suspended" answer against NVML: what the process holds now must be at
@@ -291,6 +315,20 @@ mod tests {
         assert!(judge(&moved, reported, Some(&before), Some(&gone), 7).believed);
         // Without NVML there is nothing to judge by.
         assert!(judge(&answer(0), reported, None, Some(&after), 7).believed);
+    }
+
+    /// Only a round whose every failure is a "busy" answer that came in time is a timeout: a
+    /// member that refused for another reason (no gate for a bypassing function, a driver
+    /// error, no answer) makes it a lasting refusal, and so does a "busy" that came late (a
+    /// tenant's word that would otherwise make each attempt cost more than a true timeout).
+    #[test]
+    fn a_round_is_a_timeout_only_when_every_failure_is_busy_and_in_time() {
+        let ms = Duration::from_millis;
+        assert!(timed_out(1, 1, ms(2510), ms(2500)));
+        assert!(timed_out(2, 2, ms(3400), ms(2500)), "within the slack");
+        assert!(!timed_out(1, 2, ms(2510), ms(2500)), "another member refused for another reason");
+        assert!(!timed_out(1, 1, ms(2500) + BUSY_SLACK + ms(1), ms(2500)), "too late to be the gate's timeout");
+        assert!(!timed_out(0, 0, ms(1), ms(2500)), "nothing failed");
     }
 
     #[test]

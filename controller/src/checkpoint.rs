@@ -93,6 +93,9 @@ pub const OUT_OF_MEMORY: u32 = 2;
 /// for a pid that has no CUDA state (cuda.h lists both; the simulated driver answers the first).
 pub const INVALID_VALUE: u32 = 1;
 pub const NOT_INITIALIZED: u32 = 3;
+/// `CUDA_ERROR_TIMEOUT`: what `cuCheckpointProcessLock` answers when `timeoutMs` ran out before
+/// the target's calls under way ended (cuda.h: the process is "left in the RUNNING state").
+pub const TIMEOUT: u32 = 909;
 
 impl DriverError {
     /// The target has no CUDA state for the driver to act on (never started CUDA, or gone).

@@ -8,6 +8,9 @@
 //! than any process takes" and was lapsed as a forgery every tick, and its neighbours stopped
 //! yielding: `priority.rs::priority_set_live_through_the_controller` failed under load. Only
 //! the test harness sets `SIMCUDA_CLOCK`; without it this is CLOCK_MONOTONIC.
+//!
+//! The suspension policy's refusals are timed on it too (`refusal::now_ns`): how long a group
+//! is passed over is then judged on the virtual time its members' simulated kernels run on.
 
 use gpuslice_common::ledger;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};

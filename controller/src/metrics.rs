@@ -221,9 +221,15 @@ fn suspensions(f: &mut Families<'_>, l: &Listing) -> std::fmt::Result {
         None,
         rows.iter().map(|s| (group(s), s.refusals)),
     )?;
+    f.counter(
+        "group_suspension_timeouts",
+        "Of the group's refused or failed suspensions, those where a lock (or an agent's gate) timed out behind its processes' calls under way (a long kernel): the policy passes the group over only as long as the locks waited, not 30 s.",
+        None,
+        rows.iter().map(|s| (group(s), s.timeouts)),
+    )?;
     f.gauge(
         "group_suspension_passed_over",
-        "1 while the suspension policy passes the group over after a refused or failed suspension (it tries the next candidate instead), else 0.",
+        "1 while the suspension policy passes the group over after a refused or failed suspension (it tries the next candidate instead), else 0: 30 s after a lasting refusal, as long as the locks waited after a timeout.",
         None,
         rows.iter().map(|s| (group(s), u32::from(s.passed_over_s.is_some()))),
     )

@@ -3,12 +3,13 @@
 //! recently active first (`activity`: on the driver's evidence, not the members' counters), one
 //! at a time until the request fits; they are resumed when room returns. The request waits a
 //! bounded time meanwhile instead of failing at once. A group whose suspension is refused or
-//! fails is put back whole (`suspend`) and passed over for a while (`refusal`): the request
-//! goes on with the next candidate. A candidate's locks wait for its members' calls under way
+//! fails is put back whole (`suspend`) and passed over for a while (`refusal`: 30 s for a
+//! lasting refusal, only as long as its locks waited for a timed-out lock): the request goes on
+//! with the next candidate. A candidate's locks wait for its members' calls under way
 //! only as long as the request's wait allows (`lock_budget`), leaving time for the next one.
 
 use crate::activity::{self, GroupNow, Tracker};
-use crate::refusal::{Refusal, PASS_OVER};
+use crate::refusal::{Kind, Refusal};
 use crate::state::{Peer, State};
 use crate::suspend::{self, lock_state, Phase};
 use crate::suspend_driver::{LockWait, LOCK_TIMEOUT};
@@ -140,8 +141,9 @@ struct Plan {
 /// on the device, in the order they are to be suspended: lowest priority first, then least
 /// recently active (`activity`: the driver's evidence), then the group the controller saw
 /// first, then slot. Nothing in this order is a member's word. A group whose suspension was
-/// refused or failed lately is passed over (`Refusal::passed_over`, at `now`).
-fn plan(state: &State, seen: &Tracker, now: Instant, peer: Peer, device: u32, bytes: u64) -> Result<Plan, String> {
+/// refused or failed lately is passed over (`Refusal::passed_over`, at `now_ns` on the
+/// policy's clock, `refusal::now_ns`).
+fn plan(state: &State, seen: &Tracker, now: Instant, now_ns: u64, peer: Peer, device: u32, bytes: u64) -> Result<Plan, String> {
     use gpuslice_common::ledger::Priority;
     let w = state
         .watched
@@ -172,7 +174,7 @@ fn plan(state: &State, seen: &Tracker, now: Instant, peer: Peer, device: u32, by
         if pids.is_empty() || group_priority >= priority {
             continue;
         }
-        if let Some(left) = rec.passed_over(now, &pids) {
+        if let Some(left) = rec.passed_over(now_ns, &pids) {
             passed_over.push((info.name.clone(), left, rec.refusal.as_ref().map(Refusal::describe).unwrap_or_default()));
             continue;
         }
@@ -211,7 +213,7 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
     loop {
         let (plan, uuid) = {
             let state = lock_state(state);
-            let mut plan = plan(&state, &tracker(), Instant::now(), peer, room.device, room.bytes)?;
+            let mut plan = plan(&state, &tracker(), Instant::now(), crate::refusal::now_ns(), peer, room.device, room.bytes)?;
             plan.candidates.retain(|c| !failed.contains(&c.group));
             if plan.candidates.is_empty() && suspended.is_empty() {
                 // Nothing to suspend: no at once (no NVML query, no wait on every OOM of a
@@ -239,7 +241,7 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
         let mut next_now = false;
         if freed >= needed {
             let victim = sized[0].0.clone();
-            let attempt = Instant::now();
+            let (attempt, attempt_ns) = (Instant::now(), crate::refusal::now_ns());
             let others_suffice = freed - sized[0].1 >= needed;
             let budget = lock_budget(wait.saturating_sub(started.elapsed()), others_suffice);
             match suspend::suspend(state, None, &victim, true, LockWait::within(attempt + budget)) {
@@ -249,12 +251,16 @@ pub fn make_room(state: &std::sync::Mutex<State>, peer: Peer, room: RoomRequest)
                 }
                 Err(e) => {
                     // Whatever failed was undone (`suspend`): the group runs as before.
-                    match suspend::record(&victim).and_then(|r| r.refusal).filter(|r| r.at >= attempt) {
+                    match suspend::record(&victim).and_then(|r| r.refusal).filter(|r| r.at_ns >= attempt_ns) {
                         Some(r) => tracing::warn!(
-                            "group {victim:?} refused suspension ({}; its members' calls under way were waited for at most {} ms of the request's wait): passed over by the policy for {} s; pid {} (group {group:?}, priority {priority}) goes on with the next candidate",
+                            "group {victim:?} refused suspension, {} ({}; its members' calls under way were waited for at most {} ms of the request's wait): passed over by the policy for {:.1} s; pid {} (group {group:?}, priority {priority}) goes on with the next candidate",
+                            match r.kind {
+                                Kind::Lasting => "a lasting refusal",
+                                Kind::Timeout { .. } => "a timeout, not a lasting refusal",
+                            },
                             r.describe(),
                             budget.as_millis(),
-                            PASS_OVER.as_secs(),
+                            r.kind.pass_over().as_secs_f64(),
                             peer.pid
                         ),
                         None => tracing::warn!(
@@ -496,7 +502,7 @@ mod tests {
             seen.observe(t0 + Duration::from_secs(t), &groups_now(&s), &holding(&both));
         }
 
-        let candidates = plan(&s, &seen, t0 + Duration::from_secs(10), urgent.peer(), d, 2 * GIB).unwrap().candidates;
+        let candidates = plan(&s, &seen, t0 + Duration::from_secs(10), 0, urgent.peer(), d, 2 * GIB).unwrap().candidates;
         let names: Vec<&str> = candidates.iter().map(|c| c.group.as_str()).collect();
         assert_eq!(names, ["plan-liars", "plan-honest"], "{candidates:?}");
         let driver: HashMap<u32, u64> = both.into_iter().collect();
@@ -522,8 +528,9 @@ mod tests {
     }
 
     /// A group whose suspension was refused is passed over for `PASS_OVER` (on a simulated
-    /// clock), the next one taking its place in the plan; then it is first again. Where the
-    /// refusal named a process that is no longer a member, it is a candidate at once.
+    /// clock), the next one taking its place in the plan; then it is first again. After a lock
+    /// that timed out, only for as long as the locks waited. Where the refusal named a process
+    /// that is no longer a member, it is a candidate at once.
     #[test]
     fn a_group_that_refused_suspension_is_passed_over_for_a_bounded_time() {
         let (_dir, mut s) = two_suspendable_and_one_high("pass-first", "pass-second", "pass-urgent");
@@ -532,32 +539,43 @@ mod tests {
         register(&mut s, &second, "pass-second");
         register(&mut s, &urgent, "pass-urgent");
         // The driver's looks: `pass-first` took its memory at 1 s, `pass-second` at 2 s.
-        let t0 = Instant::now();
-        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        // The simulated clock: the tracker's `Instant`s and the policy's ns, both from t0.
+        let (t0, t0_ns) = (Instant::now(), 1_000_000_000_000u64);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ns = |ms: u64| t0_ns + ms * 1_000_000;
         let mut seen = Tracker::default();
         let holding = |pairs: &[(u32, u64)]| activity::Look { held: [(d, pairs.iter().copied().collect())].into(), busy: Default::default() };
         let both = [(first.peer().pid, GIB), (second.peer().pid, GIB)];
         seen.observe(t0, &groups_now(&s), &holding(&[]));
-        seen.observe(at(1), &groups_now(&s), &holding(&both[..1]));
-        seen.observe(at(2), &groups_now(&s), &holding(&both));
-        let order = |now: Instant| {
-            let p = plan(&s, &seen, now, urgent.peer(), d, 2 * GIB).unwrap();
+        seen.observe(at(1000), &groups_now(&s), &holding(&both[..1]));
+        seen.observe(at(2000), &groups_now(&s), &holding(&both));
+        let order = |ms: u64| {
+            let p = plan(&s, &seen, at(ms), ns(ms), urgent.peer(), d, 2 * GIB).unwrap();
             (
                 p.candidates.iter().map(|c| c.group.clone()).collect::<Vec<_>>(),
-                p.passed_over.iter().map(|(g, left, _)| (g.clone(), left.as_secs())).collect::<Vec<_>>(),
+                p.passed_over.iter().map(|(g, left, _)| (g.clone(), left.as_millis() as u64)).collect::<Vec<_>>(),
             )
         };
-        assert_eq!(order(at(10)), (vec!["pass-first".to_string(), "pass-second".into()], vec![]));
+        let both_candidates = (vec!["pass-first".to_string(), "pass-second".into()], vec![]);
+        let first_passed_over = |ms: u64| (vec!["pass-second".to_string()], vec![("pass-first".to_string(), ms)]);
+        assert_eq!(order(10_000), both_candidates);
 
-        let refused = Refusal { at: at(10), pid: Some(first.peer().pid), why: "exports memory".into() };
+        let refused = Refusal { at_ns: ns(10_000), pid: Some(first.peer().pid), why: "exports memory".into(), kind: Kind::Lasting };
         suspend::set_refusal_for_tests("pass-first", Some(refused.clone()));
-        assert_eq!(order(at(10)), (vec!["pass-second".to_string()], vec![("pass-first".to_string(), PASS_OVER.as_secs())]));
-        assert_eq!(order(at(39)), (vec!["pass-second".to_string()], vec![("pass-first".to_string(), 1)]));
-        assert_eq!(order(at(40)), (vec!["pass-first".to_string(), "pass-second".into()], vec![]), "the bound is over");
+        assert_eq!(order(10_000), first_passed_over(30_000));
+        assert_eq!(order(39_000), first_passed_over(1000));
+        assert_eq!(order(40_000), both_candidates, "the bound is over");
+
+        // A lock that timed out after 2.5 s: passed over for 2.5 s, then first again.
+        let timeout = Refusal { kind: Kind::Timeout { waited: Duration::from_millis(2500) }, ..refused.clone() };
+        suspend::set_refusal_for_tests("pass-first", Some(timeout));
+        assert_eq!(order(10_000), first_passed_over(2500));
+        assert_eq!(order(12_000), first_passed_over(500));
+        assert_eq!(order(12_500), both_candidates, "a candidate again 2.5 s after the timeout, not 30 s");
 
         // The process that blocked it is not a member (it left): a candidate at once.
         suspend::set_refusal_for_tests("pass-first", Some(Refusal { pid: Some(urgent.peer().pid), ..refused }));
-        assert_eq!(order(at(11)).0, ["pass-first", "pass-second"]);
+        assert_eq!(order(11_000).0, ["pass-first", "pass-second"]);
         suspend::set_refusal_for_tests("pass-first", None);
     }
 }

@@ -14,7 +14,7 @@
 
 use crate::agents;
 use crate::checkpoint::{Driver, ProcessState};
-use crate::refusal::Refusal;
+use crate::refusal::{Kind, Refusal};
 use crate::state::{Peer, State};
 use crate::suspend_driver::{checkpoint_all, checkpoint_within, restore_all, LockWait, LOCK_TIMEOUT};
 use gpuslice_common::ledger::{CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
@@ -90,6 +90,8 @@ pub struct Record {
     pub refusal: Option<Refusal>,
     /// Suspensions refused or failed, since the controller started.
     pub refusals: u64,
+    /// Of those, the ones that were a lock timing out (`Kind::Timeout`).
+    pub timeouts: u64,
     /// pid → whether a failure to suspend it was logged: members left running at the
     /// suspension because the driver showed no CUDA state for them (`without_cuda`), until they
     /// have some (`join_skipped`).
@@ -121,6 +123,7 @@ impl Default for Record {
             agents: BTreeMap::new(),
             refusal: None,
             refusals: 0,
+            timeouts: 0,
             skipped: BTreeMap::new(),
         }
     }
@@ -135,21 +138,26 @@ impl Record {
     }
 
     /// Records a refusal or failure of a suspension: `why` becomes the group's last error, and
-    /// the policy passes the group over for a while (`refusal::PASS_OVER`). Returns `why`.
-    fn refuse(&mut self, pid: Option<u32>, why: String) -> String {
+    /// the policy passes the group over for a while, as long as its `kind` says
+    /// (`refusal::Kind::pass_over`). Returns `why`.
+    fn refuse(&mut self, pid: Option<u32>, why: String, kind: Kind) -> String {
         self.error = Some(why.clone());
-        self.refusal = Some(Refusal { at: Instant::now(), pid, why: why.clone() });
+        self.refusal = Some(Refusal { at_ns: crate::refusal::now_ns(), pid, why: why.clone(), kind });
         self.refusals += 1;
+        if kind != Kind::Lasting {
+            self.timeouts += 1;
+        }
         why
     }
 
-    /// How long the policy still passes the group over, its registered processes being
-    /// `members` (`None`: it is a candidate).
-    pub fn passed_over(&self, now: Instant, members: &[u32]) -> Option<Duration> {
-        self.refusal.as_ref()?.passed_over(now, members)
+    /// How long the policy still passes the group over at `now_ns` (the policy's clock,
+    /// `refusal::now_ns`), its registered processes being `members` (`None`: it is a
+    /// candidate).
+    pub fn passed_over(&self, now_ns: u64, members: &[u32]) -> Option<Duration> {
+        self.refusal.as_ref()?.passed_over(now_ns, members)
     }
 
-    fn row(&self, group: &str, members: &[u32], now: Instant) -> SuspensionRow {
+    fn row(&self, group: &str, members: &[u32], now_ns: u64) -> SuspensionRow {
         SuspensionRow {
             group: group.to_string(),
             state: self.phase.name().to_string(),
@@ -170,8 +178,10 @@ impl Record {
             resume_path: self.resume_path.clone(),
             agents: self.agents.values().cloned().collect(),
             refusals: self.refusals,
+            timeouts: self.timeouts,
             refused_by: self.refusal.as_ref().and_then(|r| r.pid),
-            passed_over_s: self.passed_over(now, members).map(|d| d.as_secs_f64()),
+            refusal_kind: self.refusal.as_ref().map(|r| r.kind.name().to_string()),
+            passed_over_s: self.passed_over(now_ns, members).map(|d| d.as_secs_f64()),
             skipped: self.skipped.keys().copied().collect(),
         }
     }
@@ -338,7 +348,7 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
                 importers.iter().collect::<Vec<_>>(),
                 if m.exports.len() > 1 { format!("; pids {:?} in all", m.exports.keys().collect::<Vec<_>>()) } else { String::new() }
             );
-            return Err(rec.refuse(Some(pid), why));
+            return Err(rec.refuse(Some(pid), why, Kind::Lasting));
         }
         let limit = host_limit();
         if held.saturating_add(bytes) > limit {
@@ -348,7 +358,7 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
                 format_size(held),
                 format_size(limit)
             );
-            return Err(rec.refuse(None, why));
+            return Err(rec.refuse(None, why, Kind::Lasting));
         }
         rec.phase = Phase::Suspending;
         rec.pids = m.pids.clone();
@@ -367,10 +377,13 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             return Err(update(group, |rec| {
                 rec.phase = Phase::Running;
                 rec.pids.clear();
-                rec.refuse(Some(pid), e)
+                rec.refuse(Some(pid), e, Kind::Lasting)
             }));
         }
     };
+    // What the locks (and gates) of this attempt may wait in all: how long a timeout of theirs
+    // passes the group over (`refusal::Kind::Timeout`).
+    let bound = wait.at(Instant::now());
     let (outcome, ms) = timed(|| suspend_both(state, group, &m, &shim, &drivers, wait));
     let failed = outcome.is_err() && driver_says_failed(drivers.keys().copied());
     update(group, |rec| match outcome {
@@ -409,7 +422,7 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
         }
         Err(f) if failed => {
             rec.phase = Phase::Failed;
-            let why = rec.refuse(f.pid, f.why);
+            let why = rec.refuse(f.pid, f.why, Kind::Lasting);
             tracing::error!("group {group:?}: suspension failed and the driver reports a process in its failed state: {why}");
             Err(format!("group {group:?} could not be suspended, and the driver reports a process of it failed: {why}"))
         }
@@ -424,9 +437,10 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             rec.pids.retain(|pid, _| stuck.contains(pid));
             rec.bytes = rec.pids.values().sum();
             rec.last_path = Some(path_name(!f.stuck.is_empty(), !f.left.is_empty()));
+            let kind = f.kind(bound);
             rec.shim_pids = f.stuck;
             let e = format!("{}; pids {stuck:?} stay suspended (they could not be brought back): `gpuslice resume --group {group}` retries", f.why);
-            let e = rec.refuse(f.pid, e);
+            let e = rec.refuse(f.pid, e, kind);
             tracing::error!("group {group:?}: suspension failed: {e}");
             Err(format!("group {group:?} could not be suspended: {e}"))
         }
@@ -434,8 +448,16 @@ pub fn suspend(state: &Mutex<State>, peer: Option<Peer>, group: &str, automatic:
             rec.phase = Phase::Running;
             rec.pids.clear();
             rec.agents.clear();
-            let why = rec.refuse(f.pid, f.why);
-            tracing::warn!("group {group:?}: suspension failed, its processes run on: {why}");
+            let kind = f.kind(bound);
+            let why = rec.refuse(f.pid, f.why, kind);
+            tracing::warn!(
+                "group {group:?}: suspension failed, its processes run on: {why} ({})",
+                match kind {
+                    Kind::Lasting => format!("a lasting refusal: passed over by the policy for {:.1} s", kind.pass_over().as_secs_f64()),
+                    Kind::Timeout { .. } =>
+                        format!("a timeout, not a lasting refusal: passed over by the policy for {:.1} s only", kind.pass_over().as_secs_f64()),
+                }
+            );
             Err(format!("group {group:?} could not be suspended (its processes run on): {why}"))
         }
     })
@@ -583,11 +605,25 @@ struct Failed {
     pid: Option<u32>,
     stuck: BTreeMap<u32, usize>,
     left: Vec<u32>,
+    /// A lock (the driver's) or a gate (an agent's) timed out: what the controller received
+    /// says so (`suspend_driver::Failed::timed_out`, `agents::Failure::timed_out`).
+    timed_out: bool,
+}
+
+impl Failed {
+    /// The refusal's kind, the attempt's locks having been given `bound` in all.
+    fn kind(&self, bound: Duration) -> Kind {
+        if self.timed_out {
+            Kind::Timeout { waited: bound }
+        } else {
+            Kind::Lasting
+        }
+    }
 }
 
 impl From<agents::Failure> for Failed {
     fn from(f: agents::Failure) -> Failed {
-        Failed { why: f.why, pid: f.pid, stuck: f.stuck, left: Vec::new() }
+        Failed { why: f.why, pid: f.pid, stuck: f.stuck, left: Vec::new(), timed_out: f.timed_out }
     }
 }
 
@@ -664,10 +700,12 @@ fn suspend_both(
     if !drivers.is_empty() {
         let pids: Vec<u32> = drivers.keys().copied().collect();
         // A driver that cannot be loaded is no member's doing: no pid to name.
-        let done = driver().map_err(|why| (None, why, Vec::new())).and_then(|d| checkpoint_within(&*d, &pids, wait).map_err(|f| (Some(f.pid), f.why, f.left)));
-        if let Err((pid, why, left)) = done {
+        let done = driver()
+            .map_err(|why| (None, why, Vec::new(), false))
+            .and_then(|d| checkpoint_within(&*d, &pids, wait).map_err(|f| (Some(f.pid), f.why, f.left, f.timed_out)));
+        if let Err((pid, why, left, timed_out)) = done {
             let stuck = agents::bring_back(state, m.group_slot, &by_shim);
-            return Err(Failed { why, pid, stuck, left });
+            return Err(Failed { why, pid, stuck, left, timed_out });
         }
         moved += drivers.values().sum::<u64>();
     }
@@ -941,7 +979,7 @@ pub fn record(group: &str) -> Option<Record> {
 pub fn rows(members: &dyn Fn(&str) -> Vec<u32>) -> Vec<SuspensionRow> {
     let mut r = registry();
     forget_dead(&mut r);
-    let now = Instant::now();
+    let now = crate::refusal::now_ns();
     r.groups.iter().map(|(g, rec)| rec.row(g, &members(g), now)).collect()
 }
 

@@ -97,8 +97,14 @@ pub fn render(l: &Listing) -> String {
             if pids.is_empty() { "-".into() } else { pids }
         ));
         if let Some(e) = &s.error {
-            // A refusal the policy still acts on: it tries other groups first meanwhile.
-            let passed = s.passed_over_s.map(|t| format!(" (passed over by the policy for {:.0} s more)", t.ceil())).unwrap_or_default();
+            // A refusal the policy still acts on: it tries other groups first meanwhile; which
+            // kind it is says why it is passed over for that long (a timeout only briefly).
+            let kind = match s.refusal_kind.as_deref() {
+                Some("timeout") => "a timeout, not a lasting refusal: ",
+                Some(_) => "a lasting refusal: ",
+                None => "",
+            };
+            let passed = s.passed_over_s.map(|t| format!(" ({kind}passed over by the policy for {:.0} s more)", t.ceil())).unwrap_or_default();
             out.push_str(&format!("{:<20} last error: {e}{passed}\n", ""));
         }
     }
@@ -166,6 +172,7 @@ mod tests {
             error: Some("group \"first\" exports memory to other processes (pid 42: 1 exports recorded)".into()),
             refusals: 2,
             refused_by: Some(42),
+            refusal_kind: Some("lasting".into()),
             passed_over_s: Some(24.2),
             ..Default::default()
         };
@@ -173,9 +180,8 @@ mod tests {
         let table = render(&l);
         assert!(table.lines().any(|line| line.starts_with("first") && line.contains("running")), "{table}");
         assert!(
-            table
-                .lines()
-                .any(|line| line.contains("last error: group \"first\" exports memory") && line.ends_with("(passed over by the policy for 25 s more)")),
+            table.lines().any(|line| line.contains("last error: group \"first\" exports memory")
+                && line.ends_with("(a lasting refusal: passed over by the policy for 25 s more)")),
             "{table}"
         );
         assert_eq!(summary(&l), "", "it runs: not in top's line");
@@ -188,6 +194,39 @@ mod tests {
         assert!(!render(&l).contains("passed over"), "a candidate again");
         let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l) });
         assert!(text.contains("gpuslice_group_suspension_passed_over{group=\"first\"} 0"), "{text}");
+    }
+
+    /// A lock that timed out (a member inside a long kernel): `ls` says it was a timeout and
+    /// how briefly the group is passed over; the metrics count it among the refusals and apart.
+    #[test]
+    fn ls_and_metrics_tell_a_timed_out_lock_from_a_lasting_refusal() {
+        let row = SuspensionRow {
+            group: "first".into(),
+            state: "running".into(),
+            suspendable: true,
+            error: Some("cuCheckpointProcessLock(pid 42) failed: CUDA_ERROR_TIMEOUT (909)".into()),
+            refusals: 3,
+            timeouts: 1,
+            refused_by: Some(42),
+            refusal_kind: Some("timeout".into()),
+            passed_over_s: Some(2.2),
+            ..Default::default()
+        };
+        let l = Listing { suspensions: vec![row], ..Default::default() };
+        let table = render(&l);
+        assert!(
+            table.lines().any(|line| line.contains("last error: cuCheckpointProcessLock")
+                && line.ends_with("(a timeout, not a lasting refusal: passed over by the policy for 3 s more)")),
+            "{table}"
+        );
+        let text = crate::metrics::render(crate::metrics::Snapshot { health: Default::default(), listing: Some(l) });
+        for want in [
+            "gpuslice_group_suspension_refusals_total{group=\"first\"} 3",
+            "gpuslice_group_suspension_timeouts_total{group=\"first\"} 1",
+            "gpuslice_group_suspension_passed_over{group=\"first\"} 1",
+        ] {
+            assert!(text.contains(want), "no {want} in:\n{text}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! the driver where each process stands afterwards, so that none is left half-suspended behind
 //! a record that says "running". Resuming restores and unlocks each.
 
-use crate::checkpoint::{Driver, DriverError, ProcessState, OUT_OF_MEMORY};
+use crate::checkpoint::{Driver, DriverError, ProcessState, OUT_OF_MEMORY, TIMEOUT};
 use std::time::{Duration, Instant};
 
 /// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync): a
@@ -78,6 +78,10 @@ pub struct Failed {
     /// unlock refused): still suspended by the driver, so their group must be recorded as
     /// suspended and resumed later, never as running.
     pub left: Vec<u32>,
+    /// The failure was a lock that timed out (`CUDA_ERROR_TIMEOUT` from
+    /// `cuCheckpointProcessLock`: the member's calls under way outlasted its bound), not a
+    /// refusal: the policy passes the group over only briefly (`refusal::Kind::Timeout`).
+    pub timed_out: bool,
 }
 
 /// Locks every process (each lock waiting at most `timeout` for the calls under way), then
@@ -93,10 +97,13 @@ pub fn checkpoint_all(d: &(impl Api + ?Sized), pids: &[u32], timeout: Duration) 
 pub fn checkpoint_within(d: &(impl Api + ?Sized), pids: &[u32], wait: LockWait) -> Result<(), Failed> {
     let mut locked = Vec::new();
     let mut failure = None;
+    let mut timed_out = false;
     for &pid in pids {
         match d.lock(pid, wait.at(Instant::now())) {
             Ok(()) => locked.push(pid),
             Err(e) => {
+                // The driver's own code, never its text: only the lock's timeout counts.
+                timed_out = e.code == TIMEOUT;
                 failure = Some((pid, e.to_string()));
                 break;
             }
@@ -116,7 +123,7 @@ pub fn checkpoint_within(d: &(impl Api + ?Sized), pids: &[u32], wait: LockWait) 
     }
     match failure {
         None => Ok(()),
-        Some((pid, why)) => Err(Failed { pid, why, left: put_back(d, &locked, &checkpointed) }),
+        Some((pid, why)) => Err(Failed { pid, why, left: put_back(d, &locked, &checkpointed), timed_out }),
     }
 }
 
@@ -249,6 +256,7 @@ mod tests {
         let f = checkpoint_all(&d, &[1, 2, 3], LOCK_TIMEOUT).unwrap_err();
         assert_eq!((f.pid, f.left), (3, vec![]), "{}", f.why);
         assert!(f.why.contains("checkpoint(pid 3)"), "{}", f.why);
+        assert!(!f.timed_out, "a refused checkpoint is no timeout");
         assert_eq!(d.states(), [Running, Running, Running], "1 and 2 were checkpointed, then restored and unlocked");
     }
 
@@ -293,6 +301,7 @@ mod tests {
         d.states.borrow_mut().remove(&2);
         let f = checkpoint_all(&d, &[1, 2], LOCK_TIMEOUT).unwrap_err();
         assert_eq!((f.pid, f.left), (2, vec![]));
+        assert!(!f.timed_out, "no CUDA state (INVALID_VALUE) is no timeout");
         assert_eq!(d.states(), [Running]);
     }
 
@@ -328,6 +337,7 @@ mod tests {
         let f = checkpoint_within(&d, &[1, 2], LockWait::within(Instant::now() + Duration::from_millis(2500))).unwrap_err();
         assert_eq!((f.pid, f.left), (2, vec![]));
         assert!(f.why.contains("909"), "{}", f.why);
+        assert!(f.timed_out, "the driver's CUDA_ERROR_TIMEOUT from the lock");
         assert_eq!(d.states(), [Running, Running]);
         assert!(d.timeouts.borrow().iter().all(|t| *t <= Duration::from_millis(2500)), "{:?}", d.timeouts.borrow());
     }
