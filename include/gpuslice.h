@@ -110,7 +110,7 @@ struct gpuslice_ledger_header {
 struct gpuslice_high_slot {           /* one high-priority process on a device */
     uint64_t owner;                   /* drawn at random by the process; 0 = free */
     uint32_t pid;                     /* its own pid (in its own namespace) */
-    uint32_t busy;                    /* non-zero while it has work queued or running */
+    uint32_t busy;                    /* non-zero (1) while it has work queued or running */
     uint64_t alive_until;             /* lease; a dead process's slot lapses */
 };
 
@@ -129,7 +129,7 @@ struct gpuslice_turn {                /* whose burst is on the device, among thr
 struct gpuslice_device_sched {
     uint64_t high_alive_until;        /* some high-priority process lives on the device until */
     uint32_t wake;                    /* futex word, bumped when a high process's work is done */
-    uint32_t _pad;
+    uint32_t host_bound;              /* bit i: highs[i] says its requests are host-bound (was _pad) */
     struct gpuslice_high_slot highs[GPUSLICE_MAX_HIGH];
     struct gpuslice_turn turn;
 };

@@ -27,9 +27,10 @@ pub const ENV_PRIORITY_QUEUE: &str = "GPUSLICE_PRIORITY_QUEUE";
 /// `auto` (default): under an MPS daemon, map the priority and the SM share onto MPS's client
 /// priority and active-thread percentage; `off`: leave MPS's settings alone.
 pub const ENV_MPS: &str = "GPUSLICE_MPS";
-/// Experimental (issue 19): `on` (default), or `spatial-off`: a lower-priority process whose SM
+/// Experimental (issue 19): `on` (default), `spatial-off`: a lower-priority process whose SM
 /// share MPS carries on a device (its active-thread percentage) does not wait for high-priority
-/// work there.
+/// work there, or `auto`: the same only while every high-priority process on the device says
+/// its requests are host-bound.
 pub const ENV_PRIORITY_GATE: &str = "GPUSLICE_PRIORITY_GATE";
 
 /// The name of the group of a process alone (no `GPUSLICE_GROUP`): `pid-<pid>`. Names with this
@@ -225,6 +226,11 @@ pub enum PriorityGate {
     /// out as if no high-priority process lived. Elsewhere (time-sliced, or MPS without a
     /// share) the gate stays on.
     SpatialOff,
+    /// As `SpatialOff`, but only while every live high-priority process on the device says its
+    /// requests leave the device idle most of the time (host-bound: the gate would cost the
+    /// neighbour without shortening them), decided launch by launch; a high-priority process
+    /// counts as device-bound until its own measurement says otherwise.
+    Auto,
 }
 
 impl std::str::FromStr for PriorityGate {
@@ -233,7 +239,8 @@ impl std::str::FromStr for PriorityGate {
         match text.trim().to_ascii_lowercase().as_str() {
             "on" => Ok(PriorityGate::On),
             "spatial-off" => Ok(PriorityGate::SpatialOff),
-            _ => Err("expected on or spatial-off".into()),
+            "auto" => Ok(PriorityGate::Auto),
+            _ => Err("expected on, spatial-off or auto".into()),
         }
     }
 }
@@ -243,6 +250,7 @@ impl fmt::Display for PriorityGate {
         f.write_str(match self {
             PriorityGate::On => "on",
             PriorityGate::SpatialOff => "spatial-off",
+            PriorityGate::Auto => "auto",
         })
     }
 }
@@ -1187,13 +1195,21 @@ mod tests {
         let e = Settings::resolve(&env(&[("GPUSLICE_MPS", "sometimes")]), None).unwrap_err();
         assert_eq!(e.origin, "GPUSLICE_MPS");
         assert_eq!(Settings::resolve(&env(&[]), None).unwrap().priority_gate, PriorityGate::On);
-        for (text, want) in [("on", PriorityGate::On), ("spatial-off", PriorityGate::SpatialOff), (" Spatial-Off ", PriorityGate::SpatialOff)] {
+        for (text, want) in [
+            ("on", PriorityGate::On),
+            ("spatial-off", PriorityGate::SpatialOff),
+            (" Spatial-Off ", PriorityGate::SpatialOff),
+            ("auto", PriorityGate::Auto),
+            (" AUTO", PriorityGate::Auto),
+        ] {
             assert_eq!(Settings::resolve(&env(&[("GPUSLICE_PRIORITY_GATE", text)]), None).unwrap().priority_gate, want, "{text:?}");
         }
-        for bad in ["off", "spatial", "1", "spatial_off"] {
+        for bad in ["off", "spatial", "1", "spatial_off", "automatic"] {
             let e = Settings::resolve(&env(&[("GPUSLICE_PRIORITY_GATE", bad)]), None).unwrap_err();
-            assert_eq!((e.origin.as_str(), e.reason.as_str()), ("GPUSLICE_PRIORITY_GATE", "expected on or spatial-off"), "{bad:?}");
+            assert_eq!((e.origin.as_str(), e.reason.as_str()), ("GPUSLICE_PRIORITY_GATE", "expected on, spatial-off or auto"), "{bad:?}");
         }
+        let auto = Settings::resolve(&env(&[("GPUSLICE_PRIORITY_GATE", "auto")]), None).unwrap();
+        assert!(auto.describe().contains("priority gate auto (from GPUSLICE_PRIORITY_GATE)"), "{}", auto.describe());
         // A process alone's group name is the one name a user may not give a group.
         assert_eq!(solo_group_name(12), "pid-12");
         assert!(is_solo_group(&solo_group_name(12)) && !is_solo_group("train-pid-12"));

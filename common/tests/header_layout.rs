@@ -21,7 +21,7 @@ fn rust_layout() -> (Fields, Sizes) {
             device_slot_size, group_slot_size, proc_slot_size, devices_offset, groups_offset, procs_offset, controller_pid,
             controller_heartbeat_ns, controller_starts, created_ns, registrations, devices_inode, index_offset }
         "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid, sched }
-        "gpuslice_device_sched" DeviceSched { high_alive_until, wake, highs, turn }
+        "gpuslice_device_sched" DeviceSched { high_alive_until, wake, host_bound, highs, turn }
         "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket, returning }
         "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }

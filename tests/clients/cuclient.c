@@ -530,7 +530,7 @@ static const struct cmdspec CMDS[] = {
     {"sleep", "n"},       {"mark", ""},          {"elapsed", ""},        {"procaddr", "snn"},
     {"dlsym", "s"},       {"pid", ""},
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
-    {"now", ""},          {"probe", "nnn"},      {"flood", "nns"},
+    {"now", ""},          {"probe", "nnn"},      {"mprobe", "nnnnn"},   {"flood", "nns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
     {"modthreads", "nnn"}, {"modload", "sn"},    {"ptxload", "n"},      {"modimage", "s"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
     {"image", "sn"},      {"v1alloc", "n"},      {"v1pitch", "nnn"},     {"v1free", "x"},
@@ -2141,7 +2141,7 @@ static void run(const char *cmd, char **a) {
                fine, hung, failed, codes[0] ? codes : "-", max_ms, tot[0], tot[3]);
     } else if (!strcmp(cmd, "now")) {
         printf("ok now ns=%llu\n", clock_ns());
-    } else if (!strcmp(cmd, "probe")) {
+    } else if (!strcmp(cmd, "probe") || !strcmp(cmd, "mprobe")) {
         NEED(cuLaunchKernel);
         NEED(cuCtxSynchronize);
         NEED(cuEventCreate);
@@ -2151,8 +2151,13 @@ static void run(const char *cmd, char **a) {
         int ok;
         ensure_function(cmd, &ok);
         if (!ok) return;
-        unsigned long long n = num(a[0]), gap = num(a[2]), sum = 0, seed = 0x9e3779b97f4a7c15ULL;
-        if (n == 0) {
+        /* mprobe N K NS HOST_US GAP_US: each request is K kernels of NS, with HOST_US of host
+         * work (a sleep) after each launch but the last: a host-bound request when HOST_US is
+         * long beside NS. Printed as a probe line. */
+        int multi = !strcmp(cmd, "mprobe");
+        unsigned long long n = num(a[0]), gap = num(a[multi ? 4 : 2]), sum = 0, seed = 0x9e3779b97f4a7c15ULL;
+        unsigned long long kernels = multi ? num(a[1]) : 1, host_us = multi ? num(a[3]) : 0;
+        if (n == 0 || kernels == 0) {
             printf("err probe code=-1 n=0\n");
             return;
         }
@@ -2160,7 +2165,7 @@ static void run(const char *cmd, char **a) {
         CHECK(p_cuEventCreate(&before, 0));
         CHECK(p_cuEventCreate(&after, 0));
         unsigned long long *lat = calloc(n, sizeof *lat), *dev = calloc(n, sizeof *dev);
-        unsigned long long dur = num(a[1]), first = 0, last = 0;
+        unsigned long long dur = num(a[multi ? 2 : 1]), first = 0, last = 0;
         void *params[] = {&dur};
         for (unsigned long long i = 0; i < n; i++) {
             if (i && gap) {
@@ -2170,7 +2175,10 @@ static void run(const char *cmd, char **a) {
             unsigned long long t0 = clock_ns();
             float ms = 0;
             CUresult r = p_cuEventRecord(before, 0);
-            if (r == 0) r = p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, 0, params, NULL);
+            for (unsigned long long k = 0; r == 0 && k < kernels; k++) {
+                if (k) clock_sleep_us(host_us);
+                r = p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, 0, params, NULL);
+            }
             if (r == 0) r = p_cuEventRecord(after, 0);
             if (r == 0) r = p_cuCtxSynchronize();
             unsigned long long t1 = clock_ns();

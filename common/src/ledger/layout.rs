@@ -696,6 +696,7 @@ impl DeviceSlot {
         self.total_memory.store(0, Relaxed);
         let s = &self.sched;
         s.high_alive_until.store(0, Relaxed);
+        s.host_bound.store(0, Relaxed);
         for h in &s.highs {
             h.owner.store(0, Relaxed);
             h.pid.store(0, Relaxed);

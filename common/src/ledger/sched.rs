@@ -16,7 +16,12 @@ pub struct DeviceSched {
     pub high_alive_until: AtomicU64,
     /// Futex word: bumped each time a high-priority process's work on the device is done.
     pub wake: AtomicU32,
-    pub _pad: AtomicU32,
+    /// Bit i set: the process in `highs[i]` says its requests are host-bound (the device idle
+    /// most of each request), so a neighbour under `GPUSLICE_PRIORITY_GATE=auto` over a
+    /// spatial MPS share need not hold back for it. Clear (the default, and a new claim's):
+    /// device-bound, or not measured yet. Was `_pad` (layout unchanged; an older shim never
+    /// sets a bit, so its high-priority processes count as device-bound).
+    pub host_bound: AtomicU32,
     pub highs: [HighSlot; MAX_HIGH],
     pub turn: Turn,
 }
@@ -30,7 +35,9 @@ pub struct HighSlot {
     pub owner: AtomicU64,
     /// Its pid as it sees itself, for a liveness check by processes of its namespace.
     pub pid: AtomicU32,
-    /// Non-zero while it has work queued or running on the device.
+    /// Non-zero (1) while it has work queued or running on the device. Whether that work is
+    /// device-bound is `DeviceSched::host_bound`'s business, not this word's: it must say the
+    /// same while the process is idle.
     pub busy: AtomicU32,
     /// The slot is its until then; a dead process's slot lapses.
     pub alive_until: AtomicU64,
@@ -48,6 +55,33 @@ impl DeviceSched {
         self.highs.iter().find(|h| h.busy.load(SeqCst) != 0 && h.owner.load(Relaxed) != 0 && h.alive_until.load(Relaxed) > now)
     }
 
+    /// True when every live high-priority process on the device says its requests are
+    /// host-bound (`host_bound`); vacuously true with none alive (the caller asks `high_alive`
+    /// first). Bits of free or lapsed slots do not count.
+    pub fn highs_host_bound(&self, now: u64) -> bool {
+        let mask = self.host_bound.load(Acquire);
+        if mask == 0 {
+            return !self.high_alive(now);
+        }
+        self.highs.iter().enumerate().all(|(i, h)| mask & (1 << i) != 0 || h.owner.load(Acquire) == 0 || h.alive_until.load(Acquire) <= now)
+    }
+
+    /// Publishes whether `slot`'s process finds its requests host-bound.
+    pub fn set_host_bound(&self, slot: &HighSlot, host_bound: bool) {
+        let Some(bit) = self.slot_bit(slot) else { return };
+        if host_bound {
+            self.host_bound.fetch_or(bit, AcqRel);
+        } else {
+            self.host_bound.fetch_and(!bit, AcqRel);
+        }
+    }
+
+    /// `slot`'s bit in `host_bound` (`None` for a slot of another device).
+    fn slot_bit(&self, slot: &HighSlot) -> Option<u32> {
+        let i = self.highs.iter().position(|h| std::ptr::eq(h, slot))?;
+        Some(1 << i)
+    }
+
     /// The slot of the high-priority process `owner` (pid `pid`), claiming a free or lapsed one.
     pub fn claim_high(&self, owner: u64, pid: u32, now: u64, lease_ns: u64) -> Option<&HighSlot> {
         if let Some(h) = self.highs.iter().find(|h| h.owner.load(Acquire) == owner) {
@@ -57,6 +91,11 @@ impl DeviceSched {
         for h in &self.highs {
             let held = h.owner.load(Acquire);
             let lapsed = held != 0 && h.alive_until.load(Acquire) <= now;
+            if held == 0 || lapsed {
+                // A new owner starts device-bound: its predecessor's word is not its own. (Cleared
+                // before the claim, so no neighbour sees the new owner live with the old bit.)
+                self.set_host_bound(h, false);
+            }
             if (held == 0 || lapsed) && h.owner.compare_exchange(held, owner, AcqRel, Relaxed).is_ok() {
                 h.pid.store(pid, Relaxed);
                 h.busy.store(0, SeqCst);
@@ -80,6 +119,7 @@ impl DeviceSched {
             return;
         }
         slot.busy.store(0, SeqCst);
+        self.set_host_bound(slot, false);
         slot.alive_until.store(0, Release);
         let _ = slot.owner.compare_exchange(owner, 0, AcqRel, Relaxed);
         // The last high-priority process gone: the others stop bounding their queues now, not
@@ -102,6 +142,44 @@ impl DeviceSched {
 mod tests {
     use super::super::Ledger;
     use std::sync::atomic::Ordering::*;
+
+    #[test]
+    fn neighbours_see_host_bound_only_when_every_live_high_process_says_so() {
+        let ledger = Ledger::anonymous().unwrap();
+        let s = &ledger.device(0).sched;
+        let (now, lease) = (1_000, 300);
+        let a = s.claim_high(11, 1, now, lease).unwrap();
+        s.renew(a, now, lease);
+        assert!(!s.highs_host_bound(now), "a new high-priority process counts as device-bound");
+        s.set_host_bound(a, true);
+        assert!(s.highs_host_bound(now));
+        let b = s.claim_high(12, 2, now, lease).unwrap();
+        assert!(!s.highs_host_bound(now), "a second, device-bound one keeps the gate");
+        s.set_host_bound(b, true);
+        assert!(s.highs_host_bound(now));
+        s.set_host_bound(b, false);
+        assert!(!s.highs_host_bound(now), "back to device-bound");
+        s.release_high_at(b, 12, now);
+        assert!(s.highs_host_bound(now), "a released slot's bit does not count");
+        // A lapsed slot's bit does not count either, and a new owner of it starts clear.
+        s.set_host_bound(b, true);
+        assert_eq!(s.host_bound.load(Relaxed).count_ones(), 2);
+        s.release_high_at(a, 11, now);
+        assert_eq!(s.host_bound.load(Relaxed), 2, "released: its bit cleared (b's stale bit stays, counting for nobody)");
+        let c = s.claim_high(13, 3, now, lease).unwrap();
+        s.set_host_bound(c, true);
+        let d = s.claim_high(14, 4, now + lease + 1, lease).unwrap();
+        assert!(std::ptr::eq(c, d), "the lapsed slot is taken again");
+        assert!(!s.highs_host_bound(now + lease + 1), "the lapsed owner's word is not the new owner's");
+        // Nobody alive: vacuously host-bound (the gate is not asked then).
+        s.release_high_at(d, 14, now + lease + 1);
+        assert!(s.highs_host_bound(now + 10 * lease));
+        // A slot of another device has no bit here.
+        let other = &ledger.device(1).sched;
+        let e = other.claim_high(15, 5, now, lease).unwrap();
+        s.set_host_bound(e, true);
+        assert_eq!(s.host_bound.load(Relaxed), 2);
+    }
 
     #[test]
     fn a_gone_process_turn_is_cleared_only_by_its_own_token() {

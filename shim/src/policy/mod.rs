@@ -11,6 +11,7 @@ pub mod module_image;
 pub mod mps;
 pub mod mps_pipe;
 pub mod refusal_log;
+pub mod request_load;
 pub mod sched;
 pub mod slice_args;
 pub mod slice_cost;

@@ -5,7 +5,8 @@
 //! pays no context switch (about 0.13 ms on the H200 under time-slicing) and the block scheduler
 //! prefers the higher client priority as soon as SMs free up. `sched`'s launch gating stays on
 //! top: lower-priority processes still hold back while a high-priority one is busy, unless
-//! `GPUSLICE_PRIORITY_GATE=spatial-off` and the device is spatial here (see `sched::gate_off`).
+//! `GPUSLICE_PRIORITY_GATE=spatial-off` (or `auto`, while the high-priority processes' requests
+//! are host-bound) and the device is spatial here (see `sched::gate_off`).
 //!
 //! Which daemon, if any, a process goes to is `mps_pipe`'s business (the controller's per-GPU
 //! daemons, issue 19); a daemon the environment names, or `/tmp/nvidia-mps`'s, serves it too.
@@ -153,11 +154,11 @@ pub fn context_created(device: CUdevice) {
     if slot.load(Relaxed) != UNKNOWN {
         return;
     }
-    let gate_off = settings.priority_gate == PriorityGate::SpatialOff;
+    let gate = settings.priority_gate;
     if !mps_enabled(device) {
         slot.store(TIME_SLICED, Relaxed);
-        if gate_off {
-            tracing::info!("pid {}: device {device} is time-sliced: {ENV_PRIORITY_GATE}=spatial-off changes nothing there", std::process::id());
+        if gate != PriorityGate::On {
+            tracing::info!("pid {}: device {device} is time-sliced: {ENV_PRIORITY_GATE}={gate} changes nothing there", std::process::id());
         }
         return;
     }
@@ -174,12 +175,16 @@ pub fn context_created(device: CUdevice) {
             (None, true) => format!("{name} as the environment sets it"),
             (None, false) => format!("{name} unset"),
         };
-        let gate = match (gate_off, spatial) {
-            (false, _) => "",
-            (true, true) => {
+        let gate = match (gate, spatial) {
+            (PriorityGate::On, _) => "",
+            (PriorityGate::SpatialOff, true) => {
                 "; priority gate off (GPUSLICE_PRIORITY_GATE=spatial-off): launches at normal or low priority do not wait for high-priority work here"
             }
-            (true, false) => "; GPUSLICE_PRIORITY_GATE=spatial-off changes nothing here (no share carried by MPS): the priority gate stays on",
+            (PriorityGate::Auto, true) => {
+                "; priority gate auto (GPUSLICE_PRIORITY_GATE=auto): launches at normal or low priority wait for high-priority work here only while a high-priority process's requests are device-bound (by its own measurement)"
+            }
+            (PriorityGate::SpatialOff, false) => "; GPUSLICE_PRIORITY_GATE=spatial-off changes nothing here (no share carried by MPS): the priority gate stays on",
+            (PriorityGate::Auto, false) => "; GPUSLICE_PRIORITY_GATE=auto changes nothing here (no share carried by MPS): the priority gate stays on",
         };
         tracing::info!(
             "pid {pid}: device {device} is served by MPS: priority {priority} as {}, SM share {} as {}{}{gate}",

@@ -18,13 +18,19 @@
 //! `GPUSLICE_PRIORITY_GATE=spatial-off` (experimental, issue 19) lifts both for a lower-priority
 //! process on a device where MPS's active-thread percentage carries its share (`mps::spatial`):
 //! there the SMs it leaves free are what protects the high-priority work, and holding its
-//! launches back idles its own pipeline.
+//! launches back idles its own pipeline. `GPUSLICE_PRIORITY_GATE=auto` lifts them there only
+//! while every live high-priority process on the device says its requests are host-bound: each
+//! high-priority process measures its own requests (`request_load`, from its slot's busy
+//! periods) and publishes the verdict in `DeviceSched::host_bound`; the neighbour decides
+//! launch by launch. Stop 22 on the H100: lifting the gate cost an eager (host-bound) probe
+//! nothing and its neighbour regained ~35 points, but cost a graph (device-bound) probe ×2.4.
 //!
 //! Leases bound what a dead process can cause: a high-priority process's slot lapses 300 ms
 //! after its watcher last renewed it, and no launch waits for a busy mark longer than
 //! `MAX_HOLD_NS`.
 
 use crate::policy::flight_cost;
+use crate::policy::request_load::{Requests, Verdict};
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns, now_ns};
 use crate::sys::driver::call_real;
@@ -86,12 +92,28 @@ pub fn engaged() -> bool {
     scheds.iter().any(|s| s.high_alive(now))
 }
 
-/// True when a lower-priority launch on `device` skips the gate: `GPUSLICE_PRIORITY_GATE` is
-/// `spatial-off` and MPS carries this process's share there. Two loads (the device's MPS mode,
-/// then the settings read at the first CUDA call): no syscall, no lock.
+/// True when a lower-priority launch on `device` skips the gate: MPS carries this process's
+/// share there, and `GPUSLICE_PRIORITY_GATE` is `spatial-off`, or `auto` and every live
+/// high-priority process on the device says its requests are host-bound. Two loads (the
+/// device's MPS mode, then the settings read at the first CUDA call), and for `auto` the
+/// device's host-bound word (and, when some bit is set, its slots' owners and leases): no
+/// syscall, no lock. Asked at every launch, so a neighbour goes back under the gate at its next
+/// launch once a high-priority process says device-bound.
 #[inline]
 pub fn gate_off(device: CUdevice) -> bool {
-    crate::policy::mps::spatial(device) && crate::sys::runtime::runtime().settings.as_ref().is_ok_and(|s| s.priority_gate == PriorityGate::SpatialOff)
+    gate_off_on(device, || state(device))
+}
+
+#[inline]
+fn gate_off_on<'a>(device: CUdevice, sched: impl FnOnce() -> Option<&'a DeviceSched>) -> bool {
+    if !crate::policy::mps::spatial(device) {
+        return false;
+    }
+    match crate::sys::runtime::runtime().settings.as_ref().map(|s| s.priority_gate) {
+        Ok(PriorityGate::SpatialOff) => true,
+        Ok(PriorityGate::Auto) => sched().is_some_and(|s| s.highs_host_bound(coarse_now_ns())),
+        _ => false,
+    }
 }
 
 fn state(device: CUdevice) -> Option<&'static DeviceSched> {
@@ -115,7 +137,7 @@ pub fn launch(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce(
     match priority() {
         Priority::High => high_launch(device, s, stream, launch),
         _ => {
-            if gate_off(device) {
+            if gate_off_on(device, || Some(s)) {
                 return launch();
             }
             let now = now_ns();
@@ -331,7 +353,18 @@ struct Outstanding {
     sched: &'static DeviceSched,
     slot: &'static HighSlot,
     events: Vec<(usize, usize)>,
+    /// This process's requests on the device, measured from the slot's busy periods.
+    requests: Requests,
+    /// When the watcher last found work outstanding: a busy period ended between then and the
+    /// look that found it done.
+    seen_busy: u64,
+    /// The measurement has been logged once (after `FIRST_REPORT` requests, or at a change).
+    reported: bool,
 }
+
+/// Requests after which the verdict is logged even when it has not changed (the start,
+/// device-bound, is an assumption until then).
+const FIRST_REPORT: u64 = 16;
 
 static WATCHED: Mutex<Option<Watched>> = Mutex::new(None);
 static WORK: Condvar = Condvar::new();
@@ -344,13 +377,21 @@ static LAUNCHING: AtomicU64 = AtomicU64::new(0);
 fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, launch: impl FnOnce() -> CuResult) -> CuResult {
     let Some(slot) = high_slot(device, s) else { return launch() };
     LAUNCHING.fetch_add(1, SeqCst);
-    slot.busy.store(1, SeqCst);
+    // A swap, not a store: the launch that turns the slot busy times the start of a busy
+    // period for `request_load` (one clock read per period, through the vDSO).
+    let began = slot.busy.swap(1, SeqCst) == 0;
+    let began_at = if began { now_ns() } else { 0 };
     let code = launch();
     let event = if code == CUDA_SUCCESS { recorded_event(stream) } else { None };
     {
         let mut watched = locks::lock(&WATCHED);
-        if let (Some(o), Some(event)) = (watched.as_mut().and_then(|w| w.devices.get_mut(&device)), event) {
-            o.events.push(event);
+        if let Some(o) = watched.as_mut().and_then(|w| w.devices.get_mut(&device)) {
+            if began {
+                o.requests.busy(began_at);
+            }
+            if let Some(event) = event {
+                o.events.push(event);
+            }
         }
         LAUNCHING.fetch_sub(1, SeqCst);
     }
@@ -394,7 +435,7 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         return None;
     };
     s.renew(slot, now, LEASE_NS);
-    w.devices.insert(device, Outstanding { sched: s, slot, events: Vec::new() });
+    w.devices.insert(device, Outstanding { sched: s, slot, events: Vec::new(), requests: Requests::new(), seen_busy: 0, reported: false });
     if !w.started {
         w.started = true;
         // SAFETY: registering a plain extern "C" function.
@@ -471,10 +512,14 @@ fn watch() {
             renewed = now;
             for o in w.devices.values() {
                 o.sched.renew(o.slot, now, LEASE_NS);
+                // Again with each renewal: a word cleared by someone else is set right.
+                if o.slot.owner.load(Acquire) == owner() {
+                    o.sched.set_host_bound(o.slot, o.requests.verdict() == Verdict::HostBound);
+                }
             }
         }
         let mut outstanding = false;
-        for o in w.devices.values_mut() {
+        for (&device, o) in w.devices.iter_mut() {
             o.events.retain(|&(ctx, e)| {
                 if done_in(ctx, e) {
                     give_event(ctx, e);
@@ -492,11 +537,15 @@ fn watch() {
                     } else {
                         o.sched.wake.fetch_add(1, SeqCst);
                         futex_wake_all(&o.sched.wake);
+                        o.requests.idle_seen(o.seen_busy, now);
                     }
                 }
             } else {
                 outstanding = true;
+                o.seen_busy = now;
             }
+            o.requests.tick(now);
+            publish(device, o);
         }
         if outstanding {
             drop(watched);
@@ -508,6 +557,38 @@ fn watch() {
         } else {
             drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(RENEW_NS)));
         }
+    }
+}
+
+/// Publishes a changed verdict of this process's requests on `device` for its neighbours, and
+/// logs it (and, once, the first measurement that confirms the start).
+fn publish(device: CUdevice, o: &mut Outstanding) {
+    let pid = std::process::id();
+    let Some(change) = o.requests.take_change() else {
+        if !o.reported && o.requests.requests() >= FIRST_REPORT {
+            o.reported = true;
+            let what = if o.requests.verdict() == Verdict::HostBound { "host-bound" } else { "device-bound" };
+            tracing::info!(
+                "pid {pid}: device {device}: requests {what} (device busy {:.0}% of each request, smoothed over the first {FIRST_REPORT}; {:.0}% of the last)",
+                100.0 * o.requests.fraction(),
+                100.0 * o.requests.last()
+            );
+        }
+        return;
+    };
+    o.reported = true;
+    let host_bound = change.verdict == Verdict::HostBound;
+    o.sched.set_host_bound(o.slot, host_bound);
+    let (busy, last) = (100.0 * change.fraction, 100.0 * change.last);
+    let n = change.requests;
+    if host_bound {
+        tracing::info!(
+            "pid {pid}: device {device}: requests host-bound (device busy {busy:.0}% of each request, smoothed; {last:.0}% of the last; after request {n}): spatial neighbours under GPUSLICE_PRIORITY_GATE=auto need not hold back"
+        );
+    } else {
+        tracing::info!(
+            "pid {pid}: device {device}: requests device-bound (device busy {busy:.0}% of each request, smoothed; {last:.0}% of the last; after request {n}): spatial neighbours under GPUSLICE_PRIORITY_GATE=auto hold back again"
+        );
     }
 }
 

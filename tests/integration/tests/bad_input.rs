@@ -957,7 +957,7 @@ fn every_variable_with_a_bad_value_is_named_in_one_line() {
         ("GPUSLICE_PRIORITY", "urgent".into(), "not a priority"),
         ("GPUSLICE_PRIORITY_QUEUE", "0".into(), "1 to 64"),
         ("GPUSLICE_PRIORITY_QUEUE", "many".into(), "1 to 64"),
-        ("GPUSLICE_PRIORITY_GATE", "off".into(), "on or spatial-off"),
+        ("GPUSLICE_PRIORITY_GATE", "off".into(), "on, spatial-off or auto"),
         ("GPUSLICE_GROUP", "team a".into(), "a group name is"),
         ("GPUSLICE_GROUP", "pid-7".into(), "a group name is"),
         ("GPUSLICE_GROUP", "g".repeat(100), "a group name is"),

@@ -2,7 +2,8 @@
 //! high-priority latency probe next to a low-priority neighbour that floods the device, the
 //! neighbour's throughput with and without a high-priority process, a high-priority process that
 //! exits or is killed while busy, the priority set live through the controller, the gate
-//! lifted over a spatial MPS share (`GPUSLICE_PRIORITY_GATE`), and bad values.
+//! lifted over a spatial MPS share (`GPUSLICE_PRIORITY_GATE`: `spatial-off`, and `auto` by the
+//! high-priority process's own requests), and bad values.
 //!
 //! The simulated device runs one kernel at a time, first come first served, for all processes,
 //! and a stream may queue up to 200 ms of work. So without priorities a request of the probe waits
@@ -532,6 +533,225 @@ fn spatial_off_lets_a_neighbour_with_an_mps_share_launch_past_a_busy_high_priori
             assert!(!line.contains("GATE") && !line.contains("gate off"), "{what}: {line}");
         }
     }
+}
+
+// ------------------------------------------------------------------ 5b. the gate decided by the high process's requests
+
+/// The auto tests' device over MPS, a folder with a daemon's `control` pipe (as in test 5).
+fn mps_pipes(sim: &Sim) -> String {
+    let pipes = sim.path("mps-pipes");
+    std::fs::create_dir_all(&pipes).unwrap();
+    std::fs::write(pipes.join("control"), b"").unwrap();
+    pipes.display().to_string()
+}
+
+/// A host-bound request: `HB_KERNELS` kernels of `HB_KERNEL_NS`, `HB_HOST_US` of host work
+/// after each but the last: busy ~0.8 ms of ~6.4 ms (well under `request_load`'s 0.5).
+const HB_KERNELS: u64 = 8;
+const HB_KERNEL_NS: u64 = 100_000;
+const HB_HOST_US: u64 = 800;
+/// The auto tests' neighbour kernels: short, so that on the one-kernel-at-a-time device a
+/// host-bound probe kept under the gate still measures host-bound (it waits ≤ 100 µs a kernel).
+const AUTO_NB_NS: u64 = 100_000;
+
+fn host_bound_requests(n: u64) -> String {
+    format!("mprobe {n} {HB_KERNELS} {HB_KERNEL_NS} {HB_HOST_US} {GAP_US}")
+}
+
+/// What an auto contest left: the probe's `probe` lines, the neighbour's flood, the probe's
+/// shim log lines about its requests, and the neighbour's start-up and MPS lines.
+struct AutoRun {
+    probes: Vec<Probe>,
+    flood: Flood,
+    verdicts: Vec<String>,
+    nb_lines: String,
+}
+
+impl AutoRun {
+    /// Neighbour kernels launched but not finished at the stop, in ms of device time.
+    fn queued_ms(&self, nb_ns: u64) -> u64 {
+        (self.flood.n - self.flood.done) * nb_ns / 1_000_000
+    }
+
+    /// The neighbour's device time over wall time in `[from, to)`.
+    fn nb_share(&self, from: u64, to: u64) -> f64 {
+        self.flood.share_between(from, to)
+    }
+
+    /// The request count of the first verdict line saying `what` ("host-bound", ...).
+    fn verdict_after(&self, what: &str) -> Option<u64> {
+        let line = self.verdicts.iter().find(|l| l.contains(&format!("requests {what} (")))?;
+        line.split("after request ").nth(1)?.split(')').next()?.parse().ok()
+    }
+}
+
+/// The high probe running `script` (after the go file and `settle_ms`) next to a low neighbour
+/// flooding the device with `nb_ns` kernels, both with `both`, the neighbour with `nb` too.
+fn auto_contest(sim: &Sim, clock: &Clock, both: &[(&str, &str)], nb: &[(&str, &str)], nb_ns: u64, script: &str) -> AutoRun {
+    let (go, stop) = (fresh(sim, "go"), fresh(sim, "stop"));
+    fn with<'a>(mut c: Client<'a>, env: &[(&str, &str)]) -> Client<'a> {
+        for (k, v) in env {
+            c = c.env(k, v);
+        }
+        c
+    }
+    let n = with(with(client(sim, Some("low")), both), nb)
+        .env("GPUSLICE_LOG", "info")
+        .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} flood {nb_ns} {BUCKET_MS} {stop}"))
+        .spawn();
+    assert!(line_ok(&n.wait_line("sync", 0)), "the neighbour did not start");
+    let probe = with(client(sim, Some("high")), both)
+        .env("GPUSLICE_LOG", "info")
+        .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep 100 {script} touch {stop}"))
+        .spawn();
+    clock.start_together_refs(&go, &[&n, &probe], "sync");
+    clock.park();
+    let out = probe.wait();
+    out.assert_all_ok();
+    let nb_out = n.wait();
+    let flood = flood_of(&nb_out);
+    AutoRun {
+        probes: out.lines_of("probe").into_iter().map(Probe::parse).collect(),
+        flood,
+        verdicts: out.stderr_lines_with(&["requests "]).into_iter().map(str::to_string).collect(),
+        nb_lines: nb_out.stderr.lines().filter(|l| l.contains("priority") || l.contains("device 0 is")).collect::<Vec<_>>().join("\n"),
+    }
+}
+
+/// `GPUSLICE_PRIORITY_GATE=auto` next to a host-bound high-priority process over a spatial
+/// share: the high process finds its requests host-bound and says so, and the neighbour then
+/// launches as under `spatial-off` (no wait, no queue bound): its queue fills and it keeps its
+/// lane of the device busy. `SIMCUDA_MPS_LANES=1` gives the neighbour (active-thread
+/// percentage 80) a timeline of its own, as MPS's partition would: the probe's kernels never
+/// wait behind its queue, so the probe stays host-bound. With `on` instead, the same pair keeps
+/// the gate: one launch in flight. (The flood keeps at most 1024 launches in flight of its own
+/// accord: 102 ms of these kernels.)
+#[test]
+fn auto_lifts_the_gate_beside_a_host_bound_high_priority_process() {
+    let _serial = serial();
+    let (sim, clock) = machine();
+    let pipes = mps_pipes(&sim);
+    let lanes: &[(&str, &str)] = &[("SIMCUDA_MPS", "1"), ("CUDA_MPS_PIPE_DIRECTORY", &pipes), ("SIMCUDA_MPS_LANES", "1")];
+    let share = ("GPUSLICE_SM_SHARE", "80");
+    let script = host_bound_requests(60);
+    let auto = auto_contest(&sim, &clock, lanes, &[share, ("GPUSLICE_PRIORITY_GATE", "auto")], AUTO_NB_NS, &script);
+    let on = auto_contest(&sim, &clock, lanes, &[share, ("GPUSLICE_PRIORITY_GATE", "on")], AUTO_NB_NS, &script);
+    // After the first 25 requests (~0.2 s: the verdict comes after ~8), to the probe's end.
+    let late = |r: &AutoRun| {
+        let p = &r.probes[0];
+        r.nb_share(p.t0 + 200_000_000, p.t1)
+    };
+    for (what, r) in [("auto", &auto), ("on", &on)] {
+        eprintln!(
+            "{what}: probe {}; neighbour {:.1}% of the device late in the run, {} ms queued at the stop; verdicts {:?}\n{}",
+            r.probes[0],
+            100.0 * late(r),
+            r.queued_ms(AUTO_NB_NS),
+            r.verdicts,
+            r.nb_lines
+        );
+    }
+    assert!(auto.nb_lines.contains("priority gate auto"), "the neighbour's lines: {}", auto.nb_lines);
+    let after = auto.verdict_after("host-bound").unwrap_or_else(|| panic!("the probe should find its requests host-bound: {:?}", auto.verdicts));
+    assert!(after <= 15, "host-bound after {after} requests: {:?}", auto.verdicts);
+    assert!(auto.verdict_after("device-bound").is_none(), "the probe stays host-bound: {:?}", auto.verdicts);
+    assert!(auto.queued_ms(AUTO_NB_NS) >= 90, "auto: the neighbour's queue is not bounded beside a host-bound probe: {:?}", auto.flood);
+    assert!(late(&auto) > 0.99, "auto: the neighbour keeps its lane busy: {:.1}%", 100.0 * late(&auto));
+    assert!(on.queued_ms(AUTO_NB_NS) <= 1, "on: one launch in flight: {:?}", on.flood);
+}
+
+/// `auto` next to a device-bound high-priority process (one 2 ms kernel per request) keeps the
+/// gate: on the one-kernel-at-a-time device (no lanes) a request waits for at most the
+/// neighbour's one kernel in flight, as with `on` (test 1's bounds), where a lifted gate would
+/// put it behind the neighbour's 200 ms queue (test 5).
+#[test]
+fn auto_keeps_the_gate_beside_a_device_bound_high_priority_process() {
+    let _serial = serial();
+    let (sim, clock) = machine();
+    let pipes = mps_pipes(&sim);
+    let mps: &[(&str, &str)] = &[("SIMCUDA_MPS", "1"), ("CUDA_MPS_PIPE_DIRECTORY", &pipes)];
+    let alone = alone(&sim);
+    let r = auto_contest(
+        &sim,
+        &clock,
+        mps,
+        &[("GPUSLICE_SM_SHARE", "80"), ("GPUSLICE_PRIORITY_GATE", "auto")],
+        NEIGHBOUR_NS,
+        &format!("probe 24 {PROBE_NS} {GAP_US}"),
+    );
+    let probe = &r.probes[0];
+    eprintln!("device-bound probe, auto: {probe} (alone {alone}); {} ms queued; verdicts {:?}\n{}", r.queued_ms(NEIGHBOUR_NS), r.verdicts, r.nb_lines);
+    assert!(r.nb_lines.contains("priority gate auto"), "{}", r.nb_lines);
+    if let Err(e) = within(probe, &alone, DEFAULT_QUEUE) {
+        panic!("auto, device-bound probe: the gate should hold the neighbour back: {e}: {probe}\nthe neighbour: {:?}", r.flood);
+    }
+    assert!(r.queued_ms(NEIGHBOUR_NS) <= 1, "auto, device-bound probe: one launch in flight: {:?}", r.flood);
+    assert!(
+        r.verdicts.iter().any(|l| l.contains("requests device-bound (") && l.contains("over the first 16")),
+        "the probe reports its measurement: {:?}",
+        r.verdicts
+    );
+    assert!(r.verdict_after("host-bound").is_none(), "{:?}", r.verdicts);
+}
+
+/// A high-priority process whose requests turn from host-bound to device-bound brings the gate
+/// back within a few requests: it says so after at most 3 device-bound requests, and by the
+/// end the neighbour (whose queue filled while the gate was lifted) keeps one launch in flight
+/// again. Lanes as in the first auto test.
+#[test]
+fn auto_brings_the_gate_back_when_requests_turn_device_bound() {
+    let _serial = serial();
+    let (sim, clock) = machine();
+    let pipes = mps_pipes(&sim);
+    let lanes: &[(&str, &str)] = &[("SIMCUDA_MPS", "1"), ("CUDA_MPS_PIPE_DIRECTORY", &pipes), ("SIMCUDA_MPS_LANES", "1")];
+    let host_phase = 40;
+    let r = auto_contest(
+        &sim,
+        &clock,
+        lanes,
+        &[("GPUSLICE_SM_SHARE", "80"), ("GPUSLICE_PRIORITY_GATE", "auto")],
+        AUTO_NB_NS,
+        &format!("{} probe 60 {PROBE_NS} {GAP_US}", host_bound_requests(host_phase)),
+    );
+    let (host, device) = (&r.probes[0], &r.probes[1]);
+    // The requests before: the start-up launch's, then the host-bound phase.
+    let before = 1 + host_phase;
+    let back = r.verdict_after("device-bound");
+    let late = r.nb_share(device.t0 + 300_000_000, device.t1);
+    eprintln!(
+        "host-bound phase {host}; device-bound phase {device}; verdicts {:?}; neighbour {:.1}% late, {} ms queued at the stop",
+        r.verdicts,
+        100.0 * late,
+        r.queued_ms(AUTO_NB_NS)
+    );
+    assert!(r.verdict_after("host-bound").is_some_and(|n| n < before), "host-bound during the first phase: {:?}", r.verdicts);
+    let back = back.unwrap_or_else(|| panic!("the probe should find its requests device-bound again: {:?}", r.verdicts));
+    assert!(back > before && back <= before + 3, "device-bound after request {back}; the first device-bound request was {}: {:?}", before + 1, r.verdicts);
+    assert!(r.queued_ms(AUTO_NB_NS) <= 1, "the gate is back: one launch in flight at the stop: {:?}", r.flood);
+    assert!(late < 0.9, "the gate is back: the neighbour idles while the probe's kernels run: {:.1}%", 100.0 * late);
+}
+
+/// Time-sliced, `auto` changes nothing: the gate stays whatever the high process's requests
+/// are (a full neighbour queue would make each of the probe's kernels wait for it). The probe
+/// here is host-bound and says so, and still each of its requests waits for at most one short
+/// neighbour kernel per kernel of its own.
+#[test]
+fn auto_keeps_the_gate_on_a_time_sliced_device() {
+    let _serial = serial();
+    let (sim, clock) = machine();
+    let script = host_bound_requests(40);
+    let out = client(&sim, Some("high")).args(&format!("init ctx 0 launch 1 1000 sync {script}")).run();
+    out.assert_all_ok();
+    let alone = Probe::parse(out.last("probe"));
+    // No share: one would bring the time throttle, which bounds the queue by itself.
+    let r = auto_contest(&sim, &clock, &[], &[("GPUSLICE_PRIORITY_GATE", "auto")], AUTO_NB_NS, &script);
+    let probe = &r.probes[0];
+    let bound = alone.p99_us + HB_KERNELS * AUTO_NB_NS / 1000 + SLACK_US;
+    eprintln!("time-sliced, auto: {probe} (alone {alone}, bound {bound} µs); {} ms queued; verdicts {:?}\n{}", r.queued_ms(AUTO_NB_NS), r.verdicts, r.nb_lines);
+    assert!(r.nb_lines.contains("is time-sliced: GPUSLICE_PRIORITY_GATE=auto changes nothing there"), "{}", r.nb_lines);
+    assert!(r.verdict_after("host-bound").is_some(), "the probe finds its requests host-bound: {:?}", r.verdicts);
+    assert!(probe.p99_us <= bound, "time-sliced, auto: the gate should hold the neighbour back: {probe} (bound {bound} µs)\nthe neighbour: {:?}", r.flood);
+    assert!(r.queued_ms(AUTO_NB_NS) <= 1, "time-sliced, auto: one launch in flight: {:?}", r.flood);
 }
 
 // ------------------------------------------------------------------ 6. a bad value

@@ -126,6 +126,8 @@ struct Ctx {
     reserve: u64,
     /// End of the last piece of work queued in this context.
     last_end: u64,
+    /// Its kernels run on this process's own lane of the device (`mps_lane`).
+    lane: bool,
 }
 
 struct Alloc {
@@ -207,6 +209,8 @@ struct Drv {
     events: BTreeMap<u64, Event>,
     graphs: BTreeMap<u64, Vec<u64>>,
     execs: BTreeMap<u64, Vec<u64>>,
+    /// Per device: the end of the work on this process's own lane (`mps_lane`).
+    lanes: BTreeMap<CUdevice, u64>,
 }
 
 static DRV: Mutex<Drv> = Mutex::new(Drv {
@@ -225,6 +229,7 @@ static DRV: Mutex<Drv> = Mutex::new(Drv {
     events: BTreeMap::new(),
     graphs: BTreeMap::new(),
     execs: BTreeMap::new(),
+    lanes: BTreeMap::new(),
 });
 
 static INITIALIZED: AtomicBool = AtomicBool::new(false);
@@ -641,6 +646,17 @@ fn mps_enabled() -> c_int {
     c_int::from(served)
 }
 
+/// `SIMCUDA_MPS_LANES=1` with the device served by MPS: a context made while the process's
+/// `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` is below 100 runs its kernels on a timeline of the
+/// process's own, beside the shared one: an idealised spatial partition, where the SMs MPS
+/// gives the process neither delay nor are delayed by the others' kernels (without it the
+/// simulated device runs one kernel at a time for everyone, MPS or not).
+fn mps_lane() -> bool {
+    std::env::var("SIMCUDA_MPS_LANES").as_deref() == Ok("1")
+        && mps_enabled() != 0
+        && std::env::var("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE").ok().and_then(|p| p.trim().parse::<u32>().ok()).is_some_and(|p| p < 100)
+}
+
 /// `SIMCUDA_MPS_INIT_ERROR=N`: `cuInit` fails with N while `CUDA_MPS_PIPE_DIRECTORY` is set,
 /// as a real one does when the daemon it names answers but its server refuses the client.
 fn mps_init_error() -> Option<CUresult> {
@@ -757,7 +773,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut Handle, dev: CUdevi
         if !devstate(dev).charge(dev as usize, r) {
             return OUT_OF_MEMORY;
         }
-        d.ctxs.insert(h, Ctx { dev, primary: true, active: true, reserve: r, last_end: 0 });
+        d.ctxs.insert(h, Ctx { dev, primary: true, active: true, reserve: r, last_end: 0, lane: mps_lane() });
     }
     d.primaries.get_mut(&dev).unwrap().refcount += 1;
     // SAFETY: `pctx` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
@@ -829,7 +845,7 @@ unsafe fn ctx_create(pctx: *mut Handle, dev: CUdevice) -> CUresult {
         return OUT_OF_MEMORY;
     }
     let h = new_handle();
-    d.ctxs.insert(h, Ctx { dev, primary: false, active: true, reserve: r, last_end: 0 });
+    d.ctxs.insert(h, Ctx { dev, primary: false, active: true, reserve: r, last_end: 0, lane: mps_lane() });
     CTX_STACK.with(|s| s.borrow_mut().push(h));
     // SAFETY: `pctx` is not null (checked above) and the caller guarantees it is valid for a write (`# Safety`).
     unsafe { *pctx = h as Handle };
@@ -2179,7 +2195,16 @@ fn submit_after(stream: Handle, ptsz: bool, check: impl Fn(&Drv) -> Result<(), C
             continue;
         }
         let total: u64 = durs.iter().sum();
-        let (start, end) = devstate(dev).reserve_time((now + latency).max(s.tail), total);
+        let earliest = (now + latency).max(s.tail);
+        let (start, end) = if d.ctxs.get(&ctx).is_some_and(|c| c.lane) {
+            let lane = d.lanes.entry(dev).or_default();
+            let start = earliest.max(*lane);
+            *lane = start + total;
+            (start, start + total)
+        } else {
+            devstate(dev).reserve_time(earliest, total)
+        };
+        let s = d.streams.get_mut(&k).unwrap();
         devstate(dev).note_busy(dev as usize, end);
         s.tail = end;
         let c = d.ctxs.get_mut(&ctx).unwrap();
