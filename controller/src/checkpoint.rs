@@ -93,9 +93,21 @@ pub const OUT_OF_MEMORY: u32 = 2;
 /// for a pid that has no CUDA state (cuda.h lists both; the simulated driver answers the first).
 pub const INVALID_VALUE: u32 = 1;
 pub const NOT_INITIALIZED: u32 = 3;
-/// `CUDA_ERROR_TIMEOUT`: what `cuCheckpointProcessLock` answers when `timeoutMs` ran out before
-/// the target's calls under way ended (cuda.h: the process is "left in the RUNNING state").
+/// `CUDA_ERROR_TIMEOUT`: what cuda.h says `cuCheckpointProcessLock` answers when `timeoutMs`
+/// ran out before the target's calls under way ended (the process "left in the RUNNING state").
 pub const TIMEOUT: u32 = 909;
+/// `CUDA_ERROR_NOT_READY`: what the real driver answers in that case (580.159, H100, stop 24's
+/// `tests/gpu/ckpt_semantics.sh`: a 500 ms lock of a process synchronizing behind a 20 s kernel
+/// came back after 500.2 ms with 600, the target still RUNNING).
+pub const NOT_READY: u32 = 600;
+
+impl DriverError {
+    /// `cuCheckpointProcessLock` gave up at its timeout (the target's calls under way outlasted
+    /// it) and left the target running: the driver's 600 as measured, or cuda.h's 909.
+    pub fn lock_timed_out(&self) -> bool {
+        self.code == NOT_READY || self.code == TIMEOUT
+    }
+}
 
 impl DriverError {
     /// The target has no CUDA state for the driver to act on (never started CUDA, or gone).

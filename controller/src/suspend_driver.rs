@@ -3,7 +3,7 @@
 //! the driver where each process stands afterwards, so that none is left half-suspended behind
 //! a record that says "running". Resuming restores and unlocks each.
 
-use crate::checkpoint::{Driver, DriverError, ProcessState, OUT_OF_MEMORY, TIMEOUT};
+use crate::checkpoint::{Driver, DriverError, ProcessState, OUT_OF_MEMORY};
 use std::time::{Duration, Instant};
 
 /// How long a lock waits for the target's CUDA calls under way (a long kernel, a sync): a
@@ -78,9 +78,10 @@ pub struct Failed {
     /// unlock refused): still suspended by the driver, so their group must be recorded as
     /// suspended and resumed later, never as running.
     pub left: Vec<u32>,
-    /// The failure was a lock that timed out (`CUDA_ERROR_TIMEOUT` from
-    /// `cuCheckpointProcessLock`: the member's calls under way outlasted its bound), not a
-    /// refusal: the policy passes the group over only briefly (`refusal::Kind::Timeout`).
+    /// The failure was a lock that timed out (`CUDA_ERROR_NOT_READY`, or cuda.h's
+    /// `CUDA_ERROR_TIMEOUT`, from `cuCheckpointProcessLock`: the member's calls under way
+    /// outlasted its bound), not a refusal: the policy passes the group over only briefly
+    /// (`refusal::Kind::Timeout`).
     pub timed_out: bool,
 }
 
@@ -103,7 +104,7 @@ pub fn checkpoint_within(d: &(impl Api + ?Sized), pids: &[u32], wait: LockWait) 
             Ok(()) => locked.push(pid),
             Err(e) => {
                 // The driver's own code, never its text: only the lock's timeout counts.
-                timed_out = e.code == TIMEOUT;
+                timed_out = e.lock_timed_out();
                 failure = Some((pid, e.to_string()));
                 break;
             }
@@ -188,6 +189,7 @@ pub fn restore_all(d: &(impl Api + ?Sized), pids: &[u32]) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::{NOT_READY, TIMEOUT};
     use std::cell::RefCell;
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -196,6 +198,8 @@ mod tests {
     struct Fake {
         states: RefCell<BTreeMap<u32, ProcessState>>,
         fail_lock: BTreeSet<u32>,
+        /// The code a failing lock answers (0: the real driver's timeout, `NOT_READY`).
+        lock_code: u32,
         fail_checkpoint: BTreeSet<u32>,
         fail_restore: RefCell<BTreeSet<u32>>,
         /// The timeout each lock was given, in order.
@@ -235,7 +239,14 @@ mod tests {
         }
         fn lock(&self, pid: u32, timeout: Duration) -> Result<(), DriverError> {
             self.timeouts.borrow_mut().push(timeout);
-            self.step(pid, "lock", ProcessState::Running, ProcessState::Locked, self.fail_lock.contains(&pid), 909)
+            self.step(
+                pid,
+                "lock",
+                ProcessState::Running,
+                ProcessState::Locked,
+                self.fail_lock.contains(&pid),
+                if self.lock_code == 0 { NOT_READY } else { self.lock_code },
+            )
         }
         fn checkpoint(&self, pid: u32) -> Result<(), DriverError> {
             self.step(pid, "checkpoint", ProcessState::Locked, ProcessState::Checkpointed, self.fail_checkpoint.contains(&pid), 801)
@@ -331,14 +342,19 @@ mod tests {
 
     /// A lock that times out (the member inside a long kernel) leaves every member running:
     /// the one whose lock timed out stays so (cuda.h), those locked before it are unlocked.
+    /// The real driver answers `NOT_READY` (600) there (stop 24, H100, driver 580.159); cuda.h
+    /// names `TIMEOUT` (909): both count. Another code from the lock is a refusal.
     #[test]
     fn a_lock_that_times_out_leaves_the_group_running() {
-        let d = Fake { fail_lock: [2].into(), ..Fake::with(&[1, 2]) };
-        let f = checkpoint_within(&d, &[1, 2], LockWait::within(Instant::now() + Duration::from_millis(2500))).unwrap_err();
-        assert_eq!((f.pid, f.left), (2, vec![]));
-        assert!(f.why.contains("909"), "{}", f.why);
-        assert!(f.timed_out, "the driver's CUDA_ERROR_TIMEOUT from the lock");
-        assert_eq!(d.states(), [Running, Running]);
-        assert!(d.timeouts.borrow().iter().all(|t| *t <= Duration::from_millis(2500)), "{:?}", d.timeouts.borrow());
+        for (code, timed_out) in [(0, true), (TIMEOUT, true), (801, false), (401, false)] {
+            let d = Fake { fail_lock: [2].into(), lock_code: code, ..Fake::with(&[1, 2]) };
+            let f = checkpoint_within(&d, &[1, 2], LockWait::within(Instant::now() + Duration::from_millis(2500))).unwrap_err();
+            assert_eq!((f.pid, f.left), (2, vec![]));
+            let shown = if code == 0 { NOT_READY } else { code };
+            assert!(f.why.contains(&format!("({shown})")), "{}", f.why);
+            assert_eq!(f.timed_out, timed_out, "lock code {shown}");
+            assert_eq!(d.states(), [Running, Running]);
+            assert!(d.timeouts.borrow().iter().all(|t| *t <= Duration::from_millis(2500)), "{:?}", d.timeouts.borrow());
+        }
     }
 }

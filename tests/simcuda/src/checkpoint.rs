@@ -15,10 +15,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::state::{self, pid_alive_nonzero, MAX_DEVICES};
-use crate::{CUresult, ILLEGAL_STATE, INITIALIZED, INVALID_VALUE, NOT_INITIALIZED, OUT_OF_MEMORY, SUCCESS};
+use crate::{CUresult, ILLEGAL_STATE, INITIALIZED, INVALID_VALUE, NOT_INITIALIZED, NOT_READY, OUT_OF_MEMORY, SUCCESS};
 
 pub const NOT_SUPPORTED: CUresult = 801;
-pub const TIMEOUT: CUresult = 909;
 pub const UNKNOWN: CUresult = 999;
 
 /// `CUprocessState` (cuda.h).
@@ -275,9 +274,10 @@ pub unsafe extern "C" fn cuCheckpointProcessLock(pid: c_int, args: *mut CUcheckp
     let deadline = (timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(u64::from(timeout_ms)));
     while e.in_flight.load(SeqCst) != 0 {
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            // cuda.h: "the process will be left in the RUNNING state".
+            // cuda.h: "the process will be left in the RUNNING state". The code is the real
+            // driver's (580.159: CUDA_ERROR_NOT_READY after the timeout), not cuda.h's TIMEOUT.
             e.locking.store(0, SeqCst);
-            return TIMEOUT;
+            return NOT_READY;
         }
         std::thread::sleep(POLL);
     }
