@@ -32,7 +32,8 @@ is off during the timed phase.
 With --pause-file (the same path given to the neighbour) the timed phase alternates: --phase-s
 seconds "shared" (the file absent: the neighbour runs), --phase-s seconds "solo" (the file
 present: the neighbour stops after its current block), and so on; requests due in the first
---settle-s of a phase are left out. The plain keys (p50_ms=, ..., busy_frac=) are then the
+--settle-s of a phase are left out, and so are requests of a run of late ones that began in an
+earlier phase (spill_requests=: a backlog an earlier neighbour left). The plain keys (p50_ms=, ..., busy_frac=) are then the
 shared requests', the solo_* keys the solo ones', and shared_windows=/solo_windows= give the
 phases (CLOCK_MONOTONIC a:b pairs, settle time excluded). Alone and shared requests thus come
 from one process, minutes apart at most, which matters: the eager forward pass is bound by the
@@ -243,6 +244,12 @@ def probe(args):
         last_done = t0
         wake_late_max = 0.0
         i = 0
+        # The phase in which the current run of late requests began: a request released late
+        # because of a backlog left by an earlier phase's neighbour is that phase's doing, not
+        # its own phase's, so it is labelled "spill" and counted in neither (a neighbour that
+        # starves the probe for seconds, as one holding 99 % of the SMs with the gate off did
+        # in stop 24, otherwise poisons the solo phases after it).
+        chain_phase = None
         while True:
             due = t0 + i * period
             i += 1
@@ -250,6 +257,12 @@ def probe(args):
                 break
             kind = kind_of(due, t0, t_stop) if rec is not None else "all"
             prev_late = last_done > due
+            if rec is not None and phase_s > 0:
+                phase = int((due - t0) // phase_s)
+                if not prev_late:
+                    chain_phase = phase
+                elif chain_phase is not None and chain_phase != phase:
+                    kind = "spill"
             sleep_until(due, args.spin_ms / 1000.0)
             rel = time.monotonic()
             d = request()
@@ -287,6 +300,7 @@ def probe(args):
         for kind in windows:
             out(f"{kind}_windows", ",".join(f"{a:.6f}:{b:.6f}" for a, b in windows[kind]))
         out("settle_requests", sum(1 for r in reqs if r[5] == "settle"))
+        out("spill_requests", sum(1 for r in reqs if r[5] == "spill"))
 
     def stats(prefix, sel, span):
         """Latency figures of the requests `sel`; busy over `span` seconds."""
