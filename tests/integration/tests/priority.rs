@@ -144,14 +144,8 @@ fn contest_with(
     settle_ms: u64,
 ) -> (Probe, Flood, Output) {
     let (go, stop) = (fresh(sim, "go"), fresh(sim, "stop"));
-    fn with<'a>(mut c: Client<'a>, env: &[(&str, &str)]) -> Client<'a> {
-        for (k, v) in env {
-            c = c.env(k, v);
-        }
-        c
-    }
-    let n = neighbour(with(with(client(sim, None), both), nb), Some(&go), &stop);
-    let probe = with(client(sim, priority), both)
+    let n = neighbour(with_env(with_env(client(sim, None), both), nb), Some(&go), &stop);
+    let probe = with_env(client(sim, priority), both)
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {settle_ms} probe {requests} {PROBE_NS} {GAP_US} touch {stop}"))
         .spawn();
     clock.start_together_refs(&go, &[&n, &probe], "sync");
@@ -585,22 +579,24 @@ impl AutoRun {
     }
 }
 
+/// `c` with each of `env` set.
+fn with_env<'a>(mut c: Client<'a>, env: &[(&str, &str)]) -> Client<'a> {
+    for (k, v) in env {
+        c = c.env(k, v);
+    }
+    c
+}
+
 /// The high probe running `script` (after the go file and `settle_ms`) next to a low neighbour
 /// flooding the device with `nb_ns` kernels, both with `both`, the neighbour with `nb` too.
 fn auto_contest(sim: &Sim, clock: &Clock, both: &[(&str, &str)], nb: &[(&str, &str)], nb_ns: u64, script: &str) -> AutoRun {
     let (go, stop) = (fresh(sim, "go"), fresh(sim, "stop"));
-    fn with<'a>(mut c: Client<'a>, env: &[(&str, &str)]) -> Client<'a> {
-        for (k, v) in env {
-            c = c.env(k, v);
-        }
-        c
-    }
-    let n = with(with(client(sim, Some("low")), both), nb)
+    let n = with_env(with_env(client(sim, Some("low")), both), nb)
         .env("GPUSLICE_LOG", "info")
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} flood {nb_ns} {BUCKET_MS} {stop}"))
         .spawn();
     assert!(line_ok(&n.wait_line("sync", 0)), "the neighbour did not start");
-    let probe = with(client(sim, Some("high")), both)
+    let probe = with_env(client(sim, Some("high")), both)
         .env("GPUSLICE_LOG", "info")
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep 100 {script} touch {stop}"))
         .spawn();
