@@ -540,7 +540,7 @@ fn mps_pipes(sim: &Sim) -> String {
 }
 
 /// A host-bound request: `HB_KERNELS` kernels of `HB_KERNEL_NS`, `HB_HOST_US` of host work
-/// after each but the last: busy ~0.8 ms of ~6.4 ms (well under `request_load`'s 0.5).
+/// after each but the last: busy ~0.8 ms of ~6.4 ms (well under `request_load`'s 0.8).
 const HB_KERNELS: u64 = 8;
 const HB_KERNEL_NS: u64 = 100_000;
 const HB_HOST_US: u64 = 800;
