@@ -148,11 +148,7 @@ fn contest_with(
     let probe = with_env(client(sim, priority), both)
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {settle_ms} probe {requests} {PROBE_NS} {GAP_US} touch {stop}"))
         .spawn();
-    clock.start_together_refs(&go, &[&n, &probe], "sync");
-    clock.park();
-    let out = probe.wait();
-    out.assert_all_ok();
-    let nb_out = n.wait();
+    let (out, nb_out) = run_pair(clock, &go, probe, n);
     (Probe::parse(out.last("probe")), flood_of(&nb_out), nb_out)
 }
 
@@ -579,6 +575,16 @@ impl AutoRun {
     }
 }
 
+/// Starts `probe` and the neighbour `n` together at the go file (both past their "sync"), lets
+/// the clock run until both end, and returns their outputs (the probe's checked all ok).
+fn run_pair(clock: &Clock, go: &str, probe: Running, n: Running) -> (Output, Output) {
+    clock.start_together_refs(go, &[&n, &probe], "sync");
+    clock.park();
+    let out = probe.wait();
+    out.assert_all_ok();
+    (out, n.wait())
+}
+
 /// `c` with each of `env` set.
 fn with_env<'a>(mut c: Client<'a>, env: &[(&str, &str)]) -> Client<'a> {
     for (k, v) in env {
@@ -600,11 +606,7 @@ fn auto_contest(sim: &Sim, clock: &Clock, both: &[(&str, &str)], nb: &[(&str, &s
         .env("GPUSLICE_LOG", "info")
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep 100 {script} touch {stop}"))
         .spawn();
-    clock.start_together_refs(&go, &[&n, &probe], "sync");
-    clock.park();
-    let out = probe.wait();
-    out.assert_all_ok();
-    let nb_out = n.wait();
+    let (out, nb_out) = run_pair(clock, &go, probe, n);
     let flood = flood_of(&nb_out);
     AutoRun {
         probes: out.lines_of("probe").into_iter().map(Probe::parse).collect(),
