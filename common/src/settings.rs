@@ -278,6 +278,12 @@ impl std::str::FromStr for MpsMode {
 }
 
 impl Settings {
+    /// True when these settings ask for a slice of some kind (a group, a memory limit or an SM
+    /// share): only then does the shim change what NVML tells the process.
+    pub fn asks_for_slice(&self) -> bool {
+        self.group.is_some() || !self.memory_limit.is_unset() || !self.sm_share.is_unset()
+    }
+
     /// The memory limit for CUDA device ordinal `device`, if any.
     pub fn memory_limit(&self, device: u32) -> Option<&Sourced<u64>> {
         self.memory_limit.get(device)

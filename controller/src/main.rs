@@ -2,6 +2,7 @@
 
 mod activity;
 mod agents;
+mod ask;
 mod checkpoint;
 mod client;
 mod crosscheck;

@@ -123,15 +123,15 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     if let Some(g) = &args.group {
         gpuslice_common::settings::check_group_name(g).map_err(|e| format!("--group {g:?}: {e}"))?;
         command.env(gpuslice_common::protocol::ENV_GROUP, g);
-        let socket = crate::client::SocketArg::default().path();
+        let socket = crate::ask::SocketArg::default().path();
         // A status request, not a bare connect: the controller logs connections that say nothing.
-        let asked = crate::client::ask_within(&socket, &gpuslice_common::protocol::Request::Status, std::time::Duration::from_secs(2));
+        let asked = crate::ask::ask_within(&socket, &gpuslice_common::protocol::Request::Status, std::time::Duration::from_secs(2));
         if let Err(e) = asked {
             // The shim decides what a group without a controller means; the user hears it here first.
             eprintln!("gpuslice: warning: --group {g} cannot be joined: {e}");
         } else if args.suspendable {
             let mark = gpuslice_common::protocol::Suspendable { group: g.clone(), suspendable: true, allow_exports: false, ahead: true, path: None };
-            match crate::client::ask_within(&socket, &gpuslice_common::protocol::Request::SetSuspendable(mark), std::time::Duration::from_secs(2)) {
+            match crate::ask::ask_within(&socket, &gpuslice_common::protocol::Request::SetSuspendable(mark), std::time::Duration::from_secs(2)) {
                 Ok(_) => {}
                 // Not suspendable is the safe side: the program runs, and is never suspended.
                 Err(e) => eprintln!("gpuslice: warning: --suspendable: {e}; group {g} is not suspendable"),

@@ -1,6 +1,6 @@
 //! `gpuslice suspend` / `gpuslice resume` and the suspensions table of `ls` (issue 22).
 
-use crate::client::{ask_within, SocketArg};
+use crate::ask::{ask_within, SocketArg};
 use gpuslice_common::protocol::{GroupRef, Listing, Request, Response};
 use gpuslice_common::size::format_size;
 use std::time::Duration;

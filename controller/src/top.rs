@@ -6,7 +6,7 @@
 //! It reads the same `Listing` as `gpuslice ls` over the socket every refresh. If the
 //! controller goes away it says so on screen, keeps the last figures it had and keeps asking.
 
-use crate::client::{ask_within, SocketArg};
+use crate::ask::{ask_within, SocketArg};
 use gpuslice_common::ledger::Priority;
 use gpuslice_common::protocol::{Listing, Request, Response, Status};
 use gpuslice_common::size::format_size;

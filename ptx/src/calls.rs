@@ -4,8 +4,8 @@
 //! that are not sliced.
 
 use crate::analyze::{callee_at, opcode, FuncFacts};
-use crate::lex::Token;
-use crate::rewrite::{tokens, REG, SLICE_PARAM_NAME};
+use crate::lex::{tokens, Token};
+use crate::names::{REG, SLICE_PARAM_NAME};
 use crate::syntax::{signature, Item, Module, Scope};
 use std::collections::{BTreeSet, HashMap};
 

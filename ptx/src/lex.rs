@@ -101,6 +101,12 @@ pub fn lex(text: &str) -> Result<(Vec<Token>, String), LexError> {
     Ok((tokens, text[trivia_start..].to_string()))
 }
 
+/// The tokens of a snippet this crate generates (which always lexes; empty if it did not), the
+/// trailing trivia dropped: the rewrite splices them into a parsed module.
+pub fn tokens(text: &str) -> Vec<Token> {
+    lex(text).map(|(t, _)| t).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,8 @@
 //! Layers, bottom up: [`lex`] (tokens that keep their whitespace and comments), [`syntax`] (the
 //! statement tree; printing it gives the input back byte for byte), [`params`] (a kernel's
 //! parameter layout), [`analyze`] (what each function reads and why a kernel cannot be sliced),
-//! [`rewrite`] (the sliced form; [`calls`]: device functions that read the grid get a clone that
-//! takes the slice parameter), [`plan`] (the launches that cover a grid), [`cache`] (results on
+//! [`names`] (what the sliced form adds), [`rewrite`] (the sliced form; [`calls`]: device
+//! functions that read the grid get a clone that takes the slice parameter), [`plan`] (the launches that cover a grid), [`cache`] (results on
 //! disk keyed by a hash of the PTX and [`TRANSFORMER_VERSION`]); [`fatbin`] finds the PTX in a fat
 //! binary.
 
@@ -15,13 +15,15 @@ pub mod cache;
 pub mod calls;
 pub mod fatbin;
 pub mod lex;
+pub mod names;
 pub mod params;
 pub mod plan;
 pub mod rewrite;
 pub mod syntax;
 
+pub use names::{SLICE_PARAM_NAME, SLICE_PARAM_SIZE};
 pub use plan::{plan_slices, Dim3, Slice};
-pub use rewrite::{slice_module, KernelOutcome, ModuleOutcome, SLICE_PARAM_NAME, SLICE_PARAM_SIZE};
+pub use rewrite::{slice_module, KernelOutcome, ModuleOutcome};
 
 /// Bumped whenever the rewrite's output for a given input can change: it is part of the cache key.
 pub const TRANSFORMER_VERSION: &str = "gpuslice-ptx/1";

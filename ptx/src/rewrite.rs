@@ -5,19 +5,13 @@
 
 use crate::analyze::{facts, grid_register, FuncFacts};
 use crate::calls;
-use crate::lex::{lex, Token};
+use crate::lex::tokens;
+use crate::names::{REG, SLICE_PARAM_ALIGN, SLICE_PARAM_NAME, SLICE_PARAM_SIZE};
 use crate::params::{layout, total_size, ParamSlot};
 use crate::syntax::{signature, statements_mut, Item, Module, ParseError, Scope};
 use crate::TRANSFORMER_VERSION;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
-
-pub const SLICE_PARAM_NAME: &str = "__gpuslice_slice";
-/// Offset x, y, z and original grid x, y, z: six `u32`.
-pub const SLICE_PARAM_SIZE: u32 = 24;
-const SLICE_PARAM_ALIGN: u32 = 4;
-/// Prefix of the registers the prologue declares (`%gpuslice<7>`).
-pub(crate) const REG: &str = "%gpuslice";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelOutcome {
@@ -103,10 +97,6 @@ fn refusals(entry: &FuncFacts, funcs: &HashMap<String, FuncFacts>, grid_funcs: &
         reasons.push("calls through a function pointer, and a device function of the module reads %ctaid/%nctaid or cannot be sliced".to_string());
     }
     (reasons, notes)
-}
-
-pub(crate) fn tokens(text: &str) -> Vec<Token> {
-    lex(text).map(|(t, _)| t).unwrap_or_default()
 }
 
 /// The statements that compute the sliced block index and grid size into `%gpuslice0..5`.

@@ -6,8 +6,8 @@
 //! `policy` (what is decided), `state` (this process's accounting), `sys` (the real driver, the
 //! C types, locks, the clock). Every export goes through `sys::guard`, the panic boundary.
 //!
-//! Reading order of an allocation (`cuMemAlloc_v2`): `hooks::entry` (how calls arrive: the
-//! exports, `dlsym`, `cuGetProcAddress` through `hooks::registry`) → `hooks::memory`
+//! Reading order of an allocation (`cuMemAlloc_v2`): `hooks::registry` (how calls arrive: the
+//! exports, and `dlsym` and `cuGetProcAddress` answered from its table) → `hooks::memory`
 //! (`linear_hook!` → `charged`: which device, refused or not by `sys::runtime::refused`) →
 //! `policy::budget` (`of`: the process's budget, attaching through `state::link` at first use;
 //! `try_charge`: one compare-and-swap) → the real call (`sys::driver`, `call_real!`) →

@@ -1,4 +1,10 @@
-//! The one table of what the shim interposes: each exported name and its wrapper.
+//! The one table of what the shim interposes (each exported name and its wrapper), and the
+//! calls through which a program looks driver functions up, each answered from the table:
+//! `dlsym`, `dlvsym`, `cuGetProcAddress` and `cuGetProcAddress_v2`.
+//!
+//! cudart `dlsym`s only `cuGetProcAddress_v2`, asks it for `"cuGetProcAddress"`, and resolves
+//! everything else through the answer; PyTorch also `dlsym`s driver functions by name; `-lcuda`
+//! programs bind to the exported symbols. All three end up at the same wrappers.
 //!
 //! The `dlsym` hook looks names up here; the `cuGetProcAddress` hooks look up the *address* the
 //! real driver handed out, which works because the driver returns the very addresses of its
@@ -6,14 +12,16 @@
 //! the driver picks for a caller's `cudaVersion` and flags, the wrapper of exactly that ABI
 //! replaces it, and a version the shim has no wrapper for is passed through untouched.
 
-use crate::sys::driver::driver;
+use crate::sys::driver::{call_real, driver};
+use crate::sys::ffi::*;
+use crate::sys::{dl, guard, runtime};
 use crate::{
     hooks::context, hooks::entry, hooks::gate, hooks::info, hooks::launch, hooks::legacy, hooks::memory, hooks::modules, hooks::nvml, hooks::sharing,
     hooks::vmm,
 };
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
-use std::ffi::{c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr};
 
 /// An exported name (with its NUL) and the wrapper behind it.
 pub struct Hook {
@@ -38,8 +46,8 @@ macro_rules! hooks {
 
 hooks! {
     entry::cuInit,
-    entry::cuGetProcAddress,
-    entry::cuGetProcAddress_v2,
+    self::cuGetProcAddress,
+    self::cuGetProcAddress_v2,
     entry::cuGetExportTable,
     memory::cuMemAlloc_v2,
     memory::cuMemAllocPitch_v2,
@@ -215,4 +223,75 @@ pub fn wrapper_for_real(address: *mut c_void) -> Option<*mut c_void> {
             .collect()
     });
     map.get(&(address as usize)).map(|&w| w as *mut c_void)
+}
+
+/// The Rust half of the exported `dlsym` (the trampoline has already handled `RTLD_NEXT`).
+///
+/// # Safety
+/// `handle` and `name` are what the program passed `dlsym`: a handle from `dlopen` (or a
+/// pseudo-handle such as `RTLD_DEFAULT`), and null or a NUL-terminated symbol name.
+pub unsafe fn dlsym_hook(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    let real = dl::real_dlsym();
+    // SAFETY: forwarding the caller's own arguments.
+    let found = unsafe { real(handle, name) };
+    if found.is_null() || name.is_null() {
+        return found;
+    }
+    guard::with_fallback("dlsym", found, || {
+        // SAFETY: dlsym's name is a C string, and the real dlsym just accepted it.
+        let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
+        for_dlsym(bytes, found)
+    })
+}
+
+/// The Rust half of the exported `dlvsym` (the trampoline has already handled `RTLD_NEXT`):
+/// a versioned lookup of a driver function gets the wrapper just as `dlsym` does (libcuda's
+/// symbols carry no version, so any version string finds them).
+///
+/// # Safety
+/// `handle`, `name` and `version` are what the program passed `dlvsym`: a handle from `dlopen`
+/// (or a pseudo-handle), and null or NUL-terminated name and version strings.
+pub unsafe fn dlvsym_hook(handle: *mut c_void, name: *const c_char, version: *const c_char) -> *mut c_void {
+    let real = dl::real_dlvsym();
+    // SAFETY: forwarding the caller's own arguments.
+    let found = unsafe { real(handle, name, version) };
+    if found.is_null() || name.is_null() {
+        return found;
+    }
+    guard::with_fallback("dlvsym", found, || {
+        // SAFETY: dlvsym's name is a C string, and the real dlvsym just accepted it.
+        let bytes = unsafe { CStr::from_ptr(name) }.to_bytes();
+        for_dlsym(bytes, found)
+    })
+}
+
+/// Replaces a real driver function in `*pfn` with its wrapper or its gate thunk.
+fn substitute(code: CuResult, symbol: *const c_char, pfn: *mut *mut c_void) -> CuResult {
+    if code == CUDA_SUCCESS && !pfn.is_null() {
+        // SAFETY: the driver just wrote the pointer.
+        let real = unsafe { *pfn };
+        if !real.is_null() {
+            // SAFETY: the driver accepted `symbol` as a C string (it found it).
+            let name = if symbol.is_null() { &b"?"[..] } else { unsafe { CStr::from_ptr(symbol) }.to_bytes() };
+            // SAFETY: `pfn` is non-null (checked above) and the driver just wrote through it, so it is a valid, writable `void*` slot.
+            unsafe { *pfn = for_proc_address(name, real) };
+        }
+    }
+    code
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress_v2(symbol: *const c_char, pfn: *mut *mut c_void, cuda_version: c_int, flags: u64, status: *mut c_int) -> CuResult {
+    guard::cuda("cuGetProcAddress_v2", || {
+        runtime::runtime(); // The first CUDA call: report bad settings now.
+        substitute(call_real!(cuGetProcAddress_v2(symbol, pfn, cuda_version, flags, status)), symbol, pfn)
+    })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, cuda_version: c_int, flags: u64) -> CuResult {
+    guard::cuda("cuGetProcAddress", || {
+        runtime::runtime();
+        substitute(call_real!(cuGetProcAddress(symbol, pfn, cuda_version, flags)), symbol, pfn)
+    })
 }

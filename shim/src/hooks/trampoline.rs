@@ -18,7 +18,7 @@ extern "C" fn real_dlsym_address() -> usize {
 
 extern "C" fn hook(handle: *mut c_void, name: *const c_char) -> *mut c_void {
     // SAFETY: the caller's own dlsym arguments.
-    unsafe { crate::hooks::entry::dlsym_hook(handle, name) }
+    unsafe { crate::hooks::registry::dlsym_hook(handle, name) }
 }
 
 /// # Safety
@@ -54,7 +54,7 @@ extern "C" fn real_dlvsym_address() -> usize {
 
 extern "C" fn vhook(handle: *mut c_void, name: *const c_char, version: *const c_char) -> *mut c_void {
     // SAFETY: the caller's own dlvsym arguments.
-    unsafe { crate::hooks::entry::dlvsym_hook(handle, name, version) }
+    unsafe { crate::hooks::registry::dlvsym_hook(handle, name, version) }
 }
 
 /// `dlvsym` the same way: `RTLD_NEXT` goes to the real one with the caller's return address,

@@ -376,34 +376,6 @@ fn forget() {
 
 pub const FORK: Handlers = Handlers { prepare: hold, in_child: forget };
 
-/// Test knob (`GPUSLICE_TEST_GATE=1` only, read once; refused otherwise so that no program can
-/// close its own gate in production): `action` 1 closes with `timeout_ms` and returns 0 or
-/// minus the threads inside, 2 opens, 3 answers `is_closed`, 4 `fast_suspendable`, 5 the
-/// unknown names, 6 the export tables counted, 7 the spare thunks taken.
-#[no_mangle]
-pub extern "C" fn gpuslice_test_gate(action: libc::c_int, timeout_ms: u64) -> i64 {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var_os("GPUSLICE_TEST_GATE").is_some_and(|v| v == "1")) {
-        return i64::MIN;
-    }
-    crate::sys::guard::with_fallback("gpuslice_test_gate", i64::MIN, || match action {
-        1 => match close(Duration::from_millis(timeout_ms)) {
-            Ok(()) => 0,
-            Err(b) => -(b.threads_inside as i64),
-        },
-        2 => {
-            open();
-            0
-        }
-        3 => i64::from(is_closed()),
-        4 => i64::from(fast_suspendable()),
-        5 => holes().0 as i64,
-        6 => holes().1 as i64,
-        7 => spares_used() as i64,
-        _ => i64::MIN,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 use crate::sys::ffi::{CuResult, CUDA_ERROR_UNKNOWN};
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::OnceLock;
 
 thread_local! {
     /// What the latest panic on this thread said and where, for the one line `report` writes.
@@ -62,12 +63,21 @@ fn report(hook: &'static str, returned: &str) {
     });
 }
 
+/// The hook name (or `hook:stage`) that must panic, for tests of the FFI boundary: set once by
+/// `sys::runtime` from `GPUSLICE_TEST_PANIC_IN` when it reads the settings; unset in real use.
+static TEST_PANIC: OnceLock<String> = OnceLock::new();
+
+/// Arms the forced panics of [`test_panic_point`] and [`test_panic_stage`] (once per process).
+pub fn arm_test_panics(hook: String) {
+    let _ = TEST_PANIC.set(hook);
+}
+
 /// Forces a panic inside `hook` when the test knob `GPUSLICE_TEST_PANIC_IN` names it, so that
 /// tests can prove the boundary holds. Costs one load when unset; placed in allocation, free
 /// and start-up hooks only, never on the launch path.
 #[inline(always)]
 pub fn test_panic_point(hook: &'static str) {
-    if let Some(name) = crate::sys::runtime::test_panic_hook() {
+    if let Some(name) = TEST_PANIC.get() {
         if name == hook {
             panic!("GPUSLICE_TEST_PANIC_IN={hook}: forced panic");
         }
@@ -77,7 +87,7 @@ pub fn test_panic_point(hook: &'static str) {
 /// The same at a named stage of `hook`: armed by `GPUSLICE_TEST_PANIC_IN=<hook>:<stage>`.
 #[inline(always)]
 pub fn test_panic_stage(hook: &'static str, stage: &'static str) {
-    if let Some(name) = crate::sys::runtime::test_panic_hook() {
+    if let Some(name) = TEST_PANIC.get() {
         if name.strip_suffix(stage).and_then(|n| n.strip_suffix(':')) == Some(hook) {
             panic!("GPUSLICE_TEST_PANIC_IN={hook}:{stage}: forced panic");
         }

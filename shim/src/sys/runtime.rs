@@ -18,7 +18,6 @@ pub const ENV_TEST_PANIC: &str = "GPUSLICE_TEST_PANIC_IN";
 
 pub struct Runtime {
     pub settings: Result<Settings, SettingsError>,
-    test_panic: Option<String>,
 }
 
 static RUNTIME: OnceCell<Runtime> = OnceCell::new();
@@ -27,6 +26,13 @@ static RUNTIME: OnceCell<Runtime> = OnceCell::new();
 #[inline]
 pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(init)
+}
+
+impl Runtime {
+    /// The settings, when they parsed and ask for a slice (`Settings::asks_for_slice`).
+    pub fn slicing_settings(&self) -> Option<&Settings> {
+        self.settings.as_ref().ok().filter(|s| s.asks_for_slice())
+    }
 }
 
 /// True when the settings were bad, or the process needed a controller and none took it
@@ -52,12 +58,6 @@ pub fn set_no_controller(refused: bool) {
     NO_CONTROLLER.store(refused, Release);
 }
 
-/// The hook name that must panic, for tests of the FFI boundary; `None` in real use.
-#[inline]
-pub fn test_panic_hook() -> Option<&'static str> {
-    RUNTIME.get().and_then(|r| r.test_panic.as_deref())
-}
-
 fn init() -> Runtime {
     init_logging();
     crate::sys::guard::install_panic_hook();
@@ -79,7 +79,10 @@ fn init() -> Runtime {
             }
         }
     }
-    Runtime { settings, test_panic: std::env::var(ENV_TEST_PANIC).ok().filter(|v| !v.is_empty()) }
+    if let Some(hook) = std::env::var(ENV_TEST_PANIC).ok().filter(|v| !v.is_empty()) {
+        crate::sys::guard::arm_test_panics(hook);
+    }
+    Runtime { settings }
 }
 
 fn init_logging() {

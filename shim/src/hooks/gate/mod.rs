@@ -34,7 +34,7 @@
 //! fast-suspendable and the agent refuses to suspend it).
 
 use crate::sys::ffi::{CUDA_ERROR_NOT_FOUND, CUDA_ERROR_NOT_INITIALIZED};
-use crate::sys::gate;
+use crate::sys::{gate, guard};
 use once_cell::sync::OnceCell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};
@@ -290,6 +290,34 @@ pub fn thunk_for_real(address: *mut c_void) -> Option<*mut c_void> {
         (0..NAMES.len()).filter_map(|i| Some((real(i)?, THUNKS[i] as usize))).collect()
     });
     map.get(&(address as usize)).map(|&t| t as *mut c_void)
+}
+
+/// Test knob (`GPUSLICE_TEST_GATE=1` only, read once; refused otherwise so that no program can
+/// close its own gate in production): `action` 1 closes with `timeout_ms` and returns 0 or
+/// minus the threads inside, 2 opens, 3 answers `is_closed`, 4 `fast_suspendable`, 5 the
+/// unknown names, 6 the export tables counted, 7 the spare thunks taken.
+#[no_mangle]
+pub extern "C" fn gpuslice_test_gate(action: libc::c_int, timeout_ms: u64) -> i64 {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("GPUSLICE_TEST_GATE").is_some_and(|v| v == "1")) {
+        return i64::MIN;
+    }
+    guard::with_fallback("gpuslice_test_gate", i64::MIN, || match action {
+        1 => match gate::close(std::time::Duration::from_millis(timeout_ms)) {
+            Ok(()) => 0,
+            Err(b) => -(b.threads_inside as i64),
+        },
+        2 => {
+            gate::open();
+            0
+        }
+        3 => i64::from(gate::is_closed()),
+        4 => i64::from(gate::fast_suspendable()),
+        5 => gate::holes().0 as i64,
+        6 => gate::holes().1 as i64,
+        7 => gate::spares_used() as i64,
+        _ => i64::MIN,
+    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! would make them count no device or open the wrong one. A list of UUIDs they match against
 //! the devices NVML lists, which stays right when the hidden ones are gone.
 
-use super::{real_or_return, tenant};
+use super::real_or_return;
 use crate::sys::ffi::*;
 use crate::sys::guard;
 use crate::sys::real_nvml::{library, nvml, real, uuid_of};
@@ -127,7 +127,7 @@ pub fn renumbers(list: &str) -> bool {
 /// The visible devices when the process is sliced and a `CUDA_VISIBLE_DEVICES` of UUIDs
 /// restricts it; `None` otherwise (NVML's own answers stand).
 fn restricted() -> Option<&'static [Visible]> {
-    tenant::slicing_settings()?;
+    crate::sys::runtime::runtime().slicing_settings()?;
     renumbers(&std::env::var("CUDA_VISIBLE_DEVICES").ok()?).then_some(())?;
     visible()
 }

@@ -185,7 +185,7 @@ pub unsafe extern "C" fn nvmlInternalGetExportTable(table: *mut *const c_void, i
         }
         // SAFETY: non-null (checked above), and NVML just wrote it.
         let handed = unsafe { *table }.cast::<usize>();
-        if handed.is_null() || tenant::slicing_settings().is_none() {
+        if handed.is_null() || crate::sys::runtime::runtime().slicing_settings().is_none() {
             return code;
         }
         let copy = COPY.get_or_init(|| {

@@ -11,7 +11,6 @@ use crate::sys::ffi::*;
 use crate::sys::real_nvml::{self, nvml, same_uuid, uuid_of};
 use crate::sys::runtime;
 use gpuslice_common::ledger::{self, ProcessSlot, LIVE};
-use gpuslice_common::settings::Settings;
 use once_cell::sync::OnceCell;
 use std::sync::atomic::Ordering::*;
 
@@ -23,23 +22,12 @@ pub struct Slice {
     pub budget: Budget,
 }
 
-/// True when the settings ask for a slice of some kind (a limit, a share or a group): only then
-/// do the NVML hooks change anything. A process asking for none sees NVML as it is.
-pub fn asks_for_slice(settings: &Settings) -> bool {
-    settings.group.is_some() || !settings.memory_limit.is_unset() || !settings.sm_share.is_unset()
-}
-
-/// The settings, when they ask for a slice.
-pub fn slicing_settings() -> Option<&'static Settings> {
-    runtime::runtime().settings.as_ref().ok().filter(|s| asks_for_slice(s))
-}
-
 /// The slice NVML handle `device` shows, if the process is sliced on it: a memory limit or an SM
 /// share applies to it there, however set (environment, controller, live edit). A process whose
 /// settings ask for nothing attaches only through CUDA; one without a limit or share on the
 /// device (a group without limits included) sees NVML's own answers.
 pub fn of(device: NvmlDevice) -> Option<Slice> {
-    let asks = runtime::runtime().settings.as_ref().ok().is_some_and(asks_for_slice);
+    let asks = runtime::runtime().slicing_settings().is_some();
     let cuda_link = link::get();
     // Asking for nothing, a process can only be limited through a controller it registered
     // with at cuInit (`gpuslice set --pid`); an NVML-only one never attaches.
