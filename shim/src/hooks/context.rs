@@ -10,7 +10,7 @@
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
 use crate::sys::real_nvml::nvml;
-use crate::{hooks::memory, sys::guard, sys::locks, sys::runtime};
+use crate::{hooks::charge, sys::guard, sys::locks, sys::runtime};
 use crate::{policy::budget, state::link};
 use gpuslice_common::size::format_size;
 use std::collections::HashMap;
@@ -24,9 +24,6 @@ static PRIMARY: [AtomicU8; link::MAX_ORDINALS] = [const { AtomicU8::new(0) }; li
 static PRIMARY_RESERVE: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
 /// Non-primary contexts: context → (device, reserve charged).
 static CREATED: Mutex<Option<HashMap<usize, (CUdevice, u64)>>> = Mutex::new(None);
-/// Per device: when the overhead was last re-measured (`clock::host_ns`), to bound NVML calls.
-static LAST_TRUE_UP: [AtomicU64; link::MAX_ORDINALS] = [const { AtomicU64::new(0) }; link::MAX_ORDINALS];
-
 /// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
 pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
 
@@ -78,41 +75,6 @@ fn charge_reserve(device: CUdevice, reserve: u64, what: &str) {
     }
 }
 
-/// Re-measures the memory the driver holds for this process outside tracked allocations, at
-/// most once a millisecond per device, when no other operation overlaps the measurement. Only
-/// called near the limit.
-pub fn true_up(device: CUdevice) {
-    let Some(slot) = usize::try_from(device).ok().and_then(|d| LAST_TRUE_UP.get(d)) else { return };
-    let now = crate::sys::clock::host_ns();
-    let last = slot.load(Relaxed);
-    if last != 0 && now.saturating_sub(last) < 1_000_000 {
-        return;
-    }
-    if slot.compare_exchange(last, now, AcqRel, Relaxed).is_err() {
-        return; // Another thread is measuring.
-    }
-    let Some(nv) = nvml() else { return };
-    let Some(b) = budget::of(device) else { return };
-    // Only across a stretch with no allocation, free or context change under way (see
-    // `memory::Operation`); otherwise the figure stays as it was until a later call.
-    let Some(mark) = memory::quiet_mark() else { return };
-    let Some(Some(process)) = nv.process_used(device) else { return };
-    let tracked = memory::tracked_bytes(device);
-    if memory::quiet_mark() != Some(mark) {
-        return;
-    }
-    let overhead = process.saturating_sub(tracked);
-    if overhead != b.overhead() {
-        tracing::debug!(
-            "device {device}: driver-held memory re-measured: {} (was {}), tracked {}",
-            format_size(overhead),
-            format_size(b.overhead()),
-            format_size(tracked)
-        );
-        b.set_overhead(overhead);
-    }
-}
-
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: CUdevice) -> CuResult {
     guard::cuda("cuDevicePrimaryCtxRetain", || {
@@ -122,7 +84,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, device: 
         let slot = usize::try_from(device).ok().and_then(|d| PRIMARY.get(d));
         crate::policy::sched::context_created(device);
         crate::policy::mps::context_created(device);
-        let _op = memory::Operation::begin();
+        let _op = charge::Operation::begin();
         let measuring = wants_measure(device) && slot.is_some_and(|s| s.compare_exchange(0, 1, AcqRel, Relaxed).is_ok());
         if !measuring {
             return call_real!(cuDevicePrimaryCtxRetain(pctx, device));
@@ -171,7 +133,7 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CUdevice) -> CuResul
 /// Runs a call that ends something the driver held (a context, or a reference to the primary
 /// one) inside an operation window, and `then` when the driver says it succeeded.
 fn ended(call: impl FnOnce() -> CuResult, then: impl FnOnce()) -> CuResult {
-    let _op = memory::Operation::begin();
+    let _op = charge::Operation::begin();
     let code = call();
     if code == CUDA_SUCCESS {
         then();
@@ -193,7 +155,7 @@ fn context_destroyed(ctx: CUcontext) {
 /// contexts on one device lose the created ones' records too; see LD_PRELOAD.md, "What it
 /// cannot catch".
 fn primary_reset(device: CUdevice) {
-    let freed = memory::forget_device(device);
+    let freed = charge::forget_device(device);
     if let Some(b) = budget::of(device) {
         b.uncharge(freed);
     }
@@ -207,7 +169,7 @@ fn created(pctx: *mut CUcontext, device: CUdevice, create: impl FnOnce() -> CuRe
     }
     crate::policy::sched::context_created(device);
     crate::policy::mps::context_created(device);
-    let _op = memory::Operation::begin();
+    let _op = charge::Operation::begin();
     if !wants_measure(device) {
         return create();
     }

@@ -7,20 +7,21 @@
 //! runs in the same order; `link` comes last: it bumps the fork generation that `sched`
 //! compares, after everything else of the parent's is gone.
 
-use crate::hooks::{context, memory, sharing, suspend_agent};
+use crate::hooks::{charge, context, modules, sharing, suspend_agent};
 use crate::policy::{board, cost, flight_cost, sched, slicer, throttle};
 use crate::state::{link, vmm_ranges};
 use crate::sys::atfork::{self, Handlers};
 use crate::sys::{events, gate, real_nvml};
 
-static ORDER: [Handlers; 15] = [
+static ORDER: [Handlers; 16] = [
     slicer::FORK,
     sched::FORK,
     flight_cost::FORK,
     throttle::FORK,
     cost::FORK,
     context::FORK,
-    memory::FORK,
+    modules::FORK,
+    charge::FORK,
     vmm_ranges::FORK,
     suspend_agent::FORK,
     sharing::FORK,

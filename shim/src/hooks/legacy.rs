@@ -8,7 +8,8 @@
 //! the `_v1` array descriptors. A legacy pointer is recorded zero-extended, so that a
 //! `cuMemFree_v2` of it (or the reverse) finds the same record.
 
-use crate::hooks::memory::{self, array_bytes, charged, current_device, released, Operation, ARRAYS, POINTERS};
+use crate::hooks::charge::{self, current_device, released, Operation, ARRAYS, POINTERS};
+use crate::hooks::memory::{array_bytes, charged};
 use crate::state::alloc_table::Entry;
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
@@ -48,7 +49,7 @@ pub unsafe extern "C" fn cuMemAllocPitch(dptr: *mut c_uint, pitch: *mut c_uint, 
         if actual <= requested {
             return code;
         }
-        if memory::charge_extra(budget, device, "cuMemAllocPitch", requested, actual - requested, || {
+        if charge::charge_extra(budget, device, "cuMemAllocPitch", requested, actual - requested, || {
             POINTERS.remove(key);
             call_real!(cuMemFree(key as c_uint));
         }) {

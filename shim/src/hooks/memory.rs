@@ -1,107 +1,18 @@
-//! Every device allocation path, counted on success and uncounted on free.
+//! Every device allocation path, counted on success and uncounted on free: the exported hooks,
+//! each charging through `charge` (the tables and the charge itself live there).
 //!
 //! Each hook charges the budget of the device first (compare-and-swap, refused over the limit),
 //! then calls the real driver, then records what it got; a failed driver call gives the charge
 //! back. A free removes the record first and calls the driver second, so that an address the
 //! driver hands out again in another thread can never be confused with the one being freed.
 
-use crate::policy::budget::{self, Budget, Refusal, Scope};
+use crate::hooks::charge::{charge_extra, charged_memory, current_device, released, Operation, ARRAYS, HANDLES, POINTERS};
+use crate::policy::budget;
 use crate::state::alloc_table::{AllocTable, Entry};
-use crate::sys::driver::{call_real, driver};
+use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
-use crate::{hooks::context, sys::guard, sys::runtime};
-use gpuslice_common::size::format_size;
-use once_cell::sync::Lazy;
+use crate::sys::guard;
 use std::ffi::c_uint;
-use std::sync::atomic::{
-    AtomicU64,
-    Ordering::{Relaxed, SeqCst},
-};
-
-/// Linear allocations (cuMemAlloc, pitch, managed, async, pools), by device pointer.
-pub(crate) static POINTERS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
-/// Virtual memory management handles (cuMemCreate), by handle.
-static HANDLES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
-/// CUDA arrays and mipmapped arrays, by handle.
-pub(crate) static ARRAYS: Lazy<AllocTable> = Lazy::new(AllocTable::new);
-
-/// Operations that change what the driver holds for this process, between their first step
-/// and their last (low 32 bits), and how many have ended (high 32 bits). `context::true_up`
-/// compares the driver's figure with the tables only across a stretch in which none was under
-/// way: mid-operation the two legitimately differ (an allocation the driver has made and the
-/// table not yet recorded, a free recorded and not yet made), and a measurement then would
-/// move the overhead by those bytes, refusing below the limit or granting over it.
-static OPERATIONS: AtomicU64 = AtomicU64::new(0);
-const ONE_ENDED: u64 = (1 << 32) - 1;
-
-/// One operation under way, for as long as it lives.
-pub struct Operation(());
-
-impl Operation {
-    #[inline]
-    pub fn begin() -> Operation {
-        OPERATIONS.fetch_add(1, SeqCst);
-        Operation(())
-    }
-}
-
-impl Drop for Operation {
-    #[inline]
-    fn drop(&mut self) {
-        OPERATIONS.fetch_add(ONE_ENDED, SeqCst);
-    }
-}
-
-/// A mark of the operations so far: `Some` when none is under way. Equal marks taken before
-/// and after a reading mean that nothing changed in between.
-pub fn quiet_mark() -> Option<u64> {
-    let v = OPERATIONS.load(SeqCst);
-    (v & 0xffff_ffff == 0).then_some(v)
-}
-
-/// A mark of the operations so far when exactly `own` are under way (the caller's own): equal
-/// marks before and after a reading mean no other operation was under way or happened meanwhile.
-pub fn quiet_mark_but(own: u64) -> Option<u64> {
-    let v = OPERATIONS.load(SeqCst);
-    (v & 0xffff_ffff == own).then_some(v)
-}
-
-/// In a forked child: the parent's operations under way are not the child's.
-pub fn forget_in_child() {
-    OPERATIONS.store(0, SeqCst);
-}
-
-/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders the modules).
-pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: forget_in_child };
-
-/// Every table's locks, for a fork (see `sys::atfork`).
-pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
-    for table in [&*POINTERS, &*HANDLES, &*ARRAYS] {
-        table.hold_for_fork(h);
-    }
-    crate::hooks::modules::hold_for_fork(h);
-}
-
-/// Records a VMM handle charged elsewhere (an import `sharing` charged), so that its
-/// `cuMemRelease` gives the bytes back like any other handle's.
-pub fn record_handle(handle: CUmemGenericAllocationHandle, device: CUdevice, bytes: u64) {
-    HANDLES.insert(handle, Entry { device, bytes });
-}
-
-/// Bytes tracked on `device` across all allocation kinds (without modules and libraries).
-pub fn allocated_bytes(device: i32) -> u64 {
-    POINTERS.bytes_on(device) + HANDLES.bytes_on(device) + ARRAYS.bytes_on(device)
-}
-
-/// Bytes tracked on `device`: allocations, and modules and libraries loaded.
-pub fn tracked_bytes(device: i32) -> u64 {
-    allocated_bytes(device) + crate::hooks::modules::tracked_bytes(device)
-}
-
-/// Forgets every allocation on `device` (its primary context was reset, which frees them all).
-pub fn forget_device(device: i32) -> u64 {
-    POINTERS.drain_device(device) + HANDLES.drain_device(device) + ARRAYS.drain_device(device) + crate::hooks::modules::forget_device(device)
-}
 
 /// Charges `bytes` on `device`, runs `allocate`, and records the key it returns.
 ///
@@ -114,167 +25,6 @@ pub(crate) fn charged(table: &AllocTable, device: Option<CUdevice>, bytes: u64, 
         crate::hooks::vmm::note_other_memory();
     }
     code
-}
-
-/// `charged` for memory of any kind; `hooks::vmm` calls it directly for its own ranges.
-#[inline]
-pub(crate) fn charged_memory(
-    table: &AllocTable,
-    device: Option<CUdevice>,
-    bytes: u64,
-    what: &'static str,
-    mut allocate: impl FnMut() -> (CuResult, u64),
-) -> CuResult {
-    if runtime::refused() {
-        return CUDA_ERROR_INVALID_VALUE;
-    }
-    let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else {
-        return allocate().0;
-    };
-    if budget.near_limit(bytes) {
-        context::true_up(device);
-    }
-    let _op = Operation::begin();
-    if let Err(refusal) = budget.try_charge(bytes) {
-        report_refusal(what, device, bytes, refusal);
-        return CUDA_ERROR_OUT_OF_MEMORY;
-    }
-    // A panic from here to the driver's answer must not keep the reservation: nothing would
-    // ever free it, and the quota would shrink for good (for the whole group, in the ledger).
-    let reservation = Reservation { budget, bytes };
-    guard::test_panic_stage(what, "reserved");
-    let (mut code, mut key) = allocate();
-    // The device is full, not the quota: the controller may suspend others to make room.
-    if code == CUDA_ERROR_OUT_OF_MEMORY && crate::policy::make_room::ask(device, bytes, what) {
-        (code, key) = allocate();
-    }
-    std::mem::forget(reservation);
-    if code == CUDA_SUCCESS {
-        table.insert(key, Entry { device, bytes });
-        hide_from_report(budget, bytes);
-    } else {
-        budget.uncharge(bytes);
-    }
-    code
-}
-
-/// Test knob `GPUSLICE_TEST_UNDERREPORT_BYTES=N`: the first N bytes this process allocates are
-/// left out of its own report (its ledger slot), as a tenant that writes its slot could do
-/// anyway. It gives the process nothing it could not take by itself; CI and the GPU acceptance
-/// use it to check that the controller's cross-check catches a process that under-reports.
-static UNDERREPORT_LEFT: Lazy<AtomicU64> = Lazy::new(|| {
-    let bytes = std::env::var("GPUSLICE_TEST_UNDERREPORT_BYTES").ok().and_then(|v| gpuslice_common::size::parse_size(&v).ok()).unwrap_or(0);
-    if bytes > 0 {
-        tracing::warn!(
-            "GPUSLICE_TEST_UNDERREPORT_BYTES: this process leaves {} of its allocations out of its report (a test of the controller's cross-check)",
-            format_size(bytes)
-        );
-    }
-    AtomicU64::new(bytes)
-});
-
-#[inline]
-fn hide_from_report(budget: Budget, bytes: u64) {
-    if UNDERREPORT_LEFT.load(Relaxed) == 0 {
-        return;
-    }
-    let mut hidden = 0;
-    let _ = UNDERREPORT_LEFT.fetch_update(SeqCst, Relaxed, |left| {
-        hidden = left.min(bytes);
-        Some(left - hidden)
-    });
-    budget.uncharge(hidden);
-}
-
-/// Bytes reserved for an allocation the driver has not answered yet; given back if the hook
-/// unwinds before it does (the panic came from our code before the call, so nothing was made).
-struct Reservation {
-    budget: Budget,
-    bytes: u64,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.budget.uncharge(self.bytes);
-    }
-}
-
-/// Removes the record of `key`, runs `free`, and gives the bytes back if the driver freed it.
-#[inline]
-pub(crate) fn released(table: &AllocTable, key: u64, free: impl FnOnce() -> CuResult) -> CuResult {
-    let _op = Operation::begin();
-    let entry = table.remove(key);
-    let code = free();
-    if let Some(entry) = entry {
-        if code == CUDA_SUCCESS {
-            if let Some(budget) = budget::of(entry.device) {
-                budget.uncharge(entry.bytes);
-            }
-        } else {
-            // Still allocated as far as the driver is concerned.
-            table.insert(key, entry);
-        }
-    }
-    code
-}
-
-#[cold]
-pub(crate) fn report_refusal(what: &str, device: CUdevice, bytes: u64, refusal: Refusal) {
-    let pid = std::process::id();
-    let whose = match (refusal.scope, crate::state::link::get()) {
-        (Scope::Process, _) => format!(
-            "this process's own cap: it holds {} ({} B) of {} ({} B)",
-            format_size(refusal.used),
-            refusal.used,
-            format_size(refusal.limit),
-            refusal.limit
-        ),
-        (Scope::Group, Some(l)) if l.controlled && !gpuslice_common::settings::is_solo_group(&l.group_name) => format!(
-            "group {:?} holds {} ({} B) of its limit {} ({} B)",
-            l.group_name,
-            format_size(refusal.used),
-            refusal.used,
-            format_size(refusal.limit),
-            refusal.limit
-        ),
-        (Scope::Group, _) => format!("used {} ({} B), limit {} ({} B)", format_size(refusal.used), refusal.used, format_size(refusal.limit), refusal.limit),
-    };
-    // The controller's cross-check may have charged the group the driver's figure.
-    let penalty = crate::state::link::get().and_then(|l| Some(l.penalty(l.index(device)?))).unwrap_or(0);
-    let charged = if penalty > 0 && refusal.scope == Scope::Group {
-        format!(" (of which {} the controller charged because the driver shows the group's processes holding more than they report)", format_size(penalty))
-    } else {
-        String::new()
-    };
-    let line = format!("pid {pid}: {what} refused on device {device}: request {} ({bytes} B), {whose}{charged}: CUDA_ERROR_OUT_OF_MEMORY", format_size(bytes));
-    match REFUSAL_LOG.admit(crate::sys::clock::host_ns()) {
-        crate::policy::refusal_log::Verdict::Log { unlogged: 0, .. } => tracing::warn!("{line}"),
-        crate::policy::refusal_log::Verdict::Log { unlogged, since_ns } => {
-            tracing::warn!("{line} ({unlogged} more refusals in the last {:.1} s were not logged)", since_ns as f64 / 1e9)
-        }
-        crate::policy::refusal_log::Verdict::Quiet => tracing::debug!("{line}"),
-    }
-}
-
-/// Refusals of a program that retries are logged once, then once per interval with a count.
-static REFUSAL_LOG: Lazy<crate::policy::refusal_log::RateLimit> = Lazy::new(crate::policy::refusal_log::RateLimit::from_env);
-
-pub(crate) fn current_device() -> Option<CUdevice> {
-    driver()?.current_device()
-}
-
-/// Charges a correction after the driver reported the real size (pitch, arrays); on refusal the
-/// allocation is undone by `undo` and the whole request refused.
-pub(crate) fn charge_extra(budget: Budget, device: CUdevice, what: &'static str, requested: u64, extra: u64, undo: impl FnOnce()) -> bool {
-    match budget.try_charge(extra) {
-        Ok(()) => true,
-        Err(refusal) => {
-            undo();
-            budget.uncharge(requested);
-            report_refusal(what, device, requested + extra, refusal);
-            false
-        }
-    }
 }
 
 /// A linear allocation entry point: `(dptr, bytesize, rest...)`, recorded by the pointer it
@@ -299,8 +49,10 @@ macro_rules! linear_hook {
 pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) -> CuResult {
     guard::cuda("cuMemAlloc_v2", || {
         guard::test_panic_point("cuMemAlloc_v2");
-        // A member of a group on the shim's suspend path: VMM-backed (issue 22).
+        // A member of a group on the shim's suspend path: VMM-backed (issue 22), and its suspend
+        // agent running from its first such allocation on.
         if let Some(code) = crate::hooks::vmm::alloc(dptr, bytesize as u64, "cuMemAlloc") {
+            crate::hooks::suspend_agent::start();
             return code;
         }
         charged(&POINTERS, current_device(), bytesize as u64, "cuMemAlloc", || {
@@ -321,6 +73,7 @@ linear_hook!(cuMemAllocFromPoolAsync_ptsz, "cuMemAllocFromPoolAsync", pool: CUme
 pub unsafe extern "C" fn cuMemAllocPitch_v2(dptr: *mut CUdeviceptr, pitch: *mut usize, width_bytes: usize, height: usize, element_size: c_uint) -> CuResult {
     guard::cuda("cuMemAllocPitch_v2", || {
         if let Some(code) = crate::hooks::vmm::alloc_pitch(dptr, pitch, width_bytes, height, element_size) {
+            crate::hooks::suspend_agent::start();
             return code;
         }
         // One operation from the first charge to the padding's (nested ones only count).

@@ -2,6 +2,7 @@
 //! them, and the fork handlers' order.
 //! A module here imports from this layer and the ones below it (docs/layers.toml).
 
+pub mod charge;
 pub mod context;
 pub mod entry;
 pub mod fork;

@@ -11,7 +11,7 @@
 //! Loads of one process are measured one at a time (a lock: loads are rare and slow anyway), so
 //! two loads never count each other's bytes. Allocations and frees of other threads are not
 //! serialised (that would put a lock on the hot path): each reading is taken at a moment when
-//! none of them is half done (`memory::quiet_mark_but`, as `context::true_up` does), and what
+//! none of them is half done (`charge::quiet_mark_but`, as `charge::true_up` does), and what
 //! they completed between the readings is taken out through the tracking tables. Without NVML's
 //! per-process figure (another pid namespace), what another process allocates or frees during
 //! the few milliseconds of a load moves the measurement by that much (the residual race; the
@@ -32,10 +32,10 @@
 //! placed by `cuModuleLoad*` itself (on the H200 the ten 256 MiB loads took their memory
 //! at load time under the default mode). Kernel code loaded later, and a *library* loaded with no
 //! current context or lazily into a context at its first launch, is not measured here: it is
-//! caught by the re-measurement near the limit (`context::true_up`, NVML's per-process figure)
+//! caught by the re-measurement near the limit (`charge::true_up`, NVML's per-process figure)
 //! and by the controller's cross-check.
 
-use crate::hooks::memory::{self, Operation};
+use crate::hooks::charge::{self, Operation, LIBRARIES, MODULES};
 use crate::policy::budget;
 use crate::policy::slicer::{self, Sliced};
 use crate::state::alloc_table::{AllocTable, Entry};
@@ -44,7 +44,6 @@ use crate::sys::ffi::*;
 use crate::sys::real_nvml::nvml;
 use crate::{policy::module_image, sys::guard, sys::locks, sys::runtime};
 use gpuslice_common::size::format_size;
-use once_cell::sync::Lazy;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::Mutex;
 
@@ -52,28 +51,15 @@ use std::sync::Mutex;
 type CUmodule = *mut c_void;
 type CUlibrary = *mut c_void;
 
-/// Loaded modules, by `CUmodule`.
-static MODULES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
-/// Loaded libraries, by `CUlibrary`.
-static LIBRARIES: Lazy<AllocTable> = Lazy::new(AllocTable::new);
 /// One load measured at a time in this process.
 static LOADING: Mutex<()> = Mutex::new(());
 
-/// Bytes held by loaded modules and libraries on `device` (part of what the process holds
-/// through the shim, so that `true_up` does not count them again as overhead).
-pub fn tracked_bytes(device: i32) -> u64 {
-    MODULES.bytes_on(device) + LIBRARIES.bytes_on(device)
-}
+/// This module's part in a fork (`sys::atfork`; `hooks::fork` orders it before `charge`: a
+/// load holds `LOADING` while it reads and writes the tables).
+pub const FORK: crate::sys::atfork::Handlers = crate::sys::atfork::Handlers { prepare: hold_for_fork, in_child: crate::sys::atfork::nothing_to_forget };
 
-/// Forgets every module and library charged on `device` (its primary context was reset).
-pub fn forget_device(device: i32) -> u64 {
-    MODULES.drain_device(device) + LIBRARIES.drain_device(device)
-}
-
-pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
+fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     h.take(&LOADING, |_| {});
-    MODULES.hold_for_fork(h);
-    LIBRARIES.hold_for_fork(h);
 }
 
 /// One reading around a load: what NVML says this process holds on the device (exact, when
@@ -88,7 +74,7 @@ fn read(device: CUdevice) -> Snapshot {
     let process = nvml().and_then(|nv| nv.process_used(device)).map(|p| p.unwrap_or(0));
     let (mut free, mut total) = (0usize, 0usize);
     let free = (call_real!(cuMemGetInfo_v2(&mut free, &mut total)) == CUDA_SUCCESS).then_some(free as u64);
-    Snapshot { process, free, tracked: memory::tracked_bytes(device) }
+    Snapshot { process, free, tracked: charge::tracked_bytes(device) }
 }
 
 /// A reading taken while no other allocation or free of this process is half done (the load's
@@ -98,9 +84,9 @@ fn read(device: CUdevice) -> Snapshot {
 fn snapshot(device: CUdevice) -> Snapshot {
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(50);
     loop {
-        if let Some(mark) = memory::quiet_mark_but(1) {
+        if let Some(mark) = charge::quiet_mark_but(1) {
             let s = read(device);
-            if memory::quiet_mark_but(1) == Some(mark) {
+            if charge::quiet_mark_but(1) == Some(mark) {
                 return s;
             }
         }
@@ -149,7 +135,7 @@ fn measured(
     let _serial = locks::lock(&LOADING);
     let _op = Operation::begin();
     if let Err(refusal) = budget.try_charge(declared) {
-        memory::report_refusal(what, device, declared, refusal);
+        charge::report_refusal(what, device, declared, refusal);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     let before = snapshot(device);
@@ -176,7 +162,7 @@ fn measured(
             let undone = unload(handle);
             // SAFETY: the caller's out-pointer; the handle it held is no longer valid.
             unsafe { *handle_out = std::ptr::null_mut() };
-            memory::report_refusal(what, device, bytes, refusal);
+            charge::report_refusal(what, device, bytes, refusal);
             if undone != CUDA_SUCCESS {
                 tracing::warn!("{what}: unloading the refused load failed with CUresult {undone}; the driver may still hold its memory");
             }

@@ -369,7 +369,7 @@ pub unsafe extern "C" fn cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, 
         let Some((device, budget)) = device.and_then(|d| Some((d, budget::of(d)?))) else { return code };
         match budget.try_charge(size as u64) {
             Ok(()) => {
-                crate::hooks::memory::record_handle(handle, device, size as u64);
+                crate::hooks::charge::record_handle(handle, device, size as u64);
                 tracing::info!("pid {}: a VMM import of {size} B on device {device} comes from outside gpuslice; charged to this process", std::process::id());
                 code
             }

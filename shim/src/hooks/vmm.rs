@@ -8,7 +8,7 @@
 //! The moves themselves (`move_out`, `move_in`) are here too: they are the inverse of the
 //! allocation, with the same four calls.
 
-use crate::hooks::memory::{charged_memory, released, POINTERS};
+use crate::hooks::charge::{charged_memory, current_device, released, POINTERS};
 use crate::hooks::vmm_ring::{self, Way};
 use crate::state::vmm_ranges::{self, Range};
 use crate::sys::driver::call_real;
@@ -39,11 +39,7 @@ static GRANULARITY: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 pub fn backing() -> bool {
     let Some(link) = crate::state::link::get() else { return false };
     let marks = link.members.marks.load(Relaxed);
-    let on = link.controlled && marks & (MARK_SUSPENDABLE | MARK_SHIM_PATH) == MARK_SUSPENDABLE | MARK_SHIM_PATH;
-    if on {
-        crate::hooks::suspend_agent::start();
-    }
-    on
+    link.controlled && marks & (MARK_SUSPENDABLE | MARK_SHIM_PATH) == MARK_SUSPENDABLE | MARK_SHIM_PATH
 }
 
 /// Notes that the process holds device memory the agent cannot move (anything not made here),
@@ -168,7 +164,7 @@ pub fn alloc(dptr: *mut CUdeviceptr, bytes: u64, what: &'static str) -> Option<C
     if dptr.is_null() || bytes == 0 {
         return Some(CUDA_ERROR_INVALID_VALUE);
     }
-    let device = crate::hooks::memory::current_device();
+    let device = current_device();
     let Some(d) = device else { return Some(CUDA_ERROR_INVALID_VALUE) };
     Some(charged_memory(&POINTERS, device, bytes, what, || match make(d, bytes) {
         Ok(base) => {
@@ -190,7 +186,7 @@ pub fn alloc_pitch(dptr: *mut CUdeviceptr, pitch: *mut usize, width: usize, heig
     if pitch.is_null() || width == 0 || height == 0 || !matches!(element, 4 | 8 | 16) {
         return Some(CUDA_ERROR_INVALID_VALUE);
     }
-    let device = crate::hooks::memory::current_device()?;
+    let device = current_device()?;
     let mut align: std::ffi::c_int = 0;
     let align = if call_real!(cuDeviceGetAttribute(&mut align, DEVICE_ATTRIBUTE_TEXTURE_PITCH_ALIGNMENT, device)) == CUDA_SUCCESS && align > 0 {
         align as usize

@@ -6,7 +6,7 @@
 //! tracked allocations plus `overhead`, the memory the driver holds for it outside any
 //! allocation call (the context's reserve, loaded modules, memory pools' retained blocks).
 //! The overhead is measured at context creation and re-measured near the limit (see
-//! `context::true_up`). The protocol that keeps the group's counter exact across processes,
+//! `charge::true_up`). The protocol that keeps the group's counter exact across processes,
 //! including killed ones, is in `gpuslice_common::ledger`.
 
 use crate::state::link;
