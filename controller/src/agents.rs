@@ -5,8 +5,9 @@
 //! believes it runs, and no process is suspended by its agent and the driver's checkpoint at
 //! once.
 
+use crate::process::alive;
+use crate::state::lock_state;
 use crate::state::State;
-use crate::suspend::{alive, lock_state};
 use gpuslice_common::ledger::{self as ledger, suspend_request, ProcessSlot, PHASES, PHASE_NAMES};
 use gpuslice_common::protocol::AgentRow;
 use gpuslice_common::size::format_size;

@@ -28,64 +28,15 @@
 //! is not measured); the exporter importing its own export does not. NOTES (branch fakeexp)
 //! says which lie still works and what it costs.
 
+pub(crate) mod table;
+
 use crate::state::{Peer, State};
 use gpuslice_common::protocol::{ExportKey, MAX_HANDLE_BYTES};
-use std::collections::HashMap;
 
 /// Exports one process may have recorded at once.
 pub const MAX_PER_PROCESS: usize = 1024;
 /// Exports the processes of one uid may have recorded at once.
 pub const MAX_PER_UID: usize = 16384;
-
-#[derive(Default)]
-pub struct Exports {
-    /// The key → (process slot, pid) of each process that exported it.
-    by_key: HashMap<ExportKey, Vec<(usize, u32)>>,
-    /// Process slot → how many entries it holds.
-    per_slot: HashMap<usize, usize>,
-    /// The key → (process slot, pid) of each registered process that imported it.
-    imported_by: HashMap<ExportKey, Vec<(usize, u32)>>,
-    /// Process slot → how many imports it recorded.
-    imports_per_slot: HashMap<usize, usize>,
-}
-
-impl Exports {
-    /// Drops every entry of a process slot (its process has gone).
-    pub fn forget(&mut self, slot: usize) {
-        if self.imports_per_slot.remove(&slot).is_some() {
-            self.imported_by.retain(|_, importers| {
-                importers.retain(|(s, _)| *s != slot);
-                !importers.is_empty()
-            });
-        }
-        if self.per_slot.remove(&slot).is_none() {
-            return;
-        }
-        self.by_key.retain(|_, owners| {
-            owners.retain(|(s, _)| *s != slot);
-            !owners.is_empty()
-        });
-        // A key nobody exports any more takes its imports with it: a later export of the same
-        // bytes (a reused handle, or a tenant replaying them) is not corroborated by them.
-        let (by_key, counts) = (&self.by_key, &mut self.imports_per_slot);
-        self.imported_by.retain(|key, importers| {
-            let keep = by_key.contains_key(key);
-            if !keep {
-                for (s, _) in importers.iter() {
-                    if let Some(n) = counts.get_mut(s) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
-            }
-            keep
-        });
-        counts.retain(|_, n| *n > 0);
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_key.values().map(Vec::len).sum()
-    }
-}
 
 impl State {
     /// The process slot of a live registered peer.
@@ -191,6 +142,7 @@ fn holds_file(pid: u32, dev: u64, ino: u64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::table::Exports;
     use super::*;
     use std::os::unix::fs::MetadataExt;
 

@@ -2,7 +2,7 @@
 //! controller's health, encoded by prometheus-client (OpenMetrics text) at each scrape.
 //!
 //! Nothing is kept between scrapes: a process that exits simply stops being listed, so no label
-//! set outlives its process. Every figure comes from one `State::listing()` taken under the
+//! set outlives its process. Every figure comes from one listing (`serve::listing`) taken under the
 //! state lock, so a scrape, `gpuslice ls` and `gpuslice top` show the same numbers.
 
 use gpuslice_common::protocol::{GroupRow, Listing, ProcessRow, GROUP_LABELS};

@@ -21,6 +21,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
+/// What `ls` and the metrics read: the state's listing, with the cross-check's findings and the
+/// suspensions (kept by their own modules, above the state).
+fn listing(state: &State) -> Listing {
+    let mut listing = state.listing();
+    listing.underreporting = crate::crosscheck::findings(state);
+    listing.suspensions = crate::suspend::rows(&|g| crate::suspend::member_pids(state, g));
+    listing
+}
+
 pub const DEFAULT_CONFIG: &str = "/etc/gpuslice/config.toml";
 const TICK: Duration = Duration::from_millis(100);
 /// A client gets this long to send its whole request, and as long again to take the answer.
@@ -122,6 +131,7 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
     let _mps = crate::mps_daemon::start(&args.mps)?;
     let mut state = State::new(ledger, config);
     state.config_path = config_path;
+    state.marks_of = crate::suspend::marks_to_publish;
     if let Some(n) = args.max_processes_per_uid {
         state.uid_limits.processes = n.max(1);
     }
@@ -353,7 +363,7 @@ impl Shared {
             tracing::warn!("metrics: the state stayed locked for {SCRAPE_PATIENCE:?}; reporting up 0");
             return metrics::Snapshot { health, listing: None };
         };
-        let listing = state.listing();
+        let listing = listing(&state);
         (health.processes, health.groups) = state.counts();
         health.last_sample_unix_s = state.last_sample().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64());
         drop(state);
@@ -518,7 +528,7 @@ fn serve_one(stream: &UnixStream, shared: &Shared) -> Result<(), FrameError> {
             Request::Suspend(_) | Request::Resume(_) | Request::SetSuspendable(_) | Request::MakeRoom(_) => {
                 (Response::Error { message: "answered by the suspension module".into() }, Vec::new())
             }
-            Request::List => (Response::Listing(state.listing()), Vec::new()),
+            Request::List => (Response::Listing(listing(&state)), Vec::new()),
             Request::Status => {
                 let (processes, groups) = state.counts();
                 let g = state.ledger.geometry();

@@ -14,6 +14,12 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering::*;
 
+/// The state behind its lock; a thread that panicked holding it leaves it as it was (every
+/// change is made whole under the lock, so the state stays usable).
+pub fn lock_state(state: &std::sync::Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 mod devices;
 mod memory;
 mod record;
@@ -172,7 +178,7 @@ pub struct State {
     /// `generation`: its members write that, and bumping it hid their group's labels.
     labels: HashMap<usize, std::collections::BTreeMap<String, String>>,
     /// Exports made by registered processes (see `exports`).
-    pub exports: crate::exports::Exports,
+    pub exports: crate::exports::table::Exports,
     /// Group slot → its memory and settings page (see `memory`).
     memory: HashMap<usize, memory::GroupMemory>,
     /// The device table's memory, shared by every registered process.
@@ -180,6 +186,10 @@ pub struct State {
     /// Issue 19: each managed GPU's line of the MPS table with its daemon, as `mps_devices`
     /// left it at the last tick (empty without `serve --mps`); listed as is.
     pub mps: Vec<gpuslice_common::protocol::MpsGpuRow>,
+    /// The suspension marks to publish for a group (`ledger::MARK_*`; `None`: none yet). The
+    /// suspensions' module keeps them and stands above the state, so `serve` hands its reader
+    /// in (`suspend::marks_to_publish`); a state made without it publishes none.
+    pub marks_of: fn(&str) -> Option<u32>,
 }
 
 impl State {
@@ -207,6 +217,7 @@ impl State {
             memory: HashMap::new(),
             devices_memory: None,
             mps: Vec::new(),
+            marks_of: |_| None,
         }
     }
 
@@ -1162,6 +1173,8 @@ impl State {
         self.watched.values().filter(|w| w.group == i).map(|w| w.penalty[d]).fold(0, u64::saturating_add)
     }
 
+    /// Processes, groups, devices and MPS as the controller holds them; `serve` adds the
+    /// cross-check's findings and the suspensions (their modules stand above the state).
     pub fn listing(&self) -> Listing {
         let uuid = |d: usize| self.devices[d].clone().unwrap_or_default();
         let claimed: Vec<usize> = (0..MAX_DEVICES).filter(|&d| self.devices[d].is_some()).collect();
@@ -1234,8 +1247,6 @@ impl State {
                 devices,
             });
         }
-        listing.underreporting = crate::crosscheck::findings(self);
-        listing.suspensions = crate::suspend::rows(&|g| crate::suspend::member_pids(self, g));
         listing.mps = self.mps.clone();
         listing
     }

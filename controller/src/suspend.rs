@@ -14,7 +14,9 @@
 
 use crate::agents;
 use crate::checkpoint::{Driver, ProcessState};
+use crate::process::alive;
 use crate::refusal::{Kind, Refusal};
+use crate::state::lock_state;
 use crate::state::{Peer, State};
 use crate::suspend_driver::{checkpoint_all, checkpoint_within, restore_all, LockWait, LOCK_TIMEOUT};
 use gpuslice_common::ledger::{CAP_AGENT, CAP_FAST, CAP_OTHER_MEMORY};
@@ -244,10 +246,6 @@ pub fn host_limit() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
     (pages.max(0) as u64).saturating_mul(page.max(0) as u64) / 2
-}
-
-pub fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn may_edit(state: &State, peer: Peer) -> Result<(), String> {
@@ -480,7 +478,7 @@ fn without_cuda(state: &Mutex<State>, pids: impl Iterator<Item = u32>) -> BTreeM
     if none.is_empty() {
         return none;
     }
-    let Some(held) = crate::room::held_by_pids(state) else { return BTreeMap::new() };
+    let Some(held) = crate::device_memory::held_by_pids(state) else { return BTreeMap::new() };
     none.into_iter().filter(|(pid, _)| held.get(pid).copied().unwrap_or(0) == 0).collect()
 }
 
@@ -509,7 +507,7 @@ pub fn join_skipped(state: &Mutex<State>) {
                     continue;
                 }
             }
-            let bytes = crate::room::held_by_pids(state).and_then(|h| h.get(&pid).copied()).unwrap_or(0);
+            let bytes = crate::device_memory::held_by_pids(state).and_then(|h| h.get(&pid).copied()).unwrap_or(0);
             let (outcome, ms) = timed(|| checkpoint_all(&*d, &[pid], JOIN_LOCK_TIMEOUT));
             if let Err(f) = outcome {
                 let first = update(&group, |rec| rec.skipped.get_mut(&pid).map(|warned| !std::mem::replace(warned, true)).unwrap_or(false));
@@ -651,11 +649,11 @@ fn suspend_both(
     let mut moved = 0;
     let mut rows = BTreeMap::new();
     if !shim.is_empty() {
-        let before = crate::room::held_by_pids(state);
+        let before = crate::device_memory::held_by_pids(state);
         // Every agent closes its gate at once: one bound for all of them, the driver's locks
         // after them taking what is left of it.
         let answers = agents::ask(state, m.group_slot, shim, true, wait.at(Instant::now())).map_err(Failed::from)?;
-        let after = crate::room::held_by_pids(state);
+        let after = crate::device_memory::held_by_pids(state);
         let mut disbelieved = BTreeMap::new();
         for (&pid, &slot) in shim {
             let Some(answer) = answers.get(&pid) else { continue };
@@ -776,7 +774,7 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
     // The driver's restore cannot be retried once it ran out of memory (cuda-checkpoint#44):
     // it needs room first. The agents' resume fails cleanly and is retried instead.
     if !driver_pids.is_empty() {
-        crate::room::check_room(state, &rec.device_bytes).map_err(|why| format!("group {group:?} stays suspended: {why}"))?;
+        crate::device_memory::check_room(state, &rec.device_bytes).map_err(|why| format!("group {group:?} stays suspended: {why}"))?;
     }
     let (group_slot, holding) = {
         let state = lock_state(state);
@@ -861,15 +859,6 @@ pub fn resume(state: &Mutex<State>, peer: Option<Peer>, group: &str) -> Result<S
             Err(format!("group {group:?} stays suspended: {e}"))
         }
     })
-}
-
-/// A process that exists and has not exited (a zombie's memory and host copy are gone already).
-pub(crate) fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command's closing parenthesis.
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
-        Err(_) => false,
-    }
 }
 
 /// `gpuslice set --suspendable`: the policy may (or may no longer) suspend the group.

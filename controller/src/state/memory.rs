@@ -174,7 +174,7 @@ impl State {
         }
         page.state.store(ledger::LIVE, Release);
         self.publish_members(i, memory.settings.members());
-        if let Some(marks) = crate::suspend::marks_to_publish(&info.name) {
+        if let Some(marks) = (self.marks_of)(&info.name) {
             memory.settings.members().marks.store(marks, Relaxed);
         }
     }
