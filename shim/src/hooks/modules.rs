@@ -171,23 +171,6 @@ fn measured(
     }
 }
 
-/// Removes the record of `handle`, runs `unload`, and gives the bytes back if it worked.
-fn unloaded(table: &AllocTable, handle: *mut c_void, unload: impl FnOnce() -> CuResult) -> CuResult {
-    let _op = Operation::begin();
-    let entry = table.remove(handle as u64);
-    let code = unload();
-    if let Some(entry) = entry {
-        if code == CUDA_SUCCESS {
-            if let Some(b) = budget::of(entry.device) {
-                b.uncharge(entry.bytes);
-            }
-        } else {
-            table.insert(handle as u64, entry);
-        }
-    }
-    code
-}
-
 /// A module load, with the sliced PTX in place of the program's image when there is one: `load`
 /// gets the image to pass (the program's, or the sliced text, which then goes through
 /// `cuModuleLoadData` or `cuModuleLoadDataEx` as `load` decides).
@@ -283,7 +266,7 @@ pub unsafe extern "C" fn cuModuleLoadFatBinary(module: *mut CUmodule, fat_cubin:
 #[no_mangle]
 pub unsafe extern "C" fn cuModuleUnload(module: CUmodule) -> CuResult {
     guard::cuda("cuModuleUnload", || {
-        let code = unloaded(&MODULES, module, || call_real!(cuModuleUnload(module)));
+        let code = charge::released(&MODULES, module as u64, || call_real!(cuModuleUnload(module)));
         if code == CUDA_SUCCESS {
             slicer::forget(module);
         }
@@ -365,7 +348,7 @@ pub unsafe extern "C" fn cuLibraryLoadFromFile(
 
 #[no_mangle]
 pub unsafe extern "C" fn cuLibraryUnload(library: CUlibrary) -> CuResult {
-    guard::cuda("cuLibraryUnload", || unloaded(&LIBRARIES, library, || call_real!(cuLibraryUnload(library))))
+    guard::cuda("cuLibraryUnload", || charge::released(&LIBRARIES, library as u64, || call_real!(cuLibraryUnload(library))))
 }
 
 #[cfg(test)]
