@@ -63,6 +63,20 @@ fn urgent_request(sim: &Sim, ctl: &Controller<'_>, leave: &str) -> Running {
 
 /// The bound the policy gave `first`'s locks, from its refusal's log line ("... waited for at
 /// most N ms of the request's wait").
+/// An urgent request while `first` is inside its kernel: it is served within its wait, by
+/// suspending `second`, and `first` (its member inside the kernel named as the refuser) runs on.
+fn served_past_first(sim: &Sim, ctl: &Controller<'_>, leave: &str, first: &Running) -> (Running, Listing) {
+    let urgent = urgent_request(sim, ctl, leave);
+    let alloc = urgent.wait_line("alloc", 0);
+    assert!(alloc.starts_with("ok "), "the request is served within its wait: {alloc}\ncontroller log:\n{}", ctl.log());
+    let l = ctl.ls();
+    assert_eq!(l.suspension("second")["state"], "suspended", "the next candidate is suspended:\n{l}\n{}", ctl.log());
+    let f = l.suspension("first");
+    assert_eq!(f["state"], "running", "{l}");
+    assert_eq!(f["refused_by"], first.pid(), "the member inside the kernel: {l}");
+    (urgent, l)
+}
+
 fn bound_ms(log: &str) -> Option<u64> {
     let line = log.lines().find(|l| l.contains("group \"first\" refused suspension"))?;
     let (_, rest) = line.split_once("waited for at most ")?;
@@ -85,15 +99,9 @@ fn first_busy_second_suspended(path: &str) -> (String, String) {
     std::thread::sleep(SEVERAL_TICKS);
     let free_before = sim.device_free();
 
-    let urgent = urgent_request(&sim, &ctl, &leave);
-    let alloc = urgent.wait_line("alloc", 0);
-    assert!(alloc.starts_with("ok "), "the request is served within its default wait: {alloc}\ncontroller log:\n{}", ctl.log());
-    let l = ctl.ls();
-    assert_eq!(l.suspension("second")["state"], "suspended", "the next candidate is suspended:\n{l}\n{}", ctl.log());
+    let (urgent, l) = served_past_first(&sim, &ctl, &leave, &first);
     let f = l.suspension("first");
-    assert_eq!(f["state"], "running", "{l}");
     assert_eq!(f["refusals"], 1, "its timed-out lock counts as a refusal: {l}");
-    assert_eq!(f["refused_by"], first.pid(), "the member inside the kernel: {l}");
     assert_eq!(f["refusal_kind"], "timeout", "a timeout, not a lasting refusal: {l}");
     assert_eq!(f["timeouts"], 1, "{l}");
     let passed_over = f["passed_over_s"].as_f64().unwrap_or_else(|| panic!("passed over for a while: {l}"));
@@ -171,15 +179,9 @@ fn a_group_whose_lock_timed_out_is_suspended_by_a_later_request_once_its_kernel_
     let started = clock.now_ns();
 
     // The first request: `first`'s lock times out (its kernel cannot end: time stands still).
-    let urgent = urgent_request(&sim, &ctl, &leave);
-    let alloc = urgent.wait_line("alloc", 0);
-    assert!(alloc.starts_with("ok "), "the first request is served: {alloc}\ncontroller log:\n{}", ctl.log());
-    let l = ctl.ls();
-    assert_eq!(l.suspension("second")["state"], "suspended", "the next candidate is suspended:\n{l}\n{}", ctl.log());
+    let (urgent, l) = served_past_first(&sim, &ctl, &leave, &first);
     let f = l.suspension("first");
-    assert_eq!(f["state"], "running", "{l}");
     assert_eq!(f["refusal_kind"], "timeout", "its lock timed out: {l}\n{}", ctl.log());
-    assert_eq!(f["refused_by"], first.pid(), "the member inside the kernel: {l}");
     let passed_over = f["passed_over_s"].as_f64().unwrap_or_else(|| panic!("passed over for a while: {l}"));
     assert!(passed_over <= DEFAULT_WAIT_MS as f64 / 2e3, "passed over only as long as its locks waited, not 30 s: {passed_over} s");
     assert!(!first.lines_now().iter().any(|l| l.starts_with("ok sync")), "first is still inside its kernel");
