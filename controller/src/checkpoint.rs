@@ -107,9 +107,7 @@ impl DriverError {
     pub fn lock_timed_out(&self) -> bool {
         self.code == NOT_READY || self.code == TIMEOUT
     }
-}
 
-impl DriverError {
     /// The target has no CUDA state for the driver to act on (never started CUDA, or gone).
     /// The caller's own driver is initialised (`Driver::load` ran `cuInit`), so these codes
     /// speak of the target.

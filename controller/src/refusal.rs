@@ -15,10 +15,11 @@
 //!
 //! A lock that timed out (`Kind::Timeout`: the driver's `cuCheckpointProcessLock` answered
 //! `CUDA_ERROR_NOT_READY` (cuda.h names `CUDA_ERROR_TIMEOUT`; both count), or an agent's gate
-//! did not close within its bound) is no lasting refusal: a member was inside a call (a long kernel) that may end a moment later. Such a group
-//! is passed over **for as long as its locks were allowed to wait** (`Kind::pass_over`: the
-//! bound the attempt was given, `room::lock_budget`, 2.5 s at the default 5 s wait; a manual
-//! suspension's 10 s), at least `TIMEOUT_FLOOR`, never more than `PASS_OVER`. Why that bound:
+//! did not close within its bound) is no lasting refusal: a member was inside a call (a long
+//! kernel) that may end a moment later. Such a group is passed over **for as long as its locks
+//! were allowed to wait** (`Kind::pass_over`: the bound the attempt was given,
+//! `room::lock_budget`, 2.5 s at the default 5 s wait; a manual suspension's 10 s), at least
+//! `TIMEOUT_FLOOR`, never more than `PASS_OVER`. Why that bound:
 //! - requests queued behind the one that timed out do not each pay the same long kernel: after
 //!   an attempt that waited B, the group is skipped for B, so over a kernel of any length at
 //!   most half of the time goes to waiting on that group's locks (one attempt per 2B), and a
@@ -63,7 +64,8 @@ pub enum Kind {
     Lasting,
     /// A member's calls under way did not end within the bound its locks (or its agent's gate)
     /// were given, `waited`: the driver's `CUDA_ERROR_NOT_READY` (or cuda.h's
-    /// `CUDA_ERROR_TIMEOUT`) from the lock, or an agent's "busy" answer that came within that bound (`agents::ask`).
+    /// `CUDA_ERROR_TIMEOUT`) from the lock, or an agent's "busy" answer that came within that
+    /// bound (`agents::ask`).
     Timeout { waited: Duration },
 }
 
