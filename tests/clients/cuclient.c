@@ -46,6 +46,11 @@
  *                             start; the simulated clock's when it is on) ms= (ms from the start to the stop) bucket_ms=
  *                             busy=B0,B1,... (µs of this process's kernels on the device in each
  *                             BUCKET_MS bucket from t0 up to the stop; the last may be partial)
+ *   floodmix NS,NS,... HOST_US BUCKET_MS STOPFILE
+ *                          the same with kernels of those lengths in turn (each position its own
+ *                          shape: 16 bytes of dynamic shared memory per position), and HOST_US of
+ *                          the driver's clock before each launch (a framework's time per operator)
+ *                          -> as flood, "ok floodmix ..."
  *   fork ... endchild      fork(): the child prints "ok forked pid=" and runs the commands up to
  *                          `endchild`, then exits 0; the parent waits for it, prints
  *                          "ok fork child= status=" and goes on after `endchild`.
@@ -530,7 +535,7 @@ static const struct cmdspec CMDS[] = {
     {"sleep", "n"},       {"mark", ""},          {"elapsed", ""},        {"procaddr", "snn"},
     {"dlsym", "s"},       {"pid", ""},
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
-    {"now", ""},          {"probe", "nnn"},      {"mprobe", "nnnnn"},   {"flood", "nns"},
+    {"now", ""},          {"probe", "nnn"},      {"mprobe", "nnnnn"},   {"flood", "nns"},     {"floodmix", "snns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
     {"modthreads", "nnn"}, {"modload", "sn"},    {"ptxload", "n"},      {"modimage", "s"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
     {"image", "sn"},      {"v1alloc", "n"},      {"v1pitch", "nnn"},     {"v1free", "x"},
@@ -1133,6 +1138,112 @@ static void flood_account(unsigned long long *busy, unsigned long long nb, unsig
         busy[b] += upto - start;
         start = upto;
     }
+}
+
+/* `flood` and `floodmix`: kernels of durs[0], durs[1], ... (ns, in turn) on stream 0 without
+ * waiting for them, host_us of the driver's clock before each launch (a framework's own time
+ * per operator), until STOPFILE (or "+MS"); see the usage at the top. */
+static void flood(const char *cmd, const unsigned long long *durs, int ndurs, unsigned long long host_us,
+                  unsigned long long bucket_ms, const char *stopfile) {
+    NEED(cuLaunchKernel);
+    NEED(cuCtxSynchronize);
+    NEED(cuEventCreate);
+    NEED(cuEventRecord);
+    NEED(cuEventQuery);
+    NEED(cuEventSynchronize);
+    NEED(cuEventElapsedTime);
+    NEED(cuEventDestroy);
+    int ok;
+    ensure_function(cmd, &ok);
+    if (!ok) return;
+    enum { RING = 1024 };
+    unsigned long long dur = durs[0], bucket_ns = bucket_ms * 1000000ULL;
+    if (!bucket_ns) {
+        printf("err %s code=-1 bucket_ms=0\n", cmd);
+        return;
+    }
+    void *params[] = {&dur};
+    CUevent base, ring[RING];
+    CHECK(p_cuCtxSynchronize());
+    CHECK(p_cuEventCreate(&base, 0));
+    for (int i = 0; i < RING; i++) CHECK(p_cuEventCreate(&ring[i], 0));
+    /* This process's waits on the simulated clock during the flood (sleeps, futex waits,
+     * futex wakes, blocked): the shim's wake-ups, counted where they happen. */
+    unsigned long long waits0[4] = {0}, waits1[4] = {0};
+    if (p_clock_counts) p_clock_counts(waits0, 4);
+    unsigned long long t0 = clock_ns();
+    /* "+MS": stop after MS ms of the driver's clock instead of at a file. */
+    unsigned long long for_ns = stopfile[0] == '+' ? num(stopfile + 1) * 1000000ULL : 0;
+    CHECK(p_cuEventRecord(base, 0));
+    /* Kernel end times (ns after t0), grown as needed; accounted into buckets at the end. */
+    unsigned long long *ends = NULL, nends = 0, capends = 0, head = 0, tail = 0, launched = 0;
+    int timeout = 0;
+    CUresult r = 0;
+#define FLOOD_HARVEST(wait)                                                            \
+do {                                                                               \
+    CUevent e_ = ring[head % RING];                                                \
+    if (wait) p_cuEventSynchronize(e_);                                            \
+    else if (p_cuEventQuery(e_) != 0) break;                                       \
+    float ms_ = 0;                                                                 \
+    if (p_cuEventElapsedTime(&ms_, base, e_) != 0) ms_ = -1;                       \
+    if (nends == capends) {                                                        \
+        capends = capends ? capends * 2 : 4096;                                    \
+        ends = realloc(ends, capends * sizeof *ends);                              \
+        if (!ends) abort();                                                        \
+    }                                                                              \
+    ends[nends++] = ms_ < 0 ? 0 : (unsigned long long)((double)ms_ * 1e6);         \
+    head++;                                                                        \
+} while (0)
+    for (;;) {
+        if (for_ns ? clock_ns() - t0 >= for_ns : access(stopfile, F_OK) == 0) break;
+        if ((clock_ns() - t0) / 1e6 > WAIT_CAP_MS) {
+            timeout = 1;
+            break;
+        }
+        if (tail - head == RING) FLOOD_HARVEST(1);
+        if (host_us) clock_sleep_us(host_us);
+        dur = durs[launched % ndurs];
+        /* Each length of a mix is its own shape (as a GEMM and a norm are): 16 bytes of
+         * dynamic shared memory per position in the list. */
+        unsigned shared = ndurs > 1 ? (unsigned)(launched % ndurs) * 16 : 0;
+        r = p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, shared, 0, params, NULL);
+        if (r != 0) break;
+        launched++;
+        r = p_cuEventRecord(ring[tail % RING], 0);
+        if (r != 0) break;
+        tail++;
+        while (head < tail) {
+            unsigned long long before = head;
+            FLOOD_HARVEST(0);
+            if (head == before) break;
+        }
+    }
+    unsigned long long stop = clock_ns();
+    if (p_clock_counts) p_clock_counts(waits1, 4);
+    if (r == 0) r = p_cuCtxSynchronize();
+    while (head < tail) FLOOD_HARVEST(1);
+#undef FLOOD_HARVEST
+    for (int i = 0; i < RING; i++) p_cuEventDestroy(ring[i]);
+    p_cuEventDestroy(base);
+    if (r != 0 || timeout) {
+        printf("err %s code=%d timeout=%d n=%llu\n", cmd, r ? r : -1, timeout, launched);
+        free(ends);
+        return;
+    }
+    unsigned long long nb = (stop - t0 + bucket_ns - 1) / bucket_ns, done = 0;
+    unsigned long long *busy = calloc(nb ? nb : 1, sizeof *busy);
+    for (unsigned long long i = 0; i < nends; i++) {
+        unsigned long long end = t0 + ends[i], d = durs[i % ndurs];
+        if (end <= stop) done++;
+        flood_account(busy, nb, bucket_ns, t0, stop, end > d ? end - d : 0, end);
+    }
+    printf("ok %s n=%llu done=%llu t0=%llu ms=%.3f sleeps=%llu futex_waits=%llu futex_wakes=%llu blocked=%llu bucket_ms=%llu busy=",
+           cmd, launched, done, t0, (stop - t0) / 1e6, waits1[0] - waits0[0], waits1[1] - waits0[1],
+           waits1[2] - waits0[2], waits1[3] - waits0[3], bucket_ns / 1000000ULL);
+    for (unsigned long long b = 0; b < nb; b++) printf("%s%llu", b ? "," : "", busy[b] / 1000);
+    printf("\n");
+    free(busy);
+    free(ends);
 }
 
 static void run(const char *cmd, char **a) {
@@ -2207,100 +2318,20 @@ static void run(const char *cmd, char **a) {
         free(lat);
         free(dev);
     } else if (!strcmp(cmd, "flood")) {
-        NEED(cuLaunchKernel);
-        NEED(cuCtxSynchronize);
-        NEED(cuEventCreate);
-        NEED(cuEventRecord);
-        NEED(cuEventQuery);
-        NEED(cuEventSynchronize);
-        NEED(cuEventElapsedTime);
-        NEED(cuEventDestroy);
-        int ok;
-        ensure_function(cmd, &ok);
-        if (!ok) return;
-        enum { RING = 1024 };
-        unsigned long long dur = num(a[0]), bucket_ns = num(a[1]) * 1000000ULL;
-        if (!bucket_ns) {
-            printf("err flood code=-1 bucket_ms=0\n");
+        unsigned long long dur = num(a[0]);
+        flood(cmd, &dur, 1, 0, num(a[1]), a[2]);
+    } else if (!strcmp(cmd, "floodmix")) {
+        enum { MAXMIX = 64 };
+        unsigned long long durs[MAXMIX];
+        int n = 0;
+        char list[512];
+        snprintf(list, sizeof list, "%s", a[0]);
+        for (char *save = NULL, *t = strtok_r(list, ",", &save); t && n < MAXMIX; t = strtok_r(NULL, ",", &save)) durs[n++] = num(t);
+        if (!n) {
+            printf("err floodmix code=-1 durations=none\n");
             return;
         }
-        void *params[] = {&dur};
-        CUevent base, ring[RING];
-        CHECK(p_cuCtxSynchronize());
-        CHECK(p_cuEventCreate(&base, 0));
-        for (int i = 0; i < RING; i++) CHECK(p_cuEventCreate(&ring[i], 0));
-        /* This process's waits on the simulated clock during the flood (sleeps, futex waits,
-         * futex wakes, blocked): the shim's wake-ups, counted where they happen. */
-        unsigned long long waits0[4] = {0}, waits1[4] = {0};
-        if (p_clock_counts) p_clock_counts(waits0, 4);
-        unsigned long long t0 = clock_ns();
-        /* "+MS": stop after MS ms of the driver's clock instead of at a file. */
-        unsigned long long for_ns = a[2][0] == '+' ? num(a[2] + 1) * 1000000ULL : 0;
-        CHECK(p_cuEventRecord(base, 0));
-        /* Kernel end times (ns after t0), grown as needed; accounted into buckets at the end. */
-        unsigned long long *ends = NULL, nends = 0, capends = 0, head = 0, tail = 0, launched = 0;
-        int timeout = 0;
-        CUresult r = 0;
-#define FLOOD_HARVEST(wait)                                                            \
-    do {                                                                               \
-        CUevent e_ = ring[head % RING];                                                \
-        if (wait) p_cuEventSynchronize(e_);                                            \
-        else if (p_cuEventQuery(e_) != 0) break;                                       \
-        float ms_ = 0;                                                                 \
-        if (p_cuEventElapsedTime(&ms_, base, e_) != 0) ms_ = -1;                       \
-        if (nends == capends) {                                                        \
-            capends = capends ? capends * 2 : 4096;                                    \
-            ends = realloc(ends, capends * sizeof *ends);                              \
-            if (!ends) abort();                                                        \
-        }                                                                              \
-        ends[nends++] = ms_ < 0 ? 0 : (unsigned long long)((double)ms_ * 1e6);         \
-        head++;                                                                        \
-    } while (0)
-        for (;;) {
-            if (for_ns ? clock_ns() - t0 >= for_ns : access(a[2], F_OK) == 0) break;
-            if ((clock_ns() - t0) / 1e6 > WAIT_CAP_MS) {
-                timeout = 1;
-                break;
-            }
-            if (tail - head == RING) FLOOD_HARVEST(1);
-            r = p_cuLaunchKernel(g_func, g_grid[0], g_grid[1], g_grid[2], 256, 1, 1, 0, 0, params, NULL);
-            if (r != 0) break;
-            launched++;
-            r = p_cuEventRecord(ring[tail % RING], 0);
-            if (r != 0) break;
-            tail++;
-            while (head < tail) {
-                unsigned long long before = head;
-                FLOOD_HARVEST(0);
-                if (head == before) break;
-            }
-        }
-        unsigned long long stop = clock_ns();
-        if (p_clock_counts) p_clock_counts(waits1, 4);
-        if (r == 0) r = p_cuCtxSynchronize();
-        while (head < tail) FLOOD_HARVEST(1);
-#undef FLOOD_HARVEST
-        for (int i = 0; i < RING; i++) p_cuEventDestroy(ring[i]);
-        p_cuEventDestroy(base);
-        if (r != 0 || timeout) {
-            printf("err flood code=%d timeout=%d n=%llu\n", r ? r : -1, timeout, launched);
-            free(ends);
-            return;
-        }
-        unsigned long long nb = (stop - t0 + bucket_ns - 1) / bucket_ns, done = 0;
-        unsigned long long *busy = calloc(nb ? nb : 1, sizeof *busy);
-        for (unsigned long long i = 0; i < nends; i++) {
-            unsigned long long end = t0 + ends[i];
-            if (end <= stop) done++;
-            flood_account(busy, nb, bucket_ns, t0, stop, end > dur ? end - dur : 0, end);
-        }
-        printf("ok flood n=%llu done=%llu t0=%llu ms=%.3f sleeps=%llu futex_waits=%llu futex_wakes=%llu blocked=%llu bucket_ms=%llu busy=",
-               launched, done, t0, (stop - t0) / 1e6, waits1[0] - waits0[0], waits1[1] - waits0[1],
-               waits1[2] - waits0[2], waits1[3] - waits0[3], bucket_ns / 1000000ULL);
-        for (unsigned long long b = 0; b < nb; b++) printf("%s%llu", b ? "," : "", busy[b] / 1000);
-        printf("\n");
-        free(busy);
-        free(ends);
+        flood(cmd, durs, n, num(a[1]), num(a[2]), a[3]);
     }
 }
 

@@ -6,6 +6,12 @@
 //! shape's measured times (`cost::kernel_key`): `sched` records timing events after each launch,
 //! and a launch that was queued behind the previous one took the time between their events. A
 //! shape not measured yet counts as the whole budget, so it goes alone.
+//!
+//! The budget counts what is *left* of the oldest launch (its estimate less the time since it
+//! began), not its whole estimate: that is what a request arriving now would wait behind. So the
+//! next launch goes out just before the oldest ends (`Room::At`) instead of after it, and the
+//! program's own time between launches (PyTorch's, per operator) overlaps the device's work
+//! instead of leaving the device idle after every kernel longer than the budget's slack.
 
 use crate::sys::locks;
 use crate::sys::median::Median;
@@ -42,9 +48,10 @@ static ESTIMATES: Lazy<Mutex<HashMap<u64, Median>>> = Lazy::new(|| Mutex::new(Ha
 pub const FORK: crate::sys::atfork::Handlers =
     crate::sys::atfork::Handlers { prepare: |h| h.take(&ESTIMATES, crate::sys::atfork::keep), in_child: crate::sys::atfork::nothing_to_forget };
 
-/// What a launch of shape `key` is expected to take; the whole `budget` when not measured yet.
-pub fn estimate(key: u64, budget: u64) -> u64 {
-    locks::lock(&ESTIMATES).get(&key).and_then(Median::get).unwrap_or(budget)
+/// What a launch of shape `key` is expected to take; `None` when not measured yet (the caller
+/// counts it as the whole budget).
+pub fn estimate(key: u64) -> Option<u64> {
+    locks::lock(&ESTIMATES).get(&key).and_then(Median::get)
 }
 
 /// A launch of shape `key` took `ns` on the device.
@@ -56,30 +63,87 @@ pub fn learn(key: u64, ns: u64) {
     estimates.entry(key).or_default().push(ns);
 }
 
-/// Whether a launch estimated at `next` fits beside `in_flight` launches estimated at `sum` in
-/// all: the first always does; then as long as the budget and `MAX_IN_FLIGHT` allow.
-pub fn fits(in_flight: usize, sum: u64, next: u64, budget: u64) -> bool {
-    in_flight == 0 || (in_flight < MAX_IN_FLIGHT && sum.saturating_add(next) <= budget)
+/// When a launch estimated at `next` may go out beside the launches in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// Now: nothing in flight, or what is left of it and `next` fit the budget.
+    Now,
+    /// At this time (ns), when what is left of the oldest launch, by its estimate, makes room.
+    At(u64),
+    /// Only once the oldest launch has ended (the others and `next` alone overflow the budget,
+    /// or `MAX_IN_FLIGHT` launches are in flight).
+    AfterOldest,
+}
+
+/// Where a launch estimated at `next` stands beside launches in flight estimated at
+/// `estimates` (oldest first), at time `now`, under `budget`. `oldest_began`: when the oldest
+/// began (ns; a time at or after the device's own start, so that what is left of it is not
+/// understated), or `None` when its estimate is a guess (a shape not measured yet), which
+/// counts whole until it ends: a guess that ran out must not let launches in.
+pub fn room(estimates: impl ExactSizeIterator<Item = u64>, oldest_began: Option<u64>, now: u64, next: u64, budget: u64) -> Room {
+    let in_flight = estimates.len();
+    let mut estimates = estimates;
+    let Some(oldest) = estimates.next() else { return Room::Now };
+    if in_flight >= MAX_IN_FLIGHT {
+        return Room::AfterOldest;
+    }
+    let others = estimates.fold(0u64, u64::saturating_add).saturating_add(next);
+    let Some(slack) = budget.checked_sub(others) else { return Room::AfterOldest };
+    let Some(began) = oldest_began else {
+        return if oldest <= slack { Room::Now } else { Room::AfterOldest };
+    };
+    // The oldest leaves `slack` of it to run at this time.
+    let when = began.saturating_add(oldest).saturating_sub(slack);
+    if now >= when {
+        Room::Now
+    } else {
+        Room::At(when)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn at(estimates: &[u64], began: u64, now: u64, next: u64) -> Room {
+        room(estimates.iter().copied(), Some(began), now, next, 100_000)
+    }
+
     #[test]
     fn short_kernels_share_the_budget_and_a_long_one_goes_alone() {
-        assert!(fits(0, 0, 5_000_000, 100_000), "the first launch always goes");
-        assert!(fits(4, 80_000, 20_000, 100_000));
-        assert!(!fits(5, 100_000, 20_000, 100_000));
-        assert!(!fits(1, 20_000, 2_000_000, 100_000), "a 2 ms kernel waits until it is alone");
-        assert!(!fits(MAX_IN_FLIGHT, 0, 0, 100_000));
+        assert_eq!(at(&[], 0, 0, 5_000_000), Room::Now, "the first launch always goes");
+        assert_eq!(at(&[20_000; 4], 0, 0, 20_000), Room::Now, "five 20 µs kernels fill 100 µs");
+        assert_eq!(at(&[20_000; 5], 0, 0, 20_000), Room::At(20_000), "a sixth when the oldest ends");
+        assert_eq!(at(&[20_000], 0, 0, 2_000_000), Room::AfterOldest, "a 2 ms kernel waits until it is alone");
+        assert_eq!(at(&[0; MAX_IN_FLIGHT], 0, 0, 0), Room::AfterOldest);
+    }
+
+    #[test]
+    fn the_next_launch_goes_out_as_the_oldest_nears_its_end() {
+        // A 500 µs kernel began at 1 ms; a 20 µs one may join it when 80 µs of it are left.
+        assert_eq!(at(&[500_000], 1_000_000, 1_000_000, 20_000), Room::At(1_420_000));
+        assert_eq!(at(&[500_000], 1_000_000, 1_419_999, 20_000), Room::At(1_420_000));
+        assert_eq!(at(&[500_000], 1_000_000, 1_420_000, 20_000), Room::Now);
+        // Behind it, a queued 20 µs kernel takes its part of the budget first.
+        assert_eq!(at(&[500_000, 20_000], 1_000_000, 1_000_000, 20_000), Room::At(1_440_000));
+        // Past its estimate the oldest counts as ending now, never as less than nothing.
+        assert_eq!(at(&[500_000, 60_000], 1_000_000, 9_000_000, 40_000), Room::Now);
+        assert_eq!(at(&[500_000, 60_000], 1_000_000, 9_000_000, 40_001), Room::AfterOldest);
+    }
+
+    #[test]
+    fn a_guessed_estimate_counts_whole_until_its_launch_ends() {
+        // A shape not measured yet counts as the budget; it may be a 2 ms kernel: however long
+        // it has run, nothing joins it (measured 1 µs kernels would otherwise stream in).
+        assert_eq!(room([100_000].into_iter(), None, 9_000_000, 1_000, 100_000), Room::AfterOldest);
+        assert_eq!(room([40_000, 20_000].into_iter(), None, 0, 20_000, 100_000), Room::Now, "whole, it fits");
     }
 
     #[test]
     fn an_unmeasured_shape_counts_as_the_whole_budget() {
-        assert_eq!(estimate(0xdead_0001, 100_000), 100_000);
+        assert_eq!(estimate(0xdead_0001), None);
         learn(0xdead_0001, 20_000);
         learn(0xdead_0001, 21_000);
-        assert_eq!(estimate(0xdead_0001, 100_000), 21_000);
+        assert_eq!(estimate(0xdead_0001), Some(21_000));
     }
 }

@@ -29,7 +29,7 @@
 //! after its watcher last renewed it, and no launch waits for a busy mark longer than
 //! `MAX_HOLD_NS`.
 
-use crate::policy::flight_cost;
+use crate::policy::flight_cost::{self, Room};
 use crate::policy::request_load::{Requests, Verdict};
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns, now_ns};
@@ -61,6 +61,9 @@ const DEFAULT_QUEUE: usize = 1;
 /// launch in flight, the gap between its kernels is the time to notice the end, and a sleeping
 /// thread wakes tens of µs late (CUDA's own synchronisation spins by default too).
 const SPIN_NS: u64 = 500_000;
+/// On the simulated clock a launcher waiting for its oldest launch to near its end looks at it
+/// this often (there it cannot poll: the clock stands still while anyone spins).
+const SIMULATED_POLL_NS: u64 = 5_000;
 /// After waiting this long on a busy mark, a launcher checks its holder is alive (no controller:
 /// same user, same pid namespace).
 const CHECK_HOLDER_NS: u64 = 10_000_000;
@@ -144,13 +147,16 @@ pub fn launch(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce(
             if !s.high_alive(now) {
                 return launch();
             }
-            let estimate = flight_cost::budget_ns().map(|budget| (flight_cost::estimate(key, budget), budget));
+            // With a budget: this launch's estimate (`None`: not measured yet) and the budget.
+            let budgeted = flight_cost::budget_ns().map(|budget| (flight_cost::estimate(key), budget));
+            let estimate = budgeted.map(|(known, budget)| (known.unwrap_or(budget), budget));
             yield_to_high(device, s, now, estimate);
             // A launch going out alone is timed from an event just before it.
             let marked = estimate.is_some() && in_flight(device).mark_start(stream);
             let code = launch();
             if code == CUDA_SUCCESS {
-                in_flight(device).push(stream, key, estimate.map_or(0, |e| e.0), marked);
+                let guessed = budgeted.is_some_and(|(known, _)| known.is_none());
+                in_flight(device).push(stream, key, estimate.map_or(0, |e| e.0), guessed, marked);
             }
             code
         }
@@ -218,23 +224,27 @@ fn queue_allowance() -> usize {
 }
 
 /// One launch in flight: its event (recorded after it) in context `ctx`, its shape and
-/// estimate, and whether it was queued behind the previous one (then the time between their
-/// events is its own).
+/// estimate (`guessed`: the whole budget, its shape not measured yet), whether it was queued
+/// behind the previous one (then the time between their events is its own), and when its
+/// launch call returned.
 struct Flight {
     ctx: usize,
     event: usize,
     key: u64,
     estimate_ns: u64,
+    guessed: bool,
     queued: bool,
+    launched_ns: u64,
 }
 
 /// This process's launches on one device that may still be running, the fork generation they
 /// belong to, and the event of the last one seen finished (the start of the next one's
-/// measurement, with a budget).
+/// measurement, with a budget) and when it was seen finished.
 struct Queue {
     generation: u64,
     flights: VecDeque<Flight>,
     last_done: Option<(usize, usize)>,
+    last_done_seen_ns: u64,
 }
 
 struct InFlight {
@@ -242,7 +252,7 @@ struct InFlight {
 }
 
 static IN_FLIGHT: [InFlight; MAX_ORDINALS] =
-    [const { InFlight { events: Mutex::new(Queue { generation: 0, flights: VecDeque::new(), last_done: None }) } }; MAX_ORDINALS];
+    [const { InFlight { events: Mutex::new(Queue { generation: 0, flights: VecDeque::new(), last_done: None, last_done_seen_ns: 0 }) } }; MAX_ORDINALS];
 
 fn in_flight(device: CUdevice) -> &'static InFlight {
     &IN_FLIGHT[(device.max(0) as usize).min(MAX_ORDINALS - 1)]
@@ -263,11 +273,11 @@ impl InFlight {
     }
 
     /// `marked`: `mark_start` recorded an event just before this launch.
-    fn push(&self, stream: CUstream, key: u64, estimate_ns: u64, marked: bool) {
+    fn push(&self, stream: CUstream, key: u64, estimate_ns: u64, guessed: bool, marked: bool) {
         let Some((ctx, event)) = recorded_event(stream) else { return };
         let mut queue = self.queue();
         let queued = marked || !queue.flights.is_empty();
-        queue.flights.push_back(Flight { ctx, event, key, estimate_ns, queued });
+        queue.flights.push_back(Flight { ctx, event, key, estimate_ns, guessed, queued, launched_ns: now_ns() });
     }
 
     /// With nothing in flight, records an event on `stream` to time the next launch from (the
@@ -285,49 +295,89 @@ impl InFlight {
         true
     }
 
-    /// Drops finished launches; sleeps on the oldest while `limit` or more are in flight, or
-    /// with a budget (`estimate`: the next launch's and the budget) while the next one does not
-    /// fit beside them.
+    /// Drops finished launches; waits for the oldest while `limit` or more are in flight, or
+    /// with a budget (`estimate`: the next launch's and the budget) until the next one fits
+    /// beside what is left of them (`flight_cost::room`).
     fn wait_for_room(&self, limit: usize, estimate: Option<(u64, u64)>) {
         relaxed(|| self.wait_for_room_now(limit, estimate))
     }
 
     fn wait_for_room_now(&self, limit: usize, estimate: Option<(u64, u64)>) {
         let mut queue = self.queue();
-        while let Some(&Flight { ctx, event, key, queued, .. }) = queue.flights.front() {
-            let full = match estimate {
-                None => queue.flights.len() >= limit,
+        while let Some(oldest) = queue.flights.front() {
+            if done(oldest.event) {
+                queue.drop_oldest(estimate.is_some());
+                continue;
+            }
+            let room = match estimate {
+                None if queue.flights.len() >= limit => Room::AfterOldest,
+                None => Room::Now,
                 Some((next, budget)) => {
-                    let sum = queue.flights.iter().map(|f| f.estimate_ns).sum();
-                    !flight_cost::fits(queue.flights.len(), sum, next, budget)
+                    // The oldest began on the device about when its launch returned or when
+                    // the one before it was seen finished, whichever is later (both at or
+                    // after the device's own times: what is left of it is not understated).
+                    let began = (!oldest.guessed).then(|| oldest.launched_ns.max(queue.last_done_seen_ns));
+                    flight_cost::room(queue.flights.iter().map(|f| f.estimate_ns), began, now_ns(), next, budget)
                 }
             };
-            if full {
-                // No spinning on the simulated clock: it stands still while anyone spins.
-                let spin_until = if crate::sys::clock::simulated() { 0 } else { now_ns() + SPIN_NS };
-                while !done(event) {
-                    if now_ns() >= spin_until {
-                        synchronize(event);
-                        break;
-                    }
-                    std::hint::spin_loop();
+            match room {
+                Room::Now => break,
+                Room::At(when) => wait_until(oldest.event, when),
+                Room::AfterOldest => {
+                    // Dropped even if the wait failed: never a second wait on a broken event.
+                    wait_for(oldest.event);
+                    queue.drop_oldest(estimate.is_some());
                 }
-            } else if !done(event) {
-                break;
-            }
-            queue.flights.pop_front();
-            // With a budget the events time the launches: one queued behind the previous ran
-            // from that one's end to its own.
-            let previous = queue.last_done.replace((ctx, event));
-            if let Some((previous_ctx, previous_event)) = previous {
-                if estimate.is_some() && queued && previous_ctx == ctx {
-                    if let Some(ns) = elapsed_ns(previous_event, event) {
-                        flight_cost::learn(key, ns);
-                    }
-                }
-                give_event(previous_ctx, previous_event);
             }
         }
+    }
+}
+
+impl Queue {
+    /// Drops the oldest launch, finished; with a budget (`timed`) the events time the
+    /// launches: one queued behind the previous ran from that one's end to its own.
+    fn drop_oldest(&mut self, timed: bool) {
+        let Some(Flight { ctx, event, key, queued, .. }) = self.flights.pop_front() else { return };
+        self.last_done_seen_ns = now_ns();
+        if let Some((previous_ctx, previous_event)) = self.last_done.replace((ctx, event)) {
+            if timed && queued && previous_ctx == ctx {
+                if let Some(ns) = elapsed_ns(previous_event, event) {
+                    flight_cost::learn(key, ns);
+                }
+            }
+            give_event(previous_ctx, previous_event);
+        }
+    }
+}
+
+/// Waits until `event` has completed: polls it for `SPIN_NS`, then sleeps on it.
+fn wait_for(event: usize) {
+    // No spinning on the simulated clock: it stands still while anyone spins.
+    let spin_until = if crate::sys::clock::simulated() { 0 } else { now_ns() + SPIN_NS };
+    while !done(event) {
+        if now_ns() >= spin_until {
+            synchronize(event);
+            return;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Waits until time `when` or until `event` has completed, whichever comes first: polls the
+/// event for the last `SPIN_NS` before `when` and sleeps before that (on the simulated clock,
+/// which stands still while anyone spins, sleeps in steps of `SIMULATED_POLL_NS`; the caller
+/// looks at the event again after each).
+fn wait_until(event: usize, when: u64) {
+    let now = now_ns();
+    if crate::sys::clock::simulated() {
+        crate::sys::clock::sleep_ns(when.saturating_sub(now).min(SIMULATED_POLL_NS));
+        return;
+    }
+    if when > now + SPIN_NS {
+        crate::sys::clock::sleep_ns(when - now - SPIN_NS);
+    }
+    while !done(event) && now_ns() < when {
+        std::hint::spin_loop();
     }
 }
 

@@ -304,13 +304,16 @@ const GAP_US: u64 = 20_000;
 /// The neighbour of a contest: its environment, whether it launches the PTX kernel (else the
 /// simulated driver's plain one), its kernels' length and grid (x), and the simulated device's
 /// model for both processes (`SIMCUDA_BLOCKS_PER_SM`, `SIMCUDA_LAUNCH_NS`; none: every block
-/// costs the same share of a kernel and a launch starts at once).
+/// costs the same share of a kernel and a launch starts at once); `mix`: kernels of these
+/// lengths in turn (ns, comma-separated) with this many µs of the program's own time before
+/// each launch, instead of `kernel_ns` (cuclient's `floodmix`).
 struct Neighbour<'e> {
     env: &'e [(&'e str, &'e str)],
     ptx: bool,
     kernel_ns: u64,
     grid: u32,
     device: &'e [(&'e str, &'e str)],
+    mix: Option<(&'e str, u64)>,
 }
 
 /// The probe at high priority next to a low neighbour flooding its kernels; returns the probe,
@@ -332,7 +335,11 @@ fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, V
     let on_device = |c| on(c, neighbour.device);
     let c = on(on_device(client(sim, "low", &record, &cache)), neighbour.env);
     let (kernel_ns, grid) = (neighbour.kernel_ns, neighbour.grid);
-    let flooding = c.args(&format!("init ctx 0 pid {function} grid {grid} 1 1 launch 1 1000 sync waitfile {go} flood {kernel_ns} 10 {stop}")).spawn();
+    let flood = match neighbour.mix {
+        None => format!("flood {kernel_ns} 10 {stop}"),
+        Some((lengths, host_us)) => format!("floodmix {lengths} {host_us} 10 {stop}"),
+    };
+    let flooding = c.args(&format!("init ctx 0 pid {function} grid {grid} 1 1 launch 1 1000 sync waitfile {go} {flood}")).spawn();
     let probe = on_device(client(sim, "high", &record, &cache))
         .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} probe {REQUESTS} {PROBE_NS} {GAP_US} touch {stop}"))
         .spawn();
@@ -357,9 +364,9 @@ fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
     clock.park();
 
     let (whole, whole_share, _) =
-        contest(&sim, &clock, Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[] });
+        contest(&sim, &clock, Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("neighbour unsliced: probe {whole}; neighbour {:.1}% of the time left", 100.0 * whole_share);
-    let (sliced, sliced_share, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[] });
+    let (sliced, sliced_share, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("neighbour sliced: probe {sliced}; neighbour {:.1}% of the time left", 100.0 * sliced_share);
     let longest = ran.iter().filter(|l| l.slice.is_some_and(|s| s[3] != l.grid[0])).map(|l| l.end - l.start).max().unwrap_or(0);
     eprintln!("longest slice {} µs, {} launches recorded", longest / 1000, ran.len());
@@ -400,7 +407,7 @@ fn a_sliced_neighbour_of_short_blocks_keeps_its_rate() {
     let device = [("SIMCUDA_BLOCKS_PER_SM", per_sm.as_str()), ("SIMCUDA_LAUNCH_NS", latency.as_str())];
     let kernel_ns = WAVE_NS * u64::from(SHORT_BLOCKS_WAVES);
     let grid = WAVE_BLOCKS * SHORT_BLOCKS_WAVES;
-    let (probe, busy, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns, grid, device: &device });
+    let (probe, busy, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns, grid, device: &device, mix: None });
     let blocks = |l: &Launch| l.grid.iter().map(|&g| u64::from(g)).product::<u64>();
     // The device is busy for a whole wave whatever part of it a slice fills: what counts is the
     // work done, each block at the pace of the whole kernel, in the time the probe left.
@@ -456,13 +463,13 @@ fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
     let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
 
     // 20 µs kernels: one in flight (the default queue) against 100 µs of them.
-    let (queue1, queue1_share, _) = contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[] });
+    let (queue1, queue1_share, _) = contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("20 µs neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left", 100.0 * queue1_share);
     let (budgeted, budgeted_share, _) =
-        contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[] });
+        contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("20 µs neighbour, budget {BUDGET_US} µs: probe {budgeted}; neighbour {:.1}% of the time left", 100.0 * budgeted_share);
     // 2 ms kernels under the same budget: longer than it, each goes alone.
-    let (long, long_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[] });
+    let (long, long_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("2 ms neighbour, budget {BUDGET_US} µs: probe {long}; neighbour {:.1}% of the time left", 100.0 * long_share);
 
     // A request waits for at most the budget's worth of short kernels and one more (whose
@@ -484,4 +491,49 @@ fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
     // A kernel longer than the budget is never queued behind another: one kernel at most.
     let one_kernel = (PROBE_NS + NEIGHBOUR_NS + 40_000) / 1000;
     assert!(long.dev_p99_us <= one_kernel, "a 2 ms neighbour under a budget: p99 on the device {} µs over {one_kernel} µs: {long}", long.dev_p99_us);
+}
+
+/// A training step's shape: a long kernel (a GEMM) and short ones (norms, pointwise work) in
+/// turn, with the framework's own time before each launch and a launch latency on the device.
+const MIX: &str = "500000,20000,20000,20000";
+const MIX_LONG_NS: u64 = 500_000;
+const MIX_HOST_US: u64 = 15;
+
+#[test]
+fn under_a_budget_the_next_kernel_is_queued_before_a_long_one_ends() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    let budget = "200";
+    let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget)];
+    let launch_ns = LAUNCH_NS.to_string();
+    let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
+    let mix = Some((MIX, MIX_HOST_US));
+
+    let (queue1, queue1_share, queue1_ran) =
+        contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: 0, grid: NEIGHBOUR_GRID, device: &latency, mix });
+    let (budgeted, budgeted_share, budgeted_ran) =
+        contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: 0, grid: NEIGHBOUR_GRID, device: &latency, mix });
+    // The short kernels that follow a long one: how many started the instant it ended (queued
+    // before its end), of all.
+    let joined = |ran: &[Launch]| {
+        let after_long: Vec<_> = ran.windows(2).filter(|w| w[0].end - w[0].start >= MIX_LONG_NS && w[1].end - w[1].start < MIX_LONG_NS).collect();
+        (after_long.iter().filter(|w| w[1].start == w[0].end).count(), after_long.len())
+    };
+    let (q_joined, q_all) = joined(&queue1_ran);
+    let (b_joined, b_all) = joined(&budgeted_ran);
+    eprintln!("mixed neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left; short after long queued in time {q_joined}/{q_all}", 100.0 * queue1_share);
+    eprintln!("mixed neighbour, budget {budget} µs: probe {budgeted}; neighbour {:.1}% of the time left; short after long queued in time {b_joined}/{b_all}", 100.0 * budgeted_share);
+
+    assert!(q_all > 20 && b_all > 20, "too few long kernels ran to judge: {q_all} / {b_all}");
+    // One launch in flight: each kernel after a long one waits for its end, then for the launch.
+    assert_eq!(q_joined, 0, "with one launch in flight no kernel can be queued behind a running one");
+    // Under the budget the short kernel goes out once 180 µs of the long one are left (by its
+    // estimate), so it is queued when the long one ends: all but those a request held back.
+    assert!(b_joined * 10 >= b_all * 8, "under a {budget} µs budget a short kernel should be queued before the long one ends: {b_joined}/{b_all}");
+    assert!(budgeted_share > queue1_share, "queued in time, the neighbour should keep more of the device: {budgeted_share:.3} against {queue1_share:.3}");
+    // And a request still waits for at most the budget's worth of work, or one long kernel.
+    let bound = (PROBE_NS + MIX_LONG_NS + 200_000 + 40_000) / 1000;
+    assert!(budgeted.dev_p99_us <= bound, "under a budget, p99 on the device {} µs over {bound} µs: {budgeted}", budgeted.dev_p99_us);
 }
