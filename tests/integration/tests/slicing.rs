@@ -363,10 +363,14 @@ fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
     let clock = sim.clock();
     clock.park();
 
-    let (whole, whole_share, _) =
-        contest(&sim, &clock, Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
+    let (whole, whole_share, _) = contest(
+        &sim,
+        &clock,
+        Neighbour { env: &[("GPUSLICE_SLICE", "off")], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None },
+    );
     eprintln!("neighbour unsliced: probe {whole}; neighbour {:.1}% of the time left", 100.0 * whole_share);
-    let (sliced, sliced_share, ran) = contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
+    let (sliced, sliced_share, ran) =
+        contest(&sim, &clock, Neighbour { env: &[], ptx: true, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("neighbour sliced: probe {sliced}; neighbour {:.1}% of the time left", 100.0 * sliced_share);
     let longest = ran.iter().filter(|l| l.slice.is_some_and(|s| s[3] != l.grid[0])).map(|l| l.end - l.start).max().unwrap_or(0);
     eprintln!("longest slice {} µs, {} launches recorded", longest / 1000, ran.len());
@@ -463,13 +467,15 @@ fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
     let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
 
     // 20 µs kernels: one in flight (the default queue) against 100 µs of them.
-    let (queue1, queue1_share, _) = contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
+    let (queue1, queue1_share, _) =
+        contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("20 µs neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left", 100.0 * queue1_share);
     let (budgeted, budgeted_share, _) =
         contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: SHORT_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("20 µs neighbour, budget {BUDGET_US} µs: probe {budgeted}; neighbour {:.1}% of the time left", 100.0 * budgeted_share);
     // 2 ms kernels under the same budget: longer than it, each goes alone.
-    let (long, long_share, _) = contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
+    let (long, long_share, _) =
+        contest(&sim, &clock, Neighbour { env: &with_budget, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &[], mix: None });
     eprintln!("2 ms neighbour, budget {BUDGET_US} µs: probe {long}; neighbour {:.1}% of the time left", 100.0 * long_share);
 
     // A request waits for at most the budget's worth of short kernels and one more (whose
@@ -523,8 +529,14 @@ fn under_a_budget_the_next_kernel_is_queued_before_a_long_one_ends() {
     };
     let (q_joined, q_all) = joined(&queue1_ran);
     let (b_joined, b_all) = joined(&budgeted_ran);
-    eprintln!("mixed neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left; short after long queued in time {q_joined}/{q_all}", 100.0 * queue1_share);
-    eprintln!("mixed neighbour, budget {budget} µs: probe {budgeted}; neighbour {:.1}% of the time left; short after long queued in time {b_joined}/{b_all}", 100.0 * budgeted_share);
+    eprintln!(
+        "mixed neighbour, queue 1: probe {queue1}; neighbour {:.1}% of the time left; short after long queued in time {q_joined}/{q_all}",
+        100.0 * queue1_share
+    );
+    eprintln!(
+        "mixed neighbour, budget {budget} µs: probe {budgeted}; neighbour {:.1}% of the time left; short after long queued in time {b_joined}/{b_all}",
+        100.0 * budgeted_share
+    );
 
     assert!(q_all > 20 && b_all > 20, "too few long kernels ran to judge: {q_all} / {b_all}");
     // One launch in flight: each kernel after a long one waits for its end, then for the launch.
