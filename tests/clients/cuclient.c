@@ -2325,8 +2325,17 @@ static void run(const char *cmd, char **a) {
         unsigned long long durs[MAXMIX];
         int n = 0;
         char list[512];
-        snprintf(list, sizeof list, "%s", a[0]);
-        for (char *save = NULL, *t = strtok_r(list, ",", &save); t && n < MAXMIX; t = strtok_r(NULL, ",", &save)) durs[n++] = num(t);
+        if (snprintf(list, sizeof list, "%s", a[0]) >= (int)sizeof list) {
+            printf("err floodmix code=-1 durations=too_long\n");
+            return;
+        }
+        for (char *save = NULL, *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+            if (n == MAXMIX || parse_size(t, &durs[n])) {
+                printf("err floodmix code=-1 durations=bad (at most %d numbers: '%s')\n", MAXMIX, t);
+                return;
+            }
+            n++;
+        }
         if (!n) {
             printf("err floodmix code=-1 durations=none\n");
             return;

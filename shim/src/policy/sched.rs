@@ -155,8 +155,8 @@ pub fn launch(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce(
             let marked = estimate.is_some() && in_flight(device).mark_start(stream);
             let code = launch();
             if code == CUDA_SUCCESS {
-                let guessed = budgeted.is_some_and(|(known, _)| known.is_none());
-                in_flight(device).push(stream, key, estimate.map_or(0, |e| e.0), guessed, marked);
+                let timed = budgeted.map(|(known, budget)| (known.unwrap_or(budget), known.is_none()));
+                in_flight(device).push(stream, key, timed, marked);
             }
             code
         }
@@ -273,11 +273,21 @@ impl InFlight {
     }
 
     /// `marked`: `mark_start` recorded an event just before this launch.
-    fn push(&self, stream: CUstream, key: u64, estimate_ns: u64, guessed: bool, marked: bool) {
+    /// `timed`: with a budget, the launch's estimate and whether it is a guess (the shape not
+    /// measured yet); the clock is read only then.
+    fn push(&self, stream: CUstream, key: u64, timed: Option<(u64, bool)>, marked: bool) {
         let Some((ctx, event)) = recorded_event(stream) else { return };
         let mut queue = self.queue();
         let queued = marked || !queue.flights.is_empty();
-        queue.flights.push_back(Flight { ctx, event, key, estimate_ns, guessed, queued, launched_ns: now_ns() });
+        queue.flights.push_back(Flight {
+            ctx,
+            event,
+            key,
+            estimate_ns: timed.map_or(0, |t| t.0),
+            guessed: timed.is_some_and(|t| t.1),
+            queued,
+            launched_ns: if timed.is_some() { now_ns() } else { 0 },
+        });
     }
 
     /// With nothing in flight, records an event on `stream` to time the next launch from (the
@@ -338,7 +348,9 @@ impl Queue {
     /// launches: one queued behind the previous ran from that one's end to its own.
     fn drop_oldest(&mut self, timed: bool) {
         let Some(Flight { ctx, event, key, queued, .. }) = self.flights.pop_front() else { return };
-        self.last_done_seen_ns = now_ns();
+        if timed {
+            self.last_done_seen_ns = now_ns();
+        }
         if let Some((previous_ctx, previous_event)) = self.last_done.replace((ctx, event)) {
             if timed && queued && previous_ctx == ctx {
                 if let Some(ns) = elapsed_ns(previous_event, event) {

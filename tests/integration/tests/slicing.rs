@@ -501,9 +501,10 @@ fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
 
 /// A training step's shape: a long kernel (a GEMM) and short ones (norms, pointwise work) in
 /// turn, with the framework's own time before each launch and a launch latency on the device.
-const MIX: &str = "500000,20000,20000,20000";
 const MIX_LONG_NS: u64 = 500_000;
+const MIX_SHORT_NS: u64 = 20_000;
 const MIX_HOST_US: u64 = 15;
+const MIX_BUDGET_US: u64 = 200;
 
 #[test]
 fn under_a_budget_the_next_kernel_is_queued_before_a_long_one_ends() {
@@ -511,11 +512,12 @@ fn under_a_budget_the_next_kernel_is_queued_before_a_long_one_ends() {
     let sim = Sim::new().with_clock();
     let clock = sim.clock();
     clock.park();
-    let budget = "200";
-    let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget)];
+    let budget = MIX_BUDGET_US.to_string();
+    let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
     let launch_ns = LAUNCH_NS.to_string();
     let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
-    let mix = Some((MIX, MIX_HOST_US));
+    let lengths = format!("{MIX_LONG_NS},{MIX_SHORT_NS},{MIX_SHORT_NS},{MIX_SHORT_NS}");
+    let mix = Some((lengths.as_str(), MIX_HOST_US));
 
     let (queue1, queue1_share, queue1_ran) =
         contest(&sim, &clock, Neighbour { env: &[], ptx: false, kernel_ns: 0, grid: NEIGHBOUR_GRID, device: &latency, mix });
@@ -546,6 +548,6 @@ fn under_a_budget_the_next_kernel_is_queued_before_a_long_one_ends() {
     assert!(b_joined * 10 >= b_all * 8, "under a {budget} µs budget a short kernel should be queued before the long one ends: {b_joined}/{b_all}");
     assert!(budgeted_share > queue1_share, "queued in time, the neighbour should keep more of the device: {budgeted_share:.3} against {queue1_share:.3}");
     // And a request still waits for at most the budget's worth of work, or one long kernel.
-    let bound = (PROBE_NS + MIX_LONG_NS + 200_000 + 40_000) / 1000;
+    let bound = (PROBE_NS + MIX_LONG_NS + MIX_BUDGET_US * 1000 + 40_000) / 1000;
     assert!(budgeted.dev_p99_us <= bound, "under a budget, p99 on the device {} µs over {bound} µs: {budgeted}", budgeted.dev_p99_us);
 }
