@@ -63,7 +63,7 @@ extern "C" {
  * nanoseconds. Writing to the ledger from outside gpuslice is not supported.
  * ------------------------------------------------------------------------------------------- */
 #define GPUSLICE_LEDGER_MAGIC 0x5247444c53555047ULL /* "GPUSLDGR" little-endian */
-#define GPUSLICE_LEDGER_LAYOUT_VERSION 6
+#define GPUSLICE_LEDGER_LAYOUT_VERSION 7
 #define GPUSLICE_LEDGER_PAGE 4096
 #define GPUSLICE_LEDGER_HEADER_SIZE 4096
 #define GPUSLICE_LEDGER_MAX_DEVICES 16
@@ -112,6 +112,8 @@ struct gpuslice_high_slot {           /* one high-priority process on a device *
     uint32_t pid;                     /* its own pid (in its own namespace) */
     uint32_t busy;                    /* non-zero (1) while it has work queued or running */
     uint64_t alive_until;             /* lease; a dead process's slot lapses */
+    uint64_t next_from;               /* its next request expected not before (ns); 0 = no prediction */
+    uint64_t next_until;              /* ... and not after (layout 7) */
 };
 
 struct gpuslice_turn {                /* whose burst is on the device, among throttled processes */

@@ -23,7 +23,7 @@ fn rust_layout() -> (Fields, Sizes) {
         "gpuslice_device_slot" DeviceSlot { state, total_memory, uuid, sched }
         "gpuslice_device_sched" DeviceSched { high_alive_until, wake, host_bound, highs, turn }
         "gpuslice_turn" Turn { holder, last_holder, lease_until, last_handover, holder_pid, last_holder_pid, head, next_ticket, returning }
-        "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until }
+        "gpuslice_high_slot" HighSlot { owner, pid, busy, alive_until, next_from, next_until }
         "gpuslice_group_device" GroupDevice { limit, used, share, debt_until, charged_ns, throttled_ns, refusals, peak_used }
         "gpuslice_group_slot" GroupSlot { state, priority, members, reconciling, throttled, pinned, generation, name, origin, owner, config_hash, devices }
         "gpuslice_process_device" ProcessDevice { used, overhead, limit, charged_ns, throttled_ns, refusals, peak_used, _was_penalty, turn_wait_ns }

@@ -36,6 +36,10 @@
  *                          -> n= min_us= p50_us= p90_us= p99_us= max_us= mean_us= (p99: nearest
  *                             rank) dev_p50_us= dev_p99_us= dev_max_us= t0= t1= (CLOCK_MONOTONIC
  *                             ns of the first launch, last sync)
+ *   pprobe N NS PERIOD_US  the same on a schedule: request i is due PERIOD_US * i after the first (a
+ *                          camera's frames, a control loop); one running late starts at once; a
+ *                          later pprobe goes on with the schedule (its first request is due one
+ *                          period after the last one's) -> a probe line
  *   flood NS BUCKET_MS STOPFILE
  *                          launches kernels of NS ns on stream 0 without waiting for them, until
  *                          STOPFILE exists, or for MS ms of the driver's clock when STOPFILE is
@@ -443,6 +447,9 @@ static int add_obj(struct obj o) {
 static CUcontext g_ctx;
 static CUmodule g_module;
 static CUfunction g_func;
+/* When the next pprobe request is due (0: at once); successive pprobes keep one schedule. */
+static unsigned long long g_pprobe_next;
+
 /* The grid of the launches of launch, plaunch, events, graph, probe and flood (`grid X Y Z`). */
 static unsigned int g_grid[3] = {132, 1, 1};
 static struct timespec g_mark;
@@ -535,7 +542,7 @@ static const struct cmdspec CMDS[] = {
     {"sleep", "n"},       {"mark", ""},          {"elapsed", ""},        {"procaddr", "snn"},
     {"dlsym", "s"},       {"pid", ""},
     {"waitfile", "s"},    {"touch", "s"},        {"churn", "ns"},        {"allocwait", "nnn"},
-    {"now", ""},          {"probe", "nnn"},      {"mprobe", "nnnnn"},   {"flood", "nns"},     {"floodmix", "snns"},
+    {"now", ""},          {"probe", "nnn"},      {"pprobe", "nnn"},      {"mprobe", "nnnnn"},   {"flood", "nns"},     {"floodmix", "snns"},
     {"fork", ""},         {"endchild", ""},      {"getenv", "s"},
     {"modthreads", "nnn"}, {"modload", "sn"},    {"ptxload", "n"},      {"modimage", "s"},      {"modfile", "s"},      {"libload", "n"},       {"libfile", "s"},
     {"image", "sn"},      {"v1alloc", "n"},      {"v1pitch", "nnn"},     {"v1free", "x"},
@@ -2252,7 +2259,7 @@ static void run(const char *cmd, char **a) {
                fine, hung, failed, codes[0] ? codes : "-", max_ms, tot[0], tot[3]);
     } else if (!strcmp(cmd, "now")) {
         printf("ok now ns=%llu\n", clock_ns());
-    } else if (!strcmp(cmd, "probe") || !strcmp(cmd, "mprobe")) {
+    } else if (!strcmp(cmd, "probe") || !strcmp(cmd, "mprobe") || !strcmp(cmd, "pprobe")) {
         NEED(cuLaunchKernel);
         NEED(cuCtxSynchronize);
         NEED(cuEventCreate);
@@ -2265,7 +2272,7 @@ static void run(const char *cmd, char **a) {
         /* mprobe N K NS HOST_US GAP_US: each request is K kernels of NS, with HOST_US of host
          * work (a sleep) after each launch but the last: a host-bound request when HOST_US is
          * long beside NS. Printed as a probe line. */
-        int multi = !strcmp(cmd, "mprobe");
+        int multi = !strcmp(cmd, "mprobe"), periodic = !strcmp(cmd, "pprobe");
         unsigned long long n = num(a[0]), gap = num(a[multi ? 4 : 2]), sum = 0, seed = 0x9e3779b97f4a7c15ULL;
         unsigned long long kernels = multi ? num(a[1]) : 1, host_us = multi ? num(a[3]) : 0;
         if (n == 0 || kernels == 0) {
@@ -2279,7 +2286,12 @@ static void run(const char *cmd, char **a) {
         unsigned long long dur = num(a[multi ? 2 : 1]), first = 0, last = 0;
         void *params[] = {&dur};
         for (unsigned long long i = 0; i < n; i++) {
-            if (i && gap) {
+            if (periodic) {
+                unsigned long long now = clock_ns();
+                if (!g_pprobe_next) g_pprobe_next = now;
+                if (g_pprobe_next > now) clock_sleep_us((g_pprobe_next - now) / 1000);
+                g_pprobe_next += gap * 1000ULL;
+            } else if (i && gap) {
                 seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
                 clock_sleep_us(gap / 2 + (seed >> 33) % (gap + 1));
             }

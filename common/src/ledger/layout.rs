@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 /// "GPUSLDGR" read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"GPUSLDGR");
 /// Bumped whenever any offset, size or meaning below changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Group and process slots each fill one page, so that each can be mapped from its own
 /// group's memory (see `regions`).
 pub const PAGE: usize = 4096;

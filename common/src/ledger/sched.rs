@@ -41,7 +41,16 @@ pub struct HighSlot {
     pub busy: AtomicU32,
     /// The slot is its until then; a dead process's slot lapses.
     pub alive_until: AtomicU64,
+    /// When its next request is expected, if its requests keep time (the shim's `period`):
+    /// not before `next_from`, not after `next_until` (ns); 0: no prediction. Neighbours under a
+    /// duration budget keep their work clear of the window (`next_request`). Layout 7.
+    pub next_from: AtomicU64,
+    pub next_until: AtomicU64,
 }
+
+/// Furthest ahead, and widest, a window of `HighSlot::next_from`/`next_until` is believed: a
+/// slot's words are anyone's to write, and a neighbour never holds back for more than this.
+pub const MAX_NEXT_AHEAD_NS: u64 = 1_000_000_000;
 
 impl DeviceSched {
     /// True while some high-priority process lives on the device.
@@ -64,6 +73,35 @@ impl DeviceSched {
             return !self.high_alive(now);
         }
         self.highs.iter().enumerate().all(|(i, h)| mask & (1 << i) != 0 || h.owner.load(Acquire) == 0 || h.alive_until.load(Acquire) <= now)
+    }
+
+    /// The earliest window in which a live high-priority process expects its next request
+    /// (`HighSlot::next_from`, `next_until`) that has not passed at `now`, as (from, until). A
+    /// window further ahead or wider than `MAX_NEXT_AHEAD_NS` is not believed.
+    pub fn next_request(&self, now: u64) -> Option<(u64, u64)> {
+        self.highs
+            .iter()
+            .filter(|h| h.owner.load(Acquire) != 0 && h.alive_until.load(Acquire) > now)
+            .filter_map(|h| {
+                let from = h.next_from.load(Acquire);
+                let until = h.next_until.load(Acquire);
+                // Changed in between: a window being replaced (its owner's request began).
+                let whole = h.next_from.load(Acquire) == from;
+                let sane = whole && from != 0 && from < until && until > now;
+                let near = || from <= now.saturating_add(MAX_NEXT_AHEAD_NS) && until - from <= MAX_NEXT_AHEAD_NS;
+                (sane && near()).then_some((from, until))
+            })
+            .min()
+    }
+
+    /// Publishes when `slot`'s process expects its next request (`None`: no prediction).
+    pub fn set_next_request(&self, slot: &HighSlot, window: Option<(u64, u64)>) {
+        let (from, until) = window.unwrap_or((0, 0));
+        // `next_from` cleared first and set last: a reader that reads it before and after
+        // `next_until` and finds it unchanged read one window (`next_request`).
+        slot.next_from.store(0, Release);
+        slot.next_until.store(until, Release);
+        slot.next_from.store(from, Release);
     }
 
     /// Publishes whether `slot`'s process finds its requests host-bound.
@@ -99,6 +137,7 @@ impl DeviceSched {
             if (held == 0 || lapsed) && h.owner.compare_exchange(held, owner, AcqRel, Relaxed).is_ok() {
                 h.pid.store(pid, Relaxed);
                 h.busy.store(0, SeqCst);
+                self.set_next_request(h, None);
                 h.alive_until.store(now + lease_ns, Release);
                 return Some(h);
             }
@@ -120,6 +159,7 @@ impl DeviceSched {
         }
         slot.busy.store(0, SeqCst);
         self.set_host_bound(slot, false);
+        self.set_next_request(slot, None);
         slot.alive_until.store(0, Release);
         let _ = slot.owner.compare_exchange(owner, 0, AcqRel, Relaxed);
         // The last high-priority process gone: the others stop bounding their queues now, not
@@ -179,6 +219,38 @@ mod tests {
         let e = other.claim_high(15, 5, now, lease).unwrap();
         s.set_host_bound(e, true);
         assert_eq!(s.host_bound.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn neighbours_see_the_earliest_live_window_they_can_believe() {
+        use super::MAX_NEXT_AHEAD_NS;
+        let ledger = Ledger::anonymous().unwrap();
+        let s = &ledger.device(0).sched;
+        let (now, lease) = (10_000_000, 300_000_000);
+        let a = s.claim_high(11, 1, now, lease).unwrap();
+        let b = s.claim_high(12, 2, now, lease).unwrap();
+        assert_eq!(s.next_request(now), None, "a new slot predicts nothing");
+        s.set_next_request(a, Some((now + 5_000_000, now + 5_200_000)));
+        s.set_next_request(b, Some((now + 3_000_000, now + 3_200_000)));
+        assert_eq!(s.next_request(now), Some((now + 3_000_000, now + 3_200_000)), "the earliest");
+        assert_eq!(s.next_request(now + 3_200_000), Some((now + 5_000_000, now + 5_200_000)), "a passed window is no longer one");
+        s.set_next_request(b, None);
+        assert_eq!(s.next_request(now), Some((now + 5_000_000, now + 5_200_000)));
+        // Words a neighbour cannot believe: too far ahead, too wide, or backwards.
+        s.set_next_request(b, Some((now + MAX_NEXT_AHEAD_NS + 1, now + MAX_NEXT_AHEAD_NS + 2)));
+        s.set_next_request(a, Some((now, now + MAX_NEXT_AHEAD_NS + 1)));
+        assert_eq!(s.next_request(now), None);
+        s.set_next_request(a, Some((now + 2, now + 1)));
+        assert_eq!(s.next_request(now), None);
+        // A lapsed or released slot's window does not count, and a new owner starts with none.
+        s.set_next_request(a, Some((now + 1_000, now + 2_000)));
+        assert_eq!(s.next_request(now + lease), None, "lapsed");
+        let c = s.claim_high(13, 3, now + lease, lease).unwrap();
+        assert!(std::ptr::eq(a, c) || std::ptr::eq(b, c));
+        assert_eq!(c.next_from.load(Relaxed), 0);
+        s.set_next_request(b, Some((now + 1_000, now + 2_000)));
+        s.release_high_at(b, b.owner.load(Relaxed), now);
+        assert_eq!((b.next_from.load(Relaxed), b.next_until.load(Relaxed)), (0, 0), "released: cleared");
     }
 
     #[test]

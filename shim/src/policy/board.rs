@@ -2,7 +2,7 @@
 //! (part of `DeviceSched`; the queue itself is `gpuslice_common::turns`): the ledger's device
 //! slot when the process is attached to a controller, so that processes of every user and pod it
 //! serves take turns; without one, one small shared page per user and device
-//! (`/dev/shm/gpuslice-board6-<uid>-<device uuid>`; the number is the page layout's), which also
+//! (`/dev/shm/gpuslice-board7-<uid>-<device uuid>`; the number is the page layout's), which also
 //! holds the device's priority state. The last process to let go of a page removes it.
 //!
 //! Without MPS the GPU time-slices between processes that both have work queued, and on the H200
@@ -33,7 +33,7 @@ use gpuslice_common::turns::CLAIM_GRACE_MS;
 use once_cell::sync::OnceCell;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 
-const MAGIC: u64 = 0x4750_5553_4c42_4436; // "GPUSLBD6"
+const MAGIC: u64 = 0x4750_5553_4c42_4437; // "GPUSLBD7"
 /// A lease runs this long past the holder's own estimate of its queue.
 const LEASE_SLACK_NS: u64 = 500_000;
 
@@ -119,7 +119,7 @@ fn map(device: CUdevice) -> Option<Mapped> {
     let uuid = cuda_uuid_string(device)?;
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let path = std::ffi::CString::new(format!("/dev/shm/gpuslice-board6-{uid}-{uuid}")).ok()?;
+    let path = std::ffi::CString::new(format!("/dev/shm/gpuslice-board7-{uid}-{uuid}")).ok()?;
     // SAFETY: plain open/flock/fstat/stat/ftruncate/mmap of a small file; the mapping lives
     // for the process.
     unsafe {

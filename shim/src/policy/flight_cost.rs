@@ -27,6 +27,28 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// Shapes remembered; past this the table starts over (a program with endless shapes).
 const MAX_SHAPES: usize = 4096;
 
+/// `GPUSLICE_PRIORITY_ANTICIPATE`: `on` (the default) or `off`. On, under a budget, a launch
+/// whose work would still run when a high-priority process's next request is due (`period`: its
+/// requests keep time) waits for that request instead (`sched`).
+pub const ENV_ANTICIPATE: &str = "GPUSLICE_PRIORITY_ANTICIPATE";
+
+/// Whether launches under a budget keep clear of a high-priority process's next request (read
+/// once; anything but `on` or `off` is warned about and counts as `on`).
+pub fn anticipates() -> bool {
+    static ON: OnceCell<bool> = OnceCell::new();
+    *ON.get_or_init(|| match std::env::var(ENV_ANTICIPATE) {
+        Err(_) => true,
+        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
+            "on" => true,
+            "off" => false,
+            _ => {
+                tracing::warn!("{ENV_ANTICIPATE}={v:?} is neither on nor off; anticipation stays on");
+                true
+            }
+        },
+    })
+}
+
 /// The budget in ns, if one is set (read once).
 pub fn budget_ns() -> Option<u64> {
     static BUDGET: OnceCell<Option<u64>> = OnceCell::new();
@@ -101,9 +123,30 @@ pub fn room(estimates: impl ExactSizeIterator<Item = u64>, oldest_began: Option<
     }
 }
 
+/// When a launch estimated at `next` would end if it went out at `now` behind launches in flight
+/// estimated at `estimates` (oldest first; `oldest_began` as for `room`: `None` counts the
+/// oldest whole).
+pub fn ends_at(estimates: impl Iterator<Item = u64>, oldest_began: Option<u64>, now: u64, next: u64) -> u64 {
+    let mut estimates = estimates;
+    let Some(oldest) = estimates.next() else { return now.saturating_add(next) };
+    let left = oldest_began.map_or(oldest, |began| oldest.saturating_sub(now.saturating_sub(began)));
+    estimates.fold(now.saturating_add(left), u64::saturating_add).saturating_add(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launch_ends_after_what_is_left_in_flight_and_itself() {
+        assert_eq!(ends_at([].into_iter(), None, 1_000, 20), 1_020);
+        // A 500 µs kernel began at 1 ms; at 1.3 ms 200 µs of it are left, then 20 + 30.
+        assert_eq!(ends_at([500_000, 20_000].into_iter(), Some(1_000_000), 1_300_000, 30_000), 1_550_000);
+        // Past its estimate it counts as ending now; a guess counts whole.
+        assert_eq!(ends_at([500_000].into_iter(), Some(0), 9_000_000, 10), 9_000_010);
+        assert_eq!(ends_at([500_000].into_iter(), None, 9_000_000, 10), 9_500_010);
+        assert_eq!(ends_at([u64::MAX].into_iter(), None, 9, 10), u64::MAX);
+    }
 
     fn at(estimates: &[u64], began: u64, now: u64, next: u64) -> Room {
         room(estimates.iter().copied(), Some(began), now, next, 100_000)

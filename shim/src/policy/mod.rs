@@ -10,6 +10,7 @@ pub mod make_room;
 pub mod module_image;
 pub mod mps;
 pub mod mps_pipe;
+pub mod period;
 pub mod refusal_log;
 pub mod request_load;
 pub mod sched;

@@ -106,18 +106,21 @@ impl Requests {
     }
 
     /// The slot turned busy at `t`. A gap of `GAP_NS` or more since the last busy period ends
-    /// the open request first. A second call within a busy period changes nothing.
-    pub fn busy(&mut self, t: u64) {
+    /// the open request first. A second call within a busy period changes nothing. True when a
+    /// new request began at `t` (`period` learns their starts).
+    pub fn busy(&mut self, t: u64) -> bool {
         if self.busy_since.is_some() {
-            return;
+            return false;
         }
         if self.open.is_some_and(|o| t.saturating_sub(o.last_end) >= GAP_NS) {
             self.close();
         }
-        if self.open.is_none() {
+        let began = self.open.is_none();
+        if began {
             self.open = Some(Open { start: t, busy_ns: 0, last_end: t });
         }
         self.busy_since = Some(t);
+        began
     }
 
     /// The slot turned idle at `t` (the work's end as the watcher estimates it).
@@ -206,7 +209,7 @@ mod tests {
         let mut changes = Vec::new();
         for _ in 0..n {
             for k in 0..kernels {
-                r.busy(*t);
+                let _ = r.busy(*t);
                 *t += busy;
                 r.idle(*t);
                 if k + 1 < kernels {
@@ -218,6 +221,17 @@ mod tests {
             changes.extend(r.take_change());
         }
         changes
+    }
+
+    #[test]
+    fn a_request_begins_after_a_gap_not_at_each_busy_period() {
+        let mut r = Requests::new();
+        assert!(r.busy(0), "the first");
+        r.idle(100 * US);
+        assert!(!r.busy(100 * US + GAP_NS - 1), "a shorter gap: the same request");
+        assert!(!r.busy(200 * US + GAP_NS), "already busy");
+        r.idle(300 * US + GAP_NS);
+        assert!(r.busy(300 * US + 2 * GAP_NS), "a gap of GAP_NS: the next request");
     }
 
     #[test]

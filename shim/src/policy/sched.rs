@@ -14,6 +14,11 @@
 //!   `GPUSLICE_PRIORITY_QUEUE` of its own launches are still in flight, or, with a duration
 //!   budget (`flight_cost`, `GPUSLICE_PRIORITY_BUDGET_US`), until the launch fits beside the
 //!   estimated device time still in flight.
+//! - under a budget, anticipation (`GPUSLICE_PRIORITY_ANTICIPATE`, on by default): a
+//!   high-priority process whose requests keep time (`period`) publishes when the next is due,
+//!   and a lower-priority launch whose work would still run then waits for that request
+//!   instead, so the request finds the device idle rather than waiting for a kernel nothing can
+//!   stop. Requests that do not keep time publish nothing, and nothing changes for them.
 //!
 //! `GPUSLICE_PRIORITY_GATE=spatial-off` (experimental, issue 19) lifts both for a lower-priority
 //! process on a device where MPS's active-thread percentage carries its share (`mps::spatial`):
@@ -30,6 +35,7 @@
 //! `MAX_HOLD_NS`.
 
 use crate::policy::flight_cost::{self, Room};
+use crate::policy::period::Period;
 use crate::policy::request_load::{Requests, Verdict};
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns, now_ns};
@@ -64,6 +70,8 @@ const SPIN_NS: u64 = 500_000;
 /// On the simulated clock a launcher waiting for its oldest launch to near its end looks at it
 /// this often (there it cannot poll: the clock stands still while anyone spins).
 const SIMULATED_POLL_NS: u64 = 5_000;
+/// How often a launch held for a high-priority request that is due looks whether it began.
+const DUE_POLL_NS: u64 = 20_000;
 /// After waiting this long on a busy mark, a launcher checks its holder is alive (no controller:
 /// same user, same pid namespace).
 const CHECK_HOLDER_NS: u64 = 10_000_000;
@@ -172,8 +180,11 @@ fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option
     loop {
         wait_while_busy(s, start);
         in_flight(device).wait_for_room(queue_allowance(), estimate);
-        // The wait for the queue may have let a high-priority request begin: look again, or
-        // this launch would go in ahead of it.
+        if let Some((next, _)) = estimate.filter(|_| flight_cost::anticipates()) {
+            hold_before_request(device, s, start, next);
+        }
+        // The waits may have let a high-priority request begin: look again, or this launch
+        // would go in ahead of it.
         if s.busy_high(now_ns()).is_none() || now_ns() - start >= MAX_HOLD_NS {
             break;
         }
@@ -206,6 +217,27 @@ fn wait_while_busy(s: &DeviceSched, start: u64) {
         }
         futex_wait(&s.wake, seen, 2_000_000);
         now = now_ns();
+    }
+}
+
+/// Waits while this launch (estimated at `next`, behind what this process has in flight) would
+/// still run when a high-priority process's next request is due, until that request begins
+/// (the caller then waits for it to end), its window passes (mispredicted: go on), or the
+/// launch has waited `MAX_HOLD_NS` in all.
+fn hold_before_request(device: CUdevice, s: &DeviceSched, start: u64, next: u64) {
+    loop {
+        let now = now_ns();
+        let Some((from, until)) = s.next_request(now) else { return };
+        if s.busy_high(now).is_some() || now - start >= MAX_HOLD_NS {
+            return;
+        }
+        if in_flight(device).ends_at(now, next) <= from {
+            return;
+        }
+        // Until the window opens nothing can begin; then look every so often.
+        let poll = if crate::sys::clock::simulated() { SIMULATED_POLL_NS } else { DUE_POLL_NS };
+        let wait = if now < from { from - now } else { poll.min(until - now) };
+        crate::sys::clock::sleep_ns(wait.min(MAX_HOLD_NS - (now - start)));
     }
 }
 
@@ -303,6 +335,19 @@ impl InFlight {
             give_event(ctx, event);
         }
         true
+    }
+
+    /// When a launch estimated at `next` would end if it went out at `now` (`flight_cost::ends_at`),
+    /// finished launches dropped first.
+    fn ends_at(&self, now: u64, next: u64) -> u64 {
+        relaxed(|| {
+            let mut queue = self.queue();
+            while queue.flights.front().is_some_and(|f| done(f.event)) {
+                queue.drop_oldest(true);
+            }
+            let began = queue.flights.front().and_then(|f| (!f.guessed).then(|| f.launched_ns.max(queue.last_done_seen_ns)));
+            flight_cost::ends_at(queue.flights.iter().map(|f| f.estimate_ns), began, now, next)
+        })
     }
 
     /// Drops finished launches; waits for the oldest while `limit` or more are in flight, or
@@ -417,6 +462,10 @@ struct Outstanding {
     events: Vec<(usize, usize)>,
     /// This process's requests on the device, measured from the slot's busy periods.
     requests: Requests,
+    /// Their starts, for when the next is due.
+    period: Period,
+    /// Whether the watcher last logged them keeping time (`publish`).
+    keeping_time: bool,
     /// When the watcher last found work outstanding: a busy period ended between then and the
     /// look that found it done.
     seen_busy: u64,
@@ -448,8 +497,9 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
     {
         let mut watched = locks::lock(&WATCHED);
         if let Some(o) = watched.as_mut().and_then(|w| w.devices.get_mut(&device)) {
-            if began {
-                o.requests.busy(began_at);
+            if began && o.requests.busy(began_at) {
+                o.period.began(began_at);
+                o.sched.set_next_request(o.slot, o.period.due().map(|d| (d.from, d.until)));
             }
             if let Some(event) = event {
                 o.events.push(event);
@@ -497,7 +547,19 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
         return None;
     };
     s.renew(slot, now, LEASE_NS);
-    w.devices.insert(device, Outstanding { sched: s, slot, events: Vec::new(), requests: Requests::new(), seen_busy: 0, reported: false });
+    w.devices.insert(
+        device,
+        Outstanding {
+            sched: s,
+            slot,
+            events: Vec::new(),
+            requests: Requests::new(),
+            period: Period::new(),
+            keeping_time: false,
+            seen_busy: 0,
+            reported: false,
+        },
+    );
     if !w.started {
         w.started = true;
         // SAFETY: registering a plain extern "C" function.
@@ -626,6 +688,18 @@ fn watch() {
 /// logs it (and, once, the first measurement that confirms the start).
 fn publish(device: CUdevice, o: &mut Outstanding) {
     let pid = std::process::id();
+    let due = o.period.due();
+    if due.is_some() != o.keeping_time {
+        o.keeping_time = due.is_some();
+        match due {
+            Some(d) => tracing::info!(
+                "pid {pid}: device {device}: requests keep time (every {:.2} ms, due within {} µs): neighbours under a duration budget keep their work clear of the next",
+                d.period as f64 / 1e6,
+                (d.until - d.from) / 1000
+            ),
+            None => tracing::info!("pid {pid}: device {device}: requests no longer keep time: neighbours are not held before them"),
+        }
+    }
     let Some(change) = o.requests.take_change() else {
         if !o.reported && o.requests.requests() >= FIRST_REPORT {
             o.reported = true;

@@ -491,14 +491,14 @@ impl Sim {
 }
 
 impl Drop for Sim {
-    /// The shim's per-device turn pages (`/dev/shm/gpuslice-board6-<uid>-<uuid>`) outlive its
+    /// The shim's per-device turn pages (`/dev/shm/gpuslice-board7-<uid>-<uuid>`) outlive its
     /// processes, and every simulated machine has devices of its own UUIDs: remove this
     /// machine's, so that test runs do not fill /dev/shm.
     fn drop(&mut self) {
         // SAFETY: getuid has no preconditions.
         let uid = unsafe { libc::getuid() };
         for d in 0..16 {
-            let _ = std::fs::remove_file(format!("/dev/shm/gpuslice-board6-{uid}-{}", self.device_uuid(d)));
+            let _ = std::fs::remove_file(format!("/dev/shm/gpuslice-board7-{uid}-{}", self.device_uuid(d)));
         }
     }
 }

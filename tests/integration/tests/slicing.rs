@@ -320,6 +320,13 @@ struct Neighbour<'e> {
 /// the neighbour's device time while the probe ran over the time the probe left it, and the
 /// neighbour's launches as the device ran them.
 fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, Vec<Launch>) {
+    let (probe, share, ran, _) = contest_with(sim, clock, neighbour, &format!("probe {REQUESTS} {PROBE_NS} {GAP_US}"));
+    (probe, share, ran)
+}
+
+/// `contest` with the probe's requests given (cuclient commands whose last prints the probe
+/// line); also returns the probe's log.
+fn contest_with(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>, requests: &str) -> (Probe, f64, Vec<Launch>, String) {
     static N: AtomicU32 = AtomicU32::new(0);
     let ptx = sim.write_file("busy.ptx", BUSY_PTX);
     let (record, cache) = (fresh_dir(sim, "record"), fresh_dir(sim, "cache"));
@@ -341,7 +348,7 @@ fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, V
     };
     let flooding = c.args(&format!("init ctx 0 pid {function} grid {grid} 1 1 launch 1 1000 sync waitfile {go} {flood}")).spawn();
     let probe = on_device(client(sim, "high", &record, &cache))
-        .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} probe {REQUESTS} {PROBE_NS} {GAP_US} touch {stop}"))
+        .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} {requests} touch {stop}"))
         .spawn();
     clock.start_together_refs(&go, &[&flooding, &probe], "sync");
     clock.park();
@@ -353,7 +360,7 @@ fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, V
     let ran = launches(&record, n.u64("pid", "pid"));
     let busy: u64 = ran.iter().map(|l| l.end.min(p.t1).saturating_sub(l.start.max(p.t0))).sum();
     let left = (p.t1 - p.t0) - p.n * PROBE_NS;
-    (p, busy as f64 / left as f64, ran)
+    (p, busy as f64 / left as f64, ran, out.stderr)
 }
 
 #[test]
@@ -550,4 +557,51 @@ fn under_a_budget_the_next_kernel_is_queued_before_a_long_one_ends() {
     // And a request still waits for at most the budget's worth of work, or one long kernel.
     let bound = (PROBE_NS + MIX_LONG_NS + MIX_BUDGET_US * 1000 + 40_000) / 1000;
     assert!(budgeted.dev_p99_us <= bound, "under a budget, p99 on the device {} µs over {bound} µs: {budgeted}", budgeted.dev_p99_us);
+}
+
+/// Requests on a schedule (a camera's frames): one every `PERIOD_US`, after `KEEP_TIME_WARMUP`
+/// unmeasured ones from which the probe's shim learns the period.
+const PERIOD_US: u64 = 20_000;
+const KEEP_TIME_WARMUP: u64 = 12;
+const KEEP_TIME_BUDGET_US: u64 = 400;
+
+#[test]
+fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    let budget = KEEP_TIME_BUDGET_US.to_string();
+    let anticipating = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
+    let not_anticipating = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str()), ("GPUSLICE_PRIORITY_ANTICIPATE", "off")];
+    let launch_ns = LAUNCH_NS.to_string();
+    let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
+    // 2 ms kernels nothing can slice (not PTX), longer than the budget: each goes alone.
+    let neighbour = |env| Neighbour { env, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &latency, mix: None };
+    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {REQUESTS} {PROBE_NS} {PERIOD_US}");
+    let at_random = format!("probe {} {PROBE_NS} {PERIOD_US}", KEEP_TIME_WARMUP + REQUESTS);
+
+    let (off, off_share, _, off_log) = contest_with(&sim, &clock, neighbour(&not_anticipating), &on_schedule);
+    eprintln!("on a schedule, anticipation off: probe {off}; neighbour {:.1}% of the time left", 100.0 * off_share);
+    let (on, on_share, _, on_log) = contest_with(&sim, &clock, neighbour(&anticipating), &on_schedule);
+    eprintln!("on a schedule, anticipation on: probe {on}; neighbour {:.1}% of the time left", 100.0 * on_share);
+    let (random, random_share, _, random_log) = contest_with(&sim, &clock, neighbour(&anticipating), &at_random);
+    eprintln!("at random, anticipation on: probe {random}; neighbour {:.1}% of the time left", 100.0 * random_share);
+    let keeping = |log: &str| log.lines().filter(|l| l.contains("requests keep time")).map(str::to_string).collect::<Vec<_>>();
+    eprintln!("the probe's shim said: {:?}", keeping(&on_log));
+
+    // The probe's shim finds the schedule (whatever the neighbour's setting: it only publishes)
+    // and not in random pauses.
+    assert!(keeping(&on_log).iter().any(|l| l.contains("every 20.")), "the probe's shim should find its period: {on_log}");
+    assert!(!keeping(&off_log).is_empty(), "{off_log}");
+    assert!(keeping(&random_log).is_empty(), "random pauses keep no time: {random_log}");
+    // Not anticipated, a request waits for what is left of a 2 ms kernel (p99: most of one).
+    assert!(off.dev_p99_us >= (PROBE_NS + NEIGHBOUR_NS / 2) / 1000, "without anticipation the probe should wait behind a 2 ms kernel: {off}");
+    assert!(random.dev_p99_us >= (PROBE_NS + NEIGHBOUR_NS / 2) / 1000, "at random nothing is anticipated: {random}");
+    // Anticipated, it finds the device idle: its own kernel, the launch and the watcher's look.
+    let bound = (PROBE_NS + LAUNCH_NS + 40_000) / 1000;
+    assert!(on.dev_p99_us <= bound, "anticipated, p99 on the device {} µs over {bound} µs: {on}", on.dev_p99_us);
+    // The neighbour gives up at most about one kernel and the window's guard a period.
+    assert!(on_share >= 0.85, "anticipating, the neighbour got {:.1}% of the time the probe left", 100.0 * on_share);
+    assert!(off_share >= 0.95 && random_share >= 0.9, "{off_share:.3} / {random_share:.3}");
 }

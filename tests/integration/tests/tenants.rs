@@ -236,7 +236,7 @@ fn a_tenant_joining_and_leaving_every_second_upsets_nobody() {
     assert!(visitors.iter().all(|v| (13.5..=16.7).contains(v)), "each visit of a tenant at 15% got {visitors:.2?} (allowed 13.5..16.7)");
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
-    let page = format!("/dev/shm/gpuslice-board6-{uid}-{}", sim.device_uuid(0));
+    let page = format!("/dev/shm/gpuslice-board7-{uid}-{}", sim.device_uuid(0));
     assert!(!std::path::Path::new(&page).exists(), "the last tenant out removed the turn page {page}");
 }
 
@@ -285,7 +285,7 @@ fn processes_that_exit_normally_leave_no_turn_page() {
     let sim = Sim::new();
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
-    let pages: Vec<String> = (0..2).map(|d| format!("/dev/shm/gpuslice-board6-{uid}-{}", sim.device_uuid(d))).collect();
+    let pages: Vec<String> = (0..2).map(|d| format!("/dev/shm/gpuslice-board7-{uid}-{}", sim.device_uuid(d))).collect();
     let exists = |p: &String| std::path::Path::new(p).exists();
     let out = sim.client(Route::Procaddr).shim().args("init ctx 0 launch 1 1000 sync").run();
     out.assert_all_ok();

@@ -30,7 +30,7 @@ fn throttled_processes_of_a_controller_take_turns_in_the_ledger() {
     let uuid = sim.device_uuid(0);
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
-    let page = format!("/dev/shm/gpuslice-board6-{uid}-{uuid}");
+    let page = format!("/dev/shm/gpuslice-board7-{uid}-{uuid}");
     let _ = std::fs::remove_file(&page);
     let go = sim.path("go").display().to_string();
 
