@@ -40,6 +40,9 @@
 #                                            time in flight while the probe lives, instead of one
 #                                            launch (shim/src/policy/flight_cost.rs); noted in the
 #                                            log and the table's title.
+#   GPUSLICE_PRIORITY_ANTICIPATE             the same: on (the shim's default) or off; under a
+#                                            budget the neighbour's work ends before the
+#                                            probe's next request is due (its requests keep time).
 #
 # 1. The probe (latprobe, high priority): 10 kernels of 200 µs per request, one request every
 #    20 ms; alone under the shim: p99_alone.
@@ -78,7 +81,7 @@ case ${PTXSLICE_PROBE_MPS:-0} in
   *) note "ptxslice_probe: PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS: want 0, 1 or both"; exit 2 ;;
 esac
 [ "$PASSES" = sliced ] || mps_prepare ptxslice_probe "PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS"
-note "passes: $PASSES; GPUSLICE_PRIORITY_BUDGET_US=${GPUSLICE_PRIORITY_BUDGET_US:-unset} (both programs inherit it; only the low neighbour applies it, while the probe lives)"
+note "passes: $PASSES; GPUSLICE_PRIORITY_BUDGET_US=${GPUSLICE_PRIORITY_BUDGET_US:-unset} GPUSLICE_PRIORITY_ANTICIPATE=${GPUSLICE_PRIORITY_ANTICIPATE:-unset} (both programs inherit them; only the low neighbour applies them, while the probe lives)"
 # On every way out: the programs of the row under way, the MPS daemon (mps_quit, common.sh).
 PIDS=()
 clean_up_probe() {
@@ -289,6 +292,6 @@ fi
 
 note "elapsed: $(($(date +%s) - T0)) s; log: $LOG"
 echo
-echo "== ptxslice_probe results ==${GPUSLICE_PRIORITY_BUDGET_US:+ (GPUSLICE_PRIORITY_BUDGET_US=$GPUSLICE_PRIORITY_BUDGET_US)}"
+echo "== ptxslice_probe results ==${GPUSLICE_PRIORITY_BUDGET_US:+ (GPUSLICE_PRIORITY_BUDGET_US=$GPUSLICE_PRIORITY_BUDGET_US)}${GPUSLICE_PRIORITY_ANTICIPATE:+ (GPUSLICE_PRIORITY_ANTICIPATE=$GPUSLICE_PRIORITY_ANTICIPATE)}"
 printf '%s\n' "${ROWS[@]}"
 exit $FAILED

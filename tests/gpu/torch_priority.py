@@ -78,7 +78,8 @@ from procout import matmul_loop, out, preloaded_gpuslice
 def env_lines():
     out("preloaded_gpuslice", preloaded_gpuslice())
     for k in ("GPUSLICE_PRIORITY", "GPUSLICE_PRIORITY_QUEUE", "GPUSLICE_SLICE",
-              "GPUSLICE_PRIORITY_BUDGET_US", "GPUSLICE_SM_SHARE", "GPUSLICE_PRIORITY_GATE",
+              "GPUSLICE_PRIORITY_BUDGET_US", "GPUSLICE_PRIORITY_ANTICIPATE", "GPUSLICE_SM_SHARE",
+              "GPUSLICE_PRIORITY_GATE",
               "CUDA_MPS_PIPE_DIRECTORY",
               "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
         out(f"env_{k}", os.environ.get(k, "-"))
