@@ -35,7 +35,7 @@
 //! `MAX_HOLD_NS`.
 
 use crate::policy::flight_cost::{self, Room};
-use crate::policy::period::Period;
+use crate::policy::period::{Due, Period};
 use crate::policy::request_load::{Requests, Verdict};
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns, now_ns};
@@ -462,8 +462,9 @@ struct Outstanding {
     events: Vec<(usize, usize)>,
     /// This process's requests on the device, measured from the slot's busy periods.
     requests: Requests,
-    /// Their starts, for when the next is due.
+    /// Their starts, and when the next is due (as of the last start).
     period: Period,
+    due: Option<Due>,
     /// Whether the watcher last logged them keeping time (`publish`).
     keeping_time: bool,
     /// When the watcher last found work outstanding: a busy period ended between then and the
@@ -499,7 +500,8 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
         if let Some(o) = watched.as_mut().and_then(|w| w.devices.get_mut(&device)) {
             if began && o.requests.busy(began_at) {
                 o.period.began(began_at);
-                o.sched.set_next_request(o.slot, o.period.due().map(|d| (d.from, d.until)));
+                o.due = o.period.due();
+                o.sched.set_next_request(o.slot, o.due.map(|d| (d.from, d.until)));
             }
             if let Some(event) = event {
                 o.events.push(event);
@@ -555,6 +557,7 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
             events: Vec::new(),
             requests: Requests::new(),
             period: Period::new(),
+            due: None,
             keeping_time: false,
             seen_busy: 0,
             reported: false,
@@ -688,10 +691,9 @@ fn watch() {
 /// logs it (and, once, the first measurement that confirms the start).
 fn publish(device: CUdevice, o: &mut Outstanding) {
     let pid = std::process::id();
-    let due = o.period.due();
-    if due.is_some() != o.keeping_time {
-        o.keeping_time = due.is_some();
-        match due {
+    if o.due.is_some() != o.keeping_time {
+        o.keeping_time = o.due.is_some();
+        match o.due {
             Some(d) => tracing::info!(
                 "pid {pid}: device {device}: requests keep time (every {:.2} ms, due within {} µs): neighbours under a duration budget keep their work clear of the next",
                 d.period as f64 / 1e6,
