@@ -345,8 +345,7 @@ impl InFlight {
             while queue.flights.front().is_some_and(|f| done(f.event)) {
                 queue.drop_oldest(true);
             }
-            let began = queue.flights.front().and_then(|f| (!f.guessed).then(|| f.launched_ns.max(queue.last_done_seen_ns)));
-            flight_cost::ends_at(queue.flights.iter().map(|f| f.estimate_ns), began, now, next)
+            flight_cost::ends_at(queue.flights.iter().map(|f| f.estimate_ns), queue.oldest_began(), now, next)
         })
     }
 
@@ -367,13 +366,7 @@ impl InFlight {
             let room = match estimate {
                 None if queue.flights.len() >= limit => Room::AfterOldest,
                 None => Room::Now,
-                Some((next, budget)) => {
-                    // The oldest began on the device about when its launch returned or when
-                    // the one before it was seen finished, whichever is later (both at or
-                    // after the device's own times: what is left of it is not understated).
-                    let began = (!oldest.guessed).then(|| oldest.launched_ns.max(queue.last_done_seen_ns));
-                    flight_cost::room(queue.flights.iter().map(|f| f.estimate_ns), began, now_ns(), next, budget)
-                }
+                Some((next, budget)) => flight_cost::room(queue.flights.iter().map(|f| f.estimate_ns), queue.oldest_began(), now_ns(), next, budget),
             };
             match room {
                 Room::Now => break,
@@ -389,6 +382,15 @@ impl InFlight {
 }
 
 impl Queue {
+    /// When the oldest launch began on the device: about when its launch returned or when the
+    /// one before it was seen finished, whichever is later (both at or after the device's own
+    /// times: what is left of it is not understated). `None` with a guessed estimate (it counts
+    /// whole, `flight_cost::room`) or nothing in flight.
+    fn oldest_began(&self) -> Option<u64> {
+        let oldest = self.flights.front()?;
+        (!oldest.guessed).then(|| oldest.launched_ns.max(self.last_done_seen_ns))
+    }
+
     /// Drops the oldest launch, finished; with a budget (`timed`) the events time the
     /// launches: one queued behind the previous ran from that one's end to its own.
     fn drop_oldest(&mut self, timed: bool) {
