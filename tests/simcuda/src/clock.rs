@@ -38,6 +38,9 @@ const REAL_CHECK_NS: u64 = 100_000_000;
 const RECOUNT_AFTER_CHECKS: u32 = 5;
 /// Real time without any move of the clock after which a waiter says who holds it still.
 const STALL_WARN_NS: u64 = 10_000_000_000;
+/// Real time a participant coming back waits for a step of `advance` to end before it gives up
+/// (a thread killed mid-step never ends its step; a live one takes microseconds).
+const STEP_WAIT_NS: u64 = 1_000_000_000;
 
 #[repr(C)]
 struct Slot {
@@ -64,7 +67,9 @@ pub struct Page {
     active: AtomicI64,
     /// Slots ever used: scans stop here.
     high: AtomicU32,
-    _pad: u32,
+    /// Threads inside a step of `advance` now: one that began before a parked participant
+    /// came back moves time all the same, so coming back waits for it (`wait_for_steps`).
+    advancing: AtomicU32,
     /// How many times time moved (for the tests' own figures).
     pub advances: AtomicU64,
     slots: [Slot; MAX_PARTICIPANTS],
@@ -149,6 +154,7 @@ impl Page {
         self.active.fetch_add(1, SeqCst);
         s.state.store(RUNNING, SeqCst);
         self.high.fetch_max(i as u32 + 1, SeqCst);
+        self.wait_for_steps();
         Some(i)
     }
 
@@ -227,10 +233,30 @@ impl Page {
         }
     }
 
+    /// Slot `i` runs again: from its return until the slot blocks or parks, time stands still.
     pub fn unpark(&self, i: usize) {
         let s = &self.slots[i];
         if s.state.compare_exchange(BLOCKED, RUNNING, SeqCst, SeqCst).is_ok() {
             self.active.fetch_add(1, SeqCst);
+            self.wait_for_steps();
+        }
+    }
+
+    /// Waits until no step of `advance` is under way. A participant that counts itself running
+    /// again (`unpark`, `join`) stops every later step, but not one that took the count before
+    /// it: that one still moves time once. Without this wait, a test that unparked and then
+    /// touched its go-file could see one process start at the old time and the next one at the
+    /// new (1.3 ms apart, once in ~570 runs: an advancing thread descheduled mid-step on a loaded
+    /// machine). Steps are a few hundred instructions, so the wait is short; a thread killed
+    /// mid-step would hold it for good, so it gives up after `STEP_WAIT_NS`.
+    fn wait_for_steps(&self) {
+        let start = real_now_ns();
+        while self.advancing.load(SeqCst) != 0 {
+            if real_now_ns() - start > STEP_WAIT_NS {
+                eprintln!("simclock: a step of time did not end in 1 s (its thread died mid-step?): going on");
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -299,7 +325,11 @@ impl Page {
     /// Moves time to the earliest deadline if nobody runs, and wakes whoever's deadline came.
     fn advance(&self) {
         loop {
+            // Announced before the count is taken, so that whoever counts itself running after
+            // the count was taken sees this step and waits for its end.
+            self.advancing.fetch_add(1, SeqCst);
             if self.active.compare_exchange(0, 1, SeqCst, SeqCst).is_err() {
+                self.advancing.fetch_sub(1, SeqCst);
                 return;
             }
             let now = self.now();
@@ -314,6 +344,7 @@ impl Page {
                     }
                 }
             }
+            self.advancing.fetch_sub(1, SeqCst);
             if self.active.fetch_sub(1, SeqCst) != 1 || next == NO_DEADLINE {
                 return;
             }
@@ -661,6 +692,38 @@ mod tests {
         assert_eq!(p.now(), start + 1_000_000);
         p.park(holder);
         assert_eq!(t.join().unwrap(), start + 2_000_000);
+    }
+
+    #[test]
+    fn coming_back_waits_for_a_step_already_under_way() {
+        let p = page();
+        let holder = p.join().unwrap();
+        p.park(holder);
+        let start = p.now();
+        // As if another thread had taken the count to move time and been descheduled before
+        // it stored the new time (the tenants.rs flake of stops 21 and 27).
+        p.active.fetch_add(1, SeqCst);
+        p.advancing.fetch_add(1, SeqCst);
+        let back = std::thread::spawn(move || {
+            p.unpark(holder);
+            p.now()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!back.is_finished(), "unpark returned while a step was under way");
+        p.now.store(start + 1_300_000, SeqCst);
+        p.advancing.fetch_sub(1, SeqCst);
+        p.active.fetch_sub(1, SeqCst);
+        assert_eq!(back.join().unwrap(), start + 1_300_000, "the held time is the one after the step");
+        // And from here it stands still: the holder runs.
+        let sleeper = p.join().unwrap();
+        let t = std::thread::spawn(move || {
+            p.block(sleeper, start + 5_000_000, 0, None);
+            p.now()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(p.now(), start + 1_300_000);
+        p.park(holder);
+        assert_eq!(t.join().unwrap(), start + 5_000_000);
     }
 
     #[test]
