@@ -11,7 +11,7 @@ use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
 use crate::sys::real_nvml::nvml;
 use crate::{hooks::charge, sys::guard, sys::locks, sys::runtime};
-use crate::{policy::budget, state::link};
+use crate::{policy::budget, policy::switch_ahead::Ending, state::link};
 use gpuslice_common::size::format_size;
 use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void};
@@ -122,12 +122,19 @@ fn primary_gone(device: CUdevice) {
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxRelease_v2", || ended(|| call_real!(cuDevicePrimaryCtxRelease_v2(device)), || primary_gone(device)))
+    guard::cuda("cuDevicePrimaryCtxRelease_v2", || ending(Ending::Device(device), || call_real!(cuDevicePrimaryCtxRelease_v2(device)), || primary_gone(device)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset_v2(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxReset_v2", || ended(|| call_real!(cuDevicePrimaryCtxReset_v2(device)), || primary_reset(device)))
+    guard::cuda("cuDevicePrimaryCtxReset_v2", || ending(Ending::Device(device), || call_real!(cuDevicePrimaryCtxReset_v2(device)), || primary_reset(device)))
+}
+
+/// `ended`, for a call that may end a context: what the shim made in it goes first, while the
+/// context lives (`sched::context_ending`).
+fn ending(what: Ending, call: impl FnOnce() -> CuResult, then: impl FnOnce()) -> CuResult {
+    crate::policy::sched::context_ending(what);
+    ended(call, then)
 }
 
 /// Runs a call that ends something the driver held (a context, or a reference to the primary
@@ -202,7 +209,7 @@ pub unsafe extern "C" fn cuCtxCreate_v4(pctx: *mut CUcontext, params: *mut c_voi
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy_v2(ctx: CUcontext) -> CuResult {
-    guard::cuda("cuCtxDestroy_v2", || ended(|| call_real!(cuCtxDestroy_v2(ctx)), || context_destroyed(ctx)))
+    guard::cuda("cuCtxDestroy_v2", || ending(Ending::Context(ctx as usize), || call_real!(cuCtxDestroy_v2(ctx)), || context_destroyed(ctx)))
 }
 
 // The pre-`_v2` context entry points (same ABI; see `legacy`): counted like the `_v2` ones.
@@ -214,15 +221,15 @@ pub unsafe extern "C" fn cuCtxCreate(pctx: *mut CUcontext, flags: c_uint, device
 
 #[no_mangle]
 pub unsafe extern "C" fn cuCtxDestroy(ctx: CUcontext) -> CuResult {
-    guard::cuda("cuCtxDestroy", || ended(|| call_real!(cuCtxDestroy(ctx)), || context_destroyed(ctx)))
+    guard::cuda("cuCtxDestroy", || ending(Ending::Context(ctx as usize), || call_real!(cuCtxDestroy(ctx)), || context_destroyed(ctx)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxRelease(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxRelease", || ended(|| call_real!(cuDevicePrimaryCtxRelease(device)), || primary_gone(device)))
+    guard::cuda("cuDevicePrimaryCtxRelease", || ending(Ending::Device(device), || call_real!(cuDevicePrimaryCtxRelease(device)), || primary_gone(device)))
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn cuDevicePrimaryCtxReset(device: CUdevice) -> CuResult {
-    guard::cuda("cuDevicePrimaryCtxReset", || ended(|| call_real!(cuDevicePrimaryCtxReset(device)), || primary_reset(device)))
+    guard::cuda("cuDevicePrimaryCtxReset", || ending(Ending::Device(device), || call_real!(cuDevicePrimaryCtxReset(device)), || primary_reset(device)))
 }

@@ -17,4 +17,5 @@ pub mod sched;
 pub mod slice_args;
 pub mod slice_cost;
 pub mod slicer;
+pub mod switch_ahead;
 pub mod throttle;

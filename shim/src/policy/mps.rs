@@ -51,6 +51,13 @@ pub fn spatial(device: CUdevice) -> bool {
     usize::try_from(device).ok().and_then(|d| DEVICE_MODE.get(d)).is_some_and(|m| m.load(Relaxed) == SPATIAL)
 }
 
+/// True when MPS serves `device` for this process (one hardware context for all its clients:
+/// no switch between processes' contexts there).
+#[inline]
+pub fn served_by_mps(device: CUdevice) -> bool {
+    usize::try_from(device).ok().and_then(|d| DEVICE_MODE.get(d)).is_some_and(|m| matches!(m.load(Relaxed), UNDER_MPS | SPATIAL))
+}
+
 fn note_user_variables() {
     LOOKED.call_once(|| {
         USER_PRIORITY.store(std::env::var_os(CLIENT_PRIORITY).is_some(), Relaxed);

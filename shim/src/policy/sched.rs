@@ -37,6 +37,7 @@
 use crate::policy::flight_cost::{self, Room};
 use crate::policy::period::{Due, Period};
 use crate::policy::request_load::{Requests, Verdict};
+use crate::policy::switch_ahead::{self, Ending, SwitchAhead};
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns, now_ns};
 use crate::sys::driver::call_real;
@@ -456,6 +457,8 @@ struct Watched {
     /// `link::fork_generation()` when this was set up: a forked child finds another and starts
     /// over (the slots and the watcher thread are its parent's).
     generation: u64,
+    /// The empty kernel launched ahead of requests that keep time, per context.
+    switch: SwitchAhead,
 }
 
 struct Outstanding {
@@ -469,6 +472,11 @@ struct Outstanding {
     due: Option<Due>,
     /// Whether the watcher last logged them keeping time (`publish`).
     keeping_time: bool,
+    /// The context of the latest request's launches (where the empty kernel goes), until the
+    /// program ends it.
+    ctx: Option<usize>,
+    /// The window (its `from`) the empty kernel last went ahead of: once per request.
+    switched_for: u64,
     /// When the watcher last found work outstanding: a busy period ended between then and the
     /// look that found it done.
     seen_busy: u64,
@@ -503,9 +511,11 @@ fn high_launch(device: CUdevice, s: &'static DeviceSched, stream: CUstream, laun
             if began && o.requests.busy(began_at) {
                 o.period.began(began_at);
                 o.due = o.period.due();
-                o.sched.set_next_request(o.slot, o.due.map(|d| (d.from, d.until)));
+                let lead = switch_lead(device);
+                o.sched.set_next_request(o.slot, o.due.map(|d| (d.from.saturating_sub(lead), d.until)));
             }
             if let Some(event) = event {
+                o.ctx = Some(event.0);
                 o.events.push(event);
             }
         }
@@ -536,11 +546,11 @@ fn recorded_event(stream: CUstream) -> Option<(usize, usize)> {
 fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighSlot> {
     let mut watched = locks::lock(&WATCHED);
     let generation = link::fork_generation();
-    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false, generation });
+    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false, generation, switch: SwitchAhead::default() });
     if w.generation != generation {
         // Forked: forget the parent's slots (still its own) and its watcher thread.
         std::mem::forget(std::mem::take(&mut w.devices));
-        *w = Watched { devices: HashMap::new(), started: false, generation };
+        *w = Watched { devices: HashMap::new(), started: false, generation, switch: SwitchAhead::default() };
     }
     if let Some(o) = w.devices.get(&device) {
         return Some(o.slot);
@@ -561,6 +571,8 @@ fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighS
             period: Period::new(),
             due: None,
             keeping_time: false,
+            ctx: None,
+            switched_for: 0,
             seen_busy: 0,
             reported: false,
         },
@@ -648,6 +660,8 @@ fn watch() {
             }
         }
         let mut outstanding = false;
+        // The earliest empty kernel still to launch ahead of a request.
+        let mut switch_at = u64::MAX;
         for (&device, o) in w.devices.iter_mut() {
             o.events.retain(|&(ctx, e)| {
                 if done_in(ctx, e) {
@@ -675,16 +689,69 @@ fn watch() {
             }
             o.requests.tick(now);
             publish(device, o);
+            if let Some(at) = switch_ahead_of(device, o, now, &mut w.switch) {
+                switch_at = switch_at.min(at);
+            }
         }
+        let idle_ns = switch_at.saturating_sub(now_ns()).clamp(1_000, RENEW_NS);
         if outstanding {
             drop(watched);
             crate::sys::clock::sleep_ns(POLL_NS);
         } else if crate::sys::clock::simulated() {
             let seen = WORK_SEQ.load(SeqCst);
             drop(watched);
-            futex_wait(&WORK_SEQ, seen, RENEW_NS);
+            futex_wait(&WORK_SEQ, seen, idle_ns);
         } else {
-            drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(RENEW_NS)));
+            drop(WORK.wait_timeout(watched, std::time::Duration::from_nanos(idle_ns)));
+        }
+    }
+}
+
+/// How much earlier than its window's own start a request that keeps time on `device` is
+/// published as due: the switch-ahead lead where this process switches ahead (time-sliced
+/// devices), else nothing.
+fn switch_lead(device: CUdevice) -> u64 {
+    if switch_ahead::enabled() && !crate::policy::mps::served_by_mps(device) {
+        switch_ahead::LEAD_NS
+    } else {
+        0
+    }
+}
+
+/// Launches the empty kernel ahead of the next request on `device` once its published window
+/// opens (`switch_ahead`), unless that request already began or its window has passed; once
+/// per window. Returns when to look again if it is still to come.
+fn switch_ahead_of(device: CUdevice, o: &mut Outstanding, now: u64, switch: &mut SwitchAhead) -> Option<u64> {
+    let lead = switch_lead(device);
+    let (due, ctx) = (o.due?, o.ctx?);
+    if lead == 0 || o.switched_for == due.from {
+        return None;
+    }
+    let at = due.from.saturating_sub(lead);
+    if now < at {
+        return Some(at);
+    }
+    o.switched_for = due.from;
+    if now < due.until && o.slot.busy.load(SeqCst) == 0 {
+        switch.launch(ctx, device);
+    }
+    None
+}
+
+/// The program is about to end a context (`cuCtxDestroy`), or the primary context of a device
+/// (its release or reset): the empty kernel made there is given back while the context lives,
+/// and requests there no longer name it.
+pub fn context_ending(ending: Ending) {
+    let mut watched = locks::lock(&WATCHED);
+    let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) else { return };
+    w.switch.forget(ending);
+    for (&device, o) in w.devices.iter_mut() {
+        let gone = match ending {
+            Ending::Context(c) => o.ctx == Some(c),
+            Ending::Device(d) => d == device,
+        };
+        if gone {
+            o.ctx = None;
         }
     }
 }
@@ -696,11 +763,16 @@ fn publish(device: CUdevice, o: &mut Outstanding) {
     if o.due.is_some() != o.keeping_time {
         o.keeping_time = o.due.is_some();
         match o.due {
-            Some(d) => tracing::info!(
-                "pid {pid}: device {device}: requests keep time (every {:.2} ms, due within {} µs): neighbours under a duration budget keep their work clear of the next",
-                d.period as f64 / 1e6,
-                (d.until - d.from) / 1000
-            ),
+            Some(d) => {
+                let lead = switch_lead(device);
+                let ahead =
+                    if lead > 0 { format!("; an empty kernel takes the GPU's switch to this context {} µs before each", lead / 1000) } else { String::new() };
+                tracing::info!(
+                    "pid {pid}: device {device}: requests keep time (every {:.2} ms, due within {} µs): neighbours under a duration budget keep their work clear of the next{ahead}",
+                    d.period as f64 / 1e6,
+                    (d.until - d.from) / 1000
+                )
+            }
             None => tracing::info!("pid {pid}: device {device}: requests no longer keep time: neighbours are not held before them"),
         }
     }

@@ -79,6 +79,7 @@ real_functions! {
     cuModuleLoadDataEx(*mut *mut c_void, *const c_void, c_uint, *mut c_int, *mut *mut c_void);
     cuModuleLoadFatBinary(*mut *mut c_void, *const c_void);
     cuModuleUnload(*mut c_void);
+    cuModuleGetFunction(*mut *mut c_void, *mut c_void, *const c_char);
     cuLibraryLoadData(*mut *mut c_void, *const c_void, *mut c_int, *mut *mut c_void, c_uint, *mut c_int, *mut *mut c_void, c_uint);
     cuLibraryLoadFromFile(*mut *mut c_void, *const c_char, *mut c_int, *mut *mut c_void, c_uint, *mut c_int, *mut *mut c_void, c_uint);
     cuLibraryUnload(*mut c_void);

@@ -320,13 +320,25 @@ struct Neighbour<'e> {
 /// the neighbour's device time while the probe ran over the time the probe left it, and the
 /// neighbour's launches as the device ran them.
 fn contest(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>) -> (Probe, f64, Vec<Launch>) {
-    let (probe, share, ran, _) = contest_with(sim, clock, neighbour, &format!("probe {REQUESTS} {PROBE_NS} {GAP_US}"));
-    (probe, share, ran)
+    let c = contest_with(sim, clock, neighbour, &[], &format!("probe {REQUESTS} {PROBE_NS} {GAP_US}"));
+    (c.probe, c.share, c.ran)
 }
 
-/// `contest` with the probe's requests given (cuclient commands whose last prints the probe
-/// line); also returns the probe's log.
-fn contest_with(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>, requests: &str) -> (Probe, f64, Vec<Launch>, String) {
+/// What `contest_with` saw.
+struct Contest {
+    probe: Probe,
+    /// The neighbour's device time while the probe ran, over the time the probe left it.
+    share: f64,
+    /// The neighbour's launches, and the probe's, as the device ran them.
+    ran: Vec<Launch>,
+    probe_ran: Vec<Launch>,
+    /// The probe's log.
+    log: String,
+}
+
+/// `contest` with the probe's environment (besides its priority) and requests given (cuclient
+/// commands whose last prints the probe line).
+fn contest_with(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>, probe_env: &[(&str, &str)], requests: &str) -> Contest {
     static N: AtomicU32 = AtomicU32::new(0);
     let ptx = sim.write_file("busy.ptx", BUSY_PTX);
     let (record, cache) = (fresh_dir(sim, "record"), fresh_dir(sim, "cache"));
@@ -347,8 +359,8 @@ fn contest_with(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>, requests: &s
         Some((lengths, host_us)) => format!("floodmix {lengths} {host_us} 10 {stop}"),
     };
     let flooding = c.args(&format!("init ctx 0 pid {function} grid {grid} 1 1 launch 1 1000 sync waitfile {go} {flood}")).spawn();
-    let probe = on_device(client(sim, "high", &record, &cache))
-        .args(&format!("init ctx 0 launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} {requests} touch {stop}"))
+    let probe = on(on_device(client(sim, "high", &record, &cache)), probe_env)
+        .args(&format!("init ctx 0 pid launch 1 1000 sync waitfile {go} sleep {SETTLE_MS} {requests} touch {stop}"))
         .spawn();
     clock.start_together_refs(&go, &[&flooding, &probe], "sync");
     clock.park();
@@ -360,7 +372,8 @@ fn contest_with(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>, requests: &s
     let ran = launches(&record, n.u64("pid", "pid"));
     let busy: u64 = ran.iter().map(|l| l.end.min(p.t1).saturating_sub(l.start.max(p.t0))).sum();
     let left = (p.t1 - p.t0) - p.n * PROBE_NS;
-    (p, busy as f64 / left as f64, ran, out.stderr)
+    let probe_ran = launches(&record, out.u64("pid", "pid"));
+    Contest { probe: p, share: busy as f64 / left as f64, ran, probe_ran, log: out.stderr }
 }
 
 #[test]
@@ -581,11 +594,11 @@ fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
     let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {REQUESTS} {PROBE_NS} {PERIOD_US}");
     let at_random = format!("probe {} {PROBE_NS} {PERIOD_US}", KEEP_TIME_WARMUP + REQUESTS);
 
-    let (off, off_share, _, off_log) = contest_with(&sim, &clock, neighbour(&not_anticipating), &on_schedule);
+    let Contest { probe: off, share: off_share, log: off_log, .. } = contest_with(&sim, &clock, neighbour(&not_anticipating), &[], &on_schedule);
     eprintln!("on a schedule, anticipation off: probe {off}; neighbour {:.1}% of the time left", 100.0 * off_share);
-    let (on, on_share, _, on_log) = contest_with(&sim, &clock, neighbour(&anticipating), &on_schedule);
+    let Contest { probe: on, share: on_share, log: on_log, .. } = contest_with(&sim, &clock, neighbour(&anticipating), &[], &on_schedule);
     eprintln!("on a schedule, anticipation on: probe {on}; neighbour {:.1}% of the time left", 100.0 * on_share);
-    let (random, random_share, _, random_log) = contest_with(&sim, &clock, neighbour(&anticipating), &at_random);
+    let Contest { probe: random, share: random_share, log: random_log, .. } = contest_with(&sim, &clock, neighbour(&anticipating), &[], &at_random);
     eprintln!("at random, anticipation on: probe {random}; neighbour {:.1}% of the time left", 100.0 * random_share);
     let keeping = |log: &str| log.lines().filter(|l| l.contains("requests keep time")).map(str::to_string).collect::<Vec<_>>();
     eprintln!("the probe's shim said: {:?}", keeping(&on_log));
@@ -604,4 +617,73 @@ fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
     // The neighbour gives up at most about one kernel and the window's guard a period.
     assert!(on_share >= 0.85, "anticipating, the neighbour got {:.1}% of the time the probe left", 100.0 * on_share);
     assert!(off_share >= 0.95 && random_share >= 0.9, "{off_share:.3} / {random_share:.3}");
+}
+
+/// The time-sliced GPU's switch from the neighbour's context to the probe's, as measured on the
+/// H100 (`tests/gpu/preswitch.sh`): a kernel waits this long when another process's ran last.
+const SWITCH_NS: u64 = 130_000;
+
+#[test]
+fn a_request_that_keeps_time_finds_the_gpu_switched_to_its_context() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    let budget = KEEP_TIME_BUDGET_US.to_string();
+    let anticipating = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
+    let (launch_ns, switch_ns) = (LAUNCH_NS.to_string(), SWITCH_NS.to_string());
+    let device = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str()), ("SIMCUDA_SWITCH_NS", switch_ns.as_str())];
+    let neighbour = Neighbour { env: &anticipating, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &device, mix: None };
+    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {REQUESTS} {PROBE_NS} {PERIOD_US}");
+
+    let staying = contest_with(&sim, &clock, neighbour, &[("GPUSLICE_PRIORITY_SWITCH_AHEAD", "off")], &on_schedule);
+    eprintln!("anticipated, not switching ahead: probe {}; neighbour {:.1}% of the time left", staying.probe, 100.0 * staying.share);
+    let neighbour = Neighbour { env: &anticipating, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &device, mix: None };
+    let ahead = contest_with(&sim, &clock, neighbour, &[], &on_schedule);
+    eprintln!("anticipated, switching ahead: probe {}; neighbour {:.1}% of the time left", ahead.probe, 100.0 * ahead.share);
+    let empty = |c: &Contest| c.probe_ran.iter().filter(|l| l.name == "gpuslice_switch_ahead").map(|l| l.start).collect::<Vec<_>>();
+    let (staying_empty, ahead_empty) = (empty(&staying), empty(&ahead));
+    eprintln!("empty kernels launched: {} not switching ahead, {} switching ahead", staying_empty.len(), ahead_empty.len());
+
+    // Anticipation alone finds the device idle, but the probe's kernels wait for the switch to
+    // its context, since the neighbour's ran last.
+    assert!(staying_empty.is_empty(), "switched ahead though told not to");
+    assert!(staying.probe.dev_p50_us >= (PROBE_NS + SWITCH_NS) / 1000, "not switching ahead, a request should pay the switch: {}", staying.probe);
+    // Switching ahead, the empty kernel pays it before the request: the probe's own kernel, the
+    // launch and the watcher's look, as on a GPU without switches.
+    let bound = (PROBE_NS + LAUNCH_NS + 40_000) / 1000;
+    assert!(ahead.probe.dev_p99_us <= bound, "switching ahead, p99 on the device {} µs over {bound} µs: {}", ahead.probe.dev_p99_us, ahead.probe);
+    // One empty kernel per request once the period is known, each before its request.
+    let requests = KEEP_TIME_WARMUP + REQUESTS;
+    let known = ahead_empty.len() as u64;
+    assert!(known + 12 >= requests && known <= requests, "{known} empty kernels for {requests} requests");
+    assert!(ahead.log.contains("an empty kernel takes the GPU's switch"), "the probe's shim should say it switches ahead: {}", ahead.log);
+    // The neighbour gives up the lead (0.15 ms of each 20 ms period) and about one kernel.
+    assert!(ahead.share >= 0.85, "switching ahead, the neighbour got {:.1}% of the time the probe left", 100.0 * ahead.share);
+}
+
+#[test]
+fn switching_ahead_follows_the_program_into_a_new_context() {
+    let _serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    let (record, cache) = (fresh_dir(&sim, "record"), fresh_dir(&sim, "cache"));
+    let requests = format!("pprobe 16 {PROBE_NS} {PERIOD_US}");
+    // Requests that keep time in a created context, which the program then destroys and makes
+    // again (the same handle may come back), and its primary context after that.
+    let out = client(&sim, "high", &record, &cache)
+        .args(&format!("init ctxcreate 0 pid launch 1 1000 sync {requests} ctxdestroy ctxcreate 0 {requests} ctxdestroy ctx 0 {requests} ctxrelease 0"))
+        .run();
+    out.assert_all_ok();
+    let pid = out.u64("pid", "pid");
+    let made = images(&record, pid).iter().filter(|text| text.contains("gpuslice_switch_ahead")).count();
+    let launched = launches(&record, pid).iter().filter(|l| l.name == "gpuslice_switch_ahead").count();
+    eprintln!("empty kernels: made {made} times, launched {launched} times for 48 requests");
+    // Once per context it ran in, each made again after its context ended: never launched
+    // into a context that was gone (the simulated driver refuses, and the count would fall).
+    assert_eq!(made, 3, "one empty kernel per context: {}", out.stderr);
+    // The first context learns the period (9 requests); the next ones go on with it.
+    assert!(launched >= 48 - 16, "{launched} empty kernels for 48 requests: {}", out.stderr);
+    assert!(!out.stderr.contains("cannot switch ahead") && !out.stderr.contains("switch-ahead launch failed"), "{}", out.stderr);
 }
