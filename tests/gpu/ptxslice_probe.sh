@@ -43,6 +43,10 @@
 #   GPUSLICE_PRIORITY_ANTICIPATE             the same: on (the shim's default) or off; under a
 #                                            budget the neighbour's work ends before the
 #                                            probe's next request is due (its requests keep time).
+#   GPUSLICE_PRIORITY_SWITCH_AHEAD           the same, for the probe: on (default) or off; on,
+#                                            it launches an empty kernel as each window opens so
+#                                            the GPU's switch to its context comes before the
+#                                            request (shim/src/policy/switch_ahead.rs).
 #
 # 1. The probe (latprobe, high priority): 10 kernels of 200 µs per request, one request every
 #    20 ms; alone under the shim: p99_alone.
@@ -81,7 +85,7 @@ case ${PTXSLICE_PROBE_MPS:-0} in
   *) note "ptxslice_probe: PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS: want 0, 1 or both"; exit 2 ;;
 esac
 [ "$PASSES" = sliced ] || mps_prepare ptxslice_probe "PTXSLICE_PROBE_MPS=$PTXSLICE_PROBE_MPS"
-note "passes: $PASSES; GPUSLICE_PRIORITY_BUDGET_US=${GPUSLICE_PRIORITY_BUDGET_US:-unset} GPUSLICE_PRIORITY_ANTICIPATE=${GPUSLICE_PRIORITY_ANTICIPATE:-unset} (both programs inherit them; only the low neighbour applies them, while the probe lives)"
+note "passes: $PASSES; GPUSLICE_PRIORITY_BUDGET_US=${GPUSLICE_PRIORITY_BUDGET_US:-unset} GPUSLICE_PRIORITY_ANTICIPATE=${GPUSLICE_PRIORITY_ANTICIPATE:-unset} GPUSLICE_PRIORITY_SWITCH_AHEAD=${GPUSLICE_PRIORITY_SWITCH_AHEAD:-unset} (both programs inherit them; the low neighbour applies the first two while the probe lives, the probe the third)"
 # On every way out: the programs of the row under way, the MPS daemon (mps_quit, common.sh).
 PIDS=()
 clean_up_probe() {
@@ -292,6 +296,6 @@ fi
 
 note "elapsed: $(($(date +%s) - T0)) s; log: $LOG"
 echo
-echo "== ptxslice_probe results ==${GPUSLICE_PRIORITY_BUDGET_US:+ (GPUSLICE_PRIORITY_BUDGET_US=$GPUSLICE_PRIORITY_BUDGET_US)}${GPUSLICE_PRIORITY_ANTICIPATE:+ (GPUSLICE_PRIORITY_ANTICIPATE=$GPUSLICE_PRIORITY_ANTICIPATE)}"
+echo "== ptxslice_probe results ==${GPUSLICE_PRIORITY_BUDGET_US:+ (GPUSLICE_PRIORITY_BUDGET_US=$GPUSLICE_PRIORITY_BUDGET_US)}${GPUSLICE_PRIORITY_ANTICIPATE:+ (GPUSLICE_PRIORITY_ANTICIPATE=$GPUSLICE_PRIORITY_ANTICIPATE)}${GPUSLICE_PRIORITY_SWITCH_AHEAD:+ (GPUSLICE_PRIORITY_SWITCH_AHEAD=$GPUSLICE_PRIORITY_SWITCH_AHEAD)}"
 printf '%s\n' "${ROWS[@]}"
 exit $FAILED
