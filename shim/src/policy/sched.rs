@@ -37,7 +37,7 @@
 use crate::policy::flight_cost::{self, Room};
 use crate::policy::period::{Due, Period};
 use crate::policy::request_load::{Requests, Verdict};
-use crate::policy::switch_ahead::{self, Ending, SwitchAhead};
+use crate::policy::switch_ahead::{self, Ending};
 use crate::state::link::{self, MAX_ORDINALS};
 use crate::sys::clock::{coarse_now_ns, now_ns};
 use crate::sys::driver::call_real;
@@ -457,8 +457,6 @@ struct Watched {
     /// `link::fork_generation()` when this was set up: a forked child finds another and starts
     /// over (the slots and the watcher thread are its parent's).
     generation: u64,
-    /// The empty kernel launched ahead of requests that keep time, per context.
-    switch: SwitchAhead,
 }
 
 struct Outstanding {
@@ -546,11 +544,11 @@ fn recorded_event(stream: CUstream) -> Option<(usize, usize)> {
 fn high_slot(device: CUdevice, s: &'static DeviceSched) -> Option<&'static HighSlot> {
     let mut watched = locks::lock(&WATCHED);
     let generation = link::fork_generation();
-    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false, generation, switch: SwitchAhead::default() });
+    let w = watched.get_or_insert_with(|| Watched { devices: HashMap::new(), started: false, generation });
     if w.generation != generation {
         // Forked: forget the parent's slots (still its own) and its watcher thread.
         std::mem::forget(std::mem::take(&mut w.devices));
-        *w = Watched { devices: HashMap::new(), started: false, generation, switch: SwitchAhead::default() };
+        *w = Watched { devices: HashMap::new(), started: false, generation };
     }
     if let Some(o) = w.devices.get(&device) {
         return Some(o.slot);
@@ -660,8 +658,9 @@ fn watch() {
             }
         }
         let mut outstanding = false;
-        // The earliest empty kernel still to launch ahead of a request.
+        // The earliest empty kernel still to launch ahead of a request, and those due now.
         let mut switch_at = u64::MAX;
+        let mut ahead = Vec::new();
         for (&device, o) in w.devices.iter_mut() {
             o.events.retain(|&(ctx, e)| {
                 if done_in(ctx, e) {
@@ -689,9 +688,21 @@ fn watch() {
             }
             o.requests.tick(now);
             publish(device, o);
-            if let Some(at) = switch_ahead_of(device, o, now, &mut w.switch) {
-                switch_at = switch_at.min(at);
+            match switch_ahead_of(device, o, now) {
+                Some(Ahead::Later(at)) => switch_at = switch_at.min(at),
+                Some(Ahead::Now(ctx)) => ahead.push((ctx, device)),
+                None => {}
             }
+        }
+        if !ahead.is_empty() {
+            // Outside this lock: the program's launches take it, and the first empty kernel in
+            // a context is compiled. Read here, `endings` tells a context ended since.
+            let endings = switch_ahead::endings();
+            drop(watched);
+            for (ctx, device) in ahead {
+                switch_ahead::launch(ctx, device, endings);
+            }
+            continue;
         }
         let idle_ns = switch_at.saturating_sub(now_ns()).clamp(1_000, RENEW_NS);
         if outstanding {
@@ -718,10 +729,18 @@ fn switch_lead(device: CUdevice) -> u64 {
     }
 }
 
-/// Launches the empty kernel ahead of the next request on `device` once its published window
-/// opens (`switch_ahead`), unless that request already began or its window has passed; once
-/// per window. Returns when to look again if it is still to come.
-fn switch_ahead_of(device: CUdevice, o: &mut Outstanding, now: u64, switch: &mut SwitchAhead) -> Option<u64> {
+/// When the empty kernel goes ahead of the next request on a device.
+enum Ahead {
+    /// Its published window opens then.
+    Later(u64),
+    /// Now, into this context.
+    Now(usize),
+}
+
+/// Whether the empty kernel goes ahead of the next request on `device` (`switch_ahead`): once
+/// its published window opens, unless that request already began or its window has passed;
+/// once per window (marked here as taken).
+fn switch_ahead_of(device: CUdevice, o: &mut Outstanding, now: u64) -> Option<Ahead> {
     let lead = switch_lead(device);
     let (due, ctx) = (o.due?, o.ctx?);
     if lead == 0 || o.switched_for == due.from {
@@ -729,31 +748,33 @@ fn switch_ahead_of(device: CUdevice, o: &mut Outstanding, now: u64, switch: &mut
     }
     let at = due.from.saturating_sub(lead);
     if now < at {
-        return Some(at);
+        return Some(Ahead::Later(at));
     }
     o.switched_for = due.from;
-    if now < due.until && o.slot.busy.load(SeqCst) == 0 {
-        switch.launch(ctx, device);
-    }
-    None
+    (now < due.until && o.slot.busy.load(SeqCst) == 0).then_some(Ahead::Now(ctx))
 }
 
 /// The program is about to end a context (`cuCtxDestroy`), or the primary context of a device
-/// (its release or reset): the empty kernel made there is given back while the context lives,
-/// and requests there no longer name it.
+/// (its release or reset): requests there no longer name it, then the empty kernel made there
+/// is given back while the context lives. In that order: the watcher reads a request's context
+/// and `switch_ahead::endings` together, so it either no longer sees the context or sees that
+/// one ended before it launches (`switch_ahead`'s notes).
 pub fn context_ending(ending: Ending) {
-    let mut watched = locks::lock(&WATCHED);
-    let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) else { return };
-    w.switch.forget(ending);
-    for (&device, o) in w.devices.iter_mut() {
-        let gone = match ending {
-            Ending::Context(c) => o.ctx == Some(c),
-            Ending::Device(d) => d == device,
-        };
-        if gone {
-            o.ctx = None;
+    {
+        let mut watched = locks::lock(&WATCHED);
+        if let Some(w) = watched.as_mut().filter(|w| w.generation == link::fork_generation()) {
+            for (&device, o) in w.devices.iter_mut() {
+                let gone = match ending {
+                    Ending::Context(c) => o.ctx == Some(c),
+                    Ending::Device(d) => d == device,
+                };
+                if gone {
+                    o.ctx = None;
+                }
+            }
         }
     }
+    switch_ahead::forget(ending);
 }
 
 /// Publishes a changed verdict of this process's requests on `device` for its neighbours, and
@@ -829,6 +850,7 @@ pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
     for device in &IN_FLIGHT {
         h.take(&device.events, crate::sys::atfork::keep);
     }
+    switch_ahead::hold_for_fork(h);
 }
 
 /// An event of context `ctx` (the current one) that sleeps when waited on.

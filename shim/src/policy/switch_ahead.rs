@@ -17,11 +17,21 @@
 //! context and given back before the context ends (`forget`). Launched through the real
 //! driver, it is not a request: no busy mark, no timing, no share. Over MPS there is one
 //! hardware context and no switch; `sched` does not switch ahead there.
+//!
+//! Its own lock (`STATE`), not the priority watcher's: the first launch in a context compiles
+//! the PTX (the driver's JIT, milliseconds the first time in a process), and the program's
+//! high-priority launches take the watcher's lock. Against a context ended meanwhile: `sched`
+//! reads `endings()` with the context it decides to launch in, and `launch` goes only if no
+//! context has ended since (`forget` counts them under this lock, before the context ends).
 
+use crate::state::link;
 use crate::sys::driver::call_real;
 use crate::sys::ffi::*;
+use crate::sys::locks;
 use once_cell::sync::OnceCell;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Mutex;
 
 /// `GPUSLICE_PRIORITY_SWITCH_AHEAD`: `on` (the default) or `off`, in a high-priority process.
 pub const ENV_SWITCH_AHEAD: &str = "GPUSLICE_PRIORITY_SWITCH_AHEAD";
@@ -66,17 +76,59 @@ struct Loaded {
 
 /// The empty kernel in each context this process switched ahead in (few: one per device in
 /// practice), and the contexts where it could not be made (not tried again: logged once).
-#[derive(Default)]
-pub struct SwitchAhead {
+struct SwitchAhead {
     loaded: Vec<Loaded>,
     refused: Vec<usize>,
+    /// `link::fork_generation()` of these handles: a forked child's are its parent's, in
+    /// contexts it does not have (forgotten, not given back).
+    generation: u64,
+}
+
+static STATE: Mutex<SwitchAhead> = Mutex::new(SwitchAhead { loaded: Vec::new(), refused: Vec::new(), generation: 0 });
+/// Contexts ended (or about to be) so far: see the module's notes.
+static ENDINGS: AtomicU64 = AtomicU64::new(0);
+
+/// How many contexts the program has ended so far, to hand back to `launch`.
+pub fn endings() -> u64 {
+    ENDINGS.load(SeqCst)
+}
+
+/// Launches the empty kernel in `ctx` (of `device`), unless a context has ended since
+/// `endings_seen` was read (it may be that one). The calling thread's current context becomes
+/// `ctx` (the watcher's, which has none of its own). False when it did not launch.
+pub fn launch(ctx: usize, device: CUdevice, endings_seen: u64) -> bool {
+    let mut state = locks::lock(&STATE);
+    if ENDINGS.load(SeqCst) != endings_seen {
+        return false;
+    }
+    state.fresh().launch(ctx, device)
+}
+
+/// Gives back what was made in `ctx`, or in every context of `device`, before the program ends
+/// it (`cuCtxDestroy`, a release or reset of the primary context). The calling thread's current
+/// context is restored.
+pub fn forget(ending: Ending) {
+    let mut state = locks::lock(&STATE);
+    ENDINGS.fetch_add(1, SeqCst);
+    state.fresh().forget(ending);
+}
+
+/// This module's lock, for a fork (`sys::atfork`): the child finds its handles by generation.
+pub fn hold_for_fork(h: &mut crate::sys::atfork::Holder) {
+    h.take(&STATE, crate::sys::atfork::keep);
 }
 
 impl SwitchAhead {
-    /// Launches the empty kernel in `ctx` (of `device`), making it there first if needed. The
-    /// calling thread's current context becomes `ctx` (the watcher's, which has none of its
-    /// own). False when it could not.
-    pub fn launch(&mut self, ctx: usize, device: CUdevice) -> bool {
+    /// This process's own handles (a forked child drops its parent's).
+    fn fresh(&mut self) -> &mut SwitchAhead {
+        let generation = link::fork_generation();
+        if self.generation != generation {
+            *self = SwitchAhead { loaded: Vec::new(), refused: Vec::new(), generation };
+        }
+        self
+    }
+
+    fn launch(&mut self, ctx: usize, device: CUdevice) -> bool {
         if self.refused.contains(&ctx) || call_real!(cuCtxSetCurrent(ctx as CUcontext)) != CUDA_SUCCESS {
             return false;
         }
@@ -109,10 +161,7 @@ impl SwitchAhead {
         true
     }
 
-    /// Gives back what was made in `ctx`, or in every context of `device`, before the program
-    /// ends it (`cuCtxDestroy`, a release or reset of the primary context). The calling
-    /// thread's current context is restored.
-    pub fn forget(&mut self, ending: Ending) {
+    fn forget(&mut self, ending: Ending) {
         let matches = |l: &Loaded| match ending {
             Ending::Context(c) => l.ctx == c,
             Ending::Device(d) => l.device == d,
