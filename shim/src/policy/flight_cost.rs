@@ -36,17 +36,7 @@ pub const ENV_ANTICIPATE: &str = "GPUSLICE_PRIORITY_ANTICIPATE";
 /// once; anything but `on` or `off` is warned about and counts as `on`).
 pub fn anticipates() -> bool {
     static ON: OnceCell<bool> = OnceCell::new();
-    *ON.get_or_init(|| match std::env::var(ENV_ANTICIPATE) {
-        Err(_) => true,
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "on" => true,
-            "off" => false,
-            _ => {
-                tracing::warn!("{ENV_ANTICIPATE}={v:?} is neither on nor off; anticipation stays on");
-                true
-            }
-        },
-    })
+    *ON.get_or_init(|| crate::sys::on_off::on_unless_off(ENV_ANTICIPATE, "anticipation"))
 }
 
 /// The budget in ns, if one is set (read once).

@@ -52,17 +52,7 @@ const NON_BLOCKING: std::ffi::c_uint = 1;
 /// is warned about and counts as `on`).
 pub fn enabled() -> bool {
     static ON: OnceCell<bool> = OnceCell::new();
-    *ON.get_or_init(|| match std::env::var(ENV_SWITCH_AHEAD) {
-        Err(_) => true,
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "on" => true,
-            "off" => false,
-            _ => {
-                tracing::warn!("{ENV_SWITCH_AHEAD}={v:?} is neither on nor off; switching ahead stays on");
-                true
-            }
-        },
-    })
+    *ON.get_or_init(|| crate::sys::on_off::on_unless_off(ENV_SWITCH_AHEAD, "switching ahead"))
 }
 
 /// The empty kernel's handles in one context.

@@ -13,6 +13,7 @@ pub mod gate;
 pub mod guard;
 pub mod locks;
 pub mod median;
+pub mod on_off;
 pub mod pids;
 pub mod real_nvml;
 pub mod runtime;
