@@ -30,6 +30,16 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A machine on the simulated clock and the test's part in it (parked: time runs), for this
+/// test alone (`serial`).
+fn machine() -> (std::sync::MutexGuard<'static, ()>, Sim, Clock) {
+    let serial = serial();
+    let sim = Sim::new().with_clock();
+    let clock = sim.clock();
+    clock.park();
+    (serial, sim, clock)
+}
+
 /// A fresh directory in the machine's.
 fn fresh_dir(sim: &Sim, what: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -378,10 +388,7 @@ fn contest_with(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>, probe_env: &
 
 #[test]
 fn a_high_priority_request_waits_for_one_slice_not_one_kernel() {
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let clock = sim.clock();
-    clock.park();
+    let (_serial, sim, clock) = machine();
 
     let (whole, whole_share, _) = contest(
         &sim,
@@ -423,10 +430,7 @@ fn a_sliced_neighbour_of_short_blocks_keeps_its_rate() {
     // unsliced: its slices were one block per SM (132 blocks, a sixteenth of a wave, 4 µs),
     // each measured at under 10 µs with the launch latency and so never counted, so they
     // never grew; each went out after the one before had finished.
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let clock = sim.clock();
-    clock.park();
+    let (_serial, sim, clock) = machine();
     let (per_sm, latency) = ((WAVE_BLOCKS / 132).to_string(), LAUNCH_NS.to_string());
     let device = [("SIMCUDA_BLOCKS_PER_SM", per_sm.as_str()), ("SIMCUDA_LAUNCH_NS", latency.as_str())];
     let kernel_ns = WAVE_NS * u64::from(SHORT_BLOCKS_WAVES);
@@ -479,10 +483,7 @@ const BUDGET_US: u64 = 100;
 
 #[test]
 fn a_duration_budget_keeps_short_kernels_flowing_and_a_long_one_alone() {
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let clock = sim.clock();
-    clock.park();
+    let (_serial, sim, clock) = machine();
     let budget = BUDGET_US.to_string();
     let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
 
@@ -528,10 +529,7 @@ const MIX_BUDGET_US: u64 = 200;
 
 #[test]
 fn under_a_budget_the_next_kernel_is_queued_before_a_long_one_ends() {
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let clock = sim.clock();
-    clock.park();
+    let (_serial, sim, clock) = machine();
     let budget = MIX_BUDGET_US.to_string();
     let with_budget = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
     let launch_ns = LAUNCH_NS.to_string();
@@ -580,10 +578,7 @@ const KEEP_TIME_BUDGET_US: u64 = 400;
 
 #[test]
 fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let clock = sim.clock();
-    clock.park();
+    let (_serial, sim, clock) = machine();
     let budget = KEEP_TIME_BUDGET_US.to_string();
     let anticipating = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
     let not_anticipating = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str()), ("GPUSLICE_PRIORITY_ANTICIPATE", "off")];
@@ -625,10 +620,7 @@ const SWITCH_NS: u64 = 130_000;
 
 #[test]
 fn a_request_that_keeps_time_finds_the_gpu_switched_to_its_context() {
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let clock = sim.clock();
-    clock.park();
+    let (_serial, sim, clock) = machine();
     let budget = KEEP_TIME_BUDGET_US.to_string();
     let anticipating = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
     let (launch_ns, switch_ns) = (LAUNCH_NS.to_string(), SWITCH_NS.to_string());
@@ -664,10 +656,7 @@ fn a_request_that_keeps_time_finds_the_gpu_switched_to_its_context() {
 
 #[test]
 fn switching_ahead_follows_the_program_into_a_new_context() {
-    let _serial = serial();
-    let sim = Sim::new().with_clock();
-    let clock = sim.clock();
-    clock.park();
+    let (_serial, sim, _clock) = machine();
     let (record, cache) = (fresh_dir(&sim, "record"), fresh_dir(&sim, "cache"));
     let requests = format!("pprobe 16 {PROBE_NS} {PERIOD_US}");
     // Requests that keep time in a created context, which the program then destroys and makes
