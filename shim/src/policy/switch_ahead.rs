@@ -68,7 +68,8 @@ struct Loaded {
 /// practice), and the contexts where it could not be made (not tried again: logged once).
 struct SwitchAhead {
     loaded: Vec<Loaded>,
-    refused: Vec<usize>,
+    /// (context, device) where it could not be made.
+    refused: Vec<(usize, CUdevice)>,
     /// `link::fork_generation()` of these handles: a forked child's are its parent's, in
     /// contexts it does not have (forgotten, not given back).
     generation: u64,
@@ -119,7 +120,7 @@ impl SwitchAhead {
     }
 
     fn launch(&mut self, ctx: usize, device: CUdevice) -> bool {
-        if self.refused.contains(&ctx) || call_real!(cuCtxSetCurrent(ctx as CUcontext)) != CUDA_SUCCESS {
+        if self.refused.iter().any(|&(c, _)| c == ctx) || call_real!(cuCtxSetCurrent(ctx as CUcontext)) != CUDA_SUCCESS {
             return false;
         }
         let i = match self.loaded.iter().position(|l| l.ctx == ctx) {
@@ -134,7 +135,7 @@ impl SwitchAhead {
                         "pid {}: device {device}: cannot switch ahead of requests ({what}); they pay the GPU's switch between contexts",
                         std::process::id()
                     );
-                    self.refused.push(ctx);
+                    self.refused.push((ctx, device));
                     return false;
                 }
             },
@@ -152,29 +153,26 @@ impl SwitchAhead {
     }
 
     fn forget(&mut self, ending: Ending) {
-        let matches = |l: &Loaded| match ending {
-            Ending::Context(c) => l.ctx == c,
-            Ending::Device(d) => l.device == d,
+        let ends = |ctx: usize, device: CUdevice| match ending {
+            Ending::Context(c) => ctx == c,
+            Ending::Device(d) => device == d,
         };
-        if !self.loaded.iter().any(matches) {
+        // A context made again may get the same handle: it deserves a new try.
+        self.refused.retain(|&(c, d)| !ends(c, d));
+        if !self.loaded.iter().any(|l| ends(l.ctx, l.device)) {
             return;
         }
         let mut current: CUcontext = std::ptr::null_mut();
         let had = call_real!(cuCtxGetCurrent(&mut current)) == CUDA_SUCCESS;
-        let mut kept = Vec::with_capacity(self.loaded.len());
-        for l in self.loaded.drain(..) {
-            if matches(&l) {
-                unload(&l);
-            } else {
-                kept.push(l);
+        self.loaded.retain(|l| {
+            let gone = ends(l.ctx, l.device);
+            if gone {
+                unload(l);
             }
-        }
-        self.loaded = kept;
+            !gone
+        });
         if had {
             let _ = call_real!(cuCtxSetCurrent(current));
-        }
-        if let Ending::Context(c) = ending {
-            self.refused.retain(|&r| r != c);
         }
     }
 }
