@@ -224,6 +224,11 @@ probe_rows() { # SUFFIX ("" time-sliced, -mps over the daemon): the probe alone,
       verdict=$(awk -v p="$p99" -v a="$alone" -v r="$rate" -v ra="$rate_alone" -v b="$busy" 'BEGIN {
         ok = a > 0 && ra > 0 && b < 1 && p / a <= 1.05 && (r / ra) / (1 - b) >= 0.8; print ok ? "PASS" : "FAIL" }')
       [ "$check" = ok ] || { verdict=FAIL; detail="$detail; the neighbour's output check: ${check:-missing}"; }
+      # A probe thread that wakes late is the host's doing (no CUDA call is on that path): say so
+      # beside the verdict, which still counts it, so a reader does not hunt for it in the GPU.
+      detail="$detail$(awk -v w="$(val wake_late_max_ms "$WORK/p$l.$mode$sfx.out")" \
+        -v n="$(val late_releases "$WORK/p$l.$mode$sfx.out")" 'BEGIN {
+        if (w + 0 > 1) printf "; HOST STALL: the probe woke up to %.1f ms late (%d late releases)", w, n }')"
       sliced=$(grep -c 'kernels sliced' "$WORK/n$l.$mode$sfx.err")
       # The shim's last summary of the kernel's slices: "kernel spin: N launches in T s, S in
       # slices: M slices of B blocks on average (wave W); estimate ..." (debug).
