@@ -67,7 +67,7 @@ DRY=${PTXSLICE_PROBE_DRY_RUN:-0}
 SRC=$ROOT/$HERE/ptxslice
 SECS=${PTXSLICE_PROBE_SECONDS:-8}
 LENGTHS=${PTXSLICE_PROBE_LENGTHS:-"50 200 2000 10000"}
-NEIGHBOUR_LOG=${PTXSLICE_PROBE_NEIGHBOUR_LOG:-info,gpuslice::hooks::launch=debug}
+NEIGHBOUR_LOG=${PTXSLICE_PROBE_NEIGHBOUR_LOG:-info,gpuslice::hooks::launch=debug,gpuslice::policy::hold_summary=debug}
 
 if [ "$DRY" = 1 ]; then
   dry_setup ptxslice_probe ptxslice_probe.log "gpuslice sliced kernels beside a probe"

@@ -130,6 +130,8 @@ def env_low(mode):
         extra["GPUSLICE_PRIORITY_GATE"] = "spatial-off"
     elif mode in C.nb_extra:
         extra.update(C.nb_extra[mode])
+    # What held its launches back, every 2 s (the shim's hold_summary): where its share went.
+    extra.setdefault("GPUSLICE_LOG", C.shim_log + ",gpuslice::policy::hold_summary=debug")
     return env_for(True, extra)
 
 

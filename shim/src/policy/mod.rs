@@ -6,6 +6,7 @@ pub mod board;
 pub mod budget;
 pub mod cost;
 pub mod flight_cost;
+pub mod hold_summary;
 pub mod make_room;
 pub mod module_image;
 pub mod mps;

@@ -35,6 +35,7 @@
 //! `MAX_HOLD_NS`.
 
 use crate::policy::flight_cost::{self, Room};
+use crate::policy::hold_summary;
 use crate::policy::period::{Due, Period};
 use crate::policy::request_load::{Requests, Verdict};
 use crate::policy::switch_ahead::{self, Ending};
@@ -159,7 +160,11 @@ pub fn launch(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce(
             // With a budget: this launch's estimate (`None`: not measured yet) and the budget.
             let budgeted = flight_cost::budget_ns().map(|budget| (flight_cost::estimate(key), budget));
             let estimate = budgeted.map(|(known, budget)| (known.unwrap_or(budget), budget));
-            yield_to_high(device, s, now, estimate);
+            let measure = hold_summary::enabled();
+            let waits = yield_to_high(device, s, now, estimate, measure);
+            if measure {
+                hold_summary::note(now_ns(), waits);
+            }
             // A launch going out alone is timed from an event just before it.
             let marked = estimate.is_some() && in_flight(device).mark_start(stream);
             let code = launch();
@@ -176,14 +181,24 @@ pub fn launch(device: CUdevice, stream: CUstream, key: u64, launch: impl FnOnce(
 
 /// Waits while a high-priority process has work on the device, then until this process has
 /// fewer than its allowance of launches in flight (with a budget: until a launch estimated at
-/// `estimate.0` fits the budget `estimate.1` beside those in flight).
-fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option<(u64, u64)>) {
+/// `estimate.0` fits the budget `estimate.1` beside those in flight). With `measure`, returns
+/// how long each reason held it (`hold_summary`; nothing is timed otherwise).
+fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option<(u64, u64)>, measure: bool) -> hold_summary::Waits {
+    let mut waits = hold_summary::Waits::default();
+    let stamp = || if measure { now_ns() } else { 0 };
     loop {
+        let t0 = stamp();
         wait_while_busy(s, start);
+        let t1 = stamp();
         in_flight(device).wait_for_room(queue_allowance(), estimate);
+        let t2 = stamp();
         if let Some((next, _)) = estimate.filter(|_| flight_cost::anticipates()) {
             hold_before_request(device, s, start, next);
         }
+        let t3 = stamp();
+        waits.busy += t1 - t0;
+        waits.room += t2 - t1;
+        waits.due += t3 - t2;
         // The waits may have let a high-priority request begin: look again, or this launch
         // would go in ahead of it.
         if s.busy_high(now_ns()).is_none() || now_ns() - start >= MAX_HOLD_NS {
@@ -199,6 +214,7 @@ fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option
             }
         }
     }
+    waits
 }
 
 /// Sleeps while a live high-priority process has work on the device.

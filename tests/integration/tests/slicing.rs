@@ -344,6 +344,8 @@ struct Contest {
     probe_ran: Vec<Launch>,
     /// The probe's log.
     log: String,
+    /// The neighbour's log.
+    neighbour_log: String,
 }
 
 /// `contest` with the probe's environment (besides its priority) and requests given (cuclient
@@ -383,7 +385,7 @@ fn contest_with(sim: &Sim, clock: &Clock, neighbour: Neighbour<'_>, probe_env: &
     let busy: u64 = ran.iter().map(|l| l.end.min(p.t1).saturating_sub(l.start.max(p.t0))).sum();
     let left = (p.t1 - p.t0) - p.n * PROBE_NS;
     let probe_ran = launches(&record, out.u64("pid", "pid"));
-    Contest { probe: p, share: busy as f64 / left as f64, ran, probe_ran, log: out.stderr }
+    Contest { probe: p, share: busy as f64 / left as f64, ran, probe_ran, log: out.stderr, neighbour_log: n.stderr }
 }
 
 #[test]
@@ -612,6 +614,36 @@ fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
     // The neighbour gives up at most about one kernel and the window's guard a period.
     assert!(on_share >= 0.85, "anticipating, the neighbour got {:.1}% of the time the probe left", 100.0 * on_share);
     assert!(off_share >= 0.95 && random_share >= 0.9, "{off_share:.3} / {random_share:.3}");
+}
+
+#[test]
+fn a_neighbour_says_what_held_its_launches() {
+    // What issue 19's PyTorch runs need from the neighbour's side: of the time it lost, how
+    // much went to the requests themselves, to its own budget, and to anticipation.
+    let (_serial, sim, clock) = machine();
+    let budget = KEEP_TIME_BUDGET_US.to_string();
+    let env = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str()), ("GPUSLICE_LOG", "info,gpuslice::policy::hold_summary=debug")];
+    let launch_ns = LAUNCH_NS.to_string();
+    let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
+    let neighbour = Neighbour { env: &env, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &latency, mix: None };
+    // 2.6 s of requests on a schedule: at least one line (every 2 s of the neighbour's launches).
+    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe 120 {PROBE_NS} {PERIOD_US}");
+    let c = contest_with(&sim, &clock, neighbour, &[], &on_schedule);
+    eprintln!("probe {}; neighbour {:.1}% of the time left", c.probe, 100.0 * c.share);
+    let line = c.neighbour_log.lines().find(|l| l.contains("of them held")).unwrap_or_else(|| panic!("no hold line: {}", c.neighbour_log));
+    eprintln!("{line}");
+    // "... held: B ms while high-priority work ran (b ms/s), R ms for room in flight (r ms/s),
+    // D ms before requests due (d ms/s)"
+    let per_s: Vec<f64> = line.split(" ms/s)").filter_map(|part| part.rsplit('(').next()?.trim().parse().ok()).collect();
+    let [busy, room, due] = per_s[..] else { panic!("three figures in {line}") };
+    // Each request holds the neighbour for about its own length (200 µs of every 20 ms: 10 ms/s)
+    // and the watcher's notice of its end.
+    assert!((8.0..=15.0).contains(&busy), "held {busy} ms/s behind requests: {line}");
+    // Anticipation holds a 2 ms kernel that would run into the next request: some of each period.
+    assert!(due > 1.0, "held {due} ms/s before requests due: {line}");
+    // One launching thread cannot wait more than the time that passed.
+    assert!(busy + room + due <= 1010.0, "{line}");
+    assert!(c.share >= 0.85, "the neighbour got {:.1}% of the time the probe left", 100.0 * c.share);
 }
 
 /// The time-sliced GPU's switch from the neighbour's context to the probe's, as measured on the
