@@ -196,9 +196,10 @@ fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option
             hold_before_request(device, s, start, next);
         }
         let t3 = stamp();
-        waits.busy += t1 - t0;
-        waits.room += t2 - t1;
-        waits.due += t3 - t2;
+        // Saturating: on the simulated clock a reading may come from a step under way.
+        waits.busy += t1.saturating_sub(t0);
+        waits.room += t2.saturating_sub(t1);
+        waits.due += t3.saturating_sub(t2);
         // The waits may have let a high-priority request begin: look again, or this launch
         // would go in ahead of it.
         if s.busy_high(now_ns()).is_none() || now_ns() - start >= MAX_HOLD_NS {
