@@ -196,7 +196,7 @@ fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option
             hold_before_request(device, s, start, next);
         }
         let t3 = stamp();
-        // Saturating: on the simulated clock a reading may come from a step under way.
+        // Saturating: a debug figure must never wrap or panic, whatever a clock reading does.
         waits.busy += t1.saturating_sub(t0);
         waits.room += t2.saturating_sub(t1);
         waits.due += t3.saturating_sub(t2);
