@@ -53,7 +53,9 @@
  *   floodmix NS,NS,... HOST_US BUCKET_MS STOPFILE
  *                          the same with kernels of those lengths in turn (each position its own
  *                          shape: 16 bytes of dynamic shared memory per position), and HOST_US of
- *                          the driver's clock before each launch (a framework's time per operator)
+ *                          the driver's clock before each launch (a framework's time per operator);
+ *                          a length written NS+US has US more before its launch (a pause of the
+ *                          program's own: an optimizer step, Python between iterations)
  *                          -> as flood, "ok floodmix ..."
  *   fork ... endchild      fork(): the child prints "ok forked pid=" and runs the commands up to
  *                          `endchild`, then exits 0; the parent waits for it, prints
@@ -1150,8 +1152,8 @@ static void flood_account(unsigned long long *busy, unsigned long long nb, unsig
 /* `flood` and `floodmix`: kernels of durs[0], durs[1], ... (ns, in turn) on stream 0 without
  * waiting for them, host_us of the driver's clock before each launch (a framework's own time
  * per operator), until STOPFILE (or "+MS"); see the usage at the top. */
-static void flood(const char *cmd, const unsigned long long *durs, int ndurs, unsigned long long host_us,
-                  unsigned long long bucket_ms, const char *stopfile) {
+static void flood(const char *cmd, const unsigned long long *durs, const unsigned long long *pauses_us, int ndurs,
+                  unsigned long long host_us, unsigned long long bucket_ms, const char *stopfile) {
     NEED(cuLaunchKernel);
     NEED(cuCtxSynchronize);
     NEED(cuEventCreate);
@@ -1208,7 +1210,8 @@ do {                                                                            
             break;
         }
         if (tail - head == RING) FLOOD_HARVEST(1);
-        if (host_us) clock_sleep_us(host_us);
+        unsigned long long pause_us = host_us + (pauses_us ? pauses_us[launched % ndurs] : 0);
+        if (pause_us) clock_sleep_us(pause_us);
         dur = durs[launched % ndurs];
         /* Each length of a mix is its own shape (as a GEMM and a norm are): 16 bytes of
          * dynamic shared memory per position in the list. */
@@ -2331,10 +2334,10 @@ static void run(const char *cmd, char **a) {
         free(dev);
     } else if (!strcmp(cmd, "flood")) {
         unsigned long long dur = num(a[0]);
-        flood(cmd, &dur, 1, 0, num(a[1]), a[2]);
+        flood(cmd, &dur, NULL, 1, 0, num(a[1]), a[2]);
     } else if (!strcmp(cmd, "floodmix")) {
         enum { MAXMIX = 64 };
-        unsigned long long durs[MAXMIX];
+        unsigned long long durs[MAXMIX], pauses[MAXMIX];
         int n = 0;
         char list[512];
         if (snprintf(list, sizeof list, "%s", a[0]) >= (int)sizeof list) {
@@ -2342,7 +2345,10 @@ static void run(const char *cmd, char **a) {
             return;
         }
         for (char *save = NULL, *t = strtok_r(list, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
-            if (n == MAXMIX || parse_size(t, &durs[n])) {
+            char *plus = strchr(t, '+');
+            pauses[n] = 0;
+            if (plus) *plus = 0;
+            if (n == MAXMIX || parse_size(t, &durs[n]) || (plus && parse_size(plus + 1, &pauses[n]))) {
                 printf("err floodmix code=-1 durations=bad (at most %d numbers: '%s')\n", MAXMIX, t);
                 return;
             }
@@ -2352,7 +2358,7 @@ static void run(const char *cmd, char **a) {
             printf("err floodmix code=-1 durations=none\n");
             return;
         }
-        flood(cmd, durs, n, num(a[1]), num(a[2]), a[3]);
+        flood(cmd, durs, pauses, n, num(a[1]), num(a[2]), a[3]);
     }
 }
 

@@ -52,6 +52,21 @@ pub struct HighSlot {
 /// slot's words are anyone's to write, and a neighbour never holds back for more than this.
 pub const MAX_NEXT_AHEAD_NS: u64 = 1_000_000_000;
 
+impl HighSlot {
+    /// The window this slot publishes for its next request, if it is believable at `now`:
+    /// whole (not being replaced), not passed, no further ahead or wider than
+    /// `MAX_NEXT_AHEAD_NS`.
+    fn window(&self, now: u64) -> Option<(u64, u64)> {
+        let from = self.next_from.load(Acquire);
+        let until = self.next_until.load(Acquire);
+        // Changed in between: a window being replaced (its owner's request began).
+        let whole = self.next_from.load(Acquire) == from;
+        let sane = whole && from != 0 && from < until && until > now;
+        let near = || from <= now.saturating_add(MAX_NEXT_AHEAD_NS) && until - from <= MAX_NEXT_AHEAD_NS;
+        (sane && near()).then_some((from, until))
+    }
+}
+
 impl DeviceSched {
     /// True while some high-priority process lives on the device.
     #[inline]
@@ -79,19 +94,24 @@ impl DeviceSched {
     /// (`HighSlot::next_from`, `next_until`) that has not passed at `now`, as (from, until). A
     /// window further ahead or wider than `MAX_NEXT_AHEAD_NS` is not believed.
     pub fn next_request(&self, now: u64) -> Option<(u64, u64)> {
-        self.highs
-            .iter()
-            .filter(|h| h.owner.load(Acquire) != 0 && h.alive_until.load(Acquire) > now)
-            .filter_map(|h| {
-                let from = h.next_from.load(Acquire);
-                let until = h.next_until.load(Acquire);
-                // Changed in between: a window being replaced (its owner's request began).
-                let whole = h.next_from.load(Acquire) == from;
-                let sane = whole && from != 0 && from < until && until > now;
-                let near = || from <= now.saturating_add(MAX_NEXT_AHEAD_NS) && until - from <= MAX_NEXT_AHEAD_NS;
-                (sane && near()).then_some((from, until))
-            })
-            .min()
+        self.live_highs(now).filter_map(|h| h.window(now)).min()
+    }
+
+    /// The earliest window, as `next_request`, but only when *every* live high-priority
+    /// process on the device publishes one: a process whose requests come at random publishes
+    /// none, and a neighbour that queued work up to another's window would make its request
+    /// wait behind all of it. `None` with none alive.
+    pub fn next_request_of_every(&self, now: u64) -> Option<(u64, u64)> {
+        let mut earliest: Option<(u64, u64)> = None;
+        for h in self.live_highs(now) {
+            let window = h.window(now)?;
+            earliest = Some(earliest.map_or(window, |e| e.min(window)));
+        }
+        earliest
+    }
+
+    fn live_highs(&self, now: u64) -> impl Iterator<Item = &HighSlot> {
+        self.highs.iter().filter(move |h| h.owner.load(Acquire) != 0 && h.alive_until.load(Acquire) > now)
     }
 
     /// Publishes when `slot`'s process expects its next request (`None`: no prediction).
@@ -251,6 +271,28 @@ mod tests {
         s.set_next_request(b, Some((now + 1_000, now + 2_000)));
         s.release_high_at(b, b.owner.load(Relaxed), now);
         assert_eq!((b.next_from.load(Relaxed), b.next_until.load(Relaxed)), (0, 0), "released: cleared");
+    }
+
+    #[test]
+    fn a_window_of_every_live_process_or_none() {
+        let ledger = Ledger::anonymous().unwrap();
+        let s = &ledger.device(0).sched;
+        let (now, lease) = (10_000_000, 300_000_000);
+        assert_eq!(s.next_request_of_every(now), None, "nobody alive");
+        let a = s.claim_high(11, 1, now, lease).unwrap();
+        let b = s.claim_high(12, 2, now, lease).unwrap();
+        s.set_next_request(a, Some((now + 5_000_000, now + 5_200_000)));
+        assert_eq!(s.next_request(now), Some((now + 5_000_000, now + 5_200_000)));
+        assert_eq!(s.next_request_of_every(now), None, "b publishes none: its requests may come any time");
+        s.set_next_request(b, Some((now + 3_000_000, now + 3_200_000)));
+        assert_eq!(s.next_request_of_every(now), Some((now + 3_000_000, now + 3_200_000)), "the earliest");
+        assert_eq!(s.next_request_of_every(now + 3_200_000), None, "b's window passed and no new one came");
+        // A window nobody believes counts as none.
+        s.set_next_request(b, Some((now + 2, now + 1)));
+        assert_eq!(s.next_request_of_every(now), None);
+        // A lapsed or released process no longer counts.
+        s.release_high_at(b, 12, now);
+        assert_eq!(s.next_request_of_every(now), Some((now + 5_000_000, now + 5_200_000)));
     }
 
     #[test]

@@ -32,6 +32,32 @@ const MAX_SHAPES: usize = 4096;
 /// requests keep time) waits for that request instead (`sched`).
 pub const ENV_ANTICIPATE: &str = "GPUSLICE_PRIORITY_ANTICIPATE";
 
+/// `GPUSLICE_PRIORITY_STRETCH`: `off` (the default) or `on` (experimental, issue 19). On,
+/// under a budget and anticipation, while *every* live high-priority process on the device
+/// publishes when its next request is due, the budget stretches to most of the time until
+/// then (`stretched`): a neighbour keeps enough work queued to cover its own host pauses (a
+/// framework's per-operator time, an optimizer step) between requests, and anticipation still
+/// ends it before the request.
+pub const ENV_STRETCH: &str = "GPUSLICE_PRIORITY_STRETCH";
+/// Most a stretched budget reaches. Windows are words in shared memory that tenants can
+/// write; whatever one says, a request that came early waits behind this much at most.
+pub const STRETCH_CAP_NS: u64 = 4_000_000;
+
+/// Whether the budget stretches to the next request's window (read once; off unless `on`).
+pub fn stretches() -> bool {
+    static ON: OnceCell<bool> = OnceCell::new();
+    *ON.get_or_init(|| crate::sys::on_off::off_unless_on(ENV_STRETCH, "stretching the budget"))
+}
+
+/// The budget at `now` with the next request expected from `window_from`: seven eighths of the
+/// time until then (estimates are upper medians, but a queue of them can still run long; the
+/// eighth left is its guard, and anticipation's `ends_at` check stays on top), at most
+/// `STRETCH_CAP_NS`, never less than `budget`.
+pub fn stretched(budget: u64, now: u64, window_from: u64) -> u64 {
+    let lead = window_from.saturating_sub(now);
+    budget.max((lead / 8 * 7).min(STRETCH_CAP_NS))
+}
+
 /// Whether launches under a budget keep clear of a high-priority process's next request (read
 /// once; anything but `on` or `off` is warned about and counts as `on`).
 pub fn anticipates() -> bool {
@@ -170,6 +196,18 @@ mod tests {
         // it has run, nothing joins it (measured 1 µs kernels would otherwise stream in).
         assert_eq!(room([100_000].into_iter(), None, 9_000_000, 1_000, 100_000), Room::AfterOldest);
         assert_eq!(room([40_000, 20_000].into_iter(), None, 0, 20_000, 100_000), Room::Now, "whole, it fits");
+    }
+
+    #[test]
+    fn a_stretched_budget_is_most_of_the_lead_within_its_bounds() {
+        // 3.2 ms to the window: 2.8 ms may be queued.
+        assert_eq!(stretched(400_000, 1_000_000, 4_200_000), 2_800_000);
+        // Never under the budget: a window near or passed leaves the budget as it is.
+        assert_eq!(stretched(400_000, 1_000_000, 1_200_000), 400_000);
+        assert_eq!(stretched(400_000, 9_000_000, 1_000_000), 400_000);
+        // A window far ahead (a tenant may write any) stretches it to the cap only.
+        assert_eq!(stretched(400_000, 0, u64::MAX), STRETCH_CAP_NS);
+        assert_eq!(stretched(5_000_000, 0, 100_000_000), 5_000_000);
     }
 
     #[test]

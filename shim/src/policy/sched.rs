@@ -19,6 +19,9 @@
 //!   and a lower-priority launch whose work would still run then waits for that request
 //!   instead, so the request finds the device idle rather than waiting for a kernel nothing can
 //!   stop. Requests that do not keep time publish nothing, and nothing changes for them.
+//!   With `GPUSLICE_PRIORITY_STRETCH=on` (experimental) the budget also grows to most of the
+//!   time until that request while every live high-priority process publishes one, so a
+//!   neighbour's queue covers its own host pauses between requests.
 //!
 //! `GPUSLICE_PRIORITY_GATE=spatial-off` (experimental, issue 19) lifts both for a lower-priority
 //! process on a device where MPS's active-thread percentage carries its share (`mps::spatial`):
@@ -190,7 +193,7 @@ fn yield_to_high(device: CUdevice, s: &DeviceSched, start: u64, estimate: Option
         let t0 = stamp();
         wait_while_busy(s, start);
         let t1 = stamp();
-        in_flight(device).wait_for_room(queue_allowance(), estimate);
+        in_flight(device).wait_for_room(queue_allowance(), estimate, s);
         let t2 = stamp();
         if let Some((next, _)) = estimate.filter(|_| flight_cost::anticipates()) {
             hold_before_request(device, s, start, next);
@@ -257,6 +260,17 @@ fn hold_before_request(device: CUdevice, s: &DeviceSched, start: u64, next: u64)
         let wait = if now < from { from - now } else { poll.min(until - now) };
         crate::sys::clock::sleep_ns(wait.min(MAX_HOLD_NS - (now - start)));
     }
+}
+
+/// The budget a launch fits under at `now`: `budget`, or with `GPUSLICE_PRIORITY_STRETCH` on
+/// (and anticipation, which ends the queue before the window) most of the time until the next
+/// request when every live high-priority process on the device says when that is
+/// (`flight_cost::stretched`). Read again at each look: the nearer the window, the less fits.
+fn budget_at(s: &DeviceSched, budget: u64, now: u64) -> u64 {
+    if !(flight_cost::stretches() && flight_cost::anticipates()) {
+        return budget;
+    }
+    s.next_request_of_every(now).map_or(budget, |(from, _)| flight_cost::stretched(budget, now, from))
 }
 
 /// True when the holder of a busy mark is known dead. Only asked without a controller, where
@@ -368,13 +382,14 @@ impl InFlight {
     }
 
     /// Drops finished launches; waits for the oldest while `limit` or more are in flight, or
-    /// with a budget (`estimate`: the next launch's and the budget) until the next one fits
-    /// beside what is left of them (`flight_cost::room`).
-    fn wait_for_room(&self, limit: usize, estimate: Option<(u64, u64)>) {
-        relaxed(|| self.wait_for_room_now(limit, estimate))
+    /// with a budget (`estimate`: the next launch's and the budget, stretched towards the next
+    /// request on `s` as `budget_at` says) until the next one fits beside what is left of them
+    /// (`flight_cost::room`).
+    fn wait_for_room(&self, limit: usize, estimate: Option<(u64, u64)>, s: &DeviceSched) {
+        relaxed(|| self.wait_for_room_now(limit, estimate, s))
     }
 
-    fn wait_for_room_now(&self, limit: usize, estimate: Option<(u64, u64)>) {
+    fn wait_for_room_now(&self, limit: usize, estimate: Option<(u64, u64)>, s: &DeviceSched) {
         let mut queue = self.queue();
         while let Some(oldest) = queue.flights.front() {
             if done(oldest.event) {
@@ -384,7 +399,10 @@ impl InFlight {
             let room = match estimate {
                 None if queue.flights.len() >= limit => Room::AfterOldest,
                 None => Room::Now,
-                Some((next, budget)) => flight_cost::room(queue.flights.iter().map(|f| f.estimate_ns), queue.oldest_began(), now_ns(), next, budget),
+                Some((next, budget)) => {
+                    let now = now_ns();
+                    flight_cost::room(queue.flights.iter().map(|f| f.estimate_ns), queue.oldest_began(), now, next, budget_at(s, budget, now))
+                }
             };
             match room {
                 Room::Now => break,

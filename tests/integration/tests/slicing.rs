@@ -616,6 +616,54 @@ fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
     assert!(off_share >= 0.95 && random_share >= 0.9, "{off_share:.3} / {random_share:.3}");
 }
 
+/// A training step with a pause of the program's own: ten 200 µs kernels, 15 µs of host time
+/// before each and 1.5 ms more before the first (an optimizer step, Python between
+/// iterations). Alone it keeps the device busy only with more than 1.5 ms queued.
+const STEP_KERNELS: &str = "200000+1500,200000,200000,200000,200000,200000,200000,200000,200000,200000";
+
+#[test]
+fn a_stretched_budget_covers_the_neighbours_own_pauses_between_requests() {
+    let (_serial, sim, clock) = machine();
+    let budget = KEEP_TIME_BUDGET_US.to_string();
+    let plain = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str())];
+    let stretching = [("GPUSLICE_PRIORITY_BUDGET_US", budget.as_str()), ("GPUSLICE_PRIORITY_STRETCH", "on")];
+    let launch_ns = LAUNCH_NS.to_string();
+    let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
+    let neighbour = |env| Neighbour { env, ptx: false, kernel_ns: 0, grid: NEIGHBOUR_GRID, device: &latency, mix: Some((STEP_KERNELS, MIX_HOST_US)) };
+    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {REQUESTS} {PROBE_NS} {PERIOD_US}");
+    let at_random = format!("probe {} {PROBE_NS} {PERIOD_US}", KEEP_TIME_WARMUP + REQUESTS);
+
+    let base = contest_with(&sim, &clock, neighbour(&plain), &[], &on_schedule);
+    eprintln!("budget {budget} µs: probe {}; neighbour {:.1}% of the time left", base.probe, 100.0 * base.share);
+    let stretched = contest_with(&sim, &clock, neighbour(&stretching), &[], &on_schedule);
+    eprintln!("stretched: probe {}; neighbour {:.1}% of the time left", stretched.probe, 100.0 * stretched.share);
+    let random = contest_with(&sim, &clock, neighbour(&stretching), &[], &at_random);
+    eprintln!("stretch on, requests at random: probe {}; neighbour {:.1}% of the time left", random.probe, 100.0 * random.share);
+
+    // Under the plain budget the queue runs dry in each 1.5 ms pause: about a third of each
+    // 3.6 ms step is idle. Stretched towards the next request, the queue covers the pauses.
+    assert!(base.share <= 0.8, "under a {budget} µs budget the pauses should idle the device: {:.3}", base.share);
+    assert!(
+        stretched.share >= base.share + 0.15,
+        "stretched, the neighbour should keep the device busy through its pauses: {:.3} against {:.3}",
+        stretched.share,
+        base.share
+    );
+    // And the requests still find the device idle: the queue ends before each is due.
+    let anticipated = (PROBE_NS + LAUNCH_NS + 40_000) / 1000;
+    assert!(
+        stretched.probe.dev_p99_us <= anticipated,
+        "stretched, p99 on the device {} µs over {anticipated} µs: {}",
+        stretched.probe.dev_p99_us,
+        stretched.probe
+    );
+    assert!(base.probe.dev_p99_us <= anticipated, "{}", base.probe);
+    // Requests at random publish no window: nothing stretches, a request waits for the budget's
+    // worth of work and one kernel at most, as without the switch.
+    let plain_bound = (PROBE_NS + KEEP_TIME_BUDGET_US * 1000 + 200_000 + LAUNCH_NS + 40_000) / 1000;
+    assert!(random.probe.dev_p99_us <= plain_bound, "at random, p99 on the device {} µs over {plain_bound} µs: {}", random.probe.dev_p99_us, random.probe);
+}
+
 #[test]
 fn a_neighbour_says_what_held_its_launches() {
     // What issue 19's PyTorch runs need from the neighbour's side: of the time it lost, how
