@@ -678,7 +678,15 @@ fn a_neighbour_says_what_held_its_launches() {
     let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe 120 {PROBE_NS} {PERIOD_US}");
     let c = contest_with(&sim, &clock, neighbour, &[], &on_schedule);
     eprintln!("probe {}; neighbour {:.1}% of the time left", c.probe, 100.0 * c.share);
-    let line = c.neighbour_log.lines().find(|l| l.contains("of them held")).unwrap_or_else(|| panic!("no hold line: {}", c.neighbour_log));
+    // The line of the flood: the first may cover only the launches before it began (a line
+    // comes after 2 s of the clock, which may pass while the other process starts).
+    let launches = |l: &str| l.split(" launches in ").next()?.rsplit(' ').next()?.parse::<u64>().ok();
+    let line = c
+        .neighbour_log
+        .lines()
+        .filter(|l| l.contains("of them held"))
+        .max_by_key(|l| launches(l).unwrap_or(0))
+        .unwrap_or_else(|| panic!("no hold line: {}", c.neighbour_log));
     eprintln!("{line}");
     // "... held: B ms while high-priority work ran (b ms/s), R ms for room in flight (r ms/s),
     // D ms before requests due (d ms/s)"
