@@ -674,12 +674,13 @@ fn a_neighbour_says_what_held_its_launches() {
     let launch_ns = LAUNCH_NS.to_string();
     let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
     let neighbour = Neighbour { env: &env, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &latency, mix: None };
-    // 2.6 s of requests on a schedule: at least one line (every 2 s of the neighbour's launches).
-    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe 120 {PROBE_NS} {PERIOD_US}");
+    // 5 s of requests on a schedule: a line comes every 2 s of the neighbour's launches, and
+    // the first may begin before the flood (its first launch is before the start), so at least
+    // one whole line within it.
+    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe 250 {PROBE_NS} {PERIOD_US}");
     let c = contest_with(&sim, &clock, neighbour, &[], &on_schedule);
     eprintln!("probe {}; neighbour {:.1}% of the time left", c.probe, 100.0 * c.share);
-    // The line of the flood: the first may cover only the launches before it began (a line
-    // comes after 2 s of the clock, which may pass while the other process starts).
+    // The line with the most launches: a whole one within the flood.
     let launches = |l: &str| l.split(" launches in ").next()?.rsplit(' ').next()?.parse::<u64>().ok();
     let line = c
         .neighbour_log
