@@ -262,23 +262,25 @@ fn hold_before_request(device: CUdevice, s: &DeviceSched, start: u64, next: u64)
     }
 }
 
-/// The budget a launch fits under at `now`: `budget`, or with `GPUSLICE_PRIORITY_STRETCH` on
-/// (and anticipation, which ends the queue before the window) most of the time until the next
-/// request when every live high-priority process on the device says when that is
-/// (`flight_cost::stretched`). Read again at each look: the nearer the window, the less fits.
-fn budget_at(s: &DeviceSched, budget: u64, now: u64) -> u64 {
-    if !(flight_cost::stretches() && flight_cost::anticipates()) {
-        return budget;
-    }
+/// Whether budgets stretch towards the next request: `GPUSLICE_PRIORITY_STRETCH` on, and
+/// anticipation, which ends the queue before the window (two cached loads).
+fn stretching() -> bool {
+    flight_cost::stretches() && flight_cost::anticipates()
+}
+
+/// The stretched budget at `now`: most of the time until the next request when every live
+/// high-priority process on the device says when that is (`flight_cost::stretched`), else
+/// `budget`. Read again at each look: the nearer the window, the less fits.
+fn stretched_budget(s: &DeviceSched, budget: u64, now: u64) -> u64 {
     s.next_request_of_every(now).map_or(budget, |(from, _)| flight_cost::stretched(budget, now, from))
 }
 
-/// Where a launch stands at `now`, given where it would stand at any time (`room_at`). A
-/// stretched budget (`budget_at`) shrinks as the window nears, so the time at which room comes
-/// under the budget of `now` is looked at again under that time's own budget, until they agree:
-/// a few steps of arithmetic instead of waking up at each (the gap closes by an eighth each
-/// step, and the waiter would otherwise wake ~13 times for 3 ms). With a fixed budget the first
-/// answer stands.
+/// Where a launch stands at `now` under a stretched budget, given where it would stand at any
+/// time (`room_at`). The budget (`stretched_budget`) shrinks as the window nears, so the time at
+/// which room comes under the budget of `now` is looked at again under that time's own budget,
+/// until they agree: a few steps of arithmetic instead of waking up at each (the gap closes by
+/// an eighth each step, and the waiter would otherwise wake ~13 times for 3 ms). Under a budget
+/// that does not move, the first answer stands (callers with a fixed one ask once).
 fn room_in_time(now: u64, room_at: impl Fn(u64) -> Room) -> Room {
     let mut at = now;
     for _ in 0..ROOM_STEPS {
@@ -405,7 +407,7 @@ impl InFlight {
 
     /// Drops finished launches; waits for the oldest while `limit` or more are in flight, or
     /// with a budget (`estimate`: the next launch's and the budget, stretched towards the next
-    /// request on `s` as `budget_at` says) until the next one fits beside what is left of them
+    /// request on `s` when `stretching`) until the next one fits beside what is left of them
     /// (`flight_cost::room`).
     fn wait_for_room(&self, limit: usize, estimate: Option<(u64, u64)>, s: &DeviceSched) {
         relaxed(|| self.wait_for_room_now(limit, estimate, s))
@@ -423,8 +425,12 @@ impl InFlight {
                 None => Room::Now,
                 Some((next, budget)) => {
                     let began = queue.oldest_began();
-                    let room_at = |at: u64| flight_cost::room(queue.flights.iter().map(|f| f.estimate_ns), began, at, next, budget_at(s, budget, at));
-                    room_in_time(now_ns(), room_at)
+                    let room_at = |at: u64, budget: u64| flight_cost::room(queue.flights.iter().map(|f| f.estimate_ns), began, at, next, budget);
+                    if stretching() {
+                        room_in_time(now_ns(), |at| room_at(at, stretched_budget(s, budget, at)))
+                    } else {
+                        room_at(now_ns(), budget)
+                    }
                 }
             };
             match room {
