@@ -33,7 +33,8 @@ pub struct Waits {
 
 impl Waits {
     fn total(&self) -> u64 {
-        self.busy + self.room + self.due
+        // Saturating: the parts are clock differences, and a debug build must not panic on them.
+        self.busy.saturating_add(self.room).saturating_add(self.due)
     }
 }
 
