@@ -7,7 +7,7 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
                       [--phase-s 1] [--rounds 3] [--alone-s 1.2] [--startup-runs 5]
                       [--launch-rounds 3] [--bench PATH] [--budget-us N] [--shim-log info]
                       [--nb-share N [--nb-free]] [--nb-extra NAME:K=V,K=V ...] [--no-off]
-                      [--kinds mm,tr,tc]
+                      [--kinds mm,tr,tc] [--probes graph,eager]
                       [--later-probe-runs N] [--mps-pipe DIR --mps-log DIR --mps-control PROG]
                       [--dry-run --cuclient PATH --sim-dir DIR --fixture PTX]
 
@@ -25,7 +25,8 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
    (each copy adds a neighbour a kind, and each neighbour two phases a probe round). Once all are ready, each runs alone for --alone-s (its rate
    alone: no high-priority process lives yet, so nothing is held or split).
 2. The probe (ResNet-50 b8 fp32, high) as a CUDA graph, then eagerly, each a process of its own
-   with --neighbours: phases of --phase-s cycle solo, mm_on, solo, mm_off, solo, tr_on, ...
+   with --neighbours (--probes: which of the two run; the other's rows say SKIP, and the one
+   left gets their time): phases of --phase-s cycle solo, mm_on, solo, mm_off, solo, tr_on, ...
    --rounds times, so the solo phases and every neighbour's phases come from one process,
    interleaved (the eager forward pass is bound by the host's launch rate, which differs between
    processes). Row per probe mode and neighbour, slicing on: p99 of its phases <= 1.10 x the solo
@@ -110,6 +111,8 @@ C.later_fixed = 0.0  # seconds a later pass needs besides its probe runs
 C.per_round, C.rounds_used = 0.0, 0  # the last probe run's round (seconds) and rounds
 C.nb_extra = {}      # --nb-extra: copy name -> the variables it adds
 C.kinds = list(NB_SPEC)  # --kinds
+PROBES = ("graph", "eager")
+C.probes = list(PROBES)  # --probes
 C.no_off = False     # --no-off
 
 
@@ -351,7 +354,7 @@ def check_torch():
         # What a later pass needs besides its probe runs: its neighbours' start (this pass's,
         # capped: Inductor's cache is warm by then), the alone phases, the daemon, the stops.
         C.later_fixed = min(time.time() - t_start, LATER_SETUP_MAX_S) + LATER_EXTRA_S
-        probes = {mode: probe_run(mode, nbs, 2 - i) for i, mode in enumerate(("graph", "eager"))}
+        probes = {mode: probe_run(mode, nbs, len(C.probes) - i) for i, mode in enumerate(C.probes)}
     finally:
         stop_neighbours(nbs, stop)
     if C.later_runs:
@@ -367,6 +370,12 @@ def check_torch():
             f"setup {nb.run.get('setup_s')}s")
     for mode, rp in probes.items():
         judge(mode, rp, nbs)
+    for mode in (m for m in PROBES if m not in C.probes):
+        tag = {"graph": "g", "eager": "e"}[mode]
+        for kind in C.kinds:
+            record(f"{tag}-{kind}{C.sfx}", f"ResNet-50 {'CUDA graph' if mode == 'graph' else 'eager'} + "
+                   f"{NB_SPEC[kind][0]}" + (", over MPS" if C.mps_pipe else ""), "SKIP", "-",
+                   f"the {mode} probe was not asked for (--probes {','.join(C.probes)})")
     C.census_logs = [(nb.name, nb.err) for nb in nbs if nb.mode == "on"]
 
 
@@ -608,6 +617,8 @@ def main():
     ap.add_argument("--no-off", action="store_true", help="leave out the slicing-off copy")
     ap.add_argument("--kinds", default=",".join(NB_SPEC),
                     help="the neighbours to run, of " + ",".join(NB_SPEC))
+    ap.add_argument("--probes", default=",".join(PROBES),
+                    help="the probes to run, of graph,eager (in that order)")
     ap.add_argument("--shim-log", default="info")
     ap.add_argument("--later-probe-runs", type=int, default=0,
                     help="probe runs of a later pass (ptxslice_torch.sh's -mps pass) to fit in the budget")
@@ -638,6 +649,10 @@ def main():
     C.kinds = [k for k in args.kinds.split(",") if k]
     if not C.kinds or any(k not in NB_SPEC for k in C.kinds):
         ap.error(f"--kinds: a comma-separated list of {','.join(NB_SPEC)}, not {args.kinds!r}")
+    asked = [m for m in args.probes.split(",") if m]
+    if not asked or any(m not in PROBES for m in asked) or len(set(asked)) != len(asked):
+        ap.error(f"--probes: graph, eager or both, comma-separated, not {args.probes!r}")
+    C.probes = [m for m in PROBES if m in asked]
     for spec in args.nb_extra:
         name, _, pairs = spec.partition(":")
         taken = {"on", "off", "bud", "sm", "smfree"}
@@ -679,7 +694,7 @@ def main():
         signal.signal(sig, on_signal)
     log(f"\n##### ptxslice_torch: lib={C.lib} build={C.build} out={C.out} python={PY} "
         f"phase_s={C.phase_s} rounds={C.rounds} alone_s={C.alone_s} budget_us={C.budget_us} nb_share={C.nb_share} nb_free={int(C.nb_free)} "
-        f"nb_extra={C.nb_extra or '-'} kinds={','.join(C.kinds)} no_off={int(C.no_off)} "
+        f"nb_extra={C.nb_extra or '-'} kinds={','.join(C.kinds)} probes={','.join(C.probes)} no_off={int(C.no_off)} "
         f"dry_run={C.dry_run} mps_pipe={C.mps_pipe or '-'} later_probe_runs={C.later_runs} "
         f"time left={remaining():.0f}s")
     if not C.dry_run:

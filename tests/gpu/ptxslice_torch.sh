@@ -39,6 +39,10 @@
 #                                            free99:GPUSLICE_SM_SHARE=99,GPUSLICE_PRIORITY_GATE=spatial-off"
 #   PTXSLICE_TORCH_NO_OFF                    1: leave out the slicing-off copy (default 0)
 #   PTXSLICE_TORCH_KINDS                     the neighbours, comma-separated, of mm,tr,tc (default all)
+#   PTXSLICE_TORCH_PROBES                    the probes, comma-separated, of graph,eager (default
+#                                            both); the other's rows say SKIP and the one left
+#                                            gets their rounds (e.g. eager: ~2x its requests a
+#                                            row, for a p99 that is not the second worst)
 #   PTXSLICE_TORCH_MPS                       0 (default): time-slicing, the rows as they were.
 #                                            1: the torch rows over a private MPS control daemon
 #                                            (common.sh's mps_start: `$MPS_CONTROL -d`, default
@@ -116,6 +120,7 @@ esac
 NB_EXTRA=${PTXSLICE_TORCH_NB_EXTRA:-}
 NO_OFF=${PTXSLICE_TORCH_NO_OFF:-0}
 KINDS=${PTXSLICE_TORCH_KINDS:-mm,tr,tc}
+PROBES=${PTXSLICE_TORCH_PROBES:-graph,eager}
 read -r -a nb_extra <<<"$NB_EXTRA"
 extra_copies=$(( (NB_BUDGET_US != 0) + (NB_SHARE != 0) + (NB_FREE == 1) + ${#nb_extra[@]} - (NO_OFF == 1) ))
 if [ "$PASSES" = "sliced mps" ]; then BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-560}; else BUDGET_S=${PTXSLICE_TORCH_BUDGET_S:-$((240 + 60 * extra_copies))}; fi
@@ -125,7 +130,7 @@ args=(--lib "$LIB" --build "$BUILD" --out "$OUTDIR" --t0 "$T0" --rounds "$ROUNDS
 [ "$NB_FREE" = 1 ] && args+=(--nb-free)
 for spec in "${nb_extra[@]}"; do args+=(--nb-extra "$spec"); done
 [ "$NO_OFF" = 1 ] && args+=(--no-off)
-args+=(--kinds "$KINDS")
+args+=(--kinds "$KINDS" --probes "$PROBES")
 if [ "$DRY" = 1 ]; then
   dry_setup ptxslice_torch ptxslice_torch.log "gpuslice: ResNet-50 beside PyTorch training, sliced and not"
   [ -x "$ROOT/target/clients/cuclient-link" ] || { note "ptxslice_torch: no target/clients/cuclient-link (run an integration test once)"; exit 2; }
@@ -191,7 +196,8 @@ for pass in $PASSES; do
     mps_begin "$OUTDIR/ptxslice_torch_mps/pipe" "$OUTDIR/ptxslice_torch_mps/log" || continue
     pargs=(--mps-pipe "$MPS_PIPE" --mps-log "$CUDA_MPS_LOG_DIRECTORY" --mps-control "$MPS_CONTROL")
   elif [ "$PASSES" = "sliced mps" ]; then
-    pargs=(--later-probe-runs 2)
+    # The -mps pass runs as many probes as this one.
+    pargs=(--later-probe-runs "$(tr ',' '\n' <<<"$PROBES" | grep -c .)")
   fi
   start_python GPUTEST_PTXSLICE_TORCH_TOKEN "$left" 5 ptxslice_torch.py "${args[@]}" "${pargs[@]}" --budget-s "$((BUDGET_S - 10))"
   wait_python "ptxslice_torch: ptxslice_torch.py ($pass pass)" "$left"
