@@ -25,8 +25,8 @@ off, and what the slicer costs a process it never slices. Started by tests/gpu/p
    (each copy adds a neighbour a kind, and each neighbour two phases a probe round). Once all are ready, each runs alone for --alone-s (its rate
    alone: no high-priority process lives yet, so nothing is held or split).
 2. The probe (ResNet-50 b8 fp32, high) as a CUDA graph, then eagerly, each a process of its own
-   with --neighbours (--probes: which of the two run; the other's rows say SKIP, and the one
-   left gets their time): phases of --phase-s cycle solo, mm_on, solo, mm_off, solo, tr_on, ...
+   with --neighbours (--probes: which of the two run; the other's rows say SKIP, and the time
+   saved lets the one left run more --rounds): phases of --phase-s cycle solo, mm_on, solo, mm_off, solo, tr_on, ...
    --rounds times, so the solo phases and every neighbour's phases come from one process,
    interleaved (the eager forward pass is bound by the host's launch rate, which differs between
    processes). Row per probe mode and neighbour, slicing on: p99 of its phases <= 1.10 x the solo

@@ -40,9 +40,10 @@
 #   PTXSLICE_TORCH_NO_OFF                    1: leave out the slicing-off copy (default 0)
 #   PTXSLICE_TORCH_KINDS                     the neighbours, comma-separated, of mm,tr,tc (default all)
 #   PTXSLICE_TORCH_PROBES                    the probes, comma-separated, of graph,eager (default
-#                                            both); the other's rows say SKIP and the one left
-#                                            gets their rounds (e.g. eager: ~2x its requests a
-#                                            row, for a p99 that is not the second worst)
+#                                            both); the other's rows say SKIP, and the time
+#                                            saved lets the one left run more rounds (e.g.
+#                                            eager with PTXSLICE_TORCH_ROUNDS=6: ~2x its
+#                                            requests a row, a p99 not the second worst)
 #   PTXSLICE_TORCH_MPS                       0 (default): time-slicing, the rows as they were.
 #                                            1: the torch rows over a private MPS control daemon
 #                                            (common.sh's mps_start: `$MPS_CONTROL -d`, default
