@@ -132,9 +132,52 @@ def check_abi(a):
            "; ".join(bad))
 
 
-def host_link(a):
+GIB = 1 << 30
+
+
+def meminfo_bytes(field):
+    """A /proc/meminfo field in bytes, or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def host_limit_for(a, env):
+    """The controller's host limit for suspended groups (GPUSLICE_SUSPEND_HOST_LIMIT), set in
+    `env` when the default (half of the machine's memory, what `gpuslice serve` takes) would
+    refuse the suspensions this run asks for: on a 141 GB card with a 128 GiB host, the
+    alternation's tenant holds 0.45 x 139.8 = 63 GiB, over half of ~126 GiB. An operator sets
+    the same knob; the run says which it used. Returns a few words for the log and row 2."""
+    need_gib = max(a.train_gib if a.only in ("all", "preemption") else 0.0,
+                   0.45 * a.card_gib if a.only in ("all", "alternation") else 0.0)
+    # What a suspension counts besides the tensors: the allocator's rounding and workspaces.
+    need = int(need_gib * GIB * 1.05) + GIB
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    avail = meminfo_bytes("MemAvailable") or ram
+    told = env.get("GPUSLICE_SUSPEND_HOST_LIMIT", "").strip()
+    if told:
+        said = f"host limit {told} (set by the caller)"
+    elif need <= ram // 2:
+        said = f"host limit {ram / 2 / GIB:.1f} GiB (the default: half of {ram / GIB:.1f} GiB)"
+    elif need <= 0.9 * avail:
+        env["GPUSLICE_SUSPEND_HOST_LIMIT"] = f"{-(-need // GIB)}GiB"
+        said = (f"host limit {env['GPUSLICE_SUSPEND_HOST_LIMIT']} (set: the default, half of "
+                f"{ram / GIB:.1f} GiB, would refuse a {need_gib:.1f} GiB suspension)")
+    else:
+        said = (f"host limit {ram / 2 / GIB:.1f} GiB (the default; this host has {avail / GIB:.1f} GiB "
+                f"available, too little to hold a {need_gib:.1f} GiB suspension: expect a refusal)")
+    log(f"--- {said}")
+    return said
+
+
+def host_link(a, limit):
     if a.dry:
-        record("2", "host link bandwidth (pinned)", "SKIP", "dry run")
+        record("2", "host link bandwidth (pinned)", "SKIP", f"dry run; {limit}")
         return None
     r = subprocess.run([os.path.join(a.build, "hostbw"), "4", "5"], capture_output=True, text=True, timeout=120)
     log(f"--- hostbw rc={r.returncode}\n{r.stdout}{r.stderr}")
@@ -142,9 +185,9 @@ def host_link(a):
     try:
         h2d, d2h = float(d["h2d_gbs"]), float(d["d2h_gbs"])
     except (KeyError, ValueError):
-        record("2", "host link bandwidth (pinned)", False, "no figures")
+        record("2", "host link bandwidth (pinned)", False, f"no figures; {limit}")
         return None
-    record("2", "host link bandwidth (pinned)", h2d > 1 and d2h > 1, f"H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s")
+    record("2", "host link bandwidth (pinned)", h2d > 1 and d2h > 1, f"H2D {h2d:.1f} GB/s, D2H {d2h:.1f} GB/s; {limit}")
     return h2d, d2h
 
 
@@ -286,7 +329,7 @@ def main():
         if (k.startswith("GPUSLICE_") and not k.startswith("GPUSLICE_SUSPEND_")) or k in ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF"):
             del env[k]
     check_abi(a)
-    link = host_link(a)
+    link = host_link(a, host_limit_for(a, env))
     ctl = Ctl(a, env)
     try:
         if a.only in ("all", "preemption"):
