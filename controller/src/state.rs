@@ -1274,6 +1274,18 @@ impl State {
         format!("{}; priority {}", parts.join("; "), Priority::from_u32(info.priority).unwrap_or_default())
     }
 
+    /// The most group `slot` may hold on the GPUs together: the sum of its memory limits on the
+    /// devices this controller claimed (device 0's when it claimed none, as `describe_group`
+    /// reads them); `None` when it has no such group or no limit on one of them.
+    pub fn memory_limit_total(&self, slot: usize) -> Option<u64> {
+        let info = self.groups.get(&slot)?;
+        let mut devices: Vec<usize> = self.claimed_devices().map(|(d, _)| d).collect();
+        if devices.is_empty() {
+            devices.push(0);
+        }
+        devices.into_iter().try_fold(0u64, |sum, d| some_limit(info.limits[d]).map(|l| sum.saturating_add(l)))
+    }
+
     /// Notes for a member whose environment asked for other limits than its group `group` has
     /// (the controller's, as `describe_group` takes them).
     fn ignored_env_limits(&self, group: usize, r: &Registration, devices: &[(u32, u32)]) -> Vec<String> {

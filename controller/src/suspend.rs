@@ -888,12 +888,29 @@ pub fn set_suspendable(state: &Mutex<State>, peer: Peer, s: &gpuslice_common::pr
         state.publish_group(slot);
     }
     let path = record(group).map_or(SuspendPath::Driver, |r| r.path);
+    let over_host = if suspendable { state.find_group(group).and_then(|slot| over_host_limit(state.memory_limit_total(slot))) } else { None };
     Ok(format!(
-        "group {group:?} {}suspendable{}{}",
+        "group {group:?} {}suspendable{}{}{}",
         if suspendable { "" } else { "not " },
         if allow_exports { " (even while it exports memory)" } else { "" },
-        if suspendable { format!(", suspend path {}", path.as_str()) } else { String::new() }
+        if suspendable { format!(", suspend path {}", path.as_str()) } else { String::new() },
+        over_host.unwrap_or_default()
     ))
+}
+
+/// A note for `set --suspendable true` when the group may hold more on the GPUs (`limit`: its
+/// memory limits summed) than suspended groups may hold in host memory: the policy would
+/// refuse to suspend it once it holds more than the host limit, which an operator should hear
+/// when marking it, not when a request waits.
+fn over_host_limit(limit: Option<u64>) -> Option<String> {
+    let (limit, host) = (limit?, host_limit());
+    (limit > host).then(|| {
+        format!(
+            "; note: its memory limit ({}) is over the {} that suspended groups may hold in host memory ({ENV_HOST_LIMIT} or `serve --suspend-host-limit`): while it holds more than that, a suspension of it is refused",
+            format_size(limit),
+            format_size(host)
+        )
+    })
 }
 
 /// Set once `from_ledger` has read the marks a previous controller left: before that, no

@@ -158,6 +158,15 @@ fn refusals_name_the_reason_and_change_nothing() {
     let out = ctl.cli("suspend").args("--group nosuch").run();
     assert!(!out.success() && out.stderr.contains("no group named \"nosuch\""), "{out}");
 
+    // Marking a group whose memory limit is over the host bound says so then, not when a
+    // request waits; one under it hears nothing.
+    ctl.set_ok("--create --group roomy --memory 2GiB");
+    let said = ctl.set_ok("--group roomy --suspendable true");
+    assert!(said.contains("suspendable") && said.contains("its memory limit (2.00 GiB) is over the 1.00 GiB"), "{said}");
+    ctl.set_ok("--create --group snug --memory 512MiB");
+    let said = ctl.set_ok("--group snug --suspendable true");
+    assert!(said.contains("suspendable") && !said.contains("note:"), "{said}");
+
     // Over the host-memory bound: 1.5 GiB + a context would pass 1 GiB.
     let big = tenant(&sim, &ctl, "big", "1536M", &go, &done);
     let out = ctl.cli("suspend").args("--group big").run();
