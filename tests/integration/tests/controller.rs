@@ -382,7 +382,11 @@ fn a_config_group_the_new_config_drops_is_gone_after_a_restart_and_the_others_st
     for name in ["kept", "live"] {
         member_held_to_one_gib(&sim, &ctl, name);
     }
-    let l = ctl.ls();
+    // The controller learns of a member's exit from its pidfd, a moment after the exit: wait
+    // for it (fresh-clone CI once listed "live" with its member still in it).
+    let (l, _) = ctl.ls_until("both groups listed without members", Duration::from_secs(10), |l| {
+        ["kept", "live"].iter().all(|name| l.group(name).is_some() && l.members(name).is_empty())
+    });
     for name in ["kept", "live"] {
         assert!(l.group(name).is_some() && l.members(name).is_empty(), "{name} stays pinned, empty:\n{l}");
         assert_eq!(l.group_limit(name, 0), Some(GIB), "{l}");
