@@ -578,6 +578,17 @@ const PERIOD_US: u64 = 20_000;
 const KEEP_TIME_WARMUP: u64 = 12;
 const KEEP_TIME_BUDGET_US: u64 = 400;
 
+/// The probe's commands for `measured` requests of `PROBE_NS` on the schedule (after the
+/// unmeasured warm-up, one schedule throughout).
+fn on_schedule(measured: u64) -> String {
+    format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {measured} {PROBE_NS} {PERIOD_US}")
+}
+
+/// The same number of requests with random pauses of about a period between them: no schedule.
+fn at_random() -> String {
+    format!("probe {} {PROBE_NS} {PERIOD_US}", KEEP_TIME_WARMUP + REQUESTS)
+}
+
 #[test]
 fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
     let (_serial, sim, clock) = machine();
@@ -588,8 +599,8 @@ fn a_request_that_keeps_time_finds_the_neighbours_long_kernels_ended() {
     let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
     // 2 ms kernels nothing can slice (not PTX), longer than the budget: each goes alone.
     let neighbour = |env| Neighbour { env, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &latency, mix: None };
-    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {REQUESTS} {PROBE_NS} {PERIOD_US}");
-    let at_random = format!("probe {} {PROBE_NS} {PERIOD_US}", KEEP_TIME_WARMUP + REQUESTS);
+    let on_schedule = on_schedule(REQUESTS);
+    let at_random = at_random();
 
     let Contest { probe: off, share: off_share, log: off_log, .. } = contest_with(&sim, &clock, neighbour(&not_anticipating), &[], &on_schedule);
     eprintln!("on a schedule, anticipation off: probe {off}; neighbour {:.1}% of the time left", 100.0 * off_share);
@@ -630,8 +641,8 @@ fn a_stretched_budget_covers_the_neighbours_own_pauses_between_requests() {
     let launch_ns = LAUNCH_NS.to_string();
     let latency = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str())];
     let neighbour = |env| Neighbour { env, ptx: false, kernel_ns: 0, grid: NEIGHBOUR_GRID, device: &latency, mix: Some((STEP_KERNELS, MIX_HOST_US)) };
-    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {REQUESTS} {PROBE_NS} {PERIOD_US}");
-    let at_random = format!("probe {} {PROBE_NS} {PERIOD_US}", KEEP_TIME_WARMUP + REQUESTS);
+    let on_schedule = on_schedule(REQUESTS);
+    let at_random = at_random();
 
     let base = contest_with(&sim, &clock, neighbour(&plain), &[], &on_schedule);
     eprintln!("budget {budget} µs: probe {}; neighbour {:.1}% of the time left", base.probe, 100.0 * base.share);
@@ -677,7 +688,7 @@ fn a_neighbour_says_what_held_its_launches() {
     // 5 s of requests on a schedule: a line comes every 2 s of the neighbour's launches, and
     // the first may begin before the flood (its first launch is before the start), so at least
     // one whole line within it.
-    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe 250 {PROBE_NS} {PERIOD_US}");
+    let on_schedule = on_schedule(250);
     let c = contest_with(&sim, &clock, neighbour, &[], &on_schedule);
     eprintln!("probe {}; neighbour {:.1}% of the time left", c.probe, 100.0 * c.share);
     // The line with the most launches: a whole one within the flood.
@@ -715,7 +726,7 @@ fn a_request_that_keeps_time_finds_the_gpu_switched_to_its_context() {
     let (launch_ns, switch_ns) = (LAUNCH_NS.to_string(), SWITCH_NS.to_string());
     let device = [("SIMCUDA_LAUNCH_NS", launch_ns.as_str()), ("SIMCUDA_SWITCH_NS", switch_ns.as_str())];
     let neighbour = Neighbour { env: &anticipating, ptx: false, kernel_ns: NEIGHBOUR_NS, grid: NEIGHBOUR_GRID, device: &device, mix: None };
-    let on_schedule = format!("pprobe {KEEP_TIME_WARMUP} {PROBE_NS} {PERIOD_US} pprobe {REQUESTS} {PROBE_NS} {PERIOD_US}");
+    let on_schedule = on_schedule(REQUESTS);
 
     let staying = contest_with(&sim, &clock, neighbour, &[("GPUSLICE_PRIORITY_SWITCH_AHEAD", "off")], &on_schedule);
     eprintln!("anticipated, not switching ahead: probe {}; neighbour {:.1}% of the time left", staying.probe, 100.0 * staying.share);
